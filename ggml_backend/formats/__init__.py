@@ -1,0 +1,51 @@
+"""Model files: GGUF (v2, v3) and legacy GGML (ggjt v1-v3, ggmf, ggml) readers and writers.
+
+``load(path)`` opens either kind and returns a ``ModelFile`` whose tensors are views into one read-only memmap.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import (BadMagicError, CorruptFileError, ModelFileError, TruncatedFileError, UnknownTypeError,
+                     UnsupportedVersionError)
+from .ggml import GGML_MAGICS, read_ggml, write_ggml
+from .gguf import GGUF_MAGIC, GGUFValueType, read_gguf, write_gguf
+from .model_file import ModelFile, Tensor, Vocab, ggml_name_from_gguf, gguf_name_from_ggml
+
+__all__ = ["load", "write_gguf", "write_ggml", "ModelFile", "Tensor", "Vocab", "GGUFValueType",
+           "ModelFileError", "UnsupportedVersionError", "UnknownTypeError", "BadMagicError", "TruncatedFileError",
+           "CorruptFileError", "gguf_name_from_ggml", "ggml_name_from_gguf"]
+
+
+def load(path, n_head_kv: int | None = None, *, context_length: int | None = None,
+         rms_eps: float | None = None) -> ModelFile:
+    """Open a GGUF or GGML model file.
+
+    ``n_head_kv`` overrides the KV head count (GGML files do not store it; it is otherwise inferred from the
+    ``wk`` shape). ``context_length`` and ``rms_eps`` override what a GGML file cannot store (defaults 2048 and
+    5e-6, as llama.cpp's converter) and, when given, the GGUF keys of the same meaning.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise FileNotFoundError(f"{path}: cannot open model file: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not a model file")
+    if size < 4:
+        raise TruncatedFileError(path, f"file of {size} bytes is too short to hold a model file's magic", 0)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    magic = bytes(mm[:4])
+    if magic == GGUF_MAGIC:
+        model = read_gguf(path, mm, n_head_kv=n_head_kv)
+        arch = model.architecture
+        if context_length is not None:
+            model.metadata[f"{arch}.context_length"] = int(context_length)
+        if rms_eps is not None:
+            model.metadata[f"{arch}.attention.layer_norm_rms_epsilon"] = float(rms_eps)
+        return model
+    if magic in GGML_MAGICS:
+        return read_ggml(path, mm, n_head_kv=n_head_kv, context_length=context_length, rms_eps=rms_eps)
+    raise BadMagicError(path, f"not a GGUF or GGML model file (magic bytes {magic!r})", 0)

@@ -23,3 +23,16 @@ class UnsupportedVersionError(ModelFileError):
 
 class UnknownTypeError(ModelFileError):
     """A tensor uses a ggml type id that this engine does not know."""
+
+
+class BadMagicError(ModelFileError):
+    """The file does not start with a GGUF or GGML magic: it is not a model file this engine knows."""
+
+
+class TruncatedFileError(ModelFileError):
+    """The file ends before a structure that its header announces."""
+
+
+class CorruptFileError(ModelFileError):
+    """A header field holds an impossible value: an absurd count or length, a bad dimension, a duplicate name,
+    tensor data outside the file, a misaligned offset, an unknown metadata value type."""

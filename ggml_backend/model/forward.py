@@ -1,0 +1,231 @@
+"""One forward pass for every supported architecture (llama, qwen2, gemma3).
+
+The architecture's switches come from model/spec.py; the weights stay in their quantized blocks inside the memory
+map and are multiplied there by quant/matmul.py. Everything else (norms, rope, attention, activations) is numpy on
+float32 activations, which is small next to the weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..quant import dequantize, dequantize_rows
+from ..quant.matmul import matmul
+from .kv_cache import KVCache
+from .rope import apply_rope, rope_cos_sin
+from .spec import HParams
+
+
+@dataclass
+class Linear:
+    """A weight matrix [n_out, n_in] in its ggml block format, plus an optional float32 bias."""
+    name: str
+    qtype: object
+    data: np.ndarray               # uint8 [n_out, row_bytes], a view into the model file
+    n_out: int
+    n_in: int
+    bias: np.ndarray | None = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = matmul(self.qtype, self.data, x)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    wo: Linear
+    ffn_norm: np.ndarray
+    w_gate: Linear
+    w_up: Linear
+    w_down: Linear
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    post_attn_norm: np.ndarray | None = None
+    post_ffn_norm: np.ndarray | None = None
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (the sum in float64, as ggml's ggml_float)."""
+    mean_sq = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+    return (x * (1.0 / np.sqrt(mean_sq + eps)).astype(np.float32)) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(
+        np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
+
+
+def _to_f16_precision(x: np.ndarray) -> np.ndarray:
+    """Round to float16 precision, as llama.cpp does to q and to attention weights before the f16 products."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+class Model:
+    """Weights of one model file, arranged for the forward pass."""
+
+    def __init__(self, model_file, hparams: HParams):
+        self.hp = hparams
+        self.file = model_file
+        tensors = model_file.tensors
+        hp = hparams
+
+        def vector(name):
+            t = tensors[name]
+            return dequantize(t.type, t.data, t.shape).reshape(-1).astype(np.float32)
+
+        def linear(name, n_out, n_in, bias_name=None):
+            if name not in tensors:
+                raise ValueError(f"{model_file.path}: tensor {name} is missing")
+            t = tensors[name]
+            if tuple(t.shape) != (n_out, n_in):
+                raise ValueError(f"{model_file.path}: tensor {name} has shape {tuple(t.shape)}, "
+                                 f"expected {(n_out, n_in)}")
+            data = t.data.reshape(n_out, -1)
+            bias = vector(bias_name) if bias_name and bias_name in tensors else None
+            return Linear(name, t.type, data, n_out, n_in, bias)
+
+        emb = tensors["token_embd.weight"]
+        self.token_embd_type = emb.type
+        self.token_embd = emb.data.reshape(emb.shape[0], -1)
+        self.output_norm = vector("output_norm.weight")
+        if "output.weight" in tensors:
+            self.output = linear("output.weight", hp.n_vocab, hp.n_embd)
+        else:  # tied embeddings (gemma3, small qwen2)
+            self.output = Linear("token_embd.weight", emb.type, self.token_embd, hp.n_vocab, hp.n_embd)
+
+        n_q = hp.n_head * hp.head_dim_k
+        bias = hp.arch.qkv_bias
+        self.layers = []
+        for i in range(hp.n_layer):
+            b = f"blk.{i}."
+            self.layers.append(Layer(
+                attn_norm=vector(b + "attn_norm.weight"),
+                wq=linear(b + "attn_q.weight", n_q, hp.n_embd, b + "attn_q.bias" if bias else None),
+                wk=linear(b + "attn_k.weight", hp.n_embd_k_gqa, hp.n_embd, b + "attn_k.bias" if bias else None),
+                wv=linear(b + "attn_v.weight", hp.n_embd_v_gqa, hp.n_embd, b + "attn_v.bias" if bias else None),
+                wo=linear(b + "attn_output.weight", hp.n_embd, hp.n_head * hp.head_dim_v),
+                ffn_norm=vector(b + "ffn_norm.weight"),
+                w_gate=linear(b + "ffn_gate.weight", hp.n_ff, hp.n_embd),
+                w_up=linear(b + "ffn_up.weight", hp.n_ff, hp.n_embd),
+                w_down=linear(b + "ffn_down.weight", hp.n_embd, hp.n_ff),
+                q_norm=vector(b + "attn_q_norm.weight") if hp.arch.qk_norm else None,
+                k_norm=vector(b + "attn_k_norm.weight") if hp.arch.qk_norm else None,
+                post_attn_norm=vector(b + "post_attention_norm.weight") if hp.arch.post_norms else None,
+                post_ffn_norm=vector(b + "post_ffw_norm.weight") if hp.arch.post_norms else None,
+            ))
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        hp = self.hp
+        return KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v)
+
+    def _rope_params(self, layer_index: int):
+        hp = self.hp
+        if hp.swa_layers[layer_index]:
+            return hp.rope_base_swa, 1.0
+        return hp.rope_base, hp.rope_scale
+
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Evaluate tokens at positions cache.n_past ... and append their keys/values to the cache.
+
+        Returns float32 logits [n_tokens, n_vocab] if all_logits, else [1, n_vocab] for the last token."""
+        hp = self.hp
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n_tokens = len(tokens)
+        start = cache.n_past
+        if n_tokens == 0:
+            raise ValueError("no tokens to evaluate")
+        if start + n_tokens > cache.n_ctx:
+            raise ValueError(f"{start + n_tokens} tokens do not fit the context of {cache.n_ctx}")
+        if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
+            raise ValueError(f"token id out of range [0, {hp.n_vocab})")
+        positions = np.arange(start, start + n_tokens)
+        n_kv = start + n_tokens   # keys visible after this batch
+
+        # Causal mask (and the sliding window of local layers): query i at position start+i sees key j <= start+i.
+        query_pos = positions[:, None]
+        key_pos = np.arange(n_kv)[None, :]
+        causal_mask = np.where(key_pos <= query_pos, 0.0, -np.inf).astype(np.float32)
+        if hp.sliding_window:
+            window_mask = np.where((key_pos <= query_pos) & (query_pos - key_pos < hp.sliding_window),
+                                   0.0, -np.inf).astype(np.float32)
+        rope_tables = {}
+
+        x = dequantize_rows(self.token_embd_type, self.token_embd, tokens)          # [n_tokens, n_embd]
+        if hp.arch.embed_scale:
+            x = x * np.float32(np.sqrt(hp.n_embd))
+        group = hp.n_head // hp.n_head_kv
+
+        for il, layer in enumerate(self.layers):
+            # --- attention ---
+            h = rms_norm(x, layer.attn_norm, hp.rms_eps)
+            q = layer.wq(h).reshape(n_tokens, hp.n_head, hp.head_dim_k)
+            k = layer.wk(h).reshape(n_tokens, hp.n_head_kv, hp.head_dim_k)
+            v = layer.wv(h).reshape(n_tokens, hp.n_head_kv, hp.head_dim_v)
+            if layer.q_norm is not None:
+                q = rms_norm(q, layer.q_norm, hp.rms_eps)
+                k = rms_norm(k, layer.k_norm, hp.rms_eps)
+            rope = self._rope_params(il)
+            if rope not in rope_tables:
+                rope_tables[rope] = rope_cos_sin(positions, hp.rope_dims, *rope)
+            cos, sin = rope_tables[rope]
+            apply_rope(q, cos, sin, hp.rope_dims, hp.arch.rope_mode)
+            apply_rope(k, cos, sin, hp.rope_dims, hp.arch.rope_mode)
+            cache.store(il, start, k, v)
+
+            keys = cache.k[il, :, :n_kv]                                                # [n_head_kv, n_kv, hd]
+            values = cache.v[il, :, :n_kv]
+            # queries grouped by the kv head they share: [n_head_kv, group * n_tokens, hd]
+            q_grouped = _to_f16_precision(q).reshape(n_tokens, hp.n_head_kv, group, hp.head_dim_k)
+            q_grouped = q_grouped.transpose(1, 2, 0, 3).reshape(hp.n_head_kv, group * n_tokens, hp.head_dim_k)
+            scores = np.matmul(q_grouped, keys.transpose(0, 2, 1)) * np.float32(hp.attn_scale)
+            scores = scores.reshape(hp.n_head_kv, group, n_tokens, n_kv)
+            scores += window_mask if hp.swa_layers[il] else causal_mask
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            probs = _to_f16_precision(scores).reshape(hp.n_head_kv, group * n_tokens, n_kv)
+            attn = np.matmul(probs, values)                                             # [n_head_kv, g*n, hd]
+            attn = attn.reshape(hp.n_head_kv, group, n_tokens, hp.head_dim_v).transpose(2, 0, 1, 3)
+            attn = np.ascontiguousarray(attn).reshape(n_tokens, hp.n_head * hp.head_dim_v)
+            attn_out = layer.wo(attn)
+            if layer.post_attn_norm is not None:
+                attn_out = rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
+            x = x + attn_out
+
+            # --- feed-forward ---
+            h = rms_norm(x, layer.ffn_norm, hp.rms_eps)
+            gate = layer.w_gate(h)
+            up = layer.w_up(h)
+            act = silu(gate) if hp.arch.ffn_activation == "silu" else gelu_tanh(gate)
+            ffn_out = layer.w_down(act * up)
+            if layer.post_ffn_norm is not None:
+                ffn_out = rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
+            x = x + ffn_out
+
+        cache.n_past = n_kv
+        if not all_logits:
+            x = x[-1:]
+        x = rms_norm(x, self.output_norm, hp.rms_eps)
+        return self.output(np.ascontiguousarray(x, dtype=np.float32))
+
+    def rerotate_keys(self, cache: KVCache, first: int, last: int, delta: int) -> None:
+        """Rotate cached keys of positions first..last-1 by delta positions (after a context shift)."""
+        hp = self.hp
+        if last <= first:
+            return
+        for il in range(hp.n_layer):
+            cos, sin = rope_cos_sin(np.full(1, delta), hp.rope_dims, *self._rope_params(il))
+            keys = cache.k[il, :, first:last].transpose(1, 0, 2).copy()   # [n, n_head_kv, hd]
+            apply_rope(keys, cos, sin, hp.rope_dims, hp.arch.rope_mode)
+            cache.k[il, :, first:last] = keys.transpose(1, 0, 2).astype(np.float16)

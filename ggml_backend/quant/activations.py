@@ -1,0 +1,210 @@
+"""Quantizers for float32 rows into ggml's 8-bit "dot product" formats: q8_0, q8_1 and q8_K.
+
+A quantized weight row is multiplied with an activation row after the activation row has been quantized to the
+weight type's ``vec_dot_type`` (see ``types.py``); the products are then integer dot products per block. Two
+flavours exist, because ggml itself has two:
+
+* the *reference* quantizers (``quantize_row_q8_0`` …: ggml-quants.c ``quantize_row_q8_0_ref``), used when a
+  tensor is stored as q8_0/q8_1/q8_K. They give bytes identical to ggml's and gguf-py's: ``d = amax/127``,
+  ``id = 1/d`` and ``roundf`` (ties away from zero).
+* the *activation* quantizers (``quantize_activations_q8_0`` …), used by the matrix products. They follow what
+  llama.cpp's x86 CPU backend computes on this machine (arch/x86/quants.c): ``id = 127/amax`` and round to
+  nearest even (``_mm256_round_ps``). q8_K has a single version (the x86 backend calls the reference one):
+  ``iscale = -127/max`` where ``max`` is the signed value of largest magnitude, ``nearest_int`` (ties to even),
+  capped at 127, and ``d = 1/iscale``.
+
+The activation quantizers return the parts as separate arrays (quants int8, scales float32 already rounded to the
+precision ggml stores them in, q8_1 block sums, q8_K sums of 16) so the matmul kernels need not parse bytes.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+QK8_0 = 32   # values per q8_0 / q8_1 block
+QK_K = 256   # values per q8_K super-block
+
+
+@njit(cache=True, inline="always")
+def round_to_f16(value):
+    """The float64 value of ``value`` rounded to IEEE half precision (round to nearest even, like F16C)."""
+    magnitude = abs(value)
+    if magnitude == 0.0 or not math.isfinite(magnitude):
+        return value
+    if magnitude >= 65520.0:            # rounds past the largest half (65504)
+        return math.copysign(math.inf, value)
+    if magnitude < 6.103515625e-05:     # below 2**-14: half subnormals, a fixed quantum of 2**-24
+        return np.rint(value * 16777216.0) / 16777216.0
+    _, exponent = math.frexp(magnitude)  # magnitude = m * 2**exponent, 0.5 <= m < 1
+    rounded = np.rint(math.ldexp(magnitude, 11 - exponent))  # 11 significant bits
+    return math.copysign(math.ldexp(rounded, exponent - 11), value)
+
+
+@njit(cache=True, inline="always")
+def _roundf(value):
+    """C ``roundf``: round half away from zero (``value`` is a float32 held exactly in a float64)."""
+    return math.copysign(math.floor(abs(value) + 0.5), value)
+
+
+@njit(cache=True, parallel=True)
+def _q8_0_kernel(x, qs, d, sums, reference):
+    """Quantize rows of ``x`` [n, k] in blocks of 32 into ``qs`` [n, k] and ``d`` [n, k/32]; ``sums`` [n, k/32]
+    gets d*sum(qs) rounded to half precision (the q8_1 ``s`` field; the caller ignores it for q8_0)."""
+    n_rows, k = x.shape
+    n_blocks = k // QK8_0
+    for row in prange(n_rows):
+        for block in range(n_blocks):
+            start = block * QK8_0
+            amax = np.float32(0.0)
+            for i in range(QK8_0):
+                amax = max(amax, abs(x[row, start + i]))
+            scale = np.float32(amax / np.float32(127.0))
+            if reference:
+                inverse = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
+            else:
+                inverse = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            total = 0
+            for i in range(QK8_0):
+                scaled = np.float32(x[row, start + i] * inverse)
+                q = int(_roundf(scaled)) if reference else int(np.rint(scaled))
+                qs[row, start + i] = q
+                total += q
+            d[row, block] = round_to_f16(scale)
+            sums[row, block] = round_to_f16(np.float32(np.float32(total) * scale))
+
+
+@njit(cache=True, parallel=True)
+def _q8_K_kernel(x, qs, d, bsums):
+    """Quantize rows of ``x`` [n, k] in super-blocks of 256 (ggml ``quantize_row_q8_K_ref``)."""
+    n_rows, k = x.shape
+    n_blocks = k // QK_K
+    for row in prange(n_rows):
+        for block in range(n_blocks):
+            start = block * QK_K
+            amax = np.float32(0.0)
+            signed_max = np.float32(0.0)
+            for i in range(QK_K):
+                magnitude = abs(x[row, start + i])
+                if magnitude > amax:
+                    amax = magnitude
+                    signed_max = x[row, start + i]
+            if amax == 0:
+                d[row, block] = 0.0
+                for i in range(QK_K):
+                    qs[row, start + i] = 0
+                for j in range(QK_K // 16):
+                    bsums[row, block * 16 + j] = 0
+                continue
+            iscale = np.float32(np.float32(-127.0) / signed_max)
+            for j in range(QK_K // 16):
+                total = 0
+                for i in range(16):
+                    q = int(np.rint(np.float32(iscale * x[row, start + j * 16 + i])))
+                    q = min(127, q)
+                    qs[row, start + j * 16 + i] = q
+                    total += q
+                bsums[row, block * 16 + j] = total
+            d[row, block] = np.float32(np.float32(1.0) / iscale)
+
+
+def _as_rows(x: np.ndarray, block: int, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise ValueError(f"{name}: activations must be float32, got {x.dtype}")
+    if x.ndim not in (1, 2):
+        raise ValueError(f"{name}: activations must be 1-D or 2-D, got shape {x.shape}")
+    rows = np.ascontiguousarray(x.reshape(1, -1) if x.ndim == 1 else x)
+    if rows.shape[1] % block:
+        raise ValueError(f"{name}: row length {rows.shape[1]} is not a multiple of {block}")
+    return rows
+
+
+def _q8_0_parts(x, reference: bool):
+    rows = _as_rows(x, QK8_0, "q8_0/q8_1")
+    n, k = rows.shape
+    qs = np.empty((n, k), np.int8)
+    d = np.empty((n, k // QK8_0), np.float32)
+    sums = np.empty((n, k // QK8_0), np.float32)
+    _q8_0_kernel(rows, qs, d, sums, reference)
+    return qs, d, sums
+
+
+def quantize_activations_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of float32 ``x`` ([n, k] or [k]) -> (qs int8 [n, k], d float32 [n, k/32]), as llama.cpp's x86 CPU
+    backend quantizes activations for q4_0 / q5_0 / q8_0 weights."""
+    qs, d, _ = _q8_0_parts(x, reference=False)
+    return qs, d
+
+
+def quantize_activations_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ``x`` -> (qs, d, s) for q4_1 / q5_1 weights; ``s`` = d * sum(qs) per block, half precision."""
+    return _q8_0_parts(x, reference=False)
+
+
+def quantize_activations_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ``x`` ([n, k] or [k], k a multiple of 256) -> (qs int8 [n, k], d float32 [n, k/256],
+    bsums int32 [n, k/16]) for K-quant weights."""
+    rows = _as_rows(x, QK_K, "q8_K")
+    n, k = rows.shape
+    qs = np.empty((n, k), np.int8)
+    d = np.empty((n, k // QK_K), np.float32)
+    bsums = np.empty((n, k // 16), np.int32)
+    _q8_K_kernel(rows, qs, d, bsums)
+    return qs, d, bsums
+
+
+def _pack_blocks(columns: list[np.ndarray]) -> np.ndarray:
+    """Concatenate per-block fields (each [n_blocks, bytes]) into the flat byte image of the blocks."""
+    return np.ascontiguousarray(np.concatenate(columns, axis=1)).reshape(-1)
+
+
+def quantize_row_q8_0(x: np.ndarray) -> np.ndarray:
+    """float32 values (a multiple of 32) -> q8_0 block bytes, identical to ggml's ``quantize_row_q8_0_ref``."""
+    qs, d, _ = _q8_0_parts(np.asarray(x).reshape(-1), reference=True)
+    n_blocks = d.size
+    return _pack_blocks([d.reshape(n_blocks, 1).astype(np.float16).view(np.uint8),
+                         qs.reshape(n_blocks, QK8_0).view(np.uint8)])
+
+
+def quantize_row_q8_1(x: np.ndarray) -> np.ndarray:
+    """float32 values (a multiple of 32) -> q8_1 block bytes (d, s = d*sum(qs), qs), like ggml's reference."""
+    qs, d, sums = _q8_0_parts(np.asarray(x).reshape(-1), reference=True)
+    n_blocks = d.size
+    return _pack_blocks([d.reshape(n_blocks, 1).astype(np.float16).view(np.uint8),
+                         sums.reshape(n_blocks, 1).astype(np.float16).view(np.uint8),
+                         qs.reshape(n_blocks, QK8_0).view(np.uint8)])
+
+
+def quantize_row_q8_K(x: np.ndarray) -> np.ndarray:
+    """float32 values (a multiple of 256) -> q8_K block bytes (d f32, qs i8[256], bsums i16[16])."""
+    qs, d, bsums = quantize_activations_q8_K(np.asarray(x).reshape(-1))
+    n_blocks = d.size
+    return _pack_blocks([d.reshape(n_blocks, 1).view(np.uint8),
+                         qs.reshape(n_blocks, QK_K).view(np.uint8),
+                         bsums.reshape(n_blocks, 16).astype(np.int16).view(np.uint8)])
+
+
+def round_rows_to_f16(x: np.ndarray) -> np.ndarray:
+    """float32 -> float32 values rounded to half precision (ggml converts activations to f16 for f16 weights)."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def round_rows_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> float32 values rounded to bfloat16 the way ggml's ``GGML_FP32_TO_BF16`` does (nearest even,
+    NaN kept quiet)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = rounded.astype(np.uint32)
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = np.where(is_nan, (bits >> 16) | 64, rounded).astype(np.uint32)
+    return (rounded << 16).view(np.float32)
+
+
+__all__ = [
+    "quantize_row_q8_0", "quantize_row_q8_1", "quantize_row_q8_K",
+    "quantize_activations_q8_0", "quantize_activations_q8_1", "quantize_activations_q8_K",
+    "round_rows_to_f16", "round_rows_to_bf16", "round_to_f16",
+]

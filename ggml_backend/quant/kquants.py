@@ -1,0 +1,266 @@
+"""The 256-value "K-quant" super-block formats: q2_K, q3_K, q4_K, q5_K, q6_K, and q8_K (activations only).
+
+Layouts (ggml-common.h, QK_K = 256), halves little-endian:
+  q2_K  scales[16] (low nibble: scale, high: min of each 16 values), qs[64] (2-bit), d, dmin      84 bytes
+  q3_K  hmask[32] (3rd bit), qs[64] (low 2 bits), scales[12] (16 6-bit scales, biased by 32), d  110 bytes
+  q4_K  d, dmin, scales[12] (8 6-bit scales + 8 6-bit mins), qs[128] (4-bit)                     144 bytes
+  q5_K  d, dmin, scales[12], qh[32] (5th bit), qs[128]                                            176 bytes
+  q6_K  ql[128] (low 4 bits), qh[64] (high 2 bits), scales:i8[16], d                              210 bytes
+  q8_K  d:f32, qs:i8[256], bsums:i16[16] (sum of each 16 quants)                                  292 bytes
+
+Dequantization follows ggml-quants.c dequantize_row_* operation by operation in float32 (scale products first,
+then ``dl * q - ml``, no fused multiply-add), so it equals ggml's reference C and gguf-py bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .floats import HALF_TO_FLOAT
+from .legacy import _half
+from .types import register
+
+F32 = np.float32
+QK_K = 256
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(j, src, scales_at):
+    """The j-th (0..7) 6-bit scale and min of a q4_K/q5_K block (ggml's get_scale_min_k4)."""
+    if j < 4:
+        sc = np.int32(src[scales_at + j]) & 63
+        m = np.int32(src[scales_at + j + 4]) & 63
+    else:
+        sc = (np.int32(src[scales_at + j + 4]) & 0xF) | ((np.int32(src[scales_at + j - 4]) >> 6) << 4)
+        m = (np.int32(src[scales_at + j + 4]) >> 4) | ((np.int32(src[scales_at + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q2_K(src, half_to_float, out):
+    for b in prange(src.size // 84):
+        base = b * 84
+        d = _half(src, base + 80, half_to_float)
+        dmin = _half(src, base + 82, half_to_float)
+        o = b * QK_K
+        for half in range(2):           # two halves of 128 values, each using 32 bytes of qs
+            q_at = base + 16 + half * 32
+            for shift_index in range(4):
+                shift = 2 * shift_index
+                for part in range(2):   # 16 values from q[0:16], then 16 from q[16:32]
+                    sc = np.int32(src[base + half * 8 + shift_index * 2 + part])
+                    dl = d * F32(sc & 0xF)
+                    ml = dmin * F32(sc >> 4)
+                    for l in range(16):
+                        q = (np.int32(src[q_at + part * 16 + l]) >> shift) & 3
+                        out[o] = dl * F32(q) - ml
+                        o += 1
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q3_K(src, half_to_float, out):
+    scales = np.empty((src.size // 110, 16), dtype=np.int32)
+    for b in prange(src.size // 110):
+        base = b * 110
+        d_all = _half(src, base + 108, half_to_float)
+        sa = base + 96
+        # 16 6-bit scales: low 4 bits from bytes 0..7 (low nibbles first), high 2 bits from bytes 8..11
+        for j in range(16):
+            low = (np.int32(src[sa + (j % 8)]) >> (4 * (j // 8))) & 0xF
+            high = (np.int32(src[sa + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
+            scales[b, j] = (low | (high << 4)) - 32
+        o = b * QK_K
+        is_ = 0
+        mask = 1
+        for half in range(2):
+            q_at = base + 32 + half * 32
+            for shift_index in range(4):
+                shift = 2 * shift_index
+                for part in range(2):
+                    dl = d_all * F32(scales[b, is_])
+                    is_ += 1
+                    for l in range(16):
+                        k = part * 16 + l
+                        q = (np.int32(src[q_at + k]) >> shift) & 3
+                        if (np.int32(src[base + k]) & mask) == 0:
+                            q -= 4
+                        out[o] = dl * F32(q)
+                        o += 1
+                mask <<= 1
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q4_K(src, half_to_float, out):
+    for b in prange(src.size // 144):
+        base = b * 144
+        d = _half(src, base, half_to_float)
+        dmin = _half(src, base + 2, half_to_float)
+        o = b * QK_K
+        for pair in range(4):           # 64 values: 32 low nibbles, then 32 high nibbles of the same bytes
+            q_at = base + 16 + pair * 32
+            sc, m = _scale_min_k4(2 * pair, src, base + 4)
+            d1 = d * F32(sc)
+            m1 = dmin * F32(m)
+            sc, m = _scale_min_k4(2 * pair + 1, src, base + 4)
+            d2 = d * F32(sc)
+            m2 = dmin * F32(m)
+            for l in range(32):
+                out[o + l] = d1 * F32(np.int32(src[q_at + l]) & 0xF) - m1
+                out[o + 32 + l] = d2 * F32(np.int32(src[q_at + l]) >> 4) - m2
+            o += 64
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q5_K(src, half_to_float, out):
+    for b in prange(src.size // 176):
+        base = b * 176
+        d = _half(src, base, half_to_float)
+        dmin = _half(src, base + 2, half_to_float)
+        qh_at = base + 16
+        o = b * QK_K
+        for pair in range(4):
+            q_at = base + 48 + pair * 32
+            sc, m = _scale_min_k4(2 * pair, src, base + 4)
+            d1 = d * F32(sc)
+            m1 = dmin * F32(m)
+            sc, m = _scale_min_k4(2 * pair + 1, src, base + 4)
+            d2 = d * F32(sc)
+            m2 = dmin * F32(m)
+            bit1 = 2 * pair
+            bit2 = 2 * pair + 1
+            for l in range(32):
+                qh = np.int32(src[qh_at + l])
+                q1 = (np.int32(src[q_at + l]) & 0xF) + (((qh >> bit1) & 1) << 4)
+                q2 = (np.int32(src[q_at + l]) >> 4) + (((qh >> bit2) & 1) << 4)
+                out[o + l] = d1 * F32(q1) - m1
+                out[o + 32 + l] = d2 * F32(q2) - m2
+            o += 64
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q6_K(src, half_to_float, out):
+    for b in prange(src.size // 210):
+        base = b * 210
+        d = _half(src, base + 208, half_to_float)
+        for half in range(2):
+            ql_at = base + half * 64
+            qh_at = base + 128 + half * 32
+            sc_at = base + 192 + half * 8
+            o = b * QK_K + half * 128
+            for l in range(32):
+                is_ = l // 16
+                low0 = np.int32(src[ql_at + l])
+                low1 = np.int32(src[ql_at + l + 32])
+                qh = np.int32(src[qh_at + l])
+                q1 = ((low0 & 0xF) | (((qh >> 0) & 3) << 4)) - 32
+                q2 = ((low1 & 0xF) | (((qh >> 2) & 3) << 4)) - 32
+                q3 = ((low0 >> 4) | (((qh >> 4) & 3) << 4)) - 32
+                q4 = ((low1 >> 4) | (((qh >> 6) & 3) << 4)) - 32
+                out[o + l] = d * F32(_int8(src[sc_at + is_])) * F32(q1)
+                out[o + l + 32] = d * F32(_int8(src[sc_at + is_ + 2])) * F32(q2)
+                out[o + l + 64] = d * F32(_int8(src[sc_at + is_ + 4])) * F32(q3)
+                out[o + l + 96] = d * F32(_int8(src[sc_at + is_ + 6])) * F32(q4)
+
+
+@njit(cache=True, inline="always")
+def _int8(byte):
+    v = np.int32(byte)
+    return v - 256 if v >= 128 else v
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q8_K(src, out):
+    for b in prange(src.size // 292):
+        base = b * 292
+        d_bits = (np.uint32(src[base]) | (np.uint32(src[base + 1]) << np.uint32(8))
+                  | (np.uint32(src[base + 2]) << np.uint32(16)) | (np.uint32(src[base + 3]) << np.uint32(24)))
+        d = np.array([d_bits], dtype=np.uint32).view(np.float32)[0]
+        for j in range(QK_K):
+            out[b * QK_K + j] = d * F32(_int8(src[base + 4 + j]))
+
+
+def _dequantizer(kernel, type_size):
+    def dequantize(data: np.ndarray) -> np.ndarray:
+        out = np.empty(data.size // type_size * QK_K, dtype=np.float32)
+        kernel(data, HALF_TO_FLOAT, out)
+        return out
+    dequantize.__name__ = f"dequantize_{kernel.__name__.split('_dequantize_')[-1]}"
+    return dequantize
+
+
+dequantize_q2_K = _dequantizer(_dequantize_q2_K, 84)
+dequantize_q3_K = _dequantizer(_dequantize_q3_K, 110)
+dequantize_q4_K = _dequantizer(_dequantize_q4_K, 144)
+dequantize_q5_K = _dequantizer(_dequantize_q5_K, 176)
+dequantize_q6_K = _dequantizer(_dequantize_q6_K, 210)
+
+
+def dequantize_q8_K(data: np.ndarray) -> np.ndarray:
+    out = np.empty(data.size // 292 * QK_K, dtype=np.float32)
+    _dequantize_q8_K(data, out)
+    return out
+
+
+# ---------------------------------------------------------------- q8_K quantization (quantize_row_q8_K_ref)
+
+Q8_K_BLOCK = np.dtype([("d", "<f4"), ("qs", "i1", (QK_K,)), ("bsums", "<i2", (QK_K // 16,))])
+assert Q8_K_BLOCK.itemsize == 292
+
+
+@njit(cache=True, inline="always")
+def _nearest_int(v):
+    """ggml's nearest_int: round half to even (it adds 1.5 * 2**23 in float32), for |v| < 2**22."""
+    return np.int32(np.rint(v))
+
+
+@njit(cache=True, parallel=True)
+def _quantize_q8_K(x, scales, qs, bsums):
+    for b in prange(x.size // QK_K):
+        start = b * QK_K
+        amax = F32(0.0)
+        vmax = F32(0.0)
+        for j in range(QK_K):
+            ax = abs(x[start + j])
+            if ax > amax:
+                amax = ax
+                vmax = x[start + j]
+        if amax == 0:
+            scales[b] = 0
+            for j in range(QK_K):
+                qs[b, j] = 0
+            for j in range(QK_K // 16):
+                bsums[b, j] = 0   # ggml leaves these unwritten; zero is their true value
+            continue
+        iscale = F32(-127.0) / vmax
+        for j in range(QK_K):
+            qs[b, j] = min(127, _nearest_int(iscale * x[start + j]))
+        for j in range(QK_K // 16):
+            total = 0
+            for i in range(16):
+                total += qs[b, j * 16 + i]
+            bsums[b, j] = total
+        scales[b] = F32(1.0) / iscale
+
+
+def quantize_q8_K(values: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if x.size % QK_K:
+        raise ValueError(f"{x.size} values are not a whole number of q8_K blocks of {QK_K}")
+    nb = x.size // QK_K
+    blocks = np.empty(nb, dtype=Q8_K_BLOCK)
+    scales = np.empty(nb, np.float32)
+    qs = np.empty((nb, QK_K), np.int8)
+    bsums = np.empty((nb, QK_K // 16), np.int16)
+    _quantize_q8_K(x, scales, qs, bsums)
+    blocks["d"] = scales
+    blocks["qs"] = qs
+    blocks["bsums"] = bsums
+    return blocks.view(np.uint8).reshape(-1)
+
+
+register("q2_K", dequantize=dequantize_q2_K)
+register("q3_K", dequantize=dequantize_q3_K)
+register("q4_K", dequantize=dequantize_q4_K)
+register("q5_K", dequantize=dequantize_q5_K)
+register("q6_K", dequantize=dequantize_q6_K)
+register("q8_K", dequantize=dequantize_q8_K, quantize=quantize_q8_K)

@@ -1,0 +1,361 @@
+"""The 32-value block formats: q4_0, q4_1, q5_0, q5_1, q8_0, q8_1.
+
+Layouts (ggml-common.h), little-endian, ``d``/``m``/``s`` are IEEE halves:
+  q4_0  d, qs[16]            value j = (nibble_j - 8) * d
+  q4_1  d, m, qs[16]         value j = nibble_j * d + m
+  q5_0  d, qh:u32, qs[16]    value j = ((nibble_j | bit_j(qh) << 4) - 16) * d
+  q5_1  d, m, qh:u32, qs[16] value j = (nibble_j | bit_j(qh) << 4) * d + m
+  q8_0  d, qs:i8[32]         value j = qs[j] * d
+  q8_1  d, s, qs:i8[32]      value j = qs[j] * d   (s = d * sum(qs), for dot products)
+Nibbles: byte j (0..15) holds value j in its low half and value j + 16 in its high half.
+
+Dequantization does ggml's float operations in ggml's order (dequantize_row_*), in float32 and without fused
+multiply-adds, so results equal ggml's reference C (and gguf-py) bit for bit. Quantization follows
+``quantize_row_*_ref`` (round-to-nearest, scale from the float32 block maximum); its float32 scales are turned into
+halves by numpy afterwards (round to nearest even, like GGML_FP32_TO_FP16).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .floats import HALF_TO_FLOAT, float_to_half_bits
+from .types import register
+
+F32 = np.float32
+
+
+@njit(cache=True, inline="always")
+def _half(src, offset, half_to_float):
+    """The float32 value of the little-endian half at src[offset:offset+2]."""
+    return half_to_float[np.int64(src[offset]) | (np.int64(src[offset + 1]) << 8)]
+
+
+@njit(cache=True, inline="always")
+def _u32(src, offset):
+    return (np.uint32(src[offset]) | (np.uint32(src[offset + 1]) << np.uint32(8))
+            | (np.uint32(src[offset + 2]) << np.uint32(16)) | (np.uint32(src[offset + 3]) << np.uint32(24)))
+
+
+# ---------------------------------------------------------------- dequantization kernels
+# Each takes the raw bytes (a whole number of blocks, checked by the caller), the half table and the output.
+
+@njit(cache=True, parallel=True)
+def _dequantize_q4_0(src, half_to_float, out):
+    for b in prange(src.size // 18):
+        base = b * 18
+        d = _half(src, base, half_to_float)
+        o = b * 32
+        for j in range(16):
+            byte = np.int32(src[base + 2 + j])
+            out[o + j] = F32((byte & 0xF) - 8) * d
+            out[o + j + 16] = F32((byte >> 4) - 8) * d
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q4_1(src, half_to_float, out):
+    for b in prange(src.size // 20):
+        base = b * 20
+        d = _half(src, base, half_to_float)
+        m = _half(src, base + 2, half_to_float)
+        o = b * 32
+        for j in range(16):
+            byte = np.int32(src[base + 4 + j])
+            out[o + j] = F32(byte & 0xF) * d + m
+            out[o + j + 16] = F32(byte >> 4) * d + m
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q5_0(src, half_to_float, out):
+    for b in prange(src.size // 22):
+        base = b * 22
+        d = _half(src, base, half_to_float)
+        qh = _u32(src, base + 2)
+        o = b * 32
+        for j in range(16):
+            byte = np.int32(src[base + 6 + j])
+            high0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+            high1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+            out[o + j] = F32(((byte & 0xF) | high0) - 16) * d
+            out[o + j + 16] = F32(((byte >> 4) | high1) - 16) * d
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q5_1(src, half_to_float, out):
+    for b in prange(src.size // 24):
+        base = b * 24
+        d = _half(src, base, half_to_float)
+        m = _half(src, base + 2, half_to_float)
+        qh = _u32(src, base + 4)
+        o = b * 32
+        for j in range(16):
+            byte = np.int32(src[base + 8 + j])
+            high0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+            high1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+            out[o + j] = F32((byte & 0xF) | high0) * d + m
+            out[o + j + 16] = F32((byte >> 4) | high1) * d + m
+
+
+@njit(cache=True, parallel=True)
+def _dequantize_q8(src, block_bytes, quants_offset, half_to_float, out):
+    """q8_0 (quants at byte 2 of 34) and q8_1 (at byte 4 of 36; its s is not needed to dequantize)."""
+    for b in prange(src.size // block_bytes):
+        base = b * block_bytes
+        d = _half(src, base, half_to_float)
+        o = b * 32
+        for j in range(32):
+            q = np.int32(src[base + quants_offset + j])
+            if q >= 128:
+                q -= 256
+            out[o + j] = F32(q) * d
+
+
+def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
+    out = np.empty(data.size // 18 * 32, dtype=np.float32)
+    _dequantize_q4_0(data, HALF_TO_FLOAT, out)
+    return out
+
+
+def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
+    out = np.empty(data.size // 20 * 32, dtype=np.float32)
+    _dequantize_q4_1(data, HALF_TO_FLOAT, out)
+    return out
+
+
+def dequantize_q5_0(data: np.ndarray) -> np.ndarray:
+    out = np.empty(data.size // 22 * 32, dtype=np.float32)
+    _dequantize_q5_0(data, HALF_TO_FLOAT, out)
+    return out
+
+
+def dequantize_q5_1(data: np.ndarray) -> np.ndarray:
+    out = np.empty(data.size // 24 * 32, dtype=np.float32)
+    _dequantize_q5_1(data, HALF_TO_FLOAT, out)
+    return out
+
+
+def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
+    out = np.empty(data.size // 34 * 32, dtype=np.float32)
+    _dequantize_q8(data, 34, 2, HALF_TO_FLOAT, out)
+    return out
+
+
+def dequantize_q8_1(data: np.ndarray) -> np.ndarray:
+    out = np.empty(data.size // 36 * 32, dtype=np.float32)
+    _dequantize_q8(data, 36, 4, HALF_TO_FLOAT, out)
+    return out
+
+
+# ---------------------------------------------------------------- quantization kernels
+# Input: float32 values [n_blocks * 32]. Output: per-block float32 scale (and min / sum) plus the packed quants;
+# the Python wrappers assemble the blocks.
+
+@njit(cache=True, inline="always")
+def _signed_abs_max(x, start, n):
+    """The value of largest magnitude in x[start:start+n] (first one on ties), as ggml's q4_0/q5_0 search."""
+    amax = F32(0.0)
+    vmax = F32(0.0)
+    for j in range(n):
+        v = x[start + j]
+        if amax < abs(v):
+            amax = abs(v)
+            vmax = v
+    return vmax
+
+
+@njit(cache=True, inline="always")
+def _min_max(x, start, n):
+    lo = F32(np.inf)   # ggml starts from +-FLT_MAX; the same for finite input
+    hi = F32(-np.inf)
+    for j in range(n):
+        v = x[start + j]
+        if v < lo:
+            lo = v
+        if v > hi:
+            hi = v
+    return lo, hi
+
+
+@njit(cache=True, inline="always")
+def _round_half_away(v):
+    """C roundf: nearest integer, halves away from zero (exact: float32 + 0.5 is exact in float64)."""
+    if v >= 0:
+        return np.int32(math.floor(np.float64(v) + 0.5))
+    return -np.int32(math.floor(-np.float64(v) + 0.5))
+
+
+@njit(cache=True, inline="always")
+def _trunc_to_int(v):
+    """C's (int8_t)/(uint8_t) cast of a float: truncate toward zero."""
+    return np.int32(math.trunc(np.float64(v)))
+
+
+@njit(cache=True, parallel=True)
+def _quantize_q4_0(x, scales, qs):
+    for b in prange(x.size // 32):
+        start = b * 32
+        d = _signed_abs_max(x, start, 32) / F32(-8.0)
+        inv = F32(1.0) / d if d != 0 else F32(0.0)
+        scales[b] = d
+        for j in range(16):
+            q0 = min(15, _trunc_to_int(x[start + j] * inv + F32(8.5)))
+            q1 = min(15, _trunc_to_int(x[start + j + 16] * inv + F32(8.5)))
+            qs[b, j] = np.uint8(q0 | (q1 << 4))
+
+
+@njit(cache=True, parallel=True)
+def _quantize_q4_1(x, scales, mins, qs):
+    for b in prange(x.size // 32):
+        start = b * 32
+        lo, hi = _min_max(x, start, 32)
+        d = (hi - lo) / F32(15.0)
+        inv = F32(1.0) / d if d != 0 else F32(0.0)
+        scales[b] = d
+        mins[b] = lo
+        for j in range(16):
+            q0 = min(15, _trunc_to_int((x[start + j] - lo) * inv + F32(0.5)))
+            q1 = min(15, _trunc_to_int((x[start + j + 16] - lo) * inv + F32(0.5)))
+            qs[b, j] = np.uint8(q0 | (q1 << 4))
+
+
+@njit(cache=True, parallel=True)
+def _quantize_q5_0(x, scales, qh, qs):
+    for b in prange(x.size // 32):
+        start = b * 32
+        d = _signed_abs_max(x, start, 32) / F32(-16.0)
+        inv = F32(1.0) / d if d != 0 else F32(0.0)
+        scales[b] = d
+        high = np.uint32(0)
+        for j in range(16):
+            q0 = min(31, _trunc_to_int(x[start + j] * inv + F32(16.5)))
+            q1 = min(31, _trunc_to_int(x[start + j + 16] * inv + F32(16.5)))
+            qs[b, j] = np.uint8((q0 & 0xF) | ((q1 & 0xF) << 4))
+            high |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
+            high |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
+        qh[b] = high
+
+
+@njit(cache=True, parallel=True)
+def _quantize_q5_1(x, scales, mins, qh, qs):
+    for b in prange(x.size // 32):
+        start = b * 32
+        lo, hi = _min_max(x, start, 32)
+        d = (hi - lo) / F32(31.0)
+        inv = F32(1.0) / d if d != 0 else F32(0.0)
+        scales[b] = d
+        mins[b] = lo
+        high = np.uint32(0)
+        for j in range(16):
+            # ggml has no MIN(31, ...) here: (max - min) * (31 / (max - min)) + 0.5 cannot reach 32
+            q0 = _trunc_to_int((x[start + j] - lo) * inv + F32(0.5)) & 0x1F
+            q1 = _trunc_to_int((x[start + j + 16] - lo) * inv + F32(0.5)) & 0x1F
+            qs[b, j] = np.uint8((q0 & 0xF) | ((q1 & 0xF) << 4))
+            high |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
+            high |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
+        qh[b] = high
+
+
+@njit(cache=True, parallel=True)
+def _quantize_q8(x, scales, sums, qs):
+    """q8_0 and q8_1: d = amax / 127, q = roundf(x / d); sums[b] = d * sum(q) (q8_1's s, before rounding)."""
+    for b in prange(x.size // 32):
+        start = b * 32
+        amax = F32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[start + j]))
+        d = amax / F32(127.0)
+        inv = F32(1.0) / d if d != 0 else F32(0.0)
+        scales[b] = d
+        total = 0
+        for j in range(32):
+            q = _round_half_away(x[start + j] * inv)
+            qs[b, j] = np.int8(q)
+            total += q
+        sums[b] = F32(total) * d
+
+
+def _as_blocks(values: np.ndarray, block: int) -> np.ndarray:
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if flat.size % block:
+        raise ValueError(f"{flat.size} values are not a whole number of blocks of {block}")
+    return flat
+
+
+def quantize_q4_0(values: np.ndarray) -> np.ndarray:
+    x = _as_blocks(values, 32)
+    nb = x.size // 32
+    scales = np.empty(nb, np.float32)
+    out = np.empty((nb, 18), np.uint8)
+    _quantize_q4_0(x, scales, out[:, 2:])
+    out[:, 0:2] = float_to_half_bits(scales).view(np.uint8).reshape(nb, 2)
+    return out.reshape(-1)
+
+
+def quantize_q4_1(values: np.ndarray) -> np.ndarray:
+    x = _as_blocks(values, 32)
+    nb = x.size // 32
+    scales = np.empty(nb, np.float32)
+    mins = np.empty(nb, np.float32)
+    out = np.empty((nb, 20), np.uint8)
+    _quantize_q4_1(x, scales, mins, out[:, 4:])
+    out[:, 0:2] = float_to_half_bits(scales).view(np.uint8).reshape(nb, 2)
+    out[:, 2:4] = float_to_half_bits(mins).view(np.uint8).reshape(nb, 2)
+    return out.reshape(-1)
+
+
+def quantize_q5_0(values: np.ndarray) -> np.ndarray:
+    x = _as_blocks(values, 32)
+    nb = x.size // 32
+    scales = np.empty(nb, np.float32)
+    qh = np.empty(nb, np.uint32)
+    out = np.empty((nb, 22), np.uint8)
+    _quantize_q5_0(x, scales, qh, out[:, 6:])
+    out[:, 0:2] = float_to_half_bits(scales).view(np.uint8).reshape(nb, 2)
+    out[:, 2:6] = qh.astype("<u4").view(np.uint8).reshape(nb, 4)
+    return out.reshape(-1)
+
+
+def quantize_q5_1(values: np.ndarray) -> np.ndarray:
+    x = _as_blocks(values, 32)
+    nb = x.size // 32
+    scales = np.empty(nb, np.float32)
+    mins = np.empty(nb, np.float32)
+    qh = np.empty(nb, np.uint32)
+    out = np.empty((nb, 24), np.uint8)
+    _quantize_q5_1(x, scales, mins, qh, out[:, 8:])
+    out[:, 0:2] = float_to_half_bits(scales).view(np.uint8).reshape(nb, 2)
+    out[:, 2:4] = float_to_half_bits(mins).view(np.uint8).reshape(nb, 2)
+    out[:, 4:8] = qh.astype("<u4").view(np.uint8).reshape(nb, 4)
+    return out.reshape(-1)
+
+
+def _quantize_q8_blocks(values: np.ndarray, with_sum: bool) -> np.ndarray:
+    x = _as_blocks(values, 32)
+    nb = x.size // 32
+    scales = np.empty(nb, np.float32)
+    sums = np.empty(nb, np.float32)
+    header = 4 if with_sum else 2
+    out = np.empty((nb, header + 32), np.uint8)
+    _quantize_q8(x, scales, sums, out[:, header:].view(np.int8))
+    out[:, 0:2] = float_to_half_bits(scales).view(np.uint8).reshape(nb, 2)
+    if with_sum:
+        out[:, 2:4] = float_to_half_bits(sums).view(np.uint8).reshape(nb, 2)
+    return out.reshape(-1)
+
+
+def quantize_q8_0(values: np.ndarray) -> np.ndarray:
+    return _quantize_q8_blocks(values, with_sum=False)
+
+
+def quantize_q8_1(values: np.ndarray) -> np.ndarray:
+    return _quantize_q8_blocks(values, with_sum=True)
+
+
+register("q4_0", dequantize=dequantize_q4_0, quantize=quantize_q4_0)
+register("q4_1", dequantize=dequantize_q4_1, quantize=quantize_q4_1)
+register("q5_0", dequantize=dequantize_q5_0, quantize=quantize_q5_0)
+register("q5_1", dequantize=dequantize_q5_1, quantize=quantize_q5_1)
+register("q8_0", dequantize=dequantize_q8_0, quantize=quantize_q8_0)
+register("q8_1", dequantize=dequantize_q8_1, quantize=quantize_q8_1)
