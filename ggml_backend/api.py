@@ -167,3 +167,185 @@ class Llama:
             self._last_logits = None if state.last_logits is None else state.last_logits.copy()
             if self._all_logits is not None and state.all_logits is not None:
                 self._all_logits[:n] = state.all_logits
+
+    # --- generation -----------------------------------------------------------------------------------------
+    def _prepare_prompt(self, prompt_tokens: list[int]) -> None:
+        """Make the KV cache hold prompt_tokens, reusing the longest prefix already evaluated (as
+        llama-cpp-python does), so a chat that grows turn by turn only evaluates the new turn."""
+        if len(prompt_tokens) > self._n_ctx:
+            raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {self._n_ctx}")
+        if not prompt_tokens:
+            raise ValueError("the prompt is empty (and the model adds no BOS token)")
+        cached = self.input_ids[:self.n_tokens]
+        n_common = 0
+        limit = min(len(cached), len(prompt_tokens))
+        while n_common < limit and cached[n_common] == prompt_tokens[n_common]:
+            n_common += 1
+        n_common = min(n_common, len(prompt_tokens) - 1)   # evaluate at least one token to get fresh logits
+        if n_common < self.n_tokens or self._last_logits is None:
+            self.n_tokens = n_common
+            self.cache.truncate(n_common)
+            if self._all_logits is not None:
+                self._all_logits[n_common:] = 0
+        self.eval(prompt_tokens[self.n_tokens:])
+
+    def _context_shift(self, n_keep: int) -> None:
+        """llama.cpp's context shift: keep the first n_keep tokens, drop half of the rest, slide the remainder."""
+        n_keep = max(0, min(n_keep, self.n_tokens - 1))
+        n_discard = (self.n_tokens - n_keep) // 2
+        if n_discard <= 0:
+            raise ValueError(f"the context (n_ctx={self._n_ctx}) is full and n_keep={n_keep} leaves nothing to drop")
+        old_n = self.n_tokens
+        self.cache.shift(n_keep, n_discard)
+        self.model.rerotate_keys(self.cache, n_keep, self.cache.n_past, -n_discard)
+        self.input_ids[n_keep:old_n - n_discard] = self.input_ids[n_keep + n_discard:old_n].copy()
+        self.n_tokens = old_n - n_discard
+        if self._all_logits is not None:
+            self._all_logits[n_keep:old_n - n_discard] = self._all_logits[n_keep + n_discard:old_n].copy()
+            self._all_logits[self.n_tokens:old_n] = 0
+
+    def generate(self, tokens, *, sampler=None, params=None, max_tokens: int | None = None, n_keep: int | None = None,
+                 stop_tokens=None):
+        """Yield sampled token ids after evaluating ``tokens``, until an end-of-generation token or max_tokens.
+
+        max_tokens None or <= 0 means no limit: when the context fills, it is shifted (n_keep tokens kept) as
+        llama.cpp's main does. The caller holds no lock: this generator takes the model's lock while it runs."""
+        from .generation import Sampler, SamplingParams
+        if params is None:
+            params = SamplingParams()
+        if sampler is None:
+            sampler = Sampler(params, n_vocab=self.hparams.n_vocab, seed=self._resolve_seed(params.seed))
+        stop_ids = set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
+        tokens = [int(t) for t in tokens]
+        if n_keep is None:
+            n_keep = 1 if tokens and tokens[0] == self.tokenizer.bos_id else 0
+        with self._lock:
+            self._prepare_prompt(tokens)
+            produced = 0
+            while max_tokens is None or max_tokens <= 0 or produced < max_tokens:
+                last_n = params.repeat_last_n if params.repeat_last_n >= 0 else self.n_tokens
+                recent = self.input_ids[max(0, self.n_tokens - last_n):self.n_tokens]
+                token = sampler.sample(self._last_logits, recent)
+                produced += 1
+                yield token
+                if token in stop_ids:
+                    return
+                if self.n_tokens >= self._n_ctx:
+                    self._context_shift(n_keep)
+                self.eval([token])
+
+    def _resolve_seed(self, seed):
+        if seed is not None and seed != -1:
+            return seed
+        return None if self.seed is None or self.seed == -1 else self.seed
+
+    def __call__(self, prompt, **kwargs):
+        return self.create_completion(prompt, **kwargs)
+
+    def create_completion(self, prompt, suffix=None, max_tokens: int | None = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0, logprobs: int | None = None,
+                          echo: bool = False, stop=None, frequency_penalty: float = 0.0,
+                          presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
+                          stream: bool = False, seed: int | None = None, tfs_z: float = 1.0, mirostat_mode: int = 0,
+                          mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: str | None = None,
+                          logit_bias: dict | None = None, repeat_last_n: int = 64, n_keep: int | None = None,
+                          add_bos: bool | None = None, stop_tokens=None, **_ignored):
+        """An OpenAI/llama-cpp-python-shaped text completion (a dict, or an iterator of chunks if stream)."""
+        from .generation import SamplingParams
+        params = SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, tfs_z=tfs_z, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta, logit_bias=dict(logit_bias or {}), seed=seed)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            prompt_tokens = [int(t) for t in prompt]
+        else:
+            if add_bos is None:
+                add_bos = self.tokenizer.add_bos
+            prompt_tokens = self.tokenize(prompt, add_bos=add_bos, special=True)
+        if max_tokens is not None and max_tokens > 0 and len(prompt_tokens) + max_tokens > self._n_ctx \
+                and len(prompt_tokens) > self._n_ctx:
+            raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {self._n_ctx}")
+        stream_iter = self._completion_stream(prompt_tokens, params, max_tokens, stop, echo, logprobs, n_keep,
+                                              model, stop_tokens)
+        if stream:
+            return stream_iter
+        text_parts, finish_reason, usage, logprob_data = [], None, None, None
+        for chunk in stream_iter:
+            choice = chunk["choices"][0]
+            text_parts.append(choice["text"])
+            if choice["finish_reason"] is not None:
+                finish_reason = choice["finish_reason"]
+                usage = chunk.get("usage")
+            if choice.get("logprobs"):
+                logprob_data = _merge_logprobs(logprob_data, choice["logprobs"])
+        return {
+            "id": chunk["id"], "object": "text_completion", "created": chunk["created"], "model": chunk["model"],
+            "choices": [{"text": "".join(text_parts), "index": 0, "logprobs": logprob_data,
+                         "finish_reason": finish_reason}],
+            "usage": usage,
+        }
+
+    def _completion_stream(self, prompt_tokens, params, max_tokens, stop, echo, logprobs, n_keep, model_name,
+                           stop_tokens):
+        import uuid
+        from .generation import Sampler, TextStreamer, top_logprobs
+        completion_id = f"cmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        model_name = model_name or self.model_path
+        sampler = Sampler(params, n_vocab=self.hparams.n_vocab, seed=self._resolve_seed(params.seed))
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        streamer = TextStreamer(stops)
+        eog = set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
+
+        def chunk(text, finish_reason=None, usage=None, lp=None):
+            out = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish_reason}]}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        if echo:
+            echo_text = self.detokenize(prompt_tokens, special=True).decode("utf-8", errors="replace")
+            yield chunk(echo_text)
+        n_generated = 0
+        finish_reason = "length"
+        text_offset = 0
+        for token in self.generate(prompt_tokens, sampler=sampler, params=params, max_tokens=max_tokens,
+                                   n_keep=n_keep, stop_tokens=eog):
+            n_generated += 1
+            if token in eog:
+                finish_reason = "stop"
+                break
+            piece = self.tokenizer.token_to_piece(token)
+            text = streamer.feed(piece)
+            lp = None
+            if logprobs is not None and self._last_logits is not None:
+                # the logits that produced this token are the ones evaluated just before it
+                lp = {"tokens": [piece.decode("utf-8", errors="replace")], "text_offset": [text_offset],
+                      "token_logprobs": [float(_token_logprob(self._last_logits, token))],
+                      "top_logprobs": [{self.tokenizer.token_to_piece(i).decode("utf-8", errors="replace"): float(v)
+                                        for i, v in top_logprobs(self._last_logits, max(1, int(logprobs)))}]}
+            if text or lp:
+                text_offset += len(text)
+                yield chunk(text, lp=lp)
+            if streamer.stopped:
+                finish_reason = "stop"
+                break
+        tail = streamer.finish() if not streamer.stopped else ""
+        usage = {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_generated,
+                 "total_tokens": len(prompt_tokens) + n_generated}
+        yield chunk(tail, finish_reason=finish_reason, usage=usage)
+
+
+def _token_logprob(logits: np.ndarray, token: int) -> float:
+    m = float(np.max(logits))
+    return float(logits[token] - m - np.log(np.sum(np.exp(logits.astype(np.float64) - m))))
+
+
+def _merge_logprobs(total, part):
+    if total is None:
+        return {k: list(v) for k, v in part.items()}
+    for k, v in part.items():
+        total[k].extend(v)
+    return total

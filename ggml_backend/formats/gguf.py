@@ -55,7 +55,10 @@ _NUMPY_DTYPES = {
     GGUFValueType.UINT64: np.dtype("<u8"), GGUFValueType.INT64: np.dtype("<i8"),
     GGUFValueType.FLOAT64: np.dtype("<f8"),
 }
-_SCALAR_STRUCTS = {t: struct.Struct("<" + d.char) for t, d in _NUMPY_DTYPES.items()}
+_SCALAR_STRUCTS = {t: struct.Struct("<" + code) for t, code in zip(
+    (GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16, GGUFValueType.UINT32,
+     GGUFValueType.INT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL, GGUFValueType.UINT64, GGUFValueType.INT64,
+     GGUFValueType.FLOAT64), "BbHhIifBQqd")}
 _U64 = struct.Struct("<Q")
 _TENSOR_INFO_TAIL = struct.Struct("<IQ")
 
@@ -229,27 +232,43 @@ def read_gguf(path, mm: np.ndarray, n_head_kv: int | None = None) -> ModelFile:
         metadata[f"{arch}.attention.head_count_kv"] = int(n_head_kv)
         metadata_types[f"{arch}.attention.head_count_kv"] = GGUFValueType.UINT32
     return ModelFile(path=Path(path), format="gguf", version=version, container="gguf", metadata=metadata,
-                     metadata_types=metadata_types, vocab=vocab_from_metadata(metadata), tensors=tensors,
+                     metadata_types=metadata_types, vocab=vocab_from_metadata(metadata, path), tensors=tensors,
                      tensor_data_offset=data_offset, alignment=alignment, file_size=file_size, mmap=mm)
 
 
-def vocab_from_metadata(metadata: dict) -> Vocab | None:
+def vocab_from_metadata(metadata: dict, path=None) -> Vocab | None:
+    """The ``tokenizer.ggml.*`` keys as a Vocab; a key of the wrong kind or length is a CorruptFileError."""
     tokens = metadata.get("tokenizer.ggml.tokens")
     if tokens is None:
         return None
+    if not isinstance(tokens, list) or (tokens and not isinstance(tokens[0], str)):
+        raise CorruptFileError(path, "tokenizer.ggml.tokens is not an array of strings")
     n = len(tokens)
-    scores = metadata.get("tokenizer.ggml.scores")
-    scores = np.zeros(n, np.float32) if scores is None else np.asarray(scores, dtype=np.float32)
-    types = metadata.get("tokenizer.ggml.token_type")
-    types = np.ones(n, np.int32) if types is None else np.asarray(types, dtype=np.int32)
+
+    def numeric_array(key, dtype, default):
+        value = metadata.get(key)
+        if value is None:
+            return np.full(n, default, dtype)
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf" or len(value) != n:
+            raise CorruptFileError(path, f"{key} is not a numeric array of {n} entries like tokenizer.ggml.tokens")
+        return value.astype(dtype, copy=False)
 
     def token_id(key):
         value = metadata.get(f"tokenizer.ggml.{key}")
-        return None if value is None else int(value)
+        if value is None:
+            return None
+        if isinstance(value, (bool, str, list, np.ndarray, float)):
+            raise CorruptFileError(path, f"tokenizer.ggml.{key} is not an integer")
+        return int(value)
 
-    return Vocab(model=str(metadata.get("tokenizer.ggml.model", "")), tokens=tokens, scores=scores,
-                 token_types=types, merges=list(metadata.get("tokenizer.ggml.merges", [])), style="gguf",
-                 bos_token_id=token_id("bos_token_id"), eos_token_id=token_id("eos_token_id"),
+    merges = metadata.get("tokenizer.ggml.merges", [])
+    if not isinstance(merges, list) or (merges and not isinstance(merges[0], str)):
+        raise CorruptFileError(path, "tokenizer.ggml.merges is not an array of strings")
+    model = metadata.get("tokenizer.ggml.model", "")
+    return Vocab(model=model if isinstance(model, str) else str(model), tokens=tokens,
+                 scores=numeric_array("tokenizer.ggml.scores", np.float32, 0.0),
+                 token_types=numeric_array("tokenizer.ggml.token_type", np.int32, 1), merges=list(merges),
+                 style="gguf", bos_token_id=token_id("bos_token_id"), eos_token_id=token_id("eos_token_id"),
                  unknown_token_id=token_id("unknown_token_id"), padding_token_id=token_id("padding_token_id"))
 
 
@@ -414,5 +433,6 @@ def _progress_bar(progress, total: int, desc: str):
     if progress is True:
         import sys
         from tqdm import tqdm
-        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr)
+        # delay: short conversions finish before a bar would appear
+        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, delay=1.0)
     return progress or None

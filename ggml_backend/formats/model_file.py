@@ -5,6 +5,7 @@ Tensor names are always GGUF names (``blk.0.attn_q.weight``); a GGML file's lega
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,12 +71,15 @@ class Tensor:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def dims(self) -> tuple:
         """ggml order (ne0 = row length first), as GGUF and GGML files store them."""
         return tuple(reversed(self.shape))
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.name!r}, {self.type.name}, shape={self.shape}, offset={self.offset}, nbytes={self.nbytes})"
 
     def dequantize(self) -> np.ndarray:
         """The tensor as float32 of ``self.shape``, through the engine's own kernels (``ggml_backend.quant``)."""

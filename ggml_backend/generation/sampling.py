@@ -358,15 +358,19 @@ def draw(candidates: Candidates, rng: np.random.Generator) -> int:
 
 def mirostat_v1_k(candidates: Candidates, mu: float, n_vocab: int, m: int = MIROSTAT_V1_M) -> int:
     """Mirostat v1's top-k size: estimates the Zipf exponent ``s_hat`` from the ``m`` most probable tokens, then
-    ``k = (eps * 2**mu / (1 - n_vocab**-eps)) ** (1 / s_hat)`` with ``eps = s_hat - 1``, at least 1."""
-    candidates, probs = softmax(candidates)
-    count = min(m - 1, len(candidates) - 1)
+    ``k = (eps * 2**mu / (1 - n_vocab**-eps)) ** (1 / s_hat)`` with ``eps = s_hat - 1``, at least 1.
+
+    ``log(p_i / p_(i+1))`` is computed as the logit difference, which needs only the top ``m`` tokens sorted.
+    """
+    best = top_k(candidates, m)
+    count = min(m - 1, len(best) - 1)
     if count <= 0:
         return 1
     ranks = np.arange(count, dtype=np.float64)
     t = np.log((ranks + 2) / (ranks + 1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        b = np.log(probs[:count] / probs[1:count + 1])
+    logits = best.logits.astype(np.float64)
+    b = logits[:count] - logits[1:count + 1]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         s_hat = float(np.sum(t * b) / np.sum(t * t))
         epsilon = s_hat - 1.0
         k = (epsilon * 2.0 ** mu / (1.0 - float(n_vocab) ** -epsilon)) ** (1.0 / s_hat)
@@ -380,7 +384,6 @@ def mirostat_v1(candidates: Candidates, mu: float, tau: float, eta: float, n_voc
                 rng: np.random.Generator, m: int = MIROSTAT_V1_M) -> tuple[int, float]:
     """One mirostat v1 step: top-k with k from ``mirostat_v1_k``, draw, then ``mu -= eta * (surprise - tau)``
     where ``surprise = -log2(p)`` of the drawn token among the kept ones. Returns (token, new mu)."""
-    candidates = candidates.sorted()
     k = mirostat_v1_k(candidates, mu, n_vocab, m)
     kept, probs = softmax(top_k(candidates, k))
     token = draw(kept, rng)
@@ -389,13 +392,18 @@ def mirostat_v1(candidates: Candidates, mu: float, tau: float, eta: float, n_voc
 
 
 def mirostat_v2_truncate(candidates: Candidates, mu: float) -> Candidates:
-    """Mirostat v2's truncation: the sorted prefix of tokens whose surprise ``-log2(p)`` is <= ``mu`` (at least 1)."""
-    candidates, probs = softmax(candidates)
+    """Mirostat v2's truncation: the sorted prefix of tokens whose surprise ``-log2(p)`` is <= ``mu`` (at least 1).
+
+    Surprise grows as probability falls, so the prefix is exactly the set with surprise <= mu: it is selected
+    before sorting, and only the kept tokens are sorted.
+    """
+    probs = candidates.probs()
     with np.errstate(divide="ignore"):
         surprise = -np.log2(probs)
-    too_surprising = np.nonzero(surprise > mu)[0]
-    keep = int(too_surprising[0]) if too_surprising.size else len(candidates)
-    return candidates.head(max(keep, 1))
+    keep = surprise <= mu
+    if not keep.any():
+        return top_k(candidates, 1)
+    return Candidates(candidates.ids[keep], candidates.logits[keep], False).sorted()
 
 
 def mirostat_v2(candidates: Candidates, mu: float, tau: float, eta: float,

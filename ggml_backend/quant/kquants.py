@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .floats import HALF_TO_FLOAT
-from .legacy import _half
+from .legacy import _half, read_only
 from .types import register
 
 F32 = np.float32
@@ -34,6 +34,12 @@ def _scale_min_k4(j, src, scales_at):
         sc = (np.int32(src[scales_at + j + 4]) & 0xF) | ((np.int32(src[scales_at + j - 4]) >> 6) << 4)
         m = (np.int32(src[scales_at + j + 4]) >> 4) | ((np.int32(src[scales_at + j]) >> 6) << 4)
     return sc, m
+
+
+@njit(cache=True, inline="always")
+def _int8(byte):
+    v = np.int32(byte)
+    return v - 256 if v >= 128 else v
 
 
 @njit(cache=True, parallel=True)
@@ -57,28 +63,30 @@ def _dequantize_q2_K(src, half_to_float, out):
                         o += 1
 
 
+@njit(cache=True, inline="always")
+def _scale_q3_K(j, src, scales_at):
+    """The j-th (0..15) signed scale of a q3_K block: 6 bits, low 4 from bytes 0..7 (low nibbles first),
+    high 2 from bytes 8..11, minus 32."""
+    low = (np.int32(src[scales_at + (j % 8)]) >> (4 * (j // 8))) & 0xF
+    high = (np.int32(src[scales_at + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
+    return (low | (high << 4)) - 32
+
+
 @njit(cache=True, parallel=True)
 def _dequantize_q3_K(src, half_to_float, out):
-    scales = np.empty((src.size // 110, 16), dtype=np.int32)
     for b in prange(src.size // 110):
         base = b * 110
         d_all = _half(src, base + 108, half_to_float)
-        sa = base + 96
-        # 16 6-bit scales: low 4 bits from bytes 0..7 (low nibbles first), high 2 bits from bytes 8..11
-        for j in range(16):
-            low = (np.int32(src[sa + (j % 8)]) >> (4 * (j // 8))) & 0xF
-            high = (np.int32(src[sa + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
-            scales[b, j] = (low | (high << 4)) - 32
         o = b * QK_K
-        is_ = 0
-        mask = 1
+        scale_index = 0
+        mask = 1                        # hmask bit of the current 32 values: one bit per 2-bit plane
         for half in range(2):
             q_at = base + 32 + half * 32
             for shift_index in range(4):
                 shift = 2 * shift_index
                 for part in range(2):
-                    dl = d_all * F32(scales[b, is_])
-                    is_ += 1
+                    dl = d_all * F32(_scale_q3_K(scale_index, src, base + 96))
+                    scale_index += 1
                     for l in range(16):
                         k = part * 16 + l
                         q = (np.int32(src[q_at + k]) >> shift) & 3
@@ -162,27 +170,18 @@ def _dequantize_q6_K(src, half_to_float, out):
                 out[o + l + 96] = d * F32(_int8(src[sc_at + is_ + 6])) * F32(q4)
 
 
-@njit(cache=True, inline="always")
-def _int8(byte):
-    v = np.int32(byte)
-    return v - 256 if v >= 128 else v
-
-
 @njit(cache=True, parallel=True)
-def _dequantize_q8_K(src, out):
+def _dequantize_q8_K(src, scales, out):
     for b in prange(src.size // 292):
-        base = b * 292
-        d_bits = (np.uint32(src[base]) | (np.uint32(src[base + 1]) << np.uint32(8))
-                  | (np.uint32(src[base + 2]) << np.uint32(16)) | (np.uint32(src[base + 3]) << np.uint32(24)))
-        d = np.array([d_bits], dtype=np.uint32).view(np.float32)[0]
+        d = scales[b]
         for j in range(QK_K):
-            out[b * QK_K + j] = d * F32(_int8(src[base + 4 + j]))
+            out[b * QK_K + j] = d * F32(_int8(src[b * 292 + 4 + j]))
 
 
 def _dequantizer(kernel, type_size):
     def dequantize(data: np.ndarray) -> np.ndarray:
         out = np.empty(data.size // type_size * QK_K, dtype=np.float32)
-        kernel(data, HALF_TO_FLOAT, out)
+        kernel(read_only(data), HALF_TO_FLOAT, out)
         return out
     dequantize.__name__ = f"dequantize_{kernel.__name__.split('_dequantize_')[-1]}"
     return dequantize
@@ -196,8 +195,10 @@ dequantize_q6_K = _dequantizer(_dequantize_q6_K, 210)
 
 
 def dequantize_q8_K(data: np.ndarray) -> np.ndarray:
-    out = np.empty(data.size // 292 * QK_K, dtype=np.float32)
-    _dequantize_q8_K(data, out)
+    nb = data.size // 292
+    out = np.empty(nb * QK_K, dtype=np.float32)
+    scales = data.reshape(nb, 292)[:, :4].copy().view("<f4").reshape(nb)  # the f32 d of each block
+    _dequantize_q8_K(read_only(data), scales, out)
     return out
 
 

@@ -39,6 +39,16 @@ def _u32(src, offset):
             | (np.uint32(src[offset + 2]) << np.uint32(16)) | (np.uint32(src[offset + 3]) << np.uint32(24)))
 
 
+def read_only(data: np.ndarray) -> np.ndarray:
+    """A read-only view of ``data`` (no copy). Kernels always get read-only sources, so numba compiles one
+    specialization per kernel instead of one for file mappings and another for writable arrays."""
+    if not data.flags.writeable:
+        return data
+    view = data.view()
+    view.flags.writeable = False
+    return view
+
+
 # ---------------------------------------------------------------- dequantization kernels
 # Each takes the raw bytes (a whole number of blocks, checked by the caller), the half table and the output.
 
@@ -114,37 +124,37 @@ def _dequantize_q8(src, block_bytes, quants_offset, half_to_float, out):
 
 def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
     out = np.empty(data.size // 18 * 32, dtype=np.float32)
-    _dequantize_q4_0(data, HALF_TO_FLOAT, out)
+    _dequantize_q4_0(read_only(data), HALF_TO_FLOAT, out)
     return out
 
 
 def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
     out = np.empty(data.size // 20 * 32, dtype=np.float32)
-    _dequantize_q4_1(data, HALF_TO_FLOAT, out)
+    _dequantize_q4_1(read_only(data), HALF_TO_FLOAT, out)
     return out
 
 
 def dequantize_q5_0(data: np.ndarray) -> np.ndarray:
     out = np.empty(data.size // 22 * 32, dtype=np.float32)
-    _dequantize_q5_0(data, HALF_TO_FLOAT, out)
+    _dequantize_q5_0(read_only(data), HALF_TO_FLOAT, out)
     return out
 
 
 def dequantize_q5_1(data: np.ndarray) -> np.ndarray:
     out = np.empty(data.size // 24 * 32, dtype=np.float32)
-    _dequantize_q5_1(data, HALF_TO_FLOAT, out)
+    _dequantize_q5_1(read_only(data), HALF_TO_FLOAT, out)
     return out
 
 
 def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
     out = np.empty(data.size // 34 * 32, dtype=np.float32)
-    _dequantize_q8(data, 34, 2, HALF_TO_FLOAT, out)
+    _dequantize_q8(read_only(data), 34, 2, HALF_TO_FLOAT, out)
     return out
 
 
 def dequantize_q8_1(data: np.ndarray) -> np.ndarray:
     out = np.empty(data.size // 36 * 32, dtype=np.float32)
-    _dequantize_q8(data, 36, 4, HALF_TO_FLOAT, out)
+    _dequantize_q8(read_only(data), 36, 4, HALF_TO_FLOAT, out)
     return out
 
 

@@ -1,0 +1,29 @@
+"""Chat templates: chat messages in, the prompt text a model was trained on out.
+
+- ``get_template(name | path | jinja_text)`` and ``list_templates()``: the built-ins (``chatml``, ``gpt4all``,
+  ``oobabooga-chatml``, ``llama-2``, ``alpaca``, ``vicuna``, ``textgen-chatml``, ``raw``), text-generation-webui
+  YAML files, Jinja files and text.
+- ``TextgenTemplate``: text-generation-webui's instruction-template format (user, bot, turn_template, context,
+  system_message), rendered as its chat.py did, with continue, impersonate, truncation and chat modes.
+- ``JinjaTemplate``: GGUF / Hugging Face Jinja templates, rendered only in a sandbox.
+- ``parse_tool_calls``: ``<tool_call>`` blocks of a reply into (text, calls).
+
+Every failure is a ``TemplateError`` (a ``ValueError``); unsafe Jinja raises its subclass ``TemplateSecurityError``.
+"""
+from .base import ChatTemplate, TemplateError, TemplateSecurityError, normalize_messages
+from .builtin import (ChatMLTemplate, RawTemplate, get_template, list_templates, register_template,
+                      GPT4ALL_SYSTEM_MESSAGE, TEXTGEN_TEMPLATE_FIELDS)
+from .jinja import JinjaTemplate
+from .textgen import (Character, DEFAULT_CHAT_INSTRUCT_COMMAND, TextgenTemplate, TurnPieces, messages_to_history,
+                      replace_character_names)
+from .tool_calls import parse_tool_calls
+
+__all__ = [
+    "ChatTemplate", "TemplateError", "TemplateSecurityError", "normalize_messages",
+    "ChatMLTemplate", "RawTemplate", "get_template", "list_templates", "register_template",
+    "GPT4ALL_SYSTEM_MESSAGE", "TEXTGEN_TEMPLATE_FIELDS",
+    "JinjaTemplate",
+    "Character", "DEFAULT_CHAT_INSTRUCT_COMMAND", "TextgenTemplate", "TurnPieces", "messages_to_history",
+    "replace_character_names",
+    "parse_tool_calls",
+]

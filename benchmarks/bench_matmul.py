@@ -1,0 +1,85 @@
+"""Micro-benchmark of ggml_backend.quant.matmul on the shapes of Qwen2.5-0.5B (q4_K_M).
+
+Decode (one token): GB/s of weight bytes streamed, for the three shapes that dominate a token.
+Prefill (many tokens): GFLOP/s (2*n_rows*k*n_tokens per product) of the integer path and of the BLAS path
+(dequantize a band of W to float32 + numpy sgemm), and the largest difference between the two.
+
+Run:  python benchmarks/bench_matmul.py [--threads 2] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numba
+import numpy as np
+
+from ggml_backend.quant.matmul import matmul
+from ggml_backend.quant.types import get_type
+
+# (type, n_rows, k): attention/ffn shapes of Qwen2.5-0.5B-Instruct q4_K_M
+DECODE_SHAPES = [("q5_0", 4864, 896), ("q6_K", 896, 4864), ("q8_0", 151936, 896),
+                 ("q4_K", 896, 4864)]
+PREFILL_SHAPES = [("q5_0", 4864, 896), ("q4_K", 896, 4864), ("q6_K", 896, 4864), ("q8_0", 896, 896)]
+
+
+def random_weights(type_name: str, n_rows: int, k: int, rng) -> np.ndarray:
+    """Random block bytes with sane half-precision scales (random bytes elsewhere are valid quants)."""
+    qtype = get_type(type_name)
+    n_blocks = k // qtype.block_size
+    data = rng.integers(0, 256, size=(n_rows, n_blocks, qtype.type_size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    scale_offsets = {"q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q8_0": [0],
+                     "q2_K": [80, 82], "q3_K": [108], "q4_K": [0, 2], "q5_K": [0, 2], "q6_K": [208]}[type_name]
+    for offset in scale_offsets:
+        data[:, :, offset:offset + 2] = scale
+    return data.reshape(n_rows, n_blocks * qtype.type_size)
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    args = parser.parse_args()
+    numba.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    repeats = 3 if args.quick else 10
+
+    print(f"threads={args.threads}")
+    print("decode (n_tokens=1, integer path):")
+    for type_name, n_rows, k in DECODE_SHAPES:
+        weights = random_weights(type_name, n_rows, k, rng)
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        out = np.empty((1, n_rows), np.float32)
+        seconds = best_time(lambda: matmul(type_name, weights, x, out=out, method="int"),
+                            max(2, repeats // (4 if n_rows > 100000 else 1)))
+        print(f"  {type_name:5s} {n_rows:6d}x{k:<5d} {weights.nbytes / 1e6:7.1f} MB  {seconds * 1e3:7.3f} ms  "
+              f"{weights.nbytes / seconds / 1e9:6.1f} GB/s")
+
+    print("prefill (integer path vs dequantize+sgemm):")
+    for n_tokens in ((32, 128) if args.quick else (32, 128, 512)):
+        for type_name, n_rows, k in PREFILL_SHAPES:
+            weights = random_weights(type_name, n_rows, k, rng)
+            x = rng.standard_normal((n_tokens, k)).astype(np.float32)
+            flops = 2.0 * n_rows * k * n_tokens
+            t_int = best_time(lambda: matmul(type_name, weights, x, method="int"), max(1, repeats // 3))
+            t_blas = best_time(lambda: matmul(type_name, weights, x, method="blas"), max(1, repeats // 3))
+            y_int = matmul(type_name, weights, x, method="int")
+            y_blas = matmul(type_name, weights, x, method="blas")
+            rel = np.abs(y_int - y_blas).max() / np.abs(y_blas).max()
+            print(f"  T={n_tokens:4d} {type_name:5s} {n_rows:5d}x{k:<5d} int {flops / t_int / 1e9:6.1f} GFLOP/s  "
+                  f"blas {flops / t_blas / 1e9:6.1f} GFLOP/s  max|int-blas|/max|y| {rel:.2e}")
+
+
+if __name__ == "__main__":
+    main()

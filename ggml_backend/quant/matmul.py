@@ -1,0 +1,530 @@
+"""Matrix products with weights stored in ggml block formats: y = x @ W.T.
+
+W has shape [n_rows (out features), k (in features)] and is stored as uint8 bytes [n_rows, row_bytes] (usually a
+read-only view into a memory-mapped model file); x is float32 [n_tokens, k]; y is float32 [n_tokens, n_rows].
+
+Numerics follow llama.cpp's CPU backend: each activation row is quantized to the weight type's ``vec_dot_type``
+(q8_0, q8_1 or q8_K: see ``activations.py``), each block contributes an exact integer dot product scaled by the
+block scales, and the per-row sums are accumulated in float32. f16 / bf16 weights meet activations rounded to f16 /
+bf16; f32 weights meet float32 activations.
+
+Two ways to compute the same product:
+
+* ``"int"``: numba kernels that unpack each weight block once into a small int16 buffer and dot it with every
+  activation row (integer arithmetic LLVM vectorizes). Rows of W are split into equal chunks, one numba ``prange``
+  iteration each, so any thread count gets equal work. This is the decode path (memory-bound: every weight byte
+  is read once per token).
+* ``"blas"``: dequantize a band of W rows to float32 with the same unpacking code and hand it to numpy's sgemm.
+  Its numerics differ (the activations are not quantized) but it is much faster when many tokens share each
+  weight (prompt processing). ``method="auto"`` picks it from ``BLAS_MIN_TOKENS`` tokens on.
+
+Every size a kernel relies on is checked here, in Python, before the kernel runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .activations import (
+    quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
+    round_rows_to_bf16, round_rows_to_f16,
+)
+from .types import QuantType, get_type
+
+
+class MatmulShapeError(ValueError):
+    """Weights or activations given to a matrix product have the wrong shape, dtype, size or memory layout."""
+
+
+# From this many tokens on, method="auto" dequantizes W bands to float32 and uses numpy's sgemm
+# (measured with benchmarks/bench_matmul.py: see the module docstring there).
+BLAS_MIN_TOKENS = 16
+
+# Weight rows dequantized per sgemm call on the BLAS path: a band of float32 small enough to stay in cache-ish
+# memory (1024 rows x 4864 values = 20 MB at most for the models we run) but big enough for sgemm to be efficient.
+BLAS_BAND_ROWS = 1024
+
+# ggml half-precision bits -> float32, for reading block scales inside the kernels.
+F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+# Kernel selectors (one compiled kernel per family, a branch per block picks the layout).
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 4
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 4
+_LEGACY_KINDS = {"q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "q8_0": Q8_0}
+_KQUANT_KINDS = {"q2_K": Q2_K, "q3_K": Q3_K, "q4_K": Q4_K, "q5_K": Q5_K, "q6_K": Q6_K}
+SUPPORTED_TYPES = ("f32", "f16", "bf16", *_LEGACY_KINDS, *_KQUANT_KINDS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block unpacking: one block of a weight row -> int16 quant values (+ scales). Shared by the dot kernels and the
+# dequantizers of the BLAS path so that both read the formats the same way.
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _f16(row, offset, f16_table):
+    return f16_table[np.int32(row[offset]) | (np.int32(row[offset + 1]) << 8)]
+
+
+@njit(cache=True, inline="always")
+def _unpack_legacy(kind, row, signed_row, block, q, f16_table):
+    """Unpack block ``block`` of a legacy-quant row into ``q`` (32 int16). Returns (d, m): value = d*q + m."""
+    if kind == Q4_0:
+        o = block * 18
+        for j in range(16):
+            byte = np.int16(row[o + 2 + j])
+            q[j] = (byte & 15) - 8
+            q[j + 16] = (byte >> 4) - 8
+        return _f16(row, o, f16_table), np.float32(0.0)
+    if kind == Q4_1:
+        o = block * 20
+        for j in range(16):
+            byte = np.int16(row[o + 4 + j])
+            q[j] = byte & 15
+            q[j + 16] = byte >> 4
+        return _f16(row, o, f16_table), _f16(row, o + 2, f16_table)
+    if kind == Q5_0 or kind == Q5_1:
+        o = block * 22 if kind == Q5_0 else block * 24
+        h = o + 2 if kind == Q5_0 else o + 4
+        high_bits = (np.uint32(row[h]) | (np.uint32(row[h + 1]) << 8) | (np.uint32(row[h + 2]) << 16)
+                     | (np.uint32(row[h + 3]) << 24))
+        offset = 16 if kind == Q5_0 else 0
+        for j in range(16):
+            byte = np.int16(row[h + 4 + j])
+            q[j] = ((byte & 15) | np.int16(((high_bits >> j) & 1) << 4)) - offset
+            q[j + 16] = ((byte >> 4) | np.int16(((high_bits >> (j + 16)) & 1) << 4)) - offset
+        if kind == Q5_0:
+            return _f16(row, o, f16_table), np.float32(0.0)
+        return _f16(row, o, f16_table), _f16(row, o + 2, f16_table)
+    # Q8_0
+    o = block * 34
+    for j in range(32):
+        q[j] = signed_row[o + 2 + j]
+    return _f16(row, o, f16_table), np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(j, row, s):
+    """The 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes at row[s:s+12] (q4_K, q5_K)."""
+    if j < 4:
+        return np.int32(row[s + j]) & 63, np.int32(row[s + j + 4]) & 63
+    scale = (np.int32(row[s + j + 4]) & 15) | ((np.int32(row[s + j - 4]) >> 6) << 4)
+    minimum = (np.int32(row[s + j + 4]) >> 4) | ((np.int32(row[s + j]) >> 6) << 4)
+    return scale, minimum
+
+
+@njit(cache=True, inline="always")
+def _unpack_kquant(kind, row, signed_row, block, q, scales, mins, f16_table):
+    """Unpack super-block ``block`` of a K-quant row: ``q`` (256 int16), ``scales`` / ``mins`` (16 int32, one per
+    16 values). Returns (d, dmin): value_i = d * scales[i//16] * q_i - dmin * mins[i//16]."""
+    if kind == Q4_K or kind == Q5_K:
+        o = block * (144 if kind == Q4_K else 176)
+        for j in range(8):
+            scale, minimum = _scale_min_k4(j, row, o + 4)
+            scales[2 * j] = scale
+            scales[2 * j + 1] = scale
+            mins[2 * j] = minimum
+            mins[2 * j + 1] = minimum
+        if kind == Q4_K:
+            for c in range(4):
+                for l in range(32):
+                    byte = np.int16(row[o + 16 + 32 * c + l])
+                    q[64 * c + l] = byte & 15
+                    q[64 * c + 32 + l] = byte >> 4
+        else:
+            for c in range(4):
+                for l in range(32):
+                    byte = np.int16(row[o + 48 + 32 * c + l])
+                    high = np.int16(row[o + 16 + l])
+                    q[64 * c + l] = (byte & 15) | (((high >> (2 * c)) & 1) << 4)
+                    q[64 * c + 32 + l] = (byte >> 4) | (((high >> (2 * c + 1)) & 1) << 4)
+        return _f16(row, o, f16_table), _f16(row, o + 2, f16_table)
+    if kind == Q6_K:
+        o = block * 210
+        for j in range(16):
+            scales[j] = signed_row[o + 192 + j]
+            mins[j] = 0
+        for n in range(2):
+            for l in range(32):
+                low_a = np.int16(row[o + 64 * n + l])
+                low_b = np.int16(row[o + 64 * n + 32 + l])
+                high = np.int16(row[o + 128 + 32 * n + l])
+                q[128 * n + l] = ((low_a & 15) | ((high & 3) << 4)) - 32
+                q[128 * n + 32 + l] = ((low_b & 15) | (((high >> 2) & 3) << 4)) - 32
+                q[128 * n + 64 + l] = ((low_a >> 4) | (((high >> 4) & 3) << 4)) - 32
+                q[128 * n + 96 + l] = ((low_b >> 4) | (((high >> 6) & 3) << 4)) - 32
+        return _f16(row, o + 208, f16_table), np.float32(0.0)
+    if kind == Q3_K:
+        o = block * 110
+        s = o + 96
+        for j in range(16):
+            low = (np.int32(row[s + j]) & 15) if j < 8 else (np.int32(row[s + j - 8]) >> 4)
+            high = (np.int32(row[s + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
+            scales[j] = (low | (high << 4)) - 32
+            mins[j] = 0
+        for n in range(2):
+            for j in range(4):
+                for l in range(32):
+                    bits = (np.int16(row[o + 32 + 32 * n + l]) >> (2 * j)) & 3
+                    has_high = (np.int16(row[o + l]) >> (4 * n + j)) & 1
+                    q[128 * n + 32 * j + l] = bits - 4 + 4 * has_high
+        return _f16(row, o + 108, f16_table), np.float32(0.0)
+    # Q2_K
+    o = block * 84
+    for j in range(16):
+        packed = np.int32(row[o + j])
+        scales[j] = packed & 15
+        mins[j] = packed >> 4
+    for n in range(2):
+        for j in range(4):
+            for l in range(32):
+                q[128 * n + 32 * j + l] = (np.int16(row[o + 16 + 32 * n + l]) >> (2 * j)) & 3
+    return _f16(row, o + 80, f16_table), _f16(row, o + 82, f16_table)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Integer kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matmul_legacy(kind, w, w_signed, xq, xd, xs, out, n_chunks, f16_table):
+    """out[t, r] = sum over blocks b of d_w * d_x * (q_w . q_x) (+ m_w * s_x for q4_1 / q5_1).
+
+    Like ggml's AVX code, the float accumulation runs in 16 lanes (lane j gets the products of values j and
+    j + 16 of every block), summed once per row: no horizontal reduction per block."""
+    n_rows = w.shape[0]
+    n_tokens, k = xq.shape
+    n_blocks = k // 32
+    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+    has_min = kind == Q4_1 or kind == Q5_1
+    for chunk in prange(n_chunks):
+        first = chunk * rows_per_chunk
+        last = min(n_rows, first + rows_per_chunk)
+        q = np.empty(32, np.int16)
+        lanes = np.zeros((n_tokens, 16), np.float32)
+        acc_min = np.zeros(n_tokens, np.float32)
+        for r in range(first, last):
+            row = w[r]
+            signed_row = w_signed[r]
+            lanes[:] = 0.0
+            acc_min[:] = 0.0
+            for b in range(n_blocks):
+                d, m = _unpack_legacy(kind, row, signed_row, b, q, f16_table)
+                base = b * 32
+                for t in range(n_tokens):
+                    scale = d * xd[t, b]
+                    for j in range(16):
+                        lanes[t, j] += scale * np.float32(np.int32(q[j]) * np.int32(xq[t, base + j])
+                                                          + np.int32(q[j + 16]) * np.int32(xq[t, base + 16 + j]))
+                if has_min:
+                    for t in range(n_tokens):
+                        acc_min[t] += m * xs[t, b]
+            for t in range(n_tokens):
+                out[t, r] = lanes[t].sum() + acc_min[t]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matmul_kquant(kind, w, w_signed, xq, xd, xbsums, out, n_chunks, f16_table):
+    """out[t, r] = sum over super-blocks of d_x * (d_w * sum_j scale_j (q_w . q_x)_j - dmin_w * sum_j min_j bsum_j).
+
+    The scaled integer products of a super-block are summed exactly in 16 int32 lanes, converted once per
+    super-block and accumulated in 16 float lanes (as ggml's AVX code does), summed once per row."""
+    n_rows = w.shape[0]
+    n_tokens, k = xq.shape
+    n_blocks = k // 256
+    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+    has_mins = kind == Q2_K or kind == Q4_K or kind == Q5_K
+    for chunk in prange(n_chunks):
+        first = chunk * rows_per_chunk
+        last = min(n_rows, first + rows_per_chunk)
+        q = np.empty(256, np.int16)
+        scales = np.empty(16, np.int32)
+        mins = np.empty(16, np.int32)
+        int_lanes = np.zeros(16, np.int32)
+        lanes = np.zeros((n_tokens, 16), np.float32)
+        acc_min = np.zeros(n_tokens, np.float32)
+        for r in range(first, last):
+            row = w[r]
+            signed_row = w_signed[r]
+            lanes[:] = 0.0
+            acc_min[:] = 0.0
+            for b in range(n_blocks):
+                d, dmin = _unpack_kquant(kind, row, signed_row, b, q, scales, mins, f16_table)
+                base = b * 256
+                for t in range(n_tokens):
+                    int_lanes[:] = 0
+                    for g in range(16):
+                        group_scale = scales[g]
+                        for i in range(16):
+                            int_lanes[i] += group_scale * (np.int32(q[16 * g + i])
+                                                           * np.int32(xq[t, base + 16 * g + i]))
+                    scale = d * xd[t, b]
+                    for i in range(16):
+                        lanes[t, i] += scale * np.float32(int_lanes[i])
+                    if has_mins:
+                        min_total = np.int32(0)
+                        for g in range(16):
+                            min_total += mins[g] * xbsums[t, b * 16 + g]
+                        acc_min[t] += (dmin * xd[t, b]) * np.float32(min_total)
+            for t in range(n_tokens):
+                out[t, r] = lanes[t].sum() - acc_min[t]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dequantizers for the BLAS path: rows [first, last) of W -> float32 [last - first, k]
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _dequantize_legacy_rows(kind, w, w_signed, first, last, out, f16_table):
+    n_blocks = out.shape[1] // 32
+    for r in prange(first, last):
+        q = np.empty(32, np.int16)
+        row = w[r]
+        signed_row = w_signed[r]
+        for b in range(n_blocks):
+            d, m = _unpack_legacy(kind, row, signed_row, b, q, f16_table)
+            for i in range(32):
+                out[r - first, b * 32 + i] = d * np.float32(q[i]) + m
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _dequantize_kquant_rows(kind, w, w_signed, first, last, out, f16_table):
+    n_blocks = out.shape[1] // 256
+    for r in prange(first, last):
+        q = np.empty(256, np.int16)
+        scales = np.empty(16, np.int32)
+        mins = np.empty(16, np.int32)
+        row = w[r]
+        signed_row = w_signed[r]
+        for b in range(n_blocks):
+            d, dmin = _unpack_kquant(kind, row, signed_row, b, q, scales, mins, f16_table)
+            for j in range(16):
+                scale = d * np.float32(scales[j])
+                offset = dmin * np.float32(mins[j])
+                for i in range(16):
+                    out[r - first, b * 256 + 16 * j + i] = scale * np.float32(q[16 * j + i]) - offset
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation and dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_weights(qtype: QuantType, weight_bytes: np.ndarray, k: int) -> None:
+    if qtype.name not in SUPPORTED_TYPES:
+        raise MatmulShapeError(f"matmul does not support weights of type {qtype.name}")
+    if not isinstance(weight_bytes, np.ndarray) or weight_bytes.dtype != np.uint8 or weight_bytes.ndim != 2:
+        raise MatmulShapeError("weight bytes must be a 2-D uint8 array [n_rows, row_bytes], got "
+                               f"{getattr(weight_bytes, 'dtype', type(weight_bytes))} "
+                               f"{getattr(weight_bytes, 'shape', '')}")
+    if k % qtype.block_size:
+        raise MatmulShapeError(f"k = {k} is not a multiple of the {qtype.name} block size {qtype.block_size}")
+    expected = k // qtype.block_size * qtype.type_size
+    if weight_bytes.shape[1] != expected:
+        raise MatmulShapeError(f"{qtype.name} rows of {k} values take {expected} bytes, "
+                               f"but the weight rows hold {weight_bytes.shape[1]}")
+    if not weight_bytes.flags.c_contiguous:
+        raise MatmulShapeError("weight bytes must be C-contiguous")
+
+
+def _as_activation_rows(x: np.ndarray) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise MatmulShapeError(f"activations must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise MatmulShapeError(f"activations must be float32, got {x.dtype}")
+    if x.ndim not in (1, 2):
+        raise MatmulShapeError(f"activations must be [n_tokens, k] or [k], got shape {x.shape}")
+    rows = x.reshape(1, -1) if x.ndim == 1 else x
+    return np.ascontiguousarray(rows)
+
+
+def _n_chunks(n_rows: int) -> int:
+    # Several equal chunks per thread keep the threads evenly loaded without a scheduler.
+    return max(1, min(n_rows, 4 * numba.get_num_threads()))
+
+
+@dataclass
+class QuantizedActivations:
+    """Activation rows quantized once to one ``vec_dot_type``, reusable for every weight that shares it."""
+    vec_dot_type: str
+    rows: np.ndarray                 # float32 [n_tokens, k], as given (the BLAS path and f32 weights use it)
+    qs: np.ndarray | None = None     # int8 [n_tokens, k]
+    d: np.ndarray | None = None      # float32 [n_tokens, n_blocks]
+    extra: np.ndarray | None = None  # q8_1: float32 s [n_tokens, n_blocks]; q8_K: int32 bsums [n_tokens, k/16]
+    rounded: np.ndarray | None = None  # f16 / bf16: the rows rounded to that precision
+
+
+def quantize_activations(vec_dot_type: str, x: np.ndarray) -> QuantizedActivations:
+    """Quantize activation rows (float32 [n_tokens, k]) for weights whose ``vec_dot_type`` is given."""
+    rows = _as_activation_rows(x)
+    if vec_dot_type == "q8_0":
+        qs, d = quantize_activations_q8_0(rows)
+        return QuantizedActivations(vec_dot_type, rows, qs, d)
+    if vec_dot_type == "q8_1":
+        qs, d, s = quantize_activations_q8_1(rows)
+        return QuantizedActivations(vec_dot_type, rows, qs, d, s)
+    if vec_dot_type == "q8_K":
+        qs, d, bsums = quantize_activations_q8_K(rows)
+        return QuantizedActivations(vec_dot_type, rows, qs, d, bsums)
+    if vec_dot_type == "f16":
+        return QuantizedActivations(vec_dot_type, rows, rounded=round_rows_to_f16(rows))
+    if vec_dot_type == "bf16":
+        return QuantizedActivations(vec_dot_type, rows, rounded=round_rows_to_bf16(rows))
+    if vec_dot_type == "f32":
+        return QuantizedActivations(vec_dot_type, rows, rounded=rows)
+    raise MatmulShapeError(f"unknown vec_dot_type {vec_dot_type!r}")
+
+
+def _float_weights(qtype: QuantType, weight_bytes: np.ndarray, first: int, last: int) -> np.ndarray:
+    band = weight_bytes[first:last]
+    if qtype.name == "f32":
+        return band.view(np.float32)
+    if qtype.name == "f16":
+        return band.view(np.float16).astype(np.float32)
+    # bf16: the upper half of a float32
+    return (band.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _dequantize_band(qtype: QuantType, weight_bytes, first: int, last: int, k: int) -> np.ndarray:
+    if qtype.name in ("f32", "f16", "bf16"):
+        return _float_weights(qtype, weight_bytes, first, last)
+    band = np.empty((last - first, k), np.float32)
+    if qtype.name in _LEGACY_KINDS:
+        _dequantize_legacy_rows(_LEGACY_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8),
+                                first, last, band, F16_TO_F32)
+    else:
+        _dequantize_kquant_rows(_KQUANT_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8),
+                                first, last, band, F16_TO_F32)
+    return band
+
+
+def dequantize_rows(weight_type, weight_bytes: np.ndarray, k: int, first: int = 0, last: int | None = None):
+    """Rows [first, last) of a weight matrix as float32 [last - first, k] (the BLAS path's dequantizer)."""
+    qtype = get_type(weight_type)
+    _check_weights(qtype, weight_bytes, k)
+    last = weight_bytes.shape[0] if last is None else last
+    if not 0 <= first <= last <= weight_bytes.shape[0]:
+        raise MatmulShapeError(f"row range [{first}, {last}) outside 0..{weight_bytes.shape[0]}")
+    return np.ascontiguousarray(_dequantize_band(qtype, weight_bytes, first, last, k))
+
+
+def _check_out(out, n_tokens: int, n_rows: int) -> np.ndarray:
+    if out is None:
+        return np.empty((n_tokens, n_rows), np.float32)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (n_tokens, n_rows)
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise MatmulShapeError(f"out must be a writeable C-contiguous float32 array of shape {(n_tokens, n_rows)}")
+    return out
+
+
+def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: QuantizedActivations, out, method: str):
+    rows = acts.rows
+    n_tokens, k = rows.shape
+    n_rows = weight_bytes.shape[0]
+    _check_weights(qtype, weight_bytes, k)
+    if acts.vec_dot_type != qtype.vec_dot_type:
+        raise MatmulShapeError(f"{qtype.name} weights need {qtype.vec_dot_type} activations, "
+                               f"got {acts.vec_dot_type}")
+    out = _check_out(out, n_tokens, n_rows)
+    if method not in ("auto", "int", "blas"):
+        raise MatmulShapeError(f"method must be 'auto', 'int' or 'blas', got {method!r}")
+    quantized = qtype.name in _LEGACY_KINDS or qtype.name in _KQUANT_KINDS
+    if method == "auto":
+        method = "blas" if (not quantized or n_tokens >= BLAS_MIN_TOKENS) else "int"
+
+    if method == "int" and quantized:
+        if acts.qs is None:  # activations prepared without quantization (cannot happen via the public API)
+            raise MatmulShapeError("integer path needs quantized activations")
+        if qtype.name in _LEGACY_KINDS:
+            extra = acts.extra if acts.extra is not None else acts.d  # xs is only read for q4_1 / q5_1
+            _matmul_legacy(_LEGACY_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8), acts.qs, acts.d,
+                           extra, out, _n_chunks(n_rows), F16_TO_F32)
+        else:
+            _matmul_kquant(_KQUANT_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8), acts.qs, acts.d,
+                           acts.extra, out, _n_chunks(n_rows), F16_TO_F32)
+        return out
+
+    # BLAS: float32 (or f16/bf16-rounded) activations times float32 bands of W.
+    lhs = acts.rounded if acts.rounded is not None else rows
+    if n_rows <= BLAS_BAND_ROWS:
+        np.matmul(lhs, _dequantize_band(qtype, weight_bytes, 0, n_rows, k).T, out=out)
+        return out
+    for first in range(0, n_rows, BLAS_BAND_ROWS):
+        last = min(n_rows, first + BLAS_BAND_ROWS)
+        out[:, first:last] = lhs @ _dequantize_band(qtype, weight_bytes, first, last, k).T
+    return out
+
+
+def matmul(weight_type, weight_bytes: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
+           method: str = "auto") -> np.ndarray:
+    """y = x @ W.T for W stored as ``weight_bytes`` [n_rows, row_bytes] of ``weight_type``.
+
+    ``x`` is float32 [n_tokens, k] (or [k], giving a [n_rows] result); the result is float32 [n_tokens, n_rows]
+    (written into ``out`` when given). ``method``: "int" (llama.cpp's numerics), "blas" (dequantize + sgemm) or
+    "auto" (int below ``BLAS_MIN_TOKENS`` tokens). Raises ``MatmulShapeError`` (a ValueError) on bad input."""
+    qtype = get_type(weight_type)
+    if qtype.name not in SUPPORTED_TYPES:
+        raise MatmulShapeError(f"matmul does not support weights of type {qtype.name}")
+    rows = _as_activation_rows(x)
+    _check_weights(qtype, weight_bytes, rows.shape[1])
+    acts = quantize_activations(qtype.vec_dot_type, rows)
+    if x.ndim == 1:
+        result = _matmul_prepared(qtype, weight_bytes, acts, None if out is None else out.reshape(1, -1), method)
+        return result.reshape(-1)
+    return _matmul_prepared(qtype, weight_bytes, acts, out, method)
+
+
+class WeightMatrix:
+    """A weight matrix in a ggml format: ``bytes`` [n_rows, row_bytes] holding ``shape`` = (n_rows, k) values."""
+
+    def __init__(self, weight_type, weight_bytes: np.ndarray, shape: tuple[int, int] | None = None):
+        self.type = get_type(weight_type)
+        if not isinstance(weight_bytes, np.ndarray) or weight_bytes.dtype != np.uint8:
+            raise MatmulShapeError("weight bytes must be a uint8 numpy array")
+        if shape is None:
+            if weight_bytes.ndim != 2:
+                raise MatmulShapeError("give the shape when the weight bytes are not 2-D")
+            k = weight_bytes.shape[1] // self.type.type_size * self.type.block_size
+            shape = (weight_bytes.shape[0], k)
+        n_rows, k = int(shape[0]), int(shape[1])
+        if k % self.type.block_size:
+            raise MatmulShapeError(f"k = {k} is not a multiple of the {self.type.name} block size")
+        row_bytes = k // self.type.block_size * self.type.type_size
+        if weight_bytes.size != n_rows * row_bytes:
+            raise MatmulShapeError(f"{self.type.name} [{n_rows}, {k}] takes {n_rows * row_bytes} bytes, "
+                                   f"got {weight_bytes.size}")
+        self.bytes = weight_bytes.reshape(n_rows, row_bytes)
+        _check_weights(self.type, self.bytes, k)
+        self.shape = (n_rows, k)
+
+    def __repr__(self) -> str:
+        return f"WeightMatrix({self.type.name}, shape={self.shape})"
+
+    def matmul(self, x: np.ndarray, out: np.ndarray | None = None, method: str = "auto") -> np.ndarray:
+        return matmul(self.type, self.bytes, x, out, method)
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize_rows(self.type, self.bytes, self.shape[1])
+
+
+def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "auto") -> list[np.ndarray]:
+    """x @ W.T for several matrices sharing the input (q, k, v or gate, up): the activations are quantized once
+    per distinct ``vec_dot_type``. Returns one float32 [n_tokens, n_rows_i] array per matrix."""
+    rows = _as_activation_rows(x)
+    prepared: dict[str, QuantizedActivations] = {}
+    results = []
+    for weight in weights:
+        if weight.shape[1] != rows.shape[1]:
+            raise MatmulShapeError(f"{weight!r} needs rows of {weight.shape[1]} values, got {rows.shape[1]}")
+        vdt = weight.type.vec_dot_type
+        if vdt not in prepared:
+            prepared[vdt] = quantize_activations(vdt, rows)
+        result = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, method)
+        results.append(result.reshape(-1) if x.ndim == 1 else result)
+    return results
+
+
+__all__ = ["matmul", "matmul_many", "WeightMatrix", "MatmulShapeError", "QuantizedActivations",
+           "quantize_activations", "dequantize_rows", "SUPPORTED_TYPES", "BLAS_MIN_TOKENS"]
