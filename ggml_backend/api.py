@@ -338,6 +338,105 @@ class Llama:
         yield chunk(tail, finish_reason=finish_reason, usage=usage)
 
 
+    # --- chat -----------------------------------------------------------------------------------------------
+    def chat_template(self, template=None):
+        """The chat template to use: ``template`` (a name, file or Jinja text), else the constructor's
+        ``chat_format``, else the model file's own (``tokenizer.chat_template``, rendered in a sandbox), else
+        ChatML."""
+        from .templates import JinjaTemplate, get_template
+        spec = template or self.chat_format
+        bos = self.tokenizer.token_to_piece(self.tokenizer.bos_id).decode("utf-8", "replace") \
+            if self.tokenizer.bos_id is not None else ""
+        eos = self.tokenizer.token_to_piece(self.tokenizer.eos_id).decode("utf-8", "replace") \
+            if self.tokenizer.eos_id is not None else ""
+        if spec is not None:
+            return get_template(spec, bos_token=bos, eos_token=eos)
+        if self.metadata.get("tokenizer.chat_template"):
+            if self._file_template is None:
+                self._file_template = JinjaTemplate.from_gguf_metadata(self.metadata)
+            return self._file_template
+        return get_template("chatml")
+
+    _file_template = None
+
+    def render_chat_prompt(self, messages, *, template=None, tools=None, add_generation_prompt=True,
+                           continue_final_message=False) -> tuple[list[int], list[str], str]:
+        """(prompt tokens, the template's stop strings, prompt text) for a list of chat messages."""
+        tmpl = self.chat_template(template)
+        kwargs = {"continue_final_message": True} if continue_final_message else {}
+        text = tmpl.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
+        bos_text = self.tokenizer.token_to_piece(self.tokenizer.bos_id).decode("utf-8", "replace") \
+            if self.tokenizer.bos_id is not None else None
+        # a template that writes the BOS text itself must not get a second BOS from the tokenizer
+        add_bos = self.tokenizer.add_bos and not (bos_text and text.startswith(bos_text))
+        tokens = self.tokenize(text, add_bos=add_bos, special=True)
+        return tokens, list(tmpl.stop_strings), text
+
+    def create_chat_completion(self, messages, *, tools=None, tool_choice=None, temperature: float = 0.2,
+                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
+                               stream: bool = False, stop=None, seed: int | None = None,
+                               max_tokens: int | None = None, presence_penalty: float = 0.0,
+                               frequency_penalty: float = 0.0, repeat_penalty: float = 1.0, tfs_z: float = 1.0,
+                               mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                               model: str | None = None, logit_bias: dict | None = None, logprobs: bool = False,
+                               top_logprobs: int | None = None, chat_template=None, **_ignored):
+        """An OpenAI/llama-cpp-python-shaped chat completion, on the model's own chat template (or a chosen one).
+
+        With ``tools`` (OpenAI function specs) the template is asked to describe them (Qwen2.5's does), and
+        ``<tool_call>`` blocks in the reply come back as ``message.tool_calls``."""
+        import json
+        import uuid
+        from .templates import parse_tool_calls
+        prompt_tokens, template_stops, _ = self.render_chat_prompt(messages, template=chat_template, tools=tools)
+        user_stops = [stop] if isinstance(stop, str) else list(stop or [])
+        completion = self.create_completion(
+            prompt_tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            typical_p=typical_p, stream=stream, stop=template_stops + user_stops, seed=seed,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
+            tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+            model=model, logit_bias=logit_bias, logprobs=top_logprobs if logprobs else None)
+        chat_id = f"chatcmpl-{uuid.uuid4()}"
+        if stream:
+            return self._chat_stream(completion, chat_id)
+        choice = completion["choices"][0]
+        content = choice["text"]
+        message = {"role": "assistant", "content": content}
+        finish_reason = choice["finish_reason"]
+        if tools:
+            content, calls = parse_tool_calls(content)
+            if calls:
+                message["content"] = content or None
+                message["tool_calls"] = [
+                    {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                     "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                    for c in calls]
+                finish_reason = "tool_calls"
+        return {"id": chat_id, "object": "chat.completion", "created": completion["created"],
+                "model": completion["model"],
+                "choices": [{"index": 0, "message": message, "logprobs": choice.get("logprobs"),
+                             "finish_reason": finish_reason}],
+                "usage": completion["usage"]}
+
+    @staticmethod
+    def _chat_stream(chunks, chat_id):
+        first = True
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            base = {"id": chat_id, "object": "chat.completion.chunk", "created": chunk["created"],
+                    "model": chunk["model"]}
+            if first:
+                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                            "finish_reason": None}]}
+                first = False
+            delta = {"content": choice["text"]} if choice["text"] else {}
+            out = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": choice.get("logprobs"),
+                                        "finish_reason": choice["finish_reason"]}]}
+            if "usage" in chunk:
+                out["usage"] = chunk["usage"]
+            if delta or choice["finish_reason"] is not None:
+                yield out
+
+
 def _token_logprob(logits: np.ndarray, token: int) -> float:
     m = float(np.max(logits))
     return float(logits[token] - m - np.log(np.sum(np.exp(logits.astype(np.float64) - m))))

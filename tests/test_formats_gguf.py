@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ggml_backend
-from ggml_backend.formats import (CorruptFileError, GGUFValueType, ModelFileError, UnsupportedVersionError,
+from ggml_backend.formats import (CorruptFileError, GGUFValueType, UnsupportedVersionError,
                                   write_gguf)
 from refdata import real_model, synthetic_file, synthetic_types
 

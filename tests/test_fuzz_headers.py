@@ -139,7 +139,7 @@ CASES = {
     "dims product overflows": (_gguf_header(n_tensors=1) + _tensor_info(dims=(2 ** 63, 2 ** 63)),
                                CorruptFileError, r"runs past the end of the file"),
     "unknown type id": (_gguf_header(n_tensors=1) + _tensor_info(type_id=77), UnknownTypeError,
-                        r"unknown ggml type id 77 at offset 41"),
+                        r"unknown ggml type id 77 at offset 45"),
     "unsupported iq type": (_gguf_header(n_tensors=1) + _tensor_info(dims=(256,), type_id=16), UnknownTypeError,
                             r"iq2_xxs"),
     "row not whole blocks": (_gguf_header(n_tensors=1) + _tensor_info(dims=(33,), type_id=2), CorruptFileError,
@@ -147,7 +147,7 @@ CASES = {
     "misaligned offset": (_gguf_header(n_tensors=1) + _tensor_info(offset=3), CorruptFileError,
                           r"offset 3 is not a multiple of the alignment 32"),
     "data past end": (_gguf_header(n_tensors=1) + _tensor_info(dims=(1024,)), CorruptFileError,
-                      r"tensor 't' data \(4096 bytes at 96\) runs past the end of the file \(size 65\)"),
+                      r"tensor 't' data \(4096 bytes at 64\) runs past the end of the file \(size 57\) at offset 24"),
     "ggjt v4": (b"tjgg" + struct.pack("<I", 4), UnsupportedVersionError, r"ggjt version 4 is unknown"),
     "ggml vocab count absurd": (b"tjgg" + struct.pack("<I7I", 3, 2 ** 31, 64, 32, 4, 1, 16, 1),
                                 CorruptFileError, r"vocabulary token count 2147483648 cannot fit"),
@@ -157,7 +157,7 @@ CASES = {
                                 + struct.pack("<3I", 7, 1, 0), CorruptFileError,
                                 r"tensor has 7 dimensions .* at offset 36"),
     "ggml tensor past end": (b"tjgg" + struct.pack("<I7I", 3, 0, 64, 32, 4, 1, 16, 1)
-                             + struct.pack("<3I1I", 1, 1, 0, 4096) + b"x", CorruptFileError,
+                             + struct.pack("<3I1I", 1, 1, 0, 4096) + b"x" + b"\0" * 20, CorruptFileError,
                              r"'x' data \(16384 bytes at 64\) runs past the end"),
 }
 

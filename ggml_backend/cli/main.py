@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    from ..formats.errors import ModelFileError
     try:
         return int(args._run(args) or 0)
-    except (ModelFileError, FileNotFoundError, IsADirectoryError) as exc:
+    except (ValueError, FileNotFoundError, IsADirectoryError) as exc:
+        # Bad files (ModelFileError is a ValueError) and bad option values: one line, no traceback.
         print(f"ggml-backend {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

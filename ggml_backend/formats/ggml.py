@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..quant.types import KNOWN_UNSUPPORTED_IDS, TYPES, TYPES_BY_ID, get_type
+from ..quant.types import KNOWN_UNSUPPORTED_IDS, TYPES_BY_ID, get_type
 from .cursor import Cursor, decode_text, encode_text
-from .errors import CorruptFileError, ModelFileError, UnknownTypeError, UnsupportedVersionError
+from .errors import CorruptFileError, UnknownTypeError, UnsupportedVersionError
 from .gguf import GGUFValueType, tensor_nbytes, write_tensor_data, _progress_bar
 from .model_file import ModelFile, Tensor, Vocab, ggml_name_from_gguf, gguf_name_from_ggml
 

@@ -8,15 +8,18 @@ Layouts (ggml-common.h, QK_K = 256), halves little-endian:
   q6_K  ql[128] (low 4 bits), qh[64] (high 2 bits), scales:i8[16], d                              210 bytes
   q8_K  d:f32, qs:i8[256], bsums:i16[16] (sum of each 16 quants)                                  292 bytes
 
+Quantization is implemented for q6_K and q8_K (quantize_row_*_ref, bit-equal to llama.cpp's C).
 Dequantization follows ggml-quants.c dequantize_row_* operation by operation in float32 (scale products first,
 then ``dl * q - ml``, no fused multiply-add), so it equals ggml's reference C and gguf-py bit for bit.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
-from .floats import HALF_TO_FLOAT
+from .floats import HALF_TO_FLOAT, float_to_half_bits
 from .legacy import _half, read_only
 from .types import register
 
@@ -259,9 +262,132 @@ def quantize_q8_K(values: np.ndarray) -> np.ndarray:
     return blocks.view(np.uint8).reshape(-1)
 
 
+# ---------------------------------------------------------------- q4_K and q6_K quantization (the *_ref paths,
+# which llama.cpp's quantizer takes when no importance matrix is given). These re-read their own half scales,
+# so the kernels round float32 to half themselves.
+
+@njit(cache=True, inline="always")
+def _round_to_half(v):
+    """float32 -> nearest half (ties to even) -> float32, as GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))."""
+    if v == 0 or not np.isfinite(v):
+        return v
+    mantissa, exponent = math.frexp(np.float64(v))           # v = mantissa * 2**exponent, 0.5 <= |m| < 1
+    quantum = 2.0 ** (exponent - 11) if exponent >= -13 else 2.0 ** -24   # normal halves: 11 bits
+    rounded = np.rint(np.float64(v) / quantum) * quantum
+    if abs(rounded) > 65504.0:
+        return F32(np.inf) if rounded > 0 else F32(-np.inf)
+    return F32(rounded)
+
+
+@njit(cache=True)
+def _make_qx_quants(x, start, n, nmax, L, l_start):
+    """ggml's make_qx_quants with rmse_type 1 and no importance weights: the scale minimising the x**2-weighted
+    error over 19 candidate grids; quants (offset by nmax) go to L[l_start:l_start+n]."""
+    vmax = F32(0.0)
+    amax = F32(0.0)
+    for i in range(n):
+        ax = abs(x[start + i])
+        if ax > amax:
+            amax = ax
+            vmax = x[start + i]
+    if amax < F32(1e-15):
+        for i in range(n):
+            L[l_start + i] = 0
+        return F32(0.0)
+    iscale = F32(-nmax) / vmax
+    sumlx = F32(0.0)
+    suml2 = F32(0.0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, _nearest_int(iscale * x[start + i])))
+        L[l_start + i] = l + nmax
+        w = x[start + i] * x[start + i]
+        sumlx += w * x[start + i] * F32(l)
+        suml2 += w * F32(l) * F32(l)
+    scale = sumlx / suml2 if suml2 != 0 else F32(0.0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / vmax
+        sumlx = F32(0.0)
+        suml2 = F32(0.0)
+        for i in range(n):
+            l = max(-nmax, min(nmax - 1, _nearest_int(iscale * x[start + i])))
+            w = x[start + i] * x[start + i]
+            sumlx += w * x[start + i] * F32(l)
+            suml2 += w * F32(l) * F32(l)
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[l_start + i] = nmax + max(-nmax, min(nmax - 1, _nearest_int(iscale * x[start + i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True, parallel=True)
+def _quantize_q6_K(x, out, L, sub_scales, halves):
+    for b in prange(x.size // QK_K):
+        start = b * QK_K
+        base = b * 210
+        max_scale = F32(0.0)
+        max_abs_scale = F32(0.0)
+        for ib in range(16):
+            scale = _make_qx_quants(x, start + 16 * ib, 16, 32, L[b], 16 * ib)
+            sub_scales[b, ib] = scale
+            if abs(scale) > max_abs_scale:
+                max_abs_scale = abs(scale)
+                max_scale = scale
+        halves[b] = 0
+        for k in range(210):
+            out[base + k] = 0
+        if max_abs_scale < F32(1e-15):
+            continue                    # an all-zero block: every byte 0 (d = +0)
+        iscale = F32(-128.0) / max_scale
+        d_half = _round_to_half(F32(1.0) / iscale)
+        for ib in range(16):
+            sc = min(127, _nearest_int(iscale * sub_scales[b, ib]))
+            out[base + 192 + ib] = np.uint8(sc & 0xFF)
+            d = d_half * F32(_int8(out[base + 192 + ib]))
+            if d == 0:
+                continue
+            for i in range(16):
+                l = max(-32, min(31, _nearest_int(x[start + 16 * ib + i] / d)))
+                L[b, 16 * ib + i] = l + 32
+        for half in range(2):
+            j = half * 128
+            for l in range(32):
+                q1 = L[b, j + l] & 0xF
+                q2 = L[b, j + l + 32] & 0xF
+                q3 = L[b, j + l + 64] & 0xF
+                q4 = L[b, j + l + 96] & 0xF
+                out[base + half * 64 + l] = np.uint8(q1 | (q3 << 4))
+                out[base + half * 64 + l + 32] = np.uint8(q2 | (q4 << 4))
+                out[base + 128 + half * 32 + l] = np.uint8((L[b, j + l] >> 4) | ((L[b, j + l + 32] >> 4) << 2)
+                                                           | ((L[b, j + l + 64] >> 4) << 4)
+                                                           | ((L[b, j + l + 96] >> 4) << 6))
+        halves[b] = F32(1.0) / iscale  # written as a half by the caller (numpy rounds as ggml does)
+
+
+def quantize_q6_K(values: np.ndarray) -> np.ndarray:
+    x = _super_blocks(values)
+    nb = x.size // QK_K
+    out = np.empty(nb * 210, np.uint8)
+    halves = np.empty(nb, np.float32)
+    _quantize_q6_K(x, out, np.empty((nb, QK_K), np.int32), np.empty((nb, 16), np.float32), halves)
+    out.reshape(nb, 210)[:, 208:210] = float_to_half_bits(halves).view(np.uint8).reshape(nb, 2)
+    return out
+
+
+def _super_blocks(values: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if x.size % QK_K:
+        raise ValueError(f"{x.size} values are not a whole number of super-blocks of {QK_K}")
+    return x
+
+
 register("q2_K", dequantize=dequantize_q2_K)
 register("q3_K", dequantize=dequantize_q3_K)
 register("q4_K", dequantize=dequantize_q4_K)
 register("q5_K", dequantize=dequantize_q5_K)
-register("q6_K", dequantize=dequantize_q6_K)
+register("q6_K", dequantize=dequantize_q6_K, quantize=quantize_q6_K)
 register("q8_K", dequantize=dequantize_q8_K, quantize=quantize_q8_K)

@@ -274,6 +274,163 @@ def _matmul_kquant(kind, w, w_signed, xq, xd, xbsums, out, n_chunks, f16_table):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Decode kernels (one activation row) for the types real models use: unpacking fused into the dot product so that
+# LLVM turns each block into a handful of 16-lane vector operations, and float accumulation in lanes that are
+# summed once per row. These carry the memory-bound token-by-token generation.
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q5_0(w, xq, xd, out, n_chunks, f16_table):
+    n_rows = w.shape[0]
+    n_blocks = xq.shape[1] // 32
+    x = xq[0]
+    x_scale = xd[0]
+    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        lanes = np.zeros(16, np.float32)
+        for r in range(chunk * rows_per_chunk, min(n_rows, (chunk + 1) * rows_per_chunk)):
+            row = w[r]
+            lanes[:] = 0.0
+            for b in range(n_blocks):
+                o = b * 22
+                scale = f16_table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)] * x_scale[b]
+                high_bits = (np.int32(row[o + 2]) | (np.int32(row[o + 3]) << 8) | (np.int32(row[o + 4]) << 16)
+                             | (np.int32(row[o + 5]) << 24))
+                base = b * 32
+                for j in range(16):
+                    byte = np.int32(row[o + 6 + j])
+                    low = ((byte & 15) | (((high_bits >> j) & 1) << 4)) - 16
+                    high = ((byte >> 4) | (((high_bits >> (j + 16)) & 1) << 4)) - 16
+                    lanes[j] += scale * np.float32(low * np.int32(x[base + j]) + high * np.int32(x[base + 16 + j]))
+            out[0, r] = lanes.sum()
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q4_0(w, xq, xd, out, n_chunks, f16_table):
+    n_rows = w.shape[0]
+    n_blocks = xq.shape[1] // 32
+    x = xq[0]
+    x_scale = xd[0]
+    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        lanes = np.zeros(16, np.float32)
+        for r in range(chunk * rows_per_chunk, min(n_rows, (chunk + 1) * rows_per_chunk)):
+            row = w[r]
+            lanes[:] = 0.0
+            for b in range(n_blocks):
+                o = b * 18
+                scale = f16_table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)] * x_scale[b]
+                base = b * 32
+                for j in range(16):
+                    byte = np.int32(row[o + 2 + j])
+                    lanes[j] += scale * np.float32(((byte & 15) - 8) * np.int32(x[base + j])
+                                                   + ((byte >> 4) - 8) * np.int32(x[base + 16 + j]))
+            out[0, r] = lanes.sum()
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q8_0(w, w_signed, xq, xd, out, n_chunks, f16_table):
+    n_rows = w.shape[0]
+    n_blocks = xq.shape[1] // 32
+    x = xq[0]
+    x_scale = xd[0]
+    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        lanes = np.zeros(16, np.float32)
+        for r in range(chunk * rows_per_chunk, min(n_rows, (chunk + 1) * rows_per_chunk)):
+            row = w[r]
+            signed_row = w_signed[r]
+            lanes[:] = 0.0
+            for b in range(n_blocks):
+                o = b * 34
+                scale = f16_table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)] * x_scale[b]
+                base = b * 32
+                for j in range(16):
+                    lanes[j] += scale * np.float32(np.int32(signed_row[o + 2 + j]) * np.int32(x[base + j])
+                                                   + np.int32(signed_row[o + 18 + j]) * np.int32(x[base + 16 + j]))
+            out[0, r] = lanes.sum()
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q4_K(w, xq, xd, xbsums, out, n_chunks, f16_table):
+    n_rows = w.shape[0]
+    n_blocks = xq.shape[1] // 256
+    x = xq[0]
+    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        lanes = np.zeros(32, np.float32)
+        int_lanes = np.zeros(32, np.int32)
+        scales = np.empty(8, np.int32)
+        mins = np.empty(8, np.int32)
+        for r in range(chunk * rows_per_chunk, min(n_rows, (chunk + 1) * rows_per_chunk)):
+            row = w[r]
+            lanes[:] = 0.0
+            min_acc = np.float32(0.0)
+            for b in range(n_blocks):
+                o = b * 144
+                for j in range(8):
+                    scales[j], mins[j] = _scale_min_k4(j, row, o + 4)
+                min_total = np.int32(0)
+                for j in range(8):
+                    min_total += mins[j] * (xbsums[0, 16 * b + 2 * j] + xbsums[0, 16 * b + 2 * j + 1])
+                int_lanes[:] = 0
+                base = b * 256
+                for c in range(4):
+                    scale_low = scales[2 * c]
+                    scale_high = scales[2 * c + 1]
+                    for l in range(32):
+                        byte = np.int32(row[o + 16 + 32 * c + l])
+                        int_lanes[l] += (scale_low * ((byte & 15) * np.int32(x[base + 64 * c + l]))
+                                         + scale_high * ((byte >> 4) * np.int32(x[base + 64 * c + 32 + l])))
+                d = _f16(row, o, f16_table) * xd[0, b]
+                for l in range(32):
+                    lanes[l] += d * np.float32(int_lanes[l])
+                min_acc += (_f16(row, o + 2, f16_table) * xd[0, b]) * np.float32(min_total)
+            out[0, r] = lanes.sum() - min_acc
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _matvec_q6_K(w, w_signed, xq, xd, out, n_chunks, f16_table):
+    n_rows = w.shape[0]
+    n_blocks = xq.shape[1] // 256
+    x = xq[0]
+    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        lanes = np.zeros(16, np.float32)
+        int_lanes = np.zeros(16, np.int32)
+        for r in range(chunk * rows_per_chunk, min(n_rows, (chunk + 1) * rows_per_chunk)):
+            row = w[r]
+            signed_row = w_signed[r]
+            lanes[:] = 0.0
+            for b in range(n_blocks):
+                o = b * 210
+                int_lanes[:] = 0
+                base = b * 256
+                for n in range(2):
+                    for half in range(2):
+                        # value 128n + 32g + l (l = 16*half + i) has scale index 8n + 2g + half
+                        s0 = np.int32(signed_row[o + 192 + 8 * n + half])
+                        s1 = np.int32(signed_row[o + 192 + 8 * n + 2 + half])
+                        s2 = np.int32(signed_row[o + 192 + 8 * n + 4 + half])
+                        s3 = np.int32(signed_row[o + 192 + 8 * n + 6 + half])
+                        for i in range(16):
+                            l = 16 * half + i
+                            low_a = np.int32(row[o + 64 * n + l])
+                            low_b = np.int32(row[o + 64 * n + 32 + l])
+                            high = np.int32(row[o + 128 + 32 * n + l])
+                            v = base + 128 * n + l
+                            int_lanes[i] += (
+                                s0 * ((((low_a & 15) | ((high & 3) << 4)) - 32) * np.int32(x[v]))
+                                + s1 * ((((low_b & 15) | (((high >> 2) & 3) << 4)) - 32) * np.int32(x[v + 32]))
+                                + s2 * ((((low_a >> 4) | (((high >> 4) & 3) << 4)) - 32) * np.int32(x[v + 64]))
+                                + s3 * ((((low_b >> 4) | (((high >> 6) & 3) << 4)) - 32) * np.int32(x[v + 96])))
+                d = _f16(row, o + 208, f16_table) * xd[0, b]
+                for i in range(16):
+                    lanes[i] += d * np.float32(int_lanes[i])
+            out[0, r] = lanes.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Dequantizers for the BLAS path: rows [first, last) of W -> float32 [last - first, k]
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -419,6 +576,24 @@ def _check_out(out, n_tokens: int, n_rows: int) -> np.ndarray:
     return out
 
 
+def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActivations, out) -> bool:
+    """Run the fused one-token kernel of ``type_name`` if there is one; False if not."""
+    n_chunks = _n_chunks(weight_bytes.shape[0])
+    if type_name == "q5_0":
+        _matvec_q5_0(weight_bytes, acts.qs, acts.d, out, n_chunks, F16_TO_F32)
+    elif type_name == "q4_0":
+        _matvec_q4_0(weight_bytes, acts.qs, acts.d, out, n_chunks, F16_TO_F32)
+    elif type_name == "q8_0":
+        _matvec_q8_0(weight_bytes, weight_bytes.view(np.int8), acts.qs, acts.d, out, n_chunks, F16_TO_F32)
+    elif type_name == "q4_K":
+        _matvec_q4_K(weight_bytes, acts.qs, acts.d, acts.extra, out, n_chunks, F16_TO_F32)
+    elif type_name == "q6_K":
+        _matvec_q6_K(weight_bytes, weight_bytes.view(np.int8), acts.qs, acts.d, out, n_chunks, F16_TO_F32)
+    else:
+        return False
+    return True
+
+
 def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: QuantizedActivations, out, method: str):
     rows = acts.rows
     n_tokens, k = rows.shape
@@ -437,6 +612,8 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
     if method == "int" and quantized:
         if acts.qs is None:  # activations prepared without quantization (cannot happen via the public API)
             raise MatmulShapeError("integer path needs quantized activations")
+        if n_tokens == 1 and _matvec_fast(qtype.name, weight_bytes, acts, out):
+            return out
         if qtype.name in _LEGACY_KINDS:
             extra = acts.extra if acts.extra is not None else acts.d  # xs is only read for q4_1 / q5_1
             _matmul_legacy(_LEGACY_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8), acts.qs, acts.d,

@@ -1,0 +1,88 @@
+"""``ggml-backend convert``: every synthetic GGML v3 file becomes a GGUF whose tensors equal its GGUF twin's byte
+for byte and whose vocabulary matches the twin's (tokens, scores, token types)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ggml_backend
+from ggml_backend.cli.main import main
+from ggml_backend.formats import UnsupportedVersionError, write_ggml
+from refdata import synthetic_file, synthetic_types
+
+# Keys the twin has that a GGML file cannot supply (llama.cpp defaults them the same way when absent), and keys
+# the converter adds that llama.cpp's quantizer did not write into the twin.
+NOT_IN_GGML = {"llama.rope.freq_base", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+               "general.quantization_version"}
+ADDED_BY_CONVERTER = {"general.description", "tokenizer.ggml.pre"}
+
+
+@pytest.mark.parametrize("type_name", synthetic_types())
+def test_convert_matches_gguf_twin(tmp_path, type_name, capsys):
+    out = tmp_path / f"{type_name}.gguf"
+    assert main(["convert", str(synthetic_file(type_name, "ggml")), str(out), "--eps", "1e-5"]) == 0
+    converted = ggml_backend.load(out)
+    twin = ggml_backend.load(synthetic_file(type_name, "gguf"))
+    assert list(converted.tensors) == list(twin.tensors)  # the synthetic files keep one order
+    for name, t in twin.tensors.items():
+        mine = converted.tensors[name]
+        assert (mine.type, mine.shape) == (t.type, t.shape), name
+        assert np.array_equal(mine.data, t.data), name
+    assert converted.metadata["tokenizer.ggml.tokens"] == twin.metadata["tokenizer.ggml.tokens"]
+    assert np.array_equal(converted.vocab.scores, twin.vocab.scores)
+    assert np.array_equal(converted.vocab.token_types, twin.vocab.token_types)
+    assert set(twin.metadata) - set(converted.metadata) == NOT_IN_GGML
+    assert set(converted.metadata) - set(twin.metadata) == ADDED_BY_CONVERTER
+    for key in set(twin.metadata) & set(converted.metadata) - {"general.name"}:
+        expected, got = twin.metadata[key], converted.metadata[key]
+        if isinstance(expected, np.ndarray):
+            assert np.array_equal(got, expected), key
+        else:
+            assert got == expected, key
+        assert converted.metadata_types[key] == twin.metadata_types[key], key
+    assert converted.metadata["general.description"].startswith("converted from legacy GGJTv3 MOSTLY_")
+
+
+def test_converted_file_reads_in_gguf_py(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "q4_K_M.gguf"
+    assert main(["convert", str(synthetic_file("q4_K_M", "ggml")), str(out), "--context-length", "4096",
+                 "--name", "tiny"]) == 0
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.name"].contents() == "tiny"
+    assert reader.fields["llama.context_length"].contents() == 4096
+    assert reader.fields["llama.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(5e-6)
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[259] == "\u2581\u2581"
+    assert len(reader.tensors) == 39
+
+
+def test_convert_gqa_option_and_refusals(tmp_path, capsys):
+    source = synthetic_file("q8_0", "ggml")
+    out = tmp_path / "gqa.gguf"
+    assert main(["convert", str(source), str(out), "--gqa", "2"]) == 0
+    assert ggml_backend.load(out).metadata["llama.attention.head_count_kv"] == 4
+    assert main(["convert", str(source), str(out)]) == 1  # exists, no --force
+    assert "exists" in capsys.readouterr().err
+    assert main(["convert", str(source), str(tmp_path / "x.gguf"), "--gqa", "3"]) == 1
+    assert "--gqa 3 does not divide n_head 8" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+    bad = tmp_path / "garbage.bin"
+    bad.write_bytes(b"hello world, not a model")
+    assert main(["convert", str(bad), str(tmp_path / "y.gguf")]) == 1
+    assert "not a GGUF or GGML model file" in capsys.readouterr().err
+
+
+def test_convert_refuses_old_quantized_layout(tmp_path, capsys):
+    import struct
+    path = tmp_path / "v2.bin"
+    write_ggml(path, {"n_embd": 32, "n_mult": 32, "n_head": 1, "n_layer": 0, "n_rot": 32, "ftype": 2},
+               [(b"a", 0.0)], [("tok_embeddings.weight", "f32", (1, 32), b"\0" * 128)])
+    raw = bytearray(path.read_bytes())
+    raw[4:8] = struct.pack("<I", 2)
+    # change the tensor to q4_0 in the v2 file (v2's q4_0 blocks differ from today's, so it must be refused)
+    path.write_bytes(bytes(raw).replace(struct.pack("<3I", 2, 21, 0), struct.pack("<3I", 2, 21, 2)))
+    assert main(["convert", str(path), str(tmp_path / "out.gguf")]) == 1
+    assert "is q4_0 in a ggjt v2 file" in capsys.readouterr().err
+    assert not (tmp_path / "out.gguf").exists()
+    with pytest.raises(UnsupportedVersionError, match="re-convert the original weights"):
+        ggml_backend.load(path)
