@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("ggml_backend.cli.info", "show a model file's format, hyper-parameters, vocabulary and tensor types"),
     "convert": ("ggml_backend.cli.convert", "convert a legacy GGML (ggjt v3) LLaMA file to GGUF"),
+    "bench": ("ggml_backend.cli.bench", "speed figures (open, prompt, decode, memory) beside llama.cpp's"),
 }
 
 
