@@ -1,31 +1,37 @@
-"""Where tests find shared reference data.
+"""Where tests find reference data (outputs of llama.cpp and ctransformers, see tests/data/README.md).
 
-``SYNTHETIC_DIR`` prefers ``tests/data/synthetic`` (a copy inside the repository) and falls back to the
-workplace's ``../shared/reference/synthetic`` next to the repository root. Tests call ``synthetic_file`` (or
-``require_synthetic``), which skips with a reason when the data is absent.
+The workplace's ``../shared/reference`` (all eleven synthetic types) is preferred when it exists; a fresh clone
+uses the subset copied into ``tests/data``. ``synthetic_types()`` lists the types present in the chosen copy, so
+tests parametrize over what is there instead of skipping.
 """
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-_CANDIDATES = [TESTS_DIR / "data" / "synthetic", REPO_ROOT.parent / "shared" / "reference" / "synthetic"]
-SYNTHETIC_DIR = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
+_SHARED = REPO_ROOT.parent / "shared" / "reference"
+_LOCAL = TESTS_DIR / "data"
+REFERENCE_DIR = _SHARED if (_SHARED / "synthetic" / "synthetic.json").is_file() else _LOCAL
+SYNTHETIC_DIR = REFERENCE_DIR / "synthetic"
+REAL_DIR = REFERENCE_DIR / "real"
 
 # Every quantization type of the tiny synthetic Llama (tiny-llama-TYPE.gguf and tiny-llama-TYPE.ggmlv3.bin).
 _TYPES = ["f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K_M", "q4_K_M", "q5_K_M", "q6_K"]
 
 
 def synthetic_types() -> list[str]:
-    return list(_TYPES)
+    return [t for t in _TYPES if (SYNTHETIC_DIR / f"tiny-llama-{t}.gguf").is_file()]
 
 
 def require_synthetic() -> Path:
     if not SYNTHETIC_DIR.is_dir():
-        pytest.skip(f"synthetic reference data not found (looked in {', '.join(map(str, _CANDIDATES))})")
+        pytest.skip(f"synthetic reference data not found in {SYNTHETIC_DIR}")
     return SYNTHETIC_DIR
 
 
@@ -36,6 +42,26 @@ def synthetic_file(type_name: str, kind: str = "gguf") -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is missing")
     return path
+
+
+@lru_cache(maxsize=None)
+def synthetic_json() -> dict:
+    return json.loads((SYNTHETIC_DIR / "synthetic.json").read_text(encoding="utf-8"))
+
+
+def llamacpp_logits(type_name: str) -> np.ndarray:
+    """llama.cpp's logits [32, n_vocab] for synthetic_json()['token_sequence'] (float32)."""
+    return np.load(SYNTHETIC_DIR / synthetic_json()["files"][type_name]["llamacpp_logits"]).astype(np.float32)
+
+
+def ctransformers_last_logits(type_name: str) -> np.ndarray:
+    return np.load(SYNTHETIC_DIR / synthetic_json()["files"][type_name]["ctransformers_last_logits"]).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def real_json(which: str) -> dict:
+    name = "qwen2.5-coder-0.5b.json" if which == "qwen" else "gemma-3-270m.json"
+    return json.loads((REAL_DIR / name).read_text(encoding="utf-8"))
 
 
 def real_model(which: str) -> Path:

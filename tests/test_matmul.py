@@ -200,9 +200,10 @@ def test_q8_K_quantizer_follows_ggml_rule():
     d = blocks[:, :4].copy().view(np.float32)[:, 0]
     qs = blocks[:, 4:260].view(np.int8)
     bsums = blocks[:, 260:].copy().view(np.int16)
-    # iscale = -127 / max with max the signed extreme (-3): the most negative value maps to +127
+    # iscale = -127 / max with max the signed extreme (-3), so that extreme always maps to -127
     assert d[0] == np.float32(1.0) / (np.float32(-127.0) / np.float32(-3.0))
-    assert qs[0, 0] == 127 and qs[0, 255] == -42
+    assert qs[0, 0] == -127 and qs[0, 255] == -42
+    assert quantize_row_q8_K(-x).reshape(2, 292)[0, 4] == np.uint8(256 - 127)  # +3 maps to -127 too
     np.testing.assert_array_equal(bsums[0], qs[0].astype(np.int64).reshape(16, 16).sum(axis=1))
     assert d[1] == 0 and not qs[1].any() and not bsums[1].any()
 
