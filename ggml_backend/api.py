@@ -34,13 +34,15 @@ class Llama:
 
     ``n_ctx=0``, ``rope_freq_base=0`` and ``rope_freq_scale=0`` mean "from the file". ``n_gpu_layers`` is accepted
     for compatibility; this engine runs on the CPU (``verbose`` says so when layers were asked for).
+    Legacy GGML files carry neither ``n_head_kv`` nor the RMS norm epsilon: ``n_head_kv`` defaults to what the
+    ``wk`` tensor's shape implies and ``rms_norm_eps`` to 5e-6 (llama.cpp's converter); LLaMA-2 models want 1e-5.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int = 512,
                  n_threads: int | None = None, n_batch: int = 512, n_gpu_layers: int = 0, seed: int = -1,
                  logits_all: bool = False, rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0,
                  verbose: bool = True, chat_format: str | None = None, n_head_kv: int | None = None,
-                 **_ignored):
+                 rms_norm_eps: float | None = None, **_ignored):
         t0 = time.perf_counter()
         if model_path is None:
             from .default_model import default_model_path
@@ -54,7 +56,7 @@ class Llama:
             raise ValueError(f"n_threads must be at least 1, got {n_threads}")
         self.model_path = str(model_path)
         self.verbose = verbose
-        self.model_file = load(model_path, n_head_kv=n_head_kv)
+        self.model_file = load(model_path, n_head_kv=n_head_kv, rms_eps=rms_norm_eps)
         self.metadata = self.model_file.metadata
         shapes = {name: tuple(t.shape) for name, t in self.model_file.tensors.items()}
         self.hparams = resolve_hparams(self.metadata, shapes, rope_freq_base=rope_freq_base,

@@ -1,0 +1,44 @@
+"""``ggml-backend webui [-m FILE] [--port N] [--listen] [--share] [-c N] [-t N]``: the text-generation-webui-style
+web chat (Gradio), on 127.0.0.1 unless ``--listen``.
+
+Gradio and the ``ggml_webui`` package are imported only here, when the command runs.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("-m", "--model", default=None, metavar="FILE",
+                        help="a GGUF or GGML model file (default: the default Qwen2.5-Coder-0.5B-Instruct model)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    parser.add_argument("--listen", action="store_true",
+                        help="listen on all interfaces (0.0.0.0) so other machines can connect; default 127.0.0.1")
+    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    parser.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N", help="context size (default 2048)")
+    parser.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                        help="threads (default: all cores)")
+    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
+                        help="accepted for compatibility; this engine runs on the CPU")
+
+
+def _check(args) -> None:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.ctx_size < 16:
+        raise ValueError(f"--ctx-size must be at least 16, got {args.ctx_size}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+
+
+def run(args) -> int:
+    _check(args)
+    try:
+        from ggml_webui import launch
+    except ImportError as exc:
+        print(f"ggml-backend webui needs the web UI package and Gradio: pip install 'ggml-backend[gradio]' ({exc})",
+              file=sys.stderr)
+        return 1
+    launch(args.model, port=args.port, listen=args.listen, share=args.share, n_ctx=args.ctx_size,
+           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+    return 0

@@ -1,0 +1,155 @@
+"""The chat itself, without any Gradio: prompts from a history, streamed replies, and the history edits behind the
+buttons, as text-generation-webui's ``modules/chat.py`` did them.
+
+A history is a list of ``[user message, bot reply]`` pairs (textgen's "internal" history; there is no separate
+"visible" one since the Chatbot component escapes and renders the text itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from ggml_backend.generation import TextStreamer
+from ggml_backend.templates import (Character, ChatTemplate, DEFAULT_CHAT_INSTRUCT_COMMAND, TemplateError,
+                                    TextgenTemplate)
+
+from .settings import GenerationSettings, parse_stop_strings
+
+History = list  # list[list[str, str]]
+
+
+def copy_history(history) -> list[list[str]]:
+    return [[str(user), str(bot)] for user, bot in (history or [])]
+
+
+def history_to_messages(history) -> list[dict]:
+    """The Chatbot component's value: alternating user/assistant messages (an empty user side is a greeting)."""
+    messages = []
+    for user, bot in history or []:
+        if user:
+            messages.append({"role": "user", "content": user})
+        if bot:
+            messages.append({"role": "assistant", "content": bot})
+    return messages
+
+
+@dataclass
+class PromptSettings:
+    """How the prompt is written: textgen's mode, instruction template, character and chat-instruct command.
+
+    ``template`` is a TextgenTemplate, or another ChatTemplate (the model's Jinja template when it cannot be
+    written as textgen fields), which only does instruct mode.
+    """
+    template: ChatTemplate
+    mode: str = "instruct"
+    custom_system_message: str = ""
+    character: Character = field(default_factory=Character)
+    chat_instruct_command: str = DEFAULT_CHAT_INSTRUCT_COMMAND
+
+    def stop_strings(self, custom: str = "") -> list[str]:
+        if isinstance(self.template, TextgenTemplate):
+            found = self.template.stop_strings if self.mode == "instruct" else \
+                self.template.stopping_strings(self.mode, self.character)
+        else:
+            found = list(self.template.stop_strings)
+        return [s for s in found + parse_stop_strings(custom) if s]
+
+    def build_prompt(self, history, user_input: str = "", *, continue_: bool = False, impersonate: bool = False,
+                     max_prompt_tokens: int | None = None, count_tokens: Callable[[str], int] | None = None) -> str:
+        """The exact text sent to the model (textgen's ``generate_chat_prompt``); for impersonate, ``user_input``
+        is the user's partial message that the model goes on writing."""
+        history = copy_history(history)
+        if isinstance(self.template, TextgenTemplate):
+            prompt = self.template.build_prompt(
+                history, "" if impersonate else user_input, mode=self.mode,
+                system_message=self.custom_system_message or None, character=self.character,
+                chat_instruct_command=self.chat_instruct_command, continue_=continue_, impersonate=impersonate,
+                max_prompt_tokens=max_prompt_tokens, count_tokens=count_tokens)
+            return prompt + user_input if impersonate else prompt
+        if self.mode != "instruct" or impersonate:
+            raise TemplateError("the model file's own chat template only supports instruct mode without impersonate; "
+                                "pick a text-generation-webui template for the others")
+        messages = [{"role": "system", "content": self.custom_system_message}] if self.custom_system_message else []
+        for user, bot in history:
+            if user:
+                messages.append({"role": "user", "content": user})
+            messages.append({"role": "assistant", "content": bot})
+        if not continue_ and user_input:
+            messages.append({"role": "user", "content": user_input})
+        kwargs = {"continue_final_message": True} if continue_ else {}
+        return self.template.render(messages, add_generation_prompt=not continue_, **kwargs)
+
+
+def prompt_tokens(llama, prompt: str, settings: GenerationSettings) -> list[int]:
+    """The prompt's tokens: special tokens written in the template are parsed; BOS as the "add BOS" box says."""
+    tokens = llama.tokenize(prompt, add_bos=False, special=True)
+    bos = llama.tokenizer.bos_id
+    if settings.add_bos_token and bos is not None and tokens[:1] != [bos]:
+        tokens.insert(0, bos)
+    return tokens
+
+
+def prompt_budget(llama, settings: GenerationSettings) -> int:
+    """textgen's truncation: the prompt may use the truncation length (the context when 0) minus max new tokens."""
+    n_ctx = llama.n_ctx()
+    limit = min(settings.truncation_length or n_ctx, n_ctx)
+    return max(1, limit - settings.max_new_tokens)
+
+
+def stream_reply(llama, prompt: str, settings: GenerationSettings, stops: list[str],
+                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+    """Yield the reply so far (the whole text each time) as tokens arrive.
+
+    A stop string never shows, not even the start of one (TextStreamer holds such a tail back). ``should_stop`` is
+    asked after every token: when it says yes the reply ends there, keeping what was produced.
+    """
+    tokens = prompt_tokens(llama, prompt, settings)
+    room = llama.n_ctx() - len(tokens)
+    if room < 1:
+        raise ValueError(f"the prompt is {len(tokens)} tokens, the context holds {llama.n_ctx()}: lower "
+                         f"\"max new tokens\" or the truncation length, or remove messages")
+    max_tokens = max(1, min(int(settings.max_new_tokens), room))
+    eog = set(llama.tokenizer.eog_ids)
+    streamer = TextStreamer(stops)
+    skip_special = settings.skip_special_tokens
+    tokens_out = llama.generate(tokens, params=settings.sampling_params(eog), max_tokens=max_tokens,
+                                stop_tokens=set() if settings.ban_eos_token else eog)
+    try:
+        for token in tokens_out:
+            if token in eog and not settings.ban_eos_token:
+                break
+            if streamer.feed(llama.tokenizer.token_to_piece(token, special=not skip_special)):
+                yield streamer.text
+            if streamer.stopped or should_stop():
+                break
+    finally:
+        tokens_out.close()   # ends the engine's generator now, releasing the model's lock
+    if streamer.finish():
+        yield streamer.text
+    elif not streamer.text:
+        yield ""
+
+
+# ---- the buttons that only edit the history (textgen's chat.py helpers) ---------------------------------------------
+
+def remove_last(history) -> tuple[str, list]:
+    """"Remove last": drops the last exchange and gives its user message back to the input box."""
+    history = copy_history(history)
+    if not history:
+        return "", history
+    user, _ = history.pop()
+    return user, history
+
+
+def last_reply(history) -> str:
+    """"Copy last reply"."""
+    history = copy_history(history)
+    return history[-1][1] if history else ""
+
+
+def replace_last_reply(history, text: str) -> list:
+    """"Replace last reply": the input box's text becomes the last reply."""
+    history = copy_history(history)
+    if history and text.strip():
+        history[-1][1] = text
+    return history

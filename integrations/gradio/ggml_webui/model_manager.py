@@ -1,0 +1,103 @@
+"""The one model the web UI serves (shared by every browser session, as in text-generation-webui), its loading,
+its description, and the per-session Stop flags."""
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+
+from ggml_backend.templates import JinjaTemplate, TemplateError, TextgenTemplate
+
+from .template_store import textgen_from_jinja
+
+
+class ModelManager:
+    """Holds the current ``Llama``; ``load`` swaps it (a failed load keeps the previous one)."""
+
+    def __init__(self, llama=None):
+        self.llama = llama
+        self.model_template: TextgenTemplate | None = None
+        self.model_jinja = None
+        self.load_error: str | None = None
+        self._swap_lock = threading.Lock()
+        self._stop_flags: dict[str, threading.Event] = {}
+        self._flags_lock = threading.Lock()
+        if llama is not None:
+            self._read_template()
+
+    def load(self, path: str | None, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0):
+        """Load a GGUF/GGML file (None: the default model). Raises the loader's ValueError on a bad file."""
+        from ggml_backend import Llama
+        path = (path or "").strip() or None
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"no such model file: {path}")
+        with self._swap_lock:
+            llama = Llama(model_path=path, n_ctx=int(n_ctx), n_threads=int(n_threads) if n_threads else None,
+                          n_gpu_layers=int(n_gpu_layers or 0), verbose=True)
+            # the old model finishes any reply it is writing before it is replaced
+            old = self.llama
+            if old is not None:
+                with old._lock:
+                    self.llama = llama
+            else:
+                self.llama = llama
+            self._read_template()
+        return llama
+
+    def _read_template(self) -> None:
+        self.model_template, self.model_jinja = None, None
+        metadata = self.llama.metadata
+        if metadata.get("tokenizer.chat_template"):
+            try:
+                self.model_jinja = JinjaTemplate.from_gguf_metadata(metadata)
+            except TemplateError:
+                return
+            self.model_template = textgen_from_jinja(self.model_jinja)
+
+    def require(self):
+        if self.llama is None:
+            raise ValueError("no model is loaded: load one in the Model tab")
+        return self.llama
+
+    def describe(self) -> str:
+        """Markdown: file, format, architecture, sizes, and the quantization types of the tensors."""
+        if self.llama is None:
+            return "No model loaded."
+        llama = self.llama
+        hp = llama.hparams
+        model_file = llama.model_file
+        types = Counter(t.type.name for t in model_file.tensors.values())
+        n_params = sum(int(_prod(t.shape)) for t in model_file.tensors.values())
+        try:
+            size = os.path.getsize(llama.model_path) / 2**20
+        except OSError:
+            size = float("nan")
+        name = llama.metadata.get("general.name") or os.path.basename(llama.model_path)
+        if self.model_template is not None:
+            template_note = "its chat template is shown as text-generation-webui fields"
+        elif self.model_jinja is not None:
+            template_note = "its Jinja chat template is used as is (instruct mode)"
+        else:
+            template_note = "it has no chat template"
+        lines = [
+            f"**{name}**  ",
+            f"File: `{llama.model_path}` ({model_file.format.upper()}, {size:,.1f} MiB)  ",
+            f"Architecture: {hp.arch.name}, {hp.n_layer} layers, n_embd {hp.n_embd}, vocabulary {hp.n_vocab:,}, "
+            f"{n_params / 1e6:,.0f}M parameters  ",
+            f"Context: {llama.n_ctx()} of {hp.n_ctx_train} trained; {llama.n_threads} threads  ",
+            "Tensor types: " + ", ".join(f"{name} x{count}" for name, count in types.most_common()) + "  ",
+            f"Chat template: {template_note}.",
+        ]
+        return "\n".join(lines)
+
+    # ---- Stop, per browser session -----------------------------------------------------------------------------
+    def stop_flag(self, session: str | None) -> threading.Event:
+        with self._flags_lock:
+            return self._stop_flags.setdefault(session or "", threading.Event())
+
+
+def _prod(shape) -> int:
+    total = 1
+    for n in shape:
+        total *= int(n)
+    return total

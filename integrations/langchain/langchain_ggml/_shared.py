@@ -1,0 +1,181 @@
+"""What GGMLLLM and ChatGGML share: one loaded model per file and settings for the whole process, generation that
+never interleaves, a prompt-prefix cache, and a bridge that runs a generation in a thread for asyncio callers.
+
+A model file is loaded once per (path, n_ctx, n_threads, n_batch) and shared by every instance that asks for it:
+LangChain code tends to build many model objects (one per chain, per ``bind``), and loading is the costly part.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from ggml_backend import Llama
+
+#: how many evaluated prompts (their KV caches) each shared model keeps to reuse later prompts' common prefix
+PROMPT_CACHE_SLOTS = 8
+#: a saved state is loaded only when it shares this many more prompt tokens than the live KV cache does
+_MIN_PREFIX_GAIN = 8
+
+
+class SharedModel:
+    """One ``Llama`` and the rules for using it from many threads.
+
+    ``stream_completion`` holds the model's lock from the first token to the last (or until the consumer closes
+    the generator), so two generations never interleave on the one KV cache. Before a generation it restores the
+    saved state sharing the longest prefix with the new prompt (as llama-cpp-python's ``LlamaRAMCache`` does),
+    so alternating prompts with a common head (the same system prompt, the same tool list) are evaluated once.
+    """
+
+    def __init__(self, llama: Llama):
+        self.llama = llama
+        # Llama's own RLock: generate() takes it too, so holding it here makes the whole request one critical section
+        self.lock = llama._lock
+        self._generating_thread: int | None = None
+        self._saved_states: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    @property
+    def model_name(self) -> str:
+        return model_name_of(self.llama.model_path)
+
+    def stream_completion(self, prompt_tokens: list[int], **completion_kwargs) -> Iterator[dict]:
+        """``Llama.create_completion(prompt_tokens, stream=True, ...)`` chunks, as one uninterrupted request."""
+        with self.lock:
+            if self._generating_thread == threading.get_ident():
+                # the RLock would let this thread in, and the two generations would corrupt each other's KV cache
+                raise RuntimeError("this thread is already generating with this model: finish or close the "
+                                   "first stream before starting another")
+            self._generating_thread = threading.get_ident()
+            try:
+                self._restore_best_state(prompt_tokens)
+                chunks = self.llama.create_completion(prompt_tokens, stream=True, **completion_kwargs)
+                try:
+                    yield from chunks
+                finally:
+                    chunks.close()
+                    self._save_state()
+            finally:
+                self._generating_thread = None
+
+    def _restore_best_state(self, prompt_tokens: list[int]) -> None:
+        llama = self.llama
+        live = _common_prefix(llama.input_ids[:llama.n_tokens], prompt_tokens)
+        best_key, best = None, live
+        for key in self._saved_states:
+            shared = _common_prefix(key, prompt_tokens)
+            if shared > best:
+                best_key, best = key, shared
+        if best_key is not None and best >= live + _MIN_PREFIX_GAIN:
+            self._saved_states.move_to_end(best_key)
+            llama.load_state(self._saved_states[best_key])
+
+    def _save_state(self) -> None:
+        llama = self.llama
+        if llama.n_tokens == 0:
+            return
+        key = tuple(int(t) for t in llama.input_ids[:llama.n_tokens])
+        # a state whose tokens are a prefix of the new one is superseded by it
+        for old in [k for k in self._saved_states if len(k) <= len(key) and key[:len(k)] == k]:
+            del self._saved_states[old]
+        self._saved_states[key] = llama.save_state()
+        while len(self._saved_states) > PROMPT_CACHE_SLOTS:
+            self._saved_states.popitem(last=False)
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def model_name_of(model_path: str | os.PathLike) -> str:
+    """The model's name as reported in metadata: its file name without the extension."""
+    return Path(model_path).stem
+
+
+_models: dict[tuple, SharedModel] = {}
+_models_lock = threading.Lock()
+
+
+def resolve_model_path(model_path: str | os.PathLike | None) -> str:
+    if model_path is None:
+        from ggml_backend.default_model import default_model_path
+        return str(default_model_path(progress=False))
+    path = Path(model_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return str(path.resolve())
+
+
+def get_shared_model(model_path: str | os.PathLike | None, *, n_ctx: int, n_threads: int | None = None,
+                     n_batch: int = 512, verbose: bool = False) -> SharedModel:
+    """The process-wide model for these settings, loaded on first use."""
+    path = resolve_model_path(model_path)
+    key = (path, int(n_ctx), n_threads, int(n_batch))
+    with _models_lock:   # loading under the lock: two threads asking at once must not load the file twice
+        shared = _models.get(key)
+        if shared is None:
+            shared = SharedModel(Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, verbose=verbose))
+            _models[key] = shared
+        return shared
+
+
+def clear_model_cache() -> None:
+    """Forget every shared model (they are freed once no instance uses them)."""
+    with _models_lock:
+        _models.clear()
+
+
+_DONE = object()
+
+
+async def aiter_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Run a blocking iterator in a worker thread and hand its items to the event loop through a queue.
+
+    The loop stays free while the model computes. If the consumer stops early (break, cancellation), the worker is
+    told to stop, closes the iterator (which releases the model's lock) and ends after the item in progress.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop_requested = threading.Event()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:   # the loop was closed under us: nobody is listening any more
+            stop_requested.set()
+
+    def work() -> None:
+        try:
+            iterator = make_iterator()
+            try:
+                for item in iterator:
+                    if stop_requested.is_set():
+                        break
+                    put((item, None))
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # handed to the awaiting side, which re-raises it
+            put((_DONE, exc))
+            return
+        put((_DONE, None))
+
+    worker = threading.Thread(target=work, name="langchain-ggml-generation", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = await queue.get()
+            if item is _DONE:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop_requested.set()

@@ -1,0 +1,368 @@
+"""``ChatGGML``: a LangChain chat model (``BaseChatModel``) on ggml_backend, with tool calling."""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Sequence
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.messages import (AIMessage, AIMessageChunk, BaseMessage, ChatMessage, FunctionMessage,
+                                     HumanMessage, SystemMessage, ToolMessage)
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict
+
+from ggml_backend.templates import parse_tool_calls
+
+from ._shared import SharedModel, aiter_in_thread, get_shared_model, model_name_of
+
+_CALL_OPEN = "<tool_call>"
+_CALL_CLOSE = "</tool_call>"
+
+
+class ChatGGML(BaseChatModel):
+    """Chat with a GGUF/GGML model file run by ggml_backend (pure Python, CPU).
+
+    Messages are rendered with the model file's own chat template (Jinja, in a sandbox), or ``chat_template`` (a
+    built-in name such as ``"chatml"``, a template file, or Jinja text); a file without a template gets ChatML.
+    Tools bound with ``bind_tools`` are described to the model through its template and the
+    ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks it writes come back as ``AIMessage.tool_calls``
+    (Qwen2.5 / Hermes convention). ``tool_choice="any"`` or a tool's name forces a call by starting the reply with
+    the call's opening text; a forced reply holds exactly one call.
+
+    Example:
+        .. code-block:: python
+
+            from langchain_ggml import ChatGGML
+
+            chat = ChatGGML(temperature=0, max_tokens=128)   # model_path=None: the default Qwen2.5-Coder-0.5B
+            chat.invoke([("system", "Answer briefly."), ("human", "What is a Python generator?")])
+    """
+
+    model_path: str | None = None
+    """Path of the .gguf / ggml .bin file; None means the default model (Qwen2.5-Coder-0.5B-Instruct)."""
+    n_ctx: int = 2048
+    """Context size in tokens (prompt + reply)."""
+    n_threads: int | None = None
+    """CPU threads for evaluation; None: all cores."""
+    n_batch: int = 512
+    """Prompt tokens evaluated per forward pass."""
+    n_gpu_layers: int = 0
+    """Accepted for llama.cpp compatibility; this engine runs on the CPU."""
+    chat_template: str | None = None
+    """None: the model file's template (ChatML if it has none); else a built-in name, a file, or Jinja text."""
+    temperature: float = 0.2
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    max_tokens: int | None = 512
+    """Most tokens in a reply; None or <= 0: until the model ends its turn."""
+    seed: int | None = None
+    """Sampling seed; None or -1: random each call."""
+    stop: list[str] | None = None
+    """Stop strings: the reply ends before the first one."""
+    streaming: bool = False
+    """Generate through ``_stream`` even on ``invoke`` (callbacks then see every token)."""
+    verbose: bool = False
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    # --- LangChain plumbing ----------------------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "ggml-chat"
+
+    @property
+    def _default_params(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "repeat_penalty": self.repeat_penalty, "max_tokens": self.max_tokens, "seed": self.seed}
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_path": self.model_path, "n_ctx": self.n_ctx, "chat_template": self.chat_template,
+                **self._default_params}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "ggml"
+        params["ls_model_name"] = kwargs.get("model") or model_name_of(self.model_path or "default")
+        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens:
+            params["ls_max_tokens"] = max_tokens
+        stops = stop or self.stop
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    def _shared_model(self, model_path: str | None = None) -> SharedModel:
+        return get_shared_model(model_path or self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                                n_batch=self.n_batch, verbose=self.verbose)
+
+    @property
+    def shared_model(self) -> SharedModel:
+        """The loaded model these settings name (loaded now if this is its first use in the process)."""
+        return self._shared_model()
+
+    # --- tools -------------------------------------------------------------------------------------------------
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
+                   tool_choice: dict | str | bool | None = None, **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (anything ``convert_to_openai_tool`` accepts).
+
+        ``tool_choice``: None/"auto" (the model decides), "none" (tools not offered), "any"/"required"/True (a
+        call is forced), a tool's name or ``{"type": "function", "function": {"name": ...}}`` (that tool is forced).
+        """
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        _resolve_tool_choice(tool_choice, formatted)   # fail here, at bind time, on a bad choice
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(self, schema: dict | type, *, include_raw: bool = False,
+                               method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+                               strict: bool | None = None, **kwargs: Any) -> Runnable:
+        """Structured output through a forced tool call ("function_calling", "json_schema"), or by parsing the
+        reply as JSON ("json_mode": the prompt must ask for JSON; nothing constrains the sampler)."""
+        if method in ("function_calling", "json_schema"):
+            return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
+        if method != "json_mode":
+            raise ValueError(f"unknown structured output method {method!r}; expected 'function_calling', "
+                             "'json_schema' or 'json_mode'")
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        llm = self.bind(ls_structured_output_format={"kwargs": {"method": "json_mode"}, "schema": schema})
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        if include_raw:
+            parser_assign = RunnablePassthrough.assign(parsed=lambda x: parser.invoke(x["raw"]),
+                                                       parsing_error=lambda _: None)
+            parser_none = RunnablePassthrough.assign(parsed=lambda _: None)
+            return RunnableMap(raw=llm) | parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
+        return llm | parser
+
+    # --- generation ------------------------------------------------------------------------------------------
+    def _chunks(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> Iterator[ChatGenerationChunk]:
+        """The reply as ChatGenerationChunks: text as it comes, each tool call once complete, then a last chunk
+        with usage, finish_reason and model_name."""
+        shared = self._shared_model(kwargs.get("model"))
+        llama = shared.llama
+        tools = kwargs.get("tools") or None
+        forced_name, forced_any = _resolve_tool_choice(kwargs.get("tool_choice"), tools or [])
+        if kwargs.get("tool_choice") == "none":
+            tools = None
+        chat_messages = convert_messages(messages)
+        prompt_tokens, template_stops, _ = llama.render_chat_prompt(
+            chat_messages, template=kwargs.get("chat_template") or self.chat_template, tools=tools)
+        # A forced call: the reply starts with the call's opening text, written by us, not sampled
+        prefill = ""
+        if forced_name is not None:
+            prefill = f'{_CALL_OPEN}\n{{"name": "{forced_name}", "arguments": '
+        elif forced_any:
+            prefill = f'{_CALL_OPEN}\n{{"name": "'
+        if prefill:
+            prompt_tokens = prompt_tokens + llama.tokenize(prefill, add_bos=False, special=True)
+        stops = template_stops + list(self.stop or []) + list(stop or [])
+        if prefill:
+            stops.append(_CALL_CLOSE)   # one forced call, then the reply is over
+
+        params = {**self._default_params, **{k: v for k, v in kwargs.items() if k in self._default_params}}
+        if params.get("seed") == -1:
+            params["seed"] = None
+        splitter = _ToolCallSplitter(parse_calls=bool(tools))
+        pieces = splitter.feed(prefill) if prefill else []
+        finish_reason, usage = None, None
+        for chunk in shared.stream_completion(prompt_tokens, stop=stops, **params):
+            choice = chunk["choices"][0]
+            pieces += splitter.feed(choice["text"])
+            if choice["finish_reason"] is not None:
+                finish_reason, usage = choice["finish_reason"], chunk["usage"]
+                if prefill and finish_reason == "stop" and splitter.in_call:
+                    pieces += splitter.feed(_CALL_CLOSE)   # the stop string that ended the forced call
+            yield from (_piece_to_chunk(piece) for piece in pieces)
+            pieces = []
+        for piece in splitter.finish():
+            yield _piece_to_chunk(piece)
+        if splitter.n_calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="", chunk_position="last",
+                usage_metadata={"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                                "total_tokens": usage["total_tokens"]},
+                response_metadata={"model_name": shared.model_name, "finish_reason": finish_reason,
+                                   "model_provider": "ggml"}),
+            generation_info={"finish_reason": finish_reason})
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        for chunk in self._chunks(messages, stop, kwargs):
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        async for chunk in aiter_in_thread(lambda: self._chunks(messages, stop, kwargs)):
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self.streaming:
+            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        return generate_from_stream(self._chunks(messages, stop, kwargs))
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self.streaming:
+            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        return await agenerate_from_stream(aiter_in_thread(lambda: self._chunks(messages, stop, kwargs)))
+
+
+# --- messages ----------------------------------------------------------------------------------------------------
+def convert_messages(messages: Sequence[BaseMessage]) -> list[dict]:
+    """LangChain messages as the OpenAI-style dicts chat templates take (tool-call arguments as objects)."""
+    return [_convert_message(message) for message in messages]
+
+
+def _text_of(content: Any, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif block.get("type") == "text":
+            parts.append(block.get("text", ""))
+        elif block.get("type") in ("tool_use", "tool_call", "thinking", "reasoning"):
+            continue   # tool calls travel in AIMessage.tool_calls; reasoning is not replayed to the model
+        else:
+            raise ValueError(f"ChatGGML runs text-only models: a {role} message's {block.get('type')!r} content "
+                             "block cannot be given to the model")
+    return "".join(parts)
+
+
+def _convert_message(message: BaseMessage) -> dict:
+    if isinstance(message, SystemMessage):
+        return {"role": "system", "content": _text_of(message.content, "system")}
+    if isinstance(message, HumanMessage):
+        return {"role": "user", "content": _text_of(message.content, "human")}
+    if isinstance(message, AIMessage):
+        out: dict[str, Any] = {"role": "assistant", "content": _text_of(message.content, "AI")}
+        if message.tool_calls:
+            out["tool_calls"] = [{"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                  "function": {"name": call["name"], "arguments": call["args"]}}
+                                 for call in message.tool_calls]
+        return out
+    if isinstance(message, ToolMessage):
+        content = message.content
+        if not isinstance(content, str):
+            try:
+                content = _text_of(content, "tool")
+            except ValueError:
+                content = json.dumps(content, ensure_ascii=False)
+        out = {"role": "tool", "content": content, "tool_call_id": message.tool_call_id}
+        if message.name:
+            out["name"] = message.name
+        return out
+    if isinstance(message, FunctionMessage):
+        return {"role": "tool", "content": _text_of(message.content, "function"), "name": message.name}
+    if isinstance(message, ChatMessage):
+        role = {"human": "user", "ai": "assistant"}.get(message.role, message.role)
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"ChatMessage role {message.role!r} has no place in a chat template")
+        return {"role": role, "content": _text_of(message.content, role)}
+    raise ValueError(f"ChatGGML cannot send a {type(message).__name__} to the model")
+
+
+def _resolve_tool_choice(tool_choice: Any, tools: list[dict]) -> tuple[str | None, bool]:
+    """(name of the tool to force or None, whether some call is forced)."""
+    names = [tool["function"]["name"] for tool in tools]
+    if tool_choice in (None, "auto", "none", False):
+        return None, False
+    if tool_choice in ("any", "required", True):
+        if not names:
+            raise ValueError(f"tool_choice={tool_choice!r} needs at least one bound tool")
+        return (names[0] if len(names) == 1 else None), True
+    name = tool_choice
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"tool_choice {tool_choice!r} does not name a bound tool (bound: {', '.join(names) or 'none'})")
+    return name, True
+
+
+# --- streaming tool calls -------------------------------------------------------------------------------------
+class _ToolCallSplitter:
+    """Reply text in, pieces out: ("text", str) outside ``<tool_call>`` blocks, ("call", {...}) for each complete
+    block. Text that may be the start of a block is held back until it is clear either way; a block that is not a
+    valid call (or never closes) comes out as text, so nothing the model wrote is lost."""
+
+    def __init__(self, parse_calls: bool):
+        self.parse_calls = parse_calls
+        self._held = ""
+        self.in_call = False
+        self.n_calls = 0
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        if not self.parse_calls:
+            return [("text", text)] if text else []
+        self._held += text
+        pieces = []
+        while True:
+            if self.in_call:
+                end = self._held.find(_CALL_CLOSE)
+                if end < 0:
+                    return pieces
+                block = self._held[:end + len(_CALL_CLOSE)]
+                self._held = self._held[end + len(_CALL_CLOSE):]
+                self.in_call = False
+                _, calls = parse_tool_calls(block)
+                if calls:
+                    self.n_calls += 1
+                    pieces.append(("call", calls[0]))
+                else:
+                    pieces.append(("text", block))
+                continue
+            start = self._held.find(_CALL_OPEN)
+            if start >= 0:
+                if start:
+                    pieces.append(("text", self._held[:start]))
+                self._held = self._held[start:]
+                self.in_call = True
+                continue
+            keep = _partial_suffix(self._held, _CALL_OPEN)
+            if len(self._held) > keep:
+                pieces.append(("text", self._held[:len(self._held) - keep]))
+                self._held = self._held[len(self._held) - keep:]
+            return pieces
+
+    def finish(self) -> list[tuple[str, Any]]:
+        held, self._held, self.in_call = self._held, "", False
+        return [("text", held)] if held else []
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of ``marker``."""
+    for size in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def _piece_to_chunk(piece: tuple[str, Any]) -> ChatGenerationChunk:
+    kind, value = piece
+    if kind == "text":
+        return ChatGenerationChunk(message=AIMessageChunk(content=value))
+    call_id = f"call_{uuid.uuid4().hex[:24]}"
+    return ChatGenerationChunk(message=AIMessageChunk(
+        content="", tool_call_chunks=[tool_call_chunk(name=value["name"], id=call_id, index=None,
+                                                      args=json.dumps(value["arguments"], ensure_ascii=False))]))

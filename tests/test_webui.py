@@ -1,0 +1,273 @@
+"""The Gradio web chat driven through gradio_client on the real default model (short replies, greedy decoding)."""
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio", reason="the web UI needs gradio (pip install 'ggml-backend[gradio]')")
+gradio_client = pytest.importorskip("gradio_client")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "gradio"))
+
+from ggml_backend import Llama  # noqa: E402
+from ggml_backend.default_model import default_model_path  # noqa: E402
+from ggml_backend.templates import JinjaTemplate, TextgenTemplate  # noqa: E402
+from ggml_webui import build_app  # noqa: E402
+from ggml_webui import chat, template_store  # noqa: E402
+from ggml_webui.settings import GenerationSettings, parse_stop_strings, preset_values  # noqa: E402
+
+GREEDY = dict(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return Llama(default_model_path(), n_ctx=1024, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def templates_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("instruction-templates")
+    old = os.environ.get(template_store.ENV_VAR)
+    os.environ[template_store.ENV_VAR] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop(template_store.ENV_VAR, None)
+    else:
+        os.environ[template_store.ENV_VAR] = old
+
+
+@pytest.fixture(scope="module")
+def server(llama, templates_dir):
+    demo = build_app(llama)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def client(url):
+    return gradio_client.Client(url, verbose=False)
+
+
+def messages(chatbot_value) -> list[tuple[str, str]]:
+    """(role, text) pairs from the Chatbot value gradio_client returns."""
+    out = []
+    for message in chatbot_value:
+        content = message["content"]
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content)
+        out.append((message["role"], content))
+    return out
+
+
+def generate(c, message, n, **kwargs):
+    job = c.submit(message=message, max_new_tokens=n, **GREEDY, **kwargs, api_name="/generate")
+    chatbot_value, textbox = job.result(timeout=240)
+    return job, messages(chatbot_value), textbox
+
+
+# ---- pieces without a server ----------------------------------------------------------------------------------------
+
+def test_presets_and_stop_strings():
+    assert preset_values("simple-1") == {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.0,
+                                         "repetition_penalty": 1.15}
+    assert preset_values("Debug-deterministic")["temperature"] == 0.0
+    assert parse_stop_strings(r'"\n", "\nYou:"') == ["\n", "\nYou:"]
+    assert parse_stop_strings("###") == ["###"]
+    assert parse_stop_strings("") == []
+    with pytest.raises(ValueError):
+        preset_values("nope")
+    settings = GenerationSettings.from_values({"max_new_tokens": 8.0, "seed": -1.0, "ban_eos_token": True,
+                                               "unknown": 1})
+    assert settings.max_new_tokens == 8 and settings.seed == -1
+    params = settings.sampling_params({151645, 151643})
+    assert params.logit_bias == {151645: float("-inf"), 151643: float("-inf")} and params.seed is None
+
+
+def test_model_template_as_textgen_fields(llama):
+    jinja = JinjaTemplate.from_gguf_metadata(llama.metadata)
+    derived = template_store.textgen_from_jinja(jinja)
+    assert derived.fields() == {
+        "user": "<|im_start|>user", "bot": "<|im_start|>assistant",
+        "turn_template": r"<|user|>\n<|user-message|><|im_end|>\n<|bot|>\n<|bot-message|><|im_end|>\n",
+        "context": "<|im_start|>system\n<|system-message|><|im_end|>\n",
+        "system_message": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}
+    conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"}]
+    assert derived.render(conversation) == jinja.render(conversation, add_generation_prompt=True)
+
+
+def test_template_files_round_trip(templates_dir):
+    mine = TextgenTemplate(user="Q:", bot="A:", turn_template="<|user|> <|user-message|>\n<|bot|> <|bot-message|>\n",
+                           context="<|system-message|>\n", system_message="Be terse.")
+    path = template_store.save_template("terse qa", mine)
+    assert path == templates_dir / "terse qa.yaml" and path.read_text() == mine.to_yaml()
+    assert "terse qa" in template_store.template_choices()
+    assert template_store.load_named_template("terse qa") == mine
+    with pytest.raises(ValueError):
+        template_store.save_template("alpaca", mine)       # built-ins are not overwritten
+    with pytest.raises(ValueError):
+        template_store.save_template("../escape", mine)
+    template_store.delete_template("terse qa")
+    assert not path.exists() and "terse qa" not in template_store.template_choices()
+
+
+def test_stream_never_shows_a_partial_stop_string(llama):
+    spec = chat.PromptSettings(template=template_store.load_named_template("textgen-chatml"))
+    prompt = spec.build_prompt([], "Say hello")
+    settings = GenerationSettings(max_new_tokens=8, **GREEDY)
+    full = list(chat.stream_reply(llama, prompt, settings, []))[-1]
+    assert len(full) > 8
+    stop = full[4:8]
+    cut = full[:full.index(stop)]
+    updates = list(chat.stream_reply(llama, prompt, settings, [stop]))
+    assert updates[-1] == cut
+    assert all(cut.startswith(u) for u in updates)           # no update ever shows part of the stop string
+    # a stop string that starts matching but never completes is held back, then released at the end
+    updates = list(chat.stream_reply(llama, prompt, settings, [full[4:8] + "\x00"]))
+    assert updates[-1] == full and all(full.startswith(u) for u in updates)
+
+
+# ---- the running app ----------------------------------------------------------------------------------------------
+
+def test_api_endpoints_are_named(server):
+    api = client(server).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    for name in ("/generate", "/stop", "/continue", "/regenerate", "/remove_last", "/impersonate", "/show_prompt",
+                 "/copy_last_reply", "/replace_last_reply", "/clear_history", "/load_model", "/save_template"):
+        assert name in api
+    names = [p["parameter_name"] for p in api["/generate"]["parameters"]]
+    assert names[0] == "message" and {"turn_template", "max_new_tokens", "mode", "ban_eos_token"} <= set(names)
+
+
+def test_generate_streams_then_regenerate_and_remove(server):
+    c = client(server)
+    job, chat_messages, textbox = generate(c, "Say hello", 8)
+    assert textbox == ""
+    assert [role for role, _ in chat_messages] == ["user", "assistant"] and chat_messages[0][1] == "Say hello"
+    reply = chat_messages[1][1]
+    assert reply
+    replies = [messages(out[0])[-1][1] for out in job.outputs() if len(out[0]) == 2]
+    assert len(replies) >= 3 and replies[-1] == reply                   # streamed: several growing updates
+    assert all(reply.startswith(r) for r in replies)
+    # greedy: regenerating gives the same reply again, replacing (not adding) the exchange
+    regenerated = messages(c.predict(max_new_tokens=8, **GREEDY, api_name="/regenerate")[0])
+    assert regenerated == chat_messages
+    assert c.predict(api_name="/copy_last_reply") == reply
+    textbox, chatbot_value = c.predict(api_name="/remove_last")
+    assert textbox == "Say hello" and chatbot_value == []
+
+
+def test_stop_keeps_partial_reply(server):
+    c = client(server)
+    job = c.submit(message="Say hello", max_new_tokens=16, **GREEDY, api_name="/generate")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        outputs = job.outputs()
+        if outputs and len(outputs[-1][0]) == 2 and messages(outputs[-1][0])[1][1]:
+            break
+        time.sleep(0.2)
+    c.predict(api_name="/stop")
+    stopped = messages(job.result(timeout=120)[0])
+    partial = stopped[1][1]
+    assert partial
+    assert len(llama_tokens(partial)) < 12                    # far fewer than the 16 asked for
+    assert c.predict(api_name="/copy_last_reply") == partial  # kept in the session's history
+    # the same greedy reply, only shorter: a prefix of an 8-token unstopped run in a fresh session
+    _, full, _ = generate(client(server), "Say hello", 8)
+    assert full[1][1].startswith(partial) or partial.startswith(full[1][1])
+
+
+_TOKENIZER = {}
+
+
+def llama_tokens(text):
+    return _TOKENIZER["llama"].tokenize(text, add_bos=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _keep_tokenizer(llama):
+    _TOKENIZER["llama"] = llama
+
+
+def test_continue_extends_reply(server):
+    c = client(server)
+    _, first, _ = generate(c, "Name three colors.", 4)
+    continued = messages(c.predict(max_new_tokens=4, **GREEDY, api_name="/continue")[0])
+    assert len(continued) == 2 and continued[0] == first[0]
+    assert continued[1][1].startswith(first[1][1]) and len(continued[1][1]) > len(first[1][1])
+    assert messages(c.predict(api_name="/clear_history")[0]) == []
+
+
+def test_impersonate_writes_the_user_turn(server):
+    c = client(server)
+    text = c.predict(message="I would like", max_new_tokens=4, **GREEDY, api_name="/impersonate")
+    assert text.startswith("I would like") and len(text) > len("I would like")
+
+
+def test_turn_template_field_changes_the_prompt(server):
+    c = client(server)
+    default_prompt = c.predict(message="Hello", api_name="/show_prompt")
+    assert default_prompt.endswith("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    custom = c.predict(message="Hello", user_string="Q:", bot_string="A:",
+                       turn_template=r"<|user|> <|user-message|>\n<|bot|> <|bot-message|>\n",
+                       context_instruct="<|system-message|>\n\n", system_message="Be brief.",
+                       api_name="/show_prompt")
+    assert custom == "Be brief.\n\nQ: Hello\nA:"
+    custom_system = c.predict(message="Hello", custom_system_message="Answer in French.", api_name="/show_prompt")
+    assert custom_system.startswith("<|im_start|>system\nAnswer in French.<|im_end|>\n")
+    chat_mode = c.predict(message="Hello", mode="chat", name1="Ann", name2="Bot", character_context="A chat.",
+                          api_name="/show_prompt")
+    assert chat_mode == "A chat.\nAnn: Hello\nBot:"
+
+
+def test_template_menu_and_save(server, templates_dir):
+    c = client(server)
+    fields = c.predict("alpaca", api_name="/select_template")
+    assert fields[0] == "### Instruction:" and fields[1] == "### Response:"
+    c.predict("my alpaca", *fields[:5], api_name="/save_template")
+    saved = templates_dir / "my alpaca.yaml"
+    assert TextgenTemplate.load(saved).fields()["user"] == "### Instruction:"
+    c.predict("my alpaca", api_name="/delete_template")
+    assert not saved.exists()
+
+
+def test_corrupt_model_file_is_reported(server, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    c = client(server)
+    status, _info, _menu = c.predict(str(bad), 1024, 0, 0, api_name="/load_model")
+    with pytest.raises(ValueError) as loader_error:
+        Llama(str(bad), verbose=False)
+    assert status == f"**Error:** {loader_error.value}"      # the loader's own message
+    # the app keeps its model and keeps working
+    assert c.predict(message="Hi", api_name="/show_prompt").endswith("<|im_start|>assistant\n")
+
+
+def test_two_sessions_are_separate(server):
+    a, b = client(server), client(server)
+    results = {}
+
+    def run(name, c, message):
+        results[name] = generate(c, message, 4)[1]
+
+    threads = [threading.Thread(target=run, args=("a", a, "Say red")),
+               threading.Thread(target=run, args=("b", b, "Say blue"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert results["a"][0] == ("user", "Say red") and results["b"][0] == ("user", "Say blue")
+    assert len(results["a"]) == 2 and len(results["b"]) == 2
+    # each session's history holds only its own exchange
+    assert a.predict(api_name="/remove_last")[0] == "Say red"
+    assert b.predict(api_name="/remove_last")[0] == "Say blue"
