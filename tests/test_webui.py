@@ -205,7 +205,9 @@ def test_continue_extends_reply(server):
     continued = messages(c.predict(max_new_tokens=4, **GREEDY, api_name="/continue")[0])
     assert len(continued) == 2 and continued[0] == first[0]
     assert continued[1][1].startswith(first[1][1]) and len(continued[1][1]) > len(first[1][1])
-    assert messages(c.predict(api_name="/clear_history")[0]) == []
+    cleared = c.predict(api_name="/clear_history")
+    assert (cleared[0] if isinstance(cleared, tuple) else cleared) == []
+    assert c.predict(api_name="/copy_last_reply") == ""                 # the history is empty too
 
 
 def test_impersonate_writes_the_user_turn(server):
@@ -271,3 +273,33 @@ def test_two_sessions_are_separate(server):
     # each session's history holds only its own exchange
     assert a.predict(api_name="/remove_last")[0] == "Say red"
     assert b.predict(api_name="/remove_last")[0] == "Say blue"
+
+
+def test_cli_rejects_bad_options(capsys):
+    from ggml_backend.cli.main import main
+    assert main(["webui", "--port", "70000"]) == 1
+    assert "--port must be in 1..65535" in capsys.readouterr().err
+
+
+def test_cli_serves_the_page_on_localhost():
+    import subprocess
+    import urllib.request
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1] / "integrations" / "gradio"), os.environ.get("PYTHONPATH", "")]))
+    process = subprocess.Popen([sys.executable, "-m", "ggml_backend", "webui", "-c", "256", "-t", "1",
+                                "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        page = None
+        while time.time() < deadline and process.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, process.stdout.read().decode() if process.poll() is not None else "no page"
+        assert "ggml_backend chat" in page
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -260,6 +260,9 @@ class RunSession:
             n_remain -= produced
             pending = []
             history = [int(t) for t in llm.input_ids[:llm.n_tokens]] + ([last] if last is not None else [])
+            if self.is_interacting:
+                # interrupted by Ctrl-C: the user types on a fresh line (main's handler printed this newline)
+                self.painter.write("\n")
             if ended:
                 if not self.interactive:
                     self.log(" [end of text]")

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from .. import _threading  # noqa: F401  (numba's threading layer, chosen before any parallel kernel runs)
 from . import floats, kquants, legacy  # noqa: F401  (importing them registers their kernels)
 from .types import QuantType, get_type
 

@@ -22,6 +22,9 @@ Every size a kernel relies on is checked here, in Python, before the kernel runs
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,9 +47,9 @@ class MatmulShapeError(ValueError):
 # (measured with benchmarks/bench_matmul.py: see the module docstring there).
 BLAS_MIN_TOKENS = 16
 
-# Weight rows dequantized per sgemm call on the BLAS path: a band of float32 small enough to stay in cache-ish
-# memory (1024 rows x 4864 values = 20 MB at most for the models we run) but big enough for sgemm to be efficient.
-BLAS_BAND_ROWS = 1024
+# Weight rows dequantized per sgemm call on the BLAS path: a band of float32 small enough to stay in L2/L3
+# (256 rows x 4864 values = 5 MB at most for the models we run) but big enough for sgemm to be efficient.
+BLAS_BAND_ROWS = 256
 
 # ggml half-precision bits -> float32, for reading block scales inside the kernels.
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -487,10 +490,10 @@ def _matvec_q6_K(w, w_signed, xq, xd, out, n_chunks, f16_table):
 # Dequantizers for the BLAS path: rows [first, last) of W -> float32 [last - first, k]
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _dequantize_legacy_rows(kind, w, w_signed, first, last, out, f16_table):
     n_blocks = out.shape[1] // 32
-    for r in prange(first, last):
+    for r in range(first, last):
         q = np.empty(32, np.int16)
         row = w[r]
         signed_row = w_signed[r]
@@ -500,10 +503,10 @@ def _dequantize_legacy_rows(kind, w, w_signed, first, last, out, f16_table):
                 out[r - first, b * 32 + i] = d * np.float32(q[i]) + m
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _dequantize_kquant_rows(kind, w, w_signed, first, last, out, f16_table):
     n_blocks = out.shape[1] // 256
-    for r in prange(first, last):
+    for r in range(first, last):
         q = np.empty(256, np.int16)
         scales = np.empty(16, np.int32)
         mins = np.empty(16, np.int32)
@@ -566,9 +569,13 @@ class QuantizedActivations:
     rounded: np.ndarray | None = None  # f16 / bf16: the rows rounded to that precision
 
 
-def quantize_activations(vec_dot_type: str, x: np.ndarray) -> QuantizedActivations:
-    """Quantize activation rows (float32 [n_tokens, k]) for weights whose ``vec_dot_type`` is given."""
+def quantize_activations(vec_dot_type: str, x: np.ndarray, for_blas: bool = False) -> QuantizedActivations:
+    """Quantize activation rows (float32 [n_tokens, k]) for weights whose ``vec_dot_type`` is given.
+
+    ``for_blas``: the product will take the BLAS path, which reads float rows only; skip the 8-bit quantization."""
     rows = _as_activation_rows(x)
+    if for_blas and vec_dot_type in ("q8_0", "q8_1", "q8_K"):
+        return QuantizedActivations(vec_dot_type, rows)
     if vec_dot_type == "q8_0":
         qs, d = quantize_activations_q8_0(rows)
         return QuantizedActivations(vec_dot_type, rows, qs, d)
@@ -585,6 +592,11 @@ def quantize_activations(vec_dot_type: str, x: np.ndarray) -> QuantizedActivatio
     if vec_dot_type == "f32":
         return QuantizedActivations(vec_dot_type, rows, rounded=rows)
     raise MatmulShapeError(f"unknown vec_dot_type {vec_dot_type!r}")
+
+
+def _takes_blas_path(method: str, n_tokens: int) -> bool:
+    """Whether a product of quantized weights with n_tokens rows runs on the BLAS path."""
+    return method == "blas" or (method == "auto" and n_tokens >= BLAS_MIN_TOKENS)
 
 
 def _float_weights(qtype: QuantType, weight_bytes: np.ndarray, first: int, last: int) -> np.ndarray:
@@ -680,13 +692,57 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
 
     # BLAS: float32 (or f16/bf16-rounded) activations times float32 bands of W.
     lhs = acts.rounded if acts.rounded is not None else rows
-    if n_rows <= BLAS_BAND_ROWS:
-        np.matmul(lhs, _dequantize_band(qtype, weight_bytes, 0, n_rows, k).T, out=out)
-        return out
-    for first in range(0, n_rows, BLAS_BAND_ROWS):
-        last = min(n_rows, first + BLAS_BAND_ROWS)
-        out[:, first:last] = lhs @ _dequantize_band(qtype, weight_bytes, first, last, k).T
+    _blas_product(qtype, weight_bytes, lhs, out, k)
     return out
+
+
+_blas_pool: ThreadPoolExecutor | None = None
+_blas_pool_lock = threading.Lock()
+_blas_controller = None
+
+
+def _blas_workers(n_workers: int) -> ThreadPoolExecutor:
+    global _blas_pool
+    with _blas_pool_lock:
+        if _blas_pool is None or _blas_pool._max_workers < n_workers:
+            _blas_pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="ggml_backend-blas")
+        return _blas_pool
+
+
+def _single_threaded_blas():
+    """A context in which numpy's BLAS runs on the calling thread only (threadpoolctl), or a no-op without it.
+
+    Each of our workers runs its own sgemm on its own band; OpenBLAS's own busy-waiting threads on top of that
+    cost 3x the CPU time and 3x the wall time of a prompt on a loaded 2-core machine (benchmarks/README.md)."""
+    global _blas_controller
+    try:
+        if _blas_controller is None:
+            from threadpoolctl import ThreadpoolController
+            _blas_controller = ThreadpoolController()
+        return _blas_controller.limit(limits=1, user_api="blas")
+    except ImportError:
+        return contextlib.nullcontext()
+
+
+def _blas_product(qtype: QuantType, weight_bytes: np.ndarray, lhs: np.ndarray, out: np.ndarray, k: int) -> None:
+    """out = lhs @ W.T: bands of W rows, each dequantized to float32 (small enough to stay in cache) and
+    multiplied by a single-threaded sgemm, spread over numba's thread count of Python workers (both the
+    dequantizer and numpy release the GIL)."""
+    n_rows = weight_bytes.shape[0]
+    n_workers = max(1, numba.get_num_threads())
+    band_rows = max(1, min(BLAS_BAND_ROWS, -(-n_rows // n_workers)))
+    bands = [(first, min(n_rows, first + band_rows)) for first in range(0, n_rows, band_rows)]
+
+    def multiply(band):
+        first, last = band
+        out[:, first:last] = lhs @ _dequantize_band(qtype, weight_bytes, first, last, k).T
+
+    with _single_threaded_blas():
+        if n_workers == 1 or len(bands) == 1:
+            for band in bands:
+                multiply(band)
+        else:
+            list(_blas_workers(n_workers).map(multiply, bands))
 
 
 def matmul(weight_type, weight_bytes: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
@@ -701,7 +757,7 @@ def matmul(weight_type, weight_bytes: np.ndarray, x: np.ndarray, out: np.ndarray
         raise MatmulShapeError(f"matmul does not support weights of type {qtype.name}")
     rows = _as_activation_rows(x)
     _check_weights(qtype, weight_bytes, rows.shape[1])
-    acts = quantize_activations(qtype.vec_dot_type, rows)
+    acts = quantize_activations(qtype.vec_dot_type, rows, for_blas=_takes_blas_path(method, rows.shape[0]))
     if x.ndim == 1:
         result = _matmul_prepared(qtype, weight_bytes, acts, None if out is None else out.reshape(1, -1), method)
         return result.reshape(-1)
@@ -752,7 +808,7 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
             raise MatmulShapeError(f"{weight!r} needs rows of {weight.shape[1]} values, got {rows.shape[1]}")
         vdt = weight.type.vec_dot_type
         if vdt not in prepared:
-            prepared[vdt] = quantize_activations(vdt, rows)
+            prepared[vdt] = quantize_activations(vdt, rows, for_blas=_takes_blas_path(method, rows.shape[0]))
         result = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, method)
         results.append(result.reshape(-1) if x.ndim == 1 else result)
     return results

@@ -83,7 +83,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
         settings_inputs = {}
 
         with gr.Tab("Chat", elem_id="chat-tab"):
-            chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=440, value=[])
+            chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=440, value=[], buttons=["copy", "copy_all"])
             textbox = gr.Textbox(label="Input", show_label=False, placeholder="Send a message", elem_id="chat-input",
                                  lines=1)
             with gr.Row():
@@ -365,6 +365,8 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                            None, clear_arr, api_visibility="private")
         clear_cancel.click(lambda: (gr.update(visible=False), gr.update(visible=True), gr.update(visible=False)),
                            None, clear_arr, api_visibility="private")
+        # the Chatbot's own trash icon empties the session's history too, so the page never shows less than is sent
+        chatbot.clear(lambda: [], None, [history], api_visibility="private")
         clear_confirm.click(clear_history, None, [chatbot, history] + clear_arr, api_name="clear_history")
         template_fields = [settings_inputs[name] for name in TEMPLATE_FIELDS]
         template_menu.change(select_template, [template_menu], template_fields + [template_status],

@@ -162,7 +162,8 @@ class ChatGGML(BaseChatModel):
         # A forced call: the reply starts with the call's opening text, written by us, not sampled
         prefill = ""
         if forced_name is not None:
-            prefill = f'{_CALL_OPEN}\n{{"name": "{forced_name}", "arguments": '
+            # "{" too: small models otherwise copy the template's "<args-json-object>" placeholder shape loosely
+            prefill = f'{_CALL_OPEN}\n{{"name": "{forced_name}", "arguments": {{'
         elif forced_any:
             prefill = f'{_CALL_OPEN}\n{{"name": "'
         if prefill:

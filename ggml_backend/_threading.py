@@ -1,0 +1,35 @@
+"""numba's threading layer for the whole engine, chosen once before the first parallel kernel runs.
+
+numba picks its layer at the first ``parallel=True`` launch; this module is imported by ``ggml_backend.quant``
+(which holds every parallel kernel) so the choice below is always in place by then. Why this choice:
+
+* ``tbb`` (the PyPI package ``tbb``): safe when several Python threads call kernels at once (LangChain thread
+  pools, several ``Llama`` objects), and its idle workers sleep instead of spinning, so they do not fight
+  OpenBLAS's threads or other processes on a small machine. Measured as fast as ``workqueue`` on our kernels.
+* ``omp`` with ``OMP_WAIT_POLICY=PASSIVE`` when tbb is missing (numba's ``threadsafe`` request gives tbb, else omp): also thread-safe. Left to spin (the default), its
+  workers took the cores away from OpenBLAS and everything else (decode fell to 0.3 GB/s under load).
+* never ``workqueue`` by default: it aborts the process when two Python threads launch kernels concurrently.
+
+A user's explicit ``NUMBA_THREADING_LAYER`` (or ``numba.config.THREADING_LAYER`` set before importing us) wins.
+"""
+from __future__ import annotations
+
+import os
+
+
+def choose_threading_layer() -> str:
+    """Ask numba for a thread-safe layer (tbb, else omp) unless the user chose one; return the request."""
+    import numba
+
+    explicit = os.environ.get("NUMBA_THREADING_LAYER")
+    if explicit:
+        return explicit
+    if numba.config.THREADING_LAYER not in ("default", ""):
+        return numba.config.THREADING_LAYER
+    # libgomp reads this when numba loads it at the first parallel launch, which is after this import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    numba.config.THREADING_LAYER = "threadsafe"   # numba's name for "tbb if installed, else omp"
+    return "threadsafe"
+
+
+THREADING_LAYER = choose_threading_layer()

@@ -1,0 +1,84 @@
+"""The real models from PyPI (Qwen2.5-Coder-0.5B-Instruct, Gemma 3 270M) against llama.cpp's greedy outputs.
+
+Criteria of the engine issue: teacher-forced argmax equals llama.cpp's token at every position except near-ties
+(our own top-2 logits within 0.05); the top-10 logits at the first generated position within 0.5 of llama.cpp's;
+free-running greedy output equal to llama.cpp's up to the first near-tie.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ggml_backend import Llama
+from refdata import real_json, real_model
+
+NEAR_TIE = 0.05
+MODELS = ["qwen", "gemma"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model(request):
+    which = request.param
+    llm = Llama(str(real_model(which)), n_ctx=160, logits_all=True, verbose=False)
+    return which, llm
+
+
+def _cases(which):
+    return real_json(which)["greedy"]
+
+
+def top2_margin(logits: np.ndarray) -> float:
+    top = np.partition(logits, -2)[-2:]
+    return float(top[1] - top[0])
+
+
+def test_prompts_tokenize_as_llama_cpp(model):
+    which, llm = model
+    for case in _cases(which):
+        assert llm.tokenize(case["prompt"].encode(), add_bos=True, special=True) == case["prompt_tokens"]
+
+
+def test_teacher_forced_argmax_and_top10_match_llama_cpp(model):
+    which, llm = model
+    for case in _cases(which):
+        prompt, continuation = case["prompt_tokens"], case["greedy_tokens"]
+        llm.reset()
+        llm.eval(prompt + continuation)
+        logits = llm.scores[len(prompt) - 1:len(prompt) + len(continuation) - 1]
+        for i, expected in enumerate(continuation):
+            ours = int(np.argmax(logits[i]))
+            if ours != expected:
+                margin = float(logits[i][ours] - logits[i][expected])
+                assert margin < NEAR_TIE, (f"{which} {case['prompt'][:40]!r}: position {i}: ours {ours}, "
+                                           f"llama.cpp {expected}, our margin {margin:.3f}")
+        first = logits[0]
+        ids = case["first_top10_ids"]
+        diff = np.abs(first[ids] - np.array(case["first_top10_logits"], dtype=np.float32)).max()
+        assert diff < 0.5, f"{which}: top-10 logits differ by up to {diff:.3f}"
+        # the same top-10 set, up to tokens whose logits sit within the tolerance of the 10th
+        ours_top = set(np.argsort(-first)[:10].tolist())
+        tenth = min(case["first_top10_logits"])
+        assert all(first[t] >= tenth - 0.5 for t in ours_top)
+
+
+def test_free_running_greedy_matches_llama_cpp_up_to_first_near_tie(model):
+    which, llm = model
+    for case in _cases(which):
+        llm.reset()
+        llm.eval(case["prompt_tokens"])
+        produced = []
+        for expected in case["greedy_tokens"]:
+            logits = llm.eval_logits
+            ours = int(np.argmax(logits))
+            if ours != expected:
+                assert top2_margin(logits) < NEAR_TIE or logits[ours] - logits[expected] < NEAR_TIE, \
+                    f"{which}: diverged at token {len(produced)} without a near-tie"
+                break
+            produced.append(ours)
+            if ours in llm.tokenizer.eog_ids:
+                break
+            llm.eval([ours])
+        text = llm.detokenize(produced).decode("utf-8", errors="replace")
+        assert case["greedy_text"].startswith(text)
+        if len(produced) == len(case["greedy_tokens"]):
+            assert text == case["greedy_text"]

@@ -1,0 +1,162 @@
+"""GGMLLLM (LangChain LLM) on the real default model: sync/async/streaming paths, callbacks, stop strings,
+concurrency and the shared model cache. Generations are kept short: decoding is slow on a shared CPU."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("langchain_core", reason="langchain-core is a dev dependency (pip install -e '.[dev]')")
+
+try:
+    import langchain_ggml  # noqa: F401
+except ImportError:   # not installed as a package yet: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "langchain"))
+
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+
+from langchain_ggml import GGMLLLM  # noqa: E402
+from langchain_ggml import _shared  # noqa: E402
+
+N_CTX = 1024          # the same as the other LangChain test modules: one model load for all of them
+MAX_TOKENS = 8
+PROMPT_A = "def reverse_string(s):"
+PROMPT_B = "# Python: read a file\nwith open("
+
+
+@pytest.fixture(scope="module")
+def llm() -> GGMLLLM:
+    return GGMLLLM(n_ctx=N_CTX, max_tokens=MAX_TOKENS, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def solo(llm) -> dict[str, str]:
+    """Each prompt's completion, generated alone: what every other path must reproduce at temperature 0."""
+    return {prompt: llm.invoke(prompt) for prompt in (PROMPT_A, PROMPT_B)}
+
+
+class TokenRecorder(BaseCallbackHandler):
+    def __init__(self):
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+def test_invoke_is_the_engine_completion(llm, solo):
+    engine = llm.shared_model.llama.create_completion(PROMPT_A, max_tokens=MAX_TOKENS, temperature=0)
+    assert solo[PROMPT_A] == engine["choices"][0]["text"]
+    assert "return" in solo[PROMPT_A]   # the model does answer: reversing a string is one return statement
+
+
+def test_stream_fires_callback_before_each_chunk(llm, solo):
+    recorder = TokenRecorder()
+    chunks = []
+    for chunk in llm.stream(PROMPT_A, config={"callbacks": [recorder]}):
+        # the handler has already seen this chunk's text when the chunk reaches us
+        assert recorder.tokens and recorder.tokens[-1] == chunk
+        chunks.append(chunk)
+    assert len(chunks) > 1
+    assert "".join(chunks) == solo[PROMPT_A]
+    assert "".join(recorder.tokens) == solo[PROMPT_A]
+
+
+def test_stop_strings_cut_the_output(llm, solo):
+    full = solo[PROMPT_A]
+    assert "[::-1]" in full
+    cut = llm.invoke(PROMPT_A, stop=["[::-1]"])
+    assert cut == full[:full.index("[::-1]")]
+    assert GGMLLLM(n_ctx=N_CTX, max_tokens=MAX_TOKENS, temperature=0, stop=["[::-1]"]).invoke(PROMPT_A) == cut
+
+
+def test_batch(llm, solo):
+    assert llm.batch([PROMPT_A, PROMPT_B]) == [solo[PROMPT_A], solo[PROMPT_B]]
+
+
+def test_four_threads_get_their_solo_outputs(llm, solo):
+    def run(job):
+        mode, prompt = job
+        if mode == "stream":
+            return "".join(llm.stream(prompt))
+        return llm.invoke(prompt)
+
+    jobs = [("invoke", PROMPT_A), ("stream", PROMPT_B), ("stream", PROMPT_A), ("invoke", PROMPT_B)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, jobs))
+    assert results == [solo[prompt] for _, prompt in jobs]
+
+
+def test_async_paths_do_not_block_the_event_loop(llm, solo):
+    async def scenario():
+        ticks = 0
+        running = True
+
+        async def ticker():
+            nonlocal ticks
+            while running:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        tick_task = asyncio.create_task(ticker())
+        recorder = TokenRecorder()
+        chunks, ticks_between_chunks = [], []
+        async for chunk in llm.astream(PROMPT_B, config={"callbacks": [recorder]}):
+            chunks.append(chunk)
+            ticks_between_chunks.append(ticks)
+        invoked = await llm.ainvoke(PROMPT_A)
+        running = False
+        await tick_task
+        return chunks, ticks_between_chunks, recorder.tokens, invoked, ticks
+
+    chunks, ticks_seen, tokens, invoked, ticks = asyncio.run(scenario())
+    assert "".join(chunks) == solo[PROMPT_B]
+    assert tokens == chunks
+    assert invoked == solo[PROMPT_A]
+    # A token takes far longer than 10 ms, so a free loop ticks between chunks; a blocked one would not.
+    assert ticks_seen[-1] > ticks_seen[0]
+    assert ticks >= 10
+
+
+def test_abandoned_async_stream_releases_the_model(llm, solo):
+    async def first_chunk_only():
+        async for chunk in llm.astream(PROMPT_A):
+            return chunk
+
+    first = asyncio.run(first_chunk_only())
+    assert solo[PROMPT_A].startswith(first)
+    # the worker stops after the item in progress and releases the lock: another thread gets the model
+    result = []
+    worker = threading.Thread(target=lambda: result.append(llm.invoke(PROMPT_B)))
+    worker.start()
+    worker.join(timeout=300)
+    assert result == [solo[PROMPT_B]]
+
+
+def test_a_second_generation_on_the_same_thread_is_refused(llm, solo):
+    stream = llm.stream(PROMPT_A)
+    first = next(stream)
+    with pytest.raises(RuntimeError, match="already generating"):
+        llm.invoke(PROMPT_B)
+    rest = "".join(stream)
+    assert first + rest == solo[PROMPT_A]
+
+
+def test_instances_share_one_model_and_load_lazily(llm):
+    other = GGMLLLM(n_ctx=N_CTX, max_tokens=3, temperature=0.5)
+    assert other.shared_model is llm.shared_model
+    n_loaded = len(_shared._models)
+    GGMLLLM(n_ctx=N_CTX + 1)   # constructing loads nothing
+    assert len(_shared._models) == n_loaded
+
+
+def test_identity_and_validation():
+    llm = GGMLLLM(n_ctx=N_CTX, temperature=0.3, max_tokens=5)
+    assert llm._llm_type == "ggml"
+    params = llm._identifying_params
+    assert params["temperature"] == 0.3 and params["max_tokens"] == 5 and params["n_ctx"] == N_CTX
+    with pytest.raises(FileNotFoundError):
+        GGMLLLM(model_path="/nonexistent/model.gguf").invoke("x")

@@ -1,0 +1,46 @@
+"""LangChain's standard chat-model tests (langchain-tests) run against ChatGGML on the real default model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("langchain_tests", reason="langchain-tests is a dev dependency (pip install -e '.[dev]')")
+
+try:
+    import langchain_ggml  # noqa: F401
+except ImportError:   # not installed as a package yet: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "langchain"))
+
+from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
+from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
+
+from langchain_ggml import ChatGGML  # noqa: E402
+
+# One n_ctx for every LangChain test module, so they all share one loaded model.
+N_CTX = 1024
+# Enough for a short greeting and for a forced tool call (the joke schema of the structured-output tests
+# included); long answers are cut, which the standard tests allow.
+MAX_TOKENS = 40
+
+
+class TestChatGGMLUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatGGML]:
+        return ChatGGML
+
+    @property
+    def chat_model_params(self) -> dict:
+        # no max_tokens here: test_standard_params passes its own
+        return {"n_ctx": N_CTX, "temperature": 0}
+
+
+class TestChatGGMLIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[ChatGGML]:
+        return ChatGGML
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"n_ctx": N_CTX, "max_tokens": MAX_TOKENS, "temperature": 0}
