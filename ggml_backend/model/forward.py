@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..quant import dequantize, dequantize_rows
-from ..quant.matmul import matmul
+from ..quant.matmul import WeightMatrix, matmul_many
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_cos_sin
 from .spec import HParams
@@ -27,11 +27,20 @@ class Linear:
     n_in: int
     bias: np.ndarray | None = None
 
+    def __post_init__(self):
+        self.matrix = WeightMatrix(self.qtype, self.data, (self.n_out, self.n_in))
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = matmul(self.qtype, self.data, x)
-        if self.bias is not None:
-            y += self.bias
-        return y
+        return project(x, self)[0]
+
+
+def project(x: np.ndarray, *linears: Linear) -> list[np.ndarray]:
+    """x @ W.T (+ bias) for weights sharing the input x (q/k/v, gate/up): x is quantized once per vec_dot_type."""
+    outputs = matmul_many([linear.matrix for linear in linears], x)
+    for linear, y in zip(linears, outputs):
+        if linear.bias is not None:
+            y += linear.bias
+    return outputs
 
 
 @dataclass
@@ -169,9 +178,10 @@ class Model:
         for il, layer in enumerate(self.layers):
             # --- attention ---
             h = rms_norm(x, layer.attn_norm, hp.rms_eps)
-            q = layer.wq(h).reshape(n_tokens, hp.n_head, hp.head_dim_k)
-            k = layer.wk(h).reshape(n_tokens, hp.n_head_kv, hp.head_dim_k)
-            v = layer.wv(h).reshape(n_tokens, hp.n_head_kv, hp.head_dim_v)
+            q, k, v = project(h, layer.wq, layer.wk, layer.wv)
+            q = q.reshape(n_tokens, hp.n_head, hp.head_dim_k)
+            k = k.reshape(n_tokens, hp.n_head_kv, hp.head_dim_k)
+            v = v.reshape(n_tokens, hp.n_head_kv, hp.head_dim_v)
             if layer.q_norm is not None:
                 q = rms_norm(q, layer.q_norm, hp.rms_eps)
                 k = rms_norm(k, layer.k_norm, hp.rms_eps)
@@ -205,8 +215,7 @@ class Model:
 
             # --- feed-forward ---
             h = rms_norm(x, layer.ffn_norm, hp.rms_eps)
-            gate = layer.w_gate(h)
-            up = layer.w_up(h)
+            gate, up = project(h, layer.w_gate, layer.w_up)
             act = silu(gate) if hp.arch.ffn_activation == "silu" else gelu_tanh(gate)
             ffn_out = layer.w_down(act * up)
             if layer.post_ffn_norm is not None:

@@ -677,7 +677,7 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
         method = "blas" if (not quantized or n_tokens >= BLAS_MIN_TOKENS) else "int"
 
     if method == "int" and quantized:
-        if acts.qs is None:  # activations prepared without quantization (cannot happen via the public API)
+        if acts.qs is None:  # activations prepared with for_blas=True
             raise MatmulShapeError("integer path needs quantized activations")
         if n_tokens == 1 and _matvec_fast(qtype.name, weight_bytes, acts, out):
             return out
