@@ -212,11 +212,11 @@ class Llama:
 
         max_tokens None or <= 0 means no limit: when the context fills, it is shifted (n_keep tokens kept) as
         llama.cpp's main does. The caller holds no lock: this generator takes the model's lock while it runs."""
-        from .generation import Sampler, SamplingParams
+        from .generation import SamplingParams
         if params is None:
             params = SamplingParams()
         if sampler is None:
-            sampler = Sampler(params, n_vocab=self.hparams.n_vocab, seed=self._resolve_seed(params.seed))
+            sampler = self._make_sampler(params)
         stop_ids = set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
         tokens = [int(t) for t in tokens]
         if n_keep is None:
@@ -232,9 +232,17 @@ class Llama:
                 yield token
                 if token in stop_ids:
                     return
+                if max_tokens is not None and 0 < max_tokens <= produced:
+                    return   # the caller asked for no more: don't pay a forward pass for a token never used
                 if self.n_tokens >= self._n_ctx:
                     self._context_shift(n_keep)
                 self.eval([token])
+
+    def _make_sampler(self, params):
+        from .generation import Sampler
+        newline = self.tokenizer.encode("\n", add_bos=False)
+        return Sampler(params, n_vocab=self.hparams.n_vocab, seed=self._resolve_seed(params.seed),
+                       newline_token=newline[0] if len(newline) == 1 else None)
 
     def _resolve_seed(self, seed):
         if seed is not None and seed != -1:
@@ -251,14 +259,14 @@ class Llama:
                           stream: bool = False, seed: int | None = None, tfs_z: float = 1.0, mirostat_mode: int = 0,
                           mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: str | None = None,
                           logit_bias: dict | None = None, repeat_last_n: int = 64, n_keep: int | None = None,
-                          add_bos: bool | None = None, stop_tokens=None, **_ignored):
+                          add_bos: bool | None = None, stop_tokens=None, penalize_nl: bool = True, **_ignored):
         """An OpenAI/llama-cpp-python-shaped text completion (a dict, or an iterator of chunks if stream)."""
         from .generation import SamplingParams
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, tfs_z=tfs_z, typical_p=typical_p,
             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta, logit_bias=dict(logit_bias or {}), seed=seed)
+            mirostat_eta=mirostat_eta, logit_bias=dict(logit_bias or {}), seed=seed, penalize_nl=penalize_nl)
         if isinstance(prompt, (list, tuple, np.ndarray)):
             prompt_tokens = [int(t) for t in prompt]
         else:
@@ -291,11 +299,11 @@ class Llama:
     def _completion_stream(self, prompt_tokens, params, max_tokens, stop, echo, logprobs, n_keep, model_name,
                            stop_tokens):
         import uuid
-        from .generation import Sampler, TextStreamer, top_logprobs
+        from .generation import TextStreamer, top_logprobs
         completion_id = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         model_name = model_name or self.model_path
-        sampler = Sampler(params, n_vocab=self.hparams.n_vocab, seed=self._resolve_seed(params.seed))
+        sampler = self._make_sampler(params)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         streamer = TextStreamer(stops)
         eog = set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
@@ -381,7 +389,8 @@ class Llama:
                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.0, tfs_z: float = 1.0,
                                mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                                model: str | None = None, logit_bias: dict | None = None, logprobs: bool = False,
-                               top_logprobs: int | None = None, chat_template=None, **_ignored):
+                               top_logprobs: int | None = None, chat_template=None, repeat_last_n: int = 64,
+                               penalize_nl: bool = True, **_ignored):
         """An OpenAI/llama-cpp-python-shaped chat completion, on the model's own chat template (or a chosen one).
 
         With ``tools`` (OpenAI function specs) the template is asked to describe them (Qwen2.5's does), and
@@ -396,7 +405,8 @@ class Llama:
             typical_p=typical_p, stream=stream, stop=template_stops + user_stops, seed=seed,
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
             tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
-            model=model, logit_bias=logit_bias, logprobs=top_logprobs if logprobs else None)
+            model=model, logit_bias=logit_bias, logprobs=top_logprobs if logprobs else None,
+            repeat_last_n=repeat_last_n, penalize_nl=penalize_nl)
         chat_id = f"chatcmpl-{uuid.uuid4()}"
         if stream:
             return self._chat_stream(completion, chat_id)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..quant import dequantize, dequantize_rows
+from ..quant.activations import round_to_f16_inplace
 from ..quant.matmul import WeightMatrix, matmul_many
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_cos_sin
@@ -76,8 +77,9 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 
 def _to_f16_precision(x: np.ndarray) -> np.ndarray:
-    """Round to float16 precision, as llama.cpp does to q and to attention weights before the f16 products."""
-    return x.astype(np.float16).astype(np.float32)
+    """Round to float16 precision, as llama.cpp does to q and to attention weights before the f16 products
+    (in place when x is a contiguous float32 array)."""
+    return round_to_f16_inplace(np.ascontiguousarray(x, dtype=np.float32))
 
 
 class Model:

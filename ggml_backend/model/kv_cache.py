@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..quant.activations import round_to_f16_inplace
+
 
 class KVCache:
     def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int):
@@ -23,8 +25,8 @@ class KVCache:
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """k, v: [n_tokens, n_head_kv, head_dim] for positions start .. start+n_tokens-1."""
         n = k.shape[0]
-        self.k[layer, :, start:start + n] = k.transpose(1, 0, 2).astype(np.float16)
-        self.v[layer, :, start:start + n] = v.transpose(1, 0, 2).astype(np.float16)
+        self.k[layer, :, start:start + n] = round_to_f16_inplace(np.ascontiguousarray(k.transpose(1, 0, 2), dtype=np.float32))
+        self.v[layer, :, start:start + n] = round_to_f16_inplace(np.ascontiguousarray(v.transpose(1, 0, 2), dtype=np.float32))
 
     def truncate(self, n: int) -> None:
         """Forget every position from n on."""

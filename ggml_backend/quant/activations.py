@@ -205,5 +205,32 @@ def round_rows_to_bf16(x: np.ndarray) -> np.ndarray:
 __all__ = [
     "quantize_row_q8_0", "quantize_row_q8_1", "quantize_row_q8_K",
     "quantize_activations_q8_0", "quantize_activations_q8_1", "quantize_activations_q8_K",
-    "round_rows_to_f16", "round_rows_to_bf16", "round_to_f16",
+    "round_rows_to_f16", "round_rows_to_bf16", "round_to_f16", "round_to_f16_inplace",
 ]
+
+
+@njit(cache=True, nogil=True)
+def _round_bits_to_f16(values, bits):
+    """values (float32) and bits (their uint32 view): round each value to half precision in place, to nearest
+    even like F16C: drop 13 mantissa bits with a carry; half subnormals (below 2**-14) are multiples of 2**-24,
+    rounded by adding and removing 0.75 (whose float32 ulp is 2**-24); beyond the largest half: inf."""
+    for i in range(values.size):
+        magnitude = abs(values[i])
+        if magnitude < np.float32(6.103515625e-05):
+            values[i] = (values[i] + np.float32(0.75)) - np.float32(0.75)
+        elif magnitude >= np.float32(65520.0):
+            if magnitude == magnitude:  # keep NaN as it is
+                values[i] = np.float32(np.inf) if values[i] > 0 else np.float32(-np.inf)
+        else:
+            b = bits[i]
+            bits[i] = (b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+
+
+def round_to_f16_inplace(x: np.ndarray) -> np.ndarray:
+    """Round a C-contiguous float32 array to half precision in place (same values as
+    ``x.astype(np.float16).astype(np.float32)``, without the two conversions' temporaries); returns ``x``."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError("round_to_f16_inplace needs a C-contiguous float32 array")
+    flat = x.reshape(-1)
+    _round_bits_to_f16(flat, flat.view(np.uint32))
+    return x
