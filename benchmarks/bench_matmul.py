@@ -6,17 +6,14 @@ Prefill (many tokens): GFLOP/s (2*n_rows*k*n_tokens per product) of the integer 
 
 Run:  python benchmarks/bench_matmul.py [--threads 2] [--quick]
 
-numba's threading layer is set to "workqueue" unless NUMBA_THREADING_LAYER is already set: the OpenMP layer's
-spinning worker threads fight OpenBLAS's threads (and anything else on a 2-core machine) and made both paths up to
-10x slower in our measurements.
+numba's threading layer is the engine's (ggml_backend/_threading.py: tbb, else omp with passive waiting) unless
+NUMBA_THREADING_LAYER is set.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import time
-
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 import numba
 import numpy as np
@@ -62,7 +59,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     repeats = 3 if args.quick else 10
 
-    print(f"threads={args.threads} threading layer={os.environ['NUMBA_THREADING_LAYER']}")
+    print(f"threads={args.threads} threading layer={os.environ.get('NUMBA_THREADING_LAYER', 'engine default')}")
     print("decode (n_tokens=1, integer path):")
     for type_name, n_rows, k in DECODE_SHAPES:
         weights = random_weights(type_name, n_rows, k, rng)

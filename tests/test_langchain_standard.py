@@ -18,6 +18,15 @@ from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 
 from langchain_ggml import ChatGGML  # noqa: E402
 
+# The standard async tests are coroutines: run them with anyio's pytest plugin (anyio comes with langchain-core's
+# httpx dependency), which, unlike a module-wide asyncio mark, leaves the synchronous tests alone.
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
 # One n_ctx for every LangChain test module, so they all share one loaded model.
 N_CTX = 1024
 # Enough for a short greeting and for a forced tool call (the joke schema of the structured-output tests

@@ -232,3 +232,39 @@ def test_bad_inputs_raise_value_error(rng):
         with pytest.raises(ValueError):
             call()
     assert issubclass(MatmulShapeError, ValueError)
+
+
+@pytest.mark.parametrize("n_rows", [1, 3, 4, 7, 37])
+def test_q8_0_decode_kernel_row_groups(n_rows, rng):
+    """The q8_0 one-token kernel walks rows four at a time: every remainder and chunking gives the exact
+    llama.cpp sum (integer block dots scaled per block)."""
+    from ggml_backend.quant import quantize as quantize_tensor
+    k = 96
+    weights = rng.standard_normal((n_rows, k)).astype(np.float32)
+    w_bytes = quantize_tensor("q8_0", weights).reshape(n_rows, -1)
+    x = rng.standard_normal(k).astype(np.float32)
+    qs, d = quantize_activations_q8_0(x)
+    blocks = w_bytes.reshape(n_rows, k // 32, 34)
+    w_scale = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    w_quants = blocks[:, :, 2:].view(np.int8).astype(np.int64)
+    dots = (w_quants * qs.reshape(1, k // 32, 32).astype(np.int64)).sum(-1)
+    expected = (w_scale * d.reshape(1, -1).astype(np.float64) * dots).sum(-1)
+    for threads in (1, 2):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        got = matmul("q8_0", w_bytes, x, method="int")
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_round_to_f16_inplace_matches_numpy(rng):
+    from ggml_backend.quant.activations import round_to_f16_inplace
+    ties = (np.arange(1, 500, dtype=np.uint32) << 13 | 0x1000) | (np.uint32(120) << 23)
+    values = np.concatenate([rng.standard_normal(5000) * scale for scale in (1e-6, 1e-3, 1.0, 1e3)]
+                            + [ties.view(np.float32), -ties.view(np.float32),
+                               np.array([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, np.inf, -np.inf, 2.0 ** -25,
+                                         1.5 * 2.0 ** -24], np.float64)]).astype(np.float32)
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16).astype(np.float32)
+    got = round_to_f16_inplace(values.copy())
+    assert np.array_equal(got, expected)
+    with pytest.raises(ValueError):
+        round_to_f16_inplace(values.astype(np.float64))

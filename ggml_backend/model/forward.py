@@ -12,7 +12,7 @@ import numpy as np
 
 from ..quant import dequantize, dequantize_rows
 from ..quant.activations import round_to_f16_inplace
-from ..quant.matmul import WeightMatrix, matmul_many
+from ..quant.matmul import WeightMatrix, matmul_many, single_threaded_blas
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_cos_sin
 from .spec import HParams
@@ -150,6 +150,10 @@ class Model:
         """Evaluate tokens at positions cache.n_past ... and append their keys/values to the cache.
 
         Returns float32 logits [n_tokens, n_vocab] if all_logits, else [1, n_vocab] for the last token."""
+        with single_threaded_blas():   # our own threads do the parallel work; see quant/matmul.py
+            return self._forward(tokens, cache, all_logits)
+
+    def _forward(self, tokens, cache: KVCache, all_logits: bool) -> np.ndarray:
         hp = self.hp
         tokens = np.asarray(tokens, dtype=np.int64)
         n_tokens = len(tokens)

@@ -709,11 +709,13 @@ def _blas_workers(n_workers: int) -> ThreadPoolExecutor:
         return _blas_pool
 
 
-def _single_threaded_blas():
+def single_threaded_blas():
     """A context in which numpy's BLAS runs on the calling thread only (threadpoolctl), or a no-op without it.
 
     Each of our workers runs its own sgemm on its own band; OpenBLAS's own busy-waiting threads on top of that
-    cost 3x the CPU time and 3x the wall time of a prompt on a loaded 2-core machine (benchmarks/README.md)."""
+    cost 3x the CPU time and 3x the wall time of a prompt on a loaded 2-core machine (benchmarks/README.md).
+    The forward pass holds it for its whole duration: attention's sgemm over a long context woke OpenBLAS's
+    threads, whose spinning then halved the speed of the numba kernels that followed."""
     global _blas_controller
     try:
         if _blas_controller is None:
@@ -737,7 +739,7 @@ def _blas_product(qtype: QuantType, weight_bytes: np.ndarray, lhs: np.ndarray, o
         first, last = band
         out[:, first:last] = lhs @ _dequantize_band(qtype, weight_bytes, first, last, k).T
 
-    with _single_threaded_blas():
+    with single_threaded_blas():
         if n_workers == 1 or len(bands) == 1:
             for band in bands:
                 multiply(band)
@@ -815,4 +817,5 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
 
 
 __all__ = ["matmul", "matmul_many", "WeightMatrix", "MatmulShapeError", "QuantizedActivations",
-           "quantize_activations", "dequantize_rows", "SUPPORTED_TYPES", "BLAS_MIN_TOKENS"]
+           "quantize_activations", "dequantize_rows", "SUPPORTED_TYPES", "BLAS_MIN_TOKENS",
+           "single_threaded_blas"]

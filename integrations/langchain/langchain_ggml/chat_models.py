@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Sequence
 
@@ -162,8 +163,7 @@ class ChatGGML(BaseChatModel):
         # A forced call: the reply starts with the call's opening text, written by us, not sampled
         prefill = ""
         if forced_name is not None:
-            # "{" too: small models otherwise copy the template's "<args-json-object>" placeholder shape loosely
-            prefill = f'{_CALL_OPEN}\n{{"name": "{forced_name}", "arguments": {{'
+            prefill = f'{_CALL_OPEN}\n{{"name": "{forced_name}", "arguments": ' + _arguments_opening(tools, forced_name)
         elif forced_any:
             prefill = f'{_CALL_OPEN}\n{{"name": "'
         if prefill:
@@ -175,7 +175,8 @@ class ChatGGML(BaseChatModel):
         params = {**self._default_params, **{k: v for k, v in kwargs.items() if k in self._default_params}}
         if params.get("seed") == -1:
             params["seed"] = None
-        splitter = _ToolCallSplitter(parse_calls=bool(tools))
+        splitter = _ToolCallSplitter(parse_calls=bool(tools),
+                                     tool_names=[tool["function"]["name"] for tool in tools or []])
         pieces = splitter.feed(prefill) if prefill else []
         finish_reason, usage = None, None
         for chunk in shared.stream_completion(prompt_tokens, stop=stops, **params):
@@ -307,16 +308,26 @@ class _ToolCallSplitter:
     block. Text that may be the start of a block is held back until it is clear either way; a block that is not a
     valid call (or never closes) comes out as text, so nothing the model wrote is lost."""
 
-    def __init__(self, parse_calls: bool):
+    def __init__(self, parse_calls: bool, tool_names: Sequence[str] = ()):
         self.parse_calls = parse_calls
+        self.tool_names = list(tool_names)
         self._held = ""
         self.in_call = False
         self.n_calls = 0
+        self._seen_text = False
+        self._maybe_bare_call = False
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         if not self.parse_calls:
             return [("text", text)] if text else []
         self._held += text
+        if not self._seen_text and self._held.strip():
+            # Small models sometimes answer with the call as a bare JSON object (or a ```json block) instead of
+            # a <tool_call> block: a reply that starts that way is held whole and judged at the end.
+            self._seen_text = True
+            self._maybe_bare_call = self._held.lstrip().startswith(("{", "```"))
+        if self._maybe_bare_call:
+            return []
         pieces = []
         while True:
             if self.in_call:
@@ -326,7 +337,7 @@ class _ToolCallSplitter:
                 block = self._held[:end + len(_CALL_CLOSE)]
                 self._held = self._held[end + len(_CALL_CLOSE):]
                 self.in_call = False
-                _, calls = parse_tool_calls(block)
+                calls = _calls_in_block(block, self.tool_names)
                 if calls:
                     self.n_calls += 1
                     pieces.append(("call", calls[0]))
@@ -348,7 +359,77 @@ class _ToolCallSplitter:
 
     def finish(self) -> list[tuple[str, Any]]:
         held, self._held, self.in_call = self._held, "", False
+        if self._maybe_bare_call:
+            self._maybe_bare_call = False
+            call = _bare_call(held, self.tool_names)
+            if call is not None:
+                self.n_calls += 1
+                return [("call", call)]
+            return self.feed(held) + self.finish()
         return [("text", held)] if held else []
+
+
+_BARE_KEY = re.compile(r'([{,]\s*)([A-Za-z_][A-Za-z0-9_]*)(\s*:)')
+_FENCE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.DOTALL)
+
+
+def _loads_lenient(text: str) -> Any:
+    """json.loads, else json.loads after quoting bare object keys ({setup: "..."}, a small model's slip)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return json.loads(_BARE_KEY.sub(r'\1"\2"\3', text))
+
+
+def _as_call(data: Any, tool_names: Sequence[str]) -> dict | None:
+    if not isinstance(data, dict) or data.get("name") not in tool_names:
+        return None
+    arguments = data.get("arguments", data.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = _loads_lenient(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return None
+    arguments = {} if arguments is None else arguments
+    return {"name": data["name"], "arguments": arguments} if isinstance(arguments, dict) else None
+
+
+def _calls_in_block(block: str, tool_names: Sequence[str]) -> list[dict]:
+    """The call in one <tool_call> block: strict JSON first (the engine's parser), then bare keys repaired."""
+    _, calls = parse_tool_calls(block)
+    if calls:
+        return calls
+    body = block[len(_CALL_OPEN):-len(_CALL_CLOSE)].strip()
+    try:
+        call = _as_call(_loads_lenient(body), tool_names)
+    except json.JSONDecodeError:
+        return []
+    return [call] if call else []
+
+
+def _bare_call(text: str, tool_names: Sequence[str]) -> dict | None:
+    """A whole reply that is only {"name": <a bound tool>, "arguments": {...}}, possibly in a code fence."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    try:
+        return _as_call(_loads_lenient(body), tool_names)
+    except json.JSONDecodeError:
+        return None
+
+
+def _arguments_opening(tools: list[dict], name: str) -> str:
+    """The start of a forced call's arguments object: its first property's key, written for the model (a
+    0.5B model otherwise drifts into unquoted keys or a bare value), or the whole empty object."""
+    tool = next(t for t in tools if t["function"]["name"] == name)
+    parameters = tool["function"].get("parameters") or {}
+    properties = list((parameters.get("properties") or {}).keys())
+    if not properties:
+        return "{}}"
+    required = [p for p in parameters.get("required") or [] if p in properties]
+    first = required[0] if required else properties[0]
+    return "{" + json.dumps(first, ensure_ascii=False) + ": "
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -1,0 +1,164 @@
+"""A tool-using agent loop driven by ChatGGML tool calls, with a calculator and a directory lister.
+
+Each step the model sees the conversation; a reply with tool calls has them executed and their results appended
+as ToolMessages; a reply without tool calls is the final answer. The loop stops there or after --max-steps.
+
+    python examples/agent_prototype.py                 # each task once, temperature 0
+    python examples/agent_prototype.py --report --runs 5   # how often the model completes each task (seeds 0..4)
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import operator
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+
+from langchain_ggml import ChatGGML
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+              ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def evaluate_arithmetic(expression: str) -> float | int:
+    """The value of an arithmetic expression (numbers, + - * / // % **, parentheses); nothing else is run."""
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            right = walk(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 100:
+                raise ValueError("exponent too large")
+            return _OPERATORS[type(node.op)](walk(node.left), right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](walk(node.operand))
+        raise ValueError(f"not an arithmetic expression: {ast.unparse(node)!r}")
+    return walk(ast.parse(expression.replace("^", "**"), mode="eval"))
+
+
+@tool
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression such as '23 * 47' or '(15 + 27) * 3' and return the result."""
+    try:
+        value = evaluate_arithmetic(expression)
+    except (ValueError, SyntaxError, ZeroDivisionError, TypeError) as exc:
+        return f"Error: {exc}"
+    return str(int(value) if isinstance(value, float) and value.is_integer() else value)
+
+
+@tool
+def list_files(directory: str) -> str:
+    """List the names of the files and folders in a directory, one per line."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        return f"Error: {directory} is not a directory"
+    return "\n".join(sorted(entry.name for entry in path.iterdir())) or "(empty)"
+
+
+TOOLS = [calculator, list_files]
+TOOLS_BY_NAME = {t.name: t for t in TOOLS}
+SYSTEM_PROMPT = ("You are an assistant with tools. Call a tool when it helps; once you have the tool's result, "
+                 "answer the user in one sentence.")
+
+
+@dataclass
+class Task:
+    name: str
+    prompt: str
+    tool: str                 # the tool the task needs
+    expected: list[str]       # what the final answer must contain
+
+
+@dataclass
+class AgentRun:
+    final_answer: str | None
+    steps: int
+    tool_calls: list[dict] = field(default_factory=list)
+    messages: list[BaseMessage] = field(default_factory=list)
+
+    def completes(self, task: Task) -> bool:
+        used_tool = any(call["name"] == task.tool for call in self.tool_calls)
+        answer = self.final_answer or ""
+        return used_tool and all(item in answer for item in task.expected)
+
+
+def make_tasks(directory: str) -> list[Task]:
+    files = sorted(os.listdir(directory))
+    return [
+        Task("multiply", "What is 23 * 47? Use the calculator.", "calculator", ["1081"]),
+        Task("expression", "Compute (15 + 27) * 3 with the calculator.", "calculator", ["126"]),
+        Task("list", f"Which files are in the directory {directory}? Use list_files.", "list_files", files),
+    ]
+
+
+def run_agent(chat: ChatGGML, prompt: str, max_steps: int = 4, **call_kwargs) -> AgentRun:
+    """The loop: ask, execute the tool calls, append their results, until a reply has none or steps run out."""
+    model = chat.bind_tools(TOOLS)
+    messages: list[BaseMessage] = [SystemMessage(SYSTEM_PROMPT), HumanMessage(prompt)]
+    run = AgentRun(final_answer=None, steps=0, messages=messages)
+    for _ in range(max_steps):
+        reply: AIMessage = model.invoke(messages, **call_kwargs)
+        run.steps += 1
+        messages.append(reply)
+        if not reply.tool_calls:
+            run.final_answer = reply.text
+            return run
+        for call in reply.tool_calls:
+            run.tool_calls.append(call)
+            tool_ = TOOLS_BY_NAME.get(call["name"])
+            result = tool_.invoke(call["args"]) if tool_ else f"Error: no tool named {call['name']!r}"
+            messages.append(ToolMessage(str(result), tool_call_id=call["id"], name=call["name"]))
+    return run
+
+
+def make_demo_directory() -> str:
+    directory = tempfile.mkdtemp(prefix="agent_demo_")
+    for name in ("notes.txt", "main.py"):
+        Path(directory, name).write_text("demo\n")
+    return directory
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", action="store_true", help="run each task --runs times and print success rates")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature in --report mode")
+    parser.add_argument("--tasks", nargs="*", default=None, help="task names to run (default: all)")
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--n-ctx", type=int, default=1024)
+    parser.add_argument("--directory", default=None, help="directory for the list task (default: a demo one)")
+    args = parser.parse_args(argv)
+
+    directory = args.directory or make_demo_directory()
+    tasks = [t for t in make_tasks(directory) if args.tasks is None or t.name in args.tasks]
+    results: dict[str, list[AgentRun]] = {}
+    if not args.report:
+        chat = ChatGGML(model_path=args.model, n_ctx=args.n_ctx, max_tokens=args.max_tokens, temperature=0)
+        for task in tasks:
+            run = run_agent(chat, task.prompt, args.max_steps)
+            results[task.name] = [run]
+            calls = ", ".join(f"{c['name']}({c['args']})" for c in run.tool_calls) or "none"
+            print(f"[{task.name}] {task.prompt}\n  tool calls: {calls}\n  answer: {run.final_answer!r}\n"
+                  f"  completed: {run.completes(task)}")
+        return results
+    chat = ChatGGML(model_path=args.model, n_ctx=args.n_ctx, max_tokens=args.max_tokens,
+                    temperature=args.temperature)
+    for task in tasks:
+        results[task.name] = [run_agent(chat, task.prompt, args.max_steps, seed=seed) for seed in range(args.runs)]
+        done = sum(run.completes(task) for run in results[task.name])
+        print(f"{task.name:<12} {done}/{args.runs} completed (temperature {args.temperature}, seeds 0..{args.runs - 1})")
+    return results
+
+
+if __name__ == "__main__":
+    main()
