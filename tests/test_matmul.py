@@ -107,9 +107,10 @@ def test_quantized_matmul_matches_oracles(name, n_tokens, rng):
     block = 256 if name in KQUANTS else 32
     assert np.all(np.abs(y_int - plain) <= quantization_bound(w, x, block) + 2e-6 * scale)
 
-    # BLAS path: the plain float product.
+    # BLAS path: float products of the dequantized weights with the activations as 8-bit quantization leaves them,
+    # so batch evaluation gets the integer path's numbers up to float32 summation order.
     y_blas = matmul(name, weight_bytes, x, method="blas")
-    assert np.all(np.abs(y_blas - plain) <= 2e-6 * scale + 1e-6)
+    assert np.all(np.abs(y_blas - exact) <= 1e-5 * scale + 1e-5)
 
     # auto picks one of the two.
     y_auto = matmul(name, weight_bytes, x)

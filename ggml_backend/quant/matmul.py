@@ -572,10 +572,22 @@ class QuantizedActivations:
 def quantize_activations(vec_dot_type: str, x: np.ndarray, for_blas: bool = False) -> QuantizedActivations:
     """Quantize activation rows (float32 [n_tokens, k]) for weights whose ``vec_dot_type`` is given.
 
-    ``for_blas``: the product will take the BLAS path, which reads float rows only; skip the 8-bit quantization."""
+    ``for_blas``: the product will take the BLAS path, which multiplies float rows: give it the rows as the
+    8-bit quantization leaves them (q * d), so a prompt evaluated in a batch gets the numbers llama.cpp gets, which
+    quantizes activations whatever the batch size. Without that, models with large activation outliers (Gemma)
+    move by tenths of a logit between batch and one-token evaluation."""
     rows = _as_activation_rows(x)
     if for_blas and vec_dot_type in ("q8_0", "q8_1", "q8_K"):
-        return QuantizedActivations(vec_dot_type, rows)
+        quantizer = quantize_activations_q8_K if vec_dot_type == "q8_K" else quantize_activations_q8_1
+        qs, d, extra = quantizer(rows)
+        n_tokens, k = rows.shape
+        block = k // d.shape[1]
+        rounded = (qs.reshape(n_tokens, -1, block) * d[:, :, None]).astype(np.float32, copy=False)
+        min_correction = None
+        if vec_dot_type == "q8_1":
+            # ggml multiplies q4_1/q5_1 block minimums by the half-precision s = d*sum(q), not the exact sum
+            min_correction = extra - rounded.sum(axis=2, dtype=np.float32)
+        return QuantizedActivations(vec_dot_type, rows, extra=min_correction, rounded=rounded.reshape(n_tokens, k))
     if vec_dot_type == "q8_0":
         qs, d = quantize_activations_q8_0(rows)
         return QuantizedActivations(vec_dot_type, rows, qs, d)
@@ -693,6 +705,10 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
     # BLAS: float32 (or f16/bf16-rounded) activations times float32 bands of W.
     lhs = acts.rounded if acts.rounded is not None else rows
     _blas_product(qtype, weight_bytes, lhs, out, k)
+    if acts.vec_dot_type == "q8_1" and acts.qs is None and acts.extra is not None:
+        blocks = weight_bytes.reshape(n_rows, -1, qtype.type_size)
+        block_mins = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)   # [n_rows, n_blocks]
+        out += acts.extra @ block_mins.T
     return out
 
 
