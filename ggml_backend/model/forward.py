@@ -62,18 +62,41 @@ class Layer:
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis (the sum in float64, as ggml's ggml_float)."""
-    mean_sq = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
-    return (x * (1.0 / np.sqrt(mean_sq + eps)).astype(np.float32)) * weight
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in ggml's order of operations: the sum of squares in
+    float64 (ggml_float), the mean and 1/sqrt in float32, then x * scale, then * weight."""
+    sum_sq = np.sum(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+    mean = (sum_sq / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+    return (x * scale) * weight
 
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
 
 
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
+def _gelu_f32(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation, written as ggml writes it."""
     return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(
-        np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
+        np.float32(0.7978845608028654) * x * (np.float32(1.0) + np.float32(0.044715) * x * x)))
+
+
+def _make_gelu_table() -> np.ndarray:
+    every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):
+        return _gelu_f32(every_half).astype(np.float16).astype(np.float32)
+
+
+# ggml's CPU backend computes GELU through a table indexed by the input rounded to float16 (GGML_GELU_FP16),
+# the output being float16 too; doing the same keeps Gemma's numbers on llama.cpp's.
+_GELU_TABLE = _make_gelu_table()
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    y = _GELU_TABLE[x.astype(np.float16).view(np.uint16)]
+    y[x <= -10.0] = 0.0
+    big = x >= 10.0
+    y[big] = x[big]
+    return y
 
 
 def _to_f16_precision(x: np.ndarray) -> np.ndarray:
@@ -209,7 +232,8 @@ class Model:
             scores += window_mask if hp.swa_layers[il] else causal_mask
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
+            # ggml sums in float64 and multiplies by the reciprocal
+            scores *= (1.0 / scores.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
             probs = _to_f16_precision(scores).reshape(hp.n_head_kv, group * n_tokens, n_kv)
             attn = np.matmul(probs, values)                                             # [n_head_kv, g*n, hd]
             attn = attn.reshape(hp.n_head_kv, group, n_tokens, hp.head_dim_v).transpose(2, 0, 1, 3)

@@ -11,13 +11,17 @@ import numpy as np
 
 def rope_cos_sin(positions: np.ndarray, n_dims: int, freq_base: float, freq_scale: float):
     """cos and sin tables, float32 [len(positions), n_dims // 2]."""
-    theta_scale = np.float32(np.power(np.float32(freq_base), np.float32(-2.0) / np.float32(n_dims)))
+    # powf, cosf and sinf of glibc are correctly rounded in nearly all cases: computing in float64 and rounding to
+    # float32 reproduces them (numpy's float32 cos/sin/power are vectorized approximations off by an ulp or more).
+    exponent = np.float32(-2.0) / np.float32(n_dims)
+    theta_scale = np.float32(np.float64(np.float32(freq_base)) ** np.float64(exponent))
     theta = positions.astype(np.float32).copy()
     thetas = np.empty((len(positions), n_dims // 2), dtype=np.float32)
     for i in range(n_dims // 2):
         thetas[:, i] = theta * np.float32(freq_scale)
         theta = theta * theta_scale
-    return np.cos(thetas), np.sin(thetas)
+    thetas64 = thetas.astype(np.float64)
+    return np.cos(thetas64).astype(np.float32), np.sin(thetas64).astype(np.float32)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_dims: int, mode: str) -> np.ndarray:

@@ -420,8 +420,9 @@ def _bare_call(text: str, tool_names: Sequence[str]) -> dict | None:
 
 
 def _arguments_opening(tools: list[dict], name: str) -> str:
-    """The start of a forced call's arguments object: its first property's key, written for the model (a
-    0.5B model otherwise drifts into unquoted keys or a bare value), or the whole empty object."""
+    """The start of a forced call's arguments object: its first property's key (and a string value's opening
+    quote), written for the model (a 0.5B model otherwise drifts into unquoted keys or a bare value), or the
+    whole empty object."""
     tool = next(t for t in tools if t["function"]["name"] == name)
     parameters = tool["function"].get("parameters") or {}
     properties = list((parameters.get("properties") or {}).keys())
@@ -429,7 +430,10 @@ def _arguments_opening(tools: list[dict], name: str) -> str:
         return "{}}"
     required = [p for p in parameters.get("required") or [] if p in properties]
     first = required[0] if required else properties[0]
-    return "{" + json.dumps(first, ensure_ascii=False) + ": "
+    opening = "{" + json.dumps(first, ensure_ascii=False) + ": "
+    if (parameters["properties"][first] or {}).get("type") == "string":
+        opening += '"'   # the value's quote too: left alone, a small model may write the string bare
+    return opening
 
 
 def _partial_suffix(text: str, marker: str) -> int:
