@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import operator
 import os
 import tempfile
@@ -68,6 +69,8 @@ TOOLS_BY_NAME = {t.name: t for t in TOOLS}
 SYSTEM_PROMPT = ("You are an assistant with tools. Call a tool when it helps; once you have the tool's result, "
                  "answer the user in one sentence.")
 
+ANSWER_NUDGE = "Using the tool results above, answer my question in one plain sentence. Do not call tools."
+
 
 @dataclass
 class Task:
@@ -85,9 +88,15 @@ class AgentRun:
     messages: list[BaseMessage] = field(default_factory=list)
 
     def completes(self, task: Task) -> bool:
+        """The task's tool was called, and the final answer is prose (not a call gone astray) holding the
+        expected values."""
         used_tool = any(call["name"] == task.tool for call in self.tool_calls)
         answer = self.final_answer or ""
-        return used_tool and all(item in answer for item in task.expected)
+        return used_tool and not _looks_like_a_call(answer) and all(item in answer for item in task.expected)
+
+
+def _looks_like_a_call(text: str) -> bool:
+    return '"name"' in text or "<tool_call>" in text
 
 
 def make_tasks(directory: str) -> list[Task]:
@@ -102,15 +111,26 @@ def make_tasks(directory: str) -> list[Task]:
 def run_agent(chat: ChatGGML, prompt: str, max_steps: int = 4, **call_kwargs) -> AgentRun:
     """The loop: ask, execute the tool calls, append their results, until a reply has none or steps run out."""
     model = chat.bind_tools(TOOLS)
+    # without tools offered, the model can only answer: used once it starts repeating calls it already made
+    answer_only = chat.bind_tools(TOOLS, tool_choice="none")
     messages: list[BaseMessage] = [SystemMessage(SYSTEM_PROMPT), HumanMessage(prompt)]
     run = AgentRun(final_answer=None, steps=0, messages=messages)
+    done_calls: set[str] = set()
     for _ in range(max_steps):
         reply: AIMessage = model.invoke(messages, **call_kwargs)
         run.steps += 1
+        keys = [json.dumps([call["name"], call["args"]], sort_keys=True) for call in reply.tool_calls]
+        repeated = bool(reply.tool_calls) and all(key in done_calls for key in keys)
+        if done_calls and (repeated or (not reply.tool_calls and _looks_like_a_call(reply.text))):
+            # After a tool result a small model tends to call again (or write a broken call) instead of reading
+            # the result: ask for the answer with no tools on offer.
+            messages.append(HumanMessage(ANSWER_NUDGE))
+            reply = answer_only.invoke(messages, **call_kwargs)
         messages.append(reply)
         if not reply.tool_calls:
             run.final_answer = reply.text
             return run
+        done_calls.update(keys)
         for call in reply.tool_calls:
             run.tool_calls.append(call)
             tool_ = TOOLS_BY_NAME.get(call["name"])

@@ -12,6 +12,7 @@ import numpy as np
 from .formats import load
 from .model.forward import Model
 from .model.spec import resolve_hparams
+from .quant.matmul import BLAS_MIN_TOKENS
 from .tokenizer import Tokenizer
 
 
@@ -19,6 +20,7 @@ from .tokenizer import Tokenizer
 class LlamaState:
     """What save_state() captures: the evaluated tokens, their keys/values and the last logits."""
     input_ids: np.ndarray
+    batch_numerics: np.ndarray
     kv: dict
     last_logits: np.ndarray | None
     all_logits: np.ndarray | None
@@ -71,6 +73,8 @@ class Llama:
         self.chat_format = chat_format
         self.cache = self.model.new_cache(self._n_ctx)
         self.input_ids = np.zeros(self._n_ctx, dtype=np.int64)
+        # True where a position's keys/values came from a batch of >= BLAS_MIN_TOKENS tokens (see _prepare_prompt)
+        self._batch_numerics = np.zeros(self._n_ctx, dtype=bool)
         self.n_tokens = 0
         self._last_logits: np.ndarray | None = None
         self._all_logits = np.zeros((self._n_ctx, self.hparams.n_vocab), np.float32) if logits_all else None
@@ -122,11 +126,15 @@ class Llama:
             if bad:
                 raise ValueError(f"token ids out of range [0, {self.hparams.n_vocab}): {bad[:5]}")
             _set_threads(self.n_threads)
-            for i in range(0, len(tokens), self.n_batch):
-                batch = tokens[i:i + self.n_batch]
+            # near-equal batches of at most n_batch: no short tail batch that would take other numerics
+            n_batches = -(-len(tokens) // self.n_batch)
+            bounds = [len(tokens) * i // n_batches for i in range(n_batches + 1)]
+            for first, last in zip(bounds, bounds[1:]):
+                batch = tokens[first:last]
                 logits = self.model.forward(batch, self.cache, all_logits=self.logits_all)
                 start = self.n_tokens
                 self.input_ids[start:start + len(batch)] = batch
+                self._batch_numerics[start:start + len(batch)] = len(batch) >= BLAS_MIN_TOKENS
                 self.n_tokens += len(batch)
                 if self._all_logits is not None:
                     self._all_logits[start:start + len(batch)] = logits
@@ -154,7 +162,8 @@ class Llama:
         with self._lock:
             n = self.n_tokens
             return LlamaState(
-                input_ids=self.input_ids[:n].copy(), kv=self.cache.snapshot(),
+                input_ids=self.input_ids[:n].copy(), batch_numerics=self._batch_numerics[:n].copy(),
+                kv=self.cache.snapshot(),
                 last_logits=None if self._last_logits is None else self._last_logits.copy(),
                 all_logits=None if self._all_logits is None else self._all_logits[:n].copy())
 
@@ -165,6 +174,7 @@ class Llama:
                 raise ValueError(f"state of {n} tokens does not fit n_ctx={self._n_ctx}")
             self.cache.restore(state.kv)
             self.input_ids[:n] = state.input_ids
+            self._batch_numerics[:n] = state.batch_numerics
             self.n_tokens = n
             self._last_logits = None if state.last_logits is None else state.last_logits.copy()
             if self._all_logits is not None and state.all_logits is not None:
@@ -173,23 +183,31 @@ class Llama:
     # --- generation -----------------------------------------------------------------------------------------
     def _prepare_prompt(self, prompt_tokens: list[int]) -> None:
         """Make the KV cache hold prompt_tokens, reusing the longest prefix already evaluated (as
-        llama-cpp-python does), so a chat that grows turn by turn only evaluates the new turn."""
-        if len(prompt_tokens) > self._n_ctx:
-            raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {self._n_ctx}")
+        llama-cpp-python does), so a chat that grows turn by turn only evaluates the new turn.
+
+        Reuse must not change the numbers: a prompt evaluated fresh gets the batch (BLAS) numerics when it has
+        at least BLAS_MIN_TOKENS tokens and the one-token (integer kernel) numerics otherwise, and the two differ
+        in float summation order. So a cached position is reused only if it was computed the way a fresh run of
+        this prompt would compute it, the re-evaluated tail keeps enough tokens for the same path, and short
+        prompts are evaluated whole. A fixed seed then gives the same text whether or not the cache was warm."""
+        n_prompt = len(prompt_tokens)
+        if n_prompt > self._n_ctx:
+            raise ValueError(f"Requested tokens ({n_prompt}) exceed context window of {self._n_ctx}")
         if not prompt_tokens:
             raise ValueError("the prompt is empty (and the model adds no BOS token)")
-        cached = self.input_ids[:self.n_tokens]
-        n_common = 0
-        limit = min(len(cached), len(prompt_tokens))
-        while n_common < limit and cached[n_common] == prompt_tokens[n_common]:
-            n_common += 1
-        n_common = min(n_common, len(prompt_tokens) - 1)   # evaluate at least one token to get fresh logits
-        if n_common < self.n_tokens or self._last_logits is None:
-            self.n_tokens = n_common
-            self.cache.truncate(n_common)
-            if self._all_logits is not None:
-                self._all_logits[n_common:] = 0
-        self.eval(prompt_tokens[self.n_tokens:])
+        n_reuse = 0
+        if n_prompt >= BLAS_MIN_TOKENS:
+            cached = self.input_ids[:self.n_tokens]
+            limit = min(len(cached), n_prompt)
+            while (n_reuse < limit and cached[n_reuse] == prompt_tokens[n_reuse]
+                   and self._batch_numerics[n_reuse]):
+                n_reuse += 1
+            n_reuse = max(0, min(n_reuse, n_prompt - BLAS_MIN_TOKENS))
+        self.n_tokens = n_reuse
+        self.cache.truncate(n_reuse)
+        if self._all_logits is not None:
+            self._all_logits[n_reuse:] = 0
+        self.eval(prompt_tokens[n_reuse:])
 
     def _context_shift(self, n_keep: int) -> None:
         """llama.cpp's context shift: keep the first n_keep tokens, drop half of the rest, slide the remainder."""
@@ -201,6 +219,7 @@ class Llama:
         self.cache.shift(n_keep, n_discard)
         self.model.rerotate_keys(self.cache, n_keep, self.cache.n_past, -n_discard)
         self.input_ids[n_keep:old_n - n_discard] = self.input_ids[n_keep + n_discard:old_n].copy()
+        self._batch_numerics[n_keep:old_n] = False   # re-rotated keys: no fresh evaluation gives these numbers
         self.n_tokens = old_n - n_discard
         if self._all_logits is not None:
             self._all_logits[n_keep:old_n - n_discard] = self._all_logits[n_keep + n_discard:old_n].copy()

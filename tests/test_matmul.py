@@ -269,3 +269,53 @@ def test_round_to_f16_inplace_matches_numpy(rng):
     assert np.array_equal(got, expected)
     with pytest.raises(ValueError):
         round_to_f16_inplace(values.astype(np.float64))
+
+
+@pytest.mark.parametrize("n_rows", [1, 3, 4, 7, 37])
+def test_q5_0_decode_kernel_row_groups(n_rows, rng):
+    """The q5_0 one-token kernel takes the fifth bits from per-block tables of activation sums and walks rows four
+    at a time: every remainder and chunking gives the exact integer block dots, scaled per block."""
+    k = 96
+    weights = rng.standard_normal((n_rows, k)).astype(np.float32)
+    w_bytes = np.ascontiguousarray(quantize(weights, ggml_type("q5_0"))).reshape(n_rows, -1)
+    w_bytes.reshape(n_rows, k // 32, 22)[0, 0, 2:6] = 255       # all fifth bits set in one block, clear in another
+    w_bytes.reshape(n_rows, k // 32, 22)[-1, -1, 2:6] = 0
+    x = rng.standard_normal(k).astype(np.float32)
+    qs, d = quantize_activations_q8_0(x)
+    blocks = w_bytes.reshape(n_rows, k // 32, 22)
+    w_scale = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    high_bits = blocks[:, :, 2:6].copy().view(np.uint32)[:, :, 0].astype(np.int64)
+    nibbles = blocks[:, :, 6:].astype(np.int64)
+    quants = np.concatenate([nibbles & 15, nibbles >> 4], axis=2) | (((high_bits[:, :, None] >> np.arange(32)) & 1) << 4)
+    dots = ((quants - 16) * qs.reshape(1, k // 32, 32).astype(np.int64)).sum(-1)
+    expected = (w_scale * d.reshape(1, -1).astype(np.float64) * dots).sum(-1)
+    scale = (np.abs(w_scale * d.reshape(1, -1) * dots)).sum(-1)
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            got = matmul("q5_0", w_bytes, x, method="int")
+            assert np.all(np.abs(got - expected) <= 1e-6 * scale + 1e-7)
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_rows", [1, 3, 5, 37])
+@pytest.mark.parametrize("name", ["q4_K", "q6_K"])
+def test_kquant_decode_kernels_row_groups(name, n_rows, rng):
+    """The q4_K / q6_K one-token kernels walk rows two at a time (an odd last row twice) in chunks of four:
+    every remainder gives the integer oracle's result."""
+    weight_bytes = np.ascontiguousarray(kquant_weights(name)[:n_rows])
+    k = weight_bytes.shape[1] // (144 if name == "q4_K" else 210) * 256
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    w = dequantize(weight_bytes, ggml_type(name)).astype(np.float64)
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).T
+    exact = integer_oracle(name, weight_bytes, x)
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            got = matmul(name, weight_bytes, x, method="int")
+            assert np.all(np.abs(got - exact) <= 2e-6 * scale + 1e-6)
+    finally:
+        numba.set_num_threads(before)

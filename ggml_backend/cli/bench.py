@@ -1,113 +1,434 @@
 """``ggml-backend bench``: speed figures of ggml_backend beside llama.cpp's (llama-cpp-python, when importable).
 
-Each figure comes from a fresh process, with the procedure of shared/bench (open; a 256-token prompt of seeded
-random ids; 64 greedy decode steps one token at a time; peak RSS), so the two engines' numbers can be divided.
+Every figure comes from its own fresh process, with the procedure of shared/bench: open the file with n_ctx 2048
+and n_batch 512; warm up (one token, then an 8-token batch, so both engines have touched every weight and loaded
+their kernels); then time one thing: a prompt of seeded random ids (256 and 1024 tokens), or greedy decoding one
+token at a time after filling the context to a position (the prompt length, 50, 1900). "First token" is the wall
+time from starting a fresh interpreter to the logits of one token (numba's compile cache warm). Peak RSS is the
+largest high-water RSS (VmHWM) of the run's processes; its cap is file size + KV cache + 150 MB, the KV cache as each engine
+allocates it (ours float32, llama.cpp's float16). A process that crashes or fails is reported as such in its
+figure's place; the other figures still run. ``--repeat N`` reports medians.
+
+``--scaling`` adds two tables: prompt and decode speed against model size (the real 0.5B and synthetic 1B- and
+7B-shaped Llamas in q4_0 and q8_0, written once into a cache directory, see bench_models.py), and decode speed
+against the context position.
 """
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import platform
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
-# One measurement, run in a fresh interpreter: prints one JSON line.
+# One measurement, run in a fresh interpreter: prints one line "RESULT {json}".
 _WORKER = r'''
-import json, resource, sys, time
-engine, model, threads, n_prompt, n_gen, n_ctx, pos = sys.argv[1:8]
-threads, n_prompt, n_gen, n_ctx, pos = int(threads), int(n_prompt), int(n_gen), int(n_ctx), int(pos)
+import json, sys, time
+def peak_rss():
+    # VmHWM, not ru_maxrss: a child started by vfork/exec inherits its parent's ru_maxrss
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+engine, model, threads, n_ctx, task, a, b = sys.argv[1:8]
+threads, n_ctx, a, b = int(threads), int(n_ctx), int(a), int(b)
 t_start = time.perf_counter()
 import numpy as np
 if engine == "llama.cpp":
     import llama_cpp
     llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, n_batch=512)
+    kv_bytes = None
 else:
     from ggml_backend import Llama
     llm = Llama(model, n_ctx=n_ctx, n_threads=threads, verbose=False, n_batch=512)
-t_open = time.perf_counter() - t_start
+    kv_bytes = llm.cache.nbytes
+result = {"open_s": time.perf_counter() - t_start}
+if kv_bytes is not None:
+    result["kv_cache_bytes"] = kv_bytes
+n_vocab = llm.n_vocab()
 rng = np.random.default_rng(0)
-prompt = [int(x) for x in rng.integers(100, 3000, n_prompt)]
-llm.reset()
-t = time.perf_counter(); llm.eval(prompt[:1]); t_first = time.perf_counter() - t_start
-llm.reset()
-t = time.perf_counter(); llm.eval(prompt); t_pp = time.perf_counter() - t
-tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-t = time.perf_counter()
-for _ in range(n_gen):
-    llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-t_tg = time.perf_counter() - t
-result = {"engine": engine, "open_s": t_open, "first_token_s": t_first, "prefill_tok_s": n_prompt / t_pp,
-          "decode_tok_s": n_gen / t_tg}
-if pos > 0:
-    # decode speed deep in the context: fill up to pos with more random tokens, then time n_gen steps
-    fill = [int(x) for x in rng.integers(100, 3000, pos - llm.n_tokens)]
-    llm.eval(fill)
-    t = time.perf_counter()
-    for _ in range(n_gen):
-        llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    result["decode_deep_tok_s"] = n_gen / (time.perf_counter() - t)
-    result["deep_position"] = pos
-result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("RESULT " + json.dumps(result))
+def random_ids(n):
+    return [int(x) for x in rng.integers(min(100, n_vocab // 4), min(3000, n_vocab), n)]
+def greedy():
+    return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+if task == "first":
+    llm.eval(random_ids(1))
+    result["first_token_in_process_s"] = time.perf_counter() - t_start
+    result["finite"] = bool(np.isfinite(llm.scores[0]).all())
+else:
+    llm.eval(random_ids(1)); llm.eval(random_ids(8)); llm.reset()   # warm-up, not timed
+    if task == "prompt":
+        prompt = random_ids(a)
+        t = time.perf_counter(); llm.eval(prompt); elapsed = time.perf_counter() - t
+        result.update(prompt_tokens=a, prompt_tok_s=a / elapsed)
+    elif task == "decode":
+        position, n_gen = a, b
+        llm.eval(random_ids(position))
+        tok = greedy()
+        t = time.perf_counter()
+        for _ in range(n_gen):
+            llm.eval([tok]); tok = greedy()
+        result.update(position=position, gen_tokens=n_gen, decode_tok_s=n_gen / (time.perf_counter() - t))
+    else:
+        raise SystemExit(f"unknown task {task}")
+result["peak_rss_mb"] = peak_rss() / 2 ** 20
+print("RESULT " + json.dumps(result), flush=True)
 '''
+
+ENGINES = ("ggml_backend", "llama.cpp")
+OVERHEAD_MB = 150
+MB = 1024 * 1024
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("-m", "--model", default=None, help="GGUF/GGML file (default: the embedded default model)")
     parser.add_argument("-t", "--threads", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("-c", "--ctx-size", type=int, default=2048)
-    parser.add_argument("--deep-position", type=int, default=0,
-                        help="also time decoding after filling the context to this position (e.g. 1900)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per engine; medians are reported")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length of the first prompt figure, "
+                        "and the position the plain decode figure starts from")
+    parser.add_argument("--long-prompt-tokens", type=int, default=1024, help="prompt length of the second one")
+    parser.add_argument("--gen", type=int, default=64, help="decode steps timed per decode figure")
+    parser.add_argument("--near-position", type=int, default=50, help="decode speed near the start of the context")
+    parser.add_argument("--deep-position", type=int, default=1900,
+                        help="decode speed deep in the context (0: leave out)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each figure; medians are reported")
     parser.add_argument("--engines", default="ggml_backend,llama.cpp")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one measuring process may take")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also tables of speed against model size and against context position")
+    parser.add_argument("--scaling-models", default="0.5b,1b-q4_0,1b-q8_0,7b-q4_0,7b-q8_0",
+                        help="models of the size table: 0.5b (the -m model), SHAPE-TYPE synthetic ones (shapes "
+                             "1b, 7b, tiny; types q4_0, q8_0) or file paths")
+    parser.add_argument("--positions", default="50,512,1024,1900", help="positions of the context table")
+    parser.add_argument("--bench-dir", default=None,
+                        help="where synthetic models are written and reused (default ~/.cache/ggml_backend/bench "
+                             "or $GGML_BACKEND_BENCH_DIR)")
+    parser.add_argument("--skip-basic", action="store_true", help="with --scaling: only the scaling tables")
 
 
-def measure(engine: str, model: str, args) -> dict:
-    cmd = [sys.executable, "-c", _WORKER, engine, model, str(args.threads), str(args.prompt_tokens),
-           str(args.gen), str(args.ctx_size), str(args.deep_position)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{engine} benchmark failed:\n{proc.stderr[-2000:]}")
+# ------------------------------------------------------------------------------------------- one measurement
+
+def run_worker(cmd: list[str], timeout: float) -> dict:
+    """Run one measuring process; its RESULT, or {"error": ...} when it crashed, failed or ran out of time.
+    ``wall_s``: from starting the process to reading its RESULT line (the process's exit is not counted)."""
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        result = None
+        try:
+            for line in proc.stdout:
+                if line.startswith("RESULT ") and result is None:
+                    wall = time.perf_counter() - t0
+                    result = json.loads(line[7:])
+                    result["wall_s"] = wall
+            proc.wait()
+        finally:
+            watchdog.cancel()
+        if result is not None:
+            return result
+        if time.perf_counter() - t0 >= timeout:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode < 0:
+            return {"error": f"crashed (signal {-proc.returncode})"}
+        stderr.seek(0)
+        last = [line for line in stderr.read().strip().splitlines() if line.strip()]
+        return {"error": f"failed (exit {proc.returncode}): {last[-1][:200] if last else 'no output'}"}
+
+
+def measure(engine: str, model: str, task: str, a: int = 0, b: int = 0, *, threads: int = 2, n_ctx: int = 2048,
+            timeout: float = 1800) -> dict:
+    cmd = [sys.executable, "-c", _WORKER, engine, str(model), str(threads), str(n_ctx), task, str(a), str(b)]
+    result = run_worker(cmd, timeout)
+    if task == "first" and "error" not in result:
+        # the worker prints its RESULT right after the first token's logits
+        result["first_token_s"] = result["wall_s"]
+    return result
 
 
 def _median(values):
     values = sorted(values)
-    return values[len(values) // 2]
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
-def run(args) -> int:
+def _combine(runs: list[dict], key: str):
+    """The median of ``key`` over the runs that have it, else the first run's error."""
+    values = [r[key] for r in runs if key in r]
+    if values:
+        return _median(values)
+    errors = [r["error"] for r in runs if "error" in r]
+    return {"error": errors[0] if errors else f"no {key}"}
+
+
+# ------------------------------------------------------------------------------------------- the model's sizes
+
+def model_facts(model: str, n_ctx: int) -> dict:
+    """File size and the two engines' KV cache bytes for n_ctx: llama.cpp's float16 K and V,
+    2 * n_layer * n_ctx * (n_embd_k_gqa + n_embd_v_gqa) / 2 * 2 bytes, and ours in float32 (twice that)."""
+    from ..formats import load
+    from ..model.spec import resolve_hparams
+    model_file = load(model)
+    hp = resolve_hparams(model_file.metadata, {n: tuple(t.shape) for n, t in model_file.tensors.items()})
+    elements = hp.n_layer * n_ctx * (hp.n_embd_k_gqa + hp.n_embd_v_gqa)
+    return {"file_bytes": os.path.getsize(model), "n_layer": hp.n_layer, "n_embd": hp.n_embd,
+            "n_embd_k_gqa": hp.n_embd_k_gqa, "n_embd_v_gqa": hp.n_embd_v_gqa, "n_vocab": hp.n_vocab,
+            "kv_cache_bytes": {"llama.cpp": elements * 2, "ggml_backend": elements * 4}}
+
+
+def rss_cap_mb(facts: dict, engine: str, kv_bytes: int | None = None) -> float:
+    kv = kv_bytes if kv_bytes is not None else facts["kv_cache_bytes"][engine]
+    return (facts["file_bytes"] + kv) / MB + OVERHEAD_MB
+
+
+# ------------------------------------------------------------------------------------------- machine
+
+def machine_description() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["flags"] = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni",
+                                             "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+                break
+    except OSError:
+        pass
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- the basic figures
+
+def basic_figures(engine: str, model: str, args) -> dict:
+    """Every figure of one engine: medians over args.repeat runs, each figure a fresh process."""
+    tasks = {"first": ("first", 0, 0),
+             "prompt": ("prompt", args.prompt_tokens, 0),
+             "prompt_long": ("prompt", args.long_prompt_tokens, 0),
+             "decode": ("decode", args.prompt_tokens, args.gen),
+             "decode_near": ("decode", args.near_position, args.gen)}
+    if args.deep_position:
+        tasks["decode_deep"] = ("decode", args.deep_position, args.gen)
+    runs = {name: [] for name in tasks}
+    peaks = []
+    for _ in range(args.repeat):
+        peak = 0.0
+        for name, (task, a, b) in tasks.items():
+            result = measure(engine, model, task, a, b, threads=args.threads, n_ctx=args.ctx_size,
+                             timeout=args.timeout)
+            runs[name].append(result)
+            peak = max(peak, result.get("peak_rss_mb", 0.0))
+        if peak:
+            peaks.append(peak)
+    figures = {
+        "open_s": _combine(runs["first"], "open_s"),
+        "first_token_s": _combine(runs["first"], "first_token_s"),
+        f"prompt_{args.prompt_tokens}_tok_s": _combine(runs["prompt"], "prompt_tok_s"),
+        f"prompt_{args.long_prompt_tokens}_tok_s": _combine(runs["prompt_long"], "prompt_tok_s"),
+        "decode_tok_s": _combine(runs["decode"], "decode_tok_s"),
+        f"decode_at_{args.near_position}_tok_s": _combine(runs["decode_near"], "decode_tok_s"),
+    }
+    if args.deep_position:
+        deep = _combine(runs["decode_deep"], "decode_tok_s")
+        near = figures[f"decode_at_{args.near_position}_tok_s"]
+        figures[f"decode_at_{args.deep_position}_tok_s"] = deep
+        figures["deep_over_near"] = deep / near if _is_number(deep) and _is_number(near) else \
+            {"error": "missing decode figure"}
+    figures["peak_rss_mb"] = _median(peaks) if peaks else _combine(runs["first"], "peak_rss_mb")
+    kv = [r["kv_cache_bytes"] for rs in runs.values() for r in rs if "kv_cache_bytes" in r]
+    if kv:
+        figures["kv_cache_mb"] = kv[0] / MB      # as the engine allocated it
+    return figures
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+def _engines(spec: str) -> list[str]:
     import importlib.util
-    model = args.model
-    if model is None:
-        from ..default_model import default_model_path
-        model = str(default_model_path())
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    engines = [e.strip() for e in spec.split(",") if e.strip()]
+    for engine in engines:
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
     if "llama.cpp" in engines and importlib.util.find_spec("llama_cpp") is None:
         print("llama-cpp-python is not installed: llama.cpp's figures are left out "
               "(pip install llama-cpp-python builds it from source)", file=sys.stderr)
         engines.remove("llama.cpp")
-    figures = {}
-    for engine in engines:
-        runs = [measure(engine, model, args) for _ in range(args.repeat)]
-        figures[engine] = {key: _median([r[key] for r in runs]) for key in runs[0] if key != "engine"}
-    if args.json:
-        print(json.dumps({"model": model, "threads": args.threads, "figures": figures}, indent=2))
-        return 0
-    keys = ["open_s", "first_token_s", "prefill_tok_s", "decode_tok_s", "decode_deep_tok_s", "peak_rss_mb"]
-    print(f"model: {model}\nthreads: {args.threads}, prompt: {args.prompt_tokens} tokens, decode: {args.gen} tokens")
-    header = f"{'figure':<20}" + "".join(f"{e:>16}" for e in engines)
-    if len(engines) == 2:
-        header += f"{'ratio':>10}"
-    print(header)
-    for key in keys:
-        if not all(key in figures[e] for e in engines):
-            continue
-        row = f"{key:<20}" + "".join(f"{figures[e][key]:>16.2f}" for e in engines)
+    return engines
+
+
+def _validate(args) -> None:
+    for name in ("threads", "ctx_size", "prompt_tokens", "long_prompt_tokens", "gen", "near_position", "repeat"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.deep_position < 0:
+        raise ValueError("--deep-position must not be negative")
+    longest = max(args.long_prompt_tokens, args.prompt_tokens + args.gen, args.near_position + args.gen,
+                  args.deep_position + args.gen)
+    if longest > args.ctx_size:
+        raise ValueError(f"the figures need {longest} positions but the context holds {args.ctx_size} (-c)")
+
+
+# ------------------------------------------------------------------------------------------- scaling
+
+def _scaling_model_path(spec: str, default_model: str, directory, progress: bool) -> str:
+    from .bench_models import SHAPES, synthetic_model
+    if spec == "0.5b":
+        return default_model
+    shape, _, weight_type = spec.partition("-")
+    if shape in SHAPES and weight_type in ("q4_0", "q8_0"):
+        return str(synthetic_model(shape, weight_type, directory, progress=progress))
+    if not Path(spec).is_file():
+        raise ValueError(f"--scaling-models: {spec!r} is neither 0.5b, SHAPE-TYPE ({', '.join(SHAPES)} x q4_0, "
+                         f"q8_0) nor a file")
+    return spec
+
+
+def scaling_tables(engines: list[str], model: str, args) -> dict:
+    """Prompt and decode speed per model size (short runs for models over 2 GB), and decode speed per position."""
+    sizes = []
+    for spec in [s.strip() for s in args.scaling_models.split(",") if s.strip()]:
+        path = _scaling_model_path(spec, model, args.bench_dir, progress=not args.json)
+        facts = model_facts(path, args.ctx_size)
+        big = facts["file_bytes"] > 2 * 1024 ** 3
+        n_prompt, n_gen = (32, 8) if big else (args.prompt_tokens, args.gen)
+        row = {"model": spec, "path": path, "file_mb": facts["file_bytes"] / MB, "n_layer": facts["n_layer"],
+               "n_embd": facts["n_embd"], "prompt_tokens": n_prompt, "gen_tokens": n_gen, "figures": {}}
+        for engine in engines:
+            prompt = [measure(engine, path, "prompt", n_prompt, threads=args.threads, n_ctx=args.ctx_size,
+                              timeout=args.timeout) for _ in range(args.repeat)]
+            decode = [measure(engine, path, "decode", n_prompt, n_gen, threads=args.threads, n_ctx=args.ctx_size,
+                              timeout=args.timeout) for _ in range(args.repeat)]
+            row["figures"][engine] = {"prompt_tok_s": _combine(prompt, "prompt_tok_s"),
+                                      "decode_tok_s": _combine(decode, "decode_tok_s"),
+                                      "peak_rss_mb": _combine(prompt + decode, "peak_rss_mb")}
+        sizes.append(row)
+        _progress(f"size table: {spec} done", args)
+    positions = []
+    for position in [int(p) for p in args.positions.split(",") if p.strip()]:
+        if position + args.gen > args.ctx_size:
+            raise ValueError(f"--positions: {position} + {args.gen} decode steps exceed the context {args.ctx_size}")
+        row = {"position": position, "figures": {}}
+        for engine in engines:
+            runs = [measure(engine, model, "decode", position, args.gen, threads=args.threads, n_ctx=args.ctx_size,
+                            timeout=args.timeout) for _ in range(args.repeat)]
+            row["figures"][engine] = {"decode_tok_s": _combine(runs, "decode_tok_s")}
+        positions.append(row)
+        _progress(f"position table: {position} done", args)
+    return {"sizes": sizes, "positions": positions}
+
+
+def _progress(message: str, args) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- printing
+
+def _cell(value, width: int) -> str:
+    if isinstance(value, dict):
+        return f"{value['error']:>{width}}"
+    return f"{value:>{width}.2f}"
+
+
+def _ratio(engines: list[str], values: dict) -> str:
+    if len(engines) == 2 and all(_is_number(values[e]) for e in engines) and values[engines[1]]:
+        return f"{values[engines[0]] / values[engines[1]]:>16.2f}"
+    return f"{'-':>16}" if len(engines) == 2 else ""
+
+
+def print_report(report: dict) -> None:
+    engines = report["engines"]
+    cond = report["conditions"]
+    machine = report["machine"]
+    print(f"model: {report['model']} ({report['model_facts']['file_bytes'] / MB:.0f} MB)")
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {' '.join(machine['flags'])}; "
+          f"load average {report['load_average_before']} -> {report['load_average_after']}; {report['date']}")
+    print(f"threads {cond['threads']}, n_ctx {cond['n_ctx']}, decode {cond['gen']} tokens per figure, "
+          f"median of {cond['repeat']} fresh-process runs")
+    if report.get("figures"):
+        figures = report["figures"]
+        errors = [v["error"] for e in engines for v in figures[e].values() if isinstance(v, dict)]
+        width = max([14] + [len(error) + 2 for error in errors])
+        header = f"{'figure':<28}" + "".join(f"{e:>{width}}" for e in engines)
         if len(engines) == 2:
-            a, b = figures[engines[0]][key], figures[engines[1]][key]
-            row += f"{a / b:>10.2f}" if b else ""
-        print(row)
+            header += f"{'ours/llama.cpp':>16}"
+        print(header)
+        for key in figures[engines[0]]:
+            values = {e: figures[e].get(key, {"error": "-"}) for e in engines}
+            print(f"{key:<28}" + "".join(_cell(values[e], width) for e in engines) + _ratio(engines, values))
+        for engine in engines:
+            peak, cap = figures[engine]["peak_rss_mb"], figures[engine]["rss_cap_mb"]
+            verdict = "" if not _is_number(peak) else ("within" if peak <= cap else "OVER")
+            print(f"{engine}: RSS cap = file + KV cache ({figures[engine]['kv_cache_mb']:.1f} MB, "
+                  f"{'float32' if engine == 'ggml_backend' else 'float16'}) + {OVERHEAD_MB} MB = {cap:.0f} MB: "
+                  f"peak {verdict}")
+    scaling = report.get("scaling")
+    if scaling:
+        print("\nspeed against model size (prompt tok/s | decode tok/s):")
+        print(f"{'model':<12}{'file MB':>9}{'layers':>7}{'n_embd':>7}{'prompt':>7}{'gen':>5}"
+              + "".join(f"{e + ' pp':>22}{e + ' tg':>22}" for e in engines))
+        for row in scaling["sizes"]:
+            cells = "".join(_cell(row["figures"][e]["prompt_tok_s"], 22) + _cell(row["figures"][e]["decode_tok_s"], 22)
+                            for e in engines)
+            print(f"{row['model']:<12}{row['file_mb']:>9.0f}{row['n_layer']:>7}{row['n_embd']:>7}"
+                  f"{row['prompt_tokens']:>7}{row['gen_tokens']:>5}{cells}")
+        print("\ndecode tok/s against context position (-m model):")
+        print(f"{'position':<10}" + "".join(f"{e:>22}" for e in engines))
+        for row in scaling["positions"]:
+            print(f"{row['position']:<10}" + "".join(_cell(row["figures"][e]["decode_tok_s"], 22) for e in engines))
+
+
+# ------------------------------------------------------------------------------------------- entry point
+
+def run(args) -> int:
+    _validate(args)
+    model = args.model
+    if model is None:
+        from ..default_model import default_model_path
+        model = str(default_model_path())
+    if not Path(model).is_file():
+        raise FileNotFoundError(f"{model}: no such model file")
+    engines = _engines(args.engines)
+    if not engines:
+        raise ValueError("no engine to measure")
+    facts = model_facts(model, args.ctx_size)
+    report = {"model": model, "engines": engines, "machine": machine_description(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "load_average_before": load_average(), "model_facts": facts,
+              "conditions": {"threads": args.threads, "n_ctx": args.ctx_size, "n_batch": 512,
+                             "prompt_tokens": args.prompt_tokens, "long_prompt_tokens": args.long_prompt_tokens,
+                             "gen": args.gen, "near_position": args.near_position,
+                             "deep_position": args.deep_position, "repeat": args.repeat}}
+    if not (args.scaling and args.skip_basic):
+        report["figures"] = {}
+        for engine in engines:
+            report["figures"][engine] = basic_figures(engine, model, args)
+            _progress(f"{engine} done", args)
+        for engine in engines:
+            figures = report["figures"][engine]
+            kv_bytes = figures["kv_cache_mb"] * MB if "kv_cache_mb" in figures else facts["kv_cache_bytes"][engine]
+            figures["kv_cache_mb"] = kv_bytes / MB
+            figures["rss_cap_mb"] = rss_cap_mb(facts, engine, kv_bytes)
+    if args.scaling:
+        report["scaling"] = scaling_tables(engines, model, args)
+    report["load_average_after"] = load_average()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
     return 0

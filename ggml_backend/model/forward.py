@@ -105,6 +105,24 @@ def _to_f16_precision(x: np.ndarray) -> np.ndarray:
     return round_to_f16_inplace(np.ascontiguousarray(x, dtype=np.float32))
 
 
+# Query rows per attention block are chosen so that one block's scores take about this many bytes (float32).
+ATTENTION_BLOCK_BYTES = 4 << 20
+
+
+def _attention_mask(first_pos: int, n_queries: int, n_kv: int, window: int) -> np.ndarray | None:
+    """Additive mask [n_queries, n_kv] (0 or -inf) for queries at positions first_pos... over keys 0..n_kv-1:
+    causal, and within ``window`` positions when window > 0. None when every key is visible to every query (one
+    token at the end of the keys, no window cutting in): decode needs no mask."""
+    if n_queries == 1 and first_pos == n_kv - 1 and (window <= 0 or n_kv <= window):
+        return None
+    query_pos = np.arange(first_pos, first_pos + n_queries)[:, None]
+    key_pos = np.arange(n_kv)[None, :]
+    visible = key_pos <= query_pos
+    if window > 0:
+        visible &= query_pos - key_pos < window
+    return np.where(visible, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+
+
 class Model:
     """Weights of one model file, arranged for the forward pass."""
 
@@ -189,20 +207,11 @@ class Model:
             raise ValueError(f"token id out of range [0, {hp.n_vocab})")
         positions = np.arange(start, start + n_tokens)
         n_kv = start + n_tokens   # keys visible after this batch
-
-        # Causal mask (and the sliding window of local layers): query i at position start+i sees key j <= start+i.
-        query_pos = positions[:, None]
-        key_pos = np.arange(n_kv)[None, :]
-        causal_mask = np.where(key_pos <= query_pos, 0.0, -np.inf).astype(np.float32)
-        if hp.sliding_window:
-            window_mask = np.where((key_pos <= query_pos) & (query_pos - key_pos < hp.sliding_window),
-                                   0.0, -np.inf).astype(np.float32)
         rope_tables = {}
 
         x = dequantize_rows(self.token_embd_type, self.token_embd, tokens)          # [n_tokens, n_embd]
         if hp.arch.embed_scale:
             x = x * np.float32(np.sqrt(hp.n_embd))
-        group = hp.n_head // hp.n_head_kv
 
         for il, layer in enumerate(self.layers):
             # --- attention ---
@@ -222,22 +231,8 @@ class Model:
             apply_rope(k, cos, sin, hp.rope_dims, hp.arch.rope_mode)
             cache.store(il, start, k, v)
 
-            keys = cache.k[il, :, :n_kv]                                                # [n_head_kv, n_kv, hd]
-            values = cache.v[il, :, :n_kv]
-            # queries grouped by the kv head they share: [n_head_kv, group * n_tokens, hd]
-            q_grouped = _to_f16_precision(q).reshape(n_tokens, hp.n_head_kv, group, hp.head_dim_k)
-            q_grouped = q_grouped.transpose(1, 2, 0, 3).reshape(hp.n_head_kv, group * n_tokens, hp.head_dim_k)
-            scores = np.matmul(q_grouped, keys.transpose(0, 2, 1)) * np.float32(hp.attn_scale)
-            scores = scores.reshape(hp.n_head_kv, group, n_tokens, n_kv)
-            scores += window_mask if hp.swa_layers[il] else causal_mask
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            # ggml sums in float64 and multiplies by the reciprocal
-            scores *= (1.0 / scores.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
-            probs = _to_f16_precision(scores).reshape(hp.n_head_kv, group * n_tokens, n_kv)
-            attn = np.matmul(probs, values)                                             # [n_head_kv, g*n, hd]
-            attn = attn.reshape(hp.n_head_kv, group, n_tokens, hp.head_dim_v).transpose(2, 0, 1, 3)
-            attn = np.ascontiguousarray(attn).reshape(n_tokens, hp.n_head * hp.head_dim_v)
+            window = hp.sliding_window if hp.swa_layers[il] else 0
+            attn = self._attention(q, cache.k[il], cache.v[il], start, window)
             attn_out = layer.wo(attn)
             if layer.post_attn_norm is not None:
                 attn_out = rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
@@ -257,6 +252,46 @@ class Model:
             x = x[-1:]
         x = rms_norm(x, self.output_norm, hp.rms_eps)
         return self.output(np.ascontiguousarray(x, dtype=np.float32))
+
+    def _attention(self, q: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, start: int,
+                   window: int) -> np.ndarray:
+        """softmax(q k^T * scale + mask) v for queries q [n_tokens, n_head, hd] at positions start..., over the
+        cached keys/values of one layer ([n_head_kv, n_ctx, hd], positions 0 .. start+n_tokens-1 filled).
+
+        Query i at position start+i sees keys j <= start+i (and start+i - j < window when window > 0). Queries are
+        taken in blocks of about ATTENTION_BLOCK_BYTES of scores, each over the keys its last query sees: the
+        scores of a long prompt deep in the context would otherwise be a [n_head, n_tokens, n_kv] float32
+        temporary (hundreds of MB), and a causal block needs no later keys. Each score row is computed as before
+        (ggml's order: f16-rounded q and probabilities, softmax sum in float64, multiplied by its reciprocal)."""
+        hp = self.hp
+        n_tokens = q.shape[0]
+        group = hp.n_head // hp.n_head_kv
+        n_ctx_used = start + n_tokens
+        # queries grouped by the kv head they share: [n_head_kv, group, n_tokens, hd] (a view)
+        q_grouped = _to_f16_precision(q).reshape(n_tokens, hp.n_head_kv, group, hp.head_dim_k).transpose(1, 2, 0, 3)
+        attn = np.empty((n_tokens, hp.n_head_kv, group, hp.head_dim_v), np.float32)
+        block = max(1, ATTENTION_BLOCK_BYTES // (4 * hp.n_head * n_ctx_used))
+        scale = np.float32(hp.attn_scale)
+        for t0 in range(0, n_tokens, block):
+            t1 = min(n_tokens, t0 + block)
+            rows = t1 - t0
+            n_kv = start + t1                                        # keys the last query of the block sees
+            keys = cache_k[:, :n_kv]                                 # [n_head_kv, n_kv, hd]
+            q_block = q_grouped[:, :, t0:t1].reshape(hp.n_head_kv, group * rows, hp.head_dim_k)
+            scores = np.matmul(q_block, keys.transpose(0, 2, 1))    # [n_head_kv, group * rows, n_kv]
+            scores *= scale
+            scores4 = scores.reshape(hp.n_head_kv, group, rows, n_kv)
+            mask = _attention_mask(start + t0, rows, n_kv, window)
+            if mask is not None:
+                scores4 += mask
+            scores4 -= scores4.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            # ggml sums in float64 and multiplies by the reciprocal
+            scores4 *= (1.0 / scores4.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+            probs = _to_f16_precision(scores)
+            out = np.matmul(probs, cache_v[:, :n_kv])                # [n_head_kv, group * rows, hd]
+            attn[t0:t1] = out.reshape(hp.n_head_kv, group, rows, hp.head_dim_v).transpose(2, 0, 1, 3)
+        return attn.reshape(n_tokens, hp.n_head * hp.head_dim_v)
 
     def rerotate_keys(self, cache: KVCache, first: int, last: int, delta: int) -> None:
         """Rotate cached keys of positions first..last-1 by delta positions (after a context shift)."""

@@ -295,30 +295,110 @@ def _matmul_kquant(kind, w, w_signed, xq, xd, xbsums, out, n_chunks, f16_table):
 # summed once per row. These carry the memory-bound token-by-token generation.
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _matvec_q5_0(w, xq, xd, out, n_chunks, f16_table):
-    n_rows = w.shape[0]
-    n_blocks = xq.shape[1] // 32
-    x = xq[0]
-    x_scale = xd[0]
-    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+@njit(cache=True, error_model="numpy")
+def _q5_0_bit_sums(x_blocks, sums, sums16):
+    """For the q5_0 fifth bits: ``sums[b, g, v]`` = sum of the activation quants x[b, 8g + i] over the set bits i of
+    the byte value v (int32), and ``sums16[b]`` = 16 * sum of block b's quants.
+
+    Built once per activation row (a few microseconds); the kernel then gets sum_j hbit_j * x_j of a block from
+    four lookups, one per byte of ``qh``, instead of extracting 32 bits with variable shifts (which kept LLVM in
+    64-bit vector lanes: benchmarks/README.md)."""
+    for b in range(x_blocks.shape[0]):
+        total = np.int32(0)
+        for g in range(4):
+            table = sums[b, g]
+            table[0] = 0
+            size = 1
+            for i in range(8):   # values with bit i set = values below 2**i plus x_i
+                xi = np.int32(x_blocks[b, 8 * g + i])
+                total = np.int32(total + xi)
+                for v in range(size):
+                    table[size + v] = np.int32(table[v] + xi)
+                size *= 2
+        sums16[b] = np.int32(16 * total)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, out, first, last, f16_table):
+    """out[r] = sum_b d_w[r, b] * d_x[b] * (q_w[r, b] . q_x[b]) for rows [first, last) of q5_0 weights.
+
+    ``blocks``: the weights as uint8 [n_rows, n_blocks, 22] (f16 scale, 4 bytes qh, 16 bytes of nibbles). A
+    weight is nibble + 16*hbit - 16, so a block dot is sum(nibble_j x_j) + 16 * sum(hbit_j x_j) - 16 * sum(x_j):
+    the nibble parts are two 16-long loops with constant shifts (LLVM packs them in 32-bit lanes with vpmaddwd),
+    the fifth-bit part comes from the ``bit_sums`` tables (see ``_q5_0_bit_sums``), exactly. Four rows at a time
+    share the activation loads, as in ``_rows_q8_0``."""
+    n_blocks = x_blocks.shape[0]
+    r = first
+    while r + 4 <= last:
+        acc0 = np.float32(0.0)
+        acc1 = np.float32(0.0)
+        acc2 = np.float32(0.0)
+        acc3 = np.float32(0.0)
+        for b in range(n_blocks):
+            x = x_blocks[b]
+            sums = bit_sums[b]
+            w0 = blocks[r, b]
+            w1 = blocks[r + 1, b]
+            w2 = blocks[r + 2, b]
+            w3 = blocks[r + 3, b]
+            dot0 = np.int32(np.int32(np.int32(sums[0, w0[2]] + sums[1, w0[3]])
+                                     + np.int32(sums[2, w0[4]] + sums[3, w0[5]])) * 16 - sums16[b])
+            dot1 = np.int32(np.int32(np.int32(sums[0, w1[2]] + sums[1, w1[3]])
+                                     + np.int32(sums[2, w1[4]] + sums[3, w1[5]])) * 16 - sums16[b])
+            dot2 = np.int32(np.int32(np.int32(sums[0, w2[2]] + sums[1, w2[3]])
+                                     + np.int32(sums[2, w2[4]] + sums[3, w2[5]])) * 16 - sums16[b])
+            dot3 = np.int32(np.int32(np.int32(sums[0, w3[2]] + sums[1, w3[3]])
+                                     + np.int32(sums[2, w3[4]] + sums[3, w3[5]])) * 16 - sums16[b])
+            for j in range(16):   # low nibbles: values 0..15
+                xv = np.int16(x[j])
+                dot0 = np.int32(dot0 + np.int32(np.int16(w0[6 + j] & 15) * xv))
+                dot1 = np.int32(dot1 + np.int32(np.int16(w1[6 + j] & 15) * xv))
+                dot2 = np.int32(dot2 + np.int32(np.int16(w2[6 + j] & 15) * xv))
+                dot3 = np.int32(dot3 + np.int32(np.int16(w3[6 + j] & 15) * xv))
+            for j in range(16):   # high nibbles: values 16..31
+                xv = np.int16(x[16 + j])
+                dot0 = np.int32(dot0 + np.int32(np.int16(w0[6 + j] >> 4) * xv))
+                dot1 = np.int32(dot1 + np.int32(np.int16(w1[6 + j] >> 4) * xv))
+                dot2 = np.int32(dot2 + np.int32(np.int16(w2[6 + j] >> 4) * xv))
+                dot3 = np.int32(dot3 + np.int32(np.int16(w3[6 + j] >> 4) * xv))
+            xd = x_scale[b]
+            acc0 += _f16(w0, 0, f16_table) * xd * np.float32(dot0)
+            acc1 += _f16(w1, 0, f16_table) * xd * np.float32(dot1)
+            acc2 += _f16(w2, 0, f16_table) * xd * np.float32(dot2)
+            acc3 += _f16(w3, 0, f16_table) * xd * np.float32(dot3)
+        out[r] = acc0
+        out[r + 1] = acc1
+        out[r + 2] = acc2
+        out[r + 3] = acc3
+        r += 4
+    while r < last:  # the last n_rows % 4 rows of the chunk
+        acc = np.float32(0.0)
+        for b in range(n_blocks):
+            x = x_blocks[b]
+            sums = bit_sums[b]
+            w0 = blocks[r, b]
+            dot = np.int32(np.int32(np.int32(sums[0, w0[2]] + sums[1, w0[3]])
+                                    + np.int32(sums[2, w0[4]] + sums[3, w0[5]])) * 16 - sums16[b])
+            for j in range(16):
+                dot = np.int32(dot + np.int32(np.int16(w0[6 + j] & 15) * np.int16(x[j]))
+                               + np.int32(np.int16(w0[6 + j] >> 4) * np.int16(x[16 + j])))
+            acc += _f16(w0, 0, f16_table) * x_scale[b] * np.float32(dot)
+        out[r] = acc
+        r += 1
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q5_0(blocks, x_blocks, x_scale, out, n_chunks, f16_table):
+    n_rows = blocks.shape[0]
+    n_blocks = x_blocks.shape[0]
+    bit_sums = np.empty((n_blocks, 4, 256), np.int32)
+    sums16 = np.empty(n_blocks, np.int32)
+    _q5_0_bit_sums(x_blocks, bit_sums, sums16)
+    rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
     for chunk in prange(n_chunks):
-        lanes = np.zeros(16, np.float32)
-        for r in range(chunk * rows_per_chunk, min(n_rows, (chunk + 1) * rows_per_chunk)):
-            row = w[r]
-            lanes[:] = 0.0
-            for b in range(n_blocks):
-                o = b * 22
-                scale = f16_table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)] * x_scale[b]
-                high_bits = (np.int32(row[o + 2]) | (np.int32(row[o + 3]) << 8) | (np.int32(row[o + 4]) << 16)
-                             | (np.int32(row[o + 5]) << 24))
-                base = b * 32
-                for j in range(16):
-                    byte = np.int32(row[o + 6 + j])
-                    low = ((byte & 15) | (((high_bits >> j) & 1) << 4)) - 16
-                    high = ((byte >> 4) | (((high_bits >> (j + 16)) & 1) << 4)) - 16
-                    lanes[j] += scale * np.float32(low * np.int32(x[base + j]) + high * np.int32(x[base + 16 + j]))
-            out[0, r] = lanes.sum()
+        first = min(n_rows, chunk * rows_per_chunk)
+        _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, out, first, min(n_rows, first + rows_per_chunk),
+                   f16_table)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -407,83 +487,145 @@ def _matvec_q8_0(blocks, x_blocks, x_scale, out, n_chunks, f16_table):
         _rows_q8_0(blocks, x_blocks, x_scale, out, first, min(n_rows, first + rows_per_chunk), f16_table)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _matvec_q4_K(w, xq, xd, xbsums, out, n_chunks, f16_table):
-    n_rows = w.shape[0]
-    n_blocks = xq.shape[1] // 256
-    x = xq[0]
-    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
-    for chunk in prange(n_chunks):
-        lanes = np.zeros(32, np.float32)
-        int_lanes = np.zeros(32, np.int32)
-        scales = np.empty(8, np.int32)
-        mins = np.empty(8, np.int32)
-        for r in range(chunk * rows_per_chunk, min(n_rows, (chunk + 1) * rows_per_chunk)):
-            row = w[r]
-            lanes[:] = 0.0
-            min_acc = np.float32(0.0)
-            for b in range(n_blocks):
-                o = b * 144
-                for j in range(8):
-                    scales[j], mins[j] = _scale_min_k4(j, row, o + 4)
-                min_total = np.int32(0)
-                for j in range(8):
-                    min_total += mins[j] * (xbsums[0, 16 * b + 2 * j] + xbsums[0, 16 * b + 2 * j + 1])
-                int_lanes[:] = 0
-                base = b * 256
-                for c in range(4):
-                    scale_low = scales[2 * c]
-                    scale_high = scales[2 * c + 1]
-                    for l in range(32):
-                        byte = np.int32(row[o + 16 + 32 * c + l])
-                        int_lanes[l] += (scale_low * ((byte & 15) * np.int32(x[base + 64 * c + l]))
-                                         + scale_high * ((byte >> 4) * np.int32(x[base + 64 * c + 32 + l])))
-                d = _f16(row, o, f16_table) * xd[0, b]
-                for l in range(32):
-                    lanes[l] += d * np.float32(int_lanes[l])
-                min_acc += (_f16(row, o + 2, f16_table) * xd[0, b]) * np.float32(min_total)
-            out[0, r] = lanes.sum() - min_acc
+@njit(cache=True, inline="always")
+def _q6_K_dot16_pair(w0, w1, low, low_shift, high, high_shift, x, x_offset):
+    """Integer dots of 16 six-bit quants (unsigned, before the -32 offset) of two rows with x[x_offset:+16]:
+    the low 4 bits are (w[low + i] >> low_shift) & 15, the top 2 bits (w[high + i] >> high_shift) & 3.
+    Constant shifts after inlining; the int16 casts keep LLVM in 32-bit lanes (vpmaddwd)."""
+    dot0 = np.int32(0)
+    dot1 = np.int32(0)
+    for i in range(16):
+        xv = np.int16(x[x_offset + i])
+        q0 = np.int16(np.int16((w0[low + i] >> low_shift) & 15) | np.int16(((w0[high + i] >> high_shift) & 3) << 4))
+        q1 = np.int16(np.int16((w1[low + i] >> low_shift) & 15) | np.int16(((w1[high + i] >> high_shift) & 3) << 4))
+        dot0 = np.int32(dot0 + np.int32(q0 * xv))
+        dot1 = np.int32(dot1 + np.int32(q1 * xv))
+    return dot0, dot1
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _matvec_q6_K(w, w_signed, xq, xd, out, n_chunks, f16_table):
-    n_rows = w.shape[0]
-    n_blocks = xq.shape[1] // 256
-    x = xq[0]
-    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _rows_q6_K(blocks, scales, x, x_scale, x_bsums, out, first, last, f16_table):
+    """out[r] = sum_b d_w * d_x * (sum_g scale_g * (u_g . x_g) - 32 * sum_g scale_g * bsum_g) for rows [first, last)
+    of q6_K weights (u: the unsigned 6-bit quants; the -32 offset comes from the q8_K block sums, exactly as ggml).
+
+    ``blocks``: uint8 [n_rows, n_blocks, 210] (128 bytes of low nibbles, 64 of top bits, 16 int8 scales, f16 d);
+    ``scales``: the int8 view of the scale bytes. Two rows at a time share the activation loads (measured 2.7x the
+    one-row kernel with 16 float lanes; benchmarks/README.md); an odd last row is computed twice."""
+    n_blocks = x_scale.shape[0]
+    for r in range(first, last, 2):
+        r1 = min(r + 1, last - 1)   # an odd last row is computed twice
+        acc0 = np.float32(0.0)
+        acc1 = np.float32(0.0)
+        for b in range(n_blocks):
+            w0 = blocks[r, b]
+            w1 = blocks[r1, b]
+            s0 = scales[r, b]
+            s1 = scales[r1, b]
+            base = b * 256
+            total0 = np.int32(0)
+            total1 = np.int32(0)
+            for n in range(2):
+                for half in range(2):
+                    l = 16 * half
+                    g = 8 * n + half
+                    ql = 64 * n + l
+                    qh = 128 + 32 * n + l
+                    v = base + 128 * n + l
+                    d0, d1 = _q6_K_dot16_pair(w0, w1, ql, 0, qh, 0, x, v)
+                    total0 = np.int32(total0 + np.int32(s0[g]) * d0)
+                    total1 = np.int32(total1 + np.int32(s1[g]) * d1)
+                    d0, d1 = _q6_K_dot16_pair(w0, w1, ql + 32, 0, qh, 2, x, v + 32)
+                    total0 = np.int32(total0 + np.int32(s0[g + 2]) * d0)
+                    total1 = np.int32(total1 + np.int32(s1[g + 2]) * d1)
+                    d0, d1 = _q6_K_dot16_pair(w0, w1, ql, 4, qh, 4, x, v + 64)
+                    total0 = np.int32(total0 + np.int32(s0[g + 4]) * d0)
+                    total1 = np.int32(total1 + np.int32(s1[g + 4]) * d1)
+                    d0, d1 = _q6_K_dot16_pair(w0, w1, ql + 32, 4, qh, 6, x, v + 96)
+                    total0 = np.int32(total0 + np.int32(s0[g + 6]) * d0)
+                    total1 = np.int32(total1 + np.int32(s1[g + 6]) * d1)
+            offset0 = np.int32(0)
+            offset1 = np.int32(0)
+            for g in range(16):
+                offset0 = np.int32(offset0 + np.int32(s0[g]) * x_bsums[16 * b + g])
+                offset1 = np.int32(offset1 + np.int32(s1[g]) * x_bsums[16 * b + g])
+            acc0 += _f16(w0, 208, f16_table) * x_scale[b] * np.float32(np.int32(total0 - 32 * offset0))
+            acc1 += _f16(w1, 208, f16_table) * x_scale[b] * np.float32(np.int32(total1 - 32 * offset1))
+        out[r] = acc0
+        out[r1] = acc1
+
+
+@njit(cache=True, inline="always")
+def _q4_K_dot32_pair(w0, w1, offset, shift, x, x_offset):
+    """Integer dots of 32 four-bit quants ((w[offset + i] >> shift) & 15) of two rows with x[x_offset:+32]."""
+    dot0 = np.int32(0)
+    dot1 = np.int32(0)
+    for i in range(32):
+        xv = np.int16(x[x_offset + i])
+        dot0 = np.int32(dot0 + np.int32(np.int16((w0[offset + i] >> shift) & 15) * xv))
+        dot1 = np.int32(dot1 + np.int32(np.int16((w1[offset + i] >> shift) & 15) * xv))
+    return dot0, dot1
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _rows_q4_K(blocks, x, x_scale, x_bsums, out, first, last, f16_table):
+    """out[r] = sum_b d_x * (d_w * sum_j scale_j (q_j . x_j) - dmin_w * sum_j min_j bsum_j) for rows [first, last)
+    of q4_K weights (``blocks``: uint8 [n_rows, n_blocks, 144]). Two rows at a time, constant shifts per 32-value
+    sub-block (the runtime shift of a loop over the 8 sub-blocks kept LLVM from vectorizing); an odd last row is
+    computed twice."""
+    n_blocks = x_scale.shape[0]
+    for r in range(first, last, 2):
+        r1 = min(r + 1, last - 1)
+        acc0 = np.float32(0.0)
+        acc1 = np.float32(0.0)
+        for b in range(n_blocks):
+            w0 = blocks[r, b]
+            w1 = blocks[r1, b]
+            base = b * 256
+            total0 = np.int32(0)
+            total1 = np.int32(0)
+            mins0 = np.int32(0)
+            mins1 = np.int32(0)
+            for c in range(4):   # 64 values: 32 low nibbles (sub-block 2c), then 32 high nibbles (2c + 1)
+                j = 2 * c
+                scale0, min0 = _scale_min_k4(j, w0, 4)
+                scale1, min1 = _scale_min_k4(j, w1, 4)
+                scale0h, min0h = _scale_min_k4(j + 1, w0, 4)
+                scale1h, min1h = _scale_min_k4(j + 1, w1, 4)
+                sum_low = np.int32(x_bsums[16 * b + 2 * j] + x_bsums[16 * b + 2 * j + 1])
+                sum_high = np.int32(x_bsums[16 * b + 2 * j + 2] + x_bsums[16 * b + 2 * j + 3])
+                mins0 = np.int32(mins0 + np.int32(min0) * sum_low + np.int32(min0h) * sum_high)
+                mins1 = np.int32(mins1 + np.int32(min1) * sum_low + np.int32(min1h) * sum_high)
+                d0, d1 = _q4_K_dot32_pair(w0, w1, 16 + 32 * c, 0, x, base + 64 * c)
+                e0, e1 = _q4_K_dot32_pair(w0, w1, 16 + 32 * c, 4, x, base + 64 * c + 32)
+                total0 = np.int32(total0 + np.int32(scale0) * d0 + np.int32(scale0h) * e0)
+                total1 = np.int32(total1 + np.int32(scale1) * d1 + np.int32(scale1h) * e1)
+            xd = x_scale[b]
+            acc0 += _f16(w0, 0, f16_table) * xd * np.float32(total0) - _f16(w0, 2, f16_table) * xd * np.float32(mins0)
+            acc1 += _f16(w1, 0, f16_table) * xd * np.float32(total1) - _f16(w1, 2, f16_table) * xd * np.float32(mins1)
+        out[r] = acc0
+        out[r1] = acc1
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q6_K(blocks, scales, x, x_scale, x_bsums, out, n_chunks, f16_table):
+    n_rows = blocks.shape[0]
+    rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
     for chunk in prange(n_chunks):
-        lanes = np.zeros(16, np.float32)
-        int_lanes = np.zeros(16, np.int32)
-        for r in range(chunk * rows_per_chunk, min(n_rows, (chunk + 1) * rows_per_chunk)):
-            row = w[r]
-            signed_row = w_signed[r]
-            lanes[:] = 0.0
-            for b in range(n_blocks):
-                o = b * 210
-                int_lanes[:] = 0
-                base = b * 256
-                for n in range(2):
-                    for half in range(2):
-                        # value 128n + 32g + l (l = 16*half + i) has scale index 8n + 2g + half
-                        s0 = np.int32(signed_row[o + 192 + 8 * n + half])
-                        s1 = np.int32(signed_row[o + 192 + 8 * n + 2 + half])
-                        s2 = np.int32(signed_row[o + 192 + 8 * n + 4 + half])
-                        s3 = np.int32(signed_row[o + 192 + 8 * n + 6 + half])
-                        for i in range(16):
-                            l = 16 * half + i
-                            low_a = np.int32(row[o + 64 * n + l])
-                            low_b = np.int32(row[o + 64 * n + 32 + l])
-                            high = np.int32(row[o + 128 + 32 * n + l])
-                            v = base + 128 * n + l
-                            int_lanes[i] += (
-                                s0 * ((((low_a & 15) | ((high & 3) << 4)) - 32) * np.int32(x[v]))
-                                + s1 * ((((low_b & 15) | (((high >> 2) & 3) << 4)) - 32) * np.int32(x[v + 32]))
-                                + s2 * ((((low_a >> 4) | (((high >> 4) & 3) << 4)) - 32) * np.int32(x[v + 64]))
-                                + s3 * ((((low_b >> 4) | (((high >> 6) & 3) << 4)) - 32) * np.int32(x[v + 96])))
-                d = _f16(row, o + 208, f16_table) * xd[0, b]
-                for i in range(16):
-                    lanes[i] += d * np.float32(int_lanes[i])
-            out[0, r] = lanes.sum()
+        first = min(n_rows, chunk * rows_per_chunk)
+        last = min(n_rows, first + rows_per_chunk)
+        if first < last:
+            _rows_q6_K(blocks, scales, x, x_scale, x_bsums, out, first, last, f16_table)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q4_K(blocks, x, x_scale, x_bsums, out, n_chunks, f16_table):
+    n_rows = blocks.shape[0]
+    rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
+    for chunk in prange(n_chunks):
+        first = min(n_rows, chunk * rows_per_chunk)
+        last = min(n_rows, first + rows_per_chunk)
+        if first < last:
+            _rows_q4_K(blocks, x, x_scale, x_bsums, out, first, last, f16_table)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -657,7 +799,9 @@ def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActiva
     """Run the fused one-token kernel of ``type_name`` if there is one; False if not."""
     n_chunks = _n_chunks(weight_bytes.shape[0])
     if type_name == "q5_0":
-        _matvec_q5_0(weight_bytes, acts.qs, acts.d, out, n_chunks, F16_TO_F32)
+        n_rows, row_bytes = weight_bytes.shape
+        blocks = weight_bytes.reshape(n_rows, row_bytes // 22, 22)
+        _matvec_q5_0(blocks, acts.qs.reshape(-1, 32), acts.d[0], out[0], n_chunks, F16_TO_F32)
     elif type_name == "q4_0":
         _matvec_q4_0(weight_bytes, acts.qs, acts.d, out, n_chunks, F16_TO_F32)
     elif type_name == "q8_0":
@@ -665,9 +809,12 @@ def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActiva
         blocks = weight_bytes.view(np.int8).reshape(n_rows, row_bytes // 34, 34)
         _matvec_q8_0(blocks, acts.qs.reshape(-1, 32), acts.d[0], out[0], n_chunks, F16_TO_F32)
     elif type_name == "q4_K":
-        _matvec_q4_K(weight_bytes, acts.qs, acts.d, acts.extra, out, n_chunks, F16_TO_F32)
+        blocks = weight_bytes.reshape(weight_bytes.shape[0], -1, 144)
+        _matvec_q4_K(blocks, acts.qs[0], acts.d[0], acts.extra[0], out[0], n_chunks, F16_TO_F32)
     elif type_name == "q6_K":
-        _matvec_q6_K(weight_bytes, weight_bytes.view(np.int8), acts.qs, acts.d, out, n_chunks, F16_TO_F32)
+        blocks = weight_bytes.reshape(weight_bytes.shape[0], -1, 210)
+        _matvec_q6_K(blocks, blocks[:, :, 192:208].view(np.int8), acts.qs[0], acts.d[0], acts.extra[0], out[0],
+                     n_chunks, F16_TO_F32)
     else:
         return False
     return True

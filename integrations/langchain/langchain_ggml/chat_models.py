@@ -361,10 +361,10 @@ class _ToolCallSplitter:
         held, self._held, self.in_call = self._held, "", False
         if self._maybe_bare_call:
             self._maybe_bare_call = False
-            call = _bare_call(held, self.tool_names)
-            if call is not None:
-                self.n_calls += 1
-                return [("call", call)]
+            calls = _bare_calls(held, self.tool_names)
+            if calls:
+                self.n_calls += len(calls)
+                return [("call", call) for call in calls]
             return self.feed(held) + self.finish()
         return [("text", held)] if held else []
 
@@ -407,16 +407,21 @@ def _calls_in_block(block: str, tool_names: Sequence[str]) -> list[dict]:
     return [call] if call else []
 
 
-def _bare_call(text: str, tool_names: Sequence[str]) -> dict | None:
-    """A whole reply that is only {"name": <a bound tool>, "arguments": {...}}, possibly in a code fence."""
+def _bare_calls(text: str, tool_names: Sequence[str]) -> list[dict]:
+    """A whole reply that is only calls written as bare JSON, {"name": <a bound tool>, "arguments": {...}}, one
+    object or one per line, possibly in a code fence; [] if any part of it is something else."""
     body = text.strip()
     fenced = _FENCE.match(body)
     if fenced:
         body = fenced.group(1)
-    try:
-        return _as_call(_loads_lenient(body), tool_names)
-    except json.JSONDecodeError:
-        return None
+    for candidates in ([body], [line for line in body.splitlines() if line.strip()]):
+        try:
+            calls = [_as_call(_loads_lenient(candidate), tool_names) for candidate in candidates]
+        except json.JSONDecodeError:
+            continue
+        if calls and all(calls):
+            return calls
+    return []
 
 
 def _arguments_opening(tools: list[dict], name: str) -> str:

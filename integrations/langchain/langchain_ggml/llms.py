@@ -101,7 +101,7 @@ class GGMLLLM(LLM):
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         for chunk in self._chunks(prompt, stop, kwargs):
-            if run_manager and chunk.text:
+            if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
@@ -109,7 +109,7 @@ class GGMLLLM(LLM):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         async for chunk in aiter_in_thread(lambda: self._chunks(prompt, stop, kwargs)):
-            if run_manager and chunk.text:
+            if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 

@@ -1,0 +1,182 @@
+"""The llama-cpp-python-shaped API: evaluation state, completions, streaming, stop strings, context shift,
+thread safety, and clear errors."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from ggml_backend import Llama
+from refdata import real_json, real_model, synthetic_file, synthetic_json
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Llama(str(synthetic_file("q4_0")), n_ctx=64, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return Llama(str(real_model("qwen")), n_ctx=512, verbose=False)
+
+
+def test_vocabulary_accessors(tiny, qwen):
+    assert (tiny.n_vocab(), tiny.n_ctx(), tiny.token_bos(), tiny.token_eos()) == (4096, 64, 1, 2)
+    assert (qwen.n_vocab(), qwen.token_eos()) == (151936, 151645)
+    assert qwen.metadata["general.architecture"] == "qwen2"
+    text = "def fibonacci(n):\n    return n"
+    assert qwen.detokenize(qwen.tokenize(text.encode(), add_bos=False)) == text.encode()
+
+
+def test_eval_appends_and_scores_hold_the_last_row(tiny):
+    sequence = synthetic_json()["token_sequence"]
+    tiny.reset()
+    tiny.eval(sequence[:10])
+    tiny.eval(sequence[10:20])
+    assert tiny.n_tokens == 20
+    split = tiny.scores[19].copy()
+    assert np.array_equal(tiny.eval_logits, split)
+    tiny.reset()
+    tiny.eval(sequence[:10])
+    tiny.eval(sequence[10:20])
+    np.testing.assert_array_equal(tiny.scores[19], split)       # deterministic
+    tiny.reset()
+    tiny.eval(sequence[:20])
+    # one batch of 20 takes the BLAS path, two of 10 the integer kernels: the same numbers up to float summation
+    # order, which this random-weight model amplifies to hundredths
+    np.testing.assert_allclose(tiny.scores[19], split, atol=0.1)
+
+
+def test_save_and_load_state_restore_the_continuation(tiny):
+    sequence = synthetic_json()["token_sequence"]
+    tiny.reset()
+    tiny.eval(sequence[:12])
+    state = tiny.save_state()
+    tiny.eval(sequence[12:20])
+    after = tiny.eval_logits.copy()
+    tiny.eval(sequence[20:24])           # wander off
+    tiny.load_state(state)
+    assert tiny.n_tokens == 12
+    tiny.eval(sequence[12:20])
+    np.testing.assert_array_equal(tiny.eval_logits, after)
+
+
+def test_bad_input_raises_clear_errors(tiny):
+    tiny.reset()
+    with pytest.raises(ValueError, match="context"):
+        tiny.eval(list(range(3, 3 + 65)))
+    with pytest.raises(ValueError, match="out of range"):
+        tiny.eval([5000])
+    with pytest.raises(ValueError, match="exceed context window"):
+        tiny.create_completion(list(range(3, 3 + 80)), max_tokens=4)
+    with pytest.raises(ValueError):
+        tiny.create_completion("hi", top_p=1.5)
+    with pytest.raises(ValueError):
+        Llama(str(synthetic_file("q4_0")), n_ctx=-1, verbose=False)
+    with pytest.raises(FileNotFoundError):
+        Llama("/nonexistent/model.gguf", verbose=False)
+
+
+def test_greedy_completion_matches_llama_cpp_and_reports_usage(qwen):
+    case = real_json("qwen")["greedy"][0]
+    out = qwen.create_completion(case["prompt"], max_tokens=16, temperature=0)
+    expected = qwen.detokenize(case["greedy_tokens"][:16]).decode()
+    assert out["choices"][0]["text"] == expected
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len(case["prompt_tokens"]), "completion_tokens": 16,
+                            "total_tokens": len(case["prompt_tokens"]) + 16}
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+
+
+def test_streaming_equals_the_whole_text_and_stop_strings_never_leak(qwen):
+    case = real_json("qwen")["greedy"][0]
+    whole = qwen.create_completion(case["prompt"], max_tokens=24, temperature=0)["choices"][0]["text"]
+    chunks = list(qwen.create_completion(case["prompt"], max_tokens=24, temperature=0, stream=True))
+    assert len(chunks) > 5
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # stop in the middle of a word that spans tokens: nothing from the stop string on is emitted
+    stop = whole[10:16]
+    pieces = [c["choices"][0]["text"] for c in qwen.create_completion(
+        case["prompt"], max_tokens=24, temperature=0, stream=True, stop=[stop])]
+    assert "".join(pieces) == whole[:whole.index(stop)]
+    assert all(stop not in p for p in pieces)
+
+
+def test_seeded_sampling_is_reproducible(qwen):
+    prompt = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    a = qwen(prompt, max_tokens=12, temperature=1.0, seed=1234)["choices"][0]["text"]
+    b = qwen(prompt, max_tokens=12, temperature=1.0, seed=1234)["choices"][0]["text"]
+    assert a == b
+
+
+def test_echo_and_logprobs(qwen):
+    out = qwen("def add(a, b):", max_tokens=4, temperature=0, echo=True, logprobs=3)
+    text = out["choices"][0]["text"]
+    assert text.startswith("def add(a, b):")
+    lp = out["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) >= 1 and all(v <= 0 for v in lp["token_logprobs"])
+    assert all(len(top) == 3 for top in lp["top_logprobs"])
+
+
+def test_context_shift_continues_past_n_ctx(tiny):
+    # max_tokens=-1 on a 64-token context: generation goes on past n_ctx by dropping half of the history
+    prompt = synthetic_json()["token_sequence"][:8]
+    tiny.reset()
+    produced = []
+    for token in tiny.generate(prompt, max_tokens=150, stop_tokens=[]):
+        produced.append(token)
+    assert len(produced) == 150
+    assert tiny.n_tokens <= tiny.n_ctx()
+    assert tiny.input_ids[0] == 1   # the BOS token is kept
+
+
+def test_chat_completion_streams_deltas(qwen):
+    messages = [{"role": "system", "content": "Answer with one word."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    full = qwen.create_chat_completion(messages, max_tokens=8, temperature=0)
+    assert "Paris" in full["choices"][0]["message"]["content"]
+    assert full["choices"][0]["finish_reason"] == "stop"
+    deltas = list(qwen.create_chat_completion(messages, max_tokens=8, temperature=0, stream=True))
+    assert deltas[0]["choices"][0]["delta"] == {"role": "assistant"}
+    text = "".join(d["choices"][0]["delta"].get("content", "") for d in deltas)
+    assert text == full["choices"][0]["message"]["content"]
+
+
+def test_one_model_shared_by_threads_gives_each_the_same_text(qwen):
+    prompt = "<|im_start|>user\nCount from 1 to 5.<|im_end|>\n<|im_start|>assistant\n"
+    expected = qwen(prompt, max_tokens=10, temperature=0)["choices"][0]["text"]
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(qwen(prompt, max_tokens=10, temperature=0)["choices"][0]["text"])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [expected] * 4
+
+
+def test_prompt_cache_reuse_gives_the_numbers_of_a_fresh_evaluation(qwen):
+    case = real_json("qwen")["greedy"][1]
+    prompt = case["prompt_tokens"]
+    qwen.reset()
+    qwen.eval(prompt)
+    fresh = qwen.eval_logits.copy()
+    # a completion leaves the prompt plus generated tokens in the cache; the same prompt again reuses the
+    # batch-evaluated prefix and must reproduce the fresh logits bit for bit
+    qwen.create_completion(prompt, max_tokens=3, temperature=0)
+    qwen._prepare_prompt(prompt)
+    np.testing.assert_array_equal(qwen.eval_logits, fresh)
+    # a longer prompt sharing the prefix: the same numbers as evaluating it from scratch
+    longer = prompt + case["greedy_tokens"][:20]
+    qwen._prepare_prompt(longer)
+    reused = qwen.eval_logits.copy()
+    qwen.reset()
+    qwen.eval(longer)
+    np.testing.assert_array_equal(reused, qwen.eval_logits)

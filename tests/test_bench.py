@@ -1,0 +1,137 @@
+"""``ggml-backend bench`` on the tiny synthetic Llama: every figure is there, from fresh processes, with the RSS cap
+computed from the file and the KV cache; crashing measurements are reported, not fatal. No timing assertions."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from ggml_backend import Llama
+from ggml_backend.cli import bench
+from ggml_backend.cli.bench_models import SHAPES, file_size_estimate, synthetic_model
+from ggml_backend.cli.main import main
+from refdata import synthetic_file
+
+SMALL = ["--engines", "ggml_backend", "-c", "128", "--prompt-tokens", "16", "--long-prompt-tokens", "48",
+         "--gen", "4", "--near-position", "10", "--deep-position", "100"]
+
+
+@pytest.fixture(scope="module")
+def report():
+    """One JSON run of the basic figures (6 fresh processes)."""
+    model = str(synthetic_file("q4_0"))
+    import io
+    from contextlib import redirect_stdout
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["bench", "-m", model, "--json", *SMALL]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_every_figure_is_a_positive_number(report):
+    figures = report["figures"]["ggml_backend"]
+    for key in ("open_s", "first_token_s", "prompt_16_tok_s", "prompt_48_tok_s", "decode_tok_s",
+                "decode_at_10_tok_s", "decode_at_100_tok_s", "deep_over_near", "peak_rss_mb", "kv_cache_mb",
+                "rss_cap_mb"):
+        assert isinstance(figures[key], float) and figures[key] > 0, (key, figures[key])
+    # first token: a fresh interpreter's start, imports and open, then one token
+    assert figures["first_token_s"] > figures["open_s"]
+    assert figures["deep_over_near"] == pytest.approx(figures["decode_at_100_tok_s"] / figures["decode_at_10_tok_s"])
+    assert report["load_average_before"] is not None and report["machine"]["cores"] >= 1
+    assert report["conditions"]["n_ctx"] == 128 and report["conditions"]["repeat"] == 1
+
+
+def test_rss_cap_is_file_plus_kv_cache_plus_150_mb(report):
+    figures = report["figures"]["ggml_backend"]
+    model = report["model"]
+    # tiny Llama: 4 layers, 8 KV heads of 32 dims; K and V in float32 over n_ctx 128
+    kv_bytes = 2 * 4 * 128 * 256 * 4
+    assert figures["kv_cache_mb"] * 2 ** 20 == kv_bytes
+    assert figures["rss_cap_mb"] == pytest.approx((os.path.getsize(model) + kv_bytes) / 2 ** 20 + 150)
+    # llama.cpp's float16 cache is half of ours
+    assert report["model_facts"]["kv_cache_bytes"]["llama.cpp"] == kv_bytes // 2
+    # the process did hold the numpy/numba runtime and the mapped file
+    assert figures["peak_rss_mb"] > os.path.getsize(model) / 2 ** 20
+
+
+def test_text_report_lists_figures_and_cap(report, capsys):
+    bench.print_report(report)
+    text = capsys.readouterr().out
+    for word in ("first_token_s", "prompt_48_tok_s", "decode_at_100_tok_s", "deep_over_near", "peak_rss_mb",
+                 "RSS cap = file + KV cache", "load average"):
+        assert word in text
+
+
+def test_ratio_column_and_errors_in_place_of_figures(report, capsys):
+    # a second engine whose processes crashed: its figures say so and the ratio column stays empty there
+    crashed = {key: {"error": "crashed (signal 11)"} for key in report["figures"]["ggml_backend"]}
+    crashed.update(peak_rss_mb=100.0, kv_cache_mb=1.0, rss_cap_mb=151.0)
+    two = dict(report, engines=["ggml_backend", "llama.cpp"],
+               figures={"ggml_backend": report["figures"]["ggml_backend"], "llama.cpp": crashed})
+    bench.print_report(two)
+    lines = capsys.readouterr().out.splitlines()
+    decode = next(line for line in lines if line.startswith("decode_tok_s"))
+    assert "crashed (signal 11)" in decode and decode.rstrip().endswith("-")
+    rss = next(line for line in lines if line.startswith("peak_rss_mb"))
+    assert float(rss.split()[-1]) == pytest.approx(report["figures"]["ggml_backend"]["peak_rss_mb"] / 100.0, abs=0.01)
+
+
+def test_crashing_failing_and_hanging_processes_are_reported():
+    crash = bench.run_worker([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"], 60)
+    assert crash == {"error": "crashed (signal 11)"}
+    fail = bench.run_worker([sys.executable, "-c", "import sys; sys.exit('no llama_cpp here')"], 60)
+    assert fail == {"error": "failed (exit 1): no llama_cpp here"}
+    hang = bench.run_worker([sys.executable, "-c", "import time; time.sleep(60)"], 1)
+    assert hang == {"error": "timed out after 1 s"}
+    ok = bench.run_worker([sys.executable, "-c", "print('RESULT {\"x\": 2}')"], 60)
+    assert ok["x"] == 2 and ok["wall_s"] > 0
+
+
+def test_medians_and_missing_figures():
+    assert bench._median([3.0, 1.0, 2.0]) == 2.0
+    assert bench._median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    runs = [{"error": "crashed (signal 11)"}, {"decode_tok_s": 5.0}, {"decode_tok_s": 7.0}]
+    assert bench._combine(runs, "decode_tok_s") == 6.0
+    assert bench._combine(runs[:1], "decode_tok_s") == {"error": "crashed (signal 11)"}
+
+
+def test_bad_options_raise_value_errors(capsys):
+    model = str(synthetic_file("q4_0"))
+    assert main(["bench", "-m", model, "--engines", "ggml_backend", "-c", "64"]) == 1
+    assert "context holds 64" in capsys.readouterr().err
+    assert main(["bench", "-m", model, "--engines", "vllm"]) == 1
+    assert "unknown engine" in capsys.readouterr().err
+
+
+def test_synthetic_model_is_written_once_and_runs(tmp_path):
+    path = synthetic_model("tiny", "q8_0", tmp_path)
+    assert path.stat().st_size > file_size_estimate(SHAPES["tiny"], "q8_0")
+    mtime = path.stat().st_mtime_ns
+    assert synthetic_model("tiny", "q8_0", tmp_path) == path and path.stat().st_mtime_ns == mtime
+    llm = Llama(str(path), n_ctx=32, verbose=False)
+    assert llm.hparams.n_head_kv == 4 and llm.hparams.n_layer == 2 and llm.n_vocab() == 4096
+    llm.eval([1, 500, 900])
+    logits = llm.scores[2]
+    # scales chosen for outputs of standard deviation near 1: finite, neither vanishing nor exploding
+    assert np.isfinite(logits).all() and 0.2 < float(logits.std()) < 5
+
+
+def test_scaling_tables(tmp_path, capsys):
+    model = str(synthetic_file("q4_0"))
+    args = ["bench", "-m", model, "--json", "--scaling", "--skip-basic", "--scaling-models", "tiny-q4_0",
+            "--bench-dir", str(tmp_path), "--positions", "10,60", *SMALL]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "figures" not in report
+    (size_row,) = report["scaling"]["sizes"]
+    assert size_row["model"] == "tiny-q4_0" and size_row["n_layer"] == 2 and size_row["n_embd"] == 256
+    assert (tmp_path / "synthetic-llama-tiny-q4_0.gguf").is_file()
+    figures = size_row["figures"]["ggml_backend"]
+    assert figures["prompt_tok_s"] > 0 and figures["decode_tok_s"] > 0
+    assert [row["position"] for row in report["scaling"]["positions"]] == [10, 60]
+    assert all(row["figures"]["ggml_backend"]["decode_tok_s"] > 0 for row in report["scaling"]["positions"])
+    assert math.isclose(size_row["file_mb"], (tmp_path / "synthetic-llama-tiny-q4_0.gguf").stat().st_size / 2 ** 20)

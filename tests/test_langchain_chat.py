@@ -1,0 +1,162 @@
+"""ChatGGML beyond the standard tests: message conversion, the tool-call stream parser, tool_choice, structured
+output and a prompt rendered through the model's own template. Model calls are short (a few tokens)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("langchain_core", reason="langchain-core is a dev dependency (pip install -e '.[dev]')")
+
+try:
+    import langchain_ggml  # noqa: F401
+except ImportError:   # not installed as a package yet: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "langchain"))
+
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
+from langchain_core.tools import tool  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+
+from langchain_ggml import ChatGGML, convert_messages  # noqa: E402
+from langchain_ggml.chat_models import _ToolCallSplitter, _arguments_opening, _resolve_tool_choice  # noqa: E402
+
+N_CTX = 1024   # the same as the other LangChain test modules: one model load for all of them
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@tool
+def now() -> str:
+    """The current time."""
+    return "12:00"
+
+
+ADD_SPEC = {"type": "function", "function": {"name": "add", "description": "Add two integers.",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"a": {"type": "integer"},
+                                                                           "b": {"type": "integer"}},
+                                                            "required": ["a", "b"]}}}
+
+
+# --- no model needed -----------------------------------------------------------------------------------------
+def test_messages_convert_to_template_dicts():
+    messages = [
+        SystemMessage("Be brief."),
+        HumanMessage([{"type": "text", "text": "What is "}, {"type": "text", "text": "1 + 2?"}]),
+        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1, "b": 2}, "id": "c1", "type": "tool_call"}]),
+        ToolMessage("3", tool_call_id="c1", name="add"),
+        AIMessage("It is 3."),
+        HumanMessage("Thanks"),
+    ]
+    assert convert_messages(messages) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 1 + 2?"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
+        {"role": "tool", "content": "3", "tool_call_id": "c1", "name": "add"},
+        {"role": "assistant", "content": "It is 3."},
+        {"role": "user", "content": "Thanks"},
+    ]
+
+
+def test_non_text_content_is_refused():
+    image = HumanMessage([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
+    with pytest.raises(ValueError, match="text-only"):
+        convert_messages([image])
+
+
+def test_splitter_streams_text_and_whole_calls():
+    splitter = _ToolCallSplitter(parse_calls=True, tool_names=["add"])
+    pieces = []
+    reply = 'Sure.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call> Done <tool'
+    for i in range(0, len(reply), 3):   # three characters at a time, as tokens would split it
+        pieces += splitter.feed(reply[i:i + 3])
+    pieces += splitter.finish()
+    text = "".join(value for kind, value in pieces if kind == "text")
+    calls = [value for kind, value in pieces if kind == "call"]
+    assert calls == [{"name": "add", "arguments": {"a": 1, "b": 2}}]
+    assert text == "Sure. Done <tool"   # a held partial marker that never completed comes out as text
+
+
+def test_splitter_repairs_bare_keys_and_reads_bare_json_calls():
+    splitter = _ToolCallSplitter(parse_calls=True, tool_names=["add"])
+    assert splitter.feed('<tool_call>\n{"name": "add", "arguments": {a: 1, b: 2}}\n</tool_call>') == \
+        [("call", {"name": "add", "arguments": {"a": 1, "b": 2}})]
+    fenced = _ToolCallSplitter(parse_calls=True, tool_names=["add"])
+    assert fenced.feed('```json\n{"name": "add", "arguments": {"a": 5, "b": 6}}\n```') == []
+    assert fenced.finish() == [("call", {"name": "add", "arguments": {"a": 5, "b": 6}})]
+    unknown = _ToolCallSplitter(parse_calls=True, tool_names=["add"])
+    unknown.feed('{"name": "delete_everything", "arguments": {}}')
+    assert unknown.finish() == [("text", '{"name": "delete_everything", "arguments": {}}')]
+
+
+def test_tool_choice_resolution_and_forced_openings():
+    now_spec = {"type": "function", "function": {"name": "now", "description": "t",
+                                                 "parameters": {"type": "object", "properties": {}}}}
+    assert _resolve_tool_choice(None, [ADD_SPEC]) == (None, False)
+    assert _resolve_tool_choice("any", [ADD_SPEC]) == ("add", True)          # one tool: that one
+    assert _resolve_tool_choice("required", [ADD_SPEC, now_spec]) == (None, True)
+    assert _resolve_tool_choice({"type": "function", "function": {"name": "now"}}, [ADD_SPEC, now_spec]) == \
+        ("now", True)
+    with pytest.raises(ValueError, match="does not name a bound tool"):
+        _resolve_tool_choice("nope", [ADD_SPEC])
+    with pytest.raises(ValueError, match="does not name a bound tool"):
+        ChatGGML(n_ctx=N_CTX).bind_tools([add], tool_choice="nope")
+    assert _arguments_opening([ADD_SPEC], "add") == '{"a": '
+    assert _arguments_opening([now_spec], "now") == "{}}"
+
+
+# --- on the model ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat() -> ChatGGML:
+    return ChatGGML(n_ctx=N_CTX, max_tokens=24, temperature=0)
+
+
+def test_prompt_is_the_model_template_and_usage_counts_it(chat):
+    messages = [SystemMessage("Answer with one word."), HumanMessage("What color is the sky?")]
+    llama = chat.shared_model.llama
+    tokens, _, text = llama.render_chat_prompt(convert_messages(messages))
+    assert text == ("<|im_start|>system\nAnswer with one word.<|im_end|>\n"
+                    "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n")
+    reply = chat.invoke(messages)
+    assert "blue" in reply.text.lower()
+    assert reply.usage_metadata["input_tokens"] == len(tokens)
+    assert reply.usage_metadata["output_tokens"] == len(llama.tokenize(reply.text, add_bos=False)) + 1  # + <|im_end|>
+    assert reply.response_metadata["model_name"] == "qwen2.5-coder-0.5b-instruct-q4_k_m"
+    assert reply.response_metadata["finish_reason"] == "stop"
+
+
+def test_forced_tool_call_streams_as_one_call(chat):
+    model = chat.bind_tools([add, now], tool_choice="add")
+    full = None
+    chunks = list(model.stream("Add 12 and 30."))
+    for chunk in chunks:
+        assert isinstance(chunk, AIMessageChunk)
+        full = chunk if full is None else full + chunk
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [("add", {"a": 12, "b": 30})]
+    assert full.response_metadata["finish_reason"] == "tool_calls"
+    assert chunks[-1].chunk_position == "last"
+    result = add.invoke(full.tool_calls[0])
+    assert isinstance(result, ToolMessage) and result.content == "42"
+
+
+def test_structured_output_through_a_tool_call(chat):
+    class Person(BaseModel):
+        """A person."""
+        name: str = Field(description="the person's first name")
+        age: int = Field(description="age in years")
+
+    person = chat.with_structured_output(Person).invoke("Alice is 31 years old.")
+    assert person == Person(name="Alice", age=31)
+    as_dict = chat.with_structured_output(Person.model_json_schema(), method="json_schema").invoke(
+        "Bob is 45 years old.")
+    assert as_dict == {"name": "Bob", "age": 45}
+    raw = chat.with_structured_output(Person, include_raw=True).invoke("Alice is 31 years old.")
+    assert raw["parsed"] == Person(name="Alice", age=31) and raw["parsing_error"] is None
+    assert json.loads(json.dumps(raw["raw"].tool_calls[0]["args"])) == {"name": "Alice", "age": 31}
