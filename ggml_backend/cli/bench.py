@@ -98,6 +98,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--engines", default="ggml_backend,llama.cpp")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one measuring process may take")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--markdown", action="store_true", help="print the figures as Markdown tables")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="measure nothing: print the report saved by an earlier --json run")
     parser.add_argument("--scaling", action="store_true",
                         help="also tables of speed against model size and against context position")
     parser.add_argument("--scaling-models", default="0.5b,1b-q4_0,1b-q8_0,7b-q4_0,7b-q8_0",
@@ -393,9 +396,59 @@ def print_report(report: dict) -> None:
             print(f"{row['position']:<10}" + "".join(_cell(row["figures"][e]["decode_tok_s"], 22) for e in engines))
 
 
+def _md(value) -> str:
+    if isinstance(value, dict):
+        return value["error"]
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+def markdown_report(report: dict) -> str:
+    """The report as Markdown tables, with its conditions (for benchmarks/README.md)."""
+    engines, cond, machine = report["engines"], report["conditions"], report["machine"]
+    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores ({', '.join(machine['flags'])}); "
+             f"load average (1, 5, 15 min) {report['load_average_before']} before, "
+             f"{report['load_average_after']} after; {report['date']}. Model: `{Path(report['model']).name}` "
+             f"({report['model_facts']['file_bytes'] / MB:.0f} MB); {cond['threads']} threads, n_ctx {cond['n_ctx']}, "
+             f"{cond['gen']} decode steps per decode figure; median of {cond['repeat']} run(s), each figure from a "
+             f"fresh process.", ""]
+    two = len(engines) == 2
+    if report.get("figures"):
+        figures = report["figures"]
+        lines += ["| figure | " + " | ".join(engines) + (" | ours/llama.cpp |" if two else " |"),
+                  "|---" * (len(engines) + 1 + two) + "|"]
+        for key in figures[engines[0]]:
+            values = [figures[e].get(key, {"error": "-"}) for e in engines]
+            ratio = ""
+            if two:
+                ratio = f" {values[0] / values[1]:.2f} |" if all(map(_is_number, values)) and values[1] else " - |"
+            lines.append(f"| {key} | " + " | ".join(_md(v) for v in values) + " |" + ratio)
+        lines.append("")
+    scaling = report.get("scaling")
+    if scaling:
+        lines += ["| model | file MB | layers | n_embd | prompt tokens | decode steps | "
+                  + " | ".join(f"{e} prompt tok/s | {e} decode tok/s" for e in engines) + " |",
+                  "|---" * (6 + 2 * len(engines)) + "|"]
+        for row in scaling["sizes"]:
+            cells = " | ".join(f"{_md(row['figures'][e]['prompt_tok_s'])} | {_md(row['figures'][e]['decode_tok_s'])}"
+                               for e in engines)
+            lines.append(f"| {row['model']} | {row['file_mb']:.0f} | {row['n_layer']} | {row['n_embd']} | "
+                         f"{row['prompt_tokens']} | {row['gen_tokens']} | {cells} |")
+        lines += ["", "| position | " + " | ".join(f"{e} decode tok/s" for e in engines) + " |",
+                  "|---" * (1 + len(engines)) + "|"]
+        for row in scaling["positions"]:
+            lines.append(f"| {row['position']} | "
+                         + " | ".join(_md(row["figures"][e]["decode_tok_s"]) for e in engines) + " |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------- entry point
 
 def run(args) -> int:
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        print(markdown_report(report) if args.markdown else json.dumps(report, indent=2) if args.json
+              else _text(report))
+        return 0
     _validate(args)
     model = args.model
     if model is None:
@@ -429,6 +482,17 @@ def run(args) -> int:
     report["load_average_after"] = load_average()
     if args.json:
         print(json.dumps(report, indent=2))
+    elif args.markdown:
+        print(markdown_report(report))
     else:
         print_report(report)
     return 0
+
+
+def _text(report: dict) -> str:
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_report(report)
+    return out.getvalue().rstrip("\n")
