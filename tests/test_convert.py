@@ -86,3 +86,30 @@ def test_convert_refuses_old_quantized_layout(tmp_path, capsys):
     assert not (tmp_path / "out.gguf").exists()
     with pytest.raises(UnsupportedVersionError, match="re-convert the original weights"):
         ggml_backend.load(path)
+
+
+def test_llama_cpp_loads_the_converted_file(tmp_path):
+    """llama.cpp itself (through llama-cpp-python, a benchmark baseline, not a dependency) accepts our output and
+    gives the same logits as on the reference GGUF twin. Run in a subprocess: a native crash must not take the
+    test session down."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python builds it from source)")
+    out = tmp_path / "q4_0.gguf"
+    assert main(["convert", str(synthetic_file("q4_0", "ggml")), str(out), "--eps", "1e-5"]) == 0
+    script = (
+        "import json, sys, numpy as np, llama_cpp\n"
+        "res = []\n"
+        "for path in sys.argv[1:]:\n"
+        "    llm = llama_cpp.Llama(path, n_ctx=64, verbose=False)\n"
+        "    llm.eval([1, 450, 996, 1735])\n"
+        "    res.append(np.asarray(llm.scores[llm.n_tokens - 1]).tolist())\n"
+        "print(json.dumps(res))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(out), str(synthetic_file("q4_0", "gguf"))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    converted, twin = (np.array(r) for r in json.loads(proc.stdout.strip().splitlines()[-1]))
+    np.testing.assert_array_equal(converted, twin)
