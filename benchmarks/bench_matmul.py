@@ -4,7 +4,10 @@ Decode (one token): GB/s of weight bytes streamed, for the three shapes that dom
 Prefill (many tokens): GFLOP/s (2*n_rows*k*n_tokens per product) of the integer path and of the BLAS path
 (dequantize a band of W to float32 + numpy sgemm), and the largest difference between the two.
 
-Run:  python benchmarks/bench_matmul.py [--threads 2] [--quick]
+Run:  python benchmarks/bench_matmul.py [--threads 2] [--quick] [--per-core]
+
+``--per-core``: the decode kernels on one thread, timed by the CPU time of the calling thread (best of N), which
+a machine shared with other jobs disturbs far less than wall time; GB/s per core.
 
 numba's threading layer is the engine's (ggml_backend/_threading.py: tbb, else omp with passive waiting) unless
 NUMBA_THREADING_LAYER is set.
@@ -50,14 +53,42 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
+def best_thread_time(fn, repeats: int) -> float:
+    """Best CPU time of the calling thread over ``repeats`` calls (one-thread kernels: no waiting is counted)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - start)
+    return best
+
+
+def decode_per_core(rng, repeats: int) -> None:
+    numba.set_num_threads(1)
+    print("decode kernels, one thread, CPU time of the calling thread (best of %d):" % repeats)
+    for type_name, n_rows, k in DECODE_SHAPES + [("q5_0", 896, 4864)]:
+        weights = random_weights(type_name, n_rows, k, rng)
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        out = np.empty((1, n_rows), np.float32)
+        seconds = best_thread_time(lambda: matmul(type_name, weights, x, out=out, method="int"), repeats)
+        print(f"  {type_name:5s} {n_rows:6d}x{k:<5d} {weights.nbytes / 1e6:7.1f} MB  {seconds * 1e3:7.3f} ms  "
+              f"{weights.nbytes / seconds / 1e9:6.1f} GB/s per core")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    parser.add_argument("--per-core", action="store_true",
+                        help="only the decode kernels, one thread, CPU time (robust on a shared machine)")
     args = parser.parse_args()
-    numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     repeats = 3 if args.quick else 10
+    if args.per_core:
+        decode_per_core(rng, max(3, repeats - 1))
+        return
+    numba.set_num_threads(args.threads)
 
     print(f"threads={args.threads} threading layer={os.environ.get('NUMBA_THREADING_LAYER', 'engine default')}")
     print("decode (n_tokens=1, integer path):")

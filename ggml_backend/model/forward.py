@@ -71,7 +71,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
+    """x / (1 + exp(-x)), in one temporary (a prompt batch's gate is [512, n_ff] float32: tens of MB each)."""
+    out = np.negative(x)
+    np.exp(out, out=out)
+    out += np.float32(1.0)
+    return np.divide(x, out, out=out)
 
 
 def _gelu_f32(x: np.ndarray) -> np.ndarray:
@@ -242,7 +246,8 @@ class Model:
             h = rms_norm(x, layer.ffn_norm, hp.rms_eps)
             gate, up = project(h, layer.w_gate, layer.w_up)
             act = silu(gate) if hp.arch.ffn_activation == "silu" else gelu_tanh(gate)
-            ffn_out = layer.w_down(act * up)
+            act *= up
+            ffn_out = layer.w_down(act)
             if layer.post_ffn_norm is not None:
                 ffn_out = rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
             x = x + ffn_out

@@ -30,7 +30,10 @@ from typing import Sequence
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .activations import (
     quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
@@ -83,6 +86,40 @@ def _rows_per_chunk(n_rows, n_chunks):
     """Rows per parallel chunk: equal shares rounded up to a multiple of 4 (the row group of the decode kernels)."""
     per_chunk = (n_rows + n_chunks - 1) // n_chunks
     return (per_chunk + 3) // 4 * 4
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """A hint (LLVM ``llvm.prefetch``, read, into all cache levels) that ``array[index]`` of a 1-D array will be
+    read soon. It changes no result and cannot fault."""
+    signature = types.void(array, index)
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        byte_pointer = ir.IntType(8).as_pointer()
+        int32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0i8")
+        address = builder.bitcast(builder.gep(data, [args[1]]), byte_pointer)
+        builder.call(function, [address, int32(0), int32(3), int32(1)])
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@njit(cache=True, inline="always")
+def _prefetch_bytes(flat, start, n_bytes):
+    """Prefetch ``flat[start:start + n_bytes]`` (a 1-D byte array), one hint per 64-byte cache line, clipped to the
+    array. The decode kernels ask this way for the rows they will read a few row groups later: streamed from
+    memory without it they ran at half the speed they reach on cached weights (benchmarks/README.md)."""
+    last = flat.size - 1
+    for offset in range(0, n_bytes, 64):
+        _prefetch(flat, min(last, start + offset))
+
+
+# Rows ahead of the current row group whose bytes the decode kernels prefetch.
+PREFETCH_ROWS_AHEAD_4 = 8   # four-row kernels (q5_0, q8_0): two groups ahead
+PREFETCH_ROWS_AHEAD_2 = 4   # two-row kernels (q4_K, q6_K): two groups ahead
 
 
 @njit(cache=True, inline="always")
@@ -290,9 +327,14 @@ def _matmul_kquant(kind, w, w_signed, xq, xd, xbsums, out, n_chunks, f16_table):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Decode kernels (one activation row) for the types real models use: unpacking fused into the dot product so that
-# LLVM turns each block into a handful of 16-lane vector operations, and float accumulation in lanes that are
-# summed once per row. These carry the memory-bound token-by-token generation.
+# Decode kernels (one activation row) for the types real models use. These carry the memory-bound token-by-token
+# generation. What made them fast (benchmarks/README.md has the figures):
+# * several rows per pass (four for q5_0 / q8_0, two for the K-quants) sharing the activation loads;
+# * per (sub-)block integer dots written as 16- or 32-long loops with constant shifts and explicit int16 / int32
+#   casts, which LLVM packs in 32-bit lanes (vpmaddwd); numba's int64 arithmetic otherwise gives 64-bit lanes;
+# * software prefetch of the rows two groups ahead (``_prefetch_bytes``): weights streamed from memory ran at half
+#   the speed of cached ones without it.
+# Each block's integer dot is exact; it is scaled by d_w * d_x and summed in float32, as ggml does.
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(cache=True, error_model="numpy")
@@ -328,6 +370,8 @@ def _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, out, first, last, f1
     the fifth-bit part comes from the ``bit_sums`` tables (see ``_q5_0_bit_sums``), exactly. Four rows at a time
     share the activation loads, as in ``_rows_q8_0``."""
     n_blocks = x_blocks.shape[0]
+    flat = blocks.reshape(-1)
+    row_bytes = n_blocks * 22
     r = first
     while r + 4 <= last:
         acc0 = np.float32(0.0)
@@ -335,6 +379,8 @@ def _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, out, first, last, f1
         acc2 = np.float32(0.0)
         acc3 = np.float32(0.0)
         for b in range(n_blocks):
+            # four rows ahead are 4 * row_bytes contiguous bytes: 4 * 22 of them per block step
+            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_4) * row_bytes + 88 * b, 88)
             x = x_blocks[b]
             sums = bit_sums[b]
             w0 = blocks[r, b]
@@ -433,6 +479,8 @@ def _rows_q8_0(blocks, x_blocks, x_scale, out, first, last, f16_table):
     independent integer dot products (kept in int32 by the explicit casts, so LLVM packs 16 lanes per vector
     instruction) hide each other's latency. Measured 3x the speed of one row at a time (benchmarks/README.md)."""
     n_blocks = x_blocks.shape[0]
+    flat = blocks.reshape(-1)
+    row_bytes = n_blocks * 34
     r = first
     while r + 4 <= last:
         acc0 = np.float32(0.0)
@@ -440,6 +488,7 @@ def _rows_q8_0(blocks, x_blocks, x_scale, out, first, last, f16_table):
         acc2 = np.float32(0.0)
         acc3 = np.float32(0.0)
         for b in range(n_blocks):
+            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_4) * row_bytes + 136 * b, 136)
             w0 = blocks[r, b]
             w1 = blocks[r + 1, b]
             w2 = blocks[r + 2, b]
@@ -512,11 +561,14 @@ def _rows_q6_K(blocks, scales, x, x_scale, x_bsums, out, first, last, f16_table)
     ``scales``: the int8 view of the scale bytes. Two rows at a time share the activation loads (measured 2.7x the
     one-row kernel with 16 float lanes; benchmarks/README.md); an odd last row is computed twice."""
     n_blocks = x_scale.shape[0]
+    flat = blocks.reshape(-1)
+    row_bytes = n_blocks * 210
     for r in range(first, last, 2):
         r1 = min(r + 1, last - 1)   # an odd last row is computed twice
         acc0 = np.float32(0.0)
         acc1 = np.float32(0.0)
         for b in range(n_blocks):
+            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_2) * row_bytes + 420 * b, 420)
             w0 = blocks[r, b]
             w1 = blocks[r1, b]
             s0 = scales[r, b]
@@ -573,11 +625,16 @@ def _rows_q4_K(blocks, x, x_scale, x_bsums, out, first, last, f16_table):
     sub-block (the runtime shift of a loop over the 8 sub-blocks kept LLVM from vectorizing); an odd last row is
     computed twice."""
     n_blocks = x_scale.shape[0]
+    flat = blocks.reshape(-1)
+    row_bytes = n_blocks * 144
     for r in range(first, last, 2):
         r1 = min(r + 1, last - 1)
         acc0 = np.float32(0.0)
         acc1 = np.float32(0.0)
+        min_acc0 = np.float32(0.0)
+        min_acc1 = np.float32(0.0)
         for b in range(n_blocks):
+            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_2) * row_bytes + 288 * b, 288)
             w0 = blocks[r, b]
             w1 = blocks[r1, b]
             base = b * 256
@@ -600,10 +657,12 @@ def _rows_q4_K(blocks, x, x_scale, x_bsums, out, first, last, f16_table):
                 total0 = np.int32(total0 + np.int32(scale0) * d0 + np.int32(scale0h) * e0)
                 total1 = np.int32(total1 + np.int32(scale1) * d1 + np.int32(scale1h) * e1)
             xd = x_scale[b]
-            acc0 += _f16(w0, 0, f16_table) * xd * np.float32(total0) - _f16(w0, 2, f16_table) * xd * np.float32(mins0)
-            acc1 += _f16(w1, 0, f16_table) * xd * np.float32(total1) - _f16(w1, 2, f16_table) * xd * np.float32(mins1)
-        out[r] = acc0
-        out[r1] = acc1
+            acc0 += _f16(w0, 0, f16_table) * xd * np.float32(total0)
+            acc1 += _f16(w1, 0, f16_table) * xd * np.float32(total1)
+            min_acc0 += _f16(w0, 2, f16_table) * xd * np.float32(mins0)
+            min_acc1 += _f16(w1, 2, f16_table) * xd * np.float32(mins1)
+        out[r] = acc0 - min_acc0    # the min terms summed apart and subtracted once, as ggml does
+        out[r1] = acc1 - min_acc1
 
 
 @njit(cache=True, parallel=True)
