@@ -13,6 +13,7 @@ import numpy as np
 from ..quant import dequantize, dequantize_rows
 from ..quant.activations import round_to_f16_inplace
 from ..quant.matmul import WeightMatrix, matmul_many, single_threaded_blas
+from .attention import attention
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_cos_sin
 from .spec import HParams
@@ -110,23 +111,6 @@ def _to_f16_precision(x: np.ndarray) -> np.ndarray:
 
 
 # Query rows per attention block are chosen so that one block's scores take about this many bytes (float32).
-ATTENTION_BLOCK_BYTES = 4 << 20
-
-
-def _attention_mask(first_pos: int, n_queries: int, n_kv: int, window: int) -> np.ndarray | None:
-    """Additive mask [n_queries, n_kv] (0 or -inf) for queries at positions first_pos... over keys 0..n_kv-1:
-    causal, and within ``window`` positions when window > 0. None when every key is visible to every query (one
-    token at the end of the keys, no window cutting in): decode needs no mask."""
-    if n_queries == 1 and first_pos == n_kv - 1 and (window <= 0 or n_kv <= window):
-        return None
-    query_pos = np.arange(first_pos, first_pos + n_queries)[:, None]
-    key_pos = np.arange(n_kv)[None, :]
-    visible = key_pos <= query_pos
-    if window > 0:
-        visible &= query_pos - key_pos < window
-    return np.where(visible, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
-
-
 class Model:
     """Weights of one model file, arranged for the forward pass."""
 
@@ -261,42 +245,11 @@ class Model:
     def _attention(self, q: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, start: int,
                    window: int) -> np.ndarray:
         """softmax(q k^T * scale + mask) v for queries q [n_tokens, n_head, hd] at positions start..., over the
-        cached keys/values of one layer ([n_head_kv, n_ctx, hd], positions 0 .. start+n_tokens-1 filled).
-
-        Query i at position start+i sees keys j <= start+i (and start+i - j < window when window > 0). Queries are
-        taken in blocks of about ATTENTION_BLOCK_BYTES of scores, each over the keys its last query sees: the
-        scores of a long prompt deep in the context would otherwise be a [n_head, n_tokens, n_kv] float32
-        temporary (hundreds of MB), and a causal block needs no later keys. Each score row is computed as before
-        (ggml's order: f16-rounded q and probabilities, softmax sum in float64, multiplied by its reciprocal)."""
+        cached keys/values of one layer ([n_head_kv, n_ctx, hd]); see model/attention.py."""
         hp = self.hp
-        n_tokens = q.shape[0]
-        group = hp.n_head // hp.n_head_kv
-        n_ctx_used = start + n_tokens
-        # queries grouped by the kv head they share: [n_head_kv, group, n_tokens, hd] (a view)
-        q_grouped = _to_f16_precision(q).reshape(n_tokens, hp.n_head_kv, group, hp.head_dim_k).transpose(1, 2, 0, 3)
-        attn = np.empty((n_tokens, hp.n_head_kv, group, hp.head_dim_v), np.float32)
-        block = max(1, ATTENTION_BLOCK_BYTES // (4 * hp.n_head * n_ctx_used))
-        scale = np.float32(hp.attn_scale)
-        for t0 in range(0, n_tokens, block):
-            t1 = min(n_tokens, t0 + block)
-            rows = t1 - t0
-            n_kv = start + t1                                        # keys the last query of the block sees
-            keys = cache_k[:, :n_kv]                                 # [n_head_kv, n_kv, hd]
-            q_block = q_grouped[:, :, t0:t1].reshape(hp.n_head_kv, group * rows, hp.head_dim_k)
-            scores = np.matmul(q_block, keys.transpose(0, 2, 1))    # [n_head_kv, group * rows, n_kv]
-            scores *= scale
-            scores4 = scores.reshape(hp.n_head_kv, group, rows, n_kv)
-            mask = _attention_mask(start + t0, rows, n_kv, window)
-            if mask is not None:
-                scores4 += mask
-            scores4 -= scores4.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            # ggml sums in float64 and multiplies by the reciprocal
-            scores4 *= (1.0 / scores4.sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
-            probs = _to_f16_precision(scores)
-            out = np.matmul(probs, cache_v[:, :n_kv])                # [n_head_kv, group * rows, hd]
-            attn[t0:t1] = out.reshape(hp.n_head_kv, group, rows, hp.head_dim_v).transpose(2, 0, 1, 3)
-        return attn.reshape(n_tokens, hp.n_head * hp.head_dim_v)
+        q16 = _to_f16_precision(q)
+        out = attention(q16, cache_k, cache_v, start, hp.n_head // hp.n_head_kv, window, hp.attn_scale)
+        return out.reshape(q.shape[0], hp.n_head * hp.head_dim_v)
 
     def rerotate_keys(self, cache: KVCache, first: int, last: int, delta: int) -> None:
         """Rotate cached keys of positions first..last-1 by delta positions (after a context shift)."""

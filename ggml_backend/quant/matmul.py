@@ -49,6 +49,7 @@ class MatmulShapeError(ValueError):
 # From this many tokens on, method="auto" dequantizes W bands to float32 and uses numpy's sgemm
 # (measured with benchmarks/bench_matmul.py: see the module docstring there).
 BLAS_MIN_TOKENS = 16
+_SGEMM_MIN_WORK = 1 << 21   # M*N*K of every sgemm of the BLAS path (see _blas_product)
 
 # Weight rows dequantized per sgemm call on the BLAS path: a band of float32 small enough to stay in L2/L3
 # (256 rows x 4864 values = 5 MB at most for the models we run) but big enough for sgemm to be efficient.
@@ -953,13 +954,26 @@ def _blas_product(qtype: QuantType, weight_bytes: np.ndarray, lhs: np.ndarray, o
     multiplied by a single-threaded sgemm, spread over numba's thread count of Python workers (both the
     dequantizer and numpy release the GIL)."""
     n_rows = weight_bytes.shape[0]
+    n_tokens = lhs.shape[0]
     n_workers = max(1, numba.get_num_threads())
-    band_rows = max(1, min(BLAS_BAND_ROWS, -(-n_rows // n_workers)))
-    bands = [(first, min(n_rows, first + band_rows)) for first in range(0, n_rows, band_rows)]
+    # OpenBLAS switches to other kernels (other summation orders) for small products (M*N*K up to about 2**20)
+    # and for M = 1..2: each row of the result must come out the same whatever the batch it was part of (prompt
+    # caching relies on it), so every sgemm here stays above those sizes: bands at least _SGEMM_MIN_WORK / (16 k)
+    # rows wide, and short batches padded with zero rows.
+    min_band = -(-_SGEMM_MIN_WORK // (BLAS_MIN_TOKENS * k))
+    band_rows = max(1, min(n_rows, max(min_band, min(BLAS_BAND_ROWS, -(-n_rows // n_workers)))))
+    n_bands = max(1, n_rows // band_rows)
+    bounds = [n_rows * i // n_bands for i in range(n_bands + 1)]
+    bands = list(zip(bounds, bounds[1:]))
+    min_rows = max(BLAS_MIN_TOKENS, -(-_SGEMM_MIN_WORK // (min(last - first for first, last in bands) * k)))
+    if n_tokens < min_rows:
+        padded = np.zeros((min_rows, k), np.float32)
+        padded[:n_tokens] = lhs
+        lhs = padded
 
     def multiply(band):
         first, last = band
-        out[:, first:last] = lhs @ _dequantize_band(qtype, weight_bytes, first, last, k).T
+        out[:, first:last] = (lhs @ _dequantize_band(qtype, weight_bytes, first, last, k).T)[:n_tokens]
 
     with single_threaded_blas():
         if n_workers == 1 or len(bands) == 1:
