@@ -47,22 +47,27 @@ if engine == "llama.cpp":
     import llama_cpp
     llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
                           n_batch=512, use_mmap=True)
+    def last_logits():
+        # llama-cpp-python 0.3 fills llm.scores only with logits_all; the context holds the last token's logits
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 else:
     from ggml_backend import Llama
     extra = {"rms_norm_eps": 1e-5} if model.endswith(".bin") else {}
     llm = Llama(model, n_ctx=n_ctx, n_threads=threads, verbose=False, n_batch=512, **extra)
+    def last_logits():
+        return llm.scores[llm.n_tokens - 1]
 result = {"open_s": time.perf_counter() - t, "rss_after_load": rss_now()}
 rng = np.random.default_rng(0)
 prompt = [int(x) for x in rng.integers(100, 3000, n_prompt)]
 t = time.perf_counter(); llm.eval(prompt); result["prompt_tok_s"] = n_prompt / (time.perf_counter() - t)
-tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+tok = int(np.argmax(last_logits()))
 tokens = []
 t = time.perf_counter()
 for _ in range(n_gen):
-    llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1])); tokens.append(tok)
+    llm.eval([tok]); tok = int(np.argmax(last_logits())); tokens.append(tok)
 result["decode_tok_s"] = n_gen / (time.perf_counter() - t)
 result["tokens"] = tokens
-result["logits_finite"] = bool(np.isfinite(llm.scores[llm.n_tokens - 1]).all())
+result["logits_finite"] = bool(np.isfinite(last_logits()).all())
 result["peak_rss"] = peak_rss()
 print("RESULT " + json.dumps(result), flush=True)
 '''

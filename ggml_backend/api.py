@@ -26,6 +26,21 @@ class LlamaState:
     all_logits: np.ndarray | None
 
 
+def _return_freed_memory_to_the_system() -> None:
+    """Serve allocations from 128 KiB up with their own mmap, so freed activation buffers go back to the system
+    instead of staying in glibc's heap: without it, peak RSS after a long prompt carries ~40 MB of freed
+    buffers. A process-wide glibc setting (M_MMAP_THRESHOLD), harmless to other code; skipped off glibc."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_return_freed_memory_to_the_system()
+
+
 def _set_threads(n_threads: int) -> None:
     import numba
     numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))

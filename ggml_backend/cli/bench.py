@@ -41,10 +41,15 @@ if engine == "llama.cpp":
     import llama_cpp
     llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, n_batch=512)
     kv_bytes = None
+    def last_logits():
+        # llama-cpp-python 0.3 fills llm.scores only with logits_all; the context holds the last token's logits
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 else:
     from ggml_backend import Llama
     llm = Llama(model, n_ctx=n_ctx, n_threads=threads, verbose=False, n_batch=512)
     kv_bytes = llm.cache.nbytes
+    def last_logits():
+        return llm.scores[llm.n_tokens - 1]
 result = {"open_s": time.perf_counter() - t_start}
 if kv_bytes is not None:
     result["kv_cache_bytes"] = kv_bytes
@@ -53,11 +58,11 @@ rng = np.random.default_rng(0)
 def random_ids(n):
     return [int(x) for x in rng.integers(min(100, n_vocab // 4), min(3000, n_vocab), n)]
 def greedy():
-    return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return int(np.argmax(last_logits()))
 if task == "first":
     llm.eval(random_ids(1))
     result["first_token_in_process_s"] = time.perf_counter() - t_start
-    result["finite"] = bool(np.isfinite(llm.scores[0]).all())
+    result["finite"] = bool(np.isfinite(last_logits()).all())
 else:
     llm.eval(random_ids(1)); llm.eval(random_ids(8)); llm.reset()   # warm-up, not timed
     if task == "prompt":
@@ -344,7 +349,8 @@ def _progress(message: str, args) -> None:
 
 def _cell(value, width: int) -> str:
     if isinstance(value, dict):
-        return f"{value['error']:>{width}}"
+        text = value["error"] if len(value["error"]) < width - 1 else value["error"][:width - 4] + "..."
+        return f"{text:>{width}}"
     return f"{value:>{width}.2f}"
 
 
@@ -366,7 +372,7 @@ def print_report(report: dict) -> None:
     if report.get("figures"):
         figures = report["figures"]
         errors = [v["error"] for e in engines for v in figures[e].values() if isinstance(v, dict)]
-        width = max([14] + [len(error) + 2 for error in errors])
+        width = min(32, max([14] + [len(error) + 2 for error in errors]))
         header = f"{'figure':<28}" + "".join(f"{e:>{width}}" for e in engines)
         if len(engines) == 2:
             header += f"{'ours/llama.cpp':>16}"
@@ -381,7 +387,7 @@ def print_report(report: dict) -> None:
                   f"{'float32' if engine == 'ggml_backend' else 'float16'}) + {OVERHEAD_MB} MB = {cap:.0f} MB: "
                   f"peak {verdict}")
     scaling = report.get("scaling")
-    if scaling:
+    if scaling and scaling["sizes"]:
         print("\nspeed against model size (prompt tok/s | decode tok/s):")
         print(f"{'model':<12}{'file MB':>9}{'layers':>7}{'n_embd':>7}{'prompt':>7}{'gen':>5}"
               + "".join(f"{e + ' pp':>22}{e + ' tg':>22}" for e in engines))
@@ -390,6 +396,7 @@ def print_report(report: dict) -> None:
                             for e in engines)
             print(f"{row['model']:<12}{row['file_mb']:>9.0f}{row['n_layer']:>7}{row['n_embd']:>7}"
                   f"{row['prompt_tokens']:>7}{row['gen_tokens']:>5}{cells}")
+    if scaling and scaling["positions"]:
         print("\ndecode tok/s against context position (-m model):")
         print(f"{'position':<10}" + "".join(f"{e:>22}" for e in engines))
         for row in scaling["positions"]:
@@ -424,7 +431,7 @@ def markdown_report(report: dict) -> str:
             lines.append(f"| {key} | " + " | ".join(_md(v) for v in values) + " |" + ratio)
         lines.append("")
     scaling = report.get("scaling")
-    if scaling:
+    if scaling and scaling["sizes"]:
         lines += ["| model | file MB | layers | n_embd | prompt tokens | decode steps | "
                   + " | ".join(f"{e} prompt tok/s | {e} decode tok/s" for e in engines) + " |",
                   "|---" * (6 + 2 * len(engines)) + "|"]
@@ -433,7 +440,9 @@ def markdown_report(report: dict) -> str:
                                for e in engines)
             lines.append(f"| {row['model']} | {row['file_mb']:.0f} | {row['n_layer']} | {row['n_embd']} | "
                          f"{row['prompt_tokens']} | {row['gen_tokens']} | {cells} |")
-        lines += ["", "| position | " + " | ".join(f"{e} decode tok/s" for e in engines) + " |",
+        lines.append("")
+    if scaling and scaling["positions"]:
+        lines += ["| position | " + " | ".join(f"{e} decode tok/s" for e in engines) + " |",
                   "|---" * (1 + len(engines)) + "|"]
         for row in scaling["positions"]:
             lines.append(f"| {row['position']} | "
