@@ -361,18 +361,26 @@ def _q5_0_bit_sums(x_blocks, sums, sums16):
         sums16[b] = np.int32(16 * total)
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, out, first, last, f16_table):
-    """out[r] = sum_b d_w[r, b] * d_x[b] * (q_w[r, b] . q_x[b]) for rows [first, last) of q5_0 weights.
+@njit(cache=True, inline="always")
+def _rows_q5(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, qh, has_min, out, first, last, f16_table):
+    """out[r] = sum_b d_w[r, b] * d_x[b] * (q_w[r, b] . q_x[b]) (+ m_w[r, b] * s_x[b] if ``has_min``) for rows
+    [first, last) of q5_0 or q5_1 weights.
 
     ``blocks``: the weights as uint8 [n_rows, n_blocks, 22] (f16 scale, 4 bytes qh, 16 bytes of nibbles). A
     weight is nibble + 16*hbit - 16, so a block dot is sum(nibble_j x_j) + 16 * sum(hbit_j x_j) - 16 * sum(x_j):
     the nibble parts are two 16-long loops with constant shifts (LLVM packs them in 32-bit lanes with vpmaddwd),
     the fifth-bit part comes from the ``bit_sums`` tables (see ``_q5_0_bit_sums``), exactly. Four rows at a time
-    share the activation loads, as in ``_rows_q8_0``."""
+    share the activation loads, as in ``_rows_q8_0``.
+
+    q5_1 (``[n_rows, n_blocks, 24]``: f16 d, f16 m, qh, nibbles) stores weights nibble + 16*hbit without offset: it
+    passes zero ``sums16`` and its activation block sums ``x_sums`` (q8_1's s); q5_0 passes ``x_sums`` unread.
+    ``qh`` (the offset of the fifth bits) and ``has_min`` are constants of ``_rows_q5_0`` / ``_rows_q5_1``, which
+    inline this body: run-time offsets halved the speed of the q4 kernels."""
     n_blocks = x_blocks.shape[0]
+    block_bytes = qh + 20
+    nibbles = qh + 4
     flat = blocks.reshape(-1)
-    row_bytes = n_blocks * 22
+    row_bytes = n_blocks * block_bytes
     r = first
     while r + 4 <= last:
         acc0 = np.float32(0.0)
@@ -380,39 +388,45 @@ def _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, out, first, last, f1
         acc2 = np.float32(0.0)
         acc3 = np.float32(0.0)
         for b in range(n_blocks):
-            # four rows ahead are 4 * row_bytes contiguous bytes: 4 * 22 of them per block step
-            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_4) * row_bytes + 88 * b, 88)
+            # four rows ahead are 4 * row_bytes contiguous bytes: 4 * block_bytes of them per block step
+            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_4) * row_bytes + 4 * block_bytes * b, 4 * block_bytes)
             x = x_blocks[b]
             sums = bit_sums[b]
             w0 = blocks[r, b]
             w1 = blocks[r + 1, b]
             w2 = blocks[r + 2, b]
             w3 = blocks[r + 3, b]
-            dot0 = np.int32(np.int32(np.int32(sums[0, w0[2]] + sums[1, w0[3]])
-                                     + np.int32(sums[2, w0[4]] + sums[3, w0[5]])) * 16 - sums16[b])
-            dot1 = np.int32(np.int32(np.int32(sums[0, w1[2]] + sums[1, w1[3]])
-                                     + np.int32(sums[2, w1[4]] + sums[3, w1[5]])) * 16 - sums16[b])
-            dot2 = np.int32(np.int32(np.int32(sums[0, w2[2]] + sums[1, w2[3]])
-                                     + np.int32(sums[2, w2[4]] + sums[3, w2[5]])) * 16 - sums16[b])
-            dot3 = np.int32(np.int32(np.int32(sums[0, w3[2]] + sums[1, w3[3]])
-                                     + np.int32(sums[2, w3[4]] + sums[3, w3[5]])) * 16 - sums16[b])
+            dot0 = np.int32(np.int32(np.int32(sums[0, w0[qh]] + sums[1, w0[qh + 1]])
+                                     + np.int32(sums[2, w0[qh + 2]] + sums[3, w0[qh + 3]])) * 16 - sums16[b])
+            dot1 = np.int32(np.int32(np.int32(sums[0, w1[qh]] + sums[1, w1[qh + 1]])
+                                     + np.int32(sums[2, w1[qh + 2]] + sums[3, w1[qh + 3]])) * 16 - sums16[b])
+            dot2 = np.int32(np.int32(np.int32(sums[0, w2[qh]] + sums[1, w2[qh + 1]])
+                                     + np.int32(sums[2, w2[qh + 2]] + sums[3, w2[qh + 3]])) * 16 - sums16[b])
+            dot3 = np.int32(np.int32(np.int32(sums[0, w3[qh]] + sums[1, w3[qh + 1]])
+                                     + np.int32(sums[2, w3[qh + 2]] + sums[3, w3[qh + 3]])) * 16 - sums16[b])
             for j in range(16):   # low nibbles: values 0..15
                 xv = np.int16(x[j])
-                dot0 = np.int32(dot0 + np.int32(np.int16(w0[6 + j] & 15) * xv))
-                dot1 = np.int32(dot1 + np.int32(np.int16(w1[6 + j] & 15) * xv))
-                dot2 = np.int32(dot2 + np.int32(np.int16(w2[6 + j] & 15) * xv))
-                dot3 = np.int32(dot3 + np.int32(np.int16(w3[6 + j] & 15) * xv))
+                dot0 = np.int32(dot0 + np.int32(np.int16(w0[nibbles + j] & 15) * xv))
+                dot1 = np.int32(dot1 + np.int32(np.int16(w1[nibbles + j] & 15) * xv))
+                dot2 = np.int32(dot2 + np.int32(np.int16(w2[nibbles + j] & 15) * xv))
+                dot3 = np.int32(dot3 + np.int32(np.int16(w3[nibbles + j] & 15) * xv))
             for j in range(16):   # high nibbles: values 16..31
                 xv = np.int16(x[16 + j])
-                dot0 = np.int32(dot0 + np.int32(np.int16(w0[6 + j] >> 4) * xv))
-                dot1 = np.int32(dot1 + np.int32(np.int16(w1[6 + j] >> 4) * xv))
-                dot2 = np.int32(dot2 + np.int32(np.int16(w2[6 + j] >> 4) * xv))
-                dot3 = np.int32(dot3 + np.int32(np.int16(w3[6 + j] >> 4) * xv))
+                dot0 = np.int32(dot0 + np.int32(np.int16(w0[nibbles + j] >> 4) * xv))
+                dot1 = np.int32(dot1 + np.int32(np.int16(w1[nibbles + j] >> 4) * xv))
+                dot2 = np.int32(dot2 + np.int32(np.int16(w2[nibbles + j] >> 4) * xv))
+                dot3 = np.int32(dot3 + np.int32(np.int16(w3[nibbles + j] >> 4) * xv))
             xd = x_scale[b]
             acc0 += _f16(w0, 0, f16_table) * xd * np.float32(dot0)
             acc1 += _f16(w1, 0, f16_table) * xd * np.float32(dot1)
             acc2 += _f16(w2, 0, f16_table) * xd * np.float32(dot2)
             acc3 += _f16(w3, 0, f16_table) * xd * np.float32(dot3)
+            if has_min:
+                xs = x_sums[b]
+                acc0 += _f16(w0, 2, f16_table) * xs
+                acc1 += _f16(w1, 2, f16_table) * xs
+                acc2 += _f16(w2, 2, f16_table) * xs
+                acc3 += _f16(w3, 2, f16_table) * xs
         out[r] = acc0
         out[r + 1] = acc1
         out[r + 2] = acc2
@@ -424,51 +438,160 @@ def _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, out, first, last, f1
             x = x_blocks[b]
             sums = bit_sums[b]
             w0 = blocks[r, b]
-            dot = np.int32(np.int32(np.int32(sums[0, w0[2]] + sums[1, w0[3]])
-                                    + np.int32(sums[2, w0[4]] + sums[3, w0[5]])) * 16 - sums16[b])
+            dot = np.int32(np.int32(np.int32(sums[0, w0[qh]] + sums[1, w0[qh + 1]])
+                                    + np.int32(sums[2, w0[qh + 2]] + sums[3, w0[qh + 3]])) * 16 - sums16[b])
             for j in range(16):
-                dot = np.int32(dot + np.int32(np.int16(w0[6 + j] & 15) * np.int16(x[j]))
-                               + np.int32(np.int16(w0[6 + j] >> 4) * np.int16(x[16 + j])))
+                dot = np.int32(dot + np.int32(np.int16(w0[nibbles + j] & 15) * np.int16(x[j]))
+                               + np.int32(np.int16(w0[nibbles + j] >> 4) * np.int16(x[16 + j])))
             acc += _f16(w0, 0, f16_table) * x_scale[b] * np.float32(dot)
+            if has_min:
+                acc += _f16(w0, 2, f16_table) * x_sums[b]
         out[r] = acc
         r += 1
 
 
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, out, first, last, f16_table):
+    _rows_q5(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, 2, False, out, first, last, f16_table)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _rows_q5_1(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, out, first, last, f16_table):
+    _rows_q5(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, 4, True, out, first, last, f16_table)
+
+
 @njit(cache=True, parallel=True)
-def _matvec_q5_0(blocks, x_blocks, x_scale, out, n_chunks, f16_table):
+def _matvec_q5(blocks, x_blocks, x_scale, x_sums, has_min, out, n_chunks, f16_table):
+    """q5_0 (``has_min`` False, ``x_sums`` unused) or q5_1 (``x_sums``: q8_1's per-block s) one-token product."""
     n_rows = blocks.shape[0]
     n_blocks = x_blocks.shape[0]
     bit_sums = np.empty((n_blocks, 4, 256), np.int32)
     sums16 = np.empty(n_blocks, np.int32)
     _q5_0_bit_sums(x_blocks, bit_sums, sums16)
+    if has_min:   # q5_1 weights carry no -16 offset
+        sums16[:] = 0
     rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
     for chunk in prange(n_chunks):
         first = min(n_rows, chunk * rows_per_chunk)
-        _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, out, first, min(n_rows, first + rows_per_chunk),
-                   f16_table)
+        last = min(n_rows, first + rows_per_chunk)
+        if has_min:
+            _rows_q5_1(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, out, first, last, f16_table)
+        else:
+            _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, out, first, last, f16_table)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _matvec_q4_0(w, xq, xd, out, n_chunks, f16_table):
-    n_rows = w.shape[0]
-    n_blocks = xq.shape[1] // 32
-    x = xq[0]
-    x_scale = xd[0]
-    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
+@njit(cache=True, error_model="numpy")
+def _block_sums_times(x_blocks, factor, sums):
+    """``sums[b]`` = factor * sum of the activation quants of block b (int32): the offset part of a block dot."""
+    for b in range(x_blocks.shape[0]):
+        total = np.int32(0)
+        for j in range(32):
+            total = np.int32(total + np.int32(x_blocks[b, j]))
+        sums[b] = np.int32(factor * total)
+
+
+@njit(cache=True, inline="always")
+def _rows_q4(blocks, x_blocks, x_scale, x_offsets, x_sums, header, has_min, out, first, last, f16_table):
+    """out[r] = sum_b d_w[r, b] * d_x[b] * (q_w[r, b] . q_x[b]) (+ m_w[r, b] * s_x[b] if ``has_min``) for rows
+    [first, last) of q4_0 or q4_1 weights.
+
+    ``blocks``: the weights as uint8 [n_rows, n_blocks, 18 or 20]: f16 d (and f16 m for q4_1), then 16 bytes of
+    nibbles. A q4_0 weight is nibble - 8, so a block dot is sum(nibble_j x_j) - ``x_offsets[b]`` (8 * sum(x_j)),
+    exactly; q4_1 passes zero offsets and its activation block sums ``x_sums`` (q8_1's s). ``_rows_q5_0`` without
+    the fifth bits: four rows at a time share the activation loads. Inlined into ``_rows_q4_0`` / ``_rows_q4_1``
+    so that ``header`` (bytes before the nibbles) and ``has_min`` are constants: a run-time header offset ran at
+    less than half the speed."""
+    n_blocks = x_blocks.shape[0]
+    block_bytes = header + 16
+    flat = blocks.reshape(-1)
+    row_bytes = n_blocks * block_bytes
+    r = first
+    while r + 4 <= last:
+        acc0 = np.float32(0.0)
+        acc1 = np.float32(0.0)
+        acc2 = np.float32(0.0)
+        acc3 = np.float32(0.0)
+        for b in range(n_blocks):
+            # four rows ahead are 4 * row_bytes contiguous bytes: 4 * block_bytes of them per block step
+            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_4) * row_bytes + 4 * block_bytes * b, 4 * block_bytes)
+            x = x_blocks[b]
+            w0 = blocks[r, b]
+            w1 = blocks[r + 1, b]
+            w2 = blocks[r + 2, b]
+            w3 = blocks[r + 3, b]
+            dot0 = np.int32(-x_offsets[b])
+            dot1 = np.int32(-x_offsets[b])
+            dot2 = np.int32(-x_offsets[b])
+            dot3 = np.int32(-x_offsets[b])
+            for j in range(16):   # low nibbles: values 0..15
+                xv = np.int16(x[j])
+                dot0 = np.int32(dot0 + np.int32(np.int16(w0[header + j] & 15) * xv))
+                dot1 = np.int32(dot1 + np.int32(np.int16(w1[header + j] & 15) * xv))
+                dot2 = np.int32(dot2 + np.int32(np.int16(w2[header + j] & 15) * xv))
+                dot3 = np.int32(dot3 + np.int32(np.int16(w3[header + j] & 15) * xv))
+            for j in range(16):   # high nibbles: values 16..31
+                xv = np.int16(x[16 + j])
+                dot0 = np.int32(dot0 + np.int32(np.int16(w0[header + j] >> 4) * xv))
+                dot1 = np.int32(dot1 + np.int32(np.int16(w1[header + j] >> 4) * xv))
+                dot2 = np.int32(dot2 + np.int32(np.int16(w2[header + j] >> 4) * xv))
+                dot3 = np.int32(dot3 + np.int32(np.int16(w3[header + j] >> 4) * xv))
+            xd = x_scale[b]
+            acc0 += _f16(w0, 0, f16_table) * xd * np.float32(dot0)
+            acc1 += _f16(w1, 0, f16_table) * xd * np.float32(dot1)
+            acc2 += _f16(w2, 0, f16_table) * xd * np.float32(dot2)
+            acc3 += _f16(w3, 0, f16_table) * xd * np.float32(dot3)
+            if has_min:
+                xs = x_sums[b]
+                acc0 += _f16(w0, 2, f16_table) * xs
+                acc1 += _f16(w1, 2, f16_table) * xs
+                acc2 += _f16(w2, 2, f16_table) * xs
+                acc3 += _f16(w3, 2, f16_table) * xs
+        out[r] = acc0
+        out[r + 1] = acc1
+        out[r + 2] = acc2
+        out[r + 3] = acc3
+        r += 4
+    while r < last:  # the last n_rows % 4 rows of the chunk
+        acc = np.float32(0.0)
+        for b in range(n_blocks):
+            x = x_blocks[b]
+            w0 = blocks[r, b]
+            dot = np.int32(-x_offsets[b])
+            for j in range(16):
+                dot = np.int32(dot + np.int32(np.int16(w0[header + j] & 15) * np.int16(x[j]))
+                               + np.int32(np.int16(w0[header + j] >> 4) * np.int16(x[16 + j])))
+            acc += _f16(w0, 0, f16_table) * x_scale[b] * np.float32(dot)
+            if has_min:
+                acc += _f16(w0, 2, f16_table) * x_sums[b]
+        out[r] = acc
+        r += 1
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _rows_q4_0(blocks, x_blocks, x_scale, x_offsets, x_sums, out, first, last, f16_table):
+    _rows_q4(blocks, x_blocks, x_scale, x_offsets, x_sums, 2, False, out, first, last, f16_table)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _rows_q4_1(blocks, x_blocks, x_scale, x_offsets, x_sums, out, first, last, f16_table):
+    _rows_q4(blocks, x_blocks, x_scale, x_offsets, x_sums, 4, True, out, first, last, f16_table)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q4(blocks, x_blocks, x_scale, x_sums, has_min, out, n_chunks, f16_table):
+    """q4_0 (``has_min`` False, ``x_sums`` unused) or q4_1 (``x_sums``: q8_1's per-block s) one-token product."""
+    n_rows = blocks.shape[0]
+    x_offsets = np.empty(x_blocks.shape[0], np.int32)
+    _block_sums_times(x_blocks, 0 if has_min else 8, x_offsets)
+    rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
     for chunk in prange(n_chunks):
-        lanes = np.zeros(16, np.float32)
-        for r in range(chunk * rows_per_chunk, min(n_rows, (chunk + 1) * rows_per_chunk)):
-            row = w[r]
-            lanes[:] = 0.0
-            for b in range(n_blocks):
-                o = b * 18
-                scale = f16_table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)] * x_scale[b]
-                base = b * 32
-                for j in range(16):
-                    byte = np.int32(row[o + 2 + j])
-                    lanes[j] += scale * np.float32(((byte & 15) - 8) * np.int32(x[base + j])
-                                                   + ((byte >> 4) - 8) * np.int32(x[base + 16 + j]))
-            out[0, r] = lanes.sum()
+        first = min(n_rows, chunk * rows_per_chunk)
+        if has_min:
+            _rows_q4_1(blocks, x_blocks, x_scale, x_offsets, x_sums, out, first, min(n_rows, first + rows_per_chunk),
+                       f16_table)
+        else:
+            _rows_q4_0(blocks, x_blocks, x_scale, x_offsets, x_sums, out, first, min(n_rows, first + rows_per_chunk),
+                       f16_table)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
@@ -858,12 +981,14 @@ def _check_out(out, n_tokens: int, n_rows: int) -> np.ndarray:
 def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActivations, out) -> bool:
     """Run the fused one-token kernel of ``type_name`` if there is one; False if not."""
     n_chunks = _n_chunks(weight_bytes.shape[0])
-    if type_name == "q5_0":
+    if type_name in ("q4_0", "q4_1", "q5_0", "q5_1"):
+        has_min = type_name.endswith("_1")   # q4_1 / q5_1: value = d*q + m, activations q8_1 with block sums s
         n_rows, row_bytes = weight_bytes.shape
-        blocks = weight_bytes.reshape(n_rows, row_bytes // 22, 22)
-        _matvec_q5_0(blocks, acts.qs.reshape(-1, 32), acts.d[0], out[0], n_chunks, F16_TO_F32)
-    elif type_name == "q4_0":
-        _matvec_q4_0(weight_bytes, acts.qs, acts.d, out, n_chunks, F16_TO_F32)
+        block_bytes = get_type(type_name).type_size
+        blocks = weight_bytes.reshape(n_rows, row_bytes // block_bytes, block_bytes)
+        x_sums = acts.extra[0] if has_min else acts.d[0]   # q8_1's s; unread for q4_0 / q5_0
+        matvec = _matvec_q4 if type_name.startswith("q4") else _matvec_q5
+        matvec(blocks, acts.qs.reshape(-1, 32), acts.d[0], x_sums, has_min, out[0], n_chunks, F16_TO_F32)
     elif type_name == "q8_0":
         n_rows, row_bytes = weight_bytes.shape
         blocks = weight_bytes.view(np.int8).reshape(n_rows, row_bytes // 34, 34)
