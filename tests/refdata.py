@@ -26,7 +26,19 @@ _TYPES = ["f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K_M", "q4_K
 
 
 def synthetic_types() -> list[str]:
-    return [t for t in _TYPES if (SYNTHETIC_DIR / f"tiny-llama-{t}.gguf").is_file()]
+    """Types whose GGUF file, GGML twin and reference outputs are all present."""
+    return [t for t in _TYPES if (SYNTHETIC_DIR / f"tiny-llama-{t}.gguf").is_file()
+            and (SYNTHETIC_DIR / f"tiny-llama-{t}.ggmlv3.bin").is_file()]
+
+
+def synthetic_gguf_files() -> list[Path]:
+    """Every synthetic GGUF file present (tests/data adds q3_K_M and q5_K_M for their q3_K / q5_K tensors)."""
+    return [SYNTHETIC_DIR / f"tiny-llama-{t}.gguf" for t in _TYPES if (SYNTHETIC_DIR / f"tiny-llama-{t}.gguf").is_file()]
+
+
+def full_synthetic_set() -> bool:
+    """True when all eleven types are here (the workplace's shared/reference), not the subset in tests/data."""
+    return len(synthetic_types()) == len(_TYPES)
 
 
 def require_synthetic() -> Path:

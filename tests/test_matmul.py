@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -16,7 +15,7 @@ from ggml_backend.quant.activations import (
 )
 from ggml_backend.quant.matmul import MatmulShapeError, WeightMatrix, matmul, matmul_many
 
-SYNTHETIC = Path("/work/shared/reference/synthetic")
+from refdata import SYNTHETIC_DIR as SYNTHETIC  # noqa: E402
 LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 KQUANTS = {"q2_K": "q2_K", "q3_K": "q3_K_M", "q4_K": "q4_K_M", "q5_K": "q5_K_M", "q6_K": "q6_K"}
 TOKEN_COUNTS = [1, 3, 64]
@@ -308,6 +307,36 @@ def test_kquant_decode_kernels_row_groups(name, n_rows, rng):
     weight_bytes = np.ascontiguousarray(kquant_weights(name)[:n_rows])
     k = weight_bytes.shape[1] // (144 if name == "q4_K" else 210) * 256
     x = rng.standard_normal((1, k)).astype(np.float32)
+    w = dequantize(weight_bytes, ggml_type(name)).astype(np.float64)
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).T
+    exact = integer_oracle(name, weight_bytes, x)
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            got = matmul(name, weight_bytes, x, method="int")
+            assert np.all(np.abs(got - exact) <= 2e-6 * scale + 1e-6)
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_rows", [1, 3, 4, 7, 37])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1"])
+def test_nibble_decode_kernels_row_groups(name, n_rows, rng):
+    """The q4_0 / q4_1 / q5_0 / q5_1 one-token kernels walk rows four at a time with the format's header offsets
+    and the q8_1 block sums of the minimums as constants: every remainder and chunking, and blocks of extreme
+    nibbles and fifth bits, give the integer oracle's result."""
+    k = 96
+    weight_bytes = np.ascontiguousarray(quantize(rng.standard_normal((n_rows, k)).astype(np.float32),
+                                                 ggml_type(name))).reshape(n_rows, -1)
+    blocks = weight_bytes.reshape(n_rows, k // 32, -1)
+    blocks[0, 0, -16:] = 0xFF     # all nibbles 15 (and all fifth bits set) in one block, all 0 in another
+    blocks[-1, -1, -16:] = 0
+    if name.startswith("q5"):
+        qh = 2 if name == "q5_0" else 4
+        blocks[0, 0, qh:qh + 4] = 255
+        blocks[-1, -1, qh:qh + 4] = 0
+    x = (rng.standard_normal((1, k)) * 2.0).astype(np.float32)
     w = dequantize(weight_bytes, ggml_type(name)).astype(np.float64)
     scale = np.abs(x).astype(np.float64) @ np.abs(w).T
     exact = integer_oracle(name, weight_bytes, x)
