@@ -7,7 +7,8 @@ Prefill (many tokens): GFLOP/s (2*n_rows*k*n_tokens per product) of the integer 
 Run:  python benchmarks/bench_matmul.py [--threads 2] [--quick] [--per-core]
 
 ``--per-core``: the decode kernels on one thread, timed by the CPU time of the calling thread (best of N), which
-a machine shared with other jobs disturbs far less than wall time; GB/s per core.
+a machine shared with other jobs disturbs far less than wall time; GB/s per core. Each shape cycles through copies
+of its weights totalling >= 64 MB, so the bytes come from memory (or L3), not L2, as in a real model's token.
 
 numba's threading layer is the engine's (ggml_backend/_threading.py: tbb, else omp with passive waiting) unless
 NUMBA_THREADING_LAYER is set.
@@ -64,14 +65,27 @@ def best_thread_time(fn, repeats: int) -> float:
     return best
 
 
+# ffn shapes of a TinyLlama-1B-shaped file (n_embd 2048, n_ff 5632) for the legacy nibble formats
+PER_CORE_EXTRA_SHAPES = [("q5_0", 896, 4864), ("q4_0", 5632, 2048), ("q4_0", 2048, 5632), ("q4_1", 5632, 2048),
+                         ("q5_1", 5632, 2048)]
+CYCLE_BYTES = 64e6
+
+
 def decode_per_core(rng, repeats: int) -> None:
     numba.set_num_threads(1)
-    print("decode kernels, one thread, CPU time of the calling thread (best of %d):" % repeats)
-    for type_name, n_rows, k in DECODE_SHAPES + [("q5_0", 896, 4864)]:
+    print("decode kernels, one thread, CPU time of the calling thread (best of %d), weights cycled through "
+          ">= %d MB:" % (repeats, CYCLE_BYTES / 1e6))
+    for type_name, n_rows, k in DECODE_SHAPES + PER_CORE_EXTRA_SHAPES:
         weights = random_weights(type_name, n_rows, k, rng)
+        copies = [weights.copy() for _ in range(max(1, int(-(-CYCLE_BYTES // weights.nbytes))))]
         x = rng.standard_normal((1, k)).astype(np.float32)
         out = np.empty((1, n_rows), np.float32)
-        seconds = best_thread_time(lambda: matmul(type_name, weights, x, out=out, method="int"), repeats)
+
+        def run_all():
+            for copy in copies:
+                matmul(type_name, copy, x, out=out, method="int")
+
+        seconds = best_thread_time(run_all, repeats) / len(copies)
         print(f"  {type_name:5s} {n_rows:6d}x{k:<5d} {weights.nbytes / 1e6:7.1f} MB  {seconds * 1e3:7.3f} ms  "
               f"{weights.nbytes / seconds / 1e9:6.1f} GB/s per core")
 
