@@ -57,7 +57,7 @@ def test_converted_file_reads_in_gguf_py(tmp_path):
 
 
 def test_convert_gqa_option_and_refusals(tmp_path, capsys):
-    source = synthetic_file("q8_0", "ggml")
+    source = synthetic_file("q4_0", "ggml")
     out = tmp_path / "gqa.gguf"
     assert main(["convert", str(source), str(out), "--gqa", "2"]) == 0
     assert ggml_backend.load(out).metadata["llama.attention.head_count_kv"] == 4

@@ -13,7 +13,7 @@ import pytest
 import ggml_backend
 from ggml_backend.formats import (CorruptFileError, GGUFValueType, UnsupportedVersionError,
                                   write_gguf)
-from refdata import real_model, synthetic_file, synthetic_types
+from refdata import real_model, synthetic_file, synthetic_gguf_files, synthetic_types
 
 gguf = pytest.importorskip("gguf")
 
@@ -78,9 +78,9 @@ def test_tensor_views_share_one_memmap():
         assert t.data.ctypes.data - model.mmap.ctypes.data == t.offset
 
 
-@pytest.mark.parametrize("type_name", ["f16", "q4_0", "q5_1", "q8_0", "q3_K_M", "q6_K"])
-def test_dequantize_uses_engine_kernels_and_matches_gguf_py(type_name):
-    model = ggml_backend.load(synthetic_file(type_name))
+@pytest.mark.parametrize("path", synthetic_gguf_files(), ids=lambda p: p.name)
+def test_dequantize_uses_engine_kernels_and_matches_gguf_py(path):
+    model = ggml_backend.load(path)
     for name in ["blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output_norm.weight"]:
         t = model.tensors[name]
         expected = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType(t.type.type_id))

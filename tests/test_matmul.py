@@ -17,7 +17,7 @@ from ggml_backend.quant.matmul import MatmulShapeError, WeightMatrix, matmul, ma
 
 from refdata import SYNTHETIC_DIR as SYNTHETIC  # noqa: E402
 LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
-KQUANTS = {"q2_K": "q2_K", "q3_K": "q3_K_M", "q4_K": "q4_K_M", "q5_K": "q5_K_M", "q6_K": "q6_K"}
+KQUANTS = {"q2_K": "q2_K", "q3_K": "q3_K_M", "q4_K": "q4_K_M", "q5_K": "q5_K_M", "q6_K": "q5_K_M"}
 TOKEN_COUNTS = [1, 3, 64]
 
 

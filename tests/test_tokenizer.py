@@ -30,7 +30,7 @@ def real_reference(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny():
-    return Tokenizer.from_metadata(model_metadata(synthetic_file("f16")))
+    return Tokenizer.from_metadata(model_metadata(synthetic_file("q4_0")))  # one vocabulary in every type
 
 
 @pytest.fixture(scope="module")
