@@ -117,6 +117,13 @@ class Llama:
     def token_eos(self) -> int:
         return self.tokenizer.eos_id
 
+    def token_nl(self) -> int | None:
+        """The token whose text is a newline (llama.cpp's linefeed token, for penalize_nl), or None."""
+        for token in self.tokenizer.encode("\n", add_bos=False):   # SPM may put a space-prefix token first
+            if self.tokenizer.token_to_piece(token) == b"\n":
+                return token
+        return None
+
     def n_vocab(self) -> int:
         return self.hparams.n_vocab
 
@@ -274,9 +281,8 @@ class Llama:
 
     def _make_sampler(self, params):
         from .generation import Sampler
-        newline = self.tokenizer.encode("\n", add_bos=False)
         return Sampler(params, n_vocab=self.hparams.n_vocab, seed=self._resolve_seed(params.seed),
-                       newline_token=newline[0] if len(newline) == 1 else None)
+                       newline_token=self.token_nl())
 
     def _resolve_seed(self, seed):
         if seed is not None and seed != -1:

@@ -230,11 +230,6 @@ def eog_bias(llm: Llama) -> dict[int, float]:
     return {int(t): float("-inf") for t in llm.tokenizer.eog_ids}
 
 
-def newline_token(llm: Llama) -> int | None:
-    ids = llm.tokenize("\n", add_bos=False)
-    return ids[-1] if ids else None
-
-
 def resolve_seed(args) -> int:
     """main's rule: a negative seed becomes the current time."""
     return int(time.time()) & 0xFFFFFFFF if args.seed is None or args.seed < 0 else int(args.seed)
@@ -245,7 +240,7 @@ def make_sampler(args, llm: Llama, seed: int, extra_bias: dict | None = None) ->
     if extra_bias:
         import dataclasses
         params = dataclasses.replace(params, logit_bias={**params.logit_bias, **extra_bias})
-    return TimedSampler(params, n_vocab=llm.n_vocab(), seed=seed, newline_token=newline_token(llm))
+    return TimedSampler(params, n_vocab=llm.n_vocab(), seed=seed, newline_token=llm.token_nl())
 
 
 class Painter:
