@@ -43,7 +43,7 @@ def full_synthetic_set() -> bool:
 
 def require_synthetic() -> Path:
     if not SYNTHETIC_DIR.is_dir():
-        pytest.skip(f"synthetic reference data not found in {SYNTHETIC_DIR}")
+        pytest.skip(reason=f"synthetic reference data not found in {SYNTHETIC_DIR}")
     return SYNTHETIC_DIR
 
 
@@ -52,7 +52,7 @@ def synthetic_file(type_name: str, kind: str = "gguf") -> Path:
     suffix = ".gguf" if kind == "gguf" else ".ggmlv3.bin"
     path = require_synthetic() / f"tiny-llama-{type_name}{suffix}"
     if not path.is_file():
-        pytest.skip(f"{path} is missing")
+        pytest.skip(reason=f"{path} is missing")
     return path
 
 
@@ -82,4 +82,4 @@ def real_model(which: str) -> Path:
     try:
         return default_model.default_model_path(progress=False) if which == "qwen" else default_model.gemma_model_path()
     except (FileNotFoundError, ImportError) as exc:
-        pytest.skip(f"{which} model not available: {exc}")
+        pytest.skip(reason=f"{which} model not available: {exc}")

@@ -51,7 +51,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, needle: str) -> None:
 @pytest.fixture(scope="module")
 def qwen_reference():
     if not REAL_REF.is_file():
-        pytest.skip(f"{REAL_REF} missing")
+        pytest.skip(reason=f"{REAL_REF} missing")
     return json.loads(REAL_REF.read_text())["greedy"][0]
 
 

@@ -97,7 +97,7 @@ def test_llama_cpp_loads_the_converted_file(tmp_path):
     import subprocess
     import sys
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed (pip install llama-cpp-python builds it from source)")
+        pytest.skip(reason="llama-cpp-python is not installed (pip install llama-cpp-python builds it from source)")
     out = tmp_path / "q4_0.gguf"
     assert main(["convert", str(synthetic_file("q4_0", "ggml")), str(out), "--eps", "1e-5"]) == 0
     script = (

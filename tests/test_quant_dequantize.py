@@ -113,7 +113,7 @@ def test_every_synthetic_tensor_matches_gguf_py(path):
 
 def test_synthetic_files_cover_every_weight_type():
     if not full_synthetic_set():
-        pytest.skip("only a subset of the synthetic files is in this checkout (tests/data); the full set is in "
+        pytest.skip(reason="only a subset of the synthetic files is in this checkout (tests/data); the full set is in "
                     "the workplace's shared/reference")
     types = set()
     for path in SYNTHETIC:
@@ -140,7 +140,7 @@ def _real_model_paths():
 def real_models():
     found = [p for p in _real_model_paths() if isinstance(p, str) and os.path.exists(p)]
     if not found:
-        pytest.skip("the real model files are not available")
+        pytest.skip(reason="the real model files are not available")
     return {p: (gguf_tensor_index(p), np.memmap(p, dtype=np.uint8, mode="r")) for p in found}
 
 
@@ -170,7 +170,7 @@ def test_real_model_samples_match_gguf_py(real_models):
 def test_qwen_token_embedding_rows_match(real_models):
     qwen = [p for p in real_models if "qwen" in os.path.basename(p)]
     if not qwen:
-        pytest.skip("the Qwen model file is not available")
+        pytest.skip(reason="the Qwen model file is not available")
     index, mapped = real_models[qwen[0]]
     type_id, shape, offset = index["token_embd.weight"]
     qtype = quant.get_type(type_id)

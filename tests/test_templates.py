@@ -353,7 +353,7 @@ def qwen_template() -> JinjaTemplate:
     try:
         path = default_model_path(progress=False)
     except FileNotFoundError as exc:
-        pytest.skip(f"default model not installed: {exc}")
+        pytest.skip(reason=f"default model not installed: {exc}")
     metadata = _gguf_metadata(path, {"tokenizer.chat_template", "tokenizer.ggml.tokens",
                                      "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"})
     return JinjaTemplate.from_gguf_metadata(metadata)

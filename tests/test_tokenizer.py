@@ -24,7 +24,7 @@ def model_metadata(path) -> dict:
 def real_reference(name: str) -> dict:
     path = REAL_REFERENCE_DIR / name
     if not path.is_file():
-        pytest.skip(f"{path} is missing")
+        pytest.skip(reason=f"{path} is missing")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

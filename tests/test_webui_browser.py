@@ -19,7 +19,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test n
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not CHROMIUM or not os.path.exists(CHROMEDRIVER):
-    pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)",
+    pytest.skip(reason="chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)",
                 allow_module_level=True)
 
 REPO = Path(__file__).resolve().parents[1]
