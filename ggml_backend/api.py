@@ -339,7 +339,7 @@ class Llama:
     def _completion_stream(self, prompt_tokens, params, max_tokens, stop, echo, logprobs, n_keep, model_name,
                            stop_tokens):
         import uuid
-        from .generation import TextStreamer, top_logprobs
+        from .generation import TextStreamer, log_softmax, top_logprobs
         completion_id = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         model_name = model_name or self.model_path
@@ -373,7 +373,7 @@ class Llama:
             if logprobs is not None and self._last_logits is not None:
                 # the logits that produced this token are the ones evaluated just before it
                 lp = {"tokens": [piece.decode("utf-8", errors="replace")], "text_offset": [text_offset],
-                      "token_logprobs": [float(_token_logprob(self._last_logits, token))],
+                      "token_logprobs": [float(log_softmax(self._last_logits)[token])],
                       "top_logprobs": [{self.tokenizer.token_to_piece(i).decode("utf-8", errors="replace"): float(v)
                                         for i, v in top_logprobs(self._last_logits, max(1, int(logprobs)))}]}
             if text or lp:
@@ -395,12 +395,9 @@ class Llama:
         ChatML."""
         from .templates import JinjaTemplate, get_template
         spec = template or self.chat_format
-        bos = self.tokenizer.token_to_piece(self.tokenizer.bos_id).decode("utf-8", "replace") \
-            if self.tokenizer.bos_id is not None else ""
-        eos = self.tokenizer.token_to_piece(self.tokenizer.eos_id).decode("utf-8", "replace") \
-            if self.tokenizer.eos_id is not None else ""
         if spec is not None:
-            return get_template(spec, bos_token=bos, eos_token=eos)
+            return get_template(spec, bos_token=self._token_text(self.tokenizer.bos_id),
+                                eos_token=self._token_text(self.tokenizer.eos_id))
         if self.metadata.get("tokenizer.chat_template"):
             if self._file_template is None:
                 self._file_template = JinjaTemplate.from_gguf_metadata(self.metadata)
@@ -409,14 +406,19 @@ class Llama:
 
     _file_template = None
 
+    def _token_text(self, token_id: int | None) -> str:
+        """A special token's text ('' when the vocabulary has no such token)."""
+        if token_id is None:
+            return ""
+        return self.tokenizer.token_to_piece(token_id).decode("utf-8", "replace")
+
     def render_chat_prompt(self, messages, *, template=None, tools=None, add_generation_prompt=True,
                            continue_final_message=False) -> tuple[list[int], list[str], str]:
         """(prompt tokens, the template's stop strings, prompt text) for a list of chat messages."""
         tmpl = self.chat_template(template)
         kwargs = {"continue_final_message": True} if continue_final_message else {}
         text = tmpl.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
-        bos_text = self.tokenizer.token_to_piece(self.tokenizer.bos_id).decode("utf-8", "replace") \
-            if self.tokenizer.bos_id is not None else None
+        bos_text = self._token_text(self.tokenizer.bos_id)
         # a template that writes the BOS text itself must not get a second BOS from the tokenizer
         add_bos = self.tokenizer.add_bos and not (bos_text and text.startswith(bos_text))
         tokens = self.tokenize(text, add_bos=add_bos, special=True)
@@ -487,11 +489,6 @@ class Llama:
                 out["usage"] = chunk["usage"]
             if delta or choice["finish_reason"] is not None:
                 yield out
-
-
-def _token_logprob(logits: np.ndarray, token: int) -> float:
-    m = float(np.max(logits))
-    return float(logits[token] - m - np.log(np.sum(np.exp(logits.astype(np.float64) - m))))
 
 
 def _merge_logprobs(total, part):

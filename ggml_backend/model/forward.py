@@ -110,7 +110,6 @@ def _to_f16_precision(x: np.ndarray) -> np.ndarray:
     return round_to_f16_inplace(np.ascontiguousarray(x, dtype=np.float32))
 
 
-# Query rows per attention block are chosen so that one block's scores take about this many bytes (float32).
 class Model:
     """Weights of one model file, arranged for the forward pass."""
 
