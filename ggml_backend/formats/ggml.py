@@ -18,7 +18,6 @@ GGML files carry no GQA head count, rms epsilon or context length: ``n_head_kv``
 """
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 from ..quant.types import KNOWN_UNSUPPORTED_IDS, TYPES_BY_ID, get_type
 from .cursor import Cursor, decode_text, encode_text
 from .errors import CorruptFileError, UnknownTypeError, UnsupportedVersionError
-from .gguf import GGUFValueType, tensor_nbytes, write_tensor_data, _progress_bar
+from .gguf import GGUFValueType, tensor_nbytes, write_tensor_data, writing_file
 from .model_file import ModelFile, Tensor, Vocab, ggml_name_from_gguf, gguf_name_from_ggml
 
 GGML_MAGICS = {b"lmgg": "ggml", b"fmgg": "ggmf", b"tjgg": "ggjt"}
@@ -270,22 +269,13 @@ def write_ggml(path, hparams: dict, vocab: list, tensors: list, *, progress=Fals
             raise ValueError(f"tensor {name!r}: shape {tuple(shape)} cannot be stored in a GGML file")
         layout.append((encode_text(ggml_name_from_gguf(name) or name), row, dims,
                        tensor_nbytes(path, row, dims, name, None), data))
-    bar = _progress_bar(progress, sum(item[3] for item in layout), f"writing {Path(path).name}")
-    try:
-        with open(path, "wb") as out:
-            out.write(b"tjgg" + _U32.pack(3) + _HPARAMS.pack(*(int(values[k]) for k in _HPARAM_NAMES)))
-            for piece, score in vocab:
-                raw = encode_text(piece)
-                out.write(_U32.pack(len(raw)) + raw + _F32.pack(float(score)))
-            for raw_name, row, dims, nbytes, data in layout:
-                out.write(_TENSOR_HEAD.pack(len(dims), len(raw_name), row.type_id))
-                out.write(struct.pack(f"<{len(dims)}I", *dims) + raw_name)
-                out.write(b"\0" * (-out.tell() % 32))
-                write_tensor_data(out, raw_name.decode(), data, nbytes, bar)
-    except BaseException:
-        if os.path.exists(path):
-            os.unlink(path)
-        raise
-    finally:
-        if bar is not None and progress is True:
-            bar.close()
+    with writing_file(path, progress, sum(item[3] for item in layout)) as (out, bar):
+        out.write(b"tjgg" + _U32.pack(3) + _HPARAMS.pack(*(int(values[k]) for k in _HPARAM_NAMES)))
+        for piece, score in vocab:
+            raw = encode_text(piece)
+            out.write(_U32.pack(len(raw)) + raw + _F32.pack(float(score)))
+        for raw_name, row, dims, nbytes, data in layout:
+            out.write(_TENSOR_HEAD.pack(len(dims), len(raw_name), row.type_id))
+            out.write(struct.pack(f"<{len(dims)}I", *dims) + raw_name)
+            out.write(b"\0" * (-out.tell() % 32))
+            write_tensor_data(out, raw_name.decode(), data, nbytes, bar)

@@ -11,6 +11,7 @@ tokens and 151,387 merges take about 0.1 s).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from enum import IntEnum
@@ -411,22 +412,13 @@ def write_gguf(path, metadata: dict, tensors: list, alignment: int = DEFAULT_ALI
         layout.append((name, nbytes, data))
         rel_offset += -(-nbytes // alignment) * alignment
 
-    bar = _progress_bar(progress, sum(n for _, n, _ in layout), f"writing {Path(path).name}")
-    try:
-        with open(path, "wb") as out:
-            head = b"".join(header)
-            out.write(head)
-            out.write(b"\0" * (-len(head) % alignment))
-            for name, nbytes, data in layout:
-                write_tensor_data(out, name, data, nbytes, bar)
-                out.write(b"\0" * (-nbytes % alignment))
-    except BaseException:
-        if os.path.exists(path):
-            os.unlink(path)
-        raise
-    finally:
-        if bar is not None and progress is True:
-            bar.close()
+    with writing_file(path, progress, sum(n for _, n, _ in layout)) as (out, bar):
+        head = b"".join(header)
+        out.write(head)
+        out.write(b"\0" * (-len(head) % alignment))
+        for name, nbytes, data in layout:
+            write_tensor_data(out, name, data, nbytes, bar)
+            out.write(b"\0" * (-nbytes % alignment))
 
 
 def _progress_bar(progress, total: int, desc: str):
@@ -436,3 +428,20 @@ def _progress_bar(progress, total: int, desc: str):
         # delay: short conversions finish before a bar would appear
         return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, delay=1.0)
     return progress or None
+
+
+@contextlib.contextmanager
+def writing_file(path, progress, total_bytes: int):
+    """Open ``path`` for writing a model file: yields (file, progress bar or None); a failure (or Ctrl-C) part-way
+    deletes the partial file, so no truncated model is left behind."""
+    bar = _progress_bar(progress, total_bytes, f"writing {Path(path).name}")
+    try:
+        with open(path, "wb") as out:
+            yield out, bar
+    except BaseException:
+        if os.path.exists(path):
+            os.unlink(path)
+        raise
+    finally:
+        if bar is not None and progress is True:
+            bar.close()
