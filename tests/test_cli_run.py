@@ -94,6 +94,7 @@ def test_escape_flag_gives_the_same_prompt_tokens(qwen_reference):
     assert literal.stdout == typed                  # echoed with its backslashes
     assert verbose_prompt_ids(literal.stderr) != qwen_reference["prompt_tokens"]
     assert "prompt eval time" in real_newlines.stderr and timing(real_newlines.stderr, "prompt eval time") == 0
+    assert re.search(r"main: seed  = \d+", real_newlines.stderr)   # no -s: main's time seed, printed
 
 
 # --- the model card's command line ------------------------------------------------------------------------------
@@ -102,12 +103,14 @@ def test_escape_flag_gives_the_same_prompt_tokens(qwen_reference):
 def test_model_card_command_line_runs(kind):
     model = synthetic_file("q4_0", kind)
     proc = run_cli("-t", "10", "-ngl", "32", "-m", model, "--color", "-c", "2048", "--temp", "0.7",
-                   "--repeat_penalty", "1.1", "-n", "8", "-p", SEED_CARD_PROMPT, timeout=120)
+                   "--repeat_penalty", "1.1", "-n", "8", "-p", SEED_CARD_PROMPT,
+                   "-s", "7",   # the card's line plus a seed: with a time seed the random model may end early
+                   timeout=120)
     assert proc.returncode == 0, proc.stderr
     # --color: the prompt in yellow, as typed (backslashes kept), then the generation in the default color
     assert proc.stdout.startswith(ANSI_PROMPT + SEED_CARD_PROMPT + ANSI_RESET)
     assert "no GPU is used" in proc.stderr
-    assert re.search(r"main: seed  = \d+", proc.stderr)
+    assert "main: seed  = 7" in proc.stderr
     assert "repeat_penalty = 1.100" in proc.stderr and "temp = 0.700" in proc.stderr
     assert "n_ctx = 2048" in proc.stderr
     assert timing(proc.stderr, "sample time") == 8
