@@ -39,6 +39,8 @@ from .activations import (
     quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
     round_rows_to_bf16, round_rows_to_f16,
 )
+from .decode import MATVEC
+from .simd import choose_isa
 from .types import QuantType, get_type
 
 
@@ -57,6 +59,10 @@ BLAS_BAND_ROWS = 256
 
 # ggml half-precision bits -> float32, for reading block scales inside the kernels.
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+# The SIMD instruction set of the one-token kernels (simd.py): the best this CPU has, GGML_BACKEND_KERNELS to force
+# one (avx512vnni, avx2) or the plain numba kernels (generic). None: the plain kernels.
+KERNEL_ISA = choose_isa()
 
 # Kernel selectors (one compiled kernel per family, a branch per block picks the layout).
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 4
@@ -979,8 +985,14 @@ def _check_out(out, n_tokens: int, n_rows: int) -> np.ndarray:
 
 
 def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActivations, out) -> bool:
-    """Run the fused one-token kernel of ``type_name`` if there is one; False if not."""
+    """Run the one-token kernel of ``type_name`` if there is one; False if not. The SIMD kernels of
+    ``decode.py`` on the instruction set ``KERNEL_ISA`` when the CPU has one, else the plain numba kernels below."""
     n_chunks = _n_chunks(weight_bytes.shape[0])
+    if KERNEL_ISA is not None and type_name in MATVEC:
+        extra = acts.extra[0] if acts.extra is not None else acts.d[0]   # q8_1: s; q8_K: sums per 16; q8_0: unread
+        MATVEC[type_name](weight_bytes.reshape(-1), weight_bytes.shape[1], acts.qs[0], acts.d[0], extra, out[0],
+                          n_chunks, KERNEL_ISA)
+        return True
     if type_name in ("q4_0", "q4_1", "q5_0", "q5_1"):
         has_min = type_name.endswith("_1")   # q4_1 / q5_1: value = d*q + m, activations q8_1 with block sums s
         n_rows, row_bytes = weight_bytes.shape

@@ -1,0 +1,368 @@
+"""SIMD decode kernels: one activation row (one token) times a weight matrix in a ggml block format.
+
+Decode reads every weight byte once per token, so these kernels decide generation speed. Each is written as
+llama.cpp's x86 ``ggml_vec_dot_*`` is: a weight block is expanded to 32 unsigned bytes (nibbles, fifth or sixth
+bits OR-ed in), multiplied with the 32 signed activation quants by ``dot_u8_i8`` (``vpdpbusd`` or ``vpmaddubsw``),
+the int32 lanes scaled and accumulated in eight float lanes, which are summed once per row. Offsets that make
+weights signed (q4_0's -8, q5_0's -16, q3_K's -4, q6_K's -32) are exact
+integer terms: the lane sums of ``offset * x`` are computed once per activation row (``lane_bias``) and start
+each block's accumulator, so each block's integer dot product is exactly ggml's.
+
+A kernel computes whole rows (``_row_*``); ``_matvec_*`` spreads rows over numba's threads in equal chunks. The
+``isa`` argument (see ``simd.py``) picks the instructions and is part of each compiled signature.
+
+Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
+    q4_0  [d | 16 bytes: low nibbles = weights 0..15, high = 16..31]              w = q - 8
+    q4_1  [d | m | 16 bytes of nibbles]                                           w = d q + m
+    q5_0  [d | qh: u32, bit j = fifth bit of weight j | 16 bytes of nibbles]      w = q - 16
+    q5_1  [d | m | qh | 16 bytes of nibbles]                                      w = d q + m
+    q8_0  [d | 32 int8]
+    q2_K  [16 bytes: scale | min << 4 per 16 | 64 bytes: 2 bits | d | dmin]      256 weights
+    q3_K  [32 bytes hmask | 64 bytes: 2 bits | 12 bytes: 16 six-bit scales | d]   w = d (s - 32) (q - 4)
+    q4_K  [d | dmin | 12 bytes: 8 six-bit scales and mins | 128 bytes of nibbles]
+    q5_K  [d | dmin | 12 bytes of scales and mins | 32 bytes: fifth bits | 128 bytes of nibbles]
+    q6_K  [128 bytes: low 4 bits | 64 bytes: top 2 bits | 16 int8 scales | d]      w = d s (q - 32)
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .simd import (
+    add_i32x8, bits_to_bytes, dot_i8_i8, dot_u8_i8, fma_i32x8, load_8_i32, load_16_bytes, load_32_bytes,
+    load_f16, load_u32, low_nibbles, mul_i32x8, or_bytes, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset,
+    splat_bytes, store_8_i32, sum_f32x8, sum_i32x8, unpack_nibbles, zero_f32x8, zero_i32x8,
+)
+
+_KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
+
+
+@njit(**_KERNEL)
+def lane_bias(xq, offset, isa):
+    """int32 [k/32 * 8]: for each 32-value block of ``xq`` the eight lane sums of ``-offset * x`` (the lanes of
+    ``dot_u8_i8``), so that ``dot_u8_i8(bias, w + offset, x)`` is the exact dot product of w and x."""
+    n_groups = xq.size // 32
+    bias = np.empty(n_groups * 8, np.int32)
+    weights = splat_bytes(offset)
+    for g in range(n_groups):
+        store_8_i32(bias, 8 * g, mul_i32x8(dot_u8_i8(zero_i32x8(), weights, load_32_bytes(xq, 32 * g), isa), -1))
+    return bias
+
+
+@njit(**_KERNEL)
+def _chunk_bounds(n_rows, n_chunks, chunk):
+    per_chunk = (n_rows + n_chunks - 1) // n_chunks
+    first = min(n_rows, chunk * per_chunk)
+    return first, min(n_rows, first + per_chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Legacy quants (blocks of 32)
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(inline="always", **_KERNEL)
+def _row_q4_0(w, start, xq, x_scale, bias, isa):
+    acc = zero_f32x8()
+    for b in range(x_scale.size):
+        o = start + 18 * b
+        q = unpack_nibbles(load_16_bytes(w, o + 2))
+        dot = dot_u8_i8(load_8_i32(bias, 8 * b), q, load_32_bytes(xq, 32 * b), isa)
+        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
+    return sum_f32x8(acc)
+
+
+@njit(inline="always", **_KERNEL)
+def _row_q4_1(w, start, xq, x_scale, x_sums, isa):
+    acc = zero_f32x8()
+    mins = np.float32(0.0)
+    for b in range(x_scale.size):
+        o = start + 20 * b
+        q = unpack_nibbles(load_16_bytes(w, o + 4))
+        dot = dot_u8_i8(zero_i32x8(), q, load_32_bytes(xq, 32 * b), isa)
+        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
+        mins += load_f16(w, o + 2) * x_sums[b]
+    return sum_f32x8(acc) + mins
+
+
+@njit(inline="always", **_KERNEL)
+def _row_q5_0(w, start, xq, x_scale, bias, isa):
+    acc = zero_f32x8()
+    for b in range(x_scale.size):
+        o = start + 22 * b
+        q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 6)), bits_to_bytes(load_u32(w, o + 2), 16))
+        dot = dot_u8_i8(load_8_i32(bias, 8 * b), q, load_32_bytes(xq, 32 * b), isa)
+        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
+    return sum_f32x8(acc)
+
+
+@njit(inline="always", **_KERNEL)
+def _row_q5_1(w, start, xq, x_scale, x_sums, isa):
+    acc = zero_f32x8()
+    mins = np.float32(0.0)
+    for b in range(x_scale.size):
+        o = start + 24 * b
+        q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 8)), bits_to_bytes(load_u32(w, o + 4), 16))
+        dot = dot_u8_i8(zero_i32x8(), q, load_32_bytes(xq, 32 * b), isa)
+        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
+        mins += load_f16(w, o + 2) * x_sums[b]
+    return sum_f32x8(acc) + mins
+
+
+@njit(inline="always", **_KERNEL)
+def _row_q8_0(w, start, xq, x_scale, bias, isa):
+    acc = zero_f32x8()
+    for b in range(x_scale.size):
+        o = start + 34 * b
+        dot = dot_i8_i8(load_8_i32(bias, 8 * b), load_32_bytes(w, o + 2), load_32_bytes(xq, 32 * b), isa)
+        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
+    return sum_f32x8(acc)
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q4_0(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
+    bias = lane_bias(xq, 8, isa)
+    for chunk in prange(n_chunks):
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q4_0(w, r * row_bytes, xq, x_scale, bias, isa)
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q4_1(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
+    for chunk in prange(n_chunks):
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q4_1(w, r * row_bytes, xq, x_scale, x_sums, isa)
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q5_0(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
+    bias = lane_bias(xq, 16, isa)
+    for chunk in prange(n_chunks):
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q5_0(w, r * row_bytes, xq, x_scale, bias, isa)
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q5_1(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
+    for chunk in prange(n_chunks):
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q5_1(w, r * row_bytes, xq, x_scale, x_sums, isa)
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q8_0(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
+    bias = lane_bias(xq, signed_dot_offset(isa), isa)
+    for chunk in prange(n_chunks):
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q8_0(w, r * row_bytes, xq, x_scale, bias, isa)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# K-quants (super-blocks of 256; activations q8_K: one scale per 256, sums per 16)
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(**_KERNEL)
+def pair_sums(x_bsums):
+    """int32 [k/32]: sums of the activation quants per 32 (from q8_K's sums per 16)."""
+    out = np.empty(x_bsums.size // 2, np.int32)
+    for j in range(out.size):
+        out[j] = x_bsums[2 * j] + x_bsums[2 * j + 1]
+    return out
+
+
+@njit(inline="always", **_KERNEL)
+def _row_q4_K(w, start, xq, x_scale, sums32, isa):
+    acc = zero_f32x8()
+    mins = np.float32(0.0)
+    for b in range(x_scale.size):
+        o = start + 144 * b
+        # 8 six-bit scales and mins from 12 bytes (ggml's kmask trick): bytes of scales_lo/hi, mins_lo/hi
+        u0 = load_u32(w, o + 4)
+        u1 = load_u32(w, o + 8)
+        u2 = load_u32(w, o + 12)
+        scales_lo = u0 & 0x3F3F3F3F
+        scales_hi = (u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4)
+        mins_lo = u1 & 0x3F3F3F3F
+        mins_hi = ((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4)
+        sumi = zero_i32x8()
+        min_total = 0
+        for c in range(4):
+            packed = load_32_bytes(w, o + 16 + 32 * c)
+            x = 256 * b + 64 * c
+            pair = (scales_lo if c < 2 else scales_hi) >> (16 * (c & 1))
+            mpair = (mins_lo if c < 2 else mins_hi) >> (16 * (c & 1))
+            low = dot_u8_i8(zero_i32x8(), low_nibbles(packed), load_32_bytes(xq, x), isa)
+            high = dot_u8_i8(zero_i32x8(), shift_right_and(packed, 4, 15), load_32_bytes(xq, x + 32), isa)
+            sumi = add_i32x8(sumi, add_i32x8(mul_i32x8(low, pair & 0xFF), mul_i32x8(high, (pair >> 8) & 0xFF)))
+            min_total += (mpair & 0xFF) * sums32[8 * b + 2 * c] + ((mpair >> 8) & 0xFF) * sums32[8 * b + 2 * c + 1]
+        acc = fma_i32x8(acc, sumi, load_f16(w, o) * x_scale[b])
+        mins += load_f16(w, o + 2) * x_scale[b] * np.float32(min_total)
+    return sum_f32x8(acc) - mins
+
+
+@njit(inline="always", **_KERNEL)
+def _row_q5_K(w, start, xq, x_scale, sums32, isa):
+    acc = zero_f32x8()
+    mins = np.float32(0.0)
+    for b in range(x_scale.size):
+        o = start + 176 * b
+        u0 = load_u32(w, o + 4)
+        u1 = load_u32(w, o + 8)
+        u2 = load_u32(w, o + 12)
+        scales_lo = u0 & 0x3F3F3F3F
+        scales_hi = (u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4)
+        mins_lo = u1 & 0x3F3F3F3F
+        mins_hi = ((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4)
+        high_bits = load_32_bytes(w, o + 16)
+        sumi = zero_i32x8()
+        min_total = 0
+        for c in range(4):
+            packed = load_32_bytes(w, o + 48 + 32 * c)
+            x = 256 * b + 64 * c
+            pair = (scales_lo if c < 2 else scales_hi) >> (16 * (c & 1))
+            mpair = (mins_lo if c < 2 else mins_hi) >> (16 * (c & 1))
+            q_low = or_bytes(low_nibbles(packed), shift_left(shift_right_and(high_bits, 2 * c, 1), 4))
+            q_high = or_bytes(shift_right_and(packed, 4, 15), shift_left(shift_right_and(high_bits, 2 * c + 1, 1), 4))
+            low = dot_u8_i8(zero_i32x8(), q_low, load_32_bytes(xq, x), isa)
+            high = dot_u8_i8(zero_i32x8(), q_high, load_32_bytes(xq, x + 32), isa)
+            sumi = add_i32x8(sumi, add_i32x8(mul_i32x8(low, pair & 0xFF), mul_i32x8(high, (pair >> 8) & 0xFF)))
+            min_total += (mpair & 0xFF) * sums32[8 * b + 2 * c] + ((mpair >> 8) & 0xFF) * sums32[8 * b + 2 * c + 1]
+        acc = fma_i32x8(acc, sumi, load_f16(w, o) * x_scale[b])
+        mins += load_f16(w, o + 2) * x_scale[b] * np.float32(min_total)
+    return sum_f32x8(acc) - mins
+
+
+@njit(inline="always", **_KERNEL)
+def _row_q6_K(w, start, xq, x_scale, bias, isa):
+    acc = zero_f32x8()
+    for b in range(x_scale.size):
+        o = start + 210 * b
+        sumi = zero_i32x8()
+        for n in range(2):
+            low_a = load_32_bytes(w, o + 64 * n)
+            low_b = load_32_bytes(w, o + 64 * n + 32)
+            top = load_32_bytes(w, o + 128 + 32 * n)
+            x = 256 * b + 128 * n
+            g = 8 * (x // 32)
+            s = o + 192 + 8 * n
+            q = or_bytes(low_nibbles(low_a), shift_left(shift_right_and(top, 0, 3), 4))
+            dot = dot_u8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa)
+            sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s)))
+            q = or_bytes(low_nibbles(low_b), shift_left(shift_right_and(top, 2, 3), 4))
+            dot = dot_u8_i8(load_8_i32(bias, g + 8), q, load_32_bytes(xq, x + 32), isa)
+            sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s + 2)))
+            q = or_bytes(shift_right_and(low_a, 4, 15), shift_left(shift_right_and(top, 4, 3), 4))
+            dot = dot_u8_i8(load_8_i32(bias, g + 16), q, load_32_bytes(xq, x + 64), isa)
+            sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s + 4)))
+            q = or_bytes(shift_right_and(low_b, 4, 15), shift_left(shift_right_and(top, 6, 3), 4))
+            dot = dot_u8_i8(load_8_i32(bias, g + 24), q, load_32_bytes(xq, x + 96), isa)
+            sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s + 6)))
+        acc = fma_i32x8(acc, sumi, load_f16(w, o + 208) * x_scale[b])
+    return sum_f32x8(acc)
+
+
+@njit(inline="always", **_KERNEL)
+def _row_q3_K(w, start, xq, x_scale, bias, scales, isa):
+    """``scales``: a scratch int8 [16] for the unpacked six-bit scales (minus 32)."""
+    acc = zero_f32x8()
+    for b in range(x_scale.size):
+        o = start + 110 * b
+        s = o + 96
+        for j in range(16):
+            low = (np.int32(w[s + j]) & 15) if j < 8 else (np.int32(w[s + j - 8]) >> 4)
+            high = (np.int32(w[s + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
+            scales[j] = (low | (high << 4)) - 32
+        hmask = load_32_bytes(w, o)
+        sumi = zero_i32x8()
+        for n in range(2):
+            packed = load_32_bytes(w, o + 32 + 32 * n)
+            for j in range(4):
+                x = 256 * b + 128 * n + 32 * j
+                q = or_bytes(shift_right_and(packed, 2 * j, 3), shift_left(shift_right_and(hmask, 4 * n + j, 1), 2))
+                dot = dot_u8_i8(load_8_i32(bias, 8 * (x // 32)), q, load_32_bytes(xq, x), isa)
+                sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(scales, 8 * n + 2 * j)))
+        acc = fma_i32x8(acc, sumi, load_f16(w, o + 108) * x_scale[b])
+    return sum_f32x8(acc)
+
+
+@njit(inline="always", **_KERNEL)
+def _row_q2_K(w, start, xq, x_scale, x_bsums, scales, isa):
+    """``scales``: a scratch int8 [16] for the four-bit scales."""
+    acc = zero_f32x8()
+    mins = np.float32(0.0)
+    for b in range(x_scale.size):
+        o = start + 84 * b
+        min_total = 0
+        for j in range(16):
+            packed = np.int32(w[o + j])
+            scales[j] = packed & 15
+            min_total += (packed >> 4) * x_bsums[16 * b + j]
+        sumi = zero_i32x8()
+        for n in range(2):
+            packed = load_32_bytes(w, o + 16 + 32 * n)
+            for j in range(4):
+                x = 256 * b + 128 * n + 32 * j
+                dot = dot_u8_i8(zero_i32x8(), shift_right_and(packed, 2 * j, 3), load_32_bytes(xq, x), isa)
+                sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(scales, 8 * n + 2 * j)))
+        acc = fma_i32x8(acc, sumi, load_f16(w, o + 80) * x_scale[b])
+        mins += load_f16(w, o + 82) * x_scale[b] * np.float32(min_total)
+    return sum_f32x8(acc) - mins
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q4_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
+    sums32 = pair_sums(x_bsums)
+    for chunk in prange(n_chunks):
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q4_K(w, r * row_bytes, xq, x_scale, sums32, isa)
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q5_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
+    sums32 = pair_sums(x_bsums)
+    for chunk in prange(n_chunks):
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q5_K(w, r * row_bytes, xq, x_scale, sums32, isa)
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q6_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
+    bias = lane_bias(xq, 32, isa)
+    for chunk in prange(n_chunks):
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q6_K(w, r * row_bytes, xq, x_scale, bias, isa)
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q3_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
+    bias = lane_bias(xq, 4, isa)
+    for chunk in prange(n_chunks):
+        scales = np.empty(16, np.int8)
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q3_K(w, r * row_bytes, xq, x_scale, bias, scales, isa)
+
+
+@njit(parallel=True, **_KERNEL)
+def matvec_q2_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
+    for chunk in prange(n_chunks):
+        scales = np.empty(16, np.int8)
+        first, last = _chunk_bounds(out.size, n_chunks, chunk)
+        for r in range(first, last):
+            out[r] = _row_q2_K(w, r * row_bytes, xq, x_scale, x_bsums, scales, isa)
+
+
+# Each type's one-token kernel: (weights uint8 [n_rows * row_bytes], row_bytes, activation quants int8 [k],
+# activation scales float32 [k / block], the activation type's extra field (q8_1: s per block; q8_K: sums per 16;
+# q8_0: unread), out float32 [n_rows], n_chunks, isa).
+MATVEC = {
+    "q4_0": matvec_q4_0, "q4_1": matvec_q4_1, "q5_0": matvec_q5_0, "q5_1": matvec_q5_1, "q8_0": matvec_q8_0,
+    "q2_K": matvec_q2_K, "q3_K": matvec_q3_K, "q4_K": matvec_q4_K, "q5_K": matvec_q5_K, "q6_K": matvec_q6_K,
+}

@@ -1,0 +1,524 @@
+"""Explicit SIMD for numba kernels: LLVM vector values carried in ordinary numba variables.
+
+LLVM does not vectorize our plain block loops (it unrolls a 32-weight block into scalar byte loads and multiplies:
+shared/notes/numba-simd.md measured 1 GB/s per core against 16 GB/s for explicit SIMD). The functions here are
+numba ``@intrinsic``s that emit LLVM IR directly, so a kernel reads like ggml's AVX code:
+
+    w = unpack_nibbles(load_16_bytes(row, offset))          # 32 weights 0..15 as a <32 x i8>
+    dot = dot_u8_i8(load_8_i32(bias, 8 * b), w, load_32_bytes(x, 32 * b), isa)   # <8 x i32>
+    acc = fma_f32x8(acc, to_f32x8(dot), load_f16(row, offset - 2) * x_scale[b])  # <8 x float>
+
+Vector types: ``I8x32`` (weights, activations), ``I32x8`` (integer dot products, four bytes per lane),
+``F32x8`` (float accumulators). Which x86 instructions compute ``dot_u8_i8`` (unsigned bytes times signed bytes,
+summed in groups of four into int32 lanes) is the kernel's ``isa`` argument, an ``Isa`` object whose numba type is
+part of the compiled signature: every instruction-set path has its own compiled (and cached) kernel, so a process
+can run and compare all the paths its CPU supports, and forcing a path can never pick up another path's cache.
+
+These intrinsics read memory without bounds checks: the callers (quant/decode.py) check every size in Python
+before a kernel runs.
+"""
+from __future__ import annotations
+
+import os
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.datamodel import models
+from numba.extending import NativeValue, intrinsic, register_model, typeof_impl, unbox
+
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Instruction sets
+# ----------------------------------------------------------------------------------------------------------------
+
+class Isa:
+    """An instruction-set path of the SIMD kernels (a compile-time constant of each kernel).
+
+    ``avx512vnni``: ``vpdpbusd`` on 256-bit vectors (AVX512-VNNI + VL: Intel Ice Lake and later, AMD Zen 4);
+    ``avx2``: ``vpmaddubsw`` + ``vpmaddwd`` (every x86-64 CPU with AVX2 and FMA)."""
+
+    def __init__(self, name: str, needs: tuple[str, ...]):
+        self.name = name
+        self.needs = needs     # LLVM feature names the CPU must have
+
+    def __repr__(self) -> str:
+        return f"Isa({self.name!r})"
+
+
+AVX512VNNI = Isa("avx512vnni", ("avx512vnni", "avx512vl", "avx512bw", "avx2", "fma", "f16c"))
+AVX2 = Isa("avx2", ("avx2", "fma", "f16c"))
+ISAS = {isa.name: isa for isa in (AVX512VNNI, AVX2)}
+
+
+class IsaType(types.Dummy):
+    def __init__(self, name: str):
+        self.isa_name = name
+        super().__init__(name=f"isa[{name}]")
+
+
+@typeof_impl.register(Isa)
+def _typeof_isa(value, context):
+    return IsaType(value.name)
+
+
+register_model(IsaType)(models.OpaqueModel)
+
+
+@unbox(IsaType)
+def _unbox_isa(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
+def host_features() -> set[str]:
+    """The CPU features LLVM sees on this machine (``avx2``, ``avx512vnni``, ...): the ones numba compiles for."""
+    import llvmlite.binding as llvm
+    flags = llvm.get_host_cpu_features().flatten().split(",")
+    return {flag[1:] for flag in flags if flag.startswith("+")}
+
+
+def supported_isas() -> list[Isa]:
+    """The SIMD paths this CPU can run, best first (empty on CPUs without AVX2, or not x86)."""
+    features = host_features()
+    return [isa for isa in (AVX512VNNI, AVX2) if all(need in features for need in isa.needs)]
+
+
+def choose_isa() -> Isa | None:
+    """The SIMD path the engine uses: ``GGML_BACKEND_KERNELS`` (``avx512vnni``, ``avx2`` or ``generic`` for the
+    plain numba kernels) if set, else the best this CPU supports; None means the plain kernels."""
+    forced = os.environ.get("GGML_BACKEND_KERNELS", "").strip().lower()
+    available = supported_isas()
+    if forced in ("", "auto"):
+        return available[0] if available else None
+    if forced == "generic":
+        return None
+    if forced not in ISAS:
+        raise ValueError(f"GGML_BACKEND_KERNELS={forced!r}: expected auto, generic or one of {', '.join(ISAS)}")
+    if ISAS[forced] not in available:
+        raise ValueError(f"GGML_BACKEND_KERNELS={forced!r}: this CPU lacks "
+                         f"{', '.join(n for n in ISAS[forced].needs if n not in host_features())}")
+    return ISAS[forced]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vector types
+# ----------------------------------------------------------------------------------------------------------------
+
+class VectorType(types.Type):
+    """An LLVM vector ``<count x element>`` held in a numba variable."""
+
+    def __init__(self, element: str, count: int):
+        self.element = element   # "i8", "i32" or "f32"
+        self.count = count
+        super().__init__(name=f"{element}x{count}")
+
+    def llvm_type(self) -> ir.VectorType:
+        element = {"i8": _I8, "i16": _I16, "i32": _I32, "f32": _F32}[self.element]
+        return ir.VectorType(element, self.count)
+
+
+@register_model(VectorType)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, fe_type.llvm_type())
+
+
+I8x32 = VectorType("i8", 32)
+I8x16 = VectorType("i8", 16)
+I32x8 = VectorType("i32", 8)
+F32x8 = VectorType("f32", 8)
+
+
+def _byte_pointer(context, builder, array_type, array, offset):
+    """i8* to byte ``offset`` of a 1-D (or any C-contiguous) array's data."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(builder.bitcast(data, _I8.as_pointer()), [offset])
+
+
+def _is_byte_array(typ) -> bool:
+    return isinstance(typ, types.Array) and typ.dtype in (types.uint8, types.int8)
+
+
+def _function(builder, name, return_type, argument_types):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, argument_types), name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loads
+# ----------------------------------------------------------------------------------------------------------------
+
+def _vector_load(vector: VectorType):
+    def make(typingctx, array, offset):
+        if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+            return builder.load(builder.bitcast(pointer, vector.llvm_type().as_pointer()), align=1)
+        return vector(array, offset), codegen
+    return make
+
+
+load_32_bytes = intrinsic(_vector_load(I8x32))
+load_32_bytes.__doc__ = "``array[offset:offset + 32]`` (a byte array) as an ``I8x32``."
+load_16_bytes = intrinsic(_vector_load(I8x16))
+load_16_bytes.__doc__ = "``array[offset:offset + 16]`` (a byte array) as an ``I8x16``."
+
+
+@intrinsic
+def load_8_i32(typingctx, array, index):
+    """``array[index:index + 8]`` of an int32 array as an ``I32x8``."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int32 and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        return builder.load(builder.bitcast(pointer, I32x8.llvm_type().as_pointer()), align=4)
+    return I32x8(array, index), codegen
+
+
+@intrinsic
+def store_8_i32(typingctx, array, index, vector):
+    """``array[index:index + 8] = vector`` for an int32 array."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int32 and vector == I32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        builder.store(args[2], builder.bitcast(pointer, I32x8.llvm_type().as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.void(array, index, vector), codegen
+
+
+@intrinsic
+def load_f16(typingctx, array, offset):
+    """The IEEE half float at byte ``offset`` of a byte array, as float32 (``vcvtph2ps``: exact)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        half = builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1)
+        return builder.fpext(half, _F32)
+    return types.float32(array, offset), codegen
+
+
+@intrinsic
+def load_u32(typingctx, array, offset):
+    """The little-endian uint32 at byte ``offset`` of a byte array (as int64, for plain numba arithmetic)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        value = builder.load(builder.bitcast(pointer, _I32.as_pointer()), align=1)
+        return builder.zext(value, ir.IntType(64))
+    return types.int64(array, offset), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, offset):
+    """A hint that byte ``offset`` of ``array`` will be read soon (``prefetcht0``). Never faults."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        function = _function(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        builder.call(function, [pointer, _I32(0), _I32(3), _I32(1)])
+        return context.get_dummy_value()
+    return types.void(array, offset), codegen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Byte shuffling: turning packed quants into one byte per weight
+# ----------------------------------------------------------------------------------------------------------------
+
+def _splat(value: ir.Constant, count: int) -> ir.Constant:
+    return ir.Constant(ir.VectorType(value.type, count), [value] * count)
+
+
+@intrinsic
+def unpack_nibbles(typingctx, packed):
+    """16 bytes -> 32 bytes: the low nibbles (values 0..15 of a q4_0/q4_1 block), then the high nibbles."""
+    if packed != I8x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = builder.and_(args[0], _splat(_I8(15), 16))
+        high = builder.lshr(args[0], _splat(_I8(4), 16))
+        return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+    return I8x32(packed), codegen
+
+
+@intrinsic
+def low_nibbles(typingctx, packed):
+    """``packed & 15`` in every byte."""
+    if packed != I8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.and_(args[0], _splat(_I8(15), 32))
+    return I8x32(packed), codegen
+
+
+@intrinsic
+def shift_right_and(typingctx, packed, shift, mask):
+    """``(packed >> shift) & mask`` in every byte (``shift`` and ``mask`` compile-time or run-time integers)."""
+    if packed != I8x32 or not isinstance(shift, types.Integer) or not isinstance(mask, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        count = builder.trunc(args[1], _I8)
+        shifted = builder.lshr(args[0], _splat_value(builder, count, 32))
+        return builder.and_(shifted, _splat_value(builder, builder.trunc(args[2], _I8), 32))
+    return I8x32(packed, shift, mask), codegen
+
+
+def _splat_value(builder, scalar, count):
+    vector_type = ir.VectorType(scalar.type, count)
+    single = builder.insert_element(ir.Constant(vector_type, None), scalar, _I32(0))
+    return builder.shuffle_vector(single, ir.Constant(vector_type, None), ir.Constant(ir.VectorType(_I32, count),
+                                                                                      [0] * count))
+
+
+@intrinsic
+def shift_left(typingctx, packed, shift):
+    """``packed << shift`` in every byte."""
+    if packed != I8x32 or not isinstance(shift, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.shl(args[0], _splat_value(builder, builder.trunc(args[1], _I8), 32))
+    return I8x32(packed, shift), codegen
+
+
+@intrinsic
+def bits_to_bytes(typingctx, bits, value):
+    """32 bytes from the 32 bits of ``bits`` (an integer): byte j = ``value`` where bit j is set, else 0.
+
+    A ``bitcast i32 -> <32 x i1>`` and a ``select``: one masked move on AVX-512BW, a broadcast, and and compare
+    on AVX2 (LLVM lowers both). Used for the fifth bits of q5_0 / q5_1."""
+    if not isinstance(bits, types.Integer) or not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        mask = builder.bitcast(builder.trunc(args[0], _I32), ir.VectorType(ir.IntType(1), 32))
+        return builder.select(mask, _splat_value(builder, builder.trunc(args[1], _I8), 32),
+                              ir.Constant(ir.VectorType(_I8, 32), None))
+    return I8x32(bits, value), codegen
+
+
+def _bytewise(operation):
+    def make(typingctx, a, b):
+        if a != I8x32 or b != I8x32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, operation)(args[0], args[1])
+        return I8x32(a, b), codegen
+    return make
+
+
+or_bytes = intrinsic(_bytewise("or_"))
+or_bytes.__doc__ = "Bytewise ``a | b``."
+add_bytes = intrinsic(_bytewise("add"))
+add_bytes.__doc__ = "Bytewise ``a + b`` (wrapping)."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Integer dot products
+# ----------------------------------------------------------------------------------------------------------------
+
+@intrinsic
+def dot_u8_i8(typingctx, acc, unsigned, signed, isa):
+    """``acc + sum of unsigned[4i + j] * signed[4i + j] over j`` in each int32 lane i (llama.cpp's
+    ``mul_sum_us8_pairs``): ``vpdpbusd`` on AVX512-VNNI; on AVX2 ``vpmaddubsw`` (pairs summed into int16, which
+    saturates only past 32767: weights up to 127 times activations up to 127 cannot reach it) then ``vpmaddwd``
+    with ones."""
+    if acc != I32x8 or unsigned != I8x32 or signed != I8x32 or not isinstance(isa, IsaType):
+        return None
+    name = isa.isa_name
+
+    def codegen(context, builder, sig, args):
+        acc_value, u_value, s_value = args[0], args[1], args[2]
+        if name == "avx512vnni":
+            vector = ir.VectorType(_I8, 32)
+            function = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
+                                 [I32x8.llvm_type(), vector, vector])
+            return builder.call(function, [acc_value, u_value, s_value])
+        pairs_type = ir.VectorType(_I16, 16)
+        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type,
+                            [ir.VectorType(_I8, 32), ir.VectorType(_I8, 32)])
+        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
+        pairs = builder.call(maddubs, [u_value, s_value])
+        quads = builder.call(maddwd, [pairs, _splat(_I16(1), 16)])
+        return builder.add(acc_value, quads)
+    return I32x8(acc, unsigned, signed, isa), codegen
+
+
+@intrinsic
+def zero_i32x8(typingctx):
+    """An ``I32x8`` of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(I32x8.llvm_type(), None)
+    return I32x8(), codegen
+
+
+@intrinsic
+def mul_i32x8(typingctx, a, b):
+    """Lanewise ``a * b`` of two ``I32x8`` (``vpmulld``), or of an ``I32x8`` and a scalar integer broadcast."""
+    if a != I32x8 or not (b == I32x8 or isinstance(b, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if sig.args[1] == I32x8:
+            return builder.mul(args[0], args[1])
+        scalar = context.cast(builder, args[1], sig.args[1], types.int32)
+        return builder.mul(args[0], _splat_value(builder, scalar, 8))
+    return I32x8(a, b), codegen
+
+
+@intrinsic
+def add_i32x8(typingctx, a, b):
+    """Lanewise ``a + b`` of two ``I32x8``."""
+    if a != I32x8 or b != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+    return I32x8(a, b), codegen
+
+
+@intrinsic
+def sum_i32x8(typingctx, a):
+    """The sum of the eight lanes (int64)."""
+    if a != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        function = _function(builder, "llvm.vector.reduce.add.v8i32", _I32, [I32x8.llvm_type()])
+        return builder.sext(builder.call(function, [args[0]]), ir.IntType(64))
+    return types.int64(a), codegen
+
+
+@intrinsic
+def pair_scales_i32x8(typingctx, array, offset):
+    """Lanes 0-3 = the int8 at ``array[offset]``, lanes 4-7 = the int8 at ``array[offset + 1]`` (sign-extended):
+    the two 16-value scales of a 32-value K-quant group, matching the lanes of ``dot_u8_i8``."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        pair = builder.load(builder.bitcast(pointer, ir.VectorType(_I8, 2).as_pointer()), align=1)
+        wide = builder.sext(pair, ir.VectorType(_I32, 2))
+        return builder.shuffle_vector(wide, ir.Constant(ir.VectorType(_I32, 2), None),
+                                      ir.Constant(ir.VectorType(_I32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+    return I32x8(array, offset), codegen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Float accumulation
+# ----------------------------------------------------------------------------------------------------------------
+
+@intrinsic
+def zero_f32x8(typingctx):
+    """An ``F32x8`` of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(F32x8.llvm_type(), None)
+    return F32x8(), codegen
+
+
+@intrinsic
+def fma_i32x8(typingctx, acc, dot, scale):
+    """``acc + float(dot) * scale`` lanewise (``vcvtdq2ps`` + ``vfmadd``): one block's integer dot product,
+    scaled, added to a row's float accumulator."""
+    if acc != F32x8 or dot != I32x8 or not isinstance(scale, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        floats = builder.sitofp(args[1], F32x8.llvm_type())
+        scale_value = args[2] if args[2].type == _F32 else builder.fptrunc(args[2], _F32)
+        function = _function(builder, "llvm.fma.v8f32", F32x8.llvm_type(), [F32x8.llvm_type()] * 3)
+        return builder.call(function, [floats, _splat_value(builder, scale_value, 8), args[0]])
+    return F32x8(acc, dot, scale), codegen
+
+
+@intrinsic
+def sum_f32x8(typingctx, a):
+    """The sum of the eight lanes in a fixed order (halves, then quarters, then pairs), as float32."""
+    if a != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        value = args[0]
+        width = 8
+        while width > 1:
+            width //= 2
+            mask_type = ir.VectorType(_I32, width)
+            low = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width))))
+            high = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width, 2 * width))))
+            value = builder.fadd(low, high)
+        return builder.extract_element(value, _I32(0))
+    return types.float32(a), codegen
+
+
+@intrinsic
+def splat_bytes(typingctx, value):
+    """An ``I8x32`` with every byte ``value``."""
+    if not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat_value(builder, builder.trunc(args[0], _I8), 32)
+    return I8x32(value), codegen
+
+
+@intrinsic
+def signed_dot_offset(typingctx, isa):
+    """The offset ``dot_i8_i8`` needs folded into its accumulator (``lane_bias(x, offset)``): 128 on VNNI, which
+    multiplies unsigned by signed bytes and so sees signed weights as w + 128; 0 on AVX2, which takes signs apart."""
+    if not isinstance(isa, IsaType):
+        return None
+    offset = 128 if isa.isa_name == "avx512vnni" else 0
+
+    def codegen(context, builder, sig, args):
+        return ir.IntType(64)(offset)
+    return types.int64(isa), codegen
+
+
+@intrinsic
+def dot_i8_i8(typingctx, bias, signed_weights, signed, isa):
+    """Exact dot products of signed weight bytes with signed activation bytes in the eight int32 lanes of
+    ``dot_u8_i8``, plus ``bias``, which must be ``lane_bias(x, signed_dot_offset(isa))``. VNNI: ``vpdpbusd`` on
+    w + 128 (``bias`` removes 128 * x); AVX2: ``vpmaddubsw`` on |w| and x with w's signs (``vpsignb``, ggml's
+    ``mul_sum_i8_pairs``), which cannot saturate (128 * 127 * 2 < 32768)."""
+    if bias != I32x8 or signed_weights != I8x32 or signed != I8x32 or not isinstance(isa, IsaType):
+        return None
+    name = isa.isa_name
+
+    def codegen(context, builder, sig, args):
+        bytes_type = ir.VectorType(_I8, 32)
+        if name == "avx512vnni":
+            flipped = builder.xor(args[1], _splat(_I8(0x80), 32))
+            function = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
+                                 [I32x8.llvm_type(), bytes_type, bytes_type])
+            return builder.call(function, [args[0], flipped, args[2]])
+        absolute = builder.call(_function(builder, "llvm.abs.v32i8", bytes_type, [bytes_type, ir.IntType(1)]),
+                                [args[1], ir.IntType(1)(0)])
+        signs = builder.call(_function(builder, "llvm.x86.avx2.psign.b", bytes_type, [bytes_type, bytes_type]),
+                             [args[2], args[1]])
+        pairs_type = ir.VectorType(_I16, 16)
+        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
+        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
+        quads = builder.call(maddwd, [builder.call(maddubs, [absolute, signs]), _splat(_I16(1), 16)])
+        return builder.add(args[0], quads)
+    return I32x8(bias, signed_weights, signed, isa), codegen
