@@ -29,8 +29,8 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (
-    add_i32x8, bits_to_bytes, dot_i8_i8, dot_u8_i8, fma_i32x8, load_8_i32, load_16_bytes, load_32_bytes,
-    load_f16, load_u32, low_nibbles, mul_i32x8, or_bytes, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset,
+    add_i32x8, bits_to_bytes, high_nibbles_dot, pair_i32x8, dot_i8_i8, dot_u8_i8, fma_i32x8, load_8_i32, load_16_bytes, load_32_bytes,
+    load_f16, load_u32, low_nibbles, mul_i32x8, or_bytes, pair_low_nibbles_i32x8, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset,
     splat_bytes, store_8_i32, sum_f32x8, sum_i32x8, unpack_nibbles, zero_f32x8, zero_i32x8,
 )
 
@@ -266,50 +266,48 @@ def _row_q6_K(w, start, xq, x_scale, bias, isa):
 
 
 @njit(inline="always", **_KERNEL)
-def _row_q3_K(w, start, xq, x_scale, bias, scales, isa):
-    """``scales``: a scratch int8 [16] for the unpacked six-bit scales (minus 32)."""
+def _row_q3_K(w, start, xq, x_scale, bias, isa):
     acc = zero_f32x8()
     for b in range(x_scale.size):
         o = start + 110 * b
-        s = o + 96
-        for j in range(16):
-            low = (np.int32(w[s + j]) & 15) if j < 8 else (np.int32(w[s + j - 8]) >> 4)
-            high = (np.int32(w[s + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
-            scales[j] = (low | (high << 4)) - 32
+        # 16 six-bit scales from 12 bytes (ggml's kmask trick): byte j of words[j // 4] is scale j + 32
+        a0 = load_u32(w, o + 96)
+        a1 = load_u32(w, o + 100)
+        a2 = load_u32(w, o + 104)
+        words = ((a0 & 0x0F0F0F0F) | ((a2 & 0x03030303) << 4),
+                 (a1 & 0x0F0F0F0F) | (((a2 >> 2) & 0x03030303) << 4),
+                 ((a0 >> 4) & 0x0F0F0F0F) | (((a2 >> 4) & 0x03030303) << 4),
+                 ((a1 >> 4) & 0x0F0F0F0F) | (((a2 >> 6) & 0x03030303) << 4))
         hmask = load_32_bytes(w, o)
         sumi = zero_i32x8()
         for n in range(2):
             packed = load_32_bytes(w, o + 32 + 32 * n)
             for j in range(4):
                 x = 256 * b + 128 * n + 32 * j
+                pair = words[2 * n + j // 2] >> (16 * (j & 1))
                 q = or_bytes(shift_right_and(packed, 2 * j, 3), shift_left(shift_right_and(hmask, 4 * n + j, 1), 2))
                 dot = dot_u8_i8(load_8_i32(bias, 8 * (x // 32)), q, load_32_bytes(xq, x), isa)
-                sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(scales, 8 * n + 2 * j)))
+                sumi = add_i32x8(sumi, mul_i32x8(dot, pair_i32x8((pair & 0xFF) - 32, ((pair >> 8) & 0xFF) - 32)))
         acc = fma_i32x8(acc, sumi, load_f16(w, o + 108) * x_scale[b])
     return sum_f32x8(acc)
 
 
 @njit(inline="always", **_KERNEL)
-def _row_q2_K(w, start, xq, x_scale, x_bsums, scales, isa):
-    """``scales``: a scratch int8 [16] for the four-bit scales."""
+def _row_q2_K(w, start, xq, x_scale, x_bsums, isa):
     acc = zero_f32x8()
     mins = np.float32(0.0)
     for b in range(x_scale.size):
         o = start + 84 * b
-        min_total = 0
-        for j in range(16):
-            packed = np.int32(w[o + j])
-            scales[j] = packed & 15
-            min_total += (packed >> 4) * x_bsums[16 * b + j]
         sumi = zero_i32x8()
         for n in range(2):
             packed = load_32_bytes(w, o + 16 + 32 * n)
             for j in range(4):
                 x = 256 * b + 128 * n + 32 * j
+                s = o + 8 * n + 2 * j      # the scale | min << 4 bytes of the two 16-value halves
                 dot = dot_u8_i8(zero_i32x8(), shift_right_and(packed, 2 * j, 3), load_32_bytes(xq, x), isa)
-                sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(scales, 8 * n + 2 * j)))
+                sumi = add_i32x8(sumi, mul_i32x8(dot, pair_low_nibbles_i32x8(w, s)))
         acc = fma_i32x8(acc, sumi, load_f16(w, o + 80) * x_scale[b])
-        mins += load_f16(w, o + 82) * x_scale[b] * np.float32(min_total)
+        mins += load_f16(w, o + 82) * x_scale[b] * np.float32(high_nibbles_dot(w, o, x_bsums, 16 * b))
     return sum_f32x8(acc) - mins
 
 
@@ -344,19 +342,17 @@ def matvec_q6_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
 def matvec_q3_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
     bias = lane_bias(xq, 4, isa)
     for chunk in prange(n_chunks):
-        scales = np.empty(16, np.int8)
         first, last = _chunk_bounds(out.size, n_chunks, chunk)
         for r in range(first, last):
-            out[r] = _row_q3_K(w, r * row_bytes, xq, x_scale, bias, scales, isa)
+            out[r] = _row_q3_K(w, r * row_bytes, xq, x_scale, bias, isa)
 
 
 @njit(parallel=True, **_KERNEL)
 def matvec_q2_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
     for chunk in prange(n_chunks):
-        scales = np.empty(16, np.int8)
         first, last = _chunk_bounds(out.size, n_chunks, chunk)
         for r in range(first, last):
-            out[r] = _row_q2_K(w, r * row_bytes, xq, x_scale, x_bsums, scales, isa)
+            out[r] = _row_q2_K(w, r * row_bytes, xq, x_scale, x_bsums, isa)
 
 
 # Each type's one-token kernel: (weights uint8 [n_rows * row_bytes], row_bytes, activation quants int8 [k],

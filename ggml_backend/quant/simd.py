@@ -245,6 +245,14 @@ def _splat(value: ir.Constant, count: int) -> ir.Constant:
     return ir.Constant(ir.VectorType(value.type, count), [value] * count)
 
 
+def _splat_value(builder, scalar, count):
+    """A vector of ``count`` copies of a run-time scalar (insertelement + shufflevector: one broadcast)."""
+    vector_type = ir.VectorType(scalar.type, count)
+    single = builder.insert_element(ir.Constant(vector_type, None), scalar, _I32(0))
+    return builder.shuffle_vector(single, ir.Constant(vector_type, None),
+                                  ir.Constant(ir.VectorType(_I32, count), [0] * count))
+
+
 @intrinsic
 def unpack_nibbles(typingctx, packed):
     """16 bytes -> 32 bytes: the low nibbles (values 0..15 of a q4_0/q4_1 block), then the high nibbles."""
@@ -269,34 +277,36 @@ def low_nibbles(typingctx, packed):
     return I8x32(packed), codegen
 
 
+def _word_shift(builder, vector, count, operation):
+    """Shift the 16 words of a 32-byte vector by one run-time count (``vpsrlw`` / ``vpsllw`` with the count in a
+    register): x86 has no byte shifts, and LLVM scalarizes a byte shift by a count it cannot see as a constant."""
+    words_type = ir.VectorType(_I16, 16)
+    words = builder.bitcast(vector, words_type)
+    amount = _splat_value(builder, builder.zext(builder.trunc(count, _I8), _I16), 16)
+    return builder.bitcast(getattr(builder, operation)(words, amount), ir.VectorType(_I8, 32))
+
+
 @intrinsic
 def shift_right_and(typingctx, packed, shift, mask):
-    """``(packed >> shift) & mask`` in every byte (``shift`` and ``mask`` compile-time or run-time integers)."""
+    """``(packed >> shift) & mask`` in every byte, for ``mask < 2 ** (8 - shift)`` (the bits a word shift brings
+    in from the neighbouring byte are then masked off)."""
     if packed != I8x32 or not isinstance(shift, types.Integer) or not isinstance(mask, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
-        count = builder.trunc(args[1], _I8)
-        shifted = builder.lshr(args[0], _splat_value(builder, count, 32))
+        shifted = _word_shift(builder, args[0], args[1], "lshr")
         return builder.and_(shifted, _splat_value(builder, builder.trunc(args[2], _I8), 32))
     return I8x32(packed, shift, mask), codegen
 
 
-def _splat_value(builder, scalar, count):
-    vector_type = ir.VectorType(scalar.type, count)
-    single = builder.insert_element(ir.Constant(vector_type, None), scalar, _I32(0))
-    return builder.shuffle_vector(single, ir.Constant(vector_type, None), ir.Constant(ir.VectorType(_I32, count),
-                                                                                      [0] * count))
-
-
 @intrinsic
 def shift_left(typingctx, packed, shift):
-    """``packed << shift`` in every byte."""
+    """``packed << shift`` in every byte, for bytes below ``2 ** (8 - shift)`` (none carries into its neighbour)."""
     if packed != I8x32 or not isinstance(shift, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.shl(args[0], _splat_value(builder, builder.trunc(args[1], _I8), 32))
+        return _word_shift(builder, args[0], args[1], "shl")
     return I8x32(packed, shift), codegen
 
 
@@ -409,20 +419,28 @@ def sum_i32x8(typingctx, a):
     return types.int64(a), codegen
 
 
-@intrinsic
-def pair_scales_i32x8(typingctx, array, offset):
-    """Lanes 0-3 = the int8 at ``array[offset]``, lanes 4-7 = the int8 at ``array[offset + 1]`` (sign-extended):
-    the two 16-value scales of a 32-value K-quant group, matching the lanes of ``dot_u8_i8``."""
-    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
-        return None
+def _pair_of_bytes(signed: bool, mask: int):
+    def make(typingctx, array, offset):
+        if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+            return None
 
-    def codegen(context, builder, sig, args):
-        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
-        pair = builder.load(builder.bitcast(pointer, ir.VectorType(_I8, 2).as_pointer()), align=1)
-        wide = builder.sext(pair, ir.VectorType(_I32, 2))
-        return builder.shuffle_vector(wide, ir.Constant(ir.VectorType(_I32, 2), None),
-                                      ir.Constant(ir.VectorType(_I32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
-    return I32x8(array, offset), codegen
+        def codegen(context, builder, sig, args):
+            pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+            pair = builder.load(builder.bitcast(pointer, ir.VectorType(_I8, 2).as_pointer()), align=1)
+            if mask != 0xFF:
+                pair = builder.and_(pair, _splat(_I8(mask), 2))
+            wide = (builder.sext if signed else builder.zext)(pair, ir.VectorType(_I32, 2))
+            return builder.shuffle_vector(wide, ir.Constant(ir.VectorType(_I32, 2), None),
+                                          ir.Constant(ir.VectorType(_I32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+        return I32x8(array, offset), codegen
+    return make
+
+
+pair_scales_i32x8 = intrinsic(_pair_of_bytes(signed=True, mask=0xFF))
+pair_scales_i32x8.__doc__ = """Lanes 0-3 = the int8 at ``array[offset]``, lanes 4-7 = the int8 at ``array[offset + 1]``
+(sign-extended): the two 16-value scales of a 32-value K-quant group, matching the lanes of ``dot_u8_i8``."""
+pair_low_nibbles_i32x8 = intrinsic(_pair_of_bytes(signed=False, mask=0x0F))
+pair_low_nibbles_i32x8.__doc__ = """``pair_scales_i32x8`` of the low nibbles of the two bytes (q2_K's scales)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,3 +540,36 @@ def dot_i8_i8(typingctx, bias, signed_weights, signed, isa):
         quads = builder.call(maddwd, [builder.call(maddubs, [absolute, signs]), _splat(_I16(1), 16)])
         return builder.add(args[0], quads)
     return I32x8(bias, signed_weights, signed, isa), codegen
+
+
+@intrinsic
+def pair_i32x8(typingctx, a, b):
+    """Lanes 0-3 = ``a``, lanes 4-7 = ``b`` (integers truncated to int32): two 16-value scales of a 32-value group,
+    matching the lanes of ``dot_u8_i8``."""
+    if not isinstance(a, types.Integer) or not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = _splat_value(builder, context.cast(builder, args[0], sig.args[0], types.int32), 4)
+        high = _splat_value(builder, context.cast(builder, args[1], sig.args[1], types.int32), 4)
+        return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
+    return I32x8(a, b), codegen
+
+
+@intrinsic
+def high_nibbles_dot(typingctx, array, offset, sums, index):
+    """sum over j < 16 of ``(array[offset + j] >> 4) * sums[index + j]`` (bytes times int32), as int64: q2_K's
+    minimums times the activation sums per 16."""
+    if not (_is_byte_array(array) and isinstance(sums, types.Array) and sums.dtype == types.int32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        packed = builder.load(builder.bitcast(pointer, ir.VectorType(_I8, 16).as_pointer()), align=1)
+        mins = builder.zext(builder.lshr(packed, _splat(_I8(4), 16)), ir.VectorType(_I32, 16))
+        data = context.make_array(sig.args[2])(context, builder, args[2]).data
+        totals = builder.load(builder.bitcast(builder.gep(data, [args[3]]), ir.VectorType(_I32, 16).as_pointer()),
+                              align=4)
+        function = _function(builder, "llvm.vector.reduce.add.v16i32", _I32, [ir.VectorType(_I32, 16)])
+        return builder.sext(builder.call(function, [builder.mul(mins, totals)]), ir.IntType(64))
+    return types.int64(array, offset, sums, index), codegen
