@@ -8,8 +8,9 @@ weights signed (q4_0's -8, q5_0's -16, q3_K's -4, q6_K's -32) are exact
 integer terms: the lane sums of ``offset * x`` are computed once per activation row (``lane_bias``) and start
 each block's accumulator, so each block's integer dot product is exactly ggml's.
 
-A kernel computes whole rows (``_row_*``); ``_matvec_*`` spreads rows over numba's threads in equal chunks. The
-``isa`` argument (see ``simd.py``) picks the instructions and is part of each compiled signature.
+A kernel computes whole rows (``_row_*``); ``matvec`` spreads the rows of one or several matrices over numba's
+threads in equal chunks, in one launch. The ``isa`` argument (see ``simd.py``) picks the instructions and is part
+of each compiled signature.
 
 Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
     q4_0  [d | 16 bytes: low nibbles = weights 0..15, high = 16..31]              w = q - 8
@@ -47,13 +48,6 @@ def lane_bias(xq, offset, isa):
     for g in range(n_groups):
         store_8_i32(bias, 8 * g, mul_i32x8(dot_u8_i8(zero_i32x8(), weights, load_32_bytes(xq, 32 * g), isa), -1))
     return bias
-
-
-@njit(**_KERNEL)
-def _chunk_bounds(n_rows, n_chunks, chunk):
-    per_chunk = (n_rows + n_chunks - 1) // n_chunks
-    first = min(n_rows, chunk * per_chunk)
-    return first, min(n_rows, first + per_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,47 +112,14 @@ def _row_q8_0(w, start, xq, x_scale, bias, isa):
     return sum_f32x8(acc)
 
 
-@njit(parallel=True, **_KERNEL)
-def matvec_q4_0(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
-    bias = lane_bias(xq, 8, isa)
-    for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q4_0(w, r * row_bytes, xq, x_scale, bias, isa)
 
 
-@njit(parallel=True, **_KERNEL)
-def matvec_q4_1(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
-    for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q4_1(w, r * row_bytes, xq, x_scale, x_sums, isa)
 
 
-@njit(parallel=True, **_KERNEL)
-def matvec_q5_0(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
-    bias = lane_bias(xq, 16, isa)
-    for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q5_0(w, r * row_bytes, xq, x_scale, bias, isa)
 
 
-@njit(parallel=True, **_KERNEL)
-def matvec_q5_1(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
-    for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q5_1(w, r * row_bytes, xq, x_scale, x_sums, isa)
 
 
-@njit(parallel=True, **_KERNEL)
-def matvec_q8_0(w, row_bytes, xq, x_scale, x_sums, out, n_chunks, isa):
-    bias = lane_bias(xq, signed_dot_offset(isa), isa)
-    for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q8_0(w, r * row_bytes, xq, x_scale, bias, isa)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,54 +272,93 @@ def _row_q2_K(w, start, xq, x_scale, x_bsums, isa):
     return sum_f32x8(acc) - mins
 
 
-@njit(parallel=True, **_KERNEL)
-def matvec_q4_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
-    sums32 = pair_sums(x_bsums)
-    for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q4_K(w, r * row_bytes, xq, x_scale, sums32, isa)
+# ----------------------------------------------------------------------------------------------------------------
+# The one-token product: rows of one or several matrices of one type, in one parallel launch
+# ----------------------------------------------------------------------------------------------------------------
+
+# Kernel selectors: the ``kind`` argument of ``matvec``.
+KINDS = {"q4_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3, "q8_0": 4, "q2_K": 5, "q3_K": 6, "q4_K": 7, "q5_K": 8, "q6_K": 9}
+
+
+@njit(inline="always", **_KERNEL)
+def _rows(kind, w, start, row_bytes, n, xq, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    """out[first + i] = row i (of n, starting at byte ``start`` of ``w``) times the activations. One branch per
+    kind outside the row loop, so each loop is the type's own kernel."""
+    if kind == 0:
+        for i in range(n):
+            out[first + i] = _row_q4_0(w, start + i * row_bytes, xq, x_scale, bias, isa)
+    elif kind == 1:
+        for i in range(n):
+            out[first + i] = _row_q4_1(w, start + i * row_bytes, xq, x_scale, x_sums, isa)
+    elif kind == 2:
+        for i in range(n):
+            out[first + i] = _row_q5_0(w, start + i * row_bytes, xq, x_scale, bias, isa)
+    elif kind == 3:
+        for i in range(n):
+            out[first + i] = _row_q5_1(w, start + i * row_bytes, xq, x_scale, x_sums, isa)
+    elif kind == 4:
+        for i in range(n):
+            out[first + i] = _row_q8_0(w, start + i * row_bytes, xq, x_scale, bias, isa)
+    elif kind == 5:
+        for i in range(n):
+            out[first + i] = _row_q2_K(w, start + i * row_bytes, xq, x_scale, x_bsums, isa)
+    elif kind == 6:
+        for i in range(n):
+            out[first + i] = _row_q3_K(w, start + i * row_bytes, xq, x_scale, bias, isa)
+    elif kind == 7:
+        for i in range(n):
+            out[first + i] = _row_q4_K(w, start + i * row_bytes, xq, x_scale, bias, isa)
+    elif kind == 8:
+        for i in range(n):
+            out[first + i] = _row_q5_K(w, start + i * row_bytes, xq, x_scale, bias, isa)
+    else:
+        for i in range(n):
+            out[first + i] = _row_q6_K(w, start + i * row_bytes, xq, x_scale, bias, isa)
+
+
+@njit(**_KERNEL)
+def _per_row_terms(kind, xq, x_bsums, isa):
+    """What a kind's rows share for one activation row: the lane biases of its weight offset (q4_0, q5_0, q8_0,
+    q3_K, q6_K) or the q8_K sums per 32 (q4_K, q5_K); an empty array where a kind needs neither."""
+    if kind == 0:
+        return lane_bias(xq, 8, isa)
+    if kind == 2:
+        return lane_bias(xq, 16, isa)
+    if kind == 4:
+        return lane_bias(xq, signed_dot_offset(isa), isa)
+    if kind == 6:
+        return lane_bias(xq, 4, isa)
+    if kind == 9:
+        return lane_bias(xq, 32, isa)
+    if kind == 7 or kind == 8:
+        return pair_sums(x_bsums)
+    return np.empty(0, np.int32)
 
 
 @njit(parallel=True, **_KERNEL)
-def matvec_q5_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
-    sums32 = pair_sums(x_bsums)
+def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
+    """One activation row times the rows of one or more weight matrices of one type (``KINDS[type]``) that share
+    it (q, k and v; gate and up), in one parallel launch.
+
+    ``w``: a byte array holding the matrices (the model file's memory map); matrix m's rows start at byte
+    ``starts[m]``, ``row_counts[m]`` rows of ``row_bytes`` each, their results at ``out[sum(row_counts[:m]):]``.
+    ``xq`` int8 [k] and ``x_scale`` float32 [k / block]: the activation row quantized to the type's vec_dot_type;
+    ``x_sums``: q8_1's s per block (float32; q4_1, q5_1), ``x_bsums``: q8_K's sums per 16 (int32; K-quants);
+    each is unread (may be empty) for the other kinds. The rows of all the
+    matrices are cut into ``n_chunks`` equal chunks, one prange iteration each."""
+    bias = _per_row_terms(kind, xq, x_bsums, isa)    # q4_K / q5_K: their sums per 32
+    total = out.size
+    per_chunk = (total + n_chunks - 1) // n_chunks
     for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q5_K(w, r * row_bytes, xq, x_scale, sums32, isa)
-
-
-@njit(parallel=True, **_KERNEL)
-def matvec_q6_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
-    bias = lane_bias(xq, 32, isa)
-    for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q6_K(w, r * row_bytes, xq, x_scale, bias, isa)
-
-
-@njit(parallel=True, **_KERNEL)
-def matvec_q3_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
-    bias = lane_bias(xq, 4, isa)
-    for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q3_K(w, r * row_bytes, xq, x_scale, bias, isa)
-
-
-@njit(parallel=True, **_KERNEL)
-def matvec_q2_K(w, row_bytes, xq, x_scale, x_bsums, out, n_chunks, isa):
-    for chunk in prange(n_chunks):
-        first, last = _chunk_bounds(out.size, n_chunks, chunk)
-        for r in range(first, last):
-            out[r] = _row_q2_K(w, r * row_bytes, xq, x_scale, x_bsums, isa)
-
-
-# Each type's one-token kernel: (weights uint8 [n_rows * row_bytes], row_bytes, activation quants int8 [k],
-# activation scales float32 [k / block], the activation type's extra field (q8_1: s per block; q8_K: sums per 16;
-# q8_0: unread), out float32 [n_rows], n_chunks, isa).
-MATVEC = {
-    "q4_0": matvec_q4_0, "q4_1": matvec_q4_1, "q5_0": matvec_q5_0, "q5_1": matvec_q5_1, "q8_0": matvec_q8_0,
-    "q2_K": matvec_q2_K, "q3_K": matvec_q3_K, "q4_K": matvec_q4_K, "q5_K": matvec_q5_K, "q6_K": matvec_q6_K,
-}
+        first = min(total, chunk * per_chunk)
+        last = min(total, first + per_chunk)
+        m = 0
+        matrix_first = 0     # the index in ``out`` of matrix m's first row
+        while first < last:
+            while first >= matrix_first + row_counts[m]:
+                matrix_first += row_counts[m]
+                m += 1
+            n = min(last, matrix_first + row_counts[m]) - first
+            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, x_scale, x_sums,
+                  x_bsums, bias, out, first, isa)
+            first += n

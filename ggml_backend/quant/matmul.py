@@ -39,7 +39,7 @@ from .activations import (
     quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
     round_rows_to_bf16, round_rows_to_f16,
 )
-from .decode import MATVEC
+from .decode import KINDS, matvec
 from .simd import choose_isa
 from .types import QuantType, get_type
 
@@ -988,10 +988,9 @@ def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActiva
     """Run the one-token kernel of ``type_name`` if there is one; False if not. The SIMD kernels of
     ``decode.py`` on the instruction set ``KERNEL_ISA`` when the CPU has one, else the plain numba kernels below."""
     n_chunks = _n_chunks(weight_bytes.shape[0])
-    if KERNEL_ISA is not None and type_name in MATVEC:
-        extra = acts.extra[0] if acts.extra is not None else acts.d[0]   # q8_1: s; q8_K: sums per 16; q8_0: unread
-        MATVEC[type_name](weight_bytes.reshape(-1), weight_bytes.shape[1], acts.qs[0], acts.d[0], extra, out[0],
-                          n_chunks, KERNEL_ISA)
+    if KERNEL_ISA is not None and type_name in KINDS:
+        _simd_matvec(type_name, weight_bytes.reshape(-1), [0], [weight_bytes.shape[0]], weight_bytes.shape[1],
+                     acts, out[0])
         return True
     if type_name in ("q4_0", "q4_1", "q5_0", "q5_1"):
         has_min = type_name.endswith("_1")   # q4_1 / q5_1: value = d*q + m, activations q8_1 with block sums s
@@ -1015,6 +1014,20 @@ def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActiva
     else:
         return False
     return True
+
+
+def _simd_matvec(type_name: str, base: np.ndarray, starts, row_counts, row_bytes: int,
+                 acts: QuantizedActivations, out: np.ndarray) -> None:
+    """decode.matvec on ``KERNEL_ISA``: rows of matrices of one type at byte offsets ``starts`` of ``base``.
+    Every offset and size was checked by the caller (the kernels read without bounds checks)."""
+    x_sums = acts.extra[0] if acts.vec_dot_type == "q8_1" else _NO_SUMS
+    x_bsums = acts.extra[0] if acts.vec_dot_type == "q8_K" else _NO_BSUMS
+    matvec(KINDS[type_name], base, np.asarray(starts, np.int64), np.asarray(row_counts, np.int64), row_bytes,
+           acts.qs[0], acts.d[0], x_sums, x_bsums, out, _n_chunks(out.size), KERNEL_ISA)
+
+
+_NO_SUMS = np.zeros(0, np.float32)
+_NO_BSUMS = np.zeros(0, np.int32)
 
 
 def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: QuantizedActivations, out, method: str):
@@ -1139,6 +1152,21 @@ def matmul(weight_type, weight_bytes: np.ndarray, x: np.ndarray, out: np.ndarray
     return _matmul_prepared(qtype, weight_bytes, acts, out, method)
 
 
+def _byte_root(weight_bytes: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 1-D byte array that holds ``weight_bytes`` (usually the model file's memory map) and the offset of its
+    first byte there, so that several matrices of one file can be multiplied in one kernel launch. Falls back to
+    the matrix itself when its owner is not one contiguous array."""
+    owner = weight_bytes
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if owner.flags.c_contiguous:
+        flat = owner.reshape(-1).view(np.uint8)
+        offset = weight_bytes.ctypes.data - flat.ctypes.data
+        if 0 <= offset and offset + weight_bytes.nbytes <= flat.nbytes:
+            return flat, offset
+    return weight_bytes.reshape(-1), 0
+
+
 class WeightMatrix:
     """A weight matrix in a ggml format: ``bytes`` [n_rows, row_bytes] holding ``shape`` = (n_rows, k) values."""
 
@@ -1161,6 +1189,7 @@ class WeightMatrix:
         self.bytes = weight_bytes.reshape(n_rows, row_bytes)
         _check_weights(self.type, self.bytes, k)
         self.shape = (n_rows, k)
+        self.root, self.offset = _byte_root(self.bytes)
 
     def __repr__(self) -> str:
         return f"WeightMatrix({self.type.name}, shape={self.shape})"
@@ -1176,17 +1205,50 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
     """x @ W.T for several matrices sharing the input (q, k, v or gate, up): the activations are quantized once
     per distinct ``vec_dot_type``. Returns one float32 [n_tokens, n_rows_i] array per matrix."""
     rows = _as_activation_rows(x)
-    prepared: dict[str, QuantizedActivations] = {}
-    results = []
     for weight in weights:
         if weight.shape[1] != rows.shape[1]:
             raise MatmulShapeError(f"{weight!r} needs rows of {weight.shape[1]} values, got {rows.shape[1]}")
+    if rows.shape[0] == 1 and method in ("auto", "int") and KERNEL_ISA is not None:
+        return _matvec_many(weights, rows, x.ndim == 1)
+    prepared: dict[str, QuantizedActivations] = {}
+    results = []
+    for weight in weights:
         vdt = weight.type.vec_dot_type
         if vdt not in prepared:
             prepared[vdt] = quantize_activations(vdt, rows, for_blas=_takes_blas_path(method, rows.shape[0]))
         result = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, method)
         results.append(result.reshape(-1) if x.ndim == 1 else result)
     return results
+
+
+def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) -> list[np.ndarray]:
+    """One token times several matrices: those of one type that live in one byte array (q, k, v or gate, up of
+    a model file) are computed in one kernel launch, which halves the launches of a decode step."""
+    prepared: dict[str, QuantizedActivations] = {}
+    results: list[np.ndarray | None] = [None] * len(weights)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, weight in enumerate(weights):
+        if weight.type.name in KINDS:
+            groups.setdefault((weight.type.name, id(weight.root)), []).append(i)
+        else:   # f32 / f16 / bf16: the BLAS path
+            vdt = weight.type.vec_dot_type
+            if vdt not in prepared:
+                prepared[vdt] = quantize_activations(vdt, rows)
+            results[i] = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, "auto")
+    for (type_name, _), members in groups.items():
+        qtype = get_type(type_name)
+        if qtype.vec_dot_type not in prepared:
+            prepared[qtype.vec_dot_type] = quantize_activations(qtype.vec_dot_type, rows)
+        counts = [weights[i].shape[0] for i in members]
+        out = np.empty((1, sum(counts)), np.float32)
+        row_bytes = weights[members[0]].bytes.shape[1]
+        _simd_matvec(type_name, weights[members[0]].root, [weights[i].offset for i in members], counts, row_bytes,
+                     prepared[qtype.vec_dot_type], out[0])
+        first = 0
+        for i, count in zip(members, counts):
+            results[i] = out[:, first:first + count]
+            first += count
+    return [result.reshape(-1) if flat else result for result in results]
 
 
 __all__ = ["matmul", "matmul_many", "WeightMatrix", "MatmulShapeError", "QuantizedActivations",
