@@ -22,26 +22,13 @@ import time
 import numba
 import numpy as np
 
+from ggml_backend.cli.bench_kernels import best_thread_time, random_weights
 from ggml_backend.quant.matmul import matmul
-from ggml_backend.quant.types import get_type
 
 # (type, n_rows, k): attention/ffn shapes of Qwen2.5-0.5B-Instruct q4_K_M
 DECODE_SHAPES = [("q5_0", 4864, 896), ("q6_K", 896, 4864), ("q8_0", 151936, 896),
                  ("q4_K", 896, 4864)]
 PREFILL_SHAPES = [("q5_0", 4864, 896), ("q4_K", 896, 4864), ("q6_K", 896, 4864), ("q8_0", 896, 896)]
-
-
-def random_weights(type_name: str, n_rows: int, k: int, rng) -> np.ndarray:
-    """Random block bytes with sane half-precision scales (random bytes elsewhere are valid quants)."""
-    qtype = get_type(type_name)
-    n_blocks = k // qtype.block_size
-    data = rng.integers(0, 256, size=(n_rows, n_blocks, qtype.type_size), dtype=np.uint8)
-    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    scale_offsets = {"q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q8_0": [0],
-                     "q2_K": [80, 82], "q3_K": [108], "q4_K": [0, 2], "q5_K": [0, 2], "q6_K": [208]}[type_name]
-    for offset in scale_offsets:
-        data[:, :, offset:offset + 2] = scale
-    return data.reshape(n_rows, n_blocks * qtype.type_size)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -51,17 +38,6 @@ def best_time(fn, repeats: int) -> float:
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
-    return best
-
-
-def best_thread_time(fn, repeats: int) -> float:
-    """Best CPU time of the calling thread over ``repeats`` calls (one-thread kernels: no waiting is counted)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - start)
     return best
 
 

@@ -45,6 +45,20 @@ def test_every_figure_is_a_positive_number(report):
     assert report["conditions"]["n_ctx"] == 128 and report["conditions"]["repeat"] == 1
 
 
+def test_kernel_table_beside_memory_bandwidth(report):
+    """The report names the kernel path that ran and gives each type's one-core speed beside the read bandwidth."""
+    from ggml_backend.quant.matmul import KERNEL_ISA
+    kernels = report["kernels"]
+    assert kernels["kernel_path"] == (KERNEL_ISA.name if KERNEL_ISA is not None else "generic")
+    assert kernels["read_gbps"] > 0.1
+    assert set(kernels["kernels"]) == {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K",
+                                       "q6_K"}
+    assert all(gbps > 0 for gbps in kernels["kernels"].values())
+    text = bench._text(report)
+    assert f"({kernels['kernel_path']} path)" in text and "q6_K" in text
+    assert "| q4_K |" in bench.markdown_report(report)
+
+
 def test_rss_cap_is_file_plus_kv_cache_plus_150_mb(report):
     figures = report["figures"]["ggml_backend"]
     model = report["model"]

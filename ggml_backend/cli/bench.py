@@ -116,6 +116,8 @@ def add_arguments(parser) -> None:
                         help="where synthetic models are written and reused (default ~/.cache/ggml_backend/bench "
                              "or $GGML_BACKEND_BENCH_DIR)")
     parser.add_argument("--skip-basic", action="store_true", help="with --scaling: only the scaling tables")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="leave out the per-core kernel table (memory read bandwidth, each type's GB/s)")
 
 
 # ------------------------------------------------------------------------------------------- one measurement
@@ -211,6 +213,15 @@ def machine_description() -> dict:
     except OSError:
         pass
     return info
+
+
+def kernel_figures(timeout: float) -> dict:
+    """The per-core kernel table (bench_kernels.py), from a fresh process: {"error": ...} if it fails."""
+    result = subprocess.run([sys.executable, "-m", "ggml_backend.cli.bench_kernels", "--json"], capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def load_average() -> list[float] | None:
@@ -386,6 +397,10 @@ def print_report(report: dict) -> None:
             print(f"{engine}: RSS cap = file + KV cache ({figures[engine]['kv_cache_mb']:.1f} MB, "
                   f"{'float32' if engine == 'ggml_backend' else 'float16'}) + {OVERHEAD_MB} MB = {cap:.0f} MB: "
                   f"peak {verdict}")
+    kernels = report.get("kernels")
+    if kernels:
+        from .bench_kernels import format_report
+        print("\n" + (f"decode kernels: {kernels['error']}" if "error" in kernels else format_report(kernels)))
     scaling = report.get("scaling")
     if scaling and scaling["sizes"]:
         print("\nspeed against model size (prompt tok/s | decode tok/s):")
@@ -429,6 +444,14 @@ def markdown_report(report: dict) -> str:
             if two:
                 ratio = f" {values[0] / values[1]:.2f} |" if all(map(_is_number, values)) and values[1] else " - |"
             lines.append(f"| {key} | " + " | ".join(_md(v) for v in values) + " |" + ratio)
+        lines.append("")
+    kernels = report.get("kernels")
+    if kernels and "error" not in kernels:
+        lines += [f"Decode kernels, one core ({kernels['kernel_path']} path; memory read "
+                  f"{kernels['read_gbps']:.1f} GB/s):", "", "| type | GB/s per core | of read bandwidth |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {gbps:.1f} | {gbps / kernels['read_gbps']:.2f} |"
+                  for name, gbps in kernels["kernels"].items()]
         lines.append("")
     scaling = report.get("scaling")
     if scaling and scaling["sizes"]:
@@ -488,6 +511,9 @@ def run(args) -> int:
             figures["rss_cap_mb"] = rss_cap_mb(facts, engine, kv_bytes)
     if args.scaling:
         report["scaling"] = scaling_tables(engines, model, args)
+    if "ggml_backend" in engines and not args.no_kernels:
+        report["kernels"] = kernel_figures(args.timeout)
+        _progress("kernels done", args)
     report["load_average_after"] = load_average()
     if args.json:
         print(json.dumps(report, indent=2))
