@@ -471,6 +471,17 @@ def fma_i32x8(typingctx, acc, dot, scale):
 
 
 @intrinsic
+def add_f32x8(typingctx, a, b):
+    """Lanewise ``a + b`` of two ``F32x8``."""
+    if a != F32x8 or b != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+    return F32x8(a, b), codegen
+
+
+@intrinsic
 def sum_f32x8(typingctx, a):
     """The sum of the eight lanes in a fixed order (halves, then quarters, then pairs), as float32."""
     if a != F32x8:
