@@ -1229,13 +1229,14 @@ def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) 
     groups: dict[tuple[str, int], list[int]] = {}
     for i, weight in enumerate(weights):
         if weight.type.name in KINDS:
-            groups.setdefault((weight.type.name, id(weight.root)), []).append(i)
+            # matrices whose owners are the same bytes (views of one memory map) share a launch
+            groups.setdefault((weight.type.name, weight.root.ctypes.data, weight.root.nbytes), []).append(i)
         else:   # f32 / f16 / bf16: the BLAS path
             vdt = weight.type.vec_dot_type
             if vdt not in prepared:
                 prepared[vdt] = quantize_activations(vdt, rows)
             results[i] = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, "auto")
-    for (type_name, _), members in groups.items():
+    for (type_name, _, _), members in groups.items():
         qtype = get_type(type_name)
         if qtype.vec_dot_type not in prepared:
             prepared[qtype.vec_dot_type] = quantize_activations(qtype.vec_dot_type, rows)

@@ -1,0 +1,157 @@
+"""The SIMD one-token kernels (quant/decode.py) on every instruction-set path this CPU can run.
+
+Each path is compared with the float64 oracle of test_matmul (dequantized weights times the quantized activations:
+what the integer kernels compute exactly, up to float32 summation) and with the plain numba kernels. CI runs every
+path its machine supports; a path the CPU lacks is reported as skipped with its reason.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ggml_backend.quant.matmul as matmul_module
+from ggml_backend.cli.bench_kernels import SCALE_OFFSETS, random_weights
+from ggml_backend.quant import simd
+from ggml_backend.quant.decode import KINDS
+from ggml_backend.quant.matmul import WeightMatrix, matmul, matmul_many
+
+from test_matmul import integer_oracle  # noqa: E402
+
+ALL_PATHS = [simd.AVX512VNNI, simd.AVX2]
+SUPPORTED = simd.supported_isas()
+
+
+def path_param(isa):
+    missing = [need for need in isa.needs if need not in simd.host_features()]
+    return pytest.param(isa, id=isa.name, marks=pytest.mark.skipif(
+        bool(missing), reason=f"this CPU lacks {', '.join(missing)} (the {isa.name} path cannot run here)"))
+
+
+PATHS = [path_param(isa) for isa in ALL_PATHS]
+
+
+def product(isa, type_name, weights, x):
+    """matmul on one kernel path (None: the plain numba kernels)."""
+    saved = matmul_module.KERNEL_ISA
+    matmul_module.KERNEL_ISA = isa
+    try:
+        return matmul(type_name, weights, x, method="int")
+    finally:
+        matmul_module.KERNEL_ISA = saved
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("type_name", list(KINDS))
+def test_each_type_equals_the_integer_oracle(isa, type_name):
+    rng = np.random.default_rng(KINDS[type_name])
+    block = 256 if type_name.endswith("K") else 32
+    for n_rows, n_blocks in ((1, 1), (7, 3), (67, 9 if block == 256 else 29)):
+        k = n_blocks * block
+        weights = random_weights(type_name, n_rows, k, rng)
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        y = product(isa, type_name, weights, x)
+        oracle = integer_oracle(type_name, weights, x)
+        scale = np.abs(oracle).max() + 1e-6
+        assert np.abs(y - oracle).max() / scale < 2e-6, (type_name, n_rows, k)
+        plain = product(None, type_name, weights, x)
+        assert np.abs(y - plain).max() / scale < 2e-6
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_extreme_quants_do_not_saturate(isa):
+    """Quants at their extremes against activations of +-127: q8_0 weights of -128 and 127 (vpmaddubsw would
+    saturate on w + 128; the AVX2 path takes signs apart), and every other type with all quant bits set."""
+    rng = np.random.default_rng(5)
+    half = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    for type_name in KINDS:
+        block = 256 if type_name.endswith("K") else 32
+        weights = random_weights(type_name, 8, 2 * block, rng)
+        blocks = weights.reshape(8, 2, -1)
+        if type_name == "q8_0":
+            blocks[:4, :, 2:] = 0x80            # -128
+            blocks[4:, :, 2:] = 0x7F            # 127
+        else:
+            blocks[:] = 0xFF
+            for offset in SCALE_OFFSETS[type_name]:
+                blocks[:, :, offset:offset + 2] = half
+        x = np.where(rng.random((1, 2 * block)) < 0.5, -1.0, 1.0).astype(np.float32)
+        y = product(isa, type_name, weights, x)
+        oracle = integer_oracle(type_name, weights, x)
+        assert np.abs(y - oracle).max() / (np.abs(oracle).max() + 1e-6) < 2e-6, type_name
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_matrices_of_one_file_share_one_launch_with_identical_results(isa):
+    """q, k, v views of one byte buffer (as in a memory-mapped model file) go through one fused launch; each
+    result equals that matrix's own product bit for bit, whatever the chunk boundaries."""
+    rng = np.random.default_rng(11)
+    k = 512
+    row_bytes = k // 32 * 22
+    sizes = [96, 16, 16]
+    buffer = np.zeros(64 + sum(sizes) * row_bytes + 100, np.uint8)
+    offset = 64
+    matrices = []
+    for n in sizes:
+        data = random_weights("q5_0", n, k, rng)
+        view = buffer[offset:offset + data.nbytes]
+        view[:] = data.reshape(-1)
+        matrices.append(WeightMatrix("q5_0", view, (n, k)))
+        offset += data.nbytes
+    assert len({(m.root.ctypes.data, m.root.nbytes) for m in matrices}) == 1
+    x = rng.standard_normal(k).astype(np.float32)
+    saved = matmul_module.KERNEL_ISA
+    matmul_module.KERNEL_ISA = isa
+    try:
+        fused = matmul_many(matrices, x)
+        alone = [m.matmul(x) for m in matrices]
+    finally:
+        matmul_module.KERNEL_ISA = saved
+    for a, b in zip(fused, alone):
+        assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_path_choice(monkeypatch):
+    monkeypatch.setenv("GGML_BACKEND_KERNELS", "generic")
+    assert simd.choose_isa() is None
+    monkeypatch.setenv("GGML_BACKEND_KERNELS", "auto")
+    assert simd.choose_isa() is (SUPPORTED[0] if SUPPORTED else None)
+    monkeypatch.setenv("GGML_BACKEND_KERNELS", "neon")
+    with pytest.raises(ValueError, match="GGML_BACKEND_KERNELS='neon'"):
+        simd.choose_isa()
+    for isa in ALL_PATHS:
+        monkeypatch.setenv("GGML_BACKEND_KERNELS", isa.name)
+        if isa in SUPPORTED:
+            assert simd.choose_isa() is isa
+        else:
+            with pytest.raises(ValueError, match="this CPU lacks"):
+                simd.choose_isa()
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_a_model_gives_the_same_tokens_on_every_path(isa):
+    """The tiny synthetic Llama (q4_K_M mix: q4_K, q6_K and legacy types) decodes greedily to the same tokens on
+    each path as on the plain kernels, with logits within float32 summation noise."""
+    from ggml_backend import Llama
+    from refdata import SYNTHETIC_DIR
+
+    def greedy(path):
+        saved = matmul_module.KERNEL_ISA
+        matmul_module.KERNEL_ISA = path
+        try:
+            llm = Llama(str(SYNTHETIC_DIR / "tiny-llama-q4_K_M.gguf"), n_ctx=64, n_threads=2, verbose=False)
+            tokens = llm.tokenize(b"Once upon a time", add_bos=True)
+            llm.eval(tokens)
+            logits = []
+            for _ in range(8):
+                logits.append(llm.scores[llm.n_tokens - 1].copy())
+                token = int(logits[-1].argmax())
+                tokens.append(token)
+                llm.eval([token])
+            return tokens, np.array(logits)
+        finally:
+            matmul_module.KERNEL_ISA = saved
+
+    tokens, logits = greedy(isa)
+    plain_tokens, plain_logits = greedy(None)
+    assert tokens == plain_tokens
+    assert np.abs(logits - plain_logits).max() < 1e-3 * (np.abs(plain_logits).max() + 1)
