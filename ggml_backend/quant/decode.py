@@ -30,9 +30,10 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (
-    add_f32x8, add_i32x8, bits_to_bytes, high_nibbles_dot, pair_i32x8, dot_i8_i8, dot_u8_i8, fma_i32x8, load_8_i32, load_16_bytes, load_32_bytes,
-    load_f16, load_u32, low_nibbles, mul_i32x8, or_bytes, pair_low_nibbles_i32x8, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset,
-    splat_bytes, store_8_i32, sum_f32x8, sum_i32x8, unpack_nibbles, zero_f32x8, zero_i32x8,
+    add_bytes, add_f32x8, add_i32x8, bits_to_bytes, dot_i8_i8, dot_u8_i8, fma_i32x8, high_nibbles_dot, load_8_i32,
+    load_16_bytes, load_32_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, or_bytes, pair_i32x8,
+    pair_low_nibbles_i32x8, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
+    store_8_i32, store_scaled, sum_f32x8, unpack_nibbles, zero_f32x8, zero_i32x8,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -388,3 +389,141 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
             _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, x_scale, x_sums,
                   x_bsums, bias, out, first, isa)
             first += n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dequantization of weight rows to float32 (the BLAS path of prompt processing), with the same block expansion
+# as the kernels above and the type table's arithmetic (a multiply, then a subtract: bit-exact to quant/legacy.py
+# and quant/kquants.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(inline="always", **_KERNEL)
+def _scale_min_words(w, o):
+    """q4_K / q5_K: the 12 scale bytes at ``o`` as four words whose bytes are scales 0-3, 4-7, mins 0-3, 4-7."""
+    u0 = load_u32(w, o)
+    u1 = load_u32(w, o + 4)
+    u2 = load_u32(w, o + 8)
+    return (u0 & 0x3F3F3F3F, (u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4),
+            u1 & 0x3F3F3F3F, ((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4))
+
+
+@njit(nogil=True, **_KERNEL)
+def dequantize_rows(kind, w, start, row_bytes, out, isa):
+    """out[i] = row i of the matrix whose rows start at byte ``start`` of ``w`` (out: float32 [n, k])."""
+    n_rows, k = out.shape
+    flat = out.reshape(-1)
+    zero = np.float32(0.0)
+    for r in range(n_rows):
+        row = start + r * row_bytes
+        base = r * k
+        if kind <= 4:     # legacy: blocks of 32
+            for b in range(k // 32):
+                if kind == 0:
+                    o = row + 18 * b
+                    d = load_f16(w, o)
+                    store_scaled(flat, base + 32 * b, add_bytes(unpack_nibbles(load_16_bytes(w, o + 2)),
+                                                                splat_bytes(-8)), d, d, zero, zero)
+                elif kind == 1:
+                    o = row + 20 * b
+                    d = load_f16(w, o)
+                    m = -load_f16(w, o + 2)
+                    store_scaled(flat, base + 32 * b, unpack_nibbles(load_16_bytes(w, o + 4)), d, d, m, m)
+                elif kind == 2:
+                    o = row + 22 * b
+                    d = load_f16(w, o)
+                    q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 6)), bits_to_bytes(load_u32(w, o + 2), 16))
+                    store_scaled(flat, base + 32 * b, add_bytes(q, splat_bytes(-16)), d, d, zero, zero)
+                elif kind == 3:
+                    o = row + 24 * b
+                    d = load_f16(w, o)
+                    m = -load_f16(w, o + 2)
+                    q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 8)), bits_to_bytes(load_u32(w, o + 4), 16))
+                    store_scaled(flat, base + 32 * b, q, d, d, m, m)
+                else:
+                    o = row + 34 * b
+                    d = load_f16(w, o)
+                    store_scaled(flat, base + 32 * b, load_32_bytes(w, o + 2), d, d, zero, zero)
+            continue
+        for b in range(k // 256):
+            x = base + 256 * b
+            if kind == 7 or kind == 8:     # q4_K, q5_K
+                size = 144 if kind == 7 else 176
+                o = row + size * b
+                d = load_f16(w, o)
+                dmin = load_f16(w, o + 2)
+                words = _scale_min_words(w, o + 4)
+                for c in range(4):
+                    scales = words[c // 2] >> (16 * (c & 1))
+                    mins = words[2 + c // 2] >> (16 * (c & 1))
+                    if kind == 7:
+                        packed = load_32_bytes(w, o + 16 + 32 * c)
+                        low = low_nibbles(packed)
+                        high = shift_right_and(packed, 4, 15)
+                    else:
+                        packed = load_32_bytes(w, o + 48 + 32 * c)
+                        bits = load_32_bytes(w, o + 16)
+                        low = or_bytes(low_nibbles(packed), shift_left(shift_right_and(bits, 2 * c, 1), 4))
+                        high = or_bytes(shift_right_and(packed, 4, 15), shift_left(shift_right_and(bits, 2 * c + 1, 1), 4))
+                    d1 = d * np.float32(scales & 0xFF)
+                    m1 = dmin * np.float32(mins & 0xFF)
+                    d2 = d * np.float32((scales >> 8) & 0xFF)
+                    m2 = dmin * np.float32((mins >> 8) & 0xFF)
+                    store_scaled(flat, x + 64 * c, low, d1, d1, m1, m1)
+                    store_scaled(flat, x + 64 * c + 32, high, d2, d2, m2, m2)
+            elif kind == 9:                # q6_K
+                o = row + 210 * b
+                d = load_f16(w, o + 208)
+                for n in range(2):
+                    low_a = load_32_bytes(w, o + 64 * n)
+                    low_b = load_32_bytes(w, o + 64 * n + 32)
+                    top = load_32_bytes(w, o + 128 + 32 * n)
+                    s = o + 192 + 8 * n
+                    minus32 = splat_bytes(-32)
+                    for part in range(4):
+                        if part == 0:
+                            q = or_bytes(low_nibbles(low_a), shift_left(shift_right_and(top, 0, 3), 4))
+                        elif part == 1:
+                            q = or_bytes(low_nibbles(low_b), shift_left(shift_right_and(top, 2, 3), 4))
+                        elif part == 2:
+                            q = or_bytes(shift_right_and(low_a, 4, 15), shift_left(shift_right_and(top, 4, 3), 4))
+                        else:
+                            q = or_bytes(shift_right_and(low_b, 4, 15), shift_left(shift_right_and(top, 6, 3), 4))
+                        scale_a = d * np.float32(np.int8(w[s + 2 * part]))
+                        scale_b = d * np.float32(np.int8(w[s + 2 * part + 1]))
+                        store_scaled(flat, x + 128 * n + 32 * part, add_bytes(q, minus32), scale_a, scale_b,
+                                     zero, zero)
+            elif kind == 6:                # q3_K
+                o = row + 110 * b
+                d = load_f16(w, o + 108)
+                hmask = load_32_bytes(w, o)
+                for n in range(2):
+                    packed = load_32_bytes(w, o + 32 + 32 * n)
+                    for j in range(4):
+                        g = 8 * n + 2 * j
+                        q = or_bytes(shift_right_and(packed, 2 * j, 3), shift_left(shift_right_and(hmask, 4 * n + j, 1), 2))
+                        scale_a = d * np.float32(_q3_K_scale(w, o + 96, g))
+                        scale_b = d * np.float32(_q3_K_scale(w, o + 96, g + 1))
+                        store_scaled(flat, x + 128 * n + 32 * j, add_bytes(q, splat_bytes(-4)), scale_a, scale_b,
+                                     zero, zero)
+            else:                          # q2_K
+                o = row + 84 * b
+                d = load_f16(w, o + 80)
+                dmin = load_f16(w, o + 82)
+                for n in range(2):
+                    packed = load_32_bytes(w, o + 16 + 32 * n)
+                    for j in range(4):
+                        s = o + 8 * n + 2 * j
+                        scale_a = d * np.float32(np.int32(w[s]) & 15)
+                        scale_b = d * np.float32(np.int32(w[s + 1]) & 15)
+                        min_a = dmin * np.float32(np.int32(w[s]) >> 4)
+                        min_b = dmin * np.float32(np.int32(w[s + 1]) >> 4)
+                        store_scaled(flat, x + 128 * n + 32 * j, shift_right_and(packed, 2 * j, 3), scale_a, scale_b,
+                                     min_a, min_b)
+
+
+@njit(inline="always", **_KERNEL)
+def _q3_K_scale(w, s, j):
+    """The j-th (0..15) six-bit scale of a q3_K block (scale bytes at ``s``), minus 32."""
+    low = (np.int32(w[s + (j % 8)]) >> (4 * (j // 8))) & 15
+    high = (np.int32(w[s + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
+    return (low | (high << 4)) - 32

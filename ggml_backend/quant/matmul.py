@@ -40,6 +40,7 @@ from .activations import (
     round_rows_to_bf16, round_rows_to_f16,
 )
 from .decode import KINDS, matvec
+from .decode import dequantize_rows as dequantize_simd
 from .simd import choose_isa
 from .types import QuantType, get_type
 
@@ -956,7 +957,10 @@ def _dequantize_band(qtype: QuantType, weight_bytes, first: int, last: int, k: i
     if qtype.name in ("f32", "f16", "bf16"):
         return _float_weights(qtype, weight_bytes, first, last)
     band = np.empty((last - first, k), np.float32)
-    if qtype.name in _LEGACY_KINDS:
+    if KERNEL_ISA is not None:
+        row_bytes = weight_bytes.shape[1]
+        dequantize_simd(KINDS[qtype.name], weight_bytes.reshape(-1), first * row_bytes, row_bytes, band, KERNEL_ISA)
+    elif qtype.name in _LEGACY_KINDS:
         _dequantize_legacy_rows(_LEGACY_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8),
                                 first, last, band, F16_TO_F32)
     else:

@@ -584,3 +584,30 @@ def high_nibbles_dot(typingctx, array, offset, sums, index):
         function = _function(builder, "llvm.vector.reduce.add.v16i32", _I32, [ir.VectorType(_I32, 16)])
         return builder.sext(builder.call(function, [builder.mul(mins, totals)]), ir.IntType(64))
     return types.int64(array, offset, sums, index), codegen
+
+
+@intrinsic
+def store_scaled(typingctx, array, index, quants, scale_a, scale_b, offset_a, offset_b):
+    """``array[index + i] = float(quants[i]) * scale - offset`` for the 32 signed bytes ``quants``, with
+    ``scale_a`` / ``offset_a`` for i < 16 and ``scale_b`` / ``offset_b`` for the rest: a multiply then a subtract,
+    each rounded (no fused multiply-add), so that the floats equal the type table's dequantizers bit for bit."""
+    if not (isinstance(array, types.Array) and array.dtype == types.float32 and quants == I8x32
+            and all(isinstance(t, types.Float) for t in (scale_a, scale_b, offset_a, offset_b))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        scale_a_, scale_b_, offset_a_, offset_b_ = (context.cast(builder, args[i], sig.args[i], types.float32)
+                                                    for i in (3, 4, 5, 6))
+        vector_type = ir.VectorType(_F32, 32)
+        mask = ir.Constant(ir.VectorType(_I32, 32), [0] * 16 + [1] * 16)
+
+        def per_half(a, b):
+            pair = builder.insert_element(builder.insert_element(ir.Constant(ir.VectorType(_F32, 2), None), a,
+                                                                 _I32(0)), b, _I32(1))
+            return builder.shuffle_vector(pair, ir.Constant(ir.VectorType(_F32, 2), None), mask)
+        floats = builder.sitofp(args[2], vector_type)
+        values = builder.fsub(builder.fmul(floats, per_half(scale_a_, scale_b_)), per_half(offset_a_, offset_b_))
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        builder.store(values, builder.bitcast(builder.gep(data, [args[1]]), vector_type.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.void(array, index, quants, scale_a, scale_b, offset_a, offset_b), codegen
