@@ -16,6 +16,9 @@ can run and compare all the paths its CPU supports, and forcing a path can never
 
 These intrinsics read memory without bounds checks: the callers (quant/decode.py) check every size in Python
 before a kernel runs.
+
+numba's on-disk cache keys a kernel on its own source file only: after editing this file, touch
+quant/decode.py (or clear its ``__pycache__``) so that its kernels are compiled again with the new IR.
 """
 from __future__ import annotations
 
