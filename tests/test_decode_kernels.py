@@ -127,31 +127,36 @@ def test_path_choice(monkeypatch):
                 simd.choose_isa()
 
 
-@pytest.mark.parametrize("isa", PATHS)
-def test_a_model_gives_the_same_tokens_on_every_path(isa):
-    """The tiny synthetic Llama (q4_K_M mix: q4_K, q6_K and legacy types) decodes greedily to the same tokens on
-    each path as on the plain kernels, with logits within float32 summation noise."""
+def model_logits(path, name, batch):
+    """Logits of every position of a prompt on the tiny synthetic Llama, on one kernel path, the prompt evaluated
+    in one batch or one token at a time."""
     from ggml_backend import Llama
     from refdata import SYNTHETIC_DIR
-
-    def greedy(path):
-        saved = matmul_module.KERNEL_ISA
-        matmul_module.KERNEL_ISA = path
-        try:
-            llm = Llama(str(SYNTHETIC_DIR / "tiny-llama-q4_K_M.gguf"), n_ctx=64, n_threads=2, verbose=False)
-            tokens = llm.tokenize(b"Once upon a time", add_bos=True)
+    saved = matmul_module.KERNEL_ISA
+    matmul_module.KERNEL_ISA = path
+    try:
+        llm = Llama(str(SYNTHETIC_DIR / name), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
+        tokens = llm.tokenize(b"Once upon a time there was", add_bos=True)
+        if batch:
             llm.eval(tokens)
-            logits = []
-            for _ in range(8):
-                logits.append(llm.scores[llm.n_tokens - 1].copy())
-                token = int(logits[-1].argmax())
-                tokens.append(token)
+        else:
+            for token in tokens:
                 llm.eval([token])
-            return tokens, np.array(logits)
-        finally:
-            matmul_module.KERNEL_ISA = saved
+        return np.array(llm.scores[:len(tokens)])
+    finally:
+        matmul_module.KERNEL_ISA = saved
 
-    tokens, logits = greedy(isa)
-    plain_tokens, plain_logits = greedy(None)
-    assert tokens == plain_tokens
-    assert np.abs(logits - plain_logits).max() < 1e-3 * (np.abs(plain_logits).max() + 1)
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("name", ["tiny-llama-q4_K_M.gguf", "tiny-llama-q4_0.gguf"])
+def test_a_model_on_every_path(isa, name):
+    """On the SIMD kernels a prompt in one batch gives the logits of the same tokens one at a time bit for bit
+    (each (row, token) dot product is computed alone, so prompt caching can never change a result). Against the
+    plain kernels, position by position, logits agree to float32 noise except where an activation sits on an 8-bit
+    rounding boundary and moves by one quantization step (tenths of a logit at most)."""
+    batch = model_logits(isa, name, batch=True)
+    one_by_one = model_logits(isa, name, batch=False)
+    assert np.array_equal(batch, one_by_one)
+    plain = model_logits(None, name, batch=False)
+    per_position = np.abs(one_by_one - plain).max(axis=1)
+    assert np.median(per_position) < 1e-5 and per_position.max() < 0.2, per_position

@@ -364,17 +364,23 @@ def _per_row_terms(kind, xq, x_bsums, isa):
 
 @njit(parallel=True, **_KERNEL)
 def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
-    """One activation row times the rows of one or more weight matrices of one type (``KINDS[type]``) that share
-    it (q, k and v; gate and up), in one parallel launch.
+    """A few activation rows (tokens) times the rows of one or more weight matrices of one type (``KINDS[type]``)
+    that share them (q, k and v; gate and up), in one parallel launch.
 
     ``w``: a byte array holding the matrices (the model file's memory map); matrix m's rows start at byte
-    ``starts[m]``, ``row_counts[m]`` rows of ``row_bytes`` each, their results at ``out[sum(row_counts[:m]):]``.
-    ``xq`` int8 [k] and ``x_scale`` float32 [k / block]: the activation row quantized to the type's vec_dot_type;
-    ``x_sums``: q8_1's s per block (float32; q4_1, q5_1), ``x_bsums``: q8_K's sums per 16 (int32; K-quants);
-    each is unread (may be empty) for the other kinds. The rows of all the
-    matrices are cut into ``n_chunks`` equal chunks, one prange iteration each."""
-    bias = _per_row_terms(kind, xq, x_bsums, isa)    # q4_K / q5_K: their sums per 32
-    total = out.size
+    ``starts[m]``, ``row_counts[m]`` rows of ``row_bytes`` each, their results at ``out[:, sum(row_counts[:m]):]``.
+    ``xq`` int8 [n_tokens, k] and ``x_scale`` float32 [n_tokens, k / block]: the activations quantized to the
+    type's vec_dot_type; ``x_sums``: q8_1's s per block (float32; q4_1, q5_1), ``x_bsums``: q8_K's sums per 16
+    (int32; K-quants); each is unread (may have no columns) for the other kinds. The weight rows of all the
+    matrices are cut into ``n_chunks`` equal chunks, one prange iteration each; each weight row meets every token
+    while it is in L1, and each (row, token) result is computed alone, so a token gets the same numbers whatever
+    batch it is part of."""
+    n_tokens = xq.shape[0]
+    bias = np.empty((n_tokens, xq.shape[1] // 4), np.int32)   # q4_K / q5_K: their sums per 32 in the first k/32
+    for t in range(n_tokens):
+        terms = _per_row_terms(kind, xq[t], x_bsums[t], isa)
+        bias[t, :terms.size] = terms
+    total = out.shape[1]
     per_chunk = (total + n_chunks - 1) // n_chunks
     for chunk in prange(n_chunks):
         first = min(total, chunk * per_chunk)
@@ -386,8 +392,15 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
                 matrix_first += row_counts[m]
                 m += 1
             n = min(last, matrix_first + row_counts[m]) - first
-            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, x_scale, x_sums,
-                  x_bsums, bias, out, first, isa)
+            start = starts[m] + (first - matrix_first) * row_bytes
+            if n_tokens == 1:
+                _rows(kind, w, start, row_bytes, n, xq[0], x_scale[0], x_sums[0], x_bsums[0], bias[0], out[0],
+                      first, isa)
+            else:
+                for i in range(n):
+                    for t in range(n_tokens):
+                        _rows(kind, w, start + i * row_bytes, row_bytes, 1, xq[t], x_scale[t], x_sums[t],
+                              x_bsums[t], bias[t], out[t], first + i, isa)
             first += n
 
 

@@ -992,13 +992,16 @@ def _check_out(out, n_tokens: int, n_rows: int) -> np.ndarray:
 
 
 def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActivations, out) -> bool:
-    """Run the one-token kernel of ``type_name`` if there is one; False if not. The SIMD kernels of
-    ``decode.py`` on the instruction set ``KERNEL_ISA`` when the CPU has one, else the plain numba kernels below."""
-    n_chunks = _n_chunks(weight_bytes.shape[0])
+    """Run the fast integer kernel of ``type_name`` if there is one; False if not: the SIMD kernels of
+    ``decode.py`` on the instruction set ``KERNEL_ISA`` (any number of tokens) when the CPU has one, else the
+    plain numba one-token kernels below."""
     if KERNEL_ISA is not None and type_name in KINDS:
         _simd_matvec(type_name, weight_bytes.reshape(-1), [0], [weight_bytes.shape[0]], weight_bytes.shape[1],
-                     acts, out[0])
+                     acts, out)
         return True
+    if acts.qs.shape[0] != 1:
+        return False
+    n_chunks = _n_chunks(weight_bytes.shape[0])
     if type_name in ("q4_0", "q4_1", "q5_0", "q5_1"):
         has_min = type_name.endswith("_1")   # q4_1 / q5_1: value = d*q + m, activations q8_1 with block sums s
         n_rows, row_bytes = weight_bytes.shape
@@ -1025,16 +1028,14 @@ def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActiva
 
 def _simd_matvec(type_name: str, base: np.ndarray, starts, row_counts, row_bytes: int,
                  acts: QuantizedActivations, out: np.ndarray) -> None:
-    """decode.matvec on ``KERNEL_ISA``: rows of matrices of one type at byte offsets ``starts`` of ``base``.
-    Every offset and size was checked by the caller (the kernels read without bounds checks)."""
-    x_sums = acts.extra[0] if acts.vec_dot_type == "q8_1" else _NO_SUMS
-    x_bsums = acts.extra[0] if acts.vec_dot_type == "q8_K" else _NO_BSUMS
+    """decode.matvec on ``KERNEL_ISA``: rows of matrices of one type at byte offsets ``starts`` of ``base`` times
+    the activation rows ``acts`` into ``out`` [n_tokens, sum(row_counts)]. Every offset and size was checked by
+    the caller (the kernels read without bounds checks)."""
+    n_tokens = acts.qs.shape[0]
+    x_sums = acts.extra if acts.vec_dot_type == "q8_1" else np.zeros((n_tokens, 0), np.float32)
+    x_bsums = acts.extra if acts.vec_dot_type == "q8_K" else np.zeros((n_tokens, 0), np.int32)
     matvec(KINDS[type_name], base, np.asarray(starts, np.int64), np.asarray(row_counts, np.int64), row_bytes,
-           acts.qs[0], acts.d[0], x_sums, x_bsums, out, _n_chunks(out.size), KERNEL_ISA)
-
-
-_NO_SUMS = np.zeros(0, np.float32)
-_NO_BSUMS = np.zeros(0, np.int32)
+           acts.qs, acts.d, x_sums, x_bsums, out, _n_chunks(out.shape[1]), KERNEL_ISA)
 
 
 def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: QuantizedActivations, out, method: str):
@@ -1055,7 +1056,7 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
     if method == "int" and quantized:
         if acts.qs is None:  # activations prepared with for_blas=True
             raise MatmulShapeError("integer path needs quantized activations")
-        if n_tokens == 1 and _matvec_fast(qtype.name, weight_bytes, acts, out):
+        if _matvec_fast(qtype.name, weight_bytes, acts, out):
             return out
         if qtype.name in _LEGACY_KINDS:
             extra = acts.extra if acts.extra is not None else acts.d  # xs is only read for q4_1 / q5_1
@@ -1215,7 +1216,7 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
     for weight in weights:
         if weight.shape[1] != rows.shape[1]:
             raise MatmulShapeError(f"{weight!r} needs rows of {weight.shape[1]} values, got {rows.shape[1]}")
-    if rows.shape[0] == 1 and method in ("auto", "int") and KERNEL_ISA is not None:
+    if KERNEL_ISA is not None and (method == "int" or (method == "auto" and rows.shape[0] < BLAS_MIN_TOKENS)):
         return _matvec_many(weights, rows, x.ndim == 1)
     prepared: dict[str, QuantizedActivations] = {}
     results = []
@@ -1229,8 +1230,9 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
 
 
 def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) -> list[np.ndarray]:
-    """One token times several matrices: those of one type that live in one byte array (q, k, v or gate, up of
-    a model file) are computed in one kernel launch, which halves the launches of a decode step."""
+    """A few tokens times several matrices on the SIMD kernels: those of one type that live in one byte array
+    (q, k, v or gate, up of a model file) are computed in one kernel launch, which halves the launches of a
+    decode step."""
     prepared: dict[str, QuantizedActivations] = {}
     results: list[np.ndarray | None] = [None] * len(weights)
     groups: dict[tuple[str, int], list[int]] = {}
@@ -1248,10 +1250,10 @@ def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) 
         if qtype.vec_dot_type not in prepared:
             prepared[qtype.vec_dot_type] = quantize_activations(qtype.vec_dot_type, rows)
         counts = [weights[i].shape[0] for i in members]
-        out = np.empty((1, sum(counts)), np.float32)
+        out = np.empty((len(rows), sum(counts)), np.float32)
         row_bytes = weights[members[0]].bytes.shape[1]
         _simd_matvec(type_name, weights[members[0]].root, [weights[i].offset for i in members], counts, row_bytes,
-                     prepared[qtype.vec_dot_type], out[0])
+                     prepared[qtype.vec_dot_type], out)
         first = 0
         for i, count in zip(members, counts):
             results[i] = out[:, first:first + count]
