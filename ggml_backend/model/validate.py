@@ -136,7 +136,7 @@ def build_hparams(model_file, *, rope_freq_base: float = 0.0, rope_freq_scale: f
         meta.fail("rope.dimension_count", rope_dims, f"an even number from 2 to the head size {head_dim_k}")
     meta.integer("context_length", 1, MAX_CONTEXT)
     meta.real("attention.layer_norm_rms_epsilon", 0.0, 1.0)
-    meta.real("rope.freq_base", 0.0, 1e12)
+    meta.real("rope.freq_base", 1.0, 1e12)   # a base <= 1 turns the rotation angles into overflow
     meta.real("rope.scaling.factor", 0.0, 1e6, low_open=False)
     meta.integer("attention.sliding_window", 0, MAX_CONTEXT)
     scaling_type = model_file.metadata.get(meta.prefix + "rope.scaling.type", "none")
