@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import struct
 import traceback
 
@@ -22,6 +23,7 @@ from refdata import synthetic_file
 N_CASES = int(os.environ.get("FUZZ_CASES", "300"))
 FIRST_SEED = int(os.environ.get("FUZZ_SEED", "0"))
 EDGE_U32 = [0, 1, 2, 3, 7, 31, 255, 2 ** 16, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1]
+CASE_TIME_LIMIT_S = 20   # one case (load, build, a first token) takes ~30 ms; past this it hangs or thrashes
 EDGE_F32 = [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, 1e-45, 3e38, 1.0]
 
 
@@ -94,8 +96,18 @@ def _mutate(raw: bytes, kind: str, model, rng: random.Random) -> tuple[bytes, st
     return bytes(data), f"bytes at {pos} = {new.hex()}"
 
 
+class CaseTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise CaseTimeout(f"the case ran past {CASE_TIME_LIMIT_S} s")
+
+
 def _first_token(path) -> str:
     """load, build the engine, evaluate a prompt and sample one token; 'ran' or 'refused'."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, CASE_TIME_LIMIT_S)
     try:
         ggml_backend.load(path)
         llm = Llama(str(path), n_ctx=32, n_threads=1, verbose=False)
@@ -107,6 +119,9 @@ def _first_token(path) -> str:
     except ModelFileError as exc:
         assert str(path) in str(exc)
         return "refused"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("kind", ["gguf", "ggml"])
