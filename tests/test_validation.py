@@ -132,3 +132,21 @@ def test_a_huge_mirostat_learning_rate_does_not_overflow(mode):
 def test_cli_run_mirostat_lr_1e30(capsys):
     assert main(["run", "-m", str(synthetic_file("q4_0")), "-p", "Hello", "-n", "4", "--mirostat", "1",
                  "--mirostat-lr", "1e30", "-s", "1", "--log-disable"]) == 0
+
+
+def test_a_bad_file_on_the_command_line_is_one_line_unless_verbose(tmp_path, capsys):
+    path = _rewrite(tmp_path, metadata={"llama.block_count": 2 ** 31})
+    assert main(["run", "-m", str(path), "-p", "hi", "-n", "1", "--log-disable"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"ggml-backend run: error: {path}: metadata llama.block_count = 2147483648 (int); expected an "
+                   "integer from 1 to 4096"]
+    assert main(["run", "-m", str(path), "-p", "hi", "-n", "1", "--log-disable", "--verbose"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_memory_estimate_of_the_default_context_is_modest():
+    from ggml_backend.model.validate import build_hparams, memory_needed
+    hp = build_hparams(ggml_backend.load(synthetic_file("q4_0")))
+    needs = memory_needed(hp, 2048, 512, logits_all=False)
+    assert needs["KV cache"] == 4 * 8 * 2048 * (32 + 32) * 4          # n_layer * n_head_kv * n_ctx * dims * f32
+    assert sum(needs.values()) < 64 << 20

@@ -224,9 +224,10 @@ def memory_needed(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool) -> di
     needs = {
         # model/kv_cache.py: float32 K and V per layer, [n_head_kv, n_ctx, head_dim]
         "KV cache": hp.n_layer * hp.n_head_kv * n_ctx * (hp.head_dim_k + hp.head_dim_v) * f32,
-        # one prompt batch's activations: the FFN's gate/up/act, q/k/v, the logits, the attention scores
+        # one prompt batch's activations: the FFN's gate/up/act, q/k/v and attention output, the residual, the
+        # logits (attention scores are one row of n_ctx per thread at a time: model/attention.py)
         "activations": n_batch * (3 * hp.n_ff + 4 * hp.n_embd + hp.n_head * (hp.head_dim_k + hp.head_dim_v)
-                                  + hp.n_vocab + hp.n_head * n_ctx) * f32,
+                                  + hp.n_vocab) * f32,
         "token ids": n_ctx * 9,
     }
     if logits_all:
