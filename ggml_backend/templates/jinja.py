@@ -282,8 +282,8 @@ def _format(value: Any, *args: Any, **kwargs: Any) -> str:
     return jinja_filters.do_format(value, *args, **kwargs)
 
 
-def _replaced_length(text: str, old: Any, new: Any, count: Any) -> int:
-    if not isinstance(old, str) or not isinstance(new, str):
+def _replaced_length(text: str | bytes, old: Any, new: Any, count: Any) -> int:
+    if not isinstance(old, (str, bytes)) or not isinstance(new, (str, bytes)):
         return len(text)
     n = text.count(old) if old else len(text) + 1
     if isinstance(count, int) and count >= 0:
@@ -432,8 +432,12 @@ class ChatTemplateSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context, __obj, *args: Any, **kwargs: Any):  # noqa: N805 (Jinja's signature)
         _tick()
         owner = getattr(__obj, "__self__", None)
-        if isinstance(owner, str):
+        if isinstance(owner, (str, bytes)):
             args = _check_str_method(owner, getattr(__obj, "__name__", ""), args, kwargs)
+        elif isinstance(owner, int) and getattr(__obj, "__name__", "") == "to_bytes":
+            length = args[0] if args else kwargs.get("length", 1)
+            if isinstance(length, int):
+                _check_string(length, "int.to_bytes")
         return super().call(__context, __obj, *args, **kwargs)
 
     def wrap_str_format(self, value: Any):
@@ -461,12 +465,12 @@ class ChatTemplateSandbox(ImmutableSandboxedEnvironment):
                                          f"the integer size limit of {MAX_INT_BITS:,} bits", "integer size")
             return operator.pow(left, right)
         elif operator_name == "+":
-            if isinstance(left, str) and isinstance(right, str):
+            if isinstance(left, (str, bytes)) and isinstance(right, (str, bytes)):
                 _check_string(len(left) + len(right), "'+'")
             elif isinstance(left, (list, tuple)) and isinstance(right, (list, tuple)):
                 _check_items(len(left) + len(right), "'+'")
-        elif operator_name == "%" and isinstance(left, str):
-            _check_printf(left, right, "'%' formatting")
+        elif operator_name == "%" and isinstance(left, (str, bytes)):
+            _check_printf(left if isinstance(left, str) else left.decode("latin-1"), right, "'%' formatting")
         return super().call_binop(context, operator_name, left, right)
 
 
@@ -480,7 +484,7 @@ def _check_items(n_items: int, how: str) -> None:
 def _check_product(left: Any, right: Any) -> None:
     for sequence, count in ((left, right), (right, left)):
         if isinstance(count, int) and not isinstance(count, bool):
-            if isinstance(sequence, str):
+            if isinstance(sequence, (str, bytes)):
                 _check_string(len(sequence) * max(count, 0), "repeating a string")
                 return
             if isinstance(sequence, (list, tuple)):
@@ -491,10 +495,10 @@ def _check_product(left: Any, right: Any) -> None:
                                  f"the integer size limit of {MAX_INT_BITS:,} bits", "integer size")
 
 
-def _check_str_method(owner: str, name: str, args: tuple, kwargs: dict) -> tuple:
-    """Bounds for the str methods that can build a big string in one step; returns the (possibly materialized)
-    positional arguments to call with."""
-    how = f"str.{name}"
+def _check_str_method(owner: str | bytes, name: str, args: tuple, kwargs: dict) -> tuple:
+    """Bounds for the str (and bytes, from ``encode``) methods that can build a big string in one step; returns the
+    (possibly materialized) positional arguments to call with."""
+    how = f"{type(owner).__name__}.{name}"
     if name in _STR_PADDING_METHODS:
         width = args[0] if args else kwargs.get("width")
         if isinstance(width, int) and width > len(owner):
@@ -504,14 +508,15 @@ def _check_str_method(owner: str, name: str, args: tuple, kwargs: dict) -> tuple
         tabsize = args[0] if args else kwargs.get("tabsize", 8)
         _check_width(tabsize, how)
         if isinstance(tabsize, int):
-            _check_string(len(owner) + owner.count("\t") * max(tabsize, 0), how)
+            _check_string(len(owner) + owner.count("\t" if isinstance(owner, str) else b"\t") * max(tabsize, 0),
+                          how)
     elif name == "replace" and len(args) >= 2:
         _check_string(_replaced_length(owner, args[0], args[1], args[2] if len(args) > 2 else kwargs.get("count")),
                       how)
     elif name == "join" and args:
         items = list(args[0])   # materialized once: it may be an iterator, and it is measured before joining
-        _check_string(sum(len(i) if isinstance(i, str) else 0 for i in items) + len(owner) * max(len(items) - 1, 0),
-                      how)
+        _check_string(sum(len(i) if isinstance(i, (str, bytes)) else 0 for i in items)
+                      + len(owner) * max(len(items) - 1, 0), how)
         return (items, *args[1:])
     return args
 
