@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .formats import load
+from .generation import validate
 from .model.forward import Model
-from .model.spec import resolve_hparams
+from .model.validate import build_hparams, build_tokenizer, check_memory
 from .quant.matmul import BLAS_MIN_TOKENS
-from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -61,28 +61,25 @@ class Llama:
                  verbose: bool = True, chat_format: str | None = None, n_head_kv: int | None = None,
                  rms_norm_eps: float | None = None, **_ignored):
         t0 = time.perf_counter()
+        n_ctx, n_batch, n_threads = validate.llama_arguments(
+            n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, seed=seed,
+            rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
         if model_path is None:
             from .default_model import default_model_path
             model_path = default_model_path(progress=verbose)
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
-            if not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if n_batch == 0:
-            raise ValueError("n_batch must be at least 1")
-        if n_threads is not None and n_threads < 1:
-            raise ValueError(f"n_threads must be at least 1, got {n_threads}")
         self.model_path = str(model_path)
         self.verbose = verbose
         self.model_file = load(model_path, n_head_kv=n_head_kv, rms_eps=rms_norm_eps)
         self.metadata = self.model_file.metadata
-        shapes = {name: tuple(t.shape) for name, t in self.model_file.tensors.items()}
-        self.hparams = resolve_hparams(self.metadata, shapes, rope_freq_base=rope_freq_base,
-                                       rope_freq_scale=rope_freq_scale)
+        # one validation pass over the file's hyper-parameters and tensors, and the memory asked, before allocating
+        self.hparams = build_hparams(self.model_file, rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
+        self._n_ctx = n_ctx or self.hparams.n_ctx_train
+        check_memory(self.hparams, self._n_ctx, min(n_batch, self._n_ctx), logits_all,
+                     context=None if n_ctx else f"n_ctx=0 (the file's context length {self._n_ctx})")
         self.model = Model(self.model_file, self.hparams)
-        self.tokenizer = Tokenizer.from_metadata(self.metadata, ggml_legacy=self.model_file.format == "ggml")
-        self._n_ctx = int(n_ctx) or self.hparams.n_ctx_train
+        self.tokenizer = build_tokenizer(self.model_file)
         self.n_batch = int(min(n_batch, self._n_ctx))
-        self.n_threads = int(n_threads or os.cpu_count() or 1)
+        self.n_threads = n_threads
         self.seed = seed
         self.logits_all = logits_all
         self.chat_format = chat_format
@@ -139,7 +136,9 @@ class Llama:
 
     def eval(self, tokens) -> None:
         """Evaluate tokens after the ones already in the KV cache, n_batch at a time."""
-        tokens = [int(t) for t in tokens]
+        tokens = validate.eval_tokens(tokens, self.hparams.n_vocab)
+        if not tokens:
+            return
         with self._lock:
             if self.n_tokens + len(tokens) > self._n_ctx:
                 raise ValueError(f"{self.n_tokens} evaluated + {len(tokens)} new tokens exceed the context size "
@@ -302,11 +301,13 @@ class Llama:
                           add_bos: bool | None = None, stop_tokens=None, penalize_nl: bool = True, **_ignored):
         """An OpenAI/llama-cpp-python-shaped text completion (a dict, or an iterator of chunks if stream)."""
         from .generation import SamplingParams
+        stop, max_tokens, logprobs, n_keep, stop_tokens = validate.completion_arguments(
+            prompt=prompt, max_tokens=max_tokens, stop=stop, logprobs=logprobs, n_keep=n_keep, stop_tokens=stop_tokens)
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, tfs_z=tfs_z, typical_p=typical_p,
             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta, logit_bias=dict(logit_bias or {}), seed=seed, penalize_nl=penalize_nl)
+            mirostat_eta=mirostat_eta, logit_bias=logit_bias, seed=seed, penalize_nl=penalize_nl)
         if isinstance(prompt, (list, tuple, np.ndarray)):
             prompt_tokens = [int(t) for t in prompt]
         else:
@@ -441,7 +442,7 @@ class Llama:
         import uuid
         from .templates import parse_tool_calls
         prompt_tokens, template_stops, _ = self.render_chat_prompt(messages, template=chat_template, tools=tools)
-        user_stops = [stop] if isinstance(stop, str) else list(stop or [])
+        user_stops = validate.stop_strings(stop)
         completion = self.create_completion(
             prompt_tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             typical_p=typical_p, stream=stream, stop=template_stops + user_stops, seed=seed,

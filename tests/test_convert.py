@@ -2,6 +2,9 @@
 for byte and whose vocabulary matches the twin's (tokens, scores, token types)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -113,3 +116,98 @@ def test_llama_cpp_loads_the_converted_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     converted, twin = (np.array(r) for r in json.loads(proc.stdout.strip().splitlines()[-1]))
     np.testing.assert_array_equal(converted, twin)
+
+
+# ---- convert never loses data ---------------------------------------------------------------------------------------
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_convert_refuses_to_write_over_its_input_even_with_force(tmp_path, capsys, link):
+    source = tmp_path / "model.ggmlv3.bin"
+    source.write_bytes(synthetic_file("q4_0", "ggml").read_bytes())
+    before = source.read_bytes()
+    out = tmp_path / "model.gguf"
+    if link == "hard":
+        os.link(source, out)
+    else:
+        out.symlink_to(source)
+    assert main(["convert", str(source), str(out), "--force"]) == 1
+    assert "is the input file itself" in _one_error_line(capsys)
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ggmlv3.bin", "model.gguf"]
+
+
+def test_convert_never_replaces_what_is_not_a_regular_file(tmp_path, capsys):
+    source = str(synthetic_file("q4_0", "ggml"))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    targets = [(fifo, "is a FIFO, not a regular file"), (folder, "is a directory, not a regular file")]
+    if os.path.exists("/dev/full"):
+        targets.append((Path("/dev/full"), "is a character device, not a regular file"))
+    for target, message in targets:
+        kind = os.stat(target).st_mode
+        assert main(["convert", source, str(target), "--force"]) == 1
+        assert message in _one_error_line(capsys)
+        assert os.stat(target).st_mode == kind          # still there, still what it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "pipe"]   # no temporary file left
+
+
+def test_a_failed_write_keeps_the_old_output_and_removes_only_its_temporary_file(tmp_path, capsys, monkeypatch):
+    import errno
+    from ggml_backend.formats import gguf
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"the previous conversion")
+    real_write = gguf.write_tensor_data
+    calls = []
+
+    def full_disk(out_file, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(out_file, name, *args, **kwargs)
+    monkeypatch.setattr(gguf, "write_tensor_data", full_disk)
+    assert main(["convert", str(synthetic_file("q4_0", "ggml")), str(out), "--force"]) == 1
+    assert "No space left on device" in _one_error_line(capsys)
+    assert out.read_bytes() == b"the previous conversion"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.gguf"]
+    monkeypatch.setattr(gguf, "write_tensor_data", real_write)
+    out.chmod(0o640)
+    assert main(["convert", str(synthetic_file("q4_0", "ggml")), str(out), "--force"]) == 0
+    assert ggml_backend.load(out).format == "gguf" and [p.name for p in tmp_path.iterdir()] == ["out.gguf"]
+    assert out.stat().st_mode & 0o777 == 0o640          # an overwritten file keeps its permissions
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--context-length", "-5"], "--context-length must be an integer from 1 to 4294967295, got -5"),
+    (["--context-length", str(2 ** 32)], "--context-length must be an integer from 1"),
+    (["--eps", "nan"], "--eps must be a finite number between 0 and 1"),
+    (["--eps=-1e-5"], "--eps must be a finite number"),
+    (["--gqa", "0"], "--gqa must be a positive integer"),
+])
+def test_convert_option_ranges(tmp_path, capsys, option, message):
+    out = tmp_path / "out.gguf"
+    assert main(["convert", str(synthetic_file("q4_0", "ggml")), str(out)] + option) == 1
+    assert message in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_unexpected_errors_are_one_line_unless_verbose(tmp_path, capsys, monkeypatch):
+    from ggml_backend.cli import convert as convert_module
+
+    def broken(*args, **kwargs):
+        raise KeyError("blk.0.attn_q.weight")
+    monkeypatch.setattr(convert_module, "convert", broken)
+    argv = ["convert", str(synthetic_file("q4_0", "ggml")), str(tmp_path / "x.gguf")]
+    assert main(argv) == 1
+    assert "error: KeyError: 'blk.0.attn_q.weight' (an internal error; --verbose shows where)" in \
+        _one_error_line(capsys)
+    assert main(argv + ["--verbose"]) == 1
+    assert "Traceback" in capsys.readouterr().err

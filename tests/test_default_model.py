@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 
 import pytest
 
@@ -73,3 +75,98 @@ def test_missing_chunk_packages_say_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(default_model, "_CHUNK_PACKAGES", ["no_such_package_part1"])
     with pytest.raises(FileNotFoundError, match="pip install"):
         default_model.default_model_path(progress=False)
+
+
+# ---- the stamp on use, rebuilding, stale temporary files ------------------------------------------------------------
+
+@pytest.fixture
+def bigger_chunks(tmp_path, monkeypatch):
+    """Three chunks of 48 KiB of seeded random bytes: big enough for a 4 KiB overwrite to be 'some weights'."""
+    import random
+    rng = random.Random(7)
+    parts = [b"GGUF" + rng.randbytes(48 * 1024 - 4), rng.randbytes(48 * 1024), rng.randbytes(48 * 1024)]
+    paths = []
+    for i, data in enumerate(parts, start=1):
+        p = tmp_path / f"part{i:02d}.bin"
+        p.write_bytes(data)
+        paths.append(p)
+    whole = b"".join(parts)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GGML_BACKEND_CACHE", str(cache))
+    monkeypatch.setattr(default_model, "_chunk_paths", lambda: paths)
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_SIZE", len(whole))
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_SHA256", hashlib.sha256(whole).hexdigest())
+    return whole, cache
+
+
+def _overwrite(path, offset, data, keep_mtime=False):
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("damage", ["weights", "weights, mtime put back", "header", "truncated"])
+def test_a_damaged_cached_model_is_assembled_again(bigger_chunks, damage):
+    whole, cache = bigger_chunks
+    target = default_model.default_model_path(progress=False)
+    assert (cache / (target.name + ".stamp")).is_file()
+    if damage.startswith("weights"):
+        _overwrite(target, 70_000, b"\xff" * 4096, keep_mtime="mtime" in damage)
+    elif damage == "header":
+        _overwrite(target, 0, b"JUNK" * 16)
+    else:
+        with open(target, "r+b") as f:
+            f.truncate(len(whole) - 4096)
+    assert target.read_bytes() != whole
+    assert default_model.default_model_path(progress=False) == target
+    assert target.read_bytes() == whole
+    assert sorted(p.name for p in cache.iterdir()) == sorted([target.name, target.name + ".stamp"])
+
+
+def test_an_intact_file_with_a_stale_stamp_is_rehashed_not_rebuilt(bigger_chunks, monkeypatch):
+    whole, cache = bigger_chunks
+    target = default_model.default_model_path(progress=False)
+    os.utime(target, ns=(0, 10 ** 18))                # touched: the stamp no longer matches
+    (cache / (target.name + ".stamp")).unlink()       # and a file assembled before stamps existed has none
+    monkeypatch.setattr(default_model, "_chunk_paths", lambda: pytest.fail("rebuilt an intact file"))
+    assert default_model.default_model_path(progress=False).read_bytes() == whole
+    assert (cache / (target.name + ".stamp")).is_file()
+    assert default_model.default_model_path(progress=False) == target   # the new stamp holds
+
+
+def test_stale_temporary_files_are_cleaned_but_a_running_assembly_is_not(bigger_chunks):
+    import subprocess
+    import sys
+    whole, cache = bigger_chunks
+    cache.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = cache / ".assembling-999999999-k3j4h5"          # its process is gone
+        old = cache / ".assembling-q8w7e6"                      # an older version's name, untouched for an hour
+        running = cache / f".assembling-{sleeper.pid}-a1b2c3"   # a live process, writing now
+        fresh_unnamed = cache / ".assembling-z9y8x7"
+        for p in (dead, old, running, fresh_unnamed):
+            p.write_bytes(b"\0" * 1000)
+        os.utime(old, (time.time() - 3600, time.time() - 3600))
+        target = default_model.default_model_path(progress=False)
+        assert target.read_bytes() == whole
+        assert not dead.exists() and not old.exists()
+        assert running.exists() and fresh_unnamed.exists()
+        os.utime(running, (time.time() - 3600, time.time() - 3600))   # a hung assembly, long silent
+        default_model.default_model_path(progress=False)
+        assert not running.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_cache_path_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch):
+    not_a_dir = tmp_path / "cache-file"
+    not_a_dir.write_text("x")
+    monkeypatch.setenv("GGML_BACKEND_CACHE", str(not_a_dir))
+    with pytest.raises(NotADirectoryError, match=f"GGML_BACKEND_CACHE={not_a_dir} is not a directory"):
+        default_model.default_model_path(progress=False)
+    assert not_a_dir.read_text() == "x"

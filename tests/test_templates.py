@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
 
 from ggml_backend.templates import (
-    Character, ChatTemplate, JinjaTemplate, TemplateError, TemplateSecurityError, TextgenTemplate,
-    get_template, list_templates, parse_tool_calls,
+    Character, ChatTemplate, JinjaTemplate, TemplateError, TemplateLimitError, TemplateSecurityError,
+    TextgenTemplate, get_template, list_templates, parse_tool_calls,
 )
 
 GPT4ALL_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -306,6 +307,158 @@ def test_jinja_load_errors_and_helpers():
     assert trimmed == "  A\nB"   # trim_blocks + lstrip_blocks, as transformers and llama.cpp
 
 
+# ---- time and size limits ------------------------------------------------------------------------------------------
+
+# Each of these allocated a gigabyte or more, or never returned, before the limits; (template, limit named).
+RUNAWAY_TEMPLATES = [
+    ("{{ '%0999999999d' % 1 }}", "format width"),
+    ("{{ '%*d' % (999999999, 1) }}", "format width"),
+    ("{{ '{:>999999999}'.format(1) }}", "format width"),
+    ("{{ '{:>{w}}'.format(1, w=999999999) }}", "format width"),
+    ("{{ '%0999999d' | format(1) }}", "format width"),
+    ("{{ 'a' * 10**9 }}", "string size"),
+    ("{{ 'a'.encode() * 10**9 }}", "string size"),
+    ("{{ 'a'.encode().ljust(999999999) }}", "format width"),
+    ("{{ (1).to_bytes(999999999, 'big') }}", "string size"),
+    ("{{ [1] * 10**8 }}", "sequence length"),
+    ("{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+     "string size"),
+    ("{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+     "string size"),
+    ("{{ 2 ** 100000000 }}", "integer size"),
+    ("{% set n = 2 ** 60000 %}{{ n * n }}", "integer size"),
+    ("{{ range(10**9) | length }}", "range"),
+    ("{{ 'x' | center(999999999) }}", "format width"),
+    ("{{ 'x'.ljust(999999999) }}", "format width"),
+    ("{{ 'x'.rjust(999999999) }}", "format width"),
+    ("{{ 'x'.zfill(999999999) }}", "format width"),
+    ("{{ 'a\tb'.expandtabs(999999999) }}", "format width"),
+    ("{{ 'x' | indent(999999999, true) }}", "format width"),
+    ("{{ 'x x' | wordwrap(999999999) }}", "format width"),
+    ("{{ lipsum(1000000) }}", "lipsum"),
+    ("{{ {'a': 1} | tojson(indent=999999999) }}", "format width"),
+    ("{{ ('x' * 1000000).replace('x', 'yyyyyy') }}", "string size"),
+    ("{{ ''.join(['x' * 1000000] * 100) }}", "string size"),
+    ("{{ (['x' * 1000000] * 100) | join }}", "string size"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output size"),
+    ("{% set s %}{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endset %}{{ s | length }}",
+     "output size"),
+    ("{% macro m() %}{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}{% endmacro %}{{ m() | length }}",
+     "output size"),
+    # the same list a hundred times, printed: small in memory, gigabytes as text
+    ("{% set l = range(100000) | list %}{% set m = [l, l, l, l, l, l, l, l, l, l] %}{{ [m, m, m, m, m, m, m] }}",
+     "string size"),
+    ("{% set l = range(100000) | list %}{% set m = [l, l, l, l, l, l, l, l, l, l] %}{{ [m, m, m] | tojson }}",
+     "string size"),
+    ("{% set l = range(100000) | list %}{% set m = [l, l, l, l, l, l, l, l, l, l] %}{{ [m, m] | string }}",
+     "string size"),
+]
+
+
+@pytest.mark.parametrize("source, limit", RUNAWAY_TEMPLATES)
+def test_runaway_templates_stop_at_a_named_limit(source, limit):
+    with pytest.raises(TemplateLimitError) as info:
+        JinjaTemplate(source, name="hostile").render(ONE_QUESTION)
+    assert info.value.limit == limit
+    assert str(info.value).startswith("chat template 'hostile': ") and "limit" in str(info.value)
+    assert isinstance(info.value, TemplateSecurityError)    # a resource attack is hostile input too
+
+
+@pytest.mark.parametrize("source", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    # loops over plain lists, with empty bodies: no call or attribute access that a hook would see
+    "{% set l = range(100000) | list %}{% for i in l %}{% for j in l %}{% endfor %}{% endfor %}",
+    "{% for i in range(100000) %}{% for j in range(100000) if j < 0 %}{% endfor %}{% endfor %}",
+])
+def test_endless_loops_stop_at_the_time_limit(source):
+    template = JinjaTemplate(source)
+    started = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="render time limit of 1.5 s") as info:
+        template.render(ONE_QUESTION)
+    assert time.monotonic() - started < 3.0
+    assert info.value.limit == "time"
+
+
+def test_limits_per_template_and_the_rest_of_the_render_unchanged():
+    chatty = JinjaTemplate("{% for m in messages %}{{ m.content }}{% endfor %}", max_output_chars=10)
+    assert chatty.render([{"role": "user", "content": "0123456789"}]) == "0123456789"
+    with pytest.raises(TemplateLimitError, match="output size limit of 10 characters"):
+        chatty.render([{"role": "user", "content": "0123456789"}] * 2)
+    slow = JinjaTemplate("{% for i in range(100000) %}{% for j in range(100) %}{% endfor %}{% endfor %}",
+                         time_limit_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="0.2 s"):
+        slow.render([])
+    assert time.monotonic() - started < 1.5
+    with pytest.raises(ValueError, match="time_limit_s"):
+        JinjaTemplate("x", time_limit_s=float("nan"))
+    # what stays allowed: modest repeats, widths, ranges, powers, formats, loop output, lipsum
+    ok = JinjaTemplate("{{ '-' * 80 }}|{{ '%05d' % 42 }}|{{ '{:>6}'.format('ab') }}|{{ 'x' | center(9) }}|"
+                       "{{ range(1000) | sum }}|{{ 2 ** 64 }}|{{ [0] * 3 }}|{{ lipsum(2, html=false) | length > 0 }}|"
+                       "{% for i in range(3) %}{{ i }}{% endfor %}|{{ ['a', 'b'] | join(',') }}|{{ {'k': [1]} | tojson }}")
+    assert ok.render([]) == ("-" * 80 + "|00042|    ab|    x    |499500|18446744073709551616|[0, 0, 0]|True|012|a,b|"
+                             '{"k": [1]}')
+
+
+# Gemma 3's chat template (google/gemma-3-*-it tokenizer_config.json), as llama.cpp and transformers render it.
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+
+def test_gemma3_template_renders_within_the_limits():
+    gemma = JinjaTemplate(GEMMA3_TEMPLATE, bos_token="<bos>", eos_token="<eos>")
+    messages = [{"role": "system", "content": "Be brief."}] + CONVERSATION
+    assert gemma.render(messages) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nHow are you?<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        gemma.render(CONVERSATION[:1] * 2)
+    # a long conversation: the limits cost little
+    long_chat = [{"role": r, "content": "word " * 1000} for _ in range(200) for r in ("user", "assistant")]
+    started = time.monotonic()
+    assert len(gemma.render(long_chat)) > 1_900_000
+    assert time.monotonic() - started < 1.0
+
+
 # ---- the real Qwen2.5 template from the model file -----------------------------------------------------------------
 
 def _gguf_metadata(path: Path, wanted: set[str]) -> dict:
@@ -383,6 +536,11 @@ def test_qwen_template_renders_chatml(qwen_template):
         "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n")
     assert qwen_template.render(messages[:3], continue_final_message=True) == expected[:expected.index(
         "<|im_end|>\n<|im_start|>user\nIn C?")]
+    # within the time and size limits, with room to spare, for a conversation of 400 long turns
+    long_chat = [{"role": r, "content": "word " * 1000} for _ in range(200) for r in ("user", "assistant")]
+    started = time.monotonic()
+    assert len(qwen_template.render(long_chat)) > 1_900_000
+    assert time.monotonic() - started < 1.0
 
 
 def test_qwen_template_with_tools(qwen_template):

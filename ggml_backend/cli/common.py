@@ -195,10 +195,13 @@ def sampling_params(args) -> SamplingParams:
 
 def _n_head_kv_for_gqa(model_path: str, gqa: int) -> int:
     """--gqa is a factor (n_head / n_head_kv); the engine wants the head count, so read n_head from the file."""
-    from ..formats import load
+    from ..formats import ModelFileError, load
     model_file = load(model_path)
     arch = model_file.metadata.get("general.architecture", "llama")
-    n_head = int(model_file.metadata[f"{arch}.attention.head_count"])
+    n_head = model_file.metadata.get(f"{arch}.attention.head_count")
+    if not isinstance(n_head, int) or n_head < 1:
+        raise ModelFileError(model_file.path, f"metadata {arch}.attention.head_count = {n_head!r}; expected a "
+                                              "positive integer (--gqa divides it)")
     if n_head % gqa:
         raise ValueError(f"--gqa {gqa} does not divide the model's n_head={n_head}")
     return n_head // gqa

@@ -3,12 +3,16 @@
 Each subcommand is a module exposing ``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when
 it is the one asked for, so ``ggml-backend info`` never pays for numba or the web UI. To add one, put a line in
 ``COMMANDS`` (or call ``register_command`` before ``main``).
+
+Every error ends the command with one line on stderr (``ggml-backend COMMAND: error: ...``) and a non-zero exit
+status; ``--verbose`` adds the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 
 # name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,6 +35,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--verbose", action="store_true", help="print a traceback with an error message")
         if name == selected:
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
@@ -54,13 +59,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, IsADirectoryError) as exc:
-        # Bad files (ModelFileError is a ValueError) and bad option values: one line, no traceback.
-        print(f"ggml-backend {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:   # noqa: BLE001 (the one place every error becomes a message and an exit status)
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"ggml-backend {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error: bad files (ModelFileError is a ValueError), bad option values and OS errors speak
+    for themselves; anything else is unexpected, so its type is named."""
+    if isinstance(exc, (ValueError, OSError, MemoryError)):
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, MemoryError):
+            text = f"out of memory{': ' + str(exc) if str(exc) else ''}"
+    else:
+        text = f"{type(exc).__name__}: {exc} (an internal error; --verbose shows where)"
+    return " ".join(text.split())   # one line, whatever the message held
 
 
 if __name__ == "__main__":

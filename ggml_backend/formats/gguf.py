@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import struct
+import tempfile
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, Iterable
@@ -432,16 +434,54 @@ def _progress_bar(progress, total: int, desc: str):
 
 @contextlib.contextmanager
 def writing_file(path, progress, total_bytes: int):
-    """Open ``path`` for writing a model file: yields (file, progress bar or None); a failure (or Ctrl-C) part-way
-    deletes the partial file, so no truncated model is left behind."""
-    bar = _progress_bar(progress, total_bytes, f"writing {Path(path).name}")
+    """Open a new model file for ``path``: yields (file, progress bar or None).
+
+    The data goes to a temporary file beside ``path`` (same directory, so the same file system), flushed to disk
+    and renamed over ``path`` only when complete: a failure (a full disk, Ctrl-C) part-way leaves ``path`` as it
+    was, whatever it was, and removes only the temporary file this call created. A ``path`` that exists and is not
+    a regular file (a directory, a device such as /dev/full, a FIFO) is refused before anything is written, so it is
+    never replaced; a symlink keeps pointing where it did, at the new file."""
+    path = Path(path)
+    final = Path(os.path.realpath(path))
     try:
-        with open(path, "wb") as out:
+        existing = final.stat()
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise OSError(exc.errno, f"{path}: cannot write a model file here: {exc.strerror}") from None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        kind = "a directory" if stat.S_ISDIR(existing.st_mode) else _file_kind(existing.st_mode)
+        raise ValueError(f"{path}: is {kind}, not a regular file; a model file is only written to a regular file")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{path}: cannot create a file in {final.parent}: {exc.strerror}") from None
+    bar = _progress_bar(progress, total_bytes, f"writing {path.name}")
+    try:
+        with os.fdopen(fd, "wb") as out:
             yield out, bar
+            out.flush()
+            os.fsync(out.fileno())   # the bytes are on disk before the name points at them
+        os.chmod(tmp_name, existing.st_mode & 0o7777 if existing is not None else 0o666 & ~_umask())
+        os.replace(tmp_name, final)
     except BaseException:
-        if os.path.exists(path):
-            os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)      # only the temporary file created above, never ``path``
         raise
     finally:
         if bar is not None and progress is True:
             bar.close()
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)   # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask

@@ -373,7 +373,8 @@ def mirostat_v1_k(candidates: Candidates, mu: float, n_vocab: int, m: int = MIRO
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         s_hat = float(np.sum(t * b) / np.sum(t * t))
         epsilon = s_hat - 1.0
-        k = (epsilon * 2.0 ** mu / (1.0 - float(n_vocab) ** -epsilon)) ** (1.0 / s_hat)
+        # np.exp2, not 2.0 ** mu: a huge mu (a large learning rate or target) gives inf, not OverflowError
+        k = (epsilon * np.exp2(np.float64(mu)) / (1.0 - np.float64(n_vocab) ** -epsilon)) ** (1.0 / s_hat)
     if not np.isfinite(k):
         # Degenerate estimates (a flat or one-hot distribution): keep every candidate rather than crash.
         return len(candidates)

@@ -8,9 +8,10 @@
 - ``JinjaTemplate``: GGUF / Hugging Face Jinja templates, rendered only in a sandbox.
 - ``parse_tool_calls``: ``<tool_call>`` blocks of a reply into (text, calls).
 
-Every failure is a ``TemplateError`` (a ``ValueError``); unsafe Jinja raises its subclass ``TemplateSecurityError``.
+Every failure is a ``TemplateError`` (a ``ValueError``); unsafe Jinja raises its subclass ``TemplateSecurityError``,
+and Jinja that goes past a time or size limit raises ``TemplateLimitError`` (a ``TemplateSecurityError``).
 """
-from .base import ChatTemplate, TemplateError, TemplateSecurityError, normalize_messages
+from .base import ChatTemplate, TemplateError, TemplateLimitError, TemplateSecurityError, normalize_messages
 from .builtin import (ChatMLTemplate, RawTemplate, get_template, list_templates, register_template,
                       GPT4ALL_SYSTEM_MESSAGE, TEXTGEN_TEMPLATE_FIELDS)
 from .jinja import JinjaTemplate
@@ -19,7 +20,7 @@ from .textgen import (Character, DEFAULT_CHAT_INSTRUCT_COMMAND, TextgenTemplate,
 from .tool_calls import parse_tool_calls
 
 __all__ = [
-    "ChatTemplate", "TemplateError", "TemplateSecurityError", "normalize_messages",
+    "ChatTemplate", "TemplateError", "TemplateLimitError", "TemplateSecurityError", "normalize_messages",
     "ChatMLTemplate", "RawTemplate", "get_template", "list_templates", "register_template",
     "GPT4ALL_SYSTEM_MESSAGE", "TEXTGEN_TEMPLATE_FIELDS",
     "JinjaTemplate",

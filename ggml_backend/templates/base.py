@@ -18,6 +18,17 @@ class TemplateSecurityError(TemplateError):
     """A Jinja template tried to reach Python internals (``__class__``, ``__globals__``, ...); nothing was run."""
 
 
+class TemplateLimitError(TemplateSecurityError):
+    """A Jinja template went past a resource limit (render time, output size, a string, number or range too big).
+
+    A subclass of ``TemplateSecurityError``: a template that tries to exhaust time or memory is hostile input as
+    much as one that reaches for Python internals. ``limit`` names the limit that was hit."""
+
+    def __init__(self, message: str, limit: str = ""):
+        super().__init__(message)
+        self.limit = limit
+
+
 class ChatTemplate(ABC):
     """Turns a list of chat messages into the prompt text a model was trained on."""
 
