@@ -1032,10 +1032,20 @@ def _simd_matvec(type_name: str, base: np.ndarray, starts, row_counts, row_bytes
     the activation rows ``acts`` into ``out`` [n_tokens, sum(row_counts)]. Every offset and size was checked by
     the caller (the kernels read without bounds checks)."""
     n_tokens = acts.qs.shape[0]
-    x_sums = acts.extra if acts.vec_dot_type == "q8_1" else np.zeros((n_tokens, 0), np.float32)
-    x_bsums = acts.extra if acts.vec_dot_type == "q8_K" else np.zeros((n_tokens, 0), np.int32)
+    x_sums = acts.extra if acts.vec_dot_type == "q8_1" else _no_columns(np.float32, n_tokens)
+    x_bsums = acts.extra if acts.vec_dot_type == "q8_K" else _no_columns(np.int32, n_tokens)
     matvec(KINDS[type_name], base, np.asarray(starts, np.int64), np.asarray(row_counts, np.int64), row_bytes,
            acts.qs, acts.d, x_sums, x_bsums, out, _n_chunks(out.shape[1]), KERNEL_ISA)
+
+
+_NO_COLUMNS = {np.float32: np.zeros((1024, 0), np.float32), np.int32: np.zeros((1024, 0), np.int32)}
+
+
+def _no_columns(dtype, n_rows: int) -> np.ndarray:
+    """The unread x_sums / x_bsums of the kinds that take none: one empty row per token (no allocation per call
+    for up to 1024 tokens)."""
+    empty = _NO_COLUMNS[dtype]
+    return empty[:n_rows] if n_rows <= len(empty) else np.zeros((n_rows, 0), dtype)
 
 
 def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: QuantizedActivations, out, method: str):
@@ -1229,33 +1239,60 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
     return results
 
 
+@dataclass
+class _FusedGroup:
+    """Matrices of one type in one byte array, multiplied in one launch (see ``_launch_plan``)."""
+    type_name: str
+    vec_dot_type: str
+    members: list[int]          # indexes into the weights of the call
+    base: np.ndarray            # the byte array holding them
+    starts: np.ndarray          # int64 byte offsets of their first rows in ``base``
+    counts: np.ndarray          # int64 rows of each
+    row_bytes: int
+
+
+def _launch_plan(weights: Sequence[WeightMatrix]) -> list[_FusedGroup]:
+    """The fused launches for this list of matrices, worked out once per list and kept on its first matrix (the
+    forward pass passes the same lists every token): matrices whose owners are the same bytes (views of one
+    memory map) and whose type is the same share a launch."""
+    plans = weights[0].__dict__.setdefault("_launch_plans", {})
+    key = tuple(id(weight) for weight in weights)
+    cached = plans.get(key)
+    if cached is not None and all(a is b for a, b in zip(cached[0], weights)):
+        return cached[1]
+    groups: dict[tuple, list[int]] = {}
+    for i, weight in enumerate(weights):
+        if weight.type.name in KINDS:
+            groups.setdefault((weight.type.name, weight.root.ctypes.data, weight.root.nbytes), []).append(i)
+    plan = [_FusedGroup(name, get_type(name).vec_dot_type, members, weights[members[0]].root,
+                        np.array([weights[i].offset for i in members], np.int64),
+                        np.array([weights[i].shape[0] for i in members], np.int64),
+                        weights[members[0]].bytes.shape[1])
+            for (name, _, _), members in groups.items()]
+    plans[key] = (list(weights), plan)
+    return plan
+
+
 def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) -> list[np.ndarray]:
     """A few tokens times several matrices on the SIMD kernels: those of one type that live in one byte array
     (q, k, v or gate, up of a model file) are computed in one kernel launch, which halves the launches of a
     decode step."""
     prepared: dict[str, QuantizedActivations] = {}
     results: list[np.ndarray | None] = [None] * len(weights)
-    groups: dict[tuple[str, int], list[int]] = {}
     for i, weight in enumerate(weights):
-        if weight.type.name in KINDS:
-            # matrices whose owners are the same bytes (views of one memory map) share a launch
-            groups.setdefault((weight.type.name, weight.root.ctypes.data, weight.root.nbytes), []).append(i)
-        else:   # f32 / f16 / bf16: the BLAS path
+        if weight.type.name not in KINDS:   # f32 / f16 / bf16: the BLAS path
             vdt = weight.type.vec_dot_type
             if vdt not in prepared:
                 prepared[vdt] = quantize_activations(vdt, rows)
             results[i] = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, "auto")
-    for (type_name, _, _), members in groups.items():
-        qtype = get_type(type_name)
-        if qtype.vec_dot_type not in prepared:
-            prepared[qtype.vec_dot_type] = quantize_activations(qtype.vec_dot_type, rows)
-        counts = [weights[i].shape[0] for i in members]
-        out = np.empty((len(rows), sum(counts)), np.float32)
-        row_bytes = weights[members[0]].bytes.shape[1]
-        _simd_matvec(type_name, weights[members[0]].root, [weights[i].offset for i in members], counts, row_bytes,
-                     prepared[qtype.vec_dot_type], out)
+    for group in _launch_plan(weights):
+        if group.vec_dot_type not in prepared:
+            prepared[group.vec_dot_type] = quantize_activations(group.vec_dot_type, rows)
+        out = np.empty((len(rows), int(group.counts.sum())), np.float32)
+        _simd_matvec(group.type_name, group.base, group.starts, group.counts, group.row_bytes,
+                     prepared[group.vec_dot_type], out)
         first = 0
-        for i, count in zip(members, counts):
+        for i, count in zip(group.members, group.counts):
             results[i] = out[:, first:first + count]
             first += count
     return [result.reshape(-1) if flat else result for result in results]

@@ -49,6 +49,14 @@ class Isa:
     def __init__(self, name: str, needs: tuple[str, ...]):
         self.name = name
         self.needs = needs     # LLVM feature names the CPU must have
+        self._type = None
+
+    @property
+    def _numba_type_(self):
+        # numba's dispatcher reads this before its generic (slower) typeof machinery, on every kernel call
+        if self._type is None:
+            self._type = IsaType(self.name)
+        return self._type
 
     def __repr__(self) -> str:
         return f"Isa({self.name!r})"
