@@ -34,13 +34,9 @@ class ModelManager:
         with self._swap_lock:
             llama = Llama(model_path=path, n_ctx=int(n_ctx), n_threads=int(n_threads) if n_threads else None,
                           n_gpu_layers=int(n_gpu_layers or 0), verbose=True)
-            # the old model finishes any reply it is writing before it is replaced
-            old = self.llama
-            if old is not None:
-                with old._lock:
-                    self.llama = llama
-            else:
-                self.llama = llama
+            # a reply being written on the old model finishes on it (its stream holds that Llama); new requests
+            # get the new one
+            self.llama = llama
             self._read_template()
         return llama
 
