@@ -253,7 +253,7 @@ class Llama:
         self.cache.truncate(n_reuse)
         if self._all_logits is not None:
             self._all_logits[n_reuse:] = 0
-        self._eval_now(prompt_tokens[n_reuse:])
+        self.eval(prompt_tokens[n_reuse:])   # on the worker: runs at once (and subclasses' eval hooks see it)
 
     def _context_shift(self, n_keep: int) -> None:
         """llama.cpp's context shift: keep the first n_keep tokens, drop half of the rest, slide the remainder."""
@@ -319,7 +319,7 @@ class Llama:
                 return   # the caller asked for no more: don't pay a forward pass for a token never used
             if self.n_tokens >= self._n_ctx:
                 self._context_shift(n_keep)
-            self._eval_now([token])
+            self.eval([token])
 
     def _cache_generation_end(self, snapshot) -> None:
         """On the worker, when a generation ends: its state goes to the prompt cache (if one is set)."""

@@ -337,4 +337,7 @@ class Stream:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - a finalizer must not raise (at interpreter exit threads cannot start)
+            pass
