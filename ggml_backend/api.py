@@ -366,8 +366,8 @@ class Llama:
         tokens = self._token_stream(prompt_tokens, sampler=self._make_sampler(params), params=params,
                                     max_tokens=max_tokens, n_keep=n_keep, stop_tokens=self._eog_ids(stop_tokens),
                                     with_logits=True)
-        stream_iter = Stream(self._completion_stream(tokens, prompt_tokens, max_tokens, stop, echo, logprobs,
-                                                     model, stop_tokens), tokens)
+        stream_iter = Stream(self._completion_stream(tokens, prompt_tokens, stop, echo, logprobs, model, stop_tokens),
+                             tokens)
         if stream:
             return stream_iter
         text_parts, finish_reason, usage, logprob_data = [], None, None, None
@@ -389,8 +389,7 @@ class Llama:
     def _eog_ids(self, stop_tokens) -> set[int]:
         return set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
 
-    def _completion_stream(self, tokens: TokenStream, prompt_tokens, max_tokens, stop, echo, logprobs, model_name,
-                           stop_tokens):
+    def _completion_stream(self, tokens: TokenStream, prompt_tokens, stop, echo, logprobs, model_name, stop_tokens):
         """Completion chunks from a (token, logits) stream; runs in the consumer's thread, the model in its own."""
         import uuid
         from .generation import TextStreamer, log_softmax, top_logprobs

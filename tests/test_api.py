@@ -230,9 +230,13 @@ def test_two_threads_advancing_one_stream_at_once_get_a_clear_error(tiny):
         blocker = threading.Thread(target=tiny._scheduler.call, args=(hold.wait, 30), daemon=True)
         blocker.start()
         first = threading.Thread(target=lambda: next(stream), daemon=True)
-        time.sleep(0.2)
         first.start()
-        time.sleep(0.3)
+        # until the first thread waits inside next() (the stream's own busy flag, a private detail read only here)
+        busy = stream._busy if hasattr(stream, "_busy") else stream._request.consumer_busy
+        deadline = time.monotonic() + 30
+        while not busy.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert busy.locked()
         with pytest.raises(RuntimeError, match="already being iterated in another thread"):
             _in_thread(lambda: next(stream), timeout=10)
         hold.set()
