@@ -339,6 +339,9 @@ def test_models_are_chosen_from_the_model_directory_only(server, models_dir, tmp
     for probe in probes:
         with pytest.raises(ValueError, match="choose a model file from the list"):
             manager.load_named(probe)
+    # a listed file with a context size that would allocate terabytes is refused before loading
+    status = c.predict("broken.gguf", 10**9, 0, 0, api_name="/load_model")[0]
+    assert status.startswith("**Error:** n_ctx must be in 16..")
 
 
 def test_listen_requires_a_login(llama, capfd):

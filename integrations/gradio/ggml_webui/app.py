@@ -33,6 +33,8 @@ TEMPLATE_FIELDS = ("user_string", "bot_string", "context_instruct", "turn_templa
 MAX_FIELD_CHARS = 32_768
 #: the longest chat message (the context holds a few thousand tokens at most)
 MAX_MESSAGE_CHARS = 200_000
+#: the largest context a client may ask the Model tab for
+MAX_N_CTX = 131_072
 _TEXT_FIELDS = TEMPLATE_FIELDS + ("custom_system_message", "chat_instruct_command", "character_context", "name1",
                                   "name2", "custom_stopping_strings")
 
@@ -421,8 +423,12 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                 return
             yield f"Loading `{name}`...", gr.update(), gr.update()
             try:
-                manager.load_named(name, n_ctx=int(n_ctx_value or DEFAULT_N_CTX),
-                                   n_threads=int(threads or 0) or None, n_gpu_layers=int(gpu_layers or 0))
+                n_ctx_value = int(n_ctx_value or DEFAULT_N_CTX)
+                if not 16 <= n_ctx_value <= MAX_N_CTX:
+                    # a client's number becomes an allocation of n_ctx x layers x heads: bound it here
+                    raise ValueError(f"n_ctx must be in 16..{MAX_N_CTX:,}, got {n_ctx_value:,}")
+                manager.load_named(name, n_ctx=n_ctx_value, n_threads=min(int(threads or 0), os.cpu_count() or 1)
+                                   or None, n_gpu_layers=int(gpu_layers or 0))
             except (ValueError, OSError, OverflowError) as exc:
                 yield f"**Error:** {short(str(exc))}", gr.update(), gr.update()
                 return
