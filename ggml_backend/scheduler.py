@@ -24,6 +24,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator
 
 #: how long a stream whose consumer has not asked for its next item keeps the model while other work waits
@@ -61,13 +62,14 @@ class _Request:
 class Scheduler:
     """Runs ``_Request``s for one model on one worker thread (started on demand, ended when idle).
 
-    ``save_state()``/``load_state(state)`` are the model's own state functions, called on the worker thread to
-    preempt a stream. The worker thread only lives while there is work, so an unused model can be freed.
+    ``save_state()``/``load_state(state)`` are the model's own state methods, called on the worker thread to
+    preempt a stream. They are held weakly and the worker thread only lives while there is work, so a model that
+    nobody uses is freed as soon as its last reference goes (no reference cycle through its scheduler).
     """
 
     def __init__(self, save_state: Callable[[], Any], load_state: Callable[[Any], None], name: str = "model"):
-        self._save_state = save_state
-        self._load_state = load_state
+        self._save_state_ref = weakref.WeakMethod(save_state)
+        self._load_state_ref = weakref.WeakMethod(load_state)
         self._name = name
         self._cond = threading.Condition()
         self._requests: list[_Request] = []   # open requests, oldest first
@@ -168,7 +170,27 @@ class Scheduler:
                 return None, left
         return waiting[0], None
 
+    def _save_state(self):
+        return self._save_state_ref()()
+
+    def _load_state(self, state) -> None:
+        self._load_state_ref()(state)
+
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # pragma: no cover - a bug here must not leave callers waiting forever
+            with self._cond:
+                self._worker = None
+                for request in self._requests:
+                    request.cancelled = True
+                    if request.demand or request.running:
+                        request.results.put((_ERROR, RuntimeError(f"the model's worker failed: {exc!r}")))
+                self._requests.clear()
+                self._live = None
+            raise
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 idle_deadline = time.monotonic() + WORKER_LINGER_S
