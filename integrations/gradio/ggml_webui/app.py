@@ -74,7 +74,8 @@ def _user_errors(fn):
 
 
 def _check_lengths(values: dict, message: str = "") -> None:
-    """Refuse oversized fields up front (Textbox max_length binds only the browser, not API clients)."""
+    """Refuse oversized fields before any work (and before an error could quote them): API clients send what
+    they like, whatever the page lets a browser type."""
     if len(message or "") > MAX_MESSAGE_CHARS:
         raise ValueError(f"the message is {len(message):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
     for name in _TEXT_FIELDS:
