@@ -7,7 +7,10 @@ def __getattr__(name):
     if name == "Llama":
         from .api import Llama
         return Llama
+    if name == "LlamaRAMCache":
+        from .prompt_cache import LlamaRAMCache
+        return LlamaRAMCache
     raise AttributeError(f"module 'ggml_backend' has no attribute {name!r}")
 
 
-__all__ = ["load", "Llama"]
+__all__ = ["load", "Llama", "LlamaRAMCache"]

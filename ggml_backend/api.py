@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ from .generation import validate
 from .model.forward import Model
 from .model.validate import build_hparams, build_tokenizer, check_memory
 from .quant.matmul import BLAS_MIN_TOKENS
+from .scheduler import Scheduler, Stream, TokenStream
 
 
 @dataclass
@@ -48,6 +48,11 @@ def _set_threads(n_threads: int) -> None:
 
 class Llama:
     """A loaded model with its tokenizer, KV cache and generation methods.
+
+    Thread-safe: every operation on the model's state (``eval``, ``reset``, ``save_state``, ``load_state`` and
+    each step of a generation) runs on the model's own worker thread, one at a time (see ``scheduler``). Streams
+    (``generate``, ``create_completion(stream=True)``, ``create_chat_completion(stream=True)``) may be advanced from
+    any thread, one thread at a time, and closed from any thread; closing one, or dropping it, frees the model.
 
     ``n_ctx=0``, ``rope_freq_base=0`` and ``rope_freq_scale=0`` mean "from the file". ``n_gpu_layers`` is accepted
     for compatibility; this engine runs on the CPU (``verbose`` says so when layers were asked for).
@@ -90,7 +95,10 @@ class Llama:
         self.n_tokens = 0
         self._last_logits: np.ndarray | None = None
         self._all_logits = np.zeros((self._n_ctx, self.hparams.n_vocab), np.float32) if logits_all else None
-        self._lock = threading.RLock()
+        # no lock: a lock held across a stream's yields deadlocks when another thread advances or closes it
+        self._scheduler = Scheduler(self._save_state_now, self._load_state_now,
+                                    name=os.path.basename(self.model_path))
+        self._cache = None
         self.load_time_s = time.perf_counter() - t0
         if verbose:
             hp = self.hparams
@@ -129,37 +137,42 @@ class Llama:
 
     # --- evaluation -----------------------------------------------------------------------------------------
     def reset(self) -> None:
-        with self._lock:
-            self.n_tokens = 0
-            self.cache.n_past = 0
-            self._last_logits = None
+        self._scheduler.call(self._reset_now)
+
+    def _reset_now(self) -> None:
+        self.n_tokens = 0
+        self.cache.n_past = 0
+        self._last_logits = None
 
     def eval(self, tokens) -> None:
         """Evaluate tokens after the ones already in the KV cache, n_batch at a time."""
         tokens = validate.eval_tokens(tokens, self.hparams.n_vocab)
         if not tokens:
             return
-        with self._lock:
-            if self.n_tokens + len(tokens) > self._n_ctx:
-                raise ValueError(f"{self.n_tokens} evaluated + {len(tokens)} new tokens exceed the context size "
-                                 f"n_ctx={self._n_ctx}")
-            bad = [t for t in tokens if not 0 <= t < self.hparams.n_vocab]
-            if bad:
-                raise ValueError(f"token ids out of range [0, {self.hparams.n_vocab}): {bad[:5]}")
-            _set_threads(self.n_threads)
-            # near-equal batches of at most n_batch: no short tail batch that would take other numerics
-            n_batches = -(-len(tokens) // self.n_batch)
-            bounds = [len(tokens) * i // n_batches for i in range(n_batches + 1)]
-            for first, last in zip(bounds, bounds[1:]):
-                batch = tokens[first:last]
-                logits = self.model.forward(batch, self.cache, all_logits=self.logits_all)
-                start = self.n_tokens
-                self.input_ids[start:start + len(batch)] = batch
-                self._batch_numerics[start:start + len(batch)] = len(batch) >= BLAS_MIN_TOKENS
-                self.n_tokens += len(batch)
-                if self._all_logits is not None:
-                    self._all_logits[start:start + len(batch)] = logits
-                self._last_logits = logits[-1]
+        self._scheduler.call(self._eval_now, tokens)
+
+    def _eval_now(self, tokens: list[int]) -> None:
+        """eval() itself; runs on the model's worker thread (or wherever a caller owns the model alone)."""
+        if self.n_tokens + len(tokens) > self._n_ctx:
+            raise ValueError(f"{self.n_tokens} evaluated + {len(tokens)} new tokens exceed the context size "
+                             f"n_ctx={self._n_ctx}")
+        bad = [t for t in tokens if not 0 <= t < self.hparams.n_vocab]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.hparams.n_vocab}): {bad[:5]}")
+        _set_threads(self.n_threads)
+        # near-equal batches of at most n_batch: no short tail batch that would take other numerics
+        n_batches = -(-len(tokens) // self.n_batch)
+        bounds = [len(tokens) * i // n_batches for i in range(n_batches + 1)]
+        for first, last in zip(bounds, bounds[1:]):
+            batch = tokens[first:last]
+            logits = self.model.forward(batch, self.cache, all_logits=self.logits_all)
+            start = self.n_tokens
+            self.input_ids[start:start + len(batch)] = batch
+            self._batch_numerics[start:start + len(batch)] = len(batch) >= BLAS_MIN_TOKENS
+            self.n_tokens += len(batch)
+            if self._all_logits is not None:
+                self._all_logits[start:start + len(batch)] = logits
+            self._last_logits = logits[-1]
 
     @property
     def scores(self) -> np.ndarray:
@@ -180,26 +193,37 @@ class Llama:
         return self._last_logits
 
     def save_state(self) -> LlamaState:
-        with self._lock:
-            n = self.n_tokens
-            return LlamaState(
-                input_ids=self.input_ids[:n].copy(), batch_numerics=self._batch_numerics[:n].copy(),
-                kv=self.cache.snapshot(),
-                last_logits=None if self._last_logits is None else self._last_logits.copy(),
-                all_logits=None if self._all_logits is None else self._all_logits[:n].copy())
+        return self._scheduler.call(self._save_state_now)
 
     def load_state(self, state: LlamaState) -> None:
-        with self._lock:
-            n = len(state.input_ids)
-            if n > self._n_ctx:
-                raise ValueError(f"state of {n} tokens does not fit n_ctx={self._n_ctx}")
-            self.cache.restore(state.kv)
-            self.input_ids[:n] = state.input_ids
-            self._batch_numerics[:n] = state.batch_numerics
-            self.n_tokens = n
-            self._last_logits = None if state.last_logits is None else state.last_logits.copy()
-            if self._all_logits is not None and state.all_logits is not None:
-                self._all_logits[:n] = state.all_logits
+        self._scheduler.call(self._load_state_now, state)
+
+    def _save_state_now(self) -> LlamaState:
+        n = self.n_tokens
+        return LlamaState(
+            input_ids=self.input_ids[:n].copy(), batch_numerics=self._batch_numerics[:n].copy(),
+            kv=self.cache.snapshot(),
+            last_logits=None if self._last_logits is None else self._last_logits.copy(),
+            all_logits=None if self._all_logits is None else self._all_logits[:n].copy())
+
+    def _load_state_now(self, state: LlamaState) -> None:
+        n = len(state.input_ids)
+        if n > self._n_ctx:
+            raise ValueError(f"state of {n} tokens does not fit n_ctx={self._n_ctx}")
+        self.cache.restore(state.kv)
+        self.input_ids[:n] = state.input_ids
+        self._batch_numerics[:n] = state.batch_numerics
+        self.n_tokens = n
+        self._last_logits = None if state.last_logits is None else state.last_logits.copy()
+        if self._all_logits is not None and state.all_logits is not None:
+            self._all_logits[:n] = state.all_logits
+            self._all_logits[n:] = 0   # rows past the state's tokens belong to no evaluation of it
+
+    def set_cache(self, cache) -> None:
+        """Keep evaluated prompts' states in ``cache`` (a ``LlamaRAMCache``; None: no cache), as
+        llama-cpp-python's ``set_cache``: a generation first restores the saved state sharing the longest prefix
+        with its prompt, and its own state is saved when it ends. Numbers never change (see _prepare_prompt)."""
+        self._cache = cache
 
     # --- generation -----------------------------------------------------------------------------------------
     def _prepare_prompt(self, prompt_tokens: list[int]) -> None:
@@ -228,7 +252,7 @@ class Llama:
         self.cache.truncate(n_reuse)
         if self._all_logits is not None:
             self._all_logits[n_reuse:] = 0
-        self.eval(prompt_tokens[n_reuse:])
+        self.eval(prompt_tokens[n_reuse:])   # on the worker: runs at once (and subclasses' eval hooks see it)
 
     def _context_shift(self, n_keep: int) -> None:
         """llama.cpp's context shift: keep the first n_keep tokens, drop half of the rest, slide the remainder."""
@@ -247,11 +271,19 @@ class Llama:
             self._all_logits[self.n_tokens:old_n] = 0
 
     def generate(self, tokens, *, sampler=None, params=None, max_tokens: int | None = None, n_keep: int | None = None,
-                 stop_tokens=None):
+                 stop_tokens=None) -> TokenStream:
         """Yield sampled token ids after evaluating ``tokens``, until an end-of-generation token or max_tokens.
 
         max_tokens None or <= 0 means no limit: when the context fills, it is shifted (n_keep tokens kept) as
-        llama.cpp's main does. The caller holds no lock: this generator takes the model's lock while it runs."""
+        llama.cpp's main does. Each token is computed on the model's worker thread when it is asked for (never
+        ahead: a stream closed after a token has not evaluated it); the stream may be advanced from any thread,
+        one at a time, and closing it (or dropping it) ends the generation."""
+        return self._token_stream(tokens, sampler=sampler, params=params, max_tokens=max_tokens, n_keep=n_keep,
+                                  stop_tokens=stop_tokens)
+
+    def _token_stream(self, tokens, *, sampler=None, params=None, max_tokens=None, n_keep=None, stop_tokens=None,
+                      with_logits: bool = False) -> TokenStream:
+        """generate()'s stream; with_logits: (token, the logits it was sampled from) pairs."""
         from .generation import SamplingParams
         if params is None:
             params = SamplingParams()
@@ -261,22 +293,37 @@ class Llama:
         tokens = [int(t) for t in tokens]
         if n_keep is None:
             n_keep = 1 if tokens and tokens[0] == self.tokenizer.bos_id else 0
-        with self._lock:
-            self._prepare_prompt(tokens)
-            produced = 0
-            while max_tokens is None or max_tokens <= 0 or produced < max_tokens:
-                last_n = params.repeat_last_n if params.repeat_last_n >= 0 else self.n_tokens
-                recent = self.input_ids[max(0, self.n_tokens - last_n):self.n_tokens]
-                token = sampler.sample(self._last_logits, recent)
-                produced += 1
-                yield token
-                if token in stop_ids:
-                    return
-                if max_tokens is not None and 0 < max_tokens <= produced:
-                    return   # the caller asked for no more: don't pay a forward pass for a token never used
-                if self.n_tokens >= self._n_ctx:
-                    self._context_shift(n_keep)
-                self.eval([token])
+        work = self._generation_steps(tokens, sampler, params, max_tokens, n_keep, stop_ids)
+        request = self._scheduler.open(work, on_end=self._cache_generation_end)
+        return TokenStream(self._scheduler, request, with_logits=with_logits)
+
+    def _generation_steps(self, tokens, sampler, params, max_tokens, n_keep, stop_ids):
+        """The generation itself, advanced one token at a time on the model's worker thread: (token, logits)."""
+        if self._cache is not None:
+            state = self._cache.lookup(tokens, self.input_ids[:self.n_tokens])
+            if state is not None:
+                self._load_state_now(state)
+        self._prepare_prompt(tokens)
+        produced = 0
+        while max_tokens is None or max_tokens <= 0 or produced < max_tokens:
+            last_n = params.repeat_last_n if params.repeat_last_n >= 0 else self.n_tokens
+            recent = self.input_ids[max(0, self.n_tokens - last_n):self.n_tokens]
+            logits = self._last_logits
+            token = sampler.sample(logits, recent)
+            produced += 1
+            yield token, logits
+            if token in stop_ids:
+                return
+            if max_tokens is not None and 0 < max_tokens <= produced:
+                return   # the caller asked for no more: don't pay a forward pass for a token never used
+            if self.n_tokens >= self._n_ctx:
+                self._context_shift(n_keep)
+            self.eval([token])
+
+    def _cache_generation_end(self, snapshot) -> None:
+        """On the worker, when a generation ends: its state goes to the prompt cache (if one is set)."""
+        if self._cache is not None:
+            self._cache.store(snapshot if snapshot is not None else self._save_state_now())
 
     def _make_sampler(self, params):
         from .generation import Sampler
@@ -317,8 +364,11 @@ class Llama:
         if max_tokens is not None and max_tokens > 0 and len(prompt_tokens) + max_tokens > self._n_ctx \
                 and len(prompt_tokens) > self._n_ctx:
             raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {self._n_ctx}")
-        stream_iter = self._completion_stream(prompt_tokens, params, max_tokens, stop, echo, logprobs, n_keep,
-                                              model, stop_tokens)
+        tokens = self._token_stream(prompt_tokens, sampler=self._make_sampler(params), params=params,
+                                    max_tokens=max_tokens, n_keep=n_keep, stop_tokens=self._eog_ids(stop_tokens),
+                                    with_logits=True)
+        stream_iter = Stream(self._completion_stream(tokens, prompt_tokens, stop, echo, logprobs, model, stop_tokens),
+                             tokens)
         if stream:
             return stream_iter
         text_parts, finish_reason, usage, logprob_data = [], None, None, None
@@ -337,17 +387,19 @@ class Llama:
             "usage": usage,
         }
 
-    def _completion_stream(self, prompt_tokens, params, max_tokens, stop, echo, logprobs, n_keep, model_name,
-                           stop_tokens):
+    def _eog_ids(self, stop_tokens) -> set[int]:
+        return set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
+
+    def _completion_stream(self, tokens: TokenStream, prompt_tokens, stop, echo, logprobs, model_name, stop_tokens):
+        """Completion chunks from a (token, logits) stream; runs in the consumer's thread, the model in its own."""
         import uuid
         from .generation import TextStreamer, log_softmax, top_logprobs
         completion_id = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         model_name = model_name or self.model_path
-        sampler = self._make_sampler(params)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         streamer = TextStreamer(stops)
-        eog = set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
+        eog = self._eog_ids(stop_tokens)
 
         def chunk(text, finish_reason=None, usage=None, lp=None):
             out = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
@@ -362,8 +414,7 @@ class Llama:
         n_generated = 0
         finish_reason = "length"
         text_offset = 0
-        for token in self.generate(prompt_tokens, sampler=sampler, params=params, max_tokens=max_tokens,
-                                   n_keep=n_keep, stop_tokens=eog):
+        for token, logits in tokens:
             n_generated += 1
             if token in eog:
                 finish_reason = "stop"
@@ -371,18 +422,19 @@ class Llama:
             piece = self.tokenizer.token_to_piece(token)
             text = streamer.feed(piece)
             lp = None
-            if logprobs is not None and self._last_logits is not None:
-                # the logits that produced this token are the ones evaluated just before it
+            if logprobs is not None and logits is not None:
+                # the logits this token was sampled from (the stream hands them over with it)
                 lp = {"tokens": [piece.decode("utf-8", errors="replace")], "text_offset": [text_offset],
-                      "token_logprobs": [float(log_softmax(self._last_logits)[token])],
+                      "token_logprobs": [float(log_softmax(logits)[token])],
                       "top_logprobs": [{self.tokenizer.token_to_piece(i).decode("utf-8", errors="replace"): float(v)
-                                        for i, v in top_logprobs(self._last_logits, max(1, int(logprobs)))}]}
+                                        for i, v in top_logprobs(logits, max(1, int(logprobs)))}]}
             if text or lp:
                 text_offset += len(text)
                 yield chunk(text, lp=lp)
             if streamer.stopped:
                 finish_reason = "stop"
                 break
+        tokens.close()   # ended here (a stop string, an end token): the model is free before the last chunk
         tail = streamer.finish() if not streamer.stopped else ""
         usage = {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_generated,
                  "total_tokens": len(prompt_tokens) + n_generated}
@@ -452,7 +504,7 @@ class Llama:
             repeat_last_n=repeat_last_n, penalize_nl=penalize_nl)
         chat_id = f"chatcmpl-{uuid.uuid4()}"
         if stream:
-            return self._chat_stream(completion, chat_id)
+            return Stream(self._chat_stream(completion, chat_id), completion)
         choice = completion["choices"][0]
         content = choice["text"]
         message = {"role": "assistant", "content": content}

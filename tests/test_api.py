@@ -3,6 +3,7 @@ thread safety, and clear errors."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -180,3 +181,98 @@ def test_prompt_cache_reuse_gives_the_numbers_of_a_fresh_evaluation(qwen):
     qwen.reset()
     qwen.eval(longer)
     np.testing.assert_array_equal(reused, qwen.eval_logits)
+
+
+# --- streams and threads: the model's scheduler (issue 19) ----------------------------------------------------------
+# Every wait is bounded: a regression to a lock held across yield must fail these tests, not hang the suite.
+
+def _seeded():
+    from ggml_backend.generation import SamplingParams
+    return SamplingParams(temperature=0.8, seed=42)
+
+
+def _in_thread(fn, timeout=60):
+    """fn() in another thread; its result, or an AssertionError if it did not finish in time (a deadlock)."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # handed to the test's thread
+            out["error"] = exc
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"still running after {timeout} s: a deadlock"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_a_stream_may_be_advanced_from_one_thread_then_another(tiny):
+    prompt = synthetic_json()["token_sequence"][:8]
+    alone = list(tiny.generate(prompt, params=_seeded(), max_tokens=12, stop_tokens=[]))
+    stream = tiny.generate(prompt, params=_seeded(), max_tokens=12, stop_tokens=[])
+    tokens = [next(stream) for _ in range(4)]
+    # with the lock held across yield, the next step on another thread waited forever for this thread's lock
+    tokens += _in_thread(lambda: [next(stream) for _ in range(4)])
+    tokens += list(stream)
+    assert tokens == alone
+
+
+def test_two_threads_advancing_one_stream_at_once_get_a_clear_error(tiny):
+    prompt = synthetic_json()["token_sequence"][:8]
+    for make in (lambda: tiny.generate(prompt, max_tokens=8, stop_tokens=[]),
+                 lambda: tiny.create_completion(prompt, max_tokens=8, stream=True, stop_tokens=[])):
+        stream = make()
+        hold = threading.Event()
+        # keep the model's worker busy so that the first thread is surely inside next() when the second arrives
+        blocker = threading.Thread(target=tiny._scheduler.call, args=(hold.wait, 30), daemon=True)
+        blocker.start()
+        first = threading.Thread(target=lambda: next(stream), daemon=True)
+        first.start()
+        # until the first thread waits inside next() (the stream's own busy flag, a private detail read only here)
+        busy = stream._busy if hasattr(stream, "_busy") else stream._request.consumer_busy
+        deadline = time.monotonic() + 30
+        while not busy.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert busy.locked()
+        with pytest.raises(RuntimeError, match="already being iterated in another thread"):
+            _in_thread(lambda: next(stream), timeout=10)
+        hold.set()
+        first.join(30)
+        blocker.join(30)
+        assert not first.is_alive() and not blocker.is_alive()
+        stream.close()
+
+
+def test_a_stream_closed_from_another_thread_frees_the_model(tiny):
+    prompt = synthetic_json()["token_sequence"][:8]
+    expected = list(tiny.generate(prompt, params=_seeded(), max_tokens=6, stop_tokens=[]))
+    stream = tiny.create_completion(prompt, max_tokens=200, stream=True, stop_tokens=[])
+    next(stream)
+    _in_thread(stream.close, timeout=10)   # old code: "cannot release un-acquired lock", the lock left held
+    assert list(stream) == []
+    assert _in_thread(lambda: list(tiny.generate(prompt, params=_seeded(), max_tokens=6, stop_tokens=[])),
+                      timeout=30) == expected
+    # a stream dropped without close (garbage) ends its generation too
+    dropped = tiny.generate(prompt, max_tokens=200, stop_tokens=[])
+    next(dropped)
+    del dropped
+    assert _in_thread(lambda: list(tiny.generate(prompt, params=_seeded(), max_tokens=6, stop_tokens=[])),
+                      timeout=30) == expected
+
+
+def test_an_idle_stream_does_not_block_others_and_keeps_its_results(tiny):
+    prompt = synthetic_json()["token_sequence"][:8]
+    other = synthetic_json()["token_sequence"][8:14]
+    alone = list(tiny.generate(prompt, params=_seeded(), max_tokens=10, stop_tokens=[]))
+    other_alone = tiny.create_completion(other, max_tokens=6, temperature=0, stop_tokens=[])["choices"][0]["text"]
+    idle = tiny.generate(prompt, params=_seeded(), max_tokens=10, stop_tokens=[])
+    tokens = [next(idle) for _ in range(3)]
+    # another thread (and this one) get the model while the first stream waits; its state is saved and restored
+    assert _in_thread(lambda: tiny.create_completion(other, max_tokens=6, temperature=0, stop_tokens=[]),
+                      timeout=30)["choices"][0]["text"] == other_alone
+    tiny.reset()
+    tokens += list(idle)
+    assert tokens == alone

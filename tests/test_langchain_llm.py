@@ -136,13 +136,34 @@ def test_abandoned_async_stream_releases_the_model(llm, solo):
     assert result == [solo[PROMPT_B]]
 
 
-def test_a_second_generation_on_the_same_thread_is_refused(llm, solo):
+def test_a_second_generation_on_the_same_thread_runs_beside_an_open_stream(llm, solo):
+    # once refused (the RLock would have let two generations share the KV cache); the model's scheduler saves the
+    # idle stream's state and restores it, so both get the text they get alone
     stream = llm.stream(PROMPT_A)
     first = next(stream)
-    with pytest.raises(RuntimeError, match="already generating"):
-        llm.invoke(PROMPT_B)
+    assert llm.invoke(PROMPT_B) == solo[PROMPT_B]
     rest = "".join(stream)
     assert first + rest == solo[PROMPT_A]
+
+
+def test_an_abandoned_stream_does_not_block_other_threads(llm, solo):
+    abandoned = llm.stream(PROMPT_A)   # referenced, never finished nor closed
+    next(abandoned)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(llm.invoke(PROMPT_B)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "another thread waited for the abandoned stream: a deadlock"
+    assert result == [solo[PROMPT_B]]
+    # closed from another thread (as Gradio and garbage collection do): no error, and the model is free at once
+    closer = threading.Thread(target=abandoned.close, daemon=True)
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive()
+    worker = threading.Thread(target=lambda: result.append(llm.invoke(PROMPT_A)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive() and result[-1] == solo[PROMPT_A]
 
 
 def test_instances_share_one_model_and_load_lazily(llm):

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "g
 from ggml_backend import Llama  # noqa: E402
 from ggml_backend.default_model import default_model_path  # noqa: E402
 from ggml_backend.templates import JinjaTemplate, TextgenTemplate  # noqa: E402
-from ggml_webui import build_app  # noqa: E402
+from ggml_webui import build_app, launch  # noqa: E402
 from ggml_webui import chat, template_store  # noqa: E402
 from ggml_webui.settings import GenerationSettings, parse_stop_strings, preset_values  # noqa: E402
 
@@ -47,10 +47,18 @@ def templates_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(llama, templates_dir):
-    demo = build_app(llama)
+def models_dir(tmp_path_factory):
+    """The server's model directory: a corrupt model file, and a file of another kind that is never offered."""
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    (folder / "notes.txt").write_text("not a model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(llama, templates_dir, models_dir):
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo = launch(llama, port=port, model_dir=models_dir, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -243,11 +251,10 @@ def test_template_menu_and_save(server, templates_dir):
     assert not saved.exists()
 
 
-def test_corrupt_model_file_is_reported(server, tmp_path):
-    bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+def test_corrupt_model_file_is_reported(server, models_dir):
+    bad = models_dir / "broken.gguf"
     c = client(server)
-    status, _info, _menu = c.predict(str(bad), 1024, 0, 0, api_name="/load_model")
+    status, _info, _menu = c.predict("broken.gguf", 1024, 0, 0, api_name="/load_model")
     with pytest.raises(ValueError) as loader_error:
         Llama(str(bad), verbose=False)
     assert status == f"**Error:** {loader_error.value}"      # the loader's own message
@@ -303,3 +310,136 @@ def test_cli_serves_the_page_on_localhost():
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# ---- hardening (issue 19): login, model directory, uploads, template names, bounded errors ---------------------------
+
+def _load_status(url, name):
+    """What /load_model answers for ``name``: its status line, or the error the client raises."""
+    try:
+        return client(url).predict(name, 1024, 0, 0, api_name="/load_model")[0]
+    except Exception as exc:  # noqa: BLE001 - gradio_client raises its AppError for refused values
+        return f"refused: {exc}"
+
+
+def test_models_are_chosen_from_the_model_directory_only(server, models_dir, tmp_path):
+    c = client(server)
+    c.predict(api_name="/list_models")   # the refresh button's endpoint answers
+    from ggml_webui.model_manager import ModelManager
+    manager = ModelManager(model_dir=models_dir)
+    assert manager.model_files() == ["broken.gguf"]            # not notes.txt, not hidden files, not folders
+    (tmp_path / "real.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    probes = ["/etc/passwd", "/etc", "/nonexistent/x.gguf", str(tmp_path / "real.gguf"), "../models/broken.gguf",
+              str(models_dir / "notes.txt"), str(models_dir / "broken.gguf")]
+    answers = {probe: _load_status(server, probe) for probe in probes}
+    # one answer, whatever the path is and whether it exists: nothing about the server's files comes back
+    assert len(set(answers.values())) == 1, answers
+    (answer,) = set(answers.values())
+    assert answer == "**Error:** choose a model file from the list (the GGUF/GGML files in the model directory)"
+    for probe in probes:
+        with pytest.raises(ValueError, match="choose a model file from the list"):
+            manager.load_named(probe)
+    # a listed file with a context size that would allocate terabytes is refused before loading
+    status = c.predict("broken.gguf", 10**9, 0, 0, api_name="/load_model")[0]
+    assert status.startswith("**Error:** n_ctx must be in 16..")
+
+
+def test_listen_requires_a_login(llama, capfd):
+    port = free_port()
+    demo = launch(llama, port=port, listen=True, prevent_thread_lock=True, quiet=True)
+    try:
+        err = capfd.readouterr().err
+        assert "login is required" in err
+        password = err.split("password '")[1].split("'")[0]
+        import urllib.error
+        import urllib.request
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30)
+        assert refused.value.code == 401
+        with pytest.raises(Exception):
+            gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, auth=("ggml", "wrong"))
+        c = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, auth=("ggml", password))
+        assert c.predict(message="Hi", api_name="/show_prompt").endswith("<|im_start|>assistant\n")
+    finally:
+        demo.close()
+    from ggml_webui.security import parse_auth, resolve_auth
+    assert resolve_auth(None, listen=False, share=False) == (None, None)
+    assert resolve_auth("ann:s3:cr3t", listen=True, share=False) == ([("ann", "s3:cr3t")], None)
+    for bad in ("ann", ":pw", "ann:"):
+        with pytest.raises(ValueError, match="USER:PASSWORD"):
+            parse_auth(bad)
+    from ggml_backend.cli.main import main
+    assert main(["webui", "--listen", "--auth", "nopassword"]) == 1
+
+
+def test_uploads_are_template_files_of_bounded_size(server):
+    import urllib.error
+    import urllib.request
+
+    def upload(filename, data):
+        boundary = "----ggmltest"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{filename}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(f"{server}gradio_api/upload", data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+    assert upload("page.html", b"<script>alert(1)</script>") == 415
+    assert upload("tool.exe", b"MZ") == 415
+    assert upload("big.yaml", b"x" * (300 * 1024)) == 413
+    assert upload("mine.yaml", b"user: 'Q:'\nbot: 'A:'\n") == 200
+    # the upload buttons: a template file fills the fields; a character card the character's fields
+    template = Path(tempfile_dir()) / "uploaded.yaml"
+    template.write_text("user: 'Q:'\nbot: 'A:'\nturn_template: '<|user|> <|user-message|>\\n<|bot|> <|bot-message|>\\n'\n")
+    fields = client(server).predict(gradio_client.handle_file(str(template)), api_name="/upload_template")
+    assert fields[0] == "Q:" and fields[1] == "A:"
+    card = Path(tempfile_dir()) / "card.json"
+    card.write_text('{"name": "Ada", "context": "Ada is a mathematician."}')
+    name, context = client(server).predict(gradio_client.handle_file(str(card)), api_name="/upload_character")
+    assert name == "Ada" and context.startswith("Ada is a mathematician.")
+
+
+def tempfile_dir():
+    import tempfile
+    return tempfile.mkdtemp(prefix="webui-upload-")
+
+
+def test_template_names_are_normalised(templates_dir):
+    mine = TextgenTemplate(user="Q:", bot="A:", turn_template="<|user|> <|user-message|>\n<|bot|> <|bot-message|>\n")
+    other = TextgenTemplate(user="U:", bot="B:", turn_template="<|user|> <|user-message|>\n<|bot|> <|bot-message|>\n")
+    path = template_store.save_template("  my  qa ", mine)
+    assert path.name == "my qa.yaml"
+    # the same name up to whitespace and case is the same template: replaced only when asked
+    for variant in ("my qa", "my qa  ", "\tmy\u00a0qa", "MY QA"):
+        with pytest.raises(ValueError, match="exists already"):
+            template_store.save_template(variant, other)
+    assert template_store.load_named_template(" my qa") == mine
+    assert template_store.save_template("My  QA", other, overwrite=True) == path
+    assert template_store.load_named_template("my qa").user == "U:"
+    assert sorted(p.name for p in templates_dir.iterdir()) == ["my qa.yaml"]
+    for bad in ("../up", "a/b", "a\\b", ".hidden", "", "   ", "x" * 65, "bell\x07", "a:b"):
+        with pytest.raises(ValueError, match="template names"):
+            template_store.save_template(bad, mine)
+    with pytest.raises(ValueError, match="built-in"):
+        template_store.save_template(" Alpaca ", mine)
+    template_store.delete_template(" my   qa ")
+    assert not path.exists()
+
+
+def test_error_messages_are_cut(server):
+    from ggml_webui.security import MAX_ERROR_CHARS
+    huge = "<|user|>" + "x" * 1_000_000
+    c = client(server)
+    with pytest.raises(Exception) as error:
+        c.predict(message="Hi", turn_template=huge, api_name="/show_prompt")
+    text = str(error.value)
+    assert "limit is" in text and len(text) < MAX_ERROR_CHARS + 200
+    with pytest.raises(Exception) as error:
+        c.predict("x" * 100_000, "U", "B", "", "<|user|>", "", api_name="/save_template")
+    assert len(str(error.value)) < MAX_ERROR_CHARS + 200
+    from ggml_webui.app import _as_page_error
+    message = _as_page_error(ValueError("bad template: " + "y" * 1_000_000)).message
+    assert len(message) < MAX_ERROR_CHARS + 100 and message.endswith("characters, cut]")

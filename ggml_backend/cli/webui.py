@@ -1,5 +1,6 @@
-"""``ggml-backend webui [-m FILE] [--port N] [--listen] [--share] [-c N] [-t N]``: the text-generation-webui-style
-web chat (Gradio), on 127.0.0.1 unless ``--listen``.
+"""``ggml-backend webui [-m FILE] [--model-dir DIR] [--port N] [--listen] [--share] [--auth USER:PASS] [-c N]
+[-t N]``: the text-generation-webui-style web chat (Gradio), on 127.0.0.1 unless ``--listen``; with ``--listen`` or
+``--share`` a login is required (``--auth``, or a generated password printed at start).
 
 Gradio and the ``ggml_webui`` package are imported only here, when the command runs.
 """
@@ -15,6 +16,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--listen", action="store_true",
                         help="listen on all interfaces (0.0.0.0) so other machines can connect; default 127.0.0.1")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                        help="require this login (with --listen or --share a login is always required: without "
+                             "--auth a password is generated and printed)")
+    parser.add_argument("--model-dir", default=None, metavar="DIR",
+                        help="the folder whose GGUF/GGML files the Model tab offers (default: the folder of -m, or "
+                             "of the default model); clients choose from that list only")
     parser.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N", help="context size (default 2048)")
     parser.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                         help="threads (default: all cores)")
@@ -29,6 +36,14 @@ def _check(args) -> None:
         raise ValueError(f"--ctx-size must be at least 16, got {args.ctx_size}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError("--auth must be USER:PASSWORD with both parts non-empty")
+    if args.model_dir is not None:
+        import os
+        if not os.path.isdir(args.model_dir):
+            raise ValueError(f"--model-dir {args.model_dir}: not a directory")
 
 
 def run(args) -> int:
@@ -40,5 +55,5 @@ def run(args) -> int:
               file=sys.stderr)
         return 1
     launch(args.model, port=args.port, listen=args.listen, share=args.share, n_ctx=args.ctx_size,
-           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers)
+           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, auth=args.auth, model_dir=args.model_dir)
     return 0

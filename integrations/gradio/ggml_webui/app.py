@@ -5,8 +5,13 @@ serves it on 127.0.0.1 unless asked otherwise. Every button is also a named API 
 ``/stop``, ``/continue``, ``/regenerate``, ``/remove_last``, ``/impersonate``, ``/show_prompt``...) whose
 parameters are named after the settings (``message``, ``mode``, ``turn_template``, ``max_new_tokens``...), so
 ``gradio_client`` can drive it; each client, like each browser tab, has its own history.
+
+Models are loaded only by name from the model directory's list; served beyond 127.0.0.1 (``listen``/``share``)
+the page asks for a login; uploads are template and character files only (see ``security``).
 """
 import os
+import sys
+import traceback
 from functools import wraps
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -17,32 +22,67 @@ from ggml_backend.templates import Character, DEFAULT_CHAT_INSTRUCT_COMMAND, Tem
 
 from . import chat, template_store  # noqa: E402
 from .model_manager import ModelManager  # noqa: E402
+from .security import MAX_UPLOAD_BYTES, UPLOAD_SUFFIXES, UploadGuard, resolve_auth, short  # noqa: E402
 from .settings import DEFAULT_PRESET, PRESET_FIELDS, PRESETS, GenerationSettings, preset_values  # noqa: E402
 
 GENERATION_QUEUE = "generation"   # one reply at a time across all sessions: the model computes one thing at once
 DEFAULT_N_CTX = 2048
 MODES = ["chat", "chat-instruct", "instruct"]
 TEMPLATE_FIELDS = ("user_string", "bot_string", "context_instruct", "turn_template", "system_message")
+#: the longest text a template or character field may hold (real ones are a few hundred characters)
+MAX_FIELD_CHARS = 32_768
+#: the longest chat message (the context holds a few thousand tokens at most)
+MAX_MESSAGE_CHARS = 200_000
+#: the largest context a client may ask the Model tab for
+MAX_N_CTX = 131_072
+_TEXT_FIELDS = TEMPLATE_FIELDS + ("custom_system_message", "chat_instruct_command", "character_context", "name1",
+                                  "name2", "custom_stopping_strings")
+
+
+def _as_page_error(exc: BaseException) -> gr.Error:
+    """A message on the page, never longer than MAX_ERROR_CHARS: an error may quote a field of megabytes. Bad
+    input (ValueError, OSError) is the user's to fix; anything else is a bug, logged (cut too) for the operator."""
+    if isinstance(exc, (ValueError, OSError)):
+        return gr.Error(short(str(exc)))
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    print(f"ggml_webui: unexpected error: {type(exc).__name__}: {short(str(exc))}\n{stack}", file=sys.stderr)
+    return gr.Error(f"internal error ({type(exc).__name__}): {short(str(exc), 200)}")
 
 
 def _user_errors(fn):
-    """Show bad input (a ValueError: template, file, settings) as a message on the page instead of a crash."""
+    """Show errors as a short message on the page instead of a crash or a traceback quoting the input."""
     if _is_generator(fn):
         @wraps(fn)
         def gen_wrapper(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except (ValueError, OSError) as exc:
-                raise gr.Error(str(exc)) from None
+            except gr.Error:
+                raise
+            except Exception as exc:  # noqa: BLE001 - each kind is reported by _as_page_error
+                raise _as_page_error(exc) from None
         return gen_wrapper
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError) as exc:
-            raise gr.Error(str(exc)) from None
+        except gr.Error:
+            raise
+        except Exception as exc:  # noqa: BLE001 - each kind is reported by _as_page_error
+            raise _as_page_error(exc) from None
     return wrapper
+
+
+def _check_lengths(values: dict, message: str = "") -> None:
+    """Refuse oversized fields before any work (and before an error could quote them): API clients send what
+    they like, whatever the page lets a browser type."""
+    if len(message or "") > MAX_MESSAGE_CHARS:
+        raise ValueError(f"the message is {len(message):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
+    for name in _TEXT_FIELDS:
+        value = values.get(name) or ""
+        if len(value) > MAX_FIELD_CHARS:
+            raise ValueError(f"the {name.replace('_', ' ')} field is {len(value):,} characters; the limit is "
+                             f"{MAX_FIELD_CHARS:,}")
 
 
 def _is_generator(fn) -> bool:
@@ -50,15 +90,23 @@ def _is_generator(fn) -> bool:
     return inspect.isgeneratorfunction(fn)
 
 
-def _manager_for(model, n_ctx: int, n_threads, n_gpu_layers: int) -> ModelManager:
+def _manager_for(model, n_ctx: int, n_threads, n_gpu_layers: int, model_dir) -> ModelManager:
     from ggml_backend import Llama
     if isinstance(model, ModelManager):
-        return model
-    if isinstance(model, Llama):
-        return ModelManager(model)
-    manager = ModelManager()
-    manager.load(None if model is None else os.fspath(model), n_ctx=n_ctx, n_threads=n_threads,
-                 n_gpu_layers=n_gpu_layers)
+        manager = model
+    elif isinstance(model, Llama):
+        manager = ModelManager(model)
+    else:
+        manager = ModelManager()
+        manager.load(None if model is None else os.fspath(model), n_ctx=n_ctx, n_threads=n_threads,
+                     n_gpu_layers=n_gpu_layers)
+    if model_dir is not None:
+        if not os.path.isdir(model_dir):
+            raise ValueError(f"the model directory {model_dir} is not a directory")
+        manager.model_dir = os.path.abspath(model_dir)
+    elif manager.model_dir is None and manager.llama is not None:
+        # the folder of the model it starts with: its neighbours are what the operator has at hand
+        manager.model_dir = os.path.dirname(os.path.abspath(manager.llama.model_path))
     return manager
 
 
@@ -70,10 +118,11 @@ def _initial_template(manager: ModelManager) -> tuple[str, TextgenTemplate]:
 
 
 def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_layers: int = 0,
-              title: str = "ggml_backend chat") -> gr.Blocks:
+              title: str = "ggml_backend chat", model_dir=None) -> gr.Blocks:
     """The chat page for ``model``: None (the default model), a GGUF/GGML path, a loaded ``Llama`` (or a
-    ``ModelManager``). ``n_ctx``/``n_threads``/``n_gpu_layers`` apply when the model is loaded here."""
-    manager = _manager_for(model, n_ctx, n_threads, n_gpu_layers)
+    ``ModelManager``). ``n_ctx``/``n_threads``/``n_gpu_layers`` apply when the model is loaded here.
+    The Model tab loads only the GGUF/GGML files in ``model_dir`` (default: the starting model's folder)."""
+    manager = _manager_for(model, n_ctx, n_threads, n_gpu_layers, model_dir)
     template_name, template = _initial_template(manager)
     defaults = GenerationSettings(**preset_values(DEFAULT_PRESET),
                                   add_bos_token=bool(manager.llama.tokenizer.add_bos))
@@ -152,6 +201,9 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                 settings_inputs["character_context"] = gr.Textbox(value=Character().context, lines=4,
                                                                   label="Context", info="Used in chat and "
                                                                                         "chat-instruct modes.")
+                upload_character_button = gr.UploadButton(
+                    "📂 Load a character (text-generation-webui YAML/JSON)", file_types=list(UPLOAD_SUFFIXES),
+                    elem_id="upload-character")
 
             with gr.Tab("Instruction template"):
                 with gr.Row():
@@ -160,9 +212,13 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                         elem_id="instruction-template",
                         info="Change this according to the model that you are using. Used in instruct and "
                              "chat-instruct modes.")
-                    save_name = gr.Textbox(label="Save as", placeholder="My template", scale=1)
+                    save_name = gr.Textbox(label="Save as", placeholder="My template", scale=1, max_length=64)
+                    save_overwrite = gr.Checkbox(False, label="Overwrite", scale=0, min_width=80,
+                                                 info="replace a saved template of that name")
                     save_template_button = gr.Button("💾 Save", scale=0, min_width=80)
                     delete_template_button = gr.Button("🗑️ Delete", scale=0, min_width=80)
+                    upload_template_button = gr.UploadButton("📂 Load file", file_types=list(UPLOAD_SUFFIXES),
+                                                             scale=0, min_width=80, elem_id="upload-template")
                 template_status = gr.Markdown("", elem_id="template-status")
                 settings_inputs["user_string"] = gr.Textbox(value=template.user, lines=2, label="User string")
                 settings_inputs["bot_string"] = gr.Textbox(value=template.bot, lines=1, label="Bot string")
@@ -184,9 +240,14 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
 
         with gr.Tab("Model", elem_id="model-tab"):
             with gr.Row():
-                model_path = gr.Textbox(value=manager.llama.model_path if manager.llama else "",
-                                        label="Model file (GGUF or GGML)", scale=4,
-                                        info="Empty: the default model.")
+                # a list, never a path field: a client must not probe the server's files through load errors.
+                # Custom values pass Gradio's own check (which echoes them back, and into the log) to load_model,
+                # which refuses anything not in the list with one message.
+                model_path = gr.Dropdown(manager.model_files(), value=manager.current_file(), allow_custom_value=True,
+                                         label="Model file (GGUF or GGML)", scale=4, elem_id="model-file",
+                                         info=f"The model files in {manager.model_dir}." if manager.model_dir
+                                         else "Loading models is off (no model directory).")
+                refresh_models = gr.Button("🔄", scale=0, min_width=40, elem_id="refresh-models")
                 model_n_ctx = gr.Number(value=manager.llama.n_ctx() if manager.llama else DEFAULT_N_CTX,
                                         precision=0, label="n_ctx (context size)", minimum=16)
                 model_threads = gr.Number(value=manager.llama.n_threads if manager.llama else 0, precision=0,
@@ -230,6 +291,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
 
         # ---- event handlers ------------------------------------------------------------------------------------
         def run_reply(kind: str, message: str, history_value, request: gr.Request, values: dict):
+            _check_lengths(values, message)
             llama = manager.require()
             generation = GenerationSettings.from_values(values)
             history_value = chat.copy_history(history_value)
@@ -269,6 +331,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
 
         @_user_errors
         def impersonate(message, history, request: gr.Request, **values):
+            _check_lengths(values, message)
             llama = manager.require()
             generation = GenerationSettings.from_values(values)
             message = message or ""
@@ -279,6 +342,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
 
         @_user_errors
         def show_prompt(message, history, **values):
+            _check_lengths(values, message)
             llama = manager.require()
             generation = GenerationSettings.from_values(values)
             return make_prompt(llama, values, generation, history, message or "")[1]
@@ -309,33 +373,68 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
             return (chosen.user, chosen.bot, chosen.context, chosen.turn_template, chosen.system_message, note)
 
         @_user_errors
-        def save_template(name, user_string, bot_string, context_instruct, turn_template, system_message):
+        def save_template(name, user_string, bot_string, context_instruct, turn_template, system_message,
+                          overwrite=False):
+            fields = dict(zip(TEMPLATE_FIELDS, (user_string, bot_string, context_instruct, turn_template,
+                                                system_message)))
+            _check_lengths(fields)
             current = TextgenTemplate(user=user_string or "", bot=bot_string or "", context=context_instruct or "",
                                       turn_template=turn_template or "", system_message=system_message or "")
-            path = template_store.save_template(name, current)
+            path = template_store.save_template(name, current, overwrite=bool(overwrite))
             return (gr.update(choices=template_store.template_choices(), value=path.stem),
-                    f"Saved `{path}`.")
+                    f"Saved `{path.name}`.")
+
+        def _uploaded(file) -> str:
+            path = file if isinstance(file, str) else getattr(file, "name", None) or getattr(file, "path", "")
+            if not str(path).lower().endswith(UPLOAD_SUFFIXES):
+                raise ValueError("only " + ", ".join(UPLOAD_SUFFIXES) + " files can be loaded")
+            if os.path.getsize(path) > MAX_UPLOAD_BYTES:
+                raise ValueError(f"the file is over {MAX_UPLOAD_BYTES:,} bytes")
+            return str(path)
+
+        @_user_errors
+        def upload_template(file):
+            loaded = TextgenTemplate.load(_uploaded(file))
+            _check_lengths(dict(zip(TEMPLATE_FIELDS, (loaded.user, loaded.bot, loaded.context,
+                                                      loaded.turn_template, loaded.system_message))))
+            return (loaded.user, loaded.bot, loaded.context, loaded.turn_template, loaded.system_message,
+                    "Loaded the file's fields: save them under a name to keep them.")
+
+        @_user_errors
+        def upload_character(file):
+            loaded = Character.load(_uploaded(file))
+            _check_lengths({"name2": loaded.name, "character_context": loaded.context})
+            return loaded.name, loaded.context
 
         @_user_errors
         def delete_template(name):
             path = template_store.delete_template(name)
             fallback, _ = _initial_template(manager)
-            return gr.update(choices=template_store.template_choices(), value=fallback), f"Deleted `{path}`."
+            return gr.update(choices=template_store.template_choices(), value=fallback), f"Deleted `{path.name}`."
 
         def apply_preset(name):
             values = preset_values(name)
             return tuple(values[f] for f in PRESET_FIELDS)
 
-        def load_model(path, n_ctx_value, threads, gpu_layers):
-            yield f"Loading `{path or 'the default model'}`...", gr.update(), gr.update()
+        def load_model(name, n_ctx_value, threads, gpu_layers):
+            if not isinstance(name, str) or name not in manager.model_files():
+                # one message whatever the value is: no hint whether such a path exists on the server
+                yield ("**Error:** choose a model file from the list (the GGUF/GGML files in the model "
+                       "directory)", gr.update(), gr.update())
+                return
+            yield f"Loading `{name}`...", gr.update(), gr.update()
             try:
-                manager.load(path, n_ctx=int(n_ctx_value or DEFAULT_N_CTX), n_threads=int(threads or 0) or None,
-                             n_gpu_layers=int(gpu_layers or 0))
-            except (ValueError, OSError) as exc:
-                yield f"**Error:** {exc}", gr.update(), gr.update()
+                n_ctx_value = int(n_ctx_value or DEFAULT_N_CTX)
+                if not 16 <= n_ctx_value <= MAX_N_CTX:
+                    # a client's number becomes an allocation of n_ctx x layers x heads: bound it here
+                    raise ValueError(f"n_ctx must be in 16..{MAX_N_CTX:,}, got {n_ctx_value:,}")
+                manager.load_named(name, n_ctx=n_ctx_value, n_threads=min(int(threads or 0), os.cpu_count() or 1)
+                                   or None, n_gpu_layers=int(gpu_layers or 0))
+            except (ValueError, OSError, OverflowError) as exc:
+                yield f"**Error:** {short(str(exc))}", gr.update(), gr.update()
                 return
             name, _ = _initial_template(manager)
-            yield (f"Loaded `{manager.llama.model_path}` in {manager.llama.load_time_s:.1f} s.", manager.describe(),
+            yield (f"Loaded `{name}` in {manager.llama.load_time_s:.1f} s.", manager.describe(),
                    gr.update(choices=template_store.template_choices(), value=name))
 
         # ---- wiring ------------------------------------------------------------------------------------------------
@@ -371,8 +470,15 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
         template_fields = [settings_inputs[name] for name in TEMPLATE_FIELDS]
         template_menu.change(select_template, [template_menu], template_fields + [template_status],
                              api_name="select_template")
-        save_template_button.click(save_template, [save_name] + template_fields, [template_menu, template_status],
-                                   api_name="save_template")
+        save_template_button.click(save_template, [save_name] + template_fields + [save_overwrite],
+                                   [template_menu, template_status], api_name="save_template")
+        upload_template_button.upload(upload_template, [upload_template_button], template_fields + [template_status],
+                                      api_name="upload_template")
+        upload_character_button.upload(upload_character, [upload_character_button],
+                                       [settings_inputs["name2"], settings_inputs["character_context"]],
+                                       api_name="upload_character")
+        refresh_models.click(lambda: gr.update(choices=manager.model_files()), None, [model_path],
+                             api_name="list_models")
         delete_template_button.click(delete_template, [template_menu], [template_menu, template_status],
                                      api_name="delete_template")
         preset.change(apply_preset, [preset], [settings_inputs[f] for f in PRESET_FIELDS], api_name="preset")
@@ -385,8 +491,21 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
 
 
 def launch(model=None, *, port: int = 7860, listen: bool = False, share: bool = False, n_ctx: int = DEFAULT_N_CTX,
-           n_threads=None, n_gpu_layers: int = 0, **launch_kwargs) -> gr.Blocks:
-    """Build and serve the app: 127.0.0.1 unless ``listen`` (0.0.0.0); a public link only with ``share``."""
-    demo = build_app(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
-    demo.launch(server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port, share=share, **launch_kwargs)
+           n_threads=None, n_gpu_layers: int = 0, auth=None, model_dir=None, **launch_kwargs) -> gr.Blocks:
+    """Build and serve the app: 127.0.0.1 unless ``listen`` (0.0.0.0); a public link only with ``share``.
+
+    ``auth``: "user:password", a (user, password) pair or a list of them. With ``listen`` or ``share`` a login is
+    always required: without ``auth`` one is made up and printed. Uploads are limited to template and character
+    files of at most MAX_UPLOAD_BYTES."""
+    from starlette.middleware import Middleware
+    logins, generated = resolve_auth(auth, listen, share)
+    demo = build_app(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, model_dir=model_dir)
+    if generated is not None:
+        print(f"ggml_webui: served beyond this machine, so a login is required: user {logins[0][0]!r}, password "
+              f"{generated!r} (choose your own with --auth USER:PASSWORD)", file=sys.stderr, flush=True)
+    app_kwargs = dict(launch_kwargs.pop("app_kwargs", None) or {})
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(UploadGuard)]
+    launch_kwargs.setdefault("max_file_size", MAX_UPLOAD_BYTES)
+    demo.launch(server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port, share=share, auth=logins,
+                app_kwargs=app_kwargs, **launch_kwargs)
     return demo

@@ -123,7 +123,7 @@ def stream_reply(llama, prompt: str, settings: GenerationSettings, stops: list[s
             if streamer.stopped or should_stop():
                 break
     finally:
-        tokens_out.close()   # ends the engine's generator now, releasing the model's lock
+        tokens_out.close()   # ends the generation now: the model is free for the next request
     if streamer.finish():
         yield streamer.text
     elif not streamer.text:

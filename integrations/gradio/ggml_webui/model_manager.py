@@ -1,5 +1,5 @@
-"""The one model the web UI serves (shared by every browser session, as in text-generation-webui), its loading,
-its description, and the per-session Stop flags."""
+"""The one model the web UI serves (shared by every browser session, as in text-generation-webui), its loading
+from the model directory, its description, and the per-session Stop flags."""
 from __future__ import annotations
 
 import os
@@ -11,11 +11,19 @@ from ggml_backend.templates import JinjaTemplate, TemplateError, TextgenTemplate
 from .template_store import textgen_from_jinja
 
 
-class ModelManager:
-    """Holds the current ``Llama``; ``load`` swaps it (a failed load keeps the previous one)."""
+MODEL_SUFFIXES = (".gguf", ".bin")
 
-    def __init__(self, llama=None):
+
+class ModelManager:
+    """Holds the current ``Llama``; ``load`` swaps it (a failed load keeps the previous one).
+
+    Clients choose models only by name from ``model_files()``, the model files in ``model_dir``; ``load_named``
+    never touches a path a client wrote, so the page cannot be used to learn whether a server path exists, is a
+    directory, or what its first bytes are."""
+
+    def __init__(self, llama=None, model_dir: str | os.PathLike | None = None):
         self.llama = llama
+        self.model_dir = os.path.abspath(model_dir) if model_dir is not None else None
         self.model_template: TextgenTemplate | None = None
         self.model_jinja = None
         self.load_error: str | None = None
@@ -34,15 +42,39 @@ class ModelManager:
         with self._swap_lock:
             llama = Llama(model_path=path, n_ctx=int(n_ctx), n_threads=int(n_threads) if n_threads else None,
                           n_gpu_layers=int(n_gpu_layers or 0), verbose=True)
-            # the old model finishes any reply it is writing before it is replaced
-            old = self.llama
-            if old is not None:
-                with old._lock:
-                    self.llama = llama
-            else:
-                self.llama = llama
+            # a reply being written on the old model finishes on it (its stream holds that Llama); new requests
+            # get the new one
+            self.llama = llama
             self._read_template()
         return llama
+
+    def model_files(self) -> list[str]:
+        """The model files a client may load: GGUF/GGML files directly in the model directory (not hidden)."""
+        folder = self.model_dir
+        if folder is None:
+            return []
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return []
+        return sorted(e.name for e in entries if not e.name.startswith(".")
+                      and e.name.lower().endswith(MODEL_SUFFIXES) and e.is_file())
+
+    def current_file(self) -> str | None:
+        """The loaded model's name in the model directory (None when it lives elsewhere)."""
+        if self.llama is None or self.model_dir is None:
+            return None
+        path = os.path.abspath(self.llama.model_path)
+        return os.path.basename(path) if os.path.dirname(path) == self.model_dir else None
+
+    def load_named(self, name: str, **kwargs):
+        """Load the model file ``name`` from the model directory; anything not in ``model_files()`` is refused
+        with the same message whether or not such a path exists."""
+        if self.model_dir is None:
+            raise ValueError("loading models is off: the server was started without a model directory")
+        if not isinstance(name, str) or name not in self.model_files():
+            raise ValueError("choose a model file from the list (the GGUF/GGML files in the model directory)")
+        return self.load(os.path.join(self.model_dir, name), **kwargs)
 
     def _read_template(self) -> None:
         self.model_template, self.model_jinja = None, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 from ggml_backend.templates import TEXTGEN_TEMPLATE_FIELDS, JinjaTemplate, TemplateError, TextgenTemplate
@@ -34,33 +35,60 @@ def template_choices() -> list[str]:
     return [FROM_MODEL_FILE] + builtin + [n for n in saved_template_names() if n not in builtin]
 
 
-def _check_name(name: str) -> str:
-    name = (name or "").strip()
+def normalise_name(name: str) -> str:
+    """A template name as stored: Unicode NFC, surrounding whitespace stripped, inner runs of whitespace one
+    space. Names that differ only in whitespace are one name (and one file), never two that overwrite each other
+    unseen. Path separators, control characters and leading dots are refused."""
+    name = " ".join(unicodedata.normalize("NFC", str(name or "")).split())
     if not _SAFE_NAME.match(name) or name.startswith("."):
-        raise ValueError(f"template names are letters, digits, spaces and . + - _ (up to 64), got {name!r}")
+        from .security import short
+        raise ValueError("template names are letters, digits, spaces and . + - _ (1 to 64 characters, no path "
+                         f"separators), got {short(repr(name), 80)}")
     return name
 
 
-def save_template(name: str, template: TextgenTemplate) -> Path:
-    """Write ``<name>.yaml`` in the user templates directory (creating it); returns the path."""
-    name = _check_name(name)
-    if name == FROM_MODEL_FILE or name in TEXTGEN_TEMPLATE_FIELDS:
+
+def _saved_path(name: str) -> Path | None:
+    """The saved file for ``name``, matched case-insensitively (as Windows and macOS file systems would)."""
+    folder = templates_dir()
+    if not folder.is_dir():
+        return None
+    wanted = name.casefold()
+    for path in folder.iterdir():
+        if path.suffix.lower() in (".yaml", ".yml") and path.is_file() and \
+                normalise_stem(path.stem).casefold() == wanted:
+            return path
+    return None
+
+
+def normalise_stem(stem: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", stem).split())
+
+
+def save_template(name: str, template: TextgenTemplate, overwrite: bool = False) -> Path:
+    """Write ``<name>.yaml`` in the user templates directory (creating it); returns the path. A saved template
+    of the same (normalised, case-insensitive) name is replaced only with ``overwrite``."""
+    name = normalise_name(name)
+    if name == FROM_MODEL_FILE or name.casefold() in {n.casefold() for n in TEXTGEN_TEMPLATE_FIELDS}:
         raise ValueError(f"{name!r} is a built-in template; save under another name")
+    existing = _saved_path(name)
+    if existing is not None and not overwrite:
+        raise ValueError(f"a template named {existing.stem!r} exists already: tick Overwrite to replace it, or "
+                         "save under another name")
     folder = templates_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
+    path = existing if existing is not None else folder / f"{name}.yaml"
     template.save(path)
     return path
 
 
 def delete_template(name: str) -> Path:
-    name = _check_name(name)
-    for suffix in (".yaml", ".yml"):
-        path = templates_dir() / f"{name}{suffix}"
-        if path.is_file():
-            path.unlink()
-            return path
-    raise ValueError(f"no saved template named {name!r} in {templates_dir()} (built-ins cannot be deleted)")
+    name = normalise_name(name)
+    path = _saved_path(name)
+    if path is None:
+        raise ValueError(f"no saved template named {name!r} (built-ins cannot be deleted)")
+    path.unlink()
+    return path
 
 
 def load_named_template(name: str, model_template: TextgenTemplate | None = None) -> TextgenTemplate:
@@ -71,12 +99,10 @@ def load_named_template(name: str, model_template: TextgenTemplate | None = None
         return model_template
     if name in TEXTGEN_TEMPLATE_FIELDS:
         return TextgenTemplate(**TEXTGEN_TEMPLATE_FIELDS[name], name=name)
-    name = _check_name(name)
-    for suffix in (".yaml", ".yml"):
-        path = templates_dir() / f"{name}{suffix}"
-        if path.is_file():
-            return TextgenTemplate.load(path)
-    raise ValueError(f"no template named {name!r}")
+    path = _saved_path(normalise_name(name))
+    if path is None:
+        raise ValueError(f"no template named {name!r}")
+    return TextgenTemplate.load(path)
 
 
 # ---- the model file's Jinja template as textgen fields -------------------------------------------------------------

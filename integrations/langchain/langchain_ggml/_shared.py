@@ -1,5 +1,6 @@
-"""What GGMLLLM and ChatGGML share: one loaded model per file and settings for the whole process, generation that
-never interleaves, a prompt-prefix cache, and a bridge that runs a generation in a thread for asyncio callers.
+"""What GGMLLLM and ChatGGML share: one loaded model per file and settings for the whole process (whose scheduler
+serves one generation at a time), a prompt-prefix cache, and a bridge that runs a generation in a thread for asyncio
+callers.
 
 A model file is loaded once per (path, n_ctx, n_threads, n_batch) and shared by every instance that asks for it:
 LangChain code tends to build many model objects (one per chain, per ``bind``), and loading is the costly part.
@@ -9,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from ggml_backend import Llama
+from ggml_backend import Llama, LlamaRAMCache
 
 #: how many evaluated prompts (their KV caches) each shared model keeps to reuse later prompts' common prefix
 PROMPT_CACHE_SLOTS = 8
@@ -24,73 +24,24 @@ _MIN_PREFIX_GAIN = 8
 class SharedModel:
     """One ``Llama`` and the rules for using it from many threads.
 
-    ``stream_completion`` holds the model's lock from the first token to the last (or until the consumer closes
-    the generator), so two generations never interleave on the one KV cache. Before a generation it restores the
-    saved state sharing the longest prefix with the new prompt (as llama-cpp-python's ``LlamaRAMCache`` does),
-    so alternating prompts with a common head (the same system prompt, the same tool list) are evaluated once.
+    The model runs each generation on its own worker thread, one request at a time, and any thread may drive or
+    close a stream (``Llama``'s scheduler); an abandoned stream does not keep the model from others. The model keeps
+    evaluated prompts' states (a ``LlamaRAMCache``, as llama-cpp-python's ``LlamaRAMCache`` does), so alternating
+    prompts with a common head (the same system prompt, the same tool list) are evaluated once.
     """
 
     def __init__(self, llama: Llama):
         self.llama = llama
-        # Llama's own RLock: generate() takes it too, so holding it here makes the whole request one critical section
-        self.lock = llama._lock
-        self._generating_thread: int | None = None
-        self._saved_states: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        llama.set_cache(LlamaRAMCache(capacity_states=PROMPT_CACHE_SLOTS, min_gain=_MIN_PREFIX_GAIN))
 
     @property
     def model_name(self) -> str:
         return model_name_of(self.llama.model_path)
 
     def stream_completion(self, prompt_tokens: list[int], **completion_kwargs) -> Iterator[dict]:
-        """``Llama.create_completion(prompt_tokens, stream=True, ...)`` chunks, as one uninterrupted request."""
-        with self.lock:
-            if self._generating_thread == threading.get_ident():
-                # the RLock would let this thread in, and the two generations would corrupt each other's KV cache
-                raise RuntimeError("this thread is already generating with this model: finish or close the "
-                                   "first stream before starting another")
-            self._generating_thread = threading.get_ident()
-            try:
-                self._restore_best_state(prompt_tokens)
-                chunks = self.llama.create_completion(prompt_tokens, stream=True, **completion_kwargs)
-                try:
-                    yield from chunks
-                finally:
-                    chunks.close()
-                    self._save_state()
-            finally:
-                self._generating_thread = None
-
-    def _restore_best_state(self, prompt_tokens: list[int]) -> None:
-        llama = self.llama
-        live = _common_prefix(llama.input_ids[:llama.n_tokens], prompt_tokens)
-        best_key, best = None, live
-        for key in self._saved_states:
-            shared = _common_prefix(key, prompt_tokens)
-            if shared > best:
-                best_key, best = key, shared
-        if best_key is not None and best >= live + _MIN_PREFIX_GAIN:
-            self._saved_states.move_to_end(best_key)
-            llama.load_state(self._saved_states[best_key])
-
-    def _save_state(self) -> None:
-        llama = self.llama
-        if llama.n_tokens == 0:
-            return
-        key = tuple(int(t) for t in llama.input_ids[:llama.n_tokens])
-        # a state whose tokens are a prefix of the new one is superseded by it
-        for old in [k for k in self._saved_states if len(k) <= len(key) and key[:len(k)] == k]:
-            del self._saved_states[old]
-        self._saved_states[key] = llama.save_state()
-        while len(self._saved_states) > PROMPT_CACHE_SLOTS:
-            self._saved_states.popitem(last=False)
-
-
-def _common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+        """``Llama.create_completion(prompt_tokens, stream=True, ...)`` chunks: a stream that any thread may
+        advance or close; closing it (or dropping it) ends the generation and frees the model."""
+        return self.llama.create_completion(prompt_tokens, stream=True, **completion_kwargs)
 
 
 def model_name_of(model_path: str | os.PathLike) -> str:
@@ -138,7 +89,8 @@ async def aiter_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIt
     """Run a blocking iterator in a worker thread and hand its items to the event loop through a queue.
 
     The loop stays free while the model computes. If the consumer stops early (break, cancellation), the worker is
-    told to stop, closes the iterator (which releases the model's lock) and ends after the item in progress.
+    told to stop, closes the iterator (which ends the generation and frees the model) and ends after the item in
+    progress.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()

@@ -179,15 +179,17 @@ class ChatGGML(BaseChatModel):
                                      tool_names=[tool["function"]["name"] for tool in tools or []])
         pieces = splitter.feed(prefill) if prefill else []
         finish_reason, usage = None, None
-        for chunk in shared.stream_completion(prompt_tokens, stop=stops, **params):
-            choice = chunk["choices"][0]
-            pieces += splitter.feed(choice["text"])
-            if choice["finish_reason"] is not None:
-                finish_reason, usage = choice["finish_reason"], chunk["usage"]
-                if prefill and finish_reason == "stop" and splitter.in_call:
-                    pieces += splitter.feed(_CALL_CLOSE)   # the stop string that ended the forced call
-            yield from (_piece_to_chunk(piece) for piece in pieces)
-            pieces = []
+        # closed on every exit, also when this generator is closed or dropped mid-stream: the model is freed at once
+        with shared.stream_completion(prompt_tokens, stop=stops, **params) as chunks:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                pieces += splitter.feed(choice["text"])
+                if choice["finish_reason"] is not None:
+                    finish_reason, usage = choice["finish_reason"], chunk["usage"]
+                    if prefill and finish_reason == "stop" and splitter.in_call:
+                        pieces += splitter.feed(_CALL_CLOSE)   # the stop string that ended the forced call
+                yield from (_piece_to_chunk(piece) for piece in pieces)
+                pieces = []
         for piece in splitter.finish():
             yield _piece_to_chunk(piece)
         if splitter.n_calls and finish_reason == "stop":

@@ -89,14 +89,16 @@ class GGMLLLM(LLM):
         shared = self.shared_model
         llama = shared.llama
         prompt_tokens = llama.tokenize(prompt, add_bos=llama.tokenizer.add_bos, special=True)
-        for chunk in shared.stream_completion(prompt_tokens, **self._completion_kwargs(stop, kwargs)):
-            choice = chunk["choices"][0]
-            info = None
-            if choice["finish_reason"] is not None:
-                info = {"finish_reason": choice["finish_reason"], "usage": chunk.get("usage"),
-                        "model_name": shared.model_name}
-            if choice["text"] or info:
-                yield GenerationChunk(text=choice["text"], generation_info=info)
+        # closed on every exit, also when this generator is closed or dropped mid-stream: the model is freed at once
+        with shared.stream_completion(prompt_tokens, **self._completion_kwargs(stop, kwargs)) as chunks:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                info = None
+                if choice["finish_reason"] is not None:
+                    info = {"finish_reason": choice["finish_reason"], "usage": chunk.get("usage"),
+                            "model_name": shared.model_name}
+                if choice["text"] or info:
+                    yield GenerationChunk(text=choice["text"], generation_info=info)
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
