@@ -362,19 +362,49 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     return np.empty(0, np.int32)
 
 
+@njit(inline="always", **_KERNEL)
+def _matrix_of_row(row_counts, first, m, matrix_first):
+    """The matrix (m) holding output row ``first`` and the output index of its first row, walking on from
+    matrix m whose first row is ``matrix_first``."""
+    while first >= matrix_first + row_counts[m]:
+        matrix_first += row_counts[m]
+        m += 1
+    return m, matrix_first
+
+
 @njit(parallel=True, **_KERNEL)
 def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
-    """A few activation rows (tokens) times the rows of one or more weight matrices of one type (``KINDS[type]``)
-    that share them (q, k and v; gate and up), in one parallel launch.
+    """One activation row (one token) times the rows of one or more weight matrices of one type (``KINDS[type]``)
+    that share it (q, k and v; gate and up), in one parallel launch: the decode step.
 
     ``w``: a byte array holding the matrices (the model file's memory map); matrix m's rows start at byte
-    ``starts[m]``, ``row_counts[m]`` rows of ``row_bytes`` each, their results at ``out[:, sum(row_counts[:m]):]``.
-    ``xq`` int8 [n_tokens, k] and ``x_scale`` float32 [n_tokens, k / block]: the activations quantized to the
-    type's vec_dot_type; ``x_sums``: q8_1's s per block (float32; q4_1, q5_1), ``x_bsums``: q8_K's sums per 16
-    (int32; K-quants); each is unread (may have no columns) for the other kinds. The weight rows of all the
-    matrices are cut into ``n_chunks`` equal chunks, one prange iteration each; each weight row meets every token
-    while it is in L1, and each (row, token) result is computed alone, so a token gets the same numbers whatever
-    batch it is part of."""
+    ``starts[m]``, ``row_counts[m]`` rows of ``row_bytes`` each, their results at ``out[sum(row_counts[:m]):]``.
+    ``xq`` int8 [k] and ``x_scale`` float32 [k / block]: the activations quantized to the type's vec_dot_type;
+    ``x_sums``: q8_1's s per block (float32; q4_1, q5_1), ``x_bsums``: q8_K's sums per 16 (int32; K-quants); each
+    is unread (may be empty) for the other kinds. The weight rows of all the matrices are cut into ``n_chunks``
+    equal chunks, one prange iteration each."""
+    bias = _per_row_terms(kind, xq, x_bsums, isa)    # q4_K / q5_K: their sums per 32
+    total = out.size
+    per_chunk = (total + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        first = min(total, chunk * per_chunk)
+        last = min(total, first + per_chunk)
+        m = 0
+        matrix_first = 0
+        while first < last:
+            m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
+            n = min(last, matrix_first + row_counts[m]) - first
+            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, x_scale, x_sums,
+                  x_bsums, bias, out, first, isa)
+            first += n
+
+
+@njit(parallel=True, **_KERNEL)
+def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
+    """``matvec`` for a few tokens: ``xq`` [n_tokens, k], ``x_scale`` / ``x_sums`` / ``x_bsums`` one row per token,
+    ``out`` [n_tokens, total rows]. Each weight row meets every token while it is in L1, and each (row, token)
+    result is computed alone by the one-token code, so a token gets the same numbers whatever batch it is part
+    of (prompt caching relies on it)."""
     n_tokens = xq.shape[0]
     bias = np.empty((n_tokens, xq.shape[1] // 4), np.int32)   # q4_K / q5_K: their sums per 32 in the first k/32
     for t in range(n_tokens):
@@ -386,22 +416,13 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
         first = min(total, chunk * per_chunk)
         last = min(total, first + per_chunk)
         m = 0
-        matrix_first = 0     # the index in ``out`` of matrix m's first row
-        while first < last:
-            while first >= matrix_first + row_counts[m]:
-                matrix_first += row_counts[m]
-                m += 1
-            n = min(last, matrix_first + row_counts[m]) - first
-            start = starts[m] + (first - matrix_first) * row_bytes
-            if n_tokens == 1:
-                _rows(kind, w, start, row_bytes, n, xq[0], x_scale[0], x_sums[0], x_bsums[0], bias[0], out[0],
-                      first, isa)
-            else:
-                for i in range(n):
-                    for t in range(n_tokens):
-                        _rows(kind, w, start + i * row_bytes, row_bytes, 1, xq[t], x_scale[t], x_sums[t],
-                              x_bsums[t], bias[t], out[t], first + i, isa)
-            first += n
+        matrix_first = 0
+        for r in range(first, last):
+            m, matrix_first = _matrix_of_row(row_counts, r, m, matrix_first)
+            start = starts[m] + (r - matrix_first) * row_bytes
+            for t in range(n_tokens):
+                _rows(kind, w, start, row_bytes, 1, xq[t], x_scale[t], x_sums[t], x_bsums[t], bias[t], out[t], r,
+                      isa)
 
 
 # ----------------------------------------------------------------------------------------------------------------

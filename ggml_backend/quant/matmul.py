@@ -42,7 +42,7 @@ from .activations import (
     quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
     round_rows_to_bf16, round_rows_to_f16,
 )
-from .decode import KINDS, matvec
+from .decode import KINDS, matmul_few, matvec
 from .decode import dequantize_rows as dequantize_simd
 from .simd import choose_isa
 from .types import QuantType, get_type
@@ -1034,8 +1034,14 @@ def _simd_matvec(type_name: str, base: np.ndarray, starts, row_counts, row_bytes
     n_tokens = acts.qs.shape[0]
     x_sums = acts.extra if acts.vec_dot_type == "q8_1" else _no_columns(np.float32, n_tokens)
     x_bsums = acts.extra if acts.vec_dot_type == "q8_K" else _no_columns(np.int32, n_tokens)
-    matvec(KINDS[type_name], base, np.asarray(starts, np.int64), np.asarray(row_counts, np.int64), row_bytes,
-           acts.qs, acts.d, x_sums, x_bsums, out, _n_chunks(out.shape[1]), KERNEL_ISA)
+    starts = np.asarray(starts, np.int64)
+    row_counts = np.asarray(row_counts, np.int64)
+    if n_tokens == 1:
+        matvec(KINDS[type_name], base, starts, row_counts, row_bytes, acts.qs[0], acts.d[0], x_sums[0], x_bsums[0],
+               out[0], _n_chunks(out.shape[1]), KERNEL_ISA)
+    else:
+        matmul_few(KINDS[type_name], base, starts, row_counts, row_bytes, acts.qs, acts.d, x_sums, x_bsums, out,
+                   _n_chunks(out.shape[1]), KERNEL_ISA)
 
 
 _NO_COLUMNS = {np.float32: np.zeros((1024, 0), np.float32), np.int32: np.zeros((1024, 0), np.int32)}
