@@ -17,6 +17,20 @@ from __future__ import annotations
 import os
 
 
+# True when this module put OMP_WAIT_POLICY into the environment (the user had not): child processes that run
+# another engine (``ggml-backend bench``'s llama.cpp workers, whose OpenMP threads it slows by a third) must not
+# inherit it.
+OMP_WAIT_POLICY_SET_HERE = False
+
+
+def environment_for_other_engines() -> dict:
+    """The environment as the user gave it, without what this module added."""
+    env = dict(os.environ)
+    if OMP_WAIT_POLICY_SET_HERE:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
+
+
 def choose_threading_layer() -> str:
     """Ask numba for a thread-safe layer (tbb, else omp) unless the user chose one; return the request."""
     import numba
@@ -27,7 +41,10 @@ def choose_threading_layer() -> str:
     if numba.config.THREADING_LAYER not in ("default", ""):
         return numba.config.THREADING_LAYER
     # libgomp reads this when numba loads it at the first parallel launch, which is after this import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    global OMP_WAIT_POLICY_SET_HERE
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        OMP_WAIT_POLICY_SET_HERE = True
     numba.config.THREADING_LAYER = "threadsafe"   # numba's name for "tbb if installed, else omp"
     return "threadsafe"
 

@@ -159,3 +159,18 @@ def test_markdown_from_a_saved_report(report, tmp_path, capsys):
     assert "| figure | ggml_backend |" in text and "load average" in text
     row = next(line for line in text.splitlines() if line.startswith("| prompt_48_tok_s |"))
     assert float(row.split("|")[2]) == pytest.approx(report["figures"]["ggml_backend"]["prompt_48_tok_s"], rel=0.01)
+
+
+def test_other_engines_get_the_users_environment(monkeypatch):
+    """Importing ggml_backend sets OMP_WAIT_POLICY=PASSIVE for its own OpenMP fallback; llama.cpp's measuring
+    processes must not inherit it (its OpenMP threads then sleep between kernels: decode a third slower)."""
+    from ggml_backend import _threading
+    monkeypatch.setattr(_threading, "OMP_WAIT_POLICY_SET_HERE", True)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert "OMP_WAIT_POLICY" not in _threading.environment_for_other_engines()
+    monkeypatch.setattr(_threading, "OMP_WAIT_POLICY_SET_HERE", False)   # the user's own setting stays
+    assert _threading.environment_for_other_engines()["OMP_WAIT_POLICY"] == "PASSIVE"
+    seen = bench.run_worker([sys.executable, "-c", "import os, json; print('RESULT ' + json.dumps("
+                             "{'policy': os.environ.get('OMP_WAIT_POLICY')}))"], 60,
+                            env={**_threading.environment_for_other_engines(), "OMP_WAIT_POLICY": "ACTIVE"})
+    assert seen["policy"] == "ACTIVE"

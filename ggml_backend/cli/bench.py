@@ -122,12 +122,12 @@ def add_arguments(parser) -> None:
 
 # ------------------------------------------------------------------------------------------- one measurement
 
-def run_worker(cmd: list[str], timeout: float) -> dict:
+def run_worker(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
     """Run one measuring process; its RESULT, or {"error": ...} when it crashed, failed or ran out of time.
     ``wall_s``: from starting the process to reading its RESULT line (the process's exit is not counted)."""
     with tempfile.TemporaryFile(mode="w+") as stderr:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         watchdog = threading.Timer(timeout, proc.kill)
         watchdog.start()
         result = None
@@ -154,7 +154,10 @@ def run_worker(cmd: list[str], timeout: float) -> dict:
 def measure(engine: str, model: str, task: str, a: int = 0, b: int = 0, *, threads: int = 2, n_ctx: int = 2048,
             timeout: float = 1800) -> dict:
     cmd = [sys.executable, "-c", _WORKER, engine, str(model), str(threads), str(n_ctx), task, str(a), str(b)]
-    result = run_worker(cmd, timeout)
+    # each engine's process gets the user's environment: not the OMP_WAIT_POLICY=PASSIVE that importing
+    # ggml_backend adds here, which made llama.cpp's OpenMP threads sleep between kernels (decode -35%)
+    from .._threading import environment_for_other_engines
+    result = run_worker(cmd, timeout, env=environment_for_other_engines())
     if task == "first" and "error" not in result:
         # the worker prints its RESULT right after the first token's logits
         result["first_token_s"] = result["wall_s"]
