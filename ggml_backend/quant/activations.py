@@ -48,65 +48,89 @@ def _roundf(value):
     return math.copysign(math.floor(abs(value) + 0.5), value)
 
 
+@njit(cache=True, inline="always")
+def _q8_0_row(x, row, qs, d, sums, reference):
+    """Quantize row ``row`` of ``x`` [n, k] in blocks of 32 into ``qs`` [n, k] and ``d`` [n, k/32]; ``sums``
+    [n, k/32] gets d*sum(qs) rounded to half precision (the q8_1 ``s`` field; the caller ignores it for q8_0)."""
+    for block in range(x.shape[1] // QK8_0):
+        start = block * QK8_0
+        amax = np.float32(0.0)
+        for i in range(QK8_0):
+            amax = max(amax, abs(x[row, start + i]))
+        scale = np.float32(amax / np.float32(127.0))
+        if reference:
+            inverse = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
+        else:
+            inverse = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        total = 0
+        for i in range(QK8_0):
+            scaled = np.float32(x[row, start + i] * inverse)
+            q = int(_roundf(scaled)) if reference else int(np.rint(scaled))
+            qs[row, start + i] = q
+            total += q
+        d[row, block] = round_to_f16(scale)
+        sums[row, block] = round_to_f16(np.float32(np.float32(total) * scale))
+
+
 @njit(cache=True, parallel=True)
 def _q8_0_kernel(x, qs, d, sums, reference):
-    """Quantize rows of ``x`` [n, k] in blocks of 32 into ``qs`` [n, k] and ``d`` [n, k/32]; ``sums`` [n, k/32]
-    gets d*sum(qs) rounded to half precision (the q8_1 ``s`` field; the caller ignores it for q8_0)."""
-    n_rows, k = x.shape
-    n_blocks = k // QK8_0
-    for row in prange(n_rows):
-        for block in range(n_blocks):
-            start = block * QK8_0
-            amax = np.float32(0.0)
-            for i in range(QK8_0):
-                amax = max(amax, abs(x[row, start + i]))
-            scale = np.float32(amax / np.float32(127.0))
-            if reference:
-                inverse = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
-            else:
-                inverse = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+    for row in prange(x.shape[0]):
+        _q8_0_row(x, row, qs, d, sums, reference)
+
+
+@njit(cache=True)
+def _q8_0_kernel_serial(x, qs, d, sums, reference):
+    """``_q8_0_kernel`` on the calling thread: for a token or two, a parallel launch (a thread wake-up, ~100 per
+    decode step) costs more than the work."""
+    for row in range(x.shape[0]):
+        _q8_0_row(x, row, qs, d, sums, reference)
+
+
+@njit(cache=True, inline="always")
+def _q8_K_row(x, row, qs, d, bsums):
+    """Quantize row ``row`` of ``x`` [n, k] in super-blocks of 256 (ggml ``quantize_row_q8_K_ref``)."""
+    for block in range(x.shape[1] // QK_K):
+        start = block * QK_K
+        amax = np.float32(0.0)
+        signed_max = np.float32(0.0)
+        for i in range(QK_K):
+            magnitude = abs(x[row, start + i])
+            if magnitude > amax:
+                amax = magnitude
+                signed_max = x[row, start + i]
+        if amax == 0:
+            d[row, block] = 0.0
+            for i in range(QK_K):
+                qs[row, start + i] = 0
+            for j in range(QK_K // 16):
+                bsums[row, block * 16 + j] = 0
+            continue
+        iscale = np.float32(np.float32(-127.0) / signed_max)
+        for j in range(QK_K // 16):
             total = 0
-            for i in range(QK8_0):
-                scaled = np.float32(x[row, start + i] * inverse)
-                q = int(_roundf(scaled)) if reference else int(np.rint(scaled))
-                qs[row, start + i] = q
+            for i in range(16):
+                q = int(np.rint(np.float32(iscale * x[row, start + j * 16 + i])))
+                q = min(127, q)
+                qs[row, start + j * 16 + i] = q
                 total += q
-            d[row, block] = round_to_f16(scale)
-            sums[row, block] = round_to_f16(np.float32(np.float32(total) * scale))
+            bsums[row, block * 16 + j] = total
+        d[row, block] = np.float32(np.float32(1.0) / iscale)
 
 
 @njit(cache=True, parallel=True)
 def _q8_K_kernel(x, qs, d, bsums):
-    """Quantize rows of ``x`` [n, k] in super-blocks of 256 (ggml ``quantize_row_q8_K_ref``)."""
-    n_rows, k = x.shape
-    n_blocks = k // QK_K
-    for row in prange(n_rows):
-        for block in range(n_blocks):
-            start = block * QK_K
-            amax = np.float32(0.0)
-            signed_max = np.float32(0.0)
-            for i in range(QK_K):
-                magnitude = abs(x[row, start + i])
-                if magnitude > amax:
-                    amax = magnitude
-                    signed_max = x[row, start + i]
-            if amax == 0:
-                d[row, block] = 0.0
-                for i in range(QK_K):
-                    qs[row, start + i] = 0
-                for j in range(QK_K // 16):
-                    bsums[row, block * 16 + j] = 0
-                continue
-            iscale = np.float32(np.float32(-127.0) / signed_max)
-            for j in range(QK_K // 16):
-                total = 0
-                for i in range(16):
-                    q = int(np.rint(np.float32(iscale * x[row, start + j * 16 + i])))
-                    q = min(127, q)
-                    qs[row, start + j * 16 + i] = q
-                    total += q
-                bsums[row, block * 16 + j] = total
-            d[row, block] = np.float32(np.float32(1.0) / iscale)
+    for row in prange(x.shape[0]):
+        _q8_K_row(x, row, qs, d, bsums)
+
+
+@njit(cache=True)
+def _q8_K_kernel_serial(x, qs, d, bsums):
+    for row in range(x.shape[0]):
+        _q8_K_row(x, row, qs, d, bsums)
+
+
+# Below this many rows the activation quantizers run on the calling thread (see _q8_0_kernel_serial).
+SERIAL_ROWS = 4
 
 
 def _as_rows(x: np.ndarray, block: int, name: str) -> np.ndarray:
@@ -127,7 +151,7 @@ def _q8_0_parts(x, reference: bool):
     qs = np.empty((n, k), np.int8)
     d = np.empty((n, k // QK8_0), np.float32)
     sums = np.empty((n, k // QK8_0), np.float32)
-    _q8_0_kernel(rows, qs, d, sums, reference)
+    (_q8_0_kernel_serial if n < SERIAL_ROWS else _q8_0_kernel)(rows, qs, d, sums, reference)
     return qs, d, sums
 
 
@@ -151,7 +175,7 @@ def quantize_activations_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     qs = np.empty((n, k), np.int8)
     d = np.empty((n, k // QK_K), np.float32)
     bsums = np.empty((n, k // 16), np.int32)
-    _q8_K_kernel(rows, qs, d, bsums)
+    (_q8_K_kernel_serial if n < SERIAL_ROWS else _q8_K_kernel)(rows, qs, d, bsums)
     return qs, d, bsums
 
 
