@@ -32,13 +32,7 @@ PREFILL_SHAPES = [("q5_0", 4864, 896), ("q4_K", 896, 4864), ("q6_K", 896, 4864),
 
 
 def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_thread_time(fn, repeats, clock=time.perf_counter)
 
 
 # ffn shapes of a TinyLlama-1B-shaped file (n_embd 2048, n_ff 5632) for the legacy nibble formats

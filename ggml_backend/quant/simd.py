@@ -337,26 +337,41 @@ def bits_to_bytes(typingctx, bits, value):
     return I8x32(bits, value), codegen
 
 
-def _bytewise(operation):
+def _lanewise(vector: VectorType, operation: str):
+    """An intrinsic for ``a <operation> b`` lane by lane on two vectors of type ``vector``."""
     def make(typingctx, a, b):
-        if a != I8x32 or b != I8x32:
+        if a != vector or b != vector:
             return None
 
         def codegen(context, builder, sig, args):
             return getattr(builder, operation)(args[0], args[1])
-        return I8x32(a, b), codegen
-    return make
+        return vector(a, b), codegen
+    return intrinsic(make)
 
 
-or_bytes = intrinsic(_bytewise("or_"))
+or_bytes = _lanewise(I8x32, "or_")
 or_bytes.__doc__ = "Bytewise ``a | b``."
-add_bytes = intrinsic(_bytewise("add"))
+add_bytes = _lanewise(I8x32, "add")
 add_bytes.__doc__ = "Bytewise ``a + b`` (wrapping)."
+add_i32x8 = _lanewise(I32x8, "add")
+add_i32x8.__doc__ = "Lanewise ``a + b`` of two ``I32x8``."
+add_f32x8 = _lanewise(F32x8, "fadd")
+add_f32x8.__doc__ = "Lanewise ``a + b`` of two ``F32x8``."
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Integer dot products
 # ----------------------------------------------------------------------------------------------------------------
+
+def _avx2_quad_sums(builder, unsigned, signed):
+    """Sums of four unsigned x signed byte products per int32 lane: ``vpmaddubsw`` (pairs into int16, saturating
+    past 32767) then ``vpmaddwd`` with ones."""
+    bytes_type = ir.VectorType(_I8, 32)
+    pairs_type = ir.VectorType(_I16, 16)
+    maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
+    maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
+    return builder.call(maddwd, [builder.call(maddubs, [unsigned, signed]), _splat(_I16(1), 16)])
+
 
 @intrinsic
 def dot_u8_i8(typingctx, acc, unsigned, signed, isa):
@@ -375,13 +390,7 @@ def dot_u8_i8(typingctx, acc, unsigned, signed, isa):
             function = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
                                  [I32x8.llvm_type(), vector, vector])
             return builder.call(function, [acc_value, u_value, s_value])
-        pairs_type = ir.VectorType(_I16, 16)
-        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type,
-                            [ir.VectorType(_I8, 32), ir.VectorType(_I8, 32)])
-        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
-        pairs = builder.call(maddubs, [u_value, s_value])
-        quads = builder.call(maddwd, [pairs, _splat(_I16(1), 16)])
-        return builder.add(acc_value, quads)
+        return builder.add(acc_value, _avx2_quad_sums(builder, u_value, s_value))
     return I32x8(acc, unsigned, signed, isa), codegen
 
 
@@ -405,29 +414,6 @@ def mul_i32x8(typingctx, a, b):
         scalar = context.cast(builder, args[1], sig.args[1], types.int32)
         return builder.mul(args[0], _splat_value(builder, scalar, 8))
     return I32x8(a, b), codegen
-
-
-@intrinsic
-def add_i32x8(typingctx, a, b):
-    """Lanewise ``a + b`` of two ``I32x8``."""
-    if a != I32x8 or b != I32x8:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.add(args[0], args[1])
-    return I32x8(a, b), codegen
-
-
-@intrinsic
-def sum_i32x8(typingctx, a):
-    """The sum of the eight lanes (int64)."""
-    if a != I32x8:
-        return None
-
-    def codegen(context, builder, sig, args):
-        function = _function(builder, "llvm.vector.reduce.add.v8i32", _I32, [I32x8.llvm_type()])
-        return builder.sext(builder.call(function, [args[0]]), ir.IntType(64))
-    return types.int64(a), codegen
 
 
 def _pair_of_bytes(signed: bool, mask: int):
@@ -479,17 +465,6 @@ def fma_i32x8(typingctx, acc, dot, scale):
         function = _function(builder, "llvm.fma.v8f32", F32x8.llvm_type(), [F32x8.llvm_type()] * 3)
         return builder.call(function, [floats, _splat_value(builder, scale_value, 8), args[0]])
     return F32x8(acc, dot, scale), codegen
-
-
-@intrinsic
-def add_f32x8(typingctx, a, b):
-    """Lanewise ``a + b`` of two ``F32x8``."""
-    if a != F32x8 or b != F32x8:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-    return F32x8(a, b), codegen
 
 
 @intrinsic
@@ -556,11 +531,7 @@ def dot_i8_i8(typingctx, bias, signed_weights, signed, isa):
                                 [args[1], ir.IntType(1)(0)])
         signs = builder.call(_function(builder, "llvm.x86.avx2.psign.b", bytes_type, [bytes_type, bytes_type]),
                              [args[2], args[1]])
-        pairs_type = ir.VectorType(_I16, 16)
-        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
-        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
-        quads = builder.call(maddwd, [builder.call(maddubs, [absolute, signs]), _splat(_I16(1), 16)])
-        return builder.add(args[0], quads)
+        return builder.add(args[0], _avx2_quad_sums(builder, absolute, signs))
     return I32x8(bias, signed_weights, signed, isa), codegen
 
 
