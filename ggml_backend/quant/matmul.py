@@ -66,7 +66,16 @@ F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16
 
 # The SIMD instruction set of the one-token kernels (simd.py): the best this CPU has, GGML_BACKEND_KERNELS to force
 # one (avx512vnni, avx2) or the plain numba kernels (generic). None: the plain kernels.
-KERNEL_ISA = choose_isa()
+try:
+    KERNEL_ISA = choose_isa()
+    _KERNEL_CHOICE_ERROR = None
+except ValueError as error:   # a bad GGML_BACKEND_KERNELS: said by the first product, where callers handle errors
+    KERNEL_ISA, _KERNEL_CHOICE_ERROR = None, str(error)
+
+
+def _check_kernel_choice() -> None:
+    if _KERNEL_CHOICE_ERROR is not None:
+        raise ValueError(_KERNEL_CHOICE_ERROR)
 
 # Kernel selectors (one compiled kernel per family, a branch per block picks the layout).
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 4
@@ -1164,6 +1173,7 @@ def matmul(weight_type, weight_bytes: np.ndarray, x: np.ndarray, out: np.ndarray
     ``x`` is float32 [n_tokens, k] (or [k], giving a [n_rows] result); the result is float32 [n_tokens, n_rows]
     (written into ``out`` when given). ``method``: "int" (llama.cpp's numerics), "blas" (dequantize + sgemm) or
     "auto" (int below ``BLAS_MIN_TOKENS`` tokens). Raises ``MatmulShapeError`` (a ValueError) on bad input."""
+    _check_kernel_choice()
     qtype = get_type(weight_type)
     if qtype.name not in SUPPORTED_TYPES:
         raise MatmulShapeError(f"matmul does not support weights of type {qtype.name}")
@@ -1228,6 +1238,7 @@ class WeightMatrix:
 def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "auto") -> list[np.ndarray]:
     """x @ W.T for several matrices sharing the input (q, k, v or gate, up): the activations are quantized once
     per distinct ``vec_dot_type``. Returns one float32 [n_tokens, n_rows_i] array per matrix."""
+    _check_kernel_choice()
     rows = _as_activation_rows(x)
     for weight in weights:
         if weight.shape[1] != rows.shape[1]:
