@@ -15,6 +15,31 @@ import numpy as np
 from numba import njit, prange
 
 from ..quant.activations import _round_bits_to_f16
+from ..quant.simd import float_from_bits
+
+_LOG2_E = np.float32(1.4426950408889634)
+_LN2_HIGH = np.float32(0.693359375)            # ln 2 in two parts: n * _LN2_HIGH is exact for |n| < 2**12
+_LN2_LOW = np.float32(-2.12194440e-4)
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _exp_non_positive(x):
+    """exp(x) for x <= 0 (a softmax's shifted scores) in plain float32 arithmetic that LLVM vectorizes, where
+    numpy's exp is a libm call per value: 2**n * exp(r) with n = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by its
+    Taylor polynomial to r**7 (truncation below 1e-8, within a float32 ulp), 2**n built from its exponent bits.
+    Below -87 (2**-126, the smallest normal float) the result is that floor; softmax rounds it away."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * _LOG2_E + np.float32(0.5))
+    r = (x - n * _LN2_HIGH) - n * _LN2_LOW
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * float_from_bits((np.int32(n) + 127) << 23)
 
 
 @njit(cache=True, parallel=True, fastmath=True, nogil=True)
@@ -42,7 +67,7 @@ def _attention_kernel(q, keys, values, out, start, group, window, scale):
                 best = s
         total = 0.0
         for j in range(n_keys):
-            e = np.float32(np.exp(probs[j] - best))
+            e = _exp_non_positive(np.float32(probs[j] - best))
             probs[j] = e
             total += e
         inverse = np.float32(1.0 / total)

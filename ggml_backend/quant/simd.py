@@ -593,3 +593,14 @@ def store_scaled(typingctx, array, index, quants, scale_a, scale_b, offset_a, of
         builder.store(values, builder.bitcast(builder.gep(data, [args[1]]), vector_type.as_pointer()), align=4)
         return context.get_dummy_value()
     return types.void(array, index, quants, scale_a, scale_b, offset_a, offset_b), codegen
+
+
+@intrinsic
+def float_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer ``bits`` (a bitcast; vectorizes)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(context.cast(builder, args[0], sig.args[0], types.int32), _F32)
+    return types.float32(bits), codegen
