@@ -4,13 +4,14 @@ Decode reads every weight byte once per token, so these kernels decide generatio
 llama.cpp's x86 ``ggml_vec_dot_*`` is: a weight block is expanded to 32 unsigned bytes (nibbles, fifth or sixth
 bits OR-ed in), multiplied with the 32 signed activation quants by ``dot_u8_i8`` (``vpdpbusd`` or ``vpmaddubsw``),
 the int32 lanes scaled and accumulated in eight float lanes, which are summed once per row. Offsets that make
-weights signed (q4_0's -8, q5_0's -16, q3_K's -4, q6_K's -32) are exact
+weights signed (q4_0's -8, q5_0's -16, q3_K's -4, q6_K's -32, and -128 for q8_0's signed bytes on VNNI) are exact
 integer terms: the lane sums of ``offset * x`` are computed once per activation row (``lane_bias``) and start
 each block's accumulator, so each block's integer dot product is exactly ggml's.
 
 A kernel computes whole rows (``_row_*``); ``matvec`` spreads the rows of one or several matrices over numba's
-threads in equal chunks, in one launch. The ``isa`` argument (see ``simd.py``) picks the instructions and is part
-of each compiled signature.
+threads in equal chunks, in one launch; ``matmul_few`` does the same for a few tokens, each (row, token) by the
+one-token code. ``dequantize_rows`` expands weight rows to float32 for the prompt path with the same block
+decoders. The ``isa`` argument (see ``simd.py``) picks the instructions and is part of each compiled signature.
 
 Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
     q4_0  [d | 16 bytes: low nibbles = weights 0..15, high = 16..31]              w = q - 8
