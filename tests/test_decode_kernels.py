@@ -160,3 +160,17 @@ def test_a_model_on_every_path(isa, name):
     plain = model_logits(None, name, batch=False)
     per_position = np.abs(one_by_one - plain).max(axis=1)
     assert np.median(per_position) < 1e-5 and per_position.max() < 0.2, per_position
+
+
+def test_a_bad_kernel_choice_is_one_clear_error():
+    """A bad GGML_BACKEND_KERNELS does not break the import: the CLI says so in one line and exits non-zero."""
+    import os
+    import subprocess
+    import sys
+    from refdata import SYNTHETIC_DIR
+    env = {**os.environ, "GGML_BACKEND_KERNELS": "neon"}
+    result = subprocess.run([sys.executable, "-m", "ggml_backend", "run", "-m",
+                             str(SYNTHETIC_DIR / "tiny-llama-q4_0.gguf"), "-n", "2", "-p", "hi"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "GGML_BACKEND_KERNELS='neon'" in result.stderr and "Traceback" not in result.stderr
