@@ -27,6 +27,9 @@ Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 from numba import njit, prange
 
@@ -38,6 +41,28 @@ from .simd import (
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
+
+
+def _drop_kernels_cached_against_another_simd(package_dir: Path | None = None) -> None:
+    """numba keys a cached kernel on the text of the file that defines it, but these kernels are made of simd.py's
+    IR too: a cache compiled against another simd.py (an upgrade or an edit that changed only that file) would be
+    loaded as if current. A digest of simd.py beside the cache says which one it was built against."""
+    package_dir = package_dir or Path(__file__).resolve().parent
+    cache_dir = package_dir / "__pycache__"
+    try:
+        digest = hashlib.sha256((package_dir / "simd.py").read_bytes()).hexdigest()
+        stamp = cache_dir / "decode.simd-digest"
+        if stamp.is_file() and stamp.read_text() == digest:
+            return
+        for cached in cache_dir.glob("decode.*.nb[ic]"):
+            cached.unlink(missing_ok=True)
+        cache_dir.mkdir(exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:   # a read-only install: numba then caches elsewhere, and so does nothing here
+        pass
+
+
+_drop_kernels_cached_against_another_simd()
 
 
 @njit(**_KERNEL)

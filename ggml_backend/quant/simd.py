@@ -17,8 +17,8 @@ can run and compare all the paths its CPU supports, and forcing a path can never
 These intrinsics read memory without bounds checks: the callers (quant/decode.py) check every size in Python
 before a kernel runs.
 
-numba's on-disk cache keys a kernel on its own source file only: after editing this file, touch
-quant/decode.py (or clear its ``__pycache__``) so that its kernels are compiled again with the new IR.
+numba's on-disk cache keys a kernel on the text of its own source file only; decode.py keeps a digest of this
+file beside its cache and drops its cached kernels when this file changes.
 """
 from __future__ import annotations
 
@@ -152,7 +152,8 @@ def _byte_pointer(context, builder, array_type, array, offset):
 
 
 def _is_byte_array(typ) -> bool:
-    return isinstance(typ, types.Array) and typ.dtype in (types.uint8, types.int8)
+    # C-contiguous only: the loads address bytes as data pointer + offset
+    return isinstance(typ, types.Array) and typ.dtype in (types.uint8, types.int8) and typ.layout == "C"
 
 
 def _function(builder, name, return_type, argument_types):
@@ -184,7 +185,8 @@ load_16_bytes.__doc__ = "``array[offset:offset + 16]`` (a byte array) as an ``I8
 @intrinsic
 def load_8_i32(typingctx, array, index):
     """``array[index:index + 8]`` of an int32 array as an ``I32x8``."""
-    if not (isinstance(array, types.Array) and array.dtype == types.int32 and isinstance(index, types.Integer)):
+    if not (isinstance(array, types.Array) and array.dtype == types.int32 and array.layout == "C"
+            and isinstance(index, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
@@ -197,7 +199,8 @@ def load_8_i32(typingctx, array, index):
 @intrinsic
 def store_8_i32(typingctx, array, index, vector):
     """``array[index:index + 8] = vector`` for an int32 array."""
-    if not (isinstance(array, types.Array) and array.dtype == types.int32 and vector == I32x8):
+    if not (isinstance(array, types.Array) and array.dtype == types.int32 and array.layout == "C"
+            and vector == I32x8):
         return None
 
     def codegen(context, builder, sig, args):
@@ -553,7 +556,8 @@ def pair_i32x8(typingctx, a, b):
 def high_nibbles_dot(typingctx, array, offset, sums, index):
     """sum over j < 16 of ``(array[offset + j] >> 4) * sums[index + j]`` (bytes times int32), as int64: q2_K's
     minimums times the activation sums per 16."""
-    if not (_is_byte_array(array) and isinstance(sums, types.Array) and sums.dtype == types.int32):
+    if not (_is_byte_array(array) and isinstance(sums, types.Array) and sums.dtype == types.int32
+            and sums.layout == "C"):
         return None
 
     def codegen(context, builder, sig, args):
@@ -573,7 +577,8 @@ def store_scaled(typingctx, array, index, quants, scale_a, scale_b, offset_a, of
     """``array[index + i] = float(quants[i]) * scale - offset`` for the 32 signed bytes ``quants``, with
     ``scale_a`` / ``offset_a`` for i < 16 and ``scale_b`` / ``offset_b`` for the rest: a multiply then a subtract,
     each rounded (no fused multiply-add), so that the floats equal the type table's dequantizers bit for bit."""
-    if not (isinstance(array, types.Array) and array.dtype == types.float32 and quants == I8x32
+    if not (isinstance(array, types.Array) and array.dtype == types.float32 and array.layout == "C"
+            and quants == I8x32
             and all(isinstance(t, types.Float) for t in (scale_a, scale_b, offset_a, offset_b))):
         return None
 
