@@ -270,7 +270,26 @@ class Scheduler:
                 self._live = None
 
 
-class TokenStream:
+class _ClosedOnExit:
+    """``with`` support and a finalizer that close the stream: dropping a stream frees the model."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - a finalizer must not raise (at interpreter exit threads cannot start)
+            pass
+
+
+class TokenStream(_ClosedOnExit):
     """The iterator ``Llama.generate`` returns: any thread may advance it (one at a time) or close it.
 
     Closing it (``close()``, leaving a ``with`` block, or dropping the last reference) cancels the generation: the
@@ -292,20 +311,9 @@ class TokenStream:
     def close(self) -> None:
         self._scheduler.cancel(self._request)
 
-    def __enter__(self) -> "TokenStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - a finalizer must not raise (at interpreter exit threads cannot start)
-            pass
 
 
-class Stream:
+class Stream(_ClosedOnExit):
     """Wraps a generator built on a ``TokenStream`` (completion chunks, chat deltas) with the same guarantees:
     any thread may advance it, one at a time (two at once get a ``RuntimeError``), and any thread may close it.
 
@@ -352,14 +360,3 @@ class Stream:
             finally:
                 self._busy.release()
 
-    def __enter__(self) -> "Stream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - a finalizer must not raise (at interpreter exit threads cannot start)
-            pass
