@@ -1,7 +1,8 @@
 """The key/value cache.
 
 llama.cpp keeps K and V in float16; we keep float32 arrays holding float16-rounded values, which reproduces its
-numbers while letting attention run as float32 BLAS without a conversion per token.
+numbers while the attention kernel (model/attention.py, numba) reads float32 without a conversion per value; the
+price is twice llama.cpp's cache memory.
 Layout per layer: [n_head_kv, n_ctx, head_dim], so the first n positions of a head are one contiguous slice.
 """
 from __future__ import annotations

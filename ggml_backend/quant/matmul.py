@@ -1120,8 +1120,9 @@ def single_threaded_blas():
 
     Each of our workers runs its own sgemm on its own band; OpenBLAS's own busy-waiting threads on top of that
     cost 3x the CPU time and 3x the wall time of a prompt on a loaded 2-core machine (benchmarks/README.md).
-    The forward pass holds it for its whole duration: attention's sgemm over a long context woke OpenBLAS's
-    threads, whose spinning then halved the speed of the numba kernels that followed."""
+    The forward pass holds it for its whole duration: any numpy product in it (attention was one, before it became
+    a numba kernel) would otherwise wake OpenBLAS's threads, whose spinning halved the speed of the numba kernels
+    that followed."""
     global _blas_controller
     try:
         if _blas_controller is None:
