@@ -193,3 +193,21 @@ def test_kernels_cached_against_another_simd_are_dropped(tmp_path):
     (tmp_path / "simd.py").write_text("# version 2\n")
     drop(tmp_path)
     assert not kernel.exists()
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_prompt_path_dequantization_is_bit_exact_to_the_type_table(isa):
+    """The BLAS path's weight bands (decode.dequantize_rows) give the type table's floats bit for bit."""
+    from ggml_backend.quant import dequantize
+    rng = np.random.default_rng(3)
+    saved = matmul_module.KERNEL_ISA
+    matmul_module.KERNEL_ISA = isa
+    try:
+        for type_name in KINDS:
+            k = 512 if type_name.endswith("K") else 96
+            weights = random_weights(type_name, 9, k, rng)
+            table = np.asarray(dequantize(type_name, weights.reshape(-1), (9, k)))
+            band = matmul_module.dequantize_rows(type_name, weights, k, 2, 9)
+            assert np.array_equal(band.view(np.uint32), table[2:9].view(np.uint32)), type_name
+    finally:
+        matmul_module.KERNEL_ISA = saved
