@@ -65,6 +65,65 @@ def _drop_kernels_cached_against_another_simd(package_dir: Path | None = None) -
 _drop_kernels_cached_against_another_simd()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Block decoders: one per format, shared by the dot kernels and dequantize_rows. Each gives a block's quants as
+# unsigned bytes (before the format's offset) or its packed scales as words.
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(inline="always", **_KERNEL)
+def _q4_quants(w, nibbles):
+    """q4_0 / q4_1: the 32 quants 0..15 from the 16 bytes at ``nibbles`` (low nibbles first)."""
+    return unpack_nibbles(load_16_bytes(w, nibbles))
+
+
+@njit(inline="always", **_KERNEL)
+def _q5_quants(w, qh):
+    """q5_0 / q5_1: the 32 quants 0..31 from the fifth bits (u32 at ``qh``) and the 16 bytes of nibbles after it."""
+    return or_bytes(unpack_nibbles(load_16_bytes(w, qh + 4)), bits_to_bytes(load_u32(w, qh), 16))
+
+
+@njit(inline="always", **_KERNEL)
+def _scale_min_words(w, o):
+    """q4_K / q5_K: the 12 scale bytes at ``o`` (ggml's kmask trick) as four words whose bytes are the six-bit
+    scales 0-3, 4-7 and mins 0-3, 4-7."""
+    u0 = load_u32(w, o)
+    u1 = load_u32(w, o + 4)
+    u2 = load_u32(w, o + 8)
+    return (u0 & 0x3F3F3F3F, (u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4),
+            u1 & 0x3F3F3F3F, ((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4))
+
+
+@njit(inline="always", **_KERNEL)
+def _with_fifth_bit(nibbles, high_bits, bit):
+    """q5_K: four-bit quants plus bit ``bit`` of each byte of ``high_bits`` as their fifth bit."""
+    return or_bytes(nibbles, shift_left(shift_right_and(high_bits, bit, 1), 4))
+
+
+@njit(inline="always", **_KERNEL)
+def _q6_K_quants(nibbles, top, shift):
+    """q6_K: four-bit quants plus bits ``shift``, ``shift + 1`` of each byte of ``top`` as their top two bits."""
+    return or_bytes(nibbles, shift_left(shift_right_and(top, shift, 3), 4))
+
+
+@njit(inline="always", **_KERNEL)
+def _q3_K_quants(packed, hmask, shift, bit):
+    """q3_K: the two bits at ``shift`` of each byte of ``packed`` plus 4 where bit ``bit`` of ``hmask`` is set."""
+    return or_bytes(shift_right_and(packed, shift, 3), shift_left(shift_right_and(hmask, bit, 1), 2))
+
+
+@njit(inline="always", **_KERNEL)
+def _q3_K_scale_words(w, s):
+    """q3_K: the 12 scale bytes at ``s`` (ggml's kmask trick) as four words: byte j % 4 of word j // 4 is six-bit
+    scale j plus 32."""
+    a0 = load_u32(w, s)
+    a1 = load_u32(w, s + 4)
+    a2 = load_u32(w, s + 8)
+    return ((a0 & 0x0F0F0F0F) | ((a2 & 0x03030303) << 4),
+            (a1 & 0x0F0F0F0F) | (((a2 >> 2) & 0x03030303) << 4),
+            ((a0 >> 4) & 0x0F0F0F0F) | (((a2 >> 4) & 0x03030303) << 4),
+            ((a1 >> 4) & 0x0F0F0F0F) | (((a2 >> 6) & 0x03030303) << 4))
+
+
 @njit(**_KERNEL)
 def lane_bias(xq, offset, isa):
     """int32 [k/32 * 8]: for each 32-value block of ``xq`` the eight lane sums of ``-offset * x`` (the lanes of
@@ -89,16 +148,16 @@ def _row_q4_0(w, start, xq, x_scale, bias, isa):
     n = x_scale.size
     for b in range(0, n - 1, 2):
         o = start + 18 * b
-        dot = dot_u8_i8(load_8_i32(bias, 8 * b), unpack_nibbles(load_16_bytes(w, o + 2)), load_32_bytes(xq, 32 * b),
+        dot = dot_u8_i8(load_8_i32(bias, 8 * b), _q4_quants(w, o + 2), load_32_bytes(xq, 32 * b),
                         isa)
         acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
         o += 18
-        dot = dot_u8_i8(load_8_i32(bias, 8 * b + 8), unpack_nibbles(load_16_bytes(w, o + 2)),
+        dot = dot_u8_i8(load_8_i32(bias, 8 * b + 8), _q4_quants(w, o + 2),
                         load_32_bytes(xq, 32 * b + 32), isa)
         acc1 = fma_i32x8(acc1, dot, load_f16(w, o) * x_scale[b + 1])
     if n % 2:
         o = start + 18 * (n - 1)
-        dot = dot_u8_i8(load_8_i32(bias, 8 * (n - 1)), unpack_nibbles(load_16_bytes(w, o + 2)),
+        dot = dot_u8_i8(load_8_i32(bias, 8 * (n - 1)), _q4_quants(w, o + 2),
                         load_32_bytes(xq, 32 * (n - 1)), isa)
         acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[n - 1])
     return sum_f32x8(add_f32x8(acc, acc1))
@@ -110,7 +169,7 @@ def _row_q4_1(w, start, xq, x_scale, x_sums, isa):
     mins = np.float32(0.0)
     for b in range(x_scale.size):
         o = start + 20 * b
-        q = unpack_nibbles(load_16_bytes(w, o + 4))
+        q = _q4_quants(w, o + 4)
         dot = dot_u8_i8(zero_i32x8(), q, load_32_bytes(xq, 32 * b), isa)
         acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
         mins += load_f16(w, o + 2) * x_sums[b]
@@ -126,17 +185,17 @@ def _row_q5_0(w, start, xq, x_scale, bias, isa):
     n = x_scale.size
     for b in range(0, n - 1, 2):
         o = start + 22 * b
-        q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 6)), bits_to_bytes(load_u32(w, o + 2), 16))
+        q = _q5_quants(w, o + 2)
         dot = dot_u8_i8(load_8_i32(bias, 8 * b), q, load_32_bytes(xq, 32 * b), isa)
         acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
         o += 22
-        q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 6)), bits_to_bytes(load_u32(w, o + 2), 16))
+        q = _q5_quants(w, o + 2)
         dot = dot_u8_i8(load_8_i32(bias, 8 * b + 8), q, load_32_bytes(xq, 32 * b + 32), isa)
         acc1 = fma_i32x8(acc1, dot, load_f16(w, o) * x_scale[b + 1])
     if n % 2:
         b = n - 1
         o = start + 22 * b
-        q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 6)), bits_to_bytes(load_u32(w, o + 2), 16))
+        q = _q5_quants(w, o + 2)
         dot = dot_u8_i8(load_8_i32(bias, 8 * b), q, load_32_bytes(xq, 32 * b), isa)
         acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
     return sum_f32x8(add_f32x8(acc, acc1))
@@ -148,7 +207,7 @@ def _row_q5_1(w, start, xq, x_scale, x_sums, isa):
     mins = np.float32(0.0)
     for b in range(x_scale.size):
         o = start + 24 * b
-        q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 8)), bits_to_bytes(load_u32(w, o + 4), 16))
+        q = _q5_quants(w, o + 4)
         dot = dot_u8_i8(zero_i32x8(), q, load_32_bytes(xq, 32 * b), isa)
         acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
         mins += load_f16(w, o + 2) * x_sums[b]
@@ -163,16 +222,6 @@ def _row_q8_0(w, start, xq, x_scale, bias, isa):
         dot = dot_i8_i8(load_8_i32(bias, 8 * b), load_32_bytes(w, o + 2), load_32_bytes(xq, 32 * b), isa)
         acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
     return sum_f32x8(acc)
-
-
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,21 +243,14 @@ def _row_q4_K(w, start, xq, x_scale, sums32, isa):
     mins = np.float32(0.0)
     for b in range(x_scale.size):
         o = start + 144 * b
-        # 8 six-bit scales and mins from 12 bytes (ggml's kmask trick): bytes of scales_lo/hi, mins_lo/hi
-        u0 = load_u32(w, o + 4)
-        u1 = load_u32(w, o + 8)
-        u2 = load_u32(w, o + 12)
-        scales_lo = u0 & 0x3F3F3F3F
-        scales_hi = (u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4)
-        mins_lo = u1 & 0x3F3F3F3F
-        mins_hi = ((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4)
+        words = _scale_min_words(w, o + 4)
         sumi = zero_i32x8()
         min_total = 0
         for c in range(4):
             packed = load_32_bytes(w, o + 16 + 32 * c)
             x = 256 * b + 64 * c
-            pair = (scales_lo if c < 2 else scales_hi) >> (16 * (c & 1))
-            mpair = (mins_lo if c < 2 else mins_hi) >> (16 * (c & 1))
+            pair = words[c // 2] >> (16 * (c & 1))
+            mpair = words[2 + c // 2] >> (16 * (c & 1))
             low = dot_u8_i8(zero_i32x8(), low_nibbles(packed), load_32_bytes(xq, x), isa)
             high = dot_u8_i8(zero_i32x8(), shift_right_and(packed, 4, 15), load_32_bytes(xq, x + 32), isa)
             sumi = add_i32x8(sumi, add_i32x8(mul_i32x8(low, pair & 0xFF), mul_i32x8(high, (pair >> 8) & 0xFF)))
@@ -224,23 +266,17 @@ def _row_q5_K(w, start, xq, x_scale, sums32, isa):
     mins = np.float32(0.0)
     for b in range(x_scale.size):
         o = start + 176 * b
-        u0 = load_u32(w, o + 4)
-        u1 = load_u32(w, o + 8)
-        u2 = load_u32(w, o + 12)
-        scales_lo = u0 & 0x3F3F3F3F
-        scales_hi = (u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4)
-        mins_lo = u1 & 0x3F3F3F3F
-        mins_hi = ((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4)
+        words = _scale_min_words(w, o + 4)
         high_bits = load_32_bytes(w, o + 16)
         sumi = zero_i32x8()
         min_total = 0
         for c in range(4):
             packed = load_32_bytes(w, o + 48 + 32 * c)
             x = 256 * b + 64 * c
-            pair = (scales_lo if c < 2 else scales_hi) >> (16 * (c & 1))
-            mpair = (mins_lo if c < 2 else mins_hi) >> (16 * (c & 1))
-            q_low = or_bytes(low_nibbles(packed), shift_left(shift_right_and(high_bits, 2 * c, 1), 4))
-            q_high = or_bytes(shift_right_and(packed, 4, 15), shift_left(shift_right_and(high_bits, 2 * c + 1, 1), 4))
+            pair = words[c // 2] >> (16 * (c & 1))
+            mpair = words[2 + c // 2] >> (16 * (c & 1))
+            q_low = _with_fifth_bit(low_nibbles(packed), high_bits, 2 * c)
+            q_high = _with_fifth_bit(shift_right_and(packed, 4, 15), high_bits, 2 * c + 1)
             low = dot_u8_i8(zero_i32x8(), q_low, load_32_bytes(xq, x), isa)
             high = dot_u8_i8(zero_i32x8(), q_high, load_32_bytes(xq, x + 32), isa)
             sumi = add_i32x8(sumi, add_i32x8(mul_i32x8(low, pair & 0xFF), mul_i32x8(high, (pair >> 8) & 0xFF)))
@@ -263,16 +299,16 @@ def _row_q6_K(w, start, xq, x_scale, bias, isa):
             x = 256 * b + 128 * n
             g = 8 * (x // 32)
             s = o + 192 + 8 * n
-            q = or_bytes(low_nibbles(low_a), shift_left(shift_right_and(top, 0, 3), 4))
+            q = _q6_K_quants(low_nibbles(low_a), top, 0)
             dot = dot_u8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa)
             sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s)))
-            q = or_bytes(low_nibbles(low_b), shift_left(shift_right_and(top, 2, 3), 4))
+            q = _q6_K_quants(low_nibbles(low_b), top, 2)
             dot = dot_u8_i8(load_8_i32(bias, g + 8), q, load_32_bytes(xq, x + 32), isa)
             sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s + 2)))
-            q = or_bytes(shift_right_and(low_a, 4, 15), shift_left(shift_right_and(top, 4, 3), 4))
+            q = _q6_K_quants(shift_right_and(low_a, 4, 15), top, 4)
             dot = dot_u8_i8(load_8_i32(bias, g + 16), q, load_32_bytes(xq, x + 64), isa)
             sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s + 4)))
-            q = or_bytes(shift_right_and(low_b, 4, 15), shift_left(shift_right_and(top, 6, 3), 4))
+            q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
             dot = dot_u8_i8(load_8_i32(bias, g + 24), q, load_32_bytes(xq, x + 96), isa)
             sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s + 6)))
         acc = fma_i32x8(acc, sumi, load_f16(w, o + 208) * x_scale[b])
@@ -284,14 +320,7 @@ def _row_q3_K(w, start, xq, x_scale, bias, isa):
     acc = zero_f32x8()
     for b in range(x_scale.size):
         o = start + 110 * b
-        # 16 six-bit scales from 12 bytes (ggml's kmask trick): byte j of words[j // 4] is scale j + 32
-        a0 = load_u32(w, o + 96)
-        a1 = load_u32(w, o + 100)
-        a2 = load_u32(w, o + 104)
-        words = ((a0 & 0x0F0F0F0F) | ((a2 & 0x03030303) << 4),
-                 (a1 & 0x0F0F0F0F) | (((a2 >> 2) & 0x03030303) << 4),
-                 ((a0 >> 4) & 0x0F0F0F0F) | (((a2 >> 4) & 0x03030303) << 4),
-                 ((a1 >> 4) & 0x0F0F0F0F) | (((a2 >> 6) & 0x03030303) << 4))
+        words = _q3_K_scale_words(w, o + 96)
         hmask = load_32_bytes(w, o)
         sumi = zero_i32x8()
         for n in range(2):
@@ -299,7 +328,7 @@ def _row_q3_K(w, start, xq, x_scale, bias, isa):
             for j in range(4):
                 x = 256 * b + 128 * n + 32 * j
                 pair = words[2 * n + j // 2] >> (16 * (j & 1))
-                q = or_bytes(shift_right_and(packed, 2 * j, 3), shift_left(shift_right_and(hmask, 4 * n + j, 1), 2))
+                q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
                 dot = dot_u8_i8(load_8_i32(bias, 8 * (x // 32)), q, load_32_bytes(xq, x), isa)
                 sumi = add_i32x8(sumi, mul_i32x8(dot, pair_i32x8((pair & 0xFF) - 32, ((pair >> 8) & 0xFF) - 32)))
         acc = fma_i32x8(acc, sumi, load_f16(w, o + 108) * x_scale[b])
@@ -457,16 +486,6 @@ def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bs
 # and quant/kquants.py)
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(inline="always", **_KERNEL)
-def _scale_min_words(w, o):
-    """q4_K / q5_K: the 12 scale bytes at ``o`` as four words whose bytes are scales 0-3, 4-7, mins 0-3, 4-7."""
-    u0 = load_u32(w, o)
-    u1 = load_u32(w, o + 4)
-    u2 = load_u32(w, o + 8)
-    return (u0 & 0x3F3F3F3F, (u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4),
-            u1 & 0x3F3F3F3F, ((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4))
-
-
 @njit(nogil=True, **_KERNEL)
 def dequantize_rows(kind, w, start, row_bytes, out, isa):
     """out[i] = row i of the matrix whose rows start at byte ``start`` of ``w`` (out: float32 [n, k])."""
@@ -481,23 +500,23 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                 if kind == 0:
                     o = row + 18 * b
                     d = load_f16(w, o)
-                    store_scaled(flat, base + 32 * b, add_bytes(unpack_nibbles(load_16_bytes(w, o + 2)),
-                                                                splat_bytes(-8)), d, d, zero, zero)
+                    store_scaled(flat, base + 32 * b, add_bytes(_q4_quants(w, o + 2), splat_bytes(-8)), d, d,
+                                 zero, zero)
                 elif kind == 1:
                     o = row + 20 * b
                     d = load_f16(w, o)
                     m = -load_f16(w, o + 2)
-                    store_scaled(flat, base + 32 * b, unpack_nibbles(load_16_bytes(w, o + 4)), d, d, m, m)
+                    store_scaled(flat, base + 32 * b, _q4_quants(w, o + 4), d, d, m, m)
                 elif kind == 2:
                     o = row + 22 * b
                     d = load_f16(w, o)
-                    q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 6)), bits_to_bytes(load_u32(w, o + 2), 16))
+                    q = _q5_quants(w, o + 2)
                     store_scaled(flat, base + 32 * b, add_bytes(q, splat_bytes(-16)), d, d, zero, zero)
                 elif kind == 3:
                     o = row + 24 * b
                     d = load_f16(w, o)
                     m = -load_f16(w, o + 2)
-                    q = or_bytes(unpack_nibbles(load_16_bytes(w, o + 8)), bits_to_bytes(load_u32(w, o + 4), 16))
+                    q = _q5_quants(w, o + 4)
                     store_scaled(flat, base + 32 * b, q, d, d, m, m)
                 else:
                     o = row + 34 * b
@@ -522,8 +541,8 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                     else:
                         packed = load_32_bytes(w, o + 48 + 32 * c)
                         bits = load_32_bytes(w, o + 16)
-                        low = or_bytes(low_nibbles(packed), shift_left(shift_right_and(bits, 2 * c, 1), 4))
-                        high = or_bytes(shift_right_and(packed, 4, 15), shift_left(shift_right_and(bits, 2 * c + 1, 1), 4))
+                        low = _with_fifth_bit(low_nibbles(packed), bits, 2 * c)
+                        high = _with_fifth_bit(shift_right_and(packed, 4, 15), bits, 2 * c + 1)
                     d1 = d * np.float32(scales & 0xFF)
                     m1 = dmin * np.float32(mins & 0xFF)
                     d2 = d * np.float32((scales >> 8) & 0xFF)
@@ -541,13 +560,13 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                     minus32 = splat_bytes(-32)
                     for part in range(4):
                         if part == 0:
-                            q = or_bytes(low_nibbles(low_a), shift_left(shift_right_and(top, 0, 3), 4))
+                            q = _q6_K_quants(low_nibbles(low_a), top, 0)
                         elif part == 1:
-                            q = or_bytes(low_nibbles(low_b), shift_left(shift_right_and(top, 2, 3), 4))
+                            q = _q6_K_quants(low_nibbles(low_b), top, 2)
                         elif part == 2:
-                            q = or_bytes(shift_right_and(low_a, 4, 15), shift_left(shift_right_and(top, 4, 3), 4))
+                            q = _q6_K_quants(shift_right_and(low_a, 4, 15), top, 4)
                         else:
-                            q = or_bytes(shift_right_and(low_b, 4, 15), shift_left(shift_right_and(top, 6, 3), 4))
+                            q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
                         scale_a = d * np.float32(np.int8(w[s + 2 * part]))
                         scale_b = d * np.float32(np.int8(w[s + 2 * part + 1]))
                         store_scaled(flat, x + 128 * n + 32 * part, add_bytes(q, minus32), scale_a, scale_b,
@@ -556,13 +575,15 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                 o = row + 110 * b
                 d = load_f16(w, o + 108)
                 hmask = load_32_bytes(w, o)
+                words = _q3_K_scale_words(w, o + 96)
                 for n in range(2):
                     packed = load_32_bytes(w, o + 32 + 32 * n)
                     for j in range(4):
                         g = 8 * n + 2 * j
-                        q = or_bytes(shift_right_and(packed, 2 * j, 3), shift_left(shift_right_and(hmask, 4 * n + j, 1), 2))
-                        scale_a = d * np.float32(_q3_K_scale(w, o + 96, g))
-                        scale_b = d * np.float32(_q3_K_scale(w, o + 96, g + 1))
+                        q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
+                        pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
+                        scale_a = d * np.float32((pair & 0xFF) - 32)
+                        scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)
                         store_scaled(flat, x + 128 * n + 32 * j, add_bytes(q, splat_bytes(-4)), scale_a, scale_b,
                                      zero, zero)
             else:                          # q2_K
@@ -579,11 +600,3 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                         min_b = dmin * np.float32(np.int32(w[s + 1]) >> 4)
                         store_scaled(flat, x + 128 * n + 32 * j, shift_right_and(packed, 2 * j, 3), scale_a, scale_b,
                                      min_a, min_b)
-
-
-@njit(inline="always", **_KERNEL)
-def _q3_K_scale(w, s, j):
-    """The j-th (0..15) six-bit scale of a q3_K block (scale bytes at ``s``), minus 32."""
-    low = (np.int32(w[s + (j % 8)]) >> (4 * (j // 8))) & 15
-    high = (np.int32(w[s + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
-    return (low | (high << 4)) - 32

@@ -10,12 +10,12 @@ bf16; f32 weights meet float32 activations.
 
 Two ways to compute the same product:
 
-* ``"int"``: integer kernels. One activation row (decode, memory-bound: every weight byte is read once per
-  token) runs the explicit-SIMD kernels of ``decode.py`` on the CPU's instruction set (``KERNEL_ISA``: VNNI or
-  AVX2), several matrices sharing the input in one launch (``matmul_many``); CPUs without AVX2 (or
-  ``GGML_BACKEND_KERNELS=generic``) and batches of 2..15 rows run the plain numba kernels below, which unpack each
-  weight block once into a small int16 buffer and dot it with every activation row. Rows of W are split into
-  equal chunks, one numba ``prange`` iteration each, so any thread count gets equal work.
+* ``"int"``: integer kernels. On a CPU with AVX2 they are the explicit-SIMD kernels of ``decode.py`` on its
+  instruction set (``KERNEL_ISA``: VNNI or AVX2): one activation row (decode, memory-bound: every weight byte is
+  read once per token) or a few, each (row, token) computed alone, several matrices sharing the input in one
+  launch (``matmul_many``). CPUs without AVX2 (or ``GGML_BACKEND_KERNELS=generic``) run the plain numba kernels
+  below, which unpack each weight block once into a small int16 buffer and dot it with every activation row.
+  Rows of W are split into equal chunks, one numba ``prange`` iteration each, so any thread count gets equal work.
 * ``"blas"``: dequantize a band of W rows to float32 (``decode.dequantize_rows`` on a SIMD CPU, bit-exact to the
   type table) and hand it to numpy's sgemm.
   Its numerics differ (the activations are not quantized) but it is much faster when many tokens share each
