@@ -50,3 +50,42 @@ def choose_threading_layer() -> str:
 
 
 THREADING_LAYER = choose_threading_layer()
+
+
+class TakeTurns:
+    """A lock granted in the order it was asked for (first come, first served).
+
+    Contexts that share one model's weights (the server's slots) take turns with it, one forward pass each:
+    with ``threading.Lock`` the thread that just released it usually takes it again at once, so one slot would
+    decode many tokens while the others wait. A waiter interrupted while waiting (Ctrl-C) leaves the line.
+    """
+
+    def __init__(self):
+        import collections
+        import threading
+        self._cond = threading.Condition()
+        self._line = collections.deque()
+        self._held = False
+
+    def __enter__(self):
+        with self._cond:
+            if not self._held and not self._line:
+                self._held = True
+                return self
+            me = object()
+            self._line.append(me)
+            try:
+                while self._held or self._line[0] is not me:
+                    self._cond.wait()
+            except BaseException:
+                self._line.remove(me)
+                self._cond.notify_all()
+                raise
+            self._line.popleft()
+            self._held = True
+            return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()

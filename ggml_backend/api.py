@@ -83,22 +83,12 @@ class Llama:
                      context=None if n_ctx else f"n_ctx=0 (the file's context length {self._n_ctx})")
         self.model = Model(self.model_file, self.hparams)
         self.tokenizer = build_tokenizer(self.model_file)
-        self.n_batch = int(min(n_batch, self._n_ctx))
+        self.n_batch = int(n_batch)
         self.n_threads = n_threads
         self.seed = seed
         self.logits_all = logits_all
         self.chat_format = chat_format
-        self.cache = self.model.new_cache(self._n_ctx)
-        self.input_ids = np.zeros(self._n_ctx, dtype=np.int64)
-        # True where a position's keys/values came from a batch of >= BLAS_MIN_TOKENS tokens (see _prepare_prompt)
-        self._batch_numerics = np.zeros(self._n_ctx, dtype=bool)
-        self.n_tokens = 0
-        self._last_logits: np.ndarray | None = None
-        self._all_logits = np.zeros((self._n_ctx, self.hparams.n_vocab), np.float32) if logits_all else None
-        # no lock: a lock held across a stream's yields deadlocks when another thread advances or closes it
-        self._scheduler = Scheduler(self._save_state_now, self._load_state_now,
-                                    name=os.path.basename(self.model_path))
-        self._cache = None
+        self._new_context_state()
         self.load_time_s = time.perf_counter() - t0
         if verbose:
             hp = self.hparams
@@ -108,6 +98,44 @@ class Llama:
             if n_gpu_layers:
                 print(f"ggml_backend: n_gpu_layers={n_gpu_layers} ignored: this engine runs on the CPU only",
                       file=sys.stderr)
+
+    def _new_context_state(self) -> None:
+        """What each context has of its own: KV cache, evaluated tokens, logits, worker thread, prompt cache."""
+        self.n_batch = int(min(self.n_batch, self._n_ctx))
+        self.cache = self.model.new_cache(self._n_ctx)
+        self.input_ids = np.zeros(self._n_ctx, dtype=np.int64)
+        # True where a position's keys/values came from a batch of >= BLAS_MIN_TOKENS tokens (see _prepare_prompt)
+        self._batch_numerics = np.zeros(self._n_ctx, dtype=bool)
+        self.n_tokens = 0
+        self._last_logits: np.ndarray | None = None
+        self._all_logits = (np.zeros((self._n_ctx, self.hparams.n_vocab), np.float32)
+                            if self.logits_all else None)
+        # no lock: a lock held across a stream's yields deadlocks when another thread advances or closes it
+        self._scheduler = Scheduler(self._save_state_now, self._load_state_now,
+                                    name=os.path.basename(self.model_path))
+        self._cache = None
+
+    def new_context(self, n_ctx: int | None = None) -> "Llama":
+        """Another context on the same weights (the memory map, tokenizer and chat template are shared): its own
+        KV cache of ``n_ctx`` tokens (default: this one's), evaluated tokens, worker thread and prompt cache.
+
+        Contexts take turns with the weights one forward pass at a time, first come first served, so each
+        gives exactly the numbers it would give alone; the server's parallel slots are contexts of one model."""
+        if n_ctx is None:
+            n_ctx = self._n_ctx
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
+            raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        check_memory(self.hparams, int(n_ctx), min(self.n_batch, int(n_ctx)), self.logits_all)
+        other = object.__new__(type(self))
+        shared = ("model_path", "verbose", "model_file", "metadata", "hparams", "model", "tokenizer", "n_batch",
+                  "n_threads", "seed", "logits_all", "chat_format", "_file_template")
+        for name in shared:
+            if name in self.__dict__:
+                other.__dict__[name] = self.__dict__[name]
+        other._n_ctx = int(n_ctx)
+        other.load_time_s = 0.0
+        other._new_context_state()
+        return other
 
     # --- vocabulary ---------------------------------------------------------------------------------------
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -490,7 +518,6 @@ class Llama:
 
         With ``tools`` (OpenAI function specs) the template is asked to describe them (Qwen2.5's does), and
         ``<tool_call>`` blocks in the reply come back as ``message.tool_calls``."""
-        import json
         import uuid
         from .templates import parse_tool_calls
         prompt_tokens, template_stops, _ = self.render_chat_prompt(messages, template=chat_template, tools=tools)
@@ -500,11 +527,12 @@ class Llama:
             typical_p=typical_p, stream=stream, stop=template_stops + user_stops, seed=seed,
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
             tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
-            model=model, logit_bias=logit_bias, logprobs=top_logprobs if logprobs else None,
+            model=model, logit_bias=logit_bias, logprobs=max(1, int(top_logprobs or 0)) if logprobs else None,
             repeat_last_n=repeat_last_n, penalize_nl=penalize_nl)
         chat_id = f"chatcmpl-{uuid.uuid4()}"
+        n_top = int(top_logprobs or 0)
         if stream:
-            return Stream(self._chat_stream(completion, chat_id), completion)
+            return Stream(self._chat_stream(completion, chat_id, bool(tools), n_top), completion)
         choice = completion["choices"][0]
         content = choice["text"]
         message = {"role": "assistant", "content": content}
@@ -513,35 +541,82 @@ class Llama:
             content, calls = parse_tool_calls(content)
             if calls:
                 message["content"] = content or None
-                message["tool_calls"] = [
-                    {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                     "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                    for c in calls]
+                message["tool_calls"] = [_tool_call(call) for call in calls]
                 finish_reason = "tool_calls"
         return {"id": chat_id, "object": "chat.completion", "created": completion["created"],
                 "model": completion["model"],
-                "choices": [{"index": 0, "message": message, "logprobs": choice.get("logprobs"),
+                "choices": [{"index": 0, "message": message,
+                             "logprobs": _chat_logprobs(choice.get("logprobs"), n_top),
                              "finish_reason": finish_reason}],
                 "usage": completion["usage"]}
 
     @staticmethod
-    def _chat_stream(chunks, chat_id):
+    def _chat_stream(chunks, chat_id, with_tools: bool, n_top: int):
+        """Chat deltas from completion chunks. With tools, text from a ``<tool_call>`` tag on is held back and
+        sent at the end as ``tool_calls`` deltas (one per call, whole), as OpenAI's stream shape allows."""
+        from .templates import ToolCallSplitter
+        splitter = ToolCallSplitter() if with_tools else None
         first = True
         for chunk in chunks:
             choice = chunk["choices"][0]
             base = {"id": chat_id, "object": "chat.completion.chunk", "created": chunk["created"],
                     "model": chunk["model"]}
             if first:
-                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
-                                            "finish_reason": None}]}
+                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
+                                            "logprobs": None, "finish_reason": None}]}
                 first = False
-            delta = {"content": choice["text"]} if choice["text"] else {}
-            out = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": choice.get("logprobs"),
-                                        "finish_reason": choice["finish_reason"]}]}
-            if "usage" in chunk:
-                out["usage"] = chunk["usage"]
-            if delta or choice["finish_reason"] is not None:
+            text, finish_reason = choice["text"], choice["finish_reason"]
+            deltas = []
+            if splitter is None:
+                if text:
+                    deltas.append({"content": text})
+            else:
+                shown = splitter.feed(text)
+                if finish_reason is not None:
+                    tail, calls = splitter.finish()
+                    shown += tail
+                    if calls:
+                        finish_reason = "tool_calls"
+                        if shown:
+                            deltas.append({"content": shown})
+                            shown = ""
+                        for index, call in enumerate(calls):
+                            deltas.append({"tool_calls": [{"index": index, **_tool_call(call)}]})
+                if shown:
+                    deltas.insert(0, {"content": shown})
+            logprobs = _chat_logprobs(choice.get("logprobs"), n_top)
+            if not deltas and (logprobs or finish_reason is not None):
+                deltas.append({})
+            for i, delta in enumerate(deltas):
+                last = i == len(deltas) - 1
+                out = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs if i == 0 else None,
+                                            "finish_reason": finish_reason if last else None}]}
+                if last and "usage" in chunk:
+                    out["usage"] = chunk["usage"]
                 yield out
+
+
+def _tool_call(call: dict) -> dict:
+    """One parsed call in OpenAI's shape (arguments as a JSON string, an id the reply can name)."""
+    import json
+    import uuid
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+
+
+def _chat_logprobs(completion_logprobs, n_top: int):
+    """A completion's logprobs ({tokens, token_logprobs, top_logprobs}) in the chat shape: {"content": [{token,
+    logprob, bytes, top_logprobs: [{token, logprob, bytes}, ...n_top]}]}."""
+    if not completion_logprobs:
+        return None
+    content = []
+    for token, logprob, top in zip(completion_logprobs["tokens"], completion_logprobs["token_logprobs"],
+                                   completion_logprobs["top_logprobs"]):
+        alternatives = sorted((top or {}).items(), key=lambda item: -item[1])[:n_top]
+        content.append({"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8")),
+                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                                         for t, lp in alternatives]})
+    return {"content": content}
 
 
 def _merge_logprobs(total, part):

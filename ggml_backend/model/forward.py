@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
 from ..quant.activations import round_to_f16_inplace
 from ..quant.matmul import WeightMatrix, matmul_many, single_threaded_blas
@@ -116,6 +117,7 @@ class Model:
     def __init__(self, model_file, hparams: HParams):
         self.hp = hparams
         self.file = model_file
+        self.turns = TakeTurns()
         tensors = model_file.tensors
         hp = hparams
 
@@ -178,7 +180,8 @@ class Model:
         """Evaluate tokens at positions cache.n_past ... and append their keys/values to the cache.
 
         Returns float32 logits [n_tokens, n_vocab] if all_logits, else [1, n_vocab] for the last token."""
-        with single_threaded_blas():   # our own threads do the parallel work; see quant/matmul.py
+        # contexts sharing these weights (Llama.new_context) take turns, one forward pass each
+        with self.turns, single_threaded_blas():   # our own threads do the parallel work; see quant/matmul.py
             return self._forward(tokens, cache, all_logits)
 
     def _forward(self, tokens, cache: KVCache, all_logits: bool) -> np.ndarray:
@@ -255,6 +258,11 @@ class Model:
         hp = self.hp
         if last <= first:
             return
+        with self.turns:
+            self._rerotate_keys(cache, first, last, delta)
+
+    def _rerotate_keys(self, cache: KVCache, first: int, last: int, delta: int) -> None:
+        hp = self.hp
         for il in range(hp.n_layer):
             cos, sin = rope_cos_sin(np.full(1, delta), hp.rope_dims, *self._rope_params(il))
             keys = cache.k[il, :, first:last].transpose(1, 0, 2).copy()   # [n, n_head_kv, hd]

@@ -17,7 +17,7 @@ from .builtin import (ChatMLTemplate, RawTemplate, get_template, list_templates,
 from .jinja import JinjaTemplate
 from .textgen import (Character, DEFAULT_CHAT_INSTRUCT_COMMAND, TextgenTemplate, TurnPieces, messages_to_history,
                       replace_character_names)
-from .tool_calls import parse_tool_calls
+from .tool_calls import ToolCallSplitter, parse_tool_calls
 
 __all__ = [
     "ChatTemplate", "TemplateError", "TemplateLimitError", "TemplateSecurityError", "normalize_messages",
@@ -26,5 +26,5 @@ __all__ = [
     "JinjaTemplate",
     "Character", "DEFAULT_CHAT_INSTRUCT_COMMAND", "TextgenTemplate", "TurnPieces", "messages_to_history",
     "replace_character_names",
-    "parse_tool_calls",
+    "parse_tool_calls", "ToolCallSplitter",
 ]
