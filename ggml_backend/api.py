@@ -397,23 +397,7 @@ class Llama:
                                     with_logits=True)
         stream_iter = Stream(self._completion_stream(tokens, prompt_tokens, stop, echo, logprobs, model, stop_tokens),
                              tokens)
-        if stream:
-            return stream_iter
-        text_parts, finish_reason, usage, logprob_data = [], None, None, None
-        for chunk in stream_iter:
-            choice = chunk["choices"][0]
-            text_parts.append(choice["text"])
-            if choice["finish_reason"] is not None:
-                finish_reason = choice["finish_reason"]
-                usage = chunk.get("usage")
-            if choice.get("logprobs"):
-                logprob_data = _merge_logprobs(logprob_data, choice["logprobs"])
-        return {
-            "id": chunk["id"], "object": "text_completion", "created": chunk["created"], "model": chunk["model"],
-            "choices": [{"text": "".join(text_parts), "index": 0, "logprobs": logprob_data,
-                         "finish_reason": finish_reason}],
-            "usage": usage,
-        }
+        return stream_iter if stream else collect_completion(stream_iter)
 
     def _eog_ids(self, stop_tokens) -> set[int]:
         return set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
@@ -519,36 +503,18 @@ class Llama:
         With ``tools`` (OpenAI function specs) the template is asked to describe them (Qwen2.5's does), and
         ``<tool_call>`` blocks in the reply come back as ``message.tool_calls``."""
         import uuid
-        from .templates import parse_tool_calls
         prompt_tokens, template_stops, _ = self.render_chat_prompt(messages, template=chat_template, tools=tools)
         user_stops = validate.stop_strings(stop)
         completion = self.create_completion(
             prompt_tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            typical_p=typical_p, stream=stream, stop=template_stops + user_stops, seed=seed,
+            typical_p=typical_p, stream=True, stop=template_stops + user_stops, seed=seed,
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
             tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
             model=model, logit_bias=logit_bias, logprobs=max(1, int(top_logprobs or 0)) if logprobs else None,
             repeat_last_n=repeat_last_n, penalize_nl=penalize_nl)
         chat_id = f"chatcmpl-{uuid.uuid4()}"
-        n_top = int(top_logprobs or 0)
-        if stream:
-            return Stream(self._chat_stream(completion, chat_id, bool(tools), n_top), completion)
-        choice = completion["choices"][0]
-        content = choice["text"]
-        message = {"role": "assistant", "content": content}
-        finish_reason = choice["finish_reason"]
-        if tools:
-            content, calls = parse_tool_calls(content)
-            if calls:
-                message["content"] = content or None
-                message["tool_calls"] = [_tool_call(call) for call in calls]
-                finish_reason = "tool_calls"
-        return {"id": chat_id, "object": "chat.completion", "created": completion["created"],
-                "model": completion["model"],
-                "choices": [{"index": 0, "message": message,
-                             "logprobs": _chat_logprobs(choice.get("logprobs"), n_top),
-                             "finish_reason": finish_reason}],
-                "usage": completion["usage"]}
+        chunks = Stream(self._chat_stream(completion, chat_id, bool(tools), int(top_logprobs or 0)), completion)
+        return chunks if stream else collect_chat(chunks)
 
     @staticmethod
     def _chat_stream(chunks, chat_id, with_tools: bool, n_top: int):
@@ -619,9 +585,56 @@ def _chat_logprobs(completion_logprobs, n_top: int):
     return {"content": content}
 
 
-def _merge_logprobs(total, part):
-    if total is None:
-        return {k: list(v) for k, v in part.items()}
-    for k, v in part.items():
-        total[k].extend(v)
-    return total
+def collect_completion(chunks) -> dict:
+    """A whole text completion from its stream of chunks (what ``create_completion`` returns without stream)."""
+    text_parts, finish_reason, usage, logprob_data, chunk = [], None, None, None, None
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        text_parts.append(choice["text"])
+        if choice["finish_reason"] is not None:
+            finish_reason = choice["finish_reason"]
+            usage = chunk.get("usage")
+        if choice.get("logprobs"):
+            part = choice["logprobs"]
+            if logprob_data is None:
+                logprob_data = {k: [] for k in part}
+            for k, v in part.items():
+                logprob_data[k].extend(v)
+    return {
+        "id": chunk["id"], "object": "text_completion", "created": chunk["created"], "model": chunk["model"],
+        "choices": [{"text": "".join(text_parts), "index": 0, "logprobs": logprob_data,
+                     "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def collect_chat(chunks) -> dict:
+    """A whole chat completion from its stream of deltas (what ``create_chat_completion`` returns without
+    stream): content joined, tool calls merged by index as OpenAI's clients merge them."""
+    content, calls, logprob_content, finish_reason, usage, chunk = [], {}, None, None, None, None
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        delta = choice["delta"]
+        if delta.get("content"):
+            content.append(delta["content"])
+        for call in delta.get("tool_calls") or ():
+            merged = calls.setdefault(call["index"], {"id": call.get("id"), "type": "function",
+                                                      "function": {"name": "", "arguments": ""}})
+            merged["function"]["name"] += call["function"].get("name") or ""
+            merged["function"]["arguments"] += call["function"].get("arguments") or ""
+        if choice.get("logprobs"):
+            logprob_content = (logprob_content or []) + choice["logprobs"]["content"]
+        if choice["finish_reason"] is not None:
+            finish_reason = choice["finish_reason"]
+        if "usage" in chunk:
+            usage = chunk["usage"]
+    text = "".join(content)
+    message = {"role": "assistant", "content": text}
+    if calls:
+        message["content"] = text.strip() or None
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return {"id": chunk["id"], "object": "chat.completion", "created": chunk["created"], "model": chunk["model"],
+            "choices": [{"index": 0, "message": message,
+                         "logprobs": None if logprob_content is None else {"content": logprob_content},
+                         "finish_reason": finish_reason}],
+            "usage": usage}
