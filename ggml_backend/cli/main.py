@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("ggml_backend.cli.bench", "speed figures (open, prompt, decode, memory) beside llama.cpp's"),
     "run": ("ggml_backend.cli.run", "generate text like llama.cpp's main (same flags; -i/-ins interactive)"),
     "chat": ("ggml_backend.cli.chat", "chat interactively on the model's chat template"),
+    "serve": ("ggml_backend.cli.serve", "an HTTP server with OpenAI's, KoboldCpp's and llama.cpp's server APIs"),
     "webui": ("ggml_backend.cli.webui", "a text-generation-webui-style web chat (Gradio) on a model"),
 }
 

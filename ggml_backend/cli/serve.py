@@ -1,0 +1,107 @@
+"""``ggml-backend serve [-m FILE] [--host 127.0.0.1] [--port 8080] [-c N] [-t N] [-np N] [--api-key KEY]
+[--alias NAME] [--cors ORIGIN] [--chat-template NAME|FILE] [--models CONFIG.yaml]``: an HTTP server speaking
+OpenAI's, KoboldCpp's and llama.cpp's server APIs (see ``ggml_backend.server``).
+
+It binds 127.0.0.1 unless ``--host`` says otherwise; a server reachable from other machines always asks for an API
+key (``--api-key``, or one generated and printed at start).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import sys
+
+from ..server.config import (DEFAULT_MAX_BODY_BYTES, DEFAULT_N_CTX, DEFAULT_N_PARALLEL, DEFAULT_QUEUE_LIMIT,
+                             ModelConfig)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("-m", "--model", default=None, metavar="FILE",
+                        help="a GGUF or GGML model file (default: the default Qwen2.5-Coder-0.5B-Instruct model)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; any other requires an API key)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    parser.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_N_CTX, metavar="N",
+                        help=f"context of all slots together, each slot gets N / -np (default {DEFAULT_N_CTX})")
+    parser.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: all cores)")
+    parser.add_argument("-np", "--parallel", type=int, default=DEFAULT_N_PARALLEL, metavar="N",
+                        help=f"slots: requests in flight at once (default {DEFAULT_N_PARALLEL})")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="require this key (Authorization: Bearer KEY or X-API-Key) on every route but /health; "
+                             "also read from $GGML_BACKEND_API_KEY")
+    parser.add_argument("--alias", default=None, metavar="NAME",
+                        help="the model's name in the API (default: the file's name)")
+    parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                        help="allow browsers on this origin (repeatable; '*' for any); default: no CORS")
+    parser.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                        help="chat template (default: the model file's own)")
+    parser.add_argument("--models", default=None, metavar="CONFIG.yaml",
+                        help="serve several models listed in a YAML file (see ggml_backend.server.config)")
+    parser.add_argument("--queue-limit", type=int, default=DEFAULT_QUEUE_LIMIT, metavar="N",
+                        help=f"requests waiting for a slot beyond which the answer is 503 (default {DEFAULT_QUEUE_LIMIT})")
+    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
+                        help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
+                        help="accepted for compatibility; this engine runs on the CPU")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_config(args):
+    from ..server import ServerConfig, load_models_file
+    if args.model is not None and not os.path.isfile(args.model):
+        raise ValueError(f"model file not found: {args.model}")
+    if args.models and (args.model or args.alias):
+        raise ValueError("--models lists the models; do not also give -m/--alias")
+    defaults = ModelConfig(alias=args.alias or _alias_of(args.model), path=args.model, n_ctx=args.ctx_size,
+                           n_parallel=args.parallel, chat_template=args.chat_template, n_threads=args.threads)
+    models = load_models_file(args.models, defaults) if args.models else [defaults]
+    api_key = args.api_key or os.environ.get("GGML_BACKEND_API_KEY") or None
+    generated = False
+    if not _is_loopback(args.host) and not api_key:
+        api_key, generated = secrets.token_urlsafe(24), True
+    config = ServerConfig(models=models, host=args.host, port=args.port, api_key=api_key,
+                          cors_origins=list(args.cors), queue_limit=args.queue_limit, max_body_bytes=args.max_body)
+    config.check()
+    return config, generated
+
+
+def _alias_of(path: str | None) -> str:
+    if path is None:
+        from ..default_model import DEFAULT_MODEL_NAME
+        path = DEFAULT_MODEL_NAME
+    name = os.path.basename(path)
+    for suffix in (".gguf", ".bin"):
+        if name.lower().endswith(suffix):
+            name = name[:-len(suffix)]
+    return name
+
+
+def run(args) -> int:
+    try:
+        import fastapi, sse_starlette, uvicorn  # noqa: F401,E401
+    except ImportError as exc:
+        print(f"ggml-backend serve needs the server extra: pip install 'ggml-backend[server]' ({exc})",
+              file=sys.stderr)
+        return 1
+    config, generated = build_config(args)
+    if config.models[0].path is None:   # assemble the default model now, with progress, not in the first request
+        from ..default_model import default_model_path
+        config.models[0].path = default_model_path(progress=True)
+    if generated:
+        print(f"ggml-backend serve: listening on {args.host}, reachable from other machines; API key (send as "
+              f"'Authorization: Bearer KEY'): {config.api_key}", file=sys.stderr)
+    names = ", ".join(m.alias for m in config.models)
+    print(f"ggml-backend serve: http://{args.host}:{args.port} (OpenAI /v1, KoboldCpp /api, llama.cpp server); "
+          f"models: {names}", file=sys.stderr)
+    from ..server import serve
+    serve(config)
+    return 0

@@ -1,0 +1,4 @@
+"""placeholder router (being written)."""
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,171 @@
+"""The OpenAI dialect (``/v1/...``): what Open WebUI, SillyTavern, LibreChat, LiteLLM, the ``openai`` package and
+LangChain's ``ChatOpenAI`` speak. Fields follow OpenAI's API and llama-cpp-python's server (which adds
+``top_k``, ``min_p``, ``repeat_penalty``, ``mirostat``...); what cannot be honoured is a 400 saying so.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+from sse_starlette.sse import EventSourceResponse
+
+from ..api import collect_chat, collect_completion
+from .common import Body, check_max_tokens, collect, read_json, sampling_kwargs, start, tokenize
+from .errors import APIError, error_body
+
+router = APIRouter()
+
+
+def _registry(request: Request):
+    return request.app.state.registry
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    registry = _registry(request)
+    started = int(request.app.state.started)
+    data = []
+    for alias, config in registry.configs.items():
+        pool = registry.pools.get(alias)
+        meta = {"n_ctx_slot": config.slot_ctx, "n_parallel": config.n_parallel, "loaded": pool is not None}
+        if pool is not None:
+            meta.update(n_vocab=pool.llm.n_vocab(), n_ctx_train=pool.llm.hparams.n_ctx_train,
+                        architecture=pool.llm.hparams.arch.name)
+        data.append({"id": alias, "object": "model", "created": started, "owned_by": "ggml_backend", "meta": meta})
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str):
+    registry = _registry(request)
+    config = registry.resolve(model_id)
+    return {"id": config.alias, "object": "model", "created": int(request.app.state.started),
+            "owned_by": "ggml_backend"}
+
+
+def _unsupported(body: Body) -> None:
+    """Requests we cannot honour get a 400, never a reply that silently ignores what they asked."""
+    n = body.int("n", default=1, low=1)
+    if n != 1:
+        raise APIError(400, "n > 1 is not supported: send one request per completion", param="n")
+    if body.int("best_of", default=1, low=1) != 1:
+        raise APIError(400, "best_of > 1 is not supported", param="best_of")
+    fmt = body.data.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+        if kind != "text":
+            raise APIError(400, f"response_format {kind!r} is not supported yet (only 'text'): this server has no "
+                                "constrained decoding", param="response_format")
+
+
+def _stream_options(body: Body) -> bool:
+    options = body.data.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options")
+    return Body(options).bool("include_usage", default=False)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    body = Body(await read_json(request))
+    registry = _registry(request)
+    pool = await registry.pool(body.data.get("model"))
+    _unsupported(body)
+    prompt = body.data.get("prompt", "")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, "a list of several prompts is not supported: send one request per prompt",
+                           param="prompt")
+        prompt = prompt[0]
+    if body.data.get("suffix"):
+        raise APIError(400, "'suffix' (fill in the middle) is not supported", param="suffix")
+    tokens = await tokenize(pool, prompt)
+    if not tokens:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    max_tokens = check_max_tokens(body.int("max_tokens", default=16, low=1), len(tokens), pool.n_ctx)
+    logprobs = body.int("logprobs", default=None, low=0, high=20)
+    kwargs = dict(sampling_kwargs(body, pool.llm.n_vocab()), max_tokens=max_tokens, stop=body.stops("stop"),
+                  echo=body.bool("echo", default=False), logprobs=logprobs, model=pool.alias, stream=True)
+    stream = body.bool("stream", default=False)
+    include_usage = _stream_options(body)
+    ticket, chunks = await start(request, pool, tokens, lambda llm: llm.create_completion(tokens, **kwargs))
+    if not stream:
+        return collect_completion(await collect(request, pool, ticket, chunks))
+    return _sse(pool, ticket, chunks, include_usage)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    body = Body(await read_json(request))
+    registry = _registry(request)
+    pool = await registry.pool(body.data.get("model"))
+    _unsupported(body)
+    messages = body.data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    tools = body.data.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise APIError(400, "'tools' must be a list of tool objects", param="tools")
+    tool_choice = body.data.get("tool_choice")
+    if tool_choice not in (None, "auto", "none"):
+        raise APIError(400, f"tool_choice {json.dumps(tool_choice)[:80]} is not supported yet (only 'auto' and "
+                            "'none'): forcing a call needs constrained decoding", param="tool_choice")
+    if tool_choice == "none" or not tools:
+        tools = None
+    llm = pool.llm
+    try:
+        tokens, _, _ = await _in_thread(lambda: llm.render_chat_prompt(messages, tools=tools))
+    except (ValueError, TypeError) as exc:   # TemplateError is a ValueError
+        raise APIError(400, f"cannot render the messages on the chat template: {exc}", param="messages") from None
+    logprobs = body.bool("logprobs", default=False)
+    top_logprobs = body.int("top_logprobs", default=None, low=0, high=20)
+    if top_logprobs is not None and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    max_tokens = check_max_tokens(body.int("max_completion_tokens", "max_tokens", default=None, low=1),
+                                  len(tokens), pool.n_ctx)
+    kwargs = dict(sampling_kwargs(body, llm.n_vocab()), max_tokens=max_tokens, stop=body.stops("stop"),
+                  logprobs=logprobs, top_logprobs=top_logprobs, tools=tools, model=pool.alias, stream=True)
+    stream = body.bool("stream", default=False)
+    include_usage = _stream_options(body)
+    ticket, chunks = await start(request, pool, tokens,
+                                 lambda slot_llm: slot_llm.create_chat_completion(messages, **kwargs))
+    if not stream:
+        return collect_chat(await collect(request, pool, ticket, chunks))
+    return _sse(pool, ticket, chunks, include_usage)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request):
+    raise APIError(501, "embeddings are not supported by this server yet", code="not_supported")
+
+
+def _sse(pool, ticket, chunks, include_usage: bool) -> EventSourceResponse:
+    """OpenAI's stream: one ``data: {chunk}`` event per chunk, ``data: [DONE]`` at the end; usage in a last
+    chunk with no choices when ``stream_options.include_usage`` asks for it (else nowhere)."""
+    async def events():
+        usage, last = None, None
+        try:
+            async with aclosing(pool.chunks(ticket, chunks)) as running:
+                async for chunk in running:
+                    usage = chunk.pop("usage", None) or usage
+                    if include_usage:
+                        chunk["usage"] = None
+                    last = chunk
+                    yield {"data": json.dumps(chunk, ensure_ascii=False)}
+        except (ValueError, TypeError, RuntimeError) as exc:   # mid-stream: the status line is gone already
+            yield {"data": json.dumps(error_body(APIError(500, f"generation failed: {exc}"), "openai"))}
+            return
+        if include_usage and last is not None:
+            yield {"data": json.dumps({"id": last["id"], "object": last["object"], "created": last["created"],
+                                       "model": last["model"], "choices": [], "usage": usage})}
+        yield {"data": "[DONE]"}
+    return EventSourceResponse(events(), sep="\n", ping=15)
+
+
+async def _in_thread(fn):
+    import anyio
+    return await anyio.to_thread.run_sync(fn)
+
