@@ -503,53 +503,61 @@ class Llama:
         With ``tools`` (OpenAI function specs) the template is asked to describe them (Qwen2.5's does), and
         ``<tool_call>`` blocks in the reply come back as ``message.tool_calls``."""
         import uuid
+        from .templates.tool_calls import CALL_CLOSE, forced_call_prefill
+        prefill = forced_call_prefill(tools or [], tool_choice)   # a ValueError for a choice naming no tool
+        if tool_choice == "none":
+            tools = None
         prompt_tokens, template_stops, _ = self.render_chat_prompt(messages, template=chat_template, tools=tools)
-        user_stops = validate.stop_strings(stop)
+        stops = template_stops + validate.stop_strings(stop)
+        if prefill:   # a forced call: the reply starts with it, written for the model, and ends when it closes
+            prompt_tokens = prompt_tokens + self.tokenize(prefill, add_bos=False, special=True)
+            stops.append(CALL_CLOSE)
         completion = self.create_completion(
             prompt_tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            typical_p=typical_p, stream=True, stop=template_stops + user_stops, seed=seed,
+            typical_p=typical_p, stream=True, stop=stops, seed=seed,
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
             tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
             model=model, logit_bias=logit_bias, logprobs=max(1, int(top_logprobs or 0)) if logprobs else None,
             repeat_last_n=repeat_last_n, penalize_nl=penalize_nl)
         chat_id = f"chatcmpl-{uuid.uuid4()}"
-        chunks = Stream(self._chat_stream(completion, chat_id, bool(tools), int(top_logprobs or 0)), completion)
+        chunks = Stream(self._chat_stream(completion, chat_id, tools, prefill, int(top_logprobs or 0)), completion)
         return chunks if stream else collect_chat(chunks)
 
     @staticmethod
-    def _chat_stream(chunks, chat_id, with_tools: bool, n_top: int):
-        """Chat deltas from completion chunks. With tools, text from a ``<tool_call>`` tag on is held back and
-        sent at the end as ``tool_calls`` deltas (one per call, whole), as OpenAI's stream shape allows."""
-        from .templates import ToolCallSplitter
-        splitter = ToolCallSplitter() if with_tools else None
+    def _chat_stream(chunks, chat_id, tools, prefill: str, n_top: int):
+        """Chat deltas from completion chunks: text as it comes, and with tools each call as one ``tool_calls``
+        delta once its block closes (text that may open a block is held back until it is clear either way)."""
+        from .templates.tool_calls import CALL_CLOSE, ToolCallSplitter
+        splitter = ToolCallSplitter(parse_calls=bool(tools),
+                                    tool_names=[tool["function"]["name"] for tool in tools or []])
+        pending = splitter.feed(prefill) if prefill else []
+        n_calls = 0
         first = True
         for chunk in chunks:
             choice = chunk["choices"][0]
             base = {"id": chat_id, "object": "chat.completion.chunk", "created": chunk["created"],
                     "model": chunk["model"]}
             if first:
-                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                            "logprobs": None, "finish_reason": None}]}
+                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                            "finish_reason": None}]}
                 first = False
-            text, finish_reason = choice["text"], choice["finish_reason"]
+            finish_reason = choice["finish_reason"]
+            pieces, pending = pending + splitter.feed(choice["text"]), []
+            if finish_reason is not None:
+                if prefill and finish_reason == "stop" and splitter.in_call:
+                    pieces += splitter.feed(CALL_CLOSE)   # the stop string that ended the forced call
+                pieces += splitter.finish()
+                if splitter.n_calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
             deltas = []
-            if splitter is None:
-                if text:
-                    deltas.append({"content": text})
-            else:
-                shown = splitter.feed(text)
-                if finish_reason is not None:
-                    tail, calls = splitter.finish()
-                    shown += tail
-                    if calls:
-                        finish_reason = "tool_calls"
-                        if shown:
-                            deltas.append({"content": shown})
-                            shown = ""
-                        for index, call in enumerate(calls):
-                            deltas.append({"tool_calls": [{"index": index, **_tool_call(call)}]})
-                if shown:
-                    deltas.insert(0, {"content": shown})
+            for kind, value in pieces:
+                if kind == "call":
+                    deltas.append({"tool_calls": [{"index": n_calls, **_tool_call(value)}]})
+                    n_calls += 1
+                elif value and deltas and "content" in deltas[-1]:
+                    deltas[-1]["content"] += value
+                elif value:
+                    deltas.append({"content": value})
             logprobs = _chat_logprobs(choice.get("logprobs"), n_top)
             if not deltas and (logprobs or finish_reason is not None):
                 deltas.append({})

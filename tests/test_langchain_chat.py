@@ -20,7 +20,8 @@ from langchain_core.tools import tool  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from langchain_ggml import ChatGGML, convert_messages  # noqa: E402
-from langchain_ggml.chat_models import _ToolCallSplitter, _arguments_opening, _resolve_tool_choice  # noqa: E402
+from ggml_backend.templates.tool_calls import (ToolCallSplitter as _ToolCallSplitter,  # noqa: E402
+                                              _arguments_opening, resolve_tool_choice as _resolve_tool_choice)
 
 N_CTX = 1024   # the same as the other LangChain test modules: one model load for all of them
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ..api import collect_chat, collect_completion
+from ..templates.tool_calls import forced_call_prefill
 from .common import Body, check_max_tokens, collect, read_json, sampling_kwargs, start, tokenize
 from .errors import APIError, error_body
 
@@ -110,14 +111,17 @@ async def chat_completions(request: Request):
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise APIError(400, "'tools' must be a list of tool objects", param="tools")
     tool_choice = body.data.get("tool_choice")
-    if tool_choice not in (None, "auto", "none"):
-        raise APIError(400, f"tool_choice {json.dumps(tool_choice)[:80]} is not supported yet (only 'auto' and "
-                            "'none'): forcing a call needs constrained decoding", param="tool_choice")
+    try:   # "required" or a named tool is honoured: the reply is started with the call (templates/tool_calls.py)
+        prefill = forced_call_prefill(tools or [], tool_choice)
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
     if tool_choice == "none" or not tools:
-        tools = None
+        tools, tool_choice = None, None
     llm = pool.llm
     try:
         tokens, _, _ = await _in_thread(lambda: llm.render_chat_prompt(messages, tools=tools))
+        if prefill:
+            tokens = tokens + llm.tokenize(prefill, add_bos=False, special=True)
     except (ValueError, TypeError) as exc:   # TemplateError is a ValueError
         raise APIError(400, f"cannot render the messages on the chat template: {exc}", param="messages") from None
     logprobs = body.bool("logprobs", default=False)
@@ -127,7 +131,8 @@ async def chat_completions(request: Request):
     max_tokens = check_max_tokens(body.int("max_completion_tokens", "max_tokens", default=None, low=1),
                                   len(tokens), pool.n_ctx)
     kwargs = dict(sampling_kwargs(body, llm.n_vocab()), max_tokens=max_tokens, stop=body.stops("stop"),
-                  logprobs=logprobs, top_logprobs=top_logprobs, tools=tools, model=pool.alias, stream=True)
+                  logprobs=logprobs, top_logprobs=top_logprobs, tools=tools, tool_choice=tool_choice,
+                  model=pool.alias, stream=True)
     stream = body.bool("stream", default=False)
     include_usage = _stream_options(body)
     ticket, chunks = await start(request, pool, tokens,

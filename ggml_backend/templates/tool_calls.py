@@ -1,8 +1,20 @@
-"""Reading tool calls out of a model's reply (Qwen2.5 / Hermes style ``<tool_call>{json}</tool_call>`` blocks)."""
+"""Tool calls in a model's reply (Qwen2.5 / Hermes style ``<tool_call>{json}</tool_call>`` blocks), for the
+API, the server and LangChain alike:
+
+* ``parse_tool_calls``: a whole reply's blocks into (text, calls), strictly;
+* ``ToolCallSplitter``: a streamed reply into text pieces and each call as soon as its block closes, lenient with
+  what small models write instead (a bare JSON call, a ```json fence, unquoted keys);
+* ``resolve_tool_choice`` and ``forced_call_prefill``: ``tool_choice`` honoured by writing the start of the call
+  for the model (the reply then can only be that call).
+"""
 from __future__ import annotations
 
 import json
 import re
+from typing import Any, Sequence
+
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
 
 _TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
@@ -49,43 +61,179 @@ def _parse_call(body: str) -> dict | None:
     return {"name": data["name"], "arguments": arguments}
 
 
-TOOL_CALL_OPEN = "<tool_call>"
+
+def resolve_tool_choice(tool_choice: Any, tools: list[dict]) -> tuple[str | None, bool]:
+    """(name of the tool to force or None, whether some call is forced) for OpenAI's / LangChain's
+    ``tool_choice``: None, "auto", "none", "any"/"required", a tool's name, or {"function": {"name": ...}}."""
+    names = [tool["function"]["name"] for tool in tools]
+    if tool_choice in (None, "auto", "none", False):
+        return None, False
+    if tool_choice in ("any", "required", True):
+        if not names:
+            raise ValueError(f"tool_choice={tool_choice!r} needs at least one bound tool")
+        return (names[0] if len(names) == 1 else None), True
+    name = tool_choice
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"tool_choice {tool_choice!r} does not name a bound tool (bound: {', '.join(names) or 'none'})")
+    return name, True
 
 
+# --- streaming tool calls -------------------------------------------------------------------------------------
 class ToolCallSplitter:
-    """Streamed reply text in, the part to show now out; tool calls at the end (a streamed chat with tools).
+    """Reply text in, pieces out: ("text", str) outside ``<tool_call>`` blocks, ("call", {...}) for each complete
+    block. Text that may be the start of a block is held back until it is clear either way; a block that is not a
+    valid call (or never closes) comes out as text, so nothing the model wrote is lost."""
 
-    Text passes through until a ``<tool_call>`` tag opens; a tail that could be the start of one is held back
-    until the next piece says. From the tag on, the reply is kept and parsed when it ends (``finish``), so a client
-    never sees half a call as text. What the blocks do not parse as calls comes back as text then: nothing the
-    model wrote is lost.
-    """
+    def __init__(self, parse_calls: bool, tool_names: Sequence[str] = ()):
+        self.parse_calls = parse_calls
+        self.tool_names = list(tool_names)
+        self._held = ""
+        self.in_call = False
+        self.n_calls = 0
+        self._seen_text = False
+        self._maybe_bare_call = False
 
-    def __init__(self):
-        self._held = ""          # text not shown yet: a possible tag start, or everything from the tag on
-        self._in_calls = False
-
-    def feed(self, text: str) -> str:
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        if not self.parse_calls:
+            return [("text", text)] if text else []
         self._held += text
-        if self._in_calls:
-            return ""
-        at = self._held.find(TOOL_CALL_OPEN)
-        if at >= 0:
-            self._in_calls = True
-            shown, self._held = self._held[:at], self._held[at:]
-            return shown
-        keep = 0
-        for n in range(min(len(TOOL_CALL_OPEN) - 1, len(self._held)), 0, -1):
-            if TOOL_CALL_OPEN.startswith(self._held[-n:]):
-                keep = n
-                break
-        shown = self._held[:len(self._held) - keep]
-        self._held = self._held[len(self._held) - keep:]
-        return shown
+        if not self._seen_text and self._held.strip():
+            # Small models sometimes answer with the call as a bare JSON object (or a ```json block) instead of
+            # a <tool_call> block: a reply that starts that way is held whole and judged at the end.
+            self._seen_text = True
+            self._maybe_bare_call = self._held.lstrip().startswith(("{", "```"))
+        if self._maybe_bare_call:
+            return []
+        pieces = []
+        while True:
+            if self.in_call:
+                end = self._held.find(CALL_CLOSE)
+                if end < 0:
+                    return pieces
+                block = self._held[:end + len(CALL_CLOSE)]
+                self._held = self._held[end + len(CALL_CLOSE):]
+                self.in_call = False
+                calls = _calls_in_block(block, self.tool_names)
+                if calls:
+                    self.n_calls += 1
+                    pieces.append(("call", calls[0]))
+                else:
+                    pieces.append(("text", block))
+                continue
+            start = self._held.find(CALL_OPEN)
+            if start >= 0:
+                if start:
+                    pieces.append(("text", self._held[:start]))
+                self._held = self._held[start:]
+                self.in_call = True
+                continue
+            keep = _partial_suffix(self._held, CALL_OPEN)
+            if len(self._held) > keep:
+                pieces.append(("text", self._held[:len(self._held) - keep]))
+                self._held = self._held[len(self._held) - keep:]
+            return pieces
 
-    def finish(self) -> tuple[str, list[dict]]:
-        """(the text still to show, the calls) once the reply has ended."""
-        held, self._held = self._held, ""
-        if not self._in_calls:
-            return held, []
-        return parse_tool_calls(held)
+    def finish(self) -> list[tuple[str, Any]]:
+        held, self._held, self.in_call = self._held, "", False
+        if self._maybe_bare_call:
+            self._maybe_bare_call = False
+            calls = _bare_calls(held, self.tool_names)
+            if calls:
+                self.n_calls += len(calls)
+                return [("call", call) for call in calls]
+            return self.feed(held) + self.finish()
+        return [("text", held)] if held else []
+
+
+_BARE_KEY = re.compile(r'([{,]\s*)([A-Za-z_][A-Za-z0-9_]*)(\s*:)')
+_FENCE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.DOTALL)
+
+
+def _loads_lenient(text: str) -> Any:
+    """json.loads, else json.loads after quoting bare object keys ({setup: "..."}, a small model's slip)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return json.loads(_BARE_KEY.sub(r'\1"\2"\3', text))
+
+
+def _as_call(data: Any, tool_names: Sequence[str]) -> dict | None:
+    if not isinstance(data, dict) or data.get("name") not in tool_names:
+        return None
+    arguments = data.get("arguments", data.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = _loads_lenient(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return None
+    arguments = {} if arguments is None else arguments
+    return {"name": data["name"], "arguments": arguments} if isinstance(arguments, dict) else None
+
+
+def _calls_in_block(block: str, tool_names: Sequence[str]) -> list[dict]:
+    """The call in one <tool_call> block: strict JSON first (the engine's parser), then bare keys repaired."""
+    _, calls = parse_tool_calls(block)
+    if calls:
+        return calls
+    body = block[len(CALL_OPEN):-len(CALL_CLOSE)].strip()
+    try:
+        call = _as_call(_loads_lenient(body), tool_names)
+    except json.JSONDecodeError:
+        return []
+    return [call] if call else []
+
+
+def _bare_calls(text: str, tool_names: Sequence[str]) -> list[dict]:
+    """A whole reply that is only calls written as bare JSON, {"name": <a bound tool>, "arguments": {...}}, one
+    object or one per line, possibly in a code fence; [] if any part of it is something else."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    for candidates in ([body], [line for line in body.splitlines() if line.strip()]):
+        try:
+            calls = [_as_call(_loads_lenient(candidate), tool_names) for candidate in candidates]
+        except json.JSONDecodeError:
+            continue
+        if calls and all(calls):
+            return calls
+    return []
+
+
+def _arguments_opening(tools: list[dict], name: str) -> str:
+    """The start of a forced call's arguments object: its first property's key (and a string value's opening
+    quote), written for the model (a 0.5B model otherwise drifts into unquoted keys or a bare value), or the
+    whole empty object."""
+    tool = next(t for t in tools if t["function"]["name"] == name)
+    parameters = tool["function"].get("parameters") or {}
+    properties = list((parameters.get("properties") or {}).keys())
+    if not properties:
+        return "{}}"
+    required = [p for p in parameters.get("required") or [] if p in properties]
+    first = required[0] if required else properties[0]
+    opening = "{" + json.dumps(first, ensure_ascii=False) + ": "
+    if (parameters["properties"][first] or {}).get("type") == "string":
+        opening += '"'   # the value's quote too: left alone, a small model may write the string bare
+    return opening
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of ``marker``."""
+    for size in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def forced_call_prefill(tools: list[dict], tool_choice: Any) -> str:
+    """The text that opens the reply when ``tool_choice`` forces a call ('' when it does not): the call's opening,
+    its name and the start of its arguments for a named tool, just the opening and the name's quote otherwise.
+    The reply is over when the call closes (stop at ``CALL_CLOSE``)."""
+    forced_name, forced_any = resolve_tool_choice(tool_choice, tools or [])
+    if forced_name is not None:
+        return f'{CALL_OPEN}\n{{"name": "{forced_name}", "arguments": ' + _arguments_opening(tools, forced_name)
+    if forced_any:
+        return f'{CALL_OPEN}\n{{"name": "'
+    return ""

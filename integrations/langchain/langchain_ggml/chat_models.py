@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Sequence
 
@@ -20,12 +19,10 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict
 
-from ggml_backend.templates import parse_tool_calls
+from ggml_backend.templates.tool_calls import CALL_CLOSE, ToolCallSplitter, forced_call_prefill, resolve_tool_choice
 
 from ._shared import SharedModel, aiter_in_thread, get_shared_model, model_name_of
 
-_CALL_OPEN = "<tool_call>"
-_CALL_CLOSE = "</tool_call>"
 
 
 class ChatGGML(BaseChatModel):
@@ -122,7 +119,7 @@ class ChatGGML(BaseChatModel):
         call is forced), a tool's name or ``{"type": "function", "function": {"name": ...}}`` (that tool is forced).
         """
         formatted = [convert_to_openai_tool(tool) for tool in tools]
-        _resolve_tool_choice(tool_choice, formatted)   # fail here, at bind time, on a bad choice
+        resolve_tool_choice(tool_choice, formatted)   # fail here, at bind time, on a bad choice
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(self, schema: dict | type, *, include_raw: bool = False,
@@ -154,28 +151,23 @@ class ChatGGML(BaseChatModel):
         shared = self._shared_model(kwargs.get("model"))
         llama = shared.llama
         tools = kwargs.get("tools") or None
-        forced_name, forced_any = _resolve_tool_choice(kwargs.get("tool_choice"), tools or [])
+        # A forced call: the reply starts with the call's opening text, written by us, not sampled
+        prefill = forced_call_prefill(tools or [], kwargs.get("tool_choice"))
         if kwargs.get("tool_choice") == "none":
             tools = None
         chat_messages = convert_messages(messages)
         prompt_tokens, template_stops, _ = llama.render_chat_prompt(
             chat_messages, template=kwargs.get("chat_template") or self.chat_template, tools=tools)
-        # A forced call: the reply starts with the call's opening text, written by us, not sampled
-        prefill = ""
-        if forced_name is not None:
-            prefill = f'{_CALL_OPEN}\n{{"name": "{forced_name}", "arguments": ' + _arguments_opening(tools, forced_name)
-        elif forced_any:
-            prefill = f'{_CALL_OPEN}\n{{"name": "'
         if prefill:
             prompt_tokens = prompt_tokens + llama.tokenize(prefill, add_bos=False, special=True)
         stops = template_stops + list(self.stop or []) + list(stop or [])
         if prefill:
-            stops.append(_CALL_CLOSE)   # one forced call, then the reply is over
+            stops.append(CALL_CLOSE)   # one forced call, then the reply is over
 
         params = {**self._default_params, **{k: v for k, v in kwargs.items() if k in self._default_params}}
         if params.get("seed") == -1:
             params["seed"] = None
-        splitter = _ToolCallSplitter(parse_calls=bool(tools),
+        splitter = ToolCallSplitter(parse_calls=bool(tools),
                                      tool_names=[tool["function"]["name"] for tool in tools or []])
         pieces = splitter.feed(prefill) if prefill else []
         finish_reason, usage = None, None
@@ -187,7 +179,7 @@ class ChatGGML(BaseChatModel):
                 if choice["finish_reason"] is not None:
                     finish_reason, usage = choice["finish_reason"], chunk["usage"]
                     if prefill and finish_reason == "stop" and splitter.in_call:
-                        pieces += splitter.feed(_CALL_CLOSE)   # the stop string that ended the forced call
+                        pieces += splitter.feed(CALL_CLOSE)   # the stop string that ended the forced call
                 yield from (_piece_to_chunk(piece) for piece in pieces)
                 pieces = []
         for piece in splitter.finish():
@@ -285,170 +277,6 @@ def _convert_message(message: BaseMessage) -> dict:
             raise ValueError(f"ChatMessage role {message.role!r} has no place in a chat template")
         return {"role": role, "content": _text_of(message.content, role)}
     raise ValueError(f"ChatGGML cannot send a {type(message).__name__} to the model")
-
-
-def _resolve_tool_choice(tool_choice: Any, tools: list[dict]) -> tuple[str | None, bool]:
-    """(name of the tool to force or None, whether some call is forced)."""
-    names = [tool["function"]["name"] for tool in tools]
-    if tool_choice in (None, "auto", "none", False):
-        return None, False
-    if tool_choice in ("any", "required", True):
-        if not names:
-            raise ValueError(f"tool_choice={tool_choice!r} needs at least one bound tool")
-        return (names[0] if len(names) == 1 else None), True
-    name = tool_choice
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-    if not isinstance(name, str) or name not in names:
-        raise ValueError(f"tool_choice {tool_choice!r} does not name a bound tool (bound: {', '.join(names) or 'none'})")
-    return name, True
-
-
-# --- streaming tool calls -------------------------------------------------------------------------------------
-class _ToolCallSplitter:
-    """Reply text in, pieces out: ("text", str) outside ``<tool_call>`` blocks, ("call", {...}) for each complete
-    block. Text that may be the start of a block is held back until it is clear either way; a block that is not a
-    valid call (or never closes) comes out as text, so nothing the model wrote is lost."""
-
-    def __init__(self, parse_calls: bool, tool_names: Sequence[str] = ()):
-        self.parse_calls = parse_calls
-        self.tool_names = list(tool_names)
-        self._held = ""
-        self.in_call = False
-        self.n_calls = 0
-        self._seen_text = False
-        self._maybe_bare_call = False
-
-    def feed(self, text: str) -> list[tuple[str, Any]]:
-        if not self.parse_calls:
-            return [("text", text)] if text else []
-        self._held += text
-        if not self._seen_text and self._held.strip():
-            # Small models sometimes answer with the call as a bare JSON object (or a ```json block) instead of
-            # a <tool_call> block: a reply that starts that way is held whole and judged at the end.
-            self._seen_text = True
-            self._maybe_bare_call = self._held.lstrip().startswith(("{", "```"))
-        if self._maybe_bare_call:
-            return []
-        pieces = []
-        while True:
-            if self.in_call:
-                end = self._held.find(_CALL_CLOSE)
-                if end < 0:
-                    return pieces
-                block = self._held[:end + len(_CALL_CLOSE)]
-                self._held = self._held[end + len(_CALL_CLOSE):]
-                self.in_call = False
-                calls = _calls_in_block(block, self.tool_names)
-                if calls:
-                    self.n_calls += 1
-                    pieces.append(("call", calls[0]))
-                else:
-                    pieces.append(("text", block))
-                continue
-            start = self._held.find(_CALL_OPEN)
-            if start >= 0:
-                if start:
-                    pieces.append(("text", self._held[:start]))
-                self._held = self._held[start:]
-                self.in_call = True
-                continue
-            keep = _partial_suffix(self._held, _CALL_OPEN)
-            if len(self._held) > keep:
-                pieces.append(("text", self._held[:len(self._held) - keep]))
-                self._held = self._held[len(self._held) - keep:]
-            return pieces
-
-    def finish(self) -> list[tuple[str, Any]]:
-        held, self._held, self.in_call = self._held, "", False
-        if self._maybe_bare_call:
-            self._maybe_bare_call = False
-            calls = _bare_calls(held, self.tool_names)
-            if calls:
-                self.n_calls += len(calls)
-                return [("call", call) for call in calls]
-            return self.feed(held) + self.finish()
-        return [("text", held)] if held else []
-
-
-_BARE_KEY = re.compile(r'([{,]\s*)([A-Za-z_][A-Za-z0-9_]*)(\s*:)')
-_FENCE = re.compile(r"^```[A-Za-z]*\s*(.*?)\s*```$", re.DOTALL)
-
-
-def _loads_lenient(text: str) -> Any:
-    """json.loads, else json.loads after quoting bare object keys ({setup: "..."}, a small model's slip)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return json.loads(_BARE_KEY.sub(r'\1"\2"\3', text))
-
-
-def _as_call(data: Any, tool_names: Sequence[str]) -> dict | None:
-    if not isinstance(data, dict) or data.get("name") not in tool_names:
-        return None
-    arguments = data.get("arguments", data.get("parameters", {}))
-    if isinstance(arguments, str):
-        try:
-            arguments = _loads_lenient(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            return None
-    arguments = {} if arguments is None else arguments
-    return {"name": data["name"], "arguments": arguments} if isinstance(arguments, dict) else None
-
-
-def _calls_in_block(block: str, tool_names: Sequence[str]) -> list[dict]:
-    """The call in one <tool_call> block: strict JSON first (the engine's parser), then bare keys repaired."""
-    _, calls = parse_tool_calls(block)
-    if calls:
-        return calls
-    body = block[len(_CALL_OPEN):-len(_CALL_CLOSE)].strip()
-    try:
-        call = _as_call(_loads_lenient(body), tool_names)
-    except json.JSONDecodeError:
-        return []
-    return [call] if call else []
-
-
-def _bare_calls(text: str, tool_names: Sequence[str]) -> list[dict]:
-    """A whole reply that is only calls written as bare JSON, {"name": <a bound tool>, "arguments": {...}}, one
-    object or one per line, possibly in a code fence; [] if any part of it is something else."""
-    body = text.strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1)
-    for candidates in ([body], [line for line in body.splitlines() if line.strip()]):
-        try:
-            calls = [_as_call(_loads_lenient(candidate), tool_names) for candidate in candidates]
-        except json.JSONDecodeError:
-            continue
-        if calls and all(calls):
-            return calls
-    return []
-
-
-def _arguments_opening(tools: list[dict], name: str) -> str:
-    """The start of a forced call's arguments object: its first property's key (and a string value's opening
-    quote), written for the model (a 0.5B model otherwise drifts into unquoted keys or a bare value), or the
-    whole empty object."""
-    tool = next(t for t in tools if t["function"]["name"] == name)
-    parameters = tool["function"].get("parameters") or {}
-    properties = list((parameters.get("properties") or {}).keys())
-    if not properties:
-        return "{}}"
-    required = [p for p in parameters.get("required") or [] if p in properties]
-    first = required[0] if required else properties[0]
-    opening = "{" + json.dumps(first, ensure_ascii=False) + ": "
-    if (parameters["properties"][first] or {}).get("type") == "string":
-        opening += '"'   # the value's quote too: left alone, a small model may write the string bare
-    return opening
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that is a proper beginning of ``marker``."""
-    for size in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
 
 
 def _piece_to_chunk(piece: tuple[str, Any]) -> ChatGenerationChunk:
