@@ -16,6 +16,8 @@ from .common import Body, check_max_tokens, collect, read_json, sampling_kwargs,
 from .errors import APIError, error_body
 
 router = APIRouter()
+#: how long a stream may take to end once the server is told to stop (its generation is ended at once)
+SHUTDOWN_GRACE_S = 5
 
 
 def _registry(request: Request):
@@ -167,7 +169,8 @@ def _sse(pool, ticket, chunks, include_usage: bool) -> EventSourceResponse:
             yield {"data": json.dumps({"id": last["id"], "object": last["object"], "created": last["created"],
                                        "model": last["model"], "choices": [], "usage": usage})}
         yield {"data": "[DONE]"}
-    return EventSourceResponse(events(), sep="\n", ping=15)
+    # shutdown: our own handler ends the generation (server/__init__.py); the grace lets the stream say [DONE]
+    return EventSourceResponse(events(), sep="\n", ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
 
 
 async def _in_thread(fn):

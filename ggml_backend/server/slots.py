@@ -116,12 +116,15 @@ class SlotPool:
         self.queue_limit = queue_limit
         self.waiting: deque[Ticket] = deque()
         self.metrics = Metrics()
+        self.closing = False
         self._next_task = 0
 
     # --- the line -----------------------------------------------------------------------------------------
     def reserve(self, prompt_tokens: list[int], genkey: str | None = None) -> Ticket:
         """A place for a request: a slot now if one is free and nobody waits, else the end of the line
         (``ServerBusy`` when the line is full)."""
+        if self.closing:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         if len(prompt_tokens) > self.n_ctx:
             raise APIError(400, f"the prompt is {len(prompt_tokens)} tokens long; the context of each slot of "
                                 f"model {self.alias!r} holds {self.n_ctx}", code="context_length_exceeded")
@@ -228,9 +231,13 @@ class SlotPool:
         return found
 
     def close(self) -> None:
-        """End every generation and the line (server shutdown)."""
+        """Server shutdown: every generation ends after its token in progress (its reply ends normally, with what
+        it has), requests waiting in line get a 503, new ones too."""
+        self.closing = True
         for ticket in list(self.waiting):
-            ticket.release()
+            self.waiting.remove(ticket)
+            if not ticket.granted.done():
+                ticket.granted.set_exception(APIError(503, "the server is shutting down", code="shutting_down"))
         for slot in self.slots:
             if slot.stream is not None:
                 slot.stream.close()
