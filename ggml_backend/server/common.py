@@ -8,6 +8,7 @@ import math
 from contextlib import aclosing
 
 import anyio
+from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 
 from .errors import APIError
@@ -17,9 +18,19 @@ from .slots import SlotPool, Ticket
 DEFAULT_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "typical_p": 1.0, "tfs_z": 1.0,
                     "repeat_penalty": 1.1, "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                     "mirostat_mode": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "penalize_nl": True}
+#: how long a stream may take to end once the server is told to stop (server/__init__.py ends its generation at
+#: once; the grace lets the stream send its last events instead of being cut)
+SHUTDOWN_GRACE_S = 5
+#: seconds between keep-alive comments on a quiet stream (a long prompt, a wait in line), for proxies
+PING_S = 15
 #: the longest list of stop strings and the longest stop string a request may give
 MAX_STOPS, MAX_STOP_CHARS = 32, 1000
 _MISSING = object()
+
+
+def event_stream(events) -> EventSourceResponse:
+    """Server-sent events from an async generator of {"data": ...} (and "event") dicts, in every dialect."""
+    return EventSourceResponse(events, sep="\n", ping=PING_S, shutdown_grace_period=SHUTDOWN_GRACE_S)
 
 
 async def read_json(request: Request) -> dict:

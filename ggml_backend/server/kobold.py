@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 
 import anyio
 from fastapi import APIRouter, Request
-from sse_starlette.sse import EventSourceResponse
 
 from ..generation import StopStringMatcher
-from .common import Body, check_max_tokens, read_json, start, tokenize
+from .common import Body, check_max_tokens, event_stream, read_json, start, tokenize
 from .errors import APIError, error_body
 from .slots import ClientGone, SlotPool
 
@@ -440,6 +439,11 @@ class _Completion:
         self._chunks.close()
 
     @property
+    def finished(self) -> bool:
+        """Whether it ended by itself (max_length, an end token, a stop sequence), not closed."""
+        return self._done
+
+    @property
     def finish_reason(self) -> str:
         return "stop" if self.stop_reason in (STOP_EOS, STOP_SEQUENCE) else "length"
 
@@ -540,6 +544,9 @@ async def generate(request: Request):
                         raise ClientGone()
     finally:
         _close_run(request, run)
+    if completion is not None and not completion.finished and not run.aborted:
+        # closed by neither its end nor /abort: the server is shutting down (as the llama.cpp dialect answers)
+        raise APIError(503, "the generation was stopped before it finished (the server is shutting down)")
     _remember(request, job, completion)
     return {"results": [{"text": run.text,
                          "finish_reason": completion.finish_reason if completion is not None else "length",
@@ -584,7 +591,7 @@ async def generate_stream(request: Request):
             _close_run(request, run)
         _remember(request, job, completion)
         yield message(last, completion.finish_reason if completion is not None else "length")
-    return EventSourceResponse(events(), sep="\n", ping=15)
+    return event_stream(events())
 
 
 @router.get("/api/extra/generate/check")

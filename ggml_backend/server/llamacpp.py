@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette.sse import EventSourceResponse
 
 from ..generation.stopping import StopStringMatcher
-from .common import Body, read_json, sampling_kwargs, start
+from .common import Body, event_stream, read_json, sampling_kwargs, start
 from .errors import APIError, error_body
 from .slots import ClientGone, SlotPool
 
@@ -120,7 +119,7 @@ async def completion(request: Request):
         if final is None:   # the generation ended without its last chunk (closed by shutdown)
             raise APIError(503, "the generation was stopped before it finished (the server is shutting down)")
         return JSONResponse(_clean(final))
-    return EventSourceResponse(_events(pool, ticket, chunks, run), sep="\n", ping=15)
+    return event_stream(_events(pool, ticket, chunks, run))
 
 
 async def _events(pool: SlotPool, ticket, chunks, run: "_Run"):

@@ -8,16 +8,13 @@ import json
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from sse_starlette.sse import EventSourceResponse
 
 from ..api import collect_chat, collect_completion
 from ..templates.tool_calls import forced_call_prefill
-from .common import Body, check_max_tokens, collect, read_json, sampling_kwargs, start, tokenize
+from .common import Body, check_max_tokens, collect, event_stream, read_json, sampling_kwargs, start, tokenize
 from .errors import APIError, error_body
 
 router = APIRouter()
-#: how long a stream may take to end once the server is told to stop (its generation is ended at once)
-SHUTDOWN_GRACE_S = 5
 
 
 def _registry(request: Request):
@@ -149,7 +146,7 @@ async def embeddings(request: Request):
     raise APIError(501, "embeddings are not supported by this server yet", code="not_supported")
 
 
-def _sse(pool, ticket, chunks, include_usage: bool) -> EventSourceResponse:
+def _sse(pool, ticket, chunks, include_usage: bool):
     """OpenAI's stream: one ``data: {chunk}`` event per chunk, ``data: [DONE]`` at the end; usage in a last
     chunk with no choices when ``stream_options.include_usage`` asks for it (else nowhere)."""
     async def events():
@@ -169,8 +166,7 @@ def _sse(pool, ticket, chunks, include_usage: bool) -> EventSourceResponse:
             yield {"data": json.dumps({"id": last["id"], "object": last["object"], "created": last["created"],
                                        "model": last["model"], "choices": [], "usage": usage})}
         yield {"data": "[DONE]"}
-    # shutdown: our own handler ends the generation (server/__init__.py); the grace lets the stream say [DONE]
-    return EventSourceResponse(events(), sep="\n", ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
+    return event_stream(events())
 
 
 async def _in_thread(fn):
