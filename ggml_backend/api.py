@@ -373,8 +373,11 @@ class Llama:
                           stream: bool = False, seed: int | None = None, tfs_z: float = 1.0, mirostat_mode: int = 0,
                           mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: str | None = None,
                           logit_bias: dict | None = None, repeat_last_n: int = 64, n_keep: int | None = None,
-                          add_bos: bool | None = None, stop_tokens=None, penalize_nl: bool = True, **_ignored):
-        """An OpenAI/llama-cpp-python-shaped text completion (a dict, or an iterator of chunks if stream)."""
+                          add_bos: bool | None = None, stop_tokens=None, penalize_nl: bool = True,
+                          top_a: float = 0.0, repeat_penalty_slope: float = 1.0, **_ignored):
+        """An OpenAI/llama-cpp-python-shaped text completion (a dict, or an iterator of chunks if stream).
+
+        ``top_a`` and ``repeat_penalty_slope`` are KoboldCpp's samplers (see ``SamplingParams``); off by default."""
         from .generation import SamplingParams
         stop, max_tokens, logprobs, n_keep, stop_tokens = validate.completion_arguments(
             prompt=prompt, max_tokens=max_tokens, stop=stop, logprobs=logprobs, n_keep=n_keep, stop_tokens=stop_tokens)
@@ -382,7 +385,8 @@ class Llama:
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, tfs_z=tfs_z, typical_p=typical_p,
             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta, logit_bias=logit_bias, seed=seed, penalize_nl=penalize_nl)
+            mirostat_eta=mirostat_eta, logit_bias=logit_bias, seed=seed, penalize_nl=penalize_nl, top_a=top_a,
+            repeat_penalty_slope=repeat_penalty_slope)
         if isinstance(prompt, (list, tuple, np.ndarray)):
             prompt_tokens = [int(t) for t in prompt]
         else:

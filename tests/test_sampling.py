@@ -359,3 +359,33 @@ def test_log_softmax_and_top_logprobs():
     assert len(S.top_logprobs(logits, 10)) == 4
     with pytest.raises(SamplingError):
         S.top_logprobs(logits, -1)
+
+
+def test_top_a_keeps_tokens_above_a_times_p_max_squared():
+    """KoboldCpp's Top-A: p = [0.5, 0.3, 0.15, 0.05]: a=1 keeps p >= 0.25, a=0.5 keeps p >= 0.125, 0 keeps all."""
+    from ggml_backend.generation.sampling import Candidates, top_a
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    candidates = Candidates(np.arange(4, dtype=np.int32), logits)
+    assert list(top_a(candidates, 1.0).ids) == [0, 1]
+    assert list(top_a(candidates, 0.5).ids) == [0, 1, 2]
+    assert top_a(candidates, 0.0) is candidates
+    with pytest.raises(SamplingError, match="top_a"):
+        SamplingParams(top_a=-1)
+
+
+def test_repeat_penalty_slope_eases_the_older_half_of_the_window():
+    """KoboldCpp's rep_pen_slope: a token seen only in the older half of the window gets 1 + (penalty-1)*slope,
+    one in the newer half the whole penalty; slope 1 is the plain penalty."""
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    window = [0, 0, 1, 1]   # token 0 only in the older half, token 1 in the newer half
+
+    def penalized(slope):
+        sampler = Sampler(SamplingParams(repeat_penalty=1.5, repeat_penalty_slope=slope, repeat_last_n=4,
+                                         temperature=0), n_vocab=4, seed=1)
+        return sampler.candidates(logits, window).logits
+    eased = penalized(0.5)
+    assert eased[0] == pytest.approx(logits[0] * 1.25) and eased[1] == pytest.approx(logits[1] * 1.5)
+    assert penalized(0.0)[0] == pytest.approx(logits[0])
+    assert penalized(1.0)[0] == pytest.approx(logits[0] * 1.5)
+    with pytest.raises(SamplingError, match="repeat_penalty_slope"):
+        SamplingParams(repeat_penalty_slope=1.5)

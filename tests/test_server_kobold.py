@@ -19,9 +19,9 @@ from ggml_backend import Llama  # noqa: E402
 from server_fixtures import running_server  # noqa: E402
 
 PROMPT = "Once upon a time"
-#: what KoboldAI Lite sends besides the prompt (its defaults, with a slope of 1: this server has no slope)
-LITE_FIELDS = {"n": 1, "max_context_length": 2048, "rep_pen": 1.0, "temperature": 0, "top_p": 0.92, "top_k": 100,
-               "top_a": 0, "typical": 1, "tfs": 1, "rep_pen_range": 360, "rep_pen_slope": 1,
+#: what KoboldAI Lite sends besides the prompt (its defaults: rep_pen 1.07 over 360 tokens with slope 0.7)
+LITE_FIELDS = {"n": 1, "max_context_length": 2048, "rep_pen": 1.07, "temperature": 0, "top_p": 0.92, "top_k": 100,
+               "top_a": 0, "typical": 1, "tfs": 1, "rep_pen_range": 360, "rep_pen_slope": 0.7,
                "sampler_order": [6, 0, 1, 3, 4, 2, 5], "memory": "", "trim_stop": True, "genkey": "KCPP1234",
                "min_p": 0, "dynatemp_range": 0, "dynatemp_exponent": 1, "smoothing_factor": 0, "banned_tokens": [],
                "render_special": False, "presence_penalty": 0, "logit_bias": {}, "quiet": True,
@@ -57,7 +57,7 @@ def generate(client, **fields) -> dict:
 
 
 def alone(engine, prompt, **kwargs) -> dict:
-    out = engine.create_completion(prompt, temperature=0, **kwargs)
+    out = engine.create_completion(prompt, **{"temperature": 0, **kwargs})
     return {"text": out["choices"][0]["text"], "finish_reason": out["choices"][0]["finish_reason"],
             "prompt_tokens": out["usage"]["prompt_tokens"], "completion_tokens": out["usage"]["completion_tokens"]}
 
@@ -118,7 +118,26 @@ def test_generate_maps_the_repetition_penalty(client, engine):
 
 def test_a_lite_request_is_served(client, engine):
     result = generate(client, prompt=PROMPT, max_length=8, **LITE_FIELDS)
-    assert result["text"] == alone(engine, PROMPT, max_tokens=8)["text"]
+    ref = alone(engine, PROMPT, max_tokens=8, repeat_penalty=1.07, repeat_last_n=360, repeat_penalty_slope=0.7)
+    assert result["text"] == ref["text"]
+
+
+def test_top_a_and_the_penalty_slope_are_honoured(client, engine):
+    """KoboldCpp's Top-A and rep_pen_slope (SillyTavern and Lite send them): the same seed gives the engine's
+    text with the same settings, and the settings change the text."""
+    prompt = "one two three one two three one two three"
+    settings = dict(max_length=16, temperature=1.5, top_k=0, top_p=1, min_p=0, sampler_seed=7, rep_pen=1.3,
+                    rep_pen_range=16)
+    engine_settings = dict(max_tokens=16, temperature=1.5, top_k=0, top_p=1, min_p=0, seed=7,
+                           repeat_penalty=1.3, repeat_last_n=16)
+    for top_a, slope in ((0.2, 0.5), (0.0, 0.0)):
+        result = generate(client, prompt=prompt, top_a=top_a, rep_pen_slope=slope, **settings)
+        ref = alone(engine, prompt, top_a=top_a, repeat_penalty_slope=slope if slope > 0 else 1.0,
+                    **engine_settings)
+        assert result["text"] == ref["text"]
+    plain = alone(engine, prompt, **engine_settings)
+    cut = alone(engine, prompt, top_a=0.2, repeat_penalty_slope=0.5, **engine_settings)
+    assert cut["text"] != plain["text"]
 
 
 def test_stop_sequence(client, engine):
@@ -303,8 +322,7 @@ def test_tokenize_detokenize_round_trip(client, engine):
     (json.dumps({"prompt": 42}).encode(), 400, "'prompt' must be a string"),
     (json.dumps({"prompt": PROMPT, "top_p": 2}).encode(), 400, "'top_p' must be from 0.0 to 1.0"),
     (json.dumps({"prompt": PROMPT, "stop_sequence": [1]}).encode(), 400, "'stop_sequence'"),
-    (json.dumps({"prompt": PROMPT, "top_a": 0.5}).encode(), 400, "Top-A"),
-    (json.dumps({"prompt": PROMPT, "rep_pen": 1.1, "rep_pen_slope": 0.7}).encode(), 400, "rep_pen_slope"),
+    (json.dumps({"prompt": PROMPT, "top_a": -0.5}).encode(), 400, "top_a"),
     (json.dumps({"prompt": PROMPT, "sampler_order": [5, 6, 0, 1, 3, 4, 2], "temperature": 0.7,
                  "rep_pen": 1.1}).encode(), 400, "sampler_order"),
     (json.dumps({"prompt": PROMPT, "grammar": "root ::= \"a\""}).encode(), 400, "grammar"),

@@ -117,6 +117,9 @@ class SamplingParams:
     logit_bias: dict = field(default_factory=dict)
     seed: int | None = None
     penalize_nl: bool = True
+    top_a: float = 0.0                 # KoboldCpp's Top-A: keeps p >= top_a * p_max^2; 0 disables it
+    repeat_penalty_slope: float = 1.0  # KoboldCpp's rep_pen_slope: the older half of the window gets
+                                       # 1 + (repeat_penalty - 1) * slope; 1 (or a penalty <= 1) disables it
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -155,6 +158,14 @@ class SamplingParams:
             if seed < -1:
                 raise SamplingError(f"seed must be >= 0, or -1/None for a random seed, got {seed}")
             set_("seed", seed)
+        top_a = _finite("top_a", self.top_a)
+        if top_a < 0.0:
+            raise SamplingError(f"top_a must be >= 0 (0 disables it), got {top_a}")
+        set_("top_a", top_a)
+        slope = _finite("repeat_penalty_slope", self.repeat_penalty_slope)
+        if not 0.0 <= slope <= 1.0:
+            raise SamplingError(f"repeat_penalty_slope must be from 0 to 1 (1 disables it), got {slope}")
+        set_("repeat_penalty_slope", slope)
         if not isinstance(self.penalize_nl, (bool, np.bool_)):
             raise SamplingError(f"penalize_nl must be a bool, got {self.penalize_nl!r}")
         set_("penalize_nl", bool(self.penalize_nl))
@@ -338,6 +349,19 @@ def min_p(candidates: Candidates, p: float, min_keep: int = 1) -> Candidates:
     return candidates.sorted().head(min(min_keep, len(candidates)))
 
 
+def top_a(candidates: Candidates, a: float, min_keep: int = 1) -> Candidates:
+    """KoboldCpp's Top-A: keeps tokens with ``p_i >= a * p_max**2`` (probabilities of the candidates), i.e.
+    ``logit_i >= max_logit + log(a * p_max)``; the more sure the model, the more it cuts. ``a <= 0`` disables it."""
+    if a <= 0.0 or len(candidates) == 0:
+        return candidates
+    logits = candidates.logits.astype(np.float64)
+    p_max = 1.0 / np.exp(logits - logits.max()).sum()
+    keep = logits >= logits.max() + math.log(a * p_max)
+    if int(keep.sum()) >= min_keep:
+        return Candidates(candidates.ids[keep], candidates.logits[keep], False).sorted()
+    return candidates.sorted().head(min(min_keep, len(candidates)))
+
+
 def temperature(candidates: Candidates, temp: float) -> Candidates:
     """Divides the logits by ``temp``; ``temp <= 0`` keeps only the highest logit (greedy)."""
     if temp <= 0.0:
@@ -510,8 +534,18 @@ class Sampler:
         newline_logit = None
         if not p.penalize_nl and self.newline_token is not None:
             newline_logit = candidates.logits[self.newline_token]
-        candidates = apply_penalties(candidates, self._penalized_window(recent_tokens), p.repeat_penalty,
-                                     p.frequency_penalty, p.presence_penalty)
+        window = self._penalized_window(recent_tokens)
+        if p.repeat_penalty > 1.0 and p.repeat_penalty_slope < 1.0 and len(window) >= 2:
+            # KoboldCpp's slope: tokens seen only in the older half of the window get a smaller penalty
+            near = np.unique(window[len(window) // 2:])
+            far_only = np.setdiff1d(np.unique(window[:len(window) // 2]), near)
+            reduced = 1.0 + (p.repeat_penalty - 1.0) * p.repeat_penalty_slope
+            candidates = apply_penalties(candidates, near, p.repeat_penalty)
+            candidates = apply_penalties(candidates, far_only, reduced)
+            candidates = apply_penalties(candidates, window, 1.0, p.frequency_penalty, p.presence_penalty)
+        else:
+            candidates = apply_penalties(candidates, window, p.repeat_penalty, p.frequency_penalty,
+                                         p.presence_penalty)
         if newline_logit is not None:
             candidates.logits[self.newline_token] = newline_logit
         if not np.isfinite(candidates.logits.max()):
@@ -533,6 +567,7 @@ class Sampler:
                                                   p.mirostat_tau, p.mirostat_eta, self.rng)
             return token
         candidates = top_k(candidates, p.top_k)
+        candidates = top_a(candidates, p.top_a)
         candidates = tail_free(candidates, p.tfs_z)
         candidates = typical(candidates, p.typical_p)
         candidates = top_p(candidates, p.top_p)

@@ -194,7 +194,6 @@ def _unsupported(body: Body) -> None:
     """Everything KoboldCpp would honour and this engine cannot: a 400 naming it, never a silent difference."""
     if body.int("n", default=1) != 1:
         raise APIError(400, "'n' must be 1: one reply per request (send several requests)", param="n")
-    _reject_on(body, "top_a", "Top-A sampling")
     _reject_on(body, "dynatemp_range", "dynamic temperature")
     _reject_on(body, "smoothing_factor", "quadratic sampling (smoothing factor)")
     _reject_on(body, "dry_multiplier", "DRY repetition penalty")
@@ -297,11 +296,11 @@ async def _job(request: Request) -> _Job:
     seed = body.int("sampler_seed", default=-1, high=2 ** 64 - 1)
     if seed <= 0:
         seed = secrets.randbelow(999_999) + 1   # KoboldCpp picks a seed (and /api/extra/perf reports it)
-    # KoboldCpp ignores a slope outside (0, 1]; inside it, tokens in the older half of the range get a smaller
-    # penalty (1 + (rep_pen - 1) * slope), which this engine's penalty cannot do
-    if rep_pen > 1.0 and 0.0 < rep_pen_slope < 1.0 and rep_pen_range >= 2:
-        raise APIError(400, f"'rep_pen_slope' is {rep_pen_slope}: a repetition penalty slope is not supported by "
-                            f"this server; send rep_pen_slope 1 (or rep_pen 1)", param="rep_pen_slope")
+    # KoboldCpp ignores a slope outside (0, 1]; inside it, tokens only in the older half of the range get a
+    # smaller penalty, 1 + (rep_pen - 1) * slope (SamplingParams.repeat_penalty_slope)
+    if not 0.0 < rep_pen_slope <= 1.0:
+        rep_pen_slope = 1.0
+    top_a = body.float("top_a", default=0.0, low=0.0)
     if mirostat:
         if mirostat_tau <= 0.0:
             raise APIError(400, "'mirostat_tau' must be > 0 with mirostat on", param="mirostat_tau")
@@ -312,7 +311,8 @@ async def _job(request: Request) -> _Job:
         if temperature <= 0.0 and typical < 1.0:
             raise APIError(400, "'typical' sampling with temperature 0 is not supported (greedy decoding here "
                                 "ignores it); send typical 1, or a temperature above 0", param="typical")
-        _check_sampler_order(body, {6: rep_pen != 1.0 or presence_penalty != 0.0, 0: top_k > 0, 3: tfs < 1.0,
+        _check_sampler_order(body, {6: rep_pen != 1.0 or presence_penalty != 0.0, 0: top_k > 0, 1: top_a > 0.0,
+                                    3: tfs < 1.0,
                                     4: typical < 1.0, 2: top_p < 1.0 or min_p > 0.0, 5: temperature != 1.0})
     stops = body.stops("stop_sequence")
     trim_stop = body.bool("trim_stop", default=True)
@@ -337,6 +337,7 @@ async def _job(request: Request) -> _Job:
         tokens, max_length = _fit(tokens, memory_tokens, max_length, min(max_context_length, pool.n_ctx), llm)
     kwargs = dict(max_tokens=max_length, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                   typical_p=typical, tfs_z=tfs, repeat_penalty=rep_pen, repeat_last_n=rep_pen_range,
+                  repeat_penalty_slope=rep_pen_slope, top_a=top_a,
                   presence_penalty=presence_penalty, frequency_penalty=0.0, penalize_nl=True,
                   mirostat_mode=mirostat, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, seed=seed,
                   logit_bias=logit_bias, stop=None, model=pool.alias, stream=True)
