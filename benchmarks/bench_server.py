@@ -26,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -69,12 +70,14 @@ def start_server(engine: str, model: str, port: int, threads: int, parallel: int
                "--interrupt_requests", "False", "--model_alias", "bench"]
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    log = tempfile.TemporaryFile()   # not a pipe: llama.cpp's log would fill it and block the server
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{engine} server exited: {process.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{engine} server exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                 return process, url

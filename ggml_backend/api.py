@@ -16,11 +16,17 @@ from .quant.matmul import BLAS_MIN_TOKENS
 from .scheduler import Scheduler, Stream, TokenStream
 
 
+# how a KV cache position was computed (Llama._numerics): by the integer kernels (one token, or a batch below
+# BLAS_MIN_TOKENS: the same numbers either way), by a batch on the BLAS path, or by neither (keys re-rotated by a
+# context shift)
+_INT_NUMERICS, _BATCH_NUMERICS, _NO_FRESH_NUMERICS = 0, 1, 2
+
+
 @dataclass
 class LlamaState:
     """What save_state() captures: the evaluated tokens, their keys/values and the last logits."""
     input_ids: np.ndarray
-    batch_numerics: np.ndarray
+    numerics: np.ndarray
     kv: dict
     last_logits: np.ndarray | None
     all_logits: np.ndarray | None
@@ -104,8 +110,9 @@ class Llama:
         self.n_batch = int(min(self.n_batch, self._n_ctx))
         self.cache = self.model.new_cache(self._n_ctx)
         self.input_ids = np.zeros(self._n_ctx, dtype=np.int64)
-        # True where a position's keys/values came from a batch of >= BLAS_MIN_TOKENS tokens (see _prepare_prompt)
-        self._batch_numerics = np.zeros(self._n_ctx, dtype=bool)
+        # how each position's keys/values were computed (_INT_NUMERICS, _BATCH_NUMERICS or _NO_FRESH_NUMERICS):
+        # what decides whether a later prompt may reuse them (reusable_prefix)
+        self._numerics = np.zeros(self._n_ctx, dtype=np.int8)
         self.n_tokens = 0
         self._last_logits: np.ndarray | None = None
         self._all_logits = (np.zeros((self._n_ctx, self.hparams.n_vocab), np.float32)
@@ -196,7 +203,8 @@ class Llama:
             logits = self.model.forward(batch, self.cache, all_logits=self.logits_all)
             start = self.n_tokens
             self.input_ids[start:start + len(batch)] = batch
-            self._batch_numerics[start:start + len(batch)] = len(batch) >= BLAS_MIN_TOKENS
+            self._numerics[start:start + len(batch)] = (_BATCH_NUMERICS if len(batch) >= BLAS_MIN_TOKENS
+                                                         else _INT_NUMERICS)
             self.n_tokens += len(batch)
             if self._all_logits is not None:
                 self._all_logits[start:start + len(batch)] = logits
@@ -229,7 +237,7 @@ class Llama:
     def _save_state_now(self) -> LlamaState:
         n = self.n_tokens
         return LlamaState(
-            input_ids=self.input_ids[:n].copy(), batch_numerics=self._batch_numerics[:n].copy(),
+            input_ids=self.input_ids[:n].copy(), numerics=self._numerics[:n].copy(),
             kv=self.cache.snapshot(),
             last_logits=None if self._last_logits is None else self._last_logits.copy(),
             all_logits=None if self._all_logits is None else self._all_logits[:n].copy())
@@ -240,7 +248,7 @@ class Llama:
             raise ValueError(f"state of {n} tokens does not fit n_ctx={self._n_ctx}")
         self.cache.restore(state.kv)
         self.input_ids[:n] = state.input_ids
-        self._batch_numerics[:n] = state.batch_numerics
+        self._numerics[:n] = state.numerics
         self.n_tokens = n
         self._last_logits = None if state.last_logits is None else state.last_logits.copy()
         if self._all_logits is not None and state.all_logits is not None:
@@ -254,28 +262,40 @@ class Llama:
         self._cache = cache
 
     # --- generation -----------------------------------------------------------------------------------------
-    def _prepare_prompt(self, prompt_tokens: list[int]) -> None:
-        """Make the KV cache hold prompt_tokens, reusing the longest prefix already evaluated (as
-        llama-cpp-python does), so a chat that grows turn by turn only evaluates the new turn.
+    def reusable_prefix(self, prompt_tokens) -> int:
+        """How many leading tokens of ``prompt_tokens`` a generation would take from the KV cache instead of
+        evaluating them again (the server reports it as llama.cpp's ``cache_n``).
 
-        Reuse must not change the numbers: a prompt evaluated fresh gets the batch (BLAS) numerics when it has
-        at least BLAS_MIN_TOKENS tokens and the one-token (integer kernel) numerics otherwise, and the two differ
-        in float summation order. So a cached position is reused only if it was computed the way a fresh run of
-        this prompt would compute it, the re-evaluated tail keeps enough tokens for the same path, and short
-        prompts are evaluated whole. A fixed seed then gives the same text whether or not the cache was warm."""
+        Reuse must not change the numbers: a prompt evaluated fresh gets the batch (BLAS) numerics in batches of
+        at least BLAS_MIN_TOKENS tokens and the integer-kernel numerics otherwise, and the two differ in float
+        summation order. The integer kernels give every token the same numbers whatever batch it is in, so a
+        prompt short enough for them reuses every cached position they computed (a chat's system prompt, the
+        turns so far); a longer prompt reuses only positions computed by a batch, and its re-evaluated tail keeps
+        enough tokens for the batch path. At least the last token is evaluated again (its logits are needed).
+        A fixed seed then gives the same text whether or not the cache was warm."""
+        n_prompt = len(prompt_tokens)
+        cached = self.input_ids[:self.n_tokens]
+        limit = min(len(cached), n_prompt - 1)
+        want_batch = n_prompt >= BLAS_MIN_TOKENS
+        fresh = _BATCH_NUMERICS if want_batch else _INT_NUMERICS
+        n_reuse = 0
+        while (n_reuse < limit and cached[n_reuse] == prompt_tokens[n_reuse]
+               and self._numerics[n_reuse] == fresh):
+            n_reuse += 1
+        if want_batch:
+            n_reuse = min(n_reuse, n_prompt - BLAS_MIN_TOKENS)
+        return max(0, n_reuse)
+
+    def _prepare_prompt(self, prompt_tokens: list[int]) -> None:
+        """Make the KV cache hold prompt_tokens, reusing the longest prefix already evaluated that a fresh run
+        would compute the same way (``reusable_prefix``), as llama-cpp-python does, so a chat that grows turn by
+        turn only evaluates the new turn."""
         n_prompt = len(prompt_tokens)
         if n_prompt > self._n_ctx:
             raise ValueError(f"Requested tokens ({n_prompt}) exceed context window of {self._n_ctx}")
         if not prompt_tokens:
             raise ValueError("the prompt is empty (and the model adds no BOS token)")
-        n_reuse = 0
-        if n_prompt >= BLAS_MIN_TOKENS:
-            cached = self.input_ids[:self.n_tokens]
-            limit = min(len(cached), n_prompt)
-            while (n_reuse < limit and cached[n_reuse] == prompt_tokens[n_reuse]
-                   and self._batch_numerics[n_reuse]):
-                n_reuse += 1
-            n_reuse = max(0, min(n_reuse, n_prompt - BLAS_MIN_TOKENS))
+        n_reuse = self.reusable_prefix(prompt_tokens)
         self.n_tokens = n_reuse
         self.cache.truncate(n_reuse)
         if self._all_logits is not None:
@@ -292,7 +312,7 @@ class Llama:
         self.cache.shift(n_keep, n_discard)
         self.model.rerotate_keys(self.cache, n_keep, self.cache.n_past, -n_discard)
         self.input_ids[n_keep:old_n - n_discard] = self.input_ids[n_keep + n_discard:old_n].copy()
-        self._batch_numerics[n_keep:old_n] = False   # re-rotated keys: no fresh evaluation gives these numbers
+        self._numerics[n_keep:old_n] = _NO_FRESH_NUMERICS   # re-rotated keys: no fresh run gives these numbers
         self.n_tokens = old_n - n_discard
         if self._all_logits is not None:
             self._all_logits[n_keep:old_n - n_discard] = self._all_logits[n_keep + n_discard:old_n].copy()

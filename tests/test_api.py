@@ -183,6 +183,27 @@ def test_prompt_cache_reuse_gives_the_numbers_of_a_fresh_evaluation(qwen):
     np.testing.assert_array_equal(reused, qwen.eval_logits)
 
 
+def test_short_prompts_reuse_what_the_integer_kernels_computed(qwen):
+    """Below BLAS_MIN_TOKENS every token gets the same numbers in any batch, so a short prompt reuses a cached
+    prefix computed that way (a chat's system prompt) and still gets the logits of a fresh evaluation."""
+    from ggml_backend.quant.matmul import BLAS_MIN_TOKENS
+    system = qwen.tokenize("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n", special=True)
+    first = system + qwen.tokenize("Hi there", add_bos=False)
+    second = system + qwen.tokenize("What is 2+2?", add_bos=False)
+    assert len(second) < BLAS_MIN_TOKENS
+    qwen.reset()
+    qwen.create_completion(first, max_tokens=3, temperature=0)
+    assert qwen.reusable_prefix(second) == len(system)
+    qwen._prepare_prompt(second)
+    reused = qwen.eval_logits.copy()
+    qwen.reset()
+    qwen.eval(second)
+    np.testing.assert_array_equal(reused, qwen.eval_logits)
+    # a long prompt does not take positions the integer kernels computed: a fresh run batches them
+    long_prompt = second + qwen.tokenize(" and" * BLAS_MIN_TOKENS, add_bos=False)
+    assert qwen.reusable_prefix(long_prompt) == 0
+
+
 # --- streams and threads: the model's scheduler (issue 19) ----------------------------------------------------------
 # Every wait is bounded: a regression to a lock held across yield must fail these tests, not hang the suite.
 

@@ -52,9 +52,11 @@ class MatmulShapeError(ValueError):
     """Weights or activations given to a matrix product have the wrong shape, dtype, size or memory layout."""
 
 
-# From this many tokens on, method="auto" dequantizes W bands to float32 and uses numpy's sgemm
-# (measured with benchmarks/bench_matmul.py: see the module docstring there).
-BLAS_MIN_TOKENS = 16
+# From this many tokens on, method="auto" dequantizes W bands to float32 and uses numpy's sgemm. The band
+# dequantization costs the same whatever the token count (Qwen2.5-0.5B: ~600 ms per forward pass on 2 Zen 4
+# cores), the SIMD integer kernels ~18 ms per token: a 16-token prompt took 660 ms by sgemm and 290 ms by the
+# integer kernels, a 48-token one about 890 ms either way (2026-12-01, 2 threads; see benchmarks/README.md).
+BLAS_MIN_TOKENS = 48
 _SGEMM_MIN_WORK = 1 << 21   # M*N*K of every sgemm of the BLAS path (see _blas_product)
 
 # Weight rows dequantized per sgemm call on the BLAS path: a band of float32 small enough to stay in L2/L3

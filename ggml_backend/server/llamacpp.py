@@ -463,20 +463,9 @@ class _Run:
 
 
 def _reused_prefix(slot, tokens: list[int]) -> int:
-    """How many prompt tokens the slot's cache spares (``timings.cache_n``), by ``Llama._prepare_prompt``'s rule:
-    only prompts of at least BLAS_MIN_TOKENS reuse, only positions computed as a fresh run would compute them,
-    and at least BLAS_MIN_TOKENS are evaluated again. Read before the generation touches the cache."""
-    from ..quant.matmul import BLAS_MIN_TOKENS
-    if len(tokens) < BLAS_MIN_TOKENS:
-        return 0
-    n = slot.common_prefix(tokens)
-    fresh = getattr(slot.llm, "_batch_numerics", None)   # which positions have fresh-run numbers (a peek)
-    if fresh is not None:
-        i = 0
-        while i < n and fresh[i]:
-            i += 1
-        n = i
-    return max(0, min(n, len(tokens) - BLAS_MIN_TOKENS))
+    """How many prompt tokens the slot's cache spares (``timings.cache_n``); read before the generation touches
+    the cache."""
+    return slot.llm.reusable_prefix(tokens)
 
 
 def _pick_fields(reply: dict, paths: list[str]) -> dict:
