@@ -369,7 +369,10 @@ class Llama:
             self.eval([token])
 
     def _cache_generation_end(self, snapshot) -> None:
-        """On the worker, when a generation ends: its state goes to the prompt cache (if one is set)."""
+        """On the worker, when a generation ends: combined forward passes stop waiting for this context, and its
+        state goes to the prompt cache (if one is set)."""
+        if self.model.batcher is not None:
+            self.model.batcher.leave(self.cache)
         if self._cache is not None:
             self._cache.store(snapshot if snapshot is not None else self._save_state_now())
 

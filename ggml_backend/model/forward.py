@@ -13,8 +13,9 @@ import numpy as np
 from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
 from ..quant.activations import round_to_f16_inplace
-from ..quant.matmul import WeightMatrix, matmul_many, single_threaded_blas
+from ..quant.matmul import BLAS_MIN_TOKENS, WeightMatrix, matmul_many, single_threaded_blas
 from .attention import attention
+from .batching import ForwardBatcher, batch_invariant
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_cos_sin
 from .spec import HParams
@@ -165,6 +166,8 @@ class Model:
                 post_attn_norm=vector(b + "post_attention_norm.weight") if hp.arch.post_norms else None,
                 post_ffn_norm=vector(b + "post_ffw_norm.weight") if hp.arch.post_norms else None,
             ))
+        # contexts' few-token passes combined into one (model/batching.py), where that leaves the numbers alone
+        self.batcher = ForwardBatcher(self, BLAS_MIN_TOKENS - 1) if batch_invariant(self) else None
 
     def new_cache(self, n_ctx: int) -> KVCache:
         hp = self.hp
@@ -179,24 +182,38 @@ class Model:
     def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens at positions cache.n_past ... and append their keys/values to the cache.
 
-        Returns float32 logits [n_tokens, n_vocab] if all_logits, else [1, n_vocab] for the last token."""
-        # contexts sharing these weights (Llama.new_context) take turns, one forward pass each
+        Returns float32 logits [n_tokens, n_vocab] if all_logits, else [1, n_vocab] for the last token.
+        Contexts sharing these weights (``Llama.new_context``) meet here: a few tokens (below BLAS_MIN_TOKENS) go
+        through the batcher, which runs the waiting contexts' tokens in one pass (model/batching.py); a long
+        prompt runs alone. Either way the numbers are those of the context running alone."""
+        self._check(tokens, cache)
+        if self.batcher is not None and not all_logits and len(tokens) < BLAS_MIN_TOKENS:
+            return self.batcher.forward(tokens, cache)
         with self.turns, single_threaded_blas():   # our own threads do the parallel work; see quant/matmul.py
-            return self._forward(tokens, cache, all_logits)
+            return self.forward_many([(tokens, cache)], all_logits)[0]
 
-    def _forward(self, tokens, cache: KVCache, all_logits: bool) -> np.ndarray:
-        hp = self.hp
-        tokens = np.asarray(tokens, dtype=np.int64)
+    def _check(self, tokens, cache: KVCache) -> None:
         n_tokens = len(tokens)
-        start = cache.n_past
         if n_tokens == 0:
             raise ValueError("no tokens to evaluate")
-        if start + n_tokens > cache.n_ctx:
-            raise ValueError(f"{start + n_tokens} tokens do not fit the context of {cache.n_ctx}")
-        if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
-            raise ValueError(f"token id out of range [0, {hp.n_vocab})")
-        positions = np.arange(start, start + n_tokens)
-        n_kv = start + n_tokens   # keys visible after this batch
+        if cache.n_past + n_tokens > cache.n_ctx:
+            raise ValueError(f"{cache.n_past + n_tokens} tokens do not fit the context of {cache.n_ctx}")
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= self.hp.n_vocab:
+            raise ValueError(f"token id out of range [0, {self.hp.n_vocab})")
+
+    def forward_many(self, items, all_logits: bool = False) -> list[np.ndarray]:
+        """The forward pass: ``items`` is [(tokens, cache), ...], each a sequence with its own KV cache (checked
+        by the caller); their tokens go through the weights together, and each attends to its own cache. Returns
+        each sequence's logits (its last token's, or all of them if all_logits). The caller holds ``turns``."""
+        hp = self.hp
+        tokens = np.concatenate([np.asarray(t, dtype=np.int64) for t, _ in items])
+        n_tokens = len(tokens)
+        spans, first = [], 0               # each sequence's rows: first, last, its cache, its first position
+        for seq_tokens, cache in items:
+            spans.append((first, first + len(seq_tokens), cache, cache.n_past))
+            first += len(seq_tokens)
+        positions = np.concatenate([np.arange(start, start + last - first) for first, last, _, start in spans])
         rope_tables = {}
 
         x = dequantize_rows(self.token_embd_type, self.token_embd, tokens)          # [n_tokens, n_embd]
@@ -219,10 +236,12 @@ class Model:
             cos, sin = rope_tables[rope]
             apply_rope(q, cos, sin, hp.rope_dims, hp.arch.rope_mode)
             apply_rope(k, cos, sin, hp.rope_dims, hp.arch.rope_mode)
-            cache.store(il, start, k, v)
 
             window = hp.sliding_window if hp.swa_layers[il] else 0
-            attn = self._attention(q, cache.k[il], cache.v[il], start, window)
+            attn = np.empty((n_tokens, hp.n_head * hp.head_dim_v), np.float32)
+            for first, last, cache, start in spans:   # each sequence over its own keys and values
+                cache.store(il, start, k[first:last], v[first:last])
+                attn[first:last] = self._attention(q[first:last], cache.k[il], cache.v[il], start, window)
             attn_out = layer.wo(attn)
             if layer.post_attn_norm is not None:
                 attn_out = rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
@@ -238,11 +257,14 @@ class Model:
                 ffn_out = rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
             x = x + ffn_out
 
-        cache.n_past = n_kv
-        if not all_logits:
-            x = x[-1:]
-        x = rms_norm(x, self.output_norm, hp.rms_eps)
-        return self.output(np.ascontiguousarray(x, dtype=np.float32))
+        for first, last, cache, start in spans:
+            cache.n_past = start + last - first
+        rows = np.arange(n_tokens) if all_logits else np.array([last - 1 for _, last, _, _ in spans])
+        x = rms_norm(x[rows], self.output_norm, hp.rms_eps)
+        logits = self.output(np.ascontiguousarray(x, dtype=np.float32))
+        if all_logits:
+            return [logits[first:last] for first, last, _, _ in spans]
+        return [logits[i:i + 1] for i in range(len(spans))]
 
     def _attention(self, q: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, start: int,
                    window: int) -> np.ndarray:
@@ -255,7 +277,6 @@ class Model:
 
     def rerotate_keys(self, cache: KVCache, first: int, last: int, delta: int) -> None:
         """Rotate cached keys of positions first..last-1 by delta positions (after a context shift)."""
-        hp = self.hp
         if last <= first:
             return
         with self.turns:

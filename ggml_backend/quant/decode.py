@@ -427,7 +427,7 @@ def _matrix_of_row(row_counts, first, m, matrix_first):
     return m, matrix_first
 
 
-@njit(parallel=True, **_KERNEL)
+@njit(parallel=True, nogil=True, **_KERNEL)
 def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
     """One activation row (one token) times the rows of one or more weight matrices of one type (``KINDS[type]``)
     that share it (q, k and v; gate and up), in one parallel launch: the decode step.
@@ -454,7 +454,7 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
             first += n
 
 
-@njit(parallel=True, **_KERNEL)
+@njit(parallel=True, nogil=True, **_KERNEL)
 def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
     """``matvec`` for a few tokens: ``xq`` [n_tokens, k], ``x_scale`` / ``x_sums`` / ``x_bsums`` one row per token,
     ``out`` [n_tokens, total rows]. Each weight row meets every token while it is in L1, and each (row, token)

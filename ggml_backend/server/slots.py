@@ -176,16 +176,21 @@ class SlotPool:
     # --- running a generation in a slot ----------------------------------------------------------------------
     async def chunks(self, ticket: Ticket, stream):
         """The chunks of ``stream`` (a Llama stream running in the ticket's slot), each computed in a worker
-        thread. Leaving early (the client went, an abort, cancellation) closes the stream: the generation stops
-        after the token in progress. The ticket is released at the end."""
+        thread, one ahead: the next token is computed while this one goes to the client (a stream computes only
+        what it is asked for, so without it the model would wait for every send). Leaving early (the client
+        went, an abort, cancellation) closes the stream: the generation stops after the token in progress. The
+        ticket is released at the end."""
         slot = ticket.slot
         slot.stream = stream
-        usage, finish_reason = None, None
+        usage, finish_reason, ahead = None, None, None
         try:
+            ahead = asyncio.ensure_future(_fetch(stream))
             while True:
-                chunk = await anyio.to_thread.run_sync(_next_or_end, stream, abandon_on_cancel=True)
+                chunk = await ahead
+                ahead = None
                 if chunk is _END:
                     break
+                ahead = asyncio.ensure_future(_fetch(stream))
                 if slot.t_first is None:
                     slot.t_first = time.monotonic()
                 if chunk.get("usage"):
@@ -193,10 +198,12 @@ class SlotPool:
                 choices = chunk.get("choices") or [{}]
                 finish_reason = choices[0].get("finish_reason") or finish_reason
                 yield chunk
-        except BaseException:
+        except Exception:   # not a client leaving (GeneratorExit, cancellation): the generation failed
             self.metrics.requests_failed += 1
             raise
         finally:
+            if ahead is not None:
+                ahead.cancel()
             stream.close()
             self._record(slot, usage, finish_reason)
             ticket.release()
@@ -248,6 +255,10 @@ class SlotPool:
 
 
 _END = object()
+
+
+async def _fetch(stream):
+    return await anyio.to_thread.run_sync(_next_or_end, stream, abandon_on_cancel=True)
 
 
 def _next_or_end(stream):
