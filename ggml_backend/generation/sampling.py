@@ -237,7 +237,12 @@ def apply_logit_bias(candidates: Candidates, logit_bias: Mapping[int, float]) ->
 
 
 def _positions_of(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions in ``ids`` holding a value of ``wanted`` (unique), and the index in ``wanted`` of each."""
+    """Positions in ``ids`` holding a value of ``wanted`` (unique), and the index in ``wanted`` of each.
+
+    Candidate ids are unique, so where ``ids[w] == w`` for every wanted id (the full vocabulary in id order, as the
+    penalties and the logit bias see it) the answer is ``wanted`` itself: no search over 150k ids per token."""
+    if wanted.size and 0 <= wanted.min() and wanted.max() < ids.size and np.array_equal(ids[wanted], wanted):
+        return wanted, np.arange(wanted.size)
     order = np.argsort(wanted, kind="stable")
     wanted_sorted = wanted[order]
     slot = np.searchsorted(wanted_sorted, ids)
