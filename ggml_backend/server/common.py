@@ -100,6 +100,11 @@ class Body:
             raise APIError(400, f"'{name}' must be a string, got {type(value).__name__}", param=name)
         return value
 
+    def token_ids(self, name: str, n_vocab: int) -> list[int]:
+        """A list of token ids, each inside the vocabulary (absent: [])."""
+        ids = self.data.get(name, [])
+        return checked_token_ids(ids, n_vocab, name)
+
     def stops(self, *names) -> list[str]:
         name, value = self._raw(names)
         if value is _MISSING:
@@ -173,6 +178,15 @@ def logit_bias(body: Body, n_vocab: int) -> dict | None:
     return bias
 
 
+def checked_token_ids(ids, n_vocab: int, name: str) -> list[int]:
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise APIError(400, f"'{name}' must be a list of token ids (integers)", param=name)
+    bad = [t for t in ids if not 0 <= t < n_vocab]
+    if bad:
+        raise APIError(400, f"'{name}': token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param=name)
+    return list(ids)
+
+
 def check_max_tokens(requested: int | None, n_prompt: int, n_ctx: int) -> int:
     """The tokens to generate: what was asked, or the rest of the slot's context when nothing was; a request
     that cannot fit is a 400 (as OpenAI answers), not a silently shorter reply."""
@@ -192,12 +206,7 @@ async def tokenize(pool: SlotPool, text, add_bos: bool | None = None) -> list[in
     """The prompt as tokens: text (special tokens parsed, as llama.cpp's server does) or a list of token ids."""
     llm = pool.llm
     if isinstance(text, list):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in text):
-            raise APIError(400, "a prompt given as a list must hold token ids (integers)", param="prompt")
-        bad = [t for t in text if not 0 <= t < llm.n_vocab()]
-        if bad:
-            raise APIError(400, f"token ids outside the vocabulary: {bad[:5]}", param="prompt")
-        return list(text)
+        return checked_token_ids(text, llm.n_vocab(), "prompt")
     if not isinstance(text, str):
         raise APIError(400, f"'prompt' must be a string or a list of token ids, got {type(text).__name__}",
                        param="prompt")

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Request
 
 from ..generation import StopStringMatcher
 from .common import Body, check_max_tokens, event_stream, read_json, start, tokenize
+from .common import logit_bias as common_logit_bias
 from .errors import APIError, error_body
 from .slots import ClientGone, SlotPool
 
@@ -218,21 +219,10 @@ def _logit_bias(body: Body, n_vocab: int, eog_ids) -> dict | None:
     """KoboldCpp's ``logit_bias`` ({"token id": bias}, clamped to +-100), ``custom_token_bans`` ("id,id,...": -100)
     and the EOS ban (``ban_eos_token``, or ``use_default_badwordsids`` as KoboldAI clients call it)."""
     bias: dict[int, float] = {}
-    value = body.data.get("logit_bias")
-    if value not in (None, {}, []):
-        if not isinstance(value, dict):
-            raise APIError(400, "'logit_bias' must map token ids to numbers, e.g. {\"2\": -100}", param="logit_bias")
-        for key, amount in value.items():
-            try:
-                token = int(key)
-            except (TypeError, ValueError):
-                raise APIError(400, f"'logit_bias': {str(key)[:40]!r} is not a token id", param="logit_bias") from None
-            if not 0 <= token < n_vocab:
-                raise APIError(400, f"'logit_bias': token id {token} is outside the vocabulary (0..{n_vocab - 1})",
-                               param="logit_bias")
-            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or math.isnan(amount):
-                raise APIError(400, f"'logit_bias': the bias of token {token} must be a number", param="logit_bias")
-            bias[token] = max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(amount)))
+    if body.data.get("logit_bias") not in (None, {}, []) and not isinstance(body.data["logit_bias"], dict):
+        raise APIError(400, "'logit_bias' must map token ids to numbers, e.g. {\"2\": -100}", param="logit_bias")
+    for token, amount in (common_logit_bias(body, n_vocab) or {}).items():
+        bias[token] = max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, amount))
     for item in body.str("custom_token_bans", default="").split(","):
         item = item.strip()
         if not item:
@@ -644,13 +634,7 @@ async def detokenize(request: Request):
     """The text of token ids; ``special`` (default true) renders special tokens as their text."""
     body = Body(await read_json(request))
     pool = await _pool(request, body)
-    ids = body.data.get("ids", [])
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise APIError(400, "'ids' must be a list of token ids (integers)", param="ids")
-    n_vocab = pool.llm.n_vocab()
-    bad = [t for t in ids if not 0 <= t < n_vocab]
-    if bad:
-        raise APIError(400, f"'ids': token ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param="ids")
+    ids = body.token_ids("ids", pool.llm.n_vocab())
     special = body.bool("special", default=True)
     llm = pool.llm
     text = (await anyio.to_thread.run_sync(lambda: llm.detokenize(ids, special=special))).decode("utf-8",

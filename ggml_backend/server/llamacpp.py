@@ -562,13 +562,7 @@ async def detokenize(request: Request):
     """``{"content": text}`` of token ids (special tokens written out, as llama-server does)."""
     body = Body(await read_json(request))
     pool = await _registry(request).pool(body.data.get("model"))
-    tokens = body.data.get("tokens", [])
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise APIError(400, "'tokens' must be a list of token ids (integers)", param="tokens")
-    n_vocab = pool.llm.n_vocab()
-    bad = [t for t in tokens if not 0 <= t < n_vocab]
-    if bad:
-        raise APIError(400, f"'tokens': ids outside the vocabulary (0..{n_vocab - 1}): {bad[:5]}", param="tokens")
+    tokens = body.token_ids("tokens", pool.llm.n_vocab())
     text = await anyio.to_thread.run_sync(lambda: pool.llm.detokenize(tokens, special=True))
     return {"content": text.decode("utf-8", errors="replace")}
 
