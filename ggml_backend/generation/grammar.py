@@ -1,0 +1,222 @@
+"""Structured output: grammars that constrain every sampled token, compiled and matched by llguidance.
+
+llguidance (the engine llama.cpp itself now uses for grammars) reads llama.cpp's GBNF, JSON schemas, Lark and
+regexes, and computes the set of tokens that keep the output inside the grammar (a bitmask over the vocabulary)
+in tens of microseconds, against the vocabulary given as byte strings. Per generated token:
+
+    mask = matcher.allowed()              # which tokens may come next
+    token = sample(logits where mask)      # the sampler never sees the others
+    matcher.accept(token)                  # the grammar moves on; done() once it is complete
+
+``LlamaGrammar`` is the compiled grammar, shaped like llama-cpp-python's (``from_string`` for GBNF, ``from_file``,
+``from_json_schema``); ``grammar.matcher(tokenizer)`` is one generation's state. A grammar llguidance cannot
+compile raises ``GrammarError`` (a ValueError) naming what it could not read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from typing import Any
+
+import numpy as np
+
+#: the largest grammar text accepted (a grammar is client input: bound what the compiler is given)
+MAX_GRAMMAR_CHARS = 256 * 1024
+
+
+class GrammarError(ValueError):
+    """A grammar or JSON schema that cannot be compiled, or output that left the grammar."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+        import llguidance.numpy  # noqa: F401
+    except ImportError as exc:   # pragma: no cover - a dependency of the package
+        raise GrammarError(f"grammars need the llguidance package: pip install llguidance ({exc})") from None
+    return llguidance
+
+
+class LlamaGrammar:
+    """A compiled grammar (llguidance's grammar definition) and where it came from."""
+
+    def __init__(self, definition: str, source: str):
+        self.definition = definition
+        self.source = source          # a short description for errors: "GBNF", "JSON schema", ...
+        self._checked_for: "weakref.WeakSet" = weakref.WeakSet()
+
+    # --- constructors (llama-cpp-python's names) ----------------------------------------------------------
+    @classmethod
+    def from_string(cls, grammar: str, verbose: bool = True) -> "LlamaGrammar":
+        """A grammar in llama.cpp's GBNF (Lark is accepted too, as llguidance reads both)."""
+        text = _checked_text(grammar, "grammar")
+        ll = _llguidance()
+        try:
+            definition = ll.grammar_from("gbnf", text)
+        except ValueError as exc:
+            raise GrammarError(f"cannot read the GBNF grammar: {exc}") from None
+        return cls._validated(definition, "GBNF grammar")
+
+    @classmethod
+    def from_file(cls, file: str | os.PathLike, verbose: bool = True) -> "LlamaGrammar":
+        try:
+            with open(file, encoding="utf-8") as f:
+                text = f.read(MAX_GRAMMAR_CHARS + 1)
+        except OSError as exc:
+            raise GrammarError(f"cannot read the grammar file {file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise GrammarError(f"the grammar file {file} is not UTF-8 text") from None
+        return cls.from_string(text, verbose=verbose)
+
+    @classmethod
+    def from_json_schema(cls, json_schema: str | dict, verbose: bool = True) -> "LlamaGrammar":
+        """Output that is JSON valid against the schema (a JSON string, as llama-cpp-python takes, or a dict)."""
+        if isinstance(json_schema, str):
+            _checked_text(json_schema, "json_schema")
+            try:
+                json_schema = json.loads(json_schema)
+            except json.JSONDecodeError as exc:
+                raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
+        if not isinstance(json_schema, dict):
+            raise GrammarError(f"a JSON schema must be an object, got {type(json_schema).__name__}")
+        ll = _llguidance()
+        try:
+            # whitespace as the model likes it would let a small model pad forever: compact JSON, as OpenAI's
+            definition = ll.LLMatcher.grammar_from_json_schema(
+                json_schema, defaults={"whitespace_flexible": False, "item_separator": ", ",
+                                       "key_separator": ": "})
+        except (ValueError, TypeError) as exc:
+            raise GrammarError(f"cannot compile the JSON schema: {exc}") from None
+        return cls._validated(definition, "JSON schema")
+
+    @classmethod
+    def any_json_object(cls) -> "LlamaGrammar":
+        """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``)."""
+        return cls.from_json_schema({"type": "object"})
+
+    @classmethod
+    def from_lark(cls, lark: str) -> "LlamaGrammar":
+        return cls._validated(_llguidance().LLMatcher.grammar_from_lark(_checked_text(lark, "grammar")),
+                              "Lark grammar")
+
+    @classmethod
+    def from_regex(cls, regex: str) -> "LlamaGrammar":
+        return cls._validated(_llguidance().LLMatcher.grammar_from_regex(_checked_text(regex, "regex")), "regex")
+
+    @classmethod
+    def _validated(cls, definition: str, source: str) -> "LlamaGrammar":
+        is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(definition)
+        if is_error:
+            raise GrammarError(f"the {source} cannot be used: {messages[0] if messages else 'invalid'}")
+        return cls(definition, source)
+
+    def matcher(self, tokenizer) -> "GrammarMatcher":
+        """The state of one generation under this grammar, for ``tokenizer`` (our Tokenizer)."""
+        return GrammarMatcher(self, _ll_tokenizer(tokenizer), tokenizer)
+
+    def __repr__(self) -> str:
+        return f"LlamaGrammar({self.source})"
+
+
+def _checked_text(text: Any, name: str) -> str:
+    if not isinstance(text, str):
+        raise GrammarError(f"{name} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise GrammarError(f"{name} is empty")
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise GrammarError(f"{name} is {len(text):,} characters long; the limit is {MAX_GRAMMAR_CHARS:,}")
+    return text
+
+
+class GrammarMatcher:
+    """One generation's position in a grammar: the tokens allowed next, and the grammar moved on by each token."""
+
+    def __init__(self, grammar: LlamaGrammar, ll_tokenizer, tokenizer):
+        ll = _llguidance()
+        self.grammar = grammar
+        self._matcher = ll.LLMatcher(ll_tokenizer, grammar.definition, log_level=0)
+        if self._matcher.is_error():
+            raise GrammarError(f"the {grammar.source} cannot be used: {self._matcher.get_error()}")
+        self.n_vocab = ll_tokenizer.vocab_size
+        self._bitmask = ll.numpy.allocate_token_bitmask(1, self.n_vocab)
+        self._eog = sorted(tokenizer.eog_ids)
+
+    def allowed(self) -> np.ndarray:
+        """Booleans [n_vocab]: the tokens that keep the output inside the grammar (end-of-generation tokens only
+        where the grammar is complete)."""
+        _llguidance().numpy.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        if self._matcher.is_error():
+            raise GrammarError(f"the output left the {self.grammar.source}: {self._matcher.get_error()}")
+        bits = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")[:self.n_vocab]
+        return bits.astype(bool)
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """A copy of ``logits`` with every token outside the grammar at -inf."""
+        allowed = self.allowed()
+        if not allowed[:logits.shape[0]].any():
+            raise GrammarError(f"no token can continue the {self.grammar.source}")
+        masked = np.full_like(logits, -np.inf)
+        n = min(len(allowed), logits.shape[0])
+        masked[:n] = np.where(allowed[:n], logits[:n], -np.inf)
+        return masked
+
+    def accept(self, token: int) -> None:
+        if token in self._eog and self._matcher.is_accepting():
+            return
+        if not self._matcher.consume_token(int(token)):
+            raise GrammarError(f"token {token} is outside the {self.grammar.source}: {self._matcher.get_error()}")
+
+    def done(self) -> bool:
+        """True once the grammar is complete and nothing more can follow (generation should end)."""
+        return self._matcher.is_stopped()
+
+
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _ll_tokenizer(tokenizer):
+    """llguidance's view of our tokenizer (every token's bytes, the special ids, an encoder), built once per
+    tokenizer: ~1 s for a 150k vocabulary."""
+    cached = _TOKENIZERS.get(tokenizer)
+    if cached is not None:
+        return cached
+    ll = _llguidance()
+
+    class _Vocabulary:
+        eos_token_id = tokenizer.eos_id
+        bos_token_id = tokenizer.bos_id
+        tokens = [tokenizer.token_to_piece(i) for i in range(tokenizer.n_vocab)]
+        special_token_ids = [i for i in range(tokenizer.n_vocab) if tokenizer.is_control(i)]
+
+        def __call__(self, text):
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", errors="replace")
+            return tokenizer.encode(text, add_bos=False)
+
+    ll_tokenizer = ll.LLTokenizer(ll.TokenizerWrapper(_Vocabulary()), n_vocab=tokenizer.n_vocab,
+                                  eos_token=sorted(tokenizer.eog_ids) or None)
+    _TOKENIZERS[tokenizer] = ll_tokenizer
+    return ll_tokenizer
+
+
+def grammar_from_response_format(response_format) -> LlamaGrammar | None:
+    """The grammar of an OpenAI / llama-cpp-python ``response_format`` (None for plain text):
+    ``{"type": "text"}``, ``{"type": "json_object"}`` (any object), ``{"type": "json_object", "schema": {...}}``
+    (llama-cpp-python's form), ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise GrammarError(f"response_format must be an object, got {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        return LlamaGrammar.from_json_schema(schema) if schema is not None else LlamaGrammar.any_json_object()
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise GrammarError("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+        return LlamaGrammar.from_json_schema(spec["schema"])
+    raise GrammarError(f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
