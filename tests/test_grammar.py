@@ -41,6 +41,7 @@ def constrained(llm, prompt: str, grammar: LlamaGrammar, seed: int, max_tokens: 
         out.append(token)
         if matcher.done():
             break
+        matcher.prepare()   # the next mask is computed while the forward pass runs
         llm.eval([token])
     return llm.detokenize(out).decode()
 

@@ -141,10 +141,23 @@ class GrammarMatcher:
         self.n_vocab = ll_tokenizer.vocab_size
         self._bitmask = ll.numpy.allocate_token_bitmask(1, self.n_vocab)
         self._eog = sorted(tokenizer.eog_ids)
+        self._next = None   # the next mask, being computed while the forward pass runs (prepare)
+
+    def prepare(self) -> None:
+        """Start computing the next mask in the background: called after ``accept``, before the forward pass,
+        so that the mask (a millisecond or a few for a JSON schema) costs no time of its own."""
+        if self._next is None:
+            self._next = _background().submit(self._compute)
 
     def allowed(self) -> np.ndarray:
         """Booleans [n_vocab]: the tokens that keep the output inside the grammar (end-of-generation tokens only
         where the grammar is complete)."""
+        if self._next is not None:
+            pending, self._next = self._next, None
+            return pending.result()
+        return self._compute()
+
+    def _compute(self) -> np.ndarray:
         _llguidance().numpy.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         if self._matcher.is_error():
             raise GrammarError(f"the output left the {self.grammar.source}: {self._matcher.get_error()}")
@@ -162,6 +175,9 @@ class GrammarMatcher:
         return masked
 
     def accept(self, token: int) -> None:
+        if self._next is not None:   # the matcher is not to be moved while a mask is being computed
+            self._next.result()
+            self._next = None
         if token in self._eog and self._matcher.is_accepting():
             return
         if not self._matcher.consume_token(int(token)):
@@ -170,6 +186,18 @@ class GrammarMatcher:
     def done(self) -> bool:
         """True once the grammar is complete and nothing more can follow (generation should end)."""
         return self._matcher.is_stopped()
+
+
+_EXECUTOR = None
+
+
+def _background():
+    """Threads computing next masks (llguidance releases the GIL while it computes one)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ggml-backend grammar")
+    return _EXECUTOR
 
 
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
