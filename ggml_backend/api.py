@@ -197,22 +197,9 @@ class Llama:
         embeddings.py). Needs ``Llama(..., embedding=True)``, as there."""
         if not self.embedding:
             raise RuntimeError("Llama model must be created with embedding=True to call this method")
-        from .embeddings import embed_tokens, texts_of, to_lists
-        texts = texts_of(input)
-        token_lists = []
-        for text in texts:
-            tokens = self.tokenize(text.encode("utf-8"))
-            if truncate:
-                tokens = tokens[:self.n_batch]
-            if len(tokens) > self.n_batch:
-                raise ValueError(f"Requested tokens ({len(tokens)}) exceed batch size of {self.n_batch}")
-            token_lists.append(tokens)
-        _set_threads(self.n_threads)
-        vectors = to_lists(embed_tokens(self.model, token_lists, self._pooling_type, bool(normalize)))
-        output = vectors[0] if isinstance(input, str) else vectors
-        if return_count:
-            return output, sum(len(tokens) for tokens in token_lists)
-        return output
+        from .embeddings import embed_texts
+        return embed_texts(self, input, pooling_type=self._pooling_type, normalize=normalize, truncate=truncate,
+                           return_count=return_count)
 
     def create_embedding(self, input, model: str | None = None) -> dict:
         """OpenAI-shaped embeddings of a str or a list of str (llama-cpp-python's ``create_embedding``):

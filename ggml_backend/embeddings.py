@@ -64,6 +64,19 @@ def resolve_pooling(pooling_type, metadata: dict) -> int:
     return pooling_type
 
 
+def one_vector_pooling(pooling_type, metadata: dict) -> int:
+    """The pooling for callers that need one vector per text (LangChain's ``Embeddings``, OpenAI's
+    ``/v1/embeddings``): ``pooling_type`` resolved as ``resolve_pooling`` does (None counts as UNSPECIFIED), except
+    that where that gives NONE, MEAN is used: a generative model's file names no pooling, and the mean of its
+    tokens' states is the usual sentence vector of a decoder model without an embedding head."""
+    asked = LLAMA_POOLING_TYPE_UNSPECIFIED if pooling_type is None else pooling_type
+    if asked != LLAMA_POOLING_TYPE_UNSPECIFIED and resolve_pooling(asked, {}) == LLAMA_POOLING_TYPE_NONE:
+        raise ValueError("pooling_type NONE gives one vector per token; one vector per text needs mean, cls or "
+                         "last pooling")
+    resolved = resolve_pooling(asked, metadata)
+    return LLAMA_POOLING_TYPE_MEAN if resolved == LLAMA_POOLING_TYPE_NONE else resolved
+
+
 def texts_of(input) -> list[str]:
     """``input`` as a list of texts: a str, or a list (tuple) of str; anything else is a TypeError."""
     if isinstance(input, str):
@@ -116,6 +129,26 @@ def embed_tokens(model, token_lists, pooling_type: int, normalize: bool = False)
     return out
 
 
-def to_lists(vectors: list[np.ndarray]) -> list:
-    """Python floats in nested lists, as llama-cpp-python returns them."""
-    return [v.tolist() for v in vectors]
+def embed_texts(llm, input, *, pooling_type: int, normalize: bool = False, truncate: bool = True,
+                return_count: bool = False):
+    """``Llama.embed`` for any ``Llama`` context ``llm`` (the engine's, LangChain's and the server's shared
+    models, whatever their ``embedding`` flag), with the pooling given: each text tokenized as ``llm.tokenize``
+    does by default (BOS as the model wants it, special tokens as text), cut to ``llm.n_batch`` tokens when
+    ``truncate`` (else a longer text is a ValueError, as llama-cpp-python's), in Python lists of floats; a str
+    gives one embedding, a list a list of them; with ``return_count`` also the total number of tokens."""
+    texts = texts_of(input)
+    token_lists = []
+    for text in texts:
+        tokens = llm.tokenize(text.encode("utf-8"))
+        if truncate:
+            tokens = tokens[:llm.n_batch]
+        if len(tokens) > llm.n_batch:
+            raise ValueError(f"Requested tokens ({len(tokens)}) exceed batch size of {llm.n_batch}")
+        token_lists.append(tokens)
+    from .api import _set_threads
+    _set_threads(llm.n_threads)   # numba's thread count is per calling thread
+    vectors = [v.tolist() for v in embed_tokens(llm.model, token_lists, pooling_type, bool(normalize))]
+    output = vectors[0] if isinstance(input, str) else vectors
+    if return_count:
+        return output, sum(len(tokens) for tokens in token_lists)
+    return output
