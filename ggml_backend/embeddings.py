@@ -129,25 +129,37 @@ def embed_tokens(model, token_lists, pooling_type: int, normalize: bool = False)
     return out
 
 
-def embed_texts(llm, input, *, pooling_type: int, normalize: bool = False, truncate: bool = True,
-                return_count: bool = False):
-    """``Llama.embed`` for any ``Llama`` context ``llm`` (the engine's, LangChain's and the server's shared
-    models, whatever their ``embedding`` flag), with the pooling given: each text tokenized as ``llm.tokenize``
-    does by default (BOS as the model wants it, special tokens as text), cut to ``llm.n_batch`` tokens when
-    ``truncate`` (else a longer text is a ValueError, as llama-cpp-python's), in Python lists of floats; a str
-    gives one embedding, a list a list of them; with ``return_count`` also the total number of tokens."""
-    texts = texts_of(input)
+def tokenize_texts(llm, input, truncate: bool = True) -> list[list[int]]:
+    """Each text of ``input`` (a str or a list of str) tokenized as llama-cpp-python's ``embed`` does
+    (``llm.tokenize(text)``: BOS as the model wants it, special tokens as text), cut to ``llm.n_batch`` tokens
+    when ``truncate``, else a longer text is a ValueError (its message is llama-cpp-python's)."""
     token_lists = []
-    for text in texts:
+    for text in texts_of(input):
         tokens = llm.tokenize(text.encode("utf-8"))
         if truncate:
             tokens = tokens[:llm.n_batch]
         if len(tokens) > llm.n_batch:
             raise ValueError(f"Requested tokens ({len(tokens)}) exceed batch size of {llm.n_batch}")
         token_lists.append(tokens)
+    return token_lists
+
+
+def embed_token_lists(llm, token_lists, pooling_type: int, normalize: bool = False) -> list[np.ndarray]:
+    """``embed_tokens`` on the weights of the ``Llama`` context ``llm``, with its thread count (numba's is per
+    calling thread, so this is safe from any worker thread)."""
     from .api import _set_threads
-    _set_threads(llm.n_threads)   # numba's thread count is per calling thread
-    vectors = [v.tolist() for v in embed_tokens(llm.model, token_lists, pooling_type, bool(normalize))]
+    _set_threads(llm.n_threads)
+    return embed_tokens(llm.model, token_lists, pooling_type, normalize)
+
+
+def embed_texts(llm, input, *, pooling_type: int, normalize: bool = False, truncate: bool = True,
+                return_count: bool = False):
+    """``Llama.embed`` for any ``Llama`` context ``llm`` (the engine's, LangChain's and the server's shared
+    models, whatever their ``embedding`` flag), with the pooling given: texts tokenized and cut as
+    ``tokenize_texts`` does, embeddings in Python lists of floats; a str gives one embedding, a list a list of
+    them; with ``return_count`` also the total number of tokens."""
+    token_lists = tokenize_texts(llm, input, truncate)
+    vectors = [v.tolist() for v in embed_token_lists(llm, token_lists, pooling_type, bool(normalize))]
     output = vectors[0] if isinstance(input, str) else vectors
     if return_count:
         return output, sum(len(tokens) for tokens in token_lists)
