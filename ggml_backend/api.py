@@ -70,7 +70,8 @@ class Llama:
                  n_threads: int | None = None, n_batch: int = 512, n_gpu_layers: int = 0, seed: int = -1,
                  logits_all: bool = False, rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0,
                  verbose: bool = True, chat_format: str | None = None, n_head_kv: int | None = None,
-                 rms_norm_eps: float | None = None, **_ignored):
+                 rms_norm_eps: float | None = None, embedding: bool = False, pooling_type: int = -1,
+                 **_ignored):
         t0 = time.perf_counter()
         n_ctx, n_batch, n_threads = validate.llama_arguments(
             n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, seed=seed,
@@ -94,6 +95,9 @@ class Llama:
         self.seed = seed
         self.logits_all = logits_all
         self.chat_format = chat_format
+        self.embedding = bool(embedding)
+        from .embeddings import resolve_pooling
+        self._pooling_type = resolve_pooling(pooling_type, self.metadata)
         self._new_context_state()
         self.load_time_s = time.perf_counter() - t0
         if verbose:
@@ -135,7 +139,8 @@ class Llama:
         check_memory(self.hparams, int(n_ctx), min(self.n_batch, int(n_ctx)), self.logits_all)
         other = object.__new__(type(self))
         shared = ("model_path", "verbose", "model_file", "metadata", "hparams", "model", "tokenizer", "n_batch",
-                  "n_threads", "seed", "logits_all", "chat_format", "_file_template")
+                  "n_threads", "seed", "logits_all", "chat_format", "_file_template", "embedding",
+                  "_pooling_type")
         for name in shared:
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]
@@ -169,6 +174,43 @@ class Llama:
 
     def n_ctx(self) -> int:
         return self._n_ctx
+
+    def n_embd(self) -> int:
+        return self.hparams.n_embd
+
+    def pooling_type(self) -> int:
+        """How ``embed`` pools a text's token vectors: llama.cpp's ``llama_pooling_type`` (0 none, 1 mean, 2 cls,
+        3 last), from the constructor's ``pooling_type``, else the file's, else none (see embeddings.py)."""
+        return self._pooling_type
+
+    # --- embeddings -----------------------------------------------------------------------------------------
+    def embed(self, input, normalize: bool = False, truncate: bool = True, return_count: bool = False):
+        """Embeddings of a str (one embedding) or a list of str (a list of them), as llama-cpp-python's
+        ``embed``: each text is tokenized as ``tokenize(text)`` does, cut to ``n_batch`` tokens when
+        ``truncate`` (else a longer text is a ValueError), and pooled by ``pooling_type()``: one vector of
+        ``n_embd`` floats, or with pooling NONE one per token. ``normalize``: L2-normalize each vector.
+        ``return_count``: return (embeddings, total number of tokens).
+
+        The vectors are the final hidden states after the output norm (llama.cpp's embeddings). Unlike
+        llama-cpp-python this leaves the context alone: each text runs in a KV cache of its own, so a
+        generation's state survives, and a text's vector does not depend on the others in the list (see
+        embeddings.py). Needs ``Llama(..., embedding=True)``, as there."""
+        if not self.embedding:
+            raise RuntimeError("Llama model must be created with embedding=True to call this method")
+        from .embeddings import embed_texts
+        return embed_texts(self, input, pooling_type=self._pooling_type, normalize=normalize, truncate=truncate,
+                           return_count=return_count)
+
+    def create_embedding(self, input, model: str | None = None) -> dict:
+        """OpenAI-shaped embeddings of a str or a list of str (llama-cpp-python's ``create_embedding``):
+        {"object": "list", "data": [{"object": "embedding", "embedding": [...], "index": i}, ...], "model",
+        "usage": {"prompt_tokens", "total_tokens"}}. Not normalized, as there."""
+        inputs = input if isinstance(input, list) else [input]
+        vectors, total_tokens = self.embed(inputs, return_count=True)
+        return {"object": "list",
+                "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)],
+                "model": model if model is not None else self.model_path,
+                "usage": {"prompt_tokens": total_tokens, "total_tokens": total_tokens}}
 
     # --- evaluation -----------------------------------------------------------------------------------------
     def reset(self) -> None:

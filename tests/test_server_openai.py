@@ -371,3 +371,15 @@ def test_sigterm_drains_and_exits():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_embeddings_float_and_base64_equal_the_engine(client, engine):
+    from ggml_backend.embeddings import LLAMA_POOLING_TYPE_MEAN, embed_texts
+    texts = ["Hello world", "def add(a, b): return a + b"]
+    expected = embed_texts(engine, texts, pooling_type=LLAMA_POOLING_TYPE_MEAN)   # no pooling in the file: mean
+    packed = client.embeddings.create(model="qwen", input=texts)        # the openai package asks for base64
+    plain = client.embeddings.create(model="qwen", input=texts[0], encoding_format="float")
+    assert [d.embedding for d in packed.data] == expected and plain.data[0].embedding == expected[0]
+    assert packed.model == "qwen" and packed.usage.prompt_tokens == sum(len(engine.tokenize(t.encode())) for t in texts)
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="qwen", input=[])

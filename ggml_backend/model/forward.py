@@ -202,10 +202,14 @@ class Model:
         if ids.min() < 0 or ids.max() >= self.hp.n_vocab:
             raise ValueError(f"token id out of range [0, {self.hp.n_vocab})")
 
-    def forward_many(self, items, all_logits: bool = False) -> list[np.ndarray]:
+    def forward_many(self, items, all_logits: bool = False, output: str = "logits") -> list[np.ndarray]:
         """The forward pass: ``items`` is [(tokens, cache), ...], each a sequence with its own KV cache (checked
         by the caller); their tokens go through the weights together, and each attends to its own cache. Returns
-        each sequence's logits (its last token's, or all of them if all_logits). The caller holds ``turns``."""
+        each sequence's rows (its last token's, or all of them if all_logits): logits [n, n_vocab], or with
+        ``output="hidden"`` the final hidden states after the output norm, before the output matrix [n, n_embd]
+        (what llama.cpp calls ``result_norm`` and returns as embeddings). The caller holds ``turns``."""
+        if output not in ("logits", "hidden"):
+            raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
         hp = self.hp
         tokens = np.concatenate([np.asarray(t, dtype=np.int64) for t, _ in items])
         n_tokens = len(tokens)
@@ -260,11 +264,11 @@ class Model:
         for first, last, cache, start in spans:
             cache.n_past = start + last - first
         rows = np.arange(n_tokens) if all_logits else np.array([last - 1 for _, last, _, _ in spans])
-        x = rms_norm(x[rows], self.output_norm, hp.rms_eps)
-        logits = self.output(np.ascontiguousarray(x, dtype=np.float32))
+        x = np.ascontiguousarray(rms_norm(x[rows], self.output_norm, hp.rms_eps), dtype=np.float32)
+        out = x if output == "hidden" else self.output(x)
         if all_logits:
-            return [logits[first:last] for first, last, _, _ in spans]
-        return [logits[i:i + 1] for i in range(len(spans))]
+            return [out[first:last] for first, last, _, _ in spans]
+        return [out[i:i + 1] for i in range(len(spans))]
 
     def _attention(self, q: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, start: int,
                    window: int) -> np.ndarray:

@@ -4,14 +4,18 @@ LangChain's ``ChatOpenAI`` speak. Fields follow OpenAI's API and llama-cpp-pytho
 """
 from __future__ import annotations
 
+import base64
 import json
 from contextlib import aclosing
+
+import anyio
 
 from fastapi import APIRouter, Request
 
 from ..api import collect_chat, collect_completion
 from ..templates.tool_calls import forced_call_prefill
-from .common import Body, check_max_tokens, collect, event_stream, read_json, sampling_kwargs, start, tokenize
+from .common import (Body, check_max_tokens, checked_token_ids, collect, event_stream, read_json, sampling_kwargs,
+                     start, tokenize)
 from .errors import APIError, error_body
 
 router = APIRouter()
@@ -141,9 +145,62 @@ async def chat_completions(request: Request):
     return _sse(pool, ticket, chunks, include_usage)
 
 
+#: the most inputs one /v1/embeddings request may carry (OpenAI's limit)
+MAX_EMBEDDING_INPUTS = 2048
+
+
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
-    raise APIError(501, "embeddings are not supported by this server yet", code="not_supported")
+    """OpenAI's embeddings: ``input`` a string, a list of strings, a list of token ids or a list of such lists;
+    one vector per input, pooled by the model file's ``pooling_type``, else by the mean of the tokens
+    (embeddings.one_vector_pooling); ``encoding_format`` "float" or "base64" (little-endian float32, what the
+    ``openai`` package asks for by default). Each input runs in a KV cache of its own on the pool's weights, in a
+    worker thread, taking turns with the slots' forward passes: no slot's cache or line is touched."""
+    from ..embeddings import embed_token_lists, one_vector_pooling, tokenize_texts
+    body = Body(await read_json(request))
+    pool = await _registry(request).pool(body.data.get("model"))
+    llm = pool.llm
+    encoding = body.str("encoding_format", default="float")
+    if encoding not in ("float", "base64"):
+        raise APIError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}",
+                       param="encoding_format")
+    dimensions = body.int("dimensions", default=None, low=1)
+    if dimensions is not None and dimensions != llm.n_embd():
+        raise APIError(400, f"this model's embeddings have {llm.n_embd()} dimensions; 'dimensions' cannot change "
+                            "that", param="dimensions")
+    inputs = body.data.get("input")
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs:
+        raise APIError(400, "'input' must be a non-empty string, list of strings, list of token ids or list of "
+                            "such lists", param="input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+
+    def run():
+        token_lists = []
+        for item in inputs:
+            tokens = (checked_token_ids(item, llm.n_vocab(), "input") if isinstance(item, list)
+                      else tokenize_texts(llm, item, truncate=False)[0])
+            if not tokens:
+                raise ValueError("an input is empty")
+            if len(tokens) > llm.n_batch:
+                raise ValueError(f"an input of {len(tokens)} tokens exceeds the batch size of {llm.n_batch}")
+            token_lists.append(tokens)
+        pooling = one_vector_pooling(None, llm.metadata)
+        return embed_token_lists(llm, token_lists, pooling), sum(len(t) for t in token_lists)
+
+    try:
+        vectors, n_tokens = await anyio.to_thread.run_sync(run)
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc), param="input") from None
+    if encoding == "base64":
+        data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+    else:
+        data = [v.tolist() for v in vectors]
+    return {"object": "list", "model": pool.alias,
+            "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
 
 def _sse(pool, ticket, chunks, include_usage: bool):
