@@ -37,7 +37,7 @@ def test_eval_appends_and_scores_hold_the_last_row(tiny):
     tiny.eval(sequence[10:20])
     assert tiny.n_tokens == 20
     split = tiny.scores[19].copy()
-    assert np.array_equal(tiny.eval_logits, split)
+    assert np.array_equal(np.asarray(tiny.eval_logits[-1], np.float32), split)
     tiny.reset()
     tiny.eval(sequence[:10])
     tiny.eval(sequence[10:20])
@@ -55,12 +55,12 @@ def test_save_and_load_state_restore_the_continuation(tiny):
     tiny.eval(sequence[:12])
     state = tiny.save_state()
     tiny.eval(sequence[12:20])
-    after = tiny.eval_logits.copy()
+    after = np.asarray(tiny.eval_logits[-1], np.float32)
     tiny.eval(sequence[20:24])           # wander off
     tiny.load_state(state)
     assert tiny.n_tokens == 12
     tiny.eval(sequence[12:20])
-    np.testing.assert_array_equal(tiny.eval_logits, after)
+    np.testing.assert_array_equal(np.asarray(tiny.eval_logits[-1], np.float32), after)
 
 
 def test_bad_input_raises_clear_errors(tiny):
@@ -168,19 +168,19 @@ def test_prompt_cache_reuse_gives_the_numbers_of_a_fresh_evaluation(qwen):
     prompt = case["prompt_tokens"]
     qwen.reset()
     qwen.eval(prompt)
-    fresh = qwen.eval_logits.copy()
+    fresh = np.asarray(qwen.eval_logits[-1], np.float32)
     # a completion leaves the prompt plus generated tokens in the cache; the same prompt again reuses the
     # batch-evaluated prefix and must reproduce the fresh logits bit for bit
     qwen.create_completion(prompt, max_tokens=3, temperature=0)
     qwen._prepare_prompt(prompt)
-    np.testing.assert_array_equal(qwen.eval_logits, fresh)
+    np.testing.assert_array_equal(np.asarray(qwen.eval_logits[-1], np.float32), fresh)
     # a longer prompt sharing the prefix: the same numbers as evaluating it from scratch
     longer = prompt + case["greedy_tokens"][:20]
     qwen._prepare_prompt(longer)
-    reused = qwen.eval_logits.copy()
+    reused = np.asarray(qwen.eval_logits[-1], np.float32)
     qwen.reset()
     qwen.eval(longer)
-    np.testing.assert_array_equal(reused, qwen.eval_logits)
+    np.testing.assert_array_equal(reused, np.asarray(qwen.eval_logits[-1], np.float32))
 
 
 def test_short_prompts_reuse_what_the_integer_kernels_computed(qwen):
@@ -195,10 +195,10 @@ def test_short_prompts_reuse_what_the_integer_kernels_computed(qwen):
     qwen.create_completion(first, max_tokens=3, temperature=0)
     assert qwen.reusable_prefix(second) == len(system)
     qwen._prepare_prompt(second)
-    reused = qwen.eval_logits.copy()
+    reused = np.asarray(qwen.eval_logits[-1], np.float32)
     qwen.reset()
     qwen.eval(second)
-    np.testing.assert_array_equal(reused, qwen.eval_logits)
+    np.testing.assert_array_equal(reused, np.asarray(qwen.eval_logits[-1], np.float32))
     # a long prompt does not take positions the integer kernels computed: a fresh run batches them
     long_prompt = second + qwen.tokenize(" and" * BLAS_MIN_TOKENS, add_bos=False)
     assert qwen.reusable_prefix(long_prompt) == 0
