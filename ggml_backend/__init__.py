@@ -1,16 +1,26 @@
 """ggml_backend: pure-Python (numpy + numba) inference for quantized Llama-family models in GGML and GGUF files."""
 from .formats import load
 
+__version__ = "0.1.0"
+
+# what ``from ggml_backend import X`` finds, as ``from llama_cpp import X``; imported on first use so that
+# ``ggml_backend.load`` and ``ggml-backend info`` stay light (``Llama`` pulls in numba)
+_LAZY = {
+    "Llama": "api", "LlamaState": "api", "LogitsProcessorList": "api", "StoppingCriteriaList": "api",
+    "LogitsProcessor": "api", "StoppingCriteria": "api", "MinTokensLogitsProcessor": "api",
+    "LLAMA_DEFAULT_SEED": "api",
+    "LlamaRAMCache": "prompt_cache", "LlamaDiskCache": "prompt_cache", "LlamaCache": "prompt_cache",
+    "LlamaTokenizer": "tokenizer",
+}
+
 
 def __getattr__(name):
-    # Llama pulls in numba; import it on first use so ``ggml_backend.load`` and ``ggml-backend info`` stay light.
-    if name == "Llama":
-        from .api import Llama
-        return Llama
-    if name == "LlamaRAMCache":
-        from .prompt_cache import LlamaRAMCache
-        return LlamaRAMCache
-    raise AttributeError(f"module 'ggml_backend' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ggml_backend' has no attribute {name!r}")
+    import importlib
+    target = "LlamaRAMCache" if name == "LlamaCache" else name   # llama-cpp-python's alias
+    return getattr(importlib.import_module(f".{module}", __name__), target)
 
 
-__all__ = ["load", "Llama", "LlamaRAMCache"]
+__all__ = ["load", "__version__", *_LAZY]

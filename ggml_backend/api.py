@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable, List
 
 import numpy as np
 
@@ -30,6 +33,69 @@ class LlamaState:
     kv: dict
     last_logits: np.ndarray | None
     all_logits: np.ndarray | None
+    seed: int | None = None   # the seed the next unseeded generation draws from (llama-cpp-python's too)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+# llama.cpp's "pick a random seed" value, llama-cpp-python's default ``seed``
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+# llama.cpp's enums' defaults, as llama-cpp-python's constructor takes them
+_SPLIT_MODE_LAYER = 1
+_UNSPECIFIED = -1
+
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]
+
+
+class LogitsProcessorList(List[LogitsProcessor]):
+    """Logits processors applied in turn, as llama-cpp-python's: each gets (input_ids: np.intc array of the tokens
+    evaluated so far, scores: float32 [n_vocab]) and returns the new scores, before the sampler's own stages."""
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+class StoppingCriteriaList(List[StoppingCriteria]):
+    """Stopping criteria, as llama-cpp-python's: generation stops when any returns True for (input_ids, logits)."""
+
+    def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> bool:
+        return any([criterion(input_ids, logits) for criterion in self])
+
+
+class MinTokensLogitsProcessor:
+    """Bans the end-of-sequence token until ``min_tokens`` tokens were generated (llama-cpp-python's)."""
+
+    def __init__(self, min_tokens: int, token_eos: int):
+        self.min_tokens = min_tokens
+        self.token_eos = token_eos
+        self.prompt_tokens = None
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(input_ids)
+        if len(input_ids) - self.prompt_tokens < self.min_tokens:
+            scores[self.token_eos] = -np.inf
+        return scores
+
+
+def _not_supported(name: str, value, why: str) -> NotImplementedError:
+    return NotImplementedError(f"{name}={value!r} is not supported by ggml_backend: {why}")
+
+
+def _check_callable(name: str, value) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable (e.g. a {'LogitsProcessorList' if 'logits' in name else 'StoppingCriteriaList'}), "
+                        f"got {type(value).__name__}")
+
+
+def _refuse_grammar(grammar) -> None:
+    if grammar is not None:
+        raise _not_supported("grammar", type(grammar).__name__, "grammar-constrained sampling is not implemented")
 
 
 def _return_freed_memory_to_the_system() -> None:
@@ -60,18 +126,76 @@ class Llama:
     (``generate``, ``create_completion(stream=True)``, ``create_chat_completion(stream=True)``) may be advanced from
     any thread, one thread at a time, and closed from any thread; closing one, or dropping it, frees the model.
 
-    ``n_ctx=0``, ``rope_freq_base=0`` and ``rope_freq_scale=0`` mean "from the file". ``n_gpu_layers`` is accepted
-    for compatibility; this engine runs on the CPU (``verbose`` says so when layers were asked for).
-    Legacy GGML files carry neither ``n_head_kv`` nor the RMS norm epsilon: ``n_head_kv`` defaults to what the
-    ``wk`` tensor's shape implies and ``rms_norm_eps`` to 5e-6 (llama.cpp's converter); LLaMA-2 models want 1e-5.
+    The constructor takes llama-cpp-python's parameters with their names and defaults. ``n_ctx=0``,
+    ``rope_freq_base=0`` and ``rope_freq_scale=0`` mean "from the file"; ``seed`` -1 or ``LLAMA_DEFAULT_SEED``
+    means a random seed. Accepted and inert, because this engine runs on the CPU with its own memory layout:
+    ``n_gpu_layers``, ``main_gpu``, ``tensor_split``, ``use_mmap`` (the file is always memory-mapped),
+    ``use_mlock``, ``n_ubatch``, ``n_threads_batch`` (``n_threads`` serves both), ``offload_kqv``, ``flash_attn``,
+    ``op_offload``, ``swa_full``, ``no_perf``, ``lora_scale`` (without ``lora_path``), ``type_k``/``type_v`` of
+    f32 or f16 (the KV cache is float32). Refused with ``NotImplementedError`` when not at their default:
+    ``split_mode``, ``vocab_only``, ``kv_overrides``, ``rope_scaling_type``, ``pooling_type``, ``attention_type``,
+    the ``yarn_*`` settings, ``lora_base``/``lora_path``, ``numa``, ``chat_handler``, ``draft_model``,
+    ``tokenizer``, other ``type_k``/``type_v``. ``embedding`` and ``pooling_type`` are the embeddings API's
+    (``embed``, ``create_embedding``; pooling -1 means the file's ``<arch>.pooling_type``, else none).
+    Our own: ``n_head_kv`` and ``rms_norm_eps`` for legacy GGML files, which carry neither: ``n_head_kv``
+    defaults to what the ``wk`` tensor's shape implies and ``rms_norm_eps`` to 5e-6 (llama.cpp's converter);
+    LLaMA-2 models want 1e-5.
     """
 
-    def __init__(self, model_path: str | os.PathLike | None = None, *, n_ctx: int = 512,
-                 n_threads: int | None = None, n_batch: int = 512, n_gpu_layers: int = 0, seed: int = -1,
-                 logits_all: bool = False, rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0,
-                 verbose: bool = True, chat_format: str | None = None, n_head_kv: int | None = None,
-                 rms_norm_eps: float | None = None, embedding: bool = False, pooling_type: int = -1,
-                 **_ignored):
+    def __init__(self, model_path: str | os.PathLike | None = None, *,
+                 # model parameters
+                 n_gpu_layers: int = 0, split_mode: int = _SPLIT_MODE_LAYER, main_gpu: int = 0,
+                 tensor_split: list[float] | None = None, vocab_only: bool = False, use_mmap: bool = True,
+                 use_mlock: bool = False, kv_overrides: dict | None = None,
+                 # context parameters
+                 seed: int = LLAMA_DEFAULT_SEED, n_ctx: int = 512, n_batch: int = 512, n_ubatch: int = 512,
+                 n_threads: int | None = None, n_threads_batch: int | None = None,
+                 rope_scaling_type: int | None = _UNSPECIFIED, pooling_type: int = _UNSPECIFIED,
+                 attention_type: int = _UNSPECIFIED, rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0,
+                 yarn_ext_factor: float = -1.0, yarn_attn_factor: float = 1.0, yarn_beta_fast: float = 32.0,
+                 yarn_beta_slow: float = 1.0, yarn_orig_ctx: int = 0, logits_all: bool = False,
+                 embedding: bool = False, offload_kqv: bool = True, flash_attn: bool = False,
+                 op_offload: bool | None = None, swa_full: bool | None = None,
+                 # sampling parameters
+                 no_perf: bool = False, last_n_tokens_size: int = 64,
+                 # LoRA parameters
+                 lora_base: str | None = None, lora_scale: float = 1.0, lora_path: str | None = None,
+                 # backend parameters
+                 numa: bool | int = False,
+                 # chat format parameters
+                 chat_format: str | None = None, chat_handler=None,
+                 # speculative decoding, tokenizer override, KV cache types
+                 draft_model=None, tokenizer=None, type_k: int | None = None, type_v: int | None = None,
+                 # misc
+                 spm_infill: bool = False, verbose: bool = True,
+                 # ggml_backend's own (legacy GGML files)
+                 n_head_kv: int | None = None, rms_norm_eps: float | None = None):
+        refused = {"split_mode": (split_mode, _SPLIT_MODE_LAYER, "there is no GPU to split across"),
+                   "vocab_only": (vocab_only, False, "the weights are always loaded (memory-mapped)"),
+                   "kv_overrides": (kv_overrides or None, None, "metadata overrides are not implemented"),
+                   "rope_scaling_type": (_UNSPECIFIED if rope_scaling_type is None else rope_scaling_type,
+                                         _UNSPECIFIED, "RoPE scaling comes from the model file"),
+                   "attention_type": (attention_type, _UNSPECIFIED, "attention is always causal"),
+                   "yarn_ext_factor": (yarn_ext_factor, -1.0, "YaRN settings come from the model file"),
+                   "yarn_attn_factor": (yarn_attn_factor, 1.0, "YaRN settings come from the model file"),
+                   "yarn_beta_fast": (yarn_beta_fast, 32.0, "YaRN settings come from the model file"),
+                   "yarn_beta_slow": (yarn_beta_slow, 1.0, "YaRN settings come from the model file"),
+                   "yarn_orig_ctx": (yarn_orig_ctx, 0, "YaRN settings come from the model file"),
+                   "lora_base": (lora_base, None, "LoRA adapters are not implemented"),
+                   "lora_path": (lora_path, None, "LoRA adapters are not implemented"),
+                   "numa": (bool(numa), False, "NUMA policies are not implemented"),
+                   "chat_handler": (chat_handler, None, "use chat_format= (a name, a file or Jinja text)"),
+                   "draft_model": (draft_model, None, "speculative decoding is not implemented"),
+                   "tokenizer": (tokenizer, None, "the model file's own tokenizer is always used")}
+        for name, (value, default, why) in refused.items():
+            if value != default:
+                raise _not_supported(name, value, why)
+        for name, value in (("type_k", type_k), ("type_v", type_v)):
+            if value not in (None, 0, 1):   # GGML_TYPE_F32, GGML_TYPE_F16: our float32 cache is at least as exact
+                raise _not_supported(name, value, "the KV cache is float32")
+        last_n_tokens_size = validate.integer("last_n_tokens_size", last_n_tokens_size, low=0)
+        if n_threads is None and n_threads_batch is not None:
+            n_threads = n_threads_batch
         t0 = time.perf_counter()
         n_ctx, n_batch, n_threads = validate.llama_arguments(
             n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, seed=seed,
@@ -82,7 +206,6 @@ class Llama:
         self.model_path = str(model_path)
         self.verbose = verbose
         self.model_file = load(model_path, n_head_kv=n_head_kv, rms_eps=rms_norm_eps)
-        self.metadata = self.model_file.metadata
         # one validation pass over the file's hyper-parameters and tensors, and the memory asked, before allocating
         self.hparams = build_hparams(self.model_file, rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
         self._n_ctx = n_ctx or self.hparams.n_ctx_train
@@ -93,11 +216,15 @@ class Llama:
         self.n_batch = int(n_batch)
         self.n_threads = n_threads
         self.seed = seed
+        self._seed = seed   # what the next generation without a seed of its own draws its seed from
         self.logits_all = logits_all
         self.chat_format = chat_format
         self.embedding = bool(embedding)
         from .embeddings import resolve_pooling
-        self._pooling_type = resolve_pooling(pooling_type, self.metadata)
+        self._pooling_type = resolve_pooling(pooling_type, self.model_file.metadata)
+        self.last_n_tokens_size = last_n_tokens_size
+        self.spm_infill = bool(spm_infill)
+        self._closed = False
         self._new_context_state()
         self.load_time_s = time.perf_counter() - t0
         if verbose:
@@ -139,8 +266,8 @@ class Llama:
         check_memory(self.hparams, int(n_ctx), min(self.n_batch, int(n_ctx)), self.logits_all)
         other = object.__new__(type(self))
         shared = ("model_path", "verbose", "model_file", "metadata", "hparams", "model", "tokenizer", "n_batch",
-                  "n_threads", "seed", "logits_all", "chat_format", "_file_template", "embedding",
-                  "_pooling_type")
+                  "n_threads", "seed", "_seed", "logits_all", "chat_format", "_file_template", "last_n_tokens_size",
+                  "spm_infill", "_metadata_strings", "_closed", "embedding", "_pooling_type")
         for name in shared:
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]
@@ -149,11 +276,50 @@ class Llama:
         other._new_context_state()
         return other
 
+    # --- the model, as llama-cpp-python shows it ------------------------------------------------------------
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's metadata as llama-cpp-python gives it: every key to a string (llama.cpp's rendering:
+        numbers in decimal, booleans as true/false, arrays as ``[a, b, ...]`` with strings quoted), so
+        ``json.dumps(llm.metadata)`` works. The typed values are in ``llm.model_file.metadata``."""
+        if self._metadata_strings is None:
+            self._metadata_strings = {str(k): _metadata_string(v) for k, v in self.model_file.metadata.items()}
+        return self._metadata_strings
+
+    _metadata_strings = None
+
+    def n_embd(self) -> int:
+        return self.hparams.n_embd
+
+    def close(self) -> None:
+        """Free the KV cache and the model's worker thread (llama-cpp-python's ``close``); the ``Llama`` is unusable
+        afterwards. Also what leaving a ``with Llama(...) as llm:`` block does."""
+        if self.__dict__.get("_closed", True):
+            return
+        self._closed = True
+        scheduler = self.__dict__.get("_scheduler")
+        if scheduler is not None:
+            with scheduler._cond:
+                open_requests = list(scheduler._requests)
+            for request in open_requests:   # open streams end (their next item raises StopIteration)
+                scheduler.cancel(request)
+        self.cache = None
+        self._all_logits = None
+        self._last_logits = None
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # --- vocabulary ---------------------------------------------------------------------------------------
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_bos=add_bos, special=special)
 
     def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
+        """The bytes of ``tokens`` (``prev_tokens`` is accepted and, as in llama-cpp-python's own tokenizer,
+        unused: a token's text does not depend on what came before it here either)."""
         return self.tokenizer.decode(list(tokens), skip_special=not special)
 
     def token_bos(self) -> int:
@@ -266,15 +432,32 @@ class Llama:
         return scores
 
     @property
-    def eval_logits(self) -> np.ndarray | None:
-        """The logits after the last evaluated token (float32 [n_vocab])."""
-        return self._last_logits
+    def eval_tokens(self) -> deque:
+        """The evaluated tokens (llama-cpp-python's ``eval_tokens``)."""
+        return deque(self.input_ids[:self.n_tokens].tolist(), maxlen=self._n_ctx)
+
+    @property
+    def eval_logits(self) -> deque:
+        """The logits rows as lists, as llama-cpp-python's ``eval_logits``: every evaluated position's with
+        ``logits_all``, else only the last (a deque of maxlen 1)."""
+        if self._all_logits is not None:
+            return deque(self._all_logits[:self.n_tokens].tolist(), maxlen=self._n_ctx)
+        rows = [] if self._last_logits is None or not self.n_tokens else [self._last_logits.tolist()]
+        return deque(rows, maxlen=1)
 
     def save_state(self) -> LlamaState:
-        return self._scheduler.call(self._save_state_now)
+        state = self._scheduler.call(self._save_state_now)
+        state.seed = self._seed
+        return state
 
     def load_state(self, state: LlamaState) -> None:
         self._scheduler.call(self._load_state_now, state)
+        if state.seed is not None:
+            self._seed = state.seed
+
+    def set_seed(self, seed: int) -> None:
+        """The seed the next generation without a ``seed`` of its own draws from (llama-cpp-python's)."""
+        self._seed = validate.integer("seed", seed, low=-1)
 
     def _save_state_now(self) -> LlamaState:
         n = self.n_tokens
@@ -360,9 +543,10 @@ class Llama:
             self._all_logits[n_keep:old_n - n_discard] = self._all_logits[n_keep + n_discard:old_n].copy()
             self._all_logits[self.n_tokens:old_n] = 0
 
-    def generate(self, tokens, *, sampler=None, params=None, max_tokens: int | None = None, n_keep: int | None = None,
-                 stop_tokens=None) -> TokenStream:
-        """Yield sampled token ids after evaluating ``tokens``, until an end-of-generation token or max_tokens.
+    def generate_tokens(self, tokens, *, sampler=None, params=None, max_tokens: int | None = None,
+                        n_keep: int | None = None, stop_tokens=None) -> TokenStream:
+        """Yield sampled token ids after evaluating ``tokens``, until an end-of-generation token or max_tokens
+        (this engine's own generator; ``generate`` is llama-cpp-python's).
 
         max_tokens None or <= 0 means no limit: when the context fills, it is shifted (n_keep tokens kept) as
         llama.cpp's main does. Each token is computed on the model's worker thread when it is asked for (never
@@ -371,9 +555,79 @@ class Llama:
         return self._token_stream(tokens, sampler=sampler, params=params, max_tokens=max_tokens, n_keep=n_keep,
                                   stop_tokens=stop_tokens)
 
+    def generate(self, tokens, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+                 temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, tfs_z: float = 1.0,
+                 mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                 penalize_nl: bool = True, logits_processor=None, stopping_criteria=None,
+                 grammar=None) -> TokenStream:
+        """llama-cpp-python's ``generate``: token ids sampled one after another after evaluating ``tokens``, with
+        no end of their own: end-of-generation tokens are yielded like any other (the caller stops), and the
+        stream ends only when a ``stopping_criteria`` says so or the context is full. ``reset=True`` starts from
+        ``tokens`` (reusing the evaluated prefix they share); ``reset=False`` continues after what was evaluated.
+
+        Differs: the stream is an iterator, not a generator (no ``send``); the seed is the one ``set_seed`` or
+        the constructor gave (drawn afresh when random)."""
+        from .generation import SamplingParams
+        _refuse_grammar(grammar)
+        _check_callable("logits_processor", logits_processor)
+        _check_callable("stopping_criteria", stopping_criteria)
+        tokens = validate.eval_tokens(tokens, self.hparams.n_vocab)
+        if not reset:
+            tokens = self.input_ids[:self.n_tokens].tolist() + tokens
+        params = SamplingParams(
+            temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, tfs_z=tfs_z, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, repeat_last_n=self.last_n_tokens_size,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl)
+        seed = None if self._seed_is_random(self._seed) else self._seed
+        sampler = self._make_sampler(params, seed=seed if seed is not None else -1)
+        return self._token_stream(tokens, sampler=sampler, params=params, max_tokens=None, stop_tokens=[],
+                                  logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                                  context_shift=False)
+
+    def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+               temp: float = 0.80, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+               presence_penalty: float = 0.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
+               mirostat_eta: float = 0.1, mirostat_tau: float = 5.0, penalize_nl: bool = True,
+               logits_processor=None, grammar=None, idx: int | None = None) -> int:
+        """llama-cpp-python's ``sample``: one token from the logits after the last evaluated token (or after
+        position ``idx``, which needs ``logits_all``), with the last ``last_n_tokens_size`` tokens penalized.
+        Nothing is evaluated."""
+        from .generation import SamplingParams
+        _refuse_grammar(grammar)
+        _check_callable("logits_processor", logits_processor)
+        if self.n_tokens <= 0:
+            raise ValueError("sample() needs evaluated tokens: call eval() first")
+        params = SamplingParams(
+            temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, tfs_z=tfs_z, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, repeat_last_n=self.last_n_tokens_size,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl)
+
+        def sample_now():
+            end = self.n_tokens if idx is None else validate.integer("idx", idx, low=0, high=self.n_tokens - 1) + 1
+            if end == self.n_tokens:
+                logits = self._last_logits
+            elif self._all_logits is not None:
+                logits = self._all_logits[end - 1]
+            else:
+                raise ValueError("sample(idx=...) before the last position needs Llama(logits_all=True)")
+            input_ids = self.input_ids[:end].astype(np.intc)
+            scores = logits.copy()
+            if logits_processor is not None:
+                scores = np.asarray(logits_processor(input_ids, scores), dtype=np.float32)
+            last_n = self.last_n_tokens_size
+            return self._make_sampler(params).sample(scores, self.input_ids[max(0, end - last_n):end])
+
+        return self._scheduler.call(sample_now)
+
     def _token_stream(self, tokens, *, sampler=None, params=None, max_tokens=None, n_keep=None, stop_tokens=None,
-                      with_logits: bool = False) -> TokenStream:
-        """generate()'s stream; with_logits: (token, the logits it was sampled from) pairs."""
+                      with_logits: bool = False, logits_processor=None, stopping_criteria=None,
+                      context_shift: bool = True, outcome: dict | None = None) -> TokenStream:
+        """generate_tokens()'s stream; with_logits: (token, the logits it was sampled from) pairs.
+        ``context_shift`` False: the stream ends when the context is full; ``outcome["stopped"]`` is set when a
+        stopping criterion ended it."""
         from .generation import SamplingParams
         if params is None:
             params = SamplingParams()
@@ -383,12 +637,19 @@ class Llama:
         tokens = [int(t) for t in tokens]
         if n_keep is None:
             n_keep = 1 if tokens and tokens[0] == self.tokenizer.bos_id else 0
-        work = self._generation_steps(tokens, sampler, params, max_tokens, n_keep, stop_ids)
+        work = self._generation_steps(tokens, sampler, params, max_tokens, n_keep, stop_ids, logits_processor,
+                                      stopping_criteria, context_shift, outcome if outcome is not None else {})
         request = self._scheduler.open(work, on_end=self._cache_generation_end)
         return TokenStream(self._scheduler, request, with_logits=with_logits)
 
-    def _generation_steps(self, tokens, sampler, params, max_tokens, n_keep, stop_ids):
-        """The generation itself, advanced one token at a time on the model's worker thread: (token, logits)."""
+    def _generation_steps(self, tokens, sampler, params, max_tokens, n_keep, stop_ids, logits_processor=None,
+                          stopping_criteria=None, context_shift=True, outcome=None):
+        """The generation itself, advanced one token at a time on the model's worker thread: (token, logits).
+
+        A ``logits_processor`` sees (the evaluated tokens as np.intc, a float32 copy of the logits) and its
+        result is what the sampler samples from; the raw logits go with the token (for logprobs). A
+        ``stopping_criteria`` is asked after each token is sampled, with the evaluated tokens (not yet that
+        one, as in llama-cpp-python) and the logits it was sampled from; True ends the stream without it."""
         if self._cache is not None:
             state = self._cache.lookup(tokens, self.input_ids[:self.n_tokens])
             if state is not None:
@@ -399,7 +660,16 @@ class Llama:
             last_n = params.repeat_last_n if params.repeat_last_n >= 0 else self.n_tokens
             recent = self.input_ids[max(0, self.n_tokens - last_n):self.n_tokens]
             logits = self._last_logits
-            token = sampler.sample(logits, recent)
+            scores = logits
+            if logits_processor is not None:
+                scores = np.asarray(logits_processor(self.input_ids[:self.n_tokens].astype(np.intc),
+                                                     logits.copy()), dtype=np.float32)
+            token = sampler.sample(scores, recent)
+            if stopping_criteria is not None and stopping_criteria(self.input_ids[:self.n_tokens].astype(np.intc),
+                                                                   logits.copy()):
+                if outcome is not None:
+                    outcome["stopped"] = True
+                return
             produced += 1
             yield token, logits
             if token in stop_ids:
@@ -407,6 +677,8 @@ class Llama:
             if max_tokens is not None and 0 < max_tokens <= produced:
                 return   # the caller asked for no more: don't pay a forward pass for a token never used
             if self.n_tokens >= self._n_ctx:
+                if not context_shift:
+                    return
                 self._context_shift(n_keep)
             self.eval([token])
 
@@ -418,60 +690,129 @@ class Llama:
         if self._cache is not None:
             self._cache.store(snapshot if snapshot is not None else self._save_state_now())
 
-    def _make_sampler(self, params):
+    def _make_sampler(self, params, seed=None):
         from .generation import Sampler
-        return Sampler(params, n_vocab=self.hparams.n_vocab, seed=self._resolve_seed(params.seed),
+        return Sampler(params, n_vocab=self.hparams.n_vocab,
+                       seed=self._resolve_seed(params.seed if seed is None else seed),
                        newline_token=self.token_nl())
 
+    @staticmethod
+    def _seed_is_random(seed) -> bool:
+        return seed is None or seed == -1 or seed == LLAMA_DEFAULT_SEED
+
     def _resolve_seed(self, seed):
+        """A call's seed: its own when given; else, as llama-cpp-python, the next draw of a chain seeded once by
+        the constructor's ``seed`` (or ``set_seed``), so repeated calls differ and a run of them reproduces; None
+        (a fresh random seed) when that seed is random."""
         if seed is not None and seed != -1:
             return seed
-        return None if self.seed is None or self.seed == -1 else self.seed
+        if self._seed_is_random(self._seed):
+            return None
+        self._seed = random.Random(self._seed).randint(0, 2 ** 32 - 2)
+        return self._seed
 
-    def __call__(self, prompt, **kwargs):
-        return self.create_completion(prompt, **kwargs)
+    def __call__(self, prompt, *args, **kwargs):
+        """``create_completion`` (llama-cpp-python's ``__call__``), with the same parameters."""
+        return self.create_completion(prompt, *args, **kwargs)
 
-    def create_completion(self, prompt, suffix=None, max_tokens: int | None = 16, temperature: float = 0.8,
-                          top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0, logprobs: int | None = None,
-                          echo: bool = False, stop=None, frequency_penalty: float = 0.0,
-                          presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
-                          stream: bool = False, seed: int | None = None, tfs_z: float = 1.0, mirostat_mode: int = 0,
+    def create_completion(self, prompt, suffix: str | None = None, max_tokens: int | None = 16,
+                          temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,
+                          typical_p: float = 1.0, logprobs: int | None = None, echo: bool = False, stop=None,
+                          frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                          repeat_penalty: float = 1.0, top_k: int = 40, stream: bool = False,
+                          seed: int | None = None, tfs_z: float = 1.0, mirostat_mode: int = 0,
                           mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: str | None = None,
-                          logit_bias: dict | None = None, repeat_last_n: int = 64, n_keep: int | None = None,
+                          stopping_criteria=None, logits_processor=None, grammar=None,
+                          logit_bias: dict | None = None, *, repeat_last_n: int | None = None,
                           add_bos: bool | None = None, stop_tokens=None, penalize_nl: bool = True,
-                          top_a: float = 0.0, repeat_penalty_slope: float = 1.0, **_ignored):
+                          top_a: float = 0.0, repeat_penalty_slope: float = 1.0):
         """An OpenAI/llama-cpp-python-shaped text completion (a dict, or an iterator of chunks if stream).
 
-        ``top_a`` and ``repeat_penalty_slope`` are KoboldCpp's samplers (see ``SamplingParams``); off by default."""
+        llama-cpp-python's parameters, with its meaning: ``max_tokens`` None or <= 0 generates until the context
+        is full (finish_reason "length"), and no more than the context holds in any case; a prompt of n_ctx
+        tokens or more is a ValueError. ``suffix`` asks for fill-in-the-middle, for models whose vocabulary
+        has the FIM tokens (a ValueError otherwise). ``grammar`` is refused (NotImplementedError).
+        Differs: ``logprobs`` works without ``logits_all``.
+
+        Our own, keyword-only: ``repeat_last_n`` (penalty window; default the constructor's
+        ``last_n_tokens_size``, -1 = the whole context), ``add_bos`` (for a text prompt; default the model's),
+        ``stop_tokens`` (token ids that end the generation; default the model's end-of-generation tokens),
+        ``penalize_nl``, and KoboldCpp's ``top_a`` and ``repeat_penalty_slope`` (see ``SamplingParams``)."""
         from .generation import SamplingParams
-        stop, max_tokens, logprobs, n_keep, stop_tokens = validate.completion_arguments(
-            prompt=prompt, max_tokens=max_tokens, stop=stop, logprobs=logprobs, n_keep=n_keep, stop_tokens=stop_tokens)
+        _refuse_grammar(grammar)
+        _check_callable("logits_processor", logits_processor)
+        _check_callable("stopping_criteria", stopping_criteria)
+        if suffix is not None and not isinstance(suffix, str):
+            raise TypeError(f"suffix must be a string, got {type(suffix).__name__}")
+        stop, max_tokens, logprobs, _, stop_tokens = validate.completion_arguments(
+            prompt=prompt, max_tokens=max_tokens, stop=stop, logprobs=logprobs, n_keep=None, stop_tokens=stop_tokens)
+        if repeat_last_n is None:
+            repeat_last_n = self.last_n_tokens_size
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, tfs_z=tfs_z, typical_p=typical_p,
             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
             mirostat_eta=mirostat_eta, logit_bias=logit_bias, seed=seed, penalize_nl=penalize_nl, top_a=top_a,
             repeat_penalty_slope=repeat_penalty_slope)
-        if isinstance(prompt, (list, tuple, np.ndarray)):
+        if add_bos is None:
+            add_bos = self.tokenizer.add_bos
+        if suffix is not None:
+            prompt_tokens = self._infill_tokens(prompt, suffix, add_bos)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
             prompt_tokens = [int(t) for t in prompt]
         else:
-            if add_bos is None:
-                add_bos = self.tokenizer.add_bos
             prompt_tokens = self.tokenize(prompt, add_bos=add_bos, special=True)
-        if max_tokens is not None and max_tokens > 0 and len(prompt_tokens) + max_tokens > self._n_ctx \
-                and len(prompt_tokens) > self._n_ctx:
+        if len(prompt_tokens) >= self._n_ctx:
             raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {self._n_ctx}")
+        room = self._n_ctx - len(prompt_tokens)
+        max_tokens = room if max_tokens is None or max_tokens <= 0 else min(max_tokens, room)
+        outcome: dict = {}
         tokens = self._token_stream(prompt_tokens, sampler=self._make_sampler(params), params=params,
-                                    max_tokens=max_tokens, n_keep=n_keep, stop_tokens=self._eog_ids(stop_tokens),
-                                    with_logits=True)
-        stream_iter = Stream(self._completion_stream(tokens, prompt_tokens, stop, echo, logprobs, model, stop_tokens),
-                             tokens)
+                                    max_tokens=max_tokens, stop_tokens=self._eog_ids(stop_tokens),
+                                    with_logits=True, logits_processor=logits_processor,
+                                    stopping_criteria=stopping_criteria, context_shift=False, outcome=outcome)
+        stream_iter = Stream(self._completion_stream(tokens, prompt_tokens, stop, echo, logprobs, model, stop_tokens,
+                                                     outcome), tokens)
         return stream_iter if stream else collect_completion(stream_iter)
+
+    _FIM_NAMES = {"pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<PRE>", "▁<PRE>"),
+                  "suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<SUF>", "▁<SUF>"),
+                  "mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<MID>", "▁<MID>")}
+    _FIM_KEYS = {"pre": ("fim_pre_token_id", "prefix_token_id"), "suf": ("fim_suf_token_id", "suffix_token_id"),
+                 "mid": ("fim_mid_token_id", "middle_token_id")}
+
+    def _fim_token(self, which: str) -> int | None:
+        meta = self.model_file.metadata
+        for key in self._FIM_KEYS[which]:
+            value = meta.get(f"tokenizer.ggml.{key}")
+            if value is not None and 0 <= int(value) < self.hparams.n_vocab:
+                return int(value)
+        for name in self._FIM_NAMES[which]:
+            token = self.tokenizer._token_to_id.get(name)
+            if token is not None:
+                return int(token)
+        return None
+
+    def _infill_tokens(self, prompt, suffix: str, add_bos: bool) -> list[int]:
+        """The fill-in-the-middle prompt: [BOS] <PRE> prompt <SUF> suffix <MID> (``spm_infill``: suffix first),
+        as llama.cpp's infill."""
+        pre, suf, mid = (self._fim_token(w) for w in ("pre", "suf", "mid"))
+        if pre is None or suf is None or mid is None:
+            raise ValueError("suffix (fill-in-the-middle) needs a model whose vocabulary has the FIM prefix, "
+                             "suffix and middle tokens; this one has not")
+        prefix_ids = ([int(t) for t in prompt] if isinstance(prompt, (list, tuple, np.ndarray))
+                      else self.tokenize(prompt, add_bos=False, special=False) if prompt else [])
+        suffix_ids = self.tokenize(suffix, add_bos=False, special=False) if suffix else []
+        bos = [self.tokenizer.bos_id] if add_bos and self.tokenizer.add_bos and self.tokenizer.bos_id is not None else []
+        if self.spm_infill:
+            return bos + [suf] + suffix_ids + [pre] + prefix_ids + [mid]
+        return bos + [pre] + prefix_ids + [suf] + suffix_ids + [mid]
 
     def _eog_ids(self, stop_tokens) -> set[int]:
         return set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
 
-    def _completion_stream(self, tokens: TokenStream, prompt_tokens, stop, echo, logprobs, model_name, stop_tokens):
+    def _completion_stream(self, tokens: TokenStream, prompt_tokens, stop, echo, logprobs, model_name, stop_tokens,
+                           outcome=None):
         """Completion chunks from a (token, logits) stream; runs in the consumer's thread, the model in its own."""
         import uuid
         from .generation import TextStreamer, log_softmax, top_logprobs
@@ -516,6 +857,8 @@ class Llama:
                 finish_reason = "stop"
                 break
         tokens.close()   # ended here (a stop string, an end token): the model is free before the last chunk
+        if outcome and outcome.get("stopped"):
+            finish_reason = "stop"   # a stopping criterion ended it
         tail = streamer.finish() if not streamer.stopped else ""
         usage = {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_generated,
                  "total_tokens": len(prompt_tokens) + n_generated}
@@ -532,9 +875,9 @@ class Llama:
         if spec is not None:
             return get_template(spec, bos_token=self._token_text(self.tokenizer.bos_id),
                                 eos_token=self._token_text(self.tokenizer.eos_id))
-        if self.metadata.get("tokenizer.chat_template"):
+        if self.model_file.metadata.get("tokenizer.chat_template"):
             if self._file_template is None:
-                self._file_template = JinjaTemplate.from_gguf_metadata(self.metadata)
+                self._file_template = JinjaTemplate.from_gguf_metadata(self.model_file.metadata)
             return self._file_template
         return get_template("chatml")
 
@@ -558,19 +901,39 @@ class Llama:
         tokens = self.tokenize(text, add_bos=add_bos, special=True)
         return tokens, list(tmpl.stop_strings), text
 
-    def create_chat_completion(self, messages, *, tools=None, tool_choice=None, temperature: float = 0.2,
-                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
-                               stream: bool = False, stop=None, seed: int | None = None,
+    def create_chat_completion(self, messages, functions=None, function_call=None, tools=None, tool_choice=None,
+                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                               min_p: float = 0.05, typical_p: float = 1.0, stream: bool = False, stop=None,
+                               seed: int | None = None, response_format: dict | None = None,
                                max_tokens: int | None = None, presence_penalty: float = 0.0,
                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.0, tfs_z: float = 1.0,
                                mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
-                               model: str | None = None, logit_bias: dict | None = None, logprobs: bool = False,
-                               top_logprobs: int | None = None, chat_template=None, repeat_last_n: int = 64,
-                               penalize_nl: bool = True, **_ignored):
+                               model: str | None = None, logits_processor=None, grammar=None,
+                               logit_bias: dict | None = None, logprobs: bool | None = None,
+                               top_logprobs: int | None = None, *, chat_template=None,
+                               repeat_last_n: int | None = None, penalize_nl: bool = True):
         """An OpenAI/llama-cpp-python-shaped chat completion, on the model's own chat template (or a chosen one).
 
-        With ``tools`` (OpenAI function specs) the template is asked to describe them (Qwen2.5's does), and
-        ``<tool_call>`` blocks in the reply come back as ``message.tool_calls``."""
+        llama-cpp-python's parameters in its order. With ``tools`` (OpenAI function specs) the template is asked
+        to describe them (Qwen2.5's does), and ``<tool_call>`` blocks in the reply come back as
+        ``message.tool_calls``; the legacy ``functions``/``function_call`` are the same as tools/tool_choice.
+        ``response_format`` other than ``{"type": "text"}`` and ``grammar`` are refused (NotImplementedError):
+        both need grammar-constrained sampling. Our own, keyword-only: ``chat_template`` (a name, file or
+        Jinja text for this call), ``repeat_last_n``, ``penalize_nl``."""
+        _refuse_grammar(grammar)
+        if response_format is not None and (not isinstance(response_format, dict)
+                                            or response_format.get("type", "text") != "text"):
+            raise _not_supported("response_format", response_format,
+                                 "JSON output needs grammar-constrained sampling, which is not implemented")
+        if functions is not None:
+            if tools is not None:
+                raise ValueError("give tools or the legacy functions, not both")
+            tools = [{"type": "function", "function": f} for f in functions]
+            if function_call is not None and tool_choice is None:
+                tool_choice = (function_call if isinstance(function_call, str)
+                               else {"type": "function", "function": {"name": function_call["name"]}})
+        elif function_call is not None:
+            raise ValueError("function_call needs functions")
         import uuid
         from .templates.tool_calls import CALL_CLOSE, forced_call_prefill
         prefill = forced_call_prefill(tools or [], tool_choice)   # a ValueError for a choice naming no tool
@@ -587,7 +950,7 @@ class Llama:
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
             tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
             model=model, logit_bias=logit_bias, logprobs=max(1, int(top_logprobs or 0)) if logprobs else None,
-            repeat_last_n=repeat_last_n, penalize_nl=penalize_nl)
+            logits_processor=logits_processor, repeat_last_n=repeat_last_n, penalize_nl=penalize_nl)
         chat_id = f"chatcmpl-{uuid.uuid4()}"
         chunks = Stream(self._chat_stream(completion, chat_id, tools, prefill, int(top_logprobs or 0)), completion)
         return chunks if stream else collect_chat(chunks)
@@ -637,6 +1000,32 @@ class Llama:
                 if last and "usage" in chunk:
                     out["usage"] = chunk["usage"]
                 yield out
+
+
+def _metadata_string(value) -> str:
+    """One metadata value as llama.cpp's gguf_kv_to_str writes it."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):f}"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        parts = []
+        for item in value:
+            if isinstance(item, (str, bytes, bytearray)):
+                text = item if isinstance(item, str) else bytes(item).decode("utf-8", "replace")
+                parts.append('"' + text.replace('"', '\\"') + '"')
+            elif isinstance(item, (list, tuple, np.ndarray)):
+                parts.append("???")
+            else:
+                parts.append(_metadata_string(item))
+        return "[" + ", ".join(parts) + "]"
+    return str(value)
 
 
 def _tool_call(call: dict) -> dict:

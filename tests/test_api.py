@@ -37,7 +37,7 @@ def test_eval_appends_and_scores_hold_the_last_row(tiny):
     tiny.eval(sequence[10:20])
     assert tiny.n_tokens == 20
     split = tiny.scores[19].copy()
-    assert np.array_equal(tiny.eval_logits, split)
+    assert np.array_equal(np.asarray(tiny.eval_logits[-1], np.float32), split)
     tiny.reset()
     tiny.eval(sequence[:10])
     tiny.eval(sequence[10:20])
@@ -55,12 +55,12 @@ def test_save_and_load_state_restore_the_continuation(tiny):
     tiny.eval(sequence[:12])
     state = tiny.save_state()
     tiny.eval(sequence[12:20])
-    after = tiny.eval_logits.copy()
+    after = np.asarray(tiny.eval_logits[-1], np.float32)
     tiny.eval(sequence[20:24])           # wander off
     tiny.load_state(state)
     assert tiny.n_tokens == 12
     tiny.eval(sequence[12:20])
-    np.testing.assert_array_equal(tiny.eval_logits, after)
+    np.testing.assert_array_equal(np.asarray(tiny.eval_logits[-1], np.float32), after)
 
 
 def test_bad_input_raises_clear_errors(tiny):
@@ -126,7 +126,7 @@ def test_context_shift_continues_past_n_ctx(tiny):
     prompt = synthetic_json()["token_sequence"][:8]
     tiny.reset()
     produced = []
-    for token in tiny.generate(prompt, max_tokens=150, stop_tokens=[]):
+    for token in tiny.generate_tokens(prompt, max_tokens=150, stop_tokens=[]):
         produced.append(token)
     assert len(produced) == 150
     assert tiny.n_tokens <= tiny.n_ctx()
@@ -168,19 +168,19 @@ def test_prompt_cache_reuse_gives_the_numbers_of_a_fresh_evaluation(qwen):
     prompt = case["prompt_tokens"]
     qwen.reset()
     qwen.eval(prompt)
-    fresh = qwen.eval_logits.copy()
+    fresh = np.asarray(qwen.eval_logits[-1], np.float32)
     # a completion leaves the prompt plus generated tokens in the cache; the same prompt again reuses the
     # batch-evaluated prefix and must reproduce the fresh logits bit for bit
     qwen.create_completion(prompt, max_tokens=3, temperature=0)
     qwen._prepare_prompt(prompt)
-    np.testing.assert_array_equal(qwen.eval_logits, fresh)
+    np.testing.assert_array_equal(np.asarray(qwen.eval_logits[-1], np.float32), fresh)
     # a longer prompt sharing the prefix: the same numbers as evaluating it from scratch
     longer = prompt + case["greedy_tokens"][:20]
     qwen._prepare_prompt(longer)
-    reused = qwen.eval_logits.copy()
+    reused = np.asarray(qwen.eval_logits[-1], np.float32)
     qwen.reset()
     qwen.eval(longer)
-    np.testing.assert_array_equal(reused, qwen.eval_logits)
+    np.testing.assert_array_equal(reused, np.asarray(qwen.eval_logits[-1], np.float32))
 
 
 def test_short_prompts_reuse_what_the_integer_kernels_computed(qwen):
@@ -195,10 +195,10 @@ def test_short_prompts_reuse_what_the_integer_kernels_computed(qwen):
     qwen.create_completion(first, max_tokens=3, temperature=0)
     assert qwen.reusable_prefix(second) == len(system)
     qwen._prepare_prompt(second)
-    reused = qwen.eval_logits.copy()
+    reused = np.asarray(qwen.eval_logits[-1], np.float32)
     qwen.reset()
     qwen.eval(second)
-    np.testing.assert_array_equal(reused, qwen.eval_logits)
+    np.testing.assert_array_equal(reused, np.asarray(qwen.eval_logits[-1], np.float32))
     # a long prompt does not take positions the integer kernels computed: a fresh run batches them
     long_prompt = second + qwen.tokenize(" and" * BLAS_MIN_TOKENS, add_bos=False)
     assert qwen.reusable_prefix(long_prompt) == 0
@@ -232,8 +232,8 @@ def _in_thread(fn, timeout=60):
 
 def test_a_stream_may_be_advanced_from_one_thread_then_another(tiny):
     prompt = synthetic_json()["token_sequence"][:8]
-    alone = list(tiny.generate(prompt, params=_seeded(), max_tokens=12, stop_tokens=[]))
-    stream = tiny.generate(prompt, params=_seeded(), max_tokens=12, stop_tokens=[])
+    alone = list(tiny.generate_tokens(prompt, params=_seeded(), max_tokens=12, stop_tokens=[]))
+    stream = tiny.generate_tokens(prompt, params=_seeded(), max_tokens=12, stop_tokens=[])
     tokens = [next(stream) for _ in range(4)]
     # with the lock held across yield, the next step on another thread waited forever for this thread's lock
     tokens += _in_thread(lambda: [next(stream) for _ in range(4)])
@@ -243,7 +243,7 @@ def test_a_stream_may_be_advanced_from_one_thread_then_another(tiny):
 
 def test_two_threads_advancing_one_stream_at_once_get_a_clear_error(tiny):
     prompt = synthetic_json()["token_sequence"][:8]
-    for make in (lambda: tiny.generate(prompt, max_tokens=8, stop_tokens=[]),
+    for make in (lambda: tiny.generate_tokens(prompt, max_tokens=8, stop_tokens=[]),
                  lambda: tiny.create_completion(prompt, max_tokens=8, stream=True, stop_tokens=[])):
         stream = make()
         hold = threading.Event()
@@ -269,27 +269,27 @@ def test_two_threads_advancing_one_stream_at_once_get_a_clear_error(tiny):
 
 def test_a_stream_closed_from_another_thread_frees_the_model(tiny):
     prompt = synthetic_json()["token_sequence"][:8]
-    expected = list(tiny.generate(prompt, params=_seeded(), max_tokens=6, stop_tokens=[]))
+    expected = list(tiny.generate_tokens(prompt, params=_seeded(), max_tokens=6, stop_tokens=[]))
     stream = tiny.create_completion(prompt, max_tokens=200, stream=True, stop_tokens=[])
     next(stream)
     _in_thread(stream.close, timeout=10)   # old code: "cannot release un-acquired lock", the lock left held
     assert list(stream) == []
-    assert _in_thread(lambda: list(tiny.generate(prompt, params=_seeded(), max_tokens=6, stop_tokens=[])),
+    assert _in_thread(lambda: list(tiny.generate_tokens(prompt, params=_seeded(), max_tokens=6, stop_tokens=[])),
                       timeout=30) == expected
     # a stream dropped without close (garbage) ends its generation too
-    dropped = tiny.generate(prompt, max_tokens=200, stop_tokens=[])
+    dropped = tiny.generate_tokens(prompt, max_tokens=200, stop_tokens=[])
     next(dropped)
     del dropped
-    assert _in_thread(lambda: list(tiny.generate(prompt, params=_seeded(), max_tokens=6, stop_tokens=[])),
+    assert _in_thread(lambda: list(tiny.generate_tokens(prompt, params=_seeded(), max_tokens=6, stop_tokens=[])),
                       timeout=30) == expected
 
 
 def test_an_idle_stream_does_not_block_others_and_keeps_its_results(tiny):
     prompt = synthetic_json()["token_sequence"][:8]
     other = synthetic_json()["token_sequence"][8:14]
-    alone = list(tiny.generate(prompt, params=_seeded(), max_tokens=10, stop_tokens=[]))
+    alone = list(tiny.generate_tokens(prompt, params=_seeded(), max_tokens=10, stop_tokens=[]))
     other_alone = tiny.create_completion(other, max_tokens=6, temperature=0, stop_tokens=[])["choices"][0]["text"]
-    idle = tiny.generate(prompt, params=_seeded(), max_tokens=10, stop_tokens=[])
+    idle = tiny.generate_tokens(prompt, params=_seeded(), max_tokens=10, stop_tokens=[])
     tokens = [next(idle) for _ in range(3)]
     # another thread (and this one) get the model while the first stream waits; its state is saved and restored
     assert _in_thread(lambda: tiny.create_completion(other, max_tokens=6, temperature=0, stop_tokens=[]),

@@ -113,7 +113,7 @@ def _first_token(path) -> str:
         llm = Llama(str(path), n_ctx=32, n_threads=1, verbose=False)
         prompt = [llm.token_bos()] if llm.token_bos() is not None else []
         prompt += [t % llm.n_vocab() for t in (450, 996, 1735)]
-        token = next(iter(llm.generate(prompt, max_tokens=1)))
+        token = next(iter(llm.generate_tokens(prompt, max_tokens=1)))
         assert 0 <= token < llm.n_vocab()
         return "ran"
     except ModelFileError as exc:

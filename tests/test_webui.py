@@ -103,7 +103,7 @@ def test_presets_and_stop_strings():
 
 
 def test_model_template_as_textgen_fields(llama):
-    jinja = JinjaTemplate.from_gguf_metadata(llama.metadata)
+    jinja = JinjaTemplate.from_gguf_metadata(llama.model_file.metadata)
     derived = template_store.textgen_from_jinja(jinja)
     assert derived.fields() == {
         "user": "<|im_start|>user", "bot": "<|im_start|>assistant",

@@ -283,7 +283,7 @@ class RunSession:
 
     def _fit_context(self, history: list[int], pending: list[int], n_keep: int) -> list[int]:
         """history + pending, with main's context shift (drop half of what follows the kept prompt) applied to
-        the history until it fits; generate() then re-evaluates what follows the kept tokens."""
+        the history until it fits; generate_tokens() then re-evaluates what follows the kept tokens."""
         n_ctx = self.llm.n_ctx()
         while len(history) + len(pending) > n_ctx:
             n_discard = (len(history) - n_keep) // 2
@@ -298,8 +298,8 @@ class RunSession:
 
         Every exit leaves the generator right after it yielded, so the last token is never evaluated yet."""
         last, produced, ended = None, 0, False
-        stream = self.llm.generate(tokens, sampler=self.sampler, params=self.sampler.params, max_tokens=max_tokens,
-                                   n_keep=n_keep, stop_tokens=self.eog)
+        stream = self.llm.generate_tokens(tokens, sampler=self.sampler, params=self.sampler.params,
+                                          max_tokens=max_tokens, n_keep=n_keep, stop_tokens=self.eog)
         try:
             for token in stream:
                 last = token
@@ -313,7 +313,7 @@ class RunSession:
                 if self.is_interacting or (self.antiprompts and self._ends_with_antiprompt()):
                     break
                 if max_tokens is not None and produced >= max_tokens:
-                    break       # leave now: letting generate() go on would evaluate this last token for nothing
+                    break       # leave now: letting generate_tokens() go on would evaluate this last token for nothing
         finally:
             stream.close()
         return last, produced, ended

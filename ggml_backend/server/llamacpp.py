@@ -190,7 +190,7 @@ async def _parse_completion(pool: SlotPool, data: dict) -> _Completion:
     # logprobs always: each token then comes in its own chunk, which tells an end token (never shown) from a stop
     # string and gives the stream one event per token, as llama-server's; the cost is small next to a token
     kwargs = dict(sampling, max_tokens=max_tokens, stop=stops, logprobs=max(1, n_probs), model=pool.alias,
-                  stream=True, n_keep=n_keep, stop_tokens=stop_tokens)
+                  stream=True, stop_tokens=stop_tokens)
     return _Completion(tokens=tokens, prompt_text=prompt_text, kwargs=kwargs, settings=settings, stream=stream,
                        n_probs=n_probs, discard=discard, cut_by_context=n_predict < 0 or n_predict > room,
                        stops=stops, timings_per_token=timings_per_token, response_fields=response_fields)

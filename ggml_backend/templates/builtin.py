@@ -148,6 +148,101 @@ class RawTemplate(ChatTemplate):
         return "".join(message["content"] for message in normalize_messages(messages))
 
 
+class FormatTemplate(ChatTemplate):
+    """A chat format as llama-cpp-python's ``llama_chat_format.py`` writes it (``chat_format="llama-3"`` and the
+    like): a function of the message list, and the format's stop strings. No tools (the format has no way to
+    describe them)."""
+
+    def __init__(self, name: str, format_fn: Callable[[list[dict]], str], stops: tuple[str, ...]):
+        self.name = name
+        self._format = format_fn
+        self._stops = tuple(stops)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self._stops)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               *, continue_final_message: bool = False) -> str:
+        if tools:
+            raise TemplateError(f"the {self.name!r} chat format has no format for tools")
+        if continue_final_message or not add_generation_prompt:
+            raise TemplateError(f"the {self.name!r} chat format always ends with the assistant's turn opened")
+        return self._format(normalize_messages(messages))
+
+
+def _system_message(messages: list[dict]) -> str:
+    """The first system message's text ('' without one), as llama-cpp-python's _get_system_message."""
+    return next((m["content"] or "" for m in messages if m["role"] == "system"), "")
+
+
+def _turns(messages: list[dict], roles: dict[str, str]) -> list[tuple[str, str | None]]:
+    """(role prefix, content) for the messages whose role the format knows, then the assistant's open turn."""
+    return [(roles[m["role"]], m["content"]) for m in messages if m["role"] in roles] + [(roles["assistant"], None)]
+
+
+def _no_colon_single(system: str, turns, sep: str) -> str:
+    return system + "".join(role + content + sep if content else role for role, content in turns)
+
+
+def _chatml_style(system: str, turns, sep: str) -> str:
+    head = "" if system == "" else system + sep + "\n"
+    return head + "".join(role + "\n" + content + sep + "\n" if content else role + "\n" for role, content in turns)
+
+
+def _format_llama3(messages: list[dict]) -> str:
+    roles = {r: f"<|start_header_id|>{r}<|end_header_id|>\n\n" for r in ("system", "user", "assistant")}
+    return _no_colon_single("", _turns(messages, roles), "<|eot_id|>")
+
+
+def _format_mistral_instruct(messages: list[dict]) -> str:
+    prompt = ""
+    for m in messages:
+        if m["role"] == "user":
+            prompt += "[INST] " + m["content"]
+        elif m["role"] == "assistant":
+            prompt += " [/INST]" + m["content"] + "</s>"
+    return prompt + " [/INST]"
+
+
+def _format_gemma(messages: list[dict]) -> str:
+    roles = {"user": "<start_of_turn>user\n", "assistant": "<start_of_turn>model\n"}
+    return _no_colon_single("", _turns(messages, roles), "<end_of_turn>\n")
+
+
+def _format_qwen(messages: list[dict]) -> str:
+    system = "<|im_start|>system\n" + (_system_message(messages) or "You are a helpful assistant.")
+    roles = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"}
+    return _chatml_style(system, _turns(messages, roles), "<|im_end|>")
+
+
+def _format_zephyr(messages: list[dict]) -> str:
+    system = "<|system|>\n" + _system_message(messages)
+    roles = {"user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+    return _chatml_style(system, _turns(messages, roles), "</s>")
+
+
+def _format_phi3(messages: list[dict]) -> str:
+    # Phi-3's own chat template (llama-cpp-python has no "phi-3" format; the model file's template is this one)
+    return "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages
+                   if m["role"] in ("system", "user", "assistant")) + "<|assistant|>\n"
+
+
+# llama-cpp-python's chat_format names: (formatter, stop strings as llama-cpp-python's ChatFormatterResponse)
+LLAMA_CPP_FORMATS: dict[str, tuple[Callable[[list[dict]], str], tuple[str, ...]]] = {
+    "llama-3": (_format_llama3, ("<|eot_id|>",)),
+    "mistral-instruct": (_format_mistral_instruct, ("</s>",)),
+    "gemma": (_format_gemma, ("<end_of_turn>\n",)),
+    "qwen": (_format_qwen, ("<|endoftext|>",)),
+    "zephyr": (_format_zephyr, ("</s>",)),
+    "phi-3": (_format_phi3, ("<|end|>",)),
+}
+
+
+def _format_builtin(name: str) -> Callable[[], FormatTemplate]:
+    return lambda: FormatTemplate(name, *LLAMA_CPP_FORMATS[name])
+
+
 def _textgen_builtin(name: str) -> Callable[[], TextgenTemplate]:
     return lambda: TextgenTemplate(**TEXTGEN_TEMPLATE_FIELDS[name], name=name,
                                    extra_stop_strings=_EXTRA_STOP_STRINGS.get(name, ()))
@@ -162,10 +257,11 @@ _REGISTRY: dict[str, Callable[[], ChatTemplate]] = {
     "vicuna": _textgen_builtin("vicuna"),
     "textgen-chatml": _textgen_builtin("textgen-chatml"),
     "raw": RawTemplate,
+    **{name: _format_builtin(name) for name in LLAMA_CPP_FORMATS},
 }
 
 # Other spellings, text-generation-webui's file names among them.
-_ALIASES = {"llama2": "llama-2", "llama-v2": "llama-2", "vicuna-v1.1": "vicuna", "none": "raw"}
+_ALIASES = {"llama3": "llama-3", "phi3": "phi-3", "mistral": "mistral-instruct", "llama2": "llama-2", "llama-v2": "llama-2", "vicuna-v1.1": "vicuna", "none": "raw"}
 
 
 def list_templates() -> list[str]:

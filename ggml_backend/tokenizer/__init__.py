@@ -28,7 +28,7 @@ from .vocab import (ATTR_BYTE, ATTR_CONTROL, ATTR_NORMAL, ATTR_RSTRIP, ATTR_UNKN
                     SpecialTokenSplitter, SpecialTokens, TokenizerError, meta_bool,
                     resolve_special_tokens, token_attributes)
 
-__all__ = ["Tokenizer", "TokenizerError"]
+__all__ = ["LlamaTokenizer", "Tokenizer", "TokenizerError"]
 
 _SPACE_MARK = "\u2581"  # '▁', SentencePiece's escaped space
 
@@ -178,6 +178,11 @@ class Tokenizer:
         return token_id
 
     # ----- encoding -----------------------------------------------------------------------------------------
+    def __call__(self) -> "LlamaTokenizer":
+        """``llm.tokenizer()``: llama-cpp-python's ``Llama.tokenizer()`` (``llm.tokenizer`` itself stays this
+        engine's tokenizer, so both spellings work)."""
+        return LlamaTokenizer(self)
+
     def encode(self, text, add_bos: bool = True, special: bool = False) -> list:
         """Token ids of ``text`` (str, or bytes: invalid UTF-8 falls back to byte tokens)."""
         if isinstance(text, (bytes, bytearray)):
@@ -337,3 +342,31 @@ def _apply_name_rules(tok: Tokenizer, metadata: dict) -> None:
                 tok._attrs[token_id] = (tok._attrs[token_id] | ATTR_RSTRIP) if value \
                     else (tok._attrs[token_id] & ~ATTR_RSTRIP)
         tok._splitter = SpecialTokenSplitter(tok._texts, tok._attrs)
+
+
+class LlamaTokenizer:
+    """llama-cpp-python's ``LlamaTokenizer`` (what ``Llama.tokenizer()`` returns): ``encode``/``decode`` on str,
+    ``tokenize``/``detokenize`` on bytes, with its defaults (``special=True`` when encoding)."""
+
+    def __init__(self, llama):
+        # a Llama (as llama-cpp-python's) or one of our Tokenizers
+        self._tokenizer = llama if isinstance(llama, Tokenizer) else llama.tokenizer
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list:
+        return self._tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
+        return self._tokenizer.decode(list(tokens), skip_special=not special)
+
+    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list:
+        return self.tokenize(text.encode("utf-8", errors="ignore"), add_bos=add_bos, special=special)
+
+    def decode(self, tokens) -> str:
+        return self.detokenize(tokens).decode("utf-8", errors="ignore")
+
+    @classmethod
+    def from_ggml_file(cls, path: str) -> "LlamaTokenizer":
+        from ..formats import load
+        from ..model.validate import build_tokenizer
+        return cls(build_tokenizer(load(path)))
+

@@ -78,7 +78,7 @@ class ModelManager:
 
     def _read_template(self) -> None:
         self.model_template, self.model_jinja = None, None
-        metadata = self.llama.metadata
+        metadata = self.llama.model_file.metadata
         if metadata.get("tokenizer.chat_template"):
             try:
                 self.model_jinja = JinjaTemplate.from_gguf_metadata(metadata)

@@ -1,5 +1,5 @@
 """Generation parameters as text-generation-webui's Parameters tab names them, its presets, and their mapping onto
-``Llama.generate``'s sampler settings."""
+``Llama.generate_tokens``'s sampler settings."""
 from __future__ import annotations
 
 import ast
