@@ -288,9 +288,6 @@ class Llama:
 
     _metadata_strings = None
 
-    def n_embd(self) -> int:
-        return self.hparams.n_embd
-
     def close(self) -> None:
         """Free the KV cache and the model's worker thread (llama-cpp-python's ``close``); the ``Llama`` is unusable
         afterwards. Also what leaving a ``with Llama(...) as llm:`` block does."""
