@@ -93,9 +93,13 @@ def _check_callable(name: str, value) -> None:
                         f"got {type(value).__name__}")
 
 
-def _refuse_grammar(grammar) -> None:
-    if grammar is not None:
-        raise _not_supported("grammar", type(grammar).__name__, "grammar-constrained sampling is not implemented")
+def _as_grammar(grammar):
+    """``grammar=``: a ``LlamaGrammar`` (or None)."""
+    from .generation.grammar import LlamaGrammar
+    if grammar is not None and not isinstance(grammar, LlamaGrammar):
+        raise TypeError(f"grammar must be a LlamaGrammar (LlamaGrammar.from_string(gbnf), .from_json_schema(...)), "
+                        f"got {type(grammar).__name__}")
+    return grammar
 
 
 def _return_freed_memory_to_the_system() -> None:
@@ -566,7 +570,7 @@ class Llama:
         Differs: the stream is an iterator, not a generator (no ``send``); the seed is the one ``set_seed`` or
         the constructor gave (drawn afresh when random)."""
         from .generation import SamplingParams
-        _refuse_grammar(grammar)
+        grammar = _as_grammar(grammar)
         _check_callable("logits_processor", logits_processor)
         _check_callable("stopping_criteria", stopping_criteria)
         tokens = validate.eval_tokens(tokens, self.hparams.n_vocab)
@@ -581,7 +585,7 @@ class Llama:
         sampler = self._make_sampler(params, seed=seed if seed is not None else -1)
         return self._token_stream(tokens, sampler=sampler, params=params, max_tokens=None, stop_tokens=[],
                                   logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                                  context_shift=False)
+                                  context_shift=False, grammar=grammar)
 
     def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
                temp: float = 0.80, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
@@ -592,7 +596,8 @@ class Llama:
         position ``idx``, which needs ``logits_all``), with the last ``last_n_tokens_size`` tokens penalized.
         Nothing is evaluated."""
         from .generation import SamplingParams
-        _refuse_grammar(grammar)
+        if grammar is not None:   # a grammar's state lives in a generation: one token alone has none
+            raise _not_supported("grammar", type(grammar).__name__, "use generate() or create_completion(grammar=)")
         _check_callable("logits_processor", logits_processor)
         if self.n_tokens <= 0:
             raise ValueError("sample() needs evaluated tokens: call eval() first")
@@ -621,7 +626,7 @@ class Llama:
 
     def _token_stream(self, tokens, *, sampler=None, params=None, max_tokens=None, n_keep=None, stop_tokens=None,
                       with_logits: bool = False, logits_processor=None, stopping_criteria=None,
-                      context_shift: bool = True, outcome: dict | None = None) -> TokenStream:
+                      context_shift: bool = True, outcome: dict | None = None, grammar=None) -> TokenStream:
         """generate_tokens()'s stream; with_logits: (token, the logits it was sampled from) pairs.
         ``context_shift`` False: the stream ends when the context is full; ``outcome["stopped"]`` is set when a
         stopping criterion ended it."""
@@ -635,18 +640,22 @@ class Llama:
         if n_keep is None:
             n_keep = 1 if tokens and tokens[0] == self.tokenizer.bos_id else 0
         work = self._generation_steps(tokens, sampler, params, max_tokens, n_keep, stop_ids, logits_processor,
-                                      stopping_criteria, context_shift, outcome if outcome is not None else {})
+                                      stopping_criteria, context_shift, outcome if outcome is not None else {},
+                                      grammar)
         request = self._scheduler.open(work, on_end=self._cache_generation_end)
         return TokenStream(self._scheduler, request, with_logits=with_logits)
 
     def _generation_steps(self, tokens, sampler, params, max_tokens, n_keep, stop_ids, logits_processor=None,
-                          stopping_criteria=None, context_shift=True, outcome=None):
+                          stopping_criteria=None, context_shift=True, outcome=None, grammar=None):
         """The generation itself, advanced one token at a time on the model's worker thread: (token, logits).
 
         A ``logits_processor`` sees (the evaluated tokens as np.intc, a float32 copy of the logits) and its
         result is what the sampler samples from; the raw logits go with the token (for logprobs). A
         ``stopping_criteria`` is asked after each token is sampled, with the evaluated tokens (not yet that
-        one, as in llama-cpp-python) and the logits it was sampled from; True ends the stream without it."""
+        one, as in llama-cpp-python) and the logits it was sampled from; True ends the stream without it.
+        A ``grammar`` masks the scores (only tokens that keep the output inside it can be sampled) and ends the
+        stream when it is complete (``outcome["stopped"]``); its next mask is computed during the forward pass."""
+        matcher = grammar.matcher(self.tokenizer) if grammar is not None else None
         if self._cache is not None:
             state = self._cache.lookup(tokens, self.input_ids[:self.n_tokens])
             if state is not None:
@@ -661,6 +670,8 @@ class Llama:
             if logits_processor is not None:
                 scores = np.asarray(logits_processor(self.input_ids[:self.n_tokens].astype(np.intc),
                                                      logits.copy()), dtype=np.float32)
+            if matcher is not None:
+                scores = matcher.mask(scores)
             token = sampler.sample(scores, recent)
             if stopping_criteria is not None and stopping_criteria(self.input_ids[:self.n_tokens].astype(np.intc),
                                                                    logits.copy()):
@@ -668,8 +679,14 @@ class Llama:
                     outcome["stopped"] = True
                 return
             produced += 1
+            if matcher is not None and token not in stop_ids:
+                matcher.accept(token)
             yield token, logits
             if token in stop_ids:
+                return
+            if matcher is not None and matcher.done():
+                if outcome is not None:
+                    outcome["stopped"] = True   # the grammar is complete: nothing more may follow
                 return
             if max_tokens is not None and 0 < max_tokens <= produced:
                 return   # the caller asked for no more: don't pay a forward pass for a token never used
@@ -677,6 +694,8 @@ class Llama:
                 if not context_shift:
                     return
                 self._context_shift(n_keep)
+            if matcher is not None:
+                matcher.prepare()
             self.eval([token])
 
     def _cache_generation_end(self, snapshot) -> None:
@@ -728,7 +747,8 @@ class Llama:
         llama-cpp-python's parameters, with its meaning: ``max_tokens`` None or <= 0 generates until the context
         is full (finish_reason "length"), and no more than the context holds in any case; a prompt of n_ctx
         tokens or more is a ValueError. ``suffix`` asks for fill-in-the-middle, for models whose vocabulary
-        has the FIM tokens (a ValueError otherwise). ``grammar`` is refused (NotImplementedError).
+        has the FIM tokens (a ValueError otherwise). ``grammar`` (a ``LlamaGrammar``) constrains every sampled
+        token and ends the completion when it is complete.
         Differs: ``logprobs`` works without ``logits_all``.
 
         Our own, keyword-only: ``repeat_last_n`` (penalty window; default the constructor's
@@ -736,7 +756,7 @@ class Llama:
         ``stop_tokens`` (token ids that end the generation; default the model's end-of-generation tokens),
         ``penalize_nl``, and KoboldCpp's ``top_a`` and ``repeat_penalty_slope`` (see ``SamplingParams``)."""
         from .generation import SamplingParams
-        _refuse_grammar(grammar)
+        grammar = _as_grammar(grammar)
         _check_callable("logits_processor", logits_processor)
         _check_callable("stopping_criteria", stopping_criteria)
         if suffix is not None and not isinstance(suffix, str):
@@ -767,7 +787,8 @@ class Llama:
         tokens = self._token_stream(prompt_tokens, sampler=self._make_sampler(params), params=params,
                                     max_tokens=max_tokens, stop_tokens=self._eog_ids(stop_tokens),
                                     with_logits=True, logits_processor=logits_processor,
-                                    stopping_criteria=stopping_criteria, context_shift=False, outcome=outcome)
+                                    stopping_criteria=stopping_criteria, context_shift=False, outcome=outcome,
+                                    grammar=grammar)
         stream_iter = Stream(self._completion_stream(tokens, prompt_tokens, stop, echo, logprobs, model, stop_tokens,
                                                      outcome), tokens)
         return stream_iter if stream else collect_completion(stream_iter)
@@ -914,14 +935,18 @@ class Llama:
         llama-cpp-python's parameters in its order. With ``tools`` (OpenAI function specs) the template is asked
         to describe them (Qwen2.5's does), and ``<tool_call>`` blocks in the reply come back as
         ``message.tool_calls``; the legacy ``functions``/``function_call`` are the same as tools/tool_choice.
-        ``response_format`` other than ``{"type": "text"}`` and ``grammar`` are refused (NotImplementedError):
-        both need grammar-constrained sampling. Our own, keyword-only: ``chat_template`` (a name, file or
+        ``response_format`` (``{"type": "json_object"}`` with or without a ``"schema"``, OpenAI's
+        ``{"type": "json_schema", "json_schema": {...}}``) or a ``grammar`` constrains the reply; a forced
+        ``tool_choice`` ("required" or a named function) constrains it to a call whose arguments validate against
+        the tool's parameters (generation/grammar.py). Our own, keyword-only: ``chat_template`` (a name, file or
         Jinja text for this call), ``repeat_last_n``, ``penalize_nl``."""
-        _refuse_grammar(grammar)
-        if response_format is not None and (not isinstance(response_format, dict)
-                                            or response_format.get("type", "text") != "text"):
-            raise _not_supported("response_format", response_format,
-                                 "JSON output needs grammar-constrained sampling, which is not implemented")
+        from .generation.grammar import forced_call_grammar, grammar_from_response_format
+        grammar = _as_grammar(grammar)
+        format_grammar = grammar_from_response_format(response_format)
+        if format_grammar is not None:
+            if grammar is not None:
+                raise ValueError("give grammar or a JSON response_format, not both")
+            grammar = format_grammar
         if functions is not None:
             if tools is not None:
                 raise ValueError("give tools or the legacy functions, not both")
@@ -932,8 +957,14 @@ class Llama:
         elif function_call is not None:
             raise ValueError("function_call needs functions")
         import uuid
-        from .templates.tool_calls import CALL_CLOSE, forced_call_prefill
-        prefill = forced_call_prefill(tools or [], tool_choice)   # a ValueError for a choice naming no tool
+        from .templates.tool_calls import CALL_CLOSE
+        forced = forced_call_grammar(tools or [], tool_choice)   # a ValueError for a choice naming no tool
+        prefill = ""
+        if forced is not None:
+            if grammar is not None:
+                raise ValueError("a forced tool_choice constrains the reply already: give no grammar or JSON "
+                                 "response_format with it")
+            prefill, grammar = forced
         if tool_choice == "none":
             tools = None
         prompt_tokens, template_stops, _ = self.render_chat_prompt(messages, template=chat_template, tools=tools)
@@ -947,7 +978,8 @@ class Llama:
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
             tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
             model=model, logit_bias=logit_bias, logprobs=max(1, int(top_logprobs or 0)) if logprobs else None,
-            logits_processor=logits_processor, repeat_last_n=repeat_last_n, penalize_nl=penalize_nl)
+            logits_processor=logits_processor, repeat_last_n=repeat_last_n, penalize_nl=penalize_nl,
+            grammar=grammar)
         chat_id = f"chatcmpl-{uuid.uuid4()}"
         chunks = Stream(self._chat_stream(completion, chat_id, tools, prefill, int(top_logprobs or 0)), completion)
         return chunks if stream else collect_chat(chunks)

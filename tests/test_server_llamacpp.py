@@ -271,7 +271,8 @@ BAD_REQUESTS = [
     ("/completion", {"prompt": "x", "n_probs": 1000}, 400, "'n_probs'"),
     ("/completion", {"prompt": "x", "logit_bias": [[1, "big"]]}, 400, "logit_bias"),
     ("/completion", {"prompt": "x", "samplers": ["temperature", "top_k"]}, 400, "one order"),
-    ("/completion", {"prompt": "x", "grammar": "root ::= \"a\""}, 400, "'grammar' is not supported"),
+    ("/completion", {"prompt": "x", "grammar": "root ::= nothing"}, 400, "grammar"),
+    ("/completion", {"prompt": "x", "json_schema": {"type": "string", "pattern": "(?<=a)b"}}, 400, "JSON schema"),
     ("/completion", {"prompt": "word " * 2100}, 400, "context"),
     ("/completion", {"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
     ("/tokenize", {"text": "x"}, 400, "'content' is required"),
@@ -316,3 +317,13 @@ def test_api_key_small_context_and_several_models():
         assert 'llamacpp:tokens_predicted_total{model="spare"} 0' in text
         assert 'ggml_backend:model_loaded{model="spare"} 0' in text   # scraping loads nothing
         assert c.get("/metrics", headers=key, params={"model": "nope"}).status_code == 404
+
+
+def test_json_schema_and_grammar_constrain_the_completion(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    r = complete(client, prompt="A JSON object with a number:", n_predict=32, temperature=1.0, seed=5,
+                 json_schema=schema)
+    assert set(json.loads(r["content"])) == {"n"} and r["stop"] is True
+    r = complete(client, prompt="Yes or no?", n_predict=8, temperature=1.0, seed=5, grammar='root ::= "yes" | "no"')
+    assert r["content"] in ("yes", "no")

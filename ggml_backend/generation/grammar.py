@@ -248,3 +248,36 @@ def grammar_from_response_format(response_format) -> LlamaGrammar | None:
             raise GrammarError("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
         return LlamaGrammar.from_json_schema(spec["schema"])
     raise GrammarError(f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
+
+
+def forced_call_grammar(tools: list[dict], tool_choice) -> tuple[str, LlamaGrammar] | None:
+    """A forced tool call (``tool_choice`` "required"/"any" or a named tool) as (prefill, grammar), or None when
+    the choice forces nothing. The prefill opens the ``<tool_call>`` block up to the arguments (the name included
+    when it is known, else up to its opening quote); the grammar makes the rest the name of a tool (if open) and
+    arguments valid against that tool's parameters schema, then the closing brace: the reply can only be a call
+    that parses and validates (extra keys only where the schema's ``additionalProperties`` allows them)."""
+    from ..templates.tool_calls import CALL_OPEN, resolve_tool_choice
+    forced_name, forced_any = resolve_tool_choice(tool_choice, tools or [])
+    if not forced_any:
+        return None
+
+    def schema_of(tool: dict) -> str:
+        schema = dict(tool["function"].get("parameters") or {"type": "object", "properties": {}})
+        # a call's arguments are the declared parameters only (OpenAI's strict mode), unless the schema says
+        # otherwise: left open, a small model fills the object with keys copied from the schema itself
+        schema.setdefault("additionalProperties", False)
+        return json.dumps(schema, ensure_ascii=False)
+
+    by_name = {tool["function"]["name"]: tool for tool in tools}
+    if forced_name is not None:
+        prefill = f'{CALL_OPEN}\n{{"name": "{forced_name}", "arguments": '
+        lark = f'start: %json {schema_of(by_name[forced_name])} "}}"'
+    else:
+        prefill = f'{CALL_OPEN}\n{{"name": "'
+        branches = [f'{json.dumps(name + chr(34) + ", " + chr(34) + "arguments" + chr(34) + ": ")} '
+                    f'%json {schema_of(tool)}' for name, tool in by_name.items()]
+        lark = "start: (" + " | ".join(branches) + ') "}"'
+    try:
+        return prefill, LlamaGrammar.from_lark(lark)
+    except GrammarError as exc:
+        raise GrammarError(f"the tools' parameter schemas cannot constrain a call: {exc}") from None

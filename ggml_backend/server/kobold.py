@@ -3,7 +3,7 @@ and KoboldAI Classic backends and other Kobold clients speak. Routes, field name
 KoboldCpp's server (the KoboldAI United API 1.2.5 plus KoboldCpp's ``/api/extra`` routes).
 
 * These clients send every setting they have, so unknown fields are ignored; a known field asking for something
-  this engine cannot do (Top-A, DRY, XTC, dynamic temperature, grammars, images, banned strings, a repetition
+  this engine cannot do (DRY, XTC, dynamic temperature, images, banned strings, a repetition
   penalty slope, another sampler order) is a 400 saying so and how to turn it off, never a reply that silently
   differs from what KoboldCpp would give.
 * Stop sequences are matched here, on the engine's text (``_Completion``), rather than by ``Llama``: KoboldCpp keeps
@@ -27,6 +27,7 @@ import anyio
 from fastapi import APIRouter, Request
 
 from ..generation import StopStringMatcher
+from ..generation.grammar import GrammarError, LlamaGrammar
 from .common import Body, check_max_tokens, event_stream, read_json, start, tokenize
 from .common import logit_bias as common_logit_bias
 from .errors import APIError, error_body
@@ -199,9 +200,6 @@ def _unsupported(body: Body) -> None:
     _reject_on(body, "smoothing_factor", "quadratic sampling (smoothing factor)")
     _reject_on(body, "dry_multiplier", "DRY repetition penalty")
     _reject_on(body, "xtc_probability", "XTC sampling")
-    if body.str("grammar", default="").strip():
-        raise APIError(400, "'grammar': GBNF grammars are not supported by this server (no constrained decoding)",
-                       param="grammar")
     if body.data.get("images"):
         raise APIError(400, "'images': this server has no vision model", param="images")
     for name in ("banned_tokens", "banned_strings"):
@@ -330,8 +328,19 @@ async def _job(request: Request) -> _Job:
                   repeat_penalty_slope=rep_pen_slope, top_a=top_a,
                   presence_penalty=presence_penalty, frequency_penalty=0.0, penalize_nl=True,
                   mirostat_mode=mirostat, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, seed=seed,
-                  logit_bias=logit_bias, stop=None, model=pool.alias, stream=True)
+                  logit_bias=logit_bias, stop=None, model=pool.alias, stream=True, grammar=_grammar(body))
     return _Job(pool, tokens, kwargs, stops, trim_stop, genkey, seed)
+
+
+def _grammar(body: Body):
+    """KoboldCpp's ``grammar`` (GBNF; empty: none): the grammar the text must follow."""
+    text = body.str("grammar", default="")
+    if not text.strip():
+        return None
+    try:
+        return LlamaGrammar.from_string(text)
+    except GrammarError as exc:
+        raise APIError(400, f"'grammar': {exc}", param="grammar") from None
 
 
 def _with_memory(memory_tokens: list[int], tokens: list[int], llm) -> list[int]:

@@ -5,7 +5,7 @@ Routes: ``GET /health``, ``POST /completion`` (alias ``/completions``; OpenAI's 
 ``POST /tokenize``, ``POST /detokenize``, ``GET /props``, ``GET /slots``, ``GET /metrics`` (Prometheus text).
 Field names and reply shapes follow llama.cpp's ``tools/server/README.md``; a request that names no model gets
 the first one, ``"model"`` in the body (``?model=`` on the GET routes) picks another. What this engine cannot do
-(grammars, DRY, XTC, LoRA, several prompts at once, post-sampling probabilities...) is a 400 saying so when a
+(DRY, XTC, LoRA, several prompts at once, post-sampling probabilities...) is a 400 saying so when a
 request turns it on, never a reply that silently ignores it. No route reveals a server path: ``model_path`` is
 the model's alias.
 
@@ -36,6 +36,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..generation.stopping import StopStringMatcher
+from ..generation.grammar import GrammarError, LlamaGrammar
 from .common import Body, event_stream, read_json, sampling_kwargs, start
 from .errors import APIError, error_body
 from .slots import ClientGone, SlotPool
@@ -190,10 +191,25 @@ async def _parse_completion(pool: SlotPool, data: dict) -> _Completion:
     # logprobs always: each token then comes in its own chunk, which tells an end token (never shown) from a stop
     # string and gives the stream one event per token, as llama-server's; the cost is small next to a token
     kwargs = dict(sampling, max_tokens=max_tokens, stop=stops, logprobs=max(1, n_probs), model=pool.alias,
-                  stream=True, stop_tokens=stop_tokens)
+                  stream=True, stop_tokens=stop_tokens, grammar=_grammar(body))
     return _Completion(tokens=tokens, prompt_text=prompt_text, kwargs=kwargs, settings=settings, stream=stream,
                        n_probs=n_probs, discard=discard, cut_by_context=n_predict < 0 or n_predict > room,
                        stops=stops, timings_per_token=timings_per_token, response_fields=response_fields)
+
+
+def _grammar(body: Body):
+    """llama-server's ``grammar`` (GBNF) or ``json_schema`` (an object): the grammar the reply must follow."""
+    gbnf, schema = body.data.get("grammar"), body.data.get("json_schema")
+    try:
+        if gbnf not in (None, "") and schema is not None:
+            raise GrammarError("give 'grammar' or 'json_schema', not both")
+        if gbnf not in (None, ""):
+            return LlamaGrammar.from_string(gbnf)
+        if schema is not None:
+            return LlamaGrammar.from_json_schema(schema)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param="json_schema" if schema is not None else "grammar") from None
+    return None
 
 
 def _refuse_unsupported(body: Body) -> None:
@@ -202,8 +218,6 @@ def _refuse_unsupported(body: Body) -> None:
         if value is not None and not is_off(value):
             raise APIError(400, f"'{name}' is not supported by this server ({_what(name)})", param=name)
     data = body.data
-    off("grammar", data.get("grammar"), lambda v: v == "")
-    off("json_schema", data.get("json_schema"), lambda v: False)
     off("lora", data.get("lora"), lambda v: v == [])
     off("dynatemp_range", body.float("dynatemp_range", default=None), lambda v: v == 0)
     off("xtc_probability", body.float("xtc_probability", default=None), lambda v: v <= 0)
@@ -220,8 +234,7 @@ def _refuse_unsupported(body: Body) -> None:
 
 
 def _what(name: str) -> str:
-    return {"grammar": "no constrained decoding", "json_schema": "no constrained decoding",
-            "lora": "no LoRA adapters", "dynatemp_range": "no dynamic temperature", "xtc_probability": "no XTC",
+    return {"lora": "no LoRA adapters", "dynatemp_range": "no dynamic temperature", "xtc_probability": "no XTC",
             "dry_multiplier": "no DRY sampling", "top_n_sigma": "no top-n-sigma sampling",
             "min_keep": "each stage keeps at least one token", "n_indent": "no indentation limit",
             "t_max_predict_ms": "no time limit on generation", "n_cmpl": "one completion per request",

@@ -13,7 +13,7 @@ import anyio
 from fastapi import APIRouter, Request
 
 from ..api import collect_chat, collect_completion
-from ..templates.tool_calls import forced_call_prefill
+from ..generation.grammar import GrammarError, LlamaGrammar, forced_call_grammar, grammar_from_response_format
 from .common import (Body, check_max_tokens, checked_token_ids, collect, event_stream, read_json, sampling_kwargs,
                      start, tokenize)
 from .errors import APIError, error_body
@@ -55,12 +55,22 @@ def _unsupported(body: Body) -> None:
         raise APIError(400, "n > 1 is not supported: send one request per completion", param="n")
     if body.int("best_of", default=1, low=1) != 1:
         raise APIError(400, "best_of > 1 is not supported", param="best_of")
-    fmt = body.data.get("response_format")
-    if fmt is not None:
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        if kind != "text":
-            raise APIError(400, f"response_format {kind!r} is not supported yet (only 'text'): this server has no "
-                                "constrained decoding", param="response_format")
+
+
+def _grammar(body: Body):
+    """The grammar a request asks for: ``response_format`` (json_object, with or without llama-cpp-python's
+    "schema", or OpenAI's json_schema) or a GBNF ``grammar`` (llama-cpp-python's server field); a 400 naming what
+    cannot be compiled."""
+    fmt, gbnf = body.data.get("response_format"), body.data.get("grammar")
+    try:
+        grammar = grammar_from_response_format(fmt)
+        if gbnf is not None:
+            if grammar is not None:
+                raise GrammarError("give 'grammar' or a JSON 'response_format', not both")
+            grammar = LlamaGrammar.from_string(gbnf)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param="grammar" if gbnf is not None else "response_format") from None
+    return grammar
 
 
 def _stream_options(body: Body) -> bool:
@@ -92,7 +102,8 @@ async def completions(request: Request):
     max_tokens = check_max_tokens(body.int("max_tokens", default=16, low=1), len(tokens), pool.n_ctx)
     logprobs = body.int("logprobs", default=None, low=0, high=20)
     kwargs = dict(sampling_kwargs(body, pool.llm.n_vocab()), max_tokens=max_tokens, stop=body.stops("stop"),
-                  echo=body.bool("echo", default=False), logprobs=logprobs, model=pool.alias, stream=True)
+                  echo=body.bool("echo", default=False), logprobs=logprobs, model=pool.alias, stream=True,
+                  grammar=_grammar(body))
     stream = body.bool("stream", default=False)
     include_usage = _stream_options(body)
     ticket, chunks = await start(request, pool, tokens, lambda llm: llm.create_completion(tokens, **kwargs))
@@ -114,12 +125,17 @@ async def chat_completions(request: Request):
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise APIError(400, "'tools' must be a list of tool objects", param="tools")
     tool_choice = body.data.get("tool_choice")
-    try:   # "required" or a named tool is honoured: the reply is started with the call (templates/tool_calls.py)
-        prefill = forced_call_prefill(tools or [], tool_choice)
+    try:   # "required" or a named tool: the reply is constrained to a call (generation/grammar.py)
+        forced = forced_call_grammar(tools or [], tool_choice)
     except (ValueError, TypeError) as exc:
         raise APIError(400, f"tool_choice: {exc}", param="tool_choice") from None
+    prefill = forced[0] if forced is not None else ""
     if tool_choice == "none" or not tools:
         tools, tool_choice = None, None
+    grammar = _grammar(body)
+    if grammar is not None and forced is not None:
+        raise APIError(400, "a forced tool_choice constrains the reply already: give no response_format or grammar "
+                            "with it", param="response_format")
     llm = pool.llm
     try:
         tokens, _, _ = await _in_thread(lambda: llm.render_chat_prompt(messages, tools=tools))
@@ -135,7 +151,7 @@ async def chat_completions(request: Request):
                                   len(tokens), pool.n_ctx)
     kwargs = dict(sampling_kwargs(body, llm.n_vocab()), max_tokens=max_tokens, stop=body.stops("stop"),
                   logprobs=logprobs, top_logprobs=top_logprobs, tools=tools, tool_choice=tool_choice,
-                  model=pool.alias, stream=True)
+                  grammar=grammar, model=pool.alias, stream=True)
     stream = body.bool("stream", default=False)
     include_usage = _stream_options(body)
     ticket, chunks = await start(request, pool, tokens,
