@@ -11,6 +11,7 @@ _LAZY = {
     "LLAMA_DEFAULT_SEED": "api",
     "LlamaRAMCache": "prompt_cache", "LlamaDiskCache": "prompt_cache", "LlamaCache": "prompt_cache",
     "LlamaTokenizer": "tokenizer",
+    "LlamaGrammar": "generation.grammar", "GrammarError": "generation.grammar",
 }
 
 

@@ -118,15 +118,66 @@ def test_inert_constructor_parameters_are_accepted():
     llm.close()
 
 
-def test_grammar_and_response_format_are_refused(llm):
-    with pytest.raises(NotImplementedError, match="grammar"):
+def test_grammar_and_response_format_constrain_the_reply(roomy):
+    llm = roomy
+    from ggml_backend import LlamaGrammar
+    with pytest.raises(TypeError, match="LlamaGrammar"):
         llm(PROMPT, max_tokens=2, grammar=object())
-    with pytest.raises(NotImplementedError, match="response_format"):
-        llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2,
+    yes_no = LlamaGrammar.from_string('root ::= "yes" | "no"')
+    for seed in (1, 2, 3):
+        out = llm("Is the sky blue? Answer:", max_tokens=8, temperature=1.0, seed=seed, grammar=yes_no)
+        assert out["choices"][0]["text"] in ("yes", "no") and out["choices"][0]["finish_reason"] == "stop"
+    tokens = list(llm.generate(llm.tokenize(b"Answer:"), temp=1.0, grammar=yes_no))
+    assert llm.detokenize(tokens).decode() in ("yes", "no")
+    schema = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 30},
+                                               "year": {"type": "integer", "minimum": 1900, "maximum": 2030},
+                                               "genre": {"enum": ["drama", "comedy", "horror"]}},
+              "required": ["title", "year", "genre"], "additionalProperties": False}
+    for fmt in ({"type": "json_object", "schema": schema},
+                {"type": "json_schema", "json_schema": {"name": "movie", "schema": schema, "strict": True}}):
+        out = llm.create_chat_completion([{"role": "user", "content": "Name a movie."}], max_tokens=60,
+                                         temperature=0.8, seed=4, response_format=fmt)
+        movie = json.loads(out["choices"][0]["message"]["content"])
+        assert set(movie) == {"title", "year", "genre"} and movie["genre"] in ("drama", "comedy", "horror")
+        assert 1900 <= movie["year"] <= 2030
+    anything = llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=40, temperature=0,
+                                          response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything["choices"][0]["message"]["content"]), dict)
+    with pytest.raises(ValueError, match="not both"):
+        llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2, grammar=yes_no,
                                    response_format={"type": "json_object"})
+    with pytest.raises(NotImplementedError, match="grammar"):
+        llm.sample(grammar=yes_no)
     out = llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2, temperature=0,
                                      response_format={"type": "text"})
     assert out["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.fixture(scope="module")
+def roomy():
+    return Llama(n_ctx=512, verbose=False)
+
+
+def test_forced_tool_calls_always_validate(roomy):
+    llm = roomy
+    tools = [{"type": "function", "function": {
+        "name": "book_flight", "description": "Book a flight",
+        "parameters": {"type": "object", "properties": {"to": {"type": "string", "maxLength": 30},
+                                                        "seats": {"type": "integer", "minimum": 1, "maximum": 9}},
+                       "required": ["to", "seats"]}}},
+        {"type": "function", "function": {"name": "get_time", "description": "The time now",
+                                          "parameters": {"type": "object", "properties": {}}}}]
+    for choice in ("required", {"type": "function", "function": {"name": "book_flight"}}):
+        for seed in (1, 2, 3):
+            out = llm.create_chat_completion([{"role": "user", "content": "Tell me a story."}], tools=tools,
+                                             tool_choice=choice, temperature=1.0, seed=seed, max_tokens=60)
+            call = out["choices"][0]["message"]["tool_calls"][0]["function"]
+            args = json.loads(call["arguments"])
+            assert out["choices"][0]["finish_reason"] == "tool_calls"
+            if call["name"] == "book_flight":
+                assert set(args) == {"to", "seats"} and 1 <= args["seats"] <= 9
+            else:
+                assert call["name"] == "get_time" and args == {}
 
 
 def test_suffix_fills_in_the_middle_on_a_fim_model(llm):
