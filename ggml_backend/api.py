@@ -545,7 +545,7 @@ class Llama:
             self._all_logits[self.n_tokens:old_n] = 0
 
     def generate_tokens(self, tokens, *, sampler=None, params=None, max_tokens: int | None = None,
-                        n_keep: int | None = None, stop_tokens=None) -> TokenStream:
+                        n_keep: int | None = None, stop_tokens=None, grammar=None) -> TokenStream:
         """Yield sampled token ids after evaluating ``tokens``, until an end-of-generation token or max_tokens
         (this engine's own generator; ``generate`` is llama-cpp-python's).
 
@@ -554,7 +554,7 @@ class Llama:
         ahead: a stream closed after a token has not evaluated it); the stream may be advanced from any thread,
         one at a time, and closing it (or dropping it) ends the generation."""
         return self._token_stream(tokens, sampler=sampler, params=params, max_tokens=max_tokens, n_keep=n_keep,
-                                  stop_tokens=stop_tokens)
+                                  stop_tokens=stop_tokens, grammar=_as_grammar(grammar))
 
     def generate(self, tokens, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
                  temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,

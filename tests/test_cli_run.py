@@ -218,3 +218,22 @@ def test_escape_processing():
     from ggml_backend.cli.common import process_escapes
     assert process_escapes("a\\nb\\tc\\\\d\\'\\\"\\x41\\q") == "a\nb\tc\\d'\"A\\q"
     assert process_escapes("trailing\\") == "trailing\\"
+
+
+def test_grammar_and_json_schema_flags(tmp_path):
+    """main's --grammar / --grammar-file / --json-schema: the output follows them and ends with them."""
+    proc = run_cli("-n", 32, "--temp", 1.0, "-s", 5, "-p", "Answer:", "--grammar", 'root ::= " yes" | " no"')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in ("Answer: yes", "Answer: no")
+    grammar = tmp_path / "digits.gbnf"
+    grammar.write_text('root ::= " " [0-9]{3} "."\n')
+    proc = run_cli("-n", 32, "--temp", 1.0, "-s", 5, "-p", "Number:", "--grammar-file", grammar)
+    assert proc.returncode == 0 and re.fullmatch(r"Number: \d{3}\.", proc.stdout.strip()), proc.stdout
+    schema = '{"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"], ' \
+             '"additionalProperties": false}'
+    proc = run_cli("-n", 48, "--temp", 1.0, "-s", 5, "-p", "Record:", "--json-schema", schema)
+    assert proc.returncode == 0
+    assert set(json.loads(proc.stdout.strip()[len("Record:"):])) == {"id"}
+    assert_clean_error(run_cli("-n", 4, "-p", "x", "--grammar", "root ::= missing"), "missing")
+    assert_clean_error(run_cli("-n", 4, "-p", "x", "--grammar", "root ::= \"a\"", "--json-schema", "{}"),
+                       "one of --grammar")

@@ -34,7 +34,7 @@ def constrained(llm, prompt: str, grammar: LlamaGrammar, seed: int, max_tokens: 
     llm.eval(llm.tokenize(prompt, special=True))
     out = []
     for _ in range(max_tokens):
-        token = sampler.sample(matcher.mask(llm.eval_logits), out[-64:])
+        token = sampler.sample(matcher.mask(np.asarray(llm.eval_logits[-1])), out[-64:])
         if token in llm.tokenizer.eog_ids:
             break
         matcher.accept(token)

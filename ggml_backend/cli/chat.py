@@ -11,7 +11,7 @@ import signal
 import sys
 
 from .common import (ANSI_RESET, ANSI_USER_INPUT, InfoLog, Painter, add_model_arguments, add_option,
-                     add_sampling_arguments, eog_bias, load_model, resolve_seed, sampling_params, timing_summary)
+                     add_sampling_arguments, eog_bias, grammar_from_args, load_model, resolve_seed, sampling_params, timing_summary)
 
 RESET_COMMAND = "/reset"
 
@@ -64,6 +64,7 @@ class ChatSession:
         self.seed = seed
         self.bias = eog_bias(llm) if args.ignore_eos else {}
         self.template = args.chat_template
+        self.grammar = grammar_from_args(args)
         self.replying = False
         self.interrupted = False
         llm.chat_template(self.template)        # a bad --chat-template fails now, not at the first message
@@ -126,7 +127,7 @@ class ChatSession:
             repeat_penalty=p.repeat_penalty, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, mirostat_mode=p.mirostat_mode, mirostat_tau=p.mirostat_tau,
             mirostat_eta=p.mirostat_eta, seed=self.seed, logit_bias={**p.logit_bias, **self.bias},
-            chat_template=self.template)
+            chat_template=self.template, grammar=self.grammar)
         parts: list[str] = []
         self.replying, self.interrupted = True, False
         try:

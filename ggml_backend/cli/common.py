@@ -76,6 +76,11 @@ def add_sampling_arguments(parser) -> None:
     add_option(parser, "-s", "--seed", type=int, default=-1, help="RNG seed (default: -1 = random)")
     add_option(parser, "--ignore-eos", action="store_true", help="never sample end-of-text tokens")
     add_option(parser, "--color", action="store_true", help="color the prompt and user input (ANSI)")
+    add_option(parser, "--grammar", default=None, metavar="GBNF",
+               help="a GBNF grammar the output must follow (llama.cpp's syntax)")
+    add_option(parser, "--grammar-file", default=None, metavar="FILE", help="read the GBNF grammar from a file")
+    add_option(parser, "-j", "--json-schema", default=None, metavar="SCHEMA",
+               help="a JSON schema the output must follow (e.g. '{}' for any JSON object)")
 
 
 class InfoLog:
@@ -181,6 +186,22 @@ def check_model_arguments(args) -> None:
         raise ValueError(f"--gqa must be >= 1, got {args.gqa}")
     if args.n_predict < -2:
         raise ValueError(f"--n-predict must be >= -2, got {args.n_predict}")
+
+
+def grammar_from_args(args):
+    """The LlamaGrammar of --grammar / --grammar-file / --json-schema (at most one), or None."""
+    given = [name for name in ("grammar", "grammar_file", "json_schema") if getattr(args, name, None) is not None]
+    if len(given) > 1:
+        raise ValueError("give one of --grammar, --grammar-file and --json-schema")
+    if not given:
+        return None
+    from ..generation.grammar import LlamaGrammar
+    if args.grammar is not None:
+        return LlamaGrammar.from_string(args.grammar)
+    if args.grammar_file is not None:
+        return LlamaGrammar.from_file(args.grammar_file)
+    schema = args.json_schema
+    return LlamaGrammar.from_json_schema(schema if schema.strip() not in ("{}", "") else '{"type": "object"}')
 
 
 def sampling_params(args) -> SamplingParams:

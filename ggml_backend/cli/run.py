@@ -22,7 +22,7 @@ import sys
 
 from ..generation.stopping import Utf8Holdback
 from .common import (ANSI_PROMPT, ANSI_RESET, ANSI_USER_INPUT, InfoLog, Painter, add_model_arguments, add_option,
-                     add_sampling_arguments, eog_bias, load_model, make_sampler, process_escapes, resolve_seed,
+                     add_sampling_arguments, eog_bias, grammar_from_args, load_model, make_sampler, process_escapes, resolve_seed,
                      timing_summary)
 
 # main's instruct mode (Alpaca)
@@ -104,6 +104,7 @@ class RunSession:
             self.antiprompts.append(INSTRUCT_REVERSE_PROMPT)
         self.eog = set(self.tok.eog_ids)
         self.sampler = make_sampler(args, llm, seed, eog_bias(llm) if args.ignore_eos else None)
+        self.grammar = grammar_from_args(args)
         self.is_interacting = False
         self.recent_text = ""      # the tail of what was shown (prompt, output, input), for reverse prompts
         self.utf8 = Utf8Holdback()
@@ -299,7 +300,8 @@ class RunSession:
         Every exit leaves the generator right after it yielded, so the last token is never evaluated yet."""
         last, produced, ended = None, 0, False
         stream = self.llm.generate_tokens(tokens, sampler=self.sampler, params=self.sampler.params,
-                                          max_tokens=max_tokens, n_keep=n_keep, stop_tokens=self.eog)
+                                          max_tokens=max_tokens, n_keep=n_keep, stop_tokens=self.eog,
+                                          grammar=self.grammar)
         try:
             for token in stream:
                 last = token
@@ -314,6 +316,10 @@ class RunSession:
                     break
                 if max_tokens is not None and produced >= max_tokens:
                     break       # leave now: letting generate_tokens() go on would evaluate this last token for nothing
+            else:
+                # the stream ended by itself without an end-of-text token: the grammar is complete, as
+                # llama.cpp's main ends there
+                ended = self.grammar is not None and produced > 0
         finally:
             stream.close()
         return last, produced, ended
