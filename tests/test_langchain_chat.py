@@ -20,8 +20,9 @@ from langchain_core.tools import tool  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from langchain_ggml import ChatGGML, convert_messages  # noqa: E402
+from ggml_backend.generation.grammar import forced_call_grammar  # noqa: E402
 from ggml_backend.templates.tool_calls import (ToolCallSplitter as _ToolCallSplitter,  # noqa: E402
-                                              _arguments_opening, resolve_tool_choice as _resolve_tool_choice)
+                                              resolve_tool_choice as _resolve_tool_choice)
 
 N_CTX = 1024   # the same as the other LangChain test modules: one model load for all of them
 
@@ -109,8 +110,10 @@ def test_tool_choice_resolution_and_forced_openings():
         _resolve_tool_choice("nope", [ADD_SPEC])
     with pytest.raises(ValueError, match="does not name a bound tool"):
         ChatGGML(n_ctx=N_CTX).bind_tools([add], tool_choice="nope")
-    assert _arguments_opening([ADD_SPEC], "add") == '{"a": '
-    assert _arguments_opening([now_spec], "now") == "{}}"
+    prefill, _ = forced_call_grammar([ADD_SPEC, now_spec], {"type": "function", "function": {"name": "now"}})
+    assert prefill == '<tool_call>\n{"name": "now", "arguments": '
+    assert forced_call_grammar([ADD_SPEC, now_spec], "required")[0] == '<tool_call>\n{"name": "'
+    assert forced_call_grammar([ADD_SPEC], "auto") is None
 
 
 # --- on the model ----------------------------------------------------------------------------------------------

@@ -181,3 +181,20 @@ def test_identity_and_validation():
     assert params["temperature"] == 0.3 and params["max_tokens"] == 5 and params["n_ctx"] == N_CTX
     with pytest.raises(FileNotFoundError):
         GGMLLLM(model_path="/nonexistent/model.gguf").invoke("x")
+
+
+def test_grammar_and_grammar_path_constrain_every_completion(tmp_path):
+    """LlamaCpp's grammar / grammar_path: every completion follows the GBNF grammar; a bad one fails at
+    construction."""
+    for seed in (1, 2):
+        llm = GGMLLLM(n_ctx=512, max_tokens=8, temperature=1.0, seed=seed, grammar='root ::= " yes" | " no"')
+        assert llm.invoke("Is the sky blue? Answer:") in (" yes", " no")
+    grammar_file = tmp_path / "three_digits.gbnf"
+    grammar_file.write_text('root ::= " " [0-9]{3}\n')
+    llm = GGMLLLM(n_ctx=512, max_tokens=8, temperature=1.0, seed=3, grammar_path=str(grammar_file))
+    out = llm.invoke("A number:")
+    assert len(out) == 4 and out[1:].isdigit()
+    with pytest.raises(ValueError, match="undefined_rule"):
+        GGMLLLM(grammar="root ::= undefined_rule")
+    with pytest.raises(ValueError, match="not both"):
+        GGMLLLM(grammar='root ::= "a"', grammar_path=str(grammar_file))

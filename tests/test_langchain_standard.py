@@ -54,10 +54,13 @@ class TestChatGGMLIntegration(ChatModelIntegrationTests):
     def chat_model_params(self) -> dict:
         return {"n_ctx": N_CTX, "max_tokens": MAX_TOKENS, "temperature": 0}
 
-    @pytest.mark.xfail(strict=False,
-                       reason="model capability, not the integration: Qwen2.5-Coder-0.5B often writes the Japanese "
-                              "customer's description with an unescaped double quote inside the JSON string, so the "
-                              "call is invalid JSON; whether it does flips with float rounding (which cached prompt "
-                              "prefix was reused), so this passes on some runs")
-    def test_unicode_tool_call_integration(self, model, *, tool_choice=None, force_tool_call=True) -> None:
-        super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)
+    @property
+    def supports_json_mode(self) -> bool:
+        return True   # with_structured_output(method="json_mode") constrains the reply to a JSON object
+
+    def test_json_mode(self, model) -> None:
+        # room for a whole joke: greedy Qwen2.5-Coder-0.5B writes a long setup, and JSON cut at 40 tokens has no
+        # punchline (the constraint keeps the keys and types, not the length); greedy without a repetition penalty
+        # loops on its setup sentence
+        super().test_json_mode(model.model_copy(update={"max_tokens": 200, "repeat_penalty": 1.15}))
+

@@ -6,7 +6,7 @@
 - ``TextgenTemplate``: text-generation-webui's instruction-template format (user, bot, turn_template, context,
   system_message), rendered as its chat.py did, with continue, impersonate, truncation and chat modes.
 - ``JinjaTemplate``: GGUF / Hugging Face Jinja templates, rendered only in a sandbox.
-- ``parse_tool_calls``, ``ToolCallSplitter``, ``forced_call_prefill``: tool calls in replies (see tool_calls.py).
+- ``parse_tool_calls``, ``ToolCallSplitter``, ``resolve_tool_choice``: tool calls in replies (see tool_calls.py).
 
 Every failure is a ``TemplateError`` (a ``ValueError``); unsafe Jinja raises its subclass ``TemplateSecurityError``,
 and Jinja that goes past a time or size limit raises ``TemplateLimitError`` (a ``TemplateSecurityError``).
@@ -17,7 +17,7 @@ from .builtin import (ChatMLTemplate, RawTemplate, get_template, list_templates,
 from .jinja import JinjaTemplate
 from .textgen import (Character, DEFAULT_CHAT_INSTRUCT_COMMAND, TextgenTemplate, TurnPieces, messages_to_history,
                       replace_character_names)
-from .tool_calls import ToolCallSplitter, forced_call_prefill, parse_tool_calls, resolve_tool_choice
+from .tool_calls import ToolCallSplitter, parse_tool_calls, resolve_tool_choice
 
 __all__ = [
     "ChatTemplate", "TemplateError", "TemplateLimitError", "TemplateSecurityError", "normalize_messages",
@@ -26,5 +26,5 @@ __all__ = [
     "JinjaTemplate",
     "Character", "DEFAULT_CHAT_INSTRUCT_COMMAND", "TextgenTemplate", "TurnPieces", "messages_to_history",
     "replace_character_names",
-    "parse_tool_calls", "ToolCallSplitter", "forced_call_prefill", "resolve_tool_choice",
+    "parse_tool_calls", "ToolCallSplitter", "resolve_tool_choice",
 ]

@@ -4,8 +4,8 @@ API, the server and LangChain alike:
 * ``parse_tool_calls``: a whole reply's blocks into (text, calls), strictly;
 * ``ToolCallSplitter``: a streamed reply into text pieces and each call as soon as its block closes, lenient with
   what small models write instead (a bare JSON call, a ```json fence, unquoted keys);
-* ``resolve_tool_choice`` and ``forced_call_prefill``: ``tool_choice`` honoured by writing the start of the call
-  for the model (the reply then can only be that call).
+* ``resolve_tool_choice``: what ``tool_choice`` forces (generation/grammar.py's ``forced_call_grammar`` then
+  constrains the reply to that call).
 """
 from __future__ import annotations
 
@@ -202,38 +202,9 @@ def _bare_calls(text: str, tool_names: Sequence[str]) -> list[dict]:
     return []
 
 
-def _arguments_opening(tools: list[dict], name: str) -> str:
-    """The start of a forced call's arguments object: its first property's key (and a string value's opening
-    quote), written for the model (a 0.5B model otherwise drifts into unquoted keys or a bare value), or the
-    whole empty object."""
-    tool = next(t for t in tools if t["function"]["name"] == name)
-    parameters = tool["function"].get("parameters") or {}
-    properties = list((parameters.get("properties") or {}).keys())
-    if not properties:
-        return "{}}"
-    required = [p for p in parameters.get("required") or [] if p in properties]
-    first = required[0] if required else properties[0]
-    opening = "{" + json.dumps(first, ensure_ascii=False) + ": "
-    if (parameters["properties"][first] or {}).get("type") == "string":
-        opening += '"'   # the value's quote too: left alone, a small model may write the string bare
-    return opening
-
-
 def _partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of ``text`` that is a proper beginning of ``marker``."""
     for size in range(min(len(text), len(marker) - 1), 0, -1):
         if marker.startswith(text[-size:]):
             return size
     return 0
-
-
-def forced_call_prefill(tools: list[dict], tool_choice: Any) -> str:
-    """The text that opens the reply when ``tool_choice`` forces a call ('' when it does not): the call's opening,
-    its name and the start of its arguments for a named tool, just the opening and the name's quote otherwise.
-    The reply is over when the call closes (stop at ``CALL_CLOSE``)."""
-    forced_name, forced_any = resolve_tool_choice(tool_choice, tools or [])
-    if forced_name is not None:
-        return f'{CALL_OPEN}\n{{"name": "{forced_name}", "arguments": ' + _arguments_opening(tools, forced_name)
-    if forced_any:
-        return f'{CALL_OPEN}\n{{"name": "'
-    return ""

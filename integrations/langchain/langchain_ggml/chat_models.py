@@ -19,7 +19,8 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict
 
-from ggml_backend.templates.tool_calls import CALL_CLOSE, ToolCallSplitter, forced_call_prefill, resolve_tool_choice
+from ggml_backend.generation.grammar import forced_call_grammar, grammar_from_response_format
+from ggml_backend.templates.tool_calls import CALL_CLOSE, ToolCallSplitter, resolve_tool_choice
 
 from ._shared import SharedModel, aiter_in_thread, get_shared_model, model_name_of
 
@@ -125,8 +126,9 @@ class ChatGGML(BaseChatModel):
     def with_structured_output(self, schema: dict | type, *, include_raw: bool = False,
                                method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
                                strict: bool | None = None, **kwargs: Any) -> Runnable:
-        """Structured output through a forced tool call ("function_calling", "json_schema"), or by parsing the
-        reply as JSON ("json_mode": the prompt must ask for JSON; nothing constrains the sampler)."""
+        """Structured output through a forced tool call ("function_calling", "json_schema"), constrained to
+        arguments that validate against the schema, or "json_mode": the reply constrained to a JSON object
+        (the prompt should still say what to put in it) and parsed."""
         if method in ("function_calling", "json_schema"):
             return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
         if method != "json_mode":
@@ -134,8 +136,14 @@ class ChatGGML(BaseChatModel):
                              "'json_schema' or 'json_mode'")
         if kwargs:
             raise ValueError(f"Received unsupported arguments {kwargs}")
-        llm = self.bind(ls_structured_output_format={"kwargs": {"method": "json_mode"}, "schema": schema})
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        # JSON mode asks for any JSON object; knowing the schema, the reply is held to it (its keys, their types)
+        json_schema = schema.model_json_schema() if is_pydantic else schema if isinstance(schema, dict) else None
+        response_format = {"type": "json_object"}
+        if json_schema is not None and "properties" in json_schema:
+            response_format["schema"] = json_schema
+        llm = self.bind(response_format=response_format,
+                        ls_structured_output_format={"kwargs": {"method": "json_mode"}, "schema": schema})
         parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         if include_raw:
             parser_assign = RunnablePassthrough.assign(parsed=lambda x: parser.invoke(x["raw"]),
@@ -151,8 +159,12 @@ class ChatGGML(BaseChatModel):
         shared = self._shared_model(kwargs.get("model"))
         llama = shared.llama
         tools = kwargs.get("tools") or None
-        # A forced call: the reply starts with the call's opening text, written by us, not sampled
-        prefill = forced_call_prefill(tools or [], kwargs.get("tool_choice"))
+        # A forced call: the reply starts with the call's opening text, written by us, and the grammar makes the
+        # rest a call whose arguments validate; else a JSON response_format (json_mode) constrains the reply
+        forced = forced_call_grammar(tools or [], kwargs.get("tool_choice"))
+        prefill, grammar = forced if forced is not None else ("", None)
+        if grammar is None:
+            grammar = grammar_from_response_format(kwargs.get("response_format"))
         if kwargs.get("tool_choice") == "none":
             tools = None
         chat_messages = convert_messages(messages)
@@ -172,7 +184,7 @@ class ChatGGML(BaseChatModel):
         pieces = splitter.feed(prefill) if prefill else []
         finish_reason, usage = None, None
         # closed on every exit, also when this generator is closed or dropped mid-stream: the model is freed at once
-        with shared.stream_completion(prompt_tokens, stop=stops, **params) as chunks:
+        with shared.stream_completion(prompt_tokens, stop=stops, grammar=grammar, **params) as chunks:
             for chunk in chunks:
                 choice = chunk["choices"][0]
                 pieces += splitter.feed(choice["text"])

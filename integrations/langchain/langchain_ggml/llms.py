@@ -6,7 +6,9 @@ from typing import Any, AsyncIterator, Iterator
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LLM
 from langchain_core.outputs import GenerationChunk
-from pydantic import ConfigDict
+from pydantic import ConfigDict, PrivateAttr
+
+from ggml_backend.generation.grammar import LlamaGrammar
 
 from ._shared import SharedModel, aiter_in_thread, get_shared_model, model_name_of
 
@@ -47,9 +49,14 @@ class GGMLLLM(LLM):
     """Sampling seed; None or -1: random each call."""
     stop: list[str] | None = None
     """Stop strings: the output ends before the first one."""
+    grammar: str | None = None
+    """A GBNF grammar (llama.cpp's syntax) every completion must follow, as ``LlamaCpp``'s ``grammar``."""
+    grammar_path: str | None = None
+    """A file holding such a grammar (``LlamaCpp``'s ``grammar_path``); give this or ``grammar``, not both."""
     verbose: bool = False
 
     model_config = ConfigDict(protected_namespaces=())
+    _compiled_grammar: LlamaGrammar | None = PrivateAttr(default=None)
 
     # --- LangChain plumbing ----------------------------------------------------------------------------------
     @property
@@ -78,11 +85,18 @@ class GGMLLLM(LLM):
         return get_shared_model(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
                                 verbose=self.verbose)
 
+    def model_post_init(self, __context: Any) -> None:
+        # the grammar is compiled here, so a bad one fails at construction, not at the first call
+        if self.grammar is not None and self.grammar_path is not None:
+            raise ValueError("give grammar or grammar_path, not both")
+        self._compiled_grammar = (LlamaGrammar.from_string(self.grammar) if self.grammar is not None else
+                                  LlamaGrammar.from_file(self.grammar_path) if self.grammar_path is not None else None)
+
     def _completion_kwargs(self, stop: list[str] | None, kwargs: dict) -> dict:
         params = {**self._default_params, **{k: v for k, v in kwargs.items() if k in self._default_params}}
         stops = list(self.stop or []) + list(stop or [])
         seed = params.pop("seed")
-        return {**params, "stop": stops, "seed": None if seed == -1 else seed}
+        return {**params, "stop": stops, "seed": None if seed == -1 else seed, "grammar": self._compiled_grammar}
 
     def _chunks(self, prompt: str, stop: list[str] | None, kwargs: dict) -> Iterator[GenerationChunk]:
         """The completion as GenerationChunks; the last one carries finish_reason and token usage."""
