@@ -146,6 +146,17 @@ def test_stream_never_shows_a_partial_stop_string(llama):
     assert updates[-1] == full and all(full.startswith(u) for u in updates)
 
 
+def test_the_grammar_box_constrains_the_reply(llama):
+    spec = chat.PromptSettings(template=template_store.load_named_template("textgen-chatml"))
+    prompt = spec.build_prompt([], "Is the sky blue?")
+    for seed in (1, 2):
+        settings = GenerationSettings(max_new_tokens=16, temperature=1.0, seed=seed,
+                                      grammar_string='root ::= "Yes." | "No."')
+        assert list(chat.stream_reply(llama, prompt, settings, []))[-1] in ("Yes.", "No.")
+    with pytest.raises(ValueError, match="undefined_rule"):
+        list(chat.stream_reply(llama, prompt, GenerationSettings(grammar_string="root ::= undefined_rule"), []))
+
+
 # ---- the running app ----------------------------------------------------------------------------------------------
 
 def test_api_endpoints_are_named(server):
@@ -154,7 +165,8 @@ def test_api_endpoints_are_named(server):
                  "/copy_last_reply", "/replace_last_reply", "/clear_history", "/load_model", "/save_template"):
         assert name in api
     names = [p["parameter_name"] for p in api["/generate"]["parameters"]]
-    assert names[0] == "message" and {"turn_template", "max_new_tokens", "mode", "ban_eos_token"} <= set(names)
+    assert names[0] == "message" and {"turn_template", "max_new_tokens", "mode", "ban_eos_token",
+                                      "grammar_string"} <= set(names)
 
 
 def test_generate_streams_then_regenerate_and_remove(server):

@@ -194,6 +194,10 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                         settings_inputs["skip_special_tokens"] = gr.Checkbox(
                             value=True, label="Skip special tokens",
                             info="Some specific models need this unset.")
+                        settings_inputs["grammar_string"] = gr.Textbox(
+                            lines=4, value="", label="Grammar", max_length=MAX_FIELD_CHARS,
+                            placeholder='root ::= "yes" | "no"',
+                            info="A GBNF grammar (llama.cpp's syntax) that every reply must follow; empty: none.")
 
             with gr.Tab("Character"):
                 settings_inputs["name1"] = gr.Textbox(value=Character().user_name, label="Your name")

@@ -112,8 +112,12 @@ def stream_reply(llama, prompt: str, settings: GenerationSettings, stops: list[s
     eog = set(llama.tokenizer.eog_ids)
     streamer = TextStreamer(stops)
     skip_special = settings.skip_special_tokens
+    grammar = None
+    if settings.grammar_string.strip():
+        from ggml_backend.generation.grammar import LlamaGrammar
+        grammar = LlamaGrammar.from_string(settings.grammar_string)   # a GrammarError (ValueError) names the fault
     tokens_out = llama.generate_tokens(tokens, params=settings.sampling_params(eog), max_tokens=max_tokens,
-                                       stop_tokens=set() if settings.ban_eos_token else eog)
+                                       stop_tokens=set() if settings.ban_eos_token else eog, grammar=grammar)
     try:
         for token in tokens_out:
             if token in eog and not settings.ban_eos_token:

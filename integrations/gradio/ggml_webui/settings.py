@@ -56,6 +56,7 @@ class GenerationSettings:
     add_bos_token: bool = True
     ban_eos_token: bool = False
     skip_special_tokens: bool = True
+    grammar_string: str = ""            # a GBNF grammar the reply must follow (textgen's "Grammar" box)
 
     @classmethod
     def from_values(cls, values: dict) -> "GenerationSettings":
