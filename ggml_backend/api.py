@@ -938,9 +938,10 @@ class Llama:
         ``response_format`` (``{"type": "json_object"}`` with or without a ``"schema"``, OpenAI's
         ``{"type": "json_schema", "json_schema": {...}}``) or a ``grammar`` constrains the reply; a forced
         ``tool_choice`` ("required" or a named function) constrains it to a call whose arguments validate against
-        the tool's parameters (generation/grammar.py). Our own, keyword-only: ``chat_template`` (a name, file or
+        the tool's parameters, and with "auto" a call that the model starts is held to the same (generation/
+        grammar.py). Our own, keyword-only: ``chat_template`` (a name, file or
         Jinja text for this call), ``repeat_last_n``, ``penalize_nl``."""
-        from .generation.grammar import forced_call_grammar, grammar_from_response_format
+        from .generation.grammar import forced_call_grammar, grammar_from_response_format, tool_call_grammar
         grammar = _as_grammar(grammar)
         format_grammar = grammar_from_response_format(response_format)
         if format_grammar is not None:
@@ -965,6 +966,8 @@ class Llama:
                 raise ValueError("a forced tool_choice constrains the reply already: give no grammar or JSON "
                                  "response_format with it")
             prefill, grammar = forced
+        elif tools and tool_choice != "none" and grammar is None:
+            grammar = tool_call_grammar(tools, self.tokenizer)   # a call the model starts is held to the tools
         if tool_choice == "none":
             tools = None
         prompt_tokens, template_stops, _ = self.render_chat_prompt(messages, template=chat_template, tools=tools)

@@ -108,3 +108,42 @@ def test_the_mask_allows_only_what_continues_the_grammar(qwen):
 def test_grammars_that_cannot_be_used_say_why(make, needle):
     with pytest.raises(GrammarError, match=needle):
         make()
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]}}}
+
+
+def test_a_lazy_tool_grammar_is_free_until_the_call_opens(qwen):
+    from ggml_backend.generation.grammar import tool_call_grammar
+    grammar = tool_call_grammar([WEATHER], qwen.tokenizer)
+    opening, closing = (qwen.tokenize(tag, add_bos=False, special=True)[0] for tag in ("<tool_call>", "</tool_call>"))
+    assert grammar.trigger_token == opening
+    matcher = grammar.matcher(qwen.tokenizer)
+    logits = np.zeros(qwen.n_vocab(), np.float32)
+    for token in qwen.tokenize("Let me check.", add_bos=False):   # free text: nothing masked
+        assert matcher.mask(logits) is logits
+        matcher.accept(token)
+    matcher.accept(opening)                                       # the call opens: now held to the tools
+    allowed = np.isfinite(matcher.mask(logits))
+    assert not allowed[qwen.tokenize("Sure", add_bos=False)[0]]
+    call = qwen.tokenize('\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n', add_bos=False) + [closing]
+    for token in call:
+        assert np.isfinite(matcher.mask(logits)[token])
+        matcher.accept(token)
+    assert matcher.mask(logits) is logits and not matcher.done()   # free again after the call
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_calls_the_model_chooses_to_make_always_validate(qwen, seed):
+    """tool_choice "auto" at temperature 1: the model may answer or call; every call it starts parses, names a
+    tool and has valid arguments."""
+    llm = qwen
+    out = llm.create_chat_completion([{"role": "user", "content": "What's the weather like in Oslo and Rome?"}],
+                                     tools=[WEATHER], temperature=1.0, seed=seed, max_tokens=80)
+    message = out["choices"][0]["message"]
+    for call in message.get("tool_calls") or []:
+        args = json.loads(call["function"]["arguments"])
+        assert call["function"]["name"] == "get_weather" and set(args) == {"city"} and len(args["city"]) <= 40
+    assert "<tool_call>" not in (message["content"] or "")   # no half call left as text

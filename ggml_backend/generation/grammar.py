@@ -41,10 +41,12 @@ def _llguidance():
 class LlamaGrammar:
     """A compiled grammar (llguidance's grammar definition) and where it came from."""
 
-    def __init__(self, definition: str, source: str):
+    def __init__(self, definition: str, source: str, trigger_token: int | None = None):
         self.definition = definition
         self.source = source          # a short description for errors: "GBNF", "JSON schema", ...
-        self._checked_for: "weakref.WeakSet" = weakref.WeakSet()
+        # a lazy grammar: the output is free until this token is sampled, then follows the grammar until it is
+        # complete, then is free again (tool calls that the model chooses to start)
+        self.trigger_token = trigger_token
 
     # --- constructors (llama-cpp-python's names) ----------------------------------------------------------
     @classmethod
@@ -111,8 +113,10 @@ class LlamaGrammar:
             raise GrammarError(f"the {source} cannot be used: {messages[0] if messages else 'invalid'}")
         return cls(definition, source)
 
-    def matcher(self, tokenizer) -> "GrammarMatcher":
+    def matcher(self, tokenizer) -> "GrammarMatcher | LazyGrammarMatcher":
         """The state of one generation under this grammar, for ``tokenizer`` (our Tokenizer)."""
+        if self.trigger_token is not None:
+            return LazyGrammarMatcher(self, tokenizer)
         return GrammarMatcher(self, _ll_tokenizer(tokenizer), tokenizer)
 
     def __repr__(self) -> str:
@@ -188,6 +192,36 @@ class GrammarMatcher:
         return self._matcher.is_stopped()
 
 
+class LazyGrammarMatcher:
+    """A lazy grammar's state: the output is free (the logits pass untouched) until the trigger token is sampled;
+    from the next token on it follows the grammar, and once the grammar is complete it is free again, waiting for
+    the next trigger. A generation under it never ends because of it (``done`` is always False)."""
+
+    def __init__(self, grammar: LlamaGrammar, tokenizer):
+        self.grammar = grammar
+        self._tokenizer = tokenizer
+        self._active: GrammarMatcher | None = None
+
+    def prepare(self) -> None:
+        if self._active is not None:
+            self._active.prepare()
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        return logits if self._active is None else self._active.mask(logits)
+
+    def accept(self, token: int) -> None:
+        if self._active is None:
+            if token == self.grammar.trigger_token:
+                self._active = GrammarMatcher(self.grammar, _ll_tokenizer(self._tokenizer), self._tokenizer)
+            return
+        self._active.accept(token)
+        if self._active.done():
+            self._active = None
+
+    def done(self) -> bool:
+        return False
+
+
 _EXECUTOR = None
 
 
@@ -261,23 +295,53 @@ def forced_call_grammar(tools: list[dict], tool_choice) -> tuple[str, LlamaGramm
     if not forced_any:
         return None
 
-    def schema_of(tool: dict) -> str:
-        schema = dict(tool["function"].get("parameters") or {"type": "object", "properties": {}})
-        # a call's arguments are the declared parameters only (OpenAI's strict mode), unless the schema says
-        # otherwise: left open, a small model fills the object with keys copied from the schema itself
-        schema.setdefault("additionalProperties", False)
-        return json.dumps(schema, ensure_ascii=False)
-
     by_name = {tool["function"]["name"]: tool for tool in tools}
     if forced_name is not None:
         prefill = f'{CALL_OPEN}\n{{"name": "{forced_name}", "arguments": '
-        lark = f'start: %json {schema_of(by_name[forced_name])} "}}"'
+        lark = f'start: %json {_parameters_schema(by_name[forced_name])} "}}"'
     else:
         prefill = f'{CALL_OPEN}\n{{"name": "'
         branches = [f'{json.dumps(name + chr(34) + ", " + chr(34) + "arguments" + chr(34) + ": ")} '
-                    f'%json {schema_of(tool)}' for name, tool in by_name.items()]
+                    f'%json {_parameters_schema(tool)}' for name, tool in by_name.items()]
         lark = "start: (" + " | ".join(branches) + ') "}"'
     try:
         return prefill, LlamaGrammar.from_lark(lark)
     except GrammarError as exc:
         raise GrammarError(f"the tools' parameter schemas cannot constrain a call: {exc}") from None
+
+
+def tool_call_grammar(tools: list[dict], tokenizer) -> LlamaGrammar | None:
+    """The lazy grammar of tool calls the model may choose to make (``tool_choice`` "auto"): once it writes the
+    ``<tool_call>`` token, the block must be ``{"name": <a tool>, "arguments": <valid against that tool's
+    parameters>}`` and its closing tag, so a call that is started always parses. None when the vocabulary writes
+    either tag in several tokens (the reply is then parsed leniently, unconstrained)."""
+    from ..templates.tool_calls import CALL_CLOSE, CALL_OPEN
+    if not tools:
+        return None
+    opening = tokenizer.encode(CALL_OPEN, add_bos=False, special=True)
+    closing = tokenizer.encode(CALL_CLOSE, add_bos=False, special=True)
+    if len(opening) != 1 or len(closing) != 1:
+        return None
+    rules, names = [], []
+    for index, tool in enumerate(tools):
+        name = tool["function"]["name"]
+        rules.append(f'call_{index}: {json.dumps(name + chr(34) + ", " + chr(34) + "arguments" + chr(34) + ": ")} '
+                     f'%json {_parameters_schema(tool)}')
+        names.append(f"call_{index}")
+    lark = (f'start: /[ \\t\\n]*/ "{{\\"name\\": \\"" ({" | ".join(names)}) "}}" /[ \\t\\n]*/ <[{closing[0]}]>\n'
+            + "\n".join(rules) + "\n")
+    try:
+        grammar = LlamaGrammar.from_lark(lark)
+    except GrammarError as exc:
+        raise GrammarError(f"the tools' parameter schemas cannot constrain a call: {exc}") from None
+    grammar.trigger_token = opening[0]
+    return grammar
+
+
+def _parameters_schema(tool: dict) -> str:
+    """A tool's parameters schema as JSON; a call's arguments are the declared parameters only (OpenAI's strict
+    mode) unless the schema says otherwise: left open, a small model fills the object with keys copied from the
+    schema itself."""
+    schema = dict(tool["function"].get("parameters") or {"type": "object", "properties": {}})
+    schema.setdefault("additionalProperties", False)
+    return json.dumps(schema, ensure_ascii=False)

@@ -19,7 +19,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict
 
-from ggml_backend.generation.grammar import forced_call_grammar, grammar_from_response_format
+from ggml_backend.generation.grammar import forced_call_grammar, grammar_from_response_format, tool_call_grammar
 from ggml_backend.templates.tool_calls import CALL_CLOSE, ToolCallSplitter, resolve_tool_choice
 
 from ._shared import SharedModel, aiter_in_thread, get_shared_model, model_name_of
@@ -165,6 +165,8 @@ class ChatGGML(BaseChatModel):
         prefill, grammar = forced if forced is not None else ("", None)
         if grammar is None:
             grammar = grammar_from_response_format(kwargs.get("response_format"))
+        if grammar is None and tools and kwargs.get("tool_choice") != "none":
+            grammar = tool_call_grammar(tools, llama.tokenizer)   # a call the model starts is held to the tools
         if kwargs.get("tool_choice") == "none":
             tools = None
         chat_messages = convert_messages(messages)
