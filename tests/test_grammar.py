@@ -3,6 +3,7 @@ parses, on the real model at temperature 0.8 over several seeds."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,8 +18,11 @@ PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 20},
     "age": {"type": "integer", "minimum": 0, "maximum": 120},
     "role": {"enum": ["admin", "user", "guest"]},
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3}},
-    "required": ["name", "age", "role", "tags"], "additionalProperties": False}
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3},
+    "address": {"type": "object", "properties": {"country": {"enum": ["NO", "IT", "JP"]},
+                                                 "zip": {"type": "string", "pattern": "^[0-9]{4}$"}},
+                "required": ["country", "zip"], "additionalProperties": False}},
+    "required": ["name", "age", "role", "tags", "address"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +57,10 @@ def chat_prompt(text: str) -> str:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_json_schema_output_always_validates(qwen, seed):
     text = constrained(qwen, chat_prompt("Describe a made-up user as JSON."), LlamaGrammar.from_json_schema(PERSON),
-                       seed)
+                       seed, max_tokens=160)
     data = json.loads(text)
-    assert set(data) == {"name", "age", "role", "tags"}
+    assert set(data) == {"name", "age", "role", "tags", "address"}
+    assert data["address"]["country"] in ("NO", "IT", "JP") and re.fullmatch(r"[0-9]{4}", data["address"]["zip"])
     assert isinstance(data["name"], str) and len(data["name"]) <= 20
     assert isinstance(data["age"], int) and 0 <= data["age"] <= 120
     assert data["role"] in ("admin", "user", "guest")
