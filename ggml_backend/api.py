@@ -228,6 +228,10 @@ class Llama:
         self._pooling_type = resolve_pooling(pooling_type, self.model_file.metadata)
         self.last_n_tokens_size = last_n_tokens_size
         self.spm_infill = bool(spm_infill)
+        # llama-cpp-python's flags for recurrent (Mamba) and hybrid (Falcon-H1) models, whose state cannot be
+        # truncated to a prefix; this engine runs neither kind, so its KV cache always can be
+        self._is_recurrent = False
+        self._is_hybrid = False
         self._closed = False
         self._new_context_state()
         self.load_time_s = time.perf_counter() - t0
@@ -659,7 +663,7 @@ class Llama:
         if self._cache is not None:
             state = self._cache.lookup(tokens, self.input_ids[:self.n_tokens])
             if state is not None:
-                self._load_state_now(state)
+                self.load_state(state)   # the public method, as llama-cpp-python (on this worker: runs at once)
         self._prepare_prompt(tokens)
         produced = 0
         while max_tokens is None or max_tokens <= 0 or produced < max_tokens:

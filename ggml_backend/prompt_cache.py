@@ -34,7 +34,8 @@ class _PrefixCache:
     generation evaluates its prompt and when it ends) and llama-cpp-python's mapping interface
     (``cache[tokens]`` gives the state sharing the longest prefix, ``cache[tokens] = state``, ``tokens in cache``,
     ``cache_size``). A saved state is used only when it shares at least ``min_gain`` more prompt tokens than
-    the model's live KV cache does (loading a state costs a copy)."""
+    the model's live KV cache does: by default 1, llama-cpp-python's rule (any longer prefix is loaded); a larger
+    ``min_gain`` (ours) skips loads that save only a few tokens' evaluation (loading a state costs a copy)."""
 
     def __init__(self, capacity_bytes: int, capacity_states: int | None, min_gain: int):
         if capacity_bytes < 1:
@@ -116,7 +117,7 @@ class LlamaRAMCache(_PrefixCache):
     """Saved ``LlamaState``s in memory, least recently used dropped first beyond ``capacity_bytes`` (llama-cpp-
     python's default, 2 GiB) or ``capacity_states`` states (ours; None: no count limit)."""
 
-    def __init__(self, capacity_bytes: int = 2 << 30, *, capacity_states: int | None = None, min_gain: int = 8):
+    def __init__(self, capacity_bytes: int = 2 << 30, *, capacity_states: int | None = None, min_gain: int = 1):
         super().__init__(capacity_bytes, capacity_states, min_gain)
         self._states: dict = {}
 
@@ -135,7 +136,7 @@ class LlamaDiskCache(_PrefixCache):
     ``capacity_bytes``. States a previous process left there are not reused (only what this cache stored)."""
 
     def __init__(self, cache_dir: str = ".cache/llama_cache", capacity_bytes: int = 2 << 30, *,
-                 capacity_states: int | None = None, min_gain: int = 8):
+                 capacity_states: int | None = None, min_gain: int = 1):
         super().__init__(capacity_bytes, capacity_states, min_gain)
         self.cache_dir = str(cache_dir)
         os.makedirs(self.cache_dir, exist_ok=True)
