@@ -17,7 +17,7 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from ggml_backend.generation.grammar import forced_call_grammar, grammar_from_response_format, tool_call_grammar
 from ggml_backend.templates.tool_calls import CALL_CLOSE, ToolCallSplitter, resolve_tool_choice
@@ -66,6 +66,8 @@ class ChatGGML(LlamaCppParams, BaseChatModel):
     """Inert: LangChain's standard parameter for remote APIs; a local model has no request to time out."""
     max_retries: int | None = None
     """Inert: LangChain's standard parameter for remote APIs; a local model has no request to retry."""
+    api_key: Any = Field(default=None, exclude=True, repr=False)
+    """Inert: LangChain's standard parameter for remote APIs; a local model needs no key."""
 
     model_config = ConfigDict(protected_namespaces=())
 
