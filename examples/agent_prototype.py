@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = [t for t in make_tasks(directory) if args.tasks is None or t.name in args.tasks]
     results: dict[str, list[AgentRun]] = {}
     if not args.report:
-        chat = ChatGGML(model_path=args.model, n_ctx=args.n_ctx, max_tokens=args.max_tokens, temperature=0)
+        # no repetition penalty: tool calls repeat names and numbers (ChatLlamaCpp's default 1.1 derails the 0.5B
+        # model's second step)
+        chat = ChatGGML(model_path=args.model, n_ctx=args.n_ctx, max_tokens=args.max_tokens, temperature=0,
+                        repeat_penalty=1.0)
         for task in tasks:
             run = run_agent(chat, task.prompt, args.max_steps)
             results[task.name] = [run]
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"  completed: {run.completes(task)}")
         return results
     chat = ChatGGML(model_path=args.model, n_ctx=args.n_ctx, max_tokens=args.max_tokens,
-                    temperature=args.temperature)
+                    temperature=args.temperature, repeat_penalty=1.0)
     for task in tasks:
         results[task.name] = [run_agent(chat, task.prompt, args.max_steps, seed=seed) for seed in range(args.runs)]
         done = sum(run.completes(task) for run in results[task.name])

@@ -164,3 +164,55 @@ def test_structured_output_through_a_tool_call(chat):
     raw = chat.with_structured_output(Person, include_raw=True).invoke("Alice is 31 years old.")
     assert raw["parsed"] == Person(name="Alice", age=31) and raw["parsing_error"] is None
     assert json.loads(json.dumps(raw["raw"].tool_calls[0]["args"])) == {"name": "Alice", "age": 31}
+
+
+# --- ChatLlamaCpp's constructor parameters --------------------------------------------------------------------
+def test_streaming_invoke_sends_every_token_to_callbacks():
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Recorder(BaseCallbackHandler):
+        def __init__(self):
+            self.tokens: list[str] = []
+
+        def on_llm_new_token(self, token: str, **kwargs) -> None:
+            self.tokens.append(token)
+
+    recorder = Recorder()
+    chat = ChatGGML(n_ctx=N_CTX, max_tokens=6, temperature=0, callbacks=[recorder], verbose=False)
+    assert chat.streaming is True   # ChatLlamaCpp's default
+    reply = chat.invoke("Say hello.")
+    assert len([t for t in recorder.tokens if t]) > 1 and "".join(recorder.tokens) == reply.content
+    quiet = Recorder()
+    still = ChatGGML(n_ctx=N_CTX, max_tokens=6, temperature=0, callbacks=[quiet], streaming=False, verbose=False)
+    assert still.invoke("Say hello.").content == reply.content and quiet.tokens == []
+
+
+def test_construction_checks_and_client(tmp_path):
+    from ggml_backend import Llama
+    chat = ChatGGML(n_ctx=N_CTX, verbose=False)
+    assert isinstance(chat.client, Llama) and chat.client.n_ctx() == N_CTX
+    assert (chat.n_batch, chat.seed, chat.repeat_penalty, chat.max_tokens, chat.temperature) == (512, -1, 1.1, 256, 0.8)
+    with pytest.raises(ValueError, match="Could not load the model from path"):
+        ChatGGML(model_path=str(tmp_path / "missing.gguf"))
+    # inert ones are accepted and share the model; LangChain's standard timeout / max_retries too
+    same = ChatGGML(n_ctx=N_CTX, f16_kv=False, n_gpu_layers=99, use_mlock=True, timeout=30, max_retries=3,
+                    verbose=False)
+    assert same.client is chat.client
+    assert ChatGGML(n_ctx=N_CTX, model_kwargs={"chat_format": "chatml"}, verbose=False).client.chat_format == "chatml"
+    with pytest.raises(TypeError, match="unknown Llama parameter"):
+        ChatGGML(n_ctx=N_CTX, model_kwargs={"bogus": True})
+    for refused, message in (({"suffix": "x"}, "text-completion"), ({"echo": True}, "text-completion"),
+                             ({"vocab_only": True}, "vocab_only"), ({"lora_path": "a.bin"}, "LoRA")):
+        with pytest.raises(ValueError, match=message):
+            ChatGGML(n_ctx=N_CTX, verbose=False, **refused)
+
+
+def test_grammar_holds_every_reply_and_logprobs_come_in_chat_shape():
+    chat = ChatGGML(n_ctx=N_CTX, max_tokens=4, temperature=1.0, grammar='root ::= "yes" | "no"', verbose=False)
+    assert chat.invoke("Is water wet?").content in ("yes", "no")
+    with pytest.raises(ValueError, match="give one or the other"):
+        chat.bind_tools([add], tool_choice="add").invoke("1 + 2?")
+    result = ChatGGML(n_ctx=N_CTX, max_tokens=3, temperature=0, logprobs=2, verbose=False).generate(
+        [[HumanMessage("Say hi.")]])
+    content = result.generations[0][0].generation_info["logprobs"]["content"]
+    assert len(content) == 3 and all(len(entry["top_logprobs"]) == 2 for entry in content)

@@ -48,7 +48,7 @@ class TokenRecorder(BaseCallbackHandler):
 
 
 def test_invoke_is_the_engine_completion(llm, solo):
-    engine = llm.shared_model.llama.create_completion(PROMPT_A, max_tokens=MAX_TOKENS, temperature=0)
+    engine = llm.client.create_completion(PROMPT_A, max_tokens=MAX_TOKENS, temperature=0, repeat_penalty=1.1)
     assert solo[PROMPT_A] == engine["choices"][0]["text"]
     assert "return" in solo[PROMPT_A]   # the model does answer: reversing a string is one return statement
 
@@ -166,11 +166,13 @@ def test_an_abandoned_stream_does_not_block_other_threads(llm, solo):
     assert not worker.is_alive() and result[-1] == solo[PROMPT_A]
 
 
-def test_instances_share_one_model_and_load_lazily(llm):
-    other = GGMLLLM(n_ctx=N_CTX, max_tokens=3, temperature=0.5)
-    assert other.shared_model is llm.shared_model
+def test_instances_share_one_model(llm):
+    # settings that change nothing here (inert ones, sampling ones) do not load the model again
+    other = GGMLLLM(n_ctx=N_CTX, max_tokens=3, temperature=0.5, n_gpu_layers=35, use_mlock=True, f16_kv=False,
+                    seed=7, last_n_tokens_size=32, verbose=False)
+    assert other.shared_model is llm.shared_model and other.client is llm.client
     n_loaded = len(_shared._models)
-    GGMLLLM(n_ctx=N_CTX + 1)   # constructing loads nothing
+    GGMLLLM(n_ctx=N_CTX, model_kwargs={"n_ubatch": 64, "logits_all": False})
     assert len(_shared._models) == n_loaded
 
 
@@ -179,8 +181,7 @@ def test_identity_and_validation():
     assert llm._llm_type == "ggml"
     params = llm._identifying_params
     assert params["temperature"] == 0.3 and params["max_tokens"] == 5 and params["n_ctx"] == N_CTX
-    with pytest.raises(FileNotFoundError):
-        GGMLLLM(model_path="/nonexistent/model.gguf").invoke("x")
+    assert llm._default_params["repeat_penalty"] == 1.1   # LlamaCpp's defaults
 
 
 def test_grammar_and_grammar_path_constrain_every_completion(tmp_path):
@@ -198,3 +199,109 @@ def test_grammar_and_grammar_path_constrain_every_completion(tmp_path):
         GGMLLLM(grammar="root ::= undefined_rule")
     with pytest.raises(ValueError, match="not both"):
         GGMLLLM(grammar='root ::= "a"', grammar_path=str(grammar_file))
+
+
+# --- LlamaCpp's constructor parameters ------------------------------------------------------------------------
+def test_streaming_invoke_sends_every_token_to_callbacks(solo):
+    """LlamaCpp streams to callbacks on invoke whenever streaming=True (its default); streaming=False does not."""
+    recorder = TokenRecorder()
+    llm = GGMLLLM(n_ctx=N_CTX, max_tokens=MAX_TOKENS, temperature=0, callbacks=[recorder])
+    assert llm.streaming is True
+    assert llm.invoke(PROMPT_A) == solo[PROMPT_A]
+    assert len([t for t in recorder.tokens if t]) > 1 and "".join(recorder.tokens) == solo[PROMPT_A]
+    result = llm.generate([PROMPT_B])
+    info = result.generations[0][0].generation_info
+    assert result.generations[0][0].text == solo[PROMPT_B] and info["finish_reason"] == "length"
+    assert info["usage"]["completion_tokens"] == MAX_TOKENS
+
+    quiet = TokenRecorder()
+    llm = GGMLLLM(n_ctx=N_CTX, max_tokens=MAX_TOKENS, temperature=0, streaming=False, callbacks=[quiet])
+    assert llm.invoke(PROMPT_A) == solo[PROMPT_A]
+    assert quiet.tokens == []
+
+    async_recorder = TokenRecorder()
+    llm = GGMLLLM(n_ctx=N_CTX, max_tokens=MAX_TOKENS, temperature=0, callbacks=[async_recorder])
+    assert asyncio.run(llm.ainvoke(PROMPT_B)) == solo[PROMPT_B]
+    assert "".join(async_recorder.tokens) == solo[PROMPT_B]
+
+
+def test_bad_model_path_fails_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="Could not load the model from path.*not found"):
+        GGMLLLM(model_path="/nonexistent/model.gguf")
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    with pytest.raises(ValueError, match="Could not load the model from path"):
+        GGMLLLM(model_path=str(corrupt))
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("hello")
+    with pytest.raises(ValueError, match="Could not load the model from path"):
+        GGMLLLM(model_path=str(not_a_model))
+
+
+def test_client_is_the_loaded_llama(llm):
+    from ggml_backend import Llama
+    assert isinstance(llm.client, Llama) and llm.client is llm.shared_model.llama
+    assert llm.client.n_ctx() == N_CTX
+    # a Llama handed in is used as is
+    other = GGMLLLM(client=llm.client, max_tokens=MAX_TOKENS, temperature=0)
+    assert other.client is llm.client and other.model_path == llm.client.model_path
+    with pytest.raises(ValueError, match="client must be a ggml_backend.Llama"):
+        GGMLLLM(client="not a model")
+
+
+def test_model_kwargs_reach_llama_and_unknown_ones_raise():
+    llm = GGMLLLM(n_ctx=N_CTX, model_kwargs={"chat_format": "chatml"}, verbose=False)
+    assert llm.client.chat_format == "chatml"
+    with pytest.warns(UserWarning, match="transferred to model_kwargs"):   # as LlamaCpp: unknown fields go there
+        moved = GGMLLLM(n_ctx=N_CTX, chat_format="llama-2", verbose=False)
+    assert moved.model_kwargs == {"chat_format": "llama-2"} and moved.client.chat_format == "llama-2"
+    with pytest.warns(UserWarning, match="should be specified explicitly"):   # a field named in model_kwargs
+        assert GGMLLLM(n_ctx=N_CTX, model_kwargs={"top_k": 7}, verbose=False).top_k == 7
+    with pytest.raises(TypeError, match="unknown Llama parameter.*'bogus'"):
+        GGMLLLM(n_ctx=N_CTX, model_kwargs={"bogus": 1})
+    with pytest.raises(TypeError, match="unknown Llama parameter.*'max_token'"), pytest.warns(UserWarning):
+        GGMLLLM(n_ctx=N_CTX, max_token=4)   # a typo is an error, not a silently ignored argument
+    with pytest.raises(TypeError, match="max_token"):
+        GGMLLLM(n_ctx=N_CTX, verbose=False).invoke(PROMPT_A, max_token=4)   # a call's unknown argument too
+
+
+def test_inert_parameters_are_accepted(llm):
+    inert = GGMLLLM(n_ctx=N_CTX, max_tokens=MAX_TOKENS, temperature=0, f16_kv=False, n_gpu_layers=-1,
+                    use_mlock=True, use_mmap=False, n_parts=1, verbose=False)
+    assert inert.client is llm.client
+    defaults = GGMLLLM(n_ctx=N_CTX, verbose=False)
+    assert (defaults.f16_kv, defaults.n_parts, defaults.n_gpu_layers, defaults.use_mmap) == (True, -1, None, True)
+    # LlamaCpp's rope defaults (10000, 1) mean the model's own values; others are passed on
+    assert defaults.llama_params()["rope_freq_base"] == 0.0 and defaults.llama_params()["rope_freq_scale"] == 0.0
+    assert GGMLLLM(client=llm.client, rope_freq_base=20000.0).llama_params()["rope_freq_base"] == 20000.0
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"vocab_only": True}, "vocab_only"), ({"lora_path": "adapter.bin"}, "LoRA"),
+    ({"lora_base": "base.gguf"}, "LoRA"), ({"n_parts": 2}, "one part")])
+def test_what_cannot_be_honoured_is_refused_at_construction(setting, message):
+    with pytest.raises(ValueError, match=message):
+        GGMLLLM(n_ctx=N_CTX, verbose=False, **setting)
+
+
+def test_seed_is_set_once_and_calls_draw_on(llm):
+    """As LlamaCpp's seed (llama_cpp.Llama(seed=...)): calls differ, a run of calls reproduces."""
+    def run():
+        sampled = GGMLLLM(client=llm.client, max_tokens=4, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0,
+                          seed=1234)
+        return [sampled.invoke(PROMPT_B) for _ in range(3)]
+    first = run()
+    assert run() == first
+    assert len(set(first)) > 1
+
+
+def test_echo_logprobs_and_suffix(llm, solo):
+    echoed = GGMLLLM(client=llm.client, max_tokens=MAX_TOKENS, temperature=0, echo=True).invoke(PROMPT_A)
+    assert echoed == PROMPT_A + solo[PROMPT_A]
+    result = GGMLLLM(client=llm.client, max_tokens=4, temperature=0, logprobs=2).generate([PROMPT_A])
+    logprobs = result.generations[0][0].generation_info["logprobs"]
+    assert len(logprobs["tokens"]) == 4 and all(len(top) == 2 for top in logprobs["top_logprobs"])
+    # suffix: a fill-in-the-middle prompt (Qwen2.5-Coder has the FIM tokens)
+    middle = GGMLLLM(client=llm.client, max_tokens=8, temperature=0, suffix="\n    return total\n").invoke(
+        "def add(a, b):\n")
+    assert isinstance(middle, str) and middle

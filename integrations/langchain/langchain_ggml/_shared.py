@@ -8,6 +8,7 @@ LangChain code tends to build many model objects (one per chain, per ``bind``), 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
 from pathlib import Path
@@ -32,6 +33,8 @@ class SharedModel:
 
     def __init__(self, llama: Llama):
         self.llama = llama
+        if getattr(llama, "_cache", None) is not None:
+            return   # a caller's Llama with a prompt cache of its own keeps it
         llama.set_cache(LlamaRAMCache(capacity_states=PROMPT_CACHE_SLOTS, min_gain=_MIN_PREFIX_GAIN))
 
     @property
@@ -63,16 +66,75 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> str:
     return str(path.resolve())
 
 
+#: ``Llama`` parameters that change nothing here (CPU only, weights memory-mapped): not part of a shared model's key
+_INERT_LLAMA_PARAMS = frozenset({"verbose", "n_gpu_layers", "main_gpu", "tensor_split", "use_mmap", "use_mlock",
+                                 "n_ubatch", "offload_kqv", "flash_attn", "op_offload", "swa_full", "no_perf"})
+_LLAMA_DEFAULTS = {name: p.default for name, p in inspect.signature(Llama.__init__).parameters.items()
+                   if p.default is not inspect.Parameter.empty}
+
+
+def _key_value(value: Any) -> Any:
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
 def get_shared_model(model_path: str | os.PathLike | None, *, n_ctx: int, n_threads: int | None = None,
-                     n_batch: int = 512, verbose: bool = False) -> SharedModel:
-    """The process-wide model for these settings, loaded on first use."""
-    path = resolve_model_path(model_path)
-    key = (path, int(n_ctx), n_threads, int(n_batch))
+                     n_batch: int = 512, verbose: bool = False, **llama_kwargs: Any) -> SharedModel:
+    """The process-wide model for these settings, loaded on first use.
+
+    ``llama_kwargs``: more ``Llama(...)`` parameters; those at their default or without effect here do not keep
+    instances from sharing a model. A missing or unloadable file, or a setting ``Llama`` refuses
+    (``NotImplementedError``), is a ValueError naming the file; an unknown parameter a TypeError."""
+    unknown = sorted(set(llama_kwargs) - set(_LLAMA_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown Llama parameter(s) {', '.join(map(repr, unknown))} (from model_kwargs or an "
+                        "unknown constructor argument); ggml_backend.Llama takes llama-cpp-python's parameters")
+    try:
+        path = resolve_model_path(model_path)
+    except FileNotFoundError as exc:
+        raise ValueError(f"Could not load the model from path {model_path}: {exc}") from exc
+    extra = tuple(sorted((name, _key_value(value)) for name, value in llama_kwargs.items()
+                         if name not in _INERT_LLAMA_PARAMS and not _same(value, _LLAMA_DEFAULTS[name])))
+    key = (path, int(n_ctx), n_threads, int(n_batch), extra)
     with _models_lock:   # loading under the lock: two threads asking at once must not load the file twice
         shared = _models.get(key)
         if shared is None:
-            shared = SharedModel(Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, verbose=verbose))
+            try:
+                llama = Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, verbose=verbose,
+                              **llama_kwargs)
+            except TypeError:
+                raise
+            except NotImplementedError as exc:
+                raise ValueError(str(exc)) from exc
+            except Exception as exc:   # noqa: BLE001 - a missing, truncated or corrupt file, as LlamaCpp words it
+                raise ValueError(f"Could not load the model from path {path}: {exc}") from exc
+            shared = SharedModel(llama)
             _models[key] = shared
+            _by_llama[id(llama)] = shared
+        return shared
+
+
+def _same(value: Any, default: Any) -> bool:
+    try:
+        return bool(value == default) and type(value) is type(default) or value is default
+    except Exception:   # noqa: BLE001 - arrays and the like: not equal to a default
+        return False
+
+
+_by_llama: dict[int, SharedModel] = {}
+
+
+def shared_model_of(llama: Llama) -> SharedModel:
+    """The SharedModel of a ``Llama`` handed in by the caller (``client=``): the one already made for it, else a
+    new one (which gives it a prompt cache if it has none)."""
+    with _models_lock:
+        shared = _by_llama.get(id(llama))
+        if shared is None or shared.llama is not llama:
+            shared = SharedModel(llama)
+            _by_llama[id(llama)] = shared
         return shared
 
 
@@ -80,6 +142,7 @@ def clear_model_cache() -> None:
     """Forget every shared model (they are freed once no instance uses them)."""
     with _models_lock:
         _models.clear()
+        _by_llama.clear()
 
 
 _DONE = object()

@@ -17,16 +17,22 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from ggml_backend.generation.grammar import forced_call_grammar, grammar_from_response_format, tool_call_grammar
 from ggml_backend.templates.tool_calls import CALL_CLOSE, ToolCallSplitter, resolve_tool_choice
 
-from ._shared import SharedModel, aiter_in_thread, get_shared_model, model_name_of
+from ggml_backend.api import _chat_logprobs
+
+from ._params import LlamaCppParams
+from ._shared import SharedModel, aiter_in_thread, model_name_of
+
+#: a call's arguments ChatGGML reads itself; the others go to ``create_completion``
+_CHAT_ONLY_KWARGS = frozenset({"tools", "tool_choice", "response_format", "chat_template", "model", "grammar"})
 
 
 
-class ChatGGML(BaseChatModel):
+class ChatGGML(LlamaCppParams, BaseChatModel):
     """Chat with a GGUF/GGML model file run by ggml_backend (pure Python, CPU).
 
     Messages are rendered with the model file's own chat template (Jinja, in a sandbox), or ``chat_template`` (a
@@ -43,34 +49,25 @@ class ChatGGML(BaseChatModel):
 
             chat = ChatGGML(temperature=0, max_tokens=128)   # model_path=None: the default Qwen2.5-Coder-0.5B
             chat.invoke([("system", "Answer briefly."), ("human", "What is a Python generator?")])
+
+    A drop-in for LangChain's ``ChatLlamaCpp``: its constructor parameters with the same names, defaults and
+    meaning (see ``LlamaCppParams`` and the README's table); the model is loaded at construction and exposed as
+    ``client``, shared with other instances of the same model settings. ``grammar`` / ``grammar_path`` hold
+    every reply to a GBNF grammar (then no tool call is parsed out of a reply unless the grammar writes one;
+    with a forced tool call or JSON mode, which have their own grammar, it is an error). ``suffix`` and
+    ``echo`` (text-completion settings that ``ChatLlamaCpp`` accepts and never uses) are refused when set.
     """
 
-    model_path: str | None = None
-    """Path of the .gguf / ggml .bin file; None means the default model (Qwen2.5-Coder-0.5B-Instruct)."""
-    n_ctx: int = 2048
-    """Context size in tokens (prompt + reply)."""
-    n_threads: int | None = None
-    """CPU threads for evaluation; None: all cores."""
-    n_batch: int = 512
-    """Prompt tokens evaluated per forward pass."""
-    n_gpu_layers: int = 0
-    """Accepted for llama.cpp compatibility; this engine runs on the CPU."""
     chat_template: str | None = None
     """None: the model file's template (ChatML if it has none); else a built-in name, a file, or Jinja text."""
-    temperature: float = 0.2
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    max_tokens: int | None = 512
+    max_tokens: int | None = 256
     """Most tokens in a reply; None or <= 0: until the model ends its turn."""
-    seed: int | None = None
-    """Sampling seed; None or -1: random each call."""
-    stop: list[str] | None = None
-    """Stop strings: the reply ends before the first one."""
-    streaming: bool = False
-    """Generate through ``_stream`` even on ``invoke`` (callbacks then see every token)."""
-    verbose: bool = False
+    timeout: float | None = None
+    """Inert: LangChain's standard parameter for remote APIs; a local model has no request to time out."""
+    max_retries: int | None = None
+    """Inert: LangChain's standard parameter for remote APIs; a local model has no request to retry."""
+    api_key: Any = Field(default=None, exclude=True, repr=False)
+    """Inert: LangChain's standard parameter for remote APIs; a local model needs no key."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -82,7 +79,15 @@ class ChatGGML(BaseChatModel):
     @property
     def _default_params(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                "repeat_penalty": self.repeat_penalty, "max_tokens": self.max_tokens, "seed": self.seed}
+                "repeat_penalty": self.repeat_penalty, "max_tokens": self.max_tokens, "seed": self.seed,
+                "logprobs": self.logprobs}
+
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        for name, value, default in (("suffix", self.suffix, None), ("echo", self.echo, False)):
+            if value != default:
+                raise ValueError(f"{name}={value!r} is a text-completion setting that a chat reply has no use for "
+                                 "(ChatLlamaCpp accepts it and never uses it); use GGMLLLM for it")
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -103,13 +108,10 @@ class ChatGGML(BaseChatModel):
         return params
 
     def _shared_model(self, model_path: str | None = None) -> SharedModel:
-        return get_shared_model(model_path or self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                                n_batch=self.n_batch, verbose=self.verbose)
-
-    @property
-    def shared_model(self) -> SharedModel:
-        """The loaded model these settings name (loaded now if this is its first use in the process)."""
-        return self._shared_model()
+        """This instance's model, or (a call's ``model=``) another file with the same settings."""
+        if model_path is None or model_path == self.model_path:
+            return self.shared_model
+        return self._load(model_path)
 
     # --- tools -------------------------------------------------------------------------------------------------
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
@@ -165,6 +167,12 @@ class ChatGGML(BaseChatModel):
         prefill, grammar = forced if forced is not None else ("", None)
         if grammar is None:
             grammar = grammar_from_response_format(kwargs.get("response_format"))
+        own_grammar = kwargs.get("grammar", self._compiled_grammar)
+        if own_grammar is not None:
+            if grammar is not None:
+                raise ValueError("grammar holds every reply to its own rules; a forced tool call or a JSON "
+                                 "response_format needs its own grammar: give one or the other")
+            grammar = own_grammar
         if grammar is None and tools and kwargs.get("tool_choice") != "none":
             grammar = tool_call_grammar(tools, llama.tokenizer)   # a call the model starts is held to the tools
         if kwargs.get("tool_choice") == "none":
@@ -178,9 +186,12 @@ class ChatGGML(BaseChatModel):
         if prefill:
             stops.append(CALL_CLOSE)   # one forced call, then the reply is over
 
-        params = {**self._default_params, **{k: v for k, v in kwargs.items() if k in self._default_params}}
-        if params.get("seed") == -1:
-            params["seed"] = None
+        # the call's other arguments go to create_completion (an unknown one is its TypeError)
+        params = {**self._default_params, "repeat_last_n": self.last_n_tokens_size,
+                  **{k: v for k, v in kwargs.items() if k not in _CHAT_ONLY_KWARGS}}
+        params["seed"] = self._call_seed(kwargs.get("seed"))
+        n_top = params.get("logprobs")
+        pending_logprobs: list[dict] = []
         splitter = ToolCallSplitter(parse_calls=bool(tools),
                                      tool_names=[tool["function"]["name"] for tool in tools or []])
         pieces = splitter.feed(prefill) if prefill else []
@@ -190,14 +201,19 @@ class ChatGGML(BaseChatModel):
             for chunk in chunks:
                 choice = chunk["choices"][0]
                 pieces += splitter.feed(choice["text"])
+                if n_top is not None and choice.get("logprobs"):
+                    pending_logprobs.append(_chat_logprobs(choice["logprobs"], n_top))
                 if choice["finish_reason"] is not None:
                     finish_reason, usage = choice["finish_reason"], chunk["usage"]
                     if prefill and finish_reason == "stop" and splitter.in_call:
                         pieces += splitter.feed(CALL_CLOSE)   # the stop string that ended the forced call
-                yield from (_piece_to_chunk(piece) for piece in pieces)
+                for piece in pieces:
+                    yield _piece_to_chunk(piece, pending_logprobs)
+                    pending_logprobs = []
                 pieces = []
         for piece in splitter.finish():
-            yield _piece_to_chunk(piece)
+            yield _piece_to_chunk(piece, pending_logprobs)
+            pending_logprobs = []
         if splitter.n_calls and finish_reason == "stop":
             finish_reason = "tool_calls"
         yield ChatGenerationChunk(
@@ -207,7 +223,8 @@ class ChatGGML(BaseChatModel):
                                 "total_tokens": usage["total_tokens"]},
                 response_metadata={"model_name": shared.model_name, "finish_reason": finish_reason,
                                    "model_provider": "ggml"}),
-            generation_info={"finish_reason": finish_reason})
+            generation_info={"finish_reason": finish_reason,
+                             **({"logprobs": _join_logprobs(pending_logprobs)} if pending_logprobs else {})})
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
@@ -293,11 +310,19 @@ def _convert_message(message: BaseMessage) -> dict:
     raise ValueError(f"ChatGGML cannot send a {type(message).__name__} to the model")
 
 
-def _piece_to_chunk(piece: tuple[str, Any]) -> ChatGenerationChunk:
+def _join_logprobs(parts: list[dict]) -> dict:
+    return {"content": [entry for part in parts for entry in part["content"]]}
+
+
+def _piece_to_chunk(piece: tuple[str, Any], logprobs: list[dict] | None = None) -> ChatGenerationChunk:
+    """A text piece or a complete tool call as a chunk; ``logprobs``: the chat-shaped log-probabilities of the
+    tokens generated since the last chunk (in generation_info, as ChatLlamaCpp's)."""
+    info = {"logprobs": _join_logprobs(logprobs)} if logprobs else None
     kind, value = piece
     if kind == "text":
-        return ChatGenerationChunk(message=AIMessageChunk(content=value))
+        return ChatGenerationChunk(message=AIMessageChunk(content=value), generation_info=info)
     call_id = f"call_{uuid.uuid4().hex[:24]}"
     return ChatGenerationChunk(message=AIMessageChunk(
         content="", tool_call_chunks=[tool_call_chunk(name=value["name"], id=call_id, index=None,
-                                                      args=json.dumps(value["arguments"], ensure_ascii=False))]))
+                                                      args=json.dumps(value["arguments"], ensure_ascii=False))]),
+        generation_info=info)

@@ -5,15 +5,14 @@ from typing import Any, AsyncIterator, Iterator
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LLM
-from langchain_core.outputs import GenerationChunk
-from pydantic import ConfigDict, PrivateAttr
+from langchain_core.outputs import GenerationChunk, LLMResult
+from pydantic import ConfigDict
 
-from ggml_backend.generation.grammar import LlamaGrammar
+from ._params import LlamaCppParams
+from ._shared import aiter_in_thread, model_name_of
 
-from ._shared import SharedModel, aiter_in_thread, get_shared_model, model_name_of
 
-
-class GGMLLLM(LLM):
+class GGMLLLM(LlamaCppParams, LLM):
     """Text completion with a GGUF/GGML model file run by ggml_backend (pure Python, CPU).
 
     Example:
@@ -24,39 +23,18 @@ class GGMLLLM(LLM):
             llm = GGMLLLM(max_tokens=64, temperature=0)      # model_path=None: the default Qwen2.5-Coder-0.5B
             llm.invoke("def fibonacci(n):")
 
-    Instances with the same ``model_path``, ``n_ctx``, ``n_threads`` and ``n_batch`` share one loaded model (loaded
-    on first use, not at construction); calls from many threads are served one at a time.
+    A drop-in for LangChain's ``LlamaCpp``: its constructor parameters with the same names, defaults and meaning
+    (see ``LlamaCppParams`` and the README's table; those that tune llama.cpp's GPU or memory use are accepted and
+    inert, those this engine cannot honour are refused at construction). The model is loaded at construction and
+    exposed as ``client`` (a ``ggml_backend.Llama``); instances with the same model settings share it, and calls
+    from many threads are served one at a time. ``streaming=True`` (the default) makes ``invoke`` generate
+    through the stream, so callbacks' ``on_llm_new_token`` see every token.
     """
 
-    model_path: str | None = None
-    """Path of the .gguf / ggml .bin file; None means the default model (Qwen2.5-Coder-0.5B-Instruct)."""
-    n_ctx: int = 2048
-    """Context size in tokens (prompt + completion)."""
-    n_threads: int | None = None
-    """CPU threads for evaluation; None: all cores."""
-    n_batch: int = 512
-    """Prompt tokens evaluated per forward pass."""
-    n_gpu_layers: int = 0
-    """Accepted for llama.cpp compatibility; this engine runs on the CPU."""
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    max_tokens: int | None = 256
-    """Most tokens to generate; None or <= 0: until the model stops (the context shifts when full)."""
-    seed: int | None = None
-    """Sampling seed; None or -1: random each call."""
-    stop: list[str] | None = None
-    """Stop strings: the output ends before the first one."""
-    grammar: str | None = None
-    """A GBNF grammar (llama.cpp's syntax) every completion must follow, as ``LlamaCpp``'s ``grammar``."""
-    grammar_path: str | None = None
-    """A file holding such a grammar (``LlamaCpp``'s ``grammar_path``); give this or ``grammar``, not both."""
-    verbose: bool = False
+    stop: list[str] | None = []
+    """Stop strings: the output ends before the first one (a call's ``stop`` adds to these)."""
 
     model_config = ConfigDict(protected_namespaces=())
-    _compiled_grammar: LlamaGrammar | None = PrivateAttr(default=None)
 
     # --- LangChain plumbing ----------------------------------------------------------------------------------
     @property
@@ -65,8 +43,9 @@ class GGMLLLM(LLM):
 
     @property
     def _default_params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                "repeat_penalty": self.repeat_penalty, "max_tokens": self.max_tokens, "seed": self.seed}
+        return {"suffix": self.suffix, "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p, "logprobs": self.logprobs,
+                "echo": self.echo, "repeat_penalty": self.repeat_penalty, "seed": self.seed}
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -79,40 +58,33 @@ class GGMLLLM(LLM):
         return params
 
     # --- generation ------------------------------------------------------------------------------------------
-    @property
-    def shared_model(self) -> SharedModel:
-        """The loaded model these settings name (loaded now if this is its first use in the process)."""
-        return get_shared_model(self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
-                                verbose=self.verbose)
-
-    def model_post_init(self, __context: Any) -> None:
-        # the grammar is compiled here, so a bad one fails at construction, not at the first call
-        if self.grammar is not None and self.grammar_path is not None:
-            raise ValueError("give grammar or grammar_path, not both")
-        self._compiled_grammar = (LlamaGrammar.from_string(self.grammar) if self.grammar is not None else
-                                  LlamaGrammar.from_file(self.grammar_path) if self.grammar_path is not None else None)
-
     def _completion_kwargs(self, stop: list[str] | None, kwargs: dict) -> dict:
-        params = {**self._default_params, **{k: v for k, v in kwargs.items() if k in self._default_params}}
-        stops = list(self.stop or []) + list(stop or [])
-        seed = params.pop("seed")
-        return {**params, "stop": stops, "seed": None if seed == -1 else seed, "grammar": self._compiled_grammar}
+        """``create_completion`` arguments: the instance's, then the call's (any of ``create_completion``'s: an
+        unknown one is its TypeError, as llama-cpp-python's)."""
+        params = {**self._default_params, "repeat_last_n": self.last_n_tokens_size,
+                  "grammar": self._compiled_grammar, **kwargs}
+        params["seed"] = self._call_seed(kwargs.get("seed"))
+        params["stop"] = list(self.stop or []) + list(stop or [])
+        return params
 
     def _chunks(self, prompt: str, stop: list[str] | None, kwargs: dict) -> Iterator[GenerationChunk]:
-        """The completion as GenerationChunks; the last one carries finish_reason and token usage."""
+        """The completion as GenerationChunks (with ``logprobs`` in generation_info when asked); the last one
+        carries finish_reason and token usage."""
         shared = self.shared_model
         llama = shared.llama
+        completion_kwargs = self._completion_kwargs(stop, kwargs)
+        want_logprobs = completion_kwargs.get("logprobs") is not None
         prompt_tokens = llama.tokenize(prompt, add_bos=llama.tokenizer.add_bos, special=True)
         # closed on every exit, also when this generator is closed or dropped mid-stream: the model is freed at once
-        with shared.stream_completion(prompt_tokens, **self._completion_kwargs(stop, kwargs)) as chunks:
+        with shared.stream_completion(prompt_tokens, **completion_kwargs) as chunks:
             for chunk in chunks:
                 choice = chunk["choices"][0]
-                info = None
+                info = {"logprobs": choice.get("logprobs")} if want_logprobs else {}
                 if choice["finish_reason"] is not None:
-                    info = {"finish_reason": choice["finish_reason"], "usage": chunk.get("usage"),
-                            "model_name": shared.model_name}
+                    info.update(finish_reason=choice["finish_reason"], usage=chunk.get("usage"),
+                                model_name=shared.model_name)
                 if choice["text"] or info:
-                    yield GenerationChunk(text=choice["text"], generation_info=info)
+                    yield GenerationChunk(text=choice["text"], generation_info=info or None)
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
@@ -129,14 +101,38 @@ class GGMLLLM(LLM):
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        """Each prompt's completion, through ``_stream`` (callbacks see every token) when ``streaming``; the
+        generation keeps finish_reason, usage and logprobs."""
+        generations = []
+        for prompt in prompts:
+            chunks = (self._stream(prompt, stop, run_manager, **kwargs) if self.streaming
+                      else self._chunks(prompt, stop, kwargs))
+            generations.append([_merge(chunks)])
+        return LLMResult(generations=generations)
+
+    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        generations = []
+        for prompt in prompts:
+            if self.streaming:
+                chunks = [chunk async for chunk in self._astream(prompt, stop, run_manager, **kwargs)]
+            else:
+                chunks = [chunk async for chunk in aiter_in_thread(lambda: self._chunks(prompt, stop, kwargs))]
+            generations.append([_merge(chunks)])
+        return LLMResult(generations=generations)
+
     def _call(self, prompt: str, stop: list[str] | None = None,
               run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
-        return "".join(chunk.text for chunk in self._chunks(prompt, stop, kwargs))
-
-    async def _acall(self, prompt: str, stop: list[str] | None = None,
-                     run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
-        parts = [chunk.text async for chunk in aiter_in_thread(lambda: self._chunks(prompt, stop, kwargs))]
-        return "".join(parts)
+        return self._generate([prompt], stop, run_manager, **kwargs).generations[0][0].text
 
     def get_num_tokens(self, text: str) -> int:
         return len(self.shared_model.llama.tokenize(text, add_bos=False, special=False))
+
+
+def _merge(chunks) -> GenerationChunk:
+    merged = GenerationChunk(text="")
+    for chunk in chunks:
+        merged += chunk
+    return merged
