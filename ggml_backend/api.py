@@ -947,6 +947,15 @@ class Llama:
         Jinja text for this call), ``repeat_last_n``, ``penalize_nl``."""
         from .generation.grammar import forced_call_grammar, grammar_from_response_format, tool_call_grammar
         grammar = _as_grammar(grammar)
+        if (chat_template or self.chat_format) == "chatml-function-calling":
+            return self._chatml_function_calling(
+                messages, functions, function_call, tools, tool_choice, stream, grammar, response_format,
+                dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p, stop=stop,
+                     seed=seed, max_tokens=max_tokens, presence_penalty=presence_penalty,
+                     frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, tfs_z=tfs_z,
+                     mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+                     model=model, logits_processor=logits_processor, logit_bias=logit_bias,
+                     repeat_last_n=repeat_last_n, penalize_nl=penalize_nl), logprobs)
         format_grammar = grammar_from_response_format(response_format)
         if format_grammar is not None:
             if grammar is not None:
@@ -990,6 +999,22 @@ class Llama:
         chat_id = f"chatcmpl-{uuid.uuid4()}"
         chunks = Stream(self._chat_stream(completion, chat_id, tools, prefill, int(top_logprobs or 0)), completion)
         return chunks if stream else collect_chat(chunks)
+
+    def _chatml_function_calling(self, messages, functions, function_call, tools, tool_choice, stream, grammar,
+                                 response_format, sampling, logprobs):
+        """``chat_format="chatml-function-calling"``: llama-cpp-python's protocol (see function_calling.py)."""
+        from . import function_calling
+        if grammar is not None or (response_format or {}).get("type", "text") != "text" or logprobs:
+            raise _not_supported("grammar/response_format/logprobs", "with chatml-function-calling",
+                                 "this chat format constrains each step itself and reports no logprobs")
+        if functions is not None:
+            if tools is not None:
+                raise ValueError("give tools or the legacy functions, not both")
+            tools = [{"type": "function", "function": f} for f in functions]
+            if function_call is not None and tool_choice is None:
+                tool_choice = (function_call if isinstance(function_call, str)
+                               else {"type": "function", "function": {"name": function_call["name"]}})
+        return function_calling.chat_completion(self, messages, tools, tool_choice or "auto", stream, sampling)
 
     @staticmethod
     def _chat_stream(chunks, chat_id, tools, prefill: str, n_top: int):

@@ -257,6 +257,8 @@ _REGISTRY: dict[str, Callable[[], ChatTemplate]] = {
     "vicuna": _textgen_builtin("vicuna"),
     "textgen-chatml": _textgen_builtin("textgen-chatml"),
     "raw": RawTemplate,
+    # plain ChatML when rendered as a template; create_chat_completion runs its tool protocol (function_calling.py)
+    "chatml-function-calling": lambda: ChatMLTemplate(name="chatml-function-calling"),
     **{name: _format_builtin(name) for name in LLAMA_CPP_FORMATS},
 }
 
