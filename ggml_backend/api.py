@@ -961,15 +961,7 @@ class Llama:
             if grammar is not None:
                 raise ValueError("give grammar or a JSON response_format, not both")
             grammar = format_grammar
-        if functions is not None:
-            if tools is not None:
-                raise ValueError("give tools or the legacy functions, not both")
-            tools = [{"type": "function", "function": f} for f in functions]
-            if function_call is not None and tool_choice is None:
-                tool_choice = (function_call if isinstance(function_call, str)
-                               else {"type": "function", "function": {"name": function_call["name"]}})
-        elif function_call is not None:
-            raise ValueError("function_call needs functions")
+        tools, tool_choice = _legacy_functions(functions, function_call, tools, tool_choice)
         import uuid
         from .templates.tool_calls import CALL_CLOSE
         forced = forced_call_grammar(tools or [], tool_choice)   # a ValueError for a choice naming no tool
@@ -1007,13 +999,7 @@ class Llama:
         if grammar is not None or (response_format or {}).get("type", "text") != "text" or logprobs:
             raise _not_supported("grammar/response_format/logprobs", "with chatml-function-calling",
                                  "this chat format constrains each step itself and reports no logprobs")
-        if functions is not None:
-            if tools is not None:
-                raise ValueError("give tools or the legacy functions, not both")
-            tools = [{"type": "function", "function": f} for f in functions]
-            if function_call is not None and tool_choice is None:
-                tool_choice = (function_call if isinstance(function_call, str)
-                               else {"type": "function", "function": {"name": function_call["name"]}})
+        tools, tool_choice = _legacy_functions(functions, function_call, tools, tool_choice)
         return function_calling.chat_completion(self, messages, tools, tool_choice or "auto", stream, sampling)
 
     @staticmethod
@@ -1087,6 +1073,21 @@ def _metadata_string(value) -> str:
                 parts.append(_metadata_string(item))
         return "[" + ", ".join(parts) + "]"
     return str(value)
+
+
+def _legacy_functions(functions, function_call, tools, tool_choice):
+    """(tools, tool_choice) with OpenAI's legacy ``functions`` / ``function_call`` mapped onto them."""
+    if functions is None:
+        if function_call is not None:
+            raise ValueError("function_call needs functions")
+        return tools, tool_choice
+    if tools is not None:
+        raise ValueError("give tools or the legacy functions, not both")
+    tools = [{"type": "function", "function": f} for f in functions]
+    if function_call is not None and tool_choice is None:
+        tool_choice = (function_call if isinstance(function_call, str)
+                       else {"type": "function", "function": {"name": function_call["name"]}})
+    return tools, tool_choice
 
 
 def _tool_call(call: dict) -> dict:
