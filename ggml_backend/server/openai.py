@@ -82,12 +82,17 @@ def _stream_options(body: Body) -> bool:
     return Body(options).bool("include_usage", default=False)
 
 
+async def _generation_request(request: Request):
+    """(the checked body, the pool of the model it names) of a completion or chat request."""
+    body = Body(await read_json(request))
+    pool = await _registry(request).pool(body.data.get("model"))
+    _unsupported(body)
+    return body, pool
+
+
 @router.post("/v1/completions")
 async def completions(request: Request):
-    body = Body(await read_json(request))
-    registry = _registry(request)
-    pool = await registry.pool(body.data.get("model"))
-    _unsupported(body)
+    body, pool = await _generation_request(request)
     prompt = body.data.get("prompt", "")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -114,10 +119,7 @@ async def completions(request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    body = Body(await read_json(request))
-    registry = _registry(request)
-    pool = await registry.pool(body.data.get("model"))
-    _unsupported(body)
+    body, pool = await _generation_request(request)
     messages = body.data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
