@@ -10,7 +10,7 @@ import pytest
 
 from refdata import synthetic_file
 
-pexpect = pytest.importorskip("pexpect")
+pexpect = pytest.importorskip("pexpect", reason="pexpect (a dev dependency) drives the interactive CLI through a terminal")
 
 ANSI_USER_INPUT = "\x1b[1m\x1b[32m"     # written just before the program waits for the user (with --color)
 TIMINGS = "llama_print_timings:       total time"

@@ -47,7 +47,7 @@ def test_convert_matches_gguf_twin(tmp_path, type_name, capsys):
 
 
 def test_converted_file_reads_in_gguf_py(tmp_path):
-    gguf = pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf", reason="gguf (gguf-py, a dev dependency) writes the reference files these tests compare with")
     out = tmp_path / "q4_K_M.gguf"
     assert main(["convert", str(synthetic_file("q4_K_M", "ggml")), str(out), "--context-length", "4096",
                  "--name", "tiny"]) == 0

@@ -15,7 +15,7 @@ from ggml_backend.formats import (CorruptFileError, GGUFValueType, UnsupportedVe
                                   write_gguf)
 from refdata import real_model, synthetic_file, synthetic_gguf_files, synthetic_types
 
-gguf = pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf", reason="gguf (gguf-py, a dev dependency) writes the reference files these tests compare with")
 
 
 def _plain(value):

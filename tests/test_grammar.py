@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-pytest.importorskip("llguidance")
+pytest.importorskip("llguidance", reason="llguidance, the grammar engine, is a dependency of the package: reinstall it")
 
 from ggml_backend import Llama  # noqa: E402
 from ggml_backend.generation import Sampler, SamplingParams  # noqa: E402

@@ -216,3 +216,13 @@ def test_grammar_holds_every_reply_and_logprobs_come_in_chat_shape():
         [[HumanMessage("Say hi.")]])
     content = result.generations[0][0].generation_info["logprobs"]["content"]
     assert len(content) == 3 and all(len(entry["top_logprobs"]) == 2 for entry in content)
+
+
+def test_model_at_call_time_chooses_another_model_file(chat):
+    """``model=`` at invoke time runs another model file (the standard suite's own override test skips: it wants
+    the value inside model_name, which is the file's stem here)."""
+    from ggml_backend.default_model import gemma_model_path
+    gemma = str(gemma_model_path())
+    reply = chat.invoke("Say hi.", model=gemma, max_tokens=4)
+    assert reply.response_metadata["model_name"] == Path(gemma).stem
+    assert chat.invoke("Say hi.", max_tokens=4).response_metadata["model_name"] != Path(gemma).stem

@@ -14,7 +14,7 @@ import pytest
 from ggml_backend import quant
 from refdata import SYNTHETIC_DIR, full_synthetic_set
 
-gguf = pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf", reason="gguf (gguf-py, a dev dependency) writes the reference files these tests compare with")
 from gguf import GGUFReader  # noqa: E402
 
 SYNTHETIC = sorted(glob.glob(str(SYNTHETIC_DIR / "*.gguf")))

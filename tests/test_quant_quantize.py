@@ -7,7 +7,7 @@ import pytest
 
 from ggml_backend import quant
 
-gguf = pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf", reason="gguf (gguf-py, a dev dependency) writes the reference files these tests compare with")
 
 GGUF_PY_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16", "f32"]
 

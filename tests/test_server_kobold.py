@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("sse_starlette")
+httpx = pytest.importorskip("httpx", reason="httpx (a dev dependency: pip install -e '.[dev]') is the HTTP client these server tests speak through")
+pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
+pytest.importorskip("sse_starlette", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
 
 from ggml_backend import Llama  # noqa: E402
 

@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("sse_starlette")
+openai = pytest.importorskip("openai", reason="the openai package (a dev dependency) is the real client these tests drive the server with")
+httpx = pytest.importorskip("httpx", reason="httpx (a dev dependency: pip install -e '.[dev]') is the HTTP client these server tests speak through")
+pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
+pytest.importorskip("sse_starlette", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
 
 from ggml_backend import Llama  # noqa: E402
 from ggml_backend.server import ModelConfig  # noqa: E402
@@ -167,7 +167,7 @@ def test_tool_choice_forces_a_call(client):
 
 
 def test_langchain_chat_openai(server):
-    langchain_openai = pytest.importorskip("langchain_openai")
+    langchain_openai = pytest.importorskip("langchain_openai", reason="langchain-openai (a dev dependency) is the real LangChain client of the server")
     from langchain_core.tools import tool
 
     @tool
@@ -403,7 +403,7 @@ def test_response_format_constrains_the_reply(client, server):
     reply = client.chat.completions.create(model="qwen", messages=chat("A JSON object about a cat, please."),
                                            max_tokens=60, response_format={"type": "json_object"}, **GREEDY)
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
-    langchain_openai = pytest.importorskip("langchain_openai")
+    langchain_openai = pytest.importorskip("langchain_openai", reason="langchain-openai (a dev dependency) is the real LangChain client of the server")
     from pydantic import BaseModel
 
     class Person(BaseModel):

@@ -62,7 +62,7 @@ def test_synthetic_spm_matches_llama_cpp(tiny, synthetic_reference):
 
 
 def test_synthetic_spm_matches_sentencepiece(tiny):
-    sentencepiece = pytest.importorskip("sentencepiece")
+    sentencepiece = pytest.importorskip("sentencepiece", reason="sentencepiece (a dev dependency) is the reference SPM tokenizer")
     processor = sentencepiece.SentencePieceProcessor(model_file=str(require_synthetic() / "spm.model"))
     rng = random.Random(1234)
     alphabet = "abcdefghij klmnopqrstuvwxyz ABCXYZ 0123456789 .,;:!?()[]{}=_\n\té日本🦙—“"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 gr = pytest.importorskip("gradio", reason="the web UI needs gradio (pip install 'ggml-backend[gradio]')")
-gradio_client = pytest.importorskip("gradio_client")
+gradio_client = pytest.importorskip("gradio_client", reason="gradio_client (a dev dependency) drives the running web UI")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "gradio"))
 
