@@ -14,6 +14,7 @@ import numpy as np
 from .formats import load
 from .generation import validate
 from .model.forward import Model
+from .model.kv_cache import cache_type
 from .model.validate import build_hparams, build_tokenizer, check_memory
 from .quant.matmul import BLAS_MIN_TOKENS
 from .scheduler import Scheduler, Stream, TokenStream
@@ -135,11 +136,12 @@ class Llama:
     means a random seed. Accepted and inert, because this engine runs on the CPU with its own memory layout:
     ``n_gpu_layers``, ``main_gpu``, ``tensor_split``, ``use_mmap`` (the file is always memory-mapped),
     ``use_mlock``, ``n_ubatch``, ``n_threads_batch`` (``n_threads`` serves both), ``offload_kqv``, ``flash_attn``,
-    ``op_offload``, ``swa_full``, ``no_perf``, ``lora_scale`` (without ``lora_path``), ``type_k``/``type_v`` of
-    f32 or f16 (the KV cache is float32). Refused with ``NotImplementedError`` when not at their default:
+    ``op_offload``, ``swa_full``, ``no_perf``, ``lora_scale`` (without ``lora_path``). ``type_k``/``type_v``: the KV
+    cache's types, ggml type ids or names: f16 (1, the default, as llama.cpp's), f32 (0) or q8_0 (8; llama.cpp
+    takes a q8_0 ``type_v`` only with flash attention, we take it always). Refused with ``NotImplementedError`` when not at their default:
     ``split_mode``, ``vocab_only``, ``kv_overrides``, ``rope_scaling_type``, ``pooling_type``, ``attention_type``,
     the ``yarn_*`` settings, ``lora_base``/``lora_path``, ``numa``, ``chat_handler``, ``draft_model``,
-    ``tokenizer``, other ``type_k``/``type_v``. ``embedding`` and ``pooling_type`` are the embeddings API's
+    ``tokenizer``; other ``type_k``/``type_v`` are a ValueError. ``embedding`` and ``pooling_type`` are the embeddings API's
     (``embed``, ``create_embedding``; pooling -1 means the file's ``<arch>.pooling_type``, else none).
     Our own: ``n_head_kv`` and ``rms_norm_eps`` for legacy GGML files, which carry neither: ``n_head_kv``
     defaults to what the ``wk`` tensor's shape implies and ``rms_norm_eps`` to 5e-6 (llama.cpp's converter);
@@ -194,9 +196,8 @@ class Llama:
         for name, (value, default, why) in refused.items():
             if value != default:
                 raise _not_supported(name, value, why)
-        for name, value in (("type_k", type_k), ("type_v", type_v)):
-            if value not in (None, 0, 1):   # GGML_TYPE_F32, GGML_TYPE_F16: our float32 cache is at least as exact
-                raise _not_supported(name, value, "the KV cache is float32")
+        # the KV cache's types, as ggml type ids (llama-cpp-python) or llama.cpp's names ("f16", "q8_0")
+        self._cache_types = (cache_type(type_k, "type_k"), cache_type(type_v, "type_v"))
         last_n_tokens_size = validate.integer("last_n_tokens_size", last_n_tokens_size, low=0)
         if n_threads is None and n_threads_batch is not None:
             n_threads = n_threads_batch
@@ -213,7 +214,7 @@ class Llama:
         # one validation pass over the file's hyper-parameters and tensors, and the memory asked, before allocating
         self.hparams = build_hparams(self.model_file, rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
         self._n_ctx = n_ctx or self.hparams.n_ctx_train
-        check_memory(self.hparams, self._n_ctx, min(n_batch, self._n_ctx), logits_all,
+        check_memory(self.hparams, self._n_ctx, min(n_batch, self._n_ctx), logits_all, self._cache_types,
                      context=None if n_ctx else f"n_ctx=0 (the file's context length {self._n_ctx})")
         self.model = Model(self.model_file, self.hparams)
         self.tokenizer = build_tokenizer(self.model_file)
@@ -247,7 +248,7 @@ class Llama:
     def _new_context_state(self) -> None:
         """What each context has of its own: KV cache, evaluated tokens, logits, worker thread, prompt cache."""
         self.n_batch = int(min(self.n_batch, self._n_ctx))
-        self.cache = self.model.new_cache(self._n_ctx)
+        self.cache = self.model.new_cache(self._n_ctx, *self._cache_types)
         self.input_ids = np.zeros(self._n_ctx, dtype=np.int64)
         # how each position's keys/values were computed (_INT_NUMERICS, _BATCH_NUMERICS or _NO_FRESH_NUMERICS):
         # what decides whether a later prompt may reuse them (reusable_prefix)
@@ -271,11 +272,11 @@ class Llama:
             n_ctx = self._n_ctx
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
-        check_memory(self.hparams, int(n_ctx), min(self.n_batch, int(n_ctx)), self.logits_all)
+        check_memory(self.hparams, int(n_ctx), min(self.n_batch, int(n_ctx)), self.logits_all, self._cache_types)
         other = object.__new__(type(self))
         shared = ("model_path", "verbose", "model_file", "metadata", "hparams", "model", "tokenizer", "n_batch",
                   "n_threads", "seed", "_seed", "logits_all", "chat_format", "_file_template", "last_n_tokens_size",
-                  "spm_infill", "_metadata_strings", "_closed", "embedding", "_pooling_type")
+                  "spm_infill", "_metadata_strings", "_closed", "embedding", "_pooling_type", "_cache_types")
         for name in shared:
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]

@@ -104,7 +104,8 @@ def test_llama_cpp_python_parameters_are_all_there():
 
 @pytest.mark.parametrize("kwargs", [dict(lora_path="x.bin"), dict(numa=True), dict(split_mode=2),
                                     dict(kv_overrides={"a": 1}), dict(yarn_ext_factor=1.0),
-                                    dict(draft_model=object()), dict(type_k=8), dict(chat_handler=print)])
+                                    dict(draft_model=object()), dict(type_k=2), dict(type_v=30),
+                                    dict(chat_handler=print)])
 def test_constructor_refuses_what_it_cannot_honour(kwargs):
     with pytest.raises(NotImplementedError, match=next(iter(kwargs))):
         Llama(verbose=False, **kwargs)
@@ -113,7 +114,8 @@ def test_constructor_refuses_what_it_cannot_honour(kwargs):
 def test_inert_constructor_parameters_are_accepted():
     llm = Llama(n_ctx=32, verbose=False, n_gpu_layers=-1, main_gpu=0, tensor_split=[1.0], use_mmap=False,
                 use_mlock=True, offload_kqv=False, flash_attn=True, n_ubatch=64, n_threads_batch=2, no_perf=True,
-                type_k=1, type_v=1, op_offload=False, swa_full=True)
+                type_k=8, type_v=0, op_offload=False, swa_full=True)
+    assert (llm.cache.type_k, llm.cache.type_v) == ("q8_0", "f32")
     assert llm.n_ctx() == 32
     llm.close()
 

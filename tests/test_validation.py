@@ -148,5 +148,6 @@ def test_memory_estimate_of_the_default_context_is_modest():
     from ggml_backend.model.validate import build_hparams, memory_needed
     hp = build_hparams(ggml_backend.load(synthetic_file("q4_0")))
     needs = memory_needed(hp, 2048, 512, logits_all=False)
-    assert needs["KV cache"] == 4 * 8 * 2048 * (32 + 32) * 4          # n_layer * n_head_kv * n_ctx * dims * f32
+    assert needs["KV cache"] == 4 * 8 * 2048 * (32 + 32) * 2          # n_layer * n_head_kv * n_ctx * dims * f16
+    assert memory_needed(hp, 2048, 512, False, ("q8_0", "f32"))["KV cache"] == 4 * 8 * 2048 * 32 * (34 / 32 + 4)
     assert sum(needs.values()) < 64 << 20

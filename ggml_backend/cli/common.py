@@ -13,6 +13,7 @@ import time
 
 from ..api import Llama
 from ..generation import Sampler, SamplingParams
+from ..model.kv_cache import CACHE_TYPES
 
 # llama.cpp's console colors (common/console.cpp)
 ANSI_RESET = "\x1b[0m"
@@ -43,6 +44,10 @@ def add_model_arguments(parser) -> None:
     add_option(parser, "--rope-freq-base", type=float, default=0.0, help="RoPE base frequency (0 = from the file)")
     add_option(parser, "--rope-freq-scale", type=float, default=0.0,
                help="RoPE frequency scaling factor (0 = from the file)")
+    add_option(parser, "-ctk", "--cache-type-k", default="f16", choices=CACHE_TYPES,
+               help="KV cache type of the keys: f16 (default, as llama.cpp), f32 or q8_0")
+    add_option(parser, "-ctv", "--cache-type-v", default="f16", choices=CACHE_TYPES,
+               help="KV cache type of the values: f16 (default, as llama.cpp), f32 or q8_0")
     add_option(parser, "--gqa", type=int, default=None,
                help="grouped-query attention factor n_head/n_head_kv (GGML files; e.g. 8 for LLaMA-2 70B)")
     add_option(parser, "--chat-template", default=None,
@@ -246,7 +251,7 @@ def load_model(args, log: InfoLog) -> TimedLlama:
     return TimedLlama(model_path, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                       n_gpu_layers=0, seed=args.seed, rope_freq_base=args.rope_freq_base,
                       rope_freq_scale=args.rope_freq_scale, verbose=log.enabled, chat_format=args.chat_template,
-                      n_head_kv=n_head_kv)
+                      n_head_kv=n_head_kv, type_k=args.cache_type_k, type_v=args.cache_type_v)
 
 
 def eog_bias(llm: Llama) -> dict[int, float]:

@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 
+from ..model.kv_cache import CACHE_TYPES
 from ..server.config import (DEFAULT_MAX_BODY_BYTES, DEFAULT_N_CTX, DEFAULT_N_PARALLEL, DEFAULT_QUEUE_LIMIT,
                              ModelConfig)
 
@@ -25,6 +26,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_N_CTX, metavar="N",
                         help=f"context of all slots together, each slot gets N / -np (default {DEFAULT_N_CTX})")
     parser.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: all cores)")
+    parser.add_argument("-ctk", "--cache-type-k", default="f16", choices=CACHE_TYPES,
+                        help="KV cache type of the keys: f16 (default), f32 or q8_0")
+    parser.add_argument("-ctv", "--cache-type-v", default="f16", choices=CACHE_TYPES,
+                        help="KV cache type of the values: f16 (default), f32 or q8_0")
     parser.add_argument("-np", "--parallel", type=int, default=DEFAULT_N_PARALLEL, metavar="N",
                         help=f"slots: requests in flight at once (default {DEFAULT_N_PARALLEL})")
     parser.add_argument("--api-key", default=None, metavar="KEY",
@@ -62,7 +67,8 @@ def build_config(args):
     if args.models and (args.model or args.alias):
         raise ValueError("--models lists the models; do not also give -m/--alias")
     defaults = ModelConfig(alias=args.alias or _alias_of(args.model), path=args.model, n_ctx=args.ctx_size,
-                           n_parallel=args.parallel, chat_template=args.chat_template, n_threads=args.threads)
+                           n_parallel=args.parallel, chat_template=args.chat_template, n_threads=args.threads,
+                           cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     models = load_models_file(args.models, defaults) if args.models else [defaults]
     api_key = args.api_key or os.environ.get("GGML_BACKEND_API_KEY") or None
     generated = False

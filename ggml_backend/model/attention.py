@@ -5,17 +5,22 @@ kernels (and summation orders) for different matrix sizes, and a prompt evaluate
 the numbers of the same prompt evaluated on top of a cached prefix. With this kernel it does, so prompt caching
 never changes what a fixed seed generates.
 
-The arithmetic follows ggml's (llama.cpp without flash attention): q rounded to f16 (done by the caller), keys and
-values stored f16-rounded, scores = q.k * scale, softmax with the sum in float64 and a multiplication by its
-reciprocal, probabilities rounded to f16, then probabilities . values.
+The arithmetic follows ggml's (llama.cpp without flash attention), by cache type (model/kv_cache.py):
+scores = q.k * scale, where q meets the keys in the keys' own precision as ggml's matrix product converts it
+(f16 keys: q rounded to f16; q8_0 keys: q quantized to q8_0, its blocks' integer dot products with the keys'
+weighted by the two scales, which is the product of the dequantized vectors; f32 keys: q as it is); softmax with the sum in float64 and a multiplication by its reciprocal; probabilities rounded to f16 when
+the values are f16; then probabilities . values. (llama.cpp keeps q8_0 values only with flash attention, which
+weights dequantized values the same way up to float rounding.)
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from ..quant.activations import _round_bits_to_f16
-from ..quant.simd import float_from_bits
+from ..quant import dequantize, quantize
+from ..quant.activations import _round_bits_to_f16, round_to_f16_inplace
+from ..quant.simd import float_from_bits, half_to_float
 
 _LOG2_E = np.float32(1.4426950408889634)
 _LN2_HIGH = np.float32(0.693359375)            # ln 2 in two parts: n * _LN2_HIGH is exact for |n| < 2**12
@@ -42,6 +47,63 @@ def _exp_non_positive(x):
     return p * float_from_bits((np.int32(n) + 127) << 23)
 
 
+def _score(q, t, h, keys, kv_head, j):
+    """q[t, h] . key j of head kv_head, in the keys' storage type (overloaded below)."""
+
+
+def _accumulate(acc, p, values, kv_head, j):
+    """acc += p * value j of head kv_head (overloaded below)."""
+
+
+def _round_probabilities(probs, values):
+    """Round the attention weights to f16 when the values are f16 (ggml converts them for the f16 product)."""
+
+
+@overload(_score, inline="always")
+def _score_overload(q, t, h, keys, kv_head, j):
+    if keys.dtype == types.float32:
+        def score(q, t, h, keys, kv_head, j):
+            s = np.float32(0.0)
+            for d in range(keys.shape[2]):
+                s += q[t, h, d] * keys[kv_head, j, d]
+            return s
+    elif keys.dtype == types.uint16:
+        def score(q, t, h, keys, kv_head, j):
+            s = np.float32(0.0)
+            for d in range(keys.shape[2]):
+                s += q[t, h, d] * half_to_float(keys[kv_head, j, d])
+            return s
+    else:
+        return None
+    return score
+
+
+@overload(_accumulate, inline="always")
+def _accumulate_overload(acc, p, values, kv_head, j):
+    if values.dtype == types.float32:
+        def accumulate(acc, p, values, kv_head, j):
+            for d in range(values.shape[2]):
+                acc[d] += p * values[kv_head, j, d]
+    elif values.dtype == types.uint16:
+        def accumulate(acc, p, values, kv_head, j):
+            for d in range(values.shape[2]):
+                acc[d] += p * half_to_float(values[kv_head, j, d])
+    else:
+        return None
+    return accumulate
+
+
+@overload(_round_probabilities, inline="always")
+def _round_probabilities_overload(probs, values):
+    if values.dtype == types.uint16:
+        def round_probabilities(probs, values):
+            _round_bits_to_f16(probs, probs.view(np.uint32))
+    else:
+        def round_probabilities(probs, values):
+            pass
+    return round_probabilities
+
+
 @njit(cache=True, parallel=True, fastmath=True, nogil=True)
 def _attention_kernel(q, keys, values, out, start, group, window, scale):
     n_tokens, n_head, head_dim_k = q.shape
@@ -58,10 +120,7 @@ def _attention_kernel(q, keys, values, out, start, group, window, scale):
         probs = np.empty(n_keys, np.float32)
         best = -np.inf
         for j in range(n_keys):
-            s = np.float32(0.0)
-            for d in range(head_dim_k):
-                s += q[t, h, d] * keys[kv_head, first + j, d]
-            s *= scale
+            s = _score(q, t, h, keys, kv_head, first + j) * scale
             probs[j] = s
             if s > best:
                 best = s
@@ -73,23 +132,45 @@ def _attention_kernel(q, keys, values, out, start, group, window, scale):
         inverse = np.float32(1.0 / total)
         for j in range(n_keys):
             probs[j] *= inverse
-        _round_bits_to_f16(probs, probs.view(np.uint32))
+        _round_probabilities(probs, values)
         acc = np.zeros(head_dim_v, np.float32)
         for j in range(n_keys):
-            p = probs[j]
-            for d in range(head_dim_v):
-                acc[d] += p * values[kv_head, first + j, d]
+            _accumulate(acc, probs[j], values, kv_head, first + j)
         for d in range(head_dim_v):
             out[t, h, d] = acc[d]
 
 
-def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, group: int, window: int,
-              scale: float) -> np.ndarray:
+@njit(cache=True, parallel=True, nogil=True)
+def _dequantize_q8_0_kernel(quants, scales, out):
+    n_head_kv, n, head_dim = out.shape
+    for row in prange(n_head_kv * n):
+        h = row // n
+        j = row - h * n
+        for b in range(head_dim // 32):
+            d = half_to_float(scales[h, j, b])
+            for i in range(b * 32, b * 32 + 32):
+                out[h, j, i] = d * np.float32(quants[h, j, i])
+
+
+def _dequantize_q8_0(data: np.ndarray, scales: np.ndarray, stop: int) -> np.ndarray:
+    """float32 [n_head_kv, stop, head_dim] of a q8_0 cache layer's first ``stop`` positions."""
+    out = np.empty((data.shape[0], stop, data.shape[2]), np.float32)
+    _dequantize_q8_0_kernel(data, scales, out)
+    return out
+
+
+def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, scale: float) -> np.ndarray:
     """softmax(q k^T * scale + causal/window mask) v.
 
-    q: float32 [n_tokens, n_head, head_dim_k] (already rounded to f16) for positions start..start+n_tokens-1;
-    keys, values: float32 [n_head_kv, n_ctx, head_dim] of one layer, filled up to start+n_tokens. Query at position
-    p sees keys j <= p (and p - j < window when window > 0). Returns float32 [n_tokens, n_head, head_dim_v]."""
+    q: float32 [n_tokens, n_head, head_dim_k] for positions start..start+n_tokens-1; keys, values: one layer of
+    the cache as (data [n_head_kv, n_ctx, head_dim], scales) pairs (``CacheTensor.layer``; a bare float32 array
+    is taken as f32 storage), filled up to start+n_tokens. Query at position p sees keys j <= p (and p - j < window
+    when window > 0). Returns float32 [n_tokens, n_head, head_dim_v].
+
+    q8_0 layers are dequantized to float32 for the call (the positions it reads; a transient copy of one layer):
+    a kernel reading the int8 quants directly did not vectorize and ran 5x slower."""
+    keys, key_scales = keys if isinstance(keys, tuple) else (keys, None)
+    values, value_scales = values if isinstance(values, tuple) else (values, None)
     n_tokens, n_head, head_dim_k = q.shape
     n_head_kv, n_ctx, _ = keys.shape
     if (keys.shape[2] != head_dim_k or values.shape[:2] != keys.shape[:2] or n_head != n_head_kv * group
@@ -97,6 +178,13 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, g
         raise ValueError(f"attention: inconsistent shapes q {q.shape}, keys {keys.shape}, values {values.shape}, "
                          f"start {start}, group {group}")
     q = np.ascontiguousarray(q, dtype=np.float32)
+    if keys.dtype == np.uint16:            # ggml's f16 product converts q to f16
+        q = round_to_f16_inplace(q.copy())
+    elif keys.dtype == np.int8:            # and its q8_0 product quantizes q to q8_0
+        q = dequantize("q8_0", quantize("q8_0", q), q.shape)
+        keys = _dequantize_q8_0(keys, key_scales, start + n_tokens)
+    if values.dtype == np.int8:
+        values = _dequantize_q8_0(values, value_scales, start + n_tokens)
     out = np.empty((n_tokens, n_head, values.shape[2]), np.float32)
     _attention_kernel(q, keys, values, out, int(start), int(group), int(window), np.float32(scale))
     return out

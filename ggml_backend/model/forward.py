@@ -12,11 +12,10 @@ import numpy as np
 
 from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
-from ..quant.activations import round_to_f16_inplace
 from ..quant.matmul import BLAS_MIN_TOKENS, WeightMatrix, matmul_many, single_threaded_blas
 from .attention import attention
 from .batching import ForwardBatcher, batch_invariant
-from .kv_cache import KVCache
+from .kv_cache import DEFAULT_CACHE_TYPE, KVCache
 from .rope import apply_rope, rope_cos_sin
 from .spec import HParams
 
@@ -106,12 +105,6 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def _to_f16_precision(x: np.ndarray) -> np.ndarray:
-    """Round to float16 precision, as llama.cpp does to q and to attention weights before the f16 products
-    (in place when x is a contiguous float32 array)."""
-    return round_to_f16_inplace(np.ascontiguousarray(x, dtype=np.float32))
-
-
 class Model:
     """Weights of one model file, arranged for the forward pass."""
 
@@ -169,9 +162,9 @@ class Model:
         # contexts' few-token passes combined into one (model/batching.py), where that leaves the numbers alone
         self.batcher = ForwardBatcher(self, BLAS_MIN_TOKENS - 1) if batch_invariant(self) else None
 
-    def new_cache(self, n_ctx: int) -> KVCache:
+    def new_cache(self, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> KVCache:
         hp = self.hp
-        return KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v)
+        return KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v)
 
     def _rope_params(self, layer_index: int):
         hp = self.hp
@@ -245,7 +238,7 @@ class Model:
             attn = np.empty((n_tokens, hp.n_head * hp.head_dim_v), np.float32)
             for first, last, cache, start in spans:   # each sequence over its own keys and values
                 cache.store(il, start, k[first:last], v[first:last])
-                attn[first:last] = self._attention(q[first:last], cache.k[il], cache.v[il], start, window)
+                attn[first:last] = self._attention(q[first:last], cache, il, start, window)
             attn_out = layer.wo(attn)
             if layer.post_attn_norm is not None:
                 attn_out = rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
@@ -270,13 +263,12 @@ class Model:
             return [out[first:last] for first, last, _, _ in spans]
         return [out[i:i + 1] for i in range(len(spans))]
 
-    def _attention(self, q: np.ndarray, cache_k: np.ndarray, cache_v: np.ndarray, start: int,
-                   window: int) -> np.ndarray:
+    def _attention(self, q: np.ndarray, cache: KVCache, il: int, start: int, window: int) -> np.ndarray:
         """softmax(q k^T * scale + mask) v for queries q [n_tokens, n_head, hd] at positions start..., over the
-        cached keys/values of one layer ([n_head_kv, n_ctx, hd]); see model/attention.py."""
+        cached keys/values of layer ``il``; see model/attention.py."""
         hp = self.hp
-        q16 = _to_f16_precision(q)
-        out = attention(q16, cache_k, cache_v, start, hp.n_head // hp.n_head_kv, window, hp.attn_scale)
+        out = attention(q, cache.k.layer(il), cache.v.layer(il), start, hp.n_head // hp.n_head_kv, window,
+                        hp.attn_scale)
         return out.reshape(q.shape[0], hp.n_head * hp.head_dim_v)
 
     def rerotate_keys(self, cache: KVCache, first: int, last: int, delta: int) -> None:
@@ -290,6 +282,6 @@ class Model:
         hp = self.hp
         for il in range(hp.n_layer):
             cos, sin = rope_cos_sin(np.full(1, delta), hp.rope_dims, *self._rope_params(il))
-            keys = cache.k[il, :, first:last].transpose(1, 0, 2).copy()   # [n, n_head_kv, hd]
+            keys = np.ascontiguousarray(cache.k.read(il, first, last).transpose(1, 0, 2))   # [n, n_head_kv, hd]
             apply_rope(keys, cos, sin, hp.rope_dims, hp.arch.rope_mode)
-            cache.k[il, :, first:last] = keys.transpose(1, 0, 2).astype(np.float16)
+            cache.k.write(il, first, np.ascontiguousarray(keys.transpose(1, 0, 2)))

@@ -1,22 +1,135 @@
-"""The key/value cache.
+"""The key/value cache, in llama.cpp's cache types: ``f16`` (its default and ours), ``f32`` and ``q8_0``.
 
-llama.cpp keeps K and V in float16; we keep float32 arrays holding float16-rounded values, which reproduces its
-numbers while the attention kernel (model/attention.py, numba) reads float32 without a conversion per value; the
-price is twice llama.cpp's cache memory.
 Layout per layer: [n_head_kv, n_ctx, head_dim], so the first n positions of a head are one contiguous slice.
+Storage by type (the attention kernel, model/attention.py, reads each one directly, converting as it goes):
+
+    f32   float32 values as computed
+    f16   uint16 half-float bit patterns, rounded to nearest even (ggml's GGML_FP32_TO_FP16); half the memory
+    q8_0  int8 quants [.., head_dim] + uint16 half scales [.., head_dim / 32]: ggml's q8_0 blocks (34 bytes per
+          32 values) split into two arrays so that a head's quants stay contiguous; a quarter of f32's memory
+
+Types are named as llama.cpp's ``--cache-type-k/--cache-type-v`` name them, or given as ggml type ids
+(llama-cpp-python's ``type_k``/``type_v``).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..quant.activations import round_to_f16_inplace
+from ..quant import quantize
+from ..quant.floats import float_to_half_bits
+
+CACHE_TYPES = ("f32", "f16", "q8_0")
+DEFAULT_CACHE_TYPE = "f16"
+GGML_TYPE_IDS = {0: "f32", 1: "f16", 8: "q8_0"}      # enum ggml_type
+_BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+_Q8_BLOCK = 32
+
+
+# what else llama.cpp's --cache-type-k/v take (ggml type ids): refused as not implemented, not as nonsense
+_OTHER_LLAMACPP_TYPES = {30: "bf16", 2: "q4_0", 3: "q4_1", 20: "iq4_nl", 6: "q5_0", 7: "q5_1"}
+
+
+def cache_type(value, what: str = "cache type") -> str:
+    """Normalise a cache type given by name (``"f16"``, any case) or by ggml type id (1) to its name.
+    NotImplementedError for llama.cpp's other cache types, ValueError for anything else; both name the
+    accepted ones."""
+    if value is None:
+        return DEFAULT_CACHE_TYPE
+    name = None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        name = GGML_TYPE_IDS.get(int(value)) or _OTHER_LLAMACPP_TYPES.get(int(value))
+    elif isinstance(value, str):
+        name = value.strip().lower()
+    if name in CACHE_TYPES:
+        return name
+    accepted = ", ".join(f"{name} ({ggml_id})" for ggml_id, name in GGML_TYPE_IDS.items())
+    if name in _OTHER_LLAMACPP_TYPES.values():
+        raise NotImplementedError(f"{what} {value!r} is not implemented: choose one of {accepted}")
+    raise ValueError(f"{what} {value!r} is not a cache type: choose one of {accepted}")
+
+
+def cache_bytes(type_name: str, n_values: int) -> int:
+    """Bytes that ``n_values`` cached values take in ``type_name`` (the memory check's estimate)."""
+    return int(np.ceil(_BYTES_PER_VALUE[type_name] * n_values))
+
+
+class CacheTensor:
+    """K or V of every layer, [n_layer, n_head_kv, n_ctx, head_dim], stored as ``kind``."""
+
+    def __init__(self, kind: str, shape: tuple[int, int, int, int]):
+        self.kind = kind
+        head_dim = shape[-1]
+        if kind == "f32":
+            self.data = np.zeros(shape, np.float32)
+        elif kind == "f16":
+            self.data = np.zeros(shape, np.uint16)
+        elif kind == "q8_0":
+            if head_dim % _Q8_BLOCK:
+                raise ValueError(f"cache type q8_0 needs a head size that is a multiple of {_Q8_BLOCK}; this "
+                                 f"model's is {head_dim}")
+            self.data = np.zeros(shape, np.int8)
+        else:
+            raise ValueError(f"unknown cache type {kind!r}")
+        # the kernel takes a scales array whatever the type: float types get one element per layer
+        scale_shape = shape[:-1] + (head_dim // _Q8_BLOCK,) if kind == "q8_0" else (shape[0], 1, 1, 1)
+        self.scales = np.zeros(scale_shape, np.uint16)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (self.scales.nbytes if self.kind == "q8_0" else 0)
+
+    def layer(self, il: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, scales) of layer ``il`` for the attention kernel."""
+        return self.data[il], self.scales[il]
+
+    def write(self, il: int, start: int, rows: np.ndarray) -> None:
+        """rows: float32 [n_head_kv, n, head_dim] for positions start .. start+n-1 of layer ``il``."""
+        n = rows.shape[1]
+        if self.kind == "f32":
+            self.data[il, :, start:start + n] = rows
+        elif self.kind == "f16":
+            self.data[il, :, start:start + n] = float_to_half_bits(rows)
+        else:
+            blocks = quantize("q8_0", np.ascontiguousarray(rows, dtype=np.float32)).reshape(-1, 2 + _Q8_BLOCK)
+            self.data[il, :, start:start + n] = blocks[:, 2:].view(np.int8).reshape(rows.shape)
+            self.scales[il, :, start:start + n] = (
+                np.ascontiguousarray(blocks[:, :2]).view(np.uint16).reshape(rows.shape[:2] + (-1,)))
+
+    def read(self, il: int, start: int, stop: int) -> np.ndarray:
+        """float32 [n_head_kv, stop-start, head_dim]: the stored values of positions start..stop-1, as floats."""
+        data = self.data[il, :, start:stop]
+        if self.kind == "f32":
+            return data.copy()
+        if self.kind == "f16":
+            return data.view(np.float16).astype(np.float32)
+        scales = self.scales[il, :, start:stop].view(np.float16).astype(np.float32)
+        return (data.reshape(data.shape[:2] + (-1, _Q8_BLOCK)) * scales[..., None]).reshape(data.shape)
+
+    def move(self, src: slice, dst: slice) -> None:
+        """Copy positions ``src`` onto ``dst`` (the same length) in every layer and head."""
+        self.data[:, :, dst] = self.data[:, :, src].copy()
+        if self.kind == "q8_0":
+            self.scales[:, :, dst] = self.scales[:, :, src].copy()
+
+    def saved(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.data[:, :, :n].copy(), self.scales[:, :, :n].copy() if self.kind == "q8_0" else None
+
+    def load(self, saved: tuple[np.ndarray, np.ndarray | None]) -> None:
+        data, scales = saved
+        n = data.shape[2]
+        self.data[:, :, :n] = data
+        if scales is not None:
+            self.scales[:, :, :n] = scales
 
 
 class KVCache:
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int):
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int,
+                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
         self.n_ctx = n_ctx
-        self.k = np.zeros((n_layer, n_head_kv, n_ctx, head_dim_k), dtype=np.float32)
-        self.v = np.zeros((n_layer, n_head_kv, n_ctx, head_dim_v), dtype=np.float32)
+        self.type_k = cache_type(type_k, "type_k")
+        self.type_v = cache_type(type_v, "type_v")
+        self.k = CacheTensor(self.type_k, (n_layer, n_head_kv, n_ctx, head_dim_k))
+        self.v = CacheTensor(self.type_v, (n_layer, n_head_kv, n_ctx, head_dim_v))
         self.n_past = 0   # positions 0..n_past-1 are filled
 
     @property
@@ -25,9 +138,8 @@ class KVCache:
 
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """k, v: [n_tokens, n_head_kv, head_dim] for positions start .. start+n_tokens-1."""
-        n = k.shape[0]
-        self.k[layer, :, start:start + n] = round_to_f16_inplace(np.ascontiguousarray(k.transpose(1, 0, 2), dtype=np.float32))
-        self.v[layer, :, start:start + n] = round_to_f16_inplace(np.ascontiguousarray(v.transpose(1, 0, 2), dtype=np.float32))
+        self.k.write(layer, start, np.ascontiguousarray(k.transpose(1, 0, 2), dtype=np.float32))
+        self.v.write(layer, start, np.ascontiguousarray(v.transpose(1, 0, 2), dtype=np.float32))
 
     def truncate(self, n: int) -> None:
         """Forget every position from n on."""
@@ -40,18 +152,20 @@ class KVCache:
         Model.rerotate_keys) since a rotation by -n_discard positions is exact for RoPE."""
         src = slice(n_keep + n_discard, self.n_past)
         dst = slice(n_keep, self.n_past - n_discard)
-        self.k[:, :, dst] = self.k[:, :, src].copy()
-        self.v[:, :, dst] = self.v[:, :, src].copy()
+        self.k.move(src, dst)
+        self.v.move(src, dst)
         self.n_past -= n_discard
 
     def snapshot(self) -> dict:
         n = self.n_past
-        return {"n_past": n, "k": self.k[:, :, :n].copy(), "v": self.v[:, :, :n].copy()}
+        return {"n_past": n, "type_k": self.type_k, "type_v": self.type_v, "k": self.k.saved(n),
+                "v": self.v.saved(n)}
 
     def restore(self, state: dict) -> None:
         n = state["n_past"]
-        if n > self.n_ctx or state["k"].shape[:2] != self.k.shape[:2]:
-            raise ValueError("saved state does not fit this model's KV cache")
-        self.k[:, :, :n] = state["k"]
-        self.v[:, :, :n] = state["v"]
+        if (n > self.n_ctx or state.get("type_k") != self.type_k or state.get("type_v") != self.type_v
+                or state["k"][0].shape[:2] != self.k.data.shape[:2]):
+            raise ValueError("saved state does not fit this context's KV cache (its size or cache types differ)")
+        self.k.load(state["k"])
+        self.v.load(state["v"])
         self.n_past = n

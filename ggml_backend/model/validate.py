@@ -20,6 +20,7 @@ import numpy as np
 from ..formats.errors import ModelFileError
 from ..quant.matmul import SUPPORTED_TYPES
 from .spec import ARCHITECTURES, HParams, resolve_hparams
+from .kv_cache import DEFAULT_CACHE_TYPE, cache_bytes
 
 # Ranges far beyond any real model (the largest have ~100k-dim FFNs, 262k-token vocabularies, 10M-token contexts)
 # and far below what would overflow an index or exhaust memory before the memory check could speak.
@@ -218,12 +219,15 @@ def build_tokenizer(model_file):
 
 # ---- memory ---------------------------------------------------------------------------------------------------
 
-def memory_needed(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool) -> dict[str, int]:
+def memory_needed(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool,
+                  cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE)) -> dict[str, int]:
     """Bytes the engine allocates beyond the memory-mapped weights, by what they are for."""
     f32 = 4
+    per_layer_head = hp.n_layer * hp.n_head_kv * n_ctx
     needs = {
-        # model/kv_cache.py: float32 K and V per layer, [n_head_kv, n_ctx, head_dim]
-        "KV cache": hp.n_layer * hp.n_head_kv * n_ctx * (hp.head_dim_k + hp.head_dim_v) * f32,
+        # model/kv_cache.py: K and V per layer, [n_head_kv, n_ctx, head_dim], in their cache types
+        "KV cache": (cache_bytes(cache_types[0], per_layer_head * hp.head_dim_k)
+                     + cache_bytes(cache_types[1], per_layer_head * hp.head_dim_v)),
         # one prompt batch's activations: the FFN's gate/up/act, q/k/v and attention output, the residual, the
         # logits (attention scores are one row of n_ctx per thread at a time: model/attention.py)
         "activations": n_batch * (3 * hp.n_ff + 4 * hp.n_embd + hp.n_head * (hp.head_dim_k + hp.head_dim_v)
@@ -258,10 +262,12 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} PiB"
 
 
-def check_memory(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool, *, context: str | None = None) -> None:
+def check_memory(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool,
+                 cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE), *,
+                 context: str | None = None) -> None:
     """Refuse a context whose buffers would not fit in the memory available now (ValueError naming the context
     size and where it came from: ``context``, default "n_ctx=N")."""
-    needs = memory_needed(hp, n_ctx, n_batch, logits_all)
+    needs = memory_needed(hp, n_ctx, n_batch, logits_all, cache_types)
     total = sum(needs.values())
     available = available_memory()
     if available is not None and total > available:

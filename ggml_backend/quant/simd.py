@@ -225,6 +225,18 @@ def load_f16(typingctx, array, offset):
 
 
 @intrinsic
+def half_to_float(typingctx, bits):
+    """The IEEE half float whose bit pattern is ``bits`` (a 16-bit integer) as float32: exact, and a plain
+    conversion that LLVM vectorizes (``vcvtph2ps`` with F16C) where a table lookup would be a gather."""
+    if not (isinstance(bits, types.Integer) and bits.bitwidth == 16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+    return types.float32(bits), codegen
+
+
+@intrinsic
 def load_u32(typingctx, array, offset):
     """The little-endian uint32 at byte ``offset`` of a byte array (as int64, for plain numba arithmetic)."""
     if not _is_byte_array(array) or not isinstance(offset, types.Integer):

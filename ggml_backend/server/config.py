@@ -9,6 +9,8 @@ models:
     n_parallel: 4               # slots: requests in flight at once; default the server's -np
     chat_template: chatml       # a template name, file or Jinja text; default the file's own template
     n_threads: 2                # default the server's -t
+    cache_type_k: f16           # KV cache type of keys and values: f16 (default), f32 or q8_0
+    cache_type_v: f16
 ```
 Models are loaded when first asked for; the first one in the list serves requests that name no model.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+
+from ..model.kv_cache import DEFAULT_CACHE_TYPE, cache_type
 
 #: context of all slots together when neither -c nor the YAML says (2048 tokens per slot with 4 slots)
 DEFAULT_N_CTX = 8192
@@ -36,6 +40,8 @@ class ModelConfig:
     n_parallel: int = DEFAULT_N_PARALLEL
     chat_template: str | None = None     # None: the file's own template (ChatML when it has none)
     n_threads: int | None = None         # None: all cores
+    cache_type_k: str = DEFAULT_CACHE_TYPE   # the slots' KV cache types (model/kv_cache.py)
+    cache_type_v: str = DEFAULT_CACHE_TYPE
 
     @property
     def slot_ctx(self) -> int:
@@ -52,6 +58,11 @@ class ModelConfig:
         if self.n_threads is not None and (isinstance(self.n_threads, bool) or not isinstance(self.n_threads, int)
                                            or self.n_threads < 1):
             raise ValueError(f"{at}n_threads must be a positive integer, got {self.n_threads!r}")
+        for name in ("cache_type_k", "cache_type_v"):
+            try:
+                setattr(self, name, cache_type(getattr(self, name), name))
+            except (ValueError, NotImplementedError) as exc:
+                raise ValueError(f"{at}{exc}") from None
         if self.slot_ctx < MIN_SLOT_CTX:
             raise ValueError(f"{at}n_ctx={self.n_ctx} over n_parallel={self.n_parallel} slots leaves "
                              f"{self.slot_ctx} tokens per slot; at least {MIN_SLOT_CTX} are needed")
@@ -86,7 +97,7 @@ class ServerConfig:
             raise ValueError("the API key must not be empty")
 
 
-_MODEL_KEYS = {"alias", "path", "n_ctx", "n_parallel", "chat_template", "n_threads"}
+_MODEL_KEYS = {"alias", "path", "n_ctx", "n_parallel", "chat_template", "n_threads", "cache_type_k", "cache_type_v"}
 
 
 def load_models_file(path: str, defaults: ModelConfig) -> list[ModelConfig]:
@@ -128,7 +139,9 @@ def load_models_file(path: str, defaults: ModelConfig) -> list[ModelConfig]:
                             n_ctx=entry.get("n_ctx", defaults.n_ctx),
                             n_parallel=entry.get("n_parallel", defaults.n_parallel),
                             chat_template=entry.get("chat_template", defaults.chat_template),
-                            n_threads=entry.get("n_threads", defaults.n_threads))
+                            n_threads=entry.get("n_threads", defaults.n_threads),
+                            cache_type_k=entry.get("cache_type_k", defaults.cache_type_k),
+                            cache_type_v=entry.get("cache_type_v", defaults.cache_type_v))
         model.check(where)
         models.append(model)
     return models

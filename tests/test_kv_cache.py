@@ -1,0 +1,199 @@
+"""The KV cache's types (f16, the default, f32 and q8_0): the attention kernel on each storage, logits against
+llama.cpp's with the same cache types (tests/data/kv_cache, made by its make_reference.py), state save/restore,
+context shift, the CLI and server flags."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ggml_backend import Llama
+from ggml_backend.model.attention import attention
+from ggml_backend.model.kv_cache import CacheTensor, KVCache, cache_type
+
+from refdata import synthetic_file
+
+DATA = Path(__file__).resolve().parent / "data" / "kv_cache"
+PAIRS = ["f32/f32", "f16/f16", "q8_0/f16", "q8_0/q8_0"]
+
+
+def reference() -> dict:
+    return json.loads((DATA / "llamacpp_cache_types.json").read_text())
+
+
+def test_cache_type_names_and_ids():
+    assert [cache_type(v) for v in (None, "F16", 0, 1, 8, " q8_0 ")] == ["f16", "f16", "f32", "f16", "q8_0", "q8_0"]
+    with pytest.raises(NotImplementedError, match="q4_0"):
+        cache_type("q4_0")
+    with pytest.raises(NotImplementedError, match="2"):
+        cache_type(2)
+    for bad in ("f64", 99, True, 1.0, ""):
+        with pytest.raises(ValueError, match="not a cache type"):
+            cache_type(bad)
+
+
+def test_storage_sizes_follow_the_type():
+    sizes = {t: KVCache(2, 64, 2, 64, 64, t, t).nbytes for t in ("f32", "f16", "q8_0")}
+    values = 2 * 2 * 2 * 64 * 64
+    assert sizes == {"f32": 4 * values, "f16": 2 * values, "q8_0": values * 34 // 32}
+    with pytest.raises(ValueError, match="multiple of 32"):
+        KVCache(1, 8, 1, 40, 40, "q8_0", "f16")
+
+
+def reference_attention(q, keys, values, type_k, type_v, start, group, scale):
+    """ggml's arithmetic for each cache type, in plain numpy (float64 sums): keys/values as stored; q as the
+    product with the keys sees it (f16: rounded to f16; q8_0: quantized to q8_0); weights rounded to f16 for f16
+    values."""
+    from ggml_backend import quant
+    if type_k == "f16":
+        q = q.astype(np.float16).astype(np.float32)
+    elif type_k == "q8_0":
+        q = quant.dequantize("q8_0", quant.quantize("q8_0", q), q.shape)
+    n_tokens, n_head, _ = q.shape
+    out = np.zeros((n_tokens, n_head, values.shape[2]))
+    for t in range(n_tokens):
+        for h in range(n_head):
+            n = start + t + 1
+            s = keys[h // group, :n].astype(np.float64) @ q[t, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            if type_v == "f16":
+                p = p.astype(np.float16).astype(np.float64)
+            out[t, h] = p @ values[h // group, :n].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("pair", PAIRS + ["f16/q8_0", "f32/f16"])
+def test_attention_kernel_follows_ggml_arithmetic_for_each_storage(pair):
+    type_k, type_v = pair.split("/")
+    rng = np.random.default_rng(1)
+    keys, values = (rng.standard_normal((2, 24, 64)).astype(np.float32) * 4 for _ in range(2))
+    keys[0, :, 5] += 40.0                                # an outlier dimension, as Qwen's keys have
+    q = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    k, v = CacheTensor(type_k, (1, 2, 24, 64)), CacheTensor(type_v, (1, 2, 24, 64))
+    k.write(0, 0, keys)
+    v.write(0, 0, values)
+    ours = attention(q, k.layer(0), v.layer(0), 21, 2, 0, 0.125)
+    expected = reference_attention(q, k.read(0, 0, 24), v.read(0, 0, 24), type_k, type_v, 21, 2, 0.125)
+    assert np.abs(ours - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+    # and the stored values are the type's rounding of what was written
+    bound = {"f32": 0.0, "f16": np.abs(keys).max() / 1024, "q8_0": np.abs(keys).max() / 127 / 2 * 1.01}[type_k]
+    assert np.abs(k.read(0, 0, 24) - keys).max() <= bound
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])
+def test_read_write_move_save_load_round_trip(kind):
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((2, 10, 64)).astype(np.float32)
+    t = CacheTensor(kind, (3, 2, 16, 64))
+    t.write(1, 3, rows)
+    back = t.read(1, 3, 13)
+    bound = {"f32": 0.0, "f16": 2e-3, "q8_0": np.abs(rows).max() / 127 / 2 * 1.01}[kind]
+    assert np.abs(back - rows).max() <= bound
+    saved = t.saved(13)
+    t.move(slice(3, 13), slice(0, 10))
+    assert np.array_equal(t.read(1, 0, 10), back)
+    other = CacheTensor(kind, (3, 2, 16, 64))
+    other.load(saved)
+    assert np.array_equal(other.read(1, 3, 13), back)
+
+
+def synthetic_logits(type_k, type_v, sequence):
+    llm = Llama(str(synthetic_file("q4_0")), n_ctx=64, logits_all=True, verbose=False, type_k=type_k, type_v=type_v)
+    llm.eval(sequence)
+    logits = llm.scores[len(sequence) - 4:len(sequence)].copy()
+    llm.close()
+    return logits
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_synthetic_logits_match_llama_cpp_with_the_same_cache_types(pair):
+    ref = reference()
+    theirs = np.load(DATA / "llamacpp_synthetic_logits.npz")
+    type_k, type_v = pair.split("/")
+    ours = synthetic_logits(type_k, type_v, ref["token_sequence"])
+    same = float(np.abs(ours - theirs[pair.replace("/", "-")].astype(np.float32)).max())
+    # the random-weight model is chaotic: llama.cpp's own f16 and f32 caches differ by 0.087 here; ours stay
+    # within that of llama.cpp with the same cache (a q8_0 key cache gives llama.cpp's numbers within 0.001)
+    limit = {"q8_0/f16": 0.01}.get(pair, 0.1)
+    assert same <= limit, f"{pair}: max |ours - llama.cpp| = {same:.4f}"
+
+
+@pytest.fixture(scope="module")
+def real_prompt_logits():
+    ref = reference()
+    out = {}
+    base = Llama(n_ctx=64, verbose=False)
+    tokens = base.tokenize(ref["real_prompt"].encode(), add_bos=True, special=True)
+    assert len(tokens) == ref["real"]["f16/f16"]["tokens"]
+    for pair in PAIRS:
+        type_k, type_v = pair.split("/")
+        llm = Llama(base.model_path, n_ctx=64, verbose=False, type_k=type_k, type_v=type_v)
+        llm.eval(tokens)
+        out[pair] = llm.scores[len(tokens) - 1].copy()
+        llm.close()
+    base.close()
+    return out
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_real_model_top_logits_match_llama_cpp_with_the_same_cache_types(real_prompt_logits, pair):
+    ref = reference()["real"][pair]
+    ours = real_prompt_logits[pair]
+    assert int(np.argmax(ours)) == ref["top_ids"][0]
+    diff = float(np.abs(ours[ref["top_ids"][:10]] - np.array(ref["top_logits"][:10])).max())
+    # f16/f32: within 0.25 of llama.cpp (the engines' usual distance on this model). A q8_0 key cache moves
+    # llama.cpp's top logits by 0.28 from its f16 cache and ours by 0.9 (README: "KV cache types"), hence 1.5.
+    limit = 0.25 if pair in ("f32/f32", "f16/f16") else 1.5
+    assert diff <= limit, f"{pair}: top-10 logits differ from llama.cpp's by up to {diff:.3f}"
+
+
+@pytest.mark.parametrize("pair", ["q8_0/q8_0", "f32/f16"])
+def test_state_and_context_shift_work_in_every_type(pair):
+    type_k, type_v = pair.split("/")
+    llm = Llama(str(synthetic_file("q4_0")), n_ctx=32, verbose=False, type_k=type_k, type_v=type_v, seed=3)
+    first = llm.create_completion("Hello world", max_tokens=4, temperature=0)["choices"][0]["text"]
+    state = llm.save_state()
+    llm.reset()
+    llm.load_state(state)
+    assert llm.create_completion("Hello world", max_tokens=4, temperature=0)["choices"][0]["text"] == first
+    # running past n_ctx shifts the context (keys read, re-rotated and written back in their cache type)
+    llm.reset()
+    produced = list(llm.generate_tokens(llm.tokenize(b"Hello world"), max_tokens=60, stop_tokens=[]))
+    assert len(produced) == 60 and llm.n_tokens <= 32
+    other = Llama(str(synthetic_file("q4_0")), n_ctx=32, verbose=False)
+    with pytest.raises(ValueError, match="cache types differ"):
+        other.load_state(state)
+    llm.close()
+    other.close()
+
+
+def test_new_context_keeps_the_cache_types():
+    llm = Llama(str(synthetic_file("q4_0")), n_ctx=32, verbose=False, type_k=8, type_v=0)
+    other = llm.new_context()
+    assert (other.cache.type_k, other.cache.type_v) == ("q8_0", "f32")
+    llm.close()
+
+
+def test_cli_cache_type_flags(capsys):
+    from ggml_backend.cli.main import main
+    model = str(synthetic_file("q4_0"))
+    assert main(["run", "-m", model, "-p", "Hello", "-n", "3", "--temp", "0", "--log-disable",
+                 "-ctk", "q8_0", "--cache-type-v", "f32"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["run", "-m", model, "-p", "Hello", "-n", "3", "-ctk", "q4_0"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_server_config_reads_cache_types(tmp_path):
+    from ggml_backend.server.config import ModelConfig, load_models_file
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  - alias: a\n    cache_type_k: Q8_0\n    cache_type_v: f32\n")
+    [model] = load_models_file(str(path), ModelConfig(alias="x"))
+    assert (model.cache_type_k, model.cache_type_v) == ("q8_0", "f32")
+    path.write_text("models:\n  - alias: a\n    cache_type_k: q4_0\n")
+    with pytest.raises(ValueError, match="models\\[0\\].*not implemented"):
+        load_models_file(str(path), ModelConfig(alias="x"))
