@@ -7,8 +7,9 @@ characters) off the page, and fill a ``chat.ReplyStats`` for the status line.
 The remote one speaks OpenAI's streaming API with httpx: ``/v1/chat/completions`` when the server's own chat
 template writes the prompt (instruct mode with "(from the model file)"), ``/v1/completions`` with the prompt the
 page wrote for everything else (chat modes, Continue, "Start reply with", Impersonate, the Default and Notebook
-tabs). llama.cpp's sampling fields (``top_k``, ``min_p``, ``repeat_penalty``, ``grammar``...) are sent only when
-they differ from neutral, so a plain OpenAI server sees only OpenAI's. What the server sends is bounded: a line
+tabs). llama.cpp's sampling fields (``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``) are always sent
+(servers' defaults differ), ``ignore_eos`` and ``grammar`` when set; OpenAI-compatible local servers (llama.cpp,
+llama-cpp-python, vLLM, text-generation-webui) take them. What the server sends is bounded: a line
 of at most MAX_SSE_LINE_BYTES, a reply of at most MAX_REPLY_CHARS, an error body read to 4 KiB; Stop closes the
 stream, which ends the generation on servers that watch for it (ggml-backend serve and llama-server do).
 """
@@ -140,13 +141,10 @@ class RemoteBackend:
             body["stop"] = stops[:4]   # OpenAI takes four; the rest are cut here
         if settings.seed != -1:
             body["seed"] = int(settings.seed)
-        extras = {"top_k": (settings.top_k, 0), "min_p": (settings.min_p, 0.0),
-                  "repeat_penalty": (settings.repetition_penalty, 1.0)}
-        for key, (value, neutral) in extras.items():
-            if value != neutral:
-                body[key] = value
-        if settings.repetition_penalty != 1.0:
-            body["repeat_last_n"] = int(settings.repetition_penalty_range)
+        # llama.cpp's sampler fields, always: servers' defaults differ (llama-cpp-python's repeat_penalty is 1.1),
+        # and the reply should be the one the page's values give
+        body.update(top_k=int(settings.top_k), min_p=settings.min_p, repeat_penalty=settings.repetition_penalty,
+                    repeat_last_n=int(settings.repetition_penalty_range))
         if settings.ban_eos_token:
             body["ignore_eos"] = True
         if settings.grammar_string.strip():
@@ -186,7 +184,7 @@ class RemoteBackend:
                     piece = _piece(event)
                     if piece:
                         stats.token()
-                        if streamer.feed(piece):
+                        if streamer.feed(piece.encode("utf-8")):
                             yield streamer.text
                         if len(streamer.text) > MAX_REPLY_CHARS:
                             raise ValueError(f"the API at {self.base} sent over {MAX_REPLY_CHARS:,} characters")
