@@ -214,7 +214,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                             clear_confirm = gr.Button("Confirm", variant="stop", visible=False,
                                                       elem_id="Clear-history-confirm")
                             clear_cancel = gr.Button("Cancel", visible=False, elem_id="Clear-history-cancel")
-                        start_with = gr.Textbox(label="Start reply with", placeholder="Sure thing!",
+                        start_with = gr.Textbox(value="", label="Start reply with", placeholder="Sure thing!",
                                                 elem_id="start-with", max_length=MAX_FIELD_CHARS)
                         settings_inputs["mode"] = gr.Radio(
                             MODES, value="instruct", label="Mode", elem_id="chat-mode",
@@ -234,7 +234,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                         with gr.Row():
                             rename_button = gr.Button("Rename", elem_id="rename-chat", size="sm")
                             delete_button = gr.Button("Delete", elem_id="delete-chat", size="sm")
-                        rename_text = gr.Textbox(label="New name", visible=False, elem_id="rename-text",
+                        rename_text = gr.Textbox(value="", label="New name", visible=False, elem_id="rename-text",
                                                  max_length=64)
                         with gr.Row():
                             rename_confirm = gr.Button("Confirm", visible=False, elem_id="rename-confirm",
@@ -255,7 +255,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
             with gr.Tab("Default", id="default", elem_id="default-tab"):
                 with gr.Row():
                     with gr.Column():
-                        default_input = gr.Textbox(label="Input", lines=16, elem_id="default-input",
+                        default_input = gr.Textbox(value="", label="Input", lines=16, elem_id="default-input",
                                                    max_length=MAX_MESSAGE_CHARS)
                         with gr.Row():
                             default_generate = gr.Button("Generate", variant="primary", elem_id="default-generate")
@@ -267,12 +267,12 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                             default_count = gr.Button("Count tokens", elem_id="default-count")
                         default_tokens = gr.Markdown("", elem_id="default-tokens")
                     with gr.Column():
-                        default_output = gr.Textbox(label="Output", lines=16, elem_id="default-output",
+                        default_output = gr.Textbox(value="", label="Output", lines=16, elem_id="default-output",
                                                     max_length=MAX_MESSAGE_CHARS)
                         default_status = gr.Markdown("", elem_id="default-status")
 
             with gr.Tab("Notebook", id="notebook", elem_id="notebook-tab"):
-                notebook_text = gr.Textbox(label="Notebook", lines=20, elem_id="notebook-text",
+                notebook_text = gr.Textbox(value="", label="Notebook", lines=20, elem_id="notebook-text",
                                            max_length=MAX_MESSAGE_CHARS)
                 notebook_undo_state = gr.State("")
                 with gr.Row():
@@ -291,7 +291,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                                              info=f"text-generation-webui's presets: the built-in ones, then the "
                                                   f"YAML files in {presets_dir}.")
                         refresh_presets = gr.Button("🔄", scale=0, min_width=40, elem_id="refresh-presets")
-                        preset_save_name = gr.Textbox(label="Save as", placeholder="My preset", scale=2,
+                        preset_save_name = gr.Textbox(value="", label="Save as", placeholder="My preset", scale=2,
                                                       max_length=64, elem_id="preset-save-name")
                         preset_overwrite = gr.Checkbox(False, label="Overwrite", scale=0, min_width=80)
                         preset_save_button = gr.Button("💾 Save", scale=0, min_width=80, elem_id="preset-save")
@@ -542,15 +542,15 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
             yield chat.history_to_messages(history_value), history_value, "", ref, stats.line()
 
         @_user_errors
-        def generate(message, history, chat_state, start_with, request: gr.Request, **values):
+        def generate(message, history, chat_state=None, start_with="", request: gr.Request = None, **values):
             yield from run_reply("generate", message, history, request, values, chat_state, start_with)
 
         @_user_errors
-        def regenerate(history, chat_state, start_with, request: gr.Request, **values):
+        def regenerate(history, chat_state=None, start_with="", request: gr.Request = None, **values):
             yield from run_reply("regenerate", "", history, request, values, chat_state, start_with)
 
         @_user_errors
-        def continue_reply(history, chat_state, request: gr.Request, **values):
+        def continue_reply(history, chat_state=None, request: gr.Request = None, **values):
             yield from run_reply("continue", "", history, request, values, chat_state, "")
 
         @_user_errors
