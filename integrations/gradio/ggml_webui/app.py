@@ -228,7 +228,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                                 lines=8, max_lines=30, interactive=False, elem_id="prompt-view")
                     with gr.Column(scale=1, min_width=220, elem_id="past-chats-column"):
                         new_chat_button = gr.Button("New chat", elem_id="new-chat", variant="primary")
-                        past_chats = gr.Dropdown([], value=None, label="Past chats", elem_id="past-chats",
+                        past_chats = gr.Dropdown([], value=None, allow_custom_value=True, label="Past chats", elem_id="past-chats",
                                                  info="Saved after every reply, for the character (or instruct "
                                                       "mode) in use.")
                         with gr.Row():
@@ -286,7 +286,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
             with gr.Tab("Parameters", id="parameters", elem_id="parameters"):
                 with gr.Tab("Generation"):
                     with gr.Row():
-                        preset = gr.Dropdown(preset_choices(presets_dir), value=DEFAULT_PRESET, label="Preset",
+                        preset = gr.Dropdown(preset_choices(presets_dir), value=DEFAULT_PRESET, allow_custom_value=True, label="Preset",
                                              elem_id="preset", scale=3,
                                              info=f"text-generation-webui's presets: the built-in ones, then the "
                                                   f"YAML files in {presets_dir}.")
@@ -339,7 +339,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                 with gr.Tab("Character", elem_id="character-tab"):
                     with gr.Row():
                         character_menu = gr.Dropdown(
-                            [NO_CHARACTER] + character_names(characters_dir), value=NO_CHARACTER, scale=3,
+                            [NO_CHARACTER] + character_names(characters_dir), value=NO_CHARACTER, allow_custom_value=True, scale=3,
                             label="Character", elem_id="character-menu",
                             info=f"The characters in {characters_dir} (YAML, JSON, PNG cards).")
                         refresh_characters = gr.Button("🔄", scale=0, min_width=40, elem_id="refresh-characters")
@@ -422,6 +422,9 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                 load_button = gr.Button("Load", variant="primary", elem_id="load-model")
                 model_status = gr.Markdown("", elem_id="model-status")
                 model_info = gr.Markdown(backend.describe(), elem_id="model-info")
+
+        # (the menus of past chats, presets and characters change while the page is open, so they take values
+        # outside their first list; the stores check every name: safe_name, and inside the user data folder)
 
         # ---- turning the page's values into prompt and sampler settings --------------------------------------
         def prompt_settings(values: dict) -> chat.PromptSettings:
