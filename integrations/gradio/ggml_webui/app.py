@@ -967,7 +967,11 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
         import_button.upload(import_chat, [import_button, mode_input, name2_input],
                              [chatbot, history, chat_ref, past_chats, chats_status], api_name="import_chat")
         mode_input.change(refresh_chat_list, [mode_input, name2_input, chat_ref], [past_chats], **private)
-        demo.load(refresh_chat_list, [mode_input, name2_input, chat_ref], [past_chats], **private)
+        # a page (re)opened lists what was saved since the app started: past chats, characters, presets
+        demo.load(lambda mode, name2, ref: (refresh_chat_list(mode, name2, ref),
+                                            gr.update(choices=[NO_CHARACTER] + character_names(characters_dir)),
+                                            gr.update(choices=preset_choices(presets_dir))),
+                  [mode_input, name2_input, chat_ref], [past_chats, character_menu, preset], **private)
 
         # characters
         character_fields = [name2_input, settings_inputs["character_context"], greeting, bot_picture, history,
