@@ -105,16 +105,32 @@ def test_character_greeting_chat_saved_and_loaded_again(app, data_dir):
     assert texts(imported[0])[-1] == ("assistant", "An answer I wrote") and len(list(folder.glob("*.json"))) == 1
 
 
-def test_bad_card_upload_changes_nothing(app, tmp_path):
+def test_bad_card_upload_changes_nothing(app, data_dir, tmp_path):
     c = client(app)
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(png_card(chara=b"%%%"))
-    with pytest.raises(Exception, match="not valid base64"):
-        c.predict(gradio_client.handle_file(str(bad)), api_name="/upload_character")
+    c.predict("Kept reply", "chat", "AI", api_name="/send_dummy_reply")
+    files_before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*") if p.is_file())
+    for name, data, words in (("bad.png", png_card(chara=b"%%%"), "not valid base64"),
+                              ("fake.png", b"<html>not a picture</html>", "not a PNG picture"),
+                              ("text.json", b"{\"name\": \"caf\xe9\"}", "not UTF-8")):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(Exception, match=words):
+            c.predict(gradio_client.handle_file(str(bad)), api_name="/upload_character")
+    assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*") if p.is_file()) == files_before
+    assert c.predict(api_name="/copy_last_reply") == "Kept reply"   # the session's chat is as it was
     good = tmp_path / "good.png"
     good.write_bytes(png_card(V2))
     name, context = c.predict(gradio_client.handle_file(str(good)), api_name="/upload_character")
     assert name == "Seraphina" and context.startswith("Seraphina's Persona")
+
+
+def test_cli_checks_the_new_options(capsys):
+    from ggml_backend.cli.main import main
+    for argv, words in ((["--api", "ftp://x"], "http:// or https://"), (["--api", "http://x", "-m", "f.gguf"],
+                        "-m and --model-dir do not apply"), (["--api-key", "k"], "go with --api URL")):
+        assert main(["webui", *argv]) == 1
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_save_character_and_presets(app, data_dir):
