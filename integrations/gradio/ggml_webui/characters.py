@@ -302,7 +302,7 @@ def save_character(folder, card: Character, picture: bytes | None = None, overwr
     ``.jpg`` beside it; an existing character of that name is replaced only with ``overwrite``."""
     folder = Path(folder)
     stem = safe_name(card.name, "character name")
-    path = inside(folder, folder / f"{stem}.yaml") if folder.exists() else folder / f"{stem}.yaml"
+    path = inside(folder, folder / f"{stem}.yaml")
     existing = [p for p in (folder / f"{stem}{s}" for s in (".yaml", ".yml", ".json", ".png")) if p.exists()]
     if existing and not overwrite:
         raise CardError(f"a character named {stem!r} exists already: tick Overwrite to replace it")

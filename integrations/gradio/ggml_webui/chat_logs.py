@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,13 +35,22 @@ def chat_folder(user_data: Path, mode: str, character: str) -> Path:
 
 
 def new_chat_id(folder: Path) -> str:
-    """textgen's id, the time now; ``-2``, ``-3``... when a chat of this second exists already."""
+    """textgen's id, the time now (``-2``, ``-3``... when a chat of this second exists already), reserved by
+    creating its file (empty) at once: two sessions starting a chat in the same second get two files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H-%M-%S")
     candidate, n = stamp, 1
-    while (Path(folder) / f"{candidate}.json").exists():
-        n += 1
-        candidate = f"{stamp}-{n}"
-    return candidate
+    while True:
+        try:
+            fd = os.open(folder / f"{candidate}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            n += 1
+            candidate = f"{stamp}-{n}"
+            continue
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(to_file_data([])).encode("utf-8"))
+        return candidate
 
 
 def list_chats(folder: Path) -> list[str]:
