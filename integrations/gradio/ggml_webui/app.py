@@ -228,7 +228,8 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                                 lines=8, max_lines=30, interactive=False, elem_id="prompt-view")
                     with gr.Column(scale=1, min_width=220, elem_id="past-chats-column"):
                         new_chat_button = gr.Button("New chat", elem_id="new-chat", variant="primary")
-                        past_chats = gr.Dropdown([], value=None, allow_custom_value=True, label="Past chats", elem_id="past-chats",
+                        past_chats = gr.Dropdown([], value=None, allow_custom_value=True, label="Past chats",
+                                                 elem_id="past-chats",
                                                  info="Saved after every reply, for the character (or instruct "
                                                       "mode) in use.")
                         with gr.Row():
@@ -286,7 +287,8 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
             with gr.Tab("Parameters", id="parameters", elem_id="parameters"):
                 with gr.Tab("Generation"):
                     with gr.Row():
-                        preset = gr.Dropdown(preset_choices(presets_dir), value=DEFAULT_PRESET, allow_custom_value=True, label="Preset",
+                        preset = gr.Dropdown(preset_choices(presets_dir), value=DEFAULT_PRESET,
+                                             allow_custom_value=True, label="Preset",
                                              elem_id="preset", scale=3,
                                              info=f"text-generation-webui's presets: the built-in ones, then the "
                                                   f"YAML files in {presets_dir}.")
@@ -339,7 +341,8 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                 with gr.Tab("Character", elem_id="character-tab"):
                     with gr.Row():
                         character_menu = gr.Dropdown(
-                            [NO_CHARACTER] + character_names(characters_dir), value=NO_CHARACTER, allow_custom_value=True, scale=3,
+                            [NO_CHARACTER] + character_names(characters_dir), value=NO_CHARACTER,
+                            allow_custom_value=True, scale=3,
                             label="Character", elem_id="character-menu",
                             info=f"The characters in {characters_dir} (YAML, JSON, PNG cards).")
                         refresh_characters = gr.Button("🔄", scale=0, min_width=40, elem_id="refresh-characters")
@@ -730,7 +733,8 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
             _name, _context, greet, bot_pic, history, ref, chats, _ = card_outputs(
                 card, pending["picture"], mode, name1, "")
             return (greet, bot_pic, history, ref, chats, chatbot_with_pictures(history, user_pic, bot_pic), None,
-                    f"Loaded the character `{card.name}`: a new chat starts with its greeting.")
+                    f"Loaded the character `{card.name}`: a new chat" + (
+                        " starts with its greeting." if mode != "instruct" else " (greetings show in the chat modes)."))
 
         @_user_errors
         def choose_character(name, mode, name1, user_pic):
@@ -812,7 +816,6 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
 
         @_user_errors
         def template_start(**values):
-            generation = GenerationSettings.from_values(values)
             spec = prompt_settings({**values, "mode": "instruct"})
             if not isinstance(spec.template, TextgenTemplate):
                 return spec.template.render([{"role": "user", "content": "Input"}], add_generation_prompt=True)

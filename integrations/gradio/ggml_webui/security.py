@@ -21,7 +21,8 @@ TEXT_SUFFIXES = (".yaml", ".yml", ".json")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 UPLOAD_SUFFIXES = TEXT_SUFFIXES + PICTURE_SUFFIXES
 #: each kind's request limit
-UPLOAD_LIMITS = {**{s: MAX_UPLOAD_BYTES for s in TEXT_SUFFIXES}, **{s: MAX_PICTURE_UPLOAD_BYTES for s in PICTURE_SUFFIXES}}
+UPLOAD_LIMITS = {**{s: MAX_UPLOAD_BYTES for s in TEXT_SUFFIXES},
+                 **{s: MAX_PICTURE_UPLOAD_BYTES for s in PICTURE_SUFFIXES}}
 #: the longest error text shown on the page or written to the log (a field can hold megabytes)
 MAX_ERROR_CHARS = 500
 DEFAULT_USER = "ggml"
