@@ -204,3 +204,16 @@ def test_the_page_against_a_remote_server(remote_app):
     from ggml_webui.backend import RemoteBackend
     with pytest.raises(ValueError, match="refused the key"):
         RemoteBackend(server, api_key="wrong")
+
+
+def test_your_picture(app, data_dir, tmp_path):
+    c = client(app)
+    picture = tmp_path / "me.png"
+    picture.write_bytes(png_card(None))
+    _chatbot, status = c.predict(gradio_client.handle_file(str(picture)), api_name="/upload_user_picture")
+    assert status == "Your picture is set."
+    assert picture.read_bytes() in [p.read_bytes() for p in (data_dir / "cache" / "pictures").iterdir()]
+    fake = tmp_path / "me.jpg"
+    fake.write_bytes(b"GIF89a not a jpeg")
+    with pytest.raises(Exception, match="not a PNG or JPEG"):
+        c.predict(gradio_client.handle_file(str(fake)), api_name="/upload_user_picture")
