@@ -254,7 +254,7 @@ def test_characters_past_chats_and_notebook_in_a_browser(app_url, browser, user_
     json_card = tmp_path / "Aria.json"
     json_card.write_text(json.dumps(aria), encoding="utf-8")
     png_path = tmp_path / "Seraphina.png"
-    png_path.write_bytes(png_card(V2))
+    png_path.write_bytes(png_card(V2, size=64))
 
     browser.get(app_url)
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), 60, "the page")

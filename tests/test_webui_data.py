@@ -28,12 +28,15 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
 
-def png_card(card=None, *, chara: bytes | None = None, kind=b"tEXt", extra=b"") -> bytes:
-    """A 1x1 PNG with the card (a dict, as base64 JSON) in its 'chara' text chunk."""
+def png_card(card=None, *, chara: bytes | None = None, kind=b"tEXt", extra=b"", size: int = 1) -> bytes:
+    """A ``size`` x ``size`` PNG (a green-blue gradient) with the card (a dict, as base64 JSON) in its 'chara' text
+    chunk."""
     if chara is None and card is not None:
         chara = base64.b64encode(json.dumps(card).encode())
-    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
-    idat = png_chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00"))
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+    rows = b"".join(b"\x00" + b"".join(bytes((40, 90 + 160 * y // size, 120 + 130 * x // size)) for x in range(size))
+                    for y in range(size))
+    idat = png_chunk(b"IDAT", zlib.compress(rows))
     text = b""
     if chara is not None:
         if kind == b"tEXt":
