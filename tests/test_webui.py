@@ -46,6 +46,20 @@ def templates_dir(tmp_path_factory):
         os.environ[template_store.ENV_VAR] = old
 
 
+@pytest.fixture(autouse=True, scope="module")
+def user_data_dir(tmp_path_factory):
+    """Past chats, characters and presets go to a folder of the test's, never the user's (subprocesses too)."""
+    from ggml_webui import user_data
+    folder = tmp_path_factory.mktemp("webui-user-data")
+    old = os.environ.get(user_data.ENV_VAR)
+    os.environ[user_data.ENV_VAR] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop(user_data.ENV_VAR, None)
+    else:
+        os.environ[user_data.ENV_VAR] = old
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     """The server's model directory: a corrupt model file, and a file of another kind that is never offered."""

@@ -1,9 +1,13 @@
-"""The web chat in a real headless Chromium: type, Generate, watch the reply stream in, Stop, screenshot; and
-several sessions at once (one streaming while another shows a prompt, stops, reloads, disconnects mid-stream).
+"""The web chat in a real headless Chromium: type, Generate, watch the reply stream in, Stop, screenshot; several
+sessions at once (one streaming while another shows a prompt, stops, reloads, disconnects mid-stream); and issue
+16's walk through one session: load a JSON card and a PNG card, chat, reload the page, load the past chat,
+generate and stop in the Notebook.
 
 Needs the Debian packages chromium and chromium-driver (apt-get install -y chromium chromium-driver) and the pip
-package selenium; the screenshot goes to artifacts/webui.png (the CI artifact).
+package selenium; the screenshots go to artifacts/ (the CI artifact): webui.png, webui-character.png,
+webui-past-chat.png, webui-notebook.png.
 """
+import json
 import os
 import shutil
 import socket
@@ -33,6 +37,7 @@ from ggml_backend.default_model import default_model_path  # noqa: E402
 from ggml_webui import launch  # noqa: E402
 
 SCREENSHOT = REPO / "artifacts" / "webui.png"
+ARTIFACTS = REPO / "artifacts"
 
 
 def free_port() -> int:
@@ -42,10 +47,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url():
+def user_data(tmp_path_factory):
+    return tmp_path_factory.mktemp("webui-user-data")
+
+
+@pytest.fixture(scope="module")
+def app_url(user_data):
     port = free_port()
     demo = launch(Llama(default_model_path(), n_ctx=1024, verbose=False), port=port, prevent_thread_lock=True,
-                  quiet=True)
+                  quiet=True, user_data_dir=user_data)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -175,3 +185,135 @@ def test_sessions_at_once_in_a_browser(app_url, browser):
                 browser.switch_to.window(handle)
                 browser.close()
         browser.switch_to.window(main)
+
+
+# ---- issue 16: characters, past chats, the notebook ------------------------------------------------------------------
+
+def click_tab(driver, button_id):
+    wait_for(lambda: driver.find_elements(By.ID, button_id), 30, f"the tab button {button_id}")[0].click()
+
+
+def textarea_value(driver, elem_id):
+    found = driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} textarea")
+    return found[0].get_attribute("value") if found else None
+
+
+def upload(driver, label, path):
+    field = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f"input[data-testid='{label}-upload-button']"),
+                     30, f"the {label} upload button")[0]
+    field.send_keys(str(path))
+
+
+def choose(driver, elem_id, value):
+    """Pick ``value`` in the dropdown ``elem_id`` (open it, click the option)."""
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} input"), 30, f"the menu {elem_id}")[0].click()
+    option = wait_for(lambda: [o for o in driver.find_elements(By.CSS_SELECTOR, "li[data-testid='dropdown-option']")
+                               if o.get_attribute("aria-label") == value], 30, f"{value!r} in the menu {elem_id}")[0]
+    option.click()
+
+
+def set_mode(driver, mode):
+    for label in driver.find_elements(By.CSS_SELECTOR, "#chat-mode label"):
+        if label.text.strip() == mode:
+            label.click()
+            return
+    raise AssertionError(f"no mode {mode}")
+
+
+def chat_texts(driver):
+    """The chat's whole text (read in one step: the messages are re-rendered while replies stream)."""
+    text = driver.execute_script("const c = document.querySelector('#chat'); return c ? c.innerText : '';")
+    return [text] if text and text.strip() else []
+
+
+def stop_after_growth(driver, texts, stop_id, timeout=120):
+    first = wait_for(lambda: texts(), timeout, "the first streamed words")
+    wait_for(lambda: texts() != first and texts(), timeout, "the text to grow")
+    driver.find_element(By.ID, stop_id).click()
+
+    def settled():
+        before = texts()
+        time.sleep(2)
+        return before and texts() == before and before
+    return wait_for(settled, 60, "the text to stop growing")
+
+
+def shot(driver, name):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    assert driver.save_screenshot(str(path))
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    return path
+
+
+def test_characters_past_chats_and_notebook_in_a_browser(app_url, browser, user_data, tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_webui_data import V2, png_card
+    aria = dict(V2, data=dict(V2["data"], name="Aria", first_mes="Hi {{user}}, I am Aria.",
+                              description="A ship's computer."))
+    json_card = tmp_path / "Aria.json"
+    json_card.write_text(json.dumps(aria), encoding="utf-8")
+    png_path = tmp_path / "Seraphina.png"
+    png_path.write_bytes(png_card(V2, size=64))
+
+    browser.get(app_url)
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), 60, "the page")
+    set_mode(browser, "chat")
+    # a JSON card: its name and context fill the Character tab, its greeting starts a new chat
+    click_tab(browser, "parameters-button")
+    click_tab(browser, "character-tab-button")
+    upload(browser, "📂 Load a character (YAML, JSON, PNG card)", json_card)
+    wait_for(lambda: textarea_value(browser, "character-name") == "Aria", 60, "the JSON card's name")
+    assert textarea_value(browser, "character-context").startswith("Aria's Persona: A ship's computer.")
+    wait_for(lambda: textarea_value(browser, "character-greeting") == "Hi {{user}}, I am Aria.", 60, "the greeting")
+    # a PNG card: the same, and its picture beside the character's messages; saved to characters/
+    upload(browser, "📂 Load a character (YAML, JSON, PNG card)", png_path)
+    wait_for(lambda: textarea_value(browser, "character-name") == "Seraphina", 60, "the PNG card's name")
+    browser.find_element(By.ID, "save-character").click()
+    wait_for(lambda: (user_data / "characters" / "Seraphina.yaml").is_file(), 60, "the saved character")
+    assert (user_data / "characters" / "Seraphina.png").read_bytes() == png_path.read_bytes()
+
+    click_tab(browser, "chat-tab-button")
+    wait_for(lambda: any("Hello, You." in t for t in chat_texts(browser)), 60, "the greeting in the chat")
+    avatars = wait_for(lambda: [img for img in browser.find_elements(By.CSS_SELECTOR, "#chat img")
+                                if "/pictures/" in (img.get_attribute("src") or "") or
+                                "gradio_api/file" in (img.get_attribute("src") or "")], 60, "the character's picture")
+    assert avatars
+    box = browser.find_element(By.CSS_SELECTOR, "#chat-input textarea")
+    box.send_keys("Tell me a long story about the forest.")
+    browser.find_element(By.ID, "Generate").click()
+    reply = stop_after_growth(browser, lambda: bot_texts(browser)[1:], "stop")[-1]
+    status = wait_for(lambda: browser.find_element(By.ID, "reply-status").text, 60, "the status line")
+    assert "tokens/s" in status and "first token after" in status and "/ 1,024 tokens" in status
+    shot(browser, "webui-character.png")
+    (saved,) = [p for p in (user_data / "logs" / "chat" / "Seraphina").glob("*.json")
+                if "forest" in p.read_text(encoding="utf-8")]
+
+    # a reload is a new session: empty chat; choosing the character and then the past chat brings it back
+    browser.refresh()
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), 60, "the page again")
+    assert not any("forest" in t for t in chat_texts(browser))
+    set_mode(browser, "chat")
+    click_tab(browser, "parameters-button")
+    click_tab(browser, "character-tab-button")
+    choose(browser, "character-menu", "Seraphina")
+    wait_for(lambda: textarea_value(browser, "character-name") == "Seraphina", 60, "the character chosen")
+    click_tab(browser, "chat-tab-button")
+    choose(browser, "past-chats", saved.stem)
+    wait_for(lambda: any("long story about the forest" in t for t in chat_texts(browser)), 60, "the past chat")
+    shown = bot_texts(browser)
+    assert shown and shown[-1].strip()[:20] == reply.strip()[:20]
+    shot(browser, "webui-past-chat.png")
+
+    # the notebook: Generate streams into the text, Stop ends it there
+    click_tab(browser, "notebook-tab-button")
+    notebook = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#notebook-text textarea"), 30,
+                        "the notebook")[0]
+    notebook.send_keys("Once upon a time, in a quiet village,")
+    browser.find_element(By.ID, "notebook-generate").click()
+    final = stop_after_growth(browser, lambda: [textarea_value(browser, "notebook-text")]
+                              if len(textarea_value(browser, "notebook-text") or "") > 40 else [],
+                              "notebook-stop")[-1]
+    assert final.startswith("Once upon a time, in a quiet village,") and len(final) > 40
+    wait_for(lambda: "tokens" in browser.find_element(By.ID, "notebook-status").text, 60, "the notebook's status")
+    shot(browser, "webui-notebook.png")

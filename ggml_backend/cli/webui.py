@@ -1,6 +1,8 @@
 """``ggml-backend webui [-m FILE] [--model-dir DIR] [--port N] [--listen] [--share] [--auth USER:PASS] [-c N]
-[-t N]``: the text-generation-webui-style web chat (Gradio), on 127.0.0.1 unless ``--listen``; with ``--listen`` or
-``--share`` a login is required (``--auth``, or a generated password printed at start).
+[-t N] [--user-data-dir DIR] [--api URL [--api-key KEY] [--api-model NAME]]``: the text-generation-webui-style web
+chat (Gradio), on 127.0.0.1 unless ``--listen``; with ``--listen`` or ``--share`` a login is required (``--auth``,
+or a generated password printed at start). ``--api`` runs the page against a ``ggml-backend serve`` (or any
+OpenAI-compatible server) instead of loading a model here.
 
 Gradio and the ``ggml_webui`` package are imported only here, when the command runs.
 """
@@ -25,6 +27,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("-c", "--ctx-size", type=int, default=2048, metavar="N", help="context size (default 2048)")
     parser.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                         help="threads (default: all cores)")
+    parser.add_argument("--user-data-dir", default=None, metavar="DIR",
+                        help="where characters/, presets/ and logs/ (past chats) live (default: "
+                             "$GGML_BACKEND_WEBUI_DIR or ~/.local/share/ggml_backend/webui)")
+    parser.add_argument("--api", default=None, metavar="URL",
+                        help="use the OpenAI-compatible server at URL (e.g. http://127.0.0.1:8080 from ggml-backend "
+                             "serve) instead of loading a model in this process")
+    parser.add_argument("--api-key", default=None, metavar="KEY", help="the key --api's server expects")
+    parser.add_argument("--api-model", default=None, metavar="NAME",
+                        help="the model to ask --api's server for (default: the first it lists)")
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                         help="accepted for compatibility; this engine runs on the CPU")
 
@@ -44,6 +55,17 @@ def _check(args) -> None:
         import os
         if not os.path.isdir(args.model_dir):
             raise ValueError(f"--model-dir {args.model_dir}: not a directory")
+    if args.api is not None:
+        if args.model is not None or args.model_dir is not None:
+            raise ValueError("--api uses a remote server's model: -m and --model-dir do not apply")
+        if not args.api.startswith(("http://", "https://")):
+            raise ValueError(f"--api must be an http:// or https:// URL, got {args.api!r}")
+    elif args.api_key is not None or args.api_model is not None:
+        raise ValueError("--api-key and --api-model go with --api URL")
+    if args.user_data_dir is not None:
+        import os
+        if os.path.exists(args.user_data_dir) and not os.path.isdir(args.user_data_dir):
+            raise ValueError(f"--user-data-dir {args.user_data_dir}: not a directory")
 
 
 def run(args) -> int:
@@ -55,5 +77,6 @@ def run(args) -> int:
               file=sys.stderr)
         return 1
     launch(args.model, port=args.port, listen=args.listen, share=args.share, n_ctx=args.ctx_size,
-           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, auth=args.auth, model_dir=args.model_dir)
+           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, auth=args.auth, model_dir=args.model_dir,
+           user_data_dir=args.user_data_dir, api_url=args.api, api_key=args.api_key, api_model=args.api_model)
     return 0

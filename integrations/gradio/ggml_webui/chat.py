@@ -2,14 +2,17 @@
 buttons, as text-generation-webui's ``modules/chat.py`` did them.
 
 A history is a list of ``[user message, bot reply]`` pairs (textgen's "internal" history; there is no separate
-"visible" one since the Chatbot component escapes and renders the text itself).
+"visible" one since the Chatbot component escapes and renders the text itself); a character's greeting is the
+pair ``["<|BEGIN-VISIBLE-CHAT|>", greeting]``, as in textgen.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ggml_backend.generation import TextStreamer
+from ggml_backend.templates.textgen import BEGIN_VISIBLE_CHAT
 from ggml_backend.templates import (Character, ChatTemplate, DEFAULT_CHAT_INSTRUCT_COMMAND, TemplateError,
                                     TextgenTemplate)
 
@@ -26,7 +29,7 @@ def history_to_messages(history) -> list[dict]:
     """The Chatbot component's value: alternating user/assistant messages (an empty user side is a greeting)."""
     messages = []
     for user, bot in history or []:
-        if user:
+        if user and user != BEGIN_VISIBLE_CHAT:
             messages.append({"role": "user", "content": user})
         if bot:
             messages.append({"role": "assistant", "content": bot})
@@ -71,7 +74,7 @@ class PromptSettings:
                                 "pick a text-generation-webui template for the others")
         messages = [{"role": "system", "content": self.custom_system_message}] if self.custom_system_message else []
         for user, bot in history:
-            if user:
+            if user and user != BEGIN_VISIBLE_CHAT:
                 messages.append({"role": "user", "content": user})
             messages.append({"role": "assistant", "content": bot})
         if not continue_ and user_input:
@@ -96,14 +99,48 @@ def prompt_budget(llama, settings: GenerationSettings) -> int:
     return max(1, limit - settings.max_new_tokens)
 
 
+@dataclass
+class ReplyStats:
+    """What the status line under the chat says about the last reply."""
+    tokens: int = 0                  # tokens generated
+    prompt_tokens: int | None = None
+    n_ctx: int | None = None
+    first_token_s: float | None = None   # from the request to the first token
+    elapsed_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def token(self) -> None:
+        self.tokens += 1
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+
+    def finish(self) -> None:
+        self.elapsed_s = time.perf_counter() - self.started
+
+    def line(self) -> str:
+        """``12 tokens, 8.3 tokens/s, first token after 0.41 s, context 345 / 2048 tokens``."""
+        parts = [f"{self.tokens} token{'s' if self.tokens != 1 else ''}"]
+        if self.first_token_s is not None and self.tokens > 1 and self.elapsed_s > self.first_token_s:
+            parts.append(f"{(self.tokens - 1) / (self.elapsed_s - self.first_token_s):.1f} tokens/s")
+        if self.first_token_s is not None:
+            parts.append(f"first token after {self.first_token_s:.2f} s")
+        if self.prompt_tokens is not None:
+            used = self.prompt_tokens + self.tokens
+            parts.append(f"context {used:,} / {self.n_ctx:,} tokens" if self.n_ctx else f"context {used:,} tokens")
+        return ", ".join(parts)
+
+
 def stream_reply(llama, prompt: str, settings: GenerationSettings, stops: list[str],
-                 should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+                 should_stop: Callable[[], bool] = lambda: False, stats: ReplyStats | None = None) -> Iterator[str]:
     """Yield the reply so far (the whole text each time) as tokens arrive.
 
     A stop string never shows, not even the start of one (TextStreamer holds such a tail back). ``should_stop`` is
-    asked after every token: when it says yes the reply ends there, keeping what was produced.
+    asked after every token: when it says yes the reply ends there, keeping what was produced. ``stats``, when
+    given, is filled in as the reply goes (tokens, time to the first one, context used).
     """
+    stats = stats if stats is not None else ReplyStats()
     tokens = prompt_tokens(llama, prompt, settings)
+    stats.prompt_tokens, stats.n_ctx = len(tokens), llama.n_ctx()
     room = llama.n_ctx() - len(tokens)
     if room < 1:
         raise ValueError(f"the prompt is {len(tokens)} tokens, the context holds {llama.n_ctx()}: lower "
@@ -122,12 +159,14 @@ def stream_reply(llama, prompt: str, settings: GenerationSettings, stops: list[s
         for token in tokens_out:
             if token in eog and not settings.ban_eos_token:
                 break
+            stats.token()
             if streamer.feed(llama.tokenizer.token_to_piece(token, special=not skip_special)):
                 yield streamer.text
             if streamer.stopped or should_stop():
                 break
     finally:
         tokens_out.close()   # ends the generation now: the model is free for the next request
+        stats.finish()
     if streamer.finish():
         yield streamer.text
     elif not streamer.text:
@@ -139,7 +178,7 @@ def stream_reply(llama, prompt: str, settings: GenerationSettings, stops: list[s
 def remove_last(history) -> tuple[str, list]:
     """"Remove last": drops the last exchange and gives its user message back to the input box."""
     history = copy_history(history)
-    if not history:
+    if not history or history[-1][0] == BEGIN_VISIBLE_CHAT:   # the greeting stays (textgen's rule)
         return "", history
     user, _ = history.pop()
     return user, history

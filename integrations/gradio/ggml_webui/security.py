@@ -4,17 +4,25 @@ error messages of bounded length.
 Anyone who can open the page can generate, load models from the model directory and write templates, so
 ``--listen`` and ``--share`` never run without a login: ``--auth user:pass``, or a generated password printed at
 start. Gradio accepts uploads (``/gradio_api/upload``) from every client whatever the page shows and serves them
-back; ``UploadGuard`` lets through only template and character files (YAML, JSON) up to ``MAX_UPLOAD_BYTES``.
+back; ``UploadGuard`` lets through only template, character and chat files (YAML, JSON) up to
+``MAX_UPLOAD_BYTES`` and pictures (PNG character cards, PNG/JPEG pictures) up to ``MAX_PICTURE_UPLOAD_BYTES``.
 """
 from __future__ import annotations
 
 import re
 import secrets
 
-#: the largest upload request (one template file and the multipart framing around it)
+#: the largest upload request of a text file (one template, character or chat file and the multipart framing)
 MAX_UPLOAD_BYTES = 256 * 1024
-#: the file types a client may upload: instruction templates and character cards (text-generation-webui's YAML/JSON)
-UPLOAD_SUFFIXES = (".yaml", ".yml", ".json")
+#: the largest upload request of a picture (a PNG character card or a JPEG, 8 MiB, and the framing)
+MAX_PICTURE_UPLOAD_BYTES = 8 * 1024 * 1024 + 64 * 1024
+#: text files a client may upload: instruction templates, characters (text-generation-webui's YAML/JSON), chats
+TEXT_SUFFIXES = (".yaml", ".yml", ".json")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+UPLOAD_SUFFIXES = TEXT_SUFFIXES + PICTURE_SUFFIXES
+#: each kind's request limit
+UPLOAD_LIMITS = {**{s: MAX_UPLOAD_BYTES for s in TEXT_SUFFIXES},
+                 **{s: MAX_PICTURE_UPLOAD_BYTES for s in PICTURE_SUFFIXES}}
 #: the longest error text shown on the page or written to the log (a field can hold megabytes)
 MAX_ERROR_CHARS = 500
 DEFAULT_USER = "ggml"
@@ -57,13 +65,15 @@ _FILENAME = re.compile(rb'filename\*?\s*=\s*(?:"([^"\r\n]*)"|([^;\r\n]*))', re.I
 
 
 class UploadGuard:
-    """ASGI middleware in front of Gradio's upload route: at most ``max_bytes`` per request, and every file named
-    in it must end in one of ``suffixes``; anything else is refused before Gradio stores it."""
+    """ASGI middleware in front of Gradio's upload route: every file named in a request must end in one of
+    ``limits``' suffixes, and the request may be as large as the smallest limit of its files' kinds (YAML/JSON
+    MAX_UPLOAD_BYTES, pictures MAX_PICTURE_UPLOAD_BYTES); anything else is refused before Gradio stores it."""
 
-    def __init__(self, app, max_bytes: int = MAX_UPLOAD_BYTES, suffixes=UPLOAD_SUFFIXES):
+    def __init__(self, app, limits: dict | None = None):
         self.app = app
-        self.max_bytes = int(max_bytes)
-        self.suffixes = tuple(s.lower() for s in suffixes)
+        self.limits = {s.lower(): int(n) for s, n in (limits or UPLOAD_LIMITS).items()}
+        self.suffixes = tuple(self.limits)
+        self.max_bytes = max(self.limits.values())
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http" or scope.get("method") != "POST" \
@@ -87,7 +97,12 @@ class UploadGuard:
                 break
         names = [(quoted or bare).strip().decode("utf-8", "replace") for quoted, bare in _FILENAME.findall(body)]
         if not names or not all(name.lower().endswith(self.suffixes) for name in names):
-            await _refuse(send, 415, "only template and character files can be uploaded (" + ", ".join(self.suffixes) + ")")
+            await _refuse(send, 415, "only template, character, chat and picture files can be uploaded ("
+                          + ", ".join(self.suffixes) + ")")
+            return
+        limit = min(n for suffix, n in self.limits.items() for name in names if name.lower().endswith(suffix))
+        if len(body) > limit:
+            await _refuse(send, 413, f"uploads of these files are limited to {limit:,} bytes")
             return
         replayed = False
 
