@@ -126,6 +126,28 @@ def gguf_tokens_from_legacy(token_bytes: list) -> list:
     return out
 
 
+def legacy_vocab_from_gguf(vocab: Vocab) -> list:
+    """(piece bytes, score) pairs in GGML-era conventions for a SentencePiece ("llama") vocabulary, the inverse of
+    ``gguf_tokens_from_legacy`` as convert.py wrote GGML files: the unknown token as ' \u2047 ', other control
+    tokens empty, '<0xNN>' byte tokens as the single raw byte, U+2581 as a plain space."""
+    if vocab.token_bytes is not None:   # read from a GGML file: the stored bytes as they were
+        return list(zip(vocab.token_bytes, (float(s) for s in vocab.scores)))
+    if vocab.model != "llama":
+        raise ValueError(f"a GGML file holds a SentencePiece (llama) vocabulary, not a {vocab.model!r} one")
+    pieces = []
+    for text, kind, score in zip(vocab.tokens, vocab.token_types.tolist(), vocab.scores.tolist()):
+        if kind == 2:
+            raw = " \u2047 ".encode()
+        elif kind == 3:
+            raw = b""
+        elif kind == 6 and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            raw = bytes([int(text[3:5], 16)])
+        else:
+            raw = encode_text(text.replace("\u2581", " "))
+        pieces.append((raw, float(score)))
+    return pieces
+
+
 def read_ggml(path, mm: np.ndarray, n_head_kv: int | None = None, context_length: int | None = None,
               rms_eps: float | None = None) -> ModelFile:
     view = memoryview(mm)
