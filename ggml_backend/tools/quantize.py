@@ -8,7 +8,7 @@ What llama.cpp's ``llama-quantize`` does, with our readers, writers and quantize
   tensors are written in llama.cpp's order, each padded to the 32-byte alignment, so a file quantized here with
   the types llama.cpp quantizes bit-exactly is byte-identical to llama.cpp's;
 * ``ggml=True`` writes a GGML ggjt v3 file instead (``formats.write_ggml``; LLaMA models only);
-* the work streams: a tensor is read, converted and written a block of rows at a time (about 16 MB of float32),
+* the work streams: a tensor is read, converted and written a block of rows at a time (about 4 MB of float32),
   and the source pages already used are dropped from the process, so the peak memory is a few such blocks
   whatever the model's size;
 * the output goes to a temporary file beside ``dst`` that is renamed over it only when complete
@@ -38,7 +38,7 @@ from ..quant.types import get_type
 from .quant_mix import FileType, TensorPlan, parse_file_type, plan_tensor_types
 
 GGML_QNT_VERSION = 2            # general.quantization_version that llama.cpp writes
-CHUNK_VALUES = 1 << 22          # float32 values converted at a time (16 MB), whatever the tensor's size
+CHUNK_VALUES = 1 << 20          # float32 values converted at a time (4 MB), whatever the tensor's size
 _FLOAT_TYPES = ("f32", "f16", "bf16")
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 
