@@ -139,9 +139,11 @@ def check_plan(plan: list[TensorPlan], src, *, allow_requantize: bool) -> None:
                              f"choose another type")
 
 
-def convert_tensor(tensor, target_type, chunk_values: int = CHUNK_VALUES):
+def convert_tensor(tensor, target_type, chunk_values: int = CHUNK_VALUES, *, consumed=None):
     """The bytes of ``tensor`` (a ``formats.Tensor``) as ``target_type``, a block of whole rows at a time
-    (an iterator of uint8 arrays). A tensor of that type already is passed through unchanged."""
+    (an iterator of uint8 arrays). A tensor of that type already is passed through unchanged. ``consumed``, if
+    given, is called with (first byte, end byte) of the source range that each chunk came from, once that chunk
+    has been taken (the writer wrote it)."""
     target = get_type(target_type)
     source = tensor.type
     data = tensor.data
@@ -149,42 +151,47 @@ def convert_tensor(tensor, target_type, chunk_values: int = CHUNK_VALUES):
         step = max(1, chunk_values * 4)
         for start in range(0, tensor.nbytes, step):
             yield data[start:start + step]
+            if consumed is not None:
+                consumed(start, min(start + step, tensor.nbytes))
         return
     from .. import quant   # the kernels (numba) are loaded only when a tensor is converted
     row_length = tensor.shape[-1] if tensor.shape else 1
-    n_rows = math.prod(tensor.shape[:-1]) if len(tensor.shape) > 1 else 1
+    n_rows = math.prod(tensor.shape[:-1])
     row_bytes = source.row_bytes(row_length)
     rows_per_chunk = max(1, chunk_values // max(row_length, 1))
     for first in range(0, n_rows, rows_per_chunk):
         n = min(rows_per_chunk, n_rows - first)
-        values = quant.dequantize(source, data[first * row_bytes:(first + n) * row_bytes], (n, row_length))
+        start, end = first * row_bytes, (first + n) * row_bytes
+        values = quant.dequantize(source, data[start:end], (n, row_length))
         if not np.isfinite(values).all():
             bad = np.argwhere(~np.isfinite(values))[0]
             raise ValueError(f"tensor {tensor.name!r} holds {values[tuple(bad)]} at row {first + int(bad[0])}, "
                              f"column {int(bad[1])}; llama.cpp refuses to quantize NaN and infinite values")
         yield quant.quantize(target, values)
+        if consumed is not None:
+            consumed(start, end)
 
 
 def _tensor_source(model, p: TensorPlan):
-    """A callable the writers call when they reach the tensor: its converted chunks, then the source pages it
-    used are given back, so that reading the whole model never keeps it in memory."""
+    """A callable the writers call when they reach the tensor: its converted chunks; the source pages each chunk
+    was read from are given back as soon as it is written, so that reading the model never keeps it in memory."""
     tensor = model.tensors[p.name]
 
     def chunks():
-        yield from convert_tensor(tensor, p.target_type)
-        _drop_pages(model, tensor.offset, tensor.nbytes)
+        yield from convert_tensor(tensor, p.target_type,
+                                  consumed=lambda a, b: _drop_pages(model, tensor.offset + a, b - a))
     return chunks
 
 
 def _drop_pages(model, offset: int, nbytes: int) -> None:
-    """madvise(DONTNEED) over a tensor's pages of the read-only file mapping: they leave this process's memory
-    (a later read would fault them in again from the page cache; nothing is lost)."""
+    """madvise(DONTNEED) over the whole pages of [offset, offset + nbytes) of the read-only file mapping: they
+    leave this process's memory (a later read faults them in again from the page cache; nothing is lost)."""
     raw = getattr(model.mmap, "_mmap", None)   # np.memmap keeps its mmap.mmap here
     if raw is None or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
         return
     start = offset - offset % mmap.PAGESIZE
     end = min(offset + nbytes, len(raw))
-    end -= end % mmap.PAGESIZE   # whole pages only; a partial last page stays
+    end -= end % mmap.PAGESIZE   # a partial last page stays (the next chunk may still need it)
     if end > start:
         with contextlib.suppress(OSError, ValueError):
             raw.madvise(mmap.MADV_DONTNEED, start, end - start)
