@@ -9,12 +9,13 @@ The input is a random-weight f16 Llama of TinyLlama-1.1B's shapes (n_embd 2048, 
 ``--dir`` (default: the bench cache, ``$GGML_BACKEND_BENCH_DIR`` or ~/.cache/ggml_backend/bench). Each run is a
 fresh process (imports and numba's cached kernels included, as a user pays them), both engines with ``--threads``
 threads; the table shows the median wall time of ``--repeat`` alternating runs, the rate in millions of
-parameters per second and each process's peak resident memory (VmHWM: the file pages it mapped count too, so
-this is an upper bound on what it needed). K types whose quantizer ggml_backend lacks are skipped with a note.
+parameters per second and each process's peak resident memory (VmHWM, read in the process itself: the file
+pages it mapped count too, so this is an upper bound on what it needed). K types whose quantizer ggml_backend lacks are skipped with a note.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -35,21 +36,21 @@ from ggml_backend.tools.quant_mix import parse_file_type, plan_tensor_types  # n
 N_EMBD, N_FF, N_HEAD, N_KV, N_VOCAB = 2048, 5632, 32, 4, 32000
 
 _OURS = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {repo!r})
 t = time.perf_counter()
 from ggml_backend.tools.quantize import quantize_model
 quantize_model({src!r}, {dst!r}, {ftype!r}, threads={threads})
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(time.perf_counter() - t, int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024)
 """
 _LLAMA_CPP = """
-import ctypes, resource, time
+import ctypes, time
 t = time.perf_counter()
 import llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype, p.nthread = {ftype_id}, {threads}
 assert llama_cpp.llama_model_quantize({src!r}.encode(), {dst!r}.encode(), ctypes.byref(p)) == 0
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(time.perf_counter() - t, int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024)
 """
 
 
@@ -99,6 +100,14 @@ def source_model(directory: Path, n_layer: int) -> Path:
     return path
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run(script: str) -> tuple[float, int]:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     if out.returncode:
@@ -138,7 +147,7 @@ def main() -> int:
                                          threads=args.threads)))
             theirs.append(run(_LLAMA_CPP.format(src=str(src), dst=str(dst) + ".llamacpp", ftype_id=ft.ftype,
                                                 threads=args.threads)))
-        same = dst.read_bytes() == Path(str(dst) + ".llamacpp").read_bytes()
+        same = file_digest(dst) == file_digest(Path(str(dst) + ".llamacpp"))
         for p in (dst, Path(str(dst) + ".llamacpp")):
             p.unlink(missing_ok=True)
         t_ours = statistics.median(s for s, _ in ours)

@@ -32,6 +32,8 @@ K_TYPES = [t for t in ALL_TYPES if "_K" in t]
 # (source, file type, options): options are llama_model_quantize_params fields, and our keyword arguments
 CASES = [(s, t, {}) for s in ("a", "b") for t in ALL_TYPES]
 CASES += [(s, t, {}) for s in ("c",) for t in K_TYPES + ["Q4_0", "Q8_0", "F16"]]
+CASES += [(s, t, {}) for s in ("d", "e") for t in K_TYPES + ["Q4_0", "Q8_0"]]
+CASES += [("f", "Q3_K_M", {}), ("f", "Q4_K_S", {})]
 CASES += [
     ("a", "Q4_K_M", {"pure": True}),
     ("b", "Q3_K_M", {"pure": True}),

@@ -12,7 +12,10 @@ finite, varied logits. Three models, each chosen to exercise different rules of 
 * ``b``: f32, n_embd 160 (not a multiple of 256: the K types fall back to 32-blocks), 12 layers (blk.10 sorts
   after blk.9), 5 heads sharing 1 KV head, n_ff 512 (ffn_down keeps the K types), tied embeddings (no
   output.weight: token_embd gets the output's type), a dummy 512-piece vocabulary.
-* ``c``: f16, n_embd 40 (not even a multiple of 32: K types fall back to f16, legacy types are refused), 2 layers.
+* ``c``: f16, n_embd 40 (not even a multiple of 32: K types and legacy types fall back to f16), 2 layers.
+* ``d``: a Falcon (fused attn_qkv, no gate, biases): Falcon's own rules (q8_0 output, ffn_down by layer).
+* ``e``: a LLaMA of 8 experts (3-D ffn_*_exps tensors, a router kept f32): the 8-expert rules.
+* ``f``: a LLaMA of 80 layers with grouped-query attention, tiny (n_embd 32): llama.cpp counts it as LLaMA-70B.
 
 Tensors are written in the order of HF converters (token_embd first, q k v o per layer), not llama.cpp's sorted
 order, so that the tests see the quantizer reorder them; ``general.file_type`` sits early in the metadata, so they
@@ -36,7 +39,12 @@ SOURCES = {
     "a": ("f16", 256, 4, 8, 2, 768, "real", False),
     "b": ("f32", 160, 12, 5, 1, 512, 512, True),
     "c": ("f16", 40, 2, 5, 5, 96, 512, False),
+    "d": ("f16", 256, 4, 8, 1, 512, 512, False),
+    "e": ("f16", 256, 2, 8, 8, 256, 512, False),
+    "f": ("f16", 32, 80, 4, 1, 64, 300, False),
 }
+ARCHITECTURES = {"d": "falcon"}
+N_EXPERT = {"e": 8}
 
 
 def _uniform(seed: int, shape, scale: float) -> np.ndarray:
@@ -66,7 +74,24 @@ def tensor_layout(name: str) -> list[tuple[str, tuple]]:
     layout = [("token_embd.weight", (n_vocab, e)), ("output_norm.weight", (e,))]
     if not tied:
         layout.append(("output.weight", (n_vocab, e)))
+    if ARCHITECTURES.get(name) == "falcon":
+        layout.insert(2, ("output_norm.bias", (e,)))
+        for i in range(n_layer):
+            p = f"blk.{i}."
+            layout += [(p + "attn_norm.weight", (e,)), (p + "attn_norm.bias", (e,)),
+                       (p + "attn_qkv.weight", (e + 2 * kv, e)), (p + "attn_output.weight", (e, e)),
+                       (p + "ffn_up.weight", (n_ff, e)), (p + "ffn_down.weight", (e, n_ff))]
+        return layout
+    n_expert = N_EXPERT.get(name)
     for i in range(n_layer):
+        if n_expert:
+            p = f"blk.{i}."
+            layout += [(p + "attn_norm.weight", (e,)), (p + "attn_q.weight", (e, e)), (p + "attn_k.weight", (kv, e)),
+                       (p + "attn_v.weight", (kv, e)), (p + "attn_output.weight", (e, e)),
+                       (p + "ffn_norm.weight", (e,)), (p + "ffn_gate_inp.weight", (n_expert, e)),
+                       (p + "ffn_gate_exps.weight", (n_expert, n_ff, e)), (p + "ffn_up_exps.weight", (n_expert, n_ff, e)),
+                       (p + "ffn_down_exps.weight", (n_expert, e, n_ff))]
+            continue
         p = f"blk.{i}."
         layout += [(p + "attn_norm.weight", (e,)), (p + "attn_q.weight", (e, e)), (p + "attn_k.weight", (kv, e)),
                    (p + "attn_v.weight", (kv, e)), (p + "attn_output.weight", (e, e)), (p + "ffn_norm.weight", (e,)),
@@ -79,16 +104,20 @@ def write_source(name: str, path) -> Path:
     """Write source model ``name`` ("a", "b" or "c") to ``path``."""
     dtype, e, n_layer, n_head, n_kv, n_ff, vocab, _ = SOURCES[name]
     vocab_metadata, vocab_types = _vocab(vocab)
+    arch = ARCHITECTURES.get(name, "llama")
+    eps_key = "attention.layer_norm_epsilon" if arch == "falcon" else "attention.layer_norm_rms_epsilon"
     metadata = {
-        "general.architecture": "llama", "general.name": f"quantize-test-{name}",
+        "general.architecture": arch, "general.name": f"quantize-test-{name}",
         "general.file_type": 1 if dtype == "f16" else 0,
-        "llama.context_length": 2048, "llama.embedding_length": e, "llama.block_count": n_layer,
-        "llama.feed_forward_length": n_ff, "llama.rope.dimension_count": e // n_head,
-        "llama.attention.head_count": n_head, "llama.attention.head_count_kv": n_kv,
-        "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
-        **vocab_metadata,
+        f"{arch}.context_length": 2048, f"{arch}.embedding_length": e, f"{arch}.block_count": n_layer,
+        f"{arch}.feed_forward_length": n_ff, f"{arch}.rope.dimension_count": e // n_head,
+        f"{arch}.attention.head_count": n_head, f"{arch}.attention.head_count_kv": n_kv,
+        f"{arch}.{eps_key}": 1e-5, f"{arch}.rope.freq_base": 10000.0,
     }
-    value_types = {"llama.attention.layer_norm_rms_epsilon": GGUFValueType.FLOAT32, **vocab_types}
+    if name in N_EXPERT:
+        metadata.update({"llama.expert_count": N_EXPERT[name], "llama.expert_used_count": 2})
+    metadata.update(vocab_metadata)
+    value_types = {f"{arch}.{eps_key}": GGUFValueType.FLOAT32, **vocab_types}
     tensors = []
     for seed, (tensor_name, shape) in enumerate(tensor_layout(name)):
         if len(shape) == 1:   # norms: f32 near 1, as every converter writes them

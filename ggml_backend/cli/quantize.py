@@ -15,9 +15,12 @@ from ..tools.quant_mix import FILE_TYPES, parse_file_type, plan_tensor_types
 
 def add_arguments(parser) -> None:
     parser.add_argument("input", help="an f32/f16/bf16 GGUF or GGML model file")
-    parser.add_argument("paths", nargs="+", metavar="[OUT] TYPE",
-                        help=f"output file (optional) and file type: {', '.join(FILE_TYPES)} (aliases Q3_K, Q4_K, "
-                             "Q5_K; or the LLAMA_FTYPE id)")
+    parser.add_argument("output", metavar="OUT",
+                        help="the file to write; or, given alone, TYPE (the output is then ggml-model-TYPE.gguf "
+                             "beside IN, as llama-quantize names it)")
+    parser.add_argument("type", metavar="TYPE", nargs="?",
+                        help=f"file type: {', '.join(FILE_TYPES)} (any case; aliases Q3_K, Q4_K, Q5_K = their _M; "
+                             "or the LLAMA_FTYPE id)")
     parser.add_argument("--ggml", action="store_true", help="write a GGML ggjt v3 file instead of GGUF (LLaMA only)")
     parser.add_argument("--leave-output-tensor", action="store_true",
                         help="keep output.weight as it is (bigger file, sometimes better quality)")
@@ -35,12 +38,9 @@ def add_arguments(parser) -> None:
 
 
 def _paths(args) -> tuple[Path, str]:
-    if len(args.paths) > 2:
-        raise ValueError(f"expected IN [OUT] TYPE, got {1 + len(args.paths)} paths: "
-                         + " ".join([args.input, *args.paths]))
-    if len(args.paths) == 2:
-        return Path(args.paths[0]), args.paths[1]
-    type_spec = args.paths[0]
+    if args.type is not None:
+        return Path(args.output), args.type
+    type_spec = args.output
     name = parse_file_type(type_spec).name
     return Path(args.input).parent / f"ggml-model-{name}.{'bin' if args.ggml else 'gguf'}", type_spec
 
