@@ -44,6 +44,12 @@ CASES += [
 ]
 
 
+# The real models from PyPI (already Q4_K_M; requantized with allow_requantize): tensor types for these file types,
+# and the whole Q8_0 file of Gemma 3 270M (about 280 MB, seconds to make)
+REAL_TYPES = ["Q2_K", "Q3_K_L", "Q4_K_M", "Q5_K_S", "Q4_0", "Q8_0"]
+REAL_FILE = ("gemma", "Q8_0")
+
+
 def case_key(source: str, file_type: str, options: dict) -> str:
     extra = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
     return f"{source}/{file_type}" + (f"[{extra}]" if extra else "")
@@ -55,6 +61,8 @@ def _llama_cpp_quantize(llama_cpp, src: Path, dst: Path, file_type: str, options
     params.nthread = 1
     if options.get("pure"):
         params.pure = True
+    if options.get("allow_requantize"):
+        params.allow_requantize = True
     if options.get("leave_output_tensor"):
         params.quantize_output_tensor = False
     if "output_tensor_type" in options:
@@ -106,9 +114,30 @@ def main() -> int:
                                           "metadata_keys": list(load(dst).metadata), "tensors": tensor_digests(dst)}
                 dst.unlink()
             print(key, error or "ok", file=sys.stderr)
+    result["real"] = real_models(llama_cpp)
     OUT.write_text(json.dumps(result, indent=0, separators=(",", ":")) + "\n")
     print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes)", file=sys.stderr)
     return 0
+
+
+def real_models(llama_cpp) -> dict:
+    from ggml_backend import default_model
+    paths = {"qwen": default_model.default_model_path(progress=False), "gemma": default_model.gemma_model_path()}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "out.gguf"
+        for which, path in paths.items():
+            for file_type in REAL_TYPES:
+                error = _llama_cpp_quantize(llama_cpp, path, dst, file_type, {"allow_requantize": True})
+                assert error is None, error
+                entry = {"source_sha256": sha256_file(path),
+                         "types": [[t.name, t.type.name] for t in load(dst).tensors.values()]}
+                if (which, file_type) == REAL_FILE:
+                    entry.update(size=dst.stat().st_size, sha256=sha256_file(dst))
+                out[f"{which}/{file_type}"] = entry
+                dst.unlink()
+                print(f"{which}/{file_type} ok", file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ sha256 sums (remade by ``tests/make_quantize_mix.py``).
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from ggml_backend.tools import quantize as quantize_module
 from ggml_backend.tools.quant_mix import FILE_TYPES, parse_file_type, plan_tensor_types
 from ggml_backend.tools.quantize import quantize_model
 from quantize_sources import SOURCES, sha256_file, tensor_digests, write_source
+from refdata import real_model
 
 DATA = Path(__file__).parent / "data"
 MIX = json.loads((DATA / "quantize_mix.json").read_text())
@@ -81,6 +83,31 @@ def test_the_mixes_differ_where_llama_cpp_says():
     assert types("c/Q4_K_M")["blk.0.attn_q.weight"] == "f16"   # rows of 40: nothing but f16 fits
     names = [t[0] for t in MIX["outputs"]["b/Q8_0"]["tensors"]]
     assert names.index("blk.10.attn_k.weight") > names.index("blk.9.ffn_up.weight")
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256_once(path: Path) -> str:
+    return sha256_file(path)
+
+
+@pytest.mark.parametrize("case", list(MIX["real"]))
+def test_real_model_types_match_llama_cpp(case):
+    """Qwen2.5-Coder-0.5B (qwen2, biases, GQA 7) and Gemma 3 270M (tied embeddings, rows of 640), requantized."""
+    which, file_type = case.split("/")
+    path = real_model(which)
+    expected = MIX["real"][case]
+    if _sha256_once(path) != expected["source_sha256"]:
+        pytest.skip(f"{path} is not the model file the reference was made from")
+    model = load(path)
+    plan = plan_tensor_types(model.tensors.values(), file_type, model.metadata)
+    assert [[p.name, p.target_type.name] for p in plan] == expected["types"]
+
+
+def test_real_model_requantized_file_is_llama_cpp_s(tmp_path):
+    which, file_type = "gemma", "Q8_0"
+    expected = MIX["real"][f"{which}/{file_type}"]
+    out = quantize_model(real_model(which), tmp_path / "out.gguf", file_type, allow_requantize=True)
+    assert (out.path.stat().st_size, sha256_file(out.path)) == (expected["size"], expected["sha256"])
 
 
 # --------------------------------------------------------------------------------------- llama.cpp's bytes

@@ -39,12 +39,12 @@ MAX_NAME_BYTES = 4096
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_RMS_EPS = 5e-6
 
-# llama.cpp's LLAMA_FTYPE values of the GGML era, for display.
+# llama.cpp's LLAMA_FTYPE values of the GGML era (and BF16, which came with GGUF), for display.
 FTYPE_NAMES = {
     0: "ALL_F32", 1: "MOSTLY_F16", 2: "MOSTLY_Q4_0", 3: "MOSTLY_Q4_1", 4: "MOSTLY_Q4_1_SOME_F16",
     7: "MOSTLY_Q8_0", 8: "MOSTLY_Q5_0", 9: "MOSTLY_Q5_1", 10: "MOSTLY_Q2_K", 11: "MOSTLY_Q3_K_S",
     12: "MOSTLY_Q3_K_M", 13: "MOSTLY_Q3_K_L", 14: "MOSTLY_Q4_K_S", 15: "MOSTLY_Q4_K_M", 16: "MOSTLY_Q5_K_S",
-    17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K",
+    17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K", 32: "MOSTLY_BF16",
 }
 # ggml types that existed in the GGML era (bf16 and the IQ types came with GGUF).
 _GGML_ERA_TYPES = {"f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1",

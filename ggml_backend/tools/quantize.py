@@ -198,7 +198,8 @@ def _drop_pages(model, offset: int, nbytes: int) -> None:
 
 
 def output_metadata(model, ft: FileType) -> tuple[dict, dict]:
-    """The input's GGUF keys in order, less the split keys, with the quantization version and file type last."""
+    """The input's GGUF keys in order, less the split keys, with the quantization version and file type last.
+    A ``general.alignment`` is kept and the file written with it (llama.cpp would pad to 32 whatever it says)."""
     metadata, value_types = dict(model.metadata), dict(model.metadata_types)
     for key in (*_SPLIT_KEYS, "general.quantization_version", "general.file_type"):
         metadata.pop(key, None)
