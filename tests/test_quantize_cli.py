@@ -184,6 +184,25 @@ def test_ggml_output_holds_the_gguf_tensors(sources, tmp_path):
     assert np.array_equal(logits[0], logits[1])
 
 
+def test_ggml_input_quantizes_like_its_gguf_source(sources, tmp_path):
+    """A GGML f16 file (written by --ggml F16) in, GGUF and GGML out: the same tensors as from the GGUF source."""
+    ggml_f16, from_ggml, from_gguf, ggml_q = (tmp_path / n for n in ("f16.bin", "q.gguf", "ref.gguf", "q.bin"))
+    for args in ([sources["a"], ggml_f16, "F16", "--ggml"], [ggml_f16, from_ggml, "Q4_K_S"],
+                 [sources["a"], from_gguf, "Q4_K_S"], [ggml_f16, ggml_q, "Q5_1", "--ggml"]):
+        if "Q4_K_S" in args and not _quantizable("q4_K"):
+            args[2] = "Q6_K"
+        assert main(["quantize", *map(str, args), "--no-progress"]) == 0, args
+    a, b = load(from_ggml), load(from_gguf)
+    assert list(a.tensors) == list(b.tensors)
+    for name, t in b.tensors.items():
+        assert (a.tensors[name].type, a.tensors[name].shape) == (t.type, t.shape), name
+        assert np.array_equal(a.tensors[name].data, t.data), name
+    assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
+    q, f16 = load(ggml_q), load(ggml_f16)
+    assert q.vocab.token_bytes == f16.vocab.token_bytes and q.hparams["ftype"] == 9
+    assert f16.vocab.token_bytes[0] == " \u2047 ".encode() and f16.vocab.token_bytes[3] == b"\x00"
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 def run_cli(capsys, *args):
