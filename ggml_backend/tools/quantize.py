@@ -72,7 +72,8 @@ def quantize_model(src, dst, file_type, *, ggml: bool = False, leave_output_tens
                    pure: bool = False, allow_requantize: bool = False, output_tensor_type=None,
                    token_embedding_type=None, threads: int | None = None, progress=False) -> QuantizeResult:
     """Quantize the model file ``src`` into ``dst`` as ``file_type`` (a llama-quantize name such as ``"Q4_K_M"``,
-    an alias such as ``"q4_k"``, or the LLAMA_FTYPE id). Returns what was written.
+    an alias such as ``"q4_k"``, or the LLAMA_FTYPE id). Returns what was written. An existing ``dst`` is replaced
+    (once the new file is complete), as llama-quantize does; the command line asks for ``--force`` first.
 
     ``ggml``: write a GGML ggjt v3 file instead of GGUF. ``leave_output_tensor``: keep output.weight's type.
     ``pure``: no mix, every quantizable tensor gets the base type. ``allow_requantize``: accept tensors that are
