@@ -18,6 +18,7 @@ import traceback
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("ggml_backend.cli.info", "show a model file's format, hyper-parameters, vocabulary and tensor types"),
     "convert": ("ggml_backend.cli.convert", "convert a legacy GGML (ggjt v3) LLaMA file to GGUF"),
+    "quantize": ("ggml_backend.cli.quantize", "quantize an f32/f16/bf16 model file (llama.cpp's llama-quantize)"),
     "bench": ("ggml_backend.cli.bench", "speed figures (open, prompt, decode, memory) beside llama.cpp's"),
     "run": ("ggml_backend.cli.run", "generate text like llama.cpp's main (same flags; -i/-ins interactive)"),
     "chat": ("ggml_backend.cli.chat", "chat interactively on the model's chat template"),

@@ -39,12 +39,12 @@ MAX_NAME_BYTES = 4096
 DEFAULT_CONTEXT_LENGTH = 2048
 DEFAULT_RMS_EPS = 5e-6
 
-# llama.cpp's LLAMA_FTYPE values of the GGML era, for display.
+# llama.cpp's LLAMA_FTYPE values of the GGML era (and BF16, which came with GGUF), for display.
 FTYPE_NAMES = {
     0: "ALL_F32", 1: "MOSTLY_F16", 2: "MOSTLY_Q4_0", 3: "MOSTLY_Q4_1", 4: "MOSTLY_Q4_1_SOME_F16",
     7: "MOSTLY_Q8_0", 8: "MOSTLY_Q5_0", 9: "MOSTLY_Q5_1", 10: "MOSTLY_Q2_K", 11: "MOSTLY_Q3_K_S",
     12: "MOSTLY_Q3_K_M", 13: "MOSTLY_Q3_K_L", 14: "MOSTLY_Q4_K_S", 15: "MOSTLY_Q4_K_M", 16: "MOSTLY_Q5_K_S",
-    17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K",
+    17: "MOSTLY_Q5_K_M", 18: "MOSTLY_Q6_K", 32: "MOSTLY_BF16",
 }
 # ggml types that existed in the GGML era (bf16 and the IQ types came with GGUF).
 _GGML_ERA_TYPES = {"f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1",
@@ -124,6 +124,28 @@ def gguf_tokens_from_legacy(token_bytes: list) -> list:
         else:
             out.append(decode_text(raw.replace(b" ", "\u2581".encode())))
     return out
+
+
+def legacy_vocab_from_gguf(vocab: Vocab) -> list:
+    """(piece bytes, score) pairs in GGML-era conventions for a SentencePiece ("llama") vocabulary, the inverse of
+    ``gguf_tokens_from_legacy`` as convert.py wrote GGML files: the unknown token as ' \u2047 ', other control
+    tokens empty, '<0xNN>' byte tokens as the single raw byte, U+2581 as a plain space."""
+    if vocab.token_bytes is not None:   # read from a GGML file: the stored bytes as they were
+        return list(zip(vocab.token_bytes, (float(s) for s in vocab.scores)))
+    if vocab.model != "llama":
+        raise ValueError(f"a GGML file holds a SentencePiece (llama) vocabulary, not a {vocab.model!r} one")
+    pieces = []
+    for text, kind, score in zip(vocab.tokens, vocab.token_types.tolist(), vocab.scores.tolist()):
+        if kind == 2:
+            raw = " \u2047 ".encode()
+        elif kind == 3:
+            raw = b""
+        elif kind == 6 and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            raw = bytes([int(text[3:5], 16)])
+        else:
+            raw = encode_text(text.replace("\u2581", " "))
+        pieces.append((raw, float(score)))
+    return pieces
 
 
 def read_ggml(path, mm: np.ndarray, n_head_kv: int | None = None, context_length: int | None = None,
