@@ -71,33 +71,13 @@ def _scale_q3_K(j, src, scales_at):
 
 @njit(cache=True, inline="always")
 def _nearest_int(v):
-    """ggml's nearest_int: the int whose bits come from ``v + 1.5 * 2**23`` in float32 (round half to even).
-
-    ggml asserts |v| <= 4194303, but release builds compile the assert out, and awkward blocks do get there
-    (a value divided by a scale that rounded to a tiny half, or by inf); ``_nearest_int_wrapped`` reproduces
-    what the bit trick then gives, so the clamps that follow see what llama.cpp's see."""
-    if abs(v) <= F32(4194303.0):
-        return np.int32(np.rint(v))
-    return _nearest_int_wrapped(v)
-
-
-@njit(cache=True)
-def _nearest_int_wrapped(v):
-    """nearest_int outside its range: (mantissa field of float32(v + 12582912)) - 0x400000."""
+    """ggml's nearest_int, the same bit trick: the mantissa field of float32(v + 1.5 * 2**23), less 2**22.
+    That is round half to even for |v| <= 4194303; ggml asserts that range, but release builds compile the assert
+    out and awkward blocks do go beyond it (a value divided by a scale that rounded to a tiny half, or by inf),
+    where the trick wraps: reproducing the trick itself keeps the clamps that follow seeing what llama.cpp's see.
+    A NaN gives 0 (the default NaN's field is 0x400000)."""
     s = F32(v + F32(12582912.0))
-    if np.isnan(s):
-        return np.int32(0)              # x86's default NaN 0xFFC00000: mantissa field 0x400000
-    if np.isinf(s):
-        return np.int32(-0x400000)      # mantissa field 0
-    a = abs(np.float64(s))
-    if a == 0.0:
-        field = np.int64(0)
-    elif a < 2.0 ** -126:               # subnormal: the field is the value in units of 2**-149
-        field = np.int64(a * 2.0 ** 149)
-    else:
-        mantissa, _ = math.frexp(a)     # a = mantissa * 2**e, 0.5 <= mantissa < 1: field = (2m - 1) * 2**23
-        field = np.int64((mantissa * 2.0 - 1.0) * 2.0 ** 23)
-    return np.int32((field & 0x7FFFFF) - 0x400000)
+    return np.int32((s.view(np.int32) & 0x7FFFFF) - 0x400000)
 
 
 @njit(cache=True, inline="always")
