@@ -62,6 +62,16 @@ def test_quantize_equals_llama_cpp_bytes(reference, name):
 
 
 @pytest.mark.parametrize("name", K_TYPES)
+def test_tensors_split_among_threads_give_the_same_bytes(reference, name):
+    """More super-blocks than one band of work (kquants._BAND_BLOCKS): the bands, done on several threads,
+    join into llama.cpp's bytes of the whole."""
+    from ggml_backend.quant import kquants
+    x = np.tile(reference["inputs"], (13, 1))       # 832 super-blocks: 3 bands of 256 and one of 64
+    assert x.size // 256 > 2 * kquants._BAND_BLOCKS
+    assert_same_bytes(name, quant.quantize(name, x), np.tile(reference[name], 13), x, "the inputs 13 times")
+
+
+@pytest.mark.parametrize("name", K_TYPES)
 def test_requantized_model_rows_equal_llama_cpp(reference, name):
     """Rows of a real tensor of the synthetic model (llama.cpp's own quantization of it), dequantized and
     quantized again: the same bytes as llama.cpp's re-quantization."""

@@ -19,13 +19,15 @@ q6_K alike) calls ``quantize_row_q4_K_ref`` when ``quant_weights`` is NULL and t
 search, driven by the imatrix) otherwise. The kernels are bit-equal to llama.cpp's bytes (tests/data/quantize):
 every float operation is float32 in the C's order, with the C's int conversions (``nearest_int``'s bit trick,
 uint8/int8 truncations), IEEE division (``error_model="numpy"``: x/0 is inf, not an exception) and no fastmath,
-because one ulp in a search's error sum can flip which candidate scale wins. Scratch arrays are per super-block,
+because one ulp in a search's error sum can flip which candidate scale wins. Scratch arrays are per call,
 so memory stays at the output plus a few hundred bytes per thread whatever the tensor's size.
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -318,14 +320,15 @@ def _dequantizer(kernel, type_size):
 
 
 def _quantizer(kernel, type_size, half_offsets):
-    """Wrap a quantize kernel ``kernel(x, out, halves)``: it writes every byte but the half scales, whose float32
-    values it leaves in ``halves[block, k]``; they go to the byte offsets ``half_offsets`` of each block."""
+    """Wrap a quantize kernel ``kernel(x, out, halves, first_block, end_block)``: it writes every byte of its
+    blocks but the half scales, whose float32 values it leaves in ``halves[block, k]``; they go to the byte
+    offsets ``half_offsets`` of each block."""
     def quantize(values: np.ndarray) -> np.ndarray:
         x = _super_blocks(values)
         nb = x.size // QK_K
         out = np.empty(nb * type_size, np.uint8)
         halves = np.empty((nb, len(half_offsets)), np.float32)
-        kernel(x, out, halves)
+        _in_bands(kernel, nb, x, out, halves)
         blocks = out.reshape(nb, type_size)
         bits = float_to_half_bits(halves).view(np.uint8).reshape(nb, len(half_offsets), 2)
         for k, offset in enumerate(half_offsets):
@@ -333,6 +336,25 @@ def _quantizer(kernel, type_size, half_offsets):
         return out
     quantize.__name__ = f"quantize_{kernel.__name__.split('_quantize_')[-1]}"
     return quantize
+
+
+_BAND_BLOCKS = 256   # super-blocks per task: ~1-10 ms of work, so the pool's overhead stays below 1 %
+
+
+def _in_bands(kernel, n_blocks, *arrays):
+    """Run ``kernel(*arrays, first, end)`` over blocks [0, n_blocks) on numba.get_num_threads() threads.
+
+    The kernels are serial and release the GIL (nogil), and bands of blocks go to a thread pool: the same speed
+    as a prange kernel, but a serial kernel compiles in a third of the time of a parallel one, and these are
+    the engine's largest kernels (CI compiles them on every fresh clone)."""
+    threads = min(numba.get_num_threads(), -(-n_blocks // _BAND_BLOCKS))
+    if threads <= 1:
+        kernel(*arrays, 0, n_blocks)
+        return
+    bounds = list(range(0, n_blocks, _BAND_BLOCKS)) + [n_blocks]
+    with ThreadPoolExecutor(threads, thread_name_prefix="quantize") as pool:
+        for _ in pool.map(lambda band: kernel(*arrays, band[0], band[1]), zip(bounds[:-1], bounds[1:])):
+            pass
 
 
 # ---------------------------------------------------------------- q2_K
@@ -363,18 +385,18 @@ def _dequantize_q2_K(src, half_to_float, out):
 
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _quantize_q2_K(x, out, halves):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_q2_K(x, out, halves, first, end):
     """quantize_row_q2_K_ref: per 16 values an affine 2-bit grid (make_qkx2_quants, |x| weights, least absolute
     error), the 16 scales and 16 mins each quantized to 4 bits against the largest, quants redone on the result."""
-    for b in prange(x.size // QK_K):
+    L = np.empty(QK_K, np.int32)
+    Laux = np.empty(16, np.int32)
+    weights = np.empty(16, np.float32)
+    scales = np.empty(16, np.float32)
+    mins = np.empty(16, np.float32)
+    for b in range(first, end):
         start = b * QK_K
         base = b * 84
-        L = np.empty(QK_K, np.int32)
-        Laux = np.empty(16, np.int32)
-        weights = np.empty(16, np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(16, np.float32)
         max_scale = F32(0.0)   # as the min is deducted, scales are positive
         max_min = F32(0.0)
         for j in range(16):
@@ -455,16 +477,16 @@ def _dequantize_q3_K(src, half_to_float, out):
 
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _quantize_q3_K(x, out, halves):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_q3_K(x, out, halves, first, end):
     """quantize_row_q3_K_ref: per 16 values a symmetric 3-bit grid (make_q3_quants), the 16 signed scales
     quantized to 6 bits against the one of largest magnitude, quants redone on the result."""
-    for b in prange(x.size // QK_K):
+    L = np.empty(QK_K, np.int32)
+    scales = np.empty(16, np.float32)
+    for b in range(first, end):
         start = b * QK_K
         base = b * 110
         sc_at = base + 96
-        L = np.empty(QK_K, np.int32)
-        scales = np.empty(16, np.float32)
         max_scale = F32(0.0)
         amax = F32(0.0)
         for j in range(16):
@@ -534,7 +556,7 @@ def _dequantize_q4_K(src, half_to_float, out):
 
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_qK_affine(x, start, base, nmax, rmin, nstep, out, halves, b, L, Laux, weights, scales, mins):
     """The part quantize_row_q4_K_ref and quantize_row_q5_K_ref share: per 32 values an affine grid of nmax + 1
     levels (make_qkx2_quants, weights mean-|x| + |x|, least squares), the 8 scales and 8 mins quantized to 6 bits
@@ -578,15 +600,18 @@ def _quantize_qK_affine(x, start, base, nmax, rmin, nstep, out, halves, b, L, La
             L[32 * j + i] = max(0, min(nmax, _nearest_int((x[start + 32 * j + i] + ml) / dl)))
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _quantize_q4_K(x, out, halves):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_q4_K(x, out, halves, first, end):
     """quantize_row_q4_K_ref (make_qkx2_quants with nmax 15, rmin -1, rdelta 0.1, 20 steps)."""
-    for b in prange(x.size // QK_K):
+    L = np.empty(QK_K, np.int32)
+    Laux = np.empty(32, np.int32)
+    weights = np.empty(32, np.float32)
+    scales = np.empty(8, np.float32)
+    mins = np.empty(8, np.float32)
+    for b in range(first, end):
         start = b * QK_K
         base = b * 144
-        L = np.empty(QK_K, np.int32)
-        _quantize_qK_affine(x, start, base, 15, F32(-1.0), 20, out, halves, b, L, np.empty(32, np.int32),
-                            np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32))
+        _quantize_qK_affine(x, start, base, 15, F32(-1.0), 20, out, halves, b, L, Laux, weights, scales, mins)
         for p in range(4):
             for l in range(32):
                 out[base + 16 + 32 * p + l] = np.uint8(L[64 * p + l] | (L[64 * p + 32 + l] << 4))
@@ -630,15 +655,18 @@ def _dequantize_q5_K(src, half_to_float, out):
 
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _quantize_q5_K(x, out, halves):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_q5_K(x, out, halves, first, end):
     """quantize_row_q5_K_ref (make_qkx2_quants with nmax 31, rmin -0.5, rdelta 0.1, 15 steps)."""
-    for b in prange(x.size // QK_K):
+    L = np.empty(QK_K, np.int32)
+    Laux = np.empty(32, np.int32)
+    weights = np.empty(32, np.float32)
+    scales = np.empty(8, np.float32)
+    mins = np.empty(8, np.float32)
+    for b in range(first, end):
         start = b * QK_K
         base = b * 176
-        L = np.empty(QK_K, np.int32)
-        _quantize_qK_affine(x, start, base, 31, F32(-0.5), 15, out, halves, b, L, np.empty(32, np.int32),
-                            np.empty(32, np.float32), np.empty(8, np.float32), np.empty(8, np.float32))
+        _quantize_qK_affine(x, start, base, 31, F32(-0.5), 15, out, halves, b, L, Laux, weights, scales, mins)
         for l in range(32):
             out[base + 16 + l] = 0
         for p in range(4):
@@ -693,15 +721,15 @@ def _dequantize_q6_K(src, half_to_float, out):
 
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _quantize_q6_K(x, out, halves):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_q6_K(x, out, halves, first, end):
     """quantize_row_q6_K_ref: per 16 values a symmetric 6-bit grid (make_qx_quants), the 16 signed scales
     quantized to int8 against the one of largest magnitude, quants redone on the result."""
-    for b in prange(x.size // QK_K):
+    L = np.empty(QK_K, np.int32)
+    sub_scales = np.empty(16, np.float32)
+    for b in range(first, end):
         start = b * QK_K
         base = b * 210
-        L = np.empty(QK_K, np.int32)
-        sub_scales = np.empty(16, np.float32)
         max_scale = F32(0.0)
         max_abs_scale = F32(0.0)
         for ib in range(16):
