@@ -1,13 +1,15 @@
 """Speed of the reference quantizers (ggml_backend.quant.quantize) beside llama.cpp's own (ggml_quantize_chunk
 through ctypes, importance matrix NULL: the same quantize_row_*_ref code that llama_model_quantize runs).
 
-Run:  python benchmarks/bench_quantize.py [--rows 2048] [--row-len 4096] [--repeat 3] [--types q4_K,q6_K]
+Run:  python benchmarks/bench_quantize.py [--rows 1024] [--row-len 4096] [--repeat 3] [--types q4_K,q6_K]
 
-Prints, per type, values per second (best of --repeat) of ours on 1 thread and on --threads numba threads, and of
-llama.cpp on 1 thread and on --threads Python threads each quantizing its own rows (ctypes drops the GIL; this is
-how llama_model_quantize splits a tensor among its threads), then the minutes a 7B model (6.7e9 values) would take
-at our multi-thread rate. Checks that both gave the same bytes. Without llama-cpp-python only our columns print.
-Timings on a shared machine are noisy: read ratios within one run, repeat runs.
+Per type, values per second (best of --repeat):
+- "per core": one thread, timed by the process's CPU time, which other jobs on a shared machine disturb far less
+  than wall time; ours and llama.cpp's, and their ratio;
+- "wall, N thr": wall time with --threads threads: ours on numba's thread count, llama.cpp on as many Python
+  threads each quantizing its own rows (ctypes drops the GIL; llama_model_quantize splits a tensor the same way);
+- "7B": minutes a 7B model (6.7e9 values) takes at our per-core rate on --threads idle cores.
+It also checks that both gave the same bytes. Without llama-cpp-python only our columns print.
 """
 from __future__ import annotations
 
@@ -30,12 +32,12 @@ TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K",
 VALUES_7B = 6.7e9
 
 
-def best_time(fn, repeat: int) -> float:
+def best_time(fn, repeat: int, clock=time.perf_counter) -> float:
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -69,22 +71,25 @@ def main() -> None:
           f"{numba.config.THREADING_LAYER}")
     print(f"llama.cpp: {version() if have_llama else 'not available: ' + why}")
     t = args.threads
-    header = f"{'type':6} {'ours 1 thr':>12} {f'ours {t} thr':>12}"
+    header = f"{'type':6} {'ours/core':>11}"
     if have_llama:
-        header += f" {'ggml 1 thr':>12} {f'ggml {t} thr':>12} {'ours/ggml':>10} {'same':>5}"
-    print(header + f" {'7B at ours':>11}   (values/s)")
+        header += f" {'ggml/core':>11} {'ours/ggml':>9}"
+    header += f" {f'ours wall {t}thr':>15}"
+    if have_llama:
+        header += f" {f'ggml wall {t}thr':>15} {'same':>5}"
+    print(header + f" {f'7B on {t} cores':>14}   (values/s)")
     for name in types:
         ours(name, x[:1], 1)                        # compile (or load from numba's cache) outside the timing
-        row = {"ours1": x.size / best_time(lambda: ours(name, x, 1), args.repeat),
-               "oursN": x.size / best_time(lambda: ours(name, x, t), args.repeat)}
-        line = f"{name:6} {row['ours1']:12.3e} {row['oursN']:12.3e}"
+        per_core = x.size / best_time(lambda: ours(name, x, 1), args.repeat, time.process_time)
+        line = f"{name:6} {per_core:11.3e}"
         if have_llama:
-            row["ggml1"] = x.size / best_time(lambda: theirs(name, x, 1), args.repeat)
-            row["ggmlN"] = x.size / best_time(lambda: theirs(name, x, t), args.repeat)
+            theirs_per_core = x.size / best_time(lambda: theirs(name, x, 1), args.repeat, time.process_time)
+            line += f" {theirs_per_core:11.3e} {per_core / theirs_per_core:9.2f}"
+        line += f" {x.size / best_time(lambda: ours(name, x, t), args.repeat):15.3e}"
+        if have_llama:
             same = np.array_equal(ours(name, x, t), theirs(name, x, t))
-            line += (f" {row['ggml1']:12.3e} {row['ggmlN']:12.3e} {row['oursN'] / row['ggmlN']:10.2f}"
-                     f" {'yes' if same else 'NO':>5}")
-        print(line + f" {VALUES_7B / row['oursN'] / 60:9.1f} min", flush=True)
+            line += f" {x.size / best_time(lambda: theirs(name, x, t), args.repeat):15.3e} {'yes' if same else 'NO':>5}"
+        print(line + f" {VALUES_7B / (per_core * t) / 60:10.1f} min", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

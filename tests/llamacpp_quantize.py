@@ -21,6 +21,10 @@ import numpy as np
 from ggml_backend import quant
 
 
+# Types ggml_quantize_chunk does not take (they only ever quantize activations), called as quantize_row_*_ref.
+ROW_REF_TYPES = ("q8_1", "q8_K")
+
+
 @lru_cache(maxsize=None)
 def _library():
     """(the loaded libggml-base, None) or (None, why it is not available)."""
@@ -40,6 +44,10 @@ def _library():
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     lib.ggml_quantize_init.restype = None
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    for name in ROW_REF_TYPES:
+        function = getattr(lib, f"quantize_row_{name}_ref")
+        function.restype = None
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.ggml_version.restype = ctypes.c_char_p
     lib.ggml_commit.restype = ctypes.c_char_p
     return lib, ""
@@ -58,7 +66,9 @@ def version() -> str:
 
 
 def ggml_quantize(name: str, values) -> np.ndarray:
-    """llama.cpp's bytes for float32 ``values`` of shape [..., n_per_row] (imatrix NULL), as flat uint8."""
+    """llama.cpp's bytes for float32 ``values`` of shape [..., n_per_row] (imatrix NULL), as flat uint8.
+    q8_1 and q8_K go through their quantize_row_*_ref (the output starts zeroed: q8_K's ref leaves the bsums of
+    an all-zero block unwritten, and ours writes their true value, zero)."""
     lib, why = _library()
     if lib is None:
         raise RuntimeError(why)
@@ -66,6 +76,10 @@ def ggml_quantize(name: str, values) -> np.ndarray:
     x = np.ascontiguousarray(values, dtype=np.float32)
     n_per_row = x.shape[-1]
     nrows = x.size // n_per_row if n_per_row else 0
+    if qtype.name in ROW_REF_TYPES:
+        out = np.zeros(qtype.row_bytes(n_per_row) * nrows, np.uint8)
+        getattr(lib, f"quantize_row_{qtype.name}_ref")(x.ctypes.data, out.ctypes.data, x.size)
+        return out
     if lib.ggml_quantize_requires_imatrix(qtype.type_id):
         raise ValueError(f"{qtype.name} needs an importance matrix in llama.cpp")
     lib.ggml_quantize_init(qtype.type_id)

@@ -17,7 +17,7 @@ from ggml_backend import load, quant
 from llamacpp_quantize import available, ggml_quantize
 
 DATA = Path(__file__).resolve().parent / "data" / "quantize"
-TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
+TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_K"]
 K_TYPES = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 LLAMA_CPP, WHY_NOT = available()
 needs_llama_cpp = pytest.mark.skipif(not LLAMA_CPP, reason=f"live comparison with llama.cpp's quantizer: {WHY_NOT}")
@@ -147,7 +147,7 @@ def test_k_quant_zero_and_constant_blocks(name):
 
 # ------------------------------------------------------------------ the type table and bad input
 
-@pytest.mark.parametrize("name", TYPES + ["q8_1", "q8_K", "f16", "bf16", "f32"])
+@pytest.mark.parametrize("name", TYPES + ["f16", "bf16", "f32"])
 def test_every_quantizer_is_on_the_type_table(name):
     qtype = quant.get_type(name)
     assert qtype.quantize is not None and quant.get_type(name.upper()) is qtype

@@ -3,7 +3,7 @@
     python tests/data/quantize/make_reference.py      (needs llama-cpp-python; writes next to this file)
 
 Bytes come from ggml_quantize_chunk in llama-cpp-python's libggml-base (tests/llamacpp_quantize.py), importance
-matrix NULL, the path llama_model_quantize takes without one (quantize_row_*_ref). The inputs are stored beside
+matrix NULL (q8_1 and q8_K, which only activations use, from quantize_row_q8_1_ref / _q8_K_ref), the path llama_model_quantize takes without one (quantize_row_*_ref). The inputs are stored beside
 them, so tests/test_quant_reference.py needs neither llama_cpp nor a stable random generator. Arrays:
 
   inputs               float32 [ROWS, 512]: crafted awkward blocks, then seeded random rows of many shapes
@@ -28,7 +28,7 @@ sys.path.insert(0, str(TESTS))
 from ggml_backend import load, quant  # noqa: E402
 from llamacpp_quantize import available, ggml_quantize, version  # noqa: E402
 
-TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
+TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_K"]
 ROW_LEN = 512
 # (type, synthetic file in tests/data/synthetic): a tensor of that type whose rows are re-quantized
 MODEL_TENSORS = [("q2_K", "tiny-llama-q2_K.gguf"), ("q3_K", "tiny-llama-q3_K_M.gguf"),
