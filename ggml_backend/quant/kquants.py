@@ -345,7 +345,7 @@ def _in_bands(kernel, n_blocks, *arrays):
     """Run ``kernel(*arrays, first, end)`` over blocks [0, n_blocks) on numba.get_num_threads() threads.
 
     The kernels are serial and release the GIL (nogil), and bands of blocks go to a thread pool: the same speed
-    as a prange kernel, but a serial kernel compiles in a third of the time of a parallel one, and these are
+    as a prange kernel, but a serial kernel compiles in well under half the time of a parallel one, and these are
     the engine's largest kernels (CI compiles them on every fresh clone)."""
     threads = min(numba.get_num_threads(), -(-n_blocks // _BAND_BLOCKS))
     if threads <= 1:
