@@ -183,8 +183,8 @@ def test_quantize_accepts_float64_and_lists():
 
 
 # ------------------------------------------------------------------ q6_K (quantize_row_q6_K_ref)
-# Checked bit for bit against llama.cpp's own quantize_row_q6_K_ref (ctypes on a local libggml build) while it
-# was written; here it is held to the format's layout and error.
+# Bit for bit against llama.cpp's own bytes: tests/test_quant_reference.py (every K-quant and legacy type);
+# here q6_K is held to the format's layout and error.
 
 def test_q6_K_round_trip_error_and_zero_block():
     rng = np.random.default_rng(6)

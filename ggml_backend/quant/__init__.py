@@ -86,10 +86,23 @@ def dequantize_rows(qtype, data2d, row_ids) -> np.ndarray:
 
 
 def quantize(qtype, values) -> np.ndarray:
-    """Quantize float values (shape [..., k], k a multiple of the block size) into the tensor's bytes."""
+    """Quantize float values (shape [..., k], k a multiple of the block size) into the tensor's bytes.
+
+    Block types refuse NaN and infinity (ValueError naming the first one's index): llama.cpp would write blocks
+    of garbage scales for them, and no later step could tell. f32, f16 and bf16 store them as they are."""
     row = get_type(qtype)
-    x = np.asarray(values, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused below
+        x = np.asarray(values, dtype=np.float32)
     if x.ndim == 0:
         raise ValueError("cannot quantize a scalar; give an array whose last dimension is the row length")
+    x = np.ascontiguousarray(x)
     row.row_bytes(x.shape[-1])  # raises ValueError when rows are not whole blocks
-    return _kernel(row, "quantize")(np.ascontiguousarray(x).reshape(-1))
+    kernel = _kernel(row, "quantize")
+    flat = x.reshape(-1)
+    if row.block_size > 1:
+        bad = floats.first_non_finite(flat)
+        if bad >= 0:
+            where = tuple(int(i) for i in np.unravel_index(bad, x.shape))
+            raise ValueError(f"cannot quantize to {row.name}: the value at index {where} is {flat[bad]}, "
+                             f"not a finite number")
+    return kernel(flat)

@@ -9,6 +9,7 @@ and convert them to half with numpy afterwards (``float_to_half_bits``): numpy r
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from .types import register
 
@@ -32,6 +33,15 @@ def float_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     rounded = ((bits.astype(np.uint64) + (np.uint64(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))))
                >> np.uint64(16)).astype(np.uint16)
     return np.where(is_nan, quiet_nan, rounded)
+
+
+@njit(cache=True)
+def first_non_finite(values: np.ndarray) -> int:
+    """Index of the first NaN or infinity in a 1-D float32 array, or -1: one pass, no temporary array."""
+    for i in range(values.size):
+        if not np.isfinite(values[i]):
+            return i
+    return -1
 
 
 # ----- dequantize: (uint8[n_bytes]) -> float32[n_values]; the caller has validated the byte count -----

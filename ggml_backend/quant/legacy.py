@@ -190,16 +190,32 @@ def _min_max(x, start, n):
 
 @njit(cache=True, inline="always")
 def _round_half_away(v):
-    """C roundf: nearest integer, halves away from zero (exact: float32 + 0.5 is exact in float64)."""
-    if v >= 0:
-        return np.int32(math.floor(np.float64(v) + 0.5))
-    return -np.int32(math.floor(-np.float64(v) + 0.5))
+    """C roundf: nearest integer, halves away from zero (exact: float32 + 0.5 is exact in float64), as an int the
+    way x86 converts it: NaN and infinities (in a block whose 1/d overflowed) give the "integer indefinite"
+    INT_MIN, whose low byte, 0, is what ggml's int8 store keeps."""
+    f = np.float64(v)
+    if not abs(f) < 2147483648.0:
+        return np.int32(-2147483648)
+    if f >= 0:
+        return np.int32(math.floor(f + 0.5))
+    return -np.int32(math.floor(-f + 0.5))
 
 
 @njit(cache=True, inline="always")
 def _trunc_to_int(v):
-    """C's (int8_t)/(uint8_t) cast of a float: truncate toward zero."""
-    return np.int32(math.trunc(np.float64(v)))
+    """C's (int8_t)/(uint8_t) cast of a float as x86 compilers emit it (cvttss2si, then the low byte): toward
+    zero; NaN and out-of-range values give INT_MIN, whose low byte is 0. Callers keep the low byte."""
+    f = np.float64(v)
+    if not abs(f) < 2147483648.0:
+        return np.int32(-2147483648)
+    return np.int32(math.trunc(f))
+
+
+@njit(cache=True, inline="always")
+def _low_byte_signed(v):
+    """The int8 a C store of the int ``v`` into an int8_t keeps."""
+    v = np.int64(v) & 0xFF
+    return v - 256 if v >= 128 else v
 
 
 @njit(cache=True, parallel=True)
@@ -210,8 +226,8 @@ def _quantize_q4_0(x, scales, qs):
         inv = F32(1.0) / d if d != 0 else F32(0.0)
         scales[b] = d
         for j in range(16):
-            q0 = min(15, _trunc_to_int(x[start + j] * inv + F32(8.5)))
-            q1 = min(15, _trunc_to_int(x[start + j + 16] * inv + F32(8.5)))
+            q0 = min(15, _low_byte_signed(_trunc_to_int(x[start + j] * inv + F32(8.5))))
+            q1 = min(15, _low_byte_signed(_trunc_to_int(x[start + j + 16] * inv + F32(8.5))))
             qs[b, j] = np.uint8(q0 | (q1 << 4))
 
 
@@ -225,8 +241,8 @@ def _quantize_q4_1(x, scales, mins, qs):
         scales[b] = d
         mins[b] = lo
         for j in range(16):
-            q0 = min(15, _trunc_to_int((x[start + j] - lo) * inv + F32(0.5)))
-            q1 = min(15, _trunc_to_int((x[start + j + 16] - lo) * inv + F32(0.5)))
+            q0 = min(15, _low_byte_signed(_trunc_to_int((x[start + j] - lo) * inv + F32(0.5))))
+            q1 = min(15, _low_byte_signed(_trunc_to_int((x[start + j + 16] - lo) * inv + F32(0.5))))
             qs[b, j] = np.uint8(q0 | (q1 << 4))
 
 
@@ -239,8 +255,8 @@ def _quantize_q5_0(x, scales, qh, qs):
         scales[b] = d
         high = np.uint32(0)
         for j in range(16):
-            q0 = min(31, _trunc_to_int(x[start + j] * inv + F32(16.5)))
-            q1 = min(31, _trunc_to_int(x[start + j + 16] * inv + F32(16.5)))
+            q0 = min(31, _low_byte_signed(_trunc_to_int(x[start + j] * inv + F32(16.5))))
+            q1 = min(31, _low_byte_signed(_trunc_to_int(x[start + j + 16] * inv + F32(16.5))))
             qs[b, j] = np.uint8((q0 & 0xF) | ((q1 & 0xF) << 4))
             high |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
             high |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
@@ -280,7 +296,7 @@ def _quantize_q8(x, scales, sums, qs):
         scales[b] = d
         total = 0
         for j in range(32):
-            q = _round_half_away(x[start + j] * inv)
+            q = _low_byte_signed(_round_half_away(x[start + j] * inv))
             qs[b, j] = np.int8(q)
             total += q
         sums[b] = F32(total) * d
