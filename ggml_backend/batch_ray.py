@@ -1,0 +1,75 @@
+"""``ggml-backend batch --ray``: the lines of ``ggml_backend.batch`` spread over Ray Data actors.
+
+A pool of ``workers`` actors (``map_batches`` with a callable class), each loading the model once (memory-mapped:
+actors on one machine share its pages) and running ``batch.generate_record`` on one line at a time, the function
+the one-process run uses. The driver reads the input, skips what OUT holds and writes each record as it arrives
+(Ray Data streams results, in no particular order), so an interruption loses only the lines in flight and those
+computed but not yet written; a rerun computes them again.
+
+The model file must be at the same path on every node (or, with no ``-m``, the default model's packages installed
+on every node: each actor assembles it in its own cache).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .batch import Job, generate_record, load_llama, pending_jobs, write_records
+
+
+class LineGenerator:
+    """One Ray Data actor: one model, one line per call (a batch of rows in Ray Data's "default" format)."""
+
+    def __init__(self, model_path, n_ctx, n_threads, chat_template):
+        self.llm = load_llama(model_path, n_ctx, n_threads, chat_template)
+
+    def __call__(self, batch: dict) -> dict:
+        records = []
+        for line, job_id, request in zip(batch["line"], batch["id"], batch["request"]):
+            job = Job(int(line), json.loads(job_id), request=json.loads(request))
+            records.append(json.dumps(generate_record(self.llm, job), ensure_ascii=False))
+        return {"record": records}
+
+
+def run_ray(in_path: str, out_path: str, *, model_path: str | None = None, n_ctx: int = 4096,
+            n_threads: int | None = None, chat_template: str | None = None, workers: int = 1,
+            address: str | None = None, progress: bool = True):
+    """The job on a Ray cluster (``address``: an existing cluster, e.g. ``auto`` or ``ray://host:10001``; None:
+    a local one for this run). Each actor asks for ``n_threads`` CPUs (default 1)."""
+    import ray
+
+    started = time.monotonic()
+    todo, total, skipped = pending_jobs(in_path, out_path)
+    if model_path is not None:
+        model_path = os.path.abspath(model_path)
+    bad = [job for job in todo if job.error is not None]   # no model needed: written by the driver
+    good = [job for job in todo if job.error is None]
+    n_threads = n_threads or 1
+
+    def records():
+        from .batch import error_record
+        for job in bad:
+            yield error_record(job, job.error)
+        if not good:
+            return
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        try:
+            import ray.data
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False   # ours counts lines and tokens
+            items = [{"line": j.line, "id": json.dumps(j.id), "request": json.dumps(j.request)} for j in good]
+            dataset = ray.data.from_items(items, override_num_blocks=len(items))
+            dataset = dataset.map_batches(LineGenerator, batch_size=1, concurrency=workers, num_cpus=n_threads,
+                                          fn_constructor_kwargs={"model_path": model_path, "n_ctx": n_ctx,
+                                                                 "n_threads": n_threads,
+                                                                 "chat_template": chat_template})
+            for row in dataset.iter_rows():
+                yield json.loads(row["record"])
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    return write_records(records(), len(todo), out_path, total, skipped, started, progress)
