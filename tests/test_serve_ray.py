@@ -1,0 +1,188 @@
+"""``ggml-backend serve --ray``: the server app as a Ray Serve application, on a local Ray cluster this module
+starts and stops (2 CPUs). Two replicas of the tiny synthetic model, one slot and one thread each: the `openai`
+client through Ray's proxy, the API key, the errors (byte for byte those of the one-process app) and a replica
+killed in the middle of a stream."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the Ray Serve tests need Ray (pip install 'ggml-backend[ray]')")
+serve = pytest.importorskip("ray.serve", reason="the Ray Serve tests need Ray Serve (pip install 'ggml-backend[ray]')")
+openai = pytest.importorskip("openai", reason="the clients' side of the test is the openai package")
+httpx = pytest.importorskip("httpx", reason="the raw requests of the test use httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from ggml_backend.server import ModelConfig, ServerConfig, create_app  # noqa: E402
+from ggml_backend.server.ray_serve import APP_NAME, application, build_app, deployment_options, parse_autoscale  # noqa: E402,E501
+from server_fixtures import free_port  # noqa: E402
+
+MODEL = os.path.join(os.path.dirname(__file__), "data", "synthetic", "tiny-llama-q4_0.gguf")
+KEY = "ray-test-key"
+EOS = 2   # the synthetic model's end of text, banned where a stream must stay in flight
+
+
+def make_config() -> ServerConfig:
+    return ServerConfig(models=[ModelConfig(alias="tiny", path=MODEL, n_ctx=1024, n_parallel=1, n_threads=1)],
+                        api_key=KEY, max_body_bytes=64 * 1024)
+
+
+@pytest.fixture(scope="module")
+def ray_app():
+    """(base URL, the same app in this process) with 2 replicas on a local Ray cluster, shut down at the end."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application(make_config(), replicas=2, cpus_per_replica=1), name=APP_NAME, route_prefix="/")
+        with TestClient(create_app(make_config())) as local:
+            yield f"http://127.0.0.1:{port}", local
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def running_replicas() -> int:
+    status = serve.status().applications[APP_NAME].deployments["GGMLServer"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def client(base: str, key: str = KEY):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_openai_client_through_two_replicas(ray_app):
+    base, local = ray_app
+    assert running_replicas() == 2
+    api = client(base)
+    out = api.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0)
+    expected = local.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0}).json()
+    assert out.choices[0].text == expected["choices"][0]["text"]
+    assert out.usage.completion_tokens == 8
+    parts = [c.choices[0].delta.content or "" for c in api.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True)
+        if c.choices]
+    chat = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+                                       temperature=0)
+    assert "".join(parts) == chat.choices[0].message.content and chat.usage.completion_tokens == 6
+    assert [m.id for m in api.models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize("case", ["no key", "wrong key", "bad field", "body too large", "no route", "no model"])
+def test_errors_are_the_single_process_ones(ray_app, case):
+    base, local = ray_app
+    headers = {"Authorization": f"Bearer {KEY}"}
+    path, body = "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
+    if case == "no key":
+        headers = {}
+    elif case == "wrong key":
+        headers = {"X-API-Key": "not-it"}
+    elif case == "bad field":
+        body["temperature"] = "hot"
+    elif case == "body too large":
+        body["prompt"] = "x" * (70 * 1024)
+    elif case == "no route":
+        path = "/v1/nothing-here"
+    else:
+        body["model"] = "gpt-4"
+    remote = httpx.post(base + path, json=body, headers=headers, timeout=60)
+    expected = local.post(path, json=body, headers=headers)
+    assert remote.status_code == expected.status_code >= 400
+    assert remote.json() == expected.json()
+    if case == "no key":
+        assert remote.status_code == 401 and remote.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(base + "/health", timeout=30).status_code == 200   # the open route stays open
+
+
+def test_wrong_key_through_the_openai_client(ray_app):
+    base, _ = ray_app
+    with pytest.raises(openai.AuthenticationError):
+        client(base, key="wrong").completions.create(model="tiny", prompt="Hi", max_tokens=2)
+
+
+def _stream(base: str, result: dict, first_chunk: threading.Event):
+    """A long stream (end of text banned): result["done"] says whether it ended with [DONE]."""
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 400, "temperature": 0, "stream": True,
+            "logit_bias": {str(EOS): -100}, "stream_options": {"include_usage": True}}
+    result["done"], result["chunks"] = False, 0
+    try:
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as response:
+            result["status"] = response.status_code
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        break
+                    result["chunks"] += 1
+                    result["usage"] = chunk.get("usage") or result.get("usage")
+                    first_chunk.set()
+                elif line == "data: [DONE]":
+                    result["done"] = True
+    except httpx.HTTPError as exc:
+        result["error"] = repr(exc)
+    finally:
+        first_chunk.set()
+
+
+def test_a_killed_replica_loses_only_its_request_and_is_replaced(ray_app):
+    base, _ = ray_app
+    assert running_replicas() == 2
+    # each replica takes one request at a time (one slot): two streams hold both, two more wait in Ray's router
+    streams = [({}, threading.Event()) for _ in range(2)]
+    threads = [threading.Thread(target=_stream, args=(base, r, e)) for r, e in streams]
+    for t in threads:
+        t.start()
+    for _, event in streams:
+        assert event.wait(120)
+    queued = [{} for _ in range(2)]
+
+    def complete(result):
+        try:
+            out = client(base).completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0)
+            result["text"] = out.choices[0].text
+        except openai.OpenAIError as exc:
+            result["error"] = repr(exc)
+    waiting = [threading.Thread(target=complete, args=(r,)) for r in queued]
+    for t in waiting:
+        t.start()
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#GGMLServer"))
+    assert len(names) == 2
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    for t in threads + waiting:
+        t.join(180)
+    lost = [r for r, _ in streams if not r["done"]]
+    assert len(lost) == 1, streams   # the stream on the killed replica, and only it
+    assert [r for r, _ in streams if r["done"]][0]["usage"]["completion_tokens"] == 400
+    assert all("text" in r for r in queued), queued   # the waiting requests went to a live replica
+    deadline = time.monotonic() + 120
+    while running_replicas() < 2 or names[0] in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(1)
+    assert client(base).completions.create(model="tiny", prompt="Hello", max_tokens=8,
+                                           temperature=0).choices[0].text == queued[0]["text"]
+
+
+def test_options_and_builder_checks():
+    config = make_config()
+    options = deployment_options(config, autoscale=(1, 3))
+    assert options["autoscaling_config"]["min_replicas"] == 1 and options["autoscaling_config"]["max_replicas"] == 3
+    assert options["max_ongoing_requests"] == 1 and "num_replicas" not in options
+    assert deployment_options(config, replicas=2)["num_replicas"] == 2
+    assert parse_autoscale("0:4") == (0, 4)
+    for bad in ("4", "3:1", "a:b", "-1:2"):
+        with pytest.raises(ValueError, match="autoscale"):
+            parse_autoscale(bad)
+    with pytest.raises(ValueError, match="not both"):
+        deployment_options(config, replicas=2, autoscale=(1, 2))
+    with pytest.raises(TypeError, match="unknown ggml-backend application args: replica"):
+        build_app({"model": MODEL, "replica": 2})
