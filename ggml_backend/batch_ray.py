@@ -38,6 +38,7 @@ def run_ray(in_path: str, out_path: str, *, model_path: str | None = None, n_ctx
     """The job on a Ray cluster (``address``: an existing cluster, e.g. ``auto`` or ``ray://host:10001``; None:
     a local one for this run). Each actor asks for ``n_threads`` CPUs (default 1)."""
     import ray
+    import ray.data
 
     started = time.monotonic()
     todo, total, skipped = pending_jobs(in_path, out_path)
@@ -57,7 +58,6 @@ def run_ray(in_path: str, out_path: str, *, model_path: str | None = None, n_ctx
         if started_here:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         try:
-            import ray.data
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False   # ours counts lines and tokens
             items = [{"line": j.line, "id": json.dumps(j.id), "request": json.dumps(j.request)} for j in good]
