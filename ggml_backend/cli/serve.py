@@ -147,7 +147,8 @@ def _run_on_ray(args, config, autoscale) -> int:
     app = application(config, replicas=args.replicas, autoscale=autoscale, cpus_per_replica=args.threads)
     ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
