@@ -186,3 +186,22 @@ def test_options_and_builder_checks():
         deployment_options(config, replicas=2, autoscale=(1, 2))
     with pytest.raises(TypeError, match="unknown ggml-backend application args: replica"):
         build_app({"model": MODEL, "replica": 2})
+
+
+def test_the_serve_yaml_example_is_valid():
+    """examples/ray/serve.yaml is accepted by Ray Serve's own schema, and its args by build_app."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "ray", "serve.yaml")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(data)
+    app = schema.applications[0]
+    assert app.import_path == "ggml_backend.server.ray_serve:build_app"
+    args = dict(app.args, model=MODEL)   # the example's path exists on a cluster, not here
+    bound = build_app(args)
+    deployment = bound._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    assert deployment._deployment_config.max_ongoing_requests == 4
+    assert deployment.ray_actor_options["num_cpus"] == 2

@@ -38,6 +38,8 @@ class GGMLServer:
 
     def __init__(self, config: dict):
         self.config = config_from_dict(config)
+        if self.config.api_key is None:   # a secret is better given to the replicas' environment than in args
+            self.config.api_key = os.environ.get("GGML_BACKEND_API_KEY") or None
 
     async def __serve_build_asgi_app__(self):
         app = create_app(self.config)
@@ -102,16 +104,15 @@ def application(config: ServerConfig, *, replicas: int | None = None, autoscale:
                 cpus_per_replica: float = 1):
     """The bound application (``serve.run(application(...), name=APP_NAME, route_prefix="/")``)."""
     config.check()
-    if any(m.path is None for m in config.models):
-        raise ValueError("every model needs a file path on the cluster (the default model too: pass its path)")
     options = deployment_options(config, replicas=replicas, autoscale=autoscale, cpus_per_replica=cpus_per_replica)
     return serve.deployment(GGMLServer, name="GGMLServer").options(**options).bind(config_to_dict(config))
 
 
 def build_app(args: dict):
     """Application builder for ``serve run`` and serve.yaml: ``args`` as in BUILDER_ARGS (``model`` a file path
-    on every node, or ``models`` a models YAML file; ``api_key`` or $GGML_BACKEND_API_KEY; ``replicas`` N or
-    ``autoscale`` "MIN:MAX"; ``threads`` per replica, also its CPUs)."""
+    on every node, none for the default model, or ``models`` a models YAML file; ``api_key``, or
+    $GGML_BACKEND_API_KEY in the replicas' environment; ``replicas`` N or ``autoscale`` "MIN:MAX"; ``threads`` per
+    replica, also its CPUs)."""
     from .config import DEFAULT_MAX_BODY_BYTES, DEFAULT_N_CTX, DEFAULT_N_PARALLEL, DEFAULT_QUEUE_LIMIT, \
         load_models_file
     args = dict(args or {})
@@ -127,13 +128,11 @@ def build_app(args: dict):
     if args.get("models"):
         models = load_models_file(args["models"], defaults)
     else:
-        if not defaults.path:
-            from ..default_model import default_model_path
-            defaults.path = default_model_path(progress=False)
-        if not args.get("alias"):
-            defaults.alias = os.path.splitext(os.path.basename(defaults.path))[0]
+        if not args.get("alias"):   # the file's name; no model: the default one, assembled on each replica's node
+            from ..default_model import DEFAULT_MODEL_NAME
+            defaults.alias = os.path.splitext(os.path.basename(defaults.path or DEFAULT_MODEL_NAME))[0]
         models = [defaults]
-    config = ServerConfig(models=models, api_key=args.get("api_key") or os.environ.get("GGML_BACKEND_API_KEY"),
+    config = ServerConfig(models=models, api_key=args.get("api_key"),
                           queue_limit=int(args.get("queue_limit", DEFAULT_QUEUE_LIMIT)),
                           max_body_bytes=int(args.get("max_body", DEFAULT_MAX_BODY_BYTES)))
     autoscale = parse_autoscale(args["autoscale"]) if args.get("autoscale") else None
