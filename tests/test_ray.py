@@ -1,7 +1,12 @@
-"""``ggml-backend serve --ray``: the server app as a Ray Serve application, on a local Ray cluster this module
-starts and stops (2 CPUs). Two replicas of the tiny synthetic model, one slot and one thread each: the `openai`
-client through Ray's proxy, the API key, the errors (byte for byte those of the one-process app) and a replica
-killed in the middle of a stream."""
+"""Scale-out on Ray, on one local Ray cluster this module starts and stops (4 logical CPUs on the 2 cores: the
+Serve replicas and the batch actors may then exist at once, whatever order the tests run in).
+
+* ``ggml-backend batch --ray``: on the real model, the records of 2 Ray Data actors are those of one process; a run
+  resumed after an interruption (Parquet in) finishes the job without running a line twice.
+* ``ggml-backend serve --ray``: two replicas of the tiny synthetic model, one slot and one thread each: the
+  `openai` client through Ray's proxy, the API key, the errors (byte for byte those of the one-process app) and a
+  replica killed in the middle of a stream.
+"""
 from __future__ import annotations
 
 import json
@@ -11,18 +16,89 @@ import time
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="the Ray Serve tests need Ray (pip install 'ggml-backend[ray]')")
-serve = pytest.importorskip("ray.serve", reason="the Ray Serve tests need Ray Serve (pip install 'ggml-backend[ray]')")
-openai = pytest.importorskip("openai", reason="the clients' side of the test is the openai package")
-httpx = pytest.importorskip("httpx", reason="the raw requests of the test use httpx")
+ray = pytest.importorskip("ray", reason="the scale-out tests need Ray (pip install 'ggml-backend[ray]')")
+serve = pytest.importorskip("ray.serve", reason="the Serve tests need Ray Serve (pip install 'ggml-backend[ray]')")
+pytest.importorskip("ray.data", reason="the batch --ray tests need Ray Data (pip install 'ggml-backend[ray]')")
+openai = pytest.importorskip("openai", reason="the clients' side of the Serve tests is the openai package")
+httpx = pytest.importorskip("httpx", reason="the raw requests of the Serve tests use httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from ggml_backend.batch import read_journal, run_local  # noqa: E402
+from ggml_backend.batch_ray import run_ray  # noqa: E402
 from ggml_backend.server import ModelConfig, ServerConfig, create_app  # noqa: E402
 from ggml_backend.server.ray_serve import APP_NAME, application, build_app, deployment_options, parse_autoscale  # noqa: E402,E501
+from refdata import real_model  # noqa: E402
 from server_fixtures import free_port  # noqa: E402
 
 MODEL = os.path.join(os.path.dirname(__file__), "data", "synthetic", "tiny-llama-q4_0.gguf")
+SYNTHETIC = MODEL
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ batch --ray
+REAL_LINES = [
+    {"id": "rev", "messages": [{"role": "user", "content": "Reverse a string in Python. Code only."}],
+     "max_tokens": 12, "temperature": 0},
+    {"id": "fib", "prompt": "def fib(n):", "max_tokens": 12, "temperature": 0},
+    {"id": "json", "messages": [{"role": "user", "content": "Give a JSON object with a key 'x'."}],
+     "max_tokens": 10, "temperature": 0, "response_format": {"type": "json_object"}},
+    {"id": "rev", "prompt": "a repeated id"},
+    {"id": "sum", "prompt": "# add two numbers\ndef add(a, b):", "max_tokens": 8, "temperature": 0,
+     "stop": ["\n\n"]},
+]
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def by_key(path):
+    return {(r["id"], r["line"]): r for r in read_journal(str(path))}
+
+
+def test_two_actors_give_the_one_process_records_on_the_real_model(tmp_path, cluster):
+    model = str(real_model("qwen"))
+    src, local, spread = tmp_path / "in.jsonl", tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    write_jsonl(src, REAL_LINES)
+    one = run_local(str(src), str(local), model_path=model, n_ctx=512, n_threads=1, progress=False)
+    two = run_ray(str(src), str(spread), model_path=model, n_ctx=512, n_threads=1, workers=2, progress=False)
+    assert (one.written, two.written, one.errors, two.errors) == (5, 5, 1, 1)
+    assert by_key(spread) == by_key(local)
+    records = by_key(local)
+    assert records[("fib", 2)]["usage"]["completion_tokens"] == 12 and records[("fib", 2)]["text"]
+    assert records[(None, 4)]["error"].startswith("line 4: duplicate id \"rev\"")
+    assert records[("json", 3)]["text"].lstrip().startswith("{")   # constrained by response_format
+
+
+def test_resume_on_ray_after_a_partial_output(tmp_path, cluster):
+    pa = pytest.importorskip("pyarrow", reason="Ray Data brings pyarrow; the input here is Parquet")
+    import pyarrow.parquet as pq
+    rows = [{"id": i, "prompt": f"Line {i}", "max_tokens": 4, "temperature": 0.0} for i in range(6)]
+    src, ref, out = tmp_path / "in.parquet", tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    run_local(str(src), str(ref), model_path=SYNTHETIC, n_ctx=256, n_threads=1, progress=False)
+    done = ref.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(done[:2]) + done[2][:11])   # interrupted while writing the third record
+    summary = run_ray(str(src), str(out), model_path=SYNTHETIC, n_ctx=256, n_threads=1, workers=1, progress=False)
+    assert (summary.skipped, summary.written, summary.errors) == (2, 4, 0)
+    lines = out.read_bytes().splitlines()
+    assert len(lines) == 6 and sorted(lines) == sorted(ref.read_bytes().splitlines())
+
+
+# ------------------------------------------------------------------------------------------------ serve --ray
+
 KEY = "ray-test-key"
 EOS = 2   # the synthetic model's end of text, banned where a stream must stay in flight
 
@@ -33,9 +109,8 @@ def make_config() -> ServerConfig:
 
 
 @pytest.fixture(scope="module")
-def ray_app():
-    """(base URL, the same app in this process) with 2 replicas on a local Ray cluster, shut down at the end."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_app(cluster):
+    """(base URL, the same app in this process) with 2 replicas; Serve is shut down at the end."""
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -43,10 +118,7 @@ def ray_app():
         with TestClient(create_app(make_config())) as local:
             yield f"http://127.0.0.1:{port}", local
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        serve.shutdown()
 
 
 def running_replicas() -> int:
