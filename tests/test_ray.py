@@ -277,3 +277,17 @@ def test_the_serve_yaml_example_is_valid():
     assert deployment._deployment_config.autoscaling_config.max_replicas == 4
     assert deployment._deployment_config.max_ongoing_requests == 4
     assert deployment.ray_actor_options["num_cpus"] == 2
+
+
+def test_serve_command_line_errors(capsys):
+    """Mistakes in the Ray options are one line and exit status 1, before any cluster is started."""
+    from ggml_backend.cli.main import main
+    for argv, message in [(["serve", "--replicas", "2", "-m", MODEL], "--replicas, --autoscale and --ray-address "
+                                                                       "need --ray"),
+                          (["serve", "--ray", "--autoscale", "3:1", "-m", MODEL], "need 0 <= MIN <= MAX"),
+                          (["serve", "--ray", "--replicas", "2", "--autoscale", "1:2", "-m", MODEL], "not both"),
+                          (["serve", "--ray", "--replicas", "0", "-m", MODEL], "--replicas must be a positive"),
+                          (["serve", "--ray", "-m", MODEL + ".missing"], "model file not found")]:
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
