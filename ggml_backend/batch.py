@@ -101,14 +101,20 @@ def _jsonl_rows(path: str):
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                 while raw and not raw.endswith(b"\n"):   # skip the rest of the overlong line
                     raw = f.readline(MAX_LINE_BYTES)
-                yield line, f"line {line}: longer than {MAX_LINE_BYTES:,} bytes"
+                yield line, ReadError(f"line {line}: longer than {MAX_LINE_BYTES:,} bytes")
                 continue
             if not raw.strip():
                 continue
             try:
                 yield line, json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
-                yield line, f"line {line}: not valid JSON: {exc}"
+                yield line, ReadError(f"line {line}: not valid JSON: {exc}")
+            except RecursionError:
+                yield line, ReadError(f"line {line}: JSON nested too deeply")
+
+
+class ReadError(str):
+    """Why a line could not be read (a JSON string is a line's value, not an error)."""
 
 
 def _parquet_rows(path: str):
@@ -127,8 +133,8 @@ def _parquet_rows(path: str):
 
 
 def _check_row(line: int, row) -> Job:
-    if isinstance(row, str):   # the reader's error
-        return Job(line, None, error=row)
+    if isinstance(row, ReadError):
+        return Job(line, None, error=str(row))
     if not isinstance(row, dict):
         return Job(line, None, error=f"line {line}: expected a JSON object, got {type(row).__name__}")
     job_id = row.get("id")

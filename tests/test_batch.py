@@ -143,6 +143,12 @@ def test_read_jobs_bounds_a_line(tmp_path, monkeypatch):
     import ggml_backend.batch as batch
     monkeypatch.setattr(batch, "MAX_LINE_BYTES", 64)
     src = tmp_path / "in.jsonl"
-    src.write_text(json.dumps({"id": 1, "prompt": "x" * 200}) + "\n" + json.dumps({"id": 2, "prompt": "y"}) + "\n")
+    src.write_text(json.dumps({"id": 1, "prompt": "x" * 200}) + "\n" + json.dumps({"id": 2, "prompt": "y"}) + "\n"
+                   + '"a JSON string"\n' + "[" * 60 + "\n")
     jobs = read_jobs(str(src))
     assert jobs[0].error == "line 1: longer than 64 bytes" and jobs[1].request == {"id": 2, "prompt": "y"}
+    assert jobs[2].error == "line 3: expected a JSON object, got str"
+    assert jobs[3].error.startswith("line 4: not valid JSON")
+    monkeypatch.setattr(batch, "MAX_LINE_BYTES", 10 ** 7)
+    src.write_text("[" * 10 ** 6 + "\n")
+    assert read_jobs(str(src))[0].error == "line 1: JSON nested too deeply"

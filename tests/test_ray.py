@@ -4,7 +4,7 @@ Serve replicas and the batch actors may then exist at once, whatever order the t
 * ``ggml-backend batch --ray``: on the real model, the records of 2 Ray Data actors are those of one process; a run
   resumed after an interruption (Parquet in) finishes the job without running a line twice.
 * ``ggml-backend serve --ray``: two replicas of the tiny synthetic model, one slot and one thread each: the
-  `openai` client through Ray's proxy, the API key, the errors (byte for byte those of the one-process app) and a
+  `openai` client through Ray's proxy, the API key, the errors (status and JSON those of the one-process app) and a
   replica killed in the middle of a stream.
 """
 from __future__ import annotations
