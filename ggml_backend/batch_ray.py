@@ -12,7 +12,9 @@ on every node: each actor assembles it in its own cache).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
 
 from .batch import Job, generate_record, load_llama, pending_jobs, write_records
@@ -30,6 +32,17 @@ class LineGenerator:
             job = Job(int(line), json.loads(job_id), request=json.loads(request))
             records.append(json.dumps(generate_record(self.llm, job), ensure_ascii=False))
         return {"record": records}
+
+
+def check_cpus(workers: int, n_threads: int, cpus: float, own_cluster: bool) -> None:
+    """Actors that cannot all be placed: an error on a cluster started for this run (nothing will add CPUs to it,
+    the job would wait forever), a warning on a cluster that may grow (an autoscaler adds nodes)."""
+    if workers * n_threads <= cpus:
+        return
+    message = f"{workers} workers of {n_threads} thread(s) need {workers * n_threads} CPUs; the Ray cluster has {cpus:g}"
+    if own_cluster:
+        raise ValueError(message + ": lower --workers or -t")
+    print(f"ggml-backend batch: warning: {message} now (the job waits for more)", file=sys.stderr)
 
 
 def run_ray(in_path: str, out_path: str, *, model_path: str | None = None, n_ctx: int = 4096,
@@ -50,16 +63,19 @@ def run_ray(in_path: str, out_path: str, *, model_path: str | None = None, n_ctx
 
     def records():
         from .batch import error_record
-        for job in bad:
-            yield error_record(job, job.error)
-        if not good:
-            return
-        started_here = not ray.is_initialized()
+        started_here = bool(good) and not ray.is_initialized()
         if started_here:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         try:
+            if good:   # before any record is written: a job that cannot run writes nothing
+                check_cpus(workers, n_threads, ray.cluster_resources().get("CPU", 0), started_here)
+            for job in bad:
+                yield error_record(job, job.error)
+            if not good:
+                return
+            logging.getLogger("ray.data").setLevel(logging.WARNING)   # ours is the progress that counts tokens
             context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = False   # ours counts lines and tokens
+            context.enable_progress_bars = False
             items = [{"line": j.line, "id": json.dumps(j.id), "request": json.dumps(j.request)} for j in good]
             dataset = ray.data.from_items(items, override_num_blocks=len(items))
             dataset = dataset.map_batches(LineGenerator, batch_size=1, concurrency=workers, num_cpus=n_threads,

@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx", reason="the raw requests of the Serve tests
 from fastapi.testclient import TestClient  # noqa: E402
 
 from ggml_backend.batch import read_journal, run_local  # noqa: E402
-from ggml_backend.batch_ray import run_ray  # noqa: E402
+from ggml_backend.batch_ray import check_cpus, run_ray  # noqa: E402
 from ggml_backend.server import ModelConfig, ServerConfig, create_app  # noqa: E402
 from ggml_backend.server.ray_serve import APP_NAME, application, build_app, deployment_options, parse_autoscale  # noqa: E402,E501
 from refdata import real_model  # noqa: E402
@@ -291,3 +291,13 @@ def test_serve_command_line_errors(capsys):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_more_workers_than_the_cluster_has_cpus(capsys):
+    """A cluster started for the run never grows: asking more CPUs than it has is an error, not a wait forever;
+    a cluster joined with --ray-address may grow, so there it is a warning."""
+    check_cpus(2, 1, 2.0, own_cluster=True)
+    with pytest.raises(ValueError, match="4 workers of 2 thread.s. need 8 CPUs; the Ray cluster has 2: lower"):
+        check_cpus(4, 2, 2.0, own_cluster=True)
+    check_cpus(4, 2, 2.0, own_cluster=False)
+    assert "warning: 4 workers of 2 thread(s) need 8 CPUs" in capsys.readouterr().err
