@@ -50,13 +50,11 @@ def cluster():
 # ------------------------------------------------------------------------------------------------ batch --ray
 REAL_LINES = [
     {"id": "rev", "messages": [{"role": "user", "content": "Reverse a string in Python. Code only."}],
-     "max_tokens": 12, "temperature": 0},
-    {"id": "fib", "prompt": "def fib(n):", "max_tokens": 12, "temperature": 0},
+     "max_tokens": 8, "temperature": 0, "stop": ["\n\n"]},
+    {"id": "fib", "prompt": "def fib(n):", "max_tokens": 8, "temperature": 0},
     {"id": "json", "messages": [{"role": "user", "content": "Give a JSON object with a key 'x'."}],
-     "max_tokens": 10, "temperature": 0, "response_format": {"type": "json_object"}},
+     "max_tokens": 8, "temperature": 0, "response_format": {"type": "json_object"}},
     {"id": "rev", "prompt": "a repeated id"},
-    {"id": "sum", "prompt": "# add two numbers\ndef add(a, b):", "max_tokens": 8, "temperature": 0,
-     "stop": ["\n\n"]},
 ]
 
 
@@ -74,10 +72,10 @@ def test_two_actors_give_the_one_process_records_on_the_real_model(tmp_path, clu
     write_jsonl(src, REAL_LINES)
     one = run_local(str(src), str(local), model_path=model, n_ctx=512, n_threads=1, progress=False)
     two = run_ray(str(src), str(spread), model_path=model, n_ctx=512, n_threads=1, workers=2, progress=False)
-    assert (one.written, two.written, one.errors, two.errors) == (5, 5, 1, 1)
+    assert (one.written, two.written, one.errors, two.errors) == (4, 4, 1, 1)
     assert by_key(spread) == by_key(local)
     records = by_key(local)
-    assert records[("fib", 2)]["usage"]["completion_tokens"] == 12 and records[("fib", 2)]["text"]
+    assert records[("fib", 2)]["usage"]["completion_tokens"] == 8 and records[("fib", 2)]["text"]
     assert records[(None, 4)]["error"].startswith("line 4: duplicate id \"rev\"")
     assert records[("json", 3)]["text"].lstrip().startswith("{")   # constrained by response_format
 
