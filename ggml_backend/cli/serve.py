@@ -154,7 +154,7 @@ def _run_on_ray(args, config, autoscale) -> int:
         serve.run(app, name=APP_NAME, route_prefix="/")
         print(f"ggml-backend serve: Ray Serve application {APP_NAME!r} running "
               f"({f'{autoscale[0]} to {autoscale[1]}' if autoscale else args.replicas or 1} replicas, "
-              f"{args.threads} threads each); Ctrl-C stops it", file=sys.stderr)
+              f"{args.threads} thread(s) each); Ctrl-C stops it", file=sys.stderr)
         while not stop.wait(1):
             pass
     except KeyboardInterrupt:
