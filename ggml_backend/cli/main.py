@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("ggml_backend.cli.chat", "chat interactively on the model's chat template"),
     "serve": ("ggml_backend.cli.serve", "an HTTP server with OpenAI's, KoboldCpp's and llama.cpp's server APIs"),
     "webui": ("ggml_backend.cli.webui", "a text-generation-webui-style web chat (Gradio) on a model"),
+    "batch": ("ggml_backend.cli.batch", "generate over a JSONL/Parquet file of requests (resumable; --ray)"),
 }
 
 

@@ -1,6 +1,8 @@
 """``ggml-backend serve [-m FILE] [--host 127.0.0.1] [--port 8080] [-c N] [-t N] [-np N] [--api-key KEY]
-[--alias NAME] [--cors ORIGIN] [--chat-template NAME|FILE] [--models CONFIG.yaml]``: an HTTP server speaking
-OpenAI's, KoboldCpp's and llama.cpp's server APIs (see ``ggml_backend.server``).
+[--alias NAME] [--cors ORIGIN] [--chat-template NAME|FILE] [--models CONFIG.yaml] [--ray [--replicas N |
+--autoscale MIN:MAX] [--ray-address ADDR]]``: an HTTP server speaking OpenAI's, KoboldCpp's and llama.cpp's server
+APIs (see ``ggml_backend.server``); with ``--ray`` the same app as a Ray Serve application of several replicas
+(``ggml_backend.server.ray_serve``).
 
 It binds 127.0.0.1 unless ``--host`` says otherwise; a server reachable from other machines always asks for an API
 key (``--api-key``, or one generated and printed at start).
@@ -49,6 +51,15 @@ def add_arguments(parser) -> None:
                         help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                         help="accepted for compatibility; this engine runs on the CPU")
+    ray = parser.add_argument_group("Ray Serve (pip install 'ggml-backend[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="deploy as a Ray Serve application: replicas each holding the model; -t is each "
+                          "replica's threads and CPUs (default 1)")
+    ray.add_argument("--replicas", type=int, default=None, metavar="N", help="replicas (default 1)")
+    ray.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                     help="replicas scaled by Ray Serve on requests in flight (one replica per -np of them)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="a Ray cluster to join (e.g. auto); default: a local one for this server")
 
 
 def _is_loopback(host: str) -> bool:
@@ -98,6 +109,17 @@ def run(args) -> int:
         print(f"ggml-backend serve needs the server extra: pip install 'ggml-backend[server]' ({exc})",
               file=sys.stderr)
         return 1
+    if not args.ray and (args.replicas is not None or args.autoscale is not None or args.ray_address is not None):
+        raise ValueError("--replicas, --autoscale and --ray-address need --ray")
+    if args.ray:
+        from ..server.ray_serve import parse_autoscale
+        if args.replicas is not None and args.autoscale is not None:
+            raise ValueError("give --replicas or --autoscale, not both")
+        if args.replicas is not None and args.replicas < 1:
+            raise ValueError(f"--replicas must be a positive integer, got {args.replicas}")
+        autoscale = parse_autoscale(args.autoscale) if args.autoscale is not None else None
+        if args.threads is None:
+            args.threads = 1
     config, generated = build_config(args)
     if config.models[0].path is None:   # assemble the default model now, with progress, not in the first request
         from ..default_model import default_model_path
@@ -108,6 +130,46 @@ def run(args) -> int:
     names = ", ".join(m.alias for m in config.models)
     print(f"ggml-backend serve: http://{args.host}:{args.port} (OpenAI /v1, KoboldCpp /api, llama.cpp server); "
           f"models: {names}", file=sys.stderr)
+    if args.ray:
+        return _run_on_ray(args, config, autoscale)
     from ..server import serve
     serve(config)
+    return 0
+
+
+def _run_on_ray(args, config, autoscale) -> int:
+    """Deploy on Ray Serve and wait for Ctrl-C / SIGTERM; then the application is deleted (and a Ray started
+    here stopped)."""
+    import signal
+    import threading
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise ValueError(f"--ray needs Ray Serve: pip install 'ggml-backend[ray]' ({exc})") from None
+    from ..server.ray_serve import APP_NAME, application
+    for model in config.models:   # the path each replica opens: the same on every node
+        model.path = os.path.abspath(model.path)
+    app = application(config, replicas=args.replicas, autoscale=autoscale, cpus_per_replica=args.threads)
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"ggml-backend serve: Ray Serve application {APP_NAME!r} running "
+              f"({f'{autoscale[0]} to {autoscale[1]}' if autoscale else args.replicas or 1} replicas, "
+              f"{args.threads} thread(s) each); Ctrl-C stops it", file=sys.stderr)
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            serve.delete(APP_NAME)
+            if args.ray_address is None:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
     return 0
