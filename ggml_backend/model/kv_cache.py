@@ -157,15 +157,17 @@ class KVCache:
         self.n_past -= n_discard
 
     def snapshot(self) -> dict:
+        """The filled positions, as arrays in their storage types (scales None for float types)."""
         n = self.n_past
-        return {"n_past": n, "type_k": self.type_k, "type_v": self.type_v, "k": self.k.saved(n),
-                "v": self.v.saved(n)}
+        (k, k_scales), (v, v_scales) = self.k.saved(n), self.v.saved(n)
+        return {"n_past": n, "type_k": self.type_k, "type_v": self.type_v, "k": k, "k_scales": k_scales,
+                "v": v, "v_scales": v_scales}
 
     def restore(self, state: dict) -> None:
         n = state["n_past"]
         if (n > self.n_ctx or state.get("type_k") != self.type_k or state.get("type_v") != self.type_v
-                or state["k"][0].shape[:2] != self.k.data.shape[:2]):
+                or state["k"].shape[:2] != self.k.data.shape[:2]):
             raise ValueError("saved state does not fit this context's KV cache (its size or cache types differ)")
-        self.k.load(state["k"])
-        self.v.load(state["v"])
+        self.k.load((state["k"], state["k_scales"]))
+        self.v.load((state["v"], state["v_scales"]))
         self.n_past = n
