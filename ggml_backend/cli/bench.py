@@ -182,8 +182,8 @@ def _combine(runs: list[dict], key: str):
 # ------------------------------------------------------------------------------------------- the model's sizes
 
 def model_facts(model: str, n_ctx: int) -> dict:
-    """File size and the two engines' KV cache bytes for n_ctx: llama.cpp's float16 K and V,
-    2 * n_layer * n_ctx * (n_embd_k_gqa + n_embd_v_gqa) / 2 * 2 bytes, and ours in float32 (twice that)."""
+    """File size and the two engines' KV cache bytes for n_ctx: float16 K and V in both (their default),
+    n_layer * n_ctx * (n_embd_k_gqa + n_embd_v_gqa) * 2 bytes."""
     from ..formats import load
     from ..model.spec import resolve_hparams
     model_file = load(model)
@@ -191,7 +191,7 @@ def model_facts(model: str, n_ctx: int) -> dict:
     elements = hp.n_layer * n_ctx * (hp.n_embd_k_gqa + hp.n_embd_v_gqa)
     return {"file_bytes": os.path.getsize(model), "n_layer": hp.n_layer, "n_embd": hp.n_embd,
             "n_embd_k_gqa": hp.n_embd_k_gqa, "n_embd_v_gqa": hp.n_embd_v_gqa, "n_vocab": hp.n_vocab,
-            "kv_cache_bytes": {"llama.cpp": elements * 2, "ggml_backend": elements * 4}}
+            "kv_cache_bytes": {"llama.cpp": elements * 2, "ggml_backend": elements * 2}}
 
 
 def rss_cap_mb(facts: dict, engine: str, kv_bytes: int | None = None) -> float:
