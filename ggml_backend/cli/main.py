@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("ggml_backend.cli.chat", "chat interactively on the model's chat template"),
     "serve": ("ggml_backend.cli.serve", "an HTTP server with OpenAI's, KoboldCpp's and llama.cpp's server APIs"),
     "webui": ("ggml_backend.cli.webui", "a text-generation-webui-style web chat (Gradio) on a model"),
+    "perplexity": ("ggml_backend.cli.perplexity", "perplexity of a text file, as llama.cpp's perplexity tool"),
 }
 
 
