@@ -12,6 +12,7 @@ _LAZY = {
     "LlamaRAMCache": "prompt_cache", "LlamaDiskCache": "prompt_cache", "LlamaCache": "prompt_cache",
     "LlamaTokenizer": "tokenizer",
     "LlamaGrammar": "generation.grammar", "GrammarError": "generation.grammar",
+    "perplexity": "ppl", "PerplexityResult": "ppl",
 }
 
 

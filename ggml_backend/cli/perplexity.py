@@ -62,7 +62,7 @@ def _eta(seconds_per_pass: float, n_chunk: int, n_seq: int) -> str:
 
 
 def run(args) -> int:
-    from ..perplexity import perplexity, read_text_file
+    from ..ppl import perplexity, read_text_file
     _check_arguments(args)
     text = read_text_file(args.file)          # before the model: a missing text costs no loading time
     log = (lambda message: print(message, file=sys.stderr, flush=True)) if not args.log_disable else (lambda m: None)

@@ -1,4 +1,6 @@
-"""Perplexity of a text, computed as llama.cpp's ``perplexity`` tool computes it (tools/perplexity/perplexity.cpp).
+"""Perplexity of a text, computed as llama.cpp's ``perplexity`` tool computes it (tools/perplexity/perplexity.cpp):
+``ggml_backend.perplexity(llm_or_path, text, n_ctx=512)`` returns a ``PerplexityResult``; ``ggml-backend
+perplexity`` (cli/perplexity.py) prints it as llama.cpp does.
 
 The procedure, step for step:
 
