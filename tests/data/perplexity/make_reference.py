@@ -1,6 +1,7 @@
 """Compute llama.cpp's perplexity figures for tests/data/perplexity/ with llama-cpp-python (run once, by hand).
 
-    python tests/data/perplexity/make_reference.py            # writes reference.json beside this file
+    python tests/data/perplexity/make_reference.py              # writes reference.json beside this file
+    python tests/data/perplexity/make_reference.py --variants   # adds llama.cpp's figures under VARIANTS
 
 llama.cpp's own ``llama-perplexity`` is not installed here, so this replays its procedure
 (tools/perplexity/perplexity.cpp, ``perplexity()``) on llama-cpp-python's bindings of the same library:
@@ -38,6 +39,9 @@ REPO = HERE.parents[2]
 RUNS = [("qwen", 128, 4), ("gemma", 128, 4), ("qwen", 512, None), ("gemma", 512, None)]
 SYNTHETIC = ["q4_0", "q2_K", "q3_K_M", "q4_K_M", "q5_K_M"]
 SYNTHETIC_RUN = (128, 4)
+# llama.cpp's figure for the same chunks computed its other valid ways: how far llama.cpp moves from itself
+# (float summation order and f16 roundings), the scale against which a difference between engines is read
+VARIANTS = {"flash_attn": {"flash_attn": True}, "n_batch_32": {"n_batch": 32}}
 
 
 def read_text(path) -> str:
@@ -59,14 +63,18 @@ def nll_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return row_max[:, 0].astype(np.float64) + np.log(sum_exp) - picked
 
 
-def llamacpp_perplexity(model_path, text: str, n_ctx: int, chunks: int | None = None, n_threads: int = 2):
-    """llama.cpp's perplexity of ``text`` (see the module docstring), through llama-cpp-python.
+def llamacpp_perplexity(model_path, text: str, n_ctx: int, chunks: int | None = None, n_threads: int = 2, *,
+                        n_batch: int | None = None, flash_attn: bool = False):
+    """llama.cpp's perplexity of ``text`` (see the module docstring), through llama-cpp-python. ``n_batch``
+    (default n_ctx: one chunk per decode) and ``flash_attn`` pick among llama.cpp's own equally valid ways to
+    compute the same thing (see ``VARIANTS``).
 
     Returns a dict: ppl, ppl_std, chunk_ppl (running values), n_tokens, tokens_sha256, tokens_scored,
     eval_seconds (the chunks' evaluation alone), tokens_per_second (evaluated tokens / eval_seconds)."""
     import llama_cpp
-    llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
-                          n_threads_batch=n_threads, logits_all=True, verbose=False)
+    n_batch = n_batch or n_ctx
+    llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads,
+                          n_threads_batch=n_threads, logits_all=True, flash_attn=flash_attn, verbose=False)
     try:
         add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
         bos = llm.token_bos()
@@ -114,8 +122,26 @@ def model_paths() -> dict:
     return paths
 
 
+def add_variants(path: Path = HERE / "reference.json") -> None:
+    """``--variants``: llama.cpp's figures of the real models' -c 128 runs under ``VARIANTS``, added to each run's
+    entry of an existing reference.json as ``llama_cpp_variants`` (name -> PPL)."""
+    text = read_text(TEXT)
+    paths = model_paths()
+    reference = json.loads(path.read_text(encoding="utf-8"))
+    for run in reference["runs"]:
+        if run["model"] in ("qwen", "gemma") and run["n_ctx"] == 128:
+            run["llama_cpp_variants"] = {
+                name: llamacpp_perplexity(paths[run["model"]], text, run["n_ctx"], run["chunks"], **settings)["ppl"]
+                for name, settings in VARIANTS.items()}
+            print(run["model"], run["ppl"], run["llama_cpp_variants"], flush=True)
+    path.write_text(json.dumps(reference, indent=1) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     import llama_cpp
+    if sys.argv[1:] == ["--variants"]:
+        add_variants()
+        return
     text = read_text(TEXT)
     paths = model_paths()
     runs = [(name, n_ctx, chunks) for name, n_ctx, chunks in RUNS]
@@ -132,6 +158,7 @@ def main() -> None:
     out = {"source": f"llama-cpp-python {llama_cpp.__version__} (llama.cpp), by {Path(__file__).name}",
            "text": TEXT.name, "text_sha256": hashlib.sha256(TEXT.read_bytes()).hexdigest(), "runs": results}
     (HERE / "reference.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    add_variants()
 
 
 if __name__ == "__main__":
