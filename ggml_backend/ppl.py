@@ -38,8 +38,9 @@ import numpy as np
 
 from .quant.matmul import matmul, single_threaded_blas
 
-#: the most bytes of text read or tokenized (wikitext-2's test set, llama.cpp's usual text, is 1.3 MB)
-MAX_TEXT_BYTES = 64 << 20
+#: the most bytes of text read or tokenized: wikitext-2's test set, llama.cpp's usual text, is 1.3 MB; 16 MiB
+#: tokenize in about 20 s into a few million ids (a list of Python ints: a few hundred MB at most)
+MAX_TEXT_BYTES = 16 << 20
 #: float32 logits computed at once while scoring (a band of vocabulary rows for every scored position)
 LOGITS_BLOCK_BYTES = 64 << 20
 
@@ -77,9 +78,11 @@ class PerplexityResult:
         return out
 
 
-def read_text_file(path, max_bytes: int = MAX_TEXT_BYTES) -> str:
-    """A text file as llama.cpp's ``-f`` reads it: the whole file (UTF-8), one trailing newline dropped."""
+def read_text_file(path, max_bytes: int | None = None) -> str:
+    """A text file as llama.cpp's ``-f`` reads it: the whole file (UTF-8), one trailing newline dropped; at most
+    ``max_bytes`` (default ``MAX_TEXT_BYTES``)."""
     path = os.fspath(path)
+    max_bytes = MAX_TEXT_BYTES if max_bytes is None else max_bytes
     if not os.path.exists(path):
         raise FileNotFoundError(f"text file not found: {path}")
     if os.path.isdir(path):

@@ -208,6 +208,14 @@ def test_bad_arguments(tiny, text):
         perplexity("/nonexistent/model.gguf", text, 64)
 
 
+def test_texts_are_bounded(tiny, text, monkeypatch, tmp_path):
+    monkeypatch.setattr(ppl_module, "MAX_TEXT_BYTES", 1000)
+    with pytest.raises(ValueError, match="more than the 1000 perplexity reads"):
+        perplexity(tiny, text, 64)
+    with pytest.raises(ValueError, match="larger than 1000 bytes"):
+        read_text_file(TEXT_FILE)
+
+
 # --- the command line --------------------------------------------------------------------------------------------
 
 def _cli(capsys, *argv):
@@ -244,6 +252,7 @@ def test_cli_json(capsys):
     (["-f", TEXT_FILE, "-c", 64, "--chunks", 0], "--chunks must be >= 1, or -1 for all, got 0"),
     (["-f", TEXT_FILE, "-c", 0], "perplexity needs --ctx-size > 0"),
     (["-f", TEXT_FILE, "-c", 4096], "n_ctx 4096 is larger than the model's context length 2048"),
+    (["-f", DATA / "synthetic" / "spm.model"], "is not UTF-8: byte"),
     (["-f", PPL_DIR / "README.md", "-c", 2048], "you need at least 4096 tokens to evaluate perplexity with a "
                                                 "context of 2048"),
 ])
