@@ -69,13 +69,18 @@ def llamacpp_perplexity(model_path, text: str, n_ctx: int, chunks: int | None = 
     (default n_ctx: one chunk per decode) and ``flash_attn`` pick among llama.cpp's own equally valid ways to
     compute the same thing (see ``VARIANTS``).
 
+    Runs on llama.cpp's C API as the tool does (``llama_decode`` of a batch that asks for logits at positions
+    >= n_ctx/2 only), so its time is the tool's; the log-softmax is done here in numpy, outside that time.
     Returns a dict: ppl, ppl_std, chunk_ppl (running values), n_tokens, tokens_sha256, tokens_scored,
     eval_seconds (the chunks' evaluation alone), tokens_per_second (evaluated tokens / eval_seconds)."""
     import llama_cpp
     n_batch = n_batch or n_ctx
     llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads,
-                          n_threads_batch=n_threads, logits_all=True, flash_attn=flash_attn, verbose=False)
+                          n_threads_batch=n_threads, flash_attn=flash_attn, verbose=False)
+    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
     try:
+        ctx = llm.ctx
+        n_vocab = llm.n_vocab()
         add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
         bos = llm.token_bos()
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
@@ -91,11 +96,28 @@ def llamacpp_perplexity(model_path, text: str, n_ctx: int, chunks: int | None = 
             chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
             if add_bos:
                 chunk[0] = bos
-            llm.reset()
             t0 = time.perf_counter()
-            llm.eval(chunk)
+            # as the tool: a cleared KV cache, llama_decode over batches of n_batch tokens, outputs (logits)
+            # requested for positions >= first only
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            rows = []
+            for start in range(0, n_ctx, n_batch):
+                size = min(n_batch, n_ctx - start)
+                for k in range(size):
+                    batch.token[k] = chunk[start + k]
+                    batch.pos[k] = start + k
+                    batch.n_seq_id[k] = 1
+                    batch.seq_id[k][0] = 0
+                    batch.logits[k] = start + k >= first
+                batch.n_tokens = size
+                if llama_cpp.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError(f"llama_decode failed on chunk {i}")
+                n_out = sum(1 for k in range(size) if start + k >= first)
+                if n_out:
+                    rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx),
+                                                      shape=(n_out * n_vocab,)).reshape(n_out, n_vocab).copy())
             eval_s += time.perf_counter() - t0
-            logits = np.array(llm.scores[first:n_ctx - 1], dtype=np.float32)
+            logits = np.concatenate(rows)[:n_ctx - 1 - first]
             values = nll_rows(logits, np.array(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx]))
             nll += float(values.sum())
             nll2 += float((values * values).sum())
@@ -110,6 +132,7 @@ def llamacpp_perplexity(model_path, text: str, n_ctx: int, chunks: int | None = 
                 "n_ctx": n_ctx, "add_bos": bool(add_bos), "eval_seconds": eval_s,
                 "tokens_per_second": n_chunk * n_ctx / eval_s}
     finally:
+        llama_cpp.llama_batch_free(batch)
         llm.close()
 
 
