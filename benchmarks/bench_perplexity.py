@@ -6,10 +6,10 @@
 Prints each engine's "Final estimate" (PPL +/- its uncertainty, llama.cpp's formula), the relative difference,
 and the prompt-processing speed of the run: evaluated tokens (chunks x n_ctx) per second of evaluation.
 llama.cpp's side is tests/data/perplexity/make_reference.py's ``llamacpp_perplexity``: llama.cpp's perplexity
-procedure on llama-cpp-python (one chunk per ``eval``, logits for all positions; its time counts the evaluation
-only, not the log-softmax done in numpy, and its logits cover every position where llama.cpp's tool asks for
-the second half only, a few per cent more work for it). Ours is ``ggml_backend.perplexity`` (forward passes and
-scoring). With ``--repeat`` the two engines alternate, so a noisy neighbour slows both; figures are medians.
+procedure on its C API through llama-cpp-python, as the tool runs it (a cleared KV cache and one ``llama_decode``
+per chunk, logits asked for the scored half only); its time counts the decoding, not the log-softmax (done in
+numpy). Ours is ``ggml_backend.perplexity`` (forward passes and scoring). With ``--repeat`` the two engines
+alternate, so a noisy neighbour slows both; the speeds printed are medians.
 Timing figures on a shared machine are noisy: repeat, and read them as such.
 """
 from __future__ import annotations

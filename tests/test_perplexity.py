@@ -261,3 +261,17 @@ def test_cli_errors_are_one_line(capsys, argv, message):
     code, out, err = _cli(capsys, *argv, "--log-disable")
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("ggml-backend perplexity: error: ") and message in err
+
+
+def test_benchmark_script_prints_both_engines(capsys):
+    pytest.importorskip("llama_cpp", reason="benchmarks/bench_perplexity.py runs llama.cpp through llama-cpp-python")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_perplexity",
+                                                  DATA.parents[1] / "benchmarks" / "bench_perplexity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(TINY), "-c", "64", "--chunks", "2", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["chunks"] == 2 and figures["tokens_scored"] == 62
+    assert abs(figures["ppl_relative_difference"]) < 0.01          # the tiny model on 62 tokens
+    assert figures["ours"]["tokens_per_second"] > 0 and figures["llama_cpp"]["tokens_per_second"] > 0
