@@ -129,8 +129,9 @@ def perplexity(model, text, n_ctx: int = 512, *, n_batch: int = 2048, chunks: in
     n_batch = _positive_int("n_batch", n_batch)
     chunks = _positive_int("chunks", chunks, allow_none=True)
     n_threads = _positive_int("n_threads", n_threads, allow_none=True)
-    if n_ctx < 2:
-        raise ValueError(f"n_ctx must be >= 2 (the second half of each chunk is scored), got {n_ctx}")
+    if n_ctx < 3:
+        raise ValueError(f"n_ctx must be >= 3 (each chunk scores its tokens after position n_ctx/2 + 1), "
+                         f"got {n_ctx}")
     if n_batch >= n_ctx and n_batch % n_ctx:
         raise ValueError(f"n_batch ({n_batch}) must be below n_ctx ({n_ctx}) or a multiple of it")
     if isinstance(text, str):

@@ -194,6 +194,9 @@ def test_text_too_short_says_how_many_tokens_are_needed(tiny):
 def test_bad_arguments(tiny, text):
     with pytest.raises(ValueError, match="larger than the model's context length 2048"):
         perplexity(tiny, text, 4096)
+    with pytest.raises(ValueError, match="n_ctx must be >= 3"):
+        perplexity(tiny, text, 2)
+    assert perplexity(tiny, text, 3, n_batch=3, chunks=2).tokens_scored == 2
     with pytest.raises(ValueError, match="chunks must be >= 1"):
         perplexity(tiny, text, 64, chunks=0)
     with pytest.raises(ValueError, match=r"n_batch \(96\) must be below n_ctx \(64\) or a multiple of it"):
