@@ -13,6 +13,7 @@ _LAZY = {
     "LlamaTokenizer": "tokenizer",
     "LlamaGrammar": "generation.grammar", "GrammarError": "generation.grammar",
     "quantize_model": "tools.quantize",
+    "perplexity": "ppl", "PerplexityResult": "ppl",
 }
 
 

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ggml_backend.cli.serve", "an HTTP server with OpenAI's, KoboldCpp's and llama.cpp's server APIs"),
     "webui": ("ggml_backend.cli.webui", "a text-generation-webui-style web chat (Gradio) on a model"),
     "batch": ("ggml_backend.cli.batch", "generate over a JSONL/Parquet file of requests (resumable; --ray)"),
+    "perplexity": ("ggml_backend.cli.perplexity", "perplexity of a text file, as llama.cpp's perplexity tool"),
 }
 
 
