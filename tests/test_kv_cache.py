@@ -11,7 +11,7 @@ import pytest
 
 from ggml_backend import Llama
 from ggml_backend.model.attention import attention
-from ggml_backend.model.kv_cache import CacheTensor, KVCache, cache_type
+from ggml_backend.model.kv_cache import CacheTensor, KVCache, cache_type, hadamard_rotation, rotate
 
 from refdata import synthetic_file
 
@@ -49,8 +49,12 @@ def reference_attention(q, keys, values, type_k, type_v, start, group, scale):
     from ggml_backend import quant
     if type_k == "f16":
         q = q.astype(np.float16).astype(np.float32)
-    elif type_k == "q8_0":
+    elif type_k == "q8_0":         # in the rotated space the q8_0 keys are stored in
+        q = rotate(q)
         q = quant.dequantize("q8_0", quant.quantize("q8_0", q), q.shape)
+        keys = rotate(keys)
+    if type_v == "q8_0":
+        values = rotate(values)
     n_tokens, n_head, _ = q.shape
     out = np.zeros((n_tokens, n_head, values.shape[2]))
     for t in range(n_tokens):
@@ -62,7 +66,24 @@ def reference_attention(q, keys, values, type_k, type_v, start, group, scale):
             if type_v == "f16":
                 p = p.astype(np.float16).astype(np.float64)
             out[t, h] = p @ values[h // group, :n].astype(np.float64)
-    return out
+    return rotate(out) if type_v == "q8_0" else out
+
+
+def quant_error(values):
+    from ggml_backend import quant
+    return np.abs(quant.dequantize("q8_0", quant.quantize("q8_0", values), values.shape) - values).max()
+
+
+def test_hadamard_rotation_is_orthogonal_and_only_for_power_of_two_multiples_of_64():
+    for size in (32, 64, 128):
+        h = hadamard_rotation(size)
+        assert np.allclose(h @ h, np.eye(size), atol=1e-6) and np.array_equal(h, h.T)
+    assert hadamard_rotation(80) is None and hadamard_rotation(0) is None
+    x = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)
+    assert np.allclose(rotate(rotate(x)), x, atol=1e-5)
+    assert CacheTensor("q8_0", (1, 1, 4, 64)).rotated and CacheTensor("q8_0", (1, 1, 4, 256)).rotated
+    assert not CacheTensor("q8_0", (1, 1, 4, 32)).rotated and not CacheTensor("q8_0", (1, 1, 4, 192)).rotated
+    assert not CacheTensor("f16", (1, 1, 4, 64)).rotated
 
 
 @pytest.mark.parametrize("pair", PAIRS + ["f16/q8_0", "f32/f16"])
@@ -79,8 +100,11 @@ def test_attention_kernel_follows_ggml_arithmetic_for_each_storage(pair):
     expected = reference_attention(q, k.read(0, 0, 24), v.read(0, 0, 24), type_k, type_v, 21, 2, 0.125)
     assert np.abs(ours - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
     # and the stored values are the type's rounding of what was written
-    bound = {"f32": 0.0, "f16": np.abs(keys).max() / 1024, "q8_0": np.abs(keys).max() / 127 / 2 * 1.01}[type_k]
+    bound = {"f32": 0.0, "f16": np.abs(keys).max() / 1024, "q8_0": np.abs(rotate(keys)).max() / 127 / 2 * 1.01 * 8}[type_k]
     assert np.abs(k.read(0, 0, 24) - keys).max() <= bound
+    if type_k == "q8_0":   # the rotation spreads the outlier dimension: finer blocks than the keys' own
+        plain = quant_error(keys)
+        assert np.abs(k.read(0, 0, 24) - keys).max() < plain
 
 
 @pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])
@@ -90,8 +114,10 @@ def test_read_write_move_save_load_round_trip(kind):
     t = CacheTensor(kind, (3, 2, 16, 64))
     t.write(1, 3, rows)
     back = t.read(1, 3, 13)
-    bound = {"f32": 0.0, "f16": 2e-3, "q8_0": np.abs(rows).max() / 127 / 2 * 1.01}[kind]
-    assert np.abs(back - rows).max() <= bound
+    if kind == "q8_0":   # q8_0 rounds in the rotated space: half a step of the rotated rows' blocks there
+        assert np.abs(rotate(back - rows)).max() <= np.abs(rotate(rows)).max() / 127 / 2 * 1.01
+    else:
+        assert np.abs(back - rows).max() <= {"f32": 0.0, "f16": 2e-3}[kind]
     saved = t.saved(13)
     t.move(slice(3, 13), slice(0, 10))
     assert np.array_equal(t.read(1, 0, 10), back)
@@ -144,10 +170,9 @@ def test_real_model_top_logits_match_llama_cpp_with_the_same_cache_types(real_pr
     ours = real_prompt_logits[pair]
     assert int(np.argmax(ours)) == ref["top_ids"][0]
     diff = float(np.abs(ours[ref["top_ids"][:10]] - np.array(ref["top_logits"][:10])).max())
-    # f16/f32: within 0.25 of llama.cpp (the engines' usual distance on this model). A q8_0 key cache moves
-    # llama.cpp's top logits by 0.28 from its f16 cache and ours by 0.9 (README: "KV cache types"), hence 1.5.
-    limit = 0.25 if pair in ("f32/f32", "f16/f16") else 1.5
-    assert diff <= limit, f"{pair}: top-10 logits differ from llama.cpp's by up to {diff:.3f}"
+    # within 0.25 of llama.cpp (the engines' usual distance on this model) for every pair: the q8_0 caches
+    # only get there because they store Hadamard-rotated heads as llama.cpp does (unrotated: 0.9 off)
+    assert diff <= 0.25, f"{pair}: top-10 logits differ from llama.cpp's by up to {diff:.3f}"
 
 
 @pytest.mark.parametrize("pair", ["q8_0/q8_0", "f32/f16"])

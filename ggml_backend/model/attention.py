@@ -21,6 +21,7 @@ from numba.extending import overload
 from ..quant import dequantize, quantize
 from ..quant.activations import _round_bits_to_f16, round_to_f16_inplace
 from ..quant.simd import float_from_bits, half_to_float
+from .kv_cache import rotate
 
 _LOG2_E = np.float32(1.4426950408889634)
 _LN2_HIGH = np.float32(0.693359375)            # ln 2 in two parts: n * _LN2_HIGH is exact for |n| < 2**12
@@ -163,14 +164,14 @@ def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, 
     """softmax(q k^T * scale + causal/window mask) v.
 
     q: float32 [n_tokens, n_head, head_dim_k] for positions start..start+n_tokens-1; keys, values: one layer of
-    the cache as (data [n_head_kv, n_ctx, head_dim], scales) pairs (``CacheTensor.layer``; a bare float32 array
-    is taken as f32 storage), filled up to start+n_tokens. Query at position p sees keys j <= p (and p - j < window
+    the cache as (data [n_head_kv, n_ctx, head_dim], scales, stored rotated) (``CacheTensor.layer``; a bare
+    float32 array is taken as f32 storage), filled up to start+n_tokens. Query at position p sees keys j <= p (and p - j < window
     when window > 0). Returns float32 [n_tokens, n_head, head_dim_v].
 
     q8_0 layers are dequantized to float32 for the call (the positions it reads; a transient copy of one layer):
     a kernel reading the int8 quants directly did not vectorize and ran 5x slower."""
-    keys, key_scales = keys if isinstance(keys, tuple) else (keys, None)
-    values, value_scales = values if isinstance(values, tuple) else (values, None)
+    keys, key_scales, keys_rotated = keys if isinstance(keys, tuple) else (keys, None, False)
+    values, value_scales, values_rotated = values if isinstance(values, tuple) else (values, None, False)
     n_tokens, n_head, head_dim_k = q.shape
     n_head_kv, n_ctx, _ = keys.shape
     if (keys.shape[2] != head_dim_k or values.shape[:2] != keys.shape[:2] or n_head != n_head_kv * group
@@ -180,11 +181,15 @@ def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, 
     q = np.ascontiguousarray(q, dtype=np.float32)
     if keys.dtype == np.uint16:            # ggml's f16 product converts q to f16
         q = round_to_f16_inplace(q.copy())
-    elif keys.dtype == np.int8:            # and its q8_0 product quantizes q to q8_0
+    elif keys.dtype == np.int8:            # and its q8_0 product quantizes q (rotated as the keys are) to q8_0
+        if keys_rotated:
+            q = rotate(q)
         q = dequantize("q8_0", quantize("q8_0", q), q.shape)
         keys = _dequantize_q8_0(keys, key_scales, start + n_tokens)
     if values.dtype == np.int8:
         values = _dequantize_q8_0(values, value_scales, start + n_tokens)
     out = np.empty((n_tokens, n_head, values.shape[2]), np.float32)
     _attention_kernel(q, keys, values, out, int(start), int(group), int(window), np.float32(scale))
+    if values_rotated:                     # weighted sums of rotated values, rotated back
+        out = rotate(out)
     return out

@@ -6,7 +6,11 @@ Storage by type (the attention kernel, model/attention.py, reads each one direct
     f32   float32 values as computed
     f16   uint16 half-float bit patterns, rounded to nearest even (ggml's GGML_FP32_TO_FP16); half the memory
     q8_0  int8 quants [.., head_dim] + uint16 half scales [.., head_dim / 32]: ggml's q8_0 blocks (34 bytes per
-          32 values) split into two arrays so that a head's quants stay contiguous; a quarter of f32's memory
+          32 values) split into two arrays so that a head's quants stay contiguous; a quarter of f32's memory.
+          As llama.cpp does (since its PR 21038), each head's vector is first rotated by the normalized Hadamard
+          matrix of the head's size when that is a multiple of 64 (and a power of two): the rotation spreads outlier dimensions (Qwen2.5's keys reach 100-200 in a few of 64)
+          over all of them, so 8-bit blocks round them far less. Rotations are orthogonal: attention rotates q
+          the same way for the scores and rotates the weighted values back (model/attention.py).
 
 Types are named as llama.cpp's ``--cache-type-k/--cache-type-v`` name them, or given as ggml type ids
 (llama-cpp-python's ``type_k``/``type_v``).
@@ -53,6 +57,35 @@ def cache_bytes(type_name: str, n_values: int) -> int:
     return int(np.ceil(_BYTES_PER_VALUE[type_name] * n_values))
 
 
+from functools import lru_cache
+
+
+@lru_cache(maxsize=None)
+def hadamard_rotation(size: int) -> np.ndarray | None:
+    """The normalized Hadamard matrix of ``size`` (Sylvester's construction: symmetric and orthogonal, its own
+    inverse) as float32, or None when size is not a power of two."""
+    if size < 1 or size & (size - 1):
+        return None
+    h = np.ones((1, 1))
+    while h.shape[0] < size:
+        h = np.block([[h, h], [h, -h]])
+    h = (h / np.sqrt(size)).astype(np.float32)
+    h.setflags(write=False)
+    return h
+
+
+def rotates(head_dim: int) -> bool:
+    """Whether a quantized cache stores heads of this size rotated: llama.cpp's rule (a multiple of 64), for
+    the sizes a Hadamard matrix exists for (powers of two: 64, 128, 256, ...)."""
+    return head_dim % 64 == 0 and hadamard_rotation(head_dim) is not None
+
+
+def rotate(values: np.ndarray) -> np.ndarray:
+    """The last axis (a head) times the normalized Hadamard matrix of its size: llama.cpp's rotation of quantized
+    caches. Its own inverse."""
+    return np.ascontiguousarray(values, dtype=np.float32) @ hadamard_rotation(values.shape[-1])
+
+
 class CacheTensor:
     """K or V of every layer, [n_layer, n_head_kv, n_ctx, head_dim], stored as ``kind``."""
 
@@ -73,14 +106,16 @@ class CacheTensor:
         # the kernel takes a scales array whatever the type: float types get one element per layer
         scale_shape = shape[:-1] + (head_dim // _Q8_BLOCK,) if kind == "q8_0" else (shape[0], 1, 1, 1)
         self.scales = np.zeros(scale_shape, np.uint16)
+        # quantized storage holds each head's vector rotated (see the module docstring)
+        self.rotated = kind == "q8_0" and rotates(head_dim)
 
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + (self.scales.nbytes if self.kind == "q8_0" else 0)
 
-    def layer(self, il: int) -> tuple[np.ndarray, np.ndarray]:
-        """(values, scales) of layer ``il`` for the attention kernel."""
-        return self.data[il], self.scales[il]
+    def layer(self, il: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(values, scales, whether they are stored rotated) of layer ``il`` for the attention kernel."""
+        return self.data[il], self.scales[il], self.rotated
 
     def write(self, il: int, start: int, rows: np.ndarray) -> None:
         """rows: float32 [n_head_kv, n, head_dim] for positions start .. start+n-1 of layer ``il``."""
@@ -90,6 +125,8 @@ class CacheTensor:
         elif self.kind == "f16":
             self.data[il, :, start:start + n] = float_to_half_bits(rows)
         else:
+            if self.rotated:
+                rows = rotate(rows)
             blocks = quantize("q8_0", np.ascontiguousarray(rows, dtype=np.float32)).reshape(-1, 2 + _Q8_BLOCK)
             self.data[il, :, start:start + n] = blocks[:, 2:].view(np.int8).reshape(rows.shape)
             self.scales[il, :, start:start + n] = (
@@ -103,7 +140,8 @@ class CacheTensor:
         if self.kind == "f16":
             return data.view(np.float16).astype(np.float32)
         scales = self.scales[il, :, start:stop].view(np.float16).astype(np.float32)
-        return (data.reshape(data.shape[:2] + (-1, _Q8_BLOCK)) * scales[..., None]).reshape(data.shape)
+        values = (data.reshape(data.shape[:2] + (-1, _Q8_BLOCK)) * scales[..., None]).reshape(data.shape)
+        return rotate(values) if self.rotated else values
 
     def move(self, src: slice, dst: slice) -> None:
         """Copy positions ``src`` onto ``dst`` (the same length) in every layer and head."""
