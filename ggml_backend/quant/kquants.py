@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .floats import HALF_TO_FLOAT, float_to_half_bits
-from .legacy import _half, read_only
+from .legacy import _half, _signed_abs_max, read_only
 from .types import register
 
 F32 = np.float32
@@ -119,13 +119,8 @@ def _sqrtf(v):
 def _make_qx_quants(x, start, n, nmax, L, l_start):
     """make_qx_quants with rmse_type 1 and no importance weights (q6_K): the scale minimising the x**2-weighted
     error over 19 candidate grids; quants (offset by nmax) to L."""
-    vmax = F32(0.0)
-    amax = F32(0.0)
-    for i in range(n):
-        ax = abs(x[start + i])
-        if ax > amax:
-            amax = ax
-            vmax = x[start + i]
+    vmax = _signed_abs_max(x, start, n)
+    amax = abs(vmax)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[l_start + i] = 0
@@ -164,13 +159,8 @@ def _make_qx_quants(x, start, n, nmax, L, l_start):
 def _make_q3_quants(x, start, n, nmax, L, l_start):
     """make_q3_quants with do_rmse (q3_K): quants from the largest |x|, then up to 5 sweeps that move single
     quants while that raises sumlx**2 / suml2 (x**2 weights). Returns the scale; quants + nmax to L."""
-    vmax = F32(0.0)
-    amax = F32(0.0)
-    for i in range(n):
-        ax = abs(x[start + i])
-        if ax > amax:
-            amax = ax
-            vmax = x[start + i]
+    vmax = _signed_abs_max(x, start, n)
+    amax = abs(vmax)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[l_start + i] = 0
@@ -794,13 +784,8 @@ def dequantize_q8_K(data: np.ndarray) -> np.ndarray:
 def _quantize_q8_K(x, scales, qs, bsums):
     for b in prange(x.size // QK_K):
         start = b * QK_K
-        amax = F32(0.0)
-        vmax = F32(0.0)
-        for j in range(QK_K):
-            ax = abs(x[start + j])
-            if ax > amax:
-                amax = ax
-                vmax = x[start + j]
+        vmax = _signed_abs_max(x, start, QK_K)
+        amax = abs(vmax)
         if amax == 0:
             scales[b] = 0
             for j in range(QK_K):
