@@ -89,7 +89,7 @@ def llama_cpp_transformer_model_path():
 @pytest.fixture
 def llama_cpp_embedding_model_path():
     # ggml_backend: was bge-small-en-v1.5-q4_k_m.gguf from the hub
-    pytest.skip("needs a pooled embedding model (bge-small-en-v1.5, a BERT model) from the Hugging Face hub: no "
+    pytest.skip(reason="needs a pooled embedding model (bge-small-en-v1.5, a BERT model) from the Hugging Face hub: no "
                 "network here, and ggml_backend runs no BERT architecture; our local models pool nothing (one "
                 "vector per token), so the test's `len(repeated) == len(embedding)` cannot hold. embed() on "
                 "decoder models is tested in tests/test_embeddings.py")
@@ -98,14 +98,14 @@ def llama_cpp_embedding_model_path():
 @pytest.fixture
 def llama_cpp_recurrent_model_path():
     # ggml_backend: was mamba-130m-hf.Q2_K.gguf from the hub
-    pytest.skip("needs a recurrent (Mamba) model from the Hugging Face hub: no network here, and ggml_backend "
+    pytest.skip(reason="needs a recurrent (Mamba) model from the Hugging Face hub: no network here, and ggml_backend "
                 "runs no recurrent architecture (Llama._is_recurrent is always False)")
 
 
 @pytest.fixture
 def llama_cpp_hybrid_model_path():
     # ggml_backend: was Falcon-H1-Tiny-90M-Instruct-Q2_K.gguf from the hub
-    pytest.skip("needs a hybrid attention/recurrent (Falcon-H1) model from the Hugging Face hub: no network "
+    pytest.skip(reason="needs a hybrid attention/recurrent (Falcon-H1) model from the Hugging Face hub: no network "
                 "here, and ggml_backend runs no hybrid architecture (Llama._is_hybrid is always False)")
 
 
