@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import os
 import subprocess
@@ -29,17 +28,9 @@ sys.path.insert(0, str(REPO / "tests" / "data" / "perplexity"))
 LLAMA_FTYPES = {"q8_0": 7, "q6_K": 18, "q5_K_M": 17, "q4_K_M": 15, "q3_K_M": 12, "q2_K": 10}
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def quantize_all(folder: Path) -> None:
     import llama_cpp
-    from ggml_backend.default_model import default_model_path
+    from ggml_backend.default_model import default_model_path, file_sha256
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / "qwen-f16.gguf"
     subprocess.run([sys.executable, "-m", "ggml_backend", "quantize", "--allow-requantize", "--force",
@@ -56,7 +47,7 @@ def quantize_all(folder: Path) -> None:
         llama_cpp.llama_model_quantize(str(source).encode(), str(theirs).encode(), ctypes.byref(params))
         t_theirs = time.perf_counter() - t
         print(f"{name}: ours {t_ours:.1f} s, llama.cpp {t_theirs:.1f} s, identical bytes: "
-              f"{sha256(ours) == sha256(theirs)}", flush=True)
+              f"{file_sha256(ours) == file_sha256(theirs)}", flush=True)
 
 
 def perplexity_table(folder: Path, n_ctx: int, chunks: int) -> None:

@@ -140,7 +140,8 @@ def _stamp_matches(target: Path) -> bool:
         return False
 
 
-def _full_sha256(path: Path) -> str:
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, as hex, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -158,7 +159,7 @@ def _is_verified(target: Path) -> bool:
         return False
     if _stamp_matches(target):
         return True
-    if _full_sha256(target) != DEFAULT_MODEL_SHA256:
+    if file_sha256(target) != DEFAULT_MODEL_SHA256:
         return False
     try:
         _write_stamp(target)

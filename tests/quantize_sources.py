@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ggml_backend.default_model import file_sha256 as sha256_file  # noqa: F401 - the tests take it from here
 from ggml_backend.formats import load, write_gguf
 from ggml_backend.formats.gguf import GGUFValueType
 
@@ -129,14 +130,6 @@ def write_source(name: str, path) -> Path:
             tensors.append((tensor_name, dtype, shape, values.astype(np.float16 if dtype == "f16" else np.float32)))
     write_gguf(path, metadata, tensors, value_types=value_types)
     return Path(path)
-
-
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_digests(path) -> list:
