@@ -8,8 +8,9 @@ never changes what a fixed seed generates.
 The arithmetic follows ggml's (llama.cpp without flash attention), by cache type (model/kv_cache.py):
 scores = q.k * scale, where q meets the keys in the keys' own precision as ggml's matrix product converts it
 (f16 keys: q rounded to f16; q8_0 keys: q quantized to q8_0, its blocks' integer dot products with the keys'
-weighted by the two scales, which is the product of the dequantized vectors; f32 keys: q as it is); softmax with the sum in float64 and a multiplication by its reciprocal; probabilities rounded to f16 when
-the values are f16; then probabilities . values. (llama.cpp keeps q8_0 values only with flash attention, which
+weighted by the two scales, which is the product of the dequantized vectors; f32 keys: q as it is); softmax
+with the sum in float64 and a multiplication by its reciprocal; probabilities rounded to f16 when the values are
+f16; then probabilities . values. (llama.cpp keeps q8_0 values only with flash attention, which
 weights dequantized values the same way up to float rounding.)
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from numba.extending import overload
 from ..quant import dequantize, quantize
 from ..quant.activations import _round_bits_to_f16, round_to_f16_inplace
 from ..quant.simd import float_from_bits, half_to_float
-from .kv_cache import rotate
+from .kv_cache import dequantize_q8_0, rotate
 
 _LOG2_E = np.float32(1.4426950408889634)
 _LN2_HIGH = np.float32(0.693359375)            # ln 2 in two parts: n * _LN2_HIGH is exact for |n| < 2**12
@@ -141,25 +142,6 @@ def _attention_kernel(q, keys, values, out, start, group, window, scale):
             out[t, h, d] = acc[d]
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def _dequantize_q8_0_kernel(quants, scales, out):
-    n_head_kv, n, head_dim = out.shape
-    for row in prange(n_head_kv * n):
-        h = row // n
-        j = row - h * n
-        for b in range(head_dim // 32):
-            d = half_to_float(scales[h, j, b])
-            for i in range(b * 32, b * 32 + 32):
-                out[h, j, i] = d * np.float32(quants[h, j, i])
-
-
-def _dequantize_q8_0(data: np.ndarray, scales: np.ndarray, stop: int) -> np.ndarray:
-    """float32 [n_head_kv, stop, head_dim] of a q8_0 cache layer's first ``stop`` positions."""
-    out = np.empty((data.shape[0], stop, data.shape[2]), np.float32)
-    _dequantize_q8_0_kernel(data, scales, out)
-    return out
-
-
 def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, scale: float) -> np.ndarray:
     """softmax(q k^T * scale + causal/window mask) v.
 
@@ -185,9 +167,9 @@ def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, 
         if keys_rotated:
             q = rotate(q)
         q = dequantize("q8_0", quantize("q8_0", q), q.shape)
-        keys = _dequantize_q8_0(keys, key_scales, start + n_tokens)
+        keys = dequantize_q8_0(keys, key_scales, 0, start + n_tokens)
     if values.dtype == np.int8:
-        values = _dequantize_q8_0(values, value_scales, start + n_tokens)
+        values = dequantize_q8_0(values, value_scales, 0, start + n_tokens)
     out = np.empty((n_tokens, n_head, values.shape[2]), np.float32)
     _attention_kernel(q, keys, values, out, int(start), int(group), int(window), np.float32(scale))
     if values_rotated:                     # weighted sums of rotated values, rotated back

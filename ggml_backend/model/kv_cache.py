@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from numba import njit, prange
+
 from ..quant import quantize
 from ..quant.floats import float_to_half_bits
+from ..quant.simd import half_to_float
 
 CACHE_TYPES = ("f32", "f16", "q8_0")
 DEFAULT_CACHE_TYPE = "f16"
@@ -86,6 +89,26 @@ def rotate(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32) @ hadamard_rotation(values.shape[-1])
 
 
+@njit(cache=True, parallel=True, nogil=True)
+def _dequantize_q8_0_kernel(quants, scales, start, out):
+    n_head_kv, n, head_dim = out.shape
+    for row in prange(n_head_kv * n):
+        h = row // n
+        j = row - h * n
+        for b in range(head_dim // _Q8_BLOCK):
+            d = half_to_float(scales[h, start + j, b])
+            for i in range(b * _Q8_BLOCK, (b + 1) * _Q8_BLOCK):
+                out[h, j, i] = d * np.float32(quants[h, start + j, i])
+
+
+def dequantize_q8_0(data: np.ndarray, scales: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """float32 [n_head_kv, stop - start, head_dim]: positions start..stop-1 of one q8_0 cache layer (as stored,
+    that is rotated where the tensor rotates)."""
+    out = np.empty((data.shape[0], stop - start, data.shape[2]), np.float32)
+    _dequantize_q8_0_kernel(data, scales, start, out)
+    return out
+
+
 class CacheTensor:
     """K or V of every layer, [n_layer, n_head_kv, n_ctx, head_dim], stored as ``kind``."""
 
@@ -103,19 +126,18 @@ class CacheTensor:
             self.data = np.zeros(shape, np.int8)
         else:
             raise ValueError(f"unknown cache type {kind!r}")
-        # the kernel takes a scales array whatever the type: float types get one element per layer
-        scale_shape = shape[:-1] + (head_dim // _Q8_BLOCK,) if kind == "q8_0" else (shape[0], 1, 1, 1)
-        self.scales = np.zeros(scale_shape, np.uint16)
+        # q8_0's half scales, one per 32 values; float types have none
+        self.scales = np.zeros(shape[:-1] + (head_dim // _Q8_BLOCK,), np.uint16) if kind == "q8_0" else None
         # quantized storage holds each head's vector rotated (see the module docstring)
         self.rotated = kind == "q8_0" and rotates(head_dim)
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + (self.scales.nbytes if self.kind == "q8_0" else 0)
+        return self.data.nbytes + (self.scales.nbytes if self.scales is not None else 0)
 
     def layer(self, il: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(values, scales, whether they are stored rotated) of layer ``il`` for the attention kernel."""
-        return self.data[il], self.scales[il], self.rotated
+        return self.data[il], None if self.scales is None else self.scales[il], self.rotated
 
     def write(self, il: int, start: int, rows: np.ndarray) -> None:
         """rows: float32 [n_head_kv, n, head_dim] for positions start .. start+n-1 of layer ``il``."""
@@ -139,18 +161,17 @@ class CacheTensor:
             return data.copy()
         if self.kind == "f16":
             return data.view(np.float16).astype(np.float32)
-        scales = self.scales[il, :, start:stop].view(np.float16).astype(np.float32)
-        values = (data.reshape(data.shape[:2] + (-1, _Q8_BLOCK)) * scales[..., None]).reshape(data.shape)
+        values = dequantize_q8_0(self.data[il], self.scales[il], start, stop)
         return rotate(values) if self.rotated else values
 
     def move(self, src: slice, dst: slice) -> None:
         """Copy positions ``src`` onto ``dst`` (the same length) in every layer and head."""
         self.data[:, :, dst] = self.data[:, :, src].copy()
-        if self.kind == "q8_0":
+        if self.scales is not None:
             self.scales[:, :, dst] = self.scales[:, :, src].copy()
 
     def saved(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.data[:, :, :n].copy(), self.scales[:, :, :n].copy() if self.kind == "q8_0" else None
+        return self.data[:, :, :n].copy(), None if self.scales is None else self.scales[:, :, :n].copy()
 
     def load(self, saved: tuple[np.ndarray, np.ndarray | None]) -> None:
         data, scales = saved
