@@ -1,0 +1,232 @@
+"""The host side of the device kernels: the table from ggml type to kernel (like quant/types.py's table for the
+CPU), weight upload, and the calls the layer forward makes (``DeviceMatrix.__call__``, ``rms_norm``, ...).
+
+Weights are uploaded as the file stores them: the quantized blocks, uint8 [n_rows, row_bytes] (no dequantized
+copy); f32 as float32, f16 / bf16 as their uint16 bit patterns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..quant.matmul import BLAS_MIN_TOKENS
+from ..quant.types import get_type
+from . import blocks
+from .gemm import gemm_kernel
+from .matvec import dequantize_kernel, float_matvec_kernel, matvec_kernel
+from .ops import (add_kernel, attention_kernel, gather_rows_kernel, geglu_kernel, rms_norm_kernel, rope_kernel,
+                  store_kv_kernel, swiglu_kernel)
+from .quantize import quantize_q8_0_kernel, quantize_q8_K_kernel, round_rows_kernel
+from .runtime import MAX_THREADS, import_cuda, launch_shape
+
+cuda = import_cuda()
+
+
+@dataclass(frozen=True)
+class DeviceType:
+    kind: int                 # blocks.Q4_0 ...: which layout the kernels read
+    vec_dot_type: str         # what the activations are quantized / rounded to (quant/types.py's vec_dot_type)
+
+
+# One row per weight type the CPU computes (quant/matmul.SUPPORTED_TYPES).
+DEVICE_TYPES: dict[str, DeviceType] = {
+    "f32": DeviceType(blocks.F32, "f32"),
+    "f16": DeviceType(blocks.F16, "f16"),
+    "bf16": DeviceType(blocks.BF16, "bf16"),
+    "q4_0": DeviceType(blocks.Q4_0, "q8_0"),
+    "q4_1": DeviceType(blocks.Q4_1, "q8_1"),
+    "q5_0": DeviceType(blocks.Q5_0, "q8_0"),
+    "q5_1": DeviceType(blocks.Q5_1, "q8_1"),
+    "q8_0": DeviceType(blocks.Q8_0, "q8_0"),
+    "q2_K": DeviceType(blocks.Q2_K, "q8_K"),
+    "q3_K": DeviceType(blocks.Q3_K, "q8_K"),
+    "q4_K": DeviceType(blocks.Q4_K, "q8_K"),
+    "q5_K": DeviceType(blocks.Q5_K, "q8_K"),
+    "q6_K": DeviceType(blocks.Q6_K, "q8_K"),
+}
+_FLOAT_KINDS = (blocks.F32, blocks.F16, blocks.BF16)
+_EMPTY = {}
+
+
+def _grid(n_items: int) -> int:
+    return max(1, min(n_items, launch_shape().blocks))
+
+
+def _threads() -> int:
+    return min(launch_shape().threads, MAX_THREADS)
+
+
+def _flat_launch(n_items: int):
+    """(blocks, threads) for the one-thread-per-item kernels."""
+    threads = 128 if launch_shape().threads >= 32 else launch_shape().threads
+    return _grid((n_items + threads - 1) // threads), threads
+
+
+def empty_vector():
+    """A float32 device array of length 0: "no bias" for the kernels (numba kernels take no None)."""
+    if "vector" not in _EMPTY:
+        _EMPTY["vector"] = cuda.to_device(np.zeros(0, np.float32))
+    return _EMPTY["vector"]
+
+
+def upload_weights(qtype, data: np.ndarray, n_rows: int, n_cols: int):
+    """The matrix as the device keeps it (see the module docstring)."""
+    name = get_type(qtype).name
+    data = np.ascontiguousarray(data).reshape(n_rows, -1)
+    if name == "f32":
+        return cuda.to_device(data.view(np.float32).reshape(n_rows, n_cols))
+    if name in ("f16", "bf16"):
+        return cuda.to_device(data.view(np.uint16).reshape(n_rows, n_cols))
+    return cuda.to_device(data)
+
+
+class DeviceActivations:
+    """One activation matrix [n, k] on the device with its quantized / rounded forms, made once per vec_dot type
+    and shared by the weights that read the same input (q/k/v; gate/up), as the CPU's ``matmul_many`` does."""
+
+    def __init__(self, x):
+        self.x = x
+        self._forms: dict[str, tuple] = {}
+
+    def form(self, vec_dot_type: str) -> tuple:
+        if vec_dot_type in self._forms:
+            return self._forms[vec_dot_type]
+        x = self.x
+        n, k = x.shape
+        if vec_dot_type in ("q8_0", "q8_1"):
+            qs = cuda.device_array((n, k), np.int8)
+            d = cuda.device_array((n, k // 32), np.float32)
+            sums = cuda.device_array((n, k // 32), np.float32)
+            quantize_q8_0_kernel[_flat_launch(n * k // 32)](x, qs, d, sums)
+            result = (qs, d, sums)
+        elif vec_dot_type == "q8_K":
+            qs = cuda.device_array((n, k), np.int8)
+            d = cuda.device_array((n, k // 256), np.float32)
+            bsums = cuda.device_array((n, k // 16), np.int32)
+            quantize_q8_K_kernel[_flat_launch(n * k // 256)](x, qs, d, bsums)
+            result = (qs, d, bsums)
+        elif vec_dot_type in ("f16", "bf16"):
+            rounded = cuda.device_array((n, k), np.float32)
+            round_rows_kernel[_flat_launch(n * k)](x, rounded, vec_dot_type == "bf16")
+            result = (rounded,)
+        else:
+            result = (x,)
+        self._forms[vec_dot_type] = result
+        return result
+
+
+class DeviceMatrix:
+    """A weight matrix [n_out, n_in] on the device (+ optional float32 bias)."""
+
+    def __init__(self, qtype, data: np.ndarray, n_out: int, n_in: int, bias: np.ndarray | None = None):
+        name = get_type(qtype).name
+        if name not in DEVICE_TYPES:
+            raise ValueError(f"weight type {name} has no CUDA kernel (supported: {', '.join(DEVICE_TYPES)})")
+        self.type_name = name
+        self.type = DEVICE_TYPES[name]
+        self.n_out, self.n_in = n_out, n_in
+        self.w = upload_weights(name, data, n_out, n_in)
+        self.bias = cuda.to_device(np.ascontiguousarray(bias, np.float32)) if bias is not None else empty_vector()
+        self.nbytes = int(np.asarray(data).nbytes) + (0 if bias is None else 4 * n_out)
+
+    def __call__(self, acts: DeviceActivations, out=None):
+        """acts.x [n, n_in] -> float32 [n, n_out]: the mat-vec kernels below BLAS_MIN_TOKENS tokens, the
+        dequantized-band GEMM from there on (the CPU path's switch)."""
+        n = acts.x.shape[0]
+        if out is None:
+            out = cuda.device_array((n, self.n_out), np.float32)
+        if n >= BLAS_MIN_TOKENS:
+            self._gemm(acts.x, out)
+            return out
+        kind = self.type.kind
+        form = acts.form(self.type.vec_dot_type)
+        grid, threads = _grid(n * self.n_out), _threads()
+        if kind in _FLOAT_KINDS:
+            float_matvec_kernel(kind)[grid, threads](self.w, form[0], self.bias, out)
+        else:
+            matvec_kernel(kind)[grid, threads](self.w, form[0], form[1], form[2], self.bias, out)
+        return out
+
+    # rows of W dequantized per GEMM call: 64 MiB of float32 at most, whatever the matrix
+    BAND_BYTES = 64 << 20
+
+    def _gemm(self, x, out) -> None:
+        tile = launch_shape().tile
+        band_rows = max(tile, min(self.n_out, self.BAND_BYTES // (4 * self.n_in)) // tile * tile)
+        band = cuda.device_array((min(band_rows, self.n_out), self.n_in), np.float32)
+        kernel = gemm_kernel(tile)
+        n = x.shape[0]
+        for first in range(0, self.n_out, band_rows):
+            rows = min(band_rows, self.n_out - first)
+            tile_rows = band[:rows]
+            n_items = rows * self.n_in if self.type.kind in _FLOAT_KINDS else rows * self.n_in // 32
+            dequantize_kernel(self.type.kind)[_flat_launch(n_items)](self.w, first, tile_rows)
+            bias = self.bias[first:first + rows] if self.bias.shape[0] else self.bias
+            n_tiles = ((n + tile - 1) // tile) * ((rows + tile - 1) // tile)
+            kernel[_grid(n_tiles), (tile, tile)](x, tile_rows, bias, first, out)
+
+    def dequantize(self, first: int = 0, last: int | None = None) -> np.ndarray:
+        """Rows first..last-1 as float32 on the host (tests compare them with the CPU's dequantization)."""
+        last = self.n_out if last is None else last
+        out = cuda.device_array((last - first, self.n_in), np.float32)
+        n_items = (last - first) * self.n_in
+        if self.type.kind not in _FLOAT_KINDS:
+            n_items //= 32
+        dequantize_kernel(self.type.kind)[_flat_launch(n_items)](self.w, first, out)
+        return out.copy_to_host()
+
+
+# --- the other operations, as calls --------------------------------------------------------------------------
+
+def rms_norm(x, weight, eps: float, out=None):
+    """x [n, k] (or any shape whose last axis the weight [k] scales) -> a new array of x's shape."""
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    result = cuda.device_array(shape, np.float32) if out is None else out
+    rms_norm_kernel[_grid(rows.shape[0]), _threads()](rows, weight, np.float32(eps), result.reshape(-1, shape[-1]))
+    return result
+
+
+def add(x, y) -> None:
+    add_kernel[_flat_launch(x.size)](x, y)
+
+
+def glu(gate, up, activation: str) -> None:
+    """gate = act(gate) * up (SwiGLU or GeGLU), in place."""
+    kernel = swiglu_kernel if activation == "silu" else geglu_kernel
+    kernel[_flat_launch(gate.size)](gate, up)
+
+
+def rope(x, cos, sin, n_dims: int, mode: str) -> None:
+    n_tokens, n_heads, _ = x.shape
+    rope_kernel[_flat_launch(n_tokens * n_heads * (n_dims // 2))](x, cos, sin, n_dims, mode == "neox")
+
+
+def store_kv(src, cache_layer, start: int) -> None:
+    store_kv_kernel[_flat_launch(src.size)](src, cache_layer, start, cache_layer.dtype == np.uint16)
+
+
+def attention(q, keys, values, start: int, group: int, window: int, scale: float, out):
+    """q [n, n_head, hd_k] (rounded to f16 already for f16 keys) -> out [n, n_head * hd_v]."""
+    n_tokens, n_head, _ = q.shape
+    probs = cuda.device_array((n_tokens * n_head, start + n_tokens), np.float32)
+    attention_kernel[_grid(n_tokens * n_head), _threads()](
+        q, keys, values, keys.dtype == np.uint16, values.dtype == np.uint16, probs, out, start, group, window,
+        np.float32(scale))
+    return out
+
+
+def round_to_f16(x):
+    """A copy of x rounded to half precision (q meets f16 keys so)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = cuda.device_array(x.shape, np.float32)
+    round_rows_kernel[_flat_launch(x.size)](flat, out.reshape(-1, x.shape[-1]), False)
+    return out
+
+
+def gather_rows(x, rows: np.ndarray):
+    d_rows = cuda.to_device(np.ascontiguousarray(rows, np.int64))
+    out = cuda.device_array((len(rows), x.shape[1]), np.float32)
+    gather_rows_kernel[_flat_launch(len(rows) * x.shape[1])](x, d_rows, out)
+    return out

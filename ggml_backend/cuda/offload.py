@@ -1,0 +1,186 @@
+"""The offloaded layers: their weights on the device, their KV cache on the device, and the forward pass through
+them. model/forward.Model runs its first ``first_layer`` layers on the CPU and hands the residual stream over here
+(``forward_rest``): it crosses to the device once per forward pass and comes back once, as logits when the output
+layer is offloaded too (every layer offloaded), else as the last hidden state for the CPU's output layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.forward import rms_norm as cpu_rms_norm
+from ..model.kv_cache import KVCache
+from ..model.rope import rope_cos_sin
+from . import kernels as K
+from .kernels import DeviceActivations, DeviceMatrix
+from .memory import MiB, VRAMError, OffloadPlan
+from .runtime import import_cuda, simulated
+
+cuda = import_cuda()
+
+DEVICE_CACHE_TYPES = ("f16", "f32")
+
+
+class DeviceLayer:
+    """One layer's weights on the device (model/forward.Layer's twin)."""
+
+    def __init__(self, layer):
+        def matrix(linear):
+            return DeviceMatrix(linear.qtype, linear.data, linear.n_out, linear.n_in, linear.bias)
+
+        def vector(v):
+            return None if v is None else cuda.to_device(np.ascontiguousarray(v, np.float32))
+
+        self.wq, self.wk, self.wv, self.wo = (matrix(layer.wq), matrix(layer.wk), matrix(layer.wv),
+                                              matrix(layer.wo))
+        self.w_gate, self.w_up, self.w_down = matrix(layer.w_gate), matrix(layer.w_up), matrix(layer.w_down)
+        self.attn_norm, self.ffn_norm = vector(layer.attn_norm), vector(layer.ffn_norm)
+        self.q_norm, self.k_norm = vector(layer.q_norm), vector(layer.k_norm)
+        self.post_attn_norm, self.post_ffn_norm = vector(layer.post_attn_norm), vector(layer.post_ffn_norm)
+
+
+class OffloadedKVCache(KVCache):
+    """A KV cache whose offloaded layers live on the device (f16 or f32, one array per layer and tensor,
+    [n_head_kv, n_ctx, head_dim] as on the CPU). The host arrays of those layers are a mirror, brought up to date
+    only when host code reads the cache (snapshots for the prompt cache and saved states, context shifts); the
+    device copy is refreshed when host code changed it (restore, shift, re-rotation)."""
+
+    def __init__(self, offload: "GPUOffload", n_ctx: int, type_k: str, type_v: str):
+        hp = offload.hp
+        super().__init__(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v)
+        for which, kind in (("type_k", self.type_k), ("type_v", self.type_v)):
+            if kind not in DEVICE_CACHE_TYPES:
+                raise NotImplementedError(f"{which} {kind} with GPU offload: the device KV cache is f16 or f32 "
+                                          f"(a q8_0 cache runs on the CPU only, with n_gpu_layers=0)")
+        self.layers = range(offload.first_layer, hp.n_layer)
+        need = sum(self.k.data[il].nbytes + self.v.data[il].nbytes for il in self.layers)
+        free = cuda.current_context().get_memory_info()[0]
+        if need > free:
+            raise VRAMError(f"a KV cache of n_ctx={n_ctx} for {len(self.layers)} offloaded layers needs "
+                            f"{need / MiB:.0f} MiB of VRAM, {free / MiB:.0f} MiB are free: use a smaller n_ctx")
+        self.device_k = {il: cuda.to_device(self.k.data[il]) for il in self.layers}
+        self.device_v = {il: cuda.to_device(self.v.data[il]) for il in self.layers}
+        self._host_stale = False     # the device holds newer keys/values than the host mirror
+        self._device_stale = False   # the host mirror was changed by host code
+
+    def to_host(self) -> None:
+        if self._host_stale:
+            for il in self.layers:
+                self.device_k[il].copy_to_host(self.k.data[il])
+                self.device_v[il].copy_to_host(self.v.data[il])
+            self._host_stale = False
+
+    def to_device(self) -> None:
+        if self._device_stale:
+            for il in self.layers:
+                self.device_k[il].copy_to_device(self.k.data[il])
+                self.device_v[il].copy_to_device(self.v.data[il])
+            self._device_stale = False
+
+    def host_changed(self) -> None:
+        self._device_stale = True
+
+    def device_changed(self) -> None:
+        self._host_stale = True
+
+    def shift(self, n_keep: int, n_discard: int) -> None:
+        self.to_host()
+        super().shift(n_keep, n_discard)
+        self.host_changed()
+
+    def snapshot(self) -> dict:
+        self.to_host()
+        return super().snapshot()
+
+    def restore(self, state: dict) -> None:
+        super().restore(state)
+        self._host_stale = False
+        self.host_changed()
+
+
+class GPUOffload:
+    """The device half of a model: layers first_layer.. and, when all are offloaded, the output layer."""
+
+    def __init__(self, model, plan: OffloadPlan, device_name: str = "GPU"):
+        self.hp = model.hp
+        self.plan = plan
+        self.device_name = device_name
+        self.first_layer = plan.first_layer
+        self.layers = {il: DeviceLayer(model.layers[il]) for il in range(self.first_layer, self.hp.n_layer)}
+        self.output = None
+        if plan.output_on_device:
+            out = model.output
+            self.output = DeviceMatrix(out.qtype, out.data, out.n_out, out.n_in, out.bias)
+            self.output_norm = cuda.to_device(np.ascontiguousarray(model.output_norm, np.float32))
+        self.simulated = simulated()
+
+    def new_cache(self, n_ctx: int, type_k: str, type_v: str) -> OffloadedKVCache:
+        return OffloadedKVCache(self, n_ctx, type_k, type_v)
+
+    def forward_rest(self, model, x: np.ndarray, spans, positions: np.ndarray, all_logits: bool,
+                     output: str) -> list[np.ndarray]:
+        """Layers first_layer.. on the device for the residual stream x [n_tokens, n_embd] (after the CPU's
+        layers), then the output; the arguments and the result are model/forward.Model.forward_many's."""
+        hp = self.hp
+        for _, _, cache, _ in spans:
+            if not isinstance(cache, OffloadedKVCache):
+                raise TypeError("a model with offloaded layers needs its KV caches from model.new_cache()")
+            cache.to_device()
+        n_tokens = x.shape[0]
+        d_x = cuda.to_device(np.ascontiguousarray(x, np.float32))
+        tables = {}
+        group = hp.n_head // hp.n_head_kv
+        for il in range(self.first_layer, hp.n_layer):
+            layer = self.layers[il]
+            # --- attention ---
+            acts = DeviceActivations(K.rms_norm(d_x, layer.attn_norm, hp.rms_eps))
+            q = layer.wq(acts).reshape(n_tokens, hp.n_head, hp.head_dim_k)
+            k = layer.wk(acts).reshape(n_tokens, hp.n_head_kv, hp.head_dim_k)
+            v = layer.wv(acts).reshape(n_tokens, hp.n_head_kv, hp.head_dim_v)
+            if layer.q_norm is not None:
+                q = K.rms_norm(q, layer.q_norm, hp.rms_eps)
+                k = K.rms_norm(k, layer.k_norm, hp.rms_eps)
+            rope = model._rope_params(il)
+            if rope not in tables:
+                cos, sin = rope_cos_sin(positions, hp.rope_dims, *rope)
+                tables[rope] = (cuda.to_device(cos), cuda.to_device(sin))
+            cos, sin = tables[rope]
+            K.rope(q, cos, sin, hp.rope_dims, hp.arch.rope_mode)
+            K.rope(k, cos, sin, hp.rope_dims, hp.arch.rope_mode)
+            window = hp.sliding_window if hp.swa_layers[il] else 0
+            attn = cuda.device_array((n_tokens, hp.n_head * hp.head_dim_v), np.float32)
+            for first, last, cache, start in spans:   # each sequence over its own keys and values
+                keys, values = cache.device_k[il], cache.device_v[il]
+                K.store_kv(k[first:last], keys, start)
+                K.store_kv(v[first:last], values, start)
+                q_seq = q[first:last]
+                if keys.dtype == np.uint16:           # f16 keys meet q rounded to f16, as on the CPU
+                    q_seq = K.round_to_f16(q_seq)
+                K.attention(q_seq, keys, values, start, group, window, hp.attn_scale, attn[first:last])
+            attn_out = layer.wo(DeviceActivations(attn))
+            if layer.post_attn_norm is not None:
+                attn_out = K.rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
+            K.add(d_x, attn_out)
+            # --- feed-forward ---
+            acts = DeviceActivations(K.rms_norm(d_x, layer.ffn_norm, hp.rms_eps))
+            gate, up = layer.w_gate(acts), layer.w_up(acts)
+            K.glu(gate, up, hp.arch.ffn_activation)
+            ffn_out = layer.w_down(DeviceActivations(gate))
+            if layer.post_ffn_norm is not None:
+                ffn_out = K.rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
+            K.add(d_x, ffn_out)
+
+        for first, last, cache, start in spans:
+            cache.n_past = start + last - first
+            cache.device_changed()
+        rows = np.arange(n_tokens) if all_logits else np.array([last - 1 for _, last, _, _ in spans])
+        if self.output is not None:
+            picked = d_x if all_logits else K.gather_rows(d_x, rows)
+            normed = K.rms_norm(picked, self.output_norm, hp.rms_eps)
+            out = normed.copy_to_host() if output == "hidden" else self.output(DeviceActivations(normed)).copy_to_host()
+        else:
+            x_host = d_x.copy_to_host()
+            normed = np.ascontiguousarray(cpu_rms_norm(x_host[rows], model.output_norm, hp.rms_eps), np.float32)
+            out = normed if output == "hidden" else model.output(normed)
+        if all_logits:
+            return [out[first:last] for first, last, _, _ in spans]
+        return [out[i:i + 1] for i in range(len(spans))]
