@@ -181,10 +181,11 @@ class DeviceMatrix:
 
 def rms_norm(x, weight, eps: float, out=None):
     """x [n, k] (or any shape whose last axis the weight [k] scales) -> a new array of x's shape."""
-    shape = x.shape
-    rows = x.reshape(-1, shape[-1])
+    shape = tuple(x.shape)           # (the simulator's shapes take no negative index)
+    k = shape[len(shape) - 1]
+    rows = x.reshape(x.size // k, k)
     result = cuda.device_array(shape, np.float32) if out is None else out
-    rms_norm_kernel[_grid(rows.shape[0]), _threads()](rows, weight, np.float32(eps), result.reshape(-1, shape[-1]))
+    rms_norm_kernel[_grid(rows.shape[0]), _threads()](rows, weight, np.float32(eps), result.reshape(x.size // k, k))
     return result
 
 
@@ -219,9 +220,10 @@ def attention(q, keys, values, start: int, group: int, window: int, scale: float
 
 def round_to_f16(x):
     """A copy of x rounded to half precision (q meets f16 keys so)."""
-    flat = x.reshape(-1, x.shape[-1])
-    out = cuda.device_array(x.shape, np.float32)
-    round_rows_kernel[_flat_launch(x.size)](flat, out.reshape(-1, x.shape[-1]), False)
+    shape = tuple(x.shape)
+    k = shape[len(shape) - 1]
+    out = cuda.device_array(shape, np.float32)
+    round_rows_kernel[_flat_launch(x.size)](x.reshape(x.size // k, k), out.reshape(x.size // k, k), False)
     return out
 
 

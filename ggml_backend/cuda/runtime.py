@@ -33,6 +33,9 @@ def import_cuda():
     if simulated():
         import numba
         numba.config.ENABLE_CUDASIM = 1   # read by numba.cuda when it is first imported
+        # the simulator's threads meet at every syncthreads through the GIL: with Python's default 5 ms switch
+        # interval each barrier costs milliseconds (a decode step of a tiny model: minutes instead of seconds)
+        sys.setswitchinterval(min(sys.getswitchinterval(), 1e-5))
     try:
         from numba import cuda
     except Exception:   # a missing or broken CUDA toolkit shows up as any kind of import error
@@ -90,8 +93,8 @@ def select_device(main_gpu: int):
 class LaunchShape:
     """How kernels are launched. Every kernel loops over its work items with a grid stride and over the items'
     parts with a block stride, so any shape gives the same numbers; only the speed differs. On a GPU: many
-    blocks of a warp or more; in the simulator (a Python thread per CUDA thread, ~20 ms per block) one or two
-    tiny blocks, or a decode step of the smallest model would take minutes."""
+    blocks of a warp or more; in the simulator (a Python thread per CUDA thread, ~20 ms per block) one block
+    of two threads, or a decode step of the smallest model would take minutes."""
     blocks: int          # upper bound on blocks per launch
     threads: int         # threads per block of the row-reducing kernels (a power of two, <= MAX_THREADS)
     tile: int            # the GEMM's square tile (threads per block: tile * tile)
@@ -99,7 +102,7 @@ class LaunchShape:
 
 MAX_THREADS = 128        # size of the kernels' shared reduction arrays
 GPU_LAUNCH = LaunchShape(blocks=65536, threads=32, tile=16)
-SIM_LAUNCH = LaunchShape(blocks=2, threads=4, tile=4)
+SIM_LAUNCH = LaunchShape(blocks=1, threads=2, tile=2)
 
 
 def launch_shape() -> LaunchShape:
