@@ -103,4 +103,5 @@ def check_vram(plan: OffloadPlan, free_bytes: float, device: str = "GPU 0") -> N
     raise VRAMError(
         f"-ngl {plan.n_offloaded}: offloading {plan.n_offloaded} of {plan.n_layer} layers needs "
         f"{plan.describe()}, but {device} has {free_bytes / MiB:.0f} MiB free; "
-        + (f"{fit} layers would fit (-ngl {fit})" if fit else "not even one layer would fit (use -ngl 0)"))
+        + (f"{fit} layer{'' if fit == 1 else 's'} would fit (-ngl {fit})" if fit
+           else "not even one layer would fit (use -ngl 0)"))

@@ -1,0 +1,282 @@
+"""GPU offload (ggml_backend/cuda): every kernel against the CPU path, and a tiny model end to end, in numba's CUDA
+simulator; the VRAM check and the no-CUDA fallback without any CUDA at all.
+
+numba reads NUMBA_ENABLE_CUDASIM when numba.cuda is first imported, and the other test files must keep running
+without CUDA, so this module runs in three modes:
+
+* plain ``pytest`` (no GPU, CI): the CUDA-free tests here, plus one test that runs this file again in a
+  subprocess with NUMBA_ENABLE_CUDASIM=1 (the kernels on the CPU, one Python thread per CUDA thread: slow, hence
+  the tiny shapes);
+* NUMBA_ENABLE_CUDASIM=1 (that subprocess): the kernel and end-to-end tests in the simulator;
+* GGML_BACKEND_TEST_CUDA=1 on a machine with an NVIDIA GPU (benchmarks/gpu_h200.sh): the same kernel and
+  end-to-end tests on the real device, plus the CUDA-free ones.
+
+Tolerances: dequantization and activation quantization are bit-exact in the simulator (the same float32
+operations as the CPU); on a GPU the compiler may fuse d*q - m into one FMA, so there they may differ by an ulp.
+Mat-vec products differ from the CPU's only by the order of float32 sums (relative 1e-5). Logits end to end: the
+CPU path's own tolerance against llama.cpp for q4_0 on the synthetic Llama is 0.088 (tests/test_engine_synthetic.py);
+these must be within 0.05 of the CPU's.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+DEVICE = os.environ.get("GGML_BACKEND_TEST_CUDA") == "1" and not SIMULATOR
+KERNEL_TESTS = SIMULATOR or DEVICE
+ROOT = Path(__file__).resolve().parent.parent
+LOGIT_TOLERANCE = 0.05
+
+
+# --- a tiny model: 2 layers, n_embd 32, GQA (2 heads on 1 KV head), q4_0 layers, q8_0 output ------------------
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory) -> str:
+    from ggml_backend.cli.bench_models import LlamaShape, random_tensor_data, spm_vocab, tensor_layout
+    from ggml_backend.formats import write_gguf
+    shape = LlamaShape("micro", n_embd=32, n_layer=2, n_ff=64, n_head=2, n_head_kv=1, n_vocab=260)
+    tokens, scores, types = spm_vocab(shape.n_vocab)
+    metadata = {
+        "general.architecture": "llama", "general.name": "micro", "llama.context_length": 64,
+        "llama.embedding_length": shape.n_embd, "llama.block_count": shape.n_layer,
+        "llama.feed_forward_length": shape.n_ff, "llama.rope.dimension_count": shape.head_dim,
+        "llama.attention.head_count": shape.n_head, "llama.attention.head_count_kv": shape.n_head_kv,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0}
+    # q6_K output rows need 256 values; this model's have 32
+    layout = [(name, "q8_0" if kind == "q6_K" else kind, dims) for name, kind, dims in tensor_layout(shape, "q4_0")]
+    tensors = [(name, kind, dims, random_tensor_data(kind, dims, seed)) for seed, (name, kind, dims) in enumerate(layout)]
+    path = tmp_path_factory.mktemp("cuda") / "micro-q4_0.gguf"
+    write_gguf(path, metadata, tensors)
+    return str(path)
+
+
+SEQUENCE = [1, 50, 60, 70, 80]
+
+
+def cpu_logits(path: str) -> np.ndarray:
+    from ggml_backend import Llama
+    llm = Llama(path, n_ctx=32, logits_all=True, verbose=False)
+    llm.eval(SEQUENCE)
+    return np.array(llm.scores[:len(SEQUENCE)])
+
+
+# --- without CUDA: the VRAM plan and check, the fallback message --------------------------------------------
+
+if not SIMULATOR:
+    def test_vram_too_small_names_the_layers_that_fit(micro_model, monkeypatch):
+        from ggml_backend import Llama
+        from ggml_backend import cuda as gpu
+        from ggml_backend.cuda import runtime
+        llm = Llama(micro_model, n_ctx=32, verbose=False)
+        plan = gpu.plan_offload(llm.model, -1, 32, 8)
+        assert (plan.n_offloaded, plan.first_layer, plan.output_on_device) == (2, 0, True)
+        assert plan.bytes_for(1) < plan.bytes_for(2) < plan.total_bytes   # the output layer counts when all go
+        free = plan.bytes_for(1) + 1
+        assert plan.layers_that_fit(free) == 1
+        with pytest.raises(gpu.VRAMError, match=r"-ngl 2: .* MiB free; 1 layer would fit \(-ngl 1\)"):
+            gpu.check_vram(plan, free)
+        partial = gpu.plan_offload(llm.model, 1, 32, 8)
+        assert (partial.n_offloaded, partial.first_layer, partial.output_on_device) == (1, 1, False)
+        assert gpu.plan_offload(llm.model, 99, 32, 8).n_offloaded == 2          # more than there are: all
+        with pytest.raises(ValueError, match="n_gpu_layers"):
+            gpu.plan_offload(llm.model, -2, 32, 8)
+        # through Llama: refused before anything is uploaded (a device with 1 MiB free is made up here)
+        monkeypatch.setattr(gpu, "cuda_status", lambda: runtime.CudaStatus(True, n_devices=1))
+        monkeypatch.setattr(runtime, "select_device", lambda main_gpu: ("Tiny GPU", 1 << 20, 1 << 20))
+        with pytest.raises(gpu.VRAMError, match=r"GPU 0 \(Tiny GPU\) has 1 MiB free; not even one layer"):
+            Llama(micro_model, n_ctx=32, verbose=False, n_gpu_layers=-1)
+
+    def test_without_cuda_it_says_so_once_and_runs_on_the_cpu(micro_model, monkeypatch, capsys):
+        from ggml_backend import Llama
+        from ggml_backend import cuda as gpu
+        from ggml_backend.cuda import runtime
+        monkeypatch.setattr(gpu, "cuda_status", lambda: runtime.CudaStatus(False, "no CUDA driver or device"))
+        monkeypatch.setattr(runtime, "_said_no_cuda", False)
+        reference = cpu_logits(micro_model)
+        for _ in range(2):
+            llm = Llama(micro_model, n_ctx=32, logits_all=True, verbose=False, n_gpu_layers=-1, main_gpu=0)
+            assert llm.model.offload is None
+        assert capsys.readouterr().err.count("no CUDA GPU found: running on the CPU") == 1
+        llm.eval(SEQUENCE)
+        np.testing.assert_array_equal(np.array(llm.scores[:len(SEQUENCE)]), reference)
+
+    def test_offload_arguments_are_checked(micro_model):
+        from ggml_backend import Llama
+        with pytest.raises(ValueError, match="n_gpu_layers must be >= -1"):
+            Llama(micro_model, verbose=False, n_gpu_layers=-3)
+        with pytest.raises(ValueError, match="main_gpu must be >= 0"):
+            Llama(micro_model, verbose=False, main_gpu=-1)
+        with pytest.raises(TypeError, match="n_gpu_layers must be an integer"):
+            Llama(micro_model, verbose=False, n_gpu_layers="all")
+
+
+if not KERNEL_TESTS:
+    def test_kernels_in_the_cuda_simulator():
+        """This file's kernel and end-to-end tests, run again under NUMBA_ENABLE_CUDASIM=1."""
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+        assert " passed" in proc.stdout and " failed" not in proc.stdout and " skipped" not in proc.stdout
+
+
+# --- the kernels, in the simulator or on a GPU ----------------------------------------------------------------
+
+if KERNEL_TESTS:
+    from ggml_backend.cuda.runtime import import_cuda
+
+    cuda = import_cuda()
+    from ggml_backend.cuda import kernels as K
+    from ggml_backend.quant import dequantize, quantize
+    from ggml_backend.quant.activations import (quantize_activations_q8_1, quantize_activations_q8_K,
+                                                round_rows_to_bf16, round_rows_to_f16)
+    from ggml_backend.quant.matmul import matmul
+
+    WEIGHT_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K",
+                    "f16", "bf16", "f32"]
+
+    def assert_dequantized(got, ref):
+        if SIMULATOR:
+            np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+        else:   # an FMA may round d*q - m once instead of twice
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * float(np.abs(ref).max()))
+
+    def test_every_cpu_type_has_a_device_kernel():
+        from ggml_backend.quant.matmul import SUPPORTED_TYPES
+        assert set(K.DEVICE_TYPES) == set(SUPPORTED_TYPES)
+
+    @pytest.mark.parametrize("type_name", WEIGHT_TYPES)
+    def test_dequantize_and_matvec_match_the_cpu(type_name):
+        rng = np.random.default_rng(sum(map(ord, type_name)))
+        n_rows, k = 3, 256
+        weights = rng.standard_normal((n_rows, k)).astype(np.float32)
+        weights[1, :32] = 0.0                       # a block of zeros: scale 0
+        data = quantize(type_name, weights).reshape(n_rows, -1)
+        bias = rng.standard_normal(n_rows).astype(np.float32)
+        matrix = K.DeviceMatrix(type_name, data, n_rows, k, bias)
+        assert_dequantized(matrix.dequantize(), dequantize(type_name, data.reshape(-1), (n_rows, k)))
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        got = matrix(K.DeviceActivations(cuda.to_device(x))).copy_to_host()
+        ref = matmul(type_name, data, x, method="int") + bias
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+    def test_activation_quantization_matches_the_cpu():
+        rng = np.random.default_rng(7)
+        x = (rng.standard_normal((2, 512)) * 3).astype(np.float32)
+        x[0, :32] = 0.0                                 # an all-zero block
+        x[1, 256:] *= 1e-6                              # scales in half-precision subnormals
+        x[1, 5] = 1e5                                   # beyond the largest half: f16 rounding gives inf
+        acts = K.DeviceActivations(cuda.to_device(x))
+        for got, ref in zip(acts.form("q8_1"), quantize_activations_q8_1(x)):
+            np.testing.assert_array_equal(got.copy_to_host(), ref)
+        for got, ref in zip(acts.form("q8_K"), quantize_activations_q8_K(x)):
+            np.testing.assert_array_equal(got.copy_to_host(), ref)
+        with np.errstate(over="ignore"):
+            np.testing.assert_array_equal(acts.form("f16")[0].copy_to_host(), round_rows_to_f16(x))
+        np.testing.assert_array_equal(acts.form("bf16")[0].copy_to_host(), round_rows_to_bf16(x))
+
+    def test_prompt_gemm_on_dequantized_bands():
+        rng = np.random.default_rng(3)
+        n_rows, k = 6, 64
+        data = quantize("q8_0", rng.standard_normal((n_rows, k)).astype(np.float32)).reshape(n_rows, -1)
+        bias = rng.standard_normal(n_rows).astype(np.float32)
+        matrix = K.DeviceMatrix("q8_0", data, n_rows, k, bias)
+        matrix.BAND_BYTES = 4 * 4 * k                   # bands of 4 rows: the second band is a partial one
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        out = cuda.device_array((3, n_rows), np.float32)
+        matrix._gemm(cuda.to_device(x), out)
+        ref = x @ dequantize("q8_0", data.reshape(-1), (n_rows, k)).T + bias
+        np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
+
+    def test_rms_norm_rope_and_glu_match_the_cpu():
+        from ggml_backend.model.forward import gelu_tanh, rms_norm, silu
+        from ggml_backend.model.rope import apply_rope, rope_cos_sin
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((3, 2, 16)).astype(np.float32)
+        weight = rng.standard_normal(16).astype(np.float32)
+        got = K.rms_norm(cuda.to_device(x), cuda.to_device(weight), 1e-6).copy_to_host()   # per head, as q_norm
+        np.testing.assert_allclose(got, rms_norm(x, weight, 1e-6), rtol=2e-7, atol=1e-7)
+        cos, sin = rope_cos_sin(np.arange(5, 8), 12, 10000.0, 1.0)   # rope over 12 of 16 dims: 4 pass through
+        for mode in ("normal", "neox"):
+            device_x = cuda.to_device(x)
+            K.rope(device_x, cuda.to_device(cos), cuda.to_device(sin), 12, mode)
+            np.testing.assert_allclose(device_x.copy_to_host(), apply_rope(x.copy(), cos, sin, 12, mode),
+                                       rtol=1e-6, atol=1e-6)
+        gate = (rng.standard_normal((2, 40)) * 4).astype(np.float32)
+        gate[0, :2] = (-11.0, 12.0)                      # GELU's two cut-offs
+        up = rng.standard_normal((2, 40)).astype(np.float32)
+        for activation, reference in (("silu", silu(gate.copy()) * up), ("gelu", gelu_tanh(gate.copy()) * up)):
+            device_gate = cuda.to_device(gate)
+            K.glu(device_gate, cuda.to_device(up), activation)
+            np.testing.assert_allclose(device_gate.copy_to_host(), reference, rtol=2e-6, atol=1e-6)
+
+    @pytest.mark.parametrize("cache_kind, window", [("f16", 0), ("f32", 3)])
+    def test_kv_store_and_attention_match_the_cpu(cache_kind, window):
+        from ggml_backend.model.attention import attention
+        from ggml_backend.quant.floats import float_to_half_bits
+        rng = np.random.default_rng(11)
+        n_head, n_head_kv, hd, n_ctx, start, n_new = 4, 2, 8, 8, 3, 2
+        dtype = np.uint16 if cache_kind == "f16" else np.float32
+        old = rng.standard_normal((2, n_head_kv, start, hd)).astype(np.float32)
+        new = rng.standard_normal((2, n_new, n_head_kv, hd)).astype(np.float32)
+        new[0, 0, 0, :4] = (1e-7, -0.0, 7e4, -3e-5)      # f16 subnormal, negative zero, overflow, subnormal
+        host = np.zeros((2, n_head_kv, n_ctx, hd), dtype)
+        host[:, :, :start] = float_to_half_bits(old) if cache_kind == "f16" else old
+        keys, values = cuda.to_device(host[0]), cuda.to_device(host[1])
+        K.store_kv(cuda.to_device(new[0]), keys, start)
+        K.store_kv(cuda.to_device(new[1]), values, start)
+        stored = new.transpose(0, 2, 1, 3)
+        host[:, :, start:start + n_new] = float_to_half_bits(stored) if cache_kind == "f16" else stored
+        with np.errstate(over="ignore"):
+            np.testing.assert_array_equal(keys.copy_to_host(), host[0])
+        np.testing.assert_array_equal(values.copy_to_host(), host[1])
+        host[0, 0, start, 0:4] = 0                       # keep the scores finite for the attention comparison
+        keys = cuda.to_device(host[0])
+        q = rng.standard_normal((n_new, n_head, hd)).astype(np.float32)
+        scale = 1 / np.sqrt(hd)
+        ref = attention(q, host[0], host[1], start, n_head // n_head_kv, window, scale) if cache_kind == "f32" \
+            else attention(q, (host[0], None, False), (host[1], None, False), start, 2, window, scale)
+        device_q = cuda.to_device(q)
+        if cache_kind == "f16":
+            device_q = K.round_to_f16(device_q)
+        out = cuda.device_array((n_new, n_head * hd), np.float32)
+        K.attention(device_q, keys, values, start, n_head // n_head_kv, window, scale, out)
+        np.testing.assert_allclose(out.copy_to_host(), ref.reshape(n_new, -1), rtol=1e-5, atol=1e-6)
+
+    # --- end to end ---------------------------------------------------------------------------------------------
+
+    def test_all_layers_offloaded_give_the_cpu_logits(micro_model):
+        from ggml_backend import Llama
+        from ggml_backend.cuda.offload import OffloadedKVCache
+        reference = cpu_logits(micro_model)
+        llm = Llama(micro_model, n_ctx=32, logits_all=True, verbose=False, n_gpu_layers=-1)
+        assert llm.model.offload.first_layer == 0 and llm.model.offload.output is not None
+        assert isinstance(llm.cache, OffloadedKVCache)
+        llm.eval(SEQUENCE[:3])                           # a prompt, then one token at a time over the device cache
+        state = llm.save_state()                         # the device cache read back through the host mirror
+        llm.eval(SEQUENCE[3:4])
+        llm.eval(SEQUENCE[4:])
+        got = np.array(llm.scores[:len(SEQUENCE)])
+        assert np.abs(got - reference).max() <= LOGIT_TOLERANCE
+        llm.load_state(state)                            # ... and written back to the device
+        llm.eval(SEQUENCE[3:4])
+        np.testing.assert_array_equal(np.array(llm.scores[3]), got[3])
+
+    def test_some_layers_offloaded_give_the_cpu_logits(micro_model):
+        from ggml_backend import Llama
+        reference = cpu_logits(micro_model)
+        llm = Llama(micro_model, n_ctx=32, logits_all=True, verbose=False, n_gpu_layers=1)
+        assert llm.model.offload.first_layer == 1 and llm.model.offload.output is None
+        llm.eval(SEQUENCE)
+        got = np.array(llm.scores[:len(SEQUENCE)])
+        assert np.abs(got - reference).max() <= LOGIT_TOLERANCE
