@@ -79,7 +79,8 @@ if not SIMULATOR:
         llm = Llama(micro_model, n_ctx=32, verbose=False)
         plan = gpu.plan_offload(llm.model, -1, 32, 8)
         assert (plan.n_offloaded, plan.first_layer, plan.output_on_device) == (2, 0, True)
-        assert plan.bytes_for(1) < plan.bytes_for(2) < plan.total_bytes   # the output layer counts when all go
+        # one more layer: its weights and KV cache, and the output layer once every layer is offloaded
+        assert plan.total_bytes - plan.bytes_for(1) == plan.layer_bytes[0] + plan.kv_bytes_per_layer + plan.output_bytes
         free = plan.bytes_for(1) + 1
         assert plan.layers_that_fit(free) == 1
         with pytest.raises(gpu.VRAMError, match=r"-ngl 2: .* MiB free; 1 layer would fit \(-ngl 1\)"):
