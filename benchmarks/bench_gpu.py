@@ -65,7 +65,7 @@ def measure(engine: str, path: str, n_gpu_layers: int, main_gpu: int, prompt: in
     tokens = [1] + [100 + (37 * i) % (n_vocab - 100) for i in range(prompt - 1)]
 
     def next_token() -> int:
-        return int(np.argmax(np.asarray(llm.eval_logits[-1]) if engine == "ggml_backend" else llm.scores[llm.n_tokens - 1]))
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
 
     t0 = time.perf_counter()
     llm.eval(tokens[:max(prompt, 4)])          # warm-up: the prompt path (GEMM from 48 tokens on) and ...

@@ -40,7 +40,7 @@ from ggml_backend.cuda.runtime import cuda_status, import_cuda
 status = cuda_status()
 print("CUDA:", status)
 cuda = import_cuda()
-if cuda is not None:
+if cuda is not None and status.available:
     print("numba.cuda from", cuda.__file__)
     cuda.detect()
 EOF

@@ -178,7 +178,8 @@ class Llama:
                  spm_infill: bool = False, verbose: bool = True,
                  # ggml_backend's own (legacy GGML files)
                  n_head_kv: int | None = None, rms_norm_eps: float | None = None):
-        refused = {"split_mode": (split_mode, _SPLIT_MODE_LAYER, "layers are offloaded to one GPU (main_gpu), not split across several"),
+        refused = {"split_mode": (split_mode, _SPLIT_MODE_LAYER,
+                                  "layers are offloaded to one GPU (main_gpu), not split across several"),
                    "vocab_only": (vocab_only, False, "the weights are always loaded (memory-mapped)"),
                    "kv_overrides": (kv_overrides or None, None, "metadata overrides are not implemented"),
                    "rope_scaling_type": (_UNSPECIFIED if rope_scaling_type is None else rope_scaling_type,

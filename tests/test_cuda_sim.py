@@ -70,7 +70,8 @@ def write_micro_model(path, arch: str) -> str:
     if arch == "gemma3":
         layout = [entry for entry in layout if entry[0] != "output.weight"]   # tied to the token embeddings
         metadata[p + "attention.sliding_window"] = 4
-    tensors = [(name, kind, dims, random_tensor_data(kind, dims, seed)) for seed, (name, kind, dims) in enumerate(layout)]
+    tensors = [(name, kind, dims, random_tensor_data(kind, dims, seed))
+               for seed, (name, kind, dims) in enumerate(layout)]
     write_gguf(path, metadata, tensors)
     return str(path)
 

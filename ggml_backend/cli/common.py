@@ -249,8 +249,8 @@ def load_model(args, log: InfoLog) -> TimedLlama:
         model_path = default_model_path(progress=log.enabled)
     n_head_kv = _n_head_kv_for_gqa(model_path, args.gqa) if args.gqa else None
     return TimedLlama(model_path, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
-                      n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu, seed=args.seed, rope_freq_base=args.rope_freq_base,
-                      rope_freq_scale=args.rope_freq_scale, verbose=log.enabled, chat_format=args.chat_template,
+                      n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu, seed=args.seed,
+                      rope_freq_base=args.rope_freq_base, rope_freq_scale=args.rope_freq_scale, verbose=log.enabled, chat_format=args.chat_template,
                       n_head_kv=n_head_kv, type_k=args.cache_type_k, type_v=args.cache_type_v)
 
 

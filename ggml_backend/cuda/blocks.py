@@ -5,10 +5,11 @@ super-block), each unit split in two halves of 16 that carry their own scale and
 
     value_i = d_h * q_i - m_h          (h = i // 16, q_i an integer)
 
-``unit_params(kind, w, r, u)`` returns (d_0, m_0, d_1, m_1) of unit u of row r and ``unit_unpack(kind, w, r, u, q)``
-writes its integers q_0..q_31, where w is the matrix as stored in the file, uint8 [n_rows, row_bytes], uploaded untouched. The
-dequantization kernel computes the formula above (the same float32 operations as quant/legacy.py and
-quant/kquants.py: bit-exact in the simulator); the mat-vec kernels use the integers against quantized activations.
+``unit_params(kind, w, r, u)`` returns (d_0, m_0, d_1, m_1) of unit u of row r and ``unit_unpack(kind, w, r, u,
+q)`` writes its integers q_0..q_31, where w is the matrix as stored in the file, uint8 [n_rows, row_bytes],
+uploaded untouched. The dequantization kernel computes the formula above (the same float32 operations as
+quant/legacy.py and quant/kquants.py: bit-exact in the simulator); the mat-vec kernels use the integers against
+quantized activations.
 f32/f16/bf16 matrices are uploaded as float32/uint16 arrays and read by ``float_value``.
 
 Half and bfloat16 bit patterns become floats by arithmetic (ldexp of the integer significand), exact, so no
