@@ -318,6 +318,17 @@ if KERNEL_TESTS:
         llm.eval(SEQUENCE[3:4])
         np.testing.assert_array_equal(np.array(llm.scores[3]), got[3])
 
+    def test_context_shift_rotates_the_device_cache_as_the_cpu_does(micro_model):
+        from ggml_backend import Llama
+        logits = []
+        for n_gpu_layers in (0, -1):
+            llm = Llama(micro_model, n_ctx=32, verbose=False, n_gpu_layers=n_gpu_layers)
+            llm.eval(SEQUENCE)
+            llm._context_shift(1)        # drops 2 positions, slides 2, re-rotates their keys (on the host mirror)
+            llm.eval([90])
+            logits.append(np.array(llm.scores[llm.n_tokens - 1]))
+        assert np.abs(logits[1] - logits[0]).max() <= LOGIT_TOLERANCE
+
     def test_some_layers_offloaded_give_the_cpu_logits(micro_model):
         from ggml_backend import Llama
         reference = cpu_logits(micro_model)
