@@ -40,10 +40,11 @@ LOGIT_TOLERANCE = 1e-3 if SIMULATOR else 0.05
 # llama (adjacent-pair rope), qwen2 (neox rope, q/k/v biases) and gemma3 (per-head q/k norms, post norms, GeGLU,
 # embedding scale, tied output, sliding window of 4 over the 5 tokens of SEQUENCE)
 
-def write_micro_model(path, arch: str) -> str:
+def write_micro_model(path, arch: str, n_head: int = 2) -> str:
+    """n_head 2 (on one KV head): head size 16; n_head 1: 32, the least a q8_0 KV cache takes."""
     from ggml_backend.cli.bench_models import LlamaShape, random_tensor_data, spm_vocab, tensor_layout
     from ggml_backend.formats import write_gguf
-    shape = LlamaShape("micro", n_embd=32, n_layer=2, n_ff=64, n_head=2, n_head_kv=1, n_vocab=260)
+    shape = LlamaShape("micro", n_embd=32, n_layer=2, n_ff=64, n_head=n_head, n_head_kv=1, n_vocab=260)
     tokens, scores, types = spm_vocab(shape.n_vocab)
     p = arch + "."
     metadata = {
@@ -81,10 +82,10 @@ def micro_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cuda")
     made = {}
 
-    def get(arch: str = "llama") -> str:
-        if arch not in made:
-            made[arch] = write_micro_model(folder / f"micro-{arch}-q4_0.gguf", arch)
-        return made[arch]
+    def get(arch: str = "llama", n_head: int = 2) -> str:
+        if (arch, n_head) not in made:
+            made[arch, n_head] = write_micro_model(folder / f"micro-{arch}-{n_head}-q4_0.gguf", arch, n_head)
+        return made[arch, n_head]
     return get
 
 
@@ -255,38 +256,51 @@ if KERNEL_TESTS:
             K.glu(device_gate, cuda.to_device(up), activation)
             np.testing.assert_allclose(device_gate.copy_to_host(), reference, rtol=2e-6, atol=1e-6)
 
-    @pytest.mark.parametrize("cache_kind, window", [("f16", 0), ("f32", 3)])
-    def test_kv_store_and_attention_match_the_cpu(cache_kind, window):
+    @pytest.mark.parametrize("cache_kind, head_dim, window", [("f16", 8, 0), ("f32", 8, 3), ("q8_0", 32, 2),
+                                                               ("q8_0", 64, 0)])
+    def test_kv_store_and_attention_match_the_cpu(cache_kind, head_dim, window):
+        """The store into each cache type (q8_0 with 64-value heads: stored Hadamard-rotated), then attention over
+        it with GQA and a sliding window, against model/kv_cache.py and model/attention.py."""
         from ggml_backend.model.attention import attention
-        from ggml_backend.quant.floats import float_to_half_bits
+        from ggml_backend.model.kv_cache import CacheTensor
         rng = np.random.default_rng(11)
-        n_head, n_head_kv, hd, n_ctx, start, n_new = 4, 2, 8, 8, 3, 2
-        dtype = np.uint16 if cache_kind == "f16" else np.float32
-        old = rng.standard_normal((2, n_head_kv, start, hd)).astype(np.float32)
-        new = rng.standard_normal((2, n_new, n_head_kv, hd)).astype(np.float32)
-        new[0, 0, 0, :4] = (1e-7, -0.0, 7e4, -3e-5)      # f16 subnormal, negative zero, overflow, subnormal
-        host = np.zeros((2, n_head_kv, n_ctx, hd), dtype)
-        host[:, :, :start] = float_to_half_bits(old) if cache_kind == "f16" else old
-        keys, values = cuda.to_device(host[0]), cuda.to_device(host[1])
-        K.store_kv(cuda.to_device(new[0]), keys, start)
-        K.store_kv(cuda.to_device(new[1]), values, start)
-        stored = new.transpose(0, 2, 1, 3)
-        host[:, :, start:start + n_new] = float_to_half_bits(stored) if cache_kind == "f16" else stored
-        with np.errstate(over="ignore"):
-            np.testing.assert_array_equal(keys.copy_to_host(), host[0])
-        np.testing.assert_array_equal(values.copy_to_host(), host[1])
-        host[0, 0, start, 0:4] = 0                       # keep the scores finite for the attention comparison
-        keys = cuda.to_device(host[0])
-        q = rng.standard_normal((n_new, n_head, hd)).astype(np.float32)
-        scale = 1 / np.sqrt(hd)
-        ref = attention(q, host[0], host[1], start, n_head // n_head_kv, window, scale) if cache_kind == "f32" \
-            else attention(q, (host[0], None, False), (host[1], None, False), start, 2, window, scale)
-        device_q = cuda.to_device(q)
-        if cache_kind == "f16":
-            device_q = K.round_to_f16(device_q)
-        out = cuda.device_array((n_new, n_head * hd), np.float32)
-        K.attention(device_q, keys, values, start, n_head // n_head_kv, window, scale, out)
-        np.testing.assert_allclose(out.copy_to_host(), ref.reshape(n_new, -1), rtol=1e-5, atol=1e-6)
+        n_head, n_head_kv, n_ctx, start, n_new = 4, 2, 8, 3, 2
+        old = rng.standard_normal((2, n_head_kv, start, head_dim)).astype(np.float32)
+        new = rng.standard_normal((2, n_new, n_head_kv, head_dim)).astype(np.float32)
+        if cache_kind == "f16":   # f16 subnormal, negative zero, overflow to inf, subnormal
+            new[0, 0, 0, :4] = (1e-7, -0.0, 7e4, -3e-5)
+        cpu = [CacheTensor(cache_kind, (1, n_head_kv, n_ctx, head_dim)) for _ in range(2)]
+        for tensor, rows in zip(cpu, old):
+            tensor.write(0, 0, rows)
+        device = [K.DeviceCacheLayer(cache_kind, *tensor.layer(0)) for tensor in cpu]
+        assert device[0].rotated == (cache_kind == "q8_0" and head_dim == 64)
+        for tensor, layer, rows in zip(cpu, device, new):
+            tensor.write(0, start, np.ascontiguousarray(rows.transpose(1, 0, 2)))
+            K.store_kv(cuda.to_device(rows), layer, start)
+        for tensor, layer in zip(cpu, device):
+            data = layer.data.copy_to_host()
+            if device[0].rotated:    # rotation sums in another order: a quant may land one step away
+                stored = CacheTensor(cache_kind, tensor.data.shape)
+                stored.data[:], stored.scales[:] = data, layer.scales.copy_to_host()
+                np.testing.assert_allclose(stored.read(0, 0, start + n_new), tensor.read(0, 0, start + n_new),
+                                           atol=0.03)
+                tensor.data[:], tensor.scales[:] = stored.data, stored.scales    # the same cache for both below
+            else:
+                with np.errstate(over="ignore"):
+                    np.testing.assert_array_equal(data, tensor.data[0])
+                if cache_kind == "q8_0":
+                    np.testing.assert_array_equal(layer.scales.copy_to_host(), tensor.scales[0])
+        if cache_kind == "f16":      # keep the scores finite for the attention comparison
+            cpu[0].data[0, 0, start, 0:4] = 0
+            device[0] = K.DeviceCacheLayer(cache_kind, *cpu[0].layer(0))
+        q = rng.standard_normal((n_new, n_head, head_dim)).astype(np.float32)
+        scale = 1 / np.sqrt(head_dim)
+        ref = attention(q, cpu[0].layer(0), cpu[1].layer(0), start, n_head // n_head_kv, window, scale)
+        out = cuda.device_array((n_new, n_head * head_dim), np.float32)
+        K.attention(cuda.to_device(q), device[0], device[1], start, n_head // n_head_kv, window, scale, out)
+        # q8_0: q's own 8-bit rounding (after a rotation summed in another order) may move by a step
+        np.testing.assert_allclose(out.copy_to_host(), ref.reshape(n_new, -1), rtol=1e-5,
+                                   atol=2e-2 if device[0].rotated else 1e-5)
 
     # --- end to end ---------------------------------------------------------------------------------------------
 
@@ -329,10 +343,16 @@ if KERNEL_TESTS:
             logits.append(np.array(llm.scores[llm.n_tokens - 1]))
         assert np.abs(logits[1] - logits[0]).max() <= LOGIT_TOLERANCE
 
-    def test_some_layers_offloaded_give_the_cpu_logits(micro_model):
+    @pytest.mark.parametrize("cache_types", [("f16", "f16"), ("q8_0", "f32")])
+    def test_some_layers_offloaded_give_the_cpu_logits(micro_models, cache_types):
         from ggml_backend import Llama
-        reference = cpu_logits(micro_model)
-        llm = Llama(micro_model, n_ctx=32, logits_all=True, verbose=False, n_gpu_layers=1)
+        type_k, type_v = cache_types
+        micro_model = micro_models("llama", n_head=2 if type_k != "q8_0" else 1)
+        cpu = Llama(micro_model, n_ctx=32, logits_all=True, verbose=False, type_k=type_k, type_v=type_v)
+        cpu.eval(SEQUENCE)
+        reference = np.array(cpu.scores[:len(SEQUENCE)])
+        llm = Llama(micro_model, n_ctx=32, logits_all=True, verbose=False, n_gpu_layers=1, type_k=type_k,
+                    type_v=type_v)
         assert llm.model.offload.first_layer == 1 and llm.model.offload.output is None
         llm.eval(SEQUENCE)
         got = np.array(llm.scores[:len(SEQUENCE)])

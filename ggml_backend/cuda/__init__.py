@@ -38,10 +38,6 @@ def offload_model(model, n_gpu_layers: int, main_gpu: int = 0, *, n_ctx: int, n_
     if not status.available:
         say_no_cuda(status.reason)
         return None
-    for which, kind in zip(("type_k", "type_v"), cache_types):
-        if kind not in ("f16", "f32"):
-            raise NotImplementedError(f"{which} {kind} with GPU offload: the device KV cache is f16 or f32 "
-                                      f"(a q8_0 cache runs on the CPU only, with n_gpu_layers=0)")
     from .runtime import select_device
     name, free, _total = select_device(main_gpu)
     device = f"GPU {main_gpu} ({name})"

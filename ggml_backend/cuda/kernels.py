@@ -15,8 +15,10 @@ from ..quant.types import get_type
 from . import blocks
 from .gemm import gemm_kernel
 from .matvec import dequantize_kernel, float_matvec_kernel, matvec_kernel
-from .ops import (add_kernel, attention_kernel, gather_rows_kernel, geglu_kernel, rms_norm_kernel, rope_kernel,
-                  store_kv_kernel, swiglu_kernel)
+from ..model.kv_cache import hadamard_rotation
+from .ops import (CACHE_F16, CACHE_F32, CACHE_Q8_0, add_kernel, attention_kernel, gather_rows_kernel, geglu_kernel,
+                  q8_0_round_trip_kernel, rms_norm_kernel, rope_kernel, rotate_kernel, store_kv_kernel,
+                  store_kv_q8_0_kernel, swiglu_kernel)
 from .quantize import quantize_q8_0_kernel, quantize_q8_K_kernel, round_rows_kernel
 from .runtime import MAX_THREADS, import_cuda, launch_shape
 
@@ -204,18 +206,80 @@ def rope(x, cos, sin, n_dims: int, mode: str) -> None:
     rope_kernel[_flat_launch(n_tokens * n_heads * (n_dims // 2))](x, cos, sin, n_dims, mode == "neox")
 
 
-def store_kv(src, cache_layer, start: int) -> None:
-    store_kv_kernel[_flat_launch(src.size)](src, cache_layer, start, cache_layer.dtype == np.uint16)
+_CACHE_KINDS = {"f32": CACHE_F32, "f16": CACHE_F16, "q8_0": CACHE_Q8_0}
+_HADAMARD: dict = {}
 
 
-def attention(q, keys, values, start: int, group: int, window: int, scale: float, out):
-    """q [n, n_head, hd_k] (rounded to f16 already for f16 keys) -> out [n, n_head * hd_v]."""
-    n_tokens, n_head, _ = q.shape
-    probs = cuda.device_array((n_tokens * n_head, start + n_tokens), np.float32)
-    attention_kernel[_grid(n_tokens * n_head), _threads()](
-        q, keys, values, keys.dtype == np.uint16, values.dtype == np.uint16, probs, out, start, group, window,
-        np.float32(scale))
+class DeviceCacheLayer:
+    """K or V of one layer on the device, stored as model/kv_cache.CacheTensor stores it: ``data`` [n_head_kv,
+    n_ctx, head_dim] (float32, half bits or q8_0 quants), ``scales`` (q8_0's half scales; a dummy otherwise),
+    ``rotated`` (q8_0 heads of a size with a Hadamard matrix are stored rotated)."""
+
+    def __init__(self, kind: str, host_data: np.ndarray, host_scales: np.ndarray | None, rotated: bool):
+        self.kind = _CACHE_KINDS[kind]
+        self.data = cuda.to_device(host_data)
+        self.scales = cuda.to_device(host_scales if host_scales is not None else np.zeros((1, 1, 1), np.uint16))
+        self.rotated = rotated
+
+    @property
+    def head_dim(self) -> int:
+        return self.data.shape[2]
+
+
+def rotate(x):
+    """x [..., k] times the normalized Hadamard matrix of size k (model/kv_cache.rotate), a new array."""
+    shape = tuple(x.shape)
+    k = shape[len(shape) - 1]
+    if k not in _HADAMARD:
+        _HADAMARD[k] = cuda.to_device(np.ascontiguousarray(hadamard_rotation(k)))
+    out = cuda.device_array(shape, np.float32)
+    rotate_kernel[_flat_launch(x.size)](x.reshape(x.size // k, k), _HADAMARD[k], out.reshape(x.size // k, k))
     return out
+
+
+def store_kv(src, layer: DeviceCacheLayer, start: int) -> None:
+    """src [n_tokens, n_head_kv, head_dim] into positions start.. of a cache layer."""
+    if layer.kind == CACHE_Q8_0:
+        if layer.rotated:
+            src = rotate(src)
+        rows = src.reshape(src.shape[0] * src.shape[1], src.shape[2])
+        store_kv_q8_0_kernel[_flat_launch(src.size // 32)](rows, layer.data, layer.scales, start)
+    else:
+        store_kv_kernel[_flat_launch(src.size)](src, layer.data, start, layer.kind == CACHE_F16)
+
+
+def attention(q, keys: DeviceCacheLayer, values: DeviceCacheLayer, start: int, group: int, window: int,
+              scale: float, out):
+    """q [n, n_head, hd_k] -> out [n, n_head * hd_v], over cache layers filled up to start + n. q meets the keys
+    as model/attention.attention prepares it: rounded to f16 for f16 keys; for q8_0 keys rotated as they are and
+    quantized to q8_0 and back; weighted sums of rotated values are rotated back."""
+    n_tokens, n_head, hd_k = q.shape
+    if keys.kind == CACHE_F16:
+        q = round_to_f16(q)
+    elif keys.kind == CACHE_Q8_0:
+        q = rotate(q) if keys.rotated else copy(q)
+        q8_0_round_trip_kernel[_flat_launch(q.size // 32)](q.reshape(n_tokens * n_head, hd_k))
+    probs = cuda.device_array((n_tokens * n_head, start + n_tokens), np.float32)
+    target = cuda.device_array(out.shape, np.float32) if values.rotated else out
+    attention_kernel[_grid(n_tokens * n_head), _threads()](
+        q, keys.data, keys.scales, values.data, values.scales, keys.kind, values.kind, probs, target, start, group,
+        window, np.float32(scale))
+    if values.rotated:   # out [n, n_head * hd_v]: each head's slice rotated back
+        hd_v = values.head_dim
+        rotated_back = rotate(target.reshape(n_tokens, n_head, hd_v))
+        copy_into(rotated_back.reshape(n_tokens, n_head * hd_v), out)
+    return out
+
+
+def copy(x):
+    out = cuda.device_array(tuple(x.shape), np.float32)
+    out.copy_to_device(x)
+    return out
+
+
+def copy_into(src, dst) -> None:
+    """dst[...] = src for 2-D arrays of one shape (dst may be a row slice of a larger array)."""
+    gather_rows_kernel[_flat_launch(src.size)](src, cuda.to_device(np.arange(src.shape[0])), dst)
 
 
 def round_to_f16(x):

@@ -11,14 +11,11 @@ from ..model.forward import rms_norm as cpu_rms_norm
 from ..model.kv_cache import KVCache
 from ..model.rope import rope_cos_sin
 from . import kernels as K
-from .kernels import DeviceActivations, DeviceMatrix
+from .kernels import DeviceActivations, DeviceCacheLayer, DeviceMatrix
 from .memory import MiB, VRAMError, OffloadPlan
 from .runtime import import_cuda, simulated
 
 cuda = import_cuda()
-
-DEVICE_CACHE_TYPES = ("f16", "f32")
-
 
 class DeviceLayer:
     """One layer's weights on the device (model/forward.Layer's twin)."""
@@ -39,41 +36,54 @@ class DeviceLayer:
 
 
 class OffloadedKVCache(KVCache):
-    """A KV cache whose offloaded layers live on the device (f16 or f32, one array per layer and tensor,
-    [n_head_kv, n_ctx, head_dim] as on the CPU). The host arrays of those layers are a mirror, brought up to date
-    only when host code reads the cache (snapshots for the prompt cache and saved states, context shifts); the
-    device copy is refreshed when host code changed it (restore, shift, re-rotation)."""
+    """A KV cache whose offloaded layers live on the device, in the CPU cache's types and layouts (f16, f32 or
+    q8_0, [n_head_kv, n_ctx, head_dim] per layer and tensor). The host arrays of those layers are a mirror,
+    brought up to date only when host code reads the cache (snapshots for the prompt cache and saved states,
+    context shifts); the device copy is refreshed when host code changed it (restore, shift, re-rotation)."""
 
     def __init__(self, offload: "GPUOffload", n_ctx: int, type_k: str, type_v: str):
         hp = offload.hp
         super().__init__(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v)
-        for which, kind in (("type_k", self.type_k), ("type_v", self.type_v)):
-            if kind not in DEVICE_CACHE_TYPES:
-                raise NotImplementedError(f"{which} {kind} with GPU offload: the device KV cache is f16 or f32 "
-                                          f"(a q8_0 cache runs on the CPU only, with n_gpu_layers=0)")
         self.layers = range(offload.first_layer, hp.n_layer)
         need = sum(self.k.data[il].nbytes + self.v.data[il].nbytes for il in self.layers)
+        if self.k.scales is not None:
+            need += sum(self.k.scales[il].nbytes for il in self.layers)
+        if self.v.scales is not None:
+            need += sum(self.v.scales[il].nbytes for il in self.layers)
         free = cuda.current_context().get_memory_info()[0]
         if need > free:
             raise VRAMError(f"a KV cache of n_ctx={n_ctx} for {len(self.layers)} offloaded layers needs "
                             f"{need / MiB:.0f} MiB of VRAM, {free / MiB:.0f} MiB are free: use a smaller n_ctx")
-        self.device_k = {il: cuda.to_device(self.k.data[il]) for il in self.layers}
-        self.device_v = {il: cuda.to_device(self.v.data[il]) for il in self.layers}
+        self.device_k = {il: self._device_layer(self.k, il) for il in self.layers}
+        self.device_v = {il: self._device_layer(self.v, il) for il in self.layers}
         self._host_stale = False     # the device holds newer keys/values than the host mirror
         self._device_stale = False   # the host mirror was changed by host code
 
+    @staticmethod
+    def _device_layer(tensor, il: int) -> DeviceCacheLayer:
+        return DeviceCacheLayer(tensor.kind, tensor.data[il], None if tensor.scales is None else tensor.scales[il],
+                                tensor.rotated)
+
+    def _pairs(self):
+        """(host tensor, device layers) of K and V."""
+        return ((self.k, self.device_k), (self.v, self.device_v))
+
     def to_host(self) -> None:
         if self._host_stale:
-            for il in self.layers:
-                self.device_k[il].copy_to_host(self.k.data[il])
-                self.device_v[il].copy_to_host(self.v.data[il])
+            for host, device in self._pairs():
+                for il in self.layers:
+                    device[il].data.copy_to_host(host.data[il])
+                    if host.scales is not None:
+                        device[il].scales.copy_to_host(host.scales[il])
             self._host_stale = False
 
     def to_device(self) -> None:
         if self._device_stale:
-            for il in self.layers:
-                self.device_k[il].copy_to_device(self.k.data[il])
-                self.device_v[il].copy_to_device(self.v.data[il])
+            for host, device in self._pairs():
+                for il in self.layers:
+                    device[il].data.copy_to_device(host.data[il])
+                    if host.scales is not None:
+                        device[il].scales.copy_to_device(host.scales[il])
             self._device_stale = False
 
     def host_changed(self) -> None:
@@ -152,10 +162,7 @@ class GPUOffload:
                 keys, values = cache.device_k[il], cache.device_v[il]
                 K.store_kv(k[first:last], keys, start)
                 K.store_kv(v[first:last], values, start)
-                q_seq = q[first:last]
-                if keys.dtype == np.uint16:           # f16 keys meet q rounded to f16, as on the CPU
-                    q_seq = K.round_to_f16(q_seq)
-                K.attention(q_seq, keys, values, start, group, window, hp.attn_scale, attn[first:last])
+                K.attention(q[first:last], keys, values, start, group, window, hp.attn_scale, attn[first:last])
             attn_out = layer.wo(DeviceActivations(attn))
             if layer.post_attn_norm is not None:
                 attn_out = K.rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)

@@ -138,6 +138,10 @@ def float_to_half_bits(value):
     return sign | ((exponent - 1 + 15) << 10) | (np.int32(math.ldexp(mantissa, int(11))) - 1024)
 
 
+# cache storage kinds (model/kv_cache.py): float32 values, half bit patterns, q8_0 quants with half scales
+CACHE_F32, CACHE_F16, CACHE_Q8_0 = 0, 1, 2
+
+
 @cuda.jit
 def store_kv_kernel(src, cache, start, as_half):
     """cache[h, start + t, d] = src[t, h, d]: one layer of the cache [n_head_kv, n_ctx, head_dim], stored as
@@ -152,6 +156,71 @@ def store_kv_kernel(src, cache, start, as_half):
             cache[h, start + t, d] = float_to_half_bits(src[t, h, d])
         else:
             cache[h, start + t, d] = src[t, h, d]
+
+
+@cuda.jit(device=True)
+def q8_0_reference_scale(x, row, first):
+    """ggml's quantize_row_q8_0_ref for the 32 values x[row, first:first+32]: (d, 1/d or 0), float32."""
+    amax = np.float32(0.0)
+    for i in range(32):
+        amax = max(amax, abs(x[row, first + i]))
+    d = np.float32(amax / np.float32(127.0))
+    inverse = np.float32(np.float32(1.0) / d) if d != 0 else np.float32(0.0)
+    return d, inverse
+
+
+@cuda.jit(device=True)
+def round_half_away(value):
+    """C roundf: halves away from zero."""
+    return int(math.copysign(math.floor(abs(value) + 0.5), value))
+
+
+@cuda.jit
+def store_kv_q8_0_kernel(src, quants, scales, start):
+    """Rows src [n_tokens * n_head_kv, head_dim] (token-major, rotated already where the cache rotates) into one
+    q8_0 cache layer: quants int8 [n_head_kv, n_ctx, head_dim], half scales uint16 [n_head_kv, n_ctx, head_dim/32],
+    by ggml's reference quantizer, as model/kv_cache.CacheTensor.write stores them."""
+    n_rows, head_dim = src.shape
+    n_heads = quants.shape[0]
+    n_blocks = head_dim // 32
+    for item in range(cuda.grid(1), n_rows * n_blocks, cuda.gridsize(1)):
+        row = item // n_blocks
+        b = item - row * n_blocks
+        t = row // n_heads
+        h = row - t * n_heads
+        d, inverse = q8_0_reference_scale(src, row, 32 * b)
+        for i in range(32):
+            quants[h, start + t, 32 * b + i] = round_half_away(np.float32(src[row, 32 * b + i] * inverse))
+        scales[h, start + t, b] = float_to_half_bits(d)
+
+
+@cuda.jit
+def q8_0_round_trip_kernel(x):
+    """x [n, k] replaced by its q8_0 quantization, dequantized (ggml's reference quantizer; the half scale times
+    the quant): what q meets q8_0 keys as (model/attention.py)."""
+    n, k = x.shape
+    n_blocks = k // 32
+    for item in range(cuda.grid(1), n * n_blocks, cuda.gridsize(1)):
+        row = item // n_blocks
+        first = 32 * (item - row * n_blocks)
+        d, inverse = q8_0_reference_scale(x, row, first)
+        half_d = np.float32(round_to_f16(d))
+        for i in range(32):
+            x[row, first + i] = half_d * np.float32(round_half_away(np.float32(x[row, first + i] * inverse)))
+
+
+@cuda.jit
+def rotate_kernel(x, hadamard, out):
+    """out = x @ hadamard for rows x [n, k]: the normalized Hadamard rotation of q8_0 caches' heads
+    (model/kv_cache.rotate; float32 sums in index order where the CPU's BLAS picks its own)."""
+    n, k = x.shape
+    for item in range(cuda.grid(1), n * k, cuda.gridsize(1)):
+        row = item // k
+        col = item - row * k
+        acc = np.float32(0.0)
+        for i in range(k):
+            acc += x[row, i] * hadamard[i, col]
+        out[row, col] = acc
 
 
 # --- attention ------------------------------------------------------------------------------------------------
@@ -174,17 +243,23 @@ def exp_non_positive(x):
 
 
 @cuda.jit(device=True)
-def cache_value(cache, is_half, h, j, d):
-    if is_half:
+def cache_value(cache, scales, kind, h, j, d):
+    """Value d of position j of head h of a cache layer, as float32 (a q8_0 layer: the block's half scale times
+    the quant, as model/kv_cache.dequantize_q8_0 computes it)."""
+    if kind == CACHE_F16:
         return half_to_float(cache[h, j, d])
+    if kind == CACHE_Q8_0:
+        return half_to_float(scales[h, j, d // 32]) * np.float32(cache[h, j, d])
     return np.float32(cache[h, j, d])
 
 
 @cuda.jit
-def attention_kernel(q, keys, values, half_keys, half_values, probs, out, start, group, window, scale):
+def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_kind, probs, out, start, group,
+                     window, scale):
     """softmax(q k^T * scale + causal / sliding-window mask) v for q [n_tokens, n_head, hd_k] at positions
-    start..., over one cache layer keys [n_head_kv, n_ctx, hd_k], values [n_head_kv, n_ctx, hd_v] (float32 or f16
-    bits; q arrives rounded to f16 for f16 keys, as the CPU path rounds it). One block per (token, head): its
+    start..., over one cache layer keys [n_head_kv, n_ctx, hd_k], values [n_head_kv, n_ctx, hd_v] stored as
+    key_kind / value_kind (CACHE_F32, CACHE_F16, CACHE_Q8_0 with its scales; q arrives as the CPU path prepares
+    it for those keys: rounded to f16, or rotated and q8_0-rounded; see kernels.attention). One block per (token, head): its
     threads share the keys for the scores, then the value dimensions for the weighted sum; probs [n_tokens *
     n_head, >= n_keys] is scratch. The CPU path's arithmetic: float32 scores, the maximum subtracted, the sum of
     exponentials in float64, multiplied by its float32 reciprocal, rounded to f16 when the values are f16, the
@@ -205,7 +280,7 @@ def attention_kernel(q, keys, values, half_keys, half_values, probs, out, start,
         for j in range(cuda.threadIdx.x, n_keys, cuda.blockDim.x):
             s = np.float32(0.0)
             for d in range(head_dim_k):
-                s += q[t, h, d] * cache_value(keys, half_keys, kv_head, first + j, d)
+                s += q[t, h, d] * cache_value(keys, key_scales, key_kind, kv_head, first + j, d)
             s = s * scale
             probs[item, j] = s
             best = max(best, np.float64(s))
@@ -230,11 +305,11 @@ def attention_kernel(q, keys, values, half_keys, half_values, probs, out, start,
         inverse = np.float32(1.0 / total)
         for j in range(cuda.threadIdx.x, n_keys, cuda.blockDim.x):
             p = probs[item, j] * inverse
-            probs[item, j] = np.float32(round_to_f16(p)) if half_values else p
+            probs[item, j] = np.float32(round_to_f16(p)) if value_kind == CACHE_F16 else p
         cuda.syncthreads()
         for d in range(cuda.threadIdx.x, head_dim_v, cuda.blockDim.x):
             a = np.float32(0.0)
             for j in range(n_keys):
-                a += probs[item, j] * cache_value(values, half_values, kv_head, first + j, d)
+                a += probs[item, j] * cache_value(values, value_scales, value_kind, kv_head, first + j, d)
             out[t, h * head_dim_v + d] = a
         cuda.syncthreads()
