@@ -259,11 +259,11 @@ def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_
     """softmax(q k^T * scale + causal / sliding-window mask) v for q [n_tokens, n_head, hd_k] at positions
     start..., over one cache layer keys [n_head_kv, n_ctx, hd_k], values [n_head_kv, n_ctx, hd_v] stored as
     key_kind / value_kind (CACHE_F32, CACHE_F16, CACHE_Q8_0 with its scales; q arrives as the CPU path prepares
-    it for those keys: rounded to f16, or rotated and q8_0-rounded; see kernels.attention). One block per (token, head): its
-    threads share the keys for the scores, then the value dimensions for the weighted sum; probs [n_tokens *
-    n_head, >= n_keys] is scratch. The CPU path's arithmetic: float32 scores, the maximum subtracted, the sum of
-    exponentials in float64, multiplied by its float32 reciprocal, rounded to f16 when the values are f16, the
-    weighted sum in key order."""
+    it for those keys: rounded to f16, or rotated and q8_0-rounded; see kernels.attention). One block per (token,
+    head): its threads share the keys for the scores, then the value dimensions for the weighted sum; probs
+    [n_tokens * n_head, >= n_keys] is scratch. The CPU path's arithmetic: float32 scores, the maximum subtracted,
+    the sum of exponentials in float64, multiplied by its float32 reciprocal, rounded to f16 when the values are
+    f16, the weighted sum in key order."""
     partial = cuda.shared.array(MAX_THREADS, np.float64)
     n_tokens, n_head, head_dim_k = q.shape
     head_dim_v = values.shape[2]
