@@ -332,6 +332,20 @@ if KERNEL_TESTS:
         llm.eval(SEQUENCE[3:4])
         np.testing.assert_array_equal(np.array(llm.scores[3]), got[3])
 
+    def test_sequences_batched_in_one_pass_each_attend_to_their_own_device_cache(micro_model):
+        """forward_many with two sequences (the batcher's and perplexity's passes), logits and hidden states."""
+        from ggml_backend import Llama
+        results = []
+        for n_gpu_layers in (0, -1):
+            model = Llama(micro_model, n_ctx=32, verbose=False, n_gpu_layers=n_gpu_layers).model
+            first, second = model.new_cache(16), model.new_cache(16)
+            model.forward_many([([1, 50, 60], first)])
+            logits = model.forward_many([([70], first), ([1, 80], second)])
+            hidden = model.forward_many([([90], first), ([100], second)], all_logits=True, output="hidden")
+            assert (first.n_past, second.n_past) == (5, 3)
+            results.append(np.concatenate(logits + hidden, axis=1))
+        assert np.abs(results[1] - results[0]).max() <= LOGIT_TOLERANCE
+
     def test_context_shift_rotates_the_device_cache_as_the_cpu_does(micro_model):
         from ggml_backend import Llama
         logits = []

@@ -47,5 +47,5 @@ def offload_model(model, n_gpu_layers: int, main_gpu: int = 0, *, n_ctx: int, n_
               file=sys.stderr)
     check_vram(plan, free, device)
     from .offload import GPUOffload
-    model.offload = GPUOffload(model, plan, device)
+    model.offload = GPUOffload(model, plan, device, main_gpu)
     return model.offload

@@ -43,6 +43,7 @@ class OffloadedKVCache(KVCache):
 
     def __init__(self, offload: "GPUOffload", n_ctx: int, type_k: str, type_v: str):
         hp = offload.hp
+        self.offload = offload
         super().__init__(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v)
         self.layers = range(offload.first_layer, hp.n_layer)
         need = sum(self.k.data[il].nbytes + self.v.data[il].nbytes for il in self.layers)
@@ -50,12 +51,13 @@ class OffloadedKVCache(KVCache):
             need += sum(self.k.scales[il].nbytes for il in self.layers)
         if self.v.scales is not None:
             need += sum(self.v.scales[il].nbytes for il in self.layers)
-        free = cuda.current_context().get_memory_info()[0]
-        if need > free:
-            raise VRAMError(f"a KV cache of n_ctx={n_ctx} for {len(self.layers)} offloaded layers needs "
-                            f"{need / MiB:.0f} MiB of VRAM, {free / MiB:.0f} MiB are free: use a smaller n_ctx")
-        self.device_k = {il: self._device_layer(self.k, il) for il in self.layers}
-        self.device_v = {il: self._device_layer(self.v, il) for il in self.layers}
+        with offload.device():
+            free = cuda.current_context().get_memory_info()[0]
+            if need > free:
+                raise VRAMError(f"a KV cache of n_ctx={n_ctx} for {len(self.layers)} offloaded layers needs "
+                                f"{need / MiB:.0f} MiB of VRAM, {free / MiB:.0f} MiB are free: use a smaller n_ctx")
+            self.device_k = {il: self._device_layer(self.k, il) for il in self.layers}
+            self.device_v = {il: self._device_layer(self.v, il) for il in self.layers}
         self._host_stale = False     # the device holds newer keys/values than the host mirror
         self._device_stale = False   # the host mirror was changed by host code
 
@@ -70,21 +72,27 @@ class OffloadedKVCache(KVCache):
 
     def to_host(self) -> None:
         if self._host_stale:
-            for host, device in self._pairs():
-                for il in self.layers:
-                    device[il].data.copy_to_host(host.data[il])
-                    if host.scales is not None:
-                        device[il].scales.copy_to_host(host.scales[il])
+            with self.offload.device():
+                self._copy(to_host=True)
             self._host_stale = False
 
     def to_device(self) -> None:
         if self._device_stale:
-            for host, device in self._pairs():
-                for il in self.layers:
+            with self.offload.device():
+                self._copy(to_host=False)
+            self._device_stale = False
+
+    def _copy(self, to_host: bool) -> None:
+        for host, device in self._pairs():
+            for il in self.layers:
+                if to_host:
+                    device[il].data.copy_to_host(host.data[il])
+                    if host.scales is not None:
+                        device[il].scales.copy_to_host(host.scales[il])
+                else:
                     device[il].data.copy_to_device(host.data[il])
                     if host.scales is not None:
                         device[il].scales.copy_to_device(host.scales[il])
-            self._device_stale = False
 
     def host_changed(self) -> None:
         self._device_stale = True
@@ -110,18 +118,25 @@ class OffloadedKVCache(KVCache):
 class GPUOffload:
     """The device half of a model: layers first_layer.. and, when all are offloaded, the output layer."""
 
-    def __init__(self, model, plan: OffloadPlan, device_name: str = "GPU"):
+    def __init__(self, model, plan: OffloadPlan, device_name: str = "GPU", main_gpu: int = 0):
         self.hp = model.hp
+        self.main_gpu = main_gpu
         self.plan = plan
         self.device_name = device_name
         self.first_layer = plan.first_layer
-        self.layers = {il: DeviceLayer(model.layers[il]) for il in range(self.first_layer, self.hp.n_layer)}
-        self.output = None
-        if plan.output_on_device:
-            out = model.output
-            self.output = DeviceMatrix(out.qtype, out.data, out.n_out, out.n_in, out.bias)
-            self.output_norm = cuda.to_device(np.ascontiguousarray(model.output_norm, np.float32))
         self.simulated = simulated()
+        with self.device():
+            self.layers = {il: DeviceLayer(model.layers[il]) for il in range(self.first_layer, self.hp.n_layer)}
+            self.output = None
+            if plan.output_on_device:
+                out = model.output
+                self.output = DeviceMatrix(out.qtype, out.data, out.n_out, out.n_in, out.bias)
+                self.output_norm = cuda.to_device(np.ascontiguousarray(model.output_norm, np.float32))
+
+    def device(self):
+        """The GPU's context made current on the calling thread (a context manager): numba's current context is
+        per thread, and the forward passes run on each Llama's worker thread."""
+        return cuda.gpus[self.main_gpu]
 
     def new_cache(self, n_ctx: int, type_k: str, type_v: str) -> OffloadedKVCache:
         return OffloadedKVCache(self, n_ctx, type_k, type_v)
@@ -130,6 +145,10 @@ class GPUOffload:
                      output: str) -> list[np.ndarray]:
         """Layers first_layer.. on the device for the residual stream x [n_tokens, n_embd] (after the CPU's
         layers), then the output; the arguments and the result are model/forward.Model.forward_many's."""
+        with self.device():
+            return self._forward_rest(model, x, spans, positions, all_logits, output)
+
+    def _forward_rest(self, model, x, spans, positions, all_logits, output):
         hp = self.hp
         for _, _, cache, _ in spans:
             if not isinstance(cache, OffloadedKVCache):

@@ -12,11 +12,29 @@ import math
 import numpy as np
 
 from .blocks import half_to_float
-from .matvec import block_sum
 from .quantize import round_to_f16
 from .runtime import MAX_THREADS, import_cuda
 
 cuda = import_cuda()
+
+
+@cuda.jit(device=True)
+def block_sum(partial, value):
+    """matvec.block_sum, again: numba's simulator swaps the ``cuda`` name of a device function's module around
+    each call, which races between a block's threads when that module is not the calling kernel's (a thread
+    could see the real numba.cuda mid-call); a device function that uses ``cuda.`` lives beside its kernels."""
+    t = cuda.threadIdx.x
+    partial[t] = value
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if t < stride:
+            partial[t] += partial[t + stride]
+        cuda.syncthreads()
+        stride //= 2
+    total = partial[0]
+    cuda.syncthreads()
+    return total
 
 
 # --- norms and element-wise ---------------------------------------------------------------------------------
