@@ -40,7 +40,41 @@ def import_cuda():
         from numba import cuda
     except Exception:   # a missing or broken CUDA toolkit shows up as any kind of import error
         return None
+    if simulated():
+        _lock_simulator_shared_arrays()
     return cuda
+
+
+def _lock_simulator_shared_arrays() -> None:
+    """numba's simulator finds a block's shared array by the source line that asks for it, with a lookup and an
+    insert that two threads can interleave: both then allocate, and each gets an array of its own (uninitialised,
+    so a reduction through it returns garbage now and then). The same lookup under a lock makes the threads of a
+    block share the array, as on a GPU."""
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+    from numba.core import types
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared.array, "_locked", False):
+        return
+    unlocked = shared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype):
+        if shape == 0:            # dynamic shared memory: one buffer, no lookup
+            return unlocked(self, shape, dtype)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)   # the simulator's own key: the asking line
+        with lock:
+            found = self._allocations.get(key)
+            if found is None:
+                found = self._allocations[key] = np.empty(shape, dtype)
+        return found
+    array._locked = True
+    shared.array = array
 
 
 @dataclass
