@@ -10,7 +10,6 @@ Exit status 1 when a kernel does not compile.
 """
 import sys
 import time
-import numpy as np
 from ggml_backend.cuda.runtime import import_cuda
 cuda = import_cuda()
 print("numba.cuda:", cuda.__file__)
