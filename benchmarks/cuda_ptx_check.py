@@ -56,6 +56,7 @@ jobs += [
     ("swiglu", ops.swiglu_kernel, (A(f32, 2), A(f32, 2))),
     ("geglu", ops.geglu_kernel, (A(f32, 2), A(f32, 2))),
     ("gather", ops.gather_rows_kernel, (A(f32, 2), A(i64, 1), A(f32, 2))),
+    ("copy columns", ops.copy_columns_kernel, (A(f32, 2), i64, A(f32, 2))),
     ("rope", ops.rope_kernel, (A_any(f32, 3), A(f32, 2), A(f32, 2), i64, T.boolean)),
     ("store f16", ops.store_kv_kernel, (A_any(f32, 3), A(u16, 3), i64, T.boolean)),
     ("store f32", ops.store_kv_kernel, (A_any(f32, 3), A(f32, 3), i64, T.boolean)),

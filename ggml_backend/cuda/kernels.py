@@ -16,8 +16,8 @@ from . import blocks
 from .gemm import gemm_kernel
 from .matvec import dequantize_kernel, float_matvec_kernel, matvec_kernel
 from ..model.kv_cache import hadamard_rotation
-from .ops import (CACHE_F16, CACHE_F32, CACHE_Q8_0, add_kernel, attention_kernel, gather_rows_kernel, geglu_kernel,
-                  q8_0_round_trip_kernel, rms_norm_kernel, rope_kernel, rotate_kernel, store_kv_kernel,
+from .ops import (CACHE_F16, CACHE_F32, CACHE_Q8_0, add_kernel, attention_kernel, copy_columns_kernel,
+                  gather_rows_kernel, geglu_kernel, q8_0_round_trip_kernel, rms_norm_kernel, rope_kernel, rotate_kernel, store_kv_kernel,
                   store_kv_q8_0_kernel, swiglu_kernel)
 from .quantize import quantize_q8_0_kernel, quantize_q8_K_kernel, round_rows_kernel
 from .runtime import MAX_THREADS, import_cuda, launch_shape
@@ -177,6 +177,45 @@ class DeviceMatrix:
             n_items //= 32
         dequantize_kernel(self.type.kind)[_flat_launch(n_items)](self.w, first, out)
         return out.copy_to_host()
+
+
+class DeviceProjection:
+    """Weight matrices that read the same input (q/k/v; gate/up), as one product where they can be one: the same
+    type and input width, and biases on all or none. Their rows are then uploaded one after the other as a single
+    matrix, so a decode step launches one mat-vec kernel instead of three (or two); every row is computed as it
+    would be alone, so the numbers do not change. Each matrix's part of the output comes back as its own array:
+    a view for one token, a copy of its columns for more."""
+
+    def __init__(self, linears):
+        kinds = {(get_type(linear.qtype).name, linear.n_in, linear.bias is None) for linear in linears}
+        self.widths = [linear.n_out for linear in linears]
+        if len(kinds) == 1 and len(linears) > 1:
+            first = linears[0]
+            data = np.concatenate([np.asarray(linear.data).reshape(linear.n_out, -1) for linear in linears])
+            bias = None if first.bias is None else np.concatenate([linear.bias for linear in linears])
+            self.fused = DeviceMatrix(first.qtype, data, sum(self.widths), first.n_in, bias)
+            self.matrices = None
+        else:
+            self.fused = None
+            self.matrices = [DeviceMatrix(linear.qtype, linear.data, linear.n_out, linear.n_in, linear.bias)
+                             for linear in linears]
+
+    def __call__(self, acts: DeviceActivations) -> list:
+        if self.fused is None:
+            return [matrix(acts) for matrix in self.matrices]
+        out = self.fused(acts)
+        n = out.shape[0]
+        flat = out.reshape(out.size) if n == 1 else None
+        parts, first = [], 0
+        for width in self.widths:
+            if n == 1:
+                parts.append(flat[first:first + width].reshape(1, width))
+            else:
+                part = cuda.device_array((n, width), np.float32)
+                copy_columns_kernel[_flat_launch(n * width)](out, first, part)
+                parts.append(part)
+            first += width
+        return parts
 
 
 # --- the other operations, as calls --------------------------------------------------------------------------

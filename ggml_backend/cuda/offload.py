@@ -11,7 +11,7 @@ from ..model.forward import rms_norm as cpu_rms_norm
 from ..model.kv_cache import KVCache
 from ..model.rope import rope_cos_sin
 from . import kernels as K
-from .kernels import DeviceActivations, DeviceCacheLayer, DeviceMatrix
+from .kernels import DeviceActivations, DeviceCacheLayer, DeviceMatrix, DeviceProjection
 from .memory import MiB, VRAMError, OffloadPlan
 from .runtime import import_cuda, simulated
 
@@ -27,9 +27,9 @@ class DeviceLayer:
         def vector(v):
             return None if v is None else cuda.to_device(np.ascontiguousarray(v, np.float32))
 
-        self.wq, self.wk, self.wv, self.wo = (matrix(layer.wq), matrix(layer.wk), matrix(layer.wv),
-                                              matrix(layer.wo))
-        self.w_gate, self.w_up, self.w_down = matrix(layer.w_gate), matrix(layer.w_up), matrix(layer.w_down)
+        self.qkv = DeviceProjection([layer.wq, layer.wk, layer.wv])        # fused where they can be
+        self.gate_up = DeviceProjection([layer.w_gate, layer.w_up])
+        self.wo, self.w_down = matrix(layer.wo), matrix(layer.w_down)
         self.attn_norm, self.ffn_norm = vector(layer.attn_norm), vector(layer.ffn_norm)
         self.q_norm, self.k_norm = vector(layer.q_norm), vector(layer.k_norm)
         self.post_attn_norm, self.post_ffn_norm = vector(layer.post_attn_norm), vector(layer.post_ffn_norm)
@@ -161,10 +161,10 @@ class GPUOffload:
         for il in range(self.first_layer, hp.n_layer):
             layer = self.layers[il]
             # --- attention ---
-            acts = DeviceActivations(K.rms_norm(d_x, layer.attn_norm, hp.rms_eps))
-            q = layer.wq(acts).reshape(n_tokens, hp.n_head, hp.head_dim_k)
-            k = layer.wk(acts).reshape(n_tokens, hp.n_head_kv, hp.head_dim_k)
-            v = layer.wv(acts).reshape(n_tokens, hp.n_head_kv, hp.head_dim_v)
+            q, k, v = layer.qkv(DeviceActivations(K.rms_norm(d_x, layer.attn_norm, hp.rms_eps)))
+            q = q.reshape(n_tokens, hp.n_head, hp.head_dim_k)
+            k = k.reshape(n_tokens, hp.n_head_kv, hp.head_dim_k)
+            v = v.reshape(n_tokens, hp.n_head_kv, hp.head_dim_v)
             if layer.q_norm is not None:
                 q = K.rms_norm(q, layer.q_norm, hp.rms_eps)
                 k = K.rms_norm(k, layer.k_norm, hp.rms_eps)
@@ -187,8 +187,7 @@ class GPUOffload:
                 attn_out = K.rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
             K.add(d_x, attn_out)
             # --- feed-forward ---
-            acts = DeviceActivations(K.rms_norm(d_x, layer.ffn_norm, hp.rms_eps))
-            gate, up = layer.w_gate(acts), layer.w_up(acts)
+            gate, up = layer.gate_up(DeviceActivations(K.rms_norm(d_x, layer.ffn_norm, hp.rms_eps)))
             K.glu(gate, up, hp.arch.ffn_activation)
             ffn_out = layer.w_down(DeviceActivations(gate))
             if layer.post_ffn_norm is not None:

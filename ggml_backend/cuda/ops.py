@@ -108,6 +108,15 @@ def gather_rows_kernel(x, rows, out):
         out[i, item - i * k] = x[rows[i], item - i * k]
 
 
+@cuda.jit
+def copy_columns_kernel(src, first, out):
+    """out[r, c] = src[r, first + c]: one matrix's part of a fused product (kernels.DeviceProjection)."""
+    n, k = out.shape
+    for item in range(cuda.grid(1), n * k, cuda.gridsize(1)):
+        r = item // k
+        out[r, item - r * k] = src[r, first + item - r * k]
+
+
 # --- rotary position embeddings ------------------------------------------------------------------------------
 
 @cuda.jit
