@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..model.kv_cache import hadamard_rotation
 from ..quant.matmul import BLAS_MIN_TOKENS
 from ..quant.types import get_type
 from . import blocks
 from .gemm import gemm_kernel
-from ..model.kv_cache import hadamard_rotation
 from .matvec import dequantize_kernel, float_matvec_kernel, matvec_kernel
 from .ops import (CACHE_F16, CACHE_F32, CACHE_Q8_0, add_kernel, attention_kernel, copy_columns_kernel,
                   gather_rows_kernel, geglu_kernel, q8_0_round_trip_kernel, rms_norm_kernel, rope_kernel,
