@@ -133,8 +133,10 @@ class Llama:
 
     The constructor takes llama-cpp-python's parameters with their names and defaults. ``n_ctx=0``,
     ``rope_freq_base=0`` and ``rope_freq_scale=0`` mean "from the file"; ``seed`` -1 or ``LLAMA_DEFAULT_SEED``
-    means a random seed. Accepted and inert, because this engine runs on the CPU with its own memory layout:
-    ``n_gpu_layers``, ``main_gpu``, ``tensor_split``, ``use_mmap`` (the file is always memory-mapped),
+    means a random seed. ``n_gpu_layers`` (-1: all) puts the last layers (all of them: and the output layer) on
+    NVIDIA GPU ``main_gpu`` with numba's CUDA kernels (the ``cuda`` extra; see ``ggml_backend.cuda``); without
+    CUDA it says so once and runs on the CPU. Accepted and inert, because this engine has its own memory layout:
+    ``tensor_split``, ``use_mmap`` (the file is always memory-mapped),
     ``use_mlock``, ``n_ubatch``, ``n_threads_batch`` (``n_threads`` serves both), ``offload_kqv``, ``flash_attn``,
     ``op_offload``, ``swa_full``, ``no_perf``, ``lora_scale`` (without ``lora_path``). ``type_k``/``type_v``: the KV
     cache's types, ggml type ids or names: f16 (1, the default, as llama.cpp's), f32 (0) or q8_0 (8; llama.cpp
@@ -176,7 +178,8 @@ class Llama:
                  spm_infill: bool = False, verbose: bool = True,
                  # ggml_backend's own (legacy GGML files)
                  n_head_kv: int | None = None, rms_norm_eps: float | None = None):
-        refused = {"split_mode": (split_mode, _SPLIT_MODE_LAYER, "there is no GPU to split across"),
+        refused = {"split_mode": (split_mode, _SPLIT_MODE_LAYER,
+                                  "layers are offloaded to one GPU (main_gpu), not split across several"),
                    "vocab_only": (vocab_only, False, "the weights are always loaded (memory-mapped)"),
                    "kv_overrides": (kv_overrides or None, None, "metadata overrides are not implemented"),
                    "rope_scaling_type": (_UNSPECIFIED if rope_scaling_type is None else rope_scaling_type,
@@ -203,8 +206,8 @@ class Llama:
             n_threads = n_threads_batch
         t0 = time.perf_counter()
         n_ctx, n_batch, n_threads = validate.llama_arguments(
-            n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, seed=seed,
-            rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
+            n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu,
+            seed=seed, rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
         if model_path is None:
             from .default_model import default_model_path
             model_path = default_model_path(progress=verbose)
@@ -217,6 +220,10 @@ class Llama:
         check_memory(self.hparams, self._n_ctx, min(n_batch, self._n_ctx), logits_all, self._cache_types,
                      context=None if n_ctx else f"n_ctx=0 (the file's context length {self._n_ctx})")
         self.model = Model(self.model_file, self.hparams)
+        if n_gpu_layers:   # before the first KV cache is made: the offloaded layers' caches live on the GPU
+            from .cuda import offload_model
+            offload_model(self.model, n_gpu_layers, main_gpu, n_ctx=self._n_ctx, n_batch=min(n_batch, self._n_ctx),
+                          cache_types=self._cache_types, verbose=verbose)
         self.tokenizer = build_tokenizer(self.model_file)
         self.n_batch = int(n_batch)
         self.n_threads = n_threads
@@ -241,9 +248,6 @@ class Llama:
             print(f"ggml_backend: loaded {self.model_path} ({self.model_file.format}, {hp.arch.name}, "
                   f"{hp.n_layer} layers, n_embd {hp.n_embd}, vocab {hp.n_vocab}) in {self.load_time_s:.2f} s; "
                   f"n_ctx {self._n_ctx}, {self.n_threads} threads", file=sys.stderr)
-            if n_gpu_layers:
-                print(f"ggml_backend: n_gpu_layers={n_gpu_layers} ignored: this engine runs on the CPU only",
-                      file=sys.stderr)
 
     def _new_context_state(self) -> None:
         """What each context has of its own: KV cache, evaluated tokens, logits, worker thread, prompt cache."""

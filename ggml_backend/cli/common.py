@@ -40,7 +40,9 @@ def add_model_arguments(parser) -> None:
     add_option(parser, "-t", "--threads", type=int, default=None, help="number of threads (default: all cores)")
     add_option(parser, "-b", "--batch-size", type=int, default=512, help="prompt batch size (default: 512)")
     add_option(parser, "-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0,
-               help="accepted for compatibility; this engine runs on the CPU only")
+               help="layers to offload to an NVIDIA GPU, the last ones (-1: all, and the output layer); needs the "
+                    "cuda extra, else runs on the CPU (default: 0)")
+    add_option(parser, "-mg", "--main-gpu", type=int, default=0, help="the GPU to use (default: 0)")
     add_option(parser, "--rope-freq-base", type=float, default=0.0, help="RoPE base frequency (0 = from the file)")
     add_option(parser, "--rope-freq-scale", type=float, default=0.0,
                help="RoPE frequency scaling factor (0 = from the file)")
@@ -246,11 +248,9 @@ def load_model(args, log: InfoLog) -> TimedLlama:
         from ..default_model import default_model_path
         model_path = default_model_path(progress=log.enabled)
     n_head_kv = _n_head_kv_for_gqa(model_path, args.gqa) if args.gqa else None
-    if args.n_gpu_layers:
-        log(f"note: -ngl {args.n_gpu_layers} accepted but no GPU is used: ggml_backend runs on the CPU only")
     return TimedLlama(model_path, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
-                      n_gpu_layers=0, seed=args.seed, rope_freq_base=args.rope_freq_base,
-                      rope_freq_scale=args.rope_freq_scale, verbose=log.enabled, chat_format=args.chat_template,
+                      n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu, seed=args.seed,
+                      rope_freq_base=args.rope_freq_base, rope_freq_scale=args.rope_freq_scale, verbose=log.enabled, chat_format=args.chat_template,
                       n_head_kv=n_head_kv, type_k=args.cache_type_k, type_v=args.cache_type_v)
 
 

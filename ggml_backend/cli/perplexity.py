@@ -26,7 +26,8 @@ def add_arguments(parser) -> None:
     add_option(parser, "--chunks", type=int, default=-1, help="chunks to evaluate (default: -1 = all)")
     add_option(parser, "-t", "--threads", type=int, default=None, help="number of threads (default: all cores)")
     add_option(parser, "-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0,
-               help="accepted for compatibility; this engine runs on the CPU only")
+               help="layers to offload to an NVIDIA GPU (-1: all); needs the cuda extra, else runs on the CPU")
+    add_option(parser, "-mg", "--main-gpu", type=int, default=0, help="the GPU to use (default: 0)")
     add_option(parser, "--json", action="store_true", help="print one JSON object instead of llama.cpp's lines")
     add_option(parser, "--log-disable", action="store_true",
                help="no informational messages on stderr (errors are still printed)")
@@ -71,11 +72,9 @@ def run(args) -> int:
     if model_path is None:
         from ..default_model import default_model_path
         model_path = default_model_path(progress=not args.log_disable)
-    if args.n_gpu_layers:
-        log(f"note: -ngl {args.n_gpu_layers} accepted but no GPU is used: ggml_backend runs on the CPU only")
     n_ctx = args.ctx_size
     llm = Llama(model_path, n_ctx=n_ctx, n_batch=min(args.batch_size, n_ctx), n_threads=args.threads,
-                verbose=not args.log_disable)
+                n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu, verbose=not args.log_disable)
     chunks = None if args.chunks == -1 else args.chunks
     n_seq = max(1, args.batch_size // n_ctx)
     state = {"started": False}

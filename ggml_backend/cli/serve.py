@@ -50,7 +50,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="BYTES",
                         help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
-                        help="accepted for compatibility; this engine runs on the CPU")
+                        help="layers to offload to an NVIDIA GPU (-1: all); needs the cuda extra, else the CPU")
+    parser.add_argument("-mg", "--main-gpu", type=int, default=0, metavar="I", help="the GPU to use (default 0)")
     ray = parser.add_argument_group("Ray Serve (pip install 'ggml-backend[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="deploy as a Ray Serve application: replicas each holding the model; -t is each "
@@ -79,7 +80,8 @@ def build_config(args):
         raise ValueError("--models lists the models; do not also give -m/--alias")
     defaults = ModelConfig(alias=args.alias or _alias_of(args.model), path=args.model, n_ctx=args.ctx_size,
                            n_parallel=args.parallel, chat_template=args.chat_template, n_threads=args.threads,
-                           cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+                           cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
+                           n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu)
     models = load_models_file(args.models, defaults) if args.models else [defaults]
     api_key = args.api_key or os.environ.get("GGML_BACKEND_API_KEY") or None
     generated = False

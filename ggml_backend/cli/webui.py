@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--api-model", default=None, metavar="NAME",
                         help="the model to ask --api's server for (default: the first it lists)")
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
-                        help="accepted for compatibility; this engine runs on the CPU")
+                        help="layers to offload to an NVIDIA GPU (-1: all); needs the cuda extra, else the CPU")
 
 
 def _check(args) -> None:

@@ -49,11 +49,12 @@ def thread_count(n_threads: Any) -> int:
 
 
 def llama_arguments(*, n_ctx: Any, n_batch: Any, n_threads: Any, n_gpu_layers: Any, seed: Any,
-                    rope_freq_base: Any, rope_freq_scale: Any) -> tuple[int, int, int]:
+                    rope_freq_base: Any, rope_freq_scale: Any, main_gpu: Any = 0) -> tuple[int, int, int]:
     """(n_ctx, n_batch, n_threads) of ``Llama(...)``, checked; the others only checked."""
     n_ctx = integer("n_ctx", n_ctx, low=0)
     n_batch = integer("n_batch", n_batch, low=1)
-    integer("n_gpu_layers", n_gpu_layers)   # any integer: -1 means "all" in llama.cpp; the CPU runs them all
+    integer("n_gpu_layers", n_gpu_layers, low=-1)   # -1 means "all" (llama.cpp); more than the model has: all
+    integer("main_gpu", main_gpu, low=0)
     if seed is not None:
         integer("seed", seed, low=-1)
     real("rope_freq_base", rope_freq_base, low=0.0)

@@ -159,11 +159,15 @@ class Model:
                 post_attn_norm=vector(b + "post_attention_norm.weight") if hp.arch.post_norms else None,
                 post_ffn_norm=vector(b + "post_ffw_norm.weight") if hp.arch.post_norms else None,
             ))
+        # the last layers on a GPU, set by ggml_backend.cuda.offload_model (n_gpu_layers); None: all on the CPU
+        self.offload = None
         # contexts' few-token passes combined into one (model/batching.py), where that leaves the numbers alone
         self.batcher = ForwardBatcher(self, BLAS_MIN_TOKENS - 1) if batch_invariant(self) else None
 
     def new_cache(self, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> KVCache:
         hp = self.hp
+        if self.offload is not None:   # the offloaded layers' keys and values live on the GPU
+            return self.offload.new_cache(n_ctx, type_k, type_v)
         return KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v)
 
     def _rope_params(self, layer_index: int):
@@ -217,7 +221,8 @@ class Model:
         if hp.arch.embed_scale:
             x = x * np.float32(np.sqrt(hp.n_embd))
 
-        for il, layer in enumerate(self.layers):
+        n_cpu_layers = hp.n_layer if self.offload is None else self.offload.first_layer
+        for il, layer in enumerate(self.layers[:n_cpu_layers]):
             # --- attention ---
             h = rms_norm(x, layer.attn_norm, hp.rms_eps)
             q, k, v = project(h, layer.wq, layer.wk, layer.wv)
@@ -254,6 +259,8 @@ class Model:
                 ffn_out = rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
             x = x + ffn_out
 
+        if self.offload is not None:   # the other layers (and the output, if all are offloaded) on the GPU
+            return self.offload.forward_rest(self, x, spans, positions, all_logits, output)
         for first, last, cache, start in spans:
             cache.n_past = start + last - first
         rows = np.arange(n_tokens) if all_logits else np.array([last - 1 for _, last, _, _ in spans])
@@ -280,8 +287,12 @@ class Model:
 
     def _rerotate_keys(self, cache: KVCache, first: int, last: int, delta: int) -> None:
         hp = self.hp
+        if self.offload is not None:   # the offloaded layers' keys are rotated in the host mirror, then uploaded
+            cache.to_host()
         for il in range(hp.n_layer):
             cos, sin = rope_cos_sin(np.full(1, delta), hp.rope_dims, *self._rope_params(il))
             keys = np.ascontiguousarray(cache.k.read(il, first, last).transpose(1, 0, 2))   # [n, n_head_kv, hd]
             apply_rope(keys, cos, sin, hp.rope_dims, hp.arch.rope_mode)
             cache.k.write(il, first, np.ascontiguousarray(keys.transpose(1, 0, 2)))
+        if self.offload is not None:
+            cache.host_changed()

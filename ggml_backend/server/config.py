@@ -11,6 +11,8 @@ models:
     n_threads: 2                # default the server's -t
     cache_type_k: f16           # KV cache type of keys and values: f16 (default), f32 or q8_0
     cache_type_v: f16
+    n_gpu_layers: 0             # layers offloaded to an NVIDIA GPU (-1: all); default the server's -ngl
+    main_gpu: 0                 # which GPU; default the server's --main-gpu
 ```
 Models are loaded when first asked for; the first one in the list serves requests that name no model.
 """
@@ -42,6 +44,8 @@ class ModelConfig:
     n_threads: int | None = None         # None: all cores
     cache_type_k: str = DEFAULT_CACHE_TYPE   # the slots' KV cache types (model/kv_cache.py)
     cache_type_v: str = DEFAULT_CACHE_TYPE
+    n_gpu_layers: int = 0                # the last layers on an NVIDIA GPU (-1: all; ggml_backend/cuda)
+    main_gpu: int = 0
 
     @property
     def slot_ctx(self) -> int:
@@ -58,6 +62,10 @@ class ModelConfig:
         if self.n_threads is not None and (isinstance(self.n_threads, bool) or not isinstance(self.n_threads, int)
                                            or self.n_threads < 1):
             raise ValueError(f"{at}n_threads must be a positive integer, got {self.n_threads!r}")
+        for name, low in (("n_gpu_layers", -1), ("main_gpu", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{at}{name} must be an integer >= {low}, got {value!r}")
         for name in ("cache_type_k", "cache_type_v"):
             try:
                 setattr(self, name, cache_type(getattr(self, name), name))
@@ -97,7 +105,8 @@ class ServerConfig:
             raise ValueError("the API key must not be empty")
 
 
-_MODEL_KEYS = {"alias", "path", "n_ctx", "n_parallel", "chat_template", "n_threads", "cache_type_k", "cache_type_v"}
+_MODEL_KEYS = {"alias", "path", "n_ctx", "n_parallel", "chat_template", "n_threads", "cache_type_k", "cache_type_v",
+               "n_gpu_layers", "main_gpu"}
 
 
 def load_models_file(path: str, defaults: ModelConfig) -> list[ModelConfig]:
@@ -141,7 +150,9 @@ def load_models_file(path: str, defaults: ModelConfig) -> list[ModelConfig]:
                             chat_template=entry.get("chat_template", defaults.chat_template),
                             n_threads=entry.get("n_threads", defaults.n_threads),
                             cache_type_k=entry.get("cache_type_k", defaults.cache_type_k),
-                            cache_type_v=entry.get("cache_type_v", defaults.cache_type_v))
+                            cache_type_v=entry.get("cache_type_v", defaults.cache_type_v),
+                            n_gpu_layers=entry.get("n_gpu_layers", defaults.n_gpu_layers),
+                            main_gpu=entry.get("main_gpu", defaults.main_gpu))
         model.check(where)
         models.append(model)
     return models

@@ -420,8 +420,9 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                                             precision=0, label="n_ctx (context size)", minimum=16)
                     model_threads = gr.Number(value=manager.llama.n_threads if manager.llama else 0, precision=0,
                                               label="threads", minimum=0)
-                    model_gpu_layers = gr.Number(value=0, precision=0, label="n-gpu-layers", minimum=0,
-                                                 info="Accepted for compatibility: this engine runs on the CPU.")
+                    model_gpu_layers = gr.Number(value=0, precision=0, label="n-gpu-layers", minimum=-1,
+                                                 info="Layers offloaded to an NVIDIA GPU (-1: all); needs the "
+                                                      "cuda extra, else the model runs on the CPU.")
                 load_button = gr.Button("Load", variant="primary", elem_id="load-model")
                 model_status = gr.Markdown("", elem_id="model-status")
                 model_info = gr.Markdown(backend.describe(), elem_id="model-info")

@@ -62,7 +62,8 @@ class LlamaCppParams(BaseModel):
     """Prompt tokens evaluated per forward pass; None: 512. (``LlamaCpp``'s default 8 is a GPU-memory setting;
     here a small batch only slows the prompt down.)"""
     n_gpu_layers: int | None = None
-    """Inert: this engine runs on the CPU."""
+    """Layers offloaded to an NVIDIA GPU (-1: all; needs ``pip install "ggml-backend[cuda]"``); without CUDA the
+    model runs on the CPU (said once on stderr). None: 0."""
     suffix: str | None = None
     """Text after the completion: the prompt becomes a fill-in-the-middle one (models with FIM tokens)."""
     max_tokens: int | None = 256

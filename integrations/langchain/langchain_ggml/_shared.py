@@ -8,6 +8,7 @@ LangChain code tends to build many model objects (one per chain, per ``bind``), 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import threading
@@ -66,9 +67,21 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> str:
     return str(path.resolve())
 
 
-#: ``Llama`` parameters that change nothing here (CPU only, weights memory-mapped): not part of a shared model's key
-_INERT_LLAMA_PARAMS = frozenset({"verbose", "n_gpu_layers", "main_gpu", "tensor_split", "use_mmap", "use_mlock",
+#: ``Llama`` parameters that change nothing here (weights memory-mapped): not part of a shared model's key
+_INERT_LLAMA_PARAMS = frozenset({"verbose", "tensor_split", "use_mmap", "use_mlock",
                                  "n_ubatch", "offload_kqv", "flash_attn", "op_offload", "swa_full", "no_perf"})
+#: GPU offload's parameters: part of the key where a CUDA GPU is there to use them, inert (a CPU run) where not
+_GPU_PARAMS = frozenset({"n_gpu_layers", "main_gpu"})
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_usable() -> bool:
+    """Whether n_gpu_layers would offload anything here (asked only when a model asks for a GPU: it imports
+    numba's CUDA target)."""
+    from ggml_backend.cuda import cuda_status
+    return cuda_status().available
+
+
 _LLAMA_DEFAULTS = {name: p.default for name, p in inspect.signature(Llama.__init__).parameters.items()
                    if p.default is not inspect.Parameter.empty}
 
@@ -97,7 +110,8 @@ def get_shared_model(model_path: str | os.PathLike | None, *, n_ctx: int, n_thre
     except FileNotFoundError as exc:
         raise ValueError(f"Could not load the model from path {model_path}: {exc}") from exc
     extra = tuple(sorted((name, _key_value(value)) for name, value in llama_kwargs.items()
-                         if name not in _INERT_LLAMA_PARAMS and not _same(value, _LLAMA_DEFAULTS[name])))
+                         if name not in _INERT_LLAMA_PARAMS and not _same(value, _LLAMA_DEFAULTS[name])
+                         and not (name in _GPU_PARAMS and not _gpu_usable())))
     key = (path, int(n_ctx), n_threads, int(n_batch), extra)
     with _models_lock:   # loading under the lock: two threads asking at once must not load the file twice
         shared = _models.get(key)
