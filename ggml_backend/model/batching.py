@@ -48,17 +48,29 @@ class ForwardBatcher:
         self.tokens = 0
 
     def forward(self, tokens, cache):
-        job = _Job(tokens, cache)
+        """One context's tokens (fewer than max_rows) through a combined pass: its last token's logits [1, n_vocab]."""
+        return self.forward_many([(tokens, cache)])[0]
+
+    def forward_many(self, items):
+        """Several sequences of one caller ([(tokens, cache), ...], each cache once, max_rows tokens at most in
+        all) through one combined pass, joined by whatever other callers are waiting: each one's last logits.
+        The public ``ContinuousBatcher`` submits its whole step here, so its sequences and the contexts of
+        ``Llama.new_context`` (the server's slots) share the same passes."""
+        own = [_Job(tokens, cache) for tokens, cache in items]
+        if sum(len(j.tokens) for j in own) > self.max_rows:
+            raise ValueError(f"a combined pass carries at most {self.max_rows} tokens")
         with self._cond:
-            self._pending.append(job)
-            self._last_seen[id(cache)] = time.monotonic()
+            now = time.monotonic()
+            for job in own:
+                self._pending.append(job)
+                self._last_seen[id(job.cache)] = now
             self._cond.notify_all()
-            while self._leader and not job.done:
+            while self._leader and not all(j.done for j in own):
                 self._cond.wait()
-            if job.done:
-                return job.result()
+            if all(j.done for j in own):
+                return [j.result() for j in own]
             self._leader = True
-            batch = self._gather(job)
+            batch = self._gather([j for j in own if not j.done])
         try:
             from ..quant.matmul import single_threaded_blas
             with self.model.turns, single_threaded_blas():
@@ -76,7 +88,11 @@ class ForwardBatcher:
                 self.passes += 1
                 self.tokens += sum(len(j.tokens) for j in batch)
                 self._cond.notify_all()
-        return job.result()
+        # jobs of ours that another leader's pass took finished before ours did (a leader waits for its own)
+        with self._cond:
+            while not all(j.done for j in own):
+                self._cond.wait()
+        return [j.result() for j in own]
 
     def leave(self, cache) -> None:
         """The context of ``cache`` is done for now (its generation ended): passes stop waiting for it."""
@@ -84,8 +100,8 @@ class ForwardBatcher:
             self._last_seen.pop(id(cache), None)
             self._cond.notify_all()
 
-    def _gather(self, own: _Job) -> list[_Job]:
-        """The leader's pass: its own job, then waiting jobs first come first served, up to max_rows and one job
+    def _gather(self, own: list[_Job]) -> list[_Job]:
+        """The leader's pass: its own jobs, then waiting jobs first come first served, up to max_rows and one job
         per cache; first a short wait for the other active contexts (called with the lock held)."""
         deadline = time.monotonic() + GATHER_S
         while True:
@@ -98,9 +114,11 @@ class ForwardBatcher:
             self._cond.wait(deadline - now)
         for c in [c for c, seen in self._last_seen.items() if now - seen >= ACTIVE_S]:
             del self._last_seen[c]
-        batch, rows, caches = [own], len(own.tokens), {id(own.cache)}
+        batch, rows, caches = list(own), sum(len(j.tokens) for j in own), {id(j.cache) for j in own}
         for j in self._pending:
-            if j is not own and id(j.cache) not in caches and rows + len(j.tokens) <= self.max_rows:
+            if j.done or j in own:
+                continue
+            if id(j.cache) not in caches and rows + len(j.tokens) <= self.max_rows:
                 batch.append(j)
                 rows += len(j.tokens)
                 caches.add(id(j.cache))
