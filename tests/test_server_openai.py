@@ -239,6 +239,31 @@ def test_a_client_that_vanishes_frees_its_slot(server):
     assert n_tokens < 200
 
 
+def test_n_choices_come_indexed_and_choice_0_is_the_single_reply(client):
+    """``n``: the prompt evaluated once, n choices decoded together (ContinuousBatcher), indexed 0..n-1; with a
+    seed, choice 0 is the n=1 reply and a repeat gives the same choices."""
+    sampling = {"temperature": 0.9, "seed": 11, "max_tokens": 6}
+    single = client.completions.create(model="qwen", prompt="def add(a, b):", **sampling)
+    many = client.completions.create(model="qwen", prompt="def add(a, b):", n=3, **sampling)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].text == single.choices[0].text
+    assert 3 <= many.usage.completion_tokens <= 18 and many.usage.prompt_tokens == single.usage.prompt_tokens
+    again = client.completions.create(model="qwen", prompt="def add(a, b):", n=3, **sampling)
+    assert [c.text for c in again.choices] == [c.text for c in many.choices]
+    chunks = list(client.chat.completions.create(model="qwen", messages=chat("Name a color."), n=2, stream=True,
+                                                 **sampling))
+    texts = {0: "", 1: ""}
+    finished = set()
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and all(texts.values())
+    whole = client.chat.completions.create(model="qwen", messages=chat("Name a color."), n=2, **sampling)
+    assert [c.message.content for c in whole.choices] == [texts[0], texts[1]]
+
+
 @pytest.mark.parametrize("payload, status, needle", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
@@ -250,7 +275,7 @@ def test_a_client_that_vanishes_frees_its_slot(server):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"messages": chat("hi " * 3000)}, 400, "context"),
     ({"messages": chat("hi"), "max_tokens": 5000}, 400, "context"),
-    ({"messages": chat("hi"), "n": 3}, 400, "n > 1"),
+    ({"messages": chat("hi"), "n": 17}, 400, "'n' must be"),
     ({"messages": chat("hi"), "response_format": {"type": "xml"}}, 400, "response_format"),
     ({"messages": chat("hi"), "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "string", "pattern": "(?<=a)b"}}}}, 400, "JSON schema"),
