@@ -6,6 +6,10 @@ than the price of one. Each context's thread calls ``Model.forward`` as before; 
 in progress to end, and the first of the waiting threads (the leader) runs the next pass for all of them
 (flat combining: no thread of our own, nothing to start or stop, and a lone context runs at once).
 
+This is the one mechanism that combines passes: the public ``ContinuousBatcher`` (continuous_batching.py) submits
+all its sequences' tokens of a step here at once (``forward_many``), so they share passes with any contexts (the
+server's slots) decoding at the same moment.
+
 Results do not depend on batching: a pass stays under BLAS_MIN_TOKENS rows, where the SIMD integer kernels compute
 every (weight row, token) pair alone with the one-token code, and everything else in the pass (norms, rope,
 attention over each context's own cache) works row by row. So a context gets the numbers it gets alone, bit for
@@ -17,8 +21,11 @@ import threading
 import time
 
 #: how long a leader waits at most for the other active contexts to join its pass (they are sampling their next
-#: token meanwhile, ~5 ms with a 150k vocabulary; a context that stops generating leaves at once, see ``leave``)
-GATHER_S = 0.02
+#: token meanwhile, ~5 ms with a 150k vocabulary, and their consumers asking for it; a context that stops
+#: generating leaves at once, see ``leave``). 20 ms was too short on a loaded 2-core machine: the contexts'
+#: threads missed the pass and each step became two or three passes; a pass of the 0.5B model takes 30-100 ms,
+#: so waiting up to 60 ms for a context that does come is cheaper than a pass of its own
+GATHER_S = 0.06
 #: a context that submitted within this long counts as active (the leader waits for it to join)
 ACTIVE_S = 0.25
 
