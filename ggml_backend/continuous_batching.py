@@ -310,6 +310,7 @@ class ContinuousBatcher:
                 else:
                     alone.append(item)
         used = len(combined)
+        prompt_rows = 0            # at most one pass's worth of small prompt pieces per step
         blas_pass = False
         for seq in self.sequences.values():
             if not seq.started or not seq.plan:
@@ -319,11 +320,15 @@ class ContinuousBatcher:
                 if not blas_pass:      # one whole prompt batch of its own per step
                     alone.append((seq, seq.prompt_tokens[first:last]))
                     blas_pass = True
-            elif used < budget:
-                # a prompt batch below BLAS size: any piece of it gets the numbers of the whole (integer kernels)
-                take = min(last - first, budget - used)
+            elif prompt_rows < budget:
+                # a prompt batch below BLAS size: any piece of it gets the numbers of the whole (integer kernels);
+                # the piece fills the last pass of the step (_run cuts the items into passes of max_rows), and
+                # there is always room for one, however many sequences decode
+                room = min(budget - used % budget, budget - prompt_rows)
+                take = min(last - first, room)
                 combined.append((seq, seq.prompt_tokens[first:first + take]))
                 used += take
+                prompt_rows += take
         return combined, alone
 
     def _run(self, combined, alone) -> None:

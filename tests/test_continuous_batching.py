@@ -215,3 +215,22 @@ def test_n_completions_share_the_prompt_and_match_single_ones():
     assert texts == [c["text"] for c in first["choices"]]
     with pytest.raises(ValueError):
         llm.create_completion("x", n=0)
+
+
+def test_more_sequences_than_one_pass_holds(tiny):
+    """More decoding sequences than a combined pass carries (max_rows): each step is cut into passes, and a new
+    prompt still makes progress every step."""
+    rows = tiny.model.batcher.max_rows
+    batcher = ContinuousBatcher(tiny, max_sequences=rows + 4)
+    prompts = [[1, 3 + i, 9] for i in range(rows + 3)]
+    sequences = [batcher.sequences[batcher.add(p, max_tokens=6, temperature=0, stop_tokens=[])] for p in prompts]
+    while not all(s.generated for s in sequences):   # their prompts go in a pass's worth per step
+        batcher.step()
+    late = batcher.sequences[batcher.add([1] + list(range(50, 70)), max_tokens=3, temperature=0, stop_tokens=[])]
+    passes = batcher.passes
+    batcher.step()
+    # rows + 3 decode tokens and the 20-token prompt: two passes, and the prompt is in
+    assert batcher.passes == passes + 2 and len(late.generated) == 1
+    list(batcher.run())
+    assert [s.generated for s in sequences[:2]] == [_decode(tiny, [p])[0] for p in prompts[:2]]
+    assert late.generated == _decode(tiny, [[1] + list(range(50, 70))])[0][:3]
