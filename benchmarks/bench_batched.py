@@ -3,7 +3,8 @@
 our server with N concurrent streaming clients; aggregate decode tokens/s at N = 1, 2, 4, 8, 16 sequences.
 
 usage: python benchmarks/bench_batched.py [-m MODEL] [--n 1,2,4,8,16] [--prompt 32] [--steps 32] [--threads 2]
-                                          [--engines llamacpp,ours,server] [--llamacpp-script PATH] [--json OUT]
+                                          [--engines llamacpp,ours,server] [--llamacpp-script PATH] [--repeat 3]
+                                          [--json OUT]
 
 Procedure, the same for the three (llama.cpp's is ``shared/bench/batched_llamacpp.py``, run as it is):
 N sequences with random prompts of ``--prompt`` token ids (numpy default_rng(0), ids 100..2999, as that script
@@ -16,6 +17,8 @@ sequence (greedy), timed: aggregate decode tokens/s = N * steps / time.
   token-id prompts, temperature 0, end tokens banned so each runs the full length). Its rate is measured over the
   window where all N are decoding (from the last client's first token to the first client's last token), and
   its time per step (N / rate) is compared with ours in process at the same N: the server's overhead per step.
+
+The three alternate at each N and the sweep repeats ``--repeat`` times; each figure is the median run.
 """
 from __future__ import annotations
 
@@ -50,22 +53,27 @@ def run_llamacpp(script: Path, model: str, ns, threads: int, prompt: int, steps:
     return {int(n): float(v) for n, v in re.findall(r"n=(\d+):([\d.]+)tok/s", out.stdout)}
 
 
-def run_ours(model: str, ns, threads: int, prompt: int, steps: int) -> dict:
-    from ggml_backend import ContinuousBatcher, Llama
-    llm = Llama(model, n_ctx=prompt + steps + 8, n_threads=threads, verbose=False)
-    results = {}
-    for n in [1] + list(ns):   # the first N=1 run warms up (numba loads its kernels)
-        batcher = ContinuousBatcher(llm, max_sequences=n)
-        for p in prompts(n, prompt):
-            batcher.add(p, max_tokens=steps + 1, temperature=0, stop_tokens=[])
+class Ours:
+    """Our ContinuousBatcher in this process, the model loaded once."""
+
+    def __init__(self, model: str, threads: int, prompt: int, steps: int):
+        from ggml_backend import Llama
+        self.llm = Llama(model, n_ctx=prompt + steps + 8, n_threads=threads, verbose=False)
+        self.prompt, self.steps = prompt, steps
+        self.measure(1)   # warm-up: numba loads its kernels
+
+    def measure(self, n: int) -> dict:
+        from ggml_backend import ContinuousBatcher
+        batcher = ContinuousBatcher(self.llm, max_sequences=n)
+        for p in prompts(n, self.prompt):
+            batcher.add(p, max_tokens=self.steps + 1, temperature=0, repeat_penalty=1.0, stop_tokens=[])
         while not all(s.generated for s in batcher.sequences.values()):   # prompts in, first tokens out
             batcher.step()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(self.steps):
             batcher.step()
         dt = time.perf_counter() - t0
-        results[n] = {"tok_s": n * steps / dt, "step_ms": 1000 * dt / steps}
-    return results
+        return {"tok_s": n * self.steps / dt, "step_ms": 1000 * dt / self.steps}
 
 
 def start_server(model: str, threads: int, parallel: int, n_ctx_slot: int):
@@ -116,17 +124,10 @@ async def _level(url: str, n: int, prompt: int, steps: int) -> dict:
     return {"tok_s": rate, "step_ms": 1000 * n / rate, "chunks_per_stream": float(np.median([len(s) for s in streams]))}
 
 
-def run_server(model: str, ns, threads: int, prompt: int, steps: int) -> dict:
-    process, url = start_server(model, threads, max(ns), prompt + steps + 8)
-    try:
-        asyncio.run(_level(url, 2, prompt, 4))   # warm-up
-        return {n: asyncio.run(_level(url, n, prompt, steps)) for n in ns}
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def median_row(rows: list[dict]) -> dict:
+    """The run whose rate is the median (its other fields with it), plus every run's rate."""
+    ordered = sorted(rows, key=lambda r: r["tok_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_tok_s": [round(r["tok_s"], 2) for r in rows]}
 
 
 def main() -> int:
@@ -139,6 +140,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="llamacpp,ours,server")
     ap.add_argument("--llamacpp-script", default=str(DEFAULT_LLAMACPP_SCRIPT))
+    ap.add_argument("--repeat", type=int, default=3, help="sweeps; each figure is the median run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.model is None:
@@ -151,23 +153,45 @@ def main() -> int:
               "prompt": args.prompt, "steps": args.steps, "load_before": os.getloadavg(), "results": {}}
     print(f"CPU: {report['cpu']}; model {report['model']}; {args.threads} threads; prompts of {args.prompt} tokens, "
           f"{args.steps} decode steps; load {report['load_before'][0]:.2f}", flush=True)
-    if "llamacpp" in engines:
-        script = Path(args.llamacpp_script)
-        if script.is_file():
-            report["results"]["llamacpp"] = run_llamacpp(script, args.model, ns, args.threads, args.prompt,
-                                                          args.steps)
-        else:
-            print(f"llamacpp: {script} not found (--llamacpp-script)")
-    if "ours" in engines:
-        report["results"]["ours"] = run_ours(args.model, ns, args.threads, args.prompt, args.steps)
-    if "server" in engines:
-        report["results"]["server"] = run_server(args.model, ns, args.threads, args.prompt, args.steps)
+    # the three engines alternate at each N, and the whole sweep repeats: this machine's neighbours move a figure
+    # by tens of percent from one minute to the next, so each engine must see the same conditions
+    script = Path(args.llamacpp_script)
+    if "llamacpp" in engines and not script.is_file():
+        print(f"llamacpp: {script} not found (--llamacpp-script)")
+        engines.remove("llamacpp")
+    ours = Ours(args.model, args.threads, args.prompt, args.steps) if "ours" in engines else None
+    server = start_server(args.model, args.threads, max(ns), args.prompt + args.steps + 8) \
+        if "server" in engines else None
+    runs: dict = {engine: {n: [] for n in ns} for engine in engines}
+    try:
+        if server is not None:
+            asyncio.run(_level(server[1], 2, args.prompt, 4))   # warm-up
+        for rep in range(args.repeat):
+            for n in ns:
+                if "llamacpp" in engines:
+                    rate = run_llamacpp(script, args.model, [n], args.threads, args.prompt, args.steps)[n]
+                    runs["llamacpp"][n].append({"tok_s": rate, "step_ms": 1000 * n / rate})
+                if ours is not None:
+                    runs["ours"][n].append(ours.measure(n))
+                if server is not None:
+                    runs["server"][n].append(asyncio.run(_level(server[1], n, args.prompt, args.steps)))
+                print(f"run {rep + 1} N={n}: " + ", ".join(f"{e} {runs[e][n][-1]['tok_s']:.1f}" for e in engines)
+                      + f" tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
+    finally:
+        if server is not None:
+            server[0].terminate()
+            try:
+                server[0].wait(30)
+            except subprocess.TimeoutExpired:
+                server[0].kill()
+    report["results"] = {e: {n: median_row(rows) for n, rows in by_n.items()} for e, by_n in runs.items()}
     report["load_after"] = os.getloadavg()
     res = report["results"]
     print(f"{'N':>3} {'llama.cpp tok/s':>16} {'ours tok/s':>11} {'server tok/s':>13} {'ours ms/step':>13} "
           f"{'server ms/step':>15} {'server overhead':>16}")
     for n in ns:
         lc = res.get("llamacpp", {}).get(n)
+        lc = lc and lc["tok_s"]
         ours = res.get("ours", {}).get(n)
         server = res.get("server", {}).get(n)
         overhead = (server["step_ms"] / ours["step_ms"] - 1) if ours and server else None
