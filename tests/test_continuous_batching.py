@@ -40,6 +40,8 @@ def _decode(llm, prompts, **kwargs) -> list[list[int]]:
 def test_kv_cache_grows_in_chunks_and_gives_memory_back():
     cache = KVCache(2, 2 * GROW_CHUNK + 10, 2, 64, 64, "q8_0", "f16")
     assert cache.capacity == GROW_CHUNK
+    full = KVCache(2, 2 * GROW_CHUNK + 10, 2, 64, 64, "q8_0", "f16", capacity=2 * GROW_CHUNK + 10)
+    assert cache.max_nbytes == full.max_nbytes == full.nbytes > cache.nbytes
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((GROW_CHUNK + 5, 2, 64)).astype(np.float32)
     for layer in range(2):

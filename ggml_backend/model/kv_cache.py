@@ -153,6 +153,13 @@ class CacheTensor:
         """Positions allocated now (at most n_ctx)."""
         return self.data.shape[2]
 
+    @property
+    def max_nbytes(self) -> int:
+        """The memory this tensor takes at n_ctx positions."""
+        n_layer, n_head_kv, _, head_dim = self._shape
+        per_position = self.data.itemsize * head_dim + (2 * head_dim // _Q8_BLOCK if self.scales is not None else 0)
+        return n_layer * n_head_kv * self.n_ctx * per_position
+
     def grow(self, n: int) -> None:
         """Make room for positions 0..n-1: at least doubling, in whole GROW_CHUNKs, up to n_ctx (doubling keeps the
         copying of a sequence that grows token by token linear in its length)."""
@@ -239,6 +246,11 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return min(self.k.capacity, self.v.capacity)
+
+    @property
+    def max_nbytes(self) -> int:
+        """The memory the cache takes once it holds n_ctx positions (``nbytes`` is what it holds now)."""
+        return self.k.max_nbytes + self.v.max_nbytes
 
     def release(self) -> None:
         """Forget everything and give the memory back (a later store allocates again)."""
