@@ -30,6 +30,7 @@ worker thread). No context shift: a sequence that fills its context ends with fi
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -239,15 +240,7 @@ class ContinuousBatcher:
         _set_threads(self.llm.n_threads)
         self.steps += 1
         self._start_sequences()
-        combined, alone = self._plan_step()
-        try:
-            self._run(combined, alone)
-        except BaseException:
-            # the pass's caches are in doubt: its sequences cannot go on (the others keep their state)
-            for seq, _ in combined + alone:
-                if seq.id in self.sequences:
-                    self.cancel(seq.id)
-            raise
+        self._run(*self._plan_step())
         self._start_sequences()   # copies of prompts that just finished take them before their source samples
         events = []
         for seq in list(self.sequences.values()):
@@ -334,7 +327,8 @@ class ContinuousBatcher:
     def _run(self, combined, alone) -> None:
         model = self.model
         for seq, tokens in alone:
-            logits = model.forward(tokens, self.cache[seq.id])
+            with self._failing([seq]):
+                logits = model.forward(tokens, self.cache[seq.id])
             self.passes += 1
             self._advance(seq, tokens, logits)
         if combined:
@@ -342,9 +336,10 @@ class ContinuousBatcher:
             group, n = [], 0
             for seq, tokens in combined + [(None, None)]:
                 if seq is None or n + len(tokens) > rows:
-                    for s, t in group:
-                        model._check(t, self.cache[s.id])
-                    results = model.batcher.forward_many([(t, self.cache[s.id]) for s, t in group])
+                    with self._failing([s for s, _ in group]):
+                        for s, t in group:
+                            model._check(t, self.cache[s.id])
+                        results = model.batcher.forward_many([(t, self.cache[s.id]) for s, t in group])
                     self.passes += 1
                     for (s, t), logits in zip(group, results):
                         self._advance(s, t, logits)
@@ -352,6 +347,17 @@ class ContinuousBatcher:
                 if seq is not None:
                     group.append((seq, tokens))
                     n += len(tokens)
+
+    @contextmanager
+    def _failing(self, sequences):
+        """A pass that raises ends its sequences (their caches are in doubt); the others keep their state."""
+        try:
+            yield
+        except BaseException:
+            for seq in sequences:
+                if seq.id in self.sequences:
+                    self.cancel(seq.id)
+            raise
 
     def _advance(self, seq: Sequence, tokens, logits) -> None:
         """Bookkeeping after ``tokens`` of ``seq`` were evaluated: its plan, its logits."""

@@ -236,3 +236,21 @@ def test_more_sequences_than_one_pass_holds(tiny):
     list(batcher.run())
     assert [s.generated for s in sequences[:2]] == [_decode(tiny, [p])[0] for p in prompts[:2]]
     assert late.generated == _decode(tiny, [[1] + list(range(50, 70))])[0][:3]
+
+
+def test_a_failing_pass_ends_only_its_own_sequences(tiny, monkeypatch):
+    batcher = ContinuousBatcher(tiny)
+    short = batcher.add([1, 4, 5], max_tokens=4, temperature=0, stop_tokens=[])
+    batcher.step()
+    batcher.add([1] + list(range(3, 70)), max_tokens=4, temperature=0, stop_tokens=[])   # a pass of its own
+    model = tiny.model
+
+    def broken(tokens, cache, all_logits=False):
+        raise MemoryError("no room")
+    monkeypatch.setattr(model, "forward", broken)
+    with pytest.raises(MemoryError):
+        batcher.step()
+    monkeypatch.undo()
+    assert list(batcher.sequences) == [short]    # the long prompt's sequence ended, the other goes on
+    events = list(batcher.run())
+    assert events[-1].seq_id == short and events[-1].finish_reason == "length"
