@@ -264,6 +264,34 @@ def test_n_choices_come_indexed_and_choice_0_is_the_single_reply(client):
     assert [c.message.content for c in whole.choices] == [texts[0], texts[1]]
 
 
+def test_a_client_leaving_an_n_stream_ends_its_choices_and_frees_the_slot(server, client):
+    """The n choices of a request decode in its slot; a client that goes mid-stream ends all of them (and only
+    them): the slot is free again and other requests are served."""
+    url, app = server
+    no_end = {"151643": -100, "151645": -100}
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"prompt": "1, 2, 3, 4,", "max_tokens": 300, "n": 3, "stream": True,
+                            "logit_bias": no_end}) as held:
+        lines = held.iter_lines()
+        indices = set()
+        while len(indices) < 3:
+            line = next(lines)
+            if line.startswith("data: {"):
+                indices.add(json.loads(line[6:])["choices"][0]["index"])
+    pool = _pool(app)
+    deadline = time.monotonic() + 20
+    while pool.n_busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.n_busy == 0
+    combined = pool.llm.model.batcher   # every decode pass of the choices goes through it
+    time.sleep(0.5)                      # the step in progress when the client left lands
+    passes = combined.passes
+    time.sleep(0.5)
+    assert combined.passes == passes, "the n > 1 generation went on after its client left"
+    out = client.completions.create(model="qwen", prompt="Hi", max_tokens=2, n=2)
+    assert [c.index for c in out.choices] == [0, 1]
+
+
 @pytest.mark.parametrize("payload, status, needle", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
