@@ -14,6 +14,7 @@ _LAZY = {
     "LlamaGrammar": "generation.grammar", "GrammarError": "generation.grammar",
     "quantize_model": "tools.quantize",
     "perplexity": "ppl", "PerplexityResult": "ppl",
+    "ContinuousBatcher": "continuous_batching", "SequenceEvent": "continuous_batching",
 }
 
 

@@ -750,7 +750,7 @@ class Llama:
                           stopping_criteria=None, logits_processor=None, grammar=None,
                           logit_bias: dict | None = None, *, repeat_last_n: int | None = None,
                           add_bos: bool | None = None, stop_tokens=None, penalize_nl: bool = True,
-                          top_a: float = 0.0, repeat_penalty_slope: float = 1.0):
+                          top_a: float = 0.0, repeat_penalty_slope: float = 1.0, n: int = 1):
         """An OpenAI/llama-cpp-python-shaped text completion (a dict, or an iterator of chunks if stream).
 
         llama-cpp-python's parameters, with its meaning: ``max_tokens`` None or <= 0 generates until the context
@@ -763,8 +763,14 @@ class Llama:
         Our own, keyword-only: ``repeat_last_n`` (penalty window; default the constructor's
         ``last_n_tokens_size``, -1 = the whole context), ``add_bos`` (for a text prompt; default the model's),
         ``stop_tokens`` (token ids that end the generation; default the model's end-of-generation tokens),
-        ``penalize_nl``, and KoboldCpp's ``top_a`` and ``repeat_penalty_slope`` (see ``SamplingParams``)."""
+        ``penalize_nl``, and KoboldCpp's ``top_a`` and ``repeat_penalty_slope`` (see ``SamplingParams``), and
+        OpenAI's ``n``: that many completions of the prompt (choices with index 0..n-1, in stream chunks too),
+        decoded together by a ``ContinuousBatcher``; the prompt is evaluated once and its keys/values copied to
+        each. With a seed, choice i samples with seed + i (choice 0 is the n=1 completion) and reproduces; the
+        usage counts the tokens of every choice. ``n > 1`` runs in KV caches of its own: the context's cache and
+        prompt cache are left as they were."""
         from .generation import SamplingParams
+        n = validate.integer("n", n, low=1)
         grammar = _as_grammar(grammar)
         _check_callable("logits_processor", logits_processor)
         _check_callable("stopping_criteria", stopping_criteria)
@@ -792,6 +798,13 @@ class Llama:
             raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {self._n_ctx}")
         room = self._n_ctx - len(prompt_tokens)
         max_tokens = room if max_tokens is None or max_tokens <= 0 else min(max_tokens, room)
+        if n > 1:
+            steps = self._batched_completions(prompt_tokens, n, params, max_tokens, stop,
+                                              self._eog_ids(stop_tokens), logits_processor, stopping_criteria,
+                                              grammar)
+            stream_iter = Stream(self._completion_stream_n(steps, prompt_tokens, echo, logprobs, model, n,
+                                                           self._eog_ids(stop_tokens)), steps)
+            return stream_iter if stream else collect_completion(stream_iter)
         outcome: dict = {}
         tokens = self._token_stream(prompt_tokens, sampler=self._make_sampler(params), params=params,
                                     max_tokens=max_tokens, stop_tokens=self._eog_ids(stop_tokens),
@@ -801,6 +814,81 @@ class Llama:
         stream_iter = Stream(self._completion_stream(tokens, prompt_tokens, stop, echo, logprobs, model, stop_tokens,
                                                      outcome), tokens)
         return stream_iter if stream else collect_completion(stream_iter)
+
+    def _batched_completions(self, prompt_tokens, n, params, max_tokens, stop, stop_ids, logits_processor,
+                             stopping_criteria, grammar) -> "_StepStream":
+        """create_completion(n > 1)'s steps on the worker thread: lists of ``SequenceEvent``s, choice i being
+        sequence i of a ``ContinuousBatcher`` that shares choice 0's evaluated prompt."""
+        from .continuous_batching import ContinuousBatcher
+        base = self._resolve_seed(params.seed)   # once: choice i then uses base + i
+        seeds = [None if base is None else (base + i) % (2 ** 32 - 1) for i in range(n)]
+
+        def steps():
+            batcher = ContinuousBatcher(self, max_sequences=n)
+            try:
+                first = None
+                for i in range(n):
+                    seq_id = batcher.add(prompt_tokens, max_tokens=max_tokens, stop=stop, stop_tokens=stop_ids,
+                                         params=params, seed=seeds[i], grammar=grammar,
+                                         logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                                         share_prefix_with=first)
+                    first = seq_id if first is None else first
+                while batcher.active:
+                    yield batcher.step()
+            finally:   # a stream closed early: every sequence's memory goes back now
+                for seq_id in list(batcher.sequences):
+                    batcher.cancel(seq_id)
+        request = self._scheduler.open(steps())
+        return _StepStream(self._scheduler, request)
+
+    def _completion_stream_n(self, steps, prompt_tokens, echo, logprobs, model_name, n, stop_ids):
+        """Completion chunks of n choices from a batcher's steps (``_completion_stream``'s, with their index)."""
+        import uuid
+        completion_id = f"cmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        model_name = model_name or self.model_path
+
+        def chunk(index, text, finish_reason=None, lp=None):
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish_reason}]}
+
+        if echo:
+            echo_text = self.detokenize(prompt_tokens, special=True).decode("utf-8", errors="replace")
+            for i in range(n):
+                yield chunk(i, echo_text)
+        n_generated = [0] * n
+        text_offset = [0] * n
+        open_choices = n
+        for events in steps:
+            for event in events:
+                i = event.seq_id
+                lp = None
+                if event.token is not None:
+                    n_generated[i] += 1
+                    if logprobs is not None and event.token not in stop_ids:
+                        lp = self._logprobs_entry(event.token, event.logits, logprobs, text_offset[i])
+                text_offset[i] += len(event.text)
+                if event.finish_reason is None:
+                    if event.text or lp:
+                        yield chunk(i, event.text, lp=lp)
+                    continue
+                out = chunk(i, event.text, event.finish_reason, lp)
+                open_choices -= 1
+                if not open_choices:
+                    total = sum(n_generated)
+                    out["usage"] = {"prompt_tokens": len(prompt_tokens), "completion_tokens": total,
+                                    "total_tokens": len(prompt_tokens) + total}
+                yield out
+        steps.close()
+
+    def _logprobs_entry(self, token, logits, logprobs, text_offset) -> dict:
+        """One token's completion logprobs: its log-probability and the top ``logprobs`` alternatives."""
+        from .generation import log_softmax, top_logprobs
+        piece = self.tokenizer.token_to_piece(token)
+        return {"tokens": [piece.decode("utf-8", errors="replace")], "text_offset": [text_offset],
+                "token_logprobs": [float(log_softmax(logits)[token])],
+                "top_logprobs": [{self.tokenizer.token_to_piece(i).decode("utf-8", errors="replace"): float(v)
+                                  for i, v in top_logprobs(logits, max(1, int(logprobs)))}]}
 
     _FIM_NAMES = {"pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<PRE>", "▁<PRE>"),
                   "suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<SUF>", "▁<SUF>"),
@@ -842,7 +930,7 @@ class Llama:
                            outcome=None):
         """Completion chunks from a (token, logits) stream; runs in the consumer's thread, the model in its own."""
         import uuid
-        from .generation import TextStreamer, log_softmax, top_logprobs
+        from .generation import TextStreamer
         completion_id = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         model_name = model_name or self.model_path
@@ -873,10 +961,7 @@ class Llama:
             lp = None
             if logprobs is not None and logits is not None:
                 # the logits this token was sampled from (the stream hands them over with it)
-                lp = {"tokens": [piece.decode("utf-8", errors="replace")], "text_offset": [text_offset],
-                      "token_logprobs": [float(log_softmax(logits)[token])],
-                      "top_logprobs": [{self.tokenizer.token_to_piece(i).decode("utf-8", errors="replace"): float(v)
-                                        for i, v in top_logprobs(logits, max(1, int(logprobs)))}]}
+                lp = self._logprobs_entry(token, logits, logprobs, text_offset)
             if text or lp:
                 text_offset += len(text)
                 yield chunk(text, lp=lp)
@@ -938,7 +1023,7 @@ class Llama:
                                model: str | None = None, logits_processor=None, grammar=None,
                                logit_bias: dict | None = None, logprobs: bool | None = None,
                                top_logprobs: int | None = None, *, chat_template=None,
-                               repeat_last_n: int | None = None, penalize_nl: bool = True):
+                               repeat_last_n: int | None = None, penalize_nl: bool = True, n: int = 1):
         """An OpenAI/llama-cpp-python-shaped chat completion, on the model's own chat template (or a chosen one).
 
         llama-cpp-python's parameters in its order. With ``tools`` (OpenAI function specs) the template is asked
@@ -949,10 +1034,14 @@ class Llama:
         ``tool_choice`` ("required" or a named function) constrains it to a call whose arguments validate against
         the tool's parameters, and with "auto" a call that the model starts is held to the same (generation/
         grammar.py). Our own, keyword-only: ``chat_template`` (a name, file or
-        Jinja text for this call), ``repeat_last_n``, ``penalize_nl``."""
+        Jinja text for this call), ``repeat_last_n``, ``penalize_nl``, and OpenAI's ``n`` (that many choices,
+        decoded together; see ``create_completion``)."""
         from .generation.grammar import forced_call_grammar, grammar_from_response_format, tool_call_grammar
         grammar = _as_grammar(grammar)
+        n = validate.integer("n", n, low=1)
         if (chat_template or self.chat_format) == "chatml-function-calling":
+            if n != 1:
+                raise _not_supported("n", n, "chatml-function-calling makes one reply at a time")
             return self._chatml_function_calling(
                 messages, functions, function_call, tools, tool_choice, stream, grammar, response_format,
                 dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p, stop=stop,
@@ -992,7 +1081,7 @@ class Llama:
             tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
             model=model, logit_bias=logit_bias, logprobs=max(1, int(top_logprobs or 0)) if logprobs else None,
             logits_processor=logits_processor, repeat_last_n=repeat_last_n, penalize_nl=penalize_nl,
-            grammar=grammar)
+            grammar=grammar, n=n)
         chat_id = f"chatcmpl-{uuid.uuid4()}"
         chunks = Stream(self._chat_stream(completion, chat_id, tools, prefill, int(top_logprobs or 0)), completion)
         return chunks if stream else collect_chat(chunks)
@@ -1010,23 +1099,26 @@ class Llama:
     @staticmethod
     def _chat_stream(chunks, chat_id, tools, prefill: str, n_top: int):
         """Chat deltas from completion chunks: text as it comes, and with tools each call as one ``tool_calls``
-        delta once its block closes (text that may open a block is held back until it is clear either way)."""
+        delta once its block closes (text that may open a block is held back until it is clear either way).
+        Each choice index (``n > 1``) has its own state and keeps its index."""
         from .templates.tool_calls import CALL_CLOSE, ToolCallSplitter
-        splitter = ToolCallSplitter(parse_calls=bool(tools),
-                                    tool_names=[tool["function"]["name"] for tool in tools or []])
-        pending = splitter.feed(prefill) if prefill else []
-        n_calls = 0
-        first = True
+        states: dict = {}
         for chunk in chunks:
             choice = chunk["choices"][0]
+            index = choice.get("index", 0)
             base = {"id": chat_id, "object": "chat.completion.chunk", "created": chunk["created"],
                     "model": chunk["model"]}
-            if first:
-                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+            state = states.get(index)
+            if state is None:
+                splitter = ToolCallSplitter(parse_calls=bool(tools),
+                                            tool_names=[tool["function"]["name"] for tool in tools or []])
+                state = states[index] = {"splitter": splitter, "n_calls": 0,
+                                         "pending": splitter.feed(prefill) if prefill else []}
+                yield {**base, "choices": [{"index": index, "delta": {"role": "assistant"}, "logprobs": None,
                                             "finish_reason": None}]}
-                first = False
+            splitter = state["splitter"]
             finish_reason = choice["finish_reason"]
-            pieces, pending = pending + splitter.feed(choice["text"]), []
+            pieces, state["pending"] = state["pending"] + splitter.feed(choice["text"]), []
             if finish_reason is not None:
                 if prefill and finish_reason == "stop" and splitter.in_call:
                     pieces += splitter.feed(CALL_CLOSE)   # the stop string that ended the forced call
@@ -1036,8 +1128,8 @@ class Llama:
             deltas = []
             for kind, value in pieces:
                 if kind == "call":
-                    deltas.append({"tool_calls": [{"index": n_calls, **_tool_call(value)}]})
-                    n_calls += 1
+                    deltas.append({"tool_calls": [{"index": state["n_calls"], **_tool_call(value)}]})
+                    state["n_calls"] += 1
                 elif value and deltas and "content" in deltas[-1]:
                     deltas[-1]["content"] += value
                 elif value:
@@ -1047,11 +1139,20 @@ class Llama:
                 deltas.append({})
             for i, delta in enumerate(deltas):
                 last = i == len(deltas) - 1
-                out = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs if i == 0 else None,
+                out = {**base, "choices": [{"index": index, "delta": delta,
+                                            "logprobs": logprobs if i == 0 else None,
                                             "finish_reason": finish_reason if last else None}]}
                 if last and "usage" in chunk:
                     out["usage"] = chunk["usage"]
                 yield out
+
+
+class _StepStream(TokenStream):
+    """The worker-side steps of ``create_completion(n > 1)`` (lists of ``SequenceEvent``s), with a
+    ``TokenStream``'s guarantees: any thread may advance it, one at a time, and closing it ends the generation."""
+
+    def __next__(self):
+        return self._scheduler.next_item(self._request)
 
 
 def _metadata_string(value) -> str:
@@ -1119,55 +1220,66 @@ def _chat_logprobs(completion_logprobs, n_top: int):
 
 
 def collect_completion(chunks) -> dict:
-    """A whole text completion from its stream of chunks (what ``create_completion`` returns without stream)."""
-    text_parts, finish_reason, usage, logprob_data, chunk = [], None, None, None, None
+    """A whole text completion from its stream of chunks (what ``create_completion`` returns without stream):
+    one choice per index the chunks carry (``n > 1``: several), in index order."""
+    texts, finish_reasons, logprob_data, usage, chunk = {}, {}, {}, None, None
     for chunk in chunks:
         choice = chunk["choices"][0]
-        text_parts.append(choice["text"])
+        index = choice.get("index", 0)
+        texts.setdefault(index, []).append(choice["text"])
         if choice["finish_reason"] is not None:
-            finish_reason = choice["finish_reason"]
-            usage = chunk.get("usage")
+            finish_reasons[index] = choice["finish_reason"]
+        if chunk.get("usage"):
+            usage = chunk["usage"]
         if choice.get("logprobs"):
             part = choice["logprobs"]
-            if logprob_data is None:
-                logprob_data = {k: [] for k in part}
+            data = logprob_data.setdefault(index, {k: [] for k in part})
             for k, v in part.items():
-                logprob_data[k].extend(v)
+                data[k].extend(v)
     return {
         "id": chunk["id"], "object": "text_completion", "created": chunk["created"], "model": chunk["model"],
-        "choices": [{"text": "".join(text_parts), "index": 0, "logprobs": logprob_data,
-                     "finish_reason": finish_reason}],
+        "choices": [{"text": "".join(texts[i]), "index": i, "logprobs": logprob_data.get(i),
+                     "finish_reason": finish_reasons.get(i)} for i in sorted(texts)],
         "usage": usage,
     }
 
 
 def collect_chat(chunks) -> dict:
     """A whole chat completion from its stream of deltas (what ``create_chat_completion`` returns without
-    stream): content joined, tool calls merged by index as OpenAI's clients merge them."""
-    content, calls, logprob_content, finish_reason, usage, chunk = [], {}, None, None, None, None
+    stream): content joined, tool calls merged by index as OpenAI's clients merge them; one choice per choice
+    index the chunks carry (``n > 1``: several), in index order."""
+    parts: dict = {}
+    usage, chunk = None, None
     for chunk in chunks:
+        if "usage" in chunk:
+            usage = chunk["usage"]
+        if not chunk["choices"]:
+            continue
         choice = chunk["choices"][0]
+        part = parts.setdefault(choice.get("index", 0), {"content": [], "calls": {}, "logprobs": None,
+                                                        "finish_reason": None})
         delta = choice["delta"]
         if delta.get("content"):
-            content.append(delta["content"])
+            part["content"].append(delta["content"])
         for call in delta.get("tool_calls") or ():
-            merged = calls.setdefault(call["index"], {"id": call.get("id"), "type": "function",
-                                                      "function": {"name": "", "arguments": ""}})
+            merged = part["calls"].setdefault(call["index"], {"id": call.get("id"), "type": "function",
+                                                              "function": {"name": "", "arguments": ""}})
             merged["function"]["name"] += call["function"].get("name") or ""
             merged["function"]["arguments"] += call["function"].get("arguments") or ""
         if choice.get("logprobs"):
-            logprob_content = (logprob_content or []) + choice["logprobs"]["content"]
+            part["logprobs"] = (part["logprobs"] or []) + choice["logprobs"]["content"]
         if choice["finish_reason"] is not None:
-            finish_reason = choice["finish_reason"]
-        if "usage" in chunk:
-            usage = chunk["usage"]
-    text = "".join(content)
-    message = {"role": "assistant", "content": text}
-    if calls:
-        message["content"] = text.strip() or None
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+            part["finish_reason"] = choice["finish_reason"]
+    choices = []
+    for index in sorted(parts):
+        part = parts[index]
+        text = "".join(part["content"])
+        message = {"role": "assistant", "content": text}
+        if part["calls"]:
+            message["content"] = text.strip() or None
+            message["tool_calls"] = [part["calls"][i] for i in sorted(part["calls"])]
+        choices.append({"index": index, "message": message,
+                        "logprobs": None if part["logprobs"] is None else {"content": part["logprobs"]},
+                        "finish_reason": part["finish_reason"]})
     return {"id": chunk["id"], "object": "chat.completion", "created": chunk["created"], "model": chunk["model"],
-            "choices": [{"index": 0, "message": message,
-                         "logprobs": None if logprob_content is None else {"content": logprob_content},
-                         "finish_reason": finish_reason}],
-            "usage": usage}
+            "choices": choices, "usage": usage}

@@ -239,6 +239,59 @@ def test_a_client_that_vanishes_frees_its_slot(server):
     assert n_tokens < 200
 
 
+def test_n_choices_come_indexed_and_choice_0_is_the_single_reply(client):
+    """``n``: the prompt evaluated once, n choices decoded together (ContinuousBatcher), indexed 0..n-1; with a
+    seed, choice 0 is the n=1 reply and a repeat gives the same choices."""
+    sampling = {"temperature": 0.9, "seed": 11, "max_tokens": 6}
+    single = client.completions.create(model="qwen", prompt="def add(a, b):", **sampling)
+    many = client.completions.create(model="qwen", prompt="def add(a, b):", n=3, **sampling)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].text == single.choices[0].text
+    assert 3 <= many.usage.completion_tokens <= 18 and many.usage.prompt_tokens == single.usage.prompt_tokens
+    again = client.completions.create(model="qwen", prompt="def add(a, b):", n=3, **sampling)
+    assert [c.text for c in again.choices] == [c.text for c in many.choices]
+    chunks = list(client.chat.completions.create(model="qwen", messages=chat("Name a color."), n=2, stream=True,
+                                                 **sampling))
+    texts = {0: "", 1: ""}
+    finished = set()
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and all(texts.values())
+    whole = client.chat.completions.create(model="qwen", messages=chat("Name a color."), n=2, **sampling)
+    assert [c.message.content for c in whole.choices] == [texts[0], texts[1]]
+
+
+def test_a_client_leaving_an_n_stream_ends_its_choices_and_frees_the_slot(server, client):
+    """The n choices of a request decode in its slot; a client that goes mid-stream ends all of them (and only
+    them): the slot is free again and other requests are served."""
+    url, app = server
+    no_end = {"151643": -100, "151645": -100}
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"prompt": "1, 2, 3, 4,", "max_tokens": 300, "n": 3, "stream": True,
+                            "logit_bias": no_end}) as held:
+        lines = held.iter_lines()
+        indices = set()
+        while len(indices) < 3:
+            line = next(lines)
+            if line.startswith("data: {"):
+                indices.add(json.loads(line[6:])["choices"][0]["index"])
+    pool = _pool(app)
+    deadline = time.monotonic() + 20
+    while pool.n_busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.n_busy == 0
+    combined = pool.llm.model.batcher   # every decode pass of the choices goes through it
+    time.sleep(0.5)                      # the step in progress when the client left lands
+    passes = combined.passes
+    time.sleep(0.5)
+    assert combined.passes == passes, "the n > 1 generation went on after its client left"
+    out = client.completions.create(model="qwen", prompt="Hi", max_tokens=2, n=2)
+    assert [c.index for c in out.choices] == [0, 1]
+
+
 @pytest.mark.parametrize("payload, status, needle", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
@@ -250,7 +303,7 @@ def test_a_client_that_vanishes_frees_its_slot(server):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"messages": chat("hi " * 3000)}, 400, "context"),
     ({"messages": chat("hi"), "max_tokens": 5000}, 400, "context"),
-    ({"messages": chat("hi"), "n": 3}, 400, "n > 1"),
+    ({"messages": chat("hi"), "n": 17}, 400, "'n' must be"),
     ({"messages": chat("hi"), "response_format": {"type": "xml"}}, 400, "response_format"),
     ({"messages": chat("hi"), "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "string", "pattern": "(?<=a)b"}}}}, 400, "JSON schema"),

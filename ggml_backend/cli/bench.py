@@ -47,7 +47,7 @@ if engine == "llama.cpp":
 else:
     from ggml_backend import Llama
     llm = Llama(model, n_ctx=n_ctx, n_threads=threads, verbose=False, n_batch=512)
-    kv_bytes = llm.cache.nbytes
+    kv_bytes = llm.cache.max_nbytes   # the cache grows as it fills: its size at n_ctx
     def last_logits():
         return llm.scores[llm.n_tokens - 1]
 result = {"open_s": time.perf_counter() - t_start}

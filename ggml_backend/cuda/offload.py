@@ -44,7 +44,9 @@ class OffloadedKVCache(KVCache):
     def __init__(self, offload: "GPUOffload", n_ctx: int, type_k: str, type_v: str):
         hp = offload.hp
         self.offload = offload
-        super().__init__(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v)
+        # allocated whole (the device arrays are made once, as llama.cpp's are), not grown as the CPU's caches are
+        super().__init__(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v,
+                         capacity=n_ctx)
         self.layers = range(offload.first_layer, hp.n_layer)
         need = sum(self.k.data[il].nbytes + self.v.data[il].nbytes for il in self.layers)
         if self.k.scales is not None:
@@ -108,6 +110,17 @@ class OffloadedKVCache(KVCache):
     def snapshot(self) -> dict:
         self.to_host()
         return super().snapshot()
+
+    def copy_prefix_from(self, other: KVCache, n: int) -> None:
+        if isinstance(other, OffloadedKVCache):
+            other.to_host()
+        super().copy_prefix_from(other, n)
+        self._host_stale = False
+        self.host_changed()
+
+    def release(self) -> None:
+        # the device arrays stay (they are the cache's whole size); only the positions are forgotten
+        self.n_past = 0
 
     def restore(self, state: dict) -> None:
         super().restore(state)

@@ -6,6 +6,10 @@ than the price of one. Each context's thread calls ``Model.forward`` as before; 
 in progress to end, and the first of the waiting threads (the leader) runs the next pass for all of them
 (flat combining: no thread of our own, nothing to start or stop, and a lone context runs at once).
 
+This is the one mechanism that combines passes: the public ``ContinuousBatcher`` (continuous_batching.py) submits
+all its sequences' tokens of a step here at once (``forward_many``), so they share passes with any contexts (the
+server's slots) decoding at the same moment.
+
 Results do not depend on batching: a pass stays under BLAS_MIN_TOKENS rows, where the SIMD integer kernels compute
 every (weight row, token) pair alone with the one-token code, and everything else in the pass (norms, rope,
 attention over each context's own cache) works row by row. So a context gets the numbers it gets alone, bit for
@@ -17,8 +21,11 @@ import threading
 import time
 
 #: how long a leader waits at most for the other active contexts to join its pass (they are sampling their next
-#: token meanwhile, ~5 ms with a 150k vocabulary; a context that stops generating leaves at once, see ``leave``)
-GATHER_S = 0.02
+#: token meanwhile, ~5 ms with a 150k vocabulary, and their consumers asking for it; a context that stops
+#: generating leaves at once, see ``leave``). 20 ms was too short on a loaded 2-core machine: the contexts'
+#: threads missed the pass and each step became two or three passes; a pass of the 0.5B model takes 30-100 ms,
+#: so waiting up to 60 ms for a context that does come is cheaper than a pass of its own
+GATHER_S = 0.06
 #: a context that submitted within this long counts as active (the leader waits for it to join)
 ACTIVE_S = 0.25
 
@@ -48,17 +55,29 @@ class ForwardBatcher:
         self.tokens = 0
 
     def forward(self, tokens, cache):
-        job = _Job(tokens, cache)
+        """One context's tokens (fewer than max_rows) through a combined pass: its last token's logits [1, n_vocab]."""
+        return self.forward_many([(tokens, cache)])[0]
+
+    def forward_many(self, items):
+        """Several sequences of one caller ([(tokens, cache), ...], each cache once, max_rows tokens at most in
+        all) through one combined pass, joined by whatever other callers are waiting: each one's last logits.
+        The public ``ContinuousBatcher`` submits its whole step here, so its sequences and the contexts of
+        ``Llama.new_context`` (the server's slots) share the same passes."""
+        own = [_Job(tokens, cache) for tokens, cache in items]
+        if sum(len(j.tokens) for j in own) > self.max_rows:
+            raise ValueError(f"a combined pass carries at most {self.max_rows} tokens")
         with self._cond:
-            self._pending.append(job)
-            self._last_seen[id(cache)] = time.monotonic()
+            now = time.monotonic()
+            for job in own:
+                self._pending.append(job)
+                self._last_seen[id(job.cache)] = now
             self._cond.notify_all()
-            while self._leader and not job.done:
+            while self._leader and not all(j.done for j in own):
                 self._cond.wait()
-            if job.done:
-                return job.result()
+            if all(j.done for j in own):
+                return [j.result() for j in own]
             self._leader = True
-            batch = self._gather(job)
+            batch = self._gather([j for j in own if not j.done])
         try:
             from ..quant.matmul import single_threaded_blas
             with self.model.turns, single_threaded_blas():
@@ -76,7 +95,11 @@ class ForwardBatcher:
                 self.passes += 1
                 self.tokens += sum(len(j.tokens) for j in batch)
                 self._cond.notify_all()
-        return job.result()
+        # jobs of ours that another leader's pass took finished before ours did (a leader waits for its own)
+        with self._cond:
+            while not all(j.done for j in own):
+                self._cond.wait()
+        return [j.result() for j in own]
 
     def leave(self, cache) -> None:
         """The context of ``cache`` is done for now (its generation ended): passes stop waiting for it."""
@@ -84,8 +107,8 @@ class ForwardBatcher:
             self._last_seen.pop(id(cache), None)
             self._cond.notify_all()
 
-    def _gather(self, own: _Job) -> list[_Job]:
-        """The leader's pass: its own job, then waiting jobs first come first served, up to max_rows and one job
+    def _gather(self, own: list[_Job]) -> list[_Job]:
+        """The leader's pass: its own jobs, then waiting jobs first come first served, up to max_rows and one job
         per cache; first a short wait for the other active contexts (called with the lock held)."""
         deadline = time.monotonic() + GATHER_S
         while True:
@@ -98,9 +121,11 @@ class ForwardBatcher:
             self._cond.wait(deadline - now)
         for c in [c for c, seen in self._last_seen.items() if now - seen >= ACTIVE_S]:
             del self._last_seen[c]
-        batch, rows, caches = [own], len(own.tokens), {id(own.cache)}
+        batch, rows, caches = list(own), sum(len(j.tokens) for j in own), {id(j.cache) for j in own}
         for j in self._pending:
-            if j is not own and id(j.cache) not in caches and rows + len(j.tokens) <= self.max_rows:
+            if j.done or j in own:
+                continue
+            if id(j.cache) not in caches and rows + len(j.tokens) <= self.max_rows:
                 batch.append(j)
                 rows += len(j.tokens)
                 caches.add(id(j.cache))

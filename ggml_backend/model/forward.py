@@ -164,11 +164,14 @@ class Model:
         # contexts' few-token passes combined into one (model/batching.py), where that leaves the numbers alone
         self.batcher = ForwardBatcher(self, BLAS_MIN_TOKENS - 1) if batch_invariant(self) else None
 
-    def new_cache(self, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE) -> KVCache:
+    def new_cache(self, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE,
+                  capacity: int | None = None) -> KVCache:
+        """A KV cache for up to n_ctx positions, allocated as it fills (``capacity``: positions to allocate now;
+        default one chunk, see kv_cache.GROW_CHUNK)."""
         hp = self.hp
-        if self.offload is not None:   # the offloaded layers' keys and values live on the GPU
+        if self.offload is not None:   # the offloaded layers' keys and values live on the GPU (allocated whole)
             return self.offload.new_cache(n_ctx, type_k, type_v)
-        return KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v)
+        return KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v, capacity)
 
     def _rope_params(self, layer_index: int):
         hp = self.hp

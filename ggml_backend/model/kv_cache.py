@@ -30,6 +30,8 @@ DEFAULT_CACHE_TYPE = "f16"
 GGML_TYPE_IDS = {0: "f32", 1: "f16", 8: "q8_0"}      # enum ggml_type
 _BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 _Q8_BLOCK = 32
+#: a KV cache grows in whole chunks of this many positions (see CacheTensor.grow); a new one starts with one chunk
+GROW_CHUNK = 256
 
 
 # what else llama.cpp's --cache-type-k/v take (ggml type ids): refused as not implemented, not as nonsense
@@ -110,26 +112,68 @@ def dequantize_q8_0(data: np.ndarray, scales: np.ndarray, start: int, stop: int)
 
 
 class CacheTensor:
-    """K or V of every layer, [n_layer, n_head_kv, n_ctx, head_dim], stored as ``kind``."""
+    """K or V of every layer, [n_layer, n_head_kv, n_ctx, head_dim], stored as ``kind``.
 
-    def __init__(self, kind: str, shape: tuple[int, int, int, int]):
+    Only the first ``capacity`` positions are allocated (default all n_ctx); ``write`` and ``load`` grow the
+    arrays on demand (see ``grow``) and ``release`` frees them, so a sequence holds memory for what it has
+    evaluated, not for the whole context it may reach."""
+
+    def __init__(self, kind: str, shape: tuple[int, int, int, int], capacity: int | None = None):
         self.kind = kind
+        self.n_ctx = shape[2]
         head_dim = shape[-1]
-        if kind == "f32":
-            self.data = np.zeros(shape, np.float32)
-        elif kind == "f16":
-            self.data = np.zeros(shape, np.uint16)
-        elif kind == "q8_0":
-            if head_dim % _Q8_BLOCK:
-                raise ValueError(f"cache type q8_0 needs a head size that is a multiple of {_Q8_BLOCK}; this "
-                                 f"model's is {head_dim}")
-            self.data = np.zeros(shape, np.int8)
-        else:
+        if kind not in CACHE_TYPES:
             raise ValueError(f"unknown cache type {kind!r}")
-        # q8_0's half scales, one per 32 values; float types have none
-        self.scales = np.zeros(shape[:-1] + (head_dim // _Q8_BLOCK,), np.uint16) if kind == "q8_0" else None
+        if kind == "q8_0" and head_dim % _Q8_BLOCK:
+            raise ValueError(f"cache type q8_0 needs a head size that is a multiple of {_Q8_BLOCK}; this "
+                             f"model's is {head_dim}")
+        self._dtype = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}[kind]
+        self._shape = shape
         # quantized storage holds each head's vector rotated (see the module docstring)
         self.rotated = kind == "q8_0" and rotates(head_dim)
+        self._allocate(self.n_ctx if capacity is None else max(0, min(int(capacity), self.n_ctx)))
+
+    def _allocate(self, capacity: int) -> None:
+        """(Re)allocate room for ``capacity`` positions, keeping the values of the positions both sizes have."""
+        n_layer, n_head_kv, _, head_dim = self._shape
+        data = np.zeros((n_layer, n_head_kv, capacity, head_dim), self._dtype)
+        # q8_0's half scales, one per 32 values; float types have none
+        scales = (np.zeros((n_layer, n_head_kv, capacity, head_dim // _Q8_BLOCK), np.uint16)
+                  if self.kind == "q8_0" else None)
+        old = getattr(self, "data", None)
+        if old is not None:
+            keep = min(old.shape[2], capacity)
+            data[:, :, :keep] = old[:, :, :keep]
+            if scales is not None:
+                scales[:, :, :keep] = self.scales[:, :, :keep]
+        self.data, self.scales = data, scales
+
+    @property
+    def capacity(self) -> int:
+        """Positions allocated now (at most n_ctx)."""
+        return self.data.shape[2]
+
+    @property
+    def max_nbytes(self) -> int:
+        """The memory this tensor takes at n_ctx positions."""
+        n_layer, n_head_kv, _, head_dim = self._shape
+        per_position = self.data.itemsize * head_dim + (2 * head_dim // _Q8_BLOCK if self.scales is not None else 0)
+        return n_layer * n_head_kv * self.n_ctx * per_position
+
+    def grow(self, n: int) -> None:
+        """Make room for positions 0..n-1: at least doubling, in whole GROW_CHUNKs, up to n_ctx (doubling keeps the
+        copying of a sequence that grows token by token linear in its length)."""
+        if n <= self.capacity:
+            return
+        if n > self.n_ctx:
+            raise ValueError(f"{n} positions do not fit the context of {self.n_ctx}")
+        want = max(n, 2 * self.capacity)
+        self._allocate(min(self.n_ctx, -(-want // GROW_CHUNK) * GROW_CHUNK))
+
+    def release(self) -> None:
+        """Free the memory (the values are gone; writing again allocates anew)."""
+        self.data = self.data[:, :, :0].copy()
+        self.scales = None if self.scales is None else self.scales[:, :, :0].copy()
 
     @property
     def nbytes(self) -> int:
@@ -142,6 +186,7 @@ class CacheTensor:
     def write(self, il: int, start: int, rows: np.ndarray) -> None:
         """rows: float32 [n_head_kv, n, head_dim] for positions start .. start+n-1 of layer ``il``."""
         n = rows.shape[1]
+        self.grow(start + n)
         if self.kind == "f32":
             self.data[il, :, start:start + n] = rows
         elif self.kind == "f16":
@@ -176,20 +221,55 @@ class CacheTensor:
     def load(self, saved: tuple[np.ndarray, np.ndarray | None]) -> None:
         data, scales = saved
         n = data.shape[2]
+        self.grow(n)
         self.data[:, :, :n] = data
         if scales is not None:
             self.scales[:, :, :n] = scales
 
 
 class KVCache:
+    """One sequence's keys and values for every layer, positions 0..n_past-1.
+
+    Memory is allocated as the sequence grows (``CacheTensor.grow``): ``capacity`` positions at first (default
+    one GROW_CHUNK, at most n_ctx), then in chunks up to n_ctx; ``release`` returns it."""
+
     def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int,
-                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
+                 type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE, capacity: int | None = None):
         self.n_ctx = n_ctx
         self.type_k = cache_type(type_k, "type_k")
         self.type_v = cache_type(type_v, "type_v")
-        self.k = CacheTensor(self.type_k, (n_layer, n_head_kv, n_ctx, head_dim_k))
-        self.v = CacheTensor(self.type_v, (n_layer, n_head_kv, n_ctx, head_dim_v))
+        capacity = min(n_ctx, GROW_CHUNK) if capacity is None else capacity
+        self.k = CacheTensor(self.type_k, (n_layer, n_head_kv, n_ctx, head_dim_k), capacity)
+        self.v = CacheTensor(self.type_v, (n_layer, n_head_kv, n_ctx, head_dim_v), capacity)
         self.n_past = 0   # positions 0..n_past-1 are filled
+
+    @property
+    def capacity(self) -> int:
+        return min(self.k.capacity, self.v.capacity)
+
+    @property
+    def max_nbytes(self) -> int:
+        """The memory the cache takes once it holds n_ctx positions (``nbytes`` is what it holds now)."""
+        return self.k.max_nbytes + self.v.max_nbytes
+
+    def release(self) -> None:
+        """Forget everything and give the memory back (a later store allocates again)."""
+        self.n_past = 0
+        self.k.release()
+        self.v.release()
+
+    def copy_prefix_from(self, other: "KVCache", n: int) -> None:
+        """Make this cache hold ``other``'s first n positions (llama.cpp's seq_cp): the same stored values, so
+        attention over them gives the numbers ``other`` gets."""
+        if n > other.n_past:
+            raise ValueError(f"the source sequence has {other.n_past} positions, not {n}")
+        if n > self.n_ctx:
+            raise ValueError(f"{n} positions do not fit the context of {self.n_ctx}")
+        if (other.type_k, other.type_v) != (self.type_k, self.type_v) or other.k.data.shape[:2] != self.k.data.shape[:2]:
+            raise ValueError("the two caches differ in cache types or shape")
+        self.k.load(other.k.saved(n))
+        self.v.load(other.v.saved(n))
+        self.n_past = n
 
     @property
     def nbytes(self) -> int:
@@ -201,8 +281,8 @@ class KVCache:
         self.v.write(layer, start, np.ascontiguousarray(v.transpose(1, 0, 2), dtype=np.float32))
 
     def truncate(self, n: int) -> None:
-        """Forget every position from n on."""
-        self.n_past = min(self.n_past, n)
+        """Forget every position from n on (the memory stays, for the positions that will replace them)."""
+        self.n_past = min(self.n_past, max(0, n))
 
     def shift(self, n_keep: int, n_discard: int) -> None:
         """Drop positions n_keep .. n_keep+n_discard-1 and move the rest down (llama.cpp's context shift).
@@ -230,3 +310,72 @@ class KVCache:
         self.k.load((state["k"], state["k_scales"]))
         self.v.load((state["v"], state["v_scales"]))
         self.n_past = n
+
+
+class MultiSequenceCache:
+    """KV caches of several sequences of one model, keyed by sequence id (any hashable; the continuous batcher
+    uses ints), each with its own positions: llama.cpp's multi-sequence cache operations on separate per-sequence
+    caches. Memory comes as sequences grow (``KVCache``) and goes back when one is removed.
+
+    ``copy_prefix(src, dst, n)`` is llama.cpp's ``seq_cp``: ``dst`` starts from ``src``'s first n positions (a
+    system prompt cached once, ``n > 1`` completions sharing their prompt). It copies the stored values rather
+    than sharing them: the sequences then diverge without copy-on-write bookkeeping, and the copy (a few MB for a
+    long prompt) costs far less than evaluating the prompt again."""
+
+    def __init__(self, model, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE):
+        self.model = model
+        self.n_ctx = int(n_ctx)
+        self.type_k = cache_type(type_k, "type_k")
+        self.type_v = cache_type(type_v, "type_v")
+        self._caches: dict = {}
+
+    def add(self, seq_id) -> KVCache:
+        """A new empty sequence (ValueError if the id is taken)."""
+        if seq_id in self._caches:
+            raise ValueError(f"sequence {seq_id!r} exists already")
+        cache = self.model.new_cache(self.n_ctx, self.type_k, self.type_v, capacity=0)
+        self._caches[seq_id] = cache
+        return cache
+
+    def remove(self, seq_id) -> None:
+        """End a sequence: its memory goes back at once (KeyError for an unknown id)."""
+        self._caches.pop(self._known(seq_id)).release()
+
+    def truncate(self, seq_id, n: int) -> None:
+        """Keep the first n positions of a sequence (llama.cpp's seq_rm from n on)."""
+        self[seq_id].truncate(n)
+
+    def copy_prefix(self, src, dst, n: int | None = None) -> KVCache:
+        """Sequence ``dst`` (created if new, replaced if not) starts as ``src``'s first n positions (default all)."""
+        source = self[src]
+        n = source.n_past if n is None else int(n)
+        cache = self._caches.get(dst)
+        if cache is None:
+            cache = self.add(dst)
+        cache.copy_prefix_from(source, n)
+        return cache
+
+    def n_past(self, seq_id) -> int:
+        return self[seq_id].n_past
+
+    def _known(self, seq_id):
+        if seq_id not in self._caches:
+            raise KeyError(f"no sequence {seq_id!r}")
+        return seq_id
+
+    def __getitem__(self, seq_id) -> KVCache:
+        return self._caches[self._known(seq_id)]
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._caches
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def __iter__(self):
+        return iter(list(self._caches))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held now by every sequence."""
+        return sum(cache.nbytes for cache in self._caches.values())

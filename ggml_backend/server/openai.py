@@ -48,11 +48,14 @@ async def get_model(request: Request, model_id: str):
             "owned_by": "ggml_backend"}
 
 
+#: the most choices one request may ask for (``n``): they are decoded together in the request's slot, each with a
+#: KV cache of its own, so the bound keeps one request from taking a slot's worth of memory many times over
+MAX_N = 16
+
+
 def _unsupported(body: Body) -> None:
     """Requests we cannot honour get a 400, never a reply that silently ignores what they asked."""
-    n = body.int("n", default=1, low=1)
-    if n != 1:
-        raise APIError(400, "n > 1 is not supported: send one request per completion", param="n")
+    body.int("n", default=1, low=1, high=MAX_N)
     if body.int("best_of", default=1, low=1) != 1:
         raise APIError(400, "best_of > 1 is not supported", param="best_of")
 
@@ -108,7 +111,7 @@ async def completions(request: Request):
     logprobs = body.int("logprobs", default=None, low=0, high=20)
     kwargs = dict(sampling_kwargs(body, pool.llm.n_vocab()), max_tokens=max_tokens, stop=body.stops("stop"),
                   echo=body.bool("echo", default=False), logprobs=logprobs, model=pool.alias, stream=True,
-                  grammar=_grammar(body))
+                  grammar=_grammar(body), n=body.int("n", default=1))
     stream = body.bool("stream", default=False)
     include_usage = _stream_options(body)
     ticket, chunks = await start(request, pool, tokens, lambda llm: llm.create_completion(tokens, **kwargs))
@@ -153,7 +156,7 @@ async def chat_completions(request: Request):
                                   len(tokens), pool.n_ctx)
     kwargs = dict(sampling_kwargs(body, llm.n_vocab()), max_tokens=max_tokens, stop=body.stops("stop"),
                   logprobs=logprobs, top_logprobs=top_logprobs, tools=tools, tool_choice=tool_choice,
-                  grammar=grammar, model=pool.alias, stream=True)
+                  grammar=grammar, model=pool.alias, stream=True, n=body.int("n", default=1))
     stream = body.bool("stream", default=False)
     include_usage = _stream_options(body)
     ticket, chunks = await start(request, pool, tokens,

@@ -4,10 +4,11 @@ borrow one at a time; requests beyond the slots wait in line, first come first s
 * A request is given the free slot whose evaluated tokens share the longest prefix with its prompt, so a follow-up
   turn of a chat finds its conversation still in the KV cache and evaluates only the new turn (llama.cpp's
   server chooses slots the same way).
-* Slots take turns with the weights one forward pass at a time (``Model.turns``, first come first served), so N
-  streams advance together, token by token, and each gives exactly what it gives alone. The loop that decodes is
-  the slot's own (``Llama``'s worker thread): when the engine learns to decode several sequences in one forward
-  pass (continuous batching), the turn taking is the one place that changes.
+* Slots decoding at the same time share forward passes: each slot's decode step goes through the model's
+  ``ForwardBatcher`` (model/batching.py), which runs the waiting slots' tokens in one pass, and each gives exactly
+  what it gives alone. The ``ContinuousBatcher`` (continuous_batching.py) that ``n > 1`` requests run on submits
+  its sequences there too, so one mechanism combines everything; the loop that decodes is the slot's own
+  (``Llama``'s worker thread).
 * Everything here runs on the event loop's thread: no lock. Generations run in worker threads, advanced one chunk
   per ``await``; nothing is held across a ``yield``.
 """

@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Batched decoding, side by side in one run: llama.cpp's own batch API, our ``ContinuousBatcher`` in process, and
+our server with N concurrent streaming clients; aggregate decode tokens/s at N = 1, 2, 4, 8, 16 sequences.
+
+usage: python benchmarks/bench_batched.py [-m MODEL] [--n 1,2,4,8,16] [--prompt 32] [--steps 32] [--threads 2]
+                                          [--engines llamacpp,ours,server] [--llamacpp-script PATH] [--repeat 3]
+                                          [--json OUT]
+
+Procedure, the same for the three (llama.cpp's is ``shared/bench/batched_llamacpp.py``, run as it is):
+N sequences with random prompts of ``--prompt`` token ids (numpy default_rng(0), ids 100..2999, as that script
+draws them), evaluated first and not timed; then ``--steps`` decode steps, each carrying one token of every
+sequence (greedy), timed: aggregate decode tokens/s = N * steps / time.
+
+* llamacpp: one ``llama_decode`` of N tokens per step, in one KV cache (its continuous batching mechanism).
+* ours: ``ContinuousBatcher.step()`` (one forward pass for the N sequences, then N samplings).
+* server: ``ggml-backend serve -np 16`` in its own process; N clients stream ``/v1/completions`` at once (the same
+  token-id prompts, temperature 0, end tokens banned so each runs the full length). Its rate is measured over the
+  window where all N are decoding (from the last client's first token to the first client's last token), and
+  its time per step (N / rate) is compared with ours in process at the same N: the server's overhead per step.
+
+The three alternate at each N and the sweep repeats ``--repeat`` times; each figure is the median run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_LLAMACPP_SCRIPT = REPO.parent / "shared" / "bench" / "batched_llamacpp.py"
+NO_END = {"151643": -100, "151645": -100}   # Qwen2.5's end tokens, banned so every stream runs its full length
+
+
+def prompts(n: int, length: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)   # batched_llamacpp.py's draws
+    return [[int(x) for x in rng.integers(100, 3000, length)] for _ in range(n)]
+
+
+def run_llamacpp(script: Path, model: str, ns, threads: int, prompt: int, steps: int) -> dict:
+    out = subprocess.run([sys.executable, str(script), model, "--threads", str(threads), "--n",
+                          ",".join(map(str, ns)), "--prompt", str(prompt), "--steps", str(steps)],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode:
+        raise RuntimeError(f"{script} failed: {out.stderr[-2000:]}")
+    return {int(n): float(v) for n, v in re.findall(r"n=(\d+):([\d.]+)tok/s", out.stdout)}
+
+
+class Ours:
+    """Our ContinuousBatcher in this process, the model loaded once."""
+
+    def __init__(self, model: str, threads: int, prompt: int, steps: int):
+        from ggml_backend import Llama
+        self.llm = Llama(model, n_ctx=prompt + steps + 8, n_threads=threads, verbose=False)
+        self.prompt, self.steps = prompt, steps
+        self.measure(1)   # warm-up: numba loads its kernels
+
+    def measure(self, n: int) -> dict:
+        from ggml_backend import ContinuousBatcher
+        batcher = ContinuousBatcher(self.llm, max_sequences=n)
+        for p in prompts(n, self.prompt):
+            batcher.add(p, max_tokens=self.steps + 1, temperature=0, repeat_penalty=1.0, stop_tokens=[])
+        while not all(s.generated for s in batcher.sequences.values()):   # prompts in, first tokens out
+            batcher.step()
+        t0 = time.perf_counter()
+        for _ in range(self.steps):
+            batcher.step()
+        dt = time.perf_counter() - t0
+        return {"tok_s": n * self.steps / dt, "step_ms": 1000 * dt / self.steps}
+
+
+def start_server(model: str, threads: int, parallel: int, n_ctx_slot: int):
+    import httpx
+    from bench_server import free_port
+    port = free_port()
+    cmd = [sys.executable, "-m", "ggml_backend", "serve", "-m", model, "--port", str(port), "-t", str(threads),
+           "-np", str(parallel), "-c", str(n_ctx_slot * parallel), "--alias", "bench"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the server exited")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError("the server did not start in 300 s")
+
+
+async def _client(client, url: str, tokens: list[int], max_tokens: int) -> list[float]:
+    body = {"model": "bench", "prompt": tokens, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "logit_bias": NO_END, "repeat_penalty": 1.0}
+    stamps = []
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
+    return stamps
+
+
+async def _level(url: str, n: int, prompt: int, steps: int) -> dict:
+    import httpx
+    async with httpx.AsyncClient(timeout=600) as client:
+        streams = await asyncio.gather(*[_client(client, url, p, steps + 1) for p in prompts(n, prompt)])
+    start = max(s[0] for s in streams)    # every client is decoding from here ...
+    end = min(s[-1] for s in streams)     # ... to here
+    in_window = sum(1 for s in streams for t in s if start < t <= end)
+    rate = in_window / (end - start)
+    return {"tok_s": rate, "step_ms": 1000 * n / rate, "chunks_per_stream": float(np.median([len(s) for s in streams]))}
+
+
+def median_row(rows: list[dict]) -> dict:
+    """The run whose rate is the median (its other fields with it), plus every run's rate."""
+    ordered = sorted(rows, key=lambda r: r["tok_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_tok_s": [round(r["tok_s"], 2) for r in rows]}
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", default=None)
+    ap.add_argument("--n", default="1,2,4,8,16")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default="llamacpp,ours,server")
+    ap.add_argument("--llamacpp-script", default=str(DEFAULT_LLAMACPP_SCRIPT))
+    ap.add_argument("--repeat", type=int, default=3, help="sweeps; each figure is the median run")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.model is None:
+        from ggml_backend.default_model import default_model_path
+        args.model = default_model_path(progress=False)
+    ns = [int(x) for x in args.n.split(",")]
+    engines = args.engines.split(",")
+    from bench_server import cpu_name
+    report = {"cpu": cpu_name(), "model": os.path.basename(args.model), "threads": args.threads,
+              "prompt": args.prompt, "steps": args.steps, "load_before": os.getloadavg(), "results": {}}
+    print(f"CPU: {report['cpu']}; model {report['model']}; {args.threads} threads; prompts of {args.prompt} tokens, "
+          f"{args.steps} decode steps; load {report['load_before'][0]:.2f}", flush=True)
+    # the three engines alternate at each N, and the whole sweep repeats: this machine's neighbours move a figure
+    # by tens of percent from one minute to the next, so each engine must see the same conditions
+    script = Path(args.llamacpp_script)
+    if "llamacpp" in engines and not script.is_file():
+        print(f"llamacpp: {script} not found (--llamacpp-script)")
+        engines.remove("llamacpp")
+    ours = Ours(args.model, args.threads, args.prompt, args.steps) if "ours" in engines else None
+    server = start_server(args.model, args.threads, max(ns), args.prompt + args.steps + 8) \
+        if "server" in engines else None
+    runs: dict = {engine: {n: [] for n in ns} for engine in engines}
+    try:
+        if server is not None:
+            asyncio.run(_level(server[1], 2, args.prompt, 4))   # warm-up
+        for rep in range(args.repeat):
+            for n in ns:
+                if "llamacpp" in engines:
+                    rate = run_llamacpp(script, args.model, [n], args.threads, args.prompt, args.steps)[n]
+                    runs["llamacpp"][n].append({"tok_s": rate, "step_ms": 1000 * n / rate})
+                if ours is not None:
+                    runs["ours"][n].append(ours.measure(n))
+                if server is not None:
+                    runs["server"][n].append(asyncio.run(_level(server[1], n, args.prompt, args.steps)))
+                print(f"run {rep + 1} N={n}: " + ", ".join(f"{e} {runs[e][n][-1]['tok_s']:.1f}" for e in engines)
+                      + f" tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
+    finally:
+        if server is not None:
+            server[0].terminate()
+            try:
+                server[0].wait(30)
+            except subprocess.TimeoutExpired:
+                server[0].kill()
+    report["results"] = {e: {n: median_row(rows) for n, rows in by_n.items()} for e, by_n in runs.items()}
+    report["load_after"] = os.getloadavg()
+    res = report["results"]
+    print(f"{'N':>3} {'llama.cpp tok/s':>16} {'ours tok/s':>11} {'server tok/s':>13} {'ours ms/step':>13} "
+          f"{'server ms/step':>15} {'server overhead':>16}")
+    for n in ns:
+        lc = res.get("llamacpp", {}).get(n)
+        lc = lc and lc["tok_s"]
+        ours = res.get("ours", {}).get(n)
+        server = res.get("server", {}).get(n)
+        overhead = (server["step_ms"] / ours["step_ms"] - 1) if ours and server else None
+        if overhead is not None:
+            server["overhead_vs_in_process"] = overhead
+        cell = lambda v, f: f"{v:{f}}" if v is not None else "-"  # noqa: E731
+        print(f"{n:>3} {cell(lc, '16.1f')} {cell(ours and ours['tok_s'], '11.1f')} "
+              f"{cell(server and server['tok_s'], '13.1f')} {cell(ours and ours['step_ms'], '13.1f')} "
+              f"{cell(server and server['step_ms'], '15.1f')} "
+              f"{cell(None if overhead is None else 100 * overhead, '15.1f')}%")
+    print(f"load after: {report['load_after'][0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
