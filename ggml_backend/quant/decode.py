@@ -12,7 +12,8 @@ A kernel computes a row times one token (``_row_*``) or a tile of TILE tokens (`
 weight block once for all of them, with the same block decoders and per-token steps, so each (row, token) result
 is the one-token kernel's bit for bit); ``matvec`` spreads the rows of one or several matrices over numba's threads
 in equal chunks, in one launch; ``matmul_few`` does the same for a few tokens, in tiles. ``dequantize_rows``
-expands weight rows to float32 for the prompt path with the same block decoders. The ``isa`` argument (see ``simd.py``) picks the instructions and is part of each compiled signature.
+expands weight rows to float32 for the prompt path with the same block decoders. The ``isa`` argument (see
+``simd.py``) picks the instructions and is part of each compiled signature.
 
 Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
     q4_0  [d | 16 bytes: low nibbles = weights 0..15, high = 16..31]              w = q - 8
