@@ -158,7 +158,9 @@ def lane_bias(xq, offset, isa):
 # constant), so each kind's branches fold away.
 # ----------------------------------------------------------------------------------------------------------------
 
-TILE = 4   # tokens per tile: measured against 2 and 8 on a Zen 4 (benchmarks/bench_few_tokens.py)
+# Tokens per tile. 4 keeps a tile's accumulators (two chains for q4_0 / q5_0: 8 vectors) and the unpacked block
+# in AVX2's 16 vector registers; the tiles are written out for 4 (wider tiles were not tried).
+TILE = 4
 
 # Kernel selectors: the ``kind`` argument of ``matvec``.
 KINDS = {"q4_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3, "q8_0": 4, "q2_K": 5, "q3_K": 6, "q4_K": 7, "q5_K": 8, "q6_K": 9}
@@ -294,8 +296,40 @@ def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
     return sum_f32x8(acc)
 
 
+@njit(**_KERNEL)
+def _unsigned_x(kind, isa):
+    """Whether a tile of ``kind`` takes the activations as unsigned bytes (x + 128) against signed weights, so that
+    its per-token step needs no lane biases: the offset kinds (q4_0, q5_0), and q8_0 where ``vpdpbusd`` cannot
+    saturate (VNNI; on AVX2 ``vpmaddubsw`` could, with 255 * -128 * 2)."""
+    kc = kind_code(kind)
+    return kc == 0 or kc == 2 or (kc == 4 and signed_dot_offset(isa) == 128)
+
+
+@njit(**_KERNEL)
+def _tile_block(kind, w, row, b, isa):
+    """Block ``b`` for a tile: (quants, lanes to start each token's dot product from, d, m). Where ``_unsigned_x``:
+    the signed weights (q - offset) and the lanes of -128 * their sums, so that dot_u8_i8(those lanes, x + 128, w)
+    is exactly the lanes of the one-token kernel's dot product (integers: the same numbers); else the decoder's
+    quants and zeros (unused)."""
+    q, d, m = _legacy_block(kind, w, row, b)
+    if _unsigned_x(kind, isa):
+        kc = kind_code(kind)
+        signed = add_bytes(q, splat_bytes(-8 if kc == 0 else -16 if kc == 2 else 0))
+        return signed, mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(128), signed, isa), -1), d, m
+    return q, zero_i32x8(), d, m
+
+
+@njit(**_KERNEL)
+def _tile_dot(kind, acc, q, lanes, scale, xq, xu, x, bias, g, isa):
+    """One token's step of a tile: ``_legacy_dot``, or where ``_unsigned_x`` the same lanes from the unsigned
+    activations ``xu`` (x + 128) and ``_tile_block``'s signed weights and start lanes."""
+    if _unsigned_x(kind, isa):
+        return fma_i32x8(acc, dot_u8_i8(lanes, load_32_bytes(xu, x), q, isa), scale)
+    return _legacy_dot(kind, acc, q, scale, xq, x, bias, g, isa)
+
+
 @njit(inline="always", **_KERNEL)
-def _tile_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
+def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, isa):
     """``_row_legacy`` for tokens t .. t + 3, each block unpacked once."""
     kc = kind_code(kind)
     x0 = t * k
@@ -312,29 +346,29 @@ def _tile_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
         c2 = zero_f32x8()
         c3 = zero_f32x8()
         for b in range(0, n - 1, 2):
-            q, d, _ = _legacy_block(kind, w, start, b)
+            q, lanes, d, _ = _tile_block(kind, w, start, b, isa)
             x = x0 + 32 * b
             g = g0 + 8 * b
-            a0 = _legacy_dot(kind, a0, q, d * x_scale[t, b], xq, x, bias, g, isa)
-            a1 = _legacy_dot(kind, a1, q, d * x_scale[t + 1, b], xq, x + k, bias, g + kq, isa)
-            a2 = _legacy_dot(kind, a2, q, d * x_scale[t + 2, b], xq, x + 2 * k, bias, g + 2 * kq, isa)
-            a3 = _legacy_dot(kind, a3, q, d * x_scale[t + 3, b], xq, x + 3 * k, bias, g + 3 * kq, isa)
-            q, d, _ = _legacy_block(kind, w, start, b + 1)
+            a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
+            a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+            a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+            a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+            q, lanes, d, _ = _tile_block(kind, w, start, b + 1, isa)
             x += 32
             g += 8
-            c0 = _legacy_dot(kind, c0, q, d * x_scale[t, b + 1], xq, x, bias, g, isa)
-            c1 = _legacy_dot(kind, c1, q, d * x_scale[t + 1, b + 1], xq, x + k, bias, g + kq, isa)
-            c2 = _legacy_dot(kind, c2, q, d * x_scale[t + 2, b + 1], xq, x + 2 * k, bias, g + 2 * kq, isa)
-            c3 = _legacy_dot(kind, c3, q, d * x_scale[t + 3, b + 1], xq, x + 3 * k, bias, g + 3 * kq, isa)
+            c0 = _tile_dot(kind, c0, q, lanes, d * x_scale[t, b + 1], xq, xu, x, bias, g, isa)
+            c1 = _tile_dot(kind, c1, q, lanes, d * x_scale[t + 1, b + 1], xq, xu, x + k, bias, g + kq, isa)
+            c2 = _tile_dot(kind, c2, q, lanes, d * x_scale[t + 2, b + 1], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+            c3 = _tile_dot(kind, c3, q, lanes, d * x_scale[t + 3, b + 1], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
         if n % 2:
             b = n - 1
-            q, d, _ = _legacy_block(kind, w, start, b)
+            q, lanes, d, _ = _tile_block(kind, w, start, b, isa)
             x = x0 + 32 * b
             g = g0 + 8 * b
-            a0 = _legacy_dot(kind, a0, q, d * x_scale[t, b], xq, x, bias, g, isa)
-            a1 = _legacy_dot(kind, a1, q, d * x_scale[t + 1, b], xq, x + k, bias, g + kq, isa)
-            a2 = _legacy_dot(kind, a2, q, d * x_scale[t + 2, b], xq, x + 2 * k, bias, g + 2 * kq, isa)
-            a3 = _legacy_dot(kind, a3, q, d * x_scale[t + 3, b], xq, x + 3 * k, bias, g + 3 * kq, isa)
+            a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
+            a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+            a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+            a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
         return (sum_f32x8(add_f32x8(a0, c0)), sum_f32x8(add_f32x8(a1, c1)), sum_f32x8(add_f32x8(a2, c2)),
                 sum_f32x8(add_f32x8(a3, c3)))
     m0 = np.float32(0.0)
@@ -342,13 +376,13 @@ def _tile_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
     m2 = np.float32(0.0)
     m3 = np.float32(0.0)
     for b in range(n):
-        q, d, m = _legacy_block(kind, w, start, b)
+        q, lanes, d, m = _tile_block(kind, w, start, b, isa)
         x = x0 + 32 * b
         g = g0 + 8 * b
-        a0 = _legacy_dot(kind, a0, q, d * x_scale[t, b], xq, x, bias, g, isa)
-        a1 = _legacy_dot(kind, a1, q, d * x_scale[t + 1, b], xq, x + k, bias, g + kq, isa)
-        a2 = _legacy_dot(kind, a2, q, d * x_scale[t + 2, b], xq, x + 2 * k, bias, g + 2 * kq, isa)
-        a3 = _legacy_dot(kind, a3, q, d * x_scale[t + 3, b], xq, x + 3 * k, bias, g + 3 * kq, isa)
+        a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
+        a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+        a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+        a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
         if kc == 1 or kc == 3:
             m0 += m * x_sums[t, b]
             m1 += m * x_sums[t + 1, b]
@@ -590,18 +624,18 @@ def _store_tile(out, t, r, ys):
 # either way).
 
 @njit(**_KERNEL)
-def _rows_legacy(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
     tiled = out.shape[0] - out.shape[0] % TILE
     for i in range(n):
         row = start + i * row_bytes
         for t in range(0, tiled, TILE):
-            _store_tile(out, t, first + i, _tile_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, t, isa))
+            _store_tile(out, t, first + i, _tile_legacy(kind, w, row, xq, xu, k, x_scale, x_sums, bias, t, isa))
         for t in range(tiled, out.shape[0]):
             out[t, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, t, isa)
 
 
 @njit(**_KERNEL)
-def _rows_k4(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+def _rows_k4(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
     tiled = out.shape[0] - out.shape[0] % TILE
     for i in range(n):
         row = start + i * row_bytes
@@ -612,7 +646,7 @@ def _rows_k4(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias
 
 
 @njit(**_KERNEL)
-def _rows_groups(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
     tiled = out.shape[0] - out.shape[0] % TILE
     for i in range(n):
         row = start + i * row_bytes
@@ -626,29 +660,29 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = KIND_ARGS
 
 
 @njit(inline="always", **_KERNEL)
-def _rows(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
     """The rows of the run-time ``kind`` (an int): one branch per kind, each calling that kind's own compiled
     function."""
     if kind == 0:
-        _rows_legacy(_Q4_0, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_legacy(_Q4_0, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 1:
-        _rows_legacy(_Q4_1, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_legacy(_Q4_1, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 2:
-        _rows_legacy(_Q5_0, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_legacy(_Q5_0, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 3:
-        _rows_legacy(_Q5_1, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_legacy(_Q5_1, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 4:
-        _rows_legacy(_Q8_0, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_legacy(_Q8_0, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 5:
-        _rows_groups(_Q2_K, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_groups(_Q2_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 6:
-        _rows_groups(_Q3_K, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_groups(_Q3_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 7:
-        _rows_k4(_Q4_K, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_k4(_Q4_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 8:
-        _rows_k4(_Q5_K, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_k4(_Q5_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     else:
-        _rows_groups(_Q6_K, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        _rows_groups(_Q6_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
 
 
 @njit(**_KERNEL)
@@ -705,8 +739,8 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
         while first < last:
             m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
             n = min(last, matrix_first + row_counts[m]) - first
-            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, xq.size, scales, sums,
-                  x_bsums, bias, rows, first, isa)
+            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, xq.view(np.uint8), xq.size,
+                  scales, sums, x_bsums, bias, rows, first, isa)
             first += n
 
 
@@ -722,6 +756,7 @@ def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bs
         terms = _per_row_terms(kind, xq[t], x_bsums[t], isa)
         bias[t, :terms.size] = terms
     flat_xq = xq.reshape(-1)
+    flat_xu = flat_xq.view(np.uint8) ^ np.uint8(128)   # x + 128 as unsigned bytes (see _unsigned_x)
     flat_bsums = x_bsums.reshape(-1)
     flat_bias = bias.reshape(-1)
     total = out.shape[1]
@@ -734,8 +769,8 @@ def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bs
         while first < last:
             m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
             n = min(last, matrix_first + row_counts[m]) - first
-            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, flat_xq, k, x_scale, x_sums,
-                  flat_bsums, flat_bias, out, first, isa)
+            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, flat_xq, flat_xu, k, x_scale,
+                  x_sums, flat_bsums, flat_bias, out, first, isa)
             first += n
 
 
