@@ -625,6 +625,11 @@ def _store_tile(out, t, r, ys):
 
 @njit(**_KERNEL)
 def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    if out.shape[0] == 1:    # decode (matvec): token 0 as a constant, which the row kernel's addressing folds
+        for i in range(n):
+            row = start + i * row_bytes
+            out[0, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, 0, isa)
+        return
     tiled = out.shape[0] - out.shape[0] % TILE
     for i in range(n):
         row = start + i * row_bytes
@@ -636,6 +641,11 @@ def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 
 @njit(**_KERNEL)
 def _rows_k4(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    if out.shape[0] == 1:    # decode (matvec): token 0 as a constant, which the row kernel's addressing folds
+        for i in range(n):
+            row = start + i * row_bytes
+            out[0, first + i] = _row_k4(kind, w, row, xq, k, x_scale, bias, 0, isa)
+        return
     tiled = out.shape[0] - out.shape[0] % TILE
     for i in range(n):
         row = start + i * row_bytes
@@ -647,6 +657,11 @@ def _rows_k4(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, 
 
 @njit(**_KERNEL)
 def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    if out.shape[0] == 1:    # decode (matvec): token 0 as a constant, which the row kernel's addressing folds
+        for i in range(n):
+            row = start + i * row_bytes
+            out[0, first + i] = _row_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, 0, isa)
+        return
     tiled = out.shape[0] - out.shape[0] % TILE
     for i in range(n):
         row = start + i * row_bytes
