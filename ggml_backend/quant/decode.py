@@ -154,8 +154,9 @@ def lane_bias(xq, offset, isa):
 # The activation arrays hold all the tokens of a launch: ``xq`` int8 [n_tokens * k] (token t at t * k),
 # ``x_scale`` float32 [n_tokens, k / block], ``x_sums`` float32 [n_tokens, k / 32] (q8_1's s: q4_1, q5_1),
 # ``x_bsums`` int32 [n_tokens * k / 16] (q8_K's sums per 16: q2_K), ``bias`` int32 [n_tokens * k / 4] (token t at
-# t * k / 4: the lane biases of ``lane_bias``, or q4_K / q5_K's sums per 32). ``kind`` is a ``Kind`` (a compile-time
-# constant), so each kind's branches fold away.
+# t * k / 4: the lane biases of ``lane_bias``, or q4_K / q5_K's sums per 32), ``xu``: ``xq`` + 128 as unsigned bytes
+# (the tiles of ``_unsigned_x`` kinds). ``kind`` is a ``Kind`` (a compile-time constant), so each kind's branches
+# fold away.
 # ----------------------------------------------------------------------------------------------------------------
 
 # Tokens per tile. 4 keeps a tile's accumulators (two chains for q4_0 / q5_0: 8 vectors) and the unpacked block
