@@ -211,3 +211,44 @@ def test_prompt_path_dequantization_is_bit_exact_to_the_type_table(isa):
             assert np.array_equal(band.view(np.uint32), table[2:9].view(np.uint32)), type_name
     finally:
         matmul_module.KERNEL_ISA = saved
+
+
+FEW_TOKEN_COUNTS = (2, 3, 4, 5, 8, 13, 16, 47)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("type_name", list(KINDS))
+def test_few_tokens_give_each_token_its_one_token_result_bit_for_bit(isa, type_name):
+    """matmul_few (tiles of tokens that unpack each weight block once, then the remaining tokens one by one) gives
+    every (row, token) exactly what the one-token kernel gives that token alone, for any token count, in a fused
+    launch of three matrices of one buffer (q, k, v), with an odd block count (the two-chain kernels' last block)
+    and an even one. Continuous batching and prompt caching rely on it."""
+    rng = np.random.default_rng(100 + KINDS[type_name])
+    block = 256 if type_name.endswith("K") else 32
+    for n_blocks in ((3, 2) if block == 256 else (7, 4)):
+        k = n_blocks * block
+        row_bytes = random_weights(type_name, 1, k, rng).nbytes
+        sizes = [9, 5, 3]
+        buffer = np.zeros(32 + sum(sizes) * row_bytes, np.uint8)
+        matrices = []
+        offset = 32
+        for n in sizes:
+            view = buffer[offset:offset + n * row_bytes]
+            view[:] = random_weights(type_name, n, k, rng).reshape(-1)
+            matrices.append(WeightMatrix(type_name, view, (n, k)))
+            offset += n * row_bytes
+        x = rng.standard_normal((max(FEW_TOKEN_COUNTS), k)).astype(np.float32)
+        x[::7, :5] *= 40.0    # a few outliers, so tokens get very different scales
+        saved = matmul_module.KERNEL_ISA
+        matmul_module.KERNEL_ISA = isa
+        try:
+            alone = [matmul_many(matrices, row) for row in x]
+            for n_tokens in FEW_TOKEN_COUNTS:
+                few = matmul_many(matrices, x[:n_tokens], method="int")
+                for m in range(len(matrices)):
+                    expected = np.stack([alone[t][m] for t in range(n_tokens)])
+                    assert np.array_equal(few[m].view(np.uint32), expected.view(np.uint32)), (k, n_tokens, m)
+            single = matmul(type_name, matrices[0].bytes, x[:5], method="int")
+            assert np.array_equal(single.view(np.uint32), np.stack([a[0] for a in alone[:5]]).view(np.uint32))
+        finally:
+            matmul_module.KERNEL_ISA = saved

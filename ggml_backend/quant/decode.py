@@ -8,10 +8,12 @@ weights signed (q4_0's -8, q5_0's -16, q3_K's -4, q6_K's -32, and -128 for q8_0'
 integer terms: the lane sums of ``offset * x`` are computed once per activation row (``lane_bias``) and start
 each block's accumulator, so each block's integer dot product is exactly ggml's.
 
-A kernel computes whole rows (``_row_*``); ``matvec`` spreads the rows of one or several matrices over numba's
-threads in equal chunks, in one launch; ``matmul_few`` does the same for a few tokens, each (row, token) by the
-one-token code. ``dequantize_rows`` expands weight rows to float32 for the prompt path with the same block
-decoders. The ``isa`` argument (see ``simd.py``) picks the instructions and is part of each compiled signature.
+A kernel computes a row times one token (``_row_*``) or a tile of TILE tokens (``_tile_*``, which unpacks each
+weight block once for all of them, with the same block decoders and per-token steps, so each (row, token) result
+is the one-token kernel's bit for bit); ``matvec`` spreads the rows of one or several matrices over numba's threads
+in equal chunks, in one launch; ``matmul_few`` does the same for a few tokens, in tiles. ``dequantize_rows``
+expands weight rows to float32 for the prompt path with the same block decoders. The ``isa`` argument (see
+``simd.py``) picks the instructions and is part of each compiled signature.
 
 Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
     q4_0  [d | 16 bytes: low nibbles = weights 0..15, high = 16..31]              w = q - 8
@@ -31,7 +33,11 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core.datamodel import models
+from numba.core.imputils import lower_constant
+from numba.extending import NativeValue, intrinsic, register_model, typeof_impl, unbox
 
 from .simd import (
     add_bytes, add_f32x8, add_i32x8, bits_to_bytes, dot_i8_i8, dot_u8_i8, fma_i32x8, high_nibbles_dot, load_8_i32,
@@ -137,96 +143,258 @@ def lane_bias(xq, offset, isa):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Legacy quants (blocks of 32)
+# Kernels: one weight row times one token (``_row_*``, decode) or times a tile of TILE tokens (``_tile_*``, a few
+# tokens: continuous batching, short prompts). Both are built from the same pieces per block format: a decoder that
+# unpacks a block (or a 32-value group of a super-block) into unsigned byte quants and its scales, and a step that
+# adds one token's dot product with them to that token's accumulators. A tile unpacks each block once and runs
+# the step for its tokens; each token keeps its own accumulators, fed in the order the one-token kernel feeds
+# them, so a (row, token) result is bit for bit the same alone or in any batch (prompt caching and continuous
+# batching rely on it). Only the integer parts are regrouped (exact); every float operation stays per token.
+#
+# The activation arrays hold all the tokens of a launch: ``xq`` int8 [n_tokens * k] (token t at t * k),
+# ``x_scale`` float32 [n_tokens, k / block], ``x_sums`` float32 [n_tokens, k / 32] (q8_1's s: q4_1, q5_1),
+# ``x_bsums`` int32 [n_tokens * k / 16] (q8_K's sums per 16: q2_K), ``bias`` int32 [n_tokens * k / 4] (token t at
+# t * k / 4: the lane biases of ``lane_bias``, or q4_K / q5_K's sums per 32), ``xu``: ``xq`` + 128 as unsigned bytes
+# (the tiles of ``_unsigned_x`` kinds). ``kind`` is a ``Kind`` (a compile-time constant), so each kind's branches
+# fold away.
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(inline="always", **_KERNEL)
-def _row_q4_0(w, start, xq, x_scale, bias, isa):
-    # two float chains (even and odd blocks), as in _row_q5_0
-    acc = zero_f32x8()
-    acc1 = zero_f32x8()
-    n = x_scale.size
-    for b in range(0, n - 1, 2):
-        o = start + 18 * b
-        dot = dot_u8_i8(load_8_i32(bias, 8 * b), _q4_quants(w, o + 2), load_32_bytes(xq, 32 * b),
-                        isa)
-        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
-        o += 18
-        dot = dot_u8_i8(load_8_i32(bias, 8 * b + 8), _q4_quants(w, o + 2),
-                        load_32_bytes(xq, 32 * b + 32), isa)
-        acc1 = fma_i32x8(acc1, dot, load_f16(w, o) * x_scale[b + 1])
-    if n % 2:
-        o = start + 18 * (n - 1)
-        dot = dot_u8_i8(load_8_i32(bias, 8 * (n - 1)), _q4_quants(w, o + 2),
-                        load_32_bytes(xq, 32 * (n - 1)), isa)
-        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[n - 1])
-    return sum_f32x8(add_f32x8(acc, acc1))
+# Tokens per tile. 4 keeps a tile's accumulators (two chains for q4_0 / q5_0: 8 vectors) and the unpacked block
+# in AVX2's 16 vector registers; the tiles are written out for 4 (wider tiles were not tried).
+TILE = 4
+
+# Kernel selectors: the ``kind`` argument of ``matvec``.
+KINDS = {"q4_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3, "q8_0": 4, "q2_K": 5, "q3_K": 6, "q4_K": 7, "q5_K": 8, "q6_K": 9}
+
+
+class Kind:
+    """A block format as a compile-time constant of the kernels (``KIND_ARGS[KINDS[name]]``), as ``simd.Isa`` is for
+    instruction sets: each kind gets its own compiled (and cached) kernels, compiled on first use, in which the
+    other kinds' branches are constant-folded away. (A run-time kind made one kernel holding every type's code:
+    with tiles, numba took minutes and gigabytes to compile it.)"""
+
+    def __init__(self, code: int, name: str):
+        self.code = code
+        self.name = name
+        self._type = None
+
+    @property
+    def _numba_type_(self):
+        if self._type is None:
+            self._type = KindType(self.code)
+        return self._type
+
+    def __repr__(self) -> str:
+        return f"Kind({self.name!r})"
+
+
+class KindType(types.Dummy):
+    def __init__(self, code: int):
+        self.code = code
+        super().__init__(name=f"kind[{code}]")
+
+
+@typeof_impl.register(Kind)
+def _typeof_kind(value, context):
+    return KindType(value.code)
+
+
+register_model(KindType)(models.OpaqueModel)
+
+
+@lower_constant(KindType)
+def _constant_kind(context, builder, typ, value):
+    # a module-level Kind named in a kernel (``_Q4_0`` ...) is a compile-time constant: its value is its type
+    return context.get_dummy_value()
+
+
+@unbox(KindType)
+def _unbox_kind(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
+KIND_ARGS = [Kind(code, name) for name, code in sorted(KINDS.items(), key=lambda item: item[1])]
+
+
+@intrinsic
+def kind_code(typingctx, kind):
+    """The code (``KINDS``) of a kind, as a constant of the compiled kernel."""
+    if not isinstance(kind, KindType):
+        return None
+    code = kind.code
+
+    def codegen(context, builder, sig, args):
+        return ir.IntType(64)(code)
+    return types.int64(kind), codegen
+
+
+# Legacy quants (blocks of 32): q4_0 (kind 0), q4_1 (1), q5_0 (2), q5_1 (3), q8_0 (4)
+
+@njit(**_KERNEL)
+def _legacy_block(kind, w, row, b):
+    """Block ``b`` of the row at byte ``row``: (32 quants as bytes, d, m); m is 0 for the kinds without one."""
+    kc = kind_code(kind)
+    if kc == 0:
+        o = row + 18 * b
+        return _q4_quants(w, o + 2), load_f16(w, o), np.float32(0.0)
+    if kc == 1:
+        o = row + 20 * b
+        return _q4_quants(w, o + 4), load_f16(w, o), load_f16(w, o + 2)
+    if kc == 2:
+        o = row + 22 * b
+        return _q5_quants(w, o + 2), load_f16(w, o), np.float32(0.0)
+    if kc == 3:
+        o = row + 24 * b
+        return _q5_quants(w, o + 4), load_f16(w, o), load_f16(w, o + 2)
+    o = row + 34 * b
+    return load_32_bytes(w, o + 2), load_f16(w, o), np.float32(0.0)
+
+
+@njit(**_KERNEL)
+def _legacy_dot(kind, acc, q, scale, xq, x, bias, g, isa):
+    """acc + float(exact dot of block quants ``q`` with xq[x:x + 32], in dot_u8_i8's lanes) * scale. The offset
+    kinds (q4_0 -8, q5_0 -16, q8_0's signed bytes) start from their lane biases at bias[g:g + 8]."""
+    kc = kind_code(kind)
+    if kc == 4:
+        dot = dot_i8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa)
+    elif kc == 1 or kc == 3:
+        dot = dot_u8_i8(zero_i32x8(), q, load_32_bytes(xq, x), isa)
+    else:
+        dot = dot_u8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa)
+    return fma_i32x8(acc, dot, scale)
 
 
 @njit(inline="always", **_KERNEL)
-def _row_q4_1(w, start, xq, x_scale, x_sums, isa):
+def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
+    kc = kind_code(kind)
+    x0 = t * k
+    g0 = t * (k // 4)
+    n = x_scale.shape[1]
     acc = zero_f32x8()
+    if kc == 0 or kc == 2:
+        # Two float chains (even and odd blocks): one chain waits on each fma's latency, and rows of k = 896 (28
+        # blocks) left little else to overlap (measured 8-9 -> 10-12 GB/s per core on a Zen 4).
+        acc1 = zero_f32x8()
+        for b in range(0, n - 1, 2):
+            q, d, _ = _legacy_block(kind, w, start, b)
+            acc = _legacy_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
+            q, d, _ = _legacy_block(kind, w, start, b + 1)
+            acc1 = _legacy_dot(kind, acc1, q, d * x_scale[t, b + 1], xq, x0 + 32 * b + 32, bias, g0 + 8 * b + 8,
+                               isa)
+        if n % 2:
+            b = n - 1
+            q, d, _ = _legacy_block(kind, w, start, b)
+            acc = _legacy_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
+        return sum_f32x8(add_f32x8(acc, acc1))
     mins = np.float32(0.0)
-    for b in range(x_scale.size):
-        o = start + 20 * b
-        q = _q4_quants(w, o + 4)
-        dot = dot_u8_i8(zero_i32x8(), q, load_32_bytes(xq, 32 * b), isa)
-        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
-        mins += load_f16(w, o + 2) * x_sums[b]
-    return sum_f32x8(acc) + mins
-
-
-@njit(inline="always", **_KERNEL)
-def _row_q5_0(w, start, xq, x_scale, bias, isa):
-    # Two float chains (even and odd blocks): one chain waits on each fma's latency, and rows of k = 896 (28
-    # blocks) left little else to overlap (measured 8-9 -> 10-12 GB/s per core on a Zen 4).
-    acc = zero_f32x8()
-    acc1 = zero_f32x8()
-    n = x_scale.size
-    for b in range(0, n - 1, 2):
-        o = start + 22 * b
-        q = _q5_quants(w, o + 2)
-        dot = dot_u8_i8(load_8_i32(bias, 8 * b), q, load_32_bytes(xq, 32 * b), isa)
-        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
-        o += 22
-        q = _q5_quants(w, o + 2)
-        dot = dot_u8_i8(load_8_i32(bias, 8 * b + 8), q, load_32_bytes(xq, 32 * b + 32), isa)
-        acc1 = fma_i32x8(acc1, dot, load_f16(w, o) * x_scale[b + 1])
-    if n % 2:
-        b = n - 1
-        o = start + 22 * b
-        q = _q5_quants(w, o + 2)
-        dot = dot_u8_i8(load_8_i32(bias, 8 * b), q, load_32_bytes(xq, 32 * b), isa)
-        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
-    return sum_f32x8(add_f32x8(acc, acc1))
-
-
-@njit(inline="always", **_KERNEL)
-def _row_q5_1(w, start, xq, x_scale, x_sums, isa):
-    acc = zero_f32x8()
-    mins = np.float32(0.0)
-    for b in range(x_scale.size):
-        o = start + 24 * b
-        q = _q5_quants(w, o + 4)
-        dot = dot_u8_i8(zero_i32x8(), q, load_32_bytes(xq, 32 * b), isa)
-        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
-        mins += load_f16(w, o + 2) * x_sums[b]
-    return sum_f32x8(acc) + mins
-
-
-@njit(inline="always", **_KERNEL)
-def _row_q8_0(w, start, xq, x_scale, bias, isa):
-    acc = zero_f32x8()
-    for b in range(x_scale.size):
-        o = start + 34 * b
-        dot = dot_i8_i8(load_8_i32(bias, 8 * b), load_32_bytes(w, o + 2), load_32_bytes(xq, 32 * b), isa)
-        acc = fma_i32x8(acc, dot, load_f16(w, o) * x_scale[b])
+    for b in range(n):
+        q, d, m = _legacy_block(kind, w, start, b)
+        acc = _legacy_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
+        if kc == 1 or kc == 3:
+            mins += m * x_sums[t, b]
+    if kc == 1 or kc == 3:
+        return sum_f32x8(acc) + mins
     return sum_f32x8(acc)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+@njit(**_KERNEL)
+def _unsigned_x(kind, isa):
+    """Whether a tile of ``kind`` takes the activations as unsigned bytes (x + 128) against signed weights, so that
+    its per-token step needs no lane biases: the offset kinds (q4_0, q5_0), and q8_0 where ``vpdpbusd`` cannot
+    saturate (VNNI; on AVX2 ``vpmaddubsw`` could, with 255 * -128 * 2)."""
+    kc = kind_code(kind)
+    return kc == 0 or kc == 2 or (kc == 4 and signed_dot_offset(isa) == 128)
+
+
+@njit(**_KERNEL)
+def _tile_block(kind, w, row, b, isa):
+    """Block ``b`` for a tile: (quants, lanes to start each token's dot product from, d, m). Where ``_unsigned_x``:
+    the signed weights (q - offset) and the lanes of -128 * their sums, so that dot_u8_i8(those lanes, x + 128, w)
+    is exactly the lanes of the one-token kernel's dot product (integers: the same numbers); else the decoder's
+    quants and zeros (unused)."""
+    q, d, m = _legacy_block(kind, w, row, b)
+    if _unsigned_x(kind, isa):
+        kc = kind_code(kind)
+        signed = add_bytes(q, splat_bytes(-8 if kc == 0 else -16 if kc == 2 else 0))
+        return signed, mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(128), signed, isa), -1), d, m
+    return q, zero_i32x8(), d, m
+
+
+@njit(**_KERNEL)
+def _tile_dot(kind, acc, q, lanes, scale, xq, xu, x, bias, g, isa):
+    """One token's step of a tile: ``_legacy_dot``, or where ``_unsigned_x`` the same lanes from the unsigned
+    activations ``xu`` (x + 128) and ``_tile_block``'s signed weights and start lanes."""
+    if _unsigned_x(kind, isa):
+        return fma_i32x8(acc, dot_u8_i8(lanes, load_32_bytes(xu, x), q, isa), scale)
+    return _legacy_dot(kind, acc, q, scale, xq, x, bias, g, isa)
+
+
+@njit(inline="always", **_KERNEL)
+def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, isa):
+    """``_row_legacy`` for tokens t .. t + 3, each block unpacked once."""
+    kc = kind_code(kind)
+    x0 = t * k
+    g0 = t * (k // 4)
+    kq = k // 4
+    n = x_scale.shape[1]
+    a0 = zero_f32x8()
+    a1 = zero_f32x8()
+    a2 = zero_f32x8()
+    a3 = zero_f32x8()
+    if kc == 0 or kc == 2:
+        c0 = zero_f32x8()
+        c1 = zero_f32x8()
+        c2 = zero_f32x8()
+        c3 = zero_f32x8()
+        for b in range(0, n - 1, 2):
+            q, lanes, d, _ = _tile_block(kind, w, start, b, isa)
+            x = x0 + 32 * b
+            g = g0 + 8 * b
+            a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
+            a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+            a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+            a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+            q, lanes, d, _ = _tile_block(kind, w, start, b + 1, isa)
+            x += 32
+            g += 8
+            c0 = _tile_dot(kind, c0, q, lanes, d * x_scale[t, b + 1], xq, xu, x, bias, g, isa)
+            c1 = _tile_dot(kind, c1, q, lanes, d * x_scale[t + 1, b + 1], xq, xu, x + k, bias, g + kq, isa)
+            c2 = _tile_dot(kind, c2, q, lanes, d * x_scale[t + 2, b + 1], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+            c3 = _tile_dot(kind, c3, q, lanes, d * x_scale[t + 3, b + 1], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+        if n % 2:
+            b = n - 1
+            q, lanes, d, _ = _tile_block(kind, w, start, b, isa)
+            x = x0 + 32 * b
+            g = g0 + 8 * b
+            a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
+            a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+            a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+            a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+        return (sum_f32x8(add_f32x8(a0, c0)), sum_f32x8(add_f32x8(a1, c1)), sum_f32x8(add_f32x8(a2, c2)),
+                sum_f32x8(add_f32x8(a3, c3)))
+    m0 = np.float32(0.0)
+    m1 = np.float32(0.0)
+    m2 = np.float32(0.0)
+    m3 = np.float32(0.0)
+    for b in range(n):
+        q, lanes, d, m = _tile_block(kind, w, start, b, isa)
+        x = x0 + 32 * b
+        g = g0 + 8 * b
+        a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
+        a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+        a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+        a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+        if kc == 1 or kc == 3:
+            m0 += m * x_sums[t, b]
+            m1 += m * x_sums[t + 1, b]
+            m2 += m * x_sums[t + 2, b]
+            m3 += m * x_sums[t + 3, b]
+    if kc == 1 or kc == 3:
+        return sum_f32x8(a0) + m0, sum_f32x8(a1) + m1, sum_f32x8(a2) + m2, sum_f32x8(a3) + m3
+    return sum_f32x8(a0), sum_f32x8(a1), sum_f32x8(a2), sum_f32x8(a3)
+
+
 # K-quants (super-blocks of 256; activations q8_K: one scale per 256, sums per 16)
-# ----------------------------------------------------------------------------------------------------------------
 
 @njit(**_KERNEL)
 def pair_sums(x_bsums):
@@ -237,165 +405,300 @@ def pair_sums(x_bsums):
     return out
 
 
+# q4_K (kind 7) and q5_K (kind 8): four chunks of 64 values per super-block, each with two six-bit scales and mins
+
+@njit(**_KERNEL)
+def _k4_chunk(kind, w, o, c):
+    """Chunk ``c`` of the super-block at byte ``o``: its low and high 32 quants as bytes, the two scales and the
+    two mins (bytes 0 and 1 of each word)."""
+    kc = kind_code(kind)
+    words = _scale_min_words(w, o + 4)
+    pair = words[c // 2] >> (16 * (c & 1))
+    mpair = words[2 + c // 2] >> (16 * (c & 1))
+    if kc == 7:
+        packed = load_32_bytes(w, o + 16 + 32 * c)
+        return low_nibbles(packed), shift_right_and(packed, 4, 15), pair, mpair
+    packed = load_32_bytes(w, o + 48 + 32 * c)
+    high_bits = load_32_bytes(w, o + 16)
+    return (_with_fifth_bit(low_nibbles(packed), high_bits, 2 * c),
+            _with_fifth_bit(shift_right_and(packed, 4, 15), high_bits, 2 * c + 1), pair, mpair)
+
+
+@njit(**_KERNEL)
+def _k4_dot(sumi, min_total, q_low, q_high, pair, mpair, xq, x, sums32, s, isa):
+    """One token's integer sums of a chunk: scaled dot products of its 64 activations at xq[x:], and its mins
+    times the token's sums per 32 at sums32[s], sums32[s + 1]."""
+    low = dot_u8_i8(zero_i32x8(), q_low, load_32_bytes(xq, x), isa)
+    high = dot_u8_i8(zero_i32x8(), q_high, load_32_bytes(xq, x + 32), isa)
+    sumi = add_i32x8(sumi, add_i32x8(mul_i32x8(low, pair & 0xFF), mul_i32x8(high, (pair >> 8) & 0xFF)))
+    return sumi, min_total + (mpair & 0xFF) * sums32[s] + ((mpair >> 8) & 0xFF) * sums32[s + 1]
+
+
 @njit(inline="always", **_KERNEL)
-def _row_q4_K(w, start, xq, x_scale, sums32, isa):
+def _row_k4(kind, w, start, xq, k, x_scale, sums32, t, isa):
+    kc = kind_code(kind)
+    size = 144 if kc == 7 else 176
+    x0 = t * k
+    s0 = t * (k // 4)
     acc = zero_f32x8()
     mins = np.float32(0.0)
-    for b in range(x_scale.size):
-        o = start + 144 * b
-        words = _scale_min_words(w, o + 4)
+    for b in range(x_scale.shape[1]):
+        o = start + size * b
         sumi = zero_i32x8()
         min_total = 0
         for c in range(4):
-            packed = load_32_bytes(w, o + 16 + 32 * c)
-            x = 256 * b + 64 * c
-            pair = words[c // 2] >> (16 * (c & 1))
-            mpair = words[2 + c // 2] >> (16 * (c & 1))
-            low = dot_u8_i8(zero_i32x8(), low_nibbles(packed), load_32_bytes(xq, x), isa)
-            high = dot_u8_i8(zero_i32x8(), shift_right_and(packed, 4, 15), load_32_bytes(xq, x + 32), isa)
-            sumi = add_i32x8(sumi, add_i32x8(mul_i32x8(low, pair & 0xFF), mul_i32x8(high, (pair >> 8) & 0xFF)))
-            min_total += (mpair & 0xFF) * sums32[8 * b + 2 * c] + ((mpair >> 8) & 0xFF) * sums32[8 * b + 2 * c + 1]
-        acc = fma_i32x8(acc, sumi, load_f16(w, o) * x_scale[b])
-        mins += load_f16(w, o + 2) * x_scale[b] * np.float32(min_total)
+            q_low, q_high, pair, mpair = _k4_chunk(kind, w, o, c)
+            sumi, min_total = _k4_dot(sumi, min_total, q_low, q_high, pair, mpair, xq, x0 + 256 * b + 64 * c,
+                                      sums32, s0 + 8 * b + 2 * c, isa)
+        acc = fma_i32x8(acc, sumi, load_f16(w, o) * x_scale[t, b])
+        mins += load_f16(w, o + 2) * x_scale[t, b] * np.float32(min_total)
     return sum_f32x8(acc) - mins
 
 
 @njit(inline="always", **_KERNEL)
-def _row_q5_K(w, start, xq, x_scale, sums32, isa):
-    acc = zero_f32x8()
-    mins = np.float32(0.0)
-    for b in range(x_scale.size):
-        o = start + 176 * b
-        words = _scale_min_words(w, o + 4)
-        high_bits = load_32_bytes(w, o + 16)
-        sumi = zero_i32x8()
-        min_total = 0
+def _tile_k4(kind, w, start, xq, k, x_scale, sums32, t, isa):
+    """``_row_k4`` for tokens t .. t + 3, each chunk unpacked once."""
+    kc = kind_code(kind)
+    size = 144 if kc == 7 else 176
+    kq = k // 4
+    a0 = zero_f32x8()
+    a1 = zero_f32x8()
+    a2 = zero_f32x8()
+    a3 = zero_f32x8()
+    m0 = np.float32(0.0)
+    m1 = np.float32(0.0)
+    m2 = np.float32(0.0)
+    m3 = np.float32(0.0)
+    for b in range(x_scale.shape[1]):
+        o = start + size * b
+        i0 = zero_i32x8()
+        i1 = zero_i32x8()
+        i2 = zero_i32x8()
+        i3 = zero_i32x8()
+        n0 = 0
+        n1 = 0
+        n2 = 0
+        n3 = 0
         for c in range(4):
-            packed = load_32_bytes(w, o + 48 + 32 * c)
-            x = 256 * b + 64 * c
-            pair = words[c // 2] >> (16 * (c & 1))
-            mpair = words[2 + c // 2] >> (16 * (c & 1))
-            q_low = _with_fifth_bit(low_nibbles(packed), high_bits, 2 * c)
-            q_high = _with_fifth_bit(shift_right_and(packed, 4, 15), high_bits, 2 * c + 1)
-            low = dot_u8_i8(zero_i32x8(), q_low, load_32_bytes(xq, x), isa)
-            high = dot_u8_i8(zero_i32x8(), q_high, load_32_bytes(xq, x + 32), isa)
-            sumi = add_i32x8(sumi, add_i32x8(mul_i32x8(low, pair & 0xFF), mul_i32x8(high, (pair >> 8) & 0xFF)))
-            min_total += (mpair & 0xFF) * sums32[8 * b + 2 * c] + ((mpair >> 8) & 0xFF) * sums32[8 * b + 2 * c + 1]
-        acc = fma_i32x8(acc, sumi, load_f16(w, o) * x_scale[b])
-        mins += load_f16(w, o + 2) * x_scale[b] * np.float32(min_total)
-    return sum_f32x8(acc) - mins
+            q_low, q_high, pair, mpair = _k4_chunk(kind, w, o, c)
+            x = t * k + 256 * b + 64 * c
+            s = t * kq + 8 * b + 2 * c
+            i0, n0 = _k4_dot(i0, n0, q_low, q_high, pair, mpair, xq, x, sums32, s, isa)
+            i1, n1 = _k4_dot(i1, n1, q_low, q_high, pair, mpair, xq, x + k, sums32, s + kq, isa)
+            i2, n2 = _k4_dot(i2, n2, q_low, q_high, pair, mpair, xq, x + 2 * k, sums32, s + 2 * kq, isa)
+            i3, n3 = _k4_dot(i3, n3, q_low, q_high, pair, mpair, xq, x + 3 * k, sums32, s + 3 * kq, isa)
+        d = load_f16(w, o)
+        dmin = load_f16(w, o + 2)
+        a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
+        a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
+        a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
+        a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
+        m0 += dmin * x_scale[t, b] * np.float32(n0)
+        m1 += dmin * x_scale[t + 1, b] * np.float32(n1)
+        m2 += dmin * x_scale[t + 2, b] * np.float32(n2)
+        m3 += dmin * x_scale[t + 3, b] * np.float32(n3)
+    return sum_f32x8(a0) - m0, sum_f32x8(a1) - m1, sum_f32x8(a2) - m2, sum_f32x8(a3) - m3
 
 
-@njit(inline="always", **_KERNEL)
-def _row_q6_K(w, start, xq, x_scale, bias, isa):
-    acc = zero_f32x8()
-    for b in range(x_scale.size):
-        o = start + 210 * b
-        sumi = zero_i32x8()
-        for n in range(2):
-            low_a = load_32_bytes(w, o + 64 * n)
-            low_b = load_32_bytes(w, o + 64 * n + 32)
-            top = load_32_bytes(w, o + 128 + 32 * n)
-            x = 256 * b + 128 * n
-            g = 8 * (x // 32)
-            s = o + 192 + 8 * n
-            q = _q6_K_quants(low_nibbles(low_a), top, 0)
-            dot = dot_u8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa)
-            sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s)))
-            q = _q6_K_quants(low_nibbles(low_b), top, 2)
-            dot = dot_u8_i8(load_8_i32(bias, g + 8), q, load_32_bytes(xq, x + 32), isa)
-            sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s + 2)))
-            q = _q6_K_quants(shift_right_and(low_a, 4, 15), top, 4)
-            dot = dot_u8_i8(load_8_i32(bias, g + 16), q, load_32_bytes(xq, x + 64), isa)
-            sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s + 4)))
-            q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
-            dot = dot_u8_i8(load_8_i32(bias, g + 24), q, load_32_bytes(xq, x + 96), isa)
-            sumi = add_i32x8(sumi, mul_i32x8(dot, pair_scales_i32x8(w, s + 6)))
-        acc = fma_i32x8(acc, sumi, load_f16(w, o + 208) * x_scale[b])
-    return sum_f32x8(acc)
+# q2_K (kind 5), q3_K (6), q6_K (9): eight groups of 32 values per super-block, each with two 16-value scales
 
-
-@njit(inline="always", **_KERNEL)
-def _row_q3_K(w, start, xq, x_scale, bias, isa):
-    acc = zero_f32x8()
-    for b in range(x_scale.size):
-        o = start + 110 * b
+@njit(**_KERNEL)
+def _k_group(kind, w, o, n, j):
+    """Group 4 n + j (values 128 n + 32 j ..) of the super-block at byte ``o``: its quants as unsigned bytes (before
+    the offset: q3_K -4, q6_K -32, which the lane biases take) and its two scales in dot_u8_i8's lanes."""
+    kc = kind_code(kind)
+    if kc == 5:
+        packed = load_32_bytes(w, o + 16 + 32 * n)
+        return shift_right_and(packed, 2 * j, 3), pair_low_nibbles_i32x8(w, o + 8 * n + 2 * j)
+    if kc == 6:
         words = _q3_K_scale_words(w, o + 96)
-        hmask = load_32_bytes(w, o)
+        pair = words[2 * n + j // 2] >> (16 * (j & 1))
+        q = _q3_K_quants(load_32_bytes(w, o + 32 + 32 * n), load_32_bytes(w, o), 2 * j, 4 * n + j)
+        return q, pair_i32x8((pair & 0xFF) - 32, ((pair >> 8) & 0xFF) - 32)
+    low = load_32_bytes(w, o + 64 * n + 32 * (j & 1))     # groups 0, 1: low nibbles; 2, 3: high nibbles
+    nibbles = low_nibbles(low) if j < 2 else shift_right_and(low, 4, 15)
+    q = _q6_K_quants(nibbles, load_32_bytes(w, o + 128 + 32 * n), 2 * j)
+    return q, pair_scales_i32x8(w, o + 192 + 8 * n + 2 * j)
+
+
+@njit(**_KERNEL)
+def _k_group_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
+    """sumi + one token's dot products of a group with xq[x:x + 32] times the group's scales (q3_K, q6_K start
+    from their lane biases at bias[g:g + 8])."""
+    kc = kind_code(kind)
+    lanes = zero_i32x8() if kc == 5 else load_8_i32(bias, g)
+    return add_i32x8(sumi, mul_i32x8(dot_u8_i8(lanes, q, load_32_bytes(xq, x), isa), scales))
+
+
+@njit(**_KERNEL)
+def _k_group_d(kind, w, o):
+    """The super-block's d (q2_K: then dmin at the next two bytes)."""
+    kc = kind_code(kind)
+    return load_f16(w, o + (80 if kc == 5 else 108 if kc == 6 else 208))
+
+
+@njit(inline="always", **_KERNEL)
+def _row_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
+    kc = kind_code(kind)
+    size = 84 if kc == 5 else 110 if kc == 6 else 210
+    x0 = t * k
+    g0 = t * (k // 4)
+    acc = zero_f32x8()
+    mins = np.float32(0.0)
+    for b in range(x_scale.shape[1]):
+        o = start + size * b
         sumi = zero_i32x8()
         for n in range(2):
-            packed = load_32_bytes(w, o + 32 + 32 * n)
             for j in range(4):
+                q, scales = _k_group(kind, w, o, n, j)
                 x = 256 * b + 128 * n + 32 * j
-                pair = words[2 * n + j // 2] >> (16 * (j & 1))
-                q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
-                dot = dot_u8_i8(load_8_i32(bias, 8 * (x // 32)), q, load_32_bytes(xq, x), isa)
-                sumi = add_i32x8(sumi, mul_i32x8(dot, pair_i32x8((pair & 0xFF) - 32, ((pair >> 8) & 0xFF) - 32)))
-        acc = fma_i32x8(acc, sumi, load_f16(w, o + 108) * x_scale[b])
+                sumi = _k_group_dot(kind, sumi, q, scales, xq, x0 + x, bias, g0 + x // 4, isa)
+        acc = fma_i32x8(acc, sumi, _k_group_d(kind, w, o) * x_scale[t, b])
+        if kc == 5:
+            mins += load_f16(w, o + 82) * x_scale[t, b] * np.float32(high_nibbles_dot(w, o, x_bsums,
+                                                                                     t * (k // 16) + 16 * b))
+    if kc == 5:
+        return sum_f32x8(acc) - mins
     return sum_f32x8(acc)
 
 
 @njit(inline="always", **_KERNEL)
-def _row_q2_K(w, start, xq, x_scale, x_bsums, isa):
-    acc = zero_f32x8()
-    mins = np.float32(0.0)
-    for b in range(x_scale.size):
-        o = start + 84 * b
-        sumi = zero_i32x8()
+def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
+    """``_row_groups`` for tokens t .. t + 3, each group unpacked once."""
+    kc = kind_code(kind)
+    size = 84 if kc == 5 else 110 if kc == 6 else 210
+    kq = k // 4
+    a0 = zero_f32x8()
+    a1 = zero_f32x8()
+    a2 = zero_f32x8()
+    a3 = zero_f32x8()
+    m0 = np.float32(0.0)
+    m1 = np.float32(0.0)
+    m2 = np.float32(0.0)
+    m3 = np.float32(0.0)
+    for b in range(x_scale.shape[1]):
+        o = start + size * b
+        i0 = zero_i32x8()
+        i1 = zero_i32x8()
+        i2 = zero_i32x8()
+        i3 = zero_i32x8()
         for n in range(2):
-            packed = load_32_bytes(w, o + 16 + 32 * n)
             for j in range(4):
-                x = 256 * b + 128 * n + 32 * j
-                s = o + 8 * n + 2 * j      # the scale | min << 4 bytes of the two 16-value halves
-                dot = dot_u8_i8(zero_i32x8(), shift_right_and(packed, 2 * j, 3), load_32_bytes(xq, x), isa)
-                sumi = add_i32x8(sumi, mul_i32x8(dot, pair_low_nibbles_i32x8(w, s)))
-        acc = fma_i32x8(acc, sumi, load_f16(w, o + 80) * x_scale[b])
-        mins += load_f16(w, o + 82) * x_scale[b] * np.float32(high_nibbles_dot(w, o, x_bsums, 16 * b))
-    return sum_f32x8(acc) - mins
+                q, scales = _k_group(kind, w, o, n, j)
+                x = t * k + 256 * b + 128 * n + 32 * j
+                g = t * kq + (256 * b + 128 * n + 32 * j) // 4
+                i0 = _k_group_dot(kind, i0, q, scales, xq, x, bias, g, isa)
+                i1 = _k_group_dot(kind, i1, q, scales, xq, x + k, bias, g + kq, isa)
+                i2 = _k_group_dot(kind, i2, q, scales, xq, x + 2 * k, bias, g + 2 * kq, isa)
+                i3 = _k_group_dot(kind, i3, q, scales, xq, x + 3 * k, bias, g + 3 * kq, isa)
+        d = _k_group_d(kind, w, o)
+        a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
+        a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
+        a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
+        a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
+        if kc == 5:
+            dmin = load_f16(w, o + 82)
+            s = t * (k // 16) + 16 * b
+            m0 += dmin * x_scale[t, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s))
+            m1 += dmin * x_scale[t + 1, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + k // 16))
+            m2 += dmin * x_scale[t + 2, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + 2 * (k // 16)))
+            m3 += dmin * x_scale[t + 3, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + 3 * (k // 16)))
+    if kc == 5:
+        return sum_f32x8(a0) - m0, sum_f32x8(a1) - m1, sum_f32x8(a2) - m2, sum_f32x8(a3) - m3
+    return sum_f32x8(a0), sum_f32x8(a1), sum_f32x8(a2), sum_f32x8(a3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The one-token product: rows of one or several matrices of one type, in one parallel launch
+# Launches: rows of one or several matrices of one type, one token (matvec) or a few (matmul_few)
 # ----------------------------------------------------------------------------------------------------------------
 
-# Kernel selectors: the ``kind`` argument of ``matvec``.
-KINDS = {"q4_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3, "q8_0": 4, "q2_K": 5, "q3_K": 6, "q4_K": 7, "q5_K": 8, "q6_K": 9}
+@njit(inline="always", **_KERNEL)
+def _store_tile(out, t, r, ys):
+    out[t, r] = ys[0]
+    out[t + 1, r] = ys[1]
+    out[t + 2, r] = ys[2]
+    out[t + 3, r] = ys[3]
+
+
+# One compiled function per kind and family: out[t, first + i] = row i (of n, starting at byte ``start`` of ``w``)
+# times token t, for every token of ``out``: whole tiles of TILE tokens, then the rest one by one (the same numbers
+# either way).
+
+@njit(**_KERNEL)
+def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    if out.shape[0] == 1:    # decode (matvec): token 0 as a constant, which the row kernel's addressing folds
+        for i in range(n):
+            row = start + i * row_bytes
+            out[0, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, 0, isa)
+        return
+    tiled = out.shape[0] - out.shape[0] % TILE
+    for i in range(n):
+        row = start + i * row_bytes
+        for t in range(0, tiled, TILE):
+            _store_tile(out, t, first + i, _tile_legacy(kind, w, row, xq, xu, k, x_scale, x_sums, bias, t, isa))
+        for t in range(tiled, out.shape[0]):
+            out[t, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, t, isa)
+
+
+@njit(**_KERNEL)
+def _rows_k4(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    if out.shape[0] == 1:    # decode (matvec): token 0 as a constant, which the row kernel's addressing folds
+        for i in range(n):
+            row = start + i * row_bytes
+            out[0, first + i] = _row_k4(kind, w, row, xq, k, x_scale, bias, 0, isa)
+        return
+    tiled = out.shape[0] - out.shape[0] % TILE
+    for i in range(n):
+        row = start + i * row_bytes
+        for t in range(0, tiled, TILE):
+            _store_tile(out, t, first + i, _tile_k4(kind, w, row, xq, k, x_scale, bias, t, isa))
+        for t in range(tiled, out.shape[0]):
+            out[t, first + i] = _row_k4(kind, w, row, xq, k, x_scale, bias, t, isa)
+
+
+@njit(**_KERNEL)
+def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    if out.shape[0] == 1:    # decode (matvec): token 0 as a constant, which the row kernel's addressing folds
+        for i in range(n):
+            row = start + i * row_bytes
+            out[0, first + i] = _row_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, 0, isa)
+        return
+    tiled = out.shape[0] - out.shape[0] % TILE
+    for i in range(n):
+        row = start + i * row_bytes
+        for t in range(0, tiled, TILE):
+            _store_tile(out, t, first + i, _tile_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, t, isa))
+        for t in range(tiled, out.shape[0]):
+            out[t, first + i] = _row_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, t, isa)
+
+
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = KIND_ARGS
 
 
 @njit(inline="always", **_KERNEL)
-def _rows(kind, w, start, row_bytes, n, xq, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    """out[first + i] = row i (of n, starting at byte ``start`` of ``w``) times the activations. One branch per
-    kind outside the row loop, so each loop is the type's own kernel."""
+def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    """The rows of the run-time ``kind`` (an int): one branch per kind, each calling that kind's own compiled
+    function."""
     if kind == 0:
-        for i in range(n):
-            out[first + i] = _row_q4_0(w, start + i * row_bytes, xq, x_scale, bias, isa)
+        _rows_legacy(_Q4_0, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 1:
-        for i in range(n):
-            out[first + i] = _row_q4_1(w, start + i * row_bytes, xq, x_scale, x_sums, isa)
+        _rows_legacy(_Q4_1, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 2:
-        for i in range(n):
-            out[first + i] = _row_q5_0(w, start + i * row_bytes, xq, x_scale, bias, isa)
+        _rows_legacy(_Q5_0, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 3:
-        for i in range(n):
-            out[first + i] = _row_q5_1(w, start + i * row_bytes, xq, x_scale, x_sums, isa)
+        _rows_legacy(_Q5_1, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 4:
-        for i in range(n):
-            out[first + i] = _row_q8_0(w, start + i * row_bytes, xq, x_scale, bias, isa)
+        _rows_legacy(_Q8_0, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 5:
-        for i in range(n):
-            out[first + i] = _row_q2_K(w, start + i * row_bytes, xq, x_scale, x_bsums, isa)
+        _rows_groups(_Q2_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 6:
-        for i in range(n):
-            out[first + i] = _row_q3_K(w, start + i * row_bytes, xq, x_scale, bias, isa)
+        _rows_groups(_Q3_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 7:
-        for i in range(n):
-            out[first + i] = _row_q4_K(w, start + i * row_bytes, xq, x_scale, bias, isa)
+        _rows_k4(_Q4_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     elif kind == 8:
-        for i in range(n):
-            out[first + i] = _row_q5_K(w, start + i * row_bytes, xq, x_scale, bias, isa)
+        _rows_k4(_Q5_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     else:
-        for i in range(n):
-            out[first + i] = _row_q6_K(w, start + i * row_bytes, xq, x_scale, bias, isa)
+        _rows_groups(_Q6_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
 
 
 @njit(**_KERNEL)
@@ -439,7 +742,10 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
     is unread (may be empty) for the other kinds. The weight rows of all the matrices are cut into ``n_chunks``
     equal chunks, one prange iteration each."""
     bias = _per_row_terms(kind, xq, x_bsums, isa)    # q4_K / q5_K: their sums per 32
-    total = out.size
+    rows = out.reshape(1, out.size)          # the few-token layout, one token
+    scales = x_scale.reshape(1, x_scale.size)
+    sums = x_sums.reshape(1, x_sums.size)
+    total = rows.shape[1]
     per_chunk = (total + n_chunks - 1) // n_chunks
     for chunk in prange(n_chunks):
         first = min(total, chunk * per_chunk)
@@ -449,22 +755,26 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
         while first < last:
             m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
             n = min(last, matrix_first + row_counts[m]) - first
-            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, x_scale, x_sums,
-                  x_bsums, bias, out, first, isa)
+            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, xq.view(np.uint8), xq.size,
+                  scales, sums, x_bsums, bias, rows, first, isa)
             first += n
 
 
 @njit(parallel=True, nogil=True, **_KERNEL)
 def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
     """``matvec`` for a few tokens: ``xq`` [n_tokens, k], ``x_scale`` / ``x_sums`` / ``x_bsums`` one row per token,
-    ``out`` [n_tokens, total rows]. Each weight row meets every token while it is in L1, and each (row, token)
-    result is computed alone by the one-token code, so a token gets the same numbers whatever batch it is part
-    of (prompt caching relies on it)."""
-    n_tokens = xq.shape[0]
-    bias = np.empty((n_tokens, xq.shape[1] // 4), np.int32)   # q4_K / q5_K: their sums per 32 in the first k/32
+    ``out`` [n_tokens, total rows]. Each weight row meets every token while it is in L1, a tile of TILE tokens at
+    a time that unpacks each of its blocks once; each (row, token) result is the one-token kernel's, bit for bit,
+    whatever batch the token is part of (prompt caching and continuous batching rely on it)."""
+    n_tokens, k = xq.shape
+    bias = np.zeros((n_tokens, k // 4), np.int32)   # q4_K / q5_K: their sums per 32 in the first k/32
     for t in range(n_tokens):
         terms = _per_row_terms(kind, xq[t], x_bsums[t], isa)
         bias[t, :terms.size] = terms
+    flat_xq = xq.reshape(-1)
+    flat_xu = flat_xq.view(np.uint8) ^ np.uint8(128)   # x + 128 as unsigned bytes (see _unsigned_x)
+    flat_bsums = x_bsums.reshape(-1)
+    flat_bias = bias.reshape(-1)
     total = out.shape[1]
     per_chunk = (total + n_chunks - 1) // n_chunks
     for chunk in prange(n_chunks):
@@ -472,12 +782,12 @@ def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bs
         last = min(total, first + per_chunk)
         m = 0
         matrix_first = 0
-        for r in range(first, last):
-            m, matrix_first = _matrix_of_row(row_counts, r, m, matrix_first)
-            start = starts[m] + (r - matrix_first) * row_bytes
-            for t in range(n_tokens):
-                _rows(kind, w, start, row_bytes, 1, xq[t], x_scale[t], x_sums[t], x_bsums[t], bias[t], out[t], r,
-                      isa)
+        while first < last:
+            m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
+            n = min(last, matrix_first + row_counts[m]) - first
+            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, flat_xq, flat_xu, k, x_scale,
+                  x_sums, flat_bsums, flat_bias, out, first, isa)
+            first += n
 
 
 # ----------------------------------------------------------------------------------------------------------------

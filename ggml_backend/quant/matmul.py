@@ -12,8 +12,8 @@ Two ways to compute the same product:
 
 * ``"int"``: integer kernels. On a CPU with AVX2 they are the explicit-SIMD kernels of ``decode.py`` on its
   instruction set (``KERNEL_ISA``: VNNI or AVX2): one activation row (decode, memory-bound: every weight byte is
-  read once per token) or a few, each (row, token) computed alone, several matrices sharing the input in one
-  launch (``matmul_many``). CPUs without AVX2 (or ``GGML_BACKEND_KERNELS=generic``) run the plain numba kernels
+  read once per token) or a few (tiles of tokens that unpack each weight block once, each (row, token) result
+  bit for bit the one-token kernel's), several matrices sharing the input in one launch (``matmul_many``). CPUs without AVX2 (or ``GGML_BACKEND_KERNELS=generic``) run the plain numba kernels
   below, which unpack each weight block once into a small int16 buffer and dot it with every activation row.
   Rows of W are split into equal chunks, one numba ``prange`` iteration each, so any thread count gets equal work.
 * ``"blas"``: dequantize a band of W rows to float32 (``decode.dequantize_rows`` on a SIMD CPU, bit-exact to the
