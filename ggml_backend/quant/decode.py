@@ -160,7 +160,8 @@ def lane_bias(xq, offset, isa):
 # ----------------------------------------------------------------------------------------------------------------
 
 # Tokens per tile. 4 keeps a tile's accumulators (two chains for q4_0 / q5_0: 8 vectors) and the unpacked block
-# in AVX2's 16 vector registers; the tiles are written out for 4 (wider tiles were not tried).
+# in AVX2's 16 vector registers; the tiles are written out for 4, and a ``TileSize`` constant drops the last
+# tokens' steps for the tiles of 2 and 3 (wider tiles were not tried).
 TILE = 4
 
 # Kernel selectors: the ``kind`` argument of ``matvec``.
@@ -226,6 +227,54 @@ def kind_code(typingctx, kind):
     def codegen(context, builder, sig, args):
         return ir.IntType(64)(code)
     return types.int64(kind), codegen
+
+
+class TileSize(Kind):
+    """The number of tokens of a tile (1 .. TILE) as a compile-time constant of the kernels, as ``Kind`` is for
+    formats: a tile function is written once for TILE tokens and each size gets its own compiled copy in which the
+    steps of the absent tokens are constant-folded away (tiles of 2 and 3 tokens take the N mod TILE leftovers)."""
+
+    @property
+    def _numba_type_(self):
+        if self._type is None:
+            self._type = TileSizeType(self.code)
+        return self._type
+
+
+class TileSizeType(types.Dummy):
+    def __init__(self, code: int):
+        self.code = code
+        super().__init__(name=f"tile_size[{code}]")
+
+
+@typeof_impl.register(TileSize)
+def _typeof_tile_size(value, context):
+    return TileSizeType(value.code)
+
+
+register_model(TileSizeType)(models.OpaqueModel)
+
+
+@lower_constant(TileSizeType)
+def _constant_tile_size(context, builder, typ, value):
+    return context.get_dummy_value()
+
+
+@unbox(TileSizeType)
+def _unbox_tile_size(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
+@intrinsic
+def tile_size(typingctx, size):
+    """The token count of a ``TileSize``, as a constant of the compiled kernel."""
+    if not isinstance(size, TileSizeType):
+        return None
+    code = size.code
+
+    def codegen(context, builder, sig, args):
+        return ir.IntType(64)(code)
+    return types.int64(size), codegen
 
 
 # Legacy quants (blocks of 32): q4_0 (kind 0), q4_1 (1), q5_0 (2), q5_1 (3), q8_0 (4)
@@ -330,8 +379,9 @@ def _tile_dot(kind, acc, q, lanes, scale, xq, xu, x, bias, g, isa):
 
 
 @njit(inline="always", **_KERNEL)
-def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, isa):
-    """``_row_legacy`` for tokens t .. t + 3, each block unpacked once."""
+def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, width, isa):
+    """``_row_legacy`` for the ``width`` (a ``TileSize``) tokens from t, each block unpacked once."""
+    nt = tile_size(width)
     kc = kind_code(kind)
     x0 = t * k
     g0 = t * (k // 4)
@@ -351,25 +401,34 @@ def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, isa):
             x = x0 + 32 * b
             g = g0 + 8 * b
             a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
-            a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
-            a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
-            a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+            if nt > 1:
+                a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+            if nt > 2:
+                a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+            if nt > 3:
+                a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
             q, lanes, d, _ = _tile_block(kind, w, start, b + 1, isa)
             x += 32
             g += 8
             c0 = _tile_dot(kind, c0, q, lanes, d * x_scale[t, b + 1], xq, xu, x, bias, g, isa)
-            c1 = _tile_dot(kind, c1, q, lanes, d * x_scale[t + 1, b + 1], xq, xu, x + k, bias, g + kq, isa)
-            c2 = _tile_dot(kind, c2, q, lanes, d * x_scale[t + 2, b + 1], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
-            c3 = _tile_dot(kind, c3, q, lanes, d * x_scale[t + 3, b + 1], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+            if nt > 1:
+                c1 = _tile_dot(kind, c1, q, lanes, d * x_scale[t + 1, b + 1], xq, xu, x + k, bias, g + kq, isa)
+            if nt > 2:
+                c2 = _tile_dot(kind, c2, q, lanes, d * x_scale[t + 2, b + 1], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+            if nt > 3:
+                c3 = _tile_dot(kind, c3, q, lanes, d * x_scale[t + 3, b + 1], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
         if n % 2:
             b = n - 1
             q, lanes, d, _ = _tile_block(kind, w, start, b, isa)
             x = x0 + 32 * b
             g = g0 + 8 * b
             a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
-            a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
-            a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
-            a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+            if nt > 1:
+                a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+            if nt > 2:
+                a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+            if nt > 3:
+                a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
         return (sum_f32x8(add_f32x8(a0, c0)), sum_f32x8(add_f32x8(a1, c1)), sum_f32x8(add_f32x8(a2, c2)),
                 sum_f32x8(add_f32x8(a3, c3)))
     m0 = np.float32(0.0)
@@ -381,14 +440,20 @@ def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, isa):
         x = x0 + 32 * b
         g = g0 + 8 * b
         a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
-        a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
-        a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
-        a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+        if nt > 1:
+            a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+        if nt > 2:
+            a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+        if nt > 3:
+            a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
         if kc == 1 or kc == 3:
             m0 += m * x_sums[t, b]
-            m1 += m * x_sums[t + 1, b]
-            m2 += m * x_sums[t + 2, b]
-            m3 += m * x_sums[t + 3, b]
+            if nt > 1:
+                m1 += m * x_sums[t + 1, b]
+            if nt > 2:
+                m2 += m * x_sums[t + 2, b]
+            if nt > 3:
+                m3 += m * x_sums[t + 3, b]
     if kc == 1 or kc == 3:
         return sum_f32x8(a0) + m0, sum_f32x8(a1) + m1, sum_f32x8(a2) + m2, sum_f32x8(a3) + m3
     return sum_f32x8(a0), sum_f32x8(a1), sum_f32x8(a2), sum_f32x8(a3)
@@ -456,8 +521,9 @@ def _row_k4(kind, w, start, xq, k, x_scale, sums32, t, isa):
 
 
 @njit(inline="always", **_KERNEL)
-def _tile_k4(kind, w, start, xq, k, x_scale, sums32, t, isa):
-    """``_row_k4`` for tokens t .. t + 3, each chunk unpacked once."""
+def _tile_k4(kind, w, start, xq, k, x_scale, sums32, t, width, isa):
+    """``_row_k4`` for the ``width`` (a ``TileSize``) tokens from t, each chunk unpacked once."""
+    nt = tile_size(width)
     kc = kind_code(kind)
     size = 144 if kc == 7 else 176
     kq = k // 4
@@ -484,19 +550,28 @@ def _tile_k4(kind, w, start, xq, k, x_scale, sums32, t, isa):
             x = t * k + 256 * b + 64 * c
             s = t * kq + 8 * b + 2 * c
             i0, n0 = _k4_dot(i0, n0, q_low, q_high, pair, mpair, xq, x, sums32, s, isa)
-            i1, n1 = _k4_dot(i1, n1, q_low, q_high, pair, mpair, xq, x + k, sums32, s + kq, isa)
-            i2, n2 = _k4_dot(i2, n2, q_low, q_high, pair, mpair, xq, x + 2 * k, sums32, s + 2 * kq, isa)
-            i3, n3 = _k4_dot(i3, n3, q_low, q_high, pair, mpair, xq, x + 3 * k, sums32, s + 3 * kq, isa)
+            if nt > 1:
+                i1, n1 = _k4_dot(i1, n1, q_low, q_high, pair, mpair, xq, x + k, sums32, s + kq, isa)
+            if nt > 2:
+                i2, n2 = _k4_dot(i2, n2, q_low, q_high, pair, mpair, xq, x + 2 * k, sums32, s + 2 * kq, isa)
+            if nt > 3:
+                i3, n3 = _k4_dot(i3, n3, q_low, q_high, pair, mpair, xq, x + 3 * k, sums32, s + 3 * kq, isa)
         d = load_f16(w, o)
         dmin = load_f16(w, o + 2)
         a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
-        a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
-        a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
-        a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
+        if nt > 1:
+            a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
+        if nt > 2:
+            a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
+        if nt > 3:
+            a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
         m0 += dmin * x_scale[t, b] * np.float32(n0)
-        m1 += dmin * x_scale[t + 1, b] * np.float32(n1)
-        m2 += dmin * x_scale[t + 2, b] * np.float32(n2)
-        m3 += dmin * x_scale[t + 3, b] * np.float32(n3)
+        if nt > 1:
+            m1 += dmin * x_scale[t + 1, b] * np.float32(n1)
+        if nt > 2:
+            m2 += dmin * x_scale[t + 2, b] * np.float32(n2)
+        if nt > 3:
+            m3 += dmin * x_scale[t + 3, b] * np.float32(n3)
     return sum_f32x8(a0) - m0, sum_f32x8(a1) - m1, sum_f32x8(a2) - m2, sum_f32x8(a3) - m3
 
 
@@ -563,8 +638,9 @@ def _row_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
 
 
 @njit(inline="always", **_KERNEL)
-def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
-    """``_row_groups`` for tokens t .. t + 3, each group unpacked once."""
+def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
+    """``_row_groups`` for the ``width`` (a ``TileSize``) tokens from t, each group unpacked once."""
+    nt = tile_size(width)
     kc = kind_code(kind)
     size = 84 if kc == 5 else 110 if kc == 6 else 210
     kq = k // 4
@@ -588,21 +664,30 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
                 x = t * k + 256 * b + 128 * n + 32 * j
                 g = t * kq + (256 * b + 128 * n + 32 * j) // 4
                 i0 = _k_group_dot(kind, i0, q, scales, xq, x, bias, g, isa)
-                i1 = _k_group_dot(kind, i1, q, scales, xq, x + k, bias, g + kq, isa)
-                i2 = _k_group_dot(kind, i2, q, scales, xq, x + 2 * k, bias, g + 2 * kq, isa)
-                i3 = _k_group_dot(kind, i3, q, scales, xq, x + 3 * k, bias, g + 3 * kq, isa)
+                if nt > 1:
+                    i1 = _k_group_dot(kind, i1, q, scales, xq, x + k, bias, g + kq, isa)
+                if nt > 2:
+                    i2 = _k_group_dot(kind, i2, q, scales, xq, x + 2 * k, bias, g + 2 * kq, isa)
+                if nt > 3:
+                    i3 = _k_group_dot(kind, i3, q, scales, xq, x + 3 * k, bias, g + 3 * kq, isa)
         d = _k_group_d(kind, w, o)
         a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
-        a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
-        a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
-        a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
+        if nt > 1:
+            a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
+        if nt > 2:
+            a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
+        if nt > 3:
+            a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
         if kc == 5:
             dmin = load_f16(w, o + 82)
             s = t * (k // 16) + 16 * b
             m0 += dmin * x_scale[t, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s))
-            m1 += dmin * x_scale[t + 1, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + k // 16))
-            m2 += dmin * x_scale[t + 2, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + 2 * (k // 16)))
-            m3 += dmin * x_scale[t + 3, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + 3 * (k // 16)))
+            if nt > 1:
+                m1 += dmin * x_scale[t + 1, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + k // 16))
+            if nt > 2:
+                m2 += dmin * x_scale[t + 2, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + 2 * (k // 16)))
+            if nt > 3:
+                m3 += dmin * x_scale[t + 3, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + 3 * (k // 16)))
     if kc == 5:
         return sum_f32x8(a0) - m0, sum_f32x8(a1) - m1, sum_f32x8(a2) - m2, sum_f32x8(a3) - m3
     return sum_f32x8(a0), sum_f32x8(a1), sum_f32x8(a2), sum_f32x8(a3)
@@ -613,16 +698,24 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(inline="always", **_KERNEL)
-def _store_tile(out, t, r, ys):
+def _store_tile(out, t, r, ys, width):
+    nt = tile_size(width)
     out[t, r] = ys[0]
-    out[t + 1, r] = ys[1]
-    out[t + 2, r] = ys[2]
-    out[t + 3, r] = ys[3]
+    if nt > 1:
+        out[t + 1, r] = ys[1]
+    if nt > 2:
+        out[t + 2, r] = ys[2]
+    if nt > 3:
+        out[t + 3, r] = ys[3]
 
 
 # One compiled function per kind and family: out[t, first + i] = row i (of n, starting at byte ``start`` of ``w``)
-# times token t, for every token of ``out``: whole tiles of TILE tokens, then the rest one by one (the same numbers
+# times token t, for every token of ``out``: whole tiles of TILE tokens, then the N mod TILE rest in one tile of 2
+# or 3 tokens (or the one-token kernel for 1), so every N >= 2 unpacks each block once per tile (the same numbers
 # either way).
+
+_TILE_2, _TILE_3, _TILE_4 = (TileSize(width, f"tile{width}") for width in (2, 3, 4))
+
 
 @njit(**_KERNEL)
 def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
@@ -632,11 +725,20 @@ def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
             out[0, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, 0, isa)
         return
     tiled = out.shape[0] - out.shape[0] % TILE
+    rest = out.shape[0] - tiled
     for i in range(n):
         row = start + i * row_bytes
         for t in range(0, tiled, TILE):
-            _store_tile(out, t, first + i, _tile_legacy(kind, w, row, xq, xu, k, x_scale, x_sums, bias, t, isa))
-        for t in range(tiled, out.shape[0]):
+            ys = _tile_legacy(kind, w, row, xq, xu, k, x_scale, x_sums, bias, t, _TILE_4, isa)
+            _store_tile(out, t, first + i, ys, _TILE_4)
+        t = tiled
+        if rest == 3:
+            ys = _tile_legacy(kind, w, row, xq, xu, k, x_scale, x_sums, bias, t, _TILE_3, isa)
+            _store_tile(out, t, first + i, ys, _TILE_3)
+        elif rest == 2:
+            ys = _tile_legacy(kind, w, row, xq, xu, k, x_scale, x_sums, bias, t, _TILE_2, isa)
+            _store_tile(out, t, first + i, ys, _TILE_2)
+        elif rest == 1:
             out[t, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, t, isa)
 
 
@@ -648,11 +750,20 @@ def _rows_k4(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, 
             out[0, first + i] = _row_k4(kind, w, row, xq, k, x_scale, bias, 0, isa)
         return
     tiled = out.shape[0] - out.shape[0] % TILE
+    rest = out.shape[0] - tiled
     for i in range(n):
         row = start + i * row_bytes
         for t in range(0, tiled, TILE):
-            _store_tile(out, t, first + i, _tile_k4(kind, w, row, xq, k, x_scale, bias, t, isa))
-        for t in range(tiled, out.shape[0]):
+            ys = _tile_k4(kind, w, row, xq, k, x_scale, bias, t, _TILE_4, isa)
+            _store_tile(out, t, first + i, ys, _TILE_4)
+        t = tiled
+        if rest == 3:
+            ys = _tile_k4(kind, w, row, xq, k, x_scale, bias, t, _TILE_3, isa)
+            _store_tile(out, t, first + i, ys, _TILE_3)
+        elif rest == 2:
+            ys = _tile_k4(kind, w, row, xq, k, x_scale, bias, t, _TILE_2, isa)
+            _store_tile(out, t, first + i, ys, _TILE_2)
+        elif rest == 1:
             out[t, first + i] = _row_k4(kind, w, row, xq, k, x_scale, bias, t, isa)
 
 
@@ -664,11 +775,20 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
             out[0, first + i] = _row_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, 0, isa)
         return
     tiled = out.shape[0] - out.shape[0] % TILE
+    rest = out.shape[0] - tiled
     for i in range(n):
         row = start + i * row_bytes
         for t in range(0, tiled, TILE):
-            _store_tile(out, t, first + i, _tile_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, t, isa))
-        for t in range(tiled, out.shape[0]):
+            ys = _tile_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, t, _TILE_4, isa)
+            _store_tile(out, t, first + i, ys, _TILE_4)
+        t = tiled
+        if rest == 3:
+            ys = _tile_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, t, _TILE_3, isa)
+            _store_tile(out, t, first + i, ys, _TILE_3)
+        elif rest == 2:
+            ys = _tile_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, t, _TILE_2, isa)
+            _store_tile(out, t, first + i, ys, _TILE_2)
+        elif rest == 1:
             out[t, first + i] = _row_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, t, isa)
 
 
