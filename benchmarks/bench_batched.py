@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ggml_backend._threading import environment_for_other_engines
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_LLAMACPP_SCRIPT = REPO.parent / "shared" / "bench" / "batched_llamacpp.py"
 NO_END = {"151643": -100, "151645": -100}   # Qwen2.5's end tokens, banned so every stream runs its full length
@@ -47,7 +49,10 @@ def prompts(n: int, length: int) -> list[list[int]]:
 def run_llamacpp(script: Path, model: str, ns, threads: int, prompt: int, steps: int) -> dict:
     out = subprocess.run([sys.executable, str(script), model, "--threads", str(threads), "--n",
                           ",".join(map(str, ns)), "--prompt", str(prompt), "--steps", str(steps)],
-                         capture_output=True, text=True, timeout=3600)
+                         capture_output=True, text=True, timeout=3600,
+                         # the user's environment, not ours: importing ggml_backend sets OMP_WAIT_POLICY=PASSIVE
+                         # for numba's OpenMP, which would slow llama.cpp's OpenMP decode by a third
+                         env=environment_for_other_engines())
     if out.returncode:
         raise RuntimeError(f"{script} failed: {out.stderr[-2000:]}")
     return {int(n): float(v) for n, v in re.findall(r"n=(\d+):([\d.]+)tok/s", out.stdout)}
