@@ -37,6 +37,7 @@ import numpy as np
 
 from .generation import SamplingParams, TextStreamer
 from .model.kv_cache import MultiSequenceCache
+from .prompt_cache import common_prefix
 from .quant.matmul import BLAS_MIN_TOKENS
 
 
@@ -273,9 +274,9 @@ class ContinuousBatcher:
             src = self.sequences.get(seq.share_prefix_with)
             n_shared = 0
             if src is not None:
-                n_common = _common_prefix(src.tokens[:src.n_evaluated], seq.prompt_tokens)
+                n_common = common_prefix(src.tokens[:src.n_evaluated], seq.prompt_tokens)
                 if src.plan or not src.started:
-                    wanted = _common_prefix(src.prompt_tokens, seq.prompt_tokens)
+                    wanted = common_prefix(src.prompt_tokens, seq.prompt_tokens)
                     if n_common < wanted:
                         continue            # its source is still evaluating the shared part: wait for it
                 n_shared = n_common
@@ -408,14 +409,6 @@ class ContinuousBatcher:
     def _finish(seq: Sequence, token, reason: str, logits, text: str = "") -> SequenceEvent:
         seq.finish_reason = reason
         return SequenceEvent(seq.id, token, text + seq.streamer.finish(), reason, logits)
-
-
-def _common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _prompt_batches(first: int, last: int, n_batch: int) -> list[tuple[int, int]]:

@@ -168,11 +168,12 @@ TILE = 4
 KINDS = {"q4_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3, "q8_0": 4, "q2_K": 5, "q3_K": 6, "q4_K": 7, "q5_K": 8, "q6_K": 9}
 
 
-class Kind:
-    """A block format as a compile-time constant of the kernels (``KIND_ARGS[KINDS[name]]``), as ``simd.Isa`` is for
-    instruction sets: each kind gets its own compiled (and cached) kernels, compiled on first use, in which the
-    other kinds' branches are constant-folded away. (A run-time kind made one kernel holding every type's code:
-    with tiles, numba took minutes and gigabytes to compile it.)"""
+class KernelConstant:
+    """An integer that the kernels take as a compile-time constant: its numba type carries the value, so each value
+    gets its own compiled (and cached) kernels, in which the branches for other values are constant-folded away,
+    as ``simd.Isa`` does for instruction sets. ``Kind`` and ``TileSize`` are the two uses."""
+
+    label = "constant"
 
     def __init__(self, code: int, name: str):
         self.code = code
@@ -182,99 +183,73 @@ class Kind:
     @property
     def _numba_type_(self):
         if self._type is None:
-            self._type = KindType(self.code)
+            self._type = ConstantType(self.label, self.code)
         return self._type
 
     def __repr__(self) -> str:
-        return f"Kind({self.name!r})"
+        return f"{type(self).__name__}({self.name!r})"
 
 
-class KindType(types.Dummy):
-    def __init__(self, code: int):
+class Kind(KernelConstant):
+    """A block format (``KIND_ARGS[KINDS[name]]``). (A run-time kind made one kernel holding every type's code:
+    with tiles, numba took minutes and gigabytes to compile it.)"""
+
+    label = "kind"
+
+
+class TileSize(KernelConstant):
+    """The number of tokens of a tile (1 .. TILE): a tile function is written once for TILE tokens and each size gets
+    its own compiled copy in which the steps of the absent tokens are constant-folded away (tiles of 2 and 3
+    tokens take the N mod TILE leftovers)."""
+
+    label = "tile_size"
+
+
+class ConstantType(types.Dummy):
+    def __init__(self, label: str, code: int):
+        self.label = label
         self.code = code
-        super().__init__(name=f"kind[{code}]")
+        super().__init__(name=f"{label}[{code}]")
 
 
-@typeof_impl.register(Kind)
-def _typeof_kind(value, context):
-    return KindType(value.code)
+@typeof_impl.register(KernelConstant)
+def _typeof_constant(value, context):
+    return value._numba_type_
 
 
-register_model(KindType)(models.OpaqueModel)
+register_model(ConstantType)(models.OpaqueModel)
 
 
-@lower_constant(KindType)
-def _constant_kind(context, builder, typ, value):
-    # a module-level Kind named in a kernel (``_Q4_0`` ...) is a compile-time constant: its value is its type
+@lower_constant(ConstantType)
+def _lower_constant(context, builder, typ, value):
+    # a module-level constant named in a kernel (``_Q4_0``, ``_TILE_4`` ...): its value is its type
     return context.get_dummy_value()
 
 
-@unbox(KindType)
-def _unbox_kind(typ, obj, c):
+@unbox(ConstantType)
+def _unbox_constant(typ, obj, c):
     return NativeValue(c.context.get_dummy_value())
 
 
 KIND_ARGS = [Kind(code, name) for name, code in sorted(KINDS.items(), key=lambda item: item[1])]
 
 
-@intrinsic
-def kind_code(typingctx, kind):
-    """The code (``KINDS``) of a kind, as a constant of the compiled kernel."""
-    if not isinstance(kind, KindType):
-        return None
-    code = kind.code
+def _constant_reader(label: str):
+    @intrinsic
+    def read(typingctx, constant):
+        if not isinstance(constant, ConstantType) or constant.label != label:
+            return None
+        code = constant.code
 
-    def codegen(context, builder, sig, args):
-        return ir.IntType(64)(code)
-    return types.int64(kind), codegen
-
-
-class TileSize(Kind):
-    """The number of tokens of a tile (1 .. TILE) as a compile-time constant of the kernels, as ``Kind`` is for
-    formats: a tile function is written once for TILE tokens and each size gets its own compiled copy in which the
-    steps of the absent tokens are constant-folded away (tiles of 2 and 3 tokens take the N mod TILE leftovers)."""
-
-    @property
-    def _numba_type_(self):
-        if self._type is None:
-            self._type = TileSizeType(self.code)
-        return self._type
+        def codegen(context, builder, sig, args):
+            return ir.IntType(64)(code)
+        return types.int64(constant), codegen
+    return read
 
 
-class TileSizeType(types.Dummy):
-    def __init__(self, code: int):
-        self.code = code
-        super().__init__(name=f"tile_size[{code}]")
-
-
-@typeof_impl.register(TileSize)
-def _typeof_tile_size(value, context):
-    return TileSizeType(value.code)
-
-
-register_model(TileSizeType)(models.OpaqueModel)
-
-
-@lower_constant(TileSizeType)
-def _constant_tile_size(context, builder, typ, value):
-    return context.get_dummy_value()
-
-
-@unbox(TileSizeType)
-def _unbox_tile_size(typ, obj, c):
-    return NativeValue(c.context.get_dummy_value())
-
-
-@intrinsic
-def tile_size(typingctx, size):
-    """The token count of a ``TileSize``, as a constant of the compiled kernel."""
-    if not isinstance(size, TileSizeType):
-        return None
-    code = size.code
-
-    def codegen(context, builder, sig, args):
-        return ir.IntType(64)(code)
-    return types.int64(size), codegen
+#: the code (``KINDS``) of a ``Kind`` / the token count of a ``TileSize``, as constants of the compiled kernel
+kind_code = _constant_reader("kind")
+tile_size = _constant_reader("tile_size")
 
 
 # Legacy quants (blocks of 32): q4_0 (kind 0), q4_1 (1), q5_0 (2), q5_1 (3), q8_0 (4)
