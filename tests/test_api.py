@@ -248,7 +248,7 @@ def test_two_threads_advancing_one_stream_at_once_get_a_clear_error(tiny):
         stream = make()
         hold = threading.Event()
         # keep the model's worker busy so that the first thread is surely inside next() when the second arrives
-        blocker = threading.Thread(target=tiny._scheduler.call, args=(hold.wait, 30), daemon=True)
+        blocker = threading.Thread(target=tiny.session.call, args=(hold.wait, 30), daemon=True)
         blocker.start()
         first = threading.Thread(target=lambda: next(stream), daemon=True)
         first.start()
