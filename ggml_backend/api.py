@@ -102,10 +102,12 @@ _return_freed_memory_to_the_system()
 
 
 class Llama:
-    """A loaded model with its tokenizer, KV cache and generation methods.
+    """A loaded model with its tokenizer and generation methods: llama-cpp-python's surface on an
+    ``InferenceSession`` (``self.session``, model/session.py), which owns the KV cache, the evaluated tokens, the
+    logits and which kernel path each batch takes.
 
-    Thread-safe: every operation on the model's state (``eval``, ``reset``, ``save_state``, ``load_state`` and
-    each step of a generation) runs on the model's own worker thread, one at a time (see ``scheduler``). Streams
+    Thread-safe: every operation on the context's state (``eval``, ``reset``, ``save_state``, ``load_state`` and
+    each step of a generation) runs on the session's worker thread, one at a time (see ``scheduler``). Streams
     (``generate``, ``create_completion(stream=True)``, ``create_chat_completion(stream=True)``) may be advanced from
     any thread, one thread at a time, and closed from any thread; closing one, or dropping it, frees the model.
 
