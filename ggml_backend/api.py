@@ -1,48 +1,31 @@
 """``Llama``: the public face of the engine, shaped like llama-cpp-python's ``Llama`` so its users feel at home."""
 from __future__ import annotations
 
+import inspect
 import os
 import random
+from functools import lru_cache
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, List
 
 import numpy as np
 
 from .formats import load
 from .generation import validate
+from .generation.sampling import LLAMA_DEFAULT_SEED, SamplingParams, derived_seed, seed_is_random
 from .model.forward import Model
 from .model.kv_cache import cache_type
+from .model.session import InferenceSession, SessionState
 from .model.validate import build_hparams, build_tokenizer, check_memory
-from .quant.matmul import BLAS_MIN_TOKENS
-from .scheduler import Scheduler, Stream, TokenStream
+from .scheduler import Stream, TokenStream
+
+#: what ``save_state()`` captures: the evaluated tokens, their keys/values, the last logits, and the seed the next
+#: unseeded generation draws from (the session's state, model/session.py)
+LlamaState = SessionState
 
 
-# how a KV cache position was computed (Llama._numerics): by the integer kernels (one token, or a batch below
-# BLAS_MIN_TOKENS: the same numbers either way), by a batch on the BLAS path, or by neither (keys re-rotated by a
-# context shift)
-_INT_NUMERICS, _BATCH_NUMERICS, _NO_FRESH_NUMERICS = 0, 1, 2
-
-
-@dataclass
-class LlamaState:
-    """What save_state() captures: the evaluated tokens, their keys/values and the last logits."""
-    input_ids: np.ndarray
-    numerics: np.ndarray
-    kv: dict
-    last_logits: np.ndarray | None
-    all_logits: np.ndarray | None
-    seed: int | None = None   # the seed the next unseeded generation draws from (llama-cpp-python's too)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.input_ids)
-
-
-# llama.cpp's "pick a random seed" value, llama-cpp-python's default ``seed``
-LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 # llama.cpp's enums' defaults, as llama-cpp-python's constructor takes them
 _SPLIT_MODE_LAYER = 1
 _UNSPECIFIED = -1
@@ -118,16 +101,13 @@ def _return_freed_memory_to_the_system() -> None:
 _return_freed_memory_to_the_system()
 
 
-def _set_threads(n_threads: int) -> None:
-    import numba
-    numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
-
-
 class Llama:
-    """A loaded model with its tokenizer, KV cache and generation methods.
+    """A loaded model with its tokenizer and generation methods: llama-cpp-python's surface on an
+    ``InferenceSession`` (``self.session``, model/session.py), which owns the KV cache, the evaluated tokens, the
+    logits and which kernel path each batch takes.
 
-    Thread-safe: every operation on the model's state (``eval``, ``reset``, ``save_state``, ``load_state`` and
-    each step of a generation) runs on the model's own worker thread, one at a time (see ``scheduler``). Streams
+    Thread-safe: every operation on the context's state (``eval``, ``reset``, ``save_state``, ``load_state`` and
+    each step of a generation) runs on the session's worker thread, one at a time (see ``scheduler``). Streams
     (``generate``, ``create_completion(stream=True)``, ``create_chat_completion(stream=True)``) may be advanced from
     any thread, one thread at a time, and closed from any thread; closing one, or dropping it, frees the model.
 
@@ -250,20 +230,12 @@ class Llama:
                   f"n_ctx {self._n_ctx}, {self.n_threads} threads", file=sys.stderr)
 
     def _new_context_state(self) -> None:
-        """What each context has of its own: KV cache, evaluated tokens, logits, worker thread, prompt cache."""
-        self.n_batch = int(min(self.n_batch, self._n_ctx))
-        self.cache = self.model.new_cache(self._n_ctx, *self._cache_types)
-        self.input_ids = np.zeros(self._n_ctx, dtype=np.int64)
-        # how each position's keys/values were computed (_INT_NUMERICS, _BATCH_NUMERICS or _NO_FRESH_NUMERICS):
-        # what decides whether a later prompt may reuse them (reusable_prefix)
-        self._numerics = np.zeros(self._n_ctx, dtype=np.int8)
-        self.n_tokens = 0
-        self._last_logits: np.ndarray | None = None
-        self._all_logits = (np.zeros((self._n_ctx, self.hparams.n_vocab), np.float32)
-                            if self.logits_all else None)
-        # no lock: a lock held across a stream's yields deadlocks when another thread advances or closes it
-        self._scheduler = Scheduler(self._save_state_now, self._load_state_now,
-                                    name=os.path.basename(self.model_path))
+        """What each context has of its own: its inference session (KV cache, evaluated tokens, logits, worker
+        thread; model/session.py) and prompt cache."""
+        self.session = InferenceSession(self.model, self._n_ctx, n_batch=self.n_batch, n_threads=self.n_threads,
+                                        cache_types=self._cache_types, logits_all=self.logits_all,
+                                        name=self.model_path)
+        self.n_batch = self.session.n_batch
         self._cache = None
 
     def new_context(self, n_ctx: int | None = None) -> "Llama":
@@ -307,15 +279,9 @@ class Llama:
         if self.__dict__.get("_closed", True):
             return
         self._closed = True
-        scheduler = self.__dict__.get("_scheduler")
-        if scheduler is not None:
-            with scheduler._cond:
-                open_requests = list(scheduler._requests)
-            for request in open_requests:   # open streams end (their next item raises StopIteration)
-                scheduler.cancel(request)
-        self.cache = None
-        self._all_logits = None
-        self._last_logits = None
+        session = self.__dict__.get("session")
+        if session is not None:
+            session.close()   # open streams end (their next item raises StopIteration), the KV cache is freed
 
     def __enter__(self) -> "Llama":
         return self
@@ -388,45 +354,29 @@ class Llama:
                 "model": model if model is not None else self.model_path,
                 "usage": {"prompt_tokens": total_tokens, "total_tokens": total_tokens}}
 
-    # --- evaluation -----------------------------------------------------------------------------------------
-    def reset(self) -> None:
-        self._scheduler.call(self._reset_now)
+    # --- evaluation: the inference session's state, as llama-cpp-python shows it -----------------------------
+    @property
+    def n_tokens(self) -> int:
+        """How many tokens are evaluated (in the KV cache)."""
+        return self.session.n_tokens
 
-    def _reset_now(self) -> None:
-        self.n_tokens = 0
-        self.cache.n_past = 0
-        self._last_logits = None
+    @property
+    def input_ids(self) -> np.ndarray:
+        """The evaluated tokens, ``input_ids[:n_tokens]`` (an array of n_ctx int64)."""
+        return self.session.input_ids
+
+    @property
+    def cache(self):
+        """The KV cache (model/kv_cache.py's ``KVCache``; None once closed)."""
+        return self.session.cache
+
+    def reset(self) -> None:
+        self.session.reset()
 
     def eval(self, tokens) -> None:
         """Evaluate tokens after the ones already in the KV cache, n_batch at a time."""
         tokens = validate.eval_tokens(tokens, self.hparams.n_vocab)
-        if not tokens:
-            return
-        self._scheduler.call(self._eval_now, tokens)
-
-    def _eval_now(self, tokens: list[int]) -> None:
-        """eval() itself; runs on the model's worker thread (or wherever a caller owns the model alone)."""
-        if self.n_tokens + len(tokens) > self._n_ctx:
-            raise ValueError(f"{self.n_tokens} evaluated + {len(tokens)} new tokens exceed the context size "
-                             f"n_ctx={self._n_ctx}")
-        bad = [t for t in tokens if not 0 <= t < self.hparams.n_vocab]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.hparams.n_vocab}): {bad[:5]}")
-        _set_threads(self.n_threads)
-        # near-equal batches of at most n_batch: no short tail batch that would take other numerics
-        n_batches = -(-len(tokens) // self.n_batch)
-        bounds = [len(tokens) * i // n_batches for i in range(n_batches + 1)]
-        for first, last in zip(bounds, bounds[1:]):
-            batch = tokens[first:last]
-            logits = self.model.forward(batch, self.cache, all_logits=self.logits_all)
-            start = self.n_tokens
-            self.input_ids[start:start + len(batch)] = batch
-            self._numerics[start:start + len(batch)] = (_BATCH_NUMERICS if len(batch) >= BLAS_MIN_TOKENS
-                                                         else _INT_NUMERICS)
-            self.n_tokens += len(batch)
-            if self._all_logits is not None:
-                self._all_logits[start:start + len(batch)] = logits
-            self._last_logits = logits[-1]
+        self.session.eval(tokens)
 
     @property
     def scores(self) -> np.ndarray:
@@ -434,61 +384,42 @@ class Llama:
 
         Without logits_all the array is made on access (np.zeros pages cost nothing until written), so a long
         context does not keep n_ctx x n_vocab floats resident."""
-        if self._all_logits is not None:
-            return self._all_logits
+        session = self.session
+        if session.all_logits is not None:
+            return session.all_logits
         scores = np.zeros((self._n_ctx, self.hparams.n_vocab), np.float32)
-        if self._last_logits is not None and self.n_tokens:
-            scores[self.n_tokens - 1] = self._last_logits
+        if session.last_logits is not None and session.n_tokens:
+            scores[session.n_tokens - 1] = session.last_logits
         return scores
 
     @property
     def eval_tokens(self) -> deque:
         """The evaluated tokens (llama-cpp-python's ``eval_tokens``)."""
-        return deque(self.input_ids[:self.n_tokens].tolist(), maxlen=self._n_ctx)
+        return deque(self.session.tokens.tolist(), maxlen=self._n_ctx)
 
     @property
     def eval_logits(self) -> deque:
         """The logits rows as lists, as llama-cpp-python's ``eval_logits``: every evaluated position's with
         ``logits_all``, else only the last (a deque of maxlen 1)."""
-        if self._all_logits is not None:
-            return deque(self._all_logits[:self.n_tokens].tolist(), maxlen=self._n_ctx)
-        rows = [] if self._last_logits is None or not self.n_tokens else [self._last_logits.tolist()]
+        session = self.session
+        if session.all_logits is not None:
+            return deque(session.all_logits[:session.n_tokens].tolist(), maxlen=self._n_ctx)
+        rows = [] if session.last_logits is None or not session.n_tokens else [session.last_logits.tolist()]
         return deque(rows, maxlen=1)
 
     def save_state(self) -> LlamaState:
-        state = self._scheduler.call(self._save_state_now)
+        state = self.session.save_state()
         state.seed = self._seed
         return state
 
     def load_state(self, state: LlamaState) -> None:
-        self._scheduler.call(self._load_state_now, state)
+        self.session.load_state(state)
         if state.seed is not None:
             self._seed = state.seed
 
     def set_seed(self, seed: int) -> None:
         """The seed the next generation without a ``seed`` of its own draws from (llama-cpp-python's)."""
         self._seed = validate.integer("seed", seed, low=-1)
-
-    def _save_state_now(self) -> LlamaState:
-        n = self.n_tokens
-        return LlamaState(
-            input_ids=self.input_ids[:n].copy(), numerics=self._numerics[:n].copy(),
-            kv=self.cache.snapshot(),
-            last_logits=None if self._last_logits is None else self._last_logits.copy(),
-            all_logits=None if self._all_logits is None else self._all_logits[:n].copy())
-
-    def _load_state_now(self, state: LlamaState) -> None:
-        n = len(state.input_ids)
-        if n > self._n_ctx:
-            raise ValueError(f"state of {n} tokens does not fit n_ctx={self._n_ctx}")
-        self.cache.restore(state.kv)
-        self.input_ids[:n] = state.input_ids
-        self._numerics[:n] = state.numerics
-        self.n_tokens = n
-        self._last_logits = None if state.last_logits is None else state.last_logits.copy()
-        if self._all_logits is not None and state.all_logits is not None:
-            self._all_logits[:n] = state.all_logits
-            self._all_logits[n:] = 0   # rows past the state's tokens belong to no evaluation of it
 
     def set_cache(self, cache) -> None:
         """Keep evaluated prompts' states in ``cache`` (a ``LlamaRAMCache``; None: no cache), as
@@ -499,27 +430,10 @@ class Llama:
     # --- generation -----------------------------------------------------------------------------------------
     def reusable_prefix(self, prompt_tokens) -> int:
         """How many leading tokens of ``prompt_tokens`` a generation would take from the KV cache instead of
-        evaluating them again (the server reports it as llama.cpp's ``cache_n``).
-
-        Reuse must not change the numbers: a prompt evaluated fresh gets the batch (BLAS) numerics in batches of
-        at least BLAS_MIN_TOKENS tokens and the integer-kernel numerics otherwise, and the two differ in float
-        summation order. The integer kernels give every token the same numbers whatever batch it is in, so a
-        prompt short enough for them reuses every cached position they computed (a chat's system prompt, the
-        turns so far); a longer prompt reuses only positions computed by a batch, and its re-evaluated tail keeps
-        enough tokens for the batch path. At least the last token is evaluated again (its logits are needed).
-        A fixed seed then gives the same text whether or not the cache was warm."""
-        n_prompt = len(prompt_tokens)
-        cached = self.input_ids[:self.n_tokens]
-        limit = min(len(cached), n_prompt - 1)
-        want_batch = n_prompt >= BLAS_MIN_TOKENS
-        fresh = _BATCH_NUMERICS if want_batch else _INT_NUMERICS
-        n_reuse = 0
-        while (n_reuse < limit and cached[n_reuse] == prompt_tokens[n_reuse]
-               and self._numerics[n_reuse] == fresh):
-            n_reuse += 1
-        if want_batch:
-            n_reuse = min(n_reuse, n_prompt - BLAS_MIN_TOKENS)
-        return max(0, n_reuse)
+        evaluating them again (the server reports it as llama.cpp's ``cache_n``): those whose keys/values a
+        fresh evaluation would compute the same way (``InferenceSession.reusable_prefix`` says when), so a fixed
+        seed gives the same text whether or not the cache was warm."""
+        return self.session.reusable_prefix(prompt_tokens)
 
     def _prepare_prompt(self, prompt_tokens: list[int]) -> None:
         """Make the KV cache hold prompt_tokens, reusing the longest prefix already evaluated that a fresh run
@@ -530,28 +444,8 @@ class Llama:
             raise ValueError(f"Requested tokens ({n_prompt}) exceed context window of {self._n_ctx}")
         if not prompt_tokens:
             raise ValueError("the prompt is empty (and the model adds no BOS token)")
-        n_reuse = self.reusable_prefix(prompt_tokens)
-        self.n_tokens = n_reuse
-        self.cache.truncate(n_reuse)
-        if self._all_logits is not None:
-            self._all_logits[n_reuse:] = 0
+        n_reuse = self.session.reuse_prefix(prompt_tokens)
         self.eval(prompt_tokens[n_reuse:])   # on the worker: runs at once (and subclasses' eval hooks see it)
-
-    def _context_shift(self, n_keep: int) -> None:
-        """llama.cpp's context shift: keep the first n_keep tokens, drop half of the rest, slide the remainder."""
-        n_keep = max(0, min(n_keep, self.n_tokens - 1))
-        n_discard = (self.n_tokens - n_keep) // 2
-        if n_discard <= 0:
-            raise ValueError(f"the context (n_ctx={self._n_ctx}) is full and n_keep={n_keep} leaves nothing to drop")
-        old_n = self.n_tokens
-        self.cache.shift(n_keep, n_discard)
-        self.model.rerotate_keys(self.cache, n_keep, self.cache.n_past, -n_discard)
-        self.input_ids[n_keep:old_n - n_discard] = self.input_ids[n_keep + n_discard:old_n].copy()
-        self._numerics[n_keep:old_n] = _NO_FRESH_NUMERICS   # re-rotated keys: no fresh run gives these numbers
-        self.n_tokens = old_n - n_discard
-        if self._all_logits is not None:
-            self._all_logits[n_keep:old_n - n_discard] = self._all_logits[n_keep + n_discard:old_n].copy()
-            self._all_logits[self.n_tokens:old_n] = 0
 
     def generate_tokens(self, tokens, *, sampler=None, params=None, max_tokens: int | None = None,
                         n_keep: int | None = None, stop_tokens=None, grammar=None) -> TokenStream:
@@ -578,20 +472,19 @@ class Llama:
 
         Differs: the stream is an iterator, not a generator (no ``send``); the seed is the one ``set_seed`` or
         the constructor gave (drawn afresh when random)."""
-        from .generation import SamplingParams
         grammar = _as_grammar(grammar)
         _check_callable("logits_processor", logits_processor)
         _check_callable("stopping_criteria", stopping_criteria)
         tokens = validate.eval_tokens(tokens, self.hparams.n_vocab)
         if not reset:
-            tokens = self.input_ids[:self.n_tokens].tolist() + tokens
+            tokens = self.session.tokens.tolist() + tokens
         params = SamplingParams(
             temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, tfs_z=tfs_z, typical_p=typical_p,
             repeat_penalty=repeat_penalty, repeat_last_n=self.last_n_tokens_size,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
             mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl)
-        seed = None if self._seed_is_random(self._seed) else self._seed
-        sampler = self._make_sampler(params, seed=seed if seed is not None else -1)
+        # the seed set_seed or the constructor gave, not a draw of the chain (a random one: drawn afresh)
+        sampler = self.make_sampler(params, seed=-1 if seed_is_random(self._seed) else self._seed)
         return self._token_stream(tokens, sampler=sampler, params=params, max_tokens=None, stop_tokens=[],
                                   logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                                   context_shift=False, grammar=grammar)
@@ -604,7 +497,6 @@ class Llama:
         """llama-cpp-python's ``sample``: one token from the logits after the last evaluated token (or after
         position ``idx``, which needs ``logits_all``), with the last ``last_n_tokens_size`` tokens penalized.
         Nothing is evaluated."""
-        from .generation import SamplingParams
         if grammar is not None:   # a grammar's state lives in a generation: one token alone has none
             raise _not_supported("grammar", type(grammar).__name__, "use generate() or create_completion(grammar=)")
         _check_callable("logits_processor", logits_processor)
@@ -616,22 +508,22 @@ class Llama:
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
             mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl)
 
+        session = self.session
+
         def sample_now():
-            end = self.n_tokens if idx is None else validate.integer("idx", idx, low=0, high=self.n_tokens - 1) + 1
-            if end == self.n_tokens:
-                logits = self._last_logits
-            elif self._all_logits is not None:
-                logits = self._all_logits[end - 1]
-            else:
+            n_tokens = session.n_tokens
+            end = n_tokens if idx is None else validate.integer("idx", idx, low=0, high=n_tokens - 1) + 1
+            if end != n_tokens and session.all_logits is None:
                 raise ValueError("sample(idx=...) before the last position needs Llama(logits_all=True)")
-            input_ids = self.input_ids[:end].astype(np.intc)
+            logits = session.logits_at(end)
+            input_ids = session.input_ids[:end].astype(np.intc)
             scores = logits.copy()
             if logits_processor is not None:
                 scores = np.asarray(logits_processor(input_ids, scores), dtype=np.float32)
             last_n = self.last_n_tokens_size
-            return self._make_sampler(params).sample(scores, self.input_ids[max(0, end - last_n):end])
+            return self.make_sampler(params).sample(scores, session.input_ids[max(0, end - last_n):end])
 
-        return self._scheduler.call(sample_now)
+        return session.call(sample_now)
 
     def _token_stream(self, tokens, *, sampler=None, params=None, max_tokens=None, n_keep=None, stop_tokens=None,
                       with_logits: bool = False, logits_processor=None, stopping_criteria=None,
@@ -639,11 +531,10 @@ class Llama:
         """generate_tokens()'s stream; with_logits: (token, the logits it was sampled from) pairs.
         ``context_shift`` False: the stream ends when the context is full; ``outcome["stopped"]`` is set when a
         stopping criterion ended it."""
-        from .generation import SamplingParams
         if params is None:
             params = SamplingParams()
         if sampler is None:
-            sampler = self._make_sampler(params)
+            sampler = self.make_sampler(params)
         stop_ids = set(self.tokenizer.eog_ids) if stop_tokens is None else set(stop_tokens)
         tokens = [int(t) for t in tokens]
         if n_keep is None:
@@ -651,8 +542,8 @@ class Llama:
         work = self._generation_steps(tokens, sampler, params, max_tokens, n_keep, stop_ids, logits_processor,
                                       stopping_criteria, context_shift, outcome if outcome is not None else {},
                                       grammar)
-        request = self._scheduler.open(work, on_end=self._cache_generation_end)
-        return TokenStream(self._scheduler, request, with_logits=with_logits)
+        request = self.session.open(work, on_end=self._cache_generation_end)
+        return TokenStream(self.session.scheduler, request, with_logits=with_logits)
 
     def _generation_steps(self, tokens, sampler, params, max_tokens, n_keep, stop_ids, logits_processor=None,
                           stopping_criteria=None, context_shift=True, outcome=None, grammar=None):
@@ -665,24 +556,26 @@ class Llama:
         A ``grammar`` masks the scores (only tokens that keep the output inside it can be sampled) and ends the
         stream when it is complete (``outcome["stopped"]``); its next mask is computed during the forward pass."""
         matcher = grammar.matcher(self.tokenizer) if grammar is not None else None
+        session = self.session
         if self._cache is not None:
-            state = self._cache.lookup(tokens, self.input_ids[:self.n_tokens])
+            state = self._cache.lookup(tokens, session.tokens)
             if state is not None:
                 self.load_state(state)   # the public method, as llama-cpp-python (on this worker: runs at once)
         self._prepare_prompt(tokens)
         produced = 0
         while max_tokens is None or max_tokens <= 0 or produced < max_tokens:
-            last_n = params.repeat_last_n if params.repeat_last_n >= 0 else self.n_tokens
-            recent = self.input_ids[max(0, self.n_tokens - last_n):self.n_tokens]
-            logits = self._last_logits
+            n_tokens = session.n_tokens
+            last_n = params.repeat_last_n if params.repeat_last_n >= 0 else n_tokens
+            recent = session.input_ids[max(0, n_tokens - last_n):n_tokens]
+            logits = session.last_logits
             scores = logits
             if logits_processor is not None:
-                scores = np.asarray(logits_processor(self.input_ids[:self.n_tokens].astype(np.intc),
+                scores = np.asarray(logits_processor(session.input_ids[:n_tokens].astype(np.intc),
                                                      logits.copy()), dtype=np.float32)
             if matcher is not None:
                 scores = matcher.mask(scores)
             token = sampler.sample(scores, recent)
-            if stopping_criteria is not None and stopping_criteria(self.input_ids[:self.n_tokens].astype(np.intc),
+            if stopping_criteria is not None and stopping_criteria(session.input_ids[:n_tokens].astype(np.intc),
                                                                    logits.copy()):
                 if outcome is not None:
                     outcome["stopped"] = True
@@ -699,10 +592,10 @@ class Llama:
                 return
             if max_tokens is not None and 0 < max_tokens <= produced:
                 return   # the caller asked for no more: don't pay a forward pass for a token never used
-            if self.n_tokens >= self._n_ctx:
+            if session.n_tokens >= self._n_ctx:
                 if not context_shift:
                     return
-                self._context_shift(n_keep)
+                session.context_shift(n_keep)
             if matcher is not None:
                 matcher.prepare()
             self.eval([token])
@@ -710,28 +603,25 @@ class Llama:
     def _cache_generation_end(self, snapshot) -> None:
         """On the worker, when a generation ends: combined forward passes stop waiting for this context, and its
         state goes to the prompt cache (if one is set)."""
-        if self.model.batcher is not None:
-            self.model.batcher.leave(self.cache)
+        self.session.leave_combined_passes()
         if self._cache is not None:
-            self._cache.store(snapshot if snapshot is not None else self._save_state_now())
+            self._cache.store(snapshot if snapshot is not None else self.session.save_state())
 
-    def _make_sampler(self, params, seed=None):
+    def make_sampler(self, params: SamplingParams, seed: int | None = None):
+        """A ``Sampler`` of ``params`` for this model's vocabulary, seeded by ``seed`` (default ``params.seed``)
+        or, when that is random, by the next draw of this ``Llama``'s seed chain (``_resolve_seed``)."""
         from .generation import Sampler
         return Sampler(params, n_vocab=self.hparams.n_vocab,
                        seed=self._resolve_seed(params.seed if seed is None else seed),
                        newline_token=self.token_nl())
 
-    @staticmethod
-    def _seed_is_random(seed) -> bool:
-        return seed is None or seed == -1 or seed == LLAMA_DEFAULT_SEED
-
     def _resolve_seed(self, seed):
         """A call's seed: its own when given; else, as llama-cpp-python, the next draw of a chain seeded once by
         the constructor's ``seed`` (or ``set_seed``), so repeated calls differ and a run of them reproduces; None
-        (a fresh random seed) when that seed is random."""
-        if seed is not None and seed != -1:
+        (a fresh random seed) when that seed is random (``seed_is_random``, the one rule)."""
+        if not seed_is_random(seed):
             return seed
-        if self._seed_is_random(self._seed):
+        if seed_is_random(self._seed):
             return None
         self._seed = random.Random(self._seed).randint(0, 2 ** 32 - 2)
         return self._seed
@@ -750,7 +640,8 @@ class Llama:
                           stopping_criteria=None, logits_processor=None, grammar=None,
                           logit_bias: dict | None = None, *, repeat_last_n: int | None = None,
                           add_bos: bool | None = None, stop_tokens=None, penalize_nl: bool = True,
-                          top_a: float = 0.0, repeat_penalty_slope: float = 1.0, n: int = 1):
+                          top_a: float = 0.0, repeat_penalty_slope: float = 1.0, n: int = 1,
+                          sampling: SamplingParams | None = None):
         """An OpenAI/llama-cpp-python-shaped text completion (a dict, or an iterator of chunks if stream).
 
         llama-cpp-python's parameters, with its meaning: ``max_tokens`` None or <= 0 generates until the context
@@ -768,8 +659,9 @@ class Llama:
         decoded together by a ``ContinuousBatcher``; the prompt is evaluated once and its keys/values copied to
         each. With a seed, choice i samples with seed + i (choice 0 is the n=1 completion) and reproduces; the
         usage counts the tokens of every choice. ``n > 1`` runs in KV caches of its own: the context's cache and
-        prompt cache are left as they were."""
-        from .generation import SamplingParams
+        prompt cache are left as they were. ``sampling``: the sampling settings as one ``SamplingParams`` (used
+        as it is: its ``repeat_last_n`` and ``repeat_penalty`` too), instead of the keywords; a sampling keyword
+        given with a value other than its default overrides that field (``_with_overrides``)."""
         n = validate.integer("n", n, low=1)
         grammar = _as_grammar(grammar)
         _check_callable("logits_processor", logits_processor)
@@ -778,14 +670,18 @@ class Llama:
             raise TypeError(f"suffix must be a string, got {type(suffix).__name__}")
         stop, max_tokens, logprobs, _, stop_tokens = validate.completion_arguments(
             prompt=prompt, max_tokens=max_tokens, stop=stop, logprobs=logprobs, n_keep=None, stop_tokens=stop_tokens)
-        if repeat_last_n is None:
-            repeat_last_n = self.last_n_tokens_size
-        params = SamplingParams(
+        keywords = dict(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, tfs_z=tfs_z, typical_p=typical_p,
             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
             mirostat_eta=mirostat_eta, logit_bias=logit_bias, seed=seed, penalize_nl=penalize_nl, top_a=top_a,
             repeat_penalty_slope=repeat_penalty_slope)
+        if sampling is not None:
+            params = _with_overrides(sampling, Llama.create_completion, keywords)
+        else:
+            if repeat_last_n is None:
+                keywords["repeat_last_n"] = self.last_n_tokens_size
+            params = SamplingParams(**keywords)
         if add_bos is None:
             add_bos = self.tokenizer.add_bos
         if suffix is not None:
@@ -806,7 +702,7 @@ class Llama:
                                                            self._eog_ids(stop_tokens)), steps)
             return stream_iter if stream else collect_completion(stream_iter)
         outcome: dict = {}
-        tokens = self._token_stream(prompt_tokens, sampler=self._make_sampler(params), params=params,
+        tokens = self._token_stream(prompt_tokens, sampler=self.make_sampler(params), params=params,
                                     max_tokens=max_tokens, stop_tokens=self._eog_ids(stop_tokens),
                                     with_logits=True, logits_processor=logits_processor,
                                     stopping_criteria=stopping_criteria, context_shift=False, outcome=outcome,
@@ -821,7 +717,7 @@ class Llama:
         sequence i of a ``ContinuousBatcher`` that shares choice 0's evaluated prompt."""
         from .continuous_batching import ContinuousBatcher
         base = self._resolve_seed(params.seed)   # once: choice i then uses base + i
-        seeds = [None if base is None else (base + i) % (2 ** 32 - 1) for i in range(n)]
+        seeds = [derived_seed(base, i) for i in range(n)]
 
         def steps():
             batcher = ContinuousBatcher(self, max_sequences=n)
@@ -838,8 +734,8 @@ class Llama:
             finally:   # a stream closed early: every sequence's memory goes back now
                 for seq_id in list(batcher.sequences):
                     batcher.cancel(seq_id)
-        request = self._scheduler.open(steps())
-        return _StepStream(self._scheduler, request)
+        request = self.session.open(steps())
+        return _StepStream(self.session.scheduler, request)
 
     def _completion_stream_n(self, steps, prompt_tokens, echo, logprobs, model_name, n, stop_ids):
         """Completion chunks of n choices from a batcher's steps (``_completion_stream``'s, with their index)."""
@@ -1023,7 +919,8 @@ class Llama:
                                model: str | None = None, logits_processor=None, grammar=None,
                                logit_bias: dict | None = None, logprobs: bool | None = None,
                                top_logprobs: int | None = None, *, chat_template=None,
-                               repeat_last_n: int | None = None, penalize_nl: bool = True, n: int = 1):
+                               repeat_last_n: int | None = None, penalize_nl: bool = True, n: int = 1,
+                               sampling: SamplingParams | None = None):
         """An OpenAI/llama-cpp-python-shaped chat completion, on the model's own chat template (or a chosen one).
 
         llama-cpp-python's parameters in its order. With ``tools`` (OpenAI function specs) the template is asked
@@ -1034,22 +931,27 @@ class Llama:
         ``tool_choice`` ("required" or a named function) constrains it to a call whose arguments validate against
         the tool's parameters, and with "auto" a call that the model starts is held to the same (generation/
         grammar.py). Our own, keyword-only: ``chat_template`` (a name, file or
-        Jinja text for this call), ``repeat_last_n``, ``penalize_nl``, and OpenAI's ``n`` (that many choices,
-        decoded together; see ``create_completion``)."""
+        Jinja text for this call), ``repeat_last_n``, ``penalize_nl``, OpenAI's ``n`` (that many choices,
+        decoded together; see ``create_completion``), and ``sampling``: the sampling settings as one
+        ``SamplingParams``, as ``create_completion`` takes it (a sampling keyword given with a value other than
+        its default here overrides that field)."""
         from .generation.grammar import forced_call_grammar, grammar_from_response_format, tool_call_grammar
         grammar = _as_grammar(grammar)
         n = validate.integer("n", n, low=1)
+        keywords = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+                        seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                        repeat_penalty=repeat_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                        mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, logit_bias=logit_bias,
+                        repeat_last_n=repeat_last_n, penalize_nl=penalize_nl)
+        if sampling is not None:   # one SamplingParams for create_completion, this method's keywords applied
+            keywords = {"sampling": _with_overrides(sampling, Llama.create_chat_completion, keywords)}
         if (chat_template or self.chat_format) == "chatml-function-calling":
             if n != 1:
                 raise _not_supported("n", n, "chatml-function-calling makes one reply at a time")
             return self._chatml_function_calling(
                 messages, functions, function_call, tools, tool_choice, stream, grammar, response_format,
-                dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p, stop=stop,
-                     seed=seed, max_tokens=max_tokens, presence_penalty=presence_penalty,
-                     frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, tfs_z=tfs_z,
-                     mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
-                     model=model, logits_processor=logits_processor, logit_bias=logit_bias,
-                     repeat_last_n=repeat_last_n, penalize_nl=penalize_nl), logprobs)
+                dict(keywords, stop=stop, max_tokens=max_tokens, model=model, logits_processor=logits_processor),
+                logprobs)
         format_grammar = grammar_from_response_format(response_format)
         if format_grammar is not None:
             if grammar is not None:
@@ -1075,13 +977,9 @@ class Llama:
             prompt_tokens = prompt_tokens + self.tokenize(prefill, add_bos=False, special=True)
             stops.append(CALL_CLOSE)
         completion = self.create_completion(
-            prompt_tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            typical_p=typical_p, stream=True, stop=stops, seed=seed,
-            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
-            tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
-            model=model, logit_bias=logit_bias, logprobs=max(1, int(top_logprobs or 0)) if logprobs else None,
-            logits_processor=logits_processor, repeat_last_n=repeat_last_n, penalize_nl=penalize_nl,
-            grammar=grammar, n=n)
+            prompt_tokens, max_tokens=max_tokens, stream=True, stop=stops, model=model,
+            logprobs=max(1, int(top_logprobs or 0)) if logprobs else None, logits_processor=logits_processor,
+            grammar=grammar, n=n, **keywords)
         chat_id = f"chatcmpl-{uuid.uuid4()}"
         chunks = Stream(self._chat_stream(completion, chat_id, tools, prefill, int(top_logprobs or 0)), completion)
         return chunks if stream else collect_chat(chunks)
@@ -1145,6 +1043,25 @@ class Llama:
                 if last and "usage" in chunk:
                     out["usage"] = chunk["usage"]
                 yield out
+
+
+@lru_cache(maxsize=None)
+def _sampling_defaults(method) -> dict:
+    """The default of each keyword of ``method`` (create_completion, create_chat_completion)."""
+    return {name: parameter.default for name, parameter in inspect.signature(method).parameters.items()}
+
+
+def _with_overrides(sampling, method, keywords: dict) -> SamplingParams:
+    """``sampling`` (a SamplingParams) with the sampling ``keywords`` of a ``method`` call applied where they
+    differ from the method's defaults: a keyword left at its default leaves the field as ``sampling`` has it
+    (the keywords cannot tell "not given" from "given its default", so this is the rule)."""
+    import dataclasses
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    defaults = _sampling_defaults(method)
+    changed = {name: value for name, value in keywords.items()
+               if not (value is defaults[name] or value == defaults[name])}
+    return dataclasses.replace(sampling, **changed) if changed else sampling
 
 
 class _StepStream(TokenStream):

@@ -8,12 +8,13 @@ each want one token are served by one pass of N tokens for much less than N pass
 2. every sequence whose logits are now ready samples its next token (its own ``Sampler``, stop strings,
    grammar), and the step returns one ``SequenceEvent`` per such sequence.
 
-Sequences live in a ``MultiSequenceCache`` (model/kv_cache.py): memory comes as they grow and goes back when they
-end. A sequence may start from another's evaluated prefix (``share_prefix_with``): ``n > 1`` completions evaluate
+Sequences live in a ``MultiSequenceCache`` (model/kv_cache.py) that the ``Llama``'s inference session makes
+(``InferenceSession.sequence_cache``, model/session.py): memory comes as they grow and goes back when they end. A sequence may start from another's evaluated prefix (``share_prefix_with``): ``n > 1`` completions evaluate
 their prompt once, and its keys and values are copied to the others.
 
 Results do not depend on batching. A prompt is split into the batches ``Llama.eval`` would use (near-equal ones of
-at most ``n_batch`` tokens). A batch of BLAS_MIN_TOKENS tokens or more runs as a pass of its own, exactly as alone
+at most ``n_batch`` tokens; ``session.eval_batches``). A batch on the BLAS path (``session.runs_alone``: 48 tokens
+or more) runs as a pass of its own, exactly as alone
 (one such pass per step, so decoding sequences wait one prompt batch at most: a smaller ``n_batch`` stalls them
 less); smaller ones, and decode tokens, go through the integer kernels, which give every token the numbers it gets
 alone whatever the pass holds (model/batching.py), so they are freely combined. A model whose weights are not all
@@ -36,9 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .generation import SamplingParams, TextStreamer
-from .model.kv_cache import MultiSequenceCache
+from .model.session import eval_batches, runs_alone, set_threads
 from .prompt_cache import common_prefix
-from .quant.matmul import BLAS_MIN_TOKENS
 
 
 @dataclass
@@ -109,8 +109,8 @@ class ContinuousBatcher:
     * ``max_sequences`` [16]: how many sequences may be open at once (``add`` raises beyond).
     * ``n_ctx`` [``llm.n_ctx()``]: the context of each sequence (prompt + generated tokens); its memory is
       allocated as the sequence grows.
-    * ``n_batch`` [``llm.n_batch``]: the largest prompt batch evaluated in one pass. A batch of BLAS_MIN_TOKENS
-      (48) tokens or more runs in a pass of its own, so it is also the most that decoding sequences wait for a
+    * ``n_batch`` [``llm.n_batch``]: the largest prompt batch evaluated in one pass. A batch on the BLAS path
+      (48 tokens or more) runs in a pass of its own, so it is also the most that decoding sequences wait for a
       new prompt in one step.
     * ``type_k``, ``type_v`` [``llm``'s]: the KV cache types of the sequences (f16, f32, q8_0).
 
@@ -132,8 +132,8 @@ class ContinuousBatcher:
         self.max_sequences = validate.integer("max_sequences", max_sequences, low=1)
         self.n_ctx = validate.integer("n_ctx", llm.n_ctx() if n_ctx is None else n_ctx, low=1)
         self.n_batch = validate.integer("n_batch", llm.n_batch if n_batch is None else n_batch, low=1)
-        default_k, default_v = llm._cache_types
-        self.cache = MultiSequenceCache(self.model, self.n_ctx, type_k or default_k, type_v or default_v)
+        # the sequences' KV caches: the session's multi-sequence cache (its cache types unless given)
+        self.cache = llm.session.sequence_cache(self.n_ctx, type_k, type_v)
         self.sequences: dict[int, Sequence] = {}
         self._next_id = 0
         # combined passes through the model's ForwardBatcher, when the numbers allow it (see the module docstring)
@@ -201,7 +201,7 @@ class ContinuousBatcher:
         room = self.n_ctx - len(tokens)
         max_tokens = room if max_tokens is None or max_tokens <= 0 else min(int(max_tokens), room)
         stop_ids = set(llm.tokenizer.eog_ids) if stop_tokens is None else {int(t) for t in stop_tokens}
-        sampler = llm._make_sampler(params, seed=seed)
+        sampler = llm.make_sampler(params, seed=seed)
         seq_id = self._next_id
         self._next_id += 1
         self.sequences[seq_id] = Sequence(
@@ -235,10 +235,9 @@ class ContinuousBatcher:
         """One forward pass for all open sequences (plus, when a prompt batch of BLAS size is due, that batch's
         own pass), then a token for every sequence whose logits are ready. Finished sequences are removed (their
         last event has a ``finish_reason``)."""
-        from .api import _set_threads
         if not self.sequences:
             return []
-        _set_threads(self.llm.n_threads)
+        set_threads(self.llm.n_threads)
         self.steps += 1
         self._start_sequences()
         self._run(*self._plan_step())
@@ -289,7 +288,7 @@ class ContinuousBatcher:
                 seq.n_evaluated = n_copy
                 if whole:
                     seq.logits = seq.prompt_logits = src.prompt_logits
-            seq.plan = _prompt_batches(seq.n_evaluated, seq.n_prompt, self.n_batch)
+            seq.plan = eval_batches(seq.n_evaluated, seq.n_prompt, self.n_batch)
 
     def _plan_step(self):
         """(items for the combined pass(es), items that run alone): [(sequence, tokens), ...]."""
@@ -310,7 +309,7 @@ class ContinuousBatcher:
             if not seq.started or not seq.plan:
                 continue
             first, last = seq.plan[0]
-            if last - first >= BLAS_MIN_TOKENS or not self._combine:
+            if runs_alone(last - first) or not self._combine:
                 if not blas_pass:      # one whole prompt batch of its own per step
                     alone.append((seq, seq.prompt_tokens[first:last]))
                     blas_pass = True
@@ -339,7 +338,7 @@ class ContinuousBatcher:
                 if seq is None or n + len(tokens) > rows:
                     with self._failing([s for s, _ in group]):
                         for s, t in group:
-                            model._check(t, self.cache[s.id])
+                            model.check(t, self.cache[s.id])
                         results = model.batcher.forward_many([(t, self.cache[s.id]) for s, t in group])
                     self.passes += 1
                     for (s, t), logits in zip(group, results):
@@ -410,13 +409,3 @@ class ContinuousBatcher:
         seq.finish_reason = reason
         return SequenceEvent(seq.id, token, text + seq.streamer.finish(), reason, logits)
 
-
-def _prompt_batches(first: int, last: int, n_batch: int) -> list[tuple[int, int]]:
-    """Tokens first..last-1 in the batches ``Llama.eval`` uses: near-equal ones of at most n_batch tokens (no
-    short tail batch that would take other numerics)."""
-    n = last - first
-    if n <= 0:
-        return []
-    n_batches = -(-n // n_batch)
-    bounds = [first + n * i // n_batches for i in range(n_batches + 1)]
-    return list(zip(bounds, bounds[1:]))

@@ -95,7 +95,7 @@ def hidden_states(model, tokens: list[int]) -> np.ndarray:
     if not tokens:
         raise ValueError("cannot embed an empty text: it has no tokens")
     cache = model.new_cache(len(tokens))
-    model._check(tokens, cache)
+    model.check(tokens, cache)
     with model.turns, single_threaded_blas():   # as Model.forward: our own threads do the parallel work
         return model.forward_many([(tokens, cache)], all_logits=True, output="hidden")[0]
 
@@ -147,8 +147,8 @@ def tokenize_texts(llm, input, truncate: bool = True) -> list[list[int]]:
 def embed_token_lists(llm, token_lists, pooling_type: int, normalize: bool = False) -> list[np.ndarray]:
     """``embed_tokens`` on the weights of the ``Llama`` context ``llm``, with its thread count (numba's is per
     calling thread, so this is safe from any worker thread)."""
-    from .api import _set_threads
-    _set_threads(llm.n_threads)
+    from .model.session import set_threads
+    set_threads(llm.n_threads)
     return embed_tokens(llm.model, token_lists, pooling_type, normalize)
 
 

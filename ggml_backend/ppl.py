@@ -165,7 +165,7 @@ def perplexity(model, text, n_ctx: int = 512, *, n_batch: int = 2048, chunks: in
 
 def _perplexity(llm, text: bytes, n_ctx: int, n_batch: int, chunks: int | None, n_threads: int,
                 on_start, progress) -> PerplexityResult:
-    from .api import _set_threads
+    from .model.session import set_threads as _set_threads
     from .model.validate import check_memory
     hp, tokenizer, model = llm.hparams, llm.tokenizer, llm.model
     if n_ctx > hp.n_ctx_train:

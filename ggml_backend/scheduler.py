@@ -143,6 +143,14 @@ class Scheduler:
                 self._ensure_worker()
             self._cond.notify_all()
 
+    def cancel_all(self) -> None:
+        """Cancel every open request (closing the model: open streams end, their next item raises
+        StopIteration)."""
+        with self._cond:
+            open_requests = list(self._requests)
+        for request in open_requests:
+            self.cancel(request)
+
     # --- the worker's side ------------------------------------------------------------------------------------
     def _add(self, request: _Request) -> None:
         self._requests.append(request)

@@ -248,7 +248,7 @@ def test_two_threads_advancing_one_stream_at_once_get_a_clear_error(tiny):
         stream = make()
         hold = threading.Event()
         # keep the model's worker busy so that the first thread is surely inside next() when the second arrives
-        blocker = threading.Thread(target=tiny._scheduler.call, args=(hold.wait, 30), daemon=True)
+        blocker = threading.Thread(target=tiny.session.call, args=(hold.wait, 30), daemon=True)
         blocker.start()
         first = threading.Thread(target=lambda: next(stream), daemon=True)
         first.start()
@@ -297,3 +297,40 @@ def test_an_idle_stream_does_not_block_others_and_keeps_its_results(tiny):
     tiny.reset()
     tokens += list(idle)
     assert tokens == alone
+
+
+def test_a_sampling_params_gives_what_the_keywords_give(qwen):
+    from ggml_backend.generation import SamplingParams
+    prompt = "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n"
+    # create_completion's keyword defaults as one SamplingParams (repeat_last_n: the constructor's 64)
+    llama_cpp_defaults = dict(repeat_penalty=1.0, repeat_last_n=qwen.last_n_tokens_size)
+    texts = []
+    for keywords in ({"temperature": 0}, {"temperature": 0.9, "seed": 1234}):
+        by_keywords = qwen.create_completion(prompt, max_tokens=6, **keywords)
+        by_params = qwen.create_completion(prompt, max_tokens=6,
+                                           sampling=SamplingParams(**llama_cpp_defaults, **keywords))
+        assert by_params["choices"][0]["text"] == by_keywords["choices"][0]["text"]
+        texts.append(by_keywords["choices"][0]["text"])
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = qwen.create_chat_completion(messages, max_tokens=6, temperature=0)
+    chat_params = qwen.create_chat_completion(messages, max_tokens=6,
+                                              sampling=SamplingParams(temperature=0, repeat_penalty=1.0))
+    assert chat_params["choices"][0]["message"] == chat["choices"][0]["message"]
+    # a keyword away from its default overrides the SamplingParams' field: greedy again
+    overridden = qwen.create_completion(prompt, max_tokens=6, temperature=0,
+                                        sampling=SamplingParams(temperature=1.5, seed=7, **llama_cpp_defaults))
+    assert overridden["choices"][0]["text"] == texts[0]
+
+
+def test_sampling_keyword_rules(tiny):
+    from ggml_backend.api import _with_overrides
+    from ggml_backend.generation import SamplingParams
+    base = SamplingParams(temperature=0.3, top_k=5, seed=9)
+    # keywords at the method's defaults leave the SamplingParams alone; others replace its fields
+    assert _with_overrides(base, Llama.create_completion, {"temperature": 0.8, "top_k": 40, "seed": None}) is base
+    changed = _with_overrides(base, Llama.create_completion, {"temperature": 0.0, "top_k": 40, "seed": 3})
+    assert (changed.temperature, changed.top_k, changed.seed) == (0.0, 5, 3)
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams"):
+        tiny.create_completion([1, 2, 3], max_tokens=1, sampling={"temperature": 0})
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams"):
+        tiny.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1, sampling=0.5)

@@ -352,7 +352,7 @@ if KERNEL_TESTS:
         for n_gpu_layers in (0, -1):
             llm = Llama(micro_model, n_ctx=32, verbose=False, n_gpu_layers=n_gpu_layers)
             llm.eval(SEQUENCE)
-            llm._context_shift(1)        # drops 2 positions, slides 2, re-rotates their keys (on the host mirror)
+            llm.session.context_shift(1)   # drops 2 positions, slides 2, re-rotates their keys (on the host mirror)
             llm.eval([90])
             logits.append(np.array(llm.scores[llm.n_tokens - 1]))
         assert np.abs(logits[1] - logits[0]).max() <= LOGIT_TOLERANCE

@@ -389,3 +389,21 @@ def test_repeat_penalty_slope_eases_the_older_half_of_the_window():
     assert penalized(1.0)[0] == pytest.approx(logits[0] * 1.5)
     with pytest.raises(SamplingError, match="repeat_penalty_slope"):
         SamplingParams(repeat_penalty_slope=1.5)
+
+
+def test_the_random_seed_rule_is_one_function():
+    # None, -1 and llama.cpp's LLAMA_DEFAULT_SEED (-1 as a uint32) all mean "random", kept as None
+    for random_seed in (None, -1, S.LLAMA_DEFAULT_SEED):
+        assert S.seed_is_random(random_seed) and S.normalize_seed(random_seed) is None
+        assert SamplingParams(seed=random_seed).seed is None
+    assert S.normalize_seed(0) == 0 and SamplingParams(seed=2 ** 32).seed == 2 ** 32
+    with pytest.raises(SamplingError, match="seed must be >= 0, or -1/None"):
+        SamplingParams(seed=-2)
+    with pytest.raises(SamplingError, match="seed must be >= 0, or -1/None"):
+        Sampler(SamplingParams(), 10, seed=-3)
+    # a random seed is drawn and kept; a fixed one is used as given
+    assert 0 <= Sampler(SamplingParams(seed=S.LLAMA_DEFAULT_SEED), 10).seed < 2 ** 32
+    assert Sampler(SamplingParams(), 10, seed=5).seed == 5
+    # the seeds of n choices: base + i, never the random value, random when the base is
+    assert [S.derived_seed(S.LLAMA_DEFAULT_SEED - 2, i) for i in range(3)] == [2 ** 32 - 3, 2 ** 32 - 2, 0]
+    assert S.derived_seed(None, 4) is None

@@ -218,7 +218,14 @@ def sampling_params(args) -> SamplingParams:
         typical_p=args.typical, repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
         frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
         mirostat_mode=args.mirostat, mirostat_tau=args.mirostat_ent, mirostat_eta=args.mirostat_lr,
-        seed=None if args.seed is None or args.seed < 0 else args.seed, penalize_nl=args.penalize_nl)
+        seed=_flag_seed(args), penalize_nl=args.penalize_nl)
+
+
+def _flag_seed(args) -> int | None:
+    """--seed as the engine keeps it (None: random, by SamplingParams' rule), any negative value meaning -1 as
+    in llama.cpp's main."""
+    from ..generation.sampling import normalize_seed
+    return normalize_seed(None if args.seed is None else max(-1, int(args.seed)))
 
 
 def _n_head_kv_for_gqa(model_path: str, gqa: int) -> int:
@@ -260,8 +267,9 @@ def eog_bias(llm: Llama) -> dict[int, float]:
 
 
 def resolve_seed(args) -> int:
-    """main's rule: a negative seed becomes the current time."""
-    return int(time.time()) & 0xFFFFFFFF if args.seed is None or args.seed < 0 else int(args.seed)
+    """main's rule: a random seed (negative, or LLAMA_DEFAULT_SEED) becomes the current time."""
+    seed = _flag_seed(args)
+    return int(time.time()) & 0xFFFFFFFF if seed is None else seed
 
 
 def make_sampler(args, llm: Llama, seed: int, extra_bias: dict | None = None) -> TimedSampler:

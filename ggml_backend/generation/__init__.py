@@ -1,8 +1,10 @@
 """Generation helpers: the sampler chain (``sampling``) and the text side of streaming (``stopping``)."""
-from .sampling import (Candidates, Sampler, SamplingError, SamplingParams, log_softmax, top_logprobs)
+from .sampling import (LLAMA_DEFAULT_SEED, Candidates, Sampler, SamplingError, SamplingParams, derived_seed,
+                       log_softmax, normalize_seed, seed_is_random, top_logprobs)
 from .stopping import StopStringMatcher, TextStreamer, Utf8Holdback
 
 __all__ = [
-    "Candidates", "Sampler", "SamplingError", "SamplingParams", "log_softmax", "top_logprobs",
+    "LLAMA_DEFAULT_SEED", "Candidates", "Sampler", "SamplingError", "SamplingParams", "derived_seed", "log_softmax",
+    "normalize_seed", "seed_is_random", "top_logprobs",
     "StopStringMatcher", "TextStreamer", "Utf8Holdback",
 ]

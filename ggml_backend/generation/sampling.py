@@ -67,6 +67,34 @@ def _in_unit_interval(name: str, value) -> float:
     return value
 
 
+#: llama.cpp's "pick a random seed" value (``LLAMA_DEFAULT_SEED``, llama-cpp-python's default ``seed``): -1 as a
+#: uint32, which is why both mean "random"
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+
+
+def seed_is_random(seed) -> bool:
+    """Whether ``seed`` asks for a random seed: None, -1 or ``LLAMA_DEFAULT_SEED`` (the one rule every layer
+    uses: SamplingParams, Sampler, the API's seed chain, the CLI, the servers)."""
+    return seed is None or seed == -1 or seed == LLAMA_DEFAULT_SEED
+
+
+def normalize_seed(seed, name: str = "seed") -> int | None:
+    """A seed as the engine keeps it: None for "random" (see ``seed_is_random``), else an int >= 0; a
+    SamplingError for anything else."""
+    if seed is None:
+        return None
+    seed = _int(name, seed)
+    if seed < -1:
+        raise SamplingError(f"{name} must be >= 0, or -1/None for a random seed, got {seed}")
+    return None if seed_is_random(seed) else seed
+
+
+def derived_seed(base: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of a request whose choice 0 has seed ``base`` (OpenAI's ``n``): base + index,
+    kept below LLAMA_DEFAULT_SEED so that a derived seed never means "random"; None (random) when base is."""
+    return None if base is None else (base + index) % LLAMA_DEFAULT_SEED
+
+
 def normalize_logit_bias(logit_bias) -> dict[int, float]:
     """``{token_id: bias}`` with int ids (OpenAI JSON sends them as strings) and a bias that is finite or -inf."""
     if logit_bias is None:
@@ -96,7 +124,8 @@ class SamplingParams:
 
     Disabled values, as in llama.cpp: ``top_k <= 0`` (0 or -1), ``top_p >= 1``, ``min_p <= 0``, ``tfs_z >= 1``,
     ``typical_p >= 1``, ``repeat_penalty == 1``, ``repeat_last_n == 0`` (``-1`` means the whole history),
-    ``mirostat_mode == 0``. ``temperature <= 0`` means greedy. ``seed`` None or -1 picks a random seed.
+    ``mirostat_mode == 0``. ``temperature <= 0`` means greedy. ``seed`` None, -1 or ``LLAMA_DEFAULT_SEED`` picks a
+    random seed, and is kept as None (``normalize_seed``).
     ``repeat_penalty`` defaults to 1.1 (llama.cpp ``main``'s historical default; llama-cpp-python >= 0.2.x
     defaults ``create_completion`` to 1.0, so the API layer should pass 1.0 to match it).
     """
@@ -153,11 +182,7 @@ class SamplingParams:
             raise SamplingError(f"mirostat_eta must be >= 0, got {eta}")
         set_("mirostat_eta", eta)
         set_("logit_bias", normalize_logit_bias(self.logit_bias))
-        if self.seed is not None:
-            seed = _int("seed", self.seed)
-            if seed < -1:
-                raise SamplingError(f"seed must be >= 0, or -1/None for a random seed, got {seed}")
-            set_("seed", seed)
+        set_("seed", normalize_seed(self.seed))
         top_a = _finite("top_a", self.top_a)
         if top_a < 0.0:
             raise SamplingError(f"top_a must be >= 0 (0 disables it), got {top_a}")
@@ -480,7 +505,7 @@ def top_logprobs(logits, n: int) -> list[tuple[int, float]]:
 class Sampler:
     """Applies the whole chain for one generation; holds the RNG and the mirostat state.
 
-    ``seed`` (when given) overrides ``params.seed``; None or -1 draws a fresh random seed, kept in ``self.seed``
+    ``seed`` (when given) overrides ``params.seed``; a random one (``seed_is_random``) draws a fresh seed, kept in ``self.seed``
     so a run can be repeated. ``newline_token`` is needed only for ``penalize_nl=False`` (its logit is restored
     after the penalties, as llama.cpp did).
     """
@@ -501,10 +526,8 @@ class Sampler:
             if not 0 <= newline_token < self.n_vocab:
                 raise SamplingError(f"newline_token {newline_token} is out of range for a vocabulary of {n_vocab}")
         self.newline_token = newline_token
-        requested = self.params.seed if seed is None else _int("seed", seed)
-        if requested is not None and requested < -1:
-            raise SamplingError(f"seed must be >= 0, or -1/None for a random seed, got {requested}")
-        self.seed = secrets.randbits(32) if requested is None or requested == -1 else requested
+        requested = self.params.seed if seed is None else normalize_seed(seed)
+        self.seed = secrets.randbits(32) if requested is None else requested
         self.reset()
 
     def reset(self) -> None:

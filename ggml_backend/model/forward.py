@@ -186,13 +186,14 @@ class Model:
         Contexts sharing these weights (``Llama.new_context``) meet here: a few tokens (below BLAS_MIN_TOKENS) go
         through the batcher, which runs the waiting contexts' tokens in one pass (model/batching.py); a long
         prompt runs alone. Either way the numbers are those of the context running alone."""
-        self._check(tokens, cache)
+        self.check(tokens, cache)
         if self.batcher is not None and not all_logits and len(tokens) < BLAS_MIN_TOKENS:
             return self.batcher.forward(tokens, cache)
         with self.turns, single_threaded_blas():   # our own threads do the parallel work; see quant/matmul.py
             return self.forward_many([(tokens, cache)], all_logits)[0]
 
-    def _check(self, tokens, cache: KVCache) -> None:
+    def check(self, tokens, cache: KVCache) -> None:
+        """ValueError unless ``tokens`` (at least one) fit ``cache`` after what it holds."""
         n_tokens = len(tokens)
         if n_tokens == 0:
             raise ValueError("no tokens to evaluate")

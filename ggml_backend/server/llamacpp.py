@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..generation.stopping import StopStringMatcher
 from ..generation.grammar import GrammarError, LlamaGrammar
+from ..generation.sampling import LLAMA_DEFAULT_SEED, seed_is_random
 from .common import Body, event_stream, read_json, sampling_kwargs, start
 from .errors import APIError, error_body
 from .slots import ClientGone, SlotPool
@@ -63,7 +64,7 @@ _STAGE_OFF = {"top_k": ("top_k", 0), "tfs_z": ("tfs_z", 1.0), "typ_p": ("typical
 #: the most alternatives ``n_probs`` may ask for per token (each costs a sort of the vocabulary and JSON per token)
 MAX_N_PROBS = 100
 #: the seed llama.cpp reports when the request left it random (LLAMA_DEFAULT_SEED)
-RANDOM_SEED = 0xFFFFFFFF
+RANDOM_SEED = LLAMA_DEFAULT_SEED
 #: what llama.cpp writes for log(0) (nlohmann's JSON has no -inf): the lowest float32
 LOWEST_FLOAT = -3.4028234663852886e+38
 #: stop reasons as llama.cpp names them (``stop_type``)
@@ -340,7 +341,7 @@ def _generation_settings(pool: SlotPool, sampling: dict, bias_pairs: list, sampl
     seed = sampling["seed"]
     return {
         "n_ctx": pool.n_ctx, "model": pool.alias,
-        "seed": RANDOM_SEED if seed is None or seed == -1 else seed,
+        "seed": RANDOM_SEED if seed_is_random(seed) else seed,
         "temperature": sampling["temperature"], "dynatemp_range": 0.0, "dynatemp_exponent": 1.0,
         "top_k": sampling["top_k"], "top_p": sampling["top_p"], "min_p": sampling["min_p"],
         "top_n_sigma": -1.0, "xtc_probability": 0.0, "xtc_threshold": 0.1,
