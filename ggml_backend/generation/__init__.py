@@ -1,8 +1,9 @@
-"""Generation helpers: the sampler chain (``sampling``) and the text side of streaming (``stopping``)."""
+"""Generation helpers: the sampler chain (``sampling``) and the token-to-text stream (``stopping``)."""
 from .sampling import (Candidates, Sampler, SamplingError, SamplingParams, log_softmax, top_logprobs)
-from .stopping import StopStringMatcher, TextStreamer, Utf8Holdback
+from .stopping import (StopReason, StopStringMatcher, TextStreamer, TokenTextStream, Utf8Holdback,
+                       finish_reason)
 
 __all__ = [
     "Candidates", "Sampler", "SamplingError", "SamplingParams", "log_softmax", "top_logprobs",
-    "StopStringMatcher", "TextStreamer", "Utf8Holdback",
+    "StopReason", "StopStringMatcher", "TextStreamer", "TokenTextStream", "Utf8Holdback", "finish_reason",
 ]
