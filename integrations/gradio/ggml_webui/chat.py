@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ggml_backend.generation import StopReason, TokenTextStream
-from ggml_backend.templates.textgen import BEGIN_VISIBLE_CHAT
-from ggml_backend.templates import (Character, ChatTemplate, DEFAULT_CHAT_INSTRUCT_COMMAND, TemplateError,
-                                    TextgenTemplate)
+from ggml_backend.templates import ChatTemplate, TemplateError, TextgenTemplate
+
+from . import chat_modes
+from .chat_modes import BEGIN_VISIBLE_CHAT, DEFAULT_CHAT_INSTRUCT_COMMAND, Character
 
 from .settings import GenerationSettings, parse_stop_strings
 
@@ -52,7 +53,7 @@ class PromptSettings:
     def stop_strings(self, custom: str = "") -> list[str]:
         if isinstance(self.template, TextgenTemplate):
             found = self.template.stop_strings if self.mode == "instruct" else \
-                self.template.stopping_strings(self.mode, self.character)
+                chat_modes.stopping_strings(self.template, self.mode, self.character)
         else:
             found = list(self.template.stop_strings)
         return [s for s in found + parse_stop_strings(custom) if s]
@@ -63,8 +64,8 @@ class PromptSettings:
         is the user's partial message that the model goes on writing."""
         history = copy_history(history)
         if isinstance(self.template, TextgenTemplate):
-            prompt = self.template.build_prompt(
-                history, "" if impersonate else user_input, mode=self.mode,
+            prompt = chat_modes.build_prompt(
+                self.template, history, "" if impersonate else user_input, mode=self.mode,
                 system_message=self.custom_system_message or None, character=self.character,
                 chat_instruct_command=self.chat_instruct_command, continue_=continue_, impersonate=impersonate,
                 max_prompt_tokens=max_prompt_tokens, count_tokens=count_tokens)
