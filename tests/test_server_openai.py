@@ -21,7 +21,6 @@ httpx = pytest.importorskip("httpx", reason="httpx (a dev dependency: pip instal
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
 pytest.importorskip("sse_starlette", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
 
-from ggml_backend import Llama  # noqa: E402
 from ggml_backend.server import ModelConfig  # noqa: E402
 
 from server_fixtures import free_port, running_server  # noqa: E402
@@ -34,9 +33,8 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server() as (url, app):
-        yield url, app
+def server(default_server):
+    return default_server   # conftest.py: one default server for every dialect's tests
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +43,9 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(qwen_engine):
     """The engine alone, for the replies the server must equal."""
-    return Llama(n_ctx=2048, verbose=False)
+    return qwen_engine
 
 
 def chat(content: str) -> list[dict]:

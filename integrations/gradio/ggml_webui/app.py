@@ -26,7 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from ggml_backend.templates import TemplateError, TextgenTemplate  # noqa: E402
+from ggml_backend.templates import TextgenTemplate  # noqa: E402
 
 from . import chat, chat_logs, template_store, user_data  # noqa: E402
 from .backend import LocalBackend, RemoteBackend  # noqa: E402
