@@ -101,7 +101,8 @@ def test_splitter_repairs_bare_keys_and_reads_bare_json_calls():
 def test_splitter_end_closes_a_forced_call_and_names_the_finish_reason():
     """The streaming parser the API's chat stream and ChatGGML share: a prefilled (forced) call's opening is part
     of the reply; "stop" inside it is the </tool_call> stop string; a reply with calls finishes "tool_calls"."""
-    forced = _ToolCallSplitter(parse_calls=True, tool_names=["add"], prefill='<tool_call>\n{"name": "add", "arguments": ')
+    forced = _ToolCallSplitter(parse_calls=True, tool_names=["add"],
+                               prefill='<tool_call>\n{"name": "add", "arguments": ')
     assert forced.feed('{"a": 1, "b": 2}}') == []
     assert forced.end("stop") == ([("call", {"name": "add", "arguments": {"a": 1, "b": 2}})], "tool_calls")
     cut = _ToolCallSplitter(parse_calls=True, tool_names=["add"], prefill="<tool_call>\n{")

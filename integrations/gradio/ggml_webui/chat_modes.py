@@ -116,7 +116,8 @@ def build_prompt(template: TextgenTemplate, history: Sequence[Sequence[str]], us
                            max_prompt_tokens=max_prompt_tokens, count_tokens=count_tokens)
 
 
-def stopping_strings(template: TextgenTemplate, mode: str = "instruct", character: Character | None = None) -> list[str]:
+def stopping_strings(template: TextgenTemplate, mode: str = "instruct",
+                     character: Character | None = None) -> list[str]:
     """chat.py's ``get_stopping_strings``: the text that would open the next turn in ``mode``."""
     _check_mode(mode)
     strings = template.stopping_strings() if mode in ("instruct", "chat-instruct") else []
