@@ -1,5 +1,9 @@
-"""``ggml-backend run`` (llama.cpp main's command line) in subprocesses: greedy text against llama.cpp's, the model
-card's command line on GGML v3 and GGUF files, the context shift of ``-n -1`` and clean errors."""
+"""``ggml-backend run`` (llama.cpp main's command line): greedy text against llama.cpp's, the model card's command line
+on GGML v3 and GGUF files, the context shift of ``-n -1`` and clean errors.
+
+What needs a process of its own (the installed entry point, a seed reproduced in another process, Ctrl-C, -ngl's
+device probe) runs in subprocesses; the rest (flags, errors, grammars) goes through the same ``main()`` in this
+process, which spares a fresh interpreter's start and kernel loading per call."""
 from __future__ import annotations
 
 import json
@@ -26,6 +30,16 @@ def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     return subprocess.run([sys.executable, "-m", "ggml_backend", "run", *map(str, args)], capture_output=True,
                           text=True, encoding="utf-8", timeout=timeout, env=env)
+
+
+def run_main(capsys, *args) -> subprocess.CompletedProcess:
+    """``ggml-backend run ARGS`` through the command line's ``main()`` in this process: the same parsing, loop and
+    error handling as ``run_cli``, with stdout and stderr captured."""
+    from ggml_backend.cli.main import main
+    capsys.readouterr()
+    code = main(["run", *map(str, args)])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["ggml-backend", "run", *map(str, args)], code, out, err)
 
 
 def verbose_prompt_ids(stderr: str) -> list[int]:
@@ -76,16 +90,15 @@ def test_greedy_text_matches_llama_cpp(qwen_reference):
     assert timing(proc.stderr, "eval time") == 15     # the 16th token is never evaluated, as in main
 
 
-def test_escape_flag_gives_the_same_prompt_tokens(qwen_reference):
+def test_escape_flag_gives_the_same_prompt_tokens(qwen_reference, capsys):
     """-p with real newlines and -e with typed \\n give llama.cpp's prompt tokens; without -e a typed \\n stays
     literal (main's escape was off by default). -n 0 stops before evaluating anything."""
     model = real_model("qwen")
     prompt = qwen_reference["prompt"]
     typed = prompt.replace("\n", "\\n")
-    real_newlines = run_cli("-m", model, "-p", prompt, "-n", "0", "--verbose-prompt", timeout=120)
-    escaped = run_cli("-m", model, "-e", "-p", typed, "-n", "0", "--verbose-prompt", "--no-display-prompt",
-                      timeout=120)
-    literal = run_cli("-m", model, "-p", typed, "-n", "0", "--verbose-prompt", timeout=120)
+    real_newlines = run_main(capsys, "-m", model, "-p", prompt, "-n", "0", "--verbose-prompt")
+    escaped = run_main(capsys, "-m", model, "-e", "-p", typed, "-n", "0", "--verbose-prompt", "--no-display-prompt")
+    literal = run_main(capsys, "-m", model, "-p", typed, "-n", "0", "--verbose-prompt")
     for proc in (real_newlines, escaped, literal):
         assert proc.returncode == 0, proc.stderr
     assert verbose_prompt_ids(real_newlines.stderr) == qwen_reference["prompt_tokens"]
@@ -171,21 +184,22 @@ def test_unlimited_generation_shifts_the_context_past_n_ctx():
 # --- errors -----------------------------------------------------------------------------------------------------
 
 def test_missing_model_file(tmp_path):
+    # a subprocess: the exit status of the installed command itself
     assert_clean_error(run_cli("-m", tmp_path / "nope.gguf", "-p", "hi", "-n", "1", timeout=60), "not found")
 
 
-def test_corrupt_model_file(tmp_path):
+def test_corrupt_model_file(tmp_path, capsys):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 64)
-    proc = run_cli("-m", bad, "-p", "hi", "-n", "1", timeout=60)
+    proc = run_main(capsys, "-m", bad, "-p", "hi", "-n", "1")
     assert_clean_error(proc, "error")
     assert proc.returncode == 1
 
 
-def test_prompt_longer_than_the_context():
+def test_prompt_longer_than_the_context(capsys):
     model = synthetic_file("q4_0", "ggml")
-    proc = run_cli("-m", model, "-c", "16", "-p", "one two three four five six seven eight nine ten eleven "
-                   "twelve thirteen fourteen fifteen sixteen", "-n", "4", timeout=60)
+    proc = run_main(capsys, "-m", model, "-c", "16", "-p", "one two three four five six seven eight nine ten eleven "
+                    "twelve thirteen fourteen fifteen sixteen", "-n", "4")
     assert_clean_error(proc, "prompt is too long")
 
 
@@ -195,21 +209,21 @@ def test_prompt_longer_than_the_context():
     (("-c", "-5"), "ctx-size"),
     (("--gqa", "3"), "gqa"),
 ])
-def test_invalid_parameters(flags, needle):
+def test_invalid_parameters(flags, needle, capsys):
     model = synthetic_file("q4_0", "ggml")
-    assert_clean_error(run_cli("-m", model, "-p", "hi", "-n", "1", *flags, timeout=60), needle)
+    assert_clean_error(run_main(capsys, "-m", model, "-p", "hi", "-n", "1", *flags), needle)
 
 
-def test_missing_prompt_file(tmp_path):
+def test_missing_prompt_file(tmp_path, capsys):
     model = synthetic_file("q4_0", "ggml")
-    assert_clean_error(run_cli("-m", model, "-f", tmp_path / "none.txt", timeout=60), "prompt file")
+    assert_clean_error(run_main(capsys, "-m", model, "-f", tmp_path / "none.txt"), "prompt file")
 
 
-def test_prompt_file_drops_one_trailing_newline(tmp_path):
+def test_prompt_file_drops_one_trailing_newline(tmp_path, capsys):
     model = synthetic_file("q4_0", "ggml")
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("Hello there\n", encoding="utf-8")
-    proc = run_cli("-m", model, "-f", prompt_file, "-n", "0", timeout=60)
+    proc = run_main(capsys, "-m", model, "-f", prompt_file, "-n", "0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "Hello there"
 
@@ -220,20 +234,21 @@ def test_escape_processing():
     assert process_escapes("trailing\\") == "trailing\\"
 
 
-def test_grammar_and_json_schema_flags(tmp_path):
+def test_grammar_and_json_schema_flags(tmp_path, capsys):
     """main's --grammar / --grammar-file / --json-schema: the output follows them and ends with them."""
-    proc = run_cli("-n", 32, "--temp", 1.0, "-s", 5, "-p", "Answer:", "--grammar", 'root ::= " yes" | " no"')
+    proc = run_main(capsys, "-n", 32, "--temp", 1.0, "-s", 5, "-p", "Answer:",
+                    "--grammar", 'root ::= " yes" | " no"')
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() in ("Answer: yes", "Answer: no")
     grammar = tmp_path / "digits.gbnf"
     grammar.write_text('root ::= " " [0-9]{3} "."\n')
-    proc = run_cli("-n", 32, "--temp", 1.0, "-s", 5, "-p", "Number:", "--grammar-file", grammar)
+    proc = run_main(capsys, "-n", 32, "--temp", 1.0, "-s", 5, "-p", "Number:", "--grammar-file", grammar)
     assert proc.returncode == 0 and re.fullmatch(r"Number: \d{3}\.", proc.stdout.strip()), proc.stdout
     schema = '{"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"], ' \
              '"additionalProperties": false}'
-    proc = run_cli("-n", 48, "--temp", 1.0, "-s", 5, "-p", "Record:", "--json-schema", schema)
+    proc = run_main(capsys, "-n", 48, "--temp", 1.0, "-s", 5, "-p", "Record:", "--json-schema", schema)
     assert proc.returncode == 0
     assert set(json.loads(proc.stdout.strip()[len("Record:"):])) == {"id"}
-    assert_clean_error(run_cli("-n", 4, "-p", "x", "--grammar", "root ::= missing"), "missing")
-    assert_clean_error(run_cli("-n", 4, "-p", "x", "--grammar", "root ::= \"a\"", "--json-schema", "{}"),
+    assert_clean_error(run_main(capsys, "-n", 4, "-p", "x", "--grammar", "root ::= missing"), "missing")
+    assert_clean_error(run_main(capsys, "-n", 4, "-p", "x", "--grammar", "root ::= \"a\"", "--json-schema", "{}"),
                        "one of --grammar")

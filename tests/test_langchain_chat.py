@@ -98,6 +98,24 @@ def test_splitter_repairs_bare_keys_and_reads_bare_json_calls():
     assert unknown.finish() == [("text", '{"name": "delete_everything", "arguments": {}}')]
 
 
+def test_splitter_end_closes_a_forced_call_and_names_the_finish_reason():
+    """The streaming parser the API's chat stream and ChatGGML share: a prefilled (forced) call's opening is part
+    of the reply; "stop" inside it is the </tool_call> stop string; a reply with calls finishes "tool_calls"."""
+    forced = _ToolCallSplitter(parse_calls=True, tool_names=["add"],
+                               prefill='<tool_call>\n{"name": "add", "arguments": ')
+    assert forced.feed('{"a": 1, "b": 2}}') == []
+    assert forced.end("stop") == ([("call", {"name": "add", "arguments": {"a": 1, "b": 2}})], "tool_calls")
+    cut = _ToolCallSplitter(parse_calls=True, tool_names=["add"], prefill="<tool_call>\n{")
+    pieces, reason = cut.end("length")   # the budget ran out inside the call: its text comes back, no call
+    assert reason == "length" and pieces == [("text", "<tool_call>\n{")]
+    plain = _ToolCallSplitter(parse_calls=True, tool_names=["add"])
+    assert plain.feed("Hi <tool") == [("text", "Hi ")] and plain.end("stop") == ([("text", "<tool")], "stop")
+    off = _ToolCallSplitter(parse_calls=False, prefill="x")
+    assert off.feed("y") == [("text", "x"), ("text", "y")] and off.end(None) == ([], None)
+    with pytest.raises(TypeError):
+        _ToolCallSplitter(parse_calls=True, prefill=None)
+
+
 def test_tool_choice_resolution_and_forced_openings():
     now_spec = {"type": "function", "function": {"name": "now", "description": "t",
                                                  "parameters": {"type": "object", "properties": {}}}}

@@ -14,7 +14,6 @@ httpx = pytest.importorskip("httpx", reason="httpx (a dev dependency: pip instal
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
 pytest.importorskip("sse_starlette", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
 
-from ggml_backend import Llama  # noqa: E402
 
 from server_fixtures import running_server  # noqa: E402
 
@@ -31,9 +30,8 @@ LITE_FIELDS = {"n": 1, "max_context_length": 2048, "rep_pen": 1.07, "temperature
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server() as (url, app):
-        yield url, app
+def server(default_server):
+    return default_server   # conftest.py: one default server for every dialect's tests
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +41,9 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(qwen_engine):
     """The engine alone, for the replies the server must equal."""
-    return Llama(n_ctx=2048, verbose=False)
+    return qwen_engine
 
 
 def generate(client, **fields) -> dict:

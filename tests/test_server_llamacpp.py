@@ -14,7 +14,6 @@ httpx = pytest.importorskip("httpx", reason="httpx (a dev dependency: pip instal
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
 pytest.importorskip("sse_starlette", reason="the server extra (fastapi, uvicorn, sse-starlette: pip install -e '.[server]') is not installed")
 
-from ggml_backend import Llama  # noqa: E402
 from ggml_backend.server import ModelConfig  # noqa: E402
 
 from refdata import real_model  # noqa: E402
@@ -34,10 +33,8 @@ SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:
 
 
 @pytest.fixture(scope="module")
-def server():
-    real_model("qwen")   # skips when the default model is not installed
-    with running_server() as (url, app):
-        yield url
+def server(default_server):
+    return default_server[0]   # conftest.py: one default server for every dialect's tests
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +44,9 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(qwen_engine):
     """The engine alone (one slot's context), for the replies the server must equal."""
-    return Llama(n_ctx=2048, verbose=False)
+    return qwen_engine
 
 
 def complete(client, **body) -> dict:

@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from ggml_backend.generation.stopping import StopStringMatcher, TextStreamer, Utf8Holdback
+from ggml_backend.generation.stopping import (StopReason, StopStringMatcher, TextStreamer, TokenTextStream,
+                                             Utf8Holdback, finish_reason)
 
 MIXED_TEXT = "héllo 世界 🦙🎉 ok ß€𝄞 end"
 
@@ -176,3 +177,91 @@ def test_streamer_stop_ends_the_text():
     assert outputs == ["one", "", ""]
     assert streamer.stopped and streamer.matched_stop == "\n\n"
     assert streamer.finish() == "" and streamer.text == "one"
+
+
+# ---------------------------------------------------------------------------------------------- token stream
+
+class ByteTokenizer:
+    """Token i < 256 is byte i; 256 is an end-of-generation token, 257 a control token whose text is "<ctl>"."""
+    eog_ids = {256}
+
+    def token_to_piece(self, token, special=True):
+        if token == 256:
+            return b"</s>" if special else b""
+        if token == 257:
+            return b"<ctl>" if special else b""
+        return bytes([token])
+
+
+def byte_tokens(text):
+    return list(text.encode("utf-8"))
+
+
+def test_token_stream_ends_on_end_token_and_counts_it():
+    out = TokenTextStream(ByteTokenizer())
+    shown = "".join(out.feed(t) for t in byte_tokens("hé")[:2])   # "h" and the first byte of "é"
+    assert shown == "h" and not out.done
+    assert out.feed(256) == "" and out.stop_reason == StopReason.EOG and out.finish_reason == "stop"
+    assert out.n_tokens == 3
+    with pytest.raises(ValueError, match="ended"):
+        out.feed(104)
+    assert out.finish() == "\ufffd"              # the incomplete character, flushed at the end
+    assert out.stop_reason == StopReason.EOG      # finish() keeps the reason the stream found
+    with pytest.raises(ValueError, match="after finish"):
+        out.feed(104)
+
+
+def test_token_stream_stop_string_budget_and_outside_reasons():
+    out = TokenTextStream(ByteTokenizer(), ["\n\n"], max_tokens=100)
+    shown = "".join(out.feed(t) for t in byte_tokens("one\n\n"))
+    assert shown == "one" and out.stop_reason == StopReason.STOP_STRING and out.matched_stop == "\n\n"
+    assert out.finish(StopReason.LENGTH) == "" and out.stop_reason == StopReason.STOP_STRING
+    budget = TokenTextStream(ByteTokenizer(), ["xyz"], max_tokens=3)
+    shown = [budget.feed(t) for t in byte_tokens("abx")]
+    assert shown == ["a", "b", ""] and budget.stop_reason == StopReason.LENGTH and budget.finish_reason == "length"
+    assert budget.finish() == "x"                  # the held partial stop string never completed
+    grammar = TokenTextStream(ByteTokenizer())
+    grammar.feed(97)
+    grammar.stop(StopReason.GRAMMAR)
+    grammar.stop(StopReason.CRITERION)            # the first reason stands
+    assert grammar.stop_reason == StopReason.GRAMMAR and grammar.finish_reason == "stop"
+    with pytest.raises(ValueError, match="unknown stop reason"):
+        TokenTextStream(ByteTokenizer()).stop("bored")
+    assert finish_reason(None) is None and finish_reason(StopReason.INTERRUPTED) == "stop"
+    with pytest.raises(TypeError):
+        TokenTextStream(object())
+    with pytest.raises(TypeError):
+        TokenTextStream(ByteTokenizer(), max_tokens=2.5)
+
+
+def test_token_stream_banned_end_token_special_text_and_resume():
+    banned = TokenTextStream(ByteTokenizer(), eog_ids=(), special=True)
+    assert banned.feed(256) == "</s>" and banned.feed(257) == "<ctl>" and not banned.done
+    plain = TokenTextStream(ByteTokenizer(), eog_ids=(), special=False)
+    assert plain.feed(257) == "" and plain.feed(97) == "a"
+    # an interactive loop: a budget of 2, then the stretch resumes; a character split across stretches is whole
+    session = TokenTextStream(ByteTokenizer(), max_tokens=2)
+    emoji = byte_tokens("🦙")
+    assert session.feed(104) + session.feed(emoji[0]) == "h" and session.stop_reason == StopReason.LENGTH
+    session.resume()
+    assert "".join(session.feed(t) for t in emoji[1:]) == "🦙" and not session.done
+    assert session.feed(256) == "" and session.stop_reason == StopReason.EOG
+    session.resume(max_tokens=1)
+    assert session.feed(33) == "!" and session.stop_reason == StopReason.LENGTH
+    assert session.finish() == "" and session.text == "h🦙!"
+    with pytest.raises(ValueError, match="cannot resume"):
+        session.resume()
+    stopped = TokenTextStream(ByteTokenizer(), ["a"])
+    stopped.feed(97)
+    with pytest.raises(ValueError, match="cannot resume"):
+        stopped.resume()
+
+
+def test_token_stream_real_tokenizer_matches_detokenize(qwen_tokenizer):
+    """With a real byte-level BPE vocabulary (emoji and CJK split over byte tokens) the streamed text is the text."""
+    tokenizer = qwen_tokenizer
+    text = "héllo 世界 🦙🎉 — ok\n<tag>"
+    ids = tokenizer.encode(text, add_bos=False)
+    out = TokenTextStream(tokenizer, ["<tag>"])
+    streamed = "".join(out.feed(t) for t in ids) + out.finish()
+    assert streamed == text[:text.index("<tag>")] and out.stop_reason == StopReason.STOP_STRING

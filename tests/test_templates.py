@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ggml_backend.templates import (
-    Character, ChatTemplate, JinjaTemplate, TemplateError, TemplateLimitError, TemplateSecurityError,
+    ChatTemplate, JinjaTemplate, TemplateError, TemplateLimitError, TemplateSecurityError,
     TextgenTemplate, get_template, list_templates, parse_tool_calls,
 )
 
@@ -112,8 +112,6 @@ def test_textgen_stopping_strings():
     assert "\n### Instruction:" in get_template("alpaca").stop_strings
     assert "</s>" in get_template("alpaca").stop_strings
     assert "<|im_end|>" in get_template("oobabooga-chatml").stop_strings
-    character = Character(name="Aria", user_name="Bob")
-    assert get_template("alpaca").stopping_strings("chat", character) == ["\nBob:", "\nAria:"]
 
 
 def test_continue_and_impersonate():
@@ -158,23 +156,6 @@ def test_truncation_drops_oldest_rows_never_context():
                    "### Instruction:\nlast question\n\n### Response:\n")
     with pytest.raises(TemplateError):
         alpaca.render(messages, max_prompt_tokens=10)
-
-
-def test_chat_and_chat_instruct_modes():
-    alpaca = get_template("alpaca")
-    aria = Character(name="Aria", user_name="Bob", context="{{char}} is a pirate who talks to {{user}}.")
-    history = [("", "Ahoy!"), ("Hi", "Arr.")]
-    assert alpaca.build_prompt(history, "Where to?", mode="chat", character=aria) == (
-        "Aria is a pirate who talks to Bob.\nAria: Ahoy!\nBob: Hi\nAria: Arr.\nBob: Where to?\nAria:")
-    assert alpaca.build_prompt(history, "Where to?", mode="chat-instruct", character=aria) == (
-        GPT4ALL_SYSTEM + "\n\n### Instruction:\n"
-        'Continue the chat dialogue below. Write a single reply for the character "Aria".\n\n'
-        "Aria is a pirate who talks to Bob.\nAria: Ahoy!\nBob: Hi\nAria: Arr.\nBob: Where to?\n"
-        "\n\n### Response:\nAria:")
-    assert alpaca.build_prompt(history, "", mode="chat", character=aria, impersonate=True).endswith(
-        "Aria: Arr.\nBob:")
-    assert alpaca.build_prompt(history, "", mode="chat", character=aria, continue_=True).endswith(
-        "Bob: Hi\nAria: Arr.")
 
 
 def test_yaml_round_trip(tmp_path):

@@ -17,9 +17,13 @@ yaml = pytest.importorskip("yaml", reason="character and preset files are YAML")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "integrations" / "gradio"))
 
-from ggml_backend.templates.textgen import BEGIN_VISIBLE_CHAT  # noqa: E402
+from ggml_backend.templates import TemplateError, get_template  # noqa: E402
 from ggml_webui import CardError, load_character  # noqa: E402
 from ggml_webui import chat_logs, characters, presets, user_data  # noqa: E402
+from ggml_webui.chat_modes import BEGIN_VISIBLE_CHAT, Character, build_prompt, stopping_strings  # noqa: E402
+
+GPT4ALL_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                  "the request.")
 
 TINY = REPO / "tests" / "data" / "synthetic" / "tiny-llama-q4_0.gguf"
 
@@ -58,6 +62,36 @@ V2_CONTEXT = ("Seraphina's Persona: A guardian of the forest glade.\nScenario: {
 
 
 # ---- characters ----------------------------------------------------------------------------------------------------
+
+def test_chat_and_chat_instruct_modes():
+    alpaca = get_template("alpaca")
+    aria = Character(name="Aria", user_name="Bob", context="{{char}} is a pirate who talks to {{user}}.")
+    history = [(BEGIN_VISIBLE_CHAT, "Ahoy!"), ("Hi", "Arr.")]
+    assert build_prompt(alpaca, history, "Where to?", mode="chat", character=aria) == (
+        "Aria is a pirate who talks to Bob.\nAria: Ahoy!\nBob: Hi\nAria: Arr.\nBob: Where to?\nAria:")
+    assert build_prompt(alpaca, history, "Where to?", mode="chat-instruct", character=aria) == (
+        GPT4ALL_SYSTEM + "\n\n### Instruction:\n"
+        'Continue the chat dialogue below. Write a single reply for the character "Aria".\n\n'
+        "Aria is a pirate who talks to Bob.\nAria: Ahoy!\nBob: Hi\nAria: Arr.\nBob: Where to?\n"
+        "\n\n### Response:\nAria:")
+    assert build_prompt(alpaca, history, "", mode="chat", character=aria, impersonate=True).endswith(
+        "Aria: Arr.\nBob:")
+    assert build_prompt(alpaca, history, "", mode="chat", character=aria, continue_=True).endswith(
+        "Bob: Hi\nAria: Arr.")
+    assert build_prompt(alpaca, history, "", mode="chat-instruct", character=aria, continue_=True).endswith(
+        "Bob: Hi\n\n\n### Response:\nAria: Arr.")
+    # instruct mode is the engine template's own prompt; the greeting marker is an empty user side there
+    assert build_prompt(alpaca, history, "Where to?") == alpaca.build_prompt([("", "Ahoy!"), ("Hi", "Arr.")],
+                                                                               "Where to?")
+    assert stopping_strings(alpaca, "chat", Character(name="Aria", user_name="Bob")) == ["\nBob:", "\nAria:"]
+    assert stopping_strings(alpaca, "chat-instruct", aria)[:2] == alpaca.stopping_strings()
+    with pytest.raises(TemplateError, match="mode"):
+        build_prompt(alpaca, history, "x", mode="story")
+    with pytest.raises(TemplateError, match="always ends"):
+        build_prompt(alpaca, history, "x", mode="chat-instruct", add_generation_prompt=False)
+    with pytest.raises(TypeError):
+        alpaca.build_prompt(history, "x", mode="chat")   # the engine's template renders instruct mode only
+
 
 def test_textgen_yaml_character_with_its_picture(tmp_path):
     (tmp_path / "Chiharu.yaml").write_text(

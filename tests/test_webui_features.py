@@ -16,8 +16,8 @@ sys.path.insert(0, str(REPO / "integrations" / "gradio"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from ggml_backend import Llama  # noqa: E402
-from ggml_backend.templates.textgen import BEGIN_VISIBLE_CHAT  # noqa: E402
 from ggml_webui import chat_logs, launch  # noqa: E402
+from ggml_webui.chat_modes import BEGIN_VISIBLE_CHAT  # noqa: E402
 from test_webui_data import V2, png_card  # noqa: E402
 
 TINY = REPO / "tests" / "data" / "synthetic" / "tiny-llama-q4_0.gguf"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from ..generation.stopping import Utf8Holdback
+from ..generation.stopping import StopReason, TokenTextStream
 from .common import (ANSI_PROMPT, ANSI_RESET, ANSI_USER_INPUT, InfoLog, Painter, add_model_arguments, add_option,
                      add_sampling_arguments, eog_bias, grammar_from_args, load_model, make_sampler, process_escapes, resolve_seed,
                      timing_summary)
@@ -107,7 +107,9 @@ class RunSession:
         self.grammar = grammar_from_args(args)
         self.is_interacting = False
         self.recent_text = ""      # the tail of what was shown (prompt, output, input), for reverse prompts
-        self.utf8 = Utf8Holdback()
+        # one stream for the whole session: a character split over two stretches of generation (Ctrl-C, a
+        # reverse prompt) still comes out whole; each stretch resumes it with its own budget
+        self.output = TokenTextStream(self.tok, eog_ids=self.eog, special=False)
 
     # --- helpers ----------------------------------------------------------------------------------------------
     def _tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
@@ -133,7 +135,7 @@ class RunSession:
         raise KeyboardInterrupt
 
     def _finish(self, code: int) -> int:
-        self.painter.write(self.utf8.finish())
+        self.painter.write(self.output.finish(StopReason.INTERRUPTED if code == 130 else StopReason.LENGTH))
         self.painter.set(ANSI_RESET)
         self.log(timing_summary(self.llm, self.sampler))
         return code
@@ -295,10 +297,13 @@ class RunSession:
         return history + pending
 
     def _generate(self, tokens: list[int], max_tokens: int | None, n_keep: int):
-        """Stream one stretch of generation; (last token, tokens produced, ended on end-of-text).
+        """Stream one stretch of generation; (last token, tokens produced, ended: an end-of-text token or a
+        complete grammar, which end main's generation).
 
-        Every exit leaves the generator right after it yielded, so the last token is never evaluated yet."""
-        last, produced, ended = None, 0, False
+        Every exit leaves the generator right after it yielded, so the last token is never evaluated yet (the
+        stream's budget ends the stretch at its last token, before generate_tokens() would evaluate it)."""
+        last, produced = None, 0
+        self.output.resume(max_tokens)
         stream = self.llm.generate_tokens(tokens, sampler=self.sampler, params=self.sampler.params,
                                           max_tokens=max_tokens, n_keep=n_keep, stop_tokens=self.eog,
                                           grammar=self.grammar)
@@ -306,23 +311,19 @@ class RunSession:
             for token in stream:
                 last = token
                 produced += 1
-                if token in self.eog:
-                    ended = True
-                    break
-                text = self.utf8.feed(self.tok.token_to_piece(token, special=False))
+                text = self.output.feed(token)
                 self.painter.write(text)
                 self._remember(text)
-                if self.is_interacting or (self.antiprompts and self._ends_with_antiprompt()):
+                if self.output.done or self.is_interacting or (self.antiprompts and self._ends_with_antiprompt()):
                     break
-                if max_tokens is not None and produced >= max_tokens:
-                    break       # leave now: letting generate_tokens() go on would evaluate this last token for nothing
             else:
                 # the stream ended by itself without an end-of-text token: the grammar is complete, as
                 # llama.cpp's main ends there
-                ended = self.grammar is not None and produced > 0
+                if self.grammar is not None and produced > 0:
+                    self.output.stop(StopReason.GRAMMAR)
         finally:
             stream.close()
-        return last, produced, ended
+        return last, produced, self.output.stop_reason in (StopReason.EOG, StopReason.GRAMMAR)
 
     # --- user input ---------------------------------------------------------------------------------------------
     def _read_input(self) -> str | None:

@@ -4,7 +4,8 @@
   ``oobabooga-chatml``, ``llama-2``, ``alpaca``, ``vicuna``, ``textgen-chatml``, ``raw``), text-generation-webui
   YAML files, Jinja files and text.
 - ``TextgenTemplate``: text-generation-webui's instruction-template format (user, bot, turn_template, context,
-  system_message), rendered as its chat.py did, with continue, impersonate, truncation and chat modes.
+  system_message), rendered as its chat.py did in instruct mode, with continue, impersonate and truncation (its
+  chat and chat-instruct modes and characters are the web UI's: ``ggml_webui.chat_modes``).
 - ``JinjaTemplate``: GGUF / Hugging Face Jinja templates, rendered only in a sandbox.
 - ``parse_tool_calls``, ``ToolCallSplitter``, ``resolve_tool_choice``: tool calls in replies (see tool_calls.py).
 
@@ -15,8 +16,7 @@ from .base import ChatTemplate, TemplateError, TemplateLimitError, TemplateSecur
 from .builtin import (ChatMLTemplate, RawTemplate, get_template, list_templates, register_template,
                       GPT4ALL_SYSTEM_MESSAGE, TEXTGEN_TEMPLATE_FIELDS)
 from .jinja import JinjaTemplate
-from .textgen import (Character, DEFAULT_CHAT_INSTRUCT_COMMAND, TextgenTemplate, TurnPieces, messages_to_history,
-                      replace_character_names)
+from .textgen import TextgenTemplate, TurnPieces, assemble_prompt, messages_to_history
 from .tool_calls import ToolCallSplitter, parse_tool_calls, resolve_tool_choice
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
     "ChatMLTemplate", "RawTemplate", "get_template", "list_templates", "register_template",
     "GPT4ALL_SYSTEM_MESSAGE", "TEXTGEN_TEMPLATE_FIELDS",
     "JinjaTemplate",
-    "Character", "DEFAULT_CHAT_INSTRUCT_COMMAND", "TextgenTemplate", "TurnPieces", "messages_to_history",
-    "replace_character_names",
+    "TextgenTemplate", "TurnPieces", "assemble_prompt", "messages_to_history",
     "parse_tool_calls", "ToolCallSplitter", "resolve_tool_choice",
 ]

@@ -12,8 +12,11 @@ Jinja), piece for piece, so a template written for that UI gives the same prompt
   the last reply's text, or, for "impersonate", where the next user message would start.
 - With a token budget, history is added newest first while the prompt is under budget, then rows are dropped from
   the oldest end until it fits, never the context and never the newest turn.
-- "chat" mode renders ``name1: message`` / ``name2: message`` lines after a character's context; "chat-instruct"
-  wraps that chat inside an instruction (the "command for chat-instruct mode").
+
+This is instruct mode, what the engine's chat API renders. text-generation-webui's other modes ("chat": a
+character's ``name1: message`` / ``name2: message`` lines; "chat-instruct": that chat wrapped in an instruction)
+and its characters live with their only user, the web UI (``integrations/gradio/ggml_webui/chat_modes.py``), and
+build on ``TurnPieces`` and ``assemble_prompt`` here.
 """
 from __future__ import annotations
 
@@ -31,31 +34,18 @@ SYSTEM_MESSAGE = "<|system-message|>"
 
 #: used when a template has an empty turn_template (chat.py's fallback)
 DEFAULT_INSTRUCT_TURN_TEMPLATE = "<|user|>\n<|user-message|>\n<|bot|>\n<|bot-message|>\n"
-#: the fixed turn shape of "chat" mode, names taken from the character
-CHAT_TURN_TEMPLATE = "<|user|>: <|user-message|>\n<|bot|>: <|bot-message|>\n"
-#: text-generation-webui's default "Command for chat-instruct mode"
-DEFAULT_CHAT_INSTRUCT_COMMAND = ('Continue the chat dialogue below. Write a single reply for the character '
-                                 '"<|character|>".\n\n<|prompt|>')
-#: the user text that marks a greeting-only row in a chat history (never rendered)
-BEGIN_VISIBLE_CHAT = "<|BEGIN-VISIBLE-CHAT|>"
-
-MODES = ("instruct", "chat", "chat-instruct")
+#: where the rows go in a wrapper (chat-instruct's command); the bare wrapper is the prompt itself
+PROMPT_SLOT = "<|prompt|>"
 
 # Markers that, found right after <|bot-message|>, end a reply as text when the tokenizer prints special tokens.
 _END_OF_TURN_MARKERS = ("</s>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|EOT|>")
 
 
-def _replace_all(text: str, replacements: dict[str, str]) -> str:
+def replace_all(text: str, replacements: dict[str, str]) -> str:
     # In order, one after the other, as text-generation-webui's utils.replace_all.
     for old, new in replacements.items():
         text = text.replace(old, new)
     return text
-
-
-def replace_character_names(text: str, user_name: str, bot_name: str) -> str:
-    """The character-card placeholders ``{{user}}``/``<USER>`` and ``{{char}}``/``<BOT>``."""
-    text = text.replace("{{user}}", user_name).replace("{{char}}", bot_name)
-    return text.replace("<USER>", user_name).replace("<BOT>", bot_name)
 
 
 @dataclass(frozen=True)
@@ -72,49 +62,15 @@ class TurnPieces:
         before_bot, after_bot = template.split(BOT)[0], template.split(BOT)[1]
         names = {USER: user_name.strip(), BOT: bot_name.strip()}
         return cls(
-            user_turn=_replace_all(before_bot, names),
-            bot_turn=_replace_all(BOT + after_bot, names),
-            user_prefix=_replace_all(before_bot.split(USER_MESSAGE)[0], names),
-            bot_prefix=_replace_all(BOT + after_bot.split(BOT_MESSAGE)[0], names),
+            user_turn=replace_all(before_bot, names),
+            bot_turn=replace_all(BOT + after_bot, names),
+            user_prefix=replace_all(before_bot.split(USER_MESSAGE)[0], names),
+            bot_prefix=replace_all(BOT + after_bot.split(BOT_MESSAGE)[0], names),
         )
 
 
-@dataclass(frozen=True)
-class Character:
-    """A text-generation-webui character (``characters/*.yaml``) for "chat" and "chat-instruct" modes."""
-    name: str = "AI"                       # name2, the bot
-    context: str = ("The following is a conversation with an AI Large Language Model. The AI has been trained to "
-                    "answer questions, provide recommendations, and help with decision making. The AI follows user "
-                    "requests. The AI thinks outside the box.\n")
-    greeting: str = "How can I help you today?"
-    user_name: str = "You"                 # name1, the person chatting
-
-    @classmethod
-    def from_dict(cls, data: dict, user_name: str = "You") -> "Character":
-        if not isinstance(data, dict):
-            raise TemplateError(f"a character must be a mapping, got {type(data).__name__}")
-        name = next((str(data[k]) for k in ("name", "bot", "<|bot|>", "char_name") if data.get(k)), "")
-        user_name = next((str(data[k]) for k in ("your_name", "user", "<|user|>") if data.get(k)), user_name)
-        if "context" in data:
-            context = str(data["context"] or "").strip() + "\n"
-        else:  # Pygmalion-style card
-            parts = []
-            if data.get("char_persona"):
-                parts.append(f"{data.get('char_name', name)}'s Persona: {data['char_persona']}\n")
-            if data.get("world_scenario"):
-                parts.append(f"Scenario: {data['world_scenario']}\n")
-            if data.get("example_dialogue"):
-                parts.append(f"{str(data['example_dialogue']).strip()}\n")
-            context = "".join(parts).strip() + "\n"
-        greeting = str(data.get("greeting", data.get("char_greeting", "")) or "")
-        return cls(name=name, context=context, greeting=greeting, user_name=user_name)
-
-    @classmethod
-    def load(cls, path, user_name: str = "You") -> "Character":
-        return cls.from_dict(_read_mapping(Path(path)), user_name=user_name)
-
-
-def _read_mapping(path: Path) -> dict:
+def read_mapping(path: Path) -> dict:
+    """A YAML (or, for .json, JSON) file's top-level mapping; anything else is a TemplateError."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -211,7 +167,7 @@ class TextgenTemplate(ChatTemplate):
     def load(cls, path) -> "TextgenTemplate":
         """A template file of text-generation-webui's ``instruction-templates/`` folder (.yaml, .yml or .json)."""
         path = Path(path)
-        return cls.from_dict(_read_mapping(path), name=path.stem)
+        return cls.from_dict(read_mapping(path), name=path.stem)
 
     def to_yaml(self) -> str:
         """The template in the form text-generation-webui saves (empty fields left out)."""
@@ -232,93 +188,23 @@ class TextgenTemplate(ChatTemplate):
             else self.system_message
         return self.context.replace(SYSTEM_MESSAGE, chosen)
 
-    def build_prompt(self, history: Sequence[Sequence[str]], user_input: str = "", *, mode: str = "instruct",
-                     system_message: str | None = None, character: Character | None = None,
-                     chat_instruct_command: str = DEFAULT_CHAT_INSTRUCT_COMMAND, continue_: bool = False,
-                     impersonate: bool = False, add_generation_prompt: bool = True,
-                     max_prompt_tokens: int | None = None,
+    def build_prompt(self, history: Sequence[Sequence[str]], user_input: str = "", *,
+                     system_message: str | None = None, continue_: bool = False, impersonate: bool = False,
+                     add_generation_prompt: bool = True, max_prompt_tokens: int | None = None,
                      count_tokens: Callable[[str], int] | None = None) -> str:
-        """chat.py's ``generate_chat_prompt`` on a history of ``[user message, bot reply]`` pairs.
+        """chat.py's ``generate_chat_prompt`` in instruct mode, on a history of ``[user message, bot reply]``
+        pairs (a pair with an empty user side is a greeting: only its reply is rendered).
 
         ``user_input`` is the new user message (added after the history unless continuing or impersonating).
         ``max_prompt_tokens`` with ``count_tokens`` enables truncation of the oldest rows.
         """
-        if mode not in MODES:
-            raise TemplateError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if continue_ and impersonate:
-            raise TemplateError("continue and impersonate cannot be combined")
-        if continue_ and not history:
-            raise TemplateError("continue needs a history whose last reply is continued")
-        if mode == "chat-instruct" and not add_generation_prompt:
-            raise TemplateError("chat-instruct mode always ends where the reply starts")
-        if max_prompt_tokens is not None and count_tokens is None:
-            raise TemplateError("max_prompt_tokens needs a count_tokens(str) -> int callable")
-        history = [(str(pair[0]), str(pair[1])) for pair in history]
-        character = character or Character()
-        name1, name2 = character.user_name, character.name
-
-        instruct = self.instruct_pieces()
-        pieces = instruct if mode == "instruct" else TurnPieces.from_template(CHAT_TURN_TEMPLATE, name1, name2)
-        context_instruct = self.filled_context(system_message)
-
-        if mode == "chat-instruct":
-            command = chat_instruct_command.replace("<|character|>", name1 if impersonate else name2)
-            wrapper = context_instruct + instruct.user_turn.replace(USER_MESSAGE, command) + instruct.bot_prefix
-            if impersonate:
-                wrapper += pieces.user_prefix.rstrip(" ")
-            elif continue_:
-                wrapper += pieces.bot_prefix + history[-1][1]
-            else:
-                wrapper += pieces.bot_prefix.rstrip(" ")
-        else:
-            wrapper = "<|prompt|>"
-
-        if mode == "instruct":
-            context = context_instruct
-        else:
-            context = replace_character_names(character.context.strip() + "\n", name1, name2)
-
-        def too_long(rows: list[str]) -> bool:
-            if max_prompt_tokens is None:
-                return False
-            return count_tokens(wrapper.replace("<|prompt|>", "".join(rows))) >= max_prompt_tokens
-
-        rows = [context]
-        min_rows = 3
-        i = len(history) - 1
-        while i >= 0 and not too_long(rows):
-            user_message, bot_reply = history[i]
-            if continue_ and i == len(history) - 1:
-                if mode != "chat-instruct":
-                    rows.insert(1, pieces.bot_prefix + bot_reply.strip())
-            else:
-                rows.insert(1, pieces.bot_turn.replace(BOT_MESSAGE, bot_reply.strip()))
-            if user_message not in ("", BEGIN_VISIBLE_CHAT):
-                rows.insert(1, _replace_all(pieces.user_turn, {USER_MESSAGE: user_message.strip(),
-                                                               "<|round|>": str(i)}))
-            i -= 1
-
-        if impersonate:
-            if mode == "chat-instruct":
-                min_rows = 1
-            else:
-                min_rows = 2
-                rows.append(pieces.user_prefix.rstrip(" "))
-        elif not continue_:
-            if len(user_input) > 0:
-                rows.append(_replace_all(pieces.user_turn, {USER_MESSAGE: user_input.strip(),
-                                                            "<|round|>": str(len(history))}))
-            if mode != "chat-instruct" and add_generation_prompt:
-                rows.append(pieces.bot_prefix.rstrip(" "))
-
-        while len(rows) > min_rows and too_long(rows):
-            rows.pop(1)
-
-        return wrapper.replace("<|prompt|>", "".join(rows))
+        return assemble_prompt(self.instruct_pieces(), self.filled_context(system_message), history, user_input,
+                               continue_=continue_, impersonate=impersonate,
+                               add_generation_prompt=add_generation_prompt, max_prompt_tokens=max_prompt_tokens,
+                               count_tokens=count_tokens)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
-               *, continue_final_message: bool = False, impersonate: bool = False, mode: str = "instruct",
-               character: Character | None = None, chat_instruct_command: str = DEFAULT_CHAT_INSTRUCT_COMMAND,
+               *, continue_final_message: bool = False, impersonate: bool = False,
                max_prompt_tokens: int | None = None, count_tokens: Callable[[str], int] | None = None) -> str:
         """The prompt for OpenAI-style messages, converted to a history as text-generation-webui's API did.
 
@@ -331,36 +217,26 @@ class TextgenTemplate(ChatTemplate):
         system_message, history, user_input = messages_to_history(messages, self.name)
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             raise TemplateError("continue_final_message needs an assistant message last")
-        prompt = self.build_prompt(history, "" if impersonate else user_input, mode=mode,
-                                   system_message=system_message, character=character,
-                                   chat_instruct_command=chat_instruct_command, continue_=continue_final_message,
+        prompt = self.build_prompt(history, "" if impersonate else user_input,
+                                   system_message=system_message, continue_=continue_final_message,
                                    impersonate=impersonate, add_generation_prompt=add_generation_prompt,
                                    max_prompt_tokens=max_prompt_tokens, count_tokens=count_tokens)
         return prompt + user_input if impersonate else prompt
 
     # ---- where a reply ends ---------------------------------------------------------------------------------
 
-    def stopping_strings(self, mode: str = "instruct", character: Character | None = None) -> list[str]:
-        """chat.py's ``get_stopping_strings``: the text that would open the next turn."""
-        if mode not in MODES:
-            raise TemplateError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        strings = []
-        if mode in ("instruct", "chat-instruct"):
-            template = self.effective_turn_template
-            names = {USER: self.user, BOT: self.bot}
-            for raw in (template.split(USER_MESSAGE)[1].split(BOT)[0] + BOT,
-                        template.split(BOT_MESSAGE)[1] + USER):
-                strings.append(_replace_all(raw, names).rstrip(" ").replace(r"\n", "\n"))
-        if mode in ("chat", "chat-instruct"):
-            character = character or Character()
-            strings += [f"\n{character.user_name}:", f"\n{character.name}:"]
-        return strings
+    def stopping_strings(self) -> list[str]:
+        """chat.py's ``get_stopping_strings`` in instruct mode: the text that would open the next turn."""
+        template = self.effective_turn_template
+        names = {USER: self.user, BOT: self.bot}
+        return [replace_all(raw, names).rstrip(" ").replace(r"\n", "\n")
+                for raw in (template.split(USER_MESSAGE)[1].split(BOT)[0] + BOT, template.split(BOT_MESSAGE)[1] + USER)]
 
     @property
     def stop_strings(self) -> list[str]:
         """text-generation-webui's instruct stopping strings, plus the end-of-turn marker written after a reply
         (``</s>``, ``<|im_end|>``...) and a newline followed by the user prefix (``\\nUSER:``)."""
-        found = self.stopping_strings("instruct")
+        found = self.stopping_strings()
         after_reply = self.effective_turn_template.replace(r"\n", "\n").split(BOT_MESSAGE)[1].strip()
         found += [marker for marker in _END_OF_TURN_MARKERS if after_reply.startswith(marker)]
         user_prefix = self.instruct_pieces().user_prefix.strip()
@@ -368,6 +244,69 @@ class TextgenTemplate(ChatTemplate):
             found.append("\n" + user_prefix)
         found += self.extra_stop_strings
         return [s for i, s in enumerate(found) if s and s not in found[:i]]
+
+
+def assemble_prompt(pieces: TurnPieces, context: str, history: Sequence[Sequence[str]], user_input: str = "", *,
+                    wrapper: str | None = None, continue_: bool = False, impersonate: bool = False,
+                    add_generation_prompt: bool = True, max_prompt_tokens: int | None = None,
+                    count_tokens: Callable[[str], int] | None = None) -> str:
+    """The rows of text-generation-webui's ``generate_chat_prompt``: ``context``, the history's turns cut
+    from ``pieces`` (newest first while under ``max_prompt_tokens``), the new user turn and the bot prefix,
+    then the oldest rows dropped until the prompt fits (never the context, never the newest turn); the rows
+    are the prompt, or go where ``wrapper`` has ``<|prompt|>``.
+
+    A ``wrapper`` (the web UI's chat-instruct command) ends where the reply starts by itself, so the rows then
+    carry no bot prefix, no continued reply and no impersonation prefix."""
+    if continue_ and impersonate:
+        raise TemplateError("continue and impersonate cannot be combined")
+    if continue_ and not history:
+        raise TemplateError("continue needs a history whose last reply is continued")
+    wrapped = wrapper is not None
+    if not wrapped:
+        wrapper = PROMPT_SLOT
+    if wrapped and not add_generation_prompt:
+        raise TemplateError("a wrapped prompt (chat-instruct) always ends where the reply starts")
+    if max_prompt_tokens is not None and count_tokens is None:
+        raise TemplateError("max_prompt_tokens needs a count_tokens(str) -> int callable")
+    history = [(str(pair[0]), str(pair[1])) for pair in history]
+
+    def too_long(rows: list[str]) -> bool:
+        if max_prompt_tokens is None:
+            return False
+        return count_tokens(wrapper.replace(PROMPT_SLOT, "".join(rows))) >= max_prompt_tokens
+
+    rows = [context]
+    min_rows = 3
+    i = len(history) - 1
+    while i >= 0 and not too_long(rows):
+        user_message, bot_reply = history[i]
+        if continue_ and i == len(history) - 1:
+            if not wrapped:
+                rows.insert(1, pieces.bot_prefix + bot_reply.strip())
+        else:
+            rows.insert(1, pieces.bot_turn.replace(BOT_MESSAGE, bot_reply.strip()))
+        if user_message:
+            rows.insert(1, replace_all(pieces.user_turn, {USER_MESSAGE: user_message.strip(),
+                                                          "<|round|>": str(i)}))
+        i -= 1
+
+    if impersonate:
+        if wrapped:
+            min_rows = 1
+        else:
+            min_rows = 2
+            rows.append(pieces.user_prefix.rstrip(" "))
+    elif not continue_:
+        if len(user_input) > 0:
+            rows.append(replace_all(pieces.user_turn, {USER_MESSAGE: user_input.strip(),
+                                                       "<|round|>": str(len(history))}))
+        if not wrapped and add_generation_prompt:
+            rows.append(pieces.bot_prefix.rstrip(" "))
+
+    while len(rows) > min_rows and too_long(rows):
+        rows.pop(1)
+
+    return wrapper.replace(PROMPT_SLOT, "".join(rows))
 
 
 def messages_to_history(messages: list[dict], template_name: str = "textgen") -> tuple[str | None, list, str]:

@@ -3,7 +3,9 @@ API, the server and LangChain alike:
 
 * ``parse_tool_calls``: a whole reply's blocks into (text, calls), strictly;
 * ``ToolCallSplitter``: a streamed reply into text pieces and each call as soon as its block closes, lenient with
-  what small models write instead (a bare JSON call, a ```json fence, unquoted keys);
+  what small models write instead (a bare JSON call, a ```json fence, unquoted keys); with a forced call's
+  ``prefill`` and ``end(finish_reason)`` it is the whole streaming parser the API's chat stream and LangChain's
+  ``ChatGGML`` share;
 * ``resolve_tool_choice``: what ``tool_choice`` forces (generation/grammar.py's ``forced_call_grammar`` then
   constrains the reply to that call).
 """
@@ -86,7 +88,9 @@ class ToolCallSplitter:
     block. Text that may be the start of a block is held back until it is clear either way; a block that is not a
     valid call (or never closes) comes out as text, so nothing the model wrote is lost."""
 
-    def __init__(self, parse_calls: bool, tool_names: Sequence[str] = ()):
+    def __init__(self, parse_calls: bool, tool_names: Sequence[str] = (), *, prefill: str = ""):
+        if not isinstance(prefill, str):
+            raise TypeError(f"prefill must be a string, got {type(prefill).__name__}")
         self.parse_calls = parse_calls
         self.tool_names = list(tool_names)
         self._held = ""
@@ -94,8 +98,31 @@ class ToolCallSplitter:
         self.n_calls = 0
         self._seen_text = False
         self._maybe_bare_call = False
+        # A forced call's opening, written into the prompt by us rather than by the model: it is part of the
+        # reply all the same, and its pieces come out with the first feed (or the end)
+        self.prefill = prefill
+        self._pending = self._feed(prefill) if prefill else []
+
+    def _take_pending(self) -> list[tuple[str, Any]]:
+        pending, self._pending = self._pending, []
+        return pending
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
+        return self._take_pending() + self._feed(text)
+
+    def end(self, finish_reason: str | None) -> tuple[list[tuple[str, Any]], str | None]:
+        """The reply is over: (the last pieces, the finish reason to report). With a prefilled (forced) call, a
+        "stop" while still inside the call is the ``</tool_call>`` stop string that ended it, so the block is
+        closed here; a reply that made calls and stopped by itself reports "tool_calls", as OpenAI's."""
+        pieces = self._take_pending()
+        if self.prefill and finish_reason == "stop" and self.in_call:
+            pieces += self._feed(CALL_CLOSE)
+        pieces += self.finish()
+        if self.n_calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        return pieces, finish_reason
+
+    def _feed(self, text: str) -> list[tuple[str, Any]]:
         if not self.parse_calls:
             return [("text", text)] if text else []
         self._held += text
@@ -136,15 +163,17 @@ class ToolCallSplitter:
             return pieces
 
     def finish(self) -> list[tuple[str, Any]]:
+        """What is held, as pieces (a block that never closed is text); ``end`` also settles the finish reason."""
+        pending = self._take_pending()
         held, self._held, self.in_call = self._held, "", False
         if self._maybe_bare_call:
             self._maybe_bare_call = False
             calls = _bare_calls(held, self.tool_names)
             if calls:
                 self.n_calls += len(calls)
-                return [("call", call) for call in calls]
-            return self.feed(held) + self.finish()
-        return [("text", held)] if held else []
+                return pending + [("call", call) for call in calls]
+            return pending + self._feed(held) + self.finish()
+        return pending + ([("text", held)] if held else [])
 
 
 _BARE_KEY = re.compile(r'([{,]\s*)([A-Za-z_][A-Za-z0-9_]*)(\s*:)')

@@ -26,11 +26,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from ggml_backend.templates import Character, DEFAULT_CHAT_INSTRUCT_COMMAND, TemplateError, TextgenTemplate  # noqa
-from ggml_backend.templates.textgen import BEGIN_VISIBLE_CHAT, replace_character_names  # noqa: E402
+from ggml_backend.templates import TextgenTemplate  # noqa: E402
 
 from . import chat, chat_logs, template_store, user_data  # noqa: E402
 from .backend import LocalBackend, RemoteBackend  # noqa: E402
+from .chat_modes import BEGIN_VISIBLE_CHAT, DEFAULT_CHAT_INSTRUCT_COMMAND, Character, replace_character_names  # noqa
 from .characters import (CARD_SUFFIXES, MAX_CARD_PNG_BYTES, PICTURE_SUFFIXES, character_names,  # noqa: E402
                          check_picture, load_character, load_named)
 from .characters import save_character as save_character_file  # noqa: E402

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from ggml_backend.templates import Character, TemplateError
+from ggml_backend.templates import TemplateError
 
+from .chat_modes import Character
 from .user_data import atomic_write, inside, read_bounded, safe_name
 
 #: a YAML or JSON character file (real ones are a few KiB)

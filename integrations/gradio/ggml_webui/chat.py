@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from ggml_backend.generation import TextStreamer
-from ggml_backend.templates.textgen import BEGIN_VISIBLE_CHAT
-from ggml_backend.templates import (Character, ChatTemplate, DEFAULT_CHAT_INSTRUCT_COMMAND, TemplateError,
-                                    TextgenTemplate)
+from ggml_backend.generation import StopReason, TokenTextStream
+from ggml_backend.templates import ChatTemplate, TemplateError, TextgenTemplate
+
+from . import chat_modes
+from .chat_modes import BEGIN_VISIBLE_CHAT, DEFAULT_CHAT_INSTRUCT_COMMAND, Character
 
 from .settings import GenerationSettings, parse_stop_strings
 
@@ -52,7 +53,7 @@ class PromptSettings:
     def stop_strings(self, custom: str = "") -> list[str]:
         if isinstance(self.template, TextgenTemplate):
             found = self.template.stop_strings if self.mode == "instruct" else \
-                self.template.stopping_strings(self.mode, self.character)
+                chat_modes.stopping_strings(self.template, self.mode, self.character)
         else:
             found = list(self.template.stop_strings)
         return [s for s in found + parse_stop_strings(custom) if s]
@@ -63,8 +64,8 @@ class PromptSettings:
         is the user's partial message that the model goes on writing."""
         history = copy_history(history)
         if isinstance(self.template, TextgenTemplate):
-            prompt = self.template.build_prompt(
-                history, "" if impersonate else user_input, mode=self.mode,
+            prompt = chat_modes.build_prompt(
+                self.template, history, "" if impersonate else user_input, mode=self.mode,
                 system_message=self.custom_system_message or None, character=self.character,
                 chat_instruct_command=self.chat_instruct_command, continue_=continue_, impersonate=impersonate,
                 max_prompt_tokens=max_prompt_tokens, count_tokens=count_tokens)
@@ -108,6 +109,7 @@ class ReplyStats:
     first_token_s: float | None = None   # from the request to the first token
     elapsed_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    stop_reason: str | None = None   # a generation.StopReason once the reply ended (in-process model only)
 
     def token(self) -> None:
         self.tokens += 1
@@ -134,9 +136,9 @@ def stream_reply(llama, prompt: str, settings: GenerationSettings, stops: list[s
                  should_stop: Callable[[], bool] = lambda: False, stats: ReplyStats | None = None) -> Iterator[str]:
     """Yield the reply so far (the whole text each time) as tokens arrive.
 
-    A stop string never shows, not even the start of one (TextStreamer holds such a tail back). ``should_stop`` is
-    asked after every token: when it says yes the reply ends there, keeping what was produced. ``stats``, when
-    given, is filled in as the reply goes (tokens, time to the first one, context used).
+    A stop string never shows, not even the start of one (TokenTextStream holds such a tail back). ``should_stop``
+    is asked after every token: when it says yes the reply ends there, keeping what was produced. ``stats``, when
+    given, is filled in as the reply goes (tokens, time to the first one, context used, why it ended).
     """
     stats = stats if stats is not None else ReplyStats()
     tokens = prompt_tokens(llama, prompt, settings)
@@ -147,29 +149,36 @@ def stream_reply(llama, prompt: str, settings: GenerationSettings, stops: list[s
                          f"\"max new tokens\" or the truncation length, or remove messages")
     max_tokens = max(1, min(int(settings.max_new_tokens), room))
     eog = set(llama.tokenizer.eog_ids)
-    streamer = TextStreamer(stops)
-    skip_special = settings.skip_special_tokens
+    stop_tokens = set() if settings.ban_eos_token else eog   # banned: an end token is text like any other
+    output = TokenTextStream(llama.tokenizer, stops, eog_ids=stop_tokens, special=not settings.skip_special_tokens)
     grammar = None
     if settings.grammar_string.strip():
         from ggml_backend.generation.grammar import LlamaGrammar
         grammar = LlamaGrammar.from_string(settings.grammar_string)   # a GrammarError (ValueError) names the fault
     tokens_out = llama.generate_tokens(tokens, params=settings.sampling_params(eog), max_tokens=max_tokens,
-                                       stop_tokens=set() if settings.ban_eos_token else eog, grammar=grammar)
+                                       stop_tokens=stop_tokens, grammar=grammar)
+    ended = StopReason.INTERRUPTED   # unless the tokens run out (below) or the stream ends itself
     try:
         for token in tokens_out:
-            if token in eog and not settings.ban_eos_token:
-                break
+            text = output.feed(token)
+            if output.stop_reason == StopReason.EOG:
+                break   # the end token is not part of the reply, nor counted in it
             stats.token()
-            if streamer.feed(llama.tokenizer.token_to_piece(token, special=not skip_special)):
-                yield streamer.text
-            if streamer.stopped or should_stop():
+            if text:
+                yield output.text
+            if output.done or should_stop():
                 break
+        else:
+            # the generation ended by itself: the budget (or the context), or a complete grammar
+            ended = StopReason.GRAMMAR if grammar is not None and output.n_tokens < max_tokens else StopReason.LENGTH
     finally:
         tokens_out.close()   # ends the generation now: the model is free for the next request
         stats.finish()
-    if streamer.finish():
-        yield streamer.text
-    elif not streamer.text:
+    tail = output.finish(ended)
+    stats.stop_reason = output.stop_reason
+    if tail:
+        yield output.text
+    elif not output.text:
         yield ""
 
 

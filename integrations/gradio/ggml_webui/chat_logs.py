@@ -16,8 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from ggml_backend.templates.textgen import BEGIN_VISIBLE_CHAT
-
+from .chat_modes import BEGIN_VISIBLE_CHAT
 from .user_data import atomic_write, inside, read_bounded, safe_name
 
 #: the largest chat file read back or imported (a long chat is a few hundred KiB)

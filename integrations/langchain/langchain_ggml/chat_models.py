@@ -192,9 +192,9 @@ class ChatGGML(LlamaCppParams, BaseChatModel):
         params["seed"] = self._call_seed(kwargs.get("seed"))
         n_top = params.get("logprobs")
         pending_logprobs: list[dict] = []
-        splitter = ToolCallSplitter(parse_calls=bool(tools),
-                                     tool_names=[tool["function"]["name"] for tool in tools or []])
-        pieces = splitter.feed(prefill) if prefill else []
+        splitter = ToolCallSplitter(parse_calls=bool(tools), prefill=prefill,
+                                    tool_names=[tool["function"]["name"] for tool in tools or []])
+        pieces: list = []
         finish_reason, usage = None, None
         # closed on every exit, also when this generator is closed or dropped mid-stream: the model is freed at once
         with shared.stream_completion(prompt_tokens, stop=stops, grammar=grammar, **params) as chunks:
@@ -204,18 +204,13 @@ class ChatGGML(LlamaCppParams, BaseChatModel):
                 if n_top is not None and choice.get("logprobs"):
                     pending_logprobs.append(_chat_logprobs(choice["logprobs"], n_top))
                 if choice["finish_reason"] is not None:
-                    finish_reason, usage = choice["finish_reason"], chunk["usage"]
-                    if prefill and finish_reason == "stop" and splitter.in_call:
-                        pieces += splitter.feed(CALL_CLOSE)   # the stop string that ended the forced call
+                    usage = chunk["usage"]
+                    last_pieces, finish_reason = splitter.end(choice["finish_reason"])
+                    pieces += last_pieces
                 for piece in pieces:
                     yield _piece_to_chunk(piece, pending_logprobs)
                     pending_logprobs = []
                 pieces = []
-        for piece in splitter.finish():
-            yield _piece_to_chunk(piece, pending_logprobs)
-            pending_logprobs = []
-        if splitter.n_calls and finish_reason == "stop":
-            finish_reason = "tool_calls"
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content="", chunk_position="last",
