@@ -826,13 +826,11 @@ class Llama:
                            outcome=None):
         """Completion chunks from a (token, logits) stream; runs in the consumer's thread, the model in its own."""
         import uuid
-        from .generation import TextStreamer
+        from .generation import StopReason, TokenTextStream
         completion_id = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         model_name = model_name or self.model_path
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        streamer = TextStreamer(stops)
-        eog = self._eog_ids(stop_tokens)
+        output = TokenTextStream(self.tokenizer, stop, eog_ids=self._eog_ids(stop_tokens))
 
         def chunk(text, finish_reason=None, usage=None, lp=None):
             out = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
@@ -844,16 +842,11 @@ class Llama:
         if echo:
             echo_text = self.detokenize(prompt_tokens, special=True).decode("utf-8", errors="replace")
             yield chunk(echo_text)
-        n_generated = 0
-        finish_reason = "length"
         text_offset = 0
         for token, logits in tokens:
-            n_generated += 1
-            if token in eog:
-                finish_reason = "stop"
-                break
-            piece = self.tokenizer.token_to_piece(token)
-            text = streamer.feed(piece)
+            text = output.feed(token)
+            if output.stop_reason == StopReason.EOG:
+                break   # the end token has no text and no logprobs entry
             lp = None
             if logprobs is not None and logits is not None:
                 # the logits this token was sampled from (the stream hands them over with it)
@@ -861,16 +854,14 @@ class Llama:
             if text or lp:
                 text_offset += len(text)
                 yield chunk(text, lp=lp)
-            if streamer.stopped:
-                finish_reason = "stop"
+            if output.done:
                 break
         tokens.close()   # ended here (a stop string, an end token): the model is free before the last chunk
-        if outcome and outcome.get("stopped"):
-            finish_reason = "stop"   # a stopping criterion ended it
-        tail = streamer.finish() if not streamer.stopped else ""
-        usage = {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_generated,
-                 "total_tokens": len(prompt_tokens) + n_generated}
-        yield chunk(tail, finish_reason=finish_reason, usage=usage)
+        # the token stream ran dry: a stopping criterion or a complete grammar ended it, else the budget or context
+        tail = output.finish(StopReason.CRITERION if outcome and outcome.get("stopped") else StopReason.LENGTH)
+        usage = {"prompt_tokens": len(prompt_tokens), "completion_tokens": output.n_tokens,
+                 "total_tokens": len(prompt_tokens) + output.n_tokens}
+        yield chunk(tail, finish_reason=output.finish_reason, usage=usage)
 
 
     # --- chat -----------------------------------------------------------------------------------------------
@@ -999,7 +990,7 @@ class Llama:
         """Chat deltas from completion chunks: text as it comes, and with tools each call as one ``tool_calls``
         delta once its block closes (text that may open a block is held back until it is clear either way).
         Each choice index (``n > 1``) has its own state and keeps its index."""
-        from .templates.tool_calls import CALL_CLOSE, ToolCallSplitter
+        from .templates.tool_calls import ToolCallSplitter
         states: dict = {}
         for chunk in chunks:
             choice = chunk["choices"][0]
@@ -1008,21 +999,17 @@ class Llama:
                     "model": chunk["model"]}
             state = states.get(index)
             if state is None:
-                splitter = ToolCallSplitter(parse_calls=bool(tools),
+                splitter = ToolCallSplitter(parse_calls=bool(tools), prefill=prefill,
                                             tool_names=[tool["function"]["name"] for tool in tools or []])
-                state = states[index] = {"splitter": splitter, "n_calls": 0,
-                                         "pending": splitter.feed(prefill) if prefill else []}
+                state = states[index] = {"splitter": splitter, "n_calls": 0}
                 yield {**base, "choices": [{"index": index, "delta": {"role": "assistant"}, "logprobs": None,
                                             "finish_reason": None}]}
             splitter = state["splitter"]
             finish_reason = choice["finish_reason"]
-            pieces, state["pending"] = state["pending"] + splitter.feed(choice["text"]), []
+            pieces = splitter.feed(choice["text"])
             if finish_reason is not None:
-                if prefill and finish_reason == "stop" and splitter.in_call:
-                    pieces += splitter.feed(CALL_CLOSE)   # the stop string that ended the forced call
-                pieces += splitter.finish()
-                if splitter.n_calls and finish_reason == "stop":
-                    finish_reason = "tool_calls"
+                last_pieces, finish_reason = splitter.end(finish_reason)   # a forced call closed, "tool_calls"
+                pieces += last_pieces
             deltas = []
             for kind, value in pieces:
                 if kind == "call":

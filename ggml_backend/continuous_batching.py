@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .generation import SamplingParams, TextStreamer
+from .generation import SamplingParams, StopReason, TokenTextStream
 from .model.session import eval_batches, runs_alone, set_threads
 from .prompt_cache import common_prefix
 
@@ -64,15 +64,15 @@ class Sequence:
     ``prompt_tokens``, ``generated`` (sampled token ids, the end token included), ``text`` (the visible text so
     far), ``finish_reason`` (None while running)."""
 
-    def __init__(self, seq_id, prompt_tokens, *, sampler, params, stops, stop_ids, max_tokens, grammar_matcher,
-                 logits_processor, stopping_criteria, share_prefix_with):
+    def __init__(self, seq_id, prompt_tokens, *, tokenizer, sampler, params, stops, stop_ids, max_tokens,
+                 grammar_matcher, logits_processor, stopping_criteria, share_prefix_with):
         self.id = seq_id
         self.prompt_tokens = list(prompt_tokens)
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.sampler = sampler
         self.params = params
-        self.streamer = TextStreamer(stops)
+        self.output = TokenTextStream(tokenizer, stops, eog_ids=stop_ids)   # its text and why it ended
         self.stop_ids = stop_ids
         self.max_tokens = max_tokens
         self.matcher = grammar_matcher
@@ -91,7 +91,7 @@ class Sequence:
 
     @property
     def text(self) -> str:
-        return self.streamer.text
+        return self.output.text
 
     @property
     def n_prompt(self) -> int:
@@ -205,7 +205,8 @@ class ContinuousBatcher:
         seq_id = self._next_id
         self._next_id += 1
         self.sequences[seq_id] = Sequence(
-            seq_id, tokens, sampler=sampler, params=params, stops=validate.stop_strings(stop), stop_ids=stop_ids,
+            seq_id, tokens, tokenizer=llm.tokenizer, sampler=sampler, params=params,
+            stops=validate.stop_strings(stop), stop_ids=stop_ids,
             max_tokens=max_tokens, grammar_matcher=grammar.matcher(llm.tokenizer) if grammar is not None else None,
             logits_processor=logits_processor, stopping_criteria=stopping_criteria,
             share_prefix_with=share_prefix_with)
@@ -381,7 +382,7 @@ class ContinuousBatcher:
         tokens = seq.tokens
         input_ids = np.asarray(tokens, dtype=np.intc)
         if seq.stopping_criteria is not None and seq.stopping_criteria(input_ids, logits.copy()):
-            return self._finish(seq, None, "stop", logits)
+            return self._finish(seq, None, logits, reason=StopReason.CRITERION)
         scores = logits
         if seq.logits_processor is not None:
             scores = np.asarray(seq.logits_processor(input_ids, logits.copy()), dtype=np.float32)
@@ -391,21 +392,24 @@ class ContinuousBatcher:
         recent = np.asarray(tokens[len(tokens) - last_n:] if last_n else [], dtype=np.int64)
         token = seq.sampler.sample(scores, recent)
         seq.generated.append(token)
-        if token in seq.stop_ids:
-            return self._finish(seq, token, "stop", logits)
+        text = seq.output.feed(token)   # an end token ends the stream (no text); a stop string too
+        if seq.output.stop_reason == StopReason.EOG:
+            return self._finish(seq, token, logits)
         if seq.matcher is not None:
             seq.matcher.accept(token)
-        text = seq.streamer.feed(self.llm.tokenizer.token_to_piece(token))
-        if seq.streamer.stopped or (seq.matcher is not None and seq.matcher.done()):
-            return self._finish(seq, token, "stop", logits, text)
+            if seq.matcher.done():
+                seq.output.stop(StopReason.GRAMMAR)
         if len(seq.generated) >= seq.max_tokens or seq.n_evaluated + 1 > self.n_ctx:
-            return self._finish(seq, token, "length", logits, text)
+            seq.output.stop(StopReason.LENGTH)
+        if seq.output.done:
+            return self._finish(seq, token, logits, text)
         if seq.matcher is not None:
             seq.matcher.prepare()
         return SequenceEvent(seq.id, token, text, None, logits)
 
     @staticmethod
-    def _finish(seq: Sequence, token, reason: str, logits, text: str = "") -> SequenceEvent:
-        seq.finish_reason = reason
-        return SequenceEvent(seq.id, token, text + seq.streamer.finish(), reason, logits)
+    def _finish(seq: Sequence, token, logits, text: str = "", reason: str = StopReason.LENGTH) -> SequenceEvent:
+        tail = seq.output.finish(reason)   # the reason the stream found stands; ``reason`` when it found none
+        seq.finish_reason = seq.output.finish_reason
+        return SequenceEvent(seq.id, token, text + tail, seq.finish_reason, logits)
 
