@@ -23,23 +23,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .blocks import nearest_int, round_to_f16
+from .floats import float_to_bf16_bits
+
 QK8_0 = 32   # values per q8_0 / q8_1 block
 QK_K = 256   # values per q8_K super-block
-
-
-@njit(cache=True, inline="always")
-def round_to_f16(value):
-    """The float64 value of ``value`` rounded to IEEE half precision (round to nearest even, like F16C)."""
-    magnitude = abs(value)
-    if magnitude == 0.0 or not math.isfinite(magnitude):
-        return value
-    if magnitude >= 65520.0:            # rounds past the largest half (65504)
-        return math.copysign(math.inf, value)
-    if magnitude < 6.103515625e-05:     # below 2**-14: half subnormals, a fixed quantum of 2**-24
-        return np.rint(value * 16777216.0) / 16777216.0
-    _, exponent = math.frexp(magnitude)  # magnitude = m * 2**exponent, 0.5 <= m < 1
-    rounded = np.rint(math.ldexp(magnitude, 11 - exponent))  # 11 significant bits
-    return math.copysign(math.ldexp(rounded, exponent - 11), value)
 
 
 @njit(cache=True, inline="always")
@@ -109,10 +97,11 @@ def _q8_K_row(x, row, qs, d, bsums):
         for j in range(QK_K // 16):
             total = 0
             for i in range(16):
-                q = int(np.rint(np.float32(iscale * x[row, start + j * 16 + i])))
-                q = min(127, q)
-                qs[row, start + j * 16 + i] = q
-                total += q
+                # nearest_int and an int8 store, as ggml: equal to rounding to even wherever iscale is finite,
+                # and ggml's bytes where a subnormal block maximum made it infinite (the table's reference
+                # quantizer is this one: kquants.quantize_q8_K)
+                qs[row, start + j * 16 + i] = min(127, nearest_int(np.float32(iscale * x[row, start + j * 16 + i])))
+                total += qs[row, start + j * 16 + i]
             bsums[row, block * 16 + j] = total
         d[row, block] = np.float32(np.float32(1.0) / iscale)
 
@@ -212,18 +201,13 @@ def quantize_row_q8_K(x: np.ndarray) -> np.ndarray:
 
 def round_rows_to_f16(x: np.ndarray) -> np.ndarray:
     """float32 -> float32 values rounded to half precision (ggml converts activations to f16 for f16 weights)."""
-    return x.astype(np.float16).astype(np.float32)
+    return round_to_f16_inplace(np.array(x, dtype=np.float32, order="C"))
 
 
 def round_rows_to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> float32 values rounded to bfloat16 the way ggml's ``GGML_FP32_TO_BF16`` does (nearest even,
     NaN kept quiet)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = rounded.astype(np.uint32)
-    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    rounded = np.where(is_nan, (bits >> 16) | 64, rounded).astype(np.uint32)
-    return (rounded << 16).view(np.float32)
+    return (float_to_bf16_bits(x).astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(np.shape(x))
 
 
 __all__ = [
@@ -241,7 +225,8 @@ def _round_bits_to_f16(values, bits):
     for i in range(values.size):
         magnitude = abs(values[i])
         if magnitude < np.float32(6.103515625e-05):
-            values[i] = (values[i] + np.float32(0.75)) - np.float32(0.75)
+            # the sign kept: a negative value that rounds to zero is -0.0 in F16C as in numpy
+            values[i] = math.copysign((values[i] + np.float32(0.75)) - np.float32(0.75), values[i])
         elif magnitude >= np.float32(65520.0):
             if magnitude == magnitude:  # keep NaN as it is
                 values[i] = np.float32(np.inf) if values[i] > 0 else np.float32(-np.inf)
