@@ -529,9 +529,9 @@ def _rows_q6_K(blocks, scales, x, x_scale, x_bsums, out, first, last, table):
             total0 = np.int32(0)
             total1 = np.int32(0)
             for n in range(2):
-                for half in range(2):
-                    l = 16 * half
-                    g = 8 * n + half
+                for part in range(2):
+                    l = 16 * part
+                    g = 8 * n + part
                     ql = 64 * n + l
                     qh = 128 + 32 * n + l
                     v = base + 128 * n + l
