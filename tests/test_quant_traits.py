@@ -74,12 +74,12 @@ def _values_by_unpack(kind, is_kquant, data, block_bytes, block_values, out):
     mins = np.empty(16, np.int32)
     for b in range(data.size // block_bytes):
         if is_kquant:
-            d, dmin = blocks.unpack_kquant(kind, data, b * block_bytes, q, scales, mins, blocks.HALF_TO_FLOAT)
+            d, dmin = blocks.unpack_kquant(kind, data, b, q, scales, mins, blocks.HALF_TO_FLOAT)
             for i in range(block_values):
                 out[b * block_values + i] = (d * np.float32(scales[i // 16])) * np.float32(q[i]) \
                     - dmin * np.float32(mins[i // 16])
         else:
-            d, m = blocks.unpack_legacy(kind, data, b * block_bytes, q, blocks.HALF_TO_FLOAT)
+            d, m = blocks.unpack_legacy(kind, data, b, q, blocks.HALF_TO_FLOAT)
             for i in range(block_values):
                 out[b * block_values + i] = np.float32(q[i]) * d + m
 

@@ -6,7 +6,7 @@ flavours exist, because ggml itself has two:
 
 * the *reference* quantizers (``quantize_row_q8_0`` …: ggml-quants.c ``quantize_row_q8_0_ref``), used when a
   tensor is stored as q8_0/q8_1/q8_K. They give bytes identical to ggml's and gguf-py's: ``d = amax/127``,
-  ``id = 1/d`` and ``roundf`` (ties away from zero).
+  ``id = 1/d`` and ``roundf`` (ties away from zero). For q8_0 / q8_1 they are the type table's (legacy.py).
 * the *activation* quantizers (``quantize_activations_q8_0`` …), used by the matrix products. They follow what
   llama.cpp's x86 CPU backend computes on this machine (arch/x86/quants.c): ``id = 127/amax`` and round to
   nearest even (``_mm256_round_ps``). q8_K has a single version (the x86 backend calls the reference one):
@@ -25,19 +25,14 @@ from numba import njit, prange
 
 from .blocks import nearest_int, round_to_f16
 from .floats import float_to_bf16_bits
+from .legacy import quantize_q8_0, quantize_q8_1
 
 QK8_0 = 32   # values per q8_0 / q8_1 block
 QK_K = 256   # values per q8_K super-block
 
 
 @njit(cache=True, inline="always")
-def _roundf(value):
-    """C ``roundf``: round half away from zero (``value`` is a float32 held exactly in a float64)."""
-    return math.copysign(math.floor(abs(value) + 0.5), value)
-
-
-@njit(cache=True, inline="always")
-def _q8_0_row(x, row, qs, d, sums, reference):
+def _q8_0_row(x, row, qs, d, sums):
     """Quantize row ``row`` of ``x`` [n, k] in blocks of 32 into ``qs`` [n, k] and ``d`` [n, k/32]; ``sums``
     [n, k/32] gets d*sum(qs) rounded to half precision (the q8_1 ``s`` field; the caller ignores it for q8_0)."""
     for block in range(x.shape[1] // QK8_0):
@@ -46,14 +41,10 @@ def _q8_0_row(x, row, qs, d, sums, reference):
         for i in range(QK8_0):
             amax = max(amax, abs(x[row, start + i]))
         scale = np.float32(amax / np.float32(127.0))
-        if reference:
-            inverse = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
-        else:
-            inverse = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        inverse = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
         total = 0
         for i in range(QK8_0):
-            scaled = np.float32(x[row, start + i] * inverse)
-            q = int(_roundf(scaled)) if reference else int(np.rint(scaled))
+            q = int(np.rint(np.float32(x[row, start + i] * inverse)))
             qs[row, start + i] = q
             total += q
         d[row, block] = round_to_f16(scale)
@@ -61,17 +52,17 @@ def _q8_0_row(x, row, qs, d, sums, reference):
 
 
 @njit(cache=True, parallel=True)
-def _q8_0_kernel(x, qs, d, sums, reference):
+def _q8_0_kernel(x, qs, d, sums):
     for row in prange(x.shape[0]):
-        _q8_0_row(x, row, qs, d, sums, reference)
+        _q8_0_row(x, row, qs, d, sums)
 
 
 @njit(cache=True)
-def _q8_0_kernel_serial(x, qs, d, sums, reference):
+def _q8_0_kernel_serial(x, qs, d, sums):
     """``_q8_0_kernel`` on the calling thread: for a token or two, a parallel launch (a thread wake-up, ~100 per
     decode step) costs more than the work."""
     for row in range(x.shape[0]):
-        _q8_0_row(x, row, qs, d, sums, reference)
+        _q8_0_row(x, row, qs, d, sums)
 
 
 @njit(cache=True, inline="always")
@@ -134,26 +125,26 @@ def _as_rows(x: np.ndarray, block: int, name: str) -> np.ndarray:
     return rows
 
 
-def _q8_0_parts(x, reference: bool):
+def _q8_0_parts(x):
     rows = _as_rows(x, QK8_0, "q8_0/q8_1")
     n, k = rows.shape
     qs = np.empty((n, k), np.int8)
     d = np.empty((n, k // QK8_0), np.float32)
     sums = np.empty((n, k // QK8_0), np.float32)
-    (_q8_0_kernel_serial if n < SERIAL_ROWS else _q8_0_kernel)(rows, qs, d, sums, reference)
+    (_q8_0_kernel_serial if n < SERIAL_ROWS else _q8_0_kernel)(rows, qs, d, sums)
     return qs, d, sums
 
 
 def quantize_activations_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of float32 ``x`` ([n, k] or [k]) -> (qs int8 [n, k], d float32 [n, k/32]), as llama.cpp's x86 CPU
     backend quantizes activations for q4_0 / q5_0 / q8_0 weights."""
-    qs, d, _ = _q8_0_parts(x, reference=False)
+    qs, d, _ = _q8_0_parts(x)
     return qs, d
 
 
 def quantize_activations_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of ``x`` -> (qs, d, s) for q4_1 / q5_1 weights; ``s`` = d * sum(qs) per block, half precision."""
-    return _q8_0_parts(x, reference=False)
+    return _q8_0_parts(x)
 
 
 def quantize_activations_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -174,20 +165,15 @@ def _pack_blocks(columns: list[np.ndarray]) -> np.ndarray:
 
 
 def quantize_row_q8_0(x: np.ndarray) -> np.ndarray:
-    """float32 values (a multiple of 32) -> q8_0 block bytes, identical to ggml's ``quantize_row_q8_0_ref``."""
-    qs, d, _ = _q8_0_parts(np.asarray(x).reshape(-1), reference=True)
-    n_blocks = d.size
-    return _pack_blocks([d.reshape(n_blocks, 1).astype(np.float16).view(np.uint8),
-                         qs.reshape(n_blocks, QK8_0).view(np.uint8)])
+    """float32 values (a multiple of 32) -> q8_0 block bytes, identical to ggml's ``quantize_row_q8_0_ref``: the
+    type table's quantizer (legacy.py), one for both."""
+    return quantize_q8_0(np.asarray(x, np.float32).reshape(-1))
 
 
 def quantize_row_q8_1(x: np.ndarray) -> np.ndarray:
-    """float32 values (a multiple of 32) -> q8_1 block bytes (d, s = d*sum(qs), qs), like ggml's reference."""
-    qs, d, sums = _q8_0_parts(np.asarray(x).reshape(-1), reference=True)
-    n_blocks = d.size
-    return _pack_blocks([d.reshape(n_blocks, 1).astype(np.float16).view(np.uint8),
-                         sums.reshape(n_blocks, 1).astype(np.float16).view(np.uint8),
-                         qs.reshape(n_blocks, QK8_0).view(np.uint8)])
+    """float32 values (a multiple of 32) -> q8_1 block bytes (d, s = d*sum(qs), qs), like ggml's reference (the
+    type table's quantizer, legacy.py)."""
+    return quantize_q8_1(np.asarray(x, np.float32).reshape(-1))
 
 
 def quantize_row_q8_K(x: np.ndarray) -> np.ndarray:

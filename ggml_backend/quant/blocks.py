@@ -2,16 +2,17 @@
 
 An ``unpack`` gives one block as integers plus its float scales, in the order of the values:
 
-* 32-value formats (q4_0 … q8_1): ``unpack_q4_0(src, o, q, table) -> (d, m)`` fills ``q`` (int16[32]) with
+* 32-value formats (q4_0 … q8_1): ``unpack_q4_0(src, b, q, table) -> (d, m)`` fills ``q`` (int16[32]) with
   the signed quants; value i = q[i] * d + m, where ``m`` is 0.0 for the formats without a minimum. (Callers that
   must be bit-exact leave ``+ m`` out for those: q * d + 0.0 turns ggml's -0.0 into +0.0.)
-* 256-value super-blocks (q2_K … q8_K): ``unpack_q4_K(src, o, q, scales, mins, table) -> (d, dmin)`` fills ``q``
+* 256-value super-blocks (q2_K … q8_K): ``unpack_q4_K(src, b, q, scales, mins, table) -> (d, dmin)`` fills ``q``
   (int16[256]) and, per 16 values, ``scales`` / ``mins`` (int32[16]); value i = (d * scales[i // 16]) * q[i] -
   dmin * mins[i // 16], which is ggml's dequantize_row_* operation by operation (0.0 mins and dmin subtract +0.0,
   which changes no float).
 
-``src`` is a 1-D byte array (uint8, or an int8 view: the readers mask bytes), ``o`` the byte offset of the
-block, ``table`` ``HALF_TO_FLOAT``. ``unpack_legacy(kind, ...)`` / ``unpack_kquant(kind, ...)`` pick a format by its
+``src`` is a 1-D uint8 byte array (``half`` and ``int8`` also take an int8 view) of whole blocks, ``b`` the index of
+the block (its byte offset, b times the block's size, a constant in each decoder, which LLVM folds into the
+addressing: a run-time block size made the generic kernels a third slower), ``table`` ``HALF_TO_FLOAT``. ``unpack_legacy(kind, ...)`` / ``unpack_kquant(kind, ...)`` pick a format by its
 code (``LEGACY_CODES`` / ``KQUANT_CODES``): one compiled family kernel serves every format of the family.
 
 Block layouts (ggml-common.h; little-endian, d / m / dmin / s are IEEE halves, byte offsets within the block):
@@ -41,6 +42,7 @@ Block layouts (ggml-common.h; little-endian, d / m / dmin / s are IEEE halves, b
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -80,9 +82,8 @@ def u32(src, offset):
 
 @njit(cache=True, inline="always")
 def int8(byte):
-    """A stored byte read as C's int8_t."""
-    v = np.int32(byte) & 0xFF
-    return v - 256 if v >= 128 else v
+    """A stored byte (uint8 or int8) read as C's int8_t: a truncating cast, no branch (vectorizes)."""
+    return np.int32(np.int8(byte))
 
 
 @njit(cache=True, inline="always")
@@ -154,100 +155,108 @@ def round_to_f16(value):
 @njit(cache=True, inline="always")
 def _nibbles(src, at, offset, q):
     for j in range(16):
-        byte = np.int16(src[at + j]) & 0xFF
+        byte = np.int16(src[at + j])
         q[j] = (byte & 15) - offset
         q[j + 16] = (byte >> 4) - offset
 
 
 @njit(cache=True, inline="always")
 def _nibbles_fifth_bit(src, at, qh_at, offset, q):
-    high_bits = u32(src, qh_at)
+    high_bits = (np.uint32(src[qh_at]) | (np.uint32(src[qh_at + 1]) << 8) | (np.uint32(src[qh_at + 2]) << 16)
+                 | (np.uint32(src[qh_at + 3]) << 24))
     for j in range(16):
-        byte = np.int16(src[at + j]) & 0xFF
-        q[j] = ((byte & 15) | np.int16(((high_bits >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))) - offset
-        q[j + 16] = ((byte >> 4) | np.int16(((high_bits >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))) \
-            - offset
+        byte = np.int16(src[at + j])
+        q[j] = ((byte & 15) | np.int16(((high_bits >> j) & 1) << 4)) - offset
+        q[j + 16] = ((byte >> 4) | np.int16(((high_bits >> (j + 16)) & 1) << 4)) - offset
 
 
 @njit(cache=True, inline="always")
-def unpack_q4_0(src, o, q, table):
+def unpack_q4_0(src, b, q, table):
+    o = b * 18
     _nibbles(src, o + 2, 8, q)
     return half(src, o, table), F32(0.0)
 
 
 @njit(cache=True, inline="always")
-def unpack_q4_1(src, o, q, table):
+def unpack_q4_1(src, b, q, table):
+    o = b * 20
     _nibbles(src, o + 4, 0, q)
     return half(src, o, table), half(src, o + 2, table)
 
 
 @njit(cache=True, inline="always")
-def unpack_q5_0(src, o, q, table):
+def unpack_q5_0(src, b, q, table):
+    o = b * 22
     _nibbles_fifth_bit(src, o + 6, o + 2, 16, q)
     return half(src, o, table), F32(0.0)
 
 
 @njit(cache=True, inline="always")
-def unpack_q5_1(src, o, q, table):
+def unpack_q5_1(src, b, q, table):
+    o = b * 24
     _nibbles_fifth_bit(src, o + 8, o + 4, 0, q)
     return half(src, o, table), half(src, o + 2, table)
 
 
 @njit(cache=True, inline="always")
-def unpack_q8_0(src, o, q, table):
+def unpack_q8_0(src, b, q, table):
+    o = b * 34
     for j in range(32):
         q[j] = int8(src[o + 2 + j])
     return half(src, o, table), F32(0.0)
 
 
 @njit(cache=True, inline="always")
-def unpack_q8_1(src, o, q, table):
+def unpack_q8_1(src, b, q, table):
+    o = b * 36
     for j in range(32):   # s (bytes 2-3) only serves dot products
         q[j] = int8(src[o + 4 + j])
     return half(src, o, table), F32(0.0)
 
 
 @njit(cache=True, inline="always")
-def unpack_legacy(kind, src, o, q, table):
+def unpack_legacy(kind, src, b, q, table):
     """The 32-value format of code ``kind``: (d, m)."""
     if kind == Q4_0:
-        return unpack_q4_0(src, o, q, table)
+        return unpack_q4_0(src, b, q, table)
     if kind == Q4_1:
-        return unpack_q4_1(src, o, q, table)
+        return unpack_q4_1(src, b, q, table)
     if kind == Q5_0:
-        return unpack_q5_0(src, o, q, table)
+        return unpack_q5_0(src, b, q, table)
     if kind == Q5_1:
-        return unpack_q5_1(src, o, q, table)
+        return unpack_q5_1(src, b, q, table)
     if kind == Q8_0:
-        return unpack_q8_0(src, o, q, table)
-    return unpack_q8_1(src, o, q, table)
+        return unpack_q8_0(src, b, q, table)
+    return unpack_q8_1(src, b, q, table)
 
 
 # ---------------------------------------------------------------- 256-value super-blocks
 
 @njit(cache=True, inline="always")
-def unpack_q2_K(src, o, q, scales, mins, table):
+def unpack_q2_K(src, b, q, scales, mins, table):
+    o = b * 84
     for j in range(16):
-        packed = np.int32(src[o + j]) & 0xFF
+        packed = np.int32(src[o + j])
         scales[j] = packed & 15
         mins[j] = packed >> 4
     for n in range(2):
         for j in range(4):
             for l in range(32):
-                q[128 * n + 32 * j + l] = ((np.int16(src[o + 16 + 32 * n + l]) & 0xFF) >> (2 * j)) & 3
+                q[128 * n + 32 * j + l] = ((np.int16(src[o + 16 + 32 * n + l])) >> (2 * j)) & 3
     return half(src, o + 80, table), half(src, o + 82, table)
 
 
 @njit(cache=True, inline="always")
-def unpack_q3_K(src, o, q, scales, mins, table):
+def unpack_q3_K(src, b, q, scales, mins, table):
+    o = b * 110
     for j in range(16):
         scales[j] = scale_q3_K(j, src, o + 96)
         mins[j] = 0
     for n in range(2):
         for j in range(4):
             for l in range(32):
-                bits = ((np.int16(src[o + 32 + 32 * n + l]) & 0xFF) >> (2 * j)) & 3
-                has_high = ((np.int16(src[o + l]) & 0xFF) >> (4 * n + j)) & 1
+                bits = (np.int16(src[o + 32 + 32 * n + l]) >> (2 * j)) & 3
+                has_high = (np.int16(src[o + l]) >> (4 * n + j)) & 1
                 q[128 * n + 32 * j + l] = bits - 4 + 4 * has_high
     return half(src, o + 108, table), F32(0.0)
 
@@ -263,38 +272,41 @@ def _k4_scales(src, o, scales, mins):
 
 
 @njit(cache=True, inline="always")
-def unpack_q4_K(src, o, q, scales, mins, table):
+def unpack_q4_K(src, b, q, scales, mins, table):
+    o = b * 144
     _k4_scales(src, o, scales, mins)
     for c in range(4):
         for l in range(32):
-            byte = np.int16(src[o + 16 + 32 * c + l]) & 0xFF
+            byte = np.int16(src[o + 16 + 32 * c + l])
             q[64 * c + l] = byte & 15
             q[64 * c + 32 + l] = byte >> 4
     return half(src, o, table), half(src, o + 2, table)
 
 
 @njit(cache=True, inline="always")
-def unpack_q5_K(src, o, q, scales, mins, table):
+def unpack_q5_K(src, b, q, scales, mins, table):
+    o = b * 176
     _k4_scales(src, o, scales, mins)
     for c in range(4):
         for l in range(32):
-            byte = np.int16(src[o + 48 + 32 * c + l]) & 0xFF
-            high = np.int16(src[o + 16 + l]) & 0xFF
+            byte = np.int16(src[o + 48 + 32 * c + l])
+            high = np.int16(src[o + 16 + l])
             q[64 * c + l] = (byte & 15) | (((high >> (2 * c)) & 1) << 4)
             q[64 * c + 32 + l] = (byte >> 4) | (((high >> (2 * c + 1)) & 1) << 4)
     return half(src, o, table), half(src, o + 2, table)
 
 
 @njit(cache=True, inline="always")
-def unpack_q6_K(src, o, q, scales, mins, table):
+def unpack_q6_K(src, b, q, scales, mins, table):
+    o = b * 210
     for j in range(16):
         scales[j] = int8(src[o + 192 + j])
         mins[j] = 0
     for n in range(2):
         for l in range(32):
-            low_a = np.int16(src[o + 64 * n + l]) & 0xFF
-            low_b = np.int16(src[o + 64 * n + 32 + l]) & 0xFF
-            high = np.int16(src[o + 128 + 32 * n + l]) & 0xFF
+            low_a = np.int16(src[o + 64 * n + l])
+            low_b = np.int16(src[o + 64 * n + 32 + l])
+            high = np.int16(src[o + 128 + 32 * n + l])
             q[128 * n + l] = ((low_a & 15) | ((high & 3) << 4)) - 32
             q[128 * n + 32 + l] = ((low_b & 15) | (((high >> 2) & 3) << 4)) - 32
             q[128 * n + 64 + l] = ((low_a >> 4) | (((high >> 4) & 3) << 4)) - 32
@@ -303,7 +315,8 @@ def unpack_q6_K(src, o, q, scales, mins, table):
 
 
 @njit(cache=True, inline="always")
-def unpack_q8_K(src, o, q, scales, mins, table):
+def unpack_q8_K(src, b, q, scales, mins, table):
+    o = b * 292
     for j in range(16):   # bsums (bytes 260-291) only serve dot products
         scales[j] = 1
         mins[j] = 0
@@ -313,19 +326,19 @@ def unpack_q8_K(src, o, q, scales, mins, table):
 
 
 @njit(cache=True, inline="always")
-def unpack_kquant(kind, src, o, q, scales, mins, table):
+def unpack_kquant(kind, src, b, q, scales, mins, table):
     """The super-block format of code ``kind``: (d, dmin)."""
     if kind == Q4_K:
-        return unpack_q4_K(src, o, q, scales, mins, table)
+        return unpack_q4_K(src, b, q, scales, mins, table)
     if kind == Q6_K:
-        return unpack_q6_K(src, o, q, scales, mins, table)
+        return unpack_q6_K(src, b, q, scales, mins, table)
     if kind == Q5_K:
-        return unpack_q5_K(src, o, q, scales, mins, table)
+        return unpack_q5_K(src, b, q, scales, mins, table)
     if kind == Q3_K:
-        return unpack_q3_K(src, o, q, scales, mins, table)
+        return unpack_q3_K(src, b, q, scales, mins, table)
     if kind == Q2_K:
-        return unpack_q2_K(src, o, q, scales, mins, table)
-    return unpack_q8_K(src, o, q, scales, mins, table)
+        return unpack_q2_K(src, b, q, scales, mins, table)
+    return unpack_q8_K(src, b, q, scales, mins, table)
 
 
 # ---------------------------------------------------------------- to_float: blocks [first, end) -> float32
@@ -333,11 +346,11 @@ def unpack_kquant(kind, src, o, q, scales, mins, table):
 # CPUs without SIMD calls them on its band from its own worker thread. No fastmath: the floats are ggml's.
 
 @njit(cache=True, nogil=True)
-def legacy_to_float(kind, src, block_bytes, first, end, out, table):
+def legacy_to_float(kind, src, first, end, out, table):
     q = np.empty(32, np.int16)
     has_min = kind == Q4_1 or kind == Q5_1
     for b in range(first, end):
-        d, m = unpack_legacy(kind, src, b * block_bytes, q, table)
+        d, m = unpack_legacy(kind, src, b, q, table)
         o = (b - first) * 32
         if has_min:
             for j in range(32):
@@ -348,12 +361,12 @@ def legacy_to_float(kind, src, block_bytes, first, end, out, table):
 
 
 @njit(cache=True, nogil=True)
-def kquant_to_float(kind, src, block_bytes, first, end, out, table):
+def kquant_to_float(kind, src, first, end, out, table):
     q = np.empty(256, np.int16)
     scales = np.empty(16, np.int32)
     mins = np.empty(16, np.int32)
     for b in range(first, end):
-        d, dmin = unpack_kquant(kind, src, b * block_bytes, q, scales, mins, table)
+        d, dmin = unpack_kquant(kind, src, b, q, scales, mins, table)
         o = (b - first) * 256
         for j in range(16):
             scale = d * F32(scales[j])
@@ -362,18 +375,31 @@ def kquant_to_float(kind, src, block_bytes, first, end, out, table):
                 out[o + 16 * j + i] = scale * F32(q[16 * j + i]) - offset
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers(n_threads: int) -> ThreadPoolExecutor:
+    """One pool for the process: a pool made per call cost milliseconds, more than a small tensor's work."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < n_threads:
+            _pool = ThreadPoolExecutor(n_threads, thread_name_prefix="ggml_backend-blocks")
+        return _pool
+
+
 def in_bands(kernel, n_blocks: int, band_blocks: int, *arrays) -> None:
     """Run ``kernel(*arrays, first, end)`` (serial, nogil) over blocks [0, n_blocks) in bands of ``band_blocks``
     on numba.get_num_threads() threads: a prange kernel's speed, but a serial kernel compiles in well under half
-    the time of a parallel one (CI compiles every kernel on each fresh clone)."""
+    the time of a parallel one (CI compiles every kernel on each fresh clone). The kernels never call back here,
+    so the shared pool cannot wait on itself."""
     threads = min(numba.get_num_threads(), -(-n_blocks // band_blocks))
     if threads <= 1:
         kernel(*arrays, 0, n_blocks)
         return
     bounds = list(range(0, n_blocks, band_blocks)) + [n_blocks]
-    with ThreadPoolExecutor(threads, thread_name_prefix="ggml_backend-blocks") as pool:
-        for _ in pool.map(lambda band: kernel(*arrays, band[0], band[1]), zip(bounds[:-1], bounds[1:])):
-            pass
+    for _ in _workers(threads).map(lambda band: kernel(*arrays, band[0], band[1]), zip(bounds[:-1], bounds[1:])):
+        pass
 
 
 def read_only(data: np.ndarray) -> np.ndarray:
@@ -386,7 +412,7 @@ def read_only(data: np.ndarray) -> np.ndarray:
     return view
 
 
-_TO_FLOAT_BAND_VALUES = 1 << 16   # values per thread-pool task: ~0.1 ms of work, far above the pool's overhead
+_TO_FLOAT_BAND_VALUES = 1 << 18   # values per thread-pool task: ~0.3 ms of work, far above the pool's overhead
 
 
 def to_float_function(name: str):
@@ -408,7 +434,7 @@ def to_float_function(name: str):
             out = np.empty(n_blocks * block_values, np.float32)
 
         def kernel(src, result, first, end):
-            family_kernel(kind, src, block_bytes, first, end, result[first * block_values:], HALF_TO_FLOAT)
+            family_kernel(kind, src, first, end, result[first * block_values:], HALF_TO_FLOAT)
 
         if parallel:
             in_bands(kernel, n_blocks, band, read_only(data), out)

@@ -74,7 +74,7 @@ PREFETCH_ROWS_AHEAD_2 = 4   # two-row kernels (q4_K, q6_K): two groups ahead
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _matmul_legacy(kind, w, block_bytes, xq, xd, xs, out, n_chunks, table):
+def _matmul_legacy(kind, w, xq, xd, xs, out, n_chunks, table):
     """out[t, r] = sum over blocks b of d_w * d_x * (q_w . q_x) (+ m_w * s_x for q4_1 / q5_1).
 
     Like ggml's AVX code, the float accumulation runs in 16 lanes (lane j gets the products of values j and
@@ -95,7 +95,7 @@ def _matmul_legacy(kind, w, block_bytes, xq, xd, xs, out, n_chunks, table):
             lanes[:] = 0.0
             acc_min[:] = 0.0
             for b in range(n_blocks):
-                d, m = unpack_legacy(kind, row, b * block_bytes, q, table)
+                d, m = unpack_legacy(kind, row, b, q, table)
                 base = b * 32
                 for t in range(n_tokens):
                     scale = d * xd[t, b]
@@ -110,7 +110,7 @@ def _matmul_legacy(kind, w, block_bytes, xq, xd, xs, out, n_chunks, table):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _matmul_kquant(kind, w, block_bytes, xq, xd, xbsums, out, n_chunks, table):
+def _matmul_kquant(kind, w, xq, xd, xbsums, out, n_chunks, table):
     """out[t, r] = sum over super-blocks of d_x * (d_w * sum_j scale_j (q_w . q_x)_j - dmin_w * sum_j min_j bsum_j).
 
     The scaled integer products of a super-block are summed exactly in 16 int32 lanes, converted once per
@@ -134,7 +134,7 @@ def _matmul_kquant(kind, w, block_bytes, xq, xd, xbsums, out, n_chunks, table):
             lanes[:] = 0.0
             acc_min[:] = 0.0
             for b in range(n_blocks):
-                d, dmin = unpack_kquant(kind, row, b * block_bytes, q, scales, mins, table)
+                d, dmin = unpack_kquant(kind, row, b, q, scales, mins, table)
                 base = b * 256
                 for t in range(n_tokens):
                     int_lanes[:] = 0
@@ -645,15 +645,13 @@ def _matvec_q4_K(blocks, x, x_scale, x_bsums, out, n_chunks, table):
 
 def legacy_tokens(kind: int, w, acts, out, n_chunks: int) -> None:
     """Any number of tokens, 32-value formats (``kind``: blocks.LEGACY_CODES)."""
-    block_bytes = w.shape[1] // (acts.qs.shape[1] // 32)
     extra = acts.extra if acts.extra is not None else acts.d   # xs is only read for q4_1 / q5_1
-    _matmul_legacy(kind, w, block_bytes, acts.qs, acts.d, extra, out, n_chunks, HALF_TO_FLOAT)
+    _matmul_legacy(kind, w, acts.qs, acts.d, extra, out, n_chunks, HALF_TO_FLOAT)
 
 
 def kquant_tokens(kind: int, w, acts, out, n_chunks: int) -> None:
     """Any number of tokens, super-block formats (``kind``: blocks.KQUANT_CODES)."""
-    block_bytes = w.shape[1] // (acts.qs.shape[1] // 256)
-    _matmul_kquant(kind, w, block_bytes, acts.qs, acts.d, acts.extra, out, n_chunks, HALF_TO_FLOAT)
+    _matmul_kquant(kind, w, acts.qs, acts.d, acts.extra, out, n_chunks, HALF_TO_FLOAT)
 
 
 def _nibble_one_token(matvec, has_min: bool, w, acts, out, n_chunks: int) -> None:
