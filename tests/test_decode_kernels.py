@@ -195,9 +195,10 @@ def test_kernels_cached_against_another_simd_are_dropped(tmp_path):
     assert not kernel.exists()
 
 
-@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("isa", PATHS + [pytest.param(None, id="generic")])
 def test_prompt_path_dequantization_is_bit_exact_to_the_type_table(isa):
-    """The BLAS path's weight bands (decode.dequantize_rows) give the type table's floats bit for bit."""
+    """The BLAS path's weight bands (decode.dequantize_rows, or on CPUs without SIMD the table's own to_float on the
+    band) give the type table's floats bit for bit."""
     from ggml_backend.quant import dequantize
     rng = np.random.default_rng(3)
     saved = matmul_module.KERNEL_ISA

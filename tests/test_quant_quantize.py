@@ -212,14 +212,18 @@ def test_q6_K_rejects_partial_super_blocks():
 
 
 def test_kernel_half_rounding_equals_numpy():
+    """The scalar half rounding of the kernels (blocks.round_to_f16), the array one (round_to_f16_inplace) and the
+    bytes one (float_to_half_bits) all round as numpy's float16 conversion does."""
     from numba import njit
-    from ggml_backend.quant.kquants import _round_to_half
+    from ggml_backend.quant.activations import round_to_f16_inplace
+    from ggml_backend.quant.blocks import HALF_TO_FLOAT, round_to_f16
+    from ggml_backend.quant.floats import float_to_half_bits
 
     @njit(cache=False)
     def round_all(values):
         out = np.empty_like(values)
         for i in range(values.size):
-            out[i] = _round_to_half(values[i])
+            out[i] = round_to_f16(values[i])
         return out
 
     rng = np.random.default_rng(7)
@@ -229,3 +233,5 @@ def test_kernel_half_rounding_equals_numpy():
     with np.errstate(over="ignore"):
         expected = values.astype(np.float16).astype(np.float32)
     assert np.array_equal(round_all(values).view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(round_to_f16_inplace(values.copy()).view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(HALF_TO_FLOAT[float_to_half_bits(values)].view(np.uint32), expected.view(np.uint32))

@@ -1,4 +1,5 @@
-"""Reading ggml's blocks on the device: the GPU's twin of quant/matmul.py's ``_unpack_legacy``/``_unpack_kquant``.
+"""Reading ggml's blocks on the device: the GPU's twin of quant/blocks.py's ``unpack_*`` (CUDA device functions: the
+CPU's numba decoders cannot run on the device, so the layouts drawn there are read again here).
 
 Every quantized type is read in *units* of 32 consecutive values of a row (a legacy block; an eighth of a K-quant
 super-block), each unit split in two halves of 16 that carry their own scale and offset:

@@ -12,6 +12,7 @@ import numpy as np
 
 from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
+from ..quant.blocks import HALF_TO_FLOAT
 from ..quant.matmul import BLAS_MIN_TOKENS, WeightMatrix, matmul_many, single_threaded_blas
 from .attention import attention
 from .batching import ForwardBatcher, batch_invariant
@@ -87,7 +88,7 @@ def _gelu_f32(x: np.ndarray) -> np.ndarray:
 
 
 def _make_gelu_table() -> np.ndarray:
-    every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    every_half = HALF_TO_FLOAT   # all 65,536 halves as float32, indexed by bit pattern
     with np.errstate(all="ignore"):
         return _gelu_f32(every_half).astype(np.float16).astype(np.float32)
 

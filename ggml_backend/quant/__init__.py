@@ -6,7 +6,7 @@
                                              quantize_row_*_ref would write them
 
 ``qtype`` is a type name (``"q4_K"``, any case), a ggml type id, or a ``types.QuantType``.
-Importing this package registers every kernel onto the table in ``types``.
+Importing this package fills every row of the type table in ``types`` with its traits (``traits.py``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from .. import _threading  # noqa: F401  (numba's threading layer, chosen before any parallel kernel runs)
-from . import floats, kquants, legacy  # noqa: F401  (importing them registers their kernels)
+from . import floats, kquants, legacy, traits  # noqa: F401  (traits.py fills the type table's rows)
 from .types import QuantType, get_type
 
 __all__ = ["QuantType", "get_type", "dequantize", "dequantize_rows", "quantize"]
@@ -55,7 +55,7 @@ def dequantize(qtype, data, shape) -> np.ndarray:
         raise ValueError(f"{row.name} tensor of shape {shape} needs {expected} bytes, got {array.nbytes}")
     if expected == 0:
         return np.zeros(shape, dtype=np.float32)
-    return _kernel(row, "dequantize")(array).reshape(shape)
+    return _kernel(row, "to_float")(array).reshape(shape)
 
 
 def dequantize_rows(qtype, data2d, row_ids) -> np.ndarray:
@@ -82,7 +82,7 @@ def dequantize_rows(qtype, data2d, row_ids) -> np.ndarray:
     if ids.size == 0 or row_len == 0:
         return np.zeros((ids.size, row_len), dtype=np.float32)
     selected = np.ascontiguousarray(matrix[ids]).reshape(-1)  # copies only the rows asked for
-    return _kernel(row, "dequantize")(selected).reshape(ids.size, row_len)
+    return _kernel(row, "to_float")(selected).reshape(ids.size, row_len)
 
 
 def quantize(qtype, values) -> np.ndarray:
@@ -97,7 +97,7 @@ def quantize(qtype, values) -> np.ndarray:
         raise ValueError("cannot quantize a scalar; give an array whose last dimension is the row length")
     x = np.ascontiguousarray(x)
     row.row_bytes(x.shape[-1])  # raises ValueError when rows are not whole blocks
-    kernel = _kernel(row, "quantize")
+    kernel = _kernel(row, "from_float")
     flat = x.reshape(-1)
     if row.block_size > 1:
         bad = floats.first_non_finite(flat)

@@ -6,7 +6,7 @@ flavours exist, because ggml itself has two:
 
 * the *reference* quantizers (``quantize_row_q8_0`` …: ggml-quants.c ``quantize_row_q8_0_ref``), used when a
   tensor is stored as q8_0/q8_1/q8_K. They give bytes identical to ggml's and gguf-py's: ``d = amax/127``,
-  ``id = 1/d`` and ``roundf`` (ties away from zero).
+  ``id = 1/d`` and ``roundf`` (ties away from zero). For q8_0 / q8_1 they are the type table's (legacy.py).
 * the *activation* quantizers (``quantize_activations_q8_0`` …), used by the matrix products. They follow what
   llama.cpp's x86 CPU backend computes on this machine (arch/x86/quants.c): ``id = 127/amax`` and round to
   nearest even (``_mm256_round_ps``). q8_K has a single version (the x86 backend calls the reference one):
@@ -23,33 +23,16 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .blocks import nearest_int, round_to_f16
+from .floats import float_to_bf16_bits
+from .legacy import quantize_q8_0, quantize_q8_1
+
 QK8_0 = 32   # values per q8_0 / q8_1 block
 QK_K = 256   # values per q8_K super-block
 
 
 @njit(cache=True, inline="always")
-def round_to_f16(value):
-    """The float64 value of ``value`` rounded to IEEE half precision (round to nearest even, like F16C)."""
-    magnitude = abs(value)
-    if magnitude == 0.0 or not math.isfinite(magnitude):
-        return value
-    if magnitude >= 65520.0:            # rounds past the largest half (65504)
-        return math.copysign(math.inf, value)
-    if magnitude < 6.103515625e-05:     # below 2**-14: half subnormals, a fixed quantum of 2**-24
-        return np.rint(value * 16777216.0) / 16777216.0
-    _, exponent = math.frexp(magnitude)  # magnitude = m * 2**exponent, 0.5 <= m < 1
-    rounded = np.rint(math.ldexp(magnitude, 11 - exponent))  # 11 significant bits
-    return math.copysign(math.ldexp(rounded, exponent - 11), value)
-
-
-@njit(cache=True, inline="always")
-def _roundf(value):
-    """C ``roundf``: round half away from zero (``value`` is a float32 held exactly in a float64)."""
-    return math.copysign(math.floor(abs(value) + 0.5), value)
-
-
-@njit(cache=True, inline="always")
-def _q8_0_row(x, row, qs, d, sums, reference):
+def _q8_0_row(x, row, qs, d, sums):
     """Quantize row ``row`` of ``x`` [n, k] in blocks of 32 into ``qs`` [n, k] and ``d`` [n, k/32]; ``sums``
     [n, k/32] gets d*sum(qs) rounded to half precision (the q8_1 ``s`` field; the caller ignores it for q8_0)."""
     for block in range(x.shape[1] // QK8_0):
@@ -58,14 +41,10 @@ def _q8_0_row(x, row, qs, d, sums, reference):
         for i in range(QK8_0):
             amax = max(amax, abs(x[row, start + i]))
         scale = np.float32(amax / np.float32(127.0))
-        if reference:
-            inverse = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
-        else:
-            inverse = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        inverse = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
         total = 0
         for i in range(QK8_0):
-            scaled = np.float32(x[row, start + i] * inverse)
-            q = int(_roundf(scaled)) if reference else int(np.rint(scaled))
+            q = int(np.rint(np.float32(x[row, start + i] * inverse)))
             qs[row, start + i] = q
             total += q
         d[row, block] = round_to_f16(scale)
@@ -73,17 +52,17 @@ def _q8_0_row(x, row, qs, d, sums, reference):
 
 
 @njit(cache=True, parallel=True)
-def _q8_0_kernel(x, qs, d, sums, reference):
+def _q8_0_kernel(x, qs, d, sums):
     for row in prange(x.shape[0]):
-        _q8_0_row(x, row, qs, d, sums, reference)
+        _q8_0_row(x, row, qs, d, sums)
 
 
 @njit(cache=True)
-def _q8_0_kernel_serial(x, qs, d, sums, reference):
+def _q8_0_kernel_serial(x, qs, d, sums):
     """``_q8_0_kernel`` on the calling thread: for a token or two, a parallel launch (a thread wake-up, ~100 per
     decode step) costs more than the work."""
     for row in range(x.shape[0]):
-        _q8_0_row(x, row, qs, d, sums, reference)
+        _q8_0_row(x, row, qs, d, sums)
 
 
 @njit(cache=True, inline="always")
@@ -109,10 +88,11 @@ def _q8_K_row(x, row, qs, d, bsums):
         for j in range(QK_K // 16):
             total = 0
             for i in range(16):
-                q = int(np.rint(np.float32(iscale * x[row, start + j * 16 + i])))
-                q = min(127, q)
-                qs[row, start + j * 16 + i] = q
-                total += q
+                # nearest_int and an int8 store, as ggml: equal to rounding to even wherever iscale is finite,
+                # and ggml's bytes where a subnormal block maximum made it infinite (the table's reference
+                # quantizer is this one: kquants.quantize_q8_K)
+                qs[row, start + j * 16 + i] = min(127, nearest_int(np.float32(iscale * x[row, start + j * 16 + i])))
+                total += qs[row, start + j * 16 + i]
             bsums[row, block * 16 + j] = total
         d[row, block] = np.float32(np.float32(1.0) / iscale)
 
@@ -145,26 +125,26 @@ def _as_rows(x: np.ndarray, block: int, name: str) -> np.ndarray:
     return rows
 
 
-def _q8_0_parts(x, reference: bool):
+def _q8_0_parts(x):
     rows = _as_rows(x, QK8_0, "q8_0/q8_1")
     n, k = rows.shape
     qs = np.empty((n, k), np.int8)
     d = np.empty((n, k // QK8_0), np.float32)
     sums = np.empty((n, k // QK8_0), np.float32)
-    (_q8_0_kernel_serial if n < SERIAL_ROWS else _q8_0_kernel)(rows, qs, d, sums, reference)
+    (_q8_0_kernel_serial if n < SERIAL_ROWS else _q8_0_kernel)(rows, qs, d, sums)
     return qs, d, sums
 
 
 def quantize_activations_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of float32 ``x`` ([n, k] or [k]) -> (qs int8 [n, k], d float32 [n, k/32]), as llama.cpp's x86 CPU
     backend quantizes activations for q4_0 / q5_0 / q8_0 weights."""
-    qs, d, _ = _q8_0_parts(x, reference=False)
+    qs, d, _ = _q8_0_parts(x)
     return qs, d
 
 
 def quantize_activations_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of ``x`` -> (qs, d, s) for q4_1 / q5_1 weights; ``s`` = d * sum(qs) per block, half precision."""
-    return _q8_0_parts(x, reference=False)
+    return _q8_0_parts(x)
 
 
 def quantize_activations_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -185,20 +165,15 @@ def _pack_blocks(columns: list[np.ndarray]) -> np.ndarray:
 
 
 def quantize_row_q8_0(x: np.ndarray) -> np.ndarray:
-    """float32 values (a multiple of 32) -> q8_0 block bytes, identical to ggml's ``quantize_row_q8_0_ref``."""
-    qs, d, _ = _q8_0_parts(np.asarray(x).reshape(-1), reference=True)
-    n_blocks = d.size
-    return _pack_blocks([d.reshape(n_blocks, 1).astype(np.float16).view(np.uint8),
-                         qs.reshape(n_blocks, QK8_0).view(np.uint8)])
+    """float32 values (a multiple of 32) -> q8_0 block bytes, identical to ggml's ``quantize_row_q8_0_ref``: the
+    type table's quantizer (legacy.py), one for both."""
+    return quantize_q8_0(np.asarray(x, np.float32).reshape(-1))
 
 
 def quantize_row_q8_1(x: np.ndarray) -> np.ndarray:
-    """float32 values (a multiple of 32) -> q8_1 block bytes (d, s = d*sum(qs), qs), like ggml's reference."""
-    qs, d, sums = _q8_0_parts(np.asarray(x).reshape(-1), reference=True)
-    n_blocks = d.size
-    return _pack_blocks([d.reshape(n_blocks, 1).astype(np.float16).view(np.uint8),
-                         sums.reshape(n_blocks, 1).astype(np.float16).view(np.uint8),
-                         qs.reshape(n_blocks, QK8_0).view(np.uint8)])
+    """float32 values (a multiple of 32) -> q8_1 block bytes (d, s = d*sum(qs), qs), like ggml's reference (the
+    type table's quantizer, legacy.py)."""
+    return quantize_q8_1(np.asarray(x, np.float32).reshape(-1))
 
 
 def quantize_row_q8_K(x: np.ndarray) -> np.ndarray:
@@ -212,18 +187,13 @@ def quantize_row_q8_K(x: np.ndarray) -> np.ndarray:
 
 def round_rows_to_f16(x: np.ndarray) -> np.ndarray:
     """float32 -> float32 values rounded to half precision (ggml converts activations to f16 for f16 weights)."""
-    return x.astype(np.float16).astype(np.float32)
+    return round_to_f16_inplace(np.array(x, dtype=np.float32, order="C"))
 
 
 def round_rows_to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> float32 values rounded to bfloat16 the way ggml's ``GGML_FP32_TO_BF16`` does (nearest even,
     NaN kept quiet)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = rounded.astype(np.uint32)
-    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    rounded = np.where(is_nan, (bits >> 16) | 64, rounded).astype(np.uint32)
-    return (rounded << 16).view(np.float32)
+    return (float_to_bf16_bits(x).astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(np.shape(x))
 
 
 __all__ = [
@@ -241,7 +211,8 @@ def _round_bits_to_f16(values, bits):
     for i in range(values.size):
         magnitude = abs(values[i])
         if magnitude < np.float32(6.103515625e-05):
-            values[i] = (values[i] + np.float32(0.75)) - np.float32(0.75)
+            # the sign kept: a negative value that rounds to zero is -0.0 in F16C as in numpy
+            values[i] = math.copysign((values[i] + np.float32(0.75)) - np.float32(0.75), values[i])
         elif magnitude >= np.float32(65520.0):
             if magnitude == magnitude:  # keep NaN as it is
                 values[i] = np.float32(np.inf) if values[i] > 0 else np.float32(-np.inf)

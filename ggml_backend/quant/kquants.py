@@ -1,17 +1,10 @@
 """The 256-value "K-quant" super-block formats: q2_K, q3_K, q4_K, q5_K, q6_K, and q8_K (activations only).
 
-Layouts (ggml-common.h, QK_K = 256), halves little-endian:
-  q2_K  scales[16] (low nibble: scale, high: min of each 16 values), qs[64] (2-bit), d, dmin      84 bytes
-  q3_K  hmask[32] (3rd bit), qs[64] (low 2 bits), scales[12] (16 6-bit scales, biased by 32), d  110 bytes
-  q4_K  d, dmin, scales[12] (8 6-bit scales + 8 6-bit mins), qs[128] (4-bit)                     144 bytes
-  q5_K  d, dmin, scales[12], qh[32] (5th bit), qs[128]                                            176 bytes
-  q6_K  ql[128] (low 4 bits), qh[64] (high 2 bits), scales:i8[16], d                              210 bytes
-  q8_K  d:f32, qs:i8[256], bsums:i16[16] (sum of each 16 quants)                                  292 bytes
+Layouts: drawn once in ``blocks.py`` (q2_K 84 bytes, q3_K 110, q4_K 144, q5_K 176, q6_K 210, q8_K 292).
 
-Each type's quantizer sits beside its dequantizer.
-
-Dequantization follows ggml-quants.c dequantize_row_* operation by operation in float32 (scale products first,
-then ``dl * q - ml``, no fused multiply-add), so it equals ggml's reference C and gguf-py bit for bit.
+Dequantization is ``blocks.kquant_to_float`` on ``blocks.unpack_*``: ggml-quants.c dequantize_row_* operation by
+operation in float32 (scale products first, then ``dl * q - ml``, no fused multiply-add), so it equals ggml's
+reference C and gguf-py bit for bit.
 
 Quantization follows quantize_row_*_ref, which is what llama.cpp's quantizer (``llama_model_quantize``) runs when
 no importance matrix is given: ``quantize_q4_K(src, dst, nrow, n_per_row, quant_weights)`` (and q2_K, q3_K, q5_K,
@@ -25,61 +18,21 @@ so memory stays at the output plus a few hundred bytes per thread whatever the t
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .floats import HALF_TO_FLOAT, float_to_half_bits
-from .legacy import _half, _signed_abs_max, read_only
-from .types import register
+from .activations import quantize_row_q8_K
+from .blocks import (
+    in_bands, int8 as _int8, nearest_int as _nearest_int, round_to_f16, scale_min_k4 as _scale_min_k4, scale_q3_K as _scale_q3_K,
+    to_float_function,
+)
+from .floats import float_to_half_bits
+from .legacy import _signed_abs_max
 
 F32 = np.float32
 QK_K = 256
 GROUP_MAX_EPS = F32(1e-15)   # ggml-quants.c: a group whose largest |x| is below this is all zero
-
-
-# ---------------------------------------------------------------- block fields shared by several types
-
-@njit(cache=True, inline="always")
-def _scale_min_k4(j, src, scales_at):
-    """The j-th (0..7) 6-bit scale and min of a q4_K/q5_K block (ggml's get_scale_min_k4)."""
-    if j < 4:
-        sc = np.int32(src[scales_at + j]) & 63
-        m = np.int32(src[scales_at + j + 4]) & 63
-    else:
-        sc = (np.int32(src[scales_at + j + 4]) & 0xF) | ((np.int32(src[scales_at + j - 4]) >> 6) << 4)
-        m = (np.int32(src[scales_at + j + 4]) >> 4) | ((np.int32(src[scales_at + j]) >> 6) << 4)
-    return sc, m
-
-
-@njit(cache=True, inline="always")
-def _int8(byte):
-    v = np.int32(byte)
-    return v - 256 if v >= 128 else v
-
-
-
-@njit(cache=True, inline="always")
-def _scale_q3_K(j, src, scales_at):
-    """The j-th (0..15) signed scale of a q3_K block: 6 bits, low 4 from bytes 0..7 (low nibbles first),
-    high 2 from bytes 8..11, minus 32."""
-    low = (np.int32(src[scales_at + (j % 8)]) >> (4 * (j // 8))) & 0xF
-    high = (np.int32(src[scales_at + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
-    return (low | (high << 4)) - 32
-
-
-
-@njit(cache=True, inline="always")
-def _nearest_int(v):
-    """ggml's nearest_int, the same bit trick: the mantissa field of float32(v + 1.5 * 2**23), less 2**22.
-    That is round half to even for |v| <= 4194303; ggml asserts that range, but release builds compile the assert
-    out and awkward blocks do go beyond it (a value divided by a scale that rounded to a tiny half, or by inf),
-    where the trick wraps: reproducing the trick itself keeps the clamps that follow seeing what llama.cpp's see.
-    A NaN gives 0 (the default NaN's field is 0x400000)."""
-    s = F32(v + F32(12582912.0))
-    return np.int32((s.view(np.int32) & 0x7FFFFF) - 0x400000)
 
 
 @njit(cache=True, inline="always")
@@ -87,21 +40,6 @@ def _wrap_int8(v):
     """C's (int8_t) of an int: the low byte, signed."""
     v = np.int32(v) & 0xFF
     return v - 256 if v >= 128 else v
-
-
-@njit(cache=True, inline="always")
-def _round_to_half(v):
-    """float32 -> nearest half (ties to even) -> float32, as GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v)).
-    The quantizers re-read their own half scales, so they round in the kernel; the bytes of the half are written
-    afterwards by numpy (float_to_half_bits), which rounds identically (tests/test_quant_quantize.py)."""
-    if v == 0 or not np.isfinite(v):
-        return v
-    mantissa, exponent = math.frexp(np.float64(v))           # v = mantissa * 2**exponent, 0.5 <= |m| < 1
-    quantum = 2.0 ** (exponent - 11) if exponent >= -13 else 2.0 ** -24   # normal halves: 11 bits
-    rounded = np.rint(np.float64(v) / quantum) * quantum
-    if abs(rounded) > 65504.0:
-        return F32(np.inf) if rounded > 0 else F32(-np.inf)
-    return F32(rounded)
 
 
 @njit(cache=True, inline="always")
@@ -300,15 +238,6 @@ def _super_blocks(values: np.ndarray) -> np.ndarray:
     return x
 
 
-def _dequantizer(kernel, type_size):
-    def dequantize(data: np.ndarray) -> np.ndarray:
-        out = np.empty(data.size // type_size * QK_K, dtype=np.float32)
-        kernel(read_only(data), HALF_TO_FLOAT, out)
-        return out
-    dequantize.__name__ = f"dequantize_{kernel.__name__.split('_dequantize_')[-1]}"
-    return dequantize
-
-
 def _quantizer(kernel, type_size, half_offsets):
     """Wrap a quantize kernel ``kernel(x, out, halves, first_block, end_block)``: it writes every byte of its
     blocks but the half scales, whose float32 values it leaves in ``halves[block, k]``; they go to the byte
@@ -332,49 +261,10 @@ _BAND_BLOCKS = 256   # super-blocks per task: ~1-10 ms of work, so the pool's ov
 
 
 def _in_bands(kernel, n_blocks, *arrays):
-    """Run ``kernel(*arrays, first, end)`` over blocks [0, n_blocks) on numba.get_num_threads() threads.
-
-    The kernels are serial and release the GIL (nogil), and bands of blocks go to a thread pool: the same speed
-    as a prange kernel, but a serial kernel compiles in well under half the time of a parallel one, and these are
-    the engine's largest kernels (CI compiles them on every fresh clone)."""
-    threads = min(numba.get_num_threads(), -(-n_blocks // _BAND_BLOCKS))
-    if threads <= 1:
-        kernel(*arrays, 0, n_blocks)
-        return
-    bounds = list(range(0, n_blocks, _BAND_BLOCKS)) + [n_blocks]
-    with ThreadPoolExecutor(threads, thread_name_prefix="quantize") as pool:
-        for _ in pool.map(lambda band: kernel(*arrays, band[0], band[1]), zip(bounds[:-1], bounds[1:])):
-            pass
+    in_bands(kernel, n_blocks, _BAND_BLOCKS, *arrays)
 
 
 # ---------------------------------------------------------------- q2_K
-# block (84 bytes):  scales[16]        qs[64]                                  d     dmin
-#                    0 ........ 15     16 ........................... 79      80-81 82-83
-# scales[j] = (4-bit min << 4) | 4-bit scale of values 16j..16j+15;  value = d * scale * q - dmin * min
-# qs: byte 16 + 32h + l holds quants of values 128h + l + {0, 32, 64, 96} at bits {0-1, 2-3, 4-5, 6-7}
-
-@njit(cache=True, parallel=True)
-def _dequantize_q2_K(src, half_to_float, out):
-    for b in prange(src.size // 84):
-        base = b * 84
-        d = _half(src, base + 80, half_to_float)
-        dmin = _half(src, base + 82, half_to_float)
-        o = b * QK_K
-        for half in range(2):           # two halves of 128 values, each using 32 bytes of qs
-            q_at = base + 16 + half * 32
-            for shift_index in range(4):
-                shift = 2 * shift_index
-                for part in range(2):   # 16 values from q[0:16], then 16 from q[16:32]
-                    sc = np.int32(src[base + half * 8 + shift_index * 2 + part])
-                    dl = d * F32(sc & 0xF)
-                    ml = dmin * F32(sc >> 4)
-                    for l in range(16):
-                        q = (np.int32(src[q_at + part * 16 + l]) >> shift) & 3
-                        out[o] = dl * F32(q) - ml
-                        o += 1
-
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_q2_K(x, out, halves, first, end):
     """quantize_row_q2_K_ref: per 16 values an affine 2-bit grid (make_qkx2_quants, |x| weights, least absolute
@@ -417,8 +307,8 @@ def _quantize_q2_K(x, out, halves, first, end):
             dmin = max_min / F32(15.0)
         halves[b, 0] = d
         halves[b, 1] = dmin
-        d = _round_to_half(d)
-        dmin = _round_to_half(dmin)
+        d = round_to_f16(d)
+        dmin = round_to_f16(dmin)
         for j in range(16):
             dl = d * F32(np.int32(out[base + j]) & 0xF)
             if dl == 0:
@@ -429,44 +319,10 @@ def _quantize_q2_K(x, out, halves, first, end):
         _pack_2bit(L, out, base + 16)
 
 
-dequantize_q2_K = _dequantizer(_dequantize_q2_K, 84)
 quantize_q2_K = _quantizer(_quantize_q2_K, 84, (80, 82))
 
 
 # ---------------------------------------------------------------- q3_K
-# block (110 bytes): hmask[32]      qs[64]                scales[12]          d
-#                    0 ...... 31    32 ............ 95    96 ........ 107     108-109
-# value = d * (scale - 32) * (q - 4), q = 2 low bits from qs (packed as q2_K's) | 3rd bit from hmask:
-#   hmask byte k, bit m = 3rd bit of value 32m + k
-# scales: 16 6-bit values; low 4 bits of scale j in byte j % 8 (j < 8: low nibble, else high),
-#   top 2 bits in byte 8 + j % 4 at bits 2 * (j // 4)
-
-@njit(cache=True, parallel=True)
-def _dequantize_q3_K(src, half_to_float, out):
-    for b in prange(src.size // 110):
-        base = b * 110
-        d_all = _half(src, base + 108, half_to_float)
-        o = b * QK_K
-        scale_index = 0
-        mask = 1                        # hmask bit of the current 32 values: one bit per 2-bit plane
-        for half in range(2):
-            q_at = base + 32 + half * 32
-            for shift_index in range(4):
-                shift = 2 * shift_index
-                for part in range(2):
-                    dl = d_all * F32(_scale_q3_K(scale_index, src, base + 96))
-                    scale_index += 1
-                    for l in range(16):
-                        k = part * 16 + l
-                        q = (np.int32(src[q_at + k]) >> shift) & 3
-                        if (np.int32(src[base + k]) & mask) == 0:
-                            q -= 4
-                        out[o] = dl * F32(q)
-                        o += 1
-                mask <<= 1
-
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_q3_K(x, out, halves, first, end):
     """quantize_row_q3_K_ref: per 16 values a symmetric 3-bit grid (make_q3_quants), the 16 signed scales
@@ -500,7 +356,7 @@ def _quantize_q3_K(x, out, halves, first, end):
                 out[sc_at + 8 + j % 4] = np.uint8(out[sc_at + 8 + j % 4] | (l << (2 * (j // 4))))
             d = F32(1.0) / iscale
         halves[b, 0] = d
-        d = _round_to_half(d)
+        d = round_to_f16(d)
         for j in range(16):
             dl = d * F32(_scale_q3_K(j, out, sc_at))
             if dl == 0:
@@ -514,38 +370,10 @@ def _quantize_q3_K(x, out, halves, first, end):
         _pack_2bit(L, out, base + 32)
 
 
-dequantize_q3_K = _dequantizer(_dequantize_q3_K, 110)
 quantize_q3_K = _quantizer(_quantize_q3_K, 110, (108,))
 
 
 # ---------------------------------------------------------------- q4_K
-# block (144 bytes): d     dmin   scales[12]     qs[128]
-#                    0-1   2-3    4 ...... 15    16 ............................ 143
-# 8 groups of 32 values, each a 6-bit scale and 6-bit min (scales[12] as _pack_scales_k4 draws it);
-# value = d * scale * q - dmin * min;  qs byte 16 + 32p + l: low nibble value 64p + l, high nibble 64p + 32 + l
-
-@njit(cache=True, parallel=True)
-def _dequantize_q4_K(src, half_to_float, out):
-    for b in prange(src.size // 144):
-        base = b * 144
-        d = _half(src, base, half_to_float)
-        dmin = _half(src, base + 2, half_to_float)
-        o = b * QK_K
-        for pair in range(4):           # 64 values: 32 low nibbles, then 32 high nibbles of the same bytes
-            q_at = base + 16 + pair * 32
-            sc, m = _scale_min_k4(2 * pair, src, base + 4)
-            d1 = d * F32(sc)
-            m1 = dmin * F32(m)
-            sc, m = _scale_min_k4(2 * pair + 1, src, base + 4)
-            d2 = d * F32(sc)
-            m2 = dmin * F32(m)
-            for l in range(32):
-                out[o + l] = d1 * F32(np.int32(src[q_at + l]) & 0xF) - m1
-                out[o + 32 + l] = d2 * F32(np.int32(src[q_at + l]) >> 4) - m2
-            o += 64
-
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_qK_affine(x, start, base, nmax, rmin, nstep, out, halves, b, L, Laux, weights, scales, mins):
     """The part quantize_row_q4_K_ref and quantize_row_q5_K_ref share: per 32 values an affine grid of nmax + 1
@@ -578,8 +406,8 @@ def _quantize_qK_affine(x, start, base, nmax, rmin, nstep, out, halves, b, L, La
     dmin = max_min / F32(63.0)
     halves[b, 0] = d
     halves[b, 1] = dmin
-    d = _round_to_half(d)
-    dmin = _round_to_half(dmin)
+    d = round_to_f16(d)
+    dmin = round_to_f16(dmin)
     for j in range(8):
         sc, m = _scale_min_k4(j, out, base + 4)
         dl = d * F32(sc)
@@ -607,44 +435,10 @@ def _quantize_q4_K(x, out, halves, first, end):
                 out[base + 16 + 32 * p + l] = np.uint8(L[64 * p + l] | (L[64 * p + 32 + l] << 4))
 
 
-dequantize_q4_K = _dequantizer(_dequantize_q4_K, 144)
 quantize_q4_K = _quantizer(_quantize_q4_K, 144, (0, 2))
 
 
 # ---------------------------------------------------------------- q5_K
-# block (176 bytes): d     dmin   scales[12]    qh[32]        qs[128]
-#                    0-1   2-3    4 ..... 15    16 ..... 47   48 ........................ 175
-# as q4_K with 5-bit quants: the low 4 bits in qs (q4_K's nibble order), the 5th bit of value 64p + l in bit 2p
-# of qh[l] and of value 64p + 32 + l in bit 2p + 1
-
-@njit(cache=True, parallel=True)
-def _dequantize_q5_K(src, half_to_float, out):
-    for b in prange(src.size // 176):
-        base = b * 176
-        d = _half(src, base, half_to_float)
-        dmin = _half(src, base + 2, half_to_float)
-        qh_at = base + 16
-        o = b * QK_K
-        for pair in range(4):
-            q_at = base + 48 + pair * 32
-            sc, m = _scale_min_k4(2 * pair, src, base + 4)
-            d1 = d * F32(sc)
-            m1 = dmin * F32(m)
-            sc, m = _scale_min_k4(2 * pair + 1, src, base + 4)
-            d2 = d * F32(sc)
-            m2 = dmin * F32(m)
-            bit1 = 2 * pair
-            bit2 = 2 * pair + 1
-            for l in range(32):
-                qh = np.int32(src[qh_at + l])
-                q1 = (np.int32(src[q_at + l]) & 0xF) + (((qh >> bit1) & 1) << 4)
-                q2 = (np.int32(src[q_at + l]) >> 4) + (((qh >> bit2) & 1) << 4)
-                out[o + l] = d1 * F32(q1) - m1
-                out[o + 32 + l] = d2 * F32(q2) - m2
-            o += 64
-
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_q5_K(x, out, halves, first, end):
     """quantize_row_q5_K_ref (make_qkx2_quants with nmax 31, rmin -0.5, rdelta 0.1, 15 steps)."""
@@ -674,43 +468,10 @@ def _quantize_q5_K(x, out, halves, first, end):
                 out[base + 48 + 32 * p + l] = np.uint8(q1 | (q2 << 4))
 
 
-dequantize_q5_K = _dequantizer(_dequantize_q5_K, 176)
 quantize_q5_K = _quantizer(_quantize_q5_K, 176, (0, 2))
 
 
 # ---------------------------------------------------------------- q6_K
-# block (210 bytes): ql[128]                 qh[64]              scales:i8[16]    d
-#                    0 ............ 127      128 ....... 191     192 ..... 207    208-209
-# value = d * scale[v // 16] * (q - 32); per half h (128 values): ql byte 64h + l holds the low 4 bits of
-# values 128h + l (low nibble) and + 64 (high), byte 64h + 32 + l those of + 32 and + 96; qh byte 32h + l holds
-# the top 2 bits of values 128h + l + {0, 32, 64, 96} at bits {0-1, 2-3, 4-5, 6-7}
-
-@njit(cache=True, parallel=True)
-def _dequantize_q6_K(src, half_to_float, out):
-    for b in prange(src.size // 210):
-        base = b * 210
-        d = _half(src, base + 208, half_to_float)
-        for half in range(2):
-            ql_at = base + half * 64
-            qh_at = base + 128 + half * 32
-            sc_at = base + 192 + half * 8
-            o = b * QK_K + half * 128
-            for l in range(32):
-                is_ = l // 16
-                low0 = np.int32(src[ql_at + l])
-                low1 = np.int32(src[ql_at + l + 32])
-                qh = np.int32(src[qh_at + l])
-                q1 = ((low0 & 0xF) | (((qh >> 0) & 3) << 4)) - 32
-                q2 = ((low1 & 0xF) | (((qh >> 2) & 3) << 4)) - 32
-                q3 = ((low0 >> 4) | (((qh >> 4) & 3) << 4)) - 32
-                q4 = ((low1 >> 4) | (((qh >> 6) & 3) << 4)) - 32
-                out[o + l] = d * F32(_int8(src[sc_at + is_])) * F32(q1)
-                out[o + l + 32] = d * F32(_int8(src[sc_at + is_ + 2])) * F32(q2)
-                out[o + l + 64] = d * F32(_int8(src[sc_at + is_ + 4])) * F32(q3)
-                out[o + l + 96] = d * F32(_int8(src[sc_at + is_ + 6])) * F32(q4)
-
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_q6_K(x, out, halves, first, end):
     """quantize_row_q6_K_ref: per 16 values a symmetric 6-bit grid (make_qx_quants), the 16 signed scales
@@ -735,7 +496,7 @@ def _quantize_q6_K(x, out, halves, first, end):
             continue                    # an all-zero block: every byte 0 (d = +0)
         iscale = F32(-128.0) / max_scale
         halves[b, 0] = F32(1.0) / iscale
-        d_half = _round_to_half(F32(1.0) / iscale)
+        d_half = round_to_f16(F32(1.0) / iscale)
         for ib in range(16):
             out[base + 192 + ib] = np.uint8(min(127, _nearest_int(iscale * sub_scales[ib])) & 0xFF)
             d = d_half * F32(_int8(out[base + 192 + ib]))
@@ -753,77 +514,23 @@ def _quantize_q6_K(x, out, halves, first, end):
                                                            | ((L[j + l + 96] >> 4) << 6))
 
 
-dequantize_q6_K = _dequantizer(_dequantize_q6_K, 210)
 quantize_q6_K = _quantizer(_quantize_q6_K, 210, (208,))
 
 
 # ---------------------------------------------------------------- q8_K (activations of dot products)
-# block (292 bytes): d:f32 (0-3), qs:i8[256] (4-259), bsums:i16[16] (260-291)
+# Its reference quantizer is activations.quantize_row_q8_K (the one the matrix products use too).
 
 Q8_K_BLOCK = np.dtype([("d", "<f4"), ("qs", "i1", (QK_K,)), ("bsums", "<i2", (QK_K // 16,))])
 assert Q8_K_BLOCK.itemsize == 292
+quantize_q8_K = quantize_row_q8_K
 
 
-@njit(cache=True, parallel=True)
-def _dequantize_q8_K(src, scales, out):
-    for b in prange(src.size // 292):
-        d = scales[b]
-        for j in range(QK_K):
-            out[b * QK_K + j] = d * F32(_int8(src[b * 292 + 4 + j]))
+# ---------------------------------------------------------------- dequantization (the type table's to_float)
+# Built on blocks.unpack_* (layouts drawn there).
 
-
-def dequantize_q8_K(data: np.ndarray) -> np.ndarray:
-    nb = data.size // 292
-    out = np.empty(nb * QK_K, dtype=np.float32)
-    scales = data.reshape(nb, 292)[:, :4].copy().view("<f4").reshape(nb)  # the f32 d of each block
-    _dequantize_q8_K(read_only(data), scales, out)
-    return out
-
-
-@njit(cache=True, parallel=True)
-def _quantize_q8_K(x, scales, qs, bsums):
-    for b in prange(x.size // QK_K):
-        start = b * QK_K
-        vmax = _signed_abs_max(x, start, QK_K)
-        amax = abs(vmax)
-        if amax == 0:
-            scales[b] = 0
-            for j in range(QK_K):
-                qs[b, j] = 0
-            for j in range(QK_K // 16):
-                bsums[b, j] = 0   # ggml leaves these unwritten; zero is their true value
-            continue
-        iscale = F32(-127.0) / vmax
-        for j in range(QK_K):
-            qs[b, j] = min(127, _nearest_int(iscale * x[start + j]))
-        for j in range(QK_K // 16):
-            total = 0
-            for i in range(16):
-                total += qs[b, j * 16 + i]
-            bsums[b, j] = total
-        scales[b] = F32(1.0) / iscale
-
-
-def quantize_q8_K(values: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    if x.size % QK_K:
-        raise ValueError(f"{x.size} values are not a whole number of q8_K blocks of {QK_K}")
-    nb = x.size // QK_K
-    blocks = np.empty(nb, dtype=Q8_K_BLOCK)
-    scales = np.empty(nb, np.float32)
-    qs = np.empty((nb, QK_K), np.int8)
-    bsums = np.empty((nb, QK_K // 16), np.int16)
-    _quantize_q8_K(x, scales, qs, bsums)
-    blocks["d"] = scales
-    blocks["qs"] = qs
-    blocks["bsums"] = bsums
-    return blocks.view(np.uint8).reshape(-1)
-
-
-
-register("q2_K", dequantize=dequantize_q2_K, quantize=quantize_q2_K)
-register("q3_K", dequantize=dequantize_q3_K, quantize=quantize_q3_K)
-register("q4_K", dequantize=dequantize_q4_K, quantize=quantize_q4_K)
-register("q5_K", dequantize=dequantize_q5_K, quantize=quantize_q5_K)
-register("q6_K", dequantize=dequantize_q6_K, quantize=quantize_q6_K)
-register("q8_K", dequantize=dequantize_q8_K, quantize=quantize_q8_K)
+dequantize_q2_K = to_float_function("q2_K")
+dequantize_q3_K = to_float_function("q3_K")
+dequantize_q4_K = to_float_function("q4_K")
+dequantize_q5_K = to_float_function("q5_K")
+dequantize_q6_K = to_float_function("q6_K")
+dequantize_q8_K = to_float_function("q8_K")

@@ -1,13 +1,6 @@
 """The 32-value block formats: q4_0, q4_1, q5_0, q5_1, q8_0, q8_1.
 
-Layouts (ggml-common.h), little-endian, ``d``/``m``/``s`` are IEEE halves:
-  q4_0  d, qs[16]            value j = (nibble_j - 8) * d
-  q4_1  d, m, qs[16]         value j = nibble_j * d + m
-  q5_0  d, qh:u32, qs[16]    value j = ((nibble_j | bit_j(qh) << 4) - 16) * d
-  q5_1  d, m, qh:u32, qs[16] value j = (nibble_j | bit_j(qh) << 4) * d + m
-  q8_0  d, qs:i8[32]         value j = qs[j] * d
-  q8_1  d, s, qs:i8[32]      value j = qs[j] * d   (s = d * sum(qs), for dot products)
-Nibbles: byte j (0..15) holds value j in its low half and value j + 16 in its high half.
+Layouts: drawn once in ``blocks.py``, whose ``unpack_*`` decoders the dequantizers here are built on.
 
 Dequantization does ggml's float operations in ggml's order (dequantize_row_*), in float32 and without fused
 multiply-adds, so results equal ggml's reference C (and gguf-py) bit for bit. Quantization follows
@@ -21,141 +14,21 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .floats import HALF_TO_FLOAT, float_to_half_bits
-from .types import register
+from .blocks import to_float_function
+from .floats import float_to_half_bits
 
 F32 = np.float32
 
 
-@njit(cache=True, inline="always")
-def _half(src, offset, half_to_float):
-    """The float32 value of the little-endian half at src[offset:offset+2]."""
-    return half_to_float[np.int64(src[offset]) | (np.int64(src[offset + 1]) << 8)]
+# ---------------------------------------------------------------- dequantization (the type table's to_float)
+# (uint8[n_bytes] whole blocks) -> float32[n_values], built on blocks.unpack_*.
 
-
-@njit(cache=True, inline="always")
-def _u32(src, offset):
-    return (np.uint32(src[offset]) | (np.uint32(src[offset + 1]) << np.uint32(8))
-            | (np.uint32(src[offset + 2]) << np.uint32(16)) | (np.uint32(src[offset + 3]) << np.uint32(24)))
-
-
-def read_only(data: np.ndarray) -> np.ndarray:
-    """A read-only view of ``data`` (no copy). Kernels always get read-only sources, so numba compiles one
-    specialization per kernel instead of one for file mappings and another for writable arrays."""
-    if not data.flags.writeable:
-        return data
-    view = data.view()
-    view.flags.writeable = False
-    return view
-
-
-# ---------------------------------------------------------------- dequantization kernels
-# Each takes the raw bytes (a whole number of blocks, checked by the caller), the half table and the output.
-
-@njit(cache=True, parallel=True)
-def _dequantize_q4_0(src, half_to_float, out):
-    for b in prange(src.size // 18):
-        base = b * 18
-        d = _half(src, base, half_to_float)
-        o = b * 32
-        for j in range(16):
-            byte = np.int32(src[base + 2 + j])
-            out[o + j] = F32((byte & 0xF) - 8) * d
-            out[o + j + 16] = F32((byte >> 4) - 8) * d
-
-
-@njit(cache=True, parallel=True)
-def _dequantize_q4_1(src, half_to_float, out):
-    for b in prange(src.size // 20):
-        base = b * 20
-        d = _half(src, base, half_to_float)
-        m = _half(src, base + 2, half_to_float)
-        o = b * 32
-        for j in range(16):
-            byte = np.int32(src[base + 4 + j])
-            out[o + j] = F32(byte & 0xF) * d + m
-            out[o + j + 16] = F32(byte >> 4) * d + m
-
-
-@njit(cache=True, parallel=True)
-def _dequantize_q5_0(src, half_to_float, out):
-    for b in prange(src.size // 22):
-        base = b * 22
-        d = _half(src, base, half_to_float)
-        qh = _u32(src, base + 2)
-        o = b * 32
-        for j in range(16):
-            byte = np.int32(src[base + 6 + j])
-            high0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
-            high1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
-            out[o + j] = F32(((byte & 0xF) | high0) - 16) * d
-            out[o + j + 16] = F32(((byte >> 4) | high1) - 16) * d
-
-
-@njit(cache=True, parallel=True)
-def _dequantize_q5_1(src, half_to_float, out):
-    for b in prange(src.size // 24):
-        base = b * 24
-        d = _half(src, base, half_to_float)
-        m = _half(src, base + 2, half_to_float)
-        qh = _u32(src, base + 4)
-        o = b * 32
-        for j in range(16):
-            byte = np.int32(src[base + 8 + j])
-            high0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
-            high1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
-            out[o + j] = F32((byte & 0xF) | high0) * d + m
-            out[o + j + 16] = F32((byte >> 4) | high1) * d + m
-
-
-@njit(cache=True, parallel=True)
-def _dequantize_q8(src, block_bytes, quants_offset, half_to_float, out):
-    """q8_0 (quants at byte 2 of 34) and q8_1 (at byte 4 of 36; its s is not needed to dequantize)."""
-    for b in prange(src.size // block_bytes):
-        base = b * block_bytes
-        d = _half(src, base, half_to_float)
-        o = b * 32
-        for j in range(32):
-            q = np.int32(src[base + quants_offset + j])
-            if q >= 128:
-                q -= 256
-            out[o + j] = F32(q) * d
-
-
-def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
-    out = np.empty(data.size // 18 * 32, dtype=np.float32)
-    _dequantize_q4_0(read_only(data), HALF_TO_FLOAT, out)
-    return out
-
-
-def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
-    out = np.empty(data.size // 20 * 32, dtype=np.float32)
-    _dequantize_q4_1(read_only(data), HALF_TO_FLOAT, out)
-    return out
-
-
-def dequantize_q5_0(data: np.ndarray) -> np.ndarray:
-    out = np.empty(data.size // 22 * 32, dtype=np.float32)
-    _dequantize_q5_0(read_only(data), HALF_TO_FLOAT, out)
-    return out
-
-
-def dequantize_q5_1(data: np.ndarray) -> np.ndarray:
-    out = np.empty(data.size // 24 * 32, dtype=np.float32)
-    _dequantize_q5_1(read_only(data), HALF_TO_FLOAT, out)
-    return out
-
-
-def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
-    out = np.empty(data.size // 34 * 32, dtype=np.float32)
-    _dequantize_q8(read_only(data), 34, 2, HALF_TO_FLOAT, out)
-    return out
-
-
-def dequantize_q8_1(data: np.ndarray) -> np.ndarray:
-    out = np.empty(data.size // 36 * 32, dtype=np.float32)
-    _dequantize_q8(read_only(data), 36, 4, HALF_TO_FLOAT, out)
-    return out
+dequantize_q4_0 = to_float_function("q4_0")
+dequantize_q4_1 = to_float_function("q4_1")
+dequantize_q5_0 = to_float_function("q5_0")
+dequantize_q5_1 = to_float_function("q5_1")
+dequantize_q8_0 = to_float_function("q8_0")
+dequantize_q8_1 = to_float_function("q8_1")
 
 
 # ---------------------------------------------------------------- quantization kernels
@@ -379,9 +252,3 @@ def quantize_q8_1(values: np.ndarray) -> np.ndarray:
     return _quantize_q8_blocks(values, with_sum=True)
 
 
-register("q4_0", dequantize=dequantize_q4_0, quantize=quantize_q4_0)
-register("q4_1", dequantize=dequantize_q4_1, quantize=quantize_q4_1)
-register("q5_0", dequantize=dequantize_q5_0, quantize=quantize_q5_0)
-register("q5_1", dequantize=dequantize_q5_1, quantize=quantize_q5_1)
-register("q8_0", dequantize=dequantize_q8_0, quantize=quantize_q8_0)
-register("q8_1", dequantize=dequantize_q8_1, quantize=quantize_q8_1)

@@ -10,17 +10,19 @@ bf16; f32 weights meet float32 activations.
 
 Two ways to compute the same product:
 
-* ``"int"``: integer kernels. On a CPU with AVX2 they are the explicit-SIMD kernels of ``decode.py`` on its
+* ``"int"``: integer kernels, the ones the weight type's row names (``types.py``: ``one_token`` for one activation
+  row, ``few_tokens`` for more). On a CPU with AVX2 they are the explicit-SIMD kernels of ``decode.py`` on its
   instruction set (``KERNEL_ISA``: VNNI or AVX2): one activation row (decode, memory-bound: every weight byte is
   read once per token) or a few (tiles of tokens that unpack each weight block once, each (row, token) result
-  bit for bit the one-token kernel's), several matrices sharing the input in one launch (``matmul_many``). CPUs without AVX2 (or ``GGML_BACKEND_KERNELS=generic``) run the plain numba kernels
-  below, which unpack each weight block once into a small int16 buffer and dot it with every activation row.
-  Rows of W are split into equal chunks, one numba ``prange`` iteration each, so any thread count gets equal work.
-* ``"blas"``: dequantize a band of W rows to float32 (``decode.dequantize_rows`` on a SIMD CPU, bit-exact to the
-  type table) and hand it to numpy's sgemm.
-  Its numerics differ (the activations are not quantized) but it is much faster when many tokens share each
+  bit for bit the one-token kernel's), several matrices sharing the input in one launch (``matmul_many``). CPUs
+  without AVX2 (or ``GGML_BACKEND_KERNELS=generic``) run the plain numba kernels of ``generic.py``.
+* ``"blas"``: dequantize a band of W rows to float32 (``decode.dequantize_rows`` on a SIMD CPU, the type table's
+  ``to_float`` elsewhere: the same floats) and hand it to numpy's sgemm. f32 / f16 / bf16 weights always take
+  it. Its numerics differ (the activations are not quantized) but it is much faster when many tokens share each
   weight (prompt processing). ``method="auto"`` picks it from ``BLAS_MIN_TOKENS`` tokens on.
 
+This module is validation, dispatch (asking the type's row), the fused launch plans of ``matmul_many`` and the
+BLAS path; attention is not here (``model/attention.py``, numba kernels of its own).
 Every size a kernel relies on is checked here, in Python, before the kernel runs.
 """
 from __future__ import annotations
@@ -33,19 +35,15 @@ from typing import Sequence
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from .activations import (
     quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
     round_rows_to_bf16, round_rows_to_f16,
 )
-from .decode import KINDS, matmul_few, matvec
+from .decode import KINDS, matmul_few, matvec  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
 from .simd import choose_isa
-from .types import QuantType, get_type
+from .types import TYPES, QuantType, get_type
 
 
 class MatmulShapeError(ValueError):
@@ -63,9 +61,6 @@ _SGEMM_MIN_WORK = 1 << 21   # M*N*K of every sgemm of the BLAS path (see _blas_p
 # (256 rows x 4864 values = 5 MB at most for the models we run) but big enough for sgemm to be efficient.
 BLAS_BAND_ROWS = 256
 
-# ggml half-precision bits -> float32, for reading block scales inside the kernels.
-F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
 # The SIMD instruction set of the one-token kernels (simd.py): the best this CPU has, GGML_BACKEND_KERNELS to force
 # one (avx512vnni, avx2) or the plain numba kernels (generic). None: the plain kernels.
 try:
@@ -79,792 +74,8 @@ def _check_kernel_choice() -> None:
     if _KERNEL_CHOICE_ERROR is not None:
         raise ValueError(_KERNEL_CHOICE_ERROR)
 
-# Kernel selectors (one compiled kernel per family, a branch per block picks the layout).
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 4
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 0, 1, 2, 3, 4
-_LEGACY_KINDS = {"q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "q8_0": Q8_0}
-_KQUANT_KINDS = {"q2_K": Q2_K, "q3_K": Q3_K, "q4_K": Q4_K, "q5_K": Q5_K, "q6_K": Q6_K}
-SUPPORTED_TYPES = ("f32", "f16", "bf16", *_LEGACY_KINDS, *_KQUANT_KINDS)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Block unpacking: one block of a weight row -> int16 quant values (+ scales). Shared by the dot kernels and the
-# dequantizers of the BLAS path so that both read the formats the same way.
-# ----------------------------------------------------------------------------------------------------------------
-
-@njit(cache=True, inline="always")
-def _f16(row, offset, f16_table):
-    return f16_table[np.int32(row[offset]) | (np.int32(row[offset + 1]) << 8)]
-
-
-@njit(cache=True, inline="always")
-def _f16_signed(block, offset, f16_table):
-    """The f16 at block[offset:offset+2] of an int8 view, as float32."""
-    return f16_table[np.int32(np.uint8(block[offset])) | (np.int32(np.uint8(block[offset + 1])) << 8)]
-
-
-@njit(cache=True, inline="always")
-def _rows_per_chunk(n_rows, n_chunks):
-    """Rows per parallel chunk: equal shares rounded up to a multiple of 4 (the row group of the decode kernels)."""
-    per_chunk = (n_rows + n_chunks - 1) // n_chunks
-    return (per_chunk + 3) // 4 * 4
-
-
-@intrinsic
-def _prefetch(typingctx, array, index):
-    """A hint (LLVM ``llvm.prefetch``, read, into all cache levels) that ``array[index]`` of a 1-D array will be
-    read soon. It changes no result and cannot fault."""
-    signature = types.void(array, index)
-
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        byte_pointer = ir.IntType(8).as_pointer()
-        int32 = ir.IntType(32)
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0i8")
-        address = builder.bitcast(builder.gep(data, [args[1]]), byte_pointer)
-        builder.call(function, [address, int32(0), int32(3), int32(1)])
-        return context.get_dummy_value()
-
-    return signature, codegen
-
-
-@njit(cache=True, inline="always")
-def _prefetch_bytes(flat, start, n_bytes):
-    """Prefetch ``flat[start:start + n_bytes]`` (a 1-D byte array), one hint per 64-byte cache line, clipped to the
-    array. The decode kernels ask this way for the rows they will read a few row groups later: streamed from
-    memory without it they ran at half the speed they reach on cached weights (benchmarks/README.md)."""
-    last = flat.size - 1
-    for offset in range(0, n_bytes, 64):
-        _prefetch(flat, min(last, start + offset))
-
-
-# Rows ahead of the current row group whose bytes the decode kernels prefetch.
-PREFETCH_ROWS_AHEAD_4 = 8   # four-row kernels (q5_0, q8_0): two groups ahead
-PREFETCH_ROWS_AHEAD_2 = 4   # two-row kernels (q4_K, q6_K): two groups ahead
-
-
-@njit(cache=True, inline="always")
-def _unpack_legacy(kind, row, signed_row, block, q, f16_table):
-    """Unpack block ``block`` of a legacy-quant row into ``q`` (32 int16). Returns (d, m): value = d*q + m."""
-    if kind == Q4_0:
-        o = block * 18
-        for j in range(16):
-            byte = np.int16(row[o + 2 + j])
-            q[j] = (byte & 15) - 8
-            q[j + 16] = (byte >> 4) - 8
-        return _f16(row, o, f16_table), np.float32(0.0)
-    if kind == Q4_1:
-        o = block * 20
-        for j in range(16):
-            byte = np.int16(row[o + 4 + j])
-            q[j] = byte & 15
-            q[j + 16] = byte >> 4
-        return _f16(row, o, f16_table), _f16(row, o + 2, f16_table)
-    if kind == Q5_0 or kind == Q5_1:
-        o = block * 22 if kind == Q5_0 else block * 24
-        h = o + 2 if kind == Q5_0 else o + 4
-        high_bits = (np.uint32(row[h]) | (np.uint32(row[h + 1]) << 8) | (np.uint32(row[h + 2]) << 16)
-                     | (np.uint32(row[h + 3]) << 24))
-        offset = 16 if kind == Q5_0 else 0
-        for j in range(16):
-            byte = np.int16(row[h + 4 + j])
-            q[j] = ((byte & 15) | np.int16(((high_bits >> j) & 1) << 4)) - offset
-            q[j + 16] = ((byte >> 4) | np.int16(((high_bits >> (j + 16)) & 1) << 4)) - offset
-        if kind == Q5_0:
-            return _f16(row, o, f16_table), np.float32(0.0)
-        return _f16(row, o, f16_table), _f16(row, o + 2, f16_table)
-    # Q8_0
-    o = block * 34
-    for j in range(32):
-        q[j] = signed_row[o + 2 + j]
-    return _f16(row, o, f16_table), np.float32(0.0)
-
-
-@njit(cache=True, inline="always")
-def _scale_min_k4(j, row, s):
-    """The 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes at row[s:s+12] (q4_K, q5_K)."""
-    if j < 4:
-        return np.int32(row[s + j]) & 63, np.int32(row[s + j + 4]) & 63
-    scale = (np.int32(row[s + j + 4]) & 15) | ((np.int32(row[s + j - 4]) >> 6) << 4)
-    minimum = (np.int32(row[s + j + 4]) >> 4) | ((np.int32(row[s + j]) >> 6) << 4)
-    return scale, minimum
-
-
-@njit(cache=True, inline="always")
-def _unpack_kquant(kind, row, signed_row, block, q, scales, mins, f16_table):
-    """Unpack super-block ``block`` of a K-quant row: ``q`` (256 int16), ``scales`` / ``mins`` (16 int32, one per
-    16 values). Returns (d, dmin): value_i = d * scales[i//16] * q_i - dmin * mins[i//16]."""
-    if kind == Q4_K or kind == Q5_K:
-        o = block * (144 if kind == Q4_K else 176)
-        for j in range(8):
-            scale, minimum = _scale_min_k4(j, row, o + 4)
-            scales[2 * j] = scale
-            scales[2 * j + 1] = scale
-            mins[2 * j] = minimum
-            mins[2 * j + 1] = minimum
-        if kind == Q4_K:
-            for c in range(4):
-                for l in range(32):
-                    byte = np.int16(row[o + 16 + 32 * c + l])
-                    q[64 * c + l] = byte & 15
-                    q[64 * c + 32 + l] = byte >> 4
-        else:
-            for c in range(4):
-                for l in range(32):
-                    byte = np.int16(row[o + 48 + 32 * c + l])
-                    high = np.int16(row[o + 16 + l])
-                    q[64 * c + l] = (byte & 15) | (((high >> (2 * c)) & 1) << 4)
-                    q[64 * c + 32 + l] = (byte >> 4) | (((high >> (2 * c + 1)) & 1) << 4)
-        return _f16(row, o, f16_table), _f16(row, o + 2, f16_table)
-    if kind == Q6_K:
-        o = block * 210
-        for j in range(16):
-            scales[j] = signed_row[o + 192 + j]
-            mins[j] = 0
-        for n in range(2):
-            for l in range(32):
-                low_a = np.int16(row[o + 64 * n + l])
-                low_b = np.int16(row[o + 64 * n + 32 + l])
-                high = np.int16(row[o + 128 + 32 * n + l])
-                q[128 * n + l] = ((low_a & 15) | ((high & 3) << 4)) - 32
-                q[128 * n + 32 + l] = ((low_b & 15) | (((high >> 2) & 3) << 4)) - 32
-                q[128 * n + 64 + l] = ((low_a >> 4) | (((high >> 4) & 3) << 4)) - 32
-                q[128 * n + 96 + l] = ((low_b >> 4) | (((high >> 6) & 3) << 4)) - 32
-        return _f16(row, o + 208, f16_table), np.float32(0.0)
-    if kind == Q3_K:
-        o = block * 110
-        s = o + 96
-        for j in range(16):
-            low = (np.int32(row[s + j]) & 15) if j < 8 else (np.int32(row[s + j - 8]) >> 4)
-            high = (np.int32(row[s + 8 + (j % 4)]) >> (2 * (j // 4))) & 3
-            scales[j] = (low | (high << 4)) - 32
-            mins[j] = 0
-        for n in range(2):
-            for j in range(4):
-                for l in range(32):
-                    bits = (np.int16(row[o + 32 + 32 * n + l]) >> (2 * j)) & 3
-                    has_high = (np.int16(row[o + l]) >> (4 * n + j)) & 1
-                    q[128 * n + 32 * j + l] = bits - 4 + 4 * has_high
-        return _f16(row, o + 108, f16_table), np.float32(0.0)
-    # Q2_K
-    o = block * 84
-    for j in range(16):
-        packed = np.int32(row[o + j])
-        scales[j] = packed & 15
-        mins[j] = packed >> 4
-    for n in range(2):
-        for j in range(4):
-            for l in range(32):
-                q[128 * n + 32 * j + l] = (np.int16(row[o + 16 + 32 * n + l]) >> (2 * j)) & 3
-    return _f16(row, o + 80, f16_table), _f16(row, o + 82, f16_table)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Integer kernels
-# ----------------------------------------------------------------------------------------------------------------
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _matmul_legacy(kind, w, w_signed, xq, xd, xs, out, n_chunks, f16_table):
-    """out[t, r] = sum over blocks b of d_w * d_x * (q_w . q_x) (+ m_w * s_x for q4_1 / q5_1).
-
-    Like ggml's AVX code, the float accumulation runs in 16 lanes (lane j gets the products of values j and
-    j + 16 of every block), summed once per row: no horizontal reduction per block."""
-    n_rows = w.shape[0]
-    n_tokens, k = xq.shape
-    n_blocks = k // 32
-    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
-    has_min = kind == Q4_1 or kind == Q5_1
-    for chunk in prange(n_chunks):
-        first = chunk * rows_per_chunk
-        last = min(n_rows, first + rows_per_chunk)
-        q = np.empty(32, np.int16)
-        lanes = np.zeros((n_tokens, 16), np.float32)
-        acc_min = np.zeros(n_tokens, np.float32)
-        for r in range(first, last):
-            row = w[r]
-            signed_row = w_signed[r]
-            lanes[:] = 0.0
-            acc_min[:] = 0.0
-            for b in range(n_blocks):
-                d, m = _unpack_legacy(kind, row, signed_row, b, q, f16_table)
-                base = b * 32
-                for t in range(n_tokens):
-                    scale = d * xd[t, b]
-                    for j in range(16):
-                        lanes[t, j] += scale * np.float32(np.int32(q[j]) * np.int32(xq[t, base + j])
-                                                          + np.int32(q[j + 16]) * np.int32(xq[t, base + 16 + j]))
-                if has_min:
-                    for t in range(n_tokens):
-                        acc_min[t] += m * xs[t, b]
-            for t in range(n_tokens):
-                out[t, r] = lanes[t].sum() + acc_min[t]
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _matmul_kquant(kind, w, w_signed, xq, xd, xbsums, out, n_chunks, f16_table):
-    """out[t, r] = sum over super-blocks of d_x * (d_w * sum_j scale_j (q_w . q_x)_j - dmin_w * sum_j min_j bsum_j).
-
-    The scaled integer products of a super-block are summed exactly in 16 int32 lanes, converted once per
-    super-block and accumulated in 16 float lanes (as ggml's AVX code does), summed once per row."""
-    n_rows = w.shape[0]
-    n_tokens, k = xq.shape
-    n_blocks = k // 256
-    rows_per_chunk = (n_rows + n_chunks - 1) // n_chunks
-    has_mins = kind == Q2_K or kind == Q4_K or kind == Q5_K
-    for chunk in prange(n_chunks):
-        first = chunk * rows_per_chunk
-        last = min(n_rows, first + rows_per_chunk)
-        q = np.empty(256, np.int16)
-        scales = np.empty(16, np.int32)
-        mins = np.empty(16, np.int32)
-        int_lanes = np.zeros(16, np.int32)
-        lanes = np.zeros((n_tokens, 16), np.float32)
-        acc_min = np.zeros(n_tokens, np.float32)
-        for r in range(first, last):
-            row = w[r]
-            signed_row = w_signed[r]
-            lanes[:] = 0.0
-            acc_min[:] = 0.0
-            for b in range(n_blocks):
-                d, dmin = _unpack_kquant(kind, row, signed_row, b, q, scales, mins, f16_table)
-                base = b * 256
-                for t in range(n_tokens):
-                    int_lanes[:] = 0
-                    for g in range(16):
-                        group_scale = scales[g]
-                        for i in range(16):
-                            int_lanes[i] += group_scale * (np.int32(q[16 * g + i])
-                                                           * np.int32(xq[t, base + 16 * g + i]))
-                    scale = d * xd[t, b]
-                    for i in range(16):
-                        lanes[t, i] += scale * np.float32(int_lanes[i])
-                    if has_mins:
-                        min_total = np.int32(0)
-                        for g in range(16):
-                            min_total += mins[g] * xbsums[t, b * 16 + g]
-                        acc_min[t] += (dmin * xd[t, b]) * np.float32(min_total)
-            for t in range(n_tokens):
-                out[t, r] = lanes[t].sum() - acc_min[t]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Decode kernels (one activation row) for the types real models use. These carry the memory-bound token-by-token
-# generation. What made them fast (benchmarks/README.md has the figures):
-# * several rows per pass (four for q5_0 / q8_0, two for the K-quants) sharing the activation loads;
-# * per (sub-)block integer dots written as 16- or 32-long loops with constant shifts and explicit int16 / int32
-#   casts, which LLVM packs in 32-bit lanes (vpmaddwd); numba's int64 arithmetic otherwise gives 64-bit lanes;
-# * software prefetch of the rows two groups ahead (``_prefetch_bytes``): weights streamed from memory ran at half
-#   the speed of cached ones without it.
-# Each block's integer dot is exact; it is scaled by d_w * d_x and summed in float32, as ggml does.
-# ----------------------------------------------------------------------------------------------------------------
-
-@njit(cache=True, error_model="numpy")
-def _q5_0_bit_sums(x_blocks, sums, sums16):
-    """For the q5_0 fifth bits: ``sums[b, g, v]`` = sum of the activation quants x[b, 8g + i] over the set bits i of
-    the byte value v (int32), and ``sums16[b]`` = 16 * sum of block b's quants.
-
-    Built once per activation row (a few microseconds); the kernel then gets sum_j hbit_j * x_j of a block from
-    four lookups, one per byte of ``qh``, instead of extracting 32 bits with variable shifts (which kept LLVM in
-    64-bit vector lanes: benchmarks/README.md)."""
-    for b in range(x_blocks.shape[0]):
-        total = np.int32(0)
-        for g in range(4):
-            table = sums[b, g]
-            table[0] = 0
-            size = 1
-            for i in range(8):   # values with bit i set = values below 2**i plus x_i
-                xi = np.int32(x_blocks[b, 8 * g + i])
-                total = np.int32(total + xi)
-                for v in range(size):
-                    table[size + v] = np.int32(table[v] + xi)
-                size *= 2
-        sums16[b] = np.int32(16 * total)
-
-
-@njit(cache=True, inline="always")
-def _rows_q5(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, qh, has_min, out, first, last, f16_table):
-    """out[r] = sum_b d_w[r, b] * d_x[b] * (q_w[r, b] . q_x[b]) (+ m_w[r, b] * s_x[b] if ``has_min``) for rows
-    [first, last) of q5_0 or q5_1 weights.
-
-    ``blocks``: the weights as uint8 [n_rows, n_blocks, 22] (f16 scale, 4 bytes qh, 16 bytes of nibbles). A
-    weight is nibble + 16*hbit - 16, so a block dot is sum(nibble_j x_j) + 16 * sum(hbit_j x_j) - 16 * sum(x_j):
-    the nibble parts are two 16-long loops with constant shifts (LLVM packs them in 32-bit lanes with vpmaddwd),
-    the fifth-bit part comes from the ``bit_sums`` tables (see ``_q5_0_bit_sums``), exactly. Four rows at a time
-    share the activation loads, as in ``_rows_q8_0``.
-
-    q5_1 (``[n_rows, n_blocks, 24]``: f16 d, f16 m, qh, nibbles) stores weights nibble + 16*hbit without offset: it
-    passes zero ``sums16`` and its activation block sums ``x_sums`` (q8_1's s); q5_0 passes ``x_sums`` unread.
-    ``qh`` (the offset of the fifth bits) and ``has_min`` are constants of ``_rows_q5_0`` / ``_rows_q5_1``, which
-    inline this body: run-time offsets halved the speed of the q4 kernels."""
-    n_blocks = x_blocks.shape[0]
-    block_bytes = qh + 20
-    nibbles = qh + 4
-    flat = blocks.reshape(-1)
-    row_bytes = n_blocks * block_bytes
-    r = first
-    while r + 4 <= last:
-        acc0 = np.float32(0.0)
-        acc1 = np.float32(0.0)
-        acc2 = np.float32(0.0)
-        acc3 = np.float32(0.0)
-        for b in range(n_blocks):
-            # four rows ahead are 4 * row_bytes contiguous bytes: 4 * block_bytes of them per block step
-            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_4) * row_bytes + 4 * block_bytes * b, 4 * block_bytes)
-            x = x_blocks[b]
-            sums = bit_sums[b]
-            w0 = blocks[r, b]
-            w1 = blocks[r + 1, b]
-            w2 = blocks[r + 2, b]
-            w3 = blocks[r + 3, b]
-            dot0 = np.int32(np.int32(np.int32(sums[0, w0[qh]] + sums[1, w0[qh + 1]])
-                                     + np.int32(sums[2, w0[qh + 2]] + sums[3, w0[qh + 3]])) * 16 - sums16[b])
-            dot1 = np.int32(np.int32(np.int32(sums[0, w1[qh]] + sums[1, w1[qh + 1]])
-                                     + np.int32(sums[2, w1[qh + 2]] + sums[3, w1[qh + 3]])) * 16 - sums16[b])
-            dot2 = np.int32(np.int32(np.int32(sums[0, w2[qh]] + sums[1, w2[qh + 1]])
-                                     + np.int32(sums[2, w2[qh + 2]] + sums[3, w2[qh + 3]])) * 16 - sums16[b])
-            dot3 = np.int32(np.int32(np.int32(sums[0, w3[qh]] + sums[1, w3[qh + 1]])
-                                     + np.int32(sums[2, w3[qh + 2]] + sums[3, w3[qh + 3]])) * 16 - sums16[b])
-            for j in range(16):   # low nibbles: values 0..15
-                xv = np.int16(x[j])
-                dot0 = np.int32(dot0 + np.int32(np.int16(w0[nibbles + j] & 15) * xv))
-                dot1 = np.int32(dot1 + np.int32(np.int16(w1[nibbles + j] & 15) * xv))
-                dot2 = np.int32(dot2 + np.int32(np.int16(w2[nibbles + j] & 15) * xv))
-                dot3 = np.int32(dot3 + np.int32(np.int16(w3[nibbles + j] & 15) * xv))
-            for j in range(16):   # high nibbles: values 16..31
-                xv = np.int16(x[16 + j])
-                dot0 = np.int32(dot0 + np.int32(np.int16(w0[nibbles + j] >> 4) * xv))
-                dot1 = np.int32(dot1 + np.int32(np.int16(w1[nibbles + j] >> 4) * xv))
-                dot2 = np.int32(dot2 + np.int32(np.int16(w2[nibbles + j] >> 4) * xv))
-                dot3 = np.int32(dot3 + np.int32(np.int16(w3[nibbles + j] >> 4) * xv))
-            xd = x_scale[b]
-            acc0 += _f16(w0, 0, f16_table) * xd * np.float32(dot0)
-            acc1 += _f16(w1, 0, f16_table) * xd * np.float32(dot1)
-            acc2 += _f16(w2, 0, f16_table) * xd * np.float32(dot2)
-            acc3 += _f16(w3, 0, f16_table) * xd * np.float32(dot3)
-            if has_min:
-                xs = x_sums[b]
-                acc0 += _f16(w0, 2, f16_table) * xs
-                acc1 += _f16(w1, 2, f16_table) * xs
-                acc2 += _f16(w2, 2, f16_table) * xs
-                acc3 += _f16(w3, 2, f16_table) * xs
-        out[r] = acc0
-        out[r + 1] = acc1
-        out[r + 2] = acc2
-        out[r + 3] = acc3
-        r += 4
-    while r < last:  # the last n_rows % 4 rows of the chunk
-        acc = np.float32(0.0)
-        for b in range(n_blocks):
-            x = x_blocks[b]
-            sums = bit_sums[b]
-            w0 = blocks[r, b]
-            dot = np.int32(np.int32(np.int32(sums[0, w0[qh]] + sums[1, w0[qh + 1]])
-                                    + np.int32(sums[2, w0[qh + 2]] + sums[3, w0[qh + 3]])) * 16 - sums16[b])
-            for j in range(16):
-                dot = np.int32(dot + np.int32(np.int16(w0[nibbles + j] & 15) * np.int16(x[j]))
-                               + np.int32(np.int16(w0[nibbles + j] >> 4) * np.int16(x[16 + j])))
-            acc += _f16(w0, 0, f16_table) * x_scale[b] * np.float32(dot)
-            if has_min:
-                acc += _f16(w0, 2, f16_table) * x_sums[b]
-        out[r] = acc
-        r += 1
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, out, first, last, f16_table):
-    _rows_q5(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, 2, False, out, first, last, f16_table)
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _rows_q5_1(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, out, first, last, f16_table):
-    _rows_q5(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, 4, True, out, first, last, f16_table)
-
-
-@njit(cache=True, parallel=True)
-def _matvec_q5(blocks, x_blocks, x_scale, x_sums, has_min, out, n_chunks, f16_table):
-    """q5_0 (``has_min`` False, ``x_sums`` unused) or q5_1 (``x_sums``: q8_1's per-block s) one-token product."""
-    n_rows = blocks.shape[0]
-    n_blocks = x_blocks.shape[0]
-    bit_sums = np.empty((n_blocks, 4, 256), np.int32)
-    sums16 = np.empty(n_blocks, np.int32)
-    _q5_0_bit_sums(x_blocks, bit_sums, sums16)
-    if has_min:   # q5_1 weights carry no -16 offset
-        sums16[:] = 0
-    rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
-    for chunk in prange(n_chunks):
-        first = min(n_rows, chunk * rows_per_chunk)
-        last = min(n_rows, first + rows_per_chunk)
-        if has_min:
-            _rows_q5_1(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, out, first, last, f16_table)
-        else:
-            _rows_q5_0(blocks, x_blocks, x_scale, bit_sums, sums16, x_sums, out, first, last, f16_table)
-
-
-@njit(cache=True, error_model="numpy")
-def _block_sums_times(x_blocks, factor, sums):
-    """``sums[b]`` = factor * sum of the activation quants of block b (int32): the offset part of a block dot."""
-    for b in range(x_blocks.shape[0]):
-        total = np.int32(0)
-        for j in range(32):
-            total = np.int32(total + np.int32(x_blocks[b, j]))
-        sums[b] = np.int32(factor * total)
-
-
-@njit(cache=True, inline="always")
-def _rows_q4(blocks, x_blocks, x_scale, x_offsets, x_sums, header, has_min, out, first, last, f16_table):
-    """out[r] = sum_b d_w[r, b] * d_x[b] * (q_w[r, b] . q_x[b]) (+ m_w[r, b] * s_x[b] if ``has_min``) for rows
-    [first, last) of q4_0 or q4_1 weights.
-
-    ``blocks``: the weights as uint8 [n_rows, n_blocks, 18 or 20]: f16 d (and f16 m for q4_1), then 16 bytes of
-    nibbles. A q4_0 weight is nibble - 8, so a block dot is sum(nibble_j x_j) - ``x_offsets[b]`` (8 * sum(x_j)),
-    exactly; q4_1 passes zero offsets and its activation block sums ``x_sums`` (q8_1's s). ``_rows_q5_0`` without
-    the fifth bits: four rows at a time share the activation loads. Inlined into ``_rows_q4_0`` / ``_rows_q4_1``
-    so that ``header`` (bytes before the nibbles) and ``has_min`` are constants: a run-time header offset ran at
-    less than half the speed."""
-    n_blocks = x_blocks.shape[0]
-    block_bytes = header + 16
-    flat = blocks.reshape(-1)
-    row_bytes = n_blocks * block_bytes
-    r = first
-    while r + 4 <= last:
-        acc0 = np.float32(0.0)
-        acc1 = np.float32(0.0)
-        acc2 = np.float32(0.0)
-        acc3 = np.float32(0.0)
-        for b in range(n_blocks):
-            # four rows ahead are 4 * row_bytes contiguous bytes: 4 * block_bytes of them per block step
-            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_4) * row_bytes + 4 * block_bytes * b, 4 * block_bytes)
-            x = x_blocks[b]
-            w0 = blocks[r, b]
-            w1 = blocks[r + 1, b]
-            w2 = blocks[r + 2, b]
-            w3 = blocks[r + 3, b]
-            dot0 = np.int32(-x_offsets[b])
-            dot1 = np.int32(-x_offsets[b])
-            dot2 = np.int32(-x_offsets[b])
-            dot3 = np.int32(-x_offsets[b])
-            for j in range(16):   # low nibbles: values 0..15
-                xv = np.int16(x[j])
-                dot0 = np.int32(dot0 + np.int32(np.int16(w0[header + j] & 15) * xv))
-                dot1 = np.int32(dot1 + np.int32(np.int16(w1[header + j] & 15) * xv))
-                dot2 = np.int32(dot2 + np.int32(np.int16(w2[header + j] & 15) * xv))
-                dot3 = np.int32(dot3 + np.int32(np.int16(w3[header + j] & 15) * xv))
-            for j in range(16):   # high nibbles: values 16..31
-                xv = np.int16(x[16 + j])
-                dot0 = np.int32(dot0 + np.int32(np.int16(w0[header + j] >> 4) * xv))
-                dot1 = np.int32(dot1 + np.int32(np.int16(w1[header + j] >> 4) * xv))
-                dot2 = np.int32(dot2 + np.int32(np.int16(w2[header + j] >> 4) * xv))
-                dot3 = np.int32(dot3 + np.int32(np.int16(w3[header + j] >> 4) * xv))
-            xd = x_scale[b]
-            acc0 += _f16(w0, 0, f16_table) * xd * np.float32(dot0)
-            acc1 += _f16(w1, 0, f16_table) * xd * np.float32(dot1)
-            acc2 += _f16(w2, 0, f16_table) * xd * np.float32(dot2)
-            acc3 += _f16(w3, 0, f16_table) * xd * np.float32(dot3)
-            if has_min:
-                xs = x_sums[b]
-                acc0 += _f16(w0, 2, f16_table) * xs
-                acc1 += _f16(w1, 2, f16_table) * xs
-                acc2 += _f16(w2, 2, f16_table) * xs
-                acc3 += _f16(w3, 2, f16_table) * xs
-        out[r] = acc0
-        out[r + 1] = acc1
-        out[r + 2] = acc2
-        out[r + 3] = acc3
-        r += 4
-    while r < last:  # the last n_rows % 4 rows of the chunk
-        acc = np.float32(0.0)
-        for b in range(n_blocks):
-            x = x_blocks[b]
-            w0 = blocks[r, b]
-            dot = np.int32(-x_offsets[b])
-            for j in range(16):
-                dot = np.int32(dot + np.int32(np.int16(w0[header + j] & 15) * np.int16(x[j]))
-                               + np.int32(np.int16(w0[header + j] >> 4) * np.int16(x[16 + j])))
-            acc += _f16(w0, 0, f16_table) * x_scale[b] * np.float32(dot)
-            if has_min:
-                acc += _f16(w0, 2, f16_table) * x_sums[b]
-        out[r] = acc
-        r += 1
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _rows_q4_0(blocks, x_blocks, x_scale, x_offsets, x_sums, out, first, last, f16_table):
-    _rows_q4(blocks, x_blocks, x_scale, x_offsets, x_sums, 2, False, out, first, last, f16_table)
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _rows_q4_1(blocks, x_blocks, x_scale, x_offsets, x_sums, out, first, last, f16_table):
-    _rows_q4(blocks, x_blocks, x_scale, x_offsets, x_sums, 4, True, out, first, last, f16_table)
-
-
-@njit(cache=True, parallel=True)
-def _matvec_q4(blocks, x_blocks, x_scale, x_sums, has_min, out, n_chunks, f16_table):
-    """q4_0 (``has_min`` False, ``x_sums`` unused) or q4_1 (``x_sums``: q8_1's per-block s) one-token product."""
-    n_rows = blocks.shape[0]
-    x_offsets = np.empty(x_blocks.shape[0], np.int32)
-    _block_sums_times(x_blocks, 0 if has_min else 8, x_offsets)
-    rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
-    for chunk in prange(n_chunks):
-        first = min(n_rows, chunk * rows_per_chunk)
-        if has_min:
-            _rows_q4_1(blocks, x_blocks, x_scale, x_offsets, x_sums, out, first, min(n_rows, first + rows_per_chunk),
-                       f16_table)
-        else:
-            _rows_q4_0(blocks, x_blocks, x_scale, x_offsets, x_sums, out, first, min(n_rows, first + rows_per_chunk),
-                       f16_table)
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _rows_q8_0(blocks, x_blocks, x_scale, out, first, last, f16_table):
-    """out[r] = sum_b d_w[r, b] * d_x[b] * (q_w[r, b] . q_x[b]) for rows [first, last) of q8_0 weights.
-
-    ``blocks`` is the weight matrix as int8 [n_rows, n_blocks, 34] (2 bytes of f16 scale, 32 quants), ``x_blocks``
-    the activation quants int8 [n_blocks, 32]. Four rows are walked together in one fused inner loop: four
-    independent integer dot products (kept in int32 by the explicit casts, so LLVM packs 16 lanes per vector
-    instruction) hide each other's latency. Measured 3x the speed of one row at a time (benchmarks/README.md)."""
-    n_blocks = x_blocks.shape[0]
-    flat = blocks.reshape(-1)
-    row_bytes = n_blocks * 34
-    r = first
-    while r + 4 <= last:
-        acc0 = np.float32(0.0)
-        acc1 = np.float32(0.0)
-        acc2 = np.float32(0.0)
-        acc3 = np.float32(0.0)
-        for b in range(n_blocks):
-            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_4) * row_bytes + 136 * b, 136)
-            w0 = blocks[r, b]
-            w1 = blocks[r + 1, b]
-            w2 = blocks[r + 2, b]
-            w3 = blocks[r + 3, b]
-            xb = x_blocks[b]
-            dot0 = np.int32(0)
-            dot1 = np.int32(0)
-            dot2 = np.int32(0)
-            dot3 = np.int32(0)
-            for j in range(32):
-                xv = np.int16(xb[j])
-                dot0 = np.int32(dot0 + np.int32(np.int16(w0[2 + j]) * xv))
-                dot1 = np.int32(dot1 + np.int32(np.int16(w1[2 + j]) * xv))
-                dot2 = np.int32(dot2 + np.int32(np.int16(w2[2 + j]) * xv))
-                dot3 = np.int32(dot3 + np.int32(np.int16(w3[2 + j]) * xv))
-            xd = x_scale[b]
-            acc0 += _f16_signed(w0, 0, f16_table) * xd * np.float32(dot0)
-            acc1 += _f16_signed(w1, 0, f16_table) * xd * np.float32(dot1)
-            acc2 += _f16_signed(w2, 0, f16_table) * xd * np.float32(dot2)
-            acc3 += _f16_signed(w3, 0, f16_table) * xd * np.float32(dot3)
-        out[r] = acc0
-        out[r + 1] = acc1
-        out[r + 2] = acc2
-        out[r + 3] = acc3
-        r += 4
-    while r < last:  # the last n_rows % 4 rows of the chunk
-        acc = np.float32(0.0)
-        for b in range(n_blocks):
-            w0 = blocks[r, b]
-            xb = x_blocks[b]
-            dot = np.int32(0)
-            for j in range(32):
-                dot = np.int32(dot + np.int32(np.int16(w0[2 + j]) * np.int16(xb[j])))
-            acc += _f16_signed(w0, 0, f16_table) * x_scale[b] * np.float32(dot)
-        out[r] = acc
-        r += 1
-
-
-@njit(cache=True, parallel=True)
-def _matvec_q8_0(blocks, x_blocks, x_scale, out, n_chunks, f16_table):
-    n_rows = blocks.shape[0]
-    rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
-    for chunk in prange(n_chunks):
-        first = min(n_rows, chunk * rows_per_chunk)
-        _rows_q8_0(blocks, x_blocks, x_scale, out, first, min(n_rows, first + rows_per_chunk), f16_table)
-
-
-@njit(cache=True, inline="always")
-def _q6_K_dot16_pair(w0, w1, low, low_shift, high, high_shift, x, x_offset):
-    """Integer dots of 16 six-bit quants (unsigned, before the -32 offset) of two rows with x[x_offset:+16]:
-    the low 4 bits are (w[low + i] >> low_shift) & 15, the top 2 bits (w[high + i] >> high_shift) & 3.
-    Constant shifts after inlining; the int16 casts keep LLVM in 32-bit lanes (vpmaddwd)."""
-    dot0 = np.int32(0)
-    dot1 = np.int32(0)
-    for i in range(16):
-        xv = np.int16(x[x_offset + i])
-        q0 = np.int16(np.int16((w0[low + i] >> low_shift) & 15) | np.int16(((w0[high + i] >> high_shift) & 3) << 4))
-        q1 = np.int16(np.int16((w1[low + i] >> low_shift) & 15) | np.int16(((w1[high + i] >> high_shift) & 3) << 4))
-        dot0 = np.int32(dot0 + np.int32(q0 * xv))
-        dot1 = np.int32(dot1 + np.int32(q1 * xv))
-    return dot0, dot1
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _rows_q6_K(blocks, scales, x, x_scale, x_bsums, out, first, last, f16_table):
-    """out[r] = sum_b d_w * d_x * (sum_g scale_g * (u_g . x_g) - 32 * sum_g scale_g * bsum_g) for rows [first, last)
-    of q6_K weights (u: the unsigned 6-bit quants; the -32 offset comes from the q8_K block sums, exactly as ggml).
-
-    ``blocks``: uint8 [n_rows, n_blocks, 210] (128 bytes of low nibbles, 64 of top bits, 16 int8 scales, f16 d);
-    ``scales``: the int8 view of the scale bytes. Two rows at a time share the activation loads (measured 2.7x the
-    one-row kernel with 16 float lanes; benchmarks/README.md); an odd last row is computed twice."""
-    n_blocks = x_scale.shape[0]
-    flat = blocks.reshape(-1)
-    row_bytes = n_blocks * 210
-    for r in range(first, last, 2):
-        r1 = min(r + 1, last - 1)   # an odd last row is computed twice
-        acc0 = np.float32(0.0)
-        acc1 = np.float32(0.0)
-        for b in range(n_blocks):
-            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_2) * row_bytes + 420 * b, 420)
-            w0 = blocks[r, b]
-            w1 = blocks[r1, b]
-            s0 = scales[r, b]
-            s1 = scales[r1, b]
-            base = b * 256
-            total0 = np.int32(0)
-            total1 = np.int32(0)
-            for n in range(2):
-                for half in range(2):
-                    l = 16 * half
-                    g = 8 * n + half
-                    ql = 64 * n + l
-                    qh = 128 + 32 * n + l
-                    v = base + 128 * n + l
-                    d0, d1 = _q6_K_dot16_pair(w0, w1, ql, 0, qh, 0, x, v)
-                    total0 = np.int32(total0 + np.int32(s0[g]) * d0)
-                    total1 = np.int32(total1 + np.int32(s1[g]) * d1)
-                    d0, d1 = _q6_K_dot16_pair(w0, w1, ql + 32, 0, qh, 2, x, v + 32)
-                    total0 = np.int32(total0 + np.int32(s0[g + 2]) * d0)
-                    total1 = np.int32(total1 + np.int32(s1[g + 2]) * d1)
-                    d0, d1 = _q6_K_dot16_pair(w0, w1, ql, 4, qh, 4, x, v + 64)
-                    total0 = np.int32(total0 + np.int32(s0[g + 4]) * d0)
-                    total1 = np.int32(total1 + np.int32(s1[g + 4]) * d1)
-                    d0, d1 = _q6_K_dot16_pair(w0, w1, ql + 32, 4, qh, 6, x, v + 96)
-                    total0 = np.int32(total0 + np.int32(s0[g + 6]) * d0)
-                    total1 = np.int32(total1 + np.int32(s1[g + 6]) * d1)
-            offset0 = np.int32(0)
-            offset1 = np.int32(0)
-            for g in range(16):
-                offset0 = np.int32(offset0 + np.int32(s0[g]) * x_bsums[16 * b + g])
-                offset1 = np.int32(offset1 + np.int32(s1[g]) * x_bsums[16 * b + g])
-            acc0 += _f16(w0, 208, f16_table) * x_scale[b] * np.float32(np.int32(total0 - 32 * offset0))
-            acc1 += _f16(w1, 208, f16_table) * x_scale[b] * np.float32(np.int32(total1 - 32 * offset1))
-        out[r] = acc0
-        out[r1] = acc1
-
-
-@njit(cache=True, inline="always")
-def _q4_K_dot32_pair(w0, w1, offset, shift, x, x_offset):
-    """Integer dots of 32 four-bit quants ((w[offset + i] >> shift) & 15) of two rows with x[x_offset:+32]."""
-    dot0 = np.int32(0)
-    dot1 = np.int32(0)
-    for i in range(32):
-        xv = np.int16(x[x_offset + i])
-        dot0 = np.int32(dot0 + np.int32(np.int16((w0[offset + i] >> shift) & 15) * xv))
-        dot1 = np.int32(dot1 + np.int32(np.int16((w1[offset + i] >> shift) & 15) * xv))
-    return dot0, dot1
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _rows_q4_K(blocks, x, x_scale, x_bsums, out, first, last, f16_table):
-    """out[r] = sum_b d_x * (d_w * sum_j scale_j (q_j . x_j) - dmin_w * sum_j min_j bsum_j) for rows [first, last)
-    of q4_K weights (``blocks``: uint8 [n_rows, n_blocks, 144]). Two rows at a time, constant shifts per 32-value
-    sub-block (the runtime shift of a loop over the 8 sub-blocks kept LLVM from vectorizing); an odd last row is
-    computed twice."""
-    n_blocks = x_scale.shape[0]
-    flat = blocks.reshape(-1)
-    row_bytes = n_blocks * 144
-    for r in range(first, last, 2):
-        r1 = min(r + 1, last - 1)
-        acc0 = np.float32(0.0)
-        acc1 = np.float32(0.0)
-        min_acc0 = np.float32(0.0)
-        min_acc1 = np.float32(0.0)
-        for b in range(n_blocks):
-            _prefetch_bytes(flat, (r + PREFETCH_ROWS_AHEAD_2) * row_bytes + 288 * b, 288)
-            w0 = blocks[r, b]
-            w1 = blocks[r1, b]
-            base = b * 256
-            total0 = np.int32(0)
-            total1 = np.int32(0)
-            mins0 = np.int32(0)
-            mins1 = np.int32(0)
-            for c in range(4):   # 64 values: 32 low nibbles (sub-block 2c), then 32 high nibbles (2c + 1)
-                j = 2 * c
-                scale0, min0 = _scale_min_k4(j, w0, 4)
-                scale1, min1 = _scale_min_k4(j, w1, 4)
-                scale0h, min0h = _scale_min_k4(j + 1, w0, 4)
-                scale1h, min1h = _scale_min_k4(j + 1, w1, 4)
-                sum_low = np.int32(x_bsums[16 * b + 2 * j] + x_bsums[16 * b + 2 * j + 1])
-                sum_high = np.int32(x_bsums[16 * b + 2 * j + 2] + x_bsums[16 * b + 2 * j + 3])
-                mins0 = np.int32(mins0 + np.int32(min0) * sum_low + np.int32(min0h) * sum_high)
-                mins1 = np.int32(mins1 + np.int32(min1) * sum_low + np.int32(min1h) * sum_high)
-                d0, d1 = _q4_K_dot32_pair(w0, w1, 16 + 32 * c, 0, x, base + 64 * c)
-                e0, e1 = _q4_K_dot32_pair(w0, w1, 16 + 32 * c, 4, x, base + 64 * c + 32)
-                total0 = np.int32(total0 + np.int32(scale0) * d0 + np.int32(scale0h) * e0)
-                total1 = np.int32(total1 + np.int32(scale1) * d1 + np.int32(scale1h) * e1)
-            xd = x_scale[b]
-            acc0 += _f16(w0, 0, f16_table) * xd * np.float32(total0)
-            acc1 += _f16(w1, 0, f16_table) * xd * np.float32(total1)
-            min_acc0 += _f16(w0, 2, f16_table) * xd * np.float32(mins0)
-            min_acc1 += _f16(w1, 2, f16_table) * xd * np.float32(mins1)
-        out[r] = acc0 - min_acc0    # the min terms summed apart and subtracted once, as ggml does
-        out[r1] = acc1 - min_acc1
-
-
-@njit(cache=True, parallel=True)
-def _matvec_q6_K(blocks, scales, x, x_scale, x_bsums, out, n_chunks, f16_table):
-    n_rows = blocks.shape[0]
-    rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
-    for chunk in prange(n_chunks):
-        first = min(n_rows, chunk * rows_per_chunk)
-        last = min(n_rows, first + rows_per_chunk)
-        if first < last:
-            _rows_q6_K(blocks, scales, x, x_scale, x_bsums, out, first, last, f16_table)
-
-
-@njit(cache=True, parallel=True)
-def _matvec_q4_K(blocks, x, x_scale, x_bsums, out, n_chunks, f16_table):
-    n_rows = blocks.shape[0]
-    rows_per_chunk = _rows_per_chunk(n_rows, n_chunks)
-    for chunk in prange(n_chunks):
-        first = min(n_rows, chunk * rows_per_chunk)
-        last = min(n_rows, first + rows_per_chunk)
-        if first < last:
-            _rows_q4_K(blocks, x, x_scale, x_bsums, out, first, last, f16_table)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Dequantizers for the BLAS path: rows [first, last) of W -> float32 [last - first, k]
-# ----------------------------------------------------------------------------------------------------------------
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _dequantize_legacy_rows(kind, w, w_signed, first, last, out, f16_table):
-    n_blocks = out.shape[1] // 32
-    for r in range(first, last):
-        q = np.empty(32, np.int16)
-        row = w[r]
-        signed_row = w_signed[r]
-        for b in range(n_blocks):
-            d, m = _unpack_legacy(kind, row, signed_row, b, q, f16_table)
-            for i in range(32):
-                out[r - first, b * 32 + i] = d * np.float32(q[i]) + m
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _dequantize_kquant_rows(kind, w, w_signed, first, last, out, f16_table):
-    n_blocks = out.shape[1] // 256
-    for r in range(first, last):
-        q = np.empty(256, np.int16)
-        scales = np.empty(16, np.int32)
-        mins = np.empty(16, np.int32)
-        row = w[r]
-        signed_row = w_signed[r]
-        for b in range(n_blocks):
-            d, dmin = _unpack_kquant(kind, row, signed_row, b, q, scales, mins, f16_table)
-            for j in range(16):
-                scale = d * np.float32(scales[j])
-                offset = dmin * np.float32(mins[j])
-                for i in range(16):
-                    out[r - first, b * 256 + 16 * j + i] = scale * np.float32(q[16 * j + i]) - offset
+# The weight types the products take: every row of the table with product kernels (traits.py fills them).
+SUPPORTED_TYPES = tuple(row.name for row in TYPES.values() if row.weights and row.one_token is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -957,30 +168,17 @@ def _takes_blas_path(method: str, n_tokens: int) -> bool:
     return method == "blas" or (method == "auto" and n_tokens >= BLAS_MIN_TOKENS)
 
 
-def _float_weights(qtype: QuantType, weight_bytes: np.ndarray, first: int, last: int) -> np.ndarray:
-    band = weight_bytes[first:last]
-    if qtype.name == "f32":
-        return band.view(np.float32)
-    if qtype.name == "f16":
-        return band.view(np.float16).astype(np.float32)
-    # bf16: the upper half of a float32
-    return (band.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
 def _dequantize_band(qtype: QuantType, weight_bytes, first: int, last: int, k: int) -> np.ndarray:
-    if qtype.name in ("f32", "f16", "bf16"):
-        return _float_weights(qtype, weight_bytes, first, last)
-    band = np.empty((last - first, k), np.float32)
-    if KERNEL_ISA is not None:
+    """Rows [first, last) of W as float32 [last - first, k], bit for bit the type table's ``to_float``: the SIMD
+    decoder of ``decode.py`` on a SIMD CPU, else the table's own dequantizer on this thread (the BLAS workers run
+    one band each)."""
+    kind = qtype.one_token.simd_kind
+    if KERNEL_ISA is not None and kind is not None:
+        band = np.empty((last - first, k), np.float32)
         row_bytes = weight_bytes.shape[1]
-        dequantize_simd(KINDS[qtype.name], weight_bytes.reshape(-1), first * row_bytes, row_bytes, band, KERNEL_ISA)
-    elif qtype.name in _LEGACY_KINDS:
-        _dequantize_legacy_rows(_LEGACY_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8),
-                                first, last, band, F16_TO_F32)
-    else:
-        _dequantize_kquant_rows(_KQUANT_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8),
-                                first, last, band, F16_TO_F32)
-    return band
+        dequantize_simd(kind, weight_bytes.reshape(-1), first * row_bytes, row_bytes, band, KERNEL_ISA)
+        return band
+    return qtype.to_float(weight_bytes[first:last].reshape(-1), parallel=False).reshape(last - first, k)
 
 
 def dequantize_rows(weight_type, weight_bytes: np.ndarray, k: int, first: int = 0, last: int | None = None):
@@ -1002,42 +200,18 @@ def _check_out(out, n_tokens: int, n_rows: int) -> np.ndarray:
     return out
 
 
-def _matvec_fast(type_name: str, weight_bytes: np.ndarray, acts: QuantizedActivations, out) -> bool:
-    """Run the fast integer kernel of ``type_name`` if there is one; False if not: the SIMD kernels of
-    ``decode.py`` on the instruction set ``KERNEL_ISA`` (any number of tokens) when the CPU has one, else the
-    plain numba one-token kernels below."""
-    if KERNEL_ISA is not None and type_name in KINDS:
-        _simd_matvec(type_name, weight_bytes.reshape(-1), [0], [weight_bytes.shape[0]], weight_bytes.shape[1],
-                     acts, out)
-        return True
-    if acts.qs.shape[0] != 1:
-        return False
-    n_chunks = _n_chunks(weight_bytes.shape[0])
-    if type_name in ("q4_0", "q4_1", "q5_0", "q5_1"):
-        has_min = type_name.endswith("_1")   # q4_1 / q5_1: value = d*q + m, activations q8_1 with block sums s
-        n_rows, row_bytes = weight_bytes.shape
-        block_bytes = get_type(type_name).type_size
-        blocks = weight_bytes.reshape(n_rows, row_bytes // block_bytes, block_bytes)
-        x_sums = acts.extra[0] if has_min else acts.d[0]   # q8_1's s; unread for q4_0 / q5_0
-        matvec = _matvec_q4 if type_name.startswith("q4") else _matvec_q5
-        matvec(blocks, acts.qs.reshape(-1, 32), acts.d[0], x_sums, has_min, out[0], n_chunks, F16_TO_F32)
-    elif type_name == "q8_0":
-        n_rows, row_bytes = weight_bytes.shape
-        blocks = weight_bytes.view(np.int8).reshape(n_rows, row_bytes // 34, 34)
-        _matvec_q8_0(blocks, acts.qs.reshape(-1, 32), acts.d[0], out[0], n_chunks, F16_TO_F32)
-    elif type_name == "q4_K":
-        blocks = weight_bytes.reshape(weight_bytes.shape[0], -1, 144)
-        _matvec_q4_K(blocks, acts.qs[0], acts.d[0], acts.extra[0], out[0], n_chunks, F16_TO_F32)
-    elif type_name == "q6_K":
-        blocks = weight_bytes.reshape(weight_bytes.shape[0], -1, 210)
-        _matvec_q6_K(blocks, blocks[:, :, 192:208].view(np.int8), acts.qs[0], acts.d[0], acts.extra[0], out[0],
-                     n_chunks, F16_TO_F32)
+def _integer_product(qtype: QuantType, weight_bytes: np.ndarray, acts: QuantizedActivations, out) -> None:
+    """The row's integer kernel for this many tokens: the SIMD kernels of ``decode.py`` on the instruction set
+    ``KERNEL_ISA`` when the CPU has one, else the generic numba kernel (generic.py)."""
+    kernel = qtype.one_token if acts.qs.shape[0] == 1 else qtype.few_tokens
+    if KERNEL_ISA is not None and kernel.simd_kind is not None:
+        _simd_matvec(kernel.simd_kind, weight_bytes.reshape(-1), [0], [weight_bytes.shape[0]],
+                     weight_bytes.shape[1], acts, out)
     else:
-        return False
-    return True
+        kernel.generic(weight_bytes, acts, out, _n_chunks(weight_bytes.shape[0]))
 
 
-def _simd_matvec(type_name: str, base: np.ndarray, starts, row_counts, row_bytes: int,
+def _simd_matvec(kind: int, base: np.ndarray, starts, row_counts, row_bytes: int,
                  acts: QuantizedActivations, out: np.ndarray) -> None:
     """decode.matvec on ``KERNEL_ISA``: rows of matrices of one type at byte offsets ``starts`` of ``base`` times
     the activation rows ``acts`` into ``out`` [n_tokens, sum(row_counts)]. Every offset and size was checked by
@@ -1048,10 +222,10 @@ def _simd_matvec(type_name: str, base: np.ndarray, starts, row_counts, row_bytes
     starts = np.asarray(starts, np.int64)
     row_counts = np.asarray(row_counts, np.int64)
     if n_tokens == 1:
-        matvec(KINDS[type_name], base, starts, row_counts, row_bytes, acts.qs[0], acts.d[0], x_sums[0], x_bsums[0],
+        matvec(kind, base, starts, row_counts, row_bytes, acts.qs[0], acts.d[0], x_sums[0], x_bsums[0],
                out[0], _n_chunks(out.shape[1]), KERNEL_ISA)
     else:
-        matmul_few(KINDS[type_name], base, starts, row_counts, row_bytes, acts.qs, acts.d, x_sums, x_bsums, out,
+        matmul_few(kind, base, starts, row_counts, row_bytes, acts.qs, acts.d, x_sums, x_bsums, out,
                    _n_chunks(out.shape[1]), KERNEL_ISA)
 
 
@@ -1076,22 +250,14 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
     out = _check_out(out, n_tokens, n_rows)
     if method not in ("auto", "int", "blas"):
         raise MatmulShapeError(f"method must be 'auto', 'int' or 'blas', got {method!r}")
-    quantized = qtype.name in _LEGACY_KINDS or qtype.name in _KQUANT_KINDS
+    quantized = not qtype.one_token.sgemm
     if method == "auto":
         method = "blas" if (not quantized or n_tokens >= BLAS_MIN_TOKENS) else "int"
 
     if method == "int" and quantized:
         if acts.qs is None:  # activations prepared with for_blas=True
             raise MatmulShapeError("integer path needs quantized activations")
-        if _matvec_fast(qtype.name, weight_bytes, acts, out):
-            return out
-        if qtype.name in _LEGACY_KINDS:
-            extra = acts.extra if acts.extra is not None else acts.d  # xs is only read for q4_1 / q5_1
-            _matmul_legacy(_LEGACY_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8), acts.qs, acts.d,
-                           extra, out, _n_chunks(n_rows), F16_TO_F32)
-        else:
-            _matmul_kquant(_KQUANT_KINDS[qtype.name], weight_bytes, weight_bytes.view(np.int8), acts.qs, acts.d,
-                           acts.extra, out, _n_chunks(n_rows), F16_TO_F32)
+        _integer_product(qtype, weight_bytes, acts, out)
         return out
 
     # BLAS: float32 (or f16/bf16-rounded) activations times float32 bands of W.
@@ -1262,7 +428,7 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
 @dataclass
 class _FusedGroup:
     """Matrices of one type in one byte array, multiplied in one launch (see ``_launch_plan``)."""
-    type_name: str
+    simd_kind: int              # decode.KINDS code of their type
     vec_dot_type: str
     members: list[int]          # indexes into the weights of the call
     base: np.ndarray            # the byte array holding them
@@ -1282,9 +448,9 @@ def _launch_plan(weights: Sequence[WeightMatrix]) -> list[_FusedGroup]:
         return cached[1]
     groups: dict[tuple, list[int]] = {}
     for i, weight in enumerate(weights):
-        if weight.type.name in KINDS:
+        if weight.type.one_token.simd_kind is not None:
             groups.setdefault((weight.type.name, weight.root.ctypes.data, weight.root.nbytes), []).append(i)
-    plan = [_FusedGroup(name, get_type(name).vec_dot_type, members, weights[members[0]].root,
+    plan = [_FusedGroup(get_type(name).one_token.simd_kind, get_type(name).vec_dot_type, members, weights[members[0]].root,
                         np.array([weights[i].offset for i in members], np.int64),
                         np.array([weights[i].shape[0] for i in members], np.int64),
                         weights[members[0]].bytes.shape[1])
@@ -1300,7 +466,7 @@ def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) 
     prepared: dict[str, QuantizedActivations] = {}
     results: list[np.ndarray | None] = [None] * len(weights)
     for i, weight in enumerate(weights):
-        if weight.type.name not in KINDS:   # f32 / f16 / bf16: the BLAS path
+        if weight.type.one_token.simd_kind is None:   # f32 / f16 / bf16: the BLAS path
             vdt = weight.type.vec_dot_type
             if vdt not in prepared:
                 prepared[vdt] = quantize_activations(vdt, rows)
@@ -1309,7 +475,7 @@ def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) 
         if group.vec_dot_type not in prepared:
             prepared[group.vec_dot_type] = quantize_activations(group.vec_dot_type, rows)
         out = np.empty((len(rows), int(group.counts.sum())), np.float32)
-        _simd_matvec(group.type_name, group.base, group.starts, group.counts, group.row_bytes,
+        _simd_matvec(group.simd_kind, group.base, group.starts, group.counts, group.row_bytes,
                      prepared[group.vec_dot_type], out)
         first = 0
         for i, count in zip(group.members, group.counts):

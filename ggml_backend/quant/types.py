@@ -1,11 +1,20 @@
-"""The one table of ggml tensor types.
+"""The one table of ggml tensor types: a type-traits row per type, as ggml's ``type_traits``.
 
-Each type is one row: its ggml id, how many values one block holds, how many bytes that block takes, and which
-type activations are quantized to when a row of this type is multiplied with them (llama.cpp's ``vec_dot_type``).
+A row holds what a type *is* (its ggml id, values and bytes per block, the block layout in words, the type the
+activations are quantized to for dot products with it: llama.cpp's ``vec_dot_type``) and, once the kernel modules
+are imported (``quant/traits.py`` registers them), what computes it:
+
+    unpack       the scalar numba block decoder (blocks.py): integer quants + scales / mins + d / dmin; for the
+                 plain float types, the numba reader of one value
+    to_float     (uint8[n_bytes], out=None, parallel=True) -> float32[n_values]: dequantization, bit-exact
+    from_float   (float32[n_values]) -> uint8[n_bytes]: ggml's reference quantizer (quantize_row_*_ref)
+    one_token    the kernel of a product with one activation row (decode), and
+    few_tokens   that of a few rows (below the BLAS path): each a ProductKernel, the SIMD kind of decode.py and
+                 the generic kernel of generic.py (or SGEMM for the plain float types)
+
 Every other part of the engine (readers, writers, dequantization, matrix products, ``info``) asks this table.
-
-Kernels register themselves onto the rows (``dequantize``, ``quantize``) from the modules that define them, so a
-new type touches ``quant/`` only: one row here, plus its kernels.
+``register`` refuses a row with an empty slot, naming it, so a new type is one row here plus its kernels and one
+``register`` call in ``traits.py`` (tests/test_quant_traits.py checks every row).
 
 Names use llama.cpp's spelling: ``f32``, ``f16``, ``bf16``, ``q4_0`` … ``q8_1``, ``q2_K`` … ``q8_K``.
 Lookups accept any case (``Q4_K``, ``q4_k``).
@@ -16,6 +25,23 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 
+@dataclass(frozen=True)
+class ProductKernel:
+    """How weights of a type are multiplied with activation rows on the integer path."""
+    simd_kind: Optional[int]   # decode.KINDS code of the explicit-SIMD kernel (CPUs with AVX2); None: none
+    generic: Optional[Callable]  # the plain numba kernel (CPUs without AVX2): (w2d, acts, out, n_chunks) -> None
+    sgemm: bool = False        # the plain float types: multiplied as float32 by the BLAS path (numpy's sgemm)
+
+
+# The product kernel of f32 / f16 / bf16 weights: their rows (activations rounded to the weight's precision, as
+# ggml does) go to sgemm whatever the token count.
+SGEMM = ProductKernel(simd_kind=None, generic=None, sgemm=True)
+
+# The slots a complete row has; ``product slots`` are absent on the types ggml only uses for activations.
+STORAGE_SLOTS = ("unpack", "to_float", "from_float")
+PRODUCT_SLOTS = ("one_token", "few_tokens")
+
+
 @dataclass
 class QuantType:
     name: str                 # llama.cpp spelling, e.g. "q4_K"
@@ -23,10 +49,30 @@ class QuantType:
     block_size: int           # values per block
     type_size: int            # bytes per block
     vec_dot_type: str         # type the activations are quantized to for dot products with this type
-    layout: str = ""          # the block layout in words (for readers of the code)
-    # Filled in by the modules that implement the type (see register()):
-    dequantize: Optional[Callable] = field(default=None, repr=False)  # (uint8[n_bytes]) -> float32[n_values]
-    quantize: Optional[Callable] = field(default=None, repr=False)    # (float32[n_values]) -> uint8[n_bytes]
+    layout: str = ""          # the block layout in words (blocks.py draws the bits)
+    weights: bool = True      # False: an activation format only (q8_1, q8_K: ggml has no product with them)
+    # Filled in by traits.py through register():
+    unpack: Optional[Callable] = field(default=None, repr=False)
+    to_float: Optional[Callable] = field(default=None, repr=False)
+    from_float: Optional[Callable] = field(default=None, repr=False)
+    one_token: Optional[ProductKernel] = field(default=None, repr=False)
+    few_tokens: Optional[ProductKernel] = field(default=None, repr=False)
+
+    # The names the rest of the engine used before the row had its traits.
+    @property
+    def dequantize(self) -> Optional[Callable]:
+        return self.to_float
+
+    @property
+    def quantize(self) -> Optional[Callable]:
+        return self.from_float
+
+    @property
+    def required_slots(self) -> tuple[str, ...]:
+        return STORAGE_SLOTS + (PRODUCT_SLOTS if self.weights else ())
+
+    def missing_slots(self) -> list[str]:
+        return [slot for slot in self.required_slots if getattr(self, slot) is None]
 
     def row_bytes(self, n_values: int) -> int:
         """Bytes taken by ``n_values`` values (which must be a whole number of blocks)."""
@@ -48,13 +94,13 @@ _ROWS = [
     QuantType("q5_0", 6, 32, 22, "q8_0", "d:f16, qh:u32 (5th bits), qs:u8[16], v = (q-16)*d"),
     QuantType("q5_1", 7, 32, 24, "q8_1", "d:f16, m:f16, qh:u32, qs:u8[16], v = q*d + m"),
     QuantType("q8_0", 8, 32, 34, "q8_0", "d:f16, qs:i8[32], v = q*d"),
-    QuantType("q8_1", 9, 32, 36, "q8_1", "d:f16, s:f16 (d*sum(qs)), qs:i8[32]"),
+    QuantType("q8_1", 9, 32, 36, "q8_1", "d:f16, s:f16 (d*sum(qs)), qs:i8[32]", weights=False),
     QuantType("q2_K", 10, 256, 84, "q8_K", "scales:u8[16] (4-bit scale | 4-bit min), qs:u8[64] (2-bit), d:f16, dmin:f16"),
     QuantType("q3_K", 11, 256, 110, "q8_K", "hmask:u8[32], qs:u8[64] (low 2 bits), scales:u8[12] (6-bit), d:f16"),
     QuantType("q4_K", 12, 256, 144, "q8_K", "d:f16, dmin:f16, scales:u8[12] (6-bit scales+mins), qs:u8[128]"),
     QuantType("q5_K", 13, 256, 176, "q8_K", "d:f16, dmin:f16, scales:u8[12], qh:u8[32], qs:u8[128]"),
     QuantType("q6_K", 14, 256, 210, "q8_K", "ql:u8[128], qh:u8[64], scales:i8[16], d:f16"),
-    QuantType("q8_K", 15, 256, 292, "q8_K", "d:f32, qs:i8[256], bsums:i16[16]"),
+    QuantType("q8_K", 15, 256, 292, "q8_K", "d:f32, qs:i8[256], bsums:i16[16]", weights=False),
     QuantType("bf16", 30, 1, 2, "bf16", "bfloat16 (upper half of a float32)"),
 ]
 
@@ -88,10 +134,29 @@ def get_type(key) -> QuantType:
         raise ValueError(f"unknown ggml type {key!r}; known: {', '.join(TYPES)}") from None
 
 
-def register(name: str, *, dequantize: Callable | None = None, quantize: Callable | None = None) -> None:
-    """Attach kernels to a row of the table (called by the modules that implement them)."""
-    row = get_type(name)
-    if dequantize is not None:
-        row.dequantize = dequantize
-    if quantize is not None:
-        row.quantize = quantize
+class IncompleteTypeError(ValueError):
+    """A type registered without one of the slots of its row."""
+
+
+def register(name, *, unpack: Callable | None = None, to_float: Callable | None = None,
+             from_float: Callable | None = None, one_token: ProductKernel | None = None,
+             few_tokens: ProductKernel | None = None) -> QuantType:
+    """Fill a row's slots, all at once: a row with an empty slot is refused (``IncompleteTypeError`` naming the
+    slot) and left as it was. ``name``: a type of the table, or a ``QuantType`` (a new row, not yet in the table).
+    Returns the row."""
+    row = name if isinstance(name, QuantType) else get_type(name)
+    given = dict(unpack=unpack, to_float=to_float, from_float=from_float, one_token=one_token,
+                 few_tokens=few_tokens)
+    missing = [slot for slot in row.required_slots if given[slot] is None]
+    if missing:
+        raise IncompleteTypeError(f"type {row.name}: no {', '.join(missing)} given; a type's row needs "
+                                  f"{', '.join(row.required_slots)}")
+    for slot in PRODUCT_SLOTS:
+        kernel = given[slot]
+        if kernel is not None and not isinstance(kernel, ProductKernel):
+            raise IncompleteTypeError(f"type {row.name}: {slot} must be a ProductKernel, got {type(kernel).__name__}")
+        if kernel is not None and not kernel.sgemm and kernel.generic is None:
+            raise IncompleteTypeError(f"type {row.name}: {slot} has no generic kernel (CPUs without AVX2 run it)")
+    for slot, value in given.items():
+        setattr(row, slot, value)
+    return row
