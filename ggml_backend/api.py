@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import random
 from functools import lru_cache
 import sys
 import time
@@ -14,7 +13,9 @@ import numpy as np
 
 from .formats import load
 from .generation import validate
-from .generation.sampling import LLAMA_DEFAULT_SEED, SamplingParams, derived_seed, seed_is_random
+from .generation.grammar import as_grammar
+from .generation.sampling import (LLAMA_DEFAULT_SEED, SamplingParams, derived_seed, next_chain_seed,
+                                  seed_is_random)
 from .model.forward import Model
 from .model.kv_cache import cache_type
 from .model.session import InferenceSession, SessionState
@@ -75,15 +76,6 @@ def _check_callable(name: str, value) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be callable (e.g. a {'LogitsProcessorList' if 'logits' in name else 'StoppingCriteriaList'}), "
                         f"got {type(value).__name__}")
-
-
-def _as_grammar(grammar):
-    """``grammar=``: a ``LlamaGrammar`` (or None)."""
-    from .generation.grammar import LlamaGrammar
-    if grammar is not None and not isinstance(grammar, LlamaGrammar):
-        raise TypeError(f"grammar must be a LlamaGrammar (LlamaGrammar.from_string(gbnf), .from_json_schema(...)), "
-                        f"got {type(grammar).__name__}")
-    return grammar
 
 
 def _return_freed_memory_to_the_system() -> None:
@@ -457,7 +449,7 @@ class Llama:
         ahead: a stream closed after a token has not evaluated it); the stream may be advanced from any thread,
         one at a time, and closing it (or dropping it) ends the generation."""
         return self._token_stream(tokens, sampler=sampler, params=params, max_tokens=max_tokens, n_keep=n_keep,
-                                  stop_tokens=stop_tokens, grammar=_as_grammar(grammar))
+                                  stop_tokens=stop_tokens, grammar=as_grammar(grammar))
 
     def generate(self, tokens, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
                  temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,
@@ -472,7 +464,7 @@ class Llama:
 
         Differs: the stream is an iterator, not a generator (no ``send``); the seed is the one ``set_seed`` or
         the constructor gave (drawn afresh when random)."""
-        grammar = _as_grammar(grammar)
+        grammar = as_grammar(grammar)
         _check_callable("logits_processor", logits_processor)
         _check_callable("stopping_criteria", stopping_criteria)
         tokens = validate.eval_tokens(tokens, self.hparams.n_vocab)
@@ -623,7 +615,7 @@ class Llama:
             return seed
         if seed_is_random(self._seed):
             return None
-        self._seed = random.Random(self._seed).randint(0, 2 ** 32 - 2)
+        self._seed = next_chain_seed(self._seed)
         return self._seed
 
     def __call__(self, prompt, *args, **kwargs):
@@ -663,7 +655,7 @@ class Llama:
         as it is: its ``repeat_last_n`` and ``repeat_penalty`` too), instead of the keywords; a sampling keyword
         given with a value other than its default overrides that field (``_with_overrides``)."""
         n = validate.integer("n", n, low=1)
-        grammar = _as_grammar(grammar)
+        grammar = as_grammar(grammar)
         _check_callable("logits_processor", logits_processor)
         _check_callable("stopping_criteria", stopping_criteria)
         if suffix is not None and not isinstance(suffix, str):
@@ -927,7 +919,7 @@ class Llama:
         ``SamplingParams``, as ``create_completion`` takes it (a sampling keyword given with a value other than
         its default here overrides that field)."""
         from .generation.grammar import forced_call_grammar, grammar_from_response_format, tool_call_grammar
-        grammar = _as_grammar(grammar)
+        grammar = as_grammar(grammar)
         n = validate.integer("n", n, low=1)
         keywords = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
                         seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,

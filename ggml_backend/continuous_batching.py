@@ -196,8 +196,8 @@ class ContinuousBatcher:
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be callable, got {type(value).__name__}")
         if grammar is not None:
-            from .api import _as_grammar
-            grammar = _as_grammar(grammar)
+            from .generation.grammar import as_grammar
+            grammar = as_grammar(grammar)
         room = self.n_ctx - len(tokens)
         max_tokens = room if max_tokens is None or max_tokens <= 0 else min(int(max_tokens), room)
         stop_ids = set(llm.tokenizer.eog_ids) if stop_tokens is None else {int(t) for t in stop_tokens}

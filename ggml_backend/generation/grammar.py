@@ -345,3 +345,11 @@ def _parameters_schema(tool: dict) -> str:
     schema = dict(tool["function"].get("parameters") or {"type": "object", "properties": {}})
     schema.setdefault("additionalProperties", False)
     return json.dumps(schema, ensure_ascii=False)
+
+
+def as_grammar(grammar):
+    """A ``grammar=`` argument checked: a ``LlamaGrammar`` or None, else a TypeError saying how to make one."""
+    if grammar is not None and not isinstance(grammar, LlamaGrammar):
+        raise TypeError(f"grammar must be a LlamaGrammar (LlamaGrammar.from_string(gbnf), .from_json_schema(...)), "
+                        f"got {type(grammar).__name__}")
+    return grammar

@@ -95,6 +95,13 @@ def derived_seed(base: int | None, index: int) -> int | None:
     return None if base is None else (base + index) % LLAMA_DEFAULT_SEED
 
 
+def next_chain_seed(seed: int) -> int:
+    """The next seed of a seed chain (llama-cpp-python's per-``Llama`` seeding: the constructor's seed draws each
+    call's seed in turn, so repeated calls differ and a run of them reproduces); never a "random" value."""
+    import random
+    return random.Random(seed).randint(0, LLAMA_DEFAULT_SEED - 1)
+
+
 def normalize_logit_bias(logit_bias) -> dict[int, float]:
     """``{token_id: bias}`` with int ids (OpenAI JSON sends them as strings) and a bias that is finite or -inf."""
     if logit_bias is None:

@@ -86,4 +86,4 @@ class GenerationSettings:
         logit_bias = {int(t): -math.inf for t in eog_ids} if self.ban_eos_token else {}
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                               repeat_penalty=self.repetition_penalty, repeat_last_n=self.repetition_penalty_range,
-                              logit_bias=logit_bias, seed=None if self.seed == -1 else self.seed)
+                              logit_bias=logit_bias, seed=self.seed)   # SamplingParams: -1 = random

@@ -6,7 +6,6 @@ construction, as there.
 """
 from __future__ import annotations
 
-import random
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from langchain_core.utils.utils import _build_model_kwargs
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from ggml_backend import Llama
-from ggml_backend.api import LLAMA_DEFAULT_SEED
+from ggml_backend.generation.sampling import next_chain_seed, seed_is_random
 from ggml_backend.generation.grammar import LlamaGrammar
 
 from ._shared import SharedModel, get_shared_model, shared_model_of
@@ -173,10 +172,10 @@ class LlamaCppParams(BaseModel):
     def _call_seed(self, seed: int | None) -> int | None:
         """A call's seed: its own when given; else the next draw of this instance's chain (as ``Llama`` draws
         from its constructor's seed); None (random) when the instance's seed is -1."""
-        if seed is not None and seed != -1:
+        if not seed_is_random(seed):
             return seed
         with self._seed_lock:
-            if self._seed_state is None or self._seed_state < 0 or self._seed_state == LLAMA_DEFAULT_SEED:
+            if self._seed_state is None or self._seed_state < 0 or seed_is_random(self._seed_state):
                 return None
-            self._seed_state = random.Random(self._seed_state).randint(0, 2 ** 32 - 2)
+            self._seed_state = next_chain_seed(self._seed_state)
             return self._seed_state
