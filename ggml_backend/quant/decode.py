@@ -37,7 +37,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core.datamodel import models
 from numba.core.imputils import lower_constant
-from numba.extending import NativeValue, intrinsic, register_model, typeof_impl, unbox
+from numba.extending import NativeValue, intrinsic, overload, register_model, typeof_impl, unbox
 
 from .simd import (
     add_bytes, add_f32x8, add_i32x8, bits_to_bytes, dot_i8_i8, dot_u8_i8, fma_i32x8, high_nibbles_dot, load_8_i32,
@@ -164,7 +164,8 @@ def lane_bias(xq, offset, isa):
 # tokens' steps for the tiles of 2 and 3 (wider tiles were not tried).
 TILE = 4
 
-# Kernel selectors: the ``kind`` argument of ``matvec``.
+# Kernel selectors: ``KIND_ARGS[KINDS[type]]`` is the ``kind`` argument of ``matvec`` / ``matmul_few``, the int
+# code that of ``dequantize_rows``.
 KINDS = {"q4_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3, "q8_0": 4, "q2_K": 5, "q3_K": 6, "q4_K": 7, "q5_K": 8, "q6_K": 9}
 
 
@@ -767,50 +768,43 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
             out[t, first + i] = _row_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, t, isa)
 
 
-_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = KIND_ARGS
-
-
-@njit(inline="always", **_KERNEL)
 def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    """The rows of the run-time ``kind`` (an int): one branch per kind, each calling that kind's own compiled
-    function."""
-    if kind == 0:
-        _rows_legacy(_Q4_0, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
-    elif kind == 1:
-        _rows_legacy(_Q4_1, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
-    elif kind == 2:
-        _rows_legacy(_Q5_0, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
-    elif kind == 3:
-        _rows_legacy(_Q5_1, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
-    elif kind == 4:
-        _rows_legacy(_Q8_0, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
-    elif kind == 5:
-        _rows_groups(_Q2_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
-    elif kind == 6:
-        _rows_groups(_Q3_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
-    elif kind == 7:
-        _rows_k4(_Q4_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
-    elif kind == 8:
-        _rows_k4(_Q5_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
-    else:
-        _rows_groups(_Q6_K, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+    """The rows of ``kind`` (a ``Kind`` constant): its family's row function, chosen at compile time, so a kernel
+    compiles only the kinds it is called with (a model's first run compiles its own 3-5 types, not all ten)."""
+    raise NotImplementedError("decode._rows runs inside the compiled kernels only")
+
+
+_FAMILY_ROWS = {0: _rows_legacy, 1: _rows_legacy, 2: _rows_legacy, 3: _rows_legacy, 4: _rows_legacy,
+                5: _rows_groups, 6: _rows_groups, 9: _rows_groups, 7: _rows_k4, 8: _rows_k4}
+
+
+@overload(_rows, inline="always")
+def _rows_of_kind(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    if not isinstance(kind, ConstantType) or kind.label != "kind":
+        return None
+    family = _FAMILY_ROWS[kind.code]
+
+    def rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+        family(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+    return rows
 
 
 @njit(**_KERNEL)
 def _per_row_terms(kind, xq, x_bsums, isa):
     """What a kind's rows share for one activation row: the lane biases of its weight offset (q4_0, q5_0, q8_0,
     q3_K, q6_K) or the q8_K sums per 32 (q4_K, q5_K); an empty array where a kind needs neither."""
-    if kind == 0:
+    code = kind_code(kind)
+    if code == 0:
         return lane_bias(xq, 8, isa)
-    if kind == 2:
+    if code == 2:
         return lane_bias(xq, 16, isa)
-    if kind == 4:
+    if code == 4:
         return lane_bias(xq, signed_dot_offset(isa), isa)
-    if kind == 6:
+    if code == 6:
         return lane_bias(xq, 4, isa)
-    if kind == 9:
+    if code == 9:
         return lane_bias(xq, 32, isa)
-    if kind == 7 or kind == 8:
+    if code == 7 or code == 8:
         return pair_sums(x_bsums)
     return np.empty(0, np.int32)
 
@@ -827,7 +821,8 @@ def _matrix_of_row(row_counts, first, m, matrix_first):
 
 @njit(parallel=True, nogil=True, **_KERNEL)
 def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
-    """One activation row (one token) times the rows of one or more weight matrices of one type (``KINDS[type]``)
+    """One activation row (one token) times the rows of one or more weight matrices of one type (``kind``: its
+    ``Kind`` constant, ``KIND_ARGS[KINDS[type]]``, so each type compiles its own kernel when first used)
     that share it (q, k and v; gate and up), in one parallel launch: the decode step.
 
     ``w``: a byte array holding the matrices (the model file's memory map); matrix m's rows start at byte

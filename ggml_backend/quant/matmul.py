@@ -40,7 +40,7 @@ from .activations import (
     quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
     round_rows_to_bf16, round_rows_to_f16,
 )
-from .decode import KINDS, matmul_few, matvec  # noqa: F401  (KINDS: model/batching asks it)
+from .decode import KIND_ARGS, KINDS, matmul_few, matvec  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
 from .simd import choose_isa
 from .types import TYPES, QuantType, get_type
@@ -222,10 +222,10 @@ def _simd_matvec(kind: int, base: np.ndarray, starts, row_counts, row_bytes: int
     starts = np.asarray(starts, np.int64)
     row_counts = np.asarray(row_counts, np.int64)
     if n_tokens == 1:
-        matvec(kind, base, starts, row_counts, row_bytes, acts.qs[0], acts.d[0], x_sums[0], x_bsums[0],
+        matvec(KIND_ARGS[kind], base, starts, row_counts, row_bytes, acts.qs[0], acts.d[0], x_sums[0], x_bsums[0],
                out[0], _n_chunks(out.shape[1]), KERNEL_ISA)
     else:
-        matmul_few(kind, base, starts, row_counts, row_bytes, acts.qs, acts.d, x_sums, x_bsums, out,
+        matmul_few(KIND_ARGS[kind], base, starts, row_counts, row_bytes, acts.qs, acts.d, x_sums, x_bsums, out,
                    _n_chunks(out.shape[1]), KERNEL_ISA)
 
 
