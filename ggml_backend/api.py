@@ -20,7 +20,7 @@ from .model.forward import Model
 from .model.kv_cache import cache_type
 from .model.session import InferenceSession, SessionState
 from .model.validate import build_hparams, build_tokenizer, check_memory
-from .scheduler import Stream, TokenStream
+from .model.scheduler import Stream, TokenStream
 
 #: what ``save_state()`` captures: the evaluated tokens, their keys/values, the last logits, and the seed the next
 #: unseeded generation draws from (the session's state, model/session.py)
@@ -99,7 +99,7 @@ class Llama:
     logits and which kernel path each batch takes.
 
     Thread-safe: every operation on the context's state (``eval``, ``reset``, ``save_state``, ``load_state`` and
-    each step of a generation) runs on the session's worker thread, one at a time (see ``scheduler``). Streams
+    each step of a generation) runs on the session's worker thread, one at a time (see ``model/scheduler.py``). Streams
     (``generate``, ``create_completion(stream=True)``, ``create_chat_completion(stream=True)``) may be advanced from
     any thread, one thread at a time, and closed from any thread; closing one, or dropping it, frees the model.
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from ggml_backend import scheduler as sched
-from ggml_backend.scheduler import Scheduler, Stream, TokenStream
+from ggml_backend.model import scheduler as sched
+from ggml_backend.model.scheduler import Scheduler, Stream, TokenStream
 
 
 class Counter:

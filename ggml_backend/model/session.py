@@ -23,6 +23,7 @@ import numpy as np
 
 from ..quant.matmul import BLAS_MIN_TOKENS
 from .kv_cache import DEFAULT_CACHE_TYPE, MultiSequenceCache
+from .scheduler import Scheduler
 
 # how a KV cache position was computed (InferenceSession.numerics): by the integer kernels (one token, or a batch
 # below BLAS_MIN_TOKENS: the same numbers either way), by a batch on the BLAS path, or by neither (keys re-rotated
@@ -80,7 +81,6 @@ class InferenceSession:
     def __init__(self, model, n_ctx: int, *, n_batch: int, n_threads: int,
                  cache_types: tuple[str, str] = (DEFAULT_CACHE_TYPE, DEFAULT_CACHE_TYPE), logits_all: bool = False,
                  name: str = "model"):
-        from ..scheduler import Scheduler
         self.model = model
         self.n_ctx = int(n_ctx)
         self.n_batch = int(min(n_batch, self.n_ctx))
