@@ -9,18 +9,18 @@ each want one token are served by one pass of N tokens for much less than N pass
    grammar), and the step returns one ``SequenceEvent`` per such sequence.
 
 Sequences live in a ``MultiSequenceCache`` (model/kv_cache.py) that the ``Llama``'s inference session makes
-(``InferenceSession.sequence_cache``, model/session.py): memory comes as they grow and goes back when they end. A sequence may start from another's evaluated prefix (``share_prefix_with``): ``n > 1`` completions evaluate
-their prompt once, and its keys and values are copied to the others.
+(``InferenceSession.sequence_cache``, model/session.py): memory comes as they grow and goes back when they end. A
+sequence may start from another's evaluated prefix (``share_prefix_with``): ``n > 1`` completions evaluate their
+prompt once, and its keys and values are copied to the others.
 
 Results do not depend on batching. A prompt is split into the batches ``Llama.eval`` would use (near-equal ones of
 at most ``n_batch`` tokens; ``session.eval_batches``). A batch on the BLAS path (``session.runs_alone``: 48 tokens
-or more) runs as a pass of its own, exactly as alone
-(one such pass per step, so decoding sequences wait one prompt batch at most: a smaller ``n_batch`` stalls them
-less); smaller ones, and decode tokens, go through the integer kernels, which give every token the numbers it gets
-alone whatever the pass holds (model/batching.py), so they are freely combined. A model whose weights are not all
-on those kernels (f16/f32 weights) gets one pass per sequence: still the numbers of each sequence alone, without
-the gain. At temperature 0 a sequence thus gives the same tokens in a batch of 8 as alone, and as
-``Llama.create_completion``.
+or more) runs as a pass of its own, exactly as alone (one such pass per step, so decoding sequences wait one prompt
+batch at most: a smaller ``n_batch`` stalls them less); smaller ones, and decode tokens, go through the integer
+kernels, which give every token the numbers it gets alone whatever the pass holds (model/batching.py), so they are
+freely combined. A model whose weights are not all on those kernels (f16/f32 weights) gets one pass per sequence:
+still the numbers of each sequence alone, without the gain. At temperature 0 a sequence thus gives the same tokens
+in a batch of 8 as alone, and as ``Llama.create_completion``.
 
 The combined passes go through the model's ``ForwardBatcher``, the same flat combining that ``Llama.new_context``
 contexts (the server's slots) use, so a batcher's sequences and other contexts decoding at the same moment share
