@@ -13,7 +13,8 @@ from ggml_backend.quant.activations import (
     quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
     quantize_row_q8_0, quantize_row_q8_1, quantize_row_q8_K,
 )
-from ggml_backend.quant.matmul import MatmulShapeError, WeightMatrix, matmul, matmul_many
+from ggml_backend.quant.matmul import MatmulShapeError, WeightMatrix, gemm_available, matmul, matmul_many
+from ggml_backend.quant.types import get_type
 
 from refdata import SYNTHETIC_DIR as SYNTHETIC  # noqa: E402
 LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
@@ -111,9 +112,22 @@ def test_quantized_matmul_matches_oracles(name, n_tokens, rng):
     y_blas = matmul(name, weight_bytes, x, method="blas")
     assert np.all(np.abs(y_blas - exact) <= 1e-5 * scale + 1e-5)
 
-    # auto picks one of the two.
+    # Integer GEMM (the prompt path on AVX512-VNNI): the integer path's numbers up to float32 summation order; for
+    # q4_0 / q5_0 the same order (its 16 lanes are the one-token kernel's two 8-lane chains), so bit for bit.
+    candidates = [y_int, y_blas]
+    if gemm_available(get_type(name), k):
+        y_gemm = matmul(name, weight_bytes, x, method="gemm")
+        assert np.all(np.abs(y_gemm - exact) <= 4e-6 * scale + 1e-6)
+        if name in ("q4_0", "q5_0"):
+            assert np.array_equal(y_gemm, y_int)
+        candidates.append(y_gemm)
+    else:
+        with pytest.raises(MatmulShapeError, match="GEMM"):
+            matmul(name, weight_bytes, x, method="gemm")
+
+    # auto picks one of them.
     y_auto = matmul(name, weight_bytes, x)
-    assert np.array_equal(y_auto, y_int) or np.array_equal(y_auto, y_blas)
+    assert any(np.array_equal(y_auto, y) for y in candidates)
 
 
 @pytest.mark.parametrize("n_tokens", TOKEN_COUNTS)

@@ -43,7 +43,8 @@ from .simd import (
     add_bytes, add_f32x8, add_i32x8, bits_to_bytes, dot_i8_i8, dot_u8_i8, fma_i32x8, high_nibbles_dot, load_8_i32,
     load_16_bytes, load_32_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, or_bytes, pair_i32x8,
     pair_low_nibbles_i32x8, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
-    store_8_i32, store_scaled, sum_f32x8, unpack_nibbles, zero_f32x8, zero_i32x8,
+    store_32_bytes, store_8_i32, store_halves_f32x8, store_scaled, sum_f32x8, unpack_nibbles, zero_f32x8,
+    zero_i32x8,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -881,52 +882,84 @@ def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bs
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Dequantization of weight rows to float32 (the BLAS path of prompt processing), with the same block expansion
-# as the kernels above and the type table's arithmetic (a multiply, then a subtract: bit-exact to quant/legacy.py
-# and quant/kquants.py)
+# Weight rows expanded group by group (32 values: two 16-value halves with a scale and an offset each, value =
+# q * scale - offset), with the same block expansion as the kernels above. One walk per row, two sinks:
+# ``_FLOATS`` writes float32 values with the type table's arithmetic (a multiply, then a subtract: bit-exact to
+# quant/legacy.py and quant/kquants.py; the BLAS path of prompt processing), ``_PANEL`` writes the signed byte
+# quants, their lane biases and the halves' scales and offsets per int32 lane (the integer GEMM of gemm.py).
 # ----------------------------------------------------------------------------------------------------------------
 
-@njit(nogil=True, **_KERNEL)
-def dequantize_rows(kind, w, start, row_bytes, out, isa):
-    """out[i] = row i of the matrix whose rows start at byte ``start`` of ``w`` (out: float32 [n, k])."""
-    n_rows, k = out.shape
-    flat = out.reshape(-1)
+class Sink(KernelConstant):
+    """Where ``_walk_rows`` puts each group: ``_FLOATS`` or ``_PANEL``."""
+
+    label = "sink"
+
+
+_FLOATS, _PANEL = Sink(0, "floats"), Sink(1, "panel")
+sink_code = _constant_reader("sink")
+
+
+@njit(inline="always", **_KERNEL)
+def _emit(sink, floats, quants, bias, lane_scale, lane_offset, base, q, scale_a, scale_b, offset_a, offset_b, isa):
+    """One 32-value group (values ``base`` .. ``base + 31`` of the destination): signed byte quants ``q`` and, for
+    each 16-value half, its scale and offset. ``_PANEL`` keeps ``lane_offset`` only where it has room (the kinds
+    with offsets: q4_1, q5_1, q2_K, q4_K, q5_K), one per 16 values."""
+    if sink_code(sink) == 0:
+        store_scaled(floats, base, q, scale_a, scale_b, offset_a, offset_b)
+        return
+    store_32_bytes(quants, base, q)
+    # -128 * the lane sums of q: the GEMM multiplies x + 128 (unsigned) by q, this takes the 128 back out
+    store_8_i32(bias, base // 4, mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(128), q, isa), -1))
+    store_halves_f32x8(lane_scale, base // 4, scale_a, scale_b)
+    if lane_offset.size:
+        lane_offset[base // 16] = offset_a
+        lane_offset[base // 16 + 1] = offset_b
+
+
+@njit(inline="always", **_KERNEL)
+def _walk_rows(kind, w, start, row_bytes, n_rows, k, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+    """Every group of ``n_rows`` rows (from byte ``start`` of ``w``, ``row_bytes`` apart) into ``sink``; row r's
+    values go to r * k .. r * k + k - 1 of the destination."""
+    kc = kind_code(kind)
     zero = np.float32(0.0)
     for r in range(n_rows):
         row = start + r * row_bytes
         base = r * k
-        if kind <= 4:     # legacy: blocks of 32
+        if kc <= 4:     # legacy: blocks of 32
             for b in range(k // 32):
-                if kind == 0:
+                if kc == 0:
                     o = row + 18 * b
                     d = load_f16(w, o)
-                    store_scaled(flat, base + 32 * b, add_bytes(_q4_quants(w, o + 2), splat_bytes(-8)), d, d,
-                                 zero, zero)
-                elif kind == 1:
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b,
+                          add_bytes(_q4_quants(w, o + 2), splat_bytes(-8)), d, d, zero, zero, isa)
+                elif kc == 1:
                     o = row + 20 * b
                     d = load_f16(w, o)
                     m = -load_f16(w, o + 2)
-                    store_scaled(flat, base + 32 * b, _q4_quants(w, o + 4), d, d, m, m)
-                elif kind == 2:
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b, _q4_quants(w, o + 4),
+                          d, d, m, m, isa)
+                elif kc == 2:
                     o = row + 22 * b
                     d = load_f16(w, o)
                     q = _q5_quants(w, o + 2)
-                    store_scaled(flat, base + 32 * b, add_bytes(q, splat_bytes(-16)), d, d, zero, zero)
-                elif kind == 3:
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b,
+                          add_bytes(q, splat_bytes(-16)), d, d, zero, zero, isa)
+                elif kc == 3:
                     o = row + 24 * b
                     d = load_f16(w, o)
                     m = -load_f16(w, o + 2)
                     q = _q5_quants(w, o + 4)
-                    store_scaled(flat, base + 32 * b, q, d, d, m, m)
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b, q, d, d, m, m, isa)
                 else:
                     o = row + 34 * b
                     d = load_f16(w, o)
-                    store_scaled(flat, base + 32 * b, load_32_bytes(w, o + 2), d, d, zero, zero)
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b, load_32_bytes(w, o + 2),
+                          d, d, zero, zero, isa)
             continue
         for b in range(k // 256):
             x = base + 256 * b
-            if kind == 7 or kind == 8:     # q4_K, q5_K
-                size = 144 if kind == 7 else 176
+            if kc == 7 or kc == 8:     # q4_K, q5_K
+                size = 144 if kc == 7 else 176
                 o = row + size * b
                 d = load_f16(w, o)
                 dmin = load_f16(w, o + 2)
@@ -934,7 +967,7 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                 for c in range(4):
                     scales = words[c // 2] >> (16 * (c & 1))
                     mins = words[2 + c // 2] >> (16 * (c & 1))
-                    if kind == 7:
+                    if kc == 7:
                         packed = load_32_bytes(w, o + 16 + 32 * c)
                         low = low_nibbles(packed)
                         high = shift_right_and(packed, 4, 15)
@@ -947,9 +980,11 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                     m1 = dmin * np.float32(mins & 0xFF)
                     d2 = d * np.float32((scales >> 8) & 0xFF)
                     m2 = dmin * np.float32((mins >> 8) & 0xFF)
-                    store_scaled(flat, x + 64 * c, low, d1, d1, m1, m1)
-                    store_scaled(flat, x + 64 * c + 32, high, d2, d2, m2, m2)
-            elif kind == 9:                # q6_K
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 64 * c, low, d1, d1, m1, m1,
+                          isa)
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 64 * c + 32, high, d2, d2, m2,
+                          m2, isa)
+            elif kc == 9:                # q6_K
                 o = row + 210 * b
                 d = load_f16(w, o + 208)
                 for n in range(2):
@@ -969,9 +1004,9 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                             q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
                         scale_a = d * np.float32(np.int8(w[s + 2 * part]))
                         scale_b = d * np.float32(np.int8(w[s + 2 * part + 1]))
-                        store_scaled(flat, x + 128 * n + 32 * part, add_bytes(q, minus32), scale_a, scale_b,
-                                     zero, zero)
-            elif kind == 6:                # q3_K
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 128 * n + 32 * part,
+                              add_bytes(q, minus32), scale_a, scale_b, zero, zero, isa)
+            elif kc == 6:                # q3_K
                 o = row + 110 * b
                 d = load_f16(w, o + 108)
                 hmask = load_32_bytes(w, o)
@@ -984,8 +1019,8 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                         pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
                         scale_a = d * np.float32((pair & 0xFF) - 32)
                         scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)
-                        store_scaled(flat, x + 128 * n + 32 * j, add_bytes(q, splat_bytes(-4)), scale_a, scale_b,
-                                     zero, zero)
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 128 * n + 32 * j,
+                              add_bytes(q, splat_bytes(-4)), scale_a, scale_b, zero, zero, isa)
             else:                          # q2_K
                 o = row + 84 * b
                 d = load_f16(w, o + 80)
@@ -998,5 +1033,24 @@ def dequantize_rows(kind, w, start, row_bytes, out, isa):
                         scale_b = d * np.float32(np.int32(w[s + 1]) & 15)
                         min_a = dmin * np.float32(np.int32(w[s]) >> 4)
                         min_b = dmin * np.float32(np.int32(w[s + 1]) >> 4)
-                        store_scaled(flat, x + 128 * n + 32 * j, shift_right_and(packed, 2 * j, 3), scale_a, scale_b,
-                                     min_a, min_b)
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 128 * n + 32 * j,
+                              shift_right_and(packed, 2 * j, 3), scale_a, scale_b, min_a, min_b, isa)
+
+
+@njit(nogil=True, **_KERNEL)
+def dequantize_rows(kind, w, start, row_bytes, out, isa):
+    """out[i] = row i of the matrix whose rows start at byte ``start`` of ``w`` (out: float32 [n, k]); ``kind``
+    is the type's ``Kind``."""
+    n_rows, k = out.shape
+    unused = np.empty(0, np.float32)     # the panel's arrays (the _PANEL branch is compiled away)
+    _walk_rows(kind, w, start, row_bytes, n_rows, k, _FLOATS, out.reshape(-1), np.empty(0, np.int8),
+               np.empty(0, np.int32), unused, unused, isa)
+
+
+@njit(nogil=True, **_KERNEL)
+def unpack_panel(kind, w, start, row_bytes, n_rows, k, quants, bias, lane_scale, lane_offset, isa):
+    """Rows of the matrix from byte ``start`` as a GEMM panel: quants int8 [n_rows * k], bias int32 and lane_scale
+    float32 [n_rows * k / 4] (per int32 lane), lane_offset float32 [n_rows * k / 16] (per 16 values; may be empty
+    for the kinds without offsets)."""
+    _walk_rows(kind, w, start, row_bytes, n_rows, k, _PANEL, np.empty(0, np.float32), quants, bias, lane_scale,
+               lane_offset, isa)

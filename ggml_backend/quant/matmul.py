@@ -8,7 +8,7 @@ Numerics follow llama.cpp's CPU backend: each activation row is quantized to the
 block scales, and the per-row sums are accumulated in float32. f16 / bf16 weights meet activations rounded to f16 /
 bf16; f32 weights meet float32 activations.
 
-Two ways to compute the same product:
+Three ways to compute the same product:
 
 * ``"int"``: integer kernels, the ones the weight type's row names (``types.py``: ``one_token`` for one activation
   row, ``few_tokens`` for more). On a CPU with AVX2 they are the explicit-SIMD kernels of ``decode.py`` on its
@@ -16,10 +16,15 @@ Two ways to compute the same product:
   read once per token) or a few (tiles of tokens that unpack each weight block once, each (row, token) result
   bit for bit the one-token kernel's), several matrices sharing the input in one launch (``matmul_many``). CPUs
   without AVX2 (or ``GGML_BACKEND_KERNELS=generic``) run the plain numba kernels of ``generic.py``.
+* ``"gemm"``: the integer GEMM of ``gemm.py`` for many tokens (prompt processing) on AVX512-VNNI: weights kept
+  8-bit, tiles of 4 rows x 4 tokens on 512-bit ``vpdpbusd``, with llama.cpp's quantized activations; 1.5-2.5x
+  the BLAS path on a Zen 4. ``method="auto"`` picks it from ``BLAS_MIN_TOKENS`` tokens on where the CPU has it
+  (and k is a multiple of 64).
 * ``"blas"``: dequantize a band of W rows to float32 (``decode.dequantize_rows`` on a SIMD CPU, the type table's
   ``to_float`` elsewhere: the same floats) and hand it to numpy's sgemm. f32 / f16 / bf16 weights always take
   it. Its numerics differ (the activations are not quantized) but it is much faster when many tokens share each
-  weight (prompt processing). ``method="auto"`` picks it from ``BLAS_MIN_TOKENS`` tokens on.
+  weight (prompt processing). ``method="auto"`` picks it from ``BLAS_MIN_TOKENS`` tokens on where the GEMM is not
+  available (CPUs without AVX512-VNNI, k not a multiple of 64).
 
 This module is validation, dispatch (asking the type's row), the fused launch plans of ``matmul_many`` and the
 BLAS path; attention is not here (``model/attention.py``, numba kernels of its own).
@@ -42,6 +47,7 @@ from .activations import (
 )
 from .decode import KIND_ARGS, KINDS, matmul_few, matvec  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
+from .gemm import GemmTokens, gemm_product, isa_has_gemm
 from .simd import choose_isa
 from .types import TYPES, QuantType, get_type
 
@@ -50,7 +56,9 @@ class MatmulShapeError(ValueError):
     """Weights or activations given to a matrix product have the wrong shape, dtype, size or memory layout."""
 
 
-# From this many tokens on, method="auto" dequantizes W bands to float32 and uses numpy's sgemm. The band
+# From this many tokens on, method="auto" takes the prompt path: the integer GEMM where the CPU has it, else
+# dequantized W bands into numpy's sgemm. Below it the few-token kernels, whose (row, token) results are the
+# one-token kernel's bit for bit (continuous batching and prompt caching rely on that). For sgemm the band
 # dequantization costs the same whatever the token count (Qwen2.5-0.5B: ~600 ms per forward pass on 2 Zen 4
 # cores), the SIMD integer kernels ~18 ms per token: a 16-token prompt took 660 ms by sgemm and 290 ms by the
 # integer kernels, a 48-token one about 890 ms either way (2026-12-01, 2 threads; see benchmarks/README.md).
@@ -124,6 +132,13 @@ class QuantizedActivations:
     d: np.ndarray | None = None      # float32 [n_tokens, n_blocks]
     extra: np.ndarray | None = None  # q8_1: float32 s [n_tokens, n_blocks]; q8_K: int32 bsums [n_tokens, k/16]
     rounded: np.ndarray | None = None  # f16 / bf16: the rows rounded to that precision
+    _gemm: GemmTokens | None = None
+
+    def gemm_tokens(self) -> GemmTokens:
+        """These activations laid out for the integer GEMM (built once, shared by the matrices that read them)."""
+        if self._gemm is None:
+            self._gemm = GemmTokens(self.vec_dot_type, self.qs, self.d, self.extra)
+        return self._gemm
 
 
 def quantize_activations(vec_dot_type: str, x: np.ndarray, for_blas: bool = False) -> QuantizedActivations:
@@ -163,9 +178,26 @@ def quantize_activations(vec_dot_type: str, x: np.ndarray, for_blas: bool = Fals
     raise MatmulShapeError(f"unknown vec_dot_type {vec_dot_type!r}")
 
 
-def _takes_blas_path(method: str, n_tokens: int) -> bool:
-    """Whether a product of quantized weights with n_tokens rows runs on the BLAS path."""
-    return method == "blas" or (method == "auto" and n_tokens >= BLAS_MIN_TOKENS)
+def gemm_available(qtype: QuantType, k: int) -> bool:
+    """Whether products of ``qtype`` weights with rows of k values can take the integer GEMM on this CPU."""
+    return isa_has_gemm(KERNEL_ISA) and qtype.one_token.simd_kind is not None and k % 64 == 0
+
+
+def _product_path(qtype: QuantType, method: str, n_tokens: int, k: int) -> str:
+    """The way ("int", "gemm" or "blas") a product of ``qtype`` weights with n_tokens rows of k values runs."""
+    if method not in ("auto", "int", "gemm", "blas"):
+        raise MatmulShapeError(f"method must be 'auto', 'int', 'gemm' or 'blas', got {method!r}")
+    if qtype.one_token.sgemm:
+        return "blas"
+    if method == "gemm" and not gemm_available(qtype, k):
+        raise MatmulShapeError(f"the integer GEMM needs AVX512-VNNI (kernels: "
+                               f"{KERNEL_ISA.name if KERNEL_ISA else 'generic'}), a block type and k a multiple "
+                               f"of 64 ({qtype.name}, k = {k})")
+    if method != "auto":
+        return method
+    if n_tokens < BLAS_MIN_TOKENS:
+        return "int"
+    return "gemm" if gemm_available(qtype, k) else "blas"
 
 
 def _dequantize_band(qtype: QuantType, weight_bytes, first: int, last: int, k: int) -> np.ndarray:
@@ -176,7 +208,7 @@ def _dequantize_band(qtype: QuantType, weight_bytes, first: int, last: int, k: i
     if KERNEL_ISA is not None and kind is not None:
         band = np.empty((last - first, k), np.float32)
         row_bytes = weight_bytes.shape[1]
-        dequantize_simd(kind, weight_bytes.reshape(-1), first * row_bytes, row_bytes, band, KERNEL_ISA)
+        dequantize_simd(KIND_ARGS[kind], weight_bytes.reshape(-1), first * row_bytes, row_bytes, band, KERNEL_ISA)
         return band
     return qtype.to_float(weight_bytes[first:last].reshape(-1), parallel=False).reshape(last - first, k)
 
@@ -248,16 +280,15 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
         raise MatmulShapeError(f"{qtype.name} weights need {qtype.vec_dot_type} activations, "
                                f"got {acts.vec_dot_type}")
     out = _check_out(out, n_tokens, n_rows)
-    if method not in ("auto", "int", "blas"):
-        raise MatmulShapeError(f"method must be 'auto', 'int' or 'blas', got {method!r}")
-    quantized = not qtype.one_token.sgemm
-    if method == "auto":
-        method = "blas" if (not quantized or n_tokens >= BLAS_MIN_TOKENS) else "int"
-
-    if method == "int" and quantized:
+    path = _product_path(qtype, method, n_tokens, k)
+    if path in ("int", "gemm"):
         if acts.qs is None:  # activations prepared with for_blas=True
             raise MatmulShapeError("integer path needs quantized activations")
-        _integer_product(qtype, weight_bytes, acts, out)
+        if path == "gemm":
+            gemm_product(qtype.one_token.simd_kind, weight_bytes.reshape(-1), 0, n_rows, weight_bytes.shape[1],
+                         acts.gemm_tokens(), out, KERNEL_ISA)
+        else:
+            _integer_product(qtype, weight_bytes, acts, out)
         return out
 
     # BLAS: float32 (or f16/bf16-rounded) activations times float32 bands of W.
@@ -340,15 +371,18 @@ def matmul(weight_type, weight_bytes: np.ndarray, x: np.ndarray, out: np.ndarray
     """y = x @ W.T for W stored as ``weight_bytes`` [n_rows, row_bytes] of ``weight_type``.
 
     ``x`` is float32 [n_tokens, k] (or [k], giving a [n_rows] result); the result is float32 [n_tokens, n_rows]
-    (written into ``out`` when given). ``method``: "int" (llama.cpp's numerics), "blas" (dequantize + sgemm) or
-    "auto" (int below ``BLAS_MIN_TOKENS`` tokens). Raises ``MatmulShapeError`` (a ValueError) on bad input."""
+    (written into ``out`` when given). ``method``: "int" (llama.cpp's numerics), "gemm" (the same quantized
+    activations, many tokens at a time; AVX512-VNNI), "blas" (dequantize + sgemm) or "auto" (int below
+    ``BLAS_MIN_TOKENS`` tokens, then gemm where available, else blas). Raises ``MatmulShapeError`` (a ValueError)
+    on bad input."""
     _check_kernel_choice()
     qtype = get_type(weight_type)
     if qtype.name not in SUPPORTED_TYPES:
         raise MatmulShapeError(f"matmul does not support weights of type {qtype.name}")
     rows = _as_activation_rows(x)
     _check_weights(qtype, weight_bytes, rows.shape[1])
-    acts = quantize_activations(qtype.vec_dot_type, rows, for_blas=_takes_blas_path(method, rows.shape[0]))
+    path = _product_path(qtype, method, rows.shape[0], rows.shape[1])
+    acts = quantize_activations(qtype.vec_dot_type, rows, for_blas=path == "blas")
     if x.ndim == 1:
         result = _matmul_prepared(qtype, weight_bytes, acts, None if out is None else out.reshape(1, -1), method)
         return result.reshape(-1)
@@ -414,13 +448,13 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
             raise MatmulShapeError(f"{weight!r} needs rows of {weight.shape[1]} values, got {rows.shape[1]}")
     if KERNEL_ISA is not None and (method == "int" or (method == "auto" and rows.shape[0] < BLAS_MIN_TOKENS)):
         return _matvec_many(weights, rows, x.ndim == 1)
-    prepared: dict[str, QuantizedActivations] = {}
+    prepared: dict[tuple[str, bool], QuantizedActivations] = {}
     results = []
     for weight in weights:
-        vdt = weight.type.vec_dot_type
-        if vdt not in prepared:
-            prepared[vdt] = quantize_activations(vdt, rows, for_blas=_takes_blas_path(method, rows.shape[0]))
-        result = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, method)
+        key = (weight.type.vec_dot_type, _product_path(weight.type, method, rows.shape[0], rows.shape[1]) == "blas")
+        if key not in prepared:
+            prepared[key] = quantize_activations(key[0], rows, for_blas=key[1])
+        result = _matmul_prepared(weight.type, weight.bytes, prepared[key], None, method)
         results.append(result.reshape(-1) if x.ndim == 1 else result)
     return results
 

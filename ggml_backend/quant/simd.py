@@ -621,3 +621,136 @@ def float_from_bits(typingctx, bits):
     def codegen(context, builder, sig, args):
         return builder.bitcast(context.cast(builder, args[0], sig.args[0], types.int32), _F32)
     return types.float32(bits), codegen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 512-bit vectors: the prompt GEMM (gemm.py). One ``I8x64`` holds two 32-value groups; ``dot_u8_i8_x64`` sums four
+# byte products per int32 lane as ``dot_u8_i8`` does, so lanes 0-7 belong to the first group and 8-15 to the
+# second, and a per-lane float scale vector scales each group (or 16-value half) by its own numbers.
+# ----------------------------------------------------------------------------------------------------------------
+
+I8x64 = VectorType("i8", 64)
+I32x16 = VectorType("i32", 16)
+F32x16 = VectorType("f32", 16)
+
+load_64_bytes = intrinsic(_vector_load(I8x64))
+load_64_bytes.__doc__ = "``array[offset:offset + 64]`` (a byte array) as an ``I8x64``."
+
+
+def _typed_load(vector: VectorType, dtype):
+    def make(typingctx, array, index):
+        if not (isinstance(array, types.Array) and array.dtype == dtype and array.layout == "C"
+                and isinstance(index, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            pointer = builder.gep(data, [args[1]])
+            return builder.load(builder.bitcast(pointer, vector.llvm_type().as_pointer()), align=4)
+        return vector(array, index), codegen
+    return intrinsic(make)
+
+
+load_16_i32 = _typed_load(I32x16, types.int32)
+load_16_i32.__doc__ = "``array[index:index + 16]`` of an int32 array as an ``I32x16``."
+load_16_f32 = _typed_load(F32x16, types.float32)
+load_16_f32.__doc__ = "``array[index:index + 16]`` of a float32 array as an ``F32x16``."
+
+
+@intrinsic
+def dot_u8_i8_x64(typingctx, acc, unsigned, signed, isa):
+    """``dot_u8_i8`` on 64 bytes: ``vpdpbusd`` on a 512-bit register (AVX512-VNNI only: no other path compiles)."""
+    if acc != I32x16 or unsigned != I8x64 or signed != I8x64 or not isinstance(isa, IsaType):
+        return None
+    if isa.isa_name != "avx512vnni":
+        return None
+
+    def codegen(context, builder, sig, args):
+        function = _function(builder, "llvm.x86.avx512.vpdpbusd.512", I32x16.llvm_type(),
+                             [I32x16.llvm_type(), I8x64.llvm_type(), I8x64.llvm_type()])
+        return builder.call(function, [args[0], args[1], args[2]])
+    return I32x16(acc, unsigned, signed, isa), codegen
+
+
+@intrinsic
+def zero_f32x16(typingctx):
+    """An ``F32x16`` of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(F32x16.llvm_type(), None)
+    return F32x16(), codegen
+
+
+@intrinsic
+def fma_i32x16(typingctx, acc, dot, scale_a, scale_b):
+    """``acc + float(dot) * (scale_a * scale_b)`` lanewise (``vcvtdq2ps``, ``vmulps``, ``vfmadd``): two groups'
+    integer dot products scaled by the weights' and the activations' lane scales."""
+    if acc != F32x16 or dot != I32x16 or scale_a != F32x16 or scale_b != F32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        floats = builder.sitofp(args[1], F32x16.llvm_type())
+        function = _function(builder, "llvm.fma.v16f32", F32x16.llvm_type(), [F32x16.llvm_type()] * 3)
+        return builder.call(function, [floats, builder.fmul(args[2], args[3]), args[0]])
+    return F32x16(acc, dot, scale_a, scale_b), codegen
+
+
+@intrinsic
+def fnma_f32x16(typingctx, acc, a, b):
+    """``acc - a * b`` lanewise (one ``vfnmadd``)."""
+    if acc != F32x16 or a != F32x16 or b != F32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        function = _function(builder, "llvm.fma.v16f32", F32x16.llvm_type(), [F32x16.llvm_type()] * 3)
+        return builder.call(function, [builder.fneg(args[1]), args[2], args[0]])
+    return F32x16(acc, a, b), codegen
+
+
+@intrinsic
+def sum_f32x16(typingctx, a):
+    """The sum of the sixteen lanes in a fixed order (halves, quarters, ...), as float32."""
+    if a != F32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        value = args[0]
+        width = 16
+        while width > 1:
+            width //= 2
+            mask_type = ir.VectorType(_I32, width)
+            low = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width))))
+            high = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width, 2 * width))))
+            value = builder.fadd(low, high)
+        return builder.extract_element(value, _I32(0))
+    return types.float32(a), codegen
+
+
+@intrinsic
+def store_32_bytes(typingctx, array, offset, vector):
+    """``array[offset:offset + 32] = vector`` for a byte array and an ``I8x32``."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or vector != I8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(pointer, I8x32.llvm_type().as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(array, offset, vector), codegen
+
+
+@intrinsic
+def store_halves_f32x8(typingctx, array, index, a, b):
+    """``array[index:index + 4] = a``, ``array[index + 4:index + 8] = b`` for a float32 array: the lane scales of
+    one 32-value group whose 16-value halves have scales a and b."""
+    if not (isinstance(array, types.Array) and array.dtype == types.float32 and array.layout == "C"
+            and isinstance(index, types.Integer) and isinstance(a, types.Float) and isinstance(b, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = _splat_value(builder, context.cast(builder, args[2], sig.args[2], types.float32), 4)
+        high = _splat_value(builder, context.cast(builder, args[3], sig.args[3], types.float32), 4)
+        lanes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        builder.store(lanes, builder.bitcast(builder.gep(data, [args[1]]), F32x8.llvm_type().as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.void(array, index, a, b), codegen
