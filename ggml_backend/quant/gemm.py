@@ -39,6 +39,7 @@ from .simd import (
 
 PANEL_ROWS = 4     # weight rows of a register tile (the kernel is written out for 4)
 TILE_TOKENS = 4    # tokens of a register tile (likewise)
+CHUNKS_PER_THREAD = 2    # prange iterations per thread: some balancing when a thread is slowed
 
 # Bytes of activations (x + 128 and lane scales) per block of tokens: with the panel (about 4 * k * 3 bytes) a
 # block stays in a 1 MiB L2.
@@ -202,28 +203,51 @@ def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, block_tokens,
 # The token side, and the product
 # ----------------------------------------------------------------------------------------------------------------
 
+@njit(parallel=True, nogil=True, **_KERNEL)
+def _token_side(qs, d, extra, sums_kind, xu, xsl, xsum):
+    """Fill ``GemmTokens``'s arrays from quants qs [n, k] (as uint8) and scales d [n, k / block]: xu = qs + 128,
+    xsl = each lane's d; ``sums_kind`` 1 (q8_1: extra = s per 32) or 2 (q8_K: extra = sums per 16) fills xsum."""
+    n_tokens, k = qs.shape
+    n_blocks = d.shape[1]
+    lanes = k // n_blocks // 4       # int32 lanes per block
+    for t in prange(n_tokens):
+        for i in range(k):
+            xu[t, i] = qs[t, i] ^ np.uint8(128)
+        for b in range(n_blocks):
+            scale = d[t, b]
+            for j in range(lanes):
+                xsl[t, b * lanes + j] = scale
+        if sums_kind == 1:       # llama.cpp's half-precision s = d * sum per 32, half to each 16
+            for g in range(k // 16):
+                xsum[t, g] = extra[t, g // 2] * np.float32(0.5)
+        elif sums_kind == 2:     # d * q8_K's sums per 16
+            for b in range(n_blocks):
+                for g in range(16 * b, 16 * b + 16):
+                    xsum[t, g] = np.float32(extra[t, g]) * d[t, b]
+
+
 class GemmTokens:
     """Activations quantized to a ``vec_dot_type`` (q8_0, q8_1, q8_K: ``matmul.QuantizedActivations``) laid out
-    for ``gemm``; built once per input and shared by the matrices that read it (q, k, v; gate, up)."""
+    for ``gemm``; built once per input and shared by the matrices that read it (q, k, v; gate, up). Rows past
+    the tokens (up to a multiple of TILE_TOKENS) have zero scales."""
 
     def __init__(self, vec_dot_type: str, qs: np.ndarray, d: np.ndarray, extra: np.ndarray | None):
         n_tokens, k = qs.shape
         padded = -(-n_tokens // TILE_TOKENS) * TILE_TOKENS
-        block = k // d.shape[1]
         self.n_tokens, self.k = n_tokens, k
-        xu = np.full((padded, k), 128, np.uint8)
-        np.bitwise_xor(qs.view(np.uint8), np.uint8(128), out=xu[:n_tokens])
-        xsl = np.zeros((padded, k // 4), np.float32)
-        xsl[:n_tokens] = np.repeat(d, block // 4, axis=1)
+        xu = np.empty((padded, k), np.uint8)
+        xsl = np.empty((padded, k // 4), np.float32)
+        # the offsets of q4_1, q5_1 (q8_1) and q2_K, q4_K, q5_K (q8_K) multiply d * the sum of each 16 quants;
+        # the rows are padded with zeros to a multiple of 16 groups (see _tile)
+        sums_kind = {"q8_1": 1, "q8_K": 2}.get(vec_dot_type, 0)
+        xsum = np.zeros((padded, -(-k // 256) * 16 if sums_kind else 0), np.float32)
+        xu[n_tokens:] = 128
+        xsl[n_tokens:] = 0
+        _token_side(qs.view(np.uint8), d, extra if extra is not None else np.zeros((n_tokens, 0), np.float32), sums_kind,
+                    xu, xsl, xsum)
         self.xu = xu.reshape(-1)
         self.xsl = xsl.reshape(-1)
-        # d * the sum of each 16 quants: what the offsets of q4_1, q5_1 (q8_1: llama.cpp's half-precision
-        # s = d * sum per 32, halved) and q2_K, q4_K, q5_K (q8_K: d * its sums per 16) multiply
-        self.xsum = np.zeros((padded, -(-k // 256) * 16), np.float32)
-        if vec_dot_type == "q8_1":
-            self.xsum[:n_tokens, :k // 16] = np.repeat(extra * np.float32(0.5), 2, axis=1)
-        elif vec_dot_type == "q8_K":
-            self.xsum[:n_tokens, :k // 16] = extra * np.repeat(d, block // 16, axis=1)
+        self.xsum = xsum
 
     def block_tokens(self) -> int:
         """Tokens per block: their x + 128 and lane scales (2 bytes per value) fill BLOCK_BYTES."""
@@ -235,4 +259,4 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
     """out [n_tokens, n_rows] = tokens times the rows of a matrix of ``kind`` (a decode.KINDS code) at byte ``start``
     of ``base``. The caller checked every size (the kernel reads without bounds checks) and that k % 64 == 0."""
     gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xu, tokens.xsl, tokens.xsum, out,
-         tokens.block_tokens(), max(1, numba.get_num_threads()), isa)
+         tokens.block_tokens(), CHUNKS_PER_THREAD * max(1, numba.get_num_threads()), isa)
