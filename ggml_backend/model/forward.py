@@ -73,10 +73,10 @@ _PARALLEL_ROWS = 8
 
 @njit(inline="always", cache=True)
 def _rms_norm_row(x, weight, eps, out, r):
-    total = 0.0                                   # ggml_float: each float32 square summed in float64, in order
+    total = 0.0                                   # ggml_float: the squares in float64, summed in order
     for i in range(x.shape[1]):
-        square = x[r, i] * x[r, i]
-        total += np.float64(square)
+        value = np.float64(x[r, i])
+        total += value * value
     mean = np.float32(total / x.shape[1])
     scale = np.float32(1.0) / np.sqrt(mean + eps)
     for i in range(x.shape[1]):
@@ -96,8 +96,9 @@ def _rms_norm_serial(x, weight, eps, out):
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in ggml's order of operations: the float32 squares
-    summed in float64 (ggml_float), the mean and 1/sqrt in float32, then x * scale, then * weight."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in ggml's order of operations: the sum of squares in
+    float64 (ggml_float), the mean and 1/sqrt in float32, then x * scale, then * weight. (Squares rounded to
+    float32 first moved Gemma's logits further from llama.cpp's: 0.52 against 0.29 on test_engine_real's case.)"""
     rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     out = np.empty_like(rows)
     kernel = _rms_norm_parallel if rows.shape[0] >= _PARALLEL_ROWS else _rms_norm_serial
