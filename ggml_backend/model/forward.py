@@ -2,8 +2,8 @@
 
 The architecture's switches come from model/spec.py; the weights stay in their quantized blocks inside the memory
 map and are multiplied there by quant/matmul.py. Everything else (norms, rope, attention, activations) works on
-float32 activations, which are small next to the weights: numpy, or a small numba kernel where numpy's
-temporaries cost a prompt several percent (rms_norm).
+float32 activations, which are small next to the weights: numpy, or small numba kernels where numpy's
+temporaries cost a prompt several percent (rms_norm, the SwiGLU product).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
 from ..quant.blocks import HALF_TO_FLOAT
 from ..quant.matmul import BLAS_MIN_TOKENS, WeightMatrix, matmul_many, single_threaded_blas
-from .attention import attention
+from .attention import _exp_non_positive, attention
 from .batching import ForwardBatcher, batch_invariant
 from .kv_cache import DEFAULT_CACHE_TYPE, KVCache
 from .rope import apply_rope, rope_cos_sin
@@ -106,13 +106,35 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    """x / (1 + exp(-x)), in one temporary (a prompt batch's gate is [512, n_ff] float32: tens of MB each). numpy,
-    whose exp is vectorized (numba's is a libm call per value: a fused numba SwiGLU took twice as long)."""
-    out = np.negative(x)
-    np.exp(out, out=out)
-    out += np.float32(1.0)
-    return np.divide(x, out, out=out)
+@njit(inline="always", cache=True, fastmath=True)
+def _swiglu_row(gate, up, out, r):
+    for i in range(gate.shape[1]):
+        g = gate[r, i]
+        e = _exp_non_positive(-abs(g))            # exp(-|g|): the polynomial vectorizes, a libm exp does not
+        numerator = g if g >= np.float32(0.0) else g * e
+        out[r, i] = numerator / (np.float32(1.0) + e) * up[r, i]
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _swiglu_parallel(gate, up, out):
+    for r in prange(gate.shape[0]):
+        _swiglu_row(gate, up, out, r)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _swiglu_serial(gate, up, out):
+    for r in range(gate.shape[0]):
+        _swiglu_row(gate, up, out, r)
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, silu(x) = x / (1 + exp(-x)) (written x e / (1 + e) with e = exp(x) for x < 0, so that
+    the exponential never overflows), in one pass over float32 [n_tokens, n_ff]."""
+    gate = np.ascontiguousarray(gate)
+    up = np.ascontiguousarray(up)
+    out = np.empty_like(gate)
+    (_swiglu_parallel if gate.shape[0] >= _PARALLEL_ROWS else _swiglu_serial)(gate, up, out)
+    return out
 
 
 def _gelu_f32(x: np.ndarray) -> np.ndarray:
@@ -291,8 +313,11 @@ class Model:
             # --- feed-forward ---
             h = rms_norm(x, layer.ffn_norm, hp.rms_eps)
             gate, up = project(h, layer.w_gate, layer.w_up)
-            act = silu(gate) if hp.arch.ffn_activation == "silu" else gelu_tanh(gate)
-            act *= up
+            if hp.arch.ffn_activation == "silu":
+                act = swiglu(gate, up)
+            else:
+                act = gelu_tanh(gate)
+                act *= up
             ffn_out = layer.w_down(act)
             if layer.post_ffn_norm is not None:
                 ffn_out = rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
