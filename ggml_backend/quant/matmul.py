@@ -187,12 +187,12 @@ def _product_path(qtype: QuantType, method: str, n_tokens: int, k: int) -> str:
     """The way ("int", "gemm" or "blas") a product of ``qtype`` weights with n_tokens rows of k values runs."""
     if method not in ("auto", "int", "gemm", "blas"):
         raise MatmulShapeError(f"method must be 'auto', 'int', 'gemm' or 'blas', got {method!r}")
-    if qtype.one_token.sgemm:
-        return "blas"
     if method == "gemm" and not gemm_available(qtype, k):
         raise MatmulShapeError(f"the integer GEMM needs AVX512-VNNI (kernels: "
                                f"{KERNEL_ISA.name if KERNEL_ISA else 'generic'}), a block type and k a multiple "
                                f"of 64 ({qtype.name}, k = {k})")
+    if qtype.one_token.sgemm:
+        return "blas"
     if method != "auto":
         return method
     if n_tokens < BLAS_MIN_TOKENS:

@@ -1,0 +1,79 @@
+"""The integer GEMM of the prompt path (quant/gemm.py): every block kind against the integer kernels, the edges of
+its tiles (rows and tokens not multiples of 4, several token blocks), and each (row, token) result independent of
+the batch around it (prompt caching relies on that). Runs where the CPU has AVX512-VNNI; test_matmul checks that
+method="gemm" is refused elsewhere."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ggml_backend.quant.gemm as gemm_module
+from ggml_backend.quant import quantize
+from ggml_backend.quant.decode import KINDS
+from ggml_backend.quant.matmul import MatmulShapeError, gemm_available, matmul, matmul_many, WeightMatrix
+from ggml_backend.quant.types import get_type
+
+pytestmark = pytest.mark.skipif(not gemm_available(get_type("q8_0"), 64),
+                                reason="the integer GEMM needs AVX512-VNNI")
+
+
+def weights(name: str, n_rows: int, k: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n_rows, k)) * rng.uniform(0.2, 2.0, (n_rows, 1))).astype(np.float32)
+    return np.ascontiguousarray(quantize(name, w).reshape(n_rows, -1))
+
+
+def activations(n_tokens: int, k: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n_tokens, k)) * rng.uniform(0.1, 3.0, (n_tokens, 1))).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(KINDS, key=KINDS.get))
+def test_every_kind_matches_the_integer_kernels(name):
+    # 13 rows (a last panel of 1), 51 tokens (a last tile of 3), k = 512 (legacy) / 768 (K-quants: 3 super-blocks)
+    k = 768 if name.endswith("K") else 512
+    w = weights(name, 13, k)
+    x = activations(51, k)
+    y_int = matmul(name, w, x, method="int")
+    y_gemm = matmul(name, w, x, method="gemm")
+    bound = 4e-6 * (np.abs(x).astype(np.float64) @ np.abs(
+        WeightMatrix(name, w, (13, k)).dequantize().astype(np.float64)).T) + 1e-6
+    assert np.all(np.abs(y_gemm - y_int) <= bound), name
+    if name in ("q4_0", "q5_0"):       # the one-token kernel's two chains are the GEMM's 16 lanes: same order
+        assert np.array_equal(y_gemm, y_int)
+
+
+@pytest.mark.parametrize("name", ["q5_0", "q4_K", "q4_1", "q6_K"])
+def test_each_result_is_independent_of_the_batch(name, monkeypatch):
+    k = 512 if name in ("q5_0", "q4_1") else 1024
+    w = weights(name, 40, k, seed=3)
+    x = activations(70, k, seed=4)
+    whole = matmul(name, w, x, method="gemm")
+    # the same tokens in other batches: a prefix, a suffix, one token padded by others
+    assert np.array_equal(matmul(name, w, x[:49], method="gemm"), whole[:49])
+    assert np.array_equal(matmul(name, w, x[21:], method="gemm"), whole[21:])
+    assert np.array_equal(matmul(name, w, x[5:6], method="gemm"), whole[5:6])
+    # several token blocks (a block far smaller than L2) give the same numbers as one
+    monkeypatch.setattr(gemm_module, "BLOCK_BYTES", 2 * k * 8)
+    assert np.array_equal(matmul(name, w, x, method="gemm"), whole)
+
+
+def test_auto_takes_the_gemm_for_prompts_and_the_tiles_below():
+    w = weights("q5_0", 64, 896)
+    x = activations(48, 896)
+    assert np.array_equal(matmul("q5_0", w, x), matmul("q5_0", w, x, method="gemm"))
+    few = x[:47]
+    assert np.array_equal(matmul("q5_0", w, few), matmul("q5_0", w, few, method="int"))
+    (many,) = matmul_many([WeightMatrix("q5_0", w)], x)
+    assert np.array_equal(many, matmul("q5_0", w, x, method="gemm"))
+
+
+def test_rows_of_a_length_the_tiles_cannot_take_fall_back_or_are_refused():
+    w = weights("q8_0", 8, 96)                    # k = 96: three blocks, not a multiple of 64
+    x = activations(50, 96)
+    with pytest.raises(MatmulShapeError, match="GEMM"):
+        matmul("q8_0", w, x, method="gemm")
+    y = matmul("q8_0", w, x)                      # auto: the BLAS path
+    assert np.allclose(y, matmul("q8_0", w, x, method="int"), rtol=1e-4, atol=1e-3)
+    with pytest.raises(MatmulShapeError, match="GEMM"):
+        matmul("f16", np.zeros((4, 128), np.uint8), activations(50, 64), method="gemm")
