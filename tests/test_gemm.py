@@ -77,3 +77,18 @@ def test_rows_of_a_length_the_tiles_cannot_take_fall_back_or_are_refused():
     assert np.allclose(y, matmul("q8_0", w, x, method="int"), rtol=1e-4, atol=1e-3)
     with pytest.raises(MatmulShapeError, match="GEMM"):
         matmul("f16", np.zeros((4, 128), np.uint8), activations(50, 64), method="gemm")
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0"])
+def test_few_token_products_on_the_gemm_keep_one_token_numbers(name):
+    """Continuous batching and short prompts: from gemm.EXACT_MIN_TOKENS tokens the integer path runs q4_0 / q5_0
+    on the GEMM, which must give every token exactly its one-token result, in one matrix or a fused launch."""
+    from ggml_backend.quant.gemm import EXACT_MIN_TOKENS
+    w = weights(name, 36, 896, seed=5)
+    w2 = weights(name, 20, 896, seed=6)
+    x = activations(EXACT_MIN_TOKENS + 5, 896, seed=7)
+    alone = np.concatenate([matmul(name, w, x[t:t + 1], method="int") for t in range(len(x))])
+    assert np.array_equal(matmul(name, w, x, method="int"), alone)
+    y, y2 = matmul_many([WeightMatrix(name, w), WeightMatrix(name, w2)], x)
+    assert np.array_equal(y, alone)
+    assert np.array_equal(y2, np.concatenate([matmul(name, w2, x[t:t + 1], method="int") for t in range(len(x))]))

@@ -106,7 +106,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-@njit(inline="always", cache=True, fastmath=True)
+# No fastmath: a row must get the same bits from the serial and the parallel build (a batch of one token and a
+# batch of many), which contraction and reassociation choices made per build would break.
+@njit(inline="always", cache=True)
 def _swiglu_row(gate, up, out, r):
     for i in range(gate.shape[1]):
         g = gate[r, i]
@@ -115,13 +117,13 @@ def _swiglu_row(gate, up, out, r):
         out[r, i] = numerator / (np.float32(1.0) + e) * up[r, i]
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _swiglu_parallel(gate, up, out):
     for r in prange(gate.shape[0]):
         _swiglu_row(gate, up, out, r)
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True)
 def _swiglu_serial(gate, up, out):
     for r in range(gate.shape[0]):
         _swiglu_row(gate, up, out, r)

@@ -46,6 +46,15 @@ CHUNKS_PER_THREAD = 2    # prange iterations per thread: some balancing when a t
 BLOCK_BYTES = 768 * 1024
 
 
+# The kinds whose GEMM results are the one-token kernel's bit for bit: q4_0 and q5_0 accumulate in two 8-lane
+# chains (even and odd blocks), which are the GEMM's 16 lanes, and sum them in the same order. Products with a few
+# tokens (continuous batching, short prompts), which must give each token's one-token numbers, may take the GEMM
+# for these kinds from EXACT_MIN_TOKENS tokens on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16, on a
+# Zen 4; about even at 4).
+EXACT_KINDS = (0, 2)
+EXACT_MIN_TOKENS = 8
+
+
 def isa_has_gemm(isa) -> bool:
     """Whether the SIMD path ``isa`` (simd.Isa or None) has the integer GEMM: AVX512-VNNI only (``vpdpbusd`` on
     512 bits; AVX2 CPUs keep dequantize + sgemm)."""
@@ -88,6 +97,7 @@ def _offset_step(a0, a1, a2, a3, offsets, g, k16, xsum, gx):
 
 @njit(**_KERNEL)
 def _store_column(out, t, n_tokens, row, a0, a1, a2, a3):
+    # out's column ``row``: the caller adds the column of the matrix's first row
     out[t, row] = sum_f32x16(a0)
     if t + 1 < n_tokens:
         out[t + 1, row] = sum_f32x16(a1)
@@ -159,9 +169,9 @@ def _tile(kind, quants, bias, scale, offsets, k, xu, xsl, xsum, n_sums, t, out, 
 
 
 @njit(parallel=True, nogil=True, **_KERNEL)
-def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, block_tokens, n_chunks, isa):
-    """out[t, r] = token t times weight row r, for the ``n_rows`` rows from byte ``start`` of ``w`` (``kind``: the
-    type's ``Kind``) and the tokens of ``out`` [n_tokens, n_rows].
+def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, column, block_tokens, n_chunks, isa):
+    """out[t, column + r] = token t times weight row r, for the ``n_rows`` rows from byte ``start`` of ``w``
+    (``kind``: the type's ``Kind``) and the tokens of ``out`` [n_tokens, >= column + n_rows].
 
     Token side, padded to a multiple of TILE_TOKENS tokens (padding: zero lane scales): ``xu`` uint8 [tokens * k]
     (x + 128), ``xsl`` float32 [tokens * k / 4] (each int32 lane's activation scale), ``xsum`` float32
@@ -196,7 +206,7 @@ def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, block_tokens,
                                  offsets, isa)
                     for t in range(t0, t1, TILE_TOKENS):
                         _tile(kind, quants, bias, scale, offsets, k, xu, xsl, flat_sums, n_sums, t, out, n_tokens,
-                              row, n_valid, isa)
+                              column + row, n_valid, isa)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,8 +265,9 @@ class GemmTokens:
 
 
 def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes: int, tokens: GemmTokens,
-                 out: np.ndarray, isa) -> None:
-    """out [n_tokens, n_rows] = tokens times the rows of a matrix of ``kind`` (a decode.KINDS code) at byte ``start``
-    of ``base``. The caller checked every size (the kernel reads without bounds checks) and that k % 64 == 0."""
-    gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xu, tokens.xsl, tokens.xsum, out,
+                 out: np.ndarray, isa, column: int = 0) -> None:
+    """out[:, column:column + n_rows] = tokens times the rows of a matrix of ``kind`` (a decode.KINDS code) at byte
+    ``start`` of ``base``. The caller checked every size (the kernel reads without bounds checks) and that
+    k % 64 == 0."""
+    gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xu, tokens.xsl, tokens.xsum, out, column,
          tokens.block_tokens(), CHUNKS_PER_THREAD * max(1, numba.get_num_threads()), isa)

@@ -47,7 +47,7 @@ from .activations import (
 )
 from .decode import KIND_ARGS, KINDS, matmul_few, matvec  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
-from .gemm import GemmTokens, gemm_product, isa_has_gemm
+from .gemm import EXACT_KINDS, EXACT_MIN_TOKENS, GemmTokens, gemm_product, isa_has_gemm
 from .simd import choose_isa
 from .types import TYPES, QuantType, get_type
 
@@ -236,11 +236,21 @@ def _integer_product(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
     """The row's integer kernel for this many tokens: the SIMD kernels of ``decode.py`` on the instruction set
     ``KERNEL_ISA`` when the CPU has one, else the generic numba kernel (generic.py)."""
     kernel = qtype.one_token if acts.qs.shape[0] == 1 else qtype.few_tokens
-    if KERNEL_ISA is not None and kernel.simd_kind is not None:
+    if _exact_gemm(kernel.simd_kind, acts.qs.shape):
+        gemm_product(kernel.simd_kind, weight_bytes.reshape(-1), 0, weight_bytes.shape[0], weight_bytes.shape[1],
+                     acts.gemm_tokens(), out, KERNEL_ISA)
+    elif KERNEL_ISA is not None and kernel.simd_kind is not None:
         _simd_matvec(kernel.simd_kind, weight_bytes.reshape(-1), [0], [weight_bytes.shape[0]],
                      weight_bytes.shape[1], acts, out)
     else:
         kernel.generic(weight_bytes, acts, out, _n_chunks(weight_bytes.shape[0]))
+
+
+def _exact_gemm(kind: int | None, shape: tuple[int, int]) -> bool:
+    """Whether a few-token product (shape: its activations' [n_tokens, k]) takes the GEMM, whose results are then
+    the few-token kernels' bit for bit (gemm.EXACT_KINDS)."""
+    return (kind in EXACT_KINDS and shape[0] >= EXACT_MIN_TOKENS and shape[1] % 64 == 0
+            and isa_has_gemm(KERNEL_ISA))
 
 
 def _simd_matvec(kind: int, base: np.ndarray, starts, row_counts, row_bytes: int,
@@ -509,8 +519,15 @@ def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) 
         if group.vec_dot_type not in prepared:
             prepared[group.vec_dot_type] = quantize_activations(group.vec_dot_type, rows)
         out = np.empty((len(rows), int(group.counts.sum())), np.float32)
-        _simd_matvec(group.simd_kind, group.base, group.starts, group.counts, group.row_bytes,
-                     prepared[group.vec_dot_type], out)
+        acts = prepared[group.vec_dot_type]
+        if _exact_gemm(group.simd_kind, rows.shape):
+            column = 0
+            for start, count in zip(group.starts, group.counts):
+                gemm_product(group.simd_kind, group.base, int(start), int(count), group.row_bytes, acts.gemm_tokens(),
+                             out, KERNEL_ISA, column)
+                column += int(count)
+        else:
+            _simd_matvec(group.simd_kind, group.base, group.starts, group.counts, group.row_bytes, acts, out)
         first = 0
         for i, count in zip(group.members, group.counts):
             results[i] = out[:, first:first + count]
