@@ -297,10 +297,9 @@ def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
     g0 = t * (k // 4)
     n = x_scale.shape[1]
     acc = zero_f32x8()
-    if kc == 0 or kc == 2 or kc == 4:
+    if kc == 0 or kc == 2:
         # Two float chains (even and odd blocks): one chain waits on each fma's latency, and rows of k = 896 (28
-        # blocks) left little else to overlap (measured 8-9 -> 10-12 GB/s per core on a Zen 4). They are also the
-        # two halves of the prompt GEMM's 512-bit lanes (gemm.py), so its results are these bit for bit.
+        # blocks) left little else to overlap (measured 8-9 -> 10-12 GB/s per core on a Zen 4).
         acc1 = zero_f32x8()
         for b in range(0, n - 1, 2):
             q, d, _ = _legacy_block(kind, w, start, b)
@@ -369,7 +368,7 @@ def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, width, isa
     a1 = zero_f32x8()
     a2 = zero_f32x8()
     a3 = zero_f32x8()
-    if kc == 0 or kc == 2 or kc == 4:
+    if kc == 0 or kc == 2:
         c0 = zero_f32x8()
         c1 = zero_f32x8()
         c2 = zero_f32x8()

@@ -46,12 +46,13 @@ CHUNKS_PER_THREAD = 2    # prange iterations per thread: some balancing when a t
 BLOCK_BYTES = 768 * 1024
 
 
-# The kinds whose GEMM results are the one-token kernel's bit for bit: q4_0, q5_0 and q8_0 accumulate in two 8-lane
-# chains (even and odd blocks), which are the GEMM's 16 lanes, and sum them in the same order. Products with a few
+# The kinds whose GEMM results are the one-token kernel's bit for bit: q4_0 and q5_0 accumulate in two 8-lane
+# chains (even and odd blocks), which are the GEMM's 16 lanes, and sum them in the same order. (q8_0 given two
+# chains as well read 10-13 GB/s per core in decode against 17-23 with its one chain: it stays out.) Products with a few
 # tokens (continuous batching, short prompts), which must give each token's one-token numbers, may take the GEMM
 # for these kinds from EXACT_MIN_TOKENS tokens on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16, on a
 # Zen 4; about even at 4).
-EXACT_KINDS = (0, 2, 4)
+EXACT_KINDS = (0, 2)
 EXACT_MIN_TOKENS = 8
 
 
