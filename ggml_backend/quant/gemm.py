@@ -254,8 +254,8 @@ class GemmTokens:
         xsum = np.zeros((padded, -(-k // 256) * 16 if sums_kind else 0), np.float32)
         xu[n_tokens:] = 128
         xsl[n_tokens:] = 0
-        _token_side(qs.view(np.uint8), d, extra if extra is not None else np.zeros((n_tokens, 0), np.float32), sums_kind,
-                    xu, xsl, xsum)
+        no_extra = np.zeros((n_tokens, 0), np.float32)
+        _token_side(qs.view(np.uint8), d, extra if extra is not None else no_extra, sums_kind, xu, xsl, xsum)
         self.xu = xu.reshape(-1)
         self.xsl = xsl.reshape(-1)
         self.xsum = xsum
