@@ -991,8 +991,7 @@ class Llama:
                     "model": chunk["model"]}
             state = states.get(index)
             if state is None:
-                splitter = ToolCallSplitter(parse_calls=bool(tools), prefill=prefill,
-                                            tool_names=[tool["function"]["name"] for tool in tools or []])
+                splitter = ToolCallSplitter(parse_calls=bool(tools), prefill=prefill, tools=tools or [])
                 state = states[index] = {"splitter": splitter, "n_calls": 0}
                 yield {**base, "choices": [{"index": index, "delta": {"role": "assistant"}, "logprobs": None,
                                             "finish_reason": None}]}

@@ -98,6 +98,27 @@ def test_splitter_repairs_bare_keys_and_reads_bare_json_calls():
     assert unknown.finish() == [("text", '{"name": "delete_everything", "arguments": {}}')]
 
 
+def test_splitter_holds_calls_the_grammar_never_saw_to_the_declared_parameters():
+    """A bare JSON reply (or a block written without the tag tokens) was not under the tool-call grammar: with the
+    tools given, a call with an undeclared key or without a required one stays text, as the grammar would have
+    refused it; a schema that allows more keys lets them through."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    extra = '{"name": "get_weather", "arguments": {"city": "Oslo", "required": ["city"]}}'
+    for reply in (extra, '{"name": "get_weather", "arguments": {}}', f"<tool_call>\n{extra}\n</tool_call>"):
+        splitter = _ToolCallSplitter(parse_calls=True, tools=tools)
+        pieces = splitter.feed(reply) + splitter.finish()
+        assert [kind for kind, _ in pieces] == ["text"] and "".join(v for _, v in pieces) == reply, reply
+    good = _ToolCallSplitter(parse_calls=True, tools=tools)
+    assert good.feed('{"name": "get_weather", "arguments": {"city": "Oslo"}}') == []
+    assert good.finish() == [("call", {"name": "get_weather", "arguments": {"city": "Oslo"}})]
+    open_schema = [{"type": "function", "function": {**tools[0]["function"], "parameters": {
+        **tools[0]["function"]["parameters"], "additionalProperties": True}}}]
+    lenient = _ToolCallSplitter(parse_calls=True, tools=open_schema)
+    lenient.feed(extra)
+    assert lenient.finish() == [("call", {"name": "get_weather", "arguments": {"city": "Oslo", "required": ["city"]}})]
+
+
 def test_splitter_end_closes_a_forced_call_and_names_the_finish_reason():
     """The streaming parser the API's chat stream and ChatGGML share: a prefilled (forced) call's opening is part
     of the reply; "stop" inside it is the </tool_call> stop string; a reply with calls finishes "tool_calls"."""

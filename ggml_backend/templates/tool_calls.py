@@ -86,13 +86,20 @@ def resolve_tool_choice(tool_choice: Any, tools: list[dict]) -> tuple[str | None
 class ToolCallSplitter:
     """Reply text in, pieces out: ("text", str) outside ``<tool_call>`` blocks, ("call", {...}) for each complete
     block. Text that may be the start of a block is held back until it is clear either way; a block that is not a
-    valid call (or never closes) comes out as text, so nothing the model wrote is lost."""
+    valid call (or never closes) comes out as text, so nothing the model wrote is lost.
 
-    def __init__(self, parse_calls: bool, tool_names: Sequence[str] = (), *, prefill: str = ""):
+    ``tools`` (OpenAI's tool list) gives the names and each tool's parameters schema: a call whose arguments have
+    keys the schema does not declare (unless its ``additionalProperties`` allows them) or lack a required one is
+    not a call, as the tool-call grammar would not have let it through; this holds the calls the grammar never saw
+    (a bare JSON reply, a block written without the tag tokens) to the same rule. ``tool_names`` alone: names only."""
+
+    def __init__(self, parse_calls: bool, tool_names: Sequence[str] = (), *, prefill: str = "",
+                 tools: Sequence[dict] = ()):
         if not isinstance(prefill, str):
             raise TypeError(f"prefill must be a string, got {type(prefill).__name__}")
         self.parse_calls = parse_calls
-        self.tool_names = list(tool_names)
+        self.parameters = {tool["function"]["name"]: tool["function"].get("parameters") for tool in tools}
+        self.tool_names = list(tool_names) + [name for name in self.parameters if name not in tool_names]
         self._held = ""
         self.in_call = False
         self.n_calls = 0
@@ -142,7 +149,8 @@ class ToolCallSplitter:
                 block = self._held[:end + len(CALL_CLOSE)]
                 self._held = self._held[end + len(CALL_CLOSE):]
                 self.in_call = False
-                calls = _calls_in_block(block, self.tool_names)
+                calls = [call for call in _calls_in_block(block, self.tool_names)
+                         if _fits_parameters(call["arguments"], self.parameters.get(call["name"]))]
                 if calls:
                     self.n_calls += 1
                     pieces.append(("call", calls[0]))
@@ -169,7 +177,7 @@ class ToolCallSplitter:
         if self._maybe_bare_call:
             self._maybe_bare_call = False
             calls = _bare_calls(held, self.tool_names)
-            if calls:
+            if calls and all(_fits_parameters(call["arguments"], self.parameters.get(call["name"])) for call in calls):
                 self.n_calls += len(calls)
                 return pending + [("call", call) for call in calls]
             return pending + self._feed(held) + self.finish()
@@ -199,6 +207,18 @@ def _as_call(data: Any, tool_names: Sequence[str]) -> dict | None:
             return None
     arguments = {} if arguments is None else arguments
     return {"name": data["name"], "arguments": arguments} if isinstance(arguments, dict) else None
+
+
+def _fits_parameters(arguments: dict, schema: dict | None) -> bool:
+    """Whether a call's arguments have only the keys its tool's parameters schema declares (unless the schema's
+    ``additionalProperties`` allows more: the tool-call grammar's default is that it does not) and every required
+    one. No schema: anything goes. Values are not checked here (the grammar checks those on the calls it holds)."""
+    if not isinstance(schema, dict):
+        return True
+    declared = schema.get("properties") or {}
+    if schema.get("additionalProperties", False) is False and any(key not in declared for key in arguments):
+        return False
+    return all(key in arguments for key in schema.get("required") or [])
 
 
 def _calls_in_block(block: str, tool_names: Sequence[str]) -> list[dict]:

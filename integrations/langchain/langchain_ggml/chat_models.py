@@ -192,8 +192,7 @@ class ChatGGML(LlamaCppParams, BaseChatModel):
         params["seed"] = self._call_seed(kwargs.get("seed"))
         n_top = params.get("logprobs")
         pending_logprobs: list[dict] = []
-        splitter = ToolCallSplitter(parse_calls=bool(tools), prefill=prefill,
-                                    tool_names=[tool["function"]["name"] for tool in tools or []])
+        splitter = ToolCallSplitter(parse_calls=bool(tools), prefill=prefill, tools=tools or [])
         pieces: list = []
         finish_reason, usage = None, None
         # closed on every exit, also when this generator is closed or dropped mid-stream: the model is freed at once
