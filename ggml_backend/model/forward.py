@@ -2,8 +2,8 @@
 
 The architecture's switches come from model/spec.py; the weights stay in their quantized blocks inside the memory
 map and are multiplied there by quant/matmul.py. Everything else (norms, rope, attention, activations) works on
-float32 activations, which are small next to the weights: numpy, or small numba kernels where numpy's
-temporaries cost a prompt several percent (rms_norm, the SwiGLU product).
+float32 activations, which are small next to the weights: numpy, or a small numba kernel where numpy's
+temporaries cost a prompt several percent (rms_norm).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
 from ..quant.blocks import HALF_TO_FLOAT
 from ..quant.matmul import BLAS_MIN_TOKENS, WeightMatrix, matmul_many, single_threaded_blas
-from .attention import _exp_non_positive, attention
+from .attention import attention
 from .batching import ForwardBatcher, batch_invariant
 from .kv_cache import DEFAULT_CACHE_TYPE, KVCache
 from .rope import apply_rope, rope_cos_sin
@@ -106,36 +106,16 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-# No fastmath: a row must get the same bits from the serial and the parallel build (a batch of one token and a
-# batch of many), which contraction and reassociation choices made per build would break.
-@njit(inline="always", cache=True)
-def _swiglu_row(gate, up, out, r):
-    for i in range(gate.shape[1]):
-        g = gate[r, i]
-        e = _exp_non_positive(-abs(g))            # exp(-|g|): the polynomial vectorizes, a libm exp does not
-        numerator = g if g >= np.float32(0.0) else g * e
-        out[r, i] = numerator / (np.float32(1.0) + e) * up[r, i]
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _swiglu_parallel(gate, up, out):
-    for r in prange(gate.shape[0]):
-        _swiglu_row(gate, up, out, r)
-
-
-@njit(nogil=True, cache=True)
-def _swiglu_serial(gate, up, out):
-    for r in range(gate.shape[0]):
-        _swiglu_row(gate, up, out, r)
-
-
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up, silu(x) = x / (1 + exp(-x)) (written x e / (1 + e) with e = exp(x) for x < 0, so that
-    the exponential never overflows), in one pass over float32 [n_tokens, n_ff]."""
-    gate = np.ascontiguousarray(gate)
-    up = np.ascontiguousarray(up)
-    out = np.empty_like(gate)
-    (_swiglu_parallel if gate.shape[0] >= _PARALLEL_ROWS else _swiglu_serial)(gate, up, out)
+    """silu(gate) * up, silu(x) = x / (1 + exp(-x)) in float32, in one temporary (a prompt batch's gate is
+    [512, n_ff]: tens of MB). numpy, whose float32 exp is its own vectorized one: a numba kernel with a polynomial
+    exp took 33 ms instead of about 100 per 256-token prompt, but moved Qwen's short perplexity run from -0.19% to
+    +0.29% of llama.cpp's (per value within 2e-6 of the float64 formula: this run's sensitivity), so it stays."""
+    out = np.negative(gate)
+    np.exp(out, out=out)
+    out += np.float32(1.0)
+    np.divide(gate, out, out=out)
+    out *= up
     return out
 
 
