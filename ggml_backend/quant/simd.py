@@ -182,18 +182,23 @@ load_16_bytes = intrinsic(_vector_load(I8x16))
 load_16_bytes.__doc__ = "``array[offset:offset + 16]`` (a byte array) as an ``I8x16``."
 
 
-@intrinsic
-def load_8_i32(typingctx, array, index):
-    """``array[index:index + 8]`` of an int32 array as an ``I32x8``."""
-    if not (isinstance(array, types.Array) and array.dtype == types.int32 and array.layout == "C"
-            and isinstance(index, types.Integer)):
-        return None
+def _typed_load(vector: VectorType, dtype):
+    """An intrinsic loading ``array[index:index + count]`` of a C-contiguous ``dtype`` array as ``vector``."""
+    def make(typingctx, array, index):
+        if not (isinstance(array, types.Array) and array.dtype == dtype and array.layout == "C"
+                and isinstance(index, types.Integer)):
+            return None
 
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        pointer = builder.gep(data, [args[1]])
-        return builder.load(builder.bitcast(pointer, I32x8.llvm_type().as_pointer()), align=4)
-    return I32x8(array, index), codegen
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            pointer = builder.gep(data, [args[1]])
+            return builder.load(builder.bitcast(pointer, vector.llvm_type().as_pointer()), align=4)
+        return vector(array, index), codegen
+    return intrinsic(make)
+
+
+load_8_i32 = _typed_load(I32x8, types.int32)
+load_8_i32.__doc__ = "``array[index:index + 8]`` of an int32 array as an ``I32x8``."
 
 
 @intrinsic
@@ -482,23 +487,29 @@ def fma_i32x8(typingctx, acc, dot, scale):
     return F32x8(acc, dot, scale), codegen
 
 
-@intrinsic
-def sum_f32x8(typingctx, a):
-    """The sum of the eight lanes in a fixed order (halves, then quarters, then pairs), as float32."""
-    if a != F32x8:
-        return None
+def _lane_sum(vector: VectorType):
+    """An intrinsic for the sum of a float vector's lanes in a fixed order: the low half plus the high half, then
+    the same on the result, down to one lane (so an 8-lane sum of (a + b) is the 16-lane sum of a | b)."""
+    def make(typingctx, a):
+        if a != vector:
+            return None
 
-    def codegen(context, builder, sig, args):
-        value = args[0]
-        width = 8
-        while width > 1:
-            width //= 2
-            mask_type = ir.VectorType(_I32, width)
-            low = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width))))
-            high = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width, 2 * width))))
-            value = builder.fadd(low, high)
-        return builder.extract_element(value, _I32(0))
-    return types.float32(a), codegen
+        def codegen(context, builder, sig, args):
+            value = args[0]
+            width = vector.count
+            while width > 1:
+                width //= 2
+                mask_type = ir.VectorType(_I32, width)
+                low = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width))))
+                high = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width, 2 * width))))
+                value = builder.fadd(low, high)
+            return builder.extract_element(value, _I32(0))
+        return types.float32(a), codegen
+    return intrinsic(make)
+
+
+sum_f32x8 = _lane_sum(F32x8)
+sum_f32x8.__doc__ = "The sum of the eight lanes in a fixed order (halves, then quarters, then pairs), as float32."
 
 
 @intrinsic
@@ -637,20 +648,6 @@ load_64_bytes = intrinsic(_vector_load(I8x64))
 load_64_bytes.__doc__ = "``array[offset:offset + 64]`` (a byte array) as an ``I8x64``."
 
 
-def _typed_load(vector: VectorType, dtype):
-    def make(typingctx, array, index):
-        if not (isinstance(array, types.Array) and array.dtype == dtype and array.layout == "C"
-                and isinstance(index, types.Integer)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            data = context.make_array(sig.args[0])(context, builder, args[0]).data
-            pointer = builder.gep(data, [args[1]])
-            return builder.load(builder.bitcast(pointer, vector.llvm_type().as_pointer()), align=4)
-        return vector(array, index), codegen
-    return intrinsic(make)
-
-
 load_16_i32 = _typed_load(I32x16, types.int32)
 load_16_i32.__doc__ = "``array[index:index + 16]`` of an int32 array as an ``I32x16``."
 load_16_f32 = _typed_load(F32x16, types.float32)
@@ -706,23 +703,9 @@ def fnma_f32x16(typingctx, acc, a, b):
     return F32x16(acc, a, b), codegen
 
 
-@intrinsic
-def sum_f32x16(typingctx, a):
-    """The sum of the sixteen lanes in a fixed order (halves, quarters, ...), as float32."""
-    if a != F32x16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        value = args[0]
-        width = 16
-        while width > 1:
-            width //= 2
-            mask_type = ir.VectorType(_I32, width)
-            low = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width))))
-            high = builder.shuffle_vector(value, value, ir.Constant(mask_type, list(range(width, 2 * width))))
-            value = builder.fadd(low, high)
-        return builder.extract_element(value, _I32(0))
-    return types.float32(a), codegen
+sum_f32x16 = _lane_sum(F32x16)
+sum_f32x16.__doc__ = """The sum of the sixteen lanes in a fixed order (halves first: the sum of ``sum_f32x8``'s two
+chains when they are the halves), as float32."""
 
 
 @intrinsic
