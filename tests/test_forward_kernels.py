@@ -1,10 +1,10 @@
-"""The forward pass's numba kernels for norms and activations: each row's numbers do not depend on how many rows
-are computed with it (one decode token or a prompt: serial and parallel builds), and they compute the formulas."""
+"""The forward pass's norm and activation: each row's numbers do not depend on how many rows are computed with it
+(one decode token or a prompt: rms_norm's serial and parallel builds), and they compute the formulas."""
 from __future__ import annotations
 
 import numpy as np
 
-from ggml_backend.model.forward import rms_norm, swiglu
+from ggml_backend.model.forward import rms_norm, silu
 
 
 def test_rms_norm_rows_are_the_same_alone_and_in_a_batch_and_follow_ggml():
@@ -21,13 +21,13 @@ def test_rms_norm_rows_are_the_same_alone_and_in_a_batch_and_follow_ggml():
     assert np.array_equal(rms_norm(heads, weight[:64], 1e-6)[3], rms_norm(heads[3], weight[:64], 1e-6))
 
 
-def test_swiglu_rows_are_the_same_alone_and_in_a_batch_and_compute_silu_times_up():
+def test_silu_times_up_rows_are_the_same_alone_and_in_a_batch_and_follow_the_formula():
     rng = np.random.default_rng(1)
     gate = (rng.standard_normal((40, 4864)) * 6).astype(np.float32)
     gate[0, :6] = [-200.0, -88.0, -10.0, 0.0, 10.0, 200.0]
     up = rng.standard_normal((40, 4864)).astype(np.float32)
-    batch = swiglu(gate, up)
-    alone = np.concatenate([swiglu(gate[i:i + 1], up[i:i + 1]) for i in range(len(gate))])
+    batch = silu(gate) * up
+    alone = np.concatenate([silu(gate[i:i + 1]) * up[i:i + 1] for i in range(len(gate))])
     assert np.array_equal(batch, alone)
     g = gate.astype(np.float64)
     expected = g / (1.0 + np.exp(-g)) * up

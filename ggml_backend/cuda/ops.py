@@ -67,7 +67,7 @@ def add_kernel(x, y):
 
 @cuda.jit
 def swiglu_kernel(gate, up):
-    """gate = silu(gate) * up, silu(g) = g / (1 + exp(-g)) (model/forward.swiglu's numbers within 2e-6)."""
+    """gate = silu(gate) * up, silu(g) = g / (1 + exp(-g)) as model/forward.silu computes it."""
     n, k = gate.shape
     for item in range(cuda.grid(1), n * k, cuda.gridsize(1)):
         r = item // k

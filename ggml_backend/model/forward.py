@@ -66,8 +66,8 @@ class Layer:
     post_ffn_norm: np.ndarray | None = None
 
 
-# Below this many rows the kernels below run on the calling thread (a decode step: a parallel launch would cost
-# more than the work).
+# Below this many rows rms_norm runs on the calling thread (a decode step: a parallel launch would cost more than
+# the work).
 _PARALLEL_ROWS = 8
 
 
@@ -106,17 +106,15 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up, silu(x) = x / (1 + exp(-x)) in float32, in one temporary (a prompt batch's gate is
-    [512, n_ff]: tens of MB). numpy, whose float32 exp is its own vectorized one: a numba kernel with a polynomial
-    exp took 33 ms instead of about 100 per 256-token prompt, but moved Qwen's short perplexity run from -0.19% to
-    +0.29% of llama.cpp's (per value within 2e-6 of the float64 formula: this run's sensitivity), so it stays."""
-    out = np.negative(gate)
+def silu(x: np.ndarray) -> np.ndarray:
+    """x / (1 + exp(-x)), in one temporary (a prompt batch's gate is [512, n_ff] float32: tens of MB each). numpy,
+    whose float32 exp is its own vectorized one: a numba SwiGLU with a polynomial exp took 33 ms instead of about
+    100 per 256-token prompt, but moved Qwen's short perplexity run from -0.19% to +0.29% of llama.cpp's (each value
+    within 2e-6 of the float64 formula: that run's sensitivity)."""
+    out = np.negative(x)
     np.exp(out, out=out)
     out += np.float32(1.0)
-    np.divide(gate, out, out=out)
-    out *= up
-    return out
+    return np.divide(x, out, out=out)
 
 
 def _gelu_f32(x: np.ndarray) -> np.ndarray:
@@ -295,11 +293,8 @@ class Model:
             # --- feed-forward ---
             h = rms_norm(x, layer.ffn_norm, hp.rms_eps)
             gate, up = project(h, layer.w_gate, layer.w_up)
-            if hp.arch.ffn_activation == "silu":
-                act = swiglu(gate, up)
-            else:
-                act = gelu_tanh(gate)
-                act *= up
+            act = silu(gate) if hp.arch.ffn_activation == "silu" else gelu_tanh(gate)
+            act *= up
             ffn_out = layer.w_down(act)
             if layer.post_ffn_norm is not None:
                 ffn_out = rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
