@@ -18,9 +18,8 @@ lanes), which shares each weight load among 4 tokens and each activation load am
 Per 64 values, for each (row, token): ``dot = vpdpbusd(bias_row, x + 128, q)`` is the exact integer dot product of
 x and q in each lane (the bias takes the 128 back out), and ``acc += float(dot) * (scale_row * scale_x)``; the
 kinds whose groups have offsets (q4_1, q5_1, q2_K, q4_K, q5_K) then subtract ``offset_row * (d_x * sum x)`` per 16
-values, 16 groups per instruction. Each
-(row, token) result depends only on that row and that token, in a fixed order: a prompt's rows come out the same
-whatever batch they are part of (prompt caching relies on it).
+values, 16 groups per instruction. Each (row, token) result depends only on that row and that token, in a fixed
+order: a prompt's rows come out the same whatever batch they are part of (prompt caching relies on it).
 
 Tokens are taken in blocks small enough that a block's activations stay in L2 beside the panel; each thread
 takes a contiguous range of panels and walks every block through them.
@@ -48,10 +47,10 @@ BLOCK_BYTES = 768 * 1024
 
 # The kinds whose GEMM results are the one-token kernel's bit for bit: q4_0 and q5_0 accumulate in two 8-lane
 # chains (even and odd blocks), which are the GEMM's 16 lanes, and sum them in the same order. (q8_0 given two
-# chains as well read 10-13 GB/s per core in decode against 17-23 with its one chain: it stays out.) Products with a few
-# tokens (continuous batching, short prompts), which must give each token's one-token numbers, may take the GEMM
-# for these kinds from EXACT_MIN_TOKENS tokens on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16, on a
-# Zen 4; about even at 4).
+# chains as well read 10-13 GB/s per core in decode against 17-23 with its one chain: it stays out.) Products
+# with a few tokens (continuous batching, short prompts), which must give each token's one-token numbers, may take
+# the GEMM for these kinds from EXACT_MIN_TOKENS tokens on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16,
+# on a Zen 4; about even at 4).
 EXACT_KINDS = (0, 2)
 EXACT_MIN_TOKENS = 8
 

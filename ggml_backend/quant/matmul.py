@@ -180,7 +180,12 @@ def quantize_activations(vec_dot_type: str, x: np.ndarray, for_blas: bool = Fals
 
 def gemm_available(qtype: QuantType, k: int) -> bool:
     """Whether products of ``qtype`` weights with rows of k values can take the integer GEMM on this CPU."""
-    return isa_has_gemm(KERNEL_ISA) and qtype.one_token.simd_kind is not None and k % 64 == 0
+    return _gemm_takes(qtype.one_token.simd_kind, k)
+
+
+def _gemm_takes(kind: int | None, k: int) -> bool:
+    """Whether the integer GEMM takes a block kind (decode.KINDS; None for float types) and rows of k values."""
+    return isa_has_gemm(KERNEL_ISA) and kind is not None and k % 64 == 0
 
 
 def _product_path(qtype: QuantType, method: str, n_tokens: int, k: int) -> str:
@@ -249,8 +254,7 @@ def _integer_product(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
 def _exact_gemm(kind: int | None, shape: tuple[int, int]) -> bool:
     """Whether a few-token product (shape: its activations' [n_tokens, k]) takes the GEMM, whose results are then
     the few-token kernels' bit for bit (gemm.EXACT_KINDS)."""
-    return (kind in EXACT_KINDS and shape[0] >= EXACT_MIN_TOKENS and shape[1] % 64 == 0
-            and isa_has_gemm(KERNEL_ISA))
+    return kind in EXACT_KINDS and shape[0] >= EXACT_MIN_TOKENS and _gemm_takes(kind, shape[1])
 
 
 def _simd_matvec(kind: int, base: np.ndarray, starts, row_counts, row_bytes: int,

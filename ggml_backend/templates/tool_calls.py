@@ -110,6 +110,9 @@ class ToolCallSplitter:
         self.prefill = prefill
         self._pending = self._feed(prefill) if prefill else []
 
+    def _fits(self, call: dict) -> bool:
+        return _fits_parameters(call["arguments"], self.parameters.get(call["name"]))
+
     def _take_pending(self) -> list[tuple[str, Any]]:
         pending, self._pending = self._pending, []
         return pending
@@ -149,8 +152,7 @@ class ToolCallSplitter:
                 block = self._held[:end + len(CALL_CLOSE)]
                 self._held = self._held[end + len(CALL_CLOSE):]
                 self.in_call = False
-                calls = [call for call in _calls_in_block(block, self.tool_names)
-                         if _fits_parameters(call["arguments"], self.parameters.get(call["name"]))]
+                calls = [call for call in _calls_in_block(block, self.tool_names) if self._fits(call)]
                 if calls:
                     self.n_calls += 1
                     pieces.append(("call", calls[0]))
@@ -177,7 +179,7 @@ class ToolCallSplitter:
         if self._maybe_bare_call:
             self._maybe_bare_call = False
             calls = _bare_calls(held, self.tool_names)
-            if calls and all(_fits_parameters(call["arguments"], self.parameters.get(call["name"])) for call in calls):
+            if calls and all(self._fits(call) for call in calls):
                 self.n_calls += len(calls)
                 return pending + [("call", call) for call in calls]
             return pending + self._feed(held) + self.finish()
