@@ -9,12 +9,13 @@ borrow one at a time; requests beyond the slots wait in line, first come first s
   what it gives alone. The ``ContinuousBatcher`` (continuous_batching.py) that ``n > 1`` requests run on submits
   its sequences there too, so one mechanism combines everything; the loop that decodes is the slot's own
   (``Llama``'s worker thread).
-* Everything here runs on the event loop's thread: no lock. Generations run in worker threads, advanced one chunk
-  per ``await``; nothing is held across a ``yield``.
+* Everything here runs on the event loop's thread: no lock. Each generation runs in a thread of its own
+  (``_Pump``), which hands its chunks to the request's task; nothing is held across a ``yield``.
 """
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -176,22 +177,20 @@ class SlotPool:
 
     # --- running a generation in a slot ----------------------------------------------------------------------
     async def chunks(self, ticket: Ticket, stream):
-        """The chunks of ``stream`` (a Llama stream running in the ticket's slot), each computed in a worker
-        thread, one ahead: the next token is computed while this one goes to the client (a stream computes only
-        what it is asked for, so without it the model would wait for every send). Leaving early (the client
-        went, an abort, cancellation) closes the stream: the generation stops after the token in progress. The
-        ticket is released at the end."""
+        """The chunks of ``stream`` (a Llama stream running in the ticket's slot), made by a thread of the
+        generation's own (``_Pump``) that runs the stream to its end, so each next token is started as soon as the
+        last one is out, without a round trip through the event loop. Leaving early (the client went, an abort,
+        cancellation) closes the stream: the generation stops after the token in progress. The ticket is
+        released at the end."""
         slot = ticket.slot
         slot.stream = stream
-        usage, finish_reason, ahead = None, None, None
+        usage, finish_reason = None, None
+        pump = _Pump(stream)
         try:
-            ahead = asyncio.ensure_future(_fetch(stream))
             while True:
-                chunk = await ahead
-                ahead = None
+                chunk = await pump.next()
                 if chunk is _END:
                     break
-                ahead = asyncio.ensure_future(_fetch(stream))
                 if slot.t_first is None:
                     slot.t_first = time.monotonic()
                 if chunk.get("usage"):
@@ -203,9 +202,7 @@ class SlotPool:
             self.metrics.requests_failed += 1
             raise
         finally:
-            if ahead is not None:
-                ahead.cancel()
-            stream.close()
+            stream.close()   # the pump's thread gets the end after the token in progress and leaves
             self._record(slot, usage, finish_reason)
             ticket.release()
 
@@ -258,15 +255,44 @@ class SlotPool:
 _END = object()
 
 
-async def _fetch(stream):
-    return await anyio.to_thread.run_sync(_next_or_end, stream, abandon_on_cancel=True)
+class _Pump:
+    """Runs a stream to its end in a thread of its own and hands each chunk to the event loop as it is made.
 
+    Why not ask for one chunk at a time from worker threads: a stream computes a token when asked for it, so
+    each token would start only after the previous chunk had reached the event loop and a request for the next
+    one had come back through it, and the slots' combined pass waits for slots still on that trip. Here a slot's
+    next step starts as soon as its chunk is handed over. The chunks a client has not read yet wait in the queue
+    (at most the generation's max_tokens); closing the stream ends the thread after the token in progress."""
 
-def _next_or_end(stream):
-    try:
-        return next(stream)
-    except StopIteration:
-        return _END
+    def __init__(self, stream):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._stream = stream
+        threading.Thread(target=self._run, name="ggml-backend slot stream", daemon=True).start()
+
+    async def next(self):
+        """The next chunk, ``_END`` after the last; the stream's error, raised here."""
+        kind, value = await self._queue.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def _run(self) -> None:
+        try:
+            for chunk in self._stream:
+                if not self._hand(("item", chunk)):
+                    return
+            self._hand(("item", _END))
+        except BaseException as exc:   # noqa: BLE001 - raised in the request's task, by next()
+            self._hand(("error", exc))
+
+    def _hand(self, item) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            return True
+        except RuntimeError:   # the event loop is closed (the server stopped): nobody will read this stream
+            self._stream.close()
+            return False
 
 
 class ModelRegistry:
