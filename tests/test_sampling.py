@@ -407,3 +407,30 @@ def test_the_random_seed_rule_is_one_function():
     # the seeds of n choices: base + i, never the random value, random when the base is
     assert [S.derived_seed(S.LLAMA_DEFAULT_SEED - 2, i) for i in range(3)] == [2 ** 32 - 3, 2 ** 32 - 2, 0]
     assert S.derived_seed(None, 4) is None
+
+
+def test_sample_reuses_its_working_copy_without_touching_earlier_results():
+    """``sample`` works in a buffer of the sampler's own (no fresh vocabulary-sized arrays per token): candidates
+    handed out earlier, and the caller's logits, stay as they were; each call sees only its own logits."""
+    rng = np.random.default_rng(3)
+    sampler = Sampler(SamplingParams(temperature=0, logit_bias={5: 50.0}, repeat_penalty=1.3), n_vocab=64)
+    first = rng.standard_normal(64).astype(np.float32)
+    kept = sampler.candidates(first, [1, 2])
+    kept_logits = kept.logits.copy()
+    second = rng.standard_normal(64).astype(np.float32)
+    second_before = second.copy()
+    assert sampler.sample(second, [7]) == 5                       # the bias wins
+    second[5] = -100.0
+    expected = second.copy()
+    expected[7] = expected[7] * np.float32(1.3) if expected[7] <= 0 else expected[7] / np.float32(1.3)
+    assert sampler.sample(second, [7]) == int(np.argmax(expected))
+    np.testing.assert_array_equal(kept.logits, kept_logits)
+    second[5] = second_before[5]
+    np.testing.assert_array_equal(second, second_before)          # the caller's array is never written
+    with pytest.raises(ValueError):
+        kept.ids[0] = 1                                           # the shared ids are read-only
+    for bad in (np.nan, np.inf):
+        logits = second.copy()
+        logits[10] = bad
+        with pytest.raises(SamplingError, match="NaN or \\+inf"):
+            sampler.sample(logits, [])
