@@ -107,6 +107,25 @@ def test_attention_kernel_follows_ggml_arithmetic_for_each_storage(pair):
         assert np.abs(k.read(0, 0, 24) - keys).max() < plain
 
 
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("window", [0, 5])
+def test_each_attention_row_is_the_same_alone_or_in_a_batch(pair, window):
+    """A query's output does not depend on the batch it came in (the kernel sums each row's keys in fours from its
+    first key, whatever the batch): a 13-token prompt on top of 6 cached tokens gives every row the bits it gets
+    as a one-token step at its position, for key counts on either side of a multiple of four."""
+    type_k, type_v = pair.split("/")
+    rng = np.random.default_rng(5)
+    keys, values = (rng.standard_normal((2, 19, 64)).astype(np.float32) * 3 for _ in range(2))
+    q = rng.standard_normal((13, 4, 64)).astype(np.float32)
+    k, v = CacheTensor(type_k, (1, 2, 32, 64)), CacheTensor(type_v, (1, 2, 32, 64))
+    k.write(0, 0, keys)
+    v.write(0, 0, values)
+    batch = attention(q, k.layer(0), v.layer(0), 6, 2, window, 0.125)
+    for t in range(13):
+        alone = attention(q[t:t + 1], k.layer(0), v.layer(0), 6 + t, 2, window, 0.125)
+        assert np.array_equal(alone[0].view(np.uint32), batch[t].view(np.uint32)), t
+
+
 @pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])
 def test_read_write_move_save_load_round_trip(kind):
     rng = np.random.default_rng(2)

@@ -18,14 +18,13 @@ precision ggml stores them in, q8_1 block sums, q8_K sums of 16) so the matmul k
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
 from .blocks import nearest_int, round_to_f16
 from .floats import float_to_bf16_bits
 from .legacy import quantize_q8_0, quantize_q8_1
+from .simd import round_to_half
 
 QK8_0 = 32   # values per q8_0 / q8_1 block
 QK_K = 256   # values per q8_K super-block
@@ -204,21 +203,11 @@ __all__ = [
 
 
 @njit(cache=True, nogil=True)
-def _round_bits_to_f16(values, bits):
-    """values (float32) and bits (their uint32 view): round each value to half precision in place, to nearest
-    even like F16C: drop 13 mantissa bits with a carry; half subnormals (below 2**-14) are multiples of 2**-24,
-    rounded by adding and removing 0.75 (whose float32 ulp is 2**-24); beyond the largest half: inf."""
+def _round_to_f16(values):
+    """Round each float32 of ``values`` to half precision in place (F16C's rounding, vectorized): to nearest
+    even, half subnormals kept, inf beyond the largest half, NaN stays NaN."""
     for i in range(values.size):
-        magnitude = abs(values[i])
-        if magnitude < np.float32(6.103515625e-05):
-            # the sign kept: a negative value that rounds to zero is -0.0 in F16C as in numpy
-            values[i] = math.copysign((values[i] + np.float32(0.75)) - np.float32(0.75), values[i])
-        elif magnitude >= np.float32(65520.0):
-            if magnitude == magnitude:  # keep NaN as it is
-                values[i] = np.float32(np.inf) if values[i] > 0 else np.float32(-np.inf)
-        else:
-            b = bits[i]
-            bits[i] = (b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+        values[i] = round_to_half(values[i])
 
 
 def round_to_f16_inplace(x: np.ndarray) -> np.ndarray:
@@ -227,5 +216,5 @@ def round_to_f16_inplace(x: np.ndarray) -> np.ndarray:
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError("round_to_f16_inplace needs a C-contiguous float32 array")
     flat = x.reshape(-1)
-    _round_bits_to_f16(flat, flat.view(np.uint32))
+    _round_to_f16(flat)
     return x

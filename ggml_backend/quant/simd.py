@@ -242,6 +242,18 @@ def half_to_float(typingctx, bits):
 
 
 @intrinsic
+def round_to_half(typingctx, value):
+    """A float32 rounded to the nearest half float (ties to even; beyond the largest half: inf), as float32: a
+    conversion there and back that LLVM vectorizes (``vcvtps2ph`` / ``vcvtph2ps`` with F16C)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), _F32)
+    return types.float32(value), codegen
+
+
+@intrinsic
 def load_u32(typingctx, array, offset):
     """The little-endian uint32 at byte ``offset`` of a byte array (as int64, for plain numba arithmetic)."""
     if not _is_byte_array(array) or not isinstance(offset, types.Integer):
