@@ -67,61 +67,58 @@ def _normalize_probabilities(probs, inverse, values):
     the weights for the f16 product); one pass."""
 
 
+def _stored(x):
+    """A key or value element as float32: f32 storage as it is, f16 storage (its bits) converted (overloaded)."""
+
+
+@overload(_stored, inline="always")
+def _stored_overload(x):
+    if x == types.float32:
+        return lambda x: x
+    if x == types.uint16:
+        return lambda x: half_to_float(x)
+    return None
+
+
+_STORAGE = (types.float32, types.uint16)   # what the kernel reads directly; q8_0 is dequantized for the call
+
+
 @overload(_score, inline="always")
 def _score_overload(q, t, h, keys, kv_head, j):
-    if keys.dtype == types.float32:
-        def score(q, t, h, keys, kv_head, j):
-            s = np.float32(0.0)
-            for d in range(keys.shape[2]):
-                s += q[t, h, d] * keys[kv_head, j, d]
-            return s
-    elif keys.dtype == types.uint16:
-        def score(q, t, h, keys, kv_head, j):
-            s = np.float32(0.0)
-            for d in range(keys.shape[2]):
-                s += q[t, h, d] * half_to_float(keys[kv_head, j, d])
-            return s
-    else:
+    if keys.dtype not in _STORAGE:
         return None
+
+    def score(q, t, h, keys, kv_head, j):
+        s = np.float32(0.0)
+        for d in range(keys.shape[2]):
+            s += q[t, h, d] * _stored(keys[kv_head, j, d])
+        return s
     return score
 
 
 @overload(_accumulate, inline="always")
 def _accumulate_overload(acc, p, values, kv_head, j):
-    if values.dtype == types.float32:
-        def accumulate(acc, p, values, kv_head, j):
-            for d in range(values.shape[2]):
-                acc[d] += p * values[kv_head, j, d]
-    elif values.dtype == types.uint16:
-        def accumulate(acc, p, values, kv_head, j):
-            for d in range(values.shape[2]):
-                acc[d] += p * half_to_float(values[kv_head, j, d])
-    else:
+    if values.dtype not in _STORAGE:
         return None
+
+    def accumulate(acc, p, values, kv_head, j):
+        for d in range(values.shape[2]):
+            acc[d] += p * _stored(values[kv_head, j, d])
     return accumulate
 
 
 @overload(_accumulate_4, inline="always")
 def _accumulate_4_overload(acc, p0, p1, p2, p3, values, kv_head, j):
-    if values.dtype == types.float32:
-        def accumulate_4(acc, p0, p1, p2, p3, values, kv_head, j):
-            v0 = values[kv_head, j]
-            v1 = values[kv_head, j + 1]
-            v2 = values[kv_head, j + 2]
-            v3 = values[kv_head, j + 3]
-            for d in range(values.shape[2]):
-                acc[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d])
-    elif values.dtype == types.uint16:
-        def accumulate_4(acc, p0, p1, p2, p3, values, kv_head, j):
-            v0 = values[kv_head, j]
-            v1 = values[kv_head, j + 1]
-            v2 = values[kv_head, j + 2]
-            v3 = values[kv_head, j + 3]
-            for d in range(values.shape[2]):
-                acc[d] += ((p0 * half_to_float(v0[d]) + p1 * half_to_float(v1[d]))
-                           + (p2 * half_to_float(v2[d]) + p3 * half_to_float(v3[d])))
-    else:
+    if values.dtype not in _STORAGE:
         return None
+
+    def accumulate_4(acc, p0, p1, p2, p3, values, kv_head, j):
+        v0 = values[kv_head, j]
+        v1 = values[kv_head, j + 1]
+        v2 = values[kv_head, j + 2]
+        v3 = values[kv_head, j + 3]
+        for d in range(values.shape[2]):
+            acc[d] += (p0 * _stored(v0[d]) + p1 * _stored(v1[d])) + (p2 * _stored(v2[d]) + p3 * _stored(v3[d]))
     return accumulate_4
 
 
