@@ -573,12 +573,15 @@ class Sampler:
             return tokens[:0]
         return tokens if last_n == -1 else tokens[-last_n:]
 
-    def candidates(self, logits, recent_tokens: Iterable[int] = (), *, _out: np.ndarray | None = None
-                   ) -> Candidates:
-        """The full vocabulary after logit bias and penalties (the stages every mode shares). Its logits are a
-        fresh array (``sample`` passes its working copy as ``_out``); its ids are read-only."""
+    def candidates(self, logits, recent_tokens: Iterable[int] = ()) -> Candidates:
+        """The full vocabulary after logit bias and penalties (the stages every mode shares), in a fresh logits
+        array; its ids are read-only."""
+        return self._candidates(logits, recent_tokens, None)
+
+    def _candidates(self, logits, recent_tokens: Iterable[int], out: np.ndarray | None) -> Candidates:
+        """``candidates``, its logits in ``out`` when given (``sample``'s working copy)."""
         p = self.params
-        candidates = Candidates(self._ids, self._checked_logits(logits, _out))
+        candidates = Candidates(self._ids, self._checked_logits(logits, out))
         candidates = apply_logit_bias(candidates, p.logit_bias, in_place=True)
         newline_logit = None
         if not p.penalize_nl and self.newline_token is not None:
@@ -605,7 +608,7 @@ class Sampler:
     def sample(self, logits, recent_tokens: Iterable[int] = ()) -> int:
         """The next token id for ``logits`` (float32[n_vocab]) given the tokens so far (prompt + generated)."""
         p = self.params
-        candidates = self.candidates(logits, recent_tokens, _out=self._work)
+        candidates = self._candidates(logits, recent_tokens, self._work)
         if p.temperature <= 0.0:
             return int(np.argmax(candidates.logits))
         if p.mirostat_mode == 1:

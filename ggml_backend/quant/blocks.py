@@ -134,9 +134,10 @@ def nearest_int(v):
 def round_to_f16(value):
     """float32 ``value`` rounded to IEEE half precision (nearest even, as F16C and GGML_FP32_TO_FP16 round), as a
     float32: what ggml gets when it stores a float as a half and reads it back. The kernels' one scalar half
-    rounding (activation scales, the K-quant searches); arrays use ``activations.round_to_f16_inplace`` (a bit
-    trick that vectorizes) and bytes ``floats.float_to_half_bits`` (numpy), both equal to it
-    (tests/test_quant_quantize.py)."""
+    rounding (activation scales, the K-quant searches; it takes float64 values too, rounded once); float32 loops
+    that must vectorize use ``simd.round_to_half`` (F16C's conversion there and back:
+    ``activations.round_to_f16_inplace``, the attention's probabilities) and bytes ``floats.float_to_half_bits``
+    (numpy), all equal to it on float32 (tests/test_quant_quantize.py)."""
     v = np.float64(value)
     magnitude = abs(v)
     if magnitude == 0.0 or not math.isfinite(magnitude):
