@@ -28,19 +28,48 @@ def activations(n_tokens: int, k: int, seed: int = 1) -> np.ndarray:
     return (rng.standard_normal((n_tokens, k)) * rng.uniform(0.1, 3.0, (n_tokens, 1))).astype(np.float32)
 
 
+def exact_gemm(name: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The product on the exact (lane) GEMM, whatever the token count."""
+    from ggml_backend.quant.matmul import KERNEL_ISA, quantize_activations
+    out = np.empty((len(x), len(w)), np.float32)
+    acts = quantize_activations(get_type(name).vec_dot_type, x)
+    gemm_module.gemm_product(KINDS[name], w.reshape(-1), 0, len(w), w.shape[1], acts.gemm_tokens(), out, KERNEL_ISA,
+                             exact=True)
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(KINDS, key=KINDS.get))
 def test_every_kind_matches_the_integer_kernels(name):
-    # 13 rows (a last panel of 1), 51 tokens (a last tile of 3), k = 512 (legacy) / 768 (K-quants: 3 super-blocks)
+    # 13 rows (a last panel of 1 for the exact GEMM's 4, a lone partial one for the prompt GEMM's 16), 51 tokens
+    # (a last tile of 3 / of 3 of 8), k = 512 (legacy) / 768 (K-quants: 3 super-blocks)
     k = 768 if name.endswith("K") else 512
     w = weights(name, 13, k)
     x = activations(51, k)
     y_int = matmul(name, w, x, method="int")
-    y_gemm = matmul(name, w, x, method="gemm")
     bound = 4e-6 * (np.abs(x).astype(np.float64) @ np.abs(
         WeightMatrix(name, w, (13, k)).dequantize().astype(np.float64)).T) + 1e-6
-    assert np.all(np.abs(y_gemm - y_int) <= bound), name
-    if name in ("q4_0", "q5_0"):   # the one-token kernel's two chains are the GEMM's 16 lanes
-        assert np.array_equal(y_gemm, y_int)
+    for y_gemm in (matmul(name, w, x, method="gemm"), exact_gemm(name, w, x)):
+        assert np.all(np.abs(y_gemm - y_int) <= bound), name
+    if name in ("q4_0", "q5_0"):   # the one-token kernel's two chains are the exact GEMM's 16 lanes
+        assert np.array_equal(exact_gemm(name, w, x), y_int)
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q5_0", "q3_K", "q6_K"])
+def test_the_prompt_gemm_sums_each_group_exactly(name):
+    """The prompt GEMM's numbers for a row: each group's exact integer dot product scaled by the row's and the
+    token's scales, added in float32 one group after the other (llama.cpp's order), near the float64 product of
+    the quantized activations and the dequantized weights; 5 full row panels and one of 3 rows, 19 tokens."""
+    from ggml_backend.quant.matmul import quantize_activations
+    k = 512
+    w = weights(name, 83, k, seed=9)
+    x = activations(19, k, seed=10)
+    got = matmul(name, w, x, method="gemm")
+    acts = quantize_activations(get_type(name).vec_dot_type, x)
+    values = WeightMatrix(name, w, (83, k)).dequantize().astype(np.float64)
+    qx = acts.qs.astype(np.float64) * np.repeat(acts.d.astype(np.float64), k // acts.d.shape[1], axis=1)
+    reference = qx @ values.T
+    bound = 2e-6 * (np.abs(qx) @ np.abs(values).T) + 1e-6
+    assert np.all(np.abs(got - reference) <= bound)
 
 
 @pytest.mark.parametrize("name", ["q5_0", "q4_K", "q4_1", "q6_K"])

@@ -89,12 +89,16 @@ def test_synthetic_models_match_llama_cpp(kind, text):
     _check_against(perplexity(llm, text, 128, chunks=ref["chunks"]), ref)
 
 
-@pytest.mark.parametrize("which", ["qwen", "gemma"])
-def test_real_models_match_llama_cpp(which, text):
-    ref = _reference_run(which, 128)
-    llm = Llama(str(real_model(which)), n_ctx=128, n_threads=2, verbose=False)
+@pytest.mark.parametrize("which, n_ctx", [("qwen", 512), ("gemma", 128)])
+def test_real_models_match_llama_cpp(which, n_ctx, text):
+    """Qwen on the long run (14 chunks of 512, 3570 tokens scored: 35 s on 2 cores), where the issue's 0.2% is
+    above the noise: on the short one (252 tokens) llama.cpp's own flash-attention figure is 0.17% from its
+    default, and ours moved between -0.19% and -0.27% with the order of the prompt GEMM's float sums alone
+    (16 lanes per row and token, or one per row: gemm.py), while staying at +0.07% / +0.10% on the long run."""
+    ref = _reference_run(which, n_ctx)
+    llm = Llama(str(real_model(which)), n_ctx=n_ctx, n_threads=2, verbose=False)
     assert _tokens_sha256(llm.tokenize(text.encode(), add_bos=True)) == ref["tokens_sha256"]
-    result = perplexity(llm, text, 128, chunks=ref["chunks"])
+    result = perplexity(llm, text, n_ctx, chunks=ref["chunks"])
     _check_against(result, ref, PPL_TOLERANCE if which == "qwen" else GEMMA_SHORT_RUN_TOLERANCE)
 
 

@@ -42,9 +42,9 @@ from numba.extending import NativeValue, intrinsic, overload, register_model, ty
 from .simd import (
     add_bytes, add_f32x8, add_i32x8, bits_to_bytes, dot_i8_i8, dot_u8_i8, fma_i32x8, high_nibbles_dot, load_8_i32,
     load_16_bytes, load_32_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, or_bytes, pair_i32x8,
-    pair_low_nibbles_i32x8, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
-    store_32_bytes, store_8_i32, store_halves_f32x8, store_scaled, sum_f32x8, unpack_nibbles, zero_f32x8,
-    zero_i32x8,
+    pair_low_nibbles_i32x8, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset,
+    splat_bytes, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8,
+    unpack_nibbles, zero_f32x8, zero_i32x8,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -61,8 +61,9 @@ def _drop_kernels_cached_against_another_simd(package_dir: Path | None = None) -
         stamp = cache_dir / "decode.simd-digest"
         if stamp.is_file() and stamp.read_text() == digest:
             return
-        for cached in cache_dir.glob("decode.*.nb[ic]"):
-            cached.unlink(missing_ok=True)
+        for pattern in ("decode.*.nb[ic]", "gemm.*.nb[ic]"):    # gemm.py's kernels are made of both
+            for cached in cache_dir.glob(pattern):
+                cached.unlink(missing_ok=True)
         cache_dir.mkdir(exist_ok=True)
         stamp.write_text(digest)
     except OSError:   # a read-only install: numba then caches elsewhere, and so does nothing here
@@ -883,29 +884,43 @@ def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bs
 
 # ----------------------------------------------------------------------------------------------------------------
 # Weight rows expanded group by group (32 values: two 16-value halves with a scale and an offset each, value =
-# q * scale - offset), with the same block expansion as the kernels above. One walk per row, two sinks:
+# q * scale - offset), with the same block expansion as the kernels above. One walk per row, three sinks:
 # ``_FLOATS`` writes float32 values with the type table's arithmetic (a multiply, then a subtract: bit-exact to
 # quant/legacy.py and quant/kquants.py; the BLAS path of prompt processing), ``_PANEL`` writes the signed byte
-# quants, their lane biases and the halves' scales and offsets per int32 lane (the integer GEMM of gemm.py).
+# quants, their lane biases and the halves' scales and offsets per int32 lane (gemm.py's exact few-token GEMM),
+# ``_ROW_PANEL`` the same numbers with 16 rows interleaved dword by dword (gemm.py's prompt GEMM).
 # ----------------------------------------------------------------------------------------------------------------
 
 class Sink(KernelConstant):
-    """Where ``_walk_rows`` puts each group: ``_FLOATS`` or ``_PANEL``."""
+    """Where ``_walk_rows`` puts each group: ``_FLOATS``, ``_PANEL`` or ``_ROW_PANEL``."""
 
     label = "sink"
 
 
-_FLOATS, _PANEL = Sink(0, "floats"), Sink(1, "panel")
+_FLOATS, _PANEL, _ROW_PANEL = Sink(0, "floats"), Sink(1, "panel"), Sink(2, "row panel")
 sink_code = _constant_reader("sink")
 
 
 @njit(inline="always", **_KERNEL)
-def _emit(sink, floats, quants, bias, lane_scale, lane_offset, base, q, scale_a, scale_b, offset_a, offset_b, isa):
-    """One 32-value group (values ``base`` .. ``base + 31`` of the destination): signed byte quants ``q`` and, for
-    each 16-value half, its scale and offset. ``_PANEL`` keeps ``lane_offset`` only where it has room (the kinds
-    with offsets: q4_1, q5_1, q2_K, q4_K, q5_K), one per 16 values."""
+def _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
+          offset_b, isa):
+    """One 32-value group (values ``base`` .. ``base + 31`` of the destination; row r's from ``row_base``): signed byte quants
+    ``q`` and, for each 16-value half, its scale and offset. The panels keep ``lane_offset`` only where it has
+    room (the kinds with offsets: q4_1, q5_1, q2_K, q4_K, q5_K), one per 16 values."""
     if sink_code(sink) == 0:
         store_scaled(floats, base, q, scale_a, scale_b, offset_a, offset_b)
+        return
+    if sink_code(sink) == 2:
+        # row-interleaved (gemm.py's prompt kernel), 16 rows: dword j of every row side by side, as unsigned
+        # q + 128 (quants[64 j + 4 r:64 j + 4 r + 4] = row r's values 4j .. 4j + 3; the kernel takes 128 * the
+        # token's sums back out), and per 16 values h the rows' scale and offset at [16 h + r]
+        v = base - row_base
+        store_dwords(quants, 16 * v + 4 * r, 64, add_bytes(q, splat_bytes(-128)))
+        h = v // 16
+        lane_scale[16 * h + r] = scale_a
+        lane_scale[16 * h + 16 + r] = scale_b
+        lane_offset[16 * h + r] = offset_a
+        lane_offset[16 * h + 16 + r] = offset_b
         return
     store_32_bytes(quants, base, q)
     # -128 * the lane sums of q: the GEMM multiplies x + 128 (unsigned) by q, this takes the 128 back out
@@ -922,119 +937,124 @@ def _walk_rows(kind, w, start, row_bytes, n_rows, k, sink, floats, quants, bias,
     values go to r * k .. r * k + k - 1 of the destination."""
     kc = kind_code(kind)
     zero = np.float32(0.0)
-    for r in range(n_rows):
-        row = start + r * row_bytes
-        base = r * k
-        if kc <= 4:     # legacy: blocks of 32
-            for b in range(k // 32):
-                if kc == 0:
-                    o = row + 18 * b
-                    d = load_f16(w, o)
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b,
-                          add_bytes(_q4_quants(w, o + 2), splat_bytes(-8)), d, d, zero, zero, isa)
-                elif kc == 1:
-                    o = row + 20 * b
-                    d = load_f16(w, o)
-                    m = -load_f16(w, o + 2)
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b, _q4_quants(w, o + 4),
-                          d, d, m, m, isa)
-                elif kc == 2:
-                    o = row + 22 * b
-                    d = load_f16(w, o)
-                    q = _q5_quants(w, o + 2)
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b,
-                          add_bytes(q, splat_bytes(-16)), d, d, zero, zero, isa)
-                elif kc == 3:
-                    o = row + 24 * b
-                    d = load_f16(w, o)
-                    m = -load_f16(w, o + 2)
-                    q = _q5_quants(w, o + 4)
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b, q, d, d, m, m, isa)
-                else:
-                    o = row + 34 * b
-                    d = load_f16(w, o)
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, base + 32 * b, load_32_bytes(w, o + 2),
-                          d, d, zero, zero, isa)
-            continue
-        for b in range(k // 256):
-            x = base + 256 * b
-            if kc == 7 or kc == 8:     # q4_K, q5_K
-                size = 144 if kc == 7 else 176
-                o = row + size * b
-                d = load_f16(w, o)
-                dmin = load_f16(w, o + 2)
-                words = _scale_min_words(w, o + 4)
-                for c in range(4):
-                    scales = words[c // 2] >> (16 * (c & 1))
-                    mins = words[2 + c // 2] >> (16 * (c & 1))
-                    if kc == 7:
-                        packed = load_32_bytes(w, o + 16 + 32 * c)
-                        low = low_nibbles(packed)
-                        high = shift_right_and(packed, 4, 15)
-                    else:
-                        packed = load_32_bytes(w, o + 48 + 32 * c)
-                        bits = load_32_bytes(w, o + 16)
-                        low = _with_fifth_bit(low_nibbles(packed), bits, 2 * c)
-                        high = _with_fifth_bit(shift_right_and(packed, 4, 15), bits, 2 * c + 1)
-                    d1 = d * np.float32(scales & 0xFF)
-                    m1 = dmin * np.float32(mins & 0xFF)
-                    d2 = d * np.float32((scales >> 8) & 0xFF)
-                    m2 = dmin * np.float32((mins >> 8) & 0xFF)
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 64 * c, low, d1, d1, m1, m1,
-                          isa)
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 64 * c + 32, high, d2, d2, m2,
-                          m2, isa)
-            elif kc == 9:                # q6_K
-                o = row + 210 * b
-                d = load_f16(w, o + 208)
-                for n in range(2):
-                    low_a = load_32_bytes(w, o + 64 * n)
-                    low_b = load_32_bytes(w, o + 64 * n + 32)
-                    top = load_32_bytes(w, o + 128 + 32 * n)
-                    s = o + 192 + 8 * n
-                    minus32 = splat_bytes(-32)
-                    for part in range(4):
-                        if part == 0:
-                            q = _q6_K_quants(low_nibbles(low_a), top, 0)
-                        elif part == 1:
-                            q = _q6_K_quants(low_nibbles(low_b), top, 2)
-                        elif part == 2:
-                            q = _q6_K_quants(shift_right_and(low_a, 4, 15), top, 4)
-                        else:
-                            q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
-                        scale_a = d * np.float32(np.int8(w[s + 2 * part]))
-                        scale_b = d * np.float32(np.int8(w[s + 2 * part + 1]))
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 128 * n + 32 * part,
-                              add_bytes(q, minus32), scale_a, scale_b, zero, zero, isa)
-            elif kc == 6:                # q3_K
-                o = row + 110 * b
-                d = load_f16(w, o + 108)
-                hmask = load_32_bytes(w, o)
-                words = _q3_K_scale_words(w, o + 96)
-                for n in range(2):
-                    packed = load_32_bytes(w, o + 32 + 32 * n)
-                    for j in range(4):
-                        g = 8 * n + 2 * j
-                        q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
-                        pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
-                        scale_a = d * np.float32((pair & 0xFF) - 32)
-                        scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 128 * n + 32 * j,
-                              add_bytes(q, splat_bytes(-4)), scale_a, scale_b, zero, zero, isa)
-            else:                          # q2_K
-                o = row + 84 * b
-                d = load_f16(w, o + 80)
-                dmin = load_f16(w, o + 82)
-                for n in range(2):
-                    packed = load_32_bytes(w, o + 16 + 32 * n)
-                    for j in range(4):
-                        s = o + 8 * n + 2 * j
-                        scale_a = d * np.float32(np.int32(w[s]) & 15)
-                        scale_b = d * np.float32(np.int32(w[s + 1]) & 15)
-                        min_a = dmin * np.float32(np.int32(w[s]) >> 4)
-                        min_b = dmin * np.float32(np.int32(w[s + 1]) >> 4)
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, x + 128 * n + 32 * j,
-                              shift_right_and(packed, 2 * j, 3), scale_a, scale_b, min_a, min_b, isa)
+    # the row panel interleaves its rows: it is written 256 values of every row at a time, so that the panel's
+    # bytes for those (4 KiB) stay in L1 while the rows fill them
+    slice_values = 256 if sink_code(sink) == 2 else k
+    for v0 in range(0, k, slice_values):
+        v1 = min(k, v0 + slice_values)
+        for r in range(n_rows):
+          row = start + r * row_bytes
+          base = r * k
+          if kc <= 4:     # legacy: blocks of 32
+              for b in range(v0 // 32, v1 // 32):
+                  if kc == 0:
+                      o = row + 18 * b
+                      d = load_f16(w, o)
+                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                            add_bytes(_q4_quants(w, o + 2), splat_bytes(-8)), d, d, zero, zero, isa)
+                  elif kc == 1:
+                      o = row + 20 * b
+                      d = load_f16(w, o)
+                      m = -load_f16(w, o + 2)
+                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b, _q4_quants(w, o + 4),
+                            d, d, m, m, isa)
+                  elif kc == 2:
+                      o = row + 22 * b
+                      d = load_f16(w, o)
+                      q = _q5_quants(w, o + 2)
+                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                            add_bytes(q, splat_bytes(-16)), d, d, zero, zero, isa)
+                  elif kc == 3:
+                      o = row + 24 * b
+                      d = load_f16(w, o)
+                      m = -load_f16(w, o + 2)
+                      q = _q5_quants(w, o + 4)
+                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b, q, d, d, m, m, isa)
+                  else:
+                      o = row + 34 * b
+                      d = load_f16(w, o)
+                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b, load_32_bytes(w, o + 2),
+                            d, d, zero, zero, isa)
+              continue
+          for b in range(v0 // 256, v1 // 256):
+              x = base + 256 * b
+              if kc == 7 or kc == 8:     # q4_K, q5_K
+                  size = 144 if kc == 7 else 176
+                  o = row + size * b
+                  d = load_f16(w, o)
+                  dmin = load_f16(w, o + 2)
+                  words = _scale_min_words(w, o + 4)
+                  for c in range(4):
+                      scales = words[c // 2] >> (16 * (c & 1))
+                      mins = words[2 + c // 2] >> (16 * (c & 1))
+                      if kc == 7:
+                          packed = load_32_bytes(w, o + 16 + 32 * c)
+                          low = low_nibbles(packed)
+                          high = shift_right_and(packed, 4, 15)
+                      else:
+                          packed = load_32_bytes(w, o + 48 + 32 * c)
+                          bits = load_32_bytes(w, o + 16)
+                          low = _with_fifth_bit(low_nibbles(packed), bits, 2 * c)
+                          high = _with_fifth_bit(shift_right_and(packed, 4, 15), bits, 2 * c + 1)
+                      d1 = d * np.float32(scales & 0xFF)
+                      m1 = dmin * np.float32(mins & 0xFF)
+                      d2 = d * np.float32((scales >> 8) & 0xFF)
+                      m2 = dmin * np.float32((mins >> 8) & 0xFF)
+                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c, low, d1, d1, m1, m1,
+                            isa)
+                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c + 32, high, d2, d2, m2,
+                            m2, isa)
+              elif kc == 9:                # q6_K
+                  o = row + 210 * b
+                  d = load_f16(w, o + 208)
+                  for n in range(2):
+                      low_a = load_32_bytes(w, o + 64 * n)
+                      low_b = load_32_bytes(w, o + 64 * n + 32)
+                      top = load_32_bytes(w, o + 128 + 32 * n)
+                      s = o + 192 + 8 * n
+                      minus32 = splat_bytes(-32)
+                      for part in range(4):
+                          if part == 0:
+                              q = _q6_K_quants(low_nibbles(low_a), top, 0)
+                          elif part == 1:
+                              q = _q6_K_quants(low_nibbles(low_b), top, 2)
+                          elif part == 2:
+                              q = _q6_K_quants(shift_right_and(low_a, 4, 15), top, 4)
+                          else:
+                              q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
+                          scale_a = d * np.float32(np.int8(w[s + 2 * part]))
+                          scale_b = d * np.float32(np.int8(w[s + 2 * part + 1]))
+                          _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * part,
+                                add_bytes(q, minus32), scale_a, scale_b, zero, zero, isa)
+              elif kc == 6:                # q3_K
+                  o = row + 110 * b
+                  d = load_f16(w, o + 108)
+                  hmask = load_32_bytes(w, o)
+                  words = _q3_K_scale_words(w, o + 96)
+                  for n in range(2):
+                      packed = load_32_bytes(w, o + 32 + 32 * n)
+                      for j in range(4):
+                          g = 8 * n + 2 * j
+                          q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
+                          pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
+                          scale_a = d * np.float32((pair & 0xFF) - 32)
+                          scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)
+                          _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                                add_bytes(q, splat_bytes(-4)), scale_a, scale_b, zero, zero, isa)
+              else:                          # q2_K
+                  o = row + 84 * b
+                  d = load_f16(w, o + 80)
+                  dmin = load_f16(w, o + 82)
+                  for n in range(2):
+                      packed = load_32_bytes(w, o + 16 + 32 * n)
+                      for j in range(4):
+                          s = o + 8 * n + 2 * j
+                          scale_a = d * np.float32(np.int32(w[s]) & 15)
+                          scale_b = d * np.float32(np.int32(w[s + 1]) & 15)
+                          min_a = dmin * np.float32(np.int32(w[s]) >> 4)
+                          min_b = dmin * np.float32(np.int32(w[s + 1]) >> 4)
+                          _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                                shift_right_and(packed, 2 * j, 3), scale_a, scale_b, min_a, min_b, isa)
 
 
 @njit(nogil=True, **_KERNEL)
@@ -1054,3 +1074,12 @@ def unpack_panel(kind, w, start, row_bytes, n_rows, k, quants, bias, lane_scale,
     for the kinds without offsets)."""
     _walk_rows(kind, w, start, row_bytes, n_rows, k, _PANEL, np.empty(0, np.float32), quants, bias, lane_scale,
                lane_offset, isa)
+
+
+@njit(nogil=True, **_KERNEL)
+def unpack_row_panel(kind, w, start, row_bytes, n_rows, k, quants, scale, offset, isa):
+    """Up to 16 rows of the matrix from byte ``start`` as a row-interleaved GEMM panel (see ``_emit``): quants
+    uint8 [16 * k] (q + 128), scale and offset float32 [k] (zeros for the kinds without offsets); the entries of
+    rows past ``n_rows`` are left as they are."""
+    _walk_rows(kind, w, start, row_bytes, n_rows, k, _ROW_PANEL, np.empty(0, np.float32), quants,
+               np.empty(0, np.int32), scale, offset, isa)

@@ -2,27 +2,36 @@
 
 A prompt multiplies every weight by many tokens, so the arithmetic, not the memory, bounds it. The BLAS path
 dequantizes bands of weights to float32 and runs sgemm: 16 float multiply-adds per instruction, plus the
-dequantization. Here weights stay 8-bit: one ``vpdpbusd`` on a 512-bit register does 64 byte multiply-adds, and its
-16 int32 lanes are converted and scaled in float once per 64 values (``vcvtdq2ps``, ``vmulps``, ``vfmadd``).
+dequantization. Here weights stay 8-bit and one ``vpdpbusd`` on a 512-bit register does 64 byte multiply-adds.
+Two kernels, both with llama.cpp's quantized activations (``GemmTokens``: the type's ``vec_dot_type``, q8_0, q8_1
+or q8_K) and the block decoders every other kernel uses (``decode._walk_rows``, expanding a panel of rows once per
+block of tokens into signed byte quants q, value = q * scale - offset per 16 values):
 
-The work is cut as a register tile of PANEL_ROWS weight rows by TILE_TOKENS tokens (16 float accumulators of 16
-lanes), which shares each weight load among 4 tokens and each activation load among 4 rows:
+**The prompt kernel** (``gemm_rows``; ``gemm_product``'s default). The lanes of a register are 16 weight rows:
+the panel holds dword j (values 4j .. 4j + 3) of its 16 rows side by side as unsigned q + 128, and a token's four
+activation bytes are broadcast to the 16 lanes (an embedded broadcast of ``vpdpbusd``'s memory operand). Per group
+of values sharing a scale (32, or 16 for q2_K, q3_K, q6_K) and per token of a register tile of 8::
 
-* **the panel** (weight side): ``decode._walk_rows`` expands PANEL_ROWS rows once per block of tokens, with the
-  block decoders every other kernel uses, into signed byte quants q (value = q * scale - offset per 16-value half),
-  the lane biases -128 * (sums of four q), the scale of each int32 lane and the offset of each 16 values;
-* **the token side** (``GemmTokens``): the activations quantized to the type's ``vec_dot_type`` (llama.cpp's
-  numbers: q8_0, q8_1 or q8_K), as unsigned bytes x + 128, with their scale per lane (and d * the sum of each 16
-  quants, for the kinds with offsets).
+    acc_int = -128 * (sum of the token's x in the group)        # takes the panel's + 128 back out
+    acc_int = vpdpbusd(acc_int, panel dword j, x dword j)        # 8 (or 4) times: exact group sums, one per row
+    acc = acc + float(acc_int) * (scale_rows * scale_x)          # vcvtdq2ps, vmulps, vfmadd
+    acc = acc - offset_rows * (d_x * sum x per 16)               # the kinds with offsets (q4_1 ... q5_K)
 
-Per 64 values, for each (row, token): ``dot = vpdpbusd(bias_row, x + 128, q)`` is the exact integer dot product of
-x and q in each lane (the bias takes the 128 back out), and ``acc += float(dot) * (scale_row * scale_x)``; the
-kinds whose groups have offsets (q4_1, q5_1, q2_K, q4_K, q5_K) then subtract ``offset_row * (d_x * sum x)`` per 16
-values, 16 groups per instruction. Each (row, token) result depends only on that row and that token, in a fixed
-order: a prompt's rows come out the same whatever batch they are part of (prompt caching relies on it).
+that is 11 instructions per 512 multiply-adds of a 32-group where a tile of 16 lanes of values spends 32, and the
+results come out as 16 rows per store, with no horizontal sums. Each row's groups are summed exactly and added in
+float32 one after the other, as llama.cpp's repacked kernels do. 2x the lane kernel on Zen 5 for every type.
 
-Tokens are taken in blocks small enough that a block's activations stay in L2 beside the panel; each thread
-takes a contiguous range of panels and walks every block through them.
+**The exact kernel** (``gemm``; ``exact=True``), for products of a few tokens (continuous batching) that must
+give each token its one-token numbers: lanes are values. A register tile of PANEL_ROWS rows by TILE_TOKENS tokens
+(16 float accumulators of 16 lanes), per 64 values and (row, token) ``dot = vpdpbusd(bias_row, x + 128, q)``
+(the lane biases -128 * sums of four q take the 128 out) and ``acc += float(dot) * (scale_row * scale_x)``, the
+16 lanes summed at the end; for q4_0 and q5_0 these are the one-token kernel's two 8-lane chains, bit for bit
+(EXACT_KINDS).
+
+In both, each (row, token) result depends only on that row and that token, in a fixed order: a prompt's rows
+come out the same whatever batch they are part of (prompt caching relies on it). Tokens are taken in blocks small
+enough that a block's activations stay in L2 beside the panel; each thread takes a contiguous range of panels and
+walks every block through them.
 """
 from __future__ import annotations
 
@@ -30,14 +39,17 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .decode import _KERNEL, KIND_ARGS, kind_code, unpack_panel
+from .decode import _KERNEL, KIND_ARGS, kind_code, unpack_panel, unpack_row_panel
 from .simd import (
-    AVX512VNNI, dot_u8_i8_x64, fma_i32x16, fnma_f32x16, load_16_f32, load_16_i32, load_64_bytes, sum_f32x16,
-    zero_f32x16,
+    AVX512VNNI, dot_u8_i8_x64, fma_i32x16, fnma_f32x16, load_16_f32, load_16_i32, load_64_bytes, splat_dword_x64,
+    splat_f32_at, splat_i32_at, store_f32x16, sum_f32x16, zero_f32x16,
 )
 
-PANEL_ROWS = 4     # weight rows of a register tile (the kernel is written out for 4)
-TILE_TOKENS = 4    # tokens of a register tile (likewise)
+PANEL_ROWS = 4     # weight rows of a register tile of the exact GEMM (the kernel is written out for 4)
+TILE_TOKENS = 4    # tokens of a register tile of the exact GEMM (likewise)
+ROW_PANEL = 16     # weight rows of the prompt GEMM's panel: the 16 int32 lanes of a register
+ROW_TILE_TOKENS = 8    # tokens of the prompt GEMM's register tile (written out for 8)
+PAD_TOKENS = 8     # GemmTokens pads its tokens to a multiple of both tiles
 CHUNKS_PER_THREAD = 2    # prange iterations per thread: some balancing when a thread is slowed
 
 # Bytes of activations (x + 128 and lane scales) per block of tokens: with the panel (about 4 * k * 3 bytes) a
@@ -210,6 +222,162 @@ def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, column, block
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The prompt kernel: sixteen rows in the lanes of a register
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(inline="always", **_KERNEL)
+def _group_values(kind):
+    """Values sharing one scale in a row: 32 (legacy kinds, q4_K, q5_K) or 16 (q2_K, q3_K, q6_K)."""
+    kc = kind_code(kind)
+    return 16 if kc == 5 or kc == 6 or kc == 9 else 32
+
+
+@njit(**_KERNEL)
+def _dword_step(a0, a1, a2, a3, a4, a5, a6, a7, w, xs, x, k, isa):
+    """Four values of 16 rows (``w``, unsigned q + 128) times the same four values of 8 tokens (signed bytes x,
+    x + k, ... of ``xs``, each broadcast to the 16 lanes)."""
+    a0 = dot_u8_i8_x64(a0, w, splat_dword_x64(xs, x), isa)
+    a1 = dot_u8_i8_x64(a1, w, splat_dword_x64(xs, x + k), isa)
+    a2 = dot_u8_i8_x64(a2, w, splat_dword_x64(xs, x + 2 * k), isa)
+    a3 = dot_u8_i8_x64(a3, w, splat_dword_x64(xs, x + 3 * k), isa)
+    a4 = dot_u8_i8_x64(a4, w, splat_dword_x64(xs, x + 4 * k), isa)
+    a5 = dot_u8_i8_x64(a5, w, splat_dword_x64(xs, x + 5 * k), isa)
+    a6 = dot_u8_i8_x64(a6, w, splat_dword_x64(xs, x + 6 * k), isa)
+    a7 = dot_u8_i8_x64(a7, w, splat_dword_x64(xs, x + 7 * k), isa)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(**_KERNEL)
+def _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7, scale, x_scales, i, n_groups):
+    """Each token's group sums (exact integers, one per row) times the rows' scales and the token's scale."""
+    f0 = fma_i32x16(f0, a0, scale, splat_f32_at(x_scales, i))
+    f1 = fma_i32x16(f1, a1, scale, splat_f32_at(x_scales, i + n_groups))
+    f2 = fma_i32x16(f2, a2, scale, splat_f32_at(x_scales, i + 2 * n_groups))
+    f3 = fma_i32x16(f3, a3, scale, splat_f32_at(x_scales, i + 3 * n_groups))
+    f4 = fma_i32x16(f4, a4, scale, splat_f32_at(x_scales, i + 4 * n_groups))
+    f5 = fma_i32x16(f5, a5, scale, splat_f32_at(x_scales, i + 5 * n_groups))
+    f6 = fma_i32x16(f6, a6, scale, splat_f32_at(x_scales, i + 6 * n_groups))
+    f7 = fma_i32x16(f7, a7, scale, splat_f32_at(x_scales, i + 7 * n_groups))
+    return f0, f1, f2, f3, f4, f5, f6, f7
+
+
+@njit(**_KERNEL)
+def _offsets_step(f0, f1, f2, f3, f4, f5, f6, f7, offset, xsum, gx, n_sums):
+    """The rows' offsets of 16 values times each token's d * (sum of those 16 quants), taken off."""
+    f0 = fnma_f32x16(f0, offset, splat_f32_at(xsum, gx))
+    f1 = fnma_f32x16(f1, offset, splat_f32_at(xsum, gx + n_sums))
+    f2 = fnma_f32x16(f2, offset, splat_f32_at(xsum, gx + 2 * n_sums))
+    f3 = fnma_f32x16(f3, offset, splat_f32_at(xsum, gx + 3 * n_sums))
+    f4 = fnma_f32x16(f4, offset, splat_f32_at(xsum, gx + 4 * n_sums))
+    f5 = fnma_f32x16(f5, offset, splat_f32_at(xsum, gx + 5 * n_sums))
+    f6 = fnma_f32x16(f6, offset, splat_f32_at(xsum, gx + 6 * n_sums))
+    f7 = fnma_f32x16(f7, offset, splat_f32_at(xsum, gx + 7 * n_sums))
+    return f0, f1, f2, f3, f4, f5, f6, f7
+
+
+@njit(**_KERNEL)
+def _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f5, f6, f7):
+    # token t + i's results for the panel's rows: out (flat) from (t + i) * n_cols + column, tokens past n_tokens
+    # (padding) not stored
+    store_f32x16(out, t * n_cols + column, f0, n_valid)
+    if t + 1 < n_tokens:
+        store_f32x16(out, (t + 1) * n_cols + column, f1, n_valid)
+    if t + 2 < n_tokens:
+        store_f32x16(out, (t + 2) * n_cols + column, f2, n_valid)
+    if t + 3 < n_tokens:
+        store_f32x16(out, (t + 3) * n_cols + column, f3, n_valid)
+    if t + 4 < n_tokens:
+        store_f32x16(out, (t + 4) * n_cols + column, f4, n_valid)
+    if t + 5 < n_tokens:
+        store_f32x16(out, (t + 5) * n_cols + column, f5, n_valid)
+    if t + 6 < n_tokens:
+        store_f32x16(out, (t + 6) * n_cols + column, f6, n_valid)
+    if t + 7 < n_tokens:
+        store_f32x16(out, (t + 7) * n_cols + column, f7, n_valid)
+
+
+@njit(**_KERNEL)
+def _row_tile(kind, quants, scale, offsets, k, xs, starts, x_scales, n_groups, xsum, n_sums, t, out, n_cols,
+              n_tokens, column, n_valid, isa):
+    """Tokens t .. t + 7 times the panel's 16 rows into out (flat, n_cols per token) from ``column``."""
+    group = _group_values(kind)
+    f0 = zero_f32x16()
+    f1 = zero_f32x16()
+    f2 = zero_f32x16()
+    f3 = zero_f32x16()
+    f4 = zero_f32x16()
+    f5 = zero_f32x16()
+    f6 = zero_f32x16()
+    f7 = zero_f32x16()
+    for g in range(0, k, group):
+        # each token's group sum starts at -128 * (its sum of x), which takes the panel's + 128 back out
+        i = t * n_groups + g // group
+        a0 = splat_i32_at(starts, i)
+        a1 = splat_i32_at(starts, i + n_groups)
+        a2 = splat_i32_at(starts, i + 2 * n_groups)
+        a3 = splat_i32_at(starts, i + 3 * n_groups)
+        a4 = splat_i32_at(starts, i + 4 * n_groups)
+        a5 = splat_i32_at(starts, i + 5 * n_groups)
+        a6 = splat_i32_at(starts, i + 6 * n_groups)
+        a7 = splat_i32_at(starts, i + 7 * n_groups)
+        x = t * k + g
+        for j in range(group // 4):
+            a0, a1, a2, a3, a4, a5, a6, a7 = _dword_step(a0, a1, a2, a3, a4, a5, a6, a7,
+                                                         load_64_bytes(quants, 16 * g + 64 * j), xs, x + 4 * j, k,
+                                                         isa)
+        h = g // 16
+        f0, f1, f2, f3, f4, f5, f6, f7 = _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                     load_16_f32(scale, 16 * h), x_scales, i, n_groups)
+        if _has_offsets(kind):
+            f0, f1, f2, f3, f4, f5, f6, f7 = _offsets_step(f0, f1, f2, f3, f4, f5, f6, f7,
+                                                           load_16_f32(offsets, 16 * h), xsum, t * n_sums + h, n_sums)
+            if group == 32:
+                f0, f1, f2, f3, f4, f5, f6, f7 = _offsets_step(f0, f1, f2, f3, f4, f5, f6, f7,
+                                                               load_16_f32(offsets, 16 * h + 16), xsum,
+                                                               t * n_sums + h + 1, n_sums)
+    _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f5, f6, f7)
+
+
+@njit(parallel=True, nogil=True, **_KERNEL)
+def gemm_rows(kind, w, start, row_bytes, n_rows, k, xs, starts, x_scales, xsum, out, column, block_tokens, n_chunks,
+              isa):
+    """``gemm``'s product on row-interleaved panels: tokens padded to a multiple of ROW_TILE_TOKENS, ``xs`` their
+    signed quants [tokens * k], ``starts`` -128 * their sums and ``x_scales`` their scales [tokens, groups] per
+    group of the kind's values (``_group_values``). Each row's groups are summed exactly in integers, then scaled
+    and added in float32 one group after the other (llama.cpp's order for a row); no horizontal sums."""
+    n_tokens, n_cols = out.shape
+    flat_out = out.reshape(-1)
+    n_panels = (n_rows + ROW_PANEL - 1) // ROW_PANEL
+    per_chunk = (n_panels + n_chunks - 1) // n_chunks
+    n_groups = starts.shape[1]
+    flat_starts = starts.reshape(-1)
+    flat_scales = x_scales.reshape(-1)
+    n_sums = xsum.shape[1]
+    flat_sums = xsum.reshape(-1)
+    for chunk in prange(n_chunks):
+        first = min(n_panels, chunk * per_chunk)
+        last = min(n_panels, first + per_chunk)
+        if first < last:
+            quants = np.empty(ROW_PANEL * k, np.uint8)
+            scale = np.empty(k, np.float32)
+            offsets = np.zeros(k, np.float32)
+            for t0 in range(0, n_tokens, block_tokens):
+                t1 = min(n_tokens, t0 + block_tokens)
+                for panel in range(first, last):
+                    row = ROW_PANEL * panel
+                    n_valid = min(ROW_PANEL, n_rows - row)
+                    if n_valid < ROW_PANEL:    # the missing rows of the last panel: zeros, never stored
+                        quants[:] = 0
+                        scale[:] = 0
+                        offsets[:] = 0
+                    unpack_row_panel(kind, w, start + row * row_bytes, row_bytes, n_valid, k, quants, scale, offsets,
+                                     isa)
+                    for t in range(t0, t1, ROW_TILE_TOKENS):
+                        _row_tile(kind, quants, scale, offsets, k, xs, flat_starts, flat_scales, n_groups, flat_sums,
+                                  n_sums, t, flat_out, n_cols, n_tokens, column + row, n_valid, isa)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The token side, and the product
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -238,12 +406,12 @@ def _token_side(qs, d, extra, sums_kind, xu, xsl, xsum):
 
 class GemmTokens:
     """Activations quantized to a ``vec_dot_type`` (q8_0, q8_1, q8_K: ``matmul.QuantizedActivations``) laid out
-    for ``gemm``; built once per input and shared by the matrices that read it (q, k, v; gate, up). Rows past
-    the tokens (up to a multiple of TILE_TOKENS) have zero scales."""
+    for both GEMMs; built once per input and shared by the matrices that read it (q, k, v; gate, up). Rows past
+    the tokens (up to a multiple of PAD_TOKENS) have zero scales."""
 
     def __init__(self, vec_dot_type: str, qs: np.ndarray, d: np.ndarray, extra: np.ndarray | None):
         n_tokens, k = qs.shape
-        padded = -(-n_tokens // TILE_TOKENS) * TILE_TOKENS
+        padded = -(-n_tokens // PAD_TOKENS) * PAD_TOKENS
         self.n_tokens, self.k = n_tokens, k
         xu = np.empty((padded, k), np.uint8)
         xsl = np.empty((padded, k // 4), np.float32)
@@ -258,16 +426,36 @@ class GemmTokens:
         self.xu = xu.reshape(-1)
         self.xsl = xsl.reshape(-1)
         self.xsum = xsum
+        # the prompt kernel's: the signed quants, and per group of 16 and of 32 values -128 * their sums and their
+        # scale (of the group's first lane: the same for all)
+        xs = np.zeros((padded, k), np.int8)
+        xs[:n_tokens] = qs
+        sums16 = xs.reshape(padded, k // 16, 16).sum(axis=2, dtype=np.int32)
+        self.xs = xs.reshape(-1)
+        self.row_groups = {16: (sums16 * np.int32(-128), np.ascontiguousarray(xsl[:, 0::4])),
+                           32: ((sums16[:, 0::2] + sums16[:, 1::2]) * np.int32(-128), np.ascontiguousarray(xsl[:, 0::8]))}
 
     def block_tokens(self) -> int:
-        """Tokens per block: their x + 128 and lane scales (2 bytes per value) fill BLOCK_BYTES."""
-        return max(TILE_TOKENS, BLOCK_BYTES // (2 * self.k) // TILE_TOKENS * TILE_TOKENS)
+        """Tokens per block of the exact GEMM: their x + 128 and lane scales (2 bytes per value) fill BLOCK_BYTES."""
+        return max(PAD_TOKENS, BLOCK_BYTES // (2 * self.k) // PAD_TOKENS * PAD_TOKENS)
+
+    def row_block_tokens(self) -> int:
+        """Tokens per block of the prompt GEMM: their quants (a byte per value, the rest is small) fill
+        BLOCK_BYTES."""
+        return max(PAD_TOKENS, BLOCK_BYTES // self.k // PAD_TOKENS * PAD_TOKENS)
 
 
 def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes: int, tokens: GemmTokens,
-                 out: np.ndarray, isa, column: int = 0) -> None:
+                 out: np.ndarray, isa, column: int = 0, exact: bool = False) -> None:
     """out[:, column:column + n_rows] = tokens times the rows of a matrix of ``kind`` (a decode.KINDS code) at byte
-    ``start`` of ``base``. The caller checked every size (the kernel reads without bounds checks) and that
-    k % 64 == 0."""
-    gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xu, tokens.xsl, tokens.xsum, out, column,
-         tokens.block_tokens(), CHUNKS_PER_THREAD * max(1, numba.get_num_threads()), isa)
+    ``start`` of ``base``: on the prompt kernel (``gemm_rows``), or with ``exact`` on ``gemm``, whose results for
+    EXACT_KINDS are the one-token kernel's bit for bit. The caller checked every size (the kernels read without
+    bounds checks) and that k % 64 == 0."""
+    n_chunks = CHUNKS_PER_THREAD * max(1, numba.get_num_threads())
+    if exact:
+        gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xu, tokens.xsl, tokens.xsum, out,
+             column, tokens.block_tokens(), n_chunks, isa)
+    else:
+        starts, x_scales = tokens.row_groups[16 if kind in (5, 6, 9) else 32]     # q2_K, q3_K, q6_K: 16
+        gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs, starts, x_scales,
+                  tokens.xsum, out, column, tokens.row_block_tokens(), n_chunks, isa)

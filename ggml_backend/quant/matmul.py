@@ -17,9 +17,9 @@ Three ways to compute the same product:
   bit for bit the one-token kernel's), several matrices sharing the input in one launch (``matmul_many``). CPUs
   without AVX2 (or ``GGML_BACKEND_KERNELS=generic``) run the plain numba kernels of ``generic.py``.
 * ``"gemm"``: the integer GEMM of ``gemm.py`` for many tokens (prompt processing) on AVX512-VNNI: weights kept
-  8-bit, tiles of 4 rows x 4 tokens on 512-bit ``vpdpbusd``, with llama.cpp's quantized activations; 1.5-2.5x
-  the BLAS path on a Zen 4. ``method="auto"`` picks it from ``BLAS_MIN_TOKENS`` tokens on where the CPU has it
-  (and k is a multiple of 64).
+  8-bit, 16 rows in the lanes of a 512-bit ``vpdpbusd`` times tiles of 8 tokens, with llama.cpp's quantized
+  activations; 1.5-2.5x the BLAS path on a Zen 4 in its first form, twice that since (Zen 5). ``method="auto"``
+  picks it from ``BLAS_MIN_TOKENS`` tokens on where the CPU has it (and k is a multiple of 64).
 * ``"blas"``: dequantize a band of W rows to float32 (``decode.dequantize_rows`` on a SIMD CPU, the type table's
   ``to_float`` elsewhere: the same floats) and hand it to numpy's sgemm. f32 / f16 / bf16 weights always take
   it. Its numerics differ (the activations are not quantized) but it is much faster when many tokens share each
@@ -243,7 +243,7 @@ def _integer_product(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
     kernel = qtype.one_token if acts.qs.shape[0] == 1 else qtype.few_tokens
     if _exact_gemm(kernel.simd_kind, acts.qs.shape):
         gemm_product(kernel.simd_kind, weight_bytes.reshape(-1), 0, weight_bytes.shape[0], weight_bytes.shape[1],
-                     acts.gemm_tokens(), out, KERNEL_ISA)
+                     acts.gemm_tokens(), out, KERNEL_ISA, exact=True)
     elif KERNEL_ISA is not None and kernel.simd_kind is not None:
         _simd_matvec(kernel.simd_kind, weight_bytes.reshape(-1), [0], [weight_bytes.shape[0]],
                      weight_bytes.shape[1], acts, out)
@@ -528,7 +528,7 @@ def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) 
             column = 0
             for start, count in zip(group.starts, group.counts):
                 gemm_product(group.simd_kind, group.base, int(start), int(count), group.row_bytes, acts.gemm_tokens(),
-                             out, KERNEL_ISA, column)
+                             out, KERNEL_ISA, column, exact=True)
                 column += int(count)
         else:
             _simd_matvec(group.simd_kind, group.base, group.starts, group.counts, group.row_bytes, acts, out)

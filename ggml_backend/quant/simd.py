@@ -749,3 +749,101 @@ def store_halves_f32x8(typingctx, array, index, a, b):
         builder.store(lanes, builder.bitcast(builder.gep(data, [args[1]]), F32x8.llvm_type().as_pointer()), align=4)
         return context.get_dummy_value()
     return types.void(array, index, a, b), codegen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The row-interleaved GEMM (gemm.py's prompt kernel): a 512-bit register holds one dword (four values) of each of
+# sixteen weight rows, so its int32 lanes are rows and a token's four activation bytes are broadcast to all of them.
+# ----------------------------------------------------------------------------------------------------------------
+
+@intrinsic
+def splat_dword_x64(typingctx, array, offset):
+    """The four bytes at byte ``offset`` of a byte array repeated sixteen times, as an ``I8x64`` (one
+    ``vpbroadcastd``, which LLVM folds into the ``vpdpbusd`` that uses it as an embedded broadcast)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        dword = builder.load(builder.bitcast(pointer, _I32.as_pointer()), align=1)
+        return builder.bitcast(_splat_value(builder, dword, 16), I8x64.llvm_type())
+    return I8x64(array, offset), codegen
+
+
+@intrinsic
+def splat_f32x16(typingctx, value):
+    """An ``F32x16`` with every lane ``value``."""
+    if not isinstance(value, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat_value(builder, context.cast(builder, args[0], sig.args[0], types.float32), 16)
+    return F32x16(value), codegen
+
+
+add_i32x16 = _lanewise(I32x16, "add")
+add_i32x16.__doc__ = "Lanewise ``a + b`` of two ``I32x16``."
+
+
+@intrinsic
+def store_f32x16(typingctx, array, index, vector, count):
+    """``array[index:index + count] = vector[:count]`` for a float32 array and 0 <= count <= 16 (a masked store:
+    nothing past ``count`` is touched)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.float32 and array.layout == "C"
+            and isinstance(index, types.Integer) and vector == F32x16 and isinstance(count, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        pointer = builder.bitcast(builder.gep(data, [args[1]]), F32x16.llvm_type().as_pointer())
+        lanes = ir.Constant(ir.VectorType(_I32, 16), list(range(16)))
+        limit = _splat_value(builder, context.cast(builder, args[3], sig.args[3], types.int32), 16)
+        mask = builder.icmp_signed("<", lanes, limit)
+        function = _function(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                             [F32x16.llvm_type(), F32x16.llvm_type().as_pointer(), _I32,
+                              ir.VectorType(ir.IntType(1), 16)])
+        builder.call(function, [args[2], pointer, _I32(4), mask])
+        return context.get_dummy_value()
+    return types.void(array, index, vector, count), codegen
+
+
+@intrinsic
+def store_dwords(typingctx, array, offset, stride, vector):
+    """The eight dwords of an ``I8x32`` to bytes ``offset``, ``offset + stride``, ... of a byte array (one weight
+    row's 32 values into a row-interleaved panel)."""
+    if not (_is_byte_array(array) and isinstance(offset, types.Integer) and isinstance(stride, types.Integer)
+            and vector == I8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dwords = builder.bitcast(args[3], ir.VectorType(_I32, 8))
+        step = context.cast(builder, args[2], sig.args[2], types.intp)
+        at = context.cast(builder, args[1], sig.args[1], types.intp)
+        for j in range(8):
+            pointer = _byte_pointer(context, builder, sig.args[0], args[0], at)
+            builder.store(builder.extract_element(dwords, _I32(j)), builder.bitcast(pointer, _I32.as_pointer()),
+                          align=1)
+            at = builder.add(at, step)
+        return context.get_dummy_value()
+    return types.void(array, offset, stride, vector), codegen
+
+
+def _splat_load(vector: VectorType, dtype):
+    """An intrinsic broadcasting ``array[index]`` of a C-contiguous ``dtype`` array to every lane of ``vector``
+    (a broadcast load, which LLVM folds into the instruction that uses it)."""
+    def make(typingctx, array, index):
+        if not (isinstance(array, types.Array) and array.dtype == dtype and array.layout == "C"
+                and isinstance(index, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            return _splat_value(builder, builder.load(builder.gep(data, [args[1]]), align=4), vector.count)
+        return vector(array, index), codegen
+    return intrinsic(make)
+
+
+splat_f32_at = _splat_load(F32x16, types.float32)
+splat_f32_at.__doc__ = "``array[index]`` of a float32 array in all sixteen lanes of an ``F32x16``."
+splat_i32_at = _splat_load(I32x16, types.int32)
+splat_i32_at.__doc__ = "``array[index]`` of an int32 array in all sixteen lanes of an ``I32x16``."
