@@ -382,26 +382,50 @@ def gemm_rows(kind, w, start, row_bytes, n_rows, k, xs, starts, x_scales, xsum, 
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(parallel=True, nogil=True, **_KERNEL)
-def _token_side(qs, d, extra, sums_kind, xu, xsl, xsum):
-    """Fill ``GemmTokens``'s arrays from quants qs [n, k] (as uint8) and scales d [n, k / block]: xu = qs + 128,
-    xsl = each lane's d; ``sums_kind`` 1 (q8_1: extra = s per 32) or 2 (q8_K: extra = sums per 16) fills xsum."""
+def _row_side(qs, d, extra, sums_kind, xs, starts16, starts32, scales16, scales32, xsum):
+    """Fill the arrays both GEMMs read, for tokens padded to xs.shape[0] (padding: zeros), from quants qs [n, k]
+    and scales d [n, k / block]: xs = qs; per 16 and per 32 values -128 * the sum of the quants (``starts``)
+    and their scale; ``sums_kind`` 1 (q8_1: extra = s per 32) or 2 (q8_K: extra = sums per 16) fills xsum."""
     n_tokens, k = qs.shape
-    n_blocks = d.shape[1]
-    lanes = k // n_blocks // 4       # int32 lanes per block
-    for t in prange(n_tokens):
-        for i in range(k):
-            xu[t, i] = qs[t, i] ^ np.uint8(128)
-        for b in range(n_blocks):
-            scale = d[t, b]
-            for j in range(lanes):
-                xsl[t, b * lanes + j] = scale
+    block = k // d.shape[1]
+    for t in prange(xs.shape[0]):
+        if t >= n_tokens:
+            xs[t, :] = 0
+            starts16[t, :] = 0
+            starts32[t, :] = 0
+            scales16[t, :] = 0
+            scales32[t, :] = 0
+            xsum[t, :] = 0
+            continue
+        for g in range(k // 16):
+            total = np.int32(0)
+            for i in range(16 * g, 16 * g + 16):
+                xs[t, i] = qs[t, i]
+                total += np.int32(qs[t, i])
+            starts16[t, g] = np.int32(-128) * total
+            scales16[t, g] = d[t, 16 * g // block]
+        for g in range(k // 32):
+            starts32[t, g] = starts16[t, 2 * g] + starts16[t, 2 * g + 1]
+            scales32[t, g] = d[t, 32 * g // block]
+        xsum[t, :] = 0
         if sums_kind == 1:       # llama.cpp's half-precision s = d * sum per 32, half to each 16
             for g in range(k // 16):
                 xsum[t, g] = extra[t, g // 2] * np.float32(0.5)
         elif sums_kind == 2:     # d * q8_K's sums per 16
-            for b in range(n_blocks):
-                for g in range(16 * b, 16 * b + 16):
-                    xsum[t, g] = np.float32(extra[t, g]) * d[t, b]
+            for g in range(k // 16):
+                xsum[t, g] = np.float32(extra[t, g]) * d[t, 16 * g // block]
+
+
+@njit(parallel=True, nogil=True, **_KERNEL)
+def _lane_side(xs, scales16, xu, xsl):
+    """The exact GEMM's token arrays from the row kernel's: xu = xs + 128 (unsigned), xsl = each int32 lane's
+    scale (four lanes per 16 values)."""
+    n_tokens, k = xs.shape
+    for t in prange(n_tokens):
+        for i in range(k):
+            xu[t, i] = np.uint8(xs[t, i]) ^ np.uint8(128)
+        for j in range(k // 4):
+            xsl[t, j] = scales16[t, j // 4]
 
 
 class GemmTokens:
@@ -413,27 +437,33 @@ class GemmTokens:
         n_tokens, k = qs.shape
         padded = -(-n_tokens // PAD_TOKENS) * PAD_TOKENS
         self.n_tokens, self.k = n_tokens, k
-        xu = np.empty((padded, k), np.uint8)
-        xsl = np.empty((padded, k // 4), np.float32)
+        xs = np.empty((padded, k), np.int8)
+        starts16 = np.empty((padded, k // 16), np.int32)
+        starts32 = np.empty((padded, k // 32), np.int32)
+        scales16 = np.empty((padded, k // 16), np.float32)
+        scales32 = np.empty((padded, k // 32), np.float32)
         # the offsets of q4_1, q5_1 (q8_1) and q2_K, q4_K, q5_K (q8_K) multiply d * the sum of each 16 quants;
         # the rows are padded with zeros to a multiple of 16 groups (see _tile)
         sums_kind = {"q8_1": 1, "q8_K": 2}.get(vec_dot_type, 0)
-        xsum = np.zeros((padded, -(-k // 256) * 16 if sums_kind else 0), np.float32)
-        xu[n_tokens:] = 128
-        xsl[n_tokens:] = 0
+        xsum = np.empty((padded, -(-k // 256) * 16 if sums_kind else 0), np.float32)
         no_extra = np.zeros((n_tokens, 0), np.float32)
-        _token_side(qs.view(np.uint8), d, extra if extra is not None else no_extra, sums_kind, xu, xsl, xsum)
-        self.xu = xu.reshape(-1)
-        self.xsl = xsl.reshape(-1)
-        self.xsum = xsum
-        # the prompt kernel's: the signed quants, and per group of 16 and of 32 values -128 * their sums and their
-        # scale (of the group's first lane: the same for all)
-        xs = np.zeros((padded, k), np.int8)
-        xs[:n_tokens] = qs
-        sums16 = xs.reshape(padded, k // 16, 16).sum(axis=2, dtype=np.int32)
+        _row_side(qs, d, extra if extra is not None else no_extra, sums_kind, xs, starts16, starts32, scales16,
+                  scales32, xsum)
         self.xs = xs.reshape(-1)
-        self.row_groups = {16: (sums16 * np.int32(-128), np.ascontiguousarray(xsl[:, 0::4])),
-                           32: ((sums16[:, 0::2] + sums16[:, 1::2]) * np.int32(-128), np.ascontiguousarray(xsl[:, 0::8]))}
+        self.xsum = xsum
+        # per group of 16 and of 32 values (the kinds' groups: _group_values) the row kernel's starts and scales
+        self.row_groups = {16: (starts16, scales16), 32: (starts32, scales32)}
+        self._lanes = None
+
+    def lanes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The exact GEMM's xu (x + 128) and xsl (each int32 lane's scale), flat; made on first use."""
+        if self._lanes is None:
+            padded = len(self.xs) // self.k
+            xu = np.empty((padded, self.k), np.uint8)
+            xsl = np.empty((padded, self.k // 4), np.float32)
+            _lane_side(self.xs.reshape(padded, self.k), self.row_groups[16][1], xu, xsl)
+            self._lanes = (xu.reshape(-1), xsl.reshape(-1))
+        return self._lanes
 
     def block_tokens(self) -> int:
         """Tokens per block of the exact GEMM: their x + 128 and lane scales (2 bytes per value) fill BLOCK_BYTES."""
@@ -453,8 +483,9 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
     bounds checks) and that k % 64 == 0."""
     n_chunks = CHUNKS_PER_THREAD * max(1, numba.get_num_threads())
     if exact:
-        gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xu, tokens.xsl, tokens.xsum, out,
-             column, tokens.block_tokens(), n_chunks, isa)
+        xu, xsl = tokens.lanes()
+        gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, xu, xsl, tokens.xsum, out, column,
+             tokens.block_tokens(), n_chunks, isa)
     else:
         starts, x_scales = tokens.row_groups[16 if kind in (5, 6, 9) else 32]     # q2_K, q3_K, q6_K: 16
         gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs, starts, x_scales,
