@@ -50,7 +50,7 @@ def test_every_kind_matches_the_integer_kernels(name):
         WeightMatrix(name, w, (13, k)).dequantize().astype(np.float64)).T) + 1e-6
     for y_gemm in (matmul(name, w, x, method="gemm"), exact_gemm(name, w, x)):
         assert np.all(np.abs(y_gemm - y_int) <= bound), name
-    if name in ("q4_0", "q5_0"):   # the one-token kernel's two chains are the exact GEMM's 16 lanes
+    if name in ("q4_0", "q5_0", "q8_0"):   # the one-token kernel's chains: the exact GEMM's lanes (EXACT_KINDS)
         assert np.array_equal(exact_gemm(name, w, x), y_int)
 
 
@@ -108,7 +108,7 @@ def test_rows_of_a_length_the_tiles_cannot_take_fall_back_or_are_refused():
         matmul("f16", np.zeros((4, 128), np.uint8), activations(50, 64), method="gemm")
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q5_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0"])
 def test_few_token_products_on_the_gemm_keep_one_token_numbers(name):
     """Continuous batching and short prompts: from gemm.EXACT_MIN_TOKENS tokens the integer path runs gemm.EXACT_KINDS
     on the GEMM, which must give every token exactly its one-token result, in one matrix or a fused launch."""

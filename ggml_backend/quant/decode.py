@@ -904,9 +904,9 @@ sink_code = _constant_reader("sink")
 @njit(inline="always", **_KERNEL)
 def _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
           offset_b, isa):
-    """One 32-value group (values ``base`` .. ``base + 31`` of the destination; row r's from ``row_base``): signed byte quants
-    ``q`` and, for each 16-value half, its scale and offset. The panels keep ``lane_offset`` only where it has
-    room (the kinds with offsets: q4_1, q5_1, q2_K, q4_K, q5_K), one per 16 values."""
+    """One 32-value group (values ``base`` .. ``base + 31`` of the destination; row r's from ``row_base``): signed
+    byte quants ``q`` and, for each 16-value half, its scale and offset. ``_PANEL`` keeps ``lane_offset`` only
+    where it has room (the kinds with offsets: q4_1, q5_1, q2_K, q4_K, q5_K), one per 16 values."""
     if sink_code(sink) == 0:
         store_scaled(floats, base, q, scale_a, scale_b, offset_a, offset_b)
         return
@@ -943,118 +943,119 @@ def _walk_rows(kind, w, start, row_bytes, n_rows, k, sink, floats, quants, bias,
     for v0 in range(0, k, slice_values):
         v1 = min(k, v0 + slice_values)
         for r in range(n_rows):
-          row = start + r * row_bytes
-          base = r * k
-          if kc <= 4:     # legacy: blocks of 32
-              for b in range(v0 // 32, v1 // 32):
-                  if kc == 0:
-                      o = row + 18 * b
-                      d = load_f16(w, o)
-                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
-                            add_bytes(_q4_quants(w, o + 2), splat_bytes(-8)), d, d, zero, zero, isa)
-                  elif kc == 1:
-                      o = row + 20 * b
-                      d = load_f16(w, o)
-                      m = -load_f16(w, o + 2)
-                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b, _q4_quants(w, o + 4),
-                            d, d, m, m, isa)
-                  elif kc == 2:
-                      o = row + 22 * b
-                      d = load_f16(w, o)
-                      q = _q5_quants(w, o + 2)
-                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
-                            add_bytes(q, splat_bytes(-16)), d, d, zero, zero, isa)
-                  elif kc == 3:
-                      o = row + 24 * b
-                      d = load_f16(w, o)
-                      m = -load_f16(w, o + 2)
-                      q = _q5_quants(w, o + 4)
-                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b, q, d, d, m, m, isa)
-                  else:
-                      o = row + 34 * b
-                      d = load_f16(w, o)
-                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b, load_32_bytes(w, o + 2),
-                            d, d, zero, zero, isa)
-              continue
-          for b in range(v0 // 256, v1 // 256):
-              x = base + 256 * b
-              if kc == 7 or kc == 8:     # q4_K, q5_K
-                  size = 144 if kc == 7 else 176
-                  o = row + size * b
-                  d = load_f16(w, o)
-                  dmin = load_f16(w, o + 2)
-                  words = _scale_min_words(w, o + 4)
-                  for c in range(4):
-                      scales = words[c // 2] >> (16 * (c & 1))
-                      mins = words[2 + c // 2] >> (16 * (c & 1))
-                      if kc == 7:
-                          packed = load_32_bytes(w, o + 16 + 32 * c)
-                          low = low_nibbles(packed)
-                          high = shift_right_and(packed, 4, 15)
-                      else:
-                          packed = load_32_bytes(w, o + 48 + 32 * c)
-                          bits = load_32_bytes(w, o + 16)
-                          low = _with_fifth_bit(low_nibbles(packed), bits, 2 * c)
-                          high = _with_fifth_bit(shift_right_and(packed, 4, 15), bits, 2 * c + 1)
-                      d1 = d * np.float32(scales & 0xFF)
-                      m1 = dmin * np.float32(mins & 0xFF)
-                      d2 = d * np.float32((scales >> 8) & 0xFF)
-                      m2 = dmin * np.float32((mins >> 8) & 0xFF)
-                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c, low, d1, d1, m1, m1,
-                            isa)
-                      _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c + 32, high, d2, d2, m2,
-                            m2, isa)
-              elif kc == 9:                # q6_K
-                  o = row + 210 * b
-                  d = load_f16(w, o + 208)
-                  for n in range(2):
-                      low_a = load_32_bytes(w, o + 64 * n)
-                      low_b = load_32_bytes(w, o + 64 * n + 32)
-                      top = load_32_bytes(w, o + 128 + 32 * n)
-                      s = o + 192 + 8 * n
-                      minus32 = splat_bytes(-32)
-                      for part in range(4):
-                          if part == 0:
-                              q = _q6_K_quants(low_nibbles(low_a), top, 0)
-                          elif part == 1:
-                              q = _q6_K_quants(low_nibbles(low_b), top, 2)
-                          elif part == 2:
-                              q = _q6_K_quants(shift_right_and(low_a, 4, 15), top, 4)
-                          else:
-                              q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
-                          scale_a = d * np.float32(np.int8(w[s + 2 * part]))
-                          scale_b = d * np.float32(np.int8(w[s + 2 * part + 1]))
-                          _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * part,
-                                add_bytes(q, minus32), scale_a, scale_b, zero, zero, isa)
-              elif kc == 6:                # q3_K
-                  o = row + 110 * b
-                  d = load_f16(w, o + 108)
-                  hmask = load_32_bytes(w, o)
-                  words = _q3_K_scale_words(w, o + 96)
-                  for n in range(2):
-                      packed = load_32_bytes(w, o + 32 + 32 * n)
-                      for j in range(4):
-                          g = 8 * n + 2 * j
-                          q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
-                          pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
-                          scale_a = d * np.float32((pair & 0xFF) - 32)
-                          scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)
-                          _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
-                                add_bytes(q, splat_bytes(-4)), scale_a, scale_b, zero, zero, isa)
-              else:                          # q2_K
-                  o = row + 84 * b
-                  d = load_f16(w, o + 80)
-                  dmin = load_f16(w, o + 82)
-                  for n in range(2):
-                      packed = load_32_bytes(w, o + 16 + 32 * n)
-                      for j in range(4):
-                          s = o + 8 * n + 2 * j
-                          scale_a = d * np.float32(np.int32(w[s]) & 15)
-                          scale_b = d * np.float32(np.int32(w[s + 1]) & 15)
-                          min_a = dmin * np.float32(np.int32(w[s]) >> 4)
-                          min_b = dmin * np.float32(np.int32(w[s + 1]) >> 4)
-                          _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
-                                shift_right_and(packed, 2 * j, 3), scale_a, scale_b, min_a, min_b, isa)
+            row = start + r * row_bytes
+            base = r * k
+            if kc <= 4:     # legacy: blocks of 32
+                for b in range(v0 // 32, v1 // 32):
+                    if kc == 0:
+                        o = row + 18 * b
+                        d = load_f16(w, o)
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                              add_bytes(_q4_quants(w, o + 2), splat_bytes(-8)), d, d, zero, zero, isa)
+                    elif kc == 1:
+                        o = row + 20 * b
+                        d = load_f16(w, o)
+                        m = -load_f16(w, o + 2)
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                              _q4_quants(w, o + 4), d, d, m, m, isa)
+                    elif kc == 2:
+                        o = row + 22 * b
+                        d = load_f16(w, o)
+                        q = _q5_quants(w, o + 2)
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                              add_bytes(q, splat_bytes(-16)), d, d, zero, zero, isa)
+                    elif kc == 3:
+                        o = row + 24 * b
+                        d = load_f16(w, o)
+                        m = -load_f16(w, o + 2)
+                        q = _q5_quants(w, o + 4)
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b, q,
+                              d, d, m, m, isa)
+                    else:
+                        o = row + 34 * b
+                        d = load_f16(w, o)
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                              load_32_bytes(w, o + 2), d, d, zero, zero, isa)
+                continue
+            for b in range(v0 // 256, v1 // 256):
+                x = base + 256 * b
+                if kc == 7 or kc == 8:     # q4_K, q5_K
+                    size = 144 if kc == 7 else 176
+                    o = row + size * b
+                    d = load_f16(w, o)
+                    dmin = load_f16(w, o + 2)
+                    words = _scale_min_words(w, o + 4)
+                    for c in range(4):
+                        scales = words[c // 2] >> (16 * (c & 1))
+                        mins = words[2 + c // 2] >> (16 * (c & 1))
+                        if kc == 7:
+                            packed = load_32_bytes(w, o + 16 + 32 * c)
+                            low = low_nibbles(packed)
+                            high = shift_right_and(packed, 4, 15)
+                        else:
+                            packed = load_32_bytes(w, o + 48 + 32 * c)
+                            bits = load_32_bytes(w, o + 16)
+                            low = _with_fifth_bit(low_nibbles(packed), bits, 2 * c)
+                            high = _with_fifth_bit(shift_right_and(packed, 4, 15), bits, 2 * c + 1)
+                        d1 = d * np.float32(scales & 0xFF)
+                        m1 = dmin * np.float32(mins & 0xFF)
+                        d2 = d * np.float32((scales >> 8) & 0xFF)
+                        m2 = dmin * np.float32((mins >> 8) & 0xFF)
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c, low,
+                              d1, d1, m1, m1, isa)
+                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c + 32,
+                              high, d2, d2, m2, m2, isa)
+                elif kc == 9:                # q6_K
+                    o = row + 210 * b
+                    d = load_f16(w, o + 208)
+                    for n in range(2):
+                        low_a = load_32_bytes(w, o + 64 * n)
+                        low_b = load_32_bytes(w, o + 64 * n + 32)
+                        top = load_32_bytes(w, o + 128 + 32 * n)
+                        s = o + 192 + 8 * n
+                        minus32 = splat_bytes(-32)
+                        for part in range(4):
+                            if part == 0:
+                                q = _q6_K_quants(low_nibbles(low_a), top, 0)
+                            elif part == 1:
+                                q = _q6_K_quants(low_nibbles(low_b), top, 2)
+                            elif part == 2:
+                                q = _q6_K_quants(shift_right_and(low_a, 4, 15), top, 4)
+                            else:
+                                q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
+                            scale_a = d * np.float32(np.int8(w[s + 2 * part]))
+                            scale_b = d * np.float32(np.int8(w[s + 2 * part + 1]))
+                            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * part,
+                                  add_bytes(q, minus32), scale_a, scale_b, zero, zero, isa)
+                elif kc == 6:                # q3_K
+                    o = row + 110 * b
+                    d = load_f16(w, o + 108)
+                    hmask = load_32_bytes(w, o)
+                    words = _q3_K_scale_words(w, o + 96)
+                    for n in range(2):
+                        packed = load_32_bytes(w, o + 32 + 32 * n)
+                        for j in range(4):
+                            g = 8 * n + 2 * j
+                            q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
+                            pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
+                            scale_a = d * np.float32((pair & 0xFF) - 32)
+                            scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)
+                            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                                  add_bytes(q, splat_bytes(-4)), scale_a, scale_b, zero, zero, isa)
+                else:                          # q2_K
+                    o = row + 84 * b
+                    d = load_f16(w, o + 80)
+                    dmin = load_f16(w, o + 82)
+                    for n in range(2):
+                        packed = load_32_bytes(w, o + 16 + 32 * n)
+                        for j in range(4):
+                            s = o + 8 * n + 2 * j
+                            scale_a = d * np.float32(np.int32(w[s]) & 15)
+                            scale_b = d * np.float32(np.int32(w[s + 1]) & 15)
+                            min_a = dmin * np.float32(np.int32(w[s]) >> 4)
+                            min_b = dmin * np.float32(np.int32(w[s + 1]) >> 4)
+                            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                                  shift_right_and(packed, 2 * j, 3), scale_a, scale_b, min_a, min_b, isa)
 
 
 @njit(nogil=True, **_KERNEL)

@@ -25,8 +25,8 @@ float32 one after the other, as llama.cpp's repacked kernels do. 2x the lane ker
 give each token its one-token numbers: lanes are values. A register tile of PANEL_ROWS rows by TILE_TOKENS tokens
 (16 float accumulators of 16 lanes), per 64 values and (row, token) ``dot = vpdpbusd(bias_row, x + 128, q)``
 (the lane biases -128 * sums of four q take the 128 out) and ``acc += float(dot) * (scale_row * scale_x)``, the
-16 lanes summed at the end; for q4_0 and q5_0 these are the one-token kernel's two 8-lane chains, bit for bit
-(EXACT_KINDS).
+16 lanes summed at the end; for q4_0 and q5_0 these are the one-token kernel's two 8-lane chains, for q8_0 its
+one chain (the halves folded in order), bit for bit (EXACT_KINDS).
 
 In both, each (row, token) result depends only on that row and that token, in a fixed order: a prompt's rows
 come out the same whatever batch they are part of (prompt caching relies on it). Tokens are taken in blocks small
@@ -41,8 +41,8 @@ from numba import njit, prange
 
 from .decode import _KERNEL, KIND_ARGS, kind_code, unpack_panel, unpack_row_panel
 from .simd import (
-    AVX512VNNI, dot_u8_i8_x64, fma_i32x16, fnma_f32x16, load_16_f32, load_16_i32, load_64_bytes, splat_dword_x64,
-    splat_f32_at, splat_i32_at, store_f32x16, sum_f32x16, zero_f32x16,
+    AVX512VNNI, dot_u8_i8_x64, fma_i32x16, fma_i32x16_folded, fnma_f32x16, load_16_f32, load_16_i32, load_64_bytes,
+    splat_dword_x64, splat_f32_at, splat_i32_at, store_f32x16, sum_f32x16, zero_f32x16,
 )
 
 PANEL_ROWS = 4     # weight rows of a register tile of the exact GEMM (the kernel is written out for 4)
@@ -58,12 +58,12 @@ BLOCK_BYTES = 768 * 1024
 
 
 # The kinds whose GEMM results are the one-token kernel's bit for bit: q4_0 and q5_0 accumulate in two 8-lane
-# chains (even and odd blocks), which are the GEMM's 16 lanes, and sum them in the same order. (q8_0 given two
-# chains as well read 10-13 GB/s per core in decode against 17-23 with its one chain: it stays out.) Products
-# with a few tokens (continuous batching, short prompts), which must give each token's one-token numbers, may take
-# the GEMM for these kinds from EXACT_MIN_TOKENS tokens on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16,
-# on a Zen 4; about even at 4).
-EXACT_KINDS = (0, 2)
+# chains (even and odd blocks), which are the GEMM's 16 lanes, and sum them in the same order; q8_0 in one chain,
+# into which the GEMM folds its two halves in order (``_scaled_add``; q8_0 given two chains in decode read 10-13
+# GB/s per core against 17-23 with its one). Products with a few tokens (continuous batching, short prompts),
+# which must give each token's one-token numbers, may take the GEMM for these kinds from EXACT_MIN_TOKENS tokens
+# on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16, on a Zen 4; about even at 4).
+EXACT_KINDS = (0, 2, 4)
 EXACT_MIN_TOKENS = 8
 
 
@@ -84,15 +84,24 @@ def _has_offsets(kind):
     return kc == 1 or kc == 3 or kc == 5 or kc == 7 or kc == 8
 
 
+@njit(inline="always", **_KERNEL)
+def _scaled_add(kind, acc, dot, scale_row, scale_x):
+    """acc + float(dot) * (scale_row * scale_x): in 16 lanes (two chains, even and odd blocks: q4_0, q5_0 and the
+    others), or folded into one 8-lane chain (q8_0, whose one-token kernel has one)."""
+    if kind_code(kind) == 4:
+        return fma_i32x16_folded(acc, dot, scale_row, scale_x)
+    return fma_i32x16(acc, dot, scale_row, scale_x)
+
+
 @njit(**_KERNEL)
-def _token_step(a0, a1, a2, a3, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3, xu, xsl, x, lx, isa):
+def _token_step(kind, a0, a1, a2, a3, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3, xu, xsl, x, lx, isa):
     """One token's 64 values (at xu[x:], its lane scales at xsl[lx:]) against the panel's four rows."""
     u = load_64_bytes(xu, x)
     xs = load_16_f32(xsl, lx)
-    a0 = fma_i32x16(a0, dot_u8_i8_x64(b0, u, q0, isa), s0, xs)
-    a1 = fma_i32x16(a1, dot_u8_i8_x64(b1, u, q1, isa), s1, xs)
-    a2 = fma_i32x16(a2, dot_u8_i8_x64(b2, u, q2, isa), s2, xs)
-    a3 = fma_i32x16(a3, dot_u8_i8_x64(b3, u, q3, isa), s3, xs)
+    a0 = _scaled_add(kind, a0, dot_u8_i8_x64(b0, u, q0, isa), s0, xs)
+    a1 = _scaled_add(kind, a1, dot_u8_i8_x64(b1, u, q1, isa), s1, xs)
+    a2 = _scaled_add(kind, a2, dot_u8_i8_x64(b2, u, q2, isa), s2, xs)
+    a3 = _scaled_add(kind, a3, dot_u8_i8_x64(b3, u, q3, isa), s3, xs)
     return a0, a1, a2, a3
 
 
@@ -154,13 +163,13 @@ def _tile(kind, quants, bias, scale, offsets, k, xu, xsl, xsum, n_sums, t, out, 
         s1 = load_16_f32(scale, k4 + lo)
         s2 = load_16_f32(scale, 2 * k4 + lo)
         s3 = load_16_f32(scale, 3 * k4 + lo)
-        a00, a10, a20, a30 = _token_step(a00, a10, a20, a30, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3,
+        a00, a10, a20, a30 = _token_step(kind, a00, a10, a20, a30, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3,
                                          xu, xsl, t * k + x, t * k4 + lo, isa)
-        a01, a11, a21, a31 = _token_step(a01, a11, a21, a31, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3,
+        a01, a11, a21, a31 = _token_step(kind, a01, a11, a21, a31, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3,
                                          xu, xsl, (t + 1) * k + x, (t + 1) * k4 + lo, isa)
-        a02, a12, a22, a32 = _token_step(a02, a12, a22, a32, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3,
+        a02, a12, a22, a32 = _token_step(kind, a02, a12, a22, a32, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3,
                                          xu, xsl, (t + 2) * k + x, (t + 2) * k4 + lo, isa)
-        a03, a13, a23, a33 = _token_step(a03, a13, a23, a33, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3,
+        a03, a13, a23, a33 = _token_step(kind, a03, a13, a23, a33, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2, s3,
                                          xu, xsl, (t + 3) * k + x, (t + 3) * k4 + lo, isa)
     if _has_offsets(kind):
         # offsets per 16 values, 16 groups at a time (the panel's rows are k / 16 apart and padded at the end;

@@ -704,6 +704,30 @@ def fma_i32x16(typingctx, acc, dot, scale_a, scale_b):
 
 
 @intrinsic
+def fma_i32x16_folded(typingctx, acc, dot, scale_a, scale_b):
+    """``fma_i32x16`` for one 8-lane chain: lanes 0-7 of acc plus the low group's scaled lanes, then plus the high
+    group's (two fused adds, in that order), zeros in lanes 8-15: the one-token kernel's arithmetic for a kind
+    that accumulates its blocks in one chain (q8_0)."""
+    if acc != F32x16 or dot != I32x16 or scale_a != F32x16 or scale_b != F32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        half = ir.VectorType(_F32, 8)
+        low_lanes = ir.Constant(ir.VectorType(_I32, 8), list(range(8)))
+        high_lanes = ir.Constant(ir.VectorType(_I32, 8), list(range(8, 16)))
+        floats = builder.sitofp(args[1], F32x16.llvm_type())
+        scales = builder.fmul(args[2], args[3])
+        function = _function(builder, "llvm.fma.v8f32", half, [half] * 3)
+        chain = builder.shuffle_vector(args[0], args[0], low_lanes)
+        for lanes in (low_lanes, high_lanes):
+            chain = builder.call(function, [builder.shuffle_vector(floats, floats, lanes),
+                                            builder.shuffle_vector(scales, scales, lanes), chain])
+        zeros = ir.Constant(half, None)
+        return builder.shuffle_vector(chain, zeros, ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+    return F32x16(acc, dot, scale_a, scale_b), codegen
+
+
+@intrinsic
 def fnma_f32x16(typingctx, acc, a, b):
     """``acc - a * b`` lanewise (one ``vfnmadd``)."""
     if acc != F32x16 or a != F32x16 or b != F32x16:
