@@ -78,7 +78,7 @@ def server(llama, templates_dir, models_dir):
 
 
 def client(url):
-    return gradio_client.Client(url, verbose=False)
+    return gradio_client.Client(url, verbose=False, httpx_kwargs={"timeout": 120})   # see test_webui_features
 
 
 def messages(chatbot_value) -> list[tuple[str, str]]:

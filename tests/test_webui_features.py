@@ -49,7 +49,9 @@ def app(data_dir):
 
 
 def client(url):
-    return gradio_client.Client(url, verbose=False)
+    # a generous timeout: the page behind a remote server answers its first request slowly on a loaded 2-core
+    # machine (a fresh-clone suite run hit httpx's default 5 s there; alone the test takes seconds)
+    return gradio_client.Client(url, verbose=False, httpx_kwargs={"timeout": 120})
 
 
 def texts(chatbot_value):

@@ -182,8 +182,10 @@ load_16_bytes = intrinsic(_vector_load(I8x16))
 load_16_bytes.__doc__ = "``array[offset:offset + 16]`` (a byte array) as an ``I8x16``."
 
 
-def _typed_load(vector: VectorType, dtype):
-    """An intrinsic loading ``array[index:index + count]`` of a C-contiguous ``dtype`` array as ``vector``."""
+def _typed_load(vector: VectorType, dtype, broadcast: bool = False):
+    """An intrinsic loading ``array[index:index + count]`` of a C-contiguous ``dtype`` array as ``vector``, or
+    with ``broadcast`` ``array[index]`` in every lane (a broadcast load, which LLVM folds into the instruction that
+    uses it)."""
     def make(typingctx, array, index):
         if not (isinstance(array, types.Array) and array.dtype == dtype and array.layout == "C"
                 and isinstance(index, types.Integer)):
@@ -192,6 +194,8 @@ def _typed_load(vector: VectorType, dtype):
         def codegen(context, builder, sig, args):
             data = context.make_array(sig.args[0])(context, builder, args[0]).data
             pointer = builder.gep(data, [args[1]])
+            if broadcast:
+                return _splat_value(builder, builder.load(pointer, align=4), vector.count)
             return builder.load(builder.bitcast(pointer, vector.llvm_type().as_pointer()), align=4)
         return vector(array, index), codegen
     return intrinsic(make)
@@ -852,22 +856,7 @@ def store_dwords(typingctx, array, offset, stride, vector):
     return types.void(array, offset, stride, vector), codegen
 
 
-def _splat_load(vector: VectorType, dtype):
-    """An intrinsic broadcasting ``array[index]`` of a C-contiguous ``dtype`` array to every lane of ``vector``
-    (a broadcast load, which LLVM folds into the instruction that uses it)."""
-    def make(typingctx, array, index):
-        if not (isinstance(array, types.Array) and array.dtype == dtype and array.layout == "C"
-                and isinstance(index, types.Integer)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            data = context.make_array(sig.args[0])(context, builder, args[0]).data
-            return _splat_value(builder, builder.load(builder.gep(data, [args[1]]), align=4), vector.count)
-        return vector(array, index), codegen
-    return intrinsic(make)
-
-
-splat_f32_at = _splat_load(F32x16, types.float32)
+splat_f32_at = _typed_load(F32x16, types.float32, broadcast=True)
 splat_f32_at.__doc__ = "``array[index]`` of a float32 array in all sixteen lanes of an ``F32x16``."
-splat_i32_at = _splat_load(I32x16, types.int32)
+splat_i32_at = _typed_load(I32x16, types.int32, broadcast=True)
 splat_i32_at.__doc__ = "``array[index]`` of an int32 array in all sixteen lanes of an ``I32x16``."
