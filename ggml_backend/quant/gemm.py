@@ -52,8 +52,8 @@ ROW_TILE_TOKENS = 8    # tokens of the prompt GEMM's register tile (written out 
 PAD_TOKENS = 8     # GemmTokens pads its tokens to a multiple of both tiles
 CHUNKS_PER_THREAD = 2    # prange iterations per thread: some balancing when a thread is slowed
 
-# Bytes of activations (x + 128 and lane scales) per block of tokens: with the panel (about 4 * k * 3 bytes) a
-# block stays in a 1 MiB L2.
+# Bytes of activations per block of tokens (the exact GEMM's x + 128 and lane scales, the prompt GEMM's quants):
+# with the panel (4 * k * 3 or 16 * k + 8 * k bytes) a block stays in a 1 MiB L2.
 BLOCK_BYTES = 768 * 1024
 
 
@@ -234,11 +234,14 @@ def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, column, block
 # The prompt kernel: sixteen rows in the lanes of a register
 # ----------------------------------------------------------------------------------------------------------------
 
+# The kinds whose rows have a scale per 16 values (q2_K, q3_K, q6_K); the others have one per 32.
+GROUPS_OF_16 = (5, 6, 9)
+
+
 @njit(inline="always", **_KERNEL)
 def _group_values(kind):
-    """Values sharing one scale in a row: 32 (legacy kinds, q4_K, q5_K) or 16 (q2_K, q3_K, q6_K)."""
-    kc = kind_code(kind)
-    return 16 if kc == 5 or kc == 6 or kc == 9 else 32
+    """Values sharing one scale in a row: 16 (GROUPS_OF_16) or 32 (legacy kinds, q4_K, q5_K)."""
+    return 16 if kind_code(kind) in GROUPS_OF_16 else 32
 
 
 @njit(**_KERNEL)
@@ -392,20 +395,12 @@ def gemm_rows(kind, w, start, row_bytes, n_rows, k, xs, starts, x_scales, xsum, 
 
 @njit(parallel=True, nogil=True, **_KERNEL)
 def _row_side(qs, d, extra, sums_kind, xs, starts16, starts32, scales16, scales32, xsum):
-    """Fill the arrays both GEMMs read, for tokens padded to xs.shape[0] (padding: zeros), from quants qs [n, k]
-    and scales d [n, k / block]: xs = qs; per 16 and per 32 values -128 * the sum of the quants (``starts``)
-    and their scale; ``sums_kind`` 1 (q8_1: extra = s per 32) or 2 (q8_K: extra = sums per 16) fills xsum."""
+    """Fill the arrays both GEMMs read (zeros, padded past the tokens) from quants qs [n, k] and scales
+    d [n, k / block]: xs = qs; per 16 and per 32 values -128 * the sum of the quants (``starts``) and their scale;
+    ``sums_kind`` 1 (q8_1: extra = s per 32) or 2 (q8_K: extra = sums per 16) fills xsum."""
     n_tokens, k = qs.shape
     block = k // d.shape[1]
-    for t in prange(xs.shape[0]):
-        if t >= n_tokens:
-            xs[t, :] = 0
-            starts16[t, :] = 0
-            starts32[t, :] = 0
-            scales16[t, :] = 0
-            scales32[t, :] = 0
-            xsum[t, :] = 0
-            continue
+    for t in prange(n_tokens):
         for g in range(k // 16):
             total = np.int32(0)
             for i in range(16 * g, 16 * g + 16):
@@ -416,7 +411,6 @@ def _row_side(qs, d, extra, sums_kind, xs, starts16, starts32, scales16, scales3
         for g in range(k // 32):
             starts32[t, g] = starts16[t, 2 * g] + starts16[t, 2 * g + 1]
             scales32[t, g] = d[t, 32 * g // block]
-        xsum[t, :] = 0
         if sums_kind == 1:       # llama.cpp's half-precision s = d * sum per 32, half to each 16
             for g in range(k // 16):
                 xsum[t, g] = extra[t, g // 2] * np.float32(0.5)
@@ -446,15 +440,15 @@ class GemmTokens:
         n_tokens, k = qs.shape
         padded = -(-n_tokens // PAD_TOKENS) * PAD_TOKENS
         self.n_tokens, self.k = n_tokens, k
-        xs = np.empty((padded, k), np.int8)
-        starts16 = np.empty((padded, k // 16), np.int32)
-        starts32 = np.empty((padded, k // 32), np.int32)
-        scales16 = np.empty((padded, k // 16), np.float32)
-        scales32 = np.empty((padded, k // 32), np.float32)
+        xs = np.zeros((padded, k), np.int8)
+        starts16 = np.zeros((padded, k // 16), np.int32)
+        starts32 = np.zeros((padded, k // 32), np.int32)
+        scales16 = np.zeros((padded, k // 16), np.float32)
+        scales32 = np.zeros((padded, k // 32), np.float32)
         # the offsets of q4_1, q5_1 (q8_1) and q2_K, q4_K, q5_K (q8_K) multiply d * the sum of each 16 quants;
         # the rows are padded with zeros to a multiple of 16 groups (see _tile)
         sums_kind = {"q8_1": 1, "q8_K": 2}.get(vec_dot_type, 0)
-        xsum = np.empty((padded, -(-k // 256) * 16 if sums_kind else 0), np.float32)
+        xsum = np.zeros((padded, -(-k // 256) * 16 if sums_kind else 0), np.float32)
         no_extra = np.zeros((n_tokens, 0), np.float32)
         _row_side(qs, d, extra if extra is not None else no_extra, sums_kind, xs, starts16, starts32, scales16,
                   scales32, xsum)
@@ -496,6 +490,6 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
         gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, xu, xsl, tokens.xsum, out, column,
              tokens.block_tokens(), n_chunks, isa)
     else:
-        starts, x_scales = tokens.row_groups[16 if kind in (5, 6, 9) else 32]     # q2_K, q3_K, q6_K: 16
+        starts, x_scales = tokens.row_groups[16 if kind in GROUPS_OF_16 else 32]
         gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs, starts, x_scales,
                   tokens.xsum, out, column, tokens.row_block_tokens(), n_chunks, isa)

@@ -799,21 +799,6 @@ def splat_dword_x64(typingctx, array, offset):
 
 
 @intrinsic
-def splat_f32x16(typingctx, value):
-    """An ``F32x16`` with every lane ``value``."""
-    if not isinstance(value, types.Float):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _splat_value(builder, context.cast(builder, args[0], sig.args[0], types.float32), 16)
-    return F32x16(value), codegen
-
-
-add_i32x16 = _lanewise(I32x16, "add")
-add_i32x16.__doc__ = "Lanewise ``a + b`` of two ``I32x16``."
-
-
-@intrinsic
 def store_f32x16(typingctx, array, index, vector, count):
     """``array[index:index + count] = vector[:count]`` for a float32 array and 0 <= count <= 16 (a masked store:
     nothing past ``count`` is touched)."""
