@@ -142,6 +142,14 @@ def test_save_character_and_presets(app, data_dir):
     assert "Ada.yaml" in status and (data_dir / "characters" / "Ada.yaml").is_file()
     with pytest.raises(Exception, match="exists already"):
         c.predict("Ada", "x", "", None, False, api_name="/save_character")
+    # saved right after uploading a card, before the page's follow-up step set its greeting and picture (the
+    # client runs no follow-up steps; a quick click in a browser on a loaded machine did the same): both are kept
+    quick = data_dir.parent / "Quick.png"
+    quick.write_bytes(png_card(dict(V2, data=dict(V2["data"], name="Quick", first_mes="Hi, I am quick."))))
+    name, _context = c.predict(gradio_client.handle_file(str(quick)), api_name="/upload_character")
+    c.predict(name, _context, "", None, False, api_name="/save_character")
+    assert (data_dir / "characters" / "Quick.png").read_bytes() == quick.read_bytes()
+    assert "Hi, I am quick." in (data_dir / "characters" / "Quick.yaml").read_text(encoding="utf-8")
     preset_menu, note = c.predict("Calm", False, 0.3, 0.5, 10, 0.05, 1.1, api_name="/save_preset")
     assert (data_dir / "presets" / "Calm.yaml").is_file()
     values = c.predict("Calm", api_name="/preset")

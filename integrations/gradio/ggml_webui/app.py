@@ -751,9 +751,13 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                     f"Character `{name2}`." if name != NO_CHARACTER else "")
 
         @_user_errors
-        def save_character(name2, context, greeting_text, bot_pic, overwrite):
+        def save_character(name2, context, greeting_text, bot_pic, overwrite, pending):
             _check_lengths({"name2": name2, "character_context": context})
             picture = Path(bot_pic).read_bytes() if bot_pic else None
+            if pending and pending["name"] == (name2 or "").strip():
+                # Saved right after an upload, before the step that applies the card's greeting and picture ran:
+                # take them from the card itself, or the saved character would lose them.
+                picture, greeting_text = pending["picture"], pending["greeting"]
             path = save_character_file(characters_dir, Character(name=(name2 or "").strip(), context=context or "",
                                                                  greeting=greeting_text or ""),
                                        picture=picture, overwrite=bool(overwrite))
@@ -991,7 +995,7 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
                [greeting, bot_picture, history, chat_ref, past_chats, chatbot, pending_card, character_status],
                **private)
         save_character_button.click(save_character, [name2_input, settings_inputs["character_context"], greeting,
-                                                     bot_picture, save_character_overwrite],
+                                                     bot_picture, save_character_overwrite, pending_card],
                                     [character_menu, character_status], api_name="save_character")
         user_picture_button.upload(upload_user_picture, [user_picture_button, history, bot_picture],
                                    [user_picture, chatbot, character_status], api_name="upload_user_picture")

@@ -313,14 +313,15 @@ def save_character(folder, card: Character, picture: bytes | None = None, overwr
     picture = picture if picture is not None else getattr(card, "picture", None)
     fields = {"name": card.name, "greeting": card.greeting, "context": card.context}
     text = yaml.dump(fields, Dumper=_BlockDumper, allow_unicode=True, sort_keys=False, width=1_000_000)
+    picture_path = None
+    if picture is not None:   # the picture first: the YAML file appearing means the character is complete
+        picture = check_picture(picture)
+        picture_path = folder / f"{stem}{'.png' if picture.startswith(PNG_SIGNATURE) else '.jpg'}"
+        atomic_write(picture_path, picture)
     atomic_write(path, text.encode("utf-8"))
     for old in existing:   # the YAML file is the character now; a stale card file of the same name would shadow it
-        if old.suffix.lower() in (".yml", ".json", ".png") and old != path:
+        if old.suffix.lower() in (".yml", ".json", ".png") and old not in (path, picture_path):
             old.unlink()
-    if picture is not None:
-        picture = check_picture(picture)
-        suffix = ".png" if picture.startswith(PNG_SIGNATURE) else ".jpg"
-        atomic_write(folder / f"{stem}{suffix}", picture)
     return path
 
 
