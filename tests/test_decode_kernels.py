@@ -110,6 +110,19 @@ def test_matrices_of_one_file_share_one_launch_with_identical_results(isa):
         assert a.shape == b.shape and np.array_equal(a, b)
 
 
+@pytest.mark.skipif(len(SUPPORTED) < 2, reason="needs a CPU that runs both kernel paths")
+@pytest.mark.parametrize("type_name", ["q2_K", "q3_K"])
+def test_the_wide_q2_K_q3_K_kernels_give_the_narrow_ones_bits(type_name):
+    """On AVX512-VNNI q2_K and q3_K take two 32-value groups per 512-bit register (decode._dots_wide); their integer
+    lanes are the 256-bit form's, so both paths give the same bits, alone and in a tile of tokens."""
+    rng = np.random.default_rng(3)
+    weights = random_weights(type_name, 21, 3 * 256, rng)
+    for n_tokens in (1, 5):
+        x = rng.standard_normal((n_tokens, 3 * 256)).astype(np.float32)
+        wide, narrow = (product(isa, type_name, weights, x) for isa in (simd.AVX512VNNI, simd.AVX2))
+        assert np.array_equal(wide, narrow), n_tokens
+
+
 def test_path_choice(monkeypatch):
     monkeypatch.setenv("GGML_BACKEND_KERNELS", "generic")
     assert simd.choose_isa() is None

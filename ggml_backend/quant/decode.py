@@ -40,11 +40,12 @@ from numba.core.imputils import lower_constant
 from numba.extending import NativeValue, intrinsic, overload, register_model, typeof_impl, unbox
 
 from .simd import (
-    add_bytes, add_f32x8, add_i32x8, bits_to_bytes, dot_i8_i8, dot_u8_i8, fma_i32x8, high_nibbles_dot, load_8_i32,
-    load_16_bytes, load_32_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, or_bytes, pair_i32x8,
-    pair_low_nibbles_i32x8, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset,
-    splat_bytes, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8,
-    unpack_nibbles, zero_f32x8, zero_i32x8,
+    IsaType, add_bytes, add_f32x8, add_i32x8, add_i32x16, bits_to_bytes, bytes_as_i32x16, dot_i8_i8, dot_u8_i8,
+    dot_u8_i8_x64, fma_i32x8, fold_halves_i32x16, high_nibbles_times, join_halves, load_8_i32, load_16_bytes,
+    load_32_bytes, load_64_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, mul_i32x16, or_bytes, pair_i32x8,
+    pair_low_nibbles_i32x8, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
+    spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8,
+    unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -590,64 +591,127 @@ def _k_group_d(kind, w, o):
     return load_f16(w, o + (80 if kc == 5 else 108 if kc == 6 else 208))
 
 
+def _super_block_dots(kind, w, o, xq, x, bias, g, k, width, isa):
+    """The integer dot products of the super-block at byte ``o`` with the ``width`` (a ``TileSize``) tokens whose
+    values start at xq[x], xq[x + k], ... (lane biases at bias[g], bias[g + k / 4], ...), each group scaled by its
+    two scales, summed over the eight groups in ``dot_u8_i8``'s eight lanes (lane i: values 4i .. 4i + 3 of each
+    group): four ``I32x8``, zeros past ``width``. Exact integers, so the narrow and wide forms give the same lanes."""
+    raise NotImplementedError("decode._super_block_dots runs inside the compiled kernels only")
+
+
+@njit(inline="always", **_KERNEL)
+def _dots_narrow(kind, w, o, xq, x, bias, g, k, width, isa):
+    """``_super_block_dots`` one 32-value group at a time (every kind of the family, every path)."""
+    nt = tile_size(width)
+    kq = k // 4
+    i0 = zero_i32x8()
+    i1 = zero_i32x8()
+    i2 = zero_i32x8()
+    i3 = zero_i32x8()
+    for n in range(2):
+        for j in range(4):
+            q, scales = _k_group(kind, w, o, n, j)
+            xg = x + 128 * n + 32 * j
+            gg = g + 32 * n + 8 * j
+            i0 = _k_group_dot(kind, i0, q, scales, xq, xg, bias, gg, isa)
+            if nt > 1:
+                i1 = _k_group_dot(kind, i1, q, scales, xq, xg + k, bias, gg + kq, isa)
+            if nt > 2:
+                i2 = _k_group_dot(kind, i2, q, scales, xq, xg + 2 * k, bias, gg + 2 * kq, isa)
+            if nt > 3:
+                i3 = _k_group_dot(kind, i3, q, scales, xq, xg + 3 * k, bias, gg + 3 * kq, isa)
+    return i0, i1, i2, i3
+
+
+@njit(inline="always", **_KERNEL)
+def _pair_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
+    """sumi + one token's dot products of group j of both halves (``q``: 64 bytes) with xq[x:x + 32] and
+    xq[x + 128:x + 160], times their scales (q3_K starts from its lane biases, both halves')."""
+    kc = kind_code(kind)
+    lanes = zero_i32x16() if kc == 5 else join_halves(load_8_i32(bias, g), load_8_i32(bias, g + 32))
+    values = join_halves(load_32_bytes(xq, x), load_32_bytes(xq, x + 128))
+    return add_i32x16(sumi, mul_i32x16(dot_u8_i8_x64(lanes, q, values, isa), scales))
+
+
+@njit(inline="always", **_KERNEL)
+def _dots_wide(kind, w, o, xq, x, bias, g, k, width, isa):
+    """``_super_block_dots`` for q2_K and q3_K on AVX512-VNNI: group j of both halves at once in 512-bit registers
+    (their 2-bit quants share bytes: one load and shift serve both), the sixteen scales expanded once per
+    super-block and spread to each pair of groups by one permute."""
+    nt = tile_size(width)
+    kc = kind_code(kind)
+    kq = k // 4
+    if kc == 5:   # q2_K: 16 bytes of scale | min << 4, then the quants
+        packed = load_64_bytes(w, o + 16)
+        high = packed
+        scales = bytes_as_i32x16(load_u32(w, o) & 0x0F0F0F0F, load_u32(w, o + 4) & 0x0F0F0F0F,
+                                 load_u32(w, o + 8) & 0x0F0F0F0F, load_u32(w, o + 12) & 0x0F0F0F0F, 0)
+    else:         # q3_K: hmask (bit 4 n + j of byte l: the third bit of value 128 n + 32 j + l), quants, scales
+        packed = load_64_bytes(w, o + 32)
+        hmask = load_32_bytes(w, o)
+        high = join_halves(hmask, shift_right_and(hmask, 4, 15))   # the second half's bits moved to bits 0-3
+        s0, s1, s2, s3 = _q3_K_scale_words(w, o + 96)
+        scales = bytes_as_i32x16(s0, s1, s2, s3, -32)
+    i0 = zero_i32x16()
+    i1 = zero_i32x16()
+    i2 = zero_i32x16()
+    i3 = zero_i32x16()
+    for j in range(4):
+        q = shift_right_and(packed, 2 * j, 3)
+        if kc == 6:
+            q = or_bytes(q, shift_left(shift_right_and(high, j, 1), 2))
+        pair = spread_scale_pairs(scales, j)
+        i0 = _pair_dot(kind, i0, q, pair, xq, x + 32 * j, bias, g + 8 * j, isa)
+        if nt > 1:
+            i1 = _pair_dot(kind, i1, q, pair, xq, x + k + 32 * j, bias, g + kq + 8 * j, isa)
+        if nt > 2:
+            i2 = _pair_dot(kind, i2, q, pair, xq, x + 2 * k + 32 * j, bias, g + 2 * kq + 8 * j, isa)
+        if nt > 3:
+            i3 = _pair_dot(kind, i3, q, pair, xq, x + 3 * k + 32 * j, bias, g + 3 * kq + 8 * j, isa)
+    return fold_halves_i32x16(i0), fold_halves_i32x16(i1), fold_halves_i32x16(i2), fold_halves_i32x16(i3)
+
+
+@overload(_super_block_dots)   # not inline="always" at numba's level (its IR inlining warns here); LLVM inlines it
+def _super_block_dots_of(kind, w, o, xq, x, bias, g, k, width, isa):
+    if not isinstance(kind, ConstantType) or not isinstance(isa, IsaType):
+        return None
+    form = _dots_wide if kind.code in (5, 6) and isa.isa_name == "avx512vnni" else _dots_narrow
+
+    def dots(kind, w, o, xq, x, bias, g, k, width, isa):
+        return form(kind, w, o, xq, x, bias, g, k, width, isa)
+    return dots
+
+
 @njit(inline="always", **_KERNEL)
 def _row_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
     kc = kind_code(kind)
     size = 84 if kc == 5 else 110 if kc == 6 else 210
-    x0 = t * k
-    g0 = t * (k // 4)
     acc = zero_f32x8()
-    mins = np.float32(0.0)
     for b in range(x_scale.shape[1]):
         o = start + size * b
-        sumi = zero_i32x8()
-        for n in range(2):
-            for j in range(4):
-                q, scales = _k_group(kind, w, o, n, j)
-                x = 256 * b + 128 * n + 32 * j
-                sumi = _k_group_dot(kind, sumi, q, scales, xq, x0 + x, bias, g0 + x // 4, isa)
+        sumi = _super_block_dots(kind, w, o, xq, t * k + 256 * b, bias, t * (k // 4) + 64 * b, k, _TILE_1, isa)[0]
         acc = fma_i32x8(acc, sumi, _k_group_d(kind, w, o) * x_scale[t, b])
-        if kc == 5:
-            mins += load_f16(w, o + 82) * x_scale[t, b] * np.float32(high_nibbles_dot(w, o, x_bsums,
-                                                                                     t * (k // 16) + 16 * b))
-    if kc == 5:
-        return sum_f32x8(acc) - mins
+        if kc == 5:    # q2_K's minimums: -dmin x (mins times the activation sums per 16), in the same float lanes
+            acc = fma_i32x8(acc, high_nibbles_times(w, o, x_bsums, t * (k // 16) + 16 * b),
+                            -(load_f16(w, o + 82) * x_scale[t, b]))
     return sum_f32x8(acc)
 
 
 @njit(inline="always", **_KERNEL)
 def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
-    """``_row_groups`` for the ``width`` (a ``TileSize``) tokens from t, each group unpacked once."""
+    """``_row_groups`` for the ``width`` (a ``TileSize``) tokens from t, each super-block unpacked once."""
     nt = tile_size(width)
     kc = kind_code(kind)
     size = 84 if kc == 5 else 110 if kc == 6 else 210
-    kq = k // 4
+    kb = k // 16
     a0 = zero_f32x8()
     a1 = zero_f32x8()
     a2 = zero_f32x8()
     a3 = zero_f32x8()
-    m0 = np.float32(0.0)
-    m1 = np.float32(0.0)
-    m2 = np.float32(0.0)
-    m3 = np.float32(0.0)
     for b in range(x_scale.shape[1]):
         o = start + size * b
-        i0 = zero_i32x8()
-        i1 = zero_i32x8()
-        i2 = zero_i32x8()
-        i3 = zero_i32x8()
-        for n in range(2):
-            for j in range(4):
-                q, scales = _k_group(kind, w, o, n, j)
-                x = t * k + 256 * b + 128 * n + 32 * j
-                g = t * kq + (256 * b + 128 * n + 32 * j) // 4
-                i0 = _k_group_dot(kind, i0, q, scales, xq, x, bias, g, isa)
-                if nt > 1:
-                    i1 = _k_group_dot(kind, i1, q, scales, xq, x + k, bias, g + kq, isa)
-                if nt > 2:
-                    i2 = _k_group_dot(kind, i2, q, scales, xq, x + 2 * k, bias, g + 2 * kq, isa)
-                if nt > 3:
-                    i3 = _k_group_dot(kind, i3, q, scales, xq, x + 3 * k, bias, g + 3 * kq, isa)
+        i0, i1, i2, i3 = _super_block_dots(kind, w, o, xq, t * k + 256 * b, bias, t * (k // 4) + 64 * b, k,
+                                           width, isa)
         d = _k_group_d(kind, w, o)
         a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
         if nt > 1:
@@ -658,16 +722,14 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
             a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
         if kc == 5:
             dmin = load_f16(w, o + 82)
-            s = t * (k // 16) + 16 * b
-            m0 += dmin * x_scale[t, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s))
+            s = t * kb + 16 * b
+            a0 = fma_i32x8(a0, high_nibbles_times(w, o, x_bsums, s), -(dmin * x_scale[t, b]))
             if nt > 1:
-                m1 += dmin * x_scale[t + 1, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + k // 16))
+                a1 = fma_i32x8(a1, high_nibbles_times(w, o, x_bsums, s + kb), -(dmin * x_scale[t + 1, b]))
             if nt > 2:
-                m2 += dmin * x_scale[t + 2, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + 2 * (k // 16)))
+                a2 = fma_i32x8(a2, high_nibbles_times(w, o, x_bsums, s + 2 * kb), -(dmin * x_scale[t + 2, b]))
             if nt > 3:
-                m3 += dmin * x_scale[t + 3, b] * np.float32(high_nibbles_dot(w, o, x_bsums, s + 3 * (k // 16)))
-    if kc == 5:
-        return sum_f32x8(a0) - m0, sum_f32x8(a1) - m1, sum_f32x8(a2) - m2, sum_f32x8(a3) - m3
+                a3 = fma_i32x8(a3, high_nibbles_times(w, o, x_bsums, s + 3 * kb), -(dmin * x_scale[t + 3, b]))
     return sum_f32x8(a0), sum_f32x8(a1), sum_f32x8(a2), sum_f32x8(a3)
 
 
@@ -692,7 +754,7 @@ def _store_tile(out, t, r, ys, width):
 # or 3 tokens (or the one-token kernel for 1), so every N >= 2 unpacks each block once per tile (the same numbers
 # either way).
 
-_TILE_2, _TILE_3, _TILE_4 = (TileSize(width, f"tile{width}") for width in (2, 3, 4))
+_TILE_1, _TILE_2, _TILE_3, _TILE_4 = (TileSize(width, f"tile{width}") for width in (1, 2, 3, 4))
 
 
 @njit(**_KERNEL)

@@ -143,6 +143,10 @@ I8x32 = VectorType("i8", 32)
 I8x16 = VectorType("i8", 16)
 I32x8 = VectorType("i32", 8)
 F32x8 = VectorType("f32", 8)
+# 512-bit vectors (AVX-512 paths only): the prompt GEMM (gemm.py) and the q2_K / q3_K decode kernels
+I8x64 = VectorType("i8", 64)
+I32x16 = VectorType("i32", 16)
+F32x16 = VectorType("f32", 16)
 
 
 def _byte_pointer(context, builder, array_type, array, offset):
@@ -325,36 +329,37 @@ def low_nibbles(typingctx, packed):
 
 
 def _word_shift(builder, vector, count, operation):
-    """Shift the 16 words of a 32-byte vector by one run-time count (``vpsrlw`` / ``vpsllw`` with the count in a
-    register): x86 has no byte shifts, and LLVM scalarizes a byte shift by a count it cannot see as a constant."""
-    words_type = ir.VectorType(_I16, 16)
-    words = builder.bitcast(vector, words_type)
-    amount = _splat_value(builder, builder.zext(builder.trunc(count, _I8), _I16), 16)
-    return builder.bitcast(getattr(builder, operation)(words, amount), ir.VectorType(_I8, 32))
+    """Shift the words of a 32- or 64-byte vector by one run-time count (``vpsrlw`` / ``vpsllw`` with the count in
+    a register): x86 has no byte shifts, and LLVM scalarizes a byte shift by a count it cannot see as a constant."""
+    n_bytes = vector.type.count
+    words = builder.bitcast(vector, ir.VectorType(_I16, n_bytes // 2))
+    amount = _splat_value(builder, builder.zext(builder.trunc(count, _I8), _I16), n_bytes // 2)
+    return builder.bitcast(getattr(builder, operation)(words, amount), vector.type)
 
 
 @intrinsic
 def shift_right_and(typingctx, packed, shift, mask):
-    """``(packed >> shift) & mask`` in every byte, for ``mask < 2 ** (8 - shift)`` (the bits a word shift brings
-    in from the neighbouring byte are then masked off)."""
-    if packed != I8x32 or not isinstance(shift, types.Integer) or not isinstance(mask, types.Integer):
+    """``(packed >> shift) & mask`` in every byte of an ``I8x32`` or ``I8x64``, for ``mask < 2 ** (8 - shift)``
+    (the bits a word shift brings in from the neighbouring byte are then masked off)."""
+    if packed not in (I8x32, I8x64) or not isinstance(shift, types.Integer) or not isinstance(mask, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
         shifted = _word_shift(builder, args[0], args[1], "lshr")
-        return builder.and_(shifted, _splat_value(builder, builder.trunc(args[2], _I8), 32))
-    return I8x32(packed, shift, mask), codegen
+        return builder.and_(shifted, _splat_value(builder, builder.trunc(args[2], _I8), packed.count))
+    return packed(packed, shift, mask), codegen
 
 
 @intrinsic
 def shift_left(typingctx, packed, shift):
-    """``packed << shift`` in every byte, for bytes below ``2 ** (8 - shift)`` (none carries into its neighbour)."""
-    if packed != I8x32 or not isinstance(shift, types.Integer):
+    """``packed << shift`` in every byte (``I8x32`` or ``I8x64``), for bytes below ``2 ** (8 - shift)`` (none
+    carries into its neighbour)."""
+    if packed not in (I8x32, I8x64) or not isinstance(shift, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
         return _word_shift(builder, args[0], args[1], "shl")
-    return I8x32(packed, shift), codegen
+    return packed(packed, shift), codegen
 
 
 @intrinsic
@@ -373,20 +378,23 @@ def bits_to_bytes(typingctx, bits, value):
     return I8x32(bits, value), codegen
 
 
-def _lanewise(vector: VectorType, operation: str):
-    """An intrinsic for ``a <operation> b`` lane by lane on two vectors of type ``vector``."""
+def _lanewise(vector: VectorType | tuple, operation: str):
+    """An intrinsic for ``a <operation> b`` lane by lane on two vectors of type ``vector`` (or of one type of a
+    tuple of them)."""
+    vectors = vector if isinstance(vector, tuple) else (vector,)
+
     def make(typingctx, a, b):
-        if a != vector or b != vector:
+        if a not in vectors or b != a:
             return None
 
         def codegen(context, builder, sig, args):
             return getattr(builder, operation)(args[0], args[1])
-        return vector(a, b), codegen
+        return a(a, b), codegen
     return intrinsic(make)
 
 
-or_bytes = _lanewise(I8x32, "or_")
-or_bytes.__doc__ = "Bytewise ``a | b``."
+or_bytes = _lanewise((I8x32, I8x64), "or_")
+or_bytes.__doc__ = "Bytewise ``a | b`` (``I8x32`` or ``I8x64``)."
 add_bytes = _lanewise(I8x32, "add")
 add_bytes.__doc__ = "Bytewise ``a + b`` (wrapping)."
 add_i32x8 = _lanewise(I32x8, "add")
@@ -592,9 +600,10 @@ def pair_i32x8(typingctx, a, b):
 
 
 @intrinsic
-def high_nibbles_dot(typingctx, array, offset, sums, index):
-    """sum over j < 16 of ``(array[offset + j] >> 4) * sums[index + j]`` (bytes times int32), as int64: q2_K's
-    minimums times the activation sums per 16."""
+def high_nibbles_times(typingctx, array, offset, sums, index):
+    """The sixteen products ``(array[offset + j] >> 4) * sums[index + j]`` (bytes times int32), lanes j and j + 8
+    added: an ``I32x8``. q2_K's minimums times the activation sums per 16, in eight lanes that a float accumulator
+    takes with one fused multiply-add (no horizontal sum per super-block)."""
     if not (_is_byte_array(array) and isinstance(sums, types.Array) and sums.dtype == types.int32
             and sums.layout == "C"):
         return None
@@ -602,13 +611,17 @@ def high_nibbles_dot(typingctx, array, offset, sums, index):
     def codegen(context, builder, sig, args):
         pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
         packed = builder.load(builder.bitcast(pointer, ir.VectorType(_I8, 16).as_pointer()), align=1)
-        mins = builder.zext(builder.lshr(packed, _splat(_I8(4), 16)), ir.VectorType(_I32, 16))
+        mins = builder.zext(builder.lshr(packed, _splat(_I8(4), 16)), I32x16.llvm_type())
         data = context.make_array(sig.args[2])(context, builder, args[2]).data
-        totals = builder.load(builder.bitcast(builder.gep(data, [args[3]]), ir.VectorType(_I32, 16).as_pointer()),
+        totals = builder.load(builder.bitcast(builder.gep(data, [args[3]]), I32x16.llvm_type().as_pointer()),
                               align=4)
-        function = _function(builder, "llvm.vector.reduce.add.v16i32", _I32, [ir.VectorType(_I32, 16)])
-        return builder.sext(builder.call(function, [builder.mul(mins, totals)]), ir.IntType(64))
-    return types.int64(array, offset, sums, index), codegen
+        products = builder.mul(mins, totals)
+
+        def half(first):
+            return builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(_I32, 8),
+                                                                          list(range(first, first + 8))))
+        return builder.add(half(0), half(8))
+    return I32x8(array, offset, sums, index), codegen
 
 
 @intrinsic
@@ -655,10 +668,6 @@ def float_from_bits(typingctx, bits):
 # byte products per int32 lane as ``dot_u8_i8`` does, so lanes 0-7 belong to the first group and 8-15 to the
 # second, and a per-lane float scale vector scales each group (or 16-value half) by its own numbers.
 # ----------------------------------------------------------------------------------------------------------------
-
-I8x64 = VectorType("i8", 64)
-I32x16 = VectorType("i32", 16)
-F32x16 = VectorType("f32", 16)
 
 load_64_bytes = intrinsic(_vector_load(I8x64))
 load_64_bytes.__doc__ = "``array[offset:offset + 64]`` (a byte array) as an ``I8x64``."
@@ -845,3 +854,87 @@ splat_f32_at = _typed_load(F32x16, types.float32, broadcast=True)
 splat_f32_at.__doc__ = "``array[index]`` of a float32 array in all sixteen lanes of an ``F32x16``."
 splat_i32_at = _typed_load(I32x16, types.int32, broadcast=True)
 splat_i32_at.__doc__ = "``array[index]`` of an int32 array in all sixteen lanes of an ``I32x16``."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# q2_K / q3_K decode on AVX-512 (decode.py's wide group kernels): one 512-bit register holds group j of both
+# halves of a super-block (bytes 0-31: values 32 j .. of the first 128, bytes 32-63: the same of the second), and
+# its int32 lanes are folded back to the eight lanes of ``dot_u8_i8`` once per super-block.
+# ----------------------------------------------------------------------------------------------------------------
+
+add_i32x16 = _lanewise(I32x16, "add")
+add_i32x16.__doc__ = "Lanewise ``a + b`` of two ``I32x16``."
+mul_i32x16 = _lanewise(I32x16, "mul")
+mul_i32x16.__doc__ = "Lanewise ``a * b`` of two ``I32x16`` (``vpmulld``)."
+
+
+@intrinsic
+def zero_i32x16(typingctx):
+    """An ``I32x16`` of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(I32x16.llvm_type(), None)
+    return I32x16(), codegen
+
+
+@intrinsic
+def join_halves(typingctx, low, high):
+    """One vector of twice the lanes: ``low`` then ``high`` (two ``I8x32`` -> ``I8x64``, two ``I32x8`` ->
+    ``I32x16``; with ``high`` loaded from memory, one ``vinserti64x4``)."""
+    wide = {I8x32: I8x64, I32x8: I32x16}.get(low)
+    if wide is None or high != low:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[1], ir.Constant(ir.VectorType(_I32, wide.count),
+                                                                    list(range(wide.count))))
+    return wide(low, high), codegen
+
+
+@intrinsic
+def fold_halves_i32x16(typingctx, vector):
+    """Lanes 0-7 plus lanes 8-15 of an ``I32x16``, as an ``I32x8`` (exact integer sums)."""
+    if vector != I32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        def half(first):
+            return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_I32, 8),
+                                                                        list(range(first, first + 8))))
+        return builder.add(half(0), half(8))
+    return I32x8(vector), codegen
+
+
+@intrinsic
+def bytes_as_i32x16(typingctx, w0, w1, w2, w3, offset):
+    """The sixteen bytes of four 32-bit words (little-endian, ``w0``'s bytes first), zero-extended to int32 lanes,
+    plus ``offset``: a K-quant super-block's sixteen scales, one per lane."""
+    if not all(isinstance(t, types.Integer) for t in (w0, w1, w2, w3, offset)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        words = ir.Constant(ir.VectorType(_I32, 4), None)
+        for i in range(4):
+            word = context.cast(builder, args[i], sig.args[i], types.uint32)
+            words = builder.insert_element(words, word, _I32(i))
+        lanes = builder.zext(builder.bitcast(words, ir.VectorType(_I8, 16)), I32x16.llvm_type())
+        offset_value = context.cast(builder, args[4], sig.args[4], types.int32)
+        return builder.add(lanes, _splat_value(builder, offset_value, 16))
+    return I32x16(w0, w1, w2, w3, offset), codegen
+
+
+@intrinsic
+def spread_scale_pairs(typingctx, scales, j):
+    """The scales of group ``j`` of both halves in the lanes of ``dot_u8_i8_x64``: lanes 0-3 ``scales[2j]``, 4-7
+    ``scales[2j + 1]`` (values 32 j .. 32 j + 31), 8-11 ``scales[8 + 2j]``, 12-15 ``scales[9 + 2j]`` (the same
+    values of the second half); one ``vpermd``."""
+    if scales != I32x16 or not isinstance(j, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        base = ir.Constant(ir.VectorType(_I32, 16), [0] * 4 + [1] * 4 + [8] * 4 + [9] * 4)
+        step = builder.mul(context.cast(builder, args[1], sig.args[1], types.int32), _I32(2))
+        index = builder.add(base, _splat_value(builder, step, 16))
+        function = _function(builder, "llvm.x86.avx512.permvar.si.512", I32x16.llvm_type(),
+                             [I32x16.llvm_type(), I32x16.llvm_type()])
+        return builder.call(function, [args[0], index])
+    return I32x16(scales, j), codegen
