@@ -42,8 +42,8 @@ from numba.extending import NativeValue, intrinsic, overload, register_model, ty
 from .simd import (
     IsaType, add_bytes, add_f32x8, add_i32x8, add_i32x16, bits_to_bytes, bytes_as_i32x16, dot_i8_i8, dot_u8_i8,
     dot_u8_i8_x64, fma_i32x8, fold_halves_i32x16, high_nibbles_times, join_halves, load_8_i32, load_16_bytes,
-    load_32_bytes, load_64_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, mul_i32x16, or_bytes, pair_i32x8,
-    pair_low_nibbles_i32x8, pair_scales_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
+    load_32_bytes, load_64_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, mul_i32x16, or_bytes,
+    pair_scales_i32x8, scale_pair_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
     spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8,
     unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
 )
@@ -301,19 +301,17 @@ def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
     acc = zero_f32x8()
     if kc == 0 or kc == 2:
         # Two float chains (even and odd blocks): one chain waits on each fma's latency, and rows of k = 896 (28
-        # blocks) left little else to overlap (measured 8-9 -> 10-12 GB/s per core on a Zen 4).
+        # blocks) left little else to overlap (measured 8-9 -> 10-12 GB/s per core on a Zen 4). The chains take
+        # turns (each block's result becomes the other chain's turn) rather than a loop by twos and an odd tail:
+        # that tail's calls made numba keep four array incref / decref pairs per row (atomic, and the accumulators
+        # spilled around them), a third of a 896-wide row's time.
         acc1 = zero_f32x8()
-        for b in range(0, n - 1, 2):
+        for b in range(n):
             q, d, _ = _legacy_block(kind, w, start, b)
-            acc = _legacy_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
-            q, d, _ = _legacy_block(kind, w, start, b + 1)
-            acc1 = _legacy_dot(kind, acc1, q, d * x_scale[t, b + 1], xq, x0 + 32 * b + 32, bias, g0 + 8 * b + 8,
-                               isa)
-        if n % 2:
-            b = n - 1
-            q, d, _ = _legacy_block(kind, w, start, b)
-            acc = _legacy_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
-        return sum_f32x8(add_f32x8(acc, acc1))
+            done = _legacy_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
+            acc = acc1
+            acc1 = done
+        return sum_f32x8(add_f32x8(acc1, acc))   # even n: (odd chain, even chain); odd n: (even, odd): a + b = b + a
     mins = np.float32(0.0)
     for b in range(n):
         q, d, m = _legacy_block(kind, w, start, b)
@@ -371,45 +369,31 @@ def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, width, isa
     a2 = zero_f32x8()
     a3 = zero_f32x8()
     if kc == 0 or kc == 2:
-        c0 = zero_f32x8()
+        c0 = zero_f32x8()       # each token's two chains take turns per block, as in _row_legacy
         c1 = zero_f32x8()
         c2 = zero_f32x8()
         c3 = zero_f32x8()
-        for b in range(0, n - 1, 2):
+        for b in range(n):
             q, lanes, d, _ = _tile_block(kind, w, start, b, isa)
             x = x0 + 32 * b
             g = g0 + 8 * b
-            a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
+            done = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
+            a0 = c0
+            c0 = done
             if nt > 1:
-                a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+                done = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+                a1 = c1
+                c1 = done
             if nt > 2:
-                a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+                done = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+                a2 = c2
+                c2 = done
             if nt > 3:
-                a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
-            q, lanes, d, _ = _tile_block(kind, w, start, b + 1, isa)
-            x += 32
-            g += 8
-            c0 = _tile_dot(kind, c0, q, lanes, d * x_scale[t, b + 1], xq, xu, x, bias, g, isa)
-            if nt > 1:
-                c1 = _tile_dot(kind, c1, q, lanes, d * x_scale[t + 1, b + 1], xq, xu, x + k, bias, g + kq, isa)
-            if nt > 2:
-                c2 = _tile_dot(kind, c2, q, lanes, d * x_scale[t + 2, b + 1], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
-            if nt > 3:
-                c3 = _tile_dot(kind, c3, q, lanes, d * x_scale[t + 3, b + 1], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
-        if n % 2:
-            b = n - 1
-            q, lanes, d, _ = _tile_block(kind, w, start, b, isa)
-            x = x0 + 32 * b
-            g = g0 + 8 * b
-            a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
-            if nt > 1:
-                a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
-            if nt > 2:
-                a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
-            if nt > 3:
-                a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
-        return (sum_f32x8(add_f32x8(a0, c0)), sum_f32x8(add_f32x8(a1, c1)), sum_f32x8(add_f32x8(a2, c2)),
-                sum_f32x8(add_f32x8(a3, c3)))
+                done = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+                a3 = c3
+                c3 = done
+        return (sum_f32x8(add_f32x8(c0, a0)), sum_f32x8(add_f32x8(c1, a1)), sum_f32x8(add_f32x8(c2, a2)),
+                sum_f32x8(add_f32x8(c3, a3)))
     m0 = np.float32(0.0)
     m1 = np.float32(0.0)
     m2 = np.float32(0.0)
@@ -556,19 +540,32 @@ def _tile_k4(kind, w, start, xq, k, x_scale, sums32, t, width, isa):
 
 # q2_K (kind 5), q3_K (6), q6_K (9): eight groups of 32 values per super-block, each with two 16-value scales
 
-@njit(**_KERNEL)
-def _k_group(kind, w, o, n, j):
+@njit(inline="always", **_KERNEL)
+def _k_scales(kind, w, o):
+    """q2_K / q3_K: the sixteen 16-value scales of the super-block at byte ``o``, one per int32 lane (q3_K's less
+    32), expanded once per super-block; zeros for q6_K, whose groups load their own int8 scales."""
+    kc = kind_code(kind)
+    if kc == 5:
+        return bytes_as_i32x16(load_u32(w, o) & 0x0F0F0F0F, load_u32(w, o + 4) & 0x0F0F0F0F,
+                               load_u32(w, o + 8) & 0x0F0F0F0F, load_u32(w, o + 12) & 0x0F0F0F0F, 0)
+    if kc == 6:
+        s0, s1, s2, s3 = _q3_K_scale_words(w, o + 96)
+        return bytes_as_i32x16(s0, s1, s2, s3, -32)
+    return zero_i32x16()
+
+
+@njit(inline="always", **_KERNEL)
+def _k_group(kind, w, o, n, j, scales):
     """Group 4 n + j (values 128 n + 32 j ..) of the super-block at byte ``o``: its quants as unsigned bytes (before
-    the offset: q3_K -4, q6_K -32, which the lane biases take) and its two scales in dot_u8_i8's lanes."""
+    the offset: q3_K -4, q6_K -32, which the lane biases take) and its two scales in dot_u8_i8's lanes (q2_K, q3_K:
+    from ``scales``, the super-block's ``_k_scales``)."""
     kc = kind_code(kind)
     if kc == 5:
         packed = load_32_bytes(w, o + 16 + 32 * n)
-        return shift_right_and(packed, 2 * j, 3), pair_low_nibbles_i32x8(w, o + 8 * n + 2 * j)
+        return shift_right_and(packed, 2 * j, 3), scale_pair_i32x8(scales, 8 * n + 2 * j)
     if kc == 6:
-        words = _q3_K_scale_words(w, o + 96)
-        pair = words[2 * n + j // 2] >> (16 * (j & 1))
         q = _q3_K_quants(load_32_bytes(w, o + 32 + 32 * n), load_32_bytes(w, o), 2 * j, 4 * n + j)
-        return q, pair_i32x8((pair & 0xFF) - 32, ((pair >> 8) & 0xFF) - 32)
+        return q, scale_pair_i32x8(scales, 8 * n + 2 * j)
     low = load_32_bytes(w, o + 64 * n + 32 * (j & 1))     # groups 0, 1: low nibbles; 2, 3: high nibbles
     nibbles = low_nibbles(low) if j < 2 else shift_right_and(low, 4, 15)
     q = _q6_K_quants(nibbles, load_32_bytes(w, o + 128 + 32 * n), 2 * j)
@@ -608,9 +605,10 @@ def _dots_narrow(kind, w, o, xq, x, bias, g, k, width, isa):
     i1 = zero_i32x8()
     i2 = zero_i32x8()
     i3 = zero_i32x8()
+    all_scales = _k_scales(kind, w, o)
     for n in range(2):
         for j in range(4):
-            q, scales = _k_group(kind, w, o, n, j)
+            q, scales = _k_group(kind, w, o, n, j, all_scales)
             xg = x + 128 * n + 32 * j
             gg = g + 32 * n + 8 * j
             i0 = _k_group_dot(kind, i0, q, scales, xq, xg, bias, gg, isa)
@@ -641,17 +639,14 @@ def _dots_wide(kind, w, o, xq, x, bias, g, k, width, isa):
     nt = tile_size(width)
     kc = kind_code(kind)
     kq = k // 4
+    scales = _k_scales(kind, w, o)
     if kc == 5:   # q2_K: 16 bytes of scale | min << 4, then the quants
         packed = load_64_bytes(w, o + 16)
         high = packed
-        scales = bytes_as_i32x16(load_u32(w, o) & 0x0F0F0F0F, load_u32(w, o + 4) & 0x0F0F0F0F,
-                                 load_u32(w, o + 8) & 0x0F0F0F0F, load_u32(w, o + 12) & 0x0F0F0F0F, 0)
     else:         # q3_K: hmask (bit 4 n + j of byte l: the third bit of value 128 n + 32 j + l), quants, scales
         packed = load_64_bytes(w, o + 32)
         hmask = load_32_bytes(w, o)
         high = join_halves(hmask, shift_right_and(hmask, 4, 15))   # the second half's bits moved to bits 0-3
-        s0, s1, s2, s3 = _q3_K_scale_words(w, o + 96)
-        scales = bytes_as_i32x16(s0, s1, s2, s3, -32)
     i0 = zero_i32x16()
     i1 = zero_i32x16()
     i2 = zero_i32x16()

@@ -480,8 +480,6 @@ def _pair_of_bytes(signed: bool, mask: int):
 pair_scales_i32x8 = intrinsic(_pair_of_bytes(signed=True, mask=0xFF))
 pair_scales_i32x8.__doc__ = """Lanes 0-3 = the int8 at ``array[offset]``, lanes 4-7 = the int8 at ``array[offset + 1]``
 (sign-extended): the two 16-value scales of a 32-value K-quant group, matching the lanes of ``dot_u8_i8``."""
-pair_low_nibbles_i32x8 = intrinsic(_pair_of_bytes(signed=False, mask=0x0F))
-pair_low_nibbles_i32x8.__doc__ = """``pair_scales_i32x8`` of the low nibbles of the two bytes (q2_K's scales)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -583,20 +581,6 @@ def dot_i8_i8(typingctx, bias, signed_weights, signed, isa):
                              [args[2], args[1]])
         return builder.add(args[0], _avx2_quad_sums(builder, absolute, signs))
     return I32x8(bias, signed_weights, signed, isa), codegen
-
-
-@intrinsic
-def pair_i32x8(typingctx, a, b):
-    """Lanes 0-3 = ``a``, lanes 4-7 = ``b`` (integers truncated to int32): two 16-value scales of a 32-value group,
-    matching the lanes of ``dot_u8_i8``."""
-    if not isinstance(a, types.Integer) or not isinstance(b, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        low = _splat_value(builder, context.cast(builder, args[0], sig.args[0], types.int32), 4)
-        high = _splat_value(builder, context.cast(builder, args[1], sig.args[1], types.int32), 4)
-        return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
-    return I32x8(a, b), codegen
 
 
 @intrinsic
@@ -938,3 +922,24 @@ def spread_scale_pairs(typingctx, scales, j):
                              [I32x16.llvm_type(), I32x16.llvm_type()])
         return builder.call(function, [args[0], index])
     return I32x16(scales, j), codegen
+
+
+@intrinsic
+def scale_pair_i32x8(typingctx, scales, index):
+    """Lanes 0-3 ``scales[index]``, lanes 4-7 ``scales[index + 1]`` of an ``I32x16`` (``index`` even): the two
+    16-value scales of a 32-value group in the lanes of ``dot_u8_i8``, from a super-block's sixteen (one
+    ``vpermd`` on the half that holds them; a constant shuffle where the index is known)."""
+    if scales != I32x16 or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def half(first):
+            return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_I32, 8),
+                                                                        list(range(first, first + 8))))
+        at = context.cast(builder, args[1], sig.args[1], types.int32)
+        chosen = builder.select(builder.icmp_signed(">=", at, _I32(8)), half(8), half(0))
+        local = _splat_value(builder, builder.and_(at, _I32(7)), 8)
+        lanes = builder.add(local, ir.Constant(ir.VectorType(_I32, 8), [0] * 4 + [1] * 4))
+        function = _function(builder, "llvm.x86.avx2.permd", I32x8.llvm_type(), [I32x8.llvm_type()] * 2)
+        return builder.call(function, [chosen, lanes])
+    return I32x8(scales, index), codegen
