@@ -6,7 +6,7 @@ their kernels); then time one thing: a prompt of seeded random ids (256 and 1024
 token at a time after filling the context to a position (the prompt length, 50, 1900). "First token" is the wall
 time from starting a fresh interpreter to the logits of one token (numba's compile cache warm). Peak RSS is the
 largest high-water RSS (VmHWM) of the run's processes; its cap is file size + KV cache + 150 MB, the KV cache as each engine
-allocates it (ours float32, llama.cpp's float16). A process that crashes or fails is reported as such in its
+allocates it (float16 in both, their default). A process that crashes or fails is reported as such in its
 figure's place; the other figures still run. ``--repeat N`` reports medians.
 
 ``--scaling`` adds two tables: prompt and decode speed against model size (the real 0.5B and synthetic 1B- and
@@ -398,7 +398,7 @@ def print_report(report: dict) -> None:
             peak, cap = figures[engine]["peak_rss_mb"], figures[engine]["rss_cap_mb"]
             verdict = "" if not _is_number(peak) else ("within" if peak <= cap else "OVER")
             print(f"{engine}: RSS cap = file + KV cache ({figures[engine]['kv_cache_mb']:.1f} MB, "
-                  f"{'float32' if engine == 'ggml_backend' else 'float16'}) + {OVERHEAD_MB} MB = {cap:.0f} MB: "
+                  f"float16) + {OVERHEAD_MB} MB = {cap:.0f} MB: "
                   f"peak {verdict}")
     kernels = report.get("kernels")
     if kernels:

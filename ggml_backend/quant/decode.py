@@ -13,7 +13,9 @@ weight block once for all of them, with the same block decoders and per-token st
 is the one-token kernel's bit for bit); ``matvec`` spreads the rows of one or several matrices over numba's threads
 in equal chunks, in one launch; ``matmul_few`` does the same for a few tokens, in tiles. ``dequantize_rows``
 expands weight rows to float32 for the prompt path with the same block decoders. The ``isa`` argument (see
-``simd.py``) picks the instructions and is part of each compiled signature.
+``simd.py``) picks the instructions and is part of each compiled signature. q2_K and q3_K, whose 2-bit quants of
+values l and 128 + l share a byte, take both halves of a super-block in one 512-bit register on AVX512-VNNI
+(``_dots_wide``) and fold the lanes back to the eight of the 256-bit form, whose integers they equal.
 
 Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
     q4_0  [d | 16 bytes: low nibbles = weights 0..15, high = 16..31]              w = q - 8
