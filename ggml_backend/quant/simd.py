@@ -149,6 +149,17 @@ I32x16 = VectorType("i32", 16)
 F32x16 = VectorType("f32", 16)
 
 
+def _zeros(vector: VectorType):
+    """An intrinsic returning a ``vector`` of zeros."""
+    def make(typingctx):
+        def codegen(context, builder, sig, args):
+            return ir.Constant(vector.llvm_type(), None)
+        return vector(), codegen
+    zeros = intrinsic(make)
+    zeros.__doc__ = f"An ``{vector}`` of zeros."
+    return zeros
+
+
 def _byte_pointer(context, builder, array_type, array, offset):
     """i8* to byte ``offset`` of a 1-D (or any C-contiguous) array's data."""
     data = context.make_array(array_type)(context, builder, array).data
@@ -438,12 +449,7 @@ def dot_u8_i8(typingctx, acc, unsigned, signed, isa):
     return I32x8(acc, unsigned, signed, isa), codegen
 
 
-@intrinsic
-def zero_i32x8(typingctx):
-    """An ``I32x8`` of zeros."""
-    def codegen(context, builder, sig, args):
-        return ir.Constant(I32x8.llvm_type(), None)
-    return I32x8(), codegen
+zero_i32x8 = _zeros(I32x8)
 
 
 @intrinsic
@@ -486,12 +492,7 @@ pair_scales_i32x8.__doc__ = """Lanes 0-3 = the int8 at ``array[offset]``, lanes 
 # Float accumulation
 # ----------------------------------------------------------------------------------------------------------------
 
-@intrinsic
-def zero_f32x8(typingctx):
-    """An ``F32x8`` of zeros."""
-    def codegen(context, builder, sig, args):
-        return ir.Constant(F32x8.llvm_type(), None)
-    return F32x8(), codegen
+zero_f32x8 = _zeros(F32x8)
 
 
 @intrinsic
@@ -678,12 +679,7 @@ def dot_u8_i8_x64(typingctx, acc, unsigned, signed, isa):
     return I32x16(acc, unsigned, signed, isa), codegen
 
 
-@intrinsic
-def zero_f32x16(typingctx):
-    """An ``F32x16`` of zeros."""
-    def codegen(context, builder, sig, args):
-        return ir.Constant(F32x16.llvm_type(), None)
-    return F32x16(), codegen
+zero_f32x16 = _zeros(F32x16)
 
 
 @intrinsic
@@ -852,12 +848,7 @@ mul_i32x16 = _lanewise(I32x16, "mul")
 mul_i32x16.__doc__ = "Lanewise ``a * b`` of two ``I32x16`` (``vpmulld``)."
 
 
-@intrinsic
-def zero_i32x16(typingctx):
-    """An ``I32x16`` of zeros."""
-    def codegen(context, builder, sig, args):
-        return ir.Constant(I32x16.llvm_type(), None)
-    return I32x16(), codegen
+zero_i32x16 = _zeros(I32x16)
 
 
 @intrinsic
