@@ -681,22 +681,15 @@ def _super_block_dots_of(kind, w, o, xq, x, bias, g, k, width, isa):
 
 @njit(inline="always", **_KERNEL)
 def _row_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
-    kc = kind_code(kind)
-    size = 84 if kc == 5 else 110 if kc == 6 else 210
-    acc = zero_f32x8()
-    for b in range(x_scale.shape[1]):
-        o = start + size * b
-        sumi = _super_block_dots(kind, w, o, xq, t * k + 256 * b, bias, t * (k // 4) + 64 * b, k, _TILE_1, isa)[0]
-        acc = fma_i32x8(acc, sumi, _k_group_d(kind, w, o) * x_scale[t, b])
-        if kc == 5:    # q2_K's minimums: -dmin x (mins times the activation sums per 16), in the same float lanes
-            acc = fma_i32x8(acc, high_nibbles_times(w, o, x_bsums, t * (k // 16) + 16 * b),
-                            -(load_f16(w, o + 82) * x_scale[t, b]))
-    return sum_f32x8(acc)
+    """Row ``start`` times token t: ``_tile_groups`` for one token (its other tokens' steps fold away)."""
+    return _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, _TILE_1, isa)[0]
 
 
 @njit(inline="always", **_KERNEL)
 def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
-    """``_row_groups`` for the ``width`` (a ``TileSize``) tokens from t, each super-block unpacked once."""
+    """One row times the ``width`` (a ``TileSize``) tokens from t, each super-block unpacked once: per token its
+    exact integer sums (``_super_block_dots``) scaled by d and the token's scale, q2_K's minimums taken off in the
+    same eight float lanes, which are summed once at the end."""
     nt = tile_size(width)
     kc = kind_code(kind)
     size = 84 if kc == 5 else 110 if kc == 6 else 210

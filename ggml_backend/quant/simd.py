@@ -149,6 +149,16 @@ I32x16 = VectorType("i32", 16)
 F32x16 = VectorType("f32", 16)
 
 
+def _half(builder, vector, first: int):
+    """Lanes ``first`` .. ``first + 7`` of a 16-lane vector, as an 8-lane one (a constant shuffle)."""
+    return builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, 8), list(range(first, first + 8))))
+
+
+def _fold_halves(builder, vector):
+    """Lanes 0-7 plus lanes 8-15 of a 16-lane integer vector, as an 8-lane one."""
+    return builder.add(_half(builder, vector, 0), _half(builder, vector, 8))
+
+
 def _zeros(vector: VectorType):
     """An intrinsic returning a ``vector`` of zeros."""
     def make(typingctx):
@@ -600,12 +610,7 @@ def high_nibbles_times(typingctx, array, offset, sums, index):
         data = context.make_array(sig.args[2])(context, builder, args[2]).data
         totals = builder.load(builder.bitcast(builder.gep(data, [args[3]]), I32x16.llvm_type().as_pointer()),
                               align=4)
-        products = builder.mul(mins, totals)
-
-        def half(first):
-            return builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(_I32, 8),
-                                                                          list(range(first, first + 8))))
-        return builder.add(half(0), half(8))
+        return _fold_halves(builder, builder.mul(mins, totals))
     return I32x8(array, offset, sums, index), codegen
 
 
@@ -872,10 +877,7 @@ def fold_halves_i32x16(typingctx, vector):
         return None
 
     def codegen(context, builder, sig, args):
-        def half(first):
-            return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_I32, 8),
-                                                                        list(range(first, first + 8))))
-        return builder.add(half(0), half(8))
+        return _fold_halves(builder, args[0])
     return I32x8(vector), codegen
 
 
@@ -924,11 +926,9 @@ def scale_pair_i32x8(typingctx, scales, index):
         return None
 
     def codegen(context, builder, sig, args):
-        def half(first):
-            return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_I32, 8),
-                                                                        list(range(first, first + 8))))
         at = context.cast(builder, args[1], sig.args[1], types.int32)
-        chosen = builder.select(builder.icmp_signed(">=", at, _I32(8)), half(8), half(0))
+        chosen = builder.select(builder.icmp_signed(">=", at, _I32(8)), _half(builder, args[0], 8),
+                                _half(builder, args[0], 0))
         local = _splat_value(builder, builder.and_(at, _I32(7)), 8)
         lanes = builder.add(local, ir.Constant(ir.VectorType(_I32, 8), [0] * 4 + [1] * 4))
         function = _function(builder, "llvm.x86.avx2.permd", I32x8.llvm_type(), [I32x8.llvm_type()] * 2)
