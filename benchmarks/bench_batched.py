@@ -40,7 +40,13 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_LLAMACPP_SCRIPT = REPO.parent / "shared" / "bench" / "batched_llamacpp.py"
 #: decode steps a sequence may take before the timed ones (its prompt went in before others'): max_tokens leaves it
 HEADROOM = 32
-NO_END = {"151643": -100, "151645": -100}   # Qwen2.5's end tokens, banned so every stream runs its full length
+
+
+def no_end_bias(model: str) -> dict:
+    """logit_bias banning the model's end-of-generation tokens, so every stream runs its full length."""
+    from ggml_backend import Llama
+    with Llama(model, n_ctx=64, verbose=False) as llm:
+        return {str(t): -100 for t in llm.tokenizer.eog_ids}
 
 
 def prompts(n: int, length: int) -> list[list[int]]:
@@ -115,9 +121,9 @@ def start_server(model: str, threads: int, parallel: int, n_ctx_slot: int):
     raise RuntimeError("the server did not start in 300 s")
 
 
-async def _client(client, url: str, tokens: list[int], max_tokens: int) -> list[float]:
+async def _client(client, url: str, tokens: list[int], max_tokens: int, no_end: dict) -> list[float]:
     body = {"model": "bench", "prompt": tokens, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "logit_bias": NO_END, "repeat_penalty": 1.0}
+            "logit_bias": no_end, "repeat_penalty": 1.0}
     stamps = []
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -129,10 +135,10 @@ async def _client(client, url: str, tokens: list[int], max_tokens: int) -> list[
     return stamps
 
 
-async def _level(url: str, n: int, prompt: int, steps: int) -> dict:
+async def _level(url: str, n: int, prompt: int, steps: int, no_end: dict) -> dict:
     import httpx
     async with httpx.AsyncClient(timeout=600) as client:
-        streams = await asyncio.gather(*[_client(client, url, p, steps + 1) for p in prompts(n, prompt)])
+        streams = await asyncio.gather(*[_client(client, url, p, steps + 1, no_end) for p in prompts(n, prompt)])
     start = max(s[0] for s in streams)    # every client is decoding from here ...
     end = min(s[-1] for s in streams)     # ... to here
     in_window = sum(1 for s in streams for t in s if start < t <= end)
@@ -176,12 +182,13 @@ def main() -> int:
         print(f"llamacpp: {script} not found (--llamacpp-script)")
         engines.remove("llamacpp")
     ours = Ours(args.model, args.threads, args.prompt, args.steps) if "ours" in engines else None
+    no_end = no_end_bias(args.model) if "server" in engines else {}
     server = start_server(args.model, args.threads, max(ns), args.prompt + args.steps + 8) \
         if "server" in engines else None
     runs: dict = {engine: {n: [] for n in ns} for engine in engines}
     try:
         if server is not None:
-            asyncio.run(_level(server[1], 2, args.prompt, 4))   # warm-up
+            asyncio.run(_level(server[1], 2, args.prompt, 4, no_end))   # warm-up
         for rep in range(args.repeat):
             for n in ns:
                 if "llamacpp" in engines:
@@ -190,7 +197,7 @@ def main() -> int:
                 if ours is not None:
                     runs["ours"][n].append(ours.measure(n))
                 if server is not None:
-                    runs["server"][n].append(asyncio.run(_level(server[1], n, args.prompt, args.steps)))
+                    runs["server"][n].append(asyncio.run(_level(server[1], n, args.prompt, args.steps, no_end)))
                 print(f"run {rep + 1} N={n}: " + ", ".join(f"{e} {runs[e][n][-1]['tok_s']:.1f}" for e in engines)
                       + f" tok/s (load {os.getloadavg()[0]:.2f})", flush=True)
     finally:
