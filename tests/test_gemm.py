@@ -50,7 +50,7 @@ def test_every_kind_matches_the_integer_kernels(name):
         WeightMatrix(name, w, (13, k)).dequantize().astype(np.float64)).T) + 1e-6
     for y_gemm in (matmul(name, w, x, method="gemm"), exact_gemm(name, w, x)):
         assert np.all(np.abs(y_gemm - y_int) <= bound), name
-    if name in ("q4_0", "q5_0", "q8_0"):   # the one-token kernel's chains: the exact GEMM's lanes (EXACT_KINDS)
+    if KINDS[name] in gemm_module.EXACT_KINDS:   # the one-token kernel's numbers, bit for bit
         assert np.array_equal(exact_gemm(name, w, x), y_int)
 
 
@@ -108,14 +108,16 @@ def test_rows_of_a_length_the_tiles_cannot_take_fall_back_or_are_refused():
         matmul("f16", np.zeros((4, 128), np.uint8), activations(50, 64), method="gemm")
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0", "q3_K", "q4_K", "q5_K", "q6_K"])
 def test_few_token_products_on_the_gemm_keep_one_token_numbers(name):
     """Continuous batching and short prompts: from gemm.EXACT_MIN_TOKENS tokens the integer path runs gemm.EXACT_KINDS
     on the GEMM, which must give every token exactly its one-token result, in one matrix or a fused launch."""
-    from ggml_backend.quant.gemm import EXACT_MIN_TOKENS
-    w = weights(name, 36, 896, seed=5)
-    w2 = weights(name, 20, 896, seed=6)
-    x = activations(EXACT_MIN_TOKENS + 5, 896, seed=7)
+    from ggml_backend.quant.gemm import EXACT_KINDS, EXACT_MIN_TOKENS
+    assert KINDS[name] in EXACT_KINDS
+    k = 1024 if name.endswith("K") else 896
+    w = weights(name, 36, k, seed=5)
+    w2 = weights(name, 20, k, seed=6)
+    x = activations(EXACT_MIN_TOKENS + 5, k, seed=7)
     alone = np.concatenate([matmul(name, w, x[t:t + 1], method="int") for t in range(len(x))])
     assert np.array_equal(matmul(name, w, x, method="int"), alone)
     y, y2 = matmul_many([WeightMatrix(name, w), WeightMatrix(name, w2)], x)

@@ -26,7 +26,9 @@ give each token its one-token numbers: lanes are values. A register tile of PANE
 (16 float accumulators of 16 lanes), per 64 values and (row, token) ``dot = vpdpbusd(bias_row, x + 128, q)``
 (the lane biases -128 * sums of four q take the 128 out) and ``acc += float(dot) * (scale_row * scale_x)``, the
 16 lanes summed at the end; for q4_0 and q5_0 these are the one-token kernel's two 8-lane chains, for q8_0 its
-one chain (the halves folded in order), bit for bit (EXACT_KINDS).
+one chain (the halves folded in order), bit for bit (EXACT_KINDS). The K-quants (q3_K to q6_K) have their own
+(``gemm_k``): a super-block's products summed as integers (``vpmaddubsw``, then ``vpdpwssd`` with the groups'
+scales) before the float step the one-token kernel takes per super-block, so they are its results bit for bit.
 
 In both, each (row, token) result depends only on that row and that token, in a fixed order: a prompt's rows
 come out the same whatever batch they are part of (prompt caching relies on it). Tokens are taken in blocks small
@@ -39,11 +41,16 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .decode import _KERNEL, KIND_ARGS, kind_code, unpack_panel, unpack_row_panel
-from .simd import (
-    AVX512VNNI, dot_u8_i8_x64, fma_i32x16, fma_i32x16_folded, fnma_f32x16, load_16_f32, load_16_i32, load_64_bytes,
-    splat_dword_x64, splat_f32_at, splat_i32_at, store_f32x16, sum_f32x16, zero_f32x16,
+from .decode import (
+    _KERNEL, KIND_ARGS, _k4_chunk, _k_group, _k_group_d, _k_scales, kind_code, unpack_panel, unpack_row_panel,
 )
+from .simd import (
+    AVX512VNNI, add_bytes, add_i32x8, dot_u8_i8, dot_u8_i8_x64, fma_i32x8, fma_i32x16, fma_i32x16_folded,
+    fnma_f32x16, fold_halves_i32x16, load_16_f32, load_16_i32, load_64_bytes, load_f16, mul_i32x8, splat_bytes,
+    splat_dword_x64, splat_f32_at, splat_i32_at, store_8_i32, store_32_bytes, store_f32x16, sum_f32x8, sum_f32x16,
+    zero_f32x8, zero_f32x16, zero_i32x8, zero_i32x16,
+)
+from .simd_kdev import add_f32x16, dot_word_pairs_x16, mul_f32x16, scale_words_i32x8, scaled_dot_x64, to_f32x16
 
 PANEL_ROWS = 4     # weight rows of a register tile of the exact GEMM (the kernel is written out for 4)
 TILE_TOKENS = 4    # tokens of a register tile of the exact GEMM (likewise)
@@ -62,8 +69,10 @@ BLOCK_BYTES = 768 * 1024
 # into which the GEMM folds its two halves in order (``_scaled_add``; q8_0 given two chains in decode read 10-13
 # GB/s per core against 17-23 with its one). Products with a few tokens (continuous batching, short prompts),
 # which must give each token's one-token numbers, may take the GEMM for these kinds from EXACT_MIN_TOKENS tokens
-# on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16, on a Zen 4; about even at 4).
-EXACT_KINDS = (0, 2, 4)
+# on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16, on a Zen 4; about even at 4). The K-quants but q2_K
+# have their own exact kernel (``gemm_k``, K_EXACT_KINDS: 1.2-1.4x the tiles at 8 tokens, 1.8x at 16 on a Zen 5).
+K_EXACT_KINDS = (6, 7, 8, 9)
+EXACT_KINDS = (0, 2, 4) + K_EXACT_KINDS
 EXACT_MIN_TOKENS = 8
 
 
@@ -228,6 +237,229 @@ def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, column, block
                     for t in range(t0, t1, TILE_TOKENS):
                         _tile(kind, quants, bias, scale, offsets, k, xu, xsl, flat_sums, n_sums, t, out, n_tokens,
                               column + row, n_valid, isa)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exact kernel for K-quants (q3_K, q4_K, q5_K, q6_K): a super-block's integer sums, then its float steps
+# ----------------------------------------------------------------------------------------------------------------
+#
+# The one-token K-quant kernels sum a whole super-block (256 values) in eight int32 lanes, each 32-value group's
+# dot products times its integer scales, before one float step per super-block: acc += float(sums) * (d * d_x),
+# and q4_K / q5_K add their minimums in a scalar chain, mins += (dmin * d_x) * float(sum of mins * the token's
+# sums per 32), the row's result sum(acc) - mins. Lanes are values here too, 64 at a time, with every product
+# kept as an integer until the super-block ends:
+#
+#     sums = init_row                                   # -128 * (the row's scaled quant sums): takes x + 128 back
+#     sums = vpdpwssd(sums, vpmaddubsw(x + 128, q), scale words)        # 4 times: 16 lanes, 64 values each time
+#     acc = acc + float(sums[0:8] + sums[8:16]) * (d * d_x)             # the one-token kernel's eight lanes
+#
+# Integers are exact in any order, so the folded lanes are the one-token kernel's sums and each float step is its
+# step: the results are its bit for bit. The minimums of the 16 (row, token) pairs of a tile are one vector, a lane
+# per pair (``vpdpwssd`` of the rows' mins and the tokens' sums, then the chain's two multiplies and add, each
+# rounded as the scalar chain rounds them). A panel holds its rows' signed quants (q4_K, q5_K as they are; q3_K
+# less 4, q6_K less 32), an int32 lane of scale words (the group's scale in both int16 halves) per four values,
+# each super-block's initial lanes and d, and for q4_K / q5_K the pairs' dmin and mins (lane 4 r + t: row r).
+
+
+@njit(inline="always", **_KERNEL)
+def _minus_128_sums(q, isa):
+    """-128 * the sum of each four of the 32 signed quants ``q``, in dot_u8_i8's eight lanes."""
+    return mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(128), q, isa), -1)
+
+
+@njit(nogil=True, **_KERNEL)
+def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, init, d, dmin, mins, isa):
+    """Up to PANEL_ROWS rows of a K-quant matrix from byte ``start`` as ``gemm_k``'s panel: quants int8 [4 k],
+    scale_words int32 [k] (row r's at r k / 4), init int32 [4 * k / 256 * 16] and d float32 [4 * k / 256] (row r,
+    super-block b at r * k / 256 + b); q4_K / q5_K: dmin float32 [k / 256 * 16] and mins int32 [k / 256 * 64]
+    (super-block b, chunk c: lane 4 r + t of [(4 b + c) * 16:], mins 2c and 2c + 1 as int16 halves)."""
+    kc = kind_code(kind)
+    nb = k // 256
+    for r in range(n_rows):
+        row = start + r * row_bytes
+        for b in range(nb):
+            x = r * k + 256 * b
+            init_low = zero_i32x8()       # lanes 0-7 of the super-block's sums: the first 32 of each 64 values
+            init_high = zero_i32x8()      # lanes 8-15: the second 32
+            if kc == 7 or kc == 8:
+                o = row + (144 if kc == 7 else 176) * b
+                d[r * nb + b] = load_f16(w, o)
+                dmin_value = load_f16(w, o + 2)
+                for t in range(4):
+                    dmin[16 * b + 4 * r + t] = dmin_value
+                for c in range(4):
+                    q_low, q_high, pair, mpair = _k4_chunk(kind, w, o, c)
+                    store_32_bytes(quants, x + 64 * c, q_low)
+                    store_32_bytes(quants, x + 64 * c + 32, q_high)
+                    low, high = pair & 0xFF, (pair >> 8) & 0xFF
+                    store_8_i32(scale_words, (x + 64 * c) // 4, scale_words_i32x8(low))
+                    store_8_i32(scale_words, (x + 64 * c) // 4 + 8, scale_words_i32x8(high))
+                    init_low = add_i32x8(init_low, mul_i32x8(_minus_128_sums(q_low, isa), low))
+                    init_high = add_i32x8(init_high, mul_i32x8(_minus_128_sums(q_high, isa), high))
+                    mins_word = (mpair & 0xFF) | (((mpair >> 8) & 0xFF) << 16)
+                    for t in range(4):
+                        mins[16 * (4 * b + c) + 4 * r + t] = mins_word
+            else:
+                o = row + (110 if kc == 6 else 210) * b
+                d[r * nb + b] = _k_group_d(kind, w, o)
+                all_scales = _k_scales(kind, w, o)
+                for n in range(2):
+                    for j in range(4):
+                        q, scales = _k_group(kind, w, o, n, j, all_scales)
+                        q = add_bytes(q, splat_bytes(-4 if kc == 6 else -32))
+                        at = x + 128 * n + 32 * j
+                        store_32_bytes(quants, at, q)
+                        store_8_i32(scale_words, at // 4, scale_words_i32x8(scales))
+                        terms = mul_i32x8(_minus_128_sums(q, isa), scales)
+                        if j % 2 == 0:
+                            init_low = add_i32x8(init_low, terms)
+                        else:
+                            init_high = add_i32x8(init_high, terms)
+            store_8_i32(init, 16 * (r * nb + b), init_low)
+            store_8_i32(init, 16 * (r * nb + b) + 8, init_high)
+
+
+@njit(**_KERNEL)
+def _k_step(i0, i1, i2, i3, q0, q1, q2, q3, s0, s1, s2, s3, xu, x, isa):
+    """One token's 64 values (at xu[x:]) against the panel's four rows: their scaled integer sums."""
+    u = load_64_bytes(xu, x)
+    return (scaled_dot_x64(i0, u, q0, s0, isa), scaled_dot_x64(i1, u, q1, s1, isa),
+            scaled_dot_x64(i2, u, q2, s2, isa), scaled_dot_x64(i3, u, q3, s3, isa))
+
+
+@njit(**_KERNEL)
+def _k_float_step(a0, a1, a2, a3, i0, i1, i2, i3, d, nb, b, x_scale):
+    """The four rows' float step of a super-block for one token (activation scale ``x_scale``)."""
+    a0 = fma_i32x8(a0, fold_halves_i32x16(i0), d[b] * x_scale)
+    a1 = fma_i32x8(a1, fold_halves_i32x16(i1), d[nb + b] * x_scale)
+    a2 = fma_i32x8(a2, fold_halves_i32x16(i2), d[2 * nb + b] * x_scale)
+    a3 = fma_i32x8(a3, fold_halves_i32x16(i3), d[3 * nb + b] * x_scale)
+    return a0, a1, a2, a3
+
+
+@njit(**_KERNEL)
+def _k_tile(kind, quants, scale_words, init, d, dmin, mins, k, xu, xd, xd16, xsums, t, out, n_tokens, row,
+            n_valid, pair_mins, isa):
+    """out[t:t + 4, row:row + n_valid] from a K panel and tokens t .. t + 3."""
+    kc = kind_code(kind)
+    nb = k // 256
+    k4 = k // 4
+    tile = t // 4
+    a00 = zero_f32x8()
+    a01 = zero_f32x8()
+    a02 = zero_f32x8()
+    a03 = zero_f32x8()
+    a10 = zero_f32x8()
+    a11 = zero_f32x8()
+    a12 = zero_f32x8()
+    a13 = zero_f32x8()
+    a20 = zero_f32x8()
+    a21 = zero_f32x8()
+    a22 = zero_f32x8()
+    a23 = zero_f32x8()
+    a30 = zero_f32x8()
+    a31 = zero_f32x8()
+    a32 = zero_f32x8()
+    a33 = zero_f32x8()
+    m = zero_f32x16()
+    for b in range(nb):
+        i00 = load_16_i32(init, 16 * b)
+        i10 = load_16_i32(init, 16 * (nb + b))
+        i20 = load_16_i32(init, 16 * (2 * nb + b))
+        i30 = load_16_i32(init, 16 * (3 * nb + b))
+        i01, i02, i03 = i00, i00, i00
+        i11, i12, i13 = i10, i10, i10
+        i21, i22, i23 = i20, i20, i20
+        i31, i32, i33 = i30, i30, i30
+        for c in range(4):
+            x = 256 * b + 64 * c
+            q0 = load_64_bytes(quants, x)
+            q1 = load_64_bytes(quants, k + x)
+            q2 = load_64_bytes(quants, 2 * k + x)
+            q3 = load_64_bytes(quants, 3 * k + x)
+            s0 = load_16_i32(scale_words, x // 4)
+            s1 = load_16_i32(scale_words, k4 + x // 4)
+            s2 = load_16_i32(scale_words, 2 * k4 + x // 4)
+            s3 = load_16_i32(scale_words, 3 * k4 + x // 4)
+            i00, i10, i20, i30 = _k_step(i00, i10, i20, i30, q0, q1, q2, q3, s0, s1, s2, s3, xu, t * k + x, isa)
+            i01, i11, i21, i31 = _k_step(i01, i11, i21, i31, q0, q1, q2, q3, s0, s1, s2, s3, xu, (t + 1) * k + x,
+                                         isa)
+            i02, i12, i22, i32 = _k_step(i02, i12, i22, i32, q0, q1, q2, q3, s0, s1, s2, s3, xu, (t + 2) * k + x,
+                                         isa)
+            i03, i13, i23, i33 = _k_step(i03, i13, i23, i33, q0, q1, q2, q3, s0, s1, s2, s3, xu, (t + 3) * k + x,
+                                         isa)
+        a00, a10, a20, a30 = _k_float_step(a00, a10, a20, a30, i00, i10, i20, i30, d, nb, b, xd[t, b])
+        a01, a11, a21, a31 = _k_float_step(a01, a11, a21, a31, i01, i11, i21, i31, d, nb, b, xd[t + 1, b])
+        a02, a12, a22, a32 = _k_float_step(a02, a12, a22, a32, i02, i12, i22, i32, d, nb, b, xd[t + 2, b])
+        a03, a13, a23, a33 = _k_float_step(a03, a13, a23, a33, i03, i13, i23, i33, d, nb, b, xd[t + 3, b])
+        if kc == 7 or kc == 8:
+            n = zero_i32x16()
+            for c in range(4):
+                n = dot_word_pairs_x16(n, load_16_i32(mins, 16 * (4 * b + c)),
+                                       load_16_i32(xsums, 16 * (4 * (tile * nb + b) + c)))
+            scale = mul_f32x16(load_16_f32(dmin, 16 * b), load_16_f32(xd16, 16 * (tile * nb + b)))
+            m = add_f32x16(m, mul_f32x16(scale, to_f32x16(n)))
+    store_f32x16(pair_mins, 0, m, 16)
+    _store_k_column(out, t, n_tokens, row, a00, a01, a02, a03, pair_mins, 0)
+    if n_valid > 1:
+        _store_k_column(out, t, n_tokens, row + 1, a10, a11, a12, a13, pair_mins, 4)
+    if n_valid > 2:
+        _store_k_column(out, t, n_tokens, row + 2, a20, a21, a22, a23, pair_mins, 8)
+    if n_valid > 3:
+        _store_k_column(out, t, n_tokens, row + 3, a30, a31, a32, a33, pair_mins, 12)
+
+
+@njit(**_KERNEL)
+def _store_k_column(out, t, n_tokens, row, a0, a1, a2, a3, pair_mins, lane):
+    # sum(acc) - mins, as the one-token kernels end (mins: zeros for q3_K, q6_K)
+    out[t, row] = sum_f32x8(a0) - pair_mins[lane]
+    if t + 1 < n_tokens:
+        out[t + 1, row] = sum_f32x8(a1) - pair_mins[lane + 1]
+    if t + 2 < n_tokens:
+        out[t + 2, row] = sum_f32x8(a2) - pair_mins[lane + 2]
+    if t + 3 < n_tokens:
+        out[t + 3, row] = sum_f32x8(a3) - pair_mins[lane + 3]
+
+
+@njit(parallel=True, nogil=True, **_KERNEL)
+def gemm_k(kind, w, start, row_bytes, n_rows, k, xu, xd, xd16, xsums, out, column, block_tokens, n_chunks, isa):
+    """``gemm`` for the K_EXACT_KINDS: out[t, column + r] = token t times row r, each the one-token kernel's
+    result bit for bit. Token side (``GemmTokens.k_lanes``, padded to a multiple of TILE_TOKENS): ``xu`` uint8
+    [tokens * k] (x + 128), ``xd`` float32 [tokens, k / 256] (q8_K's d), and per tile of 4 tokens and super-block
+    ``xd16`` float32 [16] and ``xsums`` int32 [4 * 16] (lane 4 r + t: token t's d, its sums of values 64 c ..
+    64 c + 31 and 64 c + 32 .. 64 c + 63 as int16 halves)."""
+    n_tokens = out.shape[0]
+    nb = k // 256
+    n_tiles = (n_rows + PANEL_ROWS - 1) // PANEL_ROWS
+    per_chunk = (n_tiles + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        first = min(n_tiles, chunk * per_chunk)
+        last = min(n_tiles, first + per_chunk)
+        if first < last:
+            quants = np.empty(PANEL_ROWS * k, np.int8)
+            scale_words = np.empty(k, np.int32)
+            init = np.empty(PANEL_ROWS * nb * 16, np.int32)
+            d = np.empty(PANEL_ROWS * nb, np.float32)
+            dmin = np.zeros(nb * 16, np.float32)
+            mins = np.zeros(nb * 64, np.int32)
+            pair_mins = np.empty(16, np.float32)
+            for t0 in range(0, n_tokens, block_tokens):
+                t1 = min(n_tokens, t0 + block_tokens)
+                for tile in range(first, last):
+                    row = PANEL_ROWS * tile
+                    n_valid = min(PANEL_ROWS, n_rows - row)
+                    if n_valid < PANEL_ROWS:    # the missing rows of the last panel: zeros, never stored
+                        quants[:] = 0
+                        scale_words[:] = 0
+                        init[:] = 0
+                        d[:] = 0
+                        dmin[:] = 0
+                        mins[:] = 0
+                    unpack_k_panel(kind, w, start + row * row_bytes, row_bytes, n_valid, k, quants, scale_words,
+                                   init, d, dmin, mins, isa)
+                    for t in range(t0, t1, TILE_TOKENS):
+                        _k_tile(kind, quants, scale_words, init, d, dmin, mins, k, xu, xd, xd16, xsums, t, out,
+                                n_tokens, column + row, n_valid, pair_mins, isa)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,6 +686,7 @@ class GemmTokens:
                   scales32, xsum)
         self.xs = xs.reshape(-1)
         self.xsum = xsum
+        self._d, self._extra, self._k_lanes = d, extra, None
         # per group of 16 and of 32 values (the kinds' groups: _group_values) the row kernel's starts and scales
         self.row_groups = {16: (starts16, scales16), 32: (starts32, scales32)}
         self._lanes = None
@@ -467,6 +700,25 @@ class GemmTokens:
             _lane_side(self.xs.reshape(padded, self.k), self.row_groups[16][1], xu, xsl)
             self._lanes = (xu.reshape(-1), xsl.reshape(-1))
         return self._lanes
+
+    def k_lanes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``gemm_k``'s token side (q8_K activations), made on first use: xu (x + 128), xd (d per super-block,
+        zeros past the tokens), and per tile of TILE_TOKENS tokens and super-block, in lane 4 r + t for every r,
+        xd16 (token t's d) and xsums (its two sums per 32 of each 64 values, as int16 halves)."""
+        if self._k_lanes is None:
+            padded = len(self.xs) // self.k
+            nb, tiles = self.k // 256, padded // TILE_TOKENS
+            xd = np.zeros((padded, nb), np.float32)
+            xd[:self.n_tokens] = self._d
+            sums32 = np.zeros((padded, self.k // 32), np.int64)
+            sums32[:self.n_tokens] = self._extra[:, 0::2].astype(np.int64) + self._extra[:, 1::2]
+            words = ((sums32[:, 0::2] & 0xFFFF) | ((sums32[:, 1::2] & 0xFFFF) << 16)).astype(np.uint32)
+            by_tile = words.view(np.int32).reshape(tiles, TILE_TOKENS, nb, 4).transpose(0, 2, 3, 1)
+            xsums = np.ascontiguousarray(np.tile(by_tile, (1, 1, 1, PANEL_ROWS))).reshape(-1)
+            xd16 = np.tile(xd.reshape(tiles, TILE_TOKENS, nb).transpose(0, 2, 1), (1, 1, PANEL_ROWS))
+            xu = (self.xs.view(np.uint8) ^ np.uint8(128))
+            self._k_lanes = (xu, xd, np.ascontiguousarray(xd16).reshape(-1), xsums)
+        return self._k_lanes
 
     def block_tokens(self) -> int:
         """Tokens per block of the exact GEMM: their x + 128 and lane scales (2 bytes per value) fill BLOCK_BYTES."""
@@ -485,7 +737,11 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
     EXACT_KINDS are the one-token kernel's bit for bit. The caller checked every size (the kernels read without
     bounds checks) and that k % 64 == 0."""
     n_chunks = CHUNKS_PER_THREAD * max(1, numba.get_num_threads())
-    if exact:
+    if exact and kind in K_EXACT_KINDS:
+        xu, xd, xd16, xsums = tokens.k_lanes()
+        gemm_k(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, xu, xd, xd16, xsums, out, column,
+               tokens.block_tokens(), n_chunks, isa)
+    elif exact:
         xu, xsl = tokens.lanes()
         gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, xu, xsl, tokens.xsum, out, column,
              tokens.block_tokens(), n_chunks, isa)
