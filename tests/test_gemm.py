@@ -108,7 +108,7 @@ def test_rows_of_a_length_the_tiles_cannot_take_fall_back_or_are_refused():
         matmul("f16", np.zeros((4, 128), np.uint8), activations(50, 64), method="gemm")
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0", "q3_K", "q4_K", "q5_K", "q6_K"])
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"])
 def test_few_token_products_on_the_gemm_keep_one_token_numbers(name):
     """Continuous batching and short prompts: from gemm.EXACT_MIN_TOKENS tokens the integer path runs gemm.EXACT_KINDS
     on the GEMM, which must give every token exactly its one-token result, in one matrix or a fused launch."""

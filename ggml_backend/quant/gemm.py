@@ -26,7 +26,7 @@ give each token its one-token numbers: lanes are values. A register tile of PANE
 (16 float accumulators of 16 lanes), per 64 values and (row, token) ``dot = vpdpbusd(bias_row, x + 128, q)``
 (the lane biases -128 * sums of four q take the 128 out) and ``acc += float(dot) * (scale_row * scale_x)``, the
 16 lanes summed at the end; for q4_0 and q5_0 these are the one-token kernel's two 8-lane chains, for q8_0 its
-one chain (the halves folded in order), bit for bit (EXACT_KINDS). The K-quants (q3_K to q6_K) have their own
+one chain (the halves folded in order), bit for bit (EXACT_KINDS). The K-quants (q2_K to q6_K) have their own
 (``gemm_k``): a super-block's products summed as integers (``vpmaddubsw``, then ``vpdpwssd`` with the groups'
 scales) before the float step the one-token kernel takes per super-block, so they are its results bit for bit.
 
@@ -45,12 +45,12 @@ from .decode import (
     _KERNEL, KIND_ARGS, _k4_chunk, _k_group, _k_group_d, _k_scales, kind_code, unpack_panel, unpack_row_panel,
 )
 from .simd import (
-    AVX512VNNI, add_bytes, add_i32x8, dot_u8_i8, dot_u8_i8_x64, fma_i32x8, fma_i32x16, fma_i32x16_folded,
-    fnma_f32x16, fold_halves_i32x16, load_16_f32, load_16_i32, load_64_bytes, load_f16, mul_i32x8, splat_bytes,
-    splat_dword_x64, splat_f32_at, splat_i32_at, store_8_i32, store_32_bytes, store_f32x16, sum_f32x8, sum_f32x16,
-    zero_f32x8, zero_f32x16, zero_i32x8, zero_i32x16,
+    AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_u8_i8, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8, fma_i32x16,
+    fma_i32x16_folded, fnma_f32x16, fold_halves_i32x16, high_nibbles_times, load_16_f32, load_16_i32, load_64_bytes,
+    load_f16, mul_f32x16, mul_i32x8, scale_words_i32x8, scaled_dot_x64, splat_bytes, splat_dword_x64, splat_f32_at,
+    splat_i32_at, store_8_i32, store_32_bytes, store_f32x16, sum_f32x8, sum_f32x16, to_f32x16, zero_f32x8,
+    zero_f32x16, zero_i32x8, zero_i32x16,
 )
-from .simd_kdev import add_f32x16, dot_word_pairs_x16, mul_f32x16, scale_words_i32x8, scaled_dot_x64, to_f32x16
 
 PANEL_ROWS = 4     # weight rows of a register tile of the exact GEMM (the kernel is written out for 4)
 TILE_TOKENS = 4    # tokens of a register tile of the exact GEMM (likewise)
@@ -69,9 +69,9 @@ BLOCK_BYTES = 768 * 1024
 # into which the GEMM folds its two halves in order (``_scaled_add``; q8_0 given two chains in decode read 10-13
 # GB/s per core against 17-23 with its one). Products with a few tokens (continuous batching, short prompts),
 # which must give each token's one-token numbers, may take the GEMM for these kinds from EXACT_MIN_TOKENS tokens
-# on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16, on a Zen 4; about even at 4). The K-quants but q2_K
+# on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16, on a Zen 4; about even at 4). The K-quants
 # have their own exact kernel (``gemm_k``, K_EXACT_KINDS: 1.2-1.4x the tiles at 8 tokens, 1.8x at 16 on a Zen 5).
-K_EXACT_KINDS = (6, 7, 8, 9)
+K_EXACT_KINDS = (5, 6, 7, 8, 9)
 EXACT_KINDS = (0, 2, 4) + K_EXACT_KINDS
 EXACT_MIN_TOKENS = 8
 
@@ -240,14 +240,15 @@ def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, column, block
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The exact kernel for K-quants (q3_K, q4_K, q5_K, q6_K): a super-block's integer sums, then its float steps
+# The exact kernel for K-quants (q2_K to q6_K): a super-block's integer sums, then its float steps
 # ----------------------------------------------------------------------------------------------------------------
 #
 # The one-token K-quant kernels sum a whole super-block (256 values) in eight int32 lanes, each 32-value group's
-# dot products times its integer scales, before one float step per super-block: acc += float(sums) * (d * d_x),
-# and q4_K / q5_K add their minimums in a scalar chain, mins += (dmin * d_x) * float(sum of mins * the token's
-# sums per 32), the row's result sum(acc) - mins. Lanes are values here too, 64 at a time, with every product
-# kept as an integer until the super-block ends:
+# dot products times its integer scales, before one float step per super-block: acc += float(sums) * (d * d_x).
+# q4_K / q5_K add their minimums in a scalar chain, mins += (dmin * d_x) * float(sum of mins * the token's sums
+# per 32), the row's result sum(acc) - mins; q2_K takes its minimums times the token's sums per 16 off the same
+# eight lanes right after (``_q2_K_min_step``). Lanes are values here too, 64 at a time, with every product kept
+# as an integer until the super-block ends:
 #
 #     sums = init_row                                   # -128 * (the row's scaled quant sums): takes x + 128 back
 #     sums = vpdpwssd(sums, vpmaddubsw(x + 128, q), scale words)        # 4 times: 16 lanes, 64 values each time
@@ -256,9 +257,10 @@ def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, column, block
 # Integers are exact in any order, so the folded lanes are the one-token kernel's sums and each float step is its
 # step: the results are its bit for bit. The minimums of the 16 (row, token) pairs of a tile are one vector, a lane
 # per pair (``vpdpwssd`` of the rows' mins and the tokens' sums, then the chain's two multiplies and add, each
-# rounded as the scalar chain rounds them). A panel holds its rows' signed quants (q4_K, q5_K as they are; q3_K
-# less 4, q6_K less 32), an int32 lane of scale words (the group's scale in both int16 halves) per four values,
-# each super-block's initial lanes and d, and for q4_K / q5_K the pairs' dmin and mins (lane 4 r + t: row r).
+# rounded as the scalar chain rounds them). A panel holds its rows' signed quants (q2_K, q4_K, q5_K as they are;
+# q3_K less 4, q6_K less 32), an int32 lane of scale words (the group's scale in both int16 halves) per four values,
+# each super-block's initial lanes and d, for q4_K / q5_K the pairs' dmin and mins (lane 4 r + t: row r), for
+# q2_K each row's dmin and scale bytes.
 
 
 @njit(inline="always", **_KERNEL)
@@ -268,11 +270,13 @@ def _minus_128_sums(q, isa):
 
 
 @njit(nogil=True, **_KERNEL)
-def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, init, d, dmin, mins, isa):
+def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, init, d, dmin, mins, scale_bytes,
+                   isa):
     """Up to PANEL_ROWS rows of a K-quant matrix from byte ``start`` as ``gemm_k``'s panel: quants int8 [4 k],
     scale_words int32 [k] (row r's at r k / 4), init int32 [4 * k / 256 * 16] and d float32 [4 * k / 256] (row r,
     super-block b at r * k / 256 + b); q4_K / q5_K: dmin float32 [k / 256 * 16] and mins int32 [k / 256 * 64]
-    (super-block b, chunk c: lane 4 r + t of [(4 b + c) * 16:], mins 2c and 2c + 1 as int16 halves)."""
+    (super-block b, chunk c: lane 4 r + t of [(4 b + c) * 16:], mins 2c and 2c + 1 as int16 halves); q2_K: dmin
+    at r * k / 256 + b and its sixteen scale bytes (scale | min << 4) at scale_bytes[16 * (r * k / 256 + b):]."""
     kc = kind_code(kind)
     nb = k // 256
     for r in range(n_rows):
@@ -300,13 +304,17 @@ def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, in
                     for t in range(4):
                         mins[16 * (4 * b + c) + 4 * r + t] = mins_word
             else:
-                o = row + (110 if kc == 6 else 210) * b
+                o = row + (84 if kc == 5 else 110 if kc == 6 else 210) * b
                 d[r * nb + b] = _k_group_d(kind, w, o)
+                if kc == 5:
+                    dmin[r * nb + b] = load_f16(w, o + 82)
+                    for j in range(16):
+                        scale_bytes[16 * (r * nb + b) + j] = w[o + j]
                 all_scales = _k_scales(kind, w, o)
                 for n in range(2):
                     for j in range(4):
                         q, scales = _k_group(kind, w, o, n, j, all_scales)
-                        q = add_bytes(q, splat_bytes(-4 if kc == 6 else -32))
+                        q = add_bytes(q, splat_bytes(0 if kc == 5 else -4 if kc == 6 else -32))
                         at = x + 128 * n + 32 * j
                         store_32_bytes(quants, at, q)
                         store_8_i32(scale_words, at // 4, scale_words_i32x8(scales))
@@ -338,8 +346,19 @@ def _k_float_step(a0, a1, a2, a3, i0, i1, i2, i3, d, nb, b, x_scale):
 
 
 @njit(**_KERNEL)
-def _k_tile(kind, quants, scale_words, init, d, dmin, mins, k, xu, xd, xd16, xsums, t, out, n_tokens, row,
-            n_valid, pair_mins, isa):
+def _q2_K_min_step(a0, a1, a2, a3, scale_bytes, dmin, nb, b, bsums, s, x_scale):
+    """q2_K: the four rows' minimums times one token's sums per 16 (at bsums[s:]), taken off as its one-token kernel
+    takes them, in the same eight lanes right after the super-block's float step."""
+    a0 = fma_i32x8(a0, high_nibbles_times(scale_bytes, 16 * b, bsums, s), -(dmin[b] * x_scale))
+    a1 = fma_i32x8(a1, high_nibbles_times(scale_bytes, 16 * (nb + b), bsums, s), -(dmin[nb + b] * x_scale))
+    a2 = fma_i32x8(a2, high_nibbles_times(scale_bytes, 16 * (2 * nb + b), bsums, s), -(dmin[2 * nb + b] * x_scale))
+    a3 = fma_i32x8(a3, high_nibbles_times(scale_bytes, 16 * (3 * nb + b), bsums, s), -(dmin[3 * nb + b] * x_scale))
+    return a0, a1, a2, a3
+
+
+@njit(**_KERNEL)
+def _k_tile(kind, quants, scale_words, init, d, dmin, mins, scale_bytes, k, xu, xd, xd16, xsums, bsums, t, out,
+            n_tokens, row, n_valid, pair_mins, isa):
     """out[t:t + 4, row:row + n_valid] from a K panel and tokens t .. t + 3."""
     kc = kind_code(kind)
     nb = k // 256
@@ -392,6 +411,15 @@ def _k_tile(kind, quants, scale_words, init, d, dmin, mins, k, xu, xd, xd16, xsu
         a01, a11, a21, a31 = _k_float_step(a01, a11, a21, a31, i01, i11, i21, i31, d, nb, b, xd[t + 1, b])
         a02, a12, a22, a32 = _k_float_step(a02, a12, a22, a32, i02, i12, i22, i32, d, nb, b, xd[t + 2, b])
         a03, a13, a23, a33 = _k_float_step(a03, a13, a23, a33, i03, i13, i23, i33, d, nb, b, xd[t + 3, b])
+        if kc == 5:
+            s = 16 * (t * nb + b)
+            a00, a10, a20, a30 = _q2_K_min_step(a00, a10, a20, a30, scale_bytes, dmin, nb, b, bsums, s, xd[t, b])
+            a01, a11, a21, a31 = _q2_K_min_step(a01, a11, a21, a31, scale_bytes, dmin, nb, b, bsums, s + 16 * nb,
+                                                xd[t + 1, b])
+            a02, a12, a22, a32 = _q2_K_min_step(a02, a12, a22, a32, scale_bytes, dmin, nb, b, bsums, s + 32 * nb,
+                                                xd[t + 2, b])
+            a03, a13, a23, a33 = _q2_K_min_step(a03, a13, a23, a33, scale_bytes, dmin, nb, b, bsums, s + 48 * nb,
+                                                xd[t + 3, b])
         if kc == 7 or kc == 8:
             n = zero_i32x16()
             for c in range(4):
@@ -411,7 +439,7 @@ def _k_tile(kind, quants, scale_words, init, d, dmin, mins, k, xu, xd, xd16, xsu
 
 @njit(**_KERNEL)
 def _store_k_column(out, t, n_tokens, row, a0, a1, a2, a3, pair_mins, lane):
-    # sum(acc) - mins, as the one-token kernels end (mins: zeros for q3_K, q6_K)
+    # sum(acc) - mins, as the one-token kernels end (pair_mins: zeros but for q4_K, q5_K)
     out[t, row] = sum_f32x8(a0) - pair_mins[lane]
     if t + 1 < n_tokens:
         out[t + 1, row] = sum_f32x8(a1) - pair_mins[lane + 1]
@@ -422,12 +450,14 @@ def _store_k_column(out, t, n_tokens, row, a0, a1, a2, a3, pair_mins, lane):
 
 
 @njit(parallel=True, nogil=True, **_KERNEL)
-def gemm_k(kind, w, start, row_bytes, n_rows, k, xu, xd, xd16, xsums, out, column, block_tokens, n_chunks, isa):
+def gemm_k(kind, w, start, row_bytes, n_rows, k, xu, xd, xd16, xsums, bsums, out, column, block_tokens, n_chunks,
+           isa):
     """``gemm`` for the K_EXACT_KINDS: out[t, column + r] = token t times row r, each the one-token kernel's
     result bit for bit. Token side (``GemmTokens.k_lanes``, padded to a multiple of TILE_TOKENS): ``xu`` uint8
     [tokens * k] (x + 128), ``xd`` float32 [tokens, k / 256] (q8_K's d), and per tile of 4 tokens and super-block
     ``xd16`` float32 [16] and ``xsums`` int32 [4 * 16] (lane 4 r + t: token t's d, its sums of values 64 c ..
-    64 c + 31 and 64 c + 32 .. 64 c + 63 as int16 halves)."""
+    64 c + 31 and 64 c + 32 .. 64 c + 63 as int16 halves); q2_K: ``bsums`` int32 [tokens * k / 16] (q8_K's sums
+    per 16)."""
     n_tokens = out.shape[0]
     nb = k // 256
     n_tiles = (n_rows + PANEL_ROWS - 1) // PANEL_ROWS
@@ -442,6 +472,7 @@ def gemm_k(kind, w, start, row_bytes, n_rows, k, xu, xd, xd16, xsums, out, colum
             d = np.empty(PANEL_ROWS * nb, np.float32)
             dmin = np.zeros(nb * 16, np.float32)
             mins = np.zeros(nb * 64, np.int32)
+            scale_bytes = np.zeros(PANEL_ROWS * nb * 16, np.uint8)
             pair_mins = np.empty(16, np.float32)
             for t0 in range(0, n_tokens, block_tokens):
                 t1 = min(n_tokens, t0 + block_tokens)
@@ -455,11 +486,12 @@ def gemm_k(kind, w, start, row_bytes, n_rows, k, xu, xd, xd16, xsums, out, colum
                         d[:] = 0
                         dmin[:] = 0
                         mins[:] = 0
+                        scale_bytes[:] = 0
                     unpack_k_panel(kind, w, start + row * row_bytes, row_bytes, n_valid, k, quants, scale_words,
-                                   init, d, dmin, mins, isa)
+                                   init, d, dmin, mins, scale_bytes, isa)
                     for t in range(t0, t1, TILE_TOKENS):
-                        _k_tile(kind, quants, scale_words, init, d, dmin, mins, k, xu, xd, xd16, xsums, t, out,
-                                n_tokens, column + row, n_valid, pair_mins, isa)
+                        _k_tile(kind, quants, scale_words, init, d, dmin, mins, scale_bytes, k, xu, xd, xd16, xsums,
+                                bsums, t, out, n_tokens, column + row, n_valid, pair_mins, isa)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -701,23 +733,25 @@ class GemmTokens:
             self._lanes = (xu.reshape(-1), xsl.reshape(-1))
         return self._lanes
 
-    def k_lanes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def k_lanes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``gemm_k``'s token side (q8_K activations), made on first use: xu (x + 128), xd (d per super-block,
-        zeros past the tokens), and per tile of TILE_TOKENS tokens and super-block, in lane 4 r + t for every r,
-        xd16 (token t's d) and xsums (its two sums per 32 of each 64 values, as int16 halves)."""
+        zeros past the tokens), per tile of TILE_TOKENS tokens and super-block, in lane 4 r + t for every r,
+        xd16 (token t's d) and xsums (its two sums per 32 of each 64 values, as int16 halves), and bsums (the
+        sums per 16, flat)."""
         if self._k_lanes is None:
             padded = len(self.xs) // self.k
             nb, tiles = self.k // 256, padded // TILE_TOKENS
             xd = np.zeros((padded, nb), np.float32)
             xd[:self.n_tokens] = self._d
-            sums32 = np.zeros((padded, self.k // 32), np.int64)
-            sums32[:self.n_tokens] = self._extra[:, 0::2].astype(np.int64) + self._extra[:, 1::2]
+            bsums = np.zeros((padded, self.k // 16), np.int32)
+            bsums[:self.n_tokens] = self._extra
+            sums32 = bsums[:, 0::2].astype(np.int64) + bsums[:, 1::2]
             words = ((sums32[:, 0::2] & 0xFFFF) | ((sums32[:, 1::2] & 0xFFFF) << 16)).astype(np.uint32)
             by_tile = words.view(np.int32).reshape(tiles, TILE_TOKENS, nb, 4).transpose(0, 2, 3, 1)
             xsums = np.ascontiguousarray(np.tile(by_tile, (1, 1, 1, PANEL_ROWS))).reshape(-1)
             xd16 = np.tile(xd.reshape(tiles, TILE_TOKENS, nb).transpose(0, 2, 1), (1, 1, PANEL_ROWS))
             xu = (self.xs.view(np.uint8) ^ np.uint8(128))
-            self._k_lanes = (xu, xd, np.ascontiguousarray(xd16).reshape(-1), xsums)
+            self._k_lanes = (xu, xd, np.ascontiguousarray(xd16).reshape(-1), xsums, bsums.reshape(-1))
         return self._k_lanes
 
     def block_tokens(self) -> int:
@@ -738,8 +772,8 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
     bounds checks) and that k % 64 == 0."""
     n_chunks = CHUNKS_PER_THREAD * max(1, numba.get_num_threads())
     if exact and kind in K_EXACT_KINDS:
-        xu, xd, xd16, xsums = tokens.k_lanes()
-        gemm_k(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, xu, xd, xd16, xsums, out, column,
+        xu, xd, xd16, xsums, bsums = tokens.k_lanes()
+        gemm_k(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, xu, xd, xd16, xsums, bsums, out, column,
                tokens.block_tokens(), n_chunks, isa)
     elif exact:
         xu, xsl = tokens.lanes()
