@@ -110,14 +110,17 @@ def test_rows_of_a_length_the_tiles_cannot_take_fall_back_or_are_refused():
 
 @pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"])
 def test_few_token_products_on_the_gemm_keep_one_token_numbers(name):
-    """Continuous batching and short prompts: from gemm.EXACT_MIN_TOKENS tokens the integer path runs gemm.EXACT_KINDS
-    on the GEMM, which must give every token exactly its one-token result, in one matrix or a fused launch."""
-    from ggml_backend.quant.gemm import EXACT_KINDS, EXACT_MIN_TOKENS
+    """Continuous batching and short prompts: from gemm.EXACT_FROM_TOKENS[kind] tokens the integer path runs the
+    exact GEMM (q8_0: the tiles, which are faster), which must give every token exactly its one-token result, in
+    one matrix or a fused launch."""
+    from ggml_backend.quant.gemm import EXACT_FROM_TOKENS, EXACT_KINDS
+    from ggml_backend.quant.matmul import _exact_gemm
     assert KINDS[name] in EXACT_KINDS
     k = 1024 if name.endswith("K") else 896
     w = weights(name, 36, k, seed=5)
     w2 = weights(name, 20, k, seed=6)
-    x = activations(EXACT_MIN_TOKENS + 5, k, seed=7)
+    x = activations(EXACT_FROM_TOKENS.get(KINDS[name], 8) + 5, k, seed=7)
+    assert _exact_gemm(KINDS[name], x.shape) == (KINDS[name] in EXACT_FROM_TOKENS)
     alone = np.concatenate([matmul(name, w, x[t:t + 1], method="int") for t in range(len(x))])
     assert np.array_equal(matmul(name, w, x, method="int"), alone)
     y, y2 = matmul_many([WeightMatrix(name, w), WeightMatrix(name, w2)], x)

@@ -67,13 +67,17 @@ BLOCK_BYTES = 768 * 1024
 # The kinds whose GEMM results are the one-token kernel's bit for bit: q4_0 and q5_0 accumulate in two 8-lane
 # chains (even and odd blocks), which are the GEMM's 16 lanes, and sum them in the same order; q8_0 in one chain,
 # into which the GEMM folds its two halves in order (``_scaled_add``; q8_0 given two chains in decode read 10-13
-# GB/s per core against 17-23 with its one). Products with a few tokens (continuous batching, short prompts),
-# which must give each token's one-token numbers, may take the GEMM for these kinds from EXACT_MIN_TOKENS tokens
-# on (1.4x the few-token tiles at 8 tokens, 1.7-1.9x at 16, on a Zen 4; about even at 4). The K-quants
-# have their own exact kernel (``gemm_k``, K_EXACT_KINDS: 1.2-1.4x the tiles at 8 tokens, 1.8x at 16 on a Zen 5).
+# GB/s per core against 17-23 with its one). The K-quants have their own exact kernel (``gemm_k``).
 K_EXACT_KINDS = (5, 6, 7, 8, 9)
 EXACT_KINDS = (0, 2, 4) + K_EXACT_KINDS
-EXACT_MIN_TOKENS = 8
+
+# Products with a few tokens (continuous batching, short prompts), which must give each token its one-token
+# numbers, take the exact GEMM from this many tokens on, per kind; the others stay on the few-token tiles. Zen 5,
+# 2 threads, Qwen2.5-0.5B's shapes, tiles / GEMM GMAC/s at 8 and 16 tokens: q4_0 71 / 72 and 72 / 95 (12 tokens),
+# q5_0 63 / 63 and 63 / 84 (896 x 896: 34 / 42 at 8), q4_K 38 / 60 and 37 / 73 (12), q6_K 45-50 / 49 and 53 / 75;
+# q8_0 71 / 48 and 72-94 / 65-79, so q8_0 (whose GEMM takes two dependent 8-lane fused adds per 64 values)
+# stays on the tiles. Below 8 tokens the tiles are as fast or faster for every kind.
+EXACT_FROM_TOKENS = {0: 8, 2: 8, 5: 8, 6: 8, 7: 8, 8: 8, 9: 8}
 
 
 def isa_has_gemm(isa) -> bool:

@@ -47,7 +47,7 @@ from .activations import (
 )
 from .decode import KIND_ARGS, KINDS, matmul_few, matvec  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
-from .gemm import EXACT_KINDS, EXACT_MIN_TOKENS, GemmTokens, gemm_product, isa_has_gemm
+from .gemm import EXACT_FROM_TOKENS, GemmTokens, gemm_product, isa_has_gemm
 from .simd import choose_isa
 from .types import TYPES, QuantType, get_type
 
@@ -252,9 +252,9 @@ def _integer_product(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
 
 
 def _exact_gemm(kind: int | None, shape: tuple[int, int]) -> bool:
-    """Whether a few-token product (shape: its activations' [n_tokens, k]) takes the GEMM, whose results are then
-    the few-token kernels' bit for bit (gemm.EXACT_KINDS)."""
-    return kind in EXACT_KINDS and shape[0] >= EXACT_MIN_TOKENS and _gemm_takes(kind, shape[1])
+    """Whether a few-token product (shape: its activations' [n_tokens, k]) takes the exact GEMM, whose results are
+    the few-token kernels' bit for bit (gemm.EXACT_FROM_TOKENS: from how many tokens, per kind)."""
+    return shape[0] >= EXACT_FROM_TOKENS.get(kind, shape[0] + 1) and _gemm_takes(kind, shape[1])
 
 
 def _simd_matvec(kind: int, base: np.ndarray, starts, row_counts, row_bytes: int,
