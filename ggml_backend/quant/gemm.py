@@ -687,53 +687,97 @@ def _row_side(qs, d, extra, sums_kind, xs, starts16, starts32, scales16, scales3
                 xsum[t, g] = np.float32(extra[t, g]) * d[t, 16 * g // block]
 
 
-@njit(parallel=True, nogil=True, **_KERNEL)
-def _lane_side(xs, scales16, xu, xsl):
-    """The exact GEMM's token arrays from the row kernel's: xu = xs + 128 (unsigned), xsl = each int32 lane's
-    scale (four lanes per 16 values)."""
-    n_tokens, k = xs.shape
-    for t in prange(n_tokens):
+@njit(nogil=True, **_KERNEL)
+def _lane_side(qs, d, xu, xsl):
+    """The exact GEMM's token arrays: xu = qs + 128 (unsigned), xsl = each int32 lane's scale (d of its block);
+    the rows past the tokens 128 and zeros. Serial: these are a few tokens (a thread launch costs more)."""
+    n_tokens, k = qs.shape
+    block = k // d.shape[1]
+    for t in range(xu.shape[0]):
         for i in range(k):
-            xu[t, i] = np.uint8(xs[t, i]) ^ np.uint8(128)
+            xu[t, i] = np.uint8(qs[t, i]) ^ np.uint8(128) if t < n_tokens else np.uint8(128)
         for j in range(k // 4):
-            xsl[t, j] = scales16[t, j // 4]
+            xsl[t, j] = d[t, 4 * j // block] if t < n_tokens else np.float32(0.0)
+
+
+@njit(nogil=True, **_KERNEL)
+def _k_lane_side(qs, d, bsums_in, xu, xd, xd16, xsums, bsums):
+    """``gemm_k``'s token arrays (see ``GemmTokens.k_lanes``) from q8_K activations (qs, d, sums per 16)."""
+    n_tokens, k = qs.shape
+    nb = k // 256
+    for t in range(xu.shape[0]):
+        real = t < n_tokens
+        for i in range(k):
+            xu[t, i] = np.uint8(qs[t, i]) ^ np.uint8(128) if real else np.uint8(128)
+        for b in range(nb):
+            xd[t, b] = d[t, b] if real else np.float32(0.0)
+        for g in range(k // 16):
+            bsums[t, g] = bsums_in[t, g] if real else 0
+    for tile in range(xu.shape[0] // TILE_TOKENS):
+        for b in range(nb):
+            for tt in range(TILE_TOKENS):
+                token = TILE_TOKENS * tile + tt
+                for r in range(PANEL_ROWS):
+                    xd16[tile, b, TILE_TOKENS * r + tt] = xd[token, b]
+                for c in range(4):     # the sums of values 64 c .. 64 c + 31 and 64 c + 32 .. 64 c + 63
+                    g = 16 * b + 4 * c
+                    low = (bsums[token, g] + bsums[token, g + 1]) & 0xFFFF
+                    high = (bsums[token, g + 2] + bsums[token, g + 3]) & 0xFFFF
+                    for r in range(PANEL_ROWS):
+                        xsums[tile, b, c, TILE_TOKENS * r + tt] = low | (high << 16)
 
 
 class GemmTokens:
     """Activations quantized to a ``vec_dot_type`` (q8_0, q8_1, q8_K: ``matmul.QuantizedActivations``) laid out
-    for both GEMMs; built once per input and shared by the matrices that read it (q, k, v; gate, up). Rows past
-    the tokens (up to a multiple of PAD_TOKENS) have zero scales."""
+    for the GEMMs, each layout made the first time a kernel asks for it and shared by the matrices that read the
+    same input (q, k, v; gate, up). Rows past the tokens (up to a multiple of PAD_TOKENS) have zero scales."""
 
     def __init__(self, vec_dot_type: str, qs: np.ndarray, d: np.ndarray, extra: np.ndarray | None):
         n_tokens, k = qs.shape
-        padded = -(-n_tokens // PAD_TOKENS) * PAD_TOKENS
         self.n_tokens, self.k = n_tokens, k
-        xs = np.zeros((padded, k), np.int8)
-        starts16 = np.zeros((padded, k // 16), np.int32)
-        starts32 = np.zeros((padded, k // 32), np.int32)
-        scales16 = np.zeros((padded, k // 16), np.float32)
-        scales32 = np.zeros((padded, k // 32), np.float32)
-        # the offsets of q4_1, q5_1 (q8_1) and q2_K, q4_K, q5_K (q8_K) multiply d * the sum of each 16 quants;
-        # the rows are padded with zeros to a multiple of 16 groups (see _tile)
-        sums_kind = {"q8_1": 1, "q8_K": 2}.get(vec_dot_type, 0)
-        xsum = np.zeros((padded, -(-k // 256) * 16 if sums_kind else 0), np.float32)
-        no_extra = np.zeros((n_tokens, 0), np.float32)
-        _row_side(qs, d, extra if extra is not None else no_extra, sums_kind, xs, starts16, starts32, scales16,
-                  scales32, xsum)
-        self.xs = xs.reshape(-1)
-        self.xsum = xsum
-        self._d, self._extra, self._k_lanes = d, extra, None
-        # per group of 16 and of 32 values (the kinds' groups: _group_values) the row kernel's starts and scales
-        self.row_groups = {16: (starts16, scales16), 32: (starts32, scales32)}
-        self._lanes = None
+        self.padded = -(-n_tokens // PAD_TOKENS) * PAD_TOKENS
+        self._vec_dot_type, self._qs, self._d, self._extra = vec_dot_type, qs, d, extra
+        self._rows = self._lanes = self._k_lanes = None
+
+    def _row_arrays(self):
+        if self._rows is None:
+            padded, k = self.padded, self.k
+            xs = np.zeros((padded, k), np.int8)
+            starts16 = np.zeros((padded, k // 16), np.int32)
+            starts32 = np.zeros((padded, k // 32), np.int32)
+            scales16 = np.zeros((padded, k // 16), np.float32)
+            scales32 = np.zeros((padded, k // 32), np.float32)
+            # the offsets of q4_1, q5_1 (q8_1) and q2_K, q4_K, q5_K (q8_K) multiply d * the sum of each 16
+            # quants; the rows are padded with zeros to a multiple of 16 groups (see _tile)
+            sums_kind = {"q8_1": 1, "q8_K": 2}.get(self._vec_dot_type, 0)
+            xsum = np.zeros((padded, -(-k // 256) * 16 if sums_kind else 0), np.float32)
+            extra = self._extra if self._extra is not None else np.zeros((self.n_tokens, 0), np.float32)
+            _row_side(self._qs, self._d, extra, sums_kind, xs, starts16, starts32, scales16, scales32, xsum)
+            # per group of 16 and of 32 values (the kinds' groups: _group_values) the row kernel's starts, scales
+            self._rows = (xs.reshape(-1), xsum, {16: (starts16, scales16), 32: (starts32, scales32)})
+        return self._rows
+
+    @property
+    def xs(self) -> np.ndarray:
+        """int8 [padded * k]: the quants, zeros past the tokens (the prompt GEMM's)."""
+        return self._row_arrays()[0]
+
+    @property
+    def xsum(self) -> np.ndarray:
+        """float32 [padded, n_sums]: d * the sum of each 16 quants (q8_1, q8_K; empty for q8_0)."""
+        return self._row_arrays()[1]
+
+    @property
+    def row_groups(self) -> dict:
+        """{16: (starts, scales), 32: (starts, scales)}: the prompt GEMM's per-group token terms."""
+        return self._row_arrays()[2]
 
     def lanes(self) -> tuple[np.ndarray, np.ndarray]:
         """The exact GEMM's xu (x + 128) and xsl (each int32 lane's scale), flat; made on first use."""
         if self._lanes is None:
-            padded = len(self.xs) // self.k
-            xu = np.empty((padded, self.k), np.uint8)
-            xsl = np.empty((padded, self.k // 4), np.float32)
-            _lane_side(self.xs.reshape(padded, self.k), self.row_groups[16][1], xu, xsl)
+            xu = np.empty((self.padded, self.k), np.uint8)
+            xsl = np.empty((self.padded, self.k // 4), np.float32)
+            _lane_side(self._qs, self._d, xu, xsl)
             self._lanes = (xu.reshape(-1), xsl.reshape(-1))
         return self._lanes
 
@@ -743,19 +787,15 @@ class GemmTokens:
         xd16 (token t's d) and xsums (its two sums per 32 of each 64 values, as int16 halves), and bsums (the
         sums per 16, flat)."""
         if self._k_lanes is None:
-            padded = len(self.xs) // self.k
-            nb, tiles = self.k // 256, padded // TILE_TOKENS
-            xd = np.zeros((padded, nb), np.float32)
-            xd[:self.n_tokens] = self._d
-            bsums = np.zeros((padded, self.k // 16), np.int32)
-            bsums[:self.n_tokens] = self._extra
-            sums32 = bsums[:, 0::2].astype(np.int64) + bsums[:, 1::2]
-            words = ((sums32[:, 0::2] & 0xFFFF) | ((sums32[:, 1::2] & 0xFFFF) << 16)).astype(np.uint32)
-            by_tile = words.view(np.int32).reshape(tiles, TILE_TOKENS, nb, 4).transpose(0, 2, 3, 1)
-            xsums = np.ascontiguousarray(np.tile(by_tile, (1, 1, 1, PANEL_ROWS))).reshape(-1)
-            xd16 = np.tile(xd.reshape(tiles, TILE_TOKENS, nb).transpose(0, 2, 1), (1, 1, PANEL_ROWS))
-            xu = (self.xs.view(np.uint8) ^ np.uint8(128))
-            self._k_lanes = (xu, xd, np.ascontiguousarray(xd16).reshape(-1), xsums, bsums.reshape(-1))
+            padded, k = self.padded, self.k
+            nb, tiles = k // 256, padded // TILE_TOKENS
+            xu = np.empty((padded, k), np.uint8)
+            xd = np.empty((padded, nb), np.float32)
+            xd16 = np.empty((tiles, nb, PANEL_ROWS * TILE_TOKENS), np.float32)
+            xsums = np.empty((tiles, nb, 4, PANEL_ROWS * TILE_TOKENS), np.int32)
+            bsums = np.empty((padded, k // 16), np.int32)
+            _k_lane_side(self._qs, self._d, self._extra, xu, xd, xd16, xsums, bsums)
+            self._k_lanes = (xu.reshape(-1), xd, xd16.reshape(-1), xsums.reshape(-1), bsums.reshape(-1))
         return self._k_lanes
 
     def block_tokens(self) -> int:
