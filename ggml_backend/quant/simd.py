@@ -283,6 +283,18 @@ def round_to_half(typingctx, value):
 
 
 @intrinsic
+def half_bits(typingctx, value):
+    """A float32 rounded to the nearest half float (ties to even; beyond the largest half: inf) as its uint16 bit
+    pattern (``vcvtps2ph``): the bits numpy's ``astype(np.float16)`` stores, as ``floats.float_to_half_bits``."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
+    return types.uint16(value), codegen
+
+
+@intrinsic
 def load_u32(typingctx, array, offset):
     """The little-endian uint32 at byte ``offset`` of a byte array (as int64, for plain numba arithmetic)."""
     if not _is_byte_array(array) or not isinstance(offset, types.Integer):
