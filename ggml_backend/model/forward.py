@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from .._allocator import reuse_freed_memory
 from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
 from ..quant.blocks import HALF_TO_FLOAT
@@ -146,6 +147,7 @@ class Model:
     """Weights of one model file, arranged for the forward pass."""
 
     def __init__(self, model_file, hparams: HParams):
+        reuse_freed_memory()   # a forward pass's temporaries from reused memory, not fresh pages (see _allocator)
         self.hp = hparams
         self.file = model_file
         self.turns = TakeTurns()
