@@ -47,7 +47,7 @@ from .decode import (
 from .simd import (
     AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_u8_i8, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8, fma_i32x16,
     fma_i32x16_folded, fnma_f32x16, fold_halves_i32x16, high_nibbles_times, load_16_f32, load_16_i32, load_64_bytes,
-    load_f16, mul_f32x16, mul_i32x8, scale_words_i32x8, scaled_dot_x64, splat_bytes, splat_dword_x64, splat_f32_at,
+    load_f16, mul_f32x16, mul_i32x8, prefetch, scale_words_i32x8, scaled_dot_x64, splat_bytes, splat_dword_x64, splat_f32_at,
     splat_i32_at, store_8_i32, store_32_bytes, store_f32x16, sum_f32x8, sum_f32x16, to_f32x16, zero_f32x8,
     zero_f32x16, zero_i32x8, zero_i32x16,
 )
@@ -202,6 +202,21 @@ def _tile(kind, quants, bias, scale, offsets, k, xu, xsl, xsum, n_sums, t, out, 
         _store_column(out, t, n_tokens, row + 3, a30, a31, a32, a33)
 
 
+@njit(inline="always", **_KERNEL)
+def _prefetch_next_panel(w, start, row_bytes, n_rows, row, part, n_parts):
+    """Part ``part`` of ``n_parts`` of the next panel's weight bytes (the rows from ``row + PANEL_ROWS``), asked
+    for while this panel's tiles run: unpacking a panel otherwise waits on memory for each of its lines (weights
+    stream from memory once per product), a sixth to a quarter of a 16-token product's time on one core."""
+    first = row + PANEL_ROWS
+    if first >= n_rows:
+        return
+    n_bytes = min(PANEL_ROWS, n_rows - first) * row_bytes
+    per_part = (n_bytes + 64 * n_parts - 1) // (64 * n_parts) * 64
+    base = start + first * row_bytes
+    for offset in range(part * per_part, min(n_bytes, (part + 1) * per_part), 64):
+        prefetch(w, base + offset)
+
+
 @njit(parallel=True, nogil=True, **_KERNEL)
 def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, column, block_tokens, n_chunks, isa):
     """out[t, column + r] = token t times weight row r, for the ``n_rows`` rows from byte ``start`` of ``w``
@@ -238,7 +253,9 @@ def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, column, block
                         offsets[:] = 0
                     unpack_panel(kind, w, start + row * row_bytes, row_bytes, n_valid, k, quants, bias, scale,
                                  offsets, isa)
+                    n_parts = (t1 - t0 + TILE_TOKENS - 1) // TILE_TOKENS
                     for t in range(t0, t1, TILE_TOKENS):
+                        _prefetch_next_panel(w, start, row_bytes, n_rows, row, (t - t0) // TILE_TOKENS, n_parts)
                         _tile(kind, quants, bias, scale, offsets, k, xu, xsl, flat_sums, n_sums, t, out, n_tokens,
                               column + row, n_valid, isa)
 
@@ -493,7 +510,9 @@ def gemm_k(kind, w, start, row_bytes, n_rows, k, xu, xd, xd16, xsums, bsums, out
                         scale_bytes[:] = 0
                     unpack_k_panel(kind, w, start + row * row_bytes, row_bytes, n_valid, k, quants, scale_words,
                                    init, d, dmin, mins, scale_bytes, isa)
+                    n_parts = (t1 - t0 + TILE_TOKENS - 1) // TILE_TOKENS
                     for t in range(t0, t1, TILE_TOKENS):
+                        _prefetch_next_panel(w, start, row_bytes, n_rows, row, (t - t0) // TILE_TOKENS, n_parts)
                         _k_tile(kind, quants, scale_words, init, d, dmin, mins, scale_bytes, k, xu, xd, xd16, xsums,
                                 bsums, t, out, n_tokens, column + row, n_valid, pair_mins, isa)
 
