@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ggml_backend import Llama
-from ggml_backend.model.attention import attention
-from ggml_backend.model.kv_cache import CacheTensor, KVCache, cache_type, hadamard_rotation, rotate
+from ggml_backend.model.attention import SequencesAttention, attention
+from ggml_backend.model.kv_cache import GROW_CHUNK, CacheTensor, KVCache, cache_type, hadamard_rotation, rotate
 
 from refdata import synthetic_file
 
@@ -124,6 +124,43 @@ def test_each_attention_row_is_the_same_alone_or_in_a_batch(pair, window):
     for t in range(13):
         alone = attention(q[t:t + 1], k.layer(0), v.layer(0), 6 + t, 2, window, 0.125)
         assert np.array_equal(alone[0].view(np.uint32), batch[t].view(np.uint32)), t
+
+
+@pytest.mark.parametrize("pair", ["f32/f32", "f16/f16", "f32/f16"])
+@pytest.mark.parametrize("window", [0, 5])
+def test_sequences_attention_gives_each_sequence_its_own_numbers(pair, window):
+    """One launch for the rows of several sequences (model/attention.py's SequencesAttention: a decode step of
+    N sequences, a prompt chunk beside decode steps) gives every row the bits ``attention`` gives it over its own
+    cache alone; caches of other storages are not taken, and a cache that moved is refused, not read."""
+    type_k, type_v = pair.split("/")
+    rng = np.random.default_rng(7)
+    lengths, news = [3, 11, 1, 8], [1, 1, 4, 1]     # cached positions, rows this pass (one is a prompt chunk)
+    caches = []
+    for cached, new in zip(lengths, news):
+        cache = KVCache(2, 4 * GROW_CHUNK, 2, 64, 64, type_k, type_v, capacity=8)
+        for layer in range(2):
+            kv = rng.standard_normal((2, cached + new, 2, 64)).astype(np.float32) * 3
+            cache.store(layer, 0, kv[0], kv[1])
+        caches.append(cache)
+    positions = np.concatenate([np.arange(c, c + n) for c, n in zip(lengths, news)])
+    batch = SequencesAttention(caches, news, positions)
+    q = rng.standard_normal((sum(news), 4, 64)).astype(np.float32)
+    for layer in range(2):
+        together = batch(q, layer, 2, window, 0.125)
+        first = 0
+        for cache, cached, new in zip(caches, lengths, news):
+            alone = attention(q[first:first + new], cache.k.layer(layer), cache.v.layer(layer), cached, 2, window,
+                              0.125)
+            assert np.array_equal(alone.view(np.uint32), together[first:first + new].view(np.uint32))
+            first += new
+    assert SequencesAttention.possible(caches)
+    assert not SequencesAttention.possible(caches[:1])
+    assert not SequencesAttention.possible([caches[0], KVCache(2, 64, 2, 64, 64, "q8_0", type_v)])
+    if type_k != type_v:
+        assert not SequencesAttention.possible([caches[0], KVCache(2, 64, 2, 64, 64, type_v, type_v)])
+    caches[1].k.grow(4 * GROW_CHUNK)                      # reallocated: the pass's addresses are stale
+    with pytest.raises(RuntimeError, match="reallocated"):
+        batch(q, 0, 2, window, 0.125)
 
 
 @pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])

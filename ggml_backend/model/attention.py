@@ -16,8 +16,8 @@ weights dequantized values the same way up to float rounding.)
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic, overload
 
 from ..quant import dequantize, quantize
 from ..quant.activations import round_to_f16_inplace
@@ -135,42 +135,76 @@ def _normalize_probabilities_overload(probs, inverse, values):
     return normalize_probabilities
 
 
+@njit(cache=True, inline="always", fastmath=True)
+def _attention_row(q, t, h, keys, values, out, position, group, window, scale):
+    """out[t, h] = query (t, h) at ``position`` over ``keys``/``values`` [n_head_kv, >= position + 1, head_dim]:
+    the one loop every query row takes, alone or in a batch of sequences."""
+    kv_head = h // group
+    first = 0
+    if window > 0 and position - window + 1 > 0:
+        first = position - window + 1
+    n_keys = position + 1 - first
+    probs = np.empty(n_keys, np.float32)
+    best = -np.inf
+    for j in range(n_keys):
+        s = _score(q, t, h, keys, kv_head, first + j) * scale
+        probs[j] = s
+        if s > best:
+            best = s
+    total = 0.0
+    for j in range(n_keys):
+        e = _exp_non_positive(np.float32(probs[j] - best))
+        probs[j] = e
+        total += e
+    _normalize_probabilities(probs, np.float32(1.0 / total), values)
+    acc = np.zeros(values.shape[2], np.float32)
+    j = 0
+    while j + 4 <= n_keys:   # keys in fours from the row's first key: the same grouping in any batch
+        _accumulate_4(acc, probs[j], probs[j + 1], probs[j + 2], probs[j + 3], values, kv_head, first + j)
+        j += 4
+    while j < n_keys:
+        _accumulate(acc, probs[j], values, kv_head, first + j)
+        j += 1
+    for d in range(values.shape[2]):
+        out[t, h, d] = acc[d]
+
+
 @njit(cache=True, parallel=True, fastmath=True, nogil=True)
 def _attention_kernel(q, keys, values, out, start, group, window, scale):
-    n_tokens, n_head, head_dim_k = q.shape
-    head_dim_v = values.shape[2]
+    n_tokens, n_head, _ = q.shape
     for row in prange(n_tokens * n_head):
         t = row // n_head
         h = row - t * n_head
-        kv_head = h // group
-        position = start + t
-        first = 0
-        if window > 0 and position - window + 1 > 0:
-            first = position - window + 1
-        n_keys = position + 1 - first
-        probs = np.empty(n_keys, np.float32)
-        best = -np.inf
-        for j in range(n_keys):
-            s = _score(q, t, h, keys, kv_head, first + j) * scale
-            probs[j] = s
-            if s > best:
-                best = s
-        total = 0.0
-        for j in range(n_keys):
-            e = _exp_non_positive(np.float32(probs[j] - best))
-            probs[j] = e
-            total += e
-        _normalize_probabilities(probs, np.float32(1.0 / total), values)
-        acc = np.zeros(head_dim_v, np.float32)
-        j = 0
-        while j + 4 <= n_keys:   # keys in fours from the row's first key: the same grouping in any batch
-            _accumulate_4(acc, probs[j], probs[j + 1], probs[j + 2], probs[j + 3], values, kv_head, first + j)
-            j += 4
-        while j < n_keys:
-            _accumulate(acc, probs[j], values, kv_head, first + j)
-            j += 1
-        for d in range(head_dim_v):
-            out[t, h, d] = acc[d]
+        _attention_row(q, t, h, keys, values, out, start + t, group, window, scale)
+
+
+@intrinsic
+def _pointer_at(typingctx, address):
+    """The int64 ``address`` (a numpy array's ``ctypes.data``) as a void pointer, for ``numba.carray``."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+    return types.voidptr(address), codegen
+
+
+@njit(cache=True, parallel=True, fastmath=True, nogil=True)
+def _attention_many_kernel(q, key_at, value_at, capacity, layer_shape, key_like, value_like, il, sequence, positions,
+                           out, group, window, scale):
+    """``_attention_kernel`` for rows of several sequences in one launch: row t belongs to sequence
+    ``sequence[t]`` at ``positions[t]``, whose caches (``CacheTensor.data``, C-contiguous [n_layer, n_head_kv,
+    capacity, head_dim], of key_like's / value_like's dtype) start at addresses key_at / value_at."""
+    n_tokens, n_head, _ = q.shape
+    n_layer, n_head_kv, head_dim_k, head_dim_v = layer_shape
+    for row in prange(n_tokens * n_head):
+        t = row // n_head
+        h = row - t * n_head
+        s = sequence[t]
+        keys = carray(_pointer_at(key_at[s]), (n_layer, n_head_kv, capacity[s], head_dim_k), key_like.dtype)[il]
+        values = carray(_pointer_at(value_at[s]), (n_layer, n_head_kv, capacity[s], head_dim_v),
+                        value_like.dtype)[il]
+        _attention_row(q, t, h, keys, values, out, positions[t], group, window, scale)
 
 
 def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, scale: float) -> np.ndarray:
@@ -206,3 +240,51 @@ def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, 
     if values_rotated:                     # weighted sums of rotated values, rotated back
         out = rotate(out)
     return out
+
+
+class SequencesAttention:
+    """Attention for the rows of several sequences of one forward pass in one kernel launch per layer (a decode
+    step of 16 sequences made 16 launches per layer, each a few microseconds of work: 6-9 ms of a step). Each
+    row goes through the loop ``attention`` runs (``_attention_row``), so its numbers are those of its sequence
+    evaluated alone.
+
+    Made per pass, after every cache was given room for the pass's positions (``CacheTensor.grow``: the kernel
+    reads the caches' arrays by address, and a growing cache moves). ``SequencesAttention.possible`` says whether
+    the caches allow it: f32 or f16 storage (q8_0 is dequantized per call), the same kinds in every sequence."""
+
+    def __init__(self, caches, rows_per_sequence, positions):
+        first = caches[0]
+        self._caches = caches       # keeps the arrays whose addresses the kernel reads alive
+        self._keys = [cache.k.data for cache in caches]
+        self._values = [cache.v.data for cache in caches]
+        self._key_at = np.array([data.ctypes.data for data in self._keys], np.int64)
+        self._value_at = np.array([data.ctypes.data for data in self._values], np.int64)
+        self._capacity = np.array([data.shape[2] for data in self._keys], np.int64)
+        n_layer, n_head_kv, _, head_dim_k = first.k.data.shape
+        self._shape = (n_layer, n_head_kv, head_dim_k, first.v.data.shape[3])
+        self._sequence = np.repeat(np.arange(len(caches), dtype=np.int64), rows_per_sequence)
+        self._positions = np.ascontiguousarray(positions, dtype=np.int64)
+        self._f16_keys = first.k.data.dtype == np.uint16
+
+    @staticmethod
+    def possible(caches) -> bool:
+        kinds = {(cache.k.kind, cache.v.kind) for cache in caches}
+        if len(caches) < 2 or len(kinds) != 1:
+            return False
+        key_kind, value_kind = kinds.pop()
+        return key_kind in ("f32", "f16") and value_kind in ("f32", "f16")
+
+    def __call__(self, q: np.ndarray, il: int, group: int, window: int, scale: float) -> np.ndarray:
+        """q float32 [n_rows, n_head, head_dim_k] (all sequences' rows, in order) over layer ``il`` of each row's
+        cache, filled up to its position; float32 [n_rows, n_head, head_dim_v]."""
+        for cache, keys, values in zip(self._caches, self._keys, self._values):
+            if cache.k.data is not keys or cache.v.data is not values:   # never read a moved (freed) array
+                raise RuntimeError("a cache was reallocated during the forward pass")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if self._f16_keys:                 # ggml's f16 product converts q to f16
+            q = round_to_f16_inplace(q.copy())
+        out = np.empty((q.shape[0], q.shape[1], self._shape[3]), np.float32)
+        _attention_many_kernel(q, self._key_at, self._value_at, self._capacity, self._shape, self._keys[0],
+                               self._values[0], int(il), self._sequence, self._positions, out, int(group),
+                               int(window), np.float32(scale))
+        return out

@@ -17,7 +17,7 @@ from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
 from ..quant.blocks import HALF_TO_FLOAT
 from ..quant.matmul import BLAS_MIN_TOKENS, WeightMatrix, matmul_many, single_threaded_blas
-from .attention import attention
+from .attention import SequencesAttention, attention
 from .batching import ForwardBatcher, batch_invariant
 from .kv_cache import DEFAULT_CACHE_TYPE, KVCache
 from .rope import apply_rope, rope_cos_sin
@@ -259,6 +259,14 @@ class Model:
             first += len(seq_tokens)
         positions = np.concatenate([np.arange(start, start + last - first) for first, last, _, start in spans])
         rope_tables = {}
+        caches = [cache for _, _, cache, _ in spans]
+        sequences_attention = None
+        if SequencesAttention.possible(caches):    # one attention launch per layer for all sequences
+            for first, last, cache, start in spans:
+                cache.k.grow(start + last - first)
+                cache.v.grow(start + last - first)
+            sequences_attention = SequencesAttention(caches, [last - first for first, last, _, _ in spans],
+                                                     positions)
 
         x = dequantize_rows(self.token_embd_type, self.token_embd, tokens)          # [n_tokens, n_embd]
         if hp.arch.embed_scale:
@@ -283,10 +291,15 @@ class Model:
             apply_rope(k, cos, sin, hp.rope_dims, hp.arch.rope_mode)
 
             window = hp.sliding_window if hp.swa_layers[il] else 0
-            attn = np.empty((n_tokens, hp.n_head * hp.head_dim_v), np.float32)
-            for first, last, cache, start in spans:   # each sequence over its own keys and values
+            for first, last, cache, start in spans:
                 cache.store(il, start, k[first:last], v[first:last])
-                attn[first:last] = self._attention(q[first:last], cache, il, start, window)
+            if sequences_attention is not None:
+                attn = sequences_attention(q, il, hp.n_head // hp.n_head_kv, window, hp.attn_scale)
+                attn = attn.reshape(n_tokens, hp.n_head * hp.head_dim_v)
+            else:
+                attn = np.empty((n_tokens, hp.n_head * hp.head_dim_v), np.float32)
+                for first, last, cache, start in spans:   # each sequence over its own keys and values
+                    attn[first:last] = self._attention(q[first:last], cache, il, start, window)
             attn_out = layer.wo(attn)
             if layer.post_attn_norm is not None:
                 attn_out = rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
