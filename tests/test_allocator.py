@@ -49,3 +49,40 @@ def test_a_loaded_model_reuses_freed_memory_for_step_sized_arrays():
 def test_the_user_can_leave_malloc_alone():
     flag, _ = _run({"GGML_BACKEND_MALLOC": "default"})
     assert flag == "False"
+
+
+LARGE_PROGRAM = """
+import resource, threading, numpy as np
+from ggml_backend._allocator import large_pass, reuse_freed_memory
+reuse_freed_memory()
+gate = np.ones((256, 4864), np.float32)         # a 256-token prompt's gate: 5 MB, above the 1 MiB threshold
+def faults(n=20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        np.negative(gate)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+outside = faults()
+with large_pass():
+    faults(2)
+    inside = faults()
+    done = threading.Event()
+    def other():                                 # an overlapping pass on another thread leaves first
+        with large_pass():
+            pass
+        done.set()
+    threading.Thread(target=other).start()
+    done.wait()
+    still = faults()
+after = faults()
+print(outside, inside, still, after)
+"""
+
+
+def test_a_pass_over_many_tokens_reuses_its_large_arrays_and_gives_them_back():
+    out = subprocess.run([sys.executable, "-c", LARGE_PROGRAM], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, GGML_BACKEND_MALLOC=""))
+    assert out.returncode == 0, out.stderr[-2000:]
+    outside, inside, still, after = map(int, out.stdout.split())
+    fresh = 20 * (5 << 20) // 4096 // 4           # a quarter of fresh pages for every array (huge pages aside)
+    assert outside > fresh and after > fresh, (outside, after)     # its own mapping each time, outside a pass
+    assert inside < 200 and still < 200, (inside, still)            # reused inside, until the last pass ends

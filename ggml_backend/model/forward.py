@@ -7,12 +7,13 @@ temporaries cost a prompt several percent (rms_norm).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
-from .._allocator import reuse_freed_memory
+from .._allocator import large_pass, reuse_freed_memory
 from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
 from ..quant.blocks import HALF_TO_FLOAT
@@ -250,6 +251,11 @@ class Model:
         (what llama.cpp calls ``result_norm`` and returns as embeddings). The caller holds ``turns``."""
         if output not in ("logits", "hidden"):
             raise ValueError(f"output must be 'logits' or 'hidden', got {output!r}")
+        n_tokens = sum(len(seq_tokens) for seq_tokens, _ in items)
+        with large_pass() if n_tokens >= BLAS_MIN_TOKENS else contextlib.nullcontext():
+            return self._forward_many(items, all_logits, output)
+
+    def _forward_many(self, items, all_logits: bool, output: str) -> list[np.ndarray]:
         hp = self.hp
         tokens = np.concatenate([np.asarray(t, dtype=np.int64) for t, _ in items])
         n_tokens = len(tokens)
