@@ -135,6 +135,14 @@ def _q3_K_scale_words(w, s):
             ((a1 >> 4) & 0x0F0F0F0F) | (((a2 >> 6) & 0x03030303) << 4))
 
 
+@njit(inline="always", **_KERNEL)
+def minus_128_sums(q, isa):
+    """-128 * the sum of each four of the 32 signed quants ``q``, in dot_u8_i8's eight lanes: what takes the 128
+    back out of a dot product of x + 128 (unsigned) with q (the tiles of ``_unsigned_x`` kinds, the GEMMs'
+    panels)."""
+    return mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(128), q, isa), -1)
+
+
 @njit(**_KERNEL)
 def lane_bias(xq, offset, isa):
     """int32 [k/32 * 8]: for each 32-value block of ``xq`` the eight lane sums of ``-offset * x`` (the lanes of
@@ -344,7 +352,7 @@ def _tile_block(kind, w, row, b, isa):
     if _unsigned_x(kind, isa):
         kc = kind_code(kind)
         signed = add_bytes(q, splat_bytes(-8 if kc == 0 else -16 if kc == 2 else 0))
-        return signed, mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(128), signed, isa), -1), d, m
+        return signed, minus_128_sums(signed, isa), d, m
     return q, zero_i32x8(), d, m
 
 
@@ -975,8 +983,7 @@ def _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, row_base, base
         lane_offset[16 * h + 16 + r] = offset_b
         return
     store_32_bytes(quants, base, q)
-    # -128 * the lane sums of q: the GEMM multiplies x + 128 (unsigned) by q, this takes the 128 back out
-    store_8_i32(bias, base // 4, mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(128), q, isa), -1))
+    store_8_i32(bias, base // 4, minus_128_sums(q, isa))
     store_halves_f32x8(lane_scale, base // 4, scale_a, scale_b)
     if lane_offset.size:
         lane_offset[base // 16] = offset_a

@@ -42,10 +42,11 @@ import numpy as np
 from numba import njit, prange
 
 from .decode import (
-    _KERNEL, KIND_ARGS, _k4_chunk, _k_group, _k_group_d, _k_scales, kind_code, unpack_panel, unpack_row_panel,
+    _KERNEL, KIND_ARGS, _k4_chunk, _k_group, _k_group_d, _k_scales, kind_code, minus_128_sums, unpack_panel,
+    unpack_row_panel,
 )
 from .simd import (
-    AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_u8_i8, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8, fma_i32x16,
+    AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8, fma_i32x16,
     fma_i32x16_folded, fnma_f32x16, fold_halves_i32x16, high_nibbles_times, load_16_f32, load_16_i32, load_64_bytes,
     load_f16, mul_f32x16, mul_i32x8, prefetch, scale_words_i32x8, scaled_dot_x64, splat_bytes, splat_dword_x64, splat_f32_at,
     splat_i32_at, store_8_i32, store_32_bytes, store_f32x16, sum_f32x8, sum_f32x16, to_f32x16, zero_f32x8,
@@ -284,12 +285,6 @@ def gemm(kind, w, start, row_bytes, n_rows, k, xu, xsl, xsum, out, column, block
 # q2_K each row's dmin and scale bytes.
 
 
-@njit(inline="always", **_KERNEL)
-def _minus_128_sums(q, isa):
-    """-128 * the sum of each four of the 32 signed quants ``q``, in dot_u8_i8's eight lanes."""
-    return mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(128), q, isa), -1)
-
-
 @njit(nogil=True, **_KERNEL)
 def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, init, d, dmin, mins, scale_bytes,
                    isa):
@@ -319,8 +314,8 @@ def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, in
                     low, high = pair & 0xFF, (pair >> 8) & 0xFF
                     store_8_i32(scale_words, (x + 64 * c) // 4, scale_words_i32x8(low))
                     store_8_i32(scale_words, (x + 64 * c) // 4 + 8, scale_words_i32x8(high))
-                    init_low = add_i32x8(init_low, mul_i32x8(_minus_128_sums(q_low, isa), low))
-                    init_high = add_i32x8(init_high, mul_i32x8(_minus_128_sums(q_high, isa), high))
+                    init_low = add_i32x8(init_low, mul_i32x8(minus_128_sums(q_low, isa), low))
+                    init_high = add_i32x8(init_high, mul_i32x8(minus_128_sums(q_high, isa), high))
                     mins_word = (mpair & 0xFF) | (((mpair >> 8) & 0xFF) << 16)
                     for t in range(4):
                         mins[16 * (4 * b + c) + 4 * r + t] = mins_word
@@ -339,7 +334,7 @@ def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, in
                         at = x + 128 * n + 32 * j
                         store_32_bytes(quants, at, q)
                         store_8_i32(scale_words, at // 4, scale_words_i32x8(scales))
-                        terms = mul_i32x8(_minus_128_sums(q, isa), scales)
+                        terms = mul_i32x8(minus_128_sums(q, isa), scales)
                         if j % 2 == 0:
                             init_low = add_i32x8(init_low, terms)
                         else:
