@@ -190,8 +190,8 @@ def _pointer_at(typingctx, address):
 
 
 @njit(cache=True, parallel=True, fastmath=True, nogil=True)
-def _attention_many_kernel(q, key_at, value_at, capacity, layer_shape, key_like, value_like, il, sequence, positions,
-                           out, group, window, scale):
+def _attention_many_kernel(q, key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, il,
+                           sequence, positions, out, group, window, scale):
     """``_attention_kernel`` for rows of several sequences in one launch: row t belongs to sequence
     ``sequence[t]`` at ``positions[t]``, whose caches (``CacheTensor.data``, C-contiguous [n_layer, n_head_kv,
     capacity, head_dim], of key_like's / value_like's dtype) start at addresses key_at / value_at."""
@@ -201,8 +201,8 @@ def _attention_many_kernel(q, key_at, value_at, capacity, layer_shape, key_like,
         t = row // n_head
         h = row - t * n_head
         s = sequence[t]
-        keys = carray(_pointer_at(key_at[s]), (n_layer, n_head_kv, capacity[s], head_dim_k), key_like.dtype)[il]
-        values = carray(_pointer_at(value_at[s]), (n_layer, n_head_kv, capacity[s], head_dim_v),
+        keys = carray(_pointer_at(key_at[s]), (n_layer, n_head_kv, key_capacity[s], head_dim_k), key_like.dtype)[il]
+        values = carray(_pointer_at(value_at[s]), (n_layer, n_head_kv, value_capacity[s], head_dim_v),
                         value_like.dtype)[il]
         _attention_row(q, t, h, keys, values, out, positions[t], group, window, scale)
 
@@ -259,7 +259,8 @@ class SequencesAttention:
         self._values = [cache.v.data for cache in caches]
         self._key_at = np.array([data.ctypes.data for data in self._keys], np.int64)
         self._value_at = np.array([data.ctypes.data for data in self._values], np.int64)
-        self._capacity = np.array([data.shape[2] for data in self._keys], np.int64)
+        self._key_capacity = np.array([data.shape[2] for data in self._keys], np.int64)
+        self._value_capacity = np.array([data.shape[2] for data in self._values], np.int64)
         n_layer, n_head_kv, _, head_dim_k = first.k.data.shape
         self._shape = (n_layer, n_head_kv, head_dim_k, first.v.data.shape[3])
         self._sequence = np.repeat(np.arange(len(caches), dtype=np.int64), rows_per_sequence)
@@ -272,7 +273,8 @@ class SequencesAttention:
         if len(caches) < 2 or len(kinds) != 1:
             return False
         key_kind, value_kind = kinds.pop()
-        return key_kind in ("f32", "f16") and value_kind in ("f32", "f16")
+        contiguous = all(c.k.data.flags.c_contiguous and c.v.data.flags.c_contiguous for c in caches)
+        return contiguous and key_kind in ("f32", "f16") and value_kind in ("f32", "f16")
 
     def __call__(self, q: np.ndarray, il: int, group: int, window: int, scale: float) -> np.ndarray:
         """q float32 [n_rows, n_head, head_dim_k] (all sequences' rows, in order) over layer ``il`` of each row's
@@ -284,7 +286,8 @@ class SequencesAttention:
         if self._f16_keys:                 # ggml's f16 product converts q to f16
             q = round_to_f16_inplace(q.copy())
         out = np.empty((q.shape[0], q.shape[1], self._shape[3]), np.float32)
-        _attention_many_kernel(q, self._key_at, self._value_at, self._capacity, self._shape, self._keys[0],
+        _attention_many_kernel(q, self._key_at, self._value_at, self._key_capacity, self._value_capacity,
+                               self._shape, self._keys[0],
                                self._values[0], int(il), self._sequence, self._positions, out, int(group),
                                int(window), np.float32(scale))
         return out
