@@ -248,11 +248,17 @@ class SequencesAttention:
     row goes through the loop ``attention`` runs (``_attention_row``), so its numbers are those of its sequence
     evaluated alone.
 
-    Made per pass, after every cache was given room for the pass's positions (``CacheTensor.grow``: the kernel
-    reads the caches' arrays by address, and a growing cache moves). ``SequencesAttention.possible`` says whether
-    the caches allow it: f32 or f16 storage (q8_0 is dequantized per call), the same kinds in every sequence."""
+    Made per pass, before its keys and values are stored: it first gives every cache room for the pass's positions
+    (``CacheTensor.grow``), since the kernel reads the caches' arrays by address and a growing cache moves.
+    ``SequencesAttention.possible`` says whether the caches allow it: f32 or f16 storage (q8_0 is dequantized per
+    call), the same kinds in every sequence."""
 
     def __init__(self, caches, rows_per_sequence, positions):
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        last = np.cumsum(rows_per_sequence) - 1
+        for cache, end in zip(caches, positions[last] + 1):
+            cache.k.grow(int(end))
+            cache.v.grow(int(end))
         first = caches[0]
         self._caches = caches       # keeps the arrays whose addresses the kernel reads alive
         self._keys = [cache.k.data for cache in caches]
@@ -264,7 +270,7 @@ class SequencesAttention:
         n_layer, n_head_kv, _, head_dim_k = first.k.data.shape
         self._shape = (n_layer, n_head_kv, head_dim_k, first.v.data.shape[3])
         self._sequence = np.repeat(np.arange(len(caches), dtype=np.int64), rows_per_sequence)
-        self._positions = np.ascontiguousarray(positions, dtype=np.int64)
+        self._positions = positions
         self._f16_keys = first.k.data.dtype == np.uint16
 
     @staticmethod

@@ -268,9 +268,6 @@ class Model:
         caches = [cache for _, _, cache, _ in spans]
         sequences_attention = None
         if SequencesAttention.possible(caches):    # one attention launch per layer for all sequences
-            for first, last, cache, start in spans:
-                cache.k.grow(start + last - first)
-                cache.v.grow(start + last - first)
             sequences_attention = SequencesAttention(caches, [last - first for first, last, _, _ in spans],
                                                      positions)
 
