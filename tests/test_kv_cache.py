@@ -12,6 +12,7 @@ import pytest
 from ggml_backend import Llama
 from ggml_backend.model.attention import SequencesAttention, attention
 from ggml_backend.model.kv_cache import GROW_CHUNK, CacheTensor, KVCache, cache_type, hadamard_rotation, rotate
+from ggml_backend.quant.matmul import KERNEL_ISA
 
 from refdata import synthetic_file
 
@@ -198,8 +199,11 @@ def test_synthetic_logits_match_llama_cpp_with_the_same_cache_types(pair):
     ours = synthetic_logits(type_k, type_v, ref["token_sequence"])
     same = float(np.abs(ours - theirs[pair.replace("/", "-")].astype(np.float32)).max())
     # the random-weight model is chaotic: llama.cpp's own f16 and f32 caches differ by 0.087 here; ours stay
-    # within that of llama.cpp with the same cache (a q8_0 key cache gives llama.cpp's numbers within 0.001)
-    limit = {"q8_0/f16": 0.01}.get(pair, 0.1)
+    # within that of llama.cpp with the same cache. The reference was made on an AVX512-VNNI CPU, where a q8_0 key
+    # cache gives llama.cpp's numbers within 0.001; llama.cpp itself on an AVX2-only Zen 3 (3 December 2026) was
+    # 0.069 from that reference with q8_0/f16 (float sums in another order), so the tight bound holds only there.
+    tight = KERNEL_ISA is not None and KERNEL_ISA.name == "avx512vnni"
+    limit = {"q8_0/f16": 0.01 if tight else 0.1}.get(pair, 0.1)
     assert same <= limit, f"{pair}: max |ours - llama.cpp| = {same:.4f}"
 
 

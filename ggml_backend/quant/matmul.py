@@ -245,8 +245,8 @@ def _integer_product(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
         gemm_product(kernel.simd_kind, weight_bytes.reshape(-1), 0, weight_bytes.shape[0], weight_bytes.shape[1],
                      acts.gemm_tokens(), out, KERNEL_ISA, exact=True)
     elif KERNEL_ISA is not None and kernel.simd_kind is not None:
-        _simd_matvec(kernel.simd_kind, weight_bytes.reshape(-1), [0], [weight_bytes.shape[0]],
-                     weight_bytes.shape[1], acts, out)
+        _simd_matvec(kernel.simd_kind, weight_bytes.reshape(-1), np.zeros(1, np.int64),
+                     np.array([weight_bytes.shape[0]], np.int64), weight_bytes.shape[1], acts, out)
     else:
         kernel.generic(weight_bytes, acts, out, _n_chunks(weight_bytes.shape[0]))
 
@@ -257,16 +257,14 @@ def _exact_gemm(kind: int | None, shape: tuple[int, int]) -> bool:
     return shape[0] >= EXACT_FROM_TOKENS.get(kind, shape[0] + 1) and _gemm_takes(kind, shape[1])
 
 
-def _simd_matvec(kind: int, base: np.ndarray, starts, row_counts, row_bytes: int,
+def _simd_matvec(kind: int, base: np.ndarray, starts: np.ndarray, row_counts: np.ndarray, row_bytes: int,
                  acts: QuantizedActivations, out: np.ndarray) -> None:
-    """decode.matvec on ``KERNEL_ISA``: rows of matrices of one type at byte offsets ``starts`` of ``base`` times
-    the activation rows ``acts`` into ``out`` [n_tokens, sum(row_counts)]. Every offset and size was checked by
-    the caller (the kernels read without bounds checks)."""
+    """decode.matvec on ``KERNEL_ISA``: rows of matrices of one type at byte offsets ``starts`` (int64) of ``base``
+    times the activation rows ``acts`` into ``out`` [n_tokens, sum(row_counts)]. Every offset and size was checked
+    by the caller (the kernels read without bounds checks)."""
     n_tokens = acts.qs.shape[0]
     x_sums = acts.extra if acts.vec_dot_type == "q8_1" else _no_columns(np.float32, n_tokens)
     x_bsums = acts.extra if acts.vec_dot_type == "q8_K" else _no_columns(np.int32, n_tokens)
-    starts = np.asarray(starts, np.int64)
-    row_counts = np.asarray(row_counts, np.int64)
     if n_tokens == 1:
         matvec(KIND_ARGS[kind], base, starts, row_counts, row_bytes, acts.qs[0], acts.d[0], x_sums[0], x_bsums[0],
                out[0], _n_chunks(out.shape[1]), KERNEL_ISA)
@@ -457,11 +455,13 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
     per distinct ``vec_dot_type``. Returns one float32 [n_tokens, n_rows_i] array per matrix."""
     _check_kernel_choice()
     rows = _as_activation_rows(x)
-    for weight in weights:
-        if weight.shape[1] != rows.shape[1]:
-            raise MatmulShapeError(f"{weight!r} needs rows of {weight.shape[1]} values, got {rows.shape[1]}")
+    plan = _launch_plan(weights) if len(weights) else None
+    if plan is None or plan.k != rows.shape[1]:
+        for weight in weights:
+            if weight.shape[1] != rows.shape[1]:
+                raise MatmulShapeError(f"{weight!r} needs rows of {weight.shape[1]} values, got {rows.shape[1]}")
     if KERNEL_ISA is not None and (method == "int" or (method == "auto" and rows.shape[0] < BLAS_MIN_TOKENS)):
-        return _matvec_many(weights, rows, x.ndim == 1)
+        return _matvec_many(plan, rows, x.ndim == 1) if plan is not None else []
     prepared: dict[tuple[str, bool], QuantizedActivations] = {}
     results = []
     for weight in weights:
@@ -483,60 +483,82 @@ class _FusedGroup:
     starts: np.ndarray          # int64 byte offsets of their first rows in ``base``
     counts: np.ndarray          # int64 rows of each
     row_bytes: int
+    total: int = 0              # sum(counts): the launch's output columns
+    columns: tuple = ()         # (first, last) output columns of each member
+
+    def __post_init__(self):
+        bounds = np.concatenate([[0], np.cumsum(self.counts)]).tolist()
+        self.total = bounds[-1]
+        self.columns = tuple(zip(bounds[:-1], bounds[1:]))
 
 
-def _launch_plan(weights: Sequence[WeightMatrix]) -> list[_FusedGroup]:
+@dataclass
+class _LaunchPlan:
+    """What ``_matvec_many`` does for one list of matrices, worked out once: the fused launches, the matrices
+    without SIMD kernels (f32 / f16 / bf16: the BLAS path) and the row length they all take (None if they
+    differ: matmul_many then names the one that does not fit)."""
+    weights: list
+    groups: list[_FusedGroup]
+    float_members: list[int]
+    k: int | None
+
+
+def _launch_plan(weights: Sequence[WeightMatrix]) -> _LaunchPlan:
     """The fused launches for this list of matrices, worked out once per list and kept on its first matrix (the
-    forward pass passes the same lists every token): matrices whose owners are the same bytes (views of one
-    memory map) and whose type is the same share a launch."""
+    forward pass passes the same lists every token; a decode step makes about a hundred of these calls, so the
+    lookup is one dict get and one list comparison, by identity: WeightMatrix has no __eq__): matrices whose
+    owners are the same bytes (views of one memory map) and whose type is the same share a launch."""
     plans = weights[0].__dict__.setdefault("_launch_plans", {})
-    key = tuple(id(weight) for weight in weights)
+    key = tuple(map(id, weights))
     cached = plans.get(key)
-    if cached is not None and all(a is b for a, b in zip(cached[0], weights)):
-        return cached[1]
+    if cached is not None and cached.weights == list(weights):
+        return cached
     groups: dict[tuple, list[int]] = {}
+    float_members = []
     for i, weight in enumerate(weights):
         if weight.type.one_token.simd_kind is not None:
             groups.setdefault((weight.type.name, weight.root.ctypes.data, weight.root.nbytes), []).append(i)
-    plan = [_FusedGroup(get_type(name).one_token.simd_kind, get_type(name).vec_dot_type, members, weights[members[0]].root,
-                        np.array([weights[i].offset for i in members], np.int64),
-                        np.array([weights[i].shape[0] for i in members], np.int64),
-                        weights[members[0]].bytes.shape[1])
-            for (name, _, _), members in groups.items()]
-    plans[key] = (list(weights), plan)
+        else:
+            float_members.append(i)
+    fused = [_FusedGroup(get_type(name).one_token.simd_kind, get_type(name).vec_dot_type, members,
+                         weights[members[0]].root,
+                         np.array([weights[i].offset for i in members], np.int64),
+                         np.array([weights[i].shape[0] for i in members], np.int64),
+                         weights[members[0]].bytes.shape[1])
+             for (name, _, _), members in groups.items()]
+    lengths = {weight.shape[1] for weight in weights}
+    plan = _LaunchPlan(list(weights), fused, float_members, lengths.pop() if len(lengths) == 1 else None)
+    plans[key] = plan
     return plan
 
 
-def _matvec_many(weights: Sequence[WeightMatrix], rows: np.ndarray, flat: bool) -> list[np.ndarray]:
+def _matvec_many(plan: _LaunchPlan, rows: np.ndarray, flat: bool) -> list[np.ndarray]:
     """A few tokens times several matrices on the SIMD kernels: those of one type that live in one byte array
     (q, k, v or gate, up of a model file) are computed in one kernel launch, which halves the launches of a
-    decode step."""
+    decode step. (About a hundred calls per decode step: what can be worked out once is in the plan.)"""
+    weights = plan.weights
     prepared: dict[str, QuantizedActivations] = {}
     results: list[np.ndarray | None] = [None] * len(weights)
-    for i, weight in enumerate(weights):
-        if weight.type.one_token.simd_kind is None:   # f32 / f16 / bf16: the BLAS path
-            vdt = weight.type.vec_dot_type
-            if vdt not in prepared:
-                prepared[vdt] = quantize_activations(vdt, rows)
-            results[i] = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, "auto")
-    for group in _launch_plan(weights):
-        if group.vec_dot_type not in prepared:
-            prepared[group.vec_dot_type] = quantize_activations(group.vec_dot_type, rows)
-        out = np.empty((len(rows), int(group.counts.sum())), np.float32)
-        acts = prepared[group.vec_dot_type]
+    for i in plan.float_members:   # f32 / f16 / bf16: the BLAS path
+        weight = weights[i]
+        vdt = weight.type.vec_dot_type
+        if vdt not in prepared:
+            prepared[vdt] = quantize_activations(vdt, rows)
+        results[i] = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, "auto")
+    for group in plan.groups:
+        acts = prepared.get(group.vec_dot_type)
+        if acts is None:
+            acts = prepared[group.vec_dot_type] = quantize_activations(group.vec_dot_type, rows)
+        out = np.empty((len(rows), group.total), np.float32)
         if _exact_gemm(group.simd_kind, rows.shape):
-            column = 0
-            for start, count in zip(group.starts, group.counts):
-                gemm_product(group.simd_kind, group.base, int(start), int(count), group.row_bytes, acts.gemm_tokens(),
-                             out, KERNEL_ISA, column, exact=True)
-                column += int(count)
+            for start, (first, last) in zip(group.starts.tolist(), group.columns):
+                gemm_product(group.simd_kind, group.base, start, last - first, group.row_bytes, acts.gemm_tokens(),
+                             out, KERNEL_ISA, first, exact=True)
         else:
             _simd_matvec(group.simd_kind, group.base, group.starts, group.counts, group.row_bytes, acts, out)
-        first = 0
-        for i, count in zip(group.members, group.counts):
-            results[i] = out[:, first:first + count]
-            first += count
-    return [result.reshape(-1) if flat else result for result in results]
+        for i, (first, last) in zip(group.members, group.columns):
+            results[i] = out[0, first:last] if flat else out[:, first:last]
+    return results
 
 
 __all__ = ["matmul", "matmul_many", "WeightMatrix", "MatmulShapeError", "QuantizedActivations",
