@@ -69,6 +69,8 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_dims: int, mod
     if cos.shape not in ((x.shape[0], half), (1, half)) or sin.shape != cos.shape:
         raise ValueError(f"rope tables must be [{x.shape[0]}, {half}] or [1, {half}], got {cos.shape} and "
                          f"{sin.shape}")
-    tables = [np.ascontiguousarray(np.broadcast_to(table, (x.shape[0], half)), np.float32) for table in (cos, sin)]
-    _rotate(x, tables[0], tables[1], n_dims, mode == "neox")
+    if cos.shape[0] != x.shape[0]:   # one row for every token (np.broadcast_to costs more than a decode step's rope)
+        cos, sin = np.repeat(cos, x.shape[0], axis=0), np.repeat(sin, x.shape[0], axis=0)
+    _rotate(x, np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32), int(n_dims),
+            mode == "neox")
     return x
