@@ -14,6 +14,7 @@ import numpy as np
 from .blocks import half_to_float
 from .quantize import round_to_f16
 from .runtime import MAX_THREADS, import_cuda
+from ..model.rope import rotate_pair
 
 cuda = import_cuda()
 
@@ -119,6 +120,9 @@ def copy_columns_kernel(src, first, out):
 
 # --- rotary position embeddings ------------------------------------------------------------------------------
 
+_rotate_pair = cuda.jit(device=True)(rotate_pair)   # the CPU's formula (model/rope.py), compiled for the GPU
+
+
 @cuda.jit
 def rope_kernel(x, cos, sin, n_dims, neox):
     """Rotate x [n_tokens, n_heads, head_dim] in place by the tables cos/sin [n_tokens, n_dims/2] (computed on the
@@ -130,19 +134,7 @@ def rope_kernel(x, cos, sin, n_dims, neox):
         t = item // (n_heads * half)
         rest = item - t * n_heads * half
         h = rest // half
-        i = rest - h * half
-        if neox:
-            a = i
-            b = i + half
-        else:
-            a = 2 * i
-            b = 2 * i + 1
-        x0 = x[t, h, a]
-        x1 = x[t, h, b]
-        c = cos[t, i]
-        s = sin[t, i]
-        x[t, h, a] = x0 * c - x1 * s
-        x[t, h, b] = x0 * s + x1 * c
+        _rotate_pair(x, t, h, rest - h * half, half, neox, cos, sin)
 
 
 # --- the KV cache ---------------------------------------------------------------------------------------------

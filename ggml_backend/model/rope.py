@@ -34,24 +34,33 @@ def rope_cos_sin(positions: np.ndarray, n_dims: int, freq_base: float, freq_scal
     return np.cos(thetas64).astype(np.float32), np.sin(thetas64).astype(np.float32)
 
 
+def rotate_pair(x, t, h, i, half, neox, cos, sin):
+    """Rotate pair i of head h of token t of x [n_tokens, n_heads, head_dim] in place by angle cos[t, i], sin[t, i]:
+    (i, i + half) for neox, else (2i, 2i + 1). The float32 products are rounded before the sum (numpy's order, no
+    fused multiply-add: numba contracts nothing without fastmath). One formula for both devices: compiled here for
+    the CPU and by cuda/ops.py for the GPU."""
+    a = i if neox else 2 * i
+    b = i + half if neox else 2 * i + 1
+    x0 = x[t, h, a]
+    x1 = x[t, h, b]
+    c = cos[t, i]
+    s = sin[t, i]
+    x[t, h, a] = x0 * c - x1 * s
+    x[t, h, b] = x0 * s + x1 * c
+
+
+_rotate_pair = njit(inline="always", cache=True)(rotate_pair)
+
+
 @njit(nogil=True, cache=True)
 def _rotate(x, cos, sin, n_dims, neox):
-    """x [n_tokens, n_heads, head_dim] rotated in place, pair (a, b) of dims by the token's angle i: the float32
-    products rounded before the sum (numpy's order, no fused multiply-add: numba contracts nothing without
-    fastmath), so the numbers are those of the array formula this replaced (a decode step called it for q and k
-    of every layer: eight numpy operations on tiny arrays, 70 us a layer on a Zen 3)."""
+    """Every pair of every head of every token (a decode step rotated q and k of each layer with eight numpy
+    operations on tiny arrays before: 70 us a layer on a Zen 3)."""
     half = n_dims // 2
     for t in range(x.shape[0]):
         for h in range(x.shape[1]):
             for i in range(half):
-                a = i if neox else 2 * i
-                b = i + half if neox else 2 * i + 1
-                x0 = x[t, h, a]
-                x1 = x[t, h, b]
-                c = cos[t, i]
-                s = sin[t, i]
-                x[t, h, a] = x0 * c - x1 * s
-                x[t, h, b] = x0 * s + x1 * c
+                _rotate_pair(x, t, h, i, half, neox, cos, sin)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_dims: int, mode: str) -> np.ndarray:
