@@ -20,7 +20,10 @@ from refdata import real_model  # noqa: E402
 from server_fixtures import running_server  # noqa: E402
 
 CODE_PROMPT = "def fibonacci(n):"
-CHAT_PROMPT = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+# a reply that ends itself with a wide margin: "Say hi" was a near tie of "#" and "import" for the first token
+# (llama.cpp 23.17 / 23.13), which an AVX2-only CPU's float sums broke the other way into a reply that never ends;
+# "OK" leads "Ok" by 5.5 nats there
+CHAT_PROMPT = "<|im_start|>user\nReply with the single word OK<|im_end|>\n<|im_start|>assistant\n"
 #: the fields every final /completion reply has (llama-server's, old stopped_* flags and new stop_type both)
 FINAL_FIELDS = {"content", "stop", "id_slot", "model", "tokens_predicted", "tokens_evaluated", "generation_settings",
                 "prompt", "truncated", "stop_type", "stopped_eos", "stopped_word", "stopped_limit", "stopping_word",
