@@ -193,6 +193,19 @@ def test_weight_matrix_and_shared_input(rng):
     np.testing.assert_allclose(q.dequantize(), dequantize(q.bytes, ggml_type("q5_0")), rtol=0, atol=0)
 
 
+
+def test_shared_input_of_one_row_gives_one_row_per_matrix(rng):
+    """A 1-D activation gives 1-D results for every matrix of the call, block and float types alike."""
+    q = WeightMatrix("q5_0", legacy_weights("q5_0", rng))
+    f = WeightMatrix("f16", rng.standard_normal((8, 512)).astype(np.float16).view(np.uint8).reshape(8, 1024),
+                     shape=(8, 512))
+    x = rng.standard_normal(512).astype(np.float32)
+    results = matmul_many([q, f], x)
+    assert [r.shape for r in results] == [(80,), (8,)]
+    for weight, result in zip((q, f), results):
+        np.testing.assert_array_equal(result, weight.matmul(x[None, :]).reshape(-1))
+    assert matmul_many([], x) == []
+
 def test_reference_quantizers_match_ggml_bytes(rng):
     x = (rng.standard_normal(1024) * 5).astype(np.float32)
     x[:32] = 0.0  # an all-zero block: d = 0, no division by zero

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numba
@@ -455,13 +455,15 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
     per distinct ``vec_dot_type``. Returns one float32 [n_tokens, n_rows_i] array per matrix."""
     _check_kernel_choice()
     rows = _as_activation_rows(x)
-    plan = _launch_plan(weights) if len(weights) else None
-    if plan is None or plan.k != rows.shape[1]:
+    if not weights:
+        return []
+    plan = _launch_plan(weights)
+    if plan.k != rows.shape[1]:
         for weight in weights:
             if weight.shape[1] != rows.shape[1]:
                 raise MatmulShapeError(f"{weight!r} needs rows of {weight.shape[1]} values, got {rows.shape[1]}")
     if KERNEL_ISA is not None and (method == "int" or (method == "auto" and rows.shape[0] < BLAS_MIN_TOKENS)):
-        return _matvec_many(plan, rows, x.ndim == 1) if plan is not None else []
+        return _matvec_many(plan, rows, x.ndim == 1)
     prepared: dict[tuple[str, bool], QuantizedActivations] = {}
     results = []
     for weight in weights:
@@ -483,8 +485,8 @@ class _FusedGroup:
     starts: np.ndarray          # int64 byte offsets of their first rows in ``base``
     counts: np.ndarray          # int64 rows of each
     row_bytes: int
-    total: int = 0              # sum(counts): the launch's output columns
-    columns: tuple = ()         # (first, last) output columns of each member
+    total: int = field(init=False)        # sum(counts): the launch's output columns
+    columns: tuple = field(init=False)    # (first, last) output columns of each member
 
     def __post_init__(self):
         bounds = np.concatenate([[0], np.cumsum(self.counts)]).tolist()
@@ -544,7 +546,8 @@ def _matvec_many(plan: _LaunchPlan, rows: np.ndarray, flat: bool) -> list[np.nda
         vdt = weight.type.vec_dot_type
         if vdt not in prepared:
             prepared[vdt] = quantize_activations(vdt, rows)
-        results[i] = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, "auto")
+        result = _matmul_prepared(weight.type, weight.bytes, prepared[vdt], None, "auto")
+        results[i] = result.reshape(-1) if flat else result
     for group in plan.groups:
         acts = prepared.get(group.vec_dot_type)
         if acts is None:
