@@ -15,6 +15,10 @@ import math
 import numpy as np
 
 from .. import _threading  # noqa: F401  (numba's threading layer, chosen before any parallel kernel runs)
+from .._numba_cache import serialize_cache_saves
+
+serialize_cache_saves()   # before any kernel: one process at a time saves to numba's cache (see _numba_cache)
+
 from . import floats, kquants, legacy, traits  # noqa: F401  (traits.py fills the type table's rows)
 from .types import QuantType, get_type
 
