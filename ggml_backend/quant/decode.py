@@ -767,12 +767,14 @@ _TILE_1, _TILE_2, _TILE_3, _TILE_4 = (TileSize(width, f"tile{width}") for width 
 
 
 @njit(**_KERNEL)
+def _one_token_rows_legacy(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    for i in range(n):    # token 0 as a constant, which the row kernel's addressing folds
+        row = start + i * row_bytes
+        out[0, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, 0, isa)
+
+
+@njit(**_KERNEL)
 def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    if out.shape[0] == 1:    # decode (matvec): token 0 as a constant, which the row kernel's addressing folds
-        for i in range(n):
-            row = start + i * row_bytes
-            out[0, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, 0, isa)
-        return
     tiled = out.shape[0] - out.shape[0] % TILE
     rest = out.shape[0] - tiled
     for i in range(n):
@@ -792,12 +794,14 @@ def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 
 
 @njit(**_KERNEL)
+def _one_token_rows_k4(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    for i in range(n):    # token 0 as a constant, which the row kernel's addressing folds
+        row = start + i * row_bytes
+        out[0, first + i] = _row_k4(kind, w, row, xq, k, x_scale, bias, 0, isa)
+
+
+@njit(**_KERNEL)
 def _rows_k4(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    if out.shape[0] == 1:    # decode (matvec): token 0 as a constant, which the row kernel's addressing folds
-        for i in range(n):
-            row = start + i * row_bytes
-            out[0, first + i] = _row_k4(kind, w, row, xq, k, x_scale, bias, 0, isa)
-        return
     tiled = out.shape[0] - out.shape[0] % TILE
     rest = out.shape[0] - tiled
     for i in range(n):
@@ -817,12 +821,14 @@ def _rows_k4(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, 
 
 
 @njit(**_KERNEL)
+def _one_token_rows_groups(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    for i in range(n):    # token 0 as a constant, which the row kernel's addressing folds
+        row = start + i * row_bytes
+        out[0, first + i] = _row_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, 0, isa)
+
+
+@njit(**_KERNEL)
 def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    if out.shape[0] == 1:    # decode (matvec): token 0 as a constant, which the row kernel's addressing folds
-        for i in range(n):
-            row = start + i * row_bytes
-            out[0, first + i] = _row_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, 0, isa)
-        return
     tiled = out.shape[0] - out.shape[0] % TILE
     rest = out.shape[0] - tiled
     for i in range(n):
@@ -842,13 +848,24 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 
 
 def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    """The rows of ``kind`` (a ``Kind`` constant): its family's row function, chosen at compile time, so a kernel
-    compiles only the kinds it is called with (a model's first run compiles its own 3-5 types, not all ten)."""
+    """The rows of ``kind`` (a ``Kind`` constant) for a few tokens (tiles): its family's row function, chosen at
+    compile time, so a kernel compiles only the kinds it is called with (a model's first run compiles its own 3-5
+    types, not all ten)."""
     raise NotImplementedError("decode._rows runs inside the compiled kernels only")
+
+
+def _one_token_rows(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    """``_rows`` for one token (decode): the family's row kernel alone, without the tiles (half the code to
+    compile for ``matvec``)."""
+    raise NotImplementedError("decode._one_token_rows runs inside the compiled kernels only")
 
 
 _FAMILY_ROWS = {0: _rows_legacy, 1: _rows_legacy, 2: _rows_legacy, 3: _rows_legacy, 4: _rows_legacy,
                 5: _rows_groups, 6: _rows_groups, 9: _rows_groups, 7: _rows_k4, 8: _rows_k4}
+_FAMILY_ONE_TOKEN_ROWS = {0: _one_token_rows_legacy, 1: _one_token_rows_legacy, 2: _one_token_rows_legacy,
+                          3: _one_token_rows_legacy, 4: _one_token_rows_legacy, 5: _one_token_rows_groups,
+                          6: _one_token_rows_groups, 9: _one_token_rows_groups, 7: _one_token_rows_k4,
+                          8: _one_token_rows_k4}
 
 
 @overload(_rows, inline="always")
@@ -859,6 +876,17 @@ def _rows_of_kind(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bs
 
     def rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
         family(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+    return rows
+
+
+@overload(_one_token_rows, inline="always")
+def _one_token_rows_of_kind(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    if not isinstance(kind, ConstantType) or kind.label != "kind":
+        return None
+    family = _FAMILY_ONE_TOKEN_ROWS[kind.code]
+
+    def rows(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+        family(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
     return rows
 
 
@@ -918,8 +946,8 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
         while first < last:
             m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
             n = min(last, matrix_first + row_counts[m]) - first
-            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, xq.view(np.uint8), xq.size,
-                  scales, sums, x_bsums, bias, rows, first, isa)
+            _one_token_rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, xq.size,
+                            scales, sums, x_bsums, bias, rows, first, isa)
             first += n
 
 
@@ -973,26 +1001,14 @@ sink_code = _constant_reader("sink")
 
 
 @njit(inline="always", **_KERNEL)
-def _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
-          offset_b, isa):
-    """One 32-value group (values ``base`` .. ``base + 31`` of the destination; row r's from ``row_base``): signed
-    byte quants ``q`` and, for each 16-value half, its scale and offset. ``_PANEL`` keeps ``lane_offset`` only
-    where it has room (the kinds with offsets: q4_1, q5_1, q2_K, q4_K, q5_K), one per 16 values."""
-    if sink_code(sink) == 0:
-        store_scaled(floats, base, q, scale_a, scale_b, offset_a, offset_b)
-        return
-    if sink_code(sink) == 2:
-        # row-interleaved (gemm.py's prompt kernel), 16 rows: dword j of every row side by side, as unsigned
-        # q + 128 (quants[64 j + 4 r:64 j + 4 r + 4] = row r's values 4j .. 4j + 3; the kernel takes 128 * the
-        # token's sums back out), and per 16 values h the rows' scale and offset at [16 h + r]
-        v = base - row_base
-        store_dwords(quants, 16 * v + 4 * r, 64, add_bytes(q, splat_bytes(-128)))
-        h = v // 16
-        lane_scale[16 * h + r] = scale_a
-        lane_scale[16 * h + 16 + r] = scale_b
-        lane_offset[16 * h + r] = offset_a
-        lane_offset[16 * h + 16 + r] = offset_b
-        return
+def _emit_floats(floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
+                 offset_b, isa):
+    store_scaled(floats, base, q, scale_a, scale_b, offset_a, offset_b)
+
+
+@njit(inline="always", **_KERNEL)
+def _emit_panel(floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
+                offset_b, isa):
     store_32_bytes(quants, base, q)
     store_8_i32(bias, base // 4, minus_128_sums(q, isa))
     store_halves_f32x8(lane_scale, base // 4, scale_a, scale_b)
@@ -1002,130 +1018,218 @@ def _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, row_base, base
 
 
 @njit(inline="always", **_KERNEL)
+def _emit_row_panel(floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
+                    offset_b, isa):
+    # row-interleaved (gemm.py's prompt kernel), 16 rows: dword j of every row side by side, as unsigned
+    # q + 128 (quants[64 j + 4 r:64 j + 4 r + 4] = row r's values 4j .. 4j + 3; the kernel takes 128 * the
+    # token's sums back out), and per 16 values h the rows' scale and offset at [16 h + r]
+    v = base - row_base
+    store_dwords(quants, 16 * v + 4 * r, 64, add_bytes(q, splat_bytes(-128)))
+    h = v // 16
+    lane_scale[16 * h + r] = scale_a
+    lane_scale[16 * h + 16 + r] = scale_b
+    lane_offset[16 * h + r] = offset_a
+    lane_offset[16 * h + 16 + r] = offset_b
+
+
+def _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
+          offset_b, isa):
+    """One 32-value group (values ``base`` .. ``base + 31`` of the destination; row r's from ``row_base``): signed
+    byte quants ``q`` and, for each 16-value half, its scale and offset, into ``sink``'s arrays. ``_PANEL`` keeps
+    ``lane_offset`` only where it has room (the kinds with offsets: q4_1, q5_1, q2_K, q4_K, q5_K), one per 16
+    values. The sink's function is chosen at compile time (``_emit_of_sink``)."""
+    raise NotImplementedError("decode._emit runs inside the compiled kernels only")
+
+
+_SINK_EMIT = {0: _emit_floats, 1: _emit_panel, 2: _emit_row_panel}
+
+
+@overload(_emit, inline="always")
+def _emit_of_sink(sink, floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b,
+                  offset_a, offset_b, isa):
+    if not isinstance(sink, ConstantType) or sink.label != "sink":
+        return None
+    emit = _SINK_EMIT[sink.code]
+
+    def chosen(sink, floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b,
+               offset_a, offset_b, isa):
+        emit(floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
+             offset_b, isa)
+    return chosen
+
+
+@njit(inline="always", **_KERNEL)
+def _walk_legacy(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+    """Values v0 .. v1 of the row at byte ``row`` (destination from ``base``) of a legacy kind: blocks of 32."""
+    kc = kind_code(kind)
+    zero = np.float32(0.0)
+    for b in range(v0 // 32, v1 // 32):
+        if kc == 0:
+            o = row + 18 * b
+            d = load_f16(w, o)
+            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                  add_bytes(_q4_quants(w, o + 2), splat_bytes(-8)), d, d, zero, zero, isa)
+        elif kc == 1:
+            o = row + 20 * b
+            d = load_f16(w, o)
+            m = -load_f16(w, o + 2)
+            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                  _q4_quants(w, o + 4), d, d, m, m, isa)
+        elif kc == 2:
+            o = row + 22 * b
+            d = load_f16(w, o)
+            q = _q5_quants(w, o + 2)
+            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                  add_bytes(q, splat_bytes(-16)), d, d, zero, zero, isa)
+        elif kc == 3:
+            o = row + 24 * b
+            d = load_f16(w, o)
+            m = -load_f16(w, o + 2)
+            q = _q5_quants(w, o + 4)
+            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b, q,
+                  d, d, m, m, isa)
+        else:
+            o = row + 34 * b
+            d = load_f16(w, o)
+            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
+                  load_32_bytes(w, o + 2), d, d, zero, zero, isa)
+
+
+@njit(inline="always", **_KERNEL)
+def _walk_k4(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+    """q4_K, q5_K: super-blocks of 256, eight groups of 32 with six-bit scales and mins."""
+    kc = kind_code(kind)
+    for b in range(v0 // 256, v1 // 256):
+        x = base + 256 * b
+        size = 144 if kc == 7 else 176
+        o = row + size * b
+        d = load_f16(w, o)
+        dmin = load_f16(w, o + 2)
+        words = _scale_min_words(w, o + 4)
+        for c in range(4):
+            scales = words[c // 2] >> (16 * (c & 1))
+            mins = words[2 + c // 2] >> (16 * (c & 1))
+            if kc == 7:
+                packed = load_32_bytes(w, o + 16 + 32 * c)
+                low = low_nibbles(packed)
+                high = shift_right_and(packed, 4, 15)
+            else:
+                packed = load_32_bytes(w, o + 48 + 32 * c)
+                bits = load_32_bytes(w, o + 16)
+                low = _with_fifth_bit(low_nibbles(packed), bits, 2 * c)
+                high = _with_fifth_bit(shift_right_and(packed, 4, 15), bits, 2 * c + 1)
+            d1 = d * np.float32(scales & 0xFF)
+            m1 = dmin * np.float32(mins & 0xFF)
+            d2 = d * np.float32((scales >> 8) & 0xFF)
+            m2 = dmin * np.float32((mins >> 8) & 0xFF)
+            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c, low,
+                  d1, d1, m1, m1, isa)
+            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c + 32,
+                  high, d2, d2, m2, m2, isa)
+
+
+@njit(inline="always", **_KERNEL)
+def _walk_q6_K(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+    zero = np.float32(0.0)
+    for b in range(v0 // 256, v1 // 256):
+        x = base + 256 * b
+        o = row + 210 * b
+        d = load_f16(w, o + 208)
+        for n in range(2):
+            low_a = load_32_bytes(w, o + 64 * n)
+            low_b = load_32_bytes(w, o + 64 * n + 32)
+            top = load_32_bytes(w, o + 128 + 32 * n)
+            s = o + 192 + 8 * n
+            minus32 = splat_bytes(-32)
+            for part in range(4):
+                if part == 0:
+                    q = _q6_K_quants(low_nibbles(low_a), top, 0)
+                elif part == 1:
+                    q = _q6_K_quants(low_nibbles(low_b), top, 2)
+                elif part == 2:
+                    q = _q6_K_quants(shift_right_and(low_a, 4, 15), top, 4)
+                else:
+                    q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
+                scale_a = d * np.float32(np.int8(w[s + 2 * part]))
+                scale_b = d * np.float32(np.int8(w[s + 2 * part + 1]))
+                _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * part,
+                      add_bytes(q, minus32), scale_a, scale_b, zero, zero, isa)
+
+
+@njit(inline="always", **_KERNEL)
+def _walk_q3_K(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+    zero = np.float32(0.0)
+    for b in range(v0 // 256, v1 // 256):
+        x = base + 256 * b
+        o = row + 110 * b
+        d = load_f16(w, o + 108)
+        hmask = load_32_bytes(w, o)
+        words = _q3_K_scale_words(w, o + 96)
+        for n in range(2):
+            packed = load_32_bytes(w, o + 32 + 32 * n)
+            for j in range(4):
+                g = 8 * n + 2 * j
+                q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
+                pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
+                scale_a = d * np.float32((pair & 0xFF) - 32)
+                scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)
+                _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                      add_bytes(q, splat_bytes(-4)), scale_a, scale_b, zero, zero, isa)
+
+
+@njit(inline="always", **_KERNEL)
+def _walk_q2_K(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+    for b in range(v0 // 256, v1 // 256):
+        x = base + 256 * b
+        o = row + 84 * b
+        d = load_f16(w, o + 80)
+        dmin = load_f16(w, o + 82)
+        for n in range(2):
+            packed = load_32_bytes(w, o + 16 + 32 * n)
+            for j in range(4):
+                s = o + 8 * n + 2 * j
+                scale_a = d * np.float32(np.int32(w[s]) & 15)
+                scale_b = d * np.float32(np.int32(w[s + 1]) & 15)
+                min_a = dmin * np.float32(np.int32(w[s]) >> 4)
+                min_b = dmin * np.float32(np.int32(w[s + 1]) >> 4)
+                _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                      shift_right_and(packed, 2 * j, 3), scale_a, scale_b, min_a, min_b, isa)
+
+
+def _walk_slice(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+    """Values v0 .. v1 (multiples of the kind's block) of the row at byte ``row`` into ``sink``: the kind's own
+    walk, chosen at compile time (``_walk_of_kind``), so that a kernel types and compiles one format's code and
+    one sink's, not all ten and all three (a dequantizer took 11 s to compile per type on a Zen 3 before)."""
+    raise NotImplementedError("decode._walk_slice runs inside the compiled kernels only")
+
+
+_KIND_WALK = {0: _walk_legacy, 1: _walk_legacy, 2: _walk_legacy, 3: _walk_legacy, 4: _walk_legacy,
+              5: _walk_q2_K, 6: _walk_q3_K, 7: _walk_k4, 8: _walk_k4, 9: _walk_q6_K}
+
+
+@overload(_walk_slice, inline="always")
+def _walk_of_kind(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+    if not isinstance(kind, ConstantType) or kind.label != "kind":
+        return None
+    walk = _KIND_WALK[kind.code]
+
+    def chosen(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+        walk(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa)
+    return chosen
+
+
+@njit(inline="always", **_KERNEL)
 def _walk_rows(kind, w, start, row_bytes, n_rows, k, sink, floats, quants, bias, lane_scale, lane_offset, isa):
     """Every group of ``n_rows`` rows (from byte ``start`` of ``w``, ``row_bytes`` apart) into ``sink``; row r's
     values go to r * k .. r * k + k - 1 of the destination."""
-    kc = kind_code(kind)
-    zero = np.float32(0.0)
     # the row panel interleaves its rows: it is written 256 values of every row at a time, so that the panel's
     # bytes for those (4 KiB) stay in L1 while the rows fill them
     slice_values = 256 if sink_code(sink) == 2 else k
     for v0 in range(0, k, slice_values):
         v1 = min(k, v0 + slice_values)
         for r in range(n_rows):
-            row = start + r * row_bytes
-            base = r * k
-            if kc <= 4:     # legacy: blocks of 32
-                for b in range(v0 // 32, v1 // 32):
-                    if kc == 0:
-                        o = row + 18 * b
-                        d = load_f16(w, o)
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
-                              add_bytes(_q4_quants(w, o + 2), splat_bytes(-8)), d, d, zero, zero, isa)
-                    elif kc == 1:
-                        o = row + 20 * b
-                        d = load_f16(w, o)
-                        m = -load_f16(w, o + 2)
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
-                              _q4_quants(w, o + 4), d, d, m, m, isa)
-                    elif kc == 2:
-                        o = row + 22 * b
-                        d = load_f16(w, o)
-                        q = _q5_quants(w, o + 2)
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
-                              add_bytes(q, splat_bytes(-16)), d, d, zero, zero, isa)
-                    elif kc == 3:
-                        o = row + 24 * b
-                        d = load_f16(w, o)
-                        m = -load_f16(w, o + 2)
-                        q = _q5_quants(w, o + 4)
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b, q,
-                              d, d, m, m, isa)
-                    else:
-                        o = row + 34 * b
-                        d = load_f16(w, o)
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, base + 32 * b,
-                              load_32_bytes(w, o + 2), d, d, zero, zero, isa)
-                continue
-            for b in range(v0 // 256, v1 // 256):
-                x = base + 256 * b
-                if kc == 7 or kc == 8:     # q4_K, q5_K
-                    size = 144 if kc == 7 else 176
-                    o = row + size * b
-                    d = load_f16(w, o)
-                    dmin = load_f16(w, o + 2)
-                    words = _scale_min_words(w, o + 4)
-                    for c in range(4):
-                        scales = words[c // 2] >> (16 * (c & 1))
-                        mins = words[2 + c // 2] >> (16 * (c & 1))
-                        if kc == 7:
-                            packed = load_32_bytes(w, o + 16 + 32 * c)
-                            low = low_nibbles(packed)
-                            high = shift_right_and(packed, 4, 15)
-                        else:
-                            packed = load_32_bytes(w, o + 48 + 32 * c)
-                            bits = load_32_bytes(w, o + 16)
-                            low = _with_fifth_bit(low_nibbles(packed), bits, 2 * c)
-                            high = _with_fifth_bit(shift_right_and(packed, 4, 15), bits, 2 * c + 1)
-                        d1 = d * np.float32(scales & 0xFF)
-                        m1 = dmin * np.float32(mins & 0xFF)
-                        d2 = d * np.float32((scales >> 8) & 0xFF)
-                        m2 = dmin * np.float32((mins >> 8) & 0xFF)
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c, low,
-                              d1, d1, m1, m1, isa)
-                        _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 64 * c + 32,
-                              high, d2, d2, m2, m2, isa)
-                elif kc == 9:                # q6_K
-                    o = row + 210 * b
-                    d = load_f16(w, o + 208)
-                    for n in range(2):
-                        low_a = load_32_bytes(w, o + 64 * n)
-                        low_b = load_32_bytes(w, o + 64 * n + 32)
-                        top = load_32_bytes(w, o + 128 + 32 * n)
-                        s = o + 192 + 8 * n
-                        minus32 = splat_bytes(-32)
-                        for part in range(4):
-                            if part == 0:
-                                q = _q6_K_quants(low_nibbles(low_a), top, 0)
-                            elif part == 1:
-                                q = _q6_K_quants(low_nibbles(low_b), top, 2)
-                            elif part == 2:
-                                q = _q6_K_quants(shift_right_and(low_a, 4, 15), top, 4)
-                            else:
-                                q = _q6_K_quants(shift_right_and(low_b, 4, 15), top, 6)
-                            scale_a = d * np.float32(np.int8(w[s + 2 * part]))
-                            scale_b = d * np.float32(np.int8(w[s + 2 * part + 1]))
-                            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * part,
-                                  add_bytes(q, minus32), scale_a, scale_b, zero, zero, isa)
-                elif kc == 6:                # q3_K
-                    o = row + 110 * b
-                    d = load_f16(w, o + 108)
-                    hmask = load_32_bytes(w, o)
-                    words = _q3_K_scale_words(w, o + 96)
-                    for n in range(2):
-                        packed = load_32_bytes(w, o + 32 + 32 * n)
-                        for j in range(4):
-                            g = 8 * n + 2 * j
-                            q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
-                            pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
-                            scale_a = d * np.float32((pair & 0xFF) - 32)
-                            scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)
-                            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
-                                  add_bytes(q, splat_bytes(-4)), scale_a, scale_b, zero, zero, isa)
-                else:                          # q2_K
-                    o = row + 84 * b
-                    d = load_f16(w, o + 80)
-                    dmin = load_f16(w, o + 82)
-                    for n in range(2):
-                        packed = load_32_bytes(w, o + 16 + 32 * n)
-                        for j in range(4):
-                            s = o + 8 * n + 2 * j
-                            scale_a = d * np.float32(np.int32(w[s]) & 15)
-                            scale_b = d * np.float32(np.int32(w[s + 1]) & 15)
-                            min_a = dmin * np.float32(np.int32(w[s]) >> 4)
-                            min_b = dmin * np.float32(np.int32(w[s + 1]) >> 4)
-                            _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
-                                  shift_right_and(packed, 2 * j, 3), scale_a, scale_b, min_a, min_b, isa)
+            _walk_slice(kind, w, start + r * row_bytes, r * k, r, v0, v1, sink, floats, quants, bias, lane_scale,
+                        lane_offset, isa)
 
 
 @njit(nogil=True, **_KERNEL)
