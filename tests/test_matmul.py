@@ -164,6 +164,23 @@ def test_one_dimensional_input_and_out_argument(rng):
     np.testing.assert_array_equal(out[0], y)
 
 
+@pytest.mark.parametrize("name", LEGACY + list(KQUANTS))
+def test_one_token_on_the_calling_thread_equals_the_parallel_launch(name, rng, monkeypatch):
+    """Small one-token products run on the calling thread (decode.matvec_here), larger ones in a parallel launch
+    (decode.matvec): the same row kernel, the same bits."""
+    import ggml_backend.quant.matmul as matmul_module
+    if matmul_module.KERNEL_ISA is None:
+        pytest.skip("the generic kernels have no calling-thread variant")
+    weight_bytes = kquant_weights(name) if name in KQUANTS else legacy_weights(name, rng)
+    x = rng.standard_normal(weight_bytes.shape[1] // get_type(name).type_size * get_type(name).block_size)
+    results = []
+    for limit in (0, 1 << 30):        # nothing on the calling thread, then everything
+        monkeypatch.setattr(matmul_module, "HERE_MAX_BYTES", limit)
+        results.append(matmul(name, weight_bytes, x.astype(np.float32), method="int"))
+    np.testing.assert_array_equal(results[0], results[1])
+    assert np.all(np.isfinite(results[0])) and np.any(results[0] != 0)
+
+
 def test_thread_counts_give_identical_results(rng):
     weight_bytes = kquant_weights("q6_K")
     x = rng.standard_normal((3, weight_bytes.shape[1] // 210 * 256)).astype(np.float32)

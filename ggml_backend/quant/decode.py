@@ -951,6 +951,22 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
             first += n
 
 
+@njit(nogil=True, **_KERNEL)
+def matvec_here(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, isa):
+    """``matvec`` on the calling thread, without a parallel launch: for the small matrices of a decode step (q, k,
+    v, the attention output: 0.1-0.7 MB), where waking the other threads costs as much as the rows. The same row
+    kernel, so the same numbers."""
+    bias = _per_row_terms(kind, xq, x_bsums, isa)
+    rows = out.reshape(1, out.size)
+    scales = x_scale.reshape(1, x_scale.size)
+    sums = x_sums.reshape(1, x_sums.size)
+    first = 0
+    for m in range(row_counts.size):
+        _one_token_rows(kind, w, starts[m], row_bytes, row_counts[m], xq, xq.size, scales, sums, x_bsums, bias, rows,
+                        first, isa)
+        first += row_counts[m]
+
+
 @njit(parallel=True, nogil=True, **_KERNEL)
 def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
     """``matvec`` for a few tokens: ``xq`` [n_tokens, k], ``x_scale`` / ``x_sums`` / ``x_bsums`` one row per token,
