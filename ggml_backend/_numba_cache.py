@@ -20,23 +20,20 @@ import os
 
 LOCK_NAME = "ggml_backend-cache.lock"
 
-_installed = False
-
 
 def serialize_cache_saves() -> bool:
-    """Wrap numba's cache save in an exclusive file lock (once per process); True when it is in place."""
-    global _installed
-    if _installed:
-        return True
+    """Wrap numba's cache save in an exclusive file lock (once per process: the wrapper is marked); True when it is
+    in place."""
     try:
         import fcntl
         from numba.core.caching import IndexDataCacheFile
     except ImportError:
         return False
     save = getattr(IndexDataCacheFile, "save", None)
-    if save is None or getattr(save, "_ggml_backend_locked", False):
-        _installed = save is not None
-        return _installed
+    if save is None:
+        return False
+    if getattr(save, "_ggml_backend_locked", False):
+        return True
 
     @functools.wraps(save)
     def locked_save(self, key, data):
@@ -52,5 +49,4 @@ def serialize_cache_saves() -> bool:
 
     locked_save._ggml_backend_locked = True
     IndexDataCacheFile.save = locked_save
-    _installed = True
     return True

@@ -2,16 +2,17 @@
 lock file in the cache folder, which another process (here: another open file description) may hold."""
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 
 import pytest
+from numba.core import caching
 
 import ggml_backend.quant  # noqa: F401  (installs the lock)
 from ggml_backend._numba_cache import LOCK_NAME, serialize_cache_saves
 
-caching = pytest.importorskip("numba.core.caching")
+fcntl = pytest.importorskip("fcntl", reason="the cache lock is a POSIX flock; without fcntl (Windows) numba's save "
+                                            "is left as it is")
 
 
 def test_the_lock_is_installed_once():
