@@ -274,6 +274,14 @@ tile_size = _constant_reader("tile_size")
 # alternating runs); the kinds that do more work per byte (q5_0) were slower with it.
 _STREAM_AHEAD = 2048
 
+@njit(inline="always", **_KERNEL)
+def _prefetch_ahead(w, o, n_lines):
+    """Ask for the ``n_lines`` cache lines ``_STREAM_AHEAD`` bytes past byte ``o`` of ``w`` (n_lines: a constant
+    per kernel, the lines one block or super-block spans)."""
+    for line in range(n_lines):
+        prefetch(w, o + _STREAM_AHEAD + 64 * line)
+
+
 @njit(**_KERNEL)
 def _legacy_block(kind, w, row, b):
     """Block ``b`` of the row at byte ``row``: (32 quants as bytes, d, m); m is 0 for the kinds without one."""
@@ -291,7 +299,7 @@ def _legacy_block(kind, w, row, b):
         o = row + 24 * b
         return _q5_quants(w, o + 4), load_f16(w, o), load_f16(w, o + 2)
     o = row + 34 * b
-    prefetch(w, o + _STREAM_AHEAD)
+    _prefetch_ahead(w, o, 1)
     return load_32_bytes(w, o + 2), load_f16(w, o), np.float32(0.0)
 
 
@@ -489,9 +497,7 @@ def _row_k4(kind, w, start, xq, k, x_scale, sums32, t, isa):
     mins = np.float32(0.0)
     for b in range(x_scale.shape[1]):
         o = start + size * b
-        prefetch(w, o + _STREAM_AHEAD)
-        prefetch(w, o + _STREAM_AHEAD + 64)
-        prefetch(w, o + _STREAM_AHEAD + 128)
+        _prefetch_ahead(w, o, 3)
         sumi = zero_i32x8()
         min_total = 0
         for c in range(4):
@@ -719,10 +725,7 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
     for b in range(x_scale.shape[1]):
         o = start + size * b
         if kc == 9:
-            prefetch(w, o + _STREAM_AHEAD)
-            prefetch(w, o + _STREAM_AHEAD + 64)
-            prefetch(w, o + _STREAM_AHEAD + 128)
-            prefetch(w, o + _STREAM_AHEAD + 192)
+            _prefetch_ahead(w, o, 4)
         i0, i1, i2, i3 = _super_block_dots(kind, w, o, xq, t * k + 256 * b, bias, t * (k // 4) + 64 * b, k,
                                            width, isa)
         d = _k_group_d(kind, w, o)
