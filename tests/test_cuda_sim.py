@@ -235,7 +235,7 @@ if KERNEL_TESTS:
         np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
 
     def test_rms_norm_rope_and_glu_match_the_cpu():
-        from ggml_backend.model.forward import gelu_tanh, rms_norm, silu
+        from ggml_backend.model.forward import gelu_tanh, rms_norm, swiglu
         from ggml_backend.model.rope import apply_rope, rope_cos_sin
         rng = np.random.default_rng(5)
         x = rng.standard_normal((3, 2, 16)).astype(np.float32)
@@ -251,7 +251,7 @@ if KERNEL_TESTS:
         gate = (rng.standard_normal((2, 40)) * 4).astype(np.float32)
         gate[0, :2] = (-11.0, 12.0)                      # GELU's two cut-offs
         up = rng.standard_normal((2, 40)).astype(np.float32)
-        for activation, reference in (("silu", silu(gate.copy()) * up), ("gelu", gelu_tanh(gate.copy()) * up)):
+        for activation, reference in (("silu", swiglu(gate, up)), ("gelu", gelu_tanh(gate.copy()) * up)):
             device_gate = cuda.to_device(gate)
             K.glu(device_gate, cuda.to_device(up), activation)
             np.testing.assert_allclose(device_gate.copy_to_host(), reference, rtol=2e-6, atol=1e-6)

@@ -17,6 +17,7 @@ from .._allocator import large_pass, reuse_freed_memory
 from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
 from ..quant.blocks import HALF_TO_FLOAT
+from ..quant.simd import exponent_plus, float_from_bits, fma_f32
 from ..quant.matmul import BLAS_MIN_TOKENS, WeightMatrix, matmul_many, single_threaded_blas
 from .attention import SequencesAttention, attention
 from .batching import ForwardBatcher, batch_invariant
@@ -108,15 +109,71 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    """x / (1 + exp(-x)), in one temporary (a prompt batch's gate is [512, n_ff] float32: tens of MB each). numpy,
-    whose float32 exp is its own vectorized one: a numba SwiGLU with a polynomial exp took 33 ms instead of about
-    100 per 256-token prompt, but moved Qwen's short perplexity run from -0.19% to +0.29% of llama.cpp's (each value
-    within 2e-6 of the float64 formula: that run's sensitivity)."""
-    out = np.negative(x)
-    np.exp(out, out=out)
-    out += np.float32(1.0)
-    return np.divide(x, out, out=out)
+# e^x as ggml's CPU kernels compute it on AVX2 (and NEON, SSE2 with FMA: the same operations), from Arm's
+# optimized routines: x = n ln2 + b with n an integer (rounded by adding 1.5 * 2^23), e^b by a polynomial of
+# degree 5, then 2^n put in the exponent bits; |n| > 126 scales in two steps, |n| > 192 gives inf or 0. Within
+# 1.45 ulp + 0.5 of e^x; llama.cpp's SwiGLU runs it, so the same operations keep our activations on its bits
+# (numpy's exp, correctly rounded, moved some of them by an ulp; it was also 6x slower here: 12 us for
+# Qwen's 4,864 values on a Zen 3). ggml's AVX-512 variant rounds its last step differently (by about an ulp).
+_EXP_SHIFTER = np.float32(float.fromhex("0x1.8p23"))
+_EXP_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
+_EXP_LN2_HIGH = np.float32(float.fromhex("0x1.62e4p-1"))
+_EXP_LN2_LOW = np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_EXP_C0 = np.float32(float.fromhex("0x1.ffffecp-1"))
+_EXP_C1 = np.float32(float.fromhex("0x1.fffdb6p-2"))
+_EXP_C2 = np.float32(float.fromhex("0x1.555e66p-3"))
+_EXP_C3 = np.float32(float.fromhex("0x1.573e2ep-5"))
+_EXP_C4 = np.float32(float.fromhex("0x1.0e4020p-7"))
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _exp_ggml(x):
+    z = fma_f32(x, _EXP_LOG2E, _EXP_SHIFTER)
+    n = z - _EXP_SHIFTER
+    b = fma_f32(-n, _EXP_LN2_LOW, fma_f32(-n, _EXP_LN2_HIGH, x))          # x - n ln2, in two parts
+    u = b * b
+    j = fma_f32(fma_f32(fma_f32(_EXP_C4, b, _EXP_C3), u, fma_f32(_EXP_C2, b, _EXP_C1)), u, _EXP_C0 * b)
+    k = exponent_plus(z, 0x3F800000)                                       # 2^n
+    g = 0x82000000 if n <= np.float32(0.0) else 0                          # past 2^126: 2^n as s1 * s2
+    s1 = float_from_bits(g + 0x7F000000)
+    s2 = exponent_plus(z, -g)
+    far = abs(n) > np.float32(126.0)
+    # selects, not branches, so that LLVM vectorizes the loop (as ggml blends its lanes)
+    return (s1 * s1 if abs(n) > np.float32(192.0) else fma_f32(s2, j, s2) * s1) if far else fma_f32(k, j, k)
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _swiglu_row(gate, up, out, r):
+    for i in range(gate.shape[1]):
+        x = gate[r, i]
+        out[r, i] = (x / (np.float32(1.0) + _exp_ggml(-x))) * up[r, i]
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")   # numpy: no zero-division branch
+def _swiglu_parallel(gate, up, out):
+    for r in prange(gate.shape[0]):
+        _swiglu_row(gate, up, out, r)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _swiglu_serial(gate, up, out):
+    for r in range(gate.shape[0]):
+        _swiglu_row(gate, up, out, r)
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """silu(gate) * up with silu(x) = x / (1 + e^-x), as llama.cpp's SwiGLU computes it (e^-x by ggml's
+    ``_exp_ggml`` above); both [n, n_ff] float32. ``out`` may be ``gate`` (in place). Each row's numbers are the
+    same whether it is computed alone or with others (elementwise; the serial and parallel builds run one row
+    function)."""
+    if gate.shape != up.shape or gate.ndim != 2:
+        raise ValueError(f"swiglu: gate {gate.shape} and up {up.shape} must be the same 2-D shape")
+    gate = np.ascontiguousarray(gate, dtype=np.float32)
+    up = np.ascontiguousarray(up, dtype=np.float32)
+    out = np.empty_like(gate) if out is None else out
+    kernel = _swiglu_parallel if gate.shape[0] >= _PARALLEL_ROWS else _swiglu_serial
+    kernel(gate, up, out)
+    return out
 
 
 def _gelu_f32(x: np.ndarray) -> np.ndarray:
@@ -311,8 +368,11 @@ class Model:
             # --- feed-forward ---
             h = rms_norm(x, layer.ffn_norm, hp.rms_eps)
             gate, up = project(h, layer.w_gate, layer.w_up)
-            act = silu(gate) if hp.arch.ffn_activation == "silu" else gelu_tanh(gate)
-            act *= up
+            if hp.arch.ffn_activation == "silu":
+                act = swiglu(gate, up, out=gate)
+            else:
+                act = gelu_tanh(gate)
+                act *= up
             ffn_out = layer.w_down(act)
             if layer.post_ffn_norm is not None:
                 ffn_out = rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)

@@ -665,6 +665,34 @@ def float_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
+
+@intrinsic
+def exponent_plus(typingctx, value, addend):
+    """The float32 whose bits are ``value``'s bits shifted left by 23, plus ``addend``, in 32-bit wrapping
+    arithmetic: ``value`` = 1.5 * 2^23 + n puts the integer n in the exponent field (2^n for addend 1.0's bits),
+    as ggml's vectorized exp does with ``_mm256_slli_epi32`` / ``_mm256_add_epi32``. In 32 bits so that LLVM
+    vectorizes it eight lanes to a register (numba's own integers are 64-bit)."""
+    if value != types.float32 or not isinstance(addend, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        field = builder.shl(builder.bitcast(args[0], _I32), ir.Constant(_I32, 23))
+        addend32 = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int64), _I32)
+        return builder.bitcast(builder.add(field, addend32), _F32)
+    return types.float32(value, addend), codegen
+
+
+@intrinsic
+def fma_f32(typingctx, a, b, c):
+    """``a * b + c`` rounded once (``llvm.fma.f32``: ``vfmadd`` with FMA, which LLVM vectorizes in loops; a
+    correctly rounded library call without), as C's ``fmaf`` and the ``_mm256_fmadd_ps`` of ggml's kernels."""
+    if a != types.float32 or b != types.float32 or c != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.call(_function(builder, "llvm.fma.f32", _F32, [_F32] * 3), list(args))
+    return types.float32(a, b, c), codegen
+
 # ----------------------------------------------------------------------------------------------------------------
 # 512-bit vectors: the prompt GEMM (gemm.py). One ``I8x64`` holds two 32-value groups; ``dot_u8_i8_x64`` sums four
 # byte products per int32 lane as ``dot_u8_i8`` does, so lanes 0-7 belong to the first group and 8-15 to the
