@@ -107,10 +107,11 @@ class Llama:
     ``rope_freq_base=0`` and ``rope_freq_scale=0`` mean "from the file"; ``seed`` -1 or ``LLAMA_DEFAULT_SEED``
     means a random seed. ``n_gpu_layers`` (-1: all) puts the last layers (all of them: and the output layer) on
     NVIDIA GPU ``main_gpu`` with numba's CUDA kernels (the ``cuda`` extra; see ``ggml_backend.cuda``); without
-    CUDA it says so once and runs on the CPU. Accepted and inert, because this engine has its own memory layout:
-    ``tensor_split``, ``use_mmap`` (the file is always memory-mapped),
-    ``use_mlock``, ``n_ubatch``, ``n_threads_batch`` (``n_threads`` serves both), ``offload_kqv``, ``flash_attn``,
-    ``op_offload``, ``swa_full``, ``no_perf``, ``lora_scale`` (without ``lora_path``). ``type_k``/``type_v``: the KV
+    CUDA it says so once and runs on the CPU. ``use_mmap=False`` reads the file into memory instead of mapping it,
+    on huge pages where Linux has them (faster decode, slower load: see ``formats/resident.py``); a MemoryError
+    if the memory available cannot hold it. Accepted and inert, because this engine has its own memory layout:
+    ``tensor_split``, ``use_mlock``, ``n_ubatch``, ``n_threads_batch`` (``n_threads`` serves both), ``offload_kqv``,
+    ``flash_attn``, ``op_offload``, ``swa_full``, ``no_perf``, ``lora_scale`` (without ``lora_path``). ``type_k``/``type_v``: the KV
     cache's types, ggml type ids or names: f16 (1, the default, as llama.cpp's), f32 (0) or q8_0 (8; llama.cpp
     takes a q8_0 ``type_v`` only with flash attention, we take it always). Refused with ``NotImplementedError`` when not at their default:
     ``split_mode``, ``vocab_only``, ``kv_overrides``, ``rope_scaling_type``, ``pooling_type``, ``attention_type``,
@@ -185,7 +186,7 @@ class Llama:
             model_path = default_model_path(progress=verbose)
         self.model_path = str(model_path)
         self.verbose = verbose
-        self.model_file = load(model_path, n_head_kv=n_head_kv, rms_eps=rms_norm_eps)
+        self.model_file = load(model_path, n_head_kv=n_head_kv, rms_eps=rms_norm_eps, in_memory=not use_mmap)
         # one validation pass over the file's hyper-parameters and tensors, and the memory asked, before allocating
         self.hparams = build_hparams(self.model_file, rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
         self._n_ctx = n_ctx or self.hparams.n_ctx_train

@@ -42,6 +42,8 @@ def add_model_arguments(parser) -> None:
     add_option(parser, "-ngl", "--n-gpu-layers", "--gpu-layers", type=int, default=0,
                help="layers to offload to an NVIDIA GPU, the last ones (-1: all, and the output layer); needs the "
                     "cuda extra, else runs on the CPU (default: 0)")
+    add_option(parser, "--no-mmap", action="store_true",
+               help="read the model file into memory (huge pages: faster decode, slower load) instead of mapping it")
     add_option(parser, "-mg", "--main-gpu", type=int, default=0, help="the GPU to use (default: 0)")
     add_option(parser, "--rope-freq-base", type=float, default=0.0, help="RoPE base frequency (0 = from the file)")
     add_option(parser, "--rope-freq-scale", type=float, default=0.0,
@@ -258,7 +260,8 @@ def load_model(args, log: InfoLog) -> TimedLlama:
     return TimedLlama(model_path, n_ctx=args.ctx_size, n_threads=args.threads, n_batch=args.batch_size,
                       n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu, seed=args.seed,
                       rope_freq_base=args.rope_freq_base, rope_freq_scale=args.rope_freq_scale, verbose=log.enabled, chat_format=args.chat_template,
-                      n_head_kv=n_head_kv, type_k=args.cache_type_k, type_v=args.cache_type_v)
+                      n_head_kv=n_head_kv, type_k=args.cache_type_k, type_v=args.cache_type_v,
+                      use_mmap=not args.no_mmap)
 
 
 def eog_bias(llm: Llama) -> dict[int, float]:

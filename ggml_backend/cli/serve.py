@@ -51,6 +51,8 @@ def add_arguments(parser) -> None:
                         help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                         help="layers to offload to an NVIDIA GPU (-1: all); needs the cuda extra, else the CPU")
+    parser.add_argument("--no-mmap", action="store_true",
+                        help="read the model file into memory (huge pages: faster decode, slower load) instead of mapping it")
     parser.add_argument("-mg", "--main-gpu", type=int, default=0, metavar="I", help="the GPU to use (default 0)")
     ray = parser.add_argument_group("Ray Serve (pip install 'ggml-backend[ray]')")
     ray.add_argument("--ray", action="store_true",
@@ -81,7 +83,7 @@ def build_config(args):
     defaults = ModelConfig(alias=args.alias or _alias_of(args.model), path=args.model, n_ctx=args.ctx_size,
                            n_parallel=args.parallel, chat_template=args.chat_template, n_threads=args.threads,
                            cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
-                           n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu)
+                           n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu, use_mmap=not args.no_mmap)
     models = load_models_file(args.models, defaults) if args.models else [defaults]
     api_key = args.api_key or os.environ.get("GGML_BACKEND_API_KEY") or None
     generated = False

@@ -1,6 +1,7 @@
 """Model files: GGUF (v2, v3) and legacy GGML (ggjt v1-v3, ggmf, ggml) readers and writers.
 
-``load(path)`` opens either kind and returns a ``ModelFile`` whose tensors are views into one read-only memmap.
+``load(path)`` opens either kind and returns a ``ModelFile`` whose tensors are views into one read-only memmap
+(``in_memory=True``: into one read-only copy of the file on huge pages; see resident.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from .errors import (BadMagicError, CorruptFileError, ModelFileError, TruncatedF
                      UnsupportedVersionError)
 from .ggml import GGML_MAGICS, read_ggml, write_ggml
 from .gguf import GGUF_MAGIC, GGUFValueType, read_gguf, write_gguf
+from .resident import read_into_memory
 from .model_file import ModelFile, Tensor, Vocab, ggml_name_from_gguf, gguf_name_from_ggml
 
 __all__ = ["load", "write_gguf", "write_ggml", "ModelFile", "Tensor", "Vocab", "GGUFValueType",
@@ -20,7 +22,7 @@ __all__ = ["load", "write_gguf", "write_ggml", "ModelFile", "Tensor", "Vocab", "
 
 
 def load(path, n_head_kv: int | None = None, *, context_length: int | None = None,
-         rms_eps: float | None = None) -> ModelFile:
+         rms_eps: float | None = None, in_memory: bool = False) -> ModelFile:
     """Open a GGUF or GGML model file.
 
     ``n_head_kv`` overrides the KV head count (GGML files do not store it; it is otherwise inferred from the
@@ -36,7 +38,13 @@ def load(path, n_head_kv: int | None = None, *, context_length: int | None = Non
         raise IsADirectoryError(f"{path}: is a directory, not a model file")
     if size < 4:
         raise TruncatedFileError(path, f"file of {size} bytes is too short to hold a model file's magic", 0)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    if in_memory:
+        try:
+            mm = read_into_memory(path, size)
+        except OSError as exc:
+            raise ModelFileError(path, f"cannot read the model file into memory: {exc}") from None
+    else:
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
     magic = bytes(mm[:4])
     if magic == GGUF_MAGIC:
         model = read_gguf(path, mm, n_head_kv=n_head_kv)

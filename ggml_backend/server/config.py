@@ -13,6 +13,7 @@ models:
     cache_type_v: f16
     n_gpu_layers: 0             # layers offloaded to an NVIDIA GPU (-1: all); default the server's -ngl
     main_gpu: 0                 # which GPU; default the server's --main-gpu
+    use_mmap: true              # false: read the file into memory (huge pages), as --no-mmap; default true
 ```
 Models are loaded when first asked for; the first one in the list serves requests that name no model.
 """
@@ -46,6 +47,7 @@ class ModelConfig:
     cache_type_v: str = DEFAULT_CACHE_TYPE
     n_gpu_layers: int = 0                # the last layers on an NVIDIA GPU (-1: all; ggml_backend/cuda)
     main_gpu: int = 0
+    use_mmap: bool = True                # False: the file read into memory (formats/resident.py)
 
     @property
     def slot_ctx(self) -> int:
@@ -66,6 +68,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{at}{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.use_mmap, bool):
+            raise ValueError(f"{at}use_mmap must be true or false, got {self.use_mmap!r}")
         for name in ("cache_type_k", "cache_type_v"):
             try:
                 setattr(self, name, cache_type(getattr(self, name), name))
@@ -106,7 +110,7 @@ class ServerConfig:
 
 
 _MODEL_KEYS = {"alias", "path", "n_ctx", "n_parallel", "chat_template", "n_threads", "cache_type_k", "cache_type_v",
-               "n_gpu_layers", "main_gpu"}
+               "n_gpu_layers", "main_gpu", "use_mmap"}
 
 
 def load_models_file(path: str, defaults: ModelConfig) -> list[ModelConfig]:
@@ -152,7 +156,8 @@ def load_models_file(path: str, defaults: ModelConfig) -> list[ModelConfig]:
                             cache_type_k=entry.get("cache_type_k", defaults.cache_type_k),
                             cache_type_v=entry.get("cache_type_v", defaults.cache_type_v),
                             n_gpu_layers=entry.get("n_gpu_layers", defaults.n_gpu_layers),
-                            main_gpu=entry.get("main_gpu", defaults.main_gpu))
+                            main_gpu=entry.get("main_gpu", defaults.main_gpu),
+                            use_mmap=entry.get("use_mmap", defaults.use_mmap))
         model.check(where)
         models.append(model)
     return models

@@ -29,7 +29,7 @@ APP_NAME = "ggml-backend"
 HEALTH_CHECK_PERIOD_S = 5
 #: what an application builder's ``args`` may hold (serve.yaml's ``args:``)
 BUILDER_ARGS = {"model", "alias", "models", "n_ctx", "n_parallel", "threads", "chat_template", "api_key",
-                "max_body", "queue_limit", "replicas", "autoscale", "cache_type_k", "cache_type_v"}
+                "max_body", "queue_limit", "replicas", "autoscale", "cache_type_k", "cache_type_v", "use_mmap"}
 
 
 @serve.ingress()
@@ -125,7 +125,8 @@ def build_app(args: dict):
                            n_ctx=int(args.get("n_ctx", DEFAULT_N_CTX)),
                            n_parallel=int(args.get("n_parallel", DEFAULT_N_PARALLEL)),
                            chat_template=args.get("chat_template"), n_threads=threads,
-                           cache_type_k=args.get("cache_type_k", "f16"), cache_type_v=args.get("cache_type_v", "f16"))
+                           cache_type_k=args.get("cache_type_k", "f16"), cache_type_v=args.get("cache_type_v", "f16"),
+                           use_mmap=args.get("use_mmap", True))
     if args.get("models"):
         models = load_models_file(args["models"], defaults)
     else:

@@ -84,7 +84,8 @@ class LlamaCppParams(BaseModel):
     last_n_tokens_size: int = 64
     """How many recent tokens ``repeat_penalty`` looks at."""
     use_mmap: bool = True
-    """Inert: the file is always memory-mapped."""
+    """False: the file is read into memory (huge pages where Linux has them: faster decode, slower load) instead
+    of memory-mapped. A model already loaded for another instance with the same settings is shared either way."""
     rope_freq_scale: float = ROPE_FREQ_SCALE_DEFAULT
     """RoPE frequency scale; the default 1.0 means the model file's own value, another is used instead of it."""
     rope_freq_base: float = ROPE_FREQ_BASE_DEFAULT

@@ -67,7 +67,7 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> str:
     return str(path.resolve())
 
 
-#: ``Llama`` parameters that change nothing here (weights memory-mapped): not part of a shared model's key
+#: ``Llama`` parameters that change no number (use_mmap: where the weights' bytes live): not part of a shared model's key
 _INERT_LLAMA_PARAMS = frozenset({"verbose", "tensor_split", "use_mmap", "use_mlock",
                                  "n_ubatch", "offload_kqv", "flash_attn", "op_offload", "swa_full", "no_perf"})
 #: GPU offload's parameters: part of the key where a CUDA GPU is there to use them, inert (a CPU run) where not
