@@ -391,3 +391,18 @@ def test_nibble_decode_kernels_row_groups(name, n_rows, rng):
             assert np.all(np.abs(got - exact) <= 2e-6 * scale + 1e-6)
     finally:
         numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_rows, k", [(896, 4864), (4864, 896), (151936, 896), (128, 896), (1000, 64), (7, 4864)])
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 4])
+def test_blas_bands_cover_the_rows_and_give_every_worker_as_many(n_rows, k, n_workers):
+    from ggml_backend.quant.matmul import _SGEMM_MIN_WORK, BLAS_MIN_TOKENS, _blas_bands
+    bands = _blas_bands(n_rows, k, n_workers)
+    assert bands[0][0] == 0 and bands[-1][1] == n_rows
+    assert all(last > first for first, last in bands)
+    assert all(bands[i][1] == bands[i + 1][0] for i in range(len(bands) - 1))
+    min_band = -(-_SGEMM_MIN_WORK // (BLAS_MIN_TOKENS * k))
+    if n_rows >= min_band:
+        assert all(last - first >= min_band for first, last in bands)     # each sgemm above the small kernels
+    if len(bands) > n_workers:
+        assert len(bands) % n_workers == 0                                # no worker left idle at the end
