@@ -52,7 +52,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                         help="layers to offload to an NVIDIA GPU (-1: all); needs the cuda extra, else the CPU")
     parser.add_argument("--no-mmap", action="store_true",
-                        help="read the model file into memory (huge pages: faster decode, slower load) instead of mapping it")
+                        help="read the model file into memory (huge pages: faster decode, slower load) instead of "
+                             "mapping it")
     parser.add_argument("-mg", "--main-gpu", type=int, default=0, metavar="I", help="the GPU to use (default 0)")
     ray = parser.add_argument_group("Ray Serve (pip install 'ggml-backend[ray]')")
     ray.add_argument("--ray", action="store_true",

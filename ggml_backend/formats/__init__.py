@@ -13,8 +13,8 @@ from .errors import (BadMagicError, CorruptFileError, ModelFileError, TruncatedF
                      UnsupportedVersionError)
 from .ggml import GGML_MAGICS, read_ggml, write_ggml
 from .gguf import GGUF_MAGIC, GGUFValueType, read_gguf, write_gguf
-from .resident import read_into_memory
 from .model_file import ModelFile, Tensor, Vocab, ggml_name_from_gguf, gguf_name_from_ggml
+from .resident import read_into_memory
 
 __all__ = ["load", "write_gguf", "write_ggml", "ModelFile", "Tensor", "Vocab", "GGUFValueType",
            "ModelFileError", "UnsupportedVersionError", "UnknownTypeError", "BadMagicError", "TruncatedFileError",

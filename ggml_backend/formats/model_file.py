@@ -66,7 +66,7 @@ class Tensor:
     shape: tuple              # numpy order: (rows, row_length) = reversed ggml dims
     offset: int               # absolute byte offset of the data in the file
     nbytes: int
-    data: np.ndarray = field(repr=False)   # read-only uint8 view into the file's one memmap, exactly nbytes long
+    data: np.ndarray = field(repr=False)   # read-only uint8 view into the file's one memmap (or copy), nbytes long
     source_name: str = ""     # the name as stored in the file (differs from ``name`` for GGML legacy files)
 
     @property
@@ -125,7 +125,7 @@ class ModelFile:
     tensor_data_offset: int
     alignment: int
     file_size: int
-    mmap: np.ndarray = field(repr=False)   # the one read-only memmap every tensor view points into
+    mmap: np.ndarray = field(repr=False)   # the read-only memmap (or in-memory copy) the tensors view
     hparams: dict = field(default_factory=dict)   # GGML header fields as stored (empty for GGUF)
 
     @property

@@ -665,7 +665,6 @@ def float_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
-
 @intrinsic
 def exponent_plus(typingctx, value, addend):
     """The float32 whose bits are ``value``'s bits shifted left by 23, plus ``addend``, in 32-bit wrapping
