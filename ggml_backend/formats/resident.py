@@ -5,13 +5,15 @@ Decode streams every weight once per token. From a file mapping the weights sit 
 so the kernels take a TLB miss every 4 KiB; inside a VM each miss walks two page tables. Read into anonymous
 memory advised ``MADV_HUGEPAGE``, the same bytes sit on 2 MiB pages (512 times fewer misses). Measured on a 2-core
 AMD EPYC Zen 3 VM (AVX2), Qwen2.5-Coder-0.5B q4_K_M, five alternating pairs of runs of 150 decode steps: 32.5-41.0
-(median 34.6) against 36.8-39.5 (median 37.5) ms a token.
+(median 34.6) against 36.8-39.5 (median 37.5) ms a token; the 7B-shaped q4_0 file (3.8 GB), four alternating
+pairs: 3.20, 4.21, 4.74, 4.62 against 4.31, 3.71, 3.96, 3.59 tokens/s (llama.cpp 4.38-4.74 in the same window).
 
 It costs no more resident memory than the mapping, whose pages are all resident after the first token: the file
 is read with ``readinto`` (its pages stay in the page cache, which the kernel may drop), never mapped. What it
 does cost: the load reads the file and the kernel must find and zero huge pages, which on that VM took 1.2-4.3 s
-more than mapping for the 491 MB file (the first touch of memory the hypervisor had taken back); and processes
-that load one file no longer share its pages. Hence not the default.
+more than mapping for the 491 MB file and 17-33 s for the 3.8 GB one (the same read into 4 KiB pages: 3.2 s;
+the hypervisor backs each fresh huge page slowly); and processes that load one file no longer share its pages.
+Hence not the default.
 """
 from __future__ import annotations
 
