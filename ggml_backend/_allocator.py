@@ -89,3 +89,18 @@ def large_pass():
                 _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 _libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                 _libc.malloc_trim(0)
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give this process (MemAvailable plus free swap), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        kib = int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])
+        return kib * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._allocator import available_memory
+
 HUGE_PAGE = 2 << 20
 # What must stay available besides the file: a tenth of it, and at least 512 MiB (KV cache, activations, other
 # processes): a mapped file's pages can be evicted and read again under pressure, a copy's cannot.
@@ -30,25 +32,13 @@ SPARE_MIN = 512 << 20
 READ_CHUNK = 64 << 20
 
 
-def memory_available() -> int | None:
-    """Bytes the kernel reports as available (MemAvailable), None where it does not say."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def read_into_memory(path: Path, size: int) -> np.ndarray:
     """The first ``size`` bytes of the file at ``path`` as a read-only uint8 array in anonymous memory whose start
     is 2 MiB aligned and advised ``MADV_HUGEPAGE`` (where the platform has them; plain memory elsewhere).
-    MemoryError, before anything is allocated, unless the memory available holds it with the spare above (Linux
+    MemoryError, before anything is allocated, unless the memory available (MemAvailable and free swap) holds it with the spare above (Linux
     lets a process allocate more than there is and kills it when it touches the pages); OSError if the file is
     shorter than ``size`` or cannot be read."""
-    available = memory_available()
+    available = available_memory()
     spare = max(SPARE_MIN, int(SPARE_FRACTION * size))
     if available is not None and available < size + spare:
         raise MemoryError(f"{path}: reading the model file into memory (use_mmap=False, --no-mmap) needs "

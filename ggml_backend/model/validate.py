@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import re
 
 import numpy as np
 
+from .._allocator import available_memory
 from ..formats.errors import ModelFileError
 from ..quant.matmul import SUPPORTED_TYPES
 from .spec import ARCHITECTURES, HParams, resolve_hparams
@@ -237,21 +237,6 @@ def memory_needed(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool,
     if logits_all:
         needs["logits of every position (logits_all)"] = n_ctx * hp.n_vocab * f32
     return needs
-
-
-def available_memory() -> int | None:
-    """Bytes the system can still give this process (MemAvailable plus free swap), or None when unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        kib = int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])
-        return kib * 1024
-    except (OSError, KeyError, ValueError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _size(n_bytes: float) -> str:

@@ -380,8 +380,8 @@ def _blas_product(qtype: QuantType, weight_bytes: np.ndarray, lhs: np.ndarray, o
     n_workers = max(1, numba.get_num_threads())
     # OpenBLAS switches to other kernels (other summation orders) for small products (M*N*K up to about 2**20)
     # and for M = 1..2: each row of the result must come out the same whatever the batch it was part of (prompt
-    # caching relies on it), so every sgemm here stays above those sizes: bands at least _SGEMM_MIN_WORK / (16 k)
-    # rows wide, and short batches padded with zero rows.
+    # caching relies on it), so every sgemm here stays above those sizes: bands at least _SGEMM_MIN_WORK /
+    # (BLAS_MIN_TOKENS k) rows wide (_blas_bands), and short batches padded with zero rows.
     bands = _blas_bands(n_rows, k, n_workers)
     min_rows = max(BLAS_MIN_TOKENS, -(-_SGEMM_MIN_WORK // (min(last - first for first, last in bands) * k)))
     if n_tokens < min_rows:
