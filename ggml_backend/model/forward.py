@@ -260,6 +260,9 @@ class Model:
         self.offload = None
         # contexts' few-token passes combined into one (model/batching.py), where that leaves the numbers alone
         self.batcher = ForwardBatcher(self, BLAS_MIN_TOKENS - 1) if batch_invariant(self) else None
+        # a decode step's layers as one compiled call each (model/decode_step.py), where the model allows it
+        from .decode_step import FusedDecode, fused_decode_enabled
+        self.fused_decode = FusedDecode.build(self) if fused_decode_enabled() else None
 
     def new_cache(self, n_ctx: int, type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE,
                   capacity: int | None = None) -> KVCache:
@@ -333,6 +336,10 @@ class Model:
             x = x * np.float32(np.sqrt(hp.n_embd))
 
         n_cpu_layers = hp.n_layer if self.offload is None else self.offload.first_layer
+        if (n_tokens == 1 and self.fused_decode is not None and self.offload is None
+                and self.fused_decode.takes(spans[0][2])):
+            x = self.fused_decode.run(x, spans[0][2], int(positions[0]), positions)
+            n_cpu_layers = 0
         for il, layer in enumerate(self.layers[:n_cpu_layers]):
             # --- attention ---
             h = rms_norm(x, layer.attn_norm, hp.rms_eps)

@@ -1,0 +1,88 @@
+"""The compiled decode step (model/decode_step.py) against the Python forward pass it replaces for one token:
+the same logits and the same cache contents, bit for bit, on the real model and on the synthetic model of every
+block type; the models and caches it cannot take keep the Python path."""
+import numpy as np
+import pytest
+
+from ggml_backend import Llama
+from ggml_backend.model.decode_step import FusedDecode, fused_decode_enabled
+from refdata import synthetic_file, synthetic_types
+
+PROMPT = list(range(100, 110))
+STEPS = 6
+F32, Q8_0 = 0, 8    # ggml type ids, as llama-cpp-python's type_k / type_v take them
+
+
+def _decode(path, fused: bool, monkeypatch, **kwargs):
+    """(logits of STEPS one-token evaluations after a prompt, the cache's stored keys and values, how many of
+    the steps took the compiled layers)."""
+    llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False, **kwargs)
+    if not fused:
+        llm.model.fused_decode = None
+    taken = []
+    real_run = FusedDecode.run
+
+    def counting_run(self, *args):
+        taken.append(1)
+        return real_run(self, *args)
+    monkeypatch.setattr(FusedDecode, "run", counting_run)
+    llm.eval(PROMPT)
+    logits = []
+    for i in range(STEPS):
+        llm.eval([200 + 7 * i])
+        logits.append(np.array(llm.scores[llm.n_tokens - 1]))
+    monkeypatch.undo()
+    n = len(PROMPT) + STEPS
+    stored = (llm.cache.k.data[:, :, :n].copy(), llm.cache.v.data[:, :, :n].copy())
+    return logits, stored, len(taken)
+
+
+def _same_as_python_path(path, monkeypatch, **kwargs):
+    fused_logits, fused_cache, taken = _decode(path, True, monkeypatch, **kwargs)
+    python_logits, python_cache, _ = _decode(path, False, monkeypatch, **kwargs)
+    assert taken == STEPS, "the compiled decode step was not taken"
+    for step, (a, b) in enumerate(zip(fused_logits, python_logits)):
+        assert np.array_equal(a, b), f"step {step}: logits differ by up to {np.abs(a - b).max()}"
+    for a, b in zip(fused_cache, python_cache):
+        assert np.array_equal(a, b), "the caches differ"
+
+
+def test_real_model_same_logits_and_cache(qwen_path, monkeypatch):
+    _same_as_python_path(qwen_path, monkeypatch)
+
+
+def test_real_model_f32_cache(qwen_path, monkeypatch):
+    _same_as_python_path(qwen_path, monkeypatch, type_k=F32, type_v=F32)
+
+
+@pytest.mark.parametrize("type_name", [t for t in synthetic_types() if t != "f16"])
+def test_every_block_type_same_logits_and_cache(monkeypatch, type_name):
+    _same_as_python_path(synthetic_file(type_name), monkeypatch)
+
+
+def test_float_weights_keep_the_python_path():
+    if "f16" not in synthetic_types():
+        pytest.skip("the f16 synthetic model is in ../shared/reference only, not in tests/data")
+    assert Llama(str(synthetic_file("f16")), n_ctx=32, verbose=False).model.fused_decode is None
+
+
+def test_q8_0_caches_keep_the_python_path(tiny_path, monkeypatch):
+    llm = Llama(str(tiny_path), n_ctx=32, verbose=False)
+    assert llm.model.fused_decode is not None
+    assert not FusedDecode.takes(llm.model.new_cache(32, "q8_0", "q8_0"))
+    assert FusedDecode.takes(llm.model.new_cache(32, "f16", "f32"))
+    _, _, taken = _decode(tiny_path, True, monkeypatch, type_k=Q8_0, type_v=Q8_0)
+    assert taken == 0
+
+
+def test_gemma_keeps_the_python_path(gemma_path):
+    assert Llama(str(gemma_path), n_ctx=32, verbose=False).model.fused_decode is None
+
+
+def test_the_environment_switch(tiny_path, monkeypatch):
+    monkeypatch.setenv("GGML_BACKEND_DECODE_STEP", "python")
+    assert not fused_decode_enabled()
+    assert Llama(str(tiny_path), n_ctx=32, verbose=False).model.fused_decode is None
+    monkeypatch.setenv("GGML_BACKEND_DECODE_STEP", "fast")
+    with pytest.raises(ValueError, match="GGML_BACKEND_DECODE_STEP"):
+        fused_decode_enabled()
