@@ -69,8 +69,12 @@ def test_float_weights_keep_the_python_path():
 def test_q8_0_caches_keep_the_python_path(tiny_path, monkeypatch):
     llm = Llama(str(tiny_path), n_ctx=32, verbose=False)
     assert llm.model.fused_decode is not None
-    assert not FusedDecode.takes(llm.model.new_cache(32, "q8_0", "q8_0"))
-    assert FusedDecode.takes(llm.model.new_cache(32, "f16", "f32"))
+    fused = llm.model.fused_decode
+    q8_0, mixed = llm.model.new_cache(32, "q8_0", "q8_0"), llm.model.new_cache(32, "f16", "f32")
+    assert not fused.takes([(0, 1, q8_0, 0)], 1)
+    assert fused.takes([(0, 1, mixed, 0)], 1)
+    assert not fused.takes([(0, 1, mixed, 0), (1, 2, llm.model.new_cache(32), 0)], 2)   # kinds differ
+    assert not fused.takes([(0, 2, mixed, 0)], 2)   # two tokens of one sequence
     _, _, taken = _decode(tiny_path, True, monkeypatch, type_k=Q8_0, type_v=Q8_0)
     assert taken == 0
 
@@ -86,3 +90,48 @@ def test_the_environment_switch(tiny_path, monkeypatch):
     monkeypatch.setenv("GGML_BACKEND_DECODE_STEP", "fast")
     with pytest.raises(ValueError, match="GGML_BACKEND_DECODE_STEP"):
         fused_decode_enabled()
+
+
+def _sequences_pass(path, fused: bool, monkeypatch, n_sequences: int):
+    """Logits of one-token passes of several sequences at once (continuous batching's decode step), after each
+    sequence's own prompt; and how many passes took the compiled layers."""
+    llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False)
+    model = llm.model
+    if not fused:
+        model.fused_decode = None
+    taken = []
+    real_run = FusedDecode.run
+
+    def counting_run(self, *args):
+        taken.append(1)
+        return real_run(self, *args)
+    monkeypatch.setattr(FusedDecode, "run", counting_run)
+    caches = [model.new_cache(64) for _ in range(n_sequences)]
+    for s, cache in enumerate(caches):    # prompts of different lengths: every sequence at its own position
+        model.forward_many([(list(range(100 + s, 105 + 2 * s)), cache)])
+    logits = []
+    for step in range(3):
+        outs = model.forward_many([([300 + 11 * s + step], cache) for s, cache in enumerate(caches)])
+        logits.append(np.concatenate(outs))
+    monkeypatch.undo()
+    stored = [(c.k.data[:, :, :c.n_past].copy(), c.v.data[:, :, :c.n_past].copy()) for c in caches]
+    return logits, stored, len(taken)
+
+
+@pytest.mark.parametrize("n_sequences", [2, 5])
+def test_sequences_decoded_together_same_as_python_path(qwen_path, monkeypatch, n_sequences):
+    fused_logits, fused_cache, taken = _sequences_pass(qwen_path, True, monkeypatch, n_sequences)
+    python_logits, python_cache, _ = _sequences_pass(qwen_path, False, monkeypatch, n_sequences)
+    assert taken == 3, "the compiled decode step was not taken"
+    for a, b in zip(fused_logits, python_logits):
+        assert np.array_equal(a, b), f"logits differ by up to {np.abs(a - b).max()}"
+    for (ka, va), (kb, vb) in zip(fused_cache, python_cache):
+        assert np.array_equal(ka, kb) and np.array_equal(va, vb), "the caches differ"
+
+
+@pytest.mark.parametrize("type_name", [t for t in ("q4_1", "q5_K_M", "q2_K") if t in synthetic_types()])
+def test_sequences_of_other_block_types(monkeypatch, type_name):
+    fused_logits, _, taken = _sequences_pass(synthetic_file(type_name), True, monkeypatch, 3)
+    python_logits, _, _ = _sequences_pass(synthetic_file(type_name), False, monkeypatch, 3)
+    assert taken == 3
+    assert all(np.array_equal(a, b) for a, b in zip(fused_logits, python_logits))

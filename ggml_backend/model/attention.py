@@ -282,6 +282,15 @@ class SequencesAttention:
         contiguous = all(c.k.data.flags.c_contiguous and c.v.data.flags.c_contiguous for c in caches)
         return contiguous and key_kind in ("f32", "f16") and value_kind in ("f32", "f16")
 
+    def kernel_arguments(self) -> tuple:
+        """What a compiled caller (model/decode_step.py) passes on to ``_attention_many_kernel`` and to its
+        cache stores: (key addresses, value addresses, their capacities, (n_layer, n_head_kv, head_dim_k,
+        head_dim_v), the first sequence's key and value arrays (their dtypes), whether keys and values are f16,
+        the rows' positions)."""
+        return (self._key_at, self._value_at, self._key_capacity, self._value_capacity, self._shape,
+                self._keys[0], self._values[0], self._f16_keys, self._values[0].dtype == np.uint16,
+                self._positions)
+
     def __call__(self, q: np.ndarray, il: int, group: int, window: int, scale: float) -> np.ndarray:
         """q float32 [n_rows, n_head, head_dim_k] (all sequences' rows, in order) over layer ``il`` of each row's
         cache, filled up to its position; float32 [n_rows, n_head, head_dim_v]."""

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import njit
+from numba import carray, njit
 
 from ..quant.activations import _q8_0_row, _q8_K_row, _round_to_f16
-from ..quant.decode import KIND_ARGS, kind_code, matvec, matvec_here
-from ..quant.matmul import HERE_MAX_BYTES, KERNEL_ISA, _launch_plan
-from .attention import _attention_kernel
+from ..quant.decode import KIND_ARGS, kind_code, matmul_few, matvec, matvec_here
+from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
+from .attention import SequencesAttention, _attention_many_kernel, _pointer_at
 from .forward import _rms_norm_row, _swiglu_row
 from .kv_cache import _write_half_tokens
 from .rope import _rotate
@@ -40,80 +40,106 @@ def _product(kind, w, starts, counts, row_bytes, x, n_threads, isa, out):
     and multiplied as ``matmul._simd_matvec`` does for one token (the same kernels, the same choice of the calling
     thread or all of them)."""
     n = out.size
-    k = x.shape[1]
-    kc = kind_code(kind)
-    if kc >= 5:    # the K-quants: q8_K activations
-        qs = np.empty((1, k), np.int8)
-        d = np.empty((1, k // 256), np.float32)
-        bsums = np.empty((1, k // 16), np.int32)
-        _q8_K_row(x, 0, qs, d, bsums)
-        sums = np.empty(0, np.float32)
-        block_sums = bsums[0]
-    else:          # q8_0 (q8_1's sums for q4_1 / q5_1)
-        qs = np.empty((1, k), np.int8)
-        d = np.empty((1, k // 32), np.float32)
-        s = np.empty((1, k // 32), np.float32)
-        _q8_0_row(x, 0, qs, d, s)
-        sums = s[0] if kc == 1 or kc == 3 else np.empty(0, np.float32)
-        block_sums = np.empty(0, np.int32)
+    xq, x_scale, x_sums, x_bsums = _quantized(kind, x)
     if n * row_bytes <= HERE_MAX_BYTES:
-        matvec_here(kind, w, starts, counts, row_bytes, qs[0], d[0], sums, block_sums, out, isa)
+        matvec_here(kind, w, starts, counts, row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0], out, isa)
     else:
-        matvec(kind, w, starts, counts, row_bytes, qs[0], d[0], sums, block_sums, out,
+        matvec(kind, w, starts, counts, row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0], out,
                max(1, min(n, 4 * n_threads)), isa)
+
+
+@njit(nogil=True, cache=True)
+def _quantized(kind, x):
+    """The rows of x (float32 [n, k]) quantized to the kind's vec_dot_type as ``matmul.quantize_activations``
+    gives them: (quants int8 [n, k], scales, q8_1's sums (q4_1, q5_1), q8_K's sums per 16 (K-quants)), the sums a
+    kind does not read empty, one row per token."""
+    n, k = x.shape
+    qs = np.empty((n, k), np.int8)
+    if kind_code(kind) >= 5:    # the K-quants: q8_K activations
+        d = np.empty((n, k // 256), np.float32)
+        bsums = np.empty((n, k // 16), np.int32)
+        for t in range(n):
+            _q8_K_row(x, t, qs, d, bsums)
+        return qs, d, np.empty((n, 0), np.float32), bsums
+    d = np.empty((n, k // 32), np.float32)
+    sums = np.empty((n, k // 32), np.float32)
+    for t in range(n):
+        _q8_0_row(x, t, qs, d, sums)
+    if kind_code(kind) == 1 or kind_code(kind) == 3:    # q4_1, q5_1: q8_1's sums
+        return qs, d, sums, np.empty((n, 0), np.int32)
+    return qs, d, np.empty((n, 0), np.float32), np.empty((n, 0), np.int32)
+
+
+@njit(nogil=True, cache=True)
+def _products_into(group, w, x, n_threads, isa, into):
+    """A group (kind, starts, counts, row_bytes, first) of matrices sharing the rows x (float32 [n, k]), their
+    results written to into[:, first:] (the matrices are in the order of their places there: q | k | v,
+    gate | up); a group without matrices (an unused slot) does nothing. One token: ``matvec`` writes into its
+    place directly. Several: ``matmul_few``, as ``matmul._simd_matvec`` runs it, then a copy to their places."""
+    kind, starts, counts, row_bytes, first = group
+    n = 0
+    for c in counts:
+        n += c
+    if n == 0:
+        return
+    if x.shape[0] == 1:
+        _product(kind, w, starts, counts, row_bytes, x, n_threads, isa, into[0, first:first + n])
+        return
+    xq, x_scale, x_sums, x_bsums = _quantized(kind, x)
+    out = np.empty((x.shape[0], n), np.float32)
+    matmul_few(kind, w, starts, counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, max(1, min(n, 4 * n_threads)),
+               isa)
+    into[:, first:first + n] = out
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _norm(x, weight, eps):
     out = np.empty_like(x)
-    _rms_norm_row(x, weight, eps, out, 0)
+    for t in range(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, t)
     return out
 
 
 @njit(nogil=True, cache=True)
-def _products_into(group, w, x, n_threads, isa, into):
-    """A group (kind, starts, counts, row_bytes, first) of matrices sharing x, their rows written to
-    into[first:] (the matrices are in the order of their places there: q | k | v, gate | up); a group without
-    matrices (an unused slot) does nothing. The kernels write there directly: a copy of rows that the other
-    threads wrote costs more than the copy (their cache lines come from the other cores)."""
-    kind, starts, counts, row_bytes, first = group
-    n = 0
-    for c in counts:
-        n += c
-    if n:
-        _product(kind, w, starts, counts, row_bytes, x, n_threads, isa, into[first:first + n])
-
-
-@njit(nogil=True, cache=True)
 def _add_bias(y, first, bias):
-    for i in range(bias.size):
-        y[first + i] += bias[i]
+    for t in range(y.shape[0]):
+        for i in range(bias.size):
+            y[t, first + i] += bias[i]
 
 
 @njit(nogil=True, cache=True)
-def _store(data, half, il, position, values):
-    """values [1, n_head_kv, head_dim] at ``position`` of layer il of a cache's data (f16 bits or f32)."""
-    if half:
-        _write_half_tokens(data, il, position, values)
-    else:
-        for h in range(values.shape[1]):
-            for i in range(values.shape[2]):
-                data[il, h, position, i] = values[0, h, i]
+def _store(at, capacity, like, half, layer_shape, il, positions, rows):
+    """rows [n, n_head_kv, head_dim]: row t at positions[t] of layer il of the t-th sequence's cache tensor,
+    whose data ([n_layer, n_head_kv, capacity[t], head_dim], f16 bits or f32, like ``like``) is at address
+    at[t] (``SequencesAttention``'s addresses)."""
+    n_layer, n_head_kv = layer_shape[0], layer_shape[1]
+    head_dim = rows.shape[2]
+    for t in range(rows.shape[0]):
+        data = carray(_pointer_at(at[t]), (n_layer, n_head_kv, capacity[t], head_dim), like.dtype)
+        if half:
+            _write_half_tokens(data, il, positions[t], rows[t:t + 1])
+        else:
+            for h in range(n_head_kv):
+                for i in range(head_dim):
+                    data[il, h, positions[t], i] = rows[t, h, i]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def decode_layer(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox, keys, values,
-                 half_keys, half_values, il, position, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down):
-    """Layer ``il`` for one token x (float32 [1, n_embd]) at ``position``: its keys and values stored in the
-    caches' data ([n_layer, n_head_kv, capacity, head_dim], f16 bits or f32, grown past ``position``), the new x
-    returned. The steps and kernels of ``Model._forward_many``'s loop, in its order."""
+def decode_layer(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox, caches,
+                 il, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down):
+    """Layer ``il`` for one token of each of n sequences (x: float32 [n, n_embd], token t at positions[t] of
+    sequence t), their keys and values stored in each sequence's cache, the new x returned. ``caches``:
+    ``SequencesAttention``'s (key addresses, value addresses, their capacities, (n_layer, n_head_kv, head_dim_k,
+    head_dim_v), an array of the keys' dtype, one of the values', whether each is f16), every cache grown past its
+    position. The steps and kernels of ``Model._forward_many``'s loop, in its order."""
     n_head, n_head_kv, head_dim_k, head_dim_v = shape
+    key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, half_keys, half_values = caches
+    n = x.shape[0]
     n_q = n_head * head_dim_k
     n_k = n_head_kv * head_dim_k
-    n_v = n_head_kv * head_dim_v
     # --- attention ---
     h = _norm(x, attn_norm, eps)
-    qkv = np.empty(n_q + n_k + n_v, np.float32)
+    qkv = np.empty((n, n_q + n_k + n_head_kv * head_dim_v), np.float32)
     _products_into(qkv_groups[0], w, h, n_threads, isa, qkv)
     _products_into(qkv_groups[1], w, h, n_threads, isa, qkv)
     _products_into(qkv_groups[2], w, h, n_threads, isa, qkv)
@@ -121,30 +147,34 @@ def decode_layer(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape
     _add_bias(qkv, 0, q_bias)
     _add_bias(qkv, n_q, k_bias)
     _add_bias(qkv, n_q + n_k, v_bias)
-    q = qkv[:n_q].copy().reshape(1, n_head, head_dim_k)
-    k = qkv[n_q:n_q + n_k].copy().reshape(1, n_head_kv, head_dim_k)
-    v = qkv[n_q + n_k:].copy().reshape(1, n_head_kv, head_dim_v)
+    q = np.ascontiguousarray(qkv[:, :n_q]).reshape(n, n_head, head_dim_k)
+    k = np.ascontiguousarray(qkv[:, n_q:n_q + n_k]).reshape(n, n_head_kv, head_dim_k)
+    v = np.ascontiguousarray(qkv[:, n_q + n_k:]).reshape(n, n_head_kv, head_dim_v)
     _rotate(q, cos, sin, rope_dims, neox)
     _rotate(k, cos, sin, rope_dims, neox)
-    _store(keys, half_keys, il, position, k)
-    _store(values, half_values, il, position, v)
+    _store(key_at, key_capacity, key_like, half_keys, layer_shape, il, positions, k)
+    _store(value_at, value_capacity, value_like, half_values, layer_shape, il, positions, v)
     if half_keys:            # ggml's f16 product converts q to f16
         _round_to_f16(q.reshape(-1))
-    attn = np.empty((1, n_head, head_dim_v), np.float32)
-    _attention_kernel(q, keys[il], values[il], attn, position, n_head // n_head_kv, window, scale)
-    attn_out = np.empty(x.shape[1], np.float32)
-    _products_into(wo, w, attn.reshape(1, n_head * head_dim_v), n_threads, isa, attn_out)
-    x = x + attn_out.reshape(1, x.shape[1])
+    attn = np.empty((n, n_head, head_dim_v), np.float32)
+    _attention_many_kernel(q, key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, il,
+                           np.arange(n), positions, attn, n_head // n_head_kv, window, scale)
+    attn_out = np.empty_like(x)
+    _products_into(wo, w, attn.reshape(n, n_head * head_dim_v), n_threads, isa, attn_out)
+    x = x + attn_out
     # --- feed-forward ---
     h = _norm(x, ffn_norm, eps)
-    gate_up = np.empty((2, n_ff), np.float32)
-    _products_into(gate_up_groups[0], w, h, n_threads, isa, gate_up.reshape(-1))
-    _products_into(gate_up_groups[1], w, h, n_threads, isa, gate_up.reshape(-1))
-    act = np.empty((1, n_ff), np.float32)
-    _swiglu_row(gate_up[0:1], gate_up[1:2], act, 0)
-    ffn_out = np.empty(x.shape[1], np.float32)
+    gate_up = np.empty((n, 2 * n_ff), np.float32)
+    _products_into(gate_up_groups[0], w, h, n_threads, isa, gate_up)
+    _products_into(gate_up_groups[1], w, h, n_threads, isa, gate_up)
+    act = np.empty((n, n_ff), np.float32)
+    gate = np.ascontiguousarray(gate_up[:, :n_ff])
+    up = np.ascontiguousarray(gate_up[:, n_ff:])
+    for t in range(n):
+        _swiglu_row(gate, up, act, t)
+    ffn_out = np.empty_like(x)
     _products_into(down, w, act, n_threads, isa, ffn_out)
-    return x + ffn_out.reshape(1, x.shape[1])
+    return x + ffn_out
 
 
 def _group_slots(matrices, n_slots):
@@ -184,12 +214,13 @@ class _LayerArgs:
 
 class FusedDecode:
     """The layers of a model as ``decode_layer`` calls (see the module docstring); ``build`` gives None where the
-    model cannot take them."""
+    model cannot take them, ``takes`` says whether a forward pass can."""
 
-    def __init__(self, model, layers: list[_LayerArgs], weights: np.ndarray):
-        self.model = model
+    def __init__(self, hp, layers: list[_LayerArgs], weights: np.ndarray, products: set):
+        self.hp = hp
         self.layers = layers
         self.weights = weights
+        self._products = products   # (block kind, k) of every product: whether the exact GEMM would take it
         self._compiled = {}   # (layer, f16 keys, f16 values) -> decode_layer's compiled entry point
 
     @classmethod
@@ -199,44 +230,56 @@ class FusedDecode:
         if (KERNEL_ISA is None or arch.ffn_activation != "silu" or arch.qk_norm or arch.post_norms
                 or arch.rope_mode not in ("normal", "neox") or hp.n_head % hp.n_head_kv):
             return None
-        layers, roots, weights = [], set(), None
+        layers, roots, weights, products = [], set(), None, set()
         for il, layer in enumerate(model.layers):
-            linears = (layer.wq, layer.wk, layer.wv)
-            qkv, qkv_root = _group_slots([lin.matrix for lin in linears], 3)
-            gate_up, gate_up_root = _group_slots([layer.w_gate.matrix, layer.w_up.matrix], 2)
-            wo, wo_root = _group_slots([layer.wo.matrix], 1)
-            down, down_root = _group_slots([layer.w_down.matrix], 1)
-            if qkv is None or gate_up is None or wo is None or down is None:
+            if any(lin.bias is not None for lin in (layer.wo, layer.w_gate, layer.w_up, layer.w_down)):
                 return None
-            if layer.wo.bias is not None or layer.w_gate.bias is not None or layer.w_up.bias is not None \
-                    or layer.w_down.bias is not None:
-                return None
-            for base, base_roots in (qkv_root, gate_up_root, wo_root, down_root):
+            groups = []
+            for linears, n_slots in (((layer.wq, layer.wk, layer.wv), 3), ((layer.w_gate, layer.w_up), 2),
+                                     ((layer.wo,), 1), ((layer.w_down,), 1)):
+                slots, bases = _group_slots([lin.matrix for lin in linears], n_slots)
+                if slots is None:
+                    return None
+                weights, base_roots = bases
                 roots |= base_roots
-                weights = base
+                products |= {(slot[0].code, linears[0].n_in) for slot in slots}
+                groups.append(slots)
+            qkv, gate_up, (wo,), (down,) = groups
             biases = tuple(_EMPTY_F32 if lin.bias is None else np.ascontiguousarray(lin.bias, np.float32)
-                           for lin in linears)
-            layers.append(_LayerArgs(np.ascontiguousarray(layer.attn_norm, np.float32), qkv, biases, wo[0],
-                                     np.ascontiguousarray(layer.ffn_norm, np.float32), gate_up, down[0],
+                           for lin in (layer.wq, layer.wk, layer.wv))
+            layers.append(_LayerArgs(np.ascontiguousarray(layer.attn_norm, np.float32), qkv, biases, wo,
+                                     np.ascontiguousarray(layer.ffn_norm, np.float32), gate_up, down,
                                      model._rope_params(il), hp.sliding_window if hp.swa_layers[il] else 0))
         if len(roots) != 1:   # every weight in one byte array: one ``w`` for every call
             return None
-        return cls(model, layers, weights)
+        return cls(hp, layers, weights, products)
 
-    @staticmethod
-    def takes(cache) -> bool:
-        """Whether this cache's storage is one ``decode_layer`` writes: f32 or f16, not rotated."""
-        return all(t.kind in ("f32", "f16") and not t.rotated and t.data.flags.c_contiguous
-                   for t in (cache.k, cache.v))
+    def takes(self, spans, n_tokens: int) -> bool:
+        """Whether a forward pass of these sequences (``Model._forward_many``'s spans: first row, last row, cache,
+        first position) runs here: one token each; not so many that the Python path would take the BLAS path or
+        the integer GEMM (AVX512-VNNI, from 8 tokens); f32 or f16 caches (not rotated), the same kinds in all."""
+        if n_tokens != len(spans) or n_tokens >= BLAS_MIN_TOKENS:
+            return False
+        if any(_exact_gemm(kind, (n_tokens, k)) for kind, k in self._products):
+            return False
+        tensors = [t for _, _, cache, _ in spans for t in (cache.k, cache.v)]
+        if not all(t.kind in ("f32", "f16") and not t.rotated and t.data.flags.c_contiguous for t in tensors):
+            return False
+        return len({(cache.k.kind, cache.v.kind) for _, _, cache, _ in spans}) == 1
 
-    def run(self, x: np.ndarray, cache, position: int, positions: np.ndarray) -> np.ndarray:
-        """Every layer for the token whose embedding is x (float32 [1, n_embd]) at ``position`` of ``cache``."""
+    def run(self, x: np.ndarray, spans, positions: np.ndarray, sequences: SequencesAttention | None = None):
+        """Every layer for one token of each sequence (x: their embeddings, float32 [n, n_embd]; token t at
+        positions[t] of the cache of spans[t]); ``sequences``: the pass's ``SequencesAttention`` if it made one.
+        Returns the new x."""
         from .rope import rope_cos_sin
-        hp = self.model.hp
-        cache.k.grow(position + 1)
-        cache.v.grow(position + 1)
-        keys, values = cache.k.data, cache.v.data
-        half_keys, half_values = cache.k.kind == "f16", cache.v.kind == "f16"
+        hp = self.hp
+        caches = [cache for _, _, cache, _ in spans]
+        if sequences is None:   # it grows each cache past its position first
+            sequences = SequencesAttention(caches, [1] * len(caches), positions)
+        cache_args = sequences.kernel_arguments()
+        positions = cache_args[-1]
+        cache_args = cache_args[:-1]
+        half_keys, half_values = cache_args[-2], cache_args[-1]
         shape = (hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v)
         eps = np.float32(hp.rms_eps)
         scale = np.float32(hp.attn_scale)
@@ -249,8 +292,8 @@ class FusedDecode:
                 tables[layer.rope] = rope_cos_sin(positions, hp.rope_dims, *layer.rope)
             cos, sin = tables[layer.rope]
             args = (x, self.weights, n_threads, KERNEL_ISA, eps, layer.attn_norm, layer.qkv_groups, layer.biases,
-                    shape, cos, sin, hp.rope_dims, neox, keys, values, half_keys, half_values, il, position,
-                    layer.window, scale, layer.wo, layer.ffn_norm, layer.gate_up_groups, hp.n_ff, layer.down)
+                    shape, cos, sin, hp.rope_dims, neox, cache_args, il, positions, layer.window, scale, layer.wo,
+                    layer.ffn_norm, layer.gate_up_groups, hp.n_ff, layer.down)
             # numba's dispatcher types each argument before each call, and the tuples here (each a block kind
             # and arrays) took it 20 us an element: 90 us a group, ~0.6 ms a layer. The compiled function for
             # these argument types is looked up once (per layer and cache type) and then called directly.

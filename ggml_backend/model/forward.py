@@ -336,9 +336,8 @@ class Model:
             x = x * np.float32(np.sqrt(hp.n_embd))
 
         n_cpu_layers = hp.n_layer if self.offload is None else self.offload.first_layer
-        if (n_tokens == 1 and self.fused_decode is not None and self.offload is None
-                and self.fused_decode.takes(spans[0][2])):
-            x = self.fused_decode.run(x, spans[0][2], int(positions[0]), positions)
+        if self.fused_decode is not None and self.offload is None and self.fused_decode.takes(spans, n_tokens):
+            x = self.fused_decode.run(x, spans, positions, sequences_attention)   # one token each: compiled layers
             n_cpu_layers = 0
         for il, layer in enumerate(self.layers[:n_cpu_layers]):
             # --- attention ---
