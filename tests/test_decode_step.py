@@ -13,12 +13,8 @@ STEPS = 6
 F32, Q8_0 = 0, 8    # ggml type ids, as llama-cpp-python's type_k / type_v take them
 
 
-def _decode(path, fused: bool, monkeypatch, **kwargs):
-    """(logits of STEPS one-token evaluations after a prompt, the cache's stored keys and values, how many of
-    the steps took the compiled layers)."""
-    llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False, **kwargs)
-    if not fused:
-        llm.model.fused_decode = None
+def _count_compiled_passes(monkeypatch) -> list:
+    """A list that gets an item for each forward pass that runs the compiled layers (until monkeypatch.undo)."""
     taken = []
     real_run = FusedDecode.run
 
@@ -26,6 +22,16 @@ def _decode(path, fused: bool, monkeypatch, **kwargs):
         taken.append(1)
         return real_run(self, *args)
     monkeypatch.setattr(FusedDecode, "run", counting_run)
+    return taken
+
+
+def _decode(path, fused: bool, monkeypatch, **kwargs):
+    """(logits of STEPS one-token evaluations after a prompt, the cache's stored keys and values, how many of
+    the steps took the compiled layers)."""
+    llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False, **kwargs)
+    if not fused:
+        llm.model.fused_decode = None
+    taken = _count_compiled_passes(monkeypatch)
     llm.eval(PROMPT)
     logits = []
     for i in range(STEPS):
@@ -99,13 +105,7 @@ def _sequences_pass(path, fused: bool, monkeypatch, n_sequences: int):
     model = llm.model
     if not fused:
         model.fused_decode = None
-    taken = []
-    real_run = FusedDecode.run
-
-    def counting_run(self, *args):
-        taken.append(1)
-        return real_run(self, *args)
-    monkeypatch.setattr(FusedDecode, "run", counting_run)
+    taken = _count_compiled_passes(monkeypatch)
     caches = [model.new_cache(64) for _ in range(n_sequences)]
     for s, cache in enumerate(caches):    # prompts of different lengths: every sequence at its own position
         model.forward_many([(list(range(100 + s, 105 + 2 * s)), cache)])

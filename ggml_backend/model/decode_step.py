@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 from numba import carray, njit
+from numba.extending import overload
 
 from ..quant.activations import _q8_0_row, _q8_K_row, _round_to_f16
-from ..quant.decode import KIND_ARGS, kind_code, matmul_few, matvec, matvec_here
+from ..quant.decode import KIND_ARGS, ConstantType, KernelConstant, kind_code, matmul_few, matvec, matvec_here
 from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
 from .attention import SequencesAttention, _attention_many_kernel, _pointer_at
 from .forward import _rms_norm_row, _swiglu_row
@@ -74,26 +75,60 @@ def _quantized(kind, x):
     return qs, d, np.empty((n, 0), np.float32), np.empty((n, 0), np.int32)
 
 
-@njit(nogil=True, cache=True)
-def _products_into(group, w, x, n_threads, isa, into):
+class PassRows(KernelConstant):
+    """Whether a pass carries one token (``ONE_TOKEN``) or one for each of several sequences (``SEVERAL``), as a
+    compile-time constant: each compiled ``decode_layer`` holds only its own product code (``matvec`` or
+    ``matmul_few`` and their kernels), which halved the time a process takes to load it from numba's cache
+    (two layer kinds of Qwen2.5-0.5B: 235 ms at the first decode step, with both)."""
+
+    label = "pass_rows"
+
+
+ONE_TOKEN = PassRows(1, "one token")
+SEVERAL = PassRows(2, "several sequences")
+
+
+def _products_into(rows, group, w, x, n_threads, isa, into):
     """A group (kind, starts, counts, row_bytes, first) of matrices sharing the rows x (float32 [n, k]), their
     results written to into[:, first:] (the matrices are in the order of their places there: q | k | v,
-    gate | up); a group without matrices (an unused slot) does nothing. One token: ``matvec`` writes into its
-    place directly. Several: ``matmul_few``, as ``matmul._simd_matvec`` runs it, then a copy to their places."""
+    gate | up); a group without matrices (an unused slot) does nothing. ``ONE_TOKEN``: ``matvec`` writes into
+    their place directly. ``SEVERAL``: ``matmul_few``, as ``matmul._simd_matvec`` runs it, then a copy."""
+    raise NotImplementedError("decode_step._products_into runs inside compiled code only")
+
+
+@njit(nogil=True, cache=True)
+def _one_token_products(rows, group, w, x, n_threads, isa, into):
     kind, starts, counts, row_bytes, first = group
     n = 0
     for c in counts:
         n += c
-    if n == 0:
-        return
-    if x.shape[0] == 1:
+    if n:
         _product(kind, w, starts, counts, row_bytes, x, n_threads, isa, into[0, first:first + n])
-        return
-    xq, x_scale, x_sums, x_bsums = _quantized(kind, x)
-    out = np.empty((x.shape[0], n), np.float32)
-    matmul_few(kind, w, starts, counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, max(1, min(n, 4 * n_threads)),
-               isa)
-    into[:, first:first + n] = out
+
+
+@njit(nogil=True, cache=True)
+def _several_products(rows, group, w, x, n_threads, isa, into):
+    kind, starts, counts, row_bytes, first = group
+    n = 0
+    for c in counts:
+        n += c
+    if n:
+        xq, x_scale, x_sums, x_bsums = _quantized(kind, x)
+        out = np.empty((x.shape[0], n), np.float32)
+        matmul_few(kind, w, starts, counts, row_bytes, xq, x_scale, x_sums, x_bsums, out,
+                   max(1, min(n, 4 * n_threads)), isa)
+        into[:, first:first + n] = out
+
+
+@overload(_products_into)
+def _products_into_of(rows, group, w, x, n_threads, isa, into):
+    if not isinstance(rows, ConstantType) or rows.label != PassRows.label:
+        return None
+    chosen = _one_token_products if rows.code == ONE_TOKEN.code else _several_products
+
+    def products(rows, group, w, x, n_threads, isa, into):
+        chosen(rows, group, w, x, n_threads, isa, into)
+    return products
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -129,10 +164,10 @@ def _store(at, capacity, like, half, layer_shape, il, positions, rows):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def decode_layer(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox, caches,
+def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox, caches,
                  il, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down):
-    """Layer ``il`` for one token of each of n sequences (x: float32 [n, n_embd], token t at positions[t] of
-    sequence t), their keys and values stored in each sequence's cache, the new x returned. ``caches``:
+    """Layer ``il`` for one token of each of n sequences (``rows``: ONE_TOKEN where n is 1, else SEVERAL; x:
+    float32 [n, n_embd], token t at positions[t] of sequence t), their keys and values stored in each sequence's cache, the new x returned. ``caches``:
     ``SequencesAttention``'s (key addresses, value addresses, their capacities, (n_layer, n_head_kv, head_dim_k,
     head_dim_v), an array of the keys' dtype, one of the values', whether each is f16), every cache grown past its
     position. The steps and kernels of ``Model._forward_many``'s loop, in its order."""
@@ -144,9 +179,9 @@ def decode_layer(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape
     # --- attention ---
     h = _norm(x, attn_norm, eps)
     qkv = np.empty((n, n_q + n_k + n_head_kv * head_dim_v), np.float32)
-    _products_into(qkv_groups[0], w, h, n_threads, isa, qkv)
-    _products_into(qkv_groups[1], w, h, n_threads, isa, qkv)
-    _products_into(qkv_groups[2], w, h, n_threads, isa, qkv)
+    _products_into(rows, qkv_groups[0], w, h, n_threads, isa, qkv)
+    _products_into(rows, qkv_groups[1], w, h, n_threads, isa, qkv)
+    _products_into(rows, qkv_groups[2], w, h, n_threads, isa, qkv)
     q_bias, k_bias, v_bias = biases
     _add_bias(qkv, 0, q_bias)
     _add_bias(qkv, n_q, k_bias)
@@ -164,20 +199,20 @@ def decode_layer(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape
     _attention_many_kernel(q, key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, il,
                            np.arange(n), positions, attn, n_head // n_head_kv, window, scale)
     attn_out = np.empty_like(x)
-    _products_into(wo, w, attn.reshape(n, n_head * head_dim_v), n_threads, isa, attn_out)
+    _products_into(rows, wo, w, attn.reshape(n, n_head * head_dim_v), n_threads, isa, attn_out)
     x = x + attn_out
     # --- feed-forward ---
     h = _norm(x, ffn_norm, eps)
     gate_up = np.empty((n, 2 * n_ff), np.float32)
-    _products_into(gate_up_groups[0], w, h, n_threads, isa, gate_up)
-    _products_into(gate_up_groups[1], w, h, n_threads, isa, gate_up)
+    _products_into(rows, gate_up_groups[0], w, h, n_threads, isa, gate_up)
+    _products_into(rows, gate_up_groups[1], w, h, n_threads, isa, gate_up)
     act = np.empty((n, n_ff), np.float32)
     gate = np.ascontiguousarray(gate_up[:, :n_ff])
     up = np.ascontiguousarray(gate_up[:, n_ff:])
     for t in range(n):
         _swiglu_row(gate, up, act, t)
     ffn_out = np.empty_like(x)
-    _products_into(down, w, act, n_threads, isa, ffn_out)
+    _products_into(rows, down, w, act, n_threads, isa, ffn_out)
     return x + ffn_out
 
 
@@ -225,7 +260,7 @@ class FusedDecode:
         self.layers = layers
         self.weights = weights
         self._products = products   # (block kind, k) of every product: whether the exact GEMM would take it
-        self._compiled = {}   # (layer, f16 keys, f16 values) -> decode_layer's compiled entry point
+        self._compiled = {}   # (layer, rows, f16 keys, f16 values) -> decode_layer's compiled entry point
 
     @classmethod
     def build(cls, model):
@@ -290,18 +325,19 @@ class FusedDecode:
         neox = hp.arch.rope_mode == "neox"
         tables = {}
         n_threads = numba.get_num_threads()
+        rows = ONE_TOKEN if len(spans) == 1 else SEVERAL
         x = np.ascontiguousarray(x, np.float32)
         for il, layer in enumerate(self.layers):
             if layer.rope not in tables:
                 tables[layer.rope] = rope_cos_sin(positions, hp.rope_dims, *layer.rope)
             cos, sin = tables[layer.rope]
-            args = (x, self.weights, n_threads, KERNEL_ISA, eps, layer.attn_norm, layer.qkv_groups, layer.biases,
+            args = (rows, x, self.weights, n_threads, KERNEL_ISA, eps, layer.attn_norm, layer.qkv_groups, layer.biases,
                     shape, cos, sin, hp.rope_dims, neox, cache_args, il, positions, layer.window, scale, layer.wo,
                     layer.ffn_norm, layer.gate_up_groups, hp.n_ff, layer.down)
             # numba's dispatcher types each argument before each call, and the tuples here (each a block kind
             # and arrays) took it 20 us an element: 90 us a group, ~0.6 ms a layer. The compiled function for
             # these argument types is looked up once (per layer and cache type) and then called directly.
-            key = (il, half_keys, half_values)
+            key = (il, rows.code, half_keys, half_values)
             compiled = self._compiled.get(key)
             if compiled is None:
                 x = decode_layer(*args)
