@@ -3,7 +3,8 @@
 The architecture's switches come from model/spec.py; the weights stay in their quantized blocks inside the memory
 map and are multiplied there by quant/matmul.py. Everything else (norms, rope, attention, activations) works on
 float32 activations, which are small next to the weights: numpy, or a small numba kernel where numpy's
-temporaries cost a prompt several percent (rms_norm).
+temporaries cost a prompt several percent (rms_norm). A pass of one token per sequence (decode) runs each layer
+below as one compiled call instead (model/decode_step.py: the same kernels in the same order, the same numbers).
 """
 from __future__ import annotations
 
