@@ -39,21 +39,6 @@ _EMPTY_I64 = np.empty(0, np.int64)
 
 
 @njit(nogil=True, cache=True)
-def _product(kind, w, starts, counts, row_bytes, x, n_threads, isa, out):
-    """out = x (float32 [1, k]) times the rows of a group of matrices of one block type at byte offsets
-    ``starts`` of ``w`` (``counts`` rows each; out: float32 [sum(counts)]). Quantized to the type's vec_dot_type
-    and multiplied as ``matmul._simd_matvec`` does for one token (the same kernels, the same choice of the calling
-    thread or all of them)."""
-    n = out.size
-    xq, x_scale, x_sums, x_bsums = _quantized(kind, x)
-    if n * row_bytes <= HERE_MAX_BYTES:
-        matvec_here(kind, w, starts, counts, row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0], out, isa)
-    else:
-        matvec(kind, w, starts, counts, row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0], out,
-               max(1, min(n, 4 * n_threads)), isa)
-
-
-@njit(nogil=True, cache=True)
 def _quantized(kind, x):
     """The rows of x (float32 [n, k]) quantized to the kind's vec_dot_type as ``matmul.quantize_activations``
     gives them: (quants int8 [n, k], scales, q8_1's sums (q4_1, q5_1), q8_K's sums per 16 (K-quants)), the sums a
@@ -96,17 +81,22 @@ def _products_into(rows, group, w, x, n_threads, isa, into):
     raise NotImplementedError("decode_step._products_into runs inside compiled code only")
 
 
-@njit(nogil=True, cache=True)
 def _one_token_products(rows, group, w, x, n_threads, isa, into):
+    # matmul._simd_matvec's choice for one token: the calling thread for small matrices, else all threads
     kind, starts, counts, row_bytes, first = group
     n = 0
     for c in counts:
         n += c
     if n:
-        _product(kind, w, starts, counts, row_bytes, x, n_threads, isa, into[0, first:first + n])
+        out = into[0, first:first + n]
+        xq, x_scale, x_sums, x_bsums = _quantized(kind, x)
+        if n * row_bytes <= HERE_MAX_BYTES:
+            matvec_here(kind, w, starts, counts, row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0], out, isa)
+        else:
+            matvec(kind, w, starts, counts, row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0], out,
+                   max(1, min(n, 4 * n_threads)), isa)
 
 
-@njit(nogil=True, cache=True)
 def _several_products(rows, group, w, x, n_threads, isa, into):
     kind, starts, counts, row_bytes, first = group
     n = 0
@@ -120,15 +110,15 @@ def _several_products(rows, group, w, x, n_threads, isa, into):
         into[:, first:first + n] = out
 
 
+# The overload's implementation is the function above itself: each further jitted level between decode_layer and
+# the kernels (a wrapper, a one-token helper) cost 1-2 s of compile time per block kind on this VM, a third of
+# the 26-30 s the first decode step of Qwen2.5-0.5B compiled. (Inlining them all at numba's level instead made
+# that 113 s.)
 @overload(_products_into)
 def _products_into_of(rows, group, w, x, n_threads, isa, into):
     if not isinstance(rows, ConstantType) or rows.label != PassRows.label:
         return None
-    chosen = _one_token_products if rows.code == ONE_TOKEN.code else _several_products
-
-    def products(rows, group, w, x, n_threads, isa, into):
-        chosen(rows, group, w, x, n_threads, isa, into)
-    return products
+    return _one_token_products if rows.code == ONE_TOKEN.code else _several_products
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
