@@ -61,6 +61,10 @@ def test_real_model_f32_cache(qwen_path, monkeypatch):
     _same_as_python_path(qwen_path, monkeypatch, type_k=F32, type_v=F32)
 
 
+def test_f32_keys_with_f16_values(tiny_path, monkeypatch):
+    _same_as_python_path(tiny_path, monkeypatch, type_k=F32)
+
+
 @pytest.mark.parametrize("type_name", [t for t in synthetic_types() if t != "f16"])
 def test_every_block_type_same_logits_and_cache(monkeypatch, type_name):
     _same_as_python_path(synthetic_file(type_name), monkeypatch)
