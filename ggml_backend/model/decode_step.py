@@ -84,9 +84,7 @@ def _products_into(rows, group, w, x, n_threads, isa, into):
 def _one_token_products(rows, group, w, x, n_threads, isa, into):
     # matmul._simd_matvec's choice for one token: the calling thread for small matrices, else all threads
     kind, starts, counts, row_bytes, first = group
-    n = 0
-    for c in counts:
-        n += c
+    n = counts.sum()
     if n:
         out = into[0, first:first + n]
         xq, x_scale, x_sums, x_bsums = _quantized(kind, x)
@@ -99,9 +97,7 @@ def _one_token_products(rows, group, w, x, n_threads, isa, into):
 
 def _several_products(rows, group, w, x, n_threads, isa, into):
     kind, starts, counts, row_bytes, first = group
-    n = 0
-    for c in counts:
-        n += c
+    n = counts.sum()
     if n:
         xq, x_scale, x_sums, x_bsums = _quantized(kind, x)
         out = np.empty((x.shape[0], n), np.float32)
