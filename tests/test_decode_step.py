@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from ggml_backend import Llama
+from ggml_backend.model.forward import Linear
+from ggml_backend.quant import dequantize
 from ggml_backend.model.decode_step import FusedDecode, fused_decode_enabled
 from refdata import synthetic_file, synthetic_types
 
@@ -70,10 +72,14 @@ def test_every_block_type_same_logits_and_cache(monkeypatch, type_name):
     _same_as_python_path(synthetic_file(type_name), monkeypatch)
 
 
-def test_float_weights_keep_the_python_path():
-    if "f16" not in synthetic_types():
-        pytest.skip("the f16 synthetic model is in ../shared/reference only, not in tests/data")
-    assert Llama(str(synthetic_file("f16")), n_ctx=32, verbose=False).model.fused_decode is None
+def test_float_weights_keep_the_python_path(tiny_path):
+    model = Llama(str(tiny_path), n_ctx=32, verbose=False).model
+    assert FusedDecode.build(model) is not None
+    wo = model.layers[0].wo          # one matrix as f16 (float weights have no block kernel)
+    values = dequantize(wo.qtype, wo.data.reshape(-1), (wo.n_out, wo.n_in)).reshape(wo.n_out, wo.n_in)
+    half = np.ascontiguousarray(values.astype(np.float16)).view(np.uint8)
+    model.layers[0].wo = Linear(wo.name, "f16", half, wo.n_out, wo.n_in)
+    assert FusedDecode.build(model) is None
 
 
 def test_q8_0_caches_keep_the_python_path(tiny_path, monkeypatch):
