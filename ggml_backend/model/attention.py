@@ -275,8 +275,15 @@ class SequencesAttention:
 
     @staticmethod
     def possible(caches) -> bool:
+        """Whether one launch per layer is worth it and the caches allow it: two sequences or more, ``readable``."""
+        return len(caches) >= 2 and SequencesAttention.readable(caches)
+
+    @staticmethod
+    def readable(caches) -> bool:
+        """Whether the kernel can read these caches by address: f32 or f16 storage, C-contiguous, the same kinds
+        in every cache."""
         kinds = {(cache.k.kind, cache.v.kind) for cache in caches}
-        if len(caches) < 2 or len(kinds) != 1:
+        if len(kinds) != 1:
             return False
         key_kind, value_kind = kinds.pop()
         contiguous = all(c.k.data.flags.c_contiguous and c.v.data.flags.c_contiguous for c in caches)
@@ -284,12 +291,12 @@ class SequencesAttention:
 
     def kernel_arguments(self) -> tuple:
         """What a compiled caller (model/decode_step.py) passes on to ``_attention_many_kernel`` and to its
-        cache stores: (key addresses, value addresses, their capacities, (n_layer, n_head_kv, head_dim_k,
-        head_dim_v), the first sequence's key and value arrays (their dtypes), whether keys and values are f16,
-        the rows' positions)."""
-        return (self._key_at, self._value_at, self._key_capacity, self._value_capacity, self._shape,
-                self._keys[0], self._values[0], self._f16_keys, self._values[0].dtype == np.uint16,
-                self._positions)
+        cache stores: ((key addresses, value addresses, their capacities, (n_layer, n_head_kv, head_dim_k,
+        head_dim_v), the first sequence's key and value arrays (their dtypes), whether keys and values are f16),
+        each row's sequence, each row's position)."""
+        caches = (self._key_at, self._value_at, self._key_capacity, self._value_capacity, self._shape,
+                  self._keys[0], self._values[0], self._f16_keys, self._values[0].dtype == np.uint16)
+        return caches, self._sequence, self._positions
 
     def __call__(self, q: np.ndarray, il: int, group: int, window: int, scale: float) -> np.ndarray:
         """q float32 [n_rows, n_head, head_dim_k] (all sequences' rows, in order) over layer ``il`` of each row's

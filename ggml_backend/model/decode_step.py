@@ -19,6 +19,7 @@ generic CPU, q8_0 caches, Gemma, GPU offload, prompts) takes the Python path, as
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numba
@@ -32,7 +33,7 @@ from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_g
 from .attention import SequencesAttention, _attention_many_kernel, _pointer_at
 from .forward import _rms_norm_row, _swiglu_row
 from .kv_cache import _write_half_tokens
-from .rope import _rotate
+from .rope import _rotate, rope_cos_sin
 
 _EMPTY_F32 = np.empty(0, np.float32)
 _EMPTY_I64 = np.empty(0, np.int64)
@@ -150,13 +151,13 @@ def _store(at, capacity, like, half, layer_shape, il, positions, rows):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox, caches,
-                 il, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down):
+def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox,
+                 caches, il, sequence, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down):
     """Layer ``il`` for one token of each of n sequences (``rows``: ONE_TOKEN where n is 1, else SEVERAL; x:
-    float32 [n, n_embd], token t at positions[t] of sequence t), their keys and values stored in each sequence's cache, the new x returned. ``caches``:
-    ``SequencesAttention``'s (key addresses, value addresses, their capacities, (n_layer, n_head_kv, head_dim_k,
-    head_dim_v), an array of the keys' dtype, one of the values', whether each is f16), every cache grown past its
-    position. The steps and kernels of ``Model._forward_many``'s loop, in its order."""
+    float32 [n, n_embd], token t at positions[t] of sequence t = sequence[t]), their keys and values stored in
+    each sequence's cache, the new x returned. ``caches``, ``sequence``, ``positions``:
+    ``SequencesAttention.kernel_arguments()``, every cache grown past its position. The steps and kernels of
+    ``Model._forward_many``'s loop, in its order."""
     n_head, n_head_kv, head_dim_k, head_dim_v = shape
     key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, half_keys, half_values = caches
     n = x.shape[0]
@@ -183,7 +184,7 @@ def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases,
         _round_to_f16(q.reshape(-1))
     attn = np.empty((n, n_head, head_dim_v), np.float32)
     _attention_many_kernel(q, key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, il,
-                           np.arange(n), positions, attn, n_head // n_head_kv, window, scale)
+                           sequence, positions, attn, n_head // n_head_kv, window, scale)
     attn_out = np.empty_like(x)
     _products_into(rows, wo, w, attn.reshape(n, n_head * head_dim_v), n_threads, isa, attn_out)
     x = x + attn_out
@@ -282,28 +283,23 @@ class FusedDecode:
     def takes(self, spans, n_tokens: int) -> bool:
         """Whether a forward pass of these sequences (``Model._forward_many``'s spans: first row, last row, cache,
         first position) runs here: one token each; not so many that the Python path would take the BLAS path or
-        the integer GEMM (AVX512-VNNI, from 8 tokens); f32 or f16 caches (not rotated), the same kinds in all."""
+        the integer GEMM (AVX512-VNNI, from 8 tokens); caches the sequences' attention kernel reads (f32 or f16, the
+        same kinds in all)."""
         if n_tokens != len(spans) or n_tokens >= BLAS_MIN_TOKENS:
             return False
         if any(_exact_gemm(kind, (n_tokens, k)) for kind, k in self._products):
             return False
-        tensors = [t for _, _, cache, _ in spans for t in (cache.k, cache.v)]
-        if not all(t.kind in ("f32", "f16") and not t.rotated and t.data.flags.c_contiguous for t in tensors):
-            return False
-        return len({(cache.k.kind, cache.v.kind) for _, _, cache, _ in spans}) == 1
+        return SequencesAttention.readable([cache for _, _, cache, _ in spans])
 
     def run(self, x: np.ndarray, spans, positions: np.ndarray, sequences: SequencesAttention | None = None):
         """Every layer for one token of each sequence (x: their embeddings, float32 [n, n_embd]; token t at
         positions[t] of the cache of spans[t]); ``sequences``: the pass's ``SequencesAttention`` if it made one.
         Returns the new x."""
-        from .rope import rope_cos_sin
         hp = self.hp
         caches = [cache for _, _, cache, _ in spans]
         if sequences is None:   # it grows each cache past its position first
             sequences = SequencesAttention(caches, [1] * len(caches), positions)
-        cache_args = sequences.kernel_arguments()
-        positions = cache_args[-1]
-        cache_args = cache_args[:-1]
+        cache_args, sequence, positions = sequences.kernel_arguments()
         half_keys, half_values = cache_args[-2], cache_args[-1]
         shape = (hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v)
         eps = np.float32(hp.rms_eps)
@@ -317,9 +313,9 @@ class FusedDecode:
             if layer.rope not in tables:
                 tables[layer.rope] = rope_cos_sin(positions, hp.rope_dims, *layer.rope)
             cos, sin = tables[layer.rope]
-            args = (rows, x, self.weights, n_threads, KERNEL_ISA, eps, layer.attn_norm, layer.qkv_groups, layer.biases,
-                    shape, cos, sin, hp.rope_dims, neox, cache_args, il, positions, layer.window, scale, layer.wo,
-                    layer.ffn_norm, layer.gate_up_groups, hp.n_ff, layer.down)
+            args = (rows, x, self.weights, n_threads, KERNEL_ISA, eps, layer.attn_norm, layer.qkv_groups,
+                    layer.biases, shape, cos, sin, hp.rope_dims, neox, cache_args, il, sequence, positions,
+                    layer.window, scale, layer.wo, layer.ffn_norm, layer.gate_up_groups, hp.n_ff, layer.down)
             # numba's dispatcher types each argument before each call, and the tuples here (each a block kind
             # and arrays) took it 20 us an element: 90 us a group, ~0.6 ms a layer. The compiled function for
             # these argument types is looked up once (per layer and cache type) and then called directly.
@@ -337,7 +333,6 @@ class FusedDecode:
 def fused_decode_enabled() -> bool:
     """``GGML_BACKEND_DECODE_STEP=python`` keeps every decode step on the Python path (for comparisons); the
     default, ``fused``, takes ``decode_layer`` wherever the model allows it."""
-    import os
     choice = os.environ.get("GGML_BACKEND_DECODE_STEP", "fused")
     if choice not in ("fused", "python"):
         raise ValueError(f"GGML_BACKEND_DECODE_STEP must be 'fused' or 'python', got {choice!r}")
