@@ -3,6 +3,7 @@ forward passes, and each gets exactly the numbers it gets alone."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -58,3 +59,36 @@ def test_a_bad_request_fails_alone(qwen):
     assert ctx.cache.n_past == 0
     text, _ = _generate(ctx, "Hello", 4)
     assert text
+
+
+def test_passes_longer_than_the_active_window_still_gather_every_context(qwen, monkeypatch):
+    """A context counts as active from the end of its last pass, not from its submission: with passes longer than
+    ACTIVE_S (16 sequences on a loaded 2-core machine), contexts counted from submission had all expired when
+    their pass ended, so the first one back ran a pass of its own and every step became two passes. Here each pass
+    is made to take ACTIVE_S + 0.05 s (as a slow machine's would)."""
+    from ggml_backend.model import batching
+    contexts = [qwen.new_context(128) for _ in range(4)]
+    sizes: list = []
+    forward_many = qwen.model.forward_many
+
+    def slow(items):
+        sizes.append(len(items))
+        time.sleep(batching.ACTIVE_S + 0.05)
+        return forward_many(items)
+    monkeypatch.setattr(qwen.model, "forward_many", slow)
+    errors: list = []
+
+    def run(i):
+        try:
+            _generate(contexts[i], f"List {i + 3} fruits:", 12)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(contexts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    # 4 prompts and 11 decode steps each: ideally 12 passes of 4 (a loaded machine's stragglers add a few);
+    # counted from submission, each step split in two (passes of 1 and 3: 24)
+    assert len(sizes) <= 18, f"passes of {sizes}: the contexts did not stay together"

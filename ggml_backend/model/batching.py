@@ -26,7 +26,10 @@ import time
 #: threads missed the pass and each step became two or three passes; a pass of the 0.5B model takes 30-100 ms,
 #: so waiting up to 60 ms for a context that does come is cheaper than a pass of its own
 GATHER_S = 0.06
-#: a context that submitted within this long counts as active (the leader waits for it to join)
+#: a context that submitted, or got the result of a pass, within this long counts as active (the leader waits for
+#: it to join). Counted from the end of its last pass, not from its submission: a pass of 16 sequences takes longer
+#: than this on a 2-core machine, and counted from submission every context of it had expired when it ended, so
+#: the first one back ran a pass of its own (server at N = 16: every other step was a pass of 1-12 sequences)
 ACTIVE_S = 0.25
 
 
@@ -50,7 +53,7 @@ class ForwardBatcher:
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
         self._leader = False
-        self._last_seen: dict[int, float] = {}   # id(cache) -> when it last submitted
+        self._last_seen: dict[int, float] = {}   # id(cache) -> when it last submitted or got a pass's result
         self.passes = 0                          # statistics: passes run, tokens carried
         self.tokens = 0
 
@@ -89,8 +92,11 @@ class ForwardBatcher:
                 j.error = exc
         finally:
             with self._cond:
+                now = time.monotonic()
                 for j in batch:
                     j.done = True
+                    if id(j.cache) in self._last_seen:    # not left meanwhile: it comes back for its next token
+                        self._last_seen[id(j.cache)] = now
                 self._leader = False
                 self.passes += 1
                 self.tokens += sum(len(j.tokens) for j in batch)
