@@ -282,3 +282,60 @@ def test_real_model_matches_gguf_py_table(which):
     with open(path, "rb") as f:
         f.seek(last.offset)
         assert f.read(last.nbytes) == last.data.tobytes()
+
+
+def _big_string_arrays():
+    rng = np.random.default_rng(7)
+    pieces = ["a", "Ġthe", "ünï", "▁wörld", "你好", "🙂", "", " ", "\n", "<0xE4>", "x" * 300]
+    plain = [pieces[i] + str(j) * int(rng.integers(0, 2)) for j, i in enumerate(rng.integers(0, len(pieces), 6000))]
+    invalid = list(plain)
+    invalid[4321] = b"ok\xff\xfe".decode("utf-8", "surrogateescape")          # bytes that are not UTF-8
+    straddling = list(plain)
+    # "你" is E4 BD A0: its lead byte ends one string and its continuation bytes start the next, so the two
+    # joined decode as one character, but each alone is two strings of surrogate escapes
+    straddling[100] = b"\xe4".decode("utf-8", "surrogateescape")
+    straddling[101] = b"\xbd\xa0".decode("utf-8", "surrogateescape")
+    return {"plain": (plain, True), "invalid": (invalid, False), "straddling": (straddling, False)}
+
+
+@pytest.mark.parametrize("case", ["plain", "invalid", "straddling"])
+def test_big_string_arrays_read_as_the_loop_reads_them(tmp_path, monkeypatch, case):
+    """A vocabulary-sized string array is walked by the compiled reader and decoded in one piece; it must give
+    exactly the per-string loop's strings, and leave to the loop what only per-string decoding gets right."""
+    from ggml_backend.formats import gguf as gguf_module
+    strings, compiled = _big_string_arrays()[case]
+    path = tmp_path / "strings.gguf"
+    write_gguf(path, {"t.before": "x", "t.big": strings, "t.after": 7}, [])
+    outcomes = []
+    read_compiled = gguf_module._read_string_array_compiled
+
+    def spy(cursor, count):
+        texts = read_compiled(cursor, count)
+        outcomes.append(texts is not None)
+        return texts
+    monkeypatch.setattr(gguf_module, "_read_string_array_compiled", spy)
+    fast = ggml_backend.load(path)
+    assert outcomes == [compiled]
+    monkeypatch.setattr(gguf_module, "_COMPILED_WALK_MIN", 10 ** 9)
+    loop = ggml_backend.load(path)
+    assert fast.metadata["t.big"] == loop.metadata["t.big"] == strings
+    assert fast.metadata["t.after"] == loop.metadata["t.after"] == 7
+
+
+def test_a_truncated_big_string_array_is_reported_as_by_the_loop(tmp_path, monkeypatch):
+    from ggml_backend.formats import TruncatedFileError
+    from ggml_backend.formats import gguf as gguf_module
+    strings, _ = _big_string_arrays()["plain"]
+    path = tmp_path / "strings.gguf"
+    write_gguf(path, {"t.big": strings}, [])
+    data = path.read_bytes()
+    messages = []
+    for cut in (len(data) // 2, len(data) // 2 + 3):    # inside a string, and (likely) inside a length
+        path.write_bytes(data[:cut])
+        for walk_min in (gguf_module._COMPILED_WALK_MIN, 10 ** 9):
+            monkeypatch.setattr(gguf_module, "_COMPILED_WALK_MIN", walk_min)
+            with pytest.raises((CorruptFileError, TruncatedFileError)) as error:
+                ggml_backend.load(path)
+            messages.append(str(error.value))
+    assert messages[0] == messages[1] and messages[2] == messages[3]
+    assert "'t.big'[" in messages[0] and "'t.big'[" in messages[2]
