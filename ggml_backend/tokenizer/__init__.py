@@ -275,11 +275,14 @@ class Tokenizer:
 
 
 def _gguf_texts(tokens) -> list:
-    texts = [t if isinstance(t, str) else
-             bytes(t).decode("utf-8", "surrogateescape") if isinstance(t, (bytes, bytearray)) else str(t)
-             for t in tokens]
+    if set(map(type, tokens)) == {str}:     # as the GGUF reader gives them: a C-speed check, then one copy
+        texts = list(tokens)
+    else:
+        texts = [t if isinstance(t, str) else
+                 bytes(t).decode("utf-8", "surrogateescape") if isinstance(t, (bytes, bytearray)) else str(t)
+                 for t in tokens]
     # llama.cpp renames empty entries so that they cannot collide
-    if any(not t for t in texts):
+    if "" in texts:
         texts = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(texts)]
     return texts
 
