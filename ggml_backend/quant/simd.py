@@ -344,9 +344,13 @@ def unpack_nibbles(typingctx, packed):
         return None
 
     def codegen(context, builder, sig, args):
-        low = builder.and_(args[0], _splat(_I8(15), 16))
-        high = builder.lshr(args[0], _splat(_I8(4), 16))
-        return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        # the 16 bytes in both halves, the upper half's 64-bit words shifted right by 4 (vpsrlvq), then & 15: a
+        # broadcast that folds into the load (vbroadcasti128) and two ALU operations, where shift, insert, and
+        # took three, one of them on the shuffle ports
+        both = builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
+        words = builder.bitcast(both, ir.VectorType(ir.IntType(64), 4))
+        shifted = builder.lshr(words, ir.Constant(ir.VectorType(ir.IntType(64), 4), [0, 0, 4, 4]))
+        return builder.and_(builder.bitcast(shifted, ir.VectorType(_I8, 32)), _splat(_I8(15), 32))
     return I8x32(packed), codegen
 
 
