@@ -308,7 +308,9 @@ def _legacy_dot(kind, acc, q, scale, xq, x, bias, g, isa):
     """acc + float(exact dot of block quants ``q`` with xq[x:x + 32], in dot_u8_i8's lanes) * scale. The offset
     kinds (q4_0 -8, q5_0 -16, q8_0's signed bytes) start from their lane biases at bias[g:g + 8]."""
     kc = kind_code(kind)
-    if kc == 4:
+    if kc == 4 and signed_dot_offset(isa) == 0:   # AVX2: no offset, so no lane biases to load and add
+        dot = dot_i8_i8(zero_i32x8(), q, load_32_bytes(xq, x), isa)
+    elif kc == 4:
         dot = dot_i8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa)
     elif kc == 1 or kc == 3:
         dot = dot_u8_i8(zero_i32x8(), q, load_32_bytes(xq, x), isa)
@@ -899,14 +901,14 @@ def _one_token_rows_of_kind(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums
 
 @njit(**_KERNEL)
 def _per_row_terms(kind, xq, x_bsums, isa):
-    """What a kind's rows share for one activation row: the lane biases of its weight offset (q4_0, q5_0, q8_0,
-    q3_K, q6_K) or the q8_K sums per 32 (q4_K, q5_K); an empty array where a kind needs neither."""
+    """What a kind's rows share for one activation row: the lane biases of its weight offset (q4_0, q5_0, q8_0 on
+    VNNI, q3_K, q6_K) or the q8_K sums per 32 (q4_K, q5_K); an empty array where a kind needs neither."""
     code = kind_code(kind)
     if code == 0:
         return lane_bias(xq, 8, isa)
     if code == 2:
         return lane_bias(xq, 16, isa)
-    if code == 4:
+    if code == 4 and signed_dot_offset(isa) != 0:   # q8_0 on AVX2 has no offset (``_legacy_dot`` starts at 0)
         return lane_bias(xq, signed_dot_offset(isa), isa)
     if code == 6:
         return lane_bias(xq, 4, isa)
