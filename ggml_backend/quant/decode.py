@@ -353,10 +353,14 @@ def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
 @njit(**_KERNEL)
 def _unsigned_x(kind, isa):
     """Whether a tile of ``kind`` takes the activations as unsigned bytes (x + 128) against signed weights, so that
-    its per-token step needs no lane biases: the offset kinds (q4_0, q5_0), and q8_0 where ``vpdpbusd`` cannot
-    saturate (VNNI; on AVX2 ``vpmaddubsw`` could, with 255 * -128 * 2)."""
+    its per-token step needs no lane biases: on VNNI the offset kinds (q4_0, q5_0) and q8_0 (``vpdpbusd`` cannot
+    saturate). Not on AVX2: there the per-token step costs the same either way (a ``vpaddd`` of the token's lane
+    biases from memory, or a ``vpsubd`` of the block's -128 sums), but the signed weights cost each block an add
+    and a ``vpmaddubsw`` / ``vpmaddwd`` for those sums, and two constant registers that the four tokens' eight
+    accumulators needed (16-token products on Zen 3, one core: q4_0 25-26 -> 31-32, q5_0 23 -> 26-28 GMAC/s);
+    and q8_0's ``vpmaddubsw`` could saturate (255 * -128 * 2)."""
     kc = kind_code(kind)
-    return kc == 0 or kc == 2 or (kc == 4 and signed_dot_offset(isa) == 128)
+    return signed_dot_offset(isa) == 128 and (kc == 0 or kc == 2 or kc == 4)
 
 
 @njit(**_KERNEL)
