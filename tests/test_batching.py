@@ -23,6 +23,25 @@ def _generate(llm, prompt, n=12):
     return choice["text"], choice["logprobs"]["token_logprobs"]
 
 
+def _at_once(calls) -> list:
+    """Each call on a thread of its own, all at once: their results (an error in any fails the test)."""
+    results: list = [None] * len(calls)
+    errors: list = []
+
+    def run(i):
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return results
+
+
 def test_contexts_decoding_together_share_passes_and_keep_their_numbers(qwen):
     assert qwen.model.batcher is not None   # every weight of the default model is on the SIMD integer kernels
     prompts = [f"Count from {i} to {i + 20}:" for i in range(4)]
@@ -30,20 +49,7 @@ def test_contexts_decoding_together_share_passes_and_keep_their_numbers(qwen):
     alone = [_generate(ctx, p) for ctx, p in zip(contexts, prompts)]
     batcher = qwen.model.batcher
     passes, tokens = batcher.passes, batcher.tokens
-    together: list = [None] * len(prompts)
-    errors: list = []
-
-    def run(i):
-        try:
-            together[i] = _generate(contexts[i], prompts[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    together = _at_once([lambda i=i: _generate(contexts[i], prompts[i]) for i in range(len(prompts))])
     assert together == alone   # texts and log-probabilities, bit for bit
     n_passes, n_tokens = batcher.passes - passes, batcher.tokens - tokens
     assert n_tokens / n_passes > 2, f"{n_tokens} tokens in {n_passes} passes: the contexts did not share passes"
@@ -76,19 +82,7 @@ def test_passes_longer_than_the_active_window_still_gather_every_context(qwen, m
         time.sleep(batching.ACTIVE_S + 0.05)
         return forward_many(items)
     monkeypatch.setattr(qwen.model, "forward_many", slow)
-    errors: list = []
-
-    def run(i):
-        try:
-            _generate(contexts[i], f"List {i + 3} fruits:", 12)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(contexts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    _at_once([lambda i=i: _generate(contexts[i], f"List {i + 3} fruits:", 12) for i in range(len(contexts))])
     # 4 prompts and 11 decode steps each: ideally 12 passes of 4 (a loaded machine's stragglers add a few);
     # counted from submission, each step split in two (passes of 1 and 3: 24)
     assert len(sizes) <= 18, f"passes of {sizes}: the contexts did not stay together"
