@@ -43,7 +43,7 @@ from numba.extending import NativeValue, intrinsic, overload, register_model, ty
 
 from .simd import (
     IsaType, add_bytes, add_f32x8, add_i32x8, add_i32x16, bits_to_bytes, bytes_as_i32x16, dot_i8_i8, dot_u8_i8,
-    dot_u8_i8_x64, fma_i32x8, fold_halves_i32x16, high_nibbles_times, join_halves, load_8_i32, load_16_bytes,
+    dot_u8_i8_scaled, dot_u8_i8_x64, fma_i32x8, fold_halves_i32x16, high_nibbles_times, join_halves, load_8_i32, load_16_bytes,
     load_32_bytes, load_64_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, mul_i32x16, or_bytes,
     pair_scales_i32x8, prefetch, scale_pair_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
     spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8,
@@ -487,9 +487,8 @@ def _k4_chunk(kind, w, o, c):
 def _k4_dot(sumi, min_total, q_low, q_high, pair, mpair, xq, x, sums32, s, isa):
     """One token's integer sums of a chunk: scaled dot products of its 64 activations at xq[x:], and its mins
     times the token's sums per 32 at sums32[s], sums32[s + 1]."""
-    low = dot_u8_i8(zero_i32x8(), q_low, load_32_bytes(xq, x), isa)
-    high = dot_u8_i8(zero_i32x8(), q_high, load_32_bytes(xq, x + 32), isa)
-    sumi = add_i32x8(sumi, add_i32x8(mul_i32x8(low, pair & 0xFF), mul_i32x8(high, (pair >> 8) & 0xFF)))
+    sumi = dot_u8_i8_scaled(sumi, q_low, load_32_bytes(xq, x), pair & 0xFF, isa)
+    sumi = dot_u8_i8_scaled(sumi, q_high, load_32_bytes(xq, x + 32), (pair >> 8) & 0xFF, isa)
     return sumi, min_total + (mpair & 0xFF) * sums32[s] + ((mpair >> 8) & 0xFF) * sums32[s + 1]
 
 
