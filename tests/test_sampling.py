@@ -226,6 +226,60 @@ def test_greedy_is_argmax_after_bias_and_penalties():
     assert Sampler(disabled(temperature=-1.0, logit_bias={3: 10.0}), 4).sample(logits, [1]) == 3
 
 
+def _greedy_of_the_whole_vocabulary(sampler, logits, recent):
+    """What ``sample`` returned at temperature 0 before ``_greedy``: the argmax of the adjusted full copy."""
+    return int(np.argmax(sampler.candidates(logits, recent).logits))
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except SamplingError as exc:
+        return str(exc)
+
+
+def test_greedy_equals_the_argmax_of_the_whole_adjusted_vocabulary():
+    """``_greedy`` adjusts only the ids the bias, the window and the newline rule touch: on random logits with
+    ties (small integers), biases that ban or lift, windows with repeats, every penalty and the newline rule, it
+    returns the token (or raises the error) of the argmax over the whole adjusted vocabulary."""
+    rng = np.random.default_rng(7)
+    kinds = {"plain": 0, "touched best": 0, "error": 0}
+    for case in range(600):
+        n = int(rng.integers(2, 40))
+        logits = rng.integers(-3, 4, n).astype(np.float32)
+        if case % 50 == 0:
+            logits[rng.integers(0, n)] = rng.choice([np.nan, np.inf])
+        if case % 37 == 0:
+            logits[:] = -np.inf
+        bias = {int(t): float(rng.choice([-np.inf, -2.0, 0.5, 3.0])) for t in rng.integers(0, n, rng.integers(0, 4))}
+        params = disabled(temperature=0.0, logit_bias=bias, repeat_penalty=float(rng.choice([1.0, 1.5, 0.8])),
+                          frequency_penalty=float(rng.choice([0.0, 0.7])), presence_penalty=float(rng.choice([0.0, 1.0])),
+                          repeat_last_n=int(rng.choice([0, 4, 64, -1])), penalize_nl=bool(rng.integers(0, 2)),
+                          repeat_penalty_slope=float(rng.choice([1.0, 0.5])))
+        newline = int(rng.integers(0, n)) if rng.integers(0, 2) else None
+        sampler = Sampler(params, n, newline_token=newline)
+        recent = rng.integers(0, n, rng.integers(0, 8)).tolist()
+        expected = _outcome(lambda: _greedy_of_the_whole_vocabulary(sampler, logits, recent))
+        assert _outcome(lambda: sampler.sample(logits, recent)) == expected, (case, logits, bias, recent, newline)
+        assert _outcome(lambda: sampler.sample(logits.astype(np.float64), recent)) == expected   # the full path
+        if isinstance(expected, str):
+            kinds["error"] += 1
+        elif expected in set(bias) | set(recent) | {newline}:
+            kinds["touched best"] += 1
+        else:
+            kinds["plain"] += 1
+    assert min(kinds.values()) >= 20, kinds   # every branch was exercised
+
+
+def test_greedy_on_a_real_vocabulary_size_with_a_banned_top_token():
+    logits = np.random.default_rng(0).standard_normal(151936).astype(np.float32)
+    top = int(np.argmax(logits))
+    sampler = Sampler(disabled(temperature=0.0, logit_bias={top: -np.inf}), logits.size)
+    second = int(np.argsort(logits)[-2])
+    assert sampler.sample(logits, [top, 5, 5]) == second
+    assert logits[top] == logits.max()   # the caller's logits are left alone
+
+
 def test_repeat_window_and_penalize_nl():
     logits = np.array([1.0, 1.0, 1.0, 1.0], dtype=np.float32)
 

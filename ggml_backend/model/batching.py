@@ -50,7 +50,12 @@ class ForwardBatcher:
     def __init__(self, model, max_rows: int):
         self.model = model
         self.max_rows = max_rows
-        self._cond = threading.Condition()
+        # One lock, two conditions, so that a submission wakes only the leader gathering its pass (not every
+        # waiting context: 16 slots woke each other 16 times a step, each wake-up taking the GIL) and the end of a
+        # pass wakes the contexts waiting for results
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)    # the leader waits here for the active contexts' jobs
+        self._finished = threading.Condition(self._lock)   # the others wait here for their jobs / the leader role
         self._pending: list[_Job] = []
         self._leader = False
         self._last_seen: dict[int, float] = {}   # id(cache) -> when it last submitted or got a pass's result
@@ -69,14 +74,14 @@ class ForwardBatcher:
         own = [_Job(tokens, cache) for tokens, cache in items]
         if sum(len(j.tokens) for j in own) > self.max_rows:
             raise ValueError(f"a combined pass carries at most {self.max_rows} tokens")
-        with self._cond:
+        with self._lock:
             now = time.monotonic()
             for job in own:
                 self._pending.append(job)
                 self._last_seen[id(job.cache)] = now
-            self._cond.notify_all()
+            self._arrived.notify()
             while self._leader and not all(j.done for j in own):
-                self._cond.wait()
+                self._finished.wait()
             if all(j.done for j in own):
                 return [j.result() for j in own]
             self._leader = True
@@ -91,7 +96,7 @@ class ForwardBatcher:
             for j in batch:
                 j.error = exc
         finally:
-            with self._cond:
+            with self._lock:
                 now = time.monotonic()
                 for j in batch:
                     j.done = True
@@ -100,18 +105,18 @@ class ForwardBatcher:
                 self._leader = False
                 self.passes += 1
                 self.tokens += sum(len(j.tokens) for j in batch)
-                self._cond.notify_all()
+                self._finished.notify_all()
         # jobs of ours that another leader's pass took finished before ours did (a leader waits for its own)
-        with self._cond:
+        with self._lock:
             while not all(j.done for j in own):
-                self._cond.wait()
+                self._finished.wait()
         return [j.result() for j in own]
 
     def leave(self, cache) -> None:
         """The context of ``cache`` is done for now (its generation ended): passes stop waiting for it."""
-        with self._cond:
+        with self._lock:
             self._last_seen.pop(id(cache), None)
-            self._cond.notify_all()
+            self._arrived.notify()
 
     def _gather(self, own: list[_Job]) -> list[_Job]:
         """The leader's pass: its own jobs, then waiting jobs first come first served, up to max_rows and one job
@@ -124,7 +129,7 @@ class ForwardBatcher:
             rows = sum(len(j.tokens) for j in self._pending)
             if not expected or rows >= self.max_rows or now >= deadline:
                 break
-            self._cond.wait(deadline - now)
+            self._arrived.wait(deadline - now)
         for c in [c for c, seen in self._last_seen.items() if now - seen >= ACTIVE_S]:
             del self._last_seen[c]
         batch, rows, caches = list(own), sum(len(j.tokens) for j in own), {id(j.cache) for j in own}
