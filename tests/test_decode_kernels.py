@@ -227,16 +227,17 @@ def test_prompt_path_dequantization_is_bit_exact_to_the_type_table(isa):
         matmul_module.KERNEL_ISA = saved
 
 
-FEW_TOKEN_COUNTS = (2, 3, 4, 5, 6, 7, 8, 13, 16, 47)
+FEW_TOKEN_COUNTS = (2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 47)
 
 
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("type_name", list(KINDS))
 def test_few_tokens_give_each_token_its_one_token_result_bit_for_bit(isa, type_name):
-    """matmul_few (tiles of 4 tokens that unpack each weight block once, then the N mod 4 rest in a tile of 2 or 3,
-    or one token alone) gives every (row, token) exactly what the one-token kernel gives that token alone, for any token count, in a fused
-    launch of three matrices of one buffer (q, k, v), with an odd block count (the two-chain kernels' last block)
-    and an even one. Continuous batching and prompt caching rely on it."""
+    """matmul_few (tiles of 8 tokens (q8_0 on AVX2) or 4 that unpack each weight block once, then the rest in a
+    tile of 4, 2 or 3, or one token alone) gives every (row, token) exactly what the one-token kernel gives that
+    token alone, for any token count, in a fused launch of three matrices of one buffer (q, k, v), with an odd
+    block count (the two-chain kernels' last block) and an even one. Continuous batching and prompt caching rely
+    on it."""
     rng = np.random.default_rng(100 + KINDS[type_name])
     block = 256 if type_name.endswith("K") else 32
     for n_blocks in ((3, 2) if block == 256 else (7, 4)):

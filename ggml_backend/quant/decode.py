@@ -174,7 +174,7 @@ def lane_bias(xq, offset, isa):
 
 # Tokens per tile. 4 keeps a tile's accumulators (two chains for q4_0 / q5_0: 8 vectors) and the unpacked block
 # in AVX2's 16 vector registers; the tiles are written out for 4, and a ``TileSize`` constant drops the last
-# tokens' steps for the tiles of 2 and 3 (wider tiles were not tried).
+# tokens' steps for the tiles of 2 and 3. q8_0 on AVX2 also has tiles of 8 (``_eight_token_tiles``).
 TILE = 4
 
 # Kernel selectors: ``KIND_ARGS[KINDS[type]]`` is the ``kind`` argument of ``matvec`` / ``matmul_few``, the int
@@ -451,6 +451,47 @@ def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, width, isa
     if kc == 1 or kc == 3:
         return sum_f32x8(a0) + m0, sum_f32x8(a1) + m1, sum_f32x8(a2) + m2, sum_f32x8(a3) + m3
     return sum_f32x8(a0), sum_f32x8(a1), sum_f32x8(a2), sum_f32x8(a3)
+
+
+@njit(**_KERNEL)
+def _eight_token_tiles(kind, isa):
+    """Whether ``_rows_legacy`` takes 8 tokens at a time (``_tile8_legacy``): q8_0 on AVX2, where 8 tokens share
+    each block's load and scale (one core, 8-16 tokens: 28-31 -> 30-33 G multiply-adds a second, +5-8%, on every
+    Qwen shape, the output head's included). Not q4_0 / q5_0: their two chains per token (even and odd blocks) do
+    not fit AVX2's registers for 8 tokens, and walking the row once per chain left 24 token pointers for 16
+    general registers: the spills made them 25-30% slower. Not q4_1 / q5_1 (eight minimum sums more), nor VNNI
+    (not measured)."""
+    return signed_dot_offset(isa) == 0 and kind_code(kind) == 4
+
+
+@njit(inline="always", **_KERNEL)
+def _tile8_legacy(kind, w, start, xq, xu, k, x_scale, bias, t, isa):
+    """``_row_legacy`` for the 8 tokens from t (a one-chain kind of ``_eight_token_tiles``), each block loaded
+    once: each token's chain operation for operation as the one-token kernel builds it."""
+    kq = k // 4
+    n = x_scale.shape[1]
+    a0 = zero_f32x8()
+    a1 = zero_f32x8()
+    a2 = zero_f32x8()
+    a3 = zero_f32x8()
+    a4 = zero_f32x8()
+    a5 = zero_f32x8()
+    a6 = zero_f32x8()
+    a7 = zero_f32x8()
+    for b in range(n):
+        q, lanes, d, _ = _tile_block(kind, w, start, b, isa)
+        x = t * k + 32 * b
+        g = t * kq + 8 * b
+        a0 = _tile_dot(kind, a0, q, lanes, d * x_scale[t, b], xq, xu, x, bias, g, isa)
+        a1 = _tile_dot(kind, a1, q, lanes, d * x_scale[t + 1, b], xq, xu, x + k, bias, g + kq, isa)
+        a2 = _tile_dot(kind, a2, q, lanes, d * x_scale[t + 2, b], xq, xu, x + 2 * k, bias, g + 2 * kq, isa)
+        a3 = _tile_dot(kind, a3, q, lanes, d * x_scale[t + 3, b], xq, xu, x + 3 * k, bias, g + 3 * kq, isa)
+        a4 = _tile_dot(kind, a4, q, lanes, d * x_scale[t + 4, b], xq, xu, x + 4 * k, bias, g + 4 * kq, isa)
+        a5 = _tile_dot(kind, a5, q, lanes, d * x_scale[t + 5, b], xq, xu, x + 5 * k, bias, g + 5 * kq, isa)
+        a6 = _tile_dot(kind, a6, q, lanes, d * x_scale[t + 6, b], xq, xu, x + 6 * k, bias, g + 6 * kq, isa)
+        a7 = _tile_dot(kind, a7, q, lanes, d * x_scale[t + 7, b], xq, xu, x + 7 * k, bias, g + 7 * kq, isa)
+    return (sum_f32x8(a0), sum_f32x8(a1), sum_f32x8(a2), sum_f32x8(a3), sum_f32x8(a4), sum_f32x8(a5),
+            sum_f32x8(a6), sum_f32x8(a7))
 
 
 # K-quants (super-blocks of 256; activations q8_K: one scale per 256, sums per 16)
@@ -787,11 +828,16 @@ def _one_token_rows_legacy(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums,
 
 @njit(**_KERNEL)
 def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    tiled = out.shape[0] - out.shape[0] % TILE
+    tiled8 = out.shape[0] - out.shape[0] % 8 if _eight_token_tiles(kind, isa) else 0
+    tiled = tiled8 + (out.shape[0] - tiled8) // TILE * TILE
     rest = out.shape[0] - tiled
     for i in range(n):
         row = start + i * row_bytes
-        for t in range(0, tiled, TILE):
+        for t in range(0, tiled8, 8):
+            y = _tile8_legacy(kind, w, row, xq, xu, k, x_scale, bias, t, isa)
+            for j in range(8):
+                out[t + j, first + i] = y[j]
+        for t in range(tiled8, tiled, TILE):
             ys = _tile_legacy(kind, w, row, xq, xu, k, x_scale, x_sums, bias, t, _TILE_4, isa)
             _store_tile(out, t, first + i, ys, _TILE_4)
         t = tiled
