@@ -71,8 +71,11 @@ def test_passes_longer_than_the_active_window_still_gather_every_context(qwen, m
     """A context counts as active from the end of its last pass, not from its submission: with passes longer than
     ACTIVE_S (16 sequences on a loaded 2-core machine), contexts counted from submission had all expired when
     their pass ended, so the first one back ran a pass of its own and every step became two passes. Here each pass
-    is made to take ACTIVE_S + 0.05 s (as a slow machine's would)."""
+    is made to take ACTIVE_S + 0.05 s (as a slow machine's would). The leader's wait for the active contexts is
+    lengthened to 1 s: this test is about whom it waits for, and on a loaded machine (the suite's other worker) a
+    context coming back for its next token could miss the usual 60 ms, splitting passes for another reason."""
     from ggml_backend.model import batching
+    monkeypatch.setattr(batching, "GATHER_S", 1.0)
     contexts = [qwen.new_context(128) for _ in range(4)]
     sizes: list = []
     forward_many = qwen.model.forward_many
