@@ -253,7 +253,8 @@ def test_greedy_equals_the_argmax_of_the_whole_adjusted_vocabulary():
             logits[:] = -np.inf
         bias = {int(t): float(rng.choice([-np.inf, -2.0, 0.5, 3.0])) for t in rng.integers(0, n, rng.integers(0, 4))}
         params = disabled(temperature=0.0, logit_bias=bias, repeat_penalty=float(rng.choice([1.0, 1.5, 0.8])),
-                          frequency_penalty=float(rng.choice([0.0, 0.7])), presence_penalty=float(rng.choice([0.0, 1.0])),
+                          frequency_penalty=float(rng.choice([0.0, 0.7])),
+                          presence_penalty=float(rng.choice([0.0, 1.0])),
                           repeat_last_n=int(rng.choice([0, 4, 64, -1])), penalize_nl=bool(rng.integers(0, 2)),
                           repeat_penalty_slope=float(rng.choice([1.0, 0.5])))
         newline = int(rng.integers(0, n)) if rng.integers(0, 2) else None

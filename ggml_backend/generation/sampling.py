@@ -628,13 +628,12 @@ class Sampler:
         with the best untouched one. A server's slots sample one after another between two forward passes, each
         over logits the pass left in memory: the copy, the checks and the argmax (five passes over 600 KB) were a
         quarter of a slot's time there; this is one pass, two where the best raw token is a touched one."""
-        values = logits
-        if not (isinstance(values, np.ndarray) and values.dtype == np.float32 and values.shape == (self.n_vocab,)):
+        if not (isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.shape == (self.n_vocab,)):
             return int(np.argmax(self._candidates(logits, recent_tokens, self._work).logits))
         p = self.params
         window = self._penalized_window(recent_tokens)
-        best = int(np.argmax(values))       # NaN counts as the largest value: the first NaN if there is one
-        best_value = values[best]
+        best = int(np.argmax(logits))       # NaN counts as the largest value: the first NaN if there is one
+        best_value = logits[best]
         if not best_value < np.inf:
             raise SamplingError("logits contain NaN or +inf")
         touched = set(p.logit_bias)
@@ -646,11 +645,11 @@ class Sampler:
             ids = np.array(sorted(touched), np.int64)
             if best in touched:                       # the best untouched id: the touched ones masked out
                 work = self._work
-                np.copyto(work, values)
+                np.copyto(work, logits)
                 work[ids] = -np.inf
                 best = int(np.argmax(work))
                 best_value = work[best]
-            adjusted = self._adjusted(Candidates(ids.astype(np.int32), values[ids]), window).logits
+            adjusted = self._adjusted(Candidates(ids.astype(np.int32), logits[ids]), window).logits
             if np.isnan(adjusted).any():
                 raise SamplingError(_ALL_BANNED)      # as the whole vocabulary's NaN maximum does
             j = int(np.argmax(adjusted))

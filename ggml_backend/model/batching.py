@@ -22,9 +22,10 @@ import time
 
 #: how long a leader waits at most for the other active contexts to join its pass (they are sampling their next
 #: token meanwhile and their consumers asking for it, one after another under the GIL: 0.4 ms each on a 2-core
-#: Zen 3 at temperature 0, so 6-7 ms for 16 slots; a context that stops generating leaves at once, see ``leave``). 20 ms was too short on a loaded 2-core machine: the contexts'
-#: threads missed the pass and each step became two or three passes; a pass of the 0.5B model takes 30-100 ms,
-#: so waiting up to 60 ms for a context that does come is cheaper than a pass of its own
+#: Zen 3 at temperature 0, so 6-7 ms for 16 slots; a context that stops generating leaves at once, see
+#: ``leave``). 20 ms was too short on a loaded 2-core machine: the contexts' threads missed the pass and each step
+#: became two or three passes; a pass of the 0.5B model takes 30-100 ms, so waiting up to 60 ms for a context that
+#: does come is cheaper than a pass of its own
 GATHER_S = 0.06
 #: a context that submitted, or got the result of a pass, within this long counts as active (the leader waits for
 #: it to join). Counted from the end of its last pass, not from its submission: a pass of 16 sequences takes longer

@@ -456,11 +456,12 @@ def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, width, isa
 @njit(**_KERNEL)
 def _eight_token_tiles(kind, isa):
     """Whether ``_rows_legacy`` takes 8 tokens at a time (``_tile8_legacy``): q8_0 on AVX2, where 8 tokens share
-    each block's load and scale (one core, 8-16 tokens: 28-31 -> 30-33 G multiply-adds a second, +5-8%, on every
-    Qwen shape, the output head's included). Not q4_0 / q5_0: their two chains per token (even and odd blocks) do
-    not fit AVX2's registers for 8 tokens, and walking the row once per chain left 24 token pointers for 16
-    general registers: the spills made them 25-30% slower. Not q4_1 / q5_1 (eight minimum sums more), nor VNNI
-    (not measured)."""
+    each block's load and scale (one core, three alternating rounds at 8-16 tokens: the output head's shape
+    30.2-32.3 -> 33.4-34.1 G multiply-adds a second, 4864 x 896 29.2-30.3 -> 31.4-32.1, 896 x 4864 +1-3%). Not
+    q4_0 / q5_0: their two chains per token (even and odd blocks) do not fit AVX2's registers for 8 tokens; walking
+    the row once per chain left 24 token pointers for 16 general registers (the spills: 25-30% slower), and with
+    the activations regrouped instead the tiles of 4 compiled beside them slowed down (benchmarks/README.md).
+    Not q4_1 / q5_1 (eight minimum sums more), nor VNNI (not measured)."""
     return signed_dot_offset(isa) == 0 and kind_code(kind) == 4
 
 
