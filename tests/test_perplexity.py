@@ -279,7 +279,8 @@ def test_cli_errors_are_one_line(capsys, argv, message):
 
 
 def test_benchmark_script_prints_both_engines(capsys):
-    pytest.importorskip("llama_cpp", reason="benchmarks/bench_perplexity.py runs llama.cpp through llama-cpp-python")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed, and benchmarks/bench_perplexity.py "
+                                           "runs llama.cpp through it (pip install llama-cpp-python builds it)")
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_perplexity",
                                                   DATA.parents[1] / "benchmarks" / "bench_perplexity.py")
