@@ -89,3 +89,29 @@ def test_passes_longer_than_the_active_window_still_gather_every_context(qwen, m
     # 4 prompts and 11 decode steps each: ideally 12 passes of 4 (a loaded machine's stragglers add a few);
     # counted from submission, each step split in two (passes of 1 and 3: 24)
     assert len(sizes) <= 18, f"passes of {sizes}: the contexts did not stay together"
+
+
+def test_a_context_waiting_through_a_long_pass_stays_expected_by_the_next():
+    """A job submitted early in a pass longer than ACTIVE_S waits past the window; the pass that takes it must still
+    count its context as active afterwards (the pass's end renews it), so the pass after waits for it. Before, the
+    gathering leader forgot such contexts, and on a loaded machine every other step ran without them."""
+    from ggml_backend.model import batching
+
+    class SlowModel:
+        turns = threading.Lock()
+
+        def forward_many(self, items):
+            time.sleep(batching.ACTIVE_S + 0.1)
+            return [len(tokens) for tokens, _ in items]
+
+    batcher = batching.ForwardBatcher(SlowModel(), max_rows=8)
+    first, second = object(), object()
+    leader = threading.Thread(target=batcher.forward, args=([1], first))
+    leader.start()
+    time.sleep(0.02)                      # the first pass is running: this job waits for it to end
+    assert batcher.forward([1, 2], second) == 2
+    leader.join(10)
+    assert id(second) in batcher._last_seen, "the context that waited through a long pass was forgotten"
+    batcher.leave(first)
+    batcher.leave(second)
+    assert not batcher._last_seen
