@@ -12,13 +12,26 @@ under temporary names and renamed, and an index entry whose data file is not the
 Installed once, when ``ggml_backend.quant`` is imported (before any kernel is compiled or loaded); it wraps
 numba's save for every cache of the process (a lock around a save is harmless to other users' kernels). Where
 ``fcntl`` does not exist (Windows) or numba's cache class has another shape, nothing is changed.
+
+Stale kernels: numba keys a cached kernel on the text of the file that defines it, but our kernels are built of
+kernels from other files (``decode_layer`` in model/decode_step.py links quant/decode.py's row kernels, which
+inline simd.py's intrinsics; gemm.py's are made of decode.py's). After an edit or a ``git pull`` that changed only
+decode.py, ``decode_layer`` would load from the cache as it was: the old kernels (wrong numbers, or a crash where an
+array layout changed). ``drop_stale_kernels`` keeps a digest of every source file the kernels come from beside the
+cache and drops the package's cached kernels when it changes.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+from pathlib import Path
 
 LOCK_NAME = "ggml_backend-cache.lock"
+#: the package folders whose modules define cached kernels that call each other's (their __pycache__ folders hold
+#: numba's cache files, and every .py file in them counts towards the digest)
+KERNEL_PACKAGES = ("quant", "model")
+DIGEST_NAME = "ggml_backend-kernel-sources.digest"
 
 
 def serialize_cache_saves() -> bool:
@@ -50,3 +63,47 @@ def serialize_cache_saves() -> bool:
     locked_save._ggml_backend_locked = True
     IndexDataCacheFile.save = locked_save
     return True
+
+
+def drop_stale_kernels(package_dir: Path | None = None) -> bool:
+    """Drop numba's cached kernels of ``KERNEL_PACKAGES`` when any of their source files differs from those the
+    cache was built from (a digest of them beside the cache, in the first package's __pycache__); True when
+    something was dropped. Under the saves' lock, so that no process saves a kernel halfway through a drop."""
+    package_dir = package_dir or Path(__file__).resolve().parent
+    folders = [package_dir / name for name in KERNEL_PACKAGES]
+    try:
+        digest = hashlib.sha256()
+        for folder in folders:
+            for source in sorted(folder.glob("*.py")):
+                digest.update(f"{folder.name}/{source.name}\0".encode())
+                digest.update(source.read_bytes())
+        stamp = folders[0] / "__pycache__" / DIGEST_NAME
+        if stamp.is_file() and stamp.read_text() == digest.hexdigest():
+            return False
+        stamp.parent.mkdir(exist_ok=True)
+        fd = os.open(stamp.parent / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:   # a read-only install: numba then caches elsewhere (NUMBA_CACHE_DIR), keyed as it keys them
+        return False
+    try:
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        for folder in folders:
+            for pattern in ("*.nbi", "*.nbc"):
+                for cached in (folder / "__pycache__").glob(pattern):
+                    cached.unlink(missing_ok=True)
+        stamp.write_text(digest.hexdigest())
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=None)
+def prepare_kernel_cache() -> None:
+    """Once per process, before any kernel is compiled or loaded: stale kernels dropped, saves serialized."""
+    drop_stale_kernels()
+    serialize_cache_saves()

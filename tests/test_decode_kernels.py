@@ -190,25 +190,6 @@ def test_a_bad_kernel_choice_is_one_clear_error():
     assert "GGML_BACKEND_KERNELS='neon'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_kernels_cached_against_another_simd_are_dropped(tmp_path):
-    """numba keys cached kernels on decode.py's text only: when simd.py changes, decode's cache files go."""
-    from ggml_backend.quant.decode import _drop_kernels_cached_against_another_simd as drop
-    (tmp_path / "simd.py").write_text("# version 1\n")
-    cache = tmp_path / "__pycache__"
-    cache.mkdir()
-    kernel, other = cache / "decode.matvec-1.py311.nbi", cache / "legacy.x-1.py311.nbi"
-    kernel.write_text("stale")
-    other.write_text("kept")
-    drop(tmp_path)
-    assert not kernel.exists() and other.exists() and (cache / "decode.simd-digest").is_file()
-    kernel.write_text("compiled against version 1")
-    drop(tmp_path)                                   # same simd.py: the cache stays
-    assert kernel.exists()
-    (tmp_path / "simd.py").write_text("# version 2\n")
-    drop(tmp_path)
-    assert not kernel.exists()
-
-
 @pytest.mark.parametrize("isa", PATHS + [pytest.param(None, id="generic")])
 def test_prompt_path_dequantization_is_bit_exact_to_the_type_table(isa):
     """The BLAS path's weight bands (decode.dequantize_rows, or on CPUs without SIMD the table's own to_float on the

@@ -1,5 +1,6 @@
-"""numba's kernel cache is saved by one process at a time (ggml_backend/_numba_cache.py): a save waits for the
-lock file in the cache folder, which another process (here: another open file description) may hold."""
+"""numba's kernel cache (ggml_backend/_numba_cache.py) is saved by one process at a time: a save waits for the lock
+file in the cache folder, which another process (here: another open file description) may hold; and kernels built
+from source files that changed since they were cached are dropped, whichever file changed."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import pytest
 from numba.core import caching
 
 import ggml_backend.quant  # noqa: F401  (installs the lock)
-from ggml_backend._numba_cache import LOCK_NAME, serialize_cache_saves
+from ggml_backend._numba_cache import DIGEST_NAME, LOCK_NAME, drop_stale_kernels, serialize_cache_saves
 
 fcntl = pytest.importorskip("fcntl", reason="the cache lock is a POSIX flock; without fcntl (Windows) numba's save "
                                             "is left as it is")
@@ -42,3 +43,29 @@ def test_a_save_waits_while_another_holder_has_the_lock_and_then_lands(tmp_path)
     worker.join(30)
     assert saved.is_set()
     assert cache.load(("signature", "int64")) == {"code": b"\x90" * 64}
+
+
+def test_cached_kernels_go_when_any_source_they_are_built_from_changes(tmp_path):
+    """numba keys a cached kernel on its own file's text only; ours link kernels of other files (decode_step's
+    decode_layer is made of quant/decode.py's), so a change to any of them must drop the package's caches."""
+    for name in ("quant", "model", "tokenizer"):
+        (tmp_path / name / "__pycache__").mkdir(parents=True)
+    (tmp_path / "quant" / "decode.py").write_text("# version 1\n")
+    (tmp_path / "model" / "decode_step.py").write_text("# version 1\n")
+    layer = tmp_path / "model" / "__pycache__" / "decode_step.decode_layer-153.py311.nbi"
+    rows = tmp_path / "quant" / "__pycache__" / "decode.matvec-982.py311.1.nbc"
+    elsewhere = tmp_path / "tokenizer" / "__pycache__" / "bpe.merge-1.py311.nbi"
+    for path in (layer, rows, elsewhere):
+        path.write_text("compiled")
+    assert drop_stale_kernels(tmp_path) is True          # no digest yet: whatever is there may be stale
+    assert not layer.exists() and not rows.exists() and elsewhere.exists()
+    assert (tmp_path / "quant" / "__pycache__" / DIGEST_NAME).is_file()
+    layer.write_text("compiled against version 1")
+    assert drop_stale_kernels(tmp_path) is False         # the same sources: the cache stays
+    assert layer.exists()
+    (tmp_path / "quant" / "decode.py").write_text("# version 2\n")    # only the callee's file changed
+    assert drop_stale_kernels(tmp_path) is True
+    assert not layer.exists() and elsewhere.exists()
+    (tmp_path / "model" / "new_kernels.py").write_text("# a file added\n")
+    layer.write_text("compiled against version 2")
+    assert drop_stale_kernels(tmp_path) is True and not layer.exists()

@@ -1,3 +1,3 @@
-from .._numba_cache import serialize_cache_saves
+from .._numba_cache import prepare_kernel_cache
 
-serialize_cache_saves()   # before any kernel: one process at a time saves to numba's cache (see _numba_cache)
+prepare_kernel_cache()   # before any kernel: stale cached kernels dropped, one process at a time saves (_numba_cache)

@@ -15,9 +15,9 @@ import math
 import numpy as np
 
 from .. import _threading  # noqa: F401  (numba's threading layer, chosen before any parallel kernel runs)
-from .._numba_cache import serialize_cache_saves
+from .._numba_cache import prepare_kernel_cache
 
-serialize_cache_saves()   # before any kernel: one process at a time saves to numba's cache (see _numba_cache)
+prepare_kernel_cache()   # before any kernel: stale cached kernels dropped, one process at a time saves (_numba_cache)
 
 from . import floats, kquants, legacy, traits  # noqa: F401  (traits.py fills the type table's rows)
 from .types import QuantType, get_type

@@ -31,9 +31,6 @@ Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -46,34 +43,11 @@ from .simd import (
     dot_u8_i8_scaled, dot_u8_i8_x64, fma_i32x8, fold_halves_i32x16, high_nibbles_times, join_halves, load_8_i32, load_16_bytes,
     load_32_bytes, load_64_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, mul_i32x16, or_bytes,
     pair_scales_i32x8, prefetch, scale_pair_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
-    spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8,
+    spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sub_i32x8, sum_f32x8,
     unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
-
-
-def _drop_kernels_cached_against_another_simd(package_dir: Path | None = None) -> None:
-    """numba keys a cached kernel on the text of the file that defines it, but these kernels are made of simd.py's
-    IR too: a cache compiled against another simd.py (an upgrade or an edit that changed only that file) would be
-    loaded as if current. A digest of simd.py beside the cache says which one it was built against."""
-    package_dir = package_dir or Path(__file__).resolve().parent
-    cache_dir = package_dir / "__pycache__"
-    try:
-        digest = hashlib.sha256((package_dir / "simd.py").read_bytes()).hexdigest()
-        stamp = cache_dir / "decode.simd-digest"
-        if stamp.is_file() and stamp.read_text() == digest:
-            return
-        for pattern in ("decode.*.nb[ic]", "gemm.*.nb[ic]"):    # gemm.py's kernels are made of both
-            for cached in cache_dir.glob(pattern):
-                cached.unlink(missing_ok=True)
-        cache_dir.mkdir(exist_ok=True)
-        stamp.write_text(digest)
-    except OSError:   # a read-only install: numba then caches elsewhere, and so does nothing here
-        pass
-
-
-_drop_kernels_cached_against_another_simd()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,12 +262,14 @@ def _legacy_block(kind, w, row, b):
     kc = kind_code(kind)
     if kc == 0:
         o = row + 18 * b
+        _prefetch_ahead(w, o, 1)
         return _q4_quants(w, o + 2), load_f16(w, o), np.float32(0.0)
     if kc == 1:
         o = row + 20 * b
         return _q4_quants(w, o + 4), load_f16(w, o), load_f16(w, o + 2)
     if kc == 2:
         o = row + 22 * b
+        _prefetch_ahead(w, o, 1)
         return _q5_quants(w, o + 2), load_f16(w, o), np.float32(0.0)
     if kc == 3:
         o = row + 24 * b
@@ -319,11 +295,33 @@ def _legacy_dot(kind, acc, q, scale, xq, x, bias, g, isa):
     return fma_i32x8(acc, dot, scale)
 
 
+@njit(**_KERNEL)
+def _legacy_row_dot(kind, acc, q, scale, xq, x, isa):
+    """``_legacy_dot`` for the one-token kernel: the offset kinds' lane biases come from the block's own 32
+    activations, already in a register, instead of from the ``bias`` array (the same integers: the sums of
+    offset * x per lane, taken off the dot product of the quants as they are). That array is as large as the
+    activations, and the two together (2 k bytes) no longer stayed in a 32 KiB L1 beside the streaming weights
+    from k = 11008 on (7B models' ffn_down): q4_0 per core fell from 14-15 to 7 GB/s there on a Zen 4."""
+    kc = kind_code(kind)
+    xv = load_32_bytes(xq, x)
+    if kc == 4 and signed_dot_offset(isa) == 0:   # AVX2: no offset
+        dot = dot_i8_i8(zero_i32x8(), q, xv, isa)
+    elif kc == 1 or kc == 3:
+        dot = dot_u8_i8(zero_i32x8(), q, xv, isa)
+    else:
+        offset = 8 if kc == 0 else 16 if kc == 2 else signed_dot_offset(isa)
+        off = dot_u8_i8(zero_i32x8(), splat_bytes(offset), xv, isa)
+        if kc == 4:
+            dot = sub_i32x8(dot_i8_i8(zero_i32x8(), q, xv, isa), off)
+        else:
+            dot = sub_i32x8(dot_u8_i8(zero_i32x8(), q, xv, isa), off)
+    return fma_i32x8(acc, dot, scale)
+
+
 @njit(inline="always", **_KERNEL)
 def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
     kc = kind_code(kind)
     x0 = t * k
-    g0 = t * (k // 4)
     n = x_scale.shape[1]
     acc = zero_f32x8()
     if kc == 0 or kc == 2:
@@ -335,14 +333,14 @@ def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
         acc1 = zero_f32x8()
         for b in range(n):
             q, d, _ = _legacy_block(kind, w, start, b)
-            done = _legacy_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
+            done = _legacy_row_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, isa)
             acc = acc1
             acc1 = done
         return sum_f32x8(add_f32x8(acc1, acc))   # even n: (odd chain, even chain); odd n: (even, odd): a + b = b + a
     mins = np.float32(0.0)
     for b in range(n):
         q, d, m = _legacy_block(kind, w, start, b)
-        acc = _legacy_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
+        acc = _legacy_row_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, isa)
         if kc == 1 or kc == 3:
             mins += m * x_sums[t, b]
     if kc == 1 or kc == 3:
