@@ -5,8 +5,9 @@ llama.cpp's x86 ``ggml_vec_dot_*`` is: a weight block is expanded to 32 unsigned
 bits OR-ed in), multiplied with the 32 signed activation quants by ``dot_u8_i8`` (``vpdpbusd`` or ``vpmaddubsw``),
 the int32 lanes scaled and accumulated in eight float lanes, which are summed once per row. Offsets that make
 weights signed (q4_0's -8, q5_0's -16, q3_K's -4, q6_K's -32, and -128 for q8_0's signed bytes on VNNI) are exact
-integer terms: the lane sums of ``offset * x`` are computed once per activation row (``lane_bias``) and start
-each block's accumulator, so each block's integer dot product is exactly ggml's.
+integer terms: the lane sums of ``offset * x``, computed once per activation row (``lane_bias``) and starting each
+block's accumulator, or for the legacy kinds' one-token rows taken from the block's activations in a register
+(``_legacy_row_dot``: the same integers), so each block's integer dot product is exactly ggml's.
 
 A kernel computes a row times one token (``_row_*``) or a tile of TILE tokens (``_tile_*``, which unpacks each
 weight block once for all of them, with the same block decoders and per-token steps, so each (row, token) result
@@ -967,6 +968,16 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     return np.empty(0, np.int32)
 
 
+@njit(**_KERNEL)
+def _one_token_terms(kind, xq, x_bsums, isa):
+    """``_per_row_terms`` for the one-token kernels, which take the legacy kinds' lane biases from their registers
+    (``_legacy_row_dot``): nothing to compute for q4_0, q5_0, q8_0."""
+    code = kind_code(kind)
+    if code == 0 or code == 2 or code == 4:
+        return np.empty(0, np.int32)
+    return _per_row_terms(kind, xq, x_bsums, isa)
+
+
 @njit(inline="always", **_KERNEL)
 def _matrix_of_row(row_counts, first, m, matrix_first):
     """The matrix (m) holding output row ``first`` and the output index of its first row, walking on from
@@ -989,7 +1000,7 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
     ``x_sums``: q8_1's s per block (float32; q4_1, q5_1), ``x_bsums``: q8_K's sums per 16 (int32; K-quants); each
     is unread (may be empty) for the other kinds. The weight rows of all the matrices are cut into ``n_chunks``
     equal chunks, one prange iteration each."""
-    bias = _per_row_terms(kind, xq, x_bsums, isa)    # q4_K / q5_K: their sums per 32
+    bias = _one_token_terms(kind, xq, x_bsums, isa)    # q4_K / q5_K: their sums per 32
     rows = out.reshape(1, out.size)          # the few-token layout, one token
     scales = x_scale.reshape(1, x_scale.size)
     sums = x_sums.reshape(1, x_sums.size)
@@ -1013,7 +1024,7 @@ def matvec_here(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_b
     """``matvec`` on the calling thread, without a parallel launch: for the small matrices of a decode step (q, k,
     v, the attention output: 0.1-0.7 MB), where waking the other threads costs as much as the rows. The same row
     kernel, so the same numbers."""
-    bias = _per_row_terms(kind, xq, x_bsums, isa)
+    bias = _one_token_terms(kind, xq, x_bsums, isa)
     rows = out.reshape(1, out.size)
     scales = x_scale.reshape(1, x_scale.size)
     sums = x_sums.reshape(1, x_sums.size)
