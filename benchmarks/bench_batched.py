@@ -18,7 +18,9 @@ sequence (greedy), timed: aggregate decode tokens/s = N * steps / time.
   window where all N are decoding (from the last client's first token to the first client's last token), and
   its time per step (N / rate) is compared with ours in process at the same N: the server's overhead per step.
 
-The three alternate at each N and the sweep repeats ``--repeat`` times; each figure is the median run.
+The three alternate at each N and the sweep repeats ``--repeat`` times; each figure is the median run. Ratios are
+given two ways: between those medians, and paired (each sweep's server and in-process runs, or ours and llama.cpp's,
+ran within the same minute: the median of the sweeps' ratios), which this VM's minute-to-minute swings disturb less.
 """
 from __future__ import annotations
 
@@ -152,6 +154,23 @@ def median_row(rows: list[dict]) -> dict:
     return {**ordered[(len(ordered) - 1) // 2], "runs_tok_s": [round(r["tok_s"], 2) for r in rows]}
 
 
+def paired_ratios(runs: dict, ns: list[int]) -> dict:
+    """Per N: ours / llama.cpp tok/s and the server's overhead per step against ours in process, each the median of
+    the sweeps' own ratios (the engines of one sweep ran back to back), with every sweep's ratio."""
+    paired = {}
+    for n in ns:
+        entry = {}
+        for name, a, b, of in (("ours_over_llamacpp", "ours", "llamacpp", "tok_s"),
+                               ("server_overhead", "server", "ours", "step_ms")):
+            if a in runs and b in runs and runs[a][n] and runs[b][n]:
+                ratios = [x[of] / y[of] - (1 if name == "server_overhead" else 0)
+                          for x, y in zip(runs[a][n], runs[b][n])]
+                entry[name] = float(np.median(ratios))
+                entry[name + "_runs"] = [round(r, 4) for r in ratios]
+        paired[n] = entry
+    return paired
+
+
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -208,6 +227,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 server[0].kill()
     report["results"] = {e: {n: median_row(rows) for n, rows in by_n.items()} for e, by_n in runs.items()}
+    report["paired"] = paired_ratios(runs, ns)
     report["load_after"] = os.getloadavg()
     res = report["results"]
     print(f"{'N':>3} {'llama.cpp tok/s':>16} {'ours tok/s':>11} {'server tok/s':>13} {'ours ms/step':>13} "
@@ -225,6 +245,10 @@ def main() -> int:
               f"{cell(server and server['tok_s'], '13.1f')} {cell(ours and ours['step_ms'], '13.1f')} "
               f"{cell(server and server['step_ms'], '15.1f')} "
               f"{cell(None if overhead is None else 100 * overhead, '15.1f')}%")
+    for n, pair in report["paired"].items():
+        print(f"{n:>3} paired, median of the sweeps' ratios: "
+              + ", ".join(f"{name} {100 * value:.1f}%" if name == "server_overhead" else f"{name} {value:.2f}"
+                          for name, value in pair.items() if not name.endswith("_runs")))
     print(f"load after: {report['load_after'][0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
