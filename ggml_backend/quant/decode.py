@@ -320,7 +320,7 @@ def _legacy_row_dot(kind, acc, q, scale, xq, x, isa):
 
 
 @njit(inline="always", **_KERNEL)
-def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
+def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, t, isa):
     kc = kind_code(kind)
     x0 = t * k
     n = x_scale.shape[1]
@@ -823,7 +823,7 @@ _TILE_1, _TILE_2, _TILE_3, _TILE_4 = (TileSize(width, f"tile{width}") for width 
 def _one_token_rows_legacy(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
     for i in range(n):    # token 0 as a constant, which the row kernel's addressing folds
         row = start + i * row_bytes
-        out[0, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, 0, isa)
+        out[0, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, 0, isa)
 
 
 @njit(**_KERNEL)
@@ -848,7 +848,7 @@ def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
             ys = _tile_legacy(kind, w, row, xq, xu, k, x_scale, x_sums, bias, t, _TILE_2, isa)
             _store_tile(out, t, first + i, ys, _TILE_2)
         elif rest == 1:
-            out[t, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, t, isa)
+            out[t, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, t, isa)
 
 
 @njit(**_KERNEL)
