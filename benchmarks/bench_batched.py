@@ -160,11 +160,10 @@ def paired_ratios(runs: dict, ns: list[int]) -> dict:
     paired = {}
     for n in ns:
         entry = {}
-        for name, a, b, of in (("ours_over_llamacpp", "ours", "llamacpp", "tok_s"),
-                               ("server_overhead", "server", "ours", "step_ms")):
+        for name, a, b, of, less in (("ours_over_llamacpp", "ours", "llamacpp", "tok_s", 0),
+                                     ("server_overhead", "server", "ours", "step_ms", 1)):
             if a in runs and b in runs and runs[a][n] and runs[b][n]:
-                ratios = [x[of] / y[of] - (1 if name == "server_overhead" else 0)
-                          for x, y in zip(runs[a][n], runs[b][n])]
+                ratios = [x[of] / y[of] - less for x, y in zip(runs[a][n], runs[b][n])]
                 entry[name] = float(np.median(ratios))
                 entry[name + "_runs"] = [round(r, 4) for r in ratios]
         paired[n] = entry

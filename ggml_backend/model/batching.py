@@ -131,11 +131,10 @@ class ForwardBatcher:
             if not expected or rows >= self.max_rows or now >= deadline:
                 break
             self._arrived.wait(deadline - now)
-        # forget contexts gone quiet, but not those whose jobs wait here: a job submitted early in a pass longer
-        # than ACTIVE_S is past the window when this pass gathers, and dropping its cache meant that the end of
-        # this pass did not renew it, so the next pass did not wait for it (a loaded 2-core CI machine: passes
-        # of 4 contexts alternated with passes of 1-2)
-        pending_caches = {id(j.cache) for j in self._pending}
+        # forget contexts gone quiet, but not those whose jobs wait here (pending_caches: the loop's last look,
+        # taken under the lock held since): a job submitted early in a pass longer than ACTIVE_S is past the window
+        # when this pass gathers, and dropping its cache meant that the end of this pass did not renew it, so the
+        # next pass did not wait for it (a loaded 2-core CI machine: passes of 4 alternated with passes of 1-2)
         for c in [c for c, seen in self._last_seen.items() if now - seen >= ACTIVE_S and c not in pending_caches]:
             del self._last_seen[c]
         batch, rows, caches = list(own), sum(len(j.tokens) for j in own), {id(j.cache) for j in own}

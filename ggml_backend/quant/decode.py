@@ -297,6 +297,14 @@ def _legacy_dot(kind, acc, q, scale, xq, x, bias, g, isa):
 
 
 @njit(**_KERNEL)
+def _legacy_offset(kind, isa):
+    """What ``lane_bias`` takes out of a legacy kind's dot products: q4_0's 8, q5_0's 16, q8_0's
+    ``signed_dot_offset`` (128 on VNNI, 0 on AVX2); 0 for q4_1 / q5_1 (their minimums are separate terms)."""
+    kc = kind_code(kind)
+    return 8 if kc == 0 else 16 if kc == 2 else signed_dot_offset(isa) if kc == 4 else 0
+
+
+@njit(**_KERNEL)
 def _legacy_row_dot(kind, acc, q, scale, xq, x, isa):
     """``_legacy_dot`` for the one-token kernel: the offset kinds' lane biases come from the block's own 32
     activations, already in a register, instead of from the ``bias`` array (the same integers: the sums of
@@ -310,8 +318,7 @@ def _legacy_row_dot(kind, acc, q, scale, xq, x, isa):
     elif kc == 1 or kc == 3:
         dot = dot_u8_i8(zero_i32x8(), q, xv, isa)
     else:
-        offset = 8 if kc == 0 else 16 if kc == 2 else signed_dot_offset(isa)
-        off = dot_u8_i8(zero_i32x8(), splat_bytes(offset), xv, isa)
+        off = dot_u8_i8(zero_i32x8(), splat_bytes(_legacy_offset(kind, isa)), xv, isa)
         if kc == 4:
             dot = sub_i32x8(dot_i8_i8(zero_i32x8(), q, xv, isa), off)
         else:
@@ -953,12 +960,8 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     """What a kind's rows share for one activation row: the lane biases of its weight offset (q4_0, q5_0, q8_0 on
     VNNI, q3_K, q6_K) or the q8_K sums per 32 (q4_K, q5_K); an empty array where a kind needs neither."""
     code = kind_code(kind)
-    if code == 0:
-        return lane_bias(xq, 8, isa)
-    if code == 2:
-        return lane_bias(xq, 16, isa)
-    if code == 4 and signed_dot_offset(isa) != 0:   # q8_0 on AVX2 has no offset (``_legacy_dot`` starts at 0)
-        return lane_bias(xq, signed_dot_offset(isa), isa)
+    if code == 0 or code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
+        return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 6:
         return lane_bias(xq, 4, isa)
     if code == 9:
