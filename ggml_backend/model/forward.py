@@ -376,13 +376,16 @@ class Model:
             h = rms_norm(x, layer.ffn_norm, hp.rms_eps)
             gate, up = project(h, layer.w_gate, layer.w_up)
             if hp.arch.ffn_activation == "silu":
-                # into fresh memory: writing over gate, which the other threads wrote, took 52 instead of 22 us
-                # a decode step's layer (their cache lines must be taken back from the other cores first)
-                act = swiglu(gate, up)
+                # A few tokens: into fresh memory (writing over gate, which the other threads wrote, took 52
+                # instead of 22 us a decode step's layer: their cache lines must be taken back from the other
+                # cores first). A prompt: over gate, one [n_tokens, n_ff] array fewer at the pass's peak.
+                act = swiglu(gate, up, out=gate if n_tokens >= BLAS_MIN_TOKENS else None)
             else:
                 act = gelu_tanh(gate)
                 act *= up
+            del gate, up          # a prompt's peak memory: the next layer's gate and up while these still live
             ffn_out = layer.w_down(act)
+            del act
             if layer.post_ffn_norm is not None:
                 ffn_out = rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
             x = x + ffn_out
