@@ -4,10 +4,12 @@ Decode reads every weight byte once per token, so these kernels decide generatio
 llama.cpp's x86 ``ggml_vec_dot_*`` is: a weight block is expanded to 32 unsigned bytes (nibbles, fifth or sixth
 bits OR-ed in), multiplied with the 32 signed activation quants by ``dot_u8_i8`` (``vpdpbusd`` or ``vpmaddubsw``),
 the int32 lanes scaled and accumulated in eight float lanes, which are summed once per row. Offsets that make
-weights signed (q4_0's -8, q5_0's -16, q3_K's -4, q6_K's -32, and -128 for q8_0's signed bytes on VNNI) are exact
-integer terms: the lane sums of ``offset * x``, computed once per activation row (``lane_bias``) and starting each
-block's accumulator, or for the legacy kinds' one-token rows taken from the block's activations in a register
-(``_legacy_row_dot``: the same integers), so each block's integer dot product is exactly ggml's.
+weights signed (q4_0's -8, q5_0's -16, q6_K's -32, and -128 for q8_0's signed bytes on VNNI) are exact integer
+terms: the lane sums of ``offset * x``, computed once per activation row (``lane_bias``) and starting each block's
+accumulator, or for the legacy kinds' one-token rows taken from the block's activations in a register
+(``_legacy_row_dot``: the same integers), so each block's integer dot product is exactly ggml's. q2_K and q3_K
+multiply their 16-value scales into ``vpmaddubsw``'s int16 pair sums (``scaled_dot``: ``vpdpwssd`` or
+``vpmaddwd``, as ggml does, no ``vpmulld``), q3_K's -4 taken off in those pair sums.
 
 A kernel computes a row times one token (``_row_*``) or a tile of TILE tokens (``_tile_*``, which unpacks each
 weight block once for all of them, with the same block decoders and per-token steps, so each (row, token) result
@@ -40,12 +42,12 @@ from numba.core.imputils import lower_constant
 from numba.extending import NativeValue, intrinsic, overload, register_model, typeof_impl, unbox
 
 from .simd import (
-    IsaType, add_bytes, add_f32x8, add_i32x8, add_i32x16, bits_to_bytes, bytes_as_i32x16, dot_i8_i8, dot_u8_i8,
-    dot_u8_i8_scaled, dot_u8_i8_x64, fma_i32x8, fold_halves_i32x16, high_nibbles_times, join_halves, load_8_i32, load_16_bytes,
-    load_32_bytes, load_64_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, mul_i32x16, or_bytes,
+    IsaType, add_bytes, as_bytes, add_f32x8, add_i32x8, bits_to_bytes, bytes_as_i32x16, dot_i8_i8, dot_u8_i8,
+    dot_u8_i8_scaled, fma_i32x8, fold_halves_i32x16, high_nibbles_times, join_halves, load_8_i32, load_16_bytes,
+    load_16_i32, load_32_bytes, load_64_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, offset_scaled_dot, or_bytes,
     pair_scales_i32x8, prefetch, scale_pair_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
-    spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sub_i32x8, sum_f32x8,
-    unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
+    scaled_dot, spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled,
+    sub_i32x8, sum_f32x8, to_scale_words, unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -142,7 +144,8 @@ def lane_bias(xq, offset, isa):
 # The activation arrays hold all the tokens of a launch: ``xq`` int8 [n_tokens * k] (token t at t * k),
 # ``x_scale`` float32 [n_tokens, k / block], ``x_sums`` float32 [n_tokens, k / 32] (q8_1's s: q4_1, q5_1),
 # ``x_bsums`` int32 [n_tokens * k / 16] (q8_K's sums per 16: q2_K), ``bias`` int32 [n_tokens * k / 4] (token t at
-# t * k / 4: the lane biases of ``lane_bias``, or q4_K / q5_K's sums per 32), ``xu``: ``xq`` + 128 as unsigned bytes
+# t * k / 4: the lane biases of ``lane_bias``, q4_K / q5_K's sums per 32, or on AVX512-VNNI q2_K / q3_K's
+# activations reordered by ``joined_halves``), ``xu``: ``xq`` + 128 as unsigned bytes
 # (the tiles of ``_unsigned_x`` kinds). ``kind`` is a ``Kind`` (a compile-time constant), so each kind's branches
 # fold away.
 # ----------------------------------------------------------------------------------------------------------------
@@ -653,11 +656,16 @@ def _k_group(kind, w, o, n, j, scales):
 
 @njit(**_KERNEL)
 def _k_group_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
-    """sumi + one token's dot products of a group with xq[x:x + 32] times the group's scales (q3_K, q6_K start
-    from their lane biases at bias[g:g + 8])."""
+    """sumi + one token's dot products of a group with xq[x:x + 32] times the group's scales: q2_K and q3_K
+    (``scales`` as ``to_scale_words``) multiply the scales into the pair sums (``scaled_dot``, q3_K's -4 taken off
+    in them); q6_K starts from its lane biases at bias[g:g + 8] (its pair sums, up to 63 x 128 x 2, leave no room
+    for that) and multiplies the lanes."""
     kc = kind_code(kind)
-    lanes = zero_i32x8() if kc == 5 else load_8_i32(bias, g)
-    return add_i32x8(sumi, mul_i32x8(dot_u8_i8(lanes, q, load_32_bytes(xq, x), isa), scales))
+    if kc == 5:
+        return scaled_dot(sumi, q, load_32_bytes(xq, x), scales, isa)
+    if kc == 6:
+        return offset_scaled_dot(sumi, q, load_32_bytes(xq, x), scales, 4, isa)
+    return add_i32x8(sumi, mul_i32x8(dot_u8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa), scales))
 
 
 @njit(**_KERNEL)
@@ -684,7 +692,7 @@ def _dots_narrow(kind, w, o, xq, x, bias, g, k, width, isa):
     i1 = zero_i32x8()
     i2 = zero_i32x8()
     i3 = zero_i32x8()
-    all_scales = _k_scales(kind, w, o)
+    all_scales = to_scale_words(_k_scales(kind, w, o))   # q2_K, q3_K: the words of scaled_dot (q6_K: unused)
     for n in range(2):
         for j in range(4):
             q, scales = _k_group(kind, w, o, n, j, all_scales)
@@ -701,24 +709,26 @@ def _dots_narrow(kind, w, o, xq, x, bias, g, k, width, isa):
 
 
 @njit(inline="always", **_KERNEL)
-def _pair_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
-    """sumi + one token's dot products of group j of both halves (``q``: 64 bytes) with xq[x:x + 32] and
-    xq[x + 128:x + 160], times their scales (q3_K starts from its lane biases, both halves')."""
-    kc = kind_code(kind)
-    lanes = zero_i32x16() if kc == 5 else join_halves(load_8_i32(bias, g), load_8_i32(bias, g + 32))
-    values = join_halves(load_32_bytes(xq, x), load_32_bytes(xq, x + 128))
-    return add_i32x16(sumi, mul_i32x16(dot_u8_i8_x64(lanes, q, values, isa), scales))
+def _pair_dot(kind, sumi, q, scales, joined, g, isa):
+    """sumi + one token's dot products of group j of both halves (``q``: 64 bytes) with that token's values of
+    both halves at joined[g:g + 16] (``joined_halves``), times their scales (``scaled_dot``: q3_K's -4 taken off
+    in the pair sums)."""
+    values = as_bytes(load_16_i32(joined, g))
+    if kind_code(kind) == 5:
+        return scaled_dot(sumi, q, values, scales, isa)
+    return offset_scaled_dot(sumi, q, values, scales, 4, isa)
 
 
 @njit(inline="always", **_KERNEL)
 def _dots_wide(kind, w, o, xq, x, bias, g, k, width, isa):
     """``_super_block_dots`` for q2_K and q3_K on AVX512-VNNI: group j of both halves at once in 512-bit registers
     (their 2-bit quants share bytes: one load and shift serve both), the sixteen scales expanded once per
-    super-block and spread to each pair of groups by one permute."""
+    super-block and spread to each pair of groups by one permute. The activations come from ``bias``, which holds
+    them in that order (``joined_halves``: one load per pair of groups instead of two and an insert)."""
     nt = tile_size(width)
     kc = kind_code(kind)
     kq = k // 4
-    scales = _k_scales(kind, w, o)
+    scales = to_scale_words(_k_scales(kind, w, o))
     if kc == 5:   # q2_K: 16 bytes of scale | min << 4, then the quants
         packed = load_64_bytes(w, o + 16)
         high = packed
@@ -735,21 +745,26 @@ def _dots_wide(kind, w, o, xq, x, bias, g, k, width, isa):
         if kc == 6:
             q = or_bytes(q, shift_left(shift_right_and(high, j, 1), 2))
         pair = spread_scale_pairs(scales, j)
-        i0 = _pair_dot(kind, i0, q, pair, xq, x + 32 * j, bias, g + 8 * j, isa)
+        i0 = _pair_dot(kind, i0, q, pair, bias, g + 16 * j, isa)
         if nt > 1:
-            i1 = _pair_dot(kind, i1, q, pair, xq, x + k + 32 * j, bias, g + kq + 8 * j, isa)
+            i1 = _pair_dot(kind, i1, q, pair, bias, g + kq + 16 * j, isa)
         if nt > 2:
-            i2 = _pair_dot(kind, i2, q, pair, xq, x + 2 * k + 32 * j, bias, g + 2 * kq + 8 * j, isa)
+            i2 = _pair_dot(kind, i2, q, pair, bias, g + 2 * kq + 16 * j, isa)
         if nt > 3:
-            i3 = _pair_dot(kind, i3, q, pair, xq, x + 3 * k + 32 * j, bias, g + 3 * kq + 8 * j, isa)
+            i3 = _pair_dot(kind, i3, q, pair, bias, g + 3 * kq + 16 * j, isa)
     return fold_halves_i32x16(i0), fold_halves_i32x16(i1), fold_halves_i32x16(i2), fold_halves_i32x16(i3)
+
+
+def _wide_dots(kind, isa) -> bool:
+    """Whether ``_super_block_dots`` of this kind on this path is ``_dots_wide`` (at typing time)."""
+    return kind.code in (5, 6) and isa.isa_name == "avx512vnni"
 
 
 @overload(_super_block_dots)   # not inline="always" at numba's level (its IR inlining warns here); LLVM inlines it
 def _super_block_dots_of(kind, w, o, xq, x, bias, g, k, width, isa):
     if not isinstance(kind, ConstantType) or not isinstance(isa, IsaType):
         return None
-    form = _dots_wide if kind.code in (5, 6) and isa.isa_name == "avx512vnni" else _dots_narrow
+    form = _dots_wide if _wide_dots(kind, isa) else _dots_narrow
 
     def dots(kind, w, o, xq, x, bias, g, k, width, isa):
         return form(kind, w, o, xq, x, bias, g, k, width, isa)
@@ -956,14 +971,43 @@ def _one_token_rows_of_kind(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums
 
 
 @njit(**_KERNEL)
+def joined_halves(xq):
+    """int32 [k/4]: the bytes of ``xq`` in the order ``_dots_wide`` reads them: per super-block of 256 values, for
+    j = 0..3, values 32 j .. 32 j + 31 then 128 + 32 j .. 128 + 32 j + 31 (group j of both halves: one 512-bit
+    load each)."""
+    joined = np.empty(xq.size // 4, np.int32)
+    joined_bytes = joined.view(np.int8)
+    for b in range(xq.size // 256):
+        for j in range(4):
+            store_32_bytes(joined_bytes, 256 * b + 64 * j, load_32_bytes(xq, 256 * b + 32 * j))
+            store_32_bytes(joined_bytes, 256 * b + 64 * j + 32, load_32_bytes(xq, 256 * b + 128 + 32 * j))
+    return joined
+
+
+def _wide_terms(kind, xq, isa):
+    """``joined_halves(xq)`` where the kind's super-blocks take ``_dots_wide``, else an empty array."""
+    raise NotImplementedError("decode._wide_terms runs inside the compiled kernels only")
+
+
+@overload(_wide_terms, inline="always")
+def _wide_terms_of(kind, xq, isa):
+    if not isinstance(kind, ConstantType) or not isinstance(isa, IsaType):
+        return None
+    if _wide_dots(kind, isa):
+        return lambda kind, xq, isa: joined_halves(xq)
+    return lambda kind, xq, isa: np.empty(0, np.int32)
+
+
+@njit(**_KERNEL)
 def _per_row_terms(kind, xq, x_bsums, isa):
     """What a kind's rows share for one activation row: the lane biases of its weight offset (q4_0, q5_0, q8_0 on
-    VNNI, q3_K, q6_K) or the q8_K sums per 32 (q4_K, q5_K); an empty array where a kind needs neither."""
+    VNNI, q6_K), the q8_K sums per 32 (q4_K, q5_K) or the activations in ``_dots_wide``'s order (q2_K, q3_K on
+    AVX512-VNNI); an empty array where a kind needs none of them."""
     code = kind_code(kind)
     if code == 0 or code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
-    if code == 6:
-        return lane_bias(xq, 4, isa)
+    if code == 5 or code == 6:
+        return _wide_terms(kind, xq, isa)
     if code == 9:
         return lane_bias(xq, 32, isa)
     if code == 7 or code == 8:

@@ -48,7 +48,7 @@ from .decode import (
 from .simd import (
     AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8, fma_i32x16,
     fma_i32x16_folded, fnma_f32x16, fold_halves_i32x16, high_nibbles_times, load_16_f32, load_16_i32, load_64_bytes,
-    load_f16, mul_f32x16, mul_i32x8, prefetch, scale_words_i32x8, scaled_dot_x64, splat_bytes, splat_dword_x64, splat_f32_at,
+    load_f16, mul_f32x16, mul_i32x8, prefetch, scaled_dot, to_scale_words, splat_bytes, splat_dword_x64, splat_f32_at,
     splat_i32_at, store_8_i32, store_32_bytes, store_f32x16, sum_f32x8, sum_f32x16, to_f32x16, zero_f32x8,
     zero_f32x16, zero_i32x8, zero_i32x16,
 )
@@ -312,8 +312,8 @@ def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, in
                     store_32_bytes(quants, x + 64 * c, q_low)
                     store_32_bytes(quants, x + 64 * c + 32, q_high)
                     low, high = pair & 0xFF, (pair >> 8) & 0xFF
-                    store_8_i32(scale_words, (x + 64 * c) // 4, scale_words_i32x8(low))
-                    store_8_i32(scale_words, (x + 64 * c) // 4 + 8, scale_words_i32x8(high))
+                    store_8_i32(scale_words, (x + 64 * c) // 4, to_scale_words(low))
+                    store_8_i32(scale_words, (x + 64 * c) // 4 + 8, to_scale_words(high))
                     init_low = add_i32x8(init_low, mul_i32x8(minus_128_sums(q_low, isa), low))
                     init_high = add_i32x8(init_high, mul_i32x8(minus_128_sums(q_high, isa), high))
                     mins_word = (mpair & 0xFF) | (((mpair >> 8) & 0xFF) << 16)
@@ -333,7 +333,7 @@ def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, in
                         q = add_bytes(q, splat_bytes(0 if kc == 5 else -4 if kc == 6 else -32))
                         at = x + 128 * n + 32 * j
                         store_32_bytes(quants, at, q)
-                        store_8_i32(scale_words, at // 4, scale_words_i32x8(scales))
+                        store_8_i32(scale_words, at // 4, to_scale_words(scales))
                         terms = mul_i32x8(minus_128_sums(q, isa), scales)
                         if j % 2 == 0:
                             init_low = add_i32x8(init_low, terms)
@@ -347,8 +347,8 @@ def unpack_k_panel(kind, w, start, row_bytes, n_rows, k, quants, scale_words, in
 def _k_step(i0, i1, i2, i3, q0, q1, q2, q3, s0, s1, s2, s3, xu, x, isa):
     """One token's 64 values (at xu[x:]) against the panel's four rows: their scaled integer sums."""
     u = load_64_bytes(xu, x)
-    return (scaled_dot_x64(i0, u, q0, s0, isa), scaled_dot_x64(i1, u, q1, s1, isa),
-            scaled_dot_x64(i2, u, q2, s2, isa), scaled_dot_x64(i3, u, q3, s3, isa))
+    return (scaled_dot(i0, u, q0, s0, isa), scaled_dot(i1, u, q1, s1, isa),
+            scaled_dot(i2, u, q2, s2, isa), scaled_dot(i3, u, q3, s3, isa))
 
 
 @njit(**_KERNEL)

@@ -945,6 +945,18 @@ def join_halves(typingctx, low, high):
 
 
 @intrinsic
+def as_bytes(typingctx, vector):
+    """The bytes of an ``I32x8`` (an ``I8x32``) or of an ``I32x16`` (an ``I8x64``): no instruction."""
+    result = {I32x8: I8x32, I32x16: I8x64}.get(vector)
+    if result is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], result.llvm_type())
+    return result(vector), codegen
+
+
+@intrinsic
 def fold_halves_i32x16(typingctx, vector):
     """Lanes 0-7 plus lanes 8-15 of an ``I32x16``, as an ``I32x8`` (exact integer sums)."""
     if vector != I32x16:
@@ -1016,23 +1028,65 @@ def scale_pair_i32x8(typingctx, scales, index):
 # float work of 16 (row, token) pairs at once, one per lane.
 # ----------------------------------------------------------------------------------------------------------------
 
+def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, offset, name: str):
+    """``acc`` plus ``vpmaddubsw``'s pair sums of unsigned x signed bytes (less those of ``offset`` x signed, when
+    an offset is given: the weights' offset taken out in int16) multiplied by ``scale_words`` and added in pairs
+    into the int32 lanes: ``vpdpwssd`` on AVX512-VNNI, ``vpmaddwd`` and an add on AVX2. 32 or 64 bytes."""
+    n_bytes = unsigned.type.count
+    bytes_type, words = ir.VectorType(_I8, n_bytes), ir.VectorType(_I16, n_bytes // 2)
+    lanes = ir.VectorType(_I32, n_bytes // 4)
+    maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw" if n_bytes == 32 else "llvm.x86.avx512.pmaddubs.w.512",
+                        words, [bytes_type, bytes_type])
+    pairs = builder.call(maddubs, [unsigned, signed])
+    if offset is not None:
+        pairs = builder.sub(pairs, builder.call(maddubs, [_splat_value(builder, builder.trunc(offset, _I8), n_bytes),
+                                                          signed]))
+    factors = builder.bitcast(scale_words, words)
+    if name == "avx512vnni":
+        dpwssd = _function(builder, f"llvm.x86.avx512.vpdpwssd.{n_bytes * 8}", lanes, [lanes, words, words])
+        return builder.call(dpwssd, [acc, pairs, factors])
+    maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", lanes, [words, words])
+    return builder.add(acc, builder.call(maddwd, [pairs, factors]))
+
+
+_SCALED_DOT_FORMS = {I32x8: I8x32, I32x16: I8x64}   # accumulator -> bytes
+
+
+def _scaled_dot_types(acc, unsigned, signed, scale_words, isa) -> bool:
+    return (_SCALED_DOT_FORMS.get(acc) is not None and unsigned == signed == _SCALED_DOT_FORMS[acc]
+            and scale_words == acc and isinstance(isa, IsaType)
+            and (acc == I32x8 or isa.isa_name == "avx512vnni"))
+
+
 @intrinsic
-def scaled_dot_x64(typingctx, acc, unsigned, signed, scale_words, isa):
+def scaled_dot(typingctx, acc, unsigned, signed, scale_words, isa):
     """``acc + scale * (unsigned[4i] * signed[4i] + ... + unsigned[4i + 3] * signed[4i + 3])`` in each int32 lane i,
-    ``scale`` the int16 in both halves of lane i of ``scale_words``: ``vpmaddubsw`` (pair sums in int16, exact while
-    they stay within 32767: x + 128 up to 255 times quants of -64 .. 63) then ``vpdpwssd`` (AVX512-VNNI only)."""
-    if (acc != I32x16 or unsigned != I8x64 or signed != I8x64 or scale_words != I32x16
-            or not isinstance(isa, IsaType) or isa.isa_name != "avx512vnni"):
+    ``scale`` the int16 in both halves of lane i of ``scale_words`` (``to_scale_words``): ``vpmaddubsw`` (pair sums in
+    int16, exact while they stay within 32767), then ``vpdpwssd`` (AVX512-VNNI) or ``vpmaddwd`` and an add (AVX2):
+    ggml's K-quant products, the scale multiplied in by the pair sums' own instruction instead of a ``vpmulld``.
+    ``I32x8`` accumulators with 32 bytes (both paths) or ``I32x16`` with 64 (AVX512-VNNI only)."""
+    if not _scaled_dot_types(acc, unsigned, signed, scale_words, isa):
         return None
+    name = isa.isa_name
 
     def codegen(context, builder, sig, args):
-        words = ir.VectorType(_I16, 32)
-        maddubs = _function(builder, "llvm.x86.avx512.pmaddubs.w.512", words, [I8x64.llvm_type()] * 2)
-        pairs = builder.call(maddubs, [args[1], args[2]])
-        dpwssd = _function(builder, "llvm.x86.avx512.vpdpwssd.512", I32x16.llvm_type(),
-                           [I32x16.llvm_type(), words, words])
-        return builder.call(dpwssd, [args[0], pairs, builder.bitcast(args[3], words)])
-    return I32x16(acc, unsigned, signed, scale_words, isa), codegen
+        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], None, name)
+    return acc(acc, unsigned, signed, scale_words, isa), codegen
+
+
+@intrinsic
+def offset_scaled_dot(typingctx, acc, unsigned, signed, scale_words, offset, isa):
+    """``scaled_dot`` of ``unsigned - offset`` (a weight stored with an offset, as q3_K's quants 0..7 for -4..3):
+    the offset's pair sums with ``signed`` taken off in int16 before the scale (exact while both pair sums and
+    their difference stay within 32767), so a kind with an offset needs no lane biases."""
+    if not _scaled_dot_types(acc, unsigned, signed, scale_words, isa) or not isinstance(offset, types.Integer):
+        return None
+    name = isa.isa_name
+
+    def codegen(context, builder, sig, args):
+        offset_value = context.cast(builder, args[4], sig.args[4], types.int32)
+        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], offset_value, name)
+    return acc(acc, unsigned, signed, scale_words, offset, isa), codegen
 
 
 @intrinsic
@@ -1068,17 +1122,19 @@ add_f32x16.__doc__ = "Lanewise ``a + b`` of two ``F32x16``."
 
 
 @intrinsic
-def scale_words_i32x8(typingctx, scales):
-    """Each int32 lane of ``scales`` (a value within int16) as an int16 in both halves of the lane: the scale words
-    of ``scaled_dot_x64``; an integer gives that word in all eight lanes."""
-    if scales != I32x8 and not isinstance(scales, types.Integer):
+def to_scale_words(typingctx, scales):
+    """Each int32 lane of ``scales`` (an ``I32x8`` or ``I32x16`` of values within int16) as an int16 in both halves
+    of the lane: the scale words of ``scaled_dot``; an integer gives that word in all eight lanes of an ``I32x8``."""
+    if scales not in (I32x8, I32x16) and not isinstance(scales, types.Integer):
         return None
+    result = scales if scales in (I32x8, I32x16) else I32x8
+    count = result.count
 
     def codegen(context, builder, sig, args):
-        if sig.args[0] == I32x8:
+        if sig.args[0] in (I32x8, I32x16):
             lanes = args[0]
         else:
-            lanes = _splat_value(builder, context.cast(builder, args[0], sig.args[0], types.int32), 8)
-        low = builder.and_(lanes, _splat(_I32(0xFFFF), 8))
-        return builder.or_(low, builder.shl(low, _splat(_I32(16), 8)))
-    return I32x8(scales), codegen
+            lanes = _splat_value(builder, context.cast(builder, args[0], sig.args[0], types.int32), count)
+        low = builder.and_(lanes, _splat(_I32(0xFFFF), count))
+        return builder.or_(low, builder.shl(low, _splat(_I32(16), count)))
+    return result(scales), codegen
