@@ -480,29 +480,18 @@ def dot_u8_i8(typingctx, acc, unsigned, signed, isa):
 @intrinsic
 def dot_u8_i8_scaled(typingctx, acc, unsigned, signed, scale, isa):
     """``acc + (sum of unsigned[4i + j] * signed[4i + j] over j) * scale`` in each int32 lane i, for a scale below
-    2 ** 15: on AVX2 ``vpmaddubsw``'s pair sums go into ``vpmaddwd`` with the scale in every word instead of ones
-    (ggml's K-quant trick: p * s + q * s = (p + q) * s, the same integers without a ``vpmulld``); on AVX512-VNNI
-    ``vpdpbusd`` then a multiply."""
+    2 ** 15 and pair sums within int16: ``vpmaddubsw``'s pair sums go into ``vpmaddwd`` (AVX2) or ``vpdpwssd``
+    (AVX512-VNNI) with the scale in every word instead of ones (ggml's K-quant trick: p * s + q * s = (p + q) * s,
+    the same integers without a ``vpmulld``): ``scaled_dot`` with one scale."""
     if (acc != I32x8 or unsigned != I8x32 or signed != I8x32 or not isinstance(scale, types.Integer)
             or not isinstance(isa, IsaType)):
         return None
     name = isa.isa_name
 
     def codegen(context, builder, sig, args):
-        acc_value, u_value, s_value = args[0], args[1], args[2]
-        bytes_type = ir.VectorType(_I8, 32)
-        if name == "avx512vnni":
-            function = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
-                                 [I32x8.llvm_type(), bytes_type, bytes_type])
-            dot = builder.call(function, [_splat(_I32(0), 8), u_value, s_value])
-            factor = _splat_value(builder, context.cast(builder, args[3], sig.args[3], types.int32), 8)
-            return builder.add(acc_value, builder.mul(dot, factor))
-        pairs_type = ir.VectorType(_I16, 16)
-        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
-        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
         word = builder.trunc(context.cast(builder, args[3], sig.args[3], types.int32), _I16)
-        pairs = builder.call(maddubs, [u_value, s_value])
-        return builder.add(acc_value, builder.call(maddwd, [pairs, _splat_value(builder, word, 16)]))
+        words = builder.bitcast(_splat_value(builder, word, 16), I32x8.llvm_type())
+        return _scaled_pair_sums(builder, args[0], args[1], args[2], words, None, name)
     return I32x8(acc, unsigned, signed, scale, isa), codegen
 
 
