@@ -78,7 +78,11 @@ def drop_stale_kernels(package_dir: Path | None = None) -> bool:
                 digest.update(f"{folder.name}/{source.name}\0".encode())
                 digest.update(source.read_bytes())
         stamp = folders[0] / "__pycache__" / DIGEST_NAME
-        if stamp.is_file() and stamp.read_text() == digest.hexdigest():
+
+        def current() -> bool:
+            return stamp.is_file() and stamp.read_text() == digest.hexdigest()
+
+        if current():
             return False
         stamp.parent.mkdir(exist_ok=True)
         fd = os.open(stamp.parent / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -90,6 +94,8 @@ def drop_stale_kernels(package_dir: Path | None = None) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except ImportError:
             pass
+        if current():   # another process dropped them while this one waited: what it has saved since is current
+            return False
         for folder in folders:
             for pattern in ("*.nbi", "*.nbc"):
                 for cached in (folder / "__pycache__").glob(pattern):

@@ -69,3 +69,33 @@ def test_cached_kernels_go_when_any_source_they_are_built_from_changes(tmp_path)
     (tmp_path / "model" / "new_kernels.py").write_text("# a file added\n")
     layer.write_text("compiled against version 2")
     assert drop_stale_kernels(tmp_path) is True and not layer.exists()
+
+
+def test_a_drop_that_waited_for_another_process_s_drop_keeps_what_that_one_compiled_since(tmp_path):
+    """Two processes start on changed sources: the first drops the stale kernels and compiles anew while the second
+    waits for the lock; the second must then find the digest current and leave the new kernels alone."""
+    trees = []
+    for name in ("waiting", "twin"):
+        root = tmp_path / name
+        for package in ("quant", "model"):
+            (root / package / "__pycache__").mkdir(parents=True)
+        (root / "quant" / "decode.py").write_text("# version 2\n")
+        trees.append(root)
+    waiting, twin = trees
+    drop_stale_kernels(twin)                         # the digest the other process writes for these sources
+    stamp = waiting / "quant" / "__pycache__" / DIGEST_NAME
+    holder = os.open(stamp.parent / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)               # the other process, dropping
+    result = []
+    worker = threading.Thread(target=lambda: result.append(drop_stale_kernels(waiting)))
+    worker.start()
+    try:
+        worker.join(0.5)
+        assert worker.is_alive(), "the drop did not wait for the lock"
+        fresh = waiting / "model" / "__pycache__" / "decode_step.decode_layer-153.py311.nbi"
+        fresh.write_text("compiled against version 2")
+        stamp.write_text((twin / "quant" / "__pycache__" / DIGEST_NAME).read_text())
+    finally:
+        os.close(holder)
+    worker.join(30)
+    assert result == [False] and fresh.exists()
