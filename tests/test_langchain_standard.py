@@ -52,7 +52,7 @@ DO_NOT_APPLY = {
 def _skip_what_does_not_apply(request):
     reason = DO_NOT_APPLY.get(request.node.originalname)
     if reason:
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
 
 
 def _other_model() -> str:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 # ggml_backend: was `from llama_cpp.llama_speculative import LlamaPromptLookupDecoding`
-pytestmark = pytest.mark.skip(
-    reason="llama_cpp.llama_speculative (prompt-lookup speculative decoding, a Llama(draft_model=...)) has no "
-           "counterpart: ggml_backend does no speculative decoding (draft_model is refused: README table, row "
-           "`__init__`)")
+NO_SPECULATIVE_DECODING = (
+    "llama_cpp.llama_speculative (prompt-lookup speculative decoding, a Llama(draft_model=...)) has no counterpart: "
+    "ggml_backend does no speculative decoding (draft_model is refused: README table, row `__init__`)")
+pytestmark = pytest.mark.skip(reason=NO_SPECULATIVE_DECODING)
 LlamaPromptLookupDecoding = None
 
 
