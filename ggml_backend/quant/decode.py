@@ -47,7 +47,7 @@ from .simd import (
     load_16_i32, load_32_bytes, load_64_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, offset_scaled_dot, or_bytes,
     pair_scales_i32x8, prefetch, scale_pair_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
     scaled_dot, spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled,
-    sub_i32x8, sum_f32x8, to_scale_words, unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
+    sum_f32x8, to_scale_words, unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -113,11 +113,17 @@ def _q3_K_scale_words(w, s):
 
 
 @njit(inline="always", **_KERNEL)
+def offset_lanes(offset, values, isa):
+    """-offset * the sum of each four of the 32 signed bytes ``values``, in dot_u8_i8's eight lanes: what takes an
+    offset back out of a dot product of (w + offset) with the values, started from these lanes."""
+    return mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(offset), values, isa), -1)
+
+
+@njit(inline="always", **_KERNEL)
 def minus_128_sums(q, isa):
-    """-128 * the sum of each four of the 32 signed quants ``q``, in dot_u8_i8's eight lanes: what takes the 128
-    back out of a dot product of x + 128 (unsigned) with q (the tiles of ``_unsigned_x`` kinds, the GEMMs'
-    panels)."""
-    return mul_i32x8(dot_u8_i8(zero_i32x8(), splat_bytes(128), q, isa), -1)
+    """``offset_lanes`` of 128 and the 32 signed quants ``q``: what takes the 128 back out of a dot product of
+    x + 128 (unsigned) with q (the tiles of ``_unsigned_x`` kinds, the GEMMs' panels)."""
+    return offset_lanes(128, q, isa)
 
 
 @njit(**_KERNEL)
@@ -126,9 +132,8 @@ def lane_bias(xq, offset, isa):
     ``dot_u8_i8``), so that ``dot_u8_i8(bias, w + offset, x)`` is the exact dot product of w and x."""
     n_groups = xq.size // 32
     bias = np.empty(n_groups * 8, np.int32)
-    weights = splat_bytes(offset)
     for g in range(n_groups):
-        store_8_i32(bias, 8 * g, mul_i32x8(dot_u8_i8(zero_i32x8(), weights, load_32_bytes(xq, 32 * g), isa), -1))
+        store_8_i32(bias, 8 * g, offset_lanes(offset, load_32_bytes(xq, 32 * g), isa))
     return bias
 
 
@@ -284,18 +289,17 @@ def _legacy_block(kind, w, row, b):
 
 
 @njit(**_KERNEL)
-def _legacy_dot(kind, acc, q, scale, xq, x, bias, g, isa):
-    """acc + float(exact dot of block quants ``q`` with xq[x:x + 32], in dot_u8_i8's lanes) * scale. The offset
-    kinds (q4_0 -8, q5_0 -16, q8_0's signed bytes) start from their lane biases at bias[g:g + 8]."""
+def _legacy_dot(kind, acc, q, scale, xv, lanes, isa):
+    """acc + float(exact dot of block quants ``q`` with the block's 32 activations ``xv``, in dot_u8_i8's lanes)
+    * scale. The offset kinds (q4_0 -8, q5_0 -16, q8_0's signed bytes on VNNI) start from ``lanes``, the
+    ``offset_lanes`` of their offset and ``xv`` (zeros where ``_legacy_offset`` is 0)."""
     kc = kind_code(kind)
-    if kc == 4 and signed_dot_offset(isa) == 0:   # AVX2: no offset, so no lane biases to load and add
-        dot = dot_i8_i8(zero_i32x8(), q, load_32_bytes(xq, x), isa)
-    elif kc == 4:
-        dot = dot_i8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa)
+    if kc == 4:
+        dot = dot_i8_i8(lanes, q, xv, isa)
     elif kc == 1 or kc == 3:
-        dot = dot_u8_i8(zero_i32x8(), q, load_32_bytes(xq, x), isa)
+        dot = dot_u8_i8(zero_i32x8(), q, xv, isa)
     else:
-        dot = dot_u8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa)
+        dot = dot_u8_i8(lanes, q, xv, isa)
     return fma_i32x8(acc, dot, scale)
 
 
@@ -309,24 +313,15 @@ def _legacy_offset(kind, isa):
 
 @njit(**_KERNEL)
 def _legacy_row_dot(kind, acc, q, scale, xq, x, isa):
-    """``_legacy_dot`` for the one-token kernel: the offset kinds' lane biases come from the block's own 32
-    activations, already in a register, instead of from the ``bias`` array (the same integers: the sums of
-    offset * x per lane, taken off the dot product of the quants as they are). That array is as large as the
-    activations, and the two together (2 k bytes) no longer stayed in a 32 KiB L1 beside the streaming weights
-    from k = 11008 on (7B models' ffn_down): q4_0 per core fell from 14-15 to 7 GB/s there on a Zen 4."""
-    kc = kind_code(kind)
+    """``_legacy_dot`` for the one-token kernel: the offset kinds' lanes are computed from the block's own 32
+    activations, already in a register, instead of loaded from the ``bias`` array (the same integers). That
+    array is as large as the activations, and the two together (2 k bytes) no longer stayed in a 32 KiB L1 beside
+    the streaming weights from k = 11008 on (7B models' ffn_down): q4_0 per core fell from 14-15 to 7 GB/s there
+    on a Zen 4."""
     xv = load_32_bytes(xq, x)
-    if kc == 4 and signed_dot_offset(isa) == 0:   # AVX2: no offset
-        dot = dot_i8_i8(zero_i32x8(), q, xv, isa)
-    elif kc == 1 or kc == 3:
-        dot = dot_u8_i8(zero_i32x8(), q, xv, isa)
-    else:
-        off = dot_u8_i8(zero_i32x8(), splat_bytes(_legacy_offset(kind, isa)), xv, isa)
-        if kc == 4:
-            dot = sub_i32x8(dot_i8_i8(zero_i32x8(), q, xv, isa), off)
-        else:
-            dot = sub_i32x8(dot_u8_i8(zero_i32x8(), q, xv, isa), off)
-    return fma_i32x8(acc, dot, scale)
+    offset = _legacy_offset(kind, isa)
+    lanes = zero_i32x8() if offset == 0 else offset_lanes(offset, xv, isa)
+    return _legacy_dot(kind, acc, q, scale, xv, lanes, isa)
 
 
 @njit(inline="always", **_KERNEL)
@@ -392,7 +387,8 @@ def _tile_dot(kind, acc, q, lanes, scale, xq, xu, x, bias, g, isa):
     activations ``xu`` (x + 128) and ``_tile_block``'s signed weights and start lanes."""
     if _unsigned_x(kind, isa):
         return fma_i32x8(acc, dot_u8_i8(lanes, load_32_bytes(xu, x), q, isa), scale)
-    return _legacy_dot(kind, acc, q, scale, xq, x, bias, g, isa)
+    stored = zero_i32x8() if _legacy_offset(kind, isa) == 0 else load_8_i32(bias, g)
+    return _legacy_dot(kind, acc, q, scale, load_32_bytes(xq, x), stored, isa)
 
 
 @njit(inline="always", **_KERNEL)

@@ -436,8 +436,6 @@ add_bytes = _lanewise(I8x32, "add")
 add_bytes.__doc__ = "Bytewise ``a + b`` (wrapping)."
 add_i32x8 = _lanewise(I32x8, "add")
 add_i32x8.__doc__ = "Lanewise ``a + b`` of two ``I32x8``."
-sub_i32x8 = _lanewise(I32x8, "sub")
-sub_i32x8.__doc__ = "Lanewise ``a - b`` of two ``I32x8`` (wrapping)."
 add_f32x8 = _lanewise(F32x8, "fadd")
 add_f32x8.__doc__ = "Lanewise ``a + b`` of two ``F32x8``."
 
