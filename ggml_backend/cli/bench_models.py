@@ -184,3 +184,70 @@ def synthetic_model(shape_name: str, weight_type: str, directory=None, *, progre
     if not path.is_file() or path.stat().st_size < file_size_estimate(shape, weight_type):
         write_synthetic_gguf(path, shape, weight_type, progress=progress)
     return path
+
+
+# --- shape clones: a real model's tensors (names, types, shapes) and metadata, with random weights ---------------
+# For measuring a real model's speed where its file cannot go (the GPU machine is offline and takes 64 MiB per
+# call): the header (metadata, tokenizer included, and the tensor list) is a few MB; the weights are drawn there.
+
+_CLONE_TENSORS_KEY = "ggml_backend.shape_clone.tensors"   # the source's tensor list, as JSON, in the header file
+
+
+def write_shape_header(source, dest) -> Path:
+    """A GGUF file holding ``source``'s metadata and no tensors, its tensor list (name, type, numpy shape) stored as
+    JSON under one more key: what ``write_shape_clone`` needs."""
+    import json
+    from ..formats import load
+    model = load(str(source))
+    if model.format != "gguf":
+        raise ValueError(f"{source}: shape headers are made from GGUF files, not {model.format}")
+    tensors = [(name, t.type.name, list(t.shape)) for name, t in model.tensors.items()]
+    metadata = dict(model.metadata)
+    metadata[_CLONE_TENSORS_KEY] = json.dumps(tensors)
+    types = dict(model.metadata_types)
+    types.pop("general.alignment", None)
+    _write_atomically(dest, lambda tmp: write_gguf(tmp, metadata, [], model.alignment, value_types=types))
+    return Path(dest)
+
+
+def _random_blocks_of(type_name: str, dims: tuple[int, ...], seed: int):
+    """Like random_tensor_data, for any type: blocks quantized by the type's own from_float from Gaussian values of
+    standard deviation 1/sqrt(n_in) (so a product's outputs keep a standard deviation near 1), drawn from a pool
+    of such blocks at random offsets. 1-D tensors (norms, biases) are ones."""
+    if len(dims) == 1:
+        return lambda: iter([np.ones(dims, np.float32).view(np.uint8) if type_name == "f32"
+                             else get_type(type_name).from_float(np.ones(dims, np.float32))])
+    row = get_type(type_name)
+    total_blocks = math.prod(dims) // row.block_size
+    pool_blocks = max(1, min(total_blocks, (1 << 22) // row.type_size))
+
+    def chunks():
+        rng = np.random.default_rng(seed)
+        values = rng.standard_normal(pool_blocks * row.block_size, dtype=np.float32) / np.float32(math.sqrt(dims[-1]))
+        pool = np.asarray(row.from_float(values), np.uint8).reshape(pool_blocks, row.type_size)
+        done = 0
+        while done < total_blocks:
+            n = min(pool_blocks, total_blocks - done)
+            start = int(rng.integers(0, pool_blocks - n + 1))
+            yield pool[start:start + n]
+            done += n
+    return chunks
+
+
+def write_shape_clone(header, dest, *, progress: bool = False) -> Path:
+    """A GGUF file with ``header``'s metadata (from write_shape_header) and tensors of its names, types and shapes,
+    filled with random blocks: the same work per token as the real model (not its outputs)."""
+    import json
+    from ..formats import load
+    model = load(str(header))
+    if _CLONE_TENSORS_KEY not in model.metadata:
+        raise ValueError(f"{header}: not a shape header (no {_CLONE_TENSORS_KEY})")
+    metadata = dict(model.metadata)
+    listed = json.loads(metadata.pop(_CLONE_TENSORS_KEY))
+    types = {k: v for k, v in model.metadata_types.items() if k in metadata and k != "general.alignment"}
+    metadata["general.name"] = f"{metadata.get('general.name', 'model')} (shape clone, random weights)"
+    tensors = [(name, type_name, tuple(dims), _random_blocks_of(type_name, tuple(dims), seed))
+               for seed, (name, type_name, dims) in enumerate(listed)]
+    _write_atomically(dest, lambda tmp: write_gguf(tmp, metadata, tensors, model.alignment, value_types=types,
+                                                   progress=progress))
+    return Path(dest)
