@@ -81,8 +81,12 @@ def measure(engine: str, path: str, n_gpu_layers: int, main_gpu: int, prompt: in
         t0 = time.perf_counter()
         llm.eval([token])
         decode_s += time.perf_counter() - t0
-    return {"load_s": load_s, "warmup_s": warmup_s, "prompt_tokens": prompt, "prompt_tok_s": prompt / prompt_s,
-            "gen_tokens": gen, "decode_tok_s": gen / decode_s}
+    result = {"load_s": load_s, "warmup_s": warmup_s, "prompt_tokens": prompt, "prompt_tok_s": prompt / prompt_s,
+              "gen_tokens": gen, "decode_tok_s": gen / decode_s}
+    if engine != "llama.cpp":   # whether the decode steps were replayed as a CUDA graph (ggml_backend/cuda/offload.py)
+        graphs = getattr(llm.cache, "_graphs", {}).values()
+        result["graph_replayed"] = any(type(g).__name__ == "DecodeGraph" for g in graphs)
+    return result
 
 
 def main(argv=None) -> int:
@@ -98,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bench-dir", default=None, help="where synthetic models are written and reused")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one model may take")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--eager-too", action="store_true",
+                        help="each model also with GGML_BACKEND_CUDA_GRAPHS=0 (every kernel launched from Python)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -110,32 +116,41 @@ def main(argv=None) -> int:
     results = []
     print(f"engine {args.engine}, -ngl {args.n_gpu_layers}, prompt {args.prompt}, decode {args.gen} tokens, "
           f"peak {args.peak_gbs:.0f} GB/s")
-    print(f"{'model':<12} {'weights GB':>10} {'load s':>7} {'warm-up s':>9} {'prompt tok/s':>12} "
+    print(f"{'model':<40} {'weights GB':>10} {'load s':>7} {'warm-up s':>9} {'prompt tok/s':>12} "
           f"{'decode tok/s':>12} {'GB/s':>8} {'of peak':>8}")
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    runs = [(m.strip(), graphs) for m in args.models.split(",") if m.strip()
+            for graphs in (("1", "0") if args.eager_too and args.engine == "ggml_backend" else ("1",))]
+    for name, graphs in runs:
         row = {"model": name, "engine": args.engine}
+        label = Path(name).name.removesuffix(".gguf")
+        if args.engine == "ggml_backend":
+            row["cuda_graphs"] = graphs == "1"
+            label += "" if graphs == "1" else " (no graphs)"
         try:
             path = model_path(name, args.bench_dir)
             row["weight_bytes"] = weight_bytes(path)
             cmd = [sys.executable, __file__, "--worker", path, "--engine", args.engine,
                    "-ngl", str(args.n_gpu_layers), "-mg", str(args.main_gpu), "--prompt", str(args.prompt),
                    "--gen", str(args.gen), "-c", str(args.ctx_size)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                  env=dict(os.environ, GGML_BACKEND_CUDA_GRAPHS=graphs))
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
                 raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}")
             row.update(json.loads(lines[0][7:]))
             row["gbs"] = row["weight_bytes"] * row["decode_tok_s"] / 1e9
             row["of_peak"] = row["gbs"] / args.peak_gbs
-            print(f"{name:<12} {row['weight_bytes'] / 1e9:>10.2f} {row['load_s']:>7.1f} {row['warmup_s']:>9.1f} "
+            print(f"{label:<40} {row['weight_bytes'] / 1e9:>10.2f} {row['load_s']:>7.1f} {row['warmup_s']:>9.1f} "
                   f"{row['prompt_tok_s']:>12.1f} {row['decode_tok_s']:>12.2f} {row['gbs']:>8.1f} "
-                  f"{100 * row['of_peak']:>7.2f}%", flush=True)
+                  f"{100 * row['of_peak']:>7.2f}%"
+                  + ("" if row.get("graph_replayed", True) == row.get("cuda_graphs", True) else "  (graph not used)"),
+                  flush=True)
         except subprocess.TimeoutExpired:
             row["error"] = f"over {args.timeout:.0f} s"
-            print(f"{name:<12} ERROR {row['error']}", flush=True)
+            print(f"{label:<40} ERROR {row['error']}", flush=True)
         except Exception as exc:   # noqa: BLE001 - one model's failure is reported, the others still run
             row["error"] = str(exc)
-            print(f"{name:<12} ERROR {exc}", flush=True)
+            print(f"{label:<40} ERROR {exc}", flush=True)
         results.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -58,16 +58,16 @@ jobs += [
     ("gather", ops.gather_rows_kernel, (A(f32, 2), A(i64, 1), A(f32, 2))),
     ("copy columns", ops.copy_columns_kernel, (A(f32, 2), i64, A(f32, 2))),
     ("rope", ops.rope_kernel, (A_any(f32, 3), A(f32, 2), A(f32, 2), i64, T.boolean)),
-    ("store f16", ops.store_kv_kernel, (A_any(f32, 3), A(u16, 3), i64, T.boolean)),
-    ("store f32", ops.store_kv_kernel, (A_any(f32, 3), A(f32, 3), i64, T.boolean)),
-    ("store q8_0", ops.store_kv_q8_0_kernel, (A(f32, 2), A(i8, 3), A(u16, 3), i64)),
+    ("store f16", ops.store_kv_kernel, (A_any(f32, 3), A(u16, 3), A(i32, 1), i64, T.boolean)),
+    ("store f32", ops.store_kv_kernel, (A_any(f32, 3), A(f32, 3), A(i32, 1), i64, T.boolean)),
+    ("store q8_0", ops.store_kv_q8_0_kernel, (A(f32, 2), A(i8, 3), A(u16, 3), A(i32, 1), i64)),
     ("q8_0 round trip", ops.q8_0_round_trip_kernel, (A(f32, 2),)),
     ("rotate", ops.rotate_kernel, (A(f32, 2), A(f32, 2), A(f32, 2))),
 ]
 for keys, values in ((u16, u16), (f32, f32), (i8, i8), (i8, f32)):
     jobs.append((f"attention {keys}/{values}", ops.attention_kernel,
                  (A_any(f32, 3), A(keys, 3), A(u16, 3), A(values, 3), A(u16, 3), i64, i64, A(f32, 2), A_any(f32, 2),
-                  i64, i64, i64, f32)))
+                  A(i32, 1), i64, i64, i64, f32)))
 
 failed = 0
 for name, disp, sig in jobs:

@@ -12,7 +12,7 @@
 #   2. benchmarks/gpu_probe.py: launch and allocation costs from Python, each mat-vec kernel's own bandwidth,
 #      CUDA-graph capture of numba launches;
 #   3. decode benchmarks, every layer on the GPU (benchmarks/bench_gpu.py): tokens/s and GB/s of weights read
-#      against the H200's 4.8 TB/s;
+#      against the H200's 4.8 TB/s, decode steps replayed as CUDA graphs and (--eager-too) launched one by one;
 #   4. tests/test_cuda_sim.py on the device (GGML_BACKEND_TEST_CUDA=1), the shape clones included (every layer
 #      offloaded against the CPU path).
 #
@@ -27,6 +27,11 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 RESULTS=${1:-${OUT:-$ROOT/gpu-results}}
 mkdir -p "$RESULTS"
+# the device runner brings back at most 8 files: the step logs go to $LOGS, packed into $RESULTS/logs.tgz after
+# each step; summary.txt, tests.log and the JSON files stay beside it
+LOGS=${LOGS:-/tmp/gpu-logs}
+mkdir -p "$LOGS"
+pack() { tar czf "$RESULTS/logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>/dev/null; }
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -40,10 +45,10 @@ log "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.s
 log "cpu: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2) x $(nproc)"
 if ls .gpu/wheels/*.whl > /dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl \
-        > "$RESULTS/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+        > "$LOGS/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
     log "wheels from .gpu/wheels: $(ls .gpu/wheels | tr '\n' ' ')"
 fi
-timeout 60 $PY - > "$RESULTS/cuda-detect.txt" 2>&1 <<'EOF'
+timeout 60 $PY - > "$LOGS/cuda-detect.txt" 2>&1 <<'EOF'
 import sys, numpy, numba
 print("python", sys.version.split()[0], "numpy", numpy.__version__, "numba", numba.__version__)
 try:
@@ -58,7 +63,7 @@ if cuda is not None:
     print("numba.cuda from", cuda.__file__)
     cuda.detect()
 EOF
-log "$(head -3 "$RESULTS/cuda-detect.txt" | tr '\n' ' ')"
+log "$(head -3 "$LOGS/cuda-detect.txt" | tr '\n' ' ')"
 
 # --- 1. model files, in the background ----------------------------------------------------------------------
 CLONES=""
@@ -80,49 +85,51 @@ for shape in ("7b", "13b"):
     t0 = time.time()
     print(f"{synthetic_model(shape, 'q4_0')}: {time.time() - t0:.1f} s", flush=True)
 EOF
-) > "$RESULTS/models.log" 2>&1 &
+) > "$LOGS/models.log" 2>&1 &
 MODELS_PID=$!
 # numba compiles the CPU kernels at their first use on this CPU (about a minute for a model's types); the tests'
-# CPU references then find them in numba's cache. Started once the first clone is there.
+# CPU references then find them in numba's cache. Each clone once it is written.
 (
-    first=${CLONES%%,*}
-    for _ in $(seq 150); do [ -n "$first" ] && [ -e "$first" ] && break; sleep 1; done
-    [ -n "$first" ] && [ -e "$first" ] && timeout 240 $PY -c "
+    for clone in ${CLONES//,/ }; do
+        for _ in $(seq 150); do [ -e "$clone" ] && break; sleep 1; done
+        timeout 200 $PY -c "
 import sys, time
 from ggml_backend import Llama
 t0 = time.time()
 llm = Llama(sys.argv[1], n_ctx=128, verbose=False)
 llm.eval([1] + list(range(100, 159)))
+llm.eval(list(range(200, 208)))
 llm.eval([5])
 print(f'CPU kernels compiled for {sys.argv[1]}: {time.time() - t0:.1f} s')
-" "$first"
-) > "$RESULTS/cpu-warmup.log" 2>&1 &
+" "$clone"
+    done
+) > "$LOGS/cpu-warmup.log" 2>&1 &
 WARMUP_PID=$!
 
 # --- 2. probe ------------------------------------------------------------------------------------------------
 if [ -z "${SKIP_PROBE:-}" ]; then
     log "gpu_probe.py (at most 90 s)"
-    timeout 90 $PY benchmarks/gpu_probe.py --json "$RESULTS/probe.json" > "$RESULTS/probe.txt" 2>&1
-    log "  exit $?"; cat "$RESULTS/probe.txt" | tail -40 | tee -a "$RESULTS/summary.txt"
+    timeout 90 $PY benchmarks/gpu_probe.py --json "$RESULTS/probe.json" > "$LOGS/probe.txt" 2>&1
+    log "  exit $?"; grep -v -E "Warning|warn\(" "$LOGS/probe.txt" | tail -40 | tee -a "$RESULTS/summary.txt"; pack
 fi
 wait "$MODELS_PID"
-log "models written: $(tr '\n' ';' < "$RESULTS/models.log")"
+log "models written: $(tr '\n' ';' < "$LOGS/models.log")"; pack
 
 # --- 3. decode benchmarks -----------------------------------------------------------------------------------
 if [ -z "${SKIP_BENCH:-}" ]; then
-    log "bench_gpu.py, -ngl -1 (at most 240 s)"
-    timeout 240 $PY benchmarks/bench_gpu.py --models "$CLONES${CLONES:+,}7b-q4_0,13b-q4_0" --timeout 110 \
-        --json "$RESULTS/bench-ggml_backend.json" > "$RESULTS/bench.txt" 2>&1
-    log "  exit $?"; tee -a "$RESULTS/summary.txt" < "$RESULTS/bench.txt"
+    log "bench_gpu.py, -ngl -1, with and without CUDA graphs (at most 300 s)"
+    timeout 300 $PY benchmarks/bench_gpu.py --models "$CLONES${CLONES:+,}7b-q4_0,13b-q4_0" --timeout 80 --eager-too \
+        --json "$RESULTS/bench-ggml_backend.json" > "$LOGS/bench.txt" 2>&1
+    log "  exit $?"; tee -a "$RESULTS/summary.txt" < "$LOGS/bench.txt"; pack
 fi
 
 # --- 4. tests on the device ---------------------------------------------------------------------------------
 if [ -z "${SKIP_TESTS:-}" ]; then
-    wait "$WARMUP_PID"; log "$(tail -1 "$RESULTS/cpu-warmup.log")"
-    log "tests/test_cuda_sim.py on the GPU (at most 200 s)"
-    GGML_BACKEND_TEST_CUDA=1 GGML_BACKEND_TEST_CUDA_MODELS="$CLONES" timeout 200 $PY -m pytest -q \
+    wait "$WARMUP_PID"; log "$(tr '\n' ';' < "$LOGS/cpu-warmup.log")"
+    log "tests/test_cuda_sim.py on the GPU (at most 240 s)"
+    GGML_BACKEND_TEST_CUDA=1 GGML_BACKEND_TEST_CUDA_MODELS="$CLONES" timeout 240 $PY -m pytest -q \
         -p no:cacheprovider -rsP -n 8 ${TESTS_K:+-k "$TESTS_K"} tests/test_cuda_sim.py > "$RESULTS/tests.log" 2>&1
     log "  exit $?: $(tail -1 "$RESULTS/tests.log")"
     grep -E "max \|GPU - CPU\||FAILED|Error" "$RESULTS/tests.log" | sort -u | head -40 | tee -a "$RESULTS/summary.txt"
 fi
-log "done; results in $RESULTS"
+pack; log "done; results in $RESULTS"

@@ -6,6 +6,8 @@ copy); f32 as float32, f16 / bf16 as their uint16 bit patterns.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +53,36 @@ _FLOAT_KINDS = (blocks.F32, blocks.F16, blocks.BF16)
 _EMPTY = {}
 
 
+# Where this thread's launches go: a stream (0: the default one) and, while a CUDA graph is being captured, the list
+# that keeps every array allocated for it alive (the graph holds their addresses; see offload.DecodeGraph).
+_launching = threading.local()
+
+
+def stream():
+    return getattr(_launching, "stream", 0)
+
+
+@contextmanager
+def launching_on(launch_stream, keep: list | None = None):
+    """Kernel launches, copies and allocations of this thread made through this module go to ``launch_stream``;
+    arrays allocated meanwhile are appended to ``keep`` when given."""
+    before = getattr(_launching, "stream", 0), getattr(_launching, "keep", None)
+    _launching.stream, _launching.keep = launch_stream, keep
+    try:
+        yield
+    finally:
+        _launching.stream, _launching.keep = before
+
+
+def empty(shape, dtype=np.float32):
+    """A new device array (kept alive for the graph being captured, if any)."""
+    array = cuda.device_array(shape, dtype, stream=stream())
+    keep = getattr(_launching, "keep", None)
+    if keep is not None:
+        keep.append(array)
+    return array
+
+
 def _grid(n_items: int) -> int:
     return max(1, min(n_items, launch_shape().blocks))
 
@@ -60,9 +92,14 @@ def _threads() -> int:
 
 
 def _flat_launch(n_items: int):
-    """(blocks, threads) for the one-thread-per-item kernels."""
+    """(blocks, threads, stream) for the one-thread-per-item kernels."""
     threads = 128 if launch_shape().threads >= 32 else launch_shape().threads
-    return _grid((n_items + threads - 1) // threads), threads
+    return _grid((n_items + threads - 1) // threads), threads, stream()
+
+
+def _row_launch(n_items: int):
+    """(blocks, threads, stream) for the kernels whose blocks reduce an item (a row, a token's head) together."""
+    return _grid(n_items), _threads(), stream()
 
 
 def empty_vector():
@@ -97,19 +134,19 @@ class DeviceActivations:
         x = self.x
         n, k = x.shape
         if vec_dot_type in ("q8_0", "q8_1"):
-            qs = cuda.device_array((n, k), np.int8)
-            d = cuda.device_array((n, k // 32), np.float32)
-            sums = cuda.device_array((n, k // 32), np.float32)
+            qs = empty((n, k), np.int8)
+            d = empty((n, k // 32), np.float32)
+            sums = empty((n, k // 32), np.float32)
             quantize_q8_0_kernel[_flat_launch(n * k // 32)](x, qs, d, sums)
             result = (qs, d, sums)
         elif vec_dot_type == "q8_K":
-            qs = cuda.device_array((n, k), np.int8)
-            d = cuda.device_array((n, k // 256), np.float32)
-            bsums = cuda.device_array((n, k // 16), np.int32)
+            qs = empty((n, k), np.int8)
+            d = empty((n, k // 256), np.float32)
+            bsums = empty((n, k // 16), np.int32)
             quantize_q8_K_kernel[_flat_launch(n * k // 256)](x, qs, d, bsums)
             result = (qs, d, bsums)
         elif vec_dot_type in ("f16", "bf16"):
-            rounded = cuda.device_array((n, k), np.float32)
+            rounded = empty((n, k), np.float32)
             round_rows_kernel[_flat_launch(n * k)](x, rounded, vec_dot_type == "bf16")
             result = (rounded,)
         else:
@@ -137,7 +174,7 @@ class DeviceMatrix:
         dequantized-band GEMM from there on (the CPU path's switch)."""
         n = acts.x.shape[0]
         if out is None:
-            out = cuda.device_array((n, self.n_out), np.float32)
+            out = empty((n, self.n_out), np.float32)
         if n >= BLAS_MIN_TOKENS:
             self._gemm(acts.x, out)
             return out
@@ -145,9 +182,9 @@ class DeviceMatrix:
         form = acts.form(self.type.vec_dot_type)
         grid, threads = _grid(n * self.n_out), _threads()
         if kind in _FLOAT_KINDS:
-            float_matvec_kernel(kind)[grid, threads](self.w, form[0], self.bias, out)
+            float_matvec_kernel(kind)[grid, threads, stream()](self.w, form[0], self.bias, out)
         else:
-            matvec_kernel(kind)[grid, threads](self.w, form[0], form[1], form[2], self.bias, out)
+            matvec_kernel(kind)[grid, threads, stream()](self.w, form[0], form[1], form[2], self.bias, out)
         return out
 
     # rows of W dequantized per GEMM call: 64 MiB of float32 at most, whatever the matrix
@@ -156,7 +193,7 @@ class DeviceMatrix:
     def _gemm(self, x, out) -> None:
         tile = launch_shape().tile
         band_rows = max(tile, min(self.n_out, self.BAND_BYTES // (4 * self.n_in)) // tile * tile)
-        band = cuda.device_array((min(band_rows, self.n_out), self.n_in), np.float32)
+        band = empty((min(band_rows, self.n_out), self.n_in), np.float32)
         kernel = gemm_kernel(tile)
         n = x.shape[0]
         for first in range(0, self.n_out, band_rows):
@@ -166,12 +203,12 @@ class DeviceMatrix:
             dequantize_kernel(self.type.kind)[_flat_launch(n_items)](self.w, first, tile_rows)
             bias = self.bias[first:first + rows] if self.bias.shape[0] else self.bias
             n_tiles = ((n + tile - 1) // tile) * ((rows + tile - 1) // tile)
-            kernel[_grid(n_tiles), (tile, tile)](x, tile_rows, bias, first, out)
+            kernel[_grid(n_tiles), (tile, tile), stream()](x, tile_rows, bias, first, out)
 
     def dequantize(self, first: int = 0, last: int | None = None) -> np.ndarray:
         """Rows first..last-1 as float32 on the host (tests compare them with the CPU's dequantization)."""
         last = self.n_out if last is None else last
-        out = cuda.device_array((last - first, self.n_in), np.float32)
+        out = empty((last - first, self.n_in), np.float32)
         n_items = (last - first) * self.n_in
         if self.type.kind not in _FLOAT_KINDS:
             n_items //= 32
@@ -211,7 +248,7 @@ class DeviceProjection:
             if n == 1:
                 parts.append(flat[first:first + width].reshape(1, width))
             else:
-                part = cuda.device_array((n, width), np.float32)
+                part = empty((n, width), np.float32)
                 copy_columns_kernel[_flat_launch(n * width)](out, first, part)
                 parts.append(part)
             first += width
@@ -225,8 +262,8 @@ def rms_norm(x, weight, eps: float, out=None):
     shape = tuple(x.shape)           # (the simulator's shapes take no negative index)
     k = shape[len(shape) - 1]
     rows = x.reshape(x.size // k, k)
-    result = cuda.device_array(shape, np.float32) if out is None else out
-    rms_norm_kernel[_grid(rows.shape[0]), _threads()](rows, weight, np.float32(eps), result.reshape(x.size // k, k))
+    result = empty(shape, np.float32) if out is None else out
+    rms_norm_kernel[_row_launch(rows.shape[0])](rows, weight, np.float32(eps), result.reshape(x.size // k, k))
     return result
 
 
@@ -271,38 +308,56 @@ def rotate(x):
     k = shape[len(shape) - 1]
     if k not in _HADAMARD:
         _HADAMARD[k] = cuda.to_device(np.ascontiguousarray(hadamard_rotation(k)))
-    out = cuda.device_array(shape, np.float32)
+    out = empty(shape, np.float32)
     rotate_kernel[_flat_launch(x.size)](x.reshape(x.size // k, k), _HADAMARD[k], out.reshape(x.size // k, k))
     return out
 
 
-def store_kv(src, layer: DeviceCacheLayer, start: int) -> None:
-    """src [n_tokens, n_head_kv, head_dim] into positions start.. of a cache layer."""
+def positions(starts) -> tuple:
+    """The first positions of a pass's sequences as the cache kernels read them: a device int32 array (a CUDA
+    graph's launches read it again at each replay, where a number would be frozen into the graph)."""
+    return cuda.to_device(np.asarray(starts, np.int32).reshape(-1))
+
+
+def store_kv(src, layer: DeviceCacheLayer, starts, span: int = 0) -> None:
+    """src [n_tokens, n_head_kv, head_dim] into positions starts[span].. of a cache layer (``starts``: a device
+    array from ``positions``, or a number)."""
+    if not hasattr(starts, "copy_to_host"):
+        starts = positions([starts])
     if layer.kind == CACHE_Q8_0:
         if layer.rotated:
             src = rotate(src)
         rows = src.reshape(src.shape[0] * src.shape[1], src.shape[2])
-        store_kv_q8_0_kernel[_flat_launch(src.size // 32)](rows, layer.data, layer.scales, start)
+        store_kv_q8_0_kernel[_flat_launch(src.size // 32)](rows, layer.data, layer.scales, starts, span)
     else:
-        store_kv_kernel[_flat_launch(src.size)](src, layer.data, start, layer.kind == CACHE_F16)
+        store_kv_kernel[_flat_launch(src.size)](src, layer.data, starts, span, layer.kind == CACHE_F16)
 
 
-def attention(q, keys: DeviceCacheLayer, values: DeviceCacheLayer, start: int, group: int, window: int,
-              scale: float, out):
-    """q [n, n_head, hd_k] -> out [n, n_head * hd_v], over cache layers filled up to start + n. q meets the keys
-    as model/attention.attention prepares it: rounded to f16 for f16 keys; for q8_0 keys rotated as they are and
-    quantized to q8_0 and back; weighted sums of rotated values are rotated back."""
+def attention(q, keys: DeviceCacheLayer, values: DeviceCacheLayer, starts, group: int, window: int,
+              scale: float, out, span: int = 0, n_keys_max: int | None = None, probs=None):
+    """q [n, n_head, hd_k] -> out [n, n_head * hd_v], over cache layers filled up to starts[span] + n (``starts``
+    as store_kv takes it). q meets the keys as model/attention.attention prepares it: rounded to f16 for f16
+    keys; for q8_0 keys rotated as they are and quantized to q8_0 and back; weighted sums of rotated values are
+    rotated back. ``n_keys_max``: the scratch's width when starts is a device array (a graph's: the cache's
+    n_ctx); by default starts + n. ``probs``: that scratch, [n * n_head, >= n_keys_max], when the caller keeps one
+    for all layers."""
     n_tokens, n_head, hd_k = q.shape
+    if not hasattr(starts, "copy_to_host"):
+        n_keys_max = starts + n_tokens if n_keys_max is None else n_keys_max
+        starts = positions([starts])
+    if n_keys_max is None:
+        raise ValueError("attention with device positions needs n_keys_max")
     if keys.kind == CACHE_F16:
         q = round_to_f16(q)
     elif keys.kind == CACHE_Q8_0:
         q = rotate(q) if keys.rotated else copy(q)
         q8_0_round_trip_kernel[_flat_launch(q.size // 32)](q.reshape(n_tokens * n_head, hd_k))
-    probs = cuda.device_array((n_tokens * n_head, start + n_tokens), np.float32)
-    target = cuda.device_array(out.shape, np.float32) if values.rotated else out
-    attention_kernel[_grid(n_tokens * n_head), _threads()](
-        q, keys.data, keys.scales, values.data, values.scales, keys.kind, values.kind, probs, target, start, group,
-        window, np.float32(scale))
+    if probs is None:
+        probs = empty((n_tokens * n_head, n_keys_max), np.float32)
+    target = empty(out.shape, np.float32) if values.rotated else out
+    attention_kernel[_row_launch(n_tokens * n_head)](
+        q, keys.data, keys.scales, values.data, values.scales, keys.kind, values.kind, probs, target, starts, span,
+        group, window, np.float32(scale))
     if values.rotated:   # out [n, n_head * hd_v]: each head's slice rotated back
         hd_v = values.head_dim
         rotated_back = rotate(target.reshape(n_tokens, n_head, hd_v))
@@ -311,27 +366,33 @@ def attention(q, keys: DeviceCacheLayer, values: DeviceCacheLayer, start: int, g
 
 
 def copy(x):
-    out = cuda.device_array(tuple(x.shape), np.float32)
-    out.copy_to_device(x)
+    out = empty(tuple(x.shape), np.float32)
+    out.copy_to_device(x, stream=stream())
     return out
+
+
+_ROW_NUMBERS: dict = {}
 
 
 def copy_into(src, dst) -> None:
     """dst[...] = src for 2-D arrays of one shape (dst may be a row slice of a larger array)."""
-    gather_rows_kernel[_flat_launch(src.size)](src, cuda.to_device(np.arange(src.shape[0])), dst)
+    n = src.shape[0]
+    if n not in _ROW_NUMBERS:   # uploaded once (an upload cannot be part of a CUDA graph's capture)
+        _ROW_NUMBERS[n] = cuda.to_device(np.arange(n))
+    gather_rows_kernel[_flat_launch(src.size)](src, _ROW_NUMBERS[n], dst)
 
 
 def round_to_f16(x):
     """A copy of x rounded to half precision (q meets f16 keys so)."""
     shape = tuple(x.shape)
     k = shape[len(shape) - 1]
-    out = cuda.device_array(shape, np.float32)
+    out = empty(shape, np.float32)
     round_rows_kernel[_flat_launch(x.size)](x.reshape(x.size // k, k), out.reshape(x.size // k, k), False)
     return out
 
 
 def gather_rows(x, rows: np.ndarray):
     d_rows = cuda.to_device(np.ascontiguousarray(rows, np.int64))
-    out = cuda.device_array((len(rows), x.shape[1]), np.float32)
+    out = empty((len(rows), x.shape[1]), np.float32)
     gather_rows_kernel[_flat_launch(len(rows) * x.shape[1])](x, d_rows, out)
     return out

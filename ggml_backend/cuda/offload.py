@@ -5,6 +5,8 @@ layer is offloaded too (every layer offloaded), else as the last hidden state fo
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ..model.forward import rms_norm as cpu_rms_norm
@@ -13,9 +15,17 @@ from ..model.rope import rope_cos_sin
 from . import kernels as K
 from .kernels import DeviceActivations, DeviceCacheLayer, DeviceMatrix, DeviceProjection
 from .memory import MiB, VRAMError, OffloadPlan
-from .runtime import import_cuda, simulated
+from .runtime import CudaGraph, graphs_enabled, import_cuda, simulated
 
 cuda = import_cuda()
+_said_no_graphs = False
+
+
+def say_no_graphs(error) -> None:
+    global _said_no_graphs
+    if not _said_no_graphs:
+        _said_no_graphs = True
+        print(f"ggml_backend: CUDA graphs unavailable ({error}): decode steps launch each kernel", file=sys.stderr)
 
 class DeviceLayer:
     """One layer's weights on the device (model/forward.Layer's twin)."""
@@ -62,6 +72,7 @@ class OffloadedKVCache(KVCache):
             self.device_v = {il: self._device_layer(self.v, il) for il in self.layers}
         self._host_stale = False     # the device holds newer keys/values than the host mirror
         self._device_stale = False   # the host mirror was changed by host code
+        self._graphs: dict = {}      # output kind -> DecodeGraph, or where it stands (see graph_step)
 
     @staticmethod
     def _device_layer(tensor, il: int) -> DeviceCacheLayer:
@@ -95,6 +106,25 @@ class OffloadedKVCache(KVCache):
                     device[il].data.copy_to_device(host.data[il])
                     if host.scales is not None:
                         device[il].scales.copy_to_device(host.scales[il])
+
+    def graph_step(self, model, x: np.ndarray, start: int, positions: np.ndarray, output: str):
+        """A decode step of this sequence through its CUDA graph, or None where it runs eagerly: the first step
+        (kernels compile, constants upload: nothing of that may happen while capturing), and every step once a
+        capture failed (said once)."""
+        state = self._graphs.get(output)
+        if state is None or state == "failed":
+            self._graphs.setdefault(output, "eager once")
+            return None
+        if state == "eager once":
+            try:
+                state = DecodeGraph(self.offload, model, self, output, x, start, positions)
+            except Exception as error:   # noqa: BLE001 - a driver or capture failure: eager launches still work
+                self._graphs[output] = "failed"
+                say_no_graphs(error)
+                return None
+            self._graphs[output] = state
+            return state.step(model, x, start, positions)
+        return state.step(model, x, start, positions)
 
     def host_changed(self) -> None:
         self._device_stale = True
@@ -162,15 +192,40 @@ class GPUOffload:
             return self._forward_rest(model, x, spans, positions, all_logits, output)
 
     def _forward_rest(self, model, x, spans, positions, all_logits, output):
-        hp = self.hp
         for _, _, cache, _ in spans:
             if not isinstance(cache, OffloadedKVCache):
                 raise TypeError("a model with offloaded layers needs its KV caches from model.new_cache()")
             cache.to_device()
         n_tokens = x.shape[0]
+        if n_tokens == 1 and len(spans) == 1 and graphs_enabled():
+            result = spans[0][2].graph_step(model, x, int(spans[0][3]), positions, output)
+            if result is not None:
+                return [result]
         d_x = cuda.to_device(np.ascontiguousarray(x, np.float32))
+        d_starts = K.positions([start for _, _, _, start in spans])
+        self.layers_forward(model, d_x, spans, self.rope_tables(model, positions), d_starts)
+        self._advance(spans)
+        return self._output(model, d_x, spans, all_logits, output)
+
+    def rope_tables(self, model, positions) -> dict:
+        """{rope parameters: (cos, sin) on the device} of these positions, one pair per distinct rope (Gemma 3's
+        local and global layers differ)."""
         tables = {}
+        for il in range(self.first_layer, self.hp.n_layer):
+            rope = model._rope_params(il)
+            if rope not in tables:
+                cos, sin = rope_cos_sin(positions, self.hp.rope_dims, *rope)
+                tables[rope] = (cuda.to_device(cos), cuda.to_device(sin))
+        return tables
+
+    def layers_forward(self, model, d_x, spans, tables: dict, d_starts, n_keys_max: int | None = None) -> None:
+        """Layers first_layer.. on d_x [n_tokens, n_embd] in place; each span's keys and values stored from
+        d_starts[span] on. ``n_keys_max``: attention's scratch width (None: each span's own length)."""
+        hp = self.hp
+        n_tokens = d_x.shape[0]
         group = hp.n_head // hp.n_head_kv
+        # one attention scratch for every layer when its width is fixed (a graph keeps what it allocates)
+        probs = K.empty((n_tokens * hp.n_head, n_keys_max), np.float32) if n_keys_max and len(spans) == 1 else None
         for il in range(self.first_layer, hp.n_layer):
             layer = self.layers[il]
             # --- attention ---
@@ -181,20 +236,17 @@ class GPUOffload:
             if layer.q_norm is not None:
                 q = K.rms_norm(q, layer.q_norm, hp.rms_eps)
                 k = K.rms_norm(k, layer.k_norm, hp.rms_eps)
-            rope = model._rope_params(il)
-            if rope not in tables:
-                cos, sin = rope_cos_sin(positions, hp.rope_dims, *rope)
-                tables[rope] = (cuda.to_device(cos), cuda.to_device(sin))
-            cos, sin = tables[rope]
+            cos, sin = tables[model._rope_params(il)]
             K.rope(q, cos, sin, hp.rope_dims, hp.arch.rope_mode)
             K.rope(k, cos, sin, hp.rope_dims, hp.arch.rope_mode)
             window = hp.sliding_window if hp.swa_layers[il] else 0
-            attn = cuda.device_array((n_tokens, hp.n_head * hp.head_dim_v), np.float32)
-            for first, last, cache, start in spans:   # each sequence over its own keys and values
+            attn = K.empty((n_tokens, hp.n_head * hp.head_dim_v), np.float32)
+            for span, (first, last, cache, start) in enumerate(spans):   # each sequence over its own cache
                 keys, values = cache.device_k[il], cache.device_v[il]
-                K.store_kv(k[first:last], keys, start)
-                K.store_kv(v[first:last], values, start)
-                K.attention(q[first:last], keys, values, start, group, window, hp.attn_scale, attn[first:last])
+                K.store_kv(k[first:last], keys, d_starts, span)
+                K.store_kv(v[first:last], values, d_starts, span)
+                K.attention(q[first:last], keys, values, d_starts, group, window, hp.attn_scale, attn[first:last],
+                            span, n_keys_max or start + last - first, probs)
             attn_out = layer.wo(DeviceActivations(attn))
             if layer.post_attn_norm is not None:
                 attn_out = K.rms_norm(attn_out, layer.post_attn_norm, hp.rms_eps)
@@ -207,18 +259,88 @@ class GPUOffload:
                 ffn_out = K.rms_norm(ffn_out, layer.post_ffn_norm, hp.rms_eps)
             K.add(d_x, ffn_out)
 
+    @staticmethod
+    def _advance(spans) -> None:
         for first, last, cache, start in spans:
             cache.n_past = start + last - first
             cache.device_changed()
+
+    def output_on_device(self, d_x, output: str):
+        """The last rows' normed hidden state (output "hidden") or logits, on the device, when the output layer is
+        offloaded; d_x holds exactly the rows wanted."""
+        normed = K.rms_norm(d_x, self.output_norm, self.hp.rms_eps)
+        return normed if output == "hidden" else self.output(DeviceActivations(normed))
+
+    def output_on_host(self, model, x_host: np.ndarray, output: str) -> np.ndarray:
+        """The CPU's output layer for rows x_host [n, n_embd] (when the output layer stayed on the CPU)."""
+        normed = np.ascontiguousarray(cpu_rms_norm(x_host, model.output_norm, self.hp.rms_eps), np.float32)
+        return normed if output == "hidden" else model.output(normed)
+
+    def _output(self, model, d_x, spans, all_logits, output):
+        n_tokens = d_x.shape[0]
         rows = np.arange(n_tokens) if all_logits else np.array([last - 1 for _, last, _, _ in spans])
         if self.output is not None:
-            picked = d_x if all_logits else K.gather_rows(d_x, rows)
-            normed = K.rms_norm(picked, self.output_norm, hp.rms_eps)
-            out = normed.copy_to_host() if output == "hidden" else self.output(DeviceActivations(normed)).copy_to_host()
+            picked = d_x if all_logits or len(rows) == n_tokens else K.gather_rows(d_x, rows)
+            out = self.output_on_device(picked, output).copy_to_host()
         else:
-            x_host = d_x.copy_to_host()
-            normed = np.ascontiguousarray(cpu_rms_norm(x_host[rows], model.output_norm, hp.rms_eps), np.float32)
-            out = normed if output == "hidden" else model.output(normed)
+            out = self.output_on_host(model, d_x.copy_to_host()[rows], output)
         if all_logits:
             return [out[first:last] for first, last, _, _ in spans]
         return [out[i:i + 1] for i in range(len(spans))]
+
+
+class DecodeGraph:
+    """One decode step of one sequence (one token through layers first_layer.. and the output layer when it is
+    offloaded) as a CUDA graph (runtime.CudaGraph): captured at the sequence's second decode step, replayed at
+    every later one. What changes between steps lives in device arrays that the replay reads, refreshed before
+    each launch: the token's hidden state, its position (the cache kernels read starts[0]) and its rope tables.
+    Attention's scratch is as wide as the cache. Every array the capture allocated is kept here: the graph holds
+    their addresses. The numbers are the step's eager ones, kernel for kernel."""
+
+    def __init__(self, offload: "GPUOffload", model, cache: "OffloadedKVCache", output: str, x: np.ndarray,
+                 start: int, positions: np.ndarray):
+        self.offload, self.cache, self.output = offload, cache, output
+        self.keep: list = []
+        self.stream = cuda.stream()
+        host_tables = self._host_tables(model, positions)
+        with K.launching_on(self.stream, self.keep):
+            self.x = K.empty(x.shape, np.float32)
+            self.starts = K.empty((1,), np.int32)
+            self.tables = {rope: (K.empty(cos.shape), K.empty(sin.shape)) for rope, (cos, sin) in host_tables.items()}
+        self._inputs(x, start, host_tables)   # (a capture runs nothing; the simulator's stand-in runs it once)
+
+        def record():
+            with K.launching_on(self.stream, self.keep):
+                offload.layers_forward(model, self.x, [(0, 1, cache, start)], self.tables, self.starts,
+                                       n_keys_max=cache.n_ctx)
+                return offload.output_on_device(self.x, output) if offload.output is not None else self.x
+        self.graph = CudaGraph(self.stream, record)
+        self.result = self.graph.result
+        self.host_result = np.empty(tuple(self.result.shape), np.float32)
+
+    def _host_tables(self, model, positions) -> dict:
+        tables = {}
+        for il in range(self.offload.first_layer, self.offload.hp.n_layer):
+            rope = model._rope_params(il)
+            if rope not in tables:
+                tables[rope] = rope_cos_sin(positions, self.offload.hp.rope_dims, *rope)
+        return tables
+
+    def _inputs(self, x, start, host_tables) -> None:
+        self.x.copy_to_device(np.ascontiguousarray(x, np.float32), stream=self.stream)
+        self.starts.copy_to_device(np.array([start], np.int32), stream=self.stream)
+        for rope, (cos, sin) in host_tables.items():
+            device_cos, device_sin = self.tables[rope]
+            device_cos.copy_to_device(np.ascontiguousarray(cos), stream=self.stream)
+            device_sin.copy_to_device(np.ascontiguousarray(sin), stream=self.stream)
+
+    def step(self, model, x: np.ndarray, start: int, positions: np.ndarray) -> np.ndarray:
+        """The step's output rows [1, n] (logits, or the hidden state as output asks)."""
+        self._inputs(x, start, self._host_tables(model, positions))
+        self.graph.launch()
+        self.result.copy_to_host(self.host_result, stream=self.stream)
+        self.stream.synchronize()
+        GPUOffload._advance([(0, 1, self.cache, start)])
+        if self.offload.output is not None:
+            return self.host_result.copy()
+        return self.offload.output_on_host(model, self.host_result, self.output)

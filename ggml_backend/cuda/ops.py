@@ -163,10 +163,11 @@ CACHE_F32, CACHE_F16, CACHE_Q8_0 = 0, 1, 2
 
 
 @cuda.jit
-def store_kv_kernel(src, cache, start, as_half):
-    """cache[h, start + t, d] = src[t, h, d]: one layer of the cache [n_head_kv, n_ctx, head_dim], stored as
-    float32, or as half bit patterns (uint16) when as_half."""
+def store_kv_kernel(src, cache, starts, span, as_half):
+    """cache[h, start + t, d] = src[t, h, d] (start = starts[span]): one layer of the cache [n_head_kv, n_ctx,
+    head_dim], stored as float32, or as half bit patterns (uint16) when as_half."""
     n_tokens, n_heads, head_dim = src.shape
+    start = starts[span]
     for item in range(cuda.grid(1), n_tokens * n_heads * head_dim, cuda.gridsize(1)):
         t = item // (n_heads * head_dim)
         rest = item - t * n_heads * head_dim
@@ -196,13 +197,14 @@ def round_half_away(value):
 
 
 @cuda.jit
-def store_kv_q8_0_kernel(src, quants, scales, start):
+def store_kv_q8_0_kernel(src, quants, scales, starts, span):
     """Rows src [n_tokens * n_head_kv, head_dim] (token-major, rotated already where the cache rotates) into one
     q8_0 cache layer: quants int8 [n_head_kv, n_ctx, head_dim], half scales uint16 [n_head_kv, n_ctx, head_dim/32],
     by ggml's reference quantizer, as model/kv_cache.CacheTensor.write stores them."""
     n_rows, head_dim = src.shape
     n_heads = quants.shape[0]
     n_blocks = head_dim // 32
+    start = starts[span]
     for item in range(cuda.grid(1), n_rows * n_blocks, cuda.gridsize(1)):
         row = item // n_blocks
         b = item - row * n_blocks
@@ -274,10 +276,10 @@ def cache_value(cache, scales, kind, h, j, d):
 
 
 @cuda.jit
-def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_kind, probs, out, start, group,
-                     window, scale):
+def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_kind, probs, out, starts, span,
+                     group, window, scale):
     """softmax(q k^T * scale + causal / sliding-window mask) v for q [n_tokens, n_head, hd_k] at positions
-    start..., over one cache layer keys [n_head_kv, n_ctx, hd_k], values [n_head_kv, n_ctx, hd_v] stored as
+    starts[span]..., over one cache layer keys [n_head_kv, n_ctx, hd_k], values [n_head_kv, n_ctx, hd_v] stored as
     key_kind / value_kind (CACHE_F32, CACHE_F16, CACHE_Q8_0 with its scales; q arrives as the CPU path prepares
     it for those keys: rounded to f16, or rotated and q8_0-rounded; see kernels.attention). One block per (token,
     head): its threads share the keys for the scores, then the value dimensions for the weighted sum; probs
@@ -287,6 +289,7 @@ def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_
     partial = cuda.shared.array(MAX_THREADS, np.float64)
     n_tokens, n_head, head_dim_k = q.shape
     head_dim_v = values.shape[2]
+    start = starts[span]
     for item in range(cuda.blockIdx.x, n_tokens * n_head, cuda.gridDim.x):
         t = item // n_head
         h = item - t * n_head

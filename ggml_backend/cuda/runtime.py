@@ -141,3 +141,60 @@ SIM_LAUNCH = LaunchShape(blocks=1, threads=2, tile=2)
 
 def launch_shape() -> LaunchShape:
     return SIM_LAUNCH if simulated() else GPU_LAUNCH
+
+
+# --- CUDA graphs ------------------------------------------------------------------------------------------------
+# numba launches each kernel from Python (about 35 us a launch on an H200 host), so a decode step of a few hundred
+# small kernels costs far more in launches than on the GPU. Captured once into a CUDA graph, a step is replayed with
+# one driver call (under a microsecond a kernel). numba has no graph API; the driver's comes with numba-cuda
+# (cuda.bindings), and numba's launches on a stream being captured are recorded like any other.
+
+def graphs_enabled() -> bool:
+    """Decode steps replayed as CUDA graphs: on a real GPU, unless GGML_BACKEND_CUDA_GRAPHS=0."""
+    return not simulated() and os.environ.get("GGML_BACKEND_CUDA_GRAPHS", "1") != "0"
+
+
+def _driver_call(result):
+    from cuda.bindings import driver
+    err = result[0]
+    if err != driver.CUresult.CUDA_SUCCESS:
+        name = driver.cuGetErrorName(err)[1]
+        raise RuntimeError(f"CUDA driver call failed: {name.decode() if isinstance(name, bytes) else name}")
+    return result[1] if len(result) > 1 else None
+
+
+def _stream_handle(stream):
+    from cuda.bindings import driver
+    handle = stream.handle
+    return handle if isinstance(handle, driver.CUstream) else driver.CUstream(int(getattr(handle, "value", handle)))
+
+
+class CudaGraph:
+    """The launches ``record()`` makes on ``stream``, captured once and replayed by ``launch()``."""
+
+    def __init__(self, stream, record):
+        from cuda.bindings import driver
+        cuda = import_cuda()
+        self.stream = stream
+        handle = _stream_handle(stream)
+        _driver_call(driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED))
+        try:
+            with cuda.defer_cleanup():        # no frees while capturing (numba's pending deallocations)
+                self.result = record()
+        finally:
+            graph = _driver_call(driver.cuStreamEndCapture(handle))   # ends the capture whatever happened
+        self._graph = graph
+        self._exec = _driver_call(driver.cuGraphInstantiate(graph, 0))
+        self._handle = handle
+
+    def launch(self) -> None:
+        from cuda.bindings import driver
+        _driver_call(driver.cuGraphLaunch(self._exec, self._handle))
+
+    def __del__(self):
+        try:
+            from cuda.bindings import driver
+            driver.cuGraphExecDestroy(self._exec)
+            driver.cuGraphDestroy(self._graph)
+        except Exception:   # noqa: BLE001 - at interpreter exit the driver may be gone already
+            pass
