@@ -379,16 +379,14 @@ if KERNEL_TESTS:
 # the cache, the output rows) is checked there too -------------------------------------------------------------
 
 class ReplayedByPython:
-    """runtime.CudaGraph's stand-in under the simulator: "capturing" runs the launches once (their effects are
-    overwritten by the replay that follows, as the step refreshes its inputs first), each launch runs them again
-    and leaves the output where the first run's was."""
+    """runtime.CudaGraph's stand-in under the simulator: capturing runs nothing; each launch runs the recorded
+    launches again (on the arrays of the step that made the graph, as a replay does)."""
 
     def __init__(self, stream, record):
         self.record = record
-        self.result = record()
 
     def launch(self):
-        self.result.copy_to_device(self.record())
+        self.record()
 
 
 if KERNEL_TESTS:

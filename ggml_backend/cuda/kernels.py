@@ -17,7 +17,7 @@ from ..quant.matmul import BLAS_MIN_TOKENS
 from ..quant.types import get_type
 from . import blocks
 from .gemm import gemm_kernel
-from .matvec import dequantize_kernel, float_matvec_kernel, matvec_kernel
+from .matvec import dequantize_kernel, float_matvec_kernel, launch_matvec
 from .ops import (CACHE_F16, CACHE_F32, CACHE_Q8_0, add_kernel, attention_kernel, copy_columns_kernel,
                   gather_rows_kernel, geglu_kernel, q8_0_round_trip_kernel, rms_norm_kernel, rope_kernel,
                   rotate_kernel, store_kv_kernel, store_kv_q8_0_kernel, swiglu_kernel)
@@ -53,8 +53,9 @@ _FLOAT_KINDS = (blocks.F32, blocks.F16, blocks.BF16)
 _EMPTY = {}
 
 
-# Where this thread's launches go: a stream (0: the default one) and, while a CUDA graph is being captured, the list
-# that keeps every array allocated for it alive (the graph holds their addresses; see offload.DecodeGraph).
+# Where this thread's launches go: a stream (0: the default one); while a decode step's arrays are recorded for a
+# CUDA graph, the list that keeps them alive (the graph holds their addresses); while it is captured, the arrays of
+# that recording, handed out again in the same order (no allocation while capturing). See offload.DecodeGraph.
 _launching = threading.local()
 
 
@@ -63,19 +64,25 @@ def stream():
 
 
 @contextmanager
-def launching_on(launch_stream, keep: list | None = None):
+def launching_on(launch_stream, keep: list | None = None, reuse=None):
     """Kernel launches, copies and allocations of this thread made through this module go to ``launch_stream``;
-    arrays allocated meanwhile are appended to ``keep`` when given."""
-    before = getattr(_launching, "stream", 0), getattr(_launching, "keep", None)
-    _launching.stream, _launching.keep = launch_stream, keep
+    arrays allocated meanwhile are appended to ``keep`` when given, or taken from the deque ``reuse``."""
+    before = stream(), getattr(_launching, "keep", None), getattr(_launching, "reuse", None)
+    _launching.stream, _launching.keep, _launching.reuse = launch_stream, keep, reuse
     try:
         yield
     finally:
-        _launching.stream, _launching.keep = before
+        _launching.stream, _launching.keep, _launching.reuse = before
 
 
 def empty(shape, dtype=np.float32):
-    """A new device array (kept alive for the graph being captured, if any)."""
+    """A new device array (kept for, or taken from, a graph's recording; see launching_on)."""
+    reuse = getattr(_launching, "reuse", None)
+    if reuse is not None:
+        array = reuse.popleft() if reuse else None
+        if array is None or tuple(array.shape) != tuple(np.atleast_1d(shape)) or array.dtype != np.dtype(dtype):
+            raise RuntimeError("a captured decode step asked for other arrays than its recorded run")
+        return array
     array = cuda.device_array(shape, dtype, stream=stream())
     keep = getattr(_launching, "keep", None)
     if keep is not None:
@@ -184,7 +191,7 @@ class DeviceMatrix:
         if kind in _FLOAT_KINDS:
             float_matvec_kernel(kind)[grid, threads, stream()](self.w, form[0], self.bias, out)
         else:
-            matvec_kernel(kind)[grid, threads, stream()](self.w, form[0], form[1], form[2], self.bias, out)
+            launch_matvec(kind, self.w, form[0], form[1], form[2], self.bias, out, n, self.n_out, stream())
         return out
 
     # rows of W dequantized per GEMM call: 64 MiB of float32 at most, whatever the matrix

@@ -6,6 +6,7 @@ layer is offloaded too (every layer offloaded), else as the last hidden state fo
 from __future__ import annotations
 
 import sys
+from collections import deque
 
 import numpy as np
 
@@ -123,7 +124,7 @@ class OffloadedKVCache(KVCache):
                 say_no_graphs(error)
                 return None
             self._graphs[output] = state
-            return state.step(model, x, start, positions)
+            return state.finish(model, start)
         return state.step(model, x, start, positions)
 
     def host_changed(self) -> None:
@@ -291,31 +292,40 @@ class GPUOffload:
 
 class DecodeGraph:
     """One decode step of one sequence (one token through layers first_layer.. and the output layer when it is
-    offloaded) as a CUDA graph (runtime.CudaGraph): captured at the sequence's second decode step, replayed at
-    every later one. What changes between steps lives in device arrays that the replay reads, refreshed before
-    each launch: the token's hidden state, its position (the cache kernels read starts[0]) and its rope tables.
-    Attention's scratch is as wide as the cache. Every array the capture allocated is kept here: the graph holds
-    their addresses. The numbers are the step's eager ones, kernel for kernel."""
+    offloaded) as a CUDA graph (runtime.CudaGraph), made at the sequence's second decode step and replayed at every
+    later one. What changes between steps lives in device arrays that the replay reads, refreshed before each
+    launch: the token's hidden state, its position (the cache kernels read starts[0]) and its rope tables;
+    attention's scratch is as wide as the cache. The step that makes the graph runs once for real on the graph's
+    stream, keeping every array it allocates; the capture that follows is handed the same arrays in the same order,
+    so nothing is allocated while capturing, and the graph holds addresses that stay valid. The numbers are the
+    eager step's, kernel for kernel."""
 
     def __init__(self, offload: "GPUOffload", model, cache: "OffloadedKVCache", output: str, x: np.ndarray,
                  start: int, positions: np.ndarray):
         self.offload, self.cache, self.output = offload, cache, output
-        self.keep: list = []
         self.stream = cuda.stream()
         host_tables = self._host_tables(model, positions)
-        with K.launching_on(self.stream, self.keep):
+        inputs: list = []
+        with K.launching_on(self.stream, inputs):
             self.x = K.empty(x.shape, np.float32)
             self.starts = K.empty((1,), np.int32)
             self.tables = {rope: (K.empty(cos.shape), K.empty(sin.shape)) for rope, (cos, sin) in host_tables.items()}
-        self._inputs(x, start, host_tables)   # (a capture runs nothing; the simulator's stand-in runs it once)
+        self._inputs(x, start, host_tables)
 
-        def record():
-            with K.launching_on(self.stream, self.keep):
-                offload.layers_forward(model, self.x, [(0, 1, cache, start)], self.tables, self.starts,
-                                       n_keys_max=cache.n_ctx)
-                return offload.output_on_device(self.x, output) if offload.output is not None else self.x
+        def run():
+            offload.layers_forward(model, self.x, [(0, 1, cache, start)], self.tables, self.starts,
+                                   n_keys_max=cache.n_ctx)
+            return offload.output_on_device(self.x, output) if offload.output is not None else self.x
+
+        self.kept: list = []
+        with K.launching_on(self.stream, self.kept):     # this step, for real: its arrays recorded
+            self.result = run()
+
+        def record():                                      # the same launches on the same arrays, captured
+            with K.launching_on(self.stream, reuse=deque(self.kept)):
+                return run()
         self.graph = CudaGraph(self.stream, record)
-        self.result = self.graph.result
+        self.inputs = inputs
         self.host_result = np.empty(tuple(self.result.shape), np.float32)
 
     def _host_tables(self, model, positions) -> dict:
@@ -335,9 +345,13 @@ class DecodeGraph:
             device_sin.copy_to_device(np.ascontiguousarray(sin), stream=self.stream)
 
     def step(self, model, x: np.ndarray, start: int, positions: np.ndarray) -> np.ndarray:
-        """The step's output rows [1, n] (logits, or the hidden state as output asks)."""
+        """A replay: the step's output rows [1, n] (logits, or the hidden state as output asks)."""
         self._inputs(x, start, self._host_tables(model, positions))
         self.graph.launch()
+        return self.finish(model, start)
+
+    def finish(self, model, start: int) -> np.ndarray:
+        """The output of the step just run (by the replay, or for real while the graph was made)."""
         self.result.copy_to_host(self.host_result, stream=self.stream)
         self.stream.synchronize()
         GPUOffload._advance([(0, 1, self.cache, start)])

@@ -170,7 +170,8 @@ def _stream_handle(stream):
 
 
 class CudaGraph:
-    """The launches ``record()`` makes on ``stream``, captured once and replayed by ``launch()``."""
+    """The launches ``record()`` makes on ``stream``, captured once (nothing runs while capturing) and replayed by
+    ``launch()``. ``record`` must not allocate device memory or copy from the host."""
 
     def __init__(self, stream, record):
         from cuda.bindings import driver
