@@ -118,7 +118,7 @@ log "models written: $(tr '\n' ';' < "$LOGS/models.log")"; pack
 # --- 3. decode benchmarks -----------------------------------------------------------------------------------
 if [ -z "${SKIP_BENCH:-}" ]; then
     log "bench_gpu.py, -ngl -1, with and without CUDA graphs (at most 300 s)"
-    timeout 300 $PY benchmarks/bench_gpu.py --models "$CLONES${CLONES:+,}7b-q4_0,13b-q4_0" --timeout 80 --eager-too \
+    timeout 300 $PY benchmarks/bench_gpu.py --models "$CLONES${CLONES:+,}7b-q4_0,13b-q4_0" --timeout 80 --eager-too --prompt 256 \
         --json "$RESULTS/bench-ggml_backend.json" > "$LOGS/bench.txt" 2>&1
     log "  exit $?"; tee -a "$RESULTS/summary.txt" < "$LOGS/bench.txt"; pack
 fi

@@ -221,7 +221,11 @@ if KERNEL_TESTS:
             np.testing.assert_array_equal(acts.form("f16")[0].copy_to_host(), round_rows_to_f16(x))
         np.testing.assert_array_equal(acts.form("bf16")[0].copy_to_host(), round_rows_to_bf16(x))
 
-    def test_prompt_gemm_on_dequantized_bands():
+    @pytest.mark.parametrize("engine", ["numba", "cublas"] if DEVICE else ["numba"])   # (no CuPy in the simulator)
+    def test_prompt_gemm_on_dequantized_bands(engine):
+        from ggml_backend.cuda.runtime import import_cupy
+        if engine == "cublas" and import_cupy() is None:
+            pytest.skip(reason="cuBLAS through CuPy: CuPy is not importable here (or this is the simulator)")
         rng = np.random.default_rng(3)
         n_rows, k = 6, 64
         data = quantize("q8_0", rng.standard_normal((n_rows, k)).astype(np.float32)).reshape(n_rows, -1)
@@ -230,7 +234,7 @@ if KERNEL_TESTS:
         matrix.BAND_BYTES = 4 * 4 * k                   # bands of 4 rows: the second band is a partial one
         x = rng.standard_normal((3, k)).astype(np.float32)
         out = cuda.device_array((3, n_rows), np.float32)
-        matrix._gemm(cuda.to_device(x), out)
+        matrix._gemm(cuda.to_device(x), out, cupy=None if engine == "cublas" else False)
         ref = x @ dequantize("q8_0", data.reshape(-1), (n_rows, k)).T + bias
         np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
 

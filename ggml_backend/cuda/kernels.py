@@ -22,7 +22,7 @@ from .ops import (CACHE_F16, CACHE_F32, CACHE_Q8_0, add_kernel, attention_kernel
                   gather_rows_kernel, geglu_kernel, q8_0_round_trip_kernel, rms_norm_kernel, rope_kernel,
                   rotate_kernel, store_kv_kernel, store_kv_q8_0_kernel, swiglu_kernel)
 from .quantize import quantize_q8_0_kernel, quantize_q8_K_kernel, round_rows_kernel
-from .runtime import MAX_THREADS, import_cuda, launch_shape
+from .runtime import MAX_THREADS, import_cuda, import_cupy, launch_shape
 
 cuda = import_cuda()
 
@@ -197,7 +197,10 @@ class DeviceMatrix:
     # rows of W dequantized per GEMM call: 64 MiB of float32 at most, whatever the matrix
     BAND_BYTES = 64 << 20
 
-    def _gemm(self, x, out) -> None:
+    def _gemm(self, x, out, cupy=None) -> None:
+        """out = x @ W.T (+ bias) on bands of W dequantized to float32: multiplied by cuBLAS where CuPy is there
+        (runtime.import_cupy), else by the numba tiled kernel. ``cupy``: False forces the numba kernel."""
+        cupy = import_cupy() if cupy is None else (cupy or None)
         tile = launch_shape().tile
         band_rows = max(tile, min(self.n_out, self.BAND_BYTES // (4 * self.n_in)) // tile * tile)
         band = empty((min(band_rows, self.n_out), self.n_in), np.float32)
@@ -209,6 +212,12 @@ class DeviceMatrix:
             n_items = rows * self.n_in if self.type.kind in _FLOAT_KINDS else rows * self.n_in // 32
             dequantize_kernel(self.type.kind)[_flat_launch(n_items)](self.w, first, tile_rows)
             bias = self.bias[first:first + rows] if self.bias.shape[0] else self.bias
+            if cupy is not None:
+                product = cupy.asarray(x) @ cupy.asarray(tile_rows).T
+                if bias.shape[0]:
+                    product += cupy.asarray(bias)
+                cupy.asarray(out)[:, first:first + rows] = product
+                continue
             n_tiles = ((n + tile - 1) // tile) * ((rows + tile - 1) // tile)
             kernel[_grid(n_tiles), (tile, tile), stream()](x, tile_rows, bias, first, out)
 

@@ -199,3 +199,20 @@ class CudaGraph:
             driver.cuGraphDestroy(self._graph)
         except Exception:   # noqa: BLE001 - at interpreter exit the driver may be gone already
             pass
+
+
+# --- cuBLAS, through CuPy, for prompts ----------------------------------------------------------------------------
+# A prompt's products (48 tokens or more) are GEMMs on bands of dequantized rows; CuPy hands them to cuBLAS, whose
+# float32 GEMM is far faster than the numba tiled kernel (gemm.py), which stays for machines without CuPy and for
+# the simulator. CuPy is optional (`pip install cupy-cuda12x`, or the wheel of the machine's CUDA); float32 stays
+# float32 (CuPy uses TF32 only when CUPY_TF32=1 is set).
+
+def import_cupy():
+    """CuPy, or None: in the simulator, with GGML_BACKEND_CUBLAS=0, or when it cannot be imported."""
+    if simulated() or os.environ.get("GGML_BACKEND_CUBLAS", "1") == "0":
+        return None
+    try:
+        import cupy
+        return cupy
+    except Exception:   # not installed, or built for another CUDA
+        return None
