@@ -69,7 +69,8 @@ def measure(engine: str, path: str, n_gpu_layers: int, main_gpu: int, prompt: in
 
     t0 = time.perf_counter()
     llm.eval(tokens[:max(prompt, 4)])          # warm-up: the prompt path (GEMM from 48 tokens on) and ...
-    llm.eval([next_token()])                   # ... the decode path compile here
+    llm.eval([next_token()])                   # ... the decode path compile here (ggml_backend: eager, then the
+    llm.eval([next_token()])                   # second step is captured as a CUDA graph)
     warmup_s = time.perf_counter() - t0
     llm.reset()
     t0 = time.perf_counter()
