@@ -1,7 +1,8 @@
 """Compile every GPU-offload kernel (ggml_backend/cuda) to PTX for sm_90 (H200) with numba-cuda's NVVM, on a
 machine without a GPU: the typing and lowering of the real CUDA target, which numba's simulator (plain Python)
 does not exercise. Prints each kernel's PTX size and FMA count (fused multiply-adds are where the device's
-float results may differ from the CPU's by an ulp).
+float results may differ from the CPU's by an ulp); for the mat-vec kernels (the new one and v1) also the
+local-memory references, dp4a instructions and global loads by width.
 
     python -m venv --system-site-packages /tmp/ncuda && /tmp/ncuda/bin/pip install "numba-cuda[cu12]"
     PYTHONPATH=. /tmp/ncuda/bin/python benchmarks/cuda_ptx_check.py
@@ -42,8 +43,8 @@ for name, dt in DEVICE_TYPES.items():
                      (wt, A(f32, 2), A(f32, 1), A(f32, 2))))
     else:
         xs = A(i32, 2) if dt.vec_dot_type == "q8_K" else A(f32, 2)
-        jobs.append((f"matvec {name}", matvec.matvec_kernel(kind),
-                     (A(u8, 2), A(i8, 2), A(f32, 2), xs, A(f32, 1), A(f32, 2))))
+        for label, make in (("matvec", matvec.matvec_kernel), ("matvec v1", matvec.matvec_kernel_v1)):
+            jobs.append((f"{label} {name}", make(kind), (A(u8, 2), A(i8, 2), A(f32, 2), xs, A(f32, 1), A(f32, 2))))
         wt = A(u8, 2)
     jobs.append((f"dequantize {name}", matvec.dequantize_kernel(kind), (wt, i64, A_any(f32, 2))))
 jobs += [
@@ -69,12 +70,22 @@ for keys, values in ((u16, u16), (f32, f32), (i8, i8), (i8, f32)):
                  (A_any(f32, 3), A(keys, 3), A(u16, 3), A(values, 3), A(u16, 3), i64, i64, A(f32, 2), A_any(f32, 2),
                   A(i32, 1), i64, i64, i64, f32)))
 
+
+
+def matvec_counts(ptx):
+    """What the mat-vec kernels are after: no local memory, wide loads, dp4a."""
+    loads = {width: ptx.count(f"ld.global.{width}") for width in ("v4.u32", "u32", "s32", "u16", "u8", "s8")}
+    return (f"  local: {ptx.count('.local')}  dp4a: {ptx.count('dp4a.')}  loads: "
+            + " ".join(f"{width} {n}" for width, n in loads.items() if n))
+
+
 failed = 0
 for name, disp, sig in jobs:
     t0 = time.time()
     try:
         ptx, resty = cuda.compile_ptx(disp.py_func, sig, cc=(9, 0))
-        print(f"ok   {name:<22} {len(ptx):>8} chars PTX  {time.time() - t0:.1f}s  fma: {ptx.count('fma.rn.f32')}")
+        print(f"ok   {name:<22} {len(ptx):>8} chars PTX  {time.time() - t0:.1f}s  fma: {ptx.count('fma.rn.f32')}"
+              + (matvec_counts(ptx) if name.startswith("matvec") else ""))
     except Exception as exc:   # noqa: BLE001 - every kernel is tried; the failures are listed
         failed += 1
         print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:1500]}")

@@ -54,13 +54,23 @@ def launch_overhead(cuda) -> None:
 
 
 def matvec_bandwidth(cuda) -> None:
-    """The q4_0 / q6_K / q5_0 mat-vec kernels alone, timed with CUDA events over 20 launches."""
+    """The mat-vec kernels alone, timed with CUDA events over 20 launches: matvec_kernel_v1 (a block per item) at
+    several block sizes against matvec_kernel (a warp per item, as launch_matvec launches it), in one process.
+    A kernel of a few microseconds finishes before Python has launched the next (~35 us), so the launches are
+    queued behind a 5 ms wait on the device first and the start event after it: the events then time the
+    kernels back to back, not Python."""
+    @cuda.jit
+    def wait(microseconds):
+        for _ in range(microseconds):
+            cuda.nanosleep(1000)
+
     from ggml_backend.cuda.kernels import DeviceActivations, DeviceMatrix
-    from ggml_backend.cuda.matvec import matvec_kernel
+    from ggml_backend.cuda.blocks import Q4_K, Q5_K
+    from ggml_backend.cuda.matvec import _aligned, launch_matvec, matvec_kernel_v1
     from ggml_backend.quant.types import get_type
     rng = np.random.default_rng(0)
     cases = [("q4_0", 4096, 4096), ("q4_0", 13824, 5120), ("q4_0", 5120, 13824), ("q6_K", 32000, 5120),
-             ("q5_0", 4864, 896), ("q4_K", 4864, 896)]
+             ("q5_0", 4864, 896), ("q4_K", 4864, 896), ("q4_K", 13824, 5120), ("q8_0", 4096, 4096)]
     for type_name, n_out, n_in in cases:
         row = get_type(type_name)
         pool = row.from_float(rng.standard_normal(256 * 1024, dtype=np.float32) / np.float32(np.sqrt(n_in)))
@@ -69,21 +79,41 @@ def matvec_bandwidth(cuda) -> None:
         matrix = DeviceMatrix(type_name, data, n_out, n_in)
         acts = DeviceActivations(cuda.to_device(rng.standard_normal((1, n_in), dtype=np.float32)))
         form = acts.form(matrix.type.vec_dot_type)
-        out = cuda.device_array((1, n_out), np.float32)
-        kernel = matvec_kernel(matrix.type.kind)
-        for threads in (32, 64, 128):
-            kernel[n_out, threads](matrix.w, form[0], form[1], form[2], matrix.bias, out)
+        kind = matrix.type.kind
+        outs = {}
+
+        def timed(label, key, launch):
+            out = cuda.device_array((1, n_out), np.float32)
+            launch(out)
             start, stop = cuda.event(), cuda.event()
+            wait[1, 1](5000)
             start.record()
             for _ in range(20):
-                kernel[n_out, threads](matrix.w, form[0], form[1], form[2], matrix.bias, out)
+                launch(out)
             stop.record()
             stop.synchronize()
             seconds = cuda.event_elapsed_time(start, stop) / 1e3 / 20
             gbs = matrix.nbytes / seconds / 1e9
-            say(f"matvec_{type_name}_{n_out}x{n_in}_t{threads}", gbs,
-                f"mat-vec {type_name} [{n_out} x {n_in}] ({matrix.nbytes / 1e6:.1f} MB), {n_out} blocks of {threads}"
-                f" threads: {seconds * 1e6:.1f} us, {gbs:.0f} GB/s")
+            outs[key] = out.copy_to_host()
+            say(f"matvec_{type_name}_{n_out}x{n_in}_{key}", gbs,
+                f"mat-vec {type_name} [{n_out} x {n_in}] ({matrix.nbytes / 1e6:.1f} MB), {label}:"
+                f" {seconds * 1e6:.1f} us, {gbs:.0f} GB/s")
+
+        kernel = matvec_kernel_v1(kind)
+        for threads in (32, 64, 128):
+            timed(f"v1, {n_out} blocks of {threads} threads", f"t{threads}",
+                  lambda out, threads=threads: kernel[n_out, threads](matrix.w, *form, matrix.bias, out))
+        # rows of q4_K / q5_K need 16-byte alignment, others 4: launch_matvec gives other matrices to v1
+        v1_fallback = not _aligned(matrix.w, 16 if kind in (Q4_K, Q5_K) else 4)
+        label = "v2 (launch_matvec: a warp a row, 4 warps a block)" + (": rows not aligned, v1" if v1_fallback else "")
+        timed(label, "v2",
+              lambda out: launch_matvec(kind, matrix.w, form[0], form[1], form[2], matrix.bias, out, 1, n_out))
+        # the same units and per-unit formulas, summed in another order: equal up to float32 rounding
+        scale = float(np.abs(outs["t32"]).max()) or 1.0
+        difference = float(np.abs(outs["v2"] - outs["t32"]).max()) / scale
+        say(f"matvec_{type_name}_{n_out}x{n_in}_v2_vs_v1", difference,
+            f"mat-vec {type_name} [{n_out} x {n_in}]: v2 against v1, largest difference {difference:.1e} of the largest"
+            f" output")
 
 
 def graph_capture(cuda) -> None:
