@@ -427,6 +427,33 @@ if KERNEL_TESTS:
         np.testing.assert_array_equal(runs[0], runs[1])
 
 
+if KERNEL_TESTS:
+    def test_batched_decode_passes_replay_each_sequence_graph(micro_model, monkeypatch):
+        """forward_many with one token from each of three sequences (the server's slots): each sequence's step from
+        its own graph, the same logits and hidden states as the pass launched eagerly."""
+        from ggml_backend import Llama
+        from ggml_backend.cuda import offload
+        from ggml_backend.cuda.offload import DecodeGraph
+        if SIMULATOR:
+            monkeypatch.setattr(offload, "CudaGraph", ReplayedByPython)
+            monkeypatch.setattr(offload, "graphs_enabled", lambda: os.environ["GGML_BACKEND_CUDA_GRAPHS"] == "1")
+        results = []
+        for graphs in ("1", "0"):
+            monkeypatch.setenv("GGML_BACKEND_CUDA_GRAPHS", graphs)
+            model = Llama(micro_model, n_ctx=32, verbose=False, n_gpu_layers=-1).model
+            caches = [model.new_cache(16) for _ in range(3)]
+            outs = [model.forward_many([([1, 50, 60], caches[0]), ([1, 70], caches[1]), ([1], caches[2])])]
+            for step in range(4):
+                outs += model.forward_many([([80 + step], caches[0]), ([90 + step], caches[1]),
+                                            ([100 + step], caches[2])])
+            outs += model.forward_many([([110], caches[0]), ([120], caches[2])], all_logits=True, output="hidden")
+            assert [c.n_past for c in caches] == [8, 6, 6]
+            made = [isinstance(c._graphs.get("logits"), DecodeGraph) for c in caches]
+            assert made == [graphs == "1"] * 3
+            results.append(np.concatenate([np.asarray(o).reshape(1, -1) for o in outs], axis=1))
+        np.testing.assert_array_equal(results[0], results[1])
+
+
 # --- on a GPU only: the real models against llama.cpp, by tests/test_engine_real.py's criteria -------------------
 
 if DEVICE:
