@@ -174,3 +174,32 @@ def test_other_engines_get_the_users_environment(monkeypatch):
                              "{'policy': os.environ.get('OMP_WAIT_POLICY')}))"], 60,
                             env={**_threading.environment_for_other_engines(), "OMP_WAIT_POLICY": "ACTIVE"})
     assert seen["policy"] == "ACTIVE"
+
+
+@pytest.mark.parametrize("type_name", ["q3_K_M", "q4_0"])   # a mix of K-quants and f32 norms; a legacy file
+def test_shape_clone_has_the_source_tensors_and_metadata_with_random_weights(tmp_path, type_name):
+    """What the offline GPU machine measures instead of a real file (benchmarks/gpu_h200.sh): the header carries
+    the metadata and the tensor list; the clone has the same names, types, shapes, metadata and file size, and
+    random weights that keep the logits finite and of a sane spread."""
+    from ggml_backend.cli.bench_models import write_shape_clone, write_shape_header
+    from ggml_backend.formats import load
+    source = synthetic_file(type_name)
+    header = write_shape_header(source, tmp_path / "header.gguf")
+    clone = write_shape_clone(header, tmp_path / "clone.gguf")
+    a, b = load(str(source)), load(str(clone))
+    assert [(n, t.type.name, tuple(t.shape)) for n, t in a.tensors.items()] == \
+        [(n, t.type.name, tuple(t.shape)) for n, t in b.tensors.items()]
+    assert set(b.metadata) == set(a.metadata)
+    for key, value in a.metadata.items():
+        if key != "general.name":
+            assert np.array_equal(np.asarray(b.metadata[key]), np.asarray(value)), key
+    assert "shape clone" in b.metadata["general.name"]
+    assert abs(clone.stat().st_size - source.stat().st_size) <= 64 and header.stat().st_size < source.stat().st_size
+    assert any(bytes(np.asarray(t.data)) != bytes(np.asarray(b.tensors[n].data))
+               for n, t in a.tensors.items() if len(t.shape) == 2)
+    llm = Llama(str(clone), n_ctx=32, verbose=False)
+    llm.eval([1, 500, 900])
+    logits = llm.scores[2]
+    assert np.isfinite(logits).all() and 0.2 < float(logits.std()) < 5
+    with pytest.raises(ValueError, match="not a shape header"):
+        write_shape_clone(source, tmp_path / "other.gguf")
