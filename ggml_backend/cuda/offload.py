@@ -28,6 +28,7 @@ def say_no_graphs(error) -> None:
         _said_no_graphs = True
         print(f"ggml_backend: CUDA graphs unavailable ({error}): decode steps launch each kernel", file=sys.stderr)
 
+
 class DeviceLayer:
     """One layer's weights on the device (model/forward.Layer's twin)."""
 
@@ -225,16 +226,20 @@ class GPUOffload:
         self._advance(spans)
         return self._output(model, d_x, spans, all_logits, output)
 
-    def rope_tables(self, model, positions) -> dict:
-        """{rope parameters: (cos, sin) on the device} of these positions, one pair per distinct rope (Gemma 3's
-        local and global layers differ)."""
+    def host_rope_tables(self, model, positions) -> dict:
+        """{rope parameters: (cos, sin)} of these positions, one pair per distinct rope of the offloaded layers
+        (Gemma 3's local and global layers differ)."""
         tables = {}
         for il in range(self.first_layer, self.hp.n_layer):
             rope = model._rope_params(il)
             if rope not in tables:
-                cos, sin = rope_cos_sin(positions, self.hp.rope_dims, *rope)
-                tables[rope] = (cuda.to_device(cos), cuda.to_device(sin))
+                tables[rope] = rope_cos_sin(positions, self.hp.rope_dims, *rope)
         return tables
+
+    def rope_tables(self, model, positions) -> dict:
+        """host_rope_tables, on the device."""
+        return {rope: (cuda.to_device(cos), cuda.to_device(sin))
+                for rope, (cos, sin) in self.host_rope_tables(model, positions).items()}
 
     def layers_forward(self, model, d_x, spans, tables: dict, d_starts, n_keys_max: int | None = None) -> None:
         """Layers first_layer.. on d_x [n_tokens, n_embd] in place; each span's keys and values stored from
@@ -321,7 +326,7 @@ class DecodeGraph:
                  start: int, positions: np.ndarray):
         self.offload, self.cache, self.output = offload, cache, output
         self.stream = cuda.stream()
-        host_tables = self._host_tables(model, positions)
+        host_tables = offload.host_rope_tables(model, positions)
         inputs: list = []
         with K.launching_on(self.stream, inputs):
             self.x = K.empty(x.shape, np.float32)
@@ -345,14 +350,6 @@ class DecodeGraph:
         self.inputs = inputs
         self.host_result = np.empty(tuple(self.result.shape), np.float32)
 
-    def _host_tables(self, model, positions) -> dict:
-        tables = {}
-        for il in range(self.offload.first_layer, self.offload.hp.n_layer):
-            rope = model._rope_params(il)
-            if rope not in tables:
-                tables[rope] = rope_cos_sin(positions, self.offload.hp.rope_dims, *rope)
-        return tables
-
     def _inputs(self, x, start, host_tables) -> None:
         self.x.copy_to_device(np.ascontiguousarray(x, np.float32), stream=self.stream)
         self.starts.copy_to_device(np.array([start], np.int32), stream=self.stream)
@@ -363,7 +360,7 @@ class DecodeGraph:
 
     def step(self, model, x: np.ndarray, start: int, positions: np.ndarray) -> np.ndarray:
         """A replay: the step's output rows [1, n] (logits, or the hidden state as output asks)."""
-        self._inputs(x, start, self._host_tables(model, positions))
+        self._inputs(x, start, self.offload.host_rope_tables(model, positions))
         self.graph.launch()
         return self.finish(model, start)
 
