@@ -119,8 +119,10 @@ def main(argv=None) -> int:
           f"peak {args.peak_gbs:.0f} GB/s")
     print(f"{'model':<40} {'weights GB':>10} {'load s':>7} {'warm-up s':>9} {'prompt tok/s':>12} "
           f"{'decode tok/s':>12} {'GB/s':>8} {'of peak':>8}")
-    runs = [(m.strip(), graphs) for m in args.models.split(",") if m.strip()
-            for graphs in (("1", "0") if args.eager_too and args.engine == "ggml_backend" else ("1",))]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    runs = [(m, "1") for m in models]          # with CUDA graphs first, then (--eager-too) without
+    if args.eager_too and args.engine == "ggml_backend":
+        runs += [(m, "0") for m in models]
     for name, graphs in runs:
         row = {"model": name, "engine": args.engine}
         label = Path(name).name.removesuffix(".gguf")
@@ -153,8 +155,8 @@ def main(argv=None) -> int:
             row["error"] = str(exc)
             print(f"{label:<40} ERROR {exc}", flush=True)
         results.append(row)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.json:   # after each model: a run stopped by its time box keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if all("error" not in r for r in results) else 1
 
 

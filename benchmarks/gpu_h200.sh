@@ -18,7 +18,7 @@
 #
 # Usage: bash benchmarks/gpu_h200.sh [RESULTS_DIR]   (default: $OUT when set, else ./gpu-results). The summary is in
 # summary.txt there. SKIP_PROBE=1 / SKIP_BENCH=1 / SKIP_TESTS=1 leave steps out; TESTS_K="..." runs the tests that
-# pytest -k selects.
+# pytest -k selects; PROBE_S / BENCH_S / TESTS_S set the steps' time boxes (90, 300, 240 s).
 # Headers (on a machine that has the models): python -c "from ggml_backend.cli.bench_models import
 # write_shape_header as w; from ggml_backend.default_model import default_model_path as q, gemma_model_path as g;
 # w(q(), '.gpu/qwen2.5-coder-0.5b-q4_k_m.header.gguf'); w(g(), '.gpu/gemma3-270m-q4_k_m.header.gguf')"
@@ -108,8 +108,8 @@ WARMUP_PID=$!
 
 # --- 2. probe ------------------------------------------------------------------------------------------------
 if [ -z "${SKIP_PROBE:-}" ]; then
-    log "gpu_probe.py (at most 90 s)"
-    timeout 90 $PY benchmarks/gpu_probe.py --json "$RESULTS/probe.json" > "$LOGS/probe.txt" 2>&1
+    log "gpu_probe.py (at most ${PROBE_S:-90} s)"
+    timeout ${PROBE_S:-90} $PY benchmarks/gpu_probe.py --json "$RESULTS/probe.json" > "$LOGS/probe.txt" 2>&1
     log "  exit $?"; grep -v -E "Warning|warn\(" "$LOGS/probe.txt" | tail -40 | tee -a "$RESULTS/summary.txt"; pack
 fi
 wait "$MODELS_PID"
@@ -117,8 +117,9 @@ log "models written: $(tr '\n' ';' < "$LOGS/models.log")"; pack
 
 # --- 3. decode benchmarks -----------------------------------------------------------------------------------
 if [ -z "${SKIP_BENCH:-}" ]; then
-    log "bench_gpu.py, -ngl -1, with and without CUDA graphs (at most 300 s)"
-    timeout 300 $PY benchmarks/bench_gpu.py --models "$CLONES${CLONES:+,}7b-q4_0,13b-q4_0" --timeout 80 --eager-too --prompt 256 \
+    log "bench_gpu.py, -ngl -1, with and without CUDA graphs (at most ${BENCH_S:-300} s)"
+    timeout ${BENCH_S:-300} $PY benchmarks/bench_gpu.py --models "$CLONES${CLONES:+,}7b-q4_0,13b-q4_0" --timeout 80 \
+        --eager-too --prompt 256 \
         --json "$RESULTS/bench-ggml_backend.json" > "$LOGS/bench.txt" 2>&1
     log "  exit $?"; tee -a "$RESULTS/summary.txt" < "$LOGS/bench.txt"; pack
 fi
@@ -126,9 +127,9 @@ fi
 # --- 4. tests on the device ---------------------------------------------------------------------------------
 if [ -z "${SKIP_TESTS:-}" ]; then
     wait "$WARMUP_PID"; log "$(tr '\n' ';' < "$LOGS/cpu-warmup.log")"
-    log "tests/test_cuda_sim.py on the GPU (at most 240 s)"
-    GGML_BACKEND_TEST_CUDA=1 GGML_BACKEND_TEST_CUDA_MODELS="$CLONES" timeout 240 $PY -m pytest -q \
-        -p no:cacheprovider -rsP -n 8 ${TESTS_K:+-k "$TESTS_K"} tests/test_cuda_sim.py > "$RESULTS/tests.log" 2>&1
+    log "tests/test_cuda_sim.py on the GPU (at most ${TESTS_S:-240} s)"
+    GGML_BACKEND_TEST_CUDA=1 GGML_BACKEND_TEST_CUDA_MODELS="$CLONES" timeout ${TESTS_S:-240} $PY -m pytest -q \
+        -p no:cacheprovider -v -rsP -n 8 ${TESTS_K:+-k "$TESTS_K"} tests/test_cuda_sim.py > "$RESULTS/tests.log" 2>&1
     log "  exit $?: $(tail -1 "$RESULTS/tests.log")"
     grep -E "max \|GPU - CPU\||FAILED|Error" "$RESULTS/tests.log" | sort -u | head -40 | tee -a "$RESULTS/summary.txt"
 fi
