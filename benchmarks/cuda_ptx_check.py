@@ -69,7 +69,23 @@ for keys, values in ((u16, u16), (f32, f32), (i8, i8), (i8, f32)):
     jobs.append((f"attention {keys}/{values}", ops.attention_kernel,
                  (A_any(f32, 3), A(keys, 3), A(u16, 3), A(values, 3), A(u16, 3), i64, i64, A(f32, 2), A_any(f32, 2),
                   A(i32, 1), i64, i64, i64, f32)))
+# attention's three phases (kernels.launch_attention), per cache storage type
+for storage in (u16, f32, i8):
+    jobs.append((f"attn scores {storage}", ops.attention_scores_kernel,
+                 (A_any(f32, 3), A(storage, 3), A(u16, 3), i64, A(f32, 2), A(i32, 1), i64, i64, i64, f32)))
+    jobs.append((f"attn values {storage}", ops.attention_values_kernel,
+                 (A(f32, 2), A(storage, 3), A(u16, 3), i64, A_any(f32, 2), A(i32, 1), i64, i64, i64)))
+jobs.append(("attn softmax", ops.attention_softmax_kernel, (A(f32, 2), i64, A(i32, 1), i64, i64, i64, i64)))
 
+
+
+def attention_counts(ptx):
+    """What attention's kernels are after: no local memory, shuffles for the scores, cvt.f32.f16 for halves (no
+    float64 ldexp), and their global loads by width."""
+    loads = {width: ptx.count(f"ld.global.{width}") for width in ("f32", "u16", "s8", "u8", "f64")}
+    return (f"  local: {ptx.count('.local')}  shfl: {ptx.count('shfl.sync')}  cvt.f32.f16: {ptx.count('cvt.f32.f16')}"
+            f"  f64 ops: {ptx.count('.f64')}  bar: {ptx.count('bar.sync')}  loads: "
+            + " ".join(f"{width} {n}" for width, n in loads.items() if n))
 
 
 def matvec_counts(ptx):
@@ -85,7 +101,8 @@ for name, disp, sig in jobs:
     try:
         ptx, resty = cuda.compile_ptx(disp.py_func, sig, cc=(9, 0))
         print(f"ok   {name:<22} {len(ptx):>8} chars PTX  {time.time() - t0:.1f}s  fma: {ptx.count('fma.rn.f32')}"
-              + (matvec_counts(ptx) if name.startswith("matvec") else ""))
+              + (matvec_counts(ptx) if name.startswith("matvec") else "")
+              + (attention_counts(ptx) if name.startswith("att") else ""))
     except Exception as exc:   # noqa: BLE001 - every kernel is tried; the failures are listed
         failed += 1
         print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:1500]}")

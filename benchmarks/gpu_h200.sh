@@ -18,7 +18,7 @@
 #
 # Usage: bash benchmarks/gpu_h200.sh [RESULTS_DIR]   (default: $OUT when set, else ./gpu-results). The summary is in
 # summary.txt there. SKIP_PROBE=1 / SKIP_BENCH=1 / SKIP_TESTS=1 leave steps out; TESTS_K="..." runs the tests that
-# pytest -k selects; PROBE_S / BENCH_S / TESTS_S set the steps' time boxes (90, 300, 240 s).
+# pytest -k selects; PROBE_S / BENCH_S / TESTS_S set the steps' time boxes (150, 300, 240 s).
 # Headers (on a machine that has the models): python -c "from ggml_backend.cli.bench_models import
 # write_shape_header as w; from ggml_backend.default_model import default_model_path as q, gemma_model_path as g;
 # w(q(), '.gpu/qwen2.5-coder-0.5b-q4_k_m.header.gguf'); w(g(), '.gpu/gemma3-270m-q4_k_m.header.gguf')"
@@ -108,8 +108,8 @@ WARMUP_PID=$!
 
 # --- 2. probe ------------------------------------------------------------------------------------------------
 if [ -z "${SKIP_PROBE:-}" ]; then
-    log "gpu_probe.py (at most ${PROBE_S:-90} s)"
-    timeout ${PROBE_S:-90} $PY benchmarks/gpu_probe.py --json "$RESULTS/probe.json" > "$LOGS/probe.txt" 2>&1
+    log "gpu_probe.py (at most ${PROBE_S:-150} s)"
+    timeout ${PROBE_S:-150} $PY benchmarks/gpu_probe.py --json "$RESULTS/probe.json" > "$LOGS/probe.txt" 2>&1
     log "  exit $?"; grep -v -E "Warning|warn\(" "$LOGS/probe.txt" | tail -40 | tee -a "$RESULTS/summary.txt"; pack
 fi
 wait "$MODELS_PID"

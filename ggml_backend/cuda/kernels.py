@@ -18,7 +18,8 @@ from ..quant.types import get_type
 from . import blocks
 from .gemm import gemm_kernel
 from .matvec import dequantize_kernel, float_matvec_kernel, launch_matvec
-from .ops import (CACHE_F16, CACHE_F32, CACHE_Q8_0, add_kernel, attention_kernel, copy_columns_kernel,
+from .ops import (ATTENTION_SLICE, ATTENTION_SPLITS, CACHE_F16, CACHE_F32, CACHE_Q8_0, NORM_THREADS, add_kernel,
+                  attention_scores_kernel, attention_softmax_kernel, attention_values_kernel, copy_columns_kernel,
                   gather_rows_kernel, geglu_kernel, q8_0_round_trip_kernel, rms_norm_kernel, rope_kernel,
                   rotate_kernel, store_kv_kernel, store_kv_q8_0_kernel, swiglu_kernel)
 from .quantize import quantize_q8_0_kernel, quantize_q8_K_kernel, round_rows_kernel
@@ -107,6 +108,29 @@ def _flat_launch(n_items: int):
 def _row_launch(n_items: int):
     """(blocks, threads, stream) for the kernels whose blocks reduce an item (a row, a token's head) together."""
     return _grid(n_items), _threads(), stream()
+
+
+# blocks of the warp-per-item kernels on a GPU, and at most this many blocks a launch: about two waves of an H200
+# (132 SMs, 64 warps each); their items are looped over with a grid stride beyond that
+WARPS_PER_BLOCK = 4
+MAX_WARP_BLOCKS = 4096
+
+
+def _warp_launch(n_items: int):
+    """(blocks, threads, stream) for the kernels that give a warp to each item (attention's scores): blocks of
+    WARPS_PER_BLOCK warps on a GPU; in the simulator, where a block stands for a warp, _row_launch's shape."""
+    if launch_shape().threads < 32:
+        return _row_launch(n_items)
+    blocks = max(1, min((n_items + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK, MAX_WARP_BLOCKS))
+    return blocks, 32 * WARPS_PER_BLOCK, stream()
+
+
+def _block_launch(n_items: int, threads: int):
+    """(blocks, threads, stream): a block of ``threads`` per item on a GPU (no more than the kernel's shared
+    reduction array holds), _row_launch's shape in the simulator."""
+    if launch_shape().threads < 32:
+        return _row_launch(n_items)
+    return _grid(n_items), threads, stream()
 
 
 def empty_vector():
@@ -279,7 +303,8 @@ def rms_norm(x, weight, eps: float, out=None):
     k = shape[len(shape) - 1]
     rows = x.reshape(x.size // k, k)
     result = empty(shape, np.float32) if out is None else out
-    rms_norm_kernel[_row_launch(rows.shape[0])](rows, weight, np.float32(eps), result.reshape(x.size // k, k))
+    rms_norm_kernel[_block_launch(rows.shape[0], NORM_THREADS)](rows, weight, np.float32(eps),
+                                                                result.reshape(x.size // k, k))
     return result
 
 
@@ -371,14 +396,29 @@ def attention(q, keys: DeviceCacheLayer, values: DeviceCacheLayer, starts, group
     if probs is None:
         probs = empty((n_tokens * n_head, n_keys_max), np.float32)
     target = empty(out.shape, np.float32) if values.rotated else out
-    attention_kernel[_row_launch(n_tokens * n_head)](
-        q, keys.data, keys.scales, values.data, values.scales, keys.kind, values.kind, probs, target, starts, span,
-        group, window, np.float32(scale))
+    launch_attention(q, keys, values, probs, target, starts, span, group, window, scale, n_keys_max)
     if values.rotated:   # out [n, n_head * hd_v]: each head's slice rotated back
         hd_v = values.head_dim
         rotated_back = rotate(target.reshape(n_tokens, n_head, hd_v))
         copy_into(rotated_back.reshape(n_tokens, n_head * hd_v), out)
     return out
+
+
+def launch_attention(q, keys: DeviceCacheLayer, values: DeviceCacheLayer, probs, out, starts, span: int, group: int,
+                     window: int, scale: float, n_keys_max: int) -> None:
+    """ops.attention_kernel's result by its three phases (ops.attention_scores_kernel, _softmax_, _values_), q
+    prepared for the keys already. The scores' launch is sized for n_keys_max keys a row (the last token's at
+    most; within the window); their kernel reads how many there are from the device."""
+    n_tokens, n_head, _ = q.shape
+    rows = n_tokens * n_head
+    most_keys = min(n_keys_max, window) if window > 0 else n_keys_max
+    attention_scores_kernel[_warp_launch(rows * max(1, most_keys))](
+        q, keys.data, keys.scales, keys.kind, probs, starts, span, group, window, np.float32(scale))
+    attention_softmax_kernel[_block_launch(rows, MAX_THREADS)](probs, values.kind, starts, span, n_tokens, n_head,
+                                                                window)
+    n_slices = (values.head_dim + ATTENTION_SLICE - 1) // ATTENTION_SLICE
+    attention_values_kernel[_block_launch(rows * n_slices, ATTENTION_SPLITS * ATTENTION_SLICE)](
+        probs, values.data, values.scales, values.kind, out, starts, span, group, window)
 
 
 def copy(x):

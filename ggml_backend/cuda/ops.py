@@ -12,11 +12,13 @@ import math
 import numpy as np
 
 from .blocks import half_to_float
+from .matvec import WARP, half, warp_sum
 from .quantize import round_to_f16
-from .runtime import MAX_THREADS, import_cuda
+from .runtime import MAX_THREADS, import_cuda, simulated
 from ..model.rope import rotate_pair
 
 cuda = import_cuda()
+_SHUFFLE = not simulated()      # warp shuffles on a GPU; the simulator has none (its blocks reduce by block_sum)
 
 
 @cuda.jit(device=True)
@@ -40,10 +42,18 @@ def block_sum(partial, value):
 
 # --- norms and element-wise ---------------------------------------------------------------------------------
 
+# RMS norm's block on a GPU (kernels.rms_norm): a decode step normalizes one row of n_embd (5120 for a 13B) a few
+# times a layer, and with 32 threads each thread's 160 loads, one after the other, took tens of microseconds; 256
+# threads read a row in 20 loads each. The float64 sum of squares is summed in another order (a tree of 256
+# partial sums instead of 32): the same float32 mean but for a rounding tie of the float64 sum.
+NORM_THREADS = 256
+
+
 @cuda.jit
 def rms_norm_kernel(x, weight, eps, out):
-    """out[r] = (x[r] * 1/sqrt(mean(x[r]^2) + eps)) * weight, x [n, k] (rows may be heads: weight [k])."""
-    partial = cuda.shared.array(MAX_THREADS, np.float64)
+    """out[r] = (x[r] * 1/sqrt(mean(x[r]^2) + eps)) * weight, x [n, k] (rows may be heads: weight [k]). A block
+    per row, at most NORM_THREADS threads (a power of two)."""
+    partial = cuda.shared.array(NORM_THREADS, np.float64)
     n, k = x.shape
     for r in range(cuda.blockIdx.x, n, cuda.gridDim.x):
         acc = np.float64(0.0)
@@ -335,4 +345,202 @@ def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_
             for j in range(n_keys):
                 a += probs[item, j] * cache_value(values, value_scales, value_kind, kv_head, first + j, d)
             out[t, h * head_dim_v + d] = a
+        cuda.syncthreads()
+
+
+# --- attention in three kernels -------------------------------------------------------------------------------
+# Why. attention_kernel (above) gives one block of 32 threads to a (token, head): for the scores each thread takes
+# whole keys and walks head_dim alone, so a warp's lanes read 32 different key rows at once, each load waiting for
+# the previous iteration's (hundreds of sequential, latency-bound loads a thread); the weighted sum then walks all
+# keys sequentially per output dimension; half values go through a float64 ldexp; and a decode step launches only
+# n_head blocks on a GPU of 132 SMs. The same arithmetic is split here into three kernels, each with the
+# parallelism of its own phase (a CUDA graph replays the three launches for about a microsecond each):
+#
+#   attention_scores_kernel   a warp per (token, head, key): lanes over head_dim (a key row read by one coalesced
+#                             load per 32 values), the lanes' float32 partial sums added by a fixed shuffle tree;
+#   attention_softmax_kernel  a block per (token, head): maximum, exponentials, float64 sum, reciprocal, f16 rounding
+#                             exactly as attention_kernel computes them (order-free max; a float64 tree of the sum);
+#   attention_values_kernel   a block per (token, head, slice of 32 value dimensions): ATTENTION_SPLITS warps, each
+#                             the weighted sum of one contiguous range of keys in key order (loads of four keys
+#                             issued before their four additions), lanes over the slice's dimensions; the ranges'
+#                             sums then added in range order through shared memory.
+#
+# Each number depends on the row alone (its head_dim, its number of keys), never on the launch shape or on how many
+# tokens and heads the launch holds, so prompts and decode steps, eager runs and graph replays give the same values.
+# Against attention_kernel only the order of the float32 sums differs (within a few ulps). Half values are converted
+# by the device's cvt.f32.f16 (matvec.half; exact). In the simulator (no shuffles) a block stands for a warp and
+# reduces by block_sum, as matvec_kernel does.
+
+ATTENTION_SPLITS = 8     # contiguous key ranges per row in the weighted sum: a warp each on a GPU
+ATTENTION_SLICE = 32     # value dimensions per block of the weighted sum: a lane each on a GPU
+ATTENTION_PARTIALS = ATTENTION_SPLITS * ATTENTION_SLICE   # the weighted sum's block (a constant for shared.array)
+
+
+@cuda.jit(device=True)
+def key_range(position, window):
+    """(first key, number of keys) the query at ``position`` attends to: causal, within ``window`` when > 0."""
+    first = 0
+    if window > 0 and position - window + 1 > 0:
+        first = position - window + 1
+    return first, position + 1 - first
+
+
+@cuda.jit(device=True)
+def stored_value(cache, scales, kind, h, j, d):
+    """cache_value with the device's exact half conversion (cvt.f32.f16) instead of float64 ldexp: the same
+    float32."""
+    if kind == CACHE_F16:
+        return half(cache[h, j, d])
+    if kind == CACHE_Q8_0:
+        return half(scales[h, j, d // 32]) * np.float32(cache[h, j, d])
+    return np.float32(cache[h, j, d])
+
+
+@cuda.jit
+def attention_scores_kernel(q, keys, key_scales, key_kind, probs, starts, span, group, window, scale):
+    """probs[t * n_head + h, j] = (q[t, h] . key first + j of head h // group) * scale, float32, for every key j of
+    the row (the row's first key and count by key_range at position starts[span] + t). On a GPU a warp per (row,
+    key): lane l sums dimensions l, l + 32, ... in order, then warp_sum's fixed tree; blocks must be whole warps."""
+    partial = cuda.shared.array(MAX_THREADS if not _SHUFFLE else 1, np.float32)   # the simulator's block_sum only
+    if _SHUFFLE:
+        lane = cuda.threadIdx.x % WARP
+        width = WARP
+        warps = cuda.blockDim.x // WARP
+        first_item = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
+    else:
+        lane = cuda.threadIdx.x
+        width = cuda.blockDim.x
+        warps = 1
+        first_item = cuda.blockIdx.x
+    n_tokens, n_head, head_dim = q.shape
+    start = starts[span]
+    # the most keys a row has (the last token's), read from the device like the positions: a graph's replay
+    # launches as many warps as its capture did, and those past this step's keys find no work
+    most_keys = start + n_tokens
+    if window > 0 and most_keys > window:
+        most_keys = window
+    for item in range(first_item, n_tokens * n_head * most_keys, cuda.gridDim.x * warps):
+        row = item // most_keys
+        j = item - row * most_keys
+        t = row // n_head
+        h = row - t * n_head
+        first, n_keys = key_range(start + t, window)
+        if j >= n_keys:      # the same item for the whole warp (block): all its threads skip together
+            continue
+        acc = np.float32(0.0)
+        if key_kind == CACHE_F16:    # the common cache, its loop without the storage branch (loads run ahead)
+            for d in range(lane, head_dim, width):
+                acc += q[t, h, d] * half(keys[h // group, first + j, d])
+        else:
+            for d in range(lane, head_dim, width):
+                acc += q[t, h, d] * stored_value(keys, key_scales, key_kind, h // group, first + j, d)
+        total = warp_sum(acc) if _SHUFFLE else block_sum(partial, acc)
+        if lane == 0:
+            probs[row, j] = total * scale
+
+
+@cuda.jit
+def attention_softmax_kernel(probs, value_kind, starts, span, n_tokens, n_head, window):
+    """Each row of scores in probs (attention_scores_kernel's) replaced by its softmax, attention_kernel's
+    arithmetic: the float32 maximum subtracted, exp_non_positive, the sum in float64 (a tree over the block),
+    multiplied by its float32 reciprocal, rounded to f16 when the values are f16. A block per row."""
+    partial = cuda.shared.array(MAX_THREADS, np.float64)
+    tid = cuda.threadIdx.x
+    start = starts[span]
+    for row in range(cuda.blockIdx.x, n_tokens * n_head, cuda.gridDim.x):
+        _, n_keys = key_range(start + row // n_head, window)
+        best = -math.inf
+        for j in range(tid, n_keys, cuda.blockDim.x):
+            best = max(best, np.float64(probs[row, j]))
+        partial[tid] = best
+        cuda.syncthreads()
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride:
+                partial[tid] = max(partial[tid], partial[tid + stride])
+            cuda.syncthreads()
+            stride //= 2
+        best32 = np.float32(partial[0])
+        cuda.syncthreads()
+        acc = np.float64(0.0)
+        for j in range(tid, n_keys, cuda.blockDim.x):
+            e = exp_non_positive(np.float32(probs[row, j] - best32))
+            probs[row, j] = e
+            acc += np.float64(e)
+        total = block_sum(partial, acc)
+        inverse = np.float32(1.0 / total)
+        for j in range(tid, n_keys, cuda.blockDim.x):
+            p = probs[row, j] * inverse
+            probs[row, j] = np.float32(round_to_f16(p)) if value_kind == CACHE_F16 else p
+
+
+@cuda.jit
+def attention_values_kernel(probs, values, value_scales, value_kind, out, starts, span, group, window):
+    """out[t, h * hd_v + d] = sum over the row's keys j of probs[row, j] * value first + j of head h // group,
+    dimension d (probs: attention_softmax_kernel's). A block per (row, slice of ATTENTION_SLICE dimensions); the
+    keys cut into ATTENTION_SPLITS contiguous ranges of ceil(n_keys / ATTENTION_SPLITS), each summed in key order
+    (on a GPU by a warp, a lane per dimension: blocks of ATTENTION_SPLITS * ATTENTION_SLICE threads), the ranges'
+    sums added in range order."""
+    partial = cuda.shared.array(ATTENTION_PARTIALS, np.float32)
+    tid = cuda.threadIdx.x
+    n_tokens = out.shape[0]
+    head_dim = values.shape[2]
+    n_head = out.shape[1] // head_dim
+    n_slices = (head_dim + ATTENTION_SLICE - 1) // ATTENTION_SLICE
+    start = starts[span]
+    for item in range(cuda.blockIdx.x, n_tokens * n_head * n_slices, cuda.gridDim.x):
+        row = item // n_slices
+        first_d = (item - row * n_slices) * ATTENTION_SLICE
+        t = row // n_head
+        h = row - t * n_head
+        kv_head = h // group
+        first, n_keys = key_range(start + t, window)
+        per_split = (n_keys + ATTENTION_SPLITS - 1) // ATTENTION_SPLITS
+        for part in range(tid, ATTENTION_PARTIALS, cuda.blockDim.x):
+            split = part // ATTENTION_SLICE
+            d = first_d + part - split * ATTENTION_SLICE
+            acc = np.float32(0.0)
+            if d < head_dim:
+                j = split * per_split
+                end = min(j + per_split, n_keys)
+                while value_kind == CACHE_F16 and j + 4 <= end:   # f16 (the common cache): no storage branch
+                    b0 = values[kv_head, first + j, d]             # between the loads, so all eight are issued
+                    b1 = values[kv_head, first + j + 1, d]         # before the first addition waits
+                    b2 = values[kv_head, first + j + 2, d]
+                    b3 = values[kv_head, first + j + 3, d]
+                    p0 = probs[row, j]
+                    p1 = probs[row, j + 1]
+                    p2 = probs[row, j + 2]
+                    p3 = probs[row, j + 3]
+                    acc += p0 * half(b0)
+                    acc += p1 * half(b1)
+                    acc += p2 * half(b2)
+                    acc += p3 * half(b3)
+                    j += 4
+                while j + 4 <= end:      # four keys' loads in flight, added in key order
+                    p0 = probs[row, j]
+                    p1 = probs[row, j + 1]
+                    p2 = probs[row, j + 2]
+                    p3 = probs[row, j + 3]
+                    v0 = stored_value(values, value_scales, value_kind, kv_head, first + j, d)
+                    v1 = stored_value(values, value_scales, value_kind, kv_head, first + j + 1, d)
+                    v2 = stored_value(values, value_scales, value_kind, kv_head, first + j + 2, d)
+                    v3 = stored_value(values, value_scales, value_kind, kv_head, first + j + 3, d)
+                    acc += p0 * v0
+                    acc += p1 * v1
+                    acc += p2 * v2
+                    acc += p3 * v3
+                    j += 4
+                while j < end:
+                    acc += probs[row, j] * stored_value(values, value_scales, value_kind, kv_head, first + j, d)
+                    j += 1
+            partial[part] = acc
+        cuda.syncthreads()
+        for lane in range(tid, ATTENTION_SLICE, cuda.blockDim.x):
+            d = first_d + lane
+            if d < head_dim:
+                total = partial[lane]
+                for split in range(1, ATTENTION_SPLITS):
+                    total += partial[split * ATTENTION_SLICE + lane]
+                out[t, h * head_dim + d] = total
         cuda.syncthreads()
