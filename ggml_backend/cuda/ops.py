@@ -40,6 +40,24 @@ def block_sum(partial, value):
     return total
 
 
+@cuda.jit(device=True)
+def block_max(partial, value):
+    """The maximum of ``value`` over the block's threads (a power of two of them) through ``partial``; every
+    thread gets it (attention's softmax: the scores' maximum)."""
+    t = cuda.threadIdx.x
+    partial[t] = value
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if t < stride:
+            partial[t] = max(partial[t], partial[t + stride])
+        cuda.syncthreads()
+        stride //= 2
+    result = partial[0]
+    cuda.syncthreads()
+    return result
+
+
 # --- norms and element-wise ---------------------------------------------------------------------------------
 
 # RMS norm's block on a GPU (kernels.rms_norm): a decode step normalizes one row of n_embd (5120 for a 13B) a few
@@ -304,11 +322,7 @@ def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_
         t = item // n_head
         h = item - t * n_head
         kv_head = h // group
-        position = start + t
-        first = 0
-        if window > 0 and position - window + 1 > 0:
-            first = position - window + 1
-        n_keys = position + 1 - first
+        first, n_keys = key_range(start + t, window)
         best = -math.inf
         for j in range(cuda.threadIdx.x, n_keys, cuda.blockDim.x):
             s = np.float32(0.0)
@@ -317,18 +331,7 @@ def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_
             s = s * scale
             probs[item, j] = s
             best = max(best, np.float64(s))
-        # the maximum: a tree of maxima through the shared array
-        tid = cuda.threadIdx.x
-        partial[tid] = best
-        cuda.syncthreads()
-        stride = cuda.blockDim.x // 2
-        while stride > 0:
-            if tid < stride:
-                partial[tid] = max(partial[tid], partial[tid + stride])
-            cuda.syncthreads()
-            stride //= 2
-        best32 = np.float32(partial[0])
-        cuda.syncthreads()
+        best32 = np.float32(block_max(partial, best))
         acc = np.float64(0.0)
         for j in range(cuda.threadIdx.x, n_keys, cuda.blockDim.x):
             e = exp_non_positive(np.float32(probs[item, j] - best32))
@@ -452,16 +455,7 @@ def attention_softmax_kernel(probs, value_kind, starts, span, n_tokens, n_head, 
         best = -math.inf
         for j in range(tid, n_keys, cuda.blockDim.x):
             best = max(best, np.float64(probs[row, j]))
-        partial[tid] = best
-        cuda.syncthreads()
-        stride = cuda.blockDim.x // 2
-        while stride > 0:
-            if tid < stride:
-                partial[tid] = max(partial[tid], partial[tid + stride])
-            cuda.syncthreads()
-            stride //= 2
-        best32 = np.float32(partial[0])
-        cuda.syncthreads()
+        best32 = np.float32(block_max(partial, best))
         acc = np.float64(0.0)
         for j in range(tid, n_keys, cuda.blockDim.x):
             e = exp_non_positive(np.float32(probs[row, j] - best32))
