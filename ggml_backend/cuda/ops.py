@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 
-from .blocks import half_to_float
 from .matvec import WARP, half, warp_sum
 from .quantize import round_to_f16
 from .runtime import MAX_THREADS, import_cuda, simulated
@@ -293,13 +292,13 @@ def exp_non_positive(x):
 
 
 @cuda.jit(device=True)
-def cache_value(cache, scales, kind, h, j, d):
+def stored_value(cache, scales, kind, h, j, d):
     """Value d of position j of head h of a cache layer, as float32 (a q8_0 layer: the block's half scale times
-    the quant, as model/kv_cache.dequantize_q8_0 computes it)."""
+    the quant, as model/kv_cache.dequantize_q8_0 computes it); halves by the device's exact cvt.f32.f16."""
     if kind == CACHE_F16:
-        return half_to_float(cache[h, j, d])
+        return half(cache[h, j, d])
     if kind == CACHE_Q8_0:
-        return half_to_float(scales[h, j, d // 32]) * np.float32(cache[h, j, d])
+        return half(scales[h, j, d // 32]) * np.float32(cache[h, j, d])
     return np.float32(cache[h, j, d])
 
 
@@ -327,7 +326,7 @@ def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_
         for j in range(cuda.threadIdx.x, n_keys, cuda.blockDim.x):
             s = np.float32(0.0)
             for d in range(head_dim_k):
-                s += q[t, h, d] * cache_value(keys, key_scales, key_kind, kv_head, first + j, d)
+                s += q[t, h, d] * stored_value(keys, key_scales, key_kind, kv_head, first + j, d)
             s = s * scale
             probs[item, j] = s
             best = max(best, np.float64(s))
@@ -346,7 +345,7 @@ def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_
         for d in range(cuda.threadIdx.x, head_dim_v, cuda.blockDim.x):
             a = np.float32(0.0)
             for j in range(n_keys):
-                a += probs[item, j] * cache_value(values, value_scales, value_kind, kv_head, first + j, d)
+                a += probs[item, j] * stored_value(values, value_scales, value_kind, kv_head, first + j, d)
             out[t, h * head_dim_v + d] = a
         cuda.syncthreads()
 
@@ -386,17 +385,6 @@ def key_range(position, window):
     if window > 0 and position - window + 1 > 0:
         first = position - window + 1
     return first, position + 1 - first
-
-
-@cuda.jit(device=True)
-def stored_value(cache, scales, kind, h, j, d):
-    """cache_value with the device's exact half conversion (cvt.f32.f16) instead of float64 ldexp: the same
-    float32."""
-    if kind == CACHE_F16:
-        return half(cache[h, j, d])
-    if kind == CACHE_Q8_0:
-        return half(scales[h, j, d // 32]) * np.float32(cache[h, j, d])
-    return np.float32(cache[h, j, d])
 
 
 @cuda.jit
