@@ -50,6 +50,7 @@ for name, dt in DEVICE_TYPES.items():
 jobs += [
     ("gemm 16", gemm.gemm_kernel(16), (A(f32, 2), A_any(f32, 2), A_any(f32, 1), i64, A(f32, 2))),
     ("q8_0", quantize.quantize_q8_0_kernel, (A(f32, 2), A(i8, 2), A(f32, 2), A(f32, 2))),
+    ("q8_0 warp", quantize.quantize_q8_0_warp_kernel, (A(f32, 2), A(i8, 2), A(f32, 2), A(f32, 2))),
     ("q8_K", quantize.quantize_q8_K_kernel, (A(f32, 2), A(i8, 2), A(f32, 2), A(i32, 2))),
     ("round rows", quantize.round_rows_kernel, (A(f32, 2), A(f32, 2), T.boolean)),
     ("rms", ops.rms_norm_kernel, (A(f32, 2), A(f32, 1), f32, A(f32, 2))),

@@ -22,7 +22,7 @@ from .ops import (ATTENTION_SLICE, ATTENTION_SPLITS, CACHE_F16, CACHE_F32, CACHE
                   attention_scores_kernel, attention_softmax_kernel, attention_values_kernel, copy_columns_kernel,
                   gather_rows_kernel, geglu_kernel, q8_0_round_trip_kernel, rms_norm_kernel, rope_kernel,
                   rotate_kernel, store_kv_kernel, store_kv_q8_0_kernel, swiglu_kernel)
-from .quantize import quantize_q8_0_kernel, quantize_q8_K_kernel, round_rows_kernel
+from .quantize import quantize_q8_0_warp_kernel, quantize_q8_K_kernel, round_rows_kernel
 from .runtime import MAX_THREADS, import_cuda, import_cupy, launch_shape
 
 cuda = import_cuda()
@@ -168,7 +168,7 @@ class DeviceActivations:
             qs = empty((n, k), np.int8)
             d = empty((n, k // 32), np.float32)
             sums = empty((n, k // 32), np.float32)
-            quantize_q8_0_kernel[_flat_launch(n * k // 32)](x, qs, d, sums)
+            quantize_q8_0_warp_kernel[_warp_launch(n * k // 32)](x, qs, d, sums)
             result = (qs, d, sums)
         elif vec_dot_type == "q8_K":
             qs = empty((n, k), np.int8)

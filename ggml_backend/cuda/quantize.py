@@ -4,7 +4,10 @@ scales) or q8_K super-blocks of 256 (``iscale = -127/max``, sums of 16), and the
 bf16 weights meet. Same inputs, same integers and scales as the CPU, so a mat-vec differs from the CPU's only by the
 order of its float32 sums.
 
-One work item per block, grid-stride: any launch shape gives the same result.
+One work item per block, grid-stride: any launch shape gives the same result. q8_0 blocks on a GPU take a warp
+each (``quantize_q8_0_warp_kernel``): one token's row of 5120 values is 160 blocks, and a thread per block read its
+32 values one after the other; a lane per value reads them in one load, and the block's maximum and the sum of its
+quants (the only cross-lane steps) are exact in any order.
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ import math
 
 import numpy as np
 
-from .runtime import import_cuda
+from .runtime import import_cuda, simulated
 
 cuda = import_cuda()
+_SHUFFLE = not simulated()      # warp shuffles on a GPU; the simulator has none (a block stands for a warp there)
+WARP = 32
 
 
 @cuda.jit(device=True)
@@ -65,6 +70,90 @@ def quantize_q8_0_kernel(x, qs, d, sums):
             total += q
         d[row, start // 32] = np.float32(round_to_f16(scale))
         sums[row, start // 32] = np.float32(round_to_f16(np.float32(np.float32(total) * scale)))
+
+
+@cuda.jit(device=True)
+def lanes_max(partial, value):
+    """The maximum of ``value`` over a warp's lanes (every lane gets it) on a GPU; over the block's threads through
+    the shared ``partial`` in the simulator. Exact in any order."""
+    if _SHUFFLE:
+        offset = WARP // 2
+        while offset > 0:
+            value = max(value, cuda.shfl_xor_sync(0xFFFFFFFF, value, offset))
+            offset //= 2
+        return value
+    t = cuda.threadIdx.x
+    partial[t] = value
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if t < stride:
+            partial[t] = max(partial[t], partial[t + stride])
+        cuda.syncthreads()
+        stride //= 2
+    result = partial[0]
+    cuda.syncthreads()
+    return result
+
+
+@cuda.jit(device=True)
+def lanes_sum(partial, value):
+    """lanes_max's sum, for integers (exact in any order)."""
+    if _SHUFFLE:
+        offset = WARP // 2
+        while offset > 0:
+            value += cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
+            offset //= 2
+        return value
+    t = cuda.threadIdx.x
+    partial[t] = value
+    cuda.syncthreads()
+    stride = cuda.blockDim.x // 2
+    while stride > 0:
+        if t < stride:
+            partial[t] += partial[t + stride]
+        cuda.syncthreads()
+        stride //= 2
+    result = partial[0]
+    cuda.syncthreads()
+    return result
+
+
+@cuda.jit
+def quantize_q8_0_warp_kernel(x, qs, d, sums):
+    """quantize_q8_0_kernel with a warp per block on a GPU (lane i: value i; blocks must be whole warps), the
+    whole block per q8_0 block in the simulator: the same integers and scales."""
+    amaxes = cuda.shared.array(WARP if not _SHUFFLE else 1, np.float32)   # the simulator's reductions only
+    totals = cuda.shared.array(WARP if not _SHUFFLE else 1, np.int32)
+    if _SHUFFLE:
+        lane = cuda.threadIdx.x % WARP
+        width = WARP
+        warps = cuda.blockDim.x // WARP
+        first = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
+    else:
+        lane = cuda.threadIdx.x
+        width = cuda.blockDim.x
+        warps = 1
+        first = cuda.blockIdx.x
+    n_blocks = x.shape[1] // 32
+    for item in range(first, x.shape[0] * n_blocks, cuda.gridDim.x * warps):
+        row = item // n_blocks
+        start = (item - row * n_blocks) * 32
+        amax = np.float32(0.0)
+        for i in range(lane, 32, width):
+            amax = max(amax, abs(x[row, start + i]))
+        amax = lanes_max(amaxes, amax)
+        scale = np.float32(amax / np.float32(127.0))
+        inverse = np.float32(np.float32(127.0) / amax) if amax != 0 else np.float32(0.0)
+        total = 0
+        for i in range(lane, 32, width):
+            q = round(np.float32(x[row, start + i] * inverse))
+            qs[row, start + i] = q
+            total += q
+        total = lanes_sum(totals, np.int32(total))
+        if lane == 0:
+            d[row, start // 32] = np.float32(round_to_f16(scale))
+            sums[row, start // 32] = np.float32(round_to_f16(np.float32(np.float32(total) * scale)))
 
 
 @cuda.jit
