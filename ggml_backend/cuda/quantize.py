@@ -73,13 +73,15 @@ def quantize_q8_0_kernel(x, qs, d, sums):
 
 
 @cuda.jit(device=True)
-def lanes_max(partial, value):
-    """The maximum of ``value`` over a warp's lanes (every lane gets it) on a GPU; over the block's threads through
-    the shared ``partial`` in the simulator. Exact in any order."""
+def lanes_combine(partial, value, maximum):
+    """The maximum (``maximum``) or the sum of ``value`` over a warp's lanes on a GPU, over the block's threads
+    through the shared ``partial`` in the simulator; every thread gets it. Exact in any order for maxima and for
+    integer sums. (ops.block_sum's docstring says why such a function lives in the module of its kernels.)"""
     if _SHUFFLE:
         offset = WARP // 2
         while offset > 0:
-            value = max(value, cuda.shfl_xor_sync(0xFFFFFFFF, value, offset))
+            other = cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
+            value = max(value, other) if maximum else value + other
             offset //= 2
         return value
     t = cuda.threadIdx.x
@@ -88,30 +90,7 @@ def lanes_max(partial, value):
     stride = cuda.blockDim.x // 2
     while stride > 0:
         if t < stride:
-            partial[t] = max(partial[t], partial[t + stride])
-        cuda.syncthreads()
-        stride //= 2
-    result = partial[0]
-    cuda.syncthreads()
-    return result
-
-
-@cuda.jit(device=True)
-def lanes_sum(partial, value):
-    """lanes_max's sum, for integers (exact in any order)."""
-    if _SHUFFLE:
-        offset = WARP // 2
-        while offset > 0:
-            value += cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
-            offset //= 2
-        return value
-    t = cuda.threadIdx.x
-    partial[t] = value
-    cuda.syncthreads()
-    stride = cuda.blockDim.x // 2
-    while stride > 0:
-        if t < stride:
-            partial[t] += partial[t + stride]
+            partial[t] = max(partial[t], partial[t + stride]) if maximum else partial[t] + partial[t + stride]
         cuda.syncthreads()
         stride //= 2
     result = partial[0]
@@ -142,7 +121,7 @@ def quantize_q8_0_warp_kernel(x, qs, d, sums):
         amax = np.float32(0.0)
         for i in range(lane, 32, width):
             amax = max(amax, abs(x[row, start + i]))
-        amax = lanes_max(amaxes, amax)
+        amax = lanes_combine(amaxes, amax, True)
         scale = np.float32(amax / np.float32(127.0))
         inverse = np.float32(np.float32(127.0) / amax) if amax != 0 else np.float32(0.0)
         total = 0
@@ -150,7 +129,7 @@ def quantize_q8_0_warp_kernel(x, qs, d, sums):
             q = round(np.float32(x[row, start + i] * inverse))
             qs[row, start + i] = q
             total += q
-        total = lanes_sum(totals, np.int32(total))
+        total = lanes_combine(totals, np.int32(total), False)
         if lane == 0:
             d[row, start // 32] = np.float32(round_to_f16(scale))
             sums[row, start // 32] = np.float32(round_to_f16(np.float32(np.float32(total) * scale)))
