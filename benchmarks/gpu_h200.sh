@@ -4,17 +4,19 @@
 # registry; the image's python3 with its numpy, numba and numba-cuda is used (extra wheels, if any, are taken from
 # .gpu/wheels). The real models' files (0.5 and 0.25 GB) cannot travel to such a machine, so their *shape clones*
 # are measured: the same metadata, tokenizer, tensor names, types and shapes, random weights
-# (ggml_backend.cli.bench_models.write_shape_clone, from the headers in .gpu/, which
-# `python benchmarks/gpu_h200.sh --headers` would not make: see make_headers below).
+# (ggml_backend.cli.bench_models.write_shape_clone), written there from the headers in .gpu/ (not in git; made on a
+# machine that has the models by the command below, and carried along: the runner's `carry: [".gpu"]`).
 #
 #   0. versions, nvidia-smi, numba.cuda's view of the device;
-#   1. model files written in the background: the shape clones and the 7B / 13B-shaped synthetic q4_0 Llamas;
-#   2. benchmarks/gpu_probe.py: launch and allocation costs from Python, each mat-vec kernel's own bandwidth,
-#      CUDA-graph capture of numba launches;
-#   3. decode benchmarks, every layer on the GPU (benchmarks/bench_gpu.py): tokens/s and GB/s of weights read
-#      against the H200's 4.8 TB/s, decode steps replayed as CUDA graphs and (--eager-too) launched one by one;
-#   4. tests/test_cuda_sim.py on the device (GGML_BACKEND_TEST_CUDA=1), the shape clones included (every layer
-#      offloaded against the CPU path).
+#   1. model files written in the background (the shape clones, the 7B / 13B-shaped synthetic q4_0 Llamas), and the
+#      CPU kernels the tests' references need compiled beside them;
+#   2. benchmarks/gpu_probe.py: launch and allocation costs from Python, attention and each mat-vec kernel alone
+#      (old against new), an eager decode step's per-kernel profile and a graph step's replay against its wall
+#      time, CUDA-graph capture of numba launches;
+#   3. tests/test_cuda_sim.py on the device (GGML_BACKEND_TEST_CUDA=1), the shape clones included (every layer
+#      offloaded against the CPU path): before the benchmark, whose figures mean nothing if a kernel is wrong;
+#   4. decode benchmarks, every layer on the GPU (benchmarks/bench_gpu.py): tokens/s and GB/s of weights read
+#      against the H200's 4.8 TB/s, decode steps replayed as CUDA graphs and (--eager-too) launched one by one.
 #
 # Usage: bash benchmarks/gpu_h200.sh [RESULTS_DIR]   (default: $OUT when set, else ./gpu-results). The summary is in
 # summary.txt there. SKIP_PROBE=1 / SKIP_BENCH=1 / SKIP_TESTS=1 leave steps out; TESTS_K="..." runs the tests that
@@ -115,16 +117,7 @@ fi
 wait "$MODELS_PID"
 log "models written: $(tr '\n' ';' < "$LOGS/models.log")"; pack
 
-# --- 3. decode benchmarks -----------------------------------------------------------------------------------
-if [ -z "${SKIP_BENCH:-}" ]; then
-    log "bench_gpu.py, -ngl -1, with and without CUDA graphs (at most ${BENCH_S:-300} s)"
-    timeout ${BENCH_S:-300} $PY benchmarks/bench_gpu.py --models "$CLONES${CLONES:+,}7b-q4_0,13b-q4_0" --timeout 80 \
-        --eager-too --prompt 256 \
-        --json "$RESULTS/bench-ggml_backend.json" > "$LOGS/bench.txt" 2>&1
-    log "  exit $?"; tee -a "$RESULTS/summary.txt" < "$LOGS/bench.txt"; pack
-fi
-
-# --- 4. tests on the device ---------------------------------------------------------------------------------
+# --- 3. tests on the device ---------------------------------------------------------------------------------
 if [ -z "${SKIP_TESTS:-}" ]; then
     wait "$WARMUP_PID"; log "$(tr '\n' ';' < "$LOGS/cpu-warmup.log")"
     log "tests/test_cuda_sim.py on the GPU (at most ${TESTS_S:-240} s)"
@@ -133,4 +126,13 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     log "  exit $?: $(tail -1 "$RESULTS/tests.log")"
     grep -E "max \|GPU - CPU\||FAILED|Error" "$RESULTS/tests.log" | sort -u | head -40 | tee -a "$RESULTS/summary.txt"
 fi
+# --- 4. decode benchmarks -----------------------------------------------------------------------------------
+if [ -z "${SKIP_BENCH:-}" ]; then
+    log "bench_gpu.py, -ngl -1, with and without CUDA graphs (at most ${BENCH_S:-300} s)"
+    timeout ${BENCH_S:-300} $PY benchmarks/bench_gpu.py --models "$CLONES${CLONES:+,}7b-q4_0,13b-q4_0" --timeout 80 \
+        --eager-too --prompt 256 \
+        --json "$RESULTS/bench-ggml_backend.json" > "$LOGS/bench.txt" 2>&1
+    log "  exit $?"; tee -a "$RESULTS/summary.txt" < "$LOGS/bench.txt"; pack
+fi
+
 pack; log "done; results in $RESULTS"
