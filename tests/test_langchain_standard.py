@@ -61,7 +61,7 @@ def _other_model() -> str:
     try:
         return str(gemma_model_path())
     except FileNotFoundError as exc:
-        pytest.skip(f"the override needs a second model file: {exc}")
+        pytest.skip(reason=f"the override needs a second model file: {exc}")
 
 
 def _joined(chunks):
