@@ -117,6 +117,7 @@ def matvec_kernel_v1(kind: int):
 WARP = 32
 WARPS_PER_BLOCK = 4
 _SIMULATED = simulated()
+SHUFFLE = not _SIMULATED        # warp shuffles on a GPU; the simulator has none (a block stands for a warp there)
 
 M1 = np.int32(0x01010101)        # the low bit of each byte
 M2 = np.int32(0x03030303)
@@ -434,6 +435,19 @@ def warp_sum(value):
     return value
 
 
+@cuda.jit(device=True)
+def warp_layout(thread, block, threads):
+    """(lane, lanes, warps a block, first item) of the kernels that give each item a warp (the mat-vec's rows,
+    attention's keys, the q8_0 quantizer's blocks): on a GPU a warp per item and blocks of whole warps; in the
+    simulator the block stands for a warp. Its items are first, first + grid * warps, ... Takes the thread's
+    indices as arguments: numba's simulator wants a device function that reads ``cuda.`` beside its kernels (see
+    ops.block_sum), and this one serves three modules."""
+    if SHUFFLE:
+        warps = threads // WARP
+        return thread % WARP, WARP, warps, block * warps + thread // WARP
+    return thread, threads, 1, block
+
+
 def matvec_kernel(kind: int):
     """The mat-vec kernel of a quantized ``kind``: (w uint8 [n_rows, row_bytes], xq int8 [n, k], xd float32
     [n, k/32 or k/256], xs float32 [n, k/32] (q8_1 sums) or int32 [n, k/16] (q8_K bsums), bias float32 [n_rows]
@@ -443,22 +457,12 @@ def matvec_kernel(kind: int):
         return _matvec_cache[kind]
     k_quant = kind in K_QUANTS
     has_min = kind in (blocks.Q4_1, blocks.Q5_1)
-    shuffle = not _SIMULATED
-    partial_size = 1 if shuffle else MAX_THREADS
+    partial_size = 1 if SHUFFLE else MAX_THREADS
 
     @cuda.jit
     def kernel(w, xq, xd, xs, bias, out):
         partial = cuda.shared.array(partial_size, np.float32)   # the simulator's block_sum only
-        if shuffle:
-            lane = cuda.threadIdx.x % WARP
-            width = WARP
-            warps = cuda.blockDim.x // WARP
-            first = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
-        else:
-            lane = cuda.threadIdx.x
-            width = cuda.blockDim.x
-            warps = 1
-            first = cuda.blockIdx.x
+        lane, width, warps, first = warp_layout(cuda.threadIdx.x, cuda.blockIdx.x, cuda.blockDim.x)
         n_tokens = xq.shape[0]
         n_rows = w.shape[0]
         n_units = xq.shape[1] // 32
@@ -481,7 +485,7 @@ def matvec_kernel(kind: int):
                     acc += (d * xd[t, u]) * np.float32(dot)
                     if has_min:
                         acc -= m * xs[t, u]          # m is minus the block's min
-            total = warp_sum(acc) if shuffle else block_sum(partial, acc)
+            total = warp_sum(acc) if SHUFFLE else block_sum(partial, acc)
             if lane == 0:
                 out[t, r] = total + bias[r] if bias.shape[0] > 0 else total
 

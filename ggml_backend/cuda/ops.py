@@ -11,13 +11,12 @@ import math
 
 import numpy as np
 
-from .matvec import WARP, half, warp_sum
+from .matvec import SHUFFLE, half, warp_layout, warp_sum
 from .quantize import round_to_f16
-from .runtime import MAX_THREADS, import_cuda, simulated
+from .runtime import MAX_THREADS, import_cuda
 from ..model.rope import rotate_pair
 
 cuda = import_cuda()
-_SHUFFLE = not simulated()      # warp shuffles on a GPU; the simulator has none (its blocks reduce by block_sum)
 
 
 @cuda.jit(device=True)
@@ -392,17 +391,8 @@ def attention_scores_kernel(q, keys, key_scales, key_kind, probs, starts, span, 
     """probs[t * n_head + h, j] = (q[t, h] . key first + j of head h // group) * scale, float32, for every key j of
     the row (the row's first key and count by key_range at position starts[span] + t). On a GPU a warp per (row,
     key): lane l sums dimensions l, l + 32, ... in order, then warp_sum's fixed tree; blocks must be whole warps."""
-    partial = cuda.shared.array(MAX_THREADS if not _SHUFFLE else 1, np.float32)   # the simulator's block_sum only
-    if _SHUFFLE:
-        lane = cuda.threadIdx.x % WARP
-        width = WARP
-        warps = cuda.blockDim.x // WARP
-        first_item = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
-    else:
-        lane = cuda.threadIdx.x
-        width = cuda.blockDim.x
-        warps = 1
-        first_item = cuda.blockIdx.x
+    partial = cuda.shared.array(MAX_THREADS if not SHUFFLE else 1, np.float32)   # the simulator's block_sum only
+    lane, width, warps, first_item = warp_layout(cuda.threadIdx.x, cuda.blockIdx.x, cuda.blockDim.x)
     n_tokens, n_head, head_dim = q.shape
     start = starts[span]
     # the most keys a row has (the last token's), read from the device like the positions: a graph's replay
@@ -425,7 +415,7 @@ def attention_scores_kernel(q, keys, key_scales, key_kind, probs, starts, span, 
         else:
             for d in range(lane, head_dim, width):
                 acc += q[t, h, d] * stored_value(keys, key_scales, key_kind, h // group, first + j, d)
-        total = warp_sum(acc) if _SHUFFLE else block_sum(partial, acc)
+        total = warp_sum(acc) if SHUFFLE else block_sum(partial, acc)
         if lane == 0:
             probs[row, j] = total * scale
 

@@ -15,11 +15,10 @@ import math
 
 import numpy as np
 
-from .runtime import import_cuda, simulated
+from .matvec import SHUFFLE, WARP, warp_layout
+from .runtime import import_cuda
 
 cuda = import_cuda()
-_SHUFFLE = not simulated()      # warp shuffles on a GPU; the simulator has none (a block stands for a warp there)
-WARP = 32
 
 
 @cuda.jit(device=True)
@@ -77,7 +76,7 @@ def lanes_combine(partial, value, maximum):
     """The maximum (``maximum``) or the sum of ``value`` over a warp's lanes on a GPU, over the block's threads
     through the shared ``partial`` in the simulator; every thread gets it. Exact in any order for maxima and for
     integer sums. (ops.block_sum's docstring says why such a function lives in the module of its kernels.)"""
-    if _SHUFFLE:
+    if SHUFFLE:
         offset = WARP // 2
         while offset > 0:
             other = cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
@@ -102,18 +101,9 @@ def lanes_combine(partial, value, maximum):
 def quantize_q8_0_warp_kernel(x, qs, d, sums):
     """quantize_q8_0_kernel with a warp per block on a GPU (lane i: value i; blocks must be whole warps), the
     whole block per q8_0 block in the simulator: the same integers and scales."""
-    amaxes = cuda.shared.array(WARP if not _SHUFFLE else 1, np.float32)   # the simulator's reductions only
-    totals = cuda.shared.array(WARP if not _SHUFFLE else 1, np.int32)
-    if _SHUFFLE:
-        lane = cuda.threadIdx.x % WARP
-        width = WARP
-        warps = cuda.blockDim.x // WARP
-        first = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
-    else:
-        lane = cuda.threadIdx.x
-        width = cuda.blockDim.x
-        warps = 1
-        first = cuda.blockIdx.x
+    amaxes = cuda.shared.array(WARP if not SHUFFLE else 1, np.float32)   # the simulator's reductions only
+    totals = cuda.shared.array(WARP if not SHUFFLE else 1, np.int32)
+    lane, width, warps, first = warp_layout(cuda.threadIdx.x, cuda.blockIdx.x, cuda.blockDim.x)
     n_blocks = x.shape[1] // 32
     for item in range(first, x.shape[0] * n_blocks, cuda.gridDim.x * warps):
         row = item // n_blocks
