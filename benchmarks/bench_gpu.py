@@ -17,6 +17,7 @@ H200's HBM3e).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -38,6 +39,7 @@ def model_path(name: str, bench_dir: str | None) -> str:
     return str(synthetic_model(shape, weight_type or "q4_0", bench_dir, progress=False))
 
 
+@functools.lru_cache(maxsize=None)   # --eager-too measures each model twice: its file is read once
 def weight_bytes(path: str) -> int:
     """Bytes of the weight matrices a decode step reads: every 2-D tensor but the token embeddings (of which one
     row per token is read), the output matrix included (tied embeddings: counted once, as the output)."""
