@@ -21,6 +21,7 @@ from .model.kv_cache import cache_type
 from .model.session import InferenceSession, SessionState
 from .model.validate import build_hparams, build_tokenizer, check_memory
 from .model.scheduler import Stream, TokenStream
+from .speculative import MAX_DRAFT, DraftLength, PassTimes, checked_draft
 
 #: what ``save_state()`` captures: the evaluated tokens, their keys/values, the last logits, and the seed the next
 #: unseeded generation draws from (the session's state, model/session.py)
@@ -115,9 +116,12 @@ class Llama:
     cache's types, ggml type ids or names: f16 (1, the default, as llama.cpp's), f32 (0) or q8_0 (8; llama.cpp
     takes a q8_0 ``type_v`` only with flash attention, we take it always). Refused with ``NotImplementedError`` when not at their default:
     ``split_mode``, ``vocab_only``, ``kv_overrides``, ``rope_scaling_type``, ``pooling_type``, ``attention_type``,
-    the ``yarn_*`` settings, ``lora_base``/``lora_path``, ``numa``, ``chat_handler``, ``draft_model``,
-    ``tokenizer``; other ``type_k``/``type_v`` are a ValueError. ``embedding`` and ``pooling_type`` are the embeddings API's
+    the ``yarn_*`` settings, ``lora_base``/``lora_path``, ``numa``, ``chat_handler``, ``tokenizer``; other
+    ``type_k``/``type_v`` are a ValueError. ``embedding`` and ``pooling_type`` are the embeddings API's
     (``embed``, ``create_embedding``; pooling -1 means the file's ``<arch>.pooling_type``, else none).
+    ``draft_model`` (a ``LlamaDraftModel`` such as ``LlamaPromptLookupDecoding``) turns on speculative decoding
+    for every generation of this context and its ``new_context``s: the same tokens, fewer forward passes where
+    the drafts are right (``ggml_backend/speculative.py``).
     Our own: ``n_head_kv`` and ``rms_norm_eps`` for legacy GGML files, which carry neither: ``n_head_kv``
     defaults to what the ``wk`` tensor's shape implies and ``rms_norm_eps`` to 5e-6 (llama.cpp's converter);
     LLaMA-2 models want 1e-5.
@@ -167,11 +171,13 @@ class Llama:
                    "lora_path": (lora_path, None, "LoRA adapters are not implemented"),
                    "numa": (bool(numa), False, "NUMA policies are not implemented"),
                    "chat_handler": (chat_handler, None, "use chat_format= (a name, a file or Jinja text)"),
-                   "draft_model": (draft_model, None, "speculative decoding is not implemented"),
                    "tokenizer": (tokenizer, None, "the model file's own tokenizer is always used")}
         for name, (value, default, why) in refused.items():
             if value != default:
                 raise _not_supported(name, value, why)
+        if draft_model is not None and not callable(draft_model):
+            raise TypeError(f"draft_model must be a LlamaDraftModel (or a callable taking the token ids and "
+                            f"returning the drafted ones), got {type(draft_model).__name__}")
         # the KV cache's types, as ggml type ids (llama-cpp-python) or llama.cpp's names ("f16", "q8_0")
         self._cache_types = (cache_type(type_k, "type_k"), cache_type(type_v, "type_v"))
         last_n_tokens_size = validate.integer("last_n_tokens_size", last_n_tokens_size, low=0)
@@ -203,6 +209,8 @@ class Llama:
         self.seed = seed
         self._seed = seed   # what the next generation without a seed of its own draws its seed from
         self.logits_all = logits_all
+        self.draft_model = draft_model
+        self._pass_times = PassTimes()   # speculative decoding's measured pass times (speculative.py)
         self.chat_format = chat_format
         self.embedding = bool(embedding)
         from .embeddings import resolve_pooling
@@ -245,7 +253,8 @@ class Llama:
         other = object.__new__(type(self))
         shared = ("model_path", "verbose", "model_file", "metadata", "hparams", "model", "tokenizer", "n_batch",
                   "n_threads", "seed", "_seed", "logits_all", "chat_format", "_file_template", "last_n_tokens_size",
-                  "spm_infill", "_metadata_strings", "_closed", "embedding", "_pooling_type", "_cache_types")
+                  "spm_infill", "_metadata_strings", "_closed", "embedding", "_pooling_type", "_cache_types",
+                  "draft_model", "_pass_times")
         for name in shared:
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]
@@ -555,43 +564,107 @@ class Llama:
             if state is not None:
                 self.load_state(state)   # the public method, as llama-cpp-python (on this worker: runs at once)
         self._prepare_prompt(tokens)
-        produced = 0
-        while max_tokens is None or max_tokens <= 0 or produced < max_tokens:
-            n_tokens = session.n_tokens
-            last_n = params.repeat_last_n if params.repeat_last_n >= 0 else n_tokens
-            recent = session.input_ids[max(0, n_tokens - last_n):n_tokens]
-            logits = session.last_logits
+        drafting = None if self.draft_model is None else DraftLength(self._pass_times)
+
+        def sample_after(end: int, logits: np.ndarray):
+            """The token sampled from ``logits``, the logits after the first ``end`` evaluated tokens; None when a
+            stopping criterion ends the generation instead."""
+            last_n = params.repeat_last_n if params.repeat_last_n >= 0 else end
+            recent = session.input_ids[max(0, end - last_n):end]
             scores = logits
             if logits_processor is not None:
-                scores = np.asarray(logits_processor(session.input_ids[:n_tokens].astype(np.intc),
-                                                     logits.copy()), dtype=np.float32)
+                scores = np.asarray(logits_processor(session.input_ids[:end].astype(np.intc), logits.copy()),
+                                    dtype=np.float32)
             if matcher is not None:
                 scores = matcher.mask(scores)
             token = sampler.sample(scores, recent)
-            if stopping_criteria is not None and stopping_criteria(session.input_ids[:n_tokens].astype(np.intc),
+            if stopping_criteria is not None and stopping_criteria(session.input_ids[:end].astype(np.intc),
                                                                    logits.copy()):
                 if outcome is not None:
                     outcome["stopped"] = True
-                return
-            produced += 1
+                return None
             if matcher is not None and token not in stop_ids:
                 matcher.accept(token)
-            yield token, logits
+            return token
+
+        def ends_after(token: int, n_produced: int) -> bool:
+            """Whether the generation ends with ``token``, the ``n_produced``-th token."""
             if token in stop_ids:
-                return
+                return True
             if matcher is not None and matcher.done():
                 if outcome is not None:
                     outcome["stopped"] = True   # the grammar is complete: nothing more may follow
+                return True
+            # the caller asked for no more: don't pay a forward pass for a token never used
+            return max_tokens is not None and 0 < max_tokens <= n_produced
+
+        produced = 0
+        # the tokens sampled next, each with the logits it came from: one at a time in plain decoding; a
+        # verification of drafted tokens (speculative decoding) samples several from one forward pass
+        token = sample_after(session.n_tokens, session.last_logits)
+        if token is None:
+            return
+        ready = [(token, session.last_logits)]
+        while ready:
+            token, logits = ready.pop(0)
+            produced += 1
+            yield token, logits
+            if ends_after(token, produced):
                 return
-            if max_tokens is not None and 0 < max_tokens <= produced:
-                return   # the caller asked for no more: don't pay a forward pass for a token never used
+            if ready:
+                continue
             if session.n_tokens >= self._n_ctx:
                 if not context_shift:
                     return
                 session.context_shift(n_keep)
             if matcher is not None:
                 matcher.prepare()
+            if drafting is None:
+                self.eval([token])
+                token = sample_after(session.n_tokens, session.last_logits)
+                if token is None:
+                    return
+                ready = [(token, session.last_logits)]
+            else:
+                left = max_tokens - produced if max_tokens is not None and max_tokens > 0 else None
+                ready = self._speculative_step(token, drafting, sample_after,
+                                               lambda t, n: ends_after(t, produced + n), left)
+
+    def _speculative_step(self, token: int, drafting: DraftLength, sample_after, ends_after, left: int | None):
+        """Evaluate ``token`` together with a draft of the tokens after it, then sample each position in turn while
+        the draft was right (speculative.py). Returns the (token, logits) pairs sampled, the last of them not yet
+        evaluated, with the KV cache cut back to the tokens before it: the state plain decoding would be in (an
+        empty list when a stopping criterion ended the generation). ``ends_after(token, n)``: whether the n-th
+        token sampled here ends the generation; ``left``: how many more tokens it may produce (None: no limit)."""
+        session = self.session
+        n_tokens = session.n_tokens
+        most = min(MAX_DRAFT, self._n_ctx - n_tokens - 1)
+        if left is not None:
+            most = min(most, left - 1)   # a pass of k + 1 tokens samples k + 1
+        k = drafting.limit(most)
+        draft = []
+        if k > 0:
+            context = np.append(session.input_ids[:n_tokens], token).astype(np.intc)
+            draft = checked_draft(self.draft_model, context, k, self.hparams.n_vocab)
+        t0 = time.perf_counter()
+        if not draft:
             self.eval([token])
+            self._pass_times.record(1, time.perf_counter() - t0)
+            sampled = sample_after(session.n_tokens, session.last_logits)
+            return [] if sampled is None else [(sampled, session.last_logits)]
+        rows = session.eval_every_row([token] + draft)
+        self._pass_times.record(len(draft) + 1, time.perf_counter() - t0)
+        ready = []
+        for i, logits in enumerate(rows):
+            end = n_tokens + 1 + i
+            sampled = sample_after(end, logits)
+            if sampled is not None:
+                ready.append((sampled, logits))
+            if sampled is None or i == len(draft) or sampled != draft[i] or ends_after(sampled, len(ready)):
+                drafting.update(len(draft), i)
+                session.rewind(end, logits)
+                return ready
+        raise AssertionError("unreachable: the last row ends the verification")
 
     def _cache_generation_end(self, snapshot) -> None:
         """On the worker, when a generation ends: combined forward passes stop waiting for this context, and its

@@ -6,8 +6,9 @@ each position's keys/values were computed (``numerics``, what decides whether a 
 logits after the last evaluated token (and every position's with ``logits_all``), and the ``Scheduler`` whose
 worker thread runs every operation on that state, one at a time (``scheduler.py`` says why a worker thread and not
 a lock). Its operations: ``eval`` (split into the batches whose numbers do not depend on how a prompt arrives),
-``truncate``, ``reuse_prefix``, ``context_shift``, ``save_state``/``load_state``, and ``sequence_cache`` for many
-sequences at once (the ``ContinuousBatcher``'s, ``create_completion(n > 1)``'s).
+``eval_every_row`` and ``rewind`` (speculative decoding), ``truncate``, ``reuse_prefix``, ``context_shift``,
+``save_state``/``load_state``, and ``sequence_cache`` for many sequences at once (the ``ContinuousBatcher``'s,
+``create_completion(n > 1)``'s).
 
 Every public method may be called from any thread: it runs on the session's worker (at once when called there, as
 the steps of a generation are). ``api.Llama`` is a facade of llama-cpp-python's surface on top of a session;
@@ -29,6 +30,8 @@ from .scheduler import Scheduler
 # below BLAS_MIN_TOKENS: the same numbers either way), by a batch on the BLAS path, or by neither (keys re-rotated
 # by a context shift)
 INT_NUMERICS, BATCH_NUMERICS, NO_FRESH_NUMERICS = 0, 1, 2
+#: the most tokens ``eval_every_row`` takes in one pass with each row equal to evaluating its token alone
+MAX_EVERY_ROW = BLAS_MIN_TOKENS - 1
 
 
 @dataclass
@@ -146,7 +149,9 @@ class InferenceSession:
         if tokens:
             self.call(self._eval, tokens)
 
-    def _eval(self, tokens: list[int]) -> None:
+    def _eval(self, tokens: list[int], every_row: bool = False) -> np.ndarray | None:
+        """Evaluate ``tokens``; with ``every_row`` their logits [len(tokens), n_vocab] (speculative decoding's
+        verification), else None."""
         if self.n_tokens + len(tokens) > self.n_ctx:
             raise ValueError(f"{self.n_tokens} evaluated + {len(tokens)} new tokens exceed the context size "
                              f"n_ctx={self.n_ctx}")
@@ -154,9 +159,12 @@ class InferenceSession:
         if bad:
             raise ValueError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
         set_threads(self.n_threads)
+        rows = []
         for first, last in eval_batches(0, len(tokens), self.n_batch):
             batch = tokens[first:last]
-            logits = self.model.forward(batch, self.cache, all_logits=self.logits_all)
+            logits = self.model.forward(batch, self.cache, all_logits=self.logits_all or every_row)
+            if every_row:
+                rows.append(logits)
             start = self.n_tokens
             self.input_ids[start:start + len(batch)] = batch
             self.numerics[start:start + len(batch)] = BATCH_NUMERICS if runs_alone(len(batch)) else INT_NUMERICS
@@ -164,6 +172,25 @@ class InferenceSession:
             if self.all_logits is not None:
                 self.all_logits[start:start + len(batch)] = logits
             self.last_logits = logits[-1]
+        return np.concatenate(rows) if every_row else None
+
+    def eval_every_row(self, tokens: list[int]) -> np.ndarray:
+        """``eval`` that returns the logits after each of ``tokens`` [len(tokens), n_vocab] (whatever
+        ``logits_all`` says; on the worker). Up to MAX_EVERY_ROW tokens they are, row by row, the logits
+        evaluating the tokens one at a time gives (see ``runs_alone``)."""
+        if len(tokens) > MAX_EVERY_ROW:
+            raise ValueError(f"eval_every_row takes at most {MAX_EVERY_ROW} tokens, got {len(tokens)}")
+        return self.call(self._eval, tokens, True)
+
+    def rewind(self, n: int, logits: np.ndarray) -> None:
+        """Keep the first ``n`` evaluated tokens, ``logits`` being the logits after them (a row ``eval_every_row``
+        returned): the state evaluating just those tokens leaves (speculative decoding cutting back drafted
+        tokens that were not accepted)."""
+        self.call(self._rewind, n, logits)
+
+    def _rewind(self, n: int, logits: np.ndarray) -> None:
+        self._truncate(n)
+        self.last_logits = logits
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` evaluated tokens (and their keys/values); the logits after them are kept only as
