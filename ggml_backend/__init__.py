@@ -15,6 +15,7 @@ _LAZY = {
     "quantize_model": "tools.quantize",
     "perplexity": "ppl", "PerplexityResult": "ppl",
     "ContinuousBatcher": "continuous_batching", "SequenceEvent": "continuous_batching",
+    "LlamaDraftModel": "speculative", "LlamaPromptLookupDecoding": "speculative",
 }
 
 

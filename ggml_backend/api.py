@@ -605,6 +605,7 @@ class Llama:
         if token is None:
             return
         ready = [(token, session.last_logits)]
+        stopped = False   # a stopping criterion ended the generation after the tokens in ready
         while ready:
             token, logits = ready.pop(0)
             produced += 1
@@ -613,45 +614,43 @@ class Llama:
                 return
             if ready:
                 continue
+            if stopped:
+                return
             if session.n_tokens >= self._n_ctx:
                 if not context_shift:
                     return
                 session.context_shift(n_keep)
             if matcher is not None:
                 matcher.prepare()
-            if drafting is None:
-                self.eval([token])
-                token = sample_after(session.n_tokens, session.last_logits)
-                if token is None:
-                    return
-                ready = [(token, session.last_logits)]
-            else:
-                left = max_tokens - produced if max_tokens is not None and max_tokens > 0 else None
-                ready = self._speculative_step(token, drafting, sample_after,
+            left = max_tokens - produced if max_tokens is not None and max_tokens > 0 else None
+            ready, stopped = self._decode_step(token, drafting, sample_after,
                                                lambda t, n: ends_after(t, produced + n), left)
 
-    def _speculative_step(self, token: int, drafting: DraftLength, sample_after, ends_after, left: int | None):
-        """Evaluate ``token`` together with a draft of the tokens after it, then sample each position in turn while
-        the draft was right (speculative.py). Returns the (token, logits) pairs sampled, the last of them not yet
-        evaluated, with the KV cache cut back to the tokens before it: the state plain decoding would be in (an
-        empty list when a stopping criterion ended the generation). ``ends_after(token, n)``: whether the n-th
-        token sampled here ends the generation; ``left``: how many more tokens it may produce (None: no limit)."""
+    def _decode_step(self, token: int, drafting: DraftLength | None, sample_after, ends_after, left: int | None):
+        """Evaluate ``token`` and sample the next one; with speculative decoding (``drafting``) evaluate a draft of
+        the tokens after it in the same pass and sample each position in turn while the draft was right
+        (speculative.py). Returns the (token, logits) pairs sampled, the last of them not yet evaluated, with the
+        KV cache cut back to the tokens before it (the state plain decoding would be in); and whether a stopping
+        criterion ended the generation after them. ``ends_after(token, n)``: whether the n-th token sampled here
+        ends the generation; ``left``: how many more tokens it may produce (None: no limit)."""
         session = self.session
         n_tokens = session.n_tokens
-        most = min(MAX_DRAFT, self._n_ctx - n_tokens - 1)
-        if left is not None:
-            most = min(most, left - 1)   # a pass of k + 1 tokens samples k + 1
-        k = drafting.limit(most)
         draft = []
-        if k > 0:
-            context = np.append(session.input_ids[:n_tokens], token).astype(np.intc)
-            draft = checked_draft(self.draft_model, context, k, self.hparams.n_vocab)
+        if drafting is not None:
+            most = min(MAX_DRAFT, self._n_ctx - n_tokens - 1)
+            if left is not None:
+                most = min(most, left - 1)   # a pass of k + 1 tokens samples k + 1
+            k = drafting.limit(most)
+            if k > 0:
+                context = np.append(session.input_ids[:n_tokens], token).astype(np.intc)
+                draft = checked_draft(self.draft_model, context, k, self.hparams.n_vocab)
         t0 = time.perf_counter()
         if not draft:
             self.eval([token])
-            self._pass_times.record(1, time.perf_counter() - t0)
+            if drafting is not None:
+                self._pass_times.record(1, time.perf_counter() - t0)
             sampled = sample_after(session.n_tokens, session.last_logits)
-            return [] if sampled is None else [(sampled, session.last_logits)]
+            return ([], True) if sampled is None else ([(sampled, session.last_logits)], False)
         rows = session.eval_every_row([token] + draft)
         self._pass_times.record(len(draft) + 1, time.perf_counter() - t0)
         ready = []
@@ -663,7 +662,7 @@ class Llama:
             if sampled is None or i == len(draft) or sampled != draft[i] or ends_after(sampled, len(ready)):
                 drafting.update(len(draft), i)
                 session.rewind(end, logits)
-                return ready
+                return ready, sampled is None
         raise AssertionError("unreachable: the last row ends the verification")
 
     def _cache_generation_end(self, snapshot) -> None:

@@ -147,18 +147,18 @@ class DraftLength:
     is expected to yield, 1 + p + ... + p^k (each drafted token accepted with probability p while the ones
     before it were), per second of a pass of k + 1 tokens. p is this generation's acceptance so far, a decaying
     count of accepted and rejected drafted tokens starting from a neutral prior. When no k > 0 pays, nothing is
-    drafted, except a short probe every ``PROBE_EVERY`` steps so that a generation whose text starts repeating
-    (a quoted block, a code edit) finds out."""
+    drafted, except a short probe at the first step and every ``PROBE_EVERY`` steps, so that a generation whose
+    text starts repeating (a quoted block, a code edit) finds out."""
 
     PRIOR = (1.0, 1.0)   # accepted, rejected
-    DECAY = 0.9
+    DECAY = 0.8      # per verification: after a run of long accepted drafts, about 8 rejected ones rule drafting out
     PROBE_EVERY = 16
     PROBE_LENGTH = 2
 
     def __init__(self, times: PassTimes):
         self.times = times
         self.accepted, self.rejected = self.PRIOR
-        self.idle_steps = 0
+        self.idle_steps = self.PROBE_EVERY - 1   # the first step probes unless drafting already pays
 
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)

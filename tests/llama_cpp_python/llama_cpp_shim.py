@@ -2,7 +2,7 @@
 ``import llama_cpp_shim as llama_cpp`` and nothing else changes in their bodies).
 
 Only names that exist in ggml_backend are mapped: the ``Llama`` API and its helpers come straight from
-``ggml_backend``; ``llama_chat_format``'s two functions the tests call are thin wrappers over
+``ggml_backend`` (``llama_speculative`` is ``ggml_backend.speculative``); ``llama_chat_format``'s two functions the tests call are thin wrappers over
 ``ggml_backend.templates`` (the ``mistral-instruct`` built-in and ``JinjaTemplate``), returning llama-cpp-python's
 ``ChatFormatterResponse`` shape; ``llama_types``' message TypedDicts are plain dicts, which is what they are at run
 time in llama-cpp-python too. llama.cpp's C API (``llama_cpp.llama_cpp``, ``_internals``, ``llama_*`` functions)
@@ -17,6 +17,7 @@ from typing import Optional
 from ggml_backend import (LLAMA_DEFAULT_SEED, Llama, LlamaCache, LlamaDiskCache, LlamaGrammar, LlamaRAMCache,  # noqa: F401
                           LlamaState, LlamaTokenizer, LogitsProcessorList, MinTokensLogitsProcessor,
                           StoppingCriteriaList, __version__)
+from ggml_backend import speculative as llama_speculative  # noqa: F401 (llama_cpp.llama_speculative)
 from ggml_backend.templates import JinjaTemplate, get_template
 
 #: llama.cpp's C objects (``llama_cpp._internals``): none in ggml_backend

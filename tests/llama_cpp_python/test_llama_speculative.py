@@ -2,17 +2,13 @@
 # 3691546f1c9e0c1bf93323dff02230bd959cf562 (tag v0.3.35, the newest release in the snapshot; the installed
 # llama-cpp-python is 0.3.36). MIT License, Copyright (c) 2023 Andrei Betlen.
 #
-# Run against ggml_backend. Changed: the import (there is no ggml_backend counterpart) and a skip
-# mark with its reason, marked "ggml_backend:".
+# Run against ggml_backend. Changed: the import, marked "ggml_backend:".
 import numpy as np
-import pytest
 
 # ggml_backend: was `from llama_cpp.llama_speculative import LlamaPromptLookupDecoding`
-NO_SPECULATIVE_DECODING = (
-    "llama_cpp.llama_speculative (prompt-lookup speculative decoding, a Llama(draft_model=...)) has no counterpart: "
-    "ggml_backend does no speculative decoding (draft_model is refused: README table, row `__init__`)")
-pytestmark = pytest.mark.skip(reason=NO_SPECULATIVE_DECODING)
-LlamaPromptLookupDecoding = None
+import llama_cpp_shim as llama_cpp
+
+LlamaPromptLookupDecoding = llama_cpp.llama_speculative.LlamaPromptLookupDecoding
 
 
 def test_find_candidate_pred_tokens():
