@@ -211,6 +211,7 @@ class Llama:
         self.logits_all = logits_all
         self.draft_model = draft_model
         self._pass_times = PassTimes()   # speculative decoding's measured pass times (speculative.py)
+        self.n_drafted = self.n_draft_accepted = 0   # drafted tokens verified, and accepted, so far
         self.chat_format = chat_format
         self.embedding = bool(embedding)
         from .embeddings import resolve_pooling
@@ -260,6 +261,7 @@ class Llama:
                 other.__dict__[name] = self.__dict__[name]
         other._n_ctx = int(n_ctx)
         other.load_time_s = 0.0
+        other.n_drafted = other.n_draft_accepted = 0
         other._new_context_state()
         return other
 
@@ -599,18 +601,19 @@ class Llama:
             return max_tokens is not None and 0 < max_tokens <= n_produced
 
         produced = 0
-        # the tokens sampled next, each with the logits it came from: one at a time in plain decoding; a
-        # verification of drafted tokens (speculative decoding) samples several from one forward pass
+        # the tokens sampled next: (token, the logits it came from, whether the generation ends with it, decided
+        # when it was sampled: the grammar may have moved on since); one at a time in plain decoding, several from
+        # one forward pass in a verification of drafted tokens (speculative decoding)
         token = sample_after(session.n_tokens, session.last_logits)
         if token is None:
             return
-        ready = [(token, session.last_logits)]
+        ready = [(token, session.last_logits, ends_after(token, 1))]
         stopped = False   # a stopping criterion ended the generation after the tokens in ready
         while ready:
-            token, logits = ready.pop(0)
+            token, logits, last = ready.pop(0)
             produced += 1
             yield token, logits
-            if ends_after(token, produced):
+            if last:
                 return
             if ready:
                 continue
@@ -629,41 +632,54 @@ class Llama:
     def _decode_step(self, token: int, drafting: DraftLength | None, sample_after, ends_after, left: int | None):
         """Evaluate ``token`` and sample the next one; with speculative decoding (``drafting``) evaluate a draft of
         the tokens after it in the same pass and sample each position in turn while the draft was right
-        (speculative.py). Returns the (token, logits) pairs sampled, the last of them not yet evaluated, with the
-        KV cache cut back to the tokens before it (the state plain decoding would be in); and whether a stopping
-        criterion ended the generation after them. ``ends_after(token, n)``: whether the n-th token sampled here
+        (speculative.py). Returns the (token, logits, whether the generation ends with it) sampled, the last not
+        yet evaluated, with the KV cache cut back to the tokens before it (the state plain decoding would be in);
+        and whether a stopping criterion ended the generation after them. ``ends_after(token, n)``: whether the n-th token sampled here
         ends the generation; ``left``: how many more tokens it may produce (None: no limit)."""
         session = self.session
         n_tokens = session.n_tokens
-        draft = []
+        draft, shadow = [], None
         if drafting is not None:
             most = min(MAX_DRAFT, self._n_ctx - n_tokens - 1)
             if left is not None:
                 most = min(most, left - 1)   # a pass of k + 1 tokens samples k + 1
             k = drafting.limit(most)
-            if k > 0:
+            if most > 0:
                 context = np.append(session.input_ids[:n_tokens], token).astype(np.intc)
-                draft = checked_draft(self.draft_model, context, k, self.hparams.n_vocab)
+                draft = checked_draft(self.draft_model, context, max(k, 1), self.hparams.n_vocab)
+            if k == 0 and draft:   # not worth verifying: kept as a shadow draft, to see whether it was right
+                shadow, draft = draft[0], []
         t0 = time.perf_counter()
         if not draft:
             self.eval([token])
             if drafting is not None:
                 self._pass_times.record(1, time.perf_counter() - t0)
             sampled = sample_after(session.n_tokens, session.last_logits)
-            return ([], True) if sampled is None else ([(sampled, session.last_logits)], False)
-        rows = session.eval_every_row([token] + draft)
+            if sampled is None:
+                return [], True
+            if shadow is not None:
+                drafting.update(1, int(sampled == shadow))
+            return [(sampled, session.last_logits, ends_after(sampled, 1))], False
+        rows = self._eval_every_row([token] + draft)
         self._pass_times.record(len(draft) + 1, time.perf_counter() - t0)
         ready = []
         for i, logits in enumerate(rows):
             end = n_tokens + 1 + i
             sampled = sample_after(end, logits)
+            last = sampled is not None and ends_after(sampled, len(ready) + 1)
             if sampled is not None:
-                ready.append((sampled, logits))
-            if sampled is None or i == len(draft) or sampled != draft[i] or ends_after(sampled, len(ready)):
+                ready.append((sampled, logits, last))
+            if sampled is None or last or i == len(draft) or sampled != draft[i]:
                 drafting.update(len(draft), i)
+                self.n_drafted += len(draft)
+                self.n_draft_accepted += i
                 session.rewind(end, logits)
                 return ready, sampled is None
         raise AssertionError("unreachable: the last row ends the verification")
+
+    def _eval_every_row(self, tokens: list[int]) -> np.ndarray:
+        """A verification pass: ``tokens`` evaluated, the logits after each (subclasses time it)."""
+        return self.session.eval_every_row(tokens)
 
     def _cache_generation_end(self, snapshot) -> None:
         """On the worker, when a generation ends: combined forward passes stop waiting for this context, and its

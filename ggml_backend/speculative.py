@@ -146,27 +146,23 @@ class DraftLength:
     """How many drafted tokens one generation verifies at its next step: the k that maximises the tokens a pass
     is expected to yield, 1 + p + ... + p^k (each drafted token accepted with probability p while the ones
     before it were), per second of a pass of k + 1 tokens. p is this generation's acceptance so far, a decaying
-    count of accepted and rejected drafted tokens starting from a neutral prior. When no k > 0 pays, nothing is
-    drafted, except a short probe at the first step and every ``PROBE_EVERY`` steps, so that a generation whose
-    text starts repeating (a quoted block, a code edit) finds out."""
+    count of accepted and rejected drafted tokens starting from a neutral prior. While no k > 0 pays, the draft
+    model is still asked at each step and its first token compared with the token sampled next (a shadow draft,
+    costing no pass), so a generation whose text starts repeating (a quoted block, a code edit) starts drafting
+    within a few tokens."""
 
     PRIOR = (1.0, 1.0)   # accepted, rejected
-    DECAY = 0.8      # per verification: after a run of long accepted drafts, about 8 rejected ones rule drafting out
-    PROBE_EVERY = 16
-    PROBE_LENGTH = 2
+    DECAY = 0.8          # per update: after a run of long accepted drafts, about 8 rejected ones rule drafting out
 
     def __init__(self, times: PassTimes):
         self.times = times
         self.accepted, self.rejected = self.PRIOR
-        self.idle_steps = self.PROBE_EVERY - 1   # the first step probes unless drafting already pays
 
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
     def limit(self, most: int) -> int:
         """The number of drafted tokens worth verifying at this step, at most ``most``."""
-        if most <= 0:
-            return 0
         p = self.acceptance()
         best_k, best_rate = 0, 1.0 / self.times.estimate(1)
         expected = 1.0
@@ -175,18 +171,12 @@ class DraftLength:
             rate = expected / self.times.estimate(k + 1)
             if rate > best_rate:
                 best_k, best_rate = k, rate
-        if best_k == 0:
-            self.idle_steps += 1
-            if self.idle_steps >= self.PROBE_EVERY:
-                self.idle_steps = 0
-                return min(most, self.PROBE_LENGTH)
-        else:
-            self.idle_steps = 0
         return best_k
 
     def update(self, drafted: int, accepted: int) -> None:
         """After a verification of ``drafted`` tokens of which the first ``accepted`` were the model's own (a
-        verification cut short by the end of the generation counts only the positions it sampled)."""
+        shadow draft: ``drafted`` 1; a verification cut short by the end of the generation counts only the
+        positions it sampled)."""
         if drafted <= 0:
             return
         self.accepted = self.DECAY * self.accepted + accepted

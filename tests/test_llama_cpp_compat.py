@@ -104,7 +104,7 @@ def test_llama_cpp_python_parameters_are_all_there():
 
 @pytest.mark.parametrize("kwargs", [dict(lora_path="x.bin"), dict(numa=True), dict(split_mode=2),
                                     dict(kv_overrides={"a": 1}), dict(yarn_ext_factor=1.0),
-                                    dict(draft_model=object()), dict(type_k=2), dict(type_v=30),
+                                    dict(type_k=2), dict(type_v=30),
                                     dict(chat_handler=print)])
 def test_constructor_refuses_what_it_cannot_honour(kwargs):
     with pytest.raises(NotImplementedError, match=next(iter(kwargs))):

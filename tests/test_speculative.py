@@ -91,18 +91,19 @@ def test_prompt_lookup_finds_the_earliest_continuation():
 
 def test_the_draft_length_follows_acceptance(fixed_costs):
     drafting = DraftLength(PassTimes())
-    assert drafting.limit(10) == DraftLength.PROBE_LENGTH   # a neutral prior: a short probe first
+    assert drafting.limit(10) == 0            # a neutral prior: verifying does not pay yet
+    for _ in range(3):
+        drafting.update(1, 1)                 # shadow drafts that were right
+    assert 0 < drafting.limit(10) < 10
     for _ in range(6):
         drafting.update(10, 10)
     assert drafting.limit(10) == 10           # every draft right: the longest
-    assert drafting.limit(3) == 3
+    assert drafting.limit(3) == 3 and drafting.limit(0) == 0
     failures = 0
-    while drafting.limit(10) > 0:             # then every draft wrong: soon none ...
+    while drafting.limit(10) > 0:             # then every draft wrong: soon none
         drafting.update(4, 0)
         failures += 1
     assert failures <= 10
-    probes = [drafting.limit(10) for _ in range(DraftLength.PROBE_EVERY)]
-    assert probes.count(DraftLength.PROBE_LENGTH) == 1 and probes.count(0) == len(probes) - 1   # ... but a probe
 
 
 def test_pass_times_skip_the_first_pass_and_interpolate():
@@ -149,7 +150,8 @@ def test_right_drafts_save_passes_and_wrong_ones_change_nothing(qwen_pair, monke
     answer_tokens = plain.session.input_ids[len(prompt_tokens):plain.n_tokens].tolist()
     for draft_model in (OracleDraft(prompt_tokens, answer_tokens), WrongDraft()):
         with monkeypatch.context() as patches:
-            patches.setattr(drafted, "draft_model", CountingDraft(draft_model))
+            counting = CountingDraft(draft_model)
+            patches.setattr(drafted, "draft_model", counting)
             counts = count_passes(drafted, patches)
             text = drafted.create_completion(prompt_tokens, max_tokens=60, temperature=0)["choices"][0]["text"]
         assert text == answer
@@ -158,8 +160,9 @@ def test_right_drafts_save_passes_and_wrong_ones_change_nothing(qwen_pair, monke
             # the prompt, then a few passes that each verify many tokens
             assert verifications >= 2 and one_token + verifications <= 20 and verified >= 50
         else:
-            # after the first failures nothing is drafted but the occasional probe
-            assert verifications <= 2 + 60 // DraftLength.PROBE_EVERY and one_token >= 40
+            # shadow drafts are wrong from the start: nothing is verified (the last step drafts nothing: one
+            # token is left to sample)
+            assert verifications == 0 and one_token == 60 and counting.calls == 58
 
 
 def test_grammar_stops_and_streams_agree(qwen_pair, fixed_costs):

@@ -14,6 +14,7 @@ import time
 from ..api import Llama
 from ..generation import Sampler, SamplingParams
 from ..model.kv_cache import CACHE_TYPES
+from ..speculative import MAX_DRAFT, LlamaPromptLookupDecoding
 
 # llama.cpp's console colors (common/console.cpp)
 ANSI_RESET = "\x1b[0m"
@@ -54,6 +55,12 @@ def add_model_arguments(parser) -> None:
                help="KV cache type of the values: f16 (default, as llama.cpp), f32 or q8_0")
     add_option(parser, "--gqa", type=int, default=None,
                help="grouped-query attention factor n_head/n_head_kv (GGML files; e.g. 8 for LLaMA-2 70B)")
+    add_option(parser, "--lookup", action="store_true",
+               help="speculative decoding by prompt lookup: drafts copied from where the last tokens occurred "
+                    "before in the context, verified in one pass; the same output, faster where it repeats its "
+                    "input (code edits, quoting)")
+    add_option(parser, "--draft-max", "--draft", "--draft-n", type=int, default=None,
+               help=f"with --lookup: the most tokens drafted at a time (default: 10; at most {MAX_DRAFT})")
     add_option(parser, "--chat-template", default=None,
                help="chat template: a built-in name, a file (.jinja/.yaml/.json) or Jinja text")
     add_option(parser, "--log-disable", action="store_true",
@@ -115,6 +122,14 @@ class TimedLlama(Llama):
         self.n_eval = 0
         super().__init__(*args, **kwargs)
 
+    def _eval_every_row(self, tokens):
+        """A speculative verification pass counts as one eval run (llama.cpp's lookup counts its decode calls)."""
+        t0 = time.perf_counter()
+        rows = super()._eval_every_row(tokens)
+        self.eval_s += time.perf_counter() - t0
+        self.n_eval += 1
+        return rows
+
     def eval(self, tokens) -> None:
         tokens = list(tokens)
         t0 = time.perf_counter()
@@ -157,6 +172,10 @@ def timing_summary(llm: TimedLlama, sampler: TimedSampler | None) -> str:
         lines.append(_rate_line("sample time", sampler.sample_s, sampler.n_sample, "runs  "))
     lines.append(_rate_line("prompt eval time", llm.prompt_eval_s, llm.n_prompt_eval, "tokens"))
     lines.append(_rate_line("eval time", llm.eval_s, llm.n_eval, "runs  "))
+    if llm.draft_model is not None:
+        share = 100.0 * llm.n_draft_accepted / llm.n_drafted if llm.n_drafted else 0.0
+        lines.append(f"llama_print_timings: {'prompt lookup':>16} = {llm.n_drafted:10d} drafted tokens verified, "
+                     f"{llm.n_draft_accepted} accepted ({share:.1f}%)")
     lines.append(f"llama_print_timings: {'total time':>16} = {(time.perf_counter() - llm.t_start) * 1000.0:10.2f} ms")
     return "\n".join(lines)
 
@@ -195,6 +214,10 @@ def check_model_arguments(args) -> None:
         raise ValueError(f"--gqa must be >= 1, got {args.gqa}")
     if args.n_predict < -2:
         raise ValueError(f"--n-predict must be >= -2, got {args.n_predict}")
+    if args.draft_max is not None and not args.lookup:
+        raise ValueError("--draft-max needs --lookup (speculative decoding by prompt lookup)")
+    if args.draft_max is not None and not 1 <= args.draft_max <= MAX_DRAFT:
+        raise ValueError(f"--draft-max must be between 1 and {MAX_DRAFT}, got {args.draft_max}")
 
 
 def grammar_from_args(args):
@@ -261,7 +284,14 @@ def load_model(args, log: InfoLog) -> TimedLlama:
                       n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu, seed=args.seed,
                       rope_freq_base=args.rope_freq_base, rope_freq_scale=args.rope_freq_scale, verbose=log.enabled, chat_format=args.chat_template,
                       n_head_kv=n_head_kv, type_k=args.cache_type_k, type_v=args.cache_type_v,
-                      use_mmap=not args.no_mmap)
+                      use_mmap=not args.no_mmap, draft_model=draft_model_from_args(args))
+
+
+def draft_model_from_args(args):
+    """--lookup [--draft-max N]: prompt lookup drafting up to N tokens (llama-cpp-python's default 10)."""
+    if not args.lookup:
+        return None
+    return LlamaPromptLookupDecoding(num_pred_tokens=10 if args.draft_max is None else args.draft_max)
 
 
 def eog_bias(llm: Llama) -> dict[int, float]:
