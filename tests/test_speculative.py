@@ -226,3 +226,30 @@ def test_a_bad_draft_model_gets_a_clear_error(tiny_path):
             list(llm.generate([1, 2, 3], temp=0))
         llm.close()
     assert spec.MAX_DRAFT + 1 < 48
+
+
+def test_the_server_with_lookup_gives_the_engines_replies(qwen_pair):
+    """``serve --lookup``: two slots streaming at once (their passes combined, verifications included) reply
+    what the engine alone replies; a bad --draft-max is refused."""
+    openai = pytest.importorskip("openai", reason="the openai package (a dev dependency) drives the server")
+    pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, sse-starlette) is not installed")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ggml_backend.server import ModelConfig
+    from server_fixtures import running_server
+    plain, _ = qwen_pair
+    questions = [COPY_PROMPT, FREE_PROMPT]
+    want = [plain.create_completion(q, max_tokens=60, temperature=0, repeat_penalty=1.0)["choices"][0]["text"]
+            for q in questions]
+    with pytest.raises(ValueError, match="draft_max must be an integer from 0"):
+        ModelConfig(alias="qwen", draft_max=100).check()
+    with running_server(models=[ModelConfig(alias="qwen", n_ctx=2048, n_parallel=2, draft_max=10)]) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+        def ask(prompt):
+            chunks = client.completions.create(model="qwen", prompt=prompt, max_tokens=60, temperature=0,
+                                               stream=True, extra_body={"repeat_penalty": 1.0})
+            return "".join(c.choices[0].text for c in chunks)
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(ask, questions))
+    assert got == want

@@ -35,11 +35,12 @@ ACTIVE_S = 0.25
 
 
 class _Job:
-    __slots__ = ("tokens", "cache", "done", "logits", "error")
+    __slots__ = ("tokens", "cache", "every_row", "done", "logits", "error")
 
-    def __init__(self, tokens, cache):
+    def __init__(self, tokens, cache, every_row=False):
         self.tokens = tokens
         self.cache = cache
+        self.every_row = every_row   # the logits after each of its tokens (a speculative verification)
         self.done = False
         self.logits = None
         self.error: BaseException | None = None
@@ -63,16 +64,18 @@ class ForwardBatcher:
         self.passes = 0                          # statistics: passes run, tokens carried
         self.tokens = 0
 
-    def forward(self, tokens, cache):
-        """One context's tokens (fewer than max_rows) through a combined pass: its last token's logits [1, n_vocab]."""
-        return self.forward_many([(tokens, cache)])[0]
+    def forward(self, tokens, cache, every_row: bool = False):
+        """One context's tokens (fewer than max_rows) through a combined pass: its last token's logits [1, n_vocab],
+        or with ``every_row`` the logits after each of its tokens."""
+        return self.forward_many([(tokens, cache)], every_row)[0]
 
-    def forward_many(self, items):
+    def forward_many(self, items, every_row: bool = False):
         """Several sequences of one caller ([(tokens, cache), ...], each cache once, max_rows tokens at most in
-        all) through one combined pass, joined by whatever other callers are waiting: each one's last logits.
-        The public ``ContinuousBatcher`` submits its whole step here, so its sequences and the contexts of
-        ``Llama.new_context`` (the server's slots) share the same passes."""
-        own = [_Job(tokens, cache) for tokens, cache in items]
+        all) through one combined pass, joined by whatever other callers are waiting: each one's last logits
+        (``every_row``: the logits after each of its tokens). The public ``ContinuousBatcher`` submits its whole
+        step here, so its sequences and the contexts of ``Llama.new_context`` (the server's slots) share the
+        same passes."""
+        own = [_Job(tokens, cache, every_row) for tokens, cache in items]
         if sum(len(j.tokens) for j in own) > self.max_rows:
             raise ValueError(f"a combined pass carries at most {self.max_rows} tokens")
         with self._lock:
@@ -89,10 +92,12 @@ class ForwardBatcher:
             batch = self._gather([j for j in own if not j.done])
         try:
             from ..quant.matmul import single_threaded_blas
+            # every row's logits when a job wants them (only the rows of jobs of several tokens are extra)
+            every_row = any(j.every_row for j in batch)
             with self.model.turns, single_threaded_blas():
-                results = self.model.forward_many([(j.tokens, j.cache) for j in batch])
+                results = self.model.forward_many([(j.tokens, j.cache) for j in batch], every_row)
             for j, logits in zip(batch, results):
-                j.logits = logits
+                j.logits = logits if j.every_row or not every_row else logits[-1:]
         except BaseException as exc:  # every job of the pass gets it (the pass's caches are in doubt)
             for j in batch:
                 j.error = exc

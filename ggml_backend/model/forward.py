@@ -288,8 +288,8 @@ class Model:
         through the batcher, which runs the waiting contexts' tokens in one pass (model/batching.py); a long
         prompt runs alone. Either way the numbers are those of the context running alone."""
         self.check(tokens, cache)
-        if self.batcher is not None and not all_logits and len(tokens) < BLAS_MIN_TOKENS:
-            return self.batcher.forward(tokens, cache)
+        if self.batcher is not None and len(tokens) < BLAS_MIN_TOKENS:
+            return self.batcher.forward(tokens, cache, all_logits)
         with self.turns, single_threaded_blas():   # our own threads do the parallel work; see quant/matmul.py
             return self.forward_many([(tokens, cache)], all_logits)[0]
 

@@ -14,6 +14,8 @@ models:
     n_gpu_layers: 0             # layers offloaded to an NVIDIA GPU (-1: all); default the server's -ngl
     main_gpu: 0                 # which GPU; default the server's --main-gpu
     use_mmap: true              # false: read the file into memory (huge pages), as --no-mmap; default true
+    draft_max: 0                # speculative decoding by prompt lookup, drafting up to N tokens (--lookup
+                                # --draft-max N); 0: off (default)
 ```
 Models are loaded when first asked for; the first one in the list serves requests that name no model.
 """
@@ -48,6 +50,7 @@ class ModelConfig:
     n_gpu_layers: int = 0                # the last layers on an NVIDIA GPU (-1: all; ggml_backend/cuda)
     main_gpu: int = 0
     use_mmap: bool = True                # False: the file read into memory (formats/resident.py)
+    draft_max: int = 0                   # > 0: prompt lookup drafts of up to this many tokens (speculative.py)
 
     @property
     def slot_ctx(self) -> int:
@@ -68,6 +71,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{at}{name} must be an integer >= {low}, got {value!r}")
+        from ..speculative import MAX_DRAFT
+        if isinstance(self.draft_max, bool) or not isinstance(self.draft_max, int) \
+                or not 0 <= self.draft_max <= MAX_DRAFT:
+            raise ValueError(f"{at}draft_max must be an integer from 0 (off) to {MAX_DRAFT}, got {self.draft_max!r}")
         if not isinstance(self.use_mmap, bool):
             raise ValueError(f"{at}use_mmap must be true or false, got {self.use_mmap!r}")
         for name in ("cache_type_k", "cache_type_v"):
@@ -110,7 +117,7 @@ class ServerConfig:
 
 
 _MODEL_KEYS = {"alias", "path", "n_ctx", "n_parallel", "chat_template", "n_threads", "cache_type_k", "cache_type_v",
-               "n_gpu_layers", "main_gpu", "use_mmap"}
+               "n_gpu_layers", "main_gpu", "use_mmap", "draft_max"}
 
 
 def load_models_file(path: str, defaults: ModelConfig) -> list[ModelConfig]:
@@ -157,7 +164,8 @@ def load_models_file(path: str, defaults: ModelConfig) -> list[ModelConfig]:
                             cache_type_v=entry.get("cache_type_v", defaults.cache_type_v),
                             n_gpu_layers=entry.get("n_gpu_layers", defaults.n_gpu_layers),
                             main_gpu=entry.get("main_gpu", defaults.main_gpu),
-                            use_mmap=entry.get("use_mmap", defaults.use_mmap))
+                            use_mmap=entry.get("use_mmap", defaults.use_mmap),
+                            draft_max=entry.get("draft_max", defaults.draft_max))
         model.check(where)
         models.append(model)
     return models

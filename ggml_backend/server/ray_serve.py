@@ -29,7 +29,8 @@ APP_NAME = "ggml-backend"
 HEALTH_CHECK_PERIOD_S = 5
 #: what an application builder's ``args`` may hold (serve.yaml's ``args:``)
 BUILDER_ARGS = {"model", "alias", "models", "n_ctx", "n_parallel", "threads", "chat_template", "api_key",
-                "max_body", "queue_limit", "replicas", "autoscale", "cache_type_k", "cache_type_v", "use_mmap"}
+                "max_body", "queue_limit", "replicas", "autoscale", "cache_type_k", "cache_type_v", "use_mmap",
+                "draft_max"}
 
 
 @serve.ingress()
@@ -126,7 +127,7 @@ def build_app(args: dict):
                            n_parallel=int(args.get("n_parallel", DEFAULT_N_PARALLEL)),
                            chat_template=args.get("chat_template"), n_threads=threads,
                            cache_type_k=args.get("cache_type_k", "f16"), cache_type_v=args.get("cache_type_v", "f16"),
-                           use_mmap=args.get("use_mmap", True))
+                           use_mmap=args.get("use_mmap", True), draft_max=args.get("draft_max", 0))
     if args.get("models"):
         models = load_models_file(args["models"], defaults)
     else:

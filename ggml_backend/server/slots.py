@@ -342,6 +342,8 @@ class ModelRegistry:
 
 def _load_llama(config: ModelConfig):
     from ..api import Llama
+    from ..speculative import LlamaPromptLookupDecoding
+    draft_model = LlamaPromptLookupDecoding(num_pred_tokens=config.draft_max) if config.draft_max else None
     return Llama(config.path, n_ctx=config.slot_ctx, n_threads=config.n_threads, chat_format=config.chat_template,
                  type_k=config.cache_type_k, type_v=config.cache_type_v, n_gpu_layers=config.n_gpu_layers,
-                 main_gpu=config.main_gpu, use_mmap=config.use_mmap, verbose=False)
+                 main_gpu=config.main_gpu, use_mmap=config.use_mmap, draft_model=draft_model, verbose=False)
