@@ -80,10 +80,10 @@ def test_passes_longer_than_the_active_window_still_gather_every_context(qwen, m
     sizes: list = []
     forward_many = qwen.model.forward_many
 
-    def slow(items):
+    def slow(items, *args):
         sizes.append(len(items))
         time.sleep(batching.ACTIVE_S + 0.05)
-        return forward_many(items)
+        return forward_many(items, *args)
     monkeypatch.setattr(qwen.model, "forward_many", slow)
     _at_once([lambda i=i: _generate(contexts[i], f"List {i + 3} fruits:", 12) for i in range(len(contexts))])
     # 4 prompts and 11 decode steps each: ideally 12 passes of 4 (a loaded machine's stragglers add a few);
@@ -100,7 +100,7 @@ def test_a_context_waiting_through_a_long_pass_stays_expected_by_the_next():
     class SlowModel:
         turns = threading.Lock()
 
-        def forward_many(self, items):
+        def forward_many(self, items, all_logits=False):
             time.sleep(batching.ACTIVE_S + 0.1)
             return [len(tokens) for tokens, _ in items]
 
