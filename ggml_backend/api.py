@@ -638,17 +638,20 @@ class Llama:
         ends the generation; ``left``: how many more tokens it may produce (None: no limit)."""
         session = self.session
         n_tokens = session.n_tokens
-        draft, shadow = [], None
+        draft = []
         if drafting is not None:
             most = min(MAX_DRAFT, self._n_ctx - n_tokens - 1)
             if left is not None:
                 most = min(most, left - 1)   # a pass of k + 1 tokens samples k + 1
             k = drafting.limit(most)
-            if most > 0:
+            if most > 0 and (k > 0 or drafting.wants_shadow()):
                 context = np.append(session.input_ids[:n_tokens], token).astype(np.intc)
-                draft = checked_draft(self.draft_model, context, max(k, 1), self.hparams.n_vocab)
-            if k == 0 and draft:   # not worth verifying: kept as a shadow draft, to see whether it was right
-                shadow, draft = draft[0], []
+                draft = checked_draft(self.draft_model, context, most, self.hparams.n_vocab)
+            if k == 0:   # not worth verifying: followed as a shadow, to see how much of it was right
+                if draft:
+                    drafting.follow(draft)
+                draft = []
+            del draft[k:]
         t0 = time.perf_counter()
         if not draft:
             self.eval([token])
@@ -657,8 +660,8 @@ class Llama:
             sampled = sample_after(session.n_tokens, session.last_logits)
             if sampled is None:
                 return [], True
-            if shadow is not None:
-                drafting.update(1, int(sampled == shadow))
+            if drafting is not None:
+                drafting.observe(sampled)
             return [(sampled, session.last_logits, ends_after(sampled, 1))], False
         rows = self._eval_every_row([token] + draft)
         self._pass_times.record(len(draft) + 1, time.perf_counter() - t0)

@@ -146,17 +146,24 @@ class DraftLength:
     """How many drafted tokens one generation verifies at its next step: the k that maximises the tokens a pass
     is expected to yield, 1 + p + ... + p^k (each drafted token accepted with probability p while the ones
     before it were), per second of a pass of k + 1 tokens. p is this generation's acceptance so far, a decaying
-    count of accepted and rejected drafted tokens starting from a neutral prior. While no k > 0 pays, the draft
-    model is still asked at each step and its first token compared with the token sampled next (a shadow draft,
-    costing no pass), so a generation whose text starts repeating (a quoted block, a code edit) starts drafting
-    within a few tokens."""
+    count of accepted and rejected drafted tokens starting from a neutral prior.
+
+    While no k > 0 pays, a draft is still taken now and then and followed as a shadow: each token sampled after it
+    is compared with the drafted one at its place, until one differs or the draft runs out, and the run counts as
+    a verification would (no pass is spent on it). So the acceptance is measured at every depth, not only at the
+    first drafted token (code's first drafted token after a newline is often right, the next ones rarely), and a
+    generation whose text starts repeating (a quoted block, a code edit) starts drafting within a few tokens."""
 
     PRIOR = (1.0, 1.0)   # accepted, rejected
     DECAY = 0.8          # per update: after a run of long accepted drafts, about 8 rejected ones rule drafting out
+    SHADOW_LENGTH = 4    # tokens of a shadow draft followed: long enough to see past the first, short enough that
+                         # a right one is known in a few steps (a longer run is extrapolated: p per position)
 
     def __init__(self, times: PassTimes):
         self.times = times
         self.accepted, self.rejected = self.PRIOR
+        self.shadow: list[int] = []   # a draft being followed, and how many of its tokens were sampled so far
+        self.shadow_matched = 0
 
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
@@ -171,12 +178,34 @@ class DraftLength:
             rate = expected / self.times.estimate(k + 1)
             if rate > best_rate:
                 best_k, best_rate = k, rate
+        if best_k > 0:
+            self.shadow = []   # a real verification measures the acceptance from now on
         return best_k
 
+    def wants_shadow(self) -> bool:
+        """Whether a draft should be taken to follow (none is being followed)."""
+        return not self.shadow
+
+    def follow(self, draft: list[int]) -> None:
+        """Follow ``draft`` (of the tokens after the one being evaluated) as a shadow."""
+        self.shadow, self.shadow_matched = list(draft[:self.SHADOW_LENGTH]), 0
+
+    def observe(self, token: int) -> None:
+        """The token sampled at this step (no draft verified): compared with the shadow draft's, if one is
+        followed."""
+        if not self.shadow:
+            return
+        if token == self.shadow[self.shadow_matched]:
+            self.shadow_matched += 1
+            if self.shadow_matched < len(self.shadow):
+                return
+        self.update(len(self.shadow), self.shadow_matched)
+        self.shadow = []
+
     def update(self, drafted: int, accepted: int) -> None:
-        """After a verification of ``drafted`` tokens of which the first ``accepted`` were the model's own (a
-        shadow draft: ``drafted`` 1; a verification cut short by the end of the generation counts only the
-        positions it sampled)."""
+        """After a verification (or a shadow draft) of ``drafted`` tokens of which the first ``accepted`` were
+        the model's own (a verification cut short by the end of the generation counts only the positions it
+        sampled)."""
         if drafted <= 0:
             return
         self.accepted = self.DECAY * self.accepted + accepted

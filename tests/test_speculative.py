@@ -91,10 +91,13 @@ def test_prompt_lookup_finds_the_earliest_continuation():
 
 def test_the_draft_length_follows_acceptance(fixed_costs):
     drafting = DraftLength(PassTimes())
-    assert drafting.limit(10) == 0            # a neutral prior: verifying does not pay yet
-    for _ in range(3):
-        drafting.update(1, 1)                 # shadow drafts that were right
-    assert 0 < drafting.limit(10) < 10
+    assert drafting.limit(10) == 0 and drafting.wants_shadow()   # a neutral prior: verifying does not pay yet
+    for _ in range(3):                        # shadow drafts followed token by token, right to their end
+        drafting.follow([4, 5, 6])
+        assert not drafting.wants_shadow()
+        for token in (4, 5, 6):
+            drafting.observe(token)
+    assert drafting.wants_shadow() and 0 < drafting.limit(10) < 10
     for _ in range(6):
         drafting.update(10, 10)
     assert drafting.limit(10) == 10           # every draft right: the longest
@@ -104,6 +107,16 @@ def test_the_draft_length_follows_acceptance(fixed_costs):
         drafting.update(4, 0)
         failures += 1
     assert failures <= 10
+
+
+def test_a_shadow_draft_counts_its_right_tokens_up_to_the_first_wrong_one(fixed_costs):
+    counted = []
+    drafting = DraftLength(PassTimes())
+    drafting.update = lambda drafted, accepted: counted.append((drafted, accepted))
+    drafting.follow([7, 8, 9, 10])
+    for token in (7, 8, 3, 10):
+        drafting.observe(token)
+    assert counted == [(4, 2)] and drafting.wants_shadow()
 
 
 def test_pass_times_skip_the_first_pass_and_interpolate():
