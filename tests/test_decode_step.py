@@ -1,5 +1,5 @@
-"""The compiled decode step (model/decode_step.py) against the Python forward pass it replaces for one token:
-the same logits and the same cache contents, bit for bit, on the real model and on the synthetic model of every
+"""The compiled decode step (model/decode_step.py) against the Python forward pass it replaces for a few tokens (one,
+or several of one sequence): the same logits and the same cache contents, bit for bit, on the real model and on the synthetic model of every
 block type; the models and caches it cannot take keep the Python path."""
 import numpy as np
 import pytest
@@ -27,20 +27,24 @@ def _count_compiled_passes(monkeypatch) -> list:
     return taken
 
 
+#: what follows the prompt: single tokens (decode steps), then passes of a few tokens of the one sequence (a
+#: speculative verification, a short prompt chunk), all under the integer GEMM's 8 tokens
+CHUNKS = [[200 + 7 * i] for i in range(STEPS)] + [[300, 301], [302, 303, 304], [305, 306, 307, 308, 309]]
+
+
 def _decode(path, fused: bool, monkeypatch, **kwargs):
-    """(logits of STEPS one-token evaluations after a prompt, the cache's stored keys and values, how many of
-    the steps took the compiled layers)."""
-    llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False, **kwargs)
+    """(logits after every token of CHUNKS, evaluated chunk by chunk after a prompt, the cache's stored keys and
+    values, how many of the chunks took the compiled layers)."""
+    llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True, **kwargs)
     if not fused:
         llm.model.fused_decode = None
-    taken = _count_compiled_passes(monkeypatch)
     llm.eval(PROMPT)
-    logits = []
-    for i in range(STEPS):
-        llm.eval([200 + 7 * i])
-        logits.append(np.array(llm.scores[llm.n_tokens - 1]))
+    taken = _count_compiled_passes(monkeypatch)
+    for chunk in CHUNKS:
+        llm.eval(chunk)
     monkeypatch.undo()
-    n = len(PROMPT) + STEPS
+    n = len(PROMPT) + sum(map(len, CHUNKS))
+    logits = [np.array(row) for row in llm.scores[len(PROMPT):n]]
     stored = (llm.cache.k.data[:, :, :n].copy(), llm.cache.v.data[:, :, :n].copy())
     return logits, stored, len(taken)
 
@@ -48,9 +52,9 @@ def _decode(path, fused: bool, monkeypatch, **kwargs):
 def _same_as_python_path(path, monkeypatch, **kwargs):
     fused_logits, fused_cache, taken = _decode(path, True, monkeypatch, **kwargs)
     python_logits, python_cache, _ = _decode(path, False, monkeypatch, **kwargs)
-    assert taken == STEPS, "the compiled decode step was not taken"
-    for step, (a, b) in enumerate(zip(fused_logits, python_logits)):
-        assert np.array_equal(a, b), f"step {step}: logits differ by up to {np.abs(a - b).max()}"
+    assert taken == len(CHUNKS), "the compiled layers were not taken"
+    for row, (a, b) in enumerate(zip(fused_logits, python_logits)):
+        assert np.array_equal(a, b), f"token {row}: logits differ by up to {np.abs(a - b).max()}"
     for a, b in zip(fused_cache, python_cache):
         assert np.array_equal(a, b), "the caches differ"
 
@@ -90,7 +94,7 @@ def test_q8_0_caches_keep_the_python_path(tiny_path, monkeypatch):
     assert not fused.takes([(0, 1, q8_0, 0)], 1)
     assert fused.takes([(0, 1, mixed, 0)], 1)
     assert not fused.takes([(0, 1, mixed, 0), (1, 2, llm.model.new_cache(32), 0)], 2)   # kinds differ
-    assert not fused.takes([(0, 2, mixed, 0)], 2)   # two tokens of one sequence
+    assert fused.takes([(0, 2, mixed, 0)], 2)       # two tokens of one sequence
     _, _, taken = _decode(tiny_path, True, monkeypatch, type_k=Q8_0, type_v=Q8_0)
     assert taken == 0
 
@@ -115,14 +119,19 @@ def _sequences_pass(path, fused: bool, monkeypatch, n_sequences: int):
     model = llm.model
     if not fused:
         model.fused_decode = None
-    taken = _count_compiled_passes(monkeypatch)
     caches = [model.new_cache(64) for _ in range(n_sequences)]
     for s, cache in enumerate(caches):    # prompts of different lengths: every sequence at its own position
         model.forward_many([(list(range(100 + s, 105 + 2 * s)), cache)])
+    taken = _count_compiled_passes(monkeypatch)
     logits = []
     for step in range(3):
         outs = model.forward_many([([300 + 11 * s + step], cache) for s, cache in enumerate(caches)])
         logits.append(np.concatenate(outs))
+    # then a pass where the sequences carry one or two tokens (verifications beside decode steps; at most 7 in
+    # all, under the integer GEMM's 8)
+    outs = model.forward_many([(list(range(400 + s, 401 + s + s % 2)), cache) for s, cache in enumerate(caches)],
+                              all_logits=True)
+    logits.append(np.concatenate(outs))
     monkeypatch.undo()
     stored = [(c.k.data[:, :, :c.n_past].copy(), c.v.data[:, :, :c.n_past].copy()) for c in caches]
     return logits, stored, len(taken)
@@ -132,7 +141,7 @@ def _sequences_pass(path, fused: bool, monkeypatch, n_sequences: int):
 def test_sequences_decoded_together_same_as_python_path(qwen_path, monkeypatch, n_sequences):
     fused_logits, fused_cache, taken = _sequences_pass(qwen_path, True, monkeypatch, n_sequences)
     python_logits, python_cache, _ = _sequences_pass(qwen_path, False, monkeypatch, n_sequences)
-    assert taken == 3, "the compiled decode step was not taken"
+    assert taken == 4, "the compiled decode step was not taken"
     for a, b in zip(fused_logits, python_logits):
         assert np.array_equal(a, b), f"logits differ by up to {np.abs(a - b).max()}"
     for (ka, va), (kb, vb) in zip(fused_cache, python_cache):
@@ -143,5 +152,5 @@ def test_sequences_decoded_together_same_as_python_path(qwen_path, monkeypatch, 
 def test_sequences_of_other_block_types(monkeypatch, type_name):
     fused_logits, _, taken = _sequences_pass(synthetic_file(type_name), True, monkeypatch, 3)
     python_logits, _, _ = _sequences_pass(synthetic_file(type_name), False, monkeypatch, 3)
-    assert taken == 3
+    assert taken == 4
     assert all(np.array_equal(a, b) for a, b in zip(fused_logits, python_logits))

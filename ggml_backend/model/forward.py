@@ -3,7 +3,7 @@
 The architecture's switches come from model/spec.py; the weights stay in their quantized blocks inside the memory
 map and are multiplied there by quant/matmul.py. Everything else (norms, rope, attention, activations) works on
 float32 activations, which are small next to the weights: numpy, or a small numba kernel where numpy's
-temporaries cost a prompt several percent (rms_norm). A pass of one token per sequence (decode) runs each layer
+temporaries cost a prompt several percent (rms_norm). A pass of a few tokens (decode, verification) runs each layer
 below as one compiled call instead (model/decode_step.py: the same kernels in the same order, the same numbers).
 """
 from __future__ import annotations
@@ -338,7 +338,7 @@ class Model:
 
         n_cpu_layers = hp.n_layer if self.offload is None else self.offload.first_layer
         if self.fused_decode is not None and self.offload is None and self.fused_decode.takes(spans, n_tokens):
-            x = self.fused_decode.run(x, spans, positions, sequences_attention)   # one token each: compiled layers
+            x = self.fused_decode.run(x, spans, positions, sequences_attention)   # a few tokens: compiled layers
             n_cpu_layers = 0
         for il, layer in enumerate(self.layers[:n_cpu_layers]):
             # --- attention ---
