@@ -634,8 +634,9 @@ class Llama:
         the tokens after it in the same pass and sample each position in turn while the draft was right
         (speculative.py). Returns the (token, logits, whether the generation ends with it) sampled, the last not
         yet evaluated, with the KV cache cut back to the tokens before it (the state plain decoding would be in);
-        and whether a stopping criterion ended the generation after them. ``ends_after(token, n)``: whether the n-th token sampled here
-        ends the generation; ``left``: how many more tokens it may produce (None: no limit)."""
+        and whether a stopping criterion ended the generation after them. ``ends_after(token, n)``: whether the
+        n-th token sampled here ends the generation; ``left``: how many more tokens it may produce (None: no
+        limit)."""
         session = self.session
         n_tokens = session.n_tokens
         draft = []

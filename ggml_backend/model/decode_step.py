@@ -158,9 +158,9 @@ def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases,
                  caches, il, sequence, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down):
     """Layer ``il`` for n tokens (``rows``: ONE_TOKEN where n is 1, else SEVERAL; x: float32 [n, n_embd], token t
     at positions[t] of sequence sequence[t]), their keys and values stored in each sequence's cache before any
-    row attends (a row reads its sequence's cache up to its own position), the new x returned. ``caches``, ``sequence``, ``positions``:
-    ``SequencesAttention.kernel_arguments()``, every cache grown past its position. The steps and kernels of
-    ``Model._forward_many``'s loop, in its order."""
+    row attends (a row reads its sequence's cache up to its own position), the new x returned. ``caches``,
+    ``sequence``, ``positions``: ``SequencesAttention.kernel_arguments()``, every cache grown past its positions.
+    The steps and kernels of ``Model._forward_many``'s loop, in its order."""
     n_head, n_head_kv, head_dim_k, head_dim_v = shape
     key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, half_keys, half_values = caches
     n = x.shape[0]
