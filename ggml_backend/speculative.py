@@ -120,10 +120,19 @@ class PassTimes:
             else:   # a pass slowed by something else (a page fault storm, another process) moves it a little
                 self._seconds[n_tokens] = old + self.WEIGHT * (min(seconds, 3 * old) - old)
 
+    def estimates(self, most: int) -> list[float]:
+        """``estimate(n)`` for n = 1 .. most (index n - 1)."""
+        with self._lock:
+            known = dict(self._seconds)
+        return [self._estimate(known, n) for n in range(1, most + 1)]
+
     def estimate(self, n_tokens: int) -> float:
         """The expected seconds of a pass of ``n_tokens``, in units of a one-token pass when nothing is known."""
         with self._lock:
             known = dict(self._seconds)
+        return self._estimate(known, n_tokens)
+
+    def _estimate(self, known: dict[int, float], n_tokens: int) -> float:
         if n_tokens in known:
             return known[n_tokens]
         one = known.get(1, 1.0)
@@ -171,11 +180,12 @@ class DraftLength:
     def limit(self, most: int) -> int:
         """The number of drafted tokens worth verifying at this step, at most ``most``."""
         p = self.acceptance()
-        best_k, best_rate = 0, 1.0 / self.times.estimate(1)
+        seconds = self.times.estimates(most + 1)
+        best_k, best_rate = 0, 1.0 / seconds[0]
         expected = 1.0
         for k in range(1, most + 1):
             expected += p ** k
-            rate = expected / self.times.estimate(k + 1)
+            rate = expected / seconds[k]
             if rate > best_rate:
                 best_k, best_rate = k, rate
         if best_k > 0:

@@ -23,7 +23,8 @@ def fixed_costs(monkeypatch):
     """Pass costs as a fixed model (one token 1, each further token 0.5; measured on a 2-core Zen 4: 1.1 for the
     second, 0.4 each up to eleven) instead of measured times, so which drafts are verified depends only on the
     acceptance (the outputs never depend on it)."""
-    monkeypatch.setattr(PassTimes, "estimate", lambda self, n: 1.0 + 0.5 * (n - 1))
+    monkeypatch.setattr(PassTimes, "estimates",
+                        lambda self, most: [1.0 + 0.5 * (n - 1) for n in range(1, most + 1)])
 
 
 class CountingDraft(LlamaDraftModel):
@@ -234,7 +235,8 @@ def test_a_bad_draft_model_gets_a_clear_error(tiny_path):
              (lambda ids: np.array([0.5]), TypeError, "1-D array of integer token ids")]
     for draft_model, error, message in cases:
         llm = Llama(str(tiny_path), n_ctx=64, verbose=False, draft_model=draft_model)
-        llm._pass_times.estimate = lambda n: 1.0 + 0.1 * (n - 1)   # drafting always pays: the model is asked
+        # drafting always pays: the model is asked
+        llm._pass_times.estimates = lambda most: [1.0 + 0.1 * (n - 1) for n in range(1, most + 1)]
         with pytest.raises(error, match=message):
             list(llm.generate([1, 2, 3], temp=0))
         llm.close()
