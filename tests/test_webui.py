@@ -312,6 +312,20 @@ def test_cli_rejects_bad_options(capsys):
     from ggml_backend.cli.main import main
     assert main(["webui", "--port", "70000"]) == 1
     assert "--port must be in 1..65535" in capsys.readouterr().err
+    assert main(["webui", "--draft-max", "4"]) == 1
+    assert "--draft-max needs --lookup" in capsys.readouterr().err
+    assert main(["webui", "--lookup", "--api", "http://127.0.0.1:9"]) == 1
+    assert "with --api the server drafts" in capsys.readouterr().err
+
+
+def test_lookup_applies_to_every_model_loaded_here(tiny_path):
+    """``webui --lookup --draft-max N``: the models the page loads draft by prompt lookup (the replies are plain
+    decoding's: tests/test_speculative.py)."""
+    from ggml_webui.model_manager import ModelManager
+    manager = ModelManager(draft_max=6)
+    llama = manager.load(str(tiny_path), n_ctx=64)
+    assert llama.draft_model.num_pred_tokens == 6
+    assert ModelManager().load(str(tiny_path), n_ctx=64).draft_model is None
 
 
 def test_cli_serves_the_page_on_localhost():

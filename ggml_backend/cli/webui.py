@@ -1,7 +1,7 @@
 """``ggml-backend webui [-m FILE] [--model-dir DIR] [--port N] [--listen] [--share] [--auth USER:PASS] [-c N]
-[-t N] [--user-data-dir DIR] [--api URL [--api-key KEY] [--api-model NAME]]``: the text-generation-webui-style web
-chat (Gradio), on 127.0.0.1 unless ``--listen``; with ``--listen`` or ``--share`` a login is required (``--auth``,
-or a generated password printed at start). ``--api`` runs the page against a ``ggml-backend serve`` (or any
+[-t N] [--user-data-dir DIR] [--api URL [--api-key KEY] [--api-model NAME]] [--lookup [--draft-max N]]``: the
+text-generation-webui-style web chat (Gradio), on 127.0.0.1 unless ``--listen``; with ``--listen`` or ``--share``
+a login is required (``--auth``, or a generated password printed at start). ``--api`` runs the page against a ``ggml-backend serve`` (or any
 OpenAI-compatible server) instead of loading a model here.
 
 Gradio and the ``ggml_webui`` package are imported only here, when the command runs.
@@ -38,6 +38,11 @@ def add_arguments(parser) -> None:
                         help="the model to ask --api's server for (default: the first it lists)")
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                         help="layers to offload to an NVIDIA GPU (-1: all); needs the cuda extra, else the CPU")
+    parser.add_argument("--lookup", action="store_true",
+                        help="speculative decoding by prompt lookup (the same replies; faster where a reply "
+                             "repeats the conversation: code edits, quoting)")
+    parser.add_argument("--draft-max", "--draft", "--draft-n", type=int, default=None, metavar="N",
+                        help="with --lookup: the most tokens drafted at a time (default 10)")
 
 
 def _check(args) -> None:
@@ -60,8 +65,17 @@ def _check(args) -> None:
             raise ValueError("--api uses a remote server's model: -m and --model-dir do not apply")
         if not args.api.startswith(("http://", "https://")):
             raise ValueError(f"--api must be an http:// or https:// URL, got {args.api!r}")
+        if args.lookup:
+            raise ValueError("--lookup applies to a model loaded here; with --api the server drafts "
+                             "(ggml-backend serve --lookup)")
     elif args.api_key is not None or args.api_model is not None:
         raise ValueError("--api-key and --api-model go with --api URL")
+    if args.draft_max is not None and not args.lookup:
+        raise ValueError("--draft-max needs --lookup (speculative decoding by prompt lookup)")
+    if args.draft_max is not None:
+        from ..speculative import MAX_DRAFT
+        if not 1 <= args.draft_max <= MAX_DRAFT:
+            raise ValueError(f"--draft-max must be between 1 and {MAX_DRAFT}, got {args.draft_max}")
     if args.user_data_dir is not None:
         import os
         if os.path.exists(args.user_data_dir) and not os.path.isdir(args.user_data_dir):
@@ -78,5 +92,6 @@ def run(args) -> int:
         return 1
     launch(args.model, port=args.port, listen=args.listen, share=args.share, n_ctx=args.ctx_size,
            n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, auth=args.auth, model_dir=args.model_dir,
-           user_data_dir=args.user_data_dir, api_url=args.api, api_key=args.api_key, api_model=args.api_model)
+           user_data_dir=args.user_data_dir, api_url=args.api, api_key=args.api_key, api_model=args.api_model,
+           draft_max=(args.draft_max or 10) if args.lookup else 0)
     return 0

@@ -109,14 +109,14 @@ def _is_generator(fn) -> bool:
     return inspect.isgeneratorfunction(fn)
 
 
-def _manager_for(model, n_ctx: int, n_threads, n_gpu_layers: int, model_dir) -> ModelManager:
+def _manager_for(model, n_ctx: int, n_threads, n_gpu_layers: int, model_dir, draft_max: int = 0) -> ModelManager:
     from ggml_backend import Llama
     if isinstance(model, ModelManager):
         manager = model
     elif isinstance(model, Llama):
-        manager = ModelManager(model)
+        manager = ModelManager(model, draft_max=draft_max)
     else:
-        manager = ModelManager()
+        manager = ModelManager(draft_max=draft_max)
         manager.load(None if model is None else os.fspath(model), n_ctx=n_ctx, n_threads=n_threads,
                      n_gpu_layers=n_gpu_layers)
     if model_dir is not None:
@@ -148,9 +148,11 @@ def _initial_template(manager: ModelManager) -> tuple[str, TextgenTemplate]:
 
 def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_layers: int = 0,
               title: str = "ggml_backend chat", model_dir=None, user_data_dir=None, api_url: str | None = None,
-              api_key: str | None = None, api_model: str | None = None) -> gr.Blocks:
+              api_key: str | None = None, api_model: str | None = None, draft_max: int = 0) -> gr.Blocks:
     """The chat page for ``model``: None (the default model), a GGUF/GGML path, a loaded ``Llama`` (or a
-    ``ModelManager``). ``n_ctx``/``n_threads``/``n_gpu_layers`` apply when the model is loaded here.
+    ``ModelManager``). ``n_ctx``/``n_threads``/``n_gpu_layers`` apply when the model is loaded here, and
+    ``draft_max`` (> 0: speculative decoding by prompt lookup, drafting up to that many tokens) to every model
+    loaded here.
     The Model tab loads only the GGUF/GGML files in ``model_dir`` (default: the starting model's folder).
 
     ``user_data_dir`` holds characters, presets and past chats (default: ``user_data.default_dir()``).
@@ -159,10 +161,13 @@ def build_app(model=None, *, n_ctx: int = DEFAULT_N_CTX, n_threads=None, n_gpu_l
     if api_url is not None:
         if model is not None or model_dir is not None:
             raise ValueError("api_url runs the page against a remote server: pass no model and no model_dir")
+        if draft_max:
+            raise ValueError("draft_max applies to a model loaded here; with api_url the server drafts (ggml-backend "
+                             "serve --lookup)")
         backend = RemoteBackend(api_url, api_key=api_key, model=api_model)
         manager = ModelManager()
     else:
-        manager = _manager_for(model, n_ctx, n_threads, n_gpu_layers, model_dir)
+        manager = _manager_for(model, n_ctx, n_threads, n_gpu_layers, model_dir, draft_max)
         backend = LocalBackend(manager)
     data_dir = Path(user_data_dir) if user_data_dir is not None else user_data.default_dir()
     characters_dir, presets_dir = data_dir / "characters", preset_folder(data_dir)
@@ -1059,17 +1064,18 @@ def _hide(*components):
 def launch(model=None, *, port: int = 7860, listen: bool = False, share: bool = False, n_ctx: int = DEFAULT_N_CTX,
            n_threads=None, n_gpu_layers: int = 0, auth=None, model_dir=None, user_data_dir=None,
            api_url: str | None = None, api_key: str | None = None, api_model: str | None = None,
-           **launch_kwargs) -> gr.Blocks:
+           draft_max: int = 0, **launch_kwargs) -> gr.Blocks:
     """Build and serve the app: 127.0.0.1 unless ``listen`` (0.0.0.0); a public link only with ``share``.
 
     ``auth``: "user:password", a (user, password) pair or a list of them. With ``listen`` or ``share`` a login is
     always required: without ``auth`` one is made up and printed. Uploads are limited to template, character and
     chat files (YAML/JSON, at most MAX_UPLOAD_BYTES) and pictures (PNG cards, JPEG; MAX_PICTURE_UPLOAD_BYTES).
-    ``user_data_dir``, ``api_url``, ``api_key``, ``api_model``: as for ``build_app``."""
+    ``user_data_dir``, ``api_url``, ``api_key``, ``api_model``, ``draft_max``: as for ``build_app``."""
     from starlette.middleware import Middleware
     logins, generated = resolve_auth(auth, listen, share)
     demo = build_app(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, model_dir=model_dir,
-                     user_data_dir=user_data_dir, api_url=api_url, api_key=api_key, api_model=api_model)
+                     user_data_dir=user_data_dir, api_url=api_url, api_key=api_key, api_model=api_model,
+                     draft_max=draft_max)
     if generated is not None:
         print(f"ggml_webui: served beyond this machine, so a login is required: user {logins[0][0]!r}, password "
               f"{generated!r} (choose your own with --auth USER:PASSWORD)", file=sys.stderr, flush=True)

@@ -21,8 +21,11 @@ class ModelManager:
     never touches a path a client wrote, so the page cannot be used to learn whether a server path exists, is a
     directory, or what its first bytes are."""
 
-    def __init__(self, llama=None, model_dir: str | os.PathLike | None = None):
+    def __init__(self, llama=None, model_dir: str | os.PathLike | None = None, draft_max: int = 0):
         self.llama = llama
+        # speculative decoding by prompt lookup for every model loaded here, drafting up to this many tokens
+        # (0: off); the replies are the same (ggml_backend/speculative.py)
+        self.draft_max = int(draft_max)
         self.model_dir = os.path.abspath(model_dir) if model_dir is not None else None
         self.model_template: TextgenTemplate | None = None
         self.model_jinja = None
@@ -35,13 +38,14 @@ class ModelManager:
 
     def load(self, path: str | None, n_ctx: int = 2048, n_threads: int | None = None, n_gpu_layers: int = 0):
         """Load a GGUF/GGML file (None: the default model). Raises the loader's ValueError on a bad file."""
-        from ggml_backend import Llama
+        from ggml_backend import Llama, LlamaPromptLookupDecoding
         path = (path or "").strip() or None
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f"no such model file: {path}")
+        draft_model = LlamaPromptLookupDecoding(num_pred_tokens=self.draft_max) if self.draft_max else None
         with self._swap_lock:
             llama = Llama(model_path=path, n_ctx=int(n_ctx), n_threads=int(n_threads) if n_threads else None,
-                          n_gpu_layers=int(n_gpu_layers or 0), verbose=True)
+                          n_gpu_layers=int(n_gpu_layers or 0), draft_model=draft_model, verbose=True)
             # a reply being written on the old model finishes on it (its stream holds that Llama); new requests
             # get the new one
             self.llama = llama
