@@ -1060,6 +1060,29 @@ class Llama:
         chunks = Stream(self._chat_stream(completion, chat_id, tools, prefill, int(top_logprobs or 0)), completion)
         return chunks if stream else collect_chat(chunks)
 
+    def create_chat_completion_openai_v1(self, *args, **kwargs):
+        """llama-cpp-python's ``create_chat_completion_openai_v1``: ``create_chat_completion(*args, **kwargs)``
+        with the reply as the ``openai`` package's types, a ``ChatCompletion``, or with ``stream=True`` an
+        iterator of ``ChatCompletionChunk`` (closing it, or dropping it, ends the generation). Needs ``pip install
+        openai`` (an ImportError saying so without it)."""
+        try:
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        except ImportError:
+            raise ImportError("create_chat_completion_openai_v1 returns the openai package's types: pip install "
+                              "openai") from None
+        stream = inspect.signature(self.create_chat_completion).bind(*args, **kwargs).arguments.get("stream", False)
+        result = self.create_chat_completion(*args, **kwargs)
+        if not stream:
+            return ChatCompletion.model_validate(result)
+
+        def chunks():
+            try:
+                for chunk in result:
+                    yield ChatCompletionChunk.model_validate(chunk)
+            finally:
+                result.close()
+        return chunks()
+
     def _chatml_function_calling(self, messages, functions, function_call, tools, tool_choice, stream, grammar,
                                  response_format, sampling, logprobs):
         """``chat_format="chatml-function-calling"``: llama-cpp-python's protocol (see function_calling.py)."""

@@ -330,3 +330,21 @@ def test_chat_formats_by_name(name):
     with Llama(n_ctx=64, chat_format=name, verbose=False) as chat:
         result = chat.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0)
         assert result["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_chat_completion_in_the_openai_packages_types(roomy):
+    """``create_chat_completion_openai_v1``: the same reply as ``create_chat_completion``, as ``openai``'s
+    ``ChatCompletion`` (validated by its pydantic models), or streamed as ``ChatCompletionChunk``s."""
+    types = pytest.importorskip("openai.types.chat", reason="the openai package (a dev dependency) is not installed")
+    messages = [{"role": "user", "content": "Name a colour."}]
+    plain = roomy.create_chat_completion(messages, temperature=0, max_tokens=12)
+    reply = roomy.create_chat_completion_openai_v1(messages, temperature=0, max_tokens=12)
+    assert isinstance(reply, types.ChatCompletion)
+    assert reply.choices[0].message.content == plain["choices"][0]["message"]["content"]
+    assert reply.usage.completion_tokens == plain["usage"]["completion_tokens"]
+    chunks = list(roomy.create_chat_completion_openai_v1(messages, temperature=0, max_tokens=12, stream=True))
+    assert all(isinstance(c, types.ChatCompletionChunk) for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain["choices"][0]["message"]["content"]
+    assert chunks[-1].choices[0].finish_reason == plain["choices"][0]["finish_reason"]
+    with pytest.raises(TypeError):
+        roomy.create_chat_completion_openai_v1(messages, max_token=3)
