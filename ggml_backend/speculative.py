@@ -13,10 +13,10 @@ included, wherever a pass of several tokens gives each the numbers it gets alone
 with AVX2; float weights go through sgemm, whose summation order may break a near tie differently).
 
 Whether it pays depends on the machine: on the CPU a pass of n tokens costs much more than one (a 2-core Zen 4,
-Qwen2.5-0.5B: 15 ms one token, 25 ms two, 38 ms four, 75 ms eleven), so a draft that is rejected at once makes
-that step several times slower. ``DraftLength`` therefore verifies only as many drafted tokens as are expected
-to pay for themselves, from the pass times measured on this model and the acceptance seen so far in the
-generation (none at all while drafts keep failing, with a short probe now and then).
+Qwen2.5-0.5B: 15-17 ms one token, 24 ms two, 38 ms four, about 75 ms eleven), so a draft that is rejected at once
+makes that step several times slower. ``DraftLength`` therefore verifies only as many drafted tokens as are
+expected to pay for themselves, from the pass times measured on this model and the acceptance seen so far in the
+generation (none while drafts keep failing; they are still followed as shadows, which costs no pass).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from .model.session import MAX_EVERY_ROW
 #: the most drafted tokens one verification takes: a pass of this many plus one gives every token the numbers it
 #: gets alone (a longer one would take the BLAS path and change the logits)
 MAX_DRAFT = MAX_EVERY_ROW - 1
+#: llama-cpp-python's ``num_pred_tokens`` default, and the command line's ``--draft-max``
+DEFAULT_DRAFT_MAX = 10
 
 
 class LlamaDraftModel(abc.ABC):
@@ -48,7 +50,7 @@ class LlamaPromptLookupDecoding(LlamaDraftModel):
     one token), at most ``num_pred_tokens`` of it (default 10). Pays where the output repeats its input: code
     edits, quoting, extraction, summaries that reuse phrases."""
 
-    def __init__(self, max_ngram_size: int = 2, num_pred_tokens: int = 10):
+    def __init__(self, max_ngram_size: int = 2, num_pred_tokens: int = DEFAULT_DRAFT_MAX):
         for name, value in (("max_ngram_size", max_ngram_size), ("num_pred_tokens", num_pred_tokens)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -157,8 +159,8 @@ class DraftLength:
     before it were), per second of a pass of k + 1 tokens. p is this generation's acceptance so far, a decaying
     count of accepted and rejected drafted tokens starting from a neutral prior.
 
-    While no k > 0 pays, a draft is still taken now and then and followed as a shadow: each token sampled after it
-    is compared with the drafted one at its place, until one differs or the draft runs out, and the run counts as
+    While no k > 0 pays, a draft is still taken whenever none is being followed, and followed as a shadow: each
+    token sampled after it is compared with the drafted one at its place, until one differs or the draft runs out, and the run counts as
     a verification would (no pass is spent on it). So the acceptance is measured at every depth, not only at the
     first drafted token (code's first drafted token after a newline is often right, the next ones rarely), and a
     generation whose text starts repeating (a quoted block, a code edit) starts drafting within a few tokens."""

@@ -208,10 +208,25 @@ def test_prompt_longer_than_the_context(capsys):
     (("--mirostat", "3"), "mirostat"),
     (("-c", "-5"), "ctx-size"),
     (("--gqa", "3"), "gqa"),
+    (("--draft-max", "4"), "--draft-max needs --lookup"),
+    (("--lookup", "--draft-max", "0"), "--draft-max must be between 1"),
 ])
 def test_invalid_parameters(flags, needle, capsys):
     model = synthetic_file("q4_0", "ggml")
     assert_clean_error(run_main(capsys, "-m", model, "-p", "hi", "-n", "1", *flags), needle)
+
+
+def test_lookup_prints_the_same_text_and_counts_the_drafts(capsys):
+    """``run --lookup``: the text of plain decoding, and the drafted / accepted tokens in the timings."""
+    model = real_model("qwen")
+    prompt = "<|im_start|>user\nRepeat: one two three four five six seven eight nine ten<|im_end|>\n" \
+             "<|im_start|>assistant\n"
+    common = ("-m", model, "-p", prompt, "-e", "--temp", "0", "-n", "24", "-c", "256")
+    plain = run_main(capsys, *common)
+    drafted = run_main(capsys, *common, "--lookup", "--draft-max", "6")
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout
+    assert "prompt lookup =" in drafted.stderr and "prompt lookup" not in plain.stderr
 
 
 def test_missing_prompt_file(tmp_path, capsys):

@@ -14,7 +14,8 @@ import time
 from ..api import Llama
 from ..generation import Sampler, SamplingParams
 from ..model.kv_cache import CACHE_TYPES
-from ..speculative import MAX_DRAFT, LlamaPromptLookupDecoding
+from ..speculative import LlamaPromptLookupDecoding
+from .lookup import add_lookup_arguments, lookup_draft_max
 
 # llama.cpp's console colors (common/console.cpp)
 ANSI_RESET = "\x1b[0m"
@@ -55,12 +56,7 @@ def add_model_arguments(parser) -> None:
                help="KV cache type of the values: f16 (default, as llama.cpp), f32 or q8_0")
     add_option(parser, "--gqa", type=int, default=None,
                help="grouped-query attention factor n_head/n_head_kv (GGML files; e.g. 8 for LLaMA-2 70B)")
-    add_option(parser, "--lookup", action="store_true",
-               help="speculative decoding by prompt lookup: drafts copied from where the last tokens occurred "
-                    "before in the context, verified in one pass; the same output, faster where it repeats its "
-                    "input (code edits, quoting)")
-    add_option(parser, "--draft-max", "--draft", "--draft-n", type=int, default=None,
-               help=f"with --lookup: the most tokens drafted at a time (default: 10; at most {MAX_DRAFT})")
+    add_lookup_arguments(parser)
     add_option(parser, "--chat-template", default=None,
                help="chat template: a built-in name, a file (.jinja/.yaml/.json) or Jinja text")
     add_option(parser, "--log-disable", action="store_true",
@@ -214,10 +210,7 @@ def check_model_arguments(args) -> None:
         raise ValueError(f"--gqa must be >= 1, got {args.gqa}")
     if args.n_predict < -2:
         raise ValueError(f"--n-predict must be >= -2, got {args.n_predict}")
-    if args.draft_max is not None and not args.lookup:
-        raise ValueError("--draft-max needs --lookup (speculative decoding by prompt lookup)")
-    if args.draft_max is not None and not 1 <= args.draft_max <= MAX_DRAFT:
-        raise ValueError(f"--draft-max must be between 1 and {MAX_DRAFT}, got {args.draft_max}")
+    lookup_draft_max(args)
 
 
 def grammar_from_args(args):
@@ -288,10 +281,9 @@ def load_model(args, log: InfoLog) -> TimedLlama:
 
 
 def draft_model_from_args(args):
-    """--lookup [--draft-max N]: prompt lookup drafting up to N tokens (llama-cpp-python's default 10)."""
-    if not args.lookup:
-        return None
-    return LlamaPromptLookupDecoding(num_pred_tokens=10 if args.draft_max is None else args.draft_max)
+    """--lookup [--draft-max N]: prompt lookup drafting up to N tokens; None without --lookup."""
+    draft_max = lookup_draft_max(args)
+    return LlamaPromptLookupDecoding(num_pred_tokens=draft_max) if draft_max else None
 
 
 def eog_bias(llm: Llama) -> dict[int, float]:

@@ -17,6 +17,7 @@ import sys
 from ..model.kv_cache import CACHE_TYPES
 from ..server.config import (DEFAULT_MAX_BODY_BYTES, DEFAULT_N_CTX, DEFAULT_N_PARALLEL, DEFAULT_QUEUE_LIMIT,
                              ModelConfig)
+from .lookup import add_lookup_arguments, lookup_draft_max
 
 
 def add_arguments(parser) -> None:
@@ -55,11 +56,7 @@ def add_arguments(parser) -> None:
                         help="read the model file into memory (huge pages: faster decode, slower load) instead of "
                              "mapping it")
     parser.add_argument("-mg", "--main-gpu", type=int, default=0, metavar="I", help="the GPU to use (default 0)")
-    parser.add_argument("--lookup", action="store_true",
-                        help="speculative decoding by prompt lookup in every slot (the same replies; faster where "
-                             "a reply repeats its prompt: code edits, quoting)")
-    parser.add_argument("--draft-max", "--draft", "--draft-n", type=int, default=None, metavar="N",
-                        help="with --lookup: the most tokens drafted at a time (default 10)")
+    add_lookup_arguments(parser)   # in every slot
     ray = parser.add_argument_group("Ray Serve (pip install 'ggml-backend[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="deploy as a Ray Serve application: replicas each holding the model; -t is each "
@@ -86,11 +83,7 @@ def build_config(args):
         raise ValueError(f"model file not found: {args.model}")
     if args.models and (args.model or args.alias):
         raise ValueError("--models lists the models; do not also give -m/--alias")
-    if args.draft_max is not None and not args.lookup:
-        raise ValueError("--draft-max needs --lookup (speculative decoding by prompt lookup)")
-    draft_max = (10 if args.draft_max is None else args.draft_max) if args.lookup else 0
-    if args.lookup and draft_max < 1:
-        raise ValueError(f"--draft-max must be a positive integer, got {draft_max}")
+    draft_max = lookup_draft_max(args)
     defaults = ModelConfig(alias=args.alias or _alias_of(args.model), path=args.model, n_ctx=args.ctx_size,
                            n_parallel=args.parallel, chat_template=args.chat_template, n_threads=args.threads,
                            cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from .lookup import add_lookup_arguments, lookup_draft_max
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("-m", "--model", default=None, metavar="FILE",
@@ -38,11 +40,7 @@ def add_arguments(parser) -> None:
                         help="the model to ask --api's server for (default: the first it lists)")
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
                         help="layers to offload to an NVIDIA GPU (-1: all); needs the cuda extra, else the CPU")
-    parser.add_argument("--lookup", action="store_true",
-                        help="speculative decoding by prompt lookup (the same replies; faster where a reply "
-                             "repeats the conversation: code edits, quoting)")
-    parser.add_argument("--draft-max", "--draft", "--draft-n", type=int, default=None, metavar="N",
-                        help="with --lookup: the most tokens drafted at a time (default 10)")
+    add_lookup_arguments(parser)
 
 
 def _check(args) -> None:
@@ -70,12 +68,7 @@ def _check(args) -> None:
                              "(ggml-backend serve --lookup)")
     elif args.api_key is not None or args.api_model is not None:
         raise ValueError("--api-key and --api-model go with --api URL")
-    if args.draft_max is not None and not args.lookup:
-        raise ValueError("--draft-max needs --lookup (speculative decoding by prompt lookup)")
-    if args.draft_max is not None:
-        from ..speculative import MAX_DRAFT
-        if not 1 <= args.draft_max <= MAX_DRAFT:
-            raise ValueError(f"--draft-max must be between 1 and {MAX_DRAFT}, got {args.draft_max}")
+    lookup_draft_max(args)
     if args.user_data_dir is not None:
         import os
         if os.path.exists(args.user_data_dir) and not os.path.isdir(args.user_data_dir):
@@ -93,5 +86,5 @@ def run(args) -> int:
     launch(args.model, port=args.port, listen=args.listen, share=args.share, n_ctx=args.ctx_size,
            n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, auth=args.auth, model_dir=args.model_dir,
            user_data_dir=args.user_data_dir, api_url=args.api, api_key=args.api_key, api_model=args.api_model,
-           draft_max=(args.draft_max or 10) if args.lookup else 0)
+           draft_max=lookup_draft_max(args))
     return 0
