@@ -267,4 +267,11 @@ def test_the_server_with_lookup_gives_the_engines_replies(qwen_pair):
             return "".join(c.choices[0].text for c in chunks)
         with ThreadPoolExecutor(2) as pool:
             got = list(pool.map(ask, questions))
+        # llama.cpp's /completion: the same text, and its timings count this request's drafts as llama.cpp's do
+        import httpx
+        reply = httpx.post(url + "/completion", json={"prompt": COPY_PROMPT, "n_predict": 60, "temperature": 0,
+                                                      "repeat_penalty": 1.0}, timeout=300).json()
     assert got == want
+    assert reply["content"] == want[0]
+    timings = reply["timings"]
+    assert 0 <= timings["draft_n_accepted"] <= timings["draft_n"]

@@ -377,6 +377,8 @@ class _Run:
         self.offsets: list[int] = []        # how much text was shown before each token
         self.n_seen = 0                     # tokens that came with a chunk (an end token never does)
         self.cache_n = _reused_prefix(slot, job.tokens)
+        # the slot's speculative decoding counters when this request began (its own are the difference)
+        self.drafted_before = (getattr(slot.llm, "n_drafted", 0), getattr(slot.llm, "n_draft_accepted", 0))
 
     def feed(self, chunk: dict) -> dict | None:
         """The event for ``chunk`` (None when it has nothing to say); the final reply for the last chunk."""
@@ -468,12 +470,17 @@ class _Run:
         prompt_n = len(self.job.tokens) - self.cache_n
         prompt_ms = max(0.0, (first - self.slot.t_start) * 1000.0)
         predicted_ms = max(0.0, (now - first) * 1000.0)
-        return {"cache_n": self.cache_n, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
-                "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
-                "prompt_per_second": prompt_n * 1000.0 / prompt_ms if prompt_ms > 0 else 0.0,
-                "predicted_n": predicted_n, "predicted_ms": predicted_ms,
-                "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
-                "predicted_per_second": predicted_n * 1000.0 / predicted_ms if predicted_ms > 0 else 0.0}
+        timings = {"cache_n": self.cache_n, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+                   "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+                   "prompt_per_second": prompt_n * 1000.0 / prompt_ms if prompt_ms > 0 else 0.0,
+                   "predicted_n": predicted_n, "predicted_ms": predicted_ms,
+                   "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+                   "predicted_per_second": predicted_n * 1000.0 / predicted_ms if predicted_ms > 0 else 0.0}
+        if getattr(self.slot.llm, "draft_model", None) is not None:
+            # as llama.cpp's server with speculative decoding: drafted tokens verified, and accepted, this request
+            timings["draft_n"] = self.slot.llm.n_drafted - self.drafted_before[0]
+            timings["draft_n_accepted"] = self.slot.llm.n_draft_accepted - self.drafted_before[1]
+        return timings
 
 
 def _reused_prefix(slot, tokens: list[int]) -> int:
