@@ -123,16 +123,11 @@ class PassTimes:
                 self._seconds[n_tokens] = old + self.WEIGHT * (min(seconds, 3 * old) - old)
 
     def estimates(self, most: int) -> list[float]:
-        """``estimate(n)`` for n = 1 .. most (index n - 1)."""
+        """The expected seconds of a pass of n tokens for n = 1 .. most (index n - 1), in units of a one-token
+        pass when nothing is known."""
         with self._lock:
             known = dict(self._seconds)
         return [self._estimate(known, n) for n in range(1, most + 1)]
-
-    def estimate(self, n_tokens: int) -> float:
-        """The expected seconds of a pass of ``n_tokens``, in units of a one-token pass when nothing is known."""
-        with self._lock:
-            known = dict(self._seconds)
-        return self._estimate(known, n_tokens)
 
     def _estimate(self, known: dict[int, float], n_tokens: int) -> float:
         if n_tokens in known:

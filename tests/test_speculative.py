@@ -122,15 +122,15 @@ def test_a_shadow_draft_counts_its_right_tokens_up_to_the_first_wrong_one(fixed_
 
 def test_pass_times_skip_the_first_pass_and_interpolate():
     times = PassTimes()
-    assert times.estimate(3) == pytest.approx(1 + 2 * PassTimes.PRIOR_GROWTH)
+    assert times.estimates(5)[2] == pytest.approx(1 + 2 * PassTimes.PRIOR_GROWTH)
     times.record(1, 30.0)                      # the first pass of a size: compiling, not counted
     times.record(1, 0.010)
     times.record(5, 0.5)
     times.record(5, 0.030)
-    assert times.estimate(1) == pytest.approx(0.010) and times.estimate(5) == pytest.approx(0.030)
-    assert times.estimate(3) == pytest.approx(0.020)                      # between 1 and 5
+    assert times.estimates(5)[0] == pytest.approx(0.010) and times.estimates(5)[4] == pytest.approx(0.030)
+    assert times.estimates(5)[2] == pytest.approx(0.020)                      # between 1 and 5
     times.record(5, 1.0)                       # an outlier moves the average a little, at most to 3x
-    assert times.estimate(5) == pytest.approx(0.030 + PassTimes.WEIGHT * 0.060)
+    assert times.estimates(5)[4] == pytest.approx(0.030 + PassTimes.WEIGHT * 0.060)
 
 
 @pytest.fixture(scope="module")
