@@ -441,7 +441,7 @@ def warp_layout(thread, block, threads):
     attention's keys, the q8_0 quantizer's blocks): on a GPU a warp per item and blocks of whole warps; in the
     simulator the block stands for a warp. Its items are first, first + grid * warps, ... Takes the thread's
     indices as arguments: numba's simulator wants a device function that reads ``cuda.`` beside its kernels (see
-    ops.block_sum), and this one serves three modules."""
+    ops.block_combine), and this one serves three modules."""
     if SHUFFLE:
         warps = threads // WARP
         return thread % WARP, WARP, warps, block * warps + thread // WARP

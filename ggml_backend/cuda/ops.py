@@ -20,35 +20,20 @@ cuda = import_cuda()
 
 
 @cuda.jit(device=True)
-def block_sum(partial, value):
-    """matvec.block_sum, again: numba's simulator swaps the ``cuda`` name of a device function's module around
-    each call, which races between a block's threads when that module is not the calling kernel's (a thread
-    could see the real numba.cuda mid-call); a device function that uses ``cuda.`` lives beside its kernels."""
+def block_combine(partial, value, maximum):
+    """The sum (or with ``maximum`` the maximum) of ``value`` over the block's threads (a power of two of them)
+    through the shared ``partial``, in a fixed tree (the result does not depend on timing); every thread gets it
+    (attention's softmax takes the scores' maximum). matvec.block_sum's sum, again: numba's simulator swaps the
+    ``cuda`` name of a device function's module around each call, which races between a block's threads when
+    that module is not the calling kernel's (a thread could see the real numba.cuda mid-call); a device function
+    that uses ``cuda.`` lives beside its kernels."""
     t = cuda.threadIdx.x
     partial[t] = value
     cuda.syncthreads()
     stride = cuda.blockDim.x // 2
     while stride > 0:
         if t < stride:
-            partial[t] += partial[t + stride]
-        cuda.syncthreads()
-        stride //= 2
-    total = partial[0]
-    cuda.syncthreads()
-    return total
-
-
-@cuda.jit(device=True)
-def block_max(partial, value):
-    """The maximum of ``value`` over the block's threads (a power of two of them) through ``partial``; every
-    thread gets it (attention's softmax: the scores' maximum)."""
-    t = cuda.threadIdx.x
-    partial[t] = value
-    cuda.syncthreads()
-    stride = cuda.blockDim.x // 2
-    while stride > 0:
-        if t < stride:
-            partial[t] = max(partial[t], partial[t + stride])
+            partial[t] = max(partial[t], partial[t + stride]) if maximum else partial[t] + partial[t + stride]
         cuda.syncthreads()
         stride //= 2
     result = partial[0]
@@ -76,7 +61,7 @@ def rms_norm_kernel(x, weight, eps, out):
         for j in range(cuda.threadIdx.x, k, cuda.blockDim.x):
             value = np.float64(x[r, j])
             acc += value * value
-        total = block_sum(partial, acc)
+        total = block_combine(partial, acc, False)
         mean = np.float32(total / k)
         scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(mean + eps)))
         for j in range(cuda.threadIdx.x, k, cuda.blockDim.x):
@@ -329,13 +314,13 @@ def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_
             s = s * scale
             probs[item, j] = s
             best = max(best, np.float64(s))
-        best32 = np.float32(block_max(partial, best))
+        best32 = np.float32(block_combine(partial, best, True))
         acc = np.float64(0.0)
         for j in range(cuda.threadIdx.x, n_keys, cuda.blockDim.x):
             e = exp_non_positive(np.float32(probs[item, j] - best32))
             probs[item, j] = e
             acc += np.float64(e)
-        total = block_sum(partial, acc)
+        total = block_combine(partial, acc, False)
         inverse = np.float32(1.0 / total)
         for j in range(cuda.threadIdx.x, n_keys, cuda.blockDim.x):
             p = probs[item, j] * inverse
@@ -370,7 +355,7 @@ def attention_kernel(q, keys, key_scales, values, value_scales, key_kind, value_
 # tokens and heads the launch holds, so prompts and decode steps, eager runs and graph replays give the same values.
 # Against attention_kernel only the order of the float32 sums differs (within a few ulps). Half values are converted
 # by the device's cvt.f32.f16 (matvec.half; exact). In the simulator (no shuffles) a block stands for a warp and
-# reduces by block_sum, as matvec_kernel does.
+# reduces by block_combine, as matvec_kernel does by block_sum.
 
 ATTENTION_SPLITS = 8     # contiguous key ranges per row in the weighted sum: a warp each on a GPU
 ATTENTION_SLICE = 32     # value dimensions per block of the weighted sum: a lane each on a GPU
@@ -391,7 +376,7 @@ def attention_scores_kernel(q, keys, key_scales, key_kind, probs, starts, span, 
     """probs[t * n_head + h, j] = (q[t, h] . key first + j of head h // group) * scale, float32, for every key j of
     the row (the row's first key and count by key_range at position starts[span] + t). On a GPU a warp per (row,
     key): lane l sums dimensions l, l + 32, ... in order, then warp_sum's fixed tree; blocks must be whole warps."""
-    partial = cuda.shared.array(MAX_THREADS if not SHUFFLE else 1, np.float32)   # the simulator's block_sum only
+    partial = cuda.shared.array(MAX_THREADS if not SHUFFLE else 1, np.float32)   # the simulator's block_combine only
     lane, width, warps, first_item = warp_layout(cuda.threadIdx.x, cuda.blockIdx.x, cuda.blockDim.x)
     n_tokens, n_head, head_dim = q.shape
     start = starts[span]
@@ -415,7 +400,7 @@ def attention_scores_kernel(q, keys, key_scales, key_kind, probs, starts, span, 
         else:
             for d in range(lane, head_dim, width):
                 acc += q[t, h, d] * stored_value(keys, key_scales, key_kind, h // group, first + j, d)
-        total = warp_sum(acc) if SHUFFLE else block_sum(partial, acc)
+        total = warp_sum(acc) if SHUFFLE else block_combine(partial, acc, False)
         if lane == 0:
             probs[row, j] = total * scale
 
@@ -433,13 +418,13 @@ def attention_softmax_kernel(probs, value_kind, starts, span, n_tokens, n_head, 
         best = -math.inf
         for j in range(tid, n_keys, cuda.blockDim.x):
             best = max(best, np.float64(probs[row, j]))
-        best32 = np.float32(block_max(partial, best))
+        best32 = np.float32(block_combine(partial, best, True))
         acc = np.float64(0.0)
         for j in range(tid, n_keys, cuda.blockDim.x):
             e = exp_non_positive(np.float32(probs[row, j] - best32))
             probs[row, j] = e
             acc += np.float64(e)
-        total = block_sum(partial, acc)
+        total = block_combine(partial, acc, False)
         inverse = np.float32(1.0 / total)
         for j in range(tid, n_keys, cuda.blockDim.x):
             p = probs[row, j] * inverse

@@ -75,7 +75,7 @@ def quantize_q8_0_kernel(x, qs, d, sums):
 def lanes_combine(partial, value, maximum):
     """The maximum (``maximum``) or the sum of ``value`` over a warp's lanes on a GPU, over the block's threads
     through the shared ``partial`` in the simulator; every thread gets it. Exact in any order for maxima and for
-    integer sums. (ops.block_sum's docstring says why such a function lives in the module of its kernels.)"""
+    integer sums. (ops.block_combine's docstring says why such a function lives in the module of its kernels.)"""
     if SHUFFLE:
         offset = WARP // 2
         while offset > 0:
