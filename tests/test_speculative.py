@@ -194,6 +194,20 @@ def test_grammar_stops_and_streams_agree(qwen_pair, fixed_costs):
         assert streamed[-1]["choices"][0]["finish_reason"] == a["finish_reason"]
 
 
+def test_two_threads_streaming_from_one_context_each_get_plain_decodings_text(qwen_pair, fixed_costs):
+    """Two streams of one drafting context advanced at once from two threads (the scheduler takes the model from
+    one to the other between tokens, saving and restoring its state): each gets the text it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+    plain, drafted = qwen_pair
+    kwargs = dict(max_tokens=50, temperature=0.9, seed=3)
+    want = [plain.create_completion(p, **kwargs)["choices"][0]["text"] for p in (COPY_PROMPT, FREE_PROMPT)]
+
+    def stream(prompt):
+        return "".join(c["choices"][0]["text"] for c in drafted.create_completion(prompt, stream=True, **kwargs))
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(stream, [COPY_PROMPT, FREE_PROMPT])) == want
+
+
 def test_stopping_criteria_and_generate_see_the_same_tokens(qwen_pair, fixed_costs):
     plain, drafted = qwen_pair
     tokens = plain.tokenize(COPY_PROMPT.encode(), special=True)
@@ -267,11 +281,18 @@ def test_the_server_with_lookup_gives_the_engines_replies(qwen_pair):
             return "".join(c.choices[0].text for c in chunks)
         with ThreadPoolExecutor(2) as pool:
             got = list(pool.map(ask, questions))
+        # a client that vanishes after a few chunks leaves its slot in a state the next request reuses rightly
+        vanished = client.completions.create(model="qwen", prompt=COPY_PROMPT, max_tokens=60, temperature=0,
+                                             stream=True, extra_body={"repeat_penalty": 1.0})
+        for _, _ in zip(vanished, range(3)):
+            pass
+        vanished.close()
+        again = [ask(COPY_PROMPT)]
         # llama.cpp's /completion: the same text, and its timings count this request's drafts as llama.cpp's do
         import httpx
         reply = httpx.post(url + "/completion", json={"prompt": COPY_PROMPT, "n_predict": 60, "temperature": 0,
                                                       "repeat_penalty": 1.0}, timeout=300).json()
-    assert got == want
+    assert got == want and again == want[:1]
     assert reply["content"] == want[0]
     timings = reply["timings"]
     assert 0 <= timings["draft_n_accepted"] <= timings["draft_n"]
