@@ -130,12 +130,13 @@ def main() -> None:
                 runs.setdefault((engine, mode), []).append(result)
                 figures = "  ".join(f"{p} {result[p]['tok_s']:.1f}" for p in PROMPTS)
                 print(f"sweep {sweep + 1} {engine:8s} {mode:6s} tok/s: {figures}", flush=True)
-    print(f"\n{cpu_line()}; {args.threads} threads; {Path(args.model).name}; max_tokens {args.max_tokens}, "
+    cpu = cpu_line()
+    print(f"\n{cpu}; {args.threads} threads; {Path(args.model).name}; max_tokens {args.max_tokens}, "
           f"draft {args.draft}; medians of {args.repeat}")
     print("| prompt | " + " | ".join(f"{e} {m}" for e, m in runs) + " | ours lookup/plain | llama.cpp lookup/plain |"
           " ours lookup / llama.cpp lookup |")
     print("|---" * (len(runs) + 4) + "|")
-    report = {"cpu": cpu_line(), "threads": args.threads, "model": args.model, "max_tokens": args.max_tokens,
+    report = {"cpu": cpu, "threads": args.threads, "model": args.model, "max_tokens": args.max_tokens,
               "draft": args.draft, "runs": {f"{e} {m}": r for (e, m), r in runs.items()}, "medians": {}}
     for prompt in PROMPTS:
         med = {key: statistics.median(r[prompt]["tok_s"] for r in rs) for key, rs in runs.items()}
