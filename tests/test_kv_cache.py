@@ -4,6 +4,7 @@ context shift, the CLI and server flags."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,11 @@ def test_sequences_attention_gives_each_sequence_its_own_numbers(pair, window):
     assert not SequencesAttention.possible([caches[0], KVCache(2, 64, 2, 64, 64, "q8_0", type_v)])
     if type_k != type_v:
         assert not SequencesAttention.possible([caches[0], KVCache(2, 64, 2, 64, 64, type_v, type_v)])
-    caches[1].k.grow(4 * GROW_CHUNK)                      # reallocated: the pass's addresses are stale
+    data = caches[1].k.data
+    caches[1].k.grow(4 * GROW_CHUNK)                      # growing moves nothing (the arrays span n_ctx) ...
+    assert caches[1].k.data is data
+    batch(q, 0, 2, window, 0.125)
+    caches[1].k.release()                                 # ... releasing does: the pass's addresses are stale
     with pytest.raises(RuntimeError, match="reallocated"):
         batch(q, 0, 2, window, 0.125)
 
@@ -282,3 +287,34 @@ def test_server_config_reads_cache_types(tmp_path):
     path.write_text("models:\n  - alias: a\n    cache_type_k: q4_0\n")
     with pytest.raises(ValueError, match="models\\[0\\].*not implemented"):
         load_models_file(str(path), ModelConfig(alias="x"))
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from Linux's /proc")
+def test_cache_memory_comes_with_the_positions_written_and_growing_never_copies():
+    """A cache spans n_ctx positions from the start without holding their memory: a 7B-shaped cache of 4096
+    positions (1 GiB in f16) with 100 positions written holds about 100 positions' worth, and growing it keeps
+    its arrays (the first decode step after a long prompt used to copy the whole cache to a doubled one)."""
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((100, 8, 128)).astype(np.float32)
+    KVCache(1, 128, 8, 128, 128, "f16", "f16").store(0, 0, rows, rows)    # the store's kernel loaded first
+    before = _resident_bytes()
+    cache = KVCache(32, 4096, 8, 128, 128, "f16", "f16")        # 2 x 32 x 8 x 4096 x 128 x 2 B = 1 GiB
+    keys, values = cache.k.data, cache.v.data
+    for layer in range(32):
+        cache.store(layer, 0, rows, rows)
+    cache.n_past = 100
+    for layer in range(32):
+        cache.store(layer, 100, rows[:1], rows[:1])      # one more position: no copy, same arrays
+    assert cache.k.data is keys and cache.v.data is values
+    assert cache.capacity == GROW_CHUNK and cache.nbytes == cache.max_nbytes // (4096 // GROW_CHUNK)
+    written = 2 * 32 * 8 * 104 * 128 * 2       # 101 positions, rounded up to whole 4 KiB pages per head
+    held = _resident_bytes() - before
+    assert held < 2 * written + (16 << 20), f"{held} bytes resident for {written} bytes written"
+    assert np.array_equal(cache.k.read(5, 0, 100), rows.transpose(1, 0, 2).astype(np.float16).astype(np.float32))
+    cache.release()
+    assert cache.nbytes == 0 and _resident_bytes() - before < 16 << 20

@@ -249,7 +249,8 @@ class SequencesAttention:
     evaluated alone.
 
     Made per pass, before its keys and values are stored: it first gives every cache room for the pass's positions
-    (``CacheTensor.grow``), since the kernel reads the caches' arrays by address and a growing cache moves.
+    (``CacheTensor.grow``); the kernel reads the caches' arrays by address, so a cache released meanwhile (its
+    arrays mapped anew) is refused, not read.
     ``SequencesAttention.possible`` says whether the caches allow it: f32 or f16 storage (q8_0 is dequantized per
     call), the same kinds in every sequence."""
 

@@ -17,6 +17,8 @@ Types are named as llama.cpp's ``--cache-type-k/--cache-type-v`` name them, or g
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from numba import njit, prange
@@ -30,8 +32,26 @@ DEFAULT_CACHE_TYPE = "f16"
 GGML_TYPE_IDS = {0: "f32", 1: "f16", 8: "q8_0"}      # enum ggml_type
 _BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 _Q8_BLOCK = 32
-#: a KV cache grows in whole chunks of this many positions (see CacheTensor.grow); a new one starts with one chunk
+#: a KV cache counts its memory in whole chunks of this many positions (see CacheTensor.grow); a new one starts
+#: with one chunk
 GROW_CHUNK = 256
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array whose memory the kernel supplies page by page as it is first written: a private anonymous
+    mapping, its reserve costing address space only. A cache tensor takes one for all n_ctx positions at once, so
+    that growing never copies: it used to reallocate and copy at each doubling (a 7B's first decode step after a
+    256-token prompt spent 0.35 s of its 0.5 s there, and later doublings copy more). Huge pages are declined for
+    it: a 2 MiB page would back the untouched positions of its neighbouring heads too (numpy asks for huge pages
+    on large arrays, which is why ``np.zeros`` will not do: a 512 MB cache with 256 of its 2048 positions written
+    held all 512 MB). Plain zeros where the platform has no such mapping."""
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if n_bytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):
+        return np.zeros(shape, dtype)
+    region = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(region, dtype).reshape(shape)
 
 
 # what else llama.cpp's --cache-type-k/v take (ggml type ids): refused as not implemented, not as nonsense
@@ -123,9 +143,10 @@ def _write_half_tokens(data, il, start, values):
 class CacheTensor:
     """K or V of every layer, [n_layer, n_head_kv, n_ctx, head_dim], stored as ``kind``.
 
-    Only the first ``capacity`` positions are allocated (default all n_ctx); ``write`` and ``load`` grow the
-    arrays on demand (see ``grow``) and ``release`` frees them, so a sequence holds memory for what it has
-    evaluated, not for the whole context it may reach."""
+    The arrays span all n_ctx positions from the start (``lazy_zeros``: memory comes page by page as positions
+    are written), and ``capacity`` counts the positions the tensor holds memory for, in whole GROW_CHUNKs (default
+    all n_ctx): ``write`` and ``load`` raise it on demand (``grow``, which never copies), ``release`` gives the
+    memory back, so a sequence holds memory for what it has evaluated, not for the whole context it may reach."""
 
     def __init__(self, kind: str, shape: tuple[int, int, int, int], capacity: int | None = None):
         self.kind = kind
@@ -140,53 +161,50 @@ class CacheTensor:
         self._shape = shape
         # quantized storage holds each head's vector rotated (see the module docstring)
         self.rotated = kind == "q8_0" and rotates(head_dim)
-        self._allocate(self.n_ctx if capacity is None else max(0, min(int(capacity), self.n_ctx)))
+        self._map()
+        self._capacity = self.n_ctx if capacity is None else max(0, min(int(capacity), self.n_ctx))
 
-    def _allocate(self, capacity: int) -> None:
-        """(Re)allocate room for ``capacity`` positions, keeping the values of the positions both sizes have."""
-        n_layer, n_head_kv, _, head_dim = self._shape
-        data = np.zeros((n_layer, n_head_kv, capacity, head_dim), self._dtype)
+    def _map(self) -> None:
+        """Fresh arrays for all n_ctx positions (zeros; no memory until written)."""
+        n_layer, n_head_kv, n_ctx, head_dim = self._shape
+        self.data = lazy_zeros(self._shape, self._dtype)
         # q8_0's half scales, one per 32 values; float types have none
-        scales = (np.zeros((n_layer, n_head_kv, capacity, head_dim // _Q8_BLOCK), np.uint16)
-                  if self.kind == "q8_0" else None)
-        old = getattr(self, "data", None)
-        if old is not None:
-            keep = min(old.shape[2], capacity)
-            data[:, :, :keep] = old[:, :, :keep]
-            if scales is not None:
-                scales[:, :, :keep] = self.scales[:, :, :keep]
-        self.data, self.scales = data, scales
+        self.scales = (lazy_zeros((n_layer, n_head_kv, n_ctx, head_dim // _Q8_BLOCK), np.uint16)
+                       if self.kind == "q8_0" else None)
 
     @property
     def capacity(self) -> int:
-        """Positions allocated now (at most n_ctx)."""
-        return self.data.shape[2]
+        """Positions the tensor holds memory for now (at most n_ctx)."""
+        return self._capacity
 
     @property
     def max_nbytes(self) -> int:
         """The memory this tensor takes at n_ctx positions."""
+        return self._bytes_for(self.n_ctx)
+
+    def _bytes_for(self, positions: int) -> int:
         n_layer, n_head_kv, _, head_dim = self._shape
         per_position = self.data.itemsize * head_dim + (2 * head_dim // _Q8_BLOCK if self.scales is not None else 0)
-        return n_layer * n_head_kv * self.n_ctx * per_position
+        return n_layer * n_head_kv * positions * per_position
 
     def grow(self, n: int) -> None:
-        """Make room for positions 0..n-1: at least doubling, in whole GROW_CHUNKs, up to n_ctx (doubling keeps the
-        copying of a sequence that grows token by token linear in its length)."""
-        if n <= self.capacity:
+        """Make room for positions 0..n-1, counted in whole GROW_CHUNKs up to n_ctx. Nothing moves: the arrays
+        span n_ctx positions already, and the pages of the new positions come when they are written."""
+        if n <= self._capacity:
             return
         if n > self.n_ctx:
             raise ValueError(f"{n} positions do not fit the context of {self.n_ctx}")
-        want = max(n, 2 * self.capacity)
-        self._allocate(min(self.n_ctx, -(-want // GROW_CHUNK) * GROW_CHUNK))
+        self._capacity = min(self.n_ctx, -(-n // GROW_CHUNK) * GROW_CHUNK)
 
     def release(self) -> None:
-        """Free the memory (the values are gone; writing again allocates anew)."""
-        self.data = self.data[:, :, :0].copy()
-        self.scales = None if self.scales is None else self.scales[:, :, :0].copy()
+        """Give the memory back (the values are gone; writing again takes pages anew)."""
+        self._map()
+        self._capacity = 0
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + (self.scales.nbytes if self.scales is not None else 0)
+        """The memory held for ``capacity`` positions."""
+        return self._bytes_for(self._capacity)
 
     def layer(self, il: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(values, scales, whether they are stored rotated) of layer ``il`` for the attention kernel."""
@@ -249,8 +267,8 @@ class CacheTensor:
 class KVCache:
     """One sequence's keys and values for every layer, positions 0..n_past-1.
 
-    Memory is allocated as the sequence grows (``CacheTensor.grow``): ``capacity`` positions at first (default
-    one GROW_CHUNK, at most n_ctx), then in chunks up to n_ctx; ``release`` returns it."""
+    Memory is taken as the sequence grows (``CacheTensor.grow``): ``capacity`` positions at first (default one
+    GROW_CHUNK, at most n_ctx), then in chunks up to n_ctx; ``release`` returns it."""
 
     def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int,
                  type_k: str = DEFAULT_CACHE_TYPE, type_v: str = DEFAULT_CACHE_TYPE, capacity: int | None = None):
