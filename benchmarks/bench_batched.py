@@ -186,8 +186,11 @@ def main() -> int:
     if args.model is None:
         from ggml_backend.default_model import default_model_path
         args.model = default_model_path(progress=False)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = sorted(set(engines) - {"llamacpp", "ours", "server"})
+    if unknown or not engines:
+        ap.error(f"--engines: {', '.join(unknown) or 'none given'}: choose from llamacpp, ours, server")
     ns = [int(x) for x in args.n.split(",")]
-    engines = args.engines.split(",")
     from bench_server import cpu_name
     report = {"cpu": cpu_name(), "model": os.path.basename(args.model), "threads": args.threads,
               "prompt": args.prompt, "steps": args.steps, "load_before": os.getloadavg(), "results": {}}
