@@ -49,6 +49,10 @@ from .simd import (
     scaled_dot, spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled,
     sum_f32x8, to_scale_words, unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
 )
+from .simd import (
+    add_i32x16, dot_u8_i8_x64, fma_i32x16, gather_f16_rows, load_rows_4x16, prefetch_to_l2, splat_dword_x64,
+    splat_f32, splat_i32, store_f32x16, transpose_dwords, zero_f32x16,
+)
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
 
@@ -924,6 +928,181 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
             out[t, first + i] = _row_groups(kind, w, row, xq, k, x_scale, x_bsums, bias, t, isa)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# q4_0 on AVX512-VNNI: rows in lanes, straight from the file
+#
+# The lanes of a 512-bit register are sixteen weight rows (as in gemm.py's prompt kernel), built per block from the
+# rows where they lie: each row's 16 nibble bytes (four rows per register), a 16 x 4 transpose of their dwords, so
+# that register m holds bytes 4m .. 4m + 3 of every row, whose low nibbles are values 4m .. 4m + 3 and high ones
+# 16 + 4m ..; the sixteen scales come by one gather. Per token and block, the token's four activation bytes
+# broadcast (an embedded broadcast of ``vpdpbusd``):
+#
+#     sums = -8 * (sum of the token's 32 x)                     # q4_0's offset, exact: value = nibble - 8
+#     sums = vpdpbusd(sums, nibbles of dword j, x dword j)      # 8 times: each row's block sum, exact
+#     acc = acc + float(sums) * (d_rows * d_x)                  # vcvtdq2ps, vmulps, vfmadd
+#
+# which is the prompt GEMM's arithmetic for q4_0 (each row's blocks summed exactly, then added in float32 one after
+# the other), so one-token, few-token and prompt products of q4_0 give the same numbers on this path. A block's
+# decoding serves up to eight tokens: on two Zen 4 cores a 7B-shaped q4_0 matrix took 8 tokens at 199-260 G
+# multiply-adds a second against 81-91 on the lane tiles, and one token read 20-21 GB/s per core from memory
+# against 16.6 (4096-wide rows).
+# ----------------------------------------------------------------------------------------------------------------
+
+# bytes of q4_0 per block of sixteen rows: the next panel's share prefetched per block
+_PANEL_BLOCK_BYTES = 16 * 18
+# panels up to this size are prefetched into L1 (rows of 896: 8 KiB, 19 against 15 GB/s per core), larger ones into
+# L2 (rows of 4096: 36 KiB would push the panel being read out of a 32 KiB L1: 12-13 against 20-21 GB/s)
+_L1_PANEL_BYTES = 16 * 1024
+
+
+@njit(**_KERNEL)
+def _lanes_token(nib, xq, x, start, isa):
+    """One token's exact block sums for the sixteen rows (``nib``: the eight nibble registers, low then high)."""
+    low = splat_i32(start)
+    high = splat_i32(0)
+    low = dot_u8_i8_x64(low, nib[0], splat_dword_x64(xq, x), isa)
+    high = dot_u8_i8_x64(high, nib[4], splat_dword_x64(xq, x + 16), isa)
+    low = dot_u8_i8_x64(low, nib[1], splat_dword_x64(xq, x + 4), isa)
+    high = dot_u8_i8_x64(high, nib[5], splat_dword_x64(xq, x + 20), isa)
+    low = dot_u8_i8_x64(low, nib[2], splat_dword_x64(xq, x + 8), isa)
+    high = dot_u8_i8_x64(high, nib[6], splat_dword_x64(xq, x + 24), isa)
+    low = dot_u8_i8_x64(low, nib[3], splat_dword_x64(xq, x + 12), isa)
+    high = dot_u8_i8_x64(high, nib[7], splat_dword_x64(xq, x + 28), isa)
+    return add_i32x16(low, high)
+
+
+@njit(inline="always", **_KERNEL)
+def _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, width, out, at, stride, n_store, isa):
+    """Sixteen q4_0 rows from byte ``base`` of ``w`` times the ``width`` (1, 2, 4 or 8, a constant after inlining)
+    tokens from t: token u's quants at xq[u * k:], scales x_scale[u], q4_0 block starts (-8 * the sum of each
+    block's quants) at starts[u * starts_stride:]; its results, the first ``n_store`` lanes, at out[at + (u - t) *
+    stride:]."""
+    n_blocks = k // 32
+    f0 = zero_f32x16()
+    f1 = zero_f32x16()
+    f2 = zero_f32x16()
+    f3 = zero_f32x16()
+    f4 = zero_f32x16()
+    f5 = zero_f32x16()
+    f6 = zero_f32x16()
+    f7 = zero_f32x16()
+    ahead = base + 16 * row_bytes
+    near = 16 * row_bytes <= _L1_PANEL_BYTES
+    four = 4 * row_bytes
+    for b in range(n_blocks):
+        o = base + 18 * b
+        # the next panel (16 contiguous rows), its share per block, while this one is read
+        nxt = ahead + _PANEL_BLOCK_BYTES * b
+        for line in range(0, _PANEL_BLOCK_BYTES, 64):
+            if near:
+                prefetch(w, nxt + line)
+            else:
+                prefetch_to_l2(w, nxt + line)
+        m0, m1, m2, m3 = transpose_dwords(load_rows_4x16(w, o + 2, row_bytes),
+                                          load_rows_4x16(w, o + 2 + four, row_bytes),
+                                          load_rows_4x16(w, o + 2 + 2 * four, row_bytes),
+                                          load_rows_4x16(w, o + 2 + 3 * four, row_bytes))
+        nib = (shift_right_and(m0, 0, 15), shift_right_and(m1, 0, 15), shift_right_and(m2, 0, 15),
+               shift_right_and(m3, 0, 15), shift_right_and(m0, 4, 15), shift_right_and(m1, 4, 15),
+               shift_right_and(m2, 4, 15), shift_right_and(m3, 4, 15))
+        d = gather_f16_rows(w, o, row_bytes)
+        x = t * k + 32 * b
+        s = t * starts_stride + b
+        f0 = fma_i32x16(f0, _lanes_token(nib, xq, x, starts[s], isa), d, splat_f32(x_scale[t, b]))
+        if width > 1:
+            f1 = fma_i32x16(f1, _lanes_token(nib, xq, x + k, starts[s + starts_stride], isa), d,
+                            splat_f32(x_scale[t + 1, b]))
+        if width > 2:
+            f2 = fma_i32x16(f2, _lanes_token(nib, xq, x + 2 * k, starts[s + 2 * starts_stride], isa), d,
+                            splat_f32(x_scale[t + 2, b]))
+            f3 = fma_i32x16(f3, _lanes_token(nib, xq, x + 3 * k, starts[s + 3 * starts_stride], isa), d,
+                            splat_f32(x_scale[t + 3, b]))
+        if width > 4:
+            f4 = fma_i32x16(f4, _lanes_token(nib, xq, x + 4 * k, starts[s + 4 * starts_stride], isa), d,
+                            splat_f32(x_scale[t + 4, b]))
+            f5 = fma_i32x16(f5, _lanes_token(nib, xq, x + 5 * k, starts[s + 5 * starts_stride], isa), d,
+                            splat_f32(x_scale[t + 5, b]))
+            f6 = fma_i32x16(f6, _lanes_token(nib, xq, x + 6 * k, starts[s + 6 * starts_stride], isa), d,
+                            splat_f32(x_scale[t + 6, b]))
+            f7 = fma_i32x16(f7, _lanes_token(nib, xq, x + 7 * k, starts[s + 7 * starts_stride], isa), d,
+                            splat_f32(x_scale[t + 7, b]))
+    store_f32x16(out, at, f0, n_store)
+    if width > 1:
+        store_f32x16(out, at + stride, f1, n_store)
+    if width > 2:
+        store_f32x16(out, at + 2 * stride, f2, n_store)
+        store_f32x16(out, at + 3 * stride, f3, n_store)
+    if width > 4:
+        store_f32x16(out, at + 4 * stride, f4, n_store)
+        store_f32x16(out, at + 5 * stride, f5, n_store)
+        store_f32x16(out, at + 6 * stride, f6, n_store)
+        store_f32x16(out, at + 7 * stride, f7, n_store)
+
+
+@njit(**_KERNEL)
+def _lanes_tokens(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, out, at, n_store, isa):
+    """Sixteen rows times every token of ``x_scale``, eight at a time, then four, two, one."""
+    n_tokens = x_scale.shape[0]
+    stride = out.size // n_tokens
+    t = 0
+    while n_tokens - t >= 8:
+        _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 8, out, at + t * stride, stride,
+                     n_store, isa)
+        t += 8
+    if n_tokens - t >= 4:
+        _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 4, out, at + t * stride, stride,
+                     n_store, isa)
+        t += 4
+    if n_tokens - t >= 2:
+        _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 2, out, at + t * stride, stride,
+                     n_store, isa)
+        t += 2
+    if n_tokens - t >= 1:
+        _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 1, out, at + t * stride, stride,
+                     n_store, isa)
+
+
+@njit(**_KERNEL)
+def _rows_lanes(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    """``_rows`` of q4_0 on AVX512-VNNI: the n rows from byte ``start`` sixteen at a time (``bias``: each token's
+    ``block_starts``, k / 4 apart); the last n % 16 are copied beside zero rows into a panel of their own."""
+    flat = out.reshape(-1)
+    starts_stride = bias.size // x_scale.shape[0]
+    full = n // 16
+    for p in range(full):
+        _lanes_tokens(w, start + 16 * p * row_bytes, row_bytes, xq, k, x_scale, bias, starts_stride, flat,
+                      first + 16 * p, 16, isa)
+    rest = n - 16 * full
+    if rest:
+        tail = np.zeros(16 * row_bytes, np.uint8)
+        begin = start + 16 * full * row_bytes
+        tail[:rest * row_bytes] = w[begin:begin + rest * row_bytes]
+        _lanes_tokens(tail, 0, row_bytes, xq, k, x_scale, bias, starts_stride, flat, first + 16 * full, rest, isa)
+
+
+@njit(**_KERNEL)
+def _one_token_rows_lanes(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
+    _rows_lanes(kind, w, start, row_bytes, n, xq, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+
+
+@njit(**_KERNEL)
+def block_starts(xq, offset):
+    """int32 [n / 32]: -offset * the sum of each 32 quants of ``xq`` (what takes a weight offset back out of a
+    block's dot product: q4_0's 8)."""
+    starts = np.empty(xq.size // 32, np.int32)
+    for b in range(starts.size):
+        total = np.int32(0)
+        for i in range(32 * b, 32 * b + 32):
+            total += np.int32(xq[i])
+        starts[b] = -np.int32(offset) * total
+    return starts
+
+
+def _rows_in_lanes(kind, isa) -> bool:
+    """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0 on AVX512-VNNI."""
+    return kind.code == 0 and isa.isa_name == "avx512vnni"
+
+
 def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
     """The rows of ``kind`` (a ``Kind`` constant) for a few tokens (tiles): its family's row function, chosen at
     compile time, so a kernel compiles only the kinds it is called with (a model's first run compiles its own 3-5
@@ -947,9 +1126,9 @@ _FAMILY_ONE_TOKEN_ROWS = {0: _one_token_rows_legacy, 1: _one_token_rows_legacy, 
 
 @overload(_rows, inline="always")
 def _rows_of_kind(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    if not isinstance(kind, ConstantType) or kind.label != "kind":
+    if not isinstance(kind, ConstantType) or kind.label != "kind" or not isinstance(isa, IsaType):
         return None
-    family = _FAMILY_ROWS[kind.code]
+    family = _rows_lanes if _rows_in_lanes(kind, isa) else _FAMILY_ROWS[kind.code]
 
     def rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
         family(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
@@ -958,9 +1137,9 @@ def _rows_of_kind(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bs
 
 @overload(_one_token_rows, inline="always")
 def _one_token_rows_of_kind(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    if not isinstance(kind, ConstantType) or kind.label != "kind":
+    if not isinstance(kind, ConstantType) or kind.label != "kind" or not isinstance(isa, IsaType):
         return None
-    family = _FAMILY_ONE_TOKEN_ROWS[kind.code]
+    family = _one_token_rows_lanes if _rows_in_lanes(kind, isa) else _FAMILY_ONE_TOKEN_ROWS[kind.code]
 
     def rows(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
         family(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
@@ -1001,6 +1180,8 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     VNNI, q6_K), the q8_K sums per 32 (q4_K, q5_K) or the activations in ``_dots_wide``'s order (q2_K, q3_K on
     AVX512-VNNI); an empty array where a kind needs none of them."""
     code = kind_code(kind)
+    if code == 0 and signed_dot_offset(isa) == 128:    # q4_0 on AVX512-VNNI: the row-lane kernels' block starts
+        return block_starts(xq, 8)
     if code == 0 or code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 5 or code == 6:
@@ -1015,8 +1196,10 @@ def _per_row_terms(kind, xq, x_bsums, isa):
 @njit(**_KERNEL)
 def _one_token_terms(kind, xq, x_bsums, isa):
     """``_per_row_terms`` for the one-token kernels, which take the legacy kinds' lane biases from their registers
-    (``_legacy_row_dot``): nothing to compute for q4_0, q5_0, q8_0."""
+    (``_legacy_row_dot``): nothing to compute for q4_0 (but on AVX512-VNNI), q5_0, q8_0."""
     code = kind_code(kind)
+    if code == 0 and signed_dot_offset(isa) == 128:
+        return block_starts(xq, 8)
     if code == 0 or code == 2 or code == 4:
         return np.empty(0, np.int32)
     return _per_row_terms(kind, xq, x_bsums, isa)

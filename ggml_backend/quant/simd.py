@@ -1127,3 +1127,121 @@ def to_scale_words(typingctx, scales):
         low = builder.and_(lanes, _splat(_I32(0xFFFF), count))
         return builder.or_(low, builder.shl(low, _splat(_I32(16), count)))
     return result(scales), codegen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row lanes straight from the file (decode.py's q4_0 kernel on AVX512-VNNI): the int32 lanes of a 512-bit register
+# are sixteen weight rows, as in the prompt GEMM's panels, but built per block from the rows as they lie in the
+# model file (no unpacked panel in memory): four 16-byte loads per register, a 16 x 4 dword transpose, a gather of
+# the sixteen block scales.
+# ----------------------------------------------------------------------------------------------------------------
+
+@intrinsic
+def load_rows_4x16(typingctx, array, offset, stride):
+    """The 16 bytes at byte ``offset`` of four rows ``stride`` bytes apart, side by side (an ``I8x64``: row i in
+    bytes 16 i .. 16 i + 15; one load and three ``vinserti32x4`` from memory)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v16 = ir.VectorType(_I8, 16)
+        parts = []
+        for i in range(4):
+            at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, i)))
+            pointer = _byte_pointer(context, builder, sig.args[0], args[0], at)
+            parts.append(builder.load(builder.bitcast(pointer, v16.as_pointer()), align=1))
+        pairs = [builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+                 for i in (0, 2)]
+        return builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
+    return I8x64(array, offset, stride), codegen
+
+
+@intrinsic
+def transpose_dwords(typingctx, a, b, c, d):
+    """Four ``load_rows_4x16`` results (rows 0-3, 4-7, 8-11, 12-15, four dwords each) as four ``I8x64`` whose
+    int32 lane r is row r's dword m (m = 0..3): bytes 4 m .. 4 m + 3 of the sixteen rows side by side (a 16 x 4
+    transpose of dwords: two rounds of ``vpermt2d``)."""
+    if not (a == b == c == d == I8x64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        words = [builder.bitcast(value, I32x16.llvm_type()) for value in args]
+        lanes = ir.VectorType(_I32, 16)
+        # round 1, per pair of registers: dword m and m + 1 of their eight rows
+        even = ir.Constant(lanes, [0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29])
+        odd = ir.Constant(lanes, [2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31])
+        ab01, ab23 = (builder.shuffle_vector(words[0], words[1], m) for m in (even, odd))
+        cd01, cd23 = (builder.shuffle_vector(words[2], words[3], m) for m in (even, odd))
+        # round 2: the sixteen rows of each dword
+        low = ir.Constant(lanes, list(range(8)) + list(range(16, 24)))
+        high = ir.Constant(lanes, list(range(8, 16)) + list(range(24, 32)))
+        out = [builder.shuffle_vector(ab01, cd01, low), builder.shuffle_vector(ab01, cd01, high),
+               builder.shuffle_vector(ab23, cd23, low), builder.shuffle_vector(ab23, cd23, high)]
+        return context.make_tuple(builder, sig.return_type, [builder.bitcast(v, I8x64.llvm_type()) for v in out])
+    return types.UniTuple(I8x64, 4)(a, b, c, d), codegen
+
+
+@intrinsic
+def gather_f16_rows(typingctx, array, offset, stride):
+    """The half floats at byte ``offset`` of sixteen rows ``stride`` bytes apart (stride * 15 below 2 ** 31), as an
+    ``F32x16`` (``vpgatherdd`` of their dwords, ``vpmovdw``, ``vcvtph2ps``: exact)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lanes = ir.VectorType(_I32, 16)
+        i64 = ir.IntType(64)
+        base = builder.ptrtoint(_byte_pointer(context, builder, sig.args[0], args[0], args[1]), i64)
+        step = _splat_value(builder, builder.trunc(args[2], _I32) if args[2].type.width > 32 else args[2], 16)
+        offsets = builder.sext(builder.mul(step, ir.Constant(lanes, list(range(16)))), ir.VectorType(i64, 16))
+        addresses = builder.add(_splat_value(builder, base, 16), offsets)
+        dword_pointers = builder.inttoptr(addresses, ir.VectorType(_I32.as_pointer(), 16))
+        gather = _function(builder, "llvm.masked.gather.v16i32.v16p0", lanes,
+                           [ir.VectorType(_I32.as_pointer(), 16), _I32, ir.VectorType(ir.IntType(1), 16), lanes])
+        dwords = builder.call(gather, [dword_pointers, _I32(1), ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16),
+                                       ir.Constant(lanes, None)])
+        halves = builder.bitcast(builder.trunc(dwords, ir.VectorType(_I16, 16)), ir.VectorType(ir.HalfType(), 16))
+        return builder.fpext(halves, F32x16.llvm_type())
+    return F32x16(array, offset, stride), codegen
+
+
+@intrinsic
+def prefetch_to_l2(typingctx, array, offset):
+    """``prefetch`` into L2 only (``prefetcht1``): for data a whole panel ahead, which in L1 would push out the
+    lines being read. Never faults."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        function = _function(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        builder.call(function, [pointer, _I32(0), _I32(2), _I32(1)])
+        return context.get_dummy_value()
+    return types.void(array, offset), codegen
+
+
+@intrinsic
+def splat_i32(typingctx, value):
+    """An integer in all sixteen lanes of an ``I32x16``."""
+    if not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        scalar = args[0]
+        if scalar.type.width > 32:
+            scalar = builder.trunc(scalar, _I32)
+        elif scalar.type.width < 32:
+            scalar = builder.sext(scalar, _I32)
+        return _splat_value(builder, scalar, 16)
+    return I32x16(value), codegen
+
+
+@intrinsic
+def splat_f32(typingctx, value):
+    """A float32 in all sixteen lanes of an ``F32x16``."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat_value(builder, args[0], 16)
+    return F32x16(value), codegen
