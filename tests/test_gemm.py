@@ -52,7 +52,7 @@ def test_every_kind_matches_the_integer_kernels(name):
         assert np.all(np.abs(y_gemm - y_int) <= bound), name
     if KINDS[name] in gemm_module.EXACT_KINDS:   # the one-token kernel's numbers, bit for bit
         assert np.array_equal(exact_gemm(name, w, x), y_int)
-    if name == "q4_0":                           # its row-lane kernels: the prompt GEMM's numbers, bit for bit
+    if name in ("q4_0", "q5_0"):                 # their row-lane kernels: the prompt GEMM's numbers, bit for bit
         assert np.array_equal(matmul(name, w, x, method="gemm"), y_int)
 
 
@@ -110,26 +110,36 @@ def test_rows_of_a_length_the_tiles_cannot_take_fall_back_or_are_refused():
         matmul("f16", np.zeros((4, 128), np.uint8), activations(50, 64), method="gemm")
 
 
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q8_0"])
 @pytest.mark.parametrize("n_rows", [16, 37, 5, 200])
-def test_q4_0_rows_in_lanes_give_one_numbers_for_any_tokens_and_rows(n_rows):
-    """q4_0 on AVX512-VNNI (decode._rows_lanes: sixteen rows per register, straight from the file): one token,
-    a few (tiles of 8, 4, 2, 1 and their remainders), a fused launch of two matrices and a prompt on the GEMM all
-    give each (row, token) the same bits, whatever the batch; rows past a multiple of 16 (a panel of zeros beside
-    them) and matrices of fewer than 16 rows included."""
-    k = 896
-    w = weights("q4_0", n_rows, k, seed=11)
-    w2 = weights("q4_0", 20, k, seed=12)
+def test_rows_in_lanes_give_one_numbers_for_any_tokens_and_rows(name, n_rows):
+    """q4_0, q5_0 and q8_0 on AVX512-VNNI (decode._rows_lanes: sixteen rows per register, straight from the file;
+    q8_0 from rows of 2048): one token, a few (tiles of 8, 4, 2, 1 and their remainders), a fused launch of two
+    matrices and a prompt on the GEMM all give each (row, token) the same bits, whatever the batch; rows past a
+    multiple of 16 (a panel of zeros beside them) and matrices of fewer than 16 rows included."""
+    k = 2048 if name == "q8_0" else 896
+    w = weights(name, n_rows, k, seed=11)
+    w2 = weights(name, 20, k, seed=12)
     x = activations(50, k, seed=13)
-    prompt = matmul("q4_0", w, x, method="gemm")
+    prompt = matmul(name, w, x, method="gemm")
     for n_tokens in (1, 2, 3, 7, 8, 13, 47):
-        assert np.array_equal(matmul("q4_0", w, x[:n_tokens], method="int"), prompt[:n_tokens]), n_tokens
-    assert np.array_equal(matmul("q4_0", w, x[9:10], method="int"), prompt[9:10])
-    y, y2 = matmul_many([WeightMatrix("q4_0", w), WeightMatrix("q4_0", w2)], x[:11])
+        assert np.array_equal(matmul(name, w, x[:n_tokens], method="int"), prompt[:n_tokens]), n_tokens
+    assert np.array_equal(matmul(name, w, x[9:10], method="int"), prompt[9:10])
+    y, y2 = matmul_many([WeightMatrix(name, w), WeightMatrix(name, w2)], x[:11])
     assert np.array_equal(y, prompt[:11])
-    assert np.array_equal(y2, matmul("q4_0", w2, x, method="gemm")[:11])
+    assert np.array_equal(y2, matmul(name, w2, x, method="gemm")[:11])
 
 
-@pytest.mark.parametrize("name", ["q5_0", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"])
+def test_short_q8_0_rows_keep_their_lane_kernels():
+    """q8_0 rows under 2048 values stay on the one-token lane kernel and its tiles (faster there than row lanes):
+    a few tokens give each token its one-token bits."""
+    w = weights("q8_0", 37, 896, seed=14)
+    x = activations(13, 896, seed=15)
+    alone = np.concatenate([matmul("q8_0", w, x[t:t + 1], method="int") for t in range(len(x))])
+    assert np.array_equal(matmul("q8_0", w, x, method="int"), alone)
+
+
+@pytest.mark.parametrize("name", ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"])
 def test_few_token_products_on_the_gemm_keep_one_token_numbers(name):
     """Continuous batching and short prompts: from gemm.EXACT_FROM_TOKENS[kind] tokens the integer path runs the
     exact GEMM (q8_0: the tiles, which are faster), which must give every token exactly its one-token result, in

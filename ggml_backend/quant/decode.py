@@ -51,7 +51,8 @@ from .simd import (
 )
 from .simd import (
     add_i32x16, dot_u8_i8_x64, fma_i32x16, gather_f16_rows, load_rows_4x16, prefetch_to_l2, splat_dword_x64,
-    splat_f32, splat_i32, store_f32x16, transpose_dwords, zero_f32x16,
+    fifth_bit_bytes, flip_sign_bits, gather_u32_rows, load_f16_rows, splat_f32, splat_i32, store_f32x16, transpose_dwords,
+    zero_f32x16,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -929,30 +930,31 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# q4_0 on AVX512-VNNI: rows in lanes, straight from the file
+# q4_0 and q8_0 on AVX512-VNNI: rows in lanes, straight from the file
 #
 # The lanes of a 512-bit register are sixteen weight rows (as in gemm.py's prompt kernel), built per block from the
-# rows where they lie: each row's 16 nibble bytes (four rows per register), a 16 x 4 transpose of their dwords, so
-# that register m holds bytes 4m .. 4m + 3 of every row, whose low nibbles are values 4m .. 4m + 3 and high ones
-# 16 + 4m ..; the sixteen scales come by one gather. Per token and block, the token's four activation bytes
-# broadcast (an embedded broadcast of ``vpdpbusd``):
+# rows where they lie: 16 quant bytes of each row (four rows per register), a 16 x 4 transpose of their dwords, so
+# that register m holds bytes 4m .. 4m + 3 of every row; the sixteen scales come by one gather. q4_0's low nibbles
+# are values 4m .. 4m + 3, its high ones 16 + 4m ..; q8_0 takes two such transposes (values 0-15, 16-31), its
+# signed bytes made unsigned by adding 128. Per token and block, the token's four activation bytes broadcast (an
+# embedded broadcast of ``vpdpbusd``):
 #
-#     sums = -8 * (sum of the token's 32 x)                     # q4_0's offset, exact: value = nibble - 8
-#     sums = vpdpbusd(sums, nibbles of dword j, x dword j)      # 8 times: each row's block sum, exact
+#     sums = -offset * (sum of the token's 32 x)                # q4_0: 8 (value = nibble - 8); q8_0: 128
+#     sums = vpdpbusd(sums, unsigned dword j, x dword j)        # 8 times: each row's block sum, exact
 #     acc = acc + float(sums) * (d_rows * d_x)                  # vcvtdq2ps, vmulps, vfmadd
 #
-# which is the prompt GEMM's arithmetic for q4_0 (each row's blocks summed exactly, then added in float32 one after
-# the other), so one-token, few-token and prompt products of q4_0 give the same numbers on this path. A block's
-# decoding serves up to eight tokens: on two Zen 4 cores a 7B-shaped q4_0 matrix took 8 tokens at 199-260 G
-# multiply-adds a second against 81-91 on the lane tiles, and one token read 20-21 GB/s per core from memory
-# against 16.6 (4096-wide rows).
+# which is the prompt GEMM's arithmetic for these kinds (each row's blocks summed exactly, then added in float32 one
+# after the other), so their one-token, few-token and prompt products give the same numbers on this path. A
+# block's decoding serves up to eight tokens: on two Zen 4 cores a 7B-shaped q4_0 matrix took 8 tokens at 239 G
+# multiply-adds a second against 81-89 on the lane tiles, and one token read 18-20 GB/s per core from memory
+# against 17 (4096-wide rows).
 # ----------------------------------------------------------------------------------------------------------------
 
-# bytes of q4_0 per block of sixteen rows: the next panel's share prefetched per block
-_PANEL_BLOCK_BYTES = 16 * 18
-# panels up to this size are prefetched into L1 (rows of 896: 8 KiB, 19 against 15 GB/s per core), larger ones into
-# L2 (rows of 4096: 36 KiB would push the panel being read out of a 32 KiB L1: 12-13 against 20-21 GB/s)
-_L1_PANEL_BYTES = 16 * 1024
+# panels up to this size are prefetched into L1 (q4_0 rows of 896, 7.9 KiB: 19 against 15 GB/s per core on Zen 4;
+# q5_0's, 9.6 KiB: 13.8-15.0 against 12.6-13.2), larger ones into L2, where they do not push the panel being read
+# out of a 32 KiB L1 (q4_0 rows of 4096, 36 KiB: 20-21 against 12-13 GB/s; q8_0 rows of 896, 14.9 KiB: 21.6
+# against 16.8)
+_L1_PANEL_BYTES = 10 * 1024
 
 
 @njit(**_KERNEL)
@@ -972,12 +974,50 @@ def _lanes_token(nib, xq, x, start, isa):
 
 
 @njit(inline="always", **_KERNEL)
-def _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, width, out, at, stride, n_store, isa):
-    """Sixteen q4_0 rows from byte ``base`` of ``w`` times the ``width`` (1, 2, 4 or 8, a constant after inlining)
-    tokens from t: token u's quants at xq[u * k:], scales x_scale[u], q4_0 block starts (-8 * the sum of each
-    block's quants) at starts[u * starts_stride:]; its results, the first ``n_store`` lanes, at out[at + (u - t) *
-    stride:]."""
+def _lanes_block(kind, w, o, row_bytes):
+    """Block at byte ``o`` of sixteen rows ``row_bytes`` apart: its values as unsigned bytes in eight registers
+    (register j: values 4j .. 4j + 3 of every row) and the rows' scales."""
+    four = 4 * row_bytes
+    kc = kind_code(kind)
+    quants = o + 6 if kc == 2 else o + 2          # q5_0: d, then the fifth bits (4 bytes), then the nibbles
+    m0, m1, m2, m3 = transpose_dwords(load_rows_4x16(w, quants, row_bytes),
+                                      load_rows_4x16(w, quants + four, row_bytes),
+                                      load_rows_4x16(w, quants + 2 * four, row_bytes),
+                                      load_rows_4x16(w, quants + 3 * four, row_bytes))
+    if kc == 0:
+        values = (shift_right_and(m0, 0, 15), shift_right_and(m1, 0, 15), shift_right_and(m2, 0, 15),
+                  shift_right_and(m3, 0, 15), shift_right_and(m0, 4, 15), shift_right_and(m1, 4, 15),
+                  shift_right_and(m2, 4, 15), shift_right_and(m3, 4, 15))
+    elif kc == 2:
+        high = gather_u32_rows(w, o + 2, row_bytes)      # bit i: value i's fifth bit
+        values = (or_bytes(shift_right_and(m0, 0, 15), fifth_bit_bytes(high, 0)),
+                  or_bytes(shift_right_and(m1, 0, 15), fifth_bit_bytes(high, 4)),
+                  or_bytes(shift_right_and(m2, 0, 15), fifth_bit_bytes(high, 8)),
+                  or_bytes(shift_right_and(m3, 0, 15), fifth_bit_bytes(high, 12)),
+                  or_bytes(shift_right_and(m0, 4, 15), fifth_bit_bytes(high, 16)),
+                  or_bytes(shift_right_and(m1, 4, 15), fifth_bit_bytes(high, 20)),
+                  or_bytes(shift_right_and(m2, 4, 15), fifth_bit_bytes(high, 24)),
+                  or_bytes(shift_right_and(m3, 4, 15), fifth_bit_bytes(high, 28)))
+    else:
+        m4, m5, m6, m7 = transpose_dwords(load_rows_4x16(w, o + 18, row_bytes),
+                                          load_rows_4x16(w, o + 18 + four, row_bytes),
+                                          load_rows_4x16(w, o + 18 + 2 * four, row_bytes),
+                                          load_rows_4x16(w, o + 18 + 3 * four, row_bytes))
+        values = (flip_sign_bits(m0), flip_sign_bits(m1), flip_sign_bits(m2), flip_sign_bits(m3),
+                  flip_sign_bits(m4), flip_sign_bits(m5), flip_sign_bits(m6), flip_sign_bits(m7))
+    return values, load_f16_rows(w, o, row_bytes)
+
+
+@njit(inline="always", **_KERNEL)
+def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, width, out, at, stride,
+                 n_store, isa):
+    """Sixteen rows of ``kind`` (q4_0, q8_0) from byte ``base`` of ``w`` times the ``width`` (1, 2, 4 or 8, a
+    constant after inlining) tokens from t: token u's quants at xq[u * k:], scales x_scale[u], block starts
+    (``block_starts``: -offset * the sum of each block's quants) at starts[u * starts_stride:]; its results, the
+    first ``n_store`` lanes, at out[at + (u - t) * stride:]."""
     n_blocks = k // 32
+    block_bytes = 18 if kind_code(kind) == 0 else 22 if kind_code(kind) == 2 else 34
+    panel_block = 16 * block_bytes
     f0 = zero_f32x16()
     f1 = zero_f32x16()
     f2 = zero_f32x16()
@@ -988,24 +1028,16 @@ def _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, w
     f7 = zero_f32x16()
     ahead = base + 16 * row_bytes
     near = 16 * row_bytes <= _L1_PANEL_BYTES
-    four = 4 * row_bytes
     for b in range(n_blocks):
-        o = base + 18 * b
+        o = base + block_bytes * b
         # the next panel (16 contiguous rows), its share per block, while this one is read
-        nxt = ahead + _PANEL_BLOCK_BYTES * b
-        for line in range(0, _PANEL_BLOCK_BYTES, 64):
+        nxt = ahead + panel_block * b
+        for line in range(0, panel_block, 64):
             if near:
                 prefetch(w, nxt + line)
             else:
                 prefetch_to_l2(w, nxt + line)
-        m0, m1, m2, m3 = transpose_dwords(load_rows_4x16(w, o + 2, row_bytes),
-                                          load_rows_4x16(w, o + 2 + four, row_bytes),
-                                          load_rows_4x16(w, o + 2 + 2 * four, row_bytes),
-                                          load_rows_4x16(w, o + 2 + 3 * four, row_bytes))
-        nib = (shift_right_and(m0, 0, 15), shift_right_and(m1, 0, 15), shift_right_and(m2, 0, 15),
-               shift_right_and(m3, 0, 15), shift_right_and(m0, 4, 15), shift_right_and(m1, 4, 15),
-               shift_right_and(m2, 4, 15), shift_right_and(m3, 4, 15))
-        d = gather_f16_rows(w, o, row_bytes)
+        nib, d = _lanes_block(kind, w, o, row_bytes)
         x = t * k + 32 * b
         s = t * starts_stride + b
         f0 = fma_i32x16(f0, _lanes_token(nib, xq, x, starts[s], isa), d, splat_f32(x_scale[t, b]))
@@ -1040,49 +1072,69 @@ def _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, w
 
 
 @njit(**_KERNEL)
-def _lanes_tokens(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, out, at, n_store, isa):
+def _lanes_tokens(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, out, at, n_store, isa):
     """Sixteen rows times every token of ``x_scale``, eight at a time, then four, two, one."""
     n_tokens = x_scale.shape[0]
     stride = out.size // n_tokens
     t = 0
     while n_tokens - t >= 8:
-        _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 8, out, at + t * stride, stride,
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 8, out, at + t * stride, stride,
                      n_store, isa)
         t += 8
     if n_tokens - t >= 4:
-        _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 4, out, at + t * stride, stride,
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 4, out, at + t * stride, stride,
                      n_store, isa)
         t += 4
     if n_tokens - t >= 2:
-        _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 2, out, at + t * stride, stride,
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 2, out, at + t * stride, stride,
                      n_store, isa)
         t += 2
     if n_tokens - t >= 1:
-        _lanes_panel(w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 1, out, at + t * stride, stride,
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 1, out, at + t * stride, stride,
                      n_store, isa)
+
+
+# q8_0 rows shorter than this keep the lane kernels (``_rows_legacy``): rows of 896 (Qwen2.5-0.5B's output matrix)
+# read 21.5-22.3 GB/s per core in row lanes against 24.6, 32-35 against 36-37 G multiply-adds a second on two cores
+# (rows of 4096: 27-30 GB/s against 22-25). The choice is per matrix (its k), so each matrix keeps one arithmetic.
+_Q8_0_LANES_MIN_K = 2048
+
+
+@njit(inline="always", **_KERNEL)
+def _in_lanes(kind, k):
+    """Whether rows of ``k`` values of a row-lane kind take the row lanes (all but q8_0's short rows)."""
+    return kind_code(kind) != 4 or k >= _Q8_0_LANES_MIN_K
 
 
 @njit(**_KERNEL)
 def _rows_lanes(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    """``_rows`` of q4_0 on AVX512-VNNI: the n rows from byte ``start`` sixteen at a time (``bias``: each token's
-    ``block_starts``, k / 4 apart); the last n % 16 are copied beside zero rows into a panel of their own."""
+    """``_rows`` of q4_0 / q5_0 / q8_0 on AVX512-VNNI: the n rows from byte ``start`` sixteen at a time (``bias``:
+    each token's ``block_starts``, k / 4 apart); the last n % 16 are copied beside zero rows into a panel of their
+    own."""
+    if not _in_lanes(kind, k):
+        _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+        return
     flat = out.reshape(-1)
     starts_stride = bias.size // x_scale.shape[0]
     full = n // 16
     for p in range(full):
-        _lanes_tokens(w, start + 16 * p * row_bytes, row_bytes, xq, k, x_scale, bias, starts_stride, flat,
+        _lanes_tokens(kind, w, start + 16 * p * row_bytes, row_bytes, xq, k, x_scale, bias, starts_stride, flat,
                       first + 16 * p, 16, isa)
     rest = n - 16 * full
     if rest:
         tail = np.zeros(16 * row_bytes, np.uint8)
         begin = start + 16 * full * row_bytes
         tail[:rest * row_bytes] = w[begin:begin + rest * row_bytes]
-        _lanes_tokens(tail, 0, row_bytes, xq, k, x_scale, bias, starts_stride, flat, first + 16 * full, rest, isa)
+        _lanes_tokens(kind, tail, 0, row_bytes, xq, k, x_scale, bias, starts_stride, flat, first + 16 * full, rest,
+                      isa)
 
 
 @njit(**_KERNEL)
 def _one_token_rows_lanes(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    _rows_lanes(kind, w, start, row_bytes, n, xq, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+    if _in_lanes(kind, k):
+        _rows_lanes(kind, w, start, row_bytes, n, xq, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
+    else:
+        _one_token_rows_legacy(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
 
 
 @njit(**_KERNEL)
@@ -1099,8 +1151,9 @@ def block_starts(xq, offset):
 
 
 def _rows_in_lanes(kind, isa) -> bool:
-    """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0 on AVX512-VNNI."""
-    return kind.code == 0 and isa.isa_name == "avx512vnni"
+    """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0, q5_0 and q8_0 on
+    AVX512-VNNI."""
+    return kind.code in (0, 2, 4) and isa.isa_name == "avx512vnni"
 
 
 def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
@@ -1180,8 +1233,8 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     VNNI, q6_K), the q8_K sums per 32 (q4_K, q5_K) or the activations in ``_dots_wide``'s order (q2_K, q3_K on
     AVX512-VNNI); an empty array where a kind needs none of them."""
     code = kind_code(kind)
-    if code == 0 and signed_dot_offset(isa) == 128:    # q4_0 on AVX512-VNNI: the row-lane kernels' block starts
-        return block_starts(xq, 8)
+    if (code == 0 or code == 2 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, xq.size):
+        return block_starts(xq, 8 if code == 0 else 16 if code == 2 else 128)    # AVX512-VNNI's row lanes
     if code == 0 or code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 5 or code == 6:
@@ -1196,10 +1249,11 @@ def _per_row_terms(kind, xq, x_bsums, isa):
 @njit(**_KERNEL)
 def _one_token_terms(kind, xq, x_bsums, isa):
     """``_per_row_terms`` for the one-token kernels, which take the legacy kinds' lane biases from their registers
-    (``_legacy_row_dot``): nothing to compute for q4_0 (but on AVX512-VNNI), q5_0, q8_0."""
+    (``_legacy_row_dot``): nothing to compute for q4_0, q5_0, q8_0 (on AVX512-VNNI they take the row-lane kernels'
+    block starts)."""
     code = kind_code(kind)
-    if code == 0 and signed_dot_offset(isa) == 128:
-        return block_starts(xq, 8)
+    if (code == 0 or code == 2 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, xq.size):
+        return block_starts(xq, 8 if code == 0 else 16 if code == 2 else 128)
     if code == 0 or code == 2 or code == 4:
         return np.empty(0, np.int32)
     return _per_row_terms(kind, xq, x_bsums, isa)

@@ -71,7 +71,7 @@ BLOCK_BYTES = 768 * 1024
 # into which the GEMM folds its two halves in order (``_scaled_add``; q8_0 given two chains in decode read 10-13
 # GB/s per core against 17-23 with its one). The K-quants have their own exact kernel (``gemm_k``).
 K_EXACT_KINDS = (5, 6, 7, 8, 9)
-EXACT_KINDS = (2, 4) + K_EXACT_KINDS    # q4_0 has its own few-token kernel on this path (decode._rows_lanes)
+EXACT_KINDS = K_EXACT_KINDS    # q4_0, q5_0, q8_0: their own few-token kernels on this path (decode._rows_lanes)
 
 # Products with a few tokens (continuous batching, short prompts), which must give each token its one-token
 # numbers, take the exact GEMM from this many tokens on, per kind; the others stay on the few-token tiles. Zen 5,
@@ -79,7 +79,7 @@ EXACT_KINDS = (2, 4) + K_EXACT_KINDS    # q4_0 has its own few-token kernel on t
 # q5_0 63 / 63 and 63 / 84 (896 x 896: 34 / 42 at 8), q4_K 38 / 60 and 37 / 73 (12), q6_K 45-50 / 49 and 53 / 75;
 # q8_0 71 / 48 and 72-94 / 65-79, so q8_0 (whose GEMM takes two dependent 8-lane fused adds per 64 values)
 # stays on the tiles. Below 8 tokens the tiles are as fast or faster for every kind.
-EXACT_FROM_TOKENS = {2: 8, 5: 8, 6: 8, 7: 8, 8: 8, 9: 8}
+EXACT_FROM_TOKENS = {5: 8, 6: 8, 7: 8, 8: 8, 9: 8}
 
 
 def isa_has_gemm(isa) -> bool:

@@ -1181,6 +1181,21 @@ def transpose_dwords(typingctx, a, b, c, d):
     return types.UniTuple(I8x64, 4)(a, b, c, d), codegen
 
 
+def _gather_row_dwords(context, builder, array_type, array, offset, stride):
+    """The dwords at byte ``offset`` of sixteen rows ``stride`` bytes apart (``vpgatherdd``)."""
+    lanes = ir.VectorType(_I32, 16)
+    i64 = ir.IntType(64)
+    base = builder.ptrtoint(_byte_pointer(context, builder, array_type, array, offset), i64)
+    step = _splat_value(builder, builder.trunc(stride, _I32) if stride.type.width > 32 else stride, 16)
+    offsets = builder.sext(builder.mul(step, ir.Constant(lanes, list(range(16)))), ir.VectorType(i64, 16))
+    addresses = builder.add(_splat_value(builder, base, 16), offsets)
+    dword_pointers = builder.inttoptr(addresses, ir.VectorType(_I32.as_pointer(), 16))
+    gather = _function(builder, "llvm.masked.gather.v16i32.v16p0", lanes,
+                       [ir.VectorType(_I32.as_pointer(), 16), _I32, ir.VectorType(ir.IntType(1), 16), lanes])
+    return builder.call(gather, [dword_pointers, _I32(1), ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16),
+                                 ir.Constant(lanes, None)])
+
+
 @intrinsic
 def gather_f16_rows(typingctx, array, offset, stride):
     """The half floats at byte ``offset`` of sixteen rows ``stride`` bytes apart (stride * 15 below 2 ** 31), as an
@@ -1189,20 +1204,50 @@ def gather_f16_rows(typingctx, array, offset, stride):
         return None
 
     def codegen(context, builder, sig, args):
-        lanes = ir.VectorType(_I32, 16)
-        i64 = ir.IntType(64)
-        base = builder.ptrtoint(_byte_pointer(context, builder, sig.args[0], args[0], args[1]), i64)
-        step = _splat_value(builder, builder.trunc(args[2], _I32) if args[2].type.width > 32 else args[2], 16)
-        offsets = builder.sext(builder.mul(step, ir.Constant(lanes, list(range(16)))), ir.VectorType(i64, 16))
-        addresses = builder.add(_splat_value(builder, base, 16), offsets)
-        dword_pointers = builder.inttoptr(addresses, ir.VectorType(_I32.as_pointer(), 16))
-        gather = _function(builder, "llvm.masked.gather.v16i32.v16p0", lanes,
-                           [ir.VectorType(_I32.as_pointer(), 16), _I32, ir.VectorType(ir.IntType(1), 16), lanes])
-        dwords = builder.call(gather, [dword_pointers, _I32(1), ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16),
-                                       ir.Constant(lanes, None)])
+        dwords = _gather_row_dwords(context, builder, sig.args[0], args[0], args[1], args[2])
         halves = builder.bitcast(builder.trunc(dwords, ir.VectorType(_I16, 16)), ir.VectorType(ir.HalfType(), 16))
         return builder.fpext(halves, F32x16.llvm_type())
     return F32x16(array, offset, stride), codegen
+
+
+@intrinsic
+def gather_u32_rows(typingctx, array, offset, stride):
+    """The 32-bit words at byte ``offset`` of sixteen rows ``stride`` bytes apart, as an ``I32x16`` (q5_0's fifth
+    bits)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        words = ir.Constant(I32x16.llvm_type(), None)
+        for r in range(16):
+            at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, r)))
+            pointer = _byte_pointer(context, builder, sig.args[0], args[0], at)
+            words = builder.insert_element(words, builder.load(builder.bitcast(pointer, _I32.as_pointer()), align=1),
+                                           _I32(r))
+        return words
+    return I32x16(array, offset, stride), codegen
+
+
+# dword v: bit i of v (i = 0..3) as bit 4 of byte i
+_FIFTH_BITS = [sum(((v >> i) & 1) << (8 * i + 4) for i in range(4)) for v in range(16)]
+
+
+@intrinsic
+def fifth_bit_bytes(typingctx, words, shift):
+    """Bits ``shift`` .. ``shift + 3`` of each int32 lane of ``words`` as bit 4 (16) of the lane's four bytes, an
+    ``I8x64`` (a shift, an and and a ``vpermd`` from a 16-entry table): q5_0's fifth bits of four values in the row
+    lanes' layout."""
+    if words != I32x16 or not isinstance(shift, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lanes = ir.VectorType(_I32, 16)
+        amount = _splat_value(builder, builder.trunc(args[1], _I32) if args[1].type.width > 32 else args[1], 16)
+        index = builder.and_(builder.lshr(args[0], amount), _splat(_I32(15), 16))
+        permute = _function(builder, "llvm.x86.avx512.permvar.si.512", lanes, [lanes, lanes])
+        spread = builder.call(permute, [ir.Constant(lanes, _FIFTH_BITS), index])
+        return builder.bitcast(spread, I8x64.llvm_type())
+    return I8x64(words, shift), codegen
 
 
 @intrinsic
@@ -1245,3 +1290,31 @@ def splat_f32(typingctx, value):
     def codegen(context, builder, sig, args):
         return _splat_value(builder, args[0], 16)
     return F32x16(value), codegen
+
+
+@intrinsic
+def flip_sign_bits(typingctx, values):
+    """Each byte of an ``I8x64`` xor 0x80: signed bytes as unsigned ones, 128 higher (one ``vpxord``)."""
+    if values != I8x64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.xor(args[0], _splat(_I8(0x80), 64))
+    return I8x64(values), codegen
+
+
+@intrinsic
+def load_f16_rows(typingctx, array, offset, stride):
+    """``gather_f16_rows`` by sixteen scalar loads and inserts instead of a gather."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        halves = ir.Constant(ir.VectorType(ir.HalfType(), 16), None)
+        for r in range(16):
+            at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, r)))
+            pointer = _byte_pointer(context, builder, sig.args[0], args[0], at)
+            value = builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1)
+            halves = builder.insert_element(halves, value, _I32(r))
+        return builder.fpext(halves, F32x16.llvm_type())
+    return F32x16(array, offset, stride), codegen
