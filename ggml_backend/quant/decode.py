@@ -50,9 +50,8 @@ from .simd import (
     sum_f32x8, to_scale_words, unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
 )
 from .simd import (
-    add_i32x16, dot_u8_i8_x64, fma_i32x16, gather_f16_rows, load_rows_4x16, prefetch_to_l2, splat_dword_x64,
-    fifth_bit_bytes, flip_sign_bits, gather_u32_rows, load_f16_rows, splat_f32, splat_i32, store_f32x16, transpose_dwords,
-    zero_f32x16,
+    add_i32x16, dot_u8_i8_x64, flip_sign_bits, fma_i32x16, load_f16_rows, load_rows_4x16, prefetch_to_l2,
+    splat_dword_x64, splat_f32, splat_i32, store_f32x16, transpose_dwords, zero_f32x16,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -934,9 +933,10 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 #
 # The lanes of a 512-bit register are sixteen weight rows (as in gemm.py's prompt kernel), built per block from the
 # rows where they lie: 16 quant bytes of each row (four rows per register), a 16 x 4 transpose of their dwords, so
-# that register m holds bytes 4m .. 4m + 3 of every row; the sixteen scales come by one gather. q4_0's low nibbles
-# are values 4m .. 4m + 3, its high ones 16 + 4m ..; q8_0 takes two such transposes (values 0-15, 16-31), its
-# signed bytes made unsigned by adding 128. Per token and block, the token's four activation bytes broadcast (an
+# that register m holds bytes 4m .. 4m + 3 of every row; the sixteen scales come by sixteen scalar loads. q4_0's
+# low nibbles are values 4m .. 4m + 3, its high ones 16 + 4m ..; q8_0 takes two such transposes (values 0-15,
+# 16-31), its signed bytes made unsigned by adding 128 (q8_0 rows under 2048 values keep the lane kernels:
+# ``_Q8_0_LANES_MIN_K``). Per token and block, the token's four activation bytes broadcast (an
 # embedded broadcast of ``vpdpbusd``):
 #
 #     sums = -offset * (sum of the token's 32 x)                # q4_0: 8 (value = nibble - 8); q8_0: 128
@@ -946,30 +946,29 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 # which is the prompt GEMM's arithmetic for these kinds (each row's blocks summed exactly, then added in float32 one
 # after the other), so their one-token, few-token and prompt products give the same numbers on this path. A
 # block's decoding serves up to eight tokens: on two Zen 4 cores a 7B-shaped q4_0 matrix took 8 tokens at 239 G
-# multiply-adds a second against 81-89 on the lane tiles, and one token read 18-20 GB/s per core from memory
-# against 17 (4096-wide rows).
+# multiply-adds a second against 81-89 on the lane tiles, and one token read 22-23 GB/s per core from memory
+# against 17 (4096-wide rows; q8_0 27-30 against 22-25).
 # ----------------------------------------------------------------------------------------------------------------
 
-# panels up to this size are prefetched into L1 (q4_0 rows of 896, 7.9 KiB: 19 against 15 GB/s per core on Zen 4;
-# q5_0's, 9.6 KiB: 13.8-15.0 against 12.6-13.2), larger ones into L2, where they do not push the panel being read
-# out of a 32 KiB L1 (q4_0 rows of 4096, 36 KiB: 20-21 against 12-13 GB/s; q8_0 rows of 896, 14.9 KiB: 21.6
-# against 16.8)
-_L1_PANEL_BYTES = 10 * 1024
+# panels up to this size are prefetched into L1 (q4_0 rows of 896, 7.9 KiB: 19 against 15 GB/s per core on Zen 4),
+# larger ones into L2, where they do not push the panel being read out of a 32 KiB L1 (q4_0 rows of 4096, 36 KiB:
+# 20-21 against 12-13 GB/s; q8_0 rows of 896, 14.9 KiB: 21.6 against 16.8)
+_L1_PANEL_BYTES = 8 * 1024
 
 
 @njit(**_KERNEL)
-def _lanes_token(nib, xq, x, start, isa):
-    """One token's exact block sums for the sixteen rows (``nib``: the eight nibble registers, low then high)."""
+def _lanes_token(values, xq, x, start, isa):
+    """One token's exact block sums for the sixteen rows (``values``: ``_lanes_block``'s eight registers)."""
     low = splat_i32(start)
     high = splat_i32(0)
-    low = dot_u8_i8_x64(low, nib[0], splat_dword_x64(xq, x), isa)
-    high = dot_u8_i8_x64(high, nib[4], splat_dword_x64(xq, x + 16), isa)
-    low = dot_u8_i8_x64(low, nib[1], splat_dword_x64(xq, x + 4), isa)
-    high = dot_u8_i8_x64(high, nib[5], splat_dword_x64(xq, x + 20), isa)
-    low = dot_u8_i8_x64(low, nib[2], splat_dword_x64(xq, x + 8), isa)
-    high = dot_u8_i8_x64(high, nib[6], splat_dword_x64(xq, x + 24), isa)
-    low = dot_u8_i8_x64(low, nib[3], splat_dword_x64(xq, x + 12), isa)
-    high = dot_u8_i8_x64(high, nib[7], splat_dword_x64(xq, x + 28), isa)
+    low = dot_u8_i8_x64(low, values[0], splat_dword_x64(xq, x), isa)
+    high = dot_u8_i8_x64(high, values[4], splat_dword_x64(xq, x + 16), isa)
+    low = dot_u8_i8_x64(low, values[1], splat_dword_x64(xq, x + 4), isa)
+    high = dot_u8_i8_x64(high, values[5], splat_dword_x64(xq, x + 20), isa)
+    low = dot_u8_i8_x64(low, values[2], splat_dword_x64(xq, x + 8), isa)
+    high = dot_u8_i8_x64(high, values[6], splat_dword_x64(xq, x + 24), isa)
+    low = dot_u8_i8_x64(low, values[3], splat_dword_x64(xq, x + 12), isa)
+    high = dot_u8_i8_x64(high, values[7], splat_dword_x64(xq, x + 28), isa)
     return add_i32x16(low, high)
 
 
@@ -978,26 +977,14 @@ def _lanes_block(kind, w, o, row_bytes):
     """Block at byte ``o`` of sixteen rows ``row_bytes`` apart: its values as unsigned bytes in eight registers
     (register j: values 4j .. 4j + 3 of every row) and the rows' scales."""
     four = 4 * row_bytes
-    kc = kind_code(kind)
-    quants = o + 6 if kc == 2 else o + 2          # q5_0: d, then the fifth bits (4 bytes), then the nibbles
-    m0, m1, m2, m3 = transpose_dwords(load_rows_4x16(w, quants, row_bytes),
-                                      load_rows_4x16(w, quants + four, row_bytes),
-                                      load_rows_4x16(w, quants + 2 * four, row_bytes),
-                                      load_rows_4x16(w, quants + 3 * four, row_bytes))
-    if kc == 0:
+    m0, m1, m2, m3 = transpose_dwords(load_rows_4x16(w, o + 2, row_bytes),
+                                      load_rows_4x16(w, o + 2 + four, row_bytes),
+                                      load_rows_4x16(w, o + 2 + 2 * four, row_bytes),
+                                      load_rows_4x16(w, o + 2 + 3 * four, row_bytes))
+    if kind_code(kind) == 0:
         values = (shift_right_and(m0, 0, 15), shift_right_and(m1, 0, 15), shift_right_and(m2, 0, 15),
                   shift_right_and(m3, 0, 15), shift_right_and(m0, 4, 15), shift_right_and(m1, 4, 15),
                   shift_right_and(m2, 4, 15), shift_right_and(m3, 4, 15))
-    elif kc == 2:
-        high = gather_u32_rows(w, o + 2, row_bytes)      # bit i: value i's fifth bit
-        values = (or_bytes(shift_right_and(m0, 0, 15), fifth_bit_bytes(high, 0)),
-                  or_bytes(shift_right_and(m1, 0, 15), fifth_bit_bytes(high, 4)),
-                  or_bytes(shift_right_and(m2, 0, 15), fifth_bit_bytes(high, 8)),
-                  or_bytes(shift_right_and(m3, 0, 15), fifth_bit_bytes(high, 12)),
-                  or_bytes(shift_right_and(m0, 4, 15), fifth_bit_bytes(high, 16)),
-                  or_bytes(shift_right_and(m1, 4, 15), fifth_bit_bytes(high, 20)),
-                  or_bytes(shift_right_and(m2, 4, 15), fifth_bit_bytes(high, 24)),
-                  or_bytes(shift_right_and(m3, 4, 15), fifth_bit_bytes(high, 28)))
     else:
         m4, m5, m6, m7 = transpose_dwords(load_rows_4x16(w, o + 18, row_bytes),
                                           load_rows_4x16(w, o + 18 + four, row_bytes),
@@ -1016,7 +1003,7 @@ def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride
     (``block_starts``: -offset * the sum of each block's quants) at starts[u * starts_stride:]; its results, the
     first ``n_store`` lanes, at out[at + (u - t) * stride:]."""
     n_blocks = k // 32
-    block_bytes = 18 if kind_code(kind) == 0 else 22 if kind_code(kind) == 2 else 34
+    block_bytes = 18 if kind_code(kind) == 0 else 34
     panel_block = 16 * block_bytes
     f0 = zero_f32x16()
     f1 = zero_f32x16()
@@ -1037,26 +1024,26 @@ def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride
                 prefetch(w, nxt + line)
             else:
                 prefetch_to_l2(w, nxt + line)
-        nib, d = _lanes_block(kind, w, o, row_bytes)
+        values, d = _lanes_block(kind, w, o, row_bytes)
         x = t * k + 32 * b
         s = t * starts_stride + b
-        f0 = fma_i32x16(f0, _lanes_token(nib, xq, x, starts[s], isa), d, splat_f32(x_scale[t, b]))
+        f0 = fma_i32x16(f0, _lanes_token(values, xq, x, starts[s], isa), d, splat_f32(x_scale[t, b]))
         if width > 1:
-            f1 = fma_i32x16(f1, _lanes_token(nib, xq, x + k, starts[s + starts_stride], isa), d,
+            f1 = fma_i32x16(f1, _lanes_token(values, xq, x + k, starts[s + starts_stride], isa), d,
                             splat_f32(x_scale[t + 1, b]))
         if width > 2:
-            f2 = fma_i32x16(f2, _lanes_token(nib, xq, x + 2 * k, starts[s + 2 * starts_stride], isa), d,
+            f2 = fma_i32x16(f2, _lanes_token(values, xq, x + 2 * k, starts[s + 2 * starts_stride], isa), d,
                             splat_f32(x_scale[t + 2, b]))
-            f3 = fma_i32x16(f3, _lanes_token(nib, xq, x + 3 * k, starts[s + 3 * starts_stride], isa), d,
+            f3 = fma_i32x16(f3, _lanes_token(values, xq, x + 3 * k, starts[s + 3 * starts_stride], isa), d,
                             splat_f32(x_scale[t + 3, b]))
         if width > 4:
-            f4 = fma_i32x16(f4, _lanes_token(nib, xq, x + 4 * k, starts[s + 4 * starts_stride], isa), d,
+            f4 = fma_i32x16(f4, _lanes_token(values, xq, x + 4 * k, starts[s + 4 * starts_stride], isa), d,
                             splat_f32(x_scale[t + 4, b]))
-            f5 = fma_i32x16(f5, _lanes_token(nib, xq, x + 5 * k, starts[s + 5 * starts_stride], isa), d,
+            f5 = fma_i32x16(f5, _lanes_token(values, xq, x + 5 * k, starts[s + 5 * starts_stride], isa), d,
                             splat_f32(x_scale[t + 5, b]))
-            f6 = fma_i32x16(f6, _lanes_token(nib, xq, x + 6 * k, starts[s + 6 * starts_stride], isa), d,
+            f6 = fma_i32x16(f6, _lanes_token(values, xq, x + 6 * k, starts[s + 6 * starts_stride], isa), d,
                             splat_f32(x_scale[t + 6, b]))
-            f7 = fma_i32x16(f7, _lanes_token(nib, xq, x + 7 * k, starts[s + 7 * starts_stride], isa), d,
+            f7 = fma_i32x16(f7, _lanes_token(values, xq, x + 7 * k, starts[s + 7 * starts_stride], isa), d,
                             splat_f32(x_scale[t + 7, b]))
     store_f32x16(out, at, f0, n_store)
     if width > 1:
@@ -1077,21 +1064,22 @@ def _lanes_tokens(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_strid
     n_tokens = x_scale.shape[0]
     stride = out.size // n_tokens
     t = 0
+    # the widths are literal constants, so that each inlined panel keeps only its tokens' accumulators
     while n_tokens - t >= 8:
-        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 8, out, at + t * stride, stride,
-                     n_store, isa)
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 8, out, at + t * stride,
+                     stride, n_store, isa)
         t += 8
     if n_tokens - t >= 4:
-        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 4, out, at + t * stride, stride,
-                     n_store, isa)
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 4, out, at + t * stride,
+                     stride, n_store, isa)
         t += 4
     if n_tokens - t >= 2:
-        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 2, out, at + t * stride, stride,
-                     n_store, isa)
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 2, out, at + t * stride,
+                     stride, n_store, isa)
         t += 2
     if n_tokens - t >= 1:
-        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 1, out, at + t * stride, stride,
-                     n_store, isa)
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 1, out, at + t * stride,
+                     stride, n_store, isa)
 
 
 # q8_0 rows shorter than this keep the lane kernels (``_rows_legacy``): rows of 896 (Qwen2.5-0.5B's output matrix)
@@ -1108,9 +1096,8 @@ def _in_lanes(kind, k):
 
 @njit(**_KERNEL)
 def _rows_lanes(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    """``_rows`` of q4_0 / q5_0 / q8_0 on AVX512-VNNI: the n rows from byte ``start`` sixteen at a time (``bias``:
-    each token's ``block_starts``, k / 4 apart); the last n % 16 are copied beside zero rows into a panel of their
-    own."""
+    """``_rows`` of q4_0 / q8_0 on AVX512-VNNI: the n rows from byte ``start`` sixteen at a time (``bias``: each
+    token's ``block_starts``, k / 4 apart); the last n % 16 are copied beside zero rows into a panel of their own."""
     if not _in_lanes(kind, k):
         _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
         return
@@ -1151,9 +1138,9 @@ def block_starts(xq, offset):
 
 
 def _rows_in_lanes(kind, isa) -> bool:
-    """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0, q5_0 and q8_0 on
+    """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0 and q8_0 on
     AVX512-VNNI."""
-    return kind.code in (0, 2, 4) and isa.isa_name == "avx512vnni"
+    return kind.code in (0, 4) and isa.isa_name == "avx512vnni"
 
 
 def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
@@ -1233,8 +1220,8 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     VNNI, q6_K), the q8_K sums per 32 (q4_K, q5_K) or the activations in ``_dots_wide``'s order (q2_K, q3_K on
     AVX512-VNNI); an empty array where a kind needs none of them."""
     code = kind_code(kind)
-    if (code == 0 or code == 2 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, xq.size):
-        return block_starts(xq, 8 if code == 0 else 16 if code == 2 else 128)    # AVX512-VNNI's row lanes
+    if (code == 0 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, xq.size):
+        return block_starts(xq, 8 if code == 0 else 128)    # AVX512-VNNI's row lanes
     if code == 0 or code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 5 or code == 6:
@@ -1249,11 +1236,11 @@ def _per_row_terms(kind, xq, x_bsums, isa):
 @njit(**_KERNEL)
 def _one_token_terms(kind, xq, x_bsums, isa):
     """``_per_row_terms`` for the one-token kernels, which take the legacy kinds' lane biases from their registers
-    (``_legacy_row_dot``): nothing to compute for q4_0, q5_0, q8_0 (on AVX512-VNNI they take the row-lane kernels'
-    block starts)."""
+    (``_legacy_row_dot``): nothing to compute for q4_0, q5_0, q8_0 (on AVX512-VNNI q4_0 and q8_0 take the row-lane
+    kernels' block starts)."""
     code = kind_code(kind)
-    if (code == 0 or code == 2 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, xq.size):
-        return block_starts(xq, 8 if code == 0 else 16 if code == 2 else 128)
+    if (code == 0 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, xq.size):
+        return block_starts(xq, 8 if code == 0 else 128)
     if code == 0 or code == 2 or code == 4:
         return np.empty(0, np.int32)
     return _per_row_terms(kind, xq, x_bsums, isa)

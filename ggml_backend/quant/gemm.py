@@ -25,11 +25,12 @@ float32 one after the other, as llama.cpp's repacked kernels do. 2x the lane ker
 give each token its one-token numbers: lanes are values. A register tile of PANEL_ROWS rows by TILE_TOKENS tokens
 (16 float accumulators of 16 lanes), per 64 values and (row, token) ``dot = vpdpbusd(bias_row, x + 128, q)``
 (the lane biases -128 * sums of four q take the 128 out) and ``acc += float(dot) * (scale_row * scale_x)``, the
-16 lanes summed at the end; for q5_0 these are the one-token kernel's two 8-lane chains, for q8_0 its
-one chain (the halves folded in order), bit for bit (EXACT_KINDS). q4_0 needs neither: on this path its one-token
-and few-token kernels (``decode._rows_lanes``) put rows in lanes and give the prompt kernel's numbers. The K-quants (q2_K to q6_K) have their own
-(``gemm_k``): a super-block's products summed as integers (``vpmaddubsw``, then ``vpdpwssd`` with the groups'
-scales) before the float step the one-token kernel takes per super-block, so they are its results bit for bit.
+16 lanes summed at the end; for q5_0 these are the one-token kernel's two 8-lane chains, for q8_0 (rows under
+2048) its one chain (the halves folded in order), bit for bit (EXACT_KINDS). q4_0 and q8_0's longer rows need
+neither: on this path their one-token and few-token kernels (``decode._rows_lanes``) put rows in lanes and give the
+prompt kernel's numbers. The K-quants (q2_K to q6_K) have their own (``gemm_k``): a super-block's products summed
+as integers (``vpmaddubsw``, then ``vpdpwssd`` with the groups' scales) before the float step the one-token kernel
+takes per super-block, so they are its results bit for bit.
 
 In both, each (row, token) result depends only on that row and that token, in a fixed order: a prompt's rows
 come out the same whatever batch they are part of (prompt caching relies on it). Tokens are taken in blocks small
@@ -66,12 +67,13 @@ CHUNKS_PER_THREAD = 2    # prange iterations per thread: some balancing when a t
 BLOCK_BYTES = 768 * 1024
 
 
-# The kinds whose GEMM results are the one-token kernel's bit for bit: q5_0 (q4_0 did) accumulates in two 8-lane
-# chains (even and odd blocks), which are the GEMM's 16 lanes, and sum them in the same order; q8_0 in one chain,
-# into which the GEMM folds its two halves in order (``_scaled_add``; q8_0 given two chains in decode read 10-13
-# GB/s per core against 17-23 with its one). The K-quants have their own exact kernel (``gemm_k``).
+# The kinds whose GEMM results are the one-token kernel's bit for bit: q5_0 (q4_0 did, before its row lanes)
+# accumulates in two 8-lane chains (even and odd blocks), which are the GEMM's 16 lanes, and sums them in the same
+# order; q8_0 (rows under 2048: longer ones take row lanes) in one chain, into which the GEMM folds its two halves in
+# order (``_scaled_add``; q8_0 given two chains in decode read 10-13 GB/s per core against 17-23 with its one). The
+# K-quants have their own exact kernel (``gemm_k``).
 K_EXACT_KINDS = (5, 6, 7, 8, 9)
-EXACT_KINDS = K_EXACT_KINDS    # q4_0, q5_0, q8_0: their own few-token kernels on this path (decode._rows_lanes)
+EXACT_KINDS = (2, 4) + K_EXACT_KINDS
 
 # Products with a few tokens (continuous batching, short prompts), which must give each token its one-token
 # numbers, take the exact GEMM from this many tokens on, per kind; the others stay on the few-token tiles. Zen 5,
@@ -79,7 +81,7 @@ EXACT_KINDS = K_EXACT_KINDS    # q4_0, q5_0, q8_0: their own few-token kernels o
 # q5_0 63 / 63 and 63 / 84 (896 x 896: 34 / 42 at 8), q4_K 38 / 60 and 37 / 73 (12), q6_K 45-50 / 49 and 53 / 75;
 # q8_0 71 / 48 and 72-94 / 65-79, so q8_0 (whose GEMM takes two dependent 8-lane fused adds per 64 values)
 # stays on the tiles. Below 8 tokens the tiles are as fast or faster for every kind.
-EXACT_FROM_TOKENS = {5: 8, 6: 8, 7: 8, 8: 8, 9: 8}
+EXACT_FROM_TOKENS = {2: 8, 5: 8, 6: 8, 7: 8, 8: 8, 9: 8}
 
 
 def isa_has_gemm(isa) -> bool:

@@ -307,18 +307,24 @@ def load_u32(typingctx, array, offset):
     return types.int64(array, offset), codegen
 
 
-@intrinsic
-def prefetch(typingctx, array, offset):
-    """A hint that byte ``offset`` of ``array`` will be read soon (``prefetcht0``). Never faults."""
-    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
-        return None
+def _prefetch(locality: int):
+    """An intrinsic hinting that byte ``offset`` of a byte array will be read soon, into the cache levels LLVM's
+    ``locality`` names (3: ``prefetcht0``, all of them; 2: ``prefetcht1``, L2 and beyond). Never faults."""
+    def make(typingctx, array, offset):
+        if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+            return None
 
-    def codegen(context, builder, sig, args):
-        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
-        function = _function(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
-        builder.call(function, [pointer, _I32(0), _I32(3), _I32(1)])
-        return context.get_dummy_value()
-    return types.void(array, offset), codegen
+        def codegen(context, builder, sig, args):
+            pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+            function = _function(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+            builder.call(function, [pointer, _I32(0), _I32(locality), _I32(1)])
+            return context.get_dummy_value()
+        return types.void(array, offset), codegen
+    return intrinsic(make)
+
+
+prefetch = _prefetch(3)
+prefetch.__doc__ = "A hint that byte ``offset`` of ``array`` will be read soon (``prefetcht0``). Never faults."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1130,10 +1136,10 @@ def to_scale_words(typingctx, scales):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Row lanes straight from the file (decode.py's q4_0 kernel on AVX512-VNNI): the int32 lanes of a 512-bit register
-# are sixteen weight rows, as in the prompt GEMM's panels, but built per block from the rows as they lie in the
-# model file (no unpacked panel in memory): four 16-byte loads per register, a 16 x 4 dword transpose, a gather of
-# the sixteen block scales.
+# Row lanes straight from the file (decode.py's q4_0 / q8_0 kernels on AVX512-VNNI): the int32 lanes of a
+# 512-bit register are sixteen weight rows, as in the prompt GEMM's panels, but built per block from the rows as
+# they lie in the model file (no unpacked panel in memory): four 16-byte loads per register, a 16 x 4 dword
+# transpose, the sixteen block scales loaded one by one.
 # ----------------------------------------------------------------------------------------------------------------
 
 @intrinsic
@@ -1181,88 +1187,9 @@ def transpose_dwords(typingctx, a, b, c, d):
     return types.UniTuple(I8x64, 4)(a, b, c, d), codegen
 
 
-def _gather_row_dwords(context, builder, array_type, array, offset, stride):
-    """The dwords at byte ``offset`` of sixteen rows ``stride`` bytes apart (``vpgatherdd``)."""
-    lanes = ir.VectorType(_I32, 16)
-    i64 = ir.IntType(64)
-    base = builder.ptrtoint(_byte_pointer(context, builder, array_type, array, offset), i64)
-    step = _splat_value(builder, builder.trunc(stride, _I32) if stride.type.width > 32 else stride, 16)
-    offsets = builder.sext(builder.mul(step, ir.Constant(lanes, list(range(16)))), ir.VectorType(i64, 16))
-    addresses = builder.add(_splat_value(builder, base, 16), offsets)
-    dword_pointers = builder.inttoptr(addresses, ir.VectorType(_I32.as_pointer(), 16))
-    gather = _function(builder, "llvm.masked.gather.v16i32.v16p0", lanes,
-                       [ir.VectorType(_I32.as_pointer(), 16), _I32, ir.VectorType(ir.IntType(1), 16), lanes])
-    return builder.call(gather, [dword_pointers, _I32(1), ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16),
-                                 ir.Constant(lanes, None)])
-
-
-@intrinsic
-def gather_f16_rows(typingctx, array, offset, stride):
-    """The half floats at byte ``offset`` of sixteen rows ``stride`` bytes apart (stride * 15 below 2 ** 31), as an
-    ``F32x16`` (``vpgatherdd`` of their dwords, ``vpmovdw``, ``vcvtph2ps``: exact)."""
-    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        dwords = _gather_row_dwords(context, builder, sig.args[0], args[0], args[1], args[2])
-        halves = builder.bitcast(builder.trunc(dwords, ir.VectorType(_I16, 16)), ir.VectorType(ir.HalfType(), 16))
-        return builder.fpext(halves, F32x16.llvm_type())
-    return F32x16(array, offset, stride), codegen
-
-
-@intrinsic
-def gather_u32_rows(typingctx, array, offset, stride):
-    """The 32-bit words at byte ``offset`` of sixteen rows ``stride`` bytes apart, as an ``I32x16`` (q5_0's fifth
-    bits)."""
-    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        words = ir.Constant(I32x16.llvm_type(), None)
-        for r in range(16):
-            at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, r)))
-            pointer = _byte_pointer(context, builder, sig.args[0], args[0], at)
-            words = builder.insert_element(words, builder.load(builder.bitcast(pointer, _I32.as_pointer()), align=1),
-                                           _I32(r))
-        return words
-    return I32x16(array, offset, stride), codegen
-
-
-# dword v: bit i of v (i = 0..3) as bit 4 of byte i
-_FIFTH_BITS = [sum(((v >> i) & 1) << (8 * i + 4) for i in range(4)) for v in range(16)]
-
-
-@intrinsic
-def fifth_bit_bytes(typingctx, words, shift):
-    """Bits ``shift`` .. ``shift + 3`` of each int32 lane of ``words`` as bit 4 (16) of the lane's four bytes, an
-    ``I8x64`` (a shift, an and and a ``vpermd`` from a 16-entry table): q5_0's fifth bits of four values in the row
-    lanes' layout."""
-    if words != I32x16 or not isinstance(shift, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        lanes = ir.VectorType(_I32, 16)
-        amount = _splat_value(builder, builder.trunc(args[1], _I32) if args[1].type.width > 32 else args[1], 16)
-        index = builder.and_(builder.lshr(args[0], amount), _splat(_I32(15), 16))
-        permute = _function(builder, "llvm.x86.avx512.permvar.si.512", lanes, [lanes, lanes])
-        spread = builder.call(permute, [ir.Constant(lanes, _FIFTH_BITS), index])
-        return builder.bitcast(spread, I8x64.llvm_type())
-    return I8x64(words, shift), codegen
-
-
-@intrinsic
-def prefetch_to_l2(typingctx, array, offset):
-    """``prefetch`` into L2 only (``prefetcht1``): for data a whole panel ahead, which in L1 would push out the
-    lines being read. Never faults."""
-    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
-        function = _function(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
-        builder.call(function, [pointer, _I32(0), _I32(2), _I32(1)])
-        return context.get_dummy_value()
-    return types.void(array, offset), codegen
+prefetch_to_l2 = _prefetch(2)
+prefetch_to_l2.__doc__ = ("``prefetch`` into L2 (``prefetcht1``): for data a whole panel ahead, which in L1 would "
+                          "push out the lines being read. Never faults.")
 
 
 @intrinsic
@@ -1305,7 +1232,9 @@ def flip_sign_bits(typingctx, values):
 
 @intrinsic
 def load_f16_rows(typingctx, array, offset, stride):
-    """``gather_f16_rows`` by sixteen scalar loads and inserts instead of a gather."""
+    """The half floats at byte ``offset`` of sixteen rows ``stride`` bytes apart, as an ``F32x16`` (exact): sixteen
+    loads and inserts, then ``vcvtph2ps``. A ``vpgatherdd`` of their dwords did the same slower on Zen 4 (one core,
+    q4_0 rows from memory: 20-21 against 22-23 GB/s)."""
     if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
         return None
 
