@@ -318,3 +318,20 @@ def test_cache_memory_comes_with_the_positions_written_and_growing_never_copies(
     assert np.array_equal(cache.k.read(5, 0, 100), rows.transpose(1, 0, 2).astype(np.float16).astype(np.float32))
     cache.release()
     assert cache.nbytes == 0 and _resident_bytes() - before < 16 << 20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="limits the address space with Linux's RLIMIT_AS")
+def test_a_cache_that_cannot_be_reserved_is_a_memory_error():
+    """Under an address-space limit (ulimit -v) the cache's reservation fails as a MemoryError naming the KV cache,
+    not as an OSError from mmap."""
+    import subprocess
+    import sys
+    code = ("import resource\n"
+            "from ggml_backend.model.kv_cache import KVCache\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+            "try:\n"
+            "    KVCache(32, 65536, 8, 128, 128)\n"
+            "except MemoryError as error:\n"
+            "    print('MemoryError:', error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "MemoryError: cannot reserve 4096.0 MiB for the KV cache" in result.stdout, result.stderr[-2000:]

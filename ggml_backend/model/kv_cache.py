@@ -48,7 +48,10 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     n_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if n_bytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):
         return np.zeros(shape, dtype)
-    region = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE)
+    try:
+        region = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE)
+    except OSError as error:     # an address-space limit (ulimit -v) or a refused reservation
+        raise MemoryError(f"cannot reserve {n_bytes / 2 ** 20:.1f} MiB for the KV cache: {error}") from error
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         region.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(region, dtype).reshape(shape)
