@@ -49,6 +49,7 @@ from .simd import (
     scaled_dot, spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled,
     sum_f32x8, to_scale_words, unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
 )
+from .generic import _block_sums_times
 from .simd import (
     add_i32x16, dot_u8_i8_x64, flip_sign_bits, fma_i32x16, load_f16_rows, load_rows_4x16, prefetch_to_l2,
     splat_dword_x64, splat_f32, splat_i32, store_f32x16, transpose_dwords, zero_f32x16,
@@ -1127,14 +1128,18 @@ def _one_token_rows_lanes(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, 
 @njit(**_KERNEL)
 def block_starts(xq, offset):
     """int32 [n / 32]: -offset * the sum of each 32 quants of ``xq`` (what takes a weight offset back out of a
-    block's dot product: q4_0's 8)."""
+    block's dot product: q4_0's 8, q8_0's 128 made unsigned)."""
     starts = np.empty(xq.size // 32, np.int32)
-    for b in range(starts.size):
-        total = np.int32(0)
-        for i in range(32 * b, 32 * b + 32):
-            total += np.int32(xq[i])
-        starts[b] = -np.int32(offset) * total
+    _block_sums_times(xq.reshape(-1, 32), -offset, starts)
     return starts
+
+
+@njit(inline="always", **_KERNEL)
+def _takes_row_lanes(kind, k, isa):
+    """Whether rows of ``k`` values of ``kind`` take the row-lane kernels on path ``isa`` (``_rows_in_lanes``'s rule,
+    in compiled code, with q8_0's row length): their token side is then ``block_starts``."""
+    code = kind_code(kind)
+    return (code == 0 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, k)
 
 
 def _rows_in_lanes(kind, isa) -> bool:
@@ -1220,8 +1225,8 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     VNNI, q6_K), the q8_K sums per 32 (q4_K, q5_K) or the activations in ``_dots_wide``'s order (q2_K, q3_K on
     AVX512-VNNI); an empty array where a kind needs none of them."""
     code = kind_code(kind)
-    if (code == 0 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, xq.size):
-        return block_starts(xq, 8 if code == 0 else 128)    # AVX512-VNNI's row lanes
+    if _takes_row_lanes(kind, xq.size, isa):
+        return block_starts(xq, 8 if code == 0 else 128)
     if code == 0 or code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 5 or code == 6:
@@ -1239,9 +1244,7 @@ def _one_token_terms(kind, xq, x_bsums, isa):
     (``_legacy_row_dot``): nothing to compute for q4_0, q5_0, q8_0 (on AVX512-VNNI q4_0 and q8_0 take the row-lane
     kernels' block starts)."""
     code = kind_code(kind)
-    if (code == 0 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, xq.size):
-        return block_starts(xq, 8 if code == 0 else 128)
-    if code == 0 or code == 2 or code == 4:
+    if (code == 0 or code == 2 or code == 4) and not _takes_row_lanes(kind, xq.size, isa):
         return np.empty(0, np.int32)
     return _per_row_terms(kind, xq, x_bsums, isa)
 

@@ -1142,6 +1142,12 @@ def to_scale_words(typingctx, scales):
 # transpose, the sixteen block scales loaded one by one.
 # ----------------------------------------------------------------------------------------------------------------
 
+def _row_pointer(context, builder, sig, args, row: int):
+    """i8* to byte ``offset + row * stride`` of the byte array of an intrinsic called (array, offset, stride)."""
+    at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, row)))
+    return _byte_pointer(context, builder, sig.args[0], args[0], at)
+
+
 @intrinsic
 def load_rows_4x16(typingctx, array, offset, stride):
     """The 16 bytes at byte ``offset`` of four rows ``stride`` bytes apart, side by side (an ``I8x64``: row i in
@@ -1151,11 +1157,8 @@ def load_rows_4x16(typingctx, array, offset, stride):
 
     def codegen(context, builder, sig, args):
         v16 = ir.VectorType(_I8, 16)
-        parts = []
-        for i in range(4):
-            at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, i)))
-            pointer = _byte_pointer(context, builder, sig.args[0], args[0], at)
-            parts.append(builder.load(builder.bitcast(pointer, v16.as_pointer()), align=1))
+        parts = [builder.load(builder.bitcast(_row_pointer(context, builder, sig, args, i), v16.as_pointer()), align=1)
+                 for i in range(4)]
         pairs = [builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
                  for i in (0, 2)]
         return builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
@@ -1241,8 +1244,7 @@ def load_f16_rows(typingctx, array, offset, stride):
     def codegen(context, builder, sig, args):
         halves = ir.Constant(ir.VectorType(ir.HalfType(), 16), None)
         for r in range(16):
-            at = builder.add(args[1], builder.mul(args[2], ir.Constant(args[2].type, r)))
-            pointer = _byte_pointer(context, builder, sig.args[0], args[0], at)
+            pointer = _row_pointer(context, builder, sig, args, r)
             value = builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1)
             halves = builder.insert_element(halves, value, _I32(r))
         return builder.fpext(halves, F32x16.llvm_type())
