@@ -46,17 +46,21 @@ def test_every_figure_is_a_positive_number(report):
 
 
 def test_kernel_table_beside_memory_bandwidth(report):
-    """The report names the kernel path that ran and gives each type's one-core speed beside the read bandwidth."""
-    from ggml_backend.quant.matmul import KERNEL_ISA
+    """The report names the kernel paths that ran (decode, prompts) and gives each type's one-core speed beside the
+    read bandwidth."""
+    from ggml_backend.quant.matmul import KERNEL_ISA, prompt_path
     kernels = report["kernels"]
     assert kernels["kernel_path"] == (KERNEL_ISA.name if KERNEL_ISA is not None else "generic")
+    assert kernels["prompt_path"] == prompt_path()
+    assert ("GEMM" in prompt_path()) == (KERNEL_ISA is not None and KERNEL_ISA.name == "avx512vnni")
     assert kernels["read_gbps"] > 0.1
     assert set(kernels["kernels"]) == {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K",
                                        "q6_K"}
     assert all(gbps > 0 for gbps in kernels["kernels"].values())
     text = bench._text(report)
     assert f"({kernels['kernel_path']} path)" in text and "q6_K" in text
-    assert "| q4_K |" in bench.markdown_report(report)
+    assert f"prompts on {prompt_path()}" in text
+    assert "| q4_K |" in bench.markdown_report(report) and f"Prompts on {prompt_path()}." in bench.markdown_report(report)
 
 
 def test_rss_cap_is_file_plus_kv_cache_plus_150_mb(report):

@@ -452,6 +452,8 @@ def markdown_report(report: dict) -> str:
         lines.append("")
     kernels = report.get("kernels")
     if kernels and "error" not in kernels:
+        if "prompt_path" in kernels:
+            lines += [f"Prompts on {kernels['prompt_path']}.", ""]
         lines += [f"Decode kernels, one core ({kernels['kernel_path']} path; memory read "
                   f"{kernels['read_gbps']:.1f} GB/s):", "", "| type | GB/s per core | of read bandwidth |",
                   "|---|---|---|"]

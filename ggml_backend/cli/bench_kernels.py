@@ -75,18 +75,19 @@ def kernel_report(types=TYPES, repeats: int = 5) -> dict:
     """{"kernel_path": ..., "read_gbps": one core's read bandwidth, "kernels": {type: GB/s per core}}."""
     import numba
 
-    from ..quant.matmul import KERNEL_ISA
+    from ..quant.matmul import KERNEL_ISA, prompt_path
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)
     report = {"kernel_path": KERNEL_ISA.name if KERNEL_ISA is not None else "generic",
-              "read_gbps": memory_read_gbps()}
+              "prompt_path": prompt_path(), "read_gbps": memory_read_gbps()}
     report["kernels"] = {type_name: kernel_gbps(type_name, repeats, rng) for type_name in types}
     return report
 
 
 def format_report(report: dict) -> str:
     read = report["read_gbps"]
-    lines = [f"decode kernels ({report['kernel_path']} path), one core: memory read {read:.1f} GB/s",
+    lines = [f"prompts on {report.get('prompt_path', '?')}",
+             f"decode kernels ({report['kernel_path']} path), one core: memory read {read:.1f} GB/s",
              f"{'type':<8}{'GB/s':>8}{'of read':>9}"]
     for type_name, gbps in report["kernels"].items():
         lines.append(f"{type_name:<8}{gbps:>8.1f}{gbps / read:>9.2f}")

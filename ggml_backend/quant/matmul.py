@@ -78,6 +78,13 @@ except ValueError as error:   # a bad GGML_BACKEND_KERNELS: said by the first pr
     KERNEL_ISA, _KERNEL_CHOICE_ERROR = None, str(error)
 
 
+def prompt_path() -> str:
+    """What prompt products (``method="auto"`` from BLAS_MIN_TOKENS tokens) run on here, in words."""
+    if isa_has_gemm(KERNEL_ISA):
+        return f"the integer GEMM ({KERNEL_ISA.name})"
+    return "dequantized weights into numpy's sgemm (BLAS)"
+
+
 def _check_kernel_choice() -> None:
     if _KERNEL_CHOICE_ERROR is not None:
         raise ValueError(_KERNEL_CHOICE_ERROR)
