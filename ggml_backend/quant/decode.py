@@ -259,7 +259,10 @@ tile_size = _constant_reader("tile_size")
 # How far ahead in the weight bytes the kernels that outrun the hardware prefetcher ask for the next lines (q8_0,
 # q6_K, q4_K / q5_K rows). Their rows from memory ran at half their speed from cache on a Zen 3 (one core, 896 x
 # 4864: q8_0 7.2 against 15.1 GB/s, q6_K 5.2 against 15.0); q4_K 9.8-10.7 -> 11.3-12.2 GB/s with it (three
-# alternating runs); the kinds that do more work per byte (q5_0) were slower with it.
+# alternating runs); the kinds that do more work per byte (q5_0) were slower with it. On a 2-core Sapphire Rapids
+# VM (5 December 2026) the hardware prefetcher left q4_1, q5_1, q2_K and q3_K rows from memory at a third of their
+# speed from cache: with it, one core 4096 x 4096, two alternating rounds, q4_1 4.3-4.4 -> 11.9-12.4 GB/s, q2_K
+# 3.7-3.8 -> 9.6-9.7, q3_K 7.6-7.8 -> 10.3-10.7 (q4_0, q4_K unchanged).
 _STREAM_AHEAD = 2048
 
 @njit(inline="always", **_KERNEL)
@@ -280,6 +283,7 @@ def _legacy_block(kind, w, row, b):
         return _q4_quants(w, o + 2), load_f16(w, o), np.float32(0.0)
     if kc == 1:
         o = row + 20 * b
+        _prefetch_ahead(w, o, 1)
         return _q4_quants(w, o + 4), load_f16(w, o), load_f16(w, o + 2)
     if kc == 2:
         o = row + 22 * b
@@ -287,6 +291,7 @@ def _legacy_block(kind, w, row, b):
         return _q5_quants(w, o + 2), load_f16(w, o), np.float32(0.0)
     if kc == 3:
         o = row + 24 * b
+        _prefetch_ahead(w, o, 1)
         return _q5_quants(w, o + 4), load_f16(w, o), load_f16(w, o + 2)
     o = row + 34 * b
     _prefetch_ahead(w, o, 1)
@@ -796,6 +801,8 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
         o = start + size * b
         if kc == 9:
             _prefetch_ahead(w, o, 4)
+        else:
+            _prefetch_ahead(w, o, 2)
         i0, i1, i2, i3 = _super_block_dots(kind, w, o, xq, t * k + 256 * b, bias, t * (k // 4) + 64 * b, k,
                                            width, isa)
         d = _k_group_d(kind, w, o)
