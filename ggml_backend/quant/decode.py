@@ -256,13 +256,13 @@ tile_size = _constant_reader("tile_size")
 
 # Legacy quants (blocks of 32): q4_0 (kind 0), q4_1 (1), q5_0 (2), q5_1 (3), q8_0 (4)
 
-# How far ahead in the weight bytes the kernels that outrun the hardware prefetcher ask for the next lines (q8_0,
-# q6_K, q4_K / q5_K rows). Their rows from memory ran at half their speed from cache on a Zen 3 (one core, 896 x
-# 4864: q8_0 7.2 against 15.1 GB/s, q6_K 5.2 against 15.0); q4_K 9.8-10.7 -> 11.3-12.2 GB/s with it (three
-# alternating runs); the kinds that do more work per byte (q5_0) were slower with it. On a 2-core Sapphire Rapids
-# VM (5 December 2026) the hardware prefetcher left q4_1, q5_1, q2_K and q3_K rows from memory at a third of their
-# speed from cache: with it, one core 4096 x 4096, two alternating rounds, q4_1 4.3-4.4 -> 11.9-12.4 GB/s, q2_K
-# 3.7-3.8 -> 9.6-9.7, q3_K 7.6-7.8 -> 10.3-10.7 (q4_0, q4_K unchanged).
+# How far ahead in the weight bytes the one-token and few-token kernels ask for the next lines of their rows (every
+# kind): the hardware prefetcher alone does not keep up with them. On a Zen 3 rows from memory ran at half their
+# speed from cache without it (one core, 896 x 4864: q8_0 7.2 against 15.1 GB/s, q6_K 5.2 against 15.0); q4_K
+# 9.8-10.7 -> 11.3-12.2 GB/s with it (three alternating runs). On a 2-core Sapphire Rapids VM (5 December 2026)
+# q4_1, q5_1, q2_K and q3_K, which did not ask yet, ran at a third of their speed from cache; with it, one core
+# 4096 x 4096, two alternating rounds: q4_1 4.3-4.4 -> 11.9-12.4 GB/s, q2_K 3.7-3.8 -> 9.6-9.7, q3_K 7.6-7.8 ->
+# 10.3-10.7 (q4_0, q4_K unchanged).
 _STREAM_AHEAD = 2048
 
 @njit(inline="always", **_KERNEL)
