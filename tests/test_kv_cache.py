@@ -335,3 +335,52 @@ def test_a_cache_that_cannot_be_reserved_is_a_memory_error():
             "    print('MemoryError:', error)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "MemoryError: cannot reserve 4096.0 MiB for the KV cache" in result.stdout, result.stderr[-2000:]
+
+
+def _fma32(a, b, c):
+    """float32 a * b + c rounded once (the float64 product of two float32 is exact; the sum rounds twice only on an
+    exact float32 midpoint, which these random values do not reach)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def _score_in_written_order(q, k):
+    """The attention score as ``attention._score_in_order`` states its order, in numpy: value d into lane d % 16
+    in turn, the 16 lanes folded halves first, then the rest value by value."""
+    n = len(q)
+    end = n - n % 16
+    lanes = np.zeros(16, np.float32)
+    for d in range(0, end, 16):
+        lanes = _fma32(q[d:d + 16], k[d:d + 16], lanes)
+    while len(lanes) > 1:
+        lanes = lanes[:len(lanes) // 2] + lanes[len(lanes) // 2:]
+    s = lanes[0]
+    for d in range(end, n):
+        s = _fma32(q[d:d + 1], k[d:d + 1], np.array([s], np.float32))[0]
+    return s
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 80, 72])
+@pytest.mark.parametrize("storage", ["f32", "f16"])
+def test_attention_scores_are_summed_in_one_written_order(head_dim, storage):
+    """The scores' summation order is the code's, not the compiler's: with the kernels' fast-math a plain loop's
+    order followed LLVM's tuning for the host CPU, and the same prompt gave other logits on a Sapphire Rapids than
+    on a Zen 4. Compiled without reassociation, every score equals the order ``_score_in_order`` states, computed
+    here in numpy (the kernels' fast-math may regroup it, by rules that do not depend on the CPU)."""
+    from numba import njit
+
+    from ggml_backend.model.attention import _score_in_order
+
+    @njit(fastmath={"nnan", "ninf", "nsz", "arcp", "contract", "afn"})    # fast-math but no reassociation
+    def scores(q, keys):
+        out = np.empty(keys.shape[1], np.float32)
+        for j in range(keys.shape[1]):
+            out[j] = _score_in_order(q, 0, 0, keys, 0, j)
+        return out
+
+    rng = np.random.default_rng(head_dim)
+    q = rng.standard_normal((1, 1, head_dim)).astype(np.float32)
+    values = rng.standard_normal((1, 9, head_dim)).astype(np.float32)
+    keys = values if storage == "f32" else values.astype(np.float16).view(np.uint16)
+    as_floats = values if storage == "f32" else values.astype(np.float16).astype(np.float32)
+    expected = np.array([_score_in_written_order(q[0, 0], as_floats[0, j]) for j in range(9)], np.float32)
+    assert np.array_equal(scores(q, keys), expected)

@@ -739,6 +739,33 @@ load_16_f32.__doc__ = "``array[index:index + 16]`` of a float32 array as an ``F3
 
 
 @intrinsic
+def load_16_f16(typingctx, array, index):
+    """``array[index:index + 16]`` of a uint16 array holding IEEE half floats, as an ``F32x16`` (exact:
+    ``vcvtph2ps``)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.uint16 and array.layout == "C"
+            and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        pointer = builder.bitcast(builder.gep(data, [args[1]]), ir.VectorType(ir.HalfType(), 16).as_pointer())
+        return builder.fpext(builder.load(pointer, align=2), F32x16.llvm_type())
+    return F32x16(array, index), codegen
+
+
+@intrinsic
+def fma_f32x16(typingctx, acc, a, b):
+    """``acc + a * b`` lanewise, rounded once (one ``vfmadd``)."""
+    if acc != F32x16 or a != F32x16 or b != F32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        function = _function(builder, "llvm.fma.v16f32", F32x16.llvm_type(), [F32x16.llvm_type()] * 3)
+        return builder.call(function, [args[1], args[2], args[0]])
+    return F32x16(acc, a, b), codegen
+
+
+@intrinsic
 def dot_u8_i8_x64(typingctx, acc, unsigned, signed, isa):
     """``dot_u8_i8`` on 64 bytes: ``vpdpbusd`` on a 512-bit register (AVX512-VNNI only: no other path compiles)."""
     if acc != I32x16 or unsigned != I8x64 or signed != I8x64 or not isinstance(isa, IsaType):
