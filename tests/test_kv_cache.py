@@ -344,7 +344,7 @@ def _fma32(a, b, c):
 
 
 def _score_in_written_order(q, k):
-    """The attention score as ``attention._score_in_order`` states its order, in numpy: value d into lane d % 16
+    """The attention score as ``attention._score`` states its order, in numpy: value d into lane d % 16
     in turn, the 16 lanes folded halves first, then the rest value by value."""
     n = len(q)
     end = n - n % 16
@@ -364,17 +364,17 @@ def _score_in_written_order(q, k):
 def test_attention_scores_are_summed_in_one_written_order(head_dim, storage):
     """The scores' summation order is the code's, not the compiler's: with the kernels' fast-math a plain loop's
     order followed LLVM's tuning for the host CPU, and the same prompt gave other logits on a Sapphire Rapids than
-    on a Zen 4. Compiled without reassociation, every score equals the order ``_score_in_order`` states, computed
+    on a Zen 4. Compiled without reassociation, every score equals the order ``_score`` states, computed
     here in numpy (the kernels' fast-math may regroup it, by rules that do not depend on the CPU)."""
     from numba import njit
 
-    from ggml_backend.model.attention import _score_in_order
+    from ggml_backend.model.attention import _score
 
     @njit(fastmath={"nnan", "ninf", "nsz", "arcp", "contract", "afn"})    # fast-math but no reassociation
     def scores(q, keys):
         out = np.empty(keys.shape[1], np.float32)
         for j in range(keys.shape[1]):
-            out[j] = _score_in_order(q, 0, 0, keys, 0, j)
+            out[j] = _score(q, 0, 0, keys, 0, j)
         return out
 
     rng = np.random.default_rng(head_dim)
