@@ -60,7 +60,8 @@ def test_kernel_table_beside_memory_bandwidth(report):
     text = bench._text(report)
     assert f"({kernels['kernel_path']} path)" in text and "q6_K" in text
     assert f"prompts on {prompt_path()}" in text
-    assert "| q4_K |" in bench.markdown_report(report) and f"Prompts on {prompt_path()}." in bench.markdown_report(report)
+    markdown = bench.markdown_report(report)
+    assert "| q4_K |" in markdown and f"Prompts on {prompt_path()}." in markdown
 
 
 def test_rss_cap_is_file_plus_kv_cache_plus_150_mb(report):

@@ -105,9 +105,9 @@ def _load_16_stored_overload(row, d):
 
 @njit(cache=True, inline="always", fastmath=True)
 def _score(q, t, h, keys, kv_head, j):
-    """q[t, h] . key j of head kv_head (f32 or f16 storage) in one order on every CPU: sixteen lane sums, value d into lane d % 16 in
-    turn (one fused multiply-add each), folded halves first (``sum_f32x16``), then the tail of a head that is not a
-    multiple of 16, value by value. (ggml's AVX-512 dot products keep four such accumulators over each 64 values:
+    """q[t, h] . key j of head kv_head (f32 or f16 storage) in one order on every CPU: sixteen lane sums, value d
+    into lane d % 16 in turn (one fused multiply-add each), folded halves first (``sum_f32x16``), then the tail of a
+    head that is not a multiple of 16, value by value. (ggml's AVX-512 dot products keep four such accumulators over each 64 values:
     that order put Gemma 3's logits 0.50 from llama.cpp's on a prompt of the real-model test, this one 0.23.)"""
     n = keys.shape[2]
     qr = q[t, h]
