@@ -169,3 +169,75 @@ def test_the_worker_ends_when_idle_and_a_new_one_starts(monkeypatch):
         time.sleep(0.01)
     assert model.scheduler._worker is None
     assert model.scheduler.call(lambda: 42) == 42
+
+
+def test_inside_steps_on_this_thread_a_stream_steps_on_the_calling_thread():
+    model = Counter()
+    where = []
+
+    def work():
+        model.state = []
+        for i in range(3):
+            where.append(threading.get_ident())
+            model.state.append(i)
+            yield (tuple(model.state), None)
+
+    def consume():
+        with sched.steps_on_this_thread():
+            stream = TokenStream(model.scheduler, model.scheduler.open(work()))
+            return list(stream), threading.get_ident()
+    items, consumer = in_thread(consume)
+    assert items == [(0,), (0, 1), (0, 1, 2)]
+    assert where == [consumer] * 3
+    # outside the block, the same stream steps on the model's worker
+    where.clear()
+    assert list(TokenStream(model.scheduler, model.scheduler.open(work()))) == items
+    assert set(where) and threading.get_ident() not in where and consumer not in where
+
+
+def test_a_step_on_the_calling_thread_and_the_worker_never_overlap():
+    model = Counter()
+    # the worker is busy: a step asked for on a calling thread waits for it, then runs
+    hold = threading.Event()
+    blocker = threading.Thread(target=model.scheduler.call, args=(hold.wait, 10), daemon=True)
+    blocker.start()
+    time.sleep(0.05)
+    got = []
+
+    def consume():
+        with sched.steps_on_this_thread():
+            got.append(next(model.stream("a", 2)))
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    time.sleep(0.1)
+    assert not got, "a step ran while the worker had the model"
+    hold.set()
+    consumer.join(5)
+    assert got == [("a0",)]
+    # a step runs on a calling thread: work for the worker waits until it ends
+    in_step, release = threading.Event(), threading.Event()
+
+    def slow_work():
+        in_step.set()
+        release.wait(10)
+        yield (("slow",), None)
+    stream = TokenStream(model.scheduler, model.scheduler.open(slow_work()))
+    items = []
+
+    def consume_slow():
+        with sched.steps_on_this_thread():
+            items.append(next(stream))
+    consumer = threading.Thread(target=consume_slow, daemon=True)
+    consumer.start()
+    assert in_step.wait(5)
+    answered = []
+    caller = threading.Thread(target=lambda: answered.append(model.scheduler.call(lambda: "worker ran")),
+                              daemon=True)
+    caller.start()
+    time.sleep(0.1)
+    assert not answered, "the worker ran while a step had the model on another thread"
+    release.set()
+    consumer.join(5)
+    caller.join(5)
+    assert items == [("slow",)] and answered == ["worker ran"]
+    stream.close()

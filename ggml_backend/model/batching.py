@@ -17,6 +17,7 @@ bit; the batcher is used only when that holds (every weight matrix on the SIMD i
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -75,9 +76,12 @@ class ForwardBatcher:
         (``every_row``: the logits after each of its tokens). The public ``ContinuousBatcher`` submits its whole
         step here, so its sequences and the contexts of ``Llama.new_context`` (the server's slots) share the
         same passes."""
-        own = [_Job(tokens, cache, every_row) for tokens, cache in items]
-        if sum(len(j.tokens) for j in own) > self.max_rows:
+        if sum(len(tokens) for tokens, _cache in items) > self.max_rows:
             raise ValueError(f"a combined pass carries at most {self.max_rows} tokens")
+        parked = _slot_greenlet()
+        if parked is not None:   # the server's slot driver runs this pass with its other slots' (and ours)
+            return parked.wait_for_pass(self, items, every_row)
+        own = [_Job(tokens, cache, every_row) for tokens, cache in items]
         with self._lock:
             now = time.monotonic()
             for job in own:
@@ -153,6 +157,16 @@ class ForwardBatcher:
         for j in batch:
             self._pending.remove(j)
         return batch
+
+
+def _slot_greenlet():
+    """The running greenlet when it is a stream of the server's slot driver (server/slot_driver.py), which gathers
+    the passes of all its streams and runs them itself; else None."""
+    greenlet = sys.modules.get("greenlet")   # imported by the driver; absent, there is no driver
+    if greenlet is None:
+        return None
+    current = greenlet.getcurrent()
+    return current if hasattr(current, "wait_for_pass") else None
 
 
 def _result(job: _Job):

@@ -17,6 +17,12 @@ held between steps:
   it after the step in progress (if any) and goes on with the next request;
 * two threads advancing one stream at the same moment get a ``RuntimeError`` instead of a hang or a garbled
   stream; one after the other is fine.
+
+A thread inside ``steps_on_this_thread()`` runs its streams' steps itself whenever the model is free, instead of
+handing them to the worker and waiting: the server's slot driver (server/slot_driver.py) advances every slot's
+stream on its one thread, so a token costs no thread switch and no contention for the GIL. The steps are the same,
+one at a time with everything else on the model (the worker waits while a step runs on a calling thread, and the
+other way round).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 #: how long a stream whose consumer has not asked for its next item keeps the model while other work waits
@@ -34,6 +41,21 @@ WORKER_LINGER_S = 1.0
 
 _ITEM, _END, _ERROR = "item", "end", "error"
 _BUSY_MESSAGE = "this stream is already being iterated in another thread; advance a stream from one thread at a time"
+
+_this_thread = threading.local()   # .steps_here: streams advanced on this thread run their steps here
+
+
+@contextmanager
+def steps_on_this_thread():
+    """Within this block, a stream advanced on the calling thread runs its steps on this thread whenever its model
+    is free (else it waits for the model's worker, as outside). For a thread that drives many streams of different
+    models in turn (the server's slot driver): no hand-off to a worker thread per token."""
+    before = getattr(_this_thread, "steps_here", False)
+    _this_thread.steps_here = True
+    try:
+        yield
+    finally:
+        _this_thread.steps_here = before
 
 
 class _Request:
@@ -75,10 +97,16 @@ class Scheduler:
         self._requests: list[_Request] = []   # open requests, oldest first
         self._live: _Request | None = None    # the stream whose state is the model's live state
         self._worker: threading.Thread | None = None
+        self._worker_busy = False               # the worker is running a step or ending a request
+        self._stepping_thread: int | None = None   # a calling thread running a step (steps_on_this_thread)
+        self._worker_waits = False              # the worker has work and waits for that step to end
 
     # --- the callers' side ------------------------------------------------------------------------------------
     def on_worker(self) -> bool:
-        """True on the worker thread itself (work running there calls the model directly)."""
+        """True on the worker thread itself, or on a calling thread while it runs a step (work running there calls the
+        model directly)."""
+        if self._stepping_thread == threading.get_ident():
+            return True
         worker = self._worker
         return worker is not None and worker.ident == threading.get_ident()
 
@@ -109,6 +137,13 @@ class Scheduler:
         if not request.consumer_busy.acquire(blocking=False):
             raise RuntimeError(_BUSY_MESSAGE)
         try:
+            if getattr(_this_thread, "steps_here", False) and self._step_here(request):
+                kind, value = request.results.get()
+                if kind == _ITEM:
+                    return value
+                if kind == _ERROR:
+                    raise value
+                raise StopIteration
             with self._cond:
                 if request.ended or request.cancelled:
                     raise StopIteration
@@ -123,6 +158,31 @@ class Scheduler:
             raise StopIteration
         finally:
             request.consumer_busy.release()
+
+    def _step_here(self, request: _Request) -> bool:
+        """Run the request's next step on this thread if the model is free (then its result is in
+        ``request.results``); False if the worker has the model (the caller waits for the worker instead)."""
+        me = threading.get_ident()
+        with self._cond:
+            if request.ended or request.cancelled:
+                raise StopIteration
+            if self._stepping_thread == me:
+                # another stream driven by this thread is in the middle of a step on this model (a driver switches
+                # between streams inside their steps): waiting for the worker would wait for this very thread
+                raise RuntimeError("two streams of one model are advanced on one thread at once; a context runs one "
+                                   "generation at a time")
+            if self._worker_busy or self._worker_waits or self._stepping_thread is not None:
+                return False   # the worker has the model, or work of its own waiting for it: it goes first
+            request.running = True
+            self._stepping_thread = me
+        try:
+            self._step(request)
+        finally:
+            with self._cond:
+                self._stepping_thread = None
+                if self._worker_waits:
+                    self._cond.notify_all()
+        return True
 
     def cancel(self, request: _Request) -> None:
         """End the request from any thread without waiting: a waiting consumer gets StopIteration now, the worker
@@ -202,12 +262,18 @@ class Scheduler:
         while True:
             with self._cond:
                 idle_deadline = time.monotonic() + WORKER_LINGER_S
+                self._worker_busy = False
                 while True:
                     doomed = [r for r in self._requests if r.cancelled and not r.running]
+                    request, wait = (None, None) if doomed else self._pick()
+                    if (doomed or request is not None) and self._stepping_thread is not None:
+                        # a step runs on a calling thread: this work goes next, when it ends
+                        self._worker_waits = True
+                        self._cond.wait()
+                        continue
+                    self._worker_waits = False
                     if doomed:
-                        request = None
                         break
-                    request, wait = self._pick()
                     if request is not None:
                         request.running = True
                         request.demand = False
@@ -218,6 +284,7 @@ class Scheduler:
                             self._worker = None   # a caller arriving from now on starts a new worker
                             return
                     self._cond.wait(wait)
+                self._worker_busy = True
             if request is None:
                 for r in doomed:
                     self._end(r)

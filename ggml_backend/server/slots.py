@@ -4,18 +4,17 @@ borrow one at a time; requests beyond the slots wait in line, first come first s
 * A request is given the free slot whose evaluated tokens share the longest prefix with its prompt, so a follow-up
   turn of a chat finds its conversation still in the KV cache and evaluates only the new turn (llama.cpp's
   server chooses slots the same way).
-* Slots decoding at the same time share forward passes: each slot's decode step goes through the model's
-  ``ForwardBatcher`` (model/batching.py), which runs the waiting slots' tokens in one pass, and each gives exactly
-  what it gives alone. The ``ContinuousBatcher`` (continuous_batching.py) that ``n > 1`` requests run on submits
-  its sequences there too, so one mechanism combines everything; the loop that decodes is the slot's own
-  (``Llama``'s worker thread).
-* Everything here runs on the event loop's thread: no lock. Each generation runs in a thread of its own
-  (``_Pump``), which hands its chunks to the request's task; nothing is held across a ``yield``.
+* Slots decoding at the same time share forward passes: one thread, the pool's ``SlotDriver``
+  (slot_driver.py), advances every slot's generation and runs one pass through the model's ``ForwardBatcher``
+  (model/batching.py) for all their tokens per step; each slot gives exactly what it gives alone. The
+  ``ContinuousBatcher`` (continuous_batching.py) that ``n > 1`` requests run on submits its sequences there too,
+  so one mechanism combines everything.
+* Everything here runs on the event loop's thread: no lock. The driver hands each generation's chunks to the
+  request's task; nothing is held across a ``yield``.
 """
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import anyio
 
 from .config import ModelConfig
 from .errors import APIError, ServerBusy
+from .slot_driver import END, SlotDriver
 
 
 @dataclass
@@ -118,6 +118,7 @@ class SlotPool:
         self.queue_limit = queue_limit
         self.waiting: deque[Ticket] = deque()
         self.metrics = Metrics()
+        self.driver = SlotDriver(f"ggml-backend slots of {self.alias}")
         self.closing = False
         self._next_task = 0
 
@@ -177,19 +178,19 @@ class SlotPool:
 
     # --- running a generation in a slot ----------------------------------------------------------------------
     async def chunks(self, ticket: Ticket, stream):
-        """The chunks of ``stream`` (a Llama stream running in the ticket's slot), made by a thread of the
-        generation's own (``_Pump``) that runs the stream to its end, so each next token is started as soon as the
-        last one is out, without a round trip through the event loop. Leaving early (the client went, an abort,
+        """The chunks of ``stream`` (a Llama stream running in the ticket's slot), made by the pool's driver thread,
+        which runs the stream to its end with the other slots' (each next token is started as soon as the last one
+        is out, without a round trip through the event loop). Leaving early (the client went, an abort,
         cancellation) closes the stream: the generation stops after the token in progress. The ticket is
         released at the end."""
         slot = ticket.slot
         slot.stream = stream
         usage, finish_reason = None, None
-        pump = _Pump(stream)
+        run = self.driver.open(stream)
         try:
             while True:
-                chunk = await pump.next()
-                if chunk is _END:
+                chunk = await run.next()
+                if chunk is END:
                     break
                 if slot.t_first is None:
                     slot.t_first = time.monotonic()
@@ -202,7 +203,7 @@ class SlotPool:
             self.metrics.requests_failed += 1
             raise
         finally:
-            stream.close()   # the pump's thread gets the end after the token in progress and leaves
+            stream.close()   # the driver ends the generation after the token in progress
             self._record(slot, usage, finish_reason)
             ticket.release()
 
@@ -250,49 +251,6 @@ class SlotPool:
     @property
     def n_busy(self) -> int:
         return sum(s.busy for s in self.slots)
-
-
-_END = object()
-
-
-class _Pump:
-    """Runs a stream to its end in a thread of its own and hands each chunk to the event loop as it is made.
-
-    Why not ask for one chunk at a time from worker threads: a stream computes a token when asked for it, so
-    each token would start only after the previous chunk had reached the event loop and a request for the next
-    one had come back through it, and the slots' combined pass waits for slots still on that trip. Here a slot's
-    next step starts as soon as its chunk is handed over. The chunks a client has not read yet wait in the queue
-    (at most the generation's max_tokens); closing the stream ends the thread after the token in progress."""
-
-    def __init__(self, stream):
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._stream = stream
-        threading.Thread(target=self._run, name="ggml-backend slot stream", daemon=True).start()
-
-    async def next(self):
-        """The next chunk, ``_END`` after the last; the stream's error, raised here."""
-        kind, value = await self._queue.get()
-        if kind == "error":
-            raise value
-        return value
-
-    def _run(self) -> None:
-        try:
-            for chunk in self._stream:
-                if not self._hand(("item", chunk)):
-                    return
-            self._hand(("item", _END))
-        except BaseException as exc:   # noqa: BLE001 - raised in the request's task, by next()
-            self._hand(("error", exc))
-
-    def _hand(self, item) -> bool:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-            return True
-        except RuntimeError:   # the event loop is closed (the server stopped): nobody will read this stream
-            self._stream.close()
-            return False
 
 
 class ModelRegistry:
