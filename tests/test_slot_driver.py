@@ -87,3 +87,34 @@ def test_an_error_or_a_close_in_one_slot_leaves_the_others_going(contexts):
     # the closed and the failed slots' models are free again
     assert _text(contexts[1].create_completion(PROMPTS[1], stream=True, **GREEDY))
     assert _text(contexts[0].create_completion(PROMPTS[0], stream=True, **GREEDY))
+
+
+def test_a_long_prompt_goes_in_between_the_other_slots_steps(qwen_path):
+    """A prompt of three BLAS-size batches (n_batch 64) joins while another slot decodes: that slot gets a step
+    between the batches instead of waiting for the whole prompt."""
+    from ggml_backend import Llama
+    first = Llama(str(qwen_path), n_ctx=512, n_batch=64, verbose=False)
+    second = first.new_context(512)
+    events = []
+
+    def tag(name):
+        def record(input_ids, scores):
+            events.append(name)
+            return scores
+        return record
+    long_prompt = " ".join(f"item{i}" for i in range(90))   # about 180 tokens: three batches of at most 64
+    assert len(first.tokenize(long_prompt.encode())) > 128
+
+    async def main():
+        driver = SlotDriver()
+        decoding = driver.open(first.create_completion(PROMPTS[0], stream=True, logits_processor=tag("decode"),
+                                                       **GREEDY))
+        assert await decoding.next() is not END   # it is decoding when the long prompt comes
+        prompt = driver.open(second.create_completion(long_prompt, stream=True, logits_processor=tag("prompt"),
+                                                      temperature=0, max_tokens=2))
+        await asyncio.gather(_drain(decoding), _drain(prompt))
+    asyncio.run(main())
+    first_of_prompt = events.index("prompt")
+    assert events[1:first_of_prompt].count("decode") >= 2, events
+    assert first.create_completion(long_prompt, temperature=0, max_tokens=2)["choices"][0]["text"] == \
+        second.create_completion(long_prompt, temperature=0, max_tokens=2)["choices"][0]["text"]

@@ -78,9 +78,9 @@ class ForwardBatcher:
         same passes."""
         if sum(len(tokens) for tokens, _cache in items) > self.max_rows:
             raise ValueError(f"a combined pass carries at most {self.max_rows} tokens")
-        parked = _slot_greenlet()
+        parked = driver_greenlet()
         if parked is not None:   # the server's slot driver runs this pass with its other slots' (and ours)
-            return parked.wait_for_pass(self, items, every_row)
+            return parked.wait_for_pass("combined", self, items, every_row)
         own = [_Job(tokens, cache, every_row) for tokens, cache in items]
         with self._lock:
             now = time.monotonic()
@@ -159,7 +159,7 @@ class ForwardBatcher:
         return batch
 
 
-def _slot_greenlet():
+def driver_greenlet():
     """The running greenlet when it is a stream of the server's slot driver (server/slot_driver.py), which gathers
     the passes of all its streams and runs them itself; else None."""
     greenlet = sys.modules.get("greenlet")   # imported by the driver; absent, there is no driver

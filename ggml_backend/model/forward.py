@@ -21,7 +21,7 @@ from ..quant.blocks import HALF_TO_FLOAT
 from ..quant.simd import exponent_plus, float_from_bits, fma_f32
 from ..quant.matmul import BLAS_MIN_TOKENS, WeightMatrix, matmul_many, single_threaded_blas
 from .attention import SequencesAttention, attention
-from .batching import ForwardBatcher, batch_invariant
+from .batching import ForwardBatcher, batch_invariant, driver_greenlet
 from .kv_cache import DEFAULT_CACHE_TYPE, KVCache
 from .rope import apply_rope, rope_cos_sin
 from .spec import HParams
@@ -286,10 +286,14 @@ class Model:
         Returns float32 logits [n_tokens, n_vocab] if all_logits, else [1, n_vocab] for the last token.
         Contexts sharing these weights (``Llama.new_context``) meet here: a few tokens (below BLAS_MIN_TOKENS) go
         through the batcher, which runs the waiting contexts' tokens in one pass (model/batching.py); a long
-        prompt runs alone. Either way the numbers are those of the context running alone."""
+        prompt runs alone (a server slot's, between the other slots' steps: server/slot_driver.py). Either way the
+        numbers are those of the context running alone."""
         self.check(tokens, cache)
         if self.batcher is not None and len(tokens) < BLAS_MIN_TOKENS:
             return self.batcher.forward(tokens, cache, all_logits)
+        parked = driver_greenlet()
+        if parked is not None:   # a server slot's: its driver runs it between the other slots' steps
+            return parked.wait_for_pass("alone", self, [(tokens, cache)], all_logits)[0]
         with self.turns, single_threaded_blas():   # our own threads do the parallel work; see quant/matmul.py
             return self.forward_many([(tokens, cache)], all_logits)[0]
 

@@ -10,12 +10,13 @@ loop gets a step's chunks in one hand-over.
 
 How: each slot's stream (a ``Llama`` completion or chat stream, or anything iterable) runs in a greenlet on this
 thread, with ``steps_on_this_thread`` so that its model steps run here rather than on the model's worker thread.
-Where a generation asks the model's ``ForwardBatcher`` for a pass (model/batching.py), its greenlet parks (switches
-back to the driver with its tokens). When every greenlet has parked or finished, the driver runs the parked tokens
-through ``ForwardBatcher.forward_many``, the flat combining that every context uses, so other callers (a
-``ContinuousBatcher``, a context on another thread) still share the pass, and resumes each greenlet with its
-logits, or with the pass's error. A pass's numbers do not depend on what else it carries, so every slot gets the
-tokens it gets alone.
+Where a generation asks the model for a pass (``Model.forward``, ``ForwardBatcher.forward_many``), its greenlet
+parks (switches back to the driver with its tokens). When every greenlet has parked or finished, the driver runs
+the parked tokens through ``ForwardBatcher.forward_many``, the flat combining that every context uses, so other
+callers (a ``ContinuousBatcher``, a context on another thread) still share the pass, then at most one pass that
+runs alone (a prompt batch of BLAS size: a long prompt goes in between the other slots' steps, one batch per
+step), and resumes each greenlet with its logits, or with the pass's error. A pass's numbers do not depend on what
+else it carries, so every slot gets the tokens it gets alone.
 
 Each slot's chunks wait in an ``asyncio.Queue`` of its request (at most the generation's max_tokens: the driver
 does not wait for slow clients). Closing a stream from the event loop (client gone, abort, shutdown) ends its
@@ -26,6 +27,7 @@ that work, as the slot's own thread would have.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections import deque
@@ -38,6 +40,7 @@ from ..model.scheduler import steps_on_this_thread
 LINGER_S = 2.0
 
 END = object()   # the item after a stream's last chunk
+_PARK_ORDER = itertools.count()   # orders the passes that run alone: the one parked first goes first
 
 
 class StreamRun:
@@ -63,7 +66,7 @@ class _SlotGreenlet(greenlet.greenlet):
         super().__init__(self._drive, parent)
         self.run_ = run
         self.outbox = outbox
-        self.job = None   # (batcher, items, every_row) while parked
+        self.job = None   # (kind, runner, items, every_row, order) while parked
 
     def _drive(self):
         run = self.run_
@@ -74,9 +77,12 @@ class _SlotGreenlet(greenlet.greenlet):
         except BaseException as exc:   # noqa: BLE001 - raised in the request's task, by next()
             self.outbox.append((run, ("error", exc)))
 
-    def wait_for_pass(self, batcher, items, every_row: bool):
-        """Park until the driver has run ``items`` through ``batcher``: their logits, as ``forward_many`` gives."""
-        self.job = (batcher, items, every_row)
+    def wait_for_pass(self, kind: str, runner, items, every_row: bool):
+        """Park until the driver has run ``items`` ([(tokens, cache), ...]): ``kind`` "combined" through
+        ``runner.forward_many`` (a ``ForwardBatcher``), with other streams' items; "alone" through
+        ``runner.forward`` (the ``Model``: a prompt batch of BLAS size, or any pass of a model without a
+        batcher). Returns each item's logits, as ``ForwardBatcher.forward_many`` does."""
+        self.job = (kind, runner, items, every_row, next(_PARK_ORDER))
         try:
             return self.parent.switch()   # resumed with the logits, or with the pass's error raised here
         finally:
@@ -150,26 +156,34 @@ class SlotDriver:
                     g.switch(value)
             live[:] = [g for g in live if not g.dead]
             _deliver(outbox)   # this step's chunks, in one hand-over per event loop
-            self._run_passes([g for g in live if g.job is not None], runnable)
+            parked = [g for g in live if g.job is not None]
+            if parked:
+                self._run_passes(parked, runnable)
 
     def _run_passes(self, parked: list, runnable: deque) -> None:
-        """The parked streams' tokens through their batchers' ``forward_many``, as few passes as fit."""
+        """The parked streams' passes: every combined one (through its batcher, as few passes as fit), then one
+        that runs alone, the longest waiting: a long prompt goes in one batch per step, and the decoding slots
+        wait for one batch at a time, not the whole prompt (as ``ContinuousBatcher`` does it)."""
         by_batcher: dict = {}
+        alone = []
         for g in parked:
-            by_batcher.setdefault(id(g.job[0]), []).append(g)
+            if g.job[0] == "combined":
+                by_batcher.setdefault(id(g.job[1]), []).append(g)
+            else:
+                alone.append(g)
         for group in by_batcher.values():
-            batcher = group[0].job[0]
+            batcher = group[0].job[1]
             passes, rows = [[]], 0
             for g in group:   # a stream's items stay in one pass (it asked for them together)
-                n = sum(len(tokens) for tokens, _cache in g.job[1])
+                n = sum(len(tokens) for tokens, _cache in g.job[2])
                 if passes[-1] and rows + n > batcher.max_rows:
                     passes.append([])
                     rows = 0
                 passes[-1].append(g)
                 rows += n
             for members in passes:
-                every_row = any(g.job[2] for g in members)
-                items = [item for g in members for item in g.job[1]]
+                every_row = any(g.job[3] for g in members)
+                items = [item for g in members for item in g.job[2]]
                 try:
                     results = batcher.forward_many(items, every_row)
                 except BaseException as exc:   # noqa: BLE001 - each stream of the pass gets it
@@ -178,11 +192,19 @@ class SlotDriver:
                 self.passes += 1
                 i = 0
                 for g in members:
-                    mine = results[i:i + len(g.job[1])]
+                    mine = results[i:i + len(g.job[2])]
                     i += len(mine)
-                    if every_row and not g.job[2]:
+                    if every_row and not g.job[3]:
                         mine = [logits[-1:] for logits in mine]
                     runnable.append((g, ("value", mine)))
+        if alone:
+            g = min(alone, key=lambda g: g.job[4])
+            _kind, model, ((tokens, cache),), all_logits, _order = g.job
+            try:
+                runnable.append((g, ("value", [model.forward(tokens, cache, all_logits)])))
+                self.passes += 1
+            except BaseException as exc:   # noqa: BLE001 - raised in its stream
+                runnable.append((g, ("error", exc)))
 
 
 def _deliver(outbox: list) -> None:
