@@ -241,3 +241,40 @@ def test_a_step_on_the_calling_thread_and_the_worker_never_overlap():
     caller.join(5)
     assert items == [("slow",)] and answered == ["worker ran"]
     stream.close()
+
+
+def test_a_driver_stream_waits_in_turns_for_a_step_that_another_of_its_streams_holds():
+    """The server's slot driver runs many streams on one thread, switching between them inside their steps (a
+    greenlet parks where it needs a forward pass). A slot's next request may start while the previous one, closed
+    by its client, is still mid-step on the same model: the new stream must let the driver go on (and finish that
+    step), not wait for the worker (which would wait for this very thread) nor fail."""
+    greenlet = pytest.importorskip("greenlet", reason="the server extra (greenlet) is not installed")
+    model = Counter()
+    rounds = []
+
+    class DriverStream(greenlet.greenlet):
+        def wait_for_pass(self, kind, runner, items, every_row):
+            return self.parent.switch(kind)
+
+        def wait_for_round(self):
+            rounds.append(1)
+            self.wait_for_pass("wait", None, [], False)
+
+    def parking_work():
+        model.state = ["first"]
+        greenlet.getcurrent().wait_for_pass("alone", None, [], False)   # mid-step: its pass is pending
+        yield (tuple(model.state), None)
+    first = TokenStream(model.scheduler, model.scheduler.open(parking_work()))
+    second = model.stream("b", 2)
+
+    def drive():
+        with sched.steps_on_this_thread():
+            a = DriverStream(lambda: list(first))
+            b = DriverStream(lambda: list(second))
+            assert a.switch() == "alone"         # the first stream parks inside its step
+            first.close()                        # its client leaves meanwhile
+            assert b.switch() == "wait"          # the second waits for its turn instead of failing
+            assert a.switch() == [] and a.dead   # the pass done, its step ends; closed, it yields nothing more
+            return b.switch()                    # now the second runs
+    assert in_thread(drive) == [("b0",), ("b0", "b1")]
+    assert rounds == [1]

@@ -162,19 +162,28 @@ class Scheduler:
     def _step_here(self, request: _Request) -> bool:
         """Run the request's next step on this thread if the model is free (then its result is in
         ``request.results``); False if the worker has the model (the caller waits for the worker instead)."""
+        from .batching import driver_greenlet
         me = threading.get_ident()
-        with self._cond:
-            if request.ended or request.cancelled:
-                raise StopIteration
-            if self._stepping_thread == me:
-                # another stream driven by this thread is in the middle of a step on this model (a driver switches
-                # between streams inside their steps): waiting for the worker would wait for this very thread
-                raise RuntimeError("two streams of one model are advanced on one thread at once; a context runs one "
-                                   "generation at a time")
-            if self._worker_busy or self._worker_waits or self._stepping_thread is not None:
-                return False   # the worker has the model, or work of its own waiting for it: it goes first
-            request.running = True
-            self._stepping_thread = me
+        while True:
+            with self._cond:
+                if request.ended or request.cancelled:
+                    raise StopIteration
+                if not (self._worker_busy or self._worker_waits or self._stepping_thread is not None):
+                    request.running = True
+                    self._stepping_thread = me
+                    break
+                held_here = self._stepping_thread == me
+            # the model is busy (the worker has it, or has work waiting for it, which goes first; or a step runs).
+            # A stream of the server's slot driver lets the driver's other streams go on meanwhile: the one that
+            # holds the model may be one of them, mid-step on this very thread (a slot's previous request, closed
+            # by its client while its pass was pending), so blocking here would wait for ourselves
+            parked = driver_greenlet()
+            if parked is None:
+                if held_here:
+                    raise RuntimeError("two streams of one model are advanced on one thread at once; a context "
+                                       "runs one generation at a time")
+                return False
+            parked.wait_for_round()
         try:
             self._step(request)
         finally:

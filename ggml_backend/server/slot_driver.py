@@ -20,9 +20,9 @@ else it carries, so every slot gets the tokens it gets alone.
 
 Each slot's chunks wait in an ``asyncio.Queue`` of its request (at most the generation's max_tokens: the driver
 does not wait for slow clients). Closing a stream from the event loop (client gone, abort, shutdown) ends its
-generation after the token in progress, as before. Anything that would block inside a greenlet blocks the
-driver: a slot's model busy on its worker thread (another request on the same ``Llama``) makes the driver wait for
-that work, as the slot's own thread would have.
+generation after the token in progress, as before. A stream whose model is busy (its worker thread running other
+work on that ``Llama``, or a slot's previous request still finishing its step) waits in rounds while the others go
+on; what else blocks inside a greenlet (a grammar's next mask not ready yet) blocks the driver for that long.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ class StreamRun:
 
 
 class _SlotGreenlet(greenlet.greenlet):
-    """A stream's greenlet. ``wait_for_pass`` is what ``ForwardBatcher.forward_many`` calls in its place."""
+    """A stream's greenlet. Where it would run a forward pass (``Model.forward``, ``ForwardBatcher.forward_many``),
+    or wait for a model that is busy (``Scheduler``), it calls ``wait_for_pass`` / ``wait_for_round`` instead."""
 
     def __init__(self, run: StreamRun, outbox: list, parent):
         super().__init__(self._drive, parent)
@@ -88,6 +89,10 @@ class _SlotGreenlet(greenlet.greenlet):
         finally:
             self.job = None
 
+    def wait_for_round(self) -> None:
+        """Let the other streams run one round (their passes included): a model this one waits for is busy."""
+        self.wait_for_pass("wait", None, [], False)
+
 
 class SlotDriver:
     """The thread that runs the streams handed to ``open`` (one driver per served model)."""
@@ -97,7 +102,7 @@ class SlotDriver:
         self._cond = threading.Condition()
         self._incoming: list[StreamRun] = []
         self._thread: threading.Thread | None = None
-        self.passes = 0   # statistics: combined passes run
+        self.passes = 0   # statistics: forward passes run
 
     def open(self, stream) -> StreamRun:
         """Start running ``stream`` (called on the event loop); its chunks come through the returned run."""
@@ -165,12 +170,16 @@ class SlotDriver:
         that runs alone, the longest waiting: a long prompt goes in one batch per step, and the decoding slots
         wait for one batch at a time, not the whole prompt (as ``ContinuousBatcher`` does it)."""
         by_batcher: dict = {}
-        alone = []
+        alone, waiting = [], []
         for g in parked:
             if g.job[0] == "combined":
                 by_batcher.setdefault(id(g.job[1]), []).append(g)
-            else:
+            elif g.job[0] == "alone":
                 alone.append(g)
+            else:
+                waiting.append(g)
+        if waiting and not by_batcher and not alone:
+            time.sleep(0.001)   # only streams waiting for a busy model (its worker's): no spinning meanwhile
         for group in by_batcher.values():
             batcher = group[0].job[1]
             passes, rows = [[]], 0
@@ -205,6 +214,8 @@ class SlotDriver:
                 self.passes += 1
             except BaseException as exc:   # noqa: BLE001 - raised in its stream
                 runnable.append((g, ("error", exc)))
+        # last: what they wait for may be a step of a stream resumed above
+        runnable.extend((g, ("value", None)) for g in waiting)
 
 
 def _deliver(outbox: list) -> None:
