@@ -343,6 +343,37 @@ def test_queue_limit_answers_503_with_retry_after():
             assert "busy" in response.json()["error"]["message"]
 
 
+def test_a_request_waiting_for_the_slot_of_a_client_that_leaves_gets_its_own_reply():
+    """One slot: a long stream holds it, a second request waits in line; the first client leaves mid-stream, so
+    the slot passes to the second while the first generation may still be finishing its step on the same
+    context. The second gets exactly what it gets alone, and the slot is free after it."""
+    body = {"prompt": "def fibonacci(n):", "max_tokens": 12, "temperature": 0, "repeat_penalty": 1.0}
+    with running_server(models=[ModelConfig(alias="qwen", n_ctx=1024, n_parallel=1)]) as (url, app):
+        alone = httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        no_end = {"151643": -100, "151645": -100}
+        waiting: dict = {}
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"prompt": "1, 2, 3, 4, 5,", "max_tokens": 500, "stream": True,
+                                "logit_bias": no_end}) as held:
+            lines = held.iter_lines()
+            next(lines)
+            second = threading.Thread(target=lambda: waiting.update(
+                reply=httpx.post(url + "/v1/completions", json=body, timeout=120)))
+            second.start()
+            pool = app.state.registry.pools["qwen"]
+            deadline = time.monotonic() + 30
+            while not pool.waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pool.waiting, "the second request did not wait for the slot"
+            for _ in range(3):
+                next(lines)
+        # the first client is gone: the second request takes the slot
+        second.join(120)
+        assert waiting["reply"].status_code == 200
+        assert waiting["reply"].json()["choices"][0]["text"] == alone
+        assert httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"] == alone
+
+
 def test_api_key_and_cors():
     with running_server(api_key="s3cret", cors_origins=["http://ui.example"]) as (url, app):
         with pytest.raises(openai.AuthenticationError):
