@@ -7,7 +7,7 @@ architecture's key prefix (``llama.embedding_length``, ``qwen2.attention.head_co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
