@@ -137,19 +137,13 @@ class Scheduler:
         if not request.consumer_busy.acquire(blocking=False):
             raise RuntimeError(_BUSY_MESSAGE)
         try:
-            if getattr(_this_thread, "steps_here", False) and self._step_here(request):
-                kind, value = request.results.get()
-                if kind == _ITEM:
-                    return value
-                if kind == _ERROR:
-                    raise value
-                raise StopIteration
-            with self._cond:
-                if request.ended or request.cancelled:
-                    raise StopIteration
-                request.demand = True
-                self._ensure_worker()
-                self._cond.notify_all()
+            if not (getattr(_this_thread, "steps_here", False) and self._step_here(request)):
+                with self._cond:   # the worker computes it
+                    if request.ended or request.cancelled:
+                        raise StopIteration
+                    request.demand = True
+                    self._ensure_worker()
+                    self._cond.notify_all()
             kind, value = request.results.get()
             if kind == _ITEM:
                 return value
