@@ -31,6 +31,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from typing import NamedTuple
 
 import greenlet
 
@@ -40,7 +41,7 @@ from ..model.scheduler import steps_on_this_thread
 LINGER_S = 2.0
 
 END = object()   # the item after a stream's last chunk
-_PARK_ORDER = itertools.count()   # orders the passes that run alone: the one parked first goes first
+_PARK_ORDER = itertools.count()   # _Job.order
 
 
 class StreamRun:
@@ -59,15 +60,24 @@ class StreamRun:
         return value
 
 
+class _Job(NamedTuple):
+    """What a parked stream waits for."""
+    kind: str          # "combined" (through ``runner.forward_many``), "alone" (``runner.forward``), "wait"
+    runner: object     # the ForwardBatcher, the Model, or None
+    items: list        # [(tokens, cache), ...]
+    every_row: bool    # the logits after each token, not only the last
+    order: int         # when it parked: the alone pass parked first goes first
+
+
 class _SlotGreenlet(greenlet.greenlet):
     """A stream's greenlet. Where it would run a forward pass (``Model.forward``, ``ForwardBatcher.forward_many``),
     or wait for a model that is busy (``Scheduler``), it calls ``wait_for_pass`` / ``wait_for_round`` instead."""
 
     def __init__(self, run: StreamRun, outbox: list, parent):
         super().__init__(self._drive, parent)
-        self.run_ = run
+        self.run_ = run   # not ``run``: greenlet's own name for the function it runs
         self.outbox = outbox
-        self.job = None   # (kind, runner, items, every_row, order) while parked
+        self.job: _Job | None = None   # while parked
 
     def _drive(self):
         run = self.run_
@@ -83,7 +93,7 @@ class _SlotGreenlet(greenlet.greenlet):
         ``runner.forward_many`` (a ``ForwardBatcher``), with other streams' items; "alone" through
         ``runner.forward`` (the ``Model``: a prompt batch of BLAS size, or any pass of a model without a
         batcher). Returns each item's logits, as ``ForwardBatcher.forward_many`` does."""
-        self.job = (kind, runner, items, every_row, next(_PARK_ORDER))
+        self.job = _Job(kind, runner, items, every_row, next(_PARK_ORDER))
         try:
             return self.parent.switch()   # resumed with the logits, or with the pass's error raised here
         finally:
@@ -172,27 +182,27 @@ class SlotDriver:
         by_batcher: dict = {}
         alone, waiting = [], []
         for g in parked:
-            if g.job[0] == "combined":
-                by_batcher.setdefault(id(g.job[1]), []).append(g)
-            elif g.job[0] == "alone":
+            if g.job.kind == "combined":
+                by_batcher.setdefault(id(g.job.runner), []).append(g)
+            elif g.job.kind == "alone":
                 alone.append(g)
             else:
                 waiting.append(g)
         if waiting and not by_batcher and not alone:
             time.sleep(0.001)   # only streams waiting for a busy model (its worker's): no spinning meanwhile
         for group in by_batcher.values():
-            batcher = group[0].job[1]
+            batcher = group[0].job.runner
             passes, rows = [[]], 0
             for g in group:   # a stream's items stay in one pass (it asked for them together)
-                n = sum(len(tokens) for tokens, _cache in g.job[2])
+                n = sum(len(tokens) for tokens, _cache in g.job.items)
                 if passes[-1] and rows + n > batcher.max_rows:
                     passes.append([])
                     rows = 0
                 passes[-1].append(g)
                 rows += n
             for members in passes:
-                every_row = any(g.job[3] for g in members)
-                items = [item for g in members for item in g.job[2]]
+                every_row = any(g.job.every_row for g in members)
+                items = [item for g in members for item in g.job.items]
                 try:
                     results = batcher.forward_many(items, every_row)
                 except BaseException as exc:   # noqa: BLE001 - each stream of the pass gets it
@@ -201,16 +211,16 @@ class SlotDriver:
                 self.passes += 1
                 i = 0
                 for g in members:
-                    mine = results[i:i + len(g.job[2])]
+                    mine = results[i:i + len(g.job.items)]
                     i += len(mine)
-                    if every_row and not g.job[3]:
+                    if every_row and not g.job.every_row:   # as the batcher gives its own jobs
                         mine = [logits[-1:] for logits in mine]
                     runnable.append((g, ("value", mine)))
         if alone:
-            g = min(alone, key=lambda g: g.job[4])
-            _kind, model, ((tokens, cache),), all_logits, _order = g.job
+            g = min(alone, key=lambda g: g.job.order)
+            ((tokens, cache),) = g.job.items
             try:
-                runnable.append((g, ("value", [model.forward(tokens, cache, all_logits)])))
+                runnable.append((g, ("value", [g.job.runner.forward(tokens, cache, g.job.every_row)])))
                 self.passes += 1
             except BaseException as exc:   # noqa: BLE001 - raised in its stream
                 runnable.append((g, ("error", exc)))
