@@ -34,6 +34,8 @@ import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from .batching import driver_greenlet
+
 #: how long a stream whose consumer has not asked for its next item keeps the model while other work waits
 IDLE_GRACE_S = 0.25
 #: how long the worker thread waits for new work before it ends (a later call starts a new one)
@@ -156,7 +158,6 @@ class Scheduler:
     def _step_here(self, request: _Request) -> bool:
         """Run the request's next step on this thread if the model is free (then its result is in
         ``request.results``); False if the worker has the model (the caller waits for the worker instead)."""
-        from .batching import driver_greenlet
         me = threading.get_ident()
         while True:
             with self._cond:
