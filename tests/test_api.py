@@ -246,10 +246,16 @@ def test_two_threads_advancing_one_stream_at_once_get_a_clear_error(tiny):
     for make in (lambda: tiny.generate_tokens(prompt, max_tokens=8, stop_tokens=[]),
                  lambda: tiny.create_completion(prompt, max_tokens=8, stream=True, stop_tokens=[])):
         stream = make()
-        hold = threading.Event()
+        hold, holding = threading.Event(), threading.Event()
+
+        def keep_the_worker():
+            holding.set()
+            hold.wait(30)
         # keep the model's worker busy so that the first thread is surely inside next() when the second arrives
-        blocker = threading.Thread(target=tiny.session.call, args=(hold.wait, 30), daemon=True)
+        # (and busy before the first asks: a stream that asks first is stepped first, and its step is over at once)
+        blocker = threading.Thread(target=tiny.session.call, args=(keep_the_worker,), daemon=True)
         blocker.start()
+        assert holding.wait(30)
         first = threading.Thread(target=lambda: next(stream), daemon=True)
         first.start()
         # until the first thread waits inside next() (the stream's own busy flag, a private detail read only here)
