@@ -42,12 +42,14 @@ from numba.core.imputils import lower_constant
 from numba.extending import NativeValue, intrinsic, overload, register_model, typeof_impl, unbox
 
 from .simd import (
-    IsaType, add_bytes, add_f32x8, add_i32x8, as_bytes, bits_to_bytes, bytes_as_i32x16, dot_i8_i8, dot_u8_i8,
-    dot_u8_i8_scaled, fma_i32x8, fold_halves_i32x16, high_nibbles_times, join_halves, load_8_i32, load_16_bytes,
-    load_16_i32, load_32_bytes, load_64_bytes, load_f16, load_u32, low_nibbles, mul_i32x8, offset_scaled_dot, or_bytes,
-    pair_scales_i32x8, prefetch, scale_pair_i32x8, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
-    scaled_dot, spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled,
-    sum_f32x8, to_scale_words, unpack_nibbles, zero_f32x8, zero_i32x8, zero_i32x16,
+    IsaType, add_bytes, add_f32x8, add_i32x8, as_bytes, bits_to_bytes, byte_scale_words, bytes_as_i32x16, dot_i8_i8,
+    dot_u8_i8, dot_u8_i8_scaled, fma_i32x8, fnma_i32x8, fold_halves_i32x16, group_scale_words,
+    high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32, load_32_bytes,
+    load_64_bytes, load_8_i32, load_f16, load_f16_pair_times, load_u32, low_nibbles, mul_i32x8, offset_pair_sums,
+    offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8, scale_word_halves,
+    scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes, spread_scale_pairs, store_32_bytes,
+    store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8, to_scale_words, unpack_nibbles,
+    zero_f32x8, zero_i32x16, zero_i32x8,
 )
 from .generic import _block_sums_times
 from .simd import (
@@ -153,9 +155,9 @@ def lane_bias(xq, offset, isa):
 #
 # The activation arrays hold all the tokens of a launch: ``xq`` int8 [n_tokens * k] (token t at t * k),
 # ``x_scale`` float32 [n_tokens, k / block], ``x_sums`` float32 [n_tokens, k / 32] (q8_1's s: q4_1, q5_1),
-# ``x_bsums`` int32 [n_tokens * k / 16] (q8_K's sums per 16: q2_K), ``bias`` int32 [n_tokens * k / 4] (token t at
-# t * k / 4: the lane biases of ``lane_bias``, q4_K / q5_K's sums per 32, or on AVX512-VNNI q2_K / q3_K's
-# activations reordered by ``joined_halves``), ``xu``: ``xq`` + 128 as unsigned bytes
+# ``x_bsums`` [n_tokens * k / 16] (q8_K's sums per 16: q2_K's, as int16 in ``paired_bsums``' order), ``bias``
+# int32 [n_tokens * k / 4] (token t at t * k / 4: the lane biases of ``lane_bias``, q4_K / q5_K's sums per 32, or on
+# AVX512-VNNI q2_K / q3_K's activations reordered by ``joined_halves``), ``xu``: ``xq`` + 128 as unsigned bytes
 # (the tiles of ``_unsigned_x`` kinds). ``kind`` is a ``Kind`` (a compile-time constant), so each kind's branches
 # fold away.
 # ----------------------------------------------------------------------------------------------------------------
@@ -643,35 +645,108 @@ def _k_scales(kind, w, o):
 
 
 @njit(inline="always", **_KERNEL)
-def _k_group(kind, w, o, n, j, scales):
+def _k_quants(kind, w, o, n, j):
     """Group 4 n + j (values 128 n + 32 j ..) of the super-block at byte ``o``: its quants as unsigned bytes (before
-    the offset: q3_K -4, q6_K -32, which the lane biases take) and its two scales in dot_u8_i8's lanes (q2_K, q3_K:
-    from ``scales``, the super-block's ``_k_scales``)."""
+    the offset: q3_K -4, q6_K -32)."""
     kc = kind_code(kind)
     if kc == 5:
-        packed = load_32_bytes(w, o + 16 + 32 * n)
-        return shift_right_and(packed, 2 * j, 3), scale_pair_i32x8(scales, 8 * n + 2 * j)
+        return shift_right_and(load_32_bytes(w, o + 16 + 32 * n), 2 * j, 3)
     if kc == 6:
-        q = _q3_K_quants(load_32_bytes(w, o + 32 + 32 * n), load_32_bytes(w, o), 2 * j, 4 * n + j)
-        return q, scale_pair_i32x8(scales, 8 * n + 2 * j)
+        return _q3_K_quants(load_32_bytes(w, o + 32 + 32 * n), load_32_bytes(w, o), 2 * j, 4 * n + j)
     low = load_32_bytes(w, o + 64 * n + 32 * (j & 1))     # groups 0, 1: low nibbles; 2, 3: high nibbles
     nibbles = low_nibbles(low) if j < 2 else shift_right_and(low, 4, 15)
-    q = _q6_K_quants(nibbles, load_32_bytes(w, o + 128 + 32 * n), 2 * j)
-    return q, pair_scales_i32x8(w, o + 192 + 8 * n + 2 * j)
+    return _q6_K_quants(nibbles, load_32_bytes(w, o + 128 + 32 * n), 2 * j)
+
+
+@njit(inline="always", **_KERNEL)
+def _k_group(kind, w, o, n, j, scales):
+    """``_k_quants`` of group 4 n + j and its two scales in dot_u8_i8's lanes as int32 (q2_K, q3_K: from
+    ``scales``, the super-block's ``_k_scales``): the exact GEMM's panels."""
+    if kind_code(kind) == 9:
+        return _k_quants(kind, w, o, n, j), pair_scales_i32x8(w, o + 192 + 8 * n + 2 * j)
+    return _k_quants(kind, w, o, n, j), scale_pair_i32x8(scales, 8 * n + 2 * j)
+
+
+@njit(inline="always", **_KERNEL)
+def _q2_K_scale_source(kind, w, o):
+    # bytes 0-15 and 8-23 (the first half's scales, then the second's first), so that the groups of both halves
+    # take their scales by the same four shuffle masks
+    return (shift_right_and(load_16_bytes_twice(w, o), 0, 15), shift_right_and(load_16_bytes_twice(w, o + 8), 0, 15))
+
+
+@njit(inline="always", **_KERNEL)
+def _q3_K_scale_source(kind, w, o):
+    s0, s1, s2, s3 = _q3_K_scale_words(w, o + 96)
+    return scale_word_halves(s0, s1, s2, s3, -32)
+
+
+@njit(inline="always", **_KERNEL)
+def _q6_K_scale_source(kind, w, o):
+    return 0
+
+
+def _k_scale_source(kind, w, o):
+    """What ``_k_group_scales`` takes each group's scales from, once per super-block: q2_K its four-bit scales in
+    both halves of two registers (``load_16_bytes_twice``: scales 0-7 first in one, 8-15 in the other), q3_K its
+    scales less 32 as ``scale_word_halves``; nothing for q6_K, whose groups load their own."""
+    raise NotImplementedError("decode._k_scale_source runs inside the compiled kernels only")
+
+
+@overload(_k_scale_source, inline="always")
+def _k_scale_source_of(kind, w, o):
+    if not isinstance(kind, ConstantType) or kind.code not in (5, 6, 9):
+        return None
+    form = {5: _q2_K_scale_source, 6: _q3_K_scale_source, 9: _q6_K_scale_source}[kind.code]
+
+    def source(kind, w, o):
+        return form(kind, w, o)
+    return source
+
+
+@njit(inline="always", **_KERNEL)
+def _q2_K_group_scales(kind, w, o, n, j, source):
+    return byte_scale_words(source[n], 2 * j)
+
+
+@njit(inline="always", **_KERNEL)
+def _q3_K_group_scales(kind, w, o, n, j, source):
+    return group_scale_words(source[n], j)
+
+
+@njit(inline="always", **_KERNEL)
+def _q6_K_group_scales(kind, w, o, n, j, source):
+    return pair_scales_i32x8(w, o + 192 + 8 * n + 2 * j)
+
+
+def _k_group_scales(kind, w, o, n, j, source):
+    """The scales of group 4 n + j as ``_k_group_dot`` takes them: q2_K / q3_K the words of ``scaled_dot`` (one
+    ``vpshufb`` from ``source``, the super-block's ``_k_scale_source``), q6_K int32 lanes."""
+    raise NotImplementedError("decode._k_group_scales runs inside the compiled kernels only")
+
+
+@overload(_k_group_scales, inline="always")
+def _k_group_scales_of(kind, w, o, n, j, source):
+    if not isinstance(kind, ConstantType) or kind.code not in (5, 6, 9):
+        return None
+    form = {5: _q2_K_group_scales, 6: _q3_K_group_scales, 9: _q6_K_group_scales}[kind.code]
+
+    def scales(kind, w, o, n, j, source):
+        return form(kind, w, o, n, j, source)
+    return scales
 
 
 @njit(**_KERNEL)
 def _k_group_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
     """sumi + one token's dot products of a group with xq[x:x + 32] times the group's scales: q2_K and q3_K
-    (``scales`` as ``to_scale_words``) multiply the scales into the pair sums (``scaled_dot``, q3_K's -4 taken off
-    in them); q6_K starts from its lane biases at bias[g:g + 8] and multiplies the lanes (its -32 taken off in the
+    (``scales`` from ``_k_group_scales``) multiply the scales into the pair sums (``scaled_dot``; q3_K's -4 taken
+    off in them, its pair sums with the token's values at bias[g:g + 8]: ``q3_K_offset_pairs``); q6_K starts from its lane biases at bias[g:g + 8] and multiplies the lanes (its -32 taken off in the
     pair sums as q3_K's read 12% slower on Zen 4: a second ``vpmaddubsw`` per group costs more than the
     ``vpmulld`` and the load it saves)."""
     kc = kind_code(kind)
     if kc == 5:
         return scaled_dot(sumi, q, load_32_bytes(xq, x), scales, isa)
     if kc == 6:
-        return offset_scaled_dot(sumi, q, load_32_bytes(xq, x), scales, 4, isa)
+        return pairs_scaled_dot(sumi, q, load_32_bytes(xq, x), load_8_i32(bias, g), scales, isa)
     return add_i32x8(sumi, mul_i32x8(dot_u8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa), scales))
 
 
@@ -699,10 +774,11 @@ def _dots_narrow(kind, w, o, xq, x, bias, g, k, width, isa):
     i1 = zero_i32x8()
     i2 = zero_i32x8()
     i3 = zero_i32x8()
-    all_scales = to_scale_words(_k_scales(kind, w, o))   # q2_K, q3_K: the words of scaled_dot (q6_K: unused)
+    source = _k_scale_source(kind, w, o)
     for n in range(2):
         for j in range(4):
-            q, scales = _k_group(kind, w, o, n, j, all_scales)
+            q = _k_quants(kind, w, o, n, j)
+            scales = _k_group_scales(kind, w, o, n, j, source)
             xg = x + 128 * n + 32 * j
             gg = g + 32 * n + 8 * j
             i0 = _k_group_dot(kind, i0, q, scales, xq, xg, bias, gg, isa)
@@ -779,6 +855,15 @@ def _super_block_dots_of(kind, w, o, xq, x, bias, g, k, width, isa):
 
 
 @njit(inline="always", **_KERNEL)
+def _q2_K_scaled(acc, sums, w, o, packed, pairs, s, x_scale):
+    """acc + float(sums) * (d * x_scale) - float(minimums . bsums) * (dmin * x_scale) for the q2_K super-block at
+    byte ``o`` (``packed``: its scale bytes as ``load_16_bytes_twice``; ``pairs``: the token's ``paired_bsums``
+    from ``s``), rounded as two fused multiply-adds."""
+    d_x, dmin_x = load_f16_pair_times(w, o + 80, x_scale)
+    return fnma_i32x8(fma_i32x8(acc, sums, d_x), high_nibbles_times_pairs(packed, pairs, s), dmin_x)
+
+
+@njit(inline="always", **_KERNEL)
 def _row_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
     """Row ``start`` times token t: ``_tile_groups`` for one token (its other tokens' steps fold away)."""
     return _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, _TILE_1, isa)[0]
@@ -788,7 +873,8 @@ def _row_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, isa):
 def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
     """One row times the ``width`` (a ``TileSize``) tokens from t, each super-block unpacked once: per token its
     exact integer sums (``_super_block_dots``) scaled by d and the token's scale, q2_K's minimums taken off in the
-    same eight float lanes, which are summed once at the end."""
+    same eight float lanes, which are summed once at the end. ``x_bsums``: q2_K's sums per 16 as
+    ``paired_bsums`` lays them out (unread by q3_K and q6_K)."""
     nt = tile_size(width)
     kc = kind_code(kind)
     size = 84 if kc == 5 else 110 if kc == 6 else 210
@@ -805,24 +891,25 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
             _prefetch_ahead(w, o, 2)
         i0, i1, i2, i3 = _super_block_dots(kind, w, o, xq, t * k + 256 * b, bias, t * (k // 4) + 64 * b, k,
                                            width, isa)
-        d = _k_group_d(kind, w, o)
-        a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
-        if nt > 1:
-            a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
-        if nt > 2:
-            a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
-        if nt > 3:
-            a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
-        if kc == 5:
-            dmin = load_f16(w, o + 82)
+        if kc == 5:   # the sums times d, then the minimums times dmin taken off (d, dmin by one conversion)
             s = t * kb + 16 * b
-            a0 = fma_i32x8(a0, high_nibbles_times(w, o, x_bsums, s), -(dmin * x_scale[t, b]))
+            packed = load_16_bytes_twice(w, o)
+            a0 = _q2_K_scaled(a0, i0, w, o, packed, x_bsums, s, x_scale[t, b])
             if nt > 1:
-                a1 = fma_i32x8(a1, high_nibbles_times(w, o, x_bsums, s + kb), -(dmin * x_scale[t + 1, b]))
+                a1 = _q2_K_scaled(a1, i1, w, o, packed, x_bsums, s + kb, x_scale[t + 1, b])
             if nt > 2:
-                a2 = fma_i32x8(a2, high_nibbles_times(w, o, x_bsums, s + 2 * kb), -(dmin * x_scale[t + 2, b]))
+                a2 = _q2_K_scaled(a2, i2, w, o, packed, x_bsums, s + 2 * kb, x_scale[t + 2, b])
             if nt > 3:
-                a3 = fma_i32x8(a3, high_nibbles_times(w, o, x_bsums, s + 3 * kb), -(dmin * x_scale[t + 3, b]))
+                a3 = _q2_K_scaled(a3, i3, w, o, packed, x_bsums, s + 3 * kb, x_scale[t + 3, b])
+        else:
+            d = _k_group_d(kind, w, o)
+            a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
+            if nt > 1:
+                a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
+            if nt > 2:
+                a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
+            if nt > 3:
+                a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
     return sum_f32x8(a0), sum_f32x8(a1), sum_f32x8(a2), sum_f32x8(a3)
 
 
@@ -1212,32 +1299,47 @@ def joined_halves(xq):
     return joined
 
 
-def _wide_terms(kind, xq, isa):
-    """``joined_halves(xq)`` where the kind's super-blocks take ``_dots_wide``, else an empty array."""
-    raise NotImplementedError("decode._wide_terms runs inside the compiled kernels only")
+@njit(**_KERNEL)
+def q3_K_offset_pairs(xq):
+    """int32 [k/4]: the int16 pair sums of 4 x (``offset_pair_sums``) for each 32 values of ``xq``, sixteen per
+    eight int32, at the values' index / 4: what q3_K's narrow groups take off their pair sums for its -4
+    (``pairs_scaled_dot``), computed once per activation row instead of once per row and group."""
+    pairs = np.empty(xq.size // 4, np.int32)
+    for g in range(xq.size // 32):
+        store_8_i32(pairs, 8 * g, offset_pair_sums(4, load_32_bytes(xq, 32 * g)))
+    return pairs
 
 
-@overload(_wide_terms, inline="always")
-def _wide_terms_of(kind, xq, isa):
+def _k_group_terms(kind, xq, isa):
+    """``joined_halves(xq)`` where the kind's super-blocks take ``_dots_wide``, q3_K's ``q3_K_offset_pairs`` where
+    they take ``_dots_narrow``, else an empty array."""
+    raise NotImplementedError("decode._k_group_terms runs inside the compiled kernels only")
+
+
+@overload(_k_group_terms, inline="always")
+def _k_group_terms_of(kind, xq, isa):
     if not isinstance(kind, ConstantType) or not isinstance(isa, IsaType):
         return None
     if _wide_dots(kind, isa):
         return lambda kind, xq, isa: joined_halves(xq)
+    if kind.code == 6:
+        return lambda kind, xq, isa: q3_K_offset_pairs(xq)
     return lambda kind, xq, isa: np.empty(0, np.int32)
 
 
 @njit(**_KERNEL)
 def _per_row_terms(kind, xq, x_bsums, isa):
     """What a kind's rows share for one activation row: the lane biases of its weight offset (q4_0, q5_0, q8_0 on
-    VNNI, q6_K), the q8_K sums per 32 (q4_K, q5_K) or the activations in ``_dots_wide``'s order (q2_K, q3_K on
-    AVX512-VNNI); an empty array where a kind needs none of them."""
+    VNNI, q6_K), the q8_K sums per 32 (q4_K, q5_K), the activations in ``_dots_wide``'s order (q2_K, q3_K on
+    AVX512-VNNI) or q3_K's offset pair sums (``q3_K_offset_pairs``, elsewhere); an empty array where a kind needs
+    none of them."""
     code = kind_code(kind)
     if _takes_row_lanes(kind, xq.size, isa):
         return block_starts(xq, 8 if code == 0 else 128)
     if code == 0 or code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 5 or code == 6:
-        return _wide_terms(kind, xq, isa)
+        return _k_group_terms(kind, xq, isa)
     if code == 9:
         return lane_bias(xq, 32, isa)
     if code == 7 or code == 8:
@@ -1254,6 +1356,34 @@ def _one_token_terms(kind, xq, x_bsums, isa):
     if (code == 0 or code == 2 or code == 4) and not _takes_row_lanes(kind, xq.size, isa):
         return np.empty(0, np.int32)
     return _per_row_terms(kind, xq, x_bsums, isa)
+
+
+@njit(**_KERNEL)
+def paired_bsums(x_bsums):
+    """q8_K's sums per 16 (int32, 16 per super-block) as int16 in the order q2_K's minimum term reads them
+    (``high_nibbles_times_pairs``): per super-block sums 0, 8, 1, 9, ..., 7, 15. Each fits: 16 values of at most
+    127 in size."""
+    pairs = np.empty(x_bsums.size, np.int16)
+    for s in range(0, x_bsums.size, 16):
+        for i in range(8):
+            pairs[s + 2 * i] = x_bsums[s + i]
+            pairs[s + 2 * i + 1] = x_bsums[s + i + 8]
+    return pairs
+
+
+def _min_sums(kind, x_bsums):
+    """The sums per 16 as the row kernels read them: ``paired_bsums`` for q2_K, an empty int16 array for the other
+    kinds (which read none; their rows are typed with q2_K's branch too)."""
+    raise NotImplementedError("decode._min_sums runs inside the compiled kernels only")
+
+
+@overload(_min_sums, inline="always")
+def _min_sums_of(kind, x_bsums):
+    if not isinstance(kind, ConstantType):
+        return None
+    if kind.code == 5:
+        return lambda kind, x_bsums: paired_bsums(x_bsums)
+    return lambda kind, x_bsums: np.empty(0, np.int16)
 
 
 @njit(inline="always", **_KERNEL)
@@ -1279,6 +1409,7 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
     is unread (may be empty) for the other kinds. The weight rows of all the matrices are cut into ``n_chunks``
     equal chunks, one prange iteration each."""
     bias = _one_token_terms(kind, xq, x_bsums, isa)    # q4_K / q5_K: their sums per 32
+    min_sums = _min_sums(kind, x_bsums)
     rows = out.reshape(1, out.size)          # the few-token layout, one token
     scales = x_scale.reshape(1, x_scale.size)
     sums = x_sums.reshape(1, x_sums.size)
@@ -1293,7 +1424,7 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
             m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
             n = min(last, matrix_first + row_counts[m]) - first
             _one_token_rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, xq.size,
-                            scales, sums, x_bsums, bias, rows, first, isa)
+                            scales, sums, min_sums, bias, rows, first, isa)
             first += n
 
 
@@ -1303,13 +1434,14 @@ def matvec_here(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_b
     v, the attention output: 0.1-0.7 MB), where waking the other threads costs as much as the rows. The same row
     kernel, so the same numbers."""
     bias = _one_token_terms(kind, xq, x_bsums, isa)
+    min_sums = _min_sums(kind, x_bsums)
     rows = out.reshape(1, out.size)
     scales = x_scale.reshape(1, x_scale.size)
     sums = x_sums.reshape(1, x_sums.size)
     first = 0
     for m in range(row_counts.size):
-        _one_token_rows(kind, w, starts[m], row_bytes, row_counts[m], xq, xq.size, scales, sums, x_bsums, bias, rows,
-                        first, isa)
+        _one_token_rows(kind, w, starts[m], row_bytes, row_counts[m], xq, xq.size, scales, sums, min_sums, bias,
+                        rows, first, isa)
         first += row_counts[m]
 
 
@@ -1326,7 +1458,7 @@ def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bs
         bias[t, :terms.size] = terms
     flat_xq = xq.reshape(-1)
     flat_xu = flat_xq.view(np.uint8) ^ np.uint8(128)   # x + 128 as unsigned bytes (see _unsigned_x)
-    flat_bsums = x_bsums.reshape(-1)
+    flat_bsums = _min_sums(kind, x_bsums.reshape(-1))
     flat_bias = bias.reshape(-1)
     total = out.shape[1]
     per_chunk = (total + n_chunks - 1) // n_chunks

@@ -259,6 +259,27 @@ def load_f16(typingctx, array, offset):
 
 
 @intrinsic
+def load_f16_pair_times(typingctx, array, offset, scale):
+    """The two IEEE halves at bytes ``offset`` and ``offset + 2`` of a byte array times the float32 ``scale``, each
+    in all lanes of an ``F32x8`` (q2_K's d and dmin times a token's scale): one 32-bit load, one ``vcvtph2ps``
+    and one multiply for both, the products those of two scalar ``load_f16(...) * scale``."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(scale, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pair_type = ir.VectorType(ir.HalfType(), 2)
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        pair = builder.fpext(builder.load(builder.bitcast(pointer, pair_type.as_pointer()), align=1),
+                             ir.VectorType(_F32, 2))
+        scale_value = args[2] if args[2].type == _F32 else builder.fptrunc(args[2], _F32)
+        products = builder.fmul(pair, _splat_value(builder, scale_value, 2))
+        splats = [builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(_I32, 8), [lane] * 8))
+                  for lane in (0, 1)]
+        return context.make_tuple(builder, sig.return_type, splats)
+    return types.UniTuple(F32x8, 2)(array, offset, scale), codegen
+
+
+@intrinsic
 def half_to_float(typingctx, bits):
     """The IEEE half float whose bit pattern is ``bits`` (a 16-bit integer) as float32: exact, and a plain
     conversion that LLVM vectorizes (``vcvtph2ps`` with F16C) where a table lookup would be a gather."""
@@ -550,15 +571,32 @@ zero_f32x8 = _zeros(F32x8)
 @intrinsic
 def fma_i32x8(typingctx, acc, dot, scale):
     """``acc + float(dot) * scale`` lanewise (``vcvtdq2ps`` + ``vfmadd``): one block's integer dot product,
-    scaled, added to a row's float accumulator."""
-    if acc != F32x8 or dot != I32x8 or not isinstance(scale, types.Float):
+    scaled, added to a row's float accumulator. ``scale``: a float, or an ``F32x8`` (lanewise)."""
+    return _fma_i32x8(acc, dot, scale, negate=False)
+
+
+@intrinsic
+def fnma_i32x8(typingctx, acc, dot, scale):
+    """``acc - float(dot) * scale`` lanewise, rounded once (``vfnmadd``): ``fma_i32x8`` with ``-scale``, bit for
+    bit."""
+    return _fma_i32x8(acc, dot, scale, negate=True)
+
+
+def _fma_i32x8(acc, dot, scale, negate: bool):
+    if acc != F32x8 or dot != I32x8 or not (isinstance(scale, types.Float) or scale == F32x8):
         return None
 
     def codegen(context, builder, sig, args):
         floats = builder.sitofp(args[1], F32x8.llvm_type())
-        scale_value = args[2] if args[2].type == _F32 else builder.fptrunc(args[2], _F32)
+        if sig.args[2] == F32x8:
+            scales = args[2]
+        else:
+            scalar = args[2] if args[2].type == _F32 else builder.fptrunc(args[2], _F32)
+            scales = _splat_value(builder, scalar, 8)
+        if negate:
+            floats = builder.fsub(ir.Constant(F32x8.llvm_type(), [-0.0] * 8), floats)   # fneg: exact
         function = _function(builder, "llvm.fma.v8f32", F32x8.llvm_type(), [F32x8.llvm_type()] * 3)
-        return builder.call(function, [floats, _splat_value(builder, scale_value, 8), args[0]])
+        return builder.call(function, [floats, scales, args[0]])
     return F32x8(acc, dot, scale), codegen
 
 
@@ -654,6 +692,74 @@ def high_nibbles_times(typingctx, array, offset, sums, index):
                               align=4)
         return _fold_halves(builder, builder.mul(mins, totals))
     return I32x8(array, offset, sums, index), codegen
+
+
+@intrinsic
+def load_16_bytes_twice(typingctx, array, offset):
+    """``array[offset:offset + 16]`` (a byte array) in both 128-bit halves of an ``I8x32`` (``vbroadcasti128``):
+    q2_K's sixteen scale bytes, from which each group's scale words and the minimums' words come by one in-half
+    ``vpshufb`` each (``byte_scale_words``, ``high_nibbles_times_pairs``)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        packed = builder.load(builder.bitcast(pointer, ir.VectorType(_I8, 16).as_pointer()), align=1)
+        return builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
+    return I8x32(array, offset), codegen
+
+
+def _bytes_to_words(builder, twice, low_half, high_half):
+    """``vpshufb`` of ``twice`` (the same 16 bytes in both halves) into 16 zero-extended words: bytes
+    ``low_half[i]`` for words 0-7, ``high_half[i]`` for words 8-15 (run-time i32 vectors of 8)."""
+    bytes_type = ir.VectorType(_I8, 32)
+    mask = ir.Constant(bytes_type, None)
+    for i in range(8):
+        for half, picks in ((0, low_half), (1, high_half)):
+            at = 16 * half + 2 * i
+            mask = builder.insert_element(mask, builder.trunc(builder.extract_element(picks, _I32(i)), _I8), _I32(at))
+            mask = builder.insert_element(mask, _I8(-128), _I32(at + 1))     # 0x80: a zero high byte
+    function = _function(builder, "llvm.x86.avx2.pshuf.b", bytes_type, [bytes_type, bytes_type])
+    return builder.call(function, [twice, mask])
+
+
+@intrinsic
+def byte_scale_words(typingctx, twice, index):
+    """The scale words of ``scaled_dot`` for a group whose two 16-value scales are bytes ``index`` and ``index + 1``
+    of ``twice`` (``load_16_bytes_twice``, scales within 0..255): byte ``index`` zero-extended in the words of lanes
+    0-3, byte ``index + 1`` in lanes 4-7. One ``vpshufb`` (a constant mask once LLVM has unrolled the group loop)."""
+    if twice != I8x32 or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = context.cast(builder, args[1], sig.args[1], types.int32)
+        low = _splat_value(builder, at, 8)
+        high = builder.add(low, _splat(_I32(1), 8))
+        return builder.bitcast(_bytes_to_words(builder, args[0], low, high), I32x8.llvm_type())
+    return I32x8(twice, index), codegen
+
+
+@intrinsic
+def high_nibbles_times_pairs(typingctx, twice, pairs, index):
+    """``high_nibbles_times`` of the sixteen bytes in ``twice`` (``load_16_bytes_twice``) with the sums as int16 in
+    pairs (``pairs[index + 2j]`` = sum j, ``[index + 2j + 1]`` = sum j + 8, as ``decode.paired_bsums`` lays them
+    out): the same eight integers (lane j: nibble j times sum j plus nibble j + 8 times sum j + 8) from one
+    ``vpmaddwd`` of the nibbles, put into words in that order by one ``vpshufb``, with the pairs; the int32 form
+    widens to two registers and multiplies each by ``vpmulld``."""
+    if not (twice == I8x32 and isinstance(pairs, types.Array) and pairs.dtype == types.int16
+            and pairs.layout == "C" and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        nibbles = builder.and_(_word_shift(builder, args[0], _I32(4), "lshr"), _splat(_I8(15), 32))
+        first = ir.Constant(ir.VectorType(_I32, 8), [0, 8, 1, 9, 2, 10, 3, 11])
+        words = _bytes_to_words(builder, nibbles, first, builder.add(first, _splat(_I32(4), 8)))
+        words_type = ir.VectorType(_I16, 16)
+        data = context.make_array(sig.args[1])(context, builder, args[1]).data
+        sums = builder.load(builder.bitcast(builder.gep(data, [args[2]]), words_type.as_pointer()), align=2)
+        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [words_type, words_type])
+        return builder.call(maddwd, [builder.bitcast(words, words_type), sums])
+    return I32x8(twice, pairs, index), codegen
 
 
 @intrinsic
@@ -1026,6 +1132,49 @@ def spread_scale_pairs(typingctx, scales, j):
 
 
 @intrinsic
+def scale_word_halves(typingctx, w0, w1, w2, w3, offset):
+    """The sixteen bytes of four 32-bit words (``bytes_as_i32x16``'s order) plus ``offset``, as signed int16 words in
+    two ``I32x8``: scales 0-7 in both 128-bit halves of the first, 8-15 in both halves of the second. From these
+    ``group_scale_words`` takes a group's two scales with one in-half ``vpshufb`` (ggml's AVX2 way), where a
+    cross-half permute per group (``scale_pair_i32x8``) kept Zen 3's two shuffle pipes busy for most of q2_K's
+    loop (``llvm-mca -mcpu=znver3``: 25 cycles a super-block, 18 of them the permutes and widenings)."""
+    if not all(isinstance(t, types.Integer) for t in (w0, w1, w2, w3, offset)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        words = ir.Constant(ir.VectorType(_I32, 4), None)
+        for i in range(4):
+            words = builder.insert_element(words, context.cast(builder, args[i], sig.args[i], types.uint32), _I32(i))
+        offset_value = builder.trunc(context.cast(builder, args[4], sig.args[4], types.int32), _I8)
+        scale_bytes = builder.add(builder.bitcast(words, ir.VectorType(_I8, 16)), _splat_value(builder, offset_value, 16))
+        wide = builder.sext(scale_bytes, ir.VectorType(_I16, 16))
+        halves = []
+        for first in (0, 8):
+            mask = ir.Constant(ir.VectorType(_I32, 16), list(range(first, first + 8)) * 2)
+            halves.append(builder.bitcast(builder.shuffle_vector(wide, wide, mask), I32x8.llvm_type()))
+        return context.make_tuple(builder, sig.return_type, halves)
+    return types.UniTuple(I32x8, 2)(w0, w1, w2, w3, offset), codegen
+
+
+@intrinsic
+def group_scale_words(typingctx, halves, j):
+    """The scale words of ``scaled_dot`` for group ``j`` (0-3) of a half super-block, from that half's register of
+    ``scale_word_halves``: scale 2j in the int16 words of lanes 0-3, scale 2j + 1 in lanes 4-7. One ``vpshufb``
+    (within each 128-bit half; the constant mask once LLVM has unrolled the group loop)."""
+    if halves != I32x8 or not isinstance(j, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bytes_type = ir.VectorType(_I8, 32)
+        step = builder.trunc(builder.mul(context.cast(builder, args[1], sig.args[1], types.int32), _I32(4)), _I8)
+        mask = builder.add(ir.Constant(bytes_type, [0, 1] * 8 + [2, 3] * 8), _splat_value(builder, step, 32))
+        function = _function(builder, "llvm.x86.avx2.pshuf.b", bytes_type, [bytes_type, bytes_type])
+        return builder.bitcast(builder.call(function, [builder.bitcast(args[0], bytes_type), mask]),
+                               I32x8.llvm_type())
+    return I32x8(halves, j), codegen
+
+
+@intrinsic
 def scale_pair_i32x8(typingctx, scales, index):
     """Lanes 0-3 ``scales[index]``, lanes 4-7 ``scales[index + 1]`` of an ``I32x16`` (``index`` even): the two
     16-value scales of a 32-value group in the lanes of ``dot_u8_i8``, from a super-block's sixteen (one
@@ -1050,10 +1199,11 @@ def scale_pair_i32x8(typingctx, scales, index):
 # float work of 16 (row, token) pairs at once, one per lane.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, offset, name: str):
+def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, offset, name: str, offset_pairs=None):
     """``acc`` plus ``vpmaddubsw``'s pair sums of unsigned x signed bytes (less those of ``offset`` x signed, when
-    an offset is given: the weights' offset taken out in int16) multiplied by ``scale_words`` and added in pairs
-    into the int32 lanes: ``vpdpwssd`` on AVX512-VNNI, ``vpmaddwd`` and an add on AVX2. 32 or 64 bytes."""
+    an offset is given, or less ``offset_pairs``, those pair sums computed before: the weights' offset taken out in
+    int16) multiplied by ``scale_words`` and added in pairs into the int32 lanes: ``vpdpwssd`` on AVX512-VNNI,
+    ``vpmaddwd`` and an add on AVX2. 32 or 64 bytes."""
     n_bytes = unsigned.type.count
     bytes_type, words = ir.VectorType(_I8, n_bytes), ir.VectorType(_I16, n_bytes // 2)
     lanes = ir.VectorType(_I32, n_bytes // 4)
@@ -1063,6 +1213,8 @@ def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, offset, name:
     if offset is not None:
         pairs = builder.sub(pairs, builder.call(maddubs, [_splat_value(builder, builder.trunc(offset, _I8), n_bytes),
                                                           signed]))
+    if offset_pairs is not None:
+        pairs = builder.sub(pairs, builder.bitcast(offset_pairs, words))
     factors = builder.bitcast(scale_words, words)
     if name == "avx512vnni":
         dpwssd = _function(builder, f"llvm.x86.avx512.vpdpwssd.{n_bytes * 8}", lanes, [lanes, words, words])
@@ -1109,6 +1261,36 @@ def offset_scaled_dot(typingctx, acc, unsigned, signed, scale_words, offset, isa
         offset_value = context.cast(builder, args[4], sig.args[4], types.int32)
         return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], offset_value, name)
     return acc(acc, unsigned, signed, scale_words, offset, isa), codegen
+
+
+@intrinsic
+def offset_pair_sums(typingctx, offset, signed):
+    """``vpmaddubsw``'s pair sums of ``offset`` (a byte, in every position) times the 32 signed bytes ``signed``:
+    sixteen int16 in an ``I32x8``, what ``offset_scaled_dot`` takes off in the pair sums, computed once per
+    activation row for ``pairs_scaled_dot``."""
+    if not isinstance(offset, types.Integer) or signed != I8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        bytes_type, words = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16)
+        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", words, [bytes_type, bytes_type])
+        value = builder.trunc(context.cast(builder, args[0], sig.args[0], types.int32), _I8)
+        return builder.bitcast(builder.call(maddubs, [_splat_value(builder, value, 32), args[1]]), I32x8.llvm_type())
+    return I32x8(offset, signed), codegen
+
+
+@intrinsic
+def pairs_scaled_dot(typingctx, acc, unsigned, signed, offset_pairs, scale_words, isa):
+    """``offset_scaled_dot`` with the offset's pair sums given (``offset_pair_sums`` of the same ``signed``): the
+    same integers, one ``vpmaddubsw`` a group instead of two. ``I32x8`` accumulators."""
+    if (acc != I32x8 or unsigned != I8x32 or signed != I8x32 or offset_pairs != I32x8 or scale_words != I32x8
+            or not isinstance(isa, IsaType)):
+        return None
+    name = isa.isa_name
+
+    def codegen(context, builder, sig, args):
+        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[4], None, name, offset_pairs=args[3])
+    return I32x8(acc, unsigned, signed, offset_pairs, scale_words, isa), codegen
 
 
 @intrinsic
