@@ -4,12 +4,14 @@ Decode reads every weight byte once per token, so these kernels decide generatio
 llama.cpp's x86 ``ggml_vec_dot_*`` is: a weight block is expanded to 32 unsigned bytes (nibbles, fifth or sixth
 bits OR-ed in), multiplied with the 32 signed activation quants by ``dot_u8_i8`` (``vpdpbusd`` or ``vpmaddubsw``),
 the int32 lanes scaled and accumulated in eight float lanes, which are summed once per row. Offsets that make
-weights signed (q4_0's -8, q5_0's -16, q6_K's -32, and -128 for q8_0's signed bytes on VNNI) are exact integer
-terms: the lane sums of ``offset * x``, computed once per activation row (``lane_bias``) and starting each block's
-accumulator, or for the legacy kinds' one-token rows taken from the block's activations in a register
-(``_legacy_row_dot``: the same integers), so each block's integer dot product is exactly ggml's. q2_K and q3_K
-multiply their 16-value scales into ``vpmaddubsw``'s int16 pair sums (``scaled_dot``: ``vpdpwssd`` or
-``vpmaddwd``, as ggml does, no ``vpmulld``), q3_K's -4 taken off in those pair sums.
+weights signed (q4_0's -8, q5_0's -16, and -128 for q8_0's signed bytes on VNNI) are exact integer terms: the lane
+sums of ``offset * x``, computed once per activation row (``lane_bias``) and starting each block's accumulator, or
+for the legacy kinds' one-token rows taken from the block's activations in a register (``_legacy_row_dot``: the
+same integers), so each block's integer dot product is exactly ggml's. q2_K, q3_K and q6_K multiply their
+16-value scales into ``vpmaddubsw``'s int16 pair sums (``scaled_dot``: ``vpdpwssd`` or ``vpmaddwd``, as ggml
+does, no ``vpmulld``), each group's scale words by one in-half ``vpshufb``; q3_K's -4 and q6_K's -32 are taken
+off those pair sums, the offset's pair sums with the activations computed once per activation row
+(``offset_pairs``).
 
 A kernel computes a row times one token (``_row_*``) or a tile of TILE tokens (``_tile_*``, which unpacks each
 weight block once for all of them, with the same block decoders and per-token steps, so each (row, token) result
@@ -682,13 +684,14 @@ def _q3_K_scale_source(kind, w, o):
 
 @njit(inline="always", **_KERNEL)
 def _q6_K_scale_source(kind, w, o):
-    return 0
+    return scale_word_halves(load_u32(w, o + 192), load_u32(w, o + 196), load_u32(w, o + 200),
+                             load_u32(w, o + 204), 0)
 
 
 def _k_scale_source(kind, w, o):
     """What ``_k_group_scales`` takes each group's scales from, once per super-block: q2_K its four-bit scales in
-    both halves of two registers (``load_16_bytes_twice``: scales 0-7 first in one, 8-15 in the other), q3_K its
-    scales less 32 as ``scale_word_halves``; nothing for q6_K, whose groups load their own."""
+    both halves of two registers (``load_16_bytes_twice``: scales 0-7 first in one, 8-15 in the other), q3_K (its
+    scales less 32) and q6_K (its int8 scales) as ``scale_word_halves``."""
     raise NotImplementedError("decode._k_scale_source runs inside the compiled kernels only")
 
 
@@ -713,14 +716,11 @@ def _q3_K_group_scales(kind, w, o, n, j, source):
     return group_scale_words(source[n], j)
 
 
-@njit(inline="always", **_KERNEL)
-def _q6_K_group_scales(kind, w, o, n, j, source):
-    return pair_scales_i32x8(w, o + 192 + 8 * n + 2 * j)
 
 
 def _k_group_scales(kind, w, o, n, j, source):
-    """The scales of group 4 n + j as ``_k_group_dot`` takes them: q2_K / q3_K the words of ``scaled_dot`` (one
-    ``vpshufb`` from ``source``, the super-block's ``_k_scale_source``), q6_K int32 lanes."""
+    """The scales of group 4 n + j as ``_k_group_dot`` takes them, the words of ``scaled_dot``: one ``vpshufb`` from
+    ``source``, the super-block's ``_k_scale_source``."""
     raise NotImplementedError("decode._k_group_scales runs inside the compiled kernels only")
 
 
@@ -728,7 +728,7 @@ def _k_group_scales(kind, w, o, n, j, source):
 def _k_group_scales_of(kind, w, o, n, j, source):
     if not isinstance(kind, ConstantType) or kind.code not in (5, 6, 9):
         return None
-    form = {5: _q2_K_group_scales, 6: _q3_K_group_scales, 9: _q6_K_group_scales}[kind.code]
+    form = {5: _q2_K_group_scales, 6: _q3_K_group_scales, 9: _q3_K_group_scales}[kind.code]
 
     def scales(kind, w, o, n, j, source):
         return form(kind, w, o, n, j, source)
@@ -737,17 +737,17 @@ def _k_group_scales_of(kind, w, o, n, j, source):
 
 @njit(**_KERNEL)
 def _k_group_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
-    """sumi + one token's dot products of a group with xq[x:x + 32] times the group's scales: q2_K and q3_K
-    (``scales`` from ``_k_group_scales``) multiply the scales into the pair sums (``scaled_dot``; q3_K's -4 taken
-    off in them, its pair sums with the token's values at bias[g:g + 8]: ``q3_K_offset_pairs``); q6_K starts from its lane biases at bias[g:g + 8] and multiplies the lanes (its -32 taken off in the
-    pair sums as q3_K's read 12% slower on Zen 4: a second ``vpmaddubsw`` per group costs more than the
-    ``vpmulld`` and the load it saves)."""
+    """sumi + one token's dot products of a group with xq[x:x + 32] times the group's scales (``scales`` from
+    ``_k_group_scales``), multiplied into the pair sums (``scaled_dot``, ggml's way; no ``vpmulld``). q3_K's -4
+    and q6_K's -32 are taken off those pair sums, the offset's pair sums with the token's values read from
+    bias[g:g + 8] (``offset_pairs``: computed once per activation row, where a second ``vpmaddubsw`` per row and
+    group had q6_K read 12% slower on Zen 4 than lane biases and a ``vpmulld``). On AVX512-VNNI the scaled pairs
+    start from zero and are added after (``vpdpwssd`` into ``sumi`` would chain eight dependent instructions per
+    super-block)."""
     kc = kind_code(kind)
     if kc == 5:
         return scaled_dot(sumi, q, load_32_bytes(xq, x), scales, isa)
-    if kc == 6:
-        return pairs_scaled_dot(sumi, q, load_32_bytes(xq, x), load_8_i32(bias, g), scales, isa)
-    return add_i32x8(sumi, mul_i32x8(dot_u8_i8(load_8_i32(bias, g), q, load_32_bytes(xq, x), isa), scales))
+    return add_i32x8(sumi, pairs_scaled_dot(zero_i32x8(), q, load_32_bytes(xq, x), load_8_i32(bias, g), scales, isa))
 
 
 @njit(**_KERNEL)
@@ -1300,19 +1300,20 @@ def joined_halves(xq):
 
 
 @njit(**_KERNEL)
-def q3_K_offset_pairs(xq):
-    """int32 [k/4]: the int16 pair sums of 4 x (``offset_pair_sums``) for each 32 values of ``xq``, sixteen per
-    eight int32, at the values' index / 4: what q3_K's narrow groups take off their pair sums for its -4
-    (``pairs_scaled_dot``), computed once per activation row instead of once per row and group."""
+def offset_pairs(xq, offset):
+    """int32 [k/4]: the int16 pair sums of ``offset`` x (``offset_pair_sums``) for each 32 values of ``xq``, sixteen
+    per eight int32, at the values' index / 4: what the narrow groups of q3_K (offset 4) and q6_K (32) take off
+    their pair sums (``pairs_scaled_dot``), computed once per activation row instead of once per row and group."""
     pairs = np.empty(xq.size // 4, np.int32)
     for g in range(xq.size // 32):
-        store_8_i32(pairs, 8 * g, offset_pair_sums(4, load_32_bytes(xq, 32 * g)))
+        store_8_i32(pairs, 8 * g, offset_pair_sums(offset, load_32_bytes(xq, 32 * g)))
     return pairs
 
 
 def _k_group_terms(kind, xq, isa):
-    """``joined_halves(xq)`` where the kind's super-blocks take ``_dots_wide``, q3_K's ``q3_K_offset_pairs`` where
-    they take ``_dots_narrow``, else an empty array."""
+    """``joined_halves(xq)`` where the kind's super-blocks take ``_dots_wide``, else the ``offset_pairs`` of their
+    weights' offset (q3_K 4, q6_K 32); an empty array for q2_K's narrow groups (and the kinds of other families,
+    typed here too)."""
     raise NotImplementedError("decode._k_group_terms runs inside the compiled kernels only")
 
 
@@ -1323,25 +1324,25 @@ def _k_group_terms_of(kind, xq, isa):
     if _wide_dots(kind, isa):
         return lambda kind, xq, isa: joined_halves(xq)
     if kind.code == 6:
-        return lambda kind, xq, isa: q3_K_offset_pairs(xq)
+        return lambda kind, xq, isa: offset_pairs(xq, 4)
+    if kind.code == 9:
+        return lambda kind, xq, isa: offset_pairs(xq, 32)
     return lambda kind, xq, isa: np.empty(0, np.int32)
 
 
 @njit(**_KERNEL)
 def _per_row_terms(kind, xq, x_bsums, isa):
     """What a kind's rows share for one activation row: the lane biases of its weight offset (q4_0, q5_0, q8_0 on
-    VNNI, q6_K), the q8_K sums per 32 (q4_K, q5_K), the activations in ``_dots_wide``'s order (q2_K, q3_K on
-    AVX512-VNNI) or q3_K's offset pair sums (``q3_K_offset_pairs``, elsewhere); an empty array where a kind needs
-    none of them."""
+    VNNI), the q8_K sums per 32 (q4_K, q5_K), the activations in ``_dots_wide``'s order (q2_K, q3_K on
+    AVX512-VNNI) or the pair sums of the weights' offset (``offset_pairs``: q3_K elsewhere, q6_K); an empty array
+    where a kind needs none of them."""
     code = kind_code(kind)
     if _takes_row_lanes(kind, xq.size, isa):
         return block_starts(xq, 8 if code == 0 else 128)
     if code == 0 or code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
-    if code == 5 or code == 6:
+    if code == 5 or code == 6 or code == 9:
         return _k_group_terms(kind, xq, isa)
-    if code == 9:
-        return lane_bias(xq, 32, isa)
     if code == 7 or code == 8:
         return pair_sums(x_bsums)
     return np.empty(0, np.int32)
