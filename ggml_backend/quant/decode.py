@@ -44,14 +44,14 @@ from numba.core.imputils import lower_constant
 from numba.extending import NativeValue, intrinsic, overload, register_model, typeof_impl, unbox
 
 from .simd import (
-    IsaType, add_bytes, add_f32x8, add_i32x8, as_bytes, bits_to_bytes, byte_scale_words, bytes_as_i32x16, dot_i8_i8,
-    dot_u8_i8, dot_u8_i8_scaled, fma_i32x8, fnma_i32x8, fold_halves_i32x16, group_scale_words,
-    high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32, load_32_bytes,
-    load_64_bytes, load_8_i32, load_f16, load_f16_pair_times, load_u32, low_nibbles, mul_i32x8, offset_pair_sums,
-    offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8, scale_word_halves,
-    scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes, spread_scale_pairs, store_32_bytes,
-    store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8, to_scale_words, unpack_nibbles,
-    zero_f32x8, zero_i32x16, zero_i32x8,
+    IsaType, add_bytes, add_f32x8, add_i32x8, as_bytes, bits_to_bytes, broadcast_scale_word, byte_scale_words,
+    bytes_as_i32x16, dot_i8_i8, dot_u8_i8, fma_i32x8, fnma_i32x8, fold_halves_i32x16,
+    group_scale_words, high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32,
+    load_32_bytes, load_64_bytes, load_8_i32, load_f16, load_f16_pair_times, load_u32, low_nibbles, mul_i32x8,
+    offset_pair_sums, offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8,
+    scale_word_halves, scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes, spread_scale_pairs,
+    store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8, to_scale_words,
+    unpack_nibbles, word_dot_8, word_halves_down, zero_f32x8, zero_i32x16, zero_i32x8,
 )
 from .generic import _block_sums_times
 from .simd import (
@@ -518,43 +518,60 @@ def _tile8_legacy(kind, w, start, xq, xu, k, x_scale, bias, t, isa):
 
 @njit(**_KERNEL)
 def pair_sums(x_bsums):
-    """int32 [k/32]: sums of the activation quants per 32 (from q8_K's sums per 16)."""
-    out = np.empty(x_bsums.size // 2, np.int32)
-    for j in range(out.size):
-        out[j] = x_bsums[2 * j] + x_bsums[2 * j + 1]
+    """int32 [k/64]: the sums of the activation quants per 32 (from q8_K's sums per 16) as int16, two to an int32
+    (its int16 view is [k/32]; each fits: 32 values of at most 127 in size), as ``word_dot_8`` reads them."""
+    out = np.empty(x_bsums.size // 4, np.int32)
+    words = out.view(np.int16)
+    for j in range(words.size):
+        words[j] = x_bsums[2 * j] + x_bsums[2 * j + 1]
     return out
 
 
 # q4_K (kind 7) and q5_K (kind 8): four chunks of 64 values per super-block, each with two six-bit scales and mins
 
-@njit(**_KERNEL)
-def _k4_chunk(kind, w, o, c):
-    """Chunk ``c`` of the super-block at byte ``o``: its low and high 32 quants as bytes, the two scales and the
-    two mins (bytes 0 and 1 of each word)."""
-    kc = kind_code(kind)
-    words = _scale_min_words(w, o + 4)
-    pair = words[c // 2] >> (16 * (c & 1))
-    mpair = words[2 + c // 2] >> (16 * (c & 1))
-    if kc == 7:
+@njit(inline="always", **_KERNEL)
+def _k4_quants(kind, w, o, c):
+    """Chunk ``c`` of the super-block at byte ``o``: its low and high 32 quants as bytes."""
+    if kind_code(kind) == 7:
         packed = load_32_bytes(w, o + 16 + 32 * c)
-        return low_nibbles(packed), shift_right_and(packed, 4, 15), pair, mpair
+        return low_nibbles(packed), shift_right_and(packed, 4, 15)
     packed = load_32_bytes(w, o + 48 + 32 * c)
     high_bits = load_32_bytes(w, o + 16)
     return (_with_fifth_bit(low_nibbles(packed), high_bits, 2 * c),
-            _with_fifth_bit(shift_right_and(packed, 4, 15), high_bits, 2 * c + 1), pair, mpair)
+            _with_fifth_bit(shift_right_and(packed, 4, 15), high_bits, 2 * c + 1))
 
 
 @njit(**_KERNEL)
-def _k4_dot(sumi, min_total, q_low, q_high, pair, mpair, xq, x, sums32, s, isa):
-    """One token's integer sums of a chunk: scaled dot products of its 64 activations at xq[x:], and its mins
-    times the token's sums per 32 at sums32[s], sums32[s + 1]."""
-    sumi = dot_u8_i8_scaled(sumi, q_low, load_32_bytes(xq, x), pair & 0xFF, isa)
-    sumi = dot_u8_i8_scaled(sumi, q_high, load_32_bytes(xq, x + 32), (pair >> 8) & 0xFF, isa)
-    return sumi, min_total + (mpair & 0xFF) * sums32[s] + ((mpair >> 8) & 0xFF) * sums32[s + 1]
+def _k4_chunk(kind, w, o, c):
+    """``_k4_quants`` of chunk ``c``, its two scales and its two mins (bytes 0 and 1 of each word): the exact
+    GEMM's panels."""
+    words = _scale_min_words(w, o + 4)
+    q_low, q_high = _k4_quants(kind, w, o, c)
+    return q_low, q_high, words[c // 2] >> (16 * (c & 1)), words[2 + c // 2] >> (16 * (c & 1))
 
 
 @njit(inline="always", **_KERNEL)
-def _row_k4(kind, w, start, xq, k, x_scale, sums32, t, isa):
+def _k4_scales(w, o):
+    """The super-block's eight scales and eight mins as words, once per super-block: scales 0-3 in words 0-3 of both
+    halves of the first register, 4-7 in the second (``broadcast_scale_word`` takes group j's from them with one of
+    four shuffle masks), the mins 0-7 in words 0-7 of the third (``word_dot_8``)."""
+    s0, s1, m0, m1 = _scale_min_words(w, o + 4)
+    scales, mins = scale_word_halves(s0, s1, m0, m1, 0)
+    return scales, word_halves_down(scales), mins
+
+
+@njit(**_KERNEL)
+def _k4_dot(sumi, q_low, q_high, first4, last4, c, xq, x, isa):
+    """One token's integer sums of chunk ``c`` (groups 2c and 2c + 1): the scaled dot products of its 64
+    activations at xq[x:], each group's scale in the words of ``scaled_dot`` (ggml's way: no ``vpmulld``)."""
+    scales = first4 if c < 2 else last4
+    sumi = scaled_dot(sumi, q_low, load_32_bytes(xq, x), broadcast_scale_word(scales, (2 * c) % 4), isa)
+    return scaled_dot(sumi, q_high, load_32_bytes(xq, x + 32), broadcast_scale_word(scales, (2 * c + 1) % 4), isa)
+
+
+@njit(**_KERNEL)
+def _row_k4(kind, w, start, xq, k, x_scale, sums, t, isa):
+    """Row ``start`` times token t. ``sums``: the tokens' ``pair_sums`` (token t's at t * k / 4)."""
     kc = kind_code(kind)
     size = 144 if kc == 7 else 176
     x0 = t * k
@@ -564,19 +581,18 @@ def _row_k4(kind, w, start, xq, k, x_scale, sums32, t, isa):
     for b in range(x_scale.shape[1]):
         o = start + size * b
         _prefetch_ahead(w, o, 3)
+        first4, last4, min_words = _k4_scales(w, o)
         sumi = zero_i32x8()
-        min_total = 0
         for c in range(4):
-            q_low, q_high, pair, mpair = _k4_chunk(kind, w, o, c)
-            sumi, min_total = _k4_dot(sumi, min_total, q_low, q_high, pair, mpair, xq, x0 + 256 * b + 64 * c,
-                                      sums32, s0 + 8 * b + 2 * c, isa)
+            q_low, q_high = _k4_quants(kind, w, o, c)
+            sumi = _k4_dot(sumi, q_low, q_high, first4, last4, c, xq, x0 + 256 * b + 64 * c, isa)
         acc = fma_i32x8(acc, sumi, load_f16(w, o) * x_scale[t, b])
-        mins += load_f16(w, o + 2) * x_scale[t, b] * np.float32(min_total)
+        mins += load_f16(w, o + 2) * x_scale[t, b] * np.float32(word_dot_8(min_words, sums, s0 + 4 * b))
     return sum_f32x8(acc) - mins
 
 
 @njit(inline="always", **_KERNEL)
-def _tile_k4(kind, w, start, xq, k, x_scale, sums32, t, width, isa):
+def _tile_k4(kind, w, start, xq, k, x_scale, sums, t, width, isa):
     """``_row_k4`` for the ``width`` (a ``TileSize``) tokens from t, each chunk unpacked once."""
     nt = tile_size(width)
     kc = kind_code(kind)
@@ -592,27 +608,24 @@ def _tile_k4(kind, w, start, xq, k, x_scale, sums32, t, width, isa):
     m3 = np.float32(0.0)
     for b in range(x_scale.shape[1]):
         o = start + size * b
+        first4, last4, min_words = _k4_scales(w, o)
         i0 = zero_i32x8()
         i1 = zero_i32x8()
         i2 = zero_i32x8()
         i3 = zero_i32x8()
-        n0 = 0
-        n1 = 0
-        n2 = 0
-        n3 = 0
         for c in range(4):
-            q_low, q_high, pair, mpair = _k4_chunk(kind, w, o, c)
+            q_low, q_high = _k4_quants(kind, w, o, c)
             x = t * k + 256 * b + 64 * c
-            s = t * kq + 8 * b + 2 * c
-            i0, n0 = _k4_dot(i0, n0, q_low, q_high, pair, mpair, xq, x, sums32, s, isa)
+            i0 = _k4_dot(i0, q_low, q_high, first4, last4, c, xq, x, isa)
             if nt > 1:
-                i1, n1 = _k4_dot(i1, n1, q_low, q_high, pair, mpair, xq, x + k, sums32, s + kq, isa)
+                i1 = _k4_dot(i1, q_low, q_high, first4, last4, c, xq, x + k, isa)
             if nt > 2:
-                i2, n2 = _k4_dot(i2, n2, q_low, q_high, pair, mpair, xq, x + 2 * k, sums32, s + 2 * kq, isa)
+                i2 = _k4_dot(i2, q_low, q_high, first4, last4, c, xq, x + 2 * k, isa)
             if nt > 3:
-                i3, n3 = _k4_dot(i3, n3, q_low, q_high, pair, mpair, xq, x + 3 * k, sums32, s + 3 * kq, isa)
+                i3 = _k4_dot(i3, q_low, q_high, first4, last4, c, xq, x + 3 * k, isa)
         d = load_f16(w, o)
         dmin = load_f16(w, o + 2)
+        s = t * kq + 4 * b
         a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
         if nt > 1:
             a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
@@ -620,13 +633,13 @@ def _tile_k4(kind, w, start, xq, k, x_scale, sums32, t, width, isa):
             a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
         if nt > 3:
             a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
-        m0 += dmin * x_scale[t, b] * np.float32(n0)
+        m0 += dmin * x_scale[t, b] * np.float32(word_dot_8(min_words, sums, s))
         if nt > 1:
-            m1 += dmin * x_scale[t + 1, b] * np.float32(n1)
+            m1 += dmin * x_scale[t + 1, b] * np.float32(word_dot_8(min_words, sums, s + kq))
         if nt > 2:
-            m2 += dmin * x_scale[t + 2, b] * np.float32(n2)
+            m2 += dmin * x_scale[t + 2, b] * np.float32(word_dot_8(min_words, sums, s + 2 * kq))
         if nt > 3:
-            m3 += dmin * x_scale[t + 3, b] * np.float32(n3)
+            m3 += dmin * x_scale[t + 3, b] * np.float32(word_dot_8(min_words, sums, s + 3 * kq))
     return sum_f32x8(a0) - m0, sum_f32x8(a1) - m1, sum_f32x8(a2) - m2, sum_f32x8(a3) - m3
 
 

@@ -502,26 +502,6 @@ def dot_u8_i8(typingctx, acc, unsigned, signed, isa):
     return I32x8(acc, unsigned, signed, isa), codegen
 
 
-@intrinsic
-def dot_u8_i8_scaled(typingctx, acc, unsigned, signed, scale, isa):
-    """``acc + (sum of unsigned[4i + j] * signed[4i + j] over j) * scale`` in each int32 lane i, for a scale below
-    2 ** 15 and pair sums within int16: ``vpmaddubsw``'s pair sums go into ``vpmaddwd`` (AVX2) or ``vpdpwssd``
-    (AVX512-VNNI) with the scale in every word instead of ones (ggml's K-quant trick: p * s + q * s = (p + q) * s,
-    the same integers without a ``vpmulld``): ``scaled_dot`` with one scale. Its own intrinsic because the word is
-    splat as an int16: ``scaled_dot(..., to_scale_words(scale), ...)`` in q4_K / q5_K's loop read 15-20% slower on
-    Zen 4 (the int32 splat's mask and shift stay in the loop)."""
-    if (acc != I32x8 or unsigned != I8x32 or signed != I8x32 or not isinstance(scale, types.Integer)
-            or not isinstance(isa, IsaType)):
-        return None
-    name = isa.isa_name
-
-    def codegen(context, builder, sig, args):
-        word = builder.trunc(context.cast(builder, args[3], sig.args[3], types.int32), _I16)
-        words = builder.bitcast(_splat_value(builder, word, 16), I32x8.llvm_type())
-        return _scaled_pair_sums(builder, args[0], args[1], args[2], words, None, name)
-    return I32x8(acc, unsigned, signed, scale, isa), codegen
-
-
 zero_i32x8 = _zeros(I32x8)
 
 
@@ -1172,6 +1152,59 @@ def group_scale_words(typingctx, halves, j):
         return builder.bitcast(builder.call(function, [builder.bitcast(args[0], bytes_type), mask]),
                                I32x8.llvm_type())
     return I32x8(halves, j), codegen
+
+
+@intrinsic
+def word_halves_down(typingctx, halves):
+    """Words 4-7 of each 128-bit half of ``halves`` in words 0-3 of that half (``vpshufd``): with
+    ``broadcast_scale_word``, eight scales of a ``scale_word_halves`` register reached through four shuffle masks."""
+    if halves != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_I32, 8), [2, 3, 2, 3, 6, 7, 6, 7]))
+    return I32x8(halves), codegen
+
+
+@intrinsic
+def broadcast_scale_word(typingctx, halves, j):
+    """Word ``j`` (0-3) of each 128-bit half of ``halves`` in all its words (one ``vpshufb``): a 32-value group's
+    one scale as the words of ``scaled_dot``, from a ``scale_word_halves`` register (both halves alike)."""
+    if halves != I32x8 or not isinstance(j, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bytes_type = ir.VectorType(_I8, 32)
+        step = builder.trunc(builder.mul(context.cast(builder, args[1], sig.args[1], types.int32), _I32(2)), _I8)
+        mask = builder.add(ir.Constant(bytes_type, [0, 1] * 16), _splat_value(builder, step, 32))
+        function = _function(builder, "llvm.x86.avx2.pshuf.b", bytes_type, [bytes_type, bytes_type])
+        return builder.bitcast(builder.call(function, [builder.bitcast(args[0], bytes_type), mask]),
+                               I32x8.llvm_type())
+    return I32x8(halves, j), codegen
+
+
+@intrinsic
+def word_dot_8(typingctx, words, array, index):
+    """The sum of words 0-7 of ``words`` (its first 128-bit half, as int16) times the eight int16 that start at
+    int32 ``index`` of the int32 ``array``: one ``vpmaddwd`` and a horizontal sum, an int32 (q4_K / q5_K's mins
+    times the activation sums per 32)."""
+    if not (words == I32x8 and isinstance(array, types.Array) and array.dtype == types.int32
+            and array.layout == "C" and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        word_type = ir.VectorType(_I16, 8)
+        low = builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_I32, 4), [0, 1, 2, 3]))
+        data = context.make_array(sig.args[1])(context, builder, args[1]).data
+        sums = builder.load(builder.bitcast(builder.gep(data, [args[2]]), word_type.as_pointer()), align=4)
+        maddwd = _function(builder, "llvm.x86.sse2.pmadd.wd", ir.VectorType(_I32, 4), [word_type, word_type])
+        lanes = builder.call(maddwd, [builder.bitcast(low, word_type), sums])
+        pairs = builder.add(lanes, builder.shuffle_vector(lanes, lanes, ir.Constant(ir.VectorType(_I32, 4),
+                                                                                     [2, 3, 2, 3])))
+        total = builder.add(pairs, builder.shuffle_vector(pairs, pairs, ir.Constant(ir.VectorType(_I32, 4),
+                                                                                      [1, 1, 1, 1])))
+        return builder.extract_element(total, _I32(0))
+    return types.int32(words, array, index), codegen
 
 
 @intrinsic
