@@ -1,0 +1,74 @@
+"""The AVX2 kernels as a CPU without AVX-512 compiles them.
+
+numba compiles for the CPU it runs on, so on a machine with AVX-512 (most CI and development machines) the AVX2
+path's kernels are built with AVX-512 available: LLVM may fuse their instructions into AVX-512 ones (it turns a
+``vpmaddwd`` and an add into ``vpdpwssd``, a permute into ``vpermt2b``), and a mistake that only an AVX2-only CPU
+(AMD Zen 3, Intel desktop parts) would meet, an instruction its target lacks or different numbers, would pass
+unseen. Here a fresh process compiles the AVX2 path for x86-64-v3 (AVX2, FMA, F16C, BMI2; no AVX-512) into its own
+numba cache and multiplies every block type's weights by one token and by five (the few-token tiles); its
+results must equal, bit for bit, those of the AVX2 path compiled for this CPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ggml_backend.quant.matmul as matmul_module
+from ggml_backend.quant import simd
+
+X86_64_V3 = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sahf,"
+             "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave")
+
+# (rows, k) per block size: rows of several whole tiles and a rest, k of several blocks
+SHAPES = {32: (37, 640), 256: (37, 1024)}
+TOKENS = (1, 5)
+
+PRODUCTS = r"""
+import sys
+import numpy as np
+import ggml_backend.quant.matmul as matmul_module
+from ggml_backend.cli.bench_kernels import random_weights
+from ggml_backend.quant import simd
+
+def products(shapes, tokens):
+    out = {}
+    for type_name in KINDS:
+        rng = np.random.default_rng(KINDS[type_name])
+        n_rows, k = shapes[256 if type_name.endswith("K") else 32]
+        weights = random_weights(type_name, n_rows, k, rng)
+        for n in tokens:
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            out[f"{type_name}-{n}"] = matmul_module.matmul(type_name, weights, x, method="int")
+    return out
+"""
+
+
+def _products_here() -> dict:
+    namespace: dict = {}
+    exec(PRODUCTS, namespace)
+    saved = matmul_module.KERNEL_ISA
+    matmul_module.KERNEL_ISA = simd.AVX2
+    try:
+        return namespace["products"](SHAPES, TOKENS)
+    finally:
+        matmul_module.KERNEL_ISA = saved
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= simd.host_features(),
+                    reason="this CPU lacks AVX2, FMA or F16C: the AVX2 path cannot run here")
+def test_avx2_path_compiled_without_avx512_gives_the_same_numbers(tmp_path):
+    result = tmp_path / "products.npz"
+    script = PRODUCTS + f"np.savez({str(result)!r}, **products({SHAPES!r}, {TOKENS!r}))\n"
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=X86_64_V3, GGML_BACKEND_KERNELS="avx2",
+               NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    theirs = np.load(result)
+    ours = _products_here()
+    assert sorted(theirs.files) == sorted(ours)
+    for name, values in ours.items():
+        assert np.array_equal(theirs[name], values), name
