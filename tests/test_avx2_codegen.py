@@ -33,6 +33,7 @@ import numpy as np
 import ggml_backend.quant.matmul as matmul_module
 from ggml_backend.cli.bench_kernels import random_weights
 from ggml_backend.quant import simd
+from ggml_backend.quant.decode import KINDS
 
 def products(shapes, tokens):
     out = {}

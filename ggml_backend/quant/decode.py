@@ -158,9 +158,9 @@ def lane_bias(xq, offset, isa):
 # The activation arrays hold all the tokens of a launch: ``xq`` int8 [n_tokens * k] (token t at t * k),
 # ``x_scale`` float32 [n_tokens, k / block], ``x_sums`` float32 [n_tokens, k / 32] (q8_1's s: q4_1, q5_1),
 # ``x_bsums`` [n_tokens * k / 16] (q8_K's sums per 16: q2_K's, as int16 in ``paired_bsums``' order), ``bias``
-# int32 [n_tokens * k / 4] (token t at t * k / 4: the lane biases of ``lane_bias``, q4_K / q5_K's sums per 32, or on
-# AVX512-VNNI q2_K / q3_K's activations reordered by ``joined_halves``), ``xu``: ``xq`` + 128 as unsigned bytes
-# (the tiles of ``_unsigned_x`` kinds). ``kind`` is a ``Kind`` (a compile-time constant), so each kind's branches
+# int32 [n_tokens * k / 4] (token t at t * k / 4: the lane biases of ``lane_bias``, q4_K / q5_K's sums per 32 as
+# int16 (``pair_sums``), q3_K / q6_K's ``offset_pairs``, or on AVX512-VNNI q2_K / q3_K's activations reordered by
+# ``joined_halves``), ``xu``: ``xq`` + 128 as unsigned bytes (the tiles of ``_unsigned_x`` kinds). ``kind`` is a ``Kind`` (a compile-time constant), so each kind's branches
 # fold away.
 # ----------------------------------------------------------------------------------------------------------------
 
