@@ -569,6 +569,21 @@ def _k4_dot(sumi, q_low, q_high, first4, last4, c, xq, x, isa):
     return scaled_dot(sumi, q_high, load_32_bytes(xq, x + 32), broadcast_scale_word(scales, (2 * c + 1) % 4), isa)
 
 
+@njit(inline="always", **_KERNEL)
+def _add_scaled(a0, a1, a2, a3, i0, i1, i2, i3, d, x_scale, t, b, width):
+    """A super-block's integer sums of the ``width`` (a ``TileSize``) tokens from t, times its d and each token's
+    scale, added to their float accumulators (the others returned as they are)."""
+    nt = tile_size(width)
+    a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
+    if nt > 1:
+        a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
+    if nt > 2:
+        a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
+    if nt > 3:
+        a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
+    return a0, a1, a2, a3
+
+
 @njit(**_KERNEL)
 def _row_k4(kind, w, start, xq, k, x_scale, sums, t, isa):
     """Row ``start`` times token t. ``sums``: the tokens' ``pair_sums`` (token t's at t * k / 4)."""
@@ -623,16 +638,9 @@ def _tile_k4(kind, w, start, xq, k, x_scale, sums, t, width, isa):
                 i2 = _k4_dot(i2, q_low, q_high, first4, last4, c, xq, x + 2 * k, isa)
             if nt > 3:
                 i3 = _k4_dot(i3, q_low, q_high, first4, last4, c, xq, x + 3 * k, isa)
-        d = load_f16(w, o)
         dmin = load_f16(w, o + 2)
         s = t * kq + 4 * b
-        a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
-        if nt > 1:
-            a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
-        if nt > 2:
-            a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
-        if nt > 3:
-            a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
+        a0, a1, a2, a3 = _add_scaled(a0, a1, a2, a3, i0, i1, i2, i3, load_f16(w, o), x_scale, t, b, width)
         m0 += dmin * x_scale[t, b] * np.float32(word_dot_8(min_words, sums, s))
         if nt > 1:
             m1 += dmin * x_scale[t + 1, b] * np.float32(word_dot_8(min_words, sums, s + kq))
@@ -725,7 +733,7 @@ def _q2_K_group_scales(kind, w, o, n, j, source):
 
 
 @njit(inline="always", **_KERNEL)
-def _q3_K_group_scales(kind, w, o, n, j, source):
+def _halves_group_scales(kind, w, o, n, j, source):
     return group_scale_words(source[n], j)
 
 
@@ -741,7 +749,7 @@ def _k_group_scales(kind, w, o, n, j, source):
 def _k_group_scales_of(kind, w, o, n, j, source):
     if not isinstance(kind, ConstantType) or kind.code not in (5, 6, 9):
         return None
-    form = {5: _q2_K_group_scales, 6: _q3_K_group_scales, 9: _q3_K_group_scales}[kind.code]
+    form = {5: _q2_K_group_scales, 6: _halves_group_scales, 9: _halves_group_scales}[kind.code]
 
     def scales(kind, w, o, n, j, source):
         return form(kind, w, o, n, j, source)
@@ -915,14 +923,7 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
             if nt > 3:
                 a3 = _q2_K_scaled(a3, i3, w, o, packed, x_bsums, s + 3 * kb, x_scale[t + 3, b])
         else:
-            d = _k_group_d(kind, w, o)
-            a0 = fma_i32x8(a0, i0, d * x_scale[t, b])
-            if nt > 1:
-                a1 = fma_i32x8(a1, i1, d * x_scale[t + 1, b])
-            if nt > 2:
-                a2 = fma_i32x8(a2, i2, d * x_scale[t + 2, b])
-            if nt > 3:
-                a3 = fma_i32x8(a3, i3, d * x_scale[t + 3, b])
+            a0, a1, a2, a3 = _add_scaled(a0, a1, a2, a3, i0, i1, i2, i3, _k_group_d(kind, w, o), x_scale, t, b, width)
     return sum_f32x8(a0), sum_f32x8(a1), sum_f32x8(a2), sum_f32x8(a3)
 
 

@@ -44,13 +44,13 @@ import numpy as np
 from numba import njit, prange
 
 from .decode import (
-    _KERNEL, KIND_ARGS, _k4_chunk, _k_group, _k_group_d, _k_scales, kind_code, minus_128_sums, unpack_panel,
-    unpack_row_panel,
+    _KERNEL, KIND_ARGS, _k4_chunk, _k_group, _k_group_d, _k_scales, kind_code, minus_128_sums, paired_bsums,
+    unpack_panel, unpack_row_panel,
 )
 from .simd import (
     AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8, fma_i32x16,
-    fma_i32x16_folded, fnma_f32x16, fold_halves_i32x16, high_nibbles_times, load_16_f32, load_16_i32, load_64_bytes,
-    load_f16, mul_f32x16, mul_i32x8, prefetch, scaled_dot, to_scale_words, splat_bytes, splat_dword_x64, splat_f32_at,
+    fma_i32x16_folded, fnma_f32x16, fold_halves_i32x16, high_nibbles_times_pairs, load_16_bytes_twice, load_16_f32,
+    load_16_i32, load_64_bytes, load_f16, mul_f32x16, mul_i32x8, prefetch, scaled_dot, to_scale_words, splat_bytes, splat_dword_x64, splat_f32_at,
     splat_i32_at, store_8_i32, store_32_bytes, store_f32x16, sum_f32x8, sum_f32x16, to_f32x16, zero_f32x8,
     zero_f32x16, zero_i32x8, zero_i32x16,
 )
@@ -364,14 +364,21 @@ def _k_float_step(a0, a1, a2, a3, i0, i1, i2, i3, d, nb, b, x_scale):
     return a0, a1, a2, a3
 
 
+@njit(inline="always", **_KERNEL)
+def _q2_K_mins(scale_bytes, block, pairs, s):
+    """The minimums of the super-block whose scale bytes are at scale_bytes[16 * block:] times one token's sums per
+    16 (``paired_bsums`` at pairs[s:]), in the one-token kernel's eight lanes."""
+    return high_nibbles_times_pairs(load_16_bytes_twice(scale_bytes, 16 * block), pairs, s)
+
+
 @njit(**_KERNEL)
 def _q2_K_min_step(a0, a1, a2, a3, scale_bytes, dmin, nb, b, bsums, s, x_scale):
     """q2_K: the four rows' minimums times one token's sums per 16 (at bsums[s:]), taken off as its one-token kernel
     takes them, in the same eight lanes right after the super-block's float step."""
-    a0 = fma_i32x8(a0, high_nibbles_times(scale_bytes, 16 * b, bsums, s), -(dmin[b] * x_scale))
-    a1 = fma_i32x8(a1, high_nibbles_times(scale_bytes, 16 * (nb + b), bsums, s), -(dmin[nb + b] * x_scale))
-    a2 = fma_i32x8(a2, high_nibbles_times(scale_bytes, 16 * (2 * nb + b), bsums, s), -(dmin[2 * nb + b] * x_scale))
-    a3 = fma_i32x8(a3, high_nibbles_times(scale_bytes, 16 * (3 * nb + b), bsums, s), -(dmin[3 * nb + b] * x_scale))
+    a0 = fma_i32x8(a0, _q2_K_mins(scale_bytes, b, bsums, s), -(dmin[b] * x_scale))
+    a1 = fma_i32x8(a1, _q2_K_mins(scale_bytes, nb + b, bsums, s), -(dmin[nb + b] * x_scale))
+    a2 = fma_i32x8(a2, _q2_K_mins(scale_bytes, 2 * nb + b, bsums, s), -(dmin[2 * nb + b] * x_scale))
+    a3 = fma_i32x8(a3, _q2_K_mins(scale_bytes, 3 * nb + b, bsums, s), -(dmin[3 * nb + b] * x_scale))
     return a0, a1, a2, a3
 
 
@@ -475,8 +482,8 @@ def gemm_k(kind, w, start, row_bytes, n_rows, k, xu, xd, xd16, xsums, bsums, out
     result bit for bit. Token side (``GemmTokens.k_lanes``, padded to a multiple of TILE_TOKENS): ``xu`` uint8
     [tokens * k] (x + 128), ``xd`` float32 [tokens, k / 256] (q8_K's d), and per tile of 4 tokens and super-block
     ``xd16`` float32 [16] and ``xsums`` int32 [4 * 16] (lane 4 r + t: token t's d, its sums of values 64 c ..
-    64 c + 31 and 64 c + 32 .. 64 c + 63 as int16 halves); q2_K: ``bsums`` int32 [tokens * k / 16] (q8_K's sums
-    per 16)."""
+    64 c + 31 and 64 c + 32 .. 64 c + 63 as int16 halves); q2_K: ``bsums`` int16 [tokens * k / 16] (q8_K's sums
+    per 16 as ``decode.paired_bsums`` lays them out)."""
     n_tokens = out.shape[0]
     nb = k // 256
     n_tiles = (n_rows + PANEL_ROWS - 1) // PANEL_ROWS
@@ -718,8 +725,9 @@ def _lane_side(qs, d, xu, xsl):
 
 
 @njit(nogil=True, **_KERNEL)
-def _k_lane_side(qs, d, bsums_in, xu, xd, xd16, xsums, bsums):
-    """``gemm_k``'s token arrays (see ``GemmTokens.k_lanes``) from q8_K activations (qs, d, sums per 16)."""
+def _k_lane_side(qs, d, bsums, xu, xd, xd16, xsums):
+    """``gemm_k``'s token arrays (see ``GemmTokens.k_lanes``) from q8_K activations (qs, d, sums per 16), but for
+    the paired sums per 16."""
     n_tokens, k = qs.shape
     nb = k // 256
     for t in range(xu.shape[0]):
@@ -728,8 +736,6 @@ def _k_lane_side(qs, d, bsums_in, xu, xd, xd16, xsums, bsums):
             xu[t, i] = np.uint8(qs[t, i]) ^ np.uint8(128) if real else np.uint8(128)
         for b in range(nb):
             xd[t, b] = d[t, b] if real else np.float32(0.0)
-        for g in range(k // 16):
-            bsums[t, g] = bsums_in[t, g] if real else 0
     for tile in range(xu.shape[0] // TILE_TOKENS):
         for b in range(nb):
             for tt in range(TILE_TOKENS):
@@ -738,8 +744,10 @@ def _k_lane_side(qs, d, bsums_in, xu, xd, xd16, xsums, bsums):
                     xd16[tile, b, TILE_TOKENS * r + tt] = xd[token, b]
                 for c in range(4):     # the sums of values 64 c .. 64 c + 31 and 64 c + 32 .. 64 c + 63
                     g = 16 * b + 4 * c
-                    low = (bsums[token, g] + bsums[token, g + 1]) & 0xFFFF
-                    high = (bsums[token, g + 2] + bsums[token, g + 3]) & 0xFFFF
+                    low = high = 0     # padding tokens: none
+                    if token < n_tokens:
+                        low = (bsums[token, g] + bsums[token, g + 1]) & 0xFFFF
+                        high = (bsums[token, g + 2] + bsums[token, g + 3]) & 0xFFFF
                     for r in range(PANEL_ROWS):
                         xsums[tile, b, c, TILE_TOKENS * r + tt] = low | (high << 16)
 
@@ -802,7 +810,7 @@ class GemmTokens:
         """``gemm_k``'s token side (q8_K activations), made on first use: xu (x + 128), xd (d per super-block,
         zeros past the tokens), per tile of TILE_TOKENS tokens and super-block, in lane 4 r + t for every r,
         xd16 (token t's d) and xsums (its two sums per 32 of each 64 values, as int16 halves), and bsums (the
-        sums per 16, flat)."""
+        sums per 16 as ``decode.paired_bsums`` lays them out, zeros past the tokens, flat)."""
         if self._k_lanes is None:
             padded, k = self.padded, self.k
             nb, tiles = k // 256, padded // TILE_TOKENS
@@ -810,8 +818,9 @@ class GemmTokens:
             xd = np.empty((padded, nb), np.float32)
             xd16 = np.empty((tiles, nb, PANEL_ROWS * TILE_TOKENS), np.float32)
             xsums = np.empty((tiles, nb, 4, PANEL_ROWS * TILE_TOKENS), np.int32)
-            bsums = np.empty((padded, k // 16), np.int32)
-            _k_lane_side(self._qs, self._d, self._extra, xu, xd, xd16, xsums, bsums)
+            bsums = np.zeros((padded, k // 16), np.int16)
+            bsums[:self.n_tokens] = paired_bsums(self._extra.reshape(-1)).reshape(self.n_tokens, k // 16)
+            _k_lane_side(self._qs, self._d, self._extra, xu, xd, xd16, xsums)
             self._k_lanes = (xu.reshape(-1), xd, xd16.reshape(-1), xsums.reshape(-1), bsums.reshape(-1))
         return self._k_lanes
 

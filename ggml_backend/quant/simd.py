@@ -655,26 +655,6 @@ def dot_i8_i8(typingctx, bias, signed_weights, signed, isa):
 
 
 @intrinsic
-def high_nibbles_times(typingctx, array, offset, sums, index):
-    """The sixteen products ``(array[offset + j] >> 4) * sums[index + j]`` (bytes times int32), lanes j and j + 8
-    added: an ``I32x8``. q2_K's minimums times the activation sums per 16, in eight lanes that a float accumulator
-    takes with one fused multiply-add (no horizontal sum per super-block)."""
-    if not (_is_byte_array(array) and isinstance(sums, types.Array) and sums.dtype == types.int32
-            and sums.layout == "C"):
-        return None
-
-    def codegen(context, builder, sig, args):
-        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
-        packed = builder.load(builder.bitcast(pointer, ir.VectorType(_I8, 16).as_pointer()), align=1)
-        mins = builder.zext(builder.lshr(packed, _splat(_I8(4), 16)), I32x16.llvm_type())
-        data = context.make_array(sig.args[2])(context, builder, args[2]).data
-        totals = builder.load(builder.bitcast(builder.gep(data, [args[3]]), I32x16.llvm_type().as_pointer()),
-                              align=4)
-        return _fold_halves(builder, builder.mul(mins, totals))
-    return I32x8(array, offset, sums, index), codegen
-
-
-@intrinsic
 def load_16_bytes_twice(typingctx, array, offset):
     """``array[offset:offset + 16]`` (a byte array) in both 128-bit halves of an ``I8x32`` (``vbroadcasti128``):
     q2_K's sixteen scale bytes, from which each group's scale words and the minimums' words come by one in-half
@@ -721,11 +701,12 @@ def byte_scale_words(typingctx, twice, index):
 
 @intrinsic
 def high_nibbles_times_pairs(typingctx, twice, pairs, index):
-    """``high_nibbles_times`` of the sixteen bytes in ``twice`` (``load_16_bytes_twice``) with the sums as int16 in
-    pairs (``pairs[index + 2j]`` = sum j, ``[index + 2j + 1]`` = sum j + 8, as ``decode.paired_bsums`` lays them
-    out): the same eight integers (lane j: nibble j times sum j plus nibble j + 8 times sum j + 8) from one
-    ``vpmaddwd`` of the nibbles, put into words in that order by one ``vpshufb``, with the pairs; the int32 form
-    widens to two registers and multiplies each by ``vpmulld``."""
+    """The sixteen products ``(byte j of twice >> 4) * sum j`` (``twice``: ``load_16_bytes_twice``), lanes j and
+    j + 8 added: an ``I32x8``, q2_K's minimums times the activation sums per 16, in eight lanes that a float
+    accumulator takes with one fused multiply-add. The sums are int16 in pairs (``pairs[index + 2j]`` = sum j,
+    ``[index + 2j + 1]`` = sum j + 8, as ``decode.paired_bsums`` lays them out), so one ``vpmaddwd`` of the nibbles,
+    put into words in that order by one ``vpshufb``, gives the eight lanes (int32 sums widened into two registers
+    and multiplied by two ``vpmulld`` before)."""
     if not (twice == I8x32 and isinstance(pairs, types.Array) and pairs.dtype == types.int16
             and pairs.layout == "C" and isinstance(index, types.Integer)):
         return None
