@@ -124,6 +124,24 @@ def test_the_wide_q2_K_q3_K_kernels_give_the_narrow_ones_bits(type_name):
         assert np.array_equal(wide, narrow), n_tokens
 
 
+@pytest.mark.skipif(len(SUPPORTED) < 2, reason="compares q4_0's row lanes on the avx512vnni and avx2 paths, and this "
+                    f"CPU runs only {', '.join(isa.name for isa in SUPPORTED) or 'the generic kernels'}")
+@pytest.mark.parametrize("n_rows", [8, 5, 37, 200])
+def test_q4_0_row_lanes_give_the_same_bits_on_both_paths(n_rows):
+    """q4_0 takes row lanes on both paths (decode._rows_lanes: sixteen rows per 512-bit register with ``vpdpbusd``
+    on AVX512-VNNI, eight per 256-bit one with int16 block sums on AVX2): the same exact block sums and the same
+    float steps, so the same bits, for one token and for tiles of 8, 4, 2 and 1 tokens, with rows past a multiple of
+    either panel (copied beside zero rows) and rows of 4096 values (panels prefetched into L2)."""
+    rng = np.random.default_rng(40 + n_rows)
+    for k in (896, 4096):
+        weights = random_weights("q4_0", n_rows, k, rng)
+        x = rng.standard_normal((15, k)).astype(np.float32)
+        x[::4, :3] *= 30.0
+        for n_tokens in (1, 15):
+            vnni, avx2 = (product(isa, "q4_0", weights, x[:n_tokens]) for isa in (simd.AVX512VNNI, simd.AVX2))
+            assert np.array_equal(vnni, avx2), (k, n_tokens)
+
+
 def test_path_choice(monkeypatch):
     monkeypatch.setenv("GGML_BACKEND_KERNELS", "generic")
     assert simd.choose_isa() is None

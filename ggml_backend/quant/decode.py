@@ -55,8 +55,9 @@ from .simd import (
 )
 from .generic import _block_sums_times
 from .simd import (
-    add_i32x16, dot_u8_i8_x64, flip_sign_bits, fma_i32x16, load_f16_rows, load_rows_4x16, prefetch_to_l2,
-    splat_dword_x64, splat_f32, splat_i32, store_f32x16, transpose_dwords, zero_f32x16,
+    add_i32x16, dot_u8_i8_x64, flip_sign_bits, fma_lanes, lane_rows, load_f16_8_rows, load_f16_rows,
+    load_rows_2x16, load_rows_4x16, nibble_block_sums_x8, prefetch_to_l2, splat_dword_x64, splat_i32,
+    store_f32_lanes, transpose_dwords, transpose_row_pairs, zero_lanes,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -1038,11 +1039,11 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# q4_0 and q8_0 on AVX512-VNNI: rows in lanes, straight from the file
+# q4_0 and q8_0 on AVX512-VNNI, q4_0 on AVX2: rows in lanes, straight from the file
 #
-# The lanes of a 512-bit register are sixteen weight rows (as in gemm.py's prompt kernel), built per block from the
-# rows where they lie: 16 quant bytes of each row (four rows per register), a 16 x 4 transpose of their dwords, so
-# that register m holds bytes 4m .. 4m + 3 of every row; the sixteen scales come by sixteen scalar loads. q4_0's
+# The lanes of a 512-bit register are sixteen weight rows (as in gemm.py's prompt kernel; of a 256-bit one on AVX2,
+# eight), built per block from the rows where they lie: 16 quant bytes of each row, a 16 x 4 (8 x 4) transpose of
+# their dwords, so that register m holds bytes 4m .. 4m + 3 of every row; the scales come by scalar loads. q4_0's
 # low nibbles are values 4m .. 4m + 3, its high ones 16 + 4m ..; q8_0 takes two such transposes (values 0-15,
 # 16-31), its signed bytes made unsigned by adding 128 (q8_0 rows under 2048 values keep the lane kernels:
 # ``_Q8_0_LANES_MIN_K``). Per token and block, the token's four activation bytes broadcast (an
@@ -1057,6 +1058,12 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 # block's decoding serves up to eight tokens: on two Zen 4 cores a 7B-shaped q4_0 matrix took 8 tokens at 239 G
 # multiply-adds a second against 81-89 on the lane tiles, and one token read 22-23 GB/s per core from memory
 # against 17 (4096-wide rows; q8_0 27-30 against 22-25).
+#
+# AVX2 (q4_0 only: q8_0's unsigned bytes times activations could saturate ``vpmaddubsw``) sums each row's block in
+# int16 and widens once (``nibble_block_sums_x8``); its lanes are the same integers and the same float steps, so
+# q4_0 gives the same bits on both paths. Where the lane kernel (``_row_legacy``) spent 14 vector operations a
+# block and row, of which 4 for the block's scale and 3 for its offset, eight rows share a block's scale
+# multiply, offset and conversion here.
 # ----------------------------------------------------------------------------------------------------------------
 
 # panels up to this size are prefetched into L1 (q4_0 rows of 896, 7.9 KiB: 19 against 15 GB/s per core on Zen 4),
@@ -1066,8 +1073,7 @@ _L1_PANEL_BYTES = 8 * 1024
 
 
 @njit(**_KERNEL)
-def _lanes_token(values, xq, x, start, isa):
-    """One token's exact block sums for the sixteen rows (``values``: ``_lanes_block``'s eight registers)."""
+def _lanes_token_x16(values, xq, x, start, isa):
     low = splat_i32(start)
     high = splat_i32(0)
     low = dot_u8_i8_x64(low, values[0], splat_dword_x64(xq, x), isa)
@@ -1081,10 +1087,23 @@ def _lanes_token(values, xq, x, start, isa):
     return add_i32x16(low, high)
 
 
+def _lanes_token(values, xq, x, start, isa):
+    """One token's exact block sums for the panel's rows (``values``: ``_lanes_block``'s eight registers; the
+    token's 32 quants at xq[x:], ``start`` its ``block_starts`` entry)."""
+    raise NotImplementedError("decode._lanes_token runs inside the compiled kernels only")
+
+
+@overload(_lanes_token, inline="always")
+def _lanes_token_of(values, xq, x, start, isa):
+    if not isinstance(isa, IsaType):
+        return None
+    if isa.isa_name == "avx512vnni":
+        return lambda values, xq, x, start, isa: _lanes_token_x16(values, xq, x, start, isa)
+    return lambda values, xq, x, start, isa: nibble_block_sums_x8(start, values, xq, x)
+
+
 @njit(inline="always", **_KERNEL)
-def _lanes_block(kind, w, o, row_bytes):
-    """Block at byte ``o`` of sixteen rows ``row_bytes`` apart: its values as unsigned bytes in eight registers
-    (register j: values 4j .. 4j + 3 of every row) and the rows' scales."""
+def _lanes_block_x16(kind, w, o, row_bytes):
     four = 4 * row_bytes
     m0, m1, m2, m3 = transpose_dwords(load_rows_4x16(w, o + 2, row_bytes),
                                       load_rows_4x16(w, o + 2 + four, row_bytes),
@@ -1105,71 +1124,101 @@ def _lanes_block(kind, w, o, row_bytes):
 
 
 @njit(inline="always", **_KERNEL)
+def _lanes_block_x8(kind, w, o, row_bytes):
+    four = 4 * row_bytes      # q4_0 only; each register pairs row i with row i + 4 (``transpose_row_pairs``)
+    m0, m1, m2, m3 = transpose_row_pairs(load_rows_2x16(w, o + 2, four),
+                                         load_rows_2x16(w, o + 2 + row_bytes, four),
+                                         load_rows_2x16(w, o + 2 + 2 * row_bytes, four),
+                                         load_rows_2x16(w, o + 2 + 3 * row_bytes, four))
+    values = (shift_right_and(m0, 0, 15), shift_right_and(m1, 0, 15), shift_right_and(m2, 0, 15),
+              shift_right_and(m3, 0, 15), shift_right_and(m0, 4, 15), shift_right_and(m1, 4, 15),
+              shift_right_and(m2, 4, 15), shift_right_and(m3, 4, 15))
+    return values, load_f16_8_rows(w, o, row_bytes)
+
+
+def _lanes_block(kind, w, o, row_bytes, isa):
+    """Block at byte ``o`` of a panel's rows (``lane_rows(isa)`` of them, ``row_bytes`` apart): its values as
+    unsigned bytes in eight registers (register j: values 4j .. 4j + 3 of every row) and the rows' scales."""
+    raise NotImplementedError("decode._lanes_block runs inside the compiled kernels only")
+
+
+@overload(_lanes_block)   # not inline="always" at numba's level (its IR inlining warns here); LLVM inlines it
+def _lanes_block_of(kind, w, o, row_bytes, isa):
+    if not isinstance(isa, IsaType):
+        return None
+    if isa.isa_name == "avx512vnni":
+        return lambda kind, w, o, row_bytes, isa: _lanes_block_x16(kind, w, o, row_bytes)
+    return lambda kind, w, o, row_bytes, isa: _lanes_block_x8(kind, w, o, row_bytes)
+
+
+@njit(inline="always", **_KERNEL)
 def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, width, out, at, stride,
                  n_store, isa):
-    """Sixteen rows of ``kind`` (q4_0, q8_0) from byte ``base`` of ``w`` times the ``width`` (1, 2, 4 or 8, a
-    constant after inlining) tokens from t: token u's quants at xq[u * k:], scales x_scale[u], block starts
-    (``block_starts``: -offset * the sum of each block's quants) at starts[u * starts_stride:]; its results, the
-    first ``n_store`` lanes, at out[at + (u - t) * stride:]."""
+    """A panel of rows of ``kind`` (q4_0, q8_0; ``lane_rows(isa)`` of them) from byte ``base`` of ``w`` times the
+    ``width`` (1, 2, 4 or 8, a constant after inlining) tokens from t: token u's quants at xq[u * k:], scales
+    x_scale[u], block starts (``block_starts``: -offset * the sum of each block's quants) at
+    starts[u * starts_stride:]; its results, the first ``n_store`` lanes, at out[at + (u - t) * stride:]."""
     n_blocks = k // 32
     block_bytes = 18 if kind_code(kind) == 0 else 34
-    panel_block = 16 * block_bytes
-    f0 = zero_f32x16()
-    f1 = zero_f32x16()
-    f2 = zero_f32x16()
-    f3 = zero_f32x16()
-    f4 = zero_f32x16()
-    f5 = zero_f32x16()
-    f6 = zero_f32x16()
-    f7 = zero_f32x16()
-    ahead = base + 16 * row_bytes
-    near = 16 * row_bytes <= _L1_PANEL_BYTES
+    rows = lane_rows(isa)
+    panel_block = rows * block_bytes
+    f0 = zero_lanes(isa)
+    f1 = zero_lanes(isa)
+    f2 = zero_lanes(isa)
+    f3 = zero_lanes(isa)
+    f4 = zero_lanes(isa)
+    f5 = zero_lanes(isa)
+    f6 = zero_lanes(isa)
+    f7 = zero_lanes(isa)
+    ahead = base + rows * row_bytes
+    near = rows * row_bytes <= _L1_PANEL_BYTES
     for b in range(n_blocks):
         o = base + block_bytes * b
-        # the next panel (16 contiguous rows), its share per block, while this one is read
+        # the next panel (contiguous rows), its share per block, while this one is read
         nxt = ahead + panel_block * b
         for line in range(0, panel_block, 64):
             if near:
                 prefetch(w, nxt + line)
             else:
                 prefetch_to_l2(w, nxt + line)
-        values, d = _lanes_block(kind, w, o, row_bytes)
+        values, d = _lanes_block(kind, w, o, row_bytes, isa)
         x = t * k + 32 * b
         s = t * starts_stride + b
-        f0 = fma_i32x16(f0, _lanes_token(values, xq, x, starts[s], isa), d, splat_f32(x_scale[t, b]))
+        f0 = fma_lanes(f0, _lanes_token(values, xq, x, starts[s], isa), d, x_scale[t, b])
         if width > 1:
-            f1 = fma_i32x16(f1, _lanes_token(values, xq, x + k, starts[s + starts_stride], isa), d,
-                            splat_f32(x_scale[t + 1, b]))
+            f1 = fma_lanes(f1, _lanes_token(values, xq, x + k, starts[s + starts_stride], isa), d,
+                           x_scale[t + 1, b])
         if width > 2:
-            f2 = fma_i32x16(f2, _lanes_token(values, xq, x + 2 * k, starts[s + 2 * starts_stride], isa), d,
-                            splat_f32(x_scale[t + 2, b]))
-            f3 = fma_i32x16(f3, _lanes_token(values, xq, x + 3 * k, starts[s + 3 * starts_stride], isa), d,
-                            splat_f32(x_scale[t + 3, b]))
+            f2 = fma_lanes(f2, _lanes_token(values, xq, x + 2 * k, starts[s + 2 * starts_stride], isa), d,
+                           x_scale[t + 2, b])
+            f3 = fma_lanes(f3, _lanes_token(values, xq, x + 3 * k, starts[s + 3 * starts_stride], isa), d,
+                           x_scale[t + 3, b])
         if width > 4:
-            f4 = fma_i32x16(f4, _lanes_token(values, xq, x + 4 * k, starts[s + 4 * starts_stride], isa), d,
-                            splat_f32(x_scale[t + 4, b]))
-            f5 = fma_i32x16(f5, _lanes_token(values, xq, x + 5 * k, starts[s + 5 * starts_stride], isa), d,
-                            splat_f32(x_scale[t + 5, b]))
-            f6 = fma_i32x16(f6, _lanes_token(values, xq, x + 6 * k, starts[s + 6 * starts_stride], isa), d,
-                            splat_f32(x_scale[t + 6, b]))
-            f7 = fma_i32x16(f7, _lanes_token(values, xq, x + 7 * k, starts[s + 7 * starts_stride], isa), d,
-                            splat_f32(x_scale[t + 7, b]))
-    store_f32x16(out, at, f0, n_store)
+            f4 = fma_lanes(f4, _lanes_token(values, xq, x + 4 * k, starts[s + 4 * starts_stride], isa), d,
+                           x_scale[t + 4, b])
+            f5 = fma_lanes(f5, _lanes_token(values, xq, x + 5 * k, starts[s + 5 * starts_stride], isa), d,
+                           x_scale[t + 5, b])
+            f6 = fma_lanes(f6, _lanes_token(values, xq, x + 6 * k, starts[s + 6 * starts_stride], isa), d,
+                           x_scale[t + 6, b])
+            f7 = fma_lanes(f7, _lanes_token(values, xq, x + 7 * k, starts[s + 7 * starts_stride], isa), d,
+                           x_scale[t + 7, b])
+    store_f32_lanes(out, at, f0, n_store)
     if width > 1:
-        store_f32x16(out, at + stride, f1, n_store)
+        store_f32_lanes(out, at + stride, f1, n_store)
     if width > 2:
-        store_f32x16(out, at + 2 * stride, f2, n_store)
-        store_f32x16(out, at + 3 * stride, f3, n_store)
+        store_f32_lanes(out, at + 2 * stride, f2, n_store)
+        store_f32_lanes(out, at + 3 * stride, f3, n_store)
     if width > 4:
-        store_f32x16(out, at + 4 * stride, f4, n_store)
-        store_f32x16(out, at + 5 * stride, f5, n_store)
-        store_f32x16(out, at + 6 * stride, f6, n_store)
-        store_f32x16(out, at + 7 * stride, f7, n_store)
+        store_f32_lanes(out, at + 4 * stride, f4, n_store)
+        store_f32_lanes(out, at + 5 * stride, f5, n_store)
+        store_f32_lanes(out, at + 6 * stride, f6, n_store)
+        store_f32_lanes(out, at + 7 * stride, f7, n_store)
 
 
 @njit(**_KERNEL)
 def _lanes_tokens(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, out, at, n_store, isa):
-    """Sixteen rows times every token of ``x_scale``, eight at a time, then four, two, one."""
+    """A panel's rows (``lane_rows(isa)``) times every token of ``x_scale``, eight at a time, then four, two,
+    one."""
     n_tokens = x_scale.shape[0]
     stride = out.size // n_tokens
     t = 0
@@ -1205,23 +1254,25 @@ def _in_lanes(kind, k):
 
 @njit(**_KERNEL)
 def _rows_lanes(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    """``_rows`` of q4_0 / q8_0 on AVX512-VNNI: the n rows from byte ``start`` sixteen at a time (``bias``: each
-    token's ``block_starts``, k / 4 apart); the last n % 16 are copied beside zero rows into a panel of their own."""
+    """``_rows`` of q4_0 / q8_0 on AVX512-VNNI (q4_0 on AVX2): the n rows from byte ``start`` a panel
+    (``lane_rows(isa)``: 16 or 8) at a time (``bias``: each token's ``block_starts``, k / 4 apart); the last rows
+    past a multiple of the panel are copied beside zero rows into a panel of their own."""
     if not _in_lanes(kind, k):
         _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
         return
     flat = out.reshape(-1)
     starts_stride = bias.size // x_scale.shape[0]
-    full = n // 16
+    rows = lane_rows(isa)
+    full = n // rows
     for p in range(full):
-        _lanes_tokens(kind, w, start + 16 * p * row_bytes, row_bytes, xq, k, x_scale, bias, starts_stride, flat,
-                      first + 16 * p, 16, isa)
-    rest = n - 16 * full
+        _lanes_tokens(kind, w, start + rows * p * row_bytes, row_bytes, xq, k, x_scale, bias, starts_stride, flat,
+                      first + rows * p, rows, isa)
+    rest = n - rows * full
     if rest:
-        tail = np.zeros(16 * row_bytes, np.uint8)
-        begin = start + 16 * full * row_bytes
+        tail = np.zeros(rows * row_bytes, np.uint8)
+        begin = start + rows * full * row_bytes
         tail[:rest * row_bytes] = w[begin:begin + rest * row_bytes]
-        _lanes_tokens(kind, tail, 0, row_bytes, xq, k, x_scale, bias, starts_stride, flat, first + 16 * full, rest,
+        _lanes_tokens(kind, tail, 0, row_bytes, xq, k, x_scale, bias, starts_stride, flat, first + rows * full, rest,
                       isa)
 
 
@@ -1247,13 +1298,13 @@ def _takes_row_lanes(kind, k, isa):
     """Whether rows of ``k`` values of ``kind`` take the row-lane kernels on path ``isa`` (``_rows_in_lanes``'s rule,
     in compiled code, with q8_0's row length): their token side is then ``block_starts``."""
     code = kind_code(kind)
-    return (code == 0 or code == 4) and signed_dot_offset(isa) == 128 and _in_lanes(kind, k)
+    return code == 0 or (code == 4 and signed_dot_offset(isa) == 128 and _in_lanes(kind, k))
 
 
 def _rows_in_lanes(kind, isa) -> bool:
-    """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0 and q8_0 on
-    AVX512-VNNI."""
-    return kind.code in (0, 4) and isa.isa_name == "avx512vnni"
+    """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0 on every path,
+    q8_0 on AVX512-VNNI."""
+    return kind.code == 0 or (kind.code == 4 and isa.isa_name == "avx512vnni")
 
 
 def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
@@ -1346,8 +1397,8 @@ def _k_group_terms_of(kind, xq, isa):
 
 @njit(**_KERNEL)
 def _per_row_terms(kind, xq, x_bsums, isa):
-    """What a kind's rows share for one activation row: the lane biases of its weight offset (q4_0, q5_0, q8_0 on
-    VNNI), the q8_K sums per 32 (q4_K, q5_K), the activations in ``_dots_wide``'s order (q2_K, q3_K on
+    """What a kind's rows share for one activation row: the block starts of the row-lane kinds (q4_0, q8_0 on
+    VNNI), the lane biases of a weight offset (q5_0, short q8_0 rows on VNNI), the q8_K sums per 32 (q4_K, q5_K), the activations in ``_dots_wide``'s order (q2_K, q3_K on
     AVX512-VNNI) or the pair sums of the weights' offset (``offset_pairs``: q3_K elsewhere, q6_K); an empty array
     where a kind needs none of them."""
     code = kind_code(kind)
@@ -1365,7 +1416,7 @@ def _per_row_terms(kind, xq, x_bsums, isa):
 @njit(**_KERNEL)
 def _one_token_terms(kind, xq, x_bsums, isa):
     """``_per_row_terms`` for the one-token kernels, which take the legacy kinds' lane biases from their registers
-    (``_legacy_row_dot``): nothing to compute for q4_0, q5_0, q8_0 (on AVX512-VNNI q4_0 and q8_0 take the row-lane
+    (``_legacy_row_dot``): nothing to compute for q5_0 and q8_0 (q4_0, and q8_0 on AVX512-VNNI, take the row-lane
     kernels' block starts)."""
     code = kind_code(kind)
     if (code == 0 or code == 2 or code == 4) and not _takes_row_lanes(kind, xq.size, isa):

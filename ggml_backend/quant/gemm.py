@@ -51,7 +51,7 @@ from .simd import (
     AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8, fma_i32x16,
     fma_i32x16_folded, fnma_f32x16, fold_halves_i32x16, high_nibbles_times_pairs, load_16_bytes_twice, load_16_f32,
     load_16_i32, load_64_bytes, load_f16, mul_f32x16, mul_i32x8, prefetch, scaled_dot, to_scale_words, splat_bytes, splat_dword_x64, splat_f32_at,
-    splat_i32_at, store_8_i32, store_32_bytes, store_f32x16, sum_f32x8, sum_f32x16, to_f32x16, zero_f32x8,
+    splat_i32_at, store_8_i32, store_32_bytes, store_f32_lanes, sum_f32x8, sum_f32x16, to_f32x16, zero_f32x8,
     zero_f32x16, zero_i32x8, zero_i32x16,
 )
 
@@ -453,7 +453,7 @@ def _k_tile(kind, quants, scale_words, init, d, dmin, mins, scale_bytes, k, xu, 
                                        load_16_i32(xsums, 16 * (4 * (tile * nb + b) + c)))
             scale = mul_f32x16(load_16_f32(dmin, 16 * b), load_16_f32(xd16, 16 * (tile * nb + b)))
             m = add_f32x16(m, mul_f32x16(scale, to_f32x16(n)))
-    store_f32x16(pair_mins, 0, m, 16)
+    store_f32_lanes(pair_mins, 0, m, 16)
     _store_k_column(out, t, n_tokens, row, a00, a01, a02, a03, pair_mins, 0)
     if n_valid > 1:
         _store_k_column(out, t, n_tokens, row + 1, a10, a11, a12, a13, pair_mins, 4)
@@ -583,21 +583,21 @@ def _offsets_step(f0, f1, f2, f3, f4, f5, f6, f7, offset, xsum, gx, n_sums):
 def _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f5, f6, f7):
     # token t + i's results for the panel's rows: out (flat) from (t + i) * n_cols + column, tokens past n_tokens
     # (padding) not stored
-    store_f32x16(out, t * n_cols + column, f0, n_valid)
+    store_f32_lanes(out, t * n_cols + column, f0, n_valid)
     if t + 1 < n_tokens:
-        store_f32x16(out, (t + 1) * n_cols + column, f1, n_valid)
+        store_f32_lanes(out, (t + 1) * n_cols + column, f1, n_valid)
     if t + 2 < n_tokens:
-        store_f32x16(out, (t + 2) * n_cols + column, f2, n_valid)
+        store_f32_lanes(out, (t + 2) * n_cols + column, f2, n_valid)
     if t + 3 < n_tokens:
-        store_f32x16(out, (t + 3) * n_cols + column, f3, n_valid)
+        store_f32_lanes(out, (t + 3) * n_cols + column, f3, n_valid)
     if t + 4 < n_tokens:
-        store_f32x16(out, (t + 4) * n_cols + column, f4, n_valid)
+        store_f32_lanes(out, (t + 4) * n_cols + column, f4, n_valid)
     if t + 5 < n_tokens:
-        store_f32x16(out, (t + 5) * n_cols + column, f5, n_valid)
+        store_f32_lanes(out, (t + 5) * n_cols + column, f5, n_valid)
     if t + 6 < n_tokens:
-        store_f32x16(out, (t + 6) * n_cols + column, f6, n_valid)
+        store_f32_lanes(out, (t + 6) * n_cols + column, f6, n_valid)
     if t + 7 < n_tokens:
-        store_f32x16(out, (t + 7) * n_cols + column, f7, n_valid)
+        store_f32_lanes(out, (t + 7) * n_cols + column, f7, n_valid)
 
 
 @njit(**_KERNEL)

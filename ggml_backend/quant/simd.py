@@ -356,6 +356,15 @@ def _splat(value: ir.Constant, count: int) -> ir.Constant:
     return ir.Constant(ir.VectorType(value.type, count), [value] * count)
 
 
+def _as_i32(builder, scalar):
+    """An LLVM integer of any width as i32 (truncated, or sign-extended)."""
+    if scalar.type.width > 32:
+        return builder.trunc(scalar, _I32)
+    if scalar.type.width < 32:
+        return builder.sext(scalar, _I32)
+    return scalar
+
+
 def _splat_value(builder, scalar, count):
     """A vector of ``count`` copies of a run-time scalar (insertelement + shufflevector: one broadcast)."""
     vector_type = ir.VectorType(scalar.type, count)
@@ -956,22 +965,22 @@ def splat_dword_x64(typingctx, array, offset):
 
 
 @intrinsic
-def store_f32x16(typingctx, array, index, vector, count):
-    """``array[index:index + count] = vector[:count]`` for a float32 array and 0 <= count <= 16 (a masked store:
-    nothing past ``count`` is touched)."""
+def store_f32_lanes(typingctx, array, index, vector, count):
+    """``array[index:index + count] = vector[:count]`` for a float32 array, an ``F32x16`` or ``F32x8`` and
+    0 <= count <= its lanes (a masked store: nothing past ``count`` is touched)."""
     if not (isinstance(array, types.Array) and array.dtype == types.float32 and array.layout == "C"
-            and isinstance(index, types.Integer) and vector == F32x16 and isinstance(count, types.Integer)):
+            and isinstance(index, types.Integer) and vector in (F32x16, F32x8) and isinstance(count, types.Integer)):
         return None
+    n = vector.count
 
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        pointer = builder.bitcast(builder.gep(data, [args[1]]), F32x16.llvm_type().as_pointer())
-        lanes = ir.Constant(ir.VectorType(_I32, 16), list(range(16)))
-        limit = _splat_value(builder, context.cast(builder, args[3], sig.args[3], types.int32), 16)
+        pointer = builder.bitcast(builder.gep(data, [args[1]]), vector.llvm_type().as_pointer())
+        lanes = ir.Constant(ir.VectorType(_I32, n), list(range(n)))
+        limit = _splat_value(builder, context.cast(builder, args[3], sig.args[3], types.int32), n)
         mask = builder.icmp_signed("<", lanes, limit)
-        function = _function(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
-                             [F32x16.llvm_type(), F32x16.llvm_type().as_pointer(), _I32,
-                              ir.VectorType(ir.IntType(1), 16)])
+        function = _function(builder, f"llvm.masked.store.v{n}f32.p0", ir.VoidType(),
+                             [vector.llvm_type(), vector.llvm_type().as_pointer(), _I32, ir.VectorType(ir.IntType(1), n)])
         builder.call(function, [args[2], pointer, _I32(4), mask])
         return context.get_dummy_value()
     return types.void(array, index, vector, count), codegen
@@ -1359,10 +1368,11 @@ def to_scale_words(typingctx, scales):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Row lanes straight from the file (decode.py's q4_0 / q8_0 kernels on AVX512-VNNI): the int32 lanes of a
-# 512-bit register are sixteen weight rows, as in the prompt GEMM's panels, but built per block from the rows as
-# they lie in the model file (no unpacked panel in memory): four 16-byte loads per register, a 16 x 4 dword
-# transpose, the sixteen block scales loaded one by one.
+# Row lanes straight from the file (decode.py's q4_0 / q8_0 kernels on AVX512-VNNI, q4_0 on AVX2): the int32 lanes
+# of a 512-bit register are sixteen weight rows (of a 256-bit one, eight), as in the prompt GEMM's panels, but
+# built per block from the rows as they lie in the model file (no unpacked panel in memory): 16-byte loads, four
+# rows per 512-bit register (two per 256-bit one), a 16 x 4 (8 x 4) dword transpose, the block scales loaded one
+# by one.
 # ----------------------------------------------------------------------------------------------------------------
 
 def _row_pointer(context, builder, sig, args, row: int):
@@ -1371,21 +1381,35 @@ def _row_pointer(context, builder, sig, args, row: int):
     return _byte_pointer(context, builder, sig.args[0], args[0], at)
 
 
-@intrinsic
-def load_rows_4x16(typingctx, array, offset, stride):
-    """The 16 bytes at byte ``offset`` of four rows ``stride`` bytes apart, side by side (an ``I8x64``: row i in
-    bytes 16 i .. 16 i + 15; one load and three ``vinserti32x4`` from memory)."""
-    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
-        return None
+def _rows_of_16_bytes(n_rows: int):
+    """An intrinsic (array, offset, stride) -> the 16 bytes at byte ``offset`` of ``n_rows`` rows ``stride`` bytes
+    apart, side by side (row i in bytes 16 i .. 16 i + 15: one load and an insert from memory per further row)."""
+    vector = I8x64 if n_rows == 4 else I8x32
 
-    def codegen(context, builder, sig, args):
-        v16 = ir.VectorType(_I8, 16)
-        parts = [builder.load(builder.bitcast(_row_pointer(context, builder, sig, args, i), v16.as_pointer()), align=1)
-                 for i in range(4)]
-        pairs = [builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-                 for i in (0, 2)]
-        return builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
-    return I8x64(array, offset, stride), codegen
+    def make(typingctx, array, offset, stride):
+        if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            v16 = ir.VectorType(_I8, 16)
+            parts = [builder.load(builder.bitcast(_row_pointer(context, builder, sig, args, i), v16.as_pointer()),
+                                  align=1) for i in range(n_rows)]
+            while len(parts) > 1:
+                width = 2 * parts[0].type.count
+                parts = [builder.shuffle_vector(parts[i], parts[i + 1],
+                                                ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+                         for i in range(0, len(parts), 2)]
+            return parts[0]
+        return vector(array, offset, stride), codegen
+    return intrinsic(make)
+
+
+load_rows_4x16 = _rows_of_16_bytes(4)
+load_rows_4x16.__doc__ = ("The 16 bytes at byte ``offset`` of four rows ``stride`` bytes apart, side by side (an "
+                          "``I8x64``: row i in bytes 16 i .. 16 i + 15; one load and three ``vinserti32x4``).")
+load_rows_2x16 = _rows_of_16_bytes(2)
+load_rows_2x16.__doc__ = ("The 16 bytes at byte ``offset`` of two rows ``stride`` bytes apart, side by side (an "
+                          "``I8x32``: one load and a ``vinserti128`` from memory).")
 
 
 @intrinsic
@@ -1425,12 +1449,7 @@ def splat_i32(typingctx, value):
         return None
 
     def codegen(context, builder, sig, args):
-        scalar = args[0]
-        if scalar.type.width > 32:
-            scalar = builder.trunc(scalar, _I32)
-        elif scalar.type.width < 32:
-            scalar = builder.sext(scalar, _I32)
-        return _splat_value(builder, scalar, 16)
+        return _splat_value(builder, _as_i32(builder, args[0]), 16)
     return I32x16(value), codegen
 
 
@@ -1457,6 +1476,62 @@ def flip_sign_bits(typingctx, values):
 
 
 @intrinsic
+def transpose_row_pairs(typingctx, a, b, c, d):
+    """Four ``load_rows_2x16`` results, of rows (0, 4), (1, 5), (2, 6) and (3, 7), as four ``I8x32`` whose int32
+    lane r is row r's dword m (m = 0..3): the 256-bit form of ``transpose_dwords``, two rounds of in-lane unpacks
+    (``vpunpckldq`` / ``vpunpckhdq``, then ``vpunpcklqdq`` / ``vpunpckhqdq``), no lane-crossing shuffle: each
+    128-bit half holds four rows from the start."""
+    if not (a == b == c == d == I8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        words = [builder.bitcast(value, I32x8.llvm_type()) for value in args]
+        lanes = ir.VectorType(_I32, 8)
+        low_dwords = ir.Constant(lanes, [0, 8, 1, 9, 4, 12, 5, 13])      # vpunpckldq
+        high_dwords = ir.Constant(lanes, [2, 10, 3, 11, 6, 14, 7, 15])   # vpunpckhdq
+        low_qwords = ir.Constant(lanes, [0, 1, 8, 9, 4, 5, 12, 13])      # vpunpcklqdq
+        high_qwords = ir.Constant(lanes, [2, 3, 10, 11, 6, 7, 14, 15])   # vpunpckhqdq
+        # round 1: dwords 0-1 and 2-3 of rows (0, 1 | 4, 5) and (2, 3 | 6, 7), interleaved
+        ab01, ab23 = (builder.shuffle_vector(words[0], words[1], m) for m in (low_dwords, high_dwords))
+        cd01, cd23 = (builder.shuffle_vector(words[2], words[3], m) for m in (low_dwords, high_dwords))
+        # round 2: one dword of rows 0-3 | 4-7
+        out = [builder.shuffle_vector(ab01, cd01, low_qwords), builder.shuffle_vector(ab01, cd01, high_qwords),
+               builder.shuffle_vector(ab23, cd23, low_qwords), builder.shuffle_vector(ab23, cd23, high_qwords)]
+        return context.make_tuple(builder, sig.return_type, [builder.bitcast(v, I8x32.llvm_type()) for v in out])
+    return types.UniTuple(I8x32, 4)(a, b, c, d), codegen
+
+
+@intrinsic
+def nibble_block_sums_x8(typingctx, start, values, array, offset):
+    """``start`` + each of eight rows' exact block sum: ``values`` holds eight ``I8x32`` whose int32 lane r is four
+    of row r's 32 values (register j: values 4 j .. 4 j + 3), each value 0..15; the block's 32 activations are the
+    signed bytes at byte ``offset`` of ``array``, dword j broadcast against register j. AVX2 has no ``vpdpbusd``:
+    eight ``vpmaddubsw`` whose int16 pair sums are added as int16 (sixteen products of at most 15 * 128 per word:
+    30720, under 32767, so nothing saturates or wraps), then one ``vpmaddwd`` with ones, so each row's 32 products
+    cost about two instructions a register instead of ``dot_u8_i8``'s three."""
+    if not (isinstance(start, types.Integer) and values == types.UniTuple(I8x32, 8) and _is_byte_array(array)
+            and isinstance(offset, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bytes_type = ir.VectorType(_I8, 32)
+        pairs_type = ir.VectorType(_I16, 16)
+        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
+        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
+        at = context.cast(builder, args[3], sig.args[3], types.intp)
+        total = None
+        for j in range(8):
+            pointer = _byte_pointer(context, builder, sig.args[2], args[2], builder.add(at, at.type(4 * j)))
+            dword = builder.load(builder.bitcast(pointer, _I32.as_pointer()), align=1)
+            x = builder.bitcast(_splat_value(builder, dword, 8), bytes_type)
+            pairs = builder.call(maddubs, [builder.extract_value(args[1], j), x])
+            total = pairs if total is None else builder.add(total, pairs)
+        sums = builder.call(maddwd, [total, _splat(_I16(1), 16)])
+        return builder.add(sums, _splat_value(builder, _as_i32(builder, args[0]), 8))
+    return I32x8(start, values, array, offset), codegen
+
+
+@intrinsic
 def load_f16_rows(typingctx, array, offset, stride):
     """The half floats at byte ``offset`` of sixteen rows ``stride`` bytes apart, as an ``F32x16`` (exact): sixteen
     loads and inserts, then ``vcvtph2ps``. A ``vpgatherdd`` of their dwords did the same slower on Zen 4 (one core,
@@ -1472,3 +1547,77 @@ def load_f16_rows(typingctx, array, offset, stride):
             halves = builder.insert_element(halves, value, _I32(r))
         return builder.fpext(halves, F32x16.llvm_type())
     return F32x16(array, offset, stride), codegen
+
+
+@intrinsic
+def load_f16_8_rows(typingctx, array, offset, stride):
+    """``load_f16_rows`` for eight rows, as an ``F32x8``, gathered in general registers: each half's bits loaded
+    as an integer and shifted into one of two 64-bit words, which go to a vector register together (two ``vmovq``
+    and an unpack) before ``vcvtph2ps``. Eight ``vpinsrw`` from memory, as LLVM builds the vector otherwise, took
+    three of Zen 3's two load / store pipes' slots each (llvm-mca): with their unpacks, half a block's time."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        words = []
+        for first in (0, 4):
+            word = None
+            for r in range(first, first + 4):
+                pointer = _row_pointer(context, builder, sig, args, r)
+                bits = builder.zext(builder.load(builder.bitcast(pointer, _I16.as_pointer()), align=1), i64)
+                bits = bits if r == first else builder.shl(bits, i64(16 * (r - first)))
+                word = bits if word is None else builder.or_(word, bits)
+            words.append(word)
+        pair = ir.Constant(ir.VectorType(i64, 2), None)
+        for i, word in enumerate(words):
+            pair = builder.insert_element(pair, word, _I32(i))
+        halves = builder.bitcast(pair, ir.VectorType(ir.HalfType(), 8))
+        return builder.fpext(halves, F32x8.llvm_type())
+    return F32x8(array, offset, stride), codegen
+
+
+# The row-lane kernels' registers, by path: sixteen rows on AVX512-VNNI, eight on AVX2.
+_LANE_FLOATS = {"avx512vnni": F32x16, "avx2": F32x8}
+_LANE_INTS = {F32x16: I32x16, F32x8: I32x8}
+
+
+@intrinsic
+def lane_rows(typingctx, isa):
+    """The weight rows of a row-lane register on path ``isa``: 16 (AVX512-VNNI) or 8 (AVX2), a constant."""
+    if not isinstance(isa, IsaType):
+        return None
+    rows = _LANE_FLOATS[isa.isa_name].count
+
+    def codegen(context, builder, sig, args):
+        return ir.IntType(64)(rows)
+    return types.int64(isa), codegen
+
+
+@intrinsic
+def zero_lanes(typingctx, isa):
+    """Float zeros in a row-lane register of path ``isa``: an ``F32x16`` or an ``F32x8``."""
+    if not isinstance(isa, IsaType):
+        return None
+    vector = _LANE_FLOATS[isa.isa_name]
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(vector.llvm_type(), None)
+    return vector(isa), codegen
+
+
+@intrinsic
+def fma_lanes(typingctx, acc, dot, scales, scale):
+    """``acc + float(dot) * (scales * scale)`` lanewise (``vcvtdq2ps``, ``vmulps`` with ``scale`` broadcast,
+    ``vfmadd``): a block's exact row sums scaled by each row's scale and the token's, on either width (``F32x16``
+    with ``I32x16``, ``F32x8`` with ``I32x8``), so both paths' row lanes give the same bits."""
+    if acc not in _LANE_INTS or dot != _LANE_INTS[acc] or scales != acc or scale != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        vector = sig.args[0].llvm_type()
+        floats = builder.sitofp(args[1], vector)
+        products = builder.fmul(args[2], _splat_value(builder, args[3], vector.count))
+        function = _function(builder, f"llvm.fma.v{vector.count}f32", vector, [vector] * 3)
+        return builder.call(function, [floats, products, args[0]])
+    return acc(acc, dot, scales, scale), codegen
