@@ -980,7 +980,8 @@ def store_f32_lanes(typingctx, array, index, vector, count):
         limit = _splat_value(builder, context.cast(builder, args[3], sig.args[3], types.int32), n)
         mask = builder.icmp_signed("<", lanes, limit)
         function = _function(builder, f"llvm.masked.store.v{n}f32.p0", ir.VoidType(),
-                             [vector.llvm_type(), vector.llvm_type().as_pointer(), _I32, ir.VectorType(ir.IntType(1), n)])
+                             [vector.llvm_type(), vector.llvm_type().as_pointer(), _I32,
+                              ir.VectorType(ir.IntType(1), n)])
         builder.call(function, [args[2], pointer, _I32(4), mask])
         return context.get_dummy_value()
     return types.void(array, index, vector, count), codegen
