@@ -9,9 +9,9 @@ sums of ``offset * x``, computed once per activation row (``lane_bias``) and sta
 for the legacy kinds' one-token rows taken from the block's activations in a register (``_legacy_row_dot``: the
 same integers), so each block's integer dot product is exactly ggml's. q4_0 (every path) and q8_0's long rows
 (AVX512-VNNI) take row lanes instead: the lanes of a register are weight rows, each row's block summed exactly
-(see "rows in lanes"). q2_K, q3_K and q6_K multiply their
-16-value scales into ``vpmaddubsw``'s int16 pair sums (``scaled_dot``: ``vpdpwssd`` or ``vpmaddwd``, as ggml
-does, no ``vpmulld``), each group's scale words by one in-half ``vpshufb``; q3_K's -4 and q6_K's -32 are taken
+(see "rows in lanes"). q2_K, q3_K and q6_K multiply their 16-value scales into ``vpmaddubsw``'s int16 pair sums
+(``scaled_dot``: ``vpdpwssd`` or ``vpmaddwd``, as ggml does, no ``vpmulld``), each group's scale words by one
+in-half ``vpshufb``; q3_K's -4 and q6_K's -32 are taken
 off those pair sums, the offset's pair sums with the activations computed once per activation row
 (``offset_pairs``).
 
