@@ -23,11 +23,14 @@ import ggml_backend.quant.matmul as matmul_module
 from ggml_backend.cli.bench_kernels import best_thread_time, random_weights
 from ggml_backend.quant import simd
 
-# (type, n_rows, k): Qwen2.5-0.5B q4_K_M: q5_0 q/o and ffn gate/up, q6_K/q4_K ffn down, q8_0 (k/v of some layers)
+# (type, n_rows, k): Qwen2.5-0.5B q4_K_M: q5_0 q/o and ffn gate/up, q6_K/q4_K ffn down, q8_0 (k/v of some layers);
+# q4_0 at a 7B's ffn_down and attention shapes (the synthetic 7B files; row lanes on every path)
 SHAPES = [("q5_0", 896, 896), ("q5_0", 4864, 896), ("q5_0", 896, 4864), ("q4_K", 896, 4864),
-          ("q6_K", 896, 4864), ("q8_0", 4864, 896), ("q4_0", 4864, 896)]
+          ("q6_K", 896, 4864), ("q8_0", 4864, 896), ("q4_0", 4864, 896), ("q4_0", 4096, 11008)]
+# q4_0's row lanes against sgemm at prompt sizes: on AVX2 they run 8 tokens at 2x the old tiles, so whether
+# BLAS_MIN_TOKENS (48) still suits q4_0 there is for an AVX2-only CPU to measure
 PROMPT_SHAPES = [("q5_0", 896, 896), ("q5_0", 128, 896), ("q5_0", 4864, 896), ("q4_K", 896, 4864),
-                 ("q6_K", 896, 4864), ("q8_0", 151936, 896)]
+                 ("q6_K", 896, 4864), ("q8_0", 151936, 896), ("q4_0", 4096, 4096)]
 CYCLE_BYTES = 64e6
 
 
