@@ -267,3 +267,25 @@ def test_few_tokens_give_each_token_its_one_token_result_bit_for_bit(isa, type_n
             assert np.array_equal(single.view(np.uint32), np.stack([a[0] for a in alone[:5]]).view(np.uint32))
         finally:
             matmul_module.KERNEL_ISA = saved
+
+
+def test_load_f16_pair_converts_every_half_exactly():
+    """``load_f16_pair`` (one 32-bit load, one conversion for a block's d and m) gives numpy's float16 -> float32
+    for every bit pattern, in both halves, and reads nothing past the pair (the last 4 bytes of the array)."""
+    from numba import njit
+
+    @njit
+    def pairs(raw):
+        out = np.empty((raw.size // 4, 2), np.float32)
+        for i in range(raw.size // 4):
+            out[i, 0], out[i, 1] = simd.load_f16_pair(raw, 4 * i)
+        return out
+
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    rng = np.random.default_rng(7)
+    raw = np.stack([halves, rng.permutation(halves)], axis=1).reshape(-1).view(np.uint8)
+    got = pairs(raw)
+    expected = raw.view(np.float16).astype(np.float32).reshape(-1, 2)
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))

@@ -49,7 +49,7 @@ from .simd import (
     IsaType, add_bytes, add_f32x8, add_i32x8, as_bytes, bits_to_bytes, broadcast_scale_word, byte_scale_words,
     bytes_as_i32x16, dot_i8_i8, dot_u8_i8, fma_i32x8, fnma_i32x8, fold_halves_i32x16,
     group_scale_words, high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32,
-    load_32_bytes, load_64_bytes, load_8_i32, load_f16, load_f16_pair_times, load_u32, low_nibbles, mul_i32x8,
+    load_32_bytes, load_64_bytes, load_8_i32, load_f16, load_f16_pair, load_f16_pair_times, load_u32, low_nibbles, mul_i32x8,
     offset_pair_sums, offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8,
     scale_word_halves, scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes, spread_scale_pairs,
     store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8, to_scale_words,
@@ -284,25 +284,28 @@ def _prefetch_ahead(w, o, n_lines):
 def _legacy_block(kind, w, row, b):
     """Block ``b`` of the row at byte ``row``: (32 quants as bytes, d, m); m is 0 for the kinds without one."""
     kc = kind_code(kind)
+    # d (and m) by ``load_f16_pair``: one plain load (the kinds with one scale read the block's next two bytes too)
     if kc == 0:
         o = row + 18 * b
         _prefetch_ahead(w, o, 1)
-        return _q4_quants(w, o + 2), load_f16(w, o), np.float32(0.0)
+        return _q4_quants(w, o + 2), load_f16_pair(w, o)[0], np.float32(0.0)
     if kc == 1:
         o = row + 20 * b
         _prefetch_ahead(w, o, 1)
-        return _q4_quants(w, o + 4), load_f16(w, o), load_f16(w, o + 2)
+        d, m = load_f16_pair(w, o)
+        return _q4_quants(w, o + 4), d, m
     if kc == 2:
         o = row + 22 * b
         _prefetch_ahead(w, o, 1)
-        return _q5_quants(w, o + 2), load_f16(w, o), np.float32(0.0)
+        return _q5_quants(w, o + 2), load_f16_pair(w, o)[0], np.float32(0.0)
     if kc == 3:
         o = row + 24 * b
         _prefetch_ahead(w, o, 1)
-        return _q5_quants(w, o + 4), load_f16(w, o), load_f16(w, o + 2)
+        d, m = load_f16_pair(w, o)
+        return _q5_quants(w, o + 4), d, m
     o = row + 34 * b
     _prefetch_ahead(w, o, 1)
-    return load_32_bytes(w, o + 2), load_f16(w, o), np.float32(0.0)
+    return load_32_bytes(w, o + 2), load_f16_pair(w, o)[0], np.float32(0.0)
 
 
 @njit(**_KERNEL)
@@ -604,8 +607,9 @@ def _row_k4(kind, w, start, xq, k, x_scale, sums, t, isa):
         for c in range(4):
             q_low, q_high = _k4_quants(kind, w, o, c)
             sumi = _k4_dot(sumi, q_low, q_high, first4, last4, c, xq, x0 + 256 * b + 64 * c, isa)
-        acc = fma_i32x8(acc, sumi, load_f16(w, o) * x_scale[t, b])
-        mins += load_f16(w, o + 2) * x_scale[t, b] * np.float32(word_dot_8(min_words, sums, s0 + 4 * b))
+        d, dmin = load_f16_pair(w, o)
+        acc = fma_i32x8(acc, sumi, d * x_scale[t, b])
+        mins += dmin * x_scale[t, b] * np.float32(word_dot_8(min_words, sums, s0 + 4 * b))
     return sum_f32x8(acc) - mins
 
 
@@ -641,9 +645,9 @@ def _tile_k4(kind, w, start, xq, k, x_scale, sums, t, width, isa):
                 i2 = _k4_dot(i2, q_low, q_high, first4, last4, c, xq, x + 2 * k, isa)
             if nt > 3:
                 i3 = _k4_dot(i3, q_low, q_high, first4, last4, c, xq, x + 3 * k, isa)
-        dmin = load_f16(w, o + 2)
+        d, dmin = load_f16_pair(w, o)
         s = t * kq + 4 * b
-        a0, a1, a2, a3 = _add_scaled(a0, a1, a2, a3, i0, i1, i2, i3, load_f16(w, o), x_scale, t, b, width)
+        a0, a1, a2, a3 = _add_scaled(a0, a1, a2, a3, i0, i1, i2, i3, d, x_scale, t, b, width)
         m0 += dmin * x_scale[t, b] * np.float32(word_dot_8(min_words, sums, s))
         if nt > 1:
             m1 += dmin * x_scale[t + 1, b] * np.float32(word_dot_8(min_words, sums, s + kq))
@@ -776,9 +780,12 @@ def _k_group_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
 
 @njit(**_KERNEL)
 def _k_group_d(kind, w, o):
-    """The super-block's d (q2_K: then dmin at the next two bytes)."""
+    """The super-block's d (q2_K: then dmin at the next two bytes), by ``load_f16_pair``: q3_K's and q6_K's d are
+    their super-blocks' last two bytes, so theirs is the second half of the pair before."""
     kc = kind_code(kind)
-    return load_f16(w, o + (80 if kc == 5 else 108 if kc == 6 else 208))
+    if kc == 5:
+        return load_f16_pair(w, o + 80)[0]
+    return load_f16_pair(w, o + (106 if kc == 6 else 206))[1]
 
 
 def _super_block_dots(kind, w, o, xq, x, bias, g, k, width, isa):

@@ -259,6 +259,28 @@ def load_f16(typingctx, array, offset):
 
 
 @intrinsic
+def load_f16_pair(typingctx, array, offset):
+    """The IEEE halves at bytes ``offset`` and ``offset + 2`` of a byte array as two float32 (exact): one 32-bit
+    load into a vector register and one ``vcvtph2ps`` for both. ``load_f16`` becomes a ``vpinsrw`` from memory,
+    which takes three slots of Zen 3 / Zen 4's load / store-data pipes (a plain load takes one): q4_1 / q5_1's d and
+    m were the busiest part of their one-token loops there (``llvm-mca``). A kind with one scale takes the half it
+    needs; both bytes must lie in the block (the 4 bytes are read)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pair_type = ir.VectorType(ir.HalfType(), 2)
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        # a volatile-free load of <2 x half>: LLVM keeps it 32 bits wide even when one half is used (a narrowed
+        # load would be the vpinsrw again)
+        pair = builder.fpext(builder.load(builder.bitcast(pointer, pair_type.as_pointer()), align=1),
+                             ir.VectorType(_F32, 2))
+        return context.make_tuple(builder, sig.return_type,
+                                  [builder.extract_element(pair, ir.Constant(_I32, lane)) for lane in (0, 1)])
+    return types.UniTuple(types.float32, 2)(array, offset), codegen
+
+
+@intrinsic
 def load_f16_pair_times(typingctx, array, offset, scale):
     """The two IEEE halves at bytes ``offset`` and ``offset + 2`` of a byte array times the float32 ``scale``, each
     in all lanes of an ``F32x8`` (q2_K's d and dmin times a token's scale): one 32-bit load, one ``vcvtph2ps``
