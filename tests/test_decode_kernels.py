@@ -289,3 +289,16 @@ def test_load_f16_pair_converts_every_half_exactly():
     nan = np.isnan(expected)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+    @njit
+    def first_halves(raw, out):
+        for i in range(out.size):
+            out[i] = simd.load_f16_pair(raw, 4 * i)[0]
+
+    out = np.empty(raw.size // 4, np.float32)
+    first_halves(raw, out)
+    assert np.array_equal(out[~nan[:, 0]], expected[~nan[:, 0], 0])
+    # one half used: the load stays 32 bits wide (LLVM would narrow it to a 16-bit load, vpinsrw or vmovsh,
+    # which is the cost this avoids)
+    asm = first_halves.inspect_asm(first_halves.signatures[0])
+    assert "vpinsrw" not in asm and "vmovsh" not in asm

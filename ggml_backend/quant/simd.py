@@ -269,12 +269,14 @@ def load_f16_pair(typingctx, array, offset):
         return None
 
     def codegen(context, builder, sig, args):
-        pair_type = ir.VectorType(ir.HalfType(), 2)
         pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
-        # a volatile-free load of <2 x half>: LLVM keeps it 32 bits wide even when one half is used (a narrowed
-        # load would be the vpinsrw again)
-        pair = builder.fpext(builder.load(builder.bitcast(pointer, pair_type.as_pointer()), align=1),
-                             ir.VectorType(_F32, 2))
+        pair_type = ir.VectorType(ir.HalfType(), 2)
+        loaded = builder.load(builder.bitcast(pointer, pair_type.as_pointer()), align=1)
+        # ``freeze`` (a no-op on a loaded value; llvmlite has no builder method for it): without it LLVM narrows
+        # the load to the one half a kind uses (q5_0's d; q3_K / q6_K's), a vpinsrw from memory again
+        frozen = ir.Instruction(builder.block, pair_type, "freeze", [loaded])
+        builder._insert(frozen)
+        pair = builder.fpext(frozen, ir.VectorType(_F32, 2))
         return context.make_tuple(builder, sig.return_type,
                                   [builder.extract_element(pair, ir.Constant(_I32, lane)) for lane in (0, 1)])
     return types.UniTuple(types.float32, 2)(array, offset), codegen
