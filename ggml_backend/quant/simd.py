@@ -1556,49 +1556,50 @@ def nibble_block_sums_x8(typingctx, start, values, array, offset):
     return I32x8(start, values, array, offset), codegen
 
 
+def _f16_rows_in_words(context, builder, sig, args, n_rows):
+    """The half floats at byte ``offset`` of ``n_rows`` rows ``stride`` bytes apart as float32 (exact), gathered in
+    general registers: each half's bits loaded as an integer and shifted into a 64-bit word with three others; the
+    words go to a vector register together before ``vcvtph2ps``. LLVM builds such a vector from memory by one
+    ``vpinsrw`` per half, and each took three slots of Zen 3 / Zen 4's two load / store-data pipes (llvm-mca): with
+    their unpacks, half of a q4_0 block's time in row lanes."""
+    i64 = ir.IntType(64)
+    words = []
+    for first in range(0, n_rows, 4):
+        word = None
+        for r in range(first, first + 4):
+            pointer = _row_pointer(context, builder, sig, args, r)
+            bits = builder.zext(builder.load(builder.bitcast(pointer, _I16.as_pointer()), align=1), i64)
+            bits = bits if r == first else builder.shl(bits, i64(16 * (r - first)))
+            word = bits if word is None else builder.or_(word, bits)
+        words.append(word)
+    vector = ir.Constant(ir.VectorType(i64, len(words)), None)
+    for i, word in enumerate(words):
+        vector = builder.insert_element(vector, word, _I32(i))
+    halves = builder.bitcast(vector, ir.VectorType(ir.HalfType(), n_rows))
+    return builder.fpext(halves, ir.VectorType(_F32, n_rows))
+
+
 @intrinsic
 def load_f16_rows(typingctx, array, offset, stride):
-    """The half floats at byte ``offset`` of sixteen rows ``stride`` bytes apart, as an ``F32x16`` (exact): sixteen
-    loads and inserts, then ``vcvtph2ps``. A ``vpgatherdd`` of their dwords did the same slower on Zen 4 (one core,
-    q4_0 rows from memory: 20-21 against 22-23 GB/s)."""
+    """The half floats at byte ``offset`` of sixteen rows ``stride`` bytes apart, as an ``F32x16`` (exact), gathered
+    in general registers (``_f16_rows_in_words``). A ``vpgatherdd`` of their dwords was slower on Zen 4 (one core,
+    q4_0 rows from memory: 20-21 against 22-23 GB/s for sixteen ``vpinsrw``)."""
     if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
-        halves = ir.Constant(ir.VectorType(ir.HalfType(), 16), None)
-        for r in range(16):
-            pointer = _row_pointer(context, builder, sig, args, r)
-            value = builder.load(builder.bitcast(pointer, ir.HalfType().as_pointer()), align=1)
-            halves = builder.insert_element(halves, value, _I32(r))
-        return builder.fpext(halves, F32x16.llvm_type())
+        return _f16_rows_in_words(context, builder, sig, args, 16)
     return F32x16(array, offset, stride), codegen
 
 
 @intrinsic
 def load_f16_8_rows(typingctx, array, offset, stride):
-    """``load_f16_rows`` for eight rows, as an ``F32x8``, gathered in general registers: each half's bits loaded
-    as an integer and shifted into one of two 64-bit words, which go to a vector register together (two ``vmovq``
-    and an unpack) before ``vcvtph2ps``. Eight ``vpinsrw`` from memory, as LLVM builds the vector otherwise, took
-    three of Zen 3's two load / store pipes' slots each (llvm-mca): with their unpacks, half a block's time."""
+    """``load_f16_rows`` for eight rows, as an ``F32x8``."""
     if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        words = []
-        for first in (0, 4):
-            word = None
-            for r in range(first, first + 4):
-                pointer = _row_pointer(context, builder, sig, args, r)
-                bits = builder.zext(builder.load(builder.bitcast(pointer, _I16.as_pointer()), align=1), i64)
-                bits = bits if r == first else builder.shl(bits, i64(16 * (r - first)))
-                word = bits if word is None else builder.or_(word, bits)
-            words.append(word)
-        pair = ir.Constant(ir.VectorType(i64, 2), None)
-        for i, word in enumerate(words):
-            pair = builder.insert_element(pair, word, _I32(i))
-        halves = builder.bitcast(pair, ir.VectorType(ir.HalfType(), 8))
-        return builder.fpext(halves, F32x8.llvm_type())
+        return _f16_rows_in_words(context, builder, sig, args, 8)
     return F32x8(array, offset, stride), codegen
 
 
