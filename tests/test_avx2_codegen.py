@@ -10,6 +10,7 @@ results must equal, bit for bit, those of the AVX2 path compiled for this CPU.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,19 @@ def products(shapes, tokens):
 """
 
 
+# the compiled one-token and few-token kernels' vpinsrw from memory, by kernel and kind
+INSERTS = r"""
+import json, re
+from ggml_backend.quant import decode
+counts = {{}}
+for kernel in (decode.matvec_here, decode.matmul_few):
+    for signature in kernel.signatures:
+        asm = kernel.inspect_asm(signature)
+        counts[f"{{kernel.__name__}} {{signature[0]}}"] = len(re.findall(r"vpinsrw\s+\$\d+, -?\d*\(", asm))
+open({!r}, "w").write(json.dumps(counts))
+"""
+
+
 def _products_here() -> dict:
     namespace: dict = {}
     exec(PRODUCTS, namespace)
@@ -63,7 +77,8 @@ def _products_here() -> dict:
                     reason="this CPU lacks AVX2, FMA or F16C: the AVX2 path cannot run here")
 def test_avx2_path_compiled_without_avx512_gives_the_same_numbers(tmp_path):
     result = tmp_path / "products.npz"
-    script = PRODUCTS + f"np.savez({str(result)!r}, **products({SHAPES!r}, {TOKENS!r}))\n"
+    inserts = tmp_path / "vpinsrw.json"
+    script = PRODUCTS + f"np.savez({str(result)!r}, **products({SHAPES!r}, {TOKENS!r}))\n" + INSERTS.format(str(inserts))
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=X86_64_V3, GGML_BACKEND_KERNELS="avx2",
                NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
@@ -73,3 +88,7 @@ def test_avx2_path_compiled_without_avx512_gives_the_same_numbers(tmp_path):
     assert sorted(theirs.files) == sorted(ours)
     for name, values in ours.items():
         assert np.array_equal(theirs[name], values), name
+    # no block scale loaded by vpinsrw from memory (three slots of Zen 3's two load / store-data pipes each,
+    # where a plain load takes one: simd.load_f16_pair, load_f16_8_rows)
+    with_inserts = {kernel: n for kernel, n in json.loads(inserts.read_text()).items() if n}
+    assert not with_inserts, f"kernels loading halves by vpinsrw: {with_inserts}"

@@ -93,6 +93,15 @@ def host_features() -> set[str]:
     return {flag[1:] for flag in flags if flag.startswith("+")}
 
 
+def target_features() -> set[str]:
+    """The CPU features numba compiles for: ``NUMBA_CPU_FEATURES`` where set (a cross-compile, as for Zen 3's
+    code on another machine), else the host's."""
+    from numba.core import config
+    if not config.CPU_FEATURES:
+        return host_features()
+    return {flag[1:] for flag in config.CPU_FEATURES.split(",") if flag.startswith("+")}
+
+
 def supported_isas() -> list[Isa]:
     """The SIMD paths this CPU can run, best first (empty on CPUs without AVX2, or not x86)."""
     features = host_features()
@@ -264,12 +273,21 @@ def load_f16_pair(typingctx, array, offset):
     load into a vector register and one ``vcvtph2ps`` for both. ``load_f16`` becomes a ``vpinsrw`` from memory,
     which takes three slots of Zen 3 / Zen 4's load / store-data pipes (a plain load takes one): q4_1 / q5_1's d and
     m were the busiest part of their one-token loops there (``llvm-mca``). A kind with one scale takes the half it
-    needs; both bytes must lie in the block (the 4 bytes are read)."""
+    needs; all four bytes must lie in the block (they are read). Targets with AVX512-FP16 load each half alone."""
     if not _is_byte_array(array) or not isinstance(offset, types.Integer):
         return None
 
+    scalar_halves = "avx512fp16" in target_features()
+
     def codegen(context, builder, sig, args):
         pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        if scalar_halves:
+            # AVX512-FP16 loads a half by itself (vmovsh, a plain load) and converts it as a scalar: on Sapphire
+            # Rapids the pair's extra shuffle made q5_1's loop 7% longer (llvm-mca), so each half alone there
+            halves = [builder.fpext(builder.load(builder.bitcast(
+                builder.gep(pointer, [_I32(2 * lane)]), ir.HalfType().as_pointer()), align=1), _F32)
+                for lane in (0, 1)]
+            return context.make_tuple(builder, sig.return_type, halves)
         pair_type = ir.VectorType(ir.HalfType(), 2)
         loaded = builder.load(builder.bitcast(pointer, pair_type.as_pointer()), align=1)
         # ``freeze`` (a no-op on a loaded value; llvmlite has no builder method for it): without it LLVM narrows
