@@ -6,7 +6,8 @@ path's kernels are built with AVX-512 available: LLVM may fuse their instruction
 (AMD Zen 3, Intel desktop parts) would meet, an instruction its target lacks or different numbers, would pass
 unseen. Here a fresh process compiles the AVX2 path for x86-64-v3 (AVX2, FMA, F16C, BMI2; no AVX-512) into its own
 numba cache and multiplies every block type's weights by one token and by five (the few-token tiles); its
-results must equal, bit for bit, those of the AVX2 path compiled for this CPU.
+results must equal, bit for bit, those of the AVX2 path compiled for this CPU, and its kernels' assembly must load
+no block scale by ``vpinsrw`` from memory (the cost ``simd.load_f16_pair`` exists to avoid on such CPUs).
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def _products_here() -> dict:
 def test_avx2_path_compiled_without_avx512_gives_the_same_numbers(tmp_path):
     result = tmp_path / "products.npz"
     inserts = tmp_path / "vpinsrw.json"
-    script = PRODUCTS + f"np.savez({str(result)!r}, **products({SHAPES!r}, {TOKENS!r}))\n" + INSERTS.format(str(inserts))
+    script = (PRODUCTS + f"np.savez({str(result)!r}, **products({SHAPES!r}, {TOKENS!r}))\n"
+              + INSERTS.format(str(inserts)))
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=X86_64_V3, GGML_BACKEND_KERNELS="avx2",
                NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)

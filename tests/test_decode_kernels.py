@@ -271,7 +271,7 @@ def test_few_tokens_give_each_token_its_one_token_result_bit_for_bit(isa, type_n
 
 def test_load_f16_pair_converts_every_half_exactly():
     """``load_f16_pair`` (one 32-bit load, one conversion for a block's d and m) gives numpy's float16 -> float32
-    for every bit pattern, in both halves, and reads nothing past the pair (the last 4 bytes of the array)."""
+    for every bit pattern, in both halves (the last pair is the array's last four bytes)."""
     from numba import njit
 
     @njit
