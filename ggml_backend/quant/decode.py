@@ -47,11 +47,11 @@ from numba.extending import NativeValue, intrinsic, overload, register_model, ty
 
 from .simd import (
     IsaType, add_bytes, add_f32x8, add_i32x8, as_bytes, bits_to_bytes, broadcast_scale_word, byte_scale_words,
-    bytes_as_i32x16, dot_i8_i8, dot_u8_i8, fma_i32x8, fnma_i32x8, fold_halves_i32x16,
-    group_scale_words, high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32,
-    load_32_bytes, load_64_bytes, load_8_i32, load_f16, load_f16_pair, load_f16_pair_times, load_u32, low_nibbles,
-    mul_i32x8, offset_pair_sums, offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch,
-    scale_pair_i32x8, scale_word_halves, scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes, spread_scale_pairs,
+    bytes_as_i32x16, dot_i8_i8, dot_u8_i8, fma_i32x8, fnma_i32x8, fold_halves_i32x16, group_scale_words,
+    high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32, load_32_bytes,
+    load_64_bytes, load_8_i32, load_f16, load_f16_pair, load_f16_pair_times, load_u32, low_nibbles, mul_i32x8,
+    offset_pair_sums, offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8,
+    scale_word_halves, scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes, spread_scale_pairs,
     store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8, to_scale_words,
     unpack_nibbles, word_dot_8, word_halves_down, zero_f32x8, zero_i32x16, zero_i32x8,
 )
