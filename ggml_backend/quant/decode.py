@@ -167,7 +167,7 @@ def lane_bias(xq, offset, isa):
 # fold away.
 # ----------------------------------------------------------------------------------------------------------------
 
-# Tokens per tile. 4 keeps a tile's accumulators (two chains for q4_0 / q5_0: 8 vectors) and the unpacked block
+# Tokens per tile. 4 keeps a tile's accumulators (two chains for q5_0: 8 vectors) and the unpacked block
 # in AVX2's 16 vector registers; the tiles are written out for 4, and a ``TileSize`` constant drops the last
 # tokens' steps for the tiles of 2 and 3. q8_0 on AVX2 also has tiles of 8 (``_eight_token_tiles``).
 TILE = 4
@@ -282,13 +282,10 @@ def _prefetch_ahead(w, o, n_lines):
 
 @njit(**_KERNEL)
 def _legacy_block(kind, w, row, b):
-    """Block ``b`` of the row at byte ``row``: (32 quants as bytes, d, m); m is 0 for the kinds without one."""
+    """Block ``b`` of the row at byte ``row``: (32 quants as bytes, d, m); m is 0 for the kinds without one. The
+    lane kinds: q4_1, q5_0, q5_1, q8_0 (q4_0 takes the row lanes on every path)."""
     kc = kind_code(kind)
     # d (and m) by ``load_f16_pair``: one plain load (the kinds with one scale read the block's next two bytes too)
-    if kc == 0:
-        o = row + 18 * b
-        _prefetch_ahead(w, o, 1)
-        return _q4_quants(w, o + 2), load_f16_pair(w, o)[0], np.float32(0.0)
     if kc == 1:
         o = row + 20 * b
         _prefetch_ahead(w, o, 1)
@@ -311,7 +308,7 @@ def _legacy_block(kind, w, row, b):
 @njit(**_KERNEL)
 def _legacy_dot(kind, acc, q, scale, xv, lanes, isa):
     """acc + float(exact dot of block quants ``q`` with the block's 32 activations ``xv``, in dot_u8_i8's lanes)
-    * scale. The offset kinds (q4_0 -8, q5_0 -16, q8_0's signed bytes on VNNI) start from ``lanes``, the
+    * scale. The offset kinds (q5_0 -16, q8_0's signed bytes on VNNI) start from ``lanes``, the
     ``offset_lanes`` of their offset and ``xv`` (zeros where ``_legacy_offset`` is 0)."""
     kc = kind_code(kind)
     if kc == 4:
@@ -325,10 +322,10 @@ def _legacy_dot(kind, acc, q, scale, xv, lanes, isa):
 
 @njit(**_KERNEL)
 def _legacy_offset(kind, isa):
-    """What ``lane_bias`` takes out of a legacy kind's dot products: q4_0's 8, q5_0's 16, q8_0's
-    ``signed_dot_offset`` (128 on VNNI, 0 on AVX2); 0 for q4_1 / q5_1 (their minimums are separate terms)."""
+    """What ``lane_bias`` takes out of a legacy kind's dot products: q5_0's 16, q8_0's ``signed_dot_offset`` (128
+    on VNNI, 0 on AVX2); 0 for q4_1 / q5_1 (their minimums are separate terms)."""
     kc = kind_code(kind)
-    return 8 if kc == 0 else 16 if kc == 2 else signed_dot_offset(isa) if kc == 4 else 0
+    return 16 if kc == 2 else signed_dot_offset(isa) if kc == 4 else 0
 
 
 @njit(**_KERNEL)
@@ -350,7 +347,7 @@ def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, t, isa):
     x0 = t * k
     n = x_scale.shape[1]
     acc = zero_f32x8()
-    if kc == 0 or kc == 2:
+    if kc == 2:
         # Two float chains (even and odd blocks): one chain waits on each fma's latency, and rows of k = 896 (28
         # blocks) left little else to overlap (measured 8-9 -> 10-12 GB/s per core on a Zen 4). The chains take
         # turns (each block's result becomes the other chain's turn) rather than a loop by twos and an odd tail:
@@ -377,14 +374,14 @@ def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, t, isa):
 @njit(**_KERNEL)
 def _unsigned_x(kind, isa):
     """Whether a tile of ``kind`` takes the activations as unsigned bytes (x + 128) against signed weights, so that
-    its per-token step needs no lane biases: on VNNI the offset kinds (q4_0, q5_0) and q8_0 (``vpdpbusd`` cannot
+    its per-token step needs no lane biases: on VNNI the offset kind q5_0 and q8_0 (``vpdpbusd`` cannot
     saturate). Not on AVX2: there the per-token step costs the same either way (a ``vpaddd`` of the token's lane
     biases from memory, or a ``vpsubd`` of the block's -128 sums), but the signed weights cost each block an add
     and a ``vpmaddubsw`` / ``vpmaddwd`` for those sums, and two constant registers that the four tokens' eight
     accumulators needed (16-token products on Zen 3, one core: q4_0 25-26 -> 31-32, q5_0 23 -> 26-28 GMAC/s);
     and q8_0's ``vpmaddubsw`` could saturate (255 * -128 * 2)."""
     kc = kind_code(kind)
-    return signed_dot_offset(isa) == 128 and (kc == 0 or kc == 2 or kc == 4)
+    return signed_dot_offset(isa) == 128 and (kc == 2 or kc == 4)
 
 
 @njit(**_KERNEL)
@@ -396,7 +393,7 @@ def _tile_block(kind, w, row, b, isa):
     q, d, m = _legacy_block(kind, w, row, b)
     if _unsigned_x(kind, isa):
         kc = kind_code(kind)
-        signed = add_bytes(q, splat_bytes(-8 if kc == 0 else -16 if kc == 2 else 0))
+        signed = add_bytes(q, splat_bytes(-16 if kc == 2 else 0))
         return signed, minus_128_sums(signed, isa), d, m
     return q, zero_i32x8(), d, m
 
@@ -424,7 +421,7 @@ def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, width, isa
     a1 = zero_f32x8()
     a2 = zero_f32x8()
     a3 = zero_f32x8()
-    if kc == 0 or kc == 2:
+    if kc == 2:
         c0 = zero_f32x8()       # each token's two chains take turns per block, as in _row_legacy
         c1 = zero_f32x8()
         c2 = zero_f32x8()
@@ -482,11 +479,11 @@ def _tile_legacy(kind, w, start, xq, xu, k, x_scale, x_sums, bias, t, width, isa
 def _eight_token_tiles(kind, isa):
     """Whether ``_rows_legacy`` takes 8 tokens at a time (``_tile8_legacy``): q8_0 on AVX2, where 8 tokens share
     each block's load and scale (one core, three alternating rounds at 8-16 tokens: the output head's shape
-    30.2-32.3 -> 33.4-34.1 G multiply-adds a second, 4864 x 896 29.2-30.3 -> 31.4-32.1, 896 x 4864 +1-3%). Not
-    q4_0 / q5_0: their two chains per token (even and odd blocks) do not fit AVX2's registers for 8 tokens; walking
-    the row once per chain left 24 token pointers for 16 general registers (the spills: 25-30% slower), and with
-    the activations regrouped instead the tiles of 4 compiled beside them slowed down (benchmarks/README.md).
-    Not q4_1 / q5_1 (eight minimum sums more), nor VNNI (not measured)."""
+    30.2-32.3 -> 33.4-34.1 G multiply-adds a second, 4864 x 896 29.2-30.3 -> 31.4-32.1, 896 x 4864 +1-3%). Not q5_0
+    (nor q4_0 when it took these kernels): their two chains per token (even and odd blocks) do not fit AVX2's
+    registers for 8 tokens; walking the row once per chain left 24 token pointers for 16 general registers (the
+    spills: 25-30% slower), and with the activations regrouped instead the tiles of 4 compiled beside them slowed
+    down (benchmarks/README.md). Not q4_1 / q5_1 (eight minimum sums more), nor VNNI (not measured)."""
     return signed_dot_offset(isa) == 0 and kind_code(kind) == 4
 
 
@@ -1329,9 +1326,9 @@ def _one_token_rows(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsum
     raise NotImplementedError("decode._one_token_rows runs inside the compiled kernels only")
 
 
-_FAMILY_ROWS = {0: _rows_legacy, 1: _rows_legacy, 2: _rows_legacy, 3: _rows_legacy, 4: _rows_legacy,
+_FAMILY_ROWS = {1: _rows_legacy, 2: _rows_legacy, 3: _rows_legacy, 4: _rows_legacy,
                 5: _rows_groups, 6: _rows_groups, 9: _rows_groups, 7: _rows_k4, 8: _rows_k4}
-_FAMILY_ONE_TOKEN_ROWS = {0: _one_token_rows_legacy, 1: _one_token_rows_legacy, 2: _one_token_rows_legacy,
+_FAMILY_ONE_TOKEN_ROWS = {1: _one_token_rows_legacy, 2: _one_token_rows_legacy,
                           3: _one_token_rows_legacy, 4: _one_token_rows_legacy, 5: _one_token_rows_groups,
                           6: _one_token_rows_groups, 9: _one_token_rows_groups, 7: _one_token_rows_k4,
                           8: _one_token_rows_k4}
@@ -1406,14 +1403,14 @@ def _k_group_terms_of(kind, xq, isa):
 
 @njit(**_KERNEL)
 def _per_row_terms(kind, xq, x_bsums, isa):
-    """What a kind's rows share for one activation row: the block starts of the row-lane kinds (q4_0, q8_0 on
-    VNNI), the lane biases of a weight offset (q5_0, short q8_0 rows on VNNI), the q8_K sums per 32 (q4_K, q5_K), the activations in ``_dots_wide``'s order (q2_K, q3_K on
-    AVX512-VNNI) or the pair sums of the weights' offset (``offset_pairs``: q3_K elsewhere, q6_K); an empty array
-    where a kind needs none of them."""
+    """What a kind's rows share for one activation row: the block starts of the row-lane kinds (q4_0, q8_0 on VNNI),
+    the lane biases of a weight offset (q5_0, short q8_0 rows on VNNI), the q8_K sums per 32 (q4_K, q5_K), the
+    activations in ``_dots_wide``'s order (q2_K, q3_K on AVX512-VNNI) or the pair sums of the weights' offset
+    (``offset_pairs``: q3_K elsewhere, q6_K); an empty array where a kind needs none of them."""
     code = kind_code(kind)
     if _takes_row_lanes(kind, xq.size, isa):
         return block_starts(xq, 8 if code == 0 else 128)
-    if code == 0 or code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
+    if code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 5 or code == 6 or code == 9:
         return _k_group_terms(kind, xq, isa)
@@ -1428,7 +1425,7 @@ def _one_token_terms(kind, xq, x_bsums, isa):
     (``_legacy_row_dot``): nothing to compute for q5_0 and q8_0 (q4_0, and q8_0 on AVX512-VNNI, take the row-lane
     kernels' block starts)."""
     code = kind_code(kind)
-    if (code == 0 or code == 2 or code == 4) and not _takes_row_lanes(kind, xq.size, isa):
+    if (code == 2 or code == 4) and not _takes_row_lanes(kind, xq.size, isa):
         return np.empty(0, np.int32)
     return _per_row_terms(kind, xq, x_bsums, isa)
 
