@@ -50,9 +50,9 @@ from .decode import (
 from .simd import (
     AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8, fma_i32x16,
     fma_i32x16_folded, fnma_f32x16, fold_halves_i32x16, high_nibbles_times_pairs, load_16_bytes_twice, load_16_f32,
-    load_16_i32, load_64_bytes, load_f16, mul_f32x16, mul_i32x8, prefetch, scaled_dot, to_scale_words, splat_bytes, splat_dword_x64, splat_f32_at,
-    splat_i32_at, store_8_i32, store_32_bytes, store_f32_lanes, sum_f32x8, sum_f32x16, to_f32x16, zero_f32x8,
-    zero_f32x16, zero_i32x8, zero_i32x16,
+    load_16_i32, load_64_bytes, load_f16, mul_f32x16, mul_i32x8, prefetch, scaled_dot, to_scale_words, splat_bytes,
+    splat_dword_x64, splat_f32_at, splat_i32_at, store_8_i32, store_32_bytes, store_f32_lanes, sum_f32x8, sum_f32x16,
+    to_f32x16, zero_f32x8, zero_f32x16, zero_i32x8, zero_i32x16,
 )
 
 PANEL_ROWS = 4     # weight rows of a register tile of the exact GEMM (the kernel is written out for 4)
