@@ -65,6 +65,27 @@ def serialize_cache_saves() -> bool:
     return True
 
 
+def kernel_sources(package_dir: Path | None = None) -> list[Path]:
+    """The source files the package's cached kernels are built from (every .py file of ``KERNEL_PACKAGES``)."""
+    package_dir = package_dir or Path(__file__).resolve().parent
+    return [source for name in KERNEL_PACKAGES for source in sorted((package_dir / name).glob("*.py"))]
+
+
+def kernel_sources_digest(package_dir: Path | None = None, stamps: bool = False) -> str:
+    """A digest of the kernels' source files: of their text, or with ``stamps`` of their modification times and
+    sizes (what numba's own cache index compares, so a file touched without an edit counts too). OSError when a
+    file cannot be read."""
+    digest = hashlib.sha256()
+    for source in kernel_sources(package_dir):
+        digest.update(f"{source.parent.name}/{source.name}\0".encode())
+        if stamps:
+            status = source.stat()
+            digest.update(f"{status.st_mtime_ns} {status.st_size}\0".encode())
+        else:
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def drop_stale_kernels(package_dir: Path | None = None) -> bool:
     """Drop numba's cached kernels of ``KERNEL_PACKAGES`` when any of their source files differs from those the
     cache was built from (a digest of them beside the cache, in the first package's __pycache__); True when
@@ -72,15 +93,11 @@ def drop_stale_kernels(package_dir: Path | None = None) -> bool:
     package_dir = package_dir or Path(__file__).resolve().parent
     folders = [package_dir / name for name in KERNEL_PACKAGES]
     try:
-        digest = hashlib.sha256()
-        for folder in folders:
-            for source in sorted(folder.glob("*.py")):
-                digest.update(f"{folder.name}/{source.name}\0".encode())
-                digest.update(source.read_bytes())
+        digest = kernel_sources_digest(package_dir)
         stamp = folders[0] / "__pycache__" / DIGEST_NAME
 
         def current() -> bool:
-            return stamp.is_file() and stamp.read_text() == digest.hexdigest()
+            return stamp.is_file() and stamp.read_text() == digest
 
         if current():
             return False
@@ -100,7 +117,7 @@ def drop_stale_kernels(package_dir: Path | None = None) -> bool:
             for pattern in ("*.nbi", "*.nbc"):
                 for cached in (folder / "__pycache__").glob(pattern):
                     cached.unlink(missing_ok=True)
-        stamp.write_text(digest.hexdigest())
+        stamp.write_text(digest)
         return True
     except OSError:
         return False

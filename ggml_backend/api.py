@@ -11,6 +11,7 @@ from typing import Callable, List
 
 import numpy as np
 
+from .compile_helpers import start_helpers
 from .formats import load
 from .generation import validate
 from .generation.grammar import as_grammar
@@ -225,11 +226,18 @@ class Llama:
         self._closed = False
         self._new_context_state()
         self.load_time_s = time.perf_counter() - t0
+        # the first run of this model's kernels on this CPU: helper processes compile the other kinds of pass
+        self._compile_helpers = [] if n_gpu_layers else start_helpers(self.model, self.model_path, self.n_threads,
+                                                                      self._cache_types)
         if verbose:
             hp = self.hparams
             print(f"ggml_backend: loaded {self.model_path} ({self.model_file.format}, {hp.arch.name}, "
                   f"{hp.n_layer} layers, n_embd {hp.n_embd}, vocab {hp.n_vocab}) in {self.load_time_s:.2f} s; "
                   f"n_ctx {self._n_ctx}, {self.n_threads} threads", file=sys.stderr)
+            if self._compile_helpers:
+                print(f"ggml_backend: first run of this model's kernels on this CPU: numba compiles them once "
+                      f"(about a minute), {len(self._compile_helpers)} helper process(es) beside this one",
+                      file=sys.stderr)
 
     def _new_context_state(self) -> None:
         """What each context has of its own: its inference session (KV cache, evaluated tokens, logits, worker
@@ -255,7 +263,7 @@ class Llama:
         shared = ("model_path", "verbose", "model_file", "metadata", "hparams", "model", "tokenizer", "n_batch",
                   "n_threads", "seed", "_seed", "logits_all", "chat_format", "_file_template", "last_n_tokens_size",
                   "spm_infill", "_metadata_strings", "_closed", "embedding", "_pooling_type", "_cache_types",
-                  "draft_model", "_pass_times")
+                  "draft_model", "_pass_times", "_compile_helpers")
         for name in shared:
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]

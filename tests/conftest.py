@@ -8,7 +8,13 @@ another configuration still start their own). A test that changes an object's la
 """
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# No compile helper processes (ggml_backend/compile_helpers.py) beside the test workers, which already keep every
+# core busy; test_compile_helpers.py starts them itself.
+os.environ.setdefault("GGML_BACKEND_COMPILE_HELPERS", "0")
 
 from refdata import real_model, synthetic_file
 
