@@ -114,7 +114,7 @@ def drop_stale_kernels(package_dir: Path | None = None) -> bool:
         if current():   # another process dropped them while this one waited: what it has saved since is current
             return False
         for folder in folders:
-            for pattern in ("*.nbi", "*.nbc"):
+            for pattern in ("*.nbi", "*.nbc", "ahead-*"):   # ahead-*: compile_helpers.py's markers and locks
                 for cached in (folder / "__pycache__").glob(pattern):
                     cached.unlink(missing_ok=True)
         stamp.write_text(digest)

@@ -15,8 +15,9 @@ the first decoded token after 44 s instead of 73.
 A helper that finishes leaves a marker file beside the kernels it compiled (``ahead-<key>-<task>.done`` in numba's
 cache folder of ``model/decode_step.py``), so later opens start none; the key covers what the kernels depend on (the
 kernel sources' text and file stamps, numba's version, the CPU and kernel path, the model's tensor types and
-shapes, the KV cache types, the thread count). A helper runs at a lower priority, and ends when the process that
-started it ends. ``GGML_BACKEND_COMPILE_HELPERS``: ``0`` starts none, ``N`` at most N (default: one per core past
+shapes, the KV cache types). A helper holds a lock file beside its marker while it runs, so processes opening the
+same model at once (server replicas) start one helper per kind of pass between them. It runs at a lower priority,
+and ends when the process that started it ends. ``GGML_BACKEND_COMPILE_HELPERS``: ``0`` starts none, ``N`` at most N (default: one per core past
 the first, at most three; none without 1 GiB of memory available per helper).
 """
 from __future__ import annotations
@@ -65,8 +66,9 @@ def _usable_cores() -> int | None:
         return os.cpu_count()
 
 
-def kernel_key(model, n_threads: int, cache_types: tuple[str, str]) -> str:
-    """What this model's kernels on this CPU depend on, as a digest: equal keys compile the same kernels."""
+def kernel_key(model, cache_types: tuple[str, str]) -> str:
+    """What this model's kernels on this CPU depend on, as a digest: equal keys compile the same kernels (the
+    thread count is an argument of the kernels, not part of their types)."""
     import llvmlite.binding as llvm
     import numba
 
@@ -82,7 +84,7 @@ def kernel_key(model, n_threads: int, cache_types: tuple[str, str]) -> str:
     add(*(os.environ.get(name) for name in ("GGML_BACKEND_KERNELS", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES",
                                             "NUMBA_OPT", "NUMBA_THREADING_LAYER")))
     add(llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
-    add(model.hp.arch.name, n_threads, tuple(cache_types))
+    add(model.hp.arch.name, tuple(cache_types))
     add(sorted((name, getattr(tensor.type, "name", str(tensor.type)), tuple(tensor.shape))
                for name, tensor in model.file.tensors.items()))
     return digest.hexdigest()[:24]
@@ -101,6 +103,22 @@ def marker_path(folder: Path, key: str, task: str) -> Path:
     return folder / f"ahead-{key}-{task}.done"
 
 
+def _take_lock(marker: Path) -> int | None:
+    """An open descriptor holding the task's lock file (beside its marker), or None when another process holds it.
+    Where there is no ``fcntl`` (Windows) every caller gets one."""
+    fd = os.open(marker.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def start_helpers(model, model_path: str, n_threads: int, cache_types: tuple[str, str]) -> list:
     """Start the helpers this model's kernels still want (see the module's docstring); their processes, or []."""
     if os.environ.get(HELPER_ENV) or not sys.executable:
@@ -112,7 +130,7 @@ def start_helpers(model, model_path: str, n_threads: int, cache_types: tuple[str
     if folder is None:
         return []
     try:
-        key = kernel_key(model, n_threads, cache_types)
+        key = kernel_key(model, cache_types)
     except OSError:    # a kernel source unreadable: nothing to key the markers on
         return []
     with _lock:
@@ -134,7 +152,16 @@ def start_helpers(model, model_path: str, n_threads: int, cache_types: tuple[str
             return []
         package_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, **{HELPER_ENV: "1", ENV: "0"})
-        for task in wanted[:limit]:
+        for task in wanted:
+            if len(_started[key]) >= limit:
+                break
+            try:
+                fd = _take_lock(marker_path(folder, key, task))
+            except OSError:
+                break
+            if fd is None:       # another process's helper is on it
+                continue
+            os.close(fd)         # the helper takes the lock itself; if another takes it first, this one leaves
             command = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                        "from ggml_backend.compile_helpers import main; main(sys.argv[2:])", package_root,
                        "--task", task, "--marker", str(marker_path(folder, key, task)), "--parent", str(os.getpid()),
@@ -191,6 +218,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ[HELPER_ENV] = "1"
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True).start()
+    marker = Path(args.marker)
+    lock = _take_lock(marker)
+    if lock is None or marker.exists():
+        return 0        # another helper has this task, or has done it
     try:
         os.nice(5)
     except (AttributeError, OSError):
@@ -200,7 +231,6 @@ def main(argv=None) -> int:
                 verbose=False)
     _run_task(llm, args.task)
     llm.close()
-    marker = Path(args.marker)
     temporary = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
     temporary.write_text(f"{args.model}\n")
     os.replace(temporary, marker)

@@ -44,11 +44,10 @@ def test_the_key_follows_what_the_kernels_depend_on(tiny_path):
     from ggml_backend import Llama
     llm = Llama(str(tiny_path), n_ctx=64, n_threads=1, verbose=False)
     other = Llama(str(Path(tiny_path).with_name("tiny-llama-q8_0.gguf")), n_ctx=64, n_threads=1, verbose=False)
-    key = kernel_key(llm.model, 1, ("f16", "f16"))
-    assert key == kernel_key(llm.model, 1, ("f16", "f16"))
-    assert key != kernel_key(llm.model, 2, ("f16", "f16"))
-    assert key != kernel_key(llm.model, 1, ("q8_0", "f16"))
-    assert key != kernel_key(other.model, 1, ("f16", "f16"))
+    key = kernel_key(llm.model, ("f16", "f16"))
+    assert key == kernel_key(llm.model, ("f16", "f16"))
+    assert key != kernel_key(llm.model, ("q8_0", "f16"))
+    assert key != kernel_key(other.model, ("f16", "f16"))
     assert llm._compile_helpers == []       # GGML_BACKEND_COMPILE_HELPERS=0 (conftest): none started
     llm.close()
     other.close()
@@ -116,3 +115,34 @@ def test_a_helper_ends_with_the_process_that_started_it(tmp_path, tiny_path):
             return
         time.sleep(0.2)
     pytest.fail(f"helper {pid} still runs a minute after the process that started it ended")
+
+
+def test_a_task_whose_lock_another_process_holds_is_left_to_it(tmp_path, monkeypatch, tiny_path):
+    from ggml_backend import Llama
+    marker = compile_helpers.marker_path(tmp_path, "k", "decode")
+    held = compile_helpers._take_lock(marker)
+    assert held is not None
+    assert compile_helpers._take_lock(marker) is None        # a second holder is refused (flock: per open file)
+    os.close(held)
+    again = compile_helpers._take_lock(marker)
+    assert again is not None
+    os.close(again)
+
+    llm = Llama(str(tiny_path), n_ctx=64, n_threads=1, verbose=False)
+    monkeypatch.setattr(compile_helpers, "_marker_folder", lambda: tmp_path)
+    monkeypatch.setattr(compile_helpers, "_started", {})
+    monkeypatch.setenv(ENV, "1")
+    key = kernel_key(llm.model, ("f16", "f16"))
+    held = compile_helpers._take_lock(compile_helpers.marker_path(tmp_path, key, "decode"))   # another's helper
+    try:
+        (process,) = compile_helpers.start_helpers(llm.model, str(tiny_path), 1, ("f16", "f16"))
+    finally:
+        os.close(held)
+    try:
+        task = process.args[process.args.index("--task") + 1]
+        assert task == "prompt"                                   # the next kind of pass, not the held one
+        assert compile_helpers.start_helpers(llm.model, str(tiny_path), 1, ("f16", "f16")) == []   # once a key
+    finally:
+        process.kill()
+        process.wait(30)
+    llm.close()

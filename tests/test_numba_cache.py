@@ -55,10 +55,12 @@ def test_cached_kernels_go_when_any_source_they_are_built_from_changes(tmp_path)
     layer = tmp_path / "model" / "__pycache__" / "decode_step.decode_layer-153.py311.nbi"
     rows = tmp_path / "quant" / "__pycache__" / "decode.matvec-982.py311.1.nbc"
     elsewhere = tmp_path / "tokenizer" / "__pycache__" / "bpe.merge-1.py311.nbi"
-    for path in (layer, rows, elsewhere):
+    helper_marker = tmp_path / "model" / "__pycache__" / "ahead-0123abcd-decode.done"   # compile_helpers.py's
+    for path in (layer, rows, elsewhere, helper_marker):
         path.write_text("compiled")
     assert drop_stale_kernels(tmp_path) is True          # no digest yet: whatever is there may be stale
     assert not layer.exists() and not rows.exists() and elsewhere.exists()
+    assert not helper_marker.exists()     # a marker of kernels that are gone would keep their helper from starting
     assert (tmp_path / "quant" / "__pycache__" / DIGEST_NAME).is_file()
     layer.write_text("compiled against version 1")
     assert drop_stale_kernels(tmp_path) is False         # the same sources: the cache stays

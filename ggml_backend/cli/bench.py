@@ -157,7 +157,10 @@ def measure(engine: str, model: str, task: str, a: int = 0, b: int = 0, *, threa
     # each engine's process gets the user's environment: not the OMP_WAIT_POLICY=PASSIVE that importing
     # ggml_backend adds here, which made llama.cpp's OpenMP threads sleep between kernels (decode -35%)
     from .._threading import environment_for_other_engines
-    result = run_worker(cmd, timeout, env=environment_for_other_engines())
+    from ..compile_helpers import ENV as COMPILE_HELPERS
+    env = environment_for_other_engines()
+    env[COMPILE_HELPERS] = "0"      # no compile helper process (compile_helpers.py) beside a measurement
+    result = run_worker(cmd, timeout, env=env)
     if task == "first" and "error" not in result:
         # the worker prints its RESULT right after the first token's logits
         result["first_token_s"] = result["wall_s"]
