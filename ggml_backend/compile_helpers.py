@@ -17,7 +17,8 @@ cache folder of ``model/decode_step.py``), so later opens start none; the key co
 kernel sources' text and file stamps, numba's version, the CPU and kernel path, the model's tensor types and
 shapes, the KV cache types). A helper holds a lock file beside its marker while it runs, so processes opening the
 same model at once (server replicas) start one helper per kind of pass between them. It runs at a lower priority,
-and ends when the process that started it ends. ``GGML_BACKEND_COMPILE_HELPERS``: ``0`` starts none, ``N`` at most N (default: one per core past
+and ends at most ten seconds after the process that started it (time to finish where it only loads cached kernels
+and leave its marker). ``GGML_BACKEND_COMPILE_HELPERS``: ``0`` starts none, ``N`` at most N (default: one per core past
 the first, at most three; none without 1 GiB of memory available per helper).
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ MAX_HELPERS = 3
 MEMORY_PER_HELPER = 1 << 30
 #: the helper's context: enough for the longest pass (a prompt past matmul.BLAS_MIN_TOKENS)
 HELPER_N_CTX = 128
+#: how long a helper goes on after the process that started it has ended
+ORPHAN_GRACE_S = 10.0
 _started: dict[str, list] = {}     # key -> helper processes started by this process
 _lock = threading.Lock()
 
@@ -197,11 +200,13 @@ def _run_task(llm, task: str) -> None:
 
 
 def _watch_parent(parent: int) -> None:
-    """End this helper when the process that started it has ended (it is then re-parented)."""
-    while True:
-        if os.getppid() != parent:
-            os._exit(0)
+    """End this helper ``ORPHAN_GRACE_S`` after the process that started it has ended (it is then re-parented):
+    long enough to finish where the kernels were cached already (loading them takes a second or two, and leaves
+    the marker that spares later runs a helper), not long enough to go on compiling for a process that is gone."""
+    while os.getppid() == parent:
         time.sleep(0.5)
+    time.sleep(ORPHAN_GRACE_S)
+    os._exit(0)
 
 
 def main(argv=None) -> int:
