@@ -17,7 +17,7 @@ from ggml_backend.quant.matmul import WeightMatrix, matmul, matmul_many
 
 from test_matmul import integer_oracle  # noqa: E402
 
-ALL_PATHS = [simd.AVX512VNNI, simd.AVX2]
+ALL_PATHS = [simd.AVX512VNNI, simd.AVXVNNI, simd.AVX2]
 SUPPORTED = simd.supported_isas()
 
 

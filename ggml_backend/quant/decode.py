@@ -868,7 +868,7 @@ def _dots_wide(kind, w, o, xq, x, bias, g, k, width, isa):
 
 def _wide_dots(kind, isa) -> bool:
     """Whether ``_super_block_dots`` of this kind on this path is ``_dots_wide`` (at typing time)."""
-    return kind.code in (5, 6) and isa.isa_name == "avx512vnni"
+    return kind.code in (5, 6) and isa.wide
 
 
 @overload(_super_block_dots)   # not inline="always" at numba's level (its IR inlining warns here); LLVM inlines it
@@ -1103,7 +1103,7 @@ def _lanes_token(values, xq, x, start, isa):
 def _lanes_token_of(values, xq, x, start, isa):
     if not isinstance(isa, IsaType):
         return None
-    if isa.isa_name == "avx512vnni":
+    if isa.wide:
         return lambda values, xq, x, start, isa: _lanes_token_x16(values, xq, x, start, isa)
     return lambda values, xq, x, start, isa: nibble_block_sums_x8(start, values, xq, x)
 
@@ -1152,7 +1152,7 @@ def _lanes_block(kind, w, o, row_bytes, isa):
 def _lanes_block_of(kind, w, o, row_bytes, isa):
     if not isinstance(isa, IsaType):
         return None
-    if isa.isa_name == "avx512vnni":
+    if isa.wide:
         return lambda kind, w, o, row_bytes, isa: _lanes_block_x16(kind, w, o, row_bytes)
     return lambda kind, w, o, row_bytes, isa: _lanes_block_x8(kind, w, o, row_bytes)
 
@@ -1304,13 +1304,13 @@ def _takes_row_lanes(kind, k, isa):
     """Whether rows of ``k`` values of ``kind`` take the row-lane kernels on path ``isa`` (``_rows_in_lanes``'s rule,
     in compiled code, with q8_0's row length): their token side is then ``block_starts``."""
     code = kind_code(kind)
-    return code == 0 or (code == 4 and signed_dot_offset(isa) == 128 and _in_lanes(kind, k))
+    return code == 0 or (code == 4 and lane_rows(isa) == 16 and _in_lanes(kind, k))
 
 
 def _rows_in_lanes(kind, isa) -> bool:
     """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0 on every path,
     q8_0 on AVX512-VNNI."""
-    return kind.code == 0 or (kind.code == 4 and isa.isa_name == "avx512vnni")
+    return kind.code == 0 or (kind.code == 4 and isa.wide)
 
 
 def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):

@@ -43,7 +43,10 @@ _F32 = ir.FloatType()
 class Isa:
     """An instruction-set path of the SIMD kernels (a compile-time constant of each kernel).
 
-    ``avx512vnni``: ``vpdpbusd`` on 256-bit vectors (AVX512-VNNI + VL: Intel Ice Lake and later, AMD Zen 4);
+    ``avx512vnni``: ``vpdpbusd`` on 256-bit vectors (AVX512-VNNI + VL: Intel Ice Lake and later, AMD Zen 4), and
+    512-bit registers where a kernel has a wide form (sixteen row lanes, q2_K / q3_K's wide groups, the prompt GEMM);
+    ``avxvnni``: the same 256-bit ``vpdpbusd`` / ``vpdpwssd`` (AVX-VNNI, VEX-encoded: Intel Alder Lake and later
+    client CPUs, Sierra Forest Xeons: AVX2 without AVX-512), the narrow forms of every kernel;
     ``avx2``: ``vpmaddubsw`` + ``vpmaddwd`` (every x86-64 CPU with AVX2 and FMA)."""
 
     def __init__(self, name: str, needs: tuple[str, ...]):
@@ -63,13 +66,18 @@ class Isa:
 
 
 AVX512VNNI = Isa("avx512vnni", ("avx512vnni", "avx512vl", "avx512bw", "avx2", "fma", "f16c"))
+AVXVNNI = Isa("avxvnni", ("avxvnni", "avx2", "fma", "f16c"))
 AVX2 = Isa("avx2", ("avx2", "fma", "f16c"))
-ISAS = {isa.name: isa for isa in (AVX512VNNI, AVX2)}
+ISAS = {isa.name: isa for isa in (AVX512VNNI, AVXVNNI, AVX2)}
 
 
 class IsaType(types.Dummy):
     def __init__(self, name: str):
         self.isa_name = name
+        #: 256-bit ``vpdpbusd`` / ``vpdpwssd`` (AVX512-VNNI with VL, or AVX-VNNI)
+        self.vnni = name in ("avx512vnni", "avxvnni")
+        #: 512-bit registers: the kernels' wide forms
+        self.wide = name == "avx512vnni"
         super().__init__(name=f"isa[{name}]")
 
 
@@ -105,11 +113,11 @@ def target_features() -> set[str]:
 def supported_isas() -> list[Isa]:
     """The SIMD paths this CPU can run, best first (empty on CPUs without AVX2, or not x86)."""
     features = host_features()
-    return [isa for isa in (AVX512VNNI, AVX2) if all(need in features for need in isa.needs)]
+    return [isa for isa in (AVX512VNNI, AVXVNNI, AVX2) if all(need in features for need in isa.needs)]
 
 
 def choose_isa() -> Isa | None:
-    """The SIMD path the engine uses: ``GGML_BACKEND_KERNELS`` (``avx512vnni``, ``avx2`` or ``generic`` for the
+    """The SIMD path the engine uses: ``GGML_BACKEND_KERNELS`` (``avx512vnni``, ``avxvnni``, ``avx2`` or ``generic`` for the
     plain numba kernels) if set, else the best this CPU supports; None means the plain kernels."""
     forced = os.environ.get("GGML_BACKEND_KERNELS", "").strip().lower()
     available = supported_isas()
@@ -540,11 +548,11 @@ def dot_u8_i8(typingctx, acc, unsigned, signed, isa):
     with ones."""
     if acc != I32x8 or unsigned != I8x32 or signed != I8x32 or not isinstance(isa, IsaType):
         return None
-    name = isa.isa_name
+    vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
         acc_value, u_value, s_value = args[0], args[1], args[2]
-        if name == "avx512vnni":
+        if vnni:
             vector = ir.VectorType(_I8, 32)
             function = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
                                  [I32x8.llvm_type(), vector, vector])
@@ -673,7 +681,7 @@ def signed_dot_offset(typingctx, isa):
     multiplies unsigned by signed bytes and so sees signed weights as w + 128; 0 on AVX2, which takes signs apart."""
     if not isinstance(isa, IsaType):
         return None
-    offset = 128 if isa.isa_name == "avx512vnni" else 0
+    offset = 128 if isa.vnni else 0
 
     def codegen(context, builder, sig, args):
         return ir.IntType(64)(offset)
@@ -688,11 +696,11 @@ def dot_i8_i8(typingctx, bias, signed_weights, signed, isa):
     ``mul_sum_i8_pairs``), which cannot saturate (128 * 127 * 2 < 32768)."""
     if bias != I32x8 or signed_weights != I8x32 or signed != I8x32 or not isinstance(isa, IsaType):
         return None
-    name = isa.isa_name
+    vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
         bytes_type = ir.VectorType(_I8, 32)
-        if name == "avx512vnni":
+        if vnni:
             flipped = builder.xor(args[1], _splat(_I8(0x80), 32))
             function = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
                                  [I32x8.llvm_type(), bytes_type, bytes_type])
@@ -888,7 +896,7 @@ def dot_u8_i8_x64(typingctx, acc, unsigned, signed, isa):
     """``dot_u8_i8`` on 64 bytes: ``vpdpbusd`` on a 512-bit register (AVX512-VNNI only: no other path compiles)."""
     if acc != I32x16 or unsigned != I8x64 or signed != I8x64 or not isinstance(isa, IsaType):
         return None
-    if isa.isa_name != "avx512vnni":
+    if not isa.wide:
         return None
 
     def codegen(context, builder, sig, args):
@@ -1265,11 +1273,11 @@ def scale_pair_i32x8(typingctx, scales, index):
 # float work of 16 (row, token) pairs at once, one per lane.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, offset, name: str, offset_pairs=None):
+def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, offset, vnni: bool, offset_pairs=None):
     """``acc`` plus ``vpmaddubsw``'s pair sums of unsigned x signed bytes (less those of ``offset`` x signed, when
     an offset is given, or less ``offset_pairs``, those pair sums computed before: the weights' offset taken out in
-    int16) multiplied by ``scale_words`` and added in pairs into the int32 lanes: ``vpdpwssd`` on AVX512-VNNI,
-    ``vpmaddwd`` and an add on AVX2. 32 or 64 bytes."""
+    int16) multiplied by ``scale_words`` and added in pairs into the int32 lanes: ``vpdpwssd`` with ``vnni``
+    (AVX512-VNNI, AVX-VNNI), ``vpmaddwd`` and an add on AVX2. 32 or 64 bytes (64: AVX512-VNNI)."""
     n_bytes = unsigned.type.count
     bytes_type, words = ir.VectorType(_I8, n_bytes), ir.VectorType(_I16, n_bytes // 2)
     lanes = ir.VectorType(_I32, n_bytes // 4)
@@ -1282,7 +1290,7 @@ def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, offset, name:
     if offset_pairs is not None:
         pairs = builder.sub(pairs, builder.bitcast(offset_pairs, words))
     factors = builder.bitcast(scale_words, words)
-    if name == "avx512vnni":
+    if vnni:
         dpwssd = _function(builder, f"llvm.x86.avx512.vpdpwssd.{n_bytes * 8}", lanes, [lanes, words, words])
         return builder.call(dpwssd, [acc, pairs, factors])
     maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", lanes, [words, words])
@@ -1295,7 +1303,7 @@ _SCALED_DOT_FORMS = {I32x8: I8x32, I32x16: I8x64}   # accumulator -> bytes
 def _scaled_dot_types(acc, unsigned, signed, scale_words, isa) -> bool:
     return (_SCALED_DOT_FORMS.get(acc) is not None and unsigned == signed == _SCALED_DOT_FORMS[acc]
             and scale_words == acc and isinstance(isa, IsaType)
-            and (acc == I32x8 or isa.isa_name == "avx512vnni"))
+            and (acc == I32x8 or isa.wide))
 
 
 @intrinsic
@@ -1307,10 +1315,10 @@ def scaled_dot(typingctx, acc, unsigned, signed, scale_words, isa):
     ``I32x8`` accumulators with 32 bytes (both paths) or ``I32x16`` with 64 (AVX512-VNNI only)."""
     if not _scaled_dot_types(acc, unsigned, signed, scale_words, isa):
         return None
-    name = isa.isa_name
+    vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
-        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], None, name)
+        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], None, vnni)
     return acc(acc, unsigned, signed, scale_words, isa), codegen
 
 
@@ -1321,11 +1329,11 @@ def offset_scaled_dot(typingctx, acc, unsigned, signed, scale_words, offset, isa
     their difference stay within 32767), so a kind with an offset needs no lane biases."""
     if not _scaled_dot_types(acc, unsigned, signed, scale_words, isa) or not isinstance(offset, types.Integer):
         return None
-    name = isa.isa_name
+    vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
         offset_value = context.cast(builder, args[4], sig.args[4], types.int32)
-        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], offset_value, name)
+        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], offset_value, vnni)
     return acc(acc, unsigned, signed, scale_words, offset, isa), codegen
 
 
@@ -1352,10 +1360,10 @@ def pairs_scaled_dot(typingctx, acc, unsigned, signed, offset_pairs, scale_words
     if (acc != I32x8 or unsigned != I8x32 or signed != I8x32 or offset_pairs != I32x8 or scale_words != I32x8
             or not isinstance(isa, IsaType)):
         return None
-    name = isa.isa_name
+    vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
-        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[4], None, name, offset_pairs=args[3])
+        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[4], None, vnni, offset_pairs=args[3])
     return I32x8(acc, unsigned, signed, offset_pairs, scale_words, isa), codegen
 
 
@@ -1621,14 +1629,14 @@ def load_f16_8_rows(typingctx, array, offset, stride):
     return F32x8(array, offset, stride), codegen
 
 
-# The row-lane kernels' registers, by path: sixteen rows on AVX512-VNNI, eight on AVX2.
-_LANE_FLOATS = {"avx512vnni": F32x16, "avx2": F32x8}
+# The row-lane kernels' registers, by path: sixteen rows on AVX512-VNNI, eight on AVX-VNNI and AVX2.
+_LANE_FLOATS = {"avx512vnni": F32x16, "avxvnni": F32x8, "avx2": F32x8}
 _LANE_INTS = {F32x16: I32x16, F32x8: I32x8}
 
 
 @intrinsic
 def lane_rows(typingctx, isa):
-    """The weight rows of a row-lane register on path ``isa``: 16 (AVX512-VNNI) or 8 (AVX2), a constant."""
+    """The weight rows of a row-lane register on path ``isa``: 16 (AVX512-VNNI) or 8 (AVX-VNNI, AVX2), a constant."""
     if not isinstance(isa, IsaType):
         return None
     rows = _LANE_FLOATS[isa.isa_name].count
