@@ -1,4 +1,4 @@
-"""The AVX2 kernels as a CPU without AVX-512 compiles them.
+"""The AVX2 and AVX-VNNI kernels as a CPU without AVX-512 compiles them.
 
 numba compiles for the CPU it runs on, so on a machine with AVX-512 (most CI and development machines) the AVX2
 path's kernels are built with AVX-512 available: LLVM may fuse their instructions into AVX-512 ones (it turns a
@@ -7,7 +7,9 @@ path's kernels are built with AVX-512 available: LLVM may fuse their instruction
 unseen. Here a fresh process compiles the AVX2 path for x86-64-v3 (AVX2, FMA, F16C, BMI2; no AVX-512) into its own
 numba cache and multiplies every block type's weights by one token and by five (the few-token tiles); its
 results must equal, bit for bit, those of the AVX2 path compiled for this CPU, and its kernels' assembly must load
-no block scale by ``vpinsrw`` from memory (the cost ``simd.load_f16_pair`` exists to avoid on such CPUs).
+no block scale by ``vpinsrw`` from memory (the cost ``simd.load_f16_pair`` exists to avoid on such CPUs). The same
+for the AVX-VNNI path compiled for an Alder Lake (AVX2 and AVX-VNNI, no AVX-512), one token, whose kernels must
+use the VEX-encoded ``vpdpbusd`` / ``vpdpwssd``; both paths' code must hold nothing of AVX-512.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def products(shapes, tokens):
 """
 
 
-# the compiled one-token and few-token kernels' vpinsrw from memory, by kernel and kind
+# what the compiled one-token and few-token kernels hold, by kernel and kind: vpinsrw from memory, AVX-512 (zmm
+# registers, kmask registers), VEX-encoded VNNI instructions
 INSERTS = r"""
 import json, re
 from ggml_backend.quant import decode
@@ -58,39 +61,60 @@ counts = {{}}
 for kernel in (decode.matvec_here, decode.matmul_few):
     for signature in kernel.signatures:
         asm = kernel.inspect_asm(signature)
-        counts[f"{{kernel.__name__}} {{signature[0]}}"] = len(re.findall(r"vpinsrw\s+\$\d+, -?\d*\(", asm))
+        counts[f"{{kernel.__name__}} {{signature[0]}}"] = {{
+            "vpinsrw": len(re.findall(r"vpinsrw\s+\$\d+, -?\d*\(", asm)),
+            "avx512": len(re.findall(r"%zmm\d|%k[1-7]\b", asm)),
+            "vex_vnni": len(re.findall(r"\{{vex\}}\s+vpdp(busd|wssd)", asm))}}
 open({!r}, "w").write(json.dumps(counts))
 """
 
 
-def _products_here() -> dict:
+def _products_here(tokens) -> dict:
+    """The AVX2 path's products compiled for this CPU."""
     namespace: dict = {}
     exec(PRODUCTS, namespace)
     saved = matmul_module.KERNEL_ISA
     matmul_module.KERNEL_ISA = simd.AVX2
     try:
-        return namespace["products"](SHAPES, TOKENS)
+        return namespace["products"](SHAPES, tokens)
     finally:
         matmul_module.KERNEL_ISA = saved
 
 
-@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= simd.host_features(),
-                    reason="this CPU lacks AVX2, FMA or F16C: the AVX2 path cannot run here")
-def test_avx2_path_compiled_without_avx512_gives_the_same_numbers(tmp_path):
+# What each path's kernels are compiled for here: a CPU with that path's instructions and no AVX-512 (the avxvnni
+# path's: an Intel Alder Lake, AVX2 with AVX-VNNI), and the tokens of its products (the avxvnni path's tiles are
+# compared with the avx2 path's on this CPU by test_decode_kernels.py; one token here keeps the compile short).
+TARGETS = {"avx2": ("haswell", X86_64_V3, TOKENS), "avxvnni": ("alderlake", X86_64_V3 + ",+avxvnni", (1,))}
+
+
+@pytest.mark.parametrize("path", list(TARGETS))
+def test_path_compiled_without_avx512_gives_the_same_numbers(tmp_path, path):
+    needs = {"avx2", "fma", "f16c"} | ({"avxvnni"} if path == "avxvnni" else set())
+    if not needs <= simd.host_features():
+        pytest.skip(reason=f"this CPU lacks {', '.join(sorted(needs - simd.host_features()))}: the {path} path "
+                           "cannot run here")
+    cpu, features, tokens = TARGETS[path]
     result = tmp_path / "products.npz"
     inserts = tmp_path / "vpinsrw.json"
-    script = (PRODUCTS + f"np.savez({str(result)!r}, **products({SHAPES!r}, {TOKENS!r}))\n"
+    script = (PRODUCTS + f"np.savez({str(result)!r}, **products({SHAPES!r}, {tokens!r}))\n"
               + INSERTS.format(str(inserts)))
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=X86_64_V3, GGML_BACKEND_KERNELS="avx2",
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, GGML_BACKEND_KERNELS=path,
                NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     theirs = np.load(result)
-    ours = _products_here()
+    ours = _products_here(tokens)
     assert sorted(theirs.files) == sorted(ours)
     for name, values in ours.items():
         assert np.array_equal(theirs[name], values), name
+    report = json.loads(inserts.read_text())
     # no block scale loaded by vpinsrw from memory (three slots of Zen 3's two load / store-data pipes each,
     # where a plain load takes one: simd.load_f16_pair, load_f16_8_rows)
-    with_inserts = {kernel: n for kernel, n in json.loads(inserts.read_text()).items() if n}
+    with_inserts = {kernel: n["vpinsrw"] for kernel, n in report.items() if n["vpinsrw"]}
     assert not with_inserts, f"kernels loading halves by vpinsrw: {with_inserts}"
+    # nothing of AVX-512 (a zmm register, an EVEX-only instruction), and on the avxvnni path the VEX-encoded
+    # vpdpbusd / vpdpwssd in every kind's one-token kernel
+    assert not {kernel: n["avx512"] for kernel, n in report.items() if n["avx512"]}
+    if path == "avxvnni":
+        without = [kernel for kernel, n in report.items() if kernel.startswith("matvec_here") and not n["vex_vnni"]]
+        assert not without, f"one-token kernels without {{vex}} vpdpbusd / vpdpwssd: {without}"

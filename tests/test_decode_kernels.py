@@ -142,6 +142,22 @@ def test_q4_0_row_lanes_give_the_same_bits_on_both_paths(n_rows):
             assert np.array_equal(vnni, avx2), (k, n_tokens)
 
 
+@pytest.mark.skipif(simd.AVXVNNI not in SUPPORTED or simd.AVX2 not in SUPPORTED,
+                    reason="compares the avxvnni path with the avx2 one, and this CPU lacks AVX-VNNI")
+@pytest.mark.parametrize("type_name", list(KINDS))
+def test_the_avxvnni_path_gives_the_avx2_paths_bits(type_name):
+    """The AVX-VNNI path is the AVX2 path's kernels with ``vpdpbusd`` / ``vpdpwssd`` (and VNNI's unsigned
+    activations in the few-token tiles of q5_0 and q8_0): exact integer sums either way and the same float steps,
+    so the same bits, for one token and for a tile of five."""
+    rng = np.random.default_rng(60 + KINDS[type_name])
+    k = 1024 if type_name.endswith("K") else 640
+    weights = random_weights(type_name, 37, k, rng)
+    for n_tokens in (1, 5):
+        x = rng.standard_normal((n_tokens, k)).astype(np.float32)
+        vnni, avx2 = (product(isa, type_name, weights, x) for isa in (simd.AVXVNNI, simd.AVX2))
+        assert np.array_equal(vnni, avx2), n_tokens
+
+
 def test_path_choice(monkeypatch):
     monkeypatch.setenv("GGML_BACKEND_KERNELS", "generic")
     assert simd.choose_isa() is None
