@@ -1105,7 +1105,7 @@ def _lanes_token_of(values, xq, x, start, isa):
         return None
     if isa.wide:
         return lambda values, xq, x, start, isa: _lanes_token_x16(values, xq, x, start, isa)
-    return lambda values, xq, x, start, isa: nibble_block_sums_x8(start, values, xq, x)
+    return lambda values, xq, x, start, isa: nibble_block_sums_x8(start, values, xq, x, isa)
 
 
 @njit(inline="always", **_KERNEL)

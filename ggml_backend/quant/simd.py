@@ -1553,33 +1553,46 @@ def transpose_row_pairs(typingctx, a, b, c, d):
 
 
 @intrinsic
-def nibble_block_sums_x8(typingctx, start, values, array, offset):
+def nibble_block_sums_x8(typingctx, start, values, array, offset, isa):
     """``start`` + each of eight rows' exact block sum: ``values`` holds eight ``I8x32`` whose int32 lane r is four
     of row r's 32 values (register j: values 4 j .. 4 j + 3), each value 0..15; the block's 32 activations are the
-    signed bytes at byte ``offset`` of ``array``, dword j broadcast against register j. AVX2 has no ``vpdpbusd``:
-    eight ``vpmaddubsw`` whose int16 pair sums are added as int16 (sixteen products of at most 15 * 128 per word:
-    30720, under 32767, so nothing saturates or wraps), then one ``vpmaddwd`` with ones, so each row's 32 products
-    cost about two instructions a register instead of ``dot_u8_i8``'s three."""
+    signed bytes at byte ``offset`` of ``array``, dword j broadcast against register j. With 256-bit VNNI
+    (AVX-VNNI): one ``vpdpbusd`` a register, in two chains. AVX2 has no ``vpdpbusd``: eight ``vpmaddubsw`` whose
+    int16 pair sums are added as int16 (sixteen products of at most 15 * 128 per word: 30720, under 32767, so
+    nothing saturates or wraps), then one ``vpmaddwd`` with ones, so each row's 32 products cost about two
+    instructions a register instead of ``dot_u8_i8``'s three. The same exact sums either way."""
     if not (isinstance(start, types.Integer) and values == types.UniTuple(I8x32, 8) and _is_byte_array(array)
-            and isinstance(offset, types.Integer)):
+            and isinstance(offset, types.Integer) and isinstance(isa, IsaType)):
         return None
+    vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
         bytes_type = ir.VectorType(_I8, 32)
         pairs_type = ir.VectorType(_I16, 16)
-        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
-        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
         at = context.cast(builder, args[3], sig.args[3], types.intp)
-        total = None
+        broadcasts = []
         for j in range(8):
             pointer = _byte_pointer(context, builder, sig.args[2], args[2], builder.add(at, at.type(4 * j)))
             dword = builder.load(builder.bitcast(pointer, _I32.as_pointer()), align=1)
-            x = builder.bitcast(_splat_value(builder, dword, 8), bytes_type)
-            pairs = builder.call(maddubs, [builder.extract_value(args[1], j), x])
+            broadcasts.append(builder.bitcast(_splat_value(builder, dword, 8), bytes_type))
+        start_lanes = _splat_value(builder, _as_i32(builder, args[0]), 8)
+        if vnni:
+            dpbusd = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
+                               [I32x8.llvm_type(), bytes_type, bytes_type])
+            chains = [start_lanes, ir.Constant(I32x8.llvm_type(), None)]
+            for j in range(8):
+                chains[j % 2] = builder.call(dpbusd, [chains[j % 2], builder.extract_value(args[1], j),
+                                                      broadcasts[j]])
+            return builder.add(chains[0], chains[1])
+        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
+        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
+        total = None
+        for j in range(8):
+            pairs = builder.call(maddubs, [builder.extract_value(args[1], j), broadcasts[j]])
             total = pairs if total is None else builder.add(total, pairs)
         sums = builder.call(maddwd, [total, _splat(_I16(1), 16)])
-        return builder.add(sums, _splat_value(builder, _as_i32(builder, args[0]), 8))
-    return I32x8(start, values, array, offset), codegen
+        return builder.add(sums, start_lanes)
+    return I32x8(start, values, array, offset, isa), codegen
 
 
 def _f16_rows_in_words(context, builder, sig, args, n_rows):
