@@ -13,13 +13,14 @@ compiling it. Measured on 2 cores (Xeon, Qwen2.5-Coder-0.5B, an 18-token chat pr
 the first decoded token after 44 s instead of 73.
 
 A helper that finishes leaves a marker file beside the kernels it compiled (``ahead-<key>-<task>.done`` in numba's
-cache folder of ``model/decode_step.py``), so later opens start none; the key covers what the kernels depend on (the
-kernel sources' text and file stamps, numba's version, the CPU and kernel path, the model's tensor types and
-shapes, the KV cache types). A helper holds a lock file beside its marker while it runs, so processes opening the
-same model at once (server replicas) start one helper per kind of pass between them. It runs at a lower priority,
-and ends at most ten seconds after the process that started it (time to finish where it only loads cached kernels
-and leave its marker). ``GGML_BACKEND_COMPILE_HELPERS``: ``0`` starts none, ``N`` at most N (default: one per core past
-the first, at most three; none without 1 GiB of memory available per helper).
+cache folder of ``model/decode_step.py``), so later opens start none for that kind of pass (a kind no helper took
+yet, where there were fewer helpers than kinds, goes to a helper of a later open); the key covers what the kernels
+depend on (the kernel sources' text and file stamps, numba's version, the CPU and kernel path, the model's tensor
+types and shapes, the KV cache types). A helper holds a lock file beside its marker while it runs, so processes
+opening the same model at once (server replicas) start one helper per kind of pass between them. It runs at a lower
+priority, and ends at most ten seconds after the process that started it (time to finish where it only loads cached
+kernels and leave its marker). ``GGML_BACKEND_COMPILE_HELPERS``: ``0`` starts none, ``N`` at most N (default: one
+per core past the first, at most three; none without 1 GiB of memory available per helper).
 """
 from __future__ import annotations
 
