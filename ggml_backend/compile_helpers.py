@@ -40,7 +40,7 @@ HELPER_ENV = "GGML_BACKEND_IS_COMPILE_HELPER"
 TASKS = ("decode", "prompt", "few")
 MAX_HELPERS = 3
 MEMORY_PER_HELPER = 1 << 30
-#: the helper's context: enough for the longest pass (a prompt past matmul.BLAS_MIN_TOKENS)
+#: the helper's context: enough for the longest pass (a prompt past the length that takes the prompt path)
 HELPER_N_CTX = 128
 #: how long a helper goes on after the process that started it has ended
 ORPHAN_GRACE_S = 10.0
@@ -188,12 +188,13 @@ def _run_task(llm, task: str) -> None:
     def ids(n: int) -> list[int]:
         return [(100 + 37 * i) % n_vocab for i in range(n)]
 
-    from .quant.matmul import BLAS_MIN_TOKENS
+    from .model.session import runs_alone
     if task == "decode":
         llm.eval(ids(1))
         llm.eval(ids(1))
-    elif task == "prompt":
-        llm.eval(ids(BLAS_MIN_TOKENS + 16))
+    elif task == "prompt":     # a batch past the first length that takes the prompt path (runs alone)
+        first = next((n for n in range(2, HELPER_N_CTX) if runs_alone(n)), HELPER_N_CTX - 16)
+        llm.eval(ids(min(first + 16, HELPER_N_CTX)))
     elif task == "few":
         llm.eval(ids(8))
     else:
