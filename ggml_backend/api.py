@@ -124,8 +124,8 @@ class Llama:
     for every generation of this context and its ``new_context``s: the same tokens, fewer forward passes where
     the drafts are right (``ggml_backend/speculative.py``).
     On a model's first run on a CPU (its kernels not in numba's cache yet), opening it starts helper processes that
-    compile the kinds of forward pass this one has not got to (``compile_helpers.py``; ``GGML_BACKEND_COMPILE_HELPERS=0``
-    starts none); ``_compile_helpers`` holds them.
+    compile the kinds of forward pass this one has not got to (``compile_helpers.py``;
+    ``GGML_BACKEND_COMPILE_HELPERS=0`` starts none); ``_compile_helpers`` holds them.
     Our own: ``n_head_kv`` and ``rms_norm_eps`` for legacy GGML files, which carry neither: ``n_head_kv``
     defaults to what the ``wk`` tensor's shape implies and ``rms_norm_eps`` to 5e-6 (llama.cpp's converter);
     LLaMA-2 models want 1e-5.

@@ -117,8 +117,8 @@ def supported_isas() -> list[Isa]:
 
 
 def choose_isa() -> Isa | None:
-    """The SIMD path the engine uses: ``GGML_BACKEND_KERNELS`` (``avx512vnni``, ``avxvnni``, ``avx2`` or ``generic`` for the
-    plain numba kernels) if set, else the best this CPU supports; None means the plain kernels."""
+    """The SIMD path the engine uses: ``GGML_BACKEND_KERNELS`` (``avx512vnni``, ``avxvnni``, ``avx2`` or ``generic``
+    for the plain numba kernels) if set, else the best this CPU supports; None means the plain kernels."""
     forced = os.environ.get("GGML_BACKEND_KERNELS", "").strip().lower()
     available = supported_isas()
     if forced in ("", "auto"):
