@@ -49,9 +49,11 @@ class Isa:
     client CPUs, Sierra Forest Xeons: AVX2 without AVX-512), the narrow forms of every kernel;
     ``avx2``: ``vpmaddubsw`` + ``vpmaddwd`` (every x86-64 CPU with AVX2 and FMA)."""
 
-    def __init__(self, name: str, needs: tuple[str, ...]):
+    def __init__(self, name: str, needs: tuple[str, ...], vnni: bool, wide: bool):
         self.name = name
         self.needs = needs     # LLVM feature names the CPU must have
+        self.vnni = vnni       # 256-bit ``vpdpbusd`` / ``vpdpwssd`` (AVX512-VNNI with VL, or AVX-VNNI)
+        self.wide = wide       # 512-bit registers: the kernels' wide forms
         self._type = None
 
     @property
@@ -65,19 +67,19 @@ class Isa:
         return f"Isa({self.name!r})"
 
 
-AVX512VNNI = Isa("avx512vnni", ("avx512vnni", "avx512vl", "avx512bw", "avx2", "fma", "f16c"))
-AVXVNNI = Isa("avxvnni", ("avxvnni", "avx2", "fma", "f16c"))
-AVX2 = Isa("avx2", ("avx2", "fma", "f16c"))
+AVX512VNNI = Isa("avx512vnni", ("avx512vnni", "avx512vl", "avx512bw", "avx2", "fma", "f16c"), vnni=True, wide=True)
+AVXVNNI = Isa("avxvnni", ("avxvnni", "avx2", "fma", "f16c"), vnni=True, wide=False)
+AVX2 = Isa("avx2", ("avx2", "fma", "f16c"), vnni=False, wide=False)
 ISAS = {isa.name: isa for isa in (AVX512VNNI, AVXVNNI, AVX2)}
 
 
 class IsaType(types.Dummy):
+    """A path as the kernels are typed with it: its name and what it has (``Isa.vnni``, ``Isa.wide``)."""
+
     def __init__(self, name: str):
         self.isa_name = name
-        #: 256-bit ``vpdpbusd`` / ``vpdpwssd`` (AVX512-VNNI with VL, or AVX-VNNI)
-        self.vnni = name in ("avx512vnni", "avxvnni")
-        #: 512-bit registers: the kernels' wide forms
-        self.wide = name == "avx512vnni"
+        self.vnni = ISAS[name].vnni
+        self.wide = ISAS[name].wide
         super().__init__(name=f"isa[{name}]")
 
 
@@ -540,6 +542,15 @@ def _avx2_quad_sums(builder, unsigned, signed):
     return builder.call(maddwd, [builder.call(maddubs, [unsigned, signed]), _splat(_I16(1), 16)])
 
 
+def _vpdpbusd(builder, acc, unsigned, signed):
+    """``acc`` plus the sums of four unsigned x signed byte products per int32 lane: ``vpdpbusd`` on 32 bytes
+    (AVX512-VNNI with VL, or AVX-VNNI) or 64 (AVX512-VNNI)."""
+    n_bytes = unsigned.type.count
+    bytes_type, lanes = ir.VectorType(_I8, n_bytes), ir.VectorType(_I32, n_bytes // 4)
+    function = _function(builder, f"llvm.x86.avx512.vpdpbusd.{n_bytes * 8}", lanes, [lanes, bytes_type, bytes_type])
+    return builder.call(function, [acc, unsigned, signed])
+
+
 @intrinsic
 def dot_u8_i8(typingctx, acc, unsigned, signed, isa):
     """``acc + sum of unsigned[4i + j] * signed[4i + j] over j`` in each int32 lane i (llama.cpp's
@@ -553,10 +564,7 @@ def dot_u8_i8(typingctx, acc, unsigned, signed, isa):
     def codegen(context, builder, sig, args):
         acc_value, u_value, s_value = args[0], args[1], args[2]
         if vnni:
-            vector = ir.VectorType(_I8, 32)
-            function = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
-                                 [I32x8.llvm_type(), vector, vector])
-            return builder.call(function, [acc_value, u_value, s_value])
+            return _vpdpbusd(builder, acc_value, u_value, s_value)
         return builder.add(acc_value, _avx2_quad_sums(builder, u_value, s_value))
     return I32x8(acc, unsigned, signed, isa), codegen
 
@@ -701,10 +709,7 @@ def dot_i8_i8(typingctx, bias, signed_weights, signed, isa):
     def codegen(context, builder, sig, args):
         bytes_type = ir.VectorType(_I8, 32)
         if vnni:
-            flipped = builder.xor(args[1], _splat(_I8(0x80), 32))
-            function = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
-                                 [I32x8.llvm_type(), bytes_type, bytes_type])
-            return builder.call(function, [args[0], flipped, args[2]])
+            return _vpdpbusd(builder, args[0], builder.xor(args[1], _splat(_I8(0x80), 32)), args[2])
         absolute = builder.call(_function(builder, "llvm.abs.v32i8", bytes_type, [bytes_type, ir.IntType(1)]),
                                 [args[1], ir.IntType(1)(0)])
         signs = builder.call(_function(builder, "llvm.x86.avx2.psign.b", bytes_type, [bytes_type, bytes_type]),
@@ -900,9 +905,7 @@ def dot_u8_i8_x64(typingctx, acc, unsigned, signed, isa):
         return None
 
     def codegen(context, builder, sig, args):
-        function = _function(builder, "llvm.x86.avx512.vpdpbusd.512", I32x16.llvm_type(),
-                             [I32x16.llvm_type(), I8x64.llvm_type(), I8x64.llvm_type()])
-        return builder.call(function, [args[0], args[1], args[2]])
+        return _vpdpbusd(builder, args[0], args[1], args[2])
     return I32x16(acc, unsigned, signed, isa), codegen
 
 
@@ -1577,12 +1580,9 @@ def nibble_block_sums_x8(typingctx, start, values, array, offset, isa):
             broadcasts.append(builder.bitcast(_splat_value(builder, dword, 8), bytes_type))
         start_lanes = _splat_value(builder, _as_i32(builder, args[0]), 8)
         if vnni:
-            dpbusd = _function(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8.llvm_type(),
-                               [I32x8.llvm_type(), bytes_type, bytes_type])
             chains = [start_lanes, ir.Constant(I32x8.llvm_type(), None)]
             for j in range(8):
-                chains[j % 2] = builder.call(dpbusd, [chains[j % 2], builder.extract_value(args[1], j),
-                                                      broadcasts[j]])
+                chains[j % 2] = _vpdpbusd(builder, chains[j % 2], builder.extract_value(args[1], j), broadcasts[j])
             return builder.add(chains[0], chains[1])
         maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
         maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
@@ -1642,9 +1642,12 @@ def load_f16_8_rows(typingctx, array, offset, stride):
     return F32x8(array, offset, stride), codegen
 
 
-# The row-lane kernels' registers, by path: sixteen rows on AVX512-VNNI, eight on AVX-VNNI and AVX2.
-_LANE_FLOATS = {"avx512vnni": F32x16, "avxvnni": F32x8, "avx2": F32x8}
 _LANE_INTS = {F32x16: I32x16, F32x8: I32x8}
+
+
+def _lane_floats(isa: IsaType) -> VectorType:
+    """The row-lane kernels' float register on path ``isa``: sixteen rows where it is wide, else eight."""
+    return F32x16 if isa.wide else F32x8
 
 
 @intrinsic
@@ -1652,7 +1655,7 @@ def lane_rows(typingctx, isa):
     """The weight rows of a row-lane register on path ``isa``: 16 (AVX512-VNNI) or 8 (AVX-VNNI, AVX2), a constant."""
     if not isinstance(isa, IsaType):
         return None
-    rows = _LANE_FLOATS[isa.isa_name].count
+    rows = _lane_floats(isa).count
 
     def codegen(context, builder, sig, args):
         return ir.IntType(64)(rows)
@@ -1664,7 +1667,7 @@ def zero_lanes(typingctx, isa):
     """Float zeros in a row-lane register of path ``isa``: an ``F32x16`` or an ``F32x8``."""
     if not isinstance(isa, IsaType):
         return None
-    vector = _LANE_FLOATS[isa.isa_name]
+    vector = _lane_floats(isa)
 
     def codegen(context, builder, sig, args):
         return ir.Constant(vector.llvm_type(), None)
