@@ -40,8 +40,8 @@ def test_the_slots_share_passes_on_one_thread_and_each_gets_its_own_reply(contex
     CPU without those kernels; forced here) every pass runs alone, one per slot and step, on the same thread."""
     model = contexts[0].model
     if combined and model.batcher is None:
-        pytest.skip("this CPU runs the model without the integer kernels, so passes are not combined "
-                    "(model/batching.batch_invariant); the 'passes alone' case runs here")
+        pytest.skip(reason="this CPU runs the model without the integer kernels, so passes are not combined "
+                           "(model/batching.batch_invariant); the 'passes alone' case runs here")
     if not combined:
         monkeypatch.setattr(model, "batcher", None)
     alone = [_text(contexts[0].create_completion(p, stream=True, **GREEDY)) for p in PROMPTS]
