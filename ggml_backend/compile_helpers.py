@@ -15,7 +15,7 @@ the first decoded token after 44 s instead of 73.
 A helper that finishes leaves a marker file beside the kernels it compiled (``ahead-<key>-<task>.done`` in numba's
 cache folder of ``model/decode_step.py``), so later opens start none for that kind of pass (a kind no helper took
 yet, where there were fewer helpers than kinds, goes to a helper of a later open); the key covers what the kernels
-depend on (the kernel sources' text and file stamps, numba's version, the CPU and kernel path, the model's tensor
+depend on (the kernel sources' file stamps, numba's version, the CPU and kernel path, the model's tensor
 types and shapes, the KV cache types). A helper holds a lock file beside its marker while it runs, so processes
 opening the same model at once (server replicas) start one helper per kind of pass between them. It runs at a lower
 priority, and ends at most ten seconds after the process that started it (time to finish where it only loads cached
@@ -83,7 +83,9 @@ def kernel_key(model, cache_types: tuple[str, str]) -> str:
     def add(*parts) -> None:
         digest.update(repr(parts).encode())
 
-    add(_numba_cache.kernel_sources_digest(), _numba_cache.kernel_sources_digest(stamps=True))
+    # the sources' stamps, as numba's own index compares them: an edit changes them, and drop_stale_kernels removes
+    # the markers with the kernels when the sources' text changes, so their text need not be read again here
+    add(_numba_cache.kernel_sources_digest(stamps=True))
     add(numba.__version__, sys.version_info[:2], getattr(KERNEL_ISA, "name", None))
     add(*(os.environ.get(name) for name in ("GGML_BACKEND_KERNELS", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES",
                                             "NUMBA_OPT", "NUMBA_THREADING_LAYER")))
@@ -159,8 +161,9 @@ def start_helpers(model, model_path: str, n_threads: int, cache_types: tuple[str
         for task in wanted:
             if len(_started[key]) >= limit:
                 break
+            marker = marker_path(folder, key, task)
             try:
-                fd = _take_lock(marker_path(folder, key, task))
+                fd = _take_lock(marker)
             except OSError:
                 break
             if fd is None:       # another process's helper is on it
@@ -168,7 +171,7 @@ def start_helpers(model, model_path: str, n_threads: int, cache_types: tuple[str
             os.close(fd)         # the helper takes the lock itself; if another takes it first, this one leaves
             command = [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                        "from ggml_backend.compile_helpers import main; main(sys.argv[2:])", package_root,
-                       "--task", task, "--marker", str(marker_path(folder, key, task)), "--parent", str(os.getpid()),
+                       "--task", task, "--marker", str(marker), "--parent", str(os.getpid()),
                        "--n-threads", str(n_threads), "--type-k", cache_types[0], "--type-v", cache_types[1],
                        model_path]
             try:
