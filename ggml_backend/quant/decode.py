@@ -1586,16 +1586,17 @@ def _emit_panel(floats, quants, bias, lane_scale, lane_offset, r, row_base, base
 @njit(inline="always", **_KERNEL)
 def _emit_row_panel(floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
                     offset_b, isa):
-    # row-interleaved (gemm.py's prompt kernel), 16 rows: dword j of every row side by side, as unsigned
-    # q + 128 (quants[64 j + 4 r:64 j + 4 r + 4] = row r's values 4j .. 4j + 3; the kernel takes 128 * the
-    # token's sums back out), and per 16 values h the rows' scale and offset at [16 h + r]
+    # row-interleaved (gemm.py's prompt kernel), P = lane_rows(isa) rows (16, or 8 on AVX-VNNI): dword j of every
+    # row side by side, as unsigned q + 128 (quants[4 P j + 4 r:4 P j + 4 r + 4] = row r's values 4j .. 4j + 3;
+    # the kernel takes 128 * the token's sums back out), and per 16 values h the rows' scale and offset at [P h + r]
+    n = lane_rows(isa)
     v = base - row_base
-    store_dwords(quants, 16 * v + 4 * r, 64, add_bytes(q, splat_bytes(-128)))
+    store_dwords(quants, n * v + 4 * r, 4 * n, add_bytes(q, splat_bytes(-128)))
     h = v // 16
-    lane_scale[16 * h + r] = scale_a
-    lane_scale[16 * h + 16 + r] = scale_b
-    lane_offset[16 * h + r] = offset_a
-    lane_offset[16 * h + 16 + r] = offset_b
+    lane_scale[n * h + r] = scale_a
+    lane_scale[n * h + n + r] = scale_b
+    lane_offset[n * h + r] = offset_a
+    lane_offset[n * h + n + r] = offset_b
 
 
 def _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
@@ -1819,8 +1820,9 @@ def unpack_panel(kind, w, start, row_bytes, n_rows, k, quants, bias, lane_scale,
 
 @njit(nogil=True, **_KERNEL)
 def unpack_row_panel(kind, w, start, row_bytes, n_rows, k, quants, scale, offset, isa):
-    """Up to 16 rows of the matrix from byte ``start`` as a row-interleaved GEMM panel (see ``_emit``): quants
-    uint8 [16 * k] (q + 128), scale and offset float32 [k] (zeros for the kinds without offsets); the entries of
-    rows past ``n_rows`` are left as they are."""
+    """Up to ``lane_rows(isa)`` rows (16 or 8) of the matrix from byte ``start`` as a row-interleaved GEMM panel
+    (see ``_emit``): quants uint8 [lane_rows * k] (q + 128), scale and offset float32 [k] (zeros for the kinds
+    without offsets; 16 rows fill them, 8 their first half); the entries of rows past ``n_rows`` are left as they
+    are."""
     _walk_rows(kind, w, start, row_bytes, n_rows, k, _ROW_PANEL, np.empty(0, np.float32), quants,
                np.empty(0, np.int32), scale, offset, isa)

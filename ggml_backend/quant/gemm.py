@@ -48,18 +48,18 @@ from .decode import (
     unpack_panel, unpack_row_panel,
 )
 from .simd import (
-    AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8, fma_i32x16,
-    fma_i32x16_folded, fnma_f32x16, fold_halves_i32x16, high_nibbles_times_pairs, load_16_bytes_twice, load_16_f32,
-    load_16_i32, load_64_bytes, load_f16, mul_f32x16, mul_i32x8, prefetch, scaled_dot, to_scale_words, splat_bytes,
-    splat_dword_x64, splat_f32_at, splat_i32_at, store_8_i32, store_32_bytes, store_f32_lanes, sum_f32x8, sum_f32x16,
-    to_f32x16, zero_f32x8, zero_f32x16, zero_i32x8, zero_i32x16,
+    AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_panel_dword, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8,
+    fma_i32x16, fma_i32x16_folded, fma_lanes, fnma_lanes, fold_halves_i32x16, high_nibbles_times_pairs,
+    lane_rows, load_16_bytes_twice, load_16_f32, load_16_i32, load_64_bytes, load_f16, load_lane_floats, mul_f32x16,
+    mul_i32x8, prefetch, scaled_dot, to_scale_words, splat_bytes,
+    splat_lane_floats, splat_lane_ints, store_8_i32, store_32_bytes, store_f32_lanes, sum_f32x8, sum_f32x16,
+    to_f32x16, zero_f32x8, zero_f32x16, zero_i32x8, zero_i32x16, zero_lanes,
 )
 
 PANEL_ROWS = 4     # weight rows of a register tile of the exact GEMM (the kernel is written out for 4)
 TILE_TOKENS = 4    # tokens of a register tile of the exact GEMM (likewise)
-ROW_PANEL = 16     # weight rows of the prompt GEMM's panel: the 16 int32 lanes of a register
-ROW_TILE_TOKENS = 8    # tokens of the prompt GEMM's register tile (written out for 8)
-PAD_TOKENS = 8     # GemmTokens pads its tokens to a multiple of both tiles
+# the prompt GEMM's panel rows and register tile come from the path: lane_rows(isa) and _tile_tokens(isa)
+PAD_TOKENS = 8     # GemmTokens pads its tokens to a multiple of every tile
 CHUNKS_PER_THREAD = 2    # prange iterations per thread: some balancing when a thread is slowed
 
 # Bytes of activations per block of tokens (the exact GEMM's x + 128 and lane scales, the prompt GEMM's quants):
@@ -85,9 +85,16 @@ EXACT_FROM_TOKENS = {2: 8, 5: 8, 6: 8, 7: 8, 8: 8, 9: 8}
 
 
 def isa_has_gemm(isa) -> bool:
-    """Whether the SIMD path ``isa`` (simd.Isa or None) has the integer GEMM: AVX512-VNNI only (``vpdpbusd`` on
-    512 bits; AVX2 CPUs keep dequantize + sgemm)."""
+    """Whether the SIMD path ``isa`` (simd.Isa or None) has the exact GEMMs (``gemm``, ``gemm_k``: few-token
+    products that equal the one-token kernels): AVX512-VNNI only (``vpdpbusd`` on 512 bits)."""
     return isa is AVX512VNNI
+
+
+def isa_has_prompt_gemm(isa) -> bool:
+    """Whether the SIMD path ``isa`` has the prompt kernel (``gemm_rows``): the paths with ``vpdpbusd``, sixteen
+    rows a register on AVX512-VNNI, eight on AVX-VNNI. AVX2 CPUs keep dequantize + sgemm (``vpmaddubsw`` would
+    saturate on the panel's unsigned q + 128)."""
+    return isa is not None and isa.vnni
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,10 +133,10 @@ def _token_step(kind, a0, a1, a2, a3, q0, q1, q2, q3, b0, b1, b2, b3, s0, s1, s2
 def _offset_step(a0, a1, a2, a3, offsets, g, k16, xsum, gx):
     """One token's sums of 16 groups of 16 values (at xsum[gx:]) times the four rows' offsets of those groups."""
     sums = load_16_f32(xsum, gx)
-    a0 = fnma_f32x16(a0, load_16_f32(offsets, g), sums)
-    a1 = fnma_f32x16(a1, load_16_f32(offsets, g + k16), sums)
-    a2 = fnma_f32x16(a2, load_16_f32(offsets, g + 2 * k16), sums)
-    a3 = fnma_f32x16(a3, load_16_f32(offsets, g + 3 * k16), sums)
+    a0 = fnma_lanes(a0, load_16_f32(offsets, g), sums)
+    a1 = fnma_lanes(a1, load_16_f32(offsets, g + k16), sums)
+    a2 = fnma_lanes(a2, load_16_f32(offsets, g + 2 * k16), sums)
+    a3 = fnma_lanes(a3, load_16_f32(offsets, g + 3 * k16), sums)
     return a0, a1, a2, a3
 
 
@@ -531,56 +538,66 @@ GROUPS_OF_16 = (5, 6, 9)
 
 
 @njit(inline="always", **_KERNEL)
+def _tile_tokens(isa):
+    """Tokens of the prompt kernel's register tile: 8 on the wide path (32 registers hold 8 integer and 8 float
+    accumulators), 4 on AVX-VNNI (16 registers)."""
+    return lane_rows(isa) // 2
+
+
+@njit(inline="always", **_KERNEL)
 def _group_values(kind):
     """Values sharing one scale in a row: 16 (GROUPS_OF_16) or 32 (legacy kinds, q4_K, q5_K)."""
     return 16 if kind_code(kind) in GROUPS_OF_16 else 32
 
 
 @njit(**_KERNEL)
-def _dword_step(a0, a1, a2, a3, a4, a5, a6, a7, w, xs, x, k, isa):
-    """Four values of 16 rows (``w``, unsigned q + 128) times the same four values of 8 tokens (signed bytes x,
-    x + k, ... of ``xs``, each broadcast to the 16 lanes)."""
-    a0 = dot_u8_i8_x64(a0, w, splat_dword_x64(xs, x), isa)
-    a1 = dot_u8_i8_x64(a1, w, splat_dword_x64(xs, x + k), isa)
-    a2 = dot_u8_i8_x64(a2, w, splat_dword_x64(xs, x + 2 * k), isa)
-    a3 = dot_u8_i8_x64(a3, w, splat_dword_x64(xs, x + 3 * k), isa)
-    a4 = dot_u8_i8_x64(a4, w, splat_dword_x64(xs, x + 4 * k), isa)
-    a5 = dot_u8_i8_x64(a5, w, splat_dword_x64(xs, x + 5 * k), isa)
-    a6 = dot_u8_i8_x64(a6, w, splat_dword_x64(xs, x + 6 * k), isa)
-    a7 = dot_u8_i8_x64(a7, w, splat_dword_x64(xs, x + 7 * k), isa)
+def _dword_step(a0, a1, a2, a3, a4, a5, a6, a7, panel, p, xs, x, k, isa):
+    """Four values of the panel's rows (its dword column at byte ``p``: unsigned q + 128) times the same four
+    values of the tile's tokens (signed bytes x, x + k, ... of ``xs``, each broadcast to every lane)."""
+    a0 = dot_panel_dword(a0, panel, p, xs, x, isa)
+    a1 = dot_panel_dword(a1, panel, p, xs, x + k, isa)
+    a2 = dot_panel_dword(a2, panel, p, xs, x + 2 * k, isa)
+    a3 = dot_panel_dword(a3, panel, p, xs, x + 3 * k, isa)
+    if _tile_tokens(isa) > 4:
+        a4 = dot_panel_dword(a4, panel, p, xs, x + 4 * k, isa)
+        a5 = dot_panel_dword(a5, panel, p, xs, x + 5 * k, isa)
+        a6 = dot_panel_dword(a6, panel, p, xs, x + 6 * k, isa)
+        a7 = dot_panel_dword(a7, panel, p, xs, x + 7 * k, isa)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @njit(**_KERNEL)
-def _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7, scale, x_scales, i, n_groups):
+def _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7, scale, x_scales, i, n_groups, isa):
     """Each token's group sums (exact integers, one per row) times the rows' scales and the token's scale."""
-    f0 = fma_i32x16(f0, a0, scale, splat_f32_at(x_scales, i))
-    f1 = fma_i32x16(f1, a1, scale, splat_f32_at(x_scales, i + n_groups))
-    f2 = fma_i32x16(f2, a2, scale, splat_f32_at(x_scales, i + 2 * n_groups))
-    f3 = fma_i32x16(f3, a3, scale, splat_f32_at(x_scales, i + 3 * n_groups))
-    f4 = fma_i32x16(f4, a4, scale, splat_f32_at(x_scales, i + 4 * n_groups))
-    f5 = fma_i32x16(f5, a5, scale, splat_f32_at(x_scales, i + 5 * n_groups))
-    f6 = fma_i32x16(f6, a6, scale, splat_f32_at(x_scales, i + 6 * n_groups))
-    f7 = fma_i32x16(f7, a7, scale, splat_f32_at(x_scales, i + 7 * n_groups))
+    f0 = fma_lanes(f0, a0, scale, x_scales[i])
+    f1 = fma_lanes(f1, a1, scale, x_scales[i + n_groups])
+    f2 = fma_lanes(f2, a2, scale, x_scales[i + 2 * n_groups])
+    f3 = fma_lanes(f3, a3, scale, x_scales[i + 3 * n_groups])
+    if _tile_tokens(isa) > 4:
+        f4 = fma_lanes(f4, a4, scale, x_scales[i + 4 * n_groups])
+        f5 = fma_lanes(f5, a5, scale, x_scales[i + 5 * n_groups])
+        f6 = fma_lanes(f6, a6, scale, x_scales[i + 6 * n_groups])
+        f7 = fma_lanes(f7, a7, scale, x_scales[i + 7 * n_groups])
     return f0, f1, f2, f3, f4, f5, f6, f7
 
 
 @njit(**_KERNEL)
-def _offsets_step(f0, f1, f2, f3, f4, f5, f6, f7, offset, xsum, gx, n_sums):
+def _offsets_step(f0, f1, f2, f3, f4, f5, f6, f7, offset, xsum, gx, n_sums, isa):
     """The rows' offsets of 16 values times each token's d * (sum of those 16 quants), taken off."""
-    f0 = fnma_f32x16(f0, offset, splat_f32_at(xsum, gx))
-    f1 = fnma_f32x16(f1, offset, splat_f32_at(xsum, gx + n_sums))
-    f2 = fnma_f32x16(f2, offset, splat_f32_at(xsum, gx + 2 * n_sums))
-    f3 = fnma_f32x16(f3, offset, splat_f32_at(xsum, gx + 3 * n_sums))
-    f4 = fnma_f32x16(f4, offset, splat_f32_at(xsum, gx + 4 * n_sums))
-    f5 = fnma_f32x16(f5, offset, splat_f32_at(xsum, gx + 5 * n_sums))
-    f6 = fnma_f32x16(f6, offset, splat_f32_at(xsum, gx + 6 * n_sums))
-    f7 = fnma_f32x16(f7, offset, splat_f32_at(xsum, gx + 7 * n_sums))
+    f0 = fnma_lanes(f0, offset, splat_lane_floats(xsum, gx, isa))
+    f1 = fnma_lanes(f1, offset, splat_lane_floats(xsum, gx + n_sums, isa))
+    f2 = fnma_lanes(f2, offset, splat_lane_floats(xsum, gx + 2 * n_sums, isa))
+    f3 = fnma_lanes(f3, offset, splat_lane_floats(xsum, gx + 3 * n_sums, isa))
+    if _tile_tokens(isa) > 4:
+        f4 = fnma_lanes(f4, offset, splat_lane_floats(xsum, gx + 4 * n_sums, isa))
+        f5 = fnma_lanes(f5, offset, splat_lane_floats(xsum, gx + 5 * n_sums, isa))
+        f6 = fnma_lanes(f6, offset, splat_lane_floats(xsum, gx + 6 * n_sums, isa))
+        f7 = fnma_lanes(f7, offset, splat_lane_floats(xsum, gx + 7 * n_sums, isa))
     return f0, f1, f2, f3, f4, f5, f6, f7
 
 
 @njit(**_KERNEL)
-def _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f5, f6, f7):
+def _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f5, f6, f7, isa):
     # token t + i's results for the panel's rows: out (flat) from (t + i) * n_cols + column, tokens past n_tokens
     # (padding) not stored
     store_f32_lanes(out, t * n_cols + column, f0, n_valid)
@@ -590,68 +607,80 @@ def _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f
         store_f32_lanes(out, (t + 2) * n_cols + column, f2, n_valid)
     if t + 3 < n_tokens:
         store_f32_lanes(out, (t + 3) * n_cols + column, f3, n_valid)
-    if t + 4 < n_tokens:
-        store_f32_lanes(out, (t + 4) * n_cols + column, f4, n_valid)
-    if t + 5 < n_tokens:
-        store_f32_lanes(out, (t + 5) * n_cols + column, f5, n_valid)
-    if t + 6 < n_tokens:
-        store_f32_lanes(out, (t + 6) * n_cols + column, f6, n_valid)
-    if t + 7 < n_tokens:
-        store_f32_lanes(out, (t + 7) * n_cols + column, f7, n_valid)
+    if _tile_tokens(isa) > 4:
+        if t + 4 < n_tokens:
+            store_f32_lanes(out, (t + 4) * n_cols + column, f4, n_valid)
+        if t + 5 < n_tokens:
+            store_f32_lanes(out, (t + 5) * n_cols + column, f5, n_valid)
+        if t + 6 < n_tokens:
+            store_f32_lanes(out, (t + 6) * n_cols + column, f6, n_valid)
+        if t + 7 < n_tokens:
+            store_f32_lanes(out, (t + 7) * n_cols + column, f7, n_valid)
 
 
 @njit(**_KERNEL)
 def _row_tile(kind, quants, scale, offsets, k, xs, starts, x_scales, n_groups, xsum, n_sums, t, out, n_cols,
               n_tokens, column, n_valid, isa):
-    """Tokens t .. t + 7 times the panel's 16 rows into out (flat, n_cols per token) from ``column``."""
+    """Tokens t .. t + _tile_tokens(isa) - 1 times the panel's rows (P = lane_rows(isa)) into out (flat, n_cols
+    per token) from ``column``."""
     group = _group_values(kind)
-    f0 = zero_f32x16()
-    f1 = zero_f32x16()
-    f2 = zero_f32x16()
-    f3 = zero_f32x16()
-    f4 = zero_f32x16()
-    f5 = zero_f32x16()
-    f6 = zero_f32x16()
-    f7 = zero_f32x16()
+    n = lane_rows(isa)
+    f0 = zero_lanes(isa)
+    f1 = zero_lanes(isa)
+    f2 = zero_lanes(isa)
+    f3 = zero_lanes(isa)
+    f4 = zero_lanes(isa)
+    f5 = zero_lanes(isa)
+    f6 = zero_lanes(isa)
+    f7 = zero_lanes(isa)
     for g in range(0, k, group):
         # each token's group sum starts at -128 * (its sum of x), which takes the panel's + 128 back out
         i = t * n_groups + g // group
-        a0 = splat_i32_at(starts, i)
-        a1 = splat_i32_at(starts, i + n_groups)
-        a2 = splat_i32_at(starts, i + 2 * n_groups)
-        a3 = splat_i32_at(starts, i + 3 * n_groups)
-        a4 = splat_i32_at(starts, i + 4 * n_groups)
-        a5 = splat_i32_at(starts, i + 5 * n_groups)
-        a6 = splat_i32_at(starts, i + 6 * n_groups)
-        a7 = splat_i32_at(starts, i + 7 * n_groups)
+        a0 = splat_lane_ints(starts, i, isa)
+        a1 = splat_lane_ints(starts, i + n_groups, isa)
+        a2 = splat_lane_ints(starts, i + 2 * n_groups, isa)
+        a3 = splat_lane_ints(starts, i + 3 * n_groups, isa)
+        a4 = a3
+        a5 = a3
+        a6 = a3
+        a7 = a3
+        if _tile_tokens(isa) > 4:
+            a4 = splat_lane_ints(starts, i + 4 * n_groups, isa)
+            a5 = splat_lane_ints(starts, i + 5 * n_groups, isa)
+            a6 = splat_lane_ints(starts, i + 6 * n_groups, isa)
+            a7 = splat_lane_ints(starts, i + 7 * n_groups, isa)
         x = t * k + g
         for j in range(group // 4):
-            a0, a1, a2, a3, a4, a5, a6, a7 = _dword_step(a0, a1, a2, a3, a4, a5, a6, a7,
-                                                         load_64_bytes(quants, 16 * g + 64 * j), xs, x + 4 * j, k,
-                                                         isa)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _dword_step(a0, a1, a2, a3, a4, a5, a6, a7, quants, n * (g + 4 * j),
+                                                         xs, x + 4 * j, k, isa)
         h = g // 16
         f0, f1, f2, f3, f4, f5, f6, f7 = _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7,
-                                                     load_16_f32(scale, 16 * h), x_scales, i, n_groups)
+                                                     load_lane_floats(scale, n * h, isa), x_scales, i, n_groups,
+                                                     isa)
         if _has_offsets(kind):
             f0, f1, f2, f3, f4, f5, f6, f7 = _offsets_step(f0, f1, f2, f3, f4, f5, f6, f7,
-                                                           load_16_f32(offsets, 16 * h), xsum, t * n_sums + h, n_sums)
+                                                           load_lane_floats(offsets, n * h, isa), xsum,
+                                                           t * n_sums + h, n_sums, isa)
             if group == 32:
                 f0, f1, f2, f3, f4, f5, f6, f7 = _offsets_step(f0, f1, f2, f3, f4, f5, f6, f7,
-                                                               load_16_f32(offsets, 16 * h + 16), xsum,
-                                                               t * n_sums + h + 1, n_sums)
-    _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f5, f6, f7)
+                                                               load_lane_floats(offsets, n * h + n, isa), xsum,
+                                                               t * n_sums + h + 1, n_sums, isa)
+    _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f5, f6, f7, isa)
 
 
 @njit(parallel=True, nogil=True, **_KERNEL)
 def gemm_rows(kind, w, start, row_bytes, n_rows, k, xs, starts, x_scales, xsum, out, column, block_tokens, n_chunks,
               isa):
-    """``gemm``'s product on row-interleaved panels: tokens padded to a multiple of ROW_TILE_TOKENS, ``xs`` their
-    signed quants [tokens * k], ``starts`` -128 * their sums and ``x_scales`` their scales [tokens, groups] per
-    group of the kind's values (``_group_values``). Each row's groups are summed exactly in integers, then scaled
-    and added in float32 one group after the other (llama.cpp's order for a row); no horizontal sums."""
+    """``gemm``'s product on row-interleaved panels of ``lane_rows(isa)`` rows (16, or 8 on AVX-VNNI): tokens
+    padded to a multiple of PAD_TOKENS, ``xs`` their signed quants [tokens * k], ``starts`` -128 * their sums
+    and ``x_scales`` their scales [tokens, groups] per group of the kind's values (``_group_values``). Each row's
+    groups are summed exactly in integers, then scaled and added in float32 one group after the other (llama.cpp's
+    order for a row); no horizontal sums."""
     n_tokens, n_cols = out.shape
     flat_out = out.reshape(-1)
-    n_panels = (n_rows + ROW_PANEL - 1) // ROW_PANEL
+    panel_rows = lane_rows(isa)
+    tile = _tile_tokens(isa)
+    n_panels = (n_rows + panel_rows - 1) // panel_rows
     per_chunk = (n_panels + n_chunks - 1) // n_chunks
     n_groups = starts.shape[1]
     flat_starts = starts.reshape(-1)
@@ -662,21 +691,21 @@ def gemm_rows(kind, w, start, row_bytes, n_rows, k, xs, starts, x_scales, xsum, 
         first = min(n_panels, chunk * per_chunk)
         last = min(n_panels, first + per_chunk)
         if first < last:
-            quants = np.empty(ROW_PANEL * k, np.uint8)
+            quants = np.empty(panel_rows * k, np.uint8)
             scale = np.empty(k, np.float32)
             offsets = np.zeros(k, np.float32)
             for t0 in range(0, n_tokens, block_tokens):
                 t1 = min(n_tokens, t0 + block_tokens)
                 for panel in range(first, last):
-                    row = ROW_PANEL * panel
-                    n_valid = min(ROW_PANEL, n_rows - row)
-                    if n_valid < ROW_PANEL:    # the missing rows of the last panel: zeros, never stored
+                    row = panel_rows * panel
+                    n_valid = min(panel_rows, n_rows - row)
+                    if n_valid < panel_rows:    # the missing rows of the last panel: zeros, never stored
                         quants[:] = 0
                         scale[:] = 0
                         offsets[:] = 0
                     unpack_row_panel(kind, w, start + row * row_bytes, row_bytes, n_valid, k, quants, scale, offsets,
                                      isa)
-                    for t in range(t0, t1, ROW_TILE_TOKENS):
+                    for t in range(t0, t1, tile):
                         _row_tile(kind, quants, scale, offsets, k, xs, flat_starts, flat_scales, n_groups, flat_sums,
                                   n_sums, t, flat_out, n_cols, n_tokens, column + row, n_valid, isa)
 

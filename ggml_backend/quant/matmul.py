@@ -47,7 +47,7 @@ from .activations import (
 )
 from .decode import KIND_ARGS, KINDS, matmul_few, matvec, matvec_here  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
-from .gemm import EXACT_FROM_TOKENS, GemmTokens, gemm_product, isa_has_gemm
+from .gemm import EXACT_FROM_TOKENS, GemmTokens, gemm_product, isa_has_gemm, isa_has_prompt_gemm
 from .simd import choose_isa
 from .types import TYPES, QuantType, get_type
 
@@ -80,7 +80,7 @@ except ValueError as error:   # a bad GGML_BACKEND_KERNELS: said by the first pr
 
 def prompt_path() -> str:
     """What prompt products (``method="auto"`` from BLAS_MIN_TOKENS tokens) run on here, in words."""
-    if isa_has_gemm(KERNEL_ISA):
+    if isa_has_prompt_gemm(KERNEL_ISA):
         return f"the integer GEMM ({KERNEL_ISA.name})"
     return "dequantized weights into numpy's sgemm (BLAS)"
 
@@ -186,13 +186,14 @@ def quantize_activations(vec_dot_type: str, x: np.ndarray, for_blas: bool = Fals
 
 
 def gemm_available(qtype: QuantType, k: int) -> bool:
-    """Whether products of ``qtype`` weights with rows of k values can take the integer GEMM on this CPU."""
-    return _gemm_takes(qtype.one_token.simd_kind, k)
+    """Whether prompt products of ``qtype`` weights with rows of k values can take the integer GEMM on this CPU."""
+    return _gemm_takes(qtype.one_token.simd_kind, k, isa_has_prompt_gemm(KERNEL_ISA))
 
 
-def _gemm_takes(kind: int | None, k: int) -> bool:
-    """Whether the integer GEMM takes a block kind (decode.KINDS; None for float types) and rows of k values."""
-    return isa_has_gemm(KERNEL_ISA) and kind is not None and k % 64 == 0
+def _gemm_takes(kind: int | None, k: int, path_has_it: bool) -> bool:
+    """Whether an integer GEMM (``path_has_it``: the kernel path has it) takes a block kind (decode.KINDS; None for
+    float types) and rows of k values."""
+    return path_has_it and kind is not None and k % 64 == 0
 
 
 def _product_path(qtype: QuantType, method: str, n_tokens: int, k: int) -> str:
@@ -200,7 +201,7 @@ def _product_path(qtype: QuantType, method: str, n_tokens: int, k: int) -> str:
     if method not in ("auto", "int", "gemm", "blas"):
         raise MatmulShapeError(f"method must be 'auto', 'int', 'gemm' or 'blas', got {method!r}")
     if method == "gemm" and not gemm_available(qtype, k):
-        raise MatmulShapeError(f"the integer GEMM needs AVX512-VNNI (kernels: "
+        raise MatmulShapeError(f"the integer GEMM needs VNNI (AVX512-VNNI or AVX-VNNI; kernels: "
                                f"{KERNEL_ISA.name if KERNEL_ISA else 'generic'}), a block type and k a multiple "
                                f"of 64 ({qtype.name}, k = {k})")
     if qtype.one_token.sgemm:
@@ -261,7 +262,8 @@ def _integer_product(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
 def _exact_gemm(kind: int | None, shape: tuple[int, int]) -> bool:
     """Whether a few-token product (shape: its activations' [n_tokens, k]) takes the exact GEMM, whose results are
     the few-token kernels' bit for bit (gemm.EXACT_FROM_TOKENS: from how many tokens, per kind)."""
-    return shape[0] >= EXACT_FROM_TOKENS.get(kind, shape[0] + 1) and _gemm_takes(kind, shape[1])
+    return (shape[0] >= EXACT_FROM_TOKENS.get(kind, shape[0] + 1)
+            and _gemm_takes(kind, shape[1], isa_has_gemm(KERNEL_ISA)))
 
 
 def _simd_matvec(kind: int, base: np.ndarray, starts: np.ndarray, row_counts: np.ndarray, row_bytes: int,

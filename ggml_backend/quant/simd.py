@@ -226,22 +226,30 @@ load_16_bytes = intrinsic(_vector_load(I8x16))
 load_16_bytes.__doc__ = "``array[offset:offset + 16]`` (a byte array) as an ``I8x16``."
 
 
+def _typed_load_codegen(vector: VectorType, broadcast: bool):
+    """The code of ``_typed_load``: args (array, index, ...), the vector loaded or its first lane broadcast."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        if broadcast:
+            return _splat_value(builder, builder.load(pointer, align=4), vector.count)
+        return builder.load(builder.bitcast(pointer, vector.llvm_type().as_pointer()), align=4)
+    return codegen
+
+
+def _is_typed_array(array, dtype, index) -> bool:
+    return (isinstance(array, types.Array) and array.dtype == dtype and array.layout == "C"
+            and isinstance(index, types.Integer))
+
+
 def _typed_load(vector: VectorType, dtype, broadcast: bool = False):
     """An intrinsic loading ``array[index:index + count]`` of a C-contiguous ``dtype`` array as ``vector``, or
     with ``broadcast`` ``array[index]`` in every lane (a broadcast load, which LLVM folds into the instruction that
     uses it)."""
     def make(typingctx, array, index):
-        if not (isinstance(array, types.Array) and array.dtype == dtype and array.layout == "C"
-                and isinstance(index, types.Integer)):
+        if not _is_typed_array(array, dtype, index):
             return None
-
-        def codegen(context, builder, sig, args):
-            data = context.make_array(sig.args[0])(context, builder, args[0]).data
-            pointer = builder.gep(data, [args[1]])
-            if broadcast:
-                return _splat_value(builder, builder.load(pointer, align=4), vector.count)
-            return builder.load(builder.bitcast(pointer, vector.llvm_type().as_pointer()), align=4)
-        return vector(array, index), codegen
+        return vector(array, index), _typed_load_codegen(vector, broadcast)
     return intrinsic(make)
 
 
@@ -950,18 +958,6 @@ def fma_i32x16_folded(typingctx, acc, dot, scale_a, scale_b):
     return F32x16(acc, dot, scale_a, scale_b), codegen
 
 
-@intrinsic
-def fnma_f32x16(typingctx, acc, a, b):
-    """``acc - a * b`` lanewise (one ``vfnmadd``)."""
-    if acc != F32x16 or a != F32x16 or b != F32x16:
-        return None
-
-    def codegen(context, builder, sig, args):
-        function = _function(builder, "llvm.fma.v16f32", F32x16.llvm_type(), [F32x16.llvm_type()] * 3)
-        return builder.call(function, [builder.fneg(args[1]), args[2], args[0]])
-    return F32x16(acc, a, b), codegen
-
-
 sum_f32x16 = _lane_sum(F32x16)
 sum_f32x16.__doc__ = """The sum of the sixteen lanes in a fixed order (halves first: the sum of ``sum_f32x8``'s two
 chains when they are the halves), as float32."""
@@ -1061,10 +1057,6 @@ def store_dwords(typingctx, array, offset, stride, vector):
     return types.void(array, offset, stride, vector), codegen
 
 
-splat_f32_at = _typed_load(F32x16, types.float32, broadcast=True)
-splat_f32_at.__doc__ = "``array[index]`` of a float32 array in all sixteen lanes of an ``F32x16``."
-splat_i32_at = _typed_load(I32x16, types.int32, broadcast=True)
-splat_i32_at.__doc__ = "``array[index]`` of an int32 array in all sixteen lanes of an ``I32x16``."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1689,3 +1681,61 @@ def fma_lanes(typingctx, acc, dot, scales, scale):
         function = _function(builder, f"llvm.fma.v{vector.count}f32", vector, [vector] * 3)
         return builder.call(function, [floats, products, args[0]])
     return acc(acc, dot, scales, scale), codegen
+
+
+def _lane_load(floats: bool, broadcast: bool = False):
+    """``_typed_load`` into a row-lane register of path ``isa`` (``f(array, index, isa)``): float32 or int32
+    lanes, sixteen where the path is wide, else eight."""
+    def make(typingctx, array, index, isa):
+        if not isinstance(isa, IsaType):
+            return None
+        vector = _lane_floats(isa) if floats else _LANE_INTS[_lane_floats(isa)]
+        if not _is_typed_array(array, types.float32 if floats else types.int32, index):
+            return None
+        return vector(array, index, isa), _typed_load_codegen(vector, broadcast)
+    return intrinsic(make)
+
+
+load_lane_floats = _lane_load(floats=True)
+load_lane_floats.__doc__ = "``array[index:index + n]`` of a float32 array in a row-lane register of path ``isa``."
+splat_lane_floats = _lane_load(floats=True, broadcast=True)
+splat_lane_floats.__doc__ = "``array[index]`` of a float32 array in every lane of a row-lane register of ``isa``."
+splat_lane_ints = _lane_load(floats=False, broadcast=True)
+splat_lane_ints.__doc__ = "``array[index]`` of an int32 array in every int32 lane of a row-lane register of ``isa``."
+
+
+@intrinsic
+def fnma_lanes(typingctx, acc, a, b):
+    """``acc - a * b`` lanewise (one ``vfnmadd``), on either width of the row lanes."""
+    if acc not in _LANE_INTS or a != acc or b != acc:
+        return None
+
+    def codegen(context, builder, sig, args):
+        vector = sig.args[0].llvm_type()
+        function = _function(builder, f"llvm.fma.v{vector.count}f32", vector, [vector] * 3)
+        return builder.call(function, [builder.fneg(args[1]), args[2], args[0]])
+    return acc(acc, a, b), codegen
+
+
+@intrinsic
+def dot_panel_dword(typingctx, acc, panel, offset, values, index, isa):
+    """``acc`` plus, in each int32 lane (a weight row of a row-interleaved panel), the products of that row's four
+    unsigned bytes at byte ``offset + 4 * lane`` of ``panel`` with the four signed bytes ``values[index:index + 4]``
+    (broadcast to every lane): one ``vpdpbusd`` on the VNNI paths, on 64 bytes where the path is wide (sixteen
+    rows; the broadcast becomes its embedded broadcast), else on 32 (eight rows, AVX-VNNI)."""
+    if not (isinstance(isa, IsaType) and isa.vnni and _is_byte_array(panel) and _is_byte_array(values)
+            and isinstance(offset, types.Integer) and isinstance(index, types.Integer)):
+        return None
+    lanes = _LANE_INTS[_lane_floats(isa)]
+    if acc != lanes:
+        return None
+    bytes_type = ir.VectorType(_I8, 4 * lanes.count)
+
+    def codegen(context, builder, sig, args):
+        row_bytes = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
+        unsigned = builder.load(builder.bitcast(row_bytes, bytes_type.as_pointer()), align=1)
+        value_bytes = _byte_pointer(context, builder, sig.args[3], args[3], args[4])
+        dword = builder.load(builder.bitcast(value_bytes, _I32.as_pointer()), align=1)
+        signed = builder.bitcast(_splat_value(builder, dword, lanes.count), bytes_type)
+        return _vpdpbusd(builder, args[0], unsigned, signed)
+    return lanes(acc, panel, offset, values, index, isa), codegen
