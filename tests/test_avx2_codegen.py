@@ -9,7 +9,8 @@ numba cache and multiplies every block type's weights by one token and by five (
 results must equal, bit for bit, those of the AVX2 path compiled for this CPU, and its kernels' assembly must load
 no block scale by ``vpinsrw`` from memory (the cost ``simd.load_f16_pair`` exists to avoid on such CPUs). The same
 for the AVX-VNNI path compiled for an Alder Lake (AVX2 and AVX-VNNI, no AVX-512), one token, whose kernels must
-use the VEX-encoded ``vpdpbusd`` / ``vpdpwssd``; both paths' code must hold nothing of AVX-512.
+use the VEX-encoded ``vpdpbusd`` / ``vpdpwssd``, and its prompt GEMM (eight rows a register), whose products must
+equal this CPU's VNNI prompt GEMM's; both paths' code must hold nothing of AVX-512.
 """
 from __future__ import annotations
 
@@ -49,7 +50,23 @@ def products(shapes, tokens):
             x = rng.standard_normal((n, k)).astype(np.float32)
             out[f"{type_name}-{n}"] = matmul_module.matmul(type_name, weights, x, method="int")
     return out
+
+def prompt_products(shapes, kinds, n):
+    # the prompt GEMM (method="gemm"), n tokens: two register tiles of 4 and a rest, a last panel of 5 rows
+    out = {}
+    for type_name in kinds:
+        rng = np.random.default_rng(KINDS[type_name] + 100)
+        n_rows, k = shapes[256 if type_name.endswith("K") else 32]
+        weights = random_weights(type_name, n_rows, k, rng)
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        out[f"{type_name}-gemm-{n}"] = matmul_module.matmul(type_name, weights, x, method="gemm")
+    return out
 """
+
+# the prompt GEMM's kinds compared (avxvnni path): no offsets, offsets per 16 and per 32 values, groups of 16 and
+# of 32, and q8_0's full byte range; tokens: tiles of 4 with a rest
+GEMM_KINDS = ("q4_0", "q4_1", "q8_0", "q2_K", "q4_K", "q6_K")
+GEMM_TOKENS = 11
 
 
 # what the compiled one-token and few-token kernels hold, by kernel and kind: vpinsrw from memory, AVX-512 (zmm
@@ -57,8 +74,9 @@ def products(shapes, tokens):
 INSERTS = r"""
 import json, re
 from ggml_backend.quant import decode
+from ggml_backend.quant import gemm
 counts = {{}}
-for kernel in (decode.matvec_here, decode.matmul_few):
+for kernel in (decode.matvec_here, decode.matmul_few, gemm.gemm_rows):
     for signature in kernel.signatures:
         asm = kernel.inspect_asm(signature)
         counts[f"{{kernel.__name__}} {{signature[0]}}"] = {{
@@ -69,14 +87,18 @@ open({!r}, "w").write(json.dumps(counts))
 """
 
 
-def _products_here(tokens) -> dict:
-    """The AVX2 path's products compiled for this CPU."""
+def _products_here(tokens, gemm_isa=None) -> dict:
+    """The AVX2 path's products compiled for this CPU; with ``gemm_isa`` also the prompt GEMM's on that path."""
     namespace: dict = {}
     exec(PRODUCTS, namespace)
     saved = matmul_module.KERNEL_ISA
     matmul_module.KERNEL_ISA = simd.AVX2
     try:
-        return namespace["products"](SHAPES, tokens)
+        out = namespace["products"](SHAPES, tokens)
+        if gemm_isa is not None:
+            matmul_module.KERNEL_ISA = gemm_isa
+            out.update(namespace["prompt_products"](SHAPES, GEMM_KINDS, GEMM_TOKENS))
+        return out
     finally:
         matmul_module.KERNEL_ISA = saved
 
@@ -96,25 +118,37 @@ def test_path_compiled_without_avx512_gives_the_same_numbers(tmp_path, path):
     cpu, features, tokens = TARGETS[path]
     result = tmp_path / "products.npz"
     inserts = tmp_path / "vpinsrw.json"
-    script = (PRODUCTS + f"np.savez({str(result)!r}, **products({SHAPES!r}, {tokens!r}))\n"
-              + INSERTS.format(str(inserts)))
+    # the avxvnni path's prompt GEMM (8-row panels) against this CPU's VNNI path (16-row panels on AVX512-VNNI):
+    # every row's groups are summed exactly and added in the same order, so the same bits
+    gemm_isa = None
+    if path == "avxvnni":
+        gemm_isa = next(simd.ISAS[name] for name in ("avx512vnni", "avxvnni")
+                        if set(simd.ISAS[name].needs) <= simd.host_features())
+    computed = f"products({SHAPES!r}, {tokens!r})"
+    if gemm_isa is not None:
+        computed += f", **prompt_products({SHAPES!r}, {GEMM_KINDS!r}, {GEMM_TOKENS!r})"
+    script = (PRODUCTS + f"np.savez({str(result)!r}, **{computed})\n" + INSERTS.format(str(inserts)))
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, GGML_BACKEND_KERNELS=path,
                NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     theirs = np.load(result)
-    ours = _products_here(tokens)
+    ours = _products_here(tokens, gemm_isa)
     assert sorted(theirs.files) == sorted(ours)
     for name, values in ours.items():
         assert np.array_equal(theirs[name], values), name
     report = json.loads(inserts.read_text())
-    # no block scale loaded by vpinsrw from memory (three slots of Zen 3's two load / store-data pipes each,
-    # where a plain load takes one: simd.load_f16_pair, load_f16_8_rows)
-    with_inserts = {kernel: n["vpinsrw"] for kernel, n in report.items() if n["vpinsrw"]}
+    # no block scale loaded by vpinsrw from memory in the one-token and few-token kernels (three slots of Zen 3's
+    # two load / store-data pipes each, where a plain load takes one: simd.load_f16_pair, load_f16_8_rows); the
+    # prompt GEMM unpacks a panel once for many tokens
+    with_inserts = {kernel: n["vpinsrw"] for kernel, n in report.items()
+                    if n["vpinsrw"] and not kernel.startswith("gemm_rows")}
     assert not with_inserts, f"kernels loading halves by vpinsrw: {with_inserts}"
     # nothing of AVX-512 (a zmm register, an EVEX-only instruction), and on the avxvnni path the VEX-encoded
     # vpdpbusd / vpdpwssd in every kind's one-token kernel
     assert not {kernel: n["avx512"] for kernel, n in report.items() if n["avx512"]}
     if path == "avxvnni":
-        without = [kernel for kernel, n in report.items() if kernel.startswith("matvec_here") and not n["vex_vnni"]]
-        assert not without, f"one-token kernels without {{vex}} vpdpbusd / vpdpwssd: {without}"
+        without = [kernel for kernel, n in report.items()
+                   if kernel.startswith(("matvec_here", "gemm_rows")) and not n["vex_vnni"]]
+        assert not without, f"one-token and prompt kernels without {{vex}} vpdpbusd / vpdpwssd: {without}"
+        assert sum(kernel.startswith("gemm_rows") for kernel in report) == len(GEMM_KINDS)

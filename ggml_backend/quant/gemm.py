@@ -569,15 +569,15 @@ def _dword_step(a0, a1, a2, a3, a4, a5, a6, a7, panel, p, xs, x, k, isa):
 @njit(**_KERNEL)
 def _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7, scale, x_scales, i, n_groups, isa):
     """Each token's group sums (exact integers, one per row) times the rows' scales and the token's scale."""
-    f0 = fma_lanes(f0, a0, scale, x_scales[i])
-    f1 = fma_lanes(f1, a1, scale, x_scales[i + n_groups])
-    f2 = fma_lanes(f2, a2, scale, x_scales[i + 2 * n_groups])
-    f3 = fma_lanes(f3, a3, scale, x_scales[i + 3 * n_groups])
+    f0 = fma_lanes(f0, a0, scale, splat_lane_floats(x_scales, i, isa))
+    f1 = fma_lanes(f1, a1, scale, splat_lane_floats(x_scales, i + n_groups, isa))
+    f2 = fma_lanes(f2, a2, scale, splat_lane_floats(x_scales, i + 2 * n_groups, isa))
+    f3 = fma_lanes(f3, a3, scale, splat_lane_floats(x_scales, i + 3 * n_groups, isa))
     if _tile_tokens(isa) > 4:
-        f4 = fma_lanes(f4, a4, scale, x_scales[i + 4 * n_groups])
-        f5 = fma_lanes(f5, a5, scale, x_scales[i + 5 * n_groups])
-        f6 = fma_lanes(f6, a6, scale, x_scales[i + 6 * n_groups])
-        f7 = fma_lanes(f7, a7, scale, x_scales[i + 7 * n_groups])
+        f4 = fma_lanes(f4, a4, scale, splat_lane_floats(x_scales, i + 4 * n_groups, isa))
+        f5 = fma_lanes(f5, a5, scale, splat_lane_floats(x_scales, i + 5 * n_groups, isa))
+        f6 = fma_lanes(f6, a6, scale, splat_lane_floats(x_scales, i + 6 * n_groups, isa))
+        f7 = fma_lanes(f7, a7, scale, splat_lane_floats(x_scales, i + 7 * n_groups, isa))
     return f0, f1, f2, f3, f4, f5, f6, f7
 
 

@@ -1670,14 +1670,16 @@ def zero_lanes(typingctx, isa):
 def fma_lanes(typingctx, acc, dot, scales, scale):
     """``acc + float(dot) * (scales * scale)`` lanewise (``vcvtdq2ps``, ``vmulps`` with ``scale`` broadcast,
     ``vfmadd``): a block's exact row sums scaled by each row's scale and the token's, on either width (``F32x16``
-    with ``I32x16``, ``F32x8`` with ``I32x8``), so both paths' row lanes give the same bits."""
-    if acc not in _LANE_INTS or dot != _LANE_INTS[acc] or scales != acc or scale != types.float32:
+    with ``I32x16``, ``F32x8`` with ``I32x8``), so both paths' row lanes give the same bits. ``scale`` is a float32
+    or already in every lane (``splat_lane_floats``: a broadcast load that LLVM folds into the multiply)."""
+    if acc not in _LANE_INTS or dot != _LANE_INTS[acc] or scales != acc or scale not in (types.float32, acc):
         return None
 
     def codegen(context, builder, sig, args):
         vector = sig.args[0].llvm_type()
         floats = builder.sitofp(args[1], vector)
-        products = builder.fmul(args[2], _splat_value(builder, args[3], vector.count))
+        lanes = args[3] if sig.args[3] == sig.args[0] else _splat_value(builder, args[3], vector.count)
+        products = builder.fmul(args[2], lanes)
         function = _function(builder, f"llvm.fma.v{vector.count}f32", vector, [vector] * 3)
         return builder.call(function, [floats, products, args[0]])
     return acc(acc, dot, scales, scale), codegen
