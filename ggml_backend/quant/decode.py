@@ -57,8 +57,8 @@ from .simd import (
 )
 from .generic import _block_sums_times
 from .simd import (
-    add_i32x16, dot_u8_i8_x64, flip_sign_bits, fma_lanes, lane_rows, load_f16_8_rows, load_f16_rows,
-    load_rows_2x16, load_rows_4x16, nibble_block_sums_x8, prefetch_to_l2, splat_dword_x64, splat_i32,
+    add_i32x16, dot_u8_i8_x64, flip_sign_bits, fma_lanes, half_sums, has_vnni, lane_rows, load_f16_8_rows,
+    load_f16_rows, load_rows_2x16, load_rows_4x16, nibble_block_sums_x8, prefetch_to_l2, splat_dword_x64, splat_i32,
     store_f32_lanes, transpose_dwords, transpose_row_pairs, zero_lanes,
 )
 
@@ -1586,13 +1586,21 @@ def _emit_panel(floats, quants, bias, lane_scale, lane_offset, r, row_base, base
 @njit(inline="always", **_KERNEL)
 def _emit_row_panel(floats, quants, bias, lane_scale, lane_offset, r, row_base, base, q, scale_a, scale_b, offset_a,
                     offset_b, isa):
-    # row-interleaved (gemm.py's prompt kernel), P = lane_rows(isa) rows (16, or 8 on AVX-VNNI): dword j of every
-    # row side by side, as unsigned q + 128 (quants[4 P j + 4 r:4 P j + 4 r + 4] = row r's values 4j .. 4j + 3;
-    # the kernel takes 128 * the token's sums back out), and per 16 values h the rows' scale and offset at [P h + r]
+    # row-interleaved (gemm.py's prompt kernel), P = lane_rows(isa) rows (16, or 8 on AVX-VNNI and AVX2): dword j
+    # of every row side by side (quants[4 P j + 4 r:4 P j + 4 r + 4] = row r's values 4j .. 4j + 3), and per 16
+    # values h the rows' scale and offset at [P h + r]. On the VNNI paths the quants are unsigned q + 128 (the
+    # kernel takes 128 * the token's sums back out); on AVX2 they stay signed (the tokens' bytes are the unsigned
+    # side there) and ``bias`` holds -128 * each row's sum of its 16 quants, which takes the tokens' + 128 out
     n = lane_rows(isa)
     v = base - row_base
-    store_dwords(quants, n * v + 4 * r, 4 * n, add_bytes(q, splat_bytes(-128)))
     h = v // 16
+    if has_vnni(isa):
+        store_dwords(quants, n * v + 4 * r, 4 * n, add_bytes(q, splat_bytes(-128)))
+    else:
+        store_dwords(quants, n * v + 4 * r, 4 * n, q)
+        low, high = half_sums(q)
+        bias[n * h + r] = np.int32(-128) * low
+        bias[n * h + n + r] = np.int32(-128) * high
     lane_scale[n * h + r] = scale_a
     lane_scale[n * h + n + r] = scale_b
     lane_offset[n * h + r] = offset_a
@@ -1819,10 +1827,10 @@ def unpack_panel(kind, w, start, row_bytes, n_rows, k, quants, bias, lane_scale,
 
 
 @njit(nogil=True, **_KERNEL)
-def unpack_row_panel(kind, w, start, row_bytes, n_rows, k, quants, scale, offset, isa):
+def unpack_row_panel(kind, w, start, row_bytes, n_rows, k, quants, sums, scale, offset, isa):
     """Up to ``lane_rows(isa)`` rows (16 or 8) of the matrix from byte ``start`` as a row-interleaved GEMM panel
-    (see ``_emit``): quants uint8 [lane_rows * k] (q + 128), scale and offset float32 [k] (zeros for the kinds
-    without offsets; 16 rows fill them, 8 their first half); the entries of rows past ``n_rows`` are left as they
-    are."""
-    _walk_rows(kind, w, start, row_bytes, n_rows, k, _ROW_PANEL, np.empty(0, np.float32), quants,
-               np.empty(0, np.int32), scale, offset, isa)
+    (see ``_emit_row_panel``): quants uint8 [lane_rows * k] (q + 128 on the VNNI paths, q on AVX2), on AVX2 sums
+    int32 [k] (-128 * each row's sum per 16 values), scale and offset float32 [k] (zeros for the kinds without
+    offsets; 16 rows fill them, 8 their first half); the entries of rows past ``n_rows`` are left as they are."""
+    _walk_rows(kind, w, start, row_bytes, n_rows, k, _ROW_PANEL, np.empty(0, np.float32), quants, sums, scale,
+               offset, isa)

@@ -48,12 +48,12 @@ from .decode import (
     unpack_panel, unpack_row_panel,
 )
 from .simd import (
-    AVX512VNNI, add_bytes, add_f32x16, add_i32x8, dot_panel_dword, dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x8,
-    fma_i32x16, fma_i32x16_folded, fma_lanes, fnma_lanes, fold_halves_i32x16, high_nibbles_times_pairs,
-    lane_rows, load_16_bytes_twice, load_16_f32, load_16_i32, load_64_bytes, load_f16, load_lane_floats, mul_f32x16,
-    mul_i32x8, prefetch, scaled_dot, to_scale_words, splat_bytes,
-    splat_lane_floats, splat_lane_ints, store_8_i32, store_32_bytes, store_f32_lanes, sum_f32x8, sum_f32x16,
-    to_f32x16, zero_f32x8, zero_f32x16, zero_i32x8, zero_i32x16, zero_lanes,
+    AVX512VNNI, add_bytes, add_f32x16, add_i32x8, add_lanes, dot_panel_dword, dot_u8_i8_x64, dot_word_pairs_x16,
+    fma_i32x16, fma_i32x16_folded, fma_i32x8, fma_lanes, fnma_lanes, fold_halves_i32x16, has_vnni,
+    high_nibbles_times_pairs, lane_rows, load_16_bytes_twice, load_16_f32, load_16_i32, load_64_bytes, load_f16,
+    load_lane_floats, load_lane_ints, mul_f32x16, mul_i32x8, prefetch, scaled_dot, splat_bytes, splat_lane_floats,
+    splat_lane_ints, store_32_bytes, store_8_i32, store_f32_lanes, sum_f32x16, sum_f32x8, to_f32x16, to_scale_words,
+    zero_f32x16, zero_f32x8, zero_i32x16, zero_i32x8, zero_lanes,
 )
 
 PANEL_ROWS = 4     # weight rows of a register tile of the exact GEMM (the kernel is written out for 4)
@@ -90,11 +90,16 @@ def isa_has_gemm(isa) -> bool:
     return isa is AVX512VNNI
 
 
-def isa_has_prompt_gemm(isa) -> bool:
-    """Whether the SIMD path ``isa`` has the prompt kernel (``gemm_rows``): the paths with ``vpdpbusd``, sixteen
-    rows a register on AVX512-VNNI, eight on AVX-VNNI. AVX2 CPUs keep dequantize + sgemm (``vpmaddubsw`` would
-    saturate on the panel's unsigned q + 128)."""
-    return isa is not None and isa.vnni
+#: the kinds whose quants exceed 32 in magnitude (q8_0): on AVX2 a pair of their products with unsigned x + 128
+#: can pass ``vpmaddubsw``'s int16, so their prompts keep dequantize + sgemm there
+WIDE_QUANT_KINDS = (4,)
+
+
+def prompt_gemm_takes(isa, kind) -> bool:
+    """Whether the SIMD path ``isa`` (simd.Isa or None) runs the prompt kernel (``gemm_rows``) for a block kind
+    (decode.KINDS; None for float types): sixteen rows a register on AVX512-VNNI, eight on AVX-VNNI (``vpdpbusd``)
+    and AVX2 (``vpmaddubsw`` + ``vpmaddwd``: every kind but q8_0)."""
+    return isa is not None and kind is not None and (isa.vnni or kind not in WIDE_QUANT_KINDS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -619,7 +624,7 @@ def _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f
 
 
 @njit(**_KERNEL)
-def _row_tile(kind, quants, scale, offsets, k, xs, starts, x_scales, n_groups, xsum, n_sums, t, out, n_cols,
+def _row_tile(kind, quants, sums, scale, offsets, k, xs, starts, x_scales, n_groups, xsum, n_sums, t, out, n_cols,
               n_tokens, column, n_valid, isa):
     """Tokens t .. t + _tile_tokens(isa) - 1 times the panel's rows (P = lane_rows(isa)) into out (flat, n_cols
     per token) from ``column``."""
@@ -634,12 +639,22 @@ def _row_tile(kind, quants, scale, offsets, k, xs, starts, x_scales, n_groups, x
     f6 = zero_lanes(isa)
     f7 = zero_lanes(isa)
     for g in range(0, k, group):
-        # each token's group sum starts at -128 * (its sum of x), which takes the panel's + 128 back out
         i = t * n_groups + g // group
-        a0 = splat_lane_ints(starts, i, isa)
-        a1 = splat_lane_ints(starts, i + n_groups, isa)
-        a2 = splat_lane_ints(starts, i + 2 * n_groups, isa)
-        a3 = splat_lane_ints(starts, i + 3 * n_groups, isa)
+        h = g // 16
+        if has_vnni(isa):
+            # each token's group sum starts at -128 * (its sum of x), which takes the panel's + 128 back out
+            a0 = splat_lane_ints(starts, i, isa)
+            a1 = splat_lane_ints(starts, i + n_groups, isa)
+            a2 = splat_lane_ints(starts, i + 2 * n_groups, isa)
+            a3 = splat_lane_ints(starts, i + 3 * n_groups, isa)
+        else:
+            # every token's group sums start at -128 * the rows' sums of q, which takes the tokens' + 128 out
+            a0 = load_lane_ints(sums, n * h, isa)
+            if group == 32:
+                a0 = add_lanes(a0, load_lane_ints(sums, n * h + n, isa))
+            a1 = a0
+            a2 = a0
+            a3 = a0
         a4 = a3
         a5 = a3
         a6 = a3
@@ -653,7 +668,6 @@ def _row_tile(kind, quants, scale, offsets, k, xs, starts, x_scales, n_groups, x
         for j in range(group // 4):
             a0, a1, a2, a3, a4, a5, a6, a7 = _dword_step(a0, a1, a2, a3, a4, a5, a6, a7, quants, n * (g + 4 * j),
                                                          xs, x + 4 * j, k, isa)
-        h = g // 16
         f0, f1, f2, f3, f4, f5, f6, f7 = _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7,
                                                      load_lane_floats(scale, n * h, isa), x_scales, i, n_groups,
                                                      isa)
@@ -671,11 +685,12 @@ def _row_tile(kind, quants, scale, offsets, k, xs, starts, x_scales, n_groups, x
 @njit(parallel=True, nogil=True, **_KERNEL)
 def gemm_rows(kind, w, start, row_bytes, n_rows, k, xs, starts, x_scales, xsum, out, column, block_tokens, n_chunks,
               isa):
-    """``gemm``'s product on row-interleaved panels of ``lane_rows(isa)`` rows (16, or 8 on AVX-VNNI): tokens
-    padded to a multiple of PAD_TOKENS, ``xs`` their signed quants [tokens * k], ``starts`` -128 * their sums
-    and ``x_scales`` their scales [tokens, groups] per group of the kind's values (``_group_values``). Each row's
-    groups are summed exactly in integers, then scaled and added in float32 one group after the other (llama.cpp's
-    order for a row); no horizontal sums."""
+    """``gemm``'s product on row-interleaved panels of ``lane_rows(isa)`` rows (16, or 8 on AVX-VNNI and AVX2):
+    tokens padded to a multiple of PAD_TOKENS, ``xs`` their quants [tokens * k] (signed on the VNNI paths, + 128 as
+    unsigned bytes on AVX2: ``GemmTokens.xs_for``), ``starts`` -128 * their sums (the VNNI paths) and ``x_scales``
+    their scales [tokens, groups] per group of the kind's values (``_group_values``). Each row's groups are summed
+    exactly in integers, then scaled and added in float32 one group after the other (llama.cpp's order for a row);
+    no horizontal sums."""
     n_tokens, n_cols = out.shape
     flat_out = out.reshape(-1)
     panel_rows = lane_rows(isa)
@@ -692,6 +707,7 @@ def gemm_rows(kind, w, start, row_bytes, n_rows, k, xs, starts, x_scales, xsum, 
         last = min(n_panels, first + per_chunk)
         if first < last:
             quants = np.empty(panel_rows * k, np.uint8)
+            sums = np.zeros(k, np.int32)
             scale = np.empty(k, np.float32)
             offsets = np.zeros(k, np.float32)
             for t0 in range(0, n_tokens, block_tokens):
@@ -701,13 +717,14 @@ def gemm_rows(kind, w, start, row_bytes, n_rows, k, xs, starts, x_scales, xsum, 
                     n_valid = min(panel_rows, n_rows - row)
                     if n_valid < panel_rows:    # the missing rows of the last panel: zeros, never stored
                         quants[:] = 0
+                        sums[:] = 0
                         scale[:] = 0
                         offsets[:] = 0
-                    unpack_row_panel(kind, w, start + row * row_bytes, row_bytes, n_valid, k, quants, scale, offsets,
-                                     isa)
+                    unpack_row_panel(kind, w, start + row * row_bytes, row_bytes, n_valid, k, quants, sums, scale,
+                                     offsets, isa)
                     for t in range(t0, t1, tile):
-                        _row_tile(kind, quants, scale, offsets, k, xs, flat_starts, flat_scales, n_groups, flat_sums,
-                                  n_sums, t, flat_out, n_cols, n_tokens, column + row, n_valid, isa)
+                        _row_tile(kind, quants, sums, scale, offsets, k, xs, flat_starts, flat_scales, n_groups,
+                                  flat_sums, n_sums, t, flat_out, n_cols, n_tokens, column + row, n_valid, isa)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -791,7 +808,7 @@ class GemmTokens:
         self.n_tokens, self.k = n_tokens, k
         self.padded = -(-n_tokens // PAD_TOKENS) * PAD_TOKENS
         self._vec_dot_type, self._qs, self._d, self._extra = vec_dot_type, qs, d, extra
-        self._rows = self._lanes = self._k_lanes = None
+        self._rows = self._lanes = self._k_lanes = self._unsigned = None
 
     def _row_arrays(self):
         if self._rows is None:
@@ -815,6 +832,15 @@ class GemmTokens:
     def xs(self) -> np.ndarray:
         """int8 [padded * k]: the quants, zeros past the tokens (the prompt GEMM's)."""
         return self._row_arrays()[0]
+
+    def xs_for(self, isa) -> np.ndarray:
+        """The prompt GEMM's token bytes on path ``isa``: ``xs`` on the VNNI paths, on AVX2 x + 128 as unsigned
+        bytes (flat [padded * k]; made on first use)."""
+        if isa.vnni:
+            return self.xs
+        if self._unsigned is None:
+            self._unsigned = self.xs.view(np.uint8) ^ np.uint8(128)
+        return self._unsigned
 
     @property
     def xsum(self) -> np.ndarray:
@@ -880,5 +906,5 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
              tokens.block_tokens(), n_chunks, isa)
     else:
         starts, x_scales = tokens.row_groups[16 if kind in GROUPS_OF_16 else 32]
-        gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs, starts, x_scales,
+        gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs_for(isa), starts, x_scales,
                   tokens.xsum, out, column, tokens.row_block_tokens(), n_chunks, isa)

@@ -47,7 +47,7 @@ from .activations import (
 )
 from .decode import KIND_ARGS, KINDS, matmul_few, matvec, matvec_here  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
-from .gemm import EXACT_FROM_TOKENS, GemmTokens, gemm_product, isa_has_gemm, isa_has_prompt_gemm
+from .gemm import EXACT_FROM_TOKENS, GemmTokens, gemm_product, isa_has_gemm, prompt_gemm_takes
 from .simd import choose_isa
 from .types import TYPES, QuantType, get_type
 
@@ -80,8 +80,11 @@ except ValueError as error:   # a bad GGML_BACKEND_KERNELS: said by the first pr
 
 def prompt_path() -> str:
     """What prompt products (``method="auto"`` from BLAS_MIN_TOKENS tokens) run on here, in words."""
-    if isa_has_prompt_gemm(KERNEL_ISA):
+    if KERNEL_ISA is not None and KERNEL_ISA.vnni:
         return f"the integer GEMM ({KERNEL_ISA.name})"
+    if KERNEL_ISA is not None:
+        others = ", ".join(name for name, kind in KINDS.items() if not prompt_gemm_takes(KERNEL_ISA, kind))
+        return f"the integer GEMM ({KERNEL_ISA.name}; {others} on dequantized weights into numpy's sgemm)"
     return "dequantized weights into numpy's sgemm (BLAS)"
 
 
@@ -187,7 +190,8 @@ def quantize_activations(vec_dot_type: str, x: np.ndarray, for_blas: bool = Fals
 
 def gemm_available(qtype: QuantType, k: int) -> bool:
     """Whether prompt products of ``qtype`` weights with rows of k values can take the integer GEMM on this CPU."""
-    return _gemm_takes(qtype.one_token.simd_kind, k, isa_has_prompt_gemm(KERNEL_ISA))
+    kind = qtype.one_token.simd_kind
+    return _gemm_takes(kind, k, prompt_gemm_takes(KERNEL_ISA, kind))
 
 
 def _gemm_takes(kind: int | None, k: int, path_has_it: bool) -> bool:
@@ -201,7 +205,7 @@ def _product_path(qtype: QuantType, method: str, n_tokens: int, k: int) -> str:
     if method not in ("auto", "int", "gemm", "blas"):
         raise MatmulShapeError(f"method must be 'auto', 'int', 'gemm' or 'blas', got {method!r}")
     if method == "gemm" and not gemm_available(qtype, k):
-        raise MatmulShapeError(f"the integer GEMM needs VNNI (AVX512-VNNI or AVX-VNNI; kernels: "
+        raise MatmulShapeError(f"the integer GEMM needs a SIMD path (q8_0: one with VNNI; kernels: "
                                f"{KERNEL_ISA.name if KERNEL_ISA else 'generic'}), a block type and k a multiple "
                                f"of 64 ({qtype.name}, k = {k})")
     if qtype.one_token.sgemm:

@@ -1720,24 +1720,76 @@ def fnma_lanes(typingctx, acc, a, b):
 
 
 @intrinsic
+def has_vnni(typingctx, isa):
+    """Whether path ``isa`` has ``vpdpbusd``, as a constant of the compiled kernel (LLVM drops the other branch)."""
+    if not isinstance(isa, IsaType):
+        return None
+    vnni = isa.vnni
+
+    def codegen(context, builder, sig, args):
+        return ir.IntType(1)(vnni)
+    return types.boolean(isa), codegen
+
+
+load_lane_ints = _lane_load(floats=False)
+load_lane_ints.__doc__ = "``array[index:index + n]`` of an int32 array in a row-lane register of path ``isa``."
+
+
+@intrinsic
+def add_lanes(typingctx, a, b):
+    """``a + b`` lanewise for two int32 row-lane registers of one width."""
+    if a not in (I32x16, I32x8) or b != a:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+    return a(a, b), codegen
+
+
+@intrinsic
+def half_sums(typingctx, q):
+    """The sums of the signed bytes 0-15 and 16-31 of an ``I8x32``, as two int32 (exact)."""
+    if q != I8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        values = builder.sext(args[0], ir.VectorType(_I32, 32))
+        half_type = ir.VectorType(_I32, 16)
+        reduce_add = _function(builder, "llvm.vector.reduce.add.v16i32", _I32, [half_type])
+        sums = []
+        for half in (0, 1):
+            lanes = ir.Constant(half_type, list(range(16 * half, 16 * half + 16)))
+            part = builder.shuffle_vector(values, values, lanes)
+            sums.append(builder.call(reduce_add, [part]))
+        return context.make_tuple(builder, sig.return_type, sums)
+    return types.UniTuple(types.int32, 2)(q), codegen
+
+
+@intrinsic
 def dot_panel_dword(typingctx, acc, panel, offset, values, index, isa):
     """``acc`` plus, in each int32 lane (a weight row of a row-interleaved panel), the products of that row's four
-    unsigned bytes at byte ``offset + 4 * lane`` of ``panel`` with the four signed bytes ``values[index:index + 4]``
-    (broadcast to every lane): one ``vpdpbusd`` on the VNNI paths, on 64 bytes where the path is wide (sixteen
-    rows; the broadcast becomes its embedded broadcast), else on 32 (eight rows, AVX-VNNI)."""
-    if not (isinstance(isa, IsaType) and isa.vnni and _is_byte_array(panel) and _is_byte_array(values)
+    bytes at byte ``offset + 4 * lane`` of ``panel`` with the four bytes ``values[index:index + 4]`` (broadcast to
+    every lane). On the VNNI paths the panel's bytes are unsigned and the values signed: one ``vpdpbusd``, on 64
+    bytes where the path is wide (sixteen rows; the broadcast becomes its embedded broadcast), else on 32 (eight
+    rows, AVX-VNNI). On AVX2 the values are unsigned and the panel's bytes signed: ``vpmaddubsw`` then ``vpmaddwd``
+    with ones (exact while no pair of products passes 32767: values up to 255 times bytes of at most 32 in
+    magnitude stay within 16320)."""
+    if not (isinstance(isa, IsaType) and _is_byte_array(panel) and _is_byte_array(values)
             and isinstance(offset, types.Integer) and isinstance(index, types.Integer)):
         return None
     lanes = _LANE_INTS[_lane_floats(isa)]
     if acc != lanes:
         return None
     bytes_type = ir.VectorType(_I8, 4 * lanes.count)
+    vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
         row_bytes = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
-        unsigned = builder.load(builder.bitcast(row_bytes, bytes_type.as_pointer()), align=1)
+        rows = builder.load(builder.bitcast(row_bytes, bytes_type.as_pointer()), align=1)
         value_bytes = _byte_pointer(context, builder, sig.args[3], args[3], args[4])
         dword = builder.load(builder.bitcast(value_bytes, _I32.as_pointer()), align=1)
-        signed = builder.bitcast(_splat_value(builder, dword, lanes.count), bytes_type)
-        return _vpdpbusd(builder, args[0], unsigned, signed)
+        broadcast = builder.bitcast(_splat_value(builder, dword, lanes.count), bytes_type)
+        if vnni:
+            return _vpdpbusd(builder, args[0], rows, broadcast)
+        return builder.add(args[0], _avx2_quad_sums(builder, broadcast, rows))
     return lanes(acc, panel, offset, values, index, isa), codegen
