@@ -9,8 +9,8 @@ numba cache and multiplies every block type's weights by one token and by five (
 results must equal, bit for bit, those of the AVX2 path compiled for this CPU, and its kernels' assembly must load
 no block scale by ``vpinsrw`` from memory (the cost ``simd.load_f16_pair`` exists to avoid on such CPUs). The same
 for the AVX-VNNI path compiled for an Alder Lake (AVX2 and AVX-VNNI, no AVX-512), one token, whose kernels must
-use the VEX-encoded ``vpdpbusd`` / ``vpdpwssd``, and its prompt GEMM (eight rows a register), whose products must
-equal this CPU's VNNI prompt GEMM's; both paths' code must hold nothing of AVX-512.
+use the VEX-encoded ``vpdpbusd`` / ``vpdpwssd``. Each path's prompt GEMM (eight rows a register) must give the
+numbers of this CPU's VNNI prompt GEMM where it has one; both paths' code must hold nothing of AVX-512.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import pytest
 
 import ggml_backend.quant.matmul as matmul_module
 from ggml_backend.quant import simd
+from ggml_backend.quant.decode import KINDS
+from ggml_backend.quant.gemm import prompt_gemm_takes
 
 X86_64_V3 = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sahf,"
              "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave")
@@ -63,8 +65,8 @@ def prompt_products(shapes, kinds, n):
     return out
 """
 
-# the prompt GEMM's kinds compared (avxvnni path): no offsets, offsets per 16 and per 32 values, groups of 16 and
-# of 32, and q8_0's full byte range; tokens: tiles of 4 with a rest
+# the prompt GEMM's kinds compared: no offsets, offsets per 16 and per 32 values, groups of 16 and of 32, and q8_0's
+# full byte range (on the avxvnni path; the avx2 path keeps sgemm for it); tokens: tiles of 4 with a rest
 GEMM_KINDS = ("q4_0", "q4_1", "q8_0", "q2_K", "q4_K", "q6_K")
 GEMM_TOKENS = 11
 
@@ -87,7 +89,7 @@ open({!r}, "w").write(json.dumps(counts))
 """
 
 
-def _products_here(tokens, gemm_isa=None) -> dict:
+def _products_here(tokens, gemm_isa=None, gemm_kinds=()) -> dict:
     """The AVX2 path's products compiled for this CPU; with ``gemm_isa`` also the prompt GEMM's on that path."""
     namespace: dict = {}
     exec(PRODUCTS, namespace)
@@ -97,7 +99,7 @@ def _products_here(tokens, gemm_isa=None) -> dict:
         out = namespace["products"](SHAPES, tokens)
         if gemm_isa is not None:
             matmul_module.KERNEL_ISA = gemm_isa
-            out.update(namespace["prompt_products"](SHAPES, GEMM_KINDS, GEMM_TOKENS))
+            out.update(namespace["prompt_products"](SHAPES, gemm_kinds, GEMM_TOKENS))
         return out
     finally:
         matmul_module.KERNEL_ISA = saved
@@ -118,22 +120,21 @@ def test_path_compiled_without_avx512_gives_the_same_numbers(tmp_path, path):
     cpu, features, tokens = TARGETS[path]
     result = tmp_path / "products.npz"
     inserts = tmp_path / "vpinsrw.json"
-    # the avxvnni path's prompt GEMM (8-row panels) against this CPU's VNNI path (16-row panels on AVX512-VNNI):
-    # every row's groups are summed exactly and added in the same order, so the same bits
-    gemm_isa = None
-    if path == "avxvnni":
-        gemm_isa = next(simd.ISAS[name] for name in ("avx512vnni", "avxvnni")
-                        if set(simd.ISAS[name].needs) <= simd.host_features())
+    # the path's prompt GEMM (8-row panels) against this CPU's VNNI path (16-row panels on AVX512-VNNI) where it
+    # has one: every row's groups are summed exactly and added in the same order, so the same bits
+    gemm_isa = next((simd.ISAS[name] for name in ("avx512vnni", "avxvnni")
+                     if set(simd.ISAS[name].needs) <= simd.host_features()), None)
+    gemm_kinds = tuple(name for name in GEMM_KINDS if prompt_gemm_takes(simd.ISAS[path], KINDS[name]))
     computed = f"products({SHAPES!r}, {tokens!r})"
     if gemm_isa is not None:
-        computed += f", **prompt_products({SHAPES!r}, {GEMM_KINDS!r}, {GEMM_TOKENS!r})"
+        computed += f", **prompt_products({SHAPES!r}, {gemm_kinds!r}, {GEMM_TOKENS!r})"
     script = (PRODUCTS + f"np.savez({str(result)!r}, **{computed})\n" + INSERTS.format(str(inserts)))
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features, GGML_BACKEND_KERNELS=path,
                NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     theirs = np.load(result)
-    ours = _products_here(tokens, gemm_isa)
+    ours = _products_here(tokens, gemm_isa, gemm_kinds)
     assert sorted(theirs.files) == sorted(ours)
     for name, values in ours.items():
         assert np.array_equal(theirs[name], values), name
@@ -147,8 +148,9 @@ def test_path_compiled_without_avx512_gives_the_same_numbers(tmp_path, path):
     # nothing of AVX-512 (a zmm register, an EVEX-only instruction), and on the avxvnni path the VEX-encoded
     # vpdpbusd / vpdpwssd in every kind's one-token kernel
     assert not {kernel: n["avx512"] for kernel, n in report.items() if n["avx512"]}
+    if gemm_isa is not None:
+        assert sum(kernel.startswith("gemm_rows") for kernel in report) == len(gemm_kinds)
     if path == "avxvnni":
         without = [kernel for kernel, n in report.items()
                    if kernel.startswith(("matvec_here", "gemm_rows")) and not n["vex_vnni"]]
         assert not without, f"one-token and prompt kernels without {{vex}} vpdpbusd / vpdpwssd: {without}"
-        assert sum(kernel.startswith("gemm_rows") for kernel in report) == len(GEMM_KINDS)
