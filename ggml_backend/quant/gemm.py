@@ -1,16 +1,19 @@
-"""Prompt processing on integer dot products: many tokens times a weight matrix in a ggml block format (AVX512-VNNI).
+"""Prompt processing on integer dot products: many tokens times a weight matrix in a ggml block format.
 
 A prompt multiplies every weight by many tokens, so the arithmetic, not the memory, bounds it. The BLAS path
-dequantizes bands of weights to float32 and runs sgemm: 16 float multiply-adds per instruction, plus the
-dequantization. Here weights stay 8-bit and one ``vpdpbusd`` on a 512-bit register does 64 byte multiply-adds.
-Two kernels, both with llama.cpp's quantized activations (``GemmTokens``: the type's ``vec_dot_type``, q8_0, q8_1
-or q8_K) and the block decoders every other kernel uses (``decode._walk_rows``, expanding a panel of rows once per
-block of tokens into signed byte quants q, value = q * scale - offset per 16 values):
+dequantizes bands of weights to float32 and runs sgemm: 16 float multiply-adds per instruction on AVX-512, 8 on
+AVX2, plus the dequantization. Here weights stay 8-bit and one ``vpdpbusd`` on a 512-bit register does 64 byte
+multiply-adds (32 on 256 bits). Two kernels, both with llama.cpp's quantized activations (``GemmTokens``: the type's
+``vec_dot_type``, q8_0, q8_1 or q8_K) and the block decoders every other kernel uses (``decode._walk_rows``,
+expanding a panel of rows once per block of tokens into signed byte quants q, value = q * scale - offset per 16
+values):
 
-**The prompt kernel** (``gemm_rows``; ``gemm_product``'s default). The lanes of a register are 16 weight rows:
-the panel holds dword j (values 4j .. 4j + 3) of its 16 rows side by side as unsigned q + 128, and a token's four
-activation bytes are broadcast to the 16 lanes (an embedded broadcast of ``vpdpbusd``'s memory operand). Per group
-of values sharing a scale (32, or 16 for q2_K, q3_K, q6_K) and per token of a register tile of 8::
+**The prompt kernel** (``gemm_rows``; ``gemm_product``'s default; every SIMD path). The lanes of a register are
+weight rows, 16 on AVX512-VNNI and 8 on AVX-VNNI and AVX2 (``simd.lane_rows``): the panel holds dword j (values
+4j .. 4j + 3) of its rows side by side as unsigned q + 128, and a token's four activation bytes are broadcast to
+the lanes (on AVX512-VNNI an embedded broadcast of ``vpdpbusd``'s memory operand). Per group of values sharing a
+scale (32, or 16 for q2_K, q3_K, q6_K) and per token of a register tile (8 tokens on AVX512-VNNI's 32 registers,
+4 on the others' 16)::
 
     acc_int = -128 * (sum of the token's x in the group)        # takes the panel's + 128 back out
     acc_int = vpdpbusd(acc_int, panel dword j, x dword j)        # 8 (or 4) times: exact group sums, one per row
@@ -19,7 +22,14 @@ of values sharing a scale (32, or 16 for q2_K, q3_K, q6_K) and per token of a re
 
 that is 11 instructions per 512 multiply-adds of a 32-group where a tile of 16 lanes of values spends 32, and the
 results come out as 16 rows per store, with no horizontal sums. Each row's groups are summed exactly and added in
-float32 one after the other, as llama.cpp's repacked kernels do. 2x the lane kernel on Zen 5 for every type.
+float32 one after the other, as llama.cpp's repacked kernels do. 2x the lane kernel on Zen 5 for every type. AVX2
+has no ``vpdpbusd``: ``vpmaddubsw`` sums pairs of unsigned x signed products into int16, which q + 128 times x
+could pass, so there the sides swap: the panel keeps the signed q (at most 32 in magnitude: every kind but q8_0,
+whose prompts keep sgemm there), the tokens' bytes are x + 128 (unsigned), and each group starts from -128 * the
+rows' sums of q, kept beside the panel; ``vpmaddwd`` with ones then adds the pairs into the int32 lanes. The
+integers are the same, so every path's prompt kernel gives the same numbers bit for bit. Measured on a Sapphire
+Rapids Xeon with the code compiled for an Alder Lake (AVX-VNNI) and for a Zen 3 (AVX2; see benchmarks/README.md):
+prompts 1.7x / 1.5x those of dequantize + sgemm, 2.0x / 1.5x llama.cpp built for those instruction sets.
 
 **The exact kernel** (``gemm``; ``exact=True``), for products of a few tokens (continuous batching) that must
 give each token its one-token numbers: lanes are values. A register tile of PANEL_ROWS rows by TILE_TOKENS tokens
