@@ -555,7 +555,7 @@ GROUPS_OF_16 = (5, 6, 9)
 @njit(inline="always", **_KERNEL)
 def _tile_tokens(isa):
     """Tokens of the prompt kernel's register tile: 8 on the wide path (32 registers hold 8 integer and 8 float
-    accumulators), 4 on AVX-VNNI (16 registers)."""
+    accumulators), 4 on AVX-VNNI and AVX2 (16 registers)."""
     return lane_rows(isa) // 2
 
 
@@ -567,8 +567,9 @@ def _group_values(kind):
 
 @njit(**_KERNEL)
 def _dword_step(a0, a1, a2, a3, a4, a5, a6, a7, panel, p, xs, x, k, isa):
-    """Four values of the panel's rows (its dword column at byte ``p``: unsigned q + 128) times the same four
-    values of the tile's tokens (signed bytes x, x + k, ... of ``xs``, each broadcast to every lane)."""
+    """Four values of the panel's rows (its dword column at byte ``p``) times the same four values of the tile's
+    tokens (bytes x, x + k, ... of ``xs``, each broadcast to every lane): ``dot_panel_dword``, unsigned q + 128
+    times signed x on the VNNI paths, unsigned x + 128 times signed q on AVX2."""
     a0 = dot_panel_dword(a0, panel, p, xs, x, isa)
     a1 = dot_panel_dword(a1, panel, p, xs, x + k, isa)
     a2 = dot_panel_dword(a2, panel, p, xs, x + 2 * k, isa)

@@ -80,11 +80,10 @@ except ValueError as error:   # a bad GGML_BACKEND_KERNELS: said by the first pr
 
 def prompt_path() -> str:
     """What prompt products (``method="auto"`` from BLAS_MIN_TOKENS tokens) run on here, in words."""
-    if KERNEL_ISA is not None and KERNEL_ISA.vnni:
-        return f"the integer GEMM ({KERNEL_ISA.name})"
     if KERNEL_ISA is not None:
-        others = ", ".join(name for name, kind in KINDS.items() if not prompt_gemm_takes(KERNEL_ISA, kind))
-        return f"the integer GEMM ({KERNEL_ISA.name}; {others} on dequantized weights into numpy's sgemm)"
+        others = [name for name, kind in KINDS.items() if not prompt_gemm_takes(KERNEL_ISA, kind)]
+        rest = f"; {', '.join(others)} on dequantized weights into numpy's sgemm" if others else ""
+        return f"the integer GEMM ({KERNEL_ISA.name}{rest})"
     return "dequantized weights into numpy's sgemm (BLAS)"
 
 
