@@ -66,7 +66,7 @@ def prompt_products(shapes, kinds, n):
 """
 
 # the prompt GEMM's kinds compared: no offsets, offsets per 16 and per 32 values, groups of 16 and of 32, and q8_0's
-# full byte range (on the avxvnni path; the avx2 path keeps sgemm for it); tokens: tiles of 4 with a rest
+# full byte range (signed by signed bytes on the avx2 path); tokens: tiles of 4 with a rest
 GEMM_KINDS = ("q4_0", "q4_1", "q8_0", "q2_K", "q4_K", "q6_K")
 GEMM_TOKENS = 11
 

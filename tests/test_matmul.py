@@ -112,7 +112,7 @@ def test_quantized_matmul_matches_oracles(name, n_tokens, rng):
     y_blas = matmul(name, weight_bytes, x, method="blas")
     assert np.all(np.abs(y_blas - exact) <= 1e-5 * scale + 1e-5)
 
-    # Integer GEMM (the prompt path on the SIMD paths; not q8_0 on AVX2): the integer path's numbers up to float32
+    # Integer GEMM (the prompt path on every SIMD path): the integer path's numbers up to float32
     # summation order (tests/test_gemm.py: its exact variant, which continuous batching uses, equals them bit for
     # bit for q4_0 and q5_0).
     candidates = [y_int, y_blas]

@@ -153,7 +153,7 @@ def test_batch_size_changes_how_chunks_meet_the_weights_not_the_figures(tiny, te
     results = {b: perplexity(tiny, text, 64, n_batch=b, chunks=4) for b in (32, 64, 256)}
     assert results[256].n_seq == 4 and results[64].n_seq == 1 and results[32].n_seq == 1
     # one chunk per pass or four: the same prompt path. The integer GEMM gives each row the same numbers in any
-    # batch; OpenBLAS's sgemm (CPUs without a SIMD path, and q8_0 on AVX2) need not: on an AVX2-only Zen 3, when its
+    # batch; OpenBLAS's sgemm (CPUs without a SIMD path) need not: on an AVX2-only Zen 3, when its
     # prompts took sgemm, a row of a 256-row product differed from the same row in a 64-row one by up to 7e-5
     # (3 December 2026), which moved these chunk perplexities by 0.09%. The tight bound where it was measured.
     exact_rows = isa_has_gemm(KERNEL_ISA)

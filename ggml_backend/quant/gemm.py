@@ -24,10 +24,12 @@ that is 11 instructions per 512 multiply-adds of a 32-group where a tile of 16 l
 results come out as 16 rows per store, with no horizontal sums. Each row's groups are summed exactly and added in
 float32 one after the other, as llama.cpp's repacked kernels do. 2x the lane kernel on Zen 5 for every type. AVX2
 has no ``vpdpbusd``: ``vpmaddubsw`` sums pairs of unsigned x signed products into int16, which q + 128 times x
-could pass, so there the sides swap: the panel keeps the signed q (at most 32 in magnitude: every kind but q8_0,
-whose prompts keep sgemm there), the tokens' bytes are x + 128 (unsigned), and each group starts from -128 * the
-rows' sums of q, kept beside the panel; ``vpmaddwd`` with ones then adds the pairs into the int32 lanes. The
-integers are the same, so every path's prompt kernel gives the same numbers bit for bit. Measured on a Sapphire
+could pass, so there the sides swap: the panel keeps the signed q (at most 32 in magnitude for every kind but
+q8_0), the tokens' bytes are x + 128 (unsigned), and each group starts from -128 * the rows' sums of q, kept beside
+the panel; ``vpmaddwd`` with ones then adds the pairs into the int32 lanes. q8_0's quants reach 127, so it
+multiplies signed by signed instead: the panel's absolute values by the token's bytes with the panel's signs
+(``vpsignb``, ggml's ``mul_sum_i8_pairs``; its activations stay within -127..127), from zero. The integers are the
+same, so every path's prompt kernel gives the same numbers bit for bit. Measured on a Sapphire
 Rapids Xeon with the code compiled for an Alder Lake (AVX-VNNI) and for a Zen 3 (AVX2; see benchmarks/README.md):
 prompts 1.7x / 1.5x those of dequantize + sgemm, 2.0x / 1.5x llama.cpp built for those instruction sets.
 
@@ -52,18 +54,19 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from .decode import (
-    _KERNEL, KIND_ARGS, _k4_chunk, _k_group, _k_group_d, _k_scales, kind_code, minus_128_sums, paired_bsums,
-    unpack_panel, unpack_row_panel,
+    _KERNEL, KIND_ARGS, ConstantType, _k4_chunk, _k_group, _k_group_d, _k_scales, kind_code, minus_128_sums,
+    paired_bsums, unpack_panel, unpack_row_panel,
 )
 from .simd import (
-    AVX512VNNI, add_bytes, add_f32x16, add_i32x8, add_lanes, dot_panel_dword, dot_u8_i8_x64, dot_word_pairs_x16,
-    fma_i32x16, fma_i32x16_folded, fma_i32x8, fma_lanes, fnma_lanes, fold_halves_i32x16, has_vnni,
-    high_nibbles_times_pairs, lane_rows, load_16_bytes_twice, load_16_f32, load_16_i32, load_64_bytes, load_f16,
-    load_lane_floats, load_lane_ints, mul_f32x16, mul_i32x8, prefetch, scaled_dot, splat_bytes, splat_lane_floats,
-    splat_lane_ints, store_32_bytes, store_8_i32, store_f32_lanes, sum_f32x16, sum_f32x8, to_f32x16, to_scale_words,
-    zero_f32x16, zero_f32x8, zero_i32x16, zero_i32x8, zero_lanes,
+    AVX512VNNI, IsaType, add_bytes, add_f32x16, add_i32x8, add_lanes, dot_panel_dword, dot_signed_panel_dword,
+    dot_u8_i8_x64, dot_word_pairs_x16, fma_i32x16, fma_i32x16_folded, fma_i32x8, fma_lanes, fnma_lanes,
+    fold_halves_i32x16, has_vnni, high_nibbles_times_pairs, lane_rows, load_16_bytes_twice, load_16_f32, load_16_i32,
+    load_64_bytes, load_f16, load_lane_floats, load_lane_ints, mul_f32x16, mul_i32x8, prefetch, scaled_dot,
+    splat_bytes, splat_lane_floats, splat_lane_ints, store_32_bytes, store_8_i32, store_f32_lanes, sum_f32x16,
+    sum_f32x8, to_f32x16, to_scale_words, zero_f32x16, zero_f32x8, zero_i32x16, zero_i32x8, zero_lane_ints, zero_lanes,
 )
 
 PANEL_ROWS = 4     # weight rows of a register tile of the exact GEMM (the kernel is written out for 4)
@@ -101,15 +104,21 @@ def isa_has_gemm(isa) -> bool:
 
 
 #: the kinds whose quants exceed 32 in magnitude (q8_0): on AVX2 a pair of their products with unsigned x + 128
-#: can pass ``vpmaddubsw``'s int16, so their prompts keep dequantize + sgemm there
+#: could pass ``vpmaddubsw``'s int16, so there they take the signed form (``_signed_panel``)
 WIDE_QUANT_KINDS = (4,)
 
 
 def prompt_gemm_takes(isa, kind) -> bool:
     """Whether the SIMD path ``isa`` (simd.Isa or None) runs the prompt kernel (``gemm_rows``) for a block kind
-    (decode.KINDS; None for float types): sixteen rows a register on AVX512-VNNI, eight on AVX-VNNI (``vpdpbusd``)
-    and AVX2 (``vpmaddubsw`` + ``vpmaddwd``: every kind but q8_0)."""
-    return isa is not None and kind is not None and (isa.vnni or kind not in WIDE_QUANT_KINDS)
+    (decode.KINDS; None for float types): every block kind on every SIMD path, sixteen rows a register on
+    AVX512-VNNI, eight on AVX-VNNI (``vpdpbusd``) and AVX2 (``vpmaddubsw`` + ``vpmaddwd``)."""
+    return isa is not None and kind is not None
+
+
+def _signed_panel(kind, isa) -> bool:
+    """Whether the prompt kernel multiplies signed quants by signed values (q8_0 on AVX2: ``vpsignb``), at typing
+    time (``kind``: a kind's constant type, ``isa``: an ``IsaType``)."""
+    return kind.code in WIDE_QUANT_KINDS and not isa.vnni
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -565,20 +574,37 @@ def _group_values(kind):
     return 16 if kind_code(kind) in GROUPS_OF_16 else 32
 
 
+def _panel_dot(kind, acc, panel, p, xs, x, isa):
+    """``acc`` plus the panel's dword column at byte ``p`` times the token's four bytes at xs[x]: unsigned by signed
+    (``dot_panel_dword``), or signed by signed where ``_signed_panel`` (``dot_signed_panel_dword``)."""
+    raise NotImplementedError("gemm._panel_dot runs inside the compiled kernels only")
+
+
+@overload(_panel_dot, inline="always")
+def _panel_dot_of(kind, acc, panel, p, xs, x, isa):
+    if not isinstance(kind, ConstantType) or not isinstance(isa, IsaType):
+        return None
+    dot = dot_signed_panel_dword if _signed_panel(kind, isa) else dot_panel_dword
+
+    def chosen(kind, acc, panel, p, xs, x, isa):
+        return dot(acc, panel, p, xs, x, isa)
+    return chosen
+
+
 @njit(**_KERNEL)
-def _dword_step(a0, a1, a2, a3, a4, a5, a6, a7, panel, p, xs, x, k, isa):
+def _dword_step(kind, a0, a1, a2, a3, a4, a5, a6, a7, panel, p, xs, x, k, isa):
     """Four values of the panel's rows (its dword column at byte ``p``) times the same four values of the tile's
     tokens (bytes x, x + k, ... of ``xs``, each broadcast to every lane): ``dot_panel_dword``, unsigned q + 128
     times signed x on the VNNI paths, unsigned x + 128 times signed q on AVX2."""
-    a0 = dot_panel_dword(a0, panel, p, xs, x, isa)
-    a1 = dot_panel_dword(a1, panel, p, xs, x + k, isa)
-    a2 = dot_panel_dword(a2, panel, p, xs, x + 2 * k, isa)
-    a3 = dot_panel_dword(a3, panel, p, xs, x + 3 * k, isa)
+    a0 = _panel_dot(kind, a0, panel, p, xs, x, isa)
+    a1 = _panel_dot(kind, a1, panel, p, xs, x + k, isa)
+    a2 = _panel_dot(kind, a2, panel, p, xs, x + 2 * k, isa)
+    a3 = _panel_dot(kind, a3, panel, p, xs, x + 3 * k, isa)
     if _tile_tokens(isa) > 4:
-        a4 = dot_panel_dword(a4, panel, p, xs, x + 4 * k, isa)
-        a5 = dot_panel_dword(a5, panel, p, xs, x + 5 * k, isa)
-        a6 = dot_panel_dword(a6, panel, p, xs, x + 6 * k, isa)
-        a7 = dot_panel_dword(a7, panel, p, xs, x + 7 * k, isa)
+        a4 = _panel_dot(kind, a4, panel, p, xs, x + 4 * k, isa)
+        a5 = _panel_dot(kind, a5, panel, p, xs, x + 5 * k, isa)
+        a6 = _panel_dot(kind, a6, panel, p, xs, x + 6 * k, isa)
+        a7 = _panel_dot(kind, a7, panel, p, xs, x + 7 * k, isa)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
@@ -658,6 +684,12 @@ def _row_tile(kind, quants, sums, scale, offsets, k, xs, starts, x_scales, n_gro
             a1 = splat_lane_ints(starts, i + n_groups, isa)
             a2 = splat_lane_ints(starts, i + 2 * n_groups, isa)
             a3 = splat_lane_ints(starts, i + 3 * n_groups, isa)
+        elif kind_code(kind) in WIDE_QUANT_KINDS:
+            # q8_0 on AVX2: signed by signed bytes (_signed_panel), nothing to take out
+            a0 = zero_lane_ints(isa)
+            a1 = a0
+            a2 = a0
+            a3 = a0
         else:
             # every token's group sums start at -128 * the rows' sums of q, which takes the tokens' + 128 out
             a0 = load_lane_ints(sums, n * h, isa)
@@ -677,8 +709,8 @@ def _row_tile(kind, quants, sums, scale, offsets, k, xs, starts, x_scales, n_gro
             a7 = splat_lane_ints(starts, i + 7 * n_groups, isa)
         x = t * k + g
         for j in range(group // 4):
-            a0, a1, a2, a3, a4, a5, a6, a7 = _dword_step(a0, a1, a2, a3, a4, a5, a6, a7, quants, n * (g + 4 * j),
-                                                         xs, x + 4 * j, k, isa)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _dword_step(kind, a0, a1, a2, a3, a4, a5, a6, a7, quants,
+                                                         n * (g + 4 * j), xs, x + 4 * j, k, isa)
         f0, f1, f2, f3, f4, f5, f6, f7 = _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7,
                                                      load_lane_floats(scale, n * h, isa), x_scales, i, n_groups,
                                                      isa)
@@ -844,10 +876,10 @@ class GemmTokens:
         """int8 [padded * k]: the quants, zeros past the tokens (the prompt GEMM's)."""
         return self._row_arrays()[0]
 
-    def xs_for(self, isa) -> np.ndarray:
-        """The prompt GEMM's token bytes on path ``isa``: ``xs`` on the VNNI paths, on AVX2 x + 128 as unsigned
-        bytes (flat [padded * k]; made on first use)."""
-        if isa.vnni:
+    def xs_for(self, isa, kind: int) -> np.ndarray:
+        """The prompt GEMM's token bytes for a block kind on path ``isa``: ``xs`` on the VNNI paths and for q8_0
+        (``_signed_panel``), else on AVX2 x + 128 as unsigned bytes (flat [padded * k]; made on first use)."""
+        if isa.vnni or kind in WIDE_QUANT_KINDS:
             return self.xs
         if self._unsigned is None:
             self._unsigned = self.xs.view(np.uint8) ^ np.uint8(128)
@@ -917,5 +949,5 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
              tokens.block_tokens(), n_chunks, isa)
     else:
         starts, x_scales = tokens.row_groups[16 if kind in GROUPS_OF_16 else 32]
-        gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs_for(isa), starts, x_scales,
+        gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs_for(isa, kind), starts, x_scales,
                   tokens.xsum, out, column, tokens.row_block_tokens(), n_chunks, isa)

@@ -550,6 +550,18 @@ def _avx2_quad_sums(builder, unsigned, signed):
     return builder.call(maddwd, [builder.call(maddubs, [unsigned, signed]), _splat(_I16(1), 16)])
 
 
+def _avx2_signed_quad_sums(builder, weights, values):
+    """Sums of four signed x signed byte products per int32 lane on AVX2: ``_avx2_quad_sums`` of the weights'
+    absolute values and the values with the weights' signs (``vpsignb``, ggml's ``mul_sum_i8_pairs``); exact for
+    values within -127..127 (a pair at most 2 x 128 x 127)."""
+    bytes_type = ir.VectorType(_I8, 32)
+    absolute = builder.call(_function(builder, "llvm.abs.v32i8", bytes_type, [bytes_type, ir.IntType(1)]),
+                            [weights, ir.IntType(1)(0)])
+    signs = builder.call(_function(builder, "llvm.x86.avx2.psign.b", bytes_type, [bytes_type, bytes_type]),
+                         [values, weights])
+    return _avx2_quad_sums(builder, absolute, signs)
+
+
 def _vpdpbusd(builder, acc, unsigned, signed):
     """``acc`` plus the sums of four unsigned x signed byte products per int32 lane: ``vpdpbusd`` on 32 bytes
     (AVX512-VNNI with VL, or AVX-VNNI) or 64 (AVX512-VNNI)."""
@@ -715,14 +727,9 @@ def dot_i8_i8(typingctx, bias, signed_weights, signed, isa):
     vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
-        bytes_type = ir.VectorType(_I8, 32)
         if vnni:
             return _vpdpbusd(builder, args[0], builder.xor(args[1], _splat(_I8(0x80), 32)), args[2])
-        absolute = builder.call(_function(builder, "llvm.abs.v32i8", bytes_type, [bytes_type, ir.IntType(1)]),
-                                [args[1], ir.IntType(1)(0)])
-        signs = builder.call(_function(builder, "llvm.x86.avx2.psign.b", bytes_type, [bytes_type, bytes_type]),
-                             [args[2], args[1]])
-        return builder.add(args[0], _avx2_quad_sums(builder, absolute, signs))
+        return builder.add(args[0], _avx2_signed_quad_sums(builder, args[1], args[2]))
     return I32x8(bias, signed_weights, signed, isa), codegen
 
 
@@ -1654,16 +1661,22 @@ def lane_rows(typingctx, isa):
     return types.int64(isa), codegen
 
 
-@intrinsic
-def zero_lanes(typingctx, isa):
-    """Float zeros in a row-lane register of path ``isa``: an ``F32x16`` or an ``F32x8``."""
-    if not isinstance(isa, IsaType):
-        return None
-    vector = _lane_floats(isa)
+def _lane_zeros(floats: bool):
+    def make(typingctx, isa):
+        if not isinstance(isa, IsaType):
+            return None
+        vector = _lane_floats(isa) if floats else _LANE_INTS[_lane_floats(isa)]
 
-    def codegen(context, builder, sig, args):
-        return ir.Constant(vector.llvm_type(), None)
-    return vector(isa), codegen
+        def codegen(context, builder, sig, args):
+            return ir.Constant(vector.llvm_type(), None)
+        return vector(isa), codegen
+    return intrinsic(make)
+
+
+zero_lanes = _lane_zeros(floats=True)
+zero_lanes.__doc__ = "Float zeros in a row-lane register of path ``isa``: an ``F32x16`` or an ``F32x8``."
+zero_lane_ints = _lane_zeros(floats=False)
+zero_lane_ints.__doc__ = "Int32 zeros in a row-lane register of path ``isa``: an ``I32x16`` or an ``I32x8``."
 
 
 @intrinsic
@@ -1793,3 +1806,23 @@ def dot_panel_dword(typingctx, acc, panel, offset, values, index, isa):
             return _vpdpbusd(builder, args[0], rows, broadcast)
         return builder.add(args[0], _avx2_quad_sums(builder, broadcast, rows))
     return lanes(acc, panel, offset, values, index, isa), codegen
+
+
+@intrinsic
+def dot_signed_panel_dword(typingctx, acc, panel, offset, values, index, isa):
+    """``dot_panel_dword`` for a panel of signed bytes and signed values on AVX2 (eight rows): ``vpmaddubsw`` on
+    the panel's absolute values and the values with the panel's signs (``vpsignb``, ggml's ``mul_sum_i8_pairs``),
+    then ``vpmaddwd`` with ones; exact for values within -127..127 (a pair at most 2 x 128 x 127)."""
+    if not (isinstance(isa, IsaType) and not isa.wide and _is_byte_array(panel) and _is_byte_array(values)
+            and isinstance(offset, types.Integer) and isinstance(index, types.Integer) and acc == I32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bytes_type = ir.VectorType(_I8, 32)
+        row_bytes = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
+        rows = builder.load(builder.bitcast(row_bytes, bytes_type.as_pointer()), align=1)
+        value_bytes = _byte_pointer(context, builder, sig.args[3], args[3], args[4])
+        dword = builder.load(builder.bitcast(value_bytes, _I32.as_pointer()), align=1)
+        broadcast = builder.bitcast(_splat_value(builder, dword, 8), bytes_type)
+        return builder.add(args[0], _avx2_signed_quad_sums(builder, rows, broadcast))
+    return I32x8(acc, panel, offset, values, index, isa), codegen
