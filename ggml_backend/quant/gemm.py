@@ -594,8 +594,8 @@ def _panel_dot_of(kind, acc, panel, p, xs, x, isa):
 @njit(**_KERNEL)
 def _dword_step(kind, a0, a1, a2, a3, a4, a5, a6, a7, panel, p, xs, x, k, isa):
     """Four values of the panel's rows (its dword column at byte ``p``) times the same four values of the tile's
-    tokens (bytes x, x + k, ... of ``xs``, each broadcast to every lane): ``dot_panel_dword``, unsigned q + 128
-    times signed x on the VNNI paths, unsigned x + 128 times signed q on AVX2."""
+    tokens (bytes x, x + k, ... of ``xs``, each broadcast to every lane): ``_panel_dot``, unsigned q + 128 times
+    signed x on the VNNI paths, unsigned x + 128 times signed q on AVX2 (q8_0 there: signed q times signed x)."""
     a0 = _panel_dot(kind, a0, panel, p, xs, x, isa)
     a1 = _panel_dot(kind, a1, panel, p, xs, x + k, isa)
     a2 = _panel_dot(kind, a2, panel, p, xs, x + 2 * k, isa)
