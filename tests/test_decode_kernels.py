@@ -142,8 +142,8 @@ def test_q4_0_row_lanes_give_the_same_bits_on_both_paths(n_rows):
             assert np.array_equal(vnni, avx2), (k, n_tokens)
 
 
-@pytest.mark.skipif(simd.AVXVNNI not in SUPPORTED or simd.AVX2 not in SUPPORTED,
-                    reason="compares the avxvnni path with the avx2 one, and this CPU lacks AVX-VNNI")
+@pytest.mark.skipif(reason="compares the avxvnni path with the avx2 one, and this CPU lacks AVX-VNNI",
+                    condition=simd.AVXVNNI not in SUPPORTED or simd.AVX2 not in SUPPORTED)
 @pytest.mark.parametrize("type_name", list(KINDS))
 def test_the_avxvnni_path_gives_the_avx2_paths_bits(type_name):
     """The AVX-VNNI path is the AVX2 path's kernels with ``vpdpbusd`` / ``vpdpwssd`` (and VNNI's unsigned
