@@ -1507,6 +1507,17 @@ def splat_i32(typingctx, value):
 
 
 @intrinsic
+def splat_i32x8(typingctx, value):
+    """An integer in all eight lanes of an ``I32x8``."""
+    if not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat_value(builder, _as_i32(builder, args[0]), 8)
+    return I32x8(value), codegen
+
+
+@intrinsic
 def splat_f32(typingctx, value):
     """A float32 in all sixteen lanes of an ``F32x16``."""
     if value != types.float32:
