@@ -1,14 +1,15 @@
 """``ggml-backend bench``: speed figures of ggml_backend beside llama.cpp's (llama-cpp-python, when importable).
 
 Every figure comes from its own fresh process, with the procedure of shared/bench: open the file with n_ctx 2048
-and n_batch 512; warm up (one token, an 8-token batch, then one of ``matmul.BLAS_MIN_TOKENS``, 48, so that both
-engines have touched every weight and loaded their kernels, the prompt kernels included: on an empty compile cache
-the first timed prompt measured the compiler); then time one thing: a prompt of seeded random ids (256 and 1024
-tokens), or greedy decoding one token at a time after filling the context to a position (the prompt length, 50,
-1900). "First token" is the wall time from starting a fresh interpreter to the logits of one token (numba's compile
-cache warm). Peak RSS is the largest high-water RSS (VmHWM) of the run's processes; its cap is file size + KV
-cache + 150 MB, the KV cache as each engine allocates it (float16 in both, their default). A process that crashes
-or fails is reported as such in its figure's place; the other figures still run. ``--repeat N`` reports medians.
+and n_batch 512; warm up (one token, an 8-token batch, then one of ``session.prompt_kernels_from()`` tokens, 48, so
+that both engines have touched every weight and loaded their kernels, the prompt kernels included: on an empty
+compile cache the first timed prompt measured the compiler); then time one thing: a prompt of seeded random ids (256
+and 1024 tokens), or greedy decoding one token at a time after filling the context to a position (the prompt
+length, 50, 1900). "First token" is the wall time from starting a fresh interpreter to the logits of one token
+(numba's compile cache warm). Peak RSS is the largest high-water RSS (VmHWM) of the run's processes; its cap is file
+size + KV cache + 150 MB, the KV cache as each engine allocates it (float16 in both, their default). A process that
+crashes or fails is reported as such in its figure's place; the other figures still run. ``--repeat N`` reports
+medians.
 
 ``--scaling`` adds two tables: prompt and decode speed against model size (the real 0.5B and synthetic 1B- and
 7B-shaped Llamas in q4_0 and q8_0, written once into a cache directory, see bench_models.py), and decode speed
@@ -156,9 +157,9 @@ def run_worker(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
 
 def measure(engine: str, model: str, task: str, a: int = 0, b: int = 0, *, threads: int = 2, n_ctx: int = 2048,
             timeout: float = 1800) -> dict:
-    from ..quant.matmul import BLAS_MIN_TOKENS     # the warm-up's last batch: the prompt kernels' shortest
+    from ..model.session import prompt_kernels_from     # the warm-up's last batch: the prompt kernels' shortest
     cmd = [sys.executable, "-c", _WORKER, engine, str(model), str(threads), str(n_ctx), task, str(a), str(b),
-           str(BLAS_MIN_TOKENS)]
+           str(prompt_kernels_from())]
     # each engine's process gets the user's environment: not the OMP_WAIT_POLICY=PASSIVE that importing
     # ggml_backend adds here, which made llama.cpp's OpenMP threads sleep between kernels (decode -35%)
     from .._threading import environment_for_other_engines

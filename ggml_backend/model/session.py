@@ -57,6 +57,12 @@ def set_threads(n_threads: int) -> None:
     numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
 
 
+def prompt_kernels_from() -> int:
+    """The fewest tokens a batch needs to take the prompt path (the BLAS path or the integer GEMM): what a warm-up
+    evaluates so that timed prompts find those kernels loaded (``ggml-backend bench``)."""
+    return BLAS_MIN_TOKENS
+
+
 def runs_alone(n_tokens: int) -> bool:
     """Whether a batch of ``n_tokens`` takes the BLAS path, whose float summation order depends on the batch, so
     it runs in a forward pass of its own; fewer tokens go through the integer kernels, which give each token the
