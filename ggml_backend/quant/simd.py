@@ -1495,26 +1495,22 @@ prefetch_to_l2.__doc__ = ("``prefetch`` into L2 (``prefetcht1``): for data a who
                           "push out the lines being read. Never faults.")
 
 
-@intrinsic
-def splat_i32(typingctx, value):
-    """An integer in all sixteen lanes of an ``I32x16``."""
-    if not isinstance(value, types.Integer):
-        return None
+def _integer_splat(vector: VectorType):
+    """An intrinsic (value) -> an integer in every int32 lane of ``vector``."""
+    def make(typingctx, value):
+        if not isinstance(value, types.Integer):
+            return None
 
-    def codegen(context, builder, sig, args):
-        return _splat_value(builder, _as_i32(builder, args[0]), 16)
-    return I32x16(value), codegen
+        def codegen(context, builder, sig, args):
+            return _splat_value(builder, _as_i32(builder, args[0]), vector.count)
+        return vector(value), codegen
+    return intrinsic(make)
 
 
-@intrinsic
-def splat_i32x8(typingctx, value):
-    """An integer in all eight lanes of an ``I32x8``."""
-    if not isinstance(value, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _splat_value(builder, _as_i32(builder, args[0]), 8)
-    return I32x8(value), codegen
+splat_i32 = _integer_splat(I32x16)
+splat_i32.__doc__ = "An integer in all sixteen lanes of an ``I32x16``."
+splat_i32x8 = _integer_splat(I32x8)
+splat_i32x8.__doc__ = "An integer in all eight lanes of an ``I32x8``."
 
 
 @intrinsic
