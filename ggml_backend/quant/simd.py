@@ -1785,6 +1785,18 @@ def half_sums(typingctx, q):
     return types.UniTuple(types.int32, 2)(q), codegen
 
 
+def _panel_column_and_values(context, builder, sig, args, n_lanes: int):
+    """The operands of the panel dot products (acc, panel, offset, values, index, isa): the ``4 * n_lanes`` panel
+    bytes at byte ``offset`` (four of each row) and the four bytes ``values[index:index + 4]`` broadcast to every
+    lane, both as byte vectors."""
+    bytes_type = ir.VectorType(_I8, 4 * n_lanes)
+    row_bytes = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
+    rows = builder.load(builder.bitcast(row_bytes, bytes_type.as_pointer()), align=1)
+    value_bytes = _byte_pointer(context, builder, sig.args[3], args[3], args[4])
+    dword = builder.load(builder.bitcast(value_bytes, _I32.as_pointer()), align=1)
+    return rows, builder.bitcast(_splat_value(builder, dword, n_lanes), bytes_type)
+
+
 @intrinsic
 def dot_panel_dword(typingctx, acc, panel, offset, values, index, isa):
     """``acc`` plus, in each int32 lane (a weight row of a row-interleaved panel), the products of that row's four
@@ -1800,15 +1812,10 @@ def dot_panel_dword(typingctx, acc, panel, offset, values, index, isa):
     lanes = _LANE_INTS[_lane_floats(isa)]
     if acc != lanes:
         return None
-    bytes_type = ir.VectorType(_I8, 4 * lanes.count)
     vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
-        row_bytes = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
-        rows = builder.load(builder.bitcast(row_bytes, bytes_type.as_pointer()), align=1)
-        value_bytes = _byte_pointer(context, builder, sig.args[3], args[3], args[4])
-        dword = builder.load(builder.bitcast(value_bytes, _I32.as_pointer()), align=1)
-        broadcast = builder.bitcast(_splat_value(builder, dword, lanes.count), bytes_type)
+        rows, broadcast = _panel_column_and_values(context, builder, sig, args, lanes.count)
         if vnni:
             return _vpdpbusd(builder, args[0], rows, broadcast)
         return builder.add(args[0], _avx2_quad_sums(builder, broadcast, rows))
@@ -1825,11 +1832,6 @@ def dot_signed_panel_dword(typingctx, acc, panel, offset, values, index, isa):
         return None
 
     def codegen(context, builder, sig, args):
-        bytes_type = ir.VectorType(_I8, 32)
-        row_bytes = _byte_pointer(context, builder, sig.args[1], args[1], args[2])
-        rows = builder.load(builder.bitcast(row_bytes, bytes_type.as_pointer()), align=1)
-        value_bytes = _byte_pointer(context, builder, sig.args[3], args[3], args[4])
-        dword = builder.load(builder.bitcast(value_bytes, _I32.as_pointer()), align=1)
-        broadcast = builder.bitcast(_splat_value(builder, dword, 8), bytes_type)
+        rows, broadcast = _panel_column_and_values(context, builder, sig, args, 8)
         return builder.add(args[0], _avx2_signed_quad_sums(builder, rows, broadcast))
     return I32x8(acc, panel, offset, values, index, isa), codegen
