@@ -115,10 +115,11 @@ def prompt_gemm_takes(isa, kind) -> bool:
     return isa is not None and kind is not None
 
 
-def _signed_panel(kind, isa) -> bool:
-    """Whether the prompt kernel multiplies signed quants by signed values (q8_0 on AVX2: ``vpsignb``), at typing
-    time (``kind``: a kind's constant type, ``isa``: an ``IsaType``)."""
-    return kind.code in WIDE_QUANT_KINDS and not isa.vnni
+def _signed_panel(kind: int, vnni: bool) -> bool:
+    """Whether the prompt kernel multiplies signed quants by signed values (q8_0 on AVX2: ``vpsignb``) for a block
+    kind (a decode.KINDS code) on a path with or without ``vpdpbusd``: asked at typing time by ``_panel_dot`` and at
+    run time by ``GemmTokens.xs_for``."""
+    return kind in WIDE_QUANT_KINDS and not vnni
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -584,7 +585,7 @@ def _panel_dot(kind, acc, panel, p, xs, x, isa):
 def _panel_dot_of(kind, acc, panel, p, xs, x, isa):
     if not isinstance(kind, ConstantType) or not isinstance(isa, IsaType):
         return None
-    dot = dot_signed_panel_dword if _signed_panel(kind, isa) else dot_panel_dword
+    dot = dot_signed_panel_dword if _signed_panel(kind.code, isa.vnni) else dot_panel_dword
 
     def chosen(kind, acc, panel, p, xs, x, isa):
         return dot(acc, panel, p, xs, x, isa)
@@ -879,7 +880,7 @@ class GemmTokens:
     def xs_for(self, isa, kind: int) -> np.ndarray:
         """The prompt GEMM's token bytes for a block kind on path ``isa``: ``xs`` on the VNNI paths and for q8_0
         (``_signed_panel``), else on AVX2 x + 128 as unsigned bytes (flat [padded * k]; made on first use)."""
-        if isa.vnni or kind in WIDE_QUANT_KINDS:
+        if isa.vnni or _signed_panel(kind, isa.vnni):
             return self.xs
         if self._unsigned is None:
             self._unsigned = self.xs.view(np.uint8) ^ np.uint8(128)
