@@ -76,6 +76,14 @@ def real_json(which: str) -> dict:
     return json.loads((REAL_DIR / name).read_text(encoding="utf-8"))
 
 
+@lru_cache(maxsize=None)
+def real_token_by_token(which: str) -> list[dict]:
+    """llama.cpp's top-10 logits (at ``first_top10_ids``) when it evaluates each shared prompt one token at a time:
+    ``tests/data/real/llamacpp_token_by_token.json``, made here by ``make_token_by_token.py`` (not in shared/)."""
+    path = _LOCAL / "real" / "llamacpp_token_by_token.json"
+    return json.loads(path.read_text(encoding="utf-8"))["models"][which]
+
+
 def real_model(which: str) -> Path:
     """``which``: "qwen" or "gemma"; skips when the model package is not installed."""
     from ggml_backend import default_model
