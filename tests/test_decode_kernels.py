@@ -142,6 +142,39 @@ def test_q4_0_row_lanes_give_the_same_bits_on_both_paths(n_rows):
             assert np.array_equal(vnni, avx2), (k, n_tokens)
 
 
+NARROW_PATHS = [path_param(isa) for isa in (simd.AVXVNNI, simd.AVX2)]
+
+
+@pytest.mark.parametrize("isa", NARROW_PATHS)
+@pytest.mark.parametrize("type_name", ["q4_0", "q5_0"])
+@pytest.mark.parametrize("n_rows", [8, 5, 37])
+def test_row_lanes_of_the_256_bit_paths_give_the_prompt_gemms_numbers(isa, type_name, n_rows):
+    """q4_0 and q5_0 take row lanes on AVX2 and AVX-VNNI (eight rows a 256-bit register; q5_0's fifth bits spread
+    from each row's 32-bit qh, its values summed as int16 four registers at a time): one token, a few (tiles of 8,
+    4, 2, 1 and their remainders) and a prompt on the 8-row prompt GEMM give each (row, token) the same bits,
+    whatever the batch; rows past a multiple of 8 (copied beside zero rows), rows of 896 (panels prefetched into
+    L1) and of 4096 (into L2), and extreme quants (every fifth bit set, nibbles of 15) included."""
+    rng = np.random.default_rng(70 + n_rows + KINDS[type_name])
+    for k in (896, 4096):
+        weights = random_weights(type_name, n_rows, k, rng)
+        if type_name == "q5_0":
+            weights.reshape(n_rows, -1, 22)[:2, :, 2:] = 0xFF    # values 31 throughout the first two rows
+        x = rng.standard_normal((50, k)).astype(np.float32)
+        x[::4, :3] *= 30.0
+        saved = matmul_module.KERNEL_ISA
+        matmul_module.KERNEL_ISA = isa
+        try:
+            prompt = matmul(type_name, weights, x, method="gemm")
+            for n_tokens in (1, 2, 3, 7, 8, 13, 47):
+                assert np.array_equal(matmul(type_name, weights, x[:n_tokens], method="int"), prompt[:n_tokens]), \
+                    (k, n_tokens)
+            assert np.array_equal(matmul(type_name, weights, x[9:10], method="int"), prompt[9:10])
+        finally:
+            matmul_module.KERNEL_ISA = saved
+        oracle = integer_oracle(type_name, weights, x[:3])
+        assert np.abs(prompt[:3] - oracle).max() / (np.abs(oracle).max() + 1e-6) < 2e-6
+
+
 @pytest.mark.skipif(reason="compares the avxvnni path with the avx2 one, and this CPU lacks AVX-VNNI",
                     condition=simd.AVXVNNI not in SUPPORTED or simd.AVX2 not in SUPPORTED)
 @pytest.mark.parametrize("type_name", list(KINDS))

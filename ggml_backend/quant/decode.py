@@ -57,9 +57,10 @@ from .simd import (
 )
 from .generic import _block_sums_times
 from .simd import (
-    add_i32x16, dot_u8_i8_x64, flip_sign_bits, fma_lanes, half_sums, has_vnni, lane_rows, load_f16_8_rows,
-    load_f16_rows, load_rows_2x16, load_rows_4x16, nibble_block_sums_x8, prefetch_to_l2, splat_dword_x64, splat_i32,
-    splat_i32x8, store_f32_lanes, transpose_dwords, transpose_row_pairs, zero_lanes,
+    add_i32x16, dot_u8_i8_x64, fifth_bits_x8, five_bit_block_sums_x8, flip_sign_bits, fma_lanes, half_sums, has_vnni,
+    lane_rows, load_f16_8_rows, load_f16_rows, load_rows_2x16, load_rows_4x16, load_u32_8_rows, nibble_block_sums_x8,
+    prefetch_to_l2, splat_dword_x64, splat_i32, splat_i32x8, store_f32_lanes, transpose_dwords, transpose_row_pairs,
+    zero_lanes,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -1050,7 +1051,7 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# q4_0 and q8_0 on AVX512-VNNI, q4_0 on AVX2: rows in lanes, straight from the file
+# q4_0 and q8_0 on AVX512-VNNI, q4_0 and q5_0 on AVX2 and AVX-VNNI: rows in lanes, straight from the file
 #
 # The lanes of a 512-bit register are sixteen weight rows (as in gemm.py's prompt kernel; of a 256-bit one on AVX2,
 # eight), built per block from the rows where they lie: 16 quant bytes of each row, a 16 x 4 (8 x 4) transpose of
@@ -1070,11 +1071,19 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 # multiply-adds a second against 81-89 on the lane tiles, and one token read 22-23 GB/s per core from memory
 # against 17 (4096-wide rows; q8_0 27-30 against 22-25).
 #
-# AVX2 (q4_0 only: q8_0's unsigned bytes times activations could saturate ``vpmaddubsw``) sums each row's block in
-# int16 and widens once (``nibble_block_sums_x8``); its lanes are the same integers and the same float steps, so
-# q4_0 gives the same bits on both paths. Where the lane kernel (``_row_legacy``) spent 14 vector operations a
-# block and row, of which 4 for the block's scale and 3 for its offset, eight rows share a block's scale
-# multiply, offset and conversion here.
+# AVX2 (q4_0 and q5_0; q8_0's unsigned bytes times activations could saturate ``vpmaddubsw``) sums each row's block
+# in int16 and widens once (``nibble_block_sums_x8``; q5_0's values reach 31, so two int16 sums of four registers:
+# ``five_bit_block_sums_x8``); its lanes are the same integers and the same float steps, so q4_0 gives the same bits
+# on both paths. Where the lane kernel (``_row_legacy``) spent 14 vector operations a block and row, of which 4 for
+# the block's scale and 3 for its offset, eight rows share a block's scale multiply, offset and conversion here.
+#
+# q5_0 (offset 16) takes the row lanes on the 256-bit paths only: each row's 32 fifth bits (its qh word) are
+# gathered into a lane (``load_u32_8_rows``) and spread to 16 or 0 per value byte (``fifth_bits_x8``: one in-half
+# ``vpshufb`` for two registers, then a mask, a compare and a mask per register). On an EPYC Zen 4 without AVX-512
+# (AVX2) one core read 10.3-10.8 GB/s in the lane kernel and 12.0-12.7 in row lanes (4096 x 4096). On AVX512-VNNI q5_0 keeps the lane
+# kernel and the exact GEMM built to give its numbers (two float chains of eight lanes), so its one-token numbers
+# there and on the 256-bit paths differ in float rounding (the same exact integer block sums, summed in another
+# order); on the 256-bit paths its one-token, few-token and prompt products are now the same numbers.
 # ----------------------------------------------------------------------------------------------------------------
 
 # panels up to this size are prefetched into L1 (q4_0 rows of 896, 7.9 KiB: 19 against 15 GB/s per core on Zen 4),
@@ -1098,19 +1107,21 @@ def _lanes_token_x16(values, xq, x, start, isa):
     return add_i32x16(low, high)
 
 
-def _lanes_token(values, xq, x, start, isa):
+def _lanes_token(kind, values, xq, x, start, isa):
     """One token's exact block sums for the panel's rows (``values``: ``_lanes_block``'s eight registers; the
     token's 32 quants at xq[x:], ``start`` its ``block_starts`` entry)."""
     raise NotImplementedError("decode._lanes_token runs inside the compiled kernels only")
 
 
 @overload(_lanes_token, inline="always")
-def _lanes_token_of(values, xq, x, start, isa):
-    if not isinstance(isa, IsaType):
+def _lanes_token_of(kind, values, xq, x, start, isa):
+    if not isinstance(kind, ConstantType) or not isinstance(isa, IsaType):
         return None
     if isa.wide:
-        return lambda values, xq, x, start, isa: _lanes_token_x16(values, xq, x, start, isa)
-    return lambda values, xq, x, start, isa: nibble_block_sums_x8(start, values, xq, x, isa)
+        return lambda kind, values, xq, x, start, isa: _lanes_token_x16(values, xq, x, start, isa)
+    if kind.code == 2:    # q5_0's values reach 31: int16 sums of four registers
+        return lambda kind, values, xq, x, start, isa: five_bit_block_sums_x8(start, values, xq, x, isa)
+    return lambda kind, values, xq, x, start, isa: nibble_block_sums_x8(start, values, xq, x, isa)
 
 
 @njit(inline="always", **_KERNEL)
@@ -1136,14 +1147,21 @@ def _lanes_block_x16(kind, w, o, row_bytes):
 
 @njit(inline="always", **_KERNEL)
 def _lanes_block_x8(kind, w, o, row_bytes):
-    four = 4 * row_bytes      # q4_0 only; each register pairs row i with row i + 4 (``transpose_row_pairs``)
-    m0, m1, m2, m3 = transpose_row_pairs(load_rows_2x16(w, o + 2, four),
-                                         load_rows_2x16(w, o + 2 + row_bytes, four),
-                                         load_rows_2x16(w, o + 2 + 2 * row_bytes, four),
-                                         load_rows_2x16(w, o + 2 + 3 * row_bytes, four))
+    four = 4 * row_bytes      # q4_0, q5_0; each register pairs row i with row i + 4 (``transpose_row_pairs``)
+    q = o + 6 if kind_code(kind) == 2 else o + 2    # the nibbles: after d (and q5_0's fifth bits)
+    m0, m1, m2, m3 = transpose_row_pairs(load_rows_2x16(w, q, four),
+                                         load_rows_2x16(w, q + row_bytes, four),
+                                         load_rows_2x16(w, q + 2 * row_bytes, four),
+                                         load_rows_2x16(w, q + 3 * row_bytes, four))
     values = (shift_right_and(m0, 0, 15), shift_right_and(m1, 0, 15), shift_right_and(m2, 0, 15),
               shift_right_and(m3, 0, 15), shift_right_and(m0, 4, 15), shift_right_and(m1, 4, 15),
               shift_right_and(m2, 4, 15), shift_right_and(m3, 4, 15))
+    if kind_code(kind) == 2:
+        high = load_u32_8_rows(w, o + 2, row_bytes)
+        values = (or_bytes(values[0], fifth_bits_x8(high, 0)), or_bytes(values[1], fifth_bits_x8(high, 1)),
+                  or_bytes(values[2], fifth_bits_x8(high, 2)), or_bytes(values[3], fifth_bits_x8(high, 3)),
+                  or_bytes(values[4], fifth_bits_x8(high, 4)), or_bytes(values[5], fifth_bits_x8(high, 5)),
+                  or_bytes(values[6], fifth_bits_x8(high, 6)), or_bytes(values[7], fifth_bits_x8(high, 7)))
     return values, load_f16_8_rows(w, o, row_bytes)
 
 
@@ -1170,7 +1188,7 @@ def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride
     x_scale[u], block starts (``block_starts``: -offset * the sum of each block's quants) at
     starts[u * starts_stride:]; its results, the first ``n_store`` lanes, at out[at + (u - t) * stride:]."""
     n_blocks = k // 32
-    block_bytes = 18 if kind_code(kind) == 0 else 34
+    block_bytes = 18 if kind_code(kind) == 0 else 22 if kind_code(kind) == 2 else 34
     rows = lane_rows(isa)
     panel_block = rows * block_bytes
     f0 = zero_lanes(isa)
@@ -1195,23 +1213,23 @@ def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride
         values, d = _lanes_block(kind, w, o, row_bytes, isa)
         x = t * k + 32 * b
         s = t * starts_stride + b
-        f0 = fma_lanes(f0, _lanes_token(values, xq, x, starts[s], isa), d, x_scale[t, b])
+        f0 = fma_lanes(f0, _lanes_token(kind, values, xq, x, starts[s], isa), d, x_scale[t, b])
         if width > 1:
-            f1 = fma_lanes(f1, _lanes_token(values, xq, x + k, starts[s + starts_stride], isa), d,
+            f1 = fma_lanes(f1, _lanes_token(kind, values, xq, x + k, starts[s + starts_stride], isa), d,
                            x_scale[t + 1, b])
         if width > 2:
-            f2 = fma_lanes(f2, _lanes_token(values, xq, x + 2 * k, starts[s + 2 * starts_stride], isa), d,
+            f2 = fma_lanes(f2, _lanes_token(kind, values, xq, x + 2 * k, starts[s + 2 * starts_stride], isa), d,
                            x_scale[t + 2, b])
-            f3 = fma_lanes(f3, _lanes_token(values, xq, x + 3 * k, starts[s + 3 * starts_stride], isa), d,
+            f3 = fma_lanes(f3, _lanes_token(kind, values, xq, x + 3 * k, starts[s + 3 * starts_stride], isa), d,
                            x_scale[t + 3, b])
         if width > 4:
-            f4 = fma_lanes(f4, _lanes_token(values, xq, x + 4 * k, starts[s + 4 * starts_stride], isa), d,
+            f4 = fma_lanes(f4, _lanes_token(kind, values, xq, x + 4 * k, starts[s + 4 * starts_stride], isa), d,
                            x_scale[t + 4, b])
-            f5 = fma_lanes(f5, _lanes_token(values, xq, x + 5 * k, starts[s + 5 * starts_stride], isa), d,
+            f5 = fma_lanes(f5, _lanes_token(kind, values, xq, x + 5 * k, starts[s + 5 * starts_stride], isa), d,
                            x_scale[t + 5, b])
-            f6 = fma_lanes(f6, _lanes_token(values, xq, x + 6 * k, starts[s + 6 * starts_stride], isa), d,
+            f6 = fma_lanes(f6, _lanes_token(kind, values, xq, x + 6 * k, starts[s + 6 * starts_stride], isa), d,
                            x_scale[t + 6, b])
-            f7 = fma_lanes(f7, _lanes_token(values, xq, x + 7 * k, starts[s + 7 * starts_stride], isa), d,
+            f7 = fma_lanes(f7, _lanes_token(kind, values, xq, x + 7 * k, starts[s + 7 * starts_stride], isa), d,
                            x_scale[t + 7, b])
     store_f32_lanes(out, at, f0, n_store)
     if width > 1:
@@ -1309,13 +1327,14 @@ def _takes_row_lanes(kind, k, isa):
     """Whether rows of ``k`` values of ``kind`` take the row-lane kernels on path ``isa`` (``_rows_in_lanes``'s rule,
     in compiled code, with q8_0's row length): their token side is then ``block_starts``."""
     code = kind_code(kind)
-    return code == 0 or (code == 4 and lane_rows(isa) == 16 and _in_lanes(kind, k))
+    return (code == 0 or (code == 2 and lane_rows(isa) == 8)
+            or (code == 4 and lane_rows(isa) == 16 and _in_lanes(kind, k)))
 
 
 def _rows_in_lanes(kind, isa) -> bool:
     """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0 on every path,
-    q8_0 on AVX512-VNNI."""
-    return kind.code == 0 or (kind.code == 4 and isa.wide)
+    q5_0 on the 256-bit paths (AVX2, AVX-VNNI), q8_0 on AVX512-VNNI."""
+    return kind.code == 0 or (kind.code == 2 and not isa.wide) or (kind.code == 4 and isa.wide)
 
 
 def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
@@ -1414,7 +1433,7 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     (``offset_pairs``: q3_K elsewhere, q6_K); an empty array where a kind needs none of them."""
     code = kind_code(kind)
     if _takes_row_lanes(kind, xq.size, isa):
-        return block_starts(xq, 8 if code == 0 else 128)
+        return block_starts(xq, 8 if code == 0 else 16 if code == 2 else 128)
     if code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 5 or code == 6 or code == 9:

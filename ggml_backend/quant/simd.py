@@ -1561,44 +1561,105 @@ def transpose_row_pairs(typingctx, a, b, c, d):
     return types.UniTuple(I8x32, 4)(a, b, c, d), codegen
 
 
+def _block_sums_x8(registers_per_sum: int):
+    """An intrinsic (start, values, array, offset, isa) -> ``start`` + each of eight rows' exact block sum:
+    ``values`` holds eight ``I8x32`` whose int32 lane r is four of row r's 32 values (register j: values 4 j ..
+    4 j + 3); the block's 32 activations are the signed bytes at byte ``offset`` of ``array``, dword j broadcast
+    against register j. With 256-bit VNNI (AVX-VNNI): one ``vpdpbusd`` a register, in two chains. AVX2 has no
+    ``vpdpbusd``: ``vpmaddubsw`` a register, whose int16 pair sums are added as int16 over ``registers_per_sum``
+    registers, then one ``vpmaddwd`` with ones per such sum, so each row's 32 products cost about two instructions a
+    register instead of ``dot_u8_i8``'s three. The same exact sums either way."""
+    def make(typingctx, start, values, array, offset, isa):
+        if not (isinstance(start, types.Integer) and values == types.UniTuple(I8x32, 8) and _is_byte_array(array)
+                and isinstance(offset, types.Integer) and isinstance(isa, IsaType)):
+            return None
+        vnni = isa.vnni
+
+        def codegen(context, builder, sig, args):
+            bytes_type = ir.VectorType(_I8, 32)
+            pairs_type = ir.VectorType(_I16, 16)
+            at = context.cast(builder, args[3], sig.args[3], types.intp)
+            broadcasts = []
+            for j in range(8):
+                pointer = _byte_pointer(context, builder, sig.args[2], args[2], builder.add(at, at.type(4 * j)))
+                dword = builder.load(builder.bitcast(pointer, _I32.as_pointer()), align=1)
+                broadcasts.append(builder.bitcast(_splat_value(builder, dword, 8), bytes_type))
+            start_lanes = _splat_value(builder, _as_i32(builder, args[0]), 8)
+            if vnni:
+                chains = [start_lanes, ir.Constant(I32x8.llvm_type(), None)]
+                for j in range(8):
+                    chains[j % 2] = _vpdpbusd(builder, chains[j % 2], builder.extract_value(args[1], j),
+                                              broadcasts[j])
+                return builder.add(chains[0], chains[1])
+            maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
+            maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
+            sums = start_lanes
+            for first in range(0, 8, registers_per_sum):
+                total = None
+                for j in range(first, first + registers_per_sum):
+                    pairs = builder.call(maddubs, [builder.extract_value(args[1], j), broadcasts[j]])
+                    total = pairs if total is None else builder.add(total, pairs)
+                sums = builder.add(sums, builder.call(maddwd, [total, _splat(_I16(1), 16)]))
+            return sums
+        return I32x8(start, values, array, offset, isa), codegen
+    return intrinsic(make)
+
+
+# q4_0's values (0..15): sixteen products of at most 15 * 128 per int16 word over all eight registers, 30720, under
+# 32767, so nothing saturates or wraps and one vpmaddwd widens them
+nibble_block_sums_x8 = _block_sums_x8(8)
+nibble_block_sums_x8.__doc__ = ("``start`` + each of eight rows' exact block sum of values 0..15 (q4_0): eight "
+                                "registers summed as int16, one ``vpmaddwd`` on AVX2 (see ``_block_sums_x8``).")
+# q5_0's values (0..31): eight products of at most 31 * 128 per word over four registers, 31744
+five_bit_block_sums_x8 = _block_sums_x8(4)
+five_bit_block_sums_x8.__doc__ = ("``start`` + each of eight rows' exact block sum of values 0..31 (q5_0): two "
+                                  "int16 sums of four registers, two ``vpmaddwd`` on AVX2 (see ``_block_sums_x8``).")
+
+
 @intrinsic
-def nibble_block_sums_x8(typingctx, start, values, array, offset, isa):
-    """``start`` + each of eight rows' exact block sum: ``values`` holds eight ``I8x32`` whose int32 lane r is four
-    of row r's 32 values (register j: values 4 j .. 4 j + 3), each value 0..15; the block's 32 activations are the
-    signed bytes at byte ``offset`` of ``array``, dword j broadcast against register j. With 256-bit VNNI
-    (AVX-VNNI): one ``vpdpbusd`` a register, in two chains. AVX2 has no ``vpdpbusd``: eight ``vpmaddubsw`` whose
-    int16 pair sums are added as int16 (sixteen products of at most 15 * 128 per word: 30720, under 32767, so
-    nothing saturates or wraps), then one ``vpmaddwd`` with ones, so each row's 32 products cost about two
-    instructions a register instead of ``dot_u8_i8``'s three. The same exact sums either way."""
-    if not (isinstance(start, types.Integer) and values == types.UniTuple(I8x32, 8) and _is_byte_array(array)
-            and isinstance(offset, types.Integer) and isinstance(isa, IsaType)):
+def load_u32_8_rows(typingctx, array, offset, stride):
+    """The 32-bit words at byte ``offset`` of eight rows ``stride`` bytes apart, row r in lane r of an ``I32x8``
+    (q5_0's fifth bits in row lanes), gathered in general registers two to a 64-bit word before the vector register
+    (as ``load_f16_8_rows`` gathers scales: LLVM's one ``vpinsrd`` from memory per row costs load and shuffle
+    slots both)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer) or not isinstance(stride, types.Integer):
         return None
-    vnni = isa.vnni
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        vector = ir.Constant(ir.VectorType(i64, 4), None)
+        for pair in range(4):
+            word = None
+            for r in (2 * pair, 2 * pair + 1):
+                pointer = _row_pointer(context, builder, sig, args, r)
+                bits = builder.zext(builder.load(builder.bitcast(pointer, _I32.as_pointer()), align=1), i64)
+                word = bits if word is None else builder.or_(word, builder.shl(bits, i64(32)))
+            vector = builder.insert_element(vector, word, _I32(pair))
+        return builder.bitcast(vector, I32x8.llvm_type())
+    return I32x8(array, offset, stride), codegen
+
+
+@intrinsic
+def fifth_bits_x8(typingctx, high_bits, j):
+    """q5_0's fifth bits as 16 or 0 for register j (0-7, a constant) of row lanes: byte i of lane r is 16 where bit
+    4 j + i of lane r of ``high_bits`` (``load_u32_8_rows``: each row's 32 fifth bits) is set. One in-half
+    ``vpshufb`` spreads byte j // 2 of each lane to its four bytes (the same for registers 2 m and 2 m + 1), then a
+    mask of the four bits, a compare and a mask of 16: ``bits_to_bytes`` with each lane's own bits."""
+    if high_bits != I32x8 or not isinstance(j, types.IntegerLiteral):
+        return None
+    register = j.literal_value
+    if not 0 <= register < 8:
+        return None
 
     def codegen(context, builder, sig, args):
         bytes_type = ir.VectorType(_I8, 32)
-        pairs_type = ir.VectorType(_I16, 16)
-        at = context.cast(builder, args[3], sig.args[3], types.intp)
-        broadcasts = []
-        for j in range(8):
-            pointer = _byte_pointer(context, builder, sig.args[2], args[2], builder.add(at, at.type(4 * j)))
-            dword = builder.load(builder.bitcast(pointer, _I32.as_pointer()), align=1)
-            broadcasts.append(builder.bitcast(_splat_value(builder, dword, 8), bytes_type))
-        start_lanes = _splat_value(builder, _as_i32(builder, args[0]), 8)
-        if vnni:
-            chains = [start_lanes, ir.Constant(I32x8.llvm_type(), None)]
-            for j in range(8):
-                chains[j % 2] = _vpdpbusd(builder, chains[j % 2], builder.extract_value(args[1], j), broadcasts[j])
-            return builder.add(chains[0], chains[1])
-        maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", pairs_type, [bytes_type, bytes_type])
-        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [pairs_type, pairs_type])
-        total = None
-        for j in range(8):
-            pairs = builder.call(maddubs, [builder.extract_value(args[1], j), broadcasts[j]])
-            total = pairs if total is None else builder.add(total, pairs)
-        sums = builder.call(maddwd, [total, _splat(_I16(1), 16)])
-        return builder.add(sums, start_lanes)
-    return I32x8(start, values, array, offset, isa), codegen
+        spread = builder.shuffle_vector(builder.bitcast(args[0], bytes_type), ir.Constant(bytes_type, None),
+                                        ir.Constant(ir.VectorType(_I32, 32),
+                                                    [4 * r + register // 2 for r in range(8) for _ in range(4)]))
+        bits = ir.Constant(bytes_type, [1 << (4 * (register % 2) + i) for _ in range(8) for i in range(4)])
+        is_set = builder.icmp_unsigned("==", builder.and_(spread, bits), bits)
+        return builder.select(is_set, _splat(_I8(16), 32), ir.Constant(bytes_type, None))
+    return I8x32(high_bits, j), codegen
 
 
 def _f16_rows_in_words(context, builder, sig, args, n_rows):
