@@ -57,10 +57,10 @@ from .simd import (
 )
 from .generic import _block_sums_times
 from .simd import (
-    add_i32x16, dot_u8_i8_x64, fifth_bits_x8, five_bit_block_sums_x8, flip_sign_bits, fma_lanes, half_sums, has_vnni,
-    lane_rows, load_f16_8_rows, load_f16_rows, load_rows_2x16, load_rows_4x16, load_u32_8_rows, nibble_block_sums_x8,
-    prefetch_to_l2, splat_dword_x64, splat_i32, splat_i32x8, store_f32_lanes, transpose_dwords, transpose_row_pairs,
-    zero_lanes,
+    add_i32x16, dot_u8_i8_x64, fifth_bits_x8, five_bit_block_sums_x8, flip_sign_bits, fma_float_lanes, fma_lanes,
+    half_sums, has_vnni, lane_rows, load_f16_8_rows, load_f16_rows, load_rows_2x16, load_rows_4x16, load_u32_8_rows,
+    nibble_block_sums_x8, prefetch_to_l2, splat_dword_x64, splat_i32, splat_i32x8, splat_lane_floats,
+    store_f32_lanes, transpose_dwords, transpose_row_pairs, zero_lanes,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -1051,7 +1051,7 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# q4_0 and q8_0 on AVX512-VNNI, q4_0 and q5_0 on AVX2 and AVX-VNNI: rows in lanes, straight from the file
+# q4_0 and q8_0 on AVX512-VNNI, q4_0, q4_1, q5_0 and q5_1 on AVX2 and AVX-VNNI: rows in lanes, straight from the file
 #
 # The lanes of a 512-bit register are sixteen weight rows (as in gemm.py's prompt kernel; of a 256-bit one on AVX2,
 # eight), built per block from the rows where they lie: 16 quant bytes of each row, a 16 x 4 (8 x 4) transpose of
@@ -1084,6 +1084,11 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 # kernel and the exact GEMM built to give its numbers (two float chains of eight lanes), so its one-token numbers
 # there and on the 256-bit paths differ in float rounding (the same exact integer block sums, summed in another
 # order); on the 256-bit paths its one-token, few-token and prompt products are now the same numbers.
+#
+# q4_1 and q5_1 take them on the 256-bit paths too, their minimums as one more multiply-add per block and token
+# (the rows' m times the token's q8_1 sum, ``_lanes_step``). The same EPYC, one core, 4096 x 4096, two alternating
+# rounds: one token q4_1 12.8 -> 14.4 GB/s, q5_1 11.8 -> 12.5-13.1; 4 to 16 tokens 30 -> 49-51 (q4_1) and 26 ->
+# 42-45 (q5_1) G multiply-adds a second.
 # ----------------------------------------------------------------------------------------------------------------
 
 # panels up to this size are prefetched into L1 (q4_0 rows of 896, 7.9 KiB: 19 against 15 GB/s per core on Zen 4),
@@ -1119,7 +1124,7 @@ def _lanes_token_of(kind, values, xq, x, start, isa):
         return None
     if isa.wide:
         return lambda kind, values, xq, x, start, isa: _lanes_token_x16(values, xq, x, start, isa)
-    if kind.code == 2:    # q5_0's values reach 31: int16 sums of four registers
+    if kind.code == 2 or kind.code == 3:    # q5_0's and q5_1's values reach 31: int16 sums of four registers
         return lambda kind, values, xq, x, start, isa: five_bit_block_sums_x8(start, values, xq, x, isa)
     return lambda kind, values, xq, x, start, isa: nibble_block_sums_x8(start, values, xq, x, isa)
 
@@ -1142,13 +1147,20 @@ def _lanes_block_x16(kind, w, o, row_bytes):
                                           load_rows_4x16(w, o + 18 + 3 * four, row_bytes))
         values = (flip_sign_bits(m0), flip_sign_bits(m1), flip_sign_bits(m2), flip_sign_bits(m3),
                   flip_sign_bits(m4), flip_sign_bits(m5), flip_sign_bits(m6), flip_sign_bits(m7))
-    return values, load_f16_rows(w, o, row_bytes)
+    return values
+
+
+# Where the 256-bit row lanes find a legacy kind's nibbles and fifth bits in its block (q4_0, q4_1, q5_0, q5_1):
+# after d (q4_0), d and m (q4_1), d and the fifth bits (q5_0), d, m and the fifth bits (q5_1)
+_NIBBLES_AT = (2, 4, 6, 8)
+_FIFTH_BITS_AT = (0, 0, 2, 4)
 
 
 @njit(inline="always", **_KERNEL)
 def _lanes_block_x8(kind, w, o, row_bytes):
-    four = 4 * row_bytes      # q4_0, q5_0; each register pairs row i with row i + 4 (``transpose_row_pairs``)
-    q = o + 6 if kind_code(kind) == 2 else o + 2    # the nibbles: after d (and q5_0's fifth bits)
+    four = 4 * row_bytes      # each register pairs row i with row i + 4 (``transpose_row_pairs``)
+    code = kind_code(kind)
+    q = o + _NIBBLES_AT[code]
     m0, m1, m2, m3 = transpose_row_pairs(load_rows_2x16(w, q, four),
                                          load_rows_2x16(w, q + row_bytes, four),
                                          load_rows_2x16(w, q + 2 * row_bytes, four),
@@ -1156,18 +1168,18 @@ def _lanes_block_x8(kind, w, o, row_bytes):
     values = (shift_right_and(m0, 0, 15), shift_right_and(m1, 0, 15), shift_right_and(m2, 0, 15),
               shift_right_and(m3, 0, 15), shift_right_and(m0, 4, 15), shift_right_and(m1, 4, 15),
               shift_right_and(m2, 4, 15), shift_right_and(m3, 4, 15))
-    if kind_code(kind) == 2:
-        high = load_u32_8_rows(w, o + 2, row_bytes)
+    if code == 2 or code == 3:
+        high = load_u32_8_rows(w, o + _FIFTH_BITS_AT[code], row_bytes)
         values = (or_bytes(values[0], fifth_bits_x8(high, 0)), or_bytes(values[1], fifth_bits_x8(high, 1)),
                   or_bytes(values[2], fifth_bits_x8(high, 2)), or_bytes(values[3], fifth_bits_x8(high, 3)),
                   or_bytes(values[4], fifth_bits_x8(high, 4)), or_bytes(values[5], fifth_bits_x8(high, 5)),
                   or_bytes(values[6], fifth_bits_x8(high, 6)), or_bytes(values[7], fifth_bits_x8(high, 7)))
-    return values, load_f16_8_rows(w, o, row_bytes)
+    return values
 
 
 def _lanes_block(kind, w, o, row_bytes, isa):
     """Block at byte ``o`` of a panel's rows (``lane_rows(isa)`` of them, ``row_bytes`` apart): its values as
-    unsigned bytes in eight registers (register j: values 4j .. 4j + 3 of every row) and the rows' scales."""
+    unsigned bytes in eight registers (register j: values 4j .. 4j + 3 of every row)."""
     raise NotImplementedError("decode._lanes_block runs inside the compiled kernels only")
 
 
@@ -1180,15 +1192,48 @@ def _lanes_block_of(kind, w, o, row_bytes, isa):
     return lambda kind, w, o, row_bytes, isa: _lanes_block_x8(kind, w, o, row_bytes)
 
 
+def _lanes_f16(w, o, row_bytes, isa):
+    """The half float at byte ``o`` of each of a panel's rows (``row_bytes`` apart) in its lane: a block's d, or
+    q4_1's / q5_1's m."""
+    raise NotImplementedError("decode._lanes_f16 runs inside the compiled kernels only")
+
+
+@overload(_lanes_f16, inline="always")
+def _lanes_f16_of(w, o, row_bytes, isa):
+    if not isinstance(isa, IsaType):
+        return None
+    if isa.wide:
+        return lambda w, o, row_bytes, isa: load_f16_rows(w, o, row_bytes)
+    return lambda w, o, row_bytes, isa: load_f16_8_rows(w, o, row_bytes)
+
+
+# bytes of a block of the legacy kinds (q4_0, q4_1, q5_0, q5_1, q8_0)
+_LEGACY_BLOCK_BYTES = (18, 20, 22, 24, 34)
+
+
 @njit(inline="always", **_KERNEL)
-def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, width, out, at, stride,
+def _lanes_step(kind, f, values, d, m, xq, x, start, x_scale, sums, g, isa):
+    """One token's step of a row-lane panel: ``f`` + the block's exact row sums (``_lanes_token``) times the rows'
+    scales ``d`` and the token's ``x_scale``; for q4_1 / q5_1 then + the rows' minimums ``m`` times the token's q8_1
+    sum sums[g] (as llama.cpp's vec_dot adds m * s per block; the prompt kernel adds its offsets per 16 values)."""
+    f = fma_lanes(f, _lanes_token(kind, values, xq, x, start, isa), d, x_scale)
+    if kind_code(kind) == 1 or kind_code(kind) == 3:
+        f = fma_float_lanes(f, m, splat_lane_floats(sums, g, isa))
+    return f
+
+
+@njit(inline="always", **_KERNEL)
+def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, sums, starts, starts_stride, t, width, out, at, stride,
                  n_store, isa):
-    """A panel of rows of ``kind`` (q4_0, q8_0; ``lane_rows(isa)`` of them) from byte ``base`` of ``w`` times the
-    ``width`` (1, 2, 4 or 8, a constant after inlining) tokens from t: token u's quants at xq[u * k:], scales
-    x_scale[u], block starts (``block_starts``: -offset * the sum of each block's quants) at
+    """A panel of rows of ``kind`` (a row-lane kind, ``_takes_row_lanes``; ``lane_rows(isa)`` rows) from byte
+    ``base`` of ``w`` times the ``width`` (1, 2, 4 or 8, a constant after inlining) tokens from t: token u's quants at
+    xq[u * k:], scales x_scale[u], for q4_1 / q5_1 its q8_1 sums (d * the sum of each block's quants) at
+    sums[u * k / 32:], block starts (``block_starts``: -offset * the sum of each block's quants) at
     starts[u * starts_stride:]; its results, the first ``n_store`` lanes, at out[at + (u - t) * stride:]."""
     n_blocks = k // 32
-    block_bytes = 18 if kind_code(kind) == 0 else 22 if kind_code(kind) == 2 else 34
+    code = kind_code(kind)
+    block_bytes = _LEGACY_BLOCK_BYTES[code]
+    with_mins = code == 1 or code == 3
     rows = lane_rows(isa)
     panel_block = rows * block_bytes
     f0 = zero_lanes(isa)
@@ -1210,27 +1255,30 @@ def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride
                 prefetch(w, nxt + line)
             else:
                 prefetch_to_l2(w, nxt + line)
-        values, d = _lanes_block(kind, w, o, row_bytes, isa)
+        values = _lanes_block(kind, w, o, row_bytes, isa)
+        d = _lanes_f16(w, o, row_bytes, isa)
+        m = _lanes_f16(w, o + 2, row_bytes, isa) if with_mins else d
         x = t * k + 32 * b
         s = t * starts_stride + b
-        f0 = fma_lanes(f0, _lanes_token(kind, values, xq, x, starts[s], isa), d, x_scale[t, b])
+        g = t * n_blocks + b
+        f0 = _lanes_step(kind, f0, values, d, m, xq, x, starts[s], x_scale[t, b], sums, g, isa)
         if width > 1:
-            f1 = fma_lanes(f1, _lanes_token(kind, values, xq, x + k, starts[s + starts_stride], isa), d,
-                           x_scale[t + 1, b])
+            f1 = _lanes_step(kind, f1, values, d, m, xq, x + k, starts[s + starts_stride], x_scale[t + 1, b], sums,
+                             g + n_blocks, isa)
         if width > 2:
-            f2 = fma_lanes(f2, _lanes_token(kind, values, xq, x + 2 * k, starts[s + 2 * starts_stride], isa), d,
-                           x_scale[t + 2, b])
-            f3 = fma_lanes(f3, _lanes_token(kind, values, xq, x + 3 * k, starts[s + 3 * starts_stride], isa), d,
-                           x_scale[t + 3, b])
+            f2 = _lanes_step(kind, f2, values, d, m, xq, x + 2 * k, starts[s + 2 * starts_stride], x_scale[t + 2, b],
+                             sums, g + 2 * n_blocks, isa)
+            f3 = _lanes_step(kind, f3, values, d, m, xq, x + 3 * k, starts[s + 3 * starts_stride], x_scale[t + 3, b],
+                             sums, g + 3 * n_blocks, isa)
         if width > 4:
-            f4 = fma_lanes(f4, _lanes_token(kind, values, xq, x + 4 * k, starts[s + 4 * starts_stride], isa), d,
-                           x_scale[t + 4, b])
-            f5 = fma_lanes(f5, _lanes_token(kind, values, xq, x + 5 * k, starts[s + 5 * starts_stride], isa), d,
-                           x_scale[t + 5, b])
-            f6 = fma_lanes(f6, _lanes_token(kind, values, xq, x + 6 * k, starts[s + 6 * starts_stride], isa), d,
-                           x_scale[t + 6, b])
-            f7 = fma_lanes(f7, _lanes_token(kind, values, xq, x + 7 * k, starts[s + 7 * starts_stride], isa), d,
-                           x_scale[t + 7, b])
+            f4 = _lanes_step(kind, f4, values, d, m, xq, x + 4 * k, starts[s + 4 * starts_stride], x_scale[t + 4, b],
+                             sums, g + 4 * n_blocks, isa)
+            f5 = _lanes_step(kind, f5, values, d, m, xq, x + 5 * k, starts[s + 5 * starts_stride], x_scale[t + 5, b],
+                             sums, g + 5 * n_blocks, isa)
+            f6 = _lanes_step(kind, f6, values, d, m, xq, x + 6 * k, starts[s + 6 * starts_stride], x_scale[t + 6, b],
+                             sums, g + 6 * n_blocks, isa)
+            f7 = _lanes_step(kind, f7, values, d, m, xq, x + 7 * k, starts[s + 7 * starts_stride], x_scale[t + 7, b],
+                             sums, g + 7 * n_blocks, isa)
     store_f32_lanes(out, at, f0, n_store)
     if width > 1:
         store_f32_lanes(out, at + stride, f1, n_store)
@@ -1245,7 +1293,7 @@ def _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride
 
 
 @njit(**_KERNEL)
-def _lanes_tokens(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, out, at, n_store, isa):
+def _lanes_tokens(kind, w, base, row_bytes, xq, k, x_scale, sums, starts, starts_stride, out, at, n_store, isa):
     """A panel's rows (``lane_rows(isa)``) times every token of ``x_scale``, eight at a time, then four, two,
     one."""
     n_tokens = x_scale.shape[0]
@@ -1253,19 +1301,19 @@ def _lanes_tokens(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_strid
     t = 0
     # the widths are literal constants, so that each inlined panel keeps only its tokens' accumulators
     while n_tokens - t >= 8:
-        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 8, out, at + t * stride,
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, sums, starts, starts_stride, t, 8, out, at + t * stride,
                      stride, n_store, isa)
         t += 8
     if n_tokens - t >= 4:
-        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 4, out, at + t * stride,
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, sums, starts, starts_stride, t, 4, out, at + t * stride,
                      stride, n_store, isa)
         t += 4
     if n_tokens - t >= 2:
-        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 2, out, at + t * stride,
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, sums, starts, starts_stride, t, 2, out, at + t * stride,
                      stride, n_store, isa)
         t += 2
     if n_tokens - t >= 1:
-        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, starts, starts_stride, t, 1, out, at + t * stride,
+        _lanes_panel(kind, w, base, row_bytes, xq, k, x_scale, sums, starts, starts_stride, t, 1, out, at + t * stride,
                      stride, n_store, isa)
 
 
@@ -1283,26 +1331,27 @@ def _in_lanes(kind, k):
 
 @njit(**_KERNEL)
 def _rows_lanes(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
-    """``_rows`` of q4_0 / q8_0 on AVX512-VNNI (q4_0 on AVX2): the n rows from byte ``start`` a panel
-    (``lane_rows(isa)``: 16 or 8) at a time (``bias``: each token's ``block_starts``, k / 4 apart); the last rows
+    """``_rows`` of the row-lane kinds (``_rows_in_lanes``): the n rows from byte ``start`` a panel
+    (``lane_rows(isa)``: 16 or 8) at a time (``bias``: each token's ``block_starts``, k / 32 apart); the last rows
     past a multiple of the panel are copied beside zero rows into a panel of their own."""
     if not _in_lanes(kind, k):
         _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
         return
     flat = out.reshape(-1)
+    sums = x_sums.reshape(-1)
     starts_stride = bias.size // x_scale.shape[0]
     rows = lane_rows(isa)
     full = n // rows
     for p in range(full):
-        _lanes_tokens(kind, w, start + rows * p * row_bytes, row_bytes, xq, k, x_scale, bias, starts_stride, flat,
-                      first + rows * p, rows, isa)
+        _lanes_tokens(kind, w, start + rows * p * row_bytes, row_bytes, xq, k, x_scale, sums, bias, starts_stride,
+                      flat, first + rows * p, rows, isa)
     rest = n - rows * full
     if rest:
         tail = np.zeros(rows * row_bytes, np.uint8)
         begin = start + rows * full * row_bytes
         tail[:rest * row_bytes] = w[begin:begin + rest * row_bytes]
-        _lanes_tokens(kind, tail, 0, row_bytes, xq, k, x_scale, bias, starts_stride, flat, first + rows * full, rest,
-                      isa)
+        _lanes_tokens(kind, tail, 0, row_bytes, xq, k, x_scale, sums, bias, starts_stride, flat, first + rows * full,
+                      rest, isa)
 
 
 @njit(**_KERNEL)
@@ -1327,14 +1376,14 @@ def _takes_row_lanes(kind, k, isa):
     """Whether rows of ``k`` values of ``kind`` take the row-lane kernels on path ``isa`` (``_rows_in_lanes``'s rule,
     in compiled code, with q8_0's row length): their token side is then ``block_starts``."""
     code = kind_code(kind)
-    return (code == 0 or (code == 2 and lane_rows(isa) == 8)
+    return (code == 0 or (code <= 3 and lane_rows(isa) == 8)
             or (code == 4 and lane_rows(isa) == 16 and _in_lanes(kind, k)))
 
 
 def _rows_in_lanes(kind, isa) -> bool:
     """Whether ``kind`` on path ``isa`` (types, at typing time) takes the row-lane kernels: q4_0 on every path,
-    q5_0 on the 256-bit paths (AVX2, AVX-VNNI), q8_0 on AVX512-VNNI."""
-    return kind.code == 0 or (kind.code == 2 and not isa.wide) or (kind.code == 4 and isa.wide)
+    q4_1, q5_0 and q5_1 on the 256-bit paths (AVX2, AVX-VNNI), q8_0 on AVX512-VNNI."""
+    return kind.code == 0 or (kind.code <= 3 and not isa.wide) or (kind.code == 4 and isa.wide)
 
 
 def _rows(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
@@ -1425,6 +1474,11 @@ def _k_group_terms_of(kind, xq, isa):
     return lambda kind, xq, isa: np.empty(0, np.int32)
 
 
+# what the row-lane kernels take out of each block's sums: q4_0's 8, q5_0's 16, q8_0's 128 (made unsigned on
+# AVX512-VNNI); q4_1 and q5_1 have minimums instead (a term of their own)
+_LANE_OFFSETS = (8, 0, 16, 0, 128)
+
+
 @njit(**_KERNEL)
 def _per_row_terms(kind, xq, x_bsums, isa):
     """What a kind's rows share for one activation row: the block starts of the row-lane kinds (q4_0, q8_0 on VNNI),
@@ -1433,7 +1487,7 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     (``offset_pairs``: q3_K elsewhere, q6_K); an empty array where a kind needs none of them."""
     code = kind_code(kind)
     if _takes_row_lanes(kind, xq.size, isa):
-        return block_starts(xq, 8 if code == 0 else 16 if code == 2 else 128)
+        return block_starts(xq, _LANE_OFFSETS[code])
     if code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 5 or code == 6 or code == 9:

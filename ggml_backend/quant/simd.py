@@ -1787,17 +1787,25 @@ splat_lane_ints = _lane_load(floats=False, broadcast=True)
 splat_lane_ints.__doc__ = "``array[index]`` of an int32 array in every int32 lane of a row-lane register of ``isa``."
 
 
-@intrinsic
-def fnma_lanes(typingctx, acc, a, b):
-    """``acc - a * b`` lanewise (one ``vfnmadd``), on either width of the row lanes."""
-    if acc not in _LANE_INTS or a != acc or b != acc:
-        return None
+def _lanes_multiply_add(negate: bool):
+    """An intrinsic (acc, a, b) -> ``acc - a * b`` (negate) or ``acc + a * b`` lanewise: one ``vfnmadd`` /
+    ``vfmadd`` on either width of the row lanes."""
+    def make(typingctx, acc, a, b):
+        if acc not in _LANE_INTS or a != acc or b != acc:
+            return None
 
-    def codegen(context, builder, sig, args):
-        vector = sig.args[0].llvm_type()
-        function = _function(builder, f"llvm.fma.v{vector.count}f32", vector, [vector] * 3)
-        return builder.call(function, [builder.fneg(args[1]), args[2], args[0]])
-    return acc(acc, a, b), codegen
+        def codegen(context, builder, sig, args):
+            vector = sig.args[0].llvm_type()
+            function = _function(builder, f"llvm.fma.v{vector.count}f32", vector, [vector] * 3)
+            return builder.call(function, [builder.fneg(args[1]) if negate else args[1], args[2], args[0]])
+        return acc(acc, a, b), codegen
+    return intrinsic(make)
+
+
+fnma_lanes = _lanes_multiply_add(negate=True)
+fnma_lanes.__doc__ = "``acc - a * b`` lanewise (one ``vfnmadd``), on either width of the row lanes."
+fma_float_lanes = _lanes_multiply_add(negate=False)
+fma_float_lanes.__doc__ = "``acc + a * b`` lanewise (one ``vfmadd``), on either width of the row lanes."
 
 
 @intrinsic
