@@ -11,9 +11,9 @@ same integers), so each block's integer dot product is exactly ggml's. q4_0 (eve
 (AVX512-VNNI) take row lanes instead: the lanes of a register are weight rows, each row's block summed exactly
 (see "rows in lanes"). q2_K, q3_K and q6_K multiply their 16-value scales into ``vpmaddubsw``'s int16 pair sums
 (``scaled_dot``: ``vpdpwssd`` or ``vpmaddwd``, as ggml does, no ``vpmulld``), each group's scale words by one
-in-half ``vpshufb``; q3_K's -4 and q6_K's -32 are taken
-off those pair sums, the offset's pair sums with the activations computed once per activation row
-(``offset_pairs``).
+in-half ``vpshufb``; q6_K's -32 is taken off those pair sums, the offset's pair sums with the activations
+computed once per activation row (``offset_pairs``), and q3_K's -4 once per super-block, its scales times the
+activations' sums per 16 (``offset_bsums``).
 
 A kernel computes a row times one token (``_row_*``) or a tile of TILE tokens (``_tile_*``, which unpacks each
 weight block once for all of them, with the same block decoders and per-token steps, so each (row, token) result
@@ -51,9 +51,9 @@ from .simd import (
     high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32, load_32_bytes,
     load_64_bytes, load_8_i32, load_f16, load_f16_pair, load_f16_pair_times, load_u32, low_nibbles, mul_i32x8,
     offset_pair_sums, offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8,
-    scale_word_halves, scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes, spread_scale_pairs,
-    store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8, to_scale_words,
-    unpack_nibbles, word_dot_8, word_halves_down, zero_f32x8, zero_i32x16, zero_i32x8,
+    scale_bytes_dot_words, scale_word_halves, scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
+    spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8,
+    to_scale_words, unpack_nibbles, word_dot_8, word_halves_down, zero_f32x8, zero_i32x16, zero_i32x8,
 )
 from .generic import _block_sums_times
 from .simd import (
@@ -163,7 +163,7 @@ def lane_bias(xq, offset, isa):
 # ``x_scale`` float32 [n_tokens, k / block], ``x_sums`` float32 [n_tokens, k / 32] (q8_1's s: q4_1, q5_1),
 # ``x_bsums`` [n_tokens * k / 16] (q8_K's sums per 16: q2_K's, as int16 in ``paired_bsums``' order), ``bias``
 # int32 [n_tokens * k / 4] (token t at t * k / 4: the lane biases of ``lane_bias``, q4_K / q5_K's sums per 32 as
-# int16 (``pair_sums``), q3_K / q6_K's ``offset_pairs``, or on AVX512-VNNI q2_K / q3_K's activations reordered by
+# int16 (``pair_sums``), q6_K's ``offset_pairs``, q3_K's ``offset_bsums``, or on AVX512-VNNI q2_K / q3_K's activations reordered by
 # ``joined_halves``), ``xu``: ``xq`` + 128 as unsigned bytes (the tiles of ``_unsigned_x`` kinds). ``kind`` is a ``Kind`` (a compile-time constant), so each kind's branches
 # fold away.
 # ----------------------------------------------------------------------------------------------------------------
@@ -769,14 +769,14 @@ def _k_group_scales_of(kind, w, o, n, j, source):
 @njit(**_KERNEL)
 def _k_group_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
     """sumi + one token's dot products of a group with xq[x:x + 32] times the group's scales (``scales`` from
-    ``_k_group_scales``), multiplied into the pair sums (``scaled_dot``, ggml's way; no ``vpmulld``). q3_K's -4
-    and q6_K's -32 are taken off those pair sums, the offset's pair sums with the token's values read from
-    bias[g:g + 8] (``offset_pairs``: computed once per activation row, where a second ``vpmaddubsw`` per row and
-    group had q6_K read 12% slower on Zen 4 than lane biases and a ``vpmulld``). On AVX512-VNNI the scaled pairs
-    start from zero and are added after (``vpdpwssd`` into ``sumi`` would chain eight dependent instructions per
-    super-block)."""
+    ``_k_group_scales``), multiplied into the pair sums (``scaled_dot``, ggml's way; no ``vpmulld``). q6_K's -32
+    is taken off those pair sums, the offset's pair sums with the token's values read from bias[g:g + 8]
+    (``offset_pairs``: computed once per activation row, where a second ``vpmaddubsw`` per row and group had q6_K
+    read 12% slower on Zen 4 than lane biases and a ``vpmulld``); q3_K's -4 once per super-block after its groups
+    (``_tile_groups``). On AVX512-VNNI the scaled pairs start from zero and are added after (``vpdpwssd`` into
+    ``sumi`` would chain eight dependent instructions per super-block)."""
     kc = kind_code(kind)
-    if kc == 5:
+    if kc == 5 or kc == 6:
         return scaled_dot(sumi, q, load_32_bytes(xq, x), scales, isa)
     return add_i32x8(sumi, pairs_scaled_dot(zero_i32x8(), q, load_32_bytes(xq, x), load_8_i32(bias, g), scales, isa))
 
@@ -925,6 +925,19 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
             _prefetch_ahead(w, o, 2)
         i0, i1, i2, i3 = _super_block_dots(kind, w, o, xq, t * k + 256 * b, bias, t * (k // 4) + 64 * b, k,
                                            width, isa)
+        if kc == 6 and lane_rows(isa) == 8:
+            # q3_K's -4 on the 256-bit paths: its sixteen scales times the token's sums per 16 times -4
+            # (``offset_bsums``), one vpmaddwd a super-block where each group's pair sums took a vpsubw (one core
+            # of an AVX2 EPYC Zen 4, 4096 x 4096, alternating: 10.1 -> 10.4-10.5 GB/s)
+            s0, s1, s2, s3 = _q3_K_scale_words(w, o + 96)
+            e = t * (k // 4) + 8 * b
+            i0 = scale_bytes_dot_words(i0, s0, s1, s2, s3, -32, bias, e)
+            if nt > 1:
+                i1 = scale_bytes_dot_words(i1, s0, s1, s2, s3, -32, bias, e + k // 4)
+            if nt > 2:
+                i2 = scale_bytes_dot_words(i2, s0, s1, s2, s3, -32, bias, e + 2 * (k // 4))
+            if nt > 3:
+                i3 = scale_bytes_dot_words(i3, s0, s1, s2, s3, -32, bias, e + 3 * (k // 4))
         if kc == 5:   # the sums times d, then the minimums times dmin taken off (d, dmin by one conversion)
             s = t * kb + 16 * b
             packed = load_16_bytes_twice(w, o)
@@ -1446,7 +1459,7 @@ def joined_halves(xq):
 @njit(**_KERNEL)
 def offset_pairs(xq, offset):
     """int32 [k/4]: the int16 pair sums of ``offset`` x (``offset_pair_sums``) for each 32 values of ``xq``, sixteen
-    per eight int32, at the values' index / 4: what the narrow groups of q3_K (offset 4) and q6_K (32) take off
+    per eight int32, at the values' index / 4: what the narrow groups of q6_K (offset 32) take off
     their pair sums (``pairs_scaled_dot``), computed once per activation row instead of once per row and group."""
     pairs = np.empty(xq.size // 4, np.int32)
     for g in range(xq.size // 32):
@@ -1454,24 +1467,35 @@ def offset_pairs(xq, offset):
     return pairs
 
 
-def _k_group_terms(kind, xq, isa):
-    """``joined_halves(xq)`` where the kind's super-blocks take ``_dots_wide``, else the ``offset_pairs`` of their
-    weights' offset (q3_K 4, q6_K 32); an empty array for q2_K's narrow groups (and the kinds of other families,
-    typed here too)."""
+@njit(**_KERNEL)
+def offset_bsums(x_bsums, offset):
+    """int32 [k/32]: -offset times each of q8_K's sums per 16 (``x_bsums``, int32 [k/16]) as int16, two to a word in
+    order: q3_K's offset term on the 256-bit paths (``scale_bytes_dot_words``). Each fits: 4 x 16 x 127."""
+    words = np.empty(x_bsums.size // 2, np.int32)
+    for i in range(words.size):
+        low = np.int32(-offset * x_bsums[2 * i]) & 0xFFFF
+        words[i] = low | (np.int32(-offset * x_bsums[2 * i + 1]) << 16)
+    return words
+
+
+def _k_group_terms(kind, xq, x_bsums, isa):
+    """``joined_halves(xq)`` where the kind's super-blocks take ``_dots_wide``, else q3_K's ``offset_bsums`` and
+    q6_K's ``offset_pairs`` (its offset, 32); an empty array for q2_K's narrow groups (and the kinds of other
+    families, typed here too)."""
     raise NotImplementedError("decode._k_group_terms runs inside the compiled kernels only")
 
 
 @overload(_k_group_terms, inline="always")
-def _k_group_terms_of(kind, xq, isa):
+def _k_group_terms_of(kind, xq, x_bsums, isa):
     if not isinstance(kind, ConstantType) or not isinstance(isa, IsaType):
         return None
     if _wide_dots(kind, isa):
-        return lambda kind, xq, isa: joined_halves(xq)
+        return lambda kind, xq, x_bsums, isa: joined_halves(xq)
     if kind.code == 6:
-        return lambda kind, xq, isa: offset_pairs(xq, 4)
+        return lambda kind, xq, x_bsums, isa: offset_bsums(x_bsums, 4)
     if kind.code == 9:
-        return lambda kind, xq, isa: offset_pairs(xq, 32)
-    return lambda kind, xq, isa: np.empty(0, np.int32)
+        return lambda kind, xq, x_bsums, isa: offset_pairs(xq, 32)
+    return lambda kind, xq, x_bsums, isa: np.empty(0, np.int32)
 
 
 # what the row-lane kernels take out of each block's sums: q4_0's 8, q5_0's 16, q8_0's 128 (made unsigned on
@@ -1483,15 +1507,16 @@ _LANE_OFFSETS = (8, 0, 16, 0, 128)
 def _per_row_terms(kind, xq, x_bsums, isa):
     """What a kind's rows share for one activation row: the block starts of the row-lane kinds (q4_0, q8_0 on VNNI),
     the lane biases of a weight offset (q5_0, short q8_0 rows on VNNI), the q8_K sums per 32 (q4_K, q5_K), the
-    activations in ``_dots_wide``'s order (q2_K, q3_K on AVX512-VNNI) or the pair sums of the weights' offset
-    (``offset_pairs``: q3_K elsewhere, q6_K); an empty array where a kind needs none of them."""
+    activations in ``_dots_wide``'s order (q2_K, q3_K on AVX512-VNNI), the pair sums of the weights' offset
+    (``offset_pairs``: q6_K) or -4 times the sums per 16 (``offset_bsums``: q3_K on the 256-bit paths); an empty
+    array where a kind needs none of them."""
     code = kind_code(kind)
     if _takes_row_lanes(kind, xq.size, isa):
         return block_starts(xq, _LANE_OFFSETS[code])
     if code == 2 or (code == 4 and signed_dot_offset(isa) != 0):   # q8_0 on AVX2 has no offset
         return lane_bias(xq, _legacy_offset(kind, isa), isa)
     if code == 5 or code == 6 or code == 9:
-        return _k_group_terms(kind, xq, isa)
+        return _k_group_terms(kind, xq, x_bsums, isa)
     if code == 7 or code == 8:
         return pair_sums(x_bsums)
     return np.empty(0, np.int32)

@@ -1180,6 +1180,32 @@ def scale_word_halves(typingctx, w0, w1, w2, w3, offset):
 
 
 @intrinsic
+def scale_bytes_dot_words(typingctx, acc, w0, w1, w2, w3, offset, pairs, index):
+    """``acc`` + the sixteen bytes of four 32-bit words plus ``offset`` (``scale_word_halves``' bytes: a q3_K
+    super-block's scales) times the sixteen int16 at int32 ``index`` of ``pairs`` (two to a word, in order), summed
+    in pairs: one ``vpmaddwd`` into eight int32 lanes (q3_K's offset term, with ``decode.offset_bsums``). The
+    widened scales are ``scale_word_halves``' own, so LLVM builds them once for both."""
+    if not (acc == I32x8 and all(isinstance(t, types.Integer) for t in (w0, w1, w2, w3, offset))
+            and _is_typed_array(pairs, types.int32, index)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        words = ir.Constant(ir.VectorType(_I32, 4), None)
+        for i in range(4):
+            words = builder.insert_element(words, context.cast(builder, args[1 + i], sig.args[1 + i], types.uint32),
+                                           _I32(i))
+        offset_value = builder.trunc(context.cast(builder, args[5], sig.args[5], types.int32), _I8)
+        scale_bytes = builder.add(builder.bitcast(words, ir.VectorType(_I8, 16)), _splat_value(builder, offset_value, 16))
+        words_type = ir.VectorType(_I16, 16)
+        wide = builder.sext(scale_bytes, words_type)
+        data = context.make_array(sig.args[6])(context, builder, args[6]).data
+        sums = builder.load(builder.bitcast(builder.gep(data, [args[7]]), words_type.as_pointer()), align=4)
+        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [words_type, words_type])
+        return builder.add(args[0], builder.call(maddwd, [wide, sums]))
+    return I32x8(acc, w0, w1, w2, w3, offset, pairs, index), codegen
+
+
+@intrinsic
 def group_scale_words(typingctx, halves, j):
     """The scale words of ``scaled_dot`` for group ``j`` (0-3) of a half super-block, from that half's register of
     ``scale_word_halves``: scale 2j in the int16 words of lanes 0-3, scale 2j + 1 in lanes 4-7. One ``vpshufb``
