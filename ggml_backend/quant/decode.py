@@ -284,7 +284,8 @@ def _prefetch_ahead(w, o, n_lines):
 @njit(**_KERNEL)
 def _legacy_block(kind, w, row, b):
     """Block ``b`` of the row at byte ``row``: (32 quants as bytes, d, m); m is 0 for the kinds without one. The
-    lane kinds: q4_1, q5_0, q5_1, q8_0 (q4_0 takes the row lanes on every path)."""
+    lane kinds: q4_1, q5_0, q5_1 (these three on AVX512-VNNI; row lanes on the 256-bit paths), q8_0 (q4_0 takes
+    the row lanes on every path)."""
     kc = kind_code(kind)
     # d (and m) by ``load_f16_pair``: one plain load (the kinds with one scale read the block's next two bytes too)
     if kc == 1:
@@ -1084,9 +1085,9 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 # multiply-adds a second against 81-89 on the lane tiles, and one token read 22-23 GB/s per core from memory
 # against 17 (4096-wide rows; q8_0 27-30 against 22-25).
 #
-# AVX2 (q4_0 and q5_0; q8_0's unsigned bytes times activations could saturate ``vpmaddubsw``) sums each row's block
-# in int16 and widens once (``nibble_block_sums_x8``; q5_0's values reach 31, so two int16 sums of four registers:
-# ``five_bit_block_sums_x8``); its lanes are the same integers and the same float steps, so q4_0 gives the same bits
+# AVX2 (q4_0, q4_1, q5_0, q5_1; q8_0's unsigned bytes times activations could saturate ``vpmaddubsw``) sums each
+# row's block in int16 and widens once (``nibble_block_sums_x8``; q5_0's and q5_1's values reach 31, so two int16
+# sums of four registers: ``five_bit_block_sums_x8``); its lanes are the same integers and the same float steps, so q4_0 gives the same bits
 # on both paths. Where the lane kernel (``_row_legacy``) spent 14 vector operations a block and row, of which 4 for
 # the block's scale and 3 for its offset, eight rows share a block's scale multiply, offset and conversion here.
 #

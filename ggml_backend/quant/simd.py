@@ -1634,11 +1634,11 @@ def _block_sums_x8(registers_per_sum: int):
 # q4_0's values (0..15): sixteen products of at most 15 * 128 per int16 word over all eight registers, 30720, under
 # 32767, so nothing saturates or wraps and one vpmaddwd widens them
 nibble_block_sums_x8 = _block_sums_x8(8)
-nibble_block_sums_x8.__doc__ = ("``start`` + each of eight rows' exact block sum of values 0..15 (q4_0): eight "
+nibble_block_sums_x8.__doc__ = ("``start`` + each of eight rows' exact block sum of values 0..15 (q4_0, q4_1): eight "
                                 "registers summed as int16, one ``vpmaddwd`` on AVX2 (see ``_block_sums_x8``).")
 # q5_0's values (0..31): eight products of at most 31 * 128 per word over four registers, 31744
 five_bit_block_sums_x8 = _block_sums_x8(4)
-five_bit_block_sums_x8.__doc__ = ("``start`` + each of eight rows' exact block sum of values 0..31 (q5_0): two "
+five_bit_block_sums_x8.__doc__ = ("``start`` + each of eight rows' exact block sum of values 0..31 (q5_0, q5_1): two "
                                   "int16 sums of four registers, two ``vpmaddwd`` on AVX2 (see ``_block_sums_x8``).")
 
 
