@@ -59,7 +59,7 @@ from .generic import _block_sums_times
 from .simd import (
     add_i32x16, dot_u8_i8_x64, fifth_bits_x8, five_bit_block_sums_x8, flip_sign_bits, fma_float_lanes, fma_lanes,
     half_sums, has_vnni, lane_rows, load_f16_8_rows, load_f16_rows, load_rows_2x16, load_rows_4x16, load_u32_8_rows,
-    nibble_block_sums_x8, prefetch_to_l2, splat_dword_x64, splat_i32, splat_i32x8, splat_lane_floats,
+    nibble_block_sums_x8, prefetch_to_l2, splat_dword_x64, splat_i32, splat_lane_floats,
     store_f32_lanes, transpose_dwords, transpose_row_pairs, zero_lanes,
 )
 
@@ -336,14 +336,9 @@ def _legacy_row_dot(kind, acc, q, scale, xq, x, isa):
     activations, already in a register, instead of loaded from the ``bias`` array (the same integers). That
     array is as large as the activations, and the two together (2 k bytes) no longer stayed in a 32 KiB L1 beside
     the streaming weights from k = 11008 on (7B models' ffn_down): q4_0 per core fell from 14-15 to 7 GB/s there
-    on a Zen 4. On AVX2 (where only q5_0 has an offset) the offset is taken off in the int16 pair sums instead
-    (``offset_scaled_dot`` with a scale of 1 in every word: two ``vpmaddubsw``, a ``vpsubw``, one ``vpmaddwd``), one
-    instruction a block fewer than lanes of its own (the same integers: pairs of 31 x 127 and 16 x 127 stay far from
-    32767): one core of an EPYC Zen 4 without AVX-512, q5_0 4096 x 4096, 10.3 -> 10.6-10.8 GB/s."""
+    on a Zen 4. (The one offset kind on AVX2, q5_0, takes the row lanes there.)"""
     xv = load_32_bytes(xq, x)
     offset = _legacy_offset(kind, isa)
-    if offset != 0 and not has_vnni(isa):
-        return fma_i32x8(acc, offset_scaled_dot(zero_i32x8(), q, xv, splat_i32x8(0x00010001), offset, isa), scale)
     lanes = zero_i32x8() if offset == 0 else offset_lanes(offset, xv, isa)
     return _legacy_dot(kind, acc, q, scale, xv, lanes, isa)
 

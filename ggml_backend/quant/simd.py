@@ -1535,8 +1535,6 @@ def _integer_splat(vector: VectorType):
 
 splat_i32 = _integer_splat(I32x16)
 splat_i32.__doc__ = "An integer in all sixteen lanes of an ``I32x16``."
-splat_i32x8 = _integer_splat(I32x8)
-splat_i32x8.__doc__ = "An integer in all eight lanes of an ``I32x8``."
 
 
 @intrinsic
