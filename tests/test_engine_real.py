@@ -78,7 +78,8 @@ def test_teacher_forced_argmax_and_top10_match_llama_cpp(model):
         ids = case["first_top10_ids"]
         diff = np.abs(first[ids] - np.array(case["first_top10_logits"], dtype=np.float32)).max()
         tolerance = top10_tolerance(which, index)
-        assert diff < tolerance, f"{which} prompt {index}: top-10 logits differ by up to {diff:.3f} (limit {tolerance:.3f})"
+        assert diff < tolerance, (f"{which} prompt {index}: top-10 logits differ by up to {diff:.3f} "
+                                  f"(limit {tolerance:.3f})")
         # the same top-10 set, up to tokens whose logits sit within the tolerance of the 10th
         ours_top = set(np.argsort(-first)[:10].tolist())
         tenth = min(case["first_top10_logits"])

@@ -56,6 +56,7 @@ from .simd import (
     to_scale_words, unpack_nibbles, word_dot_8, word_halves_down, zero_f32x8, zero_i32x16, zero_i32x8,
 )
 from .generic import _block_sums_times
+from .types import get_type
 from .simd import (
     add_i32x16, dot_u8_i8_x64, fifth_bits_x8, five_bit_block_sums_x8, flip_sign_bits, fma_float_lanes, fma_lanes,
     half_sums, has_vnni, lane_rows, load_f16_8_rows, load_f16_rows, load_rows_2x16, load_rows_4x16, load_u32_8_rows,
@@ -162,10 +163,10 @@ def lane_bias(xq, offset, isa):
 # The activation arrays hold all the tokens of a launch: ``xq`` int8 [n_tokens * k] (token t at t * k),
 # ``x_scale`` float32 [n_tokens, k / block], ``x_sums`` float32 [n_tokens, k / 32] (q8_1's s: q4_1, q5_1),
 # ``x_bsums`` [n_tokens * k / 16] (q8_K's sums per 16: q2_K's, as int16 in ``paired_bsums``' order), ``bias``
-# int32 [n_tokens * k / 4] (token t at t * k / 4: the lane biases of ``lane_bias``, q4_K / q5_K's sums per 32 as
-# int16 (``pair_sums``), q6_K's ``offset_pairs``, q3_K's ``offset_bsums``, or on AVX512-VNNI q2_K / q3_K's activations reordered by
-# ``joined_halves``), ``xu``: ``xq`` + 128 as unsigned bytes (the tiles of ``_unsigned_x`` kinds). ``kind`` is a ``Kind`` (a compile-time constant), so each kind's branches
-# fold away.
+# int32 [n_tokens * k / 4] (token t at t * k / 4: the lane biases of ``lane_bias``, q4_K / q5_K's sums per 32 as int16
+# (``pair_sums``), q6_K's ``offset_pairs``, q3_K's ``offset_bsums``, or on AVX512-VNNI q2_K / q3_K's activations
+# reordered by ``joined_halves``), ``xu``: ``xq`` + 128 as unsigned bytes (the tiles of ``_unsigned_x`` kinds). ``kind``
+# is a ``Kind`` (a compile-time constant), so each kind's branches fold away.
 # ----------------------------------------------------------------------------------------------------------------
 
 # Tokens per tile. 4 keeps a tile's accumulators (two chains for q5_0: 8 vectors) and the unpacked block
@@ -1080,19 +1081,19 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 # multiply-adds a second against 81-89 on the lane tiles, and one token read 22-23 GB/s per core from memory
 # against 17 (4096-wide rows; q8_0 27-30 against 22-25).
 #
-# AVX2 (q4_0, q4_1, q5_0, q5_1; q8_0's unsigned bytes times activations could saturate ``vpmaddubsw``) sums each
-# row's block in int16 and widens once (``nibble_block_sums_x8``; q5_0's and q5_1's values reach 31, so two int16
-# sums of four registers: ``five_bit_block_sums_x8``); its lanes are the same integers and the same float steps, so q4_0 gives the same bits
-# on both paths. Where the lane kernel (``_row_legacy``) spent 14 vector operations a block and row, of which 4 for
-# the block's scale and 3 for its offset, eight rows share a block's scale multiply, offset and conversion here.
+# AVX2 (q4_0, q4_1, q5_0, q5_1; q8_0's unsigned bytes times activations could saturate ``vpmaddubsw``) sums each row's
+# block in int16 and widens once (``nibble_block_sums_x8``; q5_0's and q5_1's values reach 31, so two int16 sums of four
+# registers: ``five_bit_block_sums_x8``); its lanes are the same integers and the same float steps, so q4_0 gives the
+# same bits on both paths. Where the lane kernel (``_row_legacy``) spent 14 vector operations a block and row, of which
+# 4 for the block's scale and 3 for its offset, eight rows share a block's scale multiply, offset and conversion here.
 #
-# q5_0 (offset 16) takes the row lanes on the 256-bit paths only: each row's 32 fifth bits (its qh word) are
-# gathered into a lane (``load_u32_8_rows``) and spread to 16 or 0 per value byte (``fifth_bits_x8``: one in-half
-# ``vpshufb`` for two registers, then a mask, a compare and a mask per register). On an EPYC Zen 4 without AVX-512
-# (AVX2) one core read 10.3-10.8 GB/s in the lane kernel and 12.0-12.7 in row lanes (4096 x 4096). On AVX512-VNNI q5_0 keeps the lane
-# kernel and the exact GEMM built to give its numbers (two float chains of eight lanes), so its one-token numbers
-# there and on the 256-bit paths differ in float rounding (the same exact integer block sums, summed in another
-# order); on the 256-bit paths its one-token, few-token and prompt products are now the same numbers.
+# q5_0 (offset 16) takes the row lanes on the 256-bit paths only: each row's 32 fifth bits (its qh word) are gathered
+# into a lane (``load_u32_8_rows``) and spread to 16 or 0 per value byte (``fifth_bits_x8``: one in-half ``vpshufb`` for
+# two registers, then a mask, a compare and a mask per register). On an EPYC Zen 4 without AVX-512 (AVX2) one core read
+# 10.3-10.8 GB/s in the lane kernel and 12.0-12.7 in row lanes (4096 x 4096). On AVX512-VNNI q5_0 keeps the lane kernel
+# and the exact GEMM built to give its numbers (two float chains of eight lanes), so its one-token numbers there and on
+# the 256-bit paths differ in float rounding (the same exact integer block sums, summed in another order); on the
+# 256-bit paths its one-token, few-token and prompt products are now the same numbers.
 #
 # q4_1 and q5_1 take them on the 256-bit paths too, their minimums as one more multiply-add per block and token
 # (the rows' m times the token's q8_1 sum, ``_lanes_step``). The same EPYC, one core, 4096 x 4096, two alternating
@@ -1216,8 +1217,9 @@ def _lanes_f16_of(w, o, row_bytes, isa):
     return lambda w, o, row_bytes, isa: load_f16_8_rows(w, o, row_bytes)
 
 
-# bytes of a block of the legacy kinds (q4_0, q4_1, q5_0, q5_1, q8_0)
-_LEGACY_BLOCK_BYTES = (18, 20, 22, 24, 34)
+# bytes of a block of the legacy kinds (codes 0-4: q4_0, q4_1, q5_0, q5_1, q8_0), from the type table
+_LEGACY_BLOCK_BYTES = tuple(get_type(name).type_size for name, code in sorted(KINDS.items(), key=lambda item: item[1])
+                            if code <= 4)
 
 
 @njit(inline="always", **_KERNEL)

@@ -1195,7 +1195,8 @@ def scale_bytes_dot_words(typingctx, acc, w0, w1, w2, w3, offset, pairs, index):
             words = builder.insert_element(words, context.cast(builder, args[1 + i], sig.args[1 + i], types.uint32),
                                            _I32(i))
         offset_value = builder.trunc(context.cast(builder, args[5], sig.args[5], types.int32), _I8)
-        scale_bytes = builder.add(builder.bitcast(words, ir.VectorType(_I8, 16)), _splat_value(builder, offset_value, 16))
+        scale_bytes = builder.add(builder.bitcast(words, ir.VectorType(_I8, 16)),
+                                  _splat_value(builder, offset_value, 16))
         words_type = ir.VectorType(_I16, 16)
         wide = builder.sext(scale_bytes, words_type)
         data = context.make_array(sig.args[6])(context, builder, args[6]).data
