@@ -51,7 +51,7 @@ from .simd import (
     high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32, load_32_bytes,
     load_64_bytes, load_8_i32, load_f16, load_f16_pair, load_f16_pair_times, load_u32, low_nibbles, mul_i32x8,
     offset_pair_sums, offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8,
-    scale_bytes_dot_words, scale_word_halves, scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
+    scale_halves_dot_words, scale_word_halves, scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
     spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8,
     to_scale_words, unpack_nibbles, word_dot_8, word_halves_down, zero_f32x8, zero_i32x16, zero_i32x8,
 )
@@ -926,15 +926,16 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
             # q3_K's -4 on the 256-bit paths: its sixteen scales times the token's sums per 16 times -4
             # (``offset_bsums``), one vpmaddwd a super-block where each group's pair sums took a vpsubw (one core
             # of an AVX2 EPYC Zen 4, 4096 x 4096, alternating: 10.1 -> 10.4-10.5 GB/s)
-            s0, s1, s2, s3 = _q3_K_scale_words(w, o + 96)
+            # (the scale words of ``_q3_K_scale_source``, which the groups' scales came from: LLVM builds them once)
+            first, second = _q3_K_scale_source(kind, w, o)
             e = t * (k // 4) + 8 * b
-            i0 = scale_bytes_dot_words(i0, s0, s1, s2, s3, -32, bias, e)
+            i0 = scale_halves_dot_words(i0, first, second, bias, e)
             if nt > 1:
-                i1 = scale_bytes_dot_words(i1, s0, s1, s2, s3, -32, bias, e + k // 4)
+                i1 = scale_halves_dot_words(i1, first, second, bias, e + k // 4)
             if nt > 2:
-                i2 = scale_bytes_dot_words(i2, s0, s1, s2, s3, -32, bias, e + 2 * (k // 4))
+                i2 = scale_halves_dot_words(i2, first, second, bias, e + 2 * (k // 4))
             if nt > 3:
-                i3 = scale_bytes_dot_words(i3, s0, s1, s2, s3, -32, bias, e + 3 * (k // 4))
+                i3 = scale_halves_dot_words(i3, first, second, bias, e + 3 * (k // 4))
         if kc == 5:   # the sums times d, then the minimums times dmin taken off (d, dmin by one conversion)
             s = t * kb + 16 * b
             packed = load_16_bytes_twice(w, o)
@@ -1343,7 +1344,8 @@ def _in_lanes(kind, k):
 @njit(**_KERNEL)
 def _rows_lanes(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
     """``_rows`` of the row-lane kinds (``_rows_in_lanes``): the n rows from byte ``start`` a panel
-    (``lane_rows(isa)``: 16 or 8) at a time (``bias``: each token's ``block_starts``, k / 32 apart); the last rows
+    (``lane_rows(isa)``: 16 or 8) at a time (``bias``: each token's ``block_starts`` at the start of its row of
+    ``bias``, ``bias.size / n_tokens`` apart); the last rows
     past a multiple of the panel are copied beside zero rows into a panel of their own."""
     if not _in_lanes(kind, k):
         _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsums, bias, out, first, isa)
@@ -1377,6 +1379,8 @@ def _one_token_rows_lanes(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, 
 def block_starts(xq, offset):
     """int32 [n / 32]: -offset * the sum of each 32 quants of ``xq`` (what takes a weight offset back out of a
     block's dot product: q4_0's 8, q8_0's 128 made unsigned)."""
+    if offset == 0:    # q4_1 / q5_1: their minimums are a term of their own, nothing to sum
+        return np.zeros(xq.size // 32, np.int32)
     starts = np.empty(xq.size // 32, np.int32)
     _block_sums_times(xq.reshape(-1, 32), -offset, starts)
     return starts
@@ -1468,7 +1472,7 @@ def offset_pairs(xq, offset):
 @njit(**_KERNEL)
 def offset_bsums(x_bsums, offset):
     """int32 [k/32]: -offset times each of q8_K's sums per 16 (``x_bsums``, int32 [k/16]) as int16, two to a word in
-    order: q3_K's offset term on the 256-bit paths (``scale_bytes_dot_words``). Each fits: 4 x 16 x 127."""
+    order: q3_K's offset term on the 256-bit paths (``scale_halves_dot_words``). Each fits: 4 x 16 x 127."""
     words = np.empty(x_bsums.size // 2, np.int32)
     for i in range(words.size):
         low = np.int32(-offset * x_bsums[2 * i]) & 0xFFFF

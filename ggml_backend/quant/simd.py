@@ -1180,30 +1180,23 @@ def scale_word_halves(typingctx, w0, w1, w2, w3, offset):
 
 
 @intrinsic
-def scale_bytes_dot_words(typingctx, acc, w0, w1, w2, w3, offset, pairs, index):
-    """``acc`` + the sixteen bytes of four 32-bit words plus ``offset`` (``scale_word_halves``' bytes: a q3_K
-    super-block's scales) times the sixteen int16 at int32 ``index`` of ``pairs`` (two to a word, in order), summed
-    in pairs: one ``vpmaddwd`` into eight int32 lanes (q3_K's offset term, with ``decode.offset_bsums``). The
-    widened scales are ``scale_word_halves``' own, so LLVM builds them once for both."""
-    if not (acc == I32x8 and all(isinstance(t, types.Integer) for t in (w0, w1, w2, w3, offset))
-            and _is_typed_array(pairs, types.int32, index)):
+def scale_halves_dot_words(typingctx, acc, first, second, pairs, index):
+    """``acc`` + the sixteen scale words of ``scale_word_halves``' two registers (``first``: words 0-7 in both
+    128-bit halves, ``second``: 8-15), taken in order (the first's low half beside the second's high half: one
+    ``vpblendd``), times the sixteen int16 at int32 ``index`` of ``pairs`` (two to a word, in order), summed in
+    pairs: one ``vpmaddwd`` into eight int32 lanes (q3_K's offset term, with ``decode.offset_bsums``)."""
+    if not (acc == I32x8 and first == I32x8 and second == I32x8 and _is_typed_array(pairs, types.int32, index)):
         return None
 
     def codegen(context, builder, sig, args):
-        words = ir.Constant(ir.VectorType(_I32, 4), None)
-        for i in range(4):
-            words = builder.insert_element(words, context.cast(builder, args[1 + i], sig.args[1 + i], types.uint32),
-                                           _I32(i))
-        offset_value = builder.trunc(context.cast(builder, args[5], sig.args[5], types.int32), _I8)
-        scale_bytes = builder.add(builder.bitcast(words, ir.VectorType(_I8, 16)),
-                                  _splat_value(builder, offset_value, 16))
         words_type = ir.VectorType(_I16, 16)
-        wide = builder.sext(scale_bytes, words_type)
-        data = context.make_array(sig.args[6])(context, builder, args[6]).data
-        sums = builder.load(builder.bitcast(builder.gep(data, [args[7]]), words_type.as_pointer()), align=4)
+        in_order = builder.shuffle_vector(args[1], args[2], ir.Constant(ir.VectorType(_I32, 8),
+                                                                         [0, 1, 2, 3, 12, 13, 14, 15]))
+        data = context.make_array(sig.args[3])(context, builder, args[3]).data
+        sums = builder.load(builder.bitcast(builder.gep(data, [args[4]]), words_type.as_pointer()), align=4)
         maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [words_type, words_type])
-        return builder.add(args[0], builder.call(maddwd, [wide, sums]))
-    return I32x8(acc, w0, w1, w2, w3, offset, pairs, index), codegen
+        return builder.add(args[0], builder.call(maddwd, [builder.bitcast(in_order, words_type), sums]))
+    return I32x8(acc, first, second, pairs, index), codegen
 
 
 @intrinsic
@@ -1522,20 +1515,15 @@ prefetch_to_l2.__doc__ = ("``prefetch`` into L2 (``prefetcht1``): for data a who
                           "push out the lines being read. Never faults.")
 
 
-def _integer_splat(vector: VectorType):
-    """An intrinsic (value) -> an integer in every int32 lane of ``vector``."""
-    def make(typingctx, value):
-        if not isinstance(value, types.Integer):
-            return None
+@intrinsic
+def splat_i32(typingctx, value):
+    """An integer in all sixteen lanes of an ``I32x16``."""
+    if not isinstance(value, types.Integer):
+        return None
 
-        def codegen(context, builder, sig, args):
-            return _splat_value(builder, _as_i32(builder, args[0]), vector.count)
-        return vector(value), codegen
-    return intrinsic(make)
-
-
-splat_i32 = _integer_splat(I32x16)
-splat_i32.__doc__ = "An integer in all sixteen lanes of an ``I32x16``."
+    def codegen(context, builder, sig, args):
+        return _splat_value(builder, _as_i32(builder, args[0]), 16)
+    return I32x16(value), codegen
 
 
 @intrinsic
