@@ -35,9 +35,11 @@ def report():
 def test_every_figure_is_a_positive_number(report):
     figures = report["figures"]["ggml_backend"]
     for key in ("open_s", "first_token_s", "prompt_16_tok_s", "prompt_48_tok_s", "decode_tok_s",
-                "decode_at_10_tok_s", "decode_at_100_tok_s", "deep_over_near", "peak_rss_mb", "kv_cache_mb",
-                "rss_cap_mb"):
+                "decode_1_thread_tok_s", "decode_2_threads_over_1", "decode_at_10_tok_s", "decode_at_100_tok_s",
+                "deep_over_near", "peak_rss_mb", "kv_cache_mb", "rss_cap_mb"):
         assert isinstance(figures[key], float) and figures[key] > 0, (key, figures[key])
+    # -t 2 (the default): the same decode again on one thread, and what the second thread gains
+    assert figures["decode_2_threads_over_1"] == pytest.approx(figures["decode_tok_s"] / figures["decode_1_thread_tok_s"])
     # first token: a fresh interpreter's start, imports and open, then one token
     assert figures["first_token_s"] > figures["open_s"]
     assert figures["deep_over_near"] == pytest.approx(figures["decode_at_100_tok_s"] / figures["decode_at_10_tok_s"])
@@ -57,11 +59,23 @@ def test_kernel_table_beside_memory_bandwidth(report):
     assert set(kernels["kernels"]) == {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K",
                                        "q6_K"}
     assert all(gbps > 0 for gbps in kernels["kernels"].values())
+    # beside numpy's sum, one core reading by vector loads; with -t 2 each kernel and that read on two threads
+    # against one (wall time)
+    assert kernels["simd_read_gbps"] > 0.1
+    scaling = kernels["thread_scaling"]
+    assert scaling["threads"] == 2 and len(scaling["read_gbps"]) == 2 and min(scaling["read_gbps"]) > 0.1
+    assert set(scaling["kernels"]) == set(kernels["kernels"])
+    assert all(len(pair) == 2 and min(pair) > 0 for pair in scaling["kernels"].values())
     text = bench._text(report)
     assert f"({kernels['kernel_path']} path)" in text and "q6_K" in text
     assert f"prompts on {prompt_path()}" in text
+    assert "2 threads against one" in text and "by vector loads" in text
+    q6_row = next(line for line in text.splitlines() if line.startswith("q6_K"))
+    one, many = scaling["kernels"]["q6_K"]
+    assert q6_row.split()[-1] == f"{many / one:.2f}"
     markdown = bench.markdown_report(report)
     assert "| q4_K |" in markdown and f"Prompts on {prompt_path()}." in markdown
+    assert "| 2 threads GB/s | x one |" in markdown
 
 
 def test_rss_cap_is_file_plus_kv_cache_plus_150_mb(report):
@@ -97,6 +111,20 @@ def test_ratio_column_and_errors_in_place_of_figures(report, capsys):
     assert "crashed (signal 11)" in decode and decode.rstrip().endswith("-")
     rss = next(line for line in lines if line.startswith("peak_rss_mb"))
     assert float(rss.split()[-1]) == pytest.approx(report["figures"]["ggml_backend"]["peak_rss_mb"] / 100.0, abs=0.01)
+
+
+def test_vector_read_reads_every_byte_once_per_chunk():
+    """The kernel table's memory read by vector loads (one thread and N) reads each chunk to its last byte."""
+    from ggml_backend.cli import bench_kernels
+    data = np.zeros(128 * 4 * 8, np.uint8)
+    for chunk in range(8):               # a distinct bit at the last byte of each of the 8 chunks (bits 0-7)
+        data[(chunk + 1) * 512 - 1] = 1 << chunk
+    assert bench_kernels._parallel_read(data, 8) == 0xFF
+    assert bench_kernels._parallel_read(data[:4096 - 512], 7) == 0x7F
+    one, many = bench_kernels.simd_read_gbps(threads=2, repeats=1, n_bytes=1 << 20)
+    assert one > 0 and many > 0
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--threads", "0"])
 
 
 def test_crashing_failing_and_hanging_processes_are_reported():

@@ -5,8 +5,11 @@ and n_batch 512; warm up (one token, an 8-token batch, then one of ``session.pro
 that both engines have touched every weight and loaded their kernels, the prompt kernels included: on an empty
 compile cache the first timed prompt measured the compiler); then time one thing: a prompt of seeded random ids (256
 and 1024 tokens), or greedy decoding one token at a time after filling the context to a position (the prompt
-length, 50, 1900). "First token" is the wall time from starting a fresh interpreter to the logits of one token
-(numba's compile cache warm). Peak RSS is the largest high-water RSS (VmHWM) of the run's processes; its cap is file
+length, 50, 1900). With ``-t`` above 1 the decode after the prompt runs again on one thread, right after, and the
+report gives what the threads gain (``decode_N_threads_over_1``), beside the kernel table's own N-thread column
+(bench_kernels.py: memory read and each kernel on N threads against one), the machine's ceiling for it. "First
+token" is the wall time from starting a fresh interpreter to the logits of one token (numba's compile cache
+warm). Peak RSS is the largest high-water RSS (VmHWM) of the run's processes; its cap is file
 size + KV cache + 150 MB, the KV cache as each engine allocates it (float16 in both, their default). A process that
 crashes or fails is reported as such in its figure's place; the other figures still run. ``--repeat N`` reports
 medians.
@@ -227,10 +230,11 @@ def machine_description() -> dict:
     return info
 
 
-def kernel_figures(timeout: float) -> dict:
-    """The per-core kernel table (bench_kernels.py), from a fresh process: {"error": ...} if it fails."""
-    result = subprocess.run([sys.executable, "-m", "ggml_backend.cli.bench_kernels", "--json"], capture_output=True,
-                            text=True, timeout=timeout)
+def kernel_figures(timeout: float, threads: int = 1) -> dict:
+    """The per-core kernel table (bench_kernels.py), from a fresh process, with its ``threads``-thread scaling
+    where ``threads`` > 1: {"error": ...} if it fails."""
+    result = subprocess.run([sys.executable, "-m", "ggml_backend.cli.bench_kernels", "--json", "--threads",
+                             str(threads)], capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -250,8 +254,10 @@ def basic_figures(engine: str, model: str, args) -> dict:
     tasks = {"first": ("first", 0, 0),
              "prompt": ("prompt", args.prompt_tokens, 0),
              "prompt_long": ("prompt", args.long_prompt_tokens, 0),
-             "decode": ("decode", args.prompt_tokens, args.gen),
-             "decode_near": ("decode", args.near_position, args.gen)}
+             "decode": ("decode", args.prompt_tokens, args.gen)}
+    if args.threads > 1:     # the same decode on one thread, right after it: what the threads gain
+        tasks["decode_one_thread"] = ("decode", args.prompt_tokens, args.gen)
+    tasks["decode_near"] = ("decode", args.near_position, args.gen)
     if args.deep_position:
         tasks["decode_deep"] = ("decode", args.deep_position, args.gen)
     runs = {name: [] for name in tasks}
@@ -259,8 +265,8 @@ def basic_figures(engine: str, model: str, args) -> dict:
     for _ in range(args.repeat):
         peak = 0.0
         for name, (task, a, b) in tasks.items():
-            result = measure(engine, model, task, a, b, threads=args.threads, n_ctx=args.ctx_size,
-                             timeout=args.timeout)
+            result = measure(engine, model, task, a, b, threads=1 if name == "decode_one_thread" else args.threads,
+                             n_ctx=args.ctx_size, timeout=args.timeout)
             runs[name].append(result)
             peak = max(peak, result.get("peak_rss_mb", 0.0))
         if peak:
@@ -271,8 +277,14 @@ def basic_figures(engine: str, model: str, args) -> dict:
         f"prompt_{args.prompt_tokens}_tok_s": _combine(runs["prompt"], "prompt_tok_s"),
         f"prompt_{args.long_prompt_tokens}_tok_s": _combine(runs["prompt_long"], "prompt_tok_s"),
         "decode_tok_s": _combine(runs["decode"], "decode_tok_s"),
-        f"decode_at_{args.near_position}_tok_s": _combine(runs["decode_near"], "decode_tok_s"),
     }
+    if args.threads > 1:
+        one = _combine(runs["decode_one_thread"], "decode_tok_s")
+        figures["decode_1_thread_tok_s"] = one
+        figures[f"decode_{args.threads}_threads_over_1"] = (figures["decode_tok_s"] / one if _is_number(one) and
+                                                            _is_number(figures["decode_tok_s"]) else
+                                                            {"error": "missing decode figure"})
+    figures[f"decode_at_{args.near_position}_tok_s"] = _combine(runs["decode_near"], "decode_tok_s")
     if args.deep_position:
         deep = _combine(runs["decode_deep"], "decode_tok_s")
         near = figures[f"decode_at_{args.near_position}_tok_s"]
@@ -463,11 +475,24 @@ def markdown_report(report: dict) -> str:
     if kernels and "error" not in kernels:
         if "prompt_path" in kernels:
             lines += [f"Prompts on {kernels['prompt_path']}.", ""]
+        scaling = kernels.get("thread_scaling")
+        simd = f", {kernels['simd_read_gbps']:.1f} GB/s by vector loads" if "simd_read_gbps" in kernels else ""
         lines += [f"Decode kernels, one core ({kernels['kernel_path']} path; memory read "
-                  f"{kernels['read_gbps']:.1f} GB/s):", "", "| type | GB/s per core | of read bandwidth |",
-                  "|---|---|---|"]
-        lines += [f"| {name} | {gbps:.1f} | {gbps / kernels['read_gbps']:.2f} |"
-                  for name, gbps in kernels["kernels"].items()]
+                  f"{kernels['read_gbps']:.1f} GB/s by numpy's sum{simd}):", ""]
+        header, rule = "| type | GB/s per core | of read bandwidth |", "|---|---|---|"
+        if scaling:
+            n, (one, many) = scaling["threads"], scaling["read_gbps"]
+            lines[-1:-1] = [f"{n} threads against one (wall time): memory read by vector loads {many:.1f} against "
+                            f"{one:.1f} GB/s ({many / one:.2f}x)."]
+            header += f" {n} threads GB/s | x one |"
+            rule += "---|---|"
+        lines += [header, rule]
+        for name, gbps in kernels["kernels"].items():
+            row = f"| {name} | {gbps:.1f} | {gbps / kernels['read_gbps']:.2f} |"
+            if scaling and name in scaling["kernels"]:
+                one, many = scaling["kernels"][name]
+                row += f" {many:.1f} | {many / one:.2f} |"
+            lines.append(row)
         lines.append("")
     scaling = report.get("scaling")
     if scaling and scaling["sizes"]:
@@ -528,7 +553,7 @@ def run(args) -> int:
     if args.scaling:
         report["scaling"] = scaling_tables(engines, model, args)
     if "ggml_backend" in engines and not args.no_kernels:
-        report["kernels"] = kernel_figures(args.timeout)
+        report["kernels"] = kernel_figures(args.timeout, args.threads)
         _progress("kernels done", args)
     report["load_average_after"] = load_average()
     if args.json:

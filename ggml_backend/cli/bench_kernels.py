@@ -5,8 +5,14 @@ leaves speed on the table. Measured on one thread by the CPU time of the calling
 jobs on a shared machine disturb far less than wall time; each type's weights (4096 x 4096, random blocks with
 sane scales) are cycled in copies totalling >= 64 MB so that they come from memory, not cache.
 
-``python -m ggml_backend.cli.bench_kernels [--json] [--types q4_0,q6_K]``; ``ggml-backend bench`` runs it in a
-fresh process and prints its table. ``GGML_BACKEND_KERNELS`` picks the kernel path as in the engine.
+With ``--threads N`` (N > 1) it also measures what N threads gain over one, by wall time, the two alternating:
+memory read (vector loads in numba's threads, the same code on one thread and on N) and each type's kernel over
+the same copies. That is the machine's own ceiling for decode's thread scaling: on a 2-core VM whose second core runs a
+compute-bound kernel at two thirds of the first's speed, no engine's decode gains 1.9x from two threads.
+
+``python -m ggml_backend.cli.bench_kernels [--json] [--types q4_0,q6_K] [--threads N]``; ``ggml-backend bench``
+runs it in a fresh process (with its ``-t``) and prints its table. ``GGML_BACKEND_KERNELS`` picks the kernel path as
+in the engine.
 """
 from __future__ import annotations
 
@@ -15,6 +21,9 @@ import json
 import time
 
 import numpy as np
+from numba import njit, prange
+
+from ..quant.simd import load_32_bytes, or_bytes, store_32_bytes
 
 CYCLE_BYTES = 64e6
 SHAPE = (4096, 4096)
@@ -55,10 +64,9 @@ def memory_read_gbps(n_bytes: int = 1 << 30, repeats: int = 3) -> float:
     return n_bytes / best_thread_time(values.sum, repeats) / 1e9
 
 
-def kernel_gbps(type_name: str, repeats: int = 5, rng=None) -> float:
-    """Weight bytes per second of ``type_name``'s one-token kernel on one thread."""
+def _kernel_pass(type_name: str, rng):
+    """(a function running ``type_name``'s one-token kernel over copies of random weights, their bytes)."""
     from ..quant.matmul import matmul
-    rng = rng if rng is not None else np.random.default_rng(0)
     weights = random_weights(type_name, *SHAPE, rng)
     copies = [weights.copy() for _ in range(max(1, int(-(-CYCLE_BYTES // weights.nbytes))))]
     x = rng.standard_normal((1, SHAPE[1])).astype(np.float32)
@@ -68,29 +76,132 @@ def kernel_gbps(type_name: str, repeats: int = 5, rng=None) -> float:
         for copy in copies:
             matmul(type_name, copy, x, out=out, method="int")
 
-    return weights.nbytes * len(copies) / best_thread_time(run_all, repeats) / 1e9
+    return run_all, weights.nbytes * len(copies)
 
 
-def kernel_report(types=TYPES, repeats: int = 5) -> dict:
-    """{"kernel_path": ..., "read_gbps": one core's read bandwidth, "kernels": {type: GB/s per core}}."""
+def kernel_gbps(type_name: str, repeats: int = 5, rng=None) -> float:
+    """Weight bytes per second of ``type_name``'s one-token kernel on one thread."""
+    import numba
+    run_all, n_bytes = _kernel_pass(type_name, rng if rng is not None else np.random.default_rng(0))
+    numba.set_num_threads(1)
+    return n_bytes / best_thread_time(run_all, repeats) / 1e9
+
+
+@njit(cache=True)
+def _read_chunk(data, first, last, out, c):
+    """Bytes first..last of ``data`` (multiples of 128 apart) read by 32-byte vector loads into four OR chains;
+    their OR at out[32 c:]."""
+    acc0 = load_32_bytes(data, first)
+    acc1 = load_32_bytes(data, first + 32)
+    acc2 = load_32_bytes(data, first + 64)
+    acc3 = load_32_bytes(data, first + 96)
+    for at in range(first + 128, last, 128):
+        acc0 = or_bytes(acc0, load_32_bytes(data, at))
+        acc1 = or_bytes(acc1, load_32_bytes(data, at + 32))
+        acc2 = or_bytes(acc2, load_32_bytes(data, at + 64))
+        acc3 = or_bytes(acc3, load_32_bytes(data, at + 96))
+    store_32_bytes(out, 32 * c, or_bytes(or_bytes(acc0, acc1), or_bytes(acc2, acc3)))
+
+
+@njit(parallel=True, cache=True)
+def _parallel_read(data, n_chunks):
+    """Every byte of ``data`` read once by vector loads, in ``n_chunks`` pieces, one prange iteration each (numba's
+    threads); the OR of all. ``data.size`` must be a multiple of 128 * n_chunks (the loads do not check)."""
+    out = np.zeros(32 * n_chunks, np.uint8)
+    size = data.size // n_chunks
+    for c in prange(n_chunks):
+        _read_chunk(data, c * size, (c + 1) * size, out, c)
+    every = np.uint8(0)
+    for i in range(out.size):
+        every |= out[i]
+    return every
+
+
+def simd_read_gbps(threads: int = 1, repeats: int = 3, n_bytes: int = 1 << 30) -> tuple:
+    """GB/s at which one thread and ``threads`` threads read memory by 32-byte vector loads (``_parallel_read``),
+    best wall times, the two alternating: (one, N). numpy's sum (``memory_read_gbps``) is bound by its pairwise
+    float additions below that on some CPUs (an AVX2 EPYC Zen 4 VM: 20 GB/s against 31)."""
+    n_chunks = 4 * threads
+    n_read = n_bytes // (128 * n_chunks) * 128 * n_chunks    # _parallel_read's chunks: whole 128-byte steps
+    if n_read == 0:
+        raise ValueError(f"{n_bytes} bytes are too few to read in {n_chunks} chunks")
+    data = np.ones(n_read, np.uint8)
+    return tuple(n_read / wall / 1e9 for wall in
+                 _alternating_walls(lambda: _parallel_read(data, n_chunks), threads, repeats))
+
+
+def _alternating_walls(fn, threads: int, repeats: int) -> tuple:
+    """Best wall times of ``fn`` on one thread and on ``threads`` (numba's), the two alternating, after a warm-up
+    of each: (one, N), the same value twice where ``threads`` is 1."""
+    import numba
+    counts = (1, threads) if threads > 1 else (1,)
+    best = dict.fromkeys(counts, float("inf"))
+    for n in counts:
+        numba.set_num_threads(n)
+        fn()
+    for _ in range(repeats):
+        for n in counts:
+            numba.set_num_threads(n)
+            start = time.perf_counter()
+            fn()
+            best[n] = min(best[n], time.perf_counter() - start)
+    numba.set_num_threads(1)
+    return best[1], best[threads]
+
+
+def thread_scaling(types, threads: int, repeats: int = 3) -> dict:
+    """What ``threads`` threads gain over one, by wall time: {"threads": N, "read_gbps": [one, N]
+    (``simd_read_gbps``), "kernels": {type: [GB/s on one, on N]}}."""
+    import numba
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    report = {"threads": threads, "read_gbps": list(simd_read_gbps(threads, repeats)), "kernels": {}}
+    rng = np.random.default_rng(1)
+    for type_name in types:
+        run_all, size = _kernel_pass(type_name, rng)
+        one, many = _alternating_walls(run_all, threads, repeats)
+        report["kernels"][type_name] = [size / one / 1e9, size / many / 1e9]
+    return report
+
+
+def kernel_report(types=TYPES, repeats: int = 5, threads: int = 1) -> dict:
+    """{"kernel_path": ..., "read_gbps": one core's read bandwidth (numpy's sum), "simd_read_gbps": the same by
+    vector loads, "kernels": {type: GB/s per core}}; with ``threads`` > 1 also "thread_scaling"
+    (``thread_scaling``)."""
     import numba
 
     from ..quant.matmul import KERNEL_ISA, prompt_path
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)
     report = {"kernel_path": KERNEL_ISA.name if KERNEL_ISA is not None else "generic",
-              "prompt_path": prompt_path(), "read_gbps": memory_read_gbps()}
+              "prompt_path": prompt_path(), "read_gbps": memory_read_gbps(),
+              "simd_read_gbps": simd_read_gbps()[0]}
     report["kernels"] = {type_name: kernel_gbps(type_name, repeats, rng) for type_name in types}
+    if threads > 1:
+        report["thread_scaling"] = thread_scaling(types, threads, max(1, min(repeats, 3)))
     return report
 
 
 def format_report(report: dict) -> str:
     read = report["read_gbps"]
-    lines = [f"prompts on {report.get('prompt_path', '?')}",
-             f"decode kernels ({report['kernel_path']} path), one core: memory read {read:.1f} GB/s",
-             f"{'type':<8}{'GB/s':>8}{'of read':>9}"]
+    scaling = report.get("thread_scaling")
+    head = f"decode kernels ({report['kernel_path']} path), one core: memory read {read:.1f} GB/s (numpy's sum)"
+    if "simd_read_gbps" in report:
+        head += f", {report['simd_read_gbps']:.1f} GB/s by vector loads"
+    lines = [f"prompts on {report.get('prompt_path', '?')}", head]
+    columns = f"{'type':<8}{'GB/s':>8}{'of read':>9}"
+    if scaling:
+        n = scaling["threads"]
+        one, many = scaling["read_gbps"]
+        lines.append(f"{n} threads against one (wall time, alternating): memory read by vector loads {many:.1f} "
+                     f"against {one:.1f} GB/s ({many / one:.2f}x); each kernel below")
+        columns += f"{f'{n} threads':>12}{'x one':>7}"
+    lines.append(columns)
     for type_name, gbps in report["kernels"].items():
-        lines.append(f"{type_name:<8}{gbps:>8.1f}{gbps / read:>9.2f}")
+        line = f"{type_name:<8}{gbps:>8.1f}{gbps / read:>9.2f}"
+        if scaling and type_name in scaling["kernels"]:
+            one, many = scaling["kernels"][type_name]
+            line += f"{many:>12.1f}{many / one:>7.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -99,12 +210,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--types", default=",".join(TYPES), help="comma-separated types (default: all)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="also measure N threads against one (memory read and each kernel, wall time)")
     args = parser.parse_args(argv)
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     unknown = [t for t in types if t not in SCALE_OFFSETS]
-    if unknown or args.repeat < 1:
-        parser.error(f"unknown types {unknown}; known: {', '.join(TYPES)}" if unknown else "--repeat must be >= 1")
-    report = kernel_report(types, args.repeat)
+    if unknown or args.repeat < 1 or args.threads < 1:
+        parser.error(f"unknown types {unknown}; known: {', '.join(TYPES)}" if unknown else
+                     "--repeat must be >= 1" if args.repeat < 1 else "--threads must be >= 1")
+    report = kernel_report(types, args.repeat, args.threads)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
