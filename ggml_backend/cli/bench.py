@@ -477,15 +477,16 @@ def markdown_report(report: dict) -> str:
             lines += [f"Prompts on {kernels['prompt_path']}.", ""]
         scaling = kernels.get("thread_scaling")
         simd = f", {kernels['simd_read_gbps']:.1f} GB/s by vector loads" if "simd_read_gbps" in kernels else ""
-        lines += [f"Decode kernels, one core ({kernels['kernel_path']} path; memory read "
-                  f"{kernels['read_gbps']:.1f} GB/s by numpy's sum{simd}):", ""]
         header, rule = "| type | GB/s per core | of read bandwidth |", "|---|---|---|"
         if scaling:
             n, (one, many) = scaling["threads"], scaling["read_gbps"]
-            lines[-1:-1] = [f"{n} threads against one (wall time): memory read by vector loads {many:.1f} against "
-                            f"{one:.1f} GB/s ({many / one:.2f}x)."]
+            lines += [f"{n} threads against one (wall time, the two alternating): memory read by vector loads "
+                      f"{many:.1f} against {one:.1f} GB/s ({many / one:.2f}x); each kernel in the table's last "
+                      "columns.", ""]
             header += f" {n} threads GB/s | x one |"
             rule += "---|---|"
+        lines += [f"Decode kernels, one core ({kernels['kernel_path']} path; memory read "
+                  f"{kernels['read_gbps']:.1f} GB/s by numpy's sum{simd}):", ""]
         lines += [header, rule]
         for name, gbps in kernels["kernels"].items():
             row = f"| {name} | {gbps:.1f} | {gbps / kernels['read_gbps']:.2f} |"
