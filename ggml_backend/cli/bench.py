@@ -473,6 +473,7 @@ def markdown_report(report: dict) -> str:
         lines.append("")
     kernels = report.get("kernels")
     if kernels and "error" not in kernels:
+        from .bench_kernels import kernel_rows
         if "prompt_path" in kernels:
             lines += [f"Prompts on {kernels['prompt_path']}.", ""]
         scaling = kernels.get("thread_scaling")
@@ -488,12 +489,8 @@ def markdown_report(report: dict) -> str:
         lines += [f"Decode kernels, one core ({kernels['kernel_path']} path; memory read "
                   f"{kernels['read_gbps']:.1f} GB/s by numpy's sum{simd}):", ""]
         lines += [header, rule]
-        for name, gbps in kernels["kernels"].items():
-            row = f"| {name} | {gbps:.1f} | {gbps / kernels['read_gbps']:.2f} |"
-            if scaling and name in scaling["kernels"]:
-                one, many = scaling["kernels"][name]
-                row += f" {many:.1f} | {many / one:.2f} |"
-            lines.append(row)
+        for name, gbps, of_read, many, gain in kernel_rows(kernels):
+            lines.append(f"| {name} | {gbps:.1f} | {of_read:.2f} |" + (f" {many:.1f} | {gain:.2f} |" if many else ""))
         lines.append("")
     scaling = report.get("scaling")
     if scaling and scaling["sizes"]:

@@ -196,13 +196,20 @@ def format_report(report: dict) -> str:
                      f"against {one:.1f} GB/s ({many / one:.2f}x); each kernel below")
         columns += f"{f'{n} threads':>12}{'x one':>7}"
     lines.append(columns)
-    for type_name, gbps in report["kernels"].items():
-        line = f"{type_name:<8}{gbps:>8.1f}{gbps / read:>9.2f}"
-        if scaling and type_name in scaling["kernels"]:
-            one, many = scaling["kernels"][type_name]
-            line += f"{many:>12.1f}{many / one:>7.2f}"
-        lines.append(line)
+    for type_name, gbps, of_read, many, gain in kernel_rows(report):
+        lines.append(f"{type_name:<8}{gbps:>8.1f}{of_read:>9.2f}" + (f"{many:>12.1f}{gain:>7.2f}" if many else ""))
     return "\n".join(lines)
+
+
+def kernel_rows(report: dict) -> list[tuple]:
+    """The kernel table's rows, for the text and Markdown reports: (type, GB/s on one core, that over numpy's read,
+    GB/s on the report's N threads, their gain over one thread), the last two None without ``thread_scaling``."""
+    scaling = (report.get("thread_scaling") or {}).get("kernels", {})
+    rows = []
+    for type_name, gbps in report["kernels"].items():
+        one, many = scaling.get(type_name, (None, None))
+        rows.append((type_name, gbps, gbps / report["read_gbps"], many, many / one if many else None))
+    return rows
 
 
 def main(argv=None) -> int:
