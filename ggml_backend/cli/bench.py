@@ -7,7 +7,7 @@ compile cache the first timed prompt measured the compiler); then time one thing
 and 1024 tokens), or greedy decoding one token at a time after filling the context to a position (the prompt
 length, 50, 1900). With ``-t`` above 1 the decode after the prompt runs again on one thread, right after, and the
 report gives what the threads gain (``decode_N_threads_over_1``), beside the kernel table's own N-thread column
-(bench_kernels.py: memory read and each kernel on N threads against one), the machine's ceiling for it. "First
+(bench_kernels.py: memory read and each kernel on N threads against one: what the machine lets them gain). "First
 token" is the wall time from starting a fresh interpreter to the logits of one token (numba's compile cache
 warm). Peak RSS is the largest high-water RSS (VmHWM) of the run's processes; its cap is file
 size + KV cache + 150 MB, the KV cache as each engine allocates it (float16 in both, their default). A process that
@@ -265,8 +265,8 @@ def basic_figures(engine: str, model: str, args) -> dict:
     for _ in range(args.repeat):
         peak = 0.0
         for name, (task, a, b) in tasks.items():
-            result = measure(engine, model, task, a, b, threads=1 if name == "decode_one_thread" else args.threads,
-                             n_ctx=args.ctx_size, timeout=args.timeout)
+            threads = 1 if name == "decode_one_thread" else args.threads
+            result = measure(engine, model, task, a, b, threads=threads, n_ctx=args.ctx_size, timeout=args.timeout)
             runs[name].append(result)
             peak = max(peak, result.get("peak_rss_mb", 0.0))
         if peak:
@@ -490,7 +490,8 @@ def markdown_report(report: dict) -> str:
                   f"{kernels['read_gbps']:.1f} GB/s by numpy's sum{simd}):", ""]
         lines += [header, rule]
         for name, gbps, of_read, many, gain in kernel_rows(kernels):
-            lines.append(f"| {name} | {gbps:.1f} | {of_read:.2f} |" + (f" {many:.1f} | {gain:.2f} |" if many else ""))
+            cells = f" {many:.1f} | {gain:.2f} |" if many else ""
+            lines.append(f"| {name} | {gbps:.1f} | {of_read:.2f} |{cells}")
         lines.append("")
     scaling = report.get("scaling")
     if scaling and scaling["sizes"]:

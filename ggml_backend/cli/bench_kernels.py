@@ -7,8 +7,9 @@ sane scales) are cycled in copies totalling >= 64 MB so that they come from memo
 
 With ``--threads N`` (N > 1) it also measures what N threads gain over one, by wall time, the two alternating:
 memory read (vector loads in numba's threads, the same code on one thread and on N) and each type's kernel over
-the same copies. That is the machine's own ceiling for decode's thread scaling: on a 2-core VM whose second core runs a
-compute-bound kernel at two thirds of the first's speed, no engine's decode gains 1.9x from two threads.
+the same copies: the most a decode step made of that kernel could gain on this machine (its cores, its memory),
+beside which the bench's whole-step figure shows what the rest of a step (attention, the work between products)
+costs.
 
 ``python -m ggml_backend.cli.bench_kernels [--json] [--types q4_0,q6_K] [--threads N]``; ``ggml-backend bench``
 runs it in a fresh process (with its ``-t``) and prints its table. ``GGML_BACKEND_KERNELS`` picks the kernel path as
