@@ -80,14 +80,6 @@ def _kernel_pass(type_name: str, rng):
     return run_all, weights.nbytes * len(copies)
 
 
-def kernel_gbps(type_name: str, repeats: int = 5, rng=None) -> float:
-    """Weight bytes per second of ``type_name``'s one-token kernel on one thread."""
-    import numba
-    run_all, n_bytes = _kernel_pass(type_name, rng if rng is not None else np.random.default_rng(0))
-    numba.set_num_threads(1)
-    return n_bytes / best_thread_time(run_all, repeats) / 1e9
-
-
 @njit(cache=True)
 def _read_chunk(data, first, last, out, c):
     """Bytes first..last of ``data`` (multiples of 128 apart) read by 32-byte vector loads into four OR chains;
@@ -150,35 +142,33 @@ def _alternating_walls(fn, threads: int, repeats: int) -> tuple:
     return best[1], best[threads]
 
 
-def thread_scaling(types, threads: int, repeats: int = 3) -> dict:
-    """What ``threads`` threads gain over one, by wall time: {"threads": N, "read_gbps": [one, N]
-    (``simd_read_gbps``), "kernels": {type: [GB/s on one, on N]}}."""
-    import numba
-    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
-    report = {"threads": threads, "read_gbps": list(simd_read_gbps(threads, repeats)), "kernels": {}}
-    rng = np.random.default_rng(1)
-    for type_name in types:
-        run_all, size = _kernel_pass(type_name, rng)
-        one, many = _alternating_walls(run_all, threads, repeats)
-        report["kernels"][type_name] = [size / one / 1e9, size / many / 1e9]
-    return report
-
-
 def kernel_report(types=TYPES, repeats: int = 5, threads: int = 1) -> dict:
     """{"kernel_path": ..., "read_gbps": one core's read bandwidth (numpy's sum), "simd_read_gbps": the same by
-    vector loads, "kernels": {type: GB/s per core}}; with ``threads`` > 1 also "thread_scaling"
-    (``thread_scaling``)."""
+    vector loads, "kernels": {type: GB/s per core}}; with ``threads`` > 1 also "thread_scaling": {"threads": N,
+    "read_gbps": [one, N] by vector loads, "kernels": {type: [GB/s on one, on N]}}, by wall time, the two
+    alternating, over the same weights as the one-core figure."""
     import numba
 
     from ..quant.matmul import KERNEL_ISA, prompt_path
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    wall_repeats = max(1, min(repeats, 3))
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)
     report = {"kernel_path": KERNEL_ISA.name if KERNEL_ISA is not None else "generic",
-              "prompt_path": prompt_path(), "read_gbps": memory_read_gbps(),
-              "simd_read_gbps": simd_read_gbps()[0]}
-    report["kernels"] = {type_name: kernel_gbps(type_name, repeats, rng) for type_name in types}
-    if threads > 1:
-        report["thread_scaling"] = thread_scaling(types, threads, max(1, min(repeats, 3)))
+              "prompt_path": prompt_path(), "read_gbps": memory_read_gbps()}
+    one, many = simd_read_gbps(threads, wall_repeats)
+    report["simd_read_gbps"] = one
+    scaling = {"threads": threads, "read_gbps": [one, many], "kernels": {}} if threads > 1 else None
+    report["kernels"] = {}
+    for type_name in types:
+        run_all, n_bytes = _kernel_pass(type_name, rng)
+        numba.set_num_threads(1)
+        report["kernels"][type_name] = n_bytes / best_thread_time(run_all, repeats) / 1e9
+        if scaling:
+            one, many = _alternating_walls(run_all, threads, wall_repeats)
+            scaling["kernels"][type_name] = [n_bytes / one / 1e9, n_bytes / many / 1e9]
+    if scaling:
+        report["thread_scaling"] = scaling
     return report
 
 
