@@ -220,14 +220,14 @@ root ::= "true" | "false"
     # 5 December, 0.002 from it), so a valid change of float order flips it. What holds: the grammar's strings
     # only, the same string again for the same seed, and llama.cpp's answer where nothing is drawn.
     assert output["choices"][0]["text"] in ("true", "false")
-    again = model.create_completion(
-        "The capital of france is paris, 'true' or 'false'?:\n", max_tokens=4, top_k=50, top_p=0.9,
-        temperature=0.8, seed=1337, grammar=llama_cpp.LlamaGrammar.from_string('root ::= "true" | "false"'))
-    assert again["choices"][0]["text"] == output["choices"][0]["text"]
-    greedy = model.create_completion(
-        "The capital of france is paris, 'true' or 'false'?:\n", max_tokens=4, temperature=0.0,
-        grammar=llama_cpp.LlamaGrammar.from_string('root ::= "true" | "false"'))
-    assert greedy["choices"][0]["text"] == "true"
+
+    def true_or_false(**sampling):
+        return model.create_completion(
+            "The capital of france is paris, 'true' or 'false'?:\n", max_tokens=4,
+            grammar=llama_cpp.LlamaGrammar.from_string('root ::= "true" | "false"'), **sampling)["choices"][0]["text"]
+
+    assert true_or_false(top_k=50, top_p=0.9, temperature=0.8, seed=1337) == output["choices"][0]["text"]
+    assert true_or_false(temperature=0.0) == "true"
 
     suffix = b"rot"
     tokens = model.tokenize(suffix, add_bos=True, special=True)
