@@ -195,6 +195,16 @@ def test_markdown_from_a_saved_report(report, tmp_path, capsys):
     assert float(row.split("|")[2]) == pytest.approx(report["figures"]["ggml_backend"]["prompt_48_tok_s"], rel=0.01)
 
 
+def test_a_file_that_is_not_a_saved_report_is_refused(tmp_path, capsys):
+    for name, text in (("list.json", "[1, 2]"), ("partial.json", json.dumps({"model": "m", "engines": []}))):
+        saved = tmp_path / name
+        saved.write_text(text)
+        assert main(["bench", "--from-json", str(saved)]) == 1
+        err = capsys.readouterr().err
+        assert "is not a report saved by 'ggml-backend bench --json'" in err and "machine" in err
+        assert "internal error" not in err
+
+
 def test_other_engines_get_the_users_environment(monkeypatch):
     """Importing ggml_backend sets OMP_WAIT_POLICY=PASSIVE for its own OpenMP fallback; llama.cpp's measuring
     processes must not inherit it (its OpenMP threads then sleep between kernels: decode a third slower)."""

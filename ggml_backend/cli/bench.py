@@ -515,9 +515,24 @@ def markdown_report(report: dict) -> str:
 
 # ------------------------------------------------------------------------------------------- entry point
 
+# what every renderer reads from a saved report, whatever it measured
+_REPORT_KEYS = ("model", "engines", "machine", "date", "load_average_before", "load_average_after", "model_facts",
+                "conditions")
+
+
+def load_report(path: str) -> dict:
+    """A report saved by ``--json``; ValueError naming the file unless it is a JSON object with the keys every
+    renderer reads."""
+    report = json.loads(Path(path).read_text())
+    missing = [key for key in _REPORT_KEYS if key not in report] if isinstance(report, dict) else list(_REPORT_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a report saved by 'ggml-backend bench --json' (missing {', '.join(missing)})")
+    return report
+
+
 def run(args) -> int:
     if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
+        report = load_report(args.from_json)
         print(markdown_report(report) if args.markdown else json.dumps(report, indent=2) if args.json
               else _text(report))
         return 0
