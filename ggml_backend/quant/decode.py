@@ -49,11 +49,12 @@ from .simd import (
     IsaType, add_bytes, add_f32x8, add_i32x8, as_bytes, bits_to_bytes, broadcast_scale_word, byte_scale_words,
     bytes_as_i32x16, dot_i8_i8, dot_u8_i8, fma_i32x8, fnma_i32x8, fold_halves_i32x16, group_scale_words,
     high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32, load_32_bytes,
-    load_64_bytes, load_8_i32, load_f16, load_f16_pair, load_f16_pair_times, load_u32, low_nibbles, mul_i32x8,
+    load_64_bytes, load_8_i32, load_f16, load_f16_pair, load_f16_pair_times, load_u32, load_u64, low_nibbles, mul_i32x8,
     offset_pair_sums, offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8,
-    scale_halves_dot_words, scale_word_halves, scaled_dot, shift_left, shift_right_and, signed_dot_offset, splat_bytes,
-    spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8, store_scaled, sum_f32x8,
-    to_scale_words, unpack_nibbles, word_dot_8, word_halves_down, zero_f32x8, zero_i32x16, zero_i32x8,
+    scale_halves_dot_words, scale_qword_halves, scale_word_halves, scaled_dot, shift_left, shift_right_and,
+    signed_dot_offset, splat_bytes, spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8,
+    store_scaled, sum_f32x8, to_scale_words, unpack_nibbles, word_dot_8, word_halves_down, zero_f32x8, zero_i32x16,
+    zero_i32x8,
 )
 from .generic import _block_sums_times
 from .types import get_type
@@ -114,16 +115,23 @@ def _q3_K_quants(packed, hmask, shift, bit):
 
 
 @njit(inline="always", **_KERNEL)
+def _q3_K_scale_qwords(w, s):
+    """q3_K: the 12 scale bytes at ``s`` as two 64-bit words, byte j % 8 of word j // 8 six-bit scale j plus 32
+    (ggml's kmask trick on 64-bit words: bytes 0-7 hold the scales' low four bits, scales 0-7 in the low nibbles and
+    8-15 in the high ones; bytes 8-11 their top two bits, scale j's at bits 2 (j // 4) of byte j % 4)."""
+    low = load_u64(w, s)
+    top = load_u32(w, s + 8)
+    nibbles = 0x0F0F0F0F0F0F0F0F
+    bits = 0x03030303
+    return ((low & nibbles) | (((top & bits) | (((top >> 2) & bits) << 32)) << 4),
+            ((low >> 4) & nibbles) | ((((top >> 4) & bits) | (((top >> 6) & bits) << 32)) << 4))
+
+
+@njit(inline="always", **_KERNEL)
 def _q3_K_scale_words(w, s):
-    """q3_K: the 12 scale bytes at ``s`` (ggml's kmask trick) as four words: byte j % 4 of word j // 4 is six-bit
-    scale j plus 32."""
-    a0 = load_u32(w, s)
-    a1 = load_u32(w, s + 4)
-    a2 = load_u32(w, s + 8)
-    return ((a0 & 0x0F0F0F0F) | ((a2 & 0x03030303) << 4),
-            (a1 & 0x0F0F0F0F) | (((a2 >> 2) & 0x03030303) << 4),
-            ((a0 >> 4) & 0x0F0F0F0F) | (((a2 >> 4) & 0x03030303) << 4),
-            ((a1 >> 4) & 0x0F0F0F0F) | (((a2 >> 6) & 0x03030303) << 4))
+    """``_q3_K_scale_qwords`` as four 32-bit words: byte j % 4 of word j // 4 is six-bit scale j plus 32."""
+    low, high = _q3_K_scale_qwords(w, s)
+    return low & 0xFFFFFFFF, (low >> 32) & 0xFFFFFFFF, high & 0xFFFFFFFF, (high >> 32) & 0xFFFFFFFF
 
 
 @njit(inline="always", **_KERNEL)
@@ -706,8 +714,8 @@ def _q2_K_scale_source(kind, w, o):
 
 @njit(inline="always", **_KERNEL)
 def _q3_K_scale_source(kind, w, o):
-    s0, s1, s2, s3 = _q3_K_scale_words(w, o + 96)
-    return scale_word_halves(s0, s1, s2, s3, -32)
+    low, high = _q3_K_scale_qwords(w, o + 96)
+    return scale_qword_halves(low, high, -32)
 
 
 @njit(inline="always", **_KERNEL)

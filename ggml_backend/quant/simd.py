@@ -388,6 +388,19 @@ def load_u32(typingctx, array, offset):
     return types.int64(array, offset), codegen
 
 
+@intrinsic
+def load_u64(typingctx, array, offset):
+    """The little-endian 64-bit word at byte ``offset`` of a byte array (as int64: its bits, for bitwise
+    arithmetic)."""
+    if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(pointer, ir.IntType(64).as_pointer()), align=1)
+    return types.int64(array, offset), codegen
+
+
 def _prefetch(locality: int):
     """An intrinsic hinting that byte ``offset`` of a byte array will be read soon, into the cache levels LLVM's
     ``locality`` names (3: ``prefetcht0``, all of them; 2: ``prefetcht1``, L2 and beyond). Never faults."""
@@ -1154,6 +1167,18 @@ def spread_scale_pairs(typingctx, scales, j):
     return I32x16(scales, j), codegen
 
 
+def _word_halves(context, builder, sig, words, offset):
+    """``scale_word_halves``' two registers from its sixteen bytes (``words``: any 16-byte LLVM vector)."""
+    offset_value = builder.trunc(context.cast(builder, offset, sig.args[-1], types.int32), _I8)
+    scale_bytes = builder.add(builder.bitcast(words, ir.VectorType(_I8, 16)), _splat_value(builder, offset_value, 16))
+    wide = builder.sext(scale_bytes, ir.VectorType(_I16, 16))
+    halves = []
+    for first in (0, 8):
+        mask = ir.Constant(ir.VectorType(_I32, 16), list(range(first, first + 8)) * 2)
+        halves.append(builder.bitcast(builder.shuffle_vector(wide, wide, mask), I32x8.llvm_type()))
+    return context.make_tuple(builder, sig.return_type, halves)
+
+
 @intrinsic
 def scale_word_halves(typingctx, w0, w1, w2, w3, offset):
     """The sixteen bytes of four 32-bit words (``bytes_as_i32x16``'s order) plus ``offset``, as signed int16 words in
@@ -1168,15 +1193,24 @@ def scale_word_halves(typingctx, w0, w1, w2, w3, offset):
         words = ir.Constant(ir.VectorType(_I32, 4), None)
         for i in range(4):
             words = builder.insert_element(words, context.cast(builder, args[i], sig.args[i], types.uint32), _I32(i))
-        offset_value = builder.trunc(context.cast(builder, args[4], sig.args[4], types.int32), _I8)
-        scale_bytes = builder.add(builder.bitcast(words, ir.VectorType(_I8, 16)), _splat_value(builder, offset_value, 16))
-        wide = builder.sext(scale_bytes, ir.VectorType(_I16, 16))
-        halves = []
-        for first in (0, 8):
-            mask = ir.Constant(ir.VectorType(_I32, 16), list(range(first, first + 8)) * 2)
-            halves.append(builder.bitcast(builder.shuffle_vector(wide, wide, mask), I32x8.llvm_type()))
-        return context.make_tuple(builder, sig.return_type, halves)
+        return _word_halves(context, builder, sig, words, args[4])
     return types.UniTuple(I32x8, 2)(w0, w1, w2, w3, offset), codegen
+
+
+@intrinsic
+def scale_qword_halves(typingctx, low, high, offset):
+    """``scale_word_halves`` of the sixteen bytes of two 64-bit words (``low``'s bytes first), built in general
+    registers: two moves into the vector register where four 32-bit words took a ``vmovd`` and three ``vpinsrd`` of
+    two operations each (q3_K, whose scales are decoded by integer arithmetic)."""
+    if not all(isinstance(t, types.Integer) for t in (low, high, offset)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        words = ir.Constant(ir.VectorType(ir.IntType(64), 2), None)
+        for i in range(2):
+            words = builder.insert_element(words, context.cast(builder, args[i], sig.args[i], types.uint64), _I32(i))
+        return _word_halves(context, builder, sig, words, args[2])
+    return types.UniTuple(I32x8, 2)(low, high, offset), codegen
 
 
 @intrinsic
