@@ -154,3 +154,37 @@ def test_sequences_of_other_block_types(monkeypatch, type_name):
     python_logits, _, _ = _sequences_pass(synthetic_file(type_name), False, monkeypatch, 3)
     assert taken == 4
     assert all(np.array_equal(a, b) for a, b in zip(fused_logits, python_logits))
+
+
+@pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"])
+def test_gate_up_and_swiglu_in_one_launch_give_the_separate_numbers(type_name):
+    """``_gate_up_swiglu`` (one token's gate and up products and their SwiGLU in one launch) against ``matvec`` of
+    the two matrices then SwiGLU, bit for bit, for every block kind and chunkings that cut the rows unevenly (1000
+    rows: 125 and 334 a chunk, row lanes of 8 split)."""
+    from ggml_backend.cli.bench_kernels import random_weights
+    from ggml_backend.model.decode_step import _gate_up_swiglu, _quantized
+    from ggml_backend.model.forward import swiglu
+    from ggml_backend.quant.decode import KIND_ARGS, KINDS, matvec
+    from ggml_backend.quant.matmul import KERNEL_ISA
+    if KERNEL_ISA is None:
+        pytest.skip("the SIMD kernels need AVX2")
+    rng = np.random.default_rng(7)
+    n_ff, k = 1000, 512
+    gate, up = random_weights(type_name, n_ff, k, rng), random_weights(type_name, n_ff, k, rng)
+    w = np.concatenate([gate.reshape(-1), up.reshape(-1)])
+    row_bytes = gate.shape[1]
+    starts = np.array([0, gate.nbytes], np.int64)
+    kind = KIND_ARGS[KINDS[type_name]]
+    xq, x_scale, x_sums, x_bsums = _quantized(kind, rng.standard_normal((1, k)).astype(np.float32))
+    both = np.empty(2 * n_ff, np.float32)
+    matvec(kind, w, starts, np.array([n_ff, n_ff], np.int64), row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0],
+           both, 8, KERNEL_ISA)
+    expected = swiglu(both[None, :n_ff].copy(), both[None, n_ff:].copy())[0]
+    assert np.isfinite(expected).all() and np.abs(expected).max() > 0
+    for n_chunks in (1, 3, 8):
+        gate_up = np.full(2 * n_ff, np.nan, np.float32)
+        act = np.full(n_ff, np.nan, np.float32)
+        _gate_up_swiglu(kind, w, starts, row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0], gate_up, act, n_chunks,
+                        KERNEL_ISA)
+        np.testing.assert_array_equal(gate_up, both)
+        np.testing.assert_array_equal(act, expected)

@@ -26,14 +26,15 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import carray, njit
+from numba import carray, njit, prange
 from numba.extending import overload
 
 from ..quant.activations import _q8_0_row, _q8_K_row, _round_to_f16
-from ..quant.decode import KIND_ARGS, ConstantType, KernelConstant, kind_code, matmul_few, matvec, matvec_here
+from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _constant_reader, _min_sums, _one_token_rows,
+                            _one_token_terms, kind_code, matmul_few, matvec, matvec_here)
 from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
 from .attention import SequencesAttention, _attention_many_kernel, _pointer_at
-from .forward import _rms_norm_row, _swiglu_row
+from .forward import _rms_norm_row, _swiglu_row, _swiglu_value
 from .kv_cache import _write_half_tokens
 from .rope import _rotate, rope_cos_sin
 
@@ -74,6 +75,9 @@ class PassRows(KernelConstant):
 
 ONE_TOKEN = PassRows(1, "one token")
 SEVERAL = PassRows(2, "several tokens")
+ONE_TOKEN_CODE = ONE_TOKEN.code
+#: a ``PassRows``' code, a constant of the compiled function
+pass_rows = _constant_reader(PassRows.label)
 
 
 def _products_into(rows, group, w, x, n_threads, isa, into):
@@ -118,6 +122,58 @@ def _products_into_of(rows, group, w, x, n_threads, isa, into):
     if not isinstance(rows, ConstantType) or rows.label != PassRows.label:
         return None
     return _one_token_products if rows.code == ONE_TOKEN.code else _several_products
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy", boundscheck=False)
+def _gate_up_swiglu(kind, w, starts, row_bytes, xq, x_scale, x_sums, x_bsums, gate_up, act, n_chunks, isa):
+    """One token's gate and up products (matrices of one kind, ``act.size`` rows each, at byte ``starts[0]`` and
+    ``starts[1]`` of ``w``; results into gate_up: gate | up) and their SwiGLU into ``act``, in one parallel launch:
+    each chunk multiplies its rows of gate and of up (``matvec``'s row kernel), then takes their SwiGLU. After a
+    ``matvec`` launch the SwiGLU ran on one thread: 0.24 ms of a two-thread decode step of Qwen2.5-0.5B (24 layers
+    of 4,864 values). The same kernels and formula as the Python path, so the same numbers."""
+    bias = _one_token_terms(kind, xq, x_bsums, isa)
+    min_sums = _min_sums(kind, x_bsums)
+    rows = gate_up.reshape(1, gate_up.size)
+    scales = x_scale.reshape(1, x_scale.size)
+    sums = x_sums.reshape(1, x_sums.size)
+    n_ff = act.size
+    per_chunk = (n_ff + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        first = min(n_ff, chunk * per_chunk)
+        n = min(n_ff, first + per_chunk) - first
+        for m in range(2):
+            _one_token_rows(kind, w, starts[m] + first * row_bytes, row_bytes, n, xq, xq.size, scales, sums, min_sums,
+                            bias, rows, m * n_ff + first, isa)
+        for i in range(first, first + n):
+            act[i] = _swiglu_value(gate_up[i], gate_up[n_ff + i])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _feed_forward_act(rows, groups, w, h, n_threads, isa, n_ff):
+    """SwiGLU(gate, up) of the rows h (float32 [n, n_embd]) for a layer whose gate and up matrices are the two
+    groups ``groups`` (``_products_into``'s): for one token on several threads, gate and up of one kind too large
+    for the calling thread alone, in one launch (``_gate_up_swiglu``); else the products, then the SwiGLU. (One
+    thread keeps the separate launch: Qwen2.5-0.5B's 24 gate and up pairs from cache took 11.66 against 11.34 ms
+    on one Zen 4 core in one launch, 6.50 against 6.97 on two.)"""
+    n = h.shape[0]
+    kind, starts, counts, row_bytes, first = groups[0]
+    if (pass_rows(rows) == ONE_TOKEN_CODE and n_threads > 1 and groups[1][1].size == 0 and counts.size == 2
+            and counts.sum() * row_bytes > HERE_MAX_BYTES):
+        xq, x_scale, x_sums, x_bsums = _quantized(kind, h)
+        gate_up = np.empty(2 * n_ff, np.float32)
+        act = np.empty((1, n_ff), np.float32)
+        _gate_up_swiglu(kind, w, starts, row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0], gate_up, act[0],
+                        max(1, min(n_ff, 4 * n_threads)), isa)
+        return act
+    gate_up = np.empty((n, 2 * n_ff), np.float32)
+    _products_into(rows, groups[0], w, h, n_threads, isa, gate_up)
+    _products_into(rows, groups[1], w, h, n_threads, isa, gate_up)
+    act = np.empty((n, n_ff), np.float32)
+    gate = np.ascontiguousarray(gate_up[:, :n_ff])
+    up = np.ascontiguousarray(gate_up[:, n_ff:])
+    for t in range(n):
+        _swiglu_row(gate, up, act, t)
+    return act
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -193,14 +249,7 @@ def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases,
     x = x + attn_out
     # --- feed-forward ---
     h = _norm(x, ffn_norm, eps)
-    gate_up = np.empty((n, 2 * n_ff), np.float32)
-    _products_into(rows, gate_up_groups[0], w, h, n_threads, isa, gate_up)
-    _products_into(rows, gate_up_groups[1], w, h, n_threads, isa, gate_up)
-    act = np.empty((n, n_ff), np.float32)
-    gate = np.ascontiguousarray(gate_up[:, :n_ff])
-    up = np.ascontiguousarray(gate_up[:, n_ff:])
-    for t in range(n):
-        _swiglu_row(gate, up, act, t)
+    act = _feed_forward_act(rows, gate_up_groups, w, h, n_threads, isa, n_ff)
     ffn_out = np.empty_like(x)
     _products_into(rows, down, w, act, n_threads, isa, ffn_out)
     return x + ffn_out

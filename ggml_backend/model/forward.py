@@ -144,10 +144,15 @@ def _exp_ggml(x):
 
 
 @njit(inline="always", cache=True, error_model="numpy")
+def _swiglu_value(gate, up):
+    """SiLU(gate) * up for one value (ggml's formula, its expf)."""
+    return (gate / (np.float32(1.0) + _exp_ggml(-gate))) * up
+
+
+@njit(inline="always", cache=True, error_model="numpy")
 def _swiglu_row(gate, up, out, r):
     for i in range(gate.shape[1]):
-        x = gate[r, i]
-        out[r, i] = (x / (np.float32(1.0) + _exp_ggml(-x))) * up[r, i]
+        out[r, i] = _swiglu_value(gate[r, i], up[r, i])
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")   # numpy: no zero-division branch
