@@ -152,9 +152,10 @@ def _gate_up_swiglu(kind, w, starts, row_bytes, xq, x_scale, x_sums, x_bsums, ga
 def _feed_forward_act(rows, groups, w, h, n_threads, isa, n_ff):
     """SwiGLU(gate, up) of the rows h (float32 [n, n_embd]) for a layer whose gate and up matrices are the two
     groups ``groups`` (``_products_into``'s): for one token on several threads, gate and up of one kind too large
-    for the calling thread alone, in one launch (``_gate_up_swiglu``); else the products, then the SwiGLU. (One
-    thread keeps the separate launch: Qwen2.5-0.5B's 24 gate and up pairs from cache took 11.66 against 11.34 ms
-    on one Zen 4 core in one launch, 6.50 against 6.97 on two.)"""
+    for the calling thread alone, in one launch (``_gate_up_swiglu``); else the products, then the SwiGLU.
+    Qwen2.5-0.5B's 24 gate and up pairs on two cores of an AVX2 Zen 4, alternating in one process (medians of
+    40): 11.65 against 12.73 ms from cache, 11.88 against 12.50 from memory; one thread gained nothing (11.66
+    against 11.34 ms in one run, 20.04 against 20.28 in another) and keeps the separate launch."""
     n = h.shape[0]
     kind, starts, counts, row_bytes, first = groups[0]
     if (pass_rows(rows) == ONE_TOKEN_CODE and n_threads > 1 and groups[1][1].size == 0 and counts.size == 2
