@@ -116,7 +116,7 @@ def _q3_K_quants(packed, hmask, shift, bit):
 
 @njit(inline="always", **_KERNEL)
 def _q3_K_scale_qwords(w, s):
-    """q3_K: the 12 scale bytes at ``s`` as two 64-bit words, byte j % 8 of word j // 8 six-bit scale j plus 32
+    """q3_K: the 12 scale bytes at ``s`` as two 64-bit words: byte j % 8 of word j // 8 is six-bit scale j plus 32
     (ggml's kmask trick on 64-bit words: bytes 0-7 hold the scales' low four bits, scales 0-7 in the low nibbles and
     8-15 in the high ones; bytes 8-11 their top two bits, scale j's at bits 2 (j // 4) of byte j % 4)."""
     low = load_u64(w, s)
