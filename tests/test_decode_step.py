@@ -156,11 +156,13 @@ def test_sequences_of_other_block_types(monkeypatch, type_name):
     assert all(np.array_equal(a, b) for a, b in zip(fused_logits, python_logits))
 
 
-@pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K"])
+# a kind of each row-kernel family: row lanes (q4_0, q5_0 with its fifth bits), the lane kernel (q8_0 on AVX2),
+# q4_K / q5_K's chunks (q4_K), the groups of q2_K / q3_K / q6_K (q3_K, q6_K)
+@pytest.mark.parametrize("type_name", ["q4_0", "q5_0", "q8_0", "q4_K", "q3_K", "q6_K"])
 def test_gate_up_and_swiglu_in_one_launch_give_the_separate_numbers(type_name):
     """``_gate_up_swiglu`` (one token's gate and up products and their SwiGLU in one launch) against ``matvec`` of
-    the two matrices then SwiGLU, bit for bit, for every block kind and chunkings that cut the rows unevenly (1000
-    rows: 125 and 334 a chunk, row lanes of 8 split)."""
+    the two matrices then SwiGLU, bit for bit, for a kind of each row-kernel family and chunkings that cut the rows
+    unevenly (1000 rows: 125 and 334 a chunk, row lanes of 8 split)."""
     from ggml_backend.cli.bench_kernels import random_weights
     from ggml_backend.model.decode_step import _gate_up_swiglu, _quantized
     from ggml_backend.model.forward import swiglu
