@@ -30,8 +30,8 @@ from numba import carray, njit, prange
 from numba.extending import overload
 
 from ..quant.activations import _q8_0_row, _q8_K_row, _round_to_f16
-from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _constant_reader, _min_sums, _one_token_rows,
-                            _one_token_terms, kind_code, matmul_few, matvec, matvec_here)
+from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _constant_reader, _one_token_rows, kind_code,
+                            matmul_few, matvec, matvec_here, one_token_operands)
 from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
 from .attention import SequencesAttention, _attention_many_kernel, _pointer_at
 from .forward import _rms_norm_row, _swiglu_row, _swiglu_value
@@ -131,11 +131,7 @@ def _gate_up_swiglu(kind, w, starts, row_bytes, xq, x_scale, x_sums, x_bsums, ga
     each chunk multiplies its rows of gate and of up (``matvec``'s row kernel), then takes their SwiGLU. After a
     ``matvec`` launch the SwiGLU ran on one thread: 0.24 ms of a two-thread decode step of Qwen2.5-0.5B (24 layers
     of 4,864 values). The same kernels and formula as the Python path, so the same numbers."""
-    bias = _one_token_terms(kind, xq, x_bsums, isa)
-    min_sums = _min_sums(kind, x_bsums)
-    rows = gate_up.reshape(1, gate_up.size)
-    scales = x_scale.reshape(1, x_scale.size)
-    sums = x_sums.reshape(1, x_sums.size)
+    bias, min_sums, rows, scales, sums = one_token_operands(kind, xq, x_scale, x_sums, x_bsums, gate_up, isa)
     n_ff = act.size
     per_chunk = (n_ff + n_chunks - 1) // n_chunks
     for chunk in prange(n_chunks):

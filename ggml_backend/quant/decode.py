@@ -1581,6 +1581,15 @@ def _matrix_of_row(row_counts, first, m, matrix_first):
     return m, matrix_first
 
 
+@njit(inline="always", **_KERNEL)
+def one_token_operands(kind, xq, x_scale, x_sums, x_bsums, out, isa):
+    """What ``_one_token_rows`` takes besides the weights for one activation row: the rows' shared terms
+    (``_one_token_terms``: q4_K / q5_K's sums per 32 ...), the sums per 16 as the row kernels read them
+    (``_min_sums``), and ``out``, the scales and the q8_1 sums in the few-token layout (one token)."""
+    return (_one_token_terms(kind, xq, x_bsums, isa), _min_sums(kind, x_bsums), out.reshape(1, out.size),
+            x_scale.reshape(1, x_scale.size), x_sums.reshape(1, x_sums.size))
+
+
 @njit(parallel=True, nogil=True, **_KERNEL)
 def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums, out, n_chunks, isa):
     """One activation row (one token) times the rows of one or more weight matrices of one type (``kind``: its
@@ -1593,11 +1602,7 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
     ``x_sums``: q8_1's s per block (float32; q4_1, q5_1), ``x_bsums``: q8_K's sums per 16 (int32; K-quants); each
     is unread (may be empty) for the other kinds. The weight rows of all the matrices are cut into ``n_chunks``
     equal chunks, one prange iteration each."""
-    bias = _one_token_terms(kind, xq, x_bsums, isa)    # q4_K / q5_K: their sums per 32
-    min_sums = _min_sums(kind, x_bsums)
-    rows = out.reshape(1, out.size)          # the few-token layout, one token
-    scales = x_scale.reshape(1, x_scale.size)
-    sums = x_sums.reshape(1, x_sums.size)
+    bias, min_sums, rows, scales, sums = one_token_operands(kind, xq, x_scale, x_sums, x_bsums, out, isa)
     total = rows.shape[1]
     per_chunk = (total + n_chunks - 1) // n_chunks
     for chunk in prange(n_chunks):
@@ -1618,11 +1623,7 @@ def matvec_here(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_b
     """``matvec`` on the calling thread, without a parallel launch: for the small matrices of a decode step (q, k,
     v, the attention output: 0.1-0.7 MB), where waking the other threads costs as much as the rows. The same row
     kernel, so the same numbers."""
-    bias = _one_token_terms(kind, xq, x_bsums, isa)
-    min_sums = _min_sums(kind, x_bsums)
-    rows = out.reshape(1, out.size)
-    scales = x_scale.reshape(1, x_scale.size)
-    sums = x_sums.reshape(1, x_sums.size)
+    bias, min_sums, rows, scales, sums = one_token_operands(kind, xq, x_scale, x_sums, x_bsums, out, isa)
     first = 0
     for m in range(row_counts.size):
         _one_token_rows(kind, w, starts[m], row_bytes, row_counts[m], xq, xq.size, scales, sums, min_sums, bias,
