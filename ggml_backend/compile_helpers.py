@@ -87,8 +87,8 @@ def kernel_key(model, cache_types: tuple[str, str]) -> str:
     # the markers with the kernels when the sources' text changes, so their text need not be read again here
     add(_numba_cache.kernel_sources_digest(stamps=True))
     add(numba.__version__, sys.version_info[:2], getattr(KERNEL_ISA, "name", None))
-    add(*(os.environ.get(name) for name in ("GGML_BACKEND_KERNELS", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES",
-                                            "NUMBA_OPT", "NUMBA_THREADING_LAYER")))
+    add(*(os.environ.get(name) for name in ("GGML_BACKEND_KERNELS", "GGML_BACKEND_RELAYOUT", "NUMBA_CPU_NAME",
+                                            "NUMBA_CPU_FEATURES", "NUMBA_OPT", "NUMBA_THREADING_LAYER")))
     add(llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
     add(model.hp.arch.name, tuple(cache_types))
     add(sorted((name, getattr(tensor.type, "name", str(tensor.type)), tuple(tensor.shape))

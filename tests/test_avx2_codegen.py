@@ -46,7 +46,7 @@ def products(shapes, tokens):
     out = {}
     for type_name in KINDS:
         rng = np.random.default_rng(KINDS[type_name])
-        n_rows, k = shapes[256 if type_name.endswith("K") else 32]
+        n_rows, k = shapes[256 if "_K" in type_name else 32]
         weights = random_weights(type_name, n_rows, k, rng)
         for n in tokens:
             x = rng.standard_normal((n, k)).astype(np.float32)
@@ -58,7 +58,7 @@ def prompt_products(shapes, kinds, n):
     out = {}
     for type_name in kinds:
         rng = np.random.default_rng(KINDS[type_name] + 100)
-        n_rows, k = shapes[256 if type_name.endswith("K") else 32]
+        n_rows, k = shapes[256 if "_K" in type_name else 32]
         weights = random_weights(type_name, n_rows, k, rng)
         x = rng.standard_normal((n, k)).astype(np.float32)
         out[f"{type_name}-gemm-{n}"] = matmul_module.matmul(type_name, weights, x, method="gemm")

@@ -14,6 +14,7 @@ from ggml_backend.cli.bench_kernels import SCALE_OFFSETS, random_weights
 from ggml_backend.quant import simd
 from ggml_backend.quant.decode import KINDS
 from ggml_backend.quant.matmul import WeightMatrix, matmul, matmul_many
+from ggml_backend.quant.types import get_type
 
 from test_matmul import integer_oracle  # noqa: E402
 
@@ -43,8 +44,8 @@ def product(isa, type_name, weights, x):
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("type_name", list(KINDS))
 def test_each_type_equals_the_integer_oracle(isa, type_name):
-    rng = np.random.default_rng(KINDS[type_name])
-    block = 256 if type_name.endswith("K") else 32
+    rng = np.random.default_rng(KINDS[get_type(type_name).file_type or type_name])   # q3_K_planes: q3_K's weights
+    block = 256 if "_K" in type_name else 32
     for n_rows, n_blocks in ((1, 1), (7, 3), (67, 9 if block == 256 else 29)):
         k = n_blocks * block
         weights = random_weights(type_name, n_rows, k, rng)
@@ -64,7 +65,7 @@ def test_extreme_quants_do_not_saturate(isa):
     rng = np.random.default_rng(5)
     half = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     for type_name in KINDS:
-        block = 256 if type_name.endswith("K") else 32
+        block = 256 if "_K" in type_name else 32
         weights = random_weights(type_name, 8, 2 * block, rng)
         blocks = weights.reshape(8, 2, -1)
         if type_name == "q8_0":
@@ -72,7 +73,7 @@ def test_extreme_quants_do_not_saturate(isa):
             blocks[4:, :, 2:] = 0x7F            # 127
         else:
             blocks[:] = 0xFF
-            for offset in SCALE_OFFSETS[type_name]:
+            for offset in SCALE_OFFSETS[get_type(type_name).file_type or type_name]:
                 blocks[:, :, offset:offset + 2] = half
         x = np.where(rng.random((1, 2 * block)) < 0.5, -1.0, 1.0).astype(np.float32)
         y = product(isa, type_name, weights, x)
@@ -183,7 +184,7 @@ def test_the_avxvnni_path_gives_the_avx2_paths_bits(type_name):
     activations in the few-token tiles of q5_0 and q8_0): exact integer sums either way and the same float steps,
     so the same bits, for one token and for a tile of five."""
     rng = np.random.default_rng(60 + KINDS[type_name])
-    k = 1024 if type_name.endswith("K") else 640
+    k = 1024 if "_K" in type_name else 640
     weights = random_weights(type_name, 37, k, rng)
     for n_tokens in (1, 5):
         x = rng.standard_normal((n_tokens, k)).astype(np.float32)
@@ -267,7 +268,7 @@ def test_prompt_path_dequantization_is_bit_exact_to_the_type_table(isa):
     matmul_module.KERNEL_ISA = isa
     try:
         for type_name in KINDS:
-            k = 512 if type_name.endswith("K") else 96
+            k = 512 if "_K" in type_name else 96
             weights = random_weights(type_name, 9, k, rng)
             table = np.asarray(dequantize(type_name, weights.reshape(-1), (9, k)))
             band = matmul_module.dequantize_rows(type_name, weights, k, 2, 9)
@@ -288,7 +289,7 @@ def test_few_tokens_give_each_token_its_one_token_result_bit_for_bit(isa, type_n
     block count (the two-chain kernels' last block) and an even one. Continuous batching and prompt caching rely
     on it."""
     rng = np.random.default_rng(100 + KINDS[type_name])
-    block = 256 if type_name.endswith("K") else 32
+    block = 256 if "_K" in type_name else 32
     for n_blocks in ((3, 2) if block == 256 else (7, 4)):
         k = n_blocks * block
         row_bytes = random_weights(type_name, 1, k, rng).nbytes

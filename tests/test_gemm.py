@@ -42,7 +42,7 @@ def exact_gemm(name: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
 def test_every_kind_matches_the_integer_kernels(name):
     # 13 rows (a last panel of 1 for the exact GEMM's 4, a lone partial one for the prompt GEMM's 16), 51 tokens
     # (a last tile of 3 / of 3 of 8), k = 512 (legacy) / 768 (K-quants: 3 super-blocks)
-    k = 768 if name.endswith("K") else 512
+    k = 768 if "_K" in name else 512
     w = weights(name, 13, k)
     x = activations(51, k)
     y_int = matmul(name, w, x, method="int")
@@ -147,7 +147,7 @@ def test_few_token_products_on_the_gemm_keep_one_token_numbers(name):
     from ggml_backend.quant.gemm import EXACT_FROM_TOKENS, EXACT_KINDS
     from ggml_backend.quant.matmul import _exact_gemm
     assert KINDS[name] in EXACT_KINDS
-    k = 1024 if name.endswith("K") else 896
+    k = 1024 if "_K" in name else 896
     w = weights(name, 36, k, seed=5)
     w2 = weights(name, 20, k, seed=6)
     x = activations(EXACT_FROM_TOKENS.get(KINDS[name], 8) + 5, k, seed=7)

@@ -13,6 +13,7 @@ from ggml_backend.quant.activations import (
     quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
     quantize_row_q8_0, quantize_row_q8_1, quantize_row_q8_K,
 )
+from ggml_backend.quant.layouts import file_layout
 from ggml_backend.quant.matmul import MatmulShapeError, WeightMatrix, gemm_available, matmul, matmul_many
 from ggml_backend.quant.types import get_type
 
@@ -44,7 +45,10 @@ def dequantized_activations(vec_dot_type: str, x: np.ndarray):
 def integer_oracle(name: str, weight_bytes: np.ndarray, x: np.ndarray) -> np.ndarray:
     """(dequantized W) @ (x quantized then dequantized) in float64: what the integer kernels compute exactly,
     up to float32 rounding. For q4_1 / q5_1 ggml uses the half-precision s = d*sum(q) of each activation block
-    for the min term, so the oracle does too."""
+    for the min term, so the oracle does too. A layout no file holds (q3_K_planes) is taken back to its file type's
+    first (quant/layouts.py)."""
+    qtype, weight_bytes = file_layout(name, weight_bytes)
+    name = qtype.name
     w = dequantize(weight_bytes, ggml_type(name)).astype(np.float64)
     vec_dot = "q8_1" if name in ("q4_1", "q5_1") else ("q8_K" if name.endswith("K") else "q8_0")
     xd, s = dequantized_activations(vec_dot, x)

@@ -37,9 +37,13 @@ TYPES = tuple(SCALE_OFFSETS)
 
 
 def random_weights(type_name: str, n_rows: int, k: int, rng) -> np.ndarray:
-    """Random block bytes [n_rows, row_bytes] of ``type_name`` with half-float scales of 0.01."""
+    """Random block bytes [n_rows, row_bytes] of ``type_name`` with half-float scales of 0.01 (a layout no file
+    holds: its file type's random blocks, re-laid)."""
+    from ..quant.layouts import relayout_of
     from ..quant.types import get_type
     qtype = get_type(type_name)
+    if qtype.file_type:
+        return relayout_of(qtype, random_weights(qtype.file_type, n_rows, k, rng))
     n_blocks = k // qtype.block_size
     data = rng.integers(0, 256, size=(n_rows, n_blocks, qtype.type_size), dtype=np.uint8)
     scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
@@ -66,16 +70,18 @@ def memory_read_gbps(n_bytes: int = 1 << 30, repeats: int = 3) -> float:
 
 
 def _kernel_pass(type_name: str, rng):
-    """(a function running ``type_name``'s one-token kernel over copies of random weights, their bytes)."""
+    """(a function running ``type_name``'s one-token kernel over copies of random weights, their bytes), in the
+    layout the engine runs that type in on this CPU (quant/layouts.py: q3_K's planes on AVX2)."""
+    from ..quant.layouts import relaid
     from ..quant.matmul import matmul
-    weights = random_weights(type_name, *SHAPE, rng)
+    run_type, weights = relaid(type_name, random_weights(type_name, *SHAPE, rng))
     copies = [weights.copy() for _ in range(max(1, int(-(-CYCLE_BYTES // weights.nbytes))))]
     x = rng.standard_normal((1, SHAPE[1])).astype(np.float32)
     out = np.empty((1, SHAPE[0]), np.float32)
 
     def run_all():
         for copy in copies:
-            matmul(type_name, copy, x, out=out, method="int")
+            matmul(run_type, copy, x, out=out, method="int")
 
     return run_all, weights.nbytes * len(copies)
 

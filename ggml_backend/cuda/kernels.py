@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model.kv_cache import hadamard_rotation
+from ..quant.layouts import file_layout
 from ..quant.matmul import BLAS_MIN_TOKENS
 from ..quant.types import get_type
 from . import blocks
@@ -190,7 +191,8 @@ class DeviceMatrix:
     """A weight matrix [n_out, n_in] on the device (+ optional float32 bias)."""
 
     def __init__(self, qtype, data: np.ndarray, n_out: int, n_in: int, bias: np.ndarray | None = None):
-        name = get_type(qtype).name
+        qtype, data = file_layout(qtype, data)    # a CPU-only layout (quant/layouts.py) back in the file's
+        name = qtype.name
         if name not in DEVICE_TYPES:
             raise ValueError(f"weight type {name} has no CUDA kernel (supported: {', '.join(DEVICE_TYPES)})")
         self.type_name = name

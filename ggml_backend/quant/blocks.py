@@ -38,6 +38,17 @@ Block layouts (ggml-common.h; little-endian, d / m / dmin / s are IEEE halves, b
               (high), byte 64h + 32 + l those of + 32 and + 96; qh byte 128 + 32h + l = top 2 bits of values
               128h + l + {0, 32, 64, 96} at bits {0-1, 2-3, 4-5, 6-7}
   q8_K  292 B d:f32 0-3 | qs:i8 4-259 | bsums:i16 260-291 (sums of 16 quants, for dot products)
+
+A layout no file holds, which the loader re-lays a file's q3_K into where the AVX2 kernels run it faster
+(kquants.q3_K_to_planes; types.MEMORY_ONLY):
+
+  q3_K_planes 110 B  planes 0-95 | scales 96-107 | d 108-109 (q3_K's scales and d, at q3_K's offsets)
+              the three-bit quant q = low 2 bits | 3rd bit << 2 (0..7; value q - 4) of value 32 g + l (group g) in
+              byte 32 p + l of plane p:   bits  0-2  3-5  6            7
+                                  plane 0:      g0   g1   g6 bit 0     g6 bit 1
+                                  plane 1:      g2   g3   g6 bit 2     g7 bit 2
+                                  plane 2:      g4   g5   g7 bit 0     g7 bit 1
+              so six groups take a shift and a mask, two take five operations (q3_K's hmask takes ~5 a group)
 """
 from __future__ import annotations
 
@@ -60,9 +71,10 @@ HALF_TO_FLOAT.setflags(write=False)
 
 # Format codes of the family decoders (compile-time selectors of one kernel per family, not names).
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 = 0, 1, 2, 3, 4, 5
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K = 0, 1, 2, 3, 4, 5
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, Q3_K_PLANES = 0, 1, 2, 3, 4, 5, 6
 LEGACY_CODES = {"q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1, "q8_0": Q8_0, "q8_1": Q8_1}
-KQUANT_CODES = {"q2_K": Q2_K, "q3_K": Q3_K, "q4_K": Q4_K, "q5_K": Q5_K, "q6_K": Q6_K, "q8_K": Q8_K}
+KQUANT_CODES = {"q2_K": Q2_K, "q3_K": Q3_K, "q4_K": Q4_K, "q5_K": Q5_K, "q6_K": Q6_K, "q8_K": Q8_K,
+                "q3_K_planes": Q3_K_PLANES}
 
 
 # ---------------------------------------------------------------- shared field readers
@@ -263,6 +275,27 @@ def unpack_q3_K(src, b, q, scales, mins, table):
 
 
 @njit(cache=True, inline="always")
+def unpack_q3_K_planes(src, b, q, scales, mins, table):
+    o = b * 110
+    for j in range(16):
+        scales[j] = scale_q3_K(j, src, o + 96)
+        mins[j] = 0
+    for l in range(32):
+        p0 = np.int16(src[o + l])
+        p1 = np.int16(src[o + 32 + l])
+        p2 = np.int16(src[o + 64 + l])
+        q[l] = (p0 & 7) - 4
+        q[32 + l] = ((p0 >> 3) & 7) - 4
+        q[64 + l] = (p1 & 7) - 4
+        q[96 + l] = ((p1 >> 3) & 7) - 4
+        q[128 + l] = (p2 & 7) - 4
+        q[160 + l] = ((p2 >> 3) & 7) - 4
+        q[192 + l] = (((p0 >> 6) & 3) | ((p1 >> 4) & 4)) - 4
+        q[224 + l] = (((p2 >> 6) & 3) | ((p1 >> 5) & 4)) - 4
+    return half(src, o + 108, table), F32(0.0)
+
+
+@njit(cache=True, inline="always")
 def _k4_scales(src, o, scales, mins):
     for j in range(8):
         scale, minimum = scale_min_k4(j, src, o + 4)
@@ -339,6 +372,8 @@ def unpack_kquant(kind, src, b, q, scales, mins, table):
         return unpack_q3_K(src, b, q, scales, mins, table)
     if kind == Q2_K:
         return unpack_q2_K(src, b, q, scales, mins, table)
+    if kind == Q3_K_PLANES:
+        return unpack_q3_K_planes(src, b, q, scales, mins, table)
     return unpack_q8_K(src, b, q, scales, mins, table)
 
 

@@ -115,6 +115,67 @@ def _q3_K_quants(packed, hmask, shift, bit):
 
 
 @njit(inline="always", **_KERNEL)
+def _q3_K_plane_quants(w, o, g):
+    """q3_K_planes (blocks.py draws it): group g's quants 0..7 of the super-block at byte ``o``; groups 0-5 a shift
+    and a mask of their plane, 6 and 7 their low two bits from plane 0 or 2 and the third from plane 1."""
+    if g < 6:
+        return shift_right_and(load_32_bytes(w, o + 32 * (g // 2)), 3 * (g % 2), 7)
+    third = shift_right_and(load_32_bytes(w, o + 32), g - 2, 4)      # plane 1's bit 6 (g6) or 7 (g7) to bit 2
+    return or_bytes(shift_right_and(load_32_bytes(w, o + (0 if g == 6 else 64)), 6, 3), third)
+
+
+@njit(nogil=True, **_KERNEL)
+def planes_of_q3_K(src, out, first, end):
+    """q3_K super-blocks [first, end) of ``src`` re-laid as q3_K_planes into ``out``, 32 bytes at a time by the
+    two layouts' decoders (scales and d copied as they are)."""
+    for b in range(first, end):
+        o = 110 * b
+        hmask = load_32_bytes(src, o)
+        low = load_32_bytes(src, o + 32)
+        high = load_32_bytes(src, o + 64)
+        q0, q1 = _q3_K_quants(low, hmask, 0, 0), _q3_K_quants(low, hmask, 2, 1)
+        q2, q3 = _q3_K_quants(low, hmask, 4, 2), _q3_K_quants(low, hmask, 6, 3)
+        q4, q5 = _q3_K_quants(high, hmask, 0, 4), _q3_K_quants(high, hmask, 2, 5)
+        q6, q7 = _q3_K_quants(high, hmask, 4, 6), _q3_K_quants(high, hmask, 6, 7)
+        store_32_bytes(out, o, or_bytes(or_bytes(q0, shift_left(q1, 3)), shift_left(shift_right_and(q6, 0, 3), 6)))
+        store_32_bytes(out, o + 32, or_bytes(or_bytes(q2, shift_left(q3, 3)), or_bytes(
+            shift_left(shift_right_and(q6, 2, 1), 6), shift_left(shift_right_and(q7, 2, 1), 7))))
+        store_32_bytes(out, o + 64, or_bytes(or_bytes(q4, shift_left(q5, 3)), shift_left(shift_right_and(q7, 0, 3), 6)))
+        for i in range(96, 110):
+            out[o + i] = src[o + i]
+
+
+@njit(inline="always", **_KERNEL)
+def _third_bit_at(q, bit):
+    return shift_left(shift_right_and(q, 2, 1), bit)
+
+
+@njit(inline="always", **_KERNEL)
+def _low_bits_at(q, shift):
+    return shift_left(shift_right_and(q, 0, 3), shift)
+
+
+@njit(nogil=True, **_KERNEL)
+def q3_K_of_planes(src, out, first, end):
+    """``planes_of_q3_K``'s inverse: q3_K_planes super-blocks [first, end) of ``src`` back in q3_K's layout."""
+    for b in range(first, end):
+        o = 110 * b
+        q0, q1 = _q3_K_plane_quants(src, o, 0), _q3_K_plane_quants(src, o, 1)
+        q2, q3 = _q3_K_plane_quants(src, o, 2), _q3_K_plane_quants(src, o, 3)
+        q4, q5 = _q3_K_plane_quants(src, o, 4), _q3_K_plane_quants(src, o, 5)
+        q6, q7 = _q3_K_plane_quants(src, o, 6), _q3_K_plane_quants(src, o, 7)
+        store_32_bytes(out, o, or_bytes(
+            or_bytes(or_bytes(_third_bit_at(q0, 0), _third_bit_at(q1, 1)), or_bytes(_third_bit_at(q2, 2), _third_bit_at(q3, 3))),
+            or_bytes(or_bytes(_third_bit_at(q4, 4), _third_bit_at(q5, 5)), or_bytes(_third_bit_at(q6, 6), _third_bit_at(q7, 7)))))
+        store_32_bytes(out, o + 32, or_bytes(or_bytes(_low_bits_at(q0, 0), _low_bits_at(q1, 2)),
+                                             or_bytes(_low_bits_at(q2, 4), _low_bits_at(q3, 6))))
+        store_32_bytes(out, o + 64, or_bytes(or_bytes(_low_bits_at(q4, 0), _low_bits_at(q5, 2)),
+                                             or_bytes(_low_bits_at(q6, 4), _low_bits_at(q7, 6))))
+        for i in range(96, 110):
+            out[o + i] = src[o + i]
+
+
+@njit(inline="always", **_KERNEL)
 def _q3_K_scale_qwords(w, s):
     """q3_K: the 12 scale bytes at ``s`` as two 64-bit words: byte j % 8 of word j // 8 is six-bit scale j plus 32
     (ggml's kmask trick on 64-bit words: bytes 0-7 hold the scales' low four bits, scales 0-7 in the low nibbles and
@@ -184,7 +245,13 @@ TILE = 4
 
 # Kernel selectors: ``KIND_ARGS[KINDS[type]]`` is the ``kind`` argument of ``matvec`` / ``matmul_few``, the int
 # code that of ``dequantize_rows``.
-KINDS = {"q4_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3, "q8_0": 4, "q2_K": 5, "q3_K": 6, "q4_K": 7, "q5_K": 8, "q6_K": 9}
+KINDS = {"q4_0": 0, "q4_1": 1, "q5_0": 2, "q5_1": 3, "q8_0": 4, "q2_K": 5, "q3_K": 6, "q4_K": 7, "q5_K": 8, "q6_K": 9,
+         "q3_K_planes": 10}
+
+# A layout no file holds (types.MEMORY_ONLY) runs its file type's kernels, told apart by a second constant, the
+# layout, which only its block decoders read (``kind_layout``): (kernel code, layout) of each such selector.
+Q3_K_PLANES = 1
+_RELAID_KINDS = {"q3_K_planes": (KINDS["q3_K"], Q3_K_PLANES)}
 
 
 class KernelConstant:
@@ -194,15 +261,16 @@ class KernelConstant:
 
     label = "constant"
 
-    def __init__(self, code: int, name: str):
+    def __init__(self, code: int, name: str, layout: int = 0):
         self.code = code
         self.name = name
+        self.layout = layout
         self._type = None
 
     @property
     def _numba_type_(self):
         if self._type is None:
-            self._type = ConstantType(self.label, self.code)
+            self._type = ConstantType(self.label, self.code, self.layout)
         return self._type
 
     def __repr__(self) -> str:
@@ -225,10 +293,11 @@ class TileSize(KernelConstant):
 
 
 class ConstantType(types.Dummy):
-    def __init__(self, label: str, code: int):
+    def __init__(self, label: str, code: int, layout: int = 0):
         self.label = label
         self.code = code
-        super().__init__(name=f"{label}[{code}]")
+        self.layout = layout
+        super().__init__(name=f"{label}[{code}]" if layout == 0 else f"{label}[{code}_{layout}]")
 
 
 @typeof_impl.register(KernelConstant)
@@ -250,15 +319,16 @@ def _unbox_constant(typ, obj, c):
     return NativeValue(c.context.get_dummy_value())
 
 
-KIND_ARGS = [Kind(code, name) for name, code in sorted(KINDS.items(), key=lambda item: item[1])]
+KIND_ARGS = [Kind(_RELAID_KINDS.get(name, (code, 0))[0], name, _RELAID_KINDS.get(name, (code, 0))[1])
+             for name, code in sorted(KINDS.items(), key=lambda item: item[1])]
 
 
-def _constant_reader(label: str):
+def _constant_reader(label: str, field: str = "code"):
     @intrinsic
     def read(typingctx, constant):
         if not isinstance(constant, ConstantType) or constant.label != label:
             return None
-        code = constant.code
+        code = getattr(constant, field)
 
         def codegen(context, builder, sig, args):
             return ir.IntType(64)(code)
@@ -268,6 +338,8 @@ def _constant_reader(label: str):
 
 #: the code (``KINDS``) of a ``Kind`` / the token count of a ``TileSize``, as constants of the compiled kernel
 kind_code = _constant_reader("kind")
+#: the layout of a ``Kind``: 0 for a file's, Q3_K_PLANES for q3_K_planes
+kind_layout = _constant_reader("kind", "layout")
 tile_size = _constant_reader("tile_size")
 
 
@@ -689,6 +761,8 @@ def _k_quants(kind, w, o, n, j):
     kc = kind_code(kind)
     if kc == 5:
         return shift_right_and(load_32_bytes(w, o + 16 + 32 * n), 2 * j, 3)
+    if kc == 6 and kind_layout(kind) == Q3_K_PLANES:
+        return _q3_K_plane_quants(w, o, 4 * n + j)
     if kc == 6:
         return _q3_K_quants(load_32_bytes(w, o + 32 + 32 * n), load_32_bytes(w, o), 2 * j, 4 * n + j)
     low = load_32_bytes(w, o + 64 * n + 32 * (j & 1))     # groups 0, 1: low nibbles; 2, 3: high nibbles
@@ -851,8 +925,12 @@ def _dots_wide(kind, w, o, xq, x, bias, g, k, width, isa):
     kc = kind_code(kind)
     kq = k // 4
     scales = to_scale_words(_k_scales(kind, w, o))
+    planes = kind_layout(kind) == Q3_K_PLANES
     if kc == 5:   # q2_K: 16 bytes of scale | min << 4, then the quants
         packed = load_64_bytes(w, o + 16)
+        high = packed
+    elif planes:  # q3_K_planes: each pair of groups from ``_k_quants`` (the two halves' planes share no bytes)
+        packed = load_64_bytes(w, o)
         high = packed
     else:         # q3_K: hmask (bit 4 n + j of byte l: the third bit of value 128 n + 32 j + l), quants, scales
         packed = load_64_bytes(w, o + 32)
@@ -863,8 +941,11 @@ def _dots_wide(kind, w, o, xq, x, bias, g, k, width, isa):
     i2 = zero_i32x16()
     i3 = zero_i32x16()
     for j in range(4):
-        q = shift_right_and(packed, 2 * j, 3)
-        if kc == 6:
+        if planes:
+            q = join_halves(_k_quants(kind, w, o, 0, j), _k_quants(kind, w, o, 1, j))
+        else:
+            q = shift_right_and(packed, 2 * j, 3)
+        if kc == 6 and not planes:
             q = or_bytes(q, shift_left(shift_right_and(high, j, 1), 2))
         pair = spread_scale_pairs(scales, j)
         i0 = _pair_dot(kind, i0, q, pair, bias, g + 16 * j, isa)
@@ -1852,13 +1933,11 @@ def _walk_q3_K(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_s
         x = base + 256 * b
         o = row + 110 * b
         d = load_f16(w, o + 108)
-        hmask = load_32_bytes(w, o)
         words = _q3_K_scale_words(w, o + 96)
         for n in range(2):
-            packed = load_32_bytes(w, o + 32 + 32 * n)
             for j in range(4):
                 g = 8 * n + 2 * j
-                q = _q3_K_quants(packed, hmask, 2 * j, 4 * n + j)
+                q = _k_quants(kind, w, o, n, j)
                 pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
                 scale_a = d * np.float32((pair & 0xFF) - 32)
                 scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)

@@ -940,7 +940,8 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
     EXACT_KINDS are the one-token kernel's bit for bit. The caller checked every size (the kernels read without
     bounds checks) and that k % 64 == 0."""
     n_chunks = CHUNKS_PER_THREAD * max(1, numba.get_num_threads())
-    if exact and kind in K_EXACT_KINDS:
+    code = KIND_ARGS[kind].code      # the kernels' code (a layout no file holds shares its file type's)
+    if exact and code in K_EXACT_KINDS:
         xu, xd, xd16, xsums, bsums = tokens.k_lanes()
         gemm_k(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, xu, xd, xd16, xsums, bsums, out, column,
                tokens.block_tokens(), n_chunks, isa)
@@ -949,6 +950,6 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
         gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, xu, xsl, tokens.xsum, out, column,
              tokens.block_tokens(), n_chunks, isa)
     else:
-        starts, x_scales = tokens.row_groups[16 if kind in GROUPS_OF_16 else 32]
-        gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs_for(isa, kind), starts, x_scales,
+        starts, x_scales = tokens.row_groups[16 if code in GROUPS_OF_16 else 32]
+        gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs_for(isa, code), starts, x_scales,
                   tokens.xsum, out, column, tokens.row_block_tokens(), n_chunks, isa)

@@ -530,6 +530,7 @@ quantize_q8_K = quantize_row_q8_K
 
 dequantize_q2_K = to_float_function("q2_K")
 dequantize_q3_K = to_float_function("q3_K")
+dequantize_q3_K_planes = to_float_function("q3_K_planes")
 dequantize_q4_K = to_float_function("q4_K")
 dequantize_q5_K = to_float_function("q5_K")
 dequantize_q6_K = to_float_function("q6_K")

@@ -49,7 +49,7 @@ from .decode import KIND_ARGS, KINDS, matmul_few, matvec, matvec_here  # noqa: F
 from .decode import dequantize_rows as dequantize_simd
 from .gemm import EXACT_FROM_TOKENS, GemmTokens, gemm_product, isa_has_gemm, prompt_gemm_takes
 from .simd import choose_isa
-from .types import TYPES, QuantType, get_type
+from .types import MEMORY_ONLY, TYPES, QuantType, get_type
 
 
 class MatmulShapeError(ValueError):
@@ -93,6 +93,8 @@ def _check_kernel_choice() -> None:
 
 # The weight types the products take: every row of the table with product kernels (traits.py fills them).
 SUPPORTED_TYPES = tuple(row.name for row in TYPES.values() if row.weights and row.one_token is not None)
+# ... and the layouts no file holds, which a loader re-lays file types into (types.MEMORY_ONLY)
+_PRODUCT_TYPES = SUPPORTED_TYPES + tuple(MEMORY_ONLY)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,7 +102,7 @@ SUPPORTED_TYPES = tuple(row.name for row in TYPES.values() if row.weights and ro
 # ----------------------------------------------------------------------------------------------------------------
 
 def _check_weights(qtype: QuantType, weight_bytes: np.ndarray, k: int) -> None:
-    if qtype.name not in SUPPORTED_TYPES:
+    if qtype.name not in _PRODUCT_TYPES:
         raise MatmulShapeError(f"matmul does not support weights of type {qtype.name}")
     if not isinstance(weight_bytes, np.ndarray) or weight_bytes.dtype != np.uint8 or weight_bytes.ndim != 2:
         raise MatmulShapeError("weight bytes must be a 2-D uint8 array [n_rows, row_bytes], got "
@@ -265,7 +267,7 @@ def _integer_product(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
 def _exact_gemm(kind: int | None, shape: tuple[int, int]) -> bool:
     """Whether a few-token product (shape: its activations' [n_tokens, k]) takes the exact GEMM, whose results are
     the few-token kernels' bit for bit (gemm.EXACT_FROM_TOKENS: from how many tokens, per kind)."""
-    return (shape[0] >= EXACT_FROM_TOKENS.get(kind, shape[0] + 1)
+    return (kind is not None and shape[0] >= EXACT_FROM_TOKENS.get(KIND_ARGS[kind].code, shape[0] + 1)
             and _gemm_takes(kind, shape[1], isa_has_gemm(KERNEL_ISA)))
 
 
@@ -424,7 +426,7 @@ def matmul(weight_type, weight_bytes: np.ndarray, x: np.ndarray, out: np.ndarray
     on bad input."""
     _check_kernel_choice()
     qtype = get_type(weight_type)
-    if qtype.name not in SUPPORTED_TYPES:
+    if qtype.name not in _PRODUCT_TYPES:
         raise MatmulShapeError(f"matmul does not support weights of type {qtype.name}")
     rows = _as_activation_rows(x)
     _check_weights(qtype, weight_bytes, rows.shape[1])

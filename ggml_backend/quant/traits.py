@@ -8,9 +8,9 @@ Adding a type: its row in ``types.py``, its ``unpack`` in ``blocks.py`` (and its
 """
 from __future__ import annotations
 
-from . import blocks, floats, generic, kquants, legacy
+from . import blocks, floats, generic, kquants, layouts, legacy
 from .decode import KINDS
-from .types import SGEMM, ProductKernel, register
+from .types import MEMORY_ONLY, SGEMM, ProductKernel, register
 
 
 def _kernel(name: str, generic_kernel) -> ProductKernel:
@@ -43,6 +43,9 @@ register("q2_K", unpack=blocks.unpack_q2_K, to_float=kquants.dequantize_q2_K, fr
          one_token=_kernel("q2_K", generic.few_tokens("q2_K")), few_tokens=_kernel("q2_K", generic.few_tokens("q2_K")))
 register("q3_K", unpack=blocks.unpack_q3_K, to_float=kquants.dequantize_q3_K, from_float=kquants.quantize_q3_K,
          one_token=_kernel("q3_K", generic.few_tokens("q3_K")), few_tokens=_kernel("q3_K", generic.few_tokens("q3_K")))
+register(MEMORY_ONLY["q3_K_planes"], unpack=blocks.unpack_q3_K_planes, to_float=kquants.dequantize_q3_K_planes,
+         from_float=layouts.quantize_q3_K_planes, one_token=_kernel("q3_K_planes", generic.few_tokens("q3_K_planes")),
+         few_tokens=_kernel("q3_K_planes", generic.few_tokens("q3_K_planes")))
 register("q4_K", unpack=blocks.unpack_q4_K, to_float=kquants.dequantize_q4_K, from_float=kquants.quantize_q4_K,
          one_token=_kernel("q4_K", generic.one_token_q4_K), few_tokens=_kernel("q4_K", generic.few_tokens("q4_K")))
 register("q5_K", unpack=blocks.unpack_q5_K, to_float=kquants.dequantize_q5_K, from_float=kquants.quantize_q5_K,

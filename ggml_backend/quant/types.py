@@ -51,6 +51,7 @@ class QuantType:
     vec_dot_type: str         # type the activations are quantized to for dot products with this type
     layout: str = ""          # the block layout in words (blocks.py draws the bits)
     weights: bool = True      # False: an activation format only (q8_1, q8_K: ggml has no product with them)
+    file_type: str = ""       # a layout no file holds (MEMORY_ONLY): the file type it re-lays; "" for file types
     # Filled in by traits.py through register():
     unpack: Optional[Callable] = field(default=None, repr=False)
     to_float: Optional[Callable] = field(default=None, repr=False)
@@ -106,7 +107,16 @@ _ROWS = [
 
 TYPES: dict[str, QuantType] = {row.name: row for row in _ROWS}
 TYPES_BY_ID: dict[int, QuantType] = {row.type_id: row for row in _ROWS}
-_BY_LOWER = {row.name.lower(): row for row in _ROWS}
+
+# Layouts no file holds: a loader re-lays a file type's blocks into one of these where this CPU's kernels run it
+# faster (model/forward.py, on the AVX2 path); found by name only (no ggml id: -1), never read from or written to a
+# file (readers look ids up in TYPES_BY_ID; writers and the GPU take ``file_type``'s bytes back).
+_MEMORY_ROWS = [
+    QuantType("q3_K_planes", -1, 256, 110, "q8_K", "planes:u8[96] (3-bit quants, three planes), scales:u8[12] "
+              "(q3_K's), d:f16", file_type="q3_K"),
+]
+MEMORY_ONLY: dict[str, QuantType] = {row.name: row for row in _MEMORY_ROWS}
+_BY_LOWER = {row.name.lower(): row for row in _ROWS + _MEMORY_ROWS}
 
 # ggml type ids that exist in ggml but that this engine does not compute (IQ formats, TQ, MXFP4, ...);
 # readers name them in their error instead of calling them garbage.
