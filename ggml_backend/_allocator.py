@@ -91,6 +91,11 @@ def large_pass():
                 _libc.malloc_trim(0)
 
 
+# The least memory a copy the system cannot page out (a model file read into memory, weights re-laid at load) must
+# leave available besides itself: the KV cache, activations, other processes.
+SPARE_MIN = 512 << 20
+
+
 def available_memory() -> int | None:
     """Bytes the system can still give this process (MemAvailable plus free swap), or None when unknown."""
     try:

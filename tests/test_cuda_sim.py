@@ -178,7 +178,8 @@ if KERNEL_TESTS:
                                                 round_rows_to_bf16, round_rows_to_f16)
     from ggml_backend.quant.matmul import matmul
 
-    WEIGHT_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K",
+    # q3_K_planes: the CPU's in-memory layout (quant/layouts.py), which the device takes back as q3_K
+    WEIGHT_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q3_K_planes", "q4_K", "q5_K", "q6_K",
                     "f16", "bf16", "f32"]
 
     def assert_dequantized(got, ref):

@@ -1,13 +1,16 @@
 """Weights re-laid at load (quant/layouts.py): q3_K's planes on the 256-bit SIMD paths give q3_K's numbers bit for
-bit, in the kernels, in dequantization and in a real model's logits, and the loader gives the file's pages back."""
+bit, in the kernels, in dequantization and in a real model's logits (its compiled decode step still taken), and the
+loader re-lays in place without writing the file."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
 import ggml_backend.quant.matmul as matmul_module
 from ggml_backend.quant import kquants, layouts, simd
-from ggml_backend.quant.layouts import file_layout, loaded_matrix, relaid, run_layout
+from ggml_backend.quant.layouts import file_layout, relaid, run_layout
 from ggml_backend.quant.matmul import matmul, matmul_many, WeightMatrix
 from ggml_backend.quant.types import MEMORY_ONLY, TYPES_BY_ID, get_type
 
@@ -52,6 +55,9 @@ def test_the_layout_is_memory_only_and_its_quantizer_gives_q3_K_blocks():
         get_type(-1)
     x = np.random.default_rng(2).standard_normal(512).astype(np.float32)
     assert np.array_equal(layouts.q3_K_from_planes(PLANES.from_float(x)), get_type("q3_K").from_float(x))
+    row, back = file_layout(PLANES, PLANES.from_float(x))           # what the GPU takes at upload
+    assert row.name == "q3_K" and np.array_equal(back, get_type("q3_K").from_float(x))
+    assert file_layout("q4_K", back)[1] is back
 
 
 def _on(isa, fn):
@@ -99,20 +105,36 @@ def test_the_planes_give_q3_K_bits_on_every_path(isa):
     assert len(fused) == 2 and all(np.array_equal(y, alone) for y in fused)
 
 
-def test_the_loader_re_lays_a_mapped_file_and_gives_its_pages_back(tmp_path):
-    w = q3_K_blocks(64, 4096, seed=5)                # 64 rows of 1760 bytes: whole pages inside
-    path = tmp_path / "weights.bin"
-    path.write_bytes(b"\0" * 100 + w.tobytes())
-    mapping = np.memmap(path, dtype=np.uint8, mode="r")
-    view = mapping[100:].reshape(w.shape)
-    row, data = _on(simd.AVX2, lambda: loaded_matrix("q3_K", view, mapping))
-    assert row is PLANES and data is not view and np.array_equal(file_layout(row, data)[1], w)
-    assert np.array_equal(view, w)                   # the mapping still reads the file (its pages fault back in)
-    assert layouts.give_back_pages(mapping, view) > 0
-    in_memory = np.array(mapping)                     # a file read into memory keeps its layout
-    row, data = _on(simd.AVX2, lambda: loaded_matrix("q3_K", in_memory[100:].reshape(w.shape), in_memory))
-    assert row.name == "q3_K" and np.shares_memory(data, in_memory)
-    assert relaid("q4_K", w)[1] is w
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_the_loader_re_lays_in_place_and_leaves_the_file_as_it_was(monkeypatch, in_memory):
+    """The synthetic q3_K_M file, mapped copy-on-write or read into memory: its q3_K matrices re-laid in place (the
+    one byte array stays one), their entries typed q3_K_planes, again idempotent; the file on disk unchanged."""
+    from ggml_backend.formats import load
+    path = synthetic_file("q3_K_M")
+    before = path.read_bytes()
+    model_file = load(path, in_memory=in_memory)
+    name = next(n for n, t in model_file.tensors.items() if t.type.name == "q3_K" and n != "token_embd.weight")
+    tensor = model_file.tensors[name]
+    original = tensor.data.copy()
+    relaid_entry = _on(simd.AVX2, lambda: layouts.relaid_tensor(model_file.tensors, name))
+    assert relaid_entry is model_file.tensors[name] and relaid_entry.type is PLANES
+    assert np.shares_memory(relaid_entry.data, model_file.mmap) and not relaid_entry.data.flags.writeable
+    assert np.array_equal(relaid_entry.data, layouts.q3_K_to_planes(original))
+    assert _on(simd.AVX2, lambda: layouts.relaid_tensor(model_file.tensors, name)) is relaid_entry   # once
+    assert path.read_bytes() == before
+    assert np.array_equal(np.memmap(path, dtype=np.uint8, mode="r")[tensor.offset:tensor.offset + tensor.nbytes],
+                          original)
+    # short of memory for the written pages (they could not be paged out as the file's can): the file layout
+    other = next(n for n, t in model_file.tensors.items() if t.type.name == "q3_K" and n not in (name,
+                                                                                                  "token_embd.weight"))
+    monkeypatch.setattr(layouts, "available_memory", lambda: layouts.SPARE_MIN)
+    assert _on(simd.AVX2, lambda: layouts.relaid_tensor(model_file.tensors, other)).type.name == "q3_K"
+    # bytes that cannot be written (a read-only mapping) keep their layout
+    monkeypatch.undo()
+    read_only = {other: dataclasses.replace(model_file.tensors[other],
+                                            data=np.memmap(path, dtype=np.uint8, mode="r")[:110])}
+    assert _on(simd.AVX2, lambda: layouts.relaid_tensor(read_only, other)).type.name == "q3_K"
+    assert relaid("q4_K", original)[1] is original
 
 
 def test_a_q3_K_model_gives_the_same_logits_re_laid(monkeypatch):
@@ -129,6 +151,7 @@ def test_a_q3_K_model_gives_the_same_logits_re_laid(monkeypatch):
         llm = Llama(path, n_ctx=64, verbose=False)
         types = {getattr(llm.model.layers[0], name).qtype.name for name in ("wq", "wk", "wv", "wo", "w_gate",
                                                                             "w_up", "w_down")}
+        assert llm.model.fused_decode is not None         # every weight still in one byte array
         if flag == "1":
             assert "q3_K_planes" in types and "q3_K" not in types, types
         else:

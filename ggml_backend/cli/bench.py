@@ -119,7 +119,7 @@ def add_arguments(parser) -> None:
                         help="also tables of speed against model size and against context position")
     parser.add_argument("--scaling-models", default="0.5b,1b-q4_0,1b-q8_0,7b-q4_0,7b-q8_0",
                         help="models of the size table: 0.5b (the -m model), SHAPE-TYPE synthetic ones (shapes "
-                             "1b, 7b, tiny; types q4_0, q8_0) or file paths")
+                             "1b, 7b, tiny; types q4_0, q8_0, q3_K) or file paths")
     parser.add_argument("--positions", default="50,512,1024,1900", help="positions of the context table")
     parser.add_argument("--bench-dir", default=None,
                         help="where synthetic models are written and reused (default ~/.cache/ggml_backend/bench "
@@ -475,7 +475,7 @@ def markdown_report(report: dict) -> str:
         lines.append("")
     kernels = report.get("kernels")
     if kernels and "error" not in kernels:
-        from .bench_kernels import kernel_rows
+        from .bench_kernels import kernel_rows, layouts_note
         if "prompt_path" in kernels:
             lines += [f"Prompts on {kernels['prompt_path']}.", ""]
         scaling = kernels.get("thread_scaling")
@@ -494,6 +494,8 @@ def markdown_report(report: dict) -> str:
         for name, gbps, of_read, many, gain in kernel_rows(kernels):
             cells = f" {many:.1f} | {gain:.2f} |" if many else ""
             lines.append(f"| {name} | {gbps:.1f} | {of_read:.2f} |{cells}")
+        if kernels.get("layouts"):
+            lines += ["", layouts_note(kernels)]
         lines.append("")
     scaling = report.get("scaling")
     if scaling and scaling["sizes"]:

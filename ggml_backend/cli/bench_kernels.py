@@ -150,7 +150,8 @@ def _alternating_walls(fn, threads: int, repeats: int) -> tuple:
 
 def kernel_report(types=TYPES, repeats: int = 5, threads: int = 1) -> dict:
     """{"kernel_path": ..., "read_gbps": one core's read bandwidth (numpy's sum), "simd_read_gbps": the same by
-    vector loads, "kernels": {type: GB/s per core}}; with ``threads`` > 1 also "thread_scaling": {"threads": N,
+    vector loads, "kernels": {type: GB/s per core}, "layouts": {type: the layout no file holds it runs in on this
+    CPU (quant/layouts.py), for the types re-laid at load}}; with ``threads`` > 1 also "thread_scaling": {"threads": N,
     "read_gbps": [one, N] by vector loads, "kernels": {type: [GB/s on one, on N]}}, by wall time, the two
     alternating, over the same weights as the one-core figure."""
     import numba
@@ -166,6 +167,8 @@ def kernel_report(types=TYPES, repeats: int = 5, threads: int = 1) -> dict:
     report["simd_read_gbps"] = one
     scaling = {"threads": threads, "read_gbps": [one, many], "kernels": {}} if threads > 1 else None
     report["kernels"] = {}
+    from ..quant.layouts import run_layout
+    report["layouts"] = {name: run_layout(name).name for name in types if run_layout(name).name != name}
     for type_name in types:
         run_all, n_bytes = _kernel_pass(type_name, rng)
         numba.set_num_threads(1)
@@ -195,7 +198,15 @@ def format_report(report: dict) -> str:
     lines.append(columns)
     for type_name, gbps, of_read, many, gain in kernel_rows(report):
         lines.append(f"{type_name:<8}{gbps:>8.1f}{of_read:>9.2f}" + (f"{many:>12.1f}{gain:>7.2f}" if many else ""))
+    if report.get("layouts"):
+        lines.append(layouts_note(report))
     return "\n".join(lines)
+
+
+def layouts_note(report: dict) -> str:
+    """The line naming the types that ran re-laid at load (as the engine runs them on this CPU)."""
+    return "re-laid at load (quant/layouts.py), as the engine runs them here: " + ", ".join(
+        f"{name} as {layout}" for name, layout in report["layouts"].items())
 
 
 def kernel_rows(report: dict) -> list[tuple]:

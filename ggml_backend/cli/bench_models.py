@@ -45,11 +45,12 @@ SHAPES = {
     "13b": LlamaShape("13b", n_embd=5120, n_layer=40, n_ff=13824, n_head=40, n_head_kv=40),
 }
 # llama.cpp's LLAMA_FTYPE of a file that is "mostly" this type
-_FILE_TYPES = {"q4_0": 2, "q8_0": 7}
-# Where the quantized integer of each type lives in its block, and the standard deviation of a uniformly random
-# one (q4_0: nibble-8; q8_0: int8; q6_K: 6-bit minus 32 times an int8 sub-block scale).
-_SCALE_OFFSET = {"q4_0": 0, "q8_0": 0, "q6_K": 208}
-_RANDOM_QUANT_STD = {"q4_0": 4.6, "q8_0": 74.0, "q6_K": 18.5 * 74.0}
+_FILE_TYPES = {"q4_0": 2, "q8_0": 7, "q3_K": 11}
+# Where the half-float scale of each type lives in its block, and the standard deviation of a uniformly random
+# quant times its sub-block scale (q4_0: nibble-8; q8_0: int8; q6_K: 6-bit minus 32 times an int8 sub-block scale;
+# q3_K: 3-bit minus 4 times a 6-bit scale minus 32, sqrt(5.5 * 341.5)).
+_SCALE_OFFSET = {"q4_0": 0, "q8_0": 0, "q6_K": 208, "q3_K": 108}
+_RANDOM_QUANT_STD = {"q4_0": 4.6, "q8_0": 74.0, "q6_K": 18.5 * 74.0, "q3_K": 43.3}
 
 
 def tensor_layout(shape: LlamaShape, weight_type: str) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -125,9 +126,9 @@ def spm_vocab(n_vocab: int) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def write_synthetic_gguf(path, shape: LlamaShape, weight_type: str, *, progress: bool = False,
                          n_ctx_train: int = 2048) -> Path:
-    """Write a random-weight Llama GGUF of ``shape`` whose matrices are ``weight_type`` (q4_0 or q8_0)."""
+    """Write a random-weight Llama GGUF of ``shape`` whose matrices are ``weight_type`` (q4_0, q8_0 or q3_K)."""
     if weight_type not in _FILE_TYPES:
-        raise ValueError(f"synthetic models are q4_0 or q8_0, not {weight_type!r}")
+        raise ValueError(f"synthetic models are {', '.join(_FILE_TYPES)}, not {weight_type!r}")
     tokens, scores, types = spm_vocab(shape.n_vocab)
     metadata = {
         "general.architecture": "llama", "general.name": f"synthetic-llama-{shape.name}-{weight_type}",

@@ -44,7 +44,11 @@ def load(path, n_head_kv: int | None = None, *, context_length: int | None = Non
         except OSError as exc:
             raise ModelFileError(path, f"cannot read the model file into memory: {exc}") from None
     else:
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        # copy-on-write, seen read-only: the loader may re-lay weights in place (quant/layouts.py), which makes the
+        # pages it writes the process's own; the file is never written, and the pages only read stay shared with
+        # the page cache, as a read-only mapping's are
+        mm = np.memmap(path, dtype=np.uint8, mode="c").view()
+        mm.flags.writeable = False
     magic = bytes(mm[:4])
     if magic == GGUF_MAGIC:
         model = read_gguf(path, mm, n_head_kv=n_head_kv)

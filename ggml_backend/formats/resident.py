@@ -22,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .._allocator import available_memory
+from .._allocator import SPARE_MIN, available_memory
 
 HUGE_PAGE = 2 << 20
 # What must stay available besides the file: a tenth of it, and at least 512 MiB (KV cache, activations, other
 # processes): a mapped file's pages can be evicted and read again under pressure, a copy's cannot.
 SPARE_FRACTION = 0.1
-SPARE_MIN = 512 << 20
 READ_CHUNK = 64 << 20
 
 

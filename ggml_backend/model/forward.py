@@ -18,7 +18,7 @@ from .._allocator import large_pass, reuse_freed_memory
 from .._threading import TakeTurns
 from ..quant import dequantize, dequantize_rows
 from ..quant.blocks import HALF_TO_FLOAT
-from ..quant.layouts import loaded_matrix
+from ..quant.layouts import relaid_tensor
 from ..quant.simd import exponent_plus, float_from_bits, fma_f32
 from ..quant.matmul import BLAS_MIN_TOKENS, WeightMatrix, matmul_many, single_threaded_blas
 from .attention import SequencesAttention, attention
@@ -230,10 +230,9 @@ class Model:
             if tuple(t.shape) != (n_out, n_in):
                 raise ValueError(f"{model_file.path}: tensor {name} has shape {tuple(t.shape)}, "
                                  f"expected {(n_out, n_in)}")
-            # in the layout this CPU's kernels run fastest (quant/layouts.py: q3_K's planes on AVX2)
-            qtype, data = loaded_matrix(t.type, t.data.reshape(n_out, -1), model_file.mmap)
+            t = relaid_tensor(tensors, name)    # in the layout this CPU runs fastest (quant/layouts.py)
             bias = vector(bias_name) if bias_name and bias_name in tensors else None
-            return Linear(name, qtype, data, n_out, n_in, bias)
+            return Linear(name, t.type, t.data.reshape(n_out, -1), n_out, n_in, bias)
 
         emb = tensors["token_embd.weight"]
         self.token_embd_type = emb.type

@@ -173,7 +173,7 @@ def _check_tensors(model_file, arch, *, n_vocab, n_embd, n_layer, n_head, n_head
         if tuple(t.shape) != shape:
             raise ModelFileError(path, f"tensor {name} has shape {tuple(t.shape)}; the hyper-parameters imply "
                                        f"{shape}")
-        if matrix and t.type.name not in SUPPORTED_TYPES:
+        if matrix and (t.type.file_type or t.type.name) not in SUPPORTED_TYPES:   # file_type: re-laid at load
             raise ModelFileError(path, f"tensor {name} has type {t.type.name}; matrices must be one of "
                                        f"{', '.join(SUPPORTED_TYPES)}")
 

@@ -32,6 +32,7 @@ Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
     q8_0  [d | 32 int8]
     q2_K  [16 bytes: scale | min << 4 per 16 | 64 bytes: 2 bits | d | dmin]      256 weights
     q3_K  [32 bytes hmask | 64 bytes: 2 bits | 12 bytes: 16 six-bit scales | d]   w = d (s - 32) (q - 4)
+          q3_K_planes (in memory only, quant/layouts.py): [96 bytes: three planes of 3-bit quants | q3_K's scales | d]
     q4_K  [d | dmin | 12 bytes: 8 six-bit scales and mins | 128 bytes of nibbles]
     q5_K  [d | dmin | 12 bytes of scales and mins | 32 bytes: fifth bits | 128 bytes of nibbles]
     q6_K  [128 bytes: low 4 bits | 64 bytes: top 2 bits | 16 int8 scales | d]      w = d s (q - 32)

@@ -9,20 +9,22 @@ at best (0.57 -> 0.69 of the 20.3 GB/s that core reads). The values, scales and 
 results, bit for bit. The AVX512-VNNI path keeps the file's layout (its ``_dots_wide`` takes both halves'
 two-bit quants by one shift; the planes share no bytes between halves), as do CPUs without SIMD kernels.
 
-The loader (``model/forward.py``) re-lays a matrix of a memory-mapped file into a new array and gives the file's
-pages of it back to the kernel (``MADV_DONTNEED``: a later read faults them in from the file again), so resident
-memory stays the file's size; a file read into memory (``formats/resident.py``) keeps its layout (its pages are
-anonymous: given back they would read as zeros). Writers and the GPU take the file layout back
-(``file_layout``). ``GGML_BACKEND_RELAYOUT=0`` keeps every weight in its file's layout.
+The loader (``model/forward.py``, ``relaid_tensor``) re-lays each q3_K matrix in place: a mapped file is mapped
+copy-on-write (formats/__init__.py), so the pages written become the process's own and the file is never written;
+a file read into memory (``formats/resident.py``) is the process's own already. Resident memory stays the file's
+size, every weight stays in the one byte array the compiled decode step reads, and the file's tensor entry takes
+the layout's type, so any later reader sees a consistent (type, bytes) pair. The GPU takes the file layout back at
+upload (``file_layout``); writers read files, not a loaded model's bytes. ``GGML_BACKEND_RELAYOUT=0`` keeps every
+weight in its file's layout.
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
+import dataclasses
 import os
 
 import numpy as np
 
+from .._allocator import SPARE_MIN, available_memory
 from .blocks import in_bands, read_only
 from .decode import planes_of_q3_K, q3_K_of_planes
 from .kquants import quantize_q3_K
@@ -99,53 +101,38 @@ def relayout_of(layout, data: np.ndarray) -> np.ndarray:
     return out
 
 
-def loaded_matrix(file_type, data: np.ndarray, mapping: np.ndarray) -> tuple[QuantType, np.ndarray]:
-    """``relaid`` for a weight matrix of a model file, ``data`` a view of ``mapping`` (the file's bytes): re-laid
-    only where ``mapping`` maps the file, whose pages of ``data`` are then given back (``give_back_pages``), so
-    that resident memory stays the file's size; a file read into memory keeps its layout."""
-    if not isinstance(mapping, np.memmap) or _madvise is None:
-        return get_type(file_type), data
-    row, out = relaid(file_type, data)
-    if out is not data:
-        give_back_pages(mapping, data)
-    return row, out
+def relaid_tensor(tensors: dict, name: str):
+    """Tensor ``name`` of a model file's ``tensors`` (``ModelFile.tensors``) in the layout this CPU's kernels run
+    fastest (``run_layout``): re-laid in place, in the file's copy-on-write mapping (formats/__init__.py; the pages
+    written become the process's own, the file is untouched) or in its copy in memory, so that every weight stays in
+    one byte array (the compiled decode step takes one), and the entry's type replaced by the layout's, so that
+    the file's tensors stay a consistent (type, bytes) pair for any later reader (a second model on the same file
+    finds it re-laid). Left in its file's layout where its bytes cannot be written (a read-only mapping) or where the
+    memory available would not hold the written pages with SPARE_MIN to spare: the file's pages can be paged out
+    and read again under memory pressure, written ones cannot. Returns the entry."""
+    tensor = tensors[name]
+    target = run_layout(tensor.type)
+    if target is tensor.type:
+        return tensor
+    writable = tensor.data.view()
+    try:
+        writable.flags.writeable = True
+    except ValueError:
+        return tensor
+    available = available_memory()
+    if available is not None and available < 2 * tensor.nbytes + SPARE_MIN:   # the pages written and a copy
+        return tensor
+    writable[...] = relayout_of(target, tensor.data)   # by a copy: the kernels are not written to work in place
+    tensors[name] = tensor = dataclasses.replace(tensor, type=target)
+    return tensor
 
 
 def file_layout(qtype, data: np.ndarray) -> tuple[QuantType, np.ndarray]:
-    """(the file type, ``data`` in its layout) for weights of a layout no file holds; (``qtype``, ``data``)
-    unchanged for a file type."""
+    """(the file type, ``data`` in its layout) for weights of a layout no file holds (a new array); (``qtype``,
+    ``data``) unchanged for a file type."""
     row = get_type(qtype)
     if not row.file_type:
         return row, data
     out = np.empty(data.shape, np.uint8)
     _RELAYOUTS[row.file_type][2](data, out.reshape(-1))
     return get_type(row.file_type), out
-
-
-def give_back_pages(mapping: np.ndarray, view: np.ndarray) -> int:
-    """Give the whole pages of ``view`` (a view of ``mapping``) back to the kernel where ``mapping`` maps a file
-    (``np.memmap``): a later read faults them in from the file again. Returns the bytes given back (0 for any
-    other array, whose pages would read as zeros, or where the system has no ``madvise``)."""
-    if not isinstance(mapping, np.memmap) or _madvise is None:
-        return 0
-    page = mmap.PAGESIZE
-    first = -(-view.ctypes.data // page) * page
-    last = (view.ctypes.data + view.nbytes) // page * page
-    if last <= first or _madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED):
-        return 0
-    return last - first
-
-
-def _libc_madvise():
-    try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    if not hasattr(mmap, "MADV_DONTNEED"):
-        return None
-    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    function.restype = ctypes.c_int
-    return function
-
-
-_madvise = _libc_madvise()
