@@ -1,7 +1,8 @@
 """Model files: GGUF (v2, v3) and legacy GGML (ggjt v1-v3, ggmf, ggml) readers and writers.
 
-``load(path)`` opens either kind and returns a ``ModelFile`` whose tensors are views into one read-only memmap
-(``in_memory=True``: into one read-only copy of the file on huge pages; see resident.py).
+``load(path)`` opens either kind and returns a ``ModelFile`` whose tensors are read-only views into one
+copy-on-write memmap (the loader may re-lay weights in place: quant/layouts.py; the file is never written) or, with
+``in_memory=True``, into one copy of the file on huge pages (see resident.py).
 """
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def load(path, n_head_kv: int | None = None, *, context_length: int | None = Non
         # copy-on-write, seen read-only: the loader may re-lay weights in place (quant/layouts.py), which makes the
         # pages it writes the process's own; the file is never written, and the pages only read stay shared with
         # the page cache, as a read-only mapping's are
-        mm = np.memmap(path, dtype=np.uint8, mode="c").view()
+        try:
+            mm = np.memmap(path, dtype=np.uint8, mode="c").view()
+        except OSError:   # strict overcommit may refuse a private writable mapping: read-only (no re-laying)
+            mm = np.memmap(path, dtype=np.uint8, mode="r").view()
         mm.flags.writeable = False
     magic = bytes(mm[:4])
     if magic == GGUF_MAGIC:

@@ -125,7 +125,7 @@ class ModelFile:
     tensor_data_offset: int
     alignment: int
     file_size: int
-    mmap: np.ndarray = field(repr=False)   # the read-only memmap (or in-memory copy) the tensors view
+    mmap: np.ndarray = field(repr=False)   # the memmap (copy-on-write, seen read-only) or in-memory copy they view
     hparams: dict = field(default_factory=dict)   # GGML header fields as stored (empty for GGUF)
 
     @property
