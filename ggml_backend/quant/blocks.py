@@ -260,11 +260,17 @@ def unpack_q2_K(src, b, q, scales, mins, table):
 
 
 @njit(cache=True, inline="always")
-def unpack_q3_K(src, b, q, scales, mins, table):
-    o = b * 110
+def _q3_K_scales(src, o, scales, mins):
+    """q3_K and q3_K_planes: the sixteen six-bit scales less 32 (bytes 96-107), no minimums."""
     for j in range(16):
         scales[j] = scale_q3_K(j, src, o + 96)
         mins[j] = 0
+
+
+@njit(cache=True, inline="always")
+def unpack_q3_K(src, b, q, scales, mins, table):
+    o = b * 110
+    _q3_K_scales(src, o, scales, mins)
     for n in range(2):
         for j in range(4):
             for l in range(32):
@@ -277,9 +283,7 @@ def unpack_q3_K(src, b, q, scales, mins, table):
 @njit(cache=True, inline="always")
 def unpack_q3_K_planes(src, b, q, scales, mins, table):
     o = b * 110
-    for j in range(16):
-        scales[j] = scale_q3_K(j, src, o + 96)
-        mins[j] = 0
+    _q3_K_scales(src, o, scales, mins)
     for l in range(32):
         p0 = np.int16(src[o + l])
         p1 = np.int16(src[o + 32 + l])
