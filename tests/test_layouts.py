@@ -15,6 +15,7 @@ from ggml_backend.quant.matmul import matmul, matmul_many, WeightMatrix
 from ggml_backend.quant.types import MEMORY_ONLY, TYPES_BY_ID, get_type
 
 from refdata import synthetic_file
+from test_decode_kernels import path_param  # noqa: E402
 
 PLANES = MEMORY_ONLY["q3_K_planes"]
 
@@ -82,9 +83,7 @@ def test_which_paths_re_lay(monkeypatch):
         _on(simd.AVX2, lambda: run_layout("q3_K"))
 
 
-PATHS = [pytest.param(isa, id=isa.name, marks=pytest.mark.skipif(
-    isa not in simd.supported_isas(), reason=f"this CPU cannot run the {isa.name} path"))
-    for isa in (simd.AVX512VNNI, simd.AVXVNNI, simd.AVX2)] + [pytest.param(None, id="generic")]
+PATHS = [path_param(isa) for isa in (simd.AVX512VNNI, simd.AVXVNNI, simd.AVX2)] + [pytest.param(None, id="generic")]
 
 
 @pytest.mark.parametrize("isa", PATHS)

@@ -168,7 +168,8 @@ def kernel_report(types=TYPES, repeats: int = 5, threads: int = 1) -> dict:
     scaling = {"threads": threads, "read_gbps": [one, many], "kernels": {}} if threads > 1 else None
     report["kernels"] = {}
     from ..quant.layouts import run_layout
-    report["layouts"] = {name: run_layout(name).name for name in types if run_layout(name).name != name}
+    report["layouts"] = {name: layout for name, layout in ((name, run_layout(name).name) for name in types)
+                         if layout != name}
     for type_name in types:
         run_all, n_bytes = _kernel_pass(type_name, rng)
         numba.set_num_threads(1)

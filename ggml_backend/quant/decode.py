@@ -320,8 +320,12 @@ def _unbox_constant(typ, obj, c):
     return NativeValue(c.context.get_dummy_value())
 
 
-KIND_ARGS = [Kind(_RELAID_KINDS.get(name, (code, 0))[0], name, _RELAID_KINDS.get(name, (code, 0))[1])
-             for name, code in sorted(KINDS.items(), key=lambda item: item[1])]
+def _kind_arg(name: str, code: int) -> Kind:
+    kernel_code, layout = _RELAID_KINDS.get(name, (code, 0))
+    return Kind(kernel_code, name, layout)
+
+
+KIND_ARGS = [_kind_arg(name, code) for name, code in sorted(KINDS.items(), key=lambda item: item[1])]
 
 
 def _constant_reader(label: str, field: str = "code"):

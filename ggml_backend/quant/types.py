@@ -109,8 +109,8 @@ TYPES: dict[str, QuantType] = {row.name: row for row in _ROWS}
 TYPES_BY_ID: dict[int, QuantType] = {row.type_id: row for row in _ROWS}
 
 # Layouts no file holds: a loader re-lays a file type's blocks into one of these where this CPU's kernels run it
-# faster (model/forward.py, on the AVX2 path); found by name only (no ggml id: -1), never read from or written to a
-# file (readers look ids up in TYPES_BY_ID; writers and the GPU take ``file_type``'s bytes back).
+# faster (quant/layouts.py, on the AVX2 path); found by name only (no ggml id: -1), never read from or written to a
+# file (readers look ids up in TYPES_BY_ID, writers read files; the GPU takes ``file_type``'s bytes back).
 _MEMORY_ROWS = [
     QuantType("q3_K_planes", -1, 256, 110, "q8_K", "planes:u8[96] (3-bit quants, three planes), scales:u8[12] "
               "(q3_K's), d:f16", file_type="q3_K"),
