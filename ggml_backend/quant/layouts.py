@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 
 import numpy as np
 
@@ -109,6 +110,14 @@ def relaid_tensor(tensors: dict, name: str):
     finds it re-laid). Left in its file's layout where its bytes cannot be written (a read-only mapping) or where the
     memory available would not hold the written pages with SPARE_MIN to spare: the file's pages can be paged out
     and read again under memory pressure, written ones cannot. Returns the entry."""
+    with _RELAY_LOCK:      # two models built on one file at once must not both re-lay it
+        return _relaid_tensor(tensors, name)
+
+
+_RELAY_LOCK = threading.Lock()
+
+
+def _relaid_tensor(tensors: dict, name: str):
     tensor = tensors[name]
     target = run_layout(tensor.type)
     if target is tensor.type:
