@@ -195,6 +195,14 @@ def _attention_row(q, t, h, keys, values, out, position, group, window, scale):
         out[t, h, d] = acc[d]
 
 
+@njit(cache=True, fastmath=True, nogil=True)
+def attention_head(q, t, h, keys, values, out, position, group, window, scale):
+    """``_attention_row`` compiled as the attention kernels compile it, with fast-math: for callers compiled without
+    it (decode_step's layer region), into which numba's inlining would bring its loops under their own flags (other
+    sums, logits 7e-7 to 0.2 from the kernels' after a few steps)."""
+    _attention_row(q, t, h, keys, values, out, position, group, window, scale)
+
+
 @njit(cache=True, parallel=True, fastmath=True, nogil=True)
 def _attention_kernel(q, keys, values, out, start, group, window, scale):
     n_tokens, n_head, _ = q.shape

@@ -31,9 +31,10 @@ from numba.extending import overload
 
 from ..quant.activations import _q8_0_row, _q8_K_row, _round_to_f16
 from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _constant_reader, _one_token_rows, kind_code,
-                            matmul_few, matvec, matvec_here, one_token_operands)
+                            matmul_few, matvec, matvec_chunk, matvec_here, one_token_operands)
 from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
-from .attention import SequencesAttention, _attention_many_kernel, _pointer_at
+from .attention import SequencesAttention, _attention_many_kernel, _pointer_at, attention_head
+from .claims import claim, count_done, read_counter, wait_for
 from .forward import _rms_norm_row, _swiglu_row, _swiglu_value
 from .kv_cache import _write_half_tokens
 from .rope import _rotate, rope_cos_sin
@@ -252,6 +253,271 @@ def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases,
     return x + ffn_out
 
 
+# --- one token on several threads: the whole layer in one parallel launch ---------------------------------------
+#
+# decode_layer launches each product and the attention on its own (five launches a layer), and the threads
+# between them wait in the threading layer, which puts a worker to sleep after a few microseconds idle: the small
+# launches (q/k/v and o, 0.5-0.6 MB) ran at 1.4x on two threads instead of the products' 1.8x. Here one launch
+# runs the layer: each thread takes chunks of the products, the attention's heads, from shared counters
+# (claims.py), phase by phase, and waits (spinning) for the phase's last chunk before reading its results; the
+# norms and the activations' quantizing, which every thread of a phase needs, each thread computes for itself
+# (the same numbers from the same inputs; the other would wait meanwhile anyway), and the cache stores are one
+# task. Each result is computed by the same kernels in the same order as decode_layer's, so the same bits.
+
+# the phases of a layer, in order; their counters are at 2 p (claims) and 2 p + 1 (done)
+_QKV, _STORE, _ATTENTION, _OUTPUT, _GATE_UP, _DOWN = range(6)
+_N_PHASES = 6
+
+
+@njit(inline="always", nogil=True)
+def _chunks_of(group, n_workers):
+    """How many chunks a product group takes (``matvec``'s: one for a small group, the calling thread's)."""
+    kind, starts, counts, row_bytes, first = group
+    n = counts.sum()
+    if n == 0:
+        return 0
+    if n * row_bytes <= HERE_MAX_BYTES:
+        return 1
+    return max(1, min(n, 4 * n_workers))
+
+
+@njit(inline="always", nogil=True)
+def _group_operands(group, x, out, isa):
+    """The activations x (float32 [1, k]) quantized for a group's kind and its ``one_token_operands`` into the
+    group's place of ``out`` (one row): (xq, bias, min_sums, rows, scales, sums); of no values for an unused slot."""
+    kind, starts, counts, row_bytes, first = group
+    n = counts.sum()
+    xq, x_scale, x_sums, x_bsums = _quantized(kind, x if n else np.ascontiguousarray(x[:, :0]))
+    bias, min_sums, rows, scales, sums = one_token_operands(kind, xq[0], x_scale[0], x_sums[0], x_bsums[0],
+                                                            out[0, first:first + n], isa)
+    return xq[0], bias, min_sums, rows, scales, sums
+
+
+@njit(inline="always", nogil=True)
+def _group_chunk(group, operands, w, chunk, n_chunks, isa):
+    kind, starts, counts, row_bytes, first = group
+    xq, bias, min_sums, rows, scales, sums = operands
+    matvec_chunk(kind, w, starts, counts, row_bytes, xq, scales, sums, min_sums, bias, rows, chunk, n_chunks, isa)
+
+
+@njit(inline="always", nogil=True)
+def _owned(phase_tasks, owner, n_workers):
+    """The tasks of a phase that thread ``owner`` takes first: its share, in one piece (a thread's chunks of a
+    product are neighbours in memory, which the prefetchers keep up with; chunks handed out in turn from one
+    counter made each thread's reads jump at every chunk, and the layer 7% slower than a launch per product)."""
+    return owner * phase_tasks // n_workers, (owner + 1) * phase_tasks // n_workers
+
+
+@njit(inline="always", nogil=True)
+def _claim_task(counters, phase, n_tasks, me, n_workers):
+    """The next task of ``phase`` for thread ``me``: its own share first, then what is left of the others' (from
+    where their owners have got to); -1 when every task is taken. Counters: phase p's per thread at
+    p (n_workers + 1) + thread, its done count after them."""
+    base = phase * (n_workers + 1)
+    for k in range(n_workers):
+        owner = (me + k) % n_workers
+        first, end = _owned(n_tasks[phase], owner, n_workers)
+        if read_counter(counters, base + owner) < end - first:
+            i = claim(counters, base + owner)
+            if first + i < end:
+                return first + i
+    return -1
+
+
+@njit(inline="always", nogil=True)
+def _task_done(counters, phase, n_workers):
+    count_done(counters, phase * (n_workers + 1) + n_workers)
+
+
+@njit(inline="always", nogil=True)
+def _phase_open(counters, phase, n_tasks, n_workers):
+    """Whether a phase still has tasks to claim (a thread that starts late skips the work of the phases before)."""
+    base = phase * (n_workers + 1)
+    for owner in range(n_workers):
+        first, end = _owned(n_tasks[phase], owner, n_workers)
+        if read_counter(counters, base + owner) < end - first:
+            return True
+    return False
+
+
+@njit(inline="always", nogil=True)
+def _phase_done(counters, phase, n_tasks, n_workers):
+    wait_for(counters, phase * (n_workers + 1) + n_workers, n_tasks[phase])
+
+
+# numba's parallel launches take arrays and scalars, not tuples: the launch and its workers take the layer's
+# arguments flattened, the integers in one array (in the order below), each group as its kind, starts and counts.
+(_N_HEAD, _N_HEAD_KV, _HEAD_DIM_K, _HEAD_DIM_V, _N_LAYER, _ROPE_DIMS, _NEOX, _IL, _WINDOW, _N_FF, _HALF_KEYS,
+ _HALF_VALUES, _Q0_BYTES, _Q0_FIRST, _Q1_BYTES, _Q1_FIRST, _Q2_BYTES, _Q2_FIRST, _O_BYTES, _GU_BYTES,
+ _DOWN_BYTES) = range(21)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias, v_bias, cos, sin,
+                   k0, starts0, counts0, k1, starts1, counts1, k2, starts2, counts2, k_o, starts_o, counts_o,
+                   k_gu, starts_gu, k_down, starts_down, counts_down,
+                   key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
+                   qkv, attn, attn_out, gate_up, act, ffn_out, counters, n_tasks, chunks):
+    """One thread's part of ``decode_layer_region``'s launch (see the comment above): every phase's chunks it
+    claims, then the wait for the phase's last."""
+    n_head, n_head_kv = ints[_N_HEAD], ints[_N_HEAD_KV]
+    head_dim_k, head_dim_v = ints[_HEAD_DIM_K], ints[_HEAD_DIM_V]
+    layer_shape = (ints[_N_LAYER], n_head_kv, head_dim_k, head_dim_v)
+    rope_dims, neox, il = ints[_ROPE_DIMS], ints[_NEOX] != 0, ints[_IL]
+    window, n_ff = ints[_WINDOW], ints[_N_FF]
+    half_keys, half_values = ints[_HALF_KEYS] != 0, ints[_HALF_VALUES] != 0
+    n_q = n_head * head_dim_k
+    n_k = n_head_kv * head_dim_k
+    g0 = (k0, starts0, counts0, ints[_Q0_BYTES], ints[_Q0_FIRST])
+    g1 = (k1, starts1, counts1, ints[_Q1_BYTES], ints[_Q1_FIRST])
+    g2 = (k2, starts2, counts2, ints[_Q2_BYTES], ints[_Q2_FIRST])
+    wo = (k_o, starts_o, counts_o, ints[_O_BYTES], 0)
+    down = (k_down, starts_down, counts_down, ints[_DOWN_BYTES], 0)
+    # q, k, v
+    if _phase_open(counters, _QKV, n_tasks, n_workers):
+        h = _norm(x, attn_norm, eps)
+        ops0 = _group_operands(g0, h, qkv, isa)
+        ops1 = _group_operands(g1, h, qkv, isa)
+        ops2 = _group_operands(g2, h, qkv, isa)
+        c0, c1, c2 = chunks[0], chunks[1], chunks[2]
+        while True:
+            i = _claim_task(counters, _QKV, n_tasks, me, n_workers)
+            if i < 0:
+                break
+            if i < c0:
+                _group_chunk(g0, ops0, w, i, c0, isa)
+            elif i < c0 + c1:
+                _group_chunk(g1, ops1, w, i - c0, c1, isa)
+            else:
+                _group_chunk(g2, ops2, w, i - c0 - c1, c2, isa)
+            _task_done(counters, _QKV, n_workers)
+    _phase_done(counters, _QKV, n_tasks, n_workers)
+    # the new key and value into each sequence's cache (one task)
+    if _phase_open(counters, _STORE, n_tasks, n_workers) and _claim_task(counters, _STORE, n_tasks, me,
+                                                                      n_workers) == 0:
+        k = qkv[:, n_q:n_q + n_k].copy()   # copies: the bias and rope go on this thread's own
+        _add_bias(k, 0, k_bias)
+        k = k.reshape(1, n_head_kv, head_dim_k)
+        v = qkv[:, n_q + n_k:].copy()
+        _add_bias(v, 0, v_bias)
+        v = v.reshape(1, n_head_kv, head_dim_v)
+        _rotate(k, cos, sin, rope_dims, neox)
+        _store(key_at, key_capacity, key_like, half_keys, layer_shape, il, sequence, positions, k)
+        _store(value_at, value_capacity, value_like, half_values, layer_shape, il, sequence, positions, v)
+        _task_done(counters, _STORE, n_workers)
+    _phase_done(counters, _STORE, n_tasks, n_workers)
+    # attention, one head a task
+    if _phase_open(counters, _ATTENTION, n_tasks, n_workers):
+        q = qkv[:, :n_q].copy()
+        _add_bias(q, 0, q_bias)
+        q = q.reshape(1, n_head, head_dim_k)
+        _rotate(q, cos, sin, rope_dims, neox)
+        if half_keys:
+            _round_to_f16(q.reshape(-1))
+        s = sequence[0]
+        keys = carray(_pointer_at(key_at[s]), (layer_shape[0], n_head_kv, key_capacity[s], head_dim_k),
+                      key_like.dtype)[il]
+        values = carray(_pointer_at(value_at[s]), (layer_shape[0], n_head_kv, value_capacity[s], head_dim_v),
+                        value_like.dtype)[il]
+        while True:
+            head = _claim_task(counters, _ATTENTION, n_tasks, me, n_workers)
+            if head < 0:
+                break
+            attention_head(q, 0, head, keys, values, attn, positions[0], n_head // n_head_kv, window, scale)
+            _task_done(counters, _ATTENTION, n_workers)
+    _phase_done(counters, _ATTENTION, n_tasks, n_workers)
+    # the attention's output product
+    if _phase_open(counters, _OUTPUT, n_tasks, n_workers):
+        ops = _group_operands(wo, attn.reshape(1, n_head * head_dim_v), attn_out, isa)
+        while True:
+            i = _claim_task(counters, _OUTPUT, n_tasks, me, n_workers)
+            if i < 0:
+                break
+            _group_chunk(wo, ops, w, i, n_tasks[_OUTPUT], isa)
+            _task_done(counters, _OUTPUT, n_workers)
+    _phase_done(counters, _OUTPUT, n_tasks, n_workers)
+    # gate and up, and their SwiGLU (``_gate_up_swiglu``'s chunks)
+    if _phase_open(counters, _GATE_UP, n_tasks, n_workers):
+        h = _norm(x + attn_out, ffn_norm, eps)
+        row_bytes = ints[_GU_BYTES]
+        xq, x_scale, x_sums, x_bsums = _quantized(k_gu, h)
+        bias, min_sums, rows, scales, sums = one_token_operands(k_gu, xq[0], x_scale[0], x_sums[0], x_bsums[0],
+                                                                gate_up, isa)
+        n_chunks = n_tasks[_GATE_UP]
+        per_chunk = (n_ff + n_chunks - 1) // n_chunks
+        while True:
+            chunk = _claim_task(counters, _GATE_UP, n_tasks, me, n_workers)
+            if chunk < 0:
+                break
+            first = min(n_ff, chunk * per_chunk)
+            n = min(n_ff, first + per_chunk) - first
+            for m in range(2):
+                _one_token_rows(k_gu, w, starts_gu[m] + first * row_bytes, row_bytes, n, xq[0], xq[0].size, scales,
+                                sums, min_sums, bias, rows, m * n_ff + first, isa)
+            for i in range(first, first + n):
+                act[0, i] = _swiglu_value(gate_up[i], gate_up[n_ff + i])
+            _task_done(counters, _GATE_UP, n_workers)
+    _phase_done(counters, _GATE_UP, n_tasks, n_workers)
+    # down
+    if _phase_open(counters, _DOWN, n_tasks, n_workers):
+        ops = _group_operands(down, act, ffn_out, isa)
+        while True:
+            i = _claim_task(counters, _DOWN, n_tasks, me, n_workers)
+            if i < 0:
+                break
+            _group_chunk(down, ops, w, i, n_tasks[_DOWN], isa)
+            _task_done(counters, _DOWN, n_workers)
+    _phase_done(counters, _DOWN, n_tasks, n_workers)
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _region_launch(n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias, v_bias, cos, sin,
+                   k0, starts0, counts0, k1, starts1, counts1, k2, starts2, counts2, k_o, starts_o, counts_o,
+                   k_gu, starts_gu, k_down, starts_down, counts_down,
+                   key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
+                   qkv, attn, attn_out, gate_up, act, ffn_out, counters, n_tasks, chunks):
+    for worker in prange(n_workers):
+        _region_worker(worker, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias, v_bias, cos, sin,
+                       k0, starts0, counts0, k1, starts1, counts1, k2, starts2, counts2, k_o, starts_o, counts_o,
+                       k_gu, starts_gu, k_down, starts_down, counts_down,
+                       key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
+                       qkv, attn, attn_out, gate_up, act, ffn_out, counters, n_tasks, chunks)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def decode_layer_region(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox,
+                        caches, il, sequence, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down):
+    """``decode_layer`` for one token on ``n_threads`` (> 1) threads in one parallel launch (see above), for layers
+    whose gate and up are one group of two matrices (``_gate_up_swiglu``'s); the same new x, bit for bit."""
+    n_head, n_head_kv, head_dim_k, head_dim_v = shape
+    key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, half_keys, half_values = caches
+    n_q = n_head * head_dim_k
+    n_k = n_head_kv * head_dim_k
+    qkv = np.empty((1, n_q + n_k + n_head_kv * head_dim_v), np.float32)
+    attn = np.empty((1, n_head, head_dim_v), np.float32)
+    attn_out = np.empty_like(x)
+    gate_up = np.empty(2 * n_ff, np.float32)
+    act = np.empty((1, n_ff), np.float32)
+    ffn_out = np.empty_like(x)
+    g0, g1, g2 = qkv_groups
+    gu = gate_up_groups[0]
+    chunks = np.array([_chunks_of(g0, n_threads), _chunks_of(g1, n_threads), _chunks_of(g2, n_threads)])
+    n_tasks = np.array([chunks.sum(), 1, n_head, _chunks_of(wo, n_threads), max(1, min(n_ff, 4 * n_threads)),
+                        _chunks_of(down, n_threads)])
+    counters = np.zeros(_N_PHASES * (n_threads + 1), np.int64)
+    ints = np.array([n_head, n_head_kv, head_dim_k, head_dim_v, layer_shape[0], rope_dims, int(neox), il, window,
+                     n_ff, int(half_keys), int(half_values), g0[3], g0[4], g1[3], g1[4], g2[3], g2[4], wo[3], gu[3],
+                     down[3]], np.int64)
+    q_bias, k_bias, v_bias = biases
+    _region_launch(n_threads, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias, v_bias, cos, sin,
+                   g0[0], g0[1], g0[2], g1[0], g1[1], g1[2], g2[0], g2[1], g2[2], wo[0], wo[1], wo[2],
+                   gu[0], gu[1], down[0], down[1], down[2],
+                   key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
+                   qkv, attn, attn_out, gate_up, act, ffn_out, counters, n_tasks, chunks)
+    x = x + attn_out
+    return x + ffn_out
+
+
 def _group_slots(matrices, n_slots):
     """The launch plan of matrices sharing an input as ``n_slots`` groups (kind, starts, counts, row_bytes,
     first output row), unused slots empty, and the byte arrays they read; (None, None) where the fused step
@@ -285,6 +551,7 @@ class _LayerArgs:
     down: tuple
     rope: tuple      # (freq base, freq scale) of this layer
     window: int
+    one_launch: bool  # whether one token on several threads takes decode_layer_region (gate and up one group)
 
 
 class FusedDecode:
@@ -296,7 +563,10 @@ class FusedDecode:
         self.layers = layers
         self.weights = weights
         self._products = products   # (block kind, k) of every product: whether the exact GEMM would take it
-        self._compiled = {}   # (layer, rows, f16 keys, f16 values) -> decode_layer's compiled entry point
+        self._compiled = {}   # (layer, rows, f16 keys, f16 values, one launch) -> the compiled entry point
+        #: one token on several threads: each layer in one launch (decode_layer_region) where it can; False: a
+        #: launch per product (decode_layer), as GGML_BACKEND_DECODE_STEP=launches asks
+        self.one_launch = decode_step_choice() == "fused"
 
     @classmethod
     def build(cls, model):
@@ -322,9 +592,13 @@ class FusedDecode:
             qkv, gate_up, (wo,), (down,) = groups
             biases = tuple(_EMPTY_F32 if lin.bias is None else np.ascontiguousarray(lin.bias, np.float32)
                            for lin in (layer.wq, layer.wk, layer.wv))
+            gate_up_kind, _, gate_up_counts, gate_up_row_bytes, _ = gate_up[0]
+            one_launch = (gate_up[1][1].size == 0 and gate_up_counts.size == 2
+                          and gate_up_counts.sum() * gate_up_row_bytes > HERE_MAX_BYTES)
             layers.append(_LayerArgs(np.ascontiguousarray(layer.attn_norm, np.float32), qkv, biases, wo,
                                      np.ascontiguousarray(layer.ffn_norm, np.float32), gate_up, down,
-                                     model._rope_params(il), hp.sliding_window if hp.swa_layers[il] else 0))
+                                     model._rope_params(il), hp.sliding_window if hp.swa_layers[il] else 0,
+                                     one_launch))
         if len(roots) != 1:   # every weight in one byte array: one ``w`` for every call
             return None
         return cls(hp, layers, weights, products)
@@ -355,34 +629,51 @@ class FusedDecode:
         scale = np.float32(hp.attn_scale)
         neox = hp.arch.rope_mode == "neox"
         tables = {}
-        n_threads = numba.get_num_threads()
+        n_threads = _n_threads()
         rows = ONE_TOKEN if len(x) == 1 else SEVERAL
         x = np.ascontiguousarray(x, np.float32)
         for il, layer in enumerate(self.layers):
             if layer.rope not in tables:
                 tables[layer.rope] = rope_cos_sin(positions, hp.rope_dims, *layer.rope)
             cos, sin = tables[layer.rope]
-            args = (rows, x, self.weights, n_threads, KERNEL_ISA, eps, layer.attn_norm, layer.qkv_groups,
+            args = (x, self.weights, n_threads, KERNEL_ISA, eps, layer.attn_norm, layer.qkv_groups,
                     layer.biases, shape, cos, sin, hp.rope_dims, neox, cache_args, il, sequence, positions,
                     layer.window, scale, layer.wo, layer.ffn_norm, layer.gate_up_groups, hp.n_ff, layer.down)
+            one_launch = self.one_launch and layer.one_launch and rows is ONE_TOKEN and n_threads > 1
+            function = decode_layer_region if one_launch else decode_layer
+            if not one_launch:
+                args = (rows,) + args
             # numba's dispatcher types each argument before each call, and the tuples here (each a block kind
             # and arrays) took it 20 us an element: 90 us a group, ~0.6 ms a layer. The compiled function for
             # these argument types is looked up once (per layer and cache type) and then called directly.
-            key = (il, rows.code, half_keys, half_values)
+            key = (il, rows.code, half_keys, half_values, one_launch)
             compiled = self._compiled.get(key)
             if compiled is None:
-                x = decode_layer(*args)
-                types = tuple(decode_layer.typeof_pyval(arg) for arg in args)
-                self._compiled[key] = decode_layer.overloads[types].entry_point
+                x = function(*args)
+                types = tuple(function.typeof_pyval(arg) for arg in args)
+                self._compiled[key] = function.overloads[types].entry_point
             else:
                 x = compiled(*args)
         return x
 
 
-def fused_decode_enabled() -> bool:
-    """``GGML_BACKEND_DECODE_STEP=python`` keeps every decode step on the Python path (for comparisons); the
-    default, ``fused``, takes ``decode_layer`` wherever the model allows it."""
+def _n_threads() -> int:
+    """The threads a pass's launches use: numba's, as ``session.set_threads`` set them (tests ask for more
+    region workers than threads here)."""
+    return numba.get_num_threads()
+
+
+def decode_step_choice() -> str:
+    """``GGML_BACKEND_DECODE_STEP``: ``fused`` (the default) takes the compiled layers wherever the model allows
+    it, a layer in one launch for one token on several threads (``decode_layer_region``); ``launches`` the compiled
+    layers with a launch per product (``decode_layer``); ``python`` keeps every decode step on the Python path
+    (both for comparisons)."""
     choice = os.environ.get("GGML_BACKEND_DECODE_STEP", "fused")
-    if choice not in ("fused", "python"):
-        raise ValueError(f"GGML_BACKEND_DECODE_STEP must be 'fused' or 'python', got {choice!r}")
-    return choice == "fused"
+    if choice not in ("fused", "launches", "python"):
+        raise ValueError(f"GGML_BACKEND_DECODE_STEP must be 'fused', 'launches' or 'python', got {choice!r}")
+    return choice
+
+
+def fused_decode_enabled() -> bool:
+    """Whether decode steps take the compiled layers (``decode_step_choice`` other than ``python``)."""
+    return decode_step_choice() != "python"

@@ -1689,19 +1689,27 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
     is unread (may be empty) for the other kinds. The weight rows of all the matrices are cut into ``n_chunks``
     equal chunks, one prange iteration each."""
     bias, min_sums, rows, scales, sums = one_token_operands(kind, xq, x_scale, x_sums, x_bsums, out, isa)
+    for chunk in prange(n_chunks):
+        matvec_chunk(kind, w, starts, row_counts, row_bytes, xq, scales, sums, min_sums, bias, rows, chunk, n_chunks,
+                     isa)
+
+
+@njit(inline="always", **_KERNEL)
+def matvec_chunk(kind, w, starts, row_counts, row_bytes, xq, scales, sums, min_sums, bias, rows, chunk, n_chunks, isa):
+    """Chunk ``chunk`` of ``n_chunks`` (equal, in output order) of ``matvec``'s rows, with its operands
+    (``one_token_operands``: bias, min_sums, rows, scales, sums)."""
     total = rows.shape[1]
     per_chunk = (total + n_chunks - 1) // n_chunks
-    for chunk in prange(n_chunks):
-        first = min(total, chunk * per_chunk)
-        last = min(total, first + per_chunk)
-        m = 0
-        matrix_first = 0
-        while first < last:
-            m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
-            n = min(last, matrix_first + row_counts[m]) - first
-            _one_token_rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, xq.size,
-                            scales, sums, min_sums, bias, rows, first, isa)
-            first += n
+    first = min(total, chunk * per_chunk)
+    last = min(total, first + per_chunk)
+    m = 0
+    matrix_first = 0
+    while first < last:
+        m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
+        n = min(last, matrix_first + row_counts[m]) - first
+        _one_token_rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, xq.size,
+                        scales, sums, min_sums, bias, rows, first, isa)
+        first += n
 
 
 @njit(nogil=True, **_KERNEL)
