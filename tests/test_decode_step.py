@@ -190,3 +190,80 @@ def test_gate_up_and_swiglu_in_one_launch_give_the_separate_numbers(type_name):
                         KERNEL_ISA)
         np.testing.assert_array_equal(gate_up, both)
         np.testing.assert_array_equal(act, expected)
+
+
+def _steps(path, monkeypatch, choice: str, n_steps: int = 4):
+    """Logits of ``n_steps`` one-token steps after PROMPT on two threads and the cache's stored keys and values,
+    with ``GGML_BACKEND_DECODE_STEP=choice``; and whether a layer ran in one launch (decode_layer_region)."""
+    monkeypatch.setenv("GGML_BACKEND_DECODE_STEP", choice)
+    llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
+    llm.eval(PROMPT)
+    for i in range(n_steps):
+        llm.eval([200 + 7 * i])
+    n = len(PROMPT) + n_steps
+    logits = np.array(llm.scores[len(PROMPT):n])
+    stored = (llm.cache.k.data[:, :, :n].copy(), llm.cache.v.data[:, :, :n].copy())
+    one_launch = any(key[-1] for key in llm.model.fused_decode._compiled)
+    return logits, stored, one_launch
+
+
+def _same_steps(a, b):
+    assert np.array_equal(a[0], b[0]), f"logits differ by up to {np.abs(a[0] - b[0]).max()}"
+    for x, y in zip(a[1], b[1]):
+        assert np.array_equal(x, y), "the caches differ"
+
+
+def test_layer_in_one_launch_gives_the_launches_numbers(qwen_path, monkeypatch):
+    """One token on two threads runs each layer in one parallel launch (decode_layer_region, the default) and
+    gives the logits and cache of a launch per product (decode_layer), bit for bit."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one launch a layer needs two threads, and numba has one on this machine")
+    one = _steps(qwen_path, monkeypatch, "fused")
+    per_product = _steps(qwen_path, monkeypatch, "launches")
+    assert one[2] and not per_product[2]
+    _same_steps(one, per_product)
+
+
+def test_layer_in_one_launch_with_more_workers_than_threads(qwen_path, monkeypatch):
+    """Workers past numba's threads run after the others (in turn on a thread): they find every phase's chunks
+    taken and wait for nothing, so the launch ends, with the same numbers. Also the case of a second thread that
+    starts after the first has done the layer."""
+    from ggml_backend.model import decode_step
+    reference = _steps(qwen_path, monkeypatch, "launches")
+    monkeypatch.setattr(decode_step, "_n_threads", lambda: 5)
+    stragglers = _steps(qwen_path, monkeypatch, "fused")
+    assert stragglers[2]
+    _same_steps(stragglers, reference)
+
+
+def test_claims_hand_out_each_task_once_own_share_first():
+    """claims.py's counters as the layer region uses them: three workers claiming in turn take every task of a
+    phase once, each its own share (a neighbouring range) before the others'; a phase's done count reaches its
+    tasks."""
+    from numba import njit
+    from ggml_backend.model.decode_step import _claim_task, _phase_done, _phase_open, _task_done
+
+    @njit
+    def claim_all(n_tasks, n_workers, order):
+        counters = np.zeros(n_workers + 1, np.int64)
+        taken = np.full(n_tasks[0], -1, np.int64)
+        sequence = np.full(n_tasks[0] + 2, -1, np.int64)
+        for step in range(sequence.size):
+            me = order[step % order.size]
+            i = _claim_task(counters, 0, n_tasks, me, n_workers)
+            sequence[step] = i
+            if i >= 0:
+                taken[i] = me
+                _task_done(counters, 0, n_workers)
+        still_open = _phase_open(counters, 0, n_tasks, n_workers)
+        _phase_done(counters, 0, n_tasks, n_workers)     # returns: every task counted done
+        return taken, sequence, still_open
+
+    taken, sequence, still_open = claim_all(np.array([10]), 3, np.array([0, 1, 2]))
+    # in turn: 0, 3, 6, 1, 4, 7, 2, 5, 8; then worker 0, its share done, takes worker 2's last
+    assert list(taken) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 0] and not still_open
+    assert sorted(sequence[:10]) == list(range(10)) and list(sequence[10:]) == [-1, -1]
+    # worker 0 alone (the others never start): its share, then the others' from where they are (untouched)
+    taken, sequence, _ = claim_all(np.array([10]), 3, np.array([0]))
+    assert list(sequence[:10]) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] and set(taken) == {0}

@@ -15,7 +15,8 @@ What it takes: layers whose weights are all block types with SIMD kernels (``dec
 (the model file's memory map), f32 or f16 caches, SiLU feed-forward without Gemma's extra norms, passes of a
 few tokens (of one sequence or several) that the Python path would not give to the BLAS path or the integer GEMM.
 Anything else (a generic CPU, q8_0 caches, Gemma, GPU offload, longer prompts) takes the Python path, as does
-everything with ``GGML_BACKEND_DECODE_STEP=python``. Several tokens of one sequence (a speculative verification):
+everything with ``GGML_BACKEND_DECODE_STEP=python``. One token on several threads runs each layer in one parallel
+launch (``decode_layer_region``) instead of one per product and attention (``GGML_BACKEND_DECODE_STEP=launches``). Several tokens of one sequence (a speculative verification):
 2-core Zen 4, Qwen2.5-0.5B, alternating in one process: 2 tokens 24.3 against 28.6 ms on the Python path, 3 tokens
 30.9 against 34.9, 4 tokens 38.4 against 42.6 (one token: 15-17 ms).
 """
