@@ -264,8 +264,10 @@ def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases,
 # norms and the activations' quantizing, which every thread of a phase needs, each thread computes for itself
 # (the same numbers from the same inputs; the other would wait meanwhile anyway), and the cache stores are one
 # task. Each result is computed by the same kernels in the same order as decode_layer's, so the same bits.
+# Qwen2.5-0.5B on two cores of an AVX2 Zen 4 VM, alternating in one process (10 rounds of 64 steps): 46.0 -> 50.3
+# tok/s (medians).
 
-# the phases of a layer, in order; their counters are at 2 p (claims) and 2 p + 1 (done)
+# the phases of a layer, in order; phase p's counters (``_claim_task``): one per thread, then its done count
 _QKV, _STORE, _ATTENTION, _OUTPUT, _GATE_UP, _DOWN = range(6)
 _N_PHASES = 6
 
@@ -328,6 +330,17 @@ def _claim_task(counters, phase, n_tasks, me, n_workers):
 @njit(inline="always", nogil=True)
 def _task_done(counters, phase, n_workers):
     count_done(counters, phase * (n_workers + 1) + n_workers)
+
+
+@njit(inline="always", nogil=True)
+def _product_chunks(counters, phase, n_tasks, me, n_workers, group, operands, w, isa):
+    """Thread ``me``'s chunks of a phase made of one product group's rows (o, down)."""
+    while True:
+        i = _claim_task(counters, phase, n_tasks, me, n_workers)
+        if i < 0:
+            break
+        _group_chunk(group, operands, w, i, n_tasks[phase], isa)
+        _task_done(counters, phase, n_workers)
 
 
 @njit(inline="always", nogil=True)
@@ -430,12 +443,7 @@ def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_no
     # the attention's output product
     if _phase_open(counters, _OUTPUT, n_tasks, n_workers):
         ops = _group_operands(wo, attn.reshape(1, n_head * head_dim_v), attn_out, isa)
-        while True:
-            i = _claim_task(counters, _OUTPUT, n_tasks, me, n_workers)
-            if i < 0:
-                break
-            _group_chunk(wo, ops, w, i, n_tasks[_OUTPUT], isa)
-            _task_done(counters, _OUTPUT, n_workers)
+        _product_chunks(counters, _OUTPUT, n_tasks, me, n_workers, wo, ops, w, isa)
     _phase_done(counters, _OUTPUT, n_tasks, n_workers)
     # gate and up, and their SwiGLU (``_gate_up_swiglu``'s chunks)
     if _phase_open(counters, _GATE_UP, n_tasks, n_workers):
@@ -462,12 +470,7 @@ def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_no
     # down
     if _phase_open(counters, _DOWN, n_tasks, n_workers):
         ops = _group_operands(down, act, ffn_out, isa)
-        while True:
-            i = _claim_task(counters, _DOWN, n_tasks, me, n_workers)
-            if i < 0:
-                break
-            _group_chunk(down, ops, w, i, n_tasks[_DOWN], isa)
-            _task_done(counters, _DOWN, n_workers)
+        _product_chunks(counters, _DOWN, n_tasks, me, n_workers, down, ops, w, isa)
     _phase_done(counters, _DOWN, n_tasks, n_workers)
 
 
