@@ -214,13 +214,14 @@ def _same_steps(a, b):
 
 
 def test_layer_in_one_launch_gives_the_launches_numbers(qwen_path, monkeypatch):
-    """One token on two threads runs each layer in one parallel launch (decode_layer_region, the default) and
-    gives the logits and cache of a launch per product (decode_layer), bit for bit."""
+    """One token on two threads with GGML_BACKEND_DECODE_STEP=region runs each layer in one parallel launch
+    (decode_layer_region) and gives the logits and cache of a launch per product (decode_layer, the default), bit
+    for bit."""
     import numba
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one launch a layer needs two threads, and numba has one on this machine")
-    one = _steps(qwen_path, monkeypatch, "fused")
-    per_product = _steps(qwen_path, monkeypatch, "launches")
+    one = _steps(qwen_path, monkeypatch, "region")
+    per_product = _steps(qwen_path, monkeypatch, "fused")
     assert one[2] and not per_product[2]
     _same_steps(one, per_product)
 
@@ -230,9 +231,9 @@ def test_layer_in_one_launch_with_more_workers_than_threads(qwen_path, monkeypat
     taken and wait for nothing, so the launch ends, with the same numbers. Also the case of a second thread that
     starts after the first has done the layer."""
     from ggml_backend.model import decode_step
-    reference = _steps(qwen_path, monkeypatch, "launches")
+    reference = _steps(qwen_path, monkeypatch, "fused")
     monkeypatch.setattr(decode_step, "_n_threads", lambda: 5)
-    stragglers = _steps(qwen_path, monkeypatch, "fused")
+    stragglers = _steps(qwen_path, monkeypatch, "region")
     assert stragglers[2]
     _same_steps(stragglers, reference)
 

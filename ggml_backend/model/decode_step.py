@@ -15,8 +15,8 @@ What it takes: layers whose weights are all block types with SIMD kernels (``dec
 (the model file's memory map), f32 or f16 caches, SiLU feed-forward without Gemma's extra norms, passes of a
 few tokens (of one sequence or several) that the Python path would not give to the BLAS path or the integer GEMM.
 Anything else (a generic CPU, q8_0 caches, Gemma, GPU offload, longer prompts) takes the Python path, as does
-everything with ``GGML_BACKEND_DECODE_STEP=python``. One token on several threads runs each layer in one parallel
-launch (``decode_layer_region``) instead of one per product and attention (``GGML_BACKEND_DECODE_STEP=launches``). Several tokens of one sequence (a speculative verification):
+everything with ``GGML_BACKEND_DECODE_STEP=python``. With ``GGML_BACKEND_DECODE_STEP=region`` one token on several
+threads runs each layer in one parallel launch (``decode_layer_region``) instead of one per product and attention. Several tokens of one sequence (a speculative verification):
 2-core Zen 4, Qwen2.5-0.5B, alternating in one process: 2 tokens 24.3 against 28.6 ms on the Python path, 3 tokens
 30.9 against 34.9, 4 tokens 38.4 against 42.6 (one token: 15-17 ms).
 """
@@ -272,7 +272,7 @@ _QKV, _STORE, _ATTENTION, _OUTPUT, _GATE_UP, _DOWN = range(6)
 _N_PHASES = 6
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True, cache=True)
 def _chunks_of(group, n_workers):
     """How many chunks a product group takes (``matvec``'s: one for a small group, the calling thread's)."""
     kind, starts, counts, row_bytes, first = group
@@ -284,7 +284,7 @@ def _chunks_of(group, n_workers):
     return max(1, min(n, 4 * n_workers))
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True, cache=True)
 def _group_operands(group, x, out, isa):
     """The activations x (float32 [1, k]) quantized for a group's kind and its ``one_token_operands`` into the
     group's place of ``out`` (one row): (xq, bias, min_sums, rows, scales, sums); of no values for an unused slot."""
@@ -296,14 +296,14 @@ def _group_operands(group, x, out, isa):
     return xq[0], bias, min_sums, rows, scales, sums
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True, cache=True)
 def _group_chunk(group, operands, w, chunk, n_chunks, isa):
     kind, starts, counts, row_bytes, first = group
     xq, bias, min_sums, rows, scales, sums = operands
     matvec_chunk(kind, w, starts, counts, row_bytes, xq, scales, sums, min_sums, bias, rows, chunk, n_chunks, isa)
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True, cache=True)
 def _owned(phase_tasks, owner, n_workers):
     """The tasks of a phase that thread ``owner`` takes first: its share, in one piece (a thread's chunks of a
     product are neighbours in memory, which the prefetchers keep up with; chunks handed out in turn from one
@@ -311,7 +311,7 @@ def _owned(phase_tasks, owner, n_workers):
     return owner * phase_tasks // n_workers, (owner + 1) * phase_tasks // n_workers
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True, cache=True)
 def _claim_task(counters, phase, n_tasks, me, n_workers):
     """The next task of ``phase`` for thread ``me``: its own share first, then what is left of the others' (from
     where their owners have got to); -1 when every task is taken. Counters: phase p's per thread at
@@ -327,12 +327,12 @@ def _claim_task(counters, phase, n_tasks, me, n_workers):
     return -1
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True, cache=True)
 def _task_done(counters, phase, n_workers):
     count_done(counters, phase * (n_workers + 1) + n_workers)
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True, cache=True)
 def _product_chunks(counters, phase, n_tasks, me, n_workers, group, operands, w, isa):
     """Thread ``me``'s chunks of a phase made of one product group's rows (o, down)."""
     while True:
@@ -343,7 +343,7 @@ def _product_chunks(counters, phase, n_tasks, me, n_workers, group, operands, w,
         _task_done(counters, phase, n_workers)
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True, cache=True)
 def _phase_open(counters, phase, n_tasks, n_workers):
     """Whether a phase still has tasks to claim (a thread that starts late skips the work of the phases before)."""
     base = phase * (n_workers + 1)
@@ -354,7 +354,7 @@ def _phase_open(counters, phase, n_tasks, n_workers):
     return False
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True, cache=True)
 def _phase_done(counters, phase, n_tasks, n_workers):
     wait_for(counters, phase * (n_workers + 1) + n_workers, n_tasks[phase])
 
@@ -480,8 +480,9 @@ def _region_launch(n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, 
                    k_gu, starts_gu, k_down, starts_down, counts_down,
                    key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
                    qkv, attn, attn_out, gate_up, act, ffn_out, counters, n_tasks, chunks):
-    for worker in prange(n_workers):
-        _region_worker(worker, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias, v_bias, cos, sin,
+    for worker in prange(n_workers):   # an int64 index: the parfor's own is unsigned (a second compile)
+        _region_worker(np.int64(worker), n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias,
+                       v_bias, cos, sin,
                        k0, starts0, counts0, k1, starts1, counts1, k2, starts2, counts2, k_o, starts_o, counts_o,
                        k_gu, starts_gu, k_down, starts_down, counts_down,
                        key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
@@ -568,9 +569,9 @@ class FusedDecode:
         self.weights = weights
         self._products = products   # (block kind, k) of every product: whether the exact GEMM would take it
         self._compiled = {}   # (layer, rows, f16 keys, f16 values, one launch) -> the compiled entry point
-        #: one token on several threads: each layer in one launch (decode_layer_region) where it can; False: a
-        #: launch per product (decode_layer), as GGML_BACKEND_DECODE_STEP=launches asks
-        self.one_launch = decode_step_choice() == "fused"
+        #: one token on several threads: each layer in one launch (decode_layer_region) where it can, as
+        #: GGML_BACKEND_DECODE_STEP=region asks; False (the default): a launch per product (decode_layer)
+        self.one_launch = decode_step_choice() == "region"
 
     @classmethod
     def build(cls, model):
@@ -669,12 +670,13 @@ def _n_threads() -> int:
 
 def decode_step_choice() -> str:
     """``GGML_BACKEND_DECODE_STEP``: ``fused`` (the default) takes the compiled layers wherever the model allows
-    it, a layer in one launch for one token on several threads (``decode_layer_region``); ``launches`` the compiled
-    layers with a launch per product (``decode_layer``); ``python`` keeps every decode step on the Python path
-    (both for comparisons)."""
+    it (``decode_layer``, a launch per product); ``region`` does too, and runs a layer of one token on several
+    threads in one launch (``decode_layer_region``: 8% faster decode on two cores, but its first compile takes
+    about a minute more, which is why it is not the default yet); ``python`` keeps every decode step on the Python
+    path (for comparisons)."""
     choice = os.environ.get("GGML_BACKEND_DECODE_STEP", "fused")
-    if choice not in ("fused", "launches", "python"):
-        raise ValueError(f"GGML_BACKEND_DECODE_STEP must be 'fused', 'launches' or 'python', got {choice!r}")
+    if choice not in ("fused", "region", "python"):
+        raise ValueError(f"GGML_BACKEND_DECODE_STEP must be 'fused', 'region' or 'python', got {choice!r}")
     return choice
 
 
