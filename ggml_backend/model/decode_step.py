@@ -16,9 +16,10 @@ What it takes: layers whose weights are all block types with SIMD kernels (``dec
 few tokens (of one sequence or several) that the Python path would not give to the BLAS path or the integer GEMM.
 Anything else (a generic CPU, q8_0 caches, Gemma, GPU offload, longer prompts) takes the Python path, as does
 everything with ``GGML_BACKEND_DECODE_STEP=python``. With ``GGML_BACKEND_DECODE_STEP=region`` one token on several
-threads runs each layer in one parallel launch (``decode_layer_region``) instead of one per product and attention. Several tokens of one sequence (a speculative verification):
-2-core Zen 4, Qwen2.5-0.5B, alternating in one process: 2 tokens 24.3 against 28.6 ms on the Python path, 3 tokens
-30.9 against 34.9, 4 tokens 38.4 against 42.6 (one token: 15-17 ms).
+threads runs each layer in one parallel launch (``decode_layer_region``) instead of one per product and attention.
+Several tokens of one sequence (a speculative verification): 2-core Zen 4, Qwen2.5-0.5B, alternating in one
+process: 2 tokens 24.3 against 28.6 ms on the Python path, 3 tokens 30.9 against 34.9, 4 tokens 38.4 against 42.6
+(one token: 15-17 ms).
 """
 from __future__ import annotations
 
@@ -257,8 +258,8 @@ def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases,
 # --- one token on several threads: the whole layer in one parallel launch ---------------------------------------
 #
 # decode_layer launches each product and the attention on its own (five launches a layer), and the threads
-# between them wait in the threading layer, which puts a worker to sleep after a few microseconds idle: the small
-# launches (q/k/v and o, 0.5-0.6 MB) ran at 1.4x on two threads instead of the products' 1.8x. Here one launch
+# between them wait in the threading layer (tbb's idle worker sleeps): the small launches (q/k/v and o,
+# 0.5-0.6 MB) ran at 1.1-1.4x on two threads instead of the big products' 1.7-1.8x. Here one launch
 # runs the layer: each thread takes chunks of the products, the attention's heads, from shared counters
 # (claims.py), phase by phase, and waits (spinning) for the phase's last chunk before reading its results; the
 # norms and the activations' quantizing, which every thread of a phase needs, each thread computes for itself
