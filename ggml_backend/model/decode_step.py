@@ -598,7 +598,7 @@ class FusedDecode:
             qkv, gate_up, (wo,), (down,) = groups
             biases = tuple(_EMPTY_F32 if lin.bias is None else np.ascontiguousarray(lin.bias, np.float32)
                            for lin in (layer.wq, layer.wk, layer.wv))
-            gate_up_kind, _, gate_up_counts, gate_up_row_bytes, _ = gate_up[0]
+            _, _, gate_up_counts, gate_up_row_bytes, _ = gate_up[0]   # _feed_forward_act's one-launch rule
             one_launch = (gate_up[1][1].size == 0 and gate_up_counts.size == 2
                           and gate_up_counts.sum() * gate_up_row_bytes > HERE_MAX_BYTES)
             layers.append(_LayerArgs(np.ascontiguousarray(layer.attn_norm, np.float32), qkv, biases, wo,
