@@ -111,12 +111,13 @@ def test_matrices_of_one_file_share_one_launch_with_identical_results(isa):
         assert a.shape == b.shape and np.array_equal(a, b)
 
 
-@pytest.mark.skipif(len(SUPPORTED) < 2, reason="compares the avx512vnni path's wide q2_K / q3_K kernels with the avx2 "
+@pytest.mark.skipif(len(SUPPORTED) < 2, reason="compares the avx512vnni path's q2_K / q3_K kernels with the avx2 "
                     f"ones, and this CPU runs only {', '.join(isa.name for isa in SUPPORTED) or 'the generic kernels'}")
-@pytest.mark.parametrize("type_name", ["q2_K", "q3_K"])
-def test_the_wide_q2_K_q3_K_kernels_give_the_narrow_ones_bits(type_name):
-    """On AVX512-VNNI q2_K and q3_K take two 32-value groups per 512-bit register (decode._dots_wide); their integer
-    lanes are the 256-bit form's, so both paths give the same bits, alone and in a tile of tokens."""
+@pytest.mark.parametrize("type_name", ["q2_K", "q3_K", "q3_K_planes"])
+def test_the_avx512vnni_q2_K_q3_K_kernels_give_the_avx2_ones_bits(type_name):
+    """On AVX512-VNNI q2_K takes two 32-value groups per 512-bit register (decode._dots_wide) and q3_K scales its
+    pair sums by ``vpdpwssd``; their integer lanes are the AVX2 form's, so both paths give the same bits, alone and
+    in a tile of tokens."""
     rng = np.random.default_rng(3)
     weights = random_weights(type_name, 21, 3 * 256, rng)
     for n_tokens in (1, 5):

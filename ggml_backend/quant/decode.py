@@ -11,18 +11,18 @@ same integers), so each block's integer dot product is exactly ggml's. q4_0 (eve
 (AVX512-VNNI) take row lanes instead: the lanes of a register are weight rows, each row's block summed exactly
 (see "rows in lanes"). q2_K, q3_K and q6_K multiply their 16-value scales into ``vpmaddubsw``'s int16 pair sums
 (``scaled_dot``: ``vpdpwssd`` or ``vpmaddwd``, as ggml does, no ``vpmulld``), each group's scale words by one
-in-half ``vpshufb``; q6_K's -32 is taken off those pair sums, the offset's pair sums with the activations
-computed once per activation row (``offset_pairs``), and q3_K's -4 once per super-block, its scales times the
-activations' sums per 16 (``offset_bsums``).
+in-half ``vpshufb``; q3_K's -4 and q6_K's -32 are taken off those pair sums, the offset's pair sums with the
+activations computed once per activation row (``offset_pairs``), so that each lane holds the same integers on every
+path and in the exact GEMM (``gemm_k``, which multiplies q - 4 and q - 32).
 
 A kernel computes a row times one token (``_row_*``) or a tile of TILE tokens (``_tile_*``, which unpacks each
 weight block once for all of them, with the same block decoders and per-token steps, so each (row, token) result
 is the one-token kernel's bit for bit); ``matvec`` spreads the rows of one or several matrices over numba's threads
 in equal chunks, in one launch; ``matmul_few`` does the same for a few tokens, in tiles. ``dequantize_rows``
 expands weight rows to float32 for the prompt path with the same block decoders. The ``isa`` argument (see
-``simd.py``) picks the instructions and is part of each compiled signature. q2_K and q3_K, whose 2-bit quants of
-values l and 128 + l share a byte, take both halves of a super-block in one 512-bit register on AVX512-VNNI
-(``_dots_wide``) and fold the lanes back to the eight of the 256-bit form, whose integers they equal.
+``simd.py``) picks the instructions and is part of each compiled signature. q2_K, whose 2-bit quants of values l
+and 128 + l share a byte, takes both halves of a super-block in one 512-bit register on AVX512-VNNI (``_dots_wide``)
+and folds the lanes back to the eight of the 256-bit form, whose integers they equal.
 
 Layouts (bytes of one block; ``d``/``m``/``dmin`` are IEEE halves):
     q4_0  [d | 16 bytes: low nibbles = weights 0..15, high = 16..31]              w = q - 8
@@ -49,10 +49,10 @@ from numba.extending import NativeValue, intrinsic, overload, register_model, ty
 from .simd import (
     IsaType, add_bytes, add_f32x8, add_i32x8, as_bytes, bits_to_bytes, broadcast_scale_word, byte_scale_words,
     bytes_as_i32x16, dot_i8_i8, dot_u8_i8, fma_i32x8, fnma_i32x8, fold_halves_i32x16, group_scale_words,
-    high_nibbles_times_pairs, join_halves, load_16_bytes, load_16_bytes_twice, load_16_i32, load_32_bytes,
+    high_nibbles_times_pairs, load_16_bytes, load_16_bytes_twice, load_16_i32, load_32_bytes,
     load_64_bytes, load_8_i32, load_f16, load_f16_pair, load_f16_pair_times, load_u32, load_u64, low_nibbles, mul_i32x8,
-    offset_pair_sums, offset_scaled_dot, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8,
-    scale_halves_dot_words, scale_qword_halves, scale_word_halves, scaled_dot, shift_left, shift_right_and,
+    offset_pair_sums, or_bytes, pair_scales_i32x8, pairs_scaled_dot, prefetch, scale_pair_i32x8,
+    scale_qword_halves, scale_word_halves, scaled_dot, shift_left, shift_right_and,
     signed_dot_offset, splat_bytes, spread_scale_pairs, store_32_bytes, store_8_i32, store_dwords, store_halves_f32x8,
     store_scaled, sum_f32x8, to_scale_words, unpack_nibbles, word_dot_8, word_halves_down, zero_f32x8, zero_i32x16,
     zero_i32x8,
@@ -234,7 +234,7 @@ def lane_bias(xq, offset, isa):
 # ``x_scale`` float32 [n_tokens, k / block], ``x_sums`` float32 [n_tokens, k / 32] (q8_1's s: q4_1, q5_1),
 # ``x_bsums`` [n_tokens * k / 16] (q8_K's sums per 16: q2_K's, as int16 in ``paired_bsums``' order), ``bias``
 # int32 [n_tokens * k / 4] (token t at t * k / 4: the lane biases of ``lane_bias``, q4_K / q5_K's sums per 32 as int16
-# (``pair_sums``), q6_K's ``offset_pairs``, q3_K's ``offset_bsums``, or on AVX512-VNNI q2_K / q3_K's activations
+# (``pair_sums``), q3_K / q6_K's ``offset_pairs``, or on AVX512-VNNI q2_K's activations
 # reordered by ``joined_halves``), ``xu``: ``xq`` + 128 as unsigned bytes (the tiles of ``_unsigned_x`` kinds). ``kind``
 # is a ``Kind`` (a compile-time constant), so each kind's branches fold away.
 # ----------------------------------------------------------------------------------------------------------------
@@ -856,11 +856,13 @@ def _k_group_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
     ``_k_group_scales``), multiplied into the pair sums (``scaled_dot``, ggml's way; no ``vpmulld``). q6_K's -32
     is taken off those pair sums, the offset's pair sums with the token's values read from bias[g:g + 8]
     (``offset_pairs``: computed once per activation row, where a second ``vpmaddubsw`` per row and group had q6_K
-    read 12% slower on Zen 4 than lane biases and a ``vpmulld``); q3_K's -4 once per super-block after its groups
-    (``_tile_groups``). On AVX512-VNNI the scaled pairs start from zero and are added after (``vpdpwssd`` into
+    read 12% slower on Zen 4 than lane biases and a ``vpmulld``); q3_K's -4 the same way. Taken once per
+    super-block instead (its scales times the token's sums per 16 by one ``vpmaddwd``: 3% faster on AVX2) the same
+    sum lands in other lanes, and the float steps that follow give other bits than the exact GEMM (``gemm_k``) and
+    than the other paths. On AVX512-VNNI the scaled pairs start from zero and are added after (``vpdpwssd`` into
     ``sumi`` would chain eight dependent instructions per super-block)."""
     kc = kind_code(kind)
-    if kc == 5 or kc == 6:
+    if kc == 5:
         return scaled_dot(sumi, q, load_32_bytes(xq, x), scales, isa)
     return add_i32x8(sumi, pairs_scaled_dot(zero_i32x8(), q, load_32_bytes(xq, x), load_8_i32(bias, g), scales, isa))
 
@@ -910,62 +912,38 @@ def _dots_narrow(kind, w, o, xq, x, bias, g, k, width, isa):
 
 
 @njit(inline="always", **_KERNEL)
-def _pair_dot(kind, sumi, q, scales, joined, g, isa):
-    """sumi + one token's dot products of group j of both halves (``q``: 64 bytes) with that token's values of
-    both halves at joined[g:g + 16] (``joined_halves``), times their scales (``scaled_dot``: q3_K's -4 taken off
-    in the pair sums)."""
-    values = as_bytes(load_16_i32(joined, g))
-    if kind_code(kind) == 5:
-        return scaled_dot(sumi, q, values, scales, isa)
-    return offset_scaled_dot(sumi, q, values, scales, 4, isa)
-
-
-@njit(inline="always", **_KERNEL)
 def _dots_wide(kind, w, o, xq, x, bias, g, k, width, isa):
-    """``_super_block_dots`` for q2_K and q3_K on AVX512-VNNI: group j of both halves at once in 512-bit registers
-    (their 2-bit quants share bytes: one load and shift serve both), the sixteen scales expanded once per
-    super-block and spread to each pair of groups by one permute. The activations come from ``bias``, which holds
-    them in that order (``joined_halves``: one load per pair of groups instead of two and an insert)."""
+    """``_super_block_dots`` for q2_K on AVX512-VNNI: group j of both halves at once in 512-bit registers (their
+    2-bit quants share bytes: one load and shift serve both), the sixteen scales expanded once per super-block and
+    spread to each pair of groups by one permute. The activations come from ``bias``, which holds them in that
+    order (``joined_halves``: one load per pair of groups instead of two and an insert). q3_K takes the narrow
+    form on every path: one core of an AMD EPYC Zen 4 (which runs a 512-bit instruction as two 256-bit halves),
+    4096 x 4096 from memory, read 13.4 GB/s in this form (13.9-14.1 from q3_K's planes) against 16.1-16.8 in
+    the narrow one from the planes; q2_K 14.6-15.1 here against 13.8-14.1 narrow."""
     nt = tile_size(width)
-    kc = kind_code(kind)
     kq = k // 4
     scales = to_scale_words(_k_scales(kind, w, o))
-    planes = kind_layout(kind) == Q3_K_PLANES
-    if kc == 5:   # q2_K: 16 bytes of scale | min << 4, then the quants
-        packed = load_64_bytes(w, o + 16)
-        high = packed
-    elif planes:  # q3_K_planes: each pair of groups from ``_k_quants`` (the two halves' planes share no bytes)
-        packed = load_64_bytes(w, o)
-        high = packed
-    else:         # q3_K: hmask (bit 4 n + j of byte l: the third bit of value 128 n + 32 j + l), quants, scales
-        packed = load_64_bytes(w, o + 32)
-        hmask = load_32_bytes(w, o)
-        high = join_halves(hmask, shift_right_and(hmask, 4, 15))   # the second half's bits moved to bits 0-3
+    packed = load_64_bytes(w, o + 16)    # 16 bytes of scale | min << 4, then the quants
     i0 = zero_i32x16()
     i1 = zero_i32x16()
     i2 = zero_i32x16()
     i3 = zero_i32x16()
     for j in range(4):
-        if planes:
-            q = join_halves(_k_quants(kind, w, o, 0, j), _k_quants(kind, w, o, 1, j))
-        else:
-            q = shift_right_and(packed, 2 * j, 3)
-        if kc == 6 and not planes:
-            q = or_bytes(q, shift_left(shift_right_and(high, j, 1), 2))
+        q = shift_right_and(packed, 2 * j, 3)
         pair = spread_scale_pairs(scales, j)
-        i0 = _pair_dot(kind, i0, q, pair, bias, g + 16 * j, isa)
+        i0 = scaled_dot(i0, q, as_bytes(load_16_i32(bias, g + 16 * j)), pair, isa)
         if nt > 1:
-            i1 = _pair_dot(kind, i1, q, pair, bias, g + kq + 16 * j, isa)
+            i1 = scaled_dot(i1, q, as_bytes(load_16_i32(bias, g + kq + 16 * j)), pair, isa)
         if nt > 2:
-            i2 = _pair_dot(kind, i2, q, pair, bias, g + 2 * kq + 16 * j, isa)
+            i2 = scaled_dot(i2, q, as_bytes(load_16_i32(bias, g + 2 * kq + 16 * j)), pair, isa)
         if nt > 3:
-            i3 = _pair_dot(kind, i3, q, pair, bias, g + 3 * kq + 16 * j, isa)
+            i3 = scaled_dot(i3, q, as_bytes(load_16_i32(bias, g + 3 * kq + 16 * j)), pair, isa)
     return fold_halves_i32x16(i0), fold_halves_i32x16(i1), fold_halves_i32x16(i2), fold_halves_i32x16(i3)
 
 
 def _wide_dots(kind, isa) -> bool:
     """Whether ``_super_block_dots`` of this kind on this path is ``_dots_wide`` (at typing time)."""
-    return kind.code in (5, 6) and isa.wide
+    return kind.code == 5 and isa.wide
 
 
 @overload(_super_block_dots)   # not inline="always" at numba's level (its IR inlining warns here); LLVM inlines it
@@ -1016,20 +994,6 @@ def _tile_groups(kind, w, start, xq, k, x_scale, x_bsums, bias, t, width, isa):
             _prefetch_ahead(w, o, 2)
         i0, i1, i2, i3 = _super_block_dots(kind, w, o, xq, t * k + 256 * b, bias, t * (k // 4) + 64 * b, k,
                                            width, isa)
-        if kc == 6 and lane_rows(isa) == 8:
-            # q3_K's -4 on the 256-bit paths: its sixteen scales times the token's sums per 16 times -4
-            # (``offset_bsums``), one vpmaddwd a super-block where each group's pair sums took a vpsubw (one core
-            # of an AVX2 EPYC Zen 4, 4096 x 4096, alternating: 10.1 -> 10.4-10.5 GB/s)
-            # (the scale words of ``_q3_K_scale_source``, which the groups' scales came from: LLVM builds them once)
-            first, second = _q3_K_scale_source(kind, w, o)
-            e = t * (k // 4) + 8 * b
-            i0 = scale_halves_dot_words(i0, first, second, bias, e)
-            if nt > 1:
-                i1 = scale_halves_dot_words(i1, first, second, bias, e + k // 4)
-            if nt > 2:
-                i2 = scale_halves_dot_words(i2, first, second, bias, e + 2 * (k // 4))
-            if nt > 3:
-                i3 = scale_halves_dot_words(i3, first, second, bias, e + 3 * (k // 4))
         if kc == 5:   # the sums times d, then the minimums times dmin taken off (d, dmin by one conversion)
             s = t * kb + 16 * b
             packed = load_16_bytes_twice(w, o)
@@ -1555,28 +1519,17 @@ def joined_halves(xq):
 @njit(**_KERNEL)
 def offset_pairs(xq, offset):
     """int32 [k/4]: the int16 pair sums of ``offset`` x (``offset_pair_sums``) for each 32 values of ``xq``, sixteen
-    per eight int32, at the values' index / 4: what the narrow groups of q6_K (offset 32) take off
-    their pair sums (``pairs_scaled_dot``), computed once per activation row instead of once per row and group."""
+    per eight int32, at the values' index / 4: what the groups of q3_K (offset 4) and q6_K (32) take off their pair
+    sums (``pairs_scaled_dot``), computed once per activation row instead of once per row and group."""
     pairs = np.empty(xq.size // 4, np.int32)
     for g in range(xq.size // 32):
         store_8_i32(pairs, 8 * g, offset_pair_sums(offset, load_32_bytes(xq, 32 * g)))
     return pairs
 
 
-@njit(**_KERNEL)
-def offset_bsums(x_bsums, offset):
-    """int32 [k/32]: -offset times each of q8_K's sums per 16 (``x_bsums``, int32 [k/16]) as int16, two to a word in
-    order: q3_K's offset term on the 256-bit paths (``scale_halves_dot_words``). Each fits: 4 x 16 x 127."""
-    words = np.empty(x_bsums.size // 2, np.int32)
-    for i in range(words.size):
-        low = np.int32(-offset * x_bsums[2 * i]) & 0xFFFF
-        words[i] = low | (np.int32(-offset * x_bsums[2 * i + 1]) << 16)
-    return words
-
-
 def _k_group_terms(kind, xq, x_bsums, isa):
-    """``joined_halves(xq)`` where the kind's super-blocks take ``_dots_wide``, else q3_K's ``offset_bsums`` and
-    q6_K's ``offset_pairs`` (its offset, 32); an empty array for q2_K's narrow groups (and the kinds of other
+    """``joined_halves(xq)`` where the kind's super-blocks take ``_dots_wide``, else ``offset_pairs`` of q3_K's
+    offset (4) or q6_K's (32); an empty array for q2_K's narrow groups (and the kinds of other
     families, typed here too)."""
     raise NotImplementedError("decode._k_group_terms runs inside the compiled kernels only")
 
@@ -1588,7 +1541,7 @@ def _k_group_terms_of(kind, xq, x_bsums, isa):
     if _wide_dots(kind, isa):
         return lambda kind, xq, x_bsums, isa: joined_halves(xq)
     if kind.code == 6:
-        return lambda kind, xq, x_bsums, isa: offset_bsums(x_bsums, 4)
+        return lambda kind, xq, x_bsums, isa: offset_pairs(xq, 4)
     if kind.code == 9:
         return lambda kind, xq, x_bsums, isa: offset_pairs(xq, 32)
     return lambda kind, xq, x_bsums, isa: np.empty(0, np.int32)
@@ -1603,8 +1556,8 @@ _LANE_OFFSETS = (8, 0, 16, 0, 128)
 def _per_row_terms(kind, xq, x_bsums, isa):
     """What a kind's rows share for one activation row: the block starts of the row-lane kinds (q4_0, q8_0 on VNNI),
     the lane biases of a weight offset (q5_0, short q8_0 rows on VNNI), the q8_K sums per 32 (q4_K, q5_K), the
-    activations in ``_dots_wide``'s order (q2_K, q3_K on AVX512-VNNI), the pair sums of the weights' offset
-    (``offset_pairs``: q6_K) or -4 times the sums per 16 (``offset_bsums``: q3_K on the 256-bit paths); an empty
+    activations in ``_dots_wide``'s order (q2_K on AVX512-VNNI), the pair sums of the weights' offset
+    (``offset_pairs``: q3_K, q6_K); an empty
     array where a kind needs none of them."""
     code = kind_code(kind)
     if _takes_row_lanes(kind, xq.size, isa):

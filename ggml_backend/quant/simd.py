@@ -1095,20 +1095,6 @@ zero_i32x16 = _zeros(I32x16)
 
 
 @intrinsic
-def join_halves(typingctx, low, high):
-    """One vector of twice the lanes: ``low`` then ``high`` (two ``I8x32`` -> ``I8x64``, two ``I32x8`` ->
-    ``I32x16``; with ``high`` loaded from memory, one ``vinserti64x4``)."""
-    wide = {I8x32: I8x64, I32x8: I32x16}.get(low)
-    if wide is None or high != low:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.shuffle_vector(args[0], args[1], ir.Constant(ir.VectorType(_I32, wide.count),
-                                                                    list(range(wide.count))))
-    return wide(low, high), codegen
-
-
-@intrinsic
 def as_bytes(typingctx, vector):
     """The bytes of an ``I32x8`` (an ``I8x32``) or of an ``I32x16`` (an ``I8x64``): no instruction."""
     result = {I32x8: I8x32, I32x16: I8x64}.get(vector)
@@ -1214,26 +1200,6 @@ def scale_qword_halves(typingctx, low, high, offset):
 
 
 @intrinsic
-def scale_halves_dot_words(typingctx, acc, first, second, pairs, index):
-    """``acc`` + the sixteen scale words of ``scale_word_halves``' two registers (``first``: words 0-7 in both
-    128-bit halves, ``second``: 8-15), taken in order (the first's low half beside the second's high half: one
-    ``vpblendd``), times the sixteen int16 at int32 ``index`` of ``pairs`` (two to a word, in order), summed in
-    pairs: one ``vpmaddwd`` into eight int32 lanes (q3_K's offset term, with ``decode.offset_bsums``)."""
-    if not (acc == I32x8 and first == I32x8 and second == I32x8 and _is_typed_array(pairs, types.int32, index)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        words_type = ir.VectorType(_I16, 16)
-        in_order = builder.shuffle_vector(args[1], args[2], ir.Constant(ir.VectorType(_I32, 8),
-                                                                         [0, 1, 2, 3, 12, 13, 14, 15]))
-        data = context.make_array(sig.args[3])(context, builder, args[3]).data
-        sums = builder.load(builder.bitcast(builder.gep(data, [args[4]]), words_type.as_pointer()), align=4)
-        maddwd = _function(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type(), [words_type, words_type])
-        return builder.add(args[0], builder.call(maddwd, [builder.bitcast(in_order, words_type), sums]))
-    return I32x8(acc, first, second, pairs, index), codegen
-
-
-@intrinsic
 def group_scale_words(typingctx, halves, j):
     """The scale words of ``scaled_dot`` for group ``j`` (0-3) of a half super-block, from that half's register of
     ``scale_word_halves``: scale 2j in the int16 words of lanes 0-3, scale 2j + 1 in lanes 4-7. One ``vpshufb``
@@ -1329,10 +1295,9 @@ def scale_pair_i32x8(typingctx, scales, index):
 # float work of 16 (row, token) pairs at once, one per lane.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, offset, vnni: bool, offset_pairs=None):
-    """``acc`` plus ``vpmaddubsw``'s pair sums of unsigned x signed bytes (less those of ``offset`` x signed, when
-    an offset is given, or less ``offset_pairs``, those pair sums computed before: the weights' offset taken out in
-    int16) multiplied by ``scale_words`` and added in pairs into the int32 lanes: ``vpdpwssd`` with ``vnni``
+def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, vnni: bool, offset_pairs=None):
+    """``acc`` plus ``vpmaddubsw``'s pair sums of unsigned x signed bytes (less ``offset_pairs``, when given: the
+    pair sums of the weights' offset x signed, computed before, the offset taken out in int16) multiplied by ``scale_words`` and added in pairs into the int32 lanes: ``vpdpwssd`` with ``vnni``
     (AVX512-VNNI, AVX-VNNI), ``vpmaddwd`` and an add on AVX2. 32 or 64 bytes (64: AVX512-VNNI)."""
     n_bytes = unsigned.type.count
     bytes_type, words = ir.VectorType(_I8, n_bytes), ir.VectorType(_I16, n_bytes // 2)
@@ -1340,9 +1305,6 @@ def _scaled_pair_sums(builder, acc, unsigned, signed, scale_words, offset, vnni:
     maddubs = _function(builder, "llvm.x86.avx2.pmadd.ub.sw" if n_bytes == 32 else "llvm.x86.avx512.pmaddubs.w.512",
                         words, [bytes_type, bytes_type])
     pairs = builder.call(maddubs, [unsigned, signed])
-    if offset is not None:
-        pairs = builder.sub(pairs, builder.call(maddubs, [_splat_value(builder, builder.trunc(offset, _I8), n_bytes),
-                                                          signed]))
     if offset_pairs is not None:
         pairs = builder.sub(pairs, builder.bitcast(offset_pairs, words))
     factors = builder.bitcast(scale_words, words)
@@ -1374,30 +1336,15 @@ def scaled_dot(typingctx, acc, unsigned, signed, scale_words, isa):
     vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
-        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], None, vnni)
+        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], vnni)
     return acc(acc, unsigned, signed, scale_words, isa), codegen
-
-
-@intrinsic
-def offset_scaled_dot(typingctx, acc, unsigned, signed, scale_words, offset, isa):
-    """``scaled_dot`` of ``unsigned - offset`` (a weight stored with an offset, as q3_K's quants 0..7 for -4..3):
-    the offset's pair sums with ``signed`` taken off in int16 before the scale (exact while both pair sums and
-    their difference stay within 32767), so a kind with an offset needs no lane biases."""
-    if not _scaled_dot_types(acc, unsigned, signed, scale_words, isa) or not isinstance(offset, types.Integer):
-        return None
-    vnni = isa.vnni
-
-    def codegen(context, builder, sig, args):
-        offset_value = context.cast(builder, args[4], sig.args[4], types.int32)
-        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[3], offset_value, vnni)
-    return acc(acc, unsigned, signed, scale_words, offset, isa), codegen
 
 
 @intrinsic
 def offset_pair_sums(typingctx, offset, signed):
     """``vpmaddubsw``'s pair sums of ``offset`` (a byte, in every position) times the 32 signed bytes ``signed``:
-    sixteen int16 in an ``I32x8``, what ``offset_scaled_dot`` takes off in the pair sums, computed once per
-    activation row for ``pairs_scaled_dot``."""
+    sixteen int16 in an ``I32x8``, what ``pairs_scaled_dot`` takes off a weight's pair sums (as q6_K's -32),
+    computed once per activation row."""
     if not isinstance(offset, types.Integer) or signed != I8x32:
         return None
 
@@ -1411,15 +1358,17 @@ def offset_pair_sums(typingctx, offset, signed):
 
 @intrinsic
 def pairs_scaled_dot(typingctx, acc, unsigned, signed, offset_pairs, scale_words, isa):
-    """``offset_scaled_dot`` with the offset's pair sums given (``offset_pair_sums`` of the same ``signed``): the
-    same integers, one ``vpmaddubsw`` a group instead of two. ``I32x8`` accumulators."""
+    """``scaled_dot`` of ``unsigned - offset`` (a weight stored with an offset, as q6_K's quants 0..63 for -32..31),
+    the offset's pair sums with ``signed`` given (``offset_pair_sums``, computed once per activation row) and taken
+    off in int16 before the scale (exact while both pair sums and their difference stay within 32767): one
+    ``vpmaddubsw`` a group. ``I32x8`` accumulators."""
     if (acc != I32x8 or unsigned != I8x32 or signed != I8x32 or offset_pairs != I32x8 or scale_words != I32x8
             or not isinstance(isa, IsaType)):
         return None
     vnni = isa.vnni
 
     def codegen(context, builder, sig, args):
-        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[4], None, vnni, offset_pairs=args[3])
+        return _scaled_pair_sums(builder, args[0], args[1], args[2], args[4], vnni, offset_pairs=args[3])
     return I32x8(acc, unsigned, signed, offset_pairs, scale_words, isa), codegen
 
 
