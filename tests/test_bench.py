@@ -155,6 +155,20 @@ def test_bad_options_raise_value_errors(capsys):
     assert "unknown engine" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--scaling-models", "tiny-q4_0,7b-q5_1", "'7b-q5_1' is neither 0.5b"),
+    ("--positions", "10,x", "expected whole numbers"),
+    ("--positions", "10,5000", "5000 + 64 decode steps do not fit"),
+])
+def test_scaling_options_are_checked_before_anything_is_measured(monkeypatch, capsys, option, value, message):
+    """A typo in the last scaling model or position fails at once, before the basic figures' minutes of work."""
+    measured = []
+    monkeypatch.setattr(bench, "measure", lambda *args, **kwargs: measured.append(args) or {"error": "unexpected"})
+    assert main(["bench", "-m", str(synthetic_file("q4_0")), "--engines", "ggml_backend", "--scaling", option,
+                 value]) == 1
+    assert message in capsys.readouterr().err and measured == []
+
+
 def test_synthetic_model_is_written_once_and_runs(tmp_path):
     path = synthetic_model("tiny", "q8_0", tmp_path)
     assert path.stat().st_size > file_size_estimate(SHAPES["tiny"], "q8_0")

@@ -119,7 +119,7 @@ def add_arguments(parser) -> None:
                         help="also tables of speed against model size and against context position")
     parser.add_argument("--scaling-models", default="0.5b,1b-q4_0,1b-q8_0,7b-q4_0,7b-q8_0",
                         help="models of the size table: 0.5b (the -m model), SHAPE-TYPE synthetic ones (shapes "
-                             "1b, 7b, tiny; types q4_0, q8_0, q3_K) or file paths")
+                             "tiny, 1b, 7b, 13b; types q4_0, q8_0, q3_K) or file paths")
     parser.add_argument("--positions", default="50,512,1024,1900", help="positions of the context table")
     parser.add_argument("--bench-dir", default=None,
                         help="where synthetic models are written and reused (default ~/.cache/ggml_backend/bench "
@@ -327,20 +327,51 @@ def _validate(args) -> None:
                   args.deep_position + args.gen)
     if longest > args.ctx_size:
         raise ValueError(f"the figures need {longest} positions but the context holds {args.ctx_size} (-c)")
+    if args.scaling:     # checked before anything is measured: a typo must not cost a long run's figures
+        for spec in _list(args.scaling_models):
+            _check_scaling_spec(spec)
+        for position in _positions(args.positions):
+            if position < 0 or position + args.gen > args.ctx_size:
+                raise ValueError(f"--positions: {position} + {args.gen} decode steps do not fit the context "
+                                 f"{args.ctx_size} (-c)")
+
+
+def _list(spec: str) -> list[str]:
+    return [item.strip() for item in spec.split(",") if item.strip()]
+
+
+def _positions(spec: str) -> list[int]:
+    try:
+        return [int(item) for item in _list(spec)]
+    except ValueError:
+        raise ValueError(f"--positions: expected whole numbers separated by commas, got {spec!r}") from None
 
 
 # ------------------------------------------------------------------------------------------- scaling
 
-def _scaling_model_path(spec: str, default_model: str, directory, progress: bool) -> str:
-    from .bench_models import SHAPES, synthetic_model
+def _check_scaling_spec(spec: str) -> str:
+    """What a --scaling-models entry names: "default" (0.5b: the -m model), "synthetic" (SHAPE-TYPE) or "file";
+    ValueError for anything else."""
+    from .bench_models import SHAPES, WEIGHT_TYPES
     if spec == "0.5b":
-        return default_model
+        return "default"
     shape, _, weight_type = spec.partition("-")
-    if shape in SHAPES and weight_type in ("q4_0", "q8_0"):
-        return str(synthetic_model(shape, weight_type, directory, progress=progress))
+    if shape in SHAPES and weight_type in WEIGHT_TYPES:
+        return "synthetic"
     if not Path(spec).is_file():
-        raise ValueError(f"--scaling-models: {spec!r} is neither 0.5b, SHAPE-TYPE ({', '.join(SHAPES)} x q4_0, "
-                         f"q8_0) nor a file")
+        raise ValueError(f"--scaling-models: {spec!r} is neither 0.5b, SHAPE-TYPE ({', '.join(SHAPES)} x "
+                         f"{', '.join(WEIGHT_TYPES)}) nor a file")
+    return "file"
+
+
+def _scaling_model_path(spec: str, default_model: str, directory, progress: bool) -> str:
+    from .bench_models import synthetic_model
+    kind = _check_scaling_spec(spec)
+    if kind == "default":
+        return default_model
+    if kind == "synthetic":
+        shape, _, weight_type = spec.partition("-")
+        return str(synthetic_model(shape, weight_type, directory, progress=progress))
     return spec
 
 
@@ -349,7 +380,7 @@ def scaling_tables(engines: list[str], model: str, args) -> dict:
     --prompt-tokens long, the length the speed targets name: a 32-token one measured the few-token kernels, not
     prompt processing), and decode speed per position."""
     sizes = []
-    for spec in [s.strip() for s in args.scaling_models.split(",") if s.strip()]:
+    for spec in _list(args.scaling_models):
         path = _scaling_model_path(spec, model, args.bench_dir, progress=not args.json)
         facts = model_facts(path, args.ctx_size)
         big = facts["file_bytes"] > 2 * 1024 ** 3
@@ -367,9 +398,7 @@ def scaling_tables(engines: list[str], model: str, args) -> dict:
         sizes.append(row)
         _progress(f"size table: {spec} done", args)
     positions = []
-    for position in [int(p) for p in args.positions.split(",") if p.strip()]:
-        if position + args.gen > args.ctx_size:
-            raise ValueError(f"--positions: {position} + {args.gen} decode steps exceed the context {args.ctx_size}")
+    for position in _positions(args.positions):
         row = {"position": position, "figures": {}}
         for engine in engines:
             runs = [measure(engine, model, "decode", position, args.gen, threads=args.threads, n_ctx=args.ctx_size,

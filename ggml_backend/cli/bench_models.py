@@ -46,6 +46,7 @@ SHAPES = {
 }
 # llama.cpp's LLAMA_FTYPE of a file that is "mostly" this type
 _FILE_TYPES = {"q4_0": 2, "q8_0": 7, "q3_K": 11}
+WEIGHT_TYPES = tuple(_FILE_TYPES)     # the types a synthetic model's matrices can have
 # Where the half-float scale of each type lives in its block, and the standard deviation of a uniformly random
 # quant times its sub-block scale (q4_0: nibble-8; q8_0: int8; q6_K: 6-bit minus 32 times an int8 sub-block scale;
 # q3_K: 3-bit minus 4 times a 6-bit scale minus 32, sqrt(5.5 * 341.5)).
