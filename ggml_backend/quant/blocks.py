@@ -39,8 +39,8 @@ Block layouts (ggml-common.h; little-endian, d / m / dmin / s are IEEE halves, b
               128h + l + {0, 32, 64, 96} at bits {0-1, 2-3, 4-5, 6-7}
   q8_K  292 B d:f32 0-3 | qs:i8 4-259 | bsums:i16 260-291 (sums of 16 quants, for dot products)
 
-A layout no file holds, which the loader re-lays a file's q3_K into where the AVX2 kernels run it faster
-(kquants.q3_K_to_planes; types.MEMORY_ONLY):
+A layout no file holds, which the loader re-lays a file's q3_K into where the SIMD kernels run it faster
+(layouts.q3_K_to_planes; types.MEMORY_ONLY):
 
   q3_K_planes 110 B  planes 0-95 | scales 96-107 | d 108-109 (q3_K's scales and d, at q3_K's offsets)
               the three-bit quant q = low 2 bits | 3rd bit << 2 (0..7; value q - 4) of value 32 g + l (group g) in

@@ -44,7 +44,7 @@ class Isa:
     """An instruction-set path of the SIMD kernels (a compile-time constant of each kernel).
 
     ``avx512vnni``: ``vpdpbusd`` on 256-bit vectors (AVX512-VNNI + VL: Intel Ice Lake and later, AMD Zen 4), and
-    512-bit registers where a kernel has a wide form (sixteen row lanes, q2_K / q3_K's wide groups, the prompt GEMM);
+    512-bit registers where a kernel has a wide form (sixteen row lanes, q2_K's wide groups, the prompt GEMM);
     ``avxvnni``: the same 256-bit ``vpdpbusd`` / ``vpdpwssd`` (AVX-VNNI, VEX-encoded: Intel Alder Lake and later
     client CPUs, Sierra Forest Xeons: AVX2 without AVX-512), the narrow forms of every kernel;
     ``avx2``: ``vpmaddubsw`` + ``vpmaddwd`` (every x86-64 CPU with AVX2 and FMA)."""
