@@ -857,9 +857,9 @@ def _k_group_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
     is taken off those pair sums, the offset's pair sums with the token's values read from bias[g:g + 8]
     (``offset_pairs``: computed once per activation row, where a second ``vpmaddubsw`` per row and group had q6_K
     read 12% slower on Zen 4 than lane biases and a ``vpmulld``); q3_K's -4 the same way. Taken once per
-    super-block instead (its scales times the token's sums per 16 by one ``vpmaddwd``: 3% faster on AVX2) the same
-    sum lands in other lanes, and the float steps that follow give other bits than the exact GEMM (``gemm_k``) and
-    than the other paths. On AVX512-VNNI the scaled pairs start from zero and are added after (``vpdpwssd`` into
+    super-block instead (its scales times the token's sums per 16 by one ``vpmaddwd``: 3% faster on one AVX2 run,
+    within noise on another) the same sum lands in other lanes, and the float steps that follow give other bits
+    than the exact GEMM (``gemm_k``) and than the other paths. On AVX512-VNNI the scaled pairs start from zero and are added after (``vpdpwssd`` into
     ``sumi`` would chain eight dependent instructions per super-block)."""
     kc = kind_code(kind)
     if kc == 5:
@@ -918,8 +918,8 @@ def _dots_wide(kind, w, o, xq, x, bias, g, k, width, isa):
     spread to each pair of groups by one permute. The activations come from ``bias``, which holds them in that
     order (``joined_halves``: one load per pair of groups instead of two and an insert). q3_K takes the narrow
     form on every path: one core of an AMD EPYC Zen 4 (which runs a 512-bit instruction as two 256-bit halves),
-    4096 x 4096 from memory, read 13.4 GB/s in this form (13.9-14.1 from q3_K's planes) against 16.1-16.8 in
-    the narrow one from the planes; q2_K 14.6-15.1 here against 13.8-14.1 narrow."""
+    4096 x 4096 from memory, alternating processes, read 13.1-13.5 GB/s in this form (13.7-14.3 from q3_K's
+    planes) against 14.5-15.8 in the narrow one from the planes; q2_K 14.6-15.3 here against 13.8-14.1 narrow."""
     nt = tile_size(width)
     kq = k // 4
     scales = to_scale_words(_k_scales(kind, w, o))

@@ -6,7 +6,7 @@ three bits come from two places (two bits of ``qs``, one of ``hmask``), which ta
 eight groups of a super-block; the planes hold each group's three bits together, 19 operations. One core of an
 AVX2-only AMD EPYC Zen 4 (AVX-512 hidden by its VM), 4096 x 4096 from memory, alternating in one process: 10.65 ->
 12.75 GB/s (medians; 0.55 -> 0.65 of the 19.5 GB/s that core read then); a 7B-shaped q3_K model decodes 12-20%
-faster. With AVX-512 shown (the same Zen 4), the AVX512-VNNI path's 256-bit groups read 16.1-16.8 GB/s from the
+faster. With AVX-512 shown (the same Zen 4), the AVX512-VNNI path's 256-bit groups read 14.5-15.8 GB/s from the
 planes against 13.1-13.5 for its former 512-bit loop on the file's layout. The values, scales and d are q3_K's,
 and so are the results, bit for bit. CPUs without SIMD kernels keep the file's layout.
 
