@@ -32,8 +32,8 @@ from numba import carray, njit, prange
 from numba.extending import overload
 
 from ..quant.activations import _q8_0_row, _q8_K_row, _round_to_f16
-from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _constant_reader, _one_token_rows, kind_code,
-                            matmul_few, matvec, matvec_chunk, matvec_here, one_token_operands)
+from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _chunk_rows, _constant_reader, _one_token_rows,
+                            kind_code, matmul_few, matvec, matvec_chunk, matvec_here, one_token_operands)
 from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
 from .attention import SequencesAttention, _attention_many_kernel, _pointer_at, attention_head
 from .claims import claim, count_done, read_counter, wait_for
@@ -135,16 +135,24 @@ def _gate_up_swiglu(kind, w, starts, row_bytes, xq, x_scale, x_sums, x_bsums, ga
     ``matvec`` launch the SwiGLU ran on one thread: 0.24 ms of a two-thread decode step of Qwen2.5-0.5B (24 layers
     of 4,864 values). The same kernels and formula as the Python path, so the same numbers."""
     bias, min_sums, rows, scales, sums = one_token_operands(kind, xq, x_scale, x_sums, x_bsums, gate_up, isa)
-    n_ff = act.size
-    per_chunk = (n_ff + n_chunks - 1) // n_chunks
     for chunk in prange(n_chunks):
-        first = min(n_ff, chunk * per_chunk)
-        n = min(n_ff, first + per_chunk) - first
-        for m in range(2):
-            _one_token_rows(kind, w, starts[m] + first * row_bytes, row_bytes, n, xq, xq.size, scales, sums, min_sums,
-                            bias, rows, m * n_ff + first, isa)
-        for i in range(first, first + n):
-            act[i] = _swiglu_value(gate_up[i], gate_up[n_ff + i])
+        _gate_up_chunk(kind, w, starts, row_bytes, xq, scales, sums, min_sums, bias, rows, gate_up, act, chunk,
+                       n_chunks, isa)
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _gate_up_chunk(kind, w, starts, row_bytes, xq, scales, sums, min_sums, bias, rows, gate_up, act, chunk, n_chunks,
+                   isa):
+    """Chunk ``chunk`` of ``n_chunks`` (equal) of one token's gate and up rows (``one_token_operands``: bias,
+    min_sums, rows, scales, sums; rows writes gate_up: gate | up) and the SwiGLU of those rows into ``act`` (flat):
+    ``_gate_up_swiglu``'s and the one-launch layer's."""
+    n_ff = act.size
+    first, last = _chunk_rows(n_ff, chunk, n_chunks)
+    for m in range(2):
+        _one_token_rows(kind, w, starts[m] + first * row_bytes, row_bytes, last - first, xq, xq.size, scales, sums,
+                        min_sums, bias, rows, m * n_ff + first, isa)
+    for i in range(first, last):
+        act[i] = _swiglu_value(gate_up[i], gate_up[n_ff + i])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -362,9 +370,9 @@ def _phase_done(counters, phase, n_tasks, n_workers):
 
 # numba's parallel launches take arrays and scalars, not tuples: the launch and its workers take the layer's
 # arguments flattened, the integers in one array (in the order below), each group as its kind, starts and counts.
-(_N_HEAD, _N_HEAD_KV, _HEAD_DIM_K, _HEAD_DIM_V, _N_LAYER, _ROPE_DIMS, _NEOX, _IL, _WINDOW, _N_FF, _HALF_KEYS,
+(_N_HEAD, _N_HEAD_KV, _HEAD_DIM_K, _HEAD_DIM_V, _N_LAYER, _ROPE_DIMS, _NEOX, _IL, _WINDOW, _HALF_KEYS,
  _HALF_VALUES, _Q0_BYTES, _Q0_FIRST, _Q1_BYTES, _Q1_FIRST, _Q2_BYTES, _Q2_FIRST, _O_BYTES, _GU_BYTES,
- _DOWN_BYTES) = range(21)
+ _DOWN_BYTES) = range(20)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -379,7 +387,7 @@ def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_no
     head_dim_k, head_dim_v = ints[_HEAD_DIM_K], ints[_HEAD_DIM_V]
     layer_shape = (ints[_N_LAYER], n_head_kv, head_dim_k, head_dim_v)
     rope_dims, neox, il = ints[_ROPE_DIMS], ints[_NEOX] != 0, ints[_IL]
-    window, n_ff = ints[_WINDOW], ints[_N_FF]
+    window = ints[_WINDOW]
     half_keys, half_values = ints[_HALF_KEYS] != 0, ints[_HALF_VALUES] != 0
     n_q = n_head * head_dim_k
     n_k = n_head_kv * head_dim_k
@@ -453,19 +461,12 @@ def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_no
         xq, x_scale, x_sums, x_bsums = _quantized(k_gu, h)
         bias, min_sums, rows, scales, sums = one_token_operands(k_gu, xq[0], x_scale[0], x_sums[0], x_bsums[0],
                                                                 gate_up, isa)
-        n_chunks = n_tasks[_GATE_UP]
-        per_chunk = (n_ff + n_chunks - 1) // n_chunks
         while True:
             chunk = _claim_task(counters, _GATE_UP, n_tasks, me, n_workers)
             if chunk < 0:
                 break
-            first = min(n_ff, chunk * per_chunk)
-            n = min(n_ff, first + per_chunk) - first
-            for m in range(2):
-                _one_token_rows(k_gu, w, starts_gu[m] + first * row_bytes, row_bytes, n, xq[0], xq[0].size, scales,
-                                sums, min_sums, bias, rows, m * n_ff + first, isa)
-            for i in range(first, first + n):
-                act[0, i] = _swiglu_value(gate_up[i], gate_up[n_ff + i])
+            _gate_up_chunk(k_gu, w, starts_gu, row_bytes, xq[0], scales, sums, min_sums, bias, rows, gate_up, act[0],
+                           chunk, n_tasks[_GATE_UP], isa)
             _task_done(counters, _GATE_UP, n_workers)
     _phase_done(counters, _GATE_UP, n_tasks, n_workers)
     # down
@@ -512,7 +513,7 @@ def decode_layer_region(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases
                         _chunks_of(down, n_threads)])
     counters = np.zeros(_N_PHASES * (n_threads + 1), np.int64)
     ints = np.array([n_head, n_head_kv, head_dim_k, head_dim_v, layer_shape[0], rope_dims, int(neox), il, window,
-                     n_ff, int(half_keys), int(half_values), g0[3], g0[4], g1[3], g1[4], g2[3], g2[4], wo[3], gu[3],
+                     int(half_keys), int(half_values), g0[3], g0[4], g1[3], g1[4], g2[3], g2[4], wo[3], gu[3],
                      down[3]], np.int64)
     q_bias, k_bias, v_bias = biases
     _region_launch(n_threads, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias, v_bias, cos, sin,

@@ -1611,13 +1611,23 @@ def _min_sums_of(kind, x_bsums):
 
 
 @njit(inline="always", **_KERNEL)
-def _matrix_of_row(row_counts, first, m, matrix_first):
-    """The matrix (m) holding output row ``first`` and the output index of its first row, walking on from
-    matrix m whose first row is ``matrix_first``."""
+def _chunk_rows(total, chunk, n_chunks):
+    """Output rows first..last of chunk ``chunk`` of ``n_chunks`` equal chunks (in output order) of ``total``."""
+    per_chunk = (total + n_chunks - 1) // n_chunks
+    first = min(total, chunk * per_chunk)
+    return first, min(total, first + per_chunk)
+
+
+@njit(inline="always", **_KERNEL)
+def _piece(starts, row_counts, row_bytes, first, last):
+    """The rows from output row ``first`` (before ``last``) that one matrix holds: (the byte of the first, how
+    many). A launch's matrices are few (q, k, v at most), so the walk from the first matrix costs nothing."""
+    m = 0
+    matrix_first = 0
     while first >= matrix_first + row_counts[m]:
         matrix_first += row_counts[m]
         m += 1
-    return m, matrix_first
+    return starts[m] + (first - matrix_first) * row_bytes, min(last, matrix_first + row_counts[m]) - first
 
 
 @njit(inline="always", **_KERNEL)
@@ -1651,17 +1661,10 @@ def matvec(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bsums,
 def matvec_chunk(kind, w, starts, row_counts, row_bytes, xq, scales, sums, min_sums, bias, rows, chunk, n_chunks, isa):
     """Chunk ``chunk`` of ``n_chunks`` (equal, in output order) of ``matvec``'s rows, with its operands
     (``one_token_operands``: bias, min_sums, rows, scales, sums)."""
-    total = rows.shape[1]
-    per_chunk = (total + n_chunks - 1) // n_chunks
-    first = min(total, chunk * per_chunk)
-    last = min(total, first + per_chunk)
-    m = 0
-    matrix_first = 0
+    first, last = _chunk_rows(rows.shape[1], chunk, n_chunks)
     while first < last:
-        m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
-        n = min(last, matrix_first + row_counts[m]) - first
-        _one_token_rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, xq, xq.size,
-                        scales, sums, min_sums, bias, rows, first, isa)
+        start, n = _piece(starts, row_counts, row_bytes, first, last)
+        _one_token_rows(kind, w, start, row_bytes, n, xq, xq.size, scales, sums, min_sums, bias, rows, first, isa)
         first += n
 
 
@@ -1693,18 +1696,12 @@ def matmul_few(kind, w, starts, row_counts, row_bytes, xq, x_scale, x_sums, x_bs
     flat_xu = flat_xq.view(np.uint8) ^ np.uint8(128)   # x + 128 as unsigned bytes (see _unsigned_x)
     flat_bsums = _min_sums(kind, x_bsums.reshape(-1))
     flat_bias = bias.reshape(-1)
-    total = out.shape[1]
-    per_chunk = (total + n_chunks - 1) // n_chunks
     for chunk in prange(n_chunks):
-        first = min(total, chunk * per_chunk)
-        last = min(total, first + per_chunk)
-        m = 0
-        matrix_first = 0
+        first, last = _chunk_rows(out.shape[1], chunk, n_chunks)
         while first < last:
-            m, matrix_first = _matrix_of_row(row_counts, first, m, matrix_first)
-            n = min(last, matrix_first + row_counts[m]) - first
-            _rows(kind, w, starts[m] + (first - matrix_first) * row_bytes, row_bytes, n, flat_xq, flat_xu, k, x_scale,
-                  x_sums, flat_bsums, flat_bias, out, first, isa)
+            start, n = _piece(starts, row_counts, row_bytes, first, last)
+            _rows(kind, w, start, row_bytes, n, flat_xq, flat_xu, k, x_scale, x_sums, flat_bsums, flat_bias, out,
+                  first, isa)
             first += n
 
 
