@@ -43,7 +43,7 @@ def test_a_bad_setting_is_a_clear_error_when_a_model_opens(monkeypatch, tiny_pat
 def test_the_key_follows_what_the_kernels_depend_on(tiny_path):
     from ggml_backend import Llama
     llm = Llama(str(tiny_path), n_ctx=64, n_threads=1, verbose=False)
-    other = Llama(str(Path(tiny_path).with_name("tiny-llama-q8_0.gguf")), n_ctx=64, n_threads=1, verbose=False)
+    other = Llama(str(Path(tiny_path).with_name("tiny-llama-q2_K.gguf")), n_ctx=64, n_threads=1, verbose=False)
     key = kernel_key(llm.model, ("f16", "f16"))
     assert key == kernel_key(llm.model, ("f16", "f16"))
     assert key != kernel_key(llm.model, ("q8_0", "f16"))
