@@ -70,13 +70,15 @@ def _usable_cores() -> int | None:
         return os.cpu_count()
 
 
-def kernel_key(model, cache_types: tuple[str, str]) -> str:
+def kernel_key(model, cache_types: tuple[str, str], n_threads: int = 1) -> str:
     """What this model's kernels on this CPU depend on, as a digest: equal keys compile the same kernels (the
-    thread count is an argument of the kernels, not part of their types)."""
+    thread count is an argument of the kernels, not part of their types, but one token on one thread and on
+    several run different code: ``decode_step.one_token_code``)."""
     import llvmlite.binding as llvm
     import numba
 
     from . import _numba_cache
+    from .model.decode_step import one_token_code
     from .quant.matmul import KERNEL_ISA
     digest = hashlib.sha256()
 
@@ -90,7 +92,7 @@ def kernel_key(model, cache_types: tuple[str, str]) -> str:
     add(*(os.environ.get(name) for name in ("GGML_BACKEND_KERNELS", "GGML_BACKEND_RELAYOUT", "NUMBA_CPU_NAME",
                                             "NUMBA_CPU_FEATURES", "NUMBA_OPT", "NUMBA_THREADING_LAYER")))
     add(llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
-    add(model.hp.arch.name, tuple(cache_types))
+    add(model.hp.arch.name, tuple(cache_types), one_token_code(n_threads))
     add(sorted((name, getattr(tensor.type, "name", str(tensor.type)), tuple(tensor.shape))
                for name, tensor in model.file.tensors.items()))
     return digest.hexdigest()[:24]
@@ -136,7 +138,7 @@ def start_helpers(model, model_path: str, n_threads: int, cache_types: tuple[str
     if folder is None:
         return []
     try:
-        key = kernel_key(model, cache_types)
+        key = kernel_key(model, cache_types, n_threads)
     except OSError:    # a kernel source unreadable: nothing to key the markers on
         return []
     with _lock:

@@ -48,6 +48,8 @@ def test_the_key_follows_what_the_kernels_depend_on(tiny_path):
     assert key == kernel_key(llm.model, ("f16", "f16"))
     assert key != kernel_key(llm.model, ("q8_0", "f16"))
     assert key != kernel_key(other.model, ("f16", "f16"))
+    # one token on several threads runs each layer in one launch (other kernels); 2 or 8 threads, the same ones
+    assert kernel_key(llm.model, ("f16", "f16"), 2) == kernel_key(llm.model, ("f16", "f16"), 8) != key
     assert llm._compile_helpers == []       # GGML_BACKEND_COMPILE_HELPERS=0 (conftest): none started
     llm.close()
     other.close()

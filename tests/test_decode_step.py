@@ -1,6 +1,8 @@
 """The compiled decode step (model/decode_step.py) against the Python forward pass it replaces for a few tokens (one,
 or several of one sequence): the same logits and the same cache contents, bit for bit, on the real model and on the synthetic model of every
 block type; the models and caches it cannot take keep the Python path."""
+import os
+
 import numpy as np
 import pytest
 
@@ -192,10 +194,14 @@ def test_gate_up_and_swiglu_in_one_launch_give_the_separate_numbers(type_name):
         np.testing.assert_array_equal(act, expected)
 
 
-def _steps(path, monkeypatch, choice: str, n_steps: int = 4):
+def _steps(path, monkeypatch, choice: str | None, n_steps: int = 4):
     """Logits of ``n_steps`` one-token steps after PROMPT on two threads and the cache's stored keys and values,
-    with ``GGML_BACKEND_DECODE_STEP=choice``; and whether a layer ran in one launch (decode_layer_region)."""
-    monkeypatch.setenv("GGML_BACKEND_DECODE_STEP", choice)
+    with ``GGML_BACKEND_DECODE_STEP=choice`` (None: unset); and whether a layer ran in one launch
+    (decode_layer_region)."""
+    if choice is None:
+        monkeypatch.delenv("GGML_BACKEND_DECODE_STEP", raising=False)
+    else:
+        monkeypatch.setenv("GGML_BACKEND_DECODE_STEP", choice)
     llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
     llm.eval(PROMPT)
     for i in range(n_steps):
@@ -214,13 +220,13 @@ def _same_steps(a, b):
 
 
 def test_layer_in_one_launch_gives_the_launches_numbers(qwen_path, monkeypatch):
-    """One token on two threads with GGML_BACKEND_DECODE_STEP=region runs each layer in one parallel launch
-    (decode_layer_region) and gives the logits and cache of a launch per product (decode_layer, the default), bit
-    for bit."""
+    """One token on two threads runs each layer in one parallel launch (decode_layer_region: the default,
+    GGML_BACKEND_DECODE_STEP=region) and gives the logits and cache of a launch per product (decode_layer,
+    GGML_BACKEND_DECODE_STEP=fused), bit for bit."""
     import numba
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one launch a layer needs two threads, and numba has one on this machine")
-    one = _steps(qwen_path, monkeypatch, "region")
+    one = _steps(qwen_path, monkeypatch, None)
     per_product = _steps(qwen_path, monkeypatch, "fused")
     assert one[2] and not per_product[2]
     _same_steps(one, per_product)
@@ -236,6 +242,43 @@ def test_layer_in_one_launch_with_more_workers_than_threads(qwen_path, monkeypat
     stragglers = _steps(qwen_path, monkeypatch, "region")
     assert stragglers[2]
     _same_steps(stragglers, reference)
+
+
+_WORKER_CACHE_SCRIPT = """
+import sys
+from numba import types
+for i in range(int(sys.argv[2])):   # numba types made before: their serial numbers differ from the first process's
+    types.Array(types.float32, 1 + i % 4, "C", readonly=i % 2 == 0)
+from ggml_backend import Llama
+from ggml_backend.model import decode_step
+llm = Llama(sys.argv[1], n_ctx=64, n_threads=2, verbose=False)
+llm.eval(list(range(100, 110)))
+llm.eval([200])
+workers = decode_step._workers.values()
+print(len(workers), sum(worker.cache_hits for worker in workers))
+"""
+
+
+def test_the_layer_worker_loads_from_numbas_cache_in_another_process(qwen_path):
+    """The layer region's workers (a C function per layer kind, closing over its kinds and path) are compiled once
+    and loaded from numba's cache by later processes: their cache key covers what they close over, which must
+    pickle to the same bytes whatever the process typed before (a numba type's serial number once made every
+    process compile them again: 10 s at each first decode step)."""
+    import subprocess
+    import sys
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one launch a layer needs two threads, and numba has one on this machine")
+    env = dict(os.environ, GGML_BACKEND_COMPILE_HELPERS="0")   # numba's cache as the suite's (compiled once)
+    env.pop("GGML_BACKEND_DECODE_STEP", None)
+    counts = []
+    for types_before in (0, 37):
+        run = subprocess.run([sys.executable, "-c", _WORKER_CACHE_SCRIPT, str(qwen_path), str(types_before)],
+                             env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-2000:]
+        counts.append(tuple(int(n) for n in run.stdout.split()[-2:]))
+    (n_first, _), (n_second, hits) = counts
+    assert n_first == n_second >= 1 and hits == n_second
 
 
 def test_claims_hand_out_each_task_once_own_share_first():

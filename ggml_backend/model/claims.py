@@ -1,5 +1,6 @@
-"""Work shared by the threads of one parallel launch: atomic counters that hand out tasks and count them done, and a
-spin wait for a count (``decode_step``'s layer region, one launch for a whole layer of a decode step).
+"""Work shared by the threads of one parallel launch: atomic counters that hand out tasks and count them done, a
+spin wait for a count, and the call of a worker by its address (``decode_step``'s layer region, one launch for a
+whole layer of a decode step).
 
 The counters are int64 array elements updated by ``lock xadd`` (sequentially consistent: what a thread wrote before
 counting a task done is visible to a thread that reads the count). A thread waits only for tasks another thread has
@@ -57,6 +58,29 @@ def spin_pause(typingctx):
         builder.call(function, [])
         return context.get_dummy_value()
     return types.void(), codegen
+
+
+@intrinsic
+def call_worker(typingctx, address, me, n_workers, table, eps, scale):
+    """Call the C function at ``address`` (int64), ``void f(int64 me, int64 n_workers, int64 *table, float eps,
+    float scale)``, with the data of the int64 array ``table``: a compiled ``cfunc`` called by address is not linked
+    into the caller's code, so the caller's compile does not optimize the callee's again."""
+    if not (isinstance(address, types.Integer) and isinstance(me, types.Integer)
+            and isinstance(n_workers, types.Integer) and _is_counter_array(table, me)
+            and eps == types.float32 and scale == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        address, me, n_workers, table, eps, scale = args
+        i64 = ir.IntType(64)
+        function_type = ir.FunctionType(ir.VoidType(), [i64, i64, i64.as_pointer(), ir.FloatType(), ir.FloatType()])
+        function = builder.inttoptr(context.cast(builder, address, sig.args[0], types.int64),
+                                    function_type.as_pointer())
+        data = context.make_array(sig.args[3])(context, builder, table).data
+        builder.call(function, [context.cast(builder, me, sig.args[1], types.int64),
+                                context.cast(builder, n_workers, sig.args[2], types.int64), data, eps, scale])
+        return context.get_dummy_value()
+    return types.void(address, me, n_workers, table, eps, scale), codegen
 
 
 @njit(inline="always", nogil=True)

@@ -15,8 +15,8 @@ What it takes: layers whose weights are all block types with SIMD kernels (``dec
 (the model file's memory map), f32 or f16 caches, SiLU feed-forward without Gemma's extra norms, passes of a
 few tokens (of one sequence or several) that the Python path would not give to the BLAS path or the integer GEMM.
 Anything else (a generic CPU, q8_0 caches, Gemma, GPU offload, longer prompts) takes the Python path, as does
-everything with ``GGML_BACKEND_DECODE_STEP=python``. With ``GGML_BACKEND_DECODE_STEP=region`` one token on several
-threads runs each layer in one parallel launch (``decode_layer_region``) instead of one per product and attention.
+everything with ``GGML_BACKEND_DECODE_STEP=python``. One token on several threads runs each layer in one parallel
+launch (``decode_layer_region``) instead of one per product and attention (``GGML_BACKEND_DECODE_STEP=fused``).
 Several tokens of one sequence (a speculative verification): 2-core Zen 4, Qwen2.5-0.5B, alternating in one
 process: 2 tokens 24.3 against 28.6 ms on the Python path, 3 tokens 30.9 against 34.9, 4 tokens 38.4 against 42.6
 (one token: 15-17 ms).
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import carray, njit, prange
+from numba import carray, cfunc, njit, prange, types
+from numba.core.errors import TypingError
 from numba.extending import overload
 
 from ..quant.activations import _q8_0_row, _q8_K_row, _round_to_f16
@@ -36,7 +37,7 @@ from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _chunk_rows
                             kind_code, matmul_few, matvec, matvec_chunk, matvec_here, one_token_operands)
 from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
 from .attention import SequencesAttention, _attention_many_kernel, _pointer_at, attention_head
-from .claims import claim, count_done, read_counter, wait_for
+from .claims import call_worker, claim, count_done, read_counter, wait_for
 from .forward import _rms_norm_row, _swiglu_row, _swiglu_value
 from .kv_cache import _write_half_tokens
 from .rope import _rotate, rope_cos_sin
@@ -368,37 +369,87 @@ def _phase_done(counters, phase, n_tasks, n_workers):
     wait_for(counters, phase * (n_workers + 1) + n_workers, n_tasks[phase])
 
 
-# numba's parallel launches take arrays and scalars, not tuples: the launch and its workers take the layer's
-# arguments flattened, the integers in one array (in the order below), each group as its kind, starts and counts.
+# The launch's arrays reach its workers as rows of one int64 table, (address, first dimension, second dimension) each,
+# in the order below, and the worker is a C function (``region_worker``, one per layer kind) that the launch calls by
+# its address. numba's parallel launches take arrays and scalars, not tuples, and a launch whose body calls a
+# compiled function links that function's kernels and optimizes them again, twice, as does each caller above it:
+# with the worker called directly and its 50 arguments flattened, a layer kind took 19 s to compile (Zen 4), 5 of
+# them the worker's own; called by address, the launch compiles once for every kind, in a fraction of a second.
+(_T_X, _T_W, _T_INTS, _T_ATTN_NORM, _T_FFN_NORM, _T_Q_BIAS, _T_K_BIAS, _T_V_BIAS, _T_COS, _T_SIN, _T_STARTS0,
+ _T_COUNTS0, _T_STARTS1, _T_COUNTS1, _T_STARTS2, _T_COUNTS2, _T_STARTS_O, _T_COUNTS_O, _T_STARTS_GU, _T_STARTS_DOWN,
+ _T_COUNTS_DOWN, _T_KEY_AT, _T_VALUE_AT, _T_KEY_CAPACITY, _T_VALUE_CAPACITY, _T_SEQUENCE, _T_POSITIONS, _T_QKV,
+ _T_ATTN, _T_ATTN_OUT, _T_GATE_UP, _T_ACT, _T_FFN_OUT, _T_COUNTERS, _T_N_TASKS, _T_CHUNKS) = range(36)
+_N_SLOTS = 36
+# the integers, in one array (the table's _INTS)
 (_N_HEAD, _N_HEAD_KV, _HEAD_DIM_K, _HEAD_DIM_V, _N_LAYER, _ROPE_DIMS, _NEOX, _IL, _WINDOW, _HALF_KEYS,
  _HALF_VALUES, _Q0_BYTES, _Q0_FIRST, _Q1_BYTES, _Q1_FIRST, _Q2_BYTES, _Q2_FIRST, _O_BYTES, _GU_BYTES,
  _DOWN_BYTES) = range(20)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias, v_bias, cos, sin,
-                   k0, starts0, counts0, k1, starts1, counts1, k2, starts2, counts2, k_o, starts_o, counts_o,
-                   k_gu, starts_gu, k_down, starts_down, counts_down,
-                   key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
-                   qkv, attn, attn_out, gate_up, act, ffn_out, counters, n_tasks, chunks):
+def _put(table, slot, array, dtype):
+    """Row ``slot`` of a launch's table: the array's address and dimensions (the second 0 for a vector); the array
+    must be C-contiguous and of ``dtype`` (the worker reads it so), which its compile checks."""
+    raise NotImplementedError("decode_step._put runs inside compiled code only")
+
+
+@overload(_put, inline="always")
+def _put_of(table, slot, array, dtype):
+    if not (isinstance(array, types.Array) and array.layout == "C" and array.ndim in (1, 2)
+            and array.dtype == getattr(dtype, "dtype", None)):
+        raise TypingError(f"the layer region's table takes C-contiguous vectors or matrices of {dtype}, got {array}")
+    if array.ndim == 1:
+        def put_vector(table, slot, array, dtype):
+            table[3 * slot] = array.ctypes.data
+            table[3 * slot + 1] = array.size
+            table[3 * slot + 2] = 0
+        return put_vector
+
+    def put_matrix(table, slot, array, dtype):
+        table[3 * slot] = array.ctypes.data
+        table[3 * slot + 1] = array.shape[0]
+        table[3 * slot + 2] = array.shape[1]
+    return put_matrix
+
+
+@njit(inline="always")
+def _vector(table, slot, dtype):
+    return carray(_pointer_at(table[3 * slot]), (table[3 * slot + 1],), dtype)
+
+
+@njit(inline="always")
+def _matrix(table, slot, dtype):
+    return carray(_pointer_at(table[3 * slot]), (table[3 * slot + 1], table[3 * slot + 2]), dtype)
+
+
+@njit(inline="always", nogil=True, error_model="numpy")
+def _region_worker(me, n_workers, table, eps, scale, isa, kinds, key_like, value_like):
     """One thread's part of ``decode_layer_region``'s launch (see the comment above): every phase's chunks it
-    claims, then the wait for the phase's last."""
+    claims, then the wait for the phase's last. ``kinds``: the block kinds of q, k, v, o, gate-up and down."""
+    k0, k1, k2, k_o, k_gu, k_down = kinds
+    f32, i64 = np.float32, np.int64
+    x, w, ints = _matrix(table, _T_X, f32), _vector(table, _T_W, np.uint8), _vector(table, _T_INTS, i64)
+    cos, sin = _matrix(table, _T_COS, f32), _matrix(table, _T_SIN, f32)
+    sequence, positions = _vector(table, _T_SEQUENCE, i64), _vector(table, _T_POSITIONS, i64)
+    qkv, attn_out, act = _matrix(table, _T_QKV, f32), _matrix(table, _T_ATTN_OUT, f32), _matrix(table, _T_ACT, f32)
+    counters, n_tasks = _vector(table, _T_COUNTERS, i64), _vector(table, _T_N_TASKS, i64)
+    chunks = _vector(table, _T_CHUNKS, i64)
     n_head, n_head_kv = ints[_N_HEAD], ints[_N_HEAD_KV]
     head_dim_k, head_dim_v = ints[_HEAD_DIM_K], ints[_HEAD_DIM_V]
+    attn = _vector(table, _T_ATTN, f32).reshape(1, n_head, head_dim_v)
     layer_shape = (ints[_N_LAYER], n_head_kv, head_dim_k, head_dim_v)
     rope_dims, neox, il = ints[_ROPE_DIMS], ints[_NEOX] != 0, ints[_IL]
     window = ints[_WINDOW]
     half_keys, half_values = ints[_HALF_KEYS] != 0, ints[_HALF_VALUES] != 0
     n_q = n_head * head_dim_k
     n_k = n_head_kv * head_dim_k
-    g0 = (k0, starts0, counts0, ints[_Q0_BYTES], ints[_Q0_FIRST])
-    g1 = (k1, starts1, counts1, ints[_Q1_BYTES], ints[_Q1_FIRST])
-    g2 = (k2, starts2, counts2, ints[_Q2_BYTES], ints[_Q2_FIRST])
-    wo = (k_o, starts_o, counts_o, ints[_O_BYTES], 0)
-    down = (k_down, starts_down, counts_down, ints[_DOWN_BYTES], 0)
+    g0 = (k0, _vector(table, _T_STARTS0, i64), _vector(table, _T_COUNTS0, i64), ints[_Q0_BYTES], ints[_Q0_FIRST])
+    g1 = (k1, _vector(table, _T_STARTS1, i64), _vector(table, _T_COUNTS1, i64), ints[_Q1_BYTES], ints[_Q1_FIRST])
+    g2 = (k2, _vector(table, _T_STARTS2, i64), _vector(table, _T_COUNTS2, i64), ints[_Q2_BYTES], ints[_Q2_FIRST])
+    wo = (k_o, _vector(table, _T_STARTS_O, i64), _vector(table, _T_COUNTS_O, i64), ints[_O_BYTES], 0)
+    down = (k_down, _vector(table, _T_STARTS_DOWN, i64), _vector(table, _T_COUNTS_DOWN, i64), ints[_DOWN_BYTES], 0)
     # q, k, v
     if _phase_open(counters, _QKV, n_tasks, n_workers):
-        h = _norm(x, attn_norm, eps)
+        h = _norm(x, _vector(table, _T_ATTN_NORM, f32), eps)
         ops0 = _group_operands(g0, h, qkv, isa)
         ops1 = _group_operands(g1, h, qkv, isa)
         ops2 = _group_operands(g2, h, qkv, isa)
@@ -418,11 +469,13 @@ def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_no
     # the new key and value into each sequence's cache (one task)
     if _phase_open(counters, _STORE, n_tasks, n_workers) and _claim_task(counters, _STORE, n_tasks, me,
                                                                       n_workers) == 0:
+        key_at, value_at = _vector(table, _T_KEY_AT, i64), _vector(table, _T_VALUE_AT, i64)
+        key_capacity, value_capacity = _vector(table, _T_KEY_CAPACITY, i64), _vector(table, _T_VALUE_CAPACITY, i64)
         k = qkv[:, n_q:n_q + n_k].copy()   # copies: the bias and rope go on this thread's own
-        _add_bias(k, 0, k_bias)
+        _add_bias(k, 0, _vector(table, _T_K_BIAS, f32))
         k = k.reshape(1, n_head_kv, head_dim_k)
         v = qkv[:, n_q + n_k:].copy()
-        _add_bias(v, 0, v_bias)
+        _add_bias(v, 0, _vector(table, _T_V_BIAS, f32))
         v = v.reshape(1, n_head_kv, head_dim_v)
         _rotate(k, cos, sin, rope_dims, neox)
         _store(key_at, key_capacity, key_like, half_keys, layer_shape, il, sequence, positions, k)
@@ -432,16 +485,17 @@ def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_no
     # attention, one head a task
     if _phase_open(counters, _ATTENTION, n_tasks, n_workers):
         q = qkv[:, :n_q].copy()
-        _add_bias(q, 0, q_bias)
+        _add_bias(q, 0, _vector(table, _T_Q_BIAS, f32))
         q = q.reshape(1, n_head, head_dim_k)
         _rotate(q, cos, sin, rope_dims, neox)
         if half_keys:
             _round_to_f16(q.reshape(-1))
         s = sequence[0]
-        keys = carray(_pointer_at(key_at[s]), (layer_shape[0], n_head_kv, key_capacity[s], head_dim_k),
-                      key_like.dtype)[il]
-        values = carray(_pointer_at(value_at[s]), (layer_shape[0], n_head_kv, value_capacity[s], head_dim_v),
-                        value_like.dtype)[il]
+        key_capacity, value_capacity = _vector(table, _T_KEY_CAPACITY, i64), _vector(table, _T_VALUE_CAPACITY, i64)
+        keys = carray(_pointer_at(_vector(table, _T_KEY_AT, i64)[s]),
+                      (layer_shape[0], n_head_kv, key_capacity[s], head_dim_k), key_like.dtype)[il]
+        values = carray(_pointer_at(_vector(table, _T_VALUE_AT, i64)[s]),
+                        (layer_shape[0], n_head_kv, value_capacity[s], head_dim_v), value_like.dtype)[il]
         while True:
             head = _claim_task(counters, _ATTENTION, n_tasks, me, n_workers)
             if head < 0:
@@ -456,8 +510,8 @@ def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_no
     _phase_done(counters, _OUTPUT, n_tasks, n_workers)
     # gate and up, and their SwiGLU (``_gate_up_swiglu``'s chunks)
     if _phase_open(counters, _GATE_UP, n_tasks, n_workers):
-        h = _norm(x + attn_out, ffn_norm, eps)
-        row_bytes = ints[_GU_BYTES]
+        h = _norm(x + attn_out, _vector(table, _T_FFN_NORM, f32), eps)
+        gate_up = _vector(table, _T_GATE_UP, f32)
         xq, x_scale, x_sums, x_bsums = _quantized(k_gu, h)
         bias, min_sums, rows, scales, sums = one_token_operands(k_gu, xq[0], x_scale[0], x_sums[0], x_bsums[0],
                                                                 gate_up, isa)
@@ -465,43 +519,64 @@ def _region_worker(me, n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_no
             chunk = _claim_task(counters, _GATE_UP, n_tasks, me, n_workers)
             if chunk < 0:
                 break
-            _gate_up_chunk(k_gu, w, starts_gu, row_bytes, xq[0], scales, sums, min_sums, bias, rows, gate_up, act[0],
-                           chunk, n_tasks[_GATE_UP], isa)
+            _gate_up_chunk(k_gu, w, _vector(table, _T_STARTS_GU, i64), ints[_GU_BYTES], xq[0], scales, sums, min_sums,
+                           bias, rows, gate_up, act[0], chunk, n_tasks[_GATE_UP], isa)
             _task_done(counters, _GATE_UP, n_workers)
     _phase_done(counters, _GATE_UP, n_tasks, n_workers)
     # down
     if _phase_open(counters, _DOWN, n_tasks, n_workers):
-        ops = _group_operands(down, act, ffn_out, isa)
+        ops = _group_operands(down, act, _matrix(table, _T_FFN_OUT, f32), isa)
         _product_chunks(counters, _DOWN, n_tasks, me, n_workers, down, ops, w, isa)
     _phase_done(counters, _DOWN, n_tasks, n_workers)
 
 
-@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _region_launch(n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias, v_bias, cos, sin,
-                   k0, starts0, counts0, k1, starts1, counts1, k2, starts2, counts2, k_o, starts_o, counts_o,
-                   k_gu, starts_gu, k_down, starts_down, counts_down,
-                   key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
-                   qkv, attn, attn_out, gate_up, act, ffn_out, counters, n_tasks, chunks):
-    for worker in prange(n_workers):   # an int64 index: the parfor's own is unsigned (a second compile)
-        _region_worker(np.int64(worker), n_workers, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias,
-                       v_bias, cos, sin,
-                       k0, starts0, counts0, k1, starts1, counts1, k2, starts2, counts2, k_o, starts_o, counts_o,
-                       k_gu, starts_gu, k_down, starts_down, counts_down,
-                       key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
-                       qkv, attn, attn_out, gate_up, act, ffn_out, counters, n_tasks, chunks)
+_WORKER_SIGNATURE = types.void(types.int64, types.int64, types.CPointer(types.int64), types.float32, types.float32)
+_workers = {}   # (kinds, isa, key dtype, value dtype) -> its compiled worker (kept: the launch calls its address)
+
+
+def region_worker(kinds: tuple, isa, key_dtype, value_dtype) -> int:
+    """The address of ``decode_layer_region``'s worker for layers of these block kinds (q, k, v, o, gate-up, down)
+    and cache dtypes on this path: a C function (me, n_workers, table, eps, scale), compiled on first use (numba
+    caches it on disk: its key covers the constants it closes over)."""
+    key = (kinds, isa, np.dtype(key_dtype), np.dtype(value_dtype))
+    worker = _workers.get(key)
+    if worker is None:
+        key_like, value_like = np.empty(0, key_dtype), np.empty(0, value_dtype)
+
+        @cfunc(_WORKER_SIGNATURE, nogil=True, cache=True, error_model="numpy")
+        def worker(me, n_workers, table, eps, scale):
+            _region_worker(me, n_workers, carray(table, (3 * _N_SLOTS,)), eps, scale, isa, kinds, key_like,
+                           value_like)
+        worker = _workers[key] = worker
+    return worker.address
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _region_launch(worker, n_workers, table, eps, scale):
+    for me in prange(n_workers):   # an int64 index: the parfor's own is unsigned
+        call_worker(worker, np.int64(me), n_workers, table, eps, scale)
+
+
+@njit(nogil=True)
+def _alive(*arrays):
+    """Nothing: a use of the arrays after the launch (numba frees an array after its last use in a function, and the
+    launch reads those of the table by address)."""
+    return len(arrays)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def decode_layer_region(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox,
-                        caches, il, sequence, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down):
+                        caches, il, sequence, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down,
+                        worker):
     """``decode_layer`` for one token on ``n_threads`` (> 1) threads in one parallel launch (see above), for layers
-    whose gate and up are one group of two matrices (``_gate_up_swiglu``'s); the same new x, bit for bit."""
+    whose gate and up are one group of two matrices (``_gate_up_swiglu``'s); the same new x, bit for bit.
+    ``worker``: ``region_worker``'s address for the layer's kinds and caches."""
     n_head, n_head_kv, head_dim_k, head_dim_v = shape
     key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, half_keys, half_values = caches
     n_q = n_head * head_dim_k
     n_k = n_head_kv * head_dim_k
     qkv = np.empty((1, n_q + n_k + n_head_kv * head_dim_v), np.float32)
-    attn = np.empty((1, n_head, head_dim_v), np.float32)
+    attn = np.empty(n_head * head_dim_v, np.float32)
     attn_out = np.empty_like(x)
     gate_up = np.empty(2 * n_ff, np.float32)
     act = np.empty((1, n_ff), np.float32)
@@ -516,11 +591,45 @@ def decode_layer_region(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases
                      int(half_keys), int(half_values), g0[3], g0[4], g1[3], g1[4], g2[3], g2[4], wo[3], gu[3],
                      down[3]], np.int64)
     q_bias, k_bias, v_bias = biases
-    _region_launch(n_threads, x, w, isa, ints, eps, scale, attn_norm, ffn_norm, q_bias, k_bias, v_bias, cos, sin,
-                   g0[0], g0[1], g0[2], g1[0], g1[1], g1[2], g2[0], g2[1], g2[2], wo[0], wo[1], wo[2],
-                   gu[0], gu[1], down[0], down[1], down[2],
-                   key_at, value_at, key_capacity, value_capacity, key_like, value_like, sequence, positions,
-                   qkv, attn, attn_out, gate_up, act, ffn_out, counters, n_tasks, chunks)
+    table = np.empty(3 * _N_SLOTS, np.int64)
+    _put(table, _T_W, w, np.uint8)
+    _put(table, _T_INTS, ints, np.int64)
+    _put(table, _T_ATTN_NORM, attn_norm, np.float32)
+    _put(table, _T_FFN_NORM, ffn_norm, np.float32)
+    _put(table, _T_Q_BIAS, q_bias, np.float32)
+    _put(table, _T_K_BIAS, k_bias, np.float32)
+    _put(table, _T_V_BIAS, v_bias, np.float32)
+    _put(table, _T_STARTS0, g0[1], np.int64)
+    _put(table, _T_COUNTS0, g0[2], np.int64)
+    _put(table, _T_STARTS1, g1[1], np.int64)
+    _put(table, _T_COUNTS1, g1[2], np.int64)
+    _put(table, _T_STARTS2, g2[1], np.int64)
+    _put(table, _T_COUNTS2, g2[2], np.int64)
+    _put(table, _T_STARTS_O, wo[1], np.int64)
+    _put(table, _T_COUNTS_O, wo[2], np.int64)
+    _put(table, _T_STARTS_GU, gu[1], np.int64)
+    _put(table, _T_STARTS_DOWN, down[1], np.int64)
+    _put(table, _T_COUNTS_DOWN, down[2], np.int64)
+    _put(table, _T_KEY_AT, key_at, np.int64)
+    _put(table, _T_VALUE_AT, value_at, np.int64)
+    _put(table, _T_KEY_CAPACITY, key_capacity, np.int64)
+    _put(table, _T_VALUE_CAPACITY, value_capacity, np.int64)
+    _put(table, _T_SEQUENCE, sequence, np.int64)
+    _put(table, _T_POSITIONS, positions, np.int64)
+    _put(table, _T_ATTN, attn, np.float32)
+    _put(table, _T_GATE_UP, gate_up, np.float32)
+    _put(table, _T_COUNTERS, counters, np.int64)
+    _put(table, _T_N_TASKS, n_tasks, np.int64)
+    _put(table, _T_CHUNKS, chunks, np.int64)
+    _put(table, _T_X, x, np.float32)
+    _put(table, _T_COS, cos, np.float32)
+    _put(table, _T_SIN, sin, np.float32)
+    _put(table, _T_QKV, qkv, np.float32)
+    _put(table, _T_ATTN_OUT, attn_out, np.float32)
+    _put(table, _T_ACT, act, np.float32)
+    _put(table, _T_FFN_OUT, ffn_out, np.float32)
+    _region_launch(worker, n_threads, table, eps, scale)
+    _alive(qkv, attn, gate_up, act, counters, n_tasks, chunks, ints, table)
     x = x + attn_out
     return x + ffn_out
 
@@ -571,8 +680,8 @@ class FusedDecode:
         self.weights = weights
         self._products = products   # (block kind, k) of every product: whether the exact GEMM would take it
         self._compiled = {}   # (layer, rows, f16 keys, f16 values, one launch) -> the compiled entry point
-        #: one token on several threads: each layer in one launch (decode_layer_region) where it can, as
-        #: GGML_BACKEND_DECODE_STEP=region asks; False (the default): a launch per product (decode_layer)
+        #: one token on several threads: each layer in one launch (decode_layer_region) where it can (the default,
+        #: GGML_BACKEND_DECODE_STEP=region); False (``fused``): a launch per product (decode_layer)
         self.one_launch = decode_step_choice() == "region"
 
     @classmethod
@@ -647,8 +756,13 @@ class FusedDecode:
                     layer.biases, shape, cos, sin, hp.rope_dims, neox, cache_args, il, sequence, positions,
                     layer.window, scale, layer.wo, layer.ffn_norm, layer.gate_up_groups, hp.n_ff, layer.down)
             one_launch = self.one_launch and layer.one_launch and rows is ONE_TOKEN and n_threads > 1
-            function = decode_layer_region if one_launch else decode_layer
-            if not one_launch:
+            if one_launch:
+                function = decode_layer_region
+                kinds = tuple(group[0] for group in layer.qkv_groups) + (layer.wo[0], layer.gate_up_groups[0][0],
+                                                                          layer.down[0])
+                args = args + (region_worker(kinds, KERNEL_ISA, cache_args[5].dtype, cache_args[6].dtype),)
+            else:
+                function = decode_layer
                 args = (rows,) + args
             # numba's dispatcher types each argument before each call, and the tuples here (each a block kind
             # and arrays) took it 20 us an element: 90 us a group, ~0.6 ms a layer. The compiled function for
@@ -671,15 +785,21 @@ def _n_threads() -> int:
 
 
 def decode_step_choice() -> str:
-    """``GGML_BACKEND_DECODE_STEP``: ``fused`` (the default) takes the compiled layers wherever the model allows
-    it (``decode_layer``, a launch per product); ``region`` does too, and runs a layer of one token on several
-    threads in one launch (``decode_layer_region``: 8% faster decode on two cores, but its first compile takes
-    about a minute more, which is why it is not the default yet); ``python`` keeps every decode step on the Python
-    path (for comparisons)."""
-    choice = os.environ.get("GGML_BACKEND_DECODE_STEP", "fused")
+    """``GGML_BACKEND_DECODE_STEP``: ``region`` (the default) takes the compiled layers wherever the model allows it
+    and runs a layer of one token on several threads in one launch (``decode_layer_region``); ``fused`` takes the
+    compiled layers with a launch per product (``decode_layer``: 8-12% slower decode on two Zen 4 cores); ``python``
+    keeps every decode step on the Python path (for comparisons)."""
+    choice = os.environ.get("GGML_BACKEND_DECODE_STEP", "region")
     if choice not in ("fused", "region", "python"):
-        raise ValueError(f"GGML_BACKEND_DECODE_STEP must be 'fused', 'region' or 'python', got {choice!r}")
+        raise ValueError(f"GGML_BACKEND_DECODE_STEP must be 'region', 'fused' or 'python', got {choice!r}")
     return choice
+
+
+def one_token_code(n_threads: int) -> str:
+    """Which compiled code a one-token pass on ``n_threads`` threads runs (a layer of Qwen2.5-0.5B's shape):
+    ``region``, ``fused`` or ``python`` (the compile helpers key their markers on it)."""
+    choice = decode_step_choice()
+    return "fused" if choice == "region" and n_threads < 2 else choice
 
 
 def fused_decode_enabled() -> bool:

@@ -274,6 +274,11 @@ class KernelConstant:
             self._type = ConstantType(self.label, self.code, self.layout)
         return self._type
 
+    def __getstate__(self):
+        # as Isa's: without the numba type made on first use (numba's cache keys a kernel that closes over constants
+        # on their pickled bytes, and a type's fields include a per-process serial number)
+        return {**self.__dict__, "_type": None}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 

@@ -28,6 +28,7 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.core.datamodel import models
+from numba.core.imputils import lower_constant
 from numba.extending import NativeValue, intrinsic, register_model, typeof_impl, unbox
 
 _I8 = ir.IntType(8)
@@ -63,6 +64,11 @@ class Isa:
             self._type = IsaType(self.name)
         return self._type
 
+    def __getstate__(self):
+        # without the numba type made on first use (its fields include a per-process serial number): numba's cache
+        # keys a kernel that closes over a path on its pickled bytes (decode_step's layer worker)
+        return {**self.__dict__, "_type": None}
+
     def __repr__(self) -> str:
         return f"Isa({self.name!r})"
 
@@ -94,6 +100,12 @@ register_model(IsaType)(models.OpaqueModel)
 @unbox(IsaType)
 def _unbox_isa(typ, obj, c):
     return NativeValue(c.context.get_dummy_value())
+
+
+@lower_constant(IsaType)
+def _lower_isa(context, builder, typ, value):
+    # a path named as a constant in a kernel (decode_step's layer worker closes over it): its value is its type
+    return context.get_dummy_value()
 
 
 def host_features() -> set[str]:
