@@ -547,7 +547,8 @@ def region_worker(kinds: tuple, isa, key_dtype, value_dtype) -> int:
         def worker(me, n_workers, table, eps, scale):
             _region_worker(me, n_workers, carray(table, (3 * _N_SLOTS,)), eps, scale, isa, kinds, key_like,
                            value_like)
-        worker = _workers[key] = worker
+        # the first of two threads that compiled it at once: the other's is dropped before any launch calls it
+        worker = _workers.setdefault(key, worker)
     return worker.address
 
 
@@ -680,6 +681,7 @@ class FusedDecode:
         self.weights = weights
         self._products = products   # (block kind, k) of every product: whether the exact GEMM would take it
         self._compiled = {}   # (layer, rows, f16 keys, f16 values, one launch) -> the compiled entry point
+        self._workers = {}    # (layer, key dtype, value dtype) -> its region worker's address
         #: one token on several threads: each layer in one launch (decode_layer_region) where it can (the default,
         #: GGML_BACKEND_DECODE_STEP=region); False (``fused``): a launch per product (decode_layer)
         self.one_launch = decode_step_choice() == "region"
@@ -758,9 +760,7 @@ class FusedDecode:
             one_launch = self.one_launch and layer.one_launch and rows is ONE_TOKEN and n_threads > 1
             if one_launch:
                 function = decode_layer_region
-                kinds = tuple(group[0] for group in layer.qkv_groups) + (layer.wo[0], layer.gate_up_groups[0][0],
-                                                                          layer.down[0])
-                args = args + (region_worker(kinds, KERNEL_ISA, cache_args[5].dtype, cache_args[6].dtype),)
+                args = args + (self._worker(il, cache_args[5].dtype, cache_args[6].dtype),)
             else:
                 function = decode_layer
                 args = (rows,) + args
@@ -776,6 +776,18 @@ class FusedDecode:
             else:
                 x = compiled(*args)
         return x
+
+
+    def _worker(self, il: int, key_dtype, value_dtype) -> int:
+        """``region_worker``'s address for layer ``il`` and these cache dtypes (looked up once)."""
+        key = (il, key_dtype, value_dtype)
+        address = self._workers.get(key)
+        if address is None:
+            layer = self.layers[il]
+            kinds = tuple(group[0] for group in layer.qkv_groups) + (layer.wo[0], layer.gate_up_groups[0][0],
+                                                                      layer.down[0])
+            address = self._workers[key] = region_worker(kinds, KERNEL_ISA, key_dtype, value_dtype)
+        return address
 
 
 def _n_threads() -> int:
