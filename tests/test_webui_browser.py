@@ -51,11 +51,30 @@ def user_data(tmp_path_factory):
     return tmp_path_factory.mktemp("webui-user-data")
 
 
+def _patient_url_ok(url: str) -> bool:
+    """gradio's check that its own page answers before ``launch`` returns (``networking.url_ok``), with more time:
+    gradio gives up at the first request that takes 3 s, which a 2-core machine under the suite's other worker
+    (compiling kernels) once took, and ``launch`` then failed (a fresh clone's run, 7 December)."""
+    import httpx
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.head(url, timeout=10).status_code in (200, 401, 301, 302, 303, 307, 308):
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 @pytest.fixture(scope="module")
 def app_url(user_data):
+    from gradio import networking
     port = free_port()
-    demo = launch(Llama(default_model_path(), n_ctx=1024, verbose=False), port=port, prevent_thread_lock=True,
-                  quiet=True, user_data_dir=user_data)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(networking, "url_ok", _patient_url_ok)
+        demo = launch(Llama(default_model_path(), n_ctx=1024, verbose=False), port=port, prevent_thread_lock=True,
+                      quiet=True, user_data_dir=user_data)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
