@@ -799,8 +799,8 @@ def _n_threads() -> int:
 def decode_step_choice() -> str:
     """``GGML_BACKEND_DECODE_STEP``: ``region`` (the default) takes the compiled layers wherever the model allows it
     and runs a layer of one token on several threads in one launch (``decode_layer_region``); ``fused`` takes the
-    compiled layers with a launch per product (``decode_layer``: 8-12% slower decode on two Zen 4 cores); ``python``
-    keeps every decode step on the Python path (for comparisons)."""
+    compiled layers with a launch per product (``decode_layer``: 4-12% slower decode on two Zen 4 cores, measured
+    alternating); ``python`` keeps every decode step on the Python path (for comparisons)."""
     choice = os.environ.get("GGML_BACKEND_DECODE_STEP", "region")
     if choice not in ("fused", "region", "python"):
         raise ValueError(f"GGML_BACKEND_DECODE_STEP must be 'region', 'fused' or 'python', got {choice!r}")
