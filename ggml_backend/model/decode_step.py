@@ -430,6 +430,8 @@ def _region_worker(me, n_workers, table, eps, scale, isa, kinds, key_like, value
     x, w, ints = _matrix(table, _T_X, f32), _vector(table, _T_W, np.uint8), _vector(table, _T_INTS, i64)
     cos, sin = _matrix(table, _T_COS, f32), _matrix(table, _T_SIN, f32)
     sequence, positions = _vector(table, _T_SEQUENCE, i64), _vector(table, _T_POSITIONS, i64)
+    key_at, value_at = _vector(table, _T_KEY_AT, i64), _vector(table, _T_VALUE_AT, i64)
+    key_capacity, value_capacity = _vector(table, _T_KEY_CAPACITY, i64), _vector(table, _T_VALUE_CAPACITY, i64)
     qkv, attn_out, act = _matrix(table, _T_QKV, f32), _matrix(table, _T_ATTN_OUT, f32), _matrix(table, _T_ACT, f32)
     counters, n_tasks = _vector(table, _T_COUNTERS, i64), _vector(table, _T_N_TASKS, i64)
     chunks = _vector(table, _T_CHUNKS, i64)
@@ -469,8 +471,6 @@ def _region_worker(me, n_workers, table, eps, scale, isa, kinds, key_like, value
     # the new key and value into each sequence's cache (one task)
     if _phase_open(counters, _STORE, n_tasks, n_workers) and _claim_task(counters, _STORE, n_tasks, me,
                                                                       n_workers) == 0:
-        key_at, value_at = _vector(table, _T_KEY_AT, i64), _vector(table, _T_VALUE_AT, i64)
-        key_capacity, value_capacity = _vector(table, _T_KEY_CAPACITY, i64), _vector(table, _T_VALUE_CAPACITY, i64)
         k = qkv[:, n_q:n_q + n_k].copy()   # copies: the bias and rope go on this thread's own
         _add_bias(k, 0, _vector(table, _T_K_BIAS, f32))
         k = k.reshape(1, n_head_kv, head_dim_k)
@@ -491,11 +491,10 @@ def _region_worker(me, n_workers, table, eps, scale, isa, kinds, key_like, value
         if half_keys:
             _round_to_f16(q.reshape(-1))
         s = sequence[0]
-        key_capacity, value_capacity = _vector(table, _T_KEY_CAPACITY, i64), _vector(table, _T_VALUE_CAPACITY, i64)
-        keys = carray(_pointer_at(_vector(table, _T_KEY_AT, i64)[s]),
-                      (layer_shape[0], n_head_kv, key_capacity[s], head_dim_k), key_like.dtype)[il]
-        values = carray(_pointer_at(_vector(table, _T_VALUE_AT, i64)[s]),
-                        (layer_shape[0], n_head_kv, value_capacity[s], head_dim_v), value_like.dtype)[il]
+        keys = carray(_pointer_at(key_at[s]), (layer_shape[0], n_head_kv, key_capacity[s], head_dim_k),
+                      key_like.dtype)[il]
+        values = carray(_pointer_at(value_at[s]), (layer_shape[0], n_head_kv, value_capacity[s], head_dim_v),
+                        value_like.dtype)[il]
         while True:
             head = _claim_task(counters, _ATTENTION, n_tasks, me, n_workers)
             if head < 0:

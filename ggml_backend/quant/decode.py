@@ -864,8 +864,8 @@ def _k_group_dot(kind, sumi, q, scales, xq, x, bias, g, isa):
     read 12% slower on Zen 4 than lane biases and a ``vpmulld``); q3_K's -4 the same way. Taken once per
     super-block instead (its scales times the token's sums per 16 by one ``vpmaddwd``: 3% faster on one AVX2 run,
     within noise on another) the same sum lands in other lanes, and the float steps that follow give other bits
-    than the exact GEMM (``gemm_k``) and than the other paths. On AVX512-VNNI the scaled pairs start from zero and are added after (``vpdpwssd`` into
-    ``sumi`` would chain eight dependent instructions per super-block)."""
+    than the exact GEMM (``gemm_k``) and than the other paths. On AVX512-VNNI the scaled pairs start from zero and
+    are added after (``vpdpwssd`` into ``sumi`` would chain eight dependent instructions per super-block)."""
     kc = kind_code(kind)
     if kc == 5:
         return scaled_dot(sumi, q, load_32_bytes(xq, x), scales, isa)
