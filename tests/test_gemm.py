@@ -59,8 +59,9 @@ def test_every_kind_matches_the_integer_kernels(name):
 @pytest.mark.parametrize("name", ["q8_0", "q5_0", "q3_K", "q6_K"])
 def test_the_prompt_gemm_sums_each_group_exactly(name):
     """The prompt GEMM's numbers for a row: each group's exact integer dot product scaled by the row's and the
-    token's scales, added in float32 one group after the other (llama.cpp's order), near the float64 product of
-    the quantized activations and the dequantized weights; 5 full row panels and one of 3 rows, 19 tokens."""
+    token's scales, added in float32 one group after the other (llama.cpp's order; q3_K per super-block, see
+    the next test), near the float64 product of the quantized activations and the dequantized weights; 5 full row
+    panels and one of 3 rows, 19 tokens."""
     from ggml_backend.quant.matmul import quantize_activations
     k = 512
     w = weights(name, 83, k, seed=9)
@@ -72,6 +73,34 @@ def test_the_prompt_gemm_sums_each_group_exactly(name):
     reference = qx @ values.T
     bound = 2e-6 * (np.abs(qx) @ np.abs(values).T) + 1e-6
     assert np.all(np.abs(got - reference) <= bound)
+
+
+def test_q3_K_prompt_gemm_sums_each_super_block_in_integers():
+    """q3_K's prompt GEMM: per super-block the exact integer sum of scale * q * x over its 256 values (the panel
+    folds the scales into the quants on the VNNI paths; AVX2 adds the groups' sums exactly in float32), times
+    d_w * d_x once, added in float32 super-block after super-block. The reference reads scale * q from the
+    dequantized weights with each block's d set to 1 (exact small integers) and does the float steps in float64
+    (exact: the sums stay below 2 ** 22), rounding each to float32 as a fused multiply-add does."""
+    from ggml_backend.quant.matmul import quantize_activations
+    n_rows, k, n_tokens = 37, 1024, 19
+    w = weights("q3_K", n_rows, k, seed=21)
+    x = activations(n_tokens, k, seed=22)
+    got = matmul("q3_K", w, x, method="gemm")
+    blocks = w.reshape(n_rows, k // 256, 110)
+    d_w = blocks[:, :, 108:110].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    unit = blocks.copy()
+    unit[:, :, 108:110] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    scaled_q = WeightMatrix("q3_K", unit.reshape(n_rows, -1), (n_rows, k)).dequantize()
+    assert np.array_equal(scaled_q, np.round(scaled_q)) and np.abs(scaled_q).max() <= 128
+    acts = quantize_activations("q8_K", x)
+    sums = np.einsum("rbv,tbv->trb", scaled_q.astype(np.int64).reshape(n_rows, -1, 256),
+                     acts.qs.astype(np.int64).reshape(n_tokens, -1, 256))
+    expected = np.zeros((n_tokens, n_rows), np.float32)
+    for b in range(k // 256):
+        scale = (d_w[None, :, b] * acts.d[:, b, None]).astype(np.float32)
+        expected = (sums[:, :, b].astype(np.float64) * scale.astype(np.float64)
+                    + expected.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(got, expected)
 
 
 @pytest.mark.parametrize("name", ["q5_0", "q4_K", "q4_1", "q6_K"])

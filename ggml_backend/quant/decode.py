@@ -63,7 +63,7 @@ from .simd import (
     add_i32x16, dot_u8_i8_x64, fifth_bits_x8, five_bit_block_sums_x8, flip_sign_bits, fma_float_lanes, fma_lanes,
     half_sums, has_vnni, lane_rows, load_f16_8_rows, load_f16_rows, load_rows_2x16, load_rows_4x16, load_u32_8_rows,
     nibble_block_sums_x8, prefetch_to_l2, splat_dword_x64, splat_i32, splat_lane_floats,
-    store_f32_lanes, transpose_dwords, transpose_row_pairs, zero_lanes,
+    store_f32_lanes, times_byte_halves, transpose_dwords, transpose_row_pairs, zero_lanes,
 )
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
@@ -1896,7 +1896,13 @@ def _walk_q6_K(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_s
 
 @njit(inline="always", **_KERNEL)
 def _walk_q3_K(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_scale, lane_offset, isa):
+    # The prompt GEMM's row panel (``_ROW_PANEL``) sums a whole super-block in integers (gemm.py, ``_row_tile``):
+    # on the VNNI paths its quants are folded with their groups' scales, -scale * q (-32..31 times -4..3:
+    # -128..124, a signed byte) with -d as the rows' scale; on AVX2 (whose byte products must stay small) they stay
+    # q, the groups' integer scales go as floats into ``lane_scale`` and d into ``lane_offset``, which q3_K has no
+    # other use for. Both give sum(scale * q * x) exactly, then one float step per super-block.
     zero = np.float32(0.0)
+    row_panel = sink_code(sink) == 2
     for b in range(v0 // 256, v1 // 256):
         x = base + 256 * b
         o = row + 110 * b
@@ -1905,12 +1911,19 @@ def _walk_q3_K(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_s
         for n in range(2):
             for j in range(4):
                 g = 8 * n + 2 * j
-                q = _k_quants(kind, w, o, n, j)
+                q = add_bytes(_k_quants(kind, w, o, n, j), splat_bytes(-4))
                 pair = words[g // 4] >> (8 * (g % 4))     # scales g and g + 1 (g is even)
-                scale_a = d * np.float32((pair & 0xFF) - 32)
-                scale_b = d * np.float32(((pair >> 8) & 0xFF) - 32)
-                _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
-                      add_bytes(q, splat_bytes(-4)), scale_a, scale_b, zero, zero, isa)
+                int_a = np.int32(pair & 0xFF) - 32
+                int_b = np.int32((pair >> 8) & 0xFF) - 32
+                if row_panel and has_vnni(isa):
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                          times_byte_halves(q, -int_a, -int_b), -d, -d, zero, zero, isa)
+                elif row_panel:
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                          q, np.float32(int_a), np.float32(int_b), d, d, isa)
+                else:
+                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                          q, d * np.float32(int_a), d * np.float32(int_b), zero, zero, isa)
 
 
 @njit(inline="always", **_KERNEL)

@@ -22,14 +22,20 @@ scale (32, or 16 for q2_K, q3_K, q6_K) and per token of a register tile (8 token
 
 that is 11 instructions per 512 multiply-adds of a 32-group where a tile of 16 lanes of values spends 32, and the
 results come out as 16 rows per store, with no horizontal sums. Each row's groups are summed exactly and added in
-float32 one after the other, as llama.cpp's repacked kernels do. 2x the lane kernel on Zen 5 for every type. AVX2
+float32 one after the other, as llama.cpp's repacked kernels do. 2x the lane kernel on Zen 5 for every type.
+q3_K's groups of 16 spent as many float steps as integer ones; its 6-bit scales times its 3-bit quants still fit a
+byte (-scale * q: -128..124), so on the VNNI paths the panel holds them folded and a whole super-block is one
+integer sum (64 ``vpdpbusd`` per token and register, then one float step with -d), which is also llama.cpp's
+order for a q3_K row (integers over the super-block, then d * d_x). AVX2 gets the same bits group by group (below).
+Two Zen 4 cores: 4096 x 4096 by 256 tokens 213 -> 255 GMAC/s, a 7B-shaped q3_K prompt 28 -> 35 tok/s. AVX2
 has no ``vpdpbusd``: ``vpmaddubsw`` sums pairs of unsigned x signed products into int16, which q + 128 times x
 could pass, so there the sides swap: the panel keeps the signed q (at most 32 in magnitude for every kind but
 q8_0), the tokens' bytes are x + 128 (unsigned), and each group starts from -128 * the rows' sums of q, kept beside
 the panel; ``vpmaddwd`` with ones then adds the pairs into the int32 lanes. q8_0's quants reach 127, so it
 multiplies signed by signed instead: the panel's absolute values by the token's bytes with the panel's signs
 (``vpsignb``, ggml's ``mul_sum_i8_pairs``; its activations stay within -127..127), from zero. The integers are the
-same, so every path's prompt kernel gives the same numbers bit for bit. Measured on a Sapphire
+same, so every path's prompt kernel gives the same numbers bit for bit (q3_K on AVX2: each group's exact sum times
+its integer scale added in float32, exact below 2 ** 24, then the super-block's float step). Measured on a Sapphire
 Rapids Xeon with the code compiled for an Alder Lake (AVX-VNNI) and for a Zen 3 (AVX2; see benchmarks/README.md):
 prompts 1.7x / 1.5x those of dequantize + sgemm, 2.0x / 1.5x llama.cpp built for those instruction sets.
 
@@ -575,6 +581,27 @@ def _group_values(kind):
     return 16 if kind_code(kind) in GROUPS_OF_16 else 32
 
 
+#: q3_K, whose prompt kernel sums each super-block in integers (``_row_tile``)
+Q3_K = 6
+
+
+def row_group_values(code: int, isa) -> int:
+    """Values the prompt kernel sums in integers before its float step, for a kind (decode.KINDS code) on path
+    ``isa``: a whole super-block for q3_K on the VNNI paths (its panel's quants are folded with their groups'
+    scales: decode._walk_q3_K), else the kind's group (16 or 32). Which of ``GemmTokens.row_groups`` it reads."""
+    if code == Q3_K and isa.vnni:
+        return 256
+    return 16 if code in GROUPS_OF_16 else 32
+
+
+@njit(inline="always", **_KERNEL)
+def _row_group_values(kind, isa):
+    """``row_group_values`` inside the kernels (a constant)."""
+    if kind_code(kind) == Q3_K and has_vnni(isa):
+        return 256
+    return _group_values(kind)
+
+
 def _panel_dot(kind, acc, panel, p, xs, x, isa):
     """``acc`` plus the panel's dword column at byte ``p`` times the token's four bytes at xs[x]: unsigned by signed
     (``dot_panel_dword``), or signed by signed where ``_signed_panel`` (``dot_signed_panel_dword``)."""
@@ -665,8 +692,12 @@ def _store_rows(out, n_cols, n_tokens, t, column, n_valid, f0, f1, f2, f3, f4, f
 def _row_tile(kind, quants, sums, scale, offsets, k, xs, starts, x_scales, n_groups, xsum, n_sums, t, out, n_cols,
               n_tokens, column, n_valid, isa):
     """Tokens t .. t + _tile_tokens(isa) - 1 times the panel's rows (P = lane_rows(isa)) into out (flat, n_cols
-    per token) from ``column``."""
-    group = _group_values(kind)
+    per token) from ``column``. q3_K sums each super-block exactly before one float step (llama.cpp's order for
+    its rows): on the VNNI paths in one piece (``_row_group_values``: the panel holds -scale * q, its scale is -d),
+    on AVX2 group by group, each group's integer sum times its integer scale added in float32 (exact: the sums
+    stay below 2 ** 22), then times d and the token's scale."""
+    group = _row_group_values(kind, isa)
+    q3_K_groups = kind_code(kind) == Q3_K and not has_vnni(isa)
     n = lane_rows(isa)
     f0 = zero_lanes(isa)
     f1 = zero_lanes(isa)
@@ -676,6 +707,10 @@ def _row_tile(kind, quants, sums, scale, offsets, k, xs, starts, x_scales, n_gro
     f5 = zero_lanes(isa)
     f6 = zero_lanes(isa)
     f7 = zero_lanes(isa)
+    e0 = zero_lanes(isa)     # q3_K on AVX2: the super-block's sums (four tokens there)
+    e1 = e0
+    e2 = e0
+    e3 = e0
     for g in range(0, k, group):
         i = t * n_groups + g // group
         h = g // 16
@@ -712,9 +747,24 @@ def _row_tile(kind, quants, sums, scale, offsets, k, xs, starts, x_scales, n_gro
         for j in range(group // 4):
             a0, a1, a2, a3, a4, a5, a6, a7 = _dword_step(kind, a0, a1, a2, a3, a4, a5, a6, a7, quants,
                                                          n * (g + 4 * j), xs, x + 4 * j, k, isa)
-        f0, f1, f2, f3, f4, f5, f6, f7 = _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6, a7,
-                                                     load_lane_floats(scale, n * h, isa), x_scales, i, n_groups,
-                                                     isa)
+        if q3_K_groups:
+            group_scale = load_lane_floats(scale, n * h, isa)
+            e0 = fma_lanes(e0, a0, group_scale, np.float32(1.0))
+            e1 = fma_lanes(e1, a1, group_scale, np.float32(1.0))
+            e2 = fma_lanes(e2, a2, group_scale, np.float32(1.0))
+            e3 = fma_lanes(e3, a3, group_scale, np.float32(1.0))
+            if h % 16 == 15:     # the super-block's last group: its sums times d and the tokens' scales
+                f0, f1, f2, f3, f4, f5, f6, f7 = _group_step(f0, f1, f2, f3, f4, f5, f6, f7, e0, e1, e2, e3, e3,
+                                                             e3, e3, e3, load_lane_floats(offsets, n * h, isa),
+                                                             x_scales, i, n_groups, isa)
+                e0 = zero_lanes(isa)
+                e1 = e0
+                e2 = e0
+                e3 = e0
+        else:
+            f0, f1, f2, f3, f4, f5, f6, f7 = _group_step(f0, f1, f2, f3, f4, f5, f6, f7, a0, a1, a2, a3, a4, a5, a6,
+                                                         a7, load_lane_floats(scale, n * h, isa), x_scales, i,
+                                                         n_groups, isa)
         if _has_offsets(kind):
             f0, f1, f2, f3, f4, f5, f6, f7 = _offsets_step(f0, f1, f2, f3, f4, f5, f6, f7,
                                                            load_lane_floats(offsets, n * h, isa), xsum,
@@ -869,7 +919,11 @@ class GemmTokens:
             extra = self._extra if self._extra is not None else np.zeros((self.n_tokens, 0), np.float32)
             _row_side(self._qs, self._d, extra, sums_kind, xs, starts16, starts32, scales16, scales32, xsum)
             # per group of 16 and of 32 values (the kinds' groups: _group_values) the row kernel's starts, scales
-            self._rows = (xs.reshape(-1), xsum, {16: (starts16, scales16), 32: (starts32, scales32)})
+            # and per super-block (q3_K on the VNNI paths: row_group_values)
+            starts256 = starts16.reshape(padded, -1, 16).sum(axis=2, dtype=np.int32) if k % 256 == 0 else None
+            scales256 = np.ascontiguousarray(scales16[:, ::16]) if k % 256 == 0 else None
+            self._rows = (xs.reshape(-1), xsum, {16: (starts16, scales16), 32: (starts32, scales32),
+                                                 256: (starts256, scales256)})
         return self._rows
 
     @property
@@ -893,7 +947,8 @@ class GemmTokens:
 
     @property
     def row_groups(self) -> dict:
-        """{16: (starts, scales), 32: (starts, scales)}: the prompt GEMM's per-group token terms."""
+        """{16: (starts, scales), 32: (starts, scales), 256: (starts, scales)}: the prompt GEMM's per-group token terms
+    (``row_group_values``; 256: None where k is no multiple of 256)."""
         return self._row_arrays()[2]
 
     def lanes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -950,6 +1005,6 @@ def gemm_product(kind: int, base: np.ndarray, start: int, n_rows: int, row_bytes
         gemm(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, xu, xsl, tokens.xsum, out, column,
              tokens.block_tokens(), n_chunks, isa)
     else:
-        starts, x_scales = tokens.row_groups[16 if code in GROUPS_OF_16 else 32]
+        starts, x_scales = tokens.row_groups[row_group_values(code, isa)]
         gemm_rows(KIND_ARGS[kind], base, start, row_bytes, n_rows, tokens.k, tokens.xs_for(isa, code), starts, x_scales,
                   tokens.xsum, out, column, tokens.row_block_tokens(), n_chunks, isa)

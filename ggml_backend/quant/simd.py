@@ -561,6 +561,22 @@ add_f32x8 = _lanewise(F32x8, "fadd")
 add_f32x8.__doc__ = "Lanewise ``a + b`` of two ``F32x8``."
 
 
+@intrinsic
+def times_byte_halves(typingctx, q, a, b):
+    """Bytewise ``q * a`` for bytes 0-15 of an ``I8x32`` and ``q * b`` for bytes 16-31 (wrapping; the caller
+    keeps the products within a byte): a 32-value group whose 16-value halves have integer scales ``a`` and ``b``
+    (LLVM widens to 16 bits for ``vpmullw`` and narrows back)."""
+    if q != I8x32 or not isinstance(a, types.Integer) or not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        first = _splat_value(builder, builder.trunc(args[1], _I8), 16)
+        second = _splat_value(builder, builder.trunc(args[2], _I8), 16)
+        scales = builder.shuffle_vector(first, second, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        return builder.mul(args[0], scales)
+    return I8x32(q, a, b), codegen
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Integer dot products
 # ----------------------------------------------------------------------------------------------------------------
@@ -1760,13 +1776,15 @@ def fma_lanes(typingctx, acc, dot, scales, scale):
     """``acc + float(dot) * (scales * scale)`` lanewise (``vcvtdq2ps``, ``vmulps`` with ``scale`` broadcast,
     ``vfmadd``): a block's exact row sums scaled by each row's scale and the token's, on either width (``F32x16``
     with ``I32x16``, ``F32x8`` with ``I32x8``), so both paths' row lanes give the same bits. ``scale`` is a float32
-    or already in every lane (``splat_lane_floats``: a broadcast load that LLVM folds into the multiply)."""
-    if acc not in _LANE_INTS or dot != _LANE_INTS[acc] or scales != acc or scale not in (types.float32, acc):
+    or already in every lane (``splat_lane_floats``: a broadcast load that LLVM folds into the multiply). ``dot``
+    may also be float lanes already (of ``acc``'s type): no conversion then."""
+    if (acc not in _LANE_INTS or dot not in (_LANE_INTS[acc], acc) or scales != acc
+            or scale not in (types.float32, acc)):
         return None
 
     def codegen(context, builder, sig, args):
         vector = sig.args[0].llvm_type()
-        floats = builder.sitofp(args[1], vector)
+        floats = args[1] if sig.args[1] == sig.args[0] else builder.sitofp(args[1], vector)
         lanes = args[3] if sig.args[3] == sig.args[0] else _splat_value(builder, args[3], vector.count)
         products = builder.fmul(args[2], lanes)
         function = _function(builder, f"llvm.fma.v{vector.count}f32", vector, [vector] * 3)
