@@ -3,6 +3,9 @@ of mapped: the same bytes and the same numbers, read-only, huge-page aligned; a 
 when the memory cannot hold it, and when the file is shorter than announced."""
 from __future__ import annotations
 
+import mmap
+import os
+
 import numpy as np
 import pytest
 
@@ -75,3 +78,28 @@ def test_the_server_and_its_models_file_take_use_mmap(tmp_path):
     assert config.models[0].use_mmap is False
     config, _ = build_config(parser.parse_args(["-m", model]))
     assert config.models[0].use_mmap is True
+
+
+def _mapping_flags(address: int) -> list[str] | None:
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux's /proc/self/smaps)."""
+    current = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                first, last = (int(part, 16) for part in head.split("-"))
+                current = first <= address < last
+            elif current and head == "VmFlags:":
+                return line.split()[1:]
+    return None
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"),
+                    reason="huge-page advice and /proc/self/smaps are Linux's")
+def test_a_mapped_file_is_advised_onto_huge_pages():
+    # the kernel then reads the file into 2 MiB page-cache folios and maps them whole (formats.advise_huge_pages)
+    model = ggml_backend.load(synthetic_file("q4_0"))
+    assert isinstance(model.mmap.base, np.memmap)
+    assert "hg" in _mapping_flags(model.mmap.ctypes.data)
+    in_memory = ggml_backend.load(synthetic_file("q4_0"), in_memory=True)   # resident.py advises its own memory
+    assert "hg" in _mapping_flags(in_memory.mmap.ctypes.data)
