@@ -947,8 +947,8 @@ class GemmTokens:
 
     @property
     def row_groups(self) -> dict:
-        """{16: (starts, scales), 32: (starts, scales), 256: (starts, scales)}: the prompt GEMM's per-group token terms
-    (``row_group_values``; 256: None where k is no multiple of 256)."""
+        """{16: (starts, scales), 32: (starts, scales), 256: (starts, scales)}: the prompt GEMM's per-group token
+        terms (``row_group_values``; 256: None where k is no multiple of 256)."""
         return self._row_arrays()[2]
 
     def lanes(self) -> tuple[np.ndarray, np.ndarray]:
