@@ -103,6 +103,27 @@ def test_q3_K_prompt_gemm_sums_each_super_block_in_integers():
     assert np.array_equal(got, expected)
 
 
+def test_q3_K_prompt_gemm_takes_any_block_bytes_and_the_edge_of_its_folded_byte():
+    """Blocks of random bytes (untrusted files), one row at the folded byte's edge: every scale -32 times every
+    quant -4 (-scale * q = -128 on the VNNI paths); the float64 product of the quantized activations and the
+    dequantized weights within float32's rounding."""
+    from ggml_backend.quant.matmul import quantize_activations
+    rng = np.random.default_rng(5)
+    n_rows, k, n_tokens = 21, 512, 11
+    blocks = rng.integers(0, 256, (n_rows, k // 256, 110), dtype=np.uint8)
+    blocks[:, :, 108:110] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    blocks[0, :, :108] = 0            # high bits, low bits and six-bit scales all zero: q = -4, scale = -32
+    w = blocks.reshape(n_rows, -1)
+    x = activations(n_tokens, k, seed=6)
+    got = matmul("q3_K", w, x, method="gemm")
+    values = WeightMatrix("q3_K", w, (n_rows, k)).dequantize().astype(np.float64)
+    assert values[0].min() == values[0].max() > 1.27      # d * 128 everywhere
+    acts = quantize_activations("q8_K", x)
+    qx = acts.qs.astype(np.float64) * np.repeat(acts.d.astype(np.float64), k // acts.d.shape[1], axis=1)
+    bound = 1e-6 * (np.abs(qx) @ np.abs(values).T)
+    assert np.all(np.abs(got - qx @ values.T) <= bound)
+
+
 @pytest.mark.parametrize("name", ["q5_0", "q4_K", "q4_1", "q6_K"])
 def test_each_result_is_independent_of_the_batch(name, monkeypatch):
     k = 512 if name in ("q5_0", "q4_1") else 1024
