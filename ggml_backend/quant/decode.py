@@ -1916,14 +1916,13 @@ def _walk_q3_K(kind, w, row, base, r, v0, v1, sink, floats, quants, bias, lane_s
                 int_a = np.int32(pair & 0xFF) - 32
                 int_b = np.int32((pair >> 8) & 0xFF) - 32
                 if row_panel and has_vnni(isa):
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
-                          times_byte_halves(q, -int_a, -int_b), -d, -d, zero, zero, isa)
+                    q, scale_a, scale_b, offset = times_byte_halves(q, -int_a, -int_b), -d, -d, zero
                 elif row_panel:
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
-                          q, np.float32(int_a), np.float32(int_b), d, d, isa)
+                    scale_a, scale_b, offset = np.float32(int_a), np.float32(int_b), d
                 else:
-                    _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
-                          q, d * np.float32(int_a), d * np.float32(int_b), zero, zero, isa)
+                    scale_a, scale_b, offset = d * np.float32(int_a), d * np.float32(int_b), zero
+                _emit(sink, floats, quants, bias, lane_scale, lane_offset, r, base, x + 128 * n + 32 * j,
+                      q, scale_a, scale_b, offset, offset, isa)
 
 
 @njit(inline="always", **_KERNEL)
