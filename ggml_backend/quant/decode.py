@@ -1157,7 +1157,12 @@ def _rows_groups(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
 # 10.3-10.8 GB/s in the lane kernel and 12.0-12.7 in row lanes (4096 x 4096). On AVX512-VNNI q5_0 keeps the lane kernel
 # and the exact GEMM built to give its numbers (two float chains of eight lanes), so its one-token numbers there and on
 # the 256-bit paths differ in float rounding (the same exact integer block sums, summed in another order); on the
-# 256-bit paths its one-token, few-token and prompt products are now the same numbers.
+# 256-bit paths its one-token, few-token and prompt products are now the same numbers. Sixteen-row lanes for q5_0 on
+# AVX512-VNNI (the qh words of sixteen rows gathered into one register, the fifth bits spread by an in-lane
+# ``vpshufb``, a ``vptestmb`` and a masked move) were built and measured on an EPYC Zen 4 (7 December, Qwen2.5-0.5B,
+# whose q/o/gate/up are q5_0, alternating fresh processes): its layers took 19.3-22.8 against 17.0-18.4 ms a token
+# on one thread and 12.9-15.2 against 10.4-11.1 on two, with the next panel prefetched into L2 or (panels up to
+# 10 KiB) into L1; so the lane kernel stays.
 #
 # q4_1 and q5_1 take them on the 256-bit paths too, their minimums as one more multiply-add per block and token
 # (the rows' m times the token's q8_1 sum, ``_lanes_step``). The same EPYC, one core, 4096 x 4096, two alternating
