@@ -207,3 +207,18 @@ def test_few_token_products_on_the_gemm_keep_one_token_numbers(name):
     y, y2 = matmul_many([WeightMatrix(name, w), WeightMatrix(name, w2)], x)
     assert np.array_equal(y, alone)
     assert np.array_equal(y2, np.concatenate([matmul(name, w2, x[t:t + 1], method="int") for t in range(len(x))]))
+
+
+@pytest.mark.parametrize("k", [896, 4096, 4160])
+def test_q5_0_one_token_lanes_stored_or_computed_give_the_same_numbers(k):
+    """q5_0's one-token kernel (the lane kernel on AVX512-VNNI) takes its blocks' offset lanes from an array for rows
+    up to decode.STORED_LANES_MAX_K values and computes them per block for longer rows: the same integers, so each
+    token's result stays the few-token kernel's and the exact GEMM's, bit for bit, on both sides of that bound."""
+    from ggml_backend.quant.decode import STORED_LANES_MAX_K
+    assert 896 <= STORED_LANES_MAX_K == 4096 < 4160
+    w = weights("q5_0", 21, k, seed=k)
+    x = activations(9, k, seed=k + 1)
+    alone = np.concatenate([matmul("q5_0", w, x[t:t + 1], method="int") for t in range(len(x))])
+    assert np.array_equal(matmul("q5_0", w, x[:3], method="int"), alone[:3])
+    if KINDS["q5_0"] in gemm_module.EXACT_KINDS:
+        assert np.array_equal(exact_gemm("q5_0", w, x), alone)

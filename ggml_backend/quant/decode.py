@@ -435,9 +435,23 @@ def _legacy_row_dot(kind, acc, q, scale, xq, x, isa):
 
 
 @njit(inline="always", **_KERNEL)
-def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, t, isa):
+def _row_block_dot(kind, acc, q, scale, xq, x, bias, g, isa):
+    """``_legacy_row_dot``, or with the block's lanes loaded from ``bias`` at g where the caller has them
+    (``_one_token_terms``: rows up to STORED_LANES_MAX_K values): one load instead of a ``vpdpbusd`` and a
+    ``vpsubd`` on the pipes that also take the block's dot product, conversion and fused add."""
+    if bias.size:
+        return _legacy_dot(kind, acc, q, scale, load_32_bytes(xq, x), load_8_i32(bias, g), isa)
+    return _legacy_row_dot(kind, acc, q, scale, xq, x, isa)
+
+
+@njit(inline="always", **_KERNEL)
+def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, bias, t, isa):
+    """Row ``start`` of a lane kind times token t; ``bias``: the tokens' ``lane_bias`` of the offset kinds (q5_0,
+    q8_0 on VNNI; token t at t * k / 4), or empty, and then each block's lanes come from its activations
+    (``_legacy_row_dot``): the same integers either way."""
     kc = kind_code(kind)
     x0 = t * k
+    g0 = t * (k // 4)
     n = x_scale.shape[1]
     acc = zero_f32x8()
     if kc == 2:
@@ -449,14 +463,14 @@ def _row_legacy(kind, w, start, xq, k, x_scale, x_sums, t, isa):
         acc1 = zero_f32x8()
         for b in range(n):
             q, d, _ = _legacy_block(kind, w, start, b)
-            done = _legacy_row_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, isa)
+            done = _row_block_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
             acc = acc1
             acc1 = done
         return sum_f32x8(add_f32x8(acc1, acc))   # even n: (odd chain, even chain); odd n: (even, odd): a + b = b + a
     mins = np.float32(0.0)
     for b in range(n):
         q, d, m = _legacy_block(kind, w, start, b)
-        acc = _legacy_row_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, isa)
+        acc = _row_block_dot(kind, acc, q, d * x_scale[t, b], xq, x0 + 32 * b, bias, g0 + 8 * b, isa)
         if kc == 1 or kc == 3:
             mins += m * x_sums[t, b]
     if kc == 1 or kc == 3:
@@ -1042,7 +1056,7 @@ _TILE_1, _TILE_2, _TILE_3, _TILE_4 = (TileSize(width, f"tile{width}") for width 
 def _one_token_rows_legacy(kind, w, start, row_bytes, n, xq, k, x_scale, x_sums, x_bsums, bias, out, first, isa):
     for i in range(n):    # token 0 as a constant, which the row kernel's addressing folds
         row = start + i * row_bytes
-        out[0, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, 0, isa)
+        out[0, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, 0, isa)
 
 
 @njit(**_KERNEL)
@@ -1067,7 +1081,7 @@ def _rows_legacy(kind, w, start, row_bytes, n, xq, xu, k, x_scale, x_sums, x_bsu
             ys = _tile_legacy(kind, w, row, xq, xu, k, x_scale, x_sums, bias, t, _TILE_2, isa)
             _store_tile(out, t, first + i, ys, _TILE_2)
         elif rest == 1:
-            out[t, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, t, isa)
+            out[t, first + i] = _row_legacy(kind, w, row, xq, k, x_scale, x_sums, bias, t, isa)
 
 
 @njit(**_KERNEL)
@@ -1581,13 +1595,21 @@ def _per_row_terms(kind, xq, x_bsums, isa):
     return np.empty(0, np.int32)
 
 
+# Rows of at most this many values of the lane kinds with an offset read their lanes' offsets from ``lane_bias``'s
+# array (k bytes beside the k bytes of activations; ``_row_block_dot``); longer rows compute them per block, as the
+# array and the activations together (2 k bytes) no longer stayed in a 32 KiB L1 beside the streaming weights at
+# k = 11008 (see ``_legacy_row_dot``).
+STORED_LANES_MAX_K = 4096
+
+
 @njit(**_KERNEL)
 def _one_token_terms(kind, xq, x_bsums, isa):
-    """``_per_row_terms`` for the one-token kernels, which take the legacy kinds' lane biases from their registers
-    (``_legacy_row_dot``): nothing to compute for q5_0 and q8_0 (q4_0, and q8_0 on AVX512-VNNI, take the row-lane
-    kernels' block starts)."""
+    """``_per_row_terms`` for the one-token kernels. The lane kinds with an offset (q5_0, q8_0's rows under 2048 on
+    VNNI) take their lane biases from this array for rows up to STORED_LANES_MAX_K values, else from their
+    registers (``_legacy_row_dot``: nothing to compute here); q4_0, and q8_0's longer rows on AVX512-VNNI, take the
+    row-lane kernels' block starts."""
     code = kind_code(kind)
-    if (code == 2 or code == 4) and not _takes_row_lanes(kind, xq.size, isa):
+    if (code == 2 or code == 4) and not _takes_row_lanes(kind, xq.size, isa) and xq.size > STORED_LANES_MAX_K:
         return np.empty(0, np.int32)
     return _per_row_terms(kind, xq, x_bsums, isa)
 
