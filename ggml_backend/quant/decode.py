@@ -436,10 +436,11 @@ def _legacy_row_dot(kind, acc, q, scale, xq, x, isa):
 
 @njit(inline="always", **_KERNEL)
 def _row_block_dot(kind, acc, q, scale, xq, x, bias, g, isa):
-    """``_legacy_row_dot``, or with the block's lanes loaded from ``bias`` at g where the caller has them
-    (``_one_token_terms``: rows up to STORED_LANES_MAX_K values): one load instead of a ``vpdpbusd`` and a
-    ``vpsubd`` on the pipes that also take the block's dot product, conversion and fused add."""
-    if bias.size:
+    """``_legacy_row_dot``, or for the offset kinds with the block's lanes loaded from ``bias`` at g where the
+    caller has them (``_one_token_terms``: rows up to STORED_LANES_MAX_K values): one load instead of a ``vpdpbusd``
+    and a ``vpsubd`` on the pipes that also take the block's dot product, conversion and fused add. Kinds without an
+    offset keep their zero lanes in a register (a few-token launch hands them a zeroed ``bias``)."""
+    if _legacy_offset(kind, isa) != 0 and bias.size:
         return _legacy_dot(kind, acc, q, scale, load_32_bytes(xq, x), load_8_i32(bias, g), isa)
     return _legacy_row_dot(kind, acc, q, scale, xq, x, isa)
 
