@@ -194,23 +194,28 @@ def test_gate_up_and_swiglu_in_one_launch_give_the_separate_numbers(type_name):
         np.testing.assert_array_equal(act, expected)
 
 
-def _steps(path, monkeypatch, choice: str | None, n_steps: int = 4):
+def _steps(path, monkeypatch, choice: str | None, n_steps: int = 4, token_launch: bool = True):
     """Logits of ``n_steps`` one-token steps after PROMPT on two threads and the cache's stored keys and values,
-    with ``GGML_BACKEND_DECODE_STEP=choice`` (None: unset); and whether a layer ran in one launch
-    (decode_layer_region)."""
+    with ``GGML_BACKEND_DECODE_STEP=choice`` (None: unset), the whole token in one launch or (``token_launch``
+    False) a launch a layer; and which launches ran: "token" (decode_token_region), "layer" (decode_layer_region)
+    or "products" (decode_layer)."""
     if choice is None:
         monkeypatch.delenv("GGML_BACKEND_DECODE_STEP", raising=False)
     else:
         monkeypatch.setenv("GGML_BACKEND_DECODE_STEP", choice)
     llm = Llama(str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
+    fused = llm.model.fused_decode
+    fused.token_launch = fused.token_launch and token_launch
     llm.eval(PROMPT)
     for i in range(n_steps):
         llm.eval([200 + 7 * i])
     n = len(PROMPT) + n_steps
     logits = np.array(llm.scores[len(PROMPT):n])
     stored = (llm.cache.k.data[:, :, :n].copy(), llm.cache.v.data[:, :, :n].copy())
-    one_launch = any(key[-1] for key in llm.model.fused_decode._compiled)
-    return logits, stored, one_launch
+    keys = list(fused._compiled)
+    ran = ("token" if "token" in keys else "layer" if any(key[-1] for key in keys if key != "token")
+           else "products")
+    return logits, stored, ran
 
 
 def _same_steps(a, b):
@@ -220,27 +225,32 @@ def _same_steps(a, b):
 
 
 def test_layer_in_one_launch_gives_the_launches_numbers(qwen_path, monkeypatch):
-    """One token on two threads runs each layer in one parallel launch (decode_layer_region: the default,
-    GGML_BACKEND_DECODE_STEP=region) and gives the logits and cache of a launch per product (decode_layer,
+    """One token on two threads runs all its layers in one parallel launch (decode_token_region: the default,
+    GGML_BACKEND_DECODE_STEP=region), or each layer in one (decode_layer_region: where a layer cannot join the
+    token's launch), and either gives the logits and cache of a launch per product (decode_layer,
     GGML_BACKEND_DECODE_STEP=fused), bit for bit."""
     import numba
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one launch a layer needs two threads, and numba has one on this machine")
-    one = _steps(qwen_path, monkeypatch, None)
+    token = _steps(qwen_path, monkeypatch, None)
+    per_layer = _steps(qwen_path, monkeypatch, None, token_launch=False)
     per_product = _steps(qwen_path, monkeypatch, "fused")
-    assert one[2] and not per_product[2]
-    _same_steps(one, per_product)
+    assert (token[2], per_layer[2], per_product[2]) == ("token", "layer", "products")
+    _same_steps(token, per_product)
+    _same_steps(per_layer, per_product)
 
 
-def test_layer_in_one_launch_with_more_workers_than_threads(qwen_path, monkeypatch):
+@pytest.mark.parametrize("token_launch", [True, False], ids=["token", "layer"])
+def test_layer_in_one_launch_with_more_workers_than_threads(qwen_path, monkeypatch, token_launch):
     """Workers past numba's threads run after the others (in turn on a thread): they find every phase's chunks
     taken and wait for nothing, so the launch ends, with the same numbers. Also the case of a second thread that
-    starts after the first has done the layer."""
+    starts after the first has done the layer (or, in the token's launch, every layer: the layers share their
+    work arrays, which a late worker must not write)."""
     from ggml_backend.model import decode_step
     reference = _steps(qwen_path, monkeypatch, "fused")
     monkeypatch.setattr(decode_step, "_n_threads", lambda: 5)
-    stragglers = _steps(qwen_path, monkeypatch, "region")
-    assert stragglers[2]
+    stragglers = _steps(qwen_path, monkeypatch, "region", token_launch=token_launch)
+    assert stragglers[2] == ("token" if token_launch else "layer")
     _same_steps(stragglers, reference)
 
 

@@ -15,8 +15,9 @@ What it takes: layers whose weights are all block types with SIMD kernels (``dec
 (the model file's memory map), f32 or f16 caches, SiLU feed-forward without Gemma's extra norms, passes of a
 few tokens (of one sequence or several) that the Python path would not give to the BLAS path or the integer GEMM.
 Anything else (a generic CPU, q8_0 caches, Gemma, GPU offload, longer prompts) takes the Python path, as does
-everything with ``GGML_BACKEND_DECODE_STEP=python``. One token on several threads runs each layer in one parallel
-launch (``decode_layer_region``) instead of one per product and attention (``GGML_BACKEND_DECODE_STEP=fused``).
+everything with ``GGML_BACKEND_DECODE_STEP=python``. One token on several threads runs all its layers in one
+parallel launch (``decode_token_region``; a layer that cannot join it, in one launch of its own:
+``decode_layer_region``) instead of one per product and attention (``GGML_BACKEND_DECODE_STEP=fused``).
 Several tokens of one sequence (a speculative verification): 2-core Zen 4, Qwen2.5-0.5B, alternating in one
 process: 2 tokens 24.3 against 28.6 ms on the Python path, 3 tokens 30.9 against 34.9, 4 tokens 38.4 against 42.6
 (one token: 15-17 ms).
@@ -278,8 +279,8 @@ def decode_layer(rows, x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases,
 # tok/s (medians).
 
 # the phases of a layer, in order; phase p's counters (``_claim_task``): one per thread, then its done count
-_QKV, _STORE, _ATTENTION, _OUTPUT, _GATE_UP, _DOWN = range(6)
-_N_PHASES = 6
+_QKV, _STORE, _ATTENTION, _OUTPUT, _GATE_UP, _DOWN, _RESIDUAL = range(7)
+_N_PHASES = 7
 
 
 @njit(nogil=True, cache=True)
@@ -378,8 +379,8 @@ def _phase_done(counters, phase, n_tasks, n_workers):
 (_T_X, _T_W, _T_INTS, _T_ATTN_NORM, _T_FFN_NORM, _T_Q_BIAS, _T_K_BIAS, _T_V_BIAS, _T_COS, _T_SIN, _T_STARTS0,
  _T_COUNTS0, _T_STARTS1, _T_COUNTS1, _T_STARTS2, _T_COUNTS2, _T_STARTS_O, _T_COUNTS_O, _T_STARTS_GU, _T_STARTS_DOWN,
  _T_COUNTS_DOWN, _T_KEY_AT, _T_VALUE_AT, _T_KEY_CAPACITY, _T_VALUE_CAPACITY, _T_SEQUENCE, _T_POSITIONS, _T_QKV,
- _T_ATTN, _T_ATTN_OUT, _T_GATE_UP, _T_ACT, _T_FFN_OUT, _T_COUNTERS, _T_N_TASKS, _T_CHUNKS) = range(36)
-_N_SLOTS = 36
+ _T_ATTN, _T_ATTN_OUT, _T_GATE_UP, _T_ACT, _T_FFN_OUT, _T_COUNTERS, _T_N_TASKS, _T_CHUNKS, _T_X_NEXT) = range(37)
+_N_SLOTS = 37
 # the integers, in one array (the table's _INTS)
 (_N_HEAD, _N_HEAD_KV, _HEAD_DIM_K, _HEAD_DIM_V, _N_LAYER, _ROPE_DIMS, _NEOX, _IL, _WINDOW, _HALF_KEYS,
  _HALF_VALUES, _Q0_BYTES, _Q0_FIRST, _Q1_BYTES, _Q1_FIRST, _Q2_BYTES, _Q2_FIRST, _O_BYTES, _GU_BYTES,
@@ -527,6 +528,14 @@ def _region_worker(me, n_workers, table, eps, scale, isa, kinds, key_like, value
         ops = _group_operands(down, act, _matrix(table, _T_FFN_OUT, f32), isa)
         _product_chunks(counters, _DOWN, n_tasks, me, n_workers, down, ops, w, isa)
     _phase_done(counters, _DOWN, n_tasks, n_workers)
+    # the layer's new x (one task): decode_layer's (x + attn_out) + ffn_out
+    if _phase_open(counters, _RESIDUAL, n_tasks, n_workers) and _claim_task(counters, _RESIDUAL, n_tasks, me,
+                                                                         n_workers) == 0:
+        x_next, ffn_out = _matrix(table, _T_X_NEXT, f32), _matrix(table, _T_FFN_OUT, f32)
+        for i in range(x.shape[1]):
+            x_next[0, i] = (x[0, i] + attn_out[0, i]) + ffn_out[0, i]
+        _task_done(counters, _RESIDUAL, n_workers)
+    _phase_done(counters, _RESIDUAL, n_tasks, n_workers)
 
 
 _WORKER_SIGNATURE = types.void(types.int64, types.int64, types.CPointer(types.int64), types.float32, types.float32)
@@ -564,34 +573,22 @@ def _alive(*arrays):
     return len(arrays)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def decode_layer_region(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox,
-                        caches, il, sequence, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down,
-                        worker):
-    """``decode_layer`` for one token on ``n_threads`` (> 1) threads in one parallel launch (see above), for layers
-    whose gate and up are one group of two matrices (``_gate_up_swiglu``'s); the same new x, bit for bit.
-    ``worker``: ``region_worker``'s address for the layer's kinds and caches."""
+@njit(nogil=True, cache=True)
+def _static_slots(table, w, n_threads, attn_norm, qkv_groups, biases, shape, rope_dims, neox, n_layer, il, window,
+                  half_keys, half_values, wo, ffn_norm, gate_up_groups, n_ff, down):
+    """The rows of a layer's launch table that are the same for every token (weights, norms, biases, the
+    products' row plans, the layer's integers and task counts); returns the arrays it made (ints, n_tasks,
+    chunks), which must live as long as the table is launched."""
     n_head, n_head_kv, head_dim_k, head_dim_v = shape
-    key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, half_keys, half_values = caches
-    n_q = n_head * head_dim_k
-    n_k = n_head_kv * head_dim_k
-    qkv = np.empty((1, n_q + n_k + n_head_kv * head_dim_v), np.float32)
-    attn = np.empty(n_head * head_dim_v, np.float32)
-    attn_out = np.empty_like(x)
-    gate_up = np.empty(2 * n_ff, np.float32)
-    act = np.empty((1, n_ff), np.float32)
-    ffn_out = np.empty_like(x)
     g0, g1, g2 = qkv_groups
     gu = gate_up_groups[0]
     chunks = np.array([_chunks_of(g0, n_threads), _chunks_of(g1, n_threads), _chunks_of(g2, n_threads)])
     n_tasks = np.array([chunks.sum(), 1, n_head, _chunks_of(wo, n_threads), max(1, min(n_ff, 4 * n_threads)),
-                        _chunks_of(down, n_threads)])
-    counters = np.zeros(_N_PHASES * (n_threads + 1), np.int64)
-    ints = np.array([n_head, n_head_kv, head_dim_k, head_dim_v, layer_shape[0], rope_dims, int(neox), il, window,
+                        _chunks_of(down, n_threads), 1])
+    ints = np.array([n_head, n_head_kv, head_dim_k, head_dim_v, n_layer, rope_dims, int(neox), il, window,
                      int(half_keys), int(half_values), g0[3], g0[4], g1[3], g1[4], g2[3], g2[4], wo[3], gu[3],
                      down[3]], np.int64)
     q_bias, k_bias, v_bias = biases
-    table = np.empty(3 * _N_SLOTS, np.int64)
     _put(table, _T_W, w, np.uint8)
     _put(table, _T_INTS, ints, np.int64)
     _put(table, _T_ATTN_NORM, attn_norm, np.float32)
@@ -610,28 +607,104 @@ def decode_layer_region(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases
     _put(table, _T_STARTS_GU, gu[1], np.int64)
     _put(table, _T_STARTS_DOWN, down[1], np.int64)
     _put(table, _T_COUNTS_DOWN, down[2], np.int64)
+    _put(table, _T_N_TASKS, n_tasks, np.int64)
+    _put(table, _T_CHUNKS, chunks, np.int64)
+    return ints, n_tasks, chunks
+
+
+@njit(inline="always", nogil=True)
+def _token_slots(table, x, x_next, cos, sin, key_at, value_at, key_capacity, value_capacity, sequence, positions,
+                 buffers, counters):
+    """The rows of a layer's launch table that change from token to token: its input and output x, the rope
+    tables, the caches, the token's place, the layer's work arrays (``_work_arrays``) and its counters (zeros)."""
+    qkv, attn, attn_out, gate_up, act, ffn_out = buffers
+    _put(table, _T_X, x, np.float32)
+    _put(table, _T_X_NEXT, x_next, np.float32)
+    _put(table, _T_COS, cos, np.float32)
+    _put(table, _T_SIN, sin, np.float32)
     _put(table, _T_KEY_AT, key_at, np.int64)
     _put(table, _T_VALUE_AT, value_at, np.int64)
     _put(table, _T_KEY_CAPACITY, key_capacity, np.int64)
     _put(table, _T_VALUE_CAPACITY, value_capacity, np.int64)
     _put(table, _T_SEQUENCE, sequence, np.int64)
     _put(table, _T_POSITIONS, positions, np.int64)
-    _put(table, _T_ATTN, attn, np.float32)
-    _put(table, _T_GATE_UP, gate_up, np.float32)
-    _put(table, _T_COUNTERS, counters, np.int64)
-    _put(table, _T_N_TASKS, n_tasks, np.int64)
-    _put(table, _T_CHUNKS, chunks, np.int64)
-    _put(table, _T_X, x, np.float32)
-    _put(table, _T_COS, cos, np.float32)
-    _put(table, _T_SIN, sin, np.float32)
     _put(table, _T_QKV, qkv, np.float32)
+    _put(table, _T_ATTN, attn, np.float32)
     _put(table, _T_ATTN_OUT, attn_out, np.float32)
+    _put(table, _T_GATE_UP, gate_up, np.float32)
     _put(table, _T_ACT, act, np.float32)
     _put(table, _T_FFN_OUT, ffn_out, np.float32)
+    _put(table, _T_COUNTERS, counters, np.int64)
+
+
+@njit(inline="always", nogil=True)
+def _work_arrays(shape, n_embd, n_ff):
+    """A layer's intermediate results in a launch: qkv, attn, attn_out, gate_up, act, ffn_out."""
+    n_head, n_head_kv, head_dim_k, head_dim_v = shape
+    return (np.empty((1, (n_head + n_head_kv) * head_dim_k + n_head_kv * head_dim_v), np.float32),
+            np.empty(n_head * head_dim_v, np.float32), np.empty((1, n_embd), np.float32),
+            np.empty(2 * n_ff, np.float32), np.empty((1, n_ff), np.float32), np.empty((1, n_embd), np.float32))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def decode_layer_region(x, w, n_threads, isa, eps, attn_norm, qkv_groups, biases, shape, cos, sin, rope_dims, neox,
+                        caches, il, sequence, positions, window, scale, wo, ffn_norm, gate_up_groups, n_ff, down,
+                        worker):
+    """``decode_layer`` for one token on ``n_threads`` (> 1) threads in one parallel launch (see above), for layers
+    whose gate and up are one group of two matrices (``_gate_up_swiglu``'s); the same new x, bit for bit.
+    ``worker``: ``region_worker``'s address for the layer's kinds and caches."""
+    key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, half_keys, half_values = caches
+    table = np.empty(3 * _N_SLOTS, np.int64)
+    ints, n_tasks, chunks = _static_slots(table, w, n_threads, attn_norm, qkv_groups, biases, shape, rope_dims, neox,
+                                          layer_shape[0], il, window, half_keys, half_values, wo, ffn_norm,
+                                          gate_up_groups, n_ff, down)
+    buffers = _work_arrays(shape, x.shape[1], n_ff)
+    counters = np.zeros(_N_PHASES * (n_threads + 1), np.int64)
+    x_next = np.empty_like(x)
+    _token_slots(table, x, x_next, cos, sin, key_at, value_at, key_capacity, value_capacity, sequence, positions,
+                 buffers, counters)
     _region_launch(worker, n_threads, table, eps, scale)
-    _alive(qkv, attn, gate_up, act, counters, n_tasks, chunks, ints, table)
-    x = x + attn_out
-    return x + ffn_out
+    _alive(buffers, counters, n_tasks, chunks, ints, table)
+    return x_next
+
+
+# The token's launch: decode_layer_region's 24 launches a token (Qwen2.5-0.5B) cost each a wake-up of the other
+# thread and a return to Python between them (with the tables built and the work arrays allocated again): 0.4-0.6
+# ms of a 15 ms step on two Zen 4 cores (cycle counters in the worker). Here the layers' tables are built once
+# (``FusedDecode._token_plan``: only the rows that change from token to token are filled each step) and the
+# workers go from one layer to the next within one launch; each layer's last phase (the residual) is the barrier
+# between them. Two threads, alternating fresh processes: layers 9.2-9.5 against 10.0-10.5 ms a token (medians
+# of 3 x 64 steps), 1-5% a step, inside the hour's drift of the machine.
+@njit(parallel=True, nogil=True, cache=True)
+def _token_launch(workers, tables, n_workers, eps, scale):
+    for me in prange(n_workers):   # each thread through every layer; a layer's last phase waits for all of it
+        for il in range(workers.size):
+            call_worker(workers[il], np.int64(me), n_workers, tables[il], eps, scale)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def decode_token_region(x, static_tables, workers, n_threads, eps, scale, shape, n_ff, cos, sin, rope_of_layer,
+                        key_at, value_at, key_capacity, value_capacity, sequence, positions):
+    """Every layer of one token on ``n_threads`` (> 1) threads in one parallel launch: ``decode_layer_region``'s
+    launches one after another in one, each layer's ``region_worker`` (``workers``, their addresses) on its table
+    (``static_tables``' rows: ``_static_slots``), each layer's x its last phase's result. The layers share one set
+    of work arrays (a thread reaches the next layer only after every task of this one is done, and a late thread
+    writes only for tasks it claims, which it cannot claim in a finished layer). ``cos`` / ``sin``: the distinct
+    rope tables, ``rope_of_layer`` the index of each layer's. Returns the new x, the same bits as the layers one
+    launch each."""
+    n_layer = workers.size
+    tables = static_tables.copy()
+    buffers = _work_arrays(shape, x.shape[1], n_ff)
+    xs = np.empty((n_layer + 1, 1, x.shape[1]), np.float32)   # layer il's input xs[il], its result xs[il + 1]
+    xs[0] = x
+    counters = np.zeros((n_layer, _N_PHASES * (n_threads + 1)), np.int64)
+    for il in range(n_layer):
+        r = rope_of_layer[il]
+        _token_slots(tables[il], xs[il], xs[il + 1], cos[r], sin[r], key_at, value_at, key_capacity, value_capacity,
+                     sequence, positions, buffers, counters[il])
+    _token_launch(workers, tables, n_threads, eps, scale)
+    _alive(buffers, counters, tables, xs)
+    return xs[n_layer].copy()
 
 
 def _group_slots(matrices, n_slots):
@@ -684,6 +757,9 @@ class FusedDecode:
         #: one token on several threads: each layer in one launch (decode_layer_region) where it can (the default,
         #: GGML_BACKEND_DECODE_STEP=region); False (``fused``): a launch per product (decode_layer)
         self.one_launch = decode_step_choice() == "region"
+        #: and the whole token in one launch (decode_token_region) where every layer can take one
+        self.token_launch = all(layer.one_launch for layer in layers)
+        self._token_plans = {}   # (threads, cache layout) -> decode_token_region's static tables and workers
 
     @classmethod
     def build(cls, model):
@@ -749,6 +825,8 @@ class FusedDecode:
         n_threads = _n_threads()
         rows = ONE_TOKEN if len(x) == 1 else SEVERAL
         x = np.ascontiguousarray(x, np.float32)
+        if self.one_launch and self.token_launch and rows is ONE_TOKEN and n_threads > 1:
+            return self._token_region(x, n_threads, cache_args, sequence, positions, shape, eps, scale, neox)
         for il, layer in enumerate(self.layers):
             if layer.rope not in tables:
                 tables[layer.rope] = rope_cos_sin(positions, hp.rope_dims, *layer.rope)
@@ -777,6 +855,48 @@ class FusedDecode:
         return x
 
 
+    def _token_region(self, x, n_threads, cache_args, sequence, positions, shape, eps, scale, neox):
+        """``run`` for one token on several threads: every layer in one launch (``decode_token_region``)."""
+        hp = self.hp
+        key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, half_keys, half_values = (
+            cache_args)
+        key = (n_threads, tuple(layer_shape), key_like.dtype, value_like.dtype, half_keys, half_values)
+        plan = self._token_plans.get(key)
+        if plan is None:
+            plan = self._token_plans[key] = self._token_plan(n_threads, cache_args, shape, neox)
+        static_tables, workers, ropes, rope_of_layer, _ = plan
+        cos_sin = [rope_cos_sin(positions, hp.rope_dims, *rope) for rope in ropes]
+        cos = np.ascontiguousarray(np.stack([c for c, _ in cos_sin]), np.float32)
+        sin = np.ascontiguousarray(np.stack([s for _, s in cos_sin]), np.float32)
+        args = (x, static_tables, workers, n_threads, eps, scale, shape, hp.n_ff, cos, sin, rope_of_layer, key_at,
+                value_at, key_capacity, value_capacity, sequence, positions)
+        compiled = self._compiled.get("token")   # the dispatcher's typing skipped, as in ``run``
+        if compiled is None:
+            x = decode_token_region(*args)
+            types = tuple(decode_token_region.typeof_pyval(arg) for arg in args)
+            self._compiled["token"] = decode_token_region.overloads[types].entry_point
+            return x
+        return compiled(*args)
+
+    def _token_plan(self, n_threads, cache_args, shape, neox):
+        """What ``decode_token_region`` takes that is the same for every token: each layer's table with its static
+        rows filled (``_static_slots``), the layers' worker addresses, the distinct rope parameters and each
+        layer's index among them, and the arrays the tables point to (kept alive here)."""
+        hp = self.hp
+        layer_shape, key_like, value_like, half_keys, half_values = cache_args[4:]
+        tables = np.zeros((len(self.layers), 3 * _N_SLOTS), np.int64)
+        ropes = list(dict.fromkeys(layer.rope for layer in self.layers))
+        kept = []
+        for il, layer in enumerate(self.layers):
+            kept.append(_static_slots(tables[il], self.weights, n_threads, layer.attn_norm, layer.qkv_groups,
+                                      layer.biases, shape, hp.rope_dims, neox, layer_shape[0], il, layer.window,
+                                      half_keys, half_values, layer.wo, layer.ffn_norm, layer.gate_up_groups,
+                                      hp.n_ff, layer.down))
+        workers = np.array([self._worker(il, key_like.dtype, value_like.dtype) for il in range(len(self.layers))],
+                           np.int64)
+        rope_of_layer = np.array([ropes.index(layer.rope) for layer in self.layers], np.int64)
+        return tables, workers, ropes, rope_of_layer, kept
+
     def _worker(self, il: int, key_dtype, value_dtype) -> int:
         """``region_worker``'s address for layer ``il`` and these cache dtypes (looked up once)."""
         key = (il, key_dtype, value_dtype)
@@ -797,7 +917,8 @@ def _n_threads() -> int:
 
 def decode_step_choice() -> str:
     """``GGML_BACKEND_DECODE_STEP``: ``region`` (the default) takes the compiled layers wherever the model allows it
-    and runs a layer of one token on several threads in one launch (``decode_layer_region``); ``fused`` takes the
+    and runs the layers of one token on several threads in one launch (``decode_token_region``, or a launch a
+    layer: ``decode_layer_region``); ``fused`` takes the
     compiled layers with a launch per product (``decode_layer``: 4-12% slower decode on two Zen 4 cores, measured
     alternating); ``python`` keeps every decode step on the Python path (for comparisons)."""
     choice = os.environ.get("GGML_BACKEND_DECODE_STEP", "region")
