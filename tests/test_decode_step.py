@@ -212,8 +212,7 @@ def _steps(path, monkeypatch, choice: str | None, n_steps: int = 4, token_launch
     n = len(PROMPT) + n_steps
     logits = np.array(llm.scores[len(PROMPT):n])
     stored = (llm.cache.k.data[:, :, :n].copy(), llm.cache.v.data[:, :, :n].copy())
-    keys = list(fused._compiled)
-    ran = ("token" if "token" in keys else "layer" if any(key[-1] for key in keys if key != "token")
+    ran = ("token" if fused._token_entry is not None else "layer" if any(key[-1] for key in fused._compiled)
            else "products")
     return logits, stored, ran
 

@@ -760,6 +760,7 @@ class FusedDecode:
         #: and the whole token in one launch (decode_token_region) where every layer can take one
         self.token_launch = all(layer.one_launch for layer in layers)
         self._token_plans = {}   # (threads, cache layout) -> decode_token_region's static tables and workers
+        self._token_entry = None  # decode_token_region's compiled entry point (looked up once, as _compiled's)
 
     @classmethod
     def build(cls, model):
@@ -870,13 +871,12 @@ class FusedDecode:
         sin = np.ascontiguousarray(np.stack([s for _, s in cos_sin]), np.float32)
         args = (x, static_tables, workers, n_threads, eps, scale, shape, hp.n_ff, cos, sin, rope_of_layer, key_at,
                 value_at, key_capacity, value_capacity, sequence, positions)
-        compiled = self._compiled.get("token")   # the dispatcher's typing skipped, as in ``run``
-        if compiled is None:
+        if self._token_entry is None:   # the dispatcher's typing skipped after the first call, as in ``run``
             x = decode_token_region(*args)
             types = tuple(decode_token_region.typeof_pyval(arg) for arg in args)
-            self._compiled["token"] = decode_token_region.overloads[types].entry_point
+            self._token_entry = decode_token_region.overloads[types].entry_point
             return x
-        return compiled(*args)
+        return self._token_entry(*args)
 
     def _token_plan(self, n_threads, cache_args, shape, neox):
         """What ``decode_token_region`` takes that is the same for every token: each layer's table with its static
