@@ -848,9 +848,7 @@ class FusedDecode:
             key = (il, rows.code, half_keys, half_values, one_launch)
             compiled = self._compiled.get(key)
             if compiled is None:
-                x = function(*args)
-                types = tuple(function.typeof_pyval(arg) for arg in args)
-                self._compiled[key] = function.overloads[types].entry_point
+                x, self._compiled[key] = _first_call(function, args)
             else:
                 x = compiled(*args)
         return x
@@ -859,9 +857,8 @@ class FusedDecode:
     def _token_region(self, x, n_threads, cache_args, sequence, positions, shape, eps, scale, neox):
         """``run`` for one token on several threads: every layer in one launch (``decode_token_region``)."""
         hp = self.hp
-        key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like, half_keys, half_values = (
-            cache_args)
-        key = (n_threads, tuple(layer_shape), key_like.dtype, value_like.dtype, half_keys, half_values)
+        key_at, value_at, key_capacity, value_capacity, layer_shape, key_like, value_like = cache_args[:7]
+        key = (n_threads, tuple(layer_shape), key_like.dtype, value_like.dtype)   # (f16 caches: uint16 dtypes)
         plan = self._token_plans.get(key)
         if plan is None:
             plan = self._token_plans[key] = self._token_plan(n_threads, cache_args, shape, neox)
@@ -872,9 +869,7 @@ class FusedDecode:
         args = (x, static_tables, workers, n_threads, eps, scale, shape, hp.n_ff, cos, sin, rope_of_layer, key_at,
                 value_at, key_capacity, value_capacity, sequence, positions)
         if self._token_entry is None:   # the dispatcher's typing skipped after the first call, as in ``run``
-            x = decode_token_region(*args)
-            types = tuple(decode_token_region.typeof_pyval(arg) for arg in args)
-            self._token_entry = decode_token_region.overloads[types].entry_point
+            x, self._token_entry = _first_call(decode_token_region, args)
             return x
         return self._token_entry(*args)
 
@@ -907,6 +902,14 @@ class FusedDecode:
                                                                       layer.down[0])
             address = self._workers[key] = region_worker(kinds, KERNEL_ISA, key_dtype, value_dtype)
         return address
+
+
+def _first_call(function, args):
+    """Call the numba dispatcher ``function`` on ``args``; (its result, the compiled entry point for these argument
+    types), which later calls with arguments of the same types can take without the dispatcher's typing."""
+    result = function(*args)
+    types = tuple(function.typeof_pyval(arg) for arg in args)
+    return result, function.overloads[types].entry_point
 
 
 def _n_threads() -> int:
