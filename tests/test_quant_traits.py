@@ -9,9 +9,10 @@ from numba import njit
 import ggml_backend.quant  # noqa: F401  (fills the table)
 from ggml_backend.quant import blocks, generic
 from ggml_backend.quant.decode import KINDS
+from ggml_backend.quant.float_dot import FLOAT_KINDS
 from ggml_backend.quant.matmul import SUPPORTED_TYPES
 from ggml_backend.quant.types import (
-    MEMORY_ONLY, PRODUCT_SLOTS, SGEMM, STORAGE_SLOTS, TYPES, TYPES_BY_ID, IncompleteTypeError, ProductKernel,
+    MEMORY_ONLY, PRODUCT_SLOTS, STORAGE_SLOTS, TYPES, TYPES_BY_ID, IncompleteTypeError, ProductKernel,
     QuantType, get_type, register,
 )
 
@@ -37,8 +38,8 @@ def test_every_row_is_complete(name):
     for slot in PRODUCT_SLOTS:
         kernel = getattr(row, slot)
         assert isinstance(kernel, ProductKernel)
-        if row.block_size == 1:
-            assert kernel is SGEMM
+        if row.block_size == 1:   # the plain floats: float_dot.py's kernel of their storage (sgemm without AVX2)
+            assert kernel.sgemm and kernel.simd_kind is None and kernel.float_kind == FLOAT_KINDS[name]
         else:                   # both kernel sets: the SIMD kind of decode.py and a generic kernel
             assert kernel.simd_kind == KINDS[name] and callable(kernel.generic)
 

@@ -713,7 +713,8 @@ def _group_slots(matrices, n_slots):
     cannot take them: a float type, or a group whose matrices are not neighbours in the output (q and v of one
     type, k of another)."""
     plan = _launch_plan(matrices)
-    if plan.float_members or not plan.groups or len(plan.groups) > n_slots:
+    if (plan.float_members or not plan.groups or len(plan.groups) > n_slots
+            or any(group.simd_kind is None for group in plan.groups)):
         return None, None
     firsts = np.concatenate([[0], np.cumsum([m.shape[0] for m in matrices])]).astype(np.int64)
     slots = []

@@ -20,9 +20,10 @@ Three ways to compute the same product:
   8-bit, 16 rows in the lanes of a 512-bit ``vpdpbusd`` times tiles of 8 tokens, with llama.cpp's quantized
   activations; 1.5-2.5x the BLAS path on a Zen 4 in its first form, twice that since (Zen 5). ``method="auto"``
   picks it from ``BLAS_MIN_TOKENS`` tokens on where the CPU has it (and k is a multiple of 64).
+* f32 / f16 / bf16 weights take ``float_dot.py``'s SIMD kernels for "auto" and "int" on a CPU with AVX2 (ggml's
+  ``vec_dot_f16`` numerics, one summation order whatever the token count), else the BLAS path.
 * ``"blas"``: dequantize a band of W rows to float32 (``decode.dequantize_rows`` on a SIMD CPU, the type table's
-  ``to_float`` elsewhere: the same floats) and hand it to numpy's sgemm. f32 / f16 / bf16 weights always take
-  it. Its numerics differ (the activations are not quantized) but it is much faster when many tokens share each
+  ``to_float`` elsewhere: the same floats) and hand it to numpy's sgemm. Its numerics differ (the activations are not quantized) but it is much faster when many tokens share each
   weight (prompt processing). ``method="auto"`` picks it from ``BLAS_MIN_TOKENS`` tokens on where the GEMM is not
   available (CPUs without AVX512-VNNI, k not a multiple of 64).
 
@@ -47,6 +48,7 @@ from .activations import (
 )
 from .decode import KIND_ARGS, KINDS, matmul_few, matvec, matvec_here  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
+from .float_dot import float_chunks, float_product
 from .gemm import EXACT_FROM_TOKENS, GemmTokens, gemm_product, isa_has_gemm, prompt_gemm_takes
 from .simd import choose_isa
 from .types import MEMORY_ONLY, TYPES, QuantType, get_type
@@ -202,7 +204,8 @@ def _gemm_takes(kind: int | None, k: int, path_has_it: bool) -> bool:
 
 
 def _product_path(qtype: QuantType, method: str, n_tokens: int, k: int) -> str:
-    """The way ("int", "gemm" or "blas") a product of ``qtype`` weights with n_tokens rows of k values runs."""
+    """The way ("int", "gemm", "float" or "blas") a product of ``qtype`` weights with n_tokens rows of k values
+    runs ("float": the plain float types on a SIMD CPU, for "auto" and "int")."""
     if method not in ("auto", "int", "gemm", "blas"):
         raise MatmulShapeError(f"method must be 'auto', 'int', 'gemm' or 'blas', got {method!r}")
     if method == "gemm" and not gemm_available(qtype, k):
@@ -210,7 +213,7 @@ def _product_path(qtype: QuantType, method: str, n_tokens: int, k: int) -> str:
                                f"{KERNEL_ISA.name if KERNEL_ISA else 'generic'}), a block type and k a multiple "
                                f"of 64 ({qtype.name}, k = {k})")
     if qtype.one_token.sgemm:
-        return "blas"
+        return "float" if method in ("auto", "int") and KERNEL_ISA is not None else "blas"
     if method != "auto":
         return method
     if n_tokens < BLAS_MIN_TOKENS:
@@ -326,14 +329,30 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
             _integer_product(qtype, weight_bytes, acts, out)
         return out
 
-    # BLAS: float32 (or f16/bf16-rounded) activations times float32 bands of W.
     lhs = acts.rounded if acts.rounded is not None else rows
+    if path == "float":
+        _float_product(qtype, weight_bytes, lhs, out)
+        return out
+    # BLAS: float32 (or f16/bf16-rounded) activations times float32 bands of W.
     _blas_product(qtype, weight_bytes, lhs, out, k)
     if acts.vec_dot_type == "q8_1" and acts.qs is None and acts.extra is not None:
         blocks = weight_bytes.reshape(n_rows, -1, qtype.type_size)
         block_mins = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)   # [n_rows, n_blocks]
         out += acts.extra @ block_mins.T
     return out
+
+
+def _float_product(qtype: QuantType, weight_bytes: np.ndarray, lhs: np.ndarray, out: np.ndarray) -> None:
+    """out = lhs @ W.T for f32 / f16 / bf16 weights on ``float_dot.py``'s kernel (lhs already rounded to the
+    weights' precision), on numba's threads."""
+    root, start = _byte_root(weight_bytes)
+    target = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
+    row_bytes = weight_bytes.shape[1]
+    chunks = float_chunks([start], [weight_bytes.shape[0]], row_bytes, numba.get_num_threads())
+    float_product(qtype.one_token.float_kind, root, chunks, row_bytes, np.ascontiguousarray(lhs, np.float32),
+                  target, KERNEL_ISA.wide)
+    if target is not out:
+        out[...] = target
 
 
 _blas_pool: ThreadPoolExecutor | None = None
@@ -515,26 +534,34 @@ def matmul_many(weights: Sequence[WeightMatrix], x: np.ndarray, method: str = "a
 @dataclass
 class _FusedGroup:
     """Matrices of one type in one byte array, multiplied in one launch (see ``_launch_plan``)."""
-    simd_kind: int              # decode.KINDS code of their type
+    simd_kind: int | None       # decode.KINDS code of their type; None for the plain floats (``float_kind``)
     vec_dot_type: str
     members: list[int]          # indexes into the weights of the call
     base: np.ndarray            # the byte array holding them
     starts: np.ndarray          # int64 byte offsets of their first rows in ``base``
     counts: np.ndarray          # int64 rows of each
     row_bytes: int
+    float_kind: int | None = None         # f32 / f16 / bf16: float_dot.FLOAT_KINDS code of their storage
     total: int = field(init=False)        # sum(counts): the launch's output columns
     columns: tuple = field(init=False)    # (first, last) output columns of each member
+    _chunks: dict = field(init=False, default_factory=dict)   # float_dot's chunk tables by thread count
 
     def __post_init__(self):
         bounds = np.concatenate([[0], np.cumsum(self.counts)]).tolist()
         self.total = bounds[-1]
         self.columns = tuple(zip(bounds[:-1], bounds[1:]))
 
+    def float_chunks(self, n_threads: int) -> np.ndarray:
+        table = self._chunks.get(n_threads)
+        if table is None:
+            table = self._chunks[n_threads] = float_chunks(self.starts, self.counts, self.row_bytes, n_threads)
+        return table
+
 
 @dataclass
 class _LaunchPlan:
     """What ``_matvec_many`` does for one list of matrices, worked out once: the fused launches, the matrices
-    without SIMD kernels (f32 / f16 / bf16: the BLAS path) and the row length they all take (None if they
+    without SIMD kernels (f32 / f16 / bf16 on a CPU without AVX2: the BLAS path) and the row length they all take (None if they
     differ: matmul_many then names the one that does not fit)."""
     weights: list
     groups: list[_FusedGroup]
@@ -555,7 +582,8 @@ def _launch_plan(weights: Sequence[WeightMatrix]) -> _LaunchPlan:
     groups: dict[tuple, list[int]] = {}
     float_members = []
     for i, weight in enumerate(weights):
-        if weight.type.one_token.simd_kind is not None:
+        kernel = weight.type.one_token
+        if kernel.simd_kind is not None or (kernel.float_kind is not None and KERNEL_ISA is not None):
             groups.setdefault((weight.type.name, weight.root.ctypes.data, weight.root.nbytes), []).append(i)
         else:
             float_members.append(i)
@@ -563,7 +591,7 @@ def _launch_plan(weights: Sequence[WeightMatrix]) -> _LaunchPlan:
                          weights[members[0]].root,
                          np.array([weights[i].offset for i in members], np.int64),
                          np.array([weights[i].shape[0] for i in members], np.int64),
-                         weights[members[0]].bytes.shape[1])
+                         weights[members[0]].bytes.shape[1], get_type(name).one_token.float_kind)
              for (name, _, _), members in groups.items()]
     lengths = {weight.shape[1] for weight in weights}
     plan = _LaunchPlan(list(weights), fused, float_members, lengths.pop() if len(lengths) == 1 else None)
@@ -578,7 +606,7 @@ def _matvec_many(plan: _LaunchPlan, rows: np.ndarray, flat: bool) -> list[np.nda
     weights = plan.weights
     prepared: dict[str, QuantizedActivations] = {}
     results: list[np.ndarray | None] = [None] * len(weights)
-    for i in plan.float_members:   # f32 / f16 / bf16: the BLAS path
+    for i in plan.float_members:   # f32 / f16 / bf16 without AVX2: the BLAS path
         weight = weights[i]
         vdt = weight.type.vec_dot_type
         if vdt not in prepared:
@@ -590,7 +618,11 @@ def _matvec_many(plan: _LaunchPlan, rows: np.ndarray, flat: bool) -> list[np.nda
         if acts is None:
             acts = prepared[group.vec_dot_type] = quantize_activations(group.vec_dot_type, rows)
         out = np.empty((len(rows), group.total), np.float32)
-        if _exact_gemm(group.simd_kind, rows.shape):
+        if group.simd_kind is None:   # f32 / f16 / bf16 (float_dot.py), the activations rounded to their precision
+            lhs = acts.rounded if acts.rounded is not None else acts.rows
+            float_product(group.float_kind, group.base, group.float_chunks(numba.get_num_threads()),
+                          group.row_bytes, lhs, out, KERNEL_ISA.wide)
+        elif _exact_gemm(group.simd_kind, rows.shape):
             for start, (first, last) in zip(group.starts.tolist(), group.columns):
                 gemm_product(group.simd_kind, group.base, start, last - first, group.row_bytes, acts.gemm_tokens(),
                              out, KERNEL_ISA, first, exact=True)

@@ -284,6 +284,27 @@ def store_8_i32(typingctx, array, index, vector):
     return types.void(array, index, vector), codegen
 
 
+def _stored_floats_load(storage: str):
+    """An intrinsic loading 16 floats stored as ``storage`` (f32, f16 or bf16) from byte ``offset`` of a byte
+    array, as an ``F32x16`` (exact: a plain load, ``vcvtph2ps``, or bf16's 16 bits moved to the top of a float)."""
+    def make(typingctx, array, offset):
+        if not _is_byte_array(array) or not isinstance(offset, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
+            if storage == "f32":
+                return builder.load(builder.bitcast(pointer, F32x16.llvm_type().as_pointer()), align=1)
+            if storage == "f16":
+                halves = builder.load(builder.bitcast(pointer, ir.VectorType(ir.HalfType(), 16).as_pointer()), align=1)
+                return builder.fpext(halves, F32x16.llvm_type())
+            words = builder.load(builder.bitcast(pointer, ir.VectorType(_I16, 16).as_pointer()), align=1)
+            wide = builder.shl(builder.zext(words, I32x16.llvm_type()), _splat(_I32(16), 16))
+            return builder.bitcast(wide, F32x16.llvm_type())
+        return F32x16(array, offset), codegen
+    return make
+
+
 @intrinsic
 def load_f16(typingctx, array, offset):
     """The IEEE half float at byte ``offset`` of a byte array, as float32 (``vcvtph2ps``: exact)."""
@@ -966,6 +987,13 @@ def dot_u8_i8_x64(typingctx, acc, unsigned, signed, isa):
 
 
 zero_f32x16 = _zeros(F32x16)
+
+load_16_f32_at = intrinsic(_stored_floats_load("f32"))
+load_16_f32_at.__doc__ = "Sixteen float32 from byte ``offset`` of a byte array, as an ``F32x16``."
+load_16_f16_at = intrinsic(_stored_floats_load("f16"))
+load_16_f16_at.__doc__ = "Sixteen IEEE half floats from byte ``offset`` of a byte array, as an ``F32x16`` (exact)."
+load_16_bf16_at = intrinsic(_stored_floats_load("bf16"))
+load_16_bf16_at.__doc__ = "Sixteen bfloat16 from byte ``offset`` of a byte array, as an ``F32x16`` (exact)."
 
 
 @intrinsic

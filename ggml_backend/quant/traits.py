@@ -10,20 +10,21 @@ from __future__ import annotations
 
 from . import blocks, floats, generic, kquants, layouts, legacy
 from .decode import KINDS
-from .types import MEMORY_ONLY, SGEMM, ProductKernel, register
+from .float_dot import FLOAT_KINDS
+from .types import MEMORY_ONLY, ProductKernel, float_kernel, register
 
 
 def _kernel(name: str, generic_kernel) -> ProductKernel:
     return ProductKernel(simd_kind=KINDS[name], generic=generic_kernel)
 
 
-# Plain floats: one value per "block"; multiplied by sgemm.
+# Plain floats: one value per "block"; multiplied by float_dot.py's kernels (sgemm without AVX2).
 register("f32", unpack=blocks.f32, to_float=floats.dequantize_f32, from_float=floats.quantize_f32,
-         one_token=SGEMM, few_tokens=SGEMM)
+         one_token=float_kernel(FLOAT_KINDS["f32"]), few_tokens=float_kernel(FLOAT_KINDS["f32"]))
 register("f16", unpack=blocks.half, to_float=floats.dequantize_f16, from_float=floats.quantize_f16,
-         one_token=SGEMM, few_tokens=SGEMM)
+         one_token=float_kernel(FLOAT_KINDS["f16"]), few_tokens=float_kernel(FLOAT_KINDS["f16"]))
 register("bf16", unpack=blocks.bf16, to_float=floats.dequantize_bf16, from_float=floats.quantize_bf16,
-         one_token=SGEMM, few_tokens=SGEMM)
+         one_token=float_kernel(FLOAT_KINDS["bf16"]), few_tokens=float_kernel(FLOAT_KINDS["bf16"]))
 
 # 32-value blocks.
 register("q4_0", unpack=blocks.unpack_q4_0, to_float=legacy.dequantize_q4_0, from_float=legacy.quantize_q4_0,

@@ -10,7 +10,7 @@ are imported (``quant/traits.py`` registers them), what computes it:
     from_float   (float32[n_values]) -> uint8[n_bytes]: ggml's reference quantizer (quantize_row_*_ref)
     one_token    the kernel of a product with one activation row (decode), and
     few_tokens   that of a few rows (below the BLAS path): each a ProductKernel, the SIMD kind of decode.py and
-                 the generic kernel of generic.py (or SGEMM for the plain float types)
+                 the generic kernel of generic.py (or ``float_kernel`` for the plain float types)
 
 Every other part of the engine (readers, writers, dequantization, matrix products, ``info``) asks this table.
 ``register`` refuses a row with an empty slot, naming it, so a new type is one row here plus its kernels and one
@@ -31,11 +31,14 @@ class ProductKernel:
     simd_kind: Optional[int]   # decode.KINDS code of the explicit-SIMD kernel (CPUs with AVX2); None: none
     generic: Optional[Callable]  # the plain numba kernel (CPUs without AVX2): (w2d, acts, out, n_chunks) -> None
     sgemm: bool = False        # the plain float types: multiplied as float32 by the BLAS path (numpy's sgemm)
+    float_kind: Optional[int] = None   # their SIMD kernel's storage code (float_dot.FLOAT_KINDS), CPUs with AVX2
 
 
-# The product kernel of f32 / f16 / bf16 weights: their rows (activations rounded to the weight's precision, as
-# ggml does) go to sgemm whatever the token count.
-SGEMM = ProductKernel(simd_kind=None, generic=None, sgemm=True)
+def float_kernel(float_kind: int) -> ProductKernel:
+    """The product kernel of f32 / f16 / bf16 weights (activations rounded to the weight's precision, as ggml does):
+    ``float_dot.py``'s SIMD kernel of that storage on CPUs with AVX2, whatever the token count; elsewhere (and for
+    ``method="blas"``) the BLAS path, sgemm on float32 bands."""
+    return ProductKernel(simd_kind=None, generic=None, sgemm=True, float_kind=float_kind)
 
 # The slots a complete row has; ``product slots`` are absent on the types ggml only uses for activations.
 STORAGE_SLOTS = ("unpack", "to_float", "from_float")

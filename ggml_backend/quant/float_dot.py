@@ -1,0 +1,160 @@
+"""SIMD products of plain float weights (f32, f16, bf16) with activation rows: ggml's ``vec_dot_f16`` and kin.
+
+ggml multiplies f16 / bf16 weights with activations rounded to f16 / bf16 (each product then exact in float32)
+and f32 weights with float32 activations, summing in float32. These kernels do the same with one fixed order for
+every (row, token) result: sixteen float lanes, value d of the row into lane d % 16 by a fused multiply-add in
+turn, the lanes summed by ``sum_f32x16`` (halves first), then the values past the last multiple of 16 one by one
+(``fma_f32``). The order does not depend on the tile a result is computed in, the number of tokens, the thread or
+the instruction set (LLVM splits a 16-lane vector into two 256-bit halves on AVX2 with the same per-lane
+arithmetic), so a token gives the same bits alone, in a batch and in a prompt (continuous batching and prompt
+caching rely on that, as the block types' exact kernels give it).
+
+Tiles: ``R`` weight rows times ``T`` tokens share their loads (each weight vector converted once for T tokens,
+each activation vector loaded once for R rows): 4 x 1 for one token (four independent chains: decode is
+memory-bound), 4 x 4 on 512-bit paths (16 accumulators in 32 registers) and 2 x 2 on 256-bit ones (16 registers)
+for more. Before these, every float product went through the BLAS path: a band of rows converted to float32 and
+handed to sgemm, padded to 48 tokens for one (Qwen2.5-Coder-0.5B converted to F16, 2 Zen 4 threads: decode 1.0
+tok/s against llama.cpp's 28).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .simd import (
+    float_from_bits, fma_f32, fma_f32x16, load_16_bf16_at, load_16_f16_at, load_16_f32, load_16_f32_at, load_f16,
+    load_u32, sum_f32x16, zero_f32x16,
+)
+
+#: the storage code of each plain float type (the kernels' ``kind`` argument) and its bytes per value
+FLOAT_KINDS = {"f32": 0, "f16": 1, "bf16": 2}
+FLOAT_BYTES = {0: 4, 1: 2, 2: 2}
+
+_KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
+
+#: from this many tokens on a launch takes tiles of several rows (prompts); below, a row at a time
+FEW_TOKENS = 8
+
+
+@njit(inline="always", **_KERNEL)
+def _load_16(kind, w, o):
+    """Sixteen weights from byte ``o`` of ``w`` as float32 (exact)."""
+    if kind == 1:
+        return load_16_f16_at(w, o)
+    if kind == 2:
+        return load_16_bf16_at(w, o)
+    return load_16_f32_at(w, o)
+
+
+@njit(inline="always", **_KERNEL)
+def _load_1(kind, w, o):
+    """The weight at byte ``o`` of ``w`` as float32 (exact)."""
+    if kind == 1:
+        return load_f16(w, o)
+    if kind == 2:
+        return float_from_bits((np.uint32(w[o]) | (np.uint32(w[o + 1]) << 8)) << 16)
+    return float_from_bits(load_u32(w, o))
+
+
+def _tile_source(n_rows: int, n_tokens: int) -> str:
+    """The source of ``_tile_RxT``: rows r .. r + R (row r at byte ``o``) times tokens t .. t + T (token t's values
+    at x[xo:]), each result by the module's one order, into out[t + j, first + r + i]. Written out per shape so
+    that the accumulators are named registers (numba has no arrays of vectors)."""
+    pairs = [(i, j) for i in range(n_rows) for j in range(n_tokens)]
+    lines = [f"def _tile_{n_rows}x{n_tokens}(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r):"]
+    lines += [f"    a{i}_{j} = zero_f32x16()" for i, j in pairs]
+    lines += ["    end = k - k % 16", "    for d in range(0, end, 16):"]
+    lines += [f"        w{i} = _load_16(kind, w, o + {i} * row_bytes + d * size)" for i in range(n_rows)]
+    lines += [f"        x{j} = load_16_f32(x, xo + {j} * k + d)" for j in range(n_tokens)]
+    lines += [f"        a{i}_{j} = fma_f32x16(a{i}_{j}, w{i}, x{j})" for i, j in pairs]
+    lines += [f"    s{i}_{j} = sum_f32x16(a{i}_{j})" for i, j in pairs]
+    lines += ["    for d in range(end, k):"]
+    lines += [f"        v{i} = _load_1(kind, w, o + {i} * row_bytes + d * size)" for i in range(n_rows)]
+    lines += [f"        s{i}_{j} = fma_f32(v{i}, x[xo + {j} * k + d], s{i}_{j})" for i, j in pairs]
+    lines += [f"    out[t + {j}, first + r + {i}] = s{i}_{j}" for i, j in pairs]
+    return "\n".join(lines) + "\n"
+
+
+def _make_tile(n_rows: int, n_tokens: int):
+    scope = dict(_load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
+                 fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16, fma_f32=fma_f32)
+    exec(compile(_tile_source(n_rows, n_tokens), f"<float_dot tile {n_rows}x{n_tokens}>", "exec"), scope)
+    # not cached on its own (no source file); compiled into the cached launch that calls it
+    return njit(error_model="numpy", boundscheck=False)(scope[f"_tile_{n_rows}x{n_tokens}"])
+
+
+_tile_1x1 = _make_tile(1, 1)
+_tile_1x2, _tile_2x2, _tile_4x2 = _make_tile(1, 2), _make_tile(2, 2), _make_tile(4, 2)
+_tile_1x3, _tile_4x3 = _make_tile(1, 3), _make_tile(4, 3)
+_tile_1x4, _tile_4x4 = _make_tile(1, 4), _make_tile(4, 4)
+
+
+@njit(**_KERNEL)
+def _rows_times_tokens(kind, w, start, row_bytes, size, r0, r1, x, k, t, nt, out, first, tile_rows):
+    """Rows [r0, r1) (row 0 at byte ``start``) times tokens [t, t + nt) (nt: 1 .. 4), in tiles of ``tile_rows``
+    rows (1, or for several tokens 2 or 4; 4 only for nt > 2), the rows left one at a time."""
+    xo = t * k
+    r = r0
+    while tile_rows > 1 and r + tile_rows <= r1:
+        o = start + r * row_bytes
+        if tile_rows == 2:
+            _tile_2x2(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
+        elif nt == 2:
+            _tile_4x2(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
+        elif nt == 3:
+            _tile_4x3(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
+        else:
+            _tile_4x4(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
+        r += tile_rows
+    while r < r1:
+        o = start + r * row_bytes
+        if nt == 1:
+            _tile_1x1(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
+        elif nt == 2:
+            _tile_1x2(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
+        elif nt == 3:
+            _tile_1x3(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
+        else:
+            _tile_1x4(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
+        r += 1
+
+
+@njit(parallel=True, **_KERNEL)
+def float_product(kind, w, chunks, row_bytes, x, out, wide):
+    """out[t, column + i] = row i of a chunk times token t of ``x`` (float32 [n_tokens, k], already rounded to the
+    weights' precision) for every chunk of ``chunks`` (``float_chunks``: int64 rows of (byte of the chunk's first
+    row in ``w``, its first output column, its rows), rows of ``row_bytes`` bytes in storage ``kind``:
+    FLOAT_KINDS), one parallel iteration each. A chunk walks the tokens in groups of four (``wide``: a 512-bit
+    path) or two, so that a group's activations stay in cache while the chunk's rows stream past."""
+    n_tokens, k = x.shape
+    flat = x.reshape(-1)
+    size = 4 if kind == 0 else 2
+    group = 4 if wide else 2
+    # A row at a time for a few tokens: one core streamed f16 rows from memory at 24-25 GB/s so, at 11-12 in
+    # tiles of two or four rows read side by side (one Zen 4 core, 4864 x 896); tiles for prompts, whose products
+    # are bound by the arithmetic instead (16 accumulators).
+    tile_rows = 1 if n_tokens < FEW_TOKENS else group
+    for c in prange(chunks.shape[0]):
+        start, column, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        t = 0
+        while t < n_tokens:
+            nt = min(group, n_tokens - t)
+            _rows_times_tokens(kind, w, start, row_bytes, size, 0, n, flat, k, t, nt, out, column,
+                               tile_rows if nt > 2 or (nt == 2 and group == 2) else 1)
+            t += nt
+
+
+def float_chunks(starts, counts, row_bytes: int, n_threads: int) -> np.ndarray:
+    """The chunk table of ``float_product`` for matrices whose first rows lie at bytes ``starts`` (``counts`` rows
+    each, their outputs side by side in that order): about four chunks per thread over all their rows (an even
+    spread when a thread starts late), each a multiple of four rows where the matrix has them."""
+    total = int(sum(counts))
+    per = -(-total // max(1, 4 * n_threads))
+    per = max(4, -(-per // 4) * 4)
+    table, column = [], 0
+    for start, count in zip(starts, counts):
+        for first in range(0, int(count), per):
+            rows = min(per, int(count) - first)
+            table.append((int(start) + first * row_bytes, column + first, rows))
+        column += int(count)
+    return np.array(table, np.int64).reshape(-1, 3)

@@ -1,0 +1,136 @@
+"""The plain float types' SIMD kernels (quant/float_dot.py): their one summation order, the same bits whatever the
+tile, token count, thread count or launch, and the path each call takes."""
+import numba
+import numpy as np
+import pytest
+
+import ggml_backend.quant.matmul as matmul_module
+from ggml_backend.quant.float_dot import FEW_TOKENS, FLOAT_KINDS, float_chunks, float_product
+from ggml_backend.quant.floats import float_to_bf16_bits
+from ggml_backend.quant.matmul import WeightMatrix, matmul, matmul_many
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+needs_simd = pytest.mark.skipif(matmul_module.KERNEL_ISA is None,
+                                reason="CPUs without AVX2 (or GGML_BACKEND_KERNELS=generic) take the BLAS path")
+
+
+def _weights(name, n_rows, k, rng):
+    """(the weight bytes [n_rows, row_bytes], their values as float32)."""
+    values = rng.standard_normal((n_rows, k)).astype(np.float32)
+    if name == "f16":
+        stored = values.astype(np.float16)
+        return stored.view(np.uint8).reshape(n_rows, -1), stored.astype(np.float32)
+    if name == "bf16":
+        bits = float_to_bf16_bits(values).reshape(n_rows, k)
+        return bits.view(np.uint8).reshape(n_rows, -1), (bits.astype(np.uint32) << 16).view(np.float32)
+    return values.view(np.uint8).reshape(n_rows, -1), values
+
+
+def _rounded(name, x):
+    if name == "f16":
+        return x.astype(np.float16).astype(np.float32)
+    if name == "bf16":
+        return (float_to_bf16_bits(x).reshape(x.shape).astype(np.uint32) << 16).view(np.float32)
+    return x
+
+
+def _in_the_order(w, x):
+    """The module's order in numpy: sixteen float32 lanes, value d into lane d % 16, halves summed first, then the
+    tail value by value. f16 / bf16 products are exact in float32, so each fused multiply-add is the rounded sum
+    of the exact product and numpy's float32 adds give the same bits."""
+    k = w.shape[0]
+    end = k - k % 16
+    lanes = np.zeros(16, np.float32)
+    for d in range(0, end, 16):
+        lanes = lanes + w[d:d + 16] * x[d:d + 16]
+    while lanes.size > 1:
+        half = lanes.size // 2
+        lanes = lanes[:half] + lanes[half:]
+    s = lanes[0]
+    for d in range(end, k):
+        s = np.float32(s + w[d] * x[d])
+    return s
+
+
+@needs_simd
+@pytest.mark.parametrize("name", ["f16", "bf16"])
+@pytest.mark.parametrize("k", [16, 61, 96, 200])
+def test_each_result_is_the_documented_order(name, k, rng):
+    weight_bytes, w = _weights(name, 7, k, rng)
+    x = _rounded(name, rng.standard_normal((3, k)).astype(np.float32))
+    y = matmul(name, weight_bytes, x)
+    expected = np.array([[_in_the_order(w[r], x[t]) for r in range(7)] for t in range(3)], np.float32)
+    np.testing.assert_array_equal(y, expected)
+
+
+@needs_simd
+@pytest.mark.parametrize("name", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("n_rows,k", [(1, 16), (7, 61), (41, 96), (130, 272)])
+def test_a_token_gives_the_same_bits_in_any_batch_and_tile(name, n_rows, k, rng):
+    """Tokens alone, in few-token launches (a row at a time) and in prompts (tiles of 2 or 4 rows, 2 or 4 tokens,
+    both walks run here whatever the CPU): every (row, token) result the same bits."""
+    weight_bytes, w = _weights(name, n_rows, k, rng)
+    x = rng.standard_normal((FEW_TOKENS + 11, k)).astype(np.float32)
+    alone = np.concatenate([matmul(name, weight_bytes, x[t:t + 1]) for t in range(len(x))])
+    for n_tokens in (2, 3, 5, FEW_TOKENS, len(x)):
+        np.testing.assert_array_equal(matmul(name, weight_bytes, x[:n_tokens]), alone[:n_tokens])
+    lhs = _rounded(name, x)
+    for wide in (False, True):
+        for n_threads in (1, 3):
+            out = np.full((len(x), n_rows + 5), np.nan, np.float32)
+            chunks = float_chunks([0], [n_rows], weight_bytes.shape[1], n_threads) + np.array([0, 5, 0])
+            float_product(FLOAT_KINDS[name], weight_bytes.reshape(-1), chunks, weight_bytes.shape[1], lhs, out, wide)
+            np.testing.assert_array_equal(out[:, 5:], alone)
+            assert np.isnan(out[:, :5]).all()     # nothing written outside the launch's columns
+    scale = np.abs(lhs).astype(np.float64) @ np.abs(w.astype(np.float64)).T
+    assert np.all(np.abs(alone - lhs.astype(np.float64) @ w.astype(np.float64).T) <= 2e-6 * scale + 1e-30)
+
+
+@needs_simd
+def test_thread_counts_and_shared_launches_give_identical_results(rng):
+    q = WeightMatrix("f16", _weights("f16", 96, 64, rng)[0])
+    k = WeightMatrix("f16", _weights("f16", 16, 64, rng)[0])
+    v = WeightMatrix("bf16", _weights("bf16", 24, 64, rng)[0])
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        results = []
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            results.append(matmul_many([q, k, v], x))
+    finally:
+        numba.set_num_threads(before)
+    for other in results:
+        for weight, got, first in zip((q, k, v), other, results[0]):
+            np.testing.assert_array_equal(got, first)
+            np.testing.assert_array_equal(got, weight.matmul(x))
+
+
+def test_the_blas_path_stays_for_method_blas_and_cpus_without_avx2(rng, monkeypatch):
+    weight_bytes, w = _weights("f16", 40, 96, rng)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    blas = matmul("f16", weight_bytes, x, method="blas")
+    expected = _rounded("f16", x).astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(blas, expected, rtol=1e-5, atol=1e-5)
+    calls = []
+    monkeypatch.setattr(matmul_module, "float_product", lambda *args: calls.append(args))
+    monkeypatch.setattr(matmul_module, "KERNEL_ISA", None)
+    np.testing.assert_array_equal(matmul("f16", weight_bytes, x), blas)
+    assert calls == []
+
+
+def test_float_chunks_cover_every_row_once():
+    starts, counts, row_bytes = [0, 10_000, 50_000], [9, 130, 4], 64
+    for n_threads in (1, 2, 3, 16):
+        table = float_chunks(starts, counts, row_bytes, n_threads)
+        covered = []
+        for start, column, rows in table.tolist():
+            member = max(i for i, s in enumerate(starts) if s <= start)
+            first_row = (start - starts[member]) // row_bytes
+            assert column == sum(counts[:member]) + first_row and rows > 0
+            covered += [(member, first_row + i) for i in range(rows)]
+        assert sorted(covered) == [(m, r) for m, c in enumerate(counts) for r in range(c)]
