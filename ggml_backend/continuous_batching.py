@@ -17,9 +17,10 @@ Results do not depend on batching. A prompt is split into the batches ``Llama.ev
 at most ``n_batch`` tokens; ``session.eval_batches``). A batch on the BLAS path (``session.runs_alone``: 48 tokens
 or more) runs as a pass of its own, exactly as alone (one such pass per step, so decoding sequences wait one prompt
 batch at most: a smaller ``n_batch`` stalls them less); smaller ones, and decode tokens, go through the integer
-kernels, which give every token the numbers it gets alone whatever the pass holds (model/batching.py), so they are
-freely combined. A model whose weights are not all on those kernels (f16/f32 weights) gets one pass per sequence:
-still the numbers of each sequence alone, without the gain. At temperature 0 a sequence thus gives the same tokens
+kernels (and the float types' SIMD kernels, quant/float_dot.py), which give every token the numbers it gets alone
+whatever the pass holds (model/batching.py), so they are freely combined. A model whose weights are not all on
+those kernels (float weights on a CPU without AVX2: sgemm) gets one pass per sequence: still the numbers of each
+sequence alone, without the gain. At temperature 0 a sequence thus gives the same tokens
 in a batch of 8 as alone, and as ``Llama.create_completion``.
 
 The combined passes go through the model's ``ForwardBatcher``, the same flat combining that ``Llama.new_context``

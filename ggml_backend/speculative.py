@@ -9,8 +9,8 @@ verification: the sampled token is kept (it is the next token, as always), the K
 accepted tokens, and the next pass evaluates it with a new draft. Every token is sampled from the logits plain
 decoding would sample it from, by the same sampler in the same order, so the text is the same, seeded sampling
 included, wherever a pass of several tokens gives each the numbers it gets alone (``model/batching.py``'s
-``batch_invariant``: every weight matrix on the SIMD integer kernels, true of the quantized models on x86-64
-with AVX2; float weights go through sgemm, whose summation order may break a near tie differently).
+``batch_invariant``: every weight matrix on the SIMD kernels, true of every model on x86-64 with AVX2; without
+it float weights go through sgemm, whose summation order may break a near tie differently).
 
 Whether it pays depends on the machine: on the CPU a pass of n tokens costs much more than one (a 2-core Zen 4,
 Qwen2.5-0.5B: 15-17 ms one token, 24 ms two, 38 ms four, about 75 ms eleven), so a draft that is rejected at once

@@ -39,26 +39,27 @@ def _rounded(name, x):
 
 
 def _in_the_order(w, x):
-    """The module's order in numpy: sixteen float32 lanes, value d into lane d % 16, halves summed first, then the
-    tail value by value. f16 / bf16 products are exact in float32, so each fused multiply-add is the rounded sum
-    of the exact product and numpy's float32 adds give the same bits."""
+    """The module's order in numpy: two chains of sixteen float32 lanes (values 0-15 of each 32 into the first,
+    16-31 into the second, a last 16 into the first), added lane by lane, halves summed first, then the tail
+    value by value. f16 / bf16 products are exact in float32, so each fused multiply-add is the rounded sum of the
+    exact product and numpy's float32 adds give the same bits."""
     k = w.shape[0]
-    end = k - k % 16
-    lanes = np.zeros(16, np.float32)
-    for d in range(0, end, 16):
-        lanes = lanes + w[d:d + 16] * x[d:d + 16]
+    chains = [np.zeros(16, np.float32), np.zeros(16, np.float32)]
+    for i, d in enumerate(range(0, k - k % 16, 16)):
+        chains[i % 2] = chains[i % 2] + w[d:d + 16] * x[d:d + 16]
+    lanes = chains[0] + chains[1]
     while lanes.size > 1:
         half = lanes.size // 2
         lanes = lanes[:half] + lanes[half:]
     s = lanes[0]
-    for d in range(end, k):
+    for d in range(k - k % 16, k):
         s = np.float32(s + w[d] * x[d])
     return s
 
 
 @needs_simd
 @pytest.mark.parametrize("name", ["f16", "bf16"])
-@pytest.mark.parametrize("k", [16, 61, 96, 200])
+@pytest.mark.parametrize("k", [16, 61, 96, 200, 250])
 def test_each_result_is_the_documented_order(name, k, rng):
     weight_bytes, w = _weights(name, 7, k, rng)
     x = _rounded(name, rng.standard_normal((3, k)).astype(np.float32))
@@ -71,8 +72,8 @@ def test_each_result_is_the_documented_order(name, k, rng):
 @pytest.mark.parametrize("name", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("n_rows,k", [(1, 16), (7, 61), (41, 96), (130, 272)])
 def test_a_token_gives_the_same_bits_in_any_batch_and_tile(name, n_rows, k, rng):
-    """Tokens alone, in few-token launches (a row at a time) and in prompts (tiles of 2 or 4 rows, 2 or 4 tokens,
-    both walks run here whatever the CPU): every (row, token) result the same bits."""
+    """Tokens alone, in few-token launches (a row at a time) and in prompts (tiles of two rows and four tokens on
+    512-bit paths; both walks run here whatever the CPU): every (row, token) result the same bits."""
     weight_bytes, w = _weights(name, n_rows, k, rng)
     x = rng.standard_normal((FEW_TOKENS + 11, k)).astype(np.float32)
     alone = np.concatenate([matmul(name, weight_bytes, x[t:t + 1]) for t in range(len(x))])

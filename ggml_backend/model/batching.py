@@ -180,11 +180,12 @@ _Job.result = _result
 
 def batch_invariant(model) -> bool:
     """True when a pass of several contexts gives each the numbers it gets alone: every weight matrix runs on the
-    SIMD integer kernels below BLAS_MIN_TOKENS tokens (float weights go through sgemm, whose summation order may
-    depend on the number of rows)."""
+    SIMD kernels below BLAS_MIN_TOKENS tokens, the block types' integer kernels or the float types' (float_dot.py:
+    one summation order whatever the rows). Without them (CPUs without AVX2) float weights go through sgemm,
+    whose summation order may depend on the number of rows."""
     from ..quant.matmul import KERNEL_ISA, KINDS
     if KERNEL_ISA is None:
         return False
     linears = [model.output] + [getattr(layer, name) for layer in model.layers
                                 for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
-    return all(linear.qtype.name in KINDS for linear in linears)
+    return all(linear.qtype.name in KINDS or linear.qtype.one_token.float_kind is not None for linear in linears)

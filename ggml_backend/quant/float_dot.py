@@ -2,19 +2,21 @@
 
 ggml multiplies f16 / bf16 weights with activations rounded to f16 / bf16 (each product then exact in float32)
 and f32 weights with float32 activations, summing in float32. These kernels do the same with one fixed order for
-every (row, token) result: sixteen float lanes, value d of the row into lane d % 16 by a fused multiply-add in
-turn, the lanes summed by ``sum_f32x16`` (halves first), then the values past the last multiple of 16 one by one
-(``fma_f32``). The order does not depend on the tile a result is computed in, the number of tokens, the thread or
-the instruction set (LLVM splits a 16-lane vector into two 256-bit halves on AVX2 with the same per-lane
-arithmetic), so a token gives the same bits alone, in a batch and in a prompt (continuous batching and prompt
-caching rely on that, as the block types' exact kernels give it).
+every (row, token) result: two chains of sixteen float lanes, the values of each 32 in turn, 0-15 by fused
+multiply-adds into the first chain and 16-31 into the second (a last 16 past the multiples of 32 into the first),
+the chains added lane by lane and the sixteen lanes summed by ``sum_f32x16`` (halves first), then the values past
+the last multiple of 16 one by one (``fma_f32``). The order does not depend on the tile a result is computed in,
+the number of tokens, the thread or the instruction set (LLVM splits a 16-lane vector into two 256-bit halves on
+AVX2 with the same per-lane arithmetic), so a token gives the same bits alone, in a batch and in a prompt
+(continuous batching and prompt caching rely on that, as the block types' exact kernels give it). Two chains,
+not one: a row's fused multiply-adds wait on each other's latency, and with one chain a core asked for memory
+too slowly (two Zen 4 threads, 4864 x 896 f16: 29 GB/s with one chain, 35 with four).
 
-Tiles: ``R`` weight rows times ``T`` tokens share their loads (each weight vector converted once for T tokens,
-each activation vector loaded once for R rows): 4 x 1 for one token (four independent chains: decode is
-memory-bound), 4 x 4 on 512-bit paths (16 accumulators in 32 registers) and 2 x 2 on 256-bit ones (16 registers)
-for more. Before these, every float product went through the BLAS path: a band of rows converted to float32 and
-handed to sgemm, padded to 48 tokens for one (Qwen2.5-Coder-0.5B converted to F16, 2 Zen 4 threads: decode 1.0
-tok/s against llama.cpp's 28).
+Tiles: a row at a time for a few tokens (decode; tiles of several rows read side by side streamed at half the
+speed), two rows times four tokens on 512-bit paths for prompts (each weight vector converted once for four
+tokens, each activation vector loaded once for two rows: 16 accumulators). Before these kernels every float product went
+through the BLAS path, a band of rows converted to float32 and handed to sgemm, padded to 48 tokens for one
+(Qwen2.5-Coder-0.5B converted to F16, 2 Zen 4 threads: decode 1.0 tok/s against llama.cpp's 28).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (
-    float_from_bits, fma_f32, fma_f32x16, load_16_bf16_at, load_16_f16_at, load_16_f32, load_16_f32_at, load_f16,
+    add_f32x16, float_from_bits, fma_f32, fma_f32x16, load_16_bf16_at, load_16_f16_at, load_16_f32, load_16_f32_at, load_f16,
     load_u32, sum_f32x16, zero_f32x16,
 )
 
@@ -63,12 +65,18 @@ def _tile_source(n_rows: int, n_tokens: int) -> str:
     pairs = [(i, j) for i in range(n_rows) for j in range(n_tokens)]
     lines = [f"def _tile_{n_rows}x{n_tokens}(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r):"]
     lines += [f"    a{i}_{j} = zero_f32x16()" for i, j in pairs]
-    lines += ["    end = k - k % 16", "    for d in range(0, end, 16):"]
-    lines += [f"        w{i} = _load_16(kind, w, o + {i} * row_bytes + d * size)" for i in range(n_rows)]
-    lines += [f"        x{j} = load_16_f32(x, xo + {j} * k + d)" for j in range(n_tokens)]
+    lines += [f"    b{i}_{j} = zero_f32x16()" for i, j in pairs]
+    lines += ["    end = k - k % 32", "    for d in range(0, end, 32):"]
+    for half, acc in ((0, "a"), (16, "b")):
+        lines += [f"        w{i} = _load_16(kind, w, o + {i} * row_bytes + (d + {half}) * size)" for i in range(n_rows)]
+        lines += [f"        x{j} = load_16_f32(x, xo + {j} * k + d + {half})" for j in range(n_tokens)]
+        lines += [f"        {acc}{i}_{j} = fma_f32x16({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs]
+    lines += ["    if k - end >= 16:"]
+    lines += [f"        w{i} = _load_16(kind, w, o + {i} * row_bytes + end * size)" for i in range(n_rows)]
+    lines += [f"        x{j} = load_16_f32(x, xo + {j} * k + end)" for j in range(n_tokens)]
     lines += [f"        a{i}_{j} = fma_f32x16(a{i}_{j}, w{i}, x{j})" for i, j in pairs]
-    lines += [f"    s{i}_{j} = sum_f32x16(a{i}_{j})" for i, j in pairs]
-    lines += ["    for d in range(end, k):"]
+    lines += [f"    s{i}_{j} = sum_f32x16(add_f32x16(a{i}_{j}, b{i}_{j}))" for i, j in pairs]
+    lines += ["    for d in range(k - k % 16, k):"]
     lines += [f"        v{i} = _load_1(kind, w, o + {i} * row_bytes + d * size)" for i in range(n_rows)]
     lines += [f"        s{i}_{j} = fma_f32(v{i}, x[xo + {j} * k + d], s{i}_{j})" for i, j in pairs]
     lines += [f"    out[t + {j}, first + r + {i}] = s{i}_{j}" for i, j in pairs]
@@ -77,46 +85,34 @@ def _tile_source(n_rows: int, n_tokens: int) -> str:
 
 def _make_tile(n_rows: int, n_tokens: int):
     scope = dict(_load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
-                 fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16, fma_f32=fma_f32)
+                 fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16, add_f32x16=add_f32x16, fma_f32=fma_f32)
     exec(compile(_tile_source(n_rows, n_tokens), f"<float_dot tile {n_rows}x{n_tokens}>", "exec"), scope)
     # not cached on its own (no source file); compiled into the cached launch that calls it
     return njit(error_model="numpy", boundscheck=False)(scope[f"_tile_{n_rows}x{n_tokens}"])
 
 
-_tile_1x1 = _make_tile(1, 1)
-_tile_1x2, _tile_2x2, _tile_4x2 = _make_tile(1, 2), _make_tile(2, 2), _make_tile(4, 2)
-_tile_1x3, _tile_4x3 = _make_tile(1, 3), _make_tile(4, 3)
-_tile_1x4, _tile_4x4 = _make_tile(1, 4), _make_tile(4, 4)
+_tile_1x1, _tile_1x2, _tile_2x4 = _make_tile(1, 1), _make_tile(1, 2), _make_tile(2, 4)
 
 
 @njit(**_KERNEL)
-def _rows_times_tokens(kind, w, start, row_bytes, size, r0, r1, x, k, t, nt, out, first, tile_rows):
-    """Rows [r0, r1) (row 0 at byte ``start``) times tokens [t, t + nt) (nt: 1 .. 4), in tiles of ``tile_rows``
-    rows (1, or for several tokens 2 or 4; 4 only for nt > 2), the rows left one at a time."""
+def _rows_times_tokens(kind, w, start, row_bytes, size, n, x, k, t, nt, out, first):
+    """Rows [0, n) (row 0 at byte ``start``) times tokens [t, t + nt): four tokens (512-bit paths' prompts) in
+    tiles of two rows, else (nt: 1 or 2) a row at a time."""
     xo = t * k
-    r = r0
-    while tile_rows > 1 and r + tile_rows <= r1:
-        o = start + r * row_bytes
-        if tile_rows == 2:
-            _tile_2x2(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
-        elif nt == 2:
-            _tile_4x2(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
-        elif nt == 3:
-            _tile_4x3(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
-        else:
-            _tile_4x4(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
-        r += tile_rows
-    while r < r1:
-        o = start + r * row_bytes
-        if nt == 1:
-            _tile_1x1(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
-        elif nt == 2:
-            _tile_1x2(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
-        elif nt == 3:
-            _tile_1x3(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
-        else:
-            _tile_1x4(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r)
-        r += 1
+    r = 0
+    if nt == 4:
+        while r + 2 <= n:
+            _tile_2x4(kind, w, start + r * row_bytes, row_bytes, size, x, xo, k, out, t, first, r)
+            r += 2
+        if r < n:
+            _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xo, k, out, t, first, r)
+            _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xo + 2 * k, k, out, t + 2, first, r)
+    elif nt == 2:
+        for r in range(n):
+            _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xo, k, out, t, first, r)
+    else:
+        for r in range(n):
+            _tile_1x1(kind, w, start + r * row_bytes, row_bytes, size, x, xo, k, out, t, first, r)
 
 
 @njit(parallel=True, **_KERNEL)
@@ -124,23 +120,22 @@ def float_product(kind, w, chunks, row_bytes, x, out, wide):
     """out[t, column + i] = row i of a chunk times token t of ``x`` (float32 [n_tokens, k], already rounded to the
     weights' precision) for every chunk of ``chunks`` (``float_chunks``: int64 rows of (byte of the chunk's first
     row in ``w``, its first output column, its rows), rows of ``row_bytes`` bytes in storage ``kind``:
-    FLOAT_KINDS), one parallel iteration each. A chunk walks the tokens in groups of four (``wide``: a 512-bit
-    path) or two, so that a group's activations stay in cache while the chunk's rows stream past."""
+    FLOAT_KINDS), one parallel iteration each. A chunk walks the tokens two at a time (``wide``, a 512-bit path:
+    a prompt's four at a time), so that their activations stay in cache while the chunk's rows stream past."""
     n_tokens, k = x.shape
     flat = x.reshape(-1)
     size = 4 if kind == 0 else 2
-    group = 4 if wide else 2
-    # A row at a time for a few tokens: one core streamed f16 rows from memory at 24-25 GB/s so, at 11-12 in
-    # tiles of two or four rows read side by side (one Zen 4 core, 4864 x 896); tiles for prompts, whose products
-    # are bound by the arithmetic instead (16 accumulators).
-    tile_rows = 1 if n_tokens < FEW_TOKENS else group
+    # A row at a time for a few tokens (decode is memory-bound: one core streamed f16 rows from memory at 24-25
+    # GB/s so, at 11-12 in tiles of two or four rows read side by side; one Zen 4 core, 4864 x 896). Prompts on
+    # 512-bit paths in tiles of two rows and four tokens (16 accumulators of 32 registers; two Zen 4 threads, f16
+    # 4864 x 896 times 256 tokens: 176 GFLOP/s, 158 in tiles of four rows and two tokens, 138 of three and four).
+    group = 4 if wide and n_tokens >= FEW_TOKENS else 2
     for c in prange(chunks.shape[0]):
         start, column, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         t = 0
         while t < n_tokens:
-            nt = min(group, n_tokens - t)
-            _rows_times_tokens(kind, w, start, row_bytes, size, 0, n, flat, k, t, nt, out, column,
-                               tile_rows if nt > 2 or (nt == 2 and group == 2) else 1)
+            nt = 4 if group == 4 and n_tokens - t >= 4 else min(2, n_tokens - t)
+            _rows_times_tokens(kind, w, start, row_bytes, size, n, flat, k, t, nt, out, column)
             t += nt
 
 
