@@ -58,7 +58,7 @@ def test_kernel_table_beside_memory_bandwidth(report):
     assert ("GEMM" in prompt_path()) == (KERNEL_ISA is not None)
     assert kernels["read_gbps"] > 0.1
     assert set(kernels["kernels"]) == {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K",
-                                       "q6_K"}
+                                       "q6_K", "f16", "bf16", "f32"}
     assert all(gbps > 0 for gbps in kernels["kernels"].values())
     # beside numpy's sum, one core reading by vector loads; with -t 2 each kernel and that read on two threads
     # against one (wall time)

@@ -33,15 +33,20 @@ SHAPE = (4096, 4096)
 # halves can be NaN or huge).
 SCALE_OFFSETS = {"q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q8_0": [0],
                  "q2_K": [80, 82], "q3_K": [108], "q4_K": [0, 2], "q5_K": [0, 2], "q6_K": [208]}
-TYPES = tuple(SCALE_OFFSETS)
+# The plain float types: random normal values (scale 0.02) in their storage
+FLOAT_TYPES = ("f16", "bf16", "f32")
+TYPES = tuple(SCALE_OFFSETS) + FLOAT_TYPES
 
 
 def random_weights(type_name: str, n_rows: int, k: int, rng) -> np.ndarray:
     """Random block bytes [n_rows, row_bytes] of ``type_name`` with half-float scales of 0.01 (a layout no file
-    holds: its file type's random blocks, re-laid)."""
+    holds: its file type's random blocks, re-laid; a float type: normal values times 0.02)."""
     from ..quant.layouts import relayout_of
     from ..quant.types import get_type
     qtype = get_type(type_name)
+    if type_name in FLOAT_TYPES:
+        values = (rng.standard_normal((n_rows, k)) * 0.02).astype(np.float32)
+        return qtype.from_float(values.reshape(-1)).reshape(n_rows, -1)
     if qtype.file_type:
         return relayout_of(qtype, random_weights(qtype.file_type, n_rows, k, rng))
     n_blocks = k // qtype.block_size
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
                         help="also measure N threads against one (memory read and each kernel, wall time)")
     args = parser.parse_args(argv)
     types = [t.strip() for t in args.types.split(",") if t.strip()]
-    unknown = [t for t in types if t not in SCALE_OFFSETS]
+    unknown = [t for t in types if t not in TYPES]
     if unknown or args.repeat < 1 or args.threads < 1:
         parser.error(f"unknown types {unknown}; known: {', '.join(TYPES)}" if unknown else
                      "--repeat must be >= 1" if args.repeat < 1 else "--threads must be >= 1")
