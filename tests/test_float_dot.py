@@ -1,11 +1,13 @@
 """The plain float types' SIMD kernels (quant/float_dot.py): their one summation order, the same bits whatever the
 tile, token count, thread count or launch, and the path each call takes."""
+import os
+
 import numba
 import numpy as np
 import pytest
 
 import ggml_backend.quant.matmul as matmul_module
-from ggml_backend.quant.float_dot import FEW_TOKENS, FLOAT_KINDS, float_chunks, float_product
+from ggml_backend.quant.float_dot import FEW_TOKENS, FLOAT_KINDS, activation_pairs, float_chunks, float_product
 from ggml_backend.quant.floats import float_to_bf16_bits
 from ggml_backend.quant.matmul import WeightMatrix, matmul, matmul_many
 
@@ -38,33 +40,41 @@ def _rounded(name, x):
     return x
 
 
-def _in_the_order(w, x):
-    """The module's order in numpy: two chains of sixteen float32 lanes (values 0-15 of each 32 into the first,
-    16-31 into the second, a last 16 into the first), added lane by lane, halves summed first, then the tail
-    value by value. f16 / bf16 products are exact in float32, so each fused multiply-add is the rounded sum of the
-    exact product and numpy's float32 adds give the same bits."""
+def _in_the_order(w, x, name):
+    """The module's order in numpy: two chains of sixteen float32 lanes, added lane by lane, halves summed first,
+    then the tail value by value. f16: values 0-15 of each 32 into the first chain, 16-31 into the second (a last
+    16 into the first); bf16: each 32 values into lane i as value 2i + 1 then 2i (``vdpbf16ps``), the first 32 of
+    each 64 into the first chain (a last 32 too). f16 / bf16 products are exact in float32, so each fused
+    multiply-add is the rounded sum of the exact product and numpy's float32 adds give the same bits."""
     k = w.shape[0]
     chains = [np.zeros(16, np.float32), np.zeros(16, np.float32)]
-    for i, d in enumerate(range(0, k - k % 16, 16)):
-        chains[i % 2] = chains[i % 2] + w[d:d + 16] * x[d:d + 16]
+    if name == "bf16":
+        tail = k - k % 32
+        for m, d in enumerate(range(0, tail, 32)):
+            chains[m % 2] = chains[m % 2] + w[d + 1:d + 32:2] * x[d + 1:d + 32:2]
+            chains[m % 2] = chains[m % 2] + w[d:d + 32:2] * x[d:d + 32:2]
+    else:
+        tail = k - k % 16
+        for m, d in enumerate(range(0, tail, 16)):
+            chains[m % 2] = chains[m % 2] + w[d:d + 16] * x[d:d + 16]
     lanes = chains[0] + chains[1]
     while lanes.size > 1:
         half = lanes.size // 2
         lanes = lanes[:half] + lanes[half:]
     s = lanes[0]
-    for d in range(k - k % 16, k):
+    for d in range(tail, k):
         s = np.float32(s + w[d] * x[d])
     return s
 
 
 @needs_simd
 @pytest.mark.parametrize("name", ["f16", "bf16"])
-@pytest.mark.parametrize("k", [16, 61, 96, 200, 250])
+@pytest.mark.parametrize("k", [16, 61, 96, 200, 250, 320])
 def test_each_result_is_the_documented_order(name, k, rng):
     weight_bytes, w = _weights(name, 7, k, rng)
     x = _rounded(name, rng.standard_normal((3, k)).astype(np.float32))
     y = matmul(name, weight_bytes, x)
-    expected = np.array([[_in_the_order(w[r], x[t]) for r in range(7)] for t in range(3)], np.float32)
+    expected = np.array([[_in_the_order(w[r], x[t], name) for r in range(7)] for t in range(3)], np.float32)
     np.testing.assert_array_equal(y, expected)
 
 
@@ -84,7 +94,8 @@ def test_a_token_gives_the_same_bits_in_any_batch_and_tile(name, n_rows, k, rng)
         for n_threads in (1, 3):
             out = np.full((len(x), n_rows + 5), np.nan, np.float32)
             chunks = float_chunks([0], [n_rows], weight_bytes.shape[1], n_threads) + np.array([0, 5, 0])
-            float_product(FLOAT_KINDS[name], weight_bytes.reshape(-1), chunks, weight_bytes.shape[1], lhs, out, wide)
+            float_product(FLOAT_KINDS[name], weight_bytes.reshape(-1), chunks, weight_bytes.shape[1], lhs,
+                          activation_pairs(FLOAT_KINDS[name], lhs), out, wide)
             np.testing.assert_array_equal(out[:, 5:], alone)
             assert np.isnan(out[:, :5]).all()     # nothing written outside the launch's columns
     scale = np.abs(lhs).astype(np.float64) @ np.abs(w.astype(np.float64)).T
@@ -109,6 +120,37 @@ def test_thread_counts_and_shared_launches_give_identical_results(rng):
         for weight, got, first in zip((q, k, v), other, results[0]):
             np.testing.assert_array_equal(got, first)
             np.testing.assert_array_equal(got, weight.matmul(x))
+
+
+def test_bf16_without_the_instruction_gives_its_bits(tmp_path):
+    """On a CPU with AVX512-BF16 the bf16 kernels use ``vdpbf16ps``; compiled for the same CPU without it (another
+    process, its own numba cache) they take the two fused multiply-adds instead: the same bits."""
+    import subprocess
+    import sys
+
+    from ggml_backend.quant.simd import has_native_bf16_dot, host_features
+    if matmul_module.KERNEL_ISA is None or not has_native_bf16_dot():
+        pytest.skip(reason="this CPU has no AVX512-BF16: its bf16 kernels already take the emulation")
+    features = ",".join(("-" if name == "avx512bf16" else "+") + name for name in sorted(host_features()))
+    script = (
+        "import numpy as np, sys\n"
+        "from ggml_backend.quant.matmul import matmul\n"
+        "from ggml_backend.quant.simd import has_native_bf16_dot\n"
+        "rng = np.random.default_rng(3)\n"
+        "from ggml_backend.quant.floats import float_to_bf16_bits\n"
+        "w = float_to_bf16_bits(rng.standard_normal((37, 250)).astype(np.float32)).reshape(37, 250)\n"
+        "x = rng.standard_normal((9, 250)).astype(np.float32)\n"
+        "sys.stdout.write(str(has_native_bf16_dot()) + ' ' + matmul('bf16', w.view(np.uint8), x).tobytes().hex())\n")
+    results = []
+    for env_features in (None, features):
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / f"cache{len(results)}"))
+        if env_features:
+            env["NUMBA_CPU_FEATURES"] = env_features
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(done.stdout.split())
+    assert [native for native, _ in results] == ["True", "False"]
+    assert results[0][1] == results[1][1]
 
 
 def test_the_blas_path_stays_for_method_blas_and_cpus_without_avx2(rng, monkeypatch):

@@ -8,7 +8,10 @@ the chains added lane by lane and the sixteen lanes summed by ``sum_f32x16`` (ha
 the last multiple of 16 one by one (``fma_f32``). The order does not depend on the tile a result is computed in,
 the number of tokens, the thread or the instruction set (LLVM splits a 16-lane vector into two 256-bit halves on
 AVX2 with the same per-lane arithmetic), so a token gives the same bits alone, in a batch and in a prompt
-(continuous batching and prompt caching rely on that, as the block types' exact kernels give it). Two chains,
+(continuous batching and prompt caching rely on that, as the block types' exact kernels give it). bf16 weights take
+32 values at a time as pairs, as AVX512-BF16's ``vdpbf16ps`` does (``simd.dot_bf16_pairs``: lane i adds value
+2i + 1's product, then 2i's; the instruction where the CPU has it, two fused multiply-adds elsewhere, the same bits
+but for the instruction's flushing of denormals), the first 32 of each 64 into the first chain. Two chains,
 not one: a row's fused multiply-adds wait on each other's latency, and with one chain a core asked for memory
 too slowly (two Zen 4 threads, 4864 x 896 f16: 29 GB/s with one chain, 35 with four).
 
@@ -24,8 +27,8 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (
-    add_f32x16, float_from_bits, fma_f32, fma_f32x16, load_16_bf16_at, load_16_f16_at, load_16_f32, load_16_f32_at, load_f16,
-    load_u32, sum_f32x16, zero_f32x16,
+    add_f32x16, dot_bf16_pairs, float_from_bits, fma_f32, fma_f32x16, load_16_bf16_at, load_16_f16_at, load_16_f32,
+    load_16_f32_at, load_16_i32, load_32_bf16_pairs_at, load_f16, load_u32, sum_f32x16, zero_f32x16,
 )
 
 #: the storage code of each plain float type (the kernels' ``kind`` argument) and its bytes per value
@@ -60,24 +63,40 @@ def _load_1(kind, w, o):
 
 def _tile_source(n_rows: int, n_tokens: int) -> str:
     """The source of ``_tile_RxT``: rows r .. r + R (row r at byte ``o``) times tokens t .. t + T (token t's values
-    at x[xo:]), each result by the module's one order, into out[t + j, first + r + i]. Written out per shape so
-    that the accumulators are named registers (numba has no arrays of vectors)."""
+    at x[xo:], for bf16 also as pairs at xp[t * (k // 2):]), each result by the module's order for its kind, into
+    out[t + j, first + r + i]. Written out per shape so that the accumulators are named registers (numba has no
+    arrays of vectors)."""
     pairs = [(i, j) for i in range(n_rows) for j in range(n_tokens)]
-    lines = [f"def _tile_{n_rows}x{n_tokens}(kind, w, o, row_bytes, size, x, xo, k, out, t, first, r):"]
+    rows, tokens = range(n_rows), range(n_tokens)
+    lines = [f"def _tile_{n_rows}x{n_tokens}(kind, w, o, row_bytes, size, x, xp, xo, k, out, t, first, r):"]
     lines += [f"    a{i}_{j} = zero_f32x16()" for i, j in pairs]
     lines += [f"    b{i}_{j} = zero_f32x16()" for i, j in pairs]
-    lines += ["    end = k - k % 32", "    for d in range(0, end, 32):"]
-    for half, acc in ((0, "a"), (16, "b")):
-        lines += [f"        w{i} = _load_16(kind, w, o + {i} * row_bytes + (d + {half}) * size)" for i in range(n_rows)]
-        lines += [f"        x{j} = load_16_f32(x, xo + {j} * k + d + {half})" for j in range(n_tokens)]
-        lines += [f"        {acc}{i}_{j} = fma_f32x16({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs]
-    lines += ["    if k - end >= 16:"]
-    lines += [f"        w{i} = _load_16(kind, w, o + {i} * row_bytes + end * size)" for i in range(n_rows)]
-    lines += [f"        x{j} = load_16_f32(x, xo + {j} * k + end)" for j in range(n_tokens)]
-    lines += [f"        a{i}_{j} = fma_f32x16(a{i}_{j}, w{i}, x{j})" for i, j in pairs]
+    # bf16: 32 values at a time as pairs (``dot_bf16_pairs``), chains over each 64
+    lines += ["    if kind == 2:", "        half = k // 2", "        end = k - k % 64",
+              "        for d in range(0, end, 64):"]
+    for step, acc in ((0, "a"), (32, "b")):
+        lines += [f"            w{i} = load_32_bf16_pairs_at(w, o + {i} * row_bytes + (d + {step}) * 2)" for i in rows]
+        lines += [f"            x{j} = load_16_i32(xp, (t + {j}) * half + (d + {step}) // 2)" for j in tokens]
+        lines += [f"            {acc}{i}_{j} = dot_bf16_pairs({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs]
+    lines += ["        if k - end >= 32:"]
+    lines += [f"            w{i} = load_32_bf16_pairs_at(w, o + {i} * row_bytes + end * 2)" for i in rows]
+    lines += [f"            x{j} = load_16_i32(xp, (t + {j}) * half + end // 2)" for j in tokens]
+    lines += [f"            a{i}_{j} = dot_bf16_pairs(a{i}_{j}, w{i}, x{j})" for i, j in pairs]
+    lines += ["        tail = k - k % 32"]
+    # f16 / f32: 16 values at a time, chains over each 32
+    lines += ["    else:", "        end = k - k % 32", "        for d in range(0, end, 32):"]
+    for step, acc in ((0, "a"), (16, "b")):
+        lines += [f"            w{i} = _load_16(kind, w, o + {i} * row_bytes + (d + {step}) * size)" for i in rows]
+        lines += [f"            x{j} = load_16_f32(x, xo + {j} * k + d + {step})" for j in tokens]
+        lines += [f"            {acc}{i}_{j} = fma_f32x16({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs]
+    lines += ["        if k - end >= 16:"]
+    lines += [f"            w{i} = _load_16(kind, w, o + {i} * row_bytes + end * size)" for i in rows]
+    lines += [f"            x{j} = load_16_f32(x, xo + {j} * k + end)" for j in tokens]
+    lines += [f"            a{i}_{j} = fma_f32x16(a{i}_{j}, w{i}, x{j})" for i, j in pairs]
+    lines += ["        tail = k - k % 16"]
     lines += [f"    s{i}_{j} = sum_f32x16(add_f32x16(a{i}_{j}, b{i}_{j}))" for i, j in pairs]
-    lines += ["    for d in range(k - k % 16, k):"]
-    lines += [f"        v{i} = _load_1(kind, w, o + {i} * row_bytes + d * size)" for i in range(n_rows)]
+    lines += ["    for d in range(tail, k):"]
+    lines += [f"        v{i} = _load_1(kind, w, o + {i} * row_bytes + d * size)" for i in rows]
     lines += [f"        s{i}_{j} = fma_f32(v{i}, x[xo + {j} * k + d], s{i}_{j})" for i, j in pairs]
     lines += [f"    out[t + {j}, first + r + {i}] = s{i}_{j}" for i, j in pairs]
     return "\n".join(lines) + "\n"
@@ -85,7 +104,8 @@ def _tile_source(n_rows: int, n_tokens: int) -> str:
 
 def _make_tile(n_rows: int, n_tokens: int):
     scope = dict(_load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
-                 fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16, add_f32x16=add_f32x16, fma_f32=fma_f32)
+                 fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16, add_f32x16=add_f32x16, fma_f32=fma_f32,
+                 load_16_i32=load_16_i32, load_32_bf16_pairs_at=load_32_bf16_pairs_at, dot_bf16_pairs=dot_bf16_pairs)
     exec(compile(_tile_source(n_rows, n_tokens), f"<float_dot tile {n_rows}x{n_tokens}>", "exec"), scope)
     # not cached on its own (no source file); compiled into the cached launch that calls it
     return njit(error_model="numpy", boundscheck=False)(scope[f"_tile_{n_rows}x{n_tokens}"])
@@ -95,28 +115,28 @@ _tile_1x1, _tile_1x2, _tile_2x4 = _make_tile(1, 1), _make_tile(1, 2), _make_tile
 
 
 @njit(**_KERNEL)
-def _rows_times_tokens(kind, w, start, row_bytes, size, n, x, k, t, nt, out, first):
+def _rows_times_tokens(kind, w, start, row_bytes, size, n, x, xp, k, t, nt, out, first):
     """Rows [0, n) (row 0 at byte ``start``) times tokens [t, t + nt): four tokens (512-bit paths' prompts) in
     tiles of two rows, else (nt: 1 or 2) a row at a time."""
     xo = t * k
     r = 0
     if nt == 4:
         while r + 2 <= n:
-            _tile_2x4(kind, w, start + r * row_bytes, row_bytes, size, x, xo, k, out, t, first, r)
+            _tile_2x4(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo, k, out, t, first, r)
             r += 2
         if r < n:
-            _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xo, k, out, t, first, r)
-            _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xo + 2 * k, k, out, t + 2, first, r)
+            _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo, k, out, t, first, r)
+            _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo + 2 * k, k, out, t + 2, first, r)
     elif nt == 2:
         for r in range(n):
-            _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xo, k, out, t, first, r)
+            _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo, k, out, t, first, r)
     else:
         for r in range(n):
-            _tile_1x1(kind, w, start + r * row_bytes, row_bytes, size, x, xo, k, out, t, first, r)
+            _tile_1x1(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo, k, out, t, first, r)
 
 
 @njit(parallel=True, **_KERNEL)
-def float_product(kind, w, chunks, row_bytes, x, out, wide):
+def float_product(kind, w, chunks, row_bytes, x, pairs, out, wide):
     """out[t, column + i] = row i of a chunk times token t of ``x`` (float32 [n_tokens, k], already rounded to the
     weights' precision) for every chunk of ``chunks`` (``float_chunks``: int64 rows of (byte of the chunk's first
     row in ``w``, its first output column, its rows), rows of ``row_bytes`` bytes in storage ``kind``:
@@ -135,8 +155,22 @@ def float_product(kind, w, chunks, row_bytes, x, out, wide):
         t = 0
         while t < n_tokens:
             nt = 4 if group == 4 and n_tokens - t >= 4 else min(2, n_tokens - t)
-            _rows_times_tokens(kind, w, start, row_bytes, size, n, flat, k, t, nt, out, column)
+            _rows_times_tokens(kind, w, start, row_bytes, size, n, flat, pairs, k, t, nt, out, column)
             t += nt
+
+
+_NO_PAIRS = np.zeros(0, np.int32)
+
+
+def activation_pairs(kind: int, x: np.ndarray) -> np.ndarray:
+    """What ``float_product`` takes beside the activations x (float32 [n_tokens, k], already rounded to the weights'
+    precision): for bf16 weights their bfloat16 bits in pairs (int32 [n_tokens * (k // 2)], the values of
+    ``dot_bf16_pairs``' lanes), an empty array for the other kinds."""
+    if kind != FLOAT_KINDS["bf16"]:
+        return _NO_PAIRS
+    n_tokens, k = x.shape
+    halves = (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return np.ascontiguousarray(halves[:, :k - k % 2]).view(np.int32).reshape(-1)
 
 
 def float_chunks(starts, counts, row_bytes: int, n_threads: int) -> np.ndarray:

@@ -48,7 +48,7 @@ from .activations import (
 )
 from .decode import KIND_ARGS, KINDS, matmul_few, matvec, matvec_here  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
-from .float_dot import float_chunks, float_product
+from .float_dot import activation_pairs, float_chunks, float_product
 from .gemm import EXACT_FROM_TOKENS, GemmTokens, gemm_product, isa_has_gemm, prompt_gemm_takes
 from .simd import choose_isa
 from .types import MEMORY_ONLY, TYPES, QuantType, get_type
@@ -349,8 +349,9 @@ def _float_product(qtype: QuantType, weight_bytes: np.ndarray, lhs: np.ndarray, 
     target = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
     row_bytes = weight_bytes.shape[1]
     chunks = float_chunks([start], [weight_bytes.shape[0]], row_bytes, numba.get_num_threads())
-    float_product(qtype.one_token.float_kind, root, chunks, row_bytes, np.ascontiguousarray(lhs, np.float32),
-                  target, KERNEL_ISA.wide)
+    lhs = np.ascontiguousarray(lhs, np.float32)
+    kind = qtype.one_token.float_kind
+    float_product(kind, root, chunks, row_bytes, lhs, activation_pairs(kind, lhs), target, KERNEL_ISA.wide)
     if target is not out:
         out[...] = target
 
@@ -621,7 +622,7 @@ def _matvec_many(plan: _LaunchPlan, rows: np.ndarray, flat: bool) -> list[np.nda
         if group.simd_kind is None:   # f32 / f16 / bf16 (float_dot.py), the activations rounded to their precision
             lhs = acts.rounded if acts.rounded is not None else acts.rows
             float_product(group.float_kind, group.base, group.float_chunks(numba.get_num_threads()),
-                          group.row_bytes, lhs, out, KERNEL_ISA.wide)
+                          group.row_bytes, lhs, activation_pairs(group.float_kind, lhs), out, KERNEL_ISA.wide)
         elif _exact_gemm(group.simd_kind, rows.shape):
             for start, (first, last) in zip(group.starts.tolist(), group.columns):
                 gemm_product(group.simd_kind, group.base, start, last - first, group.row_bytes, acts.gemm_tokens(),

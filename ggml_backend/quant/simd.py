@@ -988,6 +988,55 @@ def dot_u8_i8_x64(typingctx, acc, unsigned, signed, isa):
 
 zero_f32x16 = _zeros(F32x16)
 
+load_32_bf16_pairs_at = intrinsic(_vector_load(I32x16))
+load_32_bf16_pairs_at.__doc__ = ("Thirty-two bfloat16 from byte ``offset`` of a byte array as sixteen pairs, an ``I32x16`` "
+                                 "(value 2i in lane i's low half, 2i + 1 in its high half).")
+
+
+class _BFloat16(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite has no class for it): the element type ``vdpbf16ps``'s intrinsic takes."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat16)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+def has_native_bf16_dot() -> bool:
+    """Whether the kernels compile ``vdpbf16ps`` (AVX512-BF16: Intel Cooper Lake, Sapphire Rapids and later, AMD Zen
+    4 and later), else its emulation by two fused multiply-adds (``dot_bf16_pairs``)."""
+    return "avx512bf16" in target_features()
+
+
+@intrinsic
+def dot_bf16_pairs(typingctx, acc, a, b):
+    """``acc + a[2i + 1] * b[2i + 1]`` then ``+ a[2i] * b[2i]`` in each float lane i (a, b: ``I32x16`` of bfloat16
+    pairs), each step rounded once: ``vdpbf16ps`` where the CPU has AVX512-BF16, else the same two steps as fused
+    multiply-adds of the pairs' halves widened to float32 (a bfloat16 product is exact in float32, so the two agree
+    bit for bit, except that ``vdpbf16ps`` flushes denormal inputs and results to zero)."""
+    if acc != F32x16 or a != I32x16 or b != I32x16:
+        return None
+    native = has_native_bf16_dot()
+
+    def codegen(context, builder, sig, args):
+        floats = F32x16.llvm_type()
+        if native:
+            pairs = ir.VectorType(_BFloat16(), 32)
+            function = _function(builder, "llvm.x86.avx512bf16.dpbf16ps.512", floats, [floats, pairs, pairs])
+            return builder.call(function, [args[0], builder.bitcast(args[1], pairs), builder.bitcast(args[2], pairs)])
+        fma = _function(builder, "llvm.fma.v16f32", floats, [floats] * 3)
+        high = _splat(_I32(-65536), 16)          # 0xFFFF0000: the odd value, already in a float's top half
+        sixteen = _splat(_I32(16), 16)
+        odd_a, odd_b = (builder.bitcast(builder.and_(v, high), floats) for v in args[1:])
+        even_a, even_b = (builder.bitcast(builder.shl(v, sixteen), floats) for v in args[1:])
+        return builder.call(fma, [even_a, even_b, builder.call(fma, [odd_a, odd_b, args[0]])])
+    return F32x16(acc, a, b), codegen
+
+
 load_16_f32_at = intrinsic(_stored_floats_load("f32"))
 load_16_f32_at.__doc__ = "Sixteen float32 from byte ``offset`` of a byte array, as an ``F32x16``."
 load_16_f16_at = intrinsic(_stored_floats_load("f16"))
