@@ -23,9 +23,10 @@ Three ways to compute the same product:
 * f32 / f16 / bf16 weights take ``float_dot.py``'s SIMD kernels for "auto" and "int" on a CPU with AVX2 (ggml's
   ``vec_dot_f16`` numerics, one summation order whatever the token count), else the BLAS path.
 * ``"blas"``: dequantize a band of W rows to float32 (``decode.dequantize_rows`` on a SIMD CPU, the type table's
-  ``to_float`` elsewhere: the same floats) and hand it to numpy's sgemm. Its numerics differ (the activations are not quantized) but it is much faster when many tokens share each
-  weight (prompt processing). ``method="auto"`` picks it from ``BLAS_MIN_TOKENS`` tokens on where the GEMM is not
-  available (CPUs without AVX512-VNNI, k not a multiple of 64).
+  ``to_float`` elsewhere: the same floats) and hand it to numpy's sgemm. Its numerics differ (the activations are
+  not quantized) but it is much faster when many tokens share each weight (prompt processing). ``method="auto"``
+  picks it from ``BLAS_MIN_TOKENS`` tokens on where the GEMM is not available (CPUs without AVX512-VNNI, k not a
+  multiple of 64).
 
 This module is validation, dispatch (asking the type's row), the fused launch plans of ``matmul_many`` and the
 BLAS path; attention is not here (``model/attention.py``, numba kernels of its own).
@@ -349,11 +350,16 @@ def _float_product(qtype: QuantType, weight_bytes: np.ndarray, lhs: np.ndarray, 
     target = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
     row_bytes = weight_bytes.shape[1]
     chunks = float_chunks([start], [weight_bytes.shape[0]], row_bytes, numba.get_num_threads())
-    lhs = np.ascontiguousarray(lhs, np.float32)
-    kind = qtype.one_token.float_kind
-    float_product(kind, root, chunks, row_bytes, lhs, activation_pairs(kind, lhs), target, KERNEL_ISA.wide)
+    _float_launch(qtype.one_token.float_kind, root, chunks, row_bytes, lhs, target)
     if target is not out:
         out[...] = target
+
+
+def _float_launch(kind: int, base: np.ndarray, chunks: np.ndarray, row_bytes: int, lhs: np.ndarray,
+                  out: np.ndarray) -> None:
+    """One launch of ``float_product`` over ``chunks`` of ``base``'s rows (storage ``kind``) into ``out``."""
+    lhs = np.ascontiguousarray(lhs, np.float32)
+    float_product(kind, base, chunks, row_bytes, lhs, activation_pairs(kind, lhs), out, KERNEL_ISA.wide)
 
 
 _blas_pool: ThreadPoolExecutor | None = None
@@ -562,8 +568,8 @@ class _FusedGroup:
 @dataclass
 class _LaunchPlan:
     """What ``_matvec_many`` does for one list of matrices, worked out once: the fused launches, the matrices
-    without SIMD kernels (f32 / f16 / bf16 on a CPU without AVX2: the BLAS path) and the row length they all take (None if they
-    differ: matmul_many then names the one that does not fit)."""
+    without SIMD kernels (f32 / f16 / bf16 on a CPU without AVX2: the BLAS path) and the row length they all
+    take (None if they differ: matmul_many then names the one that does not fit)."""
     weights: list
     groups: list[_FusedGroup]
     float_members: list[int]
@@ -620,9 +626,8 @@ def _matvec_many(plan: _LaunchPlan, rows: np.ndarray, flat: bool) -> list[np.nda
             acts = prepared[group.vec_dot_type] = quantize_activations(group.vec_dot_type, rows)
         out = np.empty((len(rows), group.total), np.float32)
         if group.simd_kind is None:   # f32 / f16 / bf16 (float_dot.py), the activations rounded to their precision
-            lhs = acts.rounded if acts.rounded is not None else acts.rows
-            float_product(group.float_kind, group.base, group.float_chunks(numba.get_num_threads()),
-                          group.row_bytes, lhs, activation_pairs(group.float_kind, lhs), out, KERNEL_ISA.wide)
+            _float_launch(group.float_kind, group.base, group.float_chunks(numba.get_num_threads()), group.row_bytes,
+                          acts.rounded if acts.rounded is not None else acts.rows, out)
         elif _exact_gemm(group.simd_kind, rows.shape):
             for start, (first, last) in zip(group.starts.tolist(), group.columns):
                 gemm_product(group.simd_kind, group.base, start, last - first, group.row_bytes, acts.gemm_tokens(),

@@ -989,8 +989,8 @@ def dot_u8_i8_x64(typingctx, acc, unsigned, signed, isa):
 zero_f32x16 = _zeros(F32x16)
 
 load_32_bf16_pairs_at = intrinsic(_vector_load(I32x16))
-load_32_bf16_pairs_at.__doc__ = ("Thirty-two bfloat16 from byte ``offset`` of a byte array as sixteen pairs, an ``I32x16`` "
-                                 "(value 2i in lane i's low half, 2i + 1 in its high half).")
+load_32_bf16_pairs_at.__doc__ = ("Thirty-two bfloat16 from byte ``offset`` of a byte array as sixteen pairs, an "
+                                 "``I32x16`` (value 2i in lane i's low half, 2i + 1 in its high half).")
 
 
 class _BFloat16(ir.Type):
