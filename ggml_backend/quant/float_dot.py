@@ -71,35 +71,36 @@ def _tile_source(n_rows: int, n_tokens: int) -> str:
     lines = [f"def _tile_{n_rows}x{n_tokens}(kind, w, o, row_bytes, size, x, xp, xo, k, out, t, first, r):"]
     lines += [f"    a{i}_{j} = zero_f32x16()" for i, j in pairs]
     lines += [f"    b{i}_{j} = zero_f32x16()" for i, j in pairs]
-    # bf16: 32 values at a time as pairs (``dot_bf16_pairs``), chains over each 64
-    lines += ["    if kind == 2:", "        half = k // 2", "        end = k - k % 64",
-              "        for d in range(0, end, 64):"]
-    for step, acc in ((0, "a"), (32, "b")):
-        lines += [f"            w{i} = load_32_bf16_pairs_at(w, o + {i} * row_bytes + (d + {step}) * 2)" for i in rows]
-        lines += [f"            x{j} = load_16_i32(xp, (t + {j}) * half + (d + {step}) // 2)" for j in tokens]
-        lines += [f"            {acc}{i}_{j} = dot_bf16_pairs({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs]
-    lines += ["        if k - end >= 32:"]
-    lines += [f"            w{i} = load_32_bf16_pairs_at(w, o + {i} * row_bytes + end * 2)" for i in rows]
-    lines += [f"            x{j} = load_16_i32(xp, (t + {j}) * half + end // 2)" for j in tokens]
-    lines += [f"            a{i}_{j} = dot_bf16_pairs(a{i}_{j}, w{i}, x{j})" for i, j in pairs]
-    lines += ["        tail = k - k % 32"]
-    # f16 / f32: 16 values at a time, chains over each 32
-    lines += ["    else:", "        end = k - k % 32", "        for d in range(0, end, 32):"]
-    for step, acc in ((0, "a"), (16, "b")):
-        lines += [f"            w{i} = _load_16(kind, w, o + {i} * row_bytes + (d + {step}) * size)" for i in rows]
-        lines += [f"            x{j} = load_16_f32(x, xo + {j} * k + d + {step})" for j in tokens]
-        lines += [f"            {acc}{i}_{j} = fma_f32x16({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs]
-    lines += ["        if k - end >= 16:"]
-    lines += [f"            w{i} = _load_16(kind, w, o + {i} * row_bytes + end * size)" for i in rows]
-    lines += [f"            x{j} = load_16_f32(x, xo + {j} * k + end)" for j in tokens]
-    lines += [f"            a{i}_{j} = fma_f32x16(a{i}_{j}, w{i}, x{j})" for i, j in pairs]
-    lines += ["        tail = k - k % 16"]
+    # bf16: 32 values a vector, as pairs (``dot_bf16_pairs``); f16 / f32: 16 values a vector
+    lines += ["    if kind == 2:", "        half = k // 2"]
+    lines += _chain_lines(32, "load_32_bf16_pairs_at(w, o + {i} * row_bytes + {at} * 2)",
+                          "load_16_i32(xp, (t + {j}) * half + {at} // 2)", "dot_bf16_pairs", rows, tokens)
+    lines += ["    else:"]
+    lines += _chain_lines(16, "_load_16(kind, w, o + {i} * row_bytes + {at} * size)",
+                          "load_16_f32(x, xo + {j} * k + {at})", "fma_f32x16", rows, tokens)
     lines += [f"    s{i}_{j} = sum_f32x16(add_f32x16(a{i}_{j}, b{i}_{j}))" for i, j in pairs]
     lines += ["    for d in range(tail, k):"]
     lines += [f"        v{i} = _load_1(kind, w, o + {i} * row_bytes + d * size)" for i in rows]
     lines += [f"        s{i}_{j} = fma_f32(v{i}, x[xo + {j} * k + d], s{i}_{j})" for i, j in pairs]
     lines += [f"    out[t + {j}, first + r + {i}] = s{i}_{j}" for i, j in pairs]
     return "\n".join(lines) + "\n"
+
+
+def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens) -> list[str]:
+    """One kind's branch of a tile: ``step`` values a vector (``load_w`` / ``load_x``: the loads of row i's and
+    token j's vector at value ``at``), the first ``step`` of each 2 * step into chain a and the second into b by
+    ``dot``, a last ``step`` into a; ``tail``: where the values left one by one start."""
+    pairs = [(i, j) for i in rows for j in tokens]
+    lines = [f"        end = k - k % {2 * step}", f"        for d in range(0, end, {2 * step}):"]
+    for at, acc in (("(d + 0)", "a"), (f"(d + {step})", "b")):
+        lines += [f"            w{i} = " + load_w.format(i=i, at=at) for i in rows]
+        lines += [f"            x{j} = " + load_x.format(j=j, at=at) for j in tokens]
+        lines += [f"            {acc}{i}_{j} = {dot}({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs]
+    lines += [f"        if k - end >= {step}:"]
+    lines += [f"            w{i} = " + load_w.format(i=i, at="end") for i in rows]
+    lines += [f"            x{j} = " + load_x.format(j=j, at="end") for j in tokens]
+    lines += [f"            a{i}_{j} = {dot}(a{i}_{j}, w{i}, x{j})" for i, j in pairs]
+    return lines + [f"        tail = k - k % {step}"]
 
 
 def _make_tile(n_rows: int, n_tokens: int):
