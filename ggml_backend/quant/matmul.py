@@ -347,12 +347,9 @@ def _float_product(qtype: QuantType, weight_bytes: np.ndarray, lhs: np.ndarray, 
     """out = lhs @ W.T for f32 / f16 / bf16 weights on ``float_dot.py``'s kernel (lhs already rounded to the
     weights' precision), on numba's threads."""
     root, start = _byte_root(weight_bytes)
-    target = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
     row_bytes = weight_bytes.shape[1]
     chunks = float_chunks([start], [weight_bytes.shape[0]], row_bytes, numba.get_num_threads())
-    _float_launch(qtype.one_token.float_kind, root, chunks, row_bytes, lhs, target)
-    if target is not out:
-        out[...] = target
+    _float_launch(qtype.one_token.float_kind, root, chunks, row_bytes, lhs, out)   # out: C-contiguous (_check_out)
 
 
 def _float_launch(kind: int, base: np.ndarray, chunks: np.ndarray, row_bytes: int, lhs: np.ndarray,
