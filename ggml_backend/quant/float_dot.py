@@ -31,13 +31,13 @@ from .simd import (
     load_16_f32_at, load_16_i32, load_32_bf16_pairs_at, load_f16, load_u32, sum_f32x16, zero_f32x16,
 )
 
-#: the storage code of each plain float type (the kernels' ``kind`` argument) and its bytes per value
+#: the storage code of each plain float type (the kernels' ``kind`` argument)
 FLOAT_KINDS = {"f32": 0, "f16": 1, "bf16": 2}
-FLOAT_BYTES = {0: 4, 1: 2, 2: 2}
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
 
-#: from this many tokens on a launch takes tiles of several rows (prompts); below, a row at a time
+#: from this many tokens on a launch on a 512-bit path takes tiles of two rows and four tokens (prompts); below,
+#: and on 256-bit paths, a row at a time
 FEW_TOKENS = 8
 
 

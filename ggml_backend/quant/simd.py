@@ -285,16 +285,14 @@ def store_8_i32(typingctx, array, index, vector):
 
 
 def _stored_floats_load(storage: str):
-    """An intrinsic loading 16 floats stored as ``storage`` (f32, f16 or bf16) from byte ``offset`` of a byte
-    array, as an ``F32x16`` (exact: a plain load, ``vcvtph2ps``, or bf16's 16 bits moved to the top of a float)."""
+    """An intrinsic loading 16 floats stored as ``storage`` (f16 or bf16) from byte ``offset`` of a byte array, as
+    an ``F32x16`` (exact: ``vcvtph2ps``, or bf16's 16 bits moved to the top of a float; f32 is ``_vector_load``'s)."""
     def make(typingctx, array, offset):
         if not _is_byte_array(array) or not isinstance(offset, types.Integer):
             return None
 
         def codegen(context, builder, sig, args):
             pointer = _byte_pointer(context, builder, sig.args[0], args[0], args[1])
-            if storage == "f32":
-                return builder.load(builder.bitcast(pointer, F32x16.llvm_type().as_pointer()), align=1)
             if storage == "f16":
                 halves = builder.load(builder.bitcast(pointer, ir.VectorType(ir.HalfType(), 16).as_pointer()), align=1)
                 return builder.fpext(halves, F32x16.llvm_type())
@@ -1037,7 +1035,7 @@ def dot_bf16_pairs(typingctx, acc, a, b):
     return F32x16(acc, a, b), codegen
 
 
-load_16_f32_at = intrinsic(_stored_floats_load("f32"))
+load_16_f32_at = intrinsic(_vector_load(F32x16))
 load_16_f32_at.__doc__ = "Sixteen float32 from byte ``offset`` of a byte array, as an ``F32x16``."
 load_16_f16_at = intrinsic(_stored_floats_load("f16"))
 load_16_f16_at.__doc__ = "Sixteen IEEE half floats from byte ``offset`` of a byte array, as an ``F32x16`` (exact)."
