@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import ggml_backend.quant.matmul as matmul_module
-from ggml_backend.quant.float_dot import FEW_TOKENS, FLOAT_KINDS, activation_pairs, float_chunks, float_product
+from ggml_backend.quant.float_dot import (FEW_TOKENS, FLOAT_KINDS, ROW_BLOCK_BYTES, TOKEN_BLOCK_BYTES, activation_pairs,
+                                         float_chunks, float_product)
 from ggml_backend.quant.floats import float_to_bf16_bits
 from ggml_backend.quant.matmul import WeightMatrix, matmul, matmul_many
 
@@ -82,7 +83,7 @@ def test_each_result_is_the_documented_order(name, k, rng):
 @pytest.mark.parametrize("name", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("n_rows,k", [(1, 16), (7, 61), (41, 96), (130, 272)])
 def test_a_token_gives_the_same_bits_in_any_batch_and_tile(name, n_rows, k, rng):
-    """Tokens alone, in few-token launches (a row at a time) and in prompts (tiles of two rows and four tokens on
+    """Tokens alone, in few-token launches (a row at a time) and in prompts (tiles of four rows and four tokens on
     512-bit paths; both walks run here whatever the CPU): every (row, token) result the same bits."""
     weight_bytes, w = _weights(name, n_rows, k, rng)
     x = rng.standard_normal((FEW_TOKENS + 11, k)).astype(np.float32)
@@ -100,6 +101,28 @@ def test_a_token_gives_the_same_bits_in_any_batch_and_tile(name, n_rows, k, rng)
             assert np.isnan(out[:, :5]).all()     # nothing written outside the launch's columns
     scale = np.abs(lhs).astype(np.float64) @ np.abs(w.astype(np.float64)).T
     assert np.all(np.abs(alone - lhs.astype(np.float64) @ w.astype(np.float64).T) <= 2e-6 * scale + 1e-30)
+
+
+@needs_simd
+@pytest.mark.parametrize("name", ["f32", "f16", "bf16"])
+def test_prompts_over_several_blocks_of_rows_and_tokens_give_each_tokens_bits(name, rng):
+    """A prompt long enough and rows long enough that a chunk's walk crosses blocks of rows and of tokens (and a
+    chunk's rows are not a multiple of the four-row tile, and k leaves a tail): each result the token's alone."""
+    n_rows, k, n_tokens = 30, 4100, 53
+    weight_bytes, w = _weights(name, n_rows, k, rng)
+    size = weight_bytes.shape[1] // k
+    assert ROW_BLOCK_BYTES // weight_bytes.shape[1] < n_rows and TOKEN_BLOCK_BYTES // (k * size) < n_tokens
+    x = rng.standard_normal((n_tokens, k)).astype(np.float32)
+    lhs = _rounded(name, x)
+    chunks = np.array([[0, 0, 17], [17 * weight_bytes.shape[1], 17, 13]], np.int64)
+    out = np.full((n_tokens, n_rows), np.nan, np.float32)
+    float_product(FLOAT_KINDS[name], weight_bytes.reshape(-1), chunks, weight_bytes.shape[1], lhs,
+                  activation_pairs(FLOAT_KINDS[name], lhs), out, True)
+    alone = np.concatenate([matmul(name, weight_bytes, x[t:t + 1]) for t in range(n_tokens)])
+    np.testing.assert_array_equal(out, alone)
+    if name != "f32":
+        expected = np.array([_in_the_order(w[r], lhs[t], name) for r in (0, 16, 29) for t in (0, 52)], np.float32)
+        np.testing.assert_array_equal(out[[0, 52, 0, 52, 0, 52], [0, 0, 16, 16, 29, 29]], expected)
 
 
 @needs_simd

@@ -16,8 +16,9 @@ not one: a row's fused multiply-adds wait on each other's latency, and with one 
 too slowly (two Zen 4 threads, 4864 x 896 f16: 29 GB/s with one chain, 35 with four).
 
 Tiles: a row at a time for a few tokens (decode; tiles of several rows read side by side streamed at half the
-speed), two rows times four tokens on 512-bit paths for prompts (each weight vector converted once for four
-tokens, each activation vector loaded once for two rows: 16 accumulators). Before these kernels every float product went
+speed), four rows times four tokens on 512-bit paths for prompts (each weight vector converted once for four
+tokens, each activation vector loaded once for four rows; chain a over all the values, then chain b, which
+gives the same sums with 16 accumulators live instead of 32), over blocks of rows and tokens kept in L2. Before these kernels every float product went
 through the BLAS path, a band of rows converted to float32 and handed to sgemm, padded to 48 tokens for one
 (Qwen2.5-Coder-0.5B converted to F16, 2 Zen 4 threads: decode 1.0 tok/s against llama.cpp's 28).
 """
@@ -36,9 +37,15 @@ FLOAT_KINDS = {"f32": 0, "f16": 1, "bf16": 2}
 
 _KERNEL = dict(cache=True, error_model="numpy", boundscheck=False)
 
-#: from this many tokens on a launch on a 512-bit path takes tiles of two rows and four tokens (prompts); below,
+#: from this many tokens on a launch on a 512-bit path takes tiles of four rows and four tokens (prompts); below,
 #: and on 256-bit paths, a row at a time
 FEW_TOKENS = 8
+
+#: a prompt's launch walks each chunk in blocks of rows of about this many bytes (kept in L2 while a block of
+#: tokens passes over them) ...
+ROW_BLOCK_BYTES = 128 * 1024
+#: ... and of tokens whose values take about this many bytes at the weights' size
+TOKEN_BLOCK_BYTES = 256 * 1024
 
 
 @njit(inline="always", **_KERNEL)
@@ -61,7 +68,7 @@ def _load_1(kind, w, o):
     return float_from_bits(load_u32(w, o))
 
 
-def _tile_source(n_rows: int, n_tokens: int) -> str:
+def _tile_source(n_rows: int, n_tokens: int, split: bool = False) -> str:
     """The source of ``_tile_RxT``: rows r .. r + R (row r at byte ``o``) times tokens t .. t + T (token t's values
     at x[xo:], for bf16 also as pairs at xp[t * (k // 2):]), each result by the module's order for its kind, into
     out[t + j, first + r + i]. Written out per shape so that the accumulators are named registers (numba has no
@@ -74,10 +81,10 @@ def _tile_source(n_rows: int, n_tokens: int) -> str:
     # bf16: 32 values a vector, as pairs (``dot_bf16_pairs``); f16 / f32: 16 values a vector
     lines += ["    if kind == 2:", "        half = k // 2"]
     lines += _chain_lines(32, "load_32_bf16_pairs_at(w, o + {i} * row_bytes + {at} * 2)",
-                          "load_16_i32(xp, (t + {j}) * half + {at} // 2)", "dot_bf16_pairs", rows, tokens)
+                          "load_16_i32(xp, (t + {j}) * half + {at} // 2)", "dot_bf16_pairs", rows, tokens, split)
     lines += ["    else:"]
     lines += _chain_lines(16, "_load_16(kind, w, o + {i} * row_bytes + {at} * size)",
-                          "load_16_f32(x, xo + {j} * k + {at})", "fma_f32x16", rows, tokens)
+                          "load_16_f32(x, xo + {j} * k + {at})", "fma_f32x16", rows, tokens, split)
     lines += [f"    s{i}_{j} = sum_f32x16(add_f32x16(a{i}_{j}, b{i}_{j}))" for i, j in pairs]
     lines += ["    for d in range(tail, k):"]
     lines += [f"        v{i} = _load_1(kind, w, o + {i} * row_bytes + d * size)" for i in rows]
@@ -86,48 +93,58 @@ def _tile_source(n_rows: int, n_tokens: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens) -> list[str]:
+def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, split: bool) -> list[str]:
     """One kind's branch of a tile: ``step`` values a vector (``load_w`` / ``load_x``: the loads of row i's and
     token j's vector at value ``at``), the first ``step`` of each 2 * step into chain a and the second into b by
-    ``dot``, a last ``step`` into a; ``tail``: where the values left one by one start."""
+    ``dot``, a last ``step`` into a; ``tail``: where the values left one by one start. The chains are independent
+    sums, so ``split`` (chain a over all the values, then chain b) gives the same bits with half the
+    accumulators live at once."""
     pairs = [(i, j) for i in rows for j in tokens]
-    lines = [f"        end = k - k % {2 * step}", f"        for d in range(0, end, {2 * step}):"]
-    for at, acc in (("(d + 0)", "a"), (f"(d + {step})", "b")):
-        lines += [f"            w{i} = " + load_w.format(i=i, at=at) for i in rows]
-        lines += [f"            x{j} = " + load_x.format(j=j, at=at) for j in tokens]
-        lines += [f"            {acc}{i}_{j} = {dot}({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs]
-    lines += [f"        if k - end >= {step}:"]
-    lines += [f"            w{i} = " + load_w.format(i=i, at="end") for i in rows]
-    lines += [f"            x{j} = " + load_x.format(j=j, at="end") for j in tokens]
-    lines += [f"            a{i}_{j} = {dot}(a{i}_{j}, w{i}, x{j})" for i, j in pairs]
+
+    def step_lines(at, acc, indent):
+        pad = " " * indent
+        return ([f"{pad}w{i} = " + load_w.format(i=i, at=at) for i in rows]
+                + [f"{pad}x{j} = " + load_x.format(j=j, at=at) for j in tokens]
+                + [f"{pad}{acc}{i}_{j} = {dot}({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs])
+
+    lines = [f"        end = k - k % {2 * step}"]
+    if split:
+        lines += [f"        for d in range(0, end, {2 * step}):"] + step_lines("d", "a", 12)
+        lines += [f"        if k - end >= {step}:"] + step_lines("end", "a", 12)
+        lines += [f"        for d in range(0, end, {2 * step}):"] + step_lines(f"(d + {step})", "b", 12)
+    else:
+        lines += [f"        for d in range(0, end, {2 * step}):"]
+        lines += step_lines("(d + 0)", "a", 12) + step_lines(f"(d + {step})", "b", 12)
+        lines += [f"        if k - end >= {step}:"] + step_lines("end", "a", 12)
     return lines + [f"        tail = k - k % {step}"]
 
 
-def _make_tile(n_rows: int, n_tokens: int):
+def _make_tile(n_rows: int, n_tokens: int, split: bool = False):
     scope = dict(_load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
                  fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16, add_f32x16=add_f32x16, fma_f32=fma_f32,
                  load_16_i32=load_16_i32, load_32_bf16_pairs_at=load_32_bf16_pairs_at, dot_bf16_pairs=dot_bf16_pairs)
-    exec(compile(_tile_source(n_rows, n_tokens), f"<float_dot tile {n_rows}x{n_tokens}>", "exec"), scope)
+    exec(compile(_tile_source(n_rows, n_tokens, split), f"<float_dot tile {n_rows}x{n_tokens}>", "exec"), scope)
     # not cached on its own (no source file); compiled into the cached launch that calls it
     return njit(error_model="numpy", boundscheck=False)(scope[f"_tile_{n_rows}x{n_tokens}"])
 
 
-_tile_1x1, _tile_1x2, _tile_2x4 = _make_tile(1, 1), _make_tile(1, 2), _make_tile(2, 4)
+_tile_1x1, _tile_1x2, _tile_4x4 = _make_tile(1, 1), _make_tile(1, 2), _make_tile(4, 4, split=True)
 
 
 @njit(**_KERNEL)
 def _rows_times_tokens(kind, w, start, row_bytes, size, n, x, xp, k, t, nt, out, first):
     """Rows [0, n) (row 0 at byte ``start``) times tokens [t, t + nt): four tokens (512-bit paths' prompts) in
-    tiles of two rows, else (nt: 1 or 2) a row at a time."""
+    tiles of four rows (a last one, two or three a row at a time), else (nt: 1 or 2) a row at a time."""
     xo = t * k
     r = 0
     if nt == 4:
-        while r + 2 <= n:
-            _tile_2x4(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo, k, out, t, first, r)
-            r += 2
-        if r < n:
+        while r + 4 <= n:
+            _tile_4x4(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo, k, out, t, first, r)
+            r += 4
+        while r < n:
             _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo, k, out, t, first, r)
             _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo + 2 * k, k, out, t + 2, first, r)
+            r += 1
     elif nt == 2:
         for r in range(n):
             _tile_1x2(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo, k, out, t, first, r)
@@ -141,23 +158,34 @@ def float_product(kind, w, chunks, row_bytes, x, pairs, out, wide):
     """out[t, column + i] = row i of a chunk times token t of ``x`` (float32 [n_tokens, k], already rounded to the
     weights' precision) for every chunk of ``chunks`` (``float_chunks``: int64 rows of (byte of the chunk's first
     row in ``w``, its first output column, its rows), rows of ``row_bytes`` bytes in storage ``kind``:
-    FLOAT_KINDS), one parallel iteration each. A chunk walks the tokens two at a time (``wide``, a 512-bit path:
-    a prompt's four at a time), so that their activations stay in cache while the chunk's rows stream past."""
+    FLOAT_KINDS), one parallel iteration each. A chunk walks the tokens two at a time, so that their activations
+    stay in cache while the chunk's rows stream past; on a 512-bit path (``wide``) a prompt's four at a time, in
+    blocks of rows and tokens."""
     n_tokens, k = x.shape
     flat = x.reshape(-1)
     size = 4 if kind == 0 else 2
     # A row at a time for a few tokens (decode is memory-bound: one core streamed f16 rows from memory at 24-25
     # GB/s so, at 11-12 in tiles of two or four rows read side by side; one Zen 4 core, 4864 x 896). Prompts on
-    # 512-bit paths in tiles of two rows and four tokens (16 accumulators of 32 registers; two Zen 4 threads, f16
-    # 4864 x 896 times 256 tokens: 176 GFLOP/s, 158 in tiles of four rows and two tokens, 138 of three and four).
-    group = 4 if wide and n_tokens >= FEW_TOKENS else 2
+    # 512-bit paths in tiles of four rows and four tokens, chain a then chain b (16 accumulators and 8 loads for
+    # 16 products a step), over blocks of rows and tokens that stay in L2. One Zen 4 core, bf16 times 256 tokens
+    # (GFLOP/s, thread CPU time): 4864 x 896 113 / 896 x 4864 77-93 in tiles of two rows and four tokens with both
+    # chains at once over whole chunks; 125-140 / 80-94 in the 4 x 4 tiles over blocks; f16 (at the core's
+    # fused multiply-add rate either way) 896 x 4864 64 -> 81-90 from the blocks. Qwen2.5-Coder-0.5B as BF16, two
+    # threads: prompt of 256 tokens 0.60x -> 0.84x llama.cpp's.
+    blocked = wide and n_tokens >= FEW_TOKENS
+    row_block = max(4, ROW_BLOCK_BYTES // row_bytes // 4 * 4) if blocked else np.int64(1) << 62
+    token_block = max(4, TOKEN_BLOCK_BYTES // (k * size) // 4 * 4) if blocked else np.int64(1) << 62
     for c in prange(chunks.shape[0]):
         start, column, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        t = 0
-        while t < n_tokens:
-            nt = 4 if group == 4 and n_tokens - t >= 4 else min(2, n_tokens - t)
-            _rows_times_tokens(kind, w, start, row_bytes, size, n, flat, pairs, k, t, nt, out, column)
-            t += nt
+        for t0 in range(0, n_tokens, token_block):
+            t1 = min(n_tokens, t0 + token_block)
+            for r0 in range(0, n, row_block):
+                t = t0
+                while t < t1:
+                    nt = 4 if blocked and t1 - t >= 4 else min(2, t1 - t)
+                    _rows_times_tokens(kind, w, start + r0 * row_bytes, row_bytes, size, min(row_block, n - r0),
+                                       flat, pairs, k, t, nt, out, column + r0)
+                    t += nt
 
 
 _NO_PAIRS = np.zeros(0, np.int32)
