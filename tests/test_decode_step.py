@@ -10,7 +10,11 @@ from ggml_backend import Llama
 from ggml_backend.model.forward import Linear
 from ggml_backend.quant import dequantize
 from ggml_backend.model.decode_step import FusedDecode, fused_decode_enabled
+from ggml_backend.quant.matmul import KERNEL_ISA
 from refdata import synthetic_file, synthetic_types
+
+needs_float_kernels = pytest.mark.skipif(KERNEL_ISA is None, reason="f32 / f16 / bf16 weights take the compiled "
+                                         "layers on the float kernels, which need AVX2 (else the BLAS path)")
 
 PROMPT = list(range(100, 110))
 STEPS = 6
@@ -78,10 +82,46 @@ def test_every_block_type_same_logits_and_cache(monkeypatch, type_name):
     _same_as_python_path(synthetic_file(type_name), monkeypatch)
 
 
-def test_float_weights_keep_the_python_path(tiny_path):
+@pytest.fixture(scope="module")
+def float_files(tmp_path_factory, tiny_path):
+    """The tiny synthetic Llama written as F32, F16 and BF16 by our quantizer (from its q4_0 file)."""
+    from ggml_backend.cli.main import main
+    folder = tmp_path_factory.mktemp("float-models")
+    files = {}
+    for type_name in ("F32", "F16", "BF16"):
+        files[type_name] = folder / f"tiny-{type_name}.gguf"
+        assert main(["quantize", "--allow-requantize", "--no-progress", str(tiny_path), str(files[type_name]),
+                     type_name]) == 0
+    return files
+
+
+@needs_float_kernels
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"])
+def test_float_weights_same_logits_and_cache(float_files, monkeypatch, type_name):
+    """f32 / f16 / bf16 weights in the compiled layers (float_dot.py's kernels): the Python path's numbers."""
+    _same_as_python_path(float_files[type_name], monkeypatch)
+
+
+@needs_float_kernels
+def test_float_weights_in_one_launch_give_the_launches_numbers(float_files, monkeypatch):
+    """The token's launch and a launch a layer (the float kernels' chunks, the gate-up phase's rows of gate and up
+    and their SwiGLU) against a launch per product, bit for bit."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one launch a layer needs two threads, and numba has one on this machine")
+    path = float_files["BF16"]
+    token = _steps(path, monkeypatch, None)
+    per_layer = _steps(path, monkeypatch, None, token_launch=False)
+    per_product = _steps(path, monkeypatch, "fused")
+    assert (token[2], per_layer[2], per_product[2]) == ("token", "layer", "products")
+    _same_steps(token, per_product)
+    _same_steps(per_layer, per_product)
+
+
+def test_a_matrix_outside_the_file_keeps_the_python_path(tiny_path):
     model = Llama(str(tiny_path), n_ctx=32, verbose=False).model
     assert FusedDecode.build(model) is not None
-    wo = model.layers[0].wo          # one matrix as f16 (float weights have no block kernel)
+    wo = model.layers[0].wo          # one matrix as f16, in its own bytes (not the file's memory map)
     values = dequantize(wo.qtype, wo.data.reshape(-1), (wo.n_out, wo.n_in)).reshape(wo.n_out, wo.n_in)
     half = np.ascontiguousarray(values.astype(np.float16)).view(np.uint8)
     model.layers[0].wo = Linear(wo.name, "f16", half, wo.n_out, wo.n_in)

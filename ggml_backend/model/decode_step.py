@@ -11,9 +11,10 @@ one compiled function (``decode_layer``) runs a whole layer, calling the kernels
 same order, so every number is the Python path's bit for bit (tests/test_decode_step.py compares logits and caches
 exactly, for every block type, one sequence and several). On that Zen 3 a step took 27.8 instead of 37.7-39.2 ms.
 
-What it takes: layers whose weights are all block types with SIMD kernels (``decode.KINDS``) in one byte array
-(the model file's memory map), f32 or f16 caches, SiLU feed-forward without Gemma's extra norms, passes of a
-few tokens (of one sequence or several) that the Python path would not give to the BLAS path or the integer GEMM.
+What it takes: layers whose weights are all block types with SIMD kernels (``decode.KINDS``) or plain floats
+(f32 / f16 / bf16 on ``float_dot.py``'s kernels) in one byte array (the model file's memory map), f32 or f16
+caches, SiLU feed-forward without Gemma's extra norms, passes of a few tokens (of one sequence or several) that
+the Python path would not give to the BLAS path or the integer GEMM.
 Anything else (a generic CPU, q8_0 caches, Gemma, GPU offload, longer prompts) takes the Python path, as does
 everything with ``GGML_BACKEND_DECODE_STEP=python``. One token on several threads runs all its layers in one
 parallel launch (``decode_token_region``; a layer that cannot join it, in one launch of its own:
@@ -34,6 +35,7 @@ from numba.core.errors import TypingError
 from numba.extending import overload
 
 from ..quant.activations import _q8_0_row, _q8_K_row, _round_to_f16
+from ..quant.float_dot import activation_pairs, float_rows, rounded_activations, rows_product
 from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _chunk_rows, _constant_reader, _one_token_rows,
                             kind_code, matmul_few, matvec, matvec_chunk, matvec_here, one_token_operands)
 from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
@@ -126,7 +128,56 @@ def _several_products(rows, group, w, x, n_threads, isa, into):
 def _products_into_of(rows, group, w, x, n_threads, isa, into):
     if not isinstance(rows, ConstantType) or rows.label != PassRows.label:
         return None
+    if _float_group(group):
+        return _float_products
     return _one_token_products if rows.code == ONE_TOKEN.code else _several_products
+
+
+# --- the plain float types (f32 / f16 / bf16) -------------------------------------------------------------------
+#
+# A group's kind is a ``decode.Kind`` constant for the block types and the ``float_dot.FLOAT_KINDS`` code (an int)
+# for the plain floats; the functions below that take a group pick the float kernels (``float_dot.float_rows``, the
+# kernels ``matmul`` runs for them) by that type at compile time. The activations are rounded to the weights'
+# precision as ``matmul.quantize_activations`` rounds them, so the numbers are the Python path's. Qwen2.5-Coder-0.5B
+# as F16 on the Python path spent 4.2-4.5 ms of a 36 ms two-thread token around the products (97 launches).
+
+def _float_group(group) -> bool:
+    """Whether a group's numba type is that of a plain float group (its kind an integer), at typing time."""
+    return isinstance(group, types.BaseTuple) and isinstance(group.types[0], types.Integer)
+
+
+def _wide(isa):
+    """Whether the kernel path has 512-bit registers (``Isa.wide``), as a compile-time constant."""
+    raise NotImplementedError("decode_step._wide runs inside compiled code only")
+
+
+@overload(_wide)
+def _wide_of(isa):
+    wide = bool(isa.wide)
+    return lambda isa: wide
+
+
+def _float_products(rows, group, w, x, n_threads, isa, into):
+    # matmul's float launch: the calling thread for small matrices (as ``_one_token_products``), else all threads
+    kind, starts, counts, row_bytes, first = group
+    n = counts.sum()
+    if n:
+        rounded = rounded_activations(kind, x)
+        pairs = activation_pairs(kind, rounded)
+        if n * row_bytes <= HERE_MAX_BYTES:
+            float_rows(kind, w, starts, counts, row_bytes, rounded, pairs, into, first, 0, n, _wide(isa))
+        else:
+            _float_launch(kind, w, starts, counts, row_bytes, rounded, pairs, into, first,
+                          max(1, min(n, 4 * n_threads)), _wide(isa))
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy", boundscheck=False)
+def _float_launch(kind, w, starts, counts, row_bytes, x, pairs, into, first, n_chunks, wide):
+    """A float group's rows in ``n_chunks`` equal chunks, one parallel iteration each."""
+    n = counts.sum()
+    for chunk in prange(n_chunks):
+        lo, hi = _chunk_rows(n, chunk, n_chunks)
+        float_rows(kind, w, starts, counts, row_bytes, x, pairs, into, first, lo, hi, wide)
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy", boundscheck=False)
@@ -157,15 +208,26 @@ def _gate_up_chunk(kind, w, starts, row_bytes, xq, scales, sums, min_sums, bias,
         act[i] = _swiglu_value(gate_up[i], gate_up[n_ff + i])
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
 def _feed_forward_act(rows, groups, w, h, n_threads, isa, n_ff):
     """SwiGLU(gate, up) of the rows h (float32 [n, n_embd]) for a layer whose gate and up matrices are the two
-    groups ``groups`` (``_products_into``'s): for one token on several threads, gate and up of one kind too large
-    for the calling thread alone, in one launch (``_gate_up_swiglu``); else the products, then the SwiGLU.
+    groups ``groups`` (``_products_into``'s): for one token on several threads, gate and up of one block kind too
+    large for the calling thread alone, in one launch (``_gate_up_swiglu``); else the products, then the SwiGLU.
     Qwen2.5-0.5B's 24 gate and up pairs on two cores of an AVX2 Zen 4, alternating in one process (medians of
     40): 11.65 against 12.73 ms from cache, 11.88 against 12.50 from memory; one thread gained nothing (11.66
     against 11.34 ms in one run, 20.04 against 20.28 in another) and keeps the separate launch."""
-    n = h.shape[0]
+    raise NotImplementedError("decode_step._feed_forward_act runs inside compiled code only")
+
+
+@overload(_feed_forward_act)
+def _feed_forward_act_of(rows, groups, w, h, n_threads, isa, n_ff):
+    return _gate_up_of_floats if _float_group(groups[0]) else _gate_up_of_blocks
+
+
+def _gate_up_of_floats(rows, groups, w, h, n_threads, isa, n_ff):
+    return _separate_gate_up(rows, groups, w, h, n_threads, isa, n_ff)
+
+
+def _gate_up_of_blocks(rows, groups, w, h, n_threads, isa, n_ff):
     kind, starts, counts, row_bytes, first = groups[0]
     if (pass_rows(rows) == ONE_TOKEN_CODE and n_threads > 1 and groups[1][1].size == 0 and counts.size == 2
             and counts.sum() * row_bytes > HERE_MAX_BYTES):
@@ -175,6 +237,13 @@ def _feed_forward_act(rows, groups, w, h, n_threads, isa, n_ff):
         _gate_up_swiglu(kind, w, starts, row_bytes, xq[0], x_scale[0], x_sums[0], x_bsums[0], gate_up, act[0],
                         max(1, min(n_ff, 4 * n_threads)), isa)
         return act
+    return _separate_gate_up(rows, groups, w, h, n_threads, isa, n_ff)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _separate_gate_up(rows, groups, w, h, n_threads, isa, n_ff):
+    """The gate and up products (``_products_into``), then their SwiGLU."""
+    n = h.shape[0]
     gate_up = np.empty((n, 2 * n_ff), np.float32)
     _products_into(rows, groups[0], w, h, n_threads, isa, gate_up)
     _products_into(rows, groups[1], w, h, n_threads, isa, gate_up)
@@ -295,10 +364,20 @@ def _chunks_of(group, n_workers):
     return max(1, min(n, 4 * n_workers))
 
 
-@njit(nogil=True, cache=True)
 def _group_operands(group, x, out, isa):
-    """The activations x (float32 [1, k]) quantized for a group's kind and its ``one_token_operands`` into the
-    group's place of ``out`` (one row): (xq, bias, min_sums, rows, scales, sums); of no values for an unused slot."""
+    """What a group's chunks (``_group_chunk``) read besides the weights, for the activations x (float32 [1, k])
+    and the group's place in ``out`` (one row): for a block kind, x quantized for it and its
+    ``one_token_operands`` (xq, bias, min_sums, rows, scales, sums; of no values for an unused slot); for a
+    float kind, x rounded to its precision, its bf16 pairs and ``out``."""
+    raise NotImplementedError("decode_step._group_operands runs inside compiled code only")
+
+
+def _group_chunk(group, operands, w, chunk, n_chunks, isa):
+    """Chunk ``chunk`` of ``n_chunks`` (equal) of a group's rows, from its ``_group_operands``."""
+    raise NotImplementedError("decode_step._group_chunk runs inside compiled code only")
+
+
+def _block_operands(group, x, out, isa):
     kind, starts, counts, row_bytes, first = group
     n = counts.sum()
     xq, x_scale, x_sums, x_bsums = _quantized(kind, x if n else np.ascontiguousarray(x[:, :0]))
@@ -307,11 +386,86 @@ def _group_operands(group, x, out, isa):
     return xq[0], bias, min_sums, rows, scales, sums
 
 
-@njit(nogil=True, cache=True)
-def _group_chunk(group, operands, w, chunk, n_chunks, isa):
+def _float_operands(group, x, out, isa):
+    kind = group[0]
+    rounded = rounded_activations(kind, x)
+    return rounded, activation_pairs(kind, rounded), out
+
+
+def _block_chunk(group, operands, w, chunk, n_chunks, isa):
     kind, starts, counts, row_bytes, first = group
     xq, bias, min_sums, rows, scales, sums = operands
     matvec_chunk(kind, w, starts, counts, row_bytes, xq, scales, sums, min_sums, bias, rows, chunk, n_chunks, isa)
+
+
+def _float_chunk(group, operands, w, chunk, n_chunks, isa):
+    kind, starts, counts, row_bytes, first = group
+    rounded, pairs, out = operands
+    lo, hi = _chunk_rows(counts.sum(), chunk, n_chunks)
+    float_rows(kind, w, starts, counts, row_bytes, rounded, pairs, out, first, lo, hi, False)
+
+
+@overload(_group_operands)
+def _group_operands_of(group, x, out, isa):
+    return _float_operands if _float_group(group) else _block_operands
+
+
+@overload(_group_chunk)
+def _group_chunk_of(group, operands, w, chunk, n_chunks, isa):
+    return _float_chunk if _float_group(group) else _block_chunk
+
+
+def _gate_up_operands(kind, h, gate_up, isa):
+    """What the gate-up phase's chunks (``_gate_up_task``) read besides the weights, for the rows h (float32
+    [1, n_embd]) and the results' place ``gate_up`` (gate | up): ``_group_operands``' for the kind."""
+    raise NotImplementedError("decode_step._gate_up_operands runs inside compiled code only")
+
+
+def _gate_up_task(kind, w, starts, row_bytes, operands, gate_up, act, chunk, n_chunks, isa):
+    """Chunk ``chunk`` of ``n_chunks`` (equal) of one token's gate and up rows (the matrices at bytes ``starts[0]``
+    and ``starts[1]`` of ``w``) into ``gate_up``, and their SwiGLU into ``act`` (flat): ``_gate_up_chunk`` for a
+    block kind; for a float kind its rows of gate, then of up (``float_dot.rows_product``), then the SwiGLU."""
+    raise NotImplementedError("decode_step._gate_up_task runs inside compiled code only")
+
+
+def _block_gate_up_operands(kind, h, gate_up, isa):
+    xq, x_scale, x_sums, x_bsums = _quantized(kind, h)
+    bias, min_sums, rows, scales, sums = one_token_operands(kind, xq[0], x_scale[0], x_sums[0], x_bsums[0], gate_up,
+                                                            isa)
+    return xq[0], scales, sums, min_sums, bias, rows
+
+
+def _float_gate_up_operands(kind, h, gate_up, isa):
+    rounded = rounded_activations(kind, h)
+    return rounded, activation_pairs(kind, rounded)
+
+
+def _block_gate_up_task(kind, w, starts, row_bytes, operands, gate_up, act, chunk, n_chunks, isa):
+    xq, scales, sums, min_sums, bias, rows = operands
+    _gate_up_chunk(kind, w, starts, row_bytes, xq, scales, sums, min_sums, bias, rows, gate_up, act, chunk, n_chunks,
+                   isa)
+
+
+def _float_gate_up_task(kind, w, starts, row_bytes, operands, gate_up, act, chunk, n_chunks, isa):
+    rounded, pairs = operands
+    n_ff = act.size
+    first, last = _chunk_rows(n_ff, chunk, n_chunks)
+    out = gate_up.reshape(1, 2 * n_ff)
+    for m in range(2):
+        rows_product(kind, w, starts[m] + first * row_bytes, row_bytes, last - first, rounded, pairs, out,
+                     m * n_ff + first, False)
+    for i in range(first, last):
+        act[i] = _swiglu_value(gate_up[i], gate_up[n_ff + i])
+
+
+@overload(_gate_up_operands)
+def _gate_up_operands_of(kind, h, gate_up, isa):
+    return _float_gate_up_operands if isinstance(kind, types.Integer) else _block_gate_up_operands
+
+
+@overload(_gate_up_task)
+def _gate_up_task_of(kind, w, starts, row_bytes, operands, gate_up, act, chunk, n_chunks, isa):
+    return _float_gate_up_task if isinstance(kind, types.Integer) else _block_gate_up_task
 
 
 @njit(nogil=True, cache=True)
@@ -512,15 +666,13 @@ def _region_worker(me, n_workers, table, eps, scale, isa, kinds, key_like, value
     if _phase_open(counters, _GATE_UP, n_tasks, n_workers):
         h = _norm(x + attn_out, _vector(table, _T_FFN_NORM, f32), eps)
         gate_up = _vector(table, _T_GATE_UP, f32)
-        xq, x_scale, x_sums, x_bsums = _quantized(k_gu, h)
-        bias, min_sums, rows, scales, sums = one_token_operands(k_gu, xq[0], x_scale[0], x_sums[0], x_bsums[0],
-                                                                gate_up, isa)
+        operands = _gate_up_operands(k_gu, h, gate_up, isa)
         while True:
             chunk = _claim_task(counters, _GATE_UP, n_tasks, me, n_workers)
             if chunk < 0:
                 break
-            _gate_up_chunk(k_gu, w, _vector(table, _T_STARTS_GU, i64), ints[_GU_BYTES], xq[0], scales, sums, min_sums,
-                           bias, rows, gate_up, act[0], chunk, n_tasks[_GATE_UP], isa)
+            _gate_up_task(k_gu, w, _vector(table, _T_STARTS_GU, i64), ints[_GU_BYTES], operands, gate_up, act[0],
+                          chunk, n_tasks[_GATE_UP], isa)
             _task_done(counters, _GATE_UP, n_workers)
     _phase_done(counters, _GATE_UP, n_tasks, n_workers)
     # down
@@ -708,21 +860,21 @@ def decode_token_region(x, static_tables, workers, n_threads, eps, scale, shape,
 
 
 def _group_slots(matrices, n_slots):
-    """The launch plan of matrices sharing an input as ``n_slots`` groups (kind, starts, counts, row_bytes,
-    first output row), unused slots empty, and the byte arrays they read; (None, None) where the fused step
-    cannot take them: a float type, or a group whose matrices are not neighbours in the output (q and v of one
-    type, k of another)."""
+    """The launch plan of matrices sharing an input as ``n_slots`` groups (kind: a ``decode.Kind`` or, for the plain
+    floats, the ``FLOAT_KINDS`` code; starts, counts, row_bytes, first output row), unused slots empty, and the
+    byte arrays they read; (None, None) where the fused step cannot take them: a float type on a CPU without the
+    float kernels, or a group whose matrices are not neighbours in the output (q and v of one type, k of
+    another)."""
     plan = _launch_plan(matrices)
-    if (plan.float_members or not plan.groups or len(plan.groups) > n_slots
-            or any(group.simd_kind is None for group in plan.groups)):
+    if plan.float_members or not plan.groups or len(plan.groups) > n_slots:
         return None, None
     firsts = np.concatenate([[0], np.cumsum([m.shape[0] for m in matrices])]).astype(np.int64)
     slots = []
     for group in plan.groups:
         if group.members != list(range(group.members[0], group.members[0] + len(group.members))):
             return None, None
-        slots.append((KIND_ARGS[group.simd_kind], group.starts, group.counts, group.row_bytes,
-                      int(firsts[group.members[0]])))
+        kind = group.float_kind if group.simd_kind is None else KIND_ARGS[group.simd_kind]
+        slots.append((kind, group.starts, group.counts, group.row_bytes, int(firsts[group.members[0]])))
     while len(slots) < n_slots:   # an unused slot: no matrices (its kind only fixes the compiled types)
         slots.append((slots[0][0], _EMPTY_I64, _EMPTY_I64, 0, 0))
     roots = {(group.base.ctypes.data, group.base.nbytes) for group in plan.groups}
@@ -782,7 +934,7 @@ class FusedDecode:
                     return None
                 weights, base_roots = bases
                 roots |= base_roots
-                products |= {(slot[0].code, linears[0].n_in) for slot in slots}
+                products |= {(slot[0].code, linears[0].n_in) for slot in slots if not isinstance(slot[0], int)}
                 groups.append(slots)
             qkv, gate_up, (wo,), (down,) = groups
             biases = tuple(_EMPTY_F32 if lin.bias is None else np.ascontiguousarray(lin.bias, np.float32)

@@ -29,7 +29,8 @@ from numba import njit, prange
 
 from .simd import (
     add_f32x16, dot_bf16_pairs, float_from_bits, fma_f32, fma_f32x16, load_16_bf16_at, load_16_f16_at, load_16_f32,
-    load_16_f32_at, load_16_i32, load_32_bf16_pairs_at, load_f16, load_u32, sum_f32x16, zero_f32x16,
+    load_16_f32_at, load_16_i32, load_32_bf16_pairs_at, load_f16, load_u32, round_to_half, sum_f32x16,
+    zero_f32x16,
 )
 
 #: the storage code of each plain float type (the kernels' ``kind`` argument)
@@ -98,7 +99,8 @@ def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, sp
     token j's vector at value ``at``), the first ``step`` of each 2 * step into chain a and the second into b by
     ``dot``, a last ``step`` into a; ``tail``: where the values left one by one start. The chains are independent
     sums, so ``split`` (chain a over all the values, then chain b) gives the same bits with half the
-    accumulators live at once."""
+    accumulators live at once. (Asking for a row's lines ahead, as the block kernels do, made one core slower:
+    f16 / bf16 4864 x 896 from memory 20-22 / 21-22 GB/s without, 19-21 / 16-17 with, alternating.)"""
     pairs = [(i, j) for i in rows for j in tokens]
 
     def step_lines(at, acc, indent):
@@ -153,14 +155,12 @@ def _rows_times_tokens(kind, w, start, row_bytes, size, n, x, xp, k, t, nt, out,
             _tile_1x1(kind, w, start + r * row_bytes, row_bytes, size, x, xp, xo, k, out, t, first, r)
 
 
-@njit(parallel=True, **_KERNEL)
-def float_product(kind, w, chunks, row_bytes, x, pairs, out, wide):
-    """out[t, column + i] = row i of a chunk times token t of ``x`` (float32 [n_tokens, k], already rounded to the
-    weights' precision) for every chunk of ``chunks`` (``float_chunks``: int64 rows of (byte of the chunk's first
-    row in ``w``, its first output column, its rows), rows of ``row_bytes`` bytes in storage ``kind``:
-    FLOAT_KINDS), one parallel iteration each. A chunk walks the tokens two at a time, so that their activations
-    stay in cache while the chunk's rows stream past; on a 512-bit path (``wide``) a prompt's four at a time, in
-    blocks of rows and tokens."""
+@njit(**_KERNEL)
+def rows_product(kind, w, start, row_bytes, n, x, pairs, out, column, wide):
+    """Rows [0, n) of a matrix (row 0 at byte ``start`` of ``w``) times every token of ``x`` (float32 [n_tokens, k],
+    rounded to the weights' precision; ``pairs``: ``activation_pairs``) into out[t, column + i]: the tokens two at
+    a time, so that their activations stay in cache while the rows stream past; on a 512-bit path (``wide``) a
+    prompt's four at a time, in blocks of rows and tokens."""
     n_tokens, k = x.shape
     flat = x.reshape(-1)
     size = 4 if kind == 0 else 2
@@ -175,31 +175,83 @@ def float_product(kind, w, chunks, row_bytes, x, pairs, out, wide):
     blocked = wide and n_tokens >= FEW_TOKENS
     row_block = max(4, ROW_BLOCK_BYTES // row_bytes // 4 * 4) if blocked else np.int64(1) << 62
     token_block = max(4, TOKEN_BLOCK_BYTES // (k * size) // 4 * 4) if blocked else np.int64(1) << 62
+    for t0 in range(0, n_tokens, token_block):
+        t1 = min(n_tokens, t0 + token_block)
+        for r0 in range(0, n, row_block):
+            t = t0
+            while t < t1:
+                nt = 4 if blocked and t1 - t >= 4 else min(2, t1 - t)
+                _rows_times_tokens(kind, w, start + r0 * row_bytes, row_bytes, size, min(row_block, n - r0), flat,
+                                   pairs, k, t, nt, out, column + r0)
+                t += nt
+
+
+@njit(parallel=True, **_KERNEL)
+def float_product(kind, w, chunks, row_bytes, x, pairs, out, wide):
+    """out[t, column + i] = row i of a chunk times token t of ``x`` (float32 [n_tokens, k], already rounded to the
+    weights' precision; ``pairs``: ``activation_pairs``) for every chunk of ``chunks`` (``float_chunks``: int64
+    rows of (byte of the chunk's first row in ``w``, its first output column, its rows), rows of ``row_bytes``
+    bytes in storage ``kind``: FLOAT_KINDS), one parallel iteration each (``rows_product``)."""
     for c in prange(chunks.shape[0]):
-        start, column, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        for t0 in range(0, n_tokens, token_block):
-            t1 = min(n_tokens, t0 + token_block)
-            for r0 in range(0, n, row_block):
-                t = t0
-                while t < t1:
-                    nt = 4 if blocked and t1 - t >= 4 else min(2, t1 - t)
-                    _rows_times_tokens(kind, w, start + r0 * row_bytes, row_bytes, size, min(row_block, n - r0),
-                                       flat, pairs, k, t, nt, out, column + r0)
-                    t += nt
+        rows_product(kind, w, chunks[c, 0], row_bytes, chunks[c, 2], x, pairs, out, chunks[c, 1], wide)
 
 
-_NO_PAIRS = np.zeros(0, np.int32)
+@njit(**_KERNEL)
+def float_rows(kind, w, starts, counts, row_bytes, x, pairs, out, first, lo, hi, wide):
+    """Rows [lo, hi) of matrices laid end to end (matrix m's ``counts[m]`` rows from byte ``starts[m]`` of ``w``)
+    times the tokens of ``x`` into out[t, first + row]: a thread's share of a launch that the caller divides
+    (the compiled decode step's chunks)."""
+    base = 0
+    for m in range(starts.size):
+        a, b = max(lo, base), min(hi, base + counts[m])
+        if a < b:
+            rows_product(kind, w, starts[m] + (a - base) * row_bytes, row_bytes, b - a, x, pairs, out, first + a,
+                         wide)
+        base += counts[m]
 
 
-def activation_pairs(kind: int, x: np.ndarray) -> np.ndarray:
+@njit(nogil=True, cache=True)
+def _bf16_bits(bits):
+    """The bfloat16 bits of the float32 of bits ``bits`` (uint32) as ggml_compute_fp32_to_bf16 rounds: NaNs made
+    quiet, else to nearest even (``floats.float_to_bf16_bits``, one value)."""
+    if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return (bits >> np.uint32(16)) | np.uint32(64)
+    return np.uint32((np.uint64(bits) + np.uint64(0x7FFF) + np.uint64((bits >> np.uint32(16)) & np.uint32(1)))
+                     >> np.uint64(16))
+
+
+@njit(nogil=True, cache=True)
+def rounded_activations(kind, x):
+    """The rows x (float32 [n, k]) rounded to the weights' precision, as ``matmul.quantize_activations`` rounds
+    them for f16 / bf16 weights (f32: a copy); compiled, for the compiled decode step."""
+    out = np.ascontiguousarray(x).copy()
+    flat = out.reshape(-1)
+    if kind == 1:
+        for i in range(flat.size):
+            flat[i] = round_to_half(flat[i])
+    elif kind == 2:
+        bits = flat.view(np.uint32)
+        for i in range(bits.size):
+            bits[i] = _bf16_bits(bits[i]) << np.uint32(16)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def activation_pairs(kind, x):
     """What ``float_product`` takes beside the activations x (float32 [n_tokens, k], already rounded to the weights'
     precision): for bf16 weights their bfloat16 bits in pairs (int32 [n_tokens * (k // 2)], the values of
     ``dot_bf16_pairs``' lanes), an empty array for the other kinds."""
-    if kind != FLOAT_KINDS["bf16"]:
-        return _NO_PAIRS
+    if kind != 2:
+        return np.zeros(0, np.int32)
     n_tokens, k = x.shape
-    halves = (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
-    return np.ascontiguousarray(halves[:, :k - k % 2]).view(np.int32).reshape(-1)
+    half = k // 2
+    bits = np.ascontiguousarray(x).reshape(-1).view(np.uint32)
+    pairs = np.empty(n_tokens * half, np.uint32)
+    for t in range(n_tokens):
+        for i in range(half):
+            low, high = bits[t * k + 2 * i] >> np.uint32(16), bits[t * k + 2 * i + 1] >> np.uint32(16)
+            pairs[t * half + i] = low | (high << np.uint32(16))
+    return pairs.view(np.int32)
 
 
 def float_chunks(starts, counts, row_bytes: int, n_threads: int) -> np.ndarray:
