@@ -1,6 +1,7 @@
 """The compiled decode step (model/decode_step.py) against the Python forward pass it replaces for a few tokens (one,
-or several of one sequence): the same logits and the same cache contents, bit for bit, on the real model and on the synthetic model of every
-block type; the models and caches it cannot take keep the Python path."""
+or several of one sequence): the same logits and the same cache contents, bit for bit, on the real model, on the
+synthetic model of every block type and on the tiny Llama written as F32, F16 and BF16; the models and caches it
+cannot take keep the Python path."""
 import os
 
 import numpy as np
@@ -106,16 +107,7 @@ def test_float_weights_same_logits_and_cache(float_files, monkeypatch, type_name
 def test_float_weights_in_one_launch_give_the_launches_numbers(float_files, monkeypatch):
     """The token's launch and a launch a layer (the float kernels' chunks, the gate-up phase's rows of gate and up
     and their SwiGLU) against a launch per product, bit for bit."""
-    import numba
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("one launch a layer needs two threads, and numba has one on this machine")
-    path = float_files["BF16"]
-    token = _steps(path, monkeypatch, None)
-    per_layer = _steps(path, monkeypatch, None, token_launch=False)
-    per_product = _steps(path, monkeypatch, "fused")
-    assert (token[2], per_layer[2], per_product[2]) == ("token", "layer", "products")
-    _same_steps(token, per_product)
-    _same_steps(per_layer, per_product)
+    _launches_agree(float_files["BF16"], monkeypatch)
 
 
 def test_a_matrix_outside_the_file_keeps_the_python_path(tiny_path):
@@ -268,12 +260,17 @@ def test_layer_in_one_launch_gives_the_launches_numbers(qwen_path, monkeypatch):
     GGML_BACKEND_DECODE_STEP=region), or each layer in one (decode_layer_region: where a layer cannot join the
     token's launch), and either gives the logits and cache of a launch per product (decode_layer,
     GGML_BACKEND_DECODE_STEP=fused), bit for bit."""
+    _launches_agree(qwen_path, monkeypatch)
+
+
+def _launches_agree(path, monkeypatch):
+    """The token's launch, a launch a layer and a launch a product give the same logits and caches."""
     import numba
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one launch a layer needs two threads, and numba has one on this machine")
-    token = _steps(qwen_path, monkeypatch, None)
-    per_layer = _steps(qwen_path, monkeypatch, None, token_launch=False)
-    per_product = _steps(qwen_path, monkeypatch, "fused")
+    token = _steps(path, monkeypatch, None)
+    per_layer = _steps(path, monkeypatch, None, token_launch=False)
+    per_product = _steps(path, monkeypatch, "fused")
     assert (token[2], per_layer[2], per_product[2]) == ("token", "layer", "products")
     _same_steps(token, per_product)
     _same_steps(per_layer, per_product)

@@ -125,6 +125,23 @@ def test_prompts_over_several_blocks_of_rows_and_tokens_give_each_tokens_bits(na
         np.testing.assert_array_equal(out[[0, 52, 0, 52, 0, 52], [0, 0, 16, 16, 29, 29]], expected)
 
 
+def test_compiled_rounding_and_pairs_equal_the_python_paths(rng):
+    """The compiled decode step rounds activations and builds bf16 pairs in compiled code: the same bits as
+    ``quantize_activations`` and the numpy construction, NaN, infinities, subnormals and odd k included."""
+    from ggml_backend.quant.float_dot import rounded_activations
+    from ggml_backend.quant.matmul import quantize_activations
+    x = (rng.standard_normal((4, 37)) * 1e3).astype(np.float32)
+    x[0, :6] = [np.nan, np.inf, -np.inf, 1e-40, -3.4e38, 65520.0]
+    for name, kind in FLOAT_KINDS.items():
+        expected = quantize_activations(name, x).rounded
+        np.testing.assert_array_equal(rounded_activations(kind, x).view(np.uint32), expected.view(np.uint32))
+    rounded = rounded_activations(FLOAT_KINDS["bf16"], x)
+    halves = (rounded.view(np.uint32) >> 16).astype(np.uint16)
+    np.testing.assert_array_equal(activation_pairs(FLOAT_KINDS["bf16"], rounded),
+                                  np.ascontiguousarray(halves[:, :36]).view(np.int32).reshape(-1))
+    assert activation_pairs(FLOAT_KINDS["f16"], rounded).size == 0
+
+
 @needs_simd
 def test_thread_counts_and_shared_launches_give_identical_results(rng):
     q = WeightMatrix("f16", _weights("f16", 96, 64, rng)[0])

@@ -18,9 +18,10 @@ too slowly (two Zen 4 threads, 4864 x 896 f16: 29 GB/s with one chain, 35 with f
 Tiles: a row at a time for a few tokens (decode; tiles of several rows read side by side streamed at half the
 speed), four rows times four tokens on 512-bit paths for prompts (each weight vector converted once for four
 tokens, each activation vector loaded once for four rows; chain a over all the values, then chain b, which
-gives the same sums with 16 accumulators live instead of 32), over blocks of rows and tokens kept in L2. Before these kernels every float product went
-through the BLAS path, a band of rows converted to float32 and handed to sgemm, padded to 48 tokens for one
-(Qwen2.5-Coder-0.5B converted to F16, 2 Zen 4 threads: decode 1.0 tok/s against llama.cpp's 28).
+gives the same sums with 16 accumulators live instead of 32), over blocks of rows and tokens kept in L2. Before
+these kernels every float product went through the BLAS path, a band of rows converted to float32 and handed to
+sgemm, padded to 48 tokens for one (Qwen2.5-Coder-0.5B converted to F16, 2 Zen 4 threads: decode 1.0 tok/s
+against llama.cpp's 28).
 """
 from __future__ import annotations
 
@@ -167,11 +168,12 @@ def rows_product(kind, w, start, row_bytes, n, x, pairs, out, column, wide):
     # A row at a time for a few tokens (decode is memory-bound: one core streamed f16 rows from memory at 24-25
     # GB/s so, at 11-12 in tiles of two or four rows read side by side; one Zen 4 core, 4864 x 896). Prompts on
     # 512-bit paths in tiles of four rows and four tokens, chain a then chain b (16 accumulators and 8 loads for
-    # 16 products a step), over blocks of rows and tokens that stay in L2. One Zen 4 core, bf16 times 256 tokens
-    # (GFLOP/s, thread CPU time): 4864 x 896 113 / 896 x 4864 77-93 in tiles of two rows and four tokens with both
-    # chains at once over whole chunks; 125-140 / 80-94 in the 4 x 4 tiles over blocks; f16 (at the core's
-    # fused multiply-add rate either way) 896 x 4864 64 -> 81-90 from the blocks. Qwen2.5-Coder-0.5B as BF16, two
-    # threads: prompt of 256 tokens 0.60x -> 0.84x llama.cpp's.
+    # 16 products a step), over blocks of rows and tokens that stay in L2. One Zen 4 core, 256 tokens (GFLOP/s,
+    # thread CPU time, alternating processes), bf16 4864 x 896 / 896 x 4864 / 1152 x 896: 95-107 / 88-93 / 94-110
+    # in tiles of two rows and four tokens with both chains at once over whole chunks, 122-136 / 81-99 / 116-130
+    # here; f16 (at the core's fused multiply-add rate either way) 78-86 / 73-79 / 83-91 against 86-92 / 66-68 /
+    # 91-95, even over a layer's shapes; 4 x 4 tiles over whole chunks took f16's long rows to 63-64. Qwen2.5-
+    # Coder-0.5B as BF16, two threads: prompt of 256 tokens 0.60x -> 0.84x llama.cpp's.
     blocked = wide and n_tokens >= FEW_TOKENS
     row_block = max(4, ROW_BLOCK_BYTES // row_bytes // 4 * 4) if blocked else np.int64(1) << 62
     token_block = max(4, TOKEN_BLOCK_BYTES // (k * size) // 4 * 4) if blocked else np.int64(1) << 62
