@@ -171,9 +171,9 @@ def rows_product(kind, w, start, row_bytes, n, x, pairs, out, column, wide):
     # 16 products a step), over blocks of rows and tokens that stay in L2. One Zen 4 core, 256 tokens (GFLOP/s,
     # thread CPU time, alternating processes), bf16 4864 x 896 / 896 x 4864 / 1152 x 896: 95-107 / 88-93 / 94-110
     # in tiles of two rows and four tokens with both chains at once over whole chunks, 122-136 / 81-99 / 116-130
-    # here; f16 (at the core's fused multiply-add rate either way) 78-86 / 73-79 / 83-91 against 86-92 / 66-68 /
-    # 91-95, even over a layer's shapes; 4 x 4 tiles over whole chunks took f16's long rows to 63-64. Qwen2.5-
-    # Coder-0.5B as BF16, two threads: prompt of 256 tokens 0.60x -> 0.84x llama.cpp's.
+    # here; f16 (at the core's fused multiply-add rate either way) 78-86 / 73-79 / 83-91 against 86-92 / 66-68 or
+    # 91-94 (by process) / 91-95, even or better over a layer's shapes; 4 x 4 tiles over whole chunks took f16's
+    # long rows to 63-64. Qwen2.5-Coder-0.5B as BF16, two threads: prompt of 256 tokens 0.60x -> 0.84x llama.cpp's.
     blocked = wide and n_tokens >= FEW_TOKENS
     row_block = max(4, ROW_BLOCK_BYTES // row_bytes // 4 * 4) if blocked else np.int64(1) << 62
     token_block = max(4, TOKEN_BLOCK_BYTES // (k * size) // 4 * 4) if blocked else np.int64(1) << 62
