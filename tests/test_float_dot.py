@@ -143,6 +143,29 @@ def test_compiled_rounding_and_pairs_equal_the_python_paths(rng):
 
 
 @needs_simd
+@pytest.mark.parametrize("name", ["f16", "bf16"])
+def test_activations_off_a_cache_line_are_moved_onto_one(name, rng):
+    """The launch moves activations that start off a 64-byte line onto one (a load across two lines cost the f16
+    prompt kernel a third): the same results from activations at any offset, and the copy on a line."""
+    from ggml_backend.quant.matmul import _line_aligned
+    weight_bytes, _ = _weights(name, 40, 256, rng)
+    x = rng.standard_normal((FEW_TOKENS + 3, 256)).astype(np.float32)
+    results = []
+    for offset in (0, 4, 16, 36):    # bytes off a line
+        buffer = np.empty(x.size * 4 + 128, np.uint8)
+        skip = -buffer.ctypes.data % 64 + offset
+        shifted = buffer[skip:skip + x.nbytes].view(np.float32).reshape(x.shape)
+        shifted[...] = x
+        assert shifted.ctypes.data % 64 == offset
+        moved = _line_aligned(shifted)
+        assert moved.ctypes.data % 64 == 0 and np.array_equal(moved, x)
+        assert (moved is shifted) == (offset == 0)
+        results.append(matmul(name, weight_bytes, shifted))
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
+
+
+@needs_simd
 def test_thread_counts_and_shared_launches_give_identical_results(rng):
     q = WeightMatrix("f16", _weights("f16", 96, 64, rng)[0])
     k = WeightMatrix("f16", _weights("f16", 16, 64, rng)[0])
