@@ -159,13 +159,20 @@ def _wide_of(isa):
     return lambda isa: wide
 
 
+@njit(nogil=True, cache=True)
+def _rounded_with_pairs(kind, x):
+    """The rows x rounded to a float kind's precision and their bf16 pairs (empty for f16 / f32): what the float
+    kernels read besides the weights."""
+    rounded = rounded_activations(kind, x)
+    return rounded, activation_pairs(kind, rounded)
+
+
 def _float_products(rows, group, w, x, n_threads, isa, into):
     # matmul's float launch: the calling thread for small matrices (as ``_one_token_products``), else all threads
     kind, starts, counts, row_bytes, first = group
     n = counts.sum()
     if n:
-        rounded = rounded_activations(kind, x)
-        pairs = activation_pairs(kind, rounded)
+        rounded, pairs = _rounded_with_pairs(kind, x)
         if n * row_bytes <= HERE_MAX_BYTES:
             float_rows(kind, w, starts, counts, row_bytes, rounded, pairs, into, first, 0, n, _wide(isa))
         else:
@@ -389,9 +396,8 @@ def _block_operands(group, x, out, isa):
 
 
 def _float_operands(group, x, out, isa):
-    kind = group[0]
-    rounded = rounded_activations(kind, x)
-    return rounded, activation_pairs(kind, rounded), out
+    rounded, pairs = _rounded_with_pairs(group[0], x)
+    return rounded, pairs, out
 
 
 def _block_chunk(group, operands, w, chunk, n_chunks, isa):
@@ -438,8 +444,7 @@ def _block_gate_up_operands(kind, h, gate_up, isa):
 
 
 def _float_gate_up_operands(kind, h, gate_up, isa):
-    rounded = rounded_activations(kind, h)
-    return rounded, activation_pairs(kind, rounded)
+    return _rounded_with_pairs(kind, h)
 
 
 def _block_gate_up_task(kind, w, starts, row_bytes, operands, gate_up, act, chunk, n_chunks, isa):
