@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blocks import nearest_int, round_to_f16
-from .floats import float_to_bf16_bits
+from .float_dot import rounded_activations
 from .legacy import quantize_q8_0, quantize_q8_1
 from .simd import round_to_half
 
@@ -191,8 +191,10 @@ def round_rows_to_f16(x: np.ndarray) -> np.ndarray:
 
 def round_rows_to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> float32 values rounded to bfloat16 the way ggml's ``GGML_FP32_TO_BF16`` does (nearest even,
-    NaN kept quiet)."""
-    return (float_to_bf16_bits(x).astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(np.shape(x))
+    NaN kept quiet): compiled (``float_dot.rounded_activations``), as ``floats.float_to_bf16_bits`` rounds in
+    numpy, which took 2.3 and 7 ms for a prompt's 256 x 896 and 256 x 4864 activations against 0.07 and 0.4 (one
+    Zen 4 core), a tenth of a BF16 prompt's time at four roundings a layer."""
+    return rounded_activations(2, np.ascontiguousarray(x, dtype=np.float32))
 
 
 __all__ = [
