@@ -142,6 +142,38 @@ def test_compiled_rounding_and_pairs_equal_the_python_paths(rng):
     assert activation_pairs(FLOAT_KINDS["f16"], rounded).size == 0
 
 
+def test_sixteen_lane_sums_at_once_equal_each_sum_and_land_in_their_quarters(rng):
+    """The 4 x 4 tile closes with ``lane_sums_f32x16`` (sixteen sums in one register) and four quarter stores: each
+    sum the bits of ``sum_f32x16`` on its own vector (values over seven orders of magnitude, so that a change in
+    the pairs or their order shows), each quarter in its row, into a contiguous and a strided output."""
+    from numba import njit
+
+    from ggml_backend.quant.simd import lane_sums_f32x16, load_16_f32, store_quarter_f32x16, sum_f32x16
+
+    @njit(cache=False)
+    def sums(a, out, alone):
+        both = lane_sums_f32x16(
+            load_16_f32(a, 0), load_16_f32(a, 16), load_16_f32(a, 32), load_16_f32(a, 48), load_16_f32(a, 64),
+            load_16_f32(a, 80), load_16_f32(a, 96), load_16_f32(a, 112), load_16_f32(a, 128), load_16_f32(a, 144),
+            load_16_f32(a, 160), load_16_f32(a, 176), load_16_f32(a, 192), load_16_f32(a, 208), load_16_f32(a, 224),
+            load_16_f32(a, 240))
+        for m in range(16):
+            alone[m] = sum_f32x16(load_16_f32(a, 16 * m))
+        store_quarter_f32x16(out, 0, 1, both, 0)
+        store_quarter_f32x16(out, 1, 1, both, 1)
+        store_quarter_f32x16(out, 2, 1, both, 2)
+        store_quarter_f32x16(out, 3, 1, both, 3)
+
+    for _ in range(50):
+        a = (rng.standard_normal(256) * 10.0 ** rng.integers(-3, 4, 256)).astype(np.float32)
+        alone = np.zeros(16, np.float32)
+        for out in (np.zeros((4, 6), np.float32), np.zeros((4, 12), np.float32)[:, ::2]):
+            sums(a, out, alone)
+            np.testing.assert_array_equal(out[:, 1:5].reshape(-1).view(np.uint32), alone.view(np.uint32))
+            assert not out[:, [0, 5]].any()
+        assert len(set(alone.tolist())) > 1
+
+
 @needs_simd
 @pytest.mark.parametrize("name", ["f16", "bf16"])
 def test_activations_off_a_cache_line_are_moved_onto_one(name, rng):

@@ -1087,6 +1087,64 @@ chains when they are the halves), as float32."""
 
 
 @intrinsic
+def lane_sums_f32x16(typingctx, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
+    """Sixteen ``F32x16`` summed at once: lane m of the result is ``sum_f32x16(vectors[m])``, bit for bit (each
+    vector's lanes added in the same pairs and order: lane i and i + 8, then i and i + 4, i + 2, i + 1). Two
+    vectors' halves meet in one register at each level (two shuffles and one addition serve two sums), 15 levels'
+    worth of additions for the sixteen instead of 64 (the reductions closed every 4 x 4 prompt tile)."""
+    vectors = (v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15)
+    if any(v != F32x16 for v in vectors):
+        return None
+
+    def codegen(context, builder, sig, args):
+        level = list(args)
+        width = 16          # each vector holds 16 // width sums of `width` lanes each, in order
+        while width > 1:
+            half = width // 2
+            low_lanes = [g * width + i for g in range(16 // width) for i in range(half)]
+            high_lanes = [g * width + half + i for g in range(16 // width) for i in range(half)]
+            merged = []
+            for a, b in zip(level[0::2], level[1::2]):
+                # a's groups then b's: lanes [a.low halves, b.low halves] + [a.high halves, b.high halves]
+                low = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 16),
+                                                               low_lanes + [16 + x for x in low_lanes]))
+                high = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 16),
+                                                                high_lanes + [16 + x for x in high_lanes]))
+                merged.append(builder.fadd(low, high))
+            level, width = merged, half
+        return level[0]
+    return F32x16(*vectors), codegen
+
+
+@intrinsic
+def store_quarter_f32x16(typingctx, array, row, column, vector, quarter):
+    """``array[row, column:column + 4] = vector[4 q:4 q + 4]`` for a 2-D float32 array and a constant q (0-3)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.float32 and array.ndim == 2
+            and isinstance(row, types.Integer) and isinstance(column, types.Integer) and vector == F32x16
+            and isinstance(quarter, types.IntegerLiteral) and 0 <= quarter.literal_value < 4):
+        return None
+    q = quarter.literal_value
+    contiguous = array.layout == "C"
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i64 = ir.IntType(64)
+        strides = cgutils.unpack_tuple(builder, ary.strides, 2)
+        r, c = (context.cast(builder, v, t, types.int64) for v, t in zip(args[1:3], sig.args[1:3]))
+        base = builder.ptrtoint(ary.data, i64)
+        at = builder.add(base, builder.add(builder.mul(r, strides[0]), builder.mul(c, strides[1])))
+        lanes = builder.shuffle_vector(args[3], args[3], ir.Constant(ir.VectorType(_I32, 4), [4 * q + i for i in range(4)]))
+        if contiguous:
+            builder.store(lanes, builder.inttoptr(at, ir.VectorType(ir.FloatType(), 4).as_pointer()), align=4)
+        else:
+            for i in range(4):
+                pointer = builder.inttoptr(builder.add(at, builder.mul(i64(i), strides[1])), ir.FloatType().as_pointer())
+                builder.store(builder.extract_element(lanes, _I32(i)), pointer, align=4)
+        return context.get_dummy_value()
+    return types.void(array, row, column, vector, quarter), codegen
+
+
+@intrinsic
 def store_32_bytes(typingctx, array, offset, vector):
     """``array[offset:offset + 32] = vector`` for a byte array and an ``I8x32``."""
     if not _is_byte_array(array) or not isinstance(offset, types.Integer) or vector != I8x32:
