@@ -126,20 +126,33 @@ def test_prompts_over_several_blocks_of_rows_and_tokens_give_each_tokens_bits(na
 
 
 def test_compiled_rounding_and_pairs_equal_the_python_paths(rng):
-    """The compiled decode step rounds activations and builds bf16 pairs in compiled code: the same bits as
-    ``quantize_activations`` and the numpy construction, NaN, infinities, subnormals and odd k included."""
-    from ggml_backend.quant.float_dot import rounded_activations
+    """Activations are rounded and bf16 pairs built in compiled code, by the decode step and by a prompt's one pass
+    (``float_operands``, its arrays on cache lines): the same bits as numpy's rounding and the pairs' numpy
+    construction, NaN, infinities, subnormals and odd k included."""
+    from ggml_backend.quant.float_dot import float_operands, rounded_activations
     from ggml_backend.quant.matmul import quantize_activations
     x = (rng.standard_normal((4, 37)) * 1e3).astype(np.float32)
     x[0, :6] = [np.nan, np.inf, -np.inf, 1e-40, -3.4e38, 65520.0]
+    bf16 = (float_to_bf16_bits(x).reshape(x.shape).astype(np.uint32) << 16).view(np.float32)
+    with np.errstate(over="ignore"):        # -3.4e38 and 65520 become -inf and inf in half precision, as in ggml
+        f16 = x.astype(np.float16).astype(np.float32)
+    numpy_rounded = {"f32": x, "f16": f16, "bf16": bf16}
     for name, kind in FLOAT_KINDS.items():
-        expected = quantize_activations(name, x).rounded
+        expected = numpy_rounded[name]
         np.testing.assert_array_equal(rounded_activations(kind, x).view(np.uint32), expected.view(np.uint32))
+        np.testing.assert_array_equal(quantize_activations(name, x).rounded.view(np.uint32), expected.view(np.uint32))
     rounded = rounded_activations(FLOAT_KINDS["bf16"], x)
     halves = (rounded.view(np.uint32) >> 16).astype(np.uint16)
     np.testing.assert_array_equal(activation_pairs(FLOAT_KINDS["bf16"], rounded),
                                   np.ascontiguousarray(halves[:, :36]).view(np.int32).reshape(-1))
     assert activation_pairs(FLOAT_KINDS["f16"], rounded).size == 0
+    for name, kind in FLOAT_KINDS.items():    # a prompt's one pass (on numba's threads from 32768 values)
+        for rows in (x, np.tile(x, (1000, 1))):
+            together, pairs = float_operands(kind, rows)
+            alone = rounded_activations(kind, rows)
+            np.testing.assert_array_equal(together.view(np.uint32), alone.view(np.uint32))
+            np.testing.assert_array_equal(pairs, activation_pairs(kind, alone))
+            assert together.ctypes.data % 64 == 0 and (pairs.size == 0 or pairs.ctypes.data % 64 == 0)
 
 
 def test_sixteen_lane_sums_at_once_equal_each_sum_and_land_in_their_quarters(rng):

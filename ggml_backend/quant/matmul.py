@@ -45,11 +45,10 @@ import numpy as np
 
 from .activations import (
     quantize_activations_q8_0, quantize_activations_q8_1, quantize_activations_q8_K,
-    round_rows_to_bf16, round_rows_to_f16,
 )
 from .decode import KIND_ARGS, KINDS, matmul_few, matvec, matvec_here  # noqa: F401  (KINDS: model/batching asks it)
 from .decode import dequantize_rows as dequantize_simd
-from .float_dot import activation_pairs, float_chunks, float_product
+from .float_dot import FLOAT_KINDS, float_chunks, float_operands, float_product, line_aligned_empty
 from .gemm import EXACT_FROM_TOKENS, GemmTokens, gemm_product, isa_has_gemm, prompt_gemm_takes
 from .simd import choose_isa
 from .types import MEMORY_ONLY, TYPES, QuantType, get_type
@@ -145,7 +144,8 @@ class QuantizedActivations:
     qs: np.ndarray | None = None     # int8 [n_tokens, k]
     d: np.ndarray | None = None      # float32 [n_tokens, n_blocks]
     extra: np.ndarray | None = None  # q8_1: float32 s [n_tokens, n_blocks]; q8_K: int32 bsums [n_tokens, k/16]
-    rounded: np.ndarray | None = None  # f16 / bf16: the rows rounded to that precision
+    rounded: np.ndarray | None = None  # f16 / bf16: the rows rounded to that precision (on a cache line)
+    pairs: np.ndarray | None = None    # bf16: the rounded rows' bfloat16 pairs (float_dot.float_operands)
     _gemm: GemmTokens | None = None
 
     def gemm_tokens(self) -> GemmTokens:
@@ -183,10 +183,9 @@ def quantize_activations(vec_dot_type: str, x: np.ndarray, for_blas: bool = Fals
     if vec_dot_type == "q8_K":
         qs, d, bsums = quantize_activations_q8_K(rows)
         return QuantizedActivations(vec_dot_type, rows, qs, d, bsums)
-    if vec_dot_type == "f16":
-        return QuantizedActivations(vec_dot_type, rows, rounded=round_rows_to_f16(rows))
-    if vec_dot_type == "bf16":
-        return QuantizedActivations(vec_dot_type, rows, rounded=round_rows_to_bf16(rows))
+    if vec_dot_type in ("f16", "bf16"):
+        rounded, pairs = float_operands(FLOAT_KINDS[vec_dot_type], rows)
+        return QuantizedActivations(vec_dot_type, rows, rounded=rounded, pairs=pairs)
     if vec_dot_type == "f32":
         return QuantizedActivations(vec_dot_type, rows, rounded=rows)
     raise MatmulShapeError(f"unknown vec_dot_type {vec_dot_type!r}")
@@ -330,10 +329,10 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
             _integer_product(qtype, weight_bytes, acts, out)
         return out
 
-    lhs = acts.rounded if acts.rounded is not None else rows
     if path == "float":
-        _float_product(qtype, weight_bytes, lhs, out)
+        _float_product(qtype, weight_bytes, acts, out)
         return out
+    lhs = acts.rounded if acts.rounded is not None else rows
     # BLAS: float32 (or f16/bf16-rounded) activations times float32 bands of W.
     _blas_product(qtype, weight_bytes, lhs, out, k)
     if acts.vec_dot_type == "q8_1" and acts.qs is None and acts.extra is not None:
@@ -343,21 +342,27 @@ def _matmul_prepared(qtype: QuantType, weight_bytes: np.ndarray, acts: Quantized
     return out
 
 
-def _float_product(qtype: QuantType, weight_bytes: np.ndarray, lhs: np.ndarray, out: np.ndarray) -> None:
-    """out = lhs @ W.T for f32 / f16 / bf16 weights on ``float_dot.py``'s kernel (lhs already rounded to the
-    weights' precision), on numba's threads."""
+def _float_product(qtype: QuantType, weight_bytes: np.ndarray, acts: QuantizedActivations, out: np.ndarray) -> None:
+    """out = activations @ W.T for f32 / f16 / bf16 weights on ``float_dot.py``'s kernel, on numba's threads."""
     root, start = _byte_root(weight_bytes)
     row_bytes = weight_bytes.shape[1]
     chunks = float_chunks([start], [weight_bytes.shape[0]], row_bytes, numba.get_num_threads())
-    _float_launch(qtype.one_token.float_kind, root, chunks, row_bytes, lhs, out)   # out: C-contiguous (_check_out)
+    _float_launch(qtype.one_token.float_kind, root, chunks, row_bytes, acts, out)   # out: C-contiguous (_check_out)
 
 
-def _float_launch(kind: int, base: np.ndarray, chunks: np.ndarray, row_bytes: int, lhs: np.ndarray,
+def _float_launch(kind: int, base: np.ndarray, chunks: np.ndarray, row_bytes: int, acts: QuantizedActivations,
                   out: np.ndarray) -> None:
-    """One launch of ``float_product`` over ``chunks`` of ``base``'s rows (storage ``kind``) into ``out``."""
-    lhs = _line_aligned(np.ascontiguousarray(lhs, np.float32))
-    float_product(kind, base, chunks, row_bytes, lhs, _line_aligned(activation_pairs(kind, lhs)), out,
-                  KERNEL_ISA.wide)
+    """One launch of ``float_product`` over ``chunks`` of ``base``'s rows (storage ``kind``) into ``out``: the
+    activations as ``quantize_activations`` rounded and paired them (on cache lines), f32's rows moved onto a
+    line where they are off one."""
+    if kind == FLOAT_KINDS["f32"]:
+        lhs, pairs = _line_aligned(np.ascontiguousarray(acts.rows, np.float32)), _NO_PAIRS
+    else:
+        lhs, pairs = acts.rounded, acts.pairs
+    float_product(kind, base, chunks, row_bytes, lhs, pairs, out, KERNEL_ISA.wide)
+
+
+_NO_PAIRS = np.zeros(0, np.int32)
 
 
 def _line_aligned(a: np.ndarray) -> np.ndarray:
@@ -367,9 +372,7 @@ def _line_aligned(a: np.ndarray) -> np.ndarray:
     off a line, 85-93 on one (the same process, the activations moved)."""
     if a.ctypes.data % 64 == 0:
         return a
-    buffer = np.empty(a.nbytes + 64, np.uint8)
-    skip = -buffer.ctypes.data % 64
-    aligned = buffer[skip:skip + a.nbytes].view(a.dtype).reshape(a.shape)
+    aligned = line_aligned_empty(a.shape, a.dtype)
     aligned[...] = a
     return aligned
 
@@ -639,7 +642,7 @@ def _matvec_many(plan: _LaunchPlan, rows: np.ndarray, flat: bool) -> list[np.nda
         out = np.empty((len(rows), group.total), np.float32)
         if group.simd_kind is None:   # f32 / f16 / bf16 (float_dot.py), the activations rounded to their precision
             _float_launch(group.float_kind, group.base, group.float_chunks(numba.get_num_threads()), group.row_bytes,
-                          acts.rounded if acts.rounded is not None else acts.rows, out)
+                          acts, out)
         elif _exact_gemm(group.simd_kind, rows.shape):
             for start, (first, last) in zip(group.starts.tolist(), group.columns):
                 gemm_product(group.simd_kind, group.base, start, last - first, group.row_bytes, acts.gemm_tokens(),
