@@ -142,6 +142,7 @@ def test_compiled_rounding_and_pairs_equal_the_python_paths(rng):
         np.testing.assert_array_equal(rounded_activations(kind, x).view(np.uint32), expected.view(np.uint32))
         np.testing.assert_array_equal(quantize_activations(name, x).rounded.view(np.uint32), expected.view(np.uint32))
     rounded = rounded_activations(FLOAT_KINDS["bf16"], x)
+    assert rounded.ctypes.data % 64 == 0 and activation_pairs(FLOAT_KINDS["bf16"], rounded).ctypes.data % 64 == 0
     halves = (rounded.view(np.uint32) >> 16).astype(np.uint16)
     np.testing.assert_array_equal(activation_pairs(FLOAT_KINDS["bf16"], rounded),
                                   np.ascontiguousarray(halves[:, :36]).view(np.int32).reshape(-1))

@@ -257,11 +257,26 @@ def _bf16_bits(bits):
 
 
 @njit(nogil=True, cache=True)
+def _on_a_line(n, dtype):
+    """An uninitialised 1-D array of n ``dtype`` values starting on a 64-byte cache line (``line_aligned_empty`` for
+    Python callers): numba's arrays start on 32 bytes, and the float kernels load activations 64 bytes at a time,
+    each load touching two lines where they start 32 bytes off one. One Zen 4 core, one token, 4864 x 896 from
+    memory, the same process: f16 16.8-20.9 GB/s with the activations on a line, 13.3-15.2 off; bf16 12.5-13.8
+    against 9.7-11.2."""
+    size = np.empty(1, dtype).itemsize
+    buffer = np.empty(n + 64 // size, dtype)
+    skip = (-buffer.ctypes.data) % 64 // size
+    return buffer[skip:skip + n]
+
+
+@njit(nogil=True, cache=True)
 def rounded_activations(kind, x):
     """The rows x (float32 [n, k]) rounded to the weights' precision, as ``matmul.quantize_activations`` rounds
     them for f16 / bf16 weights (f32: a copy); compiled, for the compiled decode step."""
-    out = np.ascontiguousarray(x).copy()
-    flat = out.reshape(-1)
+    source = np.ascontiguousarray(x)
+    flat = _on_a_line(source.size, np.float32)
+    flat[:] = source.reshape(-1)
+    out = flat.reshape(source.shape)
     if kind == 1:
         for i in range(flat.size):
             flat[i] = round_to_half(flat[i])
@@ -285,7 +300,7 @@ def activation_pairs(kind, x):
     # the rows, a gather LLVM vectorizes (shifting and or-ing the values' bits two at a time took 0.61 ms for a
     # prompt's 256 x 4864 activations, this 0.33 on one Zen 4 core).
     halves = np.ascontiguousarray(x).reshape(-1).view(np.uint16)
-    pairs = np.empty(n_tokens * half * 2, np.uint16)
+    pairs = _on_a_line(n_tokens * half * 2, np.uint16)
     for t in range(n_tokens):
         source, target = 2 * t * k + 1, 2 * t * half
         for j in range(2 * half):
