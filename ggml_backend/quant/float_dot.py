@@ -207,7 +207,8 @@ def rows_product(kind, w, start, row_bytes, n, x, pairs, out, column, wide):
     # in tiles of two rows and four tokens with both chains at once over whole chunks, 122-136 / 81-99 / 116-130
     # here; f16 (at the core's fused multiply-add rate either way) 78-86 / 73-79 / 83-91 against 86-92 / 66-68 or
     # 91-94 (by process) / 91-95, even or better over a layer's shapes; 4 x 4 tiles over whole chunks took f16's
-    # long rows to 63-64. Qwen2.5-Coder-0.5B as BF16, two threads: prompt of 256 tokens 0.60x -> 0.84x llama.cpp's.
+    # long rows to 63-64. Qwen2.5-Coder-0.5B as BF16, two threads: prompt of 256 tokens 0.60x -> 0.84x llama.cpp's,
+    # then 1.15x with the work around the tiles made compiled and shared (benchmarks/README.md, fourteenth session).
     blocked = wide and n_tokens >= FEW_TOKENS
     row_block = max(4, ROW_BLOCK_BYTES // row_bytes // 4 * 4) if blocked else np.int64(1) << 62
     token_block = max(4, TOKEN_BLOCK_BYTES // (k * size) // 4 * 4) if blocked else np.int64(1) << 62
@@ -269,42 +270,55 @@ def _on_a_line(n, dtype):
     return buffer[skip:skip + n]
 
 
+@njit(inline="always", cache=True)
+def _round_into(kind, source, target):
+    """target[i] = source[i] rounded to the weights' precision (1-D float32 arrays of one length): f16 to nearest
+    even, bf16 as ``_bf16_bits``, f32 as it is."""
+    if kind == 1:
+        for i in range(source.size):
+            target[i] = round_to_half(source[i])
+    elif kind == 2:
+        source_bits, target_bits = source.view(np.uint32), target.view(np.uint32)
+        for i in range(source.size):
+            target_bits[i] = _bf16_bits(source_bits[i]) << np.uint32(16)
+    else:
+        target[:] = source
+
+
+@njit(inline="always", cache=True)
+def _pairs_into(row, lanes):
+    """The bfloat16 pairs of a rounded row (1-D float32) into ``lanes`` (uint16, 2 * (row.size // 2) of them). A
+    bfloat16 is its float32's top 16 bits, the second uint16 of the value: the pairs are every other uint16 of
+    the row, a gather LLVM vectorizes (shifting and or-ing the values' bits two at a time took 0.61 ms for a
+    prompt's 256 x 4864 activations, this 0.33 on one Zen 4 core)."""
+    halves = row.view(np.uint16)
+    for j in range(lanes.size):
+        lanes[j] = halves[2 * j + 1]
+
+
 @njit(nogil=True, cache=True)
 def rounded_activations(kind, x):
     """The rows x (float32 [n, k]) rounded to the weights' precision, as ``matmul.quantize_activations`` rounds
-    them for f16 / bf16 weights (f32: a copy); compiled, for the compiled decode step."""
+    them for f16 / bf16 weights (f32: a copy), on a cache line; compiled, for the compiled decode step."""
     source = np.ascontiguousarray(x)
     flat = _on_a_line(source.size, np.float32)
-    flat[:] = source.reshape(-1)
-    out = flat.reshape(source.shape)
-    if kind == 1:
-        for i in range(flat.size):
-            flat[i] = round_to_half(flat[i])
-    elif kind == 2:
-        bits = flat.view(np.uint32)
-        for i in range(bits.size):
-            bits[i] = _bf16_bits(bits[i]) << np.uint32(16)
-    return out
+    _round_into(kind, source.reshape(-1), flat)
+    return flat.reshape(source.shape)
 
 
 @njit(nogil=True, cache=True)
 def activation_pairs(kind, x):
     """What ``float_product`` takes beside the activations x (float32 [n_tokens, k], already rounded to the weights'
     precision): for bf16 weights their bfloat16 bits in pairs (int32 [n_tokens * (k // 2)], the values of
-    ``dot_bf16_pairs``' lanes), an empty array for the other kinds."""
+    ``dot_bf16_pairs``' lanes, on a cache line), an empty array for the other kinds."""
     if kind != 2:
         return np.zeros(0, np.int32)
     n_tokens, k = x.shape
     half = k // 2
-    # A bfloat16 is its float32's top 16 bits, the second uint16 of the value: the pairs are every other uint16 of
-    # the rows, a gather LLVM vectorizes (shifting and or-ing the values' bits two at a time took 0.61 ms for a
-    # prompt's 256 x 4864 activations, this 0.33 on one Zen 4 core).
-    halves = np.ascontiguousarray(x).reshape(-1).view(np.uint16)
+    rows = np.ascontiguousarray(x)
     pairs = _on_a_line(n_tokens * half * 2, np.uint16)
     for t in range(n_tokens):
-        source, target = 2 * t * k + 1, 2 * t * half
-        for j in range(2 * half):
-            pairs[target + j] = halves[source + 2 * j]
+        _pairs_into(rows[t], pairs[2 * t * half:2 * (t + 1) * half])
     return pairs.view(np.int32)
 
 
@@ -312,22 +326,10 @@ def activation_pairs(kind, x):
 def _operands_row(kind, x, rounded, pairs, t):
     """Row t of x rounded into rounded[t] and, for bf16, its pairs into pairs[t * (k // 2):] (as
     ``rounded_activations`` and ``activation_pairs``, in one pass over the row)."""
-    k = x.shape[1]
-    if kind == 1:
-        for i in range(k):
-            rounded[t, i] = round_to_half(x[t, i])
-    elif kind == 2:
-        bits = rounded[t].view(np.uint32)
-        source = x[t].view(np.uint32)
-        half = k // 2
-        lanes = pairs[t * half:(t + 1) * half].view(np.uint32)
-        for i in range(k):
-            bits[i] = _bf16_bits(source[i]) << np.uint32(16)
-        for i in range(half):
-            lanes[i] = (bits[2 * i] >> np.uint32(16)) | (bits[2 * i + 1] & np.uint32(0xFFFF0000))
-    else:
-        for i in range(k):
-            rounded[t, i] = x[t, i]
+    _round_into(kind, x[t], rounded[t])
+    if kind == 2:
+        half = x.shape[1] // 2
+        _pairs_into(rounded[t], pairs[t * half:(t + 1) * half].view(np.uint16))
 
 
 @njit(parallel=True, nogil=True, cache=True)
