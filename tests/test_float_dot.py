@@ -146,7 +146,10 @@ def test_compiled_rounding_and_pairs_equal_the_python_paths(rng):
     halves = (rounded.view(np.uint32) >> 16).astype(np.uint16)
     np.testing.assert_array_equal(activation_pairs(FLOAT_KINDS["bf16"], rounded),
                                   np.ascontiguousarray(halves[:, :36]).view(np.int32).reshape(-1))
-    assert activation_pairs(FLOAT_KINDS["f16"], rounded).size == 0
+    f16 = rounded_activations(FLOAT_KINDS["f16"], x)    # f16: the rounded values' half bits (what the few-token
+    np.testing.assert_array_equal(activation_pairs(FLOAT_KINDS["f16"], f16),        # tiles read), f32: nothing
+                                  np.ascontiguousarray(f16[:, :36].astype(np.float16)).view(np.int32).reshape(-1))
+    assert activation_pairs(FLOAT_KINDS["f32"], x).size == 0
     for name, kind in FLOAT_KINDS.items():    # a prompt's one pass (on numba's threads from 32768 values)
         for rows in (x, np.tile(x, (1000, 1))):
             together, pairs = float_operands(kind, rows)

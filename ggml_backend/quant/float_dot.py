@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (
-    add_f32x16, dot_bf16_pairs, float_from_bits, fma_f32, fma_f32x16, lane_sums_f32x16, load_16_bf16_at,
+    add_f32x16, dot_bf16_pairs, float_from_bits, fma_f32, fma_f32x16, half_bits, lane_sums_f32x16, load_16_bf16_at,
     load_16_f16_at, load_16_f32, load_16_f32_at, load_16_i32, load_32_bf16_pairs_at, load_f16, load_u32, round_to_half,
     store_quarter_f32x16, sum_f32x16, zero_f32x16,
 )
@@ -87,7 +87,12 @@ def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> 
         lines += ["    half = k // 2"]
         lines += _chain_lines(32, "load_32_bf16_pairs_at(w, o + {i} * row_bytes + {at} * 2)",
                               "load_16_i32(xp, (t + {j}) * half + {at} // 2)", "dot_bf16_pairs", rows, tokens, split)
-    else:           # f16 / f32: 16 values a vector
+    elif kind == 1 and not split:   # f16, a few tokens: the activations' f16 copy in xp (half the bytes)
+        lines += ["    halves = 2 * (k // 2)", "    xh = xp.view(np.uint8)"]
+        lines += _chain_lines(16, f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})",
+                              "load_16_f16_at(xh, ((t + {j}) * halves + {at}) * 2)", "fma_f32x16", rows, tokens,
+                              split)
+    else:           # f16 prompts / f32: 16 values a vector
         lines += _chain_lines(16, f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})",
                               "load_16_f32(x, xo + {j} * k + {at})", "fma_f32x16", rows, tokens, split)
     if (n_rows, n_tokens) == (4, 4):
@@ -133,7 +138,7 @@ def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, sp
     return lines + [f"    tail = k - k % {step}"]
 
 
-_TILE_SCOPE = dict(_load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
+_TILE_SCOPE = dict(np=np, load_16_f16_at=load_16_f16_at, _load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
                    fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16, add_f32x16=add_f32x16, fma_f32=fma_f32,
                    load_16_i32=load_16_i32, load_32_bf16_pairs_at=load_32_bf16_pairs_at,
                    dot_bf16_pairs=dot_bf16_pairs, lane_sums_f32x16=lane_sums_f32x16,
@@ -296,6 +301,16 @@ def _pairs_into(row, lanes):
         lanes[j] = halves[2 * j + 1]
 
 
+@njit(inline="always", cache=True)
+def _halves_into(row, lanes):
+    """The f16 bits of a row rounded to half precision (1-D float32; exact) into ``lanes`` (uint16, 2 * (row.size //
+    2) of them): what the f16 one- and two-row tiles read instead of the float32 row. With the float32 row (19.5 KB
+    at k = 4864) and a weight row (9.7 KB) not both kept in L1, one Zen 4 core read f16 896 x 4864 from memory at
+    14-18 GB/s in some processes (bf16, whose pairs are half the size: 23.8)."""
+    for j in range(lanes.size):
+        lanes[j] = half_bits(row[j])
+
+
 @njit(nogil=True, cache=True)
 def rounded_activations(kind, x):
     """The rows x (float32 [n, k]) rounded to the weights' precision, as ``matmul.quantize_activations`` rounds
@@ -311,14 +326,17 @@ def activation_pairs(kind, x):
     """What ``float_product`` takes beside the activations x (float32 [n_tokens, k], already rounded to the weights'
     precision): for bf16 weights their bfloat16 bits in pairs (int32 [n_tokens * (k // 2)], the values of
     ``dot_bf16_pairs``' lanes, on a cache line), an empty array for the other kinds."""
-    if kind != 2:
+    if kind == 0:
         return np.zeros(0, np.int32)
     n_tokens, k = x.shape
     half = k // 2
     rows = np.ascontiguousarray(x)
     pairs = _on_a_line(n_tokens * half * 2, np.uint16)
     for t in range(n_tokens):
-        _pairs_into(rows[t], pairs[2 * t * half:2 * (t + 1) * half])
+        if kind == 2:
+            _pairs_into(rows[t], pairs[2 * t * half:2 * (t + 1) * half])
+        else:
+            _halves_into(rows[t], pairs[2 * t * half:2 * (t + 1) * half])
     return pairs.view(np.int32)
 
 
@@ -327,9 +345,11 @@ def _operands_row(kind, x, rounded, pairs, t):
     """Row t of x rounded into rounded[t] and, for bf16, its pairs into pairs[t * (k // 2):] (as
     ``rounded_activations`` and ``activation_pairs``, in one pass over the row)."""
     _round_into(kind, x[t], rounded[t])
+    half = x.shape[1] // 2
     if kind == 2:
-        half = x.shape[1] // 2
         _pairs_into(rounded[t], pairs[t * half:(t + 1) * half].view(np.uint16))
+    elif kind == 1:
+        _halves_into(rounded[t], pairs[t * half:(t + 1) * half].view(np.uint16))
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -365,7 +385,7 @@ def float_operands(kind: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tokens spent 5% of its time here; Qwen2.5-0.5B, two Zen 4 threads.)"""
     n_tokens, k = x.shape
     rounded = line_aligned_empty((n_tokens, k), np.float32)
-    pairs = line_aligned_empty((n_tokens * (k // 2) if kind == 2 else 0,), np.int32)
+    pairs = line_aligned_empty((n_tokens * (k // 2) if kind != 0 else 0,), np.int32)
     fill = _operands_parallel if x.size >= PARALLEL_OPERAND_VALUES else _operands_serial
     fill(kind, np.ascontiguousarray(x, np.float32), rounded, pairs)
     return rounded, pairs
