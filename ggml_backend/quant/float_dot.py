@@ -72,7 +72,8 @@ def _load_1(kind, w, o):
 
 def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> str:
     """The source of ``_tile_RxT``: rows r .. r + R (row r at byte ``o``) of storage ``kind`` times tokens t .. t + T
-    (token t's values at x[xo:], for bf16 also as pairs at xp[t * (k // 2):]), each result by the module's order
+    (token t's values at x[xo:], also at xp[t * (k // 2):] as ``activation_pairs`` gives them: bf16's pairs, which
+    its tiles read, and f16's halves, which its one- and two-row tiles read), each result by the module's order
     for its kind, into out[t + j, first + r + i]. Written out per shape so that the accumulators are named
     registers (numba has no arrays of vectors), and per kind: with the kind an argument, the tile carried every
     kind's loops and one Zen 4 core ran bf16 prompts a tenth slower (896 x 896 times 256 tokens: 150-153 against
@@ -138,11 +139,11 @@ def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, sp
     return lines + [f"    tail = k - k % {step}"]
 
 
-_TILE_SCOPE = dict(np=np, load_16_f16_at=load_16_f16_at, _load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
-                   fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16, add_f32x16=add_f32x16, fma_f32=fma_f32,
-                   load_16_i32=load_16_i32, load_32_bf16_pairs_at=load_32_bf16_pairs_at,
-                   dot_bf16_pairs=dot_bf16_pairs, lane_sums_f32x16=lane_sums_f32x16,
-                   store_quarter_f32x16=store_quarter_f32x16)
+_TILE_SCOPE = dict(np=np, _load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
+                   load_16_f16_at=load_16_f16_at, fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16,
+                   add_f32x16=add_f32x16, fma_f32=fma_f32, load_16_i32=load_16_i32,
+                   load_32_bf16_pairs_at=load_32_bf16_pairs_at, dot_bf16_pairs=dot_bf16_pairs,
+                   lane_sums_f32x16=lane_sums_f32x16, store_quarter_f32x16=store_quarter_f32x16)
 
 
 def _make_tile(n_rows: int, n_tokens: int, kind: int, split: bool = False):
@@ -311,6 +312,16 @@ def _halves_into(row, lanes):
         lanes[j] = half_bits(row[j])
 
 
+@njit(inline="always", cache=True)
+def _lanes_into(kind, row, lanes):
+    """What the tiles read beside a rounded row (1-D float32) into ``lanes`` (uint16, 2 * (row.size // 2) of
+    them): bf16's pairs, f16's halves; nothing for f32."""
+    if kind == 2:
+        _pairs_into(row, lanes)
+    elif kind == 1:
+        _halves_into(row, lanes)
+
+
 @njit(nogil=True, cache=True)
 def rounded_activations(kind, x):
     """The rows x (float32 [n, k]) rounded to the weights' precision, as ``matmul.quantize_activations`` rounds
@@ -324,8 +335,9 @@ def rounded_activations(kind, x):
 @njit(nogil=True, cache=True)
 def activation_pairs(kind, x):
     """What ``float_product`` takes beside the activations x (float32 [n_tokens, k], already rounded to the weights'
-    precision): for bf16 weights their bfloat16 bits in pairs (int32 [n_tokens * (k // 2)], the values of
-    ``dot_bf16_pairs``' lanes, on a cache line), an empty array for the other kinds."""
+    precision), int32 [n_tokens * (k // 2)] on a cache line: for bf16 weights their bfloat16 bits in pairs (the
+    values of ``dot_bf16_pairs``' lanes), for f16 their half-precision bits two to an int32; for f32 an empty
+    array."""
     if kind == 0:
         return np.zeros(0, np.int32)
     n_tokens, k = x.shape
@@ -333,23 +345,17 @@ def activation_pairs(kind, x):
     rows = np.ascontiguousarray(x)
     pairs = _on_a_line(n_tokens * half * 2, np.uint16)
     for t in range(n_tokens):
-        if kind == 2:
-            _pairs_into(rows[t], pairs[2 * t * half:2 * (t + 1) * half])
-        else:
-            _halves_into(rows[t], pairs[2 * t * half:2 * (t + 1) * half])
+        _lanes_into(kind, rows[t], pairs[2 * t * half:2 * (t + 1) * half])
     return pairs.view(np.int32)
 
 
 @njit(inline="always", cache=True)
 def _operands_row(kind, x, rounded, pairs, t):
-    """Row t of x rounded into rounded[t] and, for bf16, its pairs into pairs[t * (k // 2):] (as
-    ``rounded_activations`` and ``activation_pairs``, in one pass over the row)."""
+    """Row t of x rounded into rounded[t] and its lanes (bf16's pairs, f16's halves) into pairs[t * (k // 2):], as
+    ``rounded_activations`` and ``activation_pairs`` give them, in one pass over the row."""
     _round_into(kind, x[t], rounded[t])
     half = x.shape[1] // 2
-    if kind == 2:
-        _pairs_into(rounded[t], pairs[t * half:(t + 1) * half].view(np.uint16))
-    elif kind == 1:
-        _halves_into(rounded[t], pairs[t * half:(t + 1) * half].view(np.uint16))
+    _lanes_into(kind, rounded[t], pairs[t * half:(t + 1) * half].view(np.uint16))
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -369,23 +375,19 @@ PARALLEL_OPERAND_VALUES = 1 << 15
 
 
 def line_aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array starting on a 64-byte cache line (the float kernels load 64 bytes at a
-    time; a load across two lines cost the f16 prompt kernel a third)."""
-    dtype = np.dtype(dtype)
-    n_bytes = int(np.prod(shape)) * dtype.itemsize
-    buffer = np.empty(n_bytes + 64, np.uint8)
-    skip = -buffer.ctypes.data % 64
-    return buffer[skip:skip + n_bytes].view(dtype).reshape(shape)
+    """An uninitialised C-contiguous array starting on a 64-byte cache line (``_on_a_line``, for Python callers; a
+    load across two lines cost the f16 prompt kernel a third)."""
+    return _on_a_line(int(np.prod(shape)), np.dtype(dtype).type).reshape(shape)
 
 
 def float_operands(kind: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """What ``float_product`` takes for activations x (float32 [n_tokens, k]): (x rounded to the weights' precision,
-    for bf16 ``activation_pairs`` of it, else an empty array), each on a cache line, in one pass over x, on
+    ``activation_pairs`` of it), each on a cache line, in one pass over x, on
     numba's threads for a prompt's activations. (Rounded by numpy, then paired per launch, a BF16 prompt of 256
     tokens spent 5% of its time here; Qwen2.5-0.5B, two Zen 4 threads.)"""
     n_tokens, k = x.shape
     rounded = line_aligned_empty((n_tokens, k), np.float32)
-    pairs = line_aligned_empty((n_tokens * (k // 2) if kind != 0 else 0,), np.int32)
+    pairs = line_aligned_empty((n_tokens * (k // 2) if kind != FLOAT_KINDS["f32"] else 0,), np.int32)
     fill = _operands_parallel if x.size >= PARALLEL_OPERAND_VALUES else _operands_serial
     fill(kind, np.ascontiguousarray(x, np.float32), rounded, pairs)
     return rounded, pairs

@@ -145,7 +145,7 @@ class QuantizedActivations:
     d: np.ndarray | None = None      # float32 [n_tokens, n_blocks]
     extra: np.ndarray | None = None  # q8_1: float32 s [n_tokens, n_blocks]; q8_K: int32 bsums [n_tokens, k/16]
     rounded: np.ndarray | None = None  # f16 / bf16: the rows rounded to that precision (on a cache line)
-    pairs: np.ndarray | None = None    # bf16: the rounded rows' bfloat16 pairs (float_dot.float_operands)
+    pairs: np.ndarray | None = None    # f16 / bf16: float_dot.activation_pairs of the rounded rows
     _gemm: GemmTokens | None = None
 
     def gemm_tokens(self) -> GemmTokens:

@@ -1133,12 +1133,14 @@ def store_quarter_f32x16(typingctx, array, row, column, vector, quarter):
         r, c = (context.cast(builder, v, t, types.int64) for v, t in zip(args[1:3], sig.args[1:3]))
         base = builder.ptrtoint(ary.data, i64)
         at = builder.add(base, builder.add(builder.mul(r, strides[0]), builder.mul(c, strides[1])))
-        lanes = builder.shuffle_vector(args[3], args[3], ir.Constant(ir.VectorType(_I32, 4), [4 * q + i for i in range(4)]))
+        quarter_lanes = ir.Constant(ir.VectorType(_I32, 4), [4 * q + i for i in range(4)])
+        lanes = builder.shuffle_vector(args[3], args[3], quarter_lanes)
         if contiguous:
             builder.store(lanes, builder.inttoptr(at, ir.VectorType(ir.FloatType(), 4).as_pointer()), align=4)
         else:
             for i in range(4):
-                pointer = builder.inttoptr(builder.add(at, builder.mul(i64(i), strides[1])), ir.FloatType().as_pointer())
+                lane_at = builder.add(at, builder.mul(i64(i), strides[1]))
+                pointer = builder.inttoptr(lane_at, ir.FloatType().as_pointer())
                 builder.store(builder.extract_element(lanes, _I32(i)), pointer, align=4)
         return context.get_dummy_value()
     return types.void(array, row, column, vector, quarter), codegen
