@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import ggml_backend.quant.matmul as matmul_module
-from ggml_backend.quant.float_dot import (FEW_TOKENS, FLOAT_KINDS, ROW_BLOCK_BYTES, TOKEN_BLOCK_BYTES, activation_pairs,
-                                         float_chunks, float_product)
+from ggml_backend.quant.float_dot import (F16_HALVES_FROM_K, FEW_TOKENS, FLOAT_KINDS, ROW_BLOCK_BYTES,
+                                         TOKEN_BLOCK_BYTES, activation_pairs, float_chunks, float_product)
 from ggml_backend.quant.floats import float_to_bf16_bits
 from ggml_backend.quant.matmul import WeightMatrix, matmul, matmul_many
 
@@ -70,8 +70,10 @@ def _in_the_order(w, x, name):
 
 @needs_simd
 @pytest.mark.parametrize("name", ["f16", "bf16"])
-@pytest.mark.parametrize("k", [16, 61, 96, 200, 250, 320])
+@pytest.mark.parametrize("k", [16, 61, 96, 200, 250, 320, F16_HALVES_FROM_K - 1, F16_HALVES_FROM_K + 37])
 def test_each_result_is_the_documented_order(name, k, rng):
+    """Short rows and rows from ``F16_HALVES_FROM_K`` on (f16's one- and two-row tiles read float32 activations in
+    the first, their f16 copy in the second): the same order."""
     weight_bytes, w = _weights(name, 7, k, rng)
     x = _rounded(name, rng.standard_normal((3, k)).astype(np.float32))
     y = matmul(name, weight_bytes, x)
@@ -81,7 +83,7 @@ def test_each_result_is_the_documented_order(name, k, rng):
 
 @needs_simd
 @pytest.mark.parametrize("name", ["f32", "f16", "bf16"])
-@pytest.mark.parametrize("n_rows,k", [(1, 16), (7, 61), (41, 96), (130, 272)])
+@pytest.mark.parametrize("n_rows,k", [(1, 16), (7, 61), (41, 96), (130, 272), (9, F16_HALVES_FROM_K + 21)])
 def test_a_token_gives_the_same_bits_in_any_batch_and_tile(name, n_rows, k, rng):
     """Tokens alone, in few-token launches (a row at a time) and in prompts (tiles of four rows and four tokens on
     512-bit paths; both walks run here whatever the CPU): every (row, token) result the same bits."""

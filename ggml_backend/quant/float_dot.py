@@ -73,11 +73,11 @@ def _load_1(kind, w, o):
 def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> str:
     """The source of ``_tile_RxT``: rows r .. r + R (row r at byte ``o``) of storage ``kind`` times tokens t .. t + T
     (token t's values at x[xo:], also at xp[t * (k // 2):] as ``activation_pairs`` gives them: bf16's pairs, which
-    its tiles read, and f16's halves, which its one- and two-row tiles read), each result by the module's order
-    for its kind, into out[t + j, first + r + i]. Written out per shape so that the accumulators are named
-    registers (numba has no arrays of vectors), and per kind: with the kind an argument, the tile carried every
-    kind's loops and one Zen 4 core ran bf16 prompts a tenth slower (896 x 896 times 256 tokens: 150-153 against
-    171-174 GFLOP/s, the loops themselves the same)."""
+    its tiles read, and f16's halves, which its one- and two-row tiles read in rows of ``F16_HALVES_FROM_K`` values
+    or more), each result by the module's order for its kind, into out[t + j, first + r + i]. Written out per
+    shape so that the accumulators are named registers (numba has no arrays of vectors), and per kind: with the
+    kind an argument, the tile carried every kind's loops and one Zen 4 core ran bf16 prompts a tenth slower (896 x
+    896 times 256 tokens: 150-153 against 171-174 GFLOP/s, the loops themselves the same)."""
     pairs = [(i, j) for i in range(n_rows) for j in range(n_tokens)]
     rows, tokens = range(n_rows), range(n_tokens)
     size = 4 if kind == 0 else 2
@@ -88,11 +88,14 @@ def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> 
         lines += ["    half = k // 2"]
         lines += _chain_lines(32, "load_32_bf16_pairs_at(w, o + {i} * row_bytes + {at} * 2)",
                               "load_16_i32(xp, (t + {j}) * half + {at} // 2)", "dot_bf16_pairs", rows, tokens, split)
-    elif kind == 1 and not split:   # f16, a few tokens: the activations' f16 copy in xp (half the bytes)
-        lines += ["    halves = 2 * (k // 2)", "    xh = xp.view(np.uint8)"]
-        lines += _chain_lines(16, f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})",
-                              "load_16_f16_at(xh, ((t + {j}) * halves + {at}) * 2)", "fma_f32x16", rows, tokens,
-                              split)
+    elif kind == 1 and not split:   # f16, a few tokens: long rows read the activations' f16 copy in xp
+        load_w = f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})"
+        lines += ["    if k >= F16_HALVES_FROM_K:", "        halves = 2 * (k // 2)", "        xh = xp.view(np.uint8)"]
+        load_halves = "load_16_f16_at(xh, ((t + {j}) * halves + {at}) * 2)"
+        lines += ["    " + line for line in _chain_lines(16, load_w, load_halves, "fma_f32x16", rows, tokens, split)]
+        lines += ["    else:"]
+        lines += ["    " + line for line in _chain_lines(16, load_w, "load_16_f32(x, xo + {j} * k + {at})",
+                                                        "fma_f32x16", rows, tokens, split)]
     else:           # f16 prompts / f32: 16 values a vector
         lines += _chain_lines(16, f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})",
                               "load_16_f32(x, xo + {j} * k + {at})", "fma_f32x16", rows, tokens, split)
@@ -139,7 +142,15 @@ def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, sp
     return lines + [f"    tail = k - k % {step}"]
 
 
-_TILE_SCOPE = dict(np=np, _load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
+#: from this many values a row the f16 one- and two-row tiles read the activations' f16 copy (``_halves_into``), below
+#: it their float32 values (no conversion; at most 8 KiB). One Zen 4 core, one token, Qwen2.5-0.5B's F16
+#: matrices from memory (huge pages), alternating in one process: k = 896 (output, gate and up) 23.3-24.3 / 23.8-24.1
+#: GB/s with the copy, 24.9-26.3 / 26.2-26.8 with float32; k = 4864 (down) 29.3-30.7 with the copy, 19.4-20.2 with
+#: float32 (19.5 KB of activations and a 9.7 KB weight row do not both stay in a 32 KiB L1).
+F16_HALVES_FROM_K = 2048
+
+_TILE_SCOPE = dict(np=np, F16_HALVES_FROM_K=F16_HALVES_FROM_K, _load_16=_load_16, _load_1=_load_1,
+                   zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
                    load_16_f16_at=load_16_f16_at, fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16,
                    add_f32x16=add_f32x16, fma_f32=fma_f32, load_16_i32=load_16_i32,
                    load_32_bf16_pairs_at=load_32_bf16_pairs_at, dot_bf16_pairs=dot_bf16_pairs,
@@ -305,9 +316,10 @@ def _pairs_into(row, lanes):
 @njit(inline="always", cache=True)
 def _halves_into(row, lanes):
     """The f16 bits of a row rounded to half precision (1-D float32; exact) into ``lanes`` (uint16, 2 * (row.size //
-    2) of them): what the f16 one- and two-row tiles read instead of the float32 row. With the float32 row (19.5 KB
-    at k = 4864) and a weight row (9.7 KB) not both kept in L1, one Zen 4 core read f16 896 x 4864 from memory at
-    14-18 GB/s in some processes (bf16, whose pairs are half the size: 23.8)."""
+    2) of them): what the f16 one- and two-row tiles read instead of the float32 row in long rows
+    (``F16_HALVES_FROM_K``). With the float32 row (19.5 KB at k = 4864) and a weight row (9.7 KB) not both kept in
+    L1, one Zen 4 core read f16 896 x 4864 from memory at 14-18 GB/s in some processes (bf16, whose pairs are half
+    the size: 23.8)."""
     for j in range(lanes.size):
         lanes[j] = half_bits(row[j])
 
