@@ -261,3 +261,95 @@ def test_shape_clone_has_the_source_tensors_and_metadata_with_random_weights(tmp
     assert np.isfinite(logits).all() and 0.2 < float(logits.std()) < 5
     with pytest.raises(ValueError, match="not a shape header"):
         write_shape_clone(source, tmp_path / "other.gguf")
+
+
+# ------------------------------------------------------------------------------------------- --paired
+
+def test_turns_alternate_skip_the_first_steps_and_give_the_ratio():
+    """take_turns with a clock that each step moves: the order swaps every round, the first ``skip`` steps of a
+    turn (here ten times slower, as after the other engine's turn) are left out, and the summary's ratio is ours
+    over theirs in speed."""
+    from ggml_backend.cli.bench_paired import paired_summary, take_turns
+    now, calls = [0.0], []
+
+    def step(name):
+        first = not calls or calls[-1][0] != name or calls[-1][1] == 4
+        calls.append((name, 1 if first else calls[-1][1] + 1))
+        now[0] += (0.01 if name == "ggml_backend" else 0.02) * (10 if first else 1)
+
+    times = take_turns(["ggml_backend", "llama.cpp"], step, rounds=3, block=4, skip=1, clock=lambda: now[0])
+    assert [name for name, _ in calls] == (["ggml_backend"] * 4 + ["llama.cpp"] * 8 + ["ggml_backend"] * 8
+                                           + ["llama.cpp"] * 4)
+    assert [[round(t, 6) for t in turn] for turn in times["ggml_backend"]] == [[0.01] * 3] * 3
+    assert [[round(t, 6) for t in turn] for turn in times["llama.cpp"]] == [[0.02] * 3] * 3
+    summary = paired_summary(times)
+    assert summary["ratio"] == pytest.approx(2.0) and summary["rounds"] == 3
+    assert summary["ggml_backend_tok_s"] == pytest.approx(100) and summary["llama.cpp_tok_s"] == pytest.approx(50)
+    with pytest.raises(ValueError, match="skip must be in"):
+        take_turns(["a", "b"], step, rounds=1, block=2, skip=2)
+
+
+def test_paired_summary_takes_the_median_of_the_rounds_ratios():
+    from ggml_backend.cli.bench_paired import paired_summary
+    # rounds at different machine speeds: ratios 1, 2, 3, 4 whatever each round's absolute speed
+    times = {"ggml_backend": [[1.0], [0.5], [0.1], [0.2]], "llama.cpp": [[1.0], [1.0], [0.3], [0.8]]}
+    summary = paired_summary(times, tokens_per_step=256)
+    assert summary["ratio"] == pytest.approx(2.5)
+    assert (summary["ratio_q1"], summary["ratio_q3"]) == (pytest.approx(1.5), pytest.approx(3.5))
+    assert summary["ggml_backend_tok_s"] == pytest.approx(256 / 0.35)      # the median step over all rounds
+    with pytest.raises(ValueError, match="kept steps of both engines"):
+        paired_summary({"ggml_backend": [[1.0], []], "llama.cpp": [[1.0], [1.0]]})
+
+
+def test_paired_needs_both_engines(capsys):
+    model = str(synthetic_file("q4_0"))
+    assert main(["bench", "-m", model, "--paired", *SMALL]) == 1
+    assert "--paired measures ggml_backend beside llama.cpp" in capsys.readouterr().err
+    assert main(["bench", "-m", model, "--paired", "--paired-rounds", "20", *SMALL]) == 1
+    assert "16 prompt tokens + 160 decode steps" in capsys.readouterr().err
+
+
+# Stands in for llama-cpp-python where it is not installed (CI): the paired worker drives it as it drives
+# llama_cpp.Llama, in the same process as ggml_backend, so the worker's whole path runs.
+_STAND_IN = '''
+from ggml_backend import Llama as _Ours
+
+class Llama:
+    def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, verbose, n_batch):
+        self._llm = _Ours(model_path, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose, n_batch=n_batch)
+        self.eval, self.reset = self._llm.eval, self._llm.reset
+'''
+
+
+def test_paired_figures_from_one_process_per_figure(tmp_path, monkeypatch, capsys):
+    """``bench --paired --skip-basic`` end to end with llama.cpp's side played by a stand-in module of
+    ggml_backend (the real llama-cpp-python where this machine has it): each figure a positive speed for each
+    engine, a ratio inside its quartiles, in the JSON, the text and the Markdown reports."""
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        (tmp_path / "llama_cpp.py").write_text(_STAND_IN)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path),
+                                                                       os.environ.get("PYTHONPATH")])))
+    model = str(synthetic_file("q4_0"))
+    args = ["bench", "-m", model, "--paired", "--skip-basic", "--no-kernels", "--paired-rounds", "3",
+            "--paired-prompt-rounds", "2", *SMALL[2:]]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "figures" not in report and report["conditions"]["paired_rounds"] == 3
+    paired = report["paired"]
+    assert list(paired) == ["decode_2_threads", "decode_1_thread", "prompt_16", "prompt_48"]
+    for name, figure in paired.items():
+        assert "error" not in figure, figure
+        assert figure["ggml_backend_tok_s"] > 0 and figure["llama.cpp_tok_s"] > 0
+        assert figure["ratio_q1"] <= figure["ratio"] <= figure["ratio_q3"]
+        assert figure["rounds"] == (3 if name.startswith("decode") else 2)
+    assert paired["decode_1_thread"]["threads"] == 1 and paired["decode_2_threads"]["threads"] == 2
+    saved = tmp_path / "report.json"
+    saved.write_text(json.dumps(report))
+    assert main(["bench", "--from-json", str(saved)]) == 0
+    text = capsys.readouterr().out
+    assert "both engines in one process, taking turns" in text and "decode_1_thread" in text
+    assert main(["bench", "--from-json", str(saved), "--markdown"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| prompt_48 |"))
+    assert float(row.split("|")[4]) == pytest.approx(paired["prompt_48"]["ratio"], abs=0.006)

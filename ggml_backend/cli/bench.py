@@ -14,6 +14,10 @@ size + KV cache + 150 MB, the KV cache as each engine allocates it (float16 in b
 crashes or fails is reported as such in its figure's place; the other figures still run. ``--repeat N`` reports
 medians.
 
+``--paired`` adds figures of both engines in one process, taking turns in short blocks (bench_paired.py): on a
+machine whose memory bandwidth moves with its neighbours, the ratio of two engines measured within a second of each
+other, the median of several rounds.
+
 ``--scaling`` adds two tables: prompt and decode speed against model size (the real 0.5B and synthetic 1B- and
 7B-shaped Llamas in q4_0 and q8_0, written once into a cache directory, see bench_models.py), and decode speed
 against the context position.
@@ -124,7 +128,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bench-dir", default=None,
                         help="where synthetic models are written and reused (default ~/.cache/ggml_backend/bench "
                              "or $GGML_BACKEND_BENCH_DIR)")
-    parser.add_argument("--skip-basic", action="store_true", help="with --scaling: only the scaling tables")
+    parser.add_argument("--paired", action="store_true",
+                        help="also both engines in one process taking turns (decode in blocks of steps, prompts one "
+                             "each, the order swapped every round): the median ratio of the rounds")
+    parser.add_argument("--paired-rounds", type=int, default=12, help="rounds of each paired decode figure")
+    parser.add_argument("--paired-prompt-rounds", type=int, default=5, help="rounds of each paired prompt figure")
+    parser.add_argument("--skip-basic", action="store_true",
+                        help="with --scaling or --paired: only those tables")
     parser.add_argument("--no-kernels", action="store_true",
                         help="leave out the per-core kernel table (memory read bandwidth, each type's GB/s)")
 
@@ -318,7 +328,8 @@ def _engines(spec: str) -> list[str]:
 
 
 def _validate(args) -> None:
-    for name in ("threads", "ctx_size", "prompt_tokens", "long_prompt_tokens", "gen", "near_position", "repeat"):
+    for name in ("threads", "ctx_size", "prompt_tokens", "long_prompt_tokens", "gen", "near_position", "repeat",
+                 "paired_rounds", "paired_prompt_rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.deep_position < 0:
@@ -327,6 +338,13 @@ def _validate(args) -> None:
                   args.deep_position + args.gen)
     if longest > args.ctx_size:
         raise ValueError(f"the figures need {longest} positions but the context holds {args.ctx_size} (-c)")
+    if args.paired:
+        from .bench_paired import DECODE_BLOCK
+        steps = args.paired_rounds * DECODE_BLOCK
+        if args.prompt_tokens + steps > args.ctx_size:
+            raise ValueError(f"--paired: {args.prompt_tokens} prompt tokens + {steps} decode steps per engine "
+                             f"({args.paired_rounds} rounds of {DECODE_BLOCK}) do not fit the context "
+                             f"{args.ctx_size} (-c)")
     if args.scaling:     # checked before anything is measured: a typo must not cost a long run's figures
         for spec in _list(args.scaling_models):
             _check_scaling_spec(spec)
@@ -454,6 +472,16 @@ def print_report(report: dict) -> None:
             print(f"{engine}: RSS cap = file + KV cache ({figures[engine]['kv_cache_mb']:.1f} MB, "
                   f"float16) + {OVERHEAD_MB} MB = {cap:.0f} MB: "
                   f"peak {verdict}")
+    if report.get("paired"):
+        from .bench_paired import paired_rows
+        print("\nboth engines in one process, taking turns (ours/llama.cpp: median of the rounds' ratios, "
+              "quartiles):")
+        print(f"{'figure':<28}{'ggml_backend':>14}{'llama.cpp':>14}{'ours/llama.cpp':>16}{'quartiles':>14}")
+        for name, ours, theirs, ratio, q1, q3 in paired_rows(report["paired"]):
+            if ours is None:
+                print(name)
+            else:
+                print(f"{name:<28}{ours:>14.2f}{theirs:>14.2f}{ratio:>16.2f}{f'{q1:.2f}-{q3:.2f}':>14}")
     kernels = report.get("kernels")
     if kernels:
         from .bench_kernels import format_report
@@ -501,6 +529,15 @@ def markdown_report(report: dict) -> str:
             if two:
                 ratio = f" {values[0] / values[1]:.2f} |" if all(map(_is_number, values)) and values[1] else " - |"
             lines.append(f"| {key} | " + " | ".join(_md(v) for v in values) + " |" + ratio)
+        lines.append("")
+    if report.get("paired"):
+        from .bench_paired import paired_rows
+        lines += ["Both engines in one process, taking turns (decode: blocks of steps; prompts: one each; the order "
+                  "swapped every round): tok/s, and the median of the rounds' ratios with its quartiles.", "",
+                  "| figure | ggml_backend | llama.cpp | ours/llama.cpp | quartiles |", "|---|---|---|---|---|"]
+        for name, ours, theirs, ratio, q1, q3 in paired_rows(report["paired"]):
+            lines.append(f"| {name} | - | - | - | - |" if ours is None else
+                         f"| {name} | {_md(ours)} | {_md(theirs)} | {ratio:.2f} | {q1:.2f}-{q3:.2f} |")
         lines.append("")
     kernels = report.get("kernels")
     if kernels and "error" not in kernels:
@@ -579,6 +616,9 @@ def run(args) -> int:
     engines = _engines(args.engines)
     if not engines:
         raise ValueError("no engine to measure")
+    if args.paired and engines != list(ENGINES):
+        raise ValueError("--paired measures ggml_backend beside llama.cpp: it needs both engines (--engines "
+                         "ggml_backend,llama.cpp, and llama-cpp-python installed)")
     facts = model_facts(model, args.ctx_size)
     report = {"model": model, "engines": engines, "machine": machine_description(),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -587,7 +627,9 @@ def run(args) -> int:
                              "prompt_tokens": args.prompt_tokens, "long_prompt_tokens": args.long_prompt_tokens,
                              "gen": args.gen, "near_position": args.near_position,
                              "deep_position": args.deep_position, "repeat": args.repeat}}
-    if not (args.scaling and args.skip_basic):
+    if args.paired:
+        report["conditions"].update(paired_rounds=args.paired_rounds, paired_prompt_rounds=args.paired_prompt_rounds)
+    if not ((args.scaling or args.paired) and args.skip_basic):
         report["figures"] = {}
         for engine in engines:
             report["figures"][engine] = basic_figures(engine, model, args)
@@ -597,6 +639,9 @@ def run(args) -> int:
             kv_bytes = figures["kv_cache_mb"] * MB if "kv_cache_mb" in figures else facts["kv_cache_bytes"][engine]
             figures["kv_cache_mb"] = kv_bytes / MB
             figures["rss_cap_mb"] = rss_cap_mb(facts, engine, kv_bytes)
+    if args.paired:
+        from .bench_paired import paired_figures
+        report["paired"] = paired_figures(model, args)
     if args.scaling:
         report["scaling"] = scaling_tables(engines, model, args)
     if "ggml_backend" in engines and not args.no_kernels:
