@@ -30,8 +30,8 @@ from numba import njit, prange
 
 from .simd import (
     add_f32x16, dot_bf16_pairs, float_from_bits, fma_f32, fma_f32x16, half_bits, lane_sums_f32x16, load_16_bf16_at,
-    load_16_f16_at, load_16_f32, load_16_f32_at, load_16_i32, load_32_bf16_pairs_at, load_f16, load_u32, round_to_half,
-    store_quarter_f32x16, sum_f32x16, zero_f32x16,
+    load_16_f16_at, load_16_f32, load_16_f32_at, load_16_i32, load_32_bf16_pairs_at, load_f16, load_u32, prefetch,
+    round_to_half, store_quarter_f32x16, sum_f32x16, zero_f32x16,
 )
 
 #: the storage code of each plain float type (the kernels' ``kind`` argument)
@@ -86,8 +86,17 @@ def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> 
     lines += [f"    b{i}_{j} = zero_f32x16()" for i, j in pairs]
     if kind == 2:   # 32 values a vector, as pairs (``dot_bf16_pairs``)
         lines += ["    half = k // 2"]
-        lines += _chain_lines(32, "load_32_bf16_pairs_at(w, o + {i} * row_bytes + {at} * 2)",
-                              "load_16_i32(xp, (t + {j}) * half + {at} // 2)", "dot_bf16_pairs", rows, tokens, split)
+        load_w = "load_32_bf16_pairs_at(w, o + {i} * row_bytes + {at} * 2)"
+        load_x = "load_16_i32(xp, (t + {j}) * half + {at} // 2)"
+        if split:   # prompts: short rows ask for the next tile's rows (``PREFETCH_NEXT_ROWS_MAX_BYTES``)
+            ahead = f"prefetch(w, o + ({n_rows} + {{i}}) * row_bytes + {{at}} * 2)"
+            lines += ["    if row_bytes <= PREFETCH_NEXT_ROWS_MAX_BYTES:"]
+            lines += ["    " + line for line in _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split,
+                                                            ahead)]
+            lines += ["    else:"]
+            lines += ["    " + line for line in _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split)]
+        else:
+            lines += _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split)
     elif kind == 1 and not split:   # f16, a few tokens: long rows read the activations' f16 copy in xp
         load_w = f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})"
         lines += ["    if k >= F16_HALVES_FROM_K:", "        halves = 2 * (k // 2)", "        xh = xp.view(np.uint8)"]
@@ -115,18 +124,21 @@ def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> 
     return "\n".join(lines) + "\n"
 
 
-def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, split: bool) -> list[str]:
+def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, split: bool,
+                 ahead: str | None = None) -> list[str]:
     """One kind's loops in a tile: ``step`` values a vector (``load_w`` / ``load_x``: the loads of row i's and
     token j's vector at value ``at``), the first ``step`` of each 2 * step into chain a and the second into b by
     ``dot``, a last ``step`` into a; ``tail``: where the values left one by one start. The chains are independent
     sums, so ``split`` (chain a over all the values, then chain b) gives the same bits with half the
     accumulators live at once. (Asking for a row's lines ahead, as the block kernels do, made one core slower:
-    f16 / bf16 4864 x 896 from memory 20-22 / 21-22 GB/s without, 19-21 / 16-17 with, alternating.)"""
+    f16 / bf16 4864 x 896 from memory 20-22 / 21-22 GB/s without, 19-21 / 16-17 with, alternating.) ``ahead``:
+    with ``split``, a line asked for per row and step of each chain loop (row i's at value ``at``)."""
     pairs = [(i, j) for i in rows for j in tokens]
 
     def step_lines(at, acc, indent):
         pad = " " * indent
-        return ([f"{pad}w{i} = " + load_w.format(i=i, at=at) for i in rows]
+        asked = [f"{pad}" + ahead.format(i=i, at=at) for i in rows] if ahead and at != "end" else []
+        return (asked + [f"{pad}w{i} = " + load_w.format(i=i, at=at) for i in rows]
                 + [f"{pad}x{j} = " + load_x.format(j=j, at=at) for j in tokens]
                 + [f"{pad}{acc}{i}_{j} = {dot}({acc}{i}_{j}, w{i}, x{j})" for i, j in pairs])
 
@@ -142,6 +154,14 @@ def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, sp
     return lines + [f"    tail = k - k % {step}"]
 
 
+#: bf16 prompt tiles whose rows take at most this many bytes ask for the next tile's rows (the lines each step of each
+#: chain reads, four rows on): the rows of a block come from L2 once per four tokens, and the hardware prefetcher
+#: does not see four rows' worth ahead. Two Zen 4 threads, Qwen2.5-0.5B's BF16 matrices, 256 tokens, alternating in
+#: one process (the same bits): k = 896 (1792-byte rows) 323-331 -> 351-372 GFLOP/s; k = 4864 (9728-byte rows,
+#: four of them and the next four more than a 32 KiB L1) 345-348 -> 320-323, so not there. f16 tiles, bound by
+#: their conversions and fused multiply-adds: no gain at k = 896.
+PREFETCH_NEXT_ROWS_MAX_BYTES = 2048
+
 #: from this many values a row the f16 one- and two-row tiles read the activations' f16 copy (``_halves_into``), below
 #: it their float32 values (no conversion; at most 8 KiB). One Zen 4 core, one token, Qwen2.5-0.5B's F16
 #: matrices from memory (huge pages), alternating in one process: k = 896 (output, gate and up) 23.3-24.3 / 23.8-24.1
@@ -149,8 +169,9 @@ def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, sp
 #: float32 (19.5 KB of activations and a 9.7 KB weight row do not both stay in a 32 KiB L1).
 F16_HALVES_FROM_K = 2048
 
-_TILE_SCOPE = dict(np=np, F16_HALVES_FROM_K=F16_HALVES_FROM_K, _load_16=_load_16, _load_1=_load_1,
-                   zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
+_TILE_SCOPE = dict(np=np, F16_HALVES_FROM_K=F16_HALVES_FROM_K,
+                   PREFETCH_NEXT_ROWS_MAX_BYTES=PREFETCH_NEXT_ROWS_MAX_BYTES, prefetch=prefetch,
+                   _load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
                    load_16_f16_at=load_16_f16_at, fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16,
                    add_f32x16=add_f32x16, fma_f32=fma_f32, load_16_i32=load_16_i32,
                    load_32_bf16_pairs_at=load_32_bf16_pairs_at, dot_bf16_pairs=dot_bf16_pairs,
