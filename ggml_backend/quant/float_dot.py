@@ -31,7 +31,7 @@ from numba import njit, prange
 from .simd import (
     add_f32x16, dot_bf16_pairs, float_from_bits, fma_f32, fma_f32x16, half_bits, lane_sums_f32x16, load_16_bf16_at,
     load_16_f16_at, load_16_f32, load_16_f32_at, load_16_i32, load_32_bf16_pairs_at, load_f16, load_u32, prefetch,
-    round_to_half, store_quarter_f32x16, sum_f32x16, zero_f32x16,
+    prefetch_nta, round_to_half, store_quarter_f32x16, sum_f32x16, zero_f32x16,
 )
 
 #: the storage code of each plain float type (the kernels' ``kind`` argument)
@@ -96,18 +96,19 @@ def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> 
             lines += ["    else:"]
             lines += ["    " + line for line in _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split)]
         else:
-            lines += _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split)
+            lines += _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split, size=size)
     elif kind == 1 and not split:   # f16, a few tokens: long rows read the activations' f16 copy in xp
         load_w = f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})"
         lines += ["    if k >= F16_HALVES_FROM_K:", "        halves = 2 * (k // 2)", "        xh = xp.view(np.uint8)"]
         load_halves = "load_16_f16_at(xh, ((t + {j}) * halves + {at}) * 2)"
-        lines += ["    " + line for line in _chain_lines(16, load_w, load_halves, "fma_f32x16", rows, tokens, split)]
+        lines += ["    " + line for line in _chain_lines(16, load_w, load_halves, "fma_f32x16", rows, tokens, split,
+                                                        size=size)]
         lines += ["    else:"]
         lines += ["    " + line for line in _chain_lines(16, load_w, "load_16_f32(x, xo + {j} * k + {at})",
-                                                        "fma_f32x16", rows, tokens, split)]
+                                                        "fma_f32x16", rows, tokens, split, size=size)]
     else:           # f16 prompts / f32: 16 values a vector
         lines += _chain_lines(16, f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})",
-                              "load_16_f32(x, xo + {j} * k + {at})", "fma_f32x16", rows, tokens, split)
+                              "load_16_f32(x, xo + {j} * k + {at})", "fma_f32x16", rows, tokens, split, size=size)
     if (n_rows, n_tokens) == (4, 4):
         # Rows without values left one by one: the sixteen sums at once, token j's four at out[t + j, first + r:]
         # [:4]. With each sum on its own the reductions cost short rows a sixth: one Zen 4 core, 256 tokens, bf16
@@ -125,14 +126,14 @@ def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> 
 
 
 def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, split: bool,
-                 ahead: str | None = None) -> list[str]:
+                 ahead: str | None = None, size: int = 2) -> list[str]:
     """One kind's loops in a tile: ``step`` values a vector (``load_w`` / ``load_x``: the loads of row i's and
     token j's vector at value ``at``), the first ``step`` of each 2 * step into chain a and the second into b by
     ``dot``, a last ``step`` into a; ``tail``: where the values left one by one start. The chains are independent
     sums, so ``split`` (chain a over all the values, then chain b) gives the same bits with half the
-    accumulators live at once. (Asking for a row's lines ahead, as the block kernels do, made one core slower:
-    f16 / bf16 4864 x 896 from memory 20-22 / 21-22 GB/s without, 19-21 / 16-17 with, alternating.) ``ahead``:
-    with ``split``, a line asked for per row and step of each chain loop (row i's at value ``at``)."""
+    accumulators live at once. Without ``split`` (a few tokens, rows from memory) each step asks for the lines of
+    its rows ``STREAM_AHEAD_BYTES`` on (``size``: bytes a weight). ``ahead``: with ``split``, a line asked for per
+    row and step of each chain loop (row i's at value ``at``)."""
     pairs = [(i, j) for i in rows for j in tokens]
 
     def step_lines(at, acc, indent):
@@ -149,10 +150,22 @@ def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, sp
         lines += [f"    for d in range(0, end, {2 * step}):"] + step_lines(f"(d + {step})", "b", 8)
     else:
         lines += [f"    for d in range(0, end, {2 * step}):"]
+        if STREAM_AHEAD_BYTES:
+            lines += [f"        prefetch_nta(w, o + {i} * row_bytes + d * {size} + {STREAM_AHEAD_BYTES + line})"
+                      for i in rows for line in range(0, 2 * step * size, 64)]
         lines += step_lines("(d + 0)", "a", 8) + step_lines(f"(d + {step})", "b", 8)
         lines += [f"    if k - end >= {step}:"] + step_lines("end", "a", 8)
     return lines + [f"    tail = k - k % {step}"]
 
+
+#: a few tokens' tiles (decode: one row at a time, from memory) ask for their rows' lines this many bytes ahead,
+#: ``prefetchnta`` (into L1, as little of the other levels as the CPU allows: the activations stay in L1 beside the
+#: stream). One Zen 4 core, one token, Qwen2.5-0.5B's matrices from memory (huge pages), alternating in one process,
+#: GB/s without / with: f32 output 23.7 / 28.0, gate and up 25.1 / 29.7, down 19.8 / 21.0; bf16 25.9 / 29.3,
+#: 26.1 / 28.3, 27.3 / 29.3; f16 24.0 / 27.6, 21.8 / 25.0, 24.1 / 27.8. (128 and 384-512 bytes ahead gained less;
+#: ``prefetcht0`` 2048 bytes ahead, as the block kernels ask, made f16 / bf16 4864 x 896 slower: 20-22 / 21-22 GB/s
+#: without, 19-21 / 16-17 with.)
+STREAM_AHEAD_BYTES = 256
 
 #: bf16 prompt tiles whose rows take at most this many bytes ask for the next tile's rows (the lines each step of each
 #: chain reads, four rows on): the rows of a block come from L2 once per four tokens, and the hardware prefetcher
@@ -171,6 +184,7 @@ F16_HALVES_FROM_K = 2048
 
 _TILE_SCOPE = dict(np=np, F16_HALVES_FROM_K=F16_HALVES_FROM_K,
                    PREFETCH_NEXT_ROWS_MAX_BYTES=PREFETCH_NEXT_ROWS_MAX_BYTES, prefetch=prefetch,
+                   prefetch_nta=prefetch_nta,
                    _load_16=_load_16, _load_1=_load_1, zero_f32x16=zero_f32x16, load_16_f32=load_16_f32,
                    load_16_f16_at=load_16_f16_at, fma_f32x16=fma_f32x16, sum_f32x16=sum_f32x16,
                    add_f32x16=add_f32x16, fma_f32=fma_f32, load_16_i32=load_16_i32,

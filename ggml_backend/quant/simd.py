@@ -434,7 +434,8 @@ def load_u64(typingctx, array, offset):
 
 def _prefetch(locality: int):
     """An intrinsic hinting that byte ``offset`` of a byte array will be read soon, into the cache levels LLVM's
-    ``locality`` names (3: ``prefetcht0``, all of them; 2: ``prefetcht1``, L2 and beyond). Never faults."""
+    ``locality`` names (3: ``prefetcht0``, all of them; 2: ``prefetcht1``, L2 and beyond; 0: ``prefetchnta``, close
+    to the core with as little of the other levels as the CPU allows). Never faults."""
     def make(typingctx, array, offset):
         if not _is_byte_array(array) or not isinstance(offset, types.Integer):
             return None
@@ -450,6 +451,9 @@ def _prefetch(locality: int):
 
 prefetch = _prefetch(3)
 prefetch.__doc__ = "A hint that byte ``offset`` of ``array`` will be read soon (``prefetcht0``). Never faults."
+prefetch_nta = _prefetch(0)
+prefetch_nta.__doc__ = ("A hint that byte ``offset`` of ``array`` will be read soon, once (``prefetchnta``). Never "
+                        "faults.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
