@@ -90,22 +90,19 @@ def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> 
         load_x = "load_16_i32(xp, (t + {j}) * half + {at} // 2)"
         if split:   # prompts: short rows ask for the next tile's rows (``PREFETCH_NEXT_ROWS_MAX_BYTES``)
             ahead = f"prefetch(w, o + ({n_rows} + {{i}}) * row_bytes + {{at}} * 2)"
-            lines += ["    if row_bytes <= PREFETCH_NEXT_ROWS_MAX_BYTES:"]
-            lines += ["    " + line for line in _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split,
-                                                            ahead)]
-            lines += ["    else:"]
-            lines += ["    " + line for line in _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split)]
+            lines += _either("row_bytes <= PREFETCH_NEXT_ROWS_MAX_BYTES",
+                             _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split, ahead),
+                             _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split))
         else:
             lines += _chain_lines(32, load_w, load_x, "dot_bf16_pairs", rows, tokens, split, size=size)
     elif kind == 1 and not split:   # f16, a few tokens: long rows read the activations' f16 copy in xp
         load_w = f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})"
-        lines += ["    if k >= F16_HALVES_FROM_K:", "        halves = 2 * (k // 2)", "        xh = xp.view(np.uint8)"]
         load_halves = "load_16_f16_at(xh, ((t + {j}) * halves + {at}) * 2)"
-        lines += ["    " + line for line in _chain_lines(16, load_w, load_halves, "fma_f32x16", rows, tokens, split,
-                                                        size=size)]
-        lines += ["    else:"]
-        lines += ["    " + line for line in _chain_lines(16, load_w, "load_16_f32(x, xo + {j} * k + {at})",
-                                                        "fma_f32x16", rows, tokens, split, size=size)]
+        lines += _either("k >= F16_HALVES_FROM_K",
+                         ["    halves = 2 * (k // 2)", "    xh = xp.view(np.uint8)"]
+                         + _chain_lines(16, load_w, load_halves, "fma_f32x16", rows, tokens, split, size=size),
+                         _chain_lines(16, load_w, "load_16_f32(x, xo + {j} * k + {at})", "fma_f32x16", rows, tokens,
+                                      split, size=size))
     else:           # f16 prompts / f32: 16 values a vector
         lines += _chain_lines(16, f"_load_16({kind}, w, o + {{i}} * row_bytes + {{at}} * {size})",
                               "load_16_f32(x, xo + {j} * k + {at})", "fma_f32x16", rows, tokens, split, size=size)
@@ -123,6 +120,13 @@ def _tile_source(n_rows: int, n_tokens: int, kind: int, split: bool = False) -> 
     lines += [f"        s{i}_{j} = fma_f32(v{i}, x[xo + {j} * k + d], s{i}_{j})" for i, j in pairs]
     lines += [f"    out[t + {j}, first + r + {i}] = s{i}_{j}" for i, j in pairs]
     return "\n".join(lines) + "\n"
+
+
+def _either(condition: str, then_lines: list[str], else_lines: list[str]) -> list[str]:
+    """Tile lines (indented for the tile's body) that run ``then_lines`` where ``condition`` holds, else
+    ``else_lines``."""
+    return ([f"    if {condition}:"] + ["    " + line for line in then_lines] + ["    else:"]
+            + ["    " + line for line in else_lines])
 
 
 def _chain_lines(step: int, load_w: str, load_x: str, dot: str, rows, tokens, split: bool,
