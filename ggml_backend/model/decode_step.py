@@ -161,8 +161,8 @@ def _wide_of(isa):
 
 @njit(nogil=True, cache=True)
 def _rounded_with_pairs(kind, x):
-    """The rows x rounded to a float kind's precision and their bf16 pairs (empty for f16 / f32): what the float
-    kernels read besides the weights."""
+    """The rows x rounded to a float kind's precision and their ``activation_pairs`` (bf16's pairs, f16's halves,
+    empty for f32): what the float kernels read besides the weights."""
     rounded = rounded_activations(kind, x)
     return rounded, activation_pairs(kind, rounded)
 
@@ -377,7 +377,7 @@ def _group_operands(group, x, out, isa):
     """What a group's chunks (``_group_chunk``) read besides the weights, for the activations x (float32 [1, k])
     and the group's place in ``out`` (one row): for a block kind, x quantized for it and its
     ``one_token_operands`` (xq, bias, min_sums, rows, scales, sums; of no values for an unused slot); for a
-    float kind, x rounded to its precision, its bf16 pairs and ``out``."""
+    float kind, x rounded to its precision, its ``activation_pairs`` and ``out``."""
     raise NotImplementedError("decode_step._group_operands runs inside compiled code only")
 
 

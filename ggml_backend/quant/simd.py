@@ -451,6 +451,9 @@ def _prefetch(locality: int):
 
 prefetch = _prefetch(3)
 prefetch.__doc__ = "A hint that byte ``offset`` of ``array`` will be read soon (``prefetcht0``). Never faults."
+prefetch_to_l2 = _prefetch(2)
+prefetch_to_l2.__doc__ = ("``prefetch`` into L2 (``prefetcht1``): for data a whole panel ahead, which in L1 would "
+                          "push out the lines being read. Never faults.")
 prefetch_nta = _prefetch(0)
 prefetch_nta.__doc__ = ("A hint that byte ``offset`` of ``array`` will be read soon, once (``prefetchnta``). Never "
                         "faults.")
@@ -1658,11 +1661,6 @@ def transpose_dwords(typingctx, a, b, c, d):
                builder.shuffle_vector(ab23, cd23, low), builder.shuffle_vector(ab23, cd23, high)]
         return context.make_tuple(builder, sig.return_type, [builder.bitcast(v, I8x64.llvm_type()) for v in out])
     return types.UniTuple(I8x64, 4)(a, b, c, d), codegen
-
-
-prefetch_to_l2 = _prefetch(2)
-prefetch_to_l2.__doc__ = ("``prefetch`` into L2 (``prefetcht1``): for data a whole panel ahead, which in L1 would "
-                          "push out the lines being read. Never faults.")
 
 
 @intrinsic
