@@ -22,8 +22,8 @@ from numba.extending import intrinsic, overload
 from ..quant import dequantize, quantize
 from ..quant.activations import round_to_f16_inplace
 from ..quant.simd import (
-    float_from_bits, fma_f32, fma_f32x16, half_to_float, load_16_f16, load_16_f32, round_to_half,
-    sum_f32x16, zero_f32x16,
+    float_from_bits, fma_f32, fma_f32x16, half_to_float, lane_sums_f32x16, load_16_f16, load_16_f32, round_to_half,
+    store_quarter_f32x16, sum_f32x16, times_f32x16, zero_f32x16,
 )
 from .kv_cache import dequantize_q8_0, rotate
 
@@ -122,6 +122,57 @@ def _score(q, t, h, keys, kv_head, j):
     return s
 
 
+@njit(cache=True, inline="always", fastmath=True)
+def _scores_4x4(q0, q1, q2, q3, n_rows, ks, flat, j, probs, at, scale):
+    """probs[r, at + c] = ``_score`` of query row q_r (r < ``n_rows``; rows past it repeat one and are not stored)
+    with key j + c of ``ks`` [n_ctx, head_dim] (``flat``: the same keys as one row), times ``scale``, bit for bit:
+    each (head, key) pair's lane chain as ``_score`` runs it, side by side, so that each key chunk is loaded and
+    converted once for four heads, and the sixteen chains folded together (``lane_sums_f32x16``: the same pairs in
+    the same order as ``sum_f32x16``). The caller makes the row views once: views made here, per tile, cost numba
+    reference counting calls in the loop."""
+    n = ks.shape[1]
+    end = n - n % 16
+    a00, a01, a02, a03 = zero_f32x16(), zero_f32x16(), zero_f32x16(), zero_f32x16()
+    a10, a11, a12, a13 = zero_f32x16(), zero_f32x16(), zero_f32x16(), zero_f32x16()
+    a20, a21, a22, a23 = zero_f32x16(), zero_f32x16(), zero_f32x16(), zero_f32x16()
+    a30, a31, a32, a33 = zero_f32x16(), zero_f32x16(), zero_f32x16(), zero_f32x16()
+    for d in range(0, end, 16):
+        k0 = _load_16_stored(flat, j * n + d)
+        k1 = _load_16_stored(flat, (j + 1) * n + d)
+        k2 = _load_16_stored(flat, (j + 2) * n + d)
+        k3 = _load_16_stored(flat, (j + 3) * n + d)
+        x = load_16_f32(q0, d)
+        a00, a01 = fma_f32x16(a00, x, k0), fma_f32x16(a01, x, k1)
+        a02, a03 = fma_f32x16(a02, x, k2), fma_f32x16(a03, x, k3)
+        x = load_16_f32(q1, d)
+        a10, a11 = fma_f32x16(a10, x, k0), fma_f32x16(a11, x, k1)
+        a12, a13 = fma_f32x16(a12, x, k2), fma_f32x16(a13, x, k3)
+        x = load_16_f32(q2, d)
+        a20, a21 = fma_f32x16(a20, x, k0), fma_f32x16(a21, x, k1)
+        a22, a23 = fma_f32x16(a22, x, k2), fma_f32x16(a23, x, k3)
+        x = load_16_f32(q3, d)
+        a30, a31 = fma_f32x16(a30, x, k0), fma_f32x16(a31, x, k1)
+        a32, a33 = fma_f32x16(a32, x, k2), fma_f32x16(a33, x, k3)
+    sums = lane_sums_f32x16(a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+    if end == n:    # no tail: scaled in the register (scalar reloads of the stored lanes stall store forwarding)
+        sums = times_f32x16(sums, scale)
+    store_quarter_f32x16(probs, 0, at, sums, 0)    # lanes 4 r .. 4 r + 3: row r's four keys
+    if n_rows > 1:
+        store_quarter_f32x16(probs, 1, at, sums, 1)
+    if n_rows > 2:
+        store_quarter_f32x16(probs, 2, at, sums, 2)
+    if n_rows > 3:
+        store_quarter_f32x16(probs, 3, at, sums, 3)
+    if end < n:
+        for r in range(n_rows):
+            qr = q0 if r == 0 else q1 if r == 1 else q2 if r == 2 else q3
+            for c in range(4):
+                s = probs[r, at + c]
+                for d in range(end, n):   # the tail as _score takes it
+                    s = fma_f32(qr[d], _stored(flat[(j + c) * n + d]), s)
+                probs[r, at + c] = s * scale
+
+
 @overload(_accumulate, inline="always")
 def _accumulate_overload(acc, p, values, kv_head, j):
     if values.dtype not in _STORAGE:
@@ -162,45 +213,82 @@ def _normalize_probabilities_overload(probs, inverse, values):
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _attention_row(q, t, h, keys, values, out, position, group, window, scale):
-    """out[t, h] = query (t, h) at ``position`` over ``keys``/``values`` [n_head_kv, >= position + 1, head_dim]:
-    the one loop every query row takes, alone or in a batch of sequences."""
+def _attention_rows(q, t, h, n_rows, keys, values, out, position, group, window, scale):
+    """out[t, h + r] for r < ``n_rows`` (1-4 query heads of one KV head) = each query at ``position`` over
+    ``keys``/``values`` [n_head_kv, >= position + 1, head_dim]: the one computation every query row takes, alone
+    or in a batch of sequences, and whatever heads share its tile (each row's numbers are its own)."""
     kv_head = h // group
     first = 0
     if window > 0 and position - window + 1 > 0:
         first = position - window + 1
     n_keys = position + 1 - first
-    probs = np.empty(n_keys, np.float32)
-    best = -np.inf
-    for j in range(n_keys):
-        s = _score(q, t, h, keys, kv_head, first + j) * scale
-        probs[j] = s
-        if s > best:
-            best = s
-    total = 0.0
-    for j in range(n_keys):
-        e = _exp_non_positive(np.float32(probs[j] - best))
-        probs[j] = e
-        total += e
-    _normalize_probabilities(probs, np.float32(1.0 / total), values)
-    acc = np.zeros(values.shape[2], np.float32)
+    probs = np.empty((n_rows, n_keys), np.float32)
+    ks = keys[kv_head]
+    flat = ks.reshape(ks.size)
+    q0 = q[t, h]
+    q1 = q[t, h + min(1, n_rows - 1)]
+    q2 = q[t, h + min(2, n_rows - 1)]
+    q3 = q[t, h + min(3, n_rows - 1)]
     j = 0
-    while j + 4 <= n_keys:   # keys in fours from the row's first key: the same grouping in any batch
-        _accumulate_4(acc, probs[j], probs[j + 1], probs[j + 2], probs[j + 3], values, kv_head, first + j)
+    while j + 4 <= n_keys:
+        _scores_4x4(q0, q1, q2, q3, n_rows, ks, flat, first + j, probs, j, scale)
         j += 4
     while j < n_keys:
-        _accumulate(acc, probs[j], values, kv_head, first + j)
+        for r in range(n_rows):
+            probs[r, j] = _score(q, t, h + r, keys, kv_head, first + j) * scale
         j += 1
-    for d in range(values.shape[2]):
-        out[t, h, d] = acc[d]
+    for r in range(n_rows):
+        row = probs[r]
+        best = -np.inf
+        for j in range(n_keys):
+            if row[j] > best:
+                best = row[j]
+        total = 0.0
+        for j in range(n_keys):
+            e = _exp_non_positive(np.float32(row[j] - best))
+            row[j] = e
+            total += e
+        _normalize_probabilities(row, np.float32(1.0 / total), values)
+        acc = np.zeros(values.shape[2], np.float32)
+        j = 0
+        while j + 4 <= n_keys:   # keys in fours from the row's first key: the same grouping in any batch
+            _accumulate_4(acc, row[j], row[j + 1], row[j + 2], row[j + 3], values, kv_head, first + j)
+            j += 4
+        while j < n_keys:
+            _accumulate(acc, row[j], values, kv_head, first + j)
+            j += 1
+        for d in range(values.shape[2]):
+            out[t, h + r, d] = acc[d]
+
+
+@njit(cache=True, inline="always")
+def _head_tiles(group):
+    """Tiles of query heads per KV head (``_attention_rows`` takes up to four heads of one KV head at a time)."""
+    return (group + 3) // 4
+
+
+@njit(cache=True, inline="always")
+def _tile_heads(tile, group):
+    """(first head within its KV head's group, number of heads) of tile ``tile`` (0 .. ``_head_tiles`` - 1)."""
+    first = 4 * tile
+    return first, min(4, group - first)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def attention_head(q, t, h, keys, values, out, position, group, window, scale):
-    """``_attention_row`` compiled as the attention kernels compile it, with fast-math: for callers compiled without
-    it (decode_step's layer region), into which numba's inlining would bring its loops under their own flags (other
-    sums, logits 7e-7 to 0.2 from the kernels' after a few steps)."""
-    _attention_row(q, t, h, keys, values, out, position, group, window, scale)
+def attention_tile(q, t, tile, keys, values, out, position, group, window, scale):
+    """``_attention_rows`` of tile ``tile`` (0 .. ``head_tile_count`` - 1: KV head ``tile // _head_tiles(group)``'s
+    query heads, up to four at a time) of token t, compiled as the attention kernels compile it, with fast-math:
+    for callers compiled without it (decode_step's layer region), into which numba's inlining would bring its loops
+    under their own flags (other sums, logits 7e-7 to 0.2 from the kernels' after a few steps)."""
+    kv_head, within = divmod(tile, _head_tiles(group))
+    first, n_rows = _tile_heads(within, group)
+    _attention_rows(q, t, kv_head * group + first, n_rows, keys, values, out, position, group, window, scale)
+
+
+@njit(cache=True)
+def head_tile_count(n_head_kv, group):
+    """How many tiles ``attention_tile`` takes a token's heads in."""
+    return n_head_kv * _head_tiles(group)
 
 
 @njit(cache=True, inline="always")
@@ -216,12 +304,14 @@ def _from_both_ends(i, n_rows):
 @njit(cache=True, parallel=True, fastmath=True, nogil=True)
 def _attention_kernel(q, keys, values, out, start, group, window, scale):
     n_tokens, n_head, _ = q.shape
-    n_rows = n_tokens * n_head
-    for i in prange(n_rows):
-        row = _from_both_ends(i, n_rows)
-        t = row // n_head
-        h = row - t * n_head
-        _attention_row(q, t, h, keys, values, out, start + t, group, window, scale)
+    tiles = (n_head // group) * _head_tiles(group)      # per token: each KV head's tiles of query heads
+    n_units = n_tokens * tiles
+    for i in prange(n_units):
+        unit = _from_both_ends(i, n_units)
+        t = unit // tiles
+        kv_head, tile = divmod(unit - t * tiles, _head_tiles(group))
+        first, n_rows = _tile_heads(tile, group)
+        _attention_rows(q, t, kv_head * group + first, n_rows, keys, values, out, start + t, group, window, scale)
 
 
 @intrinsic
@@ -243,16 +333,19 @@ def _attention_many_kernel(q, key_at, value_at, key_capacity, value_capacity, la
     capacity, head_dim], of key_like's / value_like's dtype) start at addresses key_at / value_at."""
     n_tokens, n_head, _ = q.shape
     n_layer, n_head_kv, head_dim_k, head_dim_v = layer_shape
-    n_rows = n_tokens * n_head
-    for i in prange(n_rows):
-        row = _from_both_ends(i, n_rows)
-        t = row // n_head
-        h = row - t * n_head
+    tiles = n_head_kv * _head_tiles(group)
+    n_units = n_tokens * tiles
+    for i in prange(n_units):
+        unit = _from_both_ends(i, n_units)
+        t = unit // tiles
+        kv_head, tile = divmod(unit - t * tiles, _head_tiles(group))
+        first, n_rows = _tile_heads(tile, group)
         s = sequence[t]
         keys = carray(_pointer_at(key_at[s]), (n_layer, n_head_kv, key_capacity[s], head_dim_k), key_like.dtype)[il]
         values = carray(_pointer_at(value_at[s]), (n_layer, n_head_kv, value_capacity[s], head_dim_v),
                         value_like.dtype)[il]
-        _attention_row(q, t, h, keys, values, out, positions[t], group, window, scale)
+        _attention_rows(q, t, kv_head * group + first, n_rows, keys, values, out, positions[t], group, window,
+                        scale)
 
 
 def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, scale: float) -> np.ndarray:
@@ -293,7 +386,7 @@ def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, 
 class SequencesAttention:
     """Attention for the rows of several sequences of one forward pass in one kernel launch per layer (a decode
     step of 16 sequences made 16 launches per layer, each a few microseconds of work: 6-9 ms of a step). Each
-    row goes through the loop ``attention`` runs (``_attention_row``), so its numbers are those of its sequence
+    row goes through the loop ``attention`` runs (``_attention_rows``), so its numbers are those of its sequence
     evaluated alone.
 
     Made per pass, before its keys and values are stored: it first gives every cache room for the pass's positions

@@ -39,7 +39,7 @@ from ..quant.float_dot import activation_pairs, float_rows, rounded_activations,
 from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _chunk_rows, _constant_reader, _one_token_rows,
                             kind_code, matmul_few, matvec, matvec_chunk, matvec_here, one_token_operands)
 from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
-from .attention import SequencesAttention, _attention_many_kernel, _pointer_at, attention_head
+from .attention import SequencesAttention, _attention_many_kernel, _pointer_at, attention_tile, head_tile_count
 from .claims import call_worker, claim, count_done, read_counter, wait_for
 from .forward import _rms_norm_row, _swiglu_row, _swiglu_value
 from .kv_cache import _write_half_tokens
@@ -644,7 +644,7 @@ def _region_worker(me, n_workers, table, eps, scale, isa, kinds, key_like, value
         _store(value_at, value_capacity, value_like, half_values, layer_shape, il, sequence, positions, v)
         _task_done(counters, _STORE, n_workers)
     _phase_done(counters, _STORE, n_tasks, n_workers)
-    # attention, one head a task
+    # attention, one tile of heads (up to four of one KV head) a task
     if _phase_open(counters, _ATTENTION, n_tasks, n_workers):
         q = qkv[:, :n_q].copy()
         _add_bias(q, 0, _vector(table, _T_Q_BIAS, f32))
@@ -658,10 +658,10 @@ def _region_worker(me, n_workers, table, eps, scale, isa, kinds, key_like, value
         values = carray(_pointer_at(value_at[s]), (layer_shape[0], n_head_kv, value_capacity[s], head_dim_v),
                         value_like.dtype)[il]
         while True:
-            head = _claim_task(counters, _ATTENTION, n_tasks, me, n_workers)
-            if head < 0:
+            tile = _claim_task(counters, _ATTENTION, n_tasks, me, n_workers)
+            if tile < 0:
                 break
-            attention_head(q, 0, head, keys, values, attn, positions[0], n_head // n_head_kv, window, scale)
+            attention_tile(q, 0, tile, keys, values, attn, positions[0], n_head // n_head_kv, window, scale)
             _task_done(counters, _ATTENTION, n_workers)
     _phase_done(counters, _ATTENTION, n_tasks, n_workers)
     # the attention's output product
@@ -742,7 +742,8 @@ def _static_slots(table, w, n_threads, attn_norm, qkv_groups, biases, shape, rop
     g0, g1, g2 = qkv_groups
     gu = gate_up_groups[0]
     chunks = np.array([_chunks_of(g0, n_threads), _chunks_of(g1, n_threads), _chunks_of(g2, n_threads)])
-    n_tasks = np.array([chunks.sum(), 1, n_head, _chunks_of(wo, n_threads), max(1, min(n_ff, 4 * n_threads)),
+    attention_tasks = head_tile_count(n_head_kv, n_head // n_head_kv)
+    n_tasks = np.array([chunks.sum(), 1, attention_tasks, _chunks_of(wo, n_threads), max(1, min(n_ff, 4 * n_threads)),
                         _chunks_of(down, n_threads), 1])
     ints = np.array([n_head, n_head_kv, head_dim_k, head_dim_v, n_layer, rope_dims, int(neox), il, window,
                      int(half_keys), int(half_values), g0[3], g0[4], g1[3], g1[4], g2[3], g2[4], wo[3], gu[3],

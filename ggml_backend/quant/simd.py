@@ -1051,6 +1051,18 @@ load_16_bf16_at.__doc__ = "Sixteen bfloat16 from byte ``offset`` of a byte array
 
 
 @intrinsic
+def times_f32x16(typingctx, vector, factor):
+    """``vector * factor`` lanewise for a float32 scalar ``factor`` (one ``vmulps``, each lane rounded as a scalar
+    product is)."""
+    if vector != F32x16 or factor != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], _splat_value(builder, args[1], 16))
+    return F32x16(vector, factor), codegen
+
+
+@intrinsic
 def fma_i32x16(typingctx, acc, dot, scale_a, scale_b):
     """``acc + float(dot) * (scale_a * scale_b)`` lanewise (``vcvtdq2ps``, ``vmulps``, ``vfmadd``): two groups'
     integer dot products scaled by the weights' and the activations' lane scales."""
