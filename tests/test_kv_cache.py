@@ -139,6 +139,28 @@ def test_each_attention_row_is_the_same_alone_or_in_a_batch(pair, window):
 
 
 @pytest.mark.parametrize("pair", ["f32/f32", "f16/f16", "f32/f16"])
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_each_head_is_the_same_whatever_heads_share_its_tile(pair, head_dim):
+    """The kernel takes the query heads of one KV head four at a time (each key and value converted once for
+    them): seven heads of one KV head (tiles of four and three) give every head the bits it gets with a KV head of
+    its own (tiles of one), over 1 to 11 keys on either side of a multiple of four, for head sizes with and
+    without a tail past a multiple of 16."""
+    type_k, type_v = pair.split("/")
+    rng = np.random.default_rng(head_dim)
+    keys, values = (rng.standard_normal((1, 11, head_dim)).astype(np.float32) * 3 for _ in range(2))
+    q = rng.standard_normal((11, 7, head_dim)).astype(np.float32)
+    shared_k, shared_v = CacheTensor(type_k, (1, 1, 16, head_dim)), CacheTensor(type_v, (1, 1, 16, head_dim))
+    shared_k.write(0, 0, keys)
+    shared_v.write(0, 0, values)
+    own_k, own_v = CacheTensor(type_k, (1, 7, 16, head_dim)), CacheTensor(type_v, (1, 7, 16, head_dim))
+    own_k.write(0, 0, np.repeat(keys, 7, axis=0))
+    own_v.write(0, 0, np.repeat(values, 7, axis=0))
+    shared = attention(q, shared_k.layer(0), shared_v.layer(0), 0, 7, 0, 0.125)
+    own = attention(q, own_k.layer(0), own_v.layer(0), 0, 1, 0, 0.125)
+    assert np.array_equal(shared.view(np.uint32), own.view(np.uint32))
+
+
+@pytest.mark.parametrize("pair", ["f32/f32", "f16/f16", "f32/f16"])
 @pytest.mark.parametrize("window", [0, 5])
 def test_sequences_attention_gives_each_sequence_its_own_numbers(pair, window):
     """One launch for the rows of several sequences (model/attention.py's SequencesAttention: a decode step of

@@ -12,6 +12,10 @@ weighted by the two scales, which is the product of the dequantized vectors; f32
 with the sum in float64 and a multiplication by its reciprocal; probabilities rounded to f16 when the values are
 f16; then probabilities . values. (llama.cpp keeps q8_0 values only with flash attention, which
 weights dequantized values the same way up to float rounding.)
+
+The query heads that share a KV head are taken up to four at a time (``_attention_rows``), so that each key and
+value is loaded and converted once for them; each head's arithmetic is the one it has alone, so a row's numbers
+do not depend on the heads, tokens or sequences computed beside it.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from ..quant import dequantize, quantize
 from ..quant.activations import round_to_f16_inplace
 from ..quant.simd import (
     float_from_bits, fma_f32, fma_f32x16, half_to_float, lane_sums_f32x16, load_16_f16, load_16_f32, round_to_half,
-    store_quarter_f32x16, sum_f32x16, times_f32x16, zero_f32x16,
+    splat_f32, store_16_f32, store_quarter_f32x16, sum_f32x16, times_f32x16, zero_f32x16,
 )
 from .kv_cache import dequantize_q8_0, rotate
 
@@ -123,6 +127,12 @@ def _score(q, t, h, keys, kv_head, j):
 
 
 @njit(cache=True, inline="always", fastmath=True)
+def _four_chains(a0, a1, a2, a3, x, k0, k1, k2, k3):
+    """One query chunk ``x`` into the lane chains of four keys' chunks: (a_c + x * k_c for c in 0..3)."""
+    return fma_f32x16(a0, x, k0), fma_f32x16(a1, x, k1), fma_f32x16(a2, x, k2), fma_f32x16(a3, x, k3)
+
+
+@njit(cache=True, inline="always", fastmath=True)
 def _scores_4x4(q0, q1, q2, q3, n_rows, ks, flat, j, probs, at, scale):
     """probs[r, at + c] = ``_score`` of query row q_r (r < ``n_rows``; rows past it repeat one and are not stored)
     with key j + c of ``ks`` [n_ctx, head_dim] (``flat``: the same keys as one row), times ``scale``, bit for bit:
@@ -141,18 +151,10 @@ def _scores_4x4(q0, q1, q2, q3, n_rows, ks, flat, j, probs, at, scale):
         k1 = _load_16_stored(flat, (j + 1) * n + d)
         k2 = _load_16_stored(flat, (j + 2) * n + d)
         k3 = _load_16_stored(flat, (j + 3) * n + d)
-        x = load_16_f32(q0, d)
-        a00, a01 = fma_f32x16(a00, x, k0), fma_f32x16(a01, x, k1)
-        a02, a03 = fma_f32x16(a02, x, k2), fma_f32x16(a03, x, k3)
-        x = load_16_f32(q1, d)
-        a10, a11 = fma_f32x16(a10, x, k0), fma_f32x16(a11, x, k1)
-        a12, a13 = fma_f32x16(a12, x, k2), fma_f32x16(a13, x, k3)
-        x = load_16_f32(q2, d)
-        a20, a21 = fma_f32x16(a20, x, k0), fma_f32x16(a21, x, k1)
-        a22, a23 = fma_f32x16(a22, x, k2), fma_f32x16(a23, x, k3)
-        x = load_16_f32(q3, d)
-        a30, a31 = fma_f32x16(a30, x, k0), fma_f32x16(a31, x, k1)
-        a32, a33 = fma_f32x16(a32, x, k2), fma_f32x16(a33, x, k3)
+        a00, a01, a02, a03 = _four_chains(a00, a01, a02, a03, load_16_f32(q0, d), k0, k1, k2, k3)
+        a10, a11, a12, a13 = _four_chains(a10, a11, a12, a13, load_16_f32(q1, d), k0, k1, k2, k3)
+        a20, a21, a22, a23 = _four_chains(a20, a21, a22, a23, load_16_f32(q2, d), k0, k1, k2, k3)
+        a30, a31, a32, a33 = _four_chains(a30, a31, a32, a33, load_16_f32(q3, d), k0, k1, k2, k3)
     sums = lane_sums_f32x16(a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
     if end == n:    # no tail: scaled in the register (scalar reloads of the stored lanes stall store forwarding)
         sums = times_f32x16(sums, scale)
@@ -171,6 +173,33 @@ def _scores_4x4(q0, q1, q2, q3, n_rows, ks, flat, j, probs, at, scale):
                 for d in range(end, n):   # the tail as _score takes it
                     s = fma_f32(qr[d], _stored(flat[(j + c) * n + d]), s)
                 probs[r, at + c] = s * scale
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _accumulate_rows_4(acc, probs, n_rows, j, flat, key, n):
+    """acc[r n .. r n + n] (row r < ``n_rows``, ``acc`` flat) += the four values from key ``key`` of ``flat`` (one
+    KV head's values as one row, ``n`` a value) weighted by probs[r, j .. j + 3], each value chunk loaded and
+    converted once for the rows. Each element takes the chain fma(p3, v3, fma(p2, v2, fma(p1, v1, fma(p0, v0,
+    acc)))), the order LLVM gives ``_accumulate_4``'s sum under fast-math (checked in its x86 code: four
+    ``vfmadd`` into the loaded acc, p0 first), so a row's numbers do not depend on the rows beside it."""
+    end = n - n % 16
+    for d in range(0, end, 16):
+        v0 = _load_16_stored(flat, key * n + d)
+        v1 = _load_16_stored(flat, (key + 1) * n + d)
+        v2 = _load_16_stored(flat, (key + 2) * n + d)
+        v3 = _load_16_stored(flat, (key + 3) * n + d)
+        for r in range(n_rows):
+            a = load_16_f32(acc, r * n + d)
+            a = fma_f32x16(a, splat_f32(probs[r, j]), v0)
+            a = fma_f32x16(a, splat_f32(probs[r, j + 1]), v1)
+            a = fma_f32x16(a, splat_f32(probs[r, j + 2]), v2)
+            store_16_f32(acc, r * n + d, fma_f32x16(a, splat_f32(probs[r, j + 3]), v3))
+    for d in range(end, n):
+        for r in range(n_rows):
+            a = fma_f32(probs[r, j], _stored(flat[key * n + d]), acc[r * n + d])
+            a = fma_f32(probs[r, j + 1], _stored(flat[(key + 1) * n + d]), a)
+            a = fma_f32(probs[r, j + 2], _stored(flat[(key + 2) * n + d]), a)
+            acc[r * n + d] = fma_f32(probs[r, j + 3], _stored(flat[(key + 3) * n + d]), a)
 
 
 @overload(_accumulate, inline="always")
@@ -249,16 +278,20 @@ def _attention_rows(q, t, h, n_rows, keys, values, out, position, group, window,
             row[j] = e
             total += e
         _normalize_probabilities(row, np.float32(1.0 / total), values)
-        acc = np.zeros(values.shape[2], np.float32)
-        j = 0
-        while j + 4 <= n_keys:   # keys in fours from the row's first key: the same grouping in any batch
-            _accumulate_4(acc, row[j], row[j + 1], row[j + 2], row[j + 3], values, kv_head, first + j)
-            j += 4
-        while j < n_keys:
-            _accumulate(acc, row[j], values, kv_head, first + j)
-            j += 1
-        for d in range(values.shape[2]):
-            out[t, h + r, d] = acc[d]
+    n = values.shape[2]
+    acc = np.zeros(n_rows * n, np.float32)
+    vs = values[kv_head]
+    flat_values = vs.reshape(vs.size)
+    j = 0
+    while j + 4 <= n_keys:   # keys in fours from the row's first key: the same grouping in any batch
+        _accumulate_rows_4(acc, probs, n_rows, j, flat_values, first + j, n)
+        j += 4
+    for r in range(n_rows):
+        row_acc = acc[r * n:(r + 1) * n]
+        for jj in range(j, n_keys):
+            _accumulate(row_acc, probs[r, jj], values, kv_head, first + jj)
+        for d in range(n):
+            out[t, h + r, d] = row_acc[d]
 
 
 @njit(cache=True, inline="always")
@@ -268,10 +301,12 @@ def _head_tiles(group):
 
 
 @njit(cache=True, inline="always")
-def _tile_heads(tile, group):
-    """(first head within its KV head's group, number of heads) of tile ``tile`` (0 .. ``_head_tiles`` - 1)."""
-    first = 4 * tile
-    return first, min(4, group - first)
+def _tile_rows(tile, group):
+    """(first query head, number of heads) of a token's tile ``tile``: KV head ``tile // _head_tiles(group)``'s
+    heads, four at a time."""
+    kv_head, within = divmod(tile, _head_tiles(group))
+    first = 4 * within
+    return kv_head * group + first, min(4, group - first)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -280,9 +315,8 @@ def attention_tile(q, t, tile, keys, values, out, position, group, window, scale
     query heads, up to four at a time) of token t, compiled as the attention kernels compile it, with fast-math:
     for callers compiled without it (decode_step's layer region), into which numba's inlining would bring its loops
     under their own flags (other sums, logits 7e-7 to 0.2 from the kernels' after a few steps)."""
-    kv_head, within = divmod(tile, _head_tiles(group))
-    first, n_rows = _tile_heads(within, group)
-    _attention_rows(q, t, kv_head * group + first, n_rows, keys, values, out, position, group, window, scale)
+    h, n_rows = _tile_rows(tile, group)
+    _attention_rows(q, t, h, n_rows, keys, values, out, position, group, window, scale)
 
 
 @njit(cache=True)
@@ -301,17 +335,24 @@ def _from_both_ends(i, n_rows):
     return half if i % 2 == 0 else n_rows - 1 - half
 
 
+@njit(cache=True, inline="always")
+def _unit_rows(i, n_units, tiles, group):
+    """Iteration i of a launch over ``n_units`` (token, tile of heads) units, ``tiles`` a token, taken from both
+    ends: (token, first query head, number of heads)."""
+    unit = _from_both_ends(i, n_units)
+    t = unit // tiles
+    h, n_rows = _tile_rows(unit - t * tiles, group)
+    return t, h, n_rows
+
+
 @njit(cache=True, parallel=True, fastmath=True, nogil=True)
 def _attention_kernel(q, keys, values, out, start, group, window, scale):
     n_tokens, n_head, _ = q.shape
     tiles = (n_head // group) * _head_tiles(group)      # per token: each KV head's tiles of query heads
     n_units = n_tokens * tiles
     for i in prange(n_units):
-        unit = _from_both_ends(i, n_units)
-        t = unit // tiles
-        kv_head, tile = divmod(unit - t * tiles, _head_tiles(group))
-        first, n_rows = _tile_heads(tile, group)
-        _attention_rows(q, t, kv_head * group + first, n_rows, keys, values, out, start + t, group, window, scale)
+        t, h, n_rows = _unit_rows(i, n_units, tiles, group)
+        _attention_rows(q, t, h, n_rows, keys, values, out, start + t, group, window, scale)
 
 
 @intrinsic
@@ -336,16 +377,12 @@ def _attention_many_kernel(q, key_at, value_at, key_capacity, value_capacity, la
     tiles = n_head_kv * _head_tiles(group)
     n_units = n_tokens * tiles
     for i in prange(n_units):
-        unit = _from_both_ends(i, n_units)
-        t = unit // tiles
-        kv_head, tile = divmod(unit - t * tiles, _head_tiles(group))
-        first, n_rows = _tile_heads(tile, group)
+        t, h, n_rows = _unit_rows(i, n_units, tiles, group)
         s = sequence[t]
         keys = carray(_pointer_at(key_at[s]), (n_layer, n_head_kv, key_capacity[s], head_dim_k), key_like.dtype)[il]
         values = carray(_pointer_at(value_at[s]), (n_layer, n_head_kv, value_capacity[s], head_dim_v),
                         value_like.dtype)[il]
-        _attention_rows(q, t, kv_head * group + first, n_rows, keys, values, out, positions[t], group, window,
-                        scale)
+        _attention_rows(q, t, h, n_rows, keys, values, out, positions[t], group, window, scale)
 
 
 def attention(q: np.ndarray, keys, values, start: int, group: int, window: int, scale: float) -> np.ndarray:

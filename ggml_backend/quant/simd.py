@@ -952,6 +952,20 @@ load_16_f32.__doc__ = "``array[index:index + 16]`` of a float32 array as an ``F3
 
 
 @intrinsic
+def store_16_f32(typingctx, array, index, vector):
+    """``array[index:index + 16] = vector`` for a C-contiguous float32 array."""
+    if not (_is_typed_array(array, types.float32, index) and vector == F32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        builder.store(args[2], builder.bitcast(pointer, F32x16.llvm_type().as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.void(array, index, vector), codegen
+
+
+@intrinsic
 def load_16_f16(typingctx, array, index):
     """``array[index:index + 16]`` of a uint16 array holding IEEE half floats, as an ``F32x16`` (exact:
     ``vcvtph2ps``)."""
