@@ -160,6 +160,24 @@ def test_each_head_is_the_same_whatever_heads_share_its_tile(pair, head_dim):
     assert np.array_equal(shared.view(np.uint32), own.view(np.uint32))
 
 
+def test_decode_tiles_give_every_thread_a_tile_and_are_found_again_from_their_count():
+    """The decode step's attention tasks are tiles of heads: as wide as four while every thread still gets one
+    (Gemma 3 270M: one KV head of four heads, two threads: tiles of two), and the phase finds the width from the
+    task count alone."""
+    from ggml_backend.model.attention import decode_tile_width, head_tile_count, tile_width_of
+
+    assert decode_tile_width(2, 7, 2) == 4 and head_tile_count(2, 7, 4) == 4      # Qwen2.5-0.5B
+    assert decode_tile_width(1, 4, 2) == 2 and head_tile_count(1, 4, 2) == 2      # Gemma 3 270M
+    assert decode_tile_width(1, 4, 1) == 4 and decode_tile_width(1, 4, 8) == 1
+    assert decode_tile_width(32, 1, 2) == 4 and head_tile_count(32, 1, 4) == 32   # one head a KV head: tiles of one
+    for n_head_kv in (1, 2, 8):
+        for group in range(1, 9):
+            for width in (4, 2, 1):
+                found = tile_width_of(n_head_kv, group, head_tile_count(n_head_kv, group, width))
+                assert head_tile_count(n_head_kv, group, found) == head_tile_count(n_head_kv, group, width)
+                assert found == width or (group + found - 1) // found == (group + width - 1) // width == 1
+
+
 @pytest.mark.parametrize("pair", ["f32/f32", "f16/f16", "f32/f16"])
 @pytest.mark.parametrize("window", [0, 5])
 def test_sequences_attention_gives_each_sequence_its_own_numbers(pair, window):

@@ -294,35 +294,58 @@ def _attention_rows(q, t, h, n_rows, keys, values, out, position, group, window,
             out[t, h + r, d] = row_acc[d]
 
 
-@njit(cache=True, inline="always")
-def _head_tiles(group):
-    """Tiles of query heads per KV head (``_attention_rows`` takes up to four heads of one KV head at a time)."""
-    return (group + 3) // 4
+TILE_HEADS = 4     # query heads of one KV head that _attention_rows takes at a time (its score tiles' rows)
 
 
 @njit(cache=True, inline="always")
-def _tile_rows(tile, group):
-    """(first query head, number of heads) of a token's tile ``tile``: KV head ``tile // _head_tiles(group)``'s
-    heads, four at a time."""
-    kv_head, within = divmod(tile, _head_tiles(group))
-    first = 4 * within
-    return kv_head * group + first, min(4, group - first)
+def _head_tiles(group, width):
+    """Tiles of up to ``width`` (1-4) query heads per KV head."""
+    return (group + width - 1) // width
+
+
+@njit(cache=True, inline="always")
+def _tile_rows(tile, group, width):
+    """(first query head, number of heads) of a token's tile ``tile``: KV head ``tile // _head_tiles(group,
+    width)``'s heads, ``width`` at a time."""
+    kv_head, within = divmod(tile, _head_tiles(group, width))
+    first = width * within
+    return kv_head * group + first, min(width, group - first)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def attention_tile(q, t, tile, keys, values, out, position, group, window, scale):
-    """``_attention_rows`` of tile ``tile`` (0 .. ``head_tile_count`` - 1: KV head ``tile // _head_tiles(group)``'s
-    query heads, up to four at a time) of token t, compiled as the attention kernels compile it, with fast-math:
-    for callers compiled without it (decode_step's layer region), into which numba's inlining would bring its loops
-    under their own flags (other sums, logits 7e-7 to 0.2 from the kernels' after a few steps)."""
-    h, n_rows = _tile_rows(tile, group)
+def attention_tile(q, t, tile, width, keys, values, out, position, group, window, scale):
+    """``_attention_rows`` of tile ``tile`` (0 .. ``head_tile_count`` - 1, tiles of ``width`` heads) of token t,
+    compiled as the attention kernels compile it, with fast-math: for callers compiled without it (decode_step's
+    layer region), into which numba's inlining would bring its loops under their own flags (other sums, logits
+    7e-7 to 0.2 from the kernels' after a few steps). A head's numbers do not depend on its tile."""
+    h, n_rows = _tile_rows(tile, group, width)
     _attention_rows(q, t, h, n_rows, keys, values, out, position, group, window, scale)
 
 
 @njit(cache=True)
-def head_tile_count(n_head_kv, group):
-    """How many tiles ``attention_tile`` takes a token's heads in."""
-    return n_head_kv * _head_tiles(group)
+def head_tile_count(n_head_kv, group, width):
+    """How many tiles of ``width`` heads ``attention_tile`` takes a token's heads in."""
+    return n_head_kv * _head_tiles(group, width)
+
+
+@njit(cache=True)
+def decode_tile_width(n_head_kv, group, n_threads):
+    """The widest tiles (4, 2 or 1 heads) that still give each of ``n_threads`` threads a tile of one token's
+    heads: Gemma 3 270M's four heads of one KV head are one tile of four, which one thread of two would take
+    alone."""
+    width = TILE_HEADS
+    while width > 1 and head_tile_count(n_head_kv, group, width) < n_threads:
+        width //= 2
+    return width
+
+
+@njit(cache=True)
+def tile_width_of(n_head_kv, group, n_tiles):
+    """The tile width whose ``head_tile_count`` is ``n_tiles`` (the widest, where widths give the same tiles)."""
+    width = TILE_HEADS
+    while width > 1 and head_tile_count(n_head_kv, group, width) != n_tiles:
+        width //= 2
+    return width
 
 
 @njit(cache=True, inline="always")
@@ -341,14 +364,14 @@ def _unit_rows(i, n_units, tiles, group):
     ends: (token, first query head, number of heads)."""
     unit = _from_both_ends(i, n_units)
     t = unit // tiles
-    h, n_rows = _tile_rows(unit - t * tiles, group)
+    h, n_rows = _tile_rows(unit - t * tiles, group, TILE_HEADS)
     return t, h, n_rows
 
 
 @njit(cache=True, parallel=True, fastmath=True, nogil=True)
 def _attention_kernel(q, keys, values, out, start, group, window, scale):
     n_tokens, n_head, _ = q.shape
-    tiles = (n_head // group) * _head_tiles(group)      # per token: each KV head's tiles of query heads
+    tiles = head_tile_count(n_head // group, group, TILE_HEADS)     # per token: each KV head's tiles of heads
     n_units = n_tokens * tiles
     for i in prange(n_units):
         t, h, n_rows = _unit_rows(i, n_units, tiles, group)
@@ -374,7 +397,7 @@ def _attention_many_kernel(q, key_at, value_at, key_capacity, value_capacity, la
     capacity, head_dim], of key_like's / value_like's dtype) start at addresses key_at / value_at."""
     n_tokens, n_head, _ = q.shape
     n_layer, n_head_kv, head_dim_k, head_dim_v = layer_shape
-    tiles = n_head_kv * _head_tiles(group)
+    tiles = head_tile_count(n_head_kv, group, TILE_HEADS)
     n_units = n_tokens * tiles
     for i in prange(n_units):
         t, h, n_rows = _unit_rows(i, n_units, tiles, group)

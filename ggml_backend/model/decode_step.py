@@ -39,7 +39,10 @@ from ..quant.float_dot import activation_pairs, float_rows, rounded_activations,
 from ..quant.decode import (KIND_ARGS, ConstantType, KernelConstant, _chunk_rows, _constant_reader, _one_token_rows,
                             kind_code, matmul_few, matvec, matvec_chunk, matvec_here, one_token_operands)
 from ..quant.matmul import BLAS_MIN_TOKENS, HERE_MAX_BYTES, KERNEL_ISA, _exact_gemm, _launch_plan
-from .attention import SequencesAttention, _attention_many_kernel, _pointer_at, attention_tile, head_tile_count
+from .attention import (
+    SequencesAttention, _attention_many_kernel, _pointer_at, attention_tile, decode_tile_width, head_tile_count,
+    tile_width_of,
+)
 from .claims import call_worker, claim, count_done, read_counter, wait_for
 from .forward import _rms_norm_row, _swiglu_row, _swiglu_value
 from .kv_cache import _write_half_tokens
@@ -657,11 +660,13 @@ def _region_worker(me, n_workers, table, eps, scale, isa, kinds, key_like, value
                       key_like.dtype)[il]
         values = carray(_pointer_at(value_at[s]), (layer_shape[0], n_head_kv, value_capacity[s], head_dim_v),
                         value_like.dtype)[il]
+        group = n_head // n_head_kv
+        width = tile_width_of(n_head_kv, group, n_tasks[_ATTENTION])
         while True:
             tile = _claim_task(counters, _ATTENTION, n_tasks, me, n_workers)
             if tile < 0:
                 break
-            attention_tile(q, 0, tile, keys, values, attn, positions[0], n_head // n_head_kv, window, scale)
+            attention_tile(q, 0, tile, width, keys, values, attn, positions[0], group, window, scale)
             _task_done(counters, _ATTENTION, n_workers)
     _phase_done(counters, _ATTENTION, n_tasks, n_workers)
     # the attention's output product
@@ -742,7 +747,8 @@ def _static_slots(table, w, n_threads, attn_norm, qkv_groups, biases, shape, rop
     g0, g1, g2 = qkv_groups
     gu = gate_up_groups[0]
     chunks = np.array([_chunks_of(g0, n_threads), _chunks_of(g1, n_threads), _chunks_of(g2, n_threads)])
-    attention_tasks = head_tile_count(n_head_kv, n_head // n_head_kv)
+    group = n_head // n_head_kv
+    attention_tasks = head_tile_count(n_head_kv, group, decode_tile_width(n_head_kv, group, n_threads))
     n_tasks = np.array([chunks.sum(), 1, attention_tasks, _chunks_of(wo, n_threads), max(1, min(n_ff, 4 * n_threads)),
                         _chunks_of(down, n_threads), 1])
     ints = np.array([n_head, n_head_kv, head_dim_k, head_dim_v, n_layer, rope_dims, int(neox), il, window,
