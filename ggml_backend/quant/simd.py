@@ -269,19 +269,24 @@ load_8_i32 = _typed_load(I32x8, types.int32)
 load_8_i32.__doc__ = "``array[index:index + 8]`` of an int32 array as an ``I32x8``."
 
 
-@intrinsic
-def store_8_i32(typingctx, array, index, vector):
-    """``array[index:index + 8] = vector`` for an int32 array."""
-    if not (isinstance(array, types.Array) and array.dtype == types.int32 and array.layout == "C"
-            and vector == I32x8):
-        return None
+def _typed_store(vector: VectorType, dtype):
+    """An intrinsic storing ``vector`` at ``array[index:index + count]`` of a C-contiguous ``dtype`` array
+    (``_typed_load``'s counterpart)."""
+    def make(typingctx, array, index, value):
+        if not (_is_typed_array(array, dtype, index) and value == vector):
+            return None
 
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        pointer = builder.gep(data, [args[1]])
-        builder.store(args[2], builder.bitcast(pointer, I32x8.llvm_type().as_pointer()), align=4)
-        return context.get_dummy_value()
-    return types.void(array, index, vector), codegen
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            pointer = builder.gep(data, [args[1]])
+            builder.store(args[2], builder.bitcast(pointer, vector.llvm_type().as_pointer()), align=4)
+            return context.get_dummy_value()
+        return types.void(array, index, value), codegen
+    return intrinsic(make)
+
+
+store_8_i32 = _typed_store(I32x8, types.int32)
+store_8_i32.__doc__ = "``array[index:index + 8] = vector`` for an int32 array."
 
 
 def _stored_floats_load(storage: str):
@@ -951,18 +956,8 @@ load_16_f32 = _typed_load(F32x16, types.float32)
 load_16_f32.__doc__ = "``array[index:index + 16]`` of a float32 array as an ``F32x16``."
 
 
-@intrinsic
-def store_16_f32(typingctx, array, index, vector):
-    """``array[index:index + 16] = vector`` for a C-contiguous float32 array."""
-    if not (_is_typed_array(array, types.float32, index) and vector == F32x16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        pointer = builder.gep(data, [args[1]])
-        builder.store(args[2], builder.bitcast(pointer, F32x16.llvm_type().as_pointer()), align=4)
-        return context.get_dummy_value()
-    return types.void(array, index, vector), codegen
+store_16_f32 = _typed_store(F32x16, types.float32)
+store_16_f32.__doc__ = "``array[index:index + 16] = vector`` for a float32 array."
 
 
 @intrinsic
