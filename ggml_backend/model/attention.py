@@ -259,7 +259,7 @@ def _attention_rows(q, t, h, n_rows, keys, values, out, position, group, window,
     q2 = q[t, h + min(2, n_rows - 1)]
     q3 = q[t, h + min(3, n_rows - 1)]
     j = 0
-    while j + 4 <= n_keys:
+    while n_rows > 1 and j + 4 <= n_keys:   # one head alone shares nothing: _score, without three wasted rows
         _scores_4x4(q0, q1, q2, q3, n_rows, ks, flat, first + j, probs, j, scale)
         j += 4
     while j < n_keys:
