@@ -60,11 +60,6 @@ def _accumulate(acc, p, values, kv_head, j):
     """acc += p * value j of head kv_head (overloaded below)."""
 
 
-def _accumulate_4(acc, p0, p1, p2, p3, values, kv_head, j):
-    """acc += p0 * value j + p1 * value j + 1 + p2 * value j + 2 + p3 * value j + 3, added to acc as one sum
-    (overloaded below): a quarter of the loads and stores of acc that four ``_accumulate`` calls make."""
-
-
 def _normalize_probabilities(probs, inverse, values):
     """probs *= inverse (the softmax's reciprocal sum), then rounded to f16 when the values are f16 (ggml converts
     the weights for the f16 product); one pass."""
@@ -133,14 +128,13 @@ def _four_chains(a0, a1, a2, a3, x, k0, k1, k2, k3):
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _scores_4x4(q0, q1, q2, q3, n_rows, ks, flat, j, probs, at, scale):
+def _scores_4x4(q0, q1, q2, q3, n_rows, flat, n, j, probs, at, scale):
     """probs[r, at + c] = ``_score`` of query row q_r (r < ``n_rows``; rows past it repeat one and are not stored)
-    with key j + c of ``ks`` [n_ctx, head_dim] (``flat``: the same keys as one row), times ``scale``, bit for bit:
+    with key j + c of ``flat`` (one KV head's keys as one row, ``n`` values a key), times ``scale``, bit for bit:
     each (head, key) pair's lane chain as ``_score`` runs it, side by side, so that each key chunk is loaded and
     converted once for four heads, and the sixteen chains folded together (``lane_sums_f32x16``: the same pairs in
     the same order as ``sum_f32x16``). The caller makes the row views once: views made here, per tile, cost numba
     reference counting calls in the loop."""
-    n = ks.shape[1]
     end = n - n % 16
     a00, a01, a02, a03 = zero_f32x16(), zero_f32x16(), zero_f32x16(), zero_f32x16()
     a10, a11, a12, a13 = zero_f32x16(), zero_f32x16(), zero_f32x16(), zero_f32x16()
@@ -176,24 +170,48 @@ def _scores_4x4(q0, q1, q2, q3, n_rows, ks, flat, j, probs, at, scale):
 
 
 @njit(cache=True, inline="always", fastmath=True)
+def _splat_4(probs, r, j):
+    """probs[r, j .. j + 3], each in all lanes of an ``F32x16``."""
+    return splat_f32(probs[r, j]), splat_f32(probs[r, j + 1]), splat_f32(probs[r, j + 2]), splat_f32(probs[r, j + 3])
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _add_weighted_4(acc, at, p0, p1, p2, p3, v0, v1, v2, v3):
+    """acc[at:at + 16] = fma(p3, v3, fma(p2, v2, fma(p1, v1, fma(p0, v0, acc[at:at + 16]))))."""
+    a = fma_f32x16(load_16_f32(acc, at), p0, v0)
+    a = fma_f32x16(a, p1, v1)
+    a = fma_f32x16(a, p2, v2)
+    store_16_f32(acc, at, fma_f32x16(a, p3, v3))
+
+
+@njit(cache=True, inline="always", fastmath=True)
 def _accumulate_rows_4(acc, probs, n_rows, j, flat, key, n):
     """acc[r n .. r n + n] (row r < ``n_rows``, ``acc`` flat) += the four values from key ``key`` of ``flat`` (one
     KV head's values as one row, ``n`` a value) weighted by probs[r, j .. j + 3], each value chunk loaded and
     converted once for the rows. Each element takes the chain fma(p3, v3, fma(p2, v2, fma(p1, v1, fma(p0, v0,
-    acc)))), the order LLVM gives ``_accumulate_4``'s sum under fast-math (checked in its x86 code: four
-    ``vfmadd`` into the loaded acc, p0 first), so a row's numbers do not depend on the rows beside it."""
+    acc)))): the order LLVM made of the sum acc + ((p0 v0 + p1 v1) + (p2 v2 + p3 v3)) that this kernel wrote
+    before, one row at a time, under fast-math (read in its x86 code: four ``vfmadd`` into the loaded acc, p0
+    first), now written out, so a row's numbers do not depend on the rows beside it."""
     end = n - n % 16
+    # each row's four weights splatted once, before the chunks (loaded per chunk, they were re-read past the stores
+    # to acc, which may alias probs: one head a tile ran 10-25% slower than the former per-row loop)
+    r1, r2, r3 = min(1, n_rows - 1), min(2, n_rows - 1), min(3, n_rows - 1)
+    p00, p01, p02, p03 = _splat_4(probs, 0, j)
+    p10, p11, p12, p13 = _splat_4(probs, r1, j)
+    p20, p21, p22, p23 = _splat_4(probs, r2, j)
+    p30, p31, p32, p33 = _splat_4(probs, r3, j)
     for d in range(0, end, 16):
         v0 = _load_16_stored(flat, key * n + d)
         v1 = _load_16_stored(flat, (key + 1) * n + d)
         v2 = _load_16_stored(flat, (key + 2) * n + d)
         v3 = _load_16_stored(flat, (key + 3) * n + d)
-        for r in range(n_rows):
-            a = load_16_f32(acc, r * n + d)
-            a = fma_f32x16(a, splat_f32(probs[r, j]), v0)
-            a = fma_f32x16(a, splat_f32(probs[r, j + 1]), v1)
-            a = fma_f32x16(a, splat_f32(probs[r, j + 2]), v2)
-            store_16_f32(acc, r * n + d, fma_f32x16(a, splat_f32(probs[r, j + 3]), v3))
+        _add_weighted_4(acc, d, p00, p01, p02, p03, v0, v1, v2, v3)
+        if n_rows > 1:
+            _add_weighted_4(acc, n + d, p10, p11, p12, p13, v0, v1, v2, v3)
+        if n_rows > 2:
+            _add_weighted_4(acc, 2 * n + d, p20, p21, p22, p23, v0, v1, v2, v3)
+        if n_rows > 3:
+            _add_weighted_4(acc, 3 * n + d, p30, p31, p32, p33, v0, v1, v2, v3)
     for d in range(end, n):
         for r in range(n_rows):
             a = fma_f32(probs[r, j], _stored(flat[key * n + d]), acc[r * n + d])
@@ -211,21 +229,6 @@ def _accumulate_overload(acc, p, values, kv_head, j):
         for d in range(values.shape[2]):
             acc[d] += p * _stored(values[kv_head, j, d])
     return accumulate
-
-
-@overload(_accumulate_4, inline="always")
-def _accumulate_4_overload(acc, p0, p1, p2, p3, values, kv_head, j):
-    if values.dtype not in _STORAGE:
-        return None
-
-    def accumulate_4(acc, p0, p1, p2, p3, values, kv_head, j):
-        v0 = values[kv_head, j]
-        v1 = values[kv_head, j + 1]
-        v2 = values[kv_head, j + 2]
-        v3 = values[kv_head, j + 3]
-        for d in range(values.shape[2]):
-            acc[d] += (p0 * _stored(v0[d]) + p1 * _stored(v1[d])) + (p2 * _stored(v2[d]) + p3 * _stored(v3[d]))
-    return accumulate_4
 
 
 @overload(_normalize_probabilities, inline="always")
@@ -260,7 +263,7 @@ def _attention_rows(q, t, h, n_rows, keys, values, out, position, group, window,
     q3 = q[t, h + min(3, n_rows - 1)]
     j = 0
     while n_rows > 1 and j + 4 <= n_keys:   # one head alone shares nothing: _score, without three wasted rows
-        _scores_4x4(q0, q1, q2, q3, n_rows, ks, flat, first + j, probs, j, scale)
+        _scores_4x4(q0, q1, q2, q3, n_rows, flat, keys.shape[2], first + j, probs, j, scale)
         j += 4
     while j < n_keys:
         for r in range(n_rows):
